@@ -1,0 +1,54 @@
+//! `gateway.yaml`: the file the operator renders into ConfigMap `sidegate-<gateway>` and the
+//! file a user writes to run the sidecar on its own. Key values are never in it, only the index
+//! of which `<provider>.<alias>` files the keys directory holds.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::GatewayPolicy;
+
+/// The `schemaVersion` this crate writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// File name of the config in the ConfigMap and in the mounted directory.
+pub const CONFIG_FILE_NAME: &str = "gateway.yaml";
+
+/// File name, in the keys directory, of the gateway tokens (one per line).
+pub const TOKENS_FILE_NAME: &str = "authentication.tokens";
+
+/// The rendered (or hand-written) sidecar configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Format version of this file; the sidecar refuses versions it does not know.
+    pub schema_version: u32,
+    /// Which gateway this is.
+    #[serde(default)]
+    pub gateway: GatewayIdentity,
+    /// The gateway policy.
+    #[serde(default)]
+    pub spec: GatewayPolicy,
+    /// Key index: provider id → aliases present in the keys directory (never values).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub keys: BTreeMap<String, Vec<String>>,
+}
+
+/// Identity of the gateway a config was rendered from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayIdentity {
+    /// Namespace of the AIGateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Name of the AIGateway; also the gateway id accepted in long-form URLs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `metadata.generation` of the AIGateway rendered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// Content hash (`sha256:<hex>`) of the policy, key names and key digests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}

@@ -1,0 +1,470 @@
+//! The gateway features of SPEC.md, as typed and documented fields.
+//!
+//! [`GatewayPolicy`] is embedded in the `AIGateway` spec and, with the Kubernetes-only references
+//! resolved away, in the rendered `gateway.yaml` the sidecar reads. Every block is optional: an
+//! empty policy is a plain key-injecting passthrough gateway.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::units::{ByteSize, Duration};
+
+/// Everything a gateway does to requests: auth, limits, caching, routing, DLP, logging.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayPolicy {
+    /// Gateway authentication with the `cf-aig-authorization: Bearer <token>` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<Authentication>,
+    /// Time to the first byte of the upstream response; the `cf-aig-request-timeout` header overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_timeout: Option<Duration>,
+    /// Retries of failed upstream attempts; `cf-aig-max-attempts` and friends override them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// Response caching.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Cache>,
+    /// Request rate limiting (429, code 2003).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Redis for state shared across pods (cache, global rate limits, spend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<Redis>,
+    /// Named fallback chains used by `/compat` when a target fails.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub fallbacks: Vec<Fallback>,
+    /// Dynamic routes, used with `model: "dynamic/<route name>"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub routes: Vec<DynamicRoute>,
+    /// Data loss prevention policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dlp: Option<Dlp>,
+    /// Moderation of prompts and responses by hazard category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guardrails: Option<Guardrails>,
+    /// Request logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logging: Option<Logging>,
+    /// Spend limit over a period (429, code 2041).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_limit: Option<SpendLimit>,
+    /// Per-provider settings: upstream base URL overrides and `custom-<slug>` providers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub providers: BTreeMap<String, ProviderSettings>,
+    /// Request size limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+}
+
+/// A reference to one key of a Kubernetes Secret in the gateway's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// Name of the Secret.
+    pub name: String,
+    /// Key within the Secret's data.
+    pub key: String,
+}
+
+/// Gateway authentication.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Authentication {
+    /// Require a valid `cf-aig-authorization: Bearer <token>` on every request (401, code 2009).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Secret key holding the accepted tokens, one per line (AIGateway only; rendered into the
+    /// keys Secret as `authentication.tokens`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
+}
+
+/// How the delay between retry attempts grows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Backoff {
+    /// The same delay every time.
+    #[default]
+    Constant,
+    /// delay × attempt.
+    Linear,
+    /// delay × 2^(attempt-1).
+    Exponential,
+}
+
+/// Retries of failed upstream attempts (connection errors, timeouts, 429 and 5xx).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retries {
+    /// Attempts in total, including the first (1..=5).
+    #[schemars(range(min = 1, max = 5))]
+    pub max_attempts: u32,
+    /// Delay before the second attempt (at most 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_delay: Option<Duration>,
+    /// How the delay grows with each attempt.
+    #[serde(default)]
+    pub backoff: Backoff,
+}
+
+/// Where cached responses are kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheBackend {
+    /// In the sidecar's memory (per pod).
+    #[default]
+    Memory,
+    /// In Redis (shared by every pod of the gateway).
+    Redis,
+}
+
+/// Response caching.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Cache {
+    /// Cache responses of identical requests.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Default time to live (60s .. 30d); `cf-aig-cache-ttl` overrides it per request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    /// Where entries are kept.
+    #[serde(default)]
+    pub backend: CacheBackend,
+    /// Upper bound of the memory cache; least recently used entries are evicted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
+    /// Also cache streamed (SSE) responses and replay them.
+    #[serde(default)]
+    pub streaming: bool,
+}
+
+/// Rate limiting technique.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitTechnique {
+    /// Counter reset at each interval boundary.
+    #[default]
+    Fixed,
+    /// Weighted window over the last interval.
+    Sliding,
+}
+
+/// Where a rate limit is counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RateLimitScope {
+    /// Each pod counts on its own.
+    #[default]
+    Pod,
+    /// Counted across all pods of the gateway (needs redis).
+    Global,
+}
+
+/// Request rate limiting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests allowed per interval.
+    #[schemars(range(min = 1))]
+    pub limit: u64,
+    /// Length of the interval.
+    pub interval: Duration,
+    /// Fixed or sliding window.
+    #[serde(default)]
+    pub technique: RateLimitTechnique,
+    /// Per pod or global.
+    #[serde(default)]
+    pub scope: RateLimitScope,
+    /// Optional budget of tokens (in + out) per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Redis connection for shared state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Redis {
+    /// Secret key holding the Redis URL (AIGateway only; rendered into the keys Secret as `redis.url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_secret_ref: Option<SecretKeyRef>,
+}
+
+/// A provider and model to send a request to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelTarget {
+    /// Provider id (SPEC.md) or `custom-<slug>`.
+    pub provider: String,
+    /// Model name at that provider.
+    pub model: String,
+}
+
+/// A named chain of targets tried in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fallback {
+    /// Name of the chain.
+    pub name: String,
+    /// Targets, first to last.
+    #[schemars(length(min = 1, max = 8))]
+    pub targets: Vec<ModelTarget>,
+}
+
+/// Kind of a dynamic route node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteNodeType {
+    /// Entry of the route.
+    Start,
+    /// Branches on a condition over request metadata.
+    Conditional,
+    /// Splits traffic by weight.
+    Percentage,
+    /// Request-rate limit with a fallback branch.
+    Rate,
+    /// Spend budget with a fallback branch.
+    Budget,
+    /// Sends the request to a provider and model.
+    Model,
+    /// Exit of the route.
+    End,
+}
+
+/// A weighted branch of a percentage node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WeightedBranch {
+    /// Relative weight.
+    pub weight: u32,
+    /// Node id to continue with.
+    pub next: String,
+}
+
+/// One node of a dynamic route graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteNode {
+    /// Node id, unique within the route.
+    pub id: String,
+    /// Node kind.
+    #[serde(rename = "type")]
+    pub kind: RouteNodeType,
+    /// Next node (start, model, rate and budget nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// Condition of a conditional node, e.g. `metadata.plan == "paid"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// Node taken when the condition holds.
+    #[serde(default, rename = "then", skip_serializing_if = "Option::is_none")]
+    pub then_: Option<String>,
+    /// Node taken when the condition does not hold.
+    #[serde(default, rename = "else", skip_serializing_if = "Option::is_none")]
+    pub else_: Option<String>,
+    /// Branches of a percentage node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub branches: Vec<WeightedBranch>,
+    /// Provider of a model node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Model of a model node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Time to first byte for a model node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Attempts for a model node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Limit of a rate node (requests) or budget node (cost), per `interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    /// Interval of a rate or budget node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    /// Node taken when a rate or budget limit is exceeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+}
+
+/// A dynamic route: a graph of nodes from `start` to `end`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DynamicRoute {
+    /// Route name, used as `model: "dynamic/<name>"`.
+    pub name: String,
+    /// Nodes of the graph.
+    #[schemars(length(min = 2, max = 64))]
+    pub nodes: Vec<RouteNode>,
+}
+
+/// What a DLP policy does on a match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DlpAction {
+    /// Let the request through and report matches in `cf-aig-dlp`.
+    Flag,
+    /// Refuse the request (code 2029) or response (code 2030).
+    Block,
+}
+
+/// Which side of the exchange a DLP policy inspects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DlpCheck {
+    /// The prompt sent by the client.
+    Request,
+    /// The provider's response.
+    Response,
+}
+
+/// One DLP policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DlpPolicy {
+    /// Policy id, reported in `cf-aig-dlp`.
+    pub id: String,
+    /// Flag or block.
+    pub action: DlpAction,
+    /// Request, response or both.
+    #[schemars(length(min = 1, max = 2))]
+    pub check: Vec<DlpCheck>,
+    /// Detection profiles, e.g. `credit-card`, `us-ssn`, `email`, `aws-keys`, `private-keys`.
+    #[schemars(length(min = 1, max = 16))]
+    pub profiles: Vec<String>,
+}
+
+/// Data loss prevention.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Dlp {
+    /// Policies, all applied.
+    #[serde(default)]
+    #[schemars(length(max = 32))]
+    pub policies: Vec<DlpPolicy>,
+}
+
+/// What a guardrail does when a hazard category is detected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum GuardrailAction {
+    /// Log and let through.
+    Flag,
+    /// Refuse (424, code 2016 for prompts, 2017 for responses).
+    Block,
+}
+
+/// Moderation of prompts and responses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Guardrails {
+    /// OpenAI-compatible moderation endpoint used to classify text.
+    #[serde(
+        default,
+        rename = "moderationURL",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub moderation_url: Option<String>,
+    /// Action per hazard category for prompts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prompt: BTreeMap<String, GuardrailAction>,
+    /// Action per hazard category for responses.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub response: BTreeMap<String, GuardrailAction>,
+}
+
+/// Request logging.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Logging {
+    /// Write one log line per request.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Include request and response bodies.
+    #[serde(default)]
+    pub payloads: bool,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            payloads: false,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Period of a spend limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SpendPeriod {
+    /// Calendar day (UTC).
+    Day,
+    /// Calendar week (UTC, from Monday).
+    Week,
+    /// Calendar month (UTC).
+    Month,
+}
+
+/// Spend limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SpendLimit {
+    /// Amount in USD, as a decimal string (e.g. "250.00").
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub amount: String,
+    /// Period over which spend is summed.
+    pub period: SpendPeriod,
+}
+
+/// Wire format a provider speaks (for `custom-<slug>` providers and `/compat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ApiFormat {
+    /// OpenAI chat completions.
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+/// Settings of one provider.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProviderSettings {
+    /// Upstream base URL; replaces SPEC.md's default. May contain `{resource}`, `{deployment}`
+    /// (azure-openai), `{region}` (aws-bedrock, google-vertex-ai) or `{account}` (workers-ai).
+    #[serde(default, rename = "baseURL", skip_serializing_if = "Option::is_none")]
+    pub base_url: Option<String>,
+    /// Wire format of a custom provider (default openai).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<ApiFormat>,
+    /// Header that carries the key (custom providers; default `Authorization`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_header: Option<String>,
+    /// Scheme written before the key in the auth header (default `Bearer` for `Authorization`,
+    /// none for other headers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_scheme: Option<String>,
+    /// Cloudflare account id (workers-ai short-form routes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account_id: Option<String>,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Largest accepted request body (default 10Mi); larger requests get 413.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body: Option<ByteSize>,
+}

@@ -1,0 +1,239 @@
+//! Human-readable duration (`500ms`, `30s`, `5m`, `1h`, `7d`) and byte size (`64Mi`, `10M`) values.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::str::FromStr;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A parse failure of a unit string; the message names the accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnitError {
+    #[error(
+        "invalid duration {0:?}: expected a number followed by ms, s, m, h or d (e.g. 500ms, 30s, 5m)"
+    )]
+    Duration(String),
+    #[error(
+        "invalid size {0:?}: expected a number optionally followed by Ki, Mi, Gi, K, M or G (e.g. 64Mi)"
+    )]
+    Size(String),
+}
+
+/// A duration written as `<number><unit>` with unit `ms`, `s`, `m`, `h` or `d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Duration(std::time::Duration);
+
+impl Duration {
+    /// A duration of `ms` milliseconds.
+    pub const fn from_millis(ms: u64) -> Self {
+        Self(std::time::Duration::from_millis(ms))
+    }
+    /// A duration of `s` seconds.
+    pub const fn from_secs(s: u64) -> Self {
+        Self(std::time::Duration::from_secs(s))
+    }
+    /// The std duration.
+    pub const fn get(self) -> std::time::Duration {
+        self.0
+    }
+}
+
+impl From<Duration> for std::time::Duration {
+    fn from(d: Duration) -> Self {
+        d.0
+    }
+}
+
+impl FromStr for Duration {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || UnitError::Duration(s.to_owned());
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| err())?;
+        let ms_per_unit: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(err()),
+        };
+        let ms = n.checked_mul(ms_per_unit).ok_or_else(err)?;
+        Ok(Self::from_millis(ms))
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        for (unit, size) in [
+            ("d", 86_400_000),
+            ("h", 3_600_000),
+            ("m", 60_000),
+            ("s", 1_000),
+        ] {
+            if ms != 0 && ms % size == 0 {
+                return write!(f, "{}{unit}", ms / size);
+            }
+        }
+        write!(f, "{ms}ms")
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl JsonSchema for Duration {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": "^[0-9]+(ms|s|m|h|d)$",
+            "description": "A duration: a number followed by ms, s, m, h or d (e.g. 500ms, 30s, 5m)."
+        })
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
+/// A byte size written as a number with an optional `Ki`/`Mi`/`Gi` (binary) or `K`/`M`/`G` suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct ByteSize(u64);
+
+impl ByteSize {
+    /// A size of `n` bytes.
+    pub const fn bytes(n: u64) -> Self {
+        Self(n)
+    }
+    /// The size in bytes.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl FromStr for ByteSize {
+    type Err = UnitError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || UnitError::Size(s.to_owned());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| err())?;
+        let mult: u64 = match unit {
+            "" => 1,
+            "K" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            _ => return Err(err()),
+        };
+        n.checked_mul(mult).map(Self).ok_or_else(err)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+            if n != 0 && n % size == 0 {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(Self(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl JsonSchema for ByteSize {
+    fn schema_name() -> Cow<'static, str> {
+        "ByteSize".into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": "^[0-9]+(Ki|Mi|Gi|K|M|G)?$",
+            "description": "A size in bytes, optionally with a Ki, Mi, Gi, K, M or G suffix (e.g. 64Mi)."
+        })
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_print_in_their_largest_whole_unit() {
+        assert_eq!(
+            "500ms".parse::<Duration>().map(|d| d.get().as_millis()),
+            Ok(500)
+        );
+        assert_eq!(
+            "30s".parse::<Duration>().map(|d| d.to_string()),
+            Ok("30s".into())
+        );
+        assert_eq!(
+            "120s".parse::<Duration>().map(|d| d.to_string()),
+            Ok("2m".into())
+        );
+        assert_eq!(
+            "7d".parse::<Duration>().map(|d| d.get().as_secs()),
+            Ok(604_800)
+        );
+    }
+
+    #[test]
+    fn bad_durations_are_rejected_with_the_accepted_forms() {
+        for bad in ["", "30", "s", "1.5s", "-1s", "10y", "99999999999999999999d"] {
+            let err = bad.parse::<Duration>().expect_err(bad);
+            assert!(err.to_string().contains("ms, s, m, h or d"), "{err}");
+        }
+    }
+
+    #[test]
+    fn sizes_accept_binary_and_decimal_suffixes() {
+        assert_eq!("64Mi".parse::<ByteSize>().map(ByteSize::get), Ok(64 << 20));
+        assert_eq!("10M".parse::<ByteSize>().map(ByteSize::get), Ok(10_000_000));
+        assert_eq!("1024".parse::<ByteSize>().map(ByteSize::get), Ok(1024));
+        assert!("10MB".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize::bytes(10 << 20).to_string(), "10Mi");
+    }
+}
