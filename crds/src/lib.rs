@@ -7,6 +7,8 @@
 //! - [`provider`]: the provider ids of SPEC.md.
 //! - `api` (feature `kube`): the `AIGateway` and `ProviderKey` custom resources.
 
+#[cfg(feature = "kube")]
+pub mod api;
 pub mod config;
 pub mod policy;
 pub mod provider;

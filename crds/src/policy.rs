@@ -9,11 +9,22 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::provider::PROVIDER_ID_PATTERN;
 use crate::units::{ByteSize, Duration};
 
 /// Everything a gateway does to requests: auth, limits, caching, routing, DLP, logging.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.cache) || self.cache.backend != 'redis' || has(self.redis)",
+        "message": "cache.backend redis needs the redis block"
+    },
+    {
+        "rule": "!has(self.rateLimit) || self.rateLimit.scope != 'global' || has(self.redis)",
+        "message": "rateLimit.scope global needs the redis block"
+    }
+]))]
 pub struct GatewayPolicy {
     /// Gateway authentication with the `cf-aig-authorization: Bearer <token>` header.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,11 +46,17 @@ pub struct GatewayPolicy {
     pub redis: Option<Redis>,
     /// Named fallback chains used by `/compat` when a target fails.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(
+        length(max = 32),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
     pub fallbacks: Vec<Fallback>,
     /// Dynamic routes, used with `model: "dynamic/<route name>"`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 32))]
+    #[schemars(
+        length(max = 32),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"])
+    )]
     pub routes: Vec<DynamicRoute>,
     /// Data loss prevention policies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,6 +72,13 @@ pub struct GatewayPolicy {
     pub spend_limit: Option<SpendLimit>,
     /// Per-provider settings: upstream base URL overrides and `custom-<slug>` providers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "x-kubernetes-validations" = [{
+            "rule": "self.all(p, p.matches('^(openai|anthropic|azure-openai|aws-bedrock|google-ai-studio|google-vertex-ai|groq|mistral|cohere|deepseek|grok|perplexity-ai|openrouter|huggingface|workers-ai|custom-[a-z0-9]([a-z0-9-]{0,54}[a-z0-9])?)$'))",
+            "message": "providers keys must be provider ids from SPEC.md or custom-<slug> (lowercase letters, digits, dashes)"
+        }]
+    ))]
     pub providers: BTreeMap<String, ProviderSettings>,
     /// Request size limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,6 +98,10 @@ pub struct SecretKeyRef {
 /// Gateway authentication.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!self.enabled || has(self.tokenSecretRef)",
+    "message": "authentication.enabled needs tokenSecretRef (a Secret key holding the tokens, one per line)"
+}]))]
 pub struct Authentication {
     /// Require a valid `cf-aig-authorization: Bearer <token>` on every request (401, code 2009).
     #[serde(default)]
@@ -106,6 +134,10 @@ pub struct Retries {
     pub max_attempts: u32,
     /// Delay before the second attempt (at most 5s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.endsWith('d') && duration(self) <= duration('5s')",
+        "message": "retryDelay must be at most 5s"
+    }]))]
     pub retry_delay: Option<Duration>,
     /// How the delay grows with each attempt.
     #[serde(default)]
@@ -200,8 +232,10 @@ pub struct Redis {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelTarget {
     /// Provider id (SPEC.md) or `custom-<slug>`.
+    #[schemars(regex(pattern = PROVIDER_ID_PATTERN))]
     pub provider: String,
     /// Model name at that provider.
+    #[schemars(length(min = 1, max = 256))]
     pub model: String,
 }
 
@@ -249,6 +283,24 @@ pub struct WeightedBranch {
 /// One node of a dynamic route graph.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "self.type != 'model' || (has(self.provider) && has(self.model))",
+        "message": "a model node needs provider and model"
+    },
+    {
+        "rule": "self.type != 'conditional' || (has(self.condition) && has(self.then) && has(self.else))",
+        "message": "a conditional node needs condition, then and else"
+    },
+    {
+        "rule": "self.type != 'percentage' || size(self.branches) > 0",
+        "message": "a percentage node needs branches"
+    },
+    {
+        "rule": "!(self.type in ['rate', 'budget']) || (has(self.limit) && has(self.interval) && has(self.fallback))",
+        "message": "rate and budget nodes need limit, interval and fallback"
+    }
+]))]
 pub struct RouteNode {
     /// Node id, unique within the route.
     pub id: String,
@@ -269,9 +321,11 @@ pub struct RouteNode {
     pub else_: Option<String>,
     /// Branches of a percentage node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
     pub branches: Vec<WeightedBranch>,
     /// Provider of a model node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = PROVIDER_ID_PATTERN))]
     pub provider: Option<String>,
     /// Model of a model node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -279,8 +333,9 @@ pub struct RouteNode {
     /// Time to first byte for a model node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
-    /// Attempts for a model node.
+    /// Attempts for a model node (1..=5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 5))]
     pub retries: Option<u32>,
     /// Limit of a rate node (requests) or budget node (cost), per `interval`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -346,7 +401,10 @@ pub struct DlpPolicy {
 pub struct Dlp {
     /// Policies, all applied.
     #[serde(default)]
-    #[schemars(length(max = 32))]
+    #[schemars(
+        length(max = 32),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"])
+    )]
     pub policies: Vec<DlpPolicy>,
 }
 

@@ -19,6 +19,13 @@ pub const BUILTIN_PROVIDERS: &[&str] = &[
     "workers-ai",
 ];
 
+/// Schema pattern of a provider id: the built-in ids or `custom-<slug>`; a test keeps it equal to
+/// [`is_valid_provider_id`].
+pub const PROVIDER_ID_PATTERN: &str = "^(openai|anthropic|azure-openai|aws-bedrock|google-ai-studio|google-vertex-ai|groq|mistral|cohere|deepseek|grok|perplexity-ai|openrouter|huggingface|workers-ai|custom-[a-z0-9]([a-z0-9-]{0,54}[a-z0-9])?)$";
+
+/// Schema pattern of a key alias; a test keeps it equal to [`is_valid_alias`].
+pub const ALIAS_PATTERN: &str = "^[A-Za-z0-9_-]{1,63}$";
+
 /// Prefix of user-defined providers: `custom-<slug>`.
 pub const CUSTOM_PREFIX: &str = "custom-";
 
