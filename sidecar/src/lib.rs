@@ -1,1 +1,25 @@
+//! sidegate sidecar: a local AI gateway that speaks the Cloudflare AI Gateway contract.
+//!
+//! - [`route`]: URL shapes → provider routes.
+//! - [`providers`]: the providers of SPEC.md: upstream URLs and where keys go.
+//! - [`keys`]: provider keys and gateway tokens from the keys directory.
+//! - [`config`]: `gateway.yaml` + keys → a validated [`config::Snapshot`].
+//! - [`proxy`]: the request pipeline.
+//! - [`headers`]: what crosses from client to upstream and back.
+//! - [`body`]: streamed response bodies and their completion records.
+//! - [`error`]: gateway-made errors in the SPEC.md envelope.
+//! - [`reload`]: live reload on file changes.
+//! - [`server`], [`admin`], [`telemetry`]: listeners, health and metrics.
 
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod keys;
+pub mod providers;
+pub mod proxy;
+pub mod reload;
+pub mod route;
+pub mod server;
+pub mod telemetry;

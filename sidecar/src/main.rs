@@ -1,1 +1,169 @@
-fn main() {}
+//! `sidegate`: the sidecar binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use sidegate::config::{self, Sources};
+use sidegate::proxy::Gateway;
+use sidegate::telemetry::Metrics;
+use sidegate::{reload, server};
+
+/// sidegate: a local AI gateway for one pod (or one machine).
+///
+/// Gives applications one address for every LLM provider, with provider keys injected from a
+/// keys directory and the Cloudflare AI Gateway contract (cf-aig-* headers, error codes).
+/// Point an SDK at http://127.0.0.1:8787/openai (or /anthropic, /groq, ...).
+#[derive(Debug, Parser)]
+#[command(name = "sidegate", version, about, long_about)]
+struct Args {
+    /// Gateway config file (gateway.yaml: schemaVersion, gateway, spec, keys). Reloaded live
+    /// when it changes; an invalid new version is rejected and the last good one keeps serving.
+    #[arg(long, env = "SIDEGATE_CONFIG", value_name = "FILE")]
+    config: PathBuf,
+
+    /// Directory of provider keys: one file per key named <provider>.<alias> (e.g.
+    /// openai.default), plus authentication.tokens with gateway tokens, one per line.
+    /// Reloaded live, including kubelet's atomic ..data symlink swaps.
+    #[arg(long, env = "SIDEGATE_KEYS_DIR", value_name = "DIR")]
+    keys_dir: Option<PathBuf>,
+
+    /// Address of the gateway listener (HTTP/1.1 and h2c). Keep it on loopback: the gateway
+    /// holds provider keys.
+    #[arg(
+        long,
+        env = "SIDEGATE_LISTEN",
+        default_value = "127.0.0.1:8787",
+        value_name = "ADDR"
+    )]
+    listen: SocketAddr,
+
+    /// Address of the admin listener: /healthz, /readyz, /metrics.
+    #[arg(
+        long,
+        env = "SIDEGATE_ADMIN",
+        default_value = "127.0.0.1:8788",
+        value_name = "ADDR"
+    )]
+    admin: SocketAddr,
+
+    /// Start even if the config file is missing or invalid, unready until a valid one appears
+    /// (for pods whose ConfigMap is rendered after they start).
+    #[arg(long, env = "SIDEGATE_WAIT_FOR_CONFIG")]
+    wait_for_config: bool,
+
+    /// Log format: text for people, json for log pipelines (one JSON object per line).
+    #[arg(long, env = "SIDEGATE_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+
+    /// Worker threads for the proxy (a sidecar shares the pod's CPU; 2 is plenty).
+    #[arg(long, env = "SIDEGATE_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
+
+    /// Seconds to let in-flight requests finish after SIGTERM.
+    #[arg(long, env = "SIDEGATE_SHUTDOWN_GRACE", default_value_t = 25)]
+    shutdown_grace: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.into())
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "sidegate stopped");
+            eprintln!("sidegate: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sources = Sources {
+        config: args.config.clone(),
+        keys_dir: args.keys_dir.clone(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let gateway = Arc::new(Gateway::new(metrics));
+    match config::load(&sources) {
+        Ok(snap) => reload::install(&gateway, snap),
+        Err(e) if args.wait_for_config => {
+            tracing::warn!(error = %e, "no valid config yet; serving 503 until one appears");
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("invalid configuration")),
+    }
+    let listener = server::bind(args.listen, "gateway").await?;
+    let admin = server::bind(args.admin, "admin").await?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        admin = %admin.local_addr()?,
+        version = env!("CARGO_PKG_VERSION"),
+        "sidegate listening"
+    );
+    tokio::spawn(server::serve_admin(admin, gateway.clone()));
+    tokio::spawn(reload::watch(gateway.clone(), sources));
+    server::serve_gateway(
+        listener,
+        gateway,
+        shutdown_signal(),
+        Duration::from_secs(args.shutdown_grace),
+    )
+    .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("signal received");
+}

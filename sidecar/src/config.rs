@@ -1,0 +1,342 @@
+//! Loading `gateway.yaml` and the keys directory into a validated, immutable [`Snapshot`].
+//!
+//! Everything is checked here, once, with errors that name the bad field; the request path
+//! then only reads. Settings of features this version does not implement are refused, not
+//! silently ignored.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sidegate_crds::policy::GatewayPolicy;
+use sidegate_crds::{GatewayConfig, SCHEMA_VERSION};
+
+use crate::keys::{KeyStore, KeysError};
+use crate::providers::{ProviderError, ProviderTable};
+
+/// Default largest request body (10 MiB).
+pub const DEFAULT_MAX_BODY: u64 = 10 << 20;
+/// Default time to the first upstream byte when neither config nor header sets one.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Largest config file accepted.
+const MAX_CONFIG_FILE: u64 = 1 << 20;
+
+/// Where the config comes from.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The `gateway.yaml` file.
+    pub config: PathBuf,
+    /// The keys directory, if any.
+    pub keys_dir: Option<PathBuf>,
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is larger than 1 MiB")]
+    TooLarge { path: PathBuf },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: schemaVersion {found} is not supported by sidegate {} (supports {SCHEMA_VERSION})", env!("CARGO_PKG_VERSION"))]
+    SchemaVersion { path: PathBuf, found: u32 },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    #[error("config file {path}: {source}")]
+    Provider {
+        path: PathBuf,
+        source: ProviderError,
+    },
+}
+
+/// A loaded, validated configuration. Requests read it through an `Arc` and finish on the
+/// snapshot they started with.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The parsed file.
+    pub config: GatewayConfig,
+    /// Providers with their keys resolved.
+    pub providers: ProviderTable,
+    /// Keys and gateway tokens.
+    pub keys: KeyStore,
+    /// Whether `cf-aig-authorization` is required.
+    pub auth_required: bool,
+    /// Largest request body.
+    pub max_body: u64,
+    /// Default time to the first upstream byte.
+    pub request_timeout: Duration,
+    /// Whether to log one line per request.
+    pub log_requests: bool,
+    /// The gateway name accepted in long-form URLs (`None`: any).
+    pub gateway_name: Option<String>,
+    /// sha256 of the file and the keys: any change to either changes it.
+    pub fingerprint: String,
+    /// Warnings found while loading (unused keys, ...).
+    pub warnings: Vec<String>,
+}
+
+impl Snapshot {
+    /// The hash to publish: the operator's content hash when rendered, else the fingerprint.
+    pub fn hash(&self) -> &str {
+        self.config
+            .gateway
+            .hash
+            .as_deref()
+            .unwrap_or(&self.fingerprint)
+    }
+
+    /// `namespace/name` of the gateway, or empty.
+    pub fn gateway_label(&self) -> String {
+        match (&self.config.gateway.namespace, &self.config.gateway.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            (None, Some(n)) => n.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// Reads and validates the config file and keys directory.
+pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
+    let path = &src.config;
+    let raw = read_config(path)?;
+    let text = std::str::from_utf8(&raw).map_err(|_| ConfigError::Parse {
+        path: path.clone(),
+        message: "not UTF-8".into(),
+    })?;
+    let config: GatewayConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    if config.schema_version != SCHEMA_VERSION {
+        return Err(ConfigError::SchemaVersion {
+            path: path.clone(),
+            found: config.schema_version,
+        });
+    }
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.clone(),
+        message,
+    };
+    if let Some(field) = unsupported_setting(&config.spec) {
+        return Err(invalid(field));
+    }
+    let keys = match &src.keys_dir {
+        Some(dir) => KeyStore::load(dir)?,
+        None => KeyStore::default(),
+    };
+    let auth_required = config
+        .spec
+        .authentication
+        .as_ref()
+        .is_some_and(|a| a.enabled);
+    if auth_required && keys.token_count() == 0 {
+        return Err(invalid(format!(
+            "spec.authentication.enabled is true but the keys directory has no tokens in {}",
+            sidegate_crds::config::TOKENS_FILE_NAME
+        )));
+    }
+    let (providers, mut warnings) =
+        ProviderTable::build(&config.spec.providers, &keys).map_err(|source| {
+            ConfigError::Provider {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    warnings.extend(
+        keys.skipped
+            .iter()
+            .map(|s| format!("keys directory entry skipped: {s}")),
+    );
+    for (provider, aliases) in &config.keys {
+        for alias in aliases {
+            if keys.get(provider, alias).is_none() {
+                warnings.push(format!("keys index lists {provider}.{alias} but the keys directory has no such file (yet)"));
+            }
+        }
+    }
+    let max_body = config
+        .spec
+        .limits
+        .as_ref()
+        .and_then(|l| l.max_request_body)
+        .map_or(DEFAULT_MAX_BODY, |b| b.get());
+    if max_body == 0 {
+        return Err(invalid(
+            "spec.limits.maxRequestBody must be larger than 0".into(),
+        ));
+    }
+    let request_timeout = config
+        .spec
+        .request_timeout
+        .map_or(DEFAULT_REQUEST_TIMEOUT, |d| d.get());
+    if request_timeout.is_zero() {
+        return Err(invalid("spec.requestTimeout must be larger than 0".into()));
+    }
+    let log_requests = config.spec.logging.as_ref().is_none_or(|l| l.enabled);
+    let mut h = Sha256::new();
+    h.update(&raw);
+    h.update(keys.digest);
+    let fingerprint = format!("sha256:{}", hex::encode(h.finalize()));
+    Ok(Snapshot {
+        gateway_name: config.gateway.name.clone(),
+        config,
+        providers,
+        keys,
+        auth_required,
+        max_body,
+        request_timeout,
+        log_requests,
+        fingerprint,
+        warnings,
+    })
+}
+
+fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    if meta.len() > MAX_CONFIG_FILE {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The first setting this version cannot honour, as a message naming the field.
+pub fn unsupported_setting(spec: &GatewayPolicy) -> Option<String> {
+    let v = env!("CARGO_PKG_VERSION");
+    let not_yet = |field: &str, what: &str| {
+        Some(format!(
+            "{field}: {what} is not implemented in sidegate {v}; remove it (or disable it) to load this config"
+        ))
+    };
+    if spec.cache.as_ref().is_some_and(|c| c.enabled) {
+        return not_yet("spec.cache", "response caching");
+    }
+    if spec.rate_limit.is_some() {
+        return not_yet("spec.rateLimit", "rate limiting");
+    }
+    if spec.retries.as_ref().is_some_and(|r| r.max_attempts > 1) {
+        return not_yet("spec.retries", "retrying upstream attempts");
+    }
+    if spec
+        .redis
+        .as_ref()
+        .is_some_and(|r| r.url_secret_ref.is_some())
+    {
+        return not_yet("spec.redis", "the redis backend");
+    }
+    if !spec.fallbacks.is_empty() {
+        return not_yet("spec.fallbacks", "fallback chains");
+    }
+    if !spec.routes.is_empty() {
+        return not_yet("spec.routes", "dynamic routing");
+    }
+    if spec.dlp.as_ref().is_some_and(|d| !d.policies.is_empty()) {
+        return not_yet("spec.dlp", "DLP");
+    }
+    if spec
+        .guardrails
+        .as_ref()
+        .is_some_and(|g| !g.prompt.is_empty() || !g.response.is_empty())
+    {
+        return not_yet("spec.guardrails", "guardrails");
+    }
+    if spec.spend_limit.is_some() {
+        return not_yet("spec.spendLimit", "spend limits");
+    }
+    if spec.logging.as_ref().is_some_and(|l| l.payloads) {
+        return not_yet("spec.logging.payloads", "payload logging");
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_config(dir: &Path, text: &str) -> Sources {
+        let path = dir.join("gateway.yaml");
+        std::fs::write(&path, text).expect("write config");
+        Sources {
+            config: path,
+            keys_dir: None,
+        }
+    }
+
+    #[test]
+    fn the_example_standalone_config_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  requestTimeout: 30s\n  providers:\n    openai: {baseURL: 'http://127.0.0.1:9/v1'}\n",
+        );
+        let snap = load(&src).expect("load");
+        assert_eq!(snap.request_timeout, Duration::from_secs(30));
+        assert_eq!(snap.max_body, DEFAULT_MAX_BODY);
+        assert!(snap.fingerprint.starts_with("sha256:"));
+    }
+
+    #[test]
+    fn unknown_fields_and_versions_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = load(&write_config(dir.path(), "schemaVersion: 2\n")).expect_err("v2");
+        assert!(
+            err.to_string().contains("schemaVersion 2 is not supported"),
+            "{err}"
+        );
+        let err = load(&write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  cache: {enabeld: true}\n",
+        ))
+        .expect_err("typo");
+        assert!(err.to_string().contains("enabeld"), "{err}");
+        let err = load(&write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  requestTimeout: soon\n",
+        ))
+        .expect_err("bad duration");
+        assert!(err.to_string().contains("invalid duration"), "{err}");
+    }
+
+    #[test]
+    fn features_not_implemented_yet_are_refused_not_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = load(&write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s}\n",
+        ))
+        .expect_err("rate limit");
+        assert!(
+            err.to_string()
+                .contains("spec.rateLimit: rate limiting is not implemented"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn authentication_without_tokens_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut src = write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  authentication: {enabled: true}\n",
+        );
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).expect("mkdir");
+        src.keys_dir = Some(keys);
+        let err = load(&src).expect_err("no tokens");
+        assert!(err.to_string().contains("authentication.tokens"), "{err}");
+    }
+}

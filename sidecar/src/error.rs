@@ -1,0 +1,141 @@
+//! Errors the gateway itself makes, rendered once in the SPEC.md envelope:
+//! `{"success": false, "result": [], "messages": [], "error": [{"code": N, "message": "..."}]}`.
+//!
+//! Provider errors never go through here: they pass through unchanged.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::ProxyBody;
+
+/// An error made by the gateway (not by a provider).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// No route, unknown provider, or a long-form gateway id that is not this gateway.
+    #[error("{0}")]
+    NotFound(String),
+    /// Missing or wrong `cf-aig-authorization`.
+    #[error("Unauthorized")]
+    Unauthorized,
+    /// `cf-aig-byok-alias` names a key the gateway does not hold.
+    #[error("no key with alias '{alias}' for provider '{provider}'")]
+    AliasNotFound { provider: String, alias: String },
+    /// A request header the gateway reads has an invalid value.
+    #[error("invalid header {name}: {reason}")]
+    BadHeader { name: &'static str, reason: String },
+    /// The request path names the provider but not in the shape it needs.
+    #[error("{0}")]
+    BadRoute(String),
+    /// The request body could not be read.
+    #[error("could not read the request body: {0}")]
+    BadBody(String),
+    /// The request body is larger than the configured limit.
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    /// No first byte from the upstream within the request timeout.
+    #[error("upstream did not respond within {ms} ms")]
+    UpstreamTimeout { ms: u64 },
+    /// The upstream could not be reached or broke the connection before answering.
+    #[error("upstream request failed: {0}")]
+    UpstreamUnavailable(String),
+    /// No valid config is loaded yet.
+    #[error("gateway has no valid configuration loaded")]
+    NotReady,
+}
+
+impl GatewayError {
+    /// HTTP status of the error response.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::AliasNotFound { .. }
+            | Self::BadHeader { .. }
+            | Self::BadBody(_)
+            | Self::BadRoute(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Error code in the envelope: Cloudflare's documented code where one exists, else
+    /// sidegate's own (21xx), listed in the README.
+    pub fn code(&self) -> u16 {
+        match self {
+            Self::NotFound(_) => 2001,
+            Self::Unauthorized => 2009,
+            Self::AliasNotFound { .. } => 2040,
+            Self::BadHeader { .. } => 2100,
+            Self::BadBody(_) => 2101,
+            Self::BodyTooLarge { .. } => 2102,
+            Self::UpstreamTimeout { .. } => 2103,
+            Self::UpstreamUnavailable(_) => 2104,
+            Self::NotReady => 2105,
+            Self::BadRoute(_) => 2106,
+        }
+    }
+
+    /// Whether another attempt at the same upstream may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamTimeout { .. } | Self::UpstreamUnavailable(_)
+        )
+    }
+
+    /// The envelope as a JSON body.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "success": false,
+            "result": [],
+            "messages": [],
+            "error": [{"code": self.code(), "message": self.to_string()}],
+        })
+        .to_string()
+    }
+
+    /// The full HTTP response.
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let mut resp = Response::new(ProxyBody::full(Bytes::from(self.to_json())));
+        *resp.status_mut() = self.status();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_matches_the_spec_shape() {
+        let v: serde_json::Value =
+            serde_json::from_str(&GatewayError::Unauthorized.to_json()).expect("json");
+        assert_eq!(
+            v,
+            serde_json::json!({"success": false, "result": [], "messages": [],
+                "error": [{"code": 2009, "message": "Unauthorized"}]})
+        );
+    }
+
+    #[test]
+    fn alias_error_is_400_2040_and_names_the_alias() {
+        let e = GatewayError::AliasNotFound {
+            provider: "openai".into(),
+            alias: "team-b".into(),
+        };
+        assert_eq!((e.status().as_u16(), e.code()), (400, 2040));
+        assert!(e.to_string().contains("team-b"));
+    }
+
+    #[test]
+    fn only_upstream_failures_are_retryable() {
+        assert!(GatewayError::UpstreamTimeout { ms: 5 }.is_retryable());
+        assert!(!GatewayError::BodyTooLarge { limit: 1 }.is_retryable());
+    }
+}

@@ -1,0 +1,305 @@
+//! Provider keys and gateway tokens read from the keys directory.
+//!
+//! The directory holds one file per key, named `<provider>.<alias>` (as mounted from Secret
+//! `sidegate-<gateway>-keys`), plus `authentication.tokens` (gateway tokens, one per line).
+//! Entries starting with `.` are kubelet's bookkeeping (`..data`, `..2025_01_01...`) and are
+//! skipped. Values live in [`SecretString`]s; the auth header built from each is marked
+//! sensitive and never printed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use sidegate_crds::config::TOKENS_FILE_NAME;
+use sidegate_crds::provider::{is_valid_alias, is_valid_provider_id};
+use subtle::ConstantTimeEq;
+
+/// Largest key file accepted (a service-account JSON is a few KiB).
+const MAX_KEY_FILE: u64 = 64 * 1024;
+
+/// A keys directory that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("cannot read keys directory {path}: {source}")]
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read key file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("key file {path} is larger than {MAX_KEY_FILE} bytes")]
+    TooLarge { path: PathBuf },
+    #[error("key file {path} is empty")]
+    Empty { path: PathBuf },
+    #[error("key file {path} is not valid UTF-8")]
+    NotUtf8 { path: PathBuf },
+}
+
+/// One stored provider key.
+pub struct ProviderKey {
+    secret: SecretString,
+}
+
+impl ProviderKey {
+    /// The key value, for building an auth header.
+    pub fn expose(&self) -> &str {
+        self.secret.expose_secret()
+    }
+}
+
+impl fmt::Debug for ProviderKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProviderKey([redacted])")
+    }
+}
+
+/// A precomputed, sensitive auth header value for a stored key.
+#[derive(Clone)]
+pub struct AuthValue(HeaderValue);
+
+impl AuthValue {
+    /// `scheme key` (or just `key`) as a header value marked sensitive; `None` when the key has
+    /// characters a header cannot carry.
+    pub fn new(scheme: Option<&str>, key: &ProviderKey) -> Option<Self> {
+        let text = match scheme {
+            Some(s) => format!("{s} {}", key.expose()),
+            None => key.expose().to_owned(),
+        };
+        let mut v = HeaderValue::from_str(&text).ok()?;
+        v.set_sensitive(true);
+        Some(Self(v))
+    }
+
+    /// The header value.
+    pub fn header(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+impl fmt::Debug for AuthValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AuthValue([redacted])")
+    }
+}
+
+/// Everything read from the keys directory.
+#[derive(Default)]
+pub struct KeyStore {
+    keys: HashMap<String, HashMap<String, ProviderKey>>,
+    tokens: Vec<SecretString>,
+    /// Names of files that were skipped, with the reason (for the load log).
+    pub skipped: Vec<String>,
+    /// sha256 over file names and value digests: changes whenever any key changes.
+    pub digest: [u8; 32],
+}
+
+impl fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<_> = self.aliases().map(|(p, a)| format!("{p}.{a}")).collect();
+        names.sort();
+        f.debug_struct("KeyStore")
+            .field("keys", &names)
+            .field("tokens", &self.tokens.len())
+            .finish()
+    }
+}
+
+impl KeyStore {
+    /// Reads every key file of `dir`.
+    pub fn load(dir: &Path) -> Result<Self, KeysError> {
+        let entries = std::fs::read_dir(dir).map_err(|source| KeysError::ReadDir {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| KeysError::ReadDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+            if let Some(name) = entry.file_name().to_str() {
+                if !name.starts_with('.') {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        names.sort();
+        let mut store = Self::default();
+        let mut hasher = Sha256::new();
+        for name in names {
+            let path = dir.join(&name);
+            // Follow kubelet's symlinks; skip directories.
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => continue,
+                Err(source) => return Err(KeysError::ReadFile { path, source }),
+            };
+            if name == "redis.url" {
+                continue;
+            }
+            let is_tokens = name == TOKENS_FILE_NAME;
+            let parsed = name
+                .split_once('.')
+                .filter(|(p, a)| is_valid_provider_id(p) && is_valid_alias(a));
+            if !is_tokens && parsed.is_none() {
+                store
+                    .skipped
+                    .push(format!("{name}: not <provider>.<alias>"));
+                continue;
+            }
+            if meta.len() > MAX_KEY_FILE {
+                return Err(KeysError::TooLarge { path });
+            }
+            let raw = std::fs::read(&path).map_err(|source| KeysError::ReadFile {
+                path: path.clone(),
+                source,
+            })?;
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update(Sha256::digest(&raw));
+            let text =
+                String::from_utf8(raw).map_err(|_| KeysError::NotUtf8 { path: path.clone() })?;
+            if is_tokens {
+                store.tokens = text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(|l| SecretString::from(l.to_owned()))
+                    .collect();
+                continue;
+            }
+            let value = text.trim();
+            if value.is_empty() {
+                return Err(KeysError::Empty { path });
+            }
+            if let Some((provider, alias)) = parsed {
+                store.keys.entry(provider.to_owned()).or_default().insert(
+                    alias.to_owned(),
+                    ProviderKey {
+                        secret: SecretString::from(value.to_owned()),
+                    },
+                );
+            }
+        }
+        store.digest = hasher.finalize().into();
+        Ok(store)
+    }
+
+    /// The key of `provider` named `alias`.
+    pub fn get(&self, provider: &str, alias: &str) -> Option<&ProviderKey> {
+        self.keys.get(provider)?.get(alias)
+    }
+
+    /// Every `(provider, alias)` pair held.
+    pub fn aliases(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.keys
+            .iter()
+            .flat_map(|(p, aliases)| aliases.keys().map(move |a| (p.as_str(), a.as_str())))
+    }
+
+    /// Number of keys held.
+    pub fn len(&self) -> usize {
+        self.keys.values().map(HashMap::len).sum()
+    }
+
+    /// Whether no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Number of gateway tokens held.
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether `header` (the `cf-aig-authorization` value) is `Bearer <t>` for a held token.
+    /// Compares in constant time against every token.
+    pub fn token_matches(&self, header: &[u8]) -> bool {
+        let Some(presented) = header.strip_prefix(b"Bearer ") else {
+            return false;
+        };
+        let mut ok = subtle::Choice::from(0);
+        for t in &self.tokens {
+            ok |= t.expose_secret().as_bytes().ct_eq(presented);
+        }
+        ok.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, value: &str) {
+        std::fs::write(dir.join(name), value).expect("write key file");
+    }
+
+    #[test]
+    fn loads_provider_alias_files_and_skips_kubelet_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "openai.default", "sk-one\n");
+        write(dir.path(), "anthropic.team-b", "sk-ant");
+        write(dir.path(), "..data_tmp", "ignored");
+        write(dir.path(), "notes.txt", "ignored");
+        write(dir.path(), TOKENS_FILE_NAME, "tok-1\n# comment\n\ntok-2\n");
+        let store = KeyStore::load(dir.path()).expect("load");
+        assert_eq!(
+            store.get("openai", "default").map(ProviderKey::expose),
+            Some("sk-one")
+        );
+        assert_eq!(
+            store.get("anthropic", "team-b").map(ProviderKey::expose),
+            Some("sk-ant")
+        );
+        assert!(store.get("openai", "team-b").is_none());
+        assert_eq!(store.token_count(), 2);
+        assert_eq!(
+            store.skipped,
+            vec!["notes.txt: not <provider>.<alias>".to_owned()]
+        );
+    }
+
+    #[test]
+    fn tokens_match_only_with_the_bearer_scheme() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), TOKENS_FILE_NAME, "secret-token\n");
+        let store = KeyStore::load(dir.path()).expect("load");
+        assert!(store.token_matches(b"Bearer secret-token"));
+        assert!(!store.token_matches(b"secret-token"));
+        assert!(!store.token_matches(b"Bearer secret-toke"));
+        assert!(!store.token_matches(b"Bearer "));
+    }
+
+    #[test]
+    fn debug_output_never_shows_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "openai.default", "sk-very-secret");
+        let store = KeyStore::load(dir.path()).expect("load");
+        let shown = format!("{store:?} {:?}", store.get("openai", "default"));
+        assert!(!shown.contains("sk-very-secret"), "{shown}");
+        assert!(shown.contains("openai.default"));
+    }
+
+    #[test]
+    fn digest_changes_when_a_key_rotates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "openai.default", "sk-old");
+        let before = KeyStore::load(dir.path()).expect("load").digest;
+        write(dir.path(), "openai.default", "sk-new");
+        assert_ne!(before, KeyStore::load(dir.path()).expect("load").digest);
+    }
+
+    #[test]
+    fn empty_key_files_are_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "openai.default", "\n");
+        let err = KeyStore::load(dir.path()).expect_err("empty key");
+        assert!(err.to_string().contains("openai.default"), "{err}");
+    }
+}

@@ -1,0 +1,770 @@
+//! The providers of SPEC.md: where each one's upstream is, how its URL is shaped, and which
+//! header carries its key. OpenAI-compatible providers share one shape (`base + rest`);
+//! azure-openai, aws-bedrock, google-vertex-ai and workers-ai take parts of the path into the
+//! upstream host or path.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use sidegate_crds::policy::{ApiFormat, ProviderSettings};
+use sidegate_crds::provider::{BUILTIN_PROVIDERS, is_custom_provider_id};
+
+use crate::error::GatewayError;
+use crate::keys::{AuthValue, KeyStore};
+use crate::route::ProviderRoute;
+
+/// How the upstream URL is made from the route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlShape {
+    /// `base + "/" + rest`.
+    Plain,
+    /// `/{resource}/{deployment}/rest` into `{resource}` and `{deployment}` of the base.
+    Azure,
+    /// `/bedrock-runtime/{region}/rest` into `{region}` of the base.
+    Bedrock,
+    /// `{region}` of the base taken from the `locations/{region}` segment; the whole rest kept.
+    Vertex,
+    /// `{account}` of the base from config or the long-form account id; `run/` added unless the
+    /// path is OpenAI-style `v1/...`.
+    WorkersAi,
+}
+
+/// Where a provider's key goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthStyle {
+    /// `name: [scheme ]key`.
+    Header {
+        name: HeaderName,
+        scheme: Option<String>,
+    },
+    /// Requests are signed by the client (aws-bedrock until the gateway signs); forwarded as is.
+    ClientSigned,
+}
+
+/// Static facts about one built-in provider.
+struct Builtin {
+    id: &'static str,
+    base: &'static str,
+    shape: UrlShape,
+    auth_header: &'static str,
+    scheme: Option<&'static str>,
+    format: ApiFormat,
+}
+
+const BUILTINS: &[Builtin] = &[
+    b(
+        "openai",
+        "https://api.openai.com/v1",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    Builtin {
+        id: "anthropic",
+        base: "https://api.anthropic.com",
+        shape: UrlShape::Plain,
+        auth_header: "x-api-key",
+        scheme: None,
+        format: ApiFormat::Anthropic,
+    },
+    b(
+        "azure-openai",
+        "https://{resource}.openai.azure.com/openai/deployments/{deployment}",
+        UrlShape::Azure,
+        "api-key",
+        None,
+    ),
+    b(
+        "aws-bedrock",
+        "https://bedrock-runtime.{region}.amazonaws.com",
+        UrlShape::Bedrock,
+        "",
+        None,
+    ),
+    b(
+        "google-ai-studio",
+        "https://generativelanguage.googleapis.com",
+        UrlShape::Plain,
+        "x-goog-api-key",
+        None,
+    ),
+    b(
+        "google-vertex-ai",
+        "https://{region}-aiplatform.googleapis.com",
+        UrlShape::Vertex,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "groq",
+        "https://api.groq.com/openai/v1",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "mistral",
+        "https://api.mistral.ai",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "cohere",
+        "https://api.cohere.ai",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "deepseek",
+        "https://api.deepseek.com",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "grok",
+        "https://api.x.ai",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "perplexity-ai",
+        "https://api.perplexity.ai",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "openrouter",
+        "https://openrouter.ai/api",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "huggingface",
+        "https://api-inference.huggingface.co",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    b(
+        "workers-ai",
+        "https://api.cloudflare.com/client/v4/accounts/{account}/ai",
+        UrlShape::WorkersAi,
+        "authorization",
+        Some("Bearer"),
+    ),
+];
+
+const fn b(
+    id: &'static str,
+    base: &'static str,
+    shape: UrlShape,
+    auth_header: &'static str,
+    scheme: Option<&'static str>,
+) -> Builtin {
+    Builtin {
+        id,
+        base,
+        shape,
+        auth_header,
+        scheme,
+        format: ApiFormat::Openai,
+    }
+}
+
+/// A provider's config that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("spec.providers.{provider}: {message}")]
+pub struct ProviderError {
+    provider: String,
+    message: String,
+}
+
+fn perr(provider: &str, message: impl Into<String>) -> ProviderError {
+    ProviderError {
+        provider: provider.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A base URL: parsed once when it has no placeholders, filled in per request otherwise.
+#[derive(Debug, Clone)]
+enum Base {
+    Fixed {
+        scheme: Scheme,
+        authority: Authority,
+        path: String,
+    },
+    Template(String),
+}
+
+/// One provider, ready to route to.
+#[derive(Debug)]
+pub struct Provider {
+    /// Provider id.
+    pub id: Arc<str>,
+    /// Wire format (for `/compat`).
+    pub format: ApiFormat,
+    shape: UrlShape,
+    base: Base,
+    auth: AuthStyle,
+    /// Headers removed from the client's request when the gateway injects a key.
+    auth_headers: Vec<HeaderName>,
+    account_id: Option<String>,
+    /// Precomputed auth header value per key alias.
+    keys: HashMap<String, AuthValue>,
+}
+
+/// Outcome of choosing the key for a request.
+#[derive(Debug)]
+pub enum KeyChoice<'a> {
+    /// Inject this stored key.
+    Stored(&'a AuthValue),
+    /// Forward whatever provider auth the client sent.
+    ClientOwn,
+}
+
+impl Provider {
+    fn new(
+        id: &str,
+        base: &str,
+        shape: UrlShape,
+        auth: AuthStyle,
+        format: ApiFormat,
+        settings: Option<&ProviderSettings>,
+    ) -> Result<Self, ProviderError> {
+        let base_text = settings.and_then(|s| s.base_url.as_deref()).unwrap_or(base);
+        let base = parse_base(id, base_text)?;
+        let auth_headers = match &auth {
+            AuthStyle::Header { name, .. } => {
+                let mut v = vec![name.clone()];
+                for extra in [
+                    header::AUTHORIZATION,
+                    HeaderName::from_static("x-api-key"),
+                    HeaderName::from_static("api-key"),
+                    HeaderName::from_static("x-goog-api-key"),
+                ] {
+                    if !v.contains(&extra) {
+                        v.push(extra);
+                    }
+                }
+                v
+            }
+            AuthStyle::ClientSigned => Vec::new(),
+        };
+        Ok(Self {
+            id: Arc::from(id),
+            format,
+            shape,
+            base,
+            auth,
+            auth_headers,
+            account_id: settings.and_then(|s| s.account_id.clone()),
+            keys: HashMap::new(),
+        })
+    }
+
+    /// Chooses the key for a request, by `cf-aig-byok-alias` (`None` = the default alias).
+    pub fn choose_key(&self, alias: Option<&str>) -> Result<KeyChoice<'_>, GatewayError> {
+        match alias {
+            None => Ok(self
+                .keys
+                .get("default")
+                .map_or(KeyChoice::ClientOwn, KeyChoice::Stored)),
+            Some(a) => {
+                self.keys
+                    .get(a)
+                    .map(KeyChoice::Stored)
+                    .ok_or_else(|| GatewayError::AliasNotFound {
+                        provider: self.id.to_string(),
+                        alias: a.chars().take(64).collect(),
+                    })
+            }
+        }
+    }
+
+    /// The header the key goes into, if the gateway injects keys for this provider.
+    pub fn auth_header(&self) -> Option<&HeaderName> {
+        match &self.auth {
+            AuthStyle::Header { name, .. } => Some(name),
+            AuthStyle::ClientSigned => None,
+        }
+    }
+
+    /// Client headers replaced by an injected key.
+    pub fn auth_headers(&self) -> &[HeaderName] {
+        &self.auth_headers
+    }
+
+    /// Headers the provider needs that the client may leave out.
+    pub fn default_headers(&self) -> &'static [(&'static str, &'static str)] {
+        if &*self.id == "anthropic" {
+            &[("anthropic-version", "2023-06-01")]
+        } else {
+            &[]
+        }
+    }
+
+    /// Number of stored keys usable by this provider.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The upstream URI for a route, keeping the client's query.
+    pub fn upstream_uri(
+        &self,
+        route: &ProviderRoute<'_>,
+        query: Option<&str>,
+    ) -> Result<Uri, GatewayError> {
+        check_segments(route.rest)?;
+        let (vars, path): (Vec<(&str, &str)>, String) = match self.shape {
+            UrlShape::Plain => (Vec::new(), join("", route.rest)),
+            UrlShape::Azure => {
+                let mut parts = route.rest.splitn(3, '/');
+                let resource = parts.next().unwrap_or_default();
+                let deployment = parts.next().unwrap_or_default();
+                let rest = parts.next().unwrap_or_default();
+                if resource.is_empty() || deployment.is_empty() {
+                    return Err(bad_route(
+                        "azure-openai routes are /azure-openai/{resource}/{deployment}/...",
+                    ));
+                }
+                (
+                    vec![("resource", resource), ("deployment", deployment)],
+                    join("", rest),
+                )
+            }
+            UrlShape::Bedrock => {
+                let mut parts = route.rest.splitn(3, '/');
+                let service = parts.next().unwrap_or_default();
+                let region = parts.next().unwrap_or_default();
+                let rest = parts.next().unwrap_or_default();
+                if service != "bedrock-runtime" || region.is_empty() {
+                    return Err(bad_route(
+                        "aws-bedrock routes are /aws-bedrock/bedrock-runtime/{region}/...",
+                    ));
+                }
+                (vec![("region", region)], join("", rest))
+            }
+            UrlShape::Vertex => {
+                let region = route
+                    .rest
+                    .split('/')
+                    .skip_while(|s| *s != "locations")
+                    .nth(1)
+                    .filter(|r| !r.is_empty())
+                    .ok_or_else(|| {
+                        bad_route("google-vertex-ai routes need a locations/{region} segment")
+                    })?;
+                (vec![("region", region)], join("", route.rest))
+            }
+            UrlShape::WorkersAi => {
+                let account = self
+                    .account_id
+                    .as_deref()
+                    .or(route.account)
+                    .ok_or_else(|| bad_route("workers-ai needs an account id: use the long form /v1/{account}/{gateway}/workers-ai/... or set spec.providers.workers-ai.accountId"))?;
+                let path = if route.rest.starts_with("v1/") {
+                    join("", route.rest)
+                } else {
+                    join("/run", route.rest)
+                };
+                (vec![("account", account)], path)
+            }
+        };
+        let pq = match query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        match &self.base {
+            Base::Fixed {
+                scheme,
+                authority,
+                path: base_path,
+            } => {
+                let full = format!("{base_path}{pq}");
+                let pq = PathAndQuery::try_from(full)
+                    .map_err(|_| bad_route("the request path is not a valid URI path"))?;
+                Uri::builder()
+                    .scheme(scheme.clone())
+                    .authority(authority.clone())
+                    .path_and_query(pq)
+                    .build()
+                    .map_err(|_| bad_route("the request path is not a valid URI path"))
+            }
+            Base::Template(t) => {
+                let mut url = t.clone();
+                for (name, value) in vars {
+                    if !is_host_label(value) {
+                        return Err(bad_route(format!(
+                            "{{{name}}} must be letters, digits and dashes, got {:?}",
+                            truncate(value)
+                        )));
+                    }
+                    url = url.replace(&format!("{{{name}}}"), value);
+                }
+                url.push_str(&pq);
+                Uri::try_from(url)
+                    .map_err(|_| bad_route("the request path is not a valid URI path"))
+            }
+        }
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+fn bad_route(msg: impl Into<String>) -> GatewayError {
+    GatewayError::BadRoute(msg.into())
+}
+
+fn join(prefix: &str, rest: &str) -> String {
+    let mut s = String::with_capacity(prefix.len() + rest.len() + 1);
+    s.push_str(prefix);
+    s.push('/');
+    s.push_str(rest);
+    s
+}
+
+/// Rejects `.` and `..` segments (also percent-encoded) so a route cannot climb out of a
+/// provider's base path.
+fn check_segments(rest: &str) -> Result<(), GatewayError> {
+    for seg in rest.split('/') {
+        let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
+        if decoded == "." || decoded == ".." {
+            return Err(bad_route("dot segments are not allowed in provider paths"));
+        }
+    }
+    Ok(())
+}
+
+/// A value that may become part of a host name.
+fn is_host_label(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn parse_base(id: &str, text: &str) -> Result<Base, ProviderError> {
+    let text = text.trim_end_matches('/');
+    if !(text.starts_with("https://") || text.starts_with("http://")) {
+        return Err(perr(
+            id,
+            format!("baseURL {text:?} must start with https:// or http://"),
+        ));
+    }
+    if text.contains('{') {
+        // Check the template with a sample filling.
+        let sample = ["resource", "deployment", "region", "account"]
+            .iter()
+            .fold(text.to_owned(), |acc, v| {
+                acc.replace(&format!("{{{v}}}"), "x")
+            });
+        if sample.contains('{') || Uri::try_from(sample).is_err() {
+            return Err(perr(
+                id,
+                format!(
+                    "baseURL {text:?} is not a URL (placeholders: {{resource}}, {{deployment}}, {{region}}, {{account}})"
+                ),
+            ));
+        }
+        return Ok(Base::Template(text.to_owned()));
+    }
+    let uri =
+        Uri::try_from(text).map_err(|e| perr(id, format!("baseURL {text:?} is not a URL: {e}")))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned()) else {
+        return Err(perr(
+            id,
+            format!("baseURL {text:?} needs a scheme and a host"),
+        ));
+    };
+    if uri.query().is_some() {
+        return Err(perr(id, format!("baseURL {text:?} must not have a query")));
+    }
+    let path = uri.path().trim_end_matches('/').to_owned();
+    Ok(Base::Fixed {
+        scheme,
+        authority,
+        path,
+    })
+}
+
+/// Every provider of a gateway, by id.
+#[derive(Debug, Default)]
+pub struct ProviderTable {
+    providers: HashMap<String, Provider>,
+}
+
+impl ProviderTable {
+    /// Builds the table from the built-ins, the config's `spec.providers`, and the stored keys.
+    /// Returns warnings about keys that no provider can use.
+    pub fn build(
+        settings: &std::collections::BTreeMap<String, ProviderSettings>,
+        keys: &KeyStore,
+    ) -> Result<(Self, Vec<String>), ProviderError> {
+        let mut providers = HashMap::new();
+        for bi in BUILTINS {
+            let s = settings.get(bi.id);
+            if let Some(s) = s {
+                if s.format.is_some() || s.auth_header.is_some() || s.auth_scheme.is_some() {
+                    return Err(perr(
+                        bi.id,
+                        "format, authHeader and authScheme apply to custom-<slug> providers only",
+                    ));
+                }
+            }
+            let auth = if bi.auth_header.is_empty() {
+                AuthStyle::ClientSigned
+            } else {
+                AuthStyle::Header {
+                    name: HeaderName::from_static(bi.auth_header),
+                    scheme: bi.scheme.map(str::to_owned),
+                }
+            };
+            providers.insert(
+                bi.id.to_owned(),
+                Provider::new(bi.id, bi.base, bi.shape, auth, bi.format, s)?,
+            );
+        }
+        for (id, s) in settings {
+            if BUILTIN_PROVIDERS.contains(&id.as_str()) {
+                continue;
+            }
+            if !is_custom_provider_id(id) {
+                return Err(perr(
+                    id,
+                    "unknown provider: use a provider id of SPEC.md or custom-<slug> (lowercase letters, digits, dashes)",
+                ));
+            }
+            let base = s
+                .base_url
+                .as_deref()
+                .ok_or_else(|| perr(id, "custom providers need a baseURL"))?;
+            let name = match &s.auth_header {
+                Some(h) => HeaderName::try_from(h.as_str())
+                    .map_err(|_| perr(id, format!("authHeader {h:?} is not a header name")))?,
+                None => header::AUTHORIZATION,
+            };
+            let scheme = match (&s.auth_scheme, name == header::AUTHORIZATION) {
+                (Some(sc), _) if sc.is_empty() => None,
+                (Some(sc), _) => Some(sc.clone()),
+                (None, true) => Some("Bearer".to_owned()),
+                (None, false) => None,
+            };
+            if let Some(sc) = &scheme {
+                if HeaderValue::from_str(sc).is_err() || sc.contains(' ') {
+                    return Err(perr(id, format!("authScheme {sc:?} must be a single word")));
+                }
+            }
+            let auth = AuthStyle::Header { name, scheme };
+            providers.insert(
+                id.clone(),
+                Provider::new(
+                    id,
+                    base,
+                    UrlShape::Plain,
+                    auth,
+                    s.format.unwrap_or(ApiFormat::Openai),
+                    Some(s),
+                )?,
+            );
+        }
+        let mut warnings = Vec::new();
+        for (pid, alias) in keys.aliases() {
+            let Some(p) = providers.get_mut(pid) else {
+                warnings.push(format!("key {pid}.{alias} is unused: provider {pid} is not configured in spec.providers"));
+                continue;
+            };
+            let scheme = match &p.auth {
+                AuthStyle::Header { scheme, .. } => scheme.as_deref(),
+                AuthStyle::ClientSigned => {
+                    warnings.push(format!("key {pid}.{alias} is unused: {pid} requests are forwarded as signed by the client in this version"));
+                    continue;
+                }
+            };
+            let Some(key) = keys.get(pid, alias) else {
+                continue;
+            };
+            match AuthValue::new(scheme, key) {
+                Some(v) => {
+                    p.keys.insert(alias.to_owned(), v);
+                }
+                None => warnings.push(format!(
+                    "key {pid}.{alias} is unused: it has characters an HTTP header cannot carry"
+                )),
+            }
+        }
+        Ok((Self { providers }, warnings))
+    }
+
+    /// The provider with this id.
+    pub fn get(&self, id: &str) -> Option<&Provider> {
+        self.providers.get(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn table(settings: &[(&str, ProviderSettings)]) -> ProviderTable {
+        let s: BTreeMap<_, _> = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        ProviderTable::build(&s, &KeyStore::default())
+            .expect("table")
+            .0
+    }
+
+    fn route<'a>(provider: &'a str, rest: &'a str) -> ProviderRoute<'a> {
+        ProviderRoute {
+            provider,
+            rest,
+            account: None,
+            gateway: None,
+        }
+    }
+
+    fn uri(t: &ProviderTable, provider: &str, rest: &str) -> Result<String, GatewayError> {
+        let p = t.get(provider).expect("provider");
+        p.upstream_uri(&route(provider, rest), None)
+            .map(|u| u.to_string())
+    }
+
+    #[test]
+    fn openai_compatible_providers_append_the_path_to_their_base() {
+        let t = table(&[]);
+        assert_eq!(
+            uri(&t, "openai", "chat/completions").as_deref(),
+            Ok("https://api.openai.com/v1/chat/completions")
+        );
+        assert_eq!(
+            uri(&t, "groq", "chat/completions").as_deref(),
+            Ok("https://api.groq.com/openai/v1/chat/completions")
+        );
+        assert_eq!(
+            uri(&t, "anthropic", "v1/messages").as_deref(),
+            Ok("https://api.anthropic.com/v1/messages")
+        );
+    }
+
+    #[test]
+    fn azure_takes_resource_and_deployment_from_the_path() {
+        let t = table(&[]);
+        assert_eq!(
+            uri(&t, "azure-openai", "my-res/gpt4o/chat/completions").as_deref(),
+            Ok("https://my-res.openai.azure.com/openai/deployments/gpt4o/chat/completions")
+        );
+        assert_eq!(
+            uri(&t, "azure-openai", "only-resource").map_err(|e| e.code()),
+            Err(2106)
+        );
+    }
+
+    #[test]
+    fn host_placeholders_refuse_anything_but_a_host_label() {
+        let t = table(&[]);
+        let err = uri(&t, "azure-openai", "evil.com%2f/x/chat").expect_err("must refuse");
+        assert_eq!(err.status().as_u16(), 400);
+        assert!(uri(&t, "aws-bedrock", "bedrock-runtime/us-east-1@x/model").is_err());
+    }
+
+    #[test]
+    fn bedrock_and_vertex_take_the_region() {
+        let t = table(&[]);
+        assert_eq!(
+            uri(
+                &t,
+                "aws-bedrock",
+                "bedrock-runtime/us-east-1/model/m/converse"
+            )
+            .as_deref(),
+            Ok("https://bedrock-runtime.us-east-1.amazonaws.com/model/m/converse")
+        );
+        assert_eq!(
+            uri(
+                &t,
+                "google-vertex-ai",
+                "v1/projects/p/locations/europe-west4/publishers/google/models/g:generateContent"
+            )
+            .as_deref(),
+            Ok(
+                "https://europe-west4-aiplatform.googleapis.com/v1/projects/p/locations/europe-west4/publishers/google/models/g:generateContent"
+            )
+        );
+    }
+
+    #[test]
+    fn workers_ai_needs_an_account_and_adds_run() {
+        let t = table(&[]);
+        let p = t.get("workers-ai").expect("workers-ai");
+        let r = ProviderRoute {
+            provider: "workers-ai",
+            rest: "@cf/meta/llama",
+            account: Some("acc1"),
+            gateway: Some("gw"),
+        };
+        assert_eq!(
+            p.upstream_uri(&r, None).map(|u| u.to_string()).as_deref(),
+            Ok("https://api.cloudflare.com/client/v4/accounts/acc1/ai/run/@cf/meta/llama")
+        );
+        assert!(uri(&t, "workers-ai", "@cf/meta/llama").is_err());
+    }
+
+    #[test]
+    fn base_urls_are_overridable_and_query_is_kept() {
+        let s = ProviderSettings {
+            base_url: Some("http://127.0.0.1:9/mock/v1/".into()),
+            ..Default::default()
+        };
+        let t = table(&[("openai", s)]);
+        let p = t.get("openai").expect("openai");
+        let u = p
+            .upstream_uri(&route("openai", "models"), Some("limit=2"))
+            .expect("uri");
+        assert_eq!(u.to_string(), "http://127.0.0.1:9/mock/v1/models?limit=2");
+    }
+
+    #[test]
+    fn dot_segments_cannot_climb_out_of_the_base_path() {
+        let t = table(&[]);
+        for bad in ["../x", "a/%2e%2E/b", "./a"] {
+            assert_eq!(
+                uri(&t, "openai", bad).map_err(|e| e.code()),
+                Err(2106),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn custom_providers_need_a_base_url_and_a_valid_id() {
+        let s: BTreeMap<_, _> = [("custom-x".to_string(), ProviderSettings::default())].into();
+        let err = ProviderTable::build(&s, &KeyStore::default()).expect_err("needs base");
+        assert_eq!(
+            err.to_string(),
+            "spec.providers.custom-x: custom providers need a baseURL"
+        );
+        let s: BTreeMap<_, _> = [("ollama".to_string(), ProviderSettings::default())].into();
+        assert!(ProviderTable::build(&s, &KeyStore::default()).is_err());
+    }
+
+    #[test]
+    fn alias_choice_defaults_to_client_key_without_a_stored_default() {
+        let t = table(&[]);
+        let p = t.get("openai").expect("openai");
+        assert!(matches!(p.choose_key(None), Ok(KeyChoice::ClientOwn)));
+        assert_eq!(
+            p.choose_key(Some("team-b")).map_err(|e| e.code()).err(),
+            Some(2040)
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! The request pipeline: one function per phase over a request, in the order of DESIGN.md.
+//!
+//! `admit` (route, gateway id, gateway auth) → `provider` → `key` (BYOK) → `body` (size limit)
+//! → `dispatch` (time to first byte) → response headers, body streamed through.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::body::ProxyBody;
+use crate::config::Snapshot;
+use crate::error::GatewayError;
+use crate::headers::{strip_response_headers, upstream_request_headers};
+use crate::providers::{KeyChoice, Provider};
+use crate::route::{self, Route};
+use crate::telemetry::{Metrics, RequestRecord};
+
+/// The HTTP client to providers: pooled connections per upstream, HTTP/2 where offered (ALPN).
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+const REQUEST_TIMEOUT: HeaderName = HeaderName::from_static("cf-aig-request-timeout");
+const BYOK_ALIAS: HeaderName = HeaderName::from_static("cf-aig-byok-alias");
+const GATEWAY_AUTH: HeaderName = HeaderName::from_static("cf-aig-authorization");
+const EVENT_ID: HeaderName = HeaderName::from_static("cf-aig-event-id");
+
+/// Builds the upstream client.
+pub fn upstream_client() -> UpstreamClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(Duration::from_secs(10)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(https)
+}
+
+/// The gateway: the config now serving, the upstream client, and the metrics.
+pub struct Gateway {
+    /// The config now serving (`None` until the first valid one loads).
+    pub snapshot: ArcSwapOption<Snapshot>,
+    /// Client to the providers.
+    pub client: UpstreamClient,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Gateway {
+    /// A gateway with no config loaded yet.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            snapshot: ArcSwapOption::empty(),
+            client: upstream_client(),
+            metrics,
+        }
+    }
+
+    /// Serves one request; every failure becomes a SPEC.md error response.
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let start = Instant::now();
+        let Some(snap) = self.snapshot.load_full() else {
+            return Ok(self.fail(None, GatewayError::NotReady, &req));
+        };
+        let method = req.method().clone();
+        match self.proxy(&snap, req, start).await {
+            Ok(resp) => Ok(resp),
+            Err((provider, err)) => {
+                let status = err.status().as_u16();
+                let provider = provider.unwrap_or_else(|| Arc::from("none"));
+                self.metrics.count_request(&provider, status);
+                if snap.log_requests {
+                    tracing::info!(provider = %provider, method = %method, status, code = err.code(), error = %err, "request refused");
+                }
+                Ok(err.into_response())
+            }
+        }
+    }
+
+    fn fail(
+        &self,
+        provider: Option<Arc<str>>,
+        err: GatewayError,
+        req: &Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let provider = provider.unwrap_or_else(|| Arc::from("none"));
+        self.metrics.count_request(&provider, err.status().as_u16());
+        tracing::info!(method = %req.method(), status = err.status().as_u16(), code = err.code(), error = %err, "request refused");
+        err.into_response()
+    }
+
+    async fn proxy(
+        &self,
+        snap: &Arc<Snapshot>,
+        req: Request<Incoming>,
+        start: Instant,
+    ) -> Result<Response<ProxyBody>, (Option<Arc<str>>, GatewayError)> {
+        // admit
+        let (parts, body) = req.into_parts();
+        let route = route::parse(parts.uri.path()).map_err(|e| (None, e))?;
+        if let (Some(want), Some(got)) = (&snap.gateway_name, route.gateway()) {
+            if want != got {
+                return Err((
+                    None,
+                    GatewayError::NotFound(format!("gateway {:?} not found", truncate(got))),
+                ));
+            }
+        }
+        if snap.auth_required {
+            let ok = parts
+                .headers
+                .get(GATEWAY_AUTH)
+                .is_some_and(|v| snap.keys.token_matches(v.as_bytes()));
+            if !ok {
+                return Err((None, GatewayError::Unauthorized));
+            }
+        }
+        let route = match route {
+            Route::Provider(p) => p,
+            Route::Compat { .. } => {
+                return Err((
+                    None,
+                    GatewayError::NotFound(format!(
+                        "/compat is not available in sidegate {}",
+                        env!("CARGO_PKG_VERSION")
+                    )),
+                ));
+            }
+            Route::Universal { .. } => {
+                return Err((
+                    None,
+                    GatewayError::NotFound(format!(
+                        "the universal endpoint is not available in sidegate {}",
+                        env!("CARGO_PKG_VERSION")
+                    )),
+                ));
+            }
+        };
+        let provider = snap.providers.get(route.provider).ok_or_else(|| {
+            (
+                None,
+                GatewayError::NotFound(format!("unknown provider {:?}", truncate(route.provider))),
+            )
+        })?;
+        let fail = |e: GatewayError| (Some(provider.id.clone()), e);
+        let timeout = request_timeout(&parts.headers, snap.request_timeout).map_err(fail)?;
+        let alias = match parts.headers.get(BYOK_ALIAS) {
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| GatewayError::BadHeader {
+                        name: "cf-aig-byok-alias",
+                        reason: "not visible ASCII".into(),
+                    })
+                    .map_err(fail)?,
+            ),
+            None => None,
+        };
+        let key = provider.choose_key(alias).map_err(fail)?;
+        let uri = provider
+            .upstream_uri(&route, parts.uri.query())
+            .map_err(fail)?;
+
+        // body
+        let body = read_body(&parts.headers, body, snap.max_body)
+            .await
+            .map_err(fail)?;
+
+        // dispatch
+        let upstream = build_upstream_request(provider, &parts, uri, key, body);
+        let event_id = parts.headers.get(EVENT_ID).cloned();
+        let resp = match tokio::time::timeout(timeout, self.client.request(upstream)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return Err(fail(GatewayError::UpstreamUnavailable(error_chain(&e)))),
+            Err(_) => {
+                return Err(fail(GatewayError::UpstreamTimeout {
+                    ms: timeout.as_millis() as u64,
+                }));
+            }
+        };
+        let (mut head, body) = resp.into_parts();
+        strip_response_headers(&mut head.headers);
+        if let Some(id) = event_id {
+            head.headers.insert(EVENT_ID, id);
+        }
+        let record = RequestRecord::new(
+            self.metrics.clone(),
+            provider.id.clone(),
+            parts.method.clone(),
+            route.rest,
+            head.status.as_u16(),
+            start,
+            snap.log_requests,
+        );
+        Ok(Response::from_parts(
+            head,
+            ProxyBody::upstream(body, record),
+        ))
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// `cf-aig-request-timeout` (milliseconds) or the gateway default.
+fn request_timeout(headers: &http::HeaderMap, default: Duration) -> Result<Duration, GatewayError> {
+    let Some(v) = headers.get(REQUEST_TIMEOUT) else {
+        return Ok(default);
+    };
+    let ms = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|ms| (1..=3_600_000).contains(ms))
+        .ok_or_else(|| GatewayError::BadHeader {
+            name: "cf-aig-request-timeout",
+            reason: "expected milliseconds between 1 and 3600000".into(),
+        })?;
+    Ok(Duration::from_millis(ms))
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes.
+async fn read_body(
+    headers: &http::HeaderMap,
+    body: Incoming,
+    limit: u64,
+) -> Result<Bytes, GatewayError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(GatewayError::BodyTooLarge { limit });
+    }
+    let limited = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(GatewayError::BodyTooLarge { limit })
+        }
+        Err(e) => Err(GatewayError::BadBody(e.to_string())),
+    }
+}
+
+fn build_upstream_request(
+    provider: &Provider,
+    parts: &http::request::Parts,
+    uri: http::Uri,
+    key: KeyChoice<'_>,
+    body: Bytes,
+) -> Request<Full<Bytes>> {
+    let drop: &[HeaderName] = match key {
+        KeyChoice::Stored(_) => provider.auth_headers(),
+        KeyChoice::ClientOwn => &[],
+    };
+    let mut headers = upstream_request_headers(&parts.headers, drop);
+    if let (KeyChoice::Stored(value), Some(name)) = (key, provider.auth_header()) {
+        headers.insert(name.clone(), value.header().clone());
+    }
+    for (name, value) in provider.default_headers() {
+        if !headers.contains_key(*name) {
+            headers.insert(*name, HeaderValue::from_static(value));
+        }
+    }
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// An error and its sources on one line (hyper's top-level message alone says little).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_timeout_header_is_milliseconds_within_bounds() {
+        let mut h = http::HeaderMap::new();
+        let d = Duration::from_secs(7);
+        assert_eq!(request_timeout(&h, d), Ok(d));
+        h.insert(REQUEST_TIMEOUT, HeaderValue::from_static("250"));
+        assert_eq!(request_timeout(&h, d), Ok(Duration::from_millis(250)));
+        for bad in ["0", "-5", "soon", "3600001"] {
+            h.insert(REQUEST_TIMEOUT, HeaderValue::from_static(bad));
+            assert_eq!(
+                request_timeout(&h, d).map_err(|e| e.code()),
+                Err(2100),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Live reload of the config file and keys directory.
+//!
+//! kubelet updates a mounted ConfigMap or Secret by writing a new timestamped directory and
+//! renaming the `..data` symlink over the old one; editors and `cp` modify files in place. Both
+//! show up as events in the watched directories. Events are debounced, the new config is loaded
+//! and validated, and swapped in atomically only when valid; otherwise the last good config
+//! keeps serving. A slow poll backs the watcher up in case an event is missed.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+
+use crate::config::{self, Snapshot, Sources};
+use crate::proxy::Gateway;
+
+/// Wait after the first event for the rest of a burst (kubelet writes several entries).
+const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Re-check even without events.
+const POLL: Duration = Duration::from_secs(5);
+
+/// Installs `snap` as the serving config and publishes it.
+pub fn install(gw: &Gateway, snap: Snapshot) {
+    for w in &snap.warnings {
+        tracing::warn!(warning = %w, "config");
+    }
+    gw.metrics.set_config(snap.hash(), &snap.gateway_label());
+    tracing::info!(
+        hash = snap.hash(),
+        gateway = %snap.gateway_label(),
+        keys = snap.keys.len(),
+        tokens = snap.keys.token_count(),
+        "config loaded"
+    );
+    gw.snapshot.store(Some(Arc::new(snap)));
+}
+
+/// Directories to watch for a set of sources.
+fn watch_dirs(src: &Sources) -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    let parent = src
+        .config
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    dirs.push(parent.to_owned());
+    if let Some(k) = &src.keys_dir {
+        if !dirs.contains(k) {
+            dirs.push(k.clone());
+        }
+    }
+    dirs
+}
+
+/// Watches the sources and reloads on change, forever.
+pub async fn watch(gw: Arc<Gateway>, src: Sources) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = match notify::recommended_watcher(
+        move |_res: notify::Result<notify::Event>| {
+            let _ = tx.send(());
+        },
+    ) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, poll_secs = POLL.as_secs(), "file watching unavailable; polling only");
+            None
+        }
+    };
+    if let Some(w) = watcher.as_mut() {
+        for dir in watch_dirs(&src) {
+            if let Err(e) = w.watch(&dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; polling it");
+            }
+        }
+    }
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                if ev.is_none() {
+                    // Watcher gone: keep polling.
+                    tokio::time::sleep(POLL).await;
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                while rx.try_recv().is_ok() {}
+            }
+            () = tokio::time::sleep(POLL) => {}
+        }
+        reload_once(&gw, &src, &mut last_error).await;
+    }
+}
+
+/// Loads the sources once; installs them if valid and different from what serves.
+pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<String>) {
+    let src2 = src.clone();
+    let loaded = match tokio::task::spawn_blocking(move || config::load(&src2)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "config loader crashed");
+            return;
+        }
+    };
+    match loaded {
+        Ok(snap) => {
+            *last_error = None;
+            let current = gw.snapshot.load();
+            if current
+                .as_ref()
+                .is_some_and(|c| c.fingerprint == snap.fingerprint)
+            {
+                return;
+            }
+            gw.metrics.count_reload(true);
+            install(gw, snap);
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            // The poll would repeat the same failure every few seconds: say it once.
+            if last_error.as_deref() != Some(msg.as_str()) {
+                gw.metrics.count_reload(false);
+                let serving = gw.snapshot.load().as_ref().map(|s| s.hash().to_owned());
+                tracing::error!(error = %msg, serving = serving.as_deref().unwrap_or("nothing"), "config reload rejected; keeping the last good config");
+                *last_error = Some(msg);
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Metrics (Prometheus text on the admin port) and the per-request record that becomes one
+//! log line and one metric sample when the response body ends.
+//!
+//! Provider keys never reach this module: records carry the provider id, the path without its
+//! query, the status and sizes only.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of a request sample.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Provider id, or `none` when the route named none.
+    pub provider: Arc<str>,
+    /// HTTP status sent to the client.
+    pub status: u16,
+}
+
+/// Labels of a reload sample.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `success` or `error`.
+    pub result: &'static str,
+}
+
+/// Labels of the loaded-config info metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    /// Content hash of the loaded config.
+    pub hash: String,
+    /// Gateway `namespace/name`, or empty when standalone.
+    pub gateway: String,
+}
+
+/// Labels of a duration sample.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    /// Provider id.
+    pub provider: Arc<str>,
+}
+
+/// All metrics of the sidecar.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<ProviderLabels, Histogram>,
+    streams_cancelled: Family<ProviderLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
+    config_info: Family<ConfigLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every sidecar metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sidegate");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by provider and response status",
+            requests.clone(),
+        );
+        let duration = Family::<ProviderLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.005, 0.025, 0.1, 0.5, 1.0, 2.5, 10.0, 30.0, 120.0])
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response body",
+            duration.clone(),
+        );
+        let streams_cancelled = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "responses_cancelled",
+            "Responses whose client went away before the body ended",
+            streams_cancelled.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Config reloads by result",
+            reloads.clone(),
+        );
+        let config_info = Family::<ConfigLabels, Gauge>::default();
+        registry.register(
+            "config_info",
+            "The loaded config (value 1)",
+            config_info.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            duration,
+            streams_cancelled,
+            reloads,
+            config_info,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts one request.
+    pub fn count_request(&self, provider: &Arc<str>, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                provider: provider.clone(),
+                status,
+            })
+            .inc();
+    }
+
+    /// Counts one reload.
+    pub fn count_reload(&self, ok: bool) {
+        let result = if ok { "success" } else { "error" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
+    /// Publishes the hash of the config now serving.
+    pub fn set_config(&self, hash: &str, gateway: &str) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&ConfigLabels {
+                hash: hash.to_owned(),
+                gateway: gateway.to_owned(),
+            })
+            .set(1);
+    }
+}
+
+/// One proxied request, finished exactly once: when its body ends, fails, or is dropped.
+pub struct RequestRecord {
+    metrics: Arc<Metrics>,
+    provider: Arc<str>,
+    method: http::Method,
+    path: Box<str>,
+    status: u16,
+    start: Instant,
+    bytes: u64,
+    log: bool,
+    done: bool,
+}
+
+impl RequestRecord {
+    /// A record of a request that got `status` from the upstream.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        provider: Arc<str>,
+        method: http::Method,
+        path: &str,
+        status: u16,
+        start: Instant,
+        log: bool,
+    ) -> Self {
+        Self {
+            metrics,
+            provider,
+            method,
+            path: path.into(),
+            status,
+            start,
+            bytes: 0,
+            log,
+            done: false,
+        }
+    }
+
+    /// Adds streamed body bytes.
+    pub fn add_bytes(&mut self, n: usize) {
+        self.bytes += n as u64;
+    }
+
+    /// The body reached its end.
+    pub fn finish_complete(mut self) {
+        self.finish("complete");
+    }
+
+    /// The upstream broke the body off.
+    pub fn finish_upstream_error(mut self) {
+        self.finish("upstream_error");
+    }
+
+    fn finish(&mut self, outcome: &'static str) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let elapsed = self.start.elapsed();
+        self.metrics.count_request(&self.provider, self.status);
+        let labels = ProviderLabels {
+            provider: self.provider.clone(),
+        };
+        self.metrics
+            .duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+        if outcome == "cancelled" {
+            self.metrics.streams_cancelled.get_or_create(&labels).inc();
+        }
+        if self.log {
+            tracing::info!(
+                provider = %self.provider,
+                method = %self.method,
+                path = %self.path,
+                status = self.status,
+                duration_ms = elapsed.as_secs_f64() * 1000.0,
+                bytes = self.bytes,
+                outcome,
+                "request"
+            );
+        }
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        // Still open when dropped: the client went away before the body ended.
+        self.finish("cancelled");
+    }
+}
