@@ -1,1 +1,117 @@
-fn main() {}
+//! `mock-provider`: the local mock LLM provider as a process.
+
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use sidegate_mock_provider::{Options, serve_with_shutdown};
+
+const ABOUT: &str = "Local mock LLM provider speaking the OpenAI and Anthropic wire formats";
+
+const LONG_ABOUT: &str = "\
+Local mock LLM provider speaking the OpenAI and Anthropic wire formats, for sidegate's
+tests, demo and benchmarks. HTTP/1.1 (keep-alive) and h2c on one port.
+
+After binding it prints exactly one line to stdout, `listening on 127.0.0.1:PORT`, then
+serves until SIGTERM or SIGINT.
+
+Routes (matched on the path suffix, so any provider prefix works):
+  POST .../chat/completions       OpenAI chat.completion; SSE chunks with \"stream\": true
+  POST .../embeddings             OpenAI embeddings (8 deterministic floats per input)
+  GET  .../models                 model list (Anthropic shape if anthropic-version is sent)
+  POST .../messages               Anthropic Message; Anthropic SSE with \"stream\": true
+  POST .../messages/count_tokens  Anthropic token count
+  GET|DELETE /__mock/requests     recorded requests, oldest first / clear them
+  GET|DELETE /__mock/stats        counters (requests, streams_cancelled, ...) / reset them
+
+Replies are \"mock reply to: <last user message, up to 200 chars>\".
+Model \"mock-status-<code>\" (400..=599) returns that status with the endpoint's error
+body (429 adds retry-after: 1); invalid JSON returns 400; unknown routes 404.
+Request headers: x-mock-delay-ms delays the response head (overrides --delay-ms),
+x-mock-chunk-delay-ms delays each event of a stream.";
+
+#[derive(Parser, Debug)]
+#[command(name = "mock-provider", version, about = ABOUT, long_about = LONG_ABOUT)]
+struct Cli {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Delay of every response head, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    /// Do not record requests (for benchmarks); /__mock/requests stays empty.
+    #[arg(long)]
+    no_record: bool,
+    /// Name reported in the x-mock-name response header and /__mock/stats.
+    #[arg(long, default_value = "mock")]
+    name: String,
+    /// Worker threads (1 runs everything on a single thread).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = if cli.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(cli.threads))
+            .enable_all()
+            .build()
+    }
+    .context("starting the async runtime")?;
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .with_context(|| format!("binding {}", cli.listen))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    // Handlers are installed before announcing the address, so a signal sent right
+    // after the line is read still shuts down cleanly.
+    let shutdown = shutdown_signal().context("installing signal handlers")?;
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {addr}")
+            .and_then(|()| stdout.flush())
+            .context("writing the listening line")?;
+    }
+    let opts = Options {
+        delay: Duration::from_millis(cli.delay_ms),
+        record: !cli.no_record,
+        name: cli.name,
+    };
+    serve_with_shutdown(listener, opts, shutdown)
+        .await
+        .context("serving")
+}
+
+/// A future completing on SIGINT or SIGTERM.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    })
+}
+
+/// A future completing on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}

@@ -1,0 +1,373 @@
+//! Anthropic wire format: Messages (plain and SSE), count_tokens, Models, errors.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::header::RETRY_AFTER;
+use http::{HeaderValue, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Ctx;
+use crate::body::{MockBody, SseBuilder, json_ok, json_response, sse_response, write_json};
+use crate::text::{self, Message};
+
+/// Model echoed when a request names none.
+const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
+
+// ---------------------------------------------------------------------------
+// Requests
+
+#[derive(Deserialize)]
+struct MessagesRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(default)]
+    system: Option<Value>,
+    #[serde(default)]
+    stream: Option<bool>,
+}
+
+impl MessagesRequest<'_> {
+    fn input_tokens(&self) -> u64 {
+        let messages = self.messages.as_deref().unwrap_or_default();
+        let system = self.system.as_ref().map_or(0, text::content_words);
+        text::messages_words(messages).saturating_add(system)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Responses
+
+#[derive(Serialize)]
+struct MessageBody<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: &'a [TextBlock<'a>],
+    stop_reason: Option<&'static str>,
+    stop_sequence: Option<()>,
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct TextBlock<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    input_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
+    output_tokens: u64,
+    service_tier: &'static str,
+}
+
+impl Usage {
+    fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: 0,
+            output_tokens,
+            service_tier: "standard",
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct MessageStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: MessageBody<'a>,
+}
+
+#[derive(Serialize)]
+struct ContentBlockStart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+    content_block: TextBlock<'a>,
+}
+
+#[derive(Serialize)]
+struct ContentBlockDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+    delta: TextDelta<'a>,
+}
+
+#[derive(Serialize)]
+struct TextDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct ContentBlockStop {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: u32,
+}
+
+#[derive(Serialize)]
+struct MessageDelta {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    delta: StopDelta,
+    usage: OutputUsage,
+}
+
+#[derive(Serialize)]
+struct StopDelta {
+    stop_reason: &'static str,
+    stop_sequence: Option<()>,
+}
+
+#[derive(Serialize)]
+struct OutputUsage {
+    output_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct TypeOnly {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: ErrorDetail<'a>,
+    request_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    message: &'a str,
+}
+
+// ---------------------------------------------------------------------------
+// Handlers
+
+/// `POST .../v1/messages`
+pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
+    let req: MessagesRequest<'_> = match text::parse_object(body) {
+        Ok(req) => req,
+        Err(err) => return invalid_json(ctx, &err),
+    };
+    let model = req.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    if let Some(status) = text::status_trigger(model) {
+        return status_error(ctx, status, model);
+    }
+    let messages = req.messages.as_deref().unwrap_or_default();
+    let reply = text::reply_to(&text::last_user_text(messages));
+    let input_tokens = req.input_tokens();
+    let output_tokens = text::words(&reply);
+    let id = format!("msg_mock_{}", ctx.id);
+
+    let mut resp = if req.stream == Some(true) {
+        let events = message_stream(&id, model, &reply, input_tokens, output_tokens);
+        sse_response(events, ctx.chunk_delay, ctx.stats)
+    } else {
+        json_ok(&MessageBody {
+            id: &id,
+            kind: "message",
+            role: "assistant",
+            model,
+            content: &[TextBlock {
+                kind: "text",
+                text: &reply,
+            }],
+            stop_reason: Some("end_turn"),
+            stop_sequence: None,
+            usage: Usage::new(input_tokens, output_tokens),
+        })
+    };
+    set_request_id(&mut resp, ctx);
+    resp
+}
+
+/// The SSE events of a streamed message, in Anthropic's order.
+fn message_stream(
+    id: &str,
+    model: &str,
+    reply: &str,
+    input_tokens: u64,
+    output_tokens: u64,
+) -> Vec<Bytes> {
+    let pieces = text::stream_pieces(reply);
+    let mut sse = SseBuilder::with_capacity(pieces.len() + 6);
+    sse.event(
+        Some("message_start"),
+        &MessageStart {
+            kind: "message_start",
+            message: MessageBody {
+                id,
+                kind: "message",
+                role: "assistant",
+                model,
+                content: &[],
+                stop_reason: None,
+                stop_sequence: None,
+                usage: Usage::new(input_tokens, 1),
+            },
+        },
+    );
+    sse.event(
+        Some("content_block_start"),
+        &ContentBlockStart {
+            kind: "content_block_start",
+            index: 0,
+            content_block: TextBlock {
+                kind: "text",
+                text: "",
+            },
+        },
+    );
+    sse.event(Some("ping"), &TypeOnly { kind: "ping" });
+    for piece in pieces {
+        sse.event(
+            Some("content_block_delta"),
+            &ContentBlockDelta {
+                kind: "content_block_delta",
+                index: 0,
+                delta: TextDelta {
+                    kind: "text_delta",
+                    text: piece,
+                },
+            },
+        );
+    }
+    sse.event(
+        Some("content_block_stop"),
+        &ContentBlockStop {
+            kind: "content_block_stop",
+            index: 0,
+        },
+    );
+    sse.event(
+        Some("message_delta"),
+        &MessageDelta {
+            kind: "message_delta",
+            delta: StopDelta {
+                stop_reason: "end_turn",
+                stop_sequence: None,
+            },
+            usage: OutputUsage { output_tokens },
+        },
+    );
+    sse.event(
+        Some("message_stop"),
+        &TypeOnly {
+            kind: "message_stop",
+        },
+    );
+    sse.finish()
+}
+
+/// `POST .../v1/messages/count_tokens`
+pub(crate) fn count_tokens(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
+    let req: MessagesRequest<'_> = match text::parse_object(body) {
+        Ok(req) => req,
+        Err(err) => return invalid_json(ctx, &err),
+    };
+    let model = req.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    if let Some(status) = text::status_trigger(model) {
+        return status_error(ctx, status, model);
+    }
+    #[derive(Serialize)]
+    struct Count {
+        input_tokens: u64,
+    }
+    let mut resp = json_ok(&Count {
+        input_tokens: req.input_tokens(),
+    });
+    set_request_id(&mut resp, ctx);
+    resp
+}
+
+/// `GET .../v1/models` when the request carries `anthropic-version`.
+pub(crate) fn models(ctx: &Ctx<'_>) -> Response<MockBody> {
+    const MODELS: &[u8] = br#"{"data":[{"type":"model","id":"claude-sonnet-4-5","display_name":"Claude Sonnet 4.5","created_at":"2025-09-29T00:00:00Z"},{"type":"model","id":"claude-haiku-4-5","display_name":"Claude Haiku 4.5","created_at":"2025-10-15T00:00:00Z"}],"has_more":false,"first_id":"claude-sonnet-4-5","last_id":"claude-haiku-4-5"}"#;
+    let mut resp = json_response(StatusCode::OK, Bytes::from_static(MODELS));
+    set_request_id(&mut resp, ctx);
+    resp
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+fn invalid_json(ctx: &Ctx<'_>, err: &str) -> Response<MockBody> {
+    let message = format!("Request body is not valid JSON: {err}");
+    error_response(
+        ctx,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        &message,
+    )
+}
+
+/// The error asked for by a `mock-status-<code>` model.
+fn status_error(ctx: &Ctx<'_>, status: StatusCode, model: &str) -> Response<MockBody> {
+    let kind = match status.as_u16() {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    };
+    let message = format!(
+        "mock error: status {} requested by model {model}",
+        status.as_u16()
+    );
+    error_response(ctx, status, kind, &message)
+}
+
+fn error_response(
+    ctx: &Ctx<'_>,
+    status: StatusCode,
+    kind: &str,
+    message: &str,
+) -> Response<MockBody> {
+    let request_id = ctx.request_id();
+    let mut buf = Vec::with_capacity(128 + message.len());
+    write_json(
+        &mut buf,
+        &ErrorBody {
+            kind: "error",
+            error: ErrorDetail { kind, message },
+            request_id: &request_id,
+        },
+    );
+    let mut resp = json_response(status, buf);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    set_request_id(&mut resp, ctx);
+    resp
+}
+
+fn set_request_id(resp: &mut Response<MockBody>, ctx: &Ctx<'_>) {
+    if let Ok(value) = HeaderValue::try_from(ctx.request_id()) {
+        resp.headers_mut().insert("request-id", value);
+    }
+}

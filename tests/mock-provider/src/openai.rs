@@ -1,0 +1,576 @@
+//! OpenAI wire format: Chat Completions (plain and SSE), Embeddings, Models, errors.
+//!
+//! Also what OpenAI-compatible providers speak (Groq, Mistral, DeepSeek, Azure OpenAI,
+//! OpenRouter, ...), which is why routes match on the path suffix only.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use http::header::RETRY_AFTER;
+use http::{HeaderValue, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::Ctx;
+use crate::body::{MockBody, SseBuilder, json_ok, json_response, sse_response, write_json};
+use crate::text::{self, Message};
+
+/// Model echoed when a request names none.
+const DEFAULT_MODEL: &str = "gpt-4o-mini";
+const SYSTEM_FINGERPRINT: &str = "fp_mock";
+/// Dimensions of an embedding unless the request asks for `dimensions`.
+const EMBEDDING_DIMS: usize = 8;
+const MAX_EMBEDDING_DIMS: u64 = 4096;
+/// OpenAI's limit of inputs per embeddings request.
+const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+// ---------------------------------------------------------------------------
+// Requests
+
+#[derive(Deserialize)]
+struct ChatRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(borrow, default)]
+    encoding_format: Option<Cow<'a, str>>,
+    #[serde(default)]
+    dimensions: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------
+// Responses
+
+#[derive(Serialize)]
+struct ChatCompletion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [Choice<'a>; 1],
+    usage: Usage,
+    service_tier: &'static str,
+    system_fingerprint: &'static str,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+    refusal: Option<()>,
+    annotations: [(); 0],
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+    prompt_tokens_details: PromptTokensDetails,
+    completion_tokens_details: CompletionTokensDetails,
+}
+
+#[derive(Serialize)]
+struct PromptTokensDetails {
+    cached_tokens: u64,
+    audio_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct CompletionTokensDetails {
+    reasoning_tokens: u64,
+    audio_tokens: u64,
+    accepted_prediction_tokens: u64,
+    rejected_prediction_tokens: u64,
+}
+
+impl Usage {
+    fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: 0,
+                audio_tokens: 0,
+            },
+            completion_tokens_details: CompletionTokensDetails {
+                reasoning_tokens: 0,
+                audio_tokens: 0,
+                accepted_prediction_tokens: 0,
+                rejected_prediction_tokens: 0,
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    service_tier: &'static str,
+    system_fingerprint: &'static str,
+    choices: &'a [ChunkChoice<'a>],
+    /// Absent unless `stream_options.include_usage`; then `null` except on the last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<&'a Usage>>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize, Default)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refusal: Option<Option<()>>,
+}
+
+#[derive(Serialize)]
+struct EmbeddingList<'a> {
+    object: &'static str,
+    data: Vec<Embedding>,
+    model: &'a str,
+    usage: EmbeddingUsage,
+}
+
+#[derive(Serialize)]
+struct Embedding {
+    object: &'static str,
+    index: usize,
+    embedding: EmbeddingVector,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EmbeddingVector {
+    Floats(Vec<f32>),
+    Base64(String),
+}
+
+#[derive(Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: u64,
+    total_tokens: u64,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+// ---------------------------------------------------------------------------
+// Handlers
+
+/// `POST .../chat/completions`
+pub(crate) fn chat_completions(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
+    let req: ChatRequest<'_> = match text::parse_object(body) {
+        Ok(req) => req,
+        Err(err) => return invalid_json(ctx, &err),
+    };
+    let model = req.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    if let Some(status) = text::status_trigger(model) {
+        return status_error(ctx, status, model);
+    }
+    let messages = req.messages.as_deref().unwrap_or_default();
+    let reply = text::reply_to(&text::last_user_text(messages));
+    let usage = Usage::new(text::messages_words(messages), text::words(&reply));
+    let id = format!("chatcmpl-mock-{}", ctx.id);
+    let created = text::unix_now();
+
+    let mut resp = if req.stream == Some(true) {
+        let include_usage = req
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false);
+        let events = chat_stream(&id, created, model, &reply, include_usage.then_some(&usage));
+        sse_response(events, ctx.chunk_delay, ctx.stats)
+    } else {
+        json_ok(&ChatCompletion {
+            id: &id,
+            object: "chat.completion",
+            created,
+            model,
+            choices: [Choice {
+                index: 0,
+                message: AssistantMessage {
+                    role: "assistant",
+                    content: &reply,
+                    refusal: None,
+                    annotations: [],
+                },
+                logprobs: None,
+                finish_reason: "stop",
+            }],
+            usage,
+            service_tier: "default",
+            system_fingerprint: SYSTEM_FINGERPRINT,
+        })
+    };
+    set_request_id(&mut resp, ctx);
+    resp
+}
+
+/// The SSE events of a streamed chat completion: role chunk, one chunk per word,
+/// finish chunk, optional usage chunk, `[DONE]`.
+fn chat_stream(
+    id: &str,
+    created: u64,
+    model: &str,
+    reply: &str,
+    usage: Option<&Usage>,
+) -> Vec<Bytes> {
+    let pieces = text::stream_pieces(reply);
+    let mut sse = SseBuilder::with_capacity(pieces.len() + 4);
+    let head = ChunkHead {
+        id,
+        created,
+        model,
+        with_usage: usage.is_some(),
+    };
+    let chunk = ChunkHead::chunk;
+
+    let first = Delta {
+        role: Some("assistant"),
+        content: Some(""),
+        refusal: Some(None),
+    };
+    sse.event(None, &chunk(&head, &[choice(first, None)], None));
+    for piece in pieces {
+        let delta = Delta {
+            content: Some(piece),
+            ..Delta::default()
+        };
+        sse.event(None, &chunk(&head, &[choice(delta, None)], None));
+    }
+    sse.event(
+        None,
+        &chunk(&head, &[choice(Delta::default(), Some("stop"))], None),
+    );
+    if let Some(usage) = usage {
+        sse.event(None, &chunk(&head, &[], Some(usage)));
+    }
+    sse.raw(b"data: [DONE]\n\n");
+    sse.finish()
+}
+
+/// What every chunk of one stream shares.
+struct ChunkHead<'a> {
+    id: &'a str,
+    created: u64,
+    model: &'a str,
+    with_usage: bool,
+}
+
+impl ChunkHead<'_> {
+    fn chunk<'b>(&'b self, choices: &'b [ChunkChoice<'b>], usage: Option<&'b Usage>) -> Chunk<'b> {
+        Chunk {
+            id: self.id,
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model,
+            service_tier: "default",
+            system_fingerprint: SYSTEM_FINGERPRINT,
+            choices,
+            usage: self.with_usage.then_some(usage),
+        }
+    }
+}
+
+fn choice<'a>(delta: Delta<'a>, finish_reason: Option<&'static str>) -> ChunkChoice<'a> {
+    ChunkChoice {
+        index: 0,
+        delta,
+        logprobs: None,
+        finish_reason,
+    }
+}
+
+/// `POST .../embeddings`
+pub(crate) fn embeddings(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
+    let req: EmbeddingsRequest<'_> = match text::parse_object(body) {
+        Ok(req) => req,
+        Err(err) => return invalid_json(ctx, &err),
+    };
+    let model = req.model.as_deref().unwrap_or("text-embedding-3-small");
+    if let Some(status) = text::status_trigger(model) {
+        return status_error(ctx, status, model);
+    }
+    let inputs: Vec<&Value> = match &req.input {
+        // One input given as token ids.
+        Some(input @ Value::Array(items))
+            if !items.is_empty() && items.iter().all(Value::is_number) =>
+        {
+            vec![input]
+        }
+        Some(Value::Array(items)) if (1..=MAX_EMBEDDING_INPUTS).contains(&items.len()) => {
+            items.iter().collect()
+        }
+        Some(input @ Value::String(_)) => vec![input],
+        _ => {
+            return error_response(
+                ctx,
+                StatusCode::BAD_REQUEST,
+                "'input' must be a string or an array of 1 to 2048 inputs",
+                "invalid_request_error",
+                Some("input"),
+                None,
+            );
+        }
+    };
+    let dims = req
+        .dimensions
+        .filter(|d| (1..=MAX_EMBEDDING_DIMS).contains(d))
+        .map_or(EMBEDDING_DIMS, |d| d as usize);
+    let base64 = req.encoding_format.as_deref() == Some("base64");
+
+    let mut tokens = 0u64;
+    let data = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            let vector = match input {
+                Value::String(s) => {
+                    tokens += text::words(s);
+                    embedding_of(s.as_bytes(), dims)
+                }
+                other => {
+                    tokens += match other {
+                        Value::Array(ids) => ids.len() as u64,
+                        _ => 1,
+                    };
+                    let mut repr = Vec::new();
+                    write_json(&mut repr, other);
+                    embedding_of(&repr, dims)
+                }
+            };
+            Embedding {
+                object: "embedding",
+                index,
+                embedding: if base64 {
+                    EmbeddingVector::Base64(base64_f32(&vector))
+                } else {
+                    EmbeddingVector::Floats(vector)
+                },
+            }
+        })
+        .collect();
+
+    let mut resp = json_ok(&EmbeddingList {
+        object: "list",
+        data,
+        model,
+        usage: EmbeddingUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    });
+    set_request_id(&mut resp, ctx);
+    resp
+}
+
+/// A deterministic unit vector derived from `input` (FNV-1a seed, splitmix64 stream).
+fn embedding_of(input: &[u8], dims: usize) -> Vec<f32> {
+    let mut state = input.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let mut vector: Vec<f32> = (0..dims)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            // 24 random bits → [-1, 1)
+            ((z >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect();
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        for x in &mut vector {
+            *x /= norm;
+        }
+    }
+    vector
+}
+
+/// Base64 of the little-endian f32 bytes, as OpenAI sends for `encoding_format: base64`.
+fn base64_f32(vector: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [
+            group[0],
+            group.get(1).copied().unwrap_or(0),
+            group.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `GET .../models`
+pub(crate) fn models(ctx: &Ctx<'_>) -> Response<MockBody> {
+    const MODELS: &[u8] = br#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1721172741,"owned_by":"system"},{"id":"gpt-4o","object":"model","created":1715367049,"owned_by":"system"},{"id":"text-embedding-3-small","object":"model","created":1705948997,"owned_by":"system"}]}"#;
+    let mut resp = json_response(StatusCode::OK, Bytes::from_static(MODELS));
+    set_request_id(&mut resp, ctx);
+    resp
+}
+
+// ---------------------------------------------------------------------------
+// Errors
+
+/// 400 for a body that is not valid JSON (or not the expected shape).
+fn invalid_json(ctx: &Ctx<'_>, err: &str) -> Response<MockBody> {
+    let message = format!("We could not parse the JSON body of your request: {err}");
+    error_response(
+        ctx,
+        StatusCode::BAD_REQUEST,
+        &message,
+        "invalid_request_error",
+        None,
+        None,
+    )
+}
+
+/// The error asked for by a `mock-status-<code>` model.
+fn status_error(ctx: &Ctx<'_>, status: StatusCode, model: &str) -> Response<MockBody> {
+    let (kind, code) = match status.as_u16() {
+        401 => ("invalid_request_error", "invalid_api_key"),
+        403 => ("permission_error", "permission_denied"),
+        404 => ("invalid_request_error", "model_not_found"),
+        429 => ("requests", "rate_limit_exceeded"),
+        500..=599 => ("server_error", "server_error"),
+        _ => ("invalid_request_error", "mock_error"),
+    };
+    let message = format!(
+        "mock error: status {} requested by model {model}",
+        status.as_u16()
+    );
+    error_response(ctx, status, &message, kind, None, Some(code))
+}
+
+fn error_response(
+    ctx: &Ctx<'_>,
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> Response<MockBody> {
+    let mut buf = Vec::with_capacity(160 + message.len());
+    write_json(
+        &mut buf,
+        &ErrorBody {
+            error: ErrorDetail {
+                message,
+                kind,
+                param,
+                code,
+            },
+        },
+    );
+    let mut resp = json_response(status, buf);
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    set_request_id(&mut resp, ctx);
+    resp
+}
+
+/// 404 for a route the mock does not know (OpenAI's shape).
+pub(crate) fn unknown_route(ctx: &Ctx<'_>, method: &str, path: &str) -> Response<MockBody> {
+    let message = format!("Unknown request URL: {method} {path}.");
+    error_response(
+        ctx,
+        StatusCode::NOT_FOUND,
+        &message,
+        "invalid_request_error",
+        None,
+        Some("unknown_url"),
+    )
+}
+
+fn set_request_id(resp: &mut Response<MockBody>, ctx: &Ctx<'_>) {
+    if let Ok(value) = HeaderValue::try_from(ctx.request_id()) {
+        resp.headers_mut().insert("x-request-id", value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_are_deterministic_unit_vectors() {
+        let a = embedding_of(b"hello", 8);
+        assert_eq!(a, embedding_of(b"hello", 8));
+        assert_ne!(a, embedding_of(b"world", 8));
+        let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4);
+        assert!(a.iter().all(|x| (-1.0..=1.0).contains(x)));
+    }
+
+    #[test]
+    fn base64_matches_reference() {
+        // 1.0f32 little-endian = 00 00 80 3f
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[1.0, 1.0]), "AACAPwAAgD8=");
+        assert_eq!(base64_f32(&[]), "");
+    }
+}
