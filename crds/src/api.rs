@@ -33,14 +33,10 @@ pub const ALLOW_INSECURE_UPSTREAM_ANNOTATION: &str = "sidegate.dev/allow-insecur
     shortname = "pk",
     status = "ProviderKeyStatus",
     derive = "PartialEq",
-    printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider"),
-    printcolumn(name = "Alias", type_ = "string", json_path = ".spec.alias"),
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"Provider", "type":"string", "jsonPath":".spec.provider"}"#,
+    printcolumn = r#"{"name":"Alias", "type":"string", "jsonPath":".spec.alias"}"#,
+    printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -128,24 +124,12 @@ pub struct ProviderKeyStatus {
     status = "AIGatewayStatus",
     derive = "PartialEq",
     derive = "Default",
-    printcolumn(
-        name = "Ready",
-        type_ = "string",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
-    ),
-    printcolumn(
-        name = "Keys",
-        type_ = "integer",
-        json_path = ".status.keyCount",
-        description = "Provider keys rendered into the gateway"
-    ),
-    printcolumn(
-        name = "Hash",
-        type_ = "string",
-        json_path = ".status.configHash",
-        description = "Content hash of the rendered config and keys"
-    ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 230")
+        .message("AIGateway names are at most 230 characters (the Secret sidegate-<name>-keys must fit 253)"),
+    printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Keys", "type":"integer", "jsonPath":".status.keyCount", "description":"Provider keys rendered into the gateway"}"#,
+    printcolumn = r#"{"name":"Hash", "type":"string", "jsonPath":".status.configHash", "description":"Content hash of the rendered config and keys"}"#,
+    printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AIGatewaySpec {

@@ -1,5 +1,179 @@
-//! sidegate-operator: reconciles AIGateway and ProviderKey resources (work in progress).
+//! `sidegate-operator`: runs the AIGateway and ProviderKey controllers, or prints the CRDs.
 
-fn main() {
-    println!("sidegate-operator {}", env!("CARGO_PKG_VERSION"));
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use kube::api::{Api, ListParams};
+use sidegate_crds::api::AIGateway;
+use sidegate_operator::admin::{self, AdminState};
+use sidegate_operator::controller::{self, Context};
+use sidegate_operator::lease::{LeaderElector, LeaseSettings};
+use sidegate_operator::metrics::Metrics;
+use sidegate_operator::{crd, providerkey};
+
+/// The sidegate operator: reconciles AIGateway and ProviderKey resources into a ConfigMap
+/// (`sidegate-<gateway>`, file gateway.yaml) and a Secret (`sidegate-<gateway>-keys`, one file per
+/// provider key) per gateway, which the sidegate sidecar mounts and reloads live.
+#[derive(Parser, Debug)]
+#[command(name = "sidegate-operator", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the controllers (uses the in-cluster service account, or $KUBECONFIG / ~/.kube/config).
+    Run(RunArgs),
+    /// Print the AIGateway and ProviderKey CustomResourceDefinitions as YAML, or write them to a
+    /// directory (the committed crds/manifests/ are generated this way).
+    Crd {
+        /// Write aigateway.yaml and providerkey.yaml into this directory instead of printing.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "SIDEGATE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    /// Take a coordination.k8s.io Lease before running the controllers, so that only one of
+    /// several replicas reconciles; standby replicas stay ready and take over when it lapses.
+    #[arg(long, env = "SIDEGATE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (defaults to the pod's namespace, $POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sidegate-system")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "sidegate-operator")]
+    lease_name: String,
+    /// Identity written into the Lease and Events (defaults to the pod name, $POD_NAME).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a Lease stays valid without renewal (a standby takes over after at most this long).
+    #[arg(long, default_value_t = 15)]
+    lease_duration_secs: u64,
+    /// Gateways reconciled in parallel.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u16,
+    /// Seconds between full re-reconciles of a healthy gateway (watches handle changes; this is
+    /// the safety net).
+    #[arg(long, default_value_t = 300)]
+    resync_secs: u64,
+    /// Log format.
+    #[arg(long, env = "SIDEGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd { out_dir: None } => {
+            print!("{}", crd::all_yaml()?);
+            Ok(())
+        }
+        Command::Crd { out_dir: Some(dir) } => {
+            for (file, def) in crd::definitions() {
+                let path = dir.join(file);
+                std::fs::write(&path, crd::to_yaml(&def)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_tracing(&args.log_format);
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(AdminState {
+        ready: Default::default(),
+        metrics: metrics.clone(),
+    });
+    let listener = admin::bind(args.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin listener on {}", args.admin_addr))?;
+    tokio::spawn(admin::serve(listener, state.clone()));
+
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
+    Api::<AIGateway>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+        .context(
+            "cannot list AIGateways: are the CRDs installed (sidegate-operator crd | kubectl apply --server-side -f -) and is RBAC granted?",
+        )?;
+    state.ready.store(true, Ordering::Relaxed);
+
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("sidegate-operator-{}", std::process::id()));
+    let ctx = Arc::new(Context {
+        resync: Duration::from_secs(args.resync_secs.max(10)),
+        ..Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
+    });
+    let controllers = async {
+        metrics.leader.set(1);
+        tokio::join!(
+            controller::run(client.clone(), ctx.clone(), args.concurrency),
+            providerkey::run(client.clone(), ctx.clone(), args.concurrency),
+        );
+    };
+
+    if !args.leader_elect {
+        tracing::info!("running controllers without leader election");
+        controllers.await;
+        return Ok(());
+    }
+    let elector = LeaderElector::new(
+        client.clone(),
+        LeaseSettings {
+            namespace: args.lease_namespace.clone(),
+            name: args.lease_name.clone(),
+            identity,
+            duration: Duration::from_secs(args.lease_duration_secs.max(4)),
+            renew_every: Duration::from_secs((args.lease_duration_secs / 3).max(1)),
+        },
+    );
+    tokio::select! {
+        () = elector.acquire() => {}
+        _ = tokio::signal::ctrl_c() => return Ok(()),
+    }
+    let outcome = tokio::select! {
+        () = controllers => Ok(()),
+        lost = elector.hold() => Err(lost),
+    };
+    metrics.leader.set(0);
+    match outcome {
+        Ok(()) => {
+            elector.release().await;
+            tracing::info!("controllers stopped; lease released");
+            Ok(())
+        }
+        // Exit so the pod restarts with clean caches rather than racing the new leader.
+        Err(lost) => Err(anyhow::Error::new(lost).context("leadership lost")),
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }

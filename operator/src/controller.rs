@@ -1,0 +1,396 @@
+//! The AIGateway controller: for each gateway, select its ProviderKeys, read their Secrets,
+//! render ConfigMap `sidegate-<gw>` and Secret `sidegate-<gw>-keys`, apply them when they differ,
+//! and report status and Events. Shape of kube-rs/controller-rs: one [`Context`], free functions
+//! [`reconcile`] and [`error_policy`], the watch wiring in [`controller`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use sidegate_crds::api::{AIGateway, AIGatewayStatus, ProviderAliases, ProviderKey};
+
+use crate::metrics::Metrics;
+use crate::render::{self, FIELD_MANAGER};
+use crate::status::{self, GatewayObservation, RenderSummary};
+use crate::validate;
+
+/// Name of this controller in metrics and Events.
+pub const CONTROLLER: &str = "aigateway";
+
+/// Errors of one reconcile; all are retried by [`error_policy`]. Never holds key values.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An apiserver request failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What was being done.
+        action: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Rendering failed for a reason the spec cannot fix.
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+}
+
+impl Error {
+    fn kube(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
+        let action = action.into();
+        move |source| Self::Kube { action, source }
+    }
+
+    /// Short kind for the errors metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Kube { .. } => "kube",
+            Self::Render(_) => "render",
+        }
+    }
+}
+
+/// What each gateway read at its last reconcile, so that changes to those objects trigger it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dependencies {
+    /// ProviderKeys it rendered (or tried to).
+    pub provider_keys: BTreeSet<String>,
+    /// Secrets it read (or found missing).
+    pub secrets: BTreeSet<String>,
+}
+
+/// Dependencies of every gateway, by gateway.
+pub type DependencyIndex = Mutex<HashMap<ObjectRef<AIGateway>, Dependencies>>;
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: Client,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Event recorder.
+    pub recorder: Recorder,
+    /// What each gateway depends on.
+    pub deps: Arc<DependencyIndex>,
+    /// Consecutive failures per gateway, for backoff.
+    pub failures: Mutex<HashMap<ObjectRef<AIGateway>, u32>>,
+    /// Requeue period of a healthy gateway (catches anything a watch missed).
+    pub resync: Duration,
+}
+
+impl Context {
+    /// A context for `client`.
+    pub fn new(client: Client, metrics: Arc<Metrics>, instance: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.to_owned(),
+            instance,
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            deps: Arc::default(),
+            failures: Mutex::default(),
+            resync: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Reconciles one AIGateway.
+pub async fn reconcile(gw: Arc<AIGateway>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let timer = ctx.metrics.reconcile(CONTROLLER);
+    let result = reconcile_inner(&gw, &ctx).await;
+    timer.finish(result.is_ok());
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&ObjectRef::from_obj(gw.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error> {
+    let name = gw.name_any();
+    let Some(ns) = gw.namespace() else {
+        return Ok(Action::await_change());
+    };
+    let client = &ctx.client;
+
+    // Select keys and read every Secret the gateway references (fresh reads, never a cache, so a
+    // rotation seen by the watch is the one rendered).
+    let all_keys = Api::<ProviderKey>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::kube(format!("listing ProviderKeys in {ns}")))?;
+    let selector = gw.spec.provider_key_selector.as_ref();
+    let keys: Vec<ProviderKey> = all_keys
+        .items
+        .into_iter()
+        .filter(|k| render::selects(selector, k))
+        .collect();
+    let secret_names = render::referenced_secrets(gw, &keys);
+    let secrets_api = Api::<Secret>::namespaced(client.clone(), &ns);
+    let mut secrets = BTreeMap::new();
+    for secret_name in &secret_names {
+        if let Some(s) = secrets_api
+            .get_opt(secret_name)
+            .await
+            .map_err(Error::kube(format!("reading Secret {ns}/{secret_name}")))?
+        {
+            secrets.insert(secret_name.clone(), s);
+        }
+    }
+    ctx.deps
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(
+            ObjectRef::from_obj(gw),
+            Dependencies {
+                provider_keys: keys.iter().map(ResourceExt::name_any).collect(),
+                secrets: secret_names.into_iter().collect(),
+            },
+        );
+
+    let mut obs = GatewayObservation {
+        generation: gw.metadata.generation,
+        spec_problems: validate::gateway(gw),
+        selected_keys: keys.len(),
+        rendered: None,
+    };
+    if obs.spec_problems.is_empty() {
+        let rendered = render::render(gw, &keys, &secrets)?;
+        apply_if_changed(ctx, &ns, &rendered).await?;
+        obs.rendered = Some(RenderSummary {
+            hash: rendered.hash.clone(),
+            key_count: u32::try_from(rendered.key_count()).unwrap_or(u32::MAX),
+            provider_keys: rendered
+                .key_index
+                .iter()
+                .map(|(provider, aliases)| ProviderAliases {
+                    provider: provider.clone(),
+                    aliases: aliases.clone(),
+                })
+                .collect(),
+            problems: rendered.problems.clone(),
+            objects: (
+                render::config_map_name(&name),
+                render::keys_secret_name(&name),
+            ),
+        });
+    }
+
+    let now = Time(Timestamp::now());
+    let new_status = status::gateway_status(gw.status.as_ref(), &obs, &now);
+    if status::status_changed(gw.status.as_ref(), &new_status) {
+        let api = Api::<AIGateway>::namespaced(client.clone(), &ns);
+        let patch = json!({
+            "apiVersion": "sidegate.dev/v1alpha1",
+            "kind": "AIGateway",
+            "status": new_status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(Error::kube(format!(
+            "updating status of AIGateway {ns}/{name}"
+        )))?;
+        ctx.metrics.write(CONTROLLER, "status");
+        publish_transitions(ctx, gw, gw.status.as_ref(), &new_status).await;
+    }
+    Ok(Action::requeue(ctx.resync))
+}
+
+/// Applies the rendered objects that differ from what the apiserver holds (a steady state
+/// writes nothing).
+async fn apply_if_changed(
+    ctx: &Context,
+    ns: &str,
+    rendered: &render::Rendered,
+) -> Result<(), Error> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
+    let cm_name = rendered.config_map.name_any();
+    let current = cms
+        .get_opt(&cm_name)
+        .await
+        .map_err(Error::kube(format!("reading ConfigMap {ns}/{cm_name}")))?;
+    if !current.is_some_and(|c| render::config_map_up_to_date(&c, &rendered.config_map)) {
+        // k8s-openapi writes apiVersion and kind, which server-side apply needs.
+        cms.patch(&cm_name, &params, &Patch::Apply(&rendered.config_map))
+            .await
+            .map_err(Error::kube(format!("applying ConfigMap {ns}/{cm_name}")))?;
+        ctx.metrics.write(CONTROLLER, "configmap");
+    }
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    let secret_name = rendered.secret.name_any();
+    let current = secrets
+        .get_opt(&secret_name)
+        .await
+        .map_err(Error::kube(format!("reading Secret {ns}/{secret_name}")))?;
+    if !current.is_some_and(|c| render::secret_up_to_date(&c, &rendered.secret)) {
+        secrets
+            .patch(&secret_name, &params, &Patch::Apply(&rendered.secret))
+            .await
+            .map_err(Error::kube(format!("applying Secret {ns}/{secret_name}")))?;
+        ctx.metrics.write(CONTROLLER, "secret");
+    }
+    Ok(())
+}
+
+async fn publish_transitions(
+    ctx: &Context,
+    gw: &AIGateway,
+    old: Option<&AIGatewayStatus>,
+    new: &AIGatewayStatus,
+) {
+    let reference = gw.object_ref(&());
+    for t in status::gateway_transitions(old, new) {
+        let event = Event {
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason,
+            note: Some(t.note),
+            action: "Reconcile".to_owned(),
+            secondary: None,
+        };
+        // Events are best effort: a failure must not fail (and retry) the reconcile.
+        match ctx.recorder.publish(&event, &reference).await {
+            Ok(()) => ctx.metrics.write(CONTROLLER, "event"),
+            Err(e) => tracing::warn!(gateway = %gw.name_any(), error = %e, "event not published"),
+        }
+    }
+}
+
+/// Retries a failed reconcile with exponential backoff per gateway: 1s, 2s, 4s, ... up to 5 min.
+pub fn error_policy(gw: Arc<AIGateway>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(CONTROLLER, error.kind());
+    let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+    let n = failures
+        .entry(ObjectRef::from_obj(gw.as_ref()))
+        .or_insert(0);
+    *n = n.saturating_add(1);
+    let delay = backoff(*n);
+    tracing::warn!(gateway = %gw.name_any(), namespace = ?gw.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// Delay before retry number `attempt` (1-based).
+pub fn backoff(attempt: u32) -> Duration {
+    let secs = 1u64 << attempt.saturating_sub(1).min(9);
+    Duration::from_secs(secs.min(300))
+}
+
+/// Gateways in `ns` that may use ProviderKey `key`: those whose selector matches it now and
+/// those that rendered it before (its labels may have changed so that it no longer matches).
+pub fn gateways_for_key(
+    key: &ProviderKey,
+    gateways: &[Arc<AIGateway>],
+    deps: &DependencyIndex,
+) -> Vec<ObjectRef<AIGateway>> {
+    let Some(ns) = key.namespace() else {
+        return Vec::new();
+    };
+    let name = key.name_any();
+    let deps = deps.lock().unwrap_or_else(PoisonError::into_inner);
+    gateways
+        .iter()
+        .filter(|gw| gw.namespace().as_deref() == Some(ns.as_str()))
+        .filter(|gw| {
+            render::selects(gw.spec.provider_key_selector.as_ref(), key)
+                || deps
+                    .get(&ObjectRef::from_obj(gw.as_ref()))
+                    .is_some_and(|d| d.provider_keys.contains(&name))
+        })
+        .map(|gw| ObjectRef::from_obj(gw.as_ref()))
+        .collect()
+}
+
+/// Gateways that read Secret `name` in `ns` at their last reconcile.
+pub fn gateways_for_secret(
+    ns: &str,
+    name: &str,
+    deps: &DependencyIndex,
+) -> Vec<ObjectRef<AIGateway>> {
+    deps.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter(|(gw, d)| gw.namespace.as_deref() == Some(ns) && d.secrets.contains(name))
+        .map(|(gw, _)| gw.clone())
+        .collect()
+}
+
+/// Builds the AIGateway controller: owned ConfigMaps and Secrets (metadata-only watches of the
+/// operator's labelled objects), ProviderKeys and key Secrets mapped back to their gateways.
+pub fn controller(client: Client, ctx: Arc<Context>) -> Controller<AIGateway> {
+    let owned = watcher::Config::default().labels(&render::managed_selector());
+    let controller = Controller::new(
+        Api::<AIGateway>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(
+        Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+        owned.clone(),
+    )
+    .owns(Api::<PartialObjectMeta<Secret>>::all(client.clone()), owned);
+    let gateways: Store<AIGateway> = controller.store();
+    let deps = ctx.deps.clone();
+    let controller = controller.watches(
+        Api::<ProviderKey>::all(client.clone()),
+        watcher::Config::default(),
+        move |key| gateways_for_key(&key, &gateways.state(), &deps),
+    );
+    let deps = ctx.deps.clone();
+    controller.watches(
+        Api::<PartialObjectMeta<Secret>>::all(client),
+        watcher::Config::default(),
+        move |secret| match secret.namespace() {
+            Some(ns) => gateways_for_secret(&ns, &secret.name_any(), &deps),
+            None => Vec::new(),
+        },
+    )
+}
+
+/// Runs the AIGateway controller until shutdown.
+pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
+    controller(client, ctx.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(gateway = %obj, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_five_minutes() {
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(5), Duration::from_secs(16));
+        assert_eq!(backoff(30), Duration::from_secs(300));
+    }
+}

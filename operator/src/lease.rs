@@ -1,0 +1,197 @@
+//! Leader election with a `coordination.k8s.io/v1` Lease, so that only one replica runs the
+//! controllers. The lease is taken when free or expired, renewed well within its duration, and
+//! released on shutdown so a standby takes over at once. Optimistic concurrency
+//! (`resourceVersion`) settles races between replicas.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::Client;
+use kube::api::{Api, PostParams};
+
+/// Where the lease lives and how it is held.
+#[derive(Debug, Clone)]
+pub struct LeaseSettings {
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// Name of the Lease.
+    pub name: String,
+    /// This replica's identity (pod name).
+    pub identity: String,
+    /// How long a lease stays valid without renewal.
+    pub duration: Duration,
+    /// Renewal period; give up leadership when no renewal succeeded for `duration - renew_every`.
+    pub renew_every: Duration,
+}
+
+/// Why leadership ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// Another replica holds the lease now.
+    #[error("lease {0} was taken over by {1}")]
+    TakenOver(String, String),
+    /// Renewals failed for too long.
+    #[error("lease {name} could not be renewed for {secs}s: {source}")]
+    RenewFailed {
+        /// Lease name.
+        name: String,
+        /// Seconds since the last successful renewal.
+        secs: u64,
+        /// Last error.
+        source: kube::Error,
+    },
+}
+
+/// Takes and holds one Lease.
+pub struct LeaderElector {
+    api: Api<Lease>,
+    settings: LeaseSettings,
+}
+
+enum Attempt {
+    Leading,
+    HeldBy(String),
+}
+
+impl LeaderElector {
+    /// An elector for `settings`.
+    pub fn new(client: Client, settings: LeaseSettings) -> Self {
+        Self {
+            api: Api::namespaced(client, &settings.namespace),
+            settings,
+        }
+    }
+
+    /// Waits until this replica holds the lease.
+    pub async fn acquire(&self) {
+        let mut logged_holder = String::new();
+        loop {
+            match self.try_lead().await {
+                Ok(Attempt::Leading) => {
+                    tracing::info!(lease = %self.settings.name, identity = %self.settings.identity, "acquired leadership");
+                    return;
+                }
+                Ok(Attempt::HeldBy(holder)) => {
+                    if holder != logged_holder {
+                        tracing::info!(lease = %self.settings.name, %holder, "standing by while another replica leads");
+                        logged_holder = holder;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %self.settings.name, error = %e, "lease not acquired; retrying")
+                }
+            }
+            tokio::time::sleep(self.settings.renew_every).await;
+        }
+    }
+
+    /// Renews the lease until leadership is lost; returns why.
+    pub async fn hold(&self) -> LeaseError {
+        let deadline = self
+            .settings
+            .duration
+            .saturating_sub(self.settings.renew_every);
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.settings.renew_every).await;
+            match self.try_lead().await {
+                Ok(Attempt::Leading) => last_ok = tokio::time::Instant::now(),
+                Ok(Attempt::HeldBy(holder)) => {
+                    return LeaseError::TakenOver(self.settings.name.clone(), holder);
+                }
+                Err(source) => {
+                    let elapsed = last_ok.elapsed();
+                    tracing::warn!(lease = %self.settings.name, error = %source, "lease renewal failed");
+                    if elapsed >= deadline {
+                        return LeaseError::RenewFailed {
+                            name: self.settings.name.clone(),
+                            secs: elapsed.as_secs(),
+                            source,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up (if still held) so a standby replica takes over without waiting.
+    pub async fn release(&self) {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else {
+            return;
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.settings.identity.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        if let Err(e) = self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+        {
+            tracing::warn!(lease = %self.settings.name, error = %e, "lease release failed");
+        }
+    }
+
+    async fn try_lead(&self) -> Result<Attempt, kube::Error> {
+        let now = Timestamp::now();
+        let me = &self.settings.identity;
+        let duration_secs = i32::try_from(self.settings.duration.as_secs()).unwrap_or(i32::MAX);
+        let Some(mut lease) = self.api.get_opt(&self.settings.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.settings.name.clone()),
+                    namespace: Some(self.settings.namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me.clone()),
+                    lease_duration_seconds: Some(duration_secs),
+                    acquire_time: Some(MicroTime(now)),
+                    renew_time: Some(MicroTime(now)),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(Attempt::Leading),
+                Err(e) if is_conflict(&e) => Ok(Attempt::HeldBy("another replica".into())),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+            (Some(MicroTime(renewed)), Some(secs)) => !renewed
+                .checked_add(SignedDuration::from_secs(i64::from(secs)))
+                .is_ok_and(|until| until >= now),
+            _ => true,
+        };
+        if !holder.is_empty() && holder != *me && !expired {
+            return Ok(Attempt::HeldBy(holder));
+        }
+        if holder != *me {
+            spec.acquire_time = Some(MicroTime(now));
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+        }
+        spec.holder_identity = Some(me.clone());
+        spec.lease_duration_seconds = Some(duration_secs);
+        spec.renew_time = Some(MicroTime(now));
+        match self
+            .api
+            .replace(&self.settings.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(Attempt::Leading),
+            Err(e) if is_conflict(&e) => Ok(Attempt::HeldBy(holder)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}

@@ -1,0 +1,31 @@
+//! sidegate-operator: turns `AIGateway` and `ProviderKey` resources into a ConfigMap and a Secret
+//! per gateway.
+//!
+//! - [`crd`]: the CustomResourceDefinitions generated from the API types.
+//! - [`render`]: pure rendering of a gateway, its keys and Secrets into the owned objects.
+//! - [`validate`]: spec checks the CRD schema cannot express (URL policy, route graphs).
+//! - [`status`]: conditions, status comparison and transition Events of both resources.
+//! - [`controller`]: the AIGateway reconciler (`Context`, `reconcile`, `error_policy`).
+//! - [`providerkey`]: the ProviderKey status reconciler.
+//! - [`lease`]: leader election with a coordination.k8s.io Lease.
+//! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.
+//!
+//! The admission webhook (sidecar injection) will live in its own module beside these.
+
+pub mod admin;
+pub mod controller;
+pub mod crd;
+pub mod lease;
+pub mod metrics;
+pub mod providerkey;
+pub mod render;
+pub mod status;
+pub mod validate;
+
+/// Errors of the operator library outside reconciles.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A YAML serialization failed.
+    #[error("YAML serialization failed: {0}")]
+    Yaml(String),
+}

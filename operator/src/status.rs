@@ -1,0 +1,354 @@
+//! Status of AIGateways and ProviderKeys: conditions computed from what a reconcile observed,
+//! the comparison that keeps unchanged status from being written, and the Events that mark
+//! transitions.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use sidegate_crds::api::{AIGatewayStatus, ProviderAliases, ProviderKeyStatus, conditions};
+
+use crate::render::KeyProblem;
+
+/// Longest condition message written; the apiserver allows 32768, people read far less.
+const MAX_MESSAGE: usize = 2048;
+
+/// What one AIGateway reconcile found.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayObservation {
+    /// `metadata.generation` reconciled.
+    pub generation: Option<i64>,
+    /// Spec problems (from [`crate::validate::gateway`]); non-empty means nothing was rendered.
+    pub spec_problems: Vec<String>,
+    /// Number of ProviderKeys the selector matched.
+    pub selected_keys: usize,
+    /// The render, when the spec was valid.
+    pub rendered: Option<RenderSummary>,
+}
+
+/// The parts of a render that status reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RenderSummary {
+    /// Content hash.
+    pub hash: String,
+    /// Provider → aliases.
+    pub provider_keys: Vec<ProviderAliases>,
+    /// Keys rendered.
+    pub key_count: u32,
+    /// Unresolved references.
+    pub problems: Vec<KeyProblem>,
+    /// Names of the ConfigMap and Secret.
+    pub objects: (String, String),
+}
+
+/// A condition without its transition time, as computed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cond {
+    /// Condition type.
+    pub type_: &'static str,
+    /// True or False.
+    pub ok: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// What happened or what to fix.
+    pub message: String,
+}
+
+impl Cond {
+    fn new(type_: &'static str, ok: bool, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            type_,
+            ok,
+            reason: reason.to_owned(),
+            message: truncate(message.into()),
+        }
+    }
+}
+
+fn truncate(mut s: String) -> String {
+    if s.len() > MAX_MESSAGE {
+        let mut cut = MAX_MESSAGE - 3;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
+/// The conditions of an AIGateway: `ConfigRendered`, `KeysResolved`, then `Ready`.
+pub fn gateway_conditions(obs: &GatewayObservation) -> Vec<Cond> {
+    let rendered = if !obs.spec_problems.is_empty() {
+        Cond::new(
+            conditions::CONFIG_RENDERED,
+            false,
+            "InvalidSpec",
+            format!(
+                "spec not rendered, the last rendered config stays in use: {}",
+                obs.spec_problems.join("; ")
+            ),
+        )
+    } else if let Some(r) = &obs.rendered {
+        Cond::new(
+            conditions::CONFIG_RENDERED,
+            true,
+            "Rendered",
+            format!(
+                "ConfigMap {} and Secret {} hold config {}",
+                r.objects.0, r.objects.1, r.hash
+            ),
+        )
+    } else {
+        Cond::new(
+            conditions::CONFIG_RENDERED,
+            false,
+            "NotRendered",
+            "config not rendered yet",
+        )
+    };
+    let keys = match &obs.rendered {
+        None => Cond::new(
+            conditions::KEYS_RESOLVED,
+            false,
+            "NotRendered",
+            "keys are resolved once the spec is valid",
+        ),
+        Some(r) if !r.problems.is_empty() => {
+            let reason = r.problems.first().map_or("KeyUnresolved", |p| p.reason);
+            let list: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
+            Cond::new(
+                conditions::KEYS_RESOLVED,
+                false,
+                reason,
+                format!("{}; {} other key(s) rendered", list.join("; "), r.key_count),
+            )
+        }
+        Some(_) if obs.selected_keys == 0 => Cond::new(
+            conditions::KEYS_RESOLVED,
+            true,
+            "NoProviderKeys",
+            "no ProviderKey matches providerKeySelector; clients' own provider credentials are forwarded",
+        ),
+        Some(r) => Cond::new(
+            conditions::KEYS_RESOLVED,
+            true,
+            "KeysResolved",
+            format!(
+                "{} key(s): {}",
+                r.key_count,
+                describe_aliases(&r.provider_keys)
+            ),
+        ),
+    };
+    let ready = match (rendered.ok, keys.ok) {
+        (true, true) => Cond::new(
+            conditions::READY,
+            true,
+            "Ready",
+            "gateway config and keys are rendered",
+        ),
+        (false, _) => Cond::new(
+            conditions::READY,
+            false,
+            &rendered.reason,
+            rendered.message.clone(),
+        ),
+        (true, false) => Cond::new(conditions::READY, false, &keys.reason, keys.message.clone()),
+    };
+    vec![rendered, keys, ready]
+}
+
+fn describe_aliases(keys: &[ProviderAliases]) -> String {
+    keys.iter()
+        .map(|p| format!("{} [{}]", p.provider, p.aliases.join(", ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Turns computed conditions into API conditions, keeping `lastTransitionTime` of those whose
+/// status did not change.
+pub fn merge_conditions(
+    previous: &[Condition],
+    computed: &[Cond],
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
+    computed
+        .iter()
+        .map(|c| {
+            let status = if c.ok { "True" } else { "False" };
+            let last_transition_time = previous
+                .iter()
+                .find(|p| p.type_ == c.type_ && p.status == status)
+                .map_or_else(|| now.clone(), |p| p.last_transition_time.clone());
+            Condition {
+                type_: c.type_.to_owned(),
+                status: status.to_owned(),
+                reason: c.reason.clone(),
+                message: c.message.clone(),
+                observed_generation: generation,
+                last_transition_time,
+            }
+        })
+        .collect()
+}
+
+/// The full AIGateway status for an observation. Fields of the last render are kept when the
+/// spec is invalid, since that config is still what pods serve.
+pub fn gateway_status(
+    previous: Option<&AIGatewayStatus>,
+    obs: &GatewayObservation,
+    now: &Time,
+) -> AIGatewayStatus {
+    let computed = gateway_conditions(obs);
+    let prev_conditions = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
+    let mut status = match (&obs.rendered, previous) {
+        (Some(r), _) => AIGatewayStatus {
+            config_hash: Some(r.hash.clone()),
+            key_count: Some(r.key_count),
+            provider_keys: r.provider_keys.clone(),
+            ..AIGatewayStatus::default()
+        },
+        (None, Some(p)) => AIGatewayStatus {
+            config_hash: p.config_hash.clone(),
+            key_count: p.key_count,
+            provider_keys: p.provider_keys.clone(),
+            ..AIGatewayStatus::default()
+        },
+        (None, None) => AIGatewayStatus::default(),
+    };
+    status.observed_generation = obs.generation;
+    status.conditions = merge_conditions(prev_conditions, &computed, obs.generation, now);
+    status
+}
+
+/// Whether writing `new` would change anything a reader sees (transition times of unchanged
+/// conditions are kept by [`merge_conditions`], so plain equality is the test).
+pub fn status_changed<S: PartialEq>(old: Option<&S>, new: &S) -> bool {
+    old != Some(new)
+}
+
+/// An Event to publish for a status transition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Warning (true) or Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// Human message.
+    pub note: String,
+}
+
+/// The Events that mark the difference between two AIGateway statuses: a new config rendered,
+/// a spec or key problem appearing or changing, and the gateway becoming ready.
+pub fn gateway_transitions(
+    old: Option<&AIGatewayStatus>,
+    new: &AIGatewayStatus,
+) -> Vec<Transition> {
+    let find = |s: Option<&AIGatewayStatus>, t: &str| -> Option<Condition> {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == t).cloned())
+    };
+    let changed = |t: &str| {
+        let (a, b) = (find(old, t), find(Some(new), t));
+        match (a, b) {
+            (Some(a), Some(b)) => (a.status != b.status || a.message != b.message).then_some(b),
+            (None, b) => b,
+            (Some(_), None) => None,
+        }
+    };
+    let mut out = Vec::new();
+    if let Some(c) = changed(conditions::CONFIG_RENDERED)
+        && c.status == "False"
+        && c.reason == "InvalidSpec"
+    {
+        out.push(Transition {
+            warning: true,
+            reason: "InvalidSpec".to_owned(),
+            note: c.message,
+        });
+    }
+    if old.and_then(|o| o.config_hash.as_ref()) != new.config_hash.as_ref()
+        && let Some(hash) = &new.config_hash
+    {
+        out.push(Transition {
+            warning: false,
+            reason: "Rendered".to_owned(),
+            note: format!(
+                "rendered config {hash} with {} key(s)",
+                new.key_count.unwrap_or_default()
+            ),
+        });
+    }
+    if let Some(c) = changed(conditions::KEYS_RESOLVED)
+        && c.status == "False"
+        && c.reason != "NotRendered"
+    {
+        out.push(Transition {
+            warning: true,
+            reason: if c.reason == "SecretNotFound" || c.reason == "KeyNotFound" {
+                "KeyMissing".to_owned()
+            } else {
+                c.reason.clone()
+            },
+            note: c.message,
+        });
+    }
+    let was_ready = find(old, conditions::READY).is_some_and(|c| c.status == "True");
+    if let Some(c) = find(Some(new), conditions::READY)
+        && c.status == "True"
+        && !was_ready
+    {
+        out.push(Transition {
+            warning: false,
+            reason: "Ready".to_owned(),
+            note: c.message,
+        });
+    }
+    out
+}
+
+/// The status of a ProviderKey given whether its key resolved.
+pub fn provider_key_status(
+    previous: Option<&ProviderKeyStatus>,
+    generation: Option<i64>,
+    resolved: Result<(), &KeyProblem>,
+    base_url_problem: Option<&str>,
+    now: &Time,
+) -> ProviderKeyStatus {
+    let secret = match resolved {
+        Ok(()) => Cond::new(
+            conditions::SECRET_FOUND,
+            true,
+            "SecretFound",
+            "key found in Secret",
+        ),
+        Err(p) => Cond::new(conditions::SECRET_FOUND, false, p.reason, p.to_string()),
+    };
+    let ready = match (&secret.ok, base_url_problem) {
+        (false, _) => Cond::new(
+            conditions::READY,
+            false,
+            &secret.reason,
+            secret.message.clone(),
+        ),
+        (true, Some(why)) => Cond::new(
+            conditions::READY,
+            false,
+            "InvalidBaseURL",
+            format!("baseURL {why}"),
+        ),
+        (true, None) => Cond::new(
+            conditions::READY,
+            true,
+            "Ready",
+            "key can be served by gateways that select it",
+        ),
+    };
+    let prev = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
+    ProviderKeyStatus {
+        conditions: merge_conditions(prev, &[secret, ready], generation, now),
+        observed_generation: generation,
+    }
+}

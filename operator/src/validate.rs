@@ -1,0 +1,314 @@
+//! Checks of an AIGateway spec that the CRD schema cannot express: upstream URL policy (which
+//! needs the object's annotations), value ranges of unit strings, dynamic route graphs, selectors.
+//! Each problem names the field, so the `ConfigRendered` condition tells a person what to fix.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use kube::{Resource, ResourceExt};
+use sidegate_crds::api::{AIGateway, ALLOW_INSECURE_UPSTREAM_ANNOTATION};
+use sidegate_crds::policy::{DynamicRoute, RouteNodeType};
+use sidegate_crds::provider::is_valid_provider_id;
+
+use crate::render::parse_selector;
+
+/// Whether an object opts out of the upstream URL policy with the annotation.
+pub fn allows_insecure<K: Resource>(obj: &K) -> bool {
+    obj.annotations()
+        .get(ALLOW_INSECURE_UPSTREAM_ANNOTATION)
+        .is_some_and(|v| v == "true")
+}
+
+/// Checks an upstream URL: https anywhere; plain http only to in-cluster hosts (a single-label
+/// service name, `<service>.<namespace of the object>`, `*.svc[.<cluster domain>]`, loopback or a
+/// private address); never link-local or cloud metadata addresses, which would hand keys or
+/// credentials to the node's metadata service. `allow_insecure` lifts both rules.
+/// The error completes the sentence "baseURL ...".
+pub fn upstream_url(url: &str, namespace: &str, allow_insecure: bool) -> Result<(), String> {
+    // Placeholders such as {resource} or {region} are filled in by the sidecar per request.
+    let concrete = fill_placeholders(url);
+    let uri: http::Uri = concrete
+        .parse()
+        .map_err(|_| format!("'{url}' is not an absolute URL"))?;
+    let scheme = uri.scheme_str().unwrap_or_default();
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("'{url}' has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    if scheme != "https" && scheme != "http" {
+        return Err(format!("'{url}' must use https"));
+    }
+    if allow_insecure {
+        return Ok(());
+    }
+    let hint = format!("set annotation {ALLOW_INSECURE_UPSTREAM_ANNOTATION}: \"true\" to allow it");
+    if is_metadata_host(&host) {
+        return Err(format!(
+            "'{url}' points at a link-local or cloud metadata address; {hint}"
+        ));
+    }
+    if scheme == "http" && !is_in_cluster_host(&host, namespace) {
+        return Err(format!(
+            "'{url}' uses plain http outside the cluster; use https, or {hint}"
+        ));
+    }
+    Ok(())
+}
+
+fn fill_placeholders(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    let mut in_placeholder = false;
+    for c in url.chars() {
+        match c {
+            '{' => in_placeholder = true,
+            '}' if in_placeholder => {
+                in_placeholder = false;
+                out.push('x');
+            }
+            _ if in_placeholder => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn is_metadata_host(host: &str) -> bool {
+    if matches!(
+        host,
+        "metadata" | "metadata.google.internal" | "instance-data" | "instance-data.ec2.internal"
+    ) {
+        return true;
+    }
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip.is_link_local() || ip == Ipv4Addr::new(100, 100, 100, 200),
+        Ok(IpAddr::V6(ip)) => {
+            (ip.segments()[0] & 0xffc0) == 0xfe80
+                || ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+        }
+        Err(_) => false,
+    }
+}
+
+fn is_in_cluster_host(host: &str, namespace: &str) -> bool {
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private(),
+        Ok(IpAddr::V6(ip)) => ip.is_loopback() || (ip.segments()[0] & 0xfe00) == 0xfc00,
+        Err(_) => {
+            let labels: Vec<&str> = host.split('.').collect();
+            host == "localhost"
+                || labels.len() == 1
+                || (labels.len() == 2 && labels[1] == namespace)
+                || labels.get(2) == Some(&"svc")
+        }
+    }
+}
+
+/// Every problem of the gateway's spec, each naming its field; empty when the spec is valid.
+pub fn gateway(gw: &AIGateway) -> Vec<String> {
+    let mut problems = Vec::new();
+    let namespace = gw.namespace().unwrap_or_default();
+    let insecure = allows_insecure(gw);
+    let spec = &gw.spec;
+    let policy = &spec.policy;
+
+    if let Some(sel) = &spec.provider_key_selector
+        && let Err(e) = parse_selector(sel)
+    {
+        problems.push(format!("providerKeySelector is invalid: {e}"));
+    }
+    for (provider, settings) in &policy.providers {
+        if let Some(url) = &settings.base_url
+            && let Err(why) = upstream_url(url, &namespace, insecure)
+        {
+            problems.push(format!("providers.{provider}.baseURL {why}"));
+        }
+        if provider.starts_with("custom-") && settings.base_url.is_none() {
+            problems.push(format!(
+                "providers.{provider} needs a baseURL (custom providers have no default)"
+            ));
+        }
+    }
+    if let Some(url) = policy
+        .guardrails
+        .as_ref()
+        .and_then(|g| g.moderation_url.as_ref())
+        && let Err(why) = upstream_url(url, &namespace, insecure)
+    {
+        problems.push(format!("guardrails.moderationURL {why}"));
+    }
+    if let Some(ttl) = policy.cache.as_ref().and_then(|c| c.ttl) {
+        let secs = ttl.get().as_secs_f64();
+        if !(60.0..=30.0 * 86_400.0).contains(&secs) {
+            problems.push(format!("cache.ttl {ttl} must be between 60s and 30d"));
+        }
+    }
+    if let Some(retries) = &policy.retries
+        && let Some(delay) = retries.retry_delay
+        && delay.get() > std::time::Duration::from_secs(5)
+    {
+        problems.push(format!("retries.retryDelay {delay} must be at most 5s"));
+    }
+    if let Some(rl) = &policy.rate_limit
+        && rl.interval.get().is_zero()
+    {
+        problems.push("rateLimit.interval must be longer than 0s".to_owned());
+    }
+    if let Some(t) = policy.request_timeout
+        && t.get().is_zero()
+    {
+        problems.push("requestTimeout must be longer than 0ms".to_owned());
+    }
+    for fallback in &policy.fallbacks {
+        for (i, target) in fallback.targets.iter().enumerate() {
+            if !is_valid_provider_id(&target.provider) {
+                problems.push(format!(
+                    "fallbacks.{}.targets[{i}].provider '{}' is not a provider id",
+                    fallback.name, target.provider
+                ));
+            }
+        }
+    }
+    for route in &policy.routes {
+        problems.extend(route_graph(route));
+    }
+    problems
+}
+
+/// Problems of one dynamic route graph: unique ids, one start, an end, no dangling references.
+pub fn route_graph(route: &DynamicRoute) -> Vec<String> {
+    let at = |id: &str| format!("routes.{}.nodes.{id}", route.name);
+    let mut problems = Vec::new();
+    let mut ids = BTreeSet::new();
+    for node in &route.nodes {
+        if !ids.insert(node.id.as_str()) {
+            problems.push(format!("{}: duplicate node id", at(&node.id)));
+        }
+    }
+    let count = |kind: RouteNodeType| route.nodes.iter().filter(|n| n.kind == kind).count();
+    if count(RouteNodeType::Start) != 1 {
+        problems.push(format!(
+            "routes.{}: needs exactly one start node",
+            route.name
+        ));
+    }
+    if count(RouteNodeType::End) == 0 {
+        problems.push(format!("routes.{}: needs an end node", route.name));
+    }
+    let mut refs: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    for node in &route.nodes {
+        let entry = refs.entry(node.id.as_str()).or_default();
+        for (field, target) in [
+            ("next", &node.next),
+            ("then", &node.then_),
+            ("else", &node.else_),
+            ("fallback", &node.fallback),
+        ] {
+            if let Some(t) = target {
+                entry.push((field, t.as_str()));
+            }
+        }
+        for b in &node.branches {
+            entry.push(("branches.next", b.next.as_str()));
+        }
+        if let Some(p) = &node.provider
+            && !is_valid_provider_id(p)
+        {
+            problems.push(format!(
+                "{}.provider '{p}' is not a provider id",
+                at(&node.id)
+            ));
+        }
+        let needs_next = matches!(
+            node.kind,
+            RouteNodeType::Start
+                | RouteNodeType::Model
+                | RouteNodeType::Rate
+                | RouteNodeType::Budget
+        );
+        if needs_next && node.next.is_none() {
+            problems.push(format!("{}: needs next", at(&node.id)));
+        }
+    }
+    for (from, targets) in refs {
+        for (field, to) in targets {
+            if !ids.contains(to) {
+                problems.push(format!(
+                    "{}.{field} refers to unknown node '{to}'",
+                    at(from)
+                ));
+            }
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn https_upstreams_are_allowed_anywhere() {
+        assert_eq!(
+            upstream_url("https://api.openai.com/v1", "team-a", false),
+            Ok(())
+        );
+        assert_eq!(
+            upstream_url(
+                "https://{resource}.openai.azure.com/openai/deployments/{deployment}",
+                "team-a",
+                false
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn plain_http_is_allowed_only_to_in_cluster_hosts() {
+        for ok in [
+            "http://ollama:11434/v1",
+            "http://ollama.team-a:11434/v1",
+            "http://ollama.models.svc:11434",
+            "http://ollama.models.svc.cluster.local/v1",
+            "http://10.0.0.7:8080",
+            "http://127.0.0.1:9000",
+        ] {
+            assert_eq!(upstream_url(ok, "team-a", false), Ok(()), "{ok}");
+        }
+        for bad in [
+            "http://evil.example.com/v1",
+            "http://ollama.other-ns:11434",
+            "http://8.8.8.8/",
+        ] {
+            let err = upstream_url(bad, "team-a", false).expect_err(bad);
+            assert!(err.contains("plain http outside the cluster"), "{err}");
+            assert!(err.contains(ALLOW_INSECURE_UPSTREAM_ANNOTATION), "{err}");
+        }
+        assert_eq!(
+            upstream_url("http://evil.example.com", "team-a", true),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn metadata_addresses_are_refused_even_over_https() {
+        for bad in [
+            "http://169.254.169.254/latest/meta-data",
+            "https://169.254.169.254/",
+            "http://metadata.google.internal/computeMetadata/v1",
+            "http://[fd00:ec2::254]/",
+            "https://[fe80::1]/",
+        ] {
+            let err = upstream_url(bad, "team-a", false).expect_err(bad);
+            assert!(err.contains("metadata"), "{err}");
+        }
+    }
+
+    #[test]
+    fn non_urls_and_other_schemes_are_refused() {
+        assert!(upstream_url("api.openai.com", "ns", false).is_err());
+        assert!(upstream_url("ftp://x.example/", "ns", true).is_err());
+    }
+}
