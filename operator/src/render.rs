@@ -531,3 +531,303 @@ fn meta_up_to_date(existing: &ObjectMeta, desired: &ObjectMeta) -> bool {
                 .any(|have| have == want)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidegate_crds::api::{AIGatewaySpec, ProviderKeySecretRef, ProviderKeySpec};
+    use sidegate_crds::policy::{Authentication, Cache, SecretKeyRef};
+
+    fn gateway(policy: GatewayPolicy) -> AIGateway {
+        let mut gw = AIGateway::new(
+            "main",
+            AIGatewaySpec {
+                policy,
+                ..AIGatewaySpec::default()
+            },
+        );
+        gw.metadata.namespace = Some("team-a".into());
+        gw.metadata.uid = Some("uid-1".into());
+        gw.metadata.generation = Some(1);
+        gw
+    }
+
+    fn key(name: &str, provider: &str, alias: &str, secret: &str, k: &str) -> ProviderKey {
+        let mut pk = ProviderKey::new(
+            name,
+            ProviderKeySpec {
+                provider: provider.into(),
+                alias: alias.into(),
+                secret_ref: ProviderKeySecretRef {
+                    name: secret.into(),
+                    key: Some(k.into()),
+                },
+                base_url: None,
+                region: None,
+            },
+        );
+        pk.metadata.namespace = Some("team-a".into());
+        pk
+    }
+
+    fn secret(name: &str, entries: &[(&str, &str)]) -> (String, Secret) {
+        let s = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                entries
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        };
+        (name.to_owned(), s)
+    }
+
+    fn file<'a>(r: &'a Rendered, name: &str) -> Option<&'a [u8]> {
+        r.secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(name))
+            .map(|v| v.0.as_slice())
+    }
+
+    #[test]
+    fn keys_become_provider_alias_files_and_an_index_without_values() {
+        let secrets = BTreeMap::from([secret(
+            "llm",
+            &[("openai", "sk-1\n"), ("anthropic", "sk-2")],
+        )]);
+        let keys = [
+            key("a", "openai", "default", "llm", "openai"),
+            key("b", "anthropic", "team-b", "llm", "anthropic"),
+        ];
+        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        assert!(r.problems.is_empty());
+        assert_eq!(
+            file(&r, "openai.default"),
+            Some(&b"sk-1"[..]),
+            "trailing newline trimmed"
+        );
+        assert_eq!(file(&r, "anthropic.team-b"), Some(&b"sk-2"[..]));
+        assert_eq!(r.key_count(), 2);
+        let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
+        assert!(
+            yaml.contains("openai:\n  - default") || yaml.contains("openai:\n- default"),
+            "{yaml}"
+        );
+        assert!(!yaml.contains("sk-1") && !yaml.contains("sk-2"));
+        assert_eq!(r.config_map.metadata.name.as_deref(), Some("sidegate-main"));
+        assert_eq!(
+            r.secret.metadata.name.as_deref(),
+            Some("sidegate-main-keys")
+        );
+        let owner = &r.secret.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("AIGateway", Some(true))
+        );
+    }
+
+    #[test]
+    fn missing_secret_and_missing_key_are_reported_by_name_and_other_keys_still_render() {
+        let secrets = BTreeMap::from([secret("llm-keys", &[("openai", "sk-1")])]);
+        let keys = [
+            key("openai-main", "openai", "default", "llm-keys", "openai"),
+            key(
+                "anthropic-main",
+                "anthropic",
+                "default",
+                "llm-keys",
+                "api-key",
+            ),
+            key("groq-main", "groq", "default", "gone", "k"),
+        ];
+        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        let messages: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "ProviderKey anthropic-main: Secret llm-keys has no key 'api-key'",
+                "ProviderKey groq-main: Secret gone not found",
+            ]
+        );
+        assert_eq!(r.problems[0].reason, "KeyNotFound");
+        assert_eq!(r.problems[1].reason, "SecretNotFound");
+        assert_eq!(r.key_count(), 1);
+        assert!(file(&r, "openai.default").is_some());
+    }
+
+    #[test]
+    fn a_second_key_for_the_same_alias_is_reported_and_the_first_by_name_wins() {
+        let secrets = BTreeMap::from([secret("s", &[("a", "one"), ("b", "two")])]);
+        let keys = [
+            key("zeta", "openai", "default", "s", "b"),
+            key("alpha", "openai", "default", "s", "a"),
+        ];
+        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        assert_eq!(file(&r, "openai.default"), Some(&b"one"[..]));
+        assert_eq!(r.problems.len(), 1);
+        assert_eq!(r.problems[0].reason, "DuplicateAlias");
+        assert!(r.problems[0].to_string().contains("ProviderKey zeta"));
+    }
+
+    #[test]
+    fn the_hash_changes_with_content_only() {
+        let keys = [key("a", "openai", "default", "s", "k")];
+        let v1 = BTreeMap::from([secret("s", &[("k", "sk-1")])]);
+        let v2 = BTreeMap::from([secret("s", &[("k", "sk-2")])]);
+        let gw = gateway(GatewayPolicy::default());
+        let first = render(&gw, &keys, &v1).expect("renders");
+        assert_eq!(first.hash, render(&gw, &keys, &v1).expect("renders").hash);
+        // A new generation with the same content keeps the hash (no churn in the sidecar).
+        let mut bumped = gw.clone();
+        bumped.metadata.generation = Some(7);
+        assert_eq!(
+            first.hash,
+            render(&bumped, &keys, &v1).expect("renders").hash
+        );
+        // A rotated key or a policy change gives a new one.
+        assert_ne!(first.hash, render(&gw, &keys, &v2).expect("renders").hash);
+        let cached = gateway(GatewayPolicy {
+            cache: Some(Cache {
+                enabled: true,
+                ..Cache::default()
+            }),
+            ..GatewayPolicy::default()
+        });
+        assert_ne!(
+            first.hash,
+            render(&cached, &keys, &v1).expect("renders").hash
+        );
+        assert!(first.hash.starts_with("sha256:") && first.hash.len() == 7 + 64);
+    }
+
+    #[test]
+    fn tokens_and_redis_url_become_files_and_leave_the_config() {
+        let secrets = BTreeMap::from([
+            secret("tokens", &[("t", "tok-a\ntok-b\n")]),
+            secret("redis", &[("url", "redis://r:6379")]),
+        ]);
+        let gw = gateway(GatewayPolicy {
+            authentication: Some(Authentication {
+                enabled: true,
+                token_secret_ref: Some(SecretKeyRef {
+                    name: "tokens".into(),
+                    key: "t".into(),
+                }),
+            }),
+            redis: Some(sidegate_crds::policy::Redis {
+                url_secret_ref: Some(SecretKeyRef {
+                    name: "redis".into(),
+                    key: "url".into(),
+                }),
+            }),
+            ..GatewayPolicy::default()
+        });
+        let r = render(&gw, &[], &secrets).expect("renders");
+        assert_eq!(file(&r, TOKENS_FILE_NAME), Some(&b"tok-a\ntok-b"[..]));
+        assert_eq!(file(&r, REDIS_URL_FILE_NAME), Some(&b"redis://r:6379"[..]));
+        let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
+        assert!(
+            !yaml.contains("tokenSecretRef") && !yaml.contains("urlSecretRef"),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains("redis: {}"),
+            "the redis block stays, so the sidecar uses redis.url: {yaml}"
+        );
+
+        let r = render(&gw, &[], &BTreeMap::new()).expect("renders");
+        let messages: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "AIGateway authentication.tokenSecretRef: Secret tokens not found",
+                "AIGateway redis.urlSecretRef: Secret redis not found",
+            ]
+        );
+    }
+
+    #[test]
+    fn provider_key_base_urls_apply_unless_the_gateway_overrides_them() {
+        let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
+        let mut pk = key("a", "openai", "default", "s", "k");
+        pk.spec.base_url = Some("https://proxy.example.com/v1".into());
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            std::slice::from_ref(&pk),
+            &secrets,
+        )
+        .expect("renders");
+        let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
+        assert!(
+            yaml.contains("baseURL: https://proxy.example.com/v1"),
+            "{yaml}"
+        );
+
+        let mut http = pk.clone();
+        http.spec.base_url = Some("http://proxy.example.com/v1".into());
+        let r = render(&gateway(GatewayPolicy::default()), &[http], &secrets).expect("renders");
+        assert_eq!(r.problems[0].reason, "InvalidBaseURL");
+        assert_eq!(
+            r.key_count(),
+            0,
+            "a key is never sent over plain http to the internet"
+        );
+    }
+
+    #[test]
+    fn bedrock_keys_are_json_credentials_with_the_region() {
+        let secrets = BTreeMap::from([secret(
+            "aws",
+            &[("accessKeyId", "AKIA1"), ("secretAccessKey", "s3cr3t")],
+        )]);
+        let mut pk = key("b", "aws-bedrock", "default", "aws", "unused");
+        pk.spec.secret_ref.key = None;
+        pk.spec.region = Some("eu-west-1".into());
+        let r = render(&gateway(GatewayPolicy::default()), &[pk], &secrets).expect("renders");
+        let json: serde_json::Value =
+            serde_json::from_slice(file(&r, "aws-bedrock.default").expect("file")).expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"accessKeyId": "AKIA1", "secretAccessKey": "s3cr3t", "region": "eu-west-1"})
+        );
+    }
+
+    #[test]
+    fn up_to_date_objects_are_not_applied_again() {
+        let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
+        let keys = [key("a", "openai", "default", "s", "k")];
+        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        // What the apiserver returns has more metadata than we set.
+        let mut live_cm = r.config_map.clone();
+        live_cm.metadata.resource_version = Some("42".into());
+        live_cm
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("team".into(), "a".into());
+        assert!(config_map_up_to_date(&live_cm, &r.config_map));
+        assert!(secret_up_to_date(&r.secret, &r.secret));
+
+        let rotated = BTreeMap::from([secret("s", &[("k", "v2")])]);
+        let r2 = render(&gateway(GatewayPolicy::default()), &keys, &rotated).expect("renders");
+        assert!(!secret_up_to_date(&r.secret, &r2.secret));
+        assert!(
+            !config_map_up_to_date(&live_cm, &r2.config_map),
+            "the hash is in the config"
+        );
+    }
+
+    #[test]
+    fn key_material_debug_never_shows_the_value() {
+        assert_eq!(
+            format!("{:?}", KeyMaterial(b"sk-live".to_vec())),
+            "KeyMaterial(<7 bytes>)"
+        );
+    }
+}

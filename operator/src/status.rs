@@ -352,3 +352,223 @@ pub fn provider_key_status(
         observed_generation: generation,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).expect("valid time"))
+    }
+
+    fn rendered(problems: Vec<KeyProblem>, keys: u32) -> RenderSummary {
+        RenderSummary {
+            hash: "sha256:abc".into(),
+            provider_keys: vec![ProviderAliases {
+                provider: "openai".into(),
+                aliases: vec!["default".into()],
+            }],
+            key_count: keys,
+            problems,
+            objects: ("sidegate-main".into(), "sidegate-main-keys".into()),
+        }
+    }
+
+    fn cond<'a>(s: &'a AIGatewayStatus, t: &str) -> &'a Condition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .expect("condition present")
+    }
+
+    fn missing_key() -> KeyProblem {
+        KeyProblem {
+            source: "ProviderKey openai-main".into(),
+            reason: "KeyNotFound",
+            detail: "Secret llm-keys has no key 'api-key'".into(),
+        }
+    }
+
+    #[test]
+    fn a_clean_render_is_ready() {
+        let obs = GatewayObservation {
+            generation: Some(2),
+            selected_keys: 1,
+            rendered: Some(rendered(vec![], 1)),
+            ..GatewayObservation::default()
+        };
+        let s = gateway_status(None, &obs, &at(100));
+        assert_eq!(cond(&s, conditions::READY).status, "True");
+        assert_eq!(
+            cond(&s, conditions::KEYS_RESOLVED).message,
+            "1 key(s): openai [default]"
+        );
+        assert_eq!(s.observed_generation, Some(2));
+        assert_eq!(s.config_hash.as_deref(), Some("sha256:abc"));
+        assert!(
+            s.conditions
+                .iter()
+                .all(|c| c.observed_generation == Some(2))
+        );
+    }
+
+    #[test]
+    fn a_missing_key_makes_keys_resolved_and_ready_false_with_an_actionable_message() {
+        let obs = GatewayObservation {
+            generation: Some(1),
+            selected_keys: 2,
+            rendered: Some(rendered(vec![missing_key()], 1)),
+            ..GatewayObservation::default()
+        };
+        let s = gateway_status(None, &obs, &at(100));
+        let keys = cond(&s, conditions::KEYS_RESOLVED);
+        assert_eq!(
+            (keys.status.as_str(), keys.reason.as_str()),
+            ("False", "KeyNotFound")
+        );
+        assert_eq!(
+            keys.message,
+            "ProviderKey openai-main: Secret llm-keys has no key 'api-key'; 1 other key(s) rendered"
+        );
+        assert_eq!(cond(&s, conditions::READY).status, "False");
+        assert_eq!(cond(&s, conditions::CONFIG_RENDERED).status, "True");
+    }
+
+    #[test]
+    fn an_invalid_spec_keeps_the_last_rendered_hash() {
+        let good = gateway_status(
+            None,
+            &GatewayObservation {
+                generation: Some(1),
+                selected_keys: 1,
+                rendered: Some(rendered(vec![], 1)),
+                ..GatewayObservation::default()
+            },
+            &at(100),
+        );
+        let bad = gateway_status(
+            Some(&good),
+            &GatewayObservation {
+                generation: Some(2),
+                spec_problems: vec!["cache.ttl 10s must be between 60s and 30d".into()],
+                ..GatewayObservation::default()
+            },
+            &at(200),
+        );
+        let c = cond(&bad, conditions::CONFIG_RENDERED);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "InvalidSpec")
+        );
+        assert!(
+            c.message
+                .contains("cache.ttl 10s must be between 60s and 30d")
+        );
+        assert_eq!(bad.config_hash, good.config_hash);
+        assert_eq!(cond(&bad, conditions::READY).status, "False");
+    }
+
+    #[test]
+    fn an_unchanged_observation_produces_an_identical_status_so_nothing_is_written() {
+        let obs = GatewayObservation {
+            generation: Some(1),
+            selected_keys: 1,
+            rendered: Some(rendered(vec![], 1)),
+            ..GatewayObservation::default()
+        };
+        let first = gateway_status(None, &obs, &at(100));
+        let again = gateway_status(Some(&first), &obs, &at(900));
+        assert!(!status_changed(Some(&first), &again));
+        assert!(gateway_transitions(Some(&first), &again).is_empty());
+    }
+
+    #[test]
+    fn transition_times_move_only_when_a_condition_flips() {
+        let ok = GatewayObservation {
+            generation: Some(1),
+            selected_keys: 1,
+            rendered: Some(rendered(vec![], 1)),
+            ..GatewayObservation::default()
+        };
+        let broken = GatewayObservation {
+            rendered: Some(rendered(vec![missing_key()], 0)),
+            ..ok.clone()
+        };
+        let s1 = gateway_status(None, &ok, &at(100));
+        let s2 = gateway_status(Some(&s1), &broken, &at(200));
+        assert_eq!(
+            cond(&s2, conditions::CONFIG_RENDERED).last_transition_time,
+            at(100)
+        );
+        assert_eq!(
+            cond(&s2, conditions::KEYS_RESOLVED).last_transition_time,
+            at(200)
+        );
+    }
+
+    #[test]
+    fn events_mark_render_problems_and_recovery() {
+        let ok = GatewayObservation {
+            generation: Some(1),
+            selected_keys: 1,
+            rendered: Some(rendered(vec![], 1)),
+            ..GatewayObservation::default()
+        };
+        let first = gateway_status(None, &ok, &at(100));
+        let reasons = |t: Vec<Transition>| t.into_iter().map(|t| t.reason).collect::<Vec<_>>();
+        assert_eq!(
+            reasons(gateway_transitions(None, &first)),
+            ["Rendered", "Ready"]
+        );
+
+        let mut broken_render = rendered(vec![missing_key()], 0);
+        broken_render.hash = "sha256:def".into();
+        let broken = gateway_status(
+            Some(&first),
+            &GatewayObservation {
+                rendered: Some(broken_render),
+                ..ok.clone()
+            },
+            &at(200),
+        );
+        let t = gateway_transitions(Some(&first), &broken);
+        assert_eq!(reasons(t.clone()), ["Rendered", "KeyMissing"]);
+        assert!(t[1].warning);
+        assert!(t[1].note.contains("Secret llm-keys has no key 'api-key'"));
+
+        let healed = gateway_status(Some(&broken), &ok, &at(300));
+        assert_eq!(
+            reasons(gateway_transitions(Some(&broken), &healed)),
+            ["Rendered", "Ready"]
+        );
+    }
+
+    #[test]
+    fn provider_key_status_names_the_missing_secret() {
+        let p = KeyProblem {
+            source: "ProviderKey openai-main".into(),
+            reason: "SecretNotFound",
+            detail: "Secret llm-keys not found".into(),
+        };
+        let s = provider_key_status(None, Some(1), Err(&p), None, &at(1));
+        let ready = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY)
+            .expect("ready");
+        assert_eq!(ready.status, "False");
+        assert_eq!(
+            ready.message,
+            "ProviderKey openai-main: Secret llm-keys not found"
+        );
+        let ok = provider_key_status(Some(&s), Some(1), Ok(()), None, &at(2));
+        assert!(ok.conditions.iter().all(|c| c.status == "True"));
+    }
+
+    #[test]
+    fn long_messages_are_cut_at_a_char_boundary() {
+        let s = truncate("é".repeat(3000));
+        assert!(s.len() <= MAX_MESSAGE && s.ends_with("..."));
+    }
+}

@@ -1,0 +1,119 @@
+//! Golden files of the rendered ConfigMap and Secret for the design docs' example gateway.
+//! After an intended change: `UPDATE_GOLDEN=1 cargo test -p sidegate-operator --test render_golden`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::Secret;
+use serde::de::DeserializeOwned;
+use sidegate_crds::GatewayConfig;
+use sidegate_crds::api::{AIGateway, ProviderKey};
+use sidegate_operator::render::render;
+
+fn fixture_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
+}
+
+fn load_all<T: DeserializeOwned>(file: &str) -> Vec<T> {
+    let text = std::fs::read_to_string(fixture_dir().join("fixtures").join(file))
+        .unwrap_or_else(|e| panic!("reading fixture {file}: {e}"));
+    serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("parsing fixture {file}: {e}"))
+}
+
+fn assert_golden(name: &str, actual: &str) {
+    let path = fixture_dir().join("golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "reading {} ({e}); run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
+    assert_eq!(
+        expected, actual,
+        "{name} differs from the golden file; if the change is intended, rerun with UPDATE_GOLDEN=1"
+    );
+}
+
+/// The Secret with its values decoded, so the golden file is readable.
+fn readable(secret: &Secret) -> String {
+    let data: BTreeMap<&str, String> = secret
+        .data
+        .iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(&v.0).into_owned()))
+        .collect();
+    let view = serde_json::json!({
+        "metadata": secret.metadata,
+        "type": secret.type_,
+        "data (decoded)": data,
+    });
+    serde_saphyr::to_string(&view).expect("secret view serializes")
+}
+
+fn example() -> (AIGateway, Vec<ProviderKey>, BTreeMap<String, Secret>) {
+    let gateway = load_all::<AIGateway>("aigateway.yaml").remove(0);
+    let keys = load_all::<ProviderKey>("providerkeys.yaml");
+    let secrets = load_all::<Secret>("secrets.yaml")
+        .into_iter()
+        .map(|s| (s.metadata.name.clone().unwrap_or_default(), s))
+        .collect();
+    (gateway, keys, secrets)
+}
+
+#[test]
+fn example_gateway_renders_the_golden_config_map_and_secret() {
+    let (gateway, keys, secrets) = example();
+    let rendered = render(&gateway, &keys, &secrets).expect("example renders");
+    assert!(rendered.problems.is_empty(), "{:?}", rendered.problems);
+    let cm = serde_saphyr::to_string(&rendered.config_map).expect("configmap serializes");
+    assert_golden("example-configmap.yaml", &cm);
+    assert_golden("example-secret.yaml", &readable(&rendered.secret));
+}
+
+#[test]
+fn rendered_gateway_yaml_is_what_the_sidecar_reads() {
+    let (gateway, keys, secrets) = example();
+    let rendered = render(&gateway, &keys, &secrets).expect("example renders");
+    let yaml = &rendered.config_map.data.as_ref().expect("data")["gateway.yaml"];
+    let config: GatewayConfig =
+        serde_saphyr::from_str(yaml).expect("sidecar can parse gateway.yaml");
+    assert_eq!(config.schema_version, sidegate_crds::SCHEMA_VERSION);
+    assert_eq!(config.gateway.name.as_deref(), Some("main"));
+    assert_eq!(config.gateway.generation, Some(3));
+    assert_eq!(config.gateway.hash.as_deref(), Some(rendered.hash.as_str()));
+    // Kubernetes references are resolved into key files, never left for the sidecar.
+    let auth = config.spec.authentication.expect("authentication kept");
+    assert!(auth.enabled && auth.token_secret_ref.is_none());
+    assert!(
+        config
+            .spec
+            .redis
+            .expect("redis kept")
+            .url_secret_ref
+            .is_none()
+    );
+    assert_eq!(
+        config.keys,
+        BTreeMap::from([
+            ("anthropic".to_owned(), vec!["default".to_owned()]),
+            ("aws-bedrock".to_owned(), vec!["default".to_owned()]),
+            (
+                "openai".to_owned(),
+                vec!["batch".to_owned(), "default".to_owned()]
+            ),
+        ])
+    );
+    // No key value appears in the ConfigMap.
+    for secret in secrets.values() {
+        for value in secret.string_data.iter().flatten().map(|(_, v)| v.trim()) {
+            assert!(
+                !yaml.contains(value),
+                "a secret value leaked into gateway.yaml"
+            );
+        }
+    }
+}
