@@ -59,12 +59,19 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
             ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ProxyBodyProj::Upstream { inner, record } => {
-                let polled = inner.poll_frame(cx);
+            ProxyBodyProj::Upstream { mut inner, record } => {
+                let polled = inner.as_mut().poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let (Some(rec), Some(data)) = (record.as_mut(), frame.data_ref()) {
                             rec.add_bytes(data.len());
+                        }
+                        // A body with a known length may not be polled again after its last
+                        // byte; it is complete now.
+                        if inner.is_end_stream() {
+                            if let Some(rec) = record.take() {
+                                rec.finish_complete();
+                            }
                         }
                     }
                     Poll::Ready(Some(Err(_))) => {

@@ -8,6 +8,7 @@
 //! - [`headers`]: what crosses from client to upstream and back.
 //! - [`body`]: streamed response bodies and their completion records.
 //! - [`error`]: gateway-made errors in the SPEC.md envelope.
+//! - [`log_id`]: request ids (`cf-aig-log-id`).
 //! - [`reload`]: live reload on file changes.
 //! - [`server`], [`admin`], [`telemetry`]: listeners, health and metrics.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod keys;
+pub mod log_id;
 pub mod providers;
 pub mod proxy;
 pub mod reload;

@@ -33,6 +33,7 @@ const REQUEST_TIMEOUT: HeaderName = HeaderName::from_static("cf-aig-request-time
 const BYOK_ALIAS: HeaderName = HeaderName::from_static("cf-aig-byok-alias");
 const GATEWAY_AUTH: HeaderName = HeaderName::from_static("cf-aig-authorization");
 const EVENT_ID: HeaderName = HeaderName::from_static("cf-aig-event-id");
+const LOG_ID: HeaderName = HeaderName::from_static("cf-aig-log-id");
 
 /// Builds the upstream client.
 pub fn upstream_client() -> UpstreamClient {
@@ -201,6 +202,10 @@ impl Gateway {
         if let Some(id) = event_id {
             head.headers.insert(EVENT_ID, id);
         }
+        let log_id = crate::log_id::next();
+        if let Ok(v) = HeaderValue::from_str(&log_id) {
+            head.headers.insert(LOG_ID, v);
+        }
         let record = RequestRecord::new(
             self.metrics.clone(),
             provider.id.clone(),
@@ -209,6 +214,7 @@ impl Gateway {
             head.status.as_u16(),
             start,
             snap.log_requests,
+            log_id,
         );
         Ok(Response::from_parts(
             head,

@@ -154,11 +154,13 @@ pub struct RequestRecord {
     start: Instant,
     bytes: u64,
     log: bool,
+    log_id: String,
     done: bool,
 }
 
 impl RequestRecord {
     /// A record of a request that got `status` from the upstream.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         metrics: Arc<Metrics>,
         provider: Arc<str>,
@@ -167,6 +169,7 @@ impl RequestRecord {
         status: u16,
         start: Instant,
         log: bool,
+        log_id: String,
     ) -> Self {
         Self {
             metrics,
@@ -177,6 +180,7 @@ impl RequestRecord {
             start,
             bytes: 0,
             log,
+            log_id,
             done: false,
         }
     }
@@ -215,6 +219,7 @@ impl RequestRecord {
         }
         if self.log {
             tracing::info!(
+                log_id = %self.log_id,
                 provider = %self.provider,
                 method = %self.method,
                 path = %self.path,

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The whole sidegate test suite (README: "Run the tests"). On a fresh machine it installs and
+# builds what the tests need: Debian packages, a Python venv with the official openai and
+# anthropic SDKs, and the Go-built Kubernetes control plane (cached in ~/.cache/sidegate).
+#
+#   ./test.sh            everything
+#   SKIP_LINT=1 ./test.sh   skip fmt/clippy (local iteration)
+set -euo pipefail
+cd "$(dirname "$0")"
+root=$(pwd)
+export SIDEGATE_CACHE=${SIDEGATE_CACHE:-$HOME/.cache/sidegate}
+export SIDEGATE_TEST_LOG_DIR=${SIDEGATE_TEST_LOG_DIR:-$(mktemp -d /tmp/sidegate-test-logs.XXXXXX)}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+step() { printf '\n=== %s\n' "$*"; }
+started=$(date +%s)
+
+step "system packages"
+need=()
+for pair in curl:curl openssl:openssl python3:python3 ss:iproute2; do
+  command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
+done
+python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [ -z "${SKIP_LINT:-}" ]; then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy --all-targets -- -D warnings"
+  cargo clippy --workspace --all-targets --quiet -- -D warnings
+fi
+
+step "build"
+cargo build --workspace --bins --tests --quiet
+
+step "control plane (kube-apiserver, etcd, kube-controller-manager, kubectl, helm from Go modules)"
+tests/cluster/build >/dev/null
+
+step "Rust tests (unit, and integration against the real control plane)"
+tests/cluster/with-cluster cargo test --workspace --quiet 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/cargo-test.log"
+
+step "Python SDK tests (openai, anthropic) against the sidecar"
+venv=$(tests/setup-venv)
+(cd tests/sdk && "$venv/bin/pytest" -q --timeout 120 -p no:cacheprovider) 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/pytest.log"
+
+step "no key in any log"
+tests/scan-logs "$SIDEGATE_TEST_LOG_DIR"
+
+echo
+echo "all tests passed in $(( $(date +%s) - started )) s"

@@ -1,0 +1,211 @@
+"""Fixtures that run the real binaries: the mock provider and the sidegate sidecar.
+
+Every process writes its log to $SIDEGATE_TEST_LOG_DIR (default: a temp dir), so that
+`tests/scan-logs` can prove no provider key ever reaches a log line.
+"""
+
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import tempfile
+import time
+
+import httpx
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BIN_DIR = pathlib.Path(os.environ.get("SIDEGATE_BIN_DIR", ROOT / "target" / "debug"))
+LOG_DIR = pathlib.Path(os.environ.get("SIDEGATE_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="sidegate-logs-"))
+LOG_DIR.mkdir(parents=True, exist_ok=True)
+
+# Every test key contains this marker; no log line may (see tests/scan-logs).
+KEY_MARKER = "sgtestkey"
+OPENAI_KEY = f"sk-{KEY_MARKER}-openai-0001"
+ANTHROPIC_KEY = f"sk-ant-{KEY_MARKER}-0001"
+GATEWAY_TOKEN = f"gw-{KEY_MARKER}-token"
+
+_counter = 0
+
+
+def _log_file(name):
+    global _counter
+    _counter += 1
+    return open(LOG_DIR / f"{name}-{os.getpid()}-{_counter}.log", "wb")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binary(name):
+    path = BIN_DIR / name
+    if not path.exists():
+        pytest.fail(f"{path} not found: build it first (cargo build --workspace --bins)")
+    return str(path)
+
+
+class MockProvider:
+    """The mock provider process (tests/mock-provider)."""
+
+    def __init__(self, *args):
+        self.log = _log_file("mock-provider")
+        self.proc = subprocess.Popen(
+            [binary("mock-provider"), "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
+        line = self.proc.stdout.readline().decode()
+        m = re.match(r"listening on (\S+)", line)
+        if not m:
+            self.stop()
+            raise RuntimeError(f"mock-provider did not start: {line!r}")
+        self.addr = m.group(1)
+        self.url = f"http://{self.addr}"
+
+    def requests(self):
+        return httpx.get(f"{self.url}/__mock/requests").json()
+
+    def last(self):
+        reqs = self.requests()
+        assert reqs, "the mock provider received no request"
+        return reqs[-1]
+
+    def clear(self):
+        httpx.delete(f"{self.url}/__mock/requests")
+
+    def stats(self):
+        return httpx.get(f"{self.url}/__mock/stats").json()
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+class Sidegate:
+    """A sidegate process with its own config file and keys directory."""
+
+    def __init__(self, workdir, config_text, keys=None, extra_args=(), wait_ready=True):
+        self.dir = pathlib.Path(workdir)
+        self.config = self.dir / "gateway.yaml"
+        self.keys_dir = self.dir / "keys"
+        self.keys_dir.mkdir(exist_ok=True)
+        self.config.write_text(config_text)
+        for name, value in (keys or {}).items():
+            (self.keys_dir / name).write_text(value + "\n")
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.log_path = None
+        self.proc = None
+        self.start(extra_args, wait_ready)
+
+    def start(self, extra_args=(), wait_ready=True):
+        self.log = _log_file("sidegate")
+        self.log_path = self.log.name
+        env = dict(os.environ, RUST_LOG=os.environ.get("SIDEGATE_TEST_RUST_LOG", "debug"))
+        self.proc = subprocess.Popen(
+            [
+                binary("sidegate"),
+                "--config", str(self.config),
+                "--keys-dir", str(self.keys_dir),
+                "--listen", f"127.0.0.1:{self.port}",
+                "--admin", f"127.0.0.1:{self.admin_port}",
+                *extra_args,
+            ],
+            stdout=self.log,
+            stderr=self.log,
+            env=env,
+        )
+        if wait_ready:
+            self.wait_ready()
+
+    def wait_ready(self, timeout=15):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidegate exited with {self.proc.returncode}: {self.logs()}")
+            try:
+                if httpx.get(f"{self.admin}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"sidegate not ready after {timeout}s: {self.logs()}")
+
+    def logs(self):
+        self.log.flush()
+        return pathlib.Path(self.log_path).read_text(errors="replace")
+
+    def metrics(self):
+        return httpx.get(f"{self.admin}/metrics").text
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def gateway_yaml(mock_url, *, auth=False, extra_spec="", name="main"):
+    """A standalone gateway.yaml pointing the providers at the mock."""
+    auth_line = "  authentication: {enabled: true}\n" if auth else ""
+    return (
+        "schemaVersion: 1\n"
+        f"gateway: {{namespace: team-a, name: {name}}}\n"
+        "spec:\n"
+        f"{auth_line}"
+        "  providers:\n"
+        f"    openai: {{baseURL: '{mock_url}/v1'}}\n"
+        f"    anthropic: {{baseURL: '{mock_url}'}}\n"
+        f"    groq: {{baseURL: '{mock_url}/openai/v1'}}\n"
+        f"    azure-openai: {{baseURL: '{mock_url}/openai/deployments/{{deployment}}'}}\n"
+        f"    custom-local: {{baseURL: '{mock_url}/v1', authHeader: x-custom-key}}\n"
+        f"{extra_spec}"
+    )
+
+
+DEFAULT_KEYS = {
+    "openai.default": OPENAI_KEY,
+    "openai.team-b": f"sk-{KEY_MARKER}-openai-teamb",
+    "anthropic.default": ANTHROPIC_KEY,
+    "custom-local.default": f"{KEY_MARKER}-custom",
+}
+
+
+@pytest.fixture(scope="session")
+def mock():
+    m = MockProvider()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def gateway(mock, tmp_path):
+    """A sidegate with keys for openai, anthropic and a custom provider, no gateway auth."""
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
+    mock.clear()
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def authed_gateway(mock, tmp_path):
+    """A sidegate that requires cf-aig-authorization."""
+    keys = dict(DEFAULT_KEYS, **{"authentication.tokens": GATEWAY_TOKEN})
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, auth=True), keys)
+    mock.clear()
+    yield g
+    g.stop()

@@ -1,0 +1,112 @@
+"""Live reload: kubelet-style symlink swaps and plain edits, under load, keeping the last good."""
+
+import re
+import threading
+import time
+
+import httpx
+
+import kubelet
+from conftest import DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
+
+
+def reload_count(g, result):
+    m = re.search(rf'sidegate_config_reloads_total{{result="{result}"}} (\d+)', g.metrics())
+    return int(m.group(1)) if m else 0
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_rotating_a_key_by_symlink_swap_under_load_loses_no_request(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url))
+    kubelet.write(g.keys_dir, DEFAULT_KEYS)
+    wait_for(lambda: reload_count(g, "success") >= 1, 5, "initial keys not loaded")
+    mock.clear()
+    failures, done, sent = [], threading.Event(), [0]
+
+    def load():
+        with httpx.Client(timeout=10) as c:
+            while not done.is_set() and sent[0] < 20000:
+                try:
+                    r = c.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "l"}]})
+                    if r.status_code != 200:
+                        failures.append(r.status_code)
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+                sent[0] += 1
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        new_key = f"sk-{KEY_MARKER}-openai-rotated"
+        swapped_at = time.monotonic()
+        kubelet.write(g.keys_dir, dict(DEFAULT_KEYS, **{"openai.default": new_key}))
+
+        def new_key_seen():
+            reqs = mock.requests()
+            return bool(reqs) and reqs[-1]["headers"].get("authorization") == f"Bearer {new_key}"
+
+        wait_for(new_key_seen, 1.0, "new key not in use within 1 s of the swap")
+        took = time.monotonic() - swapped_at
+        time.sleep(0.5)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(15)
+        g.stop()
+    assert failures == [], f"{len(failures)} failed requests of {sent[0]}: {failures[:5]}"
+    assert sent[0] > 50, "the load did not run"
+    print(f"key rotation: new key in use {took * 1000:.0f} ms after the swap; {sent[0]} requests, 0 failed")
+
+
+def test_plain_file_edit_of_a_key_is_picked_up(gateway, mock):
+    new_key = f"sk-{KEY_MARKER}-edited"
+    (gateway.keys_dir / "openai.default").write_text(new_key + "\n")
+
+    def seen():
+        httpx.post(gateway.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "e"}]})
+        return mock.last()["headers"]["authorization"] == f"Bearer {new_key}"
+
+    wait_for(seen, 2, "edited key not used")
+
+
+def test_invalid_config_at_reload_keeps_the_last_good_one(gateway, mock):
+    good = gateway.config.read_text()
+    before_err = reload_count(gateway, "error")
+    gateway.config.write_text(good + "  rateLimit: {limit: 1, interval: 1s}\n")
+    wait_for(lambda: reload_count(gateway, "error") > before_err, 3, "bad reload not counted")
+    r = httpx.post(gateway.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "still"}]})
+    assert r.status_code == 200
+    assert mock.last()["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert "keeping the last good config" in gateway.logs()
+    before_ok = reload_count(gateway, "success")
+    gateway.config.write_text(good.replace("name: main", "name: renamed"))
+    wait_for(lambda: reload_count(gateway, "success") > before_ok, 3, "good config not reloaded")
+    assert httpx.get(gateway.url + "/v1/a/renamed/openai/models").status_code == 200
+    assert httpx.get(gateway.url + "/v1/a/main/openai/models").status_code == 404
+
+
+def test_waits_unready_for_a_config_that_appears_later(mock, tmp_path):
+    g = Sidegate(tmp_path, "schemaVersion: 1\nspec:\n  cache: {enabled: true}\n", extra_args=["--wait-for-config"], wait_ready=False)
+    try:
+        wait_for(lambda: _ready_status(g) == 503, 10, "admin not serving")
+        r = httpx.post(g.url + "/openai/models")
+        assert (r.status_code, r.json()["error"][0]["code"]) == (503, 2105)
+        g.config.write_text(gateway_yaml(mock.url))
+        wait_for(lambda: _ready_status(g) == 200, 3, "never became ready")
+    finally:
+        g.stop()
+
+
+def _ready_status(g):
+    try:
+        return httpx.get(g.admin + "/readyz", timeout=1).status_code
+    except httpx.HTTPError:
+        return None
