@@ -1,0 +1,473 @@
+//! The operator against a real kube-apiserver (and kube-controller-manager for garbage
+//! collection), started by `tests/cluster/`:
+//!
+//! ```text
+//! tests/cluster/with-cluster cargo test -p sidegate-operator --test cluster
+//! ```
+//!
+//! The CRDs are applied from the committed manifests with `kubectl apply --server-side`, the RBAC
+//! of `operator/rbac.yaml` is applied, and the controllers run in this process impersonating the
+//! operator's ServiceAccount, so every test also proves those rules are sufficient.
+
+mod common;
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use sidegate_crds::api::{AIGateway, ProviderKey};
+use sidegate_operator::lease::{LeaderElector, LeaseSettings};
+
+use common::{cluster_client, create_test_namespace, eventually};
+use support::*;
+
+#[tokio::test]
+async fn a_gateway_with_keys_renders_its_config_map_and_secret_and_reports_ready() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "render").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+
+    create(
+        &secrets,
+        &secret(
+            "llm-keys",
+            &[("openai", "sk-one\n"), ("anthropic", "sk-ant")],
+        ),
+    )
+    .await;
+    create(&secrets, &secret("tokens", &[("token", "tok-1")])).await;
+    create(
+        &keys,
+        &provider_key("openai-main", "openai", "default", "llm-keys", "openai"),
+    )
+    .await;
+    create(
+        &keys,
+        &provider_key(
+            "anthropic-main",
+            "anthropic",
+            "default",
+            "llm-keys",
+            "anthropic",
+        ),
+    )
+    .await;
+    let mut other = provider_key("other-team", "openai", "other", "llm-keys", "openai");
+    other.metadata.labels = Some(BTreeMap::from([("team".into(), "b".into())]));
+    create(&keys, &other).await;
+    create(
+        &gateways,
+        &gateway(
+            "main",
+            json!({
+                "providerKeySelector": {"matchLabels": {"team": "a"}},
+                "authentication": {"enabled": true, "tokenSecretRef": {"name": "tokens", "key": "token"}},
+                "cache": {"enabled": true, "ttl": "5m"},
+            }),
+        ),
+    )
+    .await;
+
+    let gw = wait_ready(&gateways, "main").await;
+    let status = gw.status.clone().expect("status");
+    assert_eq!(status.key_count, Some(2));
+    let hash = status.config_hash.clone().expect("hash");
+    let providers: Vec<(String, Vec<String>)> = status
+        .provider_keys
+        .iter()
+        .map(|p| (p.provider.clone(), p.aliases.clone()))
+        .collect();
+    assert_eq!(
+        providers,
+        [
+            ("anthropic".to_owned(), vec!["default".to_owned()]),
+            ("openai".to_owned(), vec!["default".to_owned()]),
+        ]
+    );
+
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("sidegate-main")
+        .await
+        .expect("ConfigMap rendered");
+    let yaml = &cm.data.as_ref().expect("data")["gateway.yaml"];
+    let config: sidegate_crds::GatewayConfig =
+        serde_saphyr::from_str(yaml).expect("gateway.yaml parses");
+    assert_eq!(config.gateway.hash.as_deref(), Some(hash.as_str()));
+    assert_eq!(config.gateway.namespace.as_deref(), Some(ns.name.as_str()));
+    assert!(!yaml.contains("sk-one") && !yaml.contains("tok-1"));
+    let owner = &cm.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("AIGateway", "main")
+    );
+    assert_eq!(
+        cm.managed_fields()
+            .first()
+            .and_then(|m| m.manager.as_deref()),
+        Some("sidegate-operator")
+    );
+
+    let keys_secret = secrets
+        .get("sidegate-main-keys")
+        .await
+        .expect("keys Secret rendered");
+    assert_eq!(
+        secret_value(&keys_secret, "openai.default").as_deref(),
+        Some("sk-one")
+    );
+    assert_eq!(
+        secret_value(&keys_secret, "anthropic.default").as_deref(),
+        Some("sk-ant")
+    );
+    assert_eq!(
+        secret_value(&keys_secret, "authentication.tokens").as_deref(),
+        Some("tok-1")
+    );
+    assert!(
+        secret_value(&keys_secret, "openai.other").is_none(),
+        "not selected"
+    );
+
+    // Status never carries values.
+    let status_json = serde_json::to_string(&status).expect("status serializes");
+    assert!(!status_json.contains("sk-one") && !status_json.contains("sk-ant"));
+
+    // The ProviderKey controller reports its own status.
+    eventually("ProviderKey openai-main Ready", WAIT, || async {
+        let pk = keys.get("openai-main").await.ok()?;
+        pk.status?
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+            .then_some(())
+    })
+    .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn rotating_a_key_secret_re_renders_the_gateway_within_seconds() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "rotate").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    create(&secrets, &secret("llm-keys", &[("openai", "sk-old")])).await;
+    create(
+        &keys,
+        &provider_key("openai-main", "openai", "default", "llm-keys", "openai"),
+    )
+    .await;
+    create(&gateways, &gateway("rot", json!({}))).await;
+    let before = wait_ready(&gateways, "rot").await;
+    let old_hash = before.status.and_then(|s| s.config_hash).expect("hash");
+
+    let started = Instant::now();
+    secrets
+        .replace("llm-keys", &PostParams::default(), &{
+            let mut s = secrets.get("llm-keys").await.expect("secret");
+            s.data = secret("x", &[("openai", "sk-new")]).data;
+            s
+        })
+        .await
+        .expect("rotating the key");
+    eventually("rotated key rendered", WAIT, || async {
+        let s = secrets.get("sidegate-rot-keys").await.ok()?;
+        (secret_value(&s, "openai.default").as_deref() == Some("sk-new")).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "rotation took {took:?}");
+    let new_hash = eventually("new hash in status", WAIT, || async {
+        let gw = gateways.get("rot").await.ok()?;
+        let h = gw.status?.config_hash?;
+        (h != old_hash).then_some(h)
+    })
+    .await;
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("sidegate-rot")
+        .await
+        .expect("cm");
+    assert!(cm.data.expect("data")["gateway.yaml"].contains(&new_hash));
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_reported_in_status_and_events_then_healed_when_created() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "missing").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    create(
+        &keys,
+        &provider_key("openai-main", "openai", "default", "llm-keys", "api-key"),
+    )
+    .await;
+    create(&gateways, &gateway("gw", json!({}))).await;
+
+    let (_, reason, message) = eventually("KeysResolved=False", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        condition(&gw, "KeysResolved").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "SecretNotFound");
+    assert!(
+        message.starts_with("ProviderKey openai-main: Secret llm-keys not found"),
+        "{message}"
+    );
+
+    // The Secret appears without the key the ProviderKey names.
+    create(&secrets, &secret("llm-keys", &[("other", "x")])).await;
+    let (_, reason, message) = eventually("KeyNotFound reported", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        condition(&gw, "KeysResolved").filter(|c| c.1 == "KeyNotFound")
+    })
+    .await;
+    assert_eq!(reason, "KeyNotFound");
+    assert!(
+        message.starts_with("ProviderKey openai-main: Secret llm-keys has no key 'api-key'"),
+        "{message}"
+    );
+
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), &ns.name);
+    eventually("a KeyMissing Warning event", WAIT, || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("KeyMissing") && e.type_.as_deref() == Some("Warning")
+            })
+            .then_some(())
+    })
+    .await;
+
+    // Healed: the key is added.
+    secrets
+        .patch(
+            "llm-keys",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"api-key": "sk-fixed"}})),
+        )
+        .await
+        .expect("adding the key");
+    let gw = wait_ready(&gateways, "gw").await;
+    assert_eq!(gw.status.and_then(|s| s.key_count), Some(1));
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn deleting_a_gateway_garbage_collects_its_config_map_and_secret() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "gc").await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    create(&gateways, &gateway("doomed", json!({}))).await;
+    wait_ready(&gateways, "doomed").await;
+    assert!(cms.get_opt("sidegate-doomed").await.expect("get").is_some());
+
+    gateways
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .expect("deleting the gateway");
+    eventually(
+        "ConfigMap and Secret collected",
+        Duration::from_secs(60),
+        || async {
+            let cm = cms.get_opt("sidegate-doomed").await.ok()?;
+            let s = secrets.get_opt("sidegate-doomed-keys").await.ok()?;
+            (cm.is_none() && s.is_none()).then_some(())
+        },
+    )
+    .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn an_invalid_but_schema_valid_spec_is_a_condition_and_keeps_the_last_config() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "invalid").await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    create(&gateways, &gateway("gw", json!({}))).await;
+    let ready = wait_ready(&gateways, "gw").await;
+    let hash = ready.status.and_then(|s| s.config_hash);
+
+    gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"providers": {"openai": {"baseURL": "http://api.example.com/v1"}}}})),
+        )
+        .await
+        .expect("patch");
+    let (_, reason, message) = eventually("ConfigRendered=False", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        condition(&gw, "ConfigRendered").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.contains("providers.openai.baseURL 'http://api.example.com/v1' uses plain http outside the cluster"), "{message}");
+    let gw = gateways.get("gw").await.expect("gw");
+    assert_eq!(
+        gw.status.and_then(|s| s.config_hash),
+        hash,
+        "last good config stays"
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "reject").await;
+    let dyn_gateways: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::erase::<AIGateway>(&()),
+    );
+    let dyn_keys: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns.name,
+        &kube::api::ApiResource::erase::<ProviderKey>(&()),
+    );
+
+    async fn rejected(api: &Api<kube::api::DynamicObject>, obj: serde_json::Value) -> String {
+        let obj: kube::api::DynamicObject = serde_json::from_value(obj).expect("object");
+        match api.create(&PostParams::default(), &obj).await {
+            Ok(_) => panic!("{} was accepted", obj.name_any()),
+            Err(kube::Error::Api(s)) => {
+                assert_eq!(s.code, 422, "{s:?}");
+                s.message
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    let gw = |name: &str, spec: serde_json::Value| json!({"apiVersion": "sidegate.dev/v1alpha1", "kind": "AIGateway", "metadata": {"name": name}, "spec": spec});
+    let pk = |name: &str, spec: serde_json::Value| json!({"apiVersion": "sidegate.dev/v1alpha1", "kind": "ProviderKey", "metadata": {"name": name}, "spec": spec});
+
+    let cases = [
+        (
+            rejected(&dyn_gateways, gw("rl", json!({"rateLimit": {"limit": 0, "interval": "60s"}}))).await,
+            "spec.rateLimit.limit: Invalid value: 0: spec.rateLimit.limit in body should be greater than or equal to 1",
+        ),
+        (
+            rejected(&dyn_gateways, gw("retries", json!({"retries": {"maxAttempts": 6}}))).await,
+            "spec.retries.maxAttempts in body should be less than or equal to 5",
+        ),
+        (
+            rejected(&dyn_gateways, gw("delay", json!({"retries": {"maxAttempts": 2, "retryDelay": "10s"}}))).await,
+            "retryDelay must be at most 5s",
+        ),
+        (
+            rejected(&dyn_gateways, gw("auth", json!({"authentication": {"enabled": true}}))).await,
+            "authentication.enabled needs tokenSecretRef",
+        ),
+        (
+            rejected(&dyn_gateways, gw("cache", json!({"cache": {"enabled": true, "backend": "disk"}}))).await,
+            "spec.cache.backend: Unsupported value: \"disk\": supported values: \"memory\", \"redis\"",
+        ),
+        (
+            rejected(&dyn_gateways, gw("redis", json!({"cache": {"enabled": true, "backend": "redis"}}))).await,
+            "cache.backend redis needs the redis block",
+        ),
+        (
+            rejected(&dyn_gateways, gw("prov", json!({"providers": {"OpenAI": {"baseURL": "https://x.example"}}}))).await,
+            "providers keys must be provider ids from SPEC.md or custom-<slug>",
+        ),
+        (
+            rejected(&dyn_gateways, gw("dup", json!({"fallbacks": [
+                {"name": "a", "targets": [{"provider": "openai", "model": "m"}]},
+                {"name": "a", "targets": [{"provider": "openai", "model": "m"}]}]}))).await,
+            "Duplicate value",
+        ),
+        (
+            rejected(&dyn_gateways, gw("node", json!({"routes": [{"name": "r", "nodes": [
+                {"id": "s", "type": "start", "next": "m"}, {"id": "m", "type": "model", "next": "e"}, {"id": "e", "type": "end"}]}]}))).await,
+            "a model node needs provider and model",
+        ),
+        (
+            rejected(&dyn_keys, pk("bogus", json!({"provider": "bogus", "secretRef": {"name": "s", "key": "k"}}))).await,
+            "spec.provider in body should match",
+        ),
+        (
+            rejected(&dyn_keys, pk("bedrock", json!({"provider": "aws-bedrock", "secretRef": {"name": "s"}}))).await,
+            "aws-bedrock keys need spec.region",
+        ),
+        (
+            rejected(&dyn_keys, pk("nokey", json!({"provider": "openai", "secretRef": {"name": "s"}}))).await,
+            "secretRef.key is required",
+        ),
+        (
+            rejected(&dyn_keys, pk("url", json!({"provider": "openai", "secretRef": {"name": "s", "key": "k"}, "baseURL": "ftp://x.example/v1"}))).await,
+            "baseURL must be an absolute http(s) URL",
+        ),
+        (
+            rejected(&dyn_keys, pk("alias", json!({"provider": "openai", "alias": "a.b", "secretRef": {"name": "s", "key": "k"}}))).await,
+            "spec.alias in body should match",
+        ),
+    ];
+    for (message, expected) in cases {
+        assert!(
+            message.contains(expected),
+            "expected {expected:?} in {message:?}"
+        );
+    }
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn only_one_replica_leads_and_a_released_lease_is_taken_over_at_once() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    let ns = create_test_namespace(&client, "lease").await;
+    let settings = |identity: &str| LeaseSettings {
+        namespace: ns.name.clone(),
+        name: "sidegate-operator".into(),
+        identity: identity.into(),
+        duration: Duration::from_secs(15),
+        renew_every: Duration::from_secs(1),
+    };
+    let a = LeaderElector::new(client.clone(), settings("replica-a"));
+    let b = LeaderElector::new(client.clone(), settings("replica-b"));
+    tokio::time::timeout(Duration::from_secs(10), a.acquire())
+        .await
+        .expect("first replica leads");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), b.acquire())
+            .await
+            .is_err(),
+        "second replica must stand by while the lease is held"
+    );
+    a.release().await;
+    tokio::time::timeout(Duration::from_secs(5), b.acquire())
+        .await
+        .expect("standby takes over a released lease");
+    ns.delete().await;
+}

@@ -1,0 +1,197 @@
+//! Helpers shared by the operator's cluster tests: CRDs and RBAC applied once, the controllers
+//! running in-process as the operator's ServiceAccount, object builders and waits.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sidegate_crds::api::{AIGateway, ProviderKey};
+use sidegate_operator::controller::{self, Context};
+use sidegate_operator::metrics::Metrics;
+use sidegate_operator::providerkey;
+use tokio::sync::OnceCell;
+
+use crate::common::eventually;
+
+pub const OPERATOR_SA: &str = "system:serviceaccount:sidegate-system:sidegate-operator";
+pub const WAIT: Duration = Duration::from_secs(30);
+
+static OPERATOR: OnceCell<Arc<Metrics>> = OnceCell::const_new();
+
+pub fn repo_root() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+pub fn kubectl(args: &[&str]) {
+    let out = std::process::Command::new("kubectl")
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running kubectl {args:?} (is the test bed's bin dir on PATH?): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "kubectl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Applies CRDs and RBAC once, then starts the controllers on their own runtime (the tests'
+/// runtimes end with each test) as the operator's ServiceAccount.
+pub async fn operator(client: &Client) -> Arc<Metrics> {
+    OPERATOR
+        .get_or_init(|| async {
+            kubectl(&[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                "crds/manifests/",
+            ]);
+            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+            for name in ["aigateways.sidegate.dev", "providerkeys.sidegate.dev"] {
+                eventually(&format!("CRD {name} established"), WAIT, || {
+                    let crds = crds.clone();
+                    async move {
+                        let crd = crds.get_opt(name).await.ok().flatten()?;
+                        let established = crd
+                            .status?
+                            .conditions?
+                            .into_iter()
+                            .any(|c| c.type_ == "Established" && c.status == "True");
+                        established.then_some(())
+                    }
+                })
+                .await;
+            }
+            let ns = Namespace {
+                metadata: ObjectMeta {
+                    name: Some("sidegate-system".into()),
+                    ..ObjectMeta::default()
+                },
+                ..Namespace::default()
+            };
+            let _ = Api::<Namespace>::all(client.clone())
+                .create(&PostParams::default(), &ns)
+                .await;
+            kubectl(&[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                "operator/rbac.yaml",
+            ]);
+
+            let mut config = kube::Config::infer().await.expect("kubeconfig");
+            config.auth_info.impersonate = Some(OPERATOR_SA.into());
+            let metrics = Arc::new(Metrics::default());
+            let m = metrics.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("operator runtime");
+                rt.block_on(async move {
+                    let client = Client::try_from(config).expect("operator client");
+                    let ctx = Arc::new(Context {
+                        resync: Duration::from_secs(60),
+                        ..Context::new(client.clone(), m, Some("cluster-test".into()))
+                    });
+                    tokio::join!(
+                        controller::run(client.clone(), ctx.clone(), 4),
+                        providerkey::run(client, ctx, 4),
+                    );
+                });
+            });
+            metrics
+        })
+        .await
+        .clone()
+}
+
+pub fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..ObjectMeta::default()
+        },
+        data: Some(
+            data.iter()
+                .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Secret::default()
+    }
+}
+
+pub fn provider_key(
+    name: &str,
+    provider: &str,
+    alias: &str,
+    secret: &str,
+    key: &str,
+) -> ProviderKey {
+    serde_json::from_value(json!({
+        "apiVersion": "sidegate.dev/v1alpha1",
+        "kind": "ProviderKey",
+        "metadata": {"name": name, "labels": {"team": "a"}},
+        "spec": {"provider": provider, "alias": alias, "secretRef": {"name": secret, "key": key}},
+    }))
+    .expect("valid ProviderKey")
+}
+
+pub fn gateway(name: &str, spec: serde_json::Value) -> AIGateway {
+    serde_json::from_value(json!({
+        "apiVersion": "sidegate.dev/v1alpha1",
+        "kind": "AIGateway",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("valid AIGateway")
+}
+
+pub async fn create<K>(api: &Api<K>, obj: &K) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    api.create(&PostParams::default(), obj)
+        .await
+        .unwrap_or_else(|e| panic!("creating {}: {e}", obj.name_any()))
+}
+
+pub fn condition(gw: &AIGateway, type_: &str) -> Option<(String, String, String)> {
+    gw.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+pub async fn wait_ready(api: &Api<AIGateway>, name: &str) -> AIGateway {
+    eventually(&format!("AIGateway {name} Ready"), WAIT, || async {
+        let gw = api.get(name).await.ok()?;
+        let ready = condition(&gw, "Ready")?;
+        let current = gw.status.as_ref()?.observed_generation == gw.metadata.generation;
+        (ready.0 == "True" && current).then_some(gw)
+    })
+    .await
+}
+
+pub fn secret_value(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()?
+        .get(key)
+        .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+}
