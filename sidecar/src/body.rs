@@ -1,15 +1,17 @@
 //! The response body type of the proxy: either a small gateway-made body, or the upstream's
 //! body streamed through frame by frame (never buffered), with a guard that records the request
-//! in logs and metrics when the body ends or the client goes away.
+//! in logs and metrics when the body ends or the client goes away; or, for `/compat` streams,
+//! the upstream's body translated event by event.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
+use crate::compat::StreamTranslator;
 use crate::telemetry::RequestRecord;
 
 pin_project! {
@@ -23,6 +25,15 @@ pin_project! {
             #[pin]
             inner: Incoming,
             record: Option<RequestRecord>,
+        },
+        /// The upstream's stream translated chunk by chunk (`/compat`).
+        Translated {
+            #[pin]
+            inner: Incoming,
+            translator: Box<dyn StreamTranslator>,
+            record: Option<RequestRecord>,
+            out: BytesMut,
+            ended: bool,
         },
     }
 }
@@ -46,6 +57,21 @@ impl ProxyBody {
             Some(record)
         };
         Self::Upstream { inner, record }
+    }
+
+    /// The upstream's stream fed through `translator`; `record` counts the translated bytes.
+    pub fn translated(
+        inner: Incoming,
+        translator: Box<dyn StreamTranslator>,
+        record: RequestRecord,
+    ) -> Self {
+        Self::Translated {
+            inner,
+            translator,
+            record: Some(record),
+            out: BytesMut::new(),
+            ended: false,
+        }
     }
 }
 
@@ -88,6 +114,48 @@ impl Body for ProxyBody {
                 }
                 polled
             }
+            ProxyBodyProj::Translated {
+                mut inner,
+                translator,
+                record,
+                out,
+                ended,
+            } => loop {
+                if *ended {
+                    return Poll::Ready(None);
+                }
+                match ready!(inner.as_mut().poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            translator.push(data, out);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        *ended = true;
+                        if let Some(rec) = record.take() {
+                            rec.finish_upstream_error();
+                        }
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    None => {
+                        *ended = true;
+                        translator.finish(out);
+                    }
+                }
+                if !out.is_empty() {
+                    let data = out.split().freeze();
+                    if let Some(rec) = record.as_mut() {
+                        rec.add_bytes(data.len());
+                    }
+                    if *ended && let Some(rec) = record.take() {
+                        rec.finish_complete();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                if *ended && let Some(rec) = record.take() {
+                    rec.finish_complete();
+                }
+            },
         }
     }
 
@@ -95,6 +163,7 @@ impl Body for ProxyBody {
         match self {
             Self::Full { data } => data.is_none(),
             Self::Upstream { inner, .. } => inner.is_end_stream(),
+            Self::Translated { ended, out, .. } => *ended && out.is_empty(),
         }
     }
 
@@ -104,6 +173,7 @@ impl Body for ProxyBody {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Self::Upstream { inner, .. } => inner.size_hint(),
+            Self::Translated { .. } => SizeHint::default(),
         }
     }
 }

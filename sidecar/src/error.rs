@@ -41,6 +41,10 @@ pub enum GatewayError {
     /// No valid config is loaded yet.
     #[error("gateway has no valid configuration loaded")]
     NotReady,
+    /// A `/compat` request that names no usable provider/model, or asks for something the
+    /// provider cannot express (the message names the field).
+    #[error("{0}")]
+    CompatRequest(String),
 }
 
 impl GatewayError {
@@ -52,7 +56,8 @@ impl GatewayError {
             Self::AliasNotFound { .. }
             | Self::BadHeader { .. }
             | Self::BadBody(_)
-            | Self::BadRoute(_) => StatusCode::BAD_REQUEST,
+            | Self::BadRoute(_)
+            | Self::CompatRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
@@ -74,6 +79,7 @@ impl GatewayError {
             Self::UpstreamUnavailable(_) => 2104,
             Self::NotReady => 2105,
             Self::BadRoute(_) => 2106,
+            Self::CompatRequest(_) => 2107,
         }
     }
 

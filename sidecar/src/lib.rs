@@ -5,6 +5,7 @@
 //! - [`keys`]: provider keys and gateway tokens from the keys directory.
 //! - [`config`]: `gateway.yaml` + keys → a validated [`config::Snapshot`].
 //! - [`proxy`]: the request pipeline.
+//! - [`compat`]: the unified OpenAI-compatible endpoint, translating to each provider's API.
 //! - [`headers`]: what crosses from client to upstream and back.
 //! - [`body`]: streamed response bodies and their completion records.
 //! - [`error`]: gateway-made errors in the SPEC.md envelope.
@@ -14,6 +15,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod compat;
 pub mod config;
 pub mod error;
 pub mod headers;

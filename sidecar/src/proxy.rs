@@ -137,14 +137,8 @@ impl Gateway {
         }
         let route = match route {
             Route::Provider(p) => p,
-            Route::Compat { .. } => {
-                return Err((
-                    None,
-                    GatewayError::NotFound(format!(
-                        "/compat is not available in sidegate {}",
-                        env!("CARGO_PKG_VERSION")
-                    )),
-                ));
+            Route::Compat { rest, .. } => {
+                return crate::compat::serve(self, snap, &parts, rest, body, start).await;
             }
             Route::Universal { .. } => {
                 return Err((
@@ -228,7 +222,10 @@ fn truncate(s: &str) -> String {
 }
 
 /// `cf-aig-request-timeout` (milliseconds) or the gateway default.
-fn request_timeout(headers: &http::HeaderMap, default: Duration) -> Result<Duration, GatewayError> {
+pub(crate) fn request_timeout(
+    headers: &http::HeaderMap,
+    default: Duration,
+) -> Result<Duration, GatewayError> {
     let Some(v) = headers.get(REQUEST_TIMEOUT) else {
         return Ok(default);
     };
@@ -245,7 +242,7 @@ fn request_timeout(headers: &http::HeaderMap, default: Duration) -> Result<Durat
 }
 
 /// Reads the whole request body, refusing more than `limit` bytes.
-async fn read_body(
+pub(crate) async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
     limit: u64,
@@ -267,7 +264,7 @@ async fn read_body(
     }
 }
 
-fn build_upstream_request(
+pub(crate) fn build_upstream_request(
     provider: &Provider,
     parts: &http::request::Parts,
     uri: http::Uri,
@@ -296,7 +293,7 @@ fn build_upstream_request(
 }
 
 /// An error and its sources on one line (hyper's top-level message alone says little).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {

@@ -1,0 +1,720 @@
+//! OpenAI chat completions ⇄ Anthropic Messages: request, response, SSE stream and errors.
+//!
+//! `response_format` JSON is expressed as one forced tool ([`JSON_TOOL`]) whose input is the
+//! answer; its `tool_use` comes back as message content.
+
+use bytes::BytesMut;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::openai::{
+    self, ChatRequest, Choice, ChunkWriter, Completion, Content, Message, Part, ResponseFormat,
+    Tool, ToolCallOut, Usage, bad,
+};
+use super::sse::{Event, SseParser};
+use super::{ResponseCtx, StreamTranslator};
+use crate::error::GatewayError;
+
+/// Provider name in messages.
+const PROVIDER: &str = "anthropic";
+/// `max_tokens` when the client sets none (Anthropic requires one).
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+/// Name of the tool that carries a `response_format` JSON answer.
+pub const JSON_TOOL: &str = "json_response";
+
+/// The Messages request for `req`, and whether the JSON tool is used.
+pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), GatewayError> {
+    req.refuse_unsupported(PROVIDER, &[])?;
+    let mut body = req.rest.clone();
+    let mut system: Vec<String> = Vec::new();
+    let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        match m {
+            Message::System { content } | Message::Developer { content } => {
+                system.push(text_only(content, i)?);
+            }
+            Message::User { content } => push(&mut messages, "user", user_blocks(content, i)?),
+            Message::Assistant {
+                content,
+                tool_calls,
+                refusal: _,
+                function_call,
+                audio,
+            } => {
+                if function_call.is_some() {
+                    return Err(bad(format!(
+                        "messages[{i}].function_call is deprecated; send tool_calls"
+                    )));
+                }
+                if audio.is_some() {
+                    return Err(openai::unsupported(
+                        &format!("messages[{i}].audio"),
+                        PROVIDER,
+                    ));
+                }
+                let mut blocks = Vec::new();
+                if let Some(c) = content {
+                    let t = c.text();
+                    if !t.is_empty() {
+                        blocks.push(json!({"type": "text", "text": t}));
+                    }
+                }
+                for (j, call) in tool_calls.iter().flatten().enumerate() {
+                    let input = call
+                        .function
+                        .arguments_json(&format!("messages[{i}].tool_calls[{j}]"))?;
+                    blocks.push(json!({"type": "tool_use", "id": call.id,
+                        "name": call.function.name, "input": input}));
+                }
+                if !blocks.is_empty() {
+                    push(&mut messages, "assistant", blocks);
+                }
+            }
+            Message::Tool {
+                content,
+                tool_call_id,
+            } => push(
+                &mut messages,
+                "user",
+                vec![json!({"type": "tool_result", "tool_use_id": tool_call_id,
+                    "content": text_only(content, i)?})],
+            ),
+            Message::Function { .. } => {
+                return Err(bad(format!(
+                    "messages[{i}]: role function is deprecated; send role tool"
+                )));
+            }
+        }
+    }
+    if !system.is_empty() {
+        body.insert("system".into(), Value::String(system.join("\n\n")));
+    }
+    let messages: Vec<Value> = messages
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    body.insert("model".into(), Value::String(model.to_owned()));
+    body.insert("messages".into(), Value::Array(messages));
+    body.insert(
+        "max_tokens".into(),
+        Value::from(req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS)),
+    );
+    if let Some(t) = req.temperature {
+        body.insert("temperature".into(), Value::from(t));
+    }
+    if let Some(p) = req.top_p {
+        body.insert("top_p".into(), Value::from(p));
+    }
+    if let Some(stop) = req.stop.take() {
+        body.insert("stop_sequences".into(), Value::from(stop.into_vec()));
+    }
+    if req.is_stream() {
+        body.insert("stream".into(), Value::Bool(true));
+    }
+    if let Some(user) = &req.user {
+        body.insert("metadata".into(), json!({"user_id": user}));
+    }
+    let mut tools: Vec<Value> = req
+        .tools
+        .iter()
+        .flatten()
+        .map(|Tool::Function { function: f }| {
+            let mut t = Map::new();
+            t.insert("name".into(), Value::String(f.name.clone()));
+            if let Some(d) = &f.description {
+                t.insert("description".into(), Value::String(d.clone()));
+            }
+            t.insert(
+                "input_schema".into(),
+                f.parameters
+                    .clone()
+                    .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+            );
+            Value::Object(t)
+        })
+        .collect();
+    let mut tool_choice = match req.tool_choice.as_ref().map(|c| c.choice()).transpose()? {
+        None => None,
+        Some(Choice::Auto) => Some(json!({"type": "auto"})),
+        Some(Choice::None) => Some(json!({"type": "none"})),
+        Some(Choice::Required) => Some(json!({"type": "any"})),
+        Some(Choice::Function(name)) => Some(json!({"type": "tool", "name": name})),
+    };
+    if req.parallel_tool_calls == Some(false) {
+        let tc = tool_choice.get_or_insert_with(|| json!({"type": "auto"}));
+        if let Some(obj) = tc.as_object_mut()
+            && obj.get("type") != Some(&Value::from("none"))
+        {
+            obj.insert("disable_parallel_tool_use".into(), Value::Bool(true));
+        }
+    }
+    let json_tool = match &req.response_format {
+        None | Some(ResponseFormat::Text) => false,
+        Some(format) => {
+            if !tools.is_empty() || tool_choice.is_some() {
+                return Err(bad(
+                    "response_format json together with tools cannot be expressed for provider anthropic",
+                ));
+            }
+            let (description, schema) = match format {
+                ResponseFormat::JsonSchema { json_schema } => (
+                    json_schema
+                        .description
+                        .clone()
+                        .unwrap_or_else(|| format!("Respond with {} as JSON.", json_schema.name)),
+                    json_schema
+                        .schema
+                        .clone()
+                        .unwrap_or_else(|| json!({"type": "object"})),
+                ),
+                _ => (
+                    "Respond with a JSON object.".to_owned(),
+                    json!({"type": "object"}),
+                ),
+            };
+            tools.push(
+                json!({"name": JSON_TOOL, "description": description, "input_schema": schema}),
+            );
+            tool_choice = Some(json!({"type": "tool", "name": JSON_TOOL}));
+            true
+        }
+    };
+    if !tools.is_empty() {
+        body.insert("tools".into(), Value::Array(tools));
+    }
+    if let Some(tc) = tool_choice {
+        body.insert("tool_choice".into(), tc);
+    }
+    Ok((openai::to_vec(&body), json_tool))
+}
+
+fn push(messages: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, blocks: Vec<Value>) {
+    match messages.last_mut() {
+        Some((last, content)) if *last == role => content.extend(blocks),
+        _ => messages.push((role, blocks)),
+    }
+}
+
+fn text_only(content: &Content, i: usize) -> Result<String, GatewayError> {
+    if let Content::Parts(parts) = content
+        && let Some(j) = parts
+            .iter()
+            .position(|p| !matches!(p, Part::Text { .. } | Part::Refusal { .. }))
+    {
+        return Err(bad(format!(
+            "messages[{i}].content[{j}]: only text parts can be expressed here for provider anthropic"
+        )));
+    }
+    Ok(content.text())
+}
+
+fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
+    let parts = match content {
+        Content::Text(t) => return Ok(vec![json!({"type": "text", "text": t})]),
+        Content::Parts(parts) => parts,
+    };
+    let mut blocks = Vec::with_capacity(parts.len());
+    for (j, p) in parts.iter().enumerate() {
+        match p {
+            Part::Text { text } | Part::Refusal { refusal: text } => {
+                if !text.is_empty() {
+                    blocks.push(json!({"type": "text", "text": text}));
+                }
+            }
+            Part::ImageUrl { image_url } => {
+                let source = match openai::parse_data_url(&image_url.url) {
+                    Some((mime, data)) => {
+                        json!({"type": "base64", "media_type": mime, "data": data})
+                    }
+                    None if image_url.url.starts_with("https://")
+                        || image_url.url.starts_with("http://") =>
+                    {
+                        json!({"type": "url", "url": image_url.url})
+                    }
+                    None => {
+                        return Err(bad(format!(
+                            "messages[{i}].content[{j}].image_url.url must be an http(s) or base64 data URL"
+                        )));
+                    }
+                };
+                blocks.push(json!({"type": "image", "source": source}));
+            }
+            Part::File { file } => {
+                let Some((mime, data)) = file.file_data.as_deref().and_then(openai::parse_data_url)
+                else {
+                    return Err(bad(format!(
+                        "messages[{i}].content[{j}].file: only file_data as a base64 data URL can be expressed for provider anthropic"
+                    )));
+                };
+                blocks.push(json!({"type": "document",
+                    "source": {"type": "base64", "media_type": mime, "data": data}}));
+            }
+            Part::InputAudio { .. } => {
+                return Err(openai::unsupported(
+                    &format!("messages[{i}].content[{j}] (input_audio)"),
+                    PROVIDER,
+                ));
+            }
+        }
+    }
+    Ok(blocks)
+}
+
+/// OpenAI `finish_reason` for an Anthropic `stop_reason`.
+fn finish_reason(stop: &str, json_tool: bool) -> &'static str {
+    match stop {
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" if json_tool => "stop",
+        "tool_use" => "tool_calls",
+        "refusal" => "content_filter",
+        _ => "stop",
+    }
+}
+
+#[derive(Deserialize)]
+struct MessageResponse {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    content: Vec<Block>,
+    #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: AnthropicUsage,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block {
+    Text {
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        #[serde(default)]
+        input: Value,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+struct AnthropicUsage {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl AnthropicUsage {
+    fn prompt(&self) -> u64 {
+        self.input_tokens
+            .saturating_add(self.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
+    }
+}
+
+/// A complete Messages response as a `chat.completion`.
+pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+    let m: MessageResponse =
+        serde_json::from_slice(body).map_err(|e| format!("unexpected anthropic response: {e}"))?;
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for block in m.content {
+        match block {
+            Block::Text { text: t } => text.push_str(&t),
+            Block::ToolUse { name, input, .. } if ctx.json_tool && name == JSON_TOOL => {
+                text.push_str(&input.to_string());
+            }
+            Block::ToolUse { id, name, input } => {
+                tool_calls.push(ToolCallOut::function(id, name, &input));
+            }
+            Block::Other => {}
+        }
+    }
+    let completion = Completion {
+        id: m.id,
+        model: if m.model.is_empty() {
+            ctx.model.clone()
+        } else {
+            m.model
+        },
+        text: (!text.is_empty() || tool_calls.is_empty()).then_some(text),
+        refusal: None,
+        tool_calls,
+        finish_reason: finish_reason(
+            m.stop_reason.as_deref().unwrap_or("end_turn"),
+            ctx.json_tool,
+        ),
+        usage: Usage::new(m.usage.prompt(), m.usage.output_tokens),
+    };
+    Ok(completion.to_json(ctx.created))
+}
+
+/// An Anthropic error body in the OpenAI error shape.
+pub fn error(status: u16, body: &[u8]) -> Vec<u8> {
+    #[derive(Deserialize)]
+    struct Outer {
+        error: Inner,
+    }
+    #[derive(Deserialize)]
+    struct Inner {
+        #[serde(rename = "type", default)]
+        kind: String,
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Outer>(body) {
+        Ok(o) => openai::error_json(&o.error.message, &o.error.kind, None),
+        Err(_) => super::opaque_error(status, body),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StreamEvent {
+    MessageStart {
+        message: StartMessage,
+    },
+    ContentBlockStart {
+        index: u64,
+        content_block: StartBlock,
+    },
+    ContentBlockDelta {
+        index: u64,
+        delta: BlockDelta,
+    },
+    MessageDelta {
+        #[serde(default)]
+        delta: MessageDeltaBody,
+        #[serde(default)]
+        usage: Option<DeltaUsage>,
+    },
+    MessageStop,
+    Error {
+        error: ErrorBody,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+struct StartMessage {
+    #[serde(default)]
+    id: String,
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    usage: AnthropicUsage,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StartBlock {
+    ToolUse {
+        id: String,
+        name: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BlockDelta {
+    TextDelta {
+        text: String,
+    },
+    InputJsonDelta {
+        partial_json: String,
+    },
+    #[serde(other)]
+    Other,
+}
+
+#[derive(Deserialize, Default)]
+struct MessageDeltaBody {
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DeltaUsage {
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    input_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(rename = "type", default)]
+    kind: String,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    Tool(u32),
+    Json,
+}
+
+/// Anthropic SSE → `chat.completion.chunk` SSE, event by event.
+pub struct Stream {
+    sse: SseParser,
+    state: StreamState,
+}
+
+struct StreamState {
+    w: ChunkWriter,
+    json_tool: bool,
+    /// Tool and JSON blocks by content block index (text blocks need no state).
+    blocks: Vec<(u64, BlockKind)>,
+    next_tool: u32,
+    prompt_tokens: u64,
+    output_tokens: u64,
+    done: bool,
+}
+
+impl Stream {
+    /// A translator for one stream.
+    pub fn new(ctx: &ResponseCtx) -> Self {
+        Self {
+            sse: SseParser::new(),
+            state: StreamState {
+                w: ChunkWriter::new(
+                    ctx.id.clone(),
+                    ctx.model.clone(),
+                    ctx.created,
+                    ctx.include_usage,
+                ),
+                json_tool: ctx.json_tool,
+                blocks: Vec::new(),
+                next_tool: 0,
+                prompt_tokens: 0,
+                output_tokens: 0,
+                done: false,
+            },
+        }
+    }
+}
+
+impl StreamTranslator for Stream {
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        let Self { sse, state } = self;
+        sse.feed(chunk, &mut |e| state.on_event(e, out));
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        let Self { sse, state } = self;
+        sse.finish(&mut |e| state.on_event(e, out));
+        if !state.done {
+            state.done = true;
+            state.w.error(
+                out,
+                "the anthropic stream ended before message_stop",
+                "api_error",
+            );
+        }
+    }
+}
+
+impl StreamState {
+    fn block(&self, index: u64) -> Option<BlockKind> {
+        self.blocks
+            .iter()
+            .find_map(|(i, k)| (*i == index).then_some(*k))
+    }
+
+    fn on_event(&mut self, e: Event<'_>, out: &mut BytesMut) {
+        if self.done {
+            return;
+        }
+        let Ok(event) = serde_json::from_str::<StreamEvent>(e.data) else {
+            return;
+        };
+        match event {
+            StreamEvent::MessageStart { message } => {
+                if !message.id.is_empty() {
+                    self.w.id = message.id;
+                }
+                if !message.model.is_empty() {
+                    self.w.model = message.model;
+                }
+                self.prompt_tokens = message.usage.prompt();
+                self.output_tokens = message.usage.output_tokens;
+                self.w.role(out);
+            }
+            StreamEvent::ContentBlockStart {
+                index,
+                content_block: StartBlock::ToolUse { id, name },
+            } => {
+                if self.json_tool && name == JSON_TOOL {
+                    self.blocks.push((index, BlockKind::Json));
+                } else if self.blocks.len() < 1024 {
+                    let k = self.next_tool;
+                    self.next_tool += 1;
+                    self.blocks.push((index, BlockKind::Tool(k)));
+                    self.w.tool_start(out, k, &id, &name, "");
+                }
+            }
+            StreamEvent::ContentBlockStart { .. } => {}
+            StreamEvent::ContentBlockDelta { index, delta } => match delta {
+                BlockDelta::TextDelta { text } => self.w.content(out, &text),
+                BlockDelta::InputJsonDelta { partial_json } => match self.block(index) {
+                    Some(BlockKind::Tool(k)) => self.w.tool_arguments(out, k, &partial_json),
+                    Some(BlockKind::Json) => self.w.content(out, &partial_json),
+                    None => {}
+                },
+                BlockDelta::Other => {}
+            },
+            StreamEvent::MessageDelta { delta, usage } => {
+                if let Some(u) = usage {
+                    if let Some(o) = u.output_tokens {
+                        self.output_tokens = o;
+                    }
+                    if let Some(i) = u.input_tokens {
+                        self.prompt_tokens = self.prompt_tokens.max(i);
+                    }
+                }
+                if let Some(stop) = delta.stop_reason {
+                    self.w.finish(out, finish_reason(&stop, self.json_tool));
+                }
+            }
+            StreamEvent::MessageStop => {
+                self.w.finish(out, "stop");
+                self.w
+                    .done(out, Usage::new(self.prompt_tokens, self.output_tokens));
+                self.done = true;
+            }
+            StreamEvent::Error { error } => {
+                self.w.error(out, &error.message, &error.kind);
+                self.done = true;
+            }
+            StreamEvent::Other => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compat::tests::{ctx, run_stream};
+    use proptest::prelude::*;
+
+    const STREAM: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"model\":\"claude-x\",\"content\":[],\"usage\":{\"input_tokens\":7,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\ndata: {\"type\":\"ping\"}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi \"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"get_weather\",\"input\":{}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"city\\\":\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"\\\"Paris\\\"}\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":12}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    #[test]
+    fn stream_with_text_and_tool_use_translates_to_chunks() {
+        let out = run_stream(&mut Stream::new(&ctx(true, false)), &[STREAM.as_bytes()]);
+        crate::compat::tests::golden("anthropic_stream_tool.sse", &out);
+        assert!(out.contains(r#""tool_calls":[{"index":0,"id":"toolu_1","type":"function","function":{"name":"get_weather","arguments":""}}]"#));
+        assert!(out.contains(r#""finish_reason":"tool_calls""#));
+        assert!(
+            out.contains(r#""usage":{"prompt_tokens":7,"completion_tokens":12,"total_tokens":19}"#)
+        );
+        assert!(out.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn request_maps_system_tools_images_and_tool_results() {
+        let req = ChatRequest::parse(
+            br#"{"model":"anthropic/claude-x","max_tokens":100,"stop":"END","top_k":5,
+            "messages":[
+              {"role":"system","content":"be brief"},
+              {"role":"user","content":[{"type":"text","text":"what is here?"},
+                 {"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0K"}},
+                 {"type":"image_url","image_url":{"url":"https://example.com/cat.jpg"}}]},
+              {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"look","arguments":"{\"x\":1}"}}]},
+              {"role":"tool","tool_call_id":"call_1","content":"a cat"}],
+            "tools":[{"type":"function","function":{"name":"look","description":"d","parameters":{"type":"object","properties":{"x":{"type":"integer"}}}}}],
+            "tool_choice":"required","parallel_tool_calls":false}"#,
+        )
+        .expect("parse");
+        let (body, json_tool) = request(req, "claude-x").expect("translate");
+        assert!(!json_tool);
+        crate::compat::tests::golden_json("anthropic_request.json", &body);
+    }
+
+    #[test]
+    fn response_format_json_schema_becomes_a_forced_tool_and_comes_back_as_content() {
+        let req = ChatRequest::parse(
+            br#"{"model":"a/b","messages":[{"role":"user","content":"hi"}],
+            "response_format":{"type":"json_schema","json_schema":{"name":"person","schema":{"type":"object"}}}}"#,
+        )
+        .expect("parse");
+        let (body, json_tool) = request(req, "b").expect("translate");
+        assert!(json_tool);
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["tool_choice"], json!({"type": "tool", "name": JSON_TOOL}));
+        let resp = br#"{"id":"msg_2","model":"b","content":[{"type":"tool_use","id":"t","name":"json_response","input":{"name":"Ada"}}],"stop_reason":"tool_use","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        let out: Value =
+            serde_json::from_slice(&response(resp, &ctx(false, true)).expect("ok")).expect("json");
+        assert_eq!(out["choices"][0]["message"]["content"], r#"{"name":"Ada"}"#);
+        assert_eq!(out["choices"][0]["finish_reason"], "stop");
+    }
+
+    #[test]
+    fn anthropic_errors_take_the_openai_shape() {
+        let out = error(
+            429,
+            br#"{"type":"error","error":{"type":"rate_limit_error","message":"slow down"}}"#,
+        );
+        let v: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["error"]["message"], "slow down");
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+    }
+
+    #[test]
+    fn a_stream_cut_before_message_stop_ends_with_an_error_event() {
+        let cut = &STREAM[..STREAM.find("event: message_delta").expect("has delta")];
+        let out = run_stream(&mut Stream::new(&ctx(false, false)), &[cut.as_bytes()]);
+        assert!(out.contains("ended before message_stop"), "{out}");
+        assert!(!out.contains("[DONE]"));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+
+        #[test]
+        fn any_chunking_gives_the_same_output(cuts in proptest::collection::vec(0usize..STREAM.len(), 0..20)) {
+            let whole = run_stream(&mut Stream::new(&ctx(true, false)), &[STREAM.as_bytes()]);
+            let pieces = crate::compat::tests::cut(STREAM.as_bytes(), cuts);
+            prop_assert_eq!(run_stream(&mut Stream::new(&ctx(true, false)), &pieces), whole);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048),
+                                       cuts in proptest::collection::vec(0usize..2048, 0..10)) {
+            let pieces = crate::compat::tests::cut(&data, cuts);
+            let _ = run_stream(&mut Stream::new(&ctx(true, true)), &pieces);
+        }
+
+        #[test]
+        fn shuffled_real_events_never_panic(order in proptest::collection::vec(0usize..11, 0..30)) {
+            let events: Vec<&str> = STREAM.split_inclusive("\n\n").collect();
+            let text: String = order.iter().map(|&i| events[i % events.len()]).collect();
+            let _ = run_stream(&mut Stream::new(&ctx(true, true)), &[text.as_bytes()]);
+        }
+    }
+}

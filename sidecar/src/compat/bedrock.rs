@@ -1,0 +1,874 @@
+//! OpenAI chat completions and embeddings ⇄ AWS Bedrock Converse / ConverseStream (binary
+//! event stream) and InvokeModel (Titan and Cohere embeddings), signed with SigV4 by the
+//! gateway.
+//!
+//! Credentials are the key file `aws-bedrock.<alias>`, JSON:
+//! `{"accessKeyId": "...", "secretAccessKey": "...", "sessionToken": "...", "region": "..."}`
+//! (`sessionToken` and `region` optional). The region comes from the model string
+//! (`aws-bedrock/{region}/{modelId}`) or else from the key file.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use bytes::BytesMut;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::anthropic::JSON_TOOL;
+use super::eventstream::Decoder;
+use super::openai::{
+    self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, Message, Part,
+    ResponseFormat, Tool, ToolCallOut, Usage, bad,
+};
+use super::{ResponseCtx, StreamTranslator};
+use crate::error::GatewayError;
+
+const PROVIDER: &str = "aws-bedrock";
+
+/// AWS credentials from a key file; never printed.
+pub struct AwsCredentials {
+    access_key_id: String,
+    secret_access_key: SecretString,
+    session_token: Option<SecretString>,
+    /// Default region for models named without one.
+    pub region: Option<String>,
+}
+
+impl fmt::Debug for AwsCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AwsCredentials([redacted])")
+    }
+}
+
+impl AwsCredentials {
+    /// Parses the JSON key file; the error never quotes the file.
+    pub fn parse(text: &str) -> Result<Self, &'static str> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct File {
+            access_key_id: String,
+            secret_access_key: String,
+            #[serde(default)]
+            session_token: Option<String>,
+            #[serde(default)]
+            region: Option<String>,
+        }
+        let f: File = serde_json::from_str(text).map_err(|_| {
+            "the aws-bedrock key file must be JSON {\"accessKeyId\", \"secretAccessKey\", \"sessionToken\"?, \"region\"?}"
+        })?;
+        Ok(Self {
+            access_key_id: f.access_key_id,
+            secret_access_key: SecretString::from(f.secret_access_key),
+            session_token: f.session_token.map(SecretString::from),
+            region: f.region,
+        })
+    }
+
+    /// Signs `req` (whose body is `body`) for Bedrock in `region`.
+    pub fn sign<B>(
+        &self,
+        req: &mut http::Request<B>,
+        body: &[u8],
+        region: &str,
+        time: SystemTime,
+    ) -> Result<(), GatewayError> {
+        let identity: Identity = Credentials::new(
+            self.access_key_id.clone(),
+            self.secret_access_key.expose_secret().to_owned(),
+            self.session_token
+                .as_ref()
+                .map(|t| t.expose_secret().to_owned()),
+            None,
+            "sidegate-keys",
+        )
+        .into();
+        let params = v4::SigningParams::builder()
+            .identity(&identity)
+            .region(region)
+            .name("bedrock")
+            .time(time)
+            .settings(SigningSettings::default())
+            .build()
+            .map_err(|_| bad("could not build the SigV4 signing parameters"))?
+            .into();
+        let uri = req.uri().to_string();
+        let headers: Vec<(&str, &str)> = req
+            .headers()
+            .iter()
+            .filter_map(|(n, v)| v.to_str().ok().map(|v| (n.as_str(), v)))
+            .collect();
+        let signable = SignableRequest::new(
+            req.method().as_str(),
+            &uri,
+            headers.into_iter(),
+            SignableBody::Bytes(body),
+        )
+        .map_err(|_| bad("the Bedrock request cannot be signed"))?;
+        let (instructions, _) = sign(signable, &params)
+            .map_err(|_| bad("the Bedrock request cannot be signed"))?
+            .into_parts();
+        instructions.apply_to_request_http1x(req);
+        for v in req.headers_mut().values_mut() {
+            // authorization and x-amz-security-token hold secrets or derive from them.
+            v.set_sensitive(true);
+        }
+        Ok(())
+    }
+}
+
+/// A region name as AWS writes them (`us-east-1`, `us-gov-west-1`, `eu-central-2`).
+pub fn is_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts[0].bytes().all(|b| b.is_ascii_lowercase())
+        && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// `{region}/{modelId}` or `{modelId}`.
+pub fn split_region(model: &str) -> (Option<&str>, &str) {
+    match model.split_once('/') {
+        Some((r, m)) if is_region(r) => (Some(r), m),
+        _ => (None, model),
+    }
+}
+
+/// The model id as one URL path segment (ARNs hold `/` and `:`).
+pub fn encode_model_id(id: &str) -> String {
+    let mut s = String::with_capacity(id.len() + 8);
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            s.push(char::from(b));
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
+/// The Converse request for `req`, and whether the JSON tool is used.
+pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
+    req.refuse_unsupported(PROVIDER, &[])?;
+    if req.parallel_tool_calls == Some(false) {
+        return Err(openai::unsupported("parallel_tool_calls", PROVIDER));
+    }
+    let mut body = req.rest.clone();
+    let mut system: Vec<Value> = Vec::new();
+    let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        match m {
+            Message::System { content } | Message::Developer { content } => {
+                system.push(json!({"text": content.text()}));
+            }
+            Message::User { content } => push(&mut messages, "user", user_blocks(content, i)?),
+            Message::Assistant {
+                content,
+                tool_calls,
+                function_call,
+                audio,
+                ..
+            } => {
+                if function_call.is_some() || audio.is_some() {
+                    return Err(bad(format!(
+                        "messages[{i}]: function_call and audio cannot be expressed for provider aws-bedrock"
+                    )));
+                }
+                let mut blocks = Vec::new();
+                if let Some(c) = content {
+                    let t = c.text();
+                    if !t.is_empty() {
+                        blocks.push(json!({"text": t}));
+                    }
+                }
+                for (j, call) in tool_calls.iter().flatten().enumerate() {
+                    let input = call
+                        .function
+                        .arguments_json(&format!("messages[{i}].tool_calls[{j}]"))?;
+                    blocks.push(json!({"toolUse": {"toolUseId": call.id,
+                        "name": call.function.name, "input": input}}));
+                }
+                if !blocks.is_empty() {
+                    push(&mut messages, "assistant", blocks);
+                }
+            }
+            Message::Tool {
+                content,
+                tool_call_id,
+            } => push(
+                &mut messages,
+                "user",
+                vec![json!({"toolResult": {"toolUseId": tool_call_id,
+                    "content": [{"text": content.text()}]}})],
+            ),
+            Message::Function { .. } => {
+                return Err(bad(format!(
+                    "messages[{i}]: role function is deprecated; send role tool"
+                )));
+            }
+        }
+    }
+    let messages: Vec<Value> = messages
+        .into_iter()
+        .map(|(role, content)| json!({"role": role, "content": content}))
+        .collect();
+    body.insert("messages".into(), Value::Array(messages));
+    if !system.is_empty() {
+        body.insert("system".into(), Value::Array(system));
+    }
+    let mut inference = Map::new();
+    if let Some(n) = req.max_output_tokens() {
+        inference.insert("maxTokens".into(), Value::from(n));
+    }
+    if let Some(t) = req.temperature {
+        inference.insert("temperature".into(), Value::from(t));
+    }
+    if let Some(p) = req.top_p {
+        inference.insert("topP".into(), Value::from(p));
+    }
+    if let Some(stop) = req.stop.take() {
+        inference.insert("stopSequences".into(), Value::from(stop.into_vec()));
+    }
+    if !inference.is_empty() {
+        super::merge_object(&mut body, "inferenceConfig", inference);
+    }
+    let mut tools: Vec<Value> = req
+        .tools
+        .iter()
+        .flatten()
+        .map(|Tool::Function { function: f }| {
+            let mut spec = Map::new();
+            spec.insert("name".into(), Value::String(f.name.clone()));
+            if let Some(d) = &f.description {
+                spec.insert("description".into(), Value::String(d.clone()));
+            }
+            spec.insert(
+                "inputSchema".into(),
+                json!({"json": f.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))}),
+            );
+            json!({"toolSpec": spec})
+        })
+        .collect();
+    let mut tool_choice = match req.tool_choice.as_ref().map(|c| c.choice()).transpose()? {
+        None | Some(Choice::Auto) => None,
+        Some(Choice::None) if tools.is_empty() => None,
+        Some(Choice::None) => {
+            return Err(bad(
+                "tool_choice none cannot be expressed for provider aws-bedrock; leave the tools out instead",
+            ));
+        }
+        Some(Choice::Required) => Some(json!({"any": {}})),
+        Some(Choice::Function(name)) => Some(json!({"tool": {"name": name}})),
+    };
+    let json_tool = match &req.response_format {
+        None | Some(ResponseFormat::Text) => false,
+        Some(format) => {
+            if !tools.is_empty() || tool_choice.is_some() {
+                return Err(bad(
+                    "response_format json together with tools cannot be expressed for provider aws-bedrock",
+                ));
+            }
+            let schema = match format {
+                ResponseFormat::JsonSchema { json_schema } => json_schema
+                    .schema
+                    .clone()
+                    .unwrap_or_else(|| json!({"type": "object"})),
+                _ => json!({"type": "object"}),
+            };
+            tools.push(json!({"toolSpec": {"name": JSON_TOOL,
+                "description": "Respond with the answer as JSON.", "inputSchema": {"json": schema}}}));
+            tool_choice = Some(json!({"tool": {"name": JSON_TOOL}}));
+            true
+        }
+    };
+    if !tools.is_empty() {
+        let mut config = Map::new();
+        config.insert("tools".into(), Value::Array(tools));
+        if let Some(tc) = tool_choice {
+            config.insert("toolChoice".into(), tc);
+        }
+        body.insert("toolConfig".into(), Value::Object(config));
+    }
+    Ok((openai::to_vec(&body), json_tool))
+}
+
+fn push(messages: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, blocks: Vec<Value>) {
+    match messages.last_mut() {
+        Some((last, content)) if *last == role => content.extend(blocks),
+        _ => messages.push((role, blocks)),
+    }
+}
+
+fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
+    let parts = match content {
+        Content::Text(t) => return Ok(vec![json!({"text": t})]),
+        Content::Parts(parts) => parts,
+    };
+    let mut blocks = Vec::with_capacity(parts.len());
+    for (j, p) in parts.iter().enumerate() {
+        match p {
+            Part::Text { text } | Part::Refusal { refusal: text } => {
+                if !text.is_empty() {
+                    blocks.push(json!({"text": text}));
+                }
+            }
+            Part::ImageUrl { image_url } => {
+                let Some((mime, data)) = openai::parse_data_url(&image_url.url) else {
+                    return Err(bad(format!(
+                        "messages[{i}].content[{j}].image_url: provider aws-bedrock takes images as base64 data URLs only"
+                    )));
+                };
+                let format = mime.strip_prefix("image/").unwrap_or(mime);
+                let format = if format == "jpg" { "jpeg" } else { format };
+                blocks.push(json!({"image": {"format": format, "source": {"bytes": data}}}));
+            }
+            Part::File { file } => {
+                let Some((mime, data)) = file.file_data.as_deref().and_then(openai::parse_data_url)
+                else {
+                    return Err(bad(format!(
+                        "messages[{i}].content[{j}].file: only file_data as a base64 data URL can be expressed for provider aws-bedrock"
+                    )));
+                };
+                let format = mime.rsplit('/').next().unwrap_or("pdf");
+                let name: String = file
+                    .filename
+                    .as_deref()
+                    .unwrap_or("document")
+                    .chars()
+                    .filter(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, ' ' | '-' | '(' | ')' | '[' | ']')
+                    })
+                    .take(64)
+                    .collect();
+                let name = if name.trim().is_empty() {
+                    "document".to_owned()
+                } else {
+                    name
+                };
+                blocks.push(json!({"document": {"format": format, "name": name, "source": {"bytes": data}}}));
+            }
+            Part::InputAudio { .. } => {
+                return Err(openai::unsupported(
+                    &format!("messages[{i}].content[{j}] (input_audio)"),
+                    PROVIDER,
+                ));
+            }
+        }
+    }
+    Ok(blocks)
+}
+
+/// OpenAI `finish_reason` for a Bedrock `stopReason`.
+fn finish_reason(stop: &str, json_tool: bool) -> &'static str {
+    match stop {
+        "max_tokens" | "model_context_window_exceeded" => "length",
+        "tool_use" if json_tool => "stop",
+        "tool_use" => "tool_calls",
+        "guardrail_intervened" | "content_filtered" => "content_filter",
+        _ => "stop",
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ConverseResponse {
+    output: ConverseOutput,
+    #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: BedrockUsage,
+}
+
+#[derive(Deserialize)]
+struct ConverseOutput {
+    message: OutputMessage,
+}
+
+#[derive(Deserialize)]
+struct OutputMessage {
+    #[serde(default)]
+    content: Vec<OutputBlock>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OutputBlock {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    tool_use: Option<ToolUse>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ToolUse {
+    tool_use_id: String,
+    name: String,
+    #[serde(default)]
+    input: Value,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+struct BedrockUsage {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+}
+
+/// A complete Converse response as a `chat.completion`.
+pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+    let r: ConverseResponse =
+        serde_json::from_slice(body).map_err(|e| format!("unexpected Bedrock response: {e}"))?;
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    for block in r.output.message.content {
+        if let Some(t) = block.text {
+            text.push_str(&t);
+        }
+        if let Some(u) = block.tool_use {
+            if ctx.json_tool && u.name == JSON_TOOL {
+                text.push_str(&u.input.to_string());
+            } else {
+                tool_calls.push(ToolCallOut::function(u.tool_use_id, u.name, &u.input));
+            }
+        }
+    }
+    let c = Completion {
+        id: ctx.id.clone(),
+        model: ctx.model.clone(),
+        text: (!text.is_empty() || tool_calls.is_empty()).then_some(text),
+        refusal: None,
+        tool_calls,
+        finish_reason: finish_reason(
+            r.stop_reason.as_deref().unwrap_or("end_turn"),
+            ctx.json_tool,
+        ),
+        usage: Usage::new(r.usage.input_tokens, r.usage.output_tokens),
+    };
+    Ok(c.to_json(ctx.created))
+}
+
+/// A Bedrock error (`{"message"}` plus `x-amzn-errortype`) in the OpenAI error shape.
+pub fn error(status: u16, error_type: Option<&str>, body: &[u8]) -> Vec<u8> {
+    let message = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+        v.get("message")
+            .or_else(|| v.get("Message"))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    });
+    match message {
+        Some(m) => {
+            let kind = error_type
+                .map(|t| t.split(':').next().unwrap_or(t))
+                .filter(|t| !t.is_empty());
+            openai::error_json(&m, openai::error_type_for(status), kind)
+        }
+        None => super::opaque_error(status, body),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BlockKind {
+    Tool(u32),
+    Json,
+}
+
+/// ConverseStream event stream → `chat.completion.chunk` SSE, message by message.
+pub struct Stream {
+    decoder: Decoder,
+    w: ChunkWriter,
+    json_tool: bool,
+    blocks: Vec<(u64, BlockKind)>,
+    next_tool: u32,
+    usage: Usage,
+    done: bool,
+}
+
+impl Stream {
+    /// A translator for one stream.
+    pub fn new(ctx: &ResponseCtx) -> Self {
+        Self {
+            decoder: Decoder::new(),
+            w: ChunkWriter::new(
+                ctx.id.clone(),
+                ctx.model.clone(),
+                ctx.created,
+                ctx.include_usage,
+            ),
+            json_tool: ctx.json_tool,
+            blocks: Vec::new(),
+            next_tool: 0,
+            usage: Usage::default(),
+            done: false,
+        }
+    }
+
+    fn block(&self, index: u64) -> Option<BlockKind> {
+        self.blocks
+            .iter()
+            .find_map(|(i, k)| (*i == index).then_some(*k))
+    }
+
+    fn on_message(&mut self, m: &super::eventstream::Message, out: &mut BytesMut) {
+        let Ok(payload) = serde_json::from_slice::<Value>(&m.payload) else {
+            return;
+        };
+        match m.header_str(":message-type") {
+            Some("event") => {}
+            Some("exception") | Some("error") => {
+                let kind = m
+                    .header_str(":exception-type")
+                    .or_else(|| m.header_str(":error-code"))
+                    .unwrap_or("api_error");
+                let message = payload
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .or_else(|| m.header_str(":error-message"))
+                    .unwrap_or("Bedrock stream error");
+                self.w.error(out, message, kind);
+                self.done = true;
+                return;
+            }
+            _ => return,
+        }
+        let index = payload
+            .get("contentBlockIndex")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        match m.header_str(":event-type") {
+            Some("messageStart") => self.w.role(out),
+            Some("contentBlockStart") => {
+                let Some(tu) = payload.pointer("/start/toolUse") else {
+                    return;
+                };
+                let name = tu.get("name").and_then(Value::as_str).unwrap_or_default();
+                let id = tu
+                    .get("toolUseId")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
+                if self.json_tool && name == JSON_TOOL {
+                    self.blocks.push((index, BlockKind::Json));
+                } else if self.blocks.len() < 1024 {
+                    let k = self.next_tool;
+                    self.next_tool += 1;
+                    self.blocks.push((index, BlockKind::Tool(k)));
+                    self.w.tool_start(out, k, id, name, "");
+                }
+            }
+            Some("contentBlockDelta") => {
+                let Some(delta) = payload.get("delta") else {
+                    return;
+                };
+                if let Some(t) = delta.get("text").and_then(Value::as_str) {
+                    self.w.content(out, t);
+                } else if let Some(input) = delta.pointer("/toolUse/input").and_then(Value::as_str)
+                {
+                    match self.block(index) {
+                        Some(BlockKind::Tool(k)) => self.w.tool_arguments(out, k, input),
+                        Some(BlockKind::Json) => self.w.content(out, input),
+                        None => {}
+                    }
+                }
+            }
+            Some("messageStop") => {
+                let stop = payload
+                    .get("stopReason")
+                    .and_then(Value::as_str)
+                    .unwrap_or("end_turn");
+                self.w.finish(out, finish_reason(stop, self.json_tool));
+            }
+            Some("metadata") => {
+                if let Some(u) = payload.get("usage") {
+                    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+                    self.usage = Usage::new(n("inputTokens"), n("outputTokens"));
+                }
+                if self.w.is_finished() {
+                    self.w.done(out, self.usage);
+                    self.done = true;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl StreamTranslator for Stream {
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        if self.done {
+            return;
+        }
+        self.decoder.push(chunk);
+        while let Some(next) = self.decoder.next_message() {
+            match next {
+                Ok(m) => self.on_message(&m, out),
+                Err(e) => {
+                    self.w.error(out, &e.to_string(), "api_error");
+                    self.done = true;
+                }
+            }
+            if self.done {
+                return;
+            }
+        }
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.w.is_finished() {
+            self.w.done(out, self.usage);
+        } else {
+            self.w.error(
+                out,
+                "the Bedrock stream ended before messageStop",
+                "api_error",
+            );
+        }
+    }
+}
+
+/// Which InvokeModel body an embedding model takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbedModel {
+    Titan,
+    Cohere,
+}
+
+/// The embedding family of a model id.
+pub fn embed_model(id: &str) -> Result<EmbedModel, GatewayError> {
+    let base = id.rsplit('/').next().unwrap_or(id);
+    let base = base.split_once('.').map_or(
+        base,
+        |(prefix, rest)| {
+            if prefix.len() == 2 { rest } else { base }
+        },
+    );
+    if base.starts_with("amazon.titan-embed") {
+        Ok(EmbedModel::Titan)
+    } else if base.starts_with("cohere.embed") {
+        Ok(EmbedModel::Cohere)
+    } else {
+        Err(bad(format!(
+            "aws-bedrock embeddings are available for amazon.titan-embed-* and cohere.embed-* models, not {:?}",
+            openai::truncate(id)
+        )))
+    }
+}
+
+/// The InvokeModel body for an embeddings request.
+pub fn embed_request(req: &EmbeddingsRequest, family: EmbedModel) -> Result<Vec<u8>, GatewayError> {
+    let texts = req.texts(PROVIDER)?;
+    let mut body = req.rest.clone();
+    match family {
+        EmbedModel::Titan => {
+            let [text] = texts.as_slice() else {
+                return Err(bad(
+                    "amazon.titan-embed models take one input per request; send input as a single string",
+                ));
+            };
+            body.insert("inputText".into(), Value::from(*text));
+            if let Some(d) = req.dimensions {
+                body.insert("dimensions".into(), Value::from(d));
+            }
+        }
+        EmbedModel::Cohere => {
+            if req.dimensions.is_some() {
+                return Err(openai::unsupported("dimensions", PROVIDER));
+            }
+            body.insert("texts".into(), Value::from(texts));
+            body.entry("input_type")
+                .or_insert_with(|| Value::from("search_document"));
+        }
+    }
+    Ok(openai::to_vec(&body))
+}
+
+/// The InvokeModel embeddings response as an OpenAI embedding list.
+pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("unexpected Bedrock response: {e}"))?;
+    if let Some(e) = v.get("embedding") {
+        let vector = openai::floats(e).ok_or("Titan embedding is not a number array")?;
+        let tokens = v
+            .get("inputTextTokenCount")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        return Ok(openai::embeddings_json(
+            &ctx.model,
+            &[vector],
+            ctx.base64,
+            tokens,
+        ));
+    }
+    let list = v
+        .get("embeddings")
+        .and_then(|e| e.get("float").or(Some(e)))
+        .and_then(Value::as_array)
+        .ok_or("Bedrock embeddings response without embeddings")?;
+    let vectors = list
+        .iter()
+        .map(openai::floats)
+        .collect::<Option<Vec<_>>>()
+        .ok_or("Cohere embedding is not a number array")?;
+    Ok(openai::embeddings_json(&ctx.model, &vectors, ctx.base64, 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compat::eventstream::encode;
+    use crate::compat::tests::{ctx, cut, golden, golden_json, run_stream_bytes};
+    use proptest::prelude::*;
+
+    fn event(kind: &str, payload: &str) -> Vec<u8> {
+        encode(
+            &[
+                (":event-type", kind),
+                (":content-type", "application/json"),
+                (":message-type", "event"),
+            ],
+            payload.as_bytes(),
+        )
+    }
+
+    fn stream_bytes() -> Vec<u8> {
+        [
+            event("messageStart", r#"{"role":"assistant"}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"text":"Let me check."}}"#),
+            event("contentBlockStop", r#"{"contentBlockIndex":0}"#),
+            event("contentBlockStart", r#"{"contentBlockIndex":1,"start":{"toolUse":{"toolUseId":"tooluse_1","name":"get_weather"}}}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"{\"city\":"}}}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"\"Oslo\"}"}}}"#),
+            event("contentBlockStop", r#"{"contentBlockIndex":1}"#),
+            event("messageStop", r#"{"stopReason":"tool_use"}"#),
+            event("metadata", r#"{"usage":{"inputTokens":11,"outputTokens":9,"totalTokens":20},"metrics":{"latencyMs":100}}"#),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn event_stream_translates_to_chunks() {
+        let out = run_stream_bytes(&mut Stream::new(&ctx(true, false)), &[&stream_bytes()]);
+        golden("bedrock_stream_tool.sse", &out);
+        assert!(out.contains(r#""function":{"name":"get_weather","arguments":""}"#));
+        assert!(out.contains(r#""arguments":"\"Oslo\"}""#));
+        assert!(out.contains(r#""finish_reason":"tool_calls""#));
+        assert!(out.contains(r#""prompt_tokens":11,"completion_tokens":9"#));
+        assert!(out.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn an_exception_message_becomes_an_error_event() {
+        let bytes = [
+            event("messageStart", r#"{"role":"assistant"}"#),
+            encode(
+                &[
+                    (":message-type", "exception"),
+                    (":exception-type", "throttlingException"),
+                ],
+                br#"{"message":"Too many requests"}"#,
+            ),
+        ]
+        .concat();
+        let out = run_stream_bytes(&mut Stream::new(&ctx(false, false)), &[&bytes]);
+        assert!(
+            out.contains(r#""message":"Too many requests","type":"throttlingException""#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn request_maps_system_inference_config_and_tools() {
+        let req = ChatRequest::parse(
+            br#"{"model":"aws-bedrock/us-east-1/anthropic.claude-3-haiku-20240307-v1:0","max_tokens":64,"temperature":0.1,"stop":["X"],
+            "additionalModelRequestFields":{"top_k":5},
+            "messages":[{"role":"system","content":"sys"},{"role":"user","content":"weather in Oslo?"},
+              {"role":"assistant","content":"checking","tool_calls":[{"id":"t1","type":"function","function":{"name":"get_weather","arguments":"{}"}}]},
+              {"role":"tool","tool_call_id":"t1","content":"cold"}],
+            "tools":[{"type":"function","function":{"name":"get_weather","description":"w","parameters":{"type":"object"}}}],
+            "tool_choice":"required"}"#,
+        )
+        .expect("parse");
+        let (body, json_tool) = request(req).expect("translate");
+        assert!(!json_tool);
+        golden_json("bedrock_request.json", &body);
+    }
+
+    #[test]
+    fn signing_adds_a_sigv4_authorization_and_session_token() {
+        let creds = AwsCredentials::parse(
+            r#"{"accessKeyId":"AKIDEXAMPLE","secretAccessKey":"wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY","sessionToken":"tok"}"#,
+        )
+        .expect("creds");
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri("https://bedrock-runtime.us-east-1.amazonaws.com/model/a%3A0/converse")
+            .header("host", "bedrock-runtime.us-east-1.amazonaws.com")
+            .header("content-type", "application/json")
+            .body(())
+            .expect("request");
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        creds.sign(&mut req, b"{}", "us-east-1", t).expect("signed");
+        let auth = req.headers()["authorization"].to_str().expect("ascii");
+        assert!(auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20231114/us-east-1/bedrock/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-security-token, Signature="), "{auth}");
+        assert_eq!(req.headers()["x-amz-date"], "20231114T221320Z");
+        assert!(req.headers()["authorization"].is_sensitive());
+        assert!(!format!("{creds:?}").contains("EXAMPLEKEY"));
+    }
+
+    #[test]
+    fn regions_and_model_ids_split_and_encode() {
+        assert_eq!(
+            split_region("us-west-2/anthropic.claude-v2:1"),
+            (Some("us-west-2"), "anthropic.claude-v2:1")
+        );
+        assert_eq!(
+            split_region("anthropic.claude-v2:1"),
+            (None, "anthropic.claude-v2:1")
+        );
+        assert!(is_region("us-gov-west-1"));
+        assert!(!is_region("arn:aws:bedrock"));
+        assert_eq!(encode_model_id("a.b-c:0"), "a.b-c%3A0");
+        assert_eq!(
+            embed_model("us.cohere.embed-v4:0").ok(),
+            Some(EmbedModel::Cohere)
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+
+        #[test]
+        fn any_chunking_gives_the_same_output(cuts in proptest::collection::vec(0usize..1500, 0..20)) {
+            let bytes = stream_bytes();
+            let whole = run_stream_bytes(&mut Stream::new(&ctx(true, false)), &[&bytes]);
+            let pieces = cut(&bytes, cuts);
+            prop_assert_eq!(run_stream_bytes(&mut Stream::new(&ctx(true, false)), &pieces), whole);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048),
+                                       cuts in proptest::collection::vec(0usize..2048, 0..10)) {
+            let _ = run_stream_bytes(&mut Stream::new(&ctx(true, true)), &cut(&data, cuts));
+        }
+
+        #[test]
+        fn valid_frames_with_arbitrary_payloads_never_panic(
+            frames in proptest::collection::vec((0usize..7, proptest::collection::vec(any::<u8>(), 0..80)), 0..12)) {
+            const KINDS: [&str; 7] = ["messageStart", "contentBlockStart", "contentBlockDelta", "contentBlockStop", "messageStop", "metadata", "other"];
+            let bytes: Vec<u8> = frames.iter().flat_map(|(k, p)| encode(&[(":event-type", KINDS[*k]), (":message-type", "event")], p)).collect();
+            let _ = run_stream_bytes(&mut Stream::new(&ctx(true, true)), &[&bytes]);
+        }
+    }
+}

@@ -1,0 +1,738 @@
+//! OpenAI chat completions and embeddings ⇄ Google Gemini `generateContent` /
+//! `streamGenerateContent?alt=sse` / `batchEmbedContents` (AI Studio) and `:predict` (Vertex
+//! embeddings). Both Google providers share the chat format; only URLs and auth differ.
+
+use bytes::BytesMut;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::openai::{
+    self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, Message, Part,
+    ResponseFormat, Tool, ToolCallOut, Usage, bad,
+};
+use super::sse::{Event, SseParser};
+use super::{ResponseCtx, StreamTranslator};
+use crate::error::GatewayError;
+
+/// The `generateContent` request for `req`.
+pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayError> {
+    req.refuse_unsupported(provider, &["presence_penalty", "frequency_penalty", "seed"])?;
+    if req.parallel_tool_calls == Some(false) {
+        return Err(openai::unsupported("parallel_tool_calls", provider));
+    }
+    let mut body = req.rest.clone();
+    let mut system: Vec<String> = Vec::new();
+    let mut contents: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    // Gemini answers tool results by function name; OpenAI by call id.
+    let mut call_names: Vec<(String, String)> = Vec::new();
+    for (i, m) in req.messages.iter().enumerate() {
+        match m {
+            Message::System { content } | Message::Developer { content } => {
+                system.push(content.text());
+            }
+            Message::User { content } => push(&mut contents, "user", user_parts(content, i)?),
+            Message::Assistant {
+                content,
+                tool_calls,
+                function_call,
+                audio,
+                ..
+            } => {
+                if function_call.is_some() || audio.is_some() {
+                    return Err(bad(format!(
+                        "messages[{i}]: function_call and audio cannot be expressed for provider {provider}"
+                    )));
+                }
+                let mut parts = Vec::new();
+                if let Some(c) = content {
+                    let t = c.text();
+                    if !t.is_empty() {
+                        parts.push(json!({"text": t}));
+                    }
+                }
+                for (j, call) in tool_calls.iter().flatten().enumerate() {
+                    let args = call
+                        .function
+                        .arguments_json(&format!("messages[{i}].tool_calls[{j}]"))?;
+                    call_names.push((call.id.clone(), call.function.name.clone()));
+                    parts.push(json!({"functionCall": {"name": call.function.name, "args": args}}));
+                }
+                if !parts.is_empty() {
+                    push(&mut contents, "model", parts);
+                }
+            }
+            Message::Tool {
+                content,
+                tool_call_id,
+            } => {
+                let Some((_, name)) = call_names.iter().rev().find(|(id, _)| id == tool_call_id)
+                else {
+                    return Err(bad(format!(
+                        "messages[{i}].tool_call_id {:?} names no earlier assistant tool call",
+                        openai::truncate(tool_call_id)
+                    )));
+                };
+                let text = content.text();
+                let response = match serde_json::from_str::<Value>(&text) {
+                    Ok(Value::Object(o)) => Value::Object(o),
+                    _ => json!({"content": text}),
+                };
+                push(
+                    &mut contents,
+                    "user",
+                    vec![json!({"functionResponse": {"name": name, "response": response}})],
+                );
+            }
+            Message::Function { .. } => {
+                return Err(bad(format!(
+                    "messages[{i}]: role function is deprecated; send role tool"
+                )));
+            }
+        }
+    }
+    let contents: Vec<Value> = contents
+        .into_iter()
+        .map(|(role, parts)| json!({"role": role, "parts": parts}))
+        .collect();
+    body.insert("contents".into(), Value::Array(contents));
+    if !system.is_empty() {
+        body.insert(
+            "systemInstruction".into(),
+            json!({"parts": [{"text": system.join("\n\n")}]}),
+        );
+    }
+    let mut generation = Map::new();
+    if let Some(t) = req.temperature {
+        generation.insert("temperature".into(), Value::from(t));
+    }
+    if let Some(p) = req.top_p {
+        generation.insert("topP".into(), Value::from(p));
+    }
+    if let Some(n) = req.max_output_tokens() {
+        generation.insert("maxOutputTokens".into(), Value::from(n));
+    }
+    if let Some(stop) = req.stop.take() {
+        generation.insert("stopSequences".into(), Value::from(stop.into_vec()));
+    }
+    if let Some(p) = req.presence_penalty {
+        generation.insert("presencePenalty".into(), Value::from(p));
+    }
+    if let Some(p) = req.frequency_penalty {
+        generation.insert("frequencyPenalty".into(), Value::from(p));
+    }
+    if let Some(s) = req.seed {
+        generation.insert("seed".into(), Value::from(s));
+    }
+    match &req.response_format {
+        None | Some(ResponseFormat::Text) => {}
+        Some(ResponseFormat::JsonObject) => {
+            generation.insert("responseMimeType".into(), "application/json".into());
+        }
+        Some(ResponseFormat::JsonSchema { json_schema }) => {
+            generation.insert("responseMimeType".into(), "application/json".into());
+            if let Some(schema) = &json_schema.schema {
+                generation.insert("responseJsonSchema".into(), schema.clone());
+            }
+        }
+    }
+    if !generation.is_empty() {
+        super::merge_object(&mut body, "generationConfig", generation);
+    }
+    let declarations: Vec<Value> = req
+        .tools
+        .iter()
+        .flatten()
+        .map(|Tool::Function { function: f }| {
+            let mut d = Map::new();
+            d.insert("name".into(), Value::String(f.name.clone()));
+            if let Some(desc) = &f.description {
+                d.insert("description".into(), Value::String(desc.clone()));
+            }
+            if let Some(p) = &f.parameters {
+                d.insert("parametersJsonSchema".into(), p.clone());
+            }
+            Value::Object(d)
+        })
+        .collect();
+    if !declarations.is_empty() {
+        body.insert(
+            "tools".into(),
+            json!([{"functionDeclarations": declarations}]),
+        );
+    }
+    if let Some(choice) = req.tool_choice.as_ref().map(|c| c.choice()).transpose()? {
+        let config = match choice {
+            Choice::Auto => json!({"mode": "AUTO"}),
+            Choice::None => json!({"mode": "NONE"}),
+            Choice::Required => json!({"mode": "ANY"}),
+            Choice::Function(name) => json!({"mode": "ANY", "allowedFunctionNames": [name]}),
+        };
+        body.insert(
+            "toolConfig".into(),
+            json!({"functionCallingConfig": config}),
+        );
+    }
+    Ok(openai::to_vec(&body))
+}
+
+fn push(contents: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, parts: Vec<Value>) {
+    match contents.last_mut() {
+        Some((last, p)) if *last == role => p.extend(parts),
+        _ => contents.push((role, parts)),
+    }
+}
+
+fn user_parts(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
+    let parts = match content {
+        Content::Text(t) => return Ok(vec![json!({"text": t})]),
+        Content::Parts(parts) => parts,
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for (j, p) in parts.iter().enumerate() {
+        match p {
+            Part::Text { text } | Part::Refusal { refusal: text } => {
+                out.push(json!({"text": text}));
+            }
+            Part::ImageUrl { image_url } => match openai::parse_data_url(&image_url.url) {
+                Some((mime, data)) => {
+                    out.push(json!({"inlineData": {"mimeType": mime, "data": data}}));
+                }
+                None => out.push(json!({"fileData": {
+                    "mimeType": mime_from_extension(&image_url.url), "fileUri": image_url.url}})),
+            },
+            Part::File { file } => {
+                let Some((mime, data)) = file.file_data.as_deref().and_then(openai::parse_data_url)
+                else {
+                    return Err(bad(format!(
+                        "messages[{i}].content[{j}].file: only file_data as a base64 data URL can be expressed for Google providers"
+                    )));
+                };
+                out.push(json!({"inlineData": {"mimeType": mime, "data": data}}));
+            }
+            Part::InputAudio { input_audio } => {
+                let data = input_audio.get("data").and_then(Value::as_str);
+                let format = input_audio.get("format").and_then(Value::as_str);
+                let (Some(data), Some(format)) = (data, format) else {
+                    return Err(bad(format!(
+                        "messages[{i}].content[{j}].input_audio needs data and format"
+                    )));
+                };
+                out.push(
+                    json!({"inlineData": {"mimeType": format!("audio/{format}"), "data": data}}),
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn mime_from_extension(url: &str) -> &'static str {
+    let path = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(url)
+        .to_ascii_lowercase();
+    match path.rsplit('.').next() {
+        Some("png") => "image/png",
+        Some("gif") => "image/gif",
+        Some("webp") => "image/webp",
+        Some("pdf") => "application/pdf",
+        _ => "image/jpeg",
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct GenerateResponse {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    #[serde(default)]
+    prompt_feedback: Option<PromptFeedback>,
+    #[serde(default)]
+    usage_metadata: Option<UsageMetadata>,
+    #[serde(default)]
+    model_version: Option<String>,
+    #[serde(default)]
+    error: Option<GoogleError>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate {
+    #[serde(default)]
+    content: Option<CandidateContent>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CandidateContent {
+    #[serde(default)]
+    parts: Vec<GeminiPart>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiPart {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    thought: Option<bool>,
+    #[serde(default)]
+    function_call: Option<FunctionCall>,
+}
+
+#[derive(Deserialize)]
+struct FunctionCall {
+    name: String,
+    #[serde(default)]
+    args: Option<Value>,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    #[serde(default)]
+    block_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "camelCase")]
+struct UsageMetadata {
+    #[serde(default)]
+    prompt_token_count: u64,
+    #[serde(default)]
+    candidates_token_count: u64,
+    #[serde(default)]
+    thoughts_token_count: u64,
+}
+
+impl UsageMetadata {
+    fn usage(&self) -> Usage {
+        Usage::new(
+            self.prompt_token_count,
+            self.candidates_token_count
+                .saturating_add(self.thoughts_token_count),
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct GoogleError {
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+/// OpenAI `finish_reason` for a Gemini `finishReason`.
+fn finish_reason(reason: &str) -> &'static str {
+    match reason {
+        "MAX_TOKENS" => "length",
+        "SAFETY" | "RECITATION" | "BLOCKLIST" | "PROHIBITED_CONTENT" | "SPII" | "IMAGE_SAFETY" => {
+            "content_filter"
+        }
+        _ => "stop",
+    }
+}
+
+fn blocked_prompt(reason: &str) -> String {
+    format!("the prompt was blocked by Google's safety filters (blockReason {reason})")
+}
+
+fn blocked_response(reason: &str) -> String {
+    format!("the response was blocked by Google's safety filters (finishReason {reason})")
+}
+
+fn call_id(ctx_id: &str, call: &FunctionCall, n: usize) -> String {
+    match &call.id {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => {
+            let tail: String = ctx_id
+                .chars()
+                .rev()
+                .take(8)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            format!("call_{tail}_{n}")
+        }
+    }
+}
+
+/// A complete `generateContent` response as a `chat.completion`.
+pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+    let r: GenerateResponse =
+        serde_json::from_slice(body).map_err(|e| format!("unexpected Google response: {e}"))?;
+    let mut c = Completion {
+        id: ctx.id.clone(),
+        model: r.model_version.clone().unwrap_or_else(|| ctx.model.clone()),
+        usage: r.usage_metadata.unwrap_or_default().usage(),
+        finish_reason: "stop",
+        ..Completion::default()
+    };
+    let Some(candidate) = r.candidates.into_iter().next() else {
+        let reason = r
+            .prompt_feedback
+            .and_then(|f| f.block_reason)
+            .unwrap_or_else(|| "OTHER".to_owned());
+        c.refusal = Some(blocked_prompt(&reason));
+        c.finish_reason = "content_filter";
+        return Ok(c.to_json(ctx.created));
+    };
+    let mut text = String::new();
+    for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
+        if let Some(call) = part.function_call {
+            let id = call_id(&ctx.id, &call, c.tool_calls.len());
+            let args = call.args.clone().unwrap_or_else(|| json!({}));
+            c.tool_calls
+                .push(ToolCallOut::function(id, call.name, &args));
+        } else if let (Some(t), false) = (part.text, part.thought == Some(true)) {
+            text.push_str(&t);
+        }
+    }
+    let reason = candidate.finish_reason.as_deref().unwrap_or("STOP");
+    c.finish_reason = if c.tool_calls.is_empty() {
+        finish_reason(reason)
+    } else {
+        "tool_calls"
+    };
+    if c.finish_reason == "content_filter" && text.is_empty() {
+        c.refusal = Some(blocked_response(reason));
+    } else if !text.is_empty() || c.tool_calls.is_empty() {
+        c.text = Some(text);
+    }
+    Ok(c.to_json(ctx.created))
+}
+
+/// A Google error body in the OpenAI error shape.
+pub fn error(status: u16, body: &[u8]) -> Vec<u8> {
+    // Errors come as an object, or (from streaming endpoints) as a one-element array.
+    let parsed = serde_json::from_slice::<GenerateResponse>(body)
+        .ok()
+        .or_else(|| {
+            serde_json::from_slice::<Vec<GenerateResponse>>(body)
+                .ok()
+                .and_then(|v| v.into_iter().next())
+        });
+    match parsed.and_then(|r| r.error) {
+        Some(e) => openai::error_json(
+            &e.message,
+            openai::error_type_for(status),
+            e.status.as_deref(),
+        ),
+        None => super::opaque_error(status, body),
+    }
+}
+
+/// `streamGenerateContent?alt=sse` → `chat.completion.chunk` SSE, event by event.
+pub struct Stream {
+    sse: SseParser,
+    state: StreamState,
+}
+
+struct StreamState {
+    w: ChunkWriter,
+    usage: Usage,
+    tools: usize,
+    done: bool,
+}
+
+impl Stream {
+    /// A translator for one stream.
+    pub fn new(ctx: &ResponseCtx) -> Self {
+        Self {
+            sse: SseParser::new(),
+            state: StreamState {
+                w: ChunkWriter::new(
+                    ctx.id.clone(),
+                    ctx.model.clone(),
+                    ctx.created,
+                    ctx.include_usage,
+                ),
+                usage: Usage::default(),
+                tools: 0,
+                done: false,
+            },
+        }
+    }
+}
+
+impl StreamTranslator for Stream {
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        let Self { sse, state } = self;
+        sse.feed(chunk, &mut |e| state.on_event(e, out));
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        let Self { sse, state } = self;
+        sse.finish(&mut |e| state.on_event(e, out));
+        if state.done {
+            return;
+        }
+        state.done = true;
+        if state.w.is_finished() {
+            state.w.done(out, state.usage);
+        } else {
+            state.w.error(
+                out,
+                "the Google stream ended without a finishReason",
+                "api_error",
+            );
+        }
+    }
+}
+
+impl StreamState {
+    fn on_event(&mut self, e: Event<'_>, out: &mut BytesMut) {
+        if self.done {
+            return;
+        }
+        let Ok(r) = serde_json::from_str::<GenerateResponse>(e.data) else {
+            return;
+        };
+        if let Some(err) = r.error {
+            self.w.error(
+                out,
+                &err.message,
+                err.status.as_deref().unwrap_or("api_error"),
+            );
+            self.done = true;
+            return;
+        }
+        if let Some(v) = &r.model_version
+            && self.w.model != *v
+            && !v.is_empty()
+        {
+            self.w.model.clone_from(v);
+        }
+        if let Some(u) = r.usage_metadata {
+            self.usage = u.usage();
+        }
+        let Some(candidate) = r.candidates.into_iter().next() else {
+            if let Some(reason) = r.prompt_feedback.and_then(|f| f.block_reason) {
+                self.w.refusal(out, &blocked_prompt(&reason));
+                self.w.finish(out, "content_filter");
+            }
+            return;
+        };
+        self.w.role(out);
+        let mut wrote_text = false;
+        for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
+            if let Some(call) = part.function_call {
+                let id = call_id(&self.w.id, &call, self.tools);
+                let args = call.args.unwrap_or_else(|| json!({})).to_string();
+                let index = u32::try_from(self.tools).unwrap_or(u32::MAX);
+                self.w.tool_start(out, index, &id, &call.name, &args);
+                self.tools += 1;
+            } else if let (Some(t), false) = (part.text, part.thought == Some(true)) {
+                wrote_text |= !t.is_empty();
+                self.w.content(out, &t);
+            }
+        }
+        if let Some(reason) = candidate.finish_reason {
+            let mapped = if self.tools > 0 {
+                "tool_calls"
+            } else {
+                finish_reason(&reason)
+            };
+            if mapped == "content_filter" && !wrote_text {
+                self.w.refusal(out, &blocked_response(&reason));
+            }
+            self.w.finish(out, mapped);
+        }
+    }
+}
+
+/// Embeddings: AI Studio `batchEmbedContents` request.
+pub fn embed_request(
+    req: &EmbeddingsRequest,
+    model: &str,
+    provider: &str,
+) -> Result<Vec<u8>, GatewayError> {
+    let texts = req.texts(provider)?;
+    let requests: Vec<Value> = texts
+        .iter()
+        .map(|t| {
+            let mut r =
+                json!({"model": format!("models/{model}"), "content": {"parts": [{"text": t}]}});
+            if let (Some(d), Some(obj)) = (req.dimensions, r.as_object_mut()) {
+                obj.insert("outputDimensionality".into(), Value::from(d));
+            }
+            if let Some(obj) = r.as_object_mut() {
+                for (k, v) in &req.rest {
+                    obj.insert(k.clone(), v.clone());
+                }
+            }
+            r
+        })
+        .collect();
+    Ok(openai::to_vec(&json!({"requests": requests})))
+}
+
+/// Embeddings: Vertex `:predict` request.
+pub fn vertex_embed_request(
+    req: &EmbeddingsRequest,
+    provider: &str,
+) -> Result<Vec<u8>, GatewayError> {
+    let texts = req.texts(provider)?;
+    let instances: Vec<Value> = texts.iter().map(|t| json!({"content": t})).collect();
+    let mut body = json!({"instances": instances});
+    if let (Some(d), Some(obj)) = (req.dimensions, body.as_object_mut()) {
+        obj.insert("parameters".into(), json!({"outputDimensionality": d}));
+    }
+    Ok(openai::to_vec(&body))
+}
+
+/// Embeddings response of either Google API as an OpenAI embedding list.
+pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+    let v: Value =
+        serde_json::from_slice(body).map_err(|e| format!("unexpected Google response: {e}"))?;
+    let mut vectors = Vec::new();
+    let mut tokens = 0u64;
+    if let Some(list) = v.get("embeddings").and_then(Value::as_array) {
+        for e in list {
+            vectors.push(
+                e.get("values")
+                    .and_then(openai::floats)
+                    .ok_or("Google embedding without values")?,
+            );
+        }
+    } else if let Some(list) = v.get("predictions").and_then(Value::as_array) {
+        for p in list {
+            let e = p
+                .get("embeddings")
+                .ok_or("Vertex prediction without embeddings")?;
+            vectors.push(
+                e.get("values")
+                    .and_then(openai::floats)
+                    .ok_or("Vertex embedding without values")?,
+            );
+            tokens += e
+                .pointer("/statistics/token_count")
+                .and_then(Value::as_f64)
+                .map_or(0, |t| t as u64);
+        }
+    } else {
+        return Err("Google embeddings response without embeddings".into());
+    }
+    Ok(openai::embeddings_json(
+        &ctx.model, &vectors, ctx.base64, tokens,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compat::tests::{ctx, cut, golden, golden_json, run_stream};
+    use proptest::prelude::*;
+
+    const STREAM: &str = concat!(
+        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"Hello \"}],\"role\": \"model\"},\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 5,\"candidatesTokenCount\": 1,\"totalTokenCount\": 6},\"modelVersion\": \"gemini-2.5-flash\"}\r\n\r\n",
+        "data: {\"candidates\": [{\"content\": {\"parts\": [{\"text\": \"world\"}],\"role\": \"model\"},\"finishReason\": \"STOP\",\"index\": 0}],\"usageMetadata\": {\"promptTokenCount\": 5,\"candidatesTokenCount\": 2,\"totalTokenCount\": 7},\"modelVersion\": \"gemini-2.5-flash\"}\r\n\r\n",
+    );
+
+    #[test]
+    fn stream_translates_text_finish_and_usage() {
+        let out = run_stream(&mut Stream::new(&ctx(true, false)), &[STREAM.as_bytes()]);
+        golden("gemini_stream.sse", &out);
+        assert!(out.contains(r#""content":"Hello ""#));
+        assert!(out.contains(r#""finish_reason":"stop""#));
+        assert!(out.contains(r#""prompt_tokens":5,"completion_tokens":2"#));
+        assert!(out.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn request_maps_system_tools_and_function_responses() {
+        let req = ChatRequest::parse(
+            br#"{"model":"google-ai-studio/gemini-2.5-flash","temperature":0.2,"max_tokens":50,"seed":7,
+            "safetySettings":[{"category":"HARM_CATEGORY_HARASSMENT","threshold":"BLOCK_NONE"}],
+            "messages":[
+              {"role":"system","content":"be brief"},
+              {"role":"user","content":[{"type":"text","text":"weather?"},{"type":"image_url","image_url":{"url":"data:image/jpeg;base64,/9j/"}}]},
+              {"role":"assistant","tool_calls":[{"id":"c1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
+              {"role":"tool","tool_call_id":"c1","content":"{\"temp\":21}"}],
+            "tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}}],
+            "tool_choice":{"type":"function","function":{"name":"get_weather"}},
+            "response_format":{"type":"json_object"}}"#,
+        )
+        .expect("parse");
+        golden_json(
+            "gemini_request.json",
+            &request(req, "google-ai-studio").expect("translate"),
+        );
+    }
+
+    #[test]
+    fn a_blocked_prompt_is_a_content_filter_finish_with_a_refusal() {
+        let body = br#"{"promptFeedback":{"blockReason":"SAFETY","safetyRatings":[]},"usageMetadata":{"promptTokenCount":4,"totalTokenCount":4}}"#;
+        let v: Value =
+            serde_json::from_slice(&response(body, &ctx(false, false)).expect("ok")).expect("json");
+        assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
+        assert!(
+            v["choices"][0]["message"]["refusal"]
+                .as_str()
+                .is_some_and(|r| r.contains("blockReason SAFETY"))
+        );
+        assert_eq!(v["choices"][0]["message"]["content"], Value::Null);
+    }
+
+    #[test]
+    fn function_calls_get_ids_and_the_tool_calls_finish_reason() {
+        let body = br#"{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"f","args":{"a":1}}}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2}}"#;
+        let v: Value =
+            serde_json::from_slice(&response(body, &ctx(false, false)).expect("ok")).expect("json");
+        let call = &v["choices"][0]["message"]["tool_calls"][0];
+        assert_eq!(call["function"]["arguments"], r#"{"a":1}"#);
+        assert!(
+            call["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with("call_"))
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn tool_results_need_a_known_call_id() {
+        let req = ChatRequest::parse(
+            br#"{"model":"g/m","messages":[{"role":"tool","tool_call_id":"nope","content":"x"}]}"#,
+        )
+        .expect("parse");
+        let err = request(req, "google-ai-studio").expect_err("unknown id");
+        assert!(
+            err.to_string().contains("messages[0].tool_call_id"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn google_errors_take_the_openai_shape() {
+        let v: Value = serde_json::from_slice(&error(
+            400,
+            br#"{"error":{"code":400,"message":"API key not valid","status":"INVALID_ARGUMENT"}}"#,
+        ))
+        .expect("json");
+        assert_eq!(v["error"]["message"], "API key not valid");
+        assert_eq!(v["error"]["code"], "INVALID_ARGUMENT");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, .. ProptestConfig::default() })]
+
+        #[test]
+        fn any_chunking_gives_the_same_output(cuts in proptest::collection::vec(0usize..STREAM.len(), 0..20)) {
+            let whole = run_stream(&mut Stream::new(&ctx(true, false)), &[STREAM.as_bytes()]);
+            let pieces = cut(STREAM.as_bytes(), cuts);
+            prop_assert_eq!(run_stream(&mut Stream::new(&ctx(true, false)), &pieces), whole);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048),
+                                       cuts in proptest::collection::vec(0usize..2048, 0..10)) {
+            let _ = run_stream(&mut Stream::new(&ctx(true, false)), &cut(&data, cuts));
+        }
+    }
+}

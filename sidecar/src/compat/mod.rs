@@ -1,0 +1,831 @@
+//! `/compat`: one OpenAI-compatible API (`/compat/chat/completions`, `/compat/embeddings`) for
+//! every provider, with `model: "{provider}/{model}"`.
+//!
+//! - [`openai`]: the client-facing request and response shapes; OpenAI-compatible providers
+//!   (only the model is rewritten, the response streams through untouched).
+//! - [`anthropic`], [`gemini`], [`bedrock`]: one translator per wire format: request, complete
+//!   response, stream, errors.
+//! - [`sse`], [`eventstream`]: incremental decoders of the upstream streams.
+//!
+//! Streams are translated event by event as bytes arrive ([`StreamTranslator`]); complete
+//! responses and errors are small JSON documents and are translated whole.
+
+pub mod anthropic;
+pub mod bedrock;
+pub mod eventstream;
+pub mod gemini;
+pub mod openai;
+pub mod sse;
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use sidegate_crds::policy::ApiFormat;
+
+use self::openai::bad;
+use crate::body::ProxyBody;
+use crate::config::Snapshot;
+use crate::error::GatewayError;
+use crate::headers::strip_response_headers;
+use crate::providers::{KeyChoice, Provider};
+use crate::proxy::{self, Gateway};
+use crate::route::ProviderRoute;
+use crate::telemetry::RequestRecord;
+
+/// Turns an upstream stream, fed chunk by chunk, into OpenAI `chat.completion.chunk` SSE.
+pub trait StreamTranslator: Send {
+    /// Translates one received chunk, appending whatever it completes to `out`.
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut);
+    /// The upstream body ended: flushes the rest (`[DONE]`, or an error event if the stream
+    /// was cut short).
+    fn finish(&mut self, out: &mut BytesMut);
+}
+
+/// What response translation needs to know about the request.
+#[derive(Debug, Clone)]
+pub struct ResponseCtx {
+    /// Completion id when the provider gives none.
+    pub id: String,
+    /// Model name to report when the provider gives none.
+    pub model: String,
+    /// `created` of the completion.
+    pub created: u64,
+    /// `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// `response_format` JSON is carried by the JSON tool.
+    pub json_tool: bool,
+    /// Embeddings as base64.
+    pub base64: bool,
+}
+
+/// The two `/compat` endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Embeddings,
+}
+
+/// A provider's wire format for `/compat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    OpenAi,
+    Anthropic,
+    Gemini,
+    Vertex,
+    Bedrock,
+}
+
+impl Format {
+    fn of(provider: &Provider) -> Self {
+        match (&*provider.id, provider.format) {
+            ("google-ai-studio", _) => Format::Gemini,
+            ("google-vertex-ai", _) => Format::Vertex,
+            ("aws-bedrock", _) => Format::Bedrock,
+            (_, ApiFormat::Anthropic) => Format::Anthropic,
+            (_, ApiFormat::Openai) => Format::OpenAi,
+        }
+    }
+}
+
+/// How the upstream response becomes the client's.
+struct Translation {
+    format: Format,
+    endpoint: Endpoint,
+    stream: bool,
+    ctx: ResponseCtx,
+}
+
+impl Translation {
+    fn stream_translator(&self) -> Box<dyn StreamTranslator> {
+        match self.format {
+            Format::Anthropic => Box::new(anthropic::Stream::new(&self.ctx)),
+            Format::Bedrock => Box::new(bedrock::Stream::new(&self.ctx)),
+            Format::Gemini | Format::Vertex | Format::OpenAi => {
+                Box::new(gemini::Stream::new(&self.ctx))
+            }
+        }
+    }
+
+    fn body(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        match (self.format, self.endpoint) {
+            (Format::Anthropic, _) => anthropic::response(body, &self.ctx),
+            (Format::Gemini | Format::Vertex, Endpoint::Chat) => gemini::response(body, &self.ctx),
+            (Format::Gemini | Format::Vertex, Endpoint::Embeddings) => {
+                gemini::embed_response(body, &self.ctx)
+            }
+            (Format::Bedrock, Endpoint::Chat) => bedrock::response(body, &self.ctx),
+            (Format::Bedrock, Endpoint::Embeddings) => bedrock::embed_response(body, &self.ctx),
+            (Format::OpenAi, _) => Ok(body.to_vec()),
+        }
+    }
+
+    fn error(&self, status: u16, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
+        match self.format {
+            Format::Anthropic => anthropic::error(status, body),
+            Format::Gemini | Format::Vertex => gemini::error(status, body),
+            Format::Bedrock => {
+                let kind = headers
+                    .get("x-amzn-errortype")
+                    .and_then(|v| v.to_str().ok());
+                bedrock::error(status, kind, body)
+            }
+            Format::OpenAi => body.to_vec(),
+        }
+    }
+}
+
+/// Largest complete (non-stream) upstream response translated.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// Azure OpenAI `api-version` when the client's query has none.
+const AZURE_API_VERSION: &str = "api-version=2024-10-21";
+
+/// `{provider}/{model}` → `(provider, model)`.
+pub fn split_model(model: &str) -> Result<(&str, &str), GatewayError> {
+    match model.split_once('/') {
+        Some(("dynamic", _)) => Err(bad(format!(
+            "dynamic routes are not available in sidegate {}",
+            env!("CARGO_PKG_VERSION")
+        ))),
+        Some((p, m)) if !p.is_empty() && !m.is_empty() => Ok((p, m)),
+        _ => Err(bad(format!(
+            "model {:?} is not {{provider}}/{{model}} (e.g. anthropic/claude-sonnet-4-5)",
+            openai::truncate(model)
+        ))),
+    }
+}
+
+/// Reads only `model` from a body (the rest is parsed by the provider's translator).
+fn peek_model(body: &[u8]) -> Result<String, GatewayError> {
+    #[derive(Deserialize)]
+    struct Peek {
+        #[serde(default)]
+        model: Option<String>,
+    }
+    let p: Peek =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+    p.model
+        .ok_or_else(|| bad("model is required, as {provider}/{model}"))
+}
+
+/// Inserts `ours` into `body[key]`, keeping the client's other fields of that object.
+pub fn merge_object(body: &mut Map<String, Value>, key: &str, ours: Map<String, Value>) {
+    match body.get_mut(key) {
+        Some(Value::Object(theirs)) => theirs.extend(ours),
+        _ => {
+            body.insert(key.to_owned(), Value::Object(ours));
+        }
+    }
+}
+
+/// A provider error body that could not be read, in the OpenAI error shape.
+pub fn opaque_error(status: u16, body: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&body[..body.len().min(512)]);
+    openai::error_json(
+        &format!("upstream returned status {status}: {text}"),
+        openai::error_type_for(status),
+        None,
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Characters allowed in a model name that goes into a URL path.
+fn check_path_model(model: &str) -> Result<(), GatewayError> {
+    let ok = !model.is_empty()
+        && model != "."
+        && model != ".."
+        && model.len() <= 256
+        && model
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "model name {:?} may only hold letters, digits and -_.@",
+            openai::truncate(model)
+        )))
+    }
+}
+
+/// The account id of a long-form path (`/v1/{account}/{gateway}/compat/...`).
+fn long_form_account(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/")?.split('/').next()
+}
+
+/// Headers for a translated request: JSON, and the key in the provider's own header — the
+/// stored one, or else the client's (sent as `Authorization: Bearer` by OpenAI SDKs).
+fn translated_headers(provider: &Provider, key: &KeyChoice<'_>, client: &HeaderMap) -> HeaderMap {
+    let mut h = HeaderMap::with_capacity(6);
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(name) = provider.auth_header() {
+        match key {
+            KeyChoice::Stored(v) => {
+                h.insert(name.clone(), v.header().clone());
+            }
+            KeyChoice::ClientOwn => {
+                if let Some(v) = client.get(name) {
+                    h.insert(name.clone(), v.clone());
+                } else if let Some(token) = client
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                    && let Ok(mut v) = HeaderValue::from_bytes(token)
+                {
+                    v.set_sensitive(true);
+                    h.insert(name.clone(), v);
+                }
+            }
+        }
+    }
+    for (name, value) in provider.default_headers() {
+        h.insert(*name, HeaderValue::from_static(value));
+    }
+    for name in ["anthropic-version", "anthropic-beta"] {
+        if let (Some(v), Format::Anthropic) = (client.get(name), Format::of(provider)) {
+            h.insert(HeaderName::from_static(name), v.clone());
+        }
+    }
+    h
+}
+
+fn new_request(uri: http::Uri, headers: HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+/// A `/compat` request, ready to be planned.
+struct CompatCall<'a> {
+    snap: &'a Snapshot,
+    provider: &'a Provider,
+    endpoint: Endpoint,
+    model: &'a str,
+    body: &'a Bytes,
+    alias: Option<&'a str>,
+    parts: &'a http::request::Parts,
+    log_id: &'a str,
+}
+
+/// The upstream request and how to translate its response (`None`: pass it through).
+fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>), GatewayError> {
+    let format = Format::of(i.provider);
+    fn route<'r>(i: &'r CompatCall<'_>, rest: &'r str) -> ProviderRoute<'r> {
+        ProviderRoute {
+            provider: &i.provider.id,
+            rest,
+            account: long_form_account(i.parts.uri.path()),
+            gateway: None,
+        }
+    }
+    let mut ctx = ResponseCtx {
+        id: format!("chatcmpl-{}", i.log_id),
+        model: i.model.to_owned(),
+        created: unix_now(),
+        include_usage: false,
+        json_tool: false,
+        base64: false,
+    };
+    match format {
+        Format::OpenAi => {
+            let (rest, query, model) =
+                openai_route(&i.provider.id, i.endpoint, i.model, i.parts.uri.query())?;
+            let uri = i
+                .provider
+                .upstream_uri(&route(i, &rest), query.as_deref())?;
+            let key = i.provider.choose_key(i.alias)?;
+            let body = openai::rewrite_model(i.body, model)?;
+            let req = proxy::build_upstream_request(i.provider, i.parts, uri, key, body);
+            Ok((req, None))
+        }
+        Format::Anthropic => {
+            if i.endpoint == Endpoint::Embeddings {
+                return Err(bad(format!("provider {} has no embeddings", i.provider.id)));
+            }
+            let req = openai::ChatRequest::parse(i.body)?;
+            ctx.include_usage = req.include_usage();
+            let stream = req.is_stream();
+            let (body, json_tool) = anthropic::request(req, i.model)?;
+            ctx.json_tool = json_tool;
+            let uri = i.provider.upstream_uri(&route(i, "v1/messages"), None)?;
+            let key = i.provider.choose_key(i.alias)?;
+            let headers = translated_headers(i.provider, &key, &i.parts.headers);
+            Ok((
+                new_request(uri, headers, Bytes::from(body)),
+                Some(Translation {
+                    format,
+                    endpoint: i.endpoint,
+                    stream,
+                    ctx,
+                }),
+            ))
+        }
+        Format::Gemini | Format::Vertex => {
+            let prefix = match format {
+                Format::Vertex => vertex_prefix(i.model)?,
+                _ => {
+                    let m = i.model.strip_prefix("models/").unwrap_or(i.model);
+                    check_path_model(m)?;
+                    format!("v1beta/models/{m}")
+                }
+            };
+            let (rest, query, body, stream) = match i.endpoint {
+                Endpoint::Chat => {
+                    let req = openai::ChatRequest::parse(i.body)?;
+                    ctx.include_usage = req.include_usage();
+                    let stream = req.is_stream();
+                    let body = gemini::request(req, &i.provider.id)?;
+                    if stream {
+                        (
+                            format!("{prefix}:streamGenerateContent"),
+                            Some("alt=sse"),
+                            body,
+                            true,
+                        )
+                    } else {
+                        (format!("{prefix}:generateContent"), None, body, false)
+                    }
+                }
+                Endpoint::Embeddings => {
+                    let req = openai::EmbeddingsRequest::parse(i.body)?;
+                    ctx.base64 = req.wants_base64();
+                    if format == Format::Vertex {
+                        let body = gemini::vertex_embed_request(&req, &i.provider.id)?;
+                        (format!("{prefix}:predict"), None, body, false)
+                    } else {
+                        let model = prefix.rsplit('/').next().unwrap_or(i.model);
+                        let body = gemini::embed_request(&req, model, &i.provider.id)?;
+                        (format!("{prefix}:batchEmbedContents"), None, body, false)
+                    }
+                }
+            };
+            let uri = i.provider.upstream_uri(&route(i, &rest), query)?;
+            let key = i.provider.choose_key(i.alias)?;
+            let headers = translated_headers(i.provider, &key, &i.parts.headers);
+            Ok((
+                new_request(uri, headers, Bytes::from(body)),
+                Some(Translation {
+                    format,
+                    endpoint: i.endpoint,
+                    stream,
+                    ctx,
+                }),
+            ))
+        }
+        Format::Bedrock => {
+            let creds = bedrock_credentials(i.snap, i.alias)?;
+            let (region, model_id) = bedrock::split_region(i.model);
+            let region = region
+                .or(creds.region.as_deref())
+                .ok_or_else(|| bad("aws-bedrock needs a region: use model aws-bedrock/{region}/{modelId} or set \"region\" in the aws-bedrock key file"))?
+                .to_owned();
+            let encoded = bedrock::encode_model_id(model_id);
+            let (action, body, stream) = match i.endpoint {
+                Endpoint::Chat => {
+                    let req = openai::ChatRequest::parse(i.body)?;
+                    ctx.include_usage = req.include_usage();
+                    let stream = req.is_stream();
+                    let (body, json_tool) = bedrock::request(req)?;
+                    ctx.json_tool = json_tool;
+                    (
+                        if stream {
+                            "converse-stream"
+                        } else {
+                            "converse"
+                        },
+                        body,
+                        stream,
+                    )
+                }
+                Endpoint::Embeddings => {
+                    let req = openai::EmbeddingsRequest::parse(i.body)?;
+                    ctx.base64 = req.wants_base64();
+                    let family = bedrock::embed_model(model_id)?;
+                    ("invoke", bedrock::embed_request(&req, family)?, false)
+                }
+            };
+            let rest = format!("bedrock-runtime/{region}/model/{encoded}/{action}");
+            let uri = i.provider.upstream_uri(&route(i, &rest), None)?;
+            let mut headers = HeaderMap::with_capacity(6);
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            headers.insert(
+                header::ACCEPT,
+                HeaderValue::from_static(if stream {
+                    "application/vnd.amazon.eventstream"
+                } else {
+                    "application/json"
+                }),
+            );
+            if let Some(host) = uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                headers.insert(header::HOST, host);
+            }
+            let body = Bytes::from(body);
+            let mut req = new_request(uri, headers, body.clone());
+            creds.sign(&mut req, &body, &region, SystemTime::now())?;
+            Ok((
+                req,
+                Some(Translation {
+                    format,
+                    endpoint: i.endpoint,
+                    stream,
+                    ctx,
+                }),
+            ))
+        }
+    }
+}
+
+/// Path, query and body model of an OpenAI-compatible provider.
+fn openai_route<'m>(
+    provider: &str,
+    endpoint: Endpoint,
+    model: &'m str,
+    query: Option<&str>,
+) -> Result<(String, Option<String>, &'m str), GatewayError> {
+    let leaf = match endpoint {
+        Endpoint::Chat => "chat/completions",
+        Endpoint::Embeddings => "embeddings",
+    };
+    let prefix = match provider {
+        "azure-openai" => {
+            let Some((resource, deployment)) = model.split_once('/') else {
+                return Err(bad(
+                    "azure-openai models are azure-openai/{resource}/{deployment}",
+                ));
+            };
+            let query = match query {
+                Some(q) if q.split('&').any(|kv| kv.starts_with("api-version=")) => q.to_owned(),
+                _ => AZURE_API_VERSION.to_owned(),
+            };
+            return Ok((
+                format!("{resource}/{deployment}/{leaf}"),
+                Some(query),
+                deployment,
+            ));
+        }
+        "mistral" | "grok" | "openrouter" | "huggingface" | "workers-ai" => "v1/",
+        "cohere" => "compatibility/v1/",
+        _ => "",
+    };
+    Ok((format!("{prefix}{leaf}"), None, model))
+}
+
+/// `projects/{p}/locations/{r}/publishers/google/models/{m}` or `{p}/{r}/{m}` → the Vertex
+/// path prefix.
+fn vertex_prefix(model: &str) -> Result<String, GatewayError> {
+    let parts: Vec<&str> = model.split('/').collect();
+    let (project, region, publisher, name) = match parts.as_slice() {
+        [
+            "projects",
+            p,
+            "locations",
+            r,
+            "publishers",
+            publ,
+            "models",
+            m,
+        ] => (*p, *r, *publ, *m),
+        [p, r, m] => (*p, *r, "google", *m),
+        _ => {
+            return Err(bad(
+                "google-vertex-ai models are google-vertex-ai/{project}/{region}/{model} or google-vertex-ai/projects/{project}/locations/{region}/publishers/google/models/{model}",
+            ));
+        }
+    };
+    if publisher != "google" {
+        return Err(bad(format!(
+            "google-vertex-ai publisher {:?} has no Gemini API; only publishers/google models can be reached through /compat",
+            openai::truncate(publisher)
+        )));
+    }
+    for part in [project, region, name] {
+        check_path_model(part)?;
+    }
+    Ok(format!(
+        "v1/projects/{project}/locations/{region}/publishers/google/models/{name}"
+    ))
+}
+
+fn bedrock_credentials(
+    snap: &Snapshot,
+    alias: Option<&str>,
+) -> Result<bedrock::AwsCredentials, GatewayError> {
+    let name = alias.unwrap_or("default");
+    let Some(key) = snap.keys.get("aws-bedrock", name) else {
+        return Err(match alias {
+            Some(a) => GatewayError::AliasNotFound {
+                provider: "aws-bedrock".into(),
+                alias: openai::truncate(a),
+            },
+            None => bad(
+                "aws-bedrock needs stored credentials for /compat: key file aws-bedrock.default with {\"accessKeyId\", \"secretAccessKey\"}",
+            ),
+        });
+    };
+    bedrock::AwsCredentials::parse(key.expose()).map_err(bad)
+}
+
+fn byok_alias(headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
+    headers
+        .get("cf-aig-byok-alias")
+        .map(|v| {
+            v.to_str().map_err(|_| GatewayError::BadHeader {
+                name: "cf-aig-byok-alias",
+                reason: "not visible ASCII".into(),
+            })
+        })
+        .transpose()
+}
+
+type Failure = (Option<Arc<str>>, GatewayError);
+
+/// Serves a `/compat/...` request (`rest` is the path after `compat/`).
+pub(crate) async fn serve(
+    gw: &Gateway,
+    snap: &Arc<Snapshot>,
+    parts: &http::request::Parts,
+    rest: &str,
+    body: Incoming,
+    start: Instant,
+) -> Result<Response<ProxyBody>, Failure> {
+    let none = |e: GatewayError| (None, e);
+    let endpoint = match (parts.method == Method::POST, rest.trim_end_matches('/')) {
+        (true, "chat/completions") => Endpoint::Chat,
+        (true, "embeddings") => Endpoint::Embeddings,
+        _ => {
+            return Err(none(GatewayError::NotFound(format!(
+                "{} /compat/{} not found: use POST /compat/chat/completions or /compat/embeddings",
+                parts.method,
+                openai::truncate(rest)
+            ))));
+        }
+    };
+    let timeout = proxy::request_timeout(&parts.headers, snap.request_timeout).map_err(none)?;
+    let alias = byok_alias(&parts.headers).map_err(none)?;
+    let body = proxy::read_body(&parts.headers, body, snap.max_body)
+        .await
+        .map_err(none)?;
+    let model = peek_model(&body).map_err(none)?;
+    let (provider_id, model_name) = split_model(&model).map_err(none)?;
+    let provider = snap.providers.get(provider_id).ok_or_else(|| {
+        none(bad(format!(
+            "unknown provider {:?} in model {:?}",
+            openai::truncate(provider_id),
+            openai::truncate(&model)
+        )))
+    })?;
+    let fail = |e: GatewayError| (Some(provider.id.clone()), e);
+    let log_id = crate::log_id::next();
+    let (upstream, translation) = plan(&CompatCall {
+        snap,
+        provider,
+        endpoint,
+        model: model_name,
+        body: &body,
+        alias,
+        parts,
+        log_id: &log_id,
+    })
+    .map_err(fail)?;
+
+    // dispatch
+    let event_id = parts.headers.get("cf-aig-event-id").cloned();
+    let resp = match tokio::time::timeout(timeout, gw.client.request(upstream)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            return Err(fail(GatewayError::UpstreamUnavailable(proxy::error_chain(
+                &e,
+            ))));
+        }
+        Err(_) => {
+            return Err(fail(GatewayError::UpstreamTimeout {
+                ms: timeout.as_millis() as u64,
+            }));
+        }
+    };
+    let (mut head, upstream_body) = resp.into_parts();
+    strip_response_headers(&mut head.headers);
+    if let Some(id) = event_id {
+        head.headers.insert("cf-aig-event-id", id);
+    }
+    if let Ok(v) = HeaderValue::from_str(&log_id) {
+        head.headers.insert("cf-aig-log-id", v);
+    }
+    let path = match endpoint {
+        Endpoint::Chat => "compat/chat/completions",
+        Endpoint::Embeddings => "compat/embeddings",
+    };
+    let mut record = RequestRecord::new(
+        gw.metrics.clone(),
+        provider.id.clone(),
+        parts.method.clone(),
+        path,
+        head.status.as_u16(),
+        start,
+        snap.log_requests,
+        log_id,
+    );
+    let Some(t) = translation else {
+        return Ok(Response::from_parts(
+            head,
+            ProxyBody::upstream(upstream_body, record),
+        ));
+    };
+    head.headers.remove(header::CONTENT_LENGTH);
+    head.headers.remove(header::CONTENT_ENCODING);
+    if head.status.is_success() && t.stream {
+        head.headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        head.headers
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(Response::from_parts(
+            head,
+            ProxyBody::translated(upstream_body, t.stream_translator(), record),
+        ));
+    }
+    let raw = match Limited::new(upstream_body, MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+    {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            record.finish_upstream_error();
+            return Ok(GatewayError::UpstreamUnavailable(format!(
+                "reading the {} response: {e}",
+                provider.id
+            ))
+            .into_response());
+        }
+    };
+    let out = if head.status.is_success() {
+        match t.body(&raw) {
+            Ok(out) => out,
+            Err(message) => {
+                tracing::warn!(provider = %provider.id, error = %message, "untranslatable upstream response");
+                head.status = StatusCode::BAD_GATEWAY;
+                openai::error_json(&message, "api_error", Some("untranslatable_response"))
+            }
+        }
+    } else {
+        t.error(head.status.as_u16(), &head.headers, &raw)
+    };
+    head.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    record.add_bytes(out.len());
+    record.finish_complete();
+    Ok(Response::from_parts(head, ProxyBody::full(out)))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A response context with fixed id and time.
+    pub fn ctx(include_usage: bool, json_tool: bool) -> ResponseCtx {
+        ResponseCtx {
+            id: "chatcmpl-test0001".into(),
+            model: "test-model".into(),
+            created: 1_700_000_000,
+            include_usage,
+            json_tool,
+            base64: false,
+        }
+    }
+
+    /// Runs a stream translator over `chunks`; the output as text.
+    pub fn run_stream<C: AsRef<[u8]>>(t: &mut dyn StreamTranslator, chunks: &[C]) -> String {
+        let mut out = BytesMut::new();
+        for c in chunks {
+            t.push(c.as_ref(), &mut out);
+        }
+        t.finish(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Same as [`run_stream`], for binary input.
+    pub fn run_stream_bytes<C: AsRef<[u8]>>(t: &mut dyn StreamTranslator, chunks: &[C]) -> String {
+        run_stream(t, chunks)
+    }
+
+    /// `data` cut at `cuts` (sorted, clamped).
+    pub fn cut(data: &[u8], cuts: Vec<usize>) -> Vec<&[u8]> {
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+        cuts.sort_unstable();
+        let mut pieces = Vec::with_capacity(cuts.len() + 1);
+        let mut start = 0;
+        for c in cuts {
+            pieces.push(&data[start..c]);
+            start = c;
+        }
+        pieces.push(&data[start..]);
+        pieces
+    }
+
+    fn golden_path(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden/compat")
+            .join(name)
+    }
+
+    /// Compares `text` with the golden file `name` (written when missing or with
+    /// `UPDATE_GOLDEN=1`).
+    pub fn golden(name: &str, text: &str) {
+        let path = golden_path(name);
+        if std::env::var_os("UPDATE_GOLDEN").is_some() || !path.exists() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).expect("golden dir");
+            }
+            std::fs::write(&path, text).expect("write golden");
+            return;
+        }
+        let want = std::fs::read_to_string(&path).expect("read golden");
+        assert_eq!(
+            text, want,
+            "golden file {name} differs (UPDATE_GOLDEN=1 rewrites it)"
+        );
+    }
+
+    /// [`golden`] of a JSON body, pretty-printed with sorted keys.
+    pub fn golden_json(name: &str, body: &[u8]) {
+        let v: Value = serde_json::from_slice(body).expect("json body");
+        let text = serde_json::to_string_pretty(&v).expect("pretty") + "\n";
+        golden(name, &text);
+    }
+
+    #[test]
+    fn model_strings_name_provider_and_model() {
+        assert_eq!(
+            split_model("anthropic/claude-sonnet-4-5"),
+            Ok(("anthropic", "claude-sonnet-4-5"))
+        );
+        assert_eq!(
+            split_model("aws-bedrock/us-east-1/a.b:0"),
+            Ok(("aws-bedrock", "us-east-1/a.b:0"))
+        );
+        for bad in ["gpt-4o", "/x", "openai/", ""] {
+            assert_eq!(split_model(bad).map_err(|e| e.code()), Err(2107), "{bad}");
+        }
+        assert!(split_model("dynamic/support").is_err());
+    }
+
+    #[test]
+    fn openai_compatible_providers_get_their_chat_path() {
+        let r =
+            |p, m| openai_route(p, Endpoint::Chat, m, None).map(|(r, q, m)| (r, q, m.to_owned()));
+        assert_eq!(
+            r("openai", "gpt-4o").ok(),
+            Some(("chat/completions".into(), None, "gpt-4o".into()))
+        );
+        assert_eq!(
+            r("mistral", "m").ok().map(|x| x.0),
+            Some("v1/chat/completions".into())
+        );
+        assert_eq!(
+            r("azure-openai", "res/dep").ok(),
+            Some((
+                "res/dep/chat/completions".into(),
+                Some(AZURE_API_VERSION.into()),
+                "dep".into()
+            ))
+        );
+        assert!(r("azure-openai", "only").is_err());
+    }
+
+    #[test]
+    fn vertex_models_take_project_region_and_name() {
+        assert_eq!(
+            vertex_prefix("p1/us-central1/gemini-2.5-flash")
+                .ok()
+                .as_deref(),
+            Some("v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-flash")
+        );
+        assert!(vertex_prefix("projects/p/locations/r/publishers/anthropic/models/c").is_err());
+        assert!(vertex_prefix("p/../m").is_err());
+    }
+}

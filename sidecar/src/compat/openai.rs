@@ -1,0 +1,931 @@
+//! The OpenAI side of `/compat`: the request types clients send (typed, unknown fields kept in
+//! `rest`), the `chat.completion` / `chat.completion.chunk` / embedding shapes sent back, the
+//! OpenAI error shape, and the OpenAI-compatible providers (which only need the model rewritten).
+
+use base64::Engine;
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::GatewayError;
+
+/// A chat completion request.
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: String,
+    pub messages: Vec<Message>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
+    #[serde(default)]
+    pub max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub top_p: Option<f64>,
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    #[serde(default)]
+    pub tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    pub tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    #[serde(default)]
+    pub response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub presence_penalty: Option<f64>,
+    #[serde(default)]
+    pub frequency_penalty: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub logprobs: Option<bool>,
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
+    #[serde(default)]
+    pub logit_bias: Option<Map<String, Value>>,
+    /// OpenAI-only features: refused unless the provider can express them.
+    #[serde(default)]
+    pub reasoning_effort: Option<Value>,
+    #[serde(default)]
+    pub modalities: Option<Vec<String>>,
+    #[serde(default)]
+    pub audio: Option<Value>,
+    #[serde(default)]
+    pub prediction: Option<Value>,
+    #[serde(default)]
+    pub store: Option<bool>,
+    #[serde(default)]
+    pub web_search_options: Option<Value>,
+    /// Fields this version does not know: passed to providers that accept top-level extras.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: Option<bool>,
+}
+
+/// `stop`: one sequence or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    /// The sequences as a list.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+/// A chat message, by role.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum Message {
+    System {
+        content: Content,
+    },
+    Developer {
+        content: Content,
+    },
+    User {
+        content: Content,
+    },
+    Assistant {
+        #[serde(default)]
+        content: Option<Content>,
+        #[serde(default)]
+        tool_calls: Option<Vec<ToolCall>>,
+        #[serde(default)]
+        refusal: Option<String>,
+        #[serde(default)]
+        function_call: Option<Value>,
+        #[serde(default)]
+        audio: Option<Value>,
+    },
+    Tool {
+        content: Content,
+        tool_call_id: String,
+    },
+    Function {
+        #[serde(default)]
+        content: Option<Value>,
+    },
+}
+
+/// Message content: a string or typed parts.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+impl Content {
+    /// All text parts joined with a newline (non-text parts are the caller's concern).
+    pub fn text(&self) -> String {
+        match self {
+            Content::Text(s) => s.clone(),
+            Content::Parts(parts) => parts
+                .iter()
+                .filter_map(|p| match p {
+                    Part::Text { text } => Some(text.as_str()),
+                    Part::Refusal { refusal } => Some(refusal.as_str()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        }
+    }
+}
+
+/// A content part.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Part {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+    InputAudio { input_audio: Value },
+    File { file: FilePart },
+    Refusal { refusal: String },
+}
+
+/// `image_url` of a part.
+#[derive(Debug, Deserialize)]
+pub struct ImageUrl {
+    pub url: String,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+/// `file` of a part.
+#[derive(Debug, Deserialize)]
+pub struct FilePart {
+    #[serde(default)]
+    pub file_data: Option<String>,
+    #[serde(default)]
+    pub file_id: Option<String>,
+    #[serde(default)]
+    pub filename: Option<String>,
+}
+
+/// A tool call made by the assistant earlier in the conversation.
+#[derive(Debug, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub function: FunctionCall,
+}
+
+/// The function of a tool call.
+#[derive(Debug, Deserialize)]
+pub struct FunctionCall {
+    pub name: String,
+    /// JSON text of the arguments.
+    pub arguments: String,
+}
+
+impl FunctionCall {
+    /// The arguments as JSON (`{}` when empty); `field` names the call in the error.
+    pub fn arguments_json(&self, field: &str) -> Result<Value, GatewayError> {
+        if self.arguments.trim().is_empty() {
+            return Ok(Value::Object(Map::new()));
+        }
+        serde_json::from_str(&self.arguments)
+            .map_err(|e| bad(format!("{field}.function.arguments is not valid JSON: {e}")))
+    }
+}
+
+/// A tool definition.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Tool {
+    Function { function: FunctionDef },
+}
+
+/// A function definition.
+#[derive(Debug, Deserialize)]
+pub struct FunctionDef {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub parameters: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+/// `tool_choice`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    Mode(String),
+    Named { function: NamedFunction },
+}
+
+/// The function named by `tool_choice`.
+#[derive(Debug, Deserialize)]
+pub struct NamedFunction {
+    pub name: String,
+}
+
+/// What `tool_choice` asks for, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Choice {
+    Auto,
+    None,
+    Required,
+    Function(String),
+}
+
+impl ToolChoice {
+    /// The checked choice.
+    pub fn choice(&self) -> Result<Choice, GatewayError> {
+        match self {
+            ToolChoice::Mode(m) => match m.as_str() {
+                "auto" => Ok(Choice::Auto),
+                "none" => Ok(Choice::None),
+                "required" => Ok(Choice::Required),
+                other => Err(bad(format!(
+                    "tool_choice {:?} is not one of auto, none, required",
+                    truncate(other)
+                ))),
+            },
+            ToolChoice::Named { function } => Ok(Choice::Function(function.name.clone())),
+        }
+    }
+}
+
+/// `response_format`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    Text,
+    JsonObject,
+    JsonSchema { json_schema: JsonSchema },
+}
+
+/// `response_format.json_schema`.
+#[derive(Debug, Deserialize)]
+pub struct JsonSchema {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub schema: Option<Value>,
+    #[serde(default)]
+    pub strict: Option<bool>,
+}
+
+impl ChatRequest {
+    /// Parses a request body.
+    pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        serde_json::from_slice(body)
+            .map_err(|e| bad(format!("invalid chat completion request: {e}")))
+    }
+
+    /// Whether the client asked for a stream.
+    pub fn is_stream(&self) -> bool {
+        self.stream == Some(true)
+    }
+
+    /// Whether the last stream chunk should carry usage.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+
+    /// `max_completion_tokens`, else `max_tokens`.
+    pub fn max_output_tokens(&self) -> Option<u64> {
+        self.max_completion_tokens.or(self.max_tokens)
+    }
+
+    /// Refuses the first field that is set to something `provider` cannot express; `supported`
+    /// lists the ones its translator maps.
+    pub fn refuse_unsupported(
+        &self,
+        provider: &str,
+        supported: &[&str],
+    ) -> Result<(), GatewayError> {
+        let set = [
+            ("n", self.n.is_some_and(|n| n != 1)),
+            (
+                "presence_penalty",
+                self.presence_penalty.is_some_and(|v| v != 0.0),
+            ),
+            (
+                "frequency_penalty",
+                self.frequency_penalty.is_some_and(|v| v != 0.0),
+            ),
+            ("seed", self.seed.is_some()),
+            ("logprobs", self.logprobs == Some(true)),
+            ("top_logprobs", self.top_logprobs.is_some()),
+            (
+                "logit_bias",
+                self.logit_bias.as_ref().is_some_and(|m| !m.is_empty()),
+            ),
+            ("reasoning_effort", self.reasoning_effort.is_some()),
+            (
+                "modalities",
+                self.modalities
+                    .as_ref()
+                    .is_some_and(|m| m.iter().any(|x| x != "text")),
+            ),
+            ("audio", self.audio.is_some()),
+            ("prediction", self.prediction.is_some()),
+            ("store", self.store == Some(true)),
+            ("web_search_options", self.web_search_options.is_some()),
+        ];
+        match set
+            .iter()
+            .find(|(name, is_set)| *is_set && !supported.contains(name))
+        {
+            Some((name, _)) => Err(unsupported(name, provider)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An embeddings request.
+#[derive(Debug, Deserialize)]
+pub struct EmbeddingsRequest {
+    pub model: String,
+    pub input: EmbeddingInput,
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    #[serde(default)]
+    pub dimensions: Option<u32>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+/// `input` of an embeddings request.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+impl EmbeddingsRequest {
+    /// Parses a request body.
+    pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid embeddings request: {e}")))
+    }
+
+    /// The inputs as texts; token arrays cannot be sent to other providers.
+    pub fn texts(&self, provider: &str) -> Result<Vec<&str>, GatewayError> {
+        match &self.input {
+            EmbeddingInput::One(s) => Ok(vec![s.as_str()]),
+            EmbeddingInput::Many(v) => Ok(v.iter().map(String::as_str).collect()),
+            EmbeddingInput::Tokens(_) | EmbeddingInput::TokenLists(_) => Err(bad(format!(
+                "input as token arrays cannot be expressed for provider {provider}; send text"
+            ))),
+        }
+    }
+
+    /// Whether the client wants base64 vectors (the openai SDKs ask for them by default).
+    pub fn wants_base64(&self) -> bool {
+        self.encoding_format.as_deref() == Some("base64")
+    }
+}
+
+/// A 400 `/compat` error.
+pub fn bad(message: impl Into<String>) -> GatewayError {
+    GatewayError::CompatRequest(message.into())
+}
+
+/// The 400 for a field the provider cannot express.
+pub fn unsupported(field: &str, provider: &str) -> GatewayError {
+    bad(format!(
+        "field {field} cannot be expressed for provider {provider}"
+    ))
+}
+
+/// The first 64 characters, for messages.
+pub fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// `data:<mime>;base64,<data>` → `(mime, data)`.
+pub fn parse_data_url(url: &str) -> Option<(&str, &str)> {
+    let rest = url.strip_prefix("data:")?;
+    let (meta, data) = rest.split_once(',')?;
+    let mime = meta.strip_suffix(";base64")?;
+    Some((if mime.is_empty() { "text/plain" } else { mime }, data))
+}
+
+// ---------------------------------------------------------------------------
+// Responses
+
+/// Token usage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+impl Usage {
+    /// Usage from input and output counts.
+    pub fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens.saturating_add(completion_tokens),
+        }
+    }
+}
+
+/// A tool call in a response.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+/// The function of a response tool call.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionOut {
+    pub name: String,
+    pub arguments: String,
+}
+
+impl ToolCallOut {
+    /// A function call with `arguments` serialized as JSON text.
+    pub fn function(id: String, name: String, arguments: &Value) -> Self {
+        Self {
+            id,
+            kind: "function",
+            function: FunctionOut {
+                name,
+                arguments: arguments.to_string(),
+            },
+        }
+    }
+}
+
+/// What a translator extracts from a provider's complete answer.
+#[derive(Debug, Default)]
+pub struct Completion {
+    pub id: String,
+    pub model: String,
+    pub text: Option<String>,
+    pub refusal: Option<String>,
+    pub tool_calls: Vec<ToolCallOut>,
+    pub finish_reason: &'static str,
+    pub usage: Usage,
+}
+
+impl Completion {
+    /// The `chat.completion` JSON.
+    pub fn to_json(&self, created: u64) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            id: &'a str,
+            object: &'static str,
+            created: u64,
+            model: &'a str,
+            choices: [ChoiceOut<'a>; 1],
+            usage: Usage,
+        }
+        #[derive(Serialize)]
+        struct ChoiceOut<'a> {
+            index: u32,
+            message: MessageOut<'a>,
+            logprobs: Option<()>,
+            finish_reason: &'a str,
+        }
+        #[derive(Serialize)]
+        struct MessageOut<'a> {
+            role: &'static str,
+            content: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            refusal: Option<&'a str>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            tool_calls: &'a [ToolCallOut],
+        }
+        let body = Body {
+            id: &self.id,
+            object: "chat.completion",
+            created,
+            model: &self.model,
+            choices: [ChoiceOut {
+                index: 0,
+                message: MessageOut {
+                    role: "assistant",
+                    content: self.text.as_deref(),
+                    refusal: self.refusal.as_deref(),
+                    tool_calls: &self.tool_calls,
+                },
+                logprobs: None,
+                finish_reason: self.finish_reason,
+            }],
+            usage: self.usage,
+        };
+        to_vec(&body)
+    }
+}
+
+/// Serializes our own response types (cannot fail; `null` if it ever did).
+pub fn to_vec<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_else(|_| b"null".to_vec())
+}
+
+/// The OpenAI error body: `{"error":{"message","type","param","code"}}`.
+pub fn error_json(message: &str, kind: &str, code: Option<&str>) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        error: Detail<'a>,
+    }
+    #[derive(Serialize)]
+    struct Detail<'a> {
+        message: &'a str,
+        #[serde(rename = "type")]
+        kind: &'a str,
+        param: Option<()>,
+        code: Option<&'a str>,
+    }
+    to_vec(&Body {
+        error: Detail {
+            message,
+            kind,
+            param: None,
+            code,
+        },
+    })
+}
+
+/// The OpenAI error `type` for an HTTP status.
+pub fn error_type_for(status: u16) -> &'static str {
+    match status {
+        400 | 404 | 409 | 413 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        _ => "api_error",
+    }
+}
+
+/// Writes `chat.completion.chunk` events of one stream.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    pub id: String,
+    pub model: String,
+    created: u64,
+    include_usage: bool,
+    role_sent: bool,
+    finished: bool,
+}
+
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: &'a [ChunkChoice<'a>],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Serialize, Default)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<[ToolCallDelta<'a>; 1]>,
+}
+
+#[derive(Serialize)]
+struct ToolCallDelta<'a> {
+    index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    function: FunctionDelta<'a>,
+}
+
+#[derive(Serialize)]
+struct FunctionDelta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    arguments: &'a str,
+}
+
+impl ChunkWriter {
+    /// A writer for a stream answering with `id` and `model`.
+    pub fn new(id: String, model: String, created: u64, include_usage: bool) -> Self {
+        Self {
+            id,
+            model,
+            created,
+            include_usage,
+            role_sent: false,
+            finished: false,
+        }
+    }
+
+    fn event<T: Serialize>(out: &mut BytesMut, v: &T) {
+        out.put_slice(b"data: ");
+        let start = out.len();
+        let mut w = out.writer();
+        if serde_json::to_writer(&mut w, v).is_err() {
+            let out = w.into_inner();
+            out.truncate(start);
+            out.put_slice(b"null");
+            out.put_slice(b"\n\n");
+            return;
+        }
+        w.into_inner().put_slice(b"\n\n");
+    }
+
+    fn chunk(&mut self, out: &mut BytesMut, delta: Delta<'_>, finish: Option<&str>) {
+        let choices = [ChunkChoice {
+            index: 0,
+            delta,
+            logprobs: None,
+            finish_reason: finish,
+        }];
+        Self::event(
+            out,
+            &Chunk {
+                id: &self.id,
+                object: "chat.completion.chunk",
+                created: self.created,
+                model: &self.model,
+                choices: &choices,
+                usage: None,
+            },
+        );
+    }
+
+    /// The first chunk (`role: assistant`), once.
+    pub fn role(&mut self, out: &mut BytesMut) {
+        if !self.role_sent {
+            self.role_sent = true;
+            self.chunk(
+                out,
+                Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                    ..Delta::default()
+                },
+                None,
+            );
+        }
+    }
+
+    /// A text delta.
+    pub fn content(&mut self, out: &mut BytesMut, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        self.role(out);
+        self.chunk(
+            out,
+            Delta {
+                content: Some(text),
+                ..Delta::default()
+            },
+            None,
+        );
+    }
+
+    /// A refusal delta.
+    pub fn refusal(&mut self, out: &mut BytesMut, text: &str) {
+        self.role(out);
+        self.chunk(
+            out,
+            Delta {
+                refusal: Some(text),
+                ..Delta::default()
+            },
+            None,
+        );
+    }
+
+    /// The start of tool call `index` (arguments follow in [`Self::tool_arguments`]).
+    pub fn tool_start(&mut self, out: &mut BytesMut, index: u32, id: &str, name: &str, args: &str) {
+        self.role(out);
+        self.chunk(
+            out,
+            Delta {
+                tool_calls: Some([ToolCallDelta {
+                    index,
+                    id: Some(id),
+                    kind: Some("function"),
+                    function: FunctionDelta {
+                        name: Some(name),
+                        arguments: args,
+                    },
+                }]),
+                ..Delta::default()
+            },
+            None,
+        );
+    }
+
+    /// More argument text of tool call `index`.
+    pub fn tool_arguments(&mut self, out: &mut BytesMut, index: u32, args: &str) {
+        if args.is_empty() {
+            return;
+        }
+        self.role(out);
+        self.chunk(
+            out,
+            Delta {
+                tool_calls: Some([ToolCallDelta {
+                    index,
+                    id: None,
+                    kind: None,
+                    function: FunctionDelta {
+                        name: None,
+                        arguments: args,
+                    },
+                }]),
+                ..Delta::default()
+            },
+            None,
+        );
+    }
+
+    /// The chunk carrying `finish_reason`, once.
+    pub fn finish(&mut self, out: &mut BytesMut, reason: &str) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        self.role(out);
+        self.chunk(out, Delta::default(), Some(reason));
+    }
+
+    /// Whether the finish chunk was written.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The usage chunk (when the client asked for it) and `[DONE]`.
+    pub fn done(&mut self, out: &mut BytesMut, usage: Usage) {
+        if self.include_usage {
+            Self::event(
+                out,
+                &Chunk {
+                    id: &self.id,
+                    object: "chat.completion.chunk",
+                    created: self.created,
+                    model: &self.model,
+                    choices: &[],
+                    usage: Some(usage),
+                },
+            );
+        }
+        out.put_slice(b"data: [DONE]\n\n");
+    }
+
+    /// An error event (the openai SDKs raise it as an `APIError`).
+    pub fn error(&mut self, out: &mut BytesMut, message: &str, kind: &str) {
+        out.put_slice(b"data: ");
+        out.put_slice(&error_json(message, kind, None));
+        out.put_slice(b"\n\n");
+    }
+}
+
+/// The embeddings list response.
+pub fn embeddings_json(
+    model: &str,
+    vectors: &[Vec<f32>],
+    base64: bool,
+    prompt_tokens: u64,
+) -> Vec<u8> {
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let mut raw = Vec::with_capacity(v.len() * 4);
+                for f in v {
+                    raw.extend_from_slice(&f.to_le_bytes());
+                }
+                Value::String(base64::engine::general_purpose::STANDARD.encode(raw))
+            } else {
+                Value::from(v.clone())
+            };
+            serde_json::json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
+        .collect();
+    to_vec(&serde_json::json!({
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }))
+}
+
+/// Floats of a JSON array (non-numbers are refused).
+pub fn floats(v: &Value) -> Option<Vec<f32>> {
+    v.as_array()?
+        .iter()
+        .map(|x| x.as_f64().map(|f| f as f32))
+        .collect()
+}
+
+/// An OpenAI-compatible provider's body: the client's, with `model` replaced.
+pub fn rewrite_model(body: &[u8], model: &str) -> Result<Bytes, GatewayError> {
+    let mut map: Map<String, Value> =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+    map.insert("model".to_owned(), Value::String(model.to_owned()));
+    Ok(Bytes::from(to_vec(&map)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_are_kept_in_rest() {
+        let r = ChatRequest::parse(
+            br#"{"model":"a/b","messages":[{"role":"user","content":"hi"}],"top_k":3,"temperature":0.5}"#,
+        )
+        .expect("parse");
+        assert_eq!(r.rest.get("top_k"), Some(&Value::from(3)));
+        assert_eq!(r.temperature, Some(0.5));
+    }
+
+    #[test]
+    fn fields_the_provider_cannot_express_are_named() {
+        let r =
+            ChatRequest::parse(br#"{"model":"a/b","messages":[],"n":1,"presence_penalty":0.5}"#)
+                .expect("parse");
+        let err = r.refuse_unsupported("anthropic", &[]).expect_err("refused");
+        assert_eq!(err.code(), 2107);
+        assert!(err.to_string().contains("presence_penalty"), "{err}");
+        assert!(r.refuse_unsupported("x", &["presence_penalty"]).is_ok());
+    }
+
+    #[test]
+    fn chunk_writer_writes_role_once_then_deltas_finish_usage_and_done() {
+        let mut w = ChunkWriter::new("id1".into(), "m".into(), 7, true);
+        let mut out = BytesMut::new();
+        w.content(&mut out, "Hel");
+        w.content(&mut out, "lo");
+        w.finish(&mut out, "stop");
+        w.done(&mut out, Usage::new(3, 2));
+        let text = String::from_utf8(out.to_vec()).expect("utf8");
+        let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+        assert_eq!(events.len(), 6, "{text}");
+        assert!(events[0].contains(r#""delta":{"role":"assistant","content":""}"#));
+        assert!(events[3].contains(r#""finish_reason":"stop""#));
+        assert!(events[4].contains(
+            r#""choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}"#
+        ));
+        assert_eq!(events[5], "data: [DONE]");
+    }
+
+    #[test]
+    fn data_urls_split_into_mime_and_base64() {
+        assert_eq!(
+            parse_data_url("data:image/png;base64,iVBO"),
+            Some(("image/png", "iVBO"))
+        );
+        assert_eq!(parse_data_url("https://x/y.png"), None);
+        assert_eq!(parse_data_url("data:image/png,raw"), None);
+    }
+}

@@ -1,0 +1,261 @@
+//! A small incremental server-sent-events parser (WHATWG "event stream" rules): fed the body
+//! chunk by chunk at arbitrary boundaries, it hands out each event as soon as its blank line
+//! arrives and never holds more than one event.
+
+/// Largest event (data plus the line being read) kept; a larger one is dropped whole.
+pub const MAX_EVENT_BYTES: usize = 8 << 20;
+
+/// One dispatched event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event<'a> {
+    /// The `event:` field; empty when the event had none.
+    pub name: &'a str,
+    /// The `data:` lines joined with `\n`.
+    pub data: &'a str,
+}
+
+/// Parser state between chunks.
+#[derive(Debug, Default)]
+pub struct SseParser {
+    /// The unfinished line of the last chunk.
+    line: Vec<u8>,
+    name: String,
+    data: String,
+    has_data: bool,
+    /// The last chunk ended in `\r`: a `\n` starting the next one belongs to it.
+    skip_lf: bool,
+    /// The current event grew past [`MAX_EVENT_BYTES`]; skip it up to its blank line.
+    oversized: bool,
+    /// Events dropped for size.
+    pub dropped: u64,
+}
+
+impl SseParser {
+    /// A parser at the start of a stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds one chunk; `on_event` is called for each event it completes.
+    pub fn feed(&mut self, chunk: &[u8], on_event: &mut dyn FnMut(Event<'_>)) {
+        let mut rest = chunk;
+        if self.skip_lf && !rest.is_empty() {
+            if rest[0] == b'\n' {
+                rest = &rest[1..];
+            }
+            self.skip_lf = false;
+        }
+        while let Some(i) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+            let line = &rest[..i];
+            let cr = rest[i] == b'\r';
+            rest = &rest[i + 1..];
+            if cr {
+                match rest.first() {
+                    Some(b'\n') => rest = &rest[1..],
+                    Some(_) => {}
+                    None => self.skip_lf = true,
+                }
+            }
+            if self.line.is_empty() {
+                self.process_line(line, on_event);
+            } else {
+                let mut full = std::mem::take(&mut self.line);
+                full.extend_from_slice(line);
+                self.process_line(&full, on_event);
+                full.clear();
+                self.line = full;
+            }
+        }
+        if !rest.is_empty() {
+            if self.line.len() + rest.len() + self.data.len() > MAX_EVENT_BYTES {
+                self.mark_oversized();
+            } else if !self.oversized {
+                self.line.extend_from_slice(rest);
+            }
+        }
+    }
+
+    /// The stream ended: an event still open (no blank line after it) is dispatched, since
+    /// some upstreams end their last event with the connection.
+    pub fn finish(&mut self, on_event: &mut dyn FnMut(Event<'_>)) {
+        if !self.line.is_empty() {
+            let line = std::mem::take(&mut self.line);
+            self.process_line(&line, on_event);
+        }
+        self.process_line(b"", on_event);
+        self.skip_lf = false;
+    }
+
+    fn mark_oversized(&mut self) {
+        self.oversized = true;
+        self.line.clear();
+        self.data.clear();
+        self.has_data = false;
+    }
+
+    fn process_line(&mut self, line: &[u8], on_event: &mut dyn FnMut(Event<'_>)) {
+        if line.is_empty() {
+            if self.oversized {
+                self.oversized = false;
+                self.dropped += 1;
+            } else if self.has_data {
+                on_event(Event {
+                    name: &self.name,
+                    data: &self.data,
+                });
+            }
+            self.name.clear();
+            self.data.clear();
+            self.has_data = false;
+            return;
+        }
+        if self.oversized || line[0] == b':' {
+            return;
+        }
+        let (field, value) = match line.iter().position(|&b| b == b':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+            }
+            None => (line, &b""[..]),
+        };
+        match field {
+            b"data" => {
+                if self.data.len() + value.len() + 1 > MAX_EVENT_BYTES {
+                    self.mark_oversized();
+                    return;
+                }
+                if self.has_data {
+                    self.data.push('\n');
+                }
+                self.data.push_str(&String::from_utf8_lossy(value));
+                self.has_data = true;
+            }
+            b"event" => {
+                self.name.clear();
+                self.name
+                    .push_str(&String::from_utf8_lossy(&value[..value.len().min(256)]));
+            }
+            // `id` and `retry` matter to reconnecting browsers, not to a translator.
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse_chunks(chunks: &[&[u8]]) -> Vec<(String, String)> {
+        let mut p = SseParser::new();
+        let mut out = Vec::new();
+        let mut on = |e: Event<'_>| out.push((e.name.to_owned(), e.data.to_owned()));
+        for c in chunks {
+            p.feed(c, &mut on);
+        }
+        p.finish(&mut on);
+        out
+    }
+
+    #[test]
+    fn events_are_split_on_blank_lines_with_names_and_multiline_data() {
+        let got = parse_chunks(&[
+            b"event: message_start\ndata: {\"a\":1}\n\n: comment\ndata: x\ndata: y\n\n",
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                ("message_start".into(), "{\"a\":1}".into()),
+                (String::new(), "x\ny".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn crlf_split_across_chunks_is_one_line_end() {
+        let got = parse_chunks(&[b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n"]);
+        assert_eq!(
+            got,
+            vec![(String::new(), "a".into()), (String::new(), "b".into())]
+        );
+    }
+
+    #[test]
+    fn a_last_event_without_blank_line_is_still_delivered() {
+        assert_eq!(
+            parse_chunks(&[b"data: [DONE]"]),
+            vec![(String::new(), "[DONE]".into())]
+        );
+    }
+
+    #[test]
+    fn an_event_larger_than_the_limit_is_dropped_and_the_next_one_kept() {
+        let mut p = SseParser::new();
+        let mut n = 0;
+        let big = vec![b'x'; MAX_EVENT_BYTES / 2];
+        p.feed(b"data: ", &mut |_| n += 1);
+        for _ in 0..3 {
+            p.feed(&big, &mut |_| n += 1);
+        }
+        p.feed(b"\n\ndata: ok\n\n", &mut |e| {
+            assert_eq!(e.data, "ok");
+            n += 1;
+        });
+        assert_eq!((n, p.dropped), (1, 1));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..2048),
+                                       cuts in proptest::collection::vec(0usize..2048, 0..16)) {
+            let mut p = SseParser::new();
+            let mut count = 0usize;
+            let mut on = |_e: Event<'_>| count += 1;
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
+            cuts.sort_unstable();
+            let mut start = 0;
+            for c in cuts {
+                p.feed(&data[start..c], &mut on);
+                start = c;
+            }
+            p.feed(&data[start..], &mut on);
+            p.finish(&mut on);
+            prop_assert!(count <= data.len() + 1);
+        }
+
+        #[test]
+        fn chunk_boundaries_do_not_change_the_events(
+            events in proptest::collection::vec(("[a-z_]{0,8}", "[ -~]{0,40}"), 0..8),
+            crlf in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..4096, 0..12)) {
+            let nl = if crlf { "\r\n" } else { "\n" };
+            let mut text = String::new();
+            for (name, data) in &events {
+                if !name.is_empty() {
+                    text.push_str(&format!("event: {name}{nl}"));
+                }
+                text.push_str(&format!("data: {data}{nl}{nl}"));
+            }
+            let bytes = text.as_bytes();
+            let whole = parse_chunks(&[bytes]);
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            cuts.sort_unstable();
+            let mut pieces: Vec<&[u8]> = Vec::new();
+            let mut start = 0;
+            for c in cuts {
+                pieces.push(&bytes[start..c]);
+                start = c;
+            }
+            pieces.push(&bytes[start..]);
+            prop_assert_eq!(&parse_chunks(&pieces), &whole);
+            let expected: Vec<(String, String)> = events
+                .iter()
+                .map(|(n, d)| (n.clone(), d.clone()))
+                .collect();
+            prop_assert_eq!(whole, expected);
+        }
+    }
+}
