@@ -28,6 +28,59 @@ struct MessagesRequest<'a> {
     system: Option<Value>,
     #[serde(default)]
     stream: Option<bool>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+}
+
+impl MessagesRequest<'_> {
+    /// The tool the mock calls: with tools and a last turn that is no tool result, the
+    /// forced tool or else the first one.
+    fn tool_to_call(&self) -> Option<String> {
+        let tools = self.tools.as_deref().filter(|t| !t.is_empty())?;
+        let last = self.messages.as_deref()?.last()?;
+        let answered = last
+            .content
+            .as_ref()
+            .and_then(Value::as_array)
+            .is_some_and(|blocks| {
+                blocks
+                    .iter()
+                    .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+            });
+        if answered {
+            return None;
+        }
+        let choice = self.tool_choice.as_ref();
+        match choice.and_then(|c| c.get("type")).and_then(Value::as_str) {
+            Some("none") => None,
+            Some("tool") => choice
+                .and_then(|c| c.get("name"))
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            _ => tools[0]
+                .get("name")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        }
+    }
+
+    /// The text of the last turn's tool results, if it has any.
+    fn tool_result_text(&self) -> Option<String> {
+        let last = self.messages.as_deref()?.last()?;
+        let blocks = last.content.as_ref()?.as_array()?;
+        let texts: Vec<String> = blocks
+            .iter()
+            .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+            .map(|b| match b.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => text::content_text(other).into_owned(),
+                None => String::new(),
+            })
+            .collect();
+        (!texts.is_empty()).then(|| texts.join(" "))
+    }
 }
 
 impl MessagesRequest<'_> {
@@ -173,10 +226,19 @@ pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
         return status_error(ctx, status, model);
     }
     let messages = req.messages.as_deref().unwrap_or_default();
-    let reply = text::reply_to(&text::last_user_text(messages));
+    let user_text = text::last_user_text(messages);
+    let reply = match req.tool_result_text() {
+        Some(t) => format!("mock reply to tool result: {t}"),
+        None => text::reply_to(&user_text),
+    };
     let input_tokens = req.input_tokens();
     let output_tokens = text::words(&reply);
     let id = format!("msg_mock_{}", ctx.id);
+    if let Some(tool) = req.tool_to_call() {
+        let mut resp = tool_use(ctx, &req, &id, model, &tool, &user_text, input_tokens);
+        set_request_id(&mut resp, ctx);
+        return resp;
+    }
 
     let mut resp = if req.stream == Some(true) {
         let events = message_stream(&id, model, &reply, input_tokens, output_tokens);
@@ -198,6 +260,64 @@ pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
     };
     set_request_id(&mut resp, ctx);
     resp
+}
+
+/// A `tool_use` answer (plain or streamed) calling `tool` with `{"text": <user text>}`.
+fn tool_use(
+    ctx: &Ctx<'_>,
+    req: &MessagesRequest<'_>,
+    id: &str,
+    model: &str,
+    tool: &str,
+    user_text: &str,
+    input_tokens: u64,
+) -> Response<MockBody> {
+    let tool_id = format!("toolu_mock_{}", ctx.id);
+    let input = serde_json::json!({"text": user_text});
+    let usage = |out: u64| serde_json::json!({"input_tokens": input_tokens, "output_tokens": out});
+    if req.stream != Some(true) {
+        return json_ok(
+            &serde_json::json!({"id": id, "type": "message", "role": "assistant",
+            "model": model, "content": [{"type": "tool_use", "id": tool_id, "name": tool, "input": input}],
+            "stop_reason": "tool_use", "stop_sequence": null, "usage": usage(3)}),
+        );
+    }
+    let args = input.to_string();
+    let mid = (args.len() / 2..args.len())
+        .find(|&i| args.is_char_boundary(i))
+        .unwrap_or(args.len());
+    let mut sse = SseBuilder::with_capacity(8);
+    sse.event(
+        Some("message_start"),
+        &serde_json::json!({"type": "message_start", "message": {
+        "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": null, "stop_sequence": null, "usage": usage(1)}}),
+    );
+    sse.event(
+        Some("content_block_start"),
+        &serde_json::json!({"type": "content_block_start", "index": 0,
+        "content_block": {"type": "tool_use", "id": tool_id, "name": tool, "input": {}}}),
+    );
+    for piece in [&args[..mid], &args[mid..]] {
+        sse.event(
+            Some("content_block_delta"),
+            &serde_json::json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": piece}}),
+        );
+    }
+    sse.event(
+        Some("content_block_stop"),
+        &serde_json::json!({"type": "content_block_stop", "index": 0}),
+    );
+    sse.event(Some("message_delta"), &serde_json::json!({"type": "message_delta",
+        "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 3}}));
+    sse.event(
+        Some("message_stop"),
+        &TypeOnly {
+            kind: "message_stop",
+        },
+    );
+    sse_response(sse.finish(), ctx.chunk_delay, ctx.stats)
 }
 
 /// The SSE events of a streamed message, in Anthropic's order.

@@ -1,7 +1,9 @@
 //! Local mock LLM provider for sidegate's tests, demo and benchmarks.
 //!
-//! Speaks the OpenAI (Chat Completions, Embeddings, Models) and Anthropic (Messages)
-//! wire formats over HTTP/1.1 and h2c, with deterministic replies, errors and delays
+//! Speaks the OpenAI (Chat Completions, Embeddings, Models), Anthropic (Messages), Google
+//! Gemini (generateContent, streamGenerateContent, embeddings) and AWS Bedrock (Converse,
+//! ConverseStream with event-stream framing, InvokeModel embeddings) wire formats over
+//! HTTP/1.1 and h2c, with deterministic replies, errors and delays
 //! on demand, and a record of received requests. Start it in-process with [`serve`]
 //! or [`serve_with_shutdown`], or run the `mock-provider` binary.
 //!
@@ -14,6 +16,8 @@
 //! | GET | `/models` | OpenAI model list (Anthropic's shape with an `anthropic-version` header) |
 //! | POST | `/messages` | Anthropic Message, or Anthropic SSE with `"stream": true` |
 //! | POST | `/messages/count_tokens` | Anthropic `{"input_tokens": n}` |
+//! | POST | `/models/{m}:generateContent`, `:streamGenerateContent`, `:embedContent`, `:batchEmbedContents`, `:predict` | Gemini |
+//! | POST | `/model/{id}/converse`, `/converse-stream`, `/invoke` | Bedrock (SigV4 header required) |
 //! | GET, DELETE | `/__mock/requests` | recorded requests (oldest first) / clear them |
 //! | GET, DELETE | `/__mock/stats` | counters / reset them |
 //!
@@ -24,7 +28,9 @@
 #![forbid(unsafe_code)]
 
 mod anthropic;
+pub mod bedrock;
 mod body;
+mod gemini;
 mod openai;
 pub mod record;
 mod text;
@@ -184,6 +190,8 @@ enum Route {
     Models,
     Messages,
     CountTokens,
+    Gemini(gemini::Method),
+    Bedrock(bedrock::Action),
     Unknown,
 }
 
@@ -191,7 +199,11 @@ impl Route {
     fn of(method: &Method, path: &str) -> Self {
         let path = path.trim_end_matches('/');
         if *method == Method::POST {
-            if path.ends_with("/chat/completions") {
+            if let Some(m) = gemini::Method::of(path) {
+                Self::Gemini(m)
+            } else if let Some(a) = bedrock::Action::of(path) {
+                Self::Bedrock(a)
+            } else if path.ends_with("/chat/completions") {
                 Self::ChatCompletions
             } else if path.ends_with("/embeddings") {
                 Self::Embeddings
@@ -242,6 +254,9 @@ async fn handle(
     let anthropic_models = parts.headers.contains_key("anthropic-version");
     let unknown = matches!(route, Route::Unknown)
         .then(|| (parts.method.to_string(), parts.uri.path().to_owned()));
+    // Gemini and Bedrock answers depend on the auth headers and the model in the path.
+    let native = matches!(route, Route::Gemini(_) | Route::Bedrock(_))
+        .then(|| (parts.headers.clone(), parts.uri.path().to_owned()));
 
     if let Some(recorder) = &state.recorder {
         recorder.push(Record {
@@ -268,6 +283,14 @@ async fn handle(
         Route::Models => openai::models(&ctx),
         Route::Messages => anthropic::messages(&ctx, &body),
         Route::CountTokens => anthropic::count_tokens(&ctx, &body),
+        Route::Gemini(m) => {
+            let (headers, path) = native.unwrap_or_default();
+            gemini::handle(&ctx, m, &path, &headers, &body)
+        }
+        Route::Bedrock(a) => {
+            let (headers, path) = native.unwrap_or_default();
+            bedrock::handle(&ctx, a, &path, &headers, &body)
+        }
         Route::Unknown => {
             let (method, path) = unknown.unwrap_or_default();
             openai::unknown_route(&ctx, &method, &path)

@@ -10,10 +10,11 @@ use anyhow::Context;
 use clap::Parser;
 use sidegate_mock_provider::{Options, serve_with_shutdown};
 
-const ABOUT: &str = "Local mock LLM provider speaking the OpenAI and Anthropic wire formats";
+const ABOUT: &str =
+    "Local mock LLM provider speaking the OpenAI, Anthropic, Gemini and Bedrock wire formats";
 
 const LONG_ABOUT: &str = "\
-Local mock LLM provider speaking the OpenAI and Anthropic wire formats, for sidegate's
+Local mock LLM provider speaking the OpenAI, Anthropic, Gemini and Bedrock wire formats, for sidegate's
 tests, demo and benchmarks. HTTP/1.1 (keep-alive) and h2c on one port.
 
 After binding it prints exactly one line to stdout, `listening on 127.0.0.1:PORT`, then
@@ -25,6 +26,10 @@ Routes (matched on the path suffix, so any provider prefix works):
   GET  .../models                 model list (Anthropic shape if anthropic-version is sent)
   POST .../messages               Anthropic Message; Anthropic SSE with \"stream\": true
   POST .../messages/count_tokens  Anthropic token count
+  POST .../models/M:generateContent, :streamGenerateContent, :batchEmbedContents, :predict
+                                  Gemini (AI Studio, Vertex); needs x-goog-api-key or Authorization
+  POST .../model/ID/converse, /converse-stream, /invoke
+                                  Bedrock (event-stream framing); needs a SigV4 Authorization
   GET|DELETE /__mock/requests     recorded requests, oldest first / clear them
   GET|DELETE /__mock/stats        counters (requests, streams_cancelled, ...) / reset them
 

@@ -416,7 +416,7 @@ pub(crate) fn embeddings(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
 }
 
 /// A deterministic unit vector derived from `input` (FNV-1a seed, splitmix64 stream).
-fn embedding_of(input: &[u8], dims: usize) -> Vec<f32> {
+pub(crate) fn embedding_of(input: &[u8], dims: usize) -> Vec<f32> {
     let mut state = input.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     });

@@ -1,0 +1,276 @@
+//! Google Gemini wire format (AI Studio and Vertex share it): `:generateContent`,
+//! `:streamGenerateContent?alt=sse`, `:embedContent`, `:batchEmbedContents`, and Vertex's
+//! embeddings `:predict`.
+//!
+//! Requests need an `x-goog-api-key` or `Authorization` header (403 otherwise, as Google
+//! answers unregistered callers). With `tools` and a last turn that is not a function
+//! response, the reply is a `functionCall` of the first allowed function; a user text
+//! containing `mock-blocked` gets a prompt blocked for SAFETY; `responseMimeType:
+//! application/json` gets `{"reply": ...}` as the text.
+
+use bytes::Bytes;
+use http::{HeaderMap, Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::Ctx;
+use crate::body::{MockBody, SseBuilder, json_ok, json_response, sse_response, write_json};
+use crate::openai::embedding_of;
+use crate::text;
+
+/// Which Gemini method a path asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Method {
+    Generate,
+    StreamGenerate,
+    Embed,
+    BatchEmbed,
+    Predict,
+}
+
+impl Method {
+    /// The method of a `.../models/{model}:{method}` path.
+    pub(crate) fn of(path: &str) -> Option<Self> {
+        let (_, method) = path.rsplit_once(':')?;
+        match method {
+            "generateContent" => Some(Self::Generate),
+            "streamGenerateContent" => Some(Self::StreamGenerate),
+            "embedContent" => Some(Self::Embed),
+            "batchEmbedContents" => Some(Self::BatchEmbed),
+            "predict" => Some(Self::Predict),
+            _ => None,
+        }
+    }
+}
+
+fn model_of(path: &str) -> &str {
+    let before = path.rsplit_once(':').map_or(path, |(p, _)| p);
+    before.rsplit('/').next().unwrap_or(before)
+}
+
+/// `POST .../models/{model}:{method}`
+pub(crate) fn handle(
+    ctx: &Ctx<'_>,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response<MockBody> {
+    if !headers.contains_key("x-goog-api-key") && !headers.contains_key("authorization") {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.",
+            "PERMISSION_DENIED",
+        );
+    }
+    let model = model_of(path);
+    if let Some(status) = text::status_trigger(model) {
+        let kind = match status.as_u16() {
+            400 => "INVALID_ARGUMENT",
+            401 => "UNAUTHENTICATED",
+            403 => "PERMISSION_DENIED",
+            404 => "NOT_FOUND",
+            429 => "RESOURCE_EXHAUSTED",
+            503 => "UNAVAILABLE",
+            504 => "DEADLINE_EXCEEDED",
+            _ => "INTERNAL",
+        };
+        let message = format!(
+            "mock error: status {} requested by model {model}",
+            status.as_u16()
+        );
+        return error(status, &message, kind);
+    }
+    let req: Value = match text::parse_object(body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid JSON payload received. {e}"),
+                "INVALID_ARGUMENT",
+            );
+        }
+    };
+    match method {
+        Method::Generate | Method::StreamGenerate => generate(ctx, method, model, &req),
+        Method::Embed => {
+            let text = parts_text(req.pointer("/content/parts"));
+            json_ok(&json!({"embedding": {"values": embedding_of(text.as_bytes(), 8)}}))
+        }
+        Method::BatchEmbed => {
+            let list: Vec<Value> = req
+                .get("requests")
+                .and_then(Value::as_array)
+                .map(|rs| {
+                    rs.iter()
+                        .map(|r| {
+                            let text = parts_text(r.pointer("/content/parts"));
+                            let dims = r
+                                .get("outputDimensionality")
+                                .and_then(Value::as_u64)
+                                .map_or(8, |d| d.clamp(1, 4096) as usize);
+                            json!({"values": embedding_of(text.as_bytes(), dims)})
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            json_ok(&json!({"embeddings": list}))
+        }
+        Method::Predict => {
+            let list: Vec<Value> = req
+                .get("instances")
+                .and_then(Value::as_array)
+                .map(|is| {
+                    is.iter()
+                        .map(|i| {
+                            let text = i.get("content").and_then(Value::as_str).unwrap_or("");
+                            json!({"embeddings": {"values": embedding_of(text.as_bytes(), 8),
+                                "statistics": {"token_count": text::words(text), "truncated": false}}})
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            json_ok(&json!({"predictions": list}))
+        }
+    }
+}
+
+/// Text parts of a `parts` array, joined with a space.
+fn parts_text(parts: Option<&Value>) -> String {
+    parts
+        .and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response<MockBody> {
+    let contents = req
+        .get("contents")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let last_user = contents
+        .iter()
+        .rev()
+        .find(|c| c.get("role").and_then(Value::as_str) != Some("model"));
+    let last_parts = last_user.and_then(|c| c.get("parts"));
+    let user_text = parts_text(last_parts);
+    let prompt_tokens: u64 = contents
+        .iter()
+        .map(|c| text::words(&parts_text(c.get("parts"))))
+        .sum();
+    if user_text.contains("mock-blocked") {
+        let body = json!({"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": []},
+            "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens},
+            "modelVersion": model});
+        return if method == Method::StreamGenerate {
+            let mut sse = SseBuilder::with_capacity(1);
+            sse.raw(&sse_data(&body));
+            sse_response(sse.finish(), ctx.chunk_delay, ctx.stats)
+        } else {
+            json_ok(&body)
+        };
+    }
+    let function_response = last_parts
+        .and_then(Value::as_array)
+        .and_then(|ps| ps.iter().find_map(|p| p.get("functionResponse")));
+    let call = match function_response {
+        Some(_) => None,
+        None => function_to_call(req),
+    };
+    let reply = match function_response {
+        Some(fr) => format!(
+            "mock reply to tool result: {}",
+            fr.get("response").map(Value::to_string).unwrap_or_default()
+        ),
+        None => text::reply_to(&user_text),
+    };
+    let json_mode =
+        req.pointer("/generationConfig/responseMimeType") == Some(&json!("application/json"));
+    let reply = if json_mode {
+        json!({"reply": reply}).to_string()
+    } else {
+        reply
+    };
+    let output_tokens = text::words(&reply);
+    let usage = |out: u64| {
+        json!({"promptTokenCount": prompt_tokens, "candidatesTokenCount": out,
+        "totalTokenCount": prompt_tokens + out})
+    };
+    let response_id = format!("mock-resp-{}", ctx.id);
+    if let Some(name) = call {
+        let part = json!({"functionCall": {"name": name, "args": {"text": user_text}}});
+        let body = json!({"candidates": [{"content": {"role": "model", "parts": [part]},
+            "finishReason": "STOP", "index": 0}], "usageMetadata": usage(3),
+            "modelVersion": model, "responseId": response_id});
+        return if method == Method::StreamGenerate {
+            let mut sse = SseBuilder::with_capacity(1);
+            sse.raw(&sse_data(&body));
+            sse_response(sse.finish(), ctx.chunk_delay, ctx.stats)
+        } else {
+            json_ok(&body)
+        };
+    }
+    if method == Method::StreamGenerate {
+        let pieces = text::stream_pieces(&reply);
+        let mut sse = SseBuilder::with_capacity(pieces.len());
+        let mut sent = 0u64;
+        let last = pieces.len().saturating_sub(1);
+        for (i, piece) in pieces.iter().enumerate() {
+            sent += text::words(piece);
+            let mut candidate =
+                json!({"content": {"role": "model", "parts": [{"text": piece}]}, "index": 0});
+            if i == last {
+                candidate["finishReason"] = json!("STOP");
+            }
+            sse.raw(&sse_data(
+                &json!({"candidates": [candidate], "usageMetadata": usage(sent),
+                "modelVersion": model, "responseId": response_id}),
+            ));
+        }
+        return sse_response(sse.finish(), ctx.chunk_delay, ctx.stats);
+    }
+    json_ok(
+        &json!({"candidates": [{"content": {"role": "model", "parts": [{"text": reply}]},
+        "finishReason": "STOP", "index": 0}], "usageMetadata": usage(output_tokens),
+        "modelVersion": model, "responseId": response_id}),
+    )
+}
+
+/// The function the mock calls: the only allowed one, else the first declared one.
+fn function_to_call(req: &Value) -> Option<String> {
+    let config = req.pointer("/toolConfig/functionCallingConfig");
+    if config.and_then(|c| c.get("mode")).and_then(Value::as_str) == Some("NONE") {
+        return None;
+    }
+    if let Some(name) = config
+        .and_then(|c| c.pointer("/allowedFunctionNames/0"))
+        .and_then(Value::as_str)
+    {
+        return Some(name.to_owned());
+    }
+    req.pointer("/tools/0/functionDeclarations/0/name")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+}
+
+/// One SSE event as Google sends them (`data: ...` and CRLF line ends).
+fn sse_data(v: &Value) -> Vec<u8> {
+    let mut buf = b"data: ".to_vec();
+    write_json(&mut buf, v);
+    buf.extend_from_slice(b"\r\n\r\n");
+    buf
+}
+
+fn error(status: StatusCode, message: &str, kind: &str) -> Response<MockBody> {
+    let mut buf = Vec::with_capacity(128 + message.len());
+    write_json(
+        &mut buf,
+        &json!({"error": {"code": status.as_u16(), "message": message, "status": kind}}),
+    );
+    json_response(status, Bytes::from(buf))
+}

@@ -1,0 +1,443 @@
+"""The official openai SDK against /compat: one OpenAI API translated to Anthropic, Gemini
+(AI Studio and Vertex), Bedrock (SigV4, event stream) and OpenAI-compatible mock upstreams."""
+
+import base64
+import json
+import struct
+
+import httpx
+import openai
+import pytest
+
+from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
+
+GOOGLE_KEY = f"AIza-{KEY_MARKER}-google"
+VERTEX_TOKEN = f"ya29.{KEY_MARKER}-vertex"
+AWS_SECRET = f"{KEY_MARKER}-aws-secret"
+AWS_SESSION = f"{KEY_MARKER}-aws-session"
+BEDROCK_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def compat_yaml(mock_url):
+    extra = (
+        f"    google-ai-studio: {{baseURL: '{mock_url}'}}\n"
+        f"    google-vertex-ai: {{baseURL: '{mock_url}'}}\n"
+        f"    aws-bedrock: {{baseURL: '{mock_url}'}}\n"
+    )
+    return gateway_yaml(mock_url, extra_spec=extra)
+
+
+COMPAT_KEYS = dict(
+    DEFAULT_KEYS,
+    **{
+        "google-ai-studio.default": GOOGLE_KEY,
+        "google-vertex-ai.default": VERTEX_TOKEN,
+        "aws-bedrock.default": json.dumps(
+            {"accessKeyId": "AKIDMOCK", "secretAccessKey": AWS_SECRET, "sessionToken": AWS_SESSION, "region": "eu-west-1"}
+        ),
+    },
+)
+
+
+@pytest.fixture
+def gw(mock, tmp_path):
+    g = Sidegate(tmp_path, compat_yaml(mock.url), COMPAT_KEYS)
+    mock.clear()
+    yield g
+    g.stop()
+
+
+def client(gateway, path="/compat", **kw):
+    return openai.OpenAI(base_url=gateway.url + path, api_key="placeholder-from-app", max_retries=0, **kw)
+
+
+def ask(c, model, text="hello there", **kw):
+    return c.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **kw)
+
+
+def stream_text(stream):
+    chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    return text, chunks
+
+
+def streamed_tool_calls(chunks):
+    calls = {}
+    for ch in chunks:
+        for choice in ch.choices:
+            for tc in choice.delta.tool_calls or []:
+                call = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+                if tc.id:
+                    call["id"] = tc.id
+                if tc.function and tc.function.name:
+                    call["name"] = tc.function.name
+                if tc.function and tc.function.arguments:
+                    call["arguments"] += tc.function.arguments
+    return [calls[i] for i in sorted(calls)]
+
+
+def finish_reasons(chunks):
+    return [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason]
+
+
+# --- Anthropic ---------------------------------------------------------------------------
+
+
+def test_anthropic_plain_completion_with_system_prompt_and_stored_key(gw, mock):
+    out = client(gw).chat.completions.create(
+        model="anthropic/claude-sonnet-4-5",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello claude"}],
+        stop=["END"],
+        temperature=0.3,
+    )
+    assert out.object == "chat.completion"
+    assert out.choices[0].message.content == "mock reply to: hello claude"
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.prompt_tokens > 0 and out.usage.completion_tokens > 0
+    seen = mock.last()
+    assert seen["path"] == "/v1/messages"
+    assert seen["headers"]["x-api-key"] == ANTHROPIC_KEY
+    assert seen["headers"]["anthropic-version"] == "2023-06-01"
+    assert "authorization" not in seen["headers"], "the app's placeholder key never goes upstream"
+    body = json.loads(seen["body"])
+    assert body["model"] == "claude-sonnet-4-5"
+    assert body["system"] == "be brief"
+    assert body["max_tokens"] == 4096
+    assert body["stop_sequences"] == ["END"]
+    assert body["temperature"] == 0.3
+
+
+def test_anthropic_stream_translates_events_to_chunks_with_usage_last(gw, mock):
+    stream = ask(client(gw), "anthropic/claude-sonnet-4-5", "stream a few words", stream=True,
+                 stream_options={"include_usage": True})
+    text, chunks = stream_text(stream)
+    assert text == "mock reply to: stream a few words"
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert finish_reasons(chunks) == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert json.loads(mock.last()["body"])["stream"] is True
+
+
+def test_anthropic_tool_call_round_trip(gw, mock):
+    c = client(gw)
+    first = c.chat.completions.create(
+        model="anthropic/claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"text": "weather in Paris?"}
+    body = json.loads(mock.last()["body"])
+    assert body["tools"][0]["input_schema"] == WEATHER_TOOL["function"]["parameters"]
+    assert body["tool_choice"] == {"type": "tool", "name": "get_weather"}
+
+    second = c.chat.completions.create(
+        model="anthropic/claude-sonnet-4-5",
+        messages=[
+            {"role": "user", "content": "weather in Paris?"},
+            first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "21C and sunny"},
+        ],
+        tools=[WEATHER_TOOL],
+    )
+    assert second.choices[0].message.content == "mock reply to tool result: 21C and sunny"
+    sent = json.loads(mock.last()["body"])["messages"]
+    assert sent[1]["content"][0] == {"type": "tool_use", "id": call.id, "name": "get_weather",
+                                     "input": {"text": "weather in Paris?"}}
+    assert sent[2]["content"][0] == {"type": "tool_result", "tool_use_id": call.id, "content": "21C and sunny"}
+
+
+def test_anthropic_streamed_tool_call_arguments_arrive_as_json_deltas(gw):
+    stream = client(gw).chat.completions.create(
+        model="anthropic/claude-sonnet-4-5",
+        messages=[{"role": "user", "content": "weather in Oslo?"}],
+        tools=[WEATHER_TOOL],
+        stream=True,
+    )
+    chunks = list(stream)
+    calls = streamed_tool_calls(chunks)
+    assert len(calls) == 1 and calls[0]["name"] == "get_weather" and calls[0]["id"]
+    assert json.loads(calls[0]["arguments"]) == {"text": "weather in Oslo?"}
+    assert finish_reasons(chunks) == ["tool_calls"]
+
+
+def test_anthropic_response_format_json_schema_comes_back_as_json_content(gw, mock):
+    out = ask(client(gw), "anthropic/claude-sonnet-4-5", "who are you",
+              response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": {"type": "object"}}})
+    assert json.loads(out.choices[0].message.content) == {"text": "who are you"}
+    assert out.choices[0].finish_reason == "stop"
+    assert json.loads(mock.last()["body"])["tool_choice"]["name"] == "json_response"
+
+
+def test_anthropic_errors_are_mapped_to_the_openai_error_shape(gw):
+    with pytest.raises(openai.RateLimitError) as e:
+        ask(client(gw), "anthropic/mock-status-429")
+    body = e.value.response.json()
+    assert body["error"]["type"] == "rate_limit_error"
+    assert "mock error: status 429" in body["error"]["message"]
+
+
+def test_images_as_data_urls_and_links_reach_anthropic_as_image_blocks(gw, mock):
+    client(gw).chat.completions.create(
+        model="anthropic/claude-sonnet-4-5",
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "describe"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        ]}],
+    )
+    blocks = json.loads(mock.last()["body"])["messages"][0]["content"]
+    assert blocks[1]["source"] == {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
+    assert blocks[2]["source"] == {"type": "url", "url": "https://example.com/cat.jpg"}
+
+
+# --- Google Gemini ------------------------------------------------------------------------
+
+
+def test_gemini_plain_completion_uses_generate_content_and_the_google_key(gw, mock):
+    out = client(gw).chat.completions.create(
+        model="google-ai-studio/gemini-2.5-flash",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello gemini"}],
+        max_tokens=100,
+    )
+    assert out.choices[0].message.content == "mock reply to: hello gemini"
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens > 0
+    seen = mock.last()
+    assert seen["path"] == "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert seen["headers"]["x-goog-api-key"] == GOOGLE_KEY
+    body = json.loads(seen["body"])
+    assert body["systemInstruction"] == {"parts": [{"text": "be brief"}]}
+    assert body["contents"] == [{"role": "user", "parts": [{"text": "hello gemini"}]}]
+    assert body["generationConfig"] == {"maxOutputTokens": 100}
+
+
+def test_gemini_stream_uses_alt_sse_and_ends_with_usage(gw, mock):
+    text, chunks = stream_text(ask(client(gw), "google-ai-studio/gemini-2.5-flash", "stream from gemini",
+                                   stream=True, stream_options={"include_usage": True}))
+    assert text == "mock reply to: stream from gemini"
+    assert finish_reasons(chunks) == ["stop"]
+    assert chunks[-1].usage.prompt_tokens == 3
+    seen = mock.last()
+    assert seen["path"].endswith(":streamGenerateContent") and seen["query"] == "alt=sse"
+
+
+def test_gemini_function_calls_become_tool_calls_and_results_function_responses(gw, mock):
+    c = client(gw)
+    first = c.chat.completions.create(model="google-ai-studio/gemini-2.5-flash",
+                                      messages=[{"role": "user", "content": "weather in Rome?"}],
+                                      tools=[WEATHER_TOOL], tool_choice="required")
+    call = first.choices[0].message.tool_calls[0]
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and call.id
+    body = json.loads(mock.last()["body"])
+    assert body["tools"] == [{"functionDeclarations": [{"name": "get_weather", "description": "Current weather of a city",
+                                                        "parametersJsonSchema": WEATHER_TOOL["function"]["parameters"]}]}]
+    assert body["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}
+    second = c.chat.completions.create(
+        model="google-ai-studio/gemini-2.5-flash",
+        messages=[{"role": "user", "content": "weather in Rome?"},
+                  first.choices[0].message.model_dump(exclude_none=True),
+                  {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 25}'}],
+        tools=[WEATHER_TOOL])
+    assert second.choices[0].message.content == 'mock reply to tool result: {"temp":25}'
+    contents = json.loads(mock.last()["body"])["contents"]
+    assert contents[2] == {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp": 25}}}]}
+
+
+def test_gemini_safety_blocked_prompt_is_a_content_filter_refusal(gw):
+    out = ask(client(gw), "google-ai-studio/gemini-2.5-flash", "mock-blocked please")
+    assert out.choices[0].finish_reason == "content_filter"
+    assert out.choices[0].message.content is None
+    assert "blockReason SAFETY" in out.choices[0].message.refusal
+    _, chunks = stream_text(ask(client(gw), "google-ai-studio/gemini-2.5-flash", "mock-blocked", stream=True))
+    assert finish_reasons(chunks) == ["content_filter"]
+
+
+def test_gemini_errors_are_mapped_to_the_openai_error_shape(gw):
+    with pytest.raises(openai.RateLimitError) as e:
+        ask(client(gw), "google-ai-studio/mock-status-429")
+    assert e.value.response.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+
+
+def test_gemini_embeddings_as_floats_and_base64(gw, mock):
+    c = client(gw)
+    out = c.embeddings.create(model="google-ai-studio/text-embedding-004", input=["one", "two"], encoding_format="float")
+    assert [d.index for d in out.data] == [0, 1]
+    assert len(out.data[0].embedding) == 8
+    assert mock.last()["path"] == "/v1beta/models/text-embedding-004:batchEmbedContents"
+    default = c.embeddings.create(model="google-ai-studio/text-embedding-004", input="one")  # SDK asks for base64
+    assert default.data[0].embedding == pytest.approx(out.data[0].embedding, rel=1e-6)
+
+
+def test_vertex_uses_the_project_region_path_and_a_bearer_token(gw, mock):
+    out = ask(client(gw), "google-vertex-ai/my-proj/us-central1/gemini-2.5-flash", "hello vertex")
+    assert out.choices[0].message.content == "mock reply to: hello vertex"
+    seen = mock.last()
+    assert seen["path"] == "/v1/projects/my-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
+    assert seen["headers"]["authorization"] == f"Bearer {VERTEX_TOKEN}"
+    emb = client(gw).embeddings.create(model="google-vertex-ai/my-proj/us-central1/text-embedding-005", input="x")
+    assert len(emb.data[0].embedding) == 8 and emb.usage.prompt_tokens == 1
+    assert mock.last()["path"].endswith("text-embedding-005:predict")
+
+
+# --- AWS Bedrock --------------------------------------------------------------------------
+
+
+def test_bedrock_converse_is_signed_with_sigv4_by_the_gateway(gw, mock):
+    out = ask(client(gw), f"aws-bedrock/us-east-1/{BEDROCK_MODEL}", "hello bedrock", max_tokens=50)
+    assert out.choices[0].message.content == "mock reply to: hello bedrock"
+    assert out.choices[0].finish_reason == "stop"
+    assert out.usage.completion_tokens > 0
+    seen = mock.last()
+    assert seen["path"] == "/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"
+    auth = seen["headers"]["authorization"]
+    assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKIDMOCK/") and "/us-east-1/bedrock/aws4_request" in auth
+    assert seen["headers"]["x-amz-security-token"] == AWS_SESSION
+    assert seen["headers"]["x-amz-date"]
+    assert json.loads(seen["body"])["inferenceConfig"] == {"maxTokens": 50}
+
+
+def test_bedrock_region_defaults_to_the_key_file(gw, mock):
+    ask(client(gw), f"aws-bedrock/{BEDROCK_MODEL}")
+    assert "/eu-west-1/bedrock/aws4_request" in mock.last()["headers"]["authorization"]
+
+
+def test_bedrock_converse_stream_event_frames_become_chunks(gw, mock):
+    text, chunks = stream_text(ask(client(gw), f"aws-bedrock/us-east-1/{BEDROCK_MODEL}", "stream from bedrock",
+                                   stream=True, stream_options={"include_usage": True}))
+    assert text == "mock reply to: stream from bedrock"
+    assert finish_reasons(chunks) == ["stop"]
+    assert chunks[-1].usage.prompt_tokens == 3
+    assert mock.last()["path"].endswith("/converse-stream")
+
+
+def test_bedrock_streamed_tool_use(gw, mock):
+    chunks = list(client(gw).chat.completions.create(
+        model=f"aws-bedrock/us-east-1/{BEDROCK_MODEL}", messages=[{"role": "user", "content": "weather in Lima?"}],
+        tools=[WEATHER_TOOL], stream=True))
+    calls = streamed_tool_calls(chunks)
+    assert [c["name"] for c in calls] == ["get_weather"]
+    assert json.loads(calls[0]["arguments"]) == {"text": "weather in Lima?"}
+    assert finish_reasons(chunks) == ["tool_calls"]
+    tool_config = json.loads(mock.last()["body"])["toolConfig"]
+    assert tool_config["tools"][0]["toolSpec"]["inputSchema"] == {"json": WEATHER_TOOL["function"]["parameters"]}
+
+
+def test_bedrock_errors_are_mapped_to_the_openai_error_shape(gw):
+    with pytest.raises(openai.RateLimitError) as e:
+        ask(client(gw), "aws-bedrock/us-east-1/mock-status-429")
+    err = e.value.response.json()["error"]
+    assert err["code"] == "ThrottlingException" and "status 429" in err["message"]
+
+
+def test_bedrock_embeddings_titan_and_cohere(gw, mock):
+    c = client(gw)
+    titan = c.embeddings.create(model="aws-bedrock/us-east-1/amazon.titan-embed-text-v2:0", input="hello", dimensions=8)
+    assert len(titan.data[0].embedding) == 8 and titan.usage.prompt_tokens == 1
+    assert json.loads(mock.last()["body"]) == {"inputText": "hello", "dimensions": 8}
+    cohere = c.embeddings.create(model="aws-bedrock/us-east-1/cohere.embed-english-v3", input=["a", "b"])
+    assert len(cohere.data) == 2
+    assert mock.last()["path"] == "/model/cohere.embed-english-v3/invoke"
+
+
+# --- OpenAI-compatible providers ---------------------------------------------------------
+
+
+def test_openai_compatible_providers_get_the_model_rewritten_and_the_response_unchanged(gw, mock):
+    out = ask(client(gw), "openai/gpt-4o-mini", "hello openai")
+    assert out.id.startswith("chatcmpl-mock-")
+    seen = mock.last()
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert json.loads(seen["body"])["model"] == "gpt-4o-mini"
+    text, _ = stream_text(ask(client(gw), "groq/llama-3.3-70b", "groq stream", stream=True))
+    assert text == "mock reply to: groq stream"
+    assert mock.last()["path"] == "/openai/v1/chat/completions"
+    emb = client(gw).embeddings.create(model="openai/text-embedding-3-small", input="x")
+    assert len(emb.data[0].embedding) == 8
+
+
+# --- Gateway errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model, needle", [
+    ("gpt-4o", "{provider}/{model}"),
+    ("nosuch/model-x", "unknown provider"),
+    ("dynamic/support", "dynamic routes"),
+])
+def test_bad_model_strings_are_400_in_the_spec_envelope(gw, mock, model, needle):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(gw), model)
+    body = e.value.response.json()
+    assert body["success"] is False and body["error"][0]["code"] == 2107
+    assert needle in body["error"][0]["message"]
+    assert mock.requests() == []
+
+
+def test_fields_a_provider_cannot_express_are_400_naming_the_field(gw, mock):
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(gw), "anthropic/claude-sonnet-4-5", presence_penalty=0.5)
+    assert "presence_penalty" in e.value.response.json()["error"][0]["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(gw), "anthropic/claude-sonnet-4-5", n=2)
+    assert "field n " in e.value.response.json()["error"][0]["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client(gw).embeddings.create(model="anthropic/claude-sonnet-4-5", input="x")
+    assert "has no embeddings" in e.value.response.json()["error"][0]["message"]
+    assert mock.requests() == []
+
+
+def test_unknown_fields_are_kept_where_the_provider_accepts_them(gw, mock):
+    ask(client(gw), "anthropic/claude-sonnet-4-5", extra_body={"top_k": 4})
+    assert json.loads(mock.last()["body"])["top_k"] == 4
+    ask(client(gw), "google-ai-studio/gemini-2.5-flash",
+        extra_body={"safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]})
+    assert json.loads(mock.last()["body"])["safetySettings"][0]["threshold"] == "BLOCK_NONE"
+
+
+def test_long_form_and_byok_alias(gw, mock):
+    out = ask(client(gw, path="/v1/acct-1/main/compat"), "anthropic/claude-sonnet-4-5", "long form")
+    assert out.choices[0].message.content == "mock reply to: long form"
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(gw, default_headers={"cf-aig-byok-alias": "nope"}), f"aws-bedrock/{BEDROCK_MODEL}")
+    assert e.value.response.json()["error"][0]["code"] == 2040
+
+
+def test_without_a_stored_key_the_apps_own_key_goes_in_the_providers_header(mock, tmp_path):
+    g = Sidegate(tmp_path, compat_yaml(mock.url), {})
+    try:
+        c = openai.OpenAI(base_url=g.url + "/compat", api_key=f"{KEY_MARKER}-apps-own", max_retries=0)
+        ask(c, "google-ai-studio/gemini-2.5-flash")
+        assert mock.last()["headers"]["x-goog-api-key"] == f"{KEY_MARKER}-apps-own"
+        ask(c, "anthropic/claude-sonnet-4-5")
+        assert mock.last()["headers"]["x-api-key"] == f"{KEY_MARKER}-apps-own"
+        with pytest.raises(openai.BadRequestError) as e:
+            ask(c, f"aws-bedrock/{BEDROCK_MODEL}")
+        assert "aws-bedrock.default" in e.value.response.json()["error"][0]["message"]
+    finally:
+        g.stop()
+
+
+def test_passthrough_routes_are_unchanged_by_compat(gw, mock):
+    r = httpx.post(gw.url + "/anthropic/v1/messages",
+                   json={"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "raw"}]})
+    assert r.json()["type"] == "message"
+
+
+def test_no_key_reaches_the_gateway_log(gw):
+    ask(client(gw), f"aws-bedrock/us-east-1/{BEDROCK_MODEL}")
+    ask(client(gw), "google-ai-studio/gemini-2.5-flash")
+    assert KEY_MARKER not in gw.logs()
