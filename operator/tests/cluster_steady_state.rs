@@ -57,6 +57,10 @@ async fn a_steady_state_makes_no_writes_when_reconciled_again() {
     })
     .await;
     let writes = metrics.writes_total(CONTROLLER);
+    assert!(
+        writes >= 3,
+        "the first render wrote the ConfigMap, the Secret and the status"
+    );
     let reconciles = metrics.reconciles_total(CONTROLLER, "ok");
     let cm_version = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
         .get("sidegate-steady")
