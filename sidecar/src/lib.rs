@@ -11,8 +11,9 @@
 //! - [`error`]: gateway-made errors in the SPEC.md envelope.
 //! - [`log_id`]: request ids (`cf-aig-log-id`).
 //! - [`reload`]: live reload on file changes.
-//! - [`server`], [`admin`], [`telemetry`]: listeners, health and metrics.
+//! - [`server`], [`admin`], [`telemetry`], [`access_log`]: listeners, health, metrics, request log.
 
+pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod compat;

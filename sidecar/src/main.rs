@@ -91,6 +91,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(args.log_format);
+    sidegate::access_log::init(match args.log_format {
+        LogFormat::Text => sidegate::access_log::Format::Text,
+        LogFormat::Json => sidegate::access_log::Format::Json,
+    });
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads.into())
         .enable_all()
@@ -102,7 +106,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = runtime.block_on(run(args));
+    sidegate::access_log::flush();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "sidegate stopped");

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
@@ -76,6 +79,7 @@ pub async fn watch(gw: Arc<Gateway>, src: Sources) {
         }
     }
     let mut last_error: Option<String> = None;
+    let mut last_signature = signature(&src);
     loop {
         tokio::select! {
             ev = rx.recv() => {
@@ -86,10 +90,44 @@ pub async fn watch(gw: Arc<Gateway>, src: Sources) {
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
             }
-            () = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(POLL) => {
+                // The poll only stats the files; it loads them when something changed.
+                if signature(&src) == last_signature {
+                    continue;
+                }
+            }
         }
+        last_signature = signature(&src);
         reload_once(&gw, &src, &mut last_error).await;
     }
+}
+
+/// A cheap fingerprint of the sources' file metadata (size, mtime, inode of every file, and
+/// kubelet's `..data` link target).
+fn signature(src: &Sources) -> u64 {
+    let mut h = DefaultHasher::new();
+    let mut add = |path: &Path| {
+        path.hash(&mut h);
+        if let Ok(m) = std::fs::metadata(path) {
+            (m.len(), m.mtime(), m.mtime_nsec(), m.ino()).hash(&mut h);
+        }
+        if let Ok(target) = std::fs::read_link(path) {
+            target.hash(&mut h);
+        }
+    };
+    add(&src.config);
+    if let Some(dir) = &src.keys_dir {
+        add(&dir.join("..data"));
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            let mut paths: Vec<PathBuf> =
+                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            paths.sort();
+            for p in paths {
+                add(&p);
+            }
+        }
+    }
+    h.finish()
 }
 
 /// Loads the sources once; installs them if valid and different from what serves.

@@ -218,17 +218,16 @@ impl RequestRecord {
             self.metrics.streams_cancelled.get_or_create(&labels).inc();
         }
         if self.log {
-            tracing::info!(
-                log_id = %self.log_id,
-                provider = %self.provider,
-                method = %self.method,
-                path = %self.path,
-                status = self.status,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                bytes = self.bytes,
+            crate::access_log::write(&crate::access_log::Entry {
+                log_id: &self.log_id,
+                provider: &self.provider,
+                method: self.method.as_str(),
+                path: &self.path,
+                status: self.status,
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                bytes: self.bytes,
                 outcome,
-                "request"
-            );
+            });
         }
     }
 }

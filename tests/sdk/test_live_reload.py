@@ -24,10 +24,7 @@ def wait_for(cond, timeout, what):
 
 def test_rotating_a_key_by_symlink_swap_under_load_loses_no_request(mock, tmp_path):
     g = Sidegate(tmp_path, gateway_yaml(mock.url))
-    kubelet.write(g.keys_dir, DEFAULT_KEYS)
-    wait_for(lambda: reload_count(g, "success") >= 1, 5, "initial keys not loaded")
-    mock.clear()
-    failures, done, sent = [], threading.Event(), [0]
+    failures, done, sent, threads = [], threading.Event(), [0], []
 
     def load():
         with httpx.Client(timeout=10) as c:
@@ -40,10 +37,13 @@ def test_rotating_a_key_by_symlink_swap_under_load_loses_no_request(mock, tmp_pa
                     failures.append(repr(e))
                 sent[0] += 1
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
     try:
+        kubelet.write(g.keys_dir, DEFAULT_KEYS)
+        wait_for(lambda: reload_count(g, "success") >= 1, 5, "initial keys not loaded")
+        mock.clear()
+        threads.extend(threading.Thread(target=load) for _ in range(4))
+        for t in threads:
+            t.start()
         time.sleep(0.5)
         new_key = f"sk-{KEY_MARKER}-openai-rotated"
         swapped_at = time.monotonic()

@@ -1,0 +1,244 @@
+//! The per-request access log: one line per request, text for people or JSON for pipelines.
+//!
+//! Lines are formatted by hand (no `fmt` machinery per field) into a shared buffer that a
+//! background thread flushes to stderr every [`FLUSH_EVERY`] (or at once when it grows past
+//! [`FLUSH_AT`]), so a request costs neither a `tracing` event nor a write syscall. Keys never
+//! reach this module: lines carry provider id, method, path without query, status, sizes, time.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Longest time a line waits in the buffer.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// Buffer size that triggers an immediate flush by the writing request.
+pub const FLUSH_AT: usize = 64 * 1024;
+
+/// Line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `2026-01-01T00:00:00.000000Z  INFO request log_id=... provider=openai ...`
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One finished request.
+pub struct Entry<'a> {
+    /// Request id (`cf-aig-log-id`).
+    pub log_id: &'a str,
+    /// Provider id.
+    pub provider: &'a str,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Provider path, without query.
+    pub path: &'a str,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Milliseconds from request to end of body.
+    pub duration_ms: f64,
+    /// Response body bytes.
+    pub bytes: u64,
+    /// `complete`, `cancelled` or `upstream_error`.
+    pub outcome: &'a str,
+}
+
+struct Sink {
+    format: Format,
+    buf: Mutex<String>,
+}
+
+static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
+
+/// Starts the flusher thread; lines written before this are dropped.
+pub fn init(format: Format) {
+    let sink = Arc::new(Sink {
+        format,
+        buf: Mutex::new(String::with_capacity(FLUSH_AT)),
+    });
+    if SINK.set(sink.clone()).is_ok() {
+        let _ = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(FLUSH_EVERY);
+                    flush_sink(&sink);
+                }
+            });
+    }
+}
+
+/// Writes out whatever is buffered (at shutdown).
+pub fn flush() {
+    if let Some(s) = SINK.get() {
+        flush_sink(s);
+    }
+}
+
+fn flush_sink(sink: &Sink) {
+    let out = {
+        let Ok(mut b) = sink.buf.lock() else { return };
+        if b.is_empty() {
+            return;
+        }
+        std::mem::replace(&mut *b, String::with_capacity(FLUSH_AT))
+    };
+    let _ = std::io::stderr().lock().write_all(out.as_bytes());
+}
+
+/// Records one request.
+pub fn write(e: &Entry<'_>) {
+    let Some(sink) = SINK.get() else { return };
+    let flush_now = {
+        let Ok(mut b) = sink.buf.lock() else { return };
+        match sink.format {
+            Format::Text => text_line(&mut b, e),
+            Format::Json => json_line(&mut b, e),
+        }
+        b.len() >= FLUSH_AT
+    };
+    if flush_now {
+        flush_sink(sink);
+    }
+}
+
+fn text_line(b: &mut String, e: &Entry<'_>) {
+    timestamp(b, SystemTime::now());
+    b.push_str("  INFO request log_id=");
+    b.push_str(e.log_id);
+    b.push_str(" provider=");
+    b.push_str(e.provider);
+    b.push_str(" method=");
+    b.push_str(e.method);
+    b.push_str(" path=");
+    // Request paths are visible ASCII without spaces: the HTTP parser refuses anything else.
+    b.push_str(e.path);
+    let _ = write!(
+        b,
+        " status={} duration_ms={:.3} bytes={} outcome={}\n",
+        e.status, e.duration_ms, e.bytes, e.outcome
+    );
+}
+
+fn json_line(b: &mut String, e: &Entry<'_>) {
+    b.push_str("{\"timestamp\":\"");
+    timestamp(b, SystemTime::now());
+    b.push_str("\",\"level\":\"INFO\",\"message\":\"request\",\"log_id\":\"");
+    b.push_str(e.log_id);
+    b.push_str("\",\"provider\":");
+    json_str(b, e.provider);
+    b.push_str(",\"method\":");
+    json_str(b, e.method);
+    b.push_str(",\"path\":");
+    json_str(b, e.path);
+    let _ = write!(
+        b,
+        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":\"{}\"}}\n",
+        e.status, e.duration_ms, e.bytes, e.outcome
+    );
+}
+
+/// Appends `s` as a JSON string.
+fn json_str(b: &mut String, s: &str) {
+    b.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => b.push_str("\\\""),
+            '\\' => b.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(b, "\\u{:04x}", c as u32);
+            }
+            c => b.push(c),
+        }
+    }
+    b.push('"');
+}
+
+/// Appends an RFC 3339 UTC timestamp with microseconds.
+fn timestamp(b: &mut String, t: SystemTime) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (y, m, day) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    let _ = write!(
+        b,
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_micros()
+    );
+}
+
+/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> Entry<'static> {
+        Entry {
+            log_id: "01ABC",
+            provider: "openai",
+            method: "POST",
+            path: "chat/\"completions",
+            status: 200,
+            duration_ms: 1.5,
+            bytes: 10,
+            outcome: "complete",
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let mut b = String::new();
+        timestamp(
+            &mut b,
+            UNIX_EPOCH + Duration::from_micros(1_795_646_428_555_485),
+        );
+        assert_eq!(b, "2026-11-25T22:40:28.555485Z");
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn json_lines_parse_and_escape_the_path() {
+        let mut b = String::new();
+        json_line(&mut b, &entry());
+        let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
+        assert_eq!(v["path"], "chat/\"completions");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["message"], "request");
+    }
+
+    #[test]
+    fn text_lines_name_every_field() {
+        let mut b = String::new();
+        text_line(&mut b, &entry());
+        for f in [
+            "log_id=01ABC",
+            "provider=openai",
+            "method=POST",
+            "status=200",
+            "duration_ms=1.500",
+            "bytes=10",
+            "outcome=complete",
+        ] {
+            assert!(b.contains(f), "{b}");
+        }
+        assert!(b.ends_with('\n'));
+    }
+}
