@@ -60,9 +60,19 @@ fn watch_dirs(src: &Sources) -> Vec<PathBuf> {
 /// Watches the sources and reloads on change, forever.
 pub async fn watch(gw: Arc<Gateway>, src: Sources) {
     let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let relevant = src.clone();
     let mut watcher = match notify::recommended_watcher(
-        move |_res: notify::Result<notify::Event>| {
-            let _ = tx.send(());
+        move |res: notify::Result<notify::Event>| {
+            // Other files in the config's directory (a log file, say) must not cause reloads.
+            let wanted = match &res {
+                Ok(ev) => {
+                    ev.paths.is_empty() || ev.paths.iter().any(|p| is_source_path(&relevant, p))
+                }
+                Err(_) => true,
+            };
+            if wanted {
+                let _ = tx.send(());
+            }
         },
     ) {
         Ok(w) => Some(w),
@@ -100,6 +110,22 @@ pub async fn watch(gw: Arc<Gateway>, src: Sources) {
         last_signature = signature(&src);
         reload_once(&gw, &src, &mut last_error).await;
     }
+}
+
+/// Whether a changed path can affect the loaded config: the config file itself, kubelet's
+/// `..data` bookkeeping, or anything in the keys directory.
+fn is_source_path(src: &Sources, path: &Path) -> bool {
+    let name_is_bookkeeping = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(".."));
+    path == src.config
+        || path.file_name() == src.config.file_name() && path.parent() == src.config.parent()
+        || name_is_bookkeeping
+        || src
+            .keys_dir
+            .as_deref()
+            .is_some_and(|k| path.parent() == Some(k))
 }
 
 /// A cheap fingerprint of the sources' file metadata (size, mtime, inode of every file, and
@@ -163,5 +189,30 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                 *last_error = Some(msg);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_config_keys_and_kubelet_paths_trigger_reloads() {
+        let src = Sources {
+            config: PathBuf::from("/etc/sg/gateway.yaml"),
+            keys_dir: Some(PathBuf::from("/etc/sg-keys")),
+        };
+        assert!(is_source_path(&src, Path::new("/etc/sg/gateway.yaml")));
+        assert!(is_source_path(&src, Path::new("/etc/sg/..data")));
+        assert!(is_source_path(
+            &src,
+            Path::new("/etc/sg/..2026_01_01_00_00_00.123")
+        ));
+        assert!(is_source_path(
+            &src,
+            Path::new("/etc/sg-keys/openai.default")
+        ));
+        assert!(!is_source_path(&src, Path::new("/etc/sg/sidegate.log")));
+        assert!(!is_source_path(&src, Path::new("/etc/sg/gateway.yaml.swp")));
     }
 }
