@@ -584,7 +584,13 @@ impl ProviderTable {
             let scheme = match &p.auth {
                 AuthStyle::Header { scheme, .. } => scheme.as_deref(),
                 AuthStyle::ClientSigned => {
-                    warnings.push(format!("key {pid}.{alias} is unused: {pid} requests are forwarded as signed by the client in this version"));
+                    // Passthrough requests are signed by the client; /compat signs with the key.
+                    let usable = keys.get(pid, alias).is_some_and(|k| {
+                        crate::compat::bedrock::AwsCredentials::parse(k.expose()).is_ok()
+                    });
+                    if !usable {
+                        warnings.push(format!("key {pid}.{alias} is unused: it must be JSON {{\"accessKeyId\", \"secretAccessKey\", \"sessionToken\"?, \"region\"?}} to sign /compat requests"));
+                    }
                     continue;
                 }
             };

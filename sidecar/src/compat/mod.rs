@@ -94,9 +94,17 @@ impl Format {
     }
 }
 
+/// A wire format whose responses are translated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    Anthropic,
+    Google,
+    Bedrock,
+}
+
 /// How the upstream response becomes the client's.
 struct Translation {
-    format: Format,
+    wire: Wire,
     endpoint: Endpoint,
     stream: bool,
     ctx: ResponseCtx,
@@ -104,39 +112,33 @@ struct Translation {
 
 impl Translation {
     fn stream_translator(&self) -> Box<dyn StreamTranslator> {
-        match self.format {
-            Format::Anthropic => Box::new(anthropic::Stream::new(&self.ctx)),
-            Format::Bedrock => Box::new(bedrock::Stream::new(&self.ctx)),
-            Format::Gemini | Format::Vertex | Format::OpenAi => {
-                Box::new(gemini::Stream::new(&self.ctx))
-            }
+        match self.wire {
+            Wire::Anthropic => Box::new(anthropic::Stream::new(&self.ctx)),
+            Wire::Google => Box::new(gemini::Stream::new(&self.ctx)),
+            Wire::Bedrock => Box::new(bedrock::Stream::new(&self.ctx)),
         }
     }
 
     fn body(&self, body: &[u8]) -> Result<Vec<u8>, String> {
-        match (self.format, self.endpoint) {
-            (Format::Anthropic, _) => anthropic::response(body, &self.ctx),
-            (Format::Gemini | Format::Vertex, Endpoint::Chat) => gemini::response(body, &self.ctx),
-            (Format::Gemini | Format::Vertex, Endpoint::Embeddings) => {
-                gemini::embed_response(body, &self.ctx)
-            }
-            (Format::Bedrock, Endpoint::Chat) => bedrock::response(body, &self.ctx),
-            (Format::Bedrock, Endpoint::Embeddings) => bedrock::embed_response(body, &self.ctx),
-            (Format::OpenAi, _) => Ok(body.to_vec()),
+        match (self.wire, self.endpoint) {
+            (Wire::Anthropic, _) => anthropic::response(body, &self.ctx),
+            (Wire::Google, Endpoint::Chat) => gemini::response(body, &self.ctx),
+            (Wire::Google, Endpoint::Embeddings) => gemini::embed_response(body, &self.ctx),
+            (Wire::Bedrock, Endpoint::Chat) => bedrock::response(body, &self.ctx),
+            (Wire::Bedrock, Endpoint::Embeddings) => bedrock::embed_response(body, &self.ctx),
         }
     }
 
     fn error(&self, status: u16, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
-        match self.format {
-            Format::Anthropic => anthropic::error(status, body),
-            Format::Gemini | Format::Vertex => gemini::error(status, body),
-            Format::Bedrock => {
+        match self.wire {
+            Wire::Anthropic => anthropic::error(status, body),
+            Wire::Google => gemini::error(status, body),
+            Wire::Bedrock => {
                 let kind = headers
                     .get("x-amzn-errortype")
                     .and_then(|v| v.to_str().ok());
                 bedrock::error(status, kind, body)
             }
-            Format::OpenAi => body.to_vec(),
         }
     }
 }
@@ -329,7 +331,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
             Ok((
                 new_request(uri, headers, Bytes::from(body)),
                 Some(Translation {
-                    format,
+                    wire: Wire::Anthropic,
                     endpoint: i.endpoint,
                     stream,
                     ctx,
@@ -381,7 +383,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
             Ok((
                 new_request(uri, headers, Bytes::from(body)),
                 Some(Translation {
-                    format,
+                    wire: Wire::Google,
                     endpoint: i.endpoint,
                     stream,
                     ctx,
@@ -447,7 +449,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
             Ok((
                 req,
                 Some(Translation {
-                    format,
+                    wire: Wire::Bedrock,
                     endpoint: i.endpoint,
                     stream,
                     ctx,
