@@ -64,8 +64,10 @@ pub struct ProviderKeySpec {
     /// Where the key value lives. For aws-bedrock the Secret holds `accessKeyId`,
     /// `secretAccessKey` and optionally `sessionToken`, and `key` is not used.
     pub secret_ref: ProviderKeySecretRef,
-    /// Upstream base URL for this provider, replacing SPEC.md's default (https; plain http only
-    /// to in-cluster services unless the `sidegate.dev/allow-insecure-upstream` annotation is "true").
+    /// Upstream base URL of this provider in the gateways that select this key, replacing
+    /// SPEC.md's default; one per provider (all its aliases share it) and a gateway's own
+    /// `providers.<id>.baseURL` wins. https; plain http only to in-cluster services unless the
+    /// `sidegate.dev/allow-insecure-upstream` annotation is "true".
     #[serde(default, rename = "baseURL", skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(max = 2048),

@@ -369,8 +369,13 @@ pub fn controller(client: Client, ctx: Arc<Context>) -> Controller<AIGateway> {
 
 /// Runs the AIGateway controller until shutdown.
 pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
+    // A short debounce folds the burst of triggers one change causes (the gateway, its keys,
+    // its owned objects) into one reconcile.
+    let config = kube::runtime::controller::Config::default()
+        .concurrency(concurrency)
+        .debounce(Duration::from_millis(200));
     controller(client, ctx.clone())
-        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .with_config(config)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -471,3 +471,32 @@ async fn only_one_replica_leads_and_a_released_lease_is_taken_over_at_once() {
         .expect("standby takes over a released lease");
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn kubectl_explain_describes_the_gateway_fields() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let out = std::process::Command::new("kubectl")
+        .args(["explain", "aigateway.spec.cache"])
+        .output()
+        .expect("kubectl explain runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "Response caching.",
+        "backend",
+        "Default time to live (60s .. 30d)",
+        "Upper bound of the memory cache",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
+}

@@ -15,9 +15,13 @@ fn committed_crd_manifests_match_the_generated_ones() {
     for (file, def) in crd::definitions() {
         let generated = crd::to_yaml(&def).expect("CRD serializes");
         let committed = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        if committed != generated {
+            let _ = std::fs::write(std::env::temp_dir().join(file), &generated);
+        }
         assert!(
             committed == generated,
-            "crds/manifests/{file} is stale: run `cargo run -p sidegate-operator -- crd --out-dir crds/manifests` and commit it"
+            "crds/manifests/{file} is stale (generated copy in {}): run `cargo run -p sidegate-operator -- crd --out-dir crds/manifests` and commit it",
+            std::env::temp_dir().join(file).display()
         );
     }
 }
