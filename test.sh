@@ -20,6 +20,7 @@ for pair in curl:curl openssl:openssl python3:python3 ss:iproute2; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+command -v valgrind >/dev/null || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -47,6 +48,9 @@ venv=$(tests/setup-venv)
 
 step "no key in any log"
 tests/scan-logs "$SIDEGATE_TEST_LOG_DIR"
+
+step "performance regression guard (callgrind instructions per request, not wall time)"
+bench/callgrind-guard
 
 echo
 echo "all tests passed in $(( $(date +%s) - started )) s"
