@@ -114,9 +114,9 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
     b.push_str(" path=");
     // Request paths are visible ASCII without spaces: the HTTP parser refuses anything else.
     b.push_str(e.path);
-    let _ = write!(
+    let _ = writeln!(
         b,
-        " status={} duration_ms={:.3} bytes={} outcome={}\n",
+        " status={} duration_ms={:.3} bytes={} outcome={}",
         e.status, e.duration_ms, e.bytes, e.outcome
     );
 }
@@ -132,9 +132,9 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
     json_str(b, e.method);
     b.push_str(",\"path\":");
     json_str(b, e.path);
-    let _ = write!(
+    let _ = writeln!(
         b,
-        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":\"{}\"}}\n",
+        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":\"{}\"}}",
         e.status, e.duration_ms, e.bytes, e.outcome
     );
 }

@@ -94,10 +94,10 @@ impl Body for ProxyBody {
                         }
                         // A body with a known length may not be polled again after its last
                         // byte; it is complete now.
-                        if inner.is_end_stream() {
-                            if let Some(rec) = record.take() {
-                                rec.finish_complete();
-                            }
+                        if inner.is_end_stream()
+                            && let Some(rec) = record.take()
+                        {
+                            rec.finish_complete();
                         }
                     }
                     Poll::Ready(Some(Err(_))) => {

@@ -123,10 +123,10 @@ impl KeyStore {
                 path: dir.to_owned(),
                 source,
             })?;
-            if let Some(name) = entry.file_name().to_str() {
-                if !name.starts_with('.') {
-                    names.push(name.to_owned());
-                }
+            if let Some(name) = entry.file_name().to_str()
+                && !name.starts_with('.')
+            {
+                names.push(name.to_owned());
             }
         }
         names.sort();

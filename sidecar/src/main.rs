@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use sidegate::config::{self, Sources};
 use sidegate::proxy::Gateway;
@@ -54,6 +55,11 @@ struct Args {
     /// (for pods whose ConfigMap is rendered after they start).
     #[arg(long, env = "SIDEGATE_WAIT_FOR_CONFIG")]
     wait_for_config: bool,
+
+    /// PEM file of extra CA certificates to trust for upstream TLS (a private model server, an
+    /// egress proxy); the public web PKI roots are always trusted.
+    #[arg(long, env = "SIDEGATE_UPSTREAM_CA", value_name = "FILE")]
+    upstream_ca: Option<PathBuf>,
 
     /// Log format: text for people, json for log pipelines (one JSON object per line).
     #[arg(long, env = "SIDEGATE_LOG_FORMAT", default_value = "text")]
@@ -125,7 +131,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         keys_dir: args.keys_dir.clone(),
     };
     let metrics = Arc::new(Metrics::new());
-    let gateway = Arc::new(Gateway::new(metrics));
+    let extra_roots = match &args.upstream_ca {
+        Some(path) => read_certs(path)?,
+        None => Vec::new(),
+    };
+    let client = sidegate::proxy::upstream_client(extra_roots).context("upstream TLS setup")?;
+    let gateway = Arc::new(Gateway::new(metrics, client));
     match config::load(&sources) {
         Ok(snap) => reload::install(&gateway, snap),
         Err(e) if args.wait_for_config => {
@@ -151,6 +162,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await;
     Ok(())
+}
+
+fn read_certs(
+    path: &std::path::Path,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("cannot read CA certificates from {}", path.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(certs)
 }
 
 async fn shutdown_signal() {

@@ -511,13 +511,13 @@ impl ProviderTable {
         let mut providers = HashMap::new();
         for bi in BUILTINS {
             let s = settings.get(bi.id);
-            if let Some(s) = s {
-                if s.format.is_some() || s.auth_header.is_some() || s.auth_scheme.is_some() {
-                    return Err(perr(
-                        bi.id,
-                        "format, authHeader and authScheme apply to custom-<slug> providers only",
-                    ));
-                }
+            if let Some(s) = s
+                && (s.format.is_some() || s.auth_header.is_some() || s.auth_scheme.is_some())
+            {
+                return Err(perr(
+                    bi.id,
+                    "format, authHeader and authScheme apply to custom-<slug> providers only",
+                ));
             }
             let auth = if bi.auth_header.is_empty() {
                 AuthStyle::ClientSigned
@@ -557,10 +557,10 @@ impl ProviderTable {
                 (None, true) => Some("Bearer".to_owned()),
                 (None, false) => None,
             };
-            if let Some(sc) = &scheme {
-                if HeaderValue::from_str(sc).is_err() || sc.contains(' ') {
-                    return Err(perr(id, format!("authScheme {sc:?} must be a single word")));
-                }
+            if let Some(sc) = &scheme
+                && (HeaderValue::from_str(sc).is_err() || sc.contains(' '))
+            {
+                return Err(perr(id, format!("authScheme {sc:?} must be a single word")));
             }
             let auth = AuthStyle::Header { name, scheme };
             providers.insert(

@@ -35,22 +35,36 @@ const GATEWAY_AUTH: HeaderName = HeaderName::from_static("cf-aig-authorization")
 const EVENT_ID: HeaderName = HeaderName::from_static("cf-aig-event-id");
 const LOG_ID: HeaderName = HeaderName::from_static("cf-aig-log-id");
 
-/// Builds the upstream client.
-pub fn upstream_client() -> UpstreamClient {
+/// Builds the upstream client. It trusts the public web PKI roots plus `extra_roots` (a private
+/// CA of a model server or an egress proxy).
+pub fn upstream_client(
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<UpstreamClient, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_roots {
+        roots.add(cert)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.enforce_http(false);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
+    Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
-        .build(https)
+        .build(https))
 }
 
 /// The gateway: the config now serving, the upstream client, and the metrics.
@@ -65,10 +79,10 @@ pub struct Gateway {
 
 impl Gateway {
     /// A gateway with no config loaded yet.
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, client: UpstreamClient) -> Self {
         Self {
             snapshot: ArcSwapOption::empty(),
-            client: upstream_client(),
+            client,
             metrics,
         }
     }
@@ -118,13 +132,13 @@ impl Gateway {
         // admit
         let (parts, body) = req.into_parts();
         let route = route::parse(parts.uri.path()).map_err(|e| (None, e))?;
-        if let (Some(want), Some(got)) = (&snap.gateway_name, route.gateway()) {
-            if want != got {
-                return Err((
-                    None,
-                    GatewayError::NotFound(format!("gateway {:?} not found", truncate(got))),
-                ));
-            }
+        if let (Some(want), Some(got)) = (&snap.gateway_name, route.gateway())
+            && want != got
+        {
+            return Err((
+                None,
+                GatewayError::NotFound(format!("gateway {:?} not found", truncate(got))),
+            ));
         }
         if snap.auth_required {
             let ok = parts

@@ -49,10 +49,10 @@ fn watch_dirs(src: &Sources) -> Vec<PathBuf> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     dirs.push(parent.to_owned());
-    if let Some(k) = &src.keys_dir {
-        if !dirs.contains(k) {
-            dirs.push(k.clone());
-        }
+    if let Some(k) = &src.keys_dir
+        && !dirs.contains(k)
+    {
+        dirs.push(k.clone());
     }
     dirs
 }

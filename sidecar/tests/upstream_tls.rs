@@ -1,0 +1,165 @@
+//! The upstream client speaks TLS with certificate verification and negotiates HTTP/2 when the
+//! upstream offers it (ALPN), with the stored key injected.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sidegate::config::{self, Sources};
+use sidegate::proxy::{Gateway, upstream_client};
+use sidegate::telemetry::Metrics;
+use sidegate::{reload, server};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+const KEY: &str = "sk-sgtestkey-tls-upstream";
+
+/// A CA and a server config for 127.0.0.1 signed by it, offering h2 and http/1.1.
+fn tls_upstream() -> (CertificateDer<'static>, Arc<rustls::ServerConfig>) {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca =
+        CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key")).expect("CA");
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .expect("leaf params")
+        .signed_by(&leaf_key, &ca)
+        .expect("sign leaf");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+    )
+    .expect("server config");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca.der().clone(), Arc::new(cfg))
+}
+
+/// Answers with the HTTP version and authorization header it saw.
+async fn upstream(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = serde_json::json!({"version": format!("{:?}", req.version()), "authorization": auth, "path": req.uri().path()});
+    Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
+}
+
+async fn start_upstream() -> (u16, CertificateDer<'static>) {
+    let (ca, cfg) = tls_upstream();
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().expect("addr").port();
+    let acceptor = TlsAcceptor::from(cfg);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), hyper::service::service_fn(upstream))
+                    .await;
+            });
+        }
+    });
+    (port, ca)
+}
+
+/// Starts a gateway whose openai provider is the TLS upstream; returns its address.
+async fn start_gateway(
+    dir: &std::path::Path,
+    upstream_port: u16,
+    extra_roots: Vec<CertificateDer<'static>>,
+) -> String {
+    let keys = dir.join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    std::fs::write(keys.join("openai.default"), KEY).expect("key");
+    let cfg = dir.join("gateway.yaml");
+    std::fs::write(
+        &cfg,
+        format!("schemaVersion: 1\nspec:\n  providers:\n    openai: {{baseURL: 'https://127.0.0.1:{upstream_port}/v1'}}\n"),
+    )
+    .expect("config");
+    let sources = Sources {
+        config: cfg,
+        keys_dir: Some(keys),
+    };
+    let gw = Arc::new(Gateway::new(
+        Arc::new(Metrics::new()),
+        upstream_client(extra_roots).expect("client"),
+    ));
+    reload::install(&gw, config::load(&sources).expect("config loads"));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gateway");
+    let addr = listener.local_addr().expect("addr").to_string();
+    tokio::spawn(server::serve_gateway(
+        listener,
+        gw,
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    addr
+}
+
+async fn post(addr: &str) -> (StatusCode, serde_json::Value) {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let req = Request::post(format!("http://{addr}/openai/chat/completions"))
+        .header("authorization", "Bearer placeholder")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("request");
+    let resp = client.request(req).await.expect("gateway answers");
+    let status = resp.status();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, serde_json::from_slice(&body).expect("json body"))
+}
+
+#[tokio::test]
+async fn https_upstreams_get_http2_and_the_stored_key() {
+    let (port, ca) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = start_gateway(dir.path(), port, vec![ca]).await;
+    let (status, body) = post(&gw).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["version"], "HTTP/2.0");
+    assert_eq!(body["authorization"], format!("Bearer {KEY}"));
+    assert_eq!(body["path"], "/v1/chat/completions");
+}
+
+#[tokio::test]
+async fn an_upstream_certificate_from_an_unknown_ca_is_refused() {
+    let (port, _ca) = start_upstream().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = start_gateway(dir.path(), port, Vec::new()).await;
+    let (status, body) = post(&gw).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(body["error"][0]["code"], 2104);
+    let msg = body["error"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("certificate") || msg.contains("Unknown"),
+        "{msg}"
+    );
+    assert!(!msg.contains(KEY));
+}
