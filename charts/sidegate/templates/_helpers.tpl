@@ -1,0 +1,69 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "sidegate.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* <release> when it already contains the chart name, else <release>-sidegate. */}}
+{{- define "sidegate.fullname" -}}
+{{- if contains .Chart.Name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "sidegate.operatorName" -}}
+{{- printf "%s-operator" (include "sidegate.fullname" .) }}
+{{- end }}
+
+{{- define "sidegate.webhookServiceName" -}}
+{{- printf "%s-webhook" (include "sidegate.fullname" .) }}
+{{- end }}
+
+{{- define "sidegate.webhookConfigName" -}}
+{{- printf "%s-%s" (include "sidegate.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "sidegate.certSecretName" -}}
+{{- printf "%s-webhook-cert" (include "sidegate.fullname" .) }}
+{{- end }}
+
+{{- define "sidegate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "sidegate.operatorName" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "sidegate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "sidegate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "sidegate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "sidegate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: sidegate
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* repository:tag or repository@digest; tag defaults to appVersion. */}}
+{{- define "sidegate.image" -}}
+{{- $img := index . 0 }}{{- $ctx := index . 1 }}
+{{- if $img.digest }}
+{{- printf "%s@%s" $img.repository $img.digest }}
+{{- else }}
+{{- printf "%s:%s" $img.repository (default $ctx.Chart.AppVersion $img.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* DNS names of the webhook Service, as the serving certificate must carry them. */}}
+{{- define "sidegate.webhookDNSNames" -}}
+{{- $svc := include "sidegate.webhookServiceName" . }}
+- {{ $svc }}.{{ .Release.Namespace }}.svc
+- {{ $svc }}.{{ .Release.Namespace }}.svc.cluster.local
+{{- end }}
