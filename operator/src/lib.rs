@@ -9,8 +9,7 @@
 //! - [`providerkey`]: the ProviderKey status reconciler.
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.
-//!
-//! The admission webhook (sidecar injection) will live in its own module beside these.
+//! - [`webhook`]: the sidecar injection admission webhook and its certificates.
 
 pub mod admin;
 pub mod controller;
@@ -21,6 +20,7 @@ pub mod providerkey;
 pub mod render;
 pub mod status;
 pub mod validate;
+pub mod webhook;
 
 /// Errors of the operator library outside reconciles.
 #[derive(Debug, thiserror::Error)]

@@ -14,7 +14,7 @@ use sidegate_operator::admin::{self, AdminState};
 use sidegate_operator::controller::{self, Context};
 use sidegate_operator::lease::{LeaderElector, LeaseSettings};
 use sidegate_operator::metrics::Metrics;
-use sidegate_operator::{crd, providerkey};
+use sidegate_operator::{crd, providerkey, webhook};
 
 /// The sidegate operator: reconciles AIGateway and ProviderKey resources into a ConfigMap
 /// (`sidegate-<gateway>`, file gateway.yaml) and a Secret (`sidegate-<gateway>-keys`, one file per
@@ -70,6 +70,9 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "SIDEGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// The sidecar injection webhook (served by every replica, leader or not).
+    #[command(flatten)]
+    webhook: webhook::WebhookArgs,
 }
 
 #[tokio::main]
@@ -113,6 +116,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context(
             "cannot list AIGateways: are the CRDs installed (sidegate-operator crd | kubectl apply --server-side -f -) and is RBAC granted?",
         )?;
+    if args.webhook.enabled {
+        // The webhook's namespace is the operator's own (excluded from injection, holds the
+        // certificate Secret).
+        webhook::start(client.clone(), &args.webhook, &args.lease_namespace)
+            .await
+            .context("starting the sidecar injection webhook")?;
+    }
     state.ready.store(true, Ordering::Relaxed);
 
     let identity = args

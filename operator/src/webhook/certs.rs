@@ -1,0 +1,609 @@
+//! The webhook's serving certificate, hot-swappable under a running TLS listener.
+//!
+//! - Self-managed: a CA and a serving certificate generated with rcgen, kept in a Secret that all
+//!   replicas share, and the CA patched into the MutatingWebhookConfiguration's `caBundle`.
+//!   The CA key is never stored: each rotation makes a new CA, and `caBundle` carries the new and
+//!   the previous CA, patched *before* the new certificate is served, so the apiserver trusts
+//!   every certificate a replica may present during the switch.
+//! - Files (cert-manager or any other issuer): `tls.crt`/`tls.key` read from a mounted Secret
+//!   and re-read when kubelet updates it; cert-manager's CA injector maintains `caBundle`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use serde_json::json;
+
+/// Secret key of the serving certificate (PEM).
+pub const TLS_CERT_KEY: &str = "tls.crt";
+/// Secret key of the serving certificate's private key (PEM).
+pub const TLS_KEY_KEY: &str = "tls.key";
+/// Secret key of the CA that signed the serving certificate (PEM).
+pub const CA_CERT_KEY: &str = "ca.crt";
+/// Secret key of the CAs the apiserver must trust (current and previous, PEM).
+pub const CA_BUNDLE_KEY: &str = "ca-bundle.crt";
+/// Annotation on the Secret: expiry of the serving certificate, Unix seconds.
+pub const NOT_AFTER_ANNOTATION: &str = "sidegate.dev/not-after";
+/// Annotation on the Secret: the names the serving certificate is valid for, comma-separated.
+pub const NAMES_ANNOTATION: &str = "sidegate.dev/cert-names";
+
+/// Certificate problems.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// rcgen could not make a certificate.
+    #[error("generating the webhook certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// PEM data did not hold a certificate and a private key rustls accepts.
+    #[error("invalid webhook certificate or key: {0}")]
+    Invalid(String),
+    /// A certificate file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An apiserver request failed.
+    #[error("{action}: {source}")]
+    Kube {
+        /// What was being done.
+        action: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// A serving certificate chain and key in PEM. The key is never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServingCert {
+    /// Certificate chain, leaf first.
+    pub cert_pem: String,
+    /// PKCS#8 private key.
+    pub key_pem: String,
+}
+
+impl fmt::Debug for ServingCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServingCert").finish_non_exhaustive()
+    }
+}
+
+/// A fresh CA and the serving certificate it signed.
+#[derive(Debug, Clone)]
+pub struct GeneratedCert {
+    /// The CA certificate (PEM), for `caBundle`.
+    pub ca_pem: String,
+    /// The serving certificate and key.
+    pub serving: ServingCert,
+    /// Expiry of both, Unix seconds.
+    pub not_after: u64,
+}
+
+/// Generates a CA and a serving certificate for `names` (DNS names or IP addresses), valid from
+/// an hour ago (clock skew) for `validity`.
+pub fn generate(names: &[String], validity: Duration) -> Result<GeneratedCert, CertError> {
+    // rcgen's timestamps are `time::OffsetDateTime`; built from the epoch so that this crate
+    // needs no direct `time` dependency.
+    let at = |secs: u64| rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(secs);
+    let now = unix_now();
+    let not_before = at(now.saturating_sub(3600));
+    let not_after_secs = now + validity.as_secs();
+    let not_after = at(not_after_secs);
+
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "sidegate webhook CA");
+    ca_params.not_before = not_before;
+    ca_params.not_after = not_after;
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    if let Some(first) = names.first() {
+        params
+            .distinguished_name
+            .push(DnType::CommonName, first.as_str());
+    }
+    params.not_before = not_before;
+    params.not_after = not_after;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca)?;
+    Ok(GeneratedCert {
+        ca_pem: ca.pem(),
+        serving: ServingCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        },
+        not_after: not_after_secs,
+    })
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The certificate the TLS listener presents, replaceable while it runs.
+pub struct CertResolver {
+    current: RwLock<Option<(ServingCert, Arc<CertifiedKey>)>>,
+}
+
+impl fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertResolver").finish_non_exhaustive()
+    }
+}
+
+impl Default for CertResolver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CertResolver {
+    /// A resolver with no certificate yet (handshakes fail until [`CertResolver::set`]).
+    pub fn new() -> Self {
+        Self {
+            current: RwLock::new(None),
+        }
+    }
+
+    /// Serves `cert` from the next handshake on. Returns whether it differs from the current one.
+    pub fn set(&self, cert: &ServingCert) -> Result<bool, CertError> {
+        if self.current_pem().as_ref() == Some(cert) {
+            return Ok(false);
+        }
+        let key = certified_key(cert)?;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some((cert.clone(), key));
+        Ok(true)
+    }
+
+    /// Whether a certificate is loaded.
+    pub fn is_loaded(&self) -> bool {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    fn current_pem(&self) -> Option<ServingCert> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(pem, _)| pem.clone())
+    }
+
+    /// A rustls server config (HTTP/1.1) presenting this resolver's certificate.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, CertError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| CertError::Invalid(e.to_string()))?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|(_, key)| key.clone())
+    }
+}
+
+fn certified_key(cert: &ServingCert) -> Result<Arc<CertifiedKey>, CertError> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| CertError::Invalid(format!("certificate PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(CertError::Invalid("no certificate in the PEM data".into()));
+    }
+    // Only the parse error's kind is reported: it never includes key bytes.
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes())
+        .map_err(|e| CertError::Invalid(format!("private key PEM: {e}")))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| CertError::Invalid(format!("private key: {e}")))?;
+    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+}
+
+/// Where the self-managed certificate lives and what it is for.
+#[derive(Debug, Clone)]
+pub struct SelfManaged {
+    /// Namespace of the Secret (the operator's).
+    pub namespace: String,
+    /// Name of the Secret.
+    pub secret_name: String,
+    /// MutatingWebhookConfiguration whose webhooks get `caBundle`.
+    pub webhook_config_name: String,
+    /// DNS names (`<service>.<namespace>.svc`, ...) and IP addresses of the certificate.
+    pub names: Vec<String>,
+    /// Lifetime of a certificate.
+    pub validity: Duration,
+    /// Rotate when less than this is left.
+    pub renew_before: Duration,
+}
+
+impl SelfManaged {
+    /// The usual names of Service `service` in `namespace`, plus `extra`.
+    pub fn service_names(service: &str, namespace: &str, extra: &[String]) -> Vec<String> {
+        let mut names = vec![
+            format!("{service}.{namespace}.svc"),
+            format!("{service}.{namespace}.svc.cluster.local"),
+            format!("{service}.{namespace}"),
+            service.to_owned(),
+        ];
+        names.extend(extra.iter().cloned());
+        names
+    }
+}
+
+/// What [`ensure_self_managed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertAction {
+    /// The stored certificate was valid and is served.
+    Reused,
+    /// A new CA and certificate were made, `caBundle` patched, and the Secret written.
+    Rotated,
+}
+
+/// Makes sure a valid certificate is stored, trusted through `caBundle`, and served by
+/// `resolver`. Safe to run on every replica at once: Secret writes are conditional on its
+/// resourceVersion, and a replica that loses the race adopts the winner's certificate.
+pub async fn ensure_self_managed(
+    client: &Client,
+    settings: &SelfManaged,
+    resolver: &CertResolver,
+) -> Result<CertAction, CertError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+    for _attempt in 0..3 {
+        let existing = secrets
+            .get_opt(&settings.secret_name)
+            .await
+            .map_err(kube_err("reading the webhook certificate Secret"))?;
+        if let Some(stored) = existing.as_ref().and_then(|s| usable(s, settings)) {
+            patch_ca_bundle(
+                client,
+                &settings.webhook_config_name,
+                &stored.ca_pem,
+                &stored.bundle,
+            )
+            .await?;
+            resolver.set(&stored.serving)?;
+            return Ok(CertAction::Reused);
+        }
+
+        let fresh = generate(&settings.names, settings.validity)?;
+        let previous_ca = existing
+            .as_ref()
+            .and_then(|s| data_str(s, CA_CERT_KEY))
+            .filter(|ca| !ca.trim().is_empty());
+        let bundle = match previous_ca {
+            Some(old) => format!("{}{}", fresh.ca_pem, old),
+            None => fresh.ca_pem.clone(),
+        };
+        // Trust first, serve second: the apiserver must accept the new certificate as soon as
+        // any replica presents it.
+        patch_ca_bundle(
+            client,
+            &settings.webhook_config_name,
+            &fresh.ca_pem,
+            &bundle,
+        )
+        .await?;
+        let data = [
+            (TLS_CERT_KEY, fresh.serving.cert_pem.as_str()),
+            (TLS_KEY_KEY, fresh.serving.key_pem.as_str()),
+            (CA_CERT_KEY, fresh.ca_pem.as_str()),
+            (CA_BUNDLE_KEY, bundle.as_str()),
+        ];
+        let annotations = [
+            (NOT_AFTER_ANNOTATION, fresh.not_after.to_string()),
+            (NAMES_ANNOTATION, settings.names.join(",")),
+        ];
+        let written = match existing {
+            None => {
+                let secret = Secret {
+                    metadata: ObjectMeta {
+                        name: Some(settings.secret_name.clone()),
+                        annotations: Some(
+                            annotations
+                                .iter()
+                                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                                .collect(),
+                        ),
+                        labels: Some(
+                            [(
+                                "app.kubernetes.io/managed-by".to_owned(),
+                                "sidegate-operator".to_owned(),
+                            )]
+                            .into(),
+                        ),
+                        ..ObjectMeta::default()
+                    },
+                    type_: Some("kubernetes.io/tls".into()),
+                    data: Some(
+                        data.iter()
+                            .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                            .collect(),
+                    ),
+                    ..Secret::default()
+                };
+                secrets
+                    .create(&PostParams::default(), &secret)
+                    .await
+                    .map(|_| ())
+            }
+            Some(old) => {
+                // resourceVersion in a merge patch makes it conditional: 409 if another
+                // replica wrote in between.
+                let string_data: serde_json::Map<String, serde_json::Value> = data
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), json!(v)))
+                    .collect();
+                let patch = json!({
+                    "metadata": {
+                        "resourceVersion": old.resource_version(),
+                        "annotations": annotations.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                    },
+                    "stringData": string_data,
+                });
+                secrets
+                    .patch(
+                        &settings.secret_name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                    .map(|_| ())
+            }
+        };
+        match written {
+            Ok(()) => {
+                resolver.set(&fresh.serving)?;
+                tracing::info!(
+                    secret = %settings.secret_name,
+                    not_after = fresh.not_after,
+                    "webhook certificate rotated"
+                );
+                return Ok(CertAction::Rotated);
+            }
+            // Another replica stored one first: adopt it on the next pass.
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => return Err(kube_err("writing the webhook certificate Secret")(e)),
+        }
+    }
+    Err(CertError::Invalid(
+        "the webhook certificate Secret kept changing under concurrent writers".into(),
+    ))
+}
+
+struct Stored {
+    serving: ServingCert,
+    ca_pem: String,
+    bundle: String,
+}
+
+/// The stored certificate, if it is complete, for the right names and not due for renewal.
+fn usable(secret: &Secret, settings: &SelfManaged) -> Option<Stored> {
+    let annotations = secret.annotations();
+    let not_after: u64 = annotations.get(NOT_AFTER_ANNOTATION)?.parse().ok()?;
+    if not_after < unix_now() + settings.renew_before.as_secs() {
+        return None;
+    }
+    if annotations.get(NAMES_ANNOTATION)? != &settings.names.join(",") {
+        return None;
+    }
+    let serving = ServingCert {
+        cert_pem: data_str(secret, TLS_CERT_KEY)?,
+        key_pem: data_str(secret, TLS_KEY_KEY)?,
+    };
+    certified_key(&serving).ok()?;
+    let ca_pem = data_str(secret, CA_CERT_KEY)?;
+    let bundle = data_str(secret, CA_BUNDLE_KEY).unwrap_or_else(|| ca_pem.clone());
+    Some(Stored {
+        serving,
+        ca_pem,
+        bundle,
+    })
+}
+
+fn data_str(secret: &Secret, key: &str) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(key)?;
+    String::from_utf8(bytes.0.clone()).ok()
+}
+
+/// Sets `caBundle` of every webhook in configuration `name` to `bundle`, unless each already
+/// trusts `ca_pem`. A missing configuration is not an error (the chart may not have created it
+/// yet; the next pass patches it).
+pub async fn patch_ca_bundle(
+    client: &Client,
+    name: &str,
+    ca_pem: &str,
+    bundle: &str,
+) -> Result<(), CertError> {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let Some(config) = api
+        .get_opt(name)
+        .await
+        .map_err(kube_err("reading the MutatingWebhookConfiguration"))?
+    else {
+        tracing::warn!(
+            config = name,
+            "MutatingWebhookConfiguration not found; caBundle not set yet"
+        );
+        return Ok(());
+    };
+    let webhooks = config.webhooks.unwrap_or_default();
+    let stale: Vec<&str> = webhooks
+        .iter()
+        .filter(|w| {
+            let trusted = w
+                .client_config
+                .ca_bundle
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(&b.0).contains(ca_pem.trim()))
+                .unwrap_or(false);
+            !trusted
+        })
+        .map(|w| w.name.as_str())
+        .collect();
+    if stale.is_empty() {
+        return Ok(());
+    }
+    // `webhooks` merges by name in a strategic merge patch: only caBundle changes.
+    let encoded = ByteString(bundle.as_bytes().to_vec());
+    let patch = json!({
+        "webhooks": stale
+            .iter()
+            .map(|n| json!({"name": n, "clientConfig": {"caBundle": encoded}}))
+            .collect::<Vec<_>>(),
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .map_err(kube_err(
+            "patching caBundle into the MutatingWebhookConfiguration",
+        ))?;
+    tracing::info!(config = name, webhooks = stale.len(), "caBundle updated");
+    Ok(())
+}
+
+/// Re-checks the self-managed certificate every `every` until the task is dropped: rotates it
+/// before expiry, adopts rotations by other replicas, and restores a `caBundle` someone reset.
+pub async fn keep_self_managed(
+    client: Client,
+    settings: SelfManaged,
+    resolver: Arc<CertResolver>,
+    every: Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = ensure_self_managed(&client, &settings, &resolver).await {
+            tracing::warn!(error = %e, "webhook certificate check failed; retrying");
+        }
+    }
+}
+
+/// A certificate and key read from files (a mounted `kubernetes.io/tls` Secret).
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+impl CertFiles {
+    /// Reads both files.
+    pub fn read(&self) -> Result<ServingCert, CertError> {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path).map_err(|source| CertError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
+        Ok(ServingCert {
+            cert_pem: read(&self.cert)?,
+            key_pem: read(&self.key)?,
+        })
+    }
+
+    /// Loads the files into `resolver`; returns whether the certificate changed.
+    pub fn load(&self, resolver: &CertResolver) -> Result<bool, CertError> {
+        resolver.set(&self.read()?)
+    }
+
+    /// Re-reads the files every `every` (kubelet updates a mounted Secret in place), keeping
+    /// the last good certificate when a read fails mid-update.
+    pub async fn keep_loaded(self, resolver: Arc<CertResolver>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            match self.load(&resolver) {
+                Ok(true) => {
+                    tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook certificate reload failed; keeping the current one")
+                }
+            }
+        }
+    }
+}
+
+fn kube_err(action: &'static str) -> impl FnOnce(kube::Error) -> CertError {
+    move |source| CertError::Kube {
+        action: action.to_owned(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_certificate_loads_into_the_resolver_and_the_key_never_prints() {
+        let cert = generate(
+            &["127.0.0.1".into(), "svc.ns.svc".into()],
+            Duration::from_secs(86400),
+        )
+        .expect("generate");
+        let resolver = CertResolver::new();
+        assert!(!resolver.is_loaded());
+        assert!(resolver.set(&cert.serving).expect("loads"));
+        assert!(
+            !resolver.set(&cert.serving).expect("same again"),
+            "unchanged cert is not a change"
+        );
+        assert!(resolver.is_loaded());
+        assert!(!format!("{:?}", cert).contains("PRIVATE KEY"));
+        assert!(cert.not_after > unix_now() + 86000);
+    }
+
+    #[test]
+    fn garbage_pem_is_rejected_without_echoing_it() {
+        let bad = ServingCert {
+            cert_pem: "not a cert".into(),
+            key_pem: "secret-material".into(),
+        };
+        let err = CertResolver::new().set(&bad).expect_err("rejected");
+        assert!(!err.to_string().contains("secret-material"));
+    }
+}

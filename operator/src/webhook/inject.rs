@@ -1,0 +1,486 @@
+//! Sidecar injection as a pure function: a Pod and the settings of its gateway in, a JSON patch
+//! out. No I/O; the admission handler looks the gateway up and calls [`inject`].
+//!
+//! The patch is written operation by operation (not diffed), so it only ever adds: the apiserver
+//! applies it to its own copy of the Pod, and fields this crate does not know survive.
+
+use std::collections::BTreeSet;
+
+use json_patch::jsonptr::PointerBuf;
+use json_patch::{AddOperation, Patch, PatchOperation};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, HTTPGetAction, Pod,
+    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+use sidegate_crds::api::SidecarSettings;
+use sidegate_crds::config::CONFIG_FILE_NAME;
+
+use crate::render::{config_map_name, keys_secret_name};
+
+/// Pod annotation naming the AIGateway (same namespace) whose sidecar the pod gets.
+pub const GATEWAY_ANNOTATION: &str = "sidegate.dev/gateway";
+/// Pod annotation that opts a pod out (`"false"`) even when it names a gateway.
+pub const INJECT_ANNOTATION: &str = "sidegate.dev/inject";
+/// Annotation the webhook sets on injected pods; the value is the sidecar version.
+pub const INJECTED_ANNOTATION: &str = "sidegate.dev/injected";
+
+/// Name of the injected container.
+pub const SIDECAR_CONTAINER: &str = "sidegate";
+/// Volume holding ConfigMap `sidegate-<gw>` (gateway.yaml).
+pub const CONFIG_VOLUME: &str = "sidegate-config";
+/// Volume holding Secret `sidegate-<gw>-keys` (one file per provider key).
+pub const KEYS_VOLUME: &str = "sidegate-keys";
+/// Mount path of the config volume in the sidecar.
+pub const CONFIG_DIR: &str = "/etc/sidegate/config";
+/// Mount path of the keys volume in the sidecar.
+pub const KEYS_DIR: &str = "/etc/sidegate/keys";
+/// Name of the admin port (probes, metrics); at most 15 characters.
+pub const ADMIN_PORT_NAME: &str = "sidegate-admin";
+/// Uid and gid the sidecar runs as (the distroless `nonroot` user).
+pub const SIDECAR_UID: i64 = 65532;
+
+/// Environment variables the SDKs read their base URL from, and the sidecar route each points
+/// at. Only variables whose SDK appends paths the route serves as they are:
+/// - `OPENAI_BASE_URL`: openai SDKs (Python, Node, Go, Java, .NET), base ending before
+///   `/chat/completions`; `OPENAI_API_BASE`: LangChain and openai-python before 1.0.
+/// - `ANTHROPIC_BASE_URL`: anthropic SDKs, which append `/v1/messages`.
+/// - `GOOGLE_GEMINI_BASE_URL`: google-genai (Python, JS) and the Gemini CLI, which append
+///   `/v1beta/models/...`.
+/// - `CO_API_URL`: cohere-python's default `base_url`, which appends `/v2/chat`.
+///
+/// `GROQ_BASE_URL` exists (groq SDKs) but they append `/openai/v1/...` to it, which the `/groq`
+/// route (upstream base `https://api.groq.com/openai/v1`) does not accept yet, so it is not set.
+pub const SDK_BASE_URL_VARIABLES: &[(&str, &str)] = &[
+    ("OPENAI_BASE_URL", "openai"),
+    ("OPENAI_API_BASE", "openai"),
+    ("ANTHROPIC_BASE_URL", "anthropic"),
+    ("GOOGLE_GEMINI_BASE_URL", "google-ai-studio"),
+    ("CO_API_URL", "cohere"),
+];
+
+/// API key variables set to [`PLACEHOLDER_API_KEY`] when absent: those SDKs refuse to start
+/// without one, and the sidecar replaces it with the stored key.
+pub const PLACEHOLDER_KEY_VARIABLES: &[&str] = &["OPENAI_API_KEY", "ANTHROPIC_API_KEY"];
+
+/// Value of the placeholder API keys.
+pub const PLACEHOLDER_API_KEY: &str = "sidegate-managed";
+
+/// Operator-wide injection settings (from flags).
+#[derive(Debug, Clone)]
+pub struct InjectConfig {
+    /// Sidecar image when the gateway names none.
+    pub image: String,
+    /// Pull policy of the sidecar image (`None`: the cluster default for the tag).
+    pub image_pull_policy: Option<String>,
+    /// Version written into [`INJECTED_ANNOTATION`].
+    pub version: String,
+    /// Namespaces never injected (kube-system and the operator's own).
+    pub excluded_namespaces: BTreeSet<String>,
+    /// Resources when the gateway names none.
+    pub default_resources: ResourceRequirements,
+}
+
+impl InjectConfig {
+    /// Settings with the usual defaults: excluded `kube-system` and `operator_namespace`,
+    /// requests 50m CPU / 32Mi memory and a 256Mi memory limit.
+    pub fn new(
+        image: impl Into<String>,
+        version: impl Into<String>,
+        operator_namespace: &str,
+    ) -> Self {
+        let quantity = |s: &str| Quantity(s.to_owned());
+        Self {
+            image: image.into(),
+            image_pull_policy: None,
+            version: version.into(),
+            excluded_namespaces: ["kube-system", operator_namespace]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            default_resources: ResourceRequirements {
+                requests: Some(
+                    [
+                        ("cpu".to_owned(), quantity("50m")),
+                        ("memory".to_owned(), quantity("32Mi")),
+                    ]
+                    .into(),
+                ),
+                limits: Some([("memory".to_owned(), quantity("256Mi"))].into()),
+                ..ResourceRequirements::default()
+            },
+        }
+    }
+}
+
+/// Everything [`inject`] needs about one admission: operator settings, the namespace the pod is
+/// created in (the Pod object may not carry it yet) and the gateway's sidecar settings.
+#[derive(Debug, Clone, Copy)]
+pub struct InjectSettings<'a> {
+    /// Operator-wide settings.
+    pub config: &'a InjectConfig,
+    /// Namespace of the admission request.
+    pub namespace: &'a str,
+    /// `spec.sidecar` of the pod's AIGateway (defaults when absent).
+    pub sidecar: &'a SidecarSettings,
+}
+
+/// Why a pod gets no sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// No `sidegate.dev/gateway` annotation (or an empty one).
+    NotRequested,
+    /// `sidegate.dev/inject: "false"`.
+    OptedOut,
+    /// `sidegate.dev/injected` is already set (re-invocation, or a pod copied from another).
+    AlreadyInjected,
+    /// The pod's namespace is excluded.
+    ExcludedNamespace(String),
+}
+
+impl Skip {
+    /// Short reason for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NotRequested => "not-requested",
+            Self::OptedOut => "opted-out",
+            Self::AlreadyInjected => "already-injected",
+            Self::ExcludedNamespace(_) => "excluded-namespace",
+        }
+    }
+}
+
+/// Why a pod that asks for a sidecar cannot get one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InjectError {
+    /// The pod already has a container or volume with a name the sidecar needs.
+    #[error("pod already has a {kind} named {name:?}, which the sidegate sidecar needs")]
+    NameTaken {
+        /// `container` or `volume`.
+        kind: &'static str,
+        /// The clashing name.
+        name: String,
+    },
+    /// A patch value could not be serialized (not expected for valid Pods).
+    #[error("patch value could not be serialized: {0}")]
+    Serialize(String),
+}
+
+/// A patch that injects the sidecar, and warnings for the pod's creator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    /// Gateway the sidecar serves.
+    pub gateway: String,
+    /// JSON patch (RFC 6902) against the admitted Pod.
+    pub patch: Patch,
+    /// Warnings returned in the AdmissionReview (shown by kubectl).
+    pub warnings: Vec<String>,
+}
+
+/// Decides whether `pod`, created in `namespace`, gets a sidecar: the gateway name, or why not.
+pub fn requested_gateway(
+    pod: &Pod,
+    namespace: &str,
+    config: &InjectConfig,
+) -> Result<String, Skip> {
+    let annotations = pod.metadata.annotations.as_ref();
+    let get = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
+    let gateway = match get(GATEWAY_ANNOTATION) {
+        Some(gw) if !gw.is_empty() => gw.to_owned(),
+        _ => return Err(Skip::NotRequested),
+    };
+    if get(INJECT_ANNOTATION).is_some_and(|v| v.eq_ignore_ascii_case("false")) {
+        return Err(Skip::OptedOut);
+    }
+    if get(INJECTED_ANNOTATION).is_some() {
+        return Err(Skip::AlreadyInjected);
+    }
+    if config.excluded_namespaces.contains(namespace) {
+        return Err(Skip::ExcludedNamespace(namespace.to_owned()));
+    }
+    Ok(gateway)
+}
+
+/// The patch that adds the sidecar to `pod`; `None` when the pod gets none (see
+/// [`requested_gateway`] for why).
+pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injection>, InjectError> {
+    let Ok(gateway) = requested_gateway(pod, settings.namespace, settings.config) else {
+        return Ok(None);
+    };
+    let spec = pod.spec.clone().unwrap_or_default();
+    let init_containers = spec.init_containers.unwrap_or_default();
+    let volumes = spec.volumes.unwrap_or_default();
+    let taken = |name: &str| {
+        spec.containers
+            .iter()
+            .chain(&init_containers)
+            .any(|c| c.name == name)
+    };
+    if taken(SIDECAR_CONTAINER) {
+        return Err(InjectError::NameTaken {
+            kind: "container",
+            name: SIDECAR_CONTAINER.into(),
+        });
+    }
+    if let Some(v) = volumes
+        .iter()
+        .find(|v| v.name == CONFIG_VOLUME || v.name == KEYS_VOLUME)
+    {
+        return Err(InjectError::NameTaken {
+            kind: "volume",
+            name: v.name.clone(),
+        });
+    }
+
+    let native = settings.sidecar.native_sidecar;
+    let mut ops = Ops::default();
+
+    // The gateway annotation guarantees metadata.annotations exists.
+    ops.add(
+        &["metadata", "annotations", INJECTED_ANNOTATION],
+        &settings.config.version,
+    )?;
+
+    // Volumes: whole-object mounts (no subPath), so kubelet's updates reach the sidecar;
+    // optional, so the pod starts before the operator has rendered them.
+    let new_volumes = sidecar_volumes(&gateway);
+    if pod.spec.as_ref().is_some_and(|s| s.volumes.is_some()) {
+        for v in new_volumes {
+            ops.add(&["spec", "volumes", "-"], v)?;
+        }
+    } else {
+        ops.add(&["spec", "volumes"], new_volumes)?;
+    }
+
+    // The sidecar: first init container when native (so later init containers can use it),
+    // last app container otherwise.
+    let sidecar = sidecar_container(settings);
+    if native {
+        if pod
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.init_containers.is_some())
+        {
+            ops.add(&["spec", "initContainers", "0"], sidecar)?;
+        } else {
+            ops.add(&["spec", "initContainers"], vec![sidecar])?;
+        }
+    } else {
+        ops.add(&["spec", "containers", "-"], sidecar)?;
+    }
+
+    // SDK environment on app containers; on init containers too when the sidecar runs before
+    // them. Indices shift by one after the native sidecar is inserted at 0.
+    let env = sdk_env(settings.sidecar.port);
+    for (i, c) in spec.containers.iter().enumerate() {
+        add_env(&mut ops, &["spec", "containers"], i, c, &env)?;
+    }
+    if native {
+        for (i, c) in init_containers.iter().enumerate() {
+            add_env(&mut ops, &["spec", "initContainers"], i + 1, c, &env)?;
+        }
+    }
+
+    let mut warnings = Vec::new();
+    if !native && is_job_pod(pod) {
+        warnings.push(format!(
+            "sidegate: AIGateway {gateway} injects a plain (non-native) sidecar, which keeps this Job's pod running after the app exits; set spec.sidecar.nativeSidecar: true"
+        ));
+    }
+    Ok(Some(Injection {
+        gateway,
+        patch: Patch(ops.0),
+        warnings,
+    }))
+}
+
+/// The two volumes of gateway `gateway`.
+pub fn sidecar_volumes(gateway: &str) -> Vec<Volume> {
+    vec![
+        Volume {
+            name: CONFIG_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(gateway),
+                optional: Some(true),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: KEYS_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(keys_secret_name(gateway)),
+                optional: Some(true),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ]
+}
+
+/// The sidecar container for `settings`.
+pub fn sidecar_container(settings: &InjectSettings<'_>) -> Container {
+    let sidecar = settings.sidecar;
+    let config = settings.config;
+    let admin_port = i32::from(sidecar.admin_port);
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(admin_port),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(1),
+        ..Probe::default()
+    };
+    Container {
+        name: SIDECAR_CONTAINER.into(),
+        image: Some(
+            sidecar
+                .image
+                .clone()
+                .unwrap_or_else(|| config.image.clone()),
+        ),
+        image_pull_policy: config.image_pull_policy.clone(),
+        args: Some(vec![
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_FILE_NAME}"),
+            "--keys-dir".into(),
+            KEYS_DIR.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", sidecar.port),
+            // Kubelet probes come from the node, so the admin listener cannot stay on loopback;
+            // it serves only health and metrics, never keys.
+            "--admin".into(),
+            format!("0.0.0.0:{}", sidecar.admin_port),
+            "--wait-for-config".into(),
+            "--log-format".into(),
+            "json".into(),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some(ADMIN_PORT_NAME.into()),
+            container_port: admin_port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        // Started = listening: the app's first request finds the gateway up.
+        startup_probe: Some(probe("/healthz", 1, 60)),
+        liveness_probe: Some(probe("/healthz", 10, 3)),
+        // Ready = a valid config is loaded.
+        readiness_probe: Some(probe("/readyz", 2, 3)),
+        resources: Some(
+            sidecar
+                .resources
+                .clone()
+                .unwrap_or_else(|| config.default_resources.clone()),
+        ),
+        restart_policy: sidecar.native_sidecar.then(|| "Always".to_owned()),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: CONFIG_VOLUME.into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: KEYS_VOLUME.into(),
+                mount_path: KEYS_DIR.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        ..Container::default()
+    }
+}
+
+/// SDK variables pointing at the sidecar on `port`, then the placeholder keys.
+fn sdk_env(port: u16) -> Vec<EnvVar> {
+    let urls = SDK_BASE_URL_VARIABLES.iter().map(|(name, route)| EnvVar {
+        name: (*name).into(),
+        value: Some(format!("http://127.0.0.1:{port}/{route}")),
+        ..EnvVar::default()
+    });
+    let keys = PLACEHOLDER_KEY_VARIABLES.iter().map(|name| EnvVar {
+        name: (*name).into(),
+        value: Some(PLACEHOLDER_API_KEY.into()),
+        ..EnvVar::default()
+    });
+    urls.chain(keys).collect()
+}
+
+/// Adds the variables of `env` that container `c` (at `index` after injection) does not set.
+/// A container with `envFrom` gets no placeholder keys: a key may come from there, and an `env`
+/// entry would override it.
+fn add_env(
+    ops: &mut Ops,
+    list: &[&str],
+    index: usize,
+    c: &Container,
+    env: &[EnvVar],
+) -> Result<(), InjectError> {
+    let set: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    let has_env_from = c.env_from.as_ref().is_some_and(|e| !e.is_empty());
+    let missing: Vec<&EnvVar> = env
+        .iter()
+        .filter(|e| !set.contains(e.name.as_str()))
+        .filter(|e| !(has_env_from && PLACEHOLDER_KEY_VARIABLES.contains(&e.name.as_str())))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let index = index.to_string();
+    let path = [list[0], list[1], index.as_str(), "env"];
+    if c.env.is_some() {
+        for e in missing {
+            ops.add(&[path[0], path[1], path[2], path[3], "-"], e)?;
+        }
+        Ok(())
+    } else {
+        ops.add(&path, missing)
+    }
+}
+
+fn is_job_pod(pod: &Pod) -> bool {
+    pod.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "Job" && o.api_version.starts_with("batch/"))
+}
+
+#[derive(Default)]
+struct Ops(Vec<PatchOperation>);
+
+impl Ops {
+    fn add(&mut self, path: &[&str], value: impl Serialize) -> Result<(), InjectError> {
+        let value =
+            serde_json::to_value(value).map_err(|e| InjectError::Serialize(e.to_string()))?;
+        self.0.push(PatchOperation::Add(AddOperation {
+            path: PointerBuf::from_tokens(path.iter().copied()),
+            value,
+        }));
+        Ok(())
+    }
+}

@@ -1,0 +1,530 @@
+//! The sidecar injection webhook: a mutating admission webhook for Pod CREATE, served over TLS on
+//! its own port by every operator replica.
+//!
+//! - [`inject`]: the pure mutation (Pod + settings → JSON patch).
+//! - [`certs`]: the serving certificate (self-managed with rcgen, or files from cert-manager).
+//! - this module: the HTTP shell (AdmissionReview v1 in and out), the gateway lookup, the
+//!   MutatingWebhookConfiguration the operator expects, and the `run` flags.
+
+pub mod certs;
+pub mod inject;
+
+use std::collections::BTreeSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
+    ServiceReference, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use kube::api::{Api, ObjectMeta};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use sidegate_crds::api::AIGateway;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use self::certs::{CertFiles, CertResolver, SelfManaged};
+use self::inject::{InjectConfig, InjectSettings, Skip};
+
+/// Path the apiserver posts AdmissionReviews to.
+pub const MUTATE_PATH: &str = "/mutate";
+/// Name of the webhook inside the MutatingWebhookConfiguration.
+pub const WEBHOOK_NAME: &str = "inject.sidegate.dev";
+/// Largest AdmissionReview accepted (a Pod is at most ~1.5 MiB in etcd).
+const MAX_REVIEW_BYTES: usize = 8 << 20;
+/// How long the gateway lookup may take inside the apiserver's webhook timeout.
+const GATEWAY_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How the webhook gets its serving certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CertMode {
+    /// Generate a CA and certificate, store them in a Secret, patch `caBundle`.
+    SelfManaged,
+    /// Read `--tls-cert-file`/`--tls-key-file` (a cert-manager Certificate's Secret);
+    /// cert-manager's CA injector fills `caBundle`.
+    CertManager,
+    /// Read the files like cert-manager mode; patch `caBundle` from `--ca-file` if given.
+    Files,
+}
+
+/// Flags of the webhook (flattened into `sidegate-operator run`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WebhookArgs {
+    /// Serve the sidecar injection webhook.
+    #[arg(long = "webhook", env = "SIDEGATE_WEBHOOK", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+    /// Port of the webhook's TLS listener.
+    #[arg(long, env = "SIDEGATE_WEBHOOK_PORT", default_value_t = 9443)]
+    pub webhook_port: u16,
+    /// Address the webhook listens on.
+    #[arg(long, env = "SIDEGATE_WEBHOOK_BIND", default_value = "0.0.0.0")]
+    pub webhook_bind: std::net::IpAddr,
+    /// Where the serving certificate comes from.
+    #[arg(long, env = "SIDEGATE_CERT_MODE", value_enum, default_value_t = CertMode::SelfManaged)]
+    pub cert_mode: CertMode,
+    /// MutatingWebhookConfiguration whose `caBundle` the operator maintains.
+    #[arg(
+        long,
+        env = "SIDEGATE_WEBHOOK_CONFIG_NAME",
+        default_value = "sidegate-operator"
+    )]
+    pub webhook_config_name: String,
+    /// Service in front of the webhook (the certificate's DNS names).
+    #[arg(
+        long,
+        env = "SIDEGATE_WEBHOOK_SERVICE",
+        default_value = "sidegate-webhook"
+    )]
+    pub webhook_service: String,
+    /// Secret (in the operator's namespace) holding the self-managed certificate.
+    #[arg(
+        long,
+        env = "SIDEGATE_WEBHOOK_SECRET",
+        default_value = "sidegate-webhook-tls"
+    )]
+    pub webhook_secret: String,
+    /// Extra DNS names or IP addresses for the self-managed certificate (repeatable).
+    #[arg(long = "webhook-extra-name", value_name = "NAME")]
+    pub extra_names: Vec<String>,
+    /// Certificate file (cert-manager and files modes).
+    #[arg(
+        long,
+        env = "SIDEGATE_TLS_CERT_FILE",
+        default_value = "/etc/sidegate/webhook-tls/tls.crt"
+    )]
+    pub tls_cert_file: PathBuf,
+    /// Private key file (cert-manager and files modes).
+    #[arg(
+        long,
+        env = "SIDEGATE_TLS_KEY_FILE",
+        default_value = "/etc/sidegate/webhook-tls/tls.key"
+    )]
+    pub tls_key_file: PathBuf,
+    /// CA file to patch into `caBundle` (files mode).
+    #[arg(long, env = "SIDEGATE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Days a self-managed certificate is valid.
+    #[arg(long, default_value_t = 365)]
+    pub cert_validity_days: u64,
+    /// Sidecar image injected when the AIGateway names none.
+    #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE", default_value = concat!("ghcr.io/sidegate/sidegate:", env!("CARGO_PKG_VERSION")))]
+    pub sidecar_image: String,
+    /// Pull policy of the sidecar image.
+    #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE_PULL_POLICY")]
+    pub sidecar_image_pull_policy: Option<String>,
+    /// Namespaces never injected besides kube-system and the operator's own (repeatable).
+    #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
+    pub exclude_namespaces: Vec<String>,
+}
+
+/// Why the webhook could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No serving certificate.
+    #[error(transparent)]
+    Cert(#[from] certs::CertError),
+    /// The CA file of files mode could not be read.
+    #[error("reading {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The listener could not be bound.
+    #[error("binding the webhook listener on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the admission handler needs.
+pub struct WebhookState {
+    /// Client for AIGateway lookups.
+    pub client: kube::Client,
+    /// Injection settings.
+    pub config: InjectConfig,
+}
+
+/// Starts the webhook described by `args` for an operator in `namespace`: gets a certificate
+/// (failing if none can be had), binds the listener and spawns the server and the certificate
+/// upkeep. Returns the bound address.
+pub async fn start(
+    client: kube::Client,
+    args: &WebhookArgs,
+    namespace: &str,
+) -> Result<SocketAddr, StartError> {
+    let resolver = Arc::new(CertResolver::new());
+    match args.cert_mode {
+        CertMode::SelfManaged => {
+            let settings = SelfManaged {
+                namespace: namespace.to_owned(),
+                secret_name: args.webhook_secret.clone(),
+                webhook_config_name: args.webhook_config_name.clone(),
+                names: SelfManaged::service_names(
+                    &args.webhook_service,
+                    namespace,
+                    &args.extra_names,
+                ),
+                validity: Duration::from_secs(args.cert_validity_days.max(2) * 86400),
+                renew_before: Duration::from_secs((args.cert_validity_days.max(2) * 86400) / 6),
+            };
+            certs::ensure_self_managed(&client, &settings, &resolver).await?;
+            tokio::spawn(certs::keep_self_managed(
+                client.clone(),
+                settings,
+                resolver.clone(),
+                Duration::from_secs(60),
+            ));
+        }
+        CertMode::CertManager | CertMode::Files => {
+            let files = CertFiles {
+                cert: args.tls_cert_file.clone(),
+                key: args.tls_key_file.clone(),
+            };
+            files.load(&resolver)?;
+            if let (CertMode::Files, Some(ca_file)) = (args.cert_mode, &args.ca_file) {
+                let ca = std::fs::read_to_string(ca_file).map_err(|source| StartError::CaFile {
+                    path: ca_file.clone(),
+                    source,
+                })?;
+                certs::patch_ca_bundle(&client, &args.webhook_config_name, &ca, &ca).await?;
+            }
+            tokio::spawn(files.keep_loaded(resolver.clone(), Duration::from_secs(10)));
+        }
+    }
+    let mut config = InjectConfig::new(&args.sidecar_image, env!("CARGO_PKG_VERSION"), namespace);
+    config.image_pull_policy = args.sidecar_image_pull_policy.clone();
+    config
+        .excluded_namespaces
+        .extend(args.exclude_namespaces.iter().cloned());
+    let addr = SocketAddr::new(args.webhook_bind, args.webhook_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let tls = resolver.server_config()?;
+    tracing::info!(%bound, mode = ?args.cert_mode, "sidecar injection webhook listening");
+    tokio::spawn(serve(
+        listener,
+        tls,
+        Arc::new(WebhookState { client, config }),
+    ));
+    Ok(bound)
+}
+
+/// Serves `POST /mutate` (and `GET /healthz`) over TLS on `listener` until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<WebhookState>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook accept failed");
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>, state: &WebhookState) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => {
+            respond(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+        }
+        (&Method::POST, MUTATE_PATH) => {
+            let body = match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
+                .collect()
+                .await
+            {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return respond(
+                        StatusCode::BAD_REQUEST,
+                        "text/plain",
+                        Bytes::from(format!("body: {e}\n")),
+                    );
+                }
+            };
+            let review = review(state, &body).await;
+            match serde_json::to_vec(&review) {
+                Ok(json) => respond(StatusCode::OK, "application/json", Bytes::from(json)),
+                Err(e) => respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    Bytes::from(format!("response: {e}\n")),
+                ),
+            }
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found\n"),
+        ),
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+/// Answers one AdmissionReview (JSON bytes). Never denies: a pod the webhook cannot handle is
+/// admitted unchanged with a warning, like `failurePolicy: Ignore` would.
+pub async fn review(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObject> {
+    let request: AdmissionRequest<DynamicObject> =
+        match serde_json::from_slice::<AdmissionReview<DynamicObject>>(body)
+            .map_err(|e| e.to_string())
+            .and_then(|r| {
+                r.try_into()
+                    .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| e.to_string())
+            }) {
+            Ok(r) => r,
+            Err(e) => {
+                return AdmissionResponse::invalid(format!("not an AdmissionReview v1: {e}"))
+                    .into_review();
+            }
+        };
+    admit(state, &request).await.into_review()
+}
+
+async fn admit(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> AdmissionResponse {
+    let allow = AdmissionResponse::from(request);
+    if request.operation != Operation::Create
+        || request.kind.kind != "Pod"
+        || request.kind.group != ""
+    {
+        return allow;
+    }
+    let Some(object) = request.object.as_ref() else {
+        return allow;
+    };
+    let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+        Ok(p) => p,
+        Err(e) => {
+            return with_warning(
+                allow,
+                format!("sidegate: pod not injected: unreadable pod: {e}"),
+            );
+        }
+    };
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let pod_name = pod
+        .metadata
+        .name
+        .clone()
+        .or_else(|| pod.metadata.generate_name.as_ref().map(|g| format!("{g}*")))
+        .unwrap_or_default();
+
+    let gateway = match inject::requested_gateway(&pod, &namespace, &state.config) {
+        Ok(gw) => gw,
+        Err(Skip::NotRequested) => return allow,
+        Err(skip) => {
+            tracing::info!(
+                namespace,
+                pod = pod_name,
+                reason = skip.reason(),
+                "sidecar injection skipped"
+            );
+            return allow;
+        }
+    };
+    let gateways: Api<AIGateway> = Api::namespaced(state.client.clone(), &namespace);
+    let found = match tokio::time::timeout(GATEWAY_LOOKUP_TIMEOUT, gateways.get_opt(&gateway)).await
+    {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            tracing::warn!(namespace, pod = pod_name, gateway, error = %e, "AIGateway lookup failed; pod admitted without sidecar");
+            return with_warning(
+                allow,
+                format!("sidegate: pod not injected: reading AIGateway {gateway} failed: {e}"),
+            );
+        }
+        Err(_) => {
+            tracing::warn!(
+                namespace,
+                pod = pod_name,
+                gateway,
+                "AIGateway lookup timed out; pod admitted without sidecar"
+            );
+            return with_warning(
+                allow,
+                format!("sidegate: pod not injected: reading AIGateway {gateway} timed out"),
+            );
+        }
+    };
+    let Some(gw) = found else {
+        tracing::info!(
+            namespace,
+            pod = pod_name,
+            gateway,
+            reason = "gateway-not-found",
+            "sidecar injection skipped"
+        );
+        return with_warning(
+            allow,
+            format!(
+                "sidegate: AIGateway {gateway} does not exist in namespace {namespace}; pod created without the sidegate sidecar"
+            ),
+        );
+    };
+    let sidecar = gw.spec.sidecar.clone().unwrap_or_default();
+    let settings = InjectSettings {
+        config: &state.config,
+        namespace: &namespace,
+        sidecar: &sidecar,
+    };
+    match inject::inject(&pod, &settings) {
+        Ok(Some(injection)) => {
+            tracing::info!(
+                namespace,
+                pod = pod_name,
+                gateway,
+                native = sidecar.native_sidecar,
+                "sidecar injected"
+            );
+            let mut response = match allow.clone().with_patch(injection.patch) {
+                Ok(r) => r,
+                Err(e) => return with_warning(allow, format!("sidegate: pod not injected: {e}")),
+            };
+            if !injection.warnings.is_empty() {
+                response.warnings = Some(injection.warnings);
+            }
+            response
+        }
+        Ok(None) => allow,
+        Err(e) => {
+            tracing::warn!(namespace, pod = pod_name, gateway, error = %e, "sidecar injection refused");
+            with_warning(allow, format!("sidegate: pod not injected: {e}"))
+        }
+    }
+}
+
+fn with_warning(mut response: AdmissionResponse, warning: String) -> AdmissionResponse {
+    response.warnings.get_or_insert_with(Vec::new).push(warning);
+    response
+}
+
+/// The MutatingWebhookConfiguration the operator expects (the chart ships the same): Pod
+/// CREATE only, `failurePolicy: Ignore`, never in `excluded_namespaces`, and only pods that carry
+/// the gateway annotation are sent at all (a CEL match condition), so an outage of the webhook
+/// cannot slow down unrelated pods.
+pub fn configuration(
+    name: &str,
+    client_config: WebhookClientConfig,
+    excluded_namespaces: &BTreeSet<String>,
+) -> MutatingWebhookConfiguration {
+    MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some([("app.kubernetes.io/name".to_owned(), "sidegate".to_owned())].into()),
+            ..ObjectMeta::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: WEBHOOK_NAME.into(),
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "None".into(),
+            failure_policy: Some("Ignore".into()),
+            timeout_seconds: Some(5),
+            reinvocation_policy: Some("Never".into()),
+            match_policy: Some("Equivalent".into()),
+            client_config,
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec![String::new()]),
+                api_versions: Some(vec!["v1".into()]),
+                operations: Some(vec!["CREATE".into()]),
+                resources: Some(vec!["pods".into()]),
+                scope: Some("Namespaced".into()),
+            }]),
+            namespace_selector: Some(LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "kubernetes.io/metadata.name".into(),
+                    operator: "NotIn".into(),
+                    values: Some(excluded_namespaces.iter().cloned().collect()),
+                }]),
+                ..LabelSelector::default()
+            }),
+            match_conditions: Some(vec![MatchCondition {
+                name: "has-gateway-annotation".into(),
+                expression: format!(
+                    "has(object.metadata.annotations) && '{}' in object.metadata.annotations",
+                    inject::GATEWAY_ANNOTATION
+                ),
+            }]),
+            ..MutatingWebhook::default()
+        }]),
+    }
+}
+
+/// Client config pointing at Service `service` in `namespace`, port 443 → the webhook port.
+pub fn service_client_config(
+    service: &str,
+    namespace: &str,
+    ca_bundle: Option<&str>,
+) -> WebhookClientConfig {
+    WebhookClientConfig {
+        service: Some(ServiceReference {
+            name: service.into(),
+            namespace: namespace.into(),
+            path: Some(MUTATE_PATH.into()),
+            port: Some(443),
+        }),
+        ca_bundle: ca_bundle.map(|b| ByteString(b.as_bytes().to_vec())),
+        url: None,
+    }
+}
