@@ -441,10 +441,24 @@ fn add_env(
     env: &[EnvVar],
 ) -> Result<(), InjectError> {
     let set: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    // A provider the container already points somewhere (under any of its variable names) is
+    // left alone: e.g. LangChain prefers OPENAI_API_BASE over the app's own OPENAI_BASE_URL.
+    let configured_routes: BTreeSet<&str> = SDK_BASE_URL_VARIABLES
+        .iter()
+        .filter(|(name, _)| set.contains(name))
+        .map(|(_, route)| *route)
+        .collect();
+    let route_of = |name: &str| {
+        SDK_BASE_URL_VARIABLES
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, route)| *route)
+    };
     let has_env_from = c.env_from.as_ref().is_some_and(|e| !e.is_empty());
     let missing: Vec<&EnvVar> = env
         .iter()
         .filter(|e| !set.contains(e.name.as_str()))
+        .filter(|e| route_of(&e.name).is_none_or(|r| !configured_routes.contains(r)))
         .filter(|e| !(has_env_from && PLACEHOLDER_KEY_VARIABLES.contains(&e.name.as_str())))
         .collect();
     if missing.is_empty() {

@@ -1,0 +1,395 @@
+//! Sidecar injection as a specification: fixtures in `tests/fixtures/inject/`, the JSON patches
+//! the webhook returns in `tests/golden/inject/`, and the patched pods checked field by field.
+//! After an intended change: `UPDATE_GOLDEN=1 cargo test -p sidegate-operator --test webhook_inject`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use sidegate_crds::api::SidecarSettings;
+use sidegate_operator::webhook::inject::{
+    self, InjectConfig, InjectSettings, Injection, PLACEHOLDER_API_KEY, Skip,
+};
+
+fn tests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
+}
+
+fn fixture(name: &str) -> Pod {
+    let path = tests_dir().join("fixtures/inject").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("parsing {name}: {e}"))
+}
+
+fn assert_golden(name: &str, actual: &str) {
+    let path = tests_dir().join("golden/inject").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "reading {} ({e}); run with UPDATE_GOLDEN=1 to create it",
+            path.display()
+        )
+    });
+    assert_eq!(
+        expected, actual,
+        "{name} differs from the golden file; if the change is intended, rerun with UPDATE_GOLDEN=1"
+    );
+}
+
+fn config() -> InjectConfig {
+    InjectConfig::new(
+        "ghcr.io/sidegate/sidegate:0.1.0",
+        "0.1.0",
+        "sidegate-system",
+    )
+}
+
+fn run(pod: &Pod, namespace: &str, sidecar: &SidecarSettings) -> Option<Injection> {
+    let config = config();
+    inject::inject(
+        pod,
+        &InjectSettings {
+            config: &config,
+            namespace,
+            sidecar,
+        },
+    )
+    .expect("injection does not fail")
+}
+
+/// Injects with the defaults, checks the patch against its golden file, returns the patched pod.
+fn injected(fixture_name: &str, sidecar: &SidecarSettings, golden: &str) -> (Pod, Injection) {
+    let pod = fixture(fixture_name);
+    let injection = run(&pod, "team-a", sidecar).expect("pod is injected");
+    let patch_yaml = serde_saphyr::to_string(&injection.patch).expect("patch serializes");
+    assert_golden(golden, &patch_yaml);
+    let mut doc = serde_json::to_value(&pod).expect("pod serializes");
+    json_patch::patch(&mut doc, &injection.patch).expect("patch applies to the pod");
+    let patched: Pod = serde_json::from_value(doc).expect("patched pod is a Pod");
+    (patched, injection)
+}
+
+fn env_of(c: &Container) -> BTreeMap<String, Option<String>> {
+    c.env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect()
+}
+
+fn annotation<'a>(pod: &'a Pod, key: &str) -> Option<&'a str> {
+    pod.metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
+}
+
+#[test]
+fn a_plain_pod_gets_a_native_sidecar_volumes_env_and_the_injected_annotation() {
+    let (pod, injection) = injected("plain.yaml", &SidecarSettings::default(), "plain.yaml");
+    assert_eq!(injection.gateway, "main");
+    assert!(injection.warnings.is_empty());
+    assert_eq!(annotation(&pod, inject::INJECTED_ANNOTATION), Some("0.1.0"));
+    let spec = pod.spec.expect("spec");
+
+    let init = spec.init_containers.expect("init containers");
+    let sidecar = &init[0];
+    assert_eq!(sidecar.name, "sidegate");
+    assert_eq!(
+        sidecar.restart_policy.as_deref(),
+        Some("Always"),
+        "native sidecar"
+    );
+    assert_eq!(
+        sidecar.args.as_deref().expect("args"),
+        [
+            "--config",
+            "/etc/sidegate/config/gateway.yaml",
+            "--keys-dir",
+            "/etc/sidegate/keys",
+            "--listen",
+            "127.0.0.1:8787",
+            "--admin",
+            "0.0.0.0:8788",
+            "--wait-for-config",
+            "--log-format",
+            "json",
+        ]
+    );
+    let mounts = sidecar.volume_mounts.as_ref().expect("mounts");
+    assert!(
+        mounts
+            .iter()
+            .all(|m| m.sub_path.is_none() && m.read_only == Some(true)),
+        "whole-volume read-only mounts, so kubelet's updates arrive"
+    );
+    let sc = sidecar.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.run_as_user, Some(65532));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()])
+    );
+    assert_eq!(
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    let probe_path = |p: Option<&k8s_openapi::api::core::v1::Probe>| {
+        p.and_then(|p| p.http_get.as_ref())
+            .map(|h| (h.path.clone().unwrap_or_default(), h.port.clone()))
+    };
+    let admin = k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(8788);
+    assert_eq!(
+        probe_path(sidecar.readiness_probe.as_ref()),
+        Some(("/readyz".into(), admin.clone()))
+    );
+    assert_eq!(
+        probe_path(sidecar.liveness_probe.as_ref()),
+        Some(("/healthz".into(), admin))
+    );
+    assert!(sidecar.resources.is_some());
+
+    let volumes = spec.volumes.expect("volumes");
+    let cm = volumes[0].config_map.as_ref().expect("ConfigMap volume");
+    assert_eq!(
+        (cm.name.as_str(), cm.optional),
+        ("sidegate-main", Some(true))
+    );
+    let secret = volumes[1].secret.as_ref().expect("Secret volume");
+    assert_eq!(
+        (secret.secret_name.as_deref(), secret.optional),
+        (Some("sidegate-main-keys"), Some(true))
+    );
+
+    let app = &spec.containers[0];
+    assert!(app.volume_mounts.is_none(), "the app never sees the keys");
+    let env = env_of(app);
+    assert_eq!(
+        env["OPENAI_BASE_URL"].as_deref(),
+        Some("http://127.0.0.1:8787/openai")
+    );
+    assert_eq!(
+        env["ANTHROPIC_BASE_URL"].as_deref(),
+        Some("http://127.0.0.1:8787/anthropic")
+    );
+    assert_eq!(
+        env["GOOGLE_GEMINI_BASE_URL"].as_deref(),
+        Some("http://127.0.0.1:8787/google-ai-studio")
+    );
+    assert_eq!(env["OPENAI_API_KEY"].as_deref(), Some(PLACEHOLDER_API_KEY));
+    assert_eq!(
+        env["ANTHROPIC_API_KEY"].as_deref(),
+        Some(PLACEHOLDER_API_KEY)
+    );
+}
+
+#[test]
+fn variables_the_pod_already_sets_are_left_alone_and_env_from_containers_get_no_placeholder_keys() {
+    let (pod, _) = injected("env-set.yaml", &SidecarSettings::default(), "env-set.yaml");
+    let spec = pod.spec.expect("spec");
+    let app = &spec.containers[0];
+    let env = env_of(app);
+    assert_eq!(
+        env["OPENAI_BASE_URL"].as_deref(),
+        Some("https://proxy.example.com/v1")
+    );
+    assert!(
+        !env.contains_key("OPENAI_API_BASE"),
+        "the app's OpenAI endpoint is not overridden under another name"
+    );
+    let key = app
+        .env
+        .iter()
+        .flatten()
+        .filter(|e| e.name == "OPENAI_API_KEY")
+        .collect::<Vec<_>>();
+    assert_eq!(key.len(), 1, "not duplicated");
+    assert!(key[0].value_from.is_some(), "still from its Secret");
+    assert_eq!(
+        env["ANTHROPIC_API_KEY"].as_deref(),
+        Some(PLACEHOLDER_API_KEY)
+    );
+
+    let worker = env_of(&spec.containers[1]);
+    assert_eq!(
+        worker["OPENAI_BASE_URL"].as_deref(),
+        Some("http://127.0.0.1:8787/openai")
+    );
+    assert!(!worker.contains_key("OPENAI_API_KEY"));
+    assert!(!worker.contains_key("ANTHROPIC_API_KEY"));
+}
+
+#[test]
+fn every_container_of_a_multi_container_pod_gets_the_env_and_existing_lists_are_appended_to() {
+    let (pod, _) = injected(
+        "multi-container.yaml",
+        &SidecarSettings::default(),
+        "multi-container.yaml",
+    );
+    assert_eq!(annotation(&pod, "prometheus.io/scrape"), Some("true"));
+    let spec = pod.spec.expect("spec");
+    let init: Vec<&str> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(
+        init,
+        ["sidegate", "warm-cache"],
+        "sidecar first, so init containers can use it"
+    );
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["api", "indexer"]);
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten().skip(1))
+    {
+        assert_eq!(
+            env_of(c)["OPENAI_BASE_URL"].as_deref(),
+            Some("http://127.0.0.1:8787/openai"),
+            "{}",
+            c.name
+        );
+    }
+    assert_eq!(
+        env_of(&spec.containers[0])["LOG_LEVEL"].as_deref(),
+        Some("debug")
+    );
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(volumes, ["data", "sidegate-config", "sidegate-keys"]);
+}
+
+#[test]
+fn a_job_pod_gets_a_native_sidecar_so_the_job_can_complete() {
+    let (pod, injection) = injected("job.yaml", &SidecarSettings::default(), "job.yaml");
+    assert!(injection.warnings.is_empty());
+    let spec = pod.spec.expect("spec");
+    assert_eq!(spec.containers.len(), 1);
+    assert_eq!(
+        spec.init_containers.expect("init")[0]
+            .restart_policy
+            .as_deref(),
+        Some("Always")
+    );
+}
+
+#[test]
+fn native_sidecar_false_injects_a_plain_container_and_warns_for_jobs() {
+    let plain = SidecarSettings {
+        native_sidecar: false,
+        port: 9000,
+        admin_port: 9001,
+        image: Some("registry.local/sidegate:dev".into()),
+        ..SidecarSettings::default()
+    };
+    let (pod, injection) = injected("plain.yaml", &plain, "plain-container.yaml");
+    assert!(injection.warnings.is_empty());
+    let spec = pod.spec.expect("spec");
+    assert!(spec.init_containers.is_none());
+    let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["app", "sidegate"],
+        "the app stays kubectl's default container"
+    );
+    let sidecar = &spec.containers[1];
+    assert_eq!(sidecar.restart_policy, None);
+    assert_eq!(
+        sidecar.image.as_deref(),
+        Some("registry.local/sidegate:dev")
+    );
+    assert!(sidecar.args.iter().flatten().any(|a| a == "127.0.0.1:9000"));
+    assert_eq!(
+        env_of(&spec.containers[0])["ANTHROPIC_BASE_URL"].as_deref(),
+        Some("http://127.0.0.1:9000/anthropic")
+    );
+
+    let job = run(&fixture("job.yaml"), "team-a", &plain).expect("injected");
+    assert_eq!(job.warnings.len(), 1);
+    assert!(
+        job.warnings[0].contains("nativeSidecar"),
+        "{}",
+        job.warnings[0]
+    );
+}
+
+#[test]
+fn an_already_injected_pod_is_not_patched_again() {
+    let pod = fixture("already-injected.yaml");
+    assert!(run(&pod, "team-a", &SidecarSettings::default()).is_none());
+    assert_eq!(
+        inject::requested_gateway(&pod, "team-a", &config()),
+        Err(Skip::AlreadyInjected)
+    );
+}
+
+#[test]
+fn injecting_the_result_of_an_injection_changes_nothing() {
+    let (pod, _) = injected("plain.yaml", &SidecarSettings::default(), "plain.yaml");
+    assert!(run(&pod, "team-a", &SidecarSettings::default()).is_none());
+}
+
+#[test]
+fn an_opted_out_pod_is_skipped() {
+    let pod = fixture("opted-out.yaml");
+    assert!(run(&pod, "team-a", &SidecarSettings::default()).is_none());
+    assert_eq!(
+        inject::requested_gateway(&pod, "team-a", &config()),
+        Err(Skip::OptedOut)
+    );
+}
+
+#[test]
+fn pods_in_excluded_namespaces_are_skipped() {
+    let pod = fixture("plain.yaml");
+    for ns in ["kube-system", "sidegate-system"] {
+        assert!(run(&pod, ns, &SidecarSettings::default()).is_none(), "{ns}");
+        assert_eq!(
+            inject::requested_gateway(&pod, ns, &config()),
+            Err(Skip::ExcludedNamespace(ns.into()))
+        );
+    }
+}
+
+#[test]
+fn a_pod_without_the_gateway_annotation_is_skipped() {
+    let pod = fixture("not-annotated.yaml");
+    assert!(run(&pod, "team-a", &SidecarSettings::default()).is_none());
+    assert_eq!(
+        inject::requested_gateway(&pod, "team-a", &config()),
+        Err(Skip::NotRequested)
+    );
+}
+
+#[test]
+fn a_pod_that_already_has_a_container_named_sidegate_is_refused_not_mangled() {
+    let mut pod = fixture("plain.yaml");
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.containers[0].name = "sidegate".into();
+    }
+    let config = config();
+    let err = inject::inject(
+        &pod,
+        &InjectSettings {
+            config: &config,
+            namespace: "team-a",
+            sidecar: &SidecarSettings::default(),
+        },
+    )
+    .expect_err("name clash");
+    assert!(err.to_string().contains("sidegate"), "{err}");
+}
