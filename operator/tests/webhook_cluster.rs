@@ -1,0 +1,408 @@
+//! The injection webhook behind a real kube-apiserver (`tests/cluster/`):
+//!
+//! ```text
+//! tests/cluster/with-cluster cargo test -p sidegate-operator --test webhook_cluster
+//! ```
+//!
+//! The webhook runs in this process on a loopback port with a self-managed certificate; the
+//! MutatingWebhookConfiguration points at `https://127.0.0.1:PORT/mutate` and gets its `caBundle`
+//! from the webhook at start-up, exactly as in a cluster (only the Service is replaced by a URL).
+//! Each configuration selects only its test's namespace, so nothing else in the cluster is
+//! touched. There is no node: pods stay Pending, and the stored spec is what is checked.
+
+mod common;
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, WebhookClientConfig,
+};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sidegate_crds::api::AIGateway;
+use sidegate_operator::webhook::certs::{self, CertResolver, SelfManaged};
+use sidegate_operator::webhook::inject::{INJECTED_ANNOTATION, SIDECAR_CONTAINER};
+use sidegate_operator::webhook::{self, CertMode, WebhookArgs, WebhookState};
+
+use common::{TestNamespace, cluster_client, create_test_namespace, eventually, unique_name};
+use support::{WAIT, create, gateway};
+
+/// A free loopback port (bound and released; the webhook binds it again right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Creates a webhook configuration named `name` → `https://127.0.0.1:port/mutate`, selecting
+/// only namespace `ns`, without a caBundle (the webhook patches it in).
+async fn register(client: &Client, name: &str, port: u16, ns: &str) {
+    let mut config = webhook::configuration(
+        name,
+        WebhookClientConfig {
+            url: Some(format!("https://127.0.0.1:{port}{}", webhook::MUTATE_PATH)),
+            ..WebhookClientConfig::default()
+        },
+        &BTreeSet::new(),
+    );
+    if let Some(hooks) = config.webhooks.as_mut() {
+        hooks[0].namespace_selector = Some(LabelSelector {
+            match_labels: Some([("kubernetes.io/metadata.name".to_owned(), ns.to_owned())].into()),
+            ..LabelSelector::default()
+        });
+    }
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &config)
+        .await
+        .expect("create MutatingWebhookConfiguration");
+}
+
+async fn unregister(client: &Client, name: &str) {
+    let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+fn args(port: u16, config_name: &str) -> WebhookArgs {
+    WebhookArgs {
+        enabled: true,
+        webhook_port: port,
+        webhook_bind: [127, 0, 0, 1].into(),
+        cert_mode: CertMode::SelfManaged,
+        webhook_config_name: config_name.into(),
+        webhook_service: "sidegate-webhook".into(),
+        webhook_secret: "sidegate-webhook-tls".into(),
+        extra_names: vec!["127.0.0.1".into()],
+        tls_cert_file: "/nonexistent".into(),
+        tls_key_file: "/nonexistent".into(),
+        ca_file: None,
+        cert_validity_days: 365,
+        sidecar_image: "registry.local/sidegate:test".into(),
+        sidecar_image_pull_policy: Some("Never".into()),
+        exclude_namespaces: vec![],
+    }
+}
+
+fn pod(name: &str, annotations: &[(&str, &str)]) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "annotations": annotations.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        },
+        "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}]},
+    }))
+    .expect("valid Pod")
+}
+
+/// The namespace's `default` ServiceAccount (pods cannot be created before it exists).
+async fn wait_for_default_service_account(client: &Client, ns: &str) {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    eventually("the default ServiceAccount", WAIT, || {
+        let sas = sas.clone();
+        async move { sas.get_opt("default").await.ok().flatten().map(|_| ()) }
+    })
+    .await;
+}
+
+fn is_injected(p: &Pod) -> bool {
+    p.annotations().contains_key(INJECTED_ANNOTATION)
+}
+
+fn sidecar_of(p: &Pod) -> Option<(&'static str, &k8s_openapi::api::core::v1::Container)> {
+    let spec = p.spec.as_ref()?;
+    if let Some(c) = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == SIDECAR_CONTAINER)
+    {
+        return Some(("init", c));
+    }
+    spec.containers
+        .iter()
+        .find(|c| c.name == SIDECAR_CONTAINER)
+        .map(|c| ("container", c))
+}
+
+async fn namespaces(client: &Client) -> (TestNamespace, TestNamespace) {
+    let apps = create_test_namespace(client, "sgwh-apps").await;
+    let operator = create_test_namespace(client, "sgwh-operator").await;
+    wait_for_default_service_account(client, &apps.name).await;
+    (apps, operator)
+}
+
+#[tokio::test]
+async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_alone() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    support::operator(&client).await; // CRDs (and the controllers, unused here)
+    let (apps, operator_ns) = namespaces(&client).await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
+    create(&gateways, &gateway("main", json!({}))).await;
+    create(
+        &gateways,
+        &gateway("plain", json!({"sidecar": {"nativeSidecar": false}})),
+    )
+    .await;
+
+    let port = free_port();
+    let config_name = unique_name("sidegate-webhook-test");
+    register(&client, &config_name, port, &apps.name).await;
+    let bound = webhook::start(client.clone(), &args(port, &config_name), &operator_ns.name)
+        .await
+        .expect("webhook starts");
+    assert_eq!(bound.port(), port);
+
+    // Start-up stored the certificate and patched caBundle.
+    let secret = Api::<Secret>::namespaced(client.clone(), &operator_ns.name)
+        .get("sidegate-webhook-tls")
+        .await
+        .expect("certificate Secret stored");
+    let ca =
+        String::from_utf8(secret.data.expect("data")[certs::CA_CERT_KEY].0.clone()).expect("PEM");
+    let registered = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get(&config_name)
+        .await
+        .expect("config");
+    let bundle = registered.webhooks.expect("webhooks")[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .expect("caBundle patched in at start-up");
+    assert!(String::from_utf8_lossy(&bundle.0).contains(ca.trim()));
+
+    // The apiserver picks the configuration up within moments: create pods until one is injected.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
+    let mut n = 0u32;
+    let first = eventually("the apiserver to call the webhook", WAIT, || {
+        n += 1;
+        let pods = pods.clone();
+        async move {
+            let created = pods
+                .create(
+                    &PostParams::default(),
+                    &pod(&format!("probe-{n}"), &[("sidegate.dev/gateway", "main")]),
+                )
+                .await
+                .expect("create annotated pod");
+            is_injected(&created).then_some(created)
+        }
+    })
+    .await;
+
+    // Read back what the apiserver stored, not what the create call returned.
+    let stored = pods.get(&first.name_any()).await.expect("stored pod");
+    let (kind, sidecar) = sidecar_of(&stored).expect("sidecar stored");
+    assert_eq!(kind, "init");
+    assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(
+        sidecar.image.as_deref(),
+        Some("registry.local/sidegate:test")
+    );
+    let spec = stored.spec.as_ref().expect("spec");
+    let volumes: Vec<&str> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(volumes.contains(&"sidegate-config") && volumes.contains(&"sidegate-keys"));
+    let app_env: Vec<(String, Option<String>)> = spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    assert!(app_env.contains(&(
+        "OPENAI_BASE_URL".into(),
+        Some("http://127.0.0.1:8787/openai".into())
+    )));
+
+    // Plain container when the gateway says so.
+    let plain = pods
+        .create(
+            &PostParams::default(),
+            &pod("plain-sidecar", &[("sidegate.dev/gateway", "plain")]),
+        )
+        .await
+        .expect("create");
+    assert_eq!(sidecar_of(&plain).map(|(k, _)| k), Some("container"));
+
+    // Left alone: no annotation, opted out, unknown gateway (created all the same).
+    for (name, annotations) in [
+        ("no-annotation", vec![]),
+        (
+            "opted-out",
+            vec![
+                ("sidegate.dev/gateway", "main"),
+                ("sidegate.dev/inject", "false"),
+            ],
+        ),
+        ("unknown-gateway", vec![("sidegate.dev/gateway", "nope")]),
+    ] {
+        let created = pods
+            .create(&PostParams::default(), &pod(name, &annotations))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        let stored = pods.get(name).await.expect("stored");
+        assert!(!is_injected(&created) && !is_injected(&stored), "{name}");
+        assert!(sidecar_of(&stored).is_none(), "{name}");
+    }
+
+    // The unknown gateway's pod is admitted with a warning for the user (checked on the
+    // handler, since the client does not surface warnings).
+    let state = WebhookState {
+        client: client.clone(),
+        config: sidegate_operator::webhook::inject::InjectConfig::new(
+            "img",
+            "0.1.0",
+            &operator_ns.name,
+        ),
+    };
+    let review = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0f5e1a9c-1111-2222-3333-444455556666",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": apps.name,
+            "operation": "CREATE",
+            "userInfo": {"username": "test"},
+            "object": serde_json::to_value(pod("x", &[("sidegate.dev/gateway", "nope")])).expect("json"),
+        },
+    });
+    let answer = webhook::review(&state, review.to_string().as_bytes()).await;
+    let response = answer.response.expect("response");
+    assert!(response.allowed);
+    assert!(response.patch.is_none());
+    let warnings = response.warnings.unwrap_or_default();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("AIGateway nope does not exist")),
+        "{warnings:?}"
+    );
+
+    unregister(&client, &config_name).await;
+    apps.delete().await;
+    operator_ns.delete().await;
+}
+
+#[tokio::test]
+async fn with_the_webhook_down_pods_are_still_created_because_failure_policy_is_ignore() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    let (apps, operator_ns) = namespaces(&client).await;
+    // Registered, but nothing listens on the port.
+    let port = free_port();
+    let config_name = unique_name("sidegate-webhook-down");
+    register(&client, &config_name, port, &apps.name).await;
+    let registered = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get(&config_name)
+        .await
+        .expect("config");
+    assert_eq!(
+        registered.webhooks.expect("webhooks")[0]
+            .failure_policy
+            .as_deref(),
+        Some("Ignore")
+    );
+    // Give the apiserver's webhook informer time to see the configuration, so the create below
+    // really goes through the failing call (a configuration it has not seen yet would pass
+    // trivially).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
+    let started = std::time::Instant::now();
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("while-down", &[("sidegate.dev/gateway", "main")]),
+        )
+        .await
+        .expect("pod created although the webhook is down");
+    assert!(!is_injected(&created));
+    eprintln!(
+        "pod created with the webhook down in {} ms",
+        started.elapsed().as_millis()
+    );
+
+    unregister(&client, &config_name).await;
+    apps.delete().await;
+    operator_ns.delete().await;
+}
+
+#[tokio::test]
+async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the_old_one() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    let ns = create_test_namespace(&client, "sgwh-rotate").await;
+    let config_name = unique_name("sidegate-webhook-rotate");
+    register(&client, &config_name, free_port(), &ns.name).await;
+    let mut settings = SelfManaged {
+        namespace: ns.name.clone(),
+        secret_name: "tls".into(),
+        webhook_config_name: config_name.clone(),
+        names: vec!["127.0.0.1".into()],
+        validity: Duration::from_secs(86400),
+        renew_before: Duration::from_secs(3600),
+    };
+    let resolver = CertResolver::new();
+    assert_eq!(
+        certs::ensure_self_managed(&client, &settings, &resolver)
+            .await
+            .expect("first"),
+        certs::CertAction::Rotated
+    );
+    assert_eq!(
+        certs::ensure_self_managed(&client, &settings, &resolver)
+            .await
+            .expect("second"),
+        certs::CertAction::Reused,
+        "a valid stored certificate is reused"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let ca_of = |s: &Secret| {
+        String::from_utf8(s.data.as_ref().expect("data")[certs::CA_CERT_KEY].0.clone())
+            .expect("pem")
+    };
+    let old_ca = ca_of(&secrets.get("tls").await.expect("secret"));
+
+    // Due for renewal: a new CA and certificate; caBundle trusts both CAs.
+    settings.renew_before = Duration::from_secs(2 * 86400);
+    assert_eq!(
+        certs::ensure_self_managed(&client, &settings, &resolver)
+            .await
+            .expect("rotation"),
+        certs::CertAction::Rotated
+    );
+    let new_ca = ca_of(&secrets.get("tls").await.expect("secret"));
+    assert_ne!(old_ca, new_ca);
+    let bundle = Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get(&config_name)
+        .await
+        .expect("config")
+        .webhooks
+        .expect("webhooks")[0]
+        .client_config
+        .ca_bundle
+        .clone()
+        .expect("caBundle");
+    let bundle = String::from_utf8_lossy(&bundle.0).into_owned();
+    assert!(bundle.contains(new_ca.trim()) && bundle.contains(old_ca.trim()));
+
+    unregister(&client, &config_name).await;
+    ns.delete().await;
+}
