@@ -1,48 +1,120 @@
 #!/usr/bin/env bash
-# sidegate demo: no cloud keys, no cluster. Builds the sidecar and a local mock provider,
-# starts the sidecar from examples/demo-gateway.yaml, and sends it real requests, printing the
-# responses and the gateway's response headers. Cleans up everything it started.
+# sidegate demo: the whole system on one machine, no cloud keys, no container engine.
+#
+#   a real Kubernetes control plane (kube-apiserver, etcd, kube-controller-manager from
+#   tests/cluster, on loopback) -> the CRDs -> sidegate-operator -> the sample ProviderKeys and
+#   AIGateway of examples/kubernetes/ -> the operator renders ConfigMap + Secret -> a stand-in
+#   kubelet (tests/e2e/kubelet-sync) projects them into directories exactly as kubelet does ->
+#   the sidegate sidecar serves real requests to a local mock provider -> a key rotated in the
+#   Secret reaches the provider without a restart.
+#
+# Prints what a user should see, and stops everything it started (also on Ctrl-C).
+#   ./demo.sh                 the whole system
+#   ./demo.sh --standalone    just the sidecar from a YAML file (no Kubernetes)
 set -euo pipefail
 cd "$(dirname "$0")"
-say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; echo; }
+root=$(pwd)
+[[ ${1:-} == --standalone ]] && exec tests/e2e/standalone-demo.sh
+bold=$'\033[1m' dim=$'\033[2m' off=$'\033[0m'
+[[ -t 1 ]] || { bold='' dim='' off=''; }
+say() { printf '\n%s== %s%s\n' "$bold" "$*" "$off"; }
+note() { printf '%s   %s%s\n' "$dim" "$*" "$off"; }
+run() { # prints the command, shell-quoted where needed, then runs it
+  local a
+  printf '$'
+  for a in "$@"; do
+    if [[ $a =~ [^A-Za-z0-9_./:=@%+,-] ]]; then printf " '%s'" "$a"; else printf ' %s' "$a"; fi
+  done
+  echo
+  "$@"
+  echo
+}
+die() { printf 'demo failed: %s\n' "$*" >&2; exit 1; }
 
-say "building sidegate and the mock provider (first build takes a few minutes)"
-cargo build --quiet -p sidegate -p sidegate-mock-provider
-bin=target/debug
 work=$(mktemp -d /tmp/sidegate-demo.XXXXXX)
 pids=()
+cluster_dir=
 cleanup() {
+  local p
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  [[ -n $cluster_dir ]] && tests/cluster/down "$cluster_dir" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
-
+trap 'exit 130' INT
+trap 'exit 143' TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # tries command...: retries for 30 s
+  local i
+  for ((i = 0; i < 150; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
+  return 1
+}
 
-say "starting a mock LLM provider (OpenAI and Anthropic wire formats) on loopback"
+say "1/9 building sidegate, sidegate-operator and the mock provider (first build: several minutes)"
+cargo build -p sidegate -p sidegate-operator -p sidegate-mock-provider 2>&1 |
+  grep -E --line-buffered '^ *(Compiling|Finished|error|warning: unused)' | sed -u 's/^ */   /' || true
+bin=$root/target/debug
+for b in sidegate sidegate-operator mock-provider; do [[ -x $bin/$b ]] || die "cargo build did not produce $b"; done
+
+say "2/9 starting a Kubernetes control plane on loopback (tests/cluster; first run builds it from Go modules, ~10-25 min)"
+kubeconfig=$(tests/cluster/up 2> >(sed -u 's/^/   /' >&2)) || die "the control plane did not start"
+cluster_dir=$(dirname "$kubeconfig")
+# shellcheck source=/dev/null
+source "$cluster_dir/env" # KUBECONFIG, and PATH with the test bed's kubectl first
+run kubectl get --raw /version
+
+say "3/9 installing the CRDs (AIGateway, ProviderKey)"
+run kubectl apply --server-side -f charts/sidegate/crds/
+kubectl wait --for=condition=Established --timeout=30s crd/aigateways.sidegate.dev crd/providerkeys.sidegate.dev >/dev/null
+kubectl create namespace sidegate-system >/dev/null
+kubectl create namespace team-a >/dev/null
+
+say "4/9 starting sidegate-operator (controllers only: with no kubelet here, the webhook has no pods to inject)"
+op_admin=$(free_port)
+"$bin/sidegate-operator" run --admin-addr "127.0.0.1:$op_admin" --leader-elect=false --webhook=false \
+  >"$work/operator.log" 2>&1 &
+pids+=($!)
+wait_for curl -sf "http://127.0.0.1:$op_admin/readyz" || { tail "$work/operator.log"; die "operator not ready"; }
+note "operator ready (admin on 127.0.0.1:$op_admin)"
+
+say "5/9 starting a mock LLM provider (OpenAI and Anthropic wire formats) on loopback"
 "$bin/mock-provider" --listen 127.0.0.1:0 >"$work/mock.out" 2>"$work/mock.log" &
 pids+=($!)
-for _ in $(seq 50); do grep -q listening "$work/mock.out" && break; sleep 0.1; done
+wait_for grep -q listening "$work/mock.out" || die "mock provider did not start"
 mock=http://$(awk '/listening on/{print $3}' "$work/mock.out")
-echo "mock provider at $mock"
+note "mock provider at $mock"
 
-say "keys directory: one file per key, <provider>.<alias> (as mounted from the operator's Secret)"
-mkdir -p "$work/keys"
-echo "sk-demo-openai-default" >"$work/keys/openai.default"
-echo "sk-demo-openai-team-b" >"$work/keys/openai.team-b"
-echo "sk-ant-demo-default" >"$work/keys/anthropic.default"
-echo "demo-gateway-token" >"$work/keys/authentication.tokens"
-ls "$work/keys"
-sed "s#MOCK_URL#$mock#g" examples/demo-gateway.yaml >"$work/gateway.yaml"
+say "6/9 applying the sample ProviderKeys and AIGateway from examples/kubernetes/"
+run kubectl apply -f examples/kubernetes/providerkeys.yaml
+sed "s#MOCK_URL#$mock#g" examples/kubernetes/aigateway.yaml >"$work/aigateway.yaml"
+note "(examples/kubernetes/aigateway.yaml with MOCK_URL -> $mock)"
+run kubectl apply -f "$work/aigateway.yaml"
+kubectl -n team-a wait --for=condition=Ready --timeout=60s aigateway/main >/dev/null ||
+  { kubectl -n team-a get aigw main -o yaml; tail -20 "$work/operator.log"; die "AIGateway not Ready"; }
+run kubectl -n team-a get aigw
+printf '$ kubectl -n team-a get aigw main -o jsonpath={.status.conditions}\n'
+kubectl -n team-a get aigw main -o json | python3 -c '
+import json, sys
+for c in json.load(sys.stdin)["status"]["conditions"]:
+    print("   %-15s %-6s %-14s %s" % (c["type"], c["status"], c["reason"], c.get("message", "")))'
+echo
+run kubectl -n team-a get configmap,secret -l app.kubernetes.io/managed-by=sidegate-operator
 
-port=$(free_port); admin=$(free_port)
-say "starting sidegate on 127.0.0.1:$port (admin 127.0.0.1:$admin)"
-"$bin/sidegate" --config "$work/gateway.yaml" --keys-dir "$work/keys" \
+say "7/9 a stand-in kubelet projects ConfigMap sidegate-main and Secret sidegate-main-keys into volumes; the sidecar reads them"
+mkdir -p "$work/pod"
+tests/e2e/kubelet-sync --namespace team-a --gateway main "$work/pod/config" "$work/pod/keys" \
+  >"$work/kubelet.log" 2>&1 &
+pids+=($!)
+wait_for test -e "$work/pod/keys/openai.default" || die "kubelet-sync did not project the volumes"
+run ls -la "$work/pod/keys"
+port=$(free_port) admin=$(free_port)
+"$bin/sidegate" --config "$work/pod/config/gateway.yaml" --keys-dir "$work/pod/keys" --wait-for-config \
   --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" 2>"$work/sidegate.log" &
 pids+=($!)
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+wait_for curl -sf "http://127.0.0.1:$admin/readyz" || { tail "$work/sidegate.log"; die "sidecar not ready"; }
+note "sidecar on 127.0.0.1:$port (admin $admin), the address the webhook gives apps as OPENAI_BASE_URL"
+
 gw=http://127.0.0.1:$port
 auth=(-H "cf-aig-authorization: Bearer demo-gateway-token")
 json=(-H "content-type: application/json")
@@ -51,45 +123,55 @@ import json, sys
 r = json.load(sys.stdin)[-1]
 h = r["headers"]
 key = h.get("authorization") or h.get("x-api-key") or ""
-fwd = [k for k in h if k.startswith("cf-aig-")]
-print("   provider received", r["method"], r["path"], "with key", key[:10] + "…" + key[-8:] + ";", "cf-aig-* headers forwarded:", fwd)'; }
+print("   provider received", r["method"], r["path"], "with key", repr(key.removeprefix("Bearer ")) + ";",
+      "cf-aig-* forwarded:", [k for k in h if k.startswith("cf-aig-")])'; }
+chat() { curl -s -o /dev/null -w '   status %{http_code}\n' "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" "$@" \
+  -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}'; }
 
-say "OpenAI chat completion through the gateway (the app sends a placeholder key; the gateway injects the stored one)"
-run curl -s -i "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" -H "authorization: Bearer placeholder" \
-  -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello sidegate"}]}'
+say "8/9 real requests through the sidecar"
+note "OpenAI chat completion: the app sends a placeholder key; the gateway injects the one from Secret llm-keys"
+run curl -s -i "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" -H "authorization: Bearer sidegate-managed" \
+  -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello from team-a"}]}'
 received
-
-say "Anthropic message, Cloudflare long-form URL"
-run curl -s -i "$gw/v1/my-account/demo/anthropic/v1/messages" "${auth[@]}" "${json[@]}" \
+note "Anthropic Messages, Cloudflare long-form URL (gateway id = the AIGateway's name)"
+run curl -s -i "$gw/v1/acct/main/anthropic/v1/messages" "${auth[@]}" "${json[@]}" \
   -d '{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{"role":"user","content":"Hi Claude"}]}'
 received
-
-say "streaming (SSE passes through as the provider sends it)"
-run curl -s -N "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" \
-  -d '{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"stream three words"}]}'
-
-say "BYOK alias: cf-aig-byok-alias picks another stored key"
-run curl -s -o /dev/null -w 'status %{http_code}\n' "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" \
-  -H "cf-aig-byok-alias: team-b" -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"b"}]}'
+note "BYOK alias: ProviderKey openai-team-b, chosen with cf-aig-byok-alias"
+chat -H "cf-aig-byok-alias: team-b"
 received
+note "no gateway token: the gateway answers in Cloudflare's envelope"
+run curl -s "$gw/openai/chat/completions" "${json[@]}" -d '{}'
+note "caching: not implemented in this sidegate version. The sidecar refuses a config with"
+note "spec.cache.enabled (naming the field), so this demo shows no cf-aig-cache-status: HIT."
 
-say "errors made by the gateway use the Cloudflare envelope"
-run curl -s -i "$gw/openai/chat/completions" "${json[@]}" -d '{}'
-run curl -s "$gw/openai/chat/completions" "${auth[@]}" -H "cf-aig-byok-alias: nobody" "${json[@]}" -d '{}'
-say "provider errors pass through unchanged"
-run curl -s -i "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" \
-  -d '{"model":"mock-status-429","messages":[{"role":"user","content":"x"}]}'
-
-say "key rotation, live: kubelet-style atomic swap of the keys directory"
-echo "sk-demo-openai-ROTATED" >"$work/keys/openai.default.new" && mv "$work/keys/openai.default.new" "$work/keys/openai.default"
-sleep 0.3
-curl -s -o /dev/null "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" -d '{"model":"m","messages":[{"role":"user","content":"r"}]}'
+say "9/9 rotating a key: patch Secret llm-keys; operator re-renders, kubelet projects, sidecar reloads"
+hash_before=$(kubectl -n team-a get aigw main -o jsonpath='{.status.configHash}')
+started=$(date +%s.%N)
+run kubectl -n team-a patch secret llm-keys --type merge -p '{"stringData":{"openai":"sk-demo-openai-v2-ROTATED"}}'
+rotated() {
+  curl -s -o /dev/null "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" \
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"after rotation"}]}'
+  curl -s "$mock/__mock/requests" | grep -q 'v2-ROTATED'
+}
+wait_for rotated || die "the rotated key never reached the provider"
+note "the provider saw the new key $(python3 -c "import time; print(f'{time.time() - $started:.1f}')") s after the patch, no restart:"
 received
-
-say "metrics on the admin port"
-curl -s "http://127.0.0.1:$admin/metrics" | grep -E '^sidegate_(requests_total|config_reloads_total|config_info)'
-
-say "sidegate's log (note: no key appears)"
-tail -n 8 "$work/sidegate.log"
+hash_after=$(kubectl -n team-a get aigw main -o jsonpath='{.status.configHash}')
+note "configHash ${hash_before:7:12}… -> ${hash_after:7:12}…"
+run kubectl -n team-a get aigw
+kubectl -n team-a get events --field-selector involvedObject.kind=AIGateway \
+  -o custom-columns=REASON:.reason,MESSAGE:.message 2>/dev/null | sed 's/^/   /' | tail -5 || true
 echo
-echo "demo done; stopping the mock provider and sidegate."
+printf '$ curl -s 127.0.0.1:%s/metrics | grep ...\n' "$admin"
+curl -s "http://127.0.0.1:$admin/metrics" | grep -E '^sidegate_(requests_total|config_reloads_total|config_info)' | sed 's/^/   /'
+
+say "logs (no provider key appears in them)"
+note "operator:"; tail -n 4 "$work/operator.log" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-200 | sed 's/^/   /'
+note "kubelet-sync:"; sed 's/^/   /' "$work/kubelet.log" | tail -n 4
+note "sidecar:"; tail -n 4 "$work/sidegate.log" | cut -c1-200 | sed 's/^/   /'
+for secret in sk-demo-openai-v1 sk-demo-openai-v2-ROTATED sk-demo-openai-team-b sk-ant-demo-v1; do
+  if grep -q -- "$secret" "$work"/*.log; then die "key $secret found in a log"; fi
+done
+echo
+echo "demo done: stopping the sidecar, kubelet-sync, mock provider, operator and the control plane."
