@@ -16,7 +16,7 @@ started=$(date +%s)
 
 step "system packages"
 need=()
-for pair in curl:curl openssl:openssl python3:python3 ss:iproute2; do
+for pair in curl:curl openssl:openssl python3:python3 ss:iproute2 file:file shellcheck:shellcheck; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
@@ -45,6 +45,17 @@ tests/cluster/with-cluster cargo test --workspace --quiet 2>&1 | tee "$SIDEGATE_
 step "Python SDK tests (openai, anthropic) against the sidecar"
 venv=$(tests/setup-venv)
 (cd tests/sdk && "$venv/bin/pytest" -q --timeout 120 -p no:cacheprovider) 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/pytest.log"
+
+step "Helm chart: lint, golden output, schema errors, install on the real apiserver, operator with the chart's args"
+tests/chart/run 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/chart.log"
+
+step "container image binaries: static build (crt-static), file/ldd, the static sidecar serving a request"
+tests/e2e/static-binaries 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/static-binaries.log"
+
+step "demo (README's first command) runs end to end"
+./demo.sh >"$SIDEGATE_TEST_LOG_DIR/demo.log" 2>&1 || { tail -40 "$SIDEGATE_TEST_LOG_DIR/demo.log"; exit 1; }
+grep -E 'provider saw the new key|demo done' "$SIDEGATE_TEST_LOG_DIR/demo.log"
+shellcheck demo.sh tests/chart/run tests/e2e/kind.sh tests/e2e/static-binaries tests/e2e/standalone-demo.sh
 
 step "no key in any log"
 tests/scan-logs "$SIDEGATE_TEST_LOG_DIR"
