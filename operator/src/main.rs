@@ -72,7 +72,7 @@ struct RunArgs {
     log_format: String,
     /// The sidecar injection webhook (served by every replica, leader or not).
     #[command(flatten)]
-    webhook: webhook::WebhookArgs,
+    webhook: Box<webhook::WebhookArgs>,
 }
 
 #[tokio::main]

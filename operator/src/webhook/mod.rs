@@ -347,7 +347,7 @@ async fn admit(
     let allow = AdmissionResponse::from(request);
     if request.operation != Operation::Create
         || request.kind.kind != "Pod"
-        || request.kind.group != ""
+        || !request.kind.group.is_empty()
     {
         return allow;
     }
