@@ -85,6 +85,59 @@ pub struct GatewayPolicy {
     pub limits: Option<Limits>,
 }
 
+impl GatewayPolicy {
+    /// The first setting the sidecar of this version cannot honour yet, as a message naming the
+    /// field. The sidecar refuses such configs; the operator reports them in the gateway's status.
+    pub fn first_unsupported(&self) -> Option<String> {
+        let spec = self;
+        let v = env!("CARGO_PKG_VERSION");
+        let not_yet = |field: &str, what: &str| {
+            Some(format!(
+                "{field}: {what} is not implemented in sidegate {v}; remove it (or disable it) to load this config"
+            ))
+        };
+        if spec.cache.as_ref().is_some_and(|c| c.enabled) {
+            return not_yet("spec.cache", "response caching");
+        }
+        if spec.rate_limit.is_some() {
+            return not_yet("spec.rateLimit", "rate limiting");
+        }
+        if spec.retries.as_ref().is_some_and(|r| r.max_attempts > 1) {
+            return not_yet("spec.retries", "retrying upstream attempts");
+        }
+        if spec
+            .redis
+            .as_ref()
+            .is_some_and(|r| r.url_secret_ref.is_some())
+        {
+            return not_yet("spec.redis", "the redis backend");
+        }
+        if !spec.fallbacks.is_empty() {
+            return not_yet("spec.fallbacks", "fallback chains");
+        }
+        if !spec.routes.is_empty() {
+            return not_yet("spec.routes", "dynamic routing");
+        }
+        if spec.dlp.as_ref().is_some_and(|d| !d.policies.is_empty()) {
+            return not_yet("spec.dlp", "DLP");
+        }
+        if spec
+            .guardrails
+            .as_ref()
+            .is_some_and(|g| !g.prompt.is_empty() || !g.response.is_empty())
+        {
+            return not_yet("spec.guardrails", "guardrails");
+        }
+        if spec.spend_limit.is_some() {
+            return not_yet("spec.spendLimit", "spend limits");
+        }
+        if spec.logging.as_ref().is_some_and(|l| l.payloads) {
+            return not_yet("spec.logging.payloads", "payload logging");
+        }
+        None
+    }
+}
+
 /// A reference to one key of a Kubernetes Secret in the gateway's namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -114,6 +114,11 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     let spec = &gw.spec;
     let policy = &spec.policy;
 
+    // The sidecar refuses configs that turn on features it does not implement yet; say so here
+    // instead of reporting Ready for a config no sidecar will load.
+    if let Some(unsupported) = policy.first_unsupported() {
+        problems.push(unsupported);
+    }
     if let Some(sel) = &spec.provider_key_selector
         && let Err(e) = parse_selector(sel)
     {
@@ -310,5 +315,35 @@ mod tests {
     fn non_urls_and_other_schemes_are_refused() {
         assert!(upstream_url("api.openai.com", "ns", false).is_err());
         assert!(upstream_url("ftp://x.example/", "ns", true).is_err());
+    }
+
+    #[test]
+    fn features_the_sidecar_cannot_serve_yet_are_spec_problems() {
+        use sidegate_crds::api::AIGatewaySpec;
+        use sidegate_crds::policy::{Cache, GatewayPolicy};
+        let policy = GatewayPolicy {
+            cache: Some(Cache {
+                enabled: true,
+                ..Cache::default()
+            }),
+            ..GatewayPolicy::default()
+        };
+        let mut gw = AIGateway::new(
+            "main",
+            AIGatewaySpec {
+                policy,
+                ..AIGatewaySpec::default()
+            },
+        );
+        gw.metadata.namespace = Some("team-a".into());
+        let problems = gateway(&gw);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("spec.cache: response caching is not implemented")),
+            "{problems:?}"
+        );
+        gw.spec.policy.cache = None;
+        assert!(gateway(&gw).is_empty());
     }
 }

@@ -71,7 +71,7 @@ async fn a_gateway_with_keys_renders_its_config_map_and_secret_and_reports_ready
             json!({
                 "providerKeySelector": {"matchLabels": {"team": "a"}},
                 "authentication": {"enabled": true, "tokenSecretRef": {"name": "tokens", "key": "token"}},
-                "cache": {"enabled": true, "ttl": "5m"},
+                "requestTimeout": "30s",
             }),
         ),
     )

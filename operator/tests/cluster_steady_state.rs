@@ -39,7 +39,7 @@ async fn a_steady_state_makes_no_writes_when_reconciled_again() {
     .await;
     create(
         &gateways,
-        &gateway("steady", json!({"cache": {"enabled": true, "ttl": "5m"}})),
+        &gateway("steady", json!({"requestTimeout": "30s"})),
     )
     .await;
     wait_ready(&gateways, "steady").await;

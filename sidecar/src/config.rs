@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use sidegate_crds::policy::GatewayPolicy;
 use sidegate_crds::{GatewayConfig, SCHEMA_VERSION};
 
 use crate::keys::{KeyStore, KeysError};
@@ -124,7 +123,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         path: path.clone(),
         message,
     };
-    if let Some(field) = unsupported_setting(&config.spec) {
+    if let Some(field) = config.spec.first_unsupported() {
         return Err(invalid(field));
     }
     let keys = match &src.keys_dir {
@@ -212,55 +211,6 @@ fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
         path: path.to_owned(),
         source,
     })
-}
-
-/// The first setting this version cannot honour, as a message naming the field.
-pub fn unsupported_setting(spec: &GatewayPolicy) -> Option<String> {
-    let v = env!("CARGO_PKG_VERSION");
-    let not_yet = |field: &str, what: &str| {
-        Some(format!(
-            "{field}: {what} is not implemented in sidegate {v}; remove it (or disable it) to load this config"
-        ))
-    };
-    if spec.cache.as_ref().is_some_and(|c| c.enabled) {
-        return not_yet("spec.cache", "response caching");
-    }
-    if spec.rate_limit.is_some() {
-        return not_yet("spec.rateLimit", "rate limiting");
-    }
-    if spec.retries.as_ref().is_some_and(|r| r.max_attempts > 1) {
-        return not_yet("spec.retries", "retrying upstream attempts");
-    }
-    if spec
-        .redis
-        .as_ref()
-        .is_some_and(|r| r.url_secret_ref.is_some())
-    {
-        return not_yet("spec.redis", "the redis backend");
-    }
-    if !spec.fallbacks.is_empty() {
-        return not_yet("spec.fallbacks", "fallback chains");
-    }
-    if !spec.routes.is_empty() {
-        return not_yet("spec.routes", "dynamic routing");
-    }
-    if spec.dlp.as_ref().is_some_and(|d| !d.policies.is_empty()) {
-        return not_yet("spec.dlp", "DLP");
-    }
-    if spec
-        .guardrails
-        .as_ref()
-        .is_some_and(|g| !g.prompt.is_empty() || !g.response.is_empty())
-    {
-        return not_yet("spec.guardrails", "guardrails");
-    }
-    if spec.spend_limit.is_some() {
-        return not_yet("spec.spendLimit", "spend limits");
-    }
-    if spec.logging.as_ref().is_some_and(|l| l.payloads) {
-        return not_yet("spec.logging.payloads", "payload logging");
-    }
-    None
 }
 
 #[cfg(test)]

@@ -101,11 +101,15 @@ fn main() -> ExitCode {
         LogFormat::Text => sidegate::access_log::Format::Text,
         LogFormat::Json => sidegate::access_log::Format::Json,
     });
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.into())
-        .enable_all()
-        .build()
-    {
+    // One thread: a current-thread runtime (no work-stealing machinery, fewer wake-ups).
+    let mut builder = if args.threads == 1 && std::env::var_os("SIDEGATE_MULTI_THREAD").is_none() {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.threads.into());
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
