@@ -142,8 +142,21 @@ chat -H "cf-aig-byok-alias: team-b"
 received
 note "no gateway token: the gateway answers in Cloudflare's envelope"
 run curl -s "$gw/openai/chat/completions" "${json[@]}" -d '{}'
-note "caching: not implemented in this sidegate version. The sidecar refuses a config with"
-note "spec.cache.enabled (naming the field), so this demo shows no cf-aig-cache-status: HIT."
+note "caching is not implemented in this sidegate version, so there is no cf-aig-cache-status: HIT"
+note "to show. Turning it on is refused with a reason, and the last good config keeps serving:"
+run kubectl -n team-a patch aigw main --type merge -p '{"spec":{"cache":{"enabled":true,"ttl":"5m"}}}'
+observed() {
+  [[ $(kubectl -n team-a get aigw main -o jsonpath='{.status.observedGeneration}/{.metadata.generation}') =~ ^([0-9]+)/([0-9]+)$ ]] &&
+    [[ ${BASH_REMATCH[1]} == "${BASH_REMATCH[2]}" ]]
+}
+wait_for observed || die "the operator did not observe the cache change"
+kubectl -n team-a get aigw main -o json | python3 -c '
+import json, sys
+for c in json.load(sys.stdin)["status"]["conditions"]:
+    print("   %-15s %-6s %-14s %s" % (c["type"], c["status"], c["reason"], c.get("message", "")))'
+chat
+run kubectl -n team-a patch aigw main --type json -p '[{"op":"remove","path":"/spec/cache"}]'
+kubectl -n team-a wait --for=condition=Ready --timeout=30s aigateway/main >/dev/null || die "AIGateway not Ready again"
 
 say "9/9 rotating a key: patch Secret llm-keys; operator re-renders, kubelet projects, sidecar reloads"
 hash_before=$(kubectl -n team-a get aigw main -o jsonpath='{.status.configHash}')
