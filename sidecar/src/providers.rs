@@ -325,7 +325,15 @@ impl Provider {
     ) -> Result<Uri, GatewayError> {
         check_segments(route.rest)?;
         let (vars, path): (Vec<(&str, &str)>, String) = match self.shape {
-            UrlShape::Plain => (Vec::new(), join("", route.rest)),
+            UrlShape::Plain => {
+                // The groq SDK appends /openai/v1/... to its base URL, which for Cloudflare's
+                // contract is /groq; the upstream base already ends in /openai/v1.
+                let rest = match &*self.id {
+                    "groq" => route.rest.strip_prefix("openai/v1/").unwrap_or(route.rest),
+                    _ => route.rest,
+                };
+                (Vec::new(), join("", rest))
+            }
             UrlShape::Azure => {
                 let mut parts = route.rest.splitn(3, '/');
                 let resource = parts.next().unwrap_or_default();
@@ -659,6 +667,15 @@ mod tests {
         assert_eq!(
             uri(&t, "anthropic", "v1/messages").as_deref(),
             Ok("https://api.anthropic.com/v1/messages")
+        );
+    }
+
+    #[test]
+    fn groq_accepts_the_paths_its_own_sdk_sends() {
+        let t = table(&[]);
+        assert_eq!(
+            uri(&t, "groq", "openai/v1/chat/completions").as_deref(),
+            Ok("https://api.groq.com/openai/v1/chat/completions")
         );
     }
 

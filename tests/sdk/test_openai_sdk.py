@@ -181,3 +181,10 @@ def test_request_timeout_header_gives_504_in_the_envelope(gateway, mock):
     )
     assert r.status_code == 504
     assert r.json()["error"][0]["code"] == 2103
+
+
+def test_groq_sdk_paths_under_the_groq_route_reach_groqs_openai_base(gateway, mock):
+    # The groq SDK appends /openai/v1/chat/completions to its base URL (.../groq).
+    c = openai.OpenAI(base_url=gateway.url + "/groq/openai/v1", api_key="gsk-client-own", max_retries=0)
+    c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "g"}])
+    assert mock.last()["path"] == "/openai/v1/chat/completions"

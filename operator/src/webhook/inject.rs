@@ -51,15 +51,15 @@ pub const SIDECAR_UID: i64 = 65532;
 /// - `GOOGLE_GEMINI_BASE_URL`: google-genai (Python, JS) and the Gemini CLI, which append
 ///   `/v1beta/models/...`.
 /// - `CO_API_URL`: cohere-python's default `base_url`, which appends `/v2/chat`.
-///
-/// `GROQ_BASE_URL` exists (groq SDKs) but they append `/openai/v1/...` to it, which the `/groq`
-/// route (upstream base `https://api.groq.com/openai/v1`) does not accept yet, so it is not set.
+/// - `GROQ_BASE_URL`: groq SDKs, which append `/openai/v1/...`; the `/groq` route accepts that
+///   prefix as Cloudflare's does.
 pub const SDK_BASE_URL_VARIABLES: &[(&str, &str)] = &[
     ("OPENAI_BASE_URL", "openai"),
     ("OPENAI_API_BASE", "openai"),
     ("ANTHROPIC_BASE_URL", "anthropic"),
     ("GOOGLE_GEMINI_BASE_URL", "google-ai-studio"),
     ("CO_API_URL", "cohere"),
+    ("GROQ_BASE_URL", "groq"),
 ];
 
 /// API key variables set to [`PLACEHOLDER_API_KEY`] when absent: those SDKs refuse to start
