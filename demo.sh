@@ -38,7 +38,10 @@ cleanup() {
   local p
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  [[ -n $cluster_dir ]] && tests/cluster/down "$cluster_dir" >/dev/null 2>&1
+  if [[ -z $cluster_dir && -s $work/kubeconfig.path ]]; then
+    cluster_dir=$(dirname "$(cat "$work/kubeconfig.path")")
+  fi
+  if [[ -n $cluster_dir ]]; then tests/cluster/down "$cluster_dir" >/dev/null 2>&1 || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -58,7 +61,10 @@ bin=$root/target/debug
 for b in sidegate sidegate-operator mock-provider; do [[ -x $bin/$b ]] || die "cargo build did not produce $b"; done
 
 say "2/9 starting a Kubernetes control plane on loopback (tests/cluster; first run builds it from Go modules, ~10-25 min)"
-kubeconfig=$(tests/cluster/up 2> >(sed -u 's/^/   /' >&2)) || die "the control plane did not start"
+# up prints the kubeconfig path; written to a file so that cleanup finds the cluster even when
+# a signal arrives before this script has read it.
+tests/cluster/up >"$work/kubeconfig.path" 2> >(sed -u 's/^/   /' >&2) || die "the control plane did not start"
+kubeconfig=$(cat "$work/kubeconfig.path")
 cluster_dir=$(dirname "$kubeconfig")
 # shellcheck source=/dev/null
 source "$cluster_dir/env" # KUBECONFIG, and PATH with the test bed's kubectl first
