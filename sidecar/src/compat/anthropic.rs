@@ -24,22 +24,23 @@ pub const JSON_TOOL: &str = "json_response";
 
 /// The Messages request for `req`, and whether the JSON tool is used.
 pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), GatewayError> {
-    req.refuse_unsupported(PROVIDER, &[])?;
+    req.refuse_unsupported(PROVIDER, &["user"])?;
     let mut body = req.rest.clone();
     let mut system: Vec<String> = Vec::new();
     let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         match m {
-            Message::System { content } | Message::Developer { content } => {
+            Message::System { content, .. } | Message::Developer { content, .. } => {
                 system.push(text_only(content, i)?);
             }
-            Message::User { content } => push(&mut messages, "user", user_blocks(content, i)?),
+            Message::User { content, .. } => push(&mut messages, "user", user_blocks(content, i)?),
             Message::Assistant {
                 content,
                 tool_calls,
                 refusal: _,
                 function_call,
                 audio,
+                name: _,
             } => {
                 if function_call.is_some() {
                     return Err(bad(format!(

@@ -165,10 +165,10 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
     let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         match m {
-            Message::System { content } | Message::Developer { content } => {
+            Message::System { content, .. } | Message::Developer { content, .. } => {
                 system.push(json!({"text": content.text()}));
             }
-            Message::User { content } => push(&mut messages, "user", user_blocks(content, i)?),
+            Message::User { content, .. } => push(&mut messages, "user", user_blocks(content, i)?),
             Message::Assistant {
                 content,
                 tool_calls,

@@ -27,10 +27,10 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
     let mut call_names: Vec<(String, String)> = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         match m {
-            Message::System { content } | Message::Developer { content } => {
+            Message::System { content, .. } | Message::Developer { content, .. } => {
                 system.push(content.text());
             }
-            Message::User { content } => push(&mut contents, "user", user_parts(content, i)?),
+            Message::User { content, .. } => push(&mut contents, "user", user_parts(content, i)?),
             Message::Assistant {
                 content,
                 tool_calls,

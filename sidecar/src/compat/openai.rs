@@ -101,14 +101,23 @@ impl Stop {
 pub enum Message {
     System {
         content: Content,
+        /// Participant name: refused by translators that cannot express it.
+        #[serde(default)]
+        name: Option<String>,
     },
     Developer {
         content: Content,
+        #[serde(default)]
+        name: Option<String>,
     },
     User {
         content: Content,
+        #[serde(default)]
+        name: Option<String>,
     },
     Assistant {
+        #[serde(default)]
+        name: Option<String>,
         #[serde(default)]
         content: Option<Content>,
         #[serde(default)]
@@ -353,14 +362,28 @@ impl ChatRequest {
             ("prediction", self.prediction.is_some()),
             ("store", self.store == Some(true)),
             ("web_search_options", self.web_search_options.is_some()),
+            ("user", self.user.is_some()),
         ];
-        match set
+        if let Some((name, _)) = set
             .iter()
             .find(|(name, is_set)| *is_set && !supported.contains(name))
         {
-            Some((name, _)) => Err(unsupported(name, provider)),
-            None => Ok(()),
+            return Err(unsupported(name, provider));
         }
+        // No translated provider has participant names.
+        for (i, m) in self.messages.iter().enumerate() {
+            let named = match m {
+                Message::System { name, .. }
+                | Message::Developer { name, .. }
+                | Message::User { name, .. }
+                | Message::Assistant { name, .. } => name.is_some(),
+                Message::Tool { .. } | Message::Function { .. } => false,
+            };
+            if named {
+                return Err(unsupported(&format!("messages[{i}].name"), provider));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -927,5 +950,21 @@ mod tests {
         );
         assert_eq!(parse_data_url("https://x/y.png"), None);
         assert_eq!(parse_data_url("data:image/png,raw"), None);
+    }
+
+    #[test]
+    fn participant_names_and_user_are_refused_naming_the_field() {
+        let named = ChatRequest::parse(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"user","name":"bob","content":"x"}]}"#,
+        )
+        .expect("parses");
+        let err = named
+            .refuse_unsupported("anthropic", &[])
+            .expect_err("name refused");
+        assert!(err.to_string().contains("messages[1].name"), "{err}");
+        let user =
+            ChatRequest::parse(br#"{"model":"m","user":"u-1","messages":[]}"#).expect("parses");
+        assert!(user.refuse_unsupported("google-ai-studio", &[]).is_err());
+        assert!(user.refuse_unsupported("anthropic", &["user"]).is_ok());
     }
 }
