@@ -8,7 +8,9 @@
 #   the sidegate sidecar serves real requests to a local mock provider -> a key rotated in the
 #   Secret reaches the provider without a restart.
 #
-# Prints what a user should see, and stops everything it started (also on Ctrl-C).
+# The injection webhook is real too: the apiserver calls it for an annotated pod, and the sidecar
+# runs with the args of the container it injected. Prints what a user should see, and stops
+# everything it started (also on Ctrl-C).
 #   ./demo.sh                 the whole system
 #   ./demo.sh --standalone    just the sidecar from a YAML file (no Kubernetes)
 set -euo pipefail
@@ -76,13 +78,28 @@ kubectl wait --for=condition=Established --timeout=30s crd/aigateways.sidegate.d
 kubectl create namespace sidegate-system >/dev/null
 kubectl create namespace team-a >/dev/null
 
-say "4/9 starting sidegate-operator (controllers only: with no kubelet here, the webhook has no pods to inject)"
-op_admin=$(free_port)
-"$bin/sidegate-operator" run --admin-addr "127.0.0.1:$op_admin" --leader-elect=false --webhook=false \
-  >"$work/operator.log" 2>&1 &
+say "4/9 starting sidegate-operator: controllers, and the injection webhook registered with the apiserver"
+op_admin=$(free_port) webhook_port=$(free_port)
+# The chart's MutatingWebhookConfiguration, pointed at the operator on loopback (in a cluster it
+# names the webhook Service). The operator fills in caBundle itself (self-managed certificates).
+helm template sidegate charts/sidegate --namespace sidegate-system --show-only templates/mutatingwebhook.yaml |
+  kubectl create --dry-run=client -o json -f - |
+  python3 -c '
+import json, sys
+c = json.load(sys.stdin)
+c["metadata"]["name"] = "sidegate-demo"
+c["webhooks"][0]["clientConfig"] = {"url": "https://127.0.0.1:" + sys.argv[1] + "/mutate"}
+print(json.dumps(c))' "$webhook_port" >"$work/webhook.json"
+run kubectl apply -f "$work/webhook.json"
+"$bin/sidegate-operator" run --admin-addr "127.0.0.1:$op_admin" --leader-elect=false \
+  --webhook=true --webhook-bind 127.0.0.1 --webhook-port "$webhook_port" --cert-mode self-managed \
+  --webhook-config-name sidegate-demo --webhook-extra-name 127.0.0.1 \
+  --sidecar-image ghcr.io/sidegate/sidegate:0.1.0 >"$work/operator.log" 2>&1 &
 pids+=($!)
 wait_for curl -sf "http://127.0.0.1:$op_admin/readyz" || { tail "$work/operator.log"; die "operator not ready"; }
-note "operator ready (admin on 127.0.0.1:$op_admin)"
+has_ca() { [[ -n $(kubectl get mutatingwebhookconfiguration sidegate-demo -o jsonpath='{.webhooks[0].clientConfig.caBundle}') ]]; }
+wait_for has_ca || { tail "$work/operator.log"; die "the operator did not patch caBundle"; }
+note "operator ready (admin 127.0.0.1:$op_admin); webhook on https://127.0.0.1:$webhook_port, caBundle patched by the operator"
 
 say "5/9 starting a mock LLM provider (OpenAI and Anthropic wire formats) on loopback"
 "$bin/mock-provider" --listen 127.0.0.1:0 >"$work/mock.out" 2>"$work/mock.log" &
@@ -107,7 +124,45 @@ for c in json.load(sys.stdin)["status"]["conditions"]:
 echo
 run kubectl -n team-a get configmap,secret -l app.kubernetes.io/managed-by=sidegate-operator
 
-say "7/9 a stand-in kubelet projects ConfigMap sidegate-main and Secret sidegate-main-keys into volumes; the sidecar reads them"
+say "7/9 a pod annotated sidegate.dev/gateway=main: the apiserver calls the webhook, which adds the sidecar"
+cat >"$work/pod.yaml" <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata:
+  name: app
+  namespace: team-a
+  annotations:
+    sidegate.dev/gateway: main
+spec:
+  containers:
+    - name: app
+      image: python:3.13-slim
+      command: ["python", "-c", "from openai import OpenAI; print(OpenAI().models.list())"]
+EOF
+run kubectl apply -f "$work/pod.yaml"
+kubectl -n team-a get pod app -o json >"$work/pod.json"
+python3 - "$work/pod.json" <<'EOF' || die "the pod was not injected (see the operator log)"
+import json, sys
+pod = json.load(open(sys.argv[1]))
+side = [c for c in pod["spec"].get("initContainers", []) if c["name"] == "sidegate"]
+if not side:
+    sys.exit(1)
+c = side[0]
+print("   pod team-a/app as stored by the apiserver:")
+print("   annotation sidegate.dev/injected:", pod["metadata"]["annotations"].get("sidegate.dev/injected"))
+print("   initContainers[sidegate]: image", c["image"], "| restartPolicy", c.get("restartPolicy"), "(native sidecar)")
+print("     args:", " ".join(c["args"]))
+print("     mounts:", ", ".join(m["mountPath"] for m in c["volumeMounts"]), "| runAsNonRoot", c["securityContext"].get("runAsNonRoot"),
+      "| readOnlyRootFilesystem", c["securityContext"].get("readOnlyRootFilesystem"))
+print("   volumes:", ", ".join(v["name"] + " <- " + (v.get("configMap") or v.get("secret"))
+      .get("name", (v.get("secret") or {}).get("secretName", "")) for v in pod["spec"]["volumes"] if v["name"].startswith("sidegate")))
+app = pod["spec"]["containers"][0]
+print("   containers[app] env:", ", ".join(e["name"] + "=" + e.get("value", "") for e in app.get("env", [])))
+EOF
+echo
+note "No kubelet runs pods here, so this script plays kubelet for the sidecar: it projects the"
+note "pod's volumes (tests/e2e/kubelet-sync, kubelet's atomic ..data swap) and runs the injected"
+note "container's args, with /etc/sidegate mapped to a temp dir and the ports to free loopback ones."
 mkdir -p "$work/pod"
 tests/e2e/kubelet-sync --namespace team-a --gateway main "$work/pod/config" "$work/pod/keys" \
   >"$work/kubelet.log" 2>&1 &
@@ -115,11 +170,20 @@ pids+=($!)
 wait_for test -e "$work/pod/keys/openai.default" || die "kubelet-sync did not project the volumes"
 run ls -la "$work/pod/keys"
 port=$(free_port) admin=$(free_port)
-"$bin/sidegate" --config "$work/pod/config/gateway.yaml" --keys-dir "$work/pod/keys" --wait-for-config \
-  --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" 2>"$work/sidegate.log" &
+mapfile -t sidecar_args < <(python3 -c '
+import json, sys
+pod = json.load(open(sys.argv[1]))
+c = next(c for c in pod["spec"]["initContainers"] if c["name"] == "sidegate")
+for a in c["args"]:
+    a = "text" if a == "json" else a  # --log-format: readable here
+    print(a.replace("/etc/sidegate", sys.argv[2]).replace("127.0.0.1:8787", "127.0.0.1:" + sys.argv[3])
+           .replace("0.0.0.0:8788", "127.0.0.1:" + sys.argv[4]))' \
+  "$work/pod.json" "$work/pod" "$port" "$admin")
+printf '$ sidegate'; printf ' %s' "${sidecar_args[@]}"; echo
+"$bin/sidegate" "${sidecar_args[@]}" 2>"$work/sidegate.log" &
 pids+=($!)
 wait_for curl -sf "http://127.0.0.1:$admin/readyz" || { tail "$work/sidegate.log"; die "sidecar not ready"; }
-note "sidecar on 127.0.0.1:$port (admin $admin), the address the webhook gives apps as OPENAI_BASE_URL"
+note "sidecar ready on 127.0.0.1:$port (in the pod: 127.0.0.1:8787, the app's OPENAI_BASE_URL)"
 
 gw=http://127.0.0.1:$port
 auth=(-H "cf-aig-authorization: Bearer demo-gateway-token")
