@@ -20,6 +20,7 @@ for pair in curl:curl openssl:openssl python3:python3 ss:iproute2 file:file shel
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+python3 -c 'import yaml' 2>/dev/null || need+=(python3-yaml) # tests/chart/run
 command -v valgrind >/dev/null || need+=(valgrind)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
