@@ -125,6 +125,11 @@ pub struct WebhookArgs {
     /// Pull policy of the sidecar image.
     #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE_PULL_POLICY")]
     pub sidecar_image_pull_policy: Option<String>,
+    /// Default resources of injected sidecars, as JSON ResourceRequirements (e.g.
+    /// '{"requests":{"cpu":"50m","memory":"32Mi"},"limits":{"memory":"256Mi"}}'); an AIGateway's
+    /// spec.sidecar.resources overrides them. Built-in: requests 50m/32Mi, limit 256Mi memory.
+    #[arg(long, env = "SIDEGATE_SIDECAR_RESOURCES", value_name = "JSON")]
+    pub sidecar_resources: Option<String>,
     /// Namespaces never injected besides kube-system and the operator's own (repeatable).
     #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
     pub exclude_namespaces: Vec<String>,
@@ -145,6 +150,11 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// `--sidecar-resources` is not JSON ResourceRequirements.
+    #[error(
+        "--sidecar-resources (SIDEGATE_SIDECAR_RESOURCES) is not JSON ResourceRequirements: {0}"
+    )]
+    SidecarResources(#[source] serde_json::Error),
     /// The listener could not be bound.
     #[error("binding the webhook listener on {addr}: {source}")]
     Bind {
@@ -213,6 +223,14 @@ pub async fn start(
     }
     let mut config = InjectConfig::new(&args.sidecar_image, env!("CARGO_PKG_VERSION"), namespace);
     config.image_pull_policy = args.sidecar_image_pull_policy.clone();
+    if let Some(json) = args
+        .sidecar_resources
+        .as_deref()
+        .filter(|j| !j.trim().is_empty())
+    {
+        config.default_resources =
+            serde_json::from_str(json).map_err(StartError::SidecarResources)?;
+    }
     config
         .excluded_namespaces
         .extend(args.exclude_namespaces.iter().cloned());
