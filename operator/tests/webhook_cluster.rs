@@ -85,6 +85,7 @@ fn args(port: u16, config_name: &str) -> WebhookArgs {
         cert_validity_days: 365,
         sidecar_image: "registry.local/sidegate:test".into(),
         sidecar_image_pull_policy: Some("Never".into()),
+        sidecar_resources: None,
         exclude_namespaces: vec![],
     }
 }
