@@ -53,17 +53,12 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                         PROVIDER,
                     ));
                 }
-                let mut blocks = Vec::new();
-                if let Some(c) = content {
-                    let t = c.text();
-                    if !t.is_empty() {
-                        blocks.push(json!({"type": "text", "text": t}));
-                    }
-                }
-                for (j, call) in tool_calls.iter().flatten().enumerate() {
-                    let input = call
-                        .function
-                        .arguments_json(&format!("messages[{i}].tool_calls[{j}]"))?;
+                let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
+                let mut blocks: Vec<Value> = text
+                    .map(|t| json!({"type": "text", "text": t}))
+                    .into_iter()
+                    .collect();
+                for (call, input) in calls {
                     blocks.push(json!({"type": "tool_use", "id": call.id,
                         "name": call.function.name, "input": input}));
                 }

@@ -181,17 +181,9 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                         "messages[{i}]: function_call and audio cannot be expressed for provider aws-bedrock"
                     )));
                 }
-                let mut blocks = Vec::new();
-                if let Some(c) = content {
-                    let t = c.text();
-                    if !t.is_empty() {
-                        blocks.push(json!({"text": t}));
-                    }
-                }
-                for (j, call) in tool_calls.iter().flatten().enumerate() {
-                    let input = call
-                        .function
-                        .arguments_json(&format!("messages[{i}].tool_calls[{j}]"))?;
+                let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
+                let mut blocks: Vec<Value> = text.map(|t| json!({"text": t})).into_iter().collect();
+                for (call, input) in calls {
                     blocks.push(json!({"toolUse": {"toolUseId": call.id,
                         "name": call.function.name, "input": input}}));
                 }

@@ -43,17 +43,9 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
                         "messages[{i}]: function_call and audio cannot be expressed for provider {provider}"
                     )));
                 }
-                let mut parts = Vec::new();
-                if let Some(c) = content {
-                    let t = c.text();
-                    if !t.is_empty() {
-                        parts.push(json!({"text": t}));
-                    }
-                }
-                for (j, call) in tool_calls.iter().flatten().enumerate() {
-                    let args = call
-                        .function
-                        .arguments_json(&format!("messages[{i}].tool_calls[{j}]"))?;
+                let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
+                let mut parts: Vec<Value> = text.map(|t| json!({"text": t})).into_iter().collect();
+                for (call, args) in calls {
                     call_names.push((call.id.clone(), call.function.name.clone()));
                     parts.push(json!({"functionCall": {"name": call.function.name, "args": args}}));
                 }

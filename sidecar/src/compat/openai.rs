@@ -202,6 +202,34 @@ pub struct ToolCall {
     pub function: FunctionCall,
 }
 
+/// A tool call with its arguments parsed.
+pub type ParsedCall<'a> = (&'a ToolCall, Value);
+
+/// What every translator takes from an assistant message: its text (if any) and its tool calls
+/// with their arguments parsed, errors naming `messages[i].tool_calls[j]`.
+pub fn assistant_parts<'a>(
+    i: usize,
+    content: &Option<Content>,
+    tool_calls: &'a Option<Vec<ToolCall>>,
+) -> Result<(Option<String>, Vec<ParsedCall<'a>>), GatewayError> {
+    let text = content
+        .as_ref()
+        .map(Content::text)
+        .filter(|t| !t.is_empty());
+    let calls = tool_calls
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(j, call)| {
+            let args = call
+                .function
+                .arguments_json(&format!("messages[{i}].tool_calls[{j}]"))?;
+            Ok((call, args))
+        })
+        .collect::<Result<Vec<_>, GatewayError>>()?;
+    Ok((text, calls))
+}
+
 /// The function of a tool call.
 #[derive(Debug, Deserialize)]
 pub struct FunctionCall {
