@@ -94,32 +94,29 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let Some(snap) = self.snapshot.load_full() else {
-            return Ok(self.fail(None, GatewayError::NotReady, &req));
+            return Ok(self.refuse(None, GatewayError::NotReady, req.method(), true));
         };
         let method = req.method().clone();
         match self.proxy(&snap, req, start).await {
             Ok(resp) => Ok(resp),
-            Err((provider, err)) => {
-                let status = err.status().as_u16();
-                let provider = provider.unwrap_or_else(|| Arc::from("none"));
-                self.metrics.count_request(&provider, status);
-                if snap.log_requests {
-                    tracing::info!(provider = %provider, method = %method, status, code = err.code(), error = %err, "request refused");
-                }
-                Ok(err.into_response())
-            }
+            Err((provider, err)) => Ok(self.refuse(provider, err, &method, snap.log_requests)),
         }
     }
 
-    fn fail(
+    /// Counts, logs and renders a request the gateway refused.
+    fn refuse(
         &self,
         provider: Option<Arc<str>>,
         err: GatewayError,
-        req: &Request<Incoming>,
+        method: &http::Method,
+        log: bool,
     ) -> Response<ProxyBody> {
+        let status = err.status().as_u16();
         let provider = provider.unwrap_or_else(|| Arc::from("none"));
-        self.metrics.count_request(&provider, err.status().as_u16());
-        tracing::info!(method = %req.method(), status = err.status().as_u16(), code = err.code(), error = %err, "request refused");
+        self.metrics.count_request(&provider, status);
+        if log {
+            tracing::info!(provider = %provider, method = %method, status, code = err.code(), error = %err, "request refused");
+        }
         err.into_response()
     }
 
