@@ -33,7 +33,9 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             Message::System { content, .. } | Message::Developer { content, .. } => {
                 system.push(text_only(content, i)?);
             }
-            Message::User { content, .. } => push(&mut messages, "user", user_blocks(content, i)?),
+            Message::User { content, .. } => {
+                openai::push_turn(&mut messages, "user", user_blocks(content, i)?)
+            }
             Message::Assistant {
                 content,
                 tool_calls,
@@ -63,13 +65,13 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                         "name": call.function.name, "input": input}));
                 }
                 if !blocks.is_empty() {
-                    push(&mut messages, "assistant", blocks);
+                    openai::push_turn(&mut messages, "assistant", blocks);
                 }
             }
             Message::Tool {
                 content,
                 tool_call_id,
-            } => push(
+            } => openai::push_turn(
                 &mut messages,
                 "user",
                 vec![json!({"type": "tool_result", "tool_use_id": tool_call_id,
@@ -182,13 +184,6 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
         body.insert("tool_choice".into(), tc);
     }
     Ok((openai::to_vec(&body), json_tool))
-}
-
-fn push(messages: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, blocks: Vec<Value>) {
-    match messages.last_mut() {
-        Some((last, content)) if *last == role => content.extend(blocks),
-        _ => messages.push((role, blocks)),
-    }
 }
 
 fn text_only(content: &Content, i: usize) -> Result<String, GatewayError> {

@@ -168,7 +168,9 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             Message::System { content, .. } | Message::Developer { content, .. } => {
                 system.push(json!({"text": content.text()}));
             }
-            Message::User { content, .. } => push(&mut messages, "user", user_blocks(content, i)?),
+            Message::User { content, .. } => {
+                openai::push_turn(&mut messages, "user", user_blocks(content, i)?)
+            }
             Message::Assistant {
                 content,
                 tool_calls,
@@ -188,13 +190,13 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                         "name": call.function.name, "input": input}}));
                 }
                 if !blocks.is_empty() {
-                    push(&mut messages, "assistant", blocks);
+                    openai::push_turn(&mut messages, "assistant", blocks);
                 }
             }
             Message::Tool {
                 content,
                 tool_call_id,
-            } => push(
+            } => openai::push_turn(
                 &mut messages,
                 "user",
                 vec![json!({"toolResult": {"toolUseId": tool_call_id,
@@ -289,13 +291,6 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
         body.insert("toolConfig".into(), Value::Object(config));
     }
     Ok((openai::to_vec(&body), json_tool))
-}
-
-fn push(messages: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, blocks: Vec<Value>) {
-    match messages.last_mut() {
-        Some((last, content)) if *last == role => content.extend(blocks),
-        _ => messages.push((role, blocks)),
-    }
 }
 
 fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {

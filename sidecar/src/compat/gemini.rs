@@ -30,7 +30,9 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
             Message::System { content, .. } | Message::Developer { content, .. } => {
                 system.push(content.text());
             }
-            Message::User { content, .. } => push(&mut contents, "user", user_parts(content, i)?),
+            Message::User { content, .. } => {
+                openai::push_turn(&mut contents, "user", user_parts(content, i)?)
+            }
             Message::Assistant {
                 content,
                 tool_calls,
@@ -50,7 +52,7 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
                     parts.push(json!({"functionCall": {"name": call.function.name, "args": args}}));
                 }
                 if !parts.is_empty() {
-                    push(&mut contents, "model", parts);
+                    openai::push_turn(&mut contents, "model", parts);
                 }
             }
             Message::Tool {
@@ -69,7 +71,7 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
                     Ok(Value::Object(o)) => Value::Object(o),
                     _ => json!({"content": text}),
                 };
-                push(
+                openai::push_turn(
                     &mut contents,
                     "user",
                     vec![json!({"functionResponse": {"name": name, "response": response}})],
@@ -165,13 +167,6 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
         );
     }
     Ok(openai::to_vec(&body))
-}
-
-fn push(contents: &mut Vec<(&'static str, Vec<Value>)>, role: &'static str, parts: Vec<Value>) {
-    match contents.last_mut() {
-        Some((last, p)) if *last == role => p.extend(parts),
-        _ => contents.push((role, parts)),
-    }
 }
 
 fn user_parts(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {

@@ -202,6 +202,19 @@ pub struct ToolCall {
     pub function: FunctionCall,
 }
 
+/// Appends a turn of `role`, merged into the previous turn when it has the same role: the
+/// translated APIs want user and assistant turns to alternate.
+pub fn push_turn(
+    turns: &mut Vec<(&'static str, Vec<Value>)>,
+    role: &'static str,
+    blocks: Vec<Value>,
+) {
+    match turns.last_mut() {
+        Some((last, content)) if *last == role => content.extend(blocks),
+        _ => turns.push((role, blocks)),
+    }
+}
+
 /// A tool call with its arguments parsed.
 pub type ParsedCall<'a> = (&'a ToolCall, Value);
 
