@@ -1,0 +1,3 @@
+module sidegate.local/pause
+
+go 1.22
