@@ -212,28 +212,32 @@ chat -H "cf-aig-byok-alias: team-b"
 received
 note "no gateway token: the gateway answers in Cloudflare's envelope"
 run curl -s "$gw/openai/chat/completions" "${json[@]}" -d '{}'
-note "caching is not implemented in this sidegate version, so there is no cf-aig-cache-status: HIT"
-note "to show. Turning it on is refused with a reason, and the last good config keeps serving:"
+note "response cache: turn on spec.cache; the operator re-renders, the stand-in kubelet projects, the sidecar reloads"
 run kubectl -n team-a patch aigw main --type merge -p '{"spec":{"cache":{"enabled":true,"ttl":"5m"}}}'
-observed() {
-  [[ $(kubectl -n team-a get aigw main -o jsonpath='{.status.observedGeneration}/{.metadata.generation}') =~ ^([0-9]+)/([0-9]+)$ ]] &&
-    [[ ${BASH_REMATCH[1]} == "${BASH_REMATCH[2]}" ]]
+cache_on() {
+  curl -s -D - -o /dev/null "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" -H 'cf-aig-skip-cache: true' \
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"is the cache on?"}]}' | grep -qi '^cf-aig-cache-status:'
 }
-wait_for observed || die "the operator did not observe the cache change"
-kubectl -n team-a get aigw main -o json | python3 -c '
+wait_for cache_on || die "the sidecar never loaded the config with the cache on"
+note "the same question twice: the provider answers the first (MISS), the sidecar's memory the second (HIT)"
+question='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"What is a sidecar?"}]}'
+for _ in 1 2; do
+  curl -s -D - -o /dev/null "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" -d "$question" |
+    grep -i -E '^(HTTP/|cf-aig-cache-status|cf-aig-log-id)' | tr -d '\r' | sed 's/^/   /'
+done
+asked=$(curl -s "$mock/__mock/requests" | python3 -c '
 import json, sys
-for c in json.load(sys.stdin)["status"]["conditions"]:
-    print("   %-15s %-6s %-14s %s" % (c["type"], c["status"], c["reason"], c.get("message", "")))'
-chat
+print(sum("What is a sidecar?" in (r.get("body") or "") for r in json.load(sys.stdin)))')
+echo "   the provider saw $asked request(s) for the 2 answers (cache HIT)"
+[[ $asked == 1 ]] || die "expected the second answer from the cache"
 run kubectl -n team-a patch aigw main --type json -p '[{"op":"remove","path":"/spec/cache"}]'
-kubectl -n team-a wait --for=condition=Ready --timeout=30s aigateway/main >/dev/null || die "AIGateway not Ready again"
 
 say "9/9 rotating a key: patch Secret llm-keys; operator re-renders, kubelet projects, sidecar reloads"
 hash_before=$(kubectl -n team-a get aigw main -o jsonpath='{.status.configHash}')
 started=$(date +%s.%N)
 run kubectl -n team-a patch secret llm-keys --type merge -p '{"stringData":{"openai":"sk-demo-openai-v2-ROTATED"}}'
 rotated() {
-  curl -s -o /dev/null "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" \
+  curl -s -o /dev/null "$gw/openai/chat/completions" "${auth[@]}" "${json[@]}" -H 'cf-aig-skip-cache: true' \
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"after rotation"}]}'
   curl -s "$mock/__mock/requests" | grep -q 'v2-ROTATED'
 }

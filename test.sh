@@ -55,7 +55,7 @@ tests/e2e/static-binaries 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/static-binaries.log
 
 step "demo (README's first command) runs end to end"
 ./demo.sh >"$SIDEGATE_TEST_LOG_DIR/demo.log" 2>&1 || { tail -40 "$SIDEGATE_TEST_LOG_DIR/demo.log"; exit 1; }
-grep -E 'provider saw the new key|demo done' "$SIDEGATE_TEST_LOG_DIR/demo.log"
+grep -E 'cache HIT|provider saw the new key|demo done' "$SIDEGATE_TEST_LOG_DIR/demo.log"
 shellcheck demo.sh tests/chart/run tests/e2e/kind.sh tests/e2e/static-binaries tests/e2e/standalone-demo.sh
 
 step "no key in any log"

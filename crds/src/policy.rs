@@ -96,8 +96,12 @@ impl GatewayPolicy {
                 "{field}: {what} is not implemented in sidegate {v}; remove it (or disable it) to load this config"
             ))
         };
-        if spec.cache.as_ref().is_some_and(|c| c.enabled) {
-            return not_yet("spec.cache", "response caching");
+        if spec
+            .cache
+            .as_ref()
+            .is_some_and(|c| c.enabled && c.backend == CacheBackend::Redis)
+        {
+            return not_yet("spec.cache.backend", "the redis cache backend");
         }
         if spec.rate_limit.is_some() {
             return not_yet("spec.rateLimit", "rate limiting");
@@ -227,6 +231,30 @@ pub struct Cache {
     /// Also cache streamed (SSE) responses and replay them.
     #[serde(default)]
     pub streaming: bool,
+}
+
+impl Cache {
+    /// Shortest TTL (config and `cf-aig-cache-ttl`).
+    pub const MIN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+    /// Longest TTL, 30 days (config and `cf-aig-cache-ttl`).
+    pub const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+    /// Smallest `maxSize`.
+    pub const MIN_MAX_SIZE: u64 = 64 << 10;
+
+    /// What is wrong with these settings (field names relative to `cache`), if anything.
+    pub fn problem(&self) -> Option<String> {
+        if let Some(ttl) = self.ttl
+            && !(Self::MIN_TTL..=Self::MAX_TTL).contains(&ttl.get())
+        {
+            return Some(format!("cache.ttl {ttl} must be between 60s and 30d"));
+        }
+        if let Some(size) = self.max_size
+            && size.get() < Self::MIN_MAX_SIZE
+        {
+            return Some(format!("cache.maxSize {size} must be at least 64Ki"));
+        }
+        None
+    }
 }
 
 /// Rate limiting technique.

@@ -144,11 +144,8 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     {
         problems.push(format!("guardrails.moderationURL {why}"));
     }
-    if let Some(ttl) = policy.cache.as_ref().and_then(|c| c.ttl) {
-        let secs = ttl.get().as_secs_f64();
-        if !(60.0..=30.0 * 86_400.0).contains(&secs) {
-            problems.push(format!("cache.ttl {ttl} must be between 60s and 30d"));
-        }
+    if let Some(why) = policy.cache.as_ref().and_then(|c| c.problem()) {
+        problems.push(why);
     }
     if let Some(retries) = &policy.retries
         && let Some(delay) = retries.retry_delay
@@ -320,10 +317,11 @@ mod tests {
     #[test]
     fn features_the_sidecar_cannot_serve_yet_are_spec_problems() {
         use sidegate_crds::api::AIGatewaySpec;
-        use sidegate_crds::policy::{Cache, GatewayPolicy};
+        use sidegate_crds::policy::{Cache, CacheBackend, GatewayPolicy};
         let policy = GatewayPolicy {
             cache: Some(Cache {
                 enabled: true,
+                backend: CacheBackend::Redis,
                 ..Cache::default()
             }),
             ..GatewayPolicy::default()
@@ -340,10 +338,15 @@ mod tests {
         assert!(
             problems
                 .iter()
-                .any(|p| p.starts_with("spec.cache: response caching is not implemented")),
+                .any(|p| p
+                    .starts_with("spec.cache.backend: the redis cache backend is not implemented")),
             "{problems:?}"
         );
-        gw.spec.policy.cache = None;
+        // The memory cache is served.
+        gw.spec.policy.cache = Some(Cache {
+            enabled: true,
+            ..Cache::default()
+        });
         assert!(gateway(&gw).is_empty());
     }
 }

@@ -42,6 +42,8 @@ pub struct Entry<'a> {
     pub bytes: u64,
     /// `complete`, `cancelled` or `upstream_error`.
     pub outcome: &'a str,
+    /// Served from the response cache.
+    pub cached: bool,
 }
 
 struct Sink {
@@ -116,8 +118,12 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
     b.push_str(e.path);
     let _ = writeln!(
         b,
-        " status={} duration_ms={:.3} bytes={} outcome={}",
-        e.status, e.duration_ms, e.bytes, e.outcome
+        " status={} duration_ms={:.3} bytes={} outcome={}{}",
+        e.status,
+        e.duration_ms,
+        e.bytes,
+        e.outcome,
+        if e.cached { " cached=true" } else { "" }
     );
 }
 
@@ -134,8 +140,8 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
     json_str(b, e.path);
     let _ = writeln!(
         b,
-        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":\"{}\"}}",
-        e.status, e.duration_ms, e.bytes, e.outcome
+        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":\"{}\",\"cached\":{}}}",
+        e.status, e.duration_ms, e.bytes, e.outcome, e.cached
     );
 }
 
@@ -199,6 +205,7 @@ mod tests {
             duration_ms: 1.5,
             bytes: 10,
             outcome: "complete",
+            cached: false,
         }
     }
 
@@ -222,6 +229,7 @@ mod tests {
         assert_eq!(v["path"], "chat/\"completions");
         assert_eq!(v["status"], 200);
         assert_eq!(v["message"], "request");
+        assert_eq!(v["cached"], false);
     }
 
     #[test]
@@ -240,5 +248,18 @@ mod tests {
             assert!(b.contains(f), "{b}");
         }
         assert!(b.ends_with('\n'));
+        assert!(!b.contains("cached"), "{b}");
+        let mut b = String::new();
+        text_line(
+            &mut b,
+            &Entry {
+                cached: true,
+                ..entry()
+            },
+        );
+        assert!(
+            b.trim_end().ends_with("outcome=complete cached=true"),
+            "{b}"
+        );
     }
 }

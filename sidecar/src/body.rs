@@ -1,7 +1,8 @@
 //! The response body type of the proxy: either a small gateway-made body, or the upstream's
 //! body streamed through frame by frame (never buffered), with a guard that records the request
 //! in logs and metrics when the body ends or the client goes away; or, for `/compat` streams,
-//! the upstream's body translated event by event.
+//! the upstream's body translated event by event; any of these can be copied into the response
+//! cache on its way through.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -11,6 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
+use crate::cache::Fill;
 use crate::compat::StreamTranslator;
 use crate::telemetry::RequestRecord;
 
@@ -34,6 +36,11 @@ pin_project! {
             record: Option<RequestRecord>,
             out: BytesMut,
             ended: bool,
+        },
+        /// Another body, copied into the response cache as it goes through.
+        Filling {
+            inner: Pin<Box<ProxyBody>>,
+            fill: Option<Fill>,
         },
     }
 }
@@ -71,6 +78,26 @@ impl ProxyBody {
             record: Some(record),
             out: BytesMut::new(),
             ended: false,
+        }
+    }
+}
+
+impl ProxyBody {
+    /// This body, stored in the cache through `fill` (if any) once its last byte went through.
+    pub fn cached_through(self, fill: Option<Fill>) -> Self {
+        let Some(fill) = fill else {
+            return self;
+        };
+        // A body that is complete already may never be polled.
+        let fill = if self.is_end_stream() {
+            fill.finish();
+            None
+        } else {
+            Some(fill)
+        };
+        Self::Filling {
+            inner: Box::pin(self),
+            fill,
         }
     }
 }
@@ -156,6 +183,32 @@ impl Body for ProxyBody {
                     rec.finish_complete();
                 }
             },
+            ProxyBodyProj::Filling { inner, fill } => {
+                let polled = inner.as_mut().poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref()
+                            && let Some(f) = fill.as_mut()
+                            && !f.push(data)
+                        {
+                            *fill = None;
+                        }
+                        if inner.is_end_stream()
+                            && let Some(f) = fill.take()
+                        {
+                            f.finish();
+                        }
+                    }
+                    Poll::Ready(Some(Err(_))) => *fill = None,
+                    Poll::Ready(None) => {
+                        if let Some(f) = fill.take() {
+                            f.finish();
+                        }
+                    }
+                    Poll::Pending => {}
+                }
+                polled
+            }
         }
     }
 
@@ -164,6 +217,7 @@ impl Body for ProxyBody {
             Self::Full { data } => data.is_none(),
             Self::Upstream { inner, .. } => inner.is_end_stream(),
             Self::Translated { ended, out, .. } => *ended && out.is_empty(),
+            Self::Filling { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -174,6 +228,7 @@ impl Body for ProxyBody {
             }
             Self::Upstream { inner, .. } => inner.size_hint(),
             Self::Translated { .. } => SizeHint::default(),
+            Self::Filling { inner, .. } => inner.size_hint(),
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct Snapshot {
     pub request_timeout: Duration,
     /// Whether to log one line per request.
     pub log_requests: bool,
+    /// Response cache settings.
+    pub cache: crate::cache::Settings,
     /// The gateway name accepted in long-form URLs (`None`: any).
     pub gateway_name: Option<String>,
     /// sha256 of the file and the keys: any change to either changes it.
@@ -179,6 +181,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         return Err(invalid("spec.requestTimeout must be larger than 0".into()));
     }
     let log_requests = config.spec.logging.as_ref().is_none_or(|l| l.enabled);
+    let cache = crate::cache::Settings::from_policy(config.spec.cache.as_ref()).map_err(invalid)?;
     let mut h = Sha256::new();
     h.update(&raw);
     h.update(keys.digest);
@@ -192,6 +195,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         max_body,
         request_timeout,
         log_requests,
+        cache,
         fingerprint,
         warnings,
     })

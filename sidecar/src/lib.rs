@@ -16,6 +16,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod cache;
 pub mod compat;
 pub mod config;
 pub mod error;

@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::body::ProxyBody;
+use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::headers::{strip_response_headers, upstream_request_headers};
@@ -75,6 +76,18 @@ pub struct Gateway {
     pub client: UpstreamClient,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The response cache, made when first used; kept across reloads unless its size changes.
+    cache: ArcSwapOption<cache::Store>,
+}
+
+/// What the cache did for a request.
+pub(crate) enum Cached {
+    /// The cache is off for it.
+    Off,
+    /// Answered from the cache.
+    Hit(Box<Response<ProxyBody>>),
+    /// Not there: store the response like this.
+    Miss(cache::Miss),
 }
 
 impl Gateway {
@@ -84,7 +97,76 @@ impl Gateway {
             snapshot: ArcSwapOption::empty(),
             client,
             metrics,
+            cache: ArcSwapOption::empty(),
         }
+    }
+
+    /// The cache store for `settings`, made (or remade, when its size changed) on first use.
+    fn cache_store(&self, settings: &cache::Settings) -> Arc<cache::Store> {
+        if let Some(s) = self.cache.load_full()
+            && s.max_size() == settings.max_size
+        {
+            return s;
+        }
+        let fresh = Arc::new(cache::Store::new(settings.max_size));
+        self.cache.store(Some(fresh.clone()));
+        fresh
+    }
+
+    /// Looks a request up in the response cache (`want` from [`cache::want`]) and answers a hit.
+    pub(crate) fn cache_lookup(
+        &self,
+        snap: &Snapshot,
+        want: Option<&cache::Want<'_>>,
+        req: &cache::Request<'_>,
+        parts: &http::request::Parts,
+        start: Instant,
+    ) -> Cached {
+        let Some(want) = want else {
+            return Cached::Off;
+        };
+        if want.skip {
+            self.metrics.count_cache("skip");
+            return Cached::Off;
+        }
+        let store = self.cache_store(&snap.cache);
+        let key = cache::key(req, want.custom_key);
+        let Some(entry) = store.get(&key) else {
+            self.metrics.count_cache("miss");
+            return Cached::Miss(cache::Miss {
+                store,
+                key,
+                ttl: want.ttl,
+                streaming: snap.cache.streaming,
+            });
+        };
+        self.metrics.count_cache("hit");
+        let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
+        *resp.status_mut() = entry.status;
+        *resp.headers_mut() = entry.headers.clone();
+        let headers = resp.headers_mut();
+        headers.insert(cache::STATUS, cache::HIT);
+        if let Some(id) = parts.headers.get(EVENT_ID) {
+            headers.insert(EVENT_ID, id.clone());
+        }
+        let log_id = crate::log_id::next();
+        if let Ok(v) = HeaderValue::from_str(&log_id) {
+            headers.insert(LOG_ID, v);
+        }
+        let mut record = RequestRecord::new(
+            self.metrics.clone(),
+            Arc::from(req.provider),
+            parts.method.clone(),
+            req.path,
+            entry.status.as_u16(),
+            start,
+            snap.log_requests,
+            log_id,
+        );
+        record.set_cached();
+        record.add_bytes(entry.body.len());
+        record.finish_complete();
+        Cached::Hit(Box::new(resp))
     }
 
     /// Serves one request; every failure becomes a SPEC.md error response.
@@ -184,11 +266,30 @@ impl Gateway {
         let uri = provider
             .upstream_uri(&route, parts.uri.query())
             .map_err(fail)?;
+        let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
 
         // body
         let body = read_body(&parts.headers, body, snap.max_body)
             .await
             .map_err(fail)?;
+
+        // cache lookup
+        let lookup = cache::Request {
+            scope: "provider",
+            provider: &provider.id,
+            method: parts.method.as_str(),
+            path: route.rest,
+            query: parts.uri.query(),
+            alias: alias.unwrap_or("default"),
+            client_auth: matches!(key, KeyChoice::ClientOwn)
+                .then_some((&parts.headers, provider.auth_headers())),
+            body: &body,
+        };
+        let miss = match self.cache_lookup(snap, want.as_ref(), &lookup, &parts, start) {
+            Cached::Off => None,
+            Cached::Hit(resp) => return Ok(*resp),
+            Cached::Miss(miss) => Some(miss),
+        };
 
         // dispatch
         let upstream = build_upstream_request(provider, &parts, uri, key, body);
@@ -204,6 +305,12 @@ impl Gateway {
         };
         let (mut head, body) = resp.into_parts();
         strip_response_headers(&mut head.headers);
+        let fill = miss
+            .as_ref()
+            .and_then(|m| m.fill(head.status, &head.headers));
+        if want.is_some() {
+            head.headers.insert(cache::STATUS, cache::MISS);
+        }
         if let Some(id) = event_id {
             head.headers.insert(EVENT_ID, id);
         }
@@ -223,7 +330,7 @@ impl Gateway {
         );
         Ok(Response::from_parts(
             head,
-            ProxyBody::upstream(body, record),
+            ProxyBody::upstream(body, record).cached_through(fill),
         ))
     }
 }

@@ -46,6 +46,13 @@ pub struct ProviderLabels {
     pub provider: Arc<str>,
 }
 
+/// Labels of a cache lookup sample.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `hit`, `miss` or `skip` (`cf-aig-skip-cache`).
+    pub result: &'static str,
+}
+
 /// All metrics of the sidecar.
 pub struct Metrics {
     registry: Registry,
@@ -54,6 +61,7 @@ pub struct Metrics {
     streams_cancelled: Family<ProviderLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
     config_info: Family<ConfigLabels, Gauge>,
+    cache: Family<CacheLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -98,6 +106,12 @@ impl Metrics {
             "The loaded config (value 1)",
             config_info.clone(),
         );
+        let cache = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_requests",
+            "Requests the response cache was on for, by result (hit, miss, skip)",
+            cache.clone(),
+        );
         Self {
             registry,
             requests,
@@ -105,6 +119,7 @@ impl Metrics {
             streams_cancelled,
             reloads,
             config_info,
+            cache,
         }
     }
 
@@ -124,6 +139,11 @@ impl Metrics {
                 status,
             })
             .inc();
+    }
+
+    /// Counts one request the cache was on for.
+    pub fn count_cache(&self, result: &'static str) {
+        self.cache.get_or_create(&CacheLabels { result }).inc();
     }
 
     /// Counts one reload.
@@ -155,6 +175,7 @@ pub struct RequestRecord {
     bytes: u64,
     log: bool,
     log_id: String,
+    cached: bool,
     done: bool,
 }
 
@@ -181,6 +202,7 @@ impl RequestRecord {
             bytes: 0,
             log,
             log_id,
+            cached: false,
             done: false,
         }
     }
@@ -188,6 +210,11 @@ impl RequestRecord {
     /// Adds streamed body bytes.
     pub fn add_bytes(&mut self, n: usize) {
         self.bytes += n as u64;
+    }
+
+    /// The response came from the cache.
+    pub fn set_cached(&mut self) {
+        self.cached = true;
     }
 
     /// The body reached its end.
@@ -227,6 +254,7 @@ impl RequestRecord {
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 bytes: self.bytes,
                 outcome,
+                cached: self.cached,
             });
         }
     }

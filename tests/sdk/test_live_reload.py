@@ -94,7 +94,7 @@ def test_invalid_config_at_reload_keeps_the_last_good_one(gateway, mock):
 
 
 def test_waits_unready_for_a_config_that_appears_later(mock, tmp_path):
-    g = Sidegate(tmp_path, "schemaVersion: 1\nspec:\n  cache: {enabled: true}\n", extra_args=["--wait-for-config"], wait_ready=False)
+    g = Sidegate(tmp_path, "schemaVersion: 1\nspec:\n  rateLimit: {limit: 10, interval: 60s}\n", extra_args=["--wait-for-config"], wait_ready=False)
     try:
         wait_for(lambda: _ready_status(g) == 503, 10, "admin not serving")
         r = httpx.post(g.url + "/openai/models")

@@ -31,11 +31,12 @@ use sidegate_crds::policy::ApiFormat;
 
 use self::openai::bad;
 use crate::body::ProxyBody;
+use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::headers::strip_response_headers;
 use crate::providers::{KeyChoice, Provider};
-use crate::proxy::{self, Gateway};
+use crate::proxy::{self, Cached, Gateway};
 use crate::route::ProviderRoute;
 use crate::telemetry::RequestRecord;
 
@@ -599,6 +600,32 @@ pub(crate) async fn serve(
         )))
     })?;
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);
+    let path = match endpoint {
+        Endpoint::Chat => "compat/chat/completions",
+        Endpoint::Embeddings => "compat/embeddings",
+    };
+
+    // cache lookup
+    let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
+    let client_own = want.is_some()
+        && provider.auth_header().is_some()
+        && matches!(provider.choose_key(alias), Ok(KeyChoice::ClientOwn));
+    let lookup = cache::Request {
+        scope: "compat",
+        provider: &provider.id,
+        method: parts.method.as_str(),
+        path,
+        query: None,
+        alias: alias.unwrap_or("default"),
+        client_auth: client_own.then_some((&parts.headers, provider.auth_headers())),
+        body: &body,
+    };
+    let miss = match gw.cache_lookup(snap, want.as_ref(), &lookup, parts, start) {
+        Cached::Off => None,
+        Cached::Hit(resp) => return Ok(*resp),
+        Cached::Miss(miss) => Some(miss),
+    };
+
     let log_id = crate::log_id::next();
     let (upstream, translation) = plan(&CompatCall {
         snap,
@@ -629,16 +656,15 @@ pub(crate) async fn serve(
     };
     let (mut head, upstream_body) = resp.into_parts();
     strip_response_headers(&mut head.headers);
+    if want.is_some() {
+        head.headers.insert(cache::STATUS, cache::MISS);
+    }
     if let Some(id) = event_id {
         head.headers.insert("cf-aig-event-id", id);
     }
     if let Ok(v) = HeaderValue::from_str(&log_id) {
         head.headers.insert("cf-aig-log-id", v);
     }
-    let path = match endpoint {
-        Endpoint::Chat => "compat/chat/completions",
-        Endpoint::Embeddings => "compat/embeddings",
-    };
     let mut record = RequestRecord::new(
         gw.metrics.clone(),
         provider.id.clone(),
@@ -650,10 +676,11 @@ pub(crate) async fn serve(
         log_id,
     );
     let Some(t) = translation else {
-        return Ok(Response::from_parts(
-            head,
-            ProxyBody::upstream(upstream_body, record),
-        ));
+        let fill = miss
+            .as_ref()
+            .and_then(|m| m.fill(head.status, &head.headers));
+        let body = ProxyBody::upstream(upstream_body, record);
+        return Ok(Response::from_parts(head, body.cached_through(fill)));
     };
     head.headers.remove(header::CONTENT_LENGTH);
     head.headers.remove(header::CONTENT_ENCODING);
@@ -664,10 +691,11 @@ pub(crate) async fn serve(
         );
         head.headers
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok(Response::from_parts(
-            head,
-            ProxyBody::translated(upstream_body, t.stream_translator(), record),
-        ));
+        let fill = miss
+            .as_ref()
+            .and_then(|m| m.fill(head.status, &head.headers));
+        let body = ProxyBody::translated(upstream_body, t.stream_translator(), record);
+        return Ok(Response::from_parts(head, body.cached_through(fill)));
     }
     let raw = match Limited::new(upstream_body, MAX_RESPONSE_BYTES)
         .collect()
@@ -701,6 +729,12 @@ pub(crate) async fn serve(
     );
     record.add_bytes(out.len());
     record.finish_complete();
+    if let Some(fill) = miss
+        .as_ref()
+        .and_then(|m| m.fill(head.status, &head.headers))
+    {
+        fill.whole(&out);
+    }
     Ok(Response::from_parts(head, ProxyBody::full(out)))
 }
 

@@ -1,0 +1,724 @@
+//! Response cache: identical requests are answered from the sidecar's memory.
+//!
+//! The key is a SHA-256 over the route (provider, method, path, query), the key identity (the
+//! BYOK alias, or a digest of the client's own provider key), and the request body normalized as
+//! JSON (object keys sorted, whitespace dropped) — or over `cf-aig-cache-key` when the client
+//! names one. Only `200` responses are stored; streamed (SSE) ones only with
+//! `spec.cache.streaming`. A response is copied into the cache as it streams to the client and
+//! stored once its last byte went through; a body that fails, is cut off or outgrows one entry's
+//! share of the cache is not stored. Entries expire after their TTL and the least valuable ones
+//! are evicted when the cache is full (S3-FIFO, by size).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
+use sidegate_crds::policy::Cache as CachePolicy;
+
+use crate::error::GatewayError;
+
+/// TTL when neither the config nor `cf-aig-cache-ttl` sets one.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+/// Memory for cached responses when the config sets no `maxSize`.
+pub const DEFAULT_MAX_SIZE: u64 = 16 << 20;
+const MIN_TTL: Duration = CachePolicy::MIN_TTL;
+const MAX_TTL: Duration = CachePolicy::MAX_TTL;
+/// Longest `cf-aig-cache-key`.
+const MAX_CUSTOM_KEY: usize = 1024;
+
+const SKIP: HeaderName = HeaderName::from_static("cf-aig-skip-cache");
+const TTL: HeaderName = HeaderName::from_static("cf-aig-cache-ttl");
+const CUSTOM_KEY: HeaderName = HeaderName::from_static("cf-aig-cache-key");
+/// `HIT` or `MISS` on every response of a request the cache was on for.
+pub const STATUS: HeaderName = HeaderName::from_static("cf-aig-cache-status");
+/// `cf-aig-cache-status` values.
+pub const HIT: HeaderValue = HeaderValue::from_static("HIT");
+/// See [`HIT`].
+pub const MISS: HeaderValue = HeaderValue::from_static("MISS");
+
+/// The cache settings of a loaded config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Cache every request (else only those with `cf-aig-cache-ttl`).
+    pub enabled: bool,
+    /// Default TTL.
+    pub ttl: Duration,
+    /// Memory for entries, in bytes.
+    pub max_size: u64,
+    /// Also store streamed responses.
+    pub streaming: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl: DEFAULT_TTL,
+            max_size: DEFAULT_MAX_SIZE,
+            streaming: false,
+        }
+    }
+}
+
+impl Settings {
+    /// Settings from `spec.cache` (backends other than memory are refused before this); the
+    /// error names the bad field.
+    pub fn from_policy(policy: Option<&CachePolicy>) -> Result<Self, String> {
+        let Some(p) = policy else {
+            return Ok(Self::default());
+        };
+        if let Some(why) = p.problem() {
+            return Err(format!("spec.{why}"));
+        }
+        Ok(Self {
+            enabled: p.enabled,
+            ttl: p.ttl.map_or(DEFAULT_TTL, |d| d.get()),
+            max_size: p.max_size.map_or(DEFAULT_MAX_SIZE, |s| s.get()),
+            streaming: p.streaming,
+        })
+    }
+}
+
+/// What one request asks of the cache (from the settings and its `cf-aig-*` headers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want<'a> {
+    /// TTL of a stored response.
+    pub ttl: Duration,
+    /// `cf-aig-skip-cache: true`: neither read nor store.
+    pub skip: bool,
+    /// `cf-aig-cache-key`.
+    pub custom_key: Option<&'a str>,
+}
+
+/// Whether the cache is on for a request, and how; `None` when it is off.
+pub fn want<'a>(s: &Settings, headers: &'a HeaderMap) -> Result<Option<Want<'a>>, GatewayError> {
+    let skip = match headers.get(SKIP).map(|v| v.as_bytes()) {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case(b"true") => true,
+        Some(v) if v.eq_ignore_ascii_case(b"false") => false,
+        Some(_) => {
+            return Err(GatewayError::BadHeader {
+                name: "cf-aig-skip-cache",
+                reason: "expected true or false".into(),
+            });
+        }
+    };
+    let ttl = match headers.get(TTL) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(Duration::from_secs)
+                .filter(|d| (MIN_TTL..=MAX_TTL).contains(d))
+                .ok_or_else(|| GatewayError::BadHeader {
+                    name: "cf-aig-cache-ttl",
+                    reason: "expected seconds between 60 and 2592000 (30 days)".into(),
+                })?,
+        ),
+    };
+    let custom_key = match headers.get(CUSTOM_KEY) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= MAX_CUSTOM_KEY)
+                .ok_or_else(|| GatewayError::BadHeader {
+                    name: "cf-aig-cache-key",
+                    reason: "expected 1 to 1024 visible ASCII characters".into(),
+                })?,
+        ),
+    };
+    if !s.enabled && ttl.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Want {
+        ttl: ttl.unwrap_or(s.ttl),
+        skip,
+        custom_key,
+    }))
+}
+
+/// A cache key.
+pub type Key = [u8; 32];
+
+/// What a request is, for its cache key.
+pub struct Request<'a> {
+    /// `provider` or `compat`.
+    pub scope: &'a str,
+    /// Provider id.
+    pub provider: &'a str,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path after the provider (or after `compat/`).
+    pub path: &'a str,
+    /// Query string.
+    pub query: Option<&'a str>,
+    /// The BYOK alias used (`default` when none was named).
+    pub alias: &'a str,
+    /// When the client brings its own provider key: its auth headers, part of the key so that
+    /// clients with different keys never share entries.
+    pub client_auth: Option<(&'a HeaderMap, &'a [HeaderName])>,
+    /// The request body.
+    pub body: &'a [u8],
+}
+
+/// The key of a request (`custom` from `cf-aig-cache-key` replaces everything else).
+pub fn key(r: &Request<'_>, custom: Option<&str>) -> Key {
+    let mut h = Sha256::new();
+    if let Some(c) = custom {
+        h.update(b"custom\0");
+        h.update(c.as_bytes());
+        return h.finalize().into();
+    }
+    for part in [r.scope, r.provider, r.method, r.path, r.query.unwrap_or("")] {
+        h.update(part.as_bytes());
+        h.update(b"\0");
+    }
+    match r.client_auth {
+        None => {
+            h.update(b"alias\0");
+            h.update(r.alias.as_bytes());
+        }
+        Some((headers, names)) => {
+            h.update(b"client\0");
+            for name in names {
+                for v in headers.get_all(name) {
+                    h.update(name.as_str().as_bytes());
+                    h.update(b":");
+                    h.update(v.as_bytes());
+                    h.update(b"\0");
+                }
+            }
+        }
+    }
+    h.update(b"\0body\0");
+    match serde_json::from_slice::<serde_json::Value>(r.body) {
+        Ok(v) => {
+            let mut out = Vec::with_capacity(r.body.len());
+            canonical_json(&v, &mut out);
+            h.update(&out);
+        }
+        Err(_) => h.update(r.body),
+    }
+    h.finalize().into()
+}
+
+/// JSON with object keys sorted and no whitespace: equal documents give equal bytes.
+fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                // Serializing a string or a Value into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
+                canonical_json(v, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical_json(v, out);
+            }
+            out.push(b']');
+        }
+        scalar => {
+            let _ = serde_json::to_writer(&mut *out, scalar);
+        }
+    }
+}
+
+/// A stored response.
+#[derive(Debug)]
+pub struct Entry {
+    /// Status (always 200 today).
+    pub status: StatusCode,
+    /// Response headers as the client first got them, without per-response ones.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    expires: Instant,
+    weight: u64,
+}
+
+#[derive(Clone)]
+struct Weigh;
+
+impl quick_cache::Weighter<Key, Arc<Entry>> for Weigh {
+    fn weight(&self, _key: &Key, e: &Arc<Entry>) -> u64 {
+        e.weight
+    }
+}
+
+/// The entries, bounded by size.
+pub struct Store {
+    entries: quick_cache::sync::Cache<Key, Arc<Entry>, Weigh>,
+    max_size: u64,
+    max_entry: usize,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("entries", &self.entries.len())
+            .field("bytes", &self.entries.weight())
+            .field("max_size", &self.max_size)
+            .finish()
+    }
+}
+
+impl Store {
+    /// An empty store holding at most `max_size` bytes.
+    pub fn new(max_size: u64) -> Self {
+        // Estimate: chat completions are a few KiB each.
+        let estimated = usize::try_from(max_size / 4096).unwrap_or(1 << 16).max(16);
+        let entries = quick_cache::sync::Cache::with_weighter(estimated, max_size, Weigh);
+        // One entry may take an eighth of the cache, and never more than its shard holds.
+        let max_entry = entries.shard_capacity().min(max_size / 8);
+        let max_entry = usize::try_from(max_entry).unwrap_or(usize::MAX);
+        Self {
+            entries,
+            max_size,
+            max_entry,
+        }
+    }
+
+    /// The configured size.
+    pub fn max_size(&self) -> u64 {
+        self.max_size
+    }
+
+    /// Entries now held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// A fresh entry for `key`.
+    pub fn get(&self, key: &Key) -> Option<Arc<Entry>> {
+        let e = self.entries.get(key)?;
+        if e.expires <= Instant::now() {
+            self.entries.remove(key);
+            return None;
+        }
+        Some(e)
+    }
+
+    fn put(&self, key: Key, status: StatusCode, headers: HeaderMap, body: Bytes, ttl: Duration) {
+        let header_bytes: usize = headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum();
+        let weight = (body.len() + header_bytes + 128) as u64;
+        if weight > self.max_entry as u64 {
+            return;
+        }
+        let entry = Entry {
+            status,
+            headers,
+            body,
+            expires: Instant::now() + ttl,
+            weight,
+        };
+        self.entries.insert(key, Arc::new(entry));
+    }
+
+    /// Starts copying a `200` response into the cache; `None` when it must not be stored.
+    pub fn fill(
+        self: &Arc<Self>,
+        key: Key,
+        ttl: Duration,
+        status: StatusCode,
+        headers: &HeaderMap,
+        streaming: bool,
+    ) -> Option<Fill> {
+        if status != StatusCode::OK {
+            return None;
+        }
+        let is_stream = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        if is_stream && !streaming {
+            return None;
+        }
+        let mut kept = headers.clone();
+        // Per response: hyper sets a fresh Date; the gateway's own headers are added per hit.
+        kept.remove(header::DATE);
+        remove_gateway_headers(&mut kept);
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > self.max_entry) {
+            return None;
+        }
+        Some(Fill {
+            store: self.clone(),
+            key,
+            ttl,
+            status,
+            headers: kept,
+            buf: BytesMut::with_capacity(declared.unwrap_or(4096).min(self.max_entry)),
+        })
+    }
+}
+
+/// Removes the gateway's own (`cf-aig-*`) headers: they are set per response.
+fn remove_gateway_headers(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| crate::headers::is_gateway_header(n))
+        .cloned()
+        .collect();
+    for n in names {
+        headers.remove(n);
+    }
+}
+
+/// A request the cache was on for and had no entry for: how to store its response.
+pub struct Miss {
+    /// Where to store.
+    pub store: Arc<Store>,
+    /// The request's key.
+    pub key: Key,
+    /// TTL of the entry.
+    pub ttl: Duration,
+    /// Whether streamed responses are stored too.
+    pub streaming: bool,
+}
+
+impl Miss {
+    /// Starts copying the response into the cache, if it may be stored.
+    pub fn fill(&self, status: StatusCode, headers: &HeaderMap) -> Option<Fill> {
+        self.store
+            .fill(self.key, self.ttl, status, headers, self.streaming)
+    }
+}
+
+/// A response being copied into the cache while it streams to the client.
+pub struct Fill {
+    store: Arc<Store>,
+    key: Key,
+    ttl: Duration,
+    status: StatusCode,
+    headers: HeaderMap,
+    buf: BytesMut,
+}
+
+impl Fill {
+    /// Stores a whole body at once.
+    pub fn whole(mut self, body: &[u8]) {
+        if self.push(body) {
+            self.finish();
+        }
+    }
+
+    /// Appends body bytes; `false` when the body outgrew one entry (drop the fill then).
+    pub fn push(&mut self, data: &[u8]) -> bool {
+        if self.buf.len() + data.len() > self.store.max_entry {
+            return false;
+        }
+        self.buf.extend_from_slice(data);
+        true
+    }
+
+    /// The body ended: store it.
+    pub fn finish(self) {
+        self.store.put(
+            self.key,
+            self.status,
+            self.headers,
+            self.buf.freeze(),
+            self.ttl,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req<'a>(body: &'a [u8], alias: &'a str) -> Request<'a> {
+        Request {
+            scope: "provider",
+            provider: "openai",
+            method: "POST",
+            path: "chat/completions",
+            query: None,
+            alias,
+            client_auth: None,
+            body,
+        }
+    }
+
+    #[test]
+    fn equal_json_bodies_share_a_key_whatever_their_layout() {
+        let a = key(
+            &req(
+                br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+                "default",
+            ),
+            None,
+        );
+        let b = key(
+            &req(
+                b"{ \"messages\" : [ {\"content\":\"hi\", \"role\":\"user\"} ],\n \"model\":\"m\" }",
+                "default",
+            ),
+            None,
+        );
+        assert_eq!(a, b);
+        let other = key(
+            &req(
+                br#"{"model":"m","messages":[{"role":"user","content":"ho"}]}"#,
+                "default",
+            ),
+            None,
+        );
+        assert_ne!(a, other);
+        // Array order matters.
+        let x = key(&req(br#"{"a":[1,2]}"#, "default"), None);
+        let y = key(&req(br#"{"a":[2,1]}"#, "default"), None);
+        assert_ne!(x, y);
+        // Not JSON: the bytes as they are.
+        assert_ne!(
+            key(&req(b"abc", "default"), None),
+            key(&req(b"abd", "default"), None)
+        );
+    }
+
+    #[test]
+    fn the_key_depends_on_route_alias_and_client_key() {
+        let body = br#"{"model":"m"}"#;
+        let base = key(&req(body, "default"), None);
+        assert_ne!(base, key(&req(body, "team-b"), None));
+        let mut r = req(body, "default");
+        r.path = "embeddings";
+        assert_ne!(base, key(&r, None));
+        let mut r = req(body, "default");
+        r.provider = "groq";
+        assert_ne!(base, key(&r, None));
+        let names = [header::AUTHORIZATION];
+        let mut h1 = HeaderMap::new();
+        h1.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer one"),
+        );
+        let mut h2 = HeaderMap::new();
+        h2.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer two"),
+        );
+        let mut r1 = req(body, "default");
+        r1.client_auth = Some((&h1, &names));
+        let mut r2 = req(body, "default");
+        r2.client_auth = Some((&h2, &names));
+        assert_ne!(key(&r1, None), key(&r2, None));
+        // A custom key replaces everything.
+        assert_eq!(key(&r1, Some("k")), key(&r2, Some("k")));
+    }
+
+    #[test]
+    fn headers_turn_the_cache_on_off_and_are_checked() {
+        let off = Settings::default();
+        let on = Settings {
+            enabled: true,
+            ..Settings::default()
+        };
+        let mut h = HeaderMap::new();
+        assert_eq!(want(&off, &h), Ok(None));
+        assert_eq!(
+            want(&on, &h),
+            Ok(Some(Want {
+                ttl: DEFAULT_TTL,
+                skip: false,
+                custom_key: None
+            }))
+        );
+        h.insert(TTL, HeaderValue::from_static("3600"));
+        h.insert(SKIP, HeaderValue::from_static("TRUE"));
+        h.insert(CUSTOM_KEY, HeaderValue::from_static("greeting"));
+        assert_eq!(
+            want(&off, &h),
+            Ok(Some(Want {
+                ttl: Duration::from_secs(3600),
+                skip: true,
+                custom_key: Some("greeting")
+            }))
+        );
+        for (name, bad) in [
+            (TTL, "59"),
+            (TTL, "2592001"),
+            (TTL, "soon"),
+            (SKIP, "yes"),
+            (CUSTOM_KEY, ""),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static(bad));
+            assert_eq!(
+                want(&on, &h).map_err(|e| e.code()),
+                Err(2100),
+                "{name}: {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_settings_are_checked() {
+        use sidegate_crds::units::{ByteSize, Duration as D};
+        let p = CachePolicy {
+            enabled: true,
+            ttl: Some(D::from_secs(30)),
+            ..CachePolicy::default()
+        };
+        assert!(
+            Settings::from_policy(Some(&p))
+                .expect_err("refused")
+                .contains("spec.cache.ttl")
+        );
+        let p = CachePolicy {
+            enabled: true,
+            max_size: Some(ByteSize::bytes(1000)),
+            ..CachePolicy::default()
+        };
+        assert!(
+            Settings::from_policy(Some(&p))
+                .expect_err("refused")
+                .contains("spec.cache.maxSize")
+        );
+        let p = CachePolicy {
+            enabled: true,
+            ttl: Some(D::from_secs(600)),
+            streaming: true,
+            ..CachePolicy::default()
+        };
+        let s = Settings::from_policy(Some(&p)).expect("valid");
+        assert_eq!(
+            (s.enabled, s.ttl, s.streaming),
+            (true, Duration::from_secs(600), true)
+        );
+    }
+
+    fn json_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(
+            header::DATE,
+            HeaderValue::from_static("Thu, 01 Jan 2026 00:00:00 GMT"),
+        );
+        h.insert(
+            "cf-aig-log-id",
+            HeaderValue::from_static("01J0000000000000000000000"),
+        );
+        h
+    }
+
+    #[test]
+    fn only_whole_ok_responses_are_stored_and_they_expire() {
+        let store = Arc::new(Store::new(1 << 20));
+        let k = [1u8; 32];
+        let h = json_headers();
+        assert!(
+            store
+                .fill(k, DEFAULT_TTL, StatusCode::TOO_MANY_REQUESTS, &h, false)
+                .is_none()
+        );
+        // A fill dropped before the end stores nothing.
+        let mut f = store
+            .fill(k, DEFAULT_TTL, StatusCode::OK, &h, false)
+            .expect("fill");
+        assert!(f.push(b"{\"id\""));
+        drop(f);
+        assert!(store.get(&k).is_none());
+        let mut f = store
+            .fill(k, DEFAULT_TTL, StatusCode::OK, &h, false)
+            .expect("fill");
+        assert!(f.push(b"{\"id\":"));
+        assert!(f.push(b"1}"));
+        f.finish();
+        let e = store.get(&k).expect("stored");
+        assert_eq!(&e.body[..], b"{\"id\":1}");
+        assert!(e.headers.get(header::DATE).is_none());
+        assert!(e.headers.get("cf-aig-log-id").is_none());
+        assert_eq!(e.headers[header::CONTENT_TYPE], "application/json");
+        // Expired entries are gone.
+        let k2 = [2u8; 32];
+        let f = store
+            .fill(k2, Duration::ZERO, StatusCode::OK, &h, false)
+            .expect("fill");
+        f.finish();
+        assert!(store.get(&k2).is_none());
+    }
+
+    #[test]
+    fn streams_only_when_asked_and_no_entry_beyond_its_share() {
+        let store = Arc::new(Store::new(CachePolicy::MIN_MAX_SIZE));
+        let mut sse = HeaderMap::new();
+        sse.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream; charset=utf-8"),
+        );
+        assert!(
+            store
+                .fill([3; 32], DEFAULT_TTL, StatusCode::OK, &sse, false)
+                .is_none()
+        );
+        assert!(
+            store
+                .fill([3; 32], DEFAULT_TTL, StatusCode::OK, &sse, true)
+                .is_some()
+        );
+        let mut f = store
+            .fill([4; 32], DEFAULT_TTL, StatusCode::OK, &json_headers(), false)
+            .expect("fill");
+        let big = vec![b'x'; CachePolicy::MIN_MAX_SIZE as usize];
+        assert!(!f.push(&big));
+        let mut declared = json_headers();
+        declared.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10000000"));
+        assert!(
+            store
+                .fill([5; 32], DEFAULT_TTL, StatusCode::OK, &declared, false)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn the_store_stays_within_its_size() {
+        let store = Arc::new(Store::new(CachePolicy::MIN_MAX_SIZE));
+        let body = Bytes::from(vec![b'a'; 1000]);
+        for i in 0..1000u32 {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            if let Some(f) = store.fill(k, DEFAULT_TTL, StatusCode::OK, &json_headers(), false) {
+                f.whole(&body);
+            }
+        }
+        assert!(
+            store.entries.weight() <= CachePolicy::MIN_MAX_SIZE,
+            "{store:?}"
+        );
+        assert!(!store.is_empty() && store.len() < 1000, "{store:?}");
+    }
+}

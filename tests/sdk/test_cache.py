@@ -1,0 +1,221 @@
+"""The response cache, through the official SDKs and raw HTTP, against the mock provider.
+
+A hit is proven by the mock: it sees one request for two answered, and the cached answer
+carries the first response's id (the mock numbers its responses).
+"""
+
+import json
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+
+CACHE_ON = "  cache: {enabled: true, ttl: 10m}\n"
+CHAT = "/openai/chat/completions"
+
+
+def chat_body(text="hello cache", **extra):
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def post(gw, path=CHAT, body=None, headers=None, content=None):
+    kw = {"content": content} if content is not None else {"json": body or chat_body()}
+    return httpx.post(gw.url + path, headers=headers or {}, timeout=10, **kw)
+
+
+def cache_metric(gw, result):
+    for line in gw.metrics().splitlines():
+        if line.startswith(f'sidegate_cache_requests_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.fixture
+def cached_gateway(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=CACHE_ON), DEFAULT_KEYS)
+    mock.clear()
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def streaming_cache_gateway(mock, tmp_path):
+    spec = "  cache: {enabled: true, streaming: true}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    mock.clear()
+    yield g
+    g.stop()
+
+
+def test_openai_sdk_second_identical_request_is_a_hit_from_memory(cached_gateway, mock):
+    client = openai.OpenAI(base_url=cached_gateway.url + "/openai", api_key="placeholder", max_retries=0)
+    first = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello cache"}]
+    )
+    second = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello cache"}]
+    )
+    assert first.headers["cf-aig-cache-status"] == "MISS"
+    assert second.headers["cf-aig-cache-status"] == "HIT"
+    assert second.parse().id == first.parse().id
+    assert second.parse().choices[0].message.content == "mock reply to: hello cache"
+    assert second.headers["cf-aig-log-id"] != first.headers["cf-aig-log-id"]
+    assert len(mock.requests()) == 1
+    assert (cache_metric(cached_gateway, "miss"), cache_metric(cached_gateway, "hit")) == (1, 1)
+    log_id = second.headers["cf-aig-log-id"]
+    deadline = time.monotonic() + 3
+    while not any(log_id in line and "cached=true" in line for line in cached_gateway.logs().splitlines()):
+        assert time.monotonic() < deadline, "the hit's log line says cached=true"
+        time.sleep(0.05)
+
+
+def test_the_key_is_the_normalized_json_body(cached_gateway, mock):
+    a = post(cached_gateway, content=b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"same"}]}')
+    b = post(cached_gateway, content=b'{ "messages": [ {"content": "same", "role": "user"} ],\n  "model": "gpt-4o-mini" }')
+    c = post(cached_gateway, body=chat_body("different"))
+    assert [r.headers["cf-aig-cache-status"] for r in (a, b, c)] == ["MISS", "HIT", "MISS"]
+    assert b.content == a.content
+    assert len(mock.requests()) == 2
+
+
+def test_skip_cache_neither_reads_nor_stores(cached_gateway, mock):
+    skip = {"cf-aig-skip-cache": "true"}
+    r1 = post(cached_gateway, headers=skip)
+    r2 = post(cached_gateway)
+    r3 = post(cached_gateway, headers=skip)
+    assert [r.headers["cf-aig-cache-status"] for r in (r1, r2, r3)] == ["MISS", "MISS", "MISS"]
+    assert len(mock.requests()) == 3
+    assert cache_metric(cached_gateway, "skip") == 2
+    assert post(cached_gateway).headers["cf-aig-cache-status"] == "HIT"
+
+
+def test_aliases_and_client_keys_never_share_entries(cached_gateway, mock):
+    assert post(cached_gateway).headers["cf-aig-cache-status"] == "MISS"
+    assert post(cached_gateway, headers={"cf-aig-byok-alias": "team-b"}).headers["cf-aig-cache-status"] == "MISS"
+    assert post(cached_gateway, headers={"cf-aig-byok-alias": "team-b"}).headers["cf-aig-cache-status"] == "HIT"
+    # groq has no stored key: each client's own key is part of the cache key.
+    groq = "/groq/chat/completions"
+    alice = {"authorization": "Bearer client-key-alice"}
+    bob = {"authorization": "Bearer client-key-bob"}
+    assert post(cached_gateway, groq, headers=alice).headers["cf-aig-cache-status"] == "MISS"
+    assert post(cached_gateway, groq, headers=bob).headers["cf-aig-cache-status"] == "MISS"
+    assert post(cached_gateway, groq, headers=alice).headers["cf-aig-cache-status"] == "HIT"
+    assert len(mock.requests()) == 4
+
+
+def test_custom_cache_key_replaces_the_computed_one(cached_gateway, mock):
+    k = {"cf-aig-cache-key": "daily-greeting"}
+    a = post(cached_gateway, body=chat_body("one"), headers=k)
+    b = post(cached_gateway, body=chat_body("two"), headers=k)
+    assert (a.headers["cf-aig-cache-status"], b.headers["cf-aig-cache-status"]) == ("MISS", "HIT")
+    assert b.json()["choices"][0]["message"]["content"] == "mock reply to: one"
+
+
+def test_provider_errors_are_never_cached(cached_gateway, mock):
+    for _ in range(2):
+        r = post(cached_gateway, body=chat_body(model="mock-status-429"))
+        assert r.status_code == 429
+        assert r.headers["cf-aig-cache-status"] == "MISS"
+    assert len(mock.requests()) == 2
+
+
+def test_streams_are_not_cached_unless_configured(cached_gateway, mock):
+    client = openai.OpenAI(base_url=cached_gateway.url + "/openai", api_key="placeholder", max_retries=0)
+    for _ in range(2):
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream me"}], stream=True
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "mock reply to: stream me"
+    assert len(mock.requests()) == 2
+
+
+def test_configured_streams_are_replayed_from_the_cache(streaming_cache_gateway, mock):
+    client = openai.OpenAI(base_url=streaming_cache_gateway.url + "/openai", api_key="placeholder", max_retries=0)
+
+    def run():
+        resp = client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "stream me"}], stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(resp.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return resp.headers["cf-aig-cache-status"], text, chunks[-1].usage.total_tokens
+
+    first, second = run(), run()
+    assert first[0] == "MISS" and second[0] == "HIT"
+    assert first[1:] == second[1:] and first[1] == "mock reply to: stream me"
+    assert len(mock.requests()) == 1
+
+
+def test_a_stream_cut_off_by_the_client_is_not_stored(streaming_cache_gateway, mock):
+    body = chat_body("slow stream", stream=True)
+    with httpx.stream("POST", streaming_cache_gateway.url + CHAT, json=body,
+                      headers={"x-mock-chunk-delay-ms": "200"}, timeout=10) as r:
+        assert r.headers["cf-aig-cache-status"] == "MISS"
+        next(r.iter_raw())  # first bytes, then hang up
+    r = post(streaming_cache_gateway, body=body)
+    assert r.headers["cf-aig-cache-status"] == "MISS"
+    assert r.text.rstrip().endswith("data: [DONE]")
+    assert post(streaming_cache_gateway, body=body).headers["cf-aig-cache-status"] == "HIT"
+
+
+def test_cache_ttl_header_turns_the_cache_on_for_one_request(gateway, mock):
+    plain = post(gateway)
+    assert "cf-aig-cache-status" not in plain.headers
+    ttl = {"cf-aig-cache-ttl": "120"}
+    assert post(gateway, headers=ttl).headers["cf-aig-cache-status"] == "MISS"
+    hit = post(gateway, headers=ttl)
+    assert hit.headers["cf-aig-cache-status"] == "HIT"
+    assert len(mock.requests()) == 2
+
+
+@pytest.mark.parametrize("header,value", [
+    ("cf-aig-cache-ttl", "59"),
+    ("cf-aig-cache-ttl", "2592001"),
+    ("cf-aig-cache-ttl", "an hour"),
+    ("cf-aig-skip-cache", "maybe"),
+])
+def test_bad_cache_headers_are_400_2100_naming_the_header(cached_gateway, mock, header, value):
+    r = post(cached_gateway, headers={header: value})
+    assert r.status_code == 400
+    err = r.json()["error"][0]
+    assert err["code"] == 2100 and header in err["message"]
+    assert mock.requests() == []
+
+
+def test_anthropic_sdk_and_compat_hits(cached_gateway, mock):
+    client = anthropic.Anthropic(base_url=cached_gateway.url + "/anthropic", api_key="placeholder", max_retries=0)
+    statuses = []
+    for _ in range(2):
+        resp = client.messages.with_raw_response.create(
+            model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi claude"}]
+        )
+        statuses.append(resp.headers["cf-aig-cache-status"])
+        assert resp.parse().content[0].text == "mock reply to: hi claude"
+    assert statuses == ["MISS", "HIT"]
+    compat = openai.OpenAI(base_url=cached_gateway.url + "/compat", api_key="placeholder", max_retries=0)
+    got = []
+    for _ in range(2):
+        resp = compat.chat.completions.with_raw_response.create(
+            model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "via compat"}]
+        )
+        got.append((resp.headers["cf-aig-cache-status"], resp.parse().choices[0].message.content))
+    assert got == [("MISS", "mock reply to: via compat"), ("HIT", "mock reply to: via compat")]
+    assert len(mock.requests()) == 2
+
+
+@pytest.mark.parametrize("spec,field", [
+    ("  cache: {enabled: true, ttl: 10s}\n", "spec.cache.ttl"),
+    ("  cache: {enabled: true, maxSize: 1Ki}\n", "spec.cache.maxSize"),
+])
+def test_bad_cache_config_is_refused_at_start_naming_the_field(mock, tmp_path, spec, field):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS, wait_ready=False)
+    try:
+        assert g.proc.wait(10) == 2
+        assert field in g.logs()
+    finally:
+        g.stop()
