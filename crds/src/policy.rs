@@ -103,8 +103,16 @@ impl GatewayPolicy {
         {
             return not_yet("spec.cache.backend", "the redis cache backend");
         }
-        if spec.rate_limit.is_some() {
-            return not_yet("spec.rateLimit", "rate limiting");
+        if let Some(rl) = &spec.rate_limit {
+            if rl.scope == RateLimitScope::Global {
+                return not_yet(
+                    "spec.rateLimit.scope",
+                    "a global rate limit (shared through redis)",
+                );
+            }
+            if rl.tokens_per_minute.is_some() {
+                return not_yet("spec.rateLimit.tokensPerMinute", "a token budget");
+            }
         }
         if spec.retries.as_ref().is_some_and(|r| r.max_attempts > 1) {
             return not_yet("spec.retries", "retrying upstream attempts");

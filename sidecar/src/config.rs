@@ -75,6 +75,8 @@ pub struct Snapshot {
     pub log_requests: bool,
     /// Response cache settings.
     pub cache: crate::cache::Settings,
+    /// Request rate limit, if any.
+    pub rate_limit: Option<crate::ratelimit::Settings>,
     /// The gateway name accepted in long-form URLs (`None`: any).
     pub gateway_name: Option<String>,
     /// sha256 of the file and the keys: any change to either changes it.
@@ -182,6 +184,8 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     }
     let log_requests = config.spec.logging.as_ref().is_none_or(|l| l.enabled);
     let cache = crate::cache::Settings::from_policy(config.spec.cache.as_ref()).map_err(invalid)?;
+    let rate_limit = crate::ratelimit::Settings::from_policy(config.spec.rate_limit.as_ref())
+        .map_err(invalid)?;
     let mut h = Sha256::new();
     h.update(&raw);
     h.update(keys.digest);
@@ -196,6 +200,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         request_timeout,
         log_requests,
         cache,
+        rate_limit,
         fingerprint,
         warnings,
     })
@@ -270,12 +275,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = load(&write_config(
             dir.path(),
-            "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s}\n",
+            "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s, scope: global}\n",
         ))
-        .expect_err("rate limit");
+        .expect_err("global rate limit");
         assert!(
             err.to_string()
-                .contains("spec.rateLimit: rate limiting is not implemented"),
+                .contains("spec.rateLimit.scope: a global rate limit (shared through redis) is not implemented"),
+            "{err}"
+        );
+        let err = load(&write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  retries: {maxAttempts: 3}\n",
+        ))
+        .expect_err("retries");
+        assert!(
+            err.to_string()
+                .contains("spec.retries: retrying upstream attempts is not implemented"),
             "{err}"
         );
     }

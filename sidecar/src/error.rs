@@ -38,6 +38,13 @@ pub enum GatewayError {
     /// The upstream could not be reached or broke the connection before answering.
     #[error("upstream request failed: {0}")]
     UpstreamUnavailable(String),
+    /// `spec.rateLimit` exceeded; `retry_after` until a request would be allowed.
+    #[error("rate limit exceeded: at most {limit} requests per {interval:?}")]
+    RateLimited {
+        limit: u64,
+        interval: std::time::Duration,
+        retry_after: std::time::Duration,
+    },
     /// No valid config is loaded yet.
     #[error("gateway has no valid configuration loaded")]
     NotReady,
@@ -62,6 +69,7 @@ impl GatewayError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -70,6 +78,7 @@ impl GatewayError {
     pub fn code(&self) -> u16 {
         match self {
             Self::NotFound(_) => 2001,
+            Self::RateLimited { .. } => 2003,
             Self::Unauthorized => 2009,
             Self::AliasNotFound { .. } => 2040,
             Self::BadHeader { .. } => 2100,
@@ -110,6 +119,12 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Self::RateLimited { retry_after, .. } = self {
+            // Whole seconds, rounded up (RFC 9110 §10.2.3).
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
         resp
     }
 }
@@ -137,6 +152,32 @@ mod tests {
         };
         assert_eq!((e.status().as_u16(), e.code()), (400, 2040));
         assert!(e.to_string().contains("team-b"));
+    }
+
+    fn e_json() -> String {
+        GatewayError::RateLimited {
+            limit: 10,
+            interval: std::time::Duration::from_secs(60),
+            retry_after: std::time::Duration::from_secs(1),
+        }
+        .to_json()
+    }
+
+    #[test]
+    fn rate_limited_is_429_2003_with_retry_after_rounded_up() {
+        let e = GatewayError::RateLimited {
+            limit: 10,
+            interval: std::time::Duration::from_secs(60),
+            retry_after: std::time::Duration::from_millis(2100),
+        };
+        assert_eq!((e.status().as_u16(), e.code()), (429, 2003));
+        let resp = e.into_response();
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "3");
+        let v: serde_json::Value = serde_json::from_str(&e_json()).expect("json");
+        assert_eq!(
+            v["error"][0]["message"],
+            "rate limit exceeded: at most 10 requests per 60s"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod keys;
 pub mod log_id;
 pub mod providers;
 pub mod proxy;
+pub mod ratelimit;
 pub mod reload;
 pub mod route;
 pub mod server;

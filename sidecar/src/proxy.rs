@@ -78,6 +78,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// The response cache, made when first used; kept across reloads unless its size changes.
     cache: ArcSwapOption<cache::Store>,
+    /// Request counters of `spec.rateLimit`, kept across reloads.
+    limiter: crate::ratelimit::Limiter,
 }
 
 /// What the cache did for a request.
@@ -98,6 +100,7 @@ impl Gateway {
             client,
             metrics,
             cache: ArcSwapOption::empty(),
+            limiter: crate::ratelimit::Limiter::default(),
         }
     }
 
@@ -227,6 +230,19 @@ impl Gateway {
             if !ok {
                 return Err((None, GatewayError::Unauthorized));
             }
+        }
+        // rate limit
+        if let Some(rl) = &snap.rate_limit
+            && let Err(retry_after) = self.limiter.check(rl, Instant::now())
+        {
+            return Err((
+                None,
+                GatewayError::RateLimited {
+                    limit: rl.limit,
+                    interval: rl.interval,
+                    retry_after,
+                },
+            ));
         }
         let route = match route {
             Route::Provider(p) => p,
