@@ -53,6 +53,20 @@ tests/chart/run 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/chart.log"
 step "container image binaries: static build (crt-static), file/ldd, the static sidecar serving a request"
 tests/e2e/static-binaries 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/static-binaries.log"
 
+step "real node (kubelet + containerd + runc): the chart, the injected native sidecar, a Job, key rotation, gateway deletion"
+need=()
+command -v runc >/dev/null || need+=(runc)
+[[ -x /usr/lib/cni/bridge && -x /usr/lib/cni/host-local ]] || need+=(containernetworking-plugins)
+file -b /bin/busybox 2>/dev/null | grep -q 'statically linked' || need+=(busybox-static)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+shellcheck -x tests/cluster/build tests/cluster/up tests/cluster/down tests/cluster/with-cluster \
+  tests/node/build tests/node/images tests/node/e2e
+tests/node/build >/dev/null # containerd 2.x from its Go module (cached like the control plane)
+tests/node/e2e 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/node-e2e.log"
+
 step "demo (README's first command) runs end to end"
 ./demo.sh >"$SIDEGATE_TEST_LOG_DIR/demo.log" 2>&1 || { tail -40 "$SIDEGATE_TEST_LOG_DIR/demo.log"; exit 1; }
 grep -E 'cache HIT|provider saw the new key|demo done' "$SIDEGATE_TEST_LOG_DIR/demo.log"
