@@ -114,9 +114,6 @@ impl GatewayPolicy {
                 return not_yet("spec.rateLimit.tokensPerMinute", "a token budget");
             }
         }
-        if spec.retries.as_ref().is_some_and(|r| r.max_attempts > 1) {
-            return not_yet("spec.retries", "retrying upstream attempts");
-        }
         if spec
             .redis
             .as_ref()

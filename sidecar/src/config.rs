@@ -75,6 +75,8 @@ pub struct Snapshot {
     pub log_requests: bool,
     /// Response cache settings.
     pub cache: crate::cache::Settings,
+    /// Upstream retries (`spec.retries`; headers may change them per request).
+    pub retries: crate::retry::Policy,
     /// Request rate limit, if any.
     pub rate_limit: Option<crate::ratelimit::Settings>,
     /// The gateway name accepted in long-form URLs (`None`: any).
@@ -184,6 +186,8 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     }
     let log_requests = config.spec.logging.as_ref().is_none_or(|l| l.enabled);
     let cache = crate::cache::Settings::from_policy(config.spec.cache.as_ref()).map_err(invalid)?;
+    let retries =
+        crate::retry::Policy::from_config(config.spec.retries.as_ref()).map_err(invalid)?;
     let rate_limit = crate::ratelimit::Settings::from_policy(config.spec.rate_limit.as_ref())
         .map_err(invalid)?;
     let mut h = Sha256::new();
@@ -201,6 +205,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         log_requests,
         cache,
         rate_limit,
+        retries,
         fingerprint,
         warnings,
     })
@@ -285,12 +290,12 @@ mod tests {
         );
         let err = load(&write_config(
             dir.path(),
-            "schemaVersion: 1\nspec:\n  retries: {maxAttempts: 3}\n",
+            "schemaVersion: 1\nspec:\n  fallbacks: [{name: f, targets: [{provider: openai, model: m}]}]\n",
         ))
-        .expect_err("retries");
+        .expect_err("fallbacks");
         assert!(
             err.to_string()
-                .contains("spec.retries: retrying upstream attempts is not implemented"),
+                .contains("spec.fallbacks: fallback chains is not implemented"),
             "{err}"
         );
     }

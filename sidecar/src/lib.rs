@@ -27,6 +27,7 @@ pub mod providers;
 pub mod proxy;
 pub mod ratelimit;
 pub mod reload;
+pub mod retry;
 pub mod route;
 pub mod server;
 pub mod telemetry;

@@ -116,6 +116,47 @@ impl Gateway {
         fresh
     }
 
+    /// Sends a request upstream, waiting at most `timeout` for the response head, and retries
+    /// failed attempts (connection errors, timeouts, `429`, `5xx`) as `retries` says. The last
+    /// attempt's answer, whatever its status, is the response.
+    pub(crate) async fn dispatch(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+        retries: &crate::retry::Policy,
+        provider: &Arc<str>,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        let mut attempt = 1;
+        while attempt < retries.max_attempts {
+            let failure = match self.attempt(clone_request(&req), timeout).await {
+                Ok(resp) if !crate::retry::retryable_status(resp.status()) => return Ok(resp),
+                Ok(resp) => format!("status {}", resp.status().as_u16()),
+                Err(e) => e.to_string(),
+            };
+            let wait = retries.delay_before(attempt);
+            tracing::info!(provider = %provider, attempt, max_attempts = retries.max_attempts, failure = %failure, wait_ms = wait.as_millis() as u64, "retrying upstream");
+            self.metrics.count_retry(provider);
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+        self.attempt(req, timeout).await
+    }
+
+    /// One upstream attempt: the response head within `timeout`.
+    async fn attempt(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, GatewayError> {
+        match tokio::time::timeout(timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(error_chain(&e))),
+            Err(_) => Err(GatewayError::UpstreamTimeout {
+                ms: timeout.as_millis() as u64,
+            }),
+        }
+    }
+
     /// Looks a request up in the response cache (`want` from [`cache::want`]) and answers a hit.
     pub(crate) fn cache_lookup(
         &self,
@@ -283,6 +324,7 @@ impl Gateway {
             .upstream_uri(&route, parts.uri.query())
             .map_err(fail)?;
         let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
+        let retries = snap.retries.with_headers(&parts.headers).map_err(fail)?;
 
         // body
         let body = read_body(&parts.headers, body, snap.max_body)
@@ -310,15 +352,10 @@ impl Gateway {
         // dispatch
         let upstream = build_upstream_request(provider, &parts, uri, key, body);
         let event_id = parts.headers.get(EVENT_ID).cloned();
-        let resp = match tokio::time::timeout(timeout, self.client.request(upstream)).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => return Err(fail(GatewayError::UpstreamUnavailable(error_chain(&e)))),
-            Err(_) => {
-                return Err(fail(GatewayError::UpstreamTimeout {
-                    ms: timeout.as_millis() as u64,
-                }));
-            }
-        };
+        let resp = self
+            .dispatch(upstream, timeout, &retries, &provider.id)
+            .await
+            .map_err(fail)?;
         let (mut head, body) = resp.into_parts();
         strip_response_headers(&mut head.headers);
         let fill = miss
@@ -424,6 +461,16 @@ pub(crate) fn build_upstream_request(
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     req
+}
+
+/// A copy of an upstream request for another attempt (the body is shared, not copied).
+fn clone_request(r: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut c = Request::new(r.body().clone());
+    *c.method_mut() = r.method().clone();
+    *c.uri_mut() = r.uri().clone();
+    *c.version_mut() = r.version();
+    *c.headers_mut() = r.headers().clone();
+    c
 }
 
 /// An error and its sources on one line (hyper's top-level message alone says little).

@@ -62,6 +62,7 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     config_info: Family<ConfigLabels, Gauge>,
     cache: Family<CacheLabels, Counter>,
+    retries: Family<ProviderLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -112,6 +113,12 @@ impl Metrics {
             "Requests the response cache was on for, by result (hit, miss, skip)",
             cache.clone(),
         );
+        let retries = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Upstream attempts retried (after a connection error, timeout, 429 or 5xx)",
+            retries.clone(),
+        );
         Self {
             registry,
             requests,
@@ -120,6 +127,7 @@ impl Metrics {
             reloads,
             config_info,
             cache,
+            retries,
         }
     }
 
@@ -144,6 +152,15 @@ impl Metrics {
     /// Counts one request the cache was on for.
     pub fn count_cache(&self, result: &'static str) {
         self.cache.get_or_create(&CacheLabels { result }).inc();
+    }
+
+    /// Counts one retried upstream attempt.
+    pub fn count_retry(&self, provider: &Arc<str>) {
+        self.retries
+            .get_or_create(&ProviderLabels {
+                provider: provider.clone(),
+            })
+            .inc();
     }
 
     /// Counts one reload.

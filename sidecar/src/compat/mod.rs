@@ -607,6 +607,7 @@ pub(crate) async fn serve(
 
     // cache lookup
     let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
+    let retries = snap.retries.with_headers(&parts.headers).map_err(fail)?;
     let client_own = want.is_some()
         && provider.auth_header().is_some()
         && matches!(provider.choose_key(alias), Ok(KeyChoice::ClientOwn));
@@ -641,19 +642,10 @@ pub(crate) async fn serve(
 
     // dispatch
     let event_id = parts.headers.get("cf-aig-event-id").cloned();
-    let resp = match tokio::time::timeout(timeout, gw.client.request(upstream)).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
-            return Err(fail(GatewayError::UpstreamUnavailable(proxy::error_chain(
-                &e,
-            ))));
-        }
-        Err(_) => {
-            return Err(fail(GatewayError::UpstreamTimeout {
-                ms: timeout.as_millis() as u64,
-            }));
-        }
-    };
+    let resp = gw
+        .dispatch(upstream, timeout, &retries, &provider.id)
+        .await
+        .map_err(fail)?;
     let (mut head, upstream_body) = resp.into_parts();
     strip_response_headers(&mut head.headers);
     if want.is_some() {

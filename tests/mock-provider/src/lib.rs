@@ -23,7 +23,9 @@
 //!
 //! Model `mock-status-<code>` (400..=599) answers that status with the endpoint's error
 //! body. Header `x-mock-delay-ms` delays the response head; `x-mock-chunk-delay-ms`
-//! delays each stream event.
+//! delays each stream event. Header `x-mock-fail-first: <n>;<id>[;<status>]` answers the first
+//! `n` requests carrying that exact value with `status` (default 503), then normally: retries
+//! can be tested without a flaky server.
 
 #![forbid(unsafe_code)]
 
@@ -55,6 +57,8 @@ use tokio::net::TcpListener;
 pub use body::MockBody;
 pub use record::{Record, Recorder};
 
+/// Request header: `<n>;<id>[;<status>]`, fail the first `n` requests with this value.
+pub const FAIL_FIRST_HEADER: &str = "x-mock-fail-first";
 /// Request header: milliseconds to wait before sending the response head.
 pub const DELAY_HEADER: &str = "x-mock-delay-ms";
 /// Request header: milliseconds to wait before each event of a streamed response.
@@ -120,6 +124,8 @@ struct State {
     next_id: AtomicU64,
     stats: Arc<Stats>,
     recorder: Option<Recorder>,
+    /// Requests seen per `x-mock-fail-first` value.
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// What a provider handler needs to know about the request besides its body.
@@ -154,6 +160,7 @@ pub async fn serve_with_shutdown(
         opts,
         next_id: AtomicU64::new(0),
         stats: Arc::new(Stats::default()),
+        failures: Default::default(),
     });
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let mut shutdown = std::pin::pin!(shutdown);
@@ -252,6 +259,11 @@ async fn handle(
     let delay = header_ms(&parts.headers, DELAY_HEADER).unwrap_or(state.opts.delay);
     let chunk_delay = header_ms(&parts.headers, CHUNK_DELAY_HEADER).filter(|d| !d.is_zero());
     let anthropic_models = parts.headers.contains_key("anthropic-version");
+    let fail_spec = parts
+        .headers
+        .get(FAIL_FIRST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let unknown = matches!(route, Route::Unknown)
         .then(|| (parts.method.to_string(), parts.uri.path().to_owned()));
     // Gemini and Bedrock answers depend on the auth headers and the model in the path.
@@ -269,6 +281,15 @@ async fn handle(
 
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
+    }
+    if let Some(status) = fail_first(&state, &fail_spec) {
+        return Ok(body::json_response(
+            status,
+            format!(
+                r#"{{"error":{{"message":"mock failure (x-mock-fail-first)","type":"server_error","param":null,"code":"{}"}}}}"#,
+                status.as_u16()
+            ),
+        ));
     }
 
     let ctx = Ctx {
@@ -300,6 +321,23 @@ async fn handle(
         resp.headers_mut().insert(NAME_HEADER, name.clone());
     }
     Ok(resp)
+}
+
+/// The status to fail with when an `x-mock-fail-first: <n>;<id>[;<status>]` request is among
+/// the first `n` with that value.
+fn fail_first(state: &State, spec: &Option<String>) -> Option<StatusCode> {
+    let spec = spec.as_deref()?;
+    let mut parts = spec.split(';');
+    let n: u32 = parts.next()?.trim().parse().ok()?;
+    let _id = parts.next()?;
+    let status = match parts.next() {
+        Some(s) => StatusCode::from_u16(s.trim().parse().ok()?).ok()?,
+        None => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let mut seen = state.failures.lock().unwrap_or_else(|e| e.into_inner());
+    let count = seen.entry(spec.to_owned()).or_insert(0);
+    *count += 1;
+    (*count <= n).then_some(status)
 }
 
 /// A delay in milliseconds from a request header (capped at one hour).

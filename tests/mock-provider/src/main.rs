@@ -37,7 +37,8 @@ Replies are \"mock reply to: <last user message, up to 200 chars>\".
 Model \"mock-status-<code>\" (400..=599) returns that status with the endpoint's error
 body (429 adds retry-after: 1); invalid JSON returns 400; unknown routes 404.
 Request headers: x-mock-delay-ms delays the response head (overrides --delay-ms),
-x-mock-chunk-delay-ms delays each event of a stream.";
+x-mock-chunk-delay-ms delays each event of a stream, x-mock-fail-first: N;ID[;STATUS]
+answers the first N requests carrying that exact value with STATUS (default 503).";
 
 #[derive(Parser, Debug)]
 #[command(name = "mock-provider", version, about = ABOUT, long_about = LONG_ABOUT)]

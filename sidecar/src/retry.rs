@@ -1,0 +1,214 @@
+//! Retrying failed upstream attempts: connection errors, timeouts (to the first byte), `429` and
+//! `5xx` answers, before any byte went to the client. Attempts, delay and backoff come from
+//! `spec.retries`, and per request from `cf-aig-max-attempts` (at most 5), `cf-aig-retry-delay`
+//! (milliseconds, at most 5000) and `cf-aig-backoff` (`constant`, `linear`, `exponential`).
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, StatusCode};
+use sidegate_crds::policy::{Backoff, Retries};
+
+use crate::error::GatewayError;
+
+/// Most attempts, including the first.
+pub const MAX_ATTEMPTS: u32 = 5;
+/// Longest base delay.
+pub const MAX_DELAY: Duration = Duration::from_secs(5);
+/// Base delay when retries are on and none is set.
+pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
+
+const ATTEMPTS: HeaderName = HeaderName::from_static("cf-aig-max-attempts");
+const DELAY: HeaderName = HeaderName::from_static("cf-aig-retry-delay");
+const BACKOFF: HeaderName = HeaderName::from_static("cf-aig-backoff");
+
+/// How one request retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Attempts in total (1: no retry).
+    pub max_attempts: u32,
+    /// Delay before the first retry.
+    pub delay: Duration,
+    /// How the delay grows.
+    pub backoff: Backoff,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 1,
+            delay: DEFAULT_DELAY,
+            backoff: Backoff::Constant,
+        }
+    }
+}
+
+impl Policy {
+    /// The gateway's policy from `spec.retries`; the error names the bad field.
+    pub fn from_config(r: Option<&Retries>) -> Result<Self, String> {
+        let Some(r) = r else {
+            return Ok(Self::default());
+        };
+        if !(1..=MAX_ATTEMPTS).contains(&r.max_attempts) {
+            return Err(format!(
+                "spec.retries.maxAttempts must be between 1 and {MAX_ATTEMPTS}, got {}",
+                r.max_attempts
+            ));
+        }
+        let delay = r.retry_delay.map_or(DEFAULT_DELAY, |d| d.get());
+        if delay > MAX_DELAY {
+            return Err(format!(
+                "spec.retries.retryDelay must be at most 5s, got {}ms",
+                delay.as_millis()
+            ));
+        }
+        Ok(Self {
+            max_attempts: r.max_attempts,
+            delay,
+            backoff: r.backoff,
+        })
+    }
+
+    /// This policy with a request's `cf-aig-*` retry headers applied.
+    pub fn with_headers(mut self, h: &HeaderMap) -> Result<Self, GatewayError> {
+        if let Some(v) = h.get(ATTEMPTS) {
+            self.max_attempts = number(v)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (1..=MAX_ATTEMPTS).contains(n))
+                .ok_or_else(|| GatewayError::BadHeader {
+                    name: "cf-aig-max-attempts",
+                    reason: format!("expected 1 to {MAX_ATTEMPTS}"),
+                })?;
+        }
+        if let Some(v) = h.get(DELAY) {
+            self.delay = number(v)
+                .map(Duration::from_millis)
+                .filter(|d| *d <= MAX_DELAY)
+                .ok_or_else(|| GatewayError::BadHeader {
+                    name: "cf-aig-retry-delay",
+                    reason: "expected milliseconds from 0 to 5000".into(),
+                })?;
+        }
+        if let Some(v) = h.get(BACKOFF) {
+            self.backoff = match v.as_bytes() {
+                b"constant" => Backoff::Constant,
+                b"linear" => Backoff::Linear,
+                b"exponential" => Backoff::Exponential,
+                _ => {
+                    return Err(GatewayError::BadHeader {
+                        name: "cf-aig-backoff",
+                        reason: "expected constant, linear or exponential".into(),
+                    });
+                }
+            };
+        }
+        Ok(self)
+    }
+
+    /// The wait before retry number `retry` (1 = the second attempt).
+    pub fn delay_before(&self, retry: u32) -> Duration {
+        let factor = match self.backoff {
+            Backoff::Constant => 1,
+            Backoff::Linear => retry.max(1),
+            Backoff::Exponential => 1 << retry.saturating_sub(1).min(MAX_ATTEMPTS),
+        };
+        self.delay * factor
+    }
+}
+
+fn number(v: &http::HeaderValue) -> Option<u64> {
+    v.to_str().ok()?.trim().parse().ok()
+}
+
+/// Whether an upstream answer with this status is worth another attempt.
+pub fn retryable_status(s: StatusCode) -> bool {
+    s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn backoff_grows_as_named() {
+        let p = |backoff| Policy {
+            max_attempts: 5,
+            delay: Duration::from_millis(100),
+            backoff,
+        };
+        let waits = |b| {
+            (1..=4)
+                .map(|r| p(b).delay_before(r).as_millis())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(waits(Backoff::Constant), [100, 100, 100, 100]);
+        assert_eq!(waits(Backoff::Linear), [100, 200, 300, 400]);
+        assert_eq!(waits(Backoff::Exponential), [100, 200, 400, 800]);
+    }
+
+    #[test]
+    fn headers_override_the_config_within_bounds() {
+        let mut h = HeaderMap::new();
+        h.insert(ATTEMPTS, HeaderValue::from_static("3"));
+        h.insert(DELAY, HeaderValue::from_static("250"));
+        h.insert(BACKOFF, HeaderValue::from_static("linear"));
+        assert_eq!(
+            Policy::default().with_headers(&h),
+            Ok(Policy {
+                max_attempts: 3,
+                delay: Duration::from_millis(250),
+                backoff: Backoff::Linear
+            })
+        );
+        for (name, bad) in [
+            (ATTEMPTS, "0"),
+            (ATTEMPTS, "6"),
+            (DELAY, "5001"),
+            (DELAY, "-1"),
+            (BACKOFF, "random"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static(bad));
+            assert_eq!(
+                Policy::default().with_headers(&h).map_err(|e| e.code()),
+                Err(2100),
+                "{name}: {bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_429_and_5xx_are_retried() {
+        for s in [429, 500, 502, 503, 504, 529] {
+            assert!(retryable_status(StatusCode::from_u16(s).expect("status")));
+        }
+        for s in [200, 400, 401, 404, 413] {
+            assert!(!retryable_status(StatusCode::from_u16(s).expect("status")));
+        }
+    }
+
+    #[test]
+    fn config_is_checked() {
+        use sidegate_crds::units::Duration as D;
+        let r = Retries {
+            max_attempts: 9,
+            retry_delay: None,
+            backoff: Backoff::Constant,
+        };
+        assert!(
+            Policy::from_config(Some(&r))
+                .expect_err("too many")
+                .contains("maxAttempts")
+        );
+        let r = Retries {
+            max_attempts: 3,
+            retry_delay: Some(D::from_secs(6)),
+            backoff: Backoff::Exponential,
+        };
+        assert!(
+            Policy::from_config(Some(&r))
+                .expect_err("too long")
+                .contains("retryDelay")
+        );
+    }
+}

@@ -1,0 +1,138 @@
+"""Retries of failed upstream attempts (spec.retries and cf-aig-max-attempts/-retry-delay/-backoff).
+
+The mock provider fails on demand: `x-mock-fail-first: N;ID[;STATUS]` answers the first N
+requests carrying that value with STATUS (default 503), so each test counts exact attempts.
+"""
+
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
+
+CHAT = "/openai/chat/completions"
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "try again"}]}
+
+
+def fail_first(n, status=None):
+    return {"x-mock-fail-first": f"{n};{uuid.uuid4().hex}" + (f";{status}" if status else "")}
+
+
+def attempts(mock, headers):
+    value = headers["x-mock-fail-first"]
+    return sum(r["headers"].get("x-mock-fail-first") == value for r in mock.requests())
+
+
+def retry_metric(g):
+    for line in g.metrics().splitlines():
+        if line.startswith('sidegate_upstream_retries_total{provider="openai"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+@pytest.fixture
+def retrying(mock, tmp_path):
+    spec = "  retries: {maxAttempts: 3, retryDelay: 20ms, backoff: constant}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    mock.clear()
+    yield g
+    g.stop()
+
+
+def test_failed_attempts_are_retried_until_one_succeeds(retrying, mock):
+    h = fail_first(2)
+    r = httpx.post(retrying.url + CHAT, json=BODY, headers=h)
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "mock reply to: try again"
+    assert attempts(mock, h) == 3
+    assert retry_metric(retrying) == 2
+    assert "retrying upstream" in retrying.logs()
+
+
+def test_the_last_attempts_provider_error_passes_through_unchanged(retrying, mock):
+    h = fail_first(5, 429)
+    r = httpx.post(retrying.url + CHAT, json=BODY, headers=h)
+    assert r.status_code == 429
+    assert r.json()["error"]["message"] == "mock failure (x-mock-fail-first)"
+    assert attempts(mock, h) == 3
+
+
+def test_client_errors_are_not_retried(retrying, mock):
+    r = httpx.post(retrying.url + CHAT, json=dict(BODY, model="mock-status-400"))
+    assert r.status_code == 400
+    assert len(mock.requests()) == 1
+
+
+def test_headers_turn_retries_on_per_request(gateway, mock):
+    h = fail_first(1)
+    assert httpx.post(gateway.url + CHAT, json=BODY, headers=h).status_code == 503
+    h = fail_first(1)
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers=dict(h, **{"cf-aig-max-attempts": "2", "cf-aig-retry-delay": "0"}))
+    assert r.status_code == 200
+    assert attempts(mock, h) == 2
+
+
+def test_the_openai_sdk_gets_its_answer_with_its_own_retries_off(retrying, mock):
+    h = fail_first(2, 500)
+    client = openai.OpenAI(base_url=retrying.url + "/openai", api_key="placeholder", max_retries=0, default_headers=h)
+    assert client.chat.completions.create(**BODY).choices[0].message.content == "mock reply to: try again"
+    assert attempts(mock, h) == 3
+
+
+def test_exponential_backoff_waits_longer_each_time(gateway, mock):
+    h = fail_first(2)
+    t0 = time.monotonic()
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers=dict(h, **{
+        "cf-aig-max-attempts": "3", "cf-aig-retry-delay": "200", "cf-aig-backoff": "exponential"}))
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 200
+    assert elapsed >= 0.6, elapsed  # 200 ms, then 400 ms
+    assert attempts(mock, h) == 3
+
+
+def test_timeouts_are_per_attempt_and_retried(gateway, mock):
+    h = dict(fail_first(0), **{"x-mock-delay-ms": "400", "cf-aig-request-timeout": "100",
+                               "cf-aig-max-attempts": "2", "cf-aig-retry-delay": "0"})
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers=h)
+    assert (r.status_code, r.json()["error"][0]["code"]) == (504, 2103)
+    assert attempts(mock, h) == 2
+
+
+def test_unreachable_upstreams_are_retried_then_502(mock, tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    spec = "  retries: {maxAttempts: 3, retryDelay: 10ms}\n"
+    g = Sidegate(tmp_path, gateway_yaml(dead, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        r = httpx.post(g.url + CHAT, json=BODY)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104)
+        assert retry_metric(g) == 2
+    finally:
+        g.stop()
+
+
+def test_compat_requests_are_retried_too(mock, tmp_path):
+    # /compat builds its own upstream request (no client headers pass), so use a dead upstream.
+    dead = f"http://127.0.0.1:{free_port()}"
+    spec = "  retries: {maxAttempts: 2, retryDelay: 10ms}\n"
+    g = Sidegate(tmp_path, gateway_yaml(dead, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions", json=dict(BODY, model="anthropic/claude-haiku-4-5"))
+        assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104)
+        assert 'sidegate_upstream_retries_total{provider="anthropic"} 1' in g.metrics()
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("header,value", [
+    ("cf-aig-max-attempts", "0"), ("cf-aig-max-attempts", "6"),
+    ("cf-aig-retry-delay", "5001"), ("cf-aig-backoff", "fibonacci"),
+])
+def test_bad_retry_headers_are_400_2100(gateway, mock, header, value):
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers={header: value})
+    assert r.status_code == 400
+    err = r.json()["error"][0]
+    assert err["code"] == 2100 and header in err["message"]
+    assert mock.requests() == []
