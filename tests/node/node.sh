@@ -60,6 +60,15 @@ node_up() {
   fi
   mv "$node/bridge.pending" "$node/bridge"
 
+  # Paths outside DIR that kubelet, containerd's shims and CNI hard-code (device-plugin socket,
+  # /var/log/containers symlinks, CNI's result cache, shim sockets): the ones made now are
+  # removed again by node_down when empty.
+  local p
+  for p in /var/lib/kubelet /var/lib/kubelet/device-plugins /var/log/containers /var/lib/cni \
+    /var/lib/cni/results /run/containerd /run/containerd/s; do
+    [[ -e $p ]] || echo "$p" >>"$node/created-paths"
+  done
+
   # --- bridge: the node's address, and the kubernetes Service's ClusterIP ---------------------------
   ip link add "$NODE_BRIDGE" type bridge
   ip addr add "$NODE_IP/24" dev "$NODE_BRIDGE"
@@ -331,7 +340,7 @@ node_down() {
   done
   sleep 0.3
   # Mounts under DIR (container rootfs overlays, pod volumes, network namespaces), deepest first.
-  local m left=0
+  local m left=0 p
   for _ in 1 2 3; do
     left=0
     while read -r m; do
@@ -356,6 +365,12 @@ node_down() {
   for f in /var/log/containers/*.log; do
     [[ -L $f && $(readlink "$f") == "$DIR/"* ]] && rm -f "$f"
   done
+  if [[ -f $node/created-paths ]]; then
+    if grep -qx /var/lib/kubelet/device-plugins "$node/created-paths"; then
+      [[ -S /var/lib/kubelet/device-plugins/kubelet.sock ]] && rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+    fi
+    sort -r "$node/created-paths" | while read -r p; do rmdir "$p" 2>/dev/null || true; done
+  fi
   log "node stopped and cleaned up in $((SECONDS - t0)) s"
 }
 
