@@ -51,7 +51,11 @@ node_up() {
   exec 8>>"$NODE_LOCK"
   if ! flock -n 8; then
     log "another test node holds $NODE_LOCK; waiting up to ${NODE_LOCK_WAIT}s"
-    flock -w "$NODE_LOCK_WAIT" 8 || { log "error: $NODE_LOCK still held after ${NODE_LOCK_WAIT}s"; return 1; }
+    flock -w "$NODE_LOCK_WAIT" 8 || {
+      log "error: $NODE_LOCK still held after ${NODE_LOCK_WAIT}s by another node's processes;" \
+        "stop it with tests/cluster/down DIR (nodes: $(ls -d "${TMPDIR:-/tmp}"/sidegate-cluster.*/node 2>/dev/null | tr '\n' ' '))"
+      return 1
+    }
   fi
   if ip link show "$NODE_BRIDGE" >/dev/null 2>&1; then
     # We hold the lock, so no live node owns it: left by a node that was killed.
@@ -76,14 +80,12 @@ node_up() {
   ip link set "$NODE_BRIDGE" up
   log "bridge $NODE_BRIDGE: $NODE_IP/24 (node), $NODE_SERVICE_IP (kubernetes Service)"
 
-  # --- pod cgroups: their own root in every v1 hierarchy --------------------------------------------
+  # --- pod cgroups: their own root (in every v1 hierarchy, or the v2 tree) -------------------------
   local cg_root=/sidegate-${DIR##*.} h
   echo "$cg_root" >"$node/cgroup-root"
-  for h in /sys/fs/cgroup/*/; do
-    h=${h%/}
-    [[ $h == */unified ]] && continue
+  for h in $(node_cgroup_hierarchies); do
     mkdir -p "$h$cg_root"
-    if [[ -f $h/cpuset.cpus ]]; then # v1 cpuset: a child starts empty
+    if [[ -f $h/cpuset.cpus && ! -f $h/cgroup.controllers ]]; then # v1 cpuset: a child starts empty
       cat "$h/cpuset.cpus" >"$h$cg_root/cpuset.cpus"
       cat "$h/cpuset.mems" >"$h$cg_root/cpuset.mems"
     fi
@@ -327,9 +329,13 @@ node_down() {
   # socket: found by the cgroup path and the socket path under DIR, both ours alone.
   local cg_root pids p f
   cg_root=$(cat "$node/cgroup-root" 2>/dev/null || true)
-  if [[ -n $cg_root && -d /sys/fs/cgroup/pids$cg_root ]]; then
-    pids=$(find "/sys/fs/cgroup/pids$cg_root" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
-    for p in $pids; do kill -KILL "$p" 2>/dev/null && log "killed leftover container process $p"; done
+  local h
+  if [[ -n $cg_root ]]; then
+    for h in $(node_cgroup_hierarchies); do
+      [[ -d $h$cg_root ]] || continue
+      pids=$(find "$h$cg_root" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
+      for p in $pids; do kill -KILL "$p" 2>/dev/null && log "killed leftover container process $p"; done
+    done
   fi
   for f in /proc/[0-9]*/cmdline; do
     p=${f#/proc/}
@@ -340,7 +346,7 @@ node_down() {
   done
   sleep 0.3
   # Mounts under DIR (container rootfs overlays, pod volumes, network namespaces), deepest first.
-  local m left=0 p
+  local m left=0
   for _ in 1 2 3; do
     left=0
     while read -r m; do
@@ -351,11 +357,10 @@ node_down() {
   done
   ((left == 0)) || log "warning: $left mounts under $DIR could not be unmounted"
   if [[ -n $cg_root ]]; then
-    local h
-    for h in /sys/fs/cgroup/*/; do
-      [[ -d ${h%/}$cg_root ]] || continue
-      find "${h%/}$cg_root" -depth -type d -exec rmdir {} + 2>/dev/null ||
-        log "warning: could not remove cgroup ${h%/}$cg_root"
+    for h in $(node_cgroup_hierarchies); do
+      [[ -d $h$cg_root ]] || continue
+      find "$h$cg_root" -depth -type d -exec rmdir {} + 2>/dev/null ||
+        log "warning: could not remove cgroup $h$cg_root"
     done
   fi
   if [[ -f $node/bridge ]] && ip link show "$(cat "$node/bridge")" >/dev/null 2>&1; then
@@ -382,4 +387,20 @@ node_kubectl() {
 node_has_sandboxes() { # ctr
   [[ -n $1 && -S $DIR/node/containerd/containerd.sock ]] || return 1
   [[ -n $("$1" --address "$DIR/node/containerd/containerd.sock" -n k8s.io tasks ls -q 2>/dev/null) ]]
+}
+
+# The cgroup hierarchies pods' cgroups go in: every v1 hierarchy under /sys/fs/cgroup (not the
+# hybrid layout's empty cgroup2 at unified/), or /sys/fs/cgroup itself on a cgroup v2 host
+# (v2 is not what this machine has, and is untested here).
+node_cgroup_hierarchies() {
+  if [[ $(stat -fc %T /sys/fs/cgroup) == cgroup2fs ]]; then
+    echo /sys/fs/cgroup
+    return
+  fi
+  local h
+  for h in /sys/fs/cgroup/*/; do
+    h=${h%/}
+    [[ $h == */unified || -L $h ]] && continue
+    [[ $(stat -fc %T "$h") == cgroupfs ]] && echo "$h"
+  done
 }
