@@ -6,7 +6,8 @@
 #   kube-scheduler      (tests/cluster/build, k8s.io/kubernetes v1.37.2), loopback
 #   containerd 2.x      (tests/node/build), config/root/state/socket under DIR/node/containerd,
 #                       CRI with cgroupfs and runc (Debian), snapshotter overlayfs (native when
-#                       overlay mounts fail), sandbox image sidegate.local/pause:dev
+#                       overlay mounts fail, or SIDEGATE_NODE_SNAPSHOTTER=native), sandbox image
+#                       sidegate.local/pause:dev
 #   pod network         Debian's CNI bridge + host-local plugins on bridge sidegate0,
 #                       10.244.0.0/24; the node's address is the bridge's 10.244.0.1
 #   api-relay           the `kubernetes` Service's ClusterIP 10.0.0.1:443 -> the apiserver on
@@ -37,6 +38,7 @@ node_up() {
   mkdir -p "$node"/{containerd,cni/net.d,cni/ipam,kubelet,pod-logs,images}
   echo "$NODE_BRIDGE" >"$node/bridge.pending" # down: the bridge may be ours once the lock is held
 
+  [[ $(id -u) == 0 ]] || { log "error: --node needs root (kubelet, containerd, runc, the bridge)"; return 1; }
   local b
   command -v runc >/dev/null || { log "error: runc not found (apt-get install runc)"; return 1; }
   local cni_bin=/usr/lib/cni
@@ -119,9 +121,9 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))')
     --leader-elect=false --profiling=false
 
   # --- containerd ----------------------------------------------------------------------------------
-  local ctd=$node/containerd snapshotter=overlayfs
+  local ctd=$node/containerd snapshotter=${SIDEGATE_NODE_SNAPSHOTTER:-overlayfs}
   mkdir -p "$ctd"/{root,state,opt,runc}
-  if ! node_overlay_works "$ctd"; then
+  if [[ $snapshotter == overlayfs ]] && ! node_overlay_works "$ctd"; then
     snapshotter=native
     log "overlay mounts fail here; containerd uses the native snapshotter"
   fi
