@@ -52,6 +52,10 @@ pub enum GatewayError {
     /// provider cannot express (the message names the field).
     #[error("{0}")]
     CompatRequest(String),
+    /// A universal-endpoint body that is not a valid list of steps (the message names the step
+    /// and field).
+    #[error("universal endpoint: {0}")]
+    UniversalRequest(String),
 }
 
 impl GatewayError {
@@ -64,7 +68,8 @@ impl GatewayError {
             | Self::BadHeader { .. }
             | Self::BadBody(_)
             | Self::BadRoute(_)
-            | Self::CompatRequest(_) => StatusCode::BAD_REQUEST,
+            | Self::CompatRequest(_)
+            | Self::UniversalRequest(_) => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
@@ -89,6 +94,7 @@ impl GatewayError {
             Self::NotReady => 2105,
             Self::BadRoute(_) => 2106,
             Self::CompatRequest(_) => 2107,
+            Self::UniversalRequest(_) => 2108,
         }
     }
 

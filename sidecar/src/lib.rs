@@ -31,3 +31,4 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod telemetry;
+pub mod universal;

@@ -190,13 +190,7 @@ impl Gateway {
         *resp.headers_mut() = entry.headers.clone();
         let headers = resp.headers_mut();
         headers.insert(cache::STATUS, cache::HIT);
-        if let Some(id) = parts.headers.get(EVENT_ID) {
-            headers.insert(EVENT_ID, id.clone());
-        }
-        let log_id = crate::log_id::next();
-        if let Ok(v) = HeaderValue::from_str(&log_id) {
-            headers.insert(LOG_ID, v);
-        }
+        let log_id = tag_response(headers, parts.headers.get(EVENT_ID));
         let mut record = RequestRecord::new(
             self.metrics.clone(),
             Arc::from(req.provider),
@@ -291,13 +285,7 @@ impl Gateway {
                 return crate::compat::serve(self, snap, &parts, rest, body, start).await;
             }
             Route::Universal { .. } => {
-                return Err((
-                    None,
-                    GatewayError::NotFound(format!(
-                        "the universal endpoint is not available in sidegate {}",
-                        env!("CARGO_PKG_VERSION")
-                    )),
-                ));
+                return crate::universal::serve(self, snap, &parts, body, start).await;
             }
         };
         let provider = snap.providers.get(route.provider).ok_or_else(|| {
@@ -350,7 +338,8 @@ impl Gateway {
         };
 
         // dispatch
-        let upstream = build_upstream_request(provider, &parts, uri, key, body);
+        let upstream =
+            build_upstream_request(provider, &parts.method, &parts.headers, uri, key, body);
         let event_id = parts.headers.get(EVENT_ID).cloned();
         let resp = self
             .dispatch(upstream, timeout, &retries, &provider.id)
@@ -364,13 +353,7 @@ impl Gateway {
         if want.is_some() {
             head.headers.insert(cache::STATUS, cache::MISS);
         }
-        if let Some(id) = event_id {
-            head.headers.insert(EVENT_ID, id);
-        }
-        let log_id = crate::log_id::next();
-        if let Ok(v) = HeaderValue::from_str(&log_id) {
-            head.headers.insert(LOG_ID, v);
-        }
+        let log_id = tag_response(&mut head.headers, event_id.as_ref());
         let record = RequestRecord::new(
             self.metrics.clone(),
             provider.id.clone(),
@@ -386,6 +369,22 @@ impl Gateway {
             ProxyBody::upstream(body, record).cached_through(fill),
         ))
     }
+}
+
+/// Adds the gateway's headers of every response it forwards (`cf-aig-event-id` echoed, a new
+/// `cf-aig-log-id`) and returns the log id.
+pub(crate) fn tag_response(
+    headers: &mut http::HeaderMap,
+    event_id: Option<&HeaderValue>,
+) -> String {
+    if let Some(id) = event_id {
+        headers.insert(EVENT_ID, id.clone());
+    }
+    let log_id = crate::log_id::next();
+    if let Ok(v) = HeaderValue::from_str(&log_id) {
+        headers.insert(LOG_ID, v);
+    }
+    log_id
 }
 
 fn truncate(s: &str) -> String {
@@ -435,9 +434,12 @@ pub(crate) async fn read_body(
     }
 }
 
+/// The request to the provider: the client's method and headers (less gateway and hop-by-hop
+/// ones, and its provider auth when a stored key replaces it), `uri` and `body`.
 pub(crate) fn build_upstream_request(
     provider: &Provider,
-    parts: &http::request::Parts,
+    method: &http::Method,
+    client_headers: &http::HeaderMap,
     uri: http::Uri,
     key: KeyChoice<'_>,
     body: Bytes,
@@ -446,7 +448,7 @@ pub(crate) fn build_upstream_request(
         KeyChoice::Stored(_) => provider.auth_headers(),
         KeyChoice::ClientOwn => &[],
     };
-    let mut headers = upstream_request_headers(&parts.headers, drop);
+    let mut headers = upstream_request_headers(client_headers, drop);
     if let (KeyChoice::Stored(value), Some(name)) = (key, provider.auth_header()) {
         headers.insert(name.clone(), value.header().clone());
     }
@@ -456,7 +458,7 @@ pub(crate) fn build_upstream_request(
         }
     }
     let mut req = Request::new(Full::new(body));
-    *req.method_mut() = parts.method.clone();
+    *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;

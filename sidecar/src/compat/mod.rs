@@ -314,7 +314,14 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 .upstream_uri(&route(i, &rest), query.as_deref())?;
             let key = i.provider.choose_key(i.alias)?;
             let body = openai::rewrite_model(i.body, model)?;
-            let req = proxy::build_upstream_request(i.provider, i.parts, uri, key, body);
+            let req = proxy::build_upstream_request(
+                i.provider,
+                &i.parts.method,
+                &i.parts.headers,
+                uri,
+                key,
+                body,
+            );
             Ok((req, None))
         }
         Format::Anthropic => {

@@ -1,0 +1,306 @@
+//! The universal endpoint (`POST /`, long form `POST /v1/{account}/{gateway}`): a JSON array of
+//! steps, each one provider request, tried in order until one answers with a success status.
+//! The answer of the step that served — or of the last step, whatever it is — goes to the client
+//! unchanged, with `cf-aig-step: <index>`. A step is
+//! `{"provider", "endpoint", "headers", "query", "config": {"requestTimeout", "maxAttempts",
+//! "retryDelay", "backoff"}}`: `endpoint` is the provider path (as after `/{provider}/`),
+//! `query` the JSON body, `headers` the provider headers (a stored key still replaces the auth
+//! header), and `config` overrides timeout and retries for that step.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde::Deserialize;
+use sidegate_crds::policy::Backoff;
+
+use crate::body::ProxyBody;
+use crate::config::Snapshot;
+use crate::error::GatewayError;
+use crate::headers::strip_response_headers;
+use crate::providers::Provider;
+use crate::proxy::{self, Gateway};
+use crate::retry::{self, Policy};
+use crate::route::ProviderRoute;
+use crate::telemetry::RequestRecord;
+
+/// Most steps in one request.
+const MAX_STEPS: usize = 16;
+const STEP: HeaderName = HeaderName::from_static("cf-aig-step");
+
+type Failure = (Option<Arc<str>>, GatewayError);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Step {
+    provider: String,
+    endpoint: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    query: serde_json::Value,
+    #[serde(default)]
+    config: StepConfig,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct StepConfig {
+    request_timeout: Option<u64>,
+    max_attempts: Option<u32>,
+    retry_delay: Option<u64>,
+    backoff: Option<String>,
+}
+
+/// A step checked and ready to send.
+struct Planned<'a> {
+    provider: &'a Provider,
+    endpoint: String,
+    request: Request<Full<Bytes>>,
+    timeout: Duration,
+    retries: Policy,
+}
+
+fn bad(message: String) -> GatewayError {
+    GatewayError::UniversalRequest(message)
+}
+
+/// Serves `POST /`.
+pub(crate) async fn serve(
+    gw: &Gateway,
+    snap: &Arc<Snapshot>,
+    parts: &http::request::Parts,
+    body: Incoming,
+    start: Instant,
+) -> Result<Response<ProxyBody>, Failure> {
+    let none = |e: GatewayError| (None, e);
+    if parts.method != Method::POST {
+        return Err(none(GatewayError::NotFound(format!(
+            "{} / not found: the universal endpoint is POST / with a JSON array of steps",
+            parts.method
+        ))));
+    }
+    let timeout = proxy::request_timeout(&parts.headers, snap.request_timeout).map_err(none)?;
+    let retries = snap.retries.with_headers(&parts.headers).map_err(none)?;
+    let alias = match parts.headers.get("cf-aig-byok-alias") {
+        Some(v) => Some(v.to_str().map_err(|_| {
+            none(GatewayError::BadHeader {
+                name: "cf-aig-byok-alias",
+                reason: "not visible ASCII".into(),
+            })
+        })?),
+        None => None,
+    };
+    let raw = proxy::read_body(&parts.headers, body, snap.max_body)
+        .await
+        .map_err(none)?;
+    let steps = parse(&raw).map_err(none)?;
+    let planned = steps
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| plan(snap, i, s, alias, timeout, retries))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let event_id = parts.headers.get("cf-aig-event-id");
+    let count = planned.len();
+    for (i, step) in planned.into_iter().enumerate() {
+        let last = i + 1 == count;
+        let id = &step.provider.id;
+        let outcome = gw
+            .dispatch(step.request, step.timeout, &step.retries, id)
+            .await;
+        let resp = match outcome {
+            Ok(resp) if last || resp.status().is_success() => resp,
+            Ok(resp) => {
+                tracing::info!(step = i, provider = %id, status = resp.status().as_u16(), "universal step failed, trying the next");
+                continue;
+            }
+            Err(e) if last => return Err((Some(id.clone()), e)),
+            Err(e) => {
+                tracing::info!(step = i, provider = %id, error = %e, "universal step failed, trying the next");
+                continue;
+            }
+        };
+        let (mut head, body) = resp.into_parts();
+        strip_response_headers(&mut head.headers);
+        head.headers.insert(STEP, HeaderValue::from(i));
+        let log_id = proxy::tag_response(&mut head.headers, event_id);
+        let record = RequestRecord::new(
+            gw.metrics.clone(),
+            id.clone(),
+            Method::POST,
+            &step.endpoint,
+            head.status.as_u16(),
+            start,
+            snap.log_requests,
+            log_id,
+        );
+        return Ok(Response::from_parts(
+            head,
+            ProxyBody::upstream(body, record),
+        ));
+    }
+    // `parse` refuses an empty list, so the last step returned above.
+    Err(none(bad("no steps".into())))
+}
+
+/// The steps of a request body: a JSON array of steps (or one step object).
+fn parse(raw: &[u8]) -> Result<Vec<Step>, GatewayError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(raw).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let items = match value {
+        serde_json::Value::Array(items) => items,
+        obj @ serde_json::Value::Object(_) => vec![obj],
+        _ => return Err(bad("expected a JSON array of steps".into())),
+    };
+    if items.is_empty() || items.len() > MAX_STEPS {
+        return Err(bad(format!(
+            "expected 1 to {MAX_STEPS} steps, got {}",
+            items.len()
+        )));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| serde_json::from_value(v).map_err(|e| bad(format!("steps[{i}]: {e}"))))
+        .collect()
+}
+
+/// Checks one step and builds its upstream request.
+fn plan<'a>(
+    snap: &'a Snapshot,
+    i: usize,
+    step: Step,
+    alias: Option<&str>,
+    timeout: Duration,
+    retries: Policy,
+) -> Result<Planned<'a>, Failure> {
+    let none = |e: GatewayError| (None, e);
+    let provider = snap.providers.get(&step.provider).ok_or_else(|| {
+        none(bad(format!(
+            "steps[{i}].provider: unknown provider {:?}",
+            truncate(&step.provider)
+        )))
+    })?;
+    let fail = |e: GatewayError| (Some(provider.id.clone()), e);
+    let endpoint = step.endpoint.trim_start_matches('/').to_owned();
+    let (path, query) = endpoint.split_once('?').unwrap_or((&endpoint, ""));
+    let route = ProviderRoute {
+        provider: &step.provider,
+        rest: path,
+        account: None,
+        gateway: None,
+    };
+    let uri = provider
+        .upstream_uri(&route, (!query.is_empty()).then_some(query))
+        .map_err(|e| fail(bad(format!("steps[{i}].endpoint: {e}"))))?;
+    let mut client_headers = HeaderMap::new();
+    for (name, value) in &step.headers {
+        let n = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            fail(bad(format!(
+                "steps[{i}].headers: invalid name {:?}",
+                truncate(name)
+            )))
+        })?;
+        let v = HeaderValue::from_str(value)
+            .map_err(|_| fail(bad(format!("steps[{i}].headers.{n}: invalid value"))))?;
+        client_headers.append(n, v);
+    }
+    let key = provider.choose_key(alias).map_err(fail)?;
+    let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
+    let mut request =
+        proxy::build_upstream_request(provider, &Method::POST, &client_headers, uri, key, body);
+    let headers = request.headers_mut();
+    if !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+
+    let c = step.config;
+    let timeout = match c.request_timeout {
+        None => timeout,
+        Some(ms) if (1..=3_600_000).contains(&ms) => Duration::from_millis(ms),
+        Some(_) => {
+            return Err(fail(bad(format!(
+                "steps[{i}].config.requestTimeout: expected milliseconds between 1 and 3600000"
+            ))));
+        }
+    };
+    let mut retries = retries;
+    if let Some(n) = c.max_attempts {
+        if !(1..=retry::MAX_ATTEMPTS).contains(&n) {
+            return Err(fail(bad(format!(
+                "steps[{i}].config.maxAttempts: expected 1 to {}",
+                retry::MAX_ATTEMPTS
+            ))));
+        }
+        retries.max_attempts = n;
+    }
+    if let Some(ms) = c.retry_delay {
+        let d = Duration::from_millis(ms);
+        if d > retry::MAX_DELAY {
+            return Err(fail(bad(format!(
+                "steps[{i}].config.retryDelay: expected milliseconds from 0 to 5000"
+            ))));
+        }
+        retries.delay = d;
+    }
+    if let Some(b) = &c.backoff {
+        retries.backoff = match b.as_str() {
+            "constant" => Backoff::Constant,
+            "linear" => Backoff::Linear,
+            "exponential" => Backoff::Exponential,
+            _ => {
+                return Err(fail(bad(format!(
+                    "steps[{i}].config.backoff: expected constant, linear or exponential"
+                ))));
+            }
+        };
+    }
+    Ok(Planned {
+        provider,
+        endpoint: path.to_owned(),
+        request,
+        timeout,
+        retries,
+    })
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_are_an_array_or_one_object_and_named_when_wrong() {
+        let one = br#"{"provider":"openai","endpoint":"chat/completions","query":{}}"#;
+        assert_eq!(parse(one).expect("one").len(), 1);
+        let two = br#"[{"provider":"a","endpoint":"e","query":{}},{"provider":"b","endpoint":"e","query":{},"headers":{"x":"y"},"config":{"maxAttempts":2}}]"#;
+        assert_eq!(parse(two).expect("two").len(), 2);
+        let msg = |raw: &[u8]| parse(raw).expect_err("bad").to_string();
+        assert!(msg(b"[]").contains("1 to 16 steps"));
+        assert!(msg(b"nope").contains("not JSON"));
+        assert!(msg(b"42").contains("array of steps"));
+        assert!(
+            msg(br#"[{"provider":"a","query":{}}]"#).contains("steps[0]: missing field `endpoint`")
+        );
+        assert!(
+            msg(br#"[{"provider":"a","endpoint":"e","query":{},"extra":1}]"#)
+                .contains("steps[0]: unknown field `extra`")
+        );
+        let many = format!(
+            "[{}]",
+            vec![r#"{"provider":"a","endpoint":"e","query":{}}"#; 17].join(",")
+        );
+        assert!(msg(many.as_bytes()).contains("got 17"));
+    }
+}

@@ -1,0 +1,91 @@
+"""The universal endpoint: POST / with a JSON array of steps, tried in order (fallback)."""
+
+import json
+
+import httpx
+import pytest
+
+from conftest import ANTHROPIC_KEY, OPENAI_KEY
+
+
+def openai_step(model="gpt-4o-mini", text="universal hello", **extra):
+    return {"provider": "openai", "endpoint": "chat/completions",
+            "headers": {"authorization": "Bearer placeholder", "content-type": "application/json"},
+            "query": {"model": model, "messages": [{"role": "user", "content": text}]}, **extra}
+
+
+def anthropic_step(text="universal hello"):
+    return {"provider": "anthropic", "endpoint": "v1/messages",
+            "headers": {"x-api-key": "placeholder"},
+            "query": {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": text}]}}
+
+
+def test_the_first_step_that_succeeds_answers_with_its_index(gateway, mock):
+    r = httpx.post(gateway.url + "/", json=[openai_step(model="mock-status-503"), anthropic_step()],
+                   headers={"cf-aig-event-id": "evt-7"})
+    assert r.status_code == 200
+    assert r.headers["cf-aig-step"] == "1"
+    assert r.headers["cf-aig-event-id"] == "evt-7" and len(r.headers["cf-aig-log-id"]) == 26
+    assert r.json()["content"][0]["text"] == "mock reply to: universal hello"
+    first, second = mock.requests()
+    assert first["path"] == "/v1/chat/completions"
+    assert first["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert second["path"] == "/v1/messages"
+    assert second["headers"]["x-api-key"] == ANTHROPIC_KEY
+    assert second["headers"]["anthropic-version"] == "2023-06-01"
+    assert json.loads(second["body"])["max_tokens"] == 64
+
+
+def test_a_successful_first_step_is_the_only_one_sent(gateway, mock):
+    r = httpx.post(gateway.url + "/", json=[openai_step(), anthropic_step()])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0")
+    assert r.json()["choices"][0]["message"]["content"] == "mock reply to: universal hello"
+    assert len(mock.requests()) == 1
+
+
+def test_when_every_step_fails_the_last_answer_passes_through(gateway, mock):
+    r = httpx.post(gateway.url + "/", json=[openai_step(model="mock-status-500"), openai_step(model="mock-status-429")])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (429, "1")
+    direct = httpx.post(mock.url + "/v1/chat/completions", json=openai_step(model="mock-status-429")["query"])
+    assert r.content == direct.content
+
+
+def test_a_step_timeout_falls_back_to_the_next(gateway, mock):
+    slow = openai_step(config={"requestTimeout": 100})
+    slow["headers"]["x-mock-delay-ms"] = "1000"
+    r = httpx.post(gateway.url + "/", json=[slow, anthropic_step()])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1")
+
+
+def test_step_retries_come_from_its_config(gateway, mock):
+    step = openai_step(config={"maxAttempts": 2, "retryDelay": 0})
+    step["headers"]["x-mock-fail-first"] = "1;universal-retry"
+    r = httpx.post(gateway.url + "/", json=step)
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0")
+    assert len(mock.requests()) == 2
+
+
+def test_long_form_url_and_a_single_step_object(gateway, mock):
+    r = httpx.post(gateway.url + "/v1/acct/main", json=openai_step())
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0")
+
+
+@pytest.mark.parametrize("body,needle", [
+    ([], "1 to 16 steps"),
+    ({"provider": "openai"}, "steps[0]: missing field `endpoint`"),
+    ([{"provider": "nope", "endpoint": "x", "query": {}}], "steps[0].provider: unknown provider"),
+    ([{"provider": "openai", "endpoint": "x", "query": {}, "headers": {"bad header": "v"}}], "steps[0].headers"),
+    ([{"provider": "openai", "endpoint": "x", "query": {}, "config": {"maxAttempts": 9}}], "steps[0].config.maxAttempts"),
+    ([{"provider": "openai", "endpoint": "../x", "query": {}}], "steps[0].endpoint"),
+])
+def test_bad_steps_are_400_2108_naming_the_step(gateway, mock, body, needle):
+    r = httpx.post(gateway.url + "/", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"][0]
+    assert err["code"] == 2108 and needle in err["message"], err
+    assert mock.requests() == []
+
+
+def test_get_on_the_universal_endpoint_is_404(gateway):
+    r = httpx.get(gateway.url + "/")
+    assert (r.status_code, r.json()["error"][0]["code"]) == (404, 2001)
