@@ -19,7 +19,7 @@
 #
 # One node at a time per machine (bridge name, pod subnet and 10.0.0.1 are fixed): node_up waits
 # for /tmp/sidegate-node.lock, which every node process inherits, so it is free again once
-# tests/node/down has stopped them all.
+# tests/cluster/down (node_down below) has stopped them all.
 
 NODE_NAME=sidegate-node
 NODE_BRIDGE=sidegate0
@@ -36,7 +36,6 @@ node_up() {
   node=$DIR/node
   t_node=$SECONDS
   mkdir -p "$node"/{containerd,cni/net.d,cni/ipam,kubelet,pod-logs,images}
-  echo "$NODE_BRIDGE" >"$node/bridge.pending" # down: the bridge may be ours once the lock is held
 
   [[ $(id -u) == 0 ]] || { log "error: --node needs root (kubelet, containerd, runc, the bridge)"; return 1; }
   local b
@@ -64,7 +63,7 @@ node_up() {
     log "removing stale bridge $NODE_BRIDGE (left by a node that was killed)"
     ip link del "$NODE_BRIDGE"
   fi
-  mv "$node/bridge.pending" "$node/bridge"
+  echo "$NODE_BRIDGE" >"$node/bridge" # ours now: node_down deletes it
 
   # Paths outside DIR that kubelet, containerd's shims and CNI hard-code (device-plugin socket,
   # /var/log/containers symlinks, CNI's result cache, shim sockets): the ones made now are
@@ -274,7 +273,7 @@ export SIDEGATE_NODE='$NODE_NAME'
 export SIDEGATE_NODE_IP='$NODE_IP'
 export CONTAINERD_ADDRESS='$ctd/containerd.sock'
 export CONTAINERD_NAMESPACE=k8s.io
-export SIDEGATE_NODE_SNAPSHOTTER='$snapshotter'
+export SIDEGATE_NODE_SNAPSHOTTER_USED='$snapshotter' # for ctr images import --snapshotter
 export PATH='$CTD_BIN':"\$PATH"
 ENV
   log "node $NODE_NAME Ready in $((SECONDS - t_node)) s (containerd $("$CTD_BIN/containerd" --version | cut -d' ' -f3), runc $(runc --version | head -1 | cut -d' ' -f3), snapshotter $snapshotter)"
