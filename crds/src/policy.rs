@@ -127,9 +127,6 @@ impl GatewayPolicy {
         if !spec.routes.is_empty() {
             return not_yet("spec.routes", "dynamic routing");
         }
-        if spec.dlp.as_ref().is_some_and(|d| !d.policies.is_empty()) {
-            return not_yet("spec.dlp", "DLP");
-        }
         if spec
             .guardrails
             .as_ref()
@@ -465,6 +462,9 @@ pub enum DlpCheck {
     Response,
 }
 
+/// The DLP detection profiles the sidecar knows.
+pub const DLP_PROFILES: &[&str] = &["credit-card", "us-ssn", "email", "aws-keys", "private-keys"];
+
 /// One DLP policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -476,7 +476,7 @@ pub struct DlpPolicy {
     /// Request, response or both.
     #[schemars(length(min = 1, max = 2))]
     pub check: Vec<DlpCheck>,
-    /// Detection profiles, e.g. `credit-card`, `us-ssn`, `email`, `aws-keys`, `private-keys`.
+    /// Detection profiles: `credit-card`, `us-ssn`, `email`, `aws-keys`, `private-keys`.
     #[schemars(length(min = 1, max = 16))]
     pub profiles: Vec<String>,
 }

@@ -147,6 +147,16 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     if let Some(why) = policy.cache.as_ref().and_then(|c| c.problem()) {
         problems.push(why);
     }
+    for (i, p) in policy.dlp.iter().flat_map(|d| &d.policies).enumerate() {
+        for name in &p.profiles {
+            if !sidegate_crds::policy::DLP_PROFILES.contains(&name.as_str()) {
+                problems.push(format!(
+                    "dlp.policies[{i}].profiles: unknown profile {name:?} (known: {})",
+                    sidegate_crds::policy::DLP_PROFILES.join(", ")
+                ));
+            }
+        }
+    }
     if let Some(retries) = &policy.retries
         && let Some(delay) = retries.retry_delay
         && delay.get() > std::time::Duration::from_secs(5)

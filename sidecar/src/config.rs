@@ -77,6 +77,8 @@ pub struct Snapshot {
     pub cache: crate::cache::Settings,
     /// Upstream retries (`spec.retries`; headers may change them per request).
     pub retries: crate::retry::Policy,
+    /// DLP policies.
+    pub dlp: crate::dlp::Settings,
     /// Request rate limit, if any.
     pub rate_limit: Option<crate::ratelimit::Settings>,
     /// The gateway name accepted in long-form URLs (`None`: any).
@@ -188,6 +190,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     let cache = crate::cache::Settings::from_policy(config.spec.cache.as_ref()).map_err(invalid)?;
     let retries =
         crate::retry::Policy::from_config(config.spec.retries.as_ref()).map_err(invalid)?;
+    let dlp = crate::dlp::Settings::from_policy(config.spec.dlp.as_ref()).map_err(invalid)?;
     let rate_limit = crate::ratelimit::Settings::from_policy(config.spec.rate_limit.as_ref())
         .map_err(invalid)?;
     let mut h = Sha256::new();
@@ -206,6 +209,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         cache,
         rate_limit,
         retries,
+        dlp,
         fingerprint,
         warnings,
     })

@@ -45,6 +45,14 @@ pub enum GatewayError {
         interval: std::time::Duration,
         retry_after: std::time::Duration,
     },
+    /// A DLP policy with action BLOCK matched the request (2029) or the response (2030). The
+    /// message names the policy and profiles, never the matched text.
+    #[error("{} blocked by DLP policy {policy:?} (matched: {profiles})", if *response { "response" } else { "request" })]
+    DlpBlocked {
+        response: bool,
+        policy: String,
+        profiles: String,
+    },
     /// No valid config is loaded yet.
     #[error("gateway has no valid configuration loaded")]
     NotReady,
@@ -69,7 +77,8 @@ impl GatewayError {
             | Self::BadBody(_)
             | Self::BadRoute(_)
             | Self::CompatRequest(_)
-            | Self::UniversalRequest(_) => StatusCode::BAD_REQUEST,
+            | Self::UniversalRequest(_)
+            | Self::DlpBlocked { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
@@ -85,6 +94,10 @@ impl GatewayError {
             Self::NotFound(_) => 2001,
             Self::RateLimited { .. } => 2003,
             Self::Unauthorized => 2009,
+            Self::DlpBlocked {
+                response: false, ..
+            } => 2029,
+            Self::DlpBlocked { response: true, .. } => 2030,
             Self::AliasNotFound { .. } => 2040,
             Self::BadHeader { .. } => 2100,
             Self::BadBody(_) => 2101,

@@ -19,6 +19,7 @@ pub mod body;
 pub mod cache;
 pub mod compat;
 pub mod config;
+pub mod dlp;
 pub mod error;
 pub mod headers;
 pub mod keys;

@@ -218,8 +218,45 @@ impl Gateway {
         };
         let method = req.method().clone();
         match self.proxy(&snap, req, start).await {
+            Ok(resp) if snap.dlp.checks_responses() => Ok(Self::scan_response(&snap, resp).await),
             Ok(resp) => Ok(resp),
             Err((provider, err)) => Ok(self.refuse(provider, err, &method, snap.log_requests)),
+        }
+    }
+
+    /// Holds a response back until it is whole and lets the DLP response policies see it: a
+    /// `BLOCK` match replaces it with a 2030 error, `FLAG` matches are listed in `cf-aig-dlp`.
+    /// (The request was counted and logged with the upstream's status when its body ended.)
+    async fn scan_response(snap: &Snapshot, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        let (mut head, body) = resp.into_parts();
+        let whole = match Limited::new(body, crate::dlp::MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+        {
+            Ok(c) => c.to_bytes(),
+            Err(e) => {
+                let err = GatewayError::UpstreamUnavailable(format!(
+                    "reading the response for DLP checks: {e}"
+                ));
+                tracing::warn!(error = %err, "response not delivered");
+                return err.into_response();
+            }
+        };
+        match snap.dlp.check_response(&whole) {
+            Ok(found) => {
+                crate::dlp::flag(&mut head.headers, &found);
+                head.headers.remove(header::CONTENT_LENGTH);
+                Response::from_parts(head, ProxyBody::full(whole))
+            }
+            Err(err) => {
+                let log_id = head.headers.get(LOG_ID).cloned();
+                tracing::info!(status = 400, code = err.code(), error = %err, log_id = ?log_id, "response refused");
+                let mut resp = err.into_response();
+                if let Some(id) = log_id {
+                    resp.headers_mut().insert(LOG_ID, id);
+                }
+                resp
+            }
         }
     }
 
@@ -319,6 +356,8 @@ impl Gateway {
             .await
             .map_err(fail)?;
 
+        let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
+
         // cache lookup
         let lookup = cache::Request {
             scope: "provider",
@@ -333,7 +372,10 @@ impl Gateway {
         };
         let miss = match self.cache_lookup(snap, want.as_ref(), &lookup, &parts, start) {
             Cached::Off => None,
-            Cached::Hit(resp) => return Ok(*resp),
+            Cached::Hit(mut resp) => {
+                crate::dlp::flag(resp.headers_mut(), &dlp_flags);
+                return Ok(*resp);
+            }
             Cached::Miss(miss) => Some(miss),
         };
 
@@ -354,6 +396,7 @@ impl Gateway {
             head.headers.insert(cache::STATUS, cache::MISS);
         }
         let log_id = tag_response(&mut head.headers, event_id.as_ref());
+        crate::dlp::flag(&mut head.headers, &dlp_flags);
         let record = RequestRecord::new(
             self.metrics.clone(),
             provider.id.clone(),

@@ -98,6 +98,7 @@ pub(crate) async fn serve(
     let raw = proxy::read_body(&parts.headers, body, snap.max_body)
         .await
         .map_err(none)?;
+    let dlp_flags = snap.dlp.check_request(&raw).map_err(none)?;
     let steps = parse(&raw).map_err(none)?;
     let planned = steps
         .into_iter()
@@ -129,6 +130,7 @@ pub(crate) async fn serve(
         strip_response_headers(&mut head.headers);
         head.headers.insert(STEP, HeaderValue::from(i));
         let log_id = proxy::tag_response(&mut head.headers, event_id);
+        crate::dlp::flag(&mut head.headers, &dlp_flags);
         let record = RequestRecord::new(
             gw.metrics.clone(),
             id.clone(),

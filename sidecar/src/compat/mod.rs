@@ -612,6 +612,8 @@ pub(crate) async fn serve(
         Endpoint::Embeddings => "compat/embeddings",
     };
 
+    let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
+
     // cache lookup
     let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
     let retries = snap.retries.with_headers(&parts.headers).map_err(fail)?;
@@ -630,7 +632,10 @@ pub(crate) async fn serve(
     };
     let miss = match gw.cache_lookup(snap, want.as_ref(), &lookup, parts, start) {
         Cached::Off => None,
-        Cached::Hit(resp) => return Ok(*resp),
+        Cached::Hit(mut resp) => {
+            crate::dlp::flag(resp.headers_mut(), &dlp_flags);
+            return Ok(*resp);
+        }
         Cached::Miss(miss) => Some(miss),
     };
 
@@ -664,6 +669,7 @@ pub(crate) async fn serve(
     if let Ok(v) = HeaderValue::from_str(&log_id) {
         head.headers.insert("cf-aig-log-id", v);
     }
+    crate::dlp::flag(&mut head.headers, &dlp_flags);
     let mut record = RequestRecord::new(
         gw.metrics.clone(),
         provider.id.clone(),

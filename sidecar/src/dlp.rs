@@ -1,0 +1,441 @@
+//! Data loss prevention: detection profiles (credit card numbers, US SSNs, email addresses, AWS
+//! access keys, private keys) matched against request bodies and provider responses.
+//!
+//! A policy `FLAG`s (the request goes on; `cf-aig-dlp` on the response lists the matches) or
+//! `BLOCK`s (`400` with code 2029 for a request, 2030 for a response). Request bodies are
+//! scanned as received. When any policy checks `RESPONSE`, responses are held back and scanned
+//! whole before the first byte goes to the client — streamed responses too, which then arrive
+//! in one piece: a response that is already on its way cannot be taken back. In a stream (SSE)
+//! the text of the events (`content`, `text`, `arguments`, ... fields) is also joined before
+//! matching, so a number split across chunks is still found.
+
+use std::sync::LazyLock;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use regex::bytes::Regex;
+use sidegate_crds::policy::{Dlp, DlpAction, DlpCheck};
+
+use crate::error::GatewayError;
+
+/// The response header listing flagged matches.
+pub const HEADER: HeaderName = HeaderName::from_static("cf-aig-dlp");
+/// Largest response held back for scanning.
+pub const MAX_RESPONSE_BYTES: usize = 32 << 20;
+
+struct Profile {
+    name: &'static str,
+    pattern: Regex,
+    /// Extra check of a candidate match (e.g. the Luhn checksum).
+    verify: fn(&[u8]) -> bool,
+}
+
+fn always(_: &[u8]) -> bool {
+    true
+}
+
+/// Luhn checksum over the digits of a candidate card number.
+fn luhn(m: &[u8]) -> bool {
+    let digits: Vec<u32> = m
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .map(|b| u32::from(b - b'0'))
+        .collect();
+    if !(13..=19).contains(&digits.len()) {
+        return false;
+    }
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &d)| match (i % 2 == 1, d * 2) {
+            (true, dd) if dd > 9 => dd - 9,
+            (true, dd) => dd,
+            (false, _) => d,
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+/// US SSN: area not 000, 666 or 9xx; group not 00; serial not 0000.
+fn ssn(m: &[u8]) -> bool {
+    let area = &m[0..3];
+    area != b"000" && area != b"666" && area[0] != b'9' && &m[4..6] != b"00" && &m[7..11] != b"0000"
+}
+
+static PROFILES: LazyLock<Vec<Profile>> = LazyLock::new(|| {
+    let p = |name, re: &str, verify| Profile {
+        name,
+        // The patterns are constants, tested below.
+        pattern: Regex::new(re).expect("DLP patterns compile"),
+        verify,
+    };
+    vec![
+        p(
+            "credit-card",
+            r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b",
+            luhn as fn(&[u8]) -> bool,
+        ),
+        p("us-ssn", r"(?-u)\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", ssn),
+        p(
+            "email",
+            r"(?-u)\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
+            always,
+        ),
+        p("aws-keys", r"(?-u)\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", always),
+        p(
+            "private-keys",
+            r"(?-u)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----",
+            always,
+        ),
+    ]
+});
+
+/// Names of the detection profiles, for error messages.
+pub fn profile_names() -> Vec<&'static str> {
+    PROFILES.iter().map(|p| p.name).collect()
+}
+
+fn profile_matches(i: usize, text: &[u8]) -> bool {
+    let p = &PROFILES[i];
+    p.pattern.find_iter(text).any(|m| (p.verify)(m.as_bytes()))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Policy {
+    id: String,
+    block: bool,
+    request: bool,
+    response: bool,
+    profiles: Vec<usize>,
+}
+
+/// The DLP policies of a loaded config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    policies: Vec<Policy>,
+}
+
+/// A policy that matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// Policy id.
+    pub policy: String,
+    /// Profiles that matched.
+    pub profiles: Vec<&'static str>,
+    /// `REQUEST` or `RESPONSE`.
+    pub check: &'static str,
+}
+
+impl Settings {
+    /// Settings from `spec.dlp`; unknown profile names are refused by name.
+    pub fn from_policy(dlp: Option<&Dlp>) -> Result<Self, String> {
+        let Some(dlp) = dlp else {
+            return Ok(Self::default());
+        };
+        let mut policies = Vec::with_capacity(dlp.policies.len());
+        for (i, p) in dlp.policies.iter().enumerate() {
+            let mut profiles = Vec::with_capacity(p.profiles.len());
+            for name in &p.profiles {
+                let idx = PROFILES
+                    .iter()
+                    .position(|x| x.name == name)
+                    .ok_or_else(|| {
+                        format!(
+                            "spec.dlp.policies[{i}].profiles: unknown profile {name:?} (known: {})",
+                            profile_names().join(", ")
+                        )
+                    })?;
+                profiles.push(idx);
+            }
+            policies.push(Policy {
+                id: p.id.clone(),
+                block: p.action == DlpAction::Block,
+                request: p.check.contains(&DlpCheck::Request),
+                response: p.check.contains(&DlpCheck::Response),
+                profiles,
+            });
+        }
+        Ok(Self { policies })
+    }
+
+    /// Whether any policy checks requests.
+    pub fn checks_requests(&self) -> bool {
+        self.policies.iter().any(|p| p.request)
+    }
+
+    /// Whether any policy checks responses (they are then held back and scanned).
+    pub fn checks_responses(&self) -> bool {
+        self.policies.iter().any(|p| p.response)
+    }
+
+    /// Scans a request body: `Err` when a `BLOCK` policy matched, else the flagged findings.
+    pub fn check_request(&self, body: &[u8]) -> Result<Vec<Finding>, GatewayError> {
+        self.check(body, true)
+    }
+
+    /// Scans a whole response body, as [`Settings::check_request`].
+    pub fn check_response(&self, body: &[u8]) -> Result<Vec<Finding>, GatewayError> {
+        self.check(body, false)
+    }
+
+    fn check(&self, body: &[u8], request: bool) -> Result<Vec<Finding>, GatewayError> {
+        let applies = |p: &Policy| if request { p.request } else { p.response };
+        if !self.policies.iter().any(applies) {
+            return Ok(Vec::new());
+        }
+        let check = if request { "REQUEST" } else { "RESPONSE" };
+        let text = unescape_json(body);
+        let joined = sse_text(body);
+        let found = |i: usize| {
+            profile_matches(i, &text) || joined.as_deref().is_some_and(|j| profile_matches(i, j))
+        };
+        let mut findings = Vec::new();
+        for p in &self.policies {
+            if !applies(p) {
+                continue;
+            }
+            let profiles: Vec<&'static str> = p
+                .profiles
+                .iter()
+                .filter(|&&i| found(i))
+                .map(|&i| PROFILES[i].name)
+                .collect();
+            if profiles.is_empty() {
+                continue;
+            }
+            if p.block {
+                return Err(GatewayError::DlpBlocked {
+                    response: !request,
+                    policy: p.id.clone(),
+                    profiles: profiles.join(", "),
+                });
+            }
+            findings.push(Finding {
+                policy: p.id.clone(),
+                profiles,
+                check,
+            });
+        }
+        Ok(findings)
+    }
+}
+
+/// The text to scan: JSON string escapes (`\n`, `\u0040`, `\/`) undone, so that a private key
+/// or an address inside a JSON string matches as it would in plain text.
+fn unescape_json(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !body.contains(&b'\\') {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    let mut out = Vec::with_capacity(body.len());
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] == b'\\' && i + 1 < body.len() {
+            match body[i + 1] {
+                b'n' | b'r' | b't' => out.push(b'\n'),
+                b'u' if i + 6 <= body.len() => {
+                    let hex = std::str::from_utf8(&body[i + 2..i + 6]).ok();
+                    match hex
+                        .and_then(|h| u32::from_str_radix(h, 16).ok())
+                        .and_then(char::from_u32)
+                    {
+                        Some(c) => {
+                            let mut buf = [0u8; 4];
+                            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                            i += 6;
+                            continue;
+                        }
+                        None => out.push(b'\\'),
+                    }
+                }
+                other => out.push(other),
+            }
+            i += 2;
+            continue;
+        }
+        out.push(body[i]);
+        i += 1;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Keys whose string values carry the generated text of a stream event (OpenAI, Anthropic,
+/// Gemini, tool-call arguments).
+const TEXT_KEYS: &[&str] = &[
+    "content",
+    "text",
+    "arguments",
+    "partial_json",
+    "thinking",
+    "refusal",
+];
+
+/// For an SSE body: the text of all events joined in order (`None` for other bodies).
+fn sse_text(body: &[u8]) -> Option<Vec<u8>> {
+    if !(body.starts_with(b"data:") || body.starts_with(b"event:") || body.starts_with(b":")) {
+        return None;
+    }
+    fn walk(v: &serde_json::Value, key: Option<&str>, out: &mut Vec<u8>) {
+        match v {
+            serde_json::Value::String(s) if key.is_some_and(|k| TEXT_KEYS.contains(&k)) => {
+                out.extend_from_slice(s.as_bytes());
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, key, out)),
+            serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| walk(v, Some(k), out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for line in body.split(|b| *b == b'\n') {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            continue;
+        };
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) {
+            walk(&v, None, &mut out);
+        }
+    }
+    Some(out)
+}
+
+/// Adds `cf-aig-dlp` listing `findings` (merged with what is there already).
+pub fn flag(headers: &mut HeaderMap, findings: &[Finding]) {
+    if findings.is_empty() {
+        return;
+    }
+    let mut all: Vec<serde_json::Value> = headers
+        .get(HEADER)
+        .and_then(|v| serde_json::from_slice(v.as_bytes()).ok())
+        .unwrap_or_default();
+    all.extend(findings.iter().map(
+        |f| serde_json::json!({"policy": f.policy, "profiles": f.profiles, "check": f.check}),
+    ));
+    if let Ok(v) = HeaderValue::from_str(&serde_json::Value::Array(all).to_string()) {
+        headers.insert(HEADER, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidegate_crds::policy::DlpPolicy;
+
+    fn settings(action: DlpAction, check: Vec<DlpCheck>, profiles: &[&str]) -> Settings {
+        Settings::from_policy(Some(&Dlp {
+            policies: vec![DlpPolicy {
+                id: "p1".into(),
+                action,
+                check,
+                profiles: profiles.iter().map(|s| s.to_string()).collect(),
+            }],
+        }))
+        .expect("valid")
+    }
+
+    fn hits(text: &str) -> Vec<&'static str> {
+        (0..PROFILES.len())
+            .filter(|&i| profile_matches(i, &unescape_json(text.as_bytes())))
+            .map(|i| PROFILES[i].name)
+            .collect()
+    }
+
+    #[test]
+    fn profiles_match_what_they_name_and_not_look_alikes() {
+        assert_eq!(hits("card 4111 1111 1111 1111 please"), ["credit-card"]);
+        assert_eq!(hits("card 4111-1111-1111-1111"), ["credit-card"]);
+        assert!(hits("order 4111 1111 1111 1112").is_empty(), "Luhn fails");
+        assert!(hits("id 1234567890").is_empty());
+        assert_eq!(hits("ssn 123-45-6789"), ["us-ssn"]);
+        assert!(hits("ssn 000-45-6789 666-12-3456 900-12-3456").is_empty());
+        assert_eq!(hits("write to jane.doe@example.co.uk"), ["email"]);
+        assert!(hits("not an address: a@b").is_empty());
+        assert_eq!(hits("key AKIAIOSFODNN7EXAMPLE"), ["aws-keys"]);
+        assert_eq!(
+            hits(r#"{"content":"-----BEGIN RSA PRIVATE KEY-----\nMIIE..."}"#),
+            ["private-keys"]
+        );
+        assert_eq!(
+            hits(r#"{"content":"mail jane\u0040example.com"}"#),
+            ["email"]
+        );
+        assert!(hits("Summarize distributed systems in 3 points.").is_empty());
+    }
+
+    #[test]
+    fn block_refuses_and_flag_reports() {
+        let block = settings(
+            DlpAction::Block,
+            vec![DlpCheck::Request],
+            &["us-ssn", "email"],
+        );
+        let err = block
+            .check_request(b"my ssn is 123-45-6789")
+            .expect_err("blocked");
+        assert_eq!((err.status().as_u16(), err.code()), (400, 2029));
+        assert!(err.to_string().contains("p1") && err.to_string().contains("us-ssn"));
+        // Responses are not checked by a request policy.
+        assert_eq!(block.check_response(b"123-45-6789"), Ok(vec![]));
+        let flag_resp = settings(DlpAction::Flag, vec![DlpCheck::Response], &["email"]);
+        assert!(flag_resp.checks_responses() && !flag_resp.checks_requests());
+        let found = flag_resp
+            .check_response(b"ask bob@example.com")
+            .expect("flag");
+        assert_eq!(
+            found,
+            [Finding {
+                policy: "p1".into(),
+                profiles: vec!["email"],
+                check: "RESPONSE"
+            }]
+        );
+        let mut h = HeaderMap::new();
+        flag(&mut h, &found);
+        flag(&mut h, &found);
+        let v: serde_json::Value = serde_json::from_slice(h[HEADER].as_bytes()).expect("json");
+        assert_eq!(v.as_array().map(Vec::len), Some(2));
+        assert_eq!(v[0]["profiles"][0], "email");
+        let block_resp = settings(DlpAction::Block, vec![DlpCheck::Response], &["aws-keys"]);
+        let err = block_resp
+            .check_response(b"AKIAIOSFODNN7EXAMPLE")
+            .expect_err("blocked");
+        assert_eq!(err.code(), 2030);
+    }
+
+    #[test]
+    fn text_split_across_stream_events_is_joined() {
+        let sse = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"card 4111 11\"}}]}\n\n",
+            "data: {\"choices\":[{\"delta\":{\"content\":\"11 1111 1111\"}}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let block = settings(DlpAction::Block, vec![DlpCheck::Response], &["credit-card"]);
+        assert_eq!(
+            block.check_response(sse.as_bytes()).map_err(|e| e.code()),
+            Err(2030)
+        );
+        let anthropic = concat!(
+            "event: content_block_delta\ndata: {\"delta\":{\"type\":\"text_delta\",\"text\":\"123-45\"}}\n\n",
+            "event: content_block_delta\ndata: {\"delta\":{\"type\":\"text_delta\",\"text\":\"-6789\"}}\n\n",
+        );
+        let ssn = settings(DlpAction::Block, vec![DlpCheck::Response], &["us-ssn"]);
+        assert!(ssn.check_response(anthropic.as_bytes()).is_err());
+        assert_eq!(sse_text(b"{\"content\":\"x\"}"), None);
+    }
+
+    #[test]
+    fn the_profiles_are_those_the_api_documents() {
+        assert_eq!(profile_names(), sidegate_crds::policy::DLP_PROFILES);
+    }
+
+    #[test]
+    fn unknown_profiles_are_refused_by_name() {
+        let err = Settings::from_policy(Some(&Dlp {
+            policies: vec![DlpPolicy {
+                id: "p".into(),
+                action: DlpAction::Flag,
+                check: vec![DlpCheck::Request],
+                profiles: vec!["passport".into()],
+            }],
+        }))
+        .expect_err("unknown");
+        assert!(err.contains("spec.dlp.policies[0].profiles") && err.contains("passport"));
+    }
+}

@@ -1,0 +1,110 @@
+"""DLP: profiles matched in requests (2029) and responses (2030), FLAG reported in cf-aig-dlp.
+
+The mock answers "mock reply to: <prompt>", so a prompt carrying sensitive text makes the
+response carry it too: response policies are tested with the same mock.
+"""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+
+CHAT = "/openai/chat/completions"
+SSN = "123-45-6789"
+CARD = "4111 1111 1111 1111"
+
+
+def body(text, **extra):
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def dlp_gateway(mock, tmp_path, policies, extra=""):
+    spec = "  dlp:\n    policies:\n" + "".join(f"      - {p}\n" for p in policies) + extra
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    mock.clear()
+    return g
+
+
+def test_a_blocked_request_never_reaches_the_provider(mock, tmp_path):
+    g = dlp_gateway(mock, tmp_path, ["{id: no-ssn, action: BLOCK, check: [REQUEST], profiles: [us-ssn, credit-card]}"])
+    try:
+        r = httpx.post(g.url + CHAT, json=body(f"my ssn is {SSN}"))
+        assert r.status_code == 400
+        err = r.json()["error"][0]
+        assert err["code"] == 2029
+        assert 'policy "no-ssn"' in err["message"] and "us-ssn" in err["message"]
+        assert SSN not in r.text, "the matched text is never echoed"
+        assert mock.requests() == []
+        # Clean prompts pass; invalid card numbers (Luhn) are not cards.
+        assert httpx.post(g.url + CHAT, json=body("4111 1111 1111 1112 is an order id")).status_code == 200
+        assert SSN not in g.logs()
+    finally:
+        g.stop()
+
+
+def test_flagged_requests_go_through_with_cf_aig_dlp(mock, tmp_path):
+    g = dlp_gateway(mock, tmp_path, ["{id: watch, action: FLAG, check: [REQUEST], profiles: [email]}"])
+    try:
+        client = openai.OpenAI(base_url=g.url + "/openai", api_key="placeholder", max_retries=0)
+        resp = client.chat.completions.with_raw_response.create(**body("mail jane@example.com"))
+        assert resp.parse().choices[0].message.content == "mock reply to: mail jane@example.com"
+        assert json.loads(resp.headers["cf-aig-dlp"]) == [{"policy": "watch", "profiles": ["email"], "check": "REQUEST"}]
+        plain = client.chat.completions.with_raw_response.create(**body("hello"))
+        assert "cf-aig-dlp" not in plain.headers
+    finally:
+        g.stop()
+
+
+def test_a_response_that_matches_is_blocked_with_2030(mock, tmp_path):
+    g = dlp_gateway(mock, tmp_path, ["{id: no-keys-out, action: BLOCK, check: [RESPONSE], profiles: [aws-keys]}"])
+    try:
+        r = httpx.post(g.url + CHAT, json=body("echo AKIAIOSFODNN7EXAMPLE"))
+        assert r.status_code == 400
+        assert r.json()["error"][0]["code"] == 2030
+        assert "AKIA" not in r.text
+        assert len(mock.requests()) == 1, "the request itself was allowed"
+        assert httpx.post(g.url + CHAT, json=body("hello")).status_code == 200
+    finally:
+        g.stop()
+
+
+def test_streams_are_checked_whole_before_delivery(mock, tmp_path):
+    g = dlp_gateway(mock, tmp_path, [
+        "{id: cards, action: BLOCK, check: [RESPONSE], profiles: [credit-card]}",
+        "{id: mails, action: FLAG, check: [REQUEST, RESPONSE], profiles: [email]}",
+    ])
+    try:
+        r = httpx.post(g.url + CHAT, json=body(f"card {CARD}", stream=True))
+        assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2030)
+        client = openai.OpenAI(base_url=g.url + "/openai", api_key="placeholder", max_retries=0)
+        resp = client.chat.completions.with_raw_response.create(**body("write bob@example.org", stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+        assert text == "mock reply to: write bob@example.org"
+        flags = json.loads(resp.headers["cf-aig-dlp"])
+        assert {f["check"] for f in flags} == {"REQUEST", "RESPONSE"}
+    finally:
+        g.stop()
+
+
+def test_compat_and_private_keys_inside_json_strings(mock, tmp_path):
+    g = dlp_gateway(mock, tmp_path, ["{id: secrets, action: BLOCK, check: [REQUEST], profiles: [private-keys]}"])
+    try:
+        pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----"
+        r = httpx.post(g.url + "/compat/chat/completions", json=body(pem, model="anthropic/claude-haiku-4-5"))
+        assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2029)
+        assert mock.requests() == []
+    finally:
+        g.stop()
+
+
+def test_unknown_profiles_are_refused_at_start(mock, tmp_path):
+    spec = "  dlp:\n    policies:\n      - {id: p, action: FLAG, check: [REQUEST], profiles: [passport]}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS, wait_ready=False)
+    try:
+        assert g.proc.wait(10) == 2
+        assert "spec.dlp.policies[0].profiles" in g.logs() and "passport" in g.logs()
+    finally:
+        g.stop()
