@@ -63,7 +63,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 shellcheck -x tests/cluster/build tests/cluster/up tests/cluster/down tests/cluster/with-cluster \
-  tests/node/build tests/node/images tests/node/e2e
+  tests/node/build tests/node/images tests/node/e2e tests/node/local-cluster
 tests/node/build >/dev/null # containerd 2.x from its Go module (cached like the control plane)
 tests/node/e2e 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/node-e2e.log"
 
