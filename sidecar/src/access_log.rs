@@ -44,6 +44,8 @@ pub struct Entry<'a> {
     pub outcome: &'a str,
     /// Served from the response cache.
     pub cached: bool,
+    /// `cf-aig-metadata` (a compact JSON object).
+    pub metadata: Option<&'a str>,
 }
 
 struct Sink {
@@ -116,7 +118,7 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
     b.push_str(" path=");
     // Request paths are visible ASCII without spaces: the HTTP parser refuses anything else.
     b.push_str(e.path);
-    let _ = writeln!(
+    let _ = write!(
         b,
         " status={} duration_ms={:.3} bytes={} outcome={}{}",
         e.status,
@@ -125,6 +127,12 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
         e.outcome,
         if e.cached { " cached=true" } else { "" }
     );
+    if let Some(m) = e.metadata {
+        // Compact JSON without spaces or newlines (re-serialized when the header was read).
+        b.push_str(" metadata=");
+        b.push_str(m);
+    }
+    b.push('\n');
 }
 
 fn json_line(b: &mut String, e: &Entry<'_>) {
@@ -138,11 +146,17 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
     json_str(b, e.method);
     b.push_str(",\"path\":");
     json_str(b, e.path);
-    let _ = writeln!(
+    let _ = write!(
         b,
-        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":\"{}\",\"cached\":{}}}",
+        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":\"{}\",\"cached\":{}",
         e.status, e.duration_ms, e.bytes, e.outcome, e.cached
     );
+    if let Some(m) = e.metadata {
+        // Already compact JSON (re-serialized when the header was read).
+        b.push_str(",\"metadata\":");
+        b.push_str(m);
+    }
+    b.push_str("}\n");
 }
 
 /// Appends `s` as a JSON string.
@@ -206,6 +220,7 @@ mod tests {
             bytes: 10,
             outcome: "complete",
             cached: false,
+            metadata: None,
         }
     }
 
@@ -230,6 +245,17 @@ mod tests {
         assert_eq!(v["status"], 200);
         assert_eq!(v["message"], "request");
         assert_eq!(v["cached"], false);
+        let mut b = String::new();
+        json_line(
+            &mut b,
+            &Entry {
+                metadata: Some(r#"{"team":"a b","n":1}"#),
+                ..entry()
+            },
+        );
+        let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
+        assert_eq!(v["metadata"]["team"], "a b");
+        assert!(b.ends_with("}\n") && b.matches('\n').count() == 1);
     }
 
     #[test]

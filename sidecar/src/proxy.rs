@@ -25,7 +25,7 @@ use crate::error::GatewayError;
 use crate::headers::{strip_response_headers, upstream_request_headers};
 use crate::providers::{KeyChoice, Provider};
 use crate::route::{self, Route};
-use crate::telemetry::{Metrics, RequestRecord};
+use crate::telemetry::{LogOptions, Metrics, RequestRecord};
 
 /// The HTTP client to providers: pooled connections per upstream, HTTP/2 where offered (ALPN).
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -165,6 +165,7 @@ impl Gateway {
         req: &cache::Request<'_>,
         parts: &http::request::Parts,
         start: Instant,
+        opts: &LogOptions,
     ) -> Cached {
         let Some(want) = want else {
             return Cached::Off;
@@ -198,9 +199,10 @@ impl Gateway {
             req.path,
             entry.status.as_u16(),
             start,
-            snap.log_requests,
+            opts.log,
             log_id,
         );
+        record.set_metadata(opts.metadata.clone());
         record.set_cached();
         record.add_bytes(entry.body.len());
         record.finish_complete();
@@ -316,13 +318,15 @@ impl Gateway {
                 },
             ));
         }
+        let opts =
+            LogOptions::from_headers(&parts.headers, snap.log_requests).map_err(|e| (None, e))?;
         let route = match route {
             Route::Provider(p) => p,
             Route::Compat { rest, .. } => {
-                return crate::compat::serve(self, snap, &parts, rest, body, start).await;
+                return crate::compat::serve(self, snap, &parts, rest, body, start, &opts).await;
             }
             Route::Universal { .. } => {
-                return crate::universal::serve(self, snap, &parts, body, start).await;
+                return crate::universal::serve(self, snap, &parts, body, start, &opts).await;
             }
         };
         let provider = snap.providers.get(route.provider).ok_or_else(|| {
@@ -370,7 +374,7 @@ impl Gateway {
                 .then_some((&parts.headers, provider.auth_headers())),
             body: &body,
         };
-        let miss = match self.cache_lookup(snap, want.as_ref(), &lookup, &parts, start) {
+        let miss = match self.cache_lookup(snap, want.as_ref(), &lookup, &parts, start, &opts) {
             Cached::Off => None,
             Cached::Hit(mut resp) => {
                 crate::dlp::flag(resp.headers_mut(), &dlp_flags);
@@ -397,16 +401,17 @@ impl Gateway {
         }
         let log_id = tag_response(&mut head.headers, event_id.as_ref());
         crate::dlp::flag(&mut head.headers, &dlp_flags);
-        let record = RequestRecord::new(
+        let mut record = RequestRecord::new(
             self.metrics.clone(),
             provider.id.clone(),
             parts.method.clone(),
             route.rest,
             head.status.as_u16(),
             start,
-            snap.log_requests,
+            opts.log,
             log_id,
         );
+        record.set_metadata(opts.metadata.clone());
         Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record).cached_through(fill),

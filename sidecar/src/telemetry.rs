@@ -181,6 +181,60 @@ impl Metrics {
     }
 }
 
+/// What a request asks of its log line: `cf-aig-collect-log: false` (no line) and
+/// `cf-aig-metadata` (a flat JSON object of at most 5 string, number or bool values, logged).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogOptions {
+    /// Write a log line for this request.
+    pub log: bool,
+    /// The metadata as compact JSON.
+    pub metadata: Option<Arc<str>>,
+}
+
+impl LogOptions {
+    /// From the request headers; `log_requests` is the gateway's setting.
+    pub fn from_headers(
+        h: &http::HeaderMap,
+        log_requests: bool,
+    ) -> Result<Self, crate::error::GatewayError> {
+        use crate::error::GatewayError;
+        let log = match h.get("cf-aig-collect-log").map(|v| v.as_bytes()) {
+            None => log_requests,
+            Some(v) if v.eq_ignore_ascii_case(b"false") => false,
+            Some(v) if v.eq_ignore_ascii_case(b"true") => log_requests,
+            Some(_) => {
+                return Err(GatewayError::BadHeader {
+                    name: "cf-aig-collect-log",
+                    reason: "expected true or false".into(),
+                });
+            }
+        };
+        let metadata = match h.get("cf-aig-metadata") {
+            None => None,
+            Some(v) => {
+                let bad = |reason: &str| GatewayError::BadHeader {
+                    name: "cf-aig-metadata",
+                    reason: reason.into(),
+                };
+                let map: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(v.as_bytes())
+                        .map_err(|_| bad("expected a flat JSON object"))?;
+                if map.len() > 5 {
+                    return Err(bad("at most 5 keys"));
+                }
+                if map
+                    .values()
+                    .any(|v| !(v.is_string() || v.is_number() || v.is_boolean()))
+                {
+                    return Err(bad("values must be strings, numbers or booleans"));
+                }
+                Some(Arc::from(serde_json::Value::Object(map).to_string()))
+            }
+        };
+        Ok(Self { log, metadata })
+    }
+}
+
 /// One proxied request, finished exactly once: when its body ends, fails, or is dropped.
 pub struct RequestRecord {
     metrics: Arc<Metrics>,
@@ -193,6 +247,7 @@ pub struct RequestRecord {
     log: bool,
     log_id: String,
     cached: bool,
+    metadata: Option<Arc<str>>,
     done: bool,
 }
 
@@ -220,6 +275,7 @@ impl RequestRecord {
             log,
             log_id,
             cached: false,
+            metadata: None,
             done: false,
         }
     }
@@ -227,6 +283,11 @@ impl RequestRecord {
     /// Adds streamed body bytes.
     pub fn add_bytes(&mut self, n: usize) {
         self.bytes += n as u64;
+    }
+
+    /// Logs `cf-aig-metadata` with the request.
+    pub fn set_metadata(&mut self, metadata: Option<Arc<str>>) {
+        self.metadata = metadata;
     }
 
     /// The response came from the cache.
@@ -272,6 +333,7 @@ impl RequestRecord {
                 bytes: self.bytes,
                 outcome,
                 cached: self.cached,
+                metadata: self.metadata.as_deref(),
             });
         }
     }
@@ -281,5 +343,49 @@ impl Drop for RequestRecord {
     fn drop(&mut self) {
         // Still open when dropped: the client went away before the body ended.
         self.finish("cancelled");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn log_options_read_collect_log_and_metadata() {
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            LogOptions::from_headers(&h, true),
+            Ok(LogOptions {
+                log: true,
+                metadata: None
+            })
+        );
+        h.insert("cf-aig-collect-log", HeaderValue::from_static("false"));
+        h.insert(
+            "cf-aig-metadata",
+            HeaderValue::from_static(r#"{ "team": "a", "n": 3, "paid": true }"#),
+        );
+        let o = LogOptions::from_headers(&h, true).expect("valid");
+        assert!(!o.log);
+        let v: serde_json::Value =
+            serde_json::from_str(o.metadata.as_deref().unwrap_or("")).expect("json");
+        assert_eq!(v, serde_json::json!({"team": "a", "n": 3, "paid": true}));
+        for bad in [
+            r#"[1]"#,
+            r#"{"a":{"nested":1}}"#,
+            r#"{"a":[1]}"#,
+            r#"{"a":null}"#,
+            r#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6}"#,
+            "not json",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("cf-aig-metadata", HeaderValue::from_static(bad));
+            assert_eq!(
+                LogOptions::from_headers(&h, true).map_err(|e| e.code()),
+                Err(2100),
+                "{bad}"
+            );
+        }
     }
 }

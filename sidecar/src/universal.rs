@@ -27,7 +27,7 @@ use crate::providers::Provider;
 use crate::proxy::{self, Gateway};
 use crate::retry::{self, Policy};
 use crate::route::ProviderRoute;
-use crate::telemetry::RequestRecord;
+use crate::telemetry::{LogOptions, RequestRecord};
 
 /// Most steps in one request.
 const MAX_STEPS: usize = 16;
@@ -76,6 +76,7 @@ pub(crate) async fn serve(
     parts: &http::request::Parts,
     body: Incoming,
     start: Instant,
+    opts: &LogOptions,
 ) -> Result<Response<ProxyBody>, Failure> {
     let none = |e: GatewayError| (None, e);
     if parts.method != Method::POST {
@@ -131,16 +132,17 @@ pub(crate) async fn serve(
         head.headers.insert(STEP, HeaderValue::from(i));
         let log_id = proxy::tag_response(&mut head.headers, event_id);
         crate::dlp::flag(&mut head.headers, &dlp_flags);
-        let record = RequestRecord::new(
+        let mut record = RequestRecord::new(
             gw.metrics.clone(),
             id.clone(),
             Method::POST,
             &step.endpoint,
             head.status.as_u16(),
             start,
-            snap.log_requests,
+            opts.log,
             log_id,
         );
+        record.set_metadata(opts.metadata.clone());
         return Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record),

@@ -38,7 +38,7 @@ use crate::headers::strip_response_headers;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Cached, Gateway};
 use crate::route::ProviderRoute;
-use crate::telemetry::RequestRecord;
+use crate::telemetry::{LogOptions, RequestRecord};
 
 /// Turns an upstream stream, fed chunk by chunk, into OpenAI `chat.completion.chunk` SSE.
 pub trait StreamTranslator: Send {
@@ -579,6 +579,7 @@ pub(crate) async fn serve(
     rest: &str,
     body: Incoming,
     start: Instant,
+    opts: &LogOptions,
 ) -> Result<Response<ProxyBody>, Failure> {
     let none = |e: GatewayError| (None, e);
     let endpoint = match (parts.method == Method::POST, rest.trim_end_matches('/')) {
@@ -630,7 +631,7 @@ pub(crate) async fn serve(
         client_auth: client_own.then_some((&parts.headers, provider.auth_headers())),
         body: &body,
     };
-    let miss = match gw.cache_lookup(snap, want.as_ref(), &lookup, parts, start) {
+    let miss = match gw.cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts) {
         Cached::Off => None,
         Cached::Hit(mut resp) => {
             crate::dlp::flag(resp.headers_mut(), &dlp_flags);
@@ -677,9 +678,10 @@ pub(crate) async fn serve(
         path,
         head.status.as_u16(),
         start,
-        snap.log_requests,
+        opts.log,
         log_id,
     );
+    record.set_metadata(opts.metadata.clone());
     let Some(t) = translation else {
         let fill = miss
             .as_ref()

@@ -1,0 +1,58 @@
+"""Per-request log options: cf-aig-metadata (validated, logged) and cf-aig-collect-log."""
+
+import json
+import time
+
+import httpx
+
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+
+CHAT = "/openai/chat/completions"
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "log me"}]}
+
+
+def wait_line(g, needle, timeout=3):
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in g.logs().splitlines():
+            if needle in line:
+                return line
+        assert time.monotonic() < deadline, f"no log line with {needle!r}"
+        time.sleep(0.05)
+
+
+def test_metadata_is_logged_with_the_request(gateway, mock):
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers={"cf-aig-metadata": '{"team": "a", "user_plan": "paid", "n": 2}'})
+    assert r.status_code == 200
+    line = wait_line(gateway, r.headers["cf-aig-log-id"])
+    meta = json.loads(line.split(" metadata=", 1)[1])
+    assert meta == {"team": "a", "user_plan": "paid", "n": 2}
+    assert "cf-aig-metadata" not in mock.last()["headers"]
+
+
+def test_metadata_in_json_logs_is_an_object(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, extra_args=["--log-format", "json"])
+    try:
+        r = httpx.post(g.url + CHAT, json=BODY, headers={"cf-aig-metadata": '{"team":"b"}'})
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert json.loads(line)["metadata"] == {"team": "b"}
+    finally:
+        g.stop()
+
+
+def test_collect_log_false_writes_no_line_but_still_counts(gateway, mock):
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers={"cf-aig-collect-log": "false"})
+    assert r.status_code == 200
+    marker = httpx.post(gateway.url + CHAT, json=BODY)
+    wait_line(gateway, marker.headers["cf-aig-log-id"])
+    assert r.headers["cf-aig-log-id"] not in gateway.logs()
+    assert 'sidegate_requests_total{provider="openai",status="200"} 2' in gateway.metrics()
+
+
+def test_invalid_metadata_is_400_2100(gateway, mock):
+    for bad in ['{"a": {"b": 1}}', "[1, 2]", '{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6}', "nope"]:
+        r = httpx.post(gateway.url + CHAT, json=BODY, headers={"cf-aig-metadata": bad})
+        assert r.status_code == 400, bad
+        err = r.json()["error"][0]
+        assert err["code"] == 2100 and "cf-aig-metadata" in err["message"]
+    assert mock.requests() == []
