@@ -82,8 +82,16 @@ node_up() {
   log "bridge $NODE_BRIDGE: $NODE_IP/24 (node), $NODE_SERVICE_IP (kubernetes Service)"
 
   # --- pod cgroups: their own root (in every v1 hierarchy, or the v2 tree) -------------------------
-  local cg_root=/sidegate-${DIR##*.} h
+  local cg_root=/sidegate-${DIR##*.} h old
   echo "$cg_root" >"$node/cgroup-root"
+  for h in $(node_cgroup_hierarchies --with-unified); do
+    # Empty roots of killed nodes whose dir is gone (rmdir fails on a cgroup still in use).
+    for old in "$h"/sidegate-*/; do
+      old=${old%/}
+      [[ -d $old && ! -d ${TMPDIR:-/tmp}/sidegate-cluster.${old##*/sidegate-} ]] || continue
+      find "$old" -depth -type d -exec rmdir {} + 2>/dev/null && log "removed stale cgroup $old"
+    done
+  done
   for h in $(node_cgroup_hierarchies); do
     mkdir -p "$h$cg_root"
     if [[ -f $h/cpuset.cpus && ! -f $h/cgroup.controllers ]]; then # v1 cpuset: a child starts empty
@@ -358,7 +366,7 @@ node_down() {
   done
   ((left == 0)) || log "warning: $left mounts under $DIR could not be unmounted"
   if [[ -n $cg_root ]]; then
-    for h in $(node_cgroup_hierarchies); do
+    for h in $(node_cgroup_hierarchies --with-unified); do
       [[ -d $h$cg_root ]] || continue
       find "$h$cg_root" -depth -type d -exec rmdir {} + 2>/dev/null ||
         log "warning: could not remove cgroup $h$cg_root"
@@ -391,9 +399,14 @@ node_has_sandboxes() { # ctr
 }
 
 # The cgroup hierarchies pods' cgroups go in: every v1 hierarchy under /sys/fs/cgroup (not the
-# hybrid layout's empty cgroup2 at unified/), or /sys/fs/cgroup itself on a cgroup v2 host
-# (v2 is not what this machine has, and is untested here).
+# hybrid layout's cgroup2 at unified/, where runc mirrors the paths: --with-unified adds it, for
+# cleanup), or /sys/fs/cgroup itself on a cgroup v2 host (v2 is not what this machine has, and
+# is untested here).
 node_cgroup_hierarchies() {
+  if [[ ${1:-} == --with-unified && -d /sys/fs/cgroup/unified ]] &&
+    [[ $(stat -fc %T /sys/fs/cgroup/unified) == cgroup2fs && $(stat -fc %T /sys/fs/cgroup) != cgroup2fs ]]; then
+    echo /sys/fs/cgroup/unified
+  fi
   if [[ $(stat -fc %T /sys/fs/cgroup) == cgroup2fs ]]; then
     echo /sys/fs/cgroup
     return
