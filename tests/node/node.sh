@@ -340,11 +340,11 @@ node_down() {
   cg_root=$(cat "$node/cgroup-root" 2>/dev/null || true)
   local h
   if [[ -n $cg_root ]]; then
-    for h in $(node_cgroup_hierarchies); do
+    pids=$(for h in $(node_cgroup_hierarchies); do
       [[ -d $h$cg_root ]] || continue
-      pids=$(find "$h$cg_root" -name cgroup.procs -exec cat {} + 2>/dev/null | sort -u)
-      for p in $pids; do kill -KILL "$p" 2>/dev/null && log "killed leftover container process $p"; done
-    done
+      find "$h$cg_root" -name cgroup.procs -exec cat {} + 2>/dev/null || true
+    done | sort -un)
+    for p in $pids; do kill -KILL "$p" 2>/dev/null && log "killed leftover container process $p"; done
   fi
   for f in /proc/[0-9]*/cmdline; do
     p=${f#/proc/}
@@ -382,6 +382,11 @@ node_down() {
   if [[ -f $node/created-paths ]]; then
     if grep -qx /var/lib/kubelet/device-plugins "$node/created-paths"; then
       [[ -S /var/lib/kubelet/device-plugins/kubelet.sock ]] && rm -f /var/lib/kubelet/device-plugins/kubelet.sock
+    fi
+    # Sockets of shims that were killed (not stopped) stay in /run/containerd/s; all of them are
+    # this node's when it made the directory.
+    if grep -qx /run/containerd/s "$node/created-paths"; then
+      find /run/containerd/s -maxdepth 1 -type s -delete 2>/dev/null || true
     fi
     sort -r "$node/created-paths" | while read -r p; do rmdir "$p" 2>/dev/null || true; done
   fi
