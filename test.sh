@@ -16,7 +16,7 @@ started=$(date +%s)
 
 step "system packages"
 need=()
-for pair in curl:curl openssl:openssl python3:python3 ss:iproute2 file:file shellcheck:shellcheck; do
+for pair in curl:curl openssl:openssl python3:python3 ss:iproute2 file:file shellcheck:shellcheck redis-server:redis-server; do
   command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)

@@ -17,6 +17,8 @@ pub const CONFIG_FILE_NAME: &str = "gateway.yaml";
 
 /// File name, in the keys directory, of the gateway tokens (one per line).
 pub const TOKENS_FILE_NAME: &str = "authentication.tokens";
+/// File name, in the keys directory, of the Redis URL of `spec.redis`.
+pub const REDIS_URL_FILE_NAME: &str = "redis.url";
 
 /// The rendered (or hand-written) sidecar configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

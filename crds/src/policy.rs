@@ -96,30 +96,10 @@ impl GatewayPolicy {
                 "{field}: {what} is not implemented in sidegate {v}; remove it (or disable it) to load this config"
             ))
         };
-        if spec
-            .cache
-            .as_ref()
-            .is_some_and(|c| c.enabled && c.backend == CacheBackend::Redis)
+        if let Some(rl) = &spec.rate_limit
+            && rl.tokens_per_minute.is_some()
         {
-            return not_yet("spec.cache.backend", "the redis cache backend");
-        }
-        if let Some(rl) = &spec.rate_limit {
-            if rl.scope == RateLimitScope::Global {
-                return not_yet(
-                    "spec.rateLimit.scope",
-                    "a global rate limit (shared through redis)",
-                );
-            }
-            if rl.tokens_per_minute.is_some() {
-                return not_yet("spec.rateLimit.tokensPerMinute", "a token budget");
-            }
-        }
-        if spec
-            .redis
-            .as_ref()
-            .is_some_and(|r| r.url_secret_ref.is_some())
-        {
-            return not_yet("spec.redis", "the redis backend");
+            return not_yet("spec.rateLimit.tokensPerMinute", "a token budget");
         }
         if !spec.fallbacks.is_empty() {
             return not_yet("spec.fallbacks", "fallback chains");

@@ -22,7 +22,7 @@ use sidegate_crds::{GatewayConfig, GatewayIdentity, GatewayPolicy, SCHEMA_VERSIO
 use crate::validate;
 
 /// File name, in the keys Secret, of the Redis URL.
-pub const REDIS_URL_FILE_NAME: &str = "redis.url";
+pub use sidegate_crds::config::REDIS_URL_FILE_NAME;
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "sidegate-operator";

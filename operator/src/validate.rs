@@ -147,6 +147,16 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     if let Some(why) = policy.cache.as_ref().and_then(|c| c.problem()) {
         problems.push(why);
     }
+    if policy.redis.is_none()
+        && policy
+            .rate_limit
+            .as_ref()
+            .is_some_and(|r| r.scope == sidegate_crds::policy::RateLimitScope::Global)
+    {
+        problems.push(
+            "rateLimit.scope global needs the redis block (limits are counted in Redis)".into(),
+        );
+    }
     for (i, p) in policy.dlp.iter().flat_map(|d| &d.policies).enumerate() {
         for name in &p.profiles {
             if !sidegate_crds::policy::DLP_PROFILES.contains(&name.as_str()) {
@@ -327,12 +337,13 @@ mod tests {
     #[test]
     fn features_the_sidecar_cannot_serve_yet_are_spec_problems() {
         use sidegate_crds::api::AIGatewaySpec;
-        use sidegate_crds::policy::{Cache, CacheBackend, GatewayPolicy};
+        use sidegate_crds::policy::{
+            Cache, CacheBackend, GatewayPolicy, Logging, RateLimit, RateLimitScope, Redis,
+        };
         let policy = GatewayPolicy {
-            cache: Some(Cache {
-                enabled: true,
-                backend: CacheBackend::Redis,
-                ..Cache::default()
+            logging: Some(Logging {
+                payloads: true,
+                ..Logging::default()
             }),
             ..GatewayPolicy::default()
         };
@@ -348,15 +359,30 @@ mod tests {
         assert!(
             problems
                 .iter()
-                .any(|p| p
-                    .starts_with("spec.cache.backend: the redis cache backend is not implemented")),
+                .any(|p| p.starts_with("spec.logging.payloads: payload logging is not implemented")),
             "{problems:?}"
         );
-        // The memory cache is served.
+        // The memory and redis caches and global rate limits are served.
+        gw.spec.policy.logging = None;
         gw.spec.policy.cache = Some(Cache {
             enabled: true,
+            backend: CacheBackend::Redis,
             ..Cache::default()
         });
-        assert!(gateway(&gw).is_empty());
+        gw.spec.policy.redis = Some(Redis::default());
+        gw.spec.policy.rate_limit = Some(RateLimit {
+            limit: 10,
+            interval: sidegate_crds::units::Duration::from_secs(60),
+            technique: Default::default(),
+            scope: RateLimitScope::Global,
+            tokens_per_minute: None,
+        });
+        assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
+        gw.spec.policy.redis = None;
+        assert!(
+            gateway(&gw)
+                .iter()
+                .any(|p| p.starts_with("rateLimit.scope global needs the redis block")),
+        );
     }
 }

@@ -19,6 +19,8 @@ use sha2::{Digest, Sha256};
 use sidegate_crds::policy::Cache as CachePolicy;
 
 use crate::error::GatewayError;
+use crate::shared::{CachedResponse, Shared};
+use crate::telemetry::Metrics;
 
 /// TTL when neither the config nor `cf-aig-cache-ttl` sets one.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
@@ -50,6 +52,8 @@ pub struct Settings {
     pub max_size: u64,
     /// Also store streamed responses.
     pub streaming: bool,
+    /// Entries live in the gateway's Redis (else in memory).
+    pub redis: bool,
 }
 
 impl Default for Settings {
@@ -59,6 +63,7 @@ impl Default for Settings {
             ttl: DEFAULT_TTL,
             max_size: DEFAULT_MAX_SIZE,
             streaming: false,
+            redis: false,
         }
     }
 }
@@ -78,6 +83,7 @@ impl Settings {
             ttl: p.ttl.map_or(DEFAULT_TTL, |d| d.get()),
             max_size: p.max_size.map_or(DEFAULT_MAX_SIZE, |s| s.get()),
             streaming: p.streaming,
+            redis: p.backend == sidegate_crds::policy::CacheBackend::Redis,
         })
     }
 }
@@ -302,6 +308,11 @@ impl Store {
         self.max_size
     }
 
+    /// Largest body stored.
+    pub fn max_entry(&self) -> usize {
+        self.max_entry
+    }
+
     /// Entries now held.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -341,7 +352,7 @@ impl Store {
         self.entries.insert(key, Arc::new(entry));
     }
 
-    /// Starts copying a `200` response into the cache; `None` when it must not be stored.
+    /// Starts copying a `200` response into this store; `None` when it must not be stored.
     pub fn fill(
         self: &Arc<Self>,
         key: Key,
@@ -350,36 +361,68 @@ impl Store {
         headers: &HeaderMap,
         streaming: bool,
     ) -> Option<Fill> {
-        if status != StatusCode::OK {
-            return None;
-        }
-        let is_stream = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
-        if is_stream && !streaming {
-            return None;
-        }
-        let mut kept = headers.clone();
-        // Per response: hyper sets a fresh Date; the gateway's own headers are added per hit.
-        kept.remove(header::DATE);
-        remove_gateway_headers(&mut kept);
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > self.max_entry) {
-            return None;
-        }
-        Some(Fill {
-            store: self.clone(),
+        start_fill(
+            Sink::Memory(self.clone()),
+            self.max_entry,
             key,
             ttl,
             status,
-            headers: kept,
-            buf: BytesMut::with_capacity(declared.unwrap_or(4096).min(self.max_entry)),
-        })
+            headers,
+            streaming,
+        )
     }
+}
+
+/// Where a filled entry goes.
+#[derive(Clone)]
+pub enum Sink {
+    /// The pod's memory.
+    Memory(Arc<Store>),
+    /// The gateway's Redis (`backend: redis`).
+    Redis(Arc<Shared>, Arc<Metrics>),
+}
+
+/// Starts copying a `200` response into `sink`; `None` when it must not be stored (another
+/// status, a stream without `streaming`, a declared length over `max_entry`).
+fn start_fill(
+    sink: Sink,
+    max_entry: usize,
+    key: Key,
+    ttl: Duration,
+    status: StatusCode,
+    headers: &HeaderMap,
+    streaming: bool,
+) -> Option<Fill> {
+    if status != StatusCode::OK {
+        return None;
+    }
+    let is_stream = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+    if is_stream && !streaming {
+        return None;
+    }
+    let mut kept = headers.clone();
+    // Per response: hyper sets a fresh Date; the gateway's own headers are added per hit.
+    kept.remove(header::DATE);
+    remove_gateway_headers(&mut kept);
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max_entry) {
+        return None;
+    }
+    Some(Fill {
+        sink,
+        max_entry,
+        key,
+        ttl,
+        status,
+        headers: kept,
+        buf: BytesMut::with_capacity(declared.unwrap_or(4096).min(max_entry)),
+    })
 }
 
 /// Removes the gateway's own (`cf-aig-*`) headers: they are set per response.
@@ -397,7 +440,9 @@ fn remove_gateway_headers(headers: &mut HeaderMap) {
 /// A request the cache was on for and had no entry for: how to store its response.
 pub struct Miss {
     /// Where to store.
-    pub store: Arc<Store>,
+    pub sink: Sink,
+    /// Largest body stored.
+    pub max_entry: usize,
     /// The request's key.
     pub key: Key,
     /// TTL of the entry.
@@ -409,14 +454,22 @@ pub struct Miss {
 impl Miss {
     /// Starts copying the response into the cache, if it may be stored.
     pub fn fill(&self, status: StatusCode, headers: &HeaderMap) -> Option<Fill> {
-        self.store
-            .fill(self.key, self.ttl, status, headers, self.streaming)
+        start_fill(
+            self.sink.clone(),
+            self.max_entry,
+            self.key,
+            self.ttl,
+            status,
+            headers,
+            self.streaming,
+        )
     }
 }
 
 /// A response being copied into the cache while it streams to the client.
 pub struct Fill {
-    store: Arc<Store>,
+    sink: Sink,
+    max_entry: usize,
     key: Key,
     ttl: Duration,
     status: StatusCode,
@@ -434,7 +487,7 @@ impl Fill {
 
     /// Appends body bytes; `false` when the body outgrew one entry (drop the fill then).
     pub fn push(&mut self, data: &[u8]) -> bool {
-        if self.buf.len() + data.len() > self.store.max_entry {
+        if self.buf.len() + data.len() > self.max_entry {
             return false;
         }
         self.buf.extend_from_slice(data);
@@ -443,13 +496,20 @@ impl Fill {
 
     /// The body ended: store it.
     pub fn finish(self) {
-        self.store.put(
-            self.key,
-            self.status,
-            self.headers,
-            self.buf.freeze(),
-            self.ttl,
-        );
+        let body = self.buf.freeze();
+        match self.sink {
+            Sink::Memory(store) => store.put(self.key, self.status, self.headers, body, self.ttl),
+            Sink::Redis(shared, metrics) => shared.cache_put(
+                metrics,
+                self.key,
+                CachedResponse {
+                    status: self.status,
+                    headers: self.headers,
+                    body,
+                },
+                self.ttl,
+            ),
+        }
     }
 }
 

@@ -79,6 +79,8 @@ pub struct Snapshot {
     pub retries: crate::retry::Policy,
     /// DLP policies.
     pub dlp: crate::dlp::Settings,
+    /// The gateway's Redis (`spec.redis`), for state shared across pods.
+    pub shared: Option<std::sync::Arc<crate::shared::Shared>>,
     /// Request rate limit, if any.
     pub rate_limit: Option<crate::ratelimit::Settings>,
     /// The gateway name accepted in long-form URLs (`None`: any).
@@ -191,8 +193,44 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     let retries =
         crate::retry::Policy::from_config(config.spec.retries.as_ref()).map_err(invalid)?;
     let dlp = crate::dlp::Settings::from_policy(config.spec.dlp.as_ref()).map_err(invalid)?;
+    let shared = match &config.spec.redis {
+        None => None,
+        Some(r) if r.url_secret_ref.is_some() => {
+            return Err(invalid(format!(
+                "spec.redis.urlSecretRef is resolved by the operator; outside Kubernetes put the URL in the keys directory file {}",
+                sidegate_crds::config::REDIS_URL_FILE_NAME
+            )));
+        }
+        Some(_) => {
+            let url = keys.redis_url.as_ref().ok_or_else(|| {
+                invalid(format!(
+                    "spec.redis is set but the keys directory has no {} file",
+                    sidegate_crds::config::REDIS_URL_FILE_NAME
+                ))
+            })?;
+            let label = match (&config.gateway.namespace, &config.gateway.name) {
+                (Some(ns), Some(n)) => format!("{ns}/{n}"),
+                (None, Some(n)) => n.clone(),
+                _ => "standalone".to_owned(),
+            };
+            Some(std::sync::Arc::new(
+                crate::shared::Shared::new(url, &label).map_err(invalid)?,
+            ))
+        }
+    };
     let rate_limit = crate::ratelimit::Settings::from_policy(config.spec.rate_limit.as_ref())
         .map_err(invalid)?;
+    if shared.is_none() {
+        if rate_limit.is_some_and(|r| r.global) {
+            return Err(invalid(
+                "spec.rateLimit.scope: global needs spec.redis (the limit is counted in Redis)"
+                    .into(),
+            ));
+        }
+        if cache.enabled && cache.redis {
+            return Err(invalid("spec.cache.backend: redis needs spec.redis".into()));
+        }
+    }
     let mut h = Sha256::new();
     h.update(&raw);
     h.update(keys.digest);
@@ -210,6 +248,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         rate_limit,
         retries,
         dlp,
+        shared,
         fingerprint,
         warnings,
     })
@@ -284,14 +323,30 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = load(&write_config(
             dir.path(),
-            "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s, scope: global}\n",
+            "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s, tokensPerMinute: 100}\n",
         ))
-        .expect_err("global rate limit");
+        .expect_err("token budget");
         assert!(
             err.to_string()
-                .contains("spec.rateLimit.scope: a global rate limit (shared through redis) is not implemented"),
+                .contains("spec.rateLimit.tokensPerMinute: a token budget is not implemented"),
             "{err}"
         );
+        let err = load(&write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s, scope: global}\n",
+        ))
+        .expect_err("global without redis");
+        assert!(
+            err.to_string()
+                .contains("spec.rateLimit.scope: global needs spec.redis"),
+            "{err}"
+        );
+        let err = load(&write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  redis: {}\n",
+        ))
+        .expect_err("redis without url");
+        assert!(err.to_string().contains("no redis.url file"), "{err}");
         let err = load(&write_config(
             dir.path(),
             "schemaVersion: 1\nspec:\n  fallbacks: [{name: f, targets: [{provider: openai, model: m}]}]\n",

@@ -1,7 +1,8 @@
 //! Provider keys and gateway tokens read from the keys directory.
 //!
 //! The directory holds one file per key, named `<provider>.<alias>` (as mounted from Secret
-//! `sidegate-<gateway>-keys`), plus `authentication.tokens` (gateway tokens, one per line).
+//! `sidegate-<gateway>-keys`), plus `authentication.tokens` (gateway tokens, one per line) and
+//! `redis.url` (the Redis of `spec.redis`).
 //! Entries starting with `.` are kubelet's bookkeeping (`..data`, `..2025_01_01...`) and are
 //! skipped. Values live in [`SecretString`]s; the auth header built from each is marked
 //! sensitive and never printed.
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
-use sidegate_crds::config::TOKENS_FILE_NAME;
+use sidegate_crds::config::{REDIS_URL_FILE_NAME, TOKENS_FILE_NAME};
 use sidegate_crds::provider::{is_valid_alias, is_valid_provider_id};
 use subtle::ConstantTimeEq;
 
@@ -93,6 +94,8 @@ impl fmt::Debug for AuthValue {
 pub struct KeyStore {
     keys: HashMap<String, HashMap<String, ProviderKey>>,
     tokens: Vec<SecretString>,
+    /// The Redis URL (`redis.url`; may carry a password).
+    pub redis_url: Option<SecretString>,
     /// Names of files that were skipped, with the reason (for the load log).
     pub skipped: Vec<String>,
     /// sha256 over file names and value digests: changes whenever any key changes.
@@ -140,14 +143,12 @@ impl KeyStore {
                 Ok(_) => continue,
                 Err(source) => return Err(KeysError::ReadFile { path, source }),
             };
-            if name == "redis.url" {
-                continue;
-            }
             let is_tokens = name == TOKENS_FILE_NAME;
+            let is_redis = name == REDIS_URL_FILE_NAME;
             let parsed = name
                 .split_once('.')
                 .filter(|(p, a)| is_valid_provider_id(p) && is_valid_alias(a));
-            if !is_tokens && parsed.is_none() {
+            if !is_tokens && !is_redis && parsed.is_none() {
                 store
                     .skipped
                     .push(format!("{name}: not <provider>.<alias>"));
@@ -177,6 +178,10 @@ impl KeyStore {
             let value = text.trim();
             if value.is_empty() {
                 return Err(KeysError::Empty { path });
+            }
+            if is_redis {
+                store.redis_url = Some(SecretString::from(value.to_owned()));
+                continue;
             }
             if let Some((provider, alias)) = parsed {
                 store.keys.entry(provider.to_owned()).or_default().insert(

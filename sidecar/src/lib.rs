@@ -31,5 +31,6 @@ pub mod reload;
 pub mod retry;
 pub mod route;
 pub mod server;
+pub mod shared;
 pub mod telemetry;
 pub mod universal;

@@ -158,7 +158,7 @@ impl Gateway {
     }
 
     /// Looks a request up in the response cache (`want` from [`cache::want`]) and answers a hit.
-    pub(crate) fn cache_lookup(
+    pub(crate) async fn cache_lookup(
         &self,
         snap: &Snapshot,
         want: Option<&cache::Want<'_>>,
@@ -174,21 +174,40 @@ impl Gateway {
             self.metrics.count_cache("skip");
             return Cached::Off;
         }
-        let store = self.cache_store(&snap.cache);
         let key = cache::key(req, want.custom_key);
-        let Some(entry) = store.get(&key) else {
+        let (found, sink, max_entry) = match &snap.shared {
+            Some(shared) if snap.cache.redis => {
+                let found = shared.cache_get(&self.metrics, &key).await;
+                let sink = cache::Sink::Redis(shared.clone(), self.metrics.clone());
+                let max_entry = usize::try_from(snap.cache.max_size / 8).unwrap_or(usize::MAX);
+                (found, sink, max_entry)
+            }
+            _ => {
+                let store = self.cache_store(&snap.cache);
+                let found = store.get(&key).map(|e| crate::shared::CachedResponse {
+                    status: e.status,
+                    headers: e.headers.clone(),
+                    body: e.body.clone(),
+                });
+                let max_entry = store.max_entry();
+                (found, cache::Sink::Memory(store), max_entry)
+            }
+        };
+        let Some(entry) = found else {
             self.metrics.count_cache("miss");
             return Cached::Miss(cache::Miss {
-                store,
+                sink,
+                max_entry,
                 key,
                 ttl: want.ttl,
                 streaming: snap.cache.streaming,
             });
         };
         self.metrics.count_cache("hit");
-        let mut resp = Response::new(ProxyBody::full(entry.body.clone()));
+        let body_len = entry.body.len();
+        let mut resp = Response::new(ProxyBody::full(entry.body));
         *resp.status_mut() = entry.status;
-        *resp.headers_mut() = entry.headers.clone();
+        *resp.headers_mut() = entry.headers;
         let headers = resp.headers_mut();
         headers.insert(cache::STATUS, cache::HIT);
         let log_id = tag_response(headers, parts.headers.get(EVENT_ID));
@@ -204,7 +223,7 @@ impl Gateway {
         );
         record.set_metadata(opts.metadata.clone());
         record.set_cached();
-        record.add_bytes(entry.body.len());
+        record.add_bytes(body_len);
         record.finish_complete();
         Cached::Hit(Box::new(resp))
     }
@@ -307,7 +326,10 @@ impl Gateway {
         }
         // rate limit
         if let Some(rl) = &snap.rate_limit
-            && let Err(retry_after) = self.limiter.check(rl, Instant::now())
+            && let Err(retry_after) = match (&snap.shared, rl.global) {
+                (Some(shared), true) => shared.rate_check(&self.metrics, rl).await,
+                _ => self.limiter.check(rl, Instant::now()),
+            }
         {
             return Err((
                 None,
@@ -374,7 +396,10 @@ impl Gateway {
                 .then_some((&parts.headers, provider.auth_headers())),
             body: &body,
         };
-        let miss = match self.cache_lookup(snap, want.as_ref(), &lookup, &parts, start, &opts) {
+        let miss = match self
+            .cache_lookup(snap, want.as_ref(), &lookup, &parts, start, &opts)
+            .await
+        {
             Cached::Off => None,
             Cached::Hit(mut resp) => {
                 crate::dlp::flag(resp.headers_mut(), &dlp_flags);

@@ -1,4 +1,5 @@
-//! Request rate limiting per pod: `limit` requests per `interval`, counted in a fixed window
+//! Request rate limiting: `limit` requests per `interval`, per pod here (global limits are
+//! counted in Redis, [`crate::shared`], with the same windows), in a fixed window
 //! (reset at each interval boundary) or a sliding one (the previous window's count weighted by
 //! how much of it still overlaps the last `interval`), as Cloudflare's AI Gateway does.
 //! Refused requests are not counted. One small lock per request, only when a limit is set.
@@ -17,6 +18,8 @@ pub struct Settings {
     pub interval: Duration,
     /// Sliding (else fixed) window.
     pub sliding: bool,
+    /// Counted in the gateway's Redis across pods (else per pod).
+    pub global: bool,
 }
 
 impl Settings {
@@ -31,6 +34,7 @@ impl Settings {
             limit: p.limit,
             interval: p.interval.get(),
             sliding: p.technique == RateLimitTechnique::Sliding,
+            global: p.scope == sidegate_crds::policy::RateLimitScope::Global,
         }))
     }
 }
@@ -120,6 +124,7 @@ mod tests {
             limit,
             interval: Duration::from_secs(secs),
             sliding,
+            global: false,
         }
     }
 

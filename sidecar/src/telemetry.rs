@@ -63,6 +63,7 @@ pub struct Metrics {
     config_info: Family<ConfigLabels, Gauge>,
     cache: Family<CacheLabels, Counter>,
     retries: Family<ProviderLabels, Counter>,
+    redis_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -119,6 +120,12 @@ impl Metrics {
             "Upstream attempts retried (after a connection error, timeout, 429 or 5xx)",
             retries.clone(),
         );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Redis operations that failed or timed out (the gateway failed open)",
+            redis_errors.clone(),
+        );
         Self {
             registry,
             requests,
@@ -128,6 +135,7 @@ impl Metrics {
             config_info,
             cache,
             retries,
+            redis_errors,
         }
     }
 
@@ -161,6 +169,11 @@ impl Metrics {
                 provider: provider.clone(),
             })
             .inc();
+    }
+
+    /// Counts one failed Redis operation.
+    pub fn count_redis_error(&self) {
+        self.redis_errors.inc();
     }
 
     /// Counts one reload.

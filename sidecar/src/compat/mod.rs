@@ -631,7 +631,10 @@ pub(crate) async fn serve(
         client_auth: client_own.then_some((&parts.headers, provider.auth_headers())),
         body: &body,
     };
-    let miss = match gw.cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts) {
+    let miss = match gw
+        .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts)
+        .await
+    {
         Cached::Off => None,
         Cached::Hit(mut resp) => {
             crate::dlp::flag(resp.headers_mut(), &dlp_flags);

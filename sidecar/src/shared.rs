@@ -1,0 +1,292 @@
+//! State shared by every pod of a gateway, in the Redis of `spec.redis` (URL in the keys
+//! directory's `redis.url`): cache entries (`spec.cache.backend: redis`) and global rate limits
+//! (`spec.rateLimit.scope: global`).
+//!
+//! Redis is a help, not a dependency of serving: when it cannot be reached in time the gateway
+//! fails open (a cache miss, a request allowed), counts the error in
+//! `sidegate_redis_errors_total` and warns at most every 10 s. Keys are prefixed
+//! `sidegate:{namespace/name}:`, so gateways can share one Redis.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::OnceCell;
+
+use crate::cache::Key;
+use crate::ratelimit;
+use crate::telemetry::Metrics;
+
+/// Time to connect, and to wait for each answer.
+const TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Fixed or sliding window in one script: allowed when `prev × overlap + cur + 1 <= limit`
+/// (a fixed window passes overlap 0); refused requests are not counted.
+const RATE_SCRIPT: &str = r"
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
+if prev * tonumber(ARGV[3]) + cur + 1 > tonumber(ARGV[1]) then return -1 end
+cur = redis.call('INCR', KEYS[1])
+if cur == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return cur
+";
+
+/// A gateway's Redis.
+pub struct Shared {
+    client: ::redis::Client,
+    conn: OnceCell<ConnectionManager>,
+    prefix: String,
+    script: ::redis::Script,
+    last_warn: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may carry a password.
+        f.debug_struct("Shared")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl Shared {
+    /// A client for `url` (not connected yet); the error never repeats the URL.
+    pub fn new(url: &SecretString, gateway: &str) -> Result<Self, String> {
+        let client = ::redis::Client::open(url.expose_secret()).map_err(|e| {
+            format!(
+                "redis.url in the keys directory is not a valid Redis URL ({})",
+                e.category()
+            )
+        })?;
+        Ok(Self {
+            client,
+            conn: OnceCell::new(),
+            prefix: format!("sidegate:{gateway}:"),
+            script: ::redis::Script::new(RATE_SCRIPT),
+            last_warn: AtomicU64::new(0),
+        })
+    }
+
+    async fn conn(&self) -> ::redis::RedisResult<ConnectionManager> {
+        self.conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(TIMEOUT))
+                    .set_response_timeout(Some(TIMEOUT))
+                    .set_number_of_retries(1);
+                ConnectionManager::new_with_config(self.client.clone(), config).await
+            })
+            .await
+            .cloned()
+    }
+
+    fn failed(&self, metrics: &Metrics, what: &str, e: &::redis::RedisError) {
+        metrics.count_redis_error();
+        let now = unix_ms() / 1000;
+        let last = self.last_warn.load(Ordering::Relaxed);
+        if now >= last + 10
+            && self
+                .last_warn
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(error = %e, "redis {what} failed; serving without it (fail open)");
+        }
+    }
+
+    /// The cached response of `key`, if any.
+    pub async fn cache_get(&self, metrics: &Metrics, key: &Key) -> Option<CachedResponse> {
+        let got: ::redis::RedisResult<Option<Vec<u8>>> = async {
+            let mut c = self.conn().await?;
+            ::redis::cmd("GET")
+                .arg(self.cache_key(key))
+                .query_async(&mut c)
+                .await
+        }
+        .await;
+        match got {
+            Ok(v) => v.and_then(|raw| decode(&raw)),
+            Err(e) => {
+                self.failed(metrics, "cache read", &e);
+                None
+            }
+        }
+    }
+
+    /// Stores a response in the background for `ttl`.
+    pub fn cache_put(
+        self: &Arc<Self>,
+        metrics: Arc<Metrics>,
+        key: Key,
+        response: CachedResponse,
+        ttl: Duration,
+    ) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let raw = encode(&response);
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+            let done: ::redis::RedisResult<()> = async {
+                let mut c = this.conn().await?;
+                ::redis::cmd("SET")
+                    .arg(this.cache_key(&key))
+                    .arg(raw)
+                    .arg("PX")
+                    .arg(ms)
+                    .query_async(&mut c)
+                    .await
+            }
+            .await;
+            if let Err(e) = done {
+                this.failed(&metrics, "cache write", &e);
+            }
+        });
+    }
+
+    fn cache_key(&self, key: &Key) -> String {
+        format!("{}cache:{}", self.prefix, hex::encode(key))
+    }
+
+    /// Counts a request against a global limit: `Err(retry_after)` when over it.
+    pub async fn rate_check(
+        &self,
+        metrics: &Metrics,
+        s: &ratelimit::Settings,
+    ) -> Result<(), Duration> {
+        let interval_ms = u64::try_from(s.interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let now = unix_ms();
+        let index = now / interval_ms;
+        let into = now % interval_ms;
+        let left = Duration::from_millis(interval_ms - into);
+        let overlap = if s.sliding {
+            (interval_ms - into) as f64 / interval_ms as f64
+        } else {
+            0.0
+        };
+        // The limit and interval are part of the key: a changed limit counts afresh.
+        let key = |i: u64| format!("{}rl:{}:{}:{i}", self.prefix, s.limit, interval_ms);
+        let counted: ::redis::RedisResult<i64> = async {
+            let mut c = self.conn().await?;
+            self.script
+                .key(key(index))
+                .key(key(index.saturating_sub(1)))
+                .arg(s.limit)
+                .arg(interval_ms.saturating_mul(2))
+                .arg(format!("{overlap:.6}"))
+                .invoke_async(&mut c)
+                .await
+        }
+        .await;
+        match counted {
+            Ok(-1) => Err(left),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.failed(metrics, "rate limit", &e);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A response as stored in Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+const MAGIC: &[u8] = b"SG1";
+
+/// `SG1`, status (u16), header count (u16), each header as name length (u16), name, value
+/// length (u32), value; then the body.
+fn encode(r: &CachedResponse) -> Vec<u8> {
+    let mut out = Vec::with_capacity(r.body.len() + 64 * r.headers.len() + 8);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&r.status.as_u16().to_be_bytes());
+    let n = u16::try_from(r.headers.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&n.to_be_bytes());
+    for (name, value) in r.headers.iter().take(usize::from(n)) {
+        let name = name.as_str().as_bytes();
+        out.extend_from_slice(&u16::try_from(name.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(name);
+        out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+    out.extend_from_slice(&r.body);
+    out
+}
+
+/// The inverse of [`encode`]; `None` for anything else (another version, a foreign value).
+fn decode(raw: &[u8]) -> Option<CachedResponse> {
+    let mut rest = raw.strip_prefix(MAGIC)?;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        if rest.len() < n {
+            return None;
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Some(head)
+    };
+    let u16_of = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    let status = StatusCode::from_u16(u16_of(take(2)?)).ok()?;
+    let count = u16_of(take(2)?);
+    let mut headers = HeaderMap::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let n = usize::from(u16_of(take(2)?));
+        let name = HeaderName::from_bytes(take(n)?).ok()?;
+        let len = take(4)?;
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let value = HeaderValue::from_bytes(take(len)?).ok()?;
+        headers.append(name, value);
+    }
+    Some(CachedResponse {
+        status,
+        headers,
+        body: Bytes::copy_from_slice(rest),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_responses_round_trip_and_foreign_values_are_misses() {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.append("x-many", HeaderValue::from_static("1"));
+        headers.append("x-many", HeaderValue::from_static("2"));
+        let r = CachedResponse {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(b"{\"id\":1}"),
+        };
+        assert_eq!(decode(&encode(&r)), Some(r.clone()));
+        assert_eq!(decode(b"hello"), None);
+        let raw = encode(&r);
+        assert_eq!(decode(&raw[..10]), None, "truncated");
+    }
+
+    #[test]
+    fn urls_are_checked_without_repeating_them() {
+        let err = Shared::new(&SecretString::from("http://user:hunter2@x"), "ns/gw")
+            .expect_err("not redis");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(Shared::new(&SecretString::from("redis://:pw@127.0.0.1:6379/0"), "ns/gw").is_ok());
+    }
+}

@@ -1,0 +1,128 @@
+"""State shared across pods through a real Redis (Debian's redis-server, started here on
+loopback): the cache (`backend: redis`) and global rate limits, and failing open without Redis.
+
+Two sidegate processes stand for two pods of one gateway.
+"""
+
+import pathlib
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import httpx
+import pytest
+
+from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
+
+CHAT = "/openai/chat/completions"
+
+
+class Redis:
+    def __init__(self, workdir):
+        exe = shutil.which("redis-server")
+        if not exe:
+            pytest.fail("redis-server not installed (./test.sh installs Debian's redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(workdir), "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    r = Redis(tmp_path_factory.mktemp("redis"))
+    yield r
+    r.stop()
+
+
+def pod(tmp, mock, redis_url, spec, name):
+    d = pathlib.Path(tmp) / name
+    d.mkdir()
+    extra = "  redis: {}\n" + spec
+    return Sidegate(d, gateway_yaml(mock.url, extra_spec=extra, name="shared-gw"), dict(DEFAULT_KEYS, **{"redis.url": redis_url}))
+
+
+def body(text):
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
+
+
+def test_a_response_cached_by_one_pod_is_a_hit_in_another(mock, tmp_path, redis):
+    spec = "  cache: {enabled: true, backend: redis, ttl: 10m}\n"
+    a, b = pod(tmp_path, mock, redis.url, spec, "a"), pod(tmp_path, mock, redis.url, spec, "b")
+    try:
+        mock.clear()
+        q = body(f"shared question {uuid.uuid4()}")
+        first = httpx.post(a.url + CHAT, json=q)
+        assert first.headers["cf-aig-cache-status"] == "MISS"
+        # The entry is written in the background: wait for it to land.
+        deadline = time.monotonic() + 5
+        while True:
+            second = httpx.post(b.url + CHAT, json=q)
+            if second.headers["cf-aig-cache-status"] == "HIT":
+                break
+            assert time.monotonic() < deadline, "pod b never saw pod a's entry"
+            time.sleep(0.05)
+        assert second.content == first.content
+        assert second.headers["content-type"] == first.headers["content-type"]
+        before = len(mock.requests())
+        assert httpx.post(a.url + CHAT, json=q).headers["cf-aig-cache-status"] == "HIT"
+        assert len(mock.requests()) == before
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_global_rate_limit_is_shared_by_the_pods(mock, tmp_path, redis):
+    spec = "  rateLimit: {limit: 3, interval: 1h, scope: global}\n"
+    a, b = pod(tmp_path, mock, redis.url, spec, "a"), pod(tmp_path, mock, redis.url, spec, "b")
+    try:
+        codes = [httpx.post(g.url + CHAT, json=body("limit")).status_code for g in (a, b, a, b, a)]
+        assert codes == [200, 200, 200, 429, 429]
+        r = httpx.post(b.url + CHAT, json=body("limit"))
+        assert (r.status_code, r.json()["error"][0]["code"]) == (429, 2003)
+        assert int(r.headers["retry-after"]) >= 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_without_redis_the_gateway_fails_open_and_says_so(mock, tmp_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    spec = "  cache: {enabled: true, backend: redis}\n  rateLimit: {limit: 1, interval: 1h, scope: global}\n"
+    g = pod(tmp_path, mock, dead, spec, "a")
+    try:
+        for _ in range(3):
+            r = httpx.post(g.url + CHAT, json=body("no redis"), timeout=10)
+            assert r.status_code == 200
+            assert r.headers["cf-aig-cache-status"] == "MISS"
+        errors = [l for l in g.metrics().splitlines() if l.startswith("sidegate_redis_errors_total ")]
+        assert errors and float(errors[0].split()[-1]) >= 3
+        assert "serving without it (fail open)" in g.logs()
+        assert dead not in g.logs()
+    finally:
+        g.stop()
+
+
+def test_redis_without_a_url_file_is_refused_at_start(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  redis: {}\n"), DEFAULT_KEYS, wait_ready=False)
+    try:
+        assert g.proc.wait(10) == 2
+        assert "no redis.url file" in g.logs()
+    finally:
+        g.stop()
