@@ -5,6 +5,7 @@
 //! - [`config`]: `gateway.yaml`, the file the operator renders and the sidecar reads.
 //! - [`units`]: duration (`30s`) and size (`64Mi`) strings used in both.
 //! - [`provider`]: the provider ids of SPEC.md.
+//! - [`routes`]: dynamic routes and fallback chains, compiled and checked.
 //! - `api` (feature `kube`): the `AIGateway` and `ProviderKey` custom resources.
 
 #[cfg(feature = "kube")]
@@ -12,6 +13,7 @@ pub mod api;
 pub mod config;
 pub mod policy;
 pub mod provider;
+pub mod routes;
 pub mod units;
 
 pub use config::{GatewayConfig, GatewayIdentity, SCHEMA_VERSION};

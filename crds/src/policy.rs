@@ -101,12 +101,6 @@ impl GatewayPolicy {
         {
             return not_yet("spec.rateLimit.tokensPerMinute", "a token budget");
         }
-        if !spec.fallbacks.is_empty() {
-            return not_yet("spec.fallbacks", "fallback chains");
-        }
-        if !spec.routes.is_empty() {
-            return not_yet("spec.routes", "dynamic routing");
-        }
         if spec
             .guardrails
             .as_ref()

@@ -2,13 +2,10 @@
 //! needs the object's annotations), value ranges of unit strings, dynamic route graphs, selectors.
 //! Each problem names the field, so the `ConfigRendered` condition tells a person what to fix.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kube::{Resource, ResourceExt};
 use sidegate_crds::api::{AIGateway, ALLOW_INSECURE_UPSTREAM_ANNOTATION};
-use sidegate_crds::policy::{DynamicRoute, RouteNodeType};
-use sidegate_crds::provider::is_valid_provider_id;
 
 use crate::render::parse_selector;
 
@@ -157,6 +154,13 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
             "rateLimit.scope global needs the redis block (limits are counted in Redis)".into(),
         );
     }
+    if let Err(why) = sidegate_crds::routes::compile(&policy.routes, &policy.fallbacks, |id| {
+        sidegate_crds::provider::BUILTIN_PROVIDERS.contains(&id)
+            || policy.providers.contains_key(id)
+    }) {
+        // The sidecar refuses the same config with the same message.
+        problems.push(why);
+    }
     for (i, p) in policy.dlp.iter().flat_map(|d| &d.policies).enumerate() {
         for name in &p.profiles {
             if !sidegate_crds::policy::DLP_PROFILES.contains(&name.as_str()) {
@@ -182,87 +186,6 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
         && t.get().is_zero()
     {
         problems.push("requestTimeout must be longer than 0ms".to_owned());
-    }
-    for fallback in &policy.fallbacks {
-        for (i, target) in fallback.targets.iter().enumerate() {
-            if !is_valid_provider_id(&target.provider) {
-                problems.push(format!(
-                    "fallbacks.{}.targets[{i}].provider '{}' is not a provider id",
-                    fallback.name, target.provider
-                ));
-            }
-        }
-    }
-    for route in &policy.routes {
-        problems.extend(route_graph(route));
-    }
-    problems
-}
-
-/// Problems of one dynamic route graph: unique ids, one start, an end, no dangling references.
-pub fn route_graph(route: &DynamicRoute) -> Vec<String> {
-    let at = |id: &str| format!("routes.{}.nodes.{id}", route.name);
-    let mut problems = Vec::new();
-    let mut ids = BTreeSet::new();
-    for node in &route.nodes {
-        if !ids.insert(node.id.as_str()) {
-            problems.push(format!("{}: duplicate node id", at(&node.id)));
-        }
-    }
-    let count = |kind: RouteNodeType| route.nodes.iter().filter(|n| n.kind == kind).count();
-    if count(RouteNodeType::Start) != 1 {
-        problems.push(format!(
-            "routes.{}: needs exactly one start node",
-            route.name
-        ));
-    }
-    if count(RouteNodeType::End) == 0 {
-        problems.push(format!("routes.{}: needs an end node", route.name));
-    }
-    let mut refs: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
-    for node in &route.nodes {
-        let entry = refs.entry(node.id.as_str()).or_default();
-        for (field, target) in [
-            ("next", &node.next),
-            ("then", &node.then_),
-            ("else", &node.else_),
-            ("fallback", &node.fallback),
-        ] {
-            if let Some(t) = target {
-                entry.push((field, t.as_str()));
-            }
-        }
-        for b in &node.branches {
-            entry.push(("branches.next", b.next.as_str()));
-        }
-        if let Some(p) = &node.provider
-            && !is_valid_provider_id(p)
-        {
-            problems.push(format!(
-                "{}.provider '{p}' is not a provider id",
-                at(&node.id)
-            ));
-        }
-        let needs_next = matches!(
-            node.kind,
-            RouteNodeType::Start
-                | RouteNodeType::Model
-                | RouteNodeType::Rate
-                | RouteNodeType::Budget
-        );
-        if needs_next && node.next.is_none() {
-            problems.push(format!("{}: needs next", at(&node.id)));
-        }
-    }
-    for (from, targets) in refs {
-        for (field, to) in targets {
-            if !ids.contains(to) {
-                problems.push(format!(
-                    "{}.{field} refers to unknown node '{to}'",
-                    at(from)
-                ));
-            }
-        }
     }
     problems
 }
@@ -378,6 +301,19 @@ mod tests {
             tokens_per_minute: None,
         });
         assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
+        // A route the sidecar would refuse is a spec problem with the sidecar's message.
+        gw.spec.policy.routes = vec![sidegate_crds::policy::DynamicRoute {
+            name: "r".into(),
+            nodes: vec![],
+        }];
+        assert!(
+            gateway(&gw)
+                .iter()
+                .any(|p| p.starts_with("spec.routes[0]: no start node")),
+            "{:?}",
+            gateway(&gw)
+        );
+        gw.spec.policy.routes.clear();
         gw.spec.policy.redis = None;
         assert!(
             gateway(&gw)

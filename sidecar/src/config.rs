@@ -79,6 +79,8 @@ pub struct Snapshot {
     pub retries: crate::retry::Policy,
     /// DLP policies.
     pub dlp: crate::dlp::Settings,
+    /// Dynamic routes and fallback chains of `/compat`.
+    pub routing: crate::routing::Routing,
     /// The gateway's Redis (`spec.redis`), for state shared across pods.
     pub shared: Option<std::sync::Arc<crate::shared::Shared>>,
     /// Request rate limit, if any.
@@ -193,6 +195,11 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     let retries =
         crate::retry::Policy::from_config(config.spec.retries.as_ref()).map_err(invalid)?;
     let dlp = crate::dlp::Settings::from_policy(config.spec.dlp.as_ref()).map_err(invalid)?;
+    let routing =
+        crate::routing::Routing::from_policy(&config.spec.routes, &config.spec.fallbacks, |id| {
+            providers.get(id).is_some()
+        })
+        .map_err(invalid)?;
     let shared = match &config.spec.redis {
         None => None,
         Some(r) if r.url_secret_ref.is_some() => {
@@ -248,6 +255,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         rate_limit,
         retries,
         dlp,
+        routing,
         shared,
         fingerprint,
         warnings,
@@ -349,12 +357,12 @@ mod tests {
         assert!(err.to_string().contains("no redis.url file"), "{err}");
         let err = load(&write_config(
             dir.path(),
-            "schemaVersion: 1\nspec:\n  fallbacks: [{name: f, targets: [{provider: openai, model: m}]}]\n",
+            "schemaVersion: 1\nspec:\n  logging: {payloads: true}\n",
         ))
-        .expect_err("fallbacks");
+        .expect_err("payload logging");
         assert!(
             err.to_string()
-                .contains("spec.fallbacks: fallback chains is not implemented"),
+                .contains("spec.logging.payloads: payload logging is not implemented"),
             "{err}"
         );
     }

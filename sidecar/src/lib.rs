@@ -30,6 +30,7 @@ pub mod ratelimit;
 pub mod reload;
 pub mod retry;
 pub mod route;
+pub mod routing;
 pub mod server;
 pub mod shared;
 pub mod telemetry;

@@ -376,7 +376,7 @@ def test_openai_compatible_providers_get_the_model_rewritten_and_the_response_un
 @pytest.mark.parametrize("model, needle", [
     ("gpt-4o", "{provider}/{model}"),
     ("nosuch/model-x", "unknown provider"),
-    ("dynamic/support", "dynamic routes"),
+    ("dynamic/support", 'no dynamic route named "support"'),
 ])
 def test_bad_model_strings_are_400_in_the_spec_envelope(gw, mock, model, needle):
     with pytest.raises(openai.BadRequestError) as e:

@@ -38,6 +38,7 @@ use crate::headers::strip_response_headers;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Cached, Gateway};
 use crate::route::ProviderRoute;
+use crate::routing::Target;
 use crate::telemetry::{LogOptions, RequestRecord};
 
 /// Turns an upstream stream, fed chunk by chunk, into OpenAI `chat.completion.chunk` SSE.
@@ -152,10 +153,6 @@ const AZURE_API_VERSION: &str = "api-version=2024-10-21";
 /// `{provider}/{model}` → `(provider, model)`.
 pub fn split_model(model: &str) -> Result<(&str, &str), GatewayError> {
     match model.split_once('/') {
-        Some(("dynamic", _)) => Err(bad(format!(
-            "dynamic routes are not available in sidegate {}",
-            env!("CARGO_PKG_VERSION")
-        ))),
         Some((p, m)) if !p.is_empty() && !m.is_empty() => Ok((p, m)),
         _ => Err(bad(format!(
             "model {:?} is not {{provider}}/{{model}} (e.g. anthropic/claude-sonnet-4-5)",
@@ -599,14 +596,46 @@ pub(crate) async fn serve(
         .await
         .map_err(none)?;
     let model = peek_model(&body).map_err(none)?;
-    let (provider_id, model_name) = split_model(&model).map_err(none)?;
-    let provider = snap.providers.get(provider_id).ok_or_else(|| {
+    let metadata: Map<String, Value> = opts
+        .metadata
+        .as_deref()
+        .and_then(|m| serde_json::from_str(m).ok())
+        .unwrap_or_default();
+    // A dynamic route or fallback chain names its targets; a plain model is its one target.
+    let (mut walk, single) = match snap.routing.walk(&model) {
+        Some(found) => (Some(found.map_err(|e| none(bad(e)))?), None),
+        None => {
+            let (p, m) = split_model(&model).map_err(none)?;
+            let target = Target {
+                provider: p.to_owned(),
+                model: m.to_owned(),
+                timeout: None,
+                attempts: None,
+            };
+            (None, Some(target))
+        }
+    };
+    let routed = walk.is_some();
+    let first = match (walk.as_mut(), &single) {
+        (Some(w), _) => w.next_target(&metadata),
+        (None, target) => target.as_ref(),
+    }
+    .ok_or_else(|| {
         none(bad(format!(
-            "unknown provider {:?} in model {:?}",
-            openai::truncate(provider_id),
+            "{} leads to no model for this request",
             openai::truncate(&model)
         )))
     })?;
+    let provider_of = |t: &Target| {
+        snap.providers.get(&t.provider).ok_or_else(|| {
+            none(bad(format!(
+                "unknown provider {:?} in model {:?}",
+                openai::truncate(&t.provider),
+                openai::truncate(&model)
+            )))
+        })
+    };
+    let provider = provider_of(first)?;
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);
     let path = match endpoint {
         Endpoint::Chat => "compat/chat/completions",
@@ -615,15 +644,16 @@ pub(crate) async fn serve(
 
     let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
 
-    // cache lookup
+    // cache lookup (a routed request is keyed by its route, not by the target it lands on)
     let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
     let retries = snap.retries.with_headers(&parts.headers).map_err(fail)?;
-    let client_own = want.is_some()
+    let client_own = !routed
+        && want.is_some()
         && provider.auth_header().is_some()
         && matches!(provider.choose_key(alias), Ok(KeyChoice::ClientOwn));
     let lookup = cache::Request {
         scope: "compat",
-        provider: &provider.id,
+        provider: if routed { &model } else { &provider.id },
         method: parts.method.as_str(),
         path,
         query: None,
@@ -643,25 +673,49 @@ pub(crate) async fn serve(
         Cached::Miss(miss) => Some(miss),
     };
 
+    // dispatch, falling back along the route while targets fail
     let log_id = crate::log_id::next();
-    let (upstream, translation) = plan(&CompatCall {
-        snap,
-        provider,
-        endpoint,
-        model: model_name,
-        body: &body,
-        alias,
-        parts,
-        log_id: &log_id,
-    })
-    .map_err(fail)?;
-
-    // dispatch
     let event_id = parts.headers.get("cf-aig-event-id").cloned();
-    let resp = gw
-        .dispatch(upstream, timeout, &retries, &provider.id)
-        .await
+    let (mut target, mut provider, mut step) = (first, provider, 0usize);
+    let (resp, translation) = loop {
+        let fail = |e: GatewayError| (Some(provider.id.clone()), e);
+        let (upstream, translation) = plan(&CompatCall {
+            snap,
+            provider,
+            endpoint,
+            model: &target.model,
+            body: &body,
+            alias,
+            parts,
+            log_id: &log_id,
+        })
         .map_err(fail)?;
+        let mut policy = retries;
+        if let Some(n) = target.attempts {
+            policy.max_attempts = n;
+        }
+        let outcome = gw
+            .dispatch(
+                upstream,
+                target.timeout.unwrap_or(timeout),
+                &policy,
+                &provider.id,
+            )
+            .await;
+        let ok = matches!(&outcome, Ok(r) if r.status().is_success());
+        if !ok && let Some(next) = walk.as_mut().and_then(|w| w.next_target(&metadata)) {
+            let why = match &outcome {
+                Ok(r) => format!("status {}", r.status().as_u16()),
+                Err(e) => e.to_string(),
+            };
+            tracing::info!(step, provider = %provider.id, model = %target.model, failure = %why, "route target failed, trying the next");
+            target = next;
+            provider = provider_of(next)?;
+            step += 1;
+            continue;
+        }
+        break (outcome.map_err(fail)?, translation);
+    };
     let (mut head, upstream_body) = resp.into_parts();
     strip_response_headers(&mut head.headers);
     if want.is_some() {
@@ -672,6 +726,15 @@ pub(crate) async fn serve(
     }
     if let Ok(v) = HeaderValue::from_str(&log_id) {
         head.headers.insert("cf-aig-log-id", v);
+    }
+    if routed {
+        head.headers.insert("cf-aig-step", HeaderValue::from(step));
+        if let Ok(v) = HeaderValue::from_str(&target.provider) {
+            head.headers.insert("cf-aig-provider", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&target.model) {
+            head.headers.insert("cf-aig-model", v);
+        }
     }
     crate::dlp::flag(&mut head.headers, &dlp_flags);
     let mut record = RequestRecord::new(
@@ -837,7 +900,8 @@ pub(crate) mod tests {
         for bad in ["gpt-4o", "/x", "openai/", ""] {
             assert_eq!(split_model(bad).map_err(|e| e.code()), Err(2107), "{bad}");
         }
-        assert!(split_model("dynamic/support").is_err());
+        // Routes and chains are resolved before this (routing.rs); here they are plain names.
+        assert_eq!(split_model("dynamic/support"), Ok(("dynamic", "support")));
     }
 
     #[test]

@@ -1,0 +1,422 @@
+//! Dynamic routes (`model: "dynamic/<route>"`) and fallback chains (`model: "fallback/<name>"`)
+//! compiled from the policy and checked: the operator reports what is wrong in the gateway's
+//! status, the sidecar refuses it, with the same message naming the node and field.
+//!
+//! A route is a graph walked from its `start` node: `conditional` nodes test the request's
+//! `cf-aig-metadata` (`metadata.plan == "paid" && metadata.tier != 2`; `==`, `!=`, `<`, `<=`,
+//! `>`, `>=` against a string, number or bool; `&&` binds tighter than `||`), `percentage`
+//! nodes pick a branch by weight, `rate` nodes take their `fallback` branch once `limit`
+//! requests passed them within `interval`, and `model` nodes name a target; a failed target
+//! continues at the model node's `next`. Budget nodes need cost accounting, which this version
+//! does not have: they are refused.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::policy::{DynamicRoute, Fallback, RouteNodeType};
+
+/// A provider and model to try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Provider id.
+    pub provider: String,
+    /// Model at that provider.
+    pub model: String,
+    /// Time to first byte (else the request's).
+    pub timeout: Option<std::time::Duration>,
+    /// Attempts (else the request's retry policy).
+    pub attempts: Option<u32>,
+}
+
+/// A node of a compiled route.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Node {
+    /// Entry.
+    Start {
+        /// Next node.
+        next: String,
+    },
+    /// A test of the metadata.
+    Conditional {
+        /// The test.
+        cond: Condition,
+        /// Node when it holds.
+        then: String,
+        /// Node when it does not.
+        other: String,
+    },
+    /// A weighted split.
+    Percentage {
+        /// Weights and nodes.
+        branches: Vec<(u64, String)>,
+        /// Sum of the weights (above 0).
+        total: u64,
+    },
+    /// A request-rate cap.
+    Rate {
+        /// Requests per interval.
+        limit: u64,
+        /// Interval.
+        interval: std::time::Duration,
+        /// Node while under the limit.
+        next: String,
+        /// Node once over it.
+        fallback: String,
+    },
+    /// A target.
+    Model {
+        /// What to call.
+        target: Target,
+        /// Node when the target fails (an end node: the failure is the answer).
+        next: Option<String>,
+    },
+    /// Exit.
+    End,
+}
+
+/// A compiled route: its start node and nodes by id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Graph {
+    /// Id of the start node.
+    pub start: String,
+    /// Nodes by id.
+    pub nodes: HashMap<String, Node>,
+}
+
+/// Routes and chains of a policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Compiled {
+    /// Routes by name.
+    pub routes: HashMap<String, Graph>,
+    /// Fallback chains by name.
+    pub chains: HashMap<String, Vec<Target>>,
+}
+
+/// Compiles `spec.routes` and `spec.fallbacks`; the error names the node and field.
+/// `known_provider` tells whether a provider id can be served.
+pub fn compile(
+    routes: &[DynamicRoute],
+    fallbacks: &[Fallback],
+    known_provider: impl Fn(&str) -> bool,
+) -> Result<Compiled, String> {
+    let mut out = Compiled::default();
+    for (ri, r) in routes.iter().enumerate() {
+        let at = |ni: usize, field: &str| format!("spec.routes[{ri}].nodes[{ni}].{field}");
+        let mut nodes = HashMap::new();
+        let mut start = None;
+        for (ni, n) in r.nodes.iter().enumerate() {
+            let need = |v: &Option<String>, field: &str| {
+                v.clone()
+                    .ok_or_else(|| format!("{} is required for a {:?} node", at(ni, field), n.kind))
+            };
+            let node = match n.kind {
+                RouteNodeType::Start => {
+                    if start.replace(n.id.clone()).is_some() {
+                        return Err(format!("spec.routes[{ri}]: more than one start node"));
+                    }
+                    Node::Start {
+                        next: need(&n.next, "next")?,
+                    }
+                }
+                RouteNodeType::Conditional => Node::Conditional {
+                    cond: Condition::parse(n.condition.as_deref().unwrap_or_default())
+                        .map_err(|e| format!("{}: {e}", at(ni, "condition")))?,
+                    then: need(&n.then_, "then")?,
+                    other: need(&n.else_, "else")?,
+                },
+                RouteNodeType::Percentage => {
+                    if n.branches.is_empty() {
+                        return Err(format!("{} needs at least one branch", at(ni, "branches")));
+                    }
+                    let branches: Vec<(u64, String)> = n
+                        .branches
+                        .iter()
+                        .map(|b| (u64::from(b.weight), b.next.clone()))
+                        .collect();
+                    let total = branches.iter().map(|b| b.0).sum();
+                    if total == 0 {
+                        return Err(format!("{}: the weights add up to 0", at(ni, "branches")));
+                    }
+                    Node::Percentage { branches, total }
+                }
+                RouteNodeType::Rate => {
+                    let limit = n
+                        .limit
+                        .as_deref()
+                        .and_then(|l| l.trim().parse::<u64>().ok())
+                        .filter(|l| *l > 0)
+                        .ok_or_else(|| {
+                            format!("{} must be a number of requests above 0", at(ni, "limit"))
+                        })?;
+                    let interval = n.interval.map(|d| d.get()).filter(|d| !d.is_zero());
+                    let interval = interval
+                        .ok_or_else(|| format!("{} must be above 0", at(ni, "interval")))?;
+                    Node::Rate {
+                        limit,
+                        interval,
+                        next: need(&n.next, "next")?,
+                        fallback: need(&n.fallback, "fallback")?,
+                    }
+                }
+                RouteNodeType::Budget => {
+                    return Err(format!(
+                        "{}: budget nodes are not implemented in sidegate {} (no cost accounting yet); use a rate node",
+                        at(ni, "type"),
+                        env!("CARGO_PKG_VERSION")
+                    ));
+                }
+                RouteNodeType::Model => {
+                    let next = need(&n.next, "next")?;
+                    let provider = need(&n.provider, "provider")?;
+                    if !known_provider(&provider) {
+                        return Err(format!(
+                            "{}: unknown provider {provider:?}",
+                            at(ni, "provider")
+                        ));
+                    }
+                    Node::Model {
+                        target: Target {
+                            provider,
+                            model: need(&n.model, "model")?,
+                            timeout: n.timeout.map(|d| d.get()),
+                            attempts: n.retries,
+                        },
+                        next: Some(next),
+                    }
+                }
+                RouteNodeType::End => Node::End,
+            };
+            if nodes.insert(n.id.clone(), node).is_some() {
+                return Err(format!("{}: duplicate node id {:?}", at(ni, "id"), n.id));
+            }
+        }
+        let start = start.ok_or_else(|| format!("spec.routes[{ri}]: no start node"))?;
+        if !nodes.values().any(|n| matches!(n, Node::End)) {
+            return Err(format!("spec.routes[{ri}] ({}): no end node", r.name));
+        }
+        // Every edge leads to a node of the route.
+        for (id, node) in &nodes {
+            let edges: Vec<&String> = match node {
+                Node::Start { next } => vec![next],
+                Node::Conditional { then, other, .. } => vec![then, other],
+                Node::Percentage { branches, .. } => branches.iter().map(|b| &b.1).collect(),
+                Node::Rate { next, fallback, .. } => vec![next, fallback],
+                Node::Model { next, .. } => next.iter().collect(),
+                Node::End => vec![],
+            };
+            if let Some(bad) = edges.into_iter().find(|e| !nodes.contains_key(*e)) {
+                return Err(format!(
+                    "spec.routes[{ri}] ({}): node {id:?} leads to {bad:?}, which is not a node of the route",
+                    r.name
+                ));
+            }
+        }
+        out.routes.insert(r.name.clone(), Graph { start, nodes });
+    }
+    for (ci, c) in fallbacks.iter().enumerate() {
+        if c.targets.is_empty() {
+            return Err(format!("spec.fallbacks[{ci}].targets: at least one target"));
+        }
+        let mut targets = Vec::with_capacity(c.targets.len());
+        for (ti, t) in c.targets.iter().enumerate() {
+            if !known_provider(&t.provider) {
+                return Err(format!(
+                    "spec.fallbacks[{ci}].targets[{ti}].provider: unknown provider {:?}",
+                    t.provider
+                ));
+            }
+            targets.push(Target {
+                provider: t.provider.clone(),
+                model: t.model.clone(),
+                timeout: None,
+                attempts: None,
+            });
+        }
+        out.chains.insert(c.name.clone(), targets);
+    }
+    Ok(out)
+}
+
+/// A condition on the request metadata: `||` of `&&` of comparisons.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition(Vec<Vec<Cmp>>);
+
+#[derive(Debug, Clone, PartialEq)]
+struct Cmp {
+    key: String,
+    op: Op,
+    value: Value,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Condition {
+    /// Parses a condition; the error says what is wrong.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty condition".into());
+        }
+        let mut ors = Vec::new();
+        for or in split_outside_quotes(s, "||") {
+            let mut ands = Vec::new();
+            for cmp in split_outside_quotes(or, "&&") {
+                ands.push(Cmp::parse(cmp.trim())?);
+            }
+            ors.push(ands);
+        }
+        Ok(Self(ors))
+    }
+
+    /// Whether the condition holds for `metadata`.
+    pub fn eval(&self, metadata: &Map<String, Value>) -> bool {
+        self.0
+            .iter()
+            .any(|ands| ands.iter().all(|c| c.eval(metadata)))
+    }
+}
+
+/// Splits on `sep` where it is not inside a quoted string.
+fn split_outside_quotes<'s>(s: &'s str, sep: &str) -> Vec<&'s str> {
+    let mut parts = Vec::new();
+    let (mut quote, mut last) = (None, 0);
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == b'"' || c == b'\'' => quote = Some(c),
+            None if s[i..].starts_with(sep) => {
+                parts.push(&s[last..i]);
+                i += sep.len();
+                last = i;
+                continue;
+            }
+            None => {}
+        }
+        i += 1;
+    }
+    parts.push(&s[last..]);
+    parts
+}
+
+impl Cmp {
+    fn parse(s: &str) -> Result<Self, String> {
+        const OPS: [(&str, Op); 6] = [
+            ("==", Op::Eq),
+            ("!=", Op::Ne),
+            ("<=", Op::Le),
+            (">=", Op::Ge),
+            ("<", Op::Lt),
+            (">", Op::Gt),
+        ];
+        let (pos, text, op) = OPS
+            .iter()
+            .filter_map(|(t, op)| s.find(t).map(|p| (p, *t, *op)))
+            .min_by_key(|(p, t, _)| (*p, std::cmp::Reverse(t.len())))
+            .ok_or_else(|| format!("expected metadata.<key> <op> <value> in {s:?}"))?;
+        let left = s[..pos].trim();
+        let right = s[pos + text.len()..].trim();
+        let key = left
+            .strip_prefix("metadata.")
+            .filter(|k| {
+                !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            })
+            .ok_or_else(|| format!("the left side must be metadata.<key>, got {left:?}"))?;
+        let value = if let Some(q) = right
+            .strip_prefix('"')
+            .and_then(|r| r.strip_suffix('"'))
+            .or_else(|| right.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')))
+        {
+            Value::String(q.to_owned())
+        } else if right == "true" || right == "false" {
+            Value::Bool(right == "true")
+        } else if let Ok(n) = right.parse::<f64>() {
+            serde_json::Number::from_f64(n)
+                .map(Value::Number)
+                .ok_or_else(|| format!("bad number {right:?}"))?
+        } else {
+            return Err(format!(
+                "the right side must be a quoted string, a number or true/false, got {right:?}"
+            ));
+        };
+        if matches!(value, Value::String(_) | Value::Bool(_)) && !matches!(op, Op::Eq | Op::Ne) {
+            return Err(format!("{text} compares numbers only"));
+        }
+        Ok(Self {
+            key: key.to_owned(),
+            op,
+            value,
+        })
+    }
+
+    fn eval(&self, metadata: &Map<String, Value>) -> bool {
+        let Some(have) = metadata.get(&self.key) else {
+            return self.op == Op::Ne;
+        };
+        match (&self.value, have) {
+            (Value::Number(want), Value::Number(got)) => {
+                let (w, g) = (
+                    want.as_f64().unwrap_or(f64::NAN),
+                    got.as_f64().unwrap_or(f64::NAN),
+                );
+                match self.op {
+                    Op::Eq => g == w,
+                    Op::Ne => g != w,
+                    Op::Lt => g < w,
+                    Op::Le => g <= w,
+                    Op::Gt => g > w,
+                    Op::Ge => g >= w,
+                }
+            }
+            (want, got) => match self.op {
+                Op::Eq => want == got,
+                Op::Ne => want != got,
+                _ => false,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn conditions_parse_quotes_numbers_and_bools() {
+        let e =
+            Condition::parse(r#"metadata.a == "x || y" || metadata.b != false"#).expect("parse");
+        assert!(e.eval(&meta(serde_json::json!({"a": "x || y"}))));
+        assert!(e.eval(&meta(serde_json::json!({"b": true}))));
+        assert!(!e.eval(&meta(serde_json::json!({"a": "z", "b": false}))));
+        assert!(Condition::parse(r#"metadata.a > "x""#).is_err());
+        assert!(Condition::parse("plan == 1").is_err());
+        assert!(
+            Condition::parse("metadata.n < 1.5")
+                .expect("n")
+                .eval(&meta(serde_json::json!({"n": 1})))
+        );
+        let both =
+            Condition::parse(r#"metadata.plan == "paid" && metadata.tier >= 2"#).expect("and");
+        assert!(both.eval(&meta(serde_json::json!({"plan": "paid", "tier": 2}))));
+        assert!(!both.eval(&meta(serde_json::json!({"plan": "paid", "tier": 1}))));
+        assert!(!both.eval(&Map::new()));
+    }
+}

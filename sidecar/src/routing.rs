@@ -1,0 +1,430 @@
+//! Walking the dynamic routes and fallback chains of `/compat` (compiled and checked by
+//! [`sidegate_crds::routes`]) for one request: which provider and model serve it, and what to
+//! try when one fails. When a target fails (no answer, timeout, non-2xx) the walk goes on from
+//! that model node's `next`; reaching `end` (or a model node without `next`) makes that failure
+//! the answer. Rate nodes count per pod. A walk visits at most 64 nodes and 16 targets.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+use sidegate_crds::policy::{DynamicRoute, Fallback};
+pub use sidegate_crds::routes::Target;
+use sidegate_crds::routes::{Compiled, Graph, Node};
+
+use crate::ratelimit::{Limiter, Settings as RateSettings};
+
+/// Most nodes visited for one request (routes may loop back; the walk stops here).
+const MAX_HOPS: usize = 64;
+/// Most targets tried for one request.
+const MAX_TARGETS: usize = 16;
+
+/// The routes and chains of a loaded config, with the counters of their rate nodes.
+#[derive(Debug, Default)]
+pub struct Routing {
+    compiled: Compiled,
+    /// Per (route, node id) of every rate node.
+    limiters: HashMap<(String, String), Limiter>,
+    seed: AtomicU64,
+}
+
+impl Routing {
+    /// Routes from `spec.routes` and chains from `spec.fallbacks`; the error names the node and
+    /// field. `known_provider` tells whether a provider id can be served.
+    pub fn from_policy(
+        routes: &[DynamicRoute],
+        fallbacks: &[Fallback],
+        known_provider: impl Fn(&str) -> bool,
+    ) -> Result<Self, String> {
+        let compiled = sidegate_crds::routes::compile(routes, fallbacks, known_provider)?;
+        let mut limiters = HashMap::new();
+        for (name, graph) in &compiled.routes {
+            for (id, node) in &graph.nodes {
+                if matches!(node, Node::Rate { .. }) {
+                    limiters.insert((name.clone(), id.clone()), Limiter::default());
+                }
+            }
+        }
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        Ok(Self {
+            compiled,
+            limiters,
+            seed: AtomicU64::new(seed),
+        })
+    }
+    /// The walk for a `/compat` model string: `dynamic/<route>`, `fallback/<chain>`, or `None`
+    /// for a plain `{provider}/{model}`. `Err` names what does not exist.
+    pub fn walk<'a>(&'a self, model: &str) -> Option<Result<Walk<'a>, String>> {
+        if let Some(name) = model.strip_prefix("dynamic/") {
+            return Some(
+                self.compiled
+                    .routes
+                    .get_key_value(name)
+                    .map(|(name, r)| {
+                        Walk(Position::Route {
+                            name,
+                            route: r,
+                            at: Some(&r.start),
+                            hops: 0,
+                            tried: 0,
+                            routing: self,
+                        })
+                    })
+                    .ok_or_else(|| format!("no dynamic route named {name:?} (spec.routes)")),
+            );
+        }
+        if let Some(name) = model.strip_prefix("fallback/") {
+            return Some(
+                self.compiled
+                    .chains
+                    .get(name)
+                    .map(|t| {
+                        Walk(Position::Chain {
+                            targets: t,
+                            next: 0,
+                        })
+                    })
+                    .ok_or_else(|| format!("no fallback chain named {name:?} (spec.fallbacks)")),
+            );
+        }
+        None
+    }
+
+    /// A number in `0..n`, for percentage splits (xorshift; fast, not for secrets).
+    fn roll(&self, n: u64) -> u64 {
+        let mut x = self.seed.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.seed.store(x, Ordering::Relaxed);
+        x % n
+    }
+}
+
+/// Where one request is in a route or chain.
+pub struct Walk<'a>(Position<'a>);
+
+enum Position<'a> {
+    Route {
+        name: &'a String,
+        route: &'a Graph,
+        at: Option<&'a String>,
+        hops: usize,
+        tried: usize,
+        routing: &'a Routing,
+    },
+    Chain {
+        targets: &'a [Target],
+        next: usize,
+    },
+}
+
+impl<'a> Walk<'a> {
+    /// The next target to try, given the request's metadata; `None` when the walk ends.
+    pub fn next_target(&mut self, metadata: &Map<String, Value>) -> Option<&'a Target> {
+        match &mut self.0 {
+            Position::Chain { targets, next } => {
+                let t = targets.get(*next)?;
+                *next += 1;
+                Some(t)
+            }
+            Position::Route {
+                name,
+                route,
+                at,
+                hops,
+                tried,
+                routing,
+            } => loop {
+                let id = (*at)?;
+                *hops += 1;
+                if *hops > MAX_HOPS {
+                    *at = None;
+                    return None;
+                }
+                let node = route.nodes.get(id)?;
+                *at = match node {
+                    Node::Start { next } => Some(next),
+                    Node::Conditional { cond, then, other } => {
+                        Some(if cond.eval(metadata) { then } else { other })
+                    }
+                    Node::Percentage { branches, total } => {
+                        let mut roll = routing.roll(*total);
+                        branches
+                            .iter()
+                            .find(|(w, _)| {
+                                if roll < *w {
+                                    true
+                                } else {
+                                    roll -= w;
+                                    false
+                                }
+                            })
+                            .map(|(_, next)| next)
+                    }
+                    Node::Rate {
+                        limit,
+                        interval,
+                        next,
+                        fallback,
+                    } => {
+                        let settings = RateSettings {
+                            limit: *limit,
+                            interval: *interval,
+                            sliding: false,
+                            global: false,
+                        };
+                        let under = routing
+                            .limiters
+                            .get(&((*name).clone(), id.clone()))
+                            .is_none_or(|l| l.check(&settings, Instant::now()).is_ok());
+                        Some(if under { next } else { fallback })
+                    }
+                    Node::Model { target, next } => {
+                        *tried += 1;
+                        if *tried > MAX_TARGETS {
+                            *at = None;
+                            return None;
+                        }
+                        *at = next.as_ref();
+                        return Some(target);
+                    }
+                    Node::End => None,
+                };
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sidegate_crds::policy::{ModelTarget, RouteNode, RouteNodeType, WeightedBranch};
+
+    fn meta(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    fn node(id: &str, kind: RouteNodeType) -> RouteNode {
+        RouteNode {
+            id: id.into(),
+            kind,
+            next: None,
+            condition: None,
+            then_: None,
+            else_: None,
+            branches: vec![],
+            provider: None,
+            model: None,
+            timeout: None,
+            retries: None,
+            limit: None,
+            interval: None,
+            fallback: None,
+        }
+    }
+
+    fn model(id: &str, provider: &str, m: &str, next: Option<&str>) -> RouteNode {
+        RouteNode {
+            provider: Some(provider.into()),
+            model: Some(m.into()),
+            next: next.map(Into::into),
+            ..node(id, RouteNodeType::Model)
+        }
+    }
+
+    fn routing(nodes: Vec<RouteNode>) -> Result<Routing, String> {
+        Routing::from_policy(
+            &[DynamicRoute {
+                name: "r".into(),
+                nodes,
+            }],
+            &[],
+            |p| p != "nope",
+        )
+    }
+
+    fn targets(r: &Routing, m: &Map<String, Value>) -> Vec<String> {
+        let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+        std::iter::from_fn(|| walk.next_target(m))
+            .map(|t| format!("{}/{}", t.provider, t.model))
+            .collect()
+    }
+
+    #[test]
+    fn conditions_pick_branches_and_models_fall_back_along_next() {
+        let r = routing(vec![
+            RouteNode {
+                next: Some("plan".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                condition: Some(r#"metadata.plan == "paid" && metadata.tier >= 2"#.into()),
+                then_: Some("big".into()),
+                else_: Some("small".into()),
+                ..node("plan", RouteNodeType::Conditional)
+            },
+            model("big", "openai", "gpt-4o", Some("backup")),
+            model("backup", "anthropic", "claude-sonnet-4-5", Some("e")),
+            model("small", "openai", "gpt-4o-mini", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid");
+        assert_eq!(
+            targets(&r, &meta(serde_json::json!({"plan": "paid", "tier": 3}))),
+            ["openai/gpt-4o", "anthropic/claude-sonnet-4-5"]
+        );
+        assert_eq!(
+            targets(&r, &meta(serde_json::json!({"plan": "paid", "tier": 1}))),
+            ["openai/gpt-4o-mini"]
+        );
+        assert_eq!(targets(&r, &Map::new()), ["openai/gpt-4o-mini"]);
+    }
+
+    #[test]
+    fn percentage_splits_by_weight_and_rate_nodes_overflow_to_their_fallback() {
+        let r = routing(vec![
+            RouteNode {
+                next: Some("split".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                branches: vec![
+                    WeightedBranch {
+                        weight: 3,
+                        next: "a".into(),
+                    },
+                    WeightedBranch {
+                        weight: 1,
+                        next: "b".into(),
+                    },
+                ],
+                ..node("split", RouteNodeType::Percentage)
+            },
+            model("a", "openai", "a", Some("e")),
+            model("b", "openai", "b", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid");
+        let picks: Vec<String> = (0..4000).flat_map(|_| targets(&r, &Map::new())).collect();
+        let a = picks.iter().filter(|p| *p == "openai/a").count();
+        assert!((2700..=3300).contains(&a), "{a} of 4000 to the 75% branch");
+
+        let r = routing(vec![
+            RouteNode {
+                next: Some("cap".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                limit: Some("2".into()),
+                interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                next: Some("main".into()),
+                fallback: Some("overflow".into()),
+                ..node("cap", RouteNodeType::Rate)
+            },
+            model("main", "openai", "main", Some("e")),
+            model("overflow", "openai", "cheap", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid");
+        let got: Vec<String> = (0..3).flat_map(|_| targets(&r, &Map::new())).collect();
+        assert_eq!(got, ["openai/main", "openai/main", "openai/cheap"]);
+    }
+
+    #[test]
+    fn bad_routes_are_refused_naming_the_node() {
+        let start = RouteNode {
+            next: Some("m".into()),
+            ..node("s", RouteNodeType::Start)
+        };
+        let end = node("e", RouteNodeType::End);
+        let refused = |nodes: Vec<RouteNode>| routing(nodes).expect_err("refused");
+        let err = refused(vec![
+            start.clone(),
+            model("m", "nope", "x", Some("e")),
+            end.clone(),
+        ]);
+        assert!(err.contains("spec.routes[0].nodes[1].provider"), "{err}");
+        let err = refused(vec![
+            start.clone(),
+            model("m", "openai", "x", Some("gone")),
+            end.clone(),
+        ]);
+        assert!(err.contains("\"gone\""), "{err}");
+        let err = refused(vec![
+            start.clone(),
+            node("m", RouteNodeType::Budget),
+            end.clone(),
+        ]);
+        assert!(err.contains("budget nodes are not implemented"), "{err}");
+        let err = refused(vec![model("m", "openai", "x", Some("e")), end.clone()]);
+        assert!(err.contains("no start node"), "{err}");
+        let bad_cond = RouteNode {
+            condition: Some("plan == 'paid'".into()),
+            then_: Some("m".into()),
+            else_: Some("m".into()),
+            ..node("c", RouteNodeType::Conditional)
+        };
+        let err = refused(vec![
+            start.clone(),
+            bad_cond,
+            model("m", "openai", "x", Some("e")),
+            end.clone(),
+        ]);
+        assert!(
+            err.contains("nodes[1].condition") && err.contains("metadata.<key>"),
+            "{err}"
+        );
+        let err = refused(vec![start.clone(), model("m", "openai", "x", None), end]);
+        assert!(err.contains("nodes[1].next is required"), "{err}");
+        let err = refused(vec![start, model("m", "openai", "x", Some("m"))]);
+        assert!(err.contains("no end node"), "{err}");
+    }
+
+    #[test]
+    fn loops_end_after_a_bounded_number_of_hops() {
+        let r = routing(vec![
+            RouteNode {
+                next: Some("m".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            model("m", "openai", "x", Some("m")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid");
+        assert_eq!(targets(&r, &Map::new()).len(), MAX_TARGETS);
+    }
+
+    #[test]
+    fn chains_are_their_targets_in_order() {
+        let r = Routing::from_policy(
+            &[],
+            &[Fallback {
+                name: "f".into(),
+                targets: vec![
+                    ModelTarget {
+                        provider: "openai".into(),
+                        model: "a".into(),
+                    },
+                    ModelTarget {
+                        provider: "anthropic".into(),
+                        model: "b".into(),
+                    },
+                ],
+            }],
+            |_| true,
+        )
+        .expect("valid");
+        let mut w = r.walk("fallback/f").expect("chain").expect("exists");
+        let m = Map::new();
+        assert_eq!(w.next_target(&m).map(|t| t.model.as_str()), Some("a"));
+        assert_eq!(w.next_target(&m).map(|t| t.model.as_str()), Some("b"));
+        assert_eq!(w.next_target(&m), None);
+        assert!(r.walk("fallback/none").expect("chain").is_err());
+        assert!(r.walk("openai/gpt-4o").is_none());
+    }
+}
