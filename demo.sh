@@ -13,10 +13,19 @@
 # everything it started (also on Ctrl-C).
 #   ./demo.sh                 the whole system
 #   ./demo.sh --standalone    just the sidecar from a YAML file (no Kubernetes)
+#   ./demo.sh --node          a local cluster with a real node (kubelet + containerd; needs
+#                             root), the chart installed from the local images, left running
 set -euo pipefail
 cd "$(dirname "$0")"
 root=$(pwd)
 [[ ${1:-} == --standalone ]] && exec tests/e2e/standalone-demo.sh
+if [[ ${1:-} == --node ]]; then
+  echo "building the static binaries the images carry (tests/e2e/static-binaries), then the node" >&2
+  tests/e2e/static-binaries >&2
+  tests/cluster/build >/dev/null
+  tests/node/build >/dev/null
+  exec tests/node/local-cluster
+fi
 bold=$'\033[1m' dim=$'\033[2m' off=$'\033[0m'
 [[ -t 1 ]] || { bold='' dim='' off=''; }
 say() { printf '\n%s== %s%s\n' "$bold" "$*" "$off"; }
