@@ -101,13 +101,6 @@ impl GatewayPolicy {
         {
             return not_yet("spec.rateLimit.tokensPerMinute", "a token budget");
         }
-        if spec
-            .guardrails
-            .as_ref()
-            .is_some_and(|g| !g.prompt.is_empty() || !g.response.is_empty())
-        {
-            return not_yet("spec.guardrails", "guardrails");
-        }
         if spec.spend_limit.is_some() {
             return not_yet("spec.spendLimit", "spend limits");
         }
@@ -477,6 +470,23 @@ pub enum GuardrailAction {
     /// Refuse (424, code 2016 for prompts, 2017 for responses).
     Block,
 }
+
+/// Hazard categories of OpenAI's moderation API, the keys of `prompt` and `response`.
+pub const GUARDRAIL_CATEGORIES: &[&str] = &[
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+];
 
 /// Moderation of prompts and responses.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -161,6 +161,24 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
         // The sidecar refuses the same config with the same message.
         problems.push(why);
     }
+    if let Some(g) = &policy.guardrails {
+        for (side, map) in [("prompt", &g.prompt), ("response", &g.response)] {
+            for c in map.keys() {
+                if !sidegate_crds::policy::GUARDRAIL_CATEGORIES.contains(&c.as_str()) {
+                    problems.push(format!(
+                        "guardrails.{side}: unknown category {c:?} (known: {})",
+                        sidegate_crds::policy::GUARDRAIL_CATEGORIES.join(", ")
+                    ));
+                }
+            }
+        }
+        if (!g.prompt.is_empty() || !g.response.is_empty()) && g.moderation_url.is_none() {
+            problems.push(
+                "guardrails.moderationURL is required when prompt or response categories are set"
+                    .into(),
+            );
+        }
+    }
     for (i, p) in policy.dlp.iter().flat_map(|d| &d.policies).enumerate() {
         for name in &p.profiles {
             if !sidegate_crds::policy::DLP_PROFILES.contains(&name.as_str()) {
@@ -314,6 +332,22 @@ mod tests {
             gateway(&gw)
         );
         gw.spec.policy.routes.clear();
+        // Guardrail categories are checked against the moderation API's.
+        let mut g = sidegate_crds::policy::Guardrails {
+            moderation_url: Some("http://moderation.team-a:8080/v1/moderations".into()),
+            ..Default::default()
+        };
+        g.prompt
+            .insert("gore".into(), sidegate_crds::policy::GuardrailAction::Block);
+        gw.spec.policy.guardrails = Some(g);
+        assert!(
+            gateway(&gw)
+                .iter()
+                .any(|p| p.starts_with("guardrails.prompt: unknown category \"gore\"")),
+            "{:?}",
+            gateway(&gw)
+        );
+        gw.spec.policy.guardrails = None;
         gw.spec.policy.redis = None;
         assert!(
             gateway(&gw)

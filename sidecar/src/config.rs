@@ -79,6 +79,8 @@ pub struct Snapshot {
     pub retries: crate::retry::Policy,
     /// DLP policies.
     pub dlp: crate::dlp::Settings,
+    /// Guardrails (moderation of prompts and responses).
+    pub guardrails: crate::guardrails::Settings,
     /// Dynamic routes and fallback chains of `/compat`.
     pub routing: crate::routing::Routing,
     /// The gateway's Redis (`spec.redis`), for state shared across pods.
@@ -195,6 +197,8 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     let retries =
         crate::retry::Policy::from_config(config.spec.retries.as_ref()).map_err(invalid)?;
     let dlp = crate::dlp::Settings::from_policy(config.spec.dlp.as_ref()).map_err(invalid)?;
+    let guardrails = crate::guardrails::Settings::from_policy(config.spec.guardrails.as_ref())
+        .map_err(invalid)?;
     let routing =
         crate::routing::Routing::from_policy(&config.spec.routes, &config.spec.fallbacks, |id| {
             providers.get(id).is_some()
@@ -255,6 +259,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         rate_limit,
         retries,
         dlp,
+        guardrails,
         routing,
         shared,
         fingerprint,

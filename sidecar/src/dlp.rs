@@ -185,7 +185,7 @@ impl Settings {
         }
         let check = if request { "REQUEST" } else { "RESPONSE" };
         let text = unescape_json(body);
-        let joined = sse_text(body);
+        let joined = crate::text::sse_text(body);
         let found = |i: usize| {
             profile_matches(i, &text) || joined.as_deref().is_some_and(|j| profile_matches(i, j))
         };
@@ -256,44 +256,6 @@ fn unescape_json(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         i += 1;
     }
     std::borrow::Cow::Owned(out)
-}
-
-/// Keys whose string values carry the generated text of a stream event (OpenAI, Anthropic,
-/// Gemini, tool-call arguments).
-const TEXT_KEYS: &[&str] = &[
-    "content",
-    "text",
-    "arguments",
-    "partial_json",
-    "thinking",
-    "refusal",
-];
-
-/// For an SSE body: the text of all events joined in order (`None` for other bodies).
-fn sse_text(body: &[u8]) -> Option<Vec<u8>> {
-    if !(body.starts_with(b"data:") || body.starts_with(b"event:") || body.starts_with(b":")) {
-        return None;
-    }
-    fn walk(v: &serde_json::Value, key: Option<&str>, out: &mut Vec<u8>) {
-        match v {
-            serde_json::Value::String(s) if key.is_some_and(|k| TEXT_KEYS.contains(&k)) => {
-                out.extend_from_slice(s.as_bytes());
-            }
-            serde_json::Value::Array(items) => items.iter().for_each(|i| walk(i, key, out)),
-            serde_json::Value::Object(map) => map.iter().for_each(|(k, v)| walk(v, Some(k), out)),
-            _ => {}
-        }
-    }
-    let mut out = Vec::new();
-    for line in body.split(|b| *b == b'\n') {
-        let Some(data) = line.strip_prefix(b"data:") else {
-            continue;
-        };
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(data.trim_ascii()) {
-            walk(&v, None, &mut out);
-        }
-    }
-    Some(out)
 }
 
 /// Adds `cf-aig-dlp` listing `findings` (merged with what is there already).
@@ -417,7 +379,6 @@ mod tests {
         );
         let ssn = settings(DlpAction::Block, vec![DlpCheck::Response], &["us-ssn"]);
         assert!(ssn.check_response(anthropic.as_bytes()).is_err());
-        assert_eq!(sse_text(b"{\"content\":\"x\"}"), None);
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub enum GatewayError {
         policy: String,
         profiles: String,
     },
+    /// A guardrail with action block flagged the prompt (2016) or the response (2017).
+    #[error("{} blocked by guardrails (category: {category})", if *response { "response" } else { "prompt" })]
+    GuardrailBlocked { response: bool, category: String },
     /// No valid config is loaded yet.
     #[error("gateway has no valid configuration loaded")]
     NotReady,
@@ -84,6 +87,7 @@ impl GatewayError {
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::GuardrailBlocked { .. } => StatusCode::FAILED_DEPENDENCY,
         }
     }
 
@@ -94,6 +98,10 @@ impl GatewayError {
             Self::NotFound(_) => 2001,
             Self::RateLimited { .. } => 2003,
             Self::Unauthorized => 2009,
+            Self::GuardrailBlocked {
+                response: false, ..
+            } => 2016,
+            Self::GuardrailBlocked { response: true, .. } => 2017,
             Self::DlpBlocked {
                 response: false, ..
             } => 2029,

@@ -143,7 +143,7 @@ impl Gateway {
     }
 
     /// One upstream attempt: the response head within `timeout`.
-    async fn attempt(
+    pub(crate) async fn attempt(
         &self,
         req: Request<Full<Bytes>>,
         timeout: Duration,
@@ -239,7 +239,9 @@ impl Gateway {
         };
         let method = req.method().clone();
         match self.proxy(&snap, req, start).await {
-            Ok(resp) if snap.dlp.checks_responses() => Ok(Self::scan_response(&snap, resp).await),
+            Ok(resp) if snap.dlp.checks_responses() || snap.guardrails.checks_responses() => {
+                Ok(self.scan_response(&snap, resp).await)
+            }
             Ok(resp) => Ok(resp),
             Err((provider, err)) => Ok(self.refuse(provider, err, &method, snap.log_requests)),
         }
@@ -248,7 +250,11 @@ impl Gateway {
     /// Holds a response back until it is whole and lets the DLP response policies see it: a
     /// `BLOCK` match replaces it with a 2030 error, `FLAG` matches are listed in `cf-aig-dlp`.
     /// (The request was counted and logged with the upstream's status when its body ended.)
-    async fn scan_response(snap: &Snapshot, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    async fn scan_response(
+        &self,
+        snap: &Snapshot,
+        resp: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
         let whole = match Limited::new(body, crate::dlp::MAX_RESPONSE_BYTES)
             .collect()
@@ -263,7 +269,14 @@ impl Gateway {
                 return err.into_response();
             }
         };
-        match snap.dlp.check_response(&whole) {
+        let checked = match snap.dlp.check_response(&whole) {
+            Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => self
+                .guardrails_check(snap, crate::guardrails::Side::Response, &whole)
+                .await
+                .map(|_| found),
+            other => other,
+        };
+        match checked {
             Ok(found) => {
                 crate::dlp::flag(&mut head.headers, &found);
                 head.headers.remove(header::CONTENT_LENGTH);
@@ -383,6 +396,11 @@ impl Gateway {
             .map_err(fail)?;
 
         let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
+        if snap.guardrails.checks_prompts() {
+            self.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
+                .await
+                .map_err(fail)?;
+        }
 
         // cache lookup
         let lookup = cache::Request {

@@ -64,6 +64,7 @@ pub struct Metrics {
     cache: Family<CacheLabels, Counter>,
     retries: Family<ProviderLabels, Counter>,
     redis_errors: Counter,
+    guardrails: Family<ReloadLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -126,6 +127,12 @@ impl Metrics {
             "Redis operations that failed or timed out (the gateway failed open)",
             redis_errors.clone(),
         );
+        let guardrails = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "guardrails",
+            "Guardrail checks by result (flag, block, error)",
+            guardrails.clone(),
+        );
         Self {
             registry,
             requests,
@@ -136,6 +143,7 @@ impl Metrics {
             cache,
             retries,
             redis_errors,
+            guardrails,
         }
     }
 
@@ -168,6 +176,13 @@ impl Metrics {
             .get_or_create(&ProviderLabels {
                 provider: provider.clone(),
             })
+            .inc();
+    }
+
+    /// Counts one guardrail check that flagged, blocked or failed.
+    pub fn count_guardrail(&self, result: &'static str) {
+        self.guardrails
+            .get_or_create(&ReloadLabels { result })
             .inc();
     }
 

@@ -100,6 +100,11 @@ pub(crate) async fn serve(
         .await
         .map_err(none)?;
     let dlp_flags = snap.dlp.check_request(&raw).map_err(none)?;
+    if snap.guardrails.checks_prompts() {
+        gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &raw)
+            .await
+            .map_err(none)?;
+    }
     let steps = parse(&raw).map_err(none)?;
     let planned = steps
         .into_iter()

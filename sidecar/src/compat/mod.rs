@@ -643,6 +643,11 @@ pub(crate) async fn serve(
     };
 
     let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
+    if snap.guardrails.checks_prompts() {
+        gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
+            .await
+            .map_err(fail)?;
+    }
 
     // cache lookup (a routed request is keyed by its route, not by the target it lands on)
     let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;

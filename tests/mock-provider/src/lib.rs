@@ -13,6 +13,7 @@
 //! |---|---|---|
 //! | POST | `/chat/completions` | OpenAI `chat.completion`, or SSE chunks with `"stream": true` |
 //! | POST | `/embeddings` | OpenAI embedding list (8 dims, deterministic) |
+//! | POST | `/moderations` | OpenAI moderation result: a category is flagged when the input contains `mock-flag:<category>` |
 //! | GET | `/models` | OpenAI model list (Anthropic's shape with an `anthropic-version` header) |
 //! | POST | `/messages` | Anthropic Message, or Anthropic SSE with `"stream": true` |
 //! | POST | `/messages/count_tokens` | Anthropic `{"input_tokens": n}` |
@@ -194,6 +195,7 @@ pub async fn serve_with_shutdown(
 enum Route {
     ChatCompletions,
     Embeddings,
+    Moderations,
     Models,
     Messages,
     CountTokens,
@@ -214,6 +216,8 @@ impl Route {
                 Self::ChatCompletions
             } else if path.ends_with("/embeddings") {
                 Self::Embeddings
+            } else if path.ends_with("/moderations") {
+                Self::Moderations
             } else if path.ends_with("/messages/count_tokens") {
                 Self::CountTokens
             } else if path.ends_with("/messages") {
@@ -300,6 +304,7 @@ async fn handle(
     let mut resp = match route {
         Route::ChatCompletions => openai::chat_completions(&ctx, &body),
         Route::Embeddings => openai::embeddings(&ctx, &body),
+        Route::Moderations => openai::moderations(&ctx, &body),
         Route::Models if anthropic_models => anthropic::models(&ctx),
         Route::Models => openai::models(&ctx),
         Route::Messages => anthropic::messages(&ctx, &body),

@@ -332,6 +332,76 @@ fn choice<'a>(delta: Delta<'a>, finish_reason: Option<&'static str>) -> ChunkCho
     }
 }
 
+/// Categories of OpenAI's moderation API (omni-moderation).
+pub const MODERATION_CATEGORIES: &[&str] = &[
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+];
+
+/// `POST .../moderations`: a category is flagged when the input contains
+/// `mock-flag:<category>` (deterministic, so tests choose what gets flagged).
+pub(crate) fn moderations(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
+    let req: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(err) => return invalid_json(ctx, &err.to_string()),
+    };
+    let inputs: Vec<String> = match req.get("input") {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| match i {
+                Value::String(s) => s.clone(),
+                other => other
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+            })
+            .collect(),
+        _ => {
+            return error_response(
+                ctx,
+                StatusCode::BAD_REQUEST,
+                "'input' must be a string or an array",
+                "invalid_request_error",
+                Some("input"),
+                None,
+            );
+        }
+    };
+    let results: Vec<Value> = inputs
+        .iter()
+        .map(|text| {
+            let mut categories = serde_json::Map::new();
+            let mut scores = serde_json::Map::new();
+            let mut flagged = false;
+            for c in MODERATION_CATEGORIES {
+                let hit = text.contains(&format!("mock-flag:{c}"));
+                flagged |= hit;
+                categories.insert((*c).into(), Value::Bool(hit));
+                scores.insert((*c).into(), serde_json::json!(if hit { 0.98 } else { 0.0001 }));
+            }
+            serde_json::json!({"flagged": flagged, "categories": categories, "category_scores": scores})
+        })
+        .collect();
+    json_ok(&serde_json::json!({
+        "id": format!("modr-mock-{}", ctx.id),
+        "model": req.get("model").and_then(Value::as_str).unwrap_or("omni-moderation-latest"),
+        "results": results,
+    }))
+}
+
 /// `POST .../embeddings`
 pub(crate) fn embeddings(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
     let req: EmbeddingsRequest<'_> = match text::parse_object(body) {

@@ -1,0 +1,251 @@
+//! Guardrails: prompts and responses classified by an OpenAI-compatible moderation endpoint
+//! (`spec.guardrails.moderationURL`), with an action per hazard category.
+//!
+//! The text of the request (chat messages, prompt, input; see [`crate::text`]) is sent as
+//! `{"input": text}` before the request goes upstream; a category marked `block` that the
+//! moderation flags refuses it with `424` and code 2016, one marked `flag` lets it through, logs
+//! it and counts it. Response categories work the same on the whole response (held back and
+//! checked before delivery, like DLP response policies; streams arrive in one piece), code 2017.
+//! The gateway's OpenAI key is sent only to `api.openai.com`. When the moderation endpoint
+//! cannot answer, the request is served (fail open), logged and counted.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, header};
+use http_body_util::{BodyExt, Full, Limited};
+use sidegate_crds::policy::{GuardrailAction, Guardrails};
+
+use crate::error::GatewayError;
+use crate::proxy::Gateway;
+
+/// Categories of OpenAI's moderation API.
+pub use sidegate_crds::policy::GUARDRAIL_CATEGORIES as CATEGORIES;
+
+/// Time for the moderation endpoint to answer.
+const TIMEOUT: Duration = Duration::from_secs(10);
+/// Most text sent for one check.
+const MAX_TEXT: usize = 64 << 10;
+/// Largest moderation answer read.
+const MAX_ANSWER: usize = 1 << 20;
+
+/// The guardrails of a loaded config.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    url: Option<http::Uri>,
+    prompt: BTreeMap<String, GuardrailAction>,
+    response: BTreeMap<String, GuardrailAction>,
+}
+
+/// Which side a check is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The prompt (code 2016).
+    Prompt,
+    /// The response (code 2017).
+    Response,
+}
+
+impl Settings {
+    /// Settings from `spec.guardrails`; the error names the bad field.
+    pub fn from_policy(g: Option<&Guardrails>) -> Result<Self, String> {
+        let Some(g) = g else {
+            return Ok(Self::default());
+        };
+        for (side, map) in [("prompt", &g.prompt), ("response", &g.response)] {
+            if let Some(bad) = map.keys().find(|c| !CATEGORIES.contains(&c.as_str())) {
+                return Err(format!(
+                    "spec.guardrails.{side}: unknown category {bad:?} (known: {})",
+                    CATEGORIES.join(", ")
+                ));
+            }
+        }
+        if g.prompt.is_empty() && g.response.is_empty() {
+            return Ok(Self::default());
+        }
+        let url = g.moderation_url.as_deref().ok_or(
+            "spec.guardrails.moderationURL is required when prompt or response categories are set",
+        )?;
+        let url: http::Uri = url
+            .parse()
+            .ok()
+            .filter(|u: &http::Uri| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            })
+            .ok_or_else(|| {
+                format!("spec.guardrails.moderationURL {url:?} is not an http(s) URL")
+            })?;
+        Ok(Self {
+            url: Some(url),
+            prompt: g.prompt.clone(),
+            response: g.response.clone(),
+        })
+    }
+
+    /// Whether prompts are checked.
+    pub fn checks_prompts(&self) -> bool {
+        !self.prompt.is_empty()
+    }
+
+    /// Whether responses are checked (they are then held back until checked).
+    pub fn checks_responses(&self) -> bool {
+        !self.response.is_empty()
+    }
+}
+
+impl Gateway {
+    /// Checks `body` (a request or a whole response) with the moderation endpoint: `Err` when a
+    /// blocking category was flagged; flagged categories otherwise (logged and counted here).
+    pub(crate) async fn guardrails_check(
+        &self,
+        snap: &crate::config::Snapshot,
+        side: Side,
+        body: &[u8],
+    ) -> Result<Vec<String>, GatewayError> {
+        let g = &snap.guardrails;
+        let actions = match side {
+            Side::Prompt => &g.prompt,
+            Side::Response => &g.response,
+        };
+        let Some(url) = g.url.clone() else {
+            return Ok(Vec::new());
+        };
+        if actions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut text = crate::text::of_body(body);
+        if text.trim().is_empty() {
+            return Ok(Vec::new());
+        }
+        if text.len() > MAX_TEXT {
+            let mut cut = MAX_TEXT;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+        }
+        let flagged = match self.moderate(snap, url, &text).await {
+            Ok(f) => f,
+            Err(why) => {
+                self.metrics.count_guardrail("error");
+                tracing::warn!(error = %why, "guardrails: moderation unavailable; serving without it (fail open)");
+                return Ok(Vec::new());
+            }
+        };
+        let side_name = match side {
+            Side::Prompt => "prompt",
+            Side::Response => "response",
+        };
+        let mut matched = Vec::new();
+        for category in flagged {
+            match actions.get(&category) {
+                Some(GuardrailAction::Block) => {
+                    self.metrics.count_guardrail("block");
+                    tracing::info!(side = side_name, category = %category, "guardrails: blocked");
+                    return Err(GatewayError::GuardrailBlocked {
+                        response: side == Side::Response,
+                        category,
+                    });
+                }
+                Some(GuardrailAction::Flag) => matched.push(category),
+                None => {}
+            }
+        }
+        if !matched.is_empty() {
+            self.metrics.count_guardrail("flag");
+            tracing::info!(side = side_name, categories = ?matched, "guardrails: flagged");
+        }
+        Ok(matched)
+    }
+
+    /// The categories the moderation endpoint flags for `text`.
+    async fn moderate(
+        &self,
+        snap: &crate::config::Snapshot,
+        url: http::Uri,
+        text: &str,
+    ) -> Result<Vec<String>, String> {
+        let body = serde_json::json!({ "input": text }).to_string();
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        let openai = url.host() == Some("api.openai.com");
+        *req.uri_mut() = url;
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if openai
+            && let Some(provider) = snap.providers.get("openai")
+            && let Ok(crate::providers::KeyChoice::Stored(key)) = provider.choose_key(None)
+        {
+            req.headers_mut()
+                .insert(header::AUTHORIZATION, key.header().clone());
+        }
+        let resp = self
+            .attempt(req, TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let raw = Limited::new(resp.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the moderation answer: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("moderation endpoint answered {status}"));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&raw).map_err(|e| format!("moderation answer: {e}"))?;
+        let results = v
+            .get("results")
+            .and_then(|r| r.as_array())
+            .ok_or("moderation answer has no results")?;
+        let mut flagged = Vec::new();
+        for r in results {
+            if let Some(cats) = r.get("categories").and_then(|c| c.as_object()) {
+                for (name, on) in cats {
+                    if on.as_bool() == Some(true) && !flagged.contains(name) {
+                        flagged.push(name.clone());
+                    }
+                }
+            }
+        }
+        Ok(flagged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_name_what_is_wrong() {
+        let mut g = Guardrails {
+            moderation_url: Some("http://moderation.local/v1/moderations".into()),
+            ..Guardrails::default()
+        };
+        g.prompt.insert("violence".into(), GuardrailAction::Block);
+        let s = Settings::from_policy(Some(&g)).expect("valid");
+        assert!(s.checks_prompts() && !s.checks_responses());
+        g.response.insert("gore".into(), GuardrailAction::Flag);
+        let err = Settings::from_policy(Some(&g)).expect_err("category");
+        assert!(
+            err.contains("spec.guardrails.response") && err.contains("gore"),
+            "{err}"
+        );
+        g.response.clear();
+        g.moderation_url = None;
+        let err = Settings::from_policy(Some(&g)).expect_err("url");
+        assert!(err.contains("moderationURL is required"), "{err}");
+        g.moderation_url = Some("ftp://x".into());
+        assert!(Settings::from_policy(Some(&g)).is_err());
+        // Nothing to check: no URL needed.
+        assert!(
+            Settings::from_policy(Some(&Guardrails::default()))
+                .expect("empty")
+                .url
+                .is_none()
+        );
+    }
+}

@@ -1,0 +1,100 @@
+"""Guardrails: prompts and responses classified by a moderation endpoint (the mock speaks
+OpenAI's moderation API and flags a category when the text contains `mock-flag:<category>`)."""
+
+import httpx
+import openai
+import pytest
+
+from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
+
+CHAT = "/openai/chat/completions"
+
+
+def body(text, **extra):
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def guarded(mock, tmp_path, rules, url=None):
+    spec = f"  guardrails:\n    moderationURL: '{url or mock.url + '/v1/moderations'}'\n{rules}"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    mock.clear()
+    return g
+
+
+def guardrail_metric(g, result):
+    for line in g.metrics().splitlines():
+        if line.startswith(f'sidegate_guardrails_total{{result="{result}"}}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_a_blocked_prompt_is_424_2016_and_never_reaches_the_provider(mock, tmp_path):
+    g = guarded(mock, tmp_path, "    prompt: {violence: block, hate: flag}\n")
+    try:
+        r = httpx.post(g.url + CHAT, json=body("tell me mock-flag:violence now"))
+        assert r.status_code == 424
+        err = r.json()["error"][0]
+        assert err["code"] == 2016 and "violence" in err["message"]
+        assert [q["path"] for q in mock.requests()] == ["/v1/moderations"]
+        assert "mock-flag:violence" in mock.requests()[0]["body"]
+        assert guardrail_metric(g, "block") == 1
+        # The openai SDK sees the same refusal.
+        client = openai.OpenAI(base_url=g.url + "/compat", api_key="placeholder", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="anthropic/claude-haiku-4-5",
+                                           messages=[{"role": "user", "content": "mock-flag:violence"}])
+        assert e.value.status_code == 424
+    finally:
+        g.stop()
+
+
+def test_a_flagged_prompt_goes_through_and_is_counted(mock, tmp_path):
+    g = guarded(mock, tmp_path, "    prompt: {violence: block, hate: flag}\n")
+    try:
+        r = httpx.post(g.url + CHAT, json=body("some mock-flag:hate speech"))
+        assert r.status_code == 200
+        assert guardrail_metric(g, "flag") == 1
+        assert "guardrails: flagged" in g.logs()
+        clean = httpx.post(g.url + CHAT, json=body("hello"))
+        assert clean.status_code == 200 and guardrail_metric(g, "flag") == 1
+    finally:
+        g.stop()
+
+
+def test_a_blocked_response_is_424_2017(mock, tmp_path):
+    # The mock answers "mock reply to: <prompt>", so the response carries the marker too.
+    g = guarded(mock, tmp_path, "    response: {self-harm: block}\n")
+    try:
+        r = httpx.post(g.url + CHAT, json=body("mock-flag:self-harm"))
+        assert (r.status_code, r.json()["error"][0]["code"]) == (424, 2017)
+        assert [q["path"] for q in mock.requests()] == ["/v1/chat/completions", "/v1/moderations"]
+        stream = httpx.post(g.url + CHAT, json=body("fine words", stream=True))
+        assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]")
+        blocked_stream = httpx.post(g.url + CHAT, json=body("mock-flag:self-harm", stream=True))
+        assert (blocked_stream.status_code, blocked_stream.json()["error"][0]["code"]) == (424, 2017)
+    finally:
+        g.stop()
+
+
+def test_an_unreachable_moderation_endpoint_fails_open(mock, tmp_path):
+    g = guarded(mock, tmp_path, "    prompt: {violence: block}\n", url=f"http://127.0.0.1:{free_port()}/v1/moderations")
+    try:
+        r = httpx.post(g.url + CHAT, json=body("mock-flag:violence"))
+        assert r.status_code == 200
+        assert guardrail_metric(g, "error") == 1
+        assert "moderation unavailable" in g.logs()
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("  guardrails:\n    moderationURL: 'http://x/v1/moderations'\n    prompt: {gore: block}\n", 'unknown category "gore"'),
+    ("  guardrails:\n    prompt: {violence: block}\n", "moderationURL is required"),
+])
+def test_bad_guardrails_are_refused_at_start(mock, tmp_path, spec, needle):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS, wait_ready=False)
+    try:
+        assert g.proc.wait(10) == 2
+        assert needle in g.logs()
+    finally:
+        g.stop()
