@@ -298,6 +298,11 @@ impl Provider {
         }
     }
 
+    /// Whether requests are signed (AWS SigV4) rather than carrying a key in a header.
+    pub fn signs_requests(&self) -> bool {
+        matches!(self.auth, AuthStyle::ClientSigned)
+    }
+
     /// Client headers replaced by an injected key.
     pub fn auth_headers(&self) -> &[HeaderName] {
         &self.auth_headers
@@ -592,12 +597,12 @@ impl ProviderTable {
             let scheme = match &p.auth {
                 AuthStyle::Header { scheme, .. } => scheme.as_deref(),
                 AuthStyle::ClientSigned => {
-                    // Passthrough requests are signed by the client; /compat signs with the key.
+                    // The gateway signs with these credentials (passthrough and /compat).
                     let usable = keys.get(pid, alias).is_some_and(|k| {
                         crate::compat::bedrock::AwsCredentials::parse(k.expose()).is_ok()
                     });
                     if !usable {
-                        warnings.push(format!("key {pid}.{alias} is unused: it must be JSON {{\"accessKeyId\", \"secretAccessKey\", \"sessionToken\"?, \"region\"?}} to sign /compat requests"));
+                        warnings.push(format!("key {pid}.{alias} is unused: it must be JSON {{\"accessKeyId\", \"secretAccessKey\", \"sessionToken\"?, \"region\"?}} to sign requests"));
                     }
                     continue;
                 }

@@ -35,6 +35,13 @@ const BYOK_ALIAS: HeaderName = HeaderName::from_static("cf-aig-byok-alias");
 const GATEWAY_AUTH: HeaderName = HeaderName::from_static("cf-aig-authorization");
 const EVENT_ID: HeaderName = HeaderName::from_static("cf-aig-event-id");
 const LOG_ID: HeaderName = HeaderName::from_static("cf-aig-log-id");
+/// A client's SigV4 signature, replaced when the gateway signs.
+const AWS_SIGNATURE_HEADERS: &[&str] = &[
+    "authorization",
+    "x-amz-date",
+    "x-amz-security-token",
+    "x-amz-content-sha256",
+];
 
 /// Builds the upstream client. It trusts the public web PKI roots plus `extra_roots` (a private
 /// CA of a model server or an egress proxy).
@@ -387,6 +394,13 @@ impl Gateway {
         let uri = provider
             .upstream_uri(&route, parts.uri.query())
             .map_err(fail)?;
+        // AWS: the gateway signs with stored credentials; without any, the client's signature
+        // goes through as it is.
+        let signer = if provider.signs_requests() {
+            crate::compat::stored_aws_credentials(snap, alias).map_err(fail)?
+        } else {
+            None
+        };
         let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
         let retries = snap.retries.with_headers(&parts.headers).map_err(fail)?;
 
@@ -410,7 +424,7 @@ impl Gateway {
             path: route.rest,
             query: parts.uri.query(),
             alias: alias.unwrap_or("default"),
-            client_auth: matches!(key, KeyChoice::ClientOwn)
+            client_auth: (matches!(key, KeyChoice::ClientOwn) && signer.is_none())
                 .then_some((&parts.headers, provider.auth_headers())),
             body: &body,
         };
@@ -427,8 +441,20 @@ impl Gateway {
         };
 
         // dispatch
-        let upstream =
+        let signed_body = signer.as_ref().map(|_| body.clone());
+        let mut upstream =
             build_upstream_request(provider, &parts.method, &parts.headers, uri, key, body);
+        if let (Some(creds), Some(body)) = (&signer, signed_body) {
+            let headers = upstream.headers_mut();
+            for h in AWS_SIGNATURE_HEADERS {
+                headers.remove(*h);
+            }
+            // The route is bedrock-runtime/{region}/... (checked by upstream_uri).
+            let region = route.rest.split('/').nth(1).unwrap_or_default();
+            creds
+                .sign(&mut upstream, &body, region, std::time::SystemTime::now())
+                .map_err(fail)?;
+        }
         let event_id = parts.headers.get(EVENT_ID).cloned();
         let resp = self
             .dispatch(upstream, timeout, &retries, &provider.id)

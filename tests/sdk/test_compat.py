@@ -310,6 +310,35 @@ def test_bedrock_converse_is_signed_with_sigv4_by_the_gateway(gw, mock):
     assert json.loads(seen["body"])["inferenceConfig"] == {"maxTokens": 50}
 
 
+def test_bedrock_passthrough_is_signed_by_the_gateway_with_the_stored_credentials(gw, mock):
+    body = {"messages": [{"role": "user", "content": [{"text": "raw converse"}]}]}
+    client_sig = {"authorization": "AWS4-HMAC-SHA256 Credential=CLIENTKEY/20260101/us-west-2/bedrock/aws4_request, SignedHeaders=host, Signature=00",
+                  "x-amz-date": "20260101T000000Z"}
+    r = httpx.post(gw.url + f"/aws-bedrock/bedrock-runtime/us-west-2/model/{BEDROCK_MODEL}/converse", json=body, headers=client_sig)
+    assert r.status_code == 200, r.text
+    assert r.json()["output"]["message"]["content"][0]["text"] == "mock reply to: raw converse"
+    seen = mock.last()["headers"]
+    assert seen["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDMOCK/")
+    assert "/us-west-2/bedrock/aws4_request" in seen["authorization"]
+    assert seen["x-amz-date"] != "20260101T000000Z" and seen["x-amz-security-token"] == AWS_SESSION
+
+
+def test_bedrock_passthrough_without_stored_credentials_keeps_the_clients_signature(mock, tmp_path):
+    keys = {k: v for k, v in COMPAT_KEYS.items() if not k.startswith("aws-bedrock")}
+    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    try:
+        mock.clear()
+        client_sig = {"authorization": "AWS4-HMAC-SHA256 Credential=CLIENTKEY/20260101/us-west-2/bedrock/aws4_request, SignedHeaders=host, Signature=00"}
+        httpx.post(g.url + f"/aws-bedrock/bedrock-runtime/us-west-2/model/{BEDROCK_MODEL}/converse",
+                   json={"messages": [{"role": "user", "content": [{"text": "x"}]}]}, headers=client_sig)
+        assert mock.last()["headers"]["authorization"] == client_sig["authorization"]
+        r = httpx.post(g.url + f"/aws-bedrock/bedrock-runtime/us-west-2/model/{BEDROCK_MODEL}/converse",
+                       json={}, headers={"cf-aig-byok-alias": "nope"})
+        assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2040)
+    finally:
+        g.stop()
+
+
 def test_bedrock_region_defaults_to_the_key_file(gw, mock):
     ask(client(gw), f"aws-bedrock/{BEDROCK_MODEL}")
     assert "/eu-west-1/bedrock/aws4_request" in mock.last()["headers"]["authorization"]

@@ -535,6 +535,18 @@ fn vertex_prefix(model: &str) -> Result<String, GatewayError> {
     ))
 }
 
+/// The stored AWS credentials of `alias` (`None` when no alias is named and there is no
+/// `aws-bedrock.default`: the client signs); a named alias that is missing is 2040.
+pub(crate) fn stored_aws_credentials(
+    snap: &Snapshot,
+    alias: Option<&str>,
+) -> Result<Option<bedrock::AwsCredentials>, GatewayError> {
+    if alias.is_none() && snap.keys.get("aws-bedrock", "default").is_none() {
+        return Ok(None);
+    }
+    bedrock_credentials(snap, alias).map(Some)
+}
+
 fn bedrock_credentials(
     snap: &Snapshot,
     alias: Option<&str>,
