@@ -77,6 +77,13 @@ impl AuthValue {
         Some(Self(v))
     }
 
+    /// `Bearer token` as a sensitive header value (a token minted at run time).
+    pub fn bearer(token: &str) -> Option<Self> {
+        let mut v = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+        v.set_sensitive(true);
+        Some(Self(v))
+    }
+
     /// The header value.
     pub fn header(&self) -> &HeaderValue {
         &self.0

@@ -21,6 +21,7 @@ pub mod compat;
 pub mod config;
 pub mod dlp;
 pub mod error;
+pub mod google_auth;
 pub mod guardrails;
 pub mod headers;
 pub mod keys;

@@ -220,6 +220,8 @@ pub struct Provider {
     account_id: Option<String>,
     /// Precomputed auth header value per key alias.
     keys: HashMap<String, AuthValue>,
+    /// Google service accounts per key alias (`google-vertex-ai`), minting tokens on demand.
+    service_accounts: HashMap<String, Arc<crate::google_auth::ServiceAccount>>,
 }
 
 /// Outcome of choosing the key for a request.
@@ -268,6 +270,7 @@ impl Provider {
             auth_headers,
             account_id: settings.and_then(|s| s.account_id.clone()),
             keys: HashMap::new(),
+            service_accounts: HashMap::new(),
         })
     }
 
@@ -288,6 +291,14 @@ impl Provider {
                     })
             }
         }
+    }
+
+    /// The service account of `alias` (default `default`), when its key file is one.
+    pub fn service_account(
+        &self,
+        alias: Option<&str>,
+    ) -> Option<&Arc<crate::google_auth::ServiceAccount>> {
+        self.service_accounts.get(alias.unwrap_or("default"))
     }
 
     /// The header the key goes into, if the gateway injects keys for this provider.
@@ -610,6 +621,19 @@ impl ProviderTable {
             let Some(key) = keys.get(pid, alias) else {
                 continue;
             };
+            if &*p.id == "google-vertex-ai" {
+                match crate::google_auth::ServiceAccount::parse(key.expose()) {
+                    Some(Ok(sa)) => {
+                        p.service_accounts.insert(alias.to_owned(), Arc::new(sa));
+                        continue;
+                    }
+                    Some(Err(why)) => {
+                        warnings.push(format!("key {pid}.{alias} is unused: {why}"));
+                        continue;
+                    }
+                    None => {} // a ready access token
+                }
+            }
             match AuthValue::new(scheme, key) {
                 Some(v) => {
                     p.keys.insert(alias.to_owned(), v);

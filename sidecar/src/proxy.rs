@@ -390,7 +390,14 @@ impl Gateway {
             ),
             None => None,
         };
-        let key = provider.choose_key(alias).map_err(fail)?;
+        let minted;
+        let key = match provider.service_account(alias) {
+            Some(sa) => {
+                minted = sa.token(self).await.map_err(fail)?;
+                KeyChoice::Stored(&minted)
+            }
+            None => provider.choose_key(alias).map_err(fail)?,
+        };
         let uri = provider
             .upstream_uri(&route, parts.uri.query())
             .map_err(fail)?;

@@ -4,6 +4,7 @@
 import base64
 import json
 import struct
+import subprocess
 
 import httpx
 import openai
@@ -291,6 +292,34 @@ def test_vertex_uses_the_project_region_path_and_a_bearer_token(gw, mock):
     emb = client(gw).embeddings.create(model="google-vertex-ai/my-proj/us-central1/text-embedding-005", input="x")
     assert len(emb.data[0].embedding) == 8 and emb.usage.prompt_tokens == 1
     assert mock.last()["path"].endswith("text-embedding-005:predict")
+
+
+def test_vertex_service_account_keys_are_exchanged_for_cached_tokens(mock, tmp_path):
+    pem = subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+                         capture_output=True, text=True, check=True).stdout
+    sa = {"type": "service_account", "project_id": "my-proj", "private_key_id": "k1", "private_key": pem,
+          "client_email": f"{KEY_MARKER}-sa@my-proj.iam.gserviceaccount.com", "token_uri": f"{mock.url}/token"}
+    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
+    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    try:
+        mock.clear()
+        path = "/google-vertex-ai/v1/projects/my-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
+        for _ in range(2):
+            r = httpx.post(g.url + path, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+            assert r.status_code == 200, r.text
+        out = ask(client(g), "google-vertex-ai/my-proj/us-central1/gemini-2.5-flash", "via compat")
+        assert out.choices[0].message.content == "mock reply to: via compat"
+        seen = mock.requests()
+        tokens = [q for q in seen if q["path"] == "/token"]
+        assert len(tokens) == 1, "one exchange, then the cached token"
+        assert "jwt-bearer" in tokens[0]["body"]
+        calls = [q for q in seen if q["path"] != "/token"]
+        assert len(calls) == 3
+        for q in calls:
+            assert q["headers"]["authorization"] == f"Bearer ya29.mock-{sa['client_email']}"
+        assert pem.splitlines()[1] not in g.logs()
+    finally:
+        g.stop()
 
 
 # --- AWS Bedrock --------------------------------------------------------------------------

@@ -35,6 +35,7 @@ use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::headers::strip_response_headers;
+use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Cached, Gateway};
 use crate::route::ProviderRoute;
@@ -281,6 +282,17 @@ struct CompatCall<'a> {
     alias: Option<&'a str>,
     parts: &'a http::request::Parts,
     log_id: &'a str,
+    /// A token minted for this request (Google service accounts), used instead of a stored key.
+    minted: Option<&'a AuthValue>,
+}
+
+impl CompatCall<'_> {
+    fn key(&self) -> Result<KeyChoice<'_>, GatewayError> {
+        match self.minted {
+            Some(v) => Ok(KeyChoice::Stored(v)),
+            None => self.provider.choose_key(self.alias),
+        }
+    }
 }
 
 /// The upstream request and how to translate its response (`None`: pass it through).
@@ -309,7 +321,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
             let uri = i
                 .provider
                 .upstream_uri(&route(i, &rest), query.as_deref())?;
-            let key = i.provider.choose_key(i.alias)?;
+            let key = i.key()?;
             let body = openai::rewrite_model(i.body, model)?;
             let req = proxy::build_upstream_request(
                 i.provider,
@@ -331,7 +343,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
             let (body, json_tool) = anthropic::request(req, i.model)?;
             ctx.json_tool = json_tool;
             let uri = i.provider.upstream_uri(&route(i, "v1/messages"), None)?;
-            let key = i.provider.choose_key(i.alias)?;
+            let key = i.key()?;
             let headers = translated_headers(i.provider, &key, &i.parts.headers);
             Ok((
                 new_request(uri, headers, Bytes::from(body)),
@@ -383,7 +395,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 }
             };
             let uri = i.provider.upstream_uri(&route(i, &rest), query)?;
-            let key = i.provider.choose_key(i.alias)?;
+            let key = i.key()?;
             let headers = translated_headers(i.provider, &key, &i.parts.headers);
             Ok((
                 new_request(uri, headers, Bytes::from(body)),
@@ -696,6 +708,10 @@ pub(crate) async fn serve(
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
     let (resp, translation) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
+        let minted = match provider.service_account(alias) {
+            Some(sa) => Some(sa.token(gw).await.map_err(fail)?),
+            None => None,
+        };
         let (upstream, translation) = plan(&CompatCall {
             snap,
             provider,
@@ -705,6 +721,7 @@ pub(crate) async fn serve(
             alias,
             parts,
             log_id: &log_id,
+            minted: minted.as_ref(),
         })
         .map_err(fail)?;
         let mut policy = retries;

@@ -274,3 +274,54 @@ fn error(status: StatusCode, message: &str, kind: &str) -> Response<MockBody> {
     );
     json_response(status, Bytes::from(buf))
 }
+
+/// `POST .../token`: Google's OAuth token endpoint for service accounts. Checks the grant type
+/// and the assertion's shape and claims (not its signature: the sidecar's own tests verify
+/// that), and answers a token naming the account.
+pub(crate) fn token(_ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
+    use base64::Engine;
+    let form = String::from_utf8_lossy(body);
+    let field = |name: &str| {
+        form.split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let refuse = |why: &str| {
+        json_response(
+            StatusCode::BAD_REQUEST,
+            Bytes::from(json!({"error": "invalid_grant", "error_description": why}).to_string()),
+        )
+    };
+    if field("grant_type") != "urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer" {
+        return refuse("grant_type must be urn:ietf:params:oauth:grant-type:jwt-bearer");
+    }
+    let assertion = field("assertion");
+    let parts: Vec<&str> = assertion.split('.').collect();
+    let decode = |p: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+    };
+    let (Some(header), Some(claims)) = (
+        parts.first().and_then(|p| decode(p)),
+        parts.get(1).and_then(|p| decode(p)),
+    ) else {
+        return refuse("the assertion is not a JWT");
+    };
+    if parts.len() != 3 || parts[2].is_empty() || header["alg"] != "RS256" {
+        return refuse("the assertion must be an RS256-signed JWT");
+    }
+    let Some(iss) = claims["iss"].as_str() else {
+        return refuse("the assertion has no iss");
+    };
+    if claims["scope"].as_str().is_none() || claims["aud"].as_str().is_none() {
+        return refuse("the assertion needs scope and aud");
+    }
+    json_ok(&json!({
+        "access_token": format!("ya29.mock-{iss}"),
+        "expires_in": 3599,
+        "token_type": "Bearer",
+    }))
+}

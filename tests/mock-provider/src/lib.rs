@@ -13,6 +13,7 @@
 //! |---|---|---|
 //! | POST | `/chat/completions` | OpenAI `chat.completion`, or SSE chunks with `"stream": true` |
 //! | POST | `/embeddings` | OpenAI embedding list (8 dims, deterministic) |
+//! | POST | `/token` | Google OAuth token for a service-account JWT (`jwt-bearer` grant): `ya29.mock-<iss>` |
 //! | POST | `/moderations` | OpenAI moderation result: a category is flagged when the input contains `mock-flag:<category>` |
 //! | GET | `/models` | OpenAI model list (Anthropic's shape with an `anthropic-version` header) |
 //! | POST | `/messages` | Anthropic Message, or Anthropic SSE with `"stream": true` |
@@ -196,6 +197,7 @@ enum Route {
     ChatCompletions,
     Embeddings,
     Moderations,
+    Token,
     Models,
     Messages,
     CountTokens,
@@ -218,6 +220,8 @@ impl Route {
                 Self::Embeddings
             } else if path.ends_with("/moderations") {
                 Self::Moderations
+            } else if path.ends_with("/token") {
+                Self::Token
             } else if path.ends_with("/messages/count_tokens") {
                 Self::CountTokens
             } else if path.ends_with("/messages") {
@@ -305,6 +309,7 @@ async fn handle(
         Route::ChatCompletions => openai::chat_completions(&ctx, &body),
         Route::Embeddings => openai::embeddings(&ctx, &body),
         Route::Moderations => openai::moderations(&ctx, &body),
+        Route::Token => gemini::token(&ctx, &body),
         Route::Models if anthropic_models => anthropic::models(&ctx),
         Route::Models => openai::models(&ctx),
         Route::Messages => anthropic::messages(&ctx, &body),
