@@ -119,9 +119,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.webhook.enabled {
         // The webhook's namespace is the operator's own (excluded from injection, holds the
         // certificate Secret).
-        webhook::start(client.clone(), &args.webhook, &args.lease_namespace)
-            .await
-            .context("starting the sidecar injection webhook")?;
+        webhook::start(
+            client.clone(),
+            &args.webhook,
+            &args.lease_namespace,
+            metrics.clone(),
+        )
+        .await
+        .context("starting the sidecar injection webhook")?;
     }
     state.ready.store(true, Ordering::Relaxed);
 

@@ -44,6 +44,14 @@ pub struct WriteLabels {
     pub object: &'static str,
 }
 
+/// Labels of an admission review answered by the webhook.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    /// `injected`, `skipped` (opted out, excluded, unknown gateway) or `error` (admitted
+    /// without the sidecar because something failed).
+    pub result: &'static str,
+}
+
 /// All operator metrics and the registry that exposes them.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -54,6 +62,7 @@ pub struct Metrics {
     duration: Family<ControllerLabels, Histogram>,
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
+    admissions: Family<AdmissionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -91,7 +100,14 @@ impl Default for Metrics {
             "1 while this replica runs the controllers",
             leader.clone(),
         );
+        let admissions = Family::<AdmissionLabels, Counter>::default();
+        registry.register(
+            "webhook_admissions",
+            "Pods with the gateway annotation seen by the injection webhook, by result",
+            admissions.clone(),
+        );
         Self {
+            admissions,
             registry,
             reconciles,
             errors,
@@ -110,6 +126,20 @@ impl Metrics {
             controller,
             start: Instant::now(),
         }
+    }
+
+    /// Counts a pod the webhook answered for.
+    pub fn admission(&self, result: &'static str) {
+        self.admissions
+            .get_or_create(&AdmissionLabels { result })
+            .inc();
+    }
+
+    /// Pods the webhook answered for with `result`.
+    pub fn admissions(&self, result: &'static str) -> u64 {
+        self.admissions
+            .get_or_create(&AdmissionLabels { result })
+            .get()
     }
 
     /// Counts an error of `kind`.

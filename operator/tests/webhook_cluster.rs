@@ -14,6 +14,7 @@ mod common;
 mod support;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{
@@ -158,9 +159,15 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
     let port = free_port();
     let config_name = unique_name("sidegate-webhook-test");
     register(&client, &config_name, port, &apps.name).await;
-    let bound = webhook::start(client.clone(), &args(port, &config_name), &operator_ns.name)
-        .await
-        .expect("webhook starts");
+    let metrics = Arc::new(sidegate_operator::metrics::Metrics::default());
+    let bound = webhook::start(
+        client.clone(),
+        &args(port, &config_name),
+        &operator_ns.name,
+        metrics.clone(),
+    )
+    .await
+    .expect("webhook starts");
     assert_eq!(bound.port(), port);
 
     // Start-up stored the certificate and patched caBundle.
@@ -261,7 +268,10 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
 
     // The unknown gateway's pod is admitted with a warning for the user (checked on the
     // handler, since the client does not surface warnings).
+    // Every injected pod was counted.
+    assert!(metrics.admissions("injected") >= 1);
     let state = WebhookState {
+        metrics: Arc::new(sidegate_operator::metrics::Metrics::default()),
         client: client.clone(),
         config: sidegate_operator::webhook::inject::InjectConfig::new(
             "img",
@@ -293,6 +303,8 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
             .any(|w| w.contains("AIGateway nope does not exist")),
         "{warnings:?}"
     );
+    assert_eq!(state.metrics.admissions("skipped"), 1);
+    assert_eq!(state.metrics.admissions("injected"), 0);
 
     unregister(&client, &config_name).await;
     apps.delete().await;

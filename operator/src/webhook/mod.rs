@@ -172,6 +172,8 @@ pub struct WebhookState {
     pub client: kube::Client,
     /// Injection settings.
     pub config: InjectConfig,
+    /// Where admissions are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Starts the webhook described by `args` for an operator in `namespace`: gets a certificate
@@ -181,6 +183,7 @@ pub async fn start(
     client: kube::Client,
     args: &WebhookArgs,
     namespace: &str,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<SocketAddr, StartError> {
     let resolver = Arc::new(CertResolver::new());
     match args.cert_mode {
@@ -246,7 +249,11 @@ pub async fn start(
     tokio::spawn(serve(
         listener,
         tls,
-        Arc::new(WebhookState { client, config }),
+        Arc::new(WebhookState {
+            client,
+            config,
+            metrics,
+        }),
     ));
     Ok(bound)
 }
@@ -358,26 +365,42 @@ pub async fn review(state: &WebhookState, body: &[u8]) -> AdmissionReview<Dynami
     admit(state, &request).await.into_review()
 }
 
+/// Answers for one pod and counts the outcome (pods without the annotation are not counted).
 async fn admit(
     state: &WebhookState,
     request: &AdmissionRequest<DynamicObject>,
 ) -> AdmissionResponse {
+    let (response, result) = decide(state, request).await;
+    if let Some(result) = result {
+        state.metrics.admission(result);
+    }
+    response
+}
+
+/// The answer for one pod and how to count it (`None`: not a pod asking for a sidecar).
+async fn decide(
+    state: &WebhookState,
+    request: &AdmissionRequest<DynamicObject>,
+) -> (AdmissionResponse, Option<&'static str>) {
     let allow = AdmissionResponse::from(request);
     if request.operation != Operation::Create
         || request.kind.kind != "Pod"
         || !request.kind.group.is_empty()
     {
-        return allow;
+        return (allow, None);
     }
     let Some(object) = request.object.as_ref() else {
-        return allow;
+        return (allow, None);
     };
     let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
         Ok(p) => p,
         Err(e) => {
-            return with_warning(
-                allow,
-                format!("sidegate: pod not injected: unreadable pod: {e}"),
+            return (
+                with_warning(
+                    allow,
+                    format!("sidegate: pod not injected: unreadable pod: {e}"),
+                ),
+                Some("error"),
             );
         }
     };
@@ -391,7 +414,7 @@ async fn admit(
 
     let gateway = match inject::requested_gateway(&pod, &namespace, &state.config) {
         Ok(gw) => gw,
-        Err(Skip::NotRequested) => return allow,
+        Err(Skip::NotRequested) => return (allow, None),
         Err(skip) => {
             tracing::info!(
                 namespace,
@@ -399,7 +422,7 @@ async fn admit(
                 reason = skip.reason(),
                 "sidecar injection skipped"
             );
-            return allow;
+            return (allow, Some("skipped"));
         }
     };
     let gateways: Api<AIGateway> = Api::namespaced(state.client.clone(), &namespace);
@@ -408,9 +431,12 @@ async fn admit(
         Ok(Ok(found)) => found,
         Ok(Err(e)) => {
             tracing::warn!(namespace, pod = pod_name, gateway, error = %e, "AIGateway lookup failed; pod admitted without sidecar");
-            return with_warning(
-                allow,
-                format!("sidegate: pod not injected: reading AIGateway {gateway} failed: {e}"),
+            return (
+                with_warning(
+                    allow,
+                    format!("sidegate: pod not injected: reading AIGateway {gateway} failed: {e}"),
+                ),
+                Some("error"),
             );
         }
         Err(_) => {
@@ -420,9 +446,12 @@ async fn admit(
                 gateway,
                 "AIGateway lookup timed out; pod admitted without sidecar"
             );
-            return with_warning(
-                allow,
-                format!("sidegate: pod not injected: reading AIGateway {gateway} timed out"),
+            return (
+                with_warning(
+                    allow,
+                    format!("sidegate: pod not injected: reading AIGateway {gateway} timed out"),
+                ),
+                Some("error"),
             );
         }
     };
@@ -434,11 +463,14 @@ async fn admit(
             reason = "gateway-not-found",
             "sidecar injection skipped"
         );
-        return with_warning(
-            allow,
-            format!(
-                "sidegate: AIGateway {gateway} does not exist in namespace {namespace}; pod created without the sidegate sidecar"
+        return (
+            with_warning(
+                allow,
+                format!(
+                    "sidegate: AIGateway {gateway} does not exist in namespace {namespace}; pod created without the sidegate sidecar"
+                ),
             ),
+            Some("skipped"),
         );
     };
     let sidecar = gw.spec.sidecar.clone().unwrap_or_default();
@@ -458,17 +490,26 @@ async fn admit(
             );
             let mut response = match allow.clone().with_patch(injection.patch) {
                 Ok(r) => r,
-                Err(e) => return with_warning(allow, format!("sidegate: pod not injected: {e}")),
+                Err(e) => {
+                    return (
+                        with_warning(allow, format!("sidegate: pod not injected: {e}")),
+                        Some("error"),
+                    );
+                }
             };
             if !injection.warnings.is_empty() {
                 response.warnings = Some(injection.warnings);
             }
-            response
+            (response, Some("injected"))
         }
-        Ok(None) => allow,
+        // Already injected (a retried admission).
+        Ok(None) => (allow, Some("skipped")),
         Err(e) => {
             tracing::warn!(namespace, pod = pod_name, gateway, error = %e, "sidecar injection refused");
-            with_warning(allow, format!("sidegate: pod not injected: {e}"))
+            (
+                with_warning(allow, format!("sidegate: pod not injected: {e}")),
+                Some("error"),
+            )
         }
     }
 }
