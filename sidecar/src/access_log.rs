@@ -118,15 +118,17 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
     b.push_str(" path=");
     // Request paths are visible ASCII without spaces: the HTTP parser refuses anything else.
     b.push_str(e.path);
-    let _ = write!(
-        b,
-        " status={} duration_ms={:.3} bytes={} outcome={}{}",
-        e.status,
-        e.duration_ms,
-        e.bytes,
-        e.outcome,
-        if e.cached { " cached=true" } else { "" }
-    );
+    b.push_str(" status=");
+    push_u64(b, e.status.into());
+    b.push_str(" duration_ms=");
+    push_millis(b, e.duration_ms);
+    b.push_str(" bytes=");
+    push_u64(b, e.bytes);
+    b.push_str(" outcome=");
+    b.push_str(e.outcome);
+    if e.cached {
+        b.push_str(" cached=true");
+    }
     if let Some(m) = e.metadata {
         // Compact JSON without spaces or newlines (re-serialized when the header was read).
         b.push_str(" metadata=");
@@ -146,17 +148,54 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
     json_str(b, e.method);
     b.push_str(",\"path\":");
     json_str(b, e.path);
-    let _ = write!(
-        b,
-        ",\"status\":{},\"duration_ms\":{:.3},\"bytes\":{},\"outcome\":\"{}\",\"cached\":{}",
-        e.status, e.duration_ms, e.bytes, e.outcome, e.cached
-    );
+    b.push_str(",\"status\":");
+    push_u64(b, e.status.into());
+    b.push_str(",\"duration_ms\":");
+    push_millis(b, e.duration_ms);
+    b.push_str(",\"bytes\":");
+    push_u64(b, e.bytes);
+    b.push_str(",\"outcome\":\"");
+    b.push_str(e.outcome);
+    b.push_str("\",\"cached\":");
+    b.push_str(if e.cached { "true" } else { "false" });
     if let Some(m) = e.metadata {
         // Already compact JSON (re-serialized when the header was read).
         b.push_str(",\"metadata\":");
         b.push_str(m);
     }
     b.push_str("}\n");
+}
+
+/// Appends `n` in decimal.
+fn push_u64(b: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        b.push(char::from(d));
+    }
+}
+
+/// Appends milliseconds with three decimals (like `{:.3}`, to the microsecond).
+fn push_millis(b: &mut String, ms: f64) {
+    if !ms.is_finite() || ms < 0.0 || ms >= 1e15 {
+        let _ = write!(b, "{ms:.3}");
+        return;
+    }
+    let us = (ms * 1000.0).round() as u64;
+    push_u64(b, us / 1000);
+    b.push('.');
+    let frac = us % 1000;
+    b.push(char::from(b'0' + (frac / 100) as u8));
+    b.push(char::from(b'0' + (frac / 10 % 10) as u8));
+    b.push(char::from(b'0' + (frac % 10) as u8));
 }
 
 /// Appends `s` as a JSON string.
@@ -175,20 +214,41 @@ fn json_str(b: &mut String, s: &str) {
     b.push('"');
 }
 
+/// The formatted date and time of the last second a line was written in (`YYYY-MM-DDTHH:MM:SS`).
+static SECOND: Mutex<(u64, String)> = Mutex::new((u64::MAX, String::new()));
+
 /// Appends an RFC 3339 UTC timestamp with microseconds.
 fn timestamp(b: &mut String, t: SystemTime) {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
-    let (y, m, day) = civil_from_days((secs / 86_400) as i64);
-    let s = secs % 86_400;
-    let _ = write!(
-        b,
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        s / 3600,
-        s / 60 % 60,
-        s % 60,
-        d.subsec_micros()
-    );
+    {
+        let mut cached = SECOND.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.0 != secs {
+            let (y, m, day) = civil_from_days((secs / 86_400) as i64);
+            let s = secs % 86_400;
+            cached.1.clear();
+            let _ = write!(
+                cached.1,
+                "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}",
+                s / 3600,
+                s / 60 % 60,
+                s % 60,
+            );
+            cached.0 = secs;
+        }
+        b.push_str(&cached.1);
+    }
+    b.push('.');
+    let mut us = d.subsec_micros();
+    let mut digits = [b'0'; 6];
+    for slot in digits.iter_mut().rev() {
+        *slot = b'0' + (us % 10) as u8;
+        us /= 10;
+    }
+    for &c in &digits {
+        b.push(char::from(c));
+    }
+    b.push('Z');
 }
 
 /// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
@@ -287,5 +347,24 @@ mod tests {
             b.trim_end().ends_with("outcome=complete cached=true"),
             "{b}"
         );
+    }
+
+    #[test]
+    fn numbers_are_formatted_like_fmt() {
+        for n in [0u64, 7, 10, 99, 200, 65_535, 1_234_567, u64::MAX] {
+            let mut b = String::new();
+            push_u64(&mut b, n);
+            assert_eq!(b, n.to_string());
+        }
+        for ms in [0.0, 0.0004, 0.0015, 1.5, 12.3456, 999.9999, 123_456.789] {
+            let mut b = String::new();
+            push_millis(&mut b, ms);
+            assert_eq!(b, format!("{ms:.3}"), "{ms}");
+        }
+        let mut b = String::new();
+        let t = UNIX_EPOCH + Duration::from_micros(1_795_646_428_000_007);
+        timestamp(&mut b, t);
+        timestamp(&mut b, t + Duration::from_micros(1_000_000));
+        assert_eq!(b, "2026-11-25T22:40:28.000007Z2026-11-25T22:40:29.000007Z");
     }
 }

@@ -9,12 +9,12 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use crate::cache::Fill;
 use crate::compat::StreamTranslator;
 use crate::telemetry::RequestRecord;
+use crate::upstream::{BodyError, UpstreamBody};
 
 pin_project! {
     /// Body of every response the proxy sends.
@@ -25,13 +25,13 @@ pin_project! {
         /// The upstream's body, streamed through.
         Upstream {
             #[pin]
-            inner: Incoming,
+            inner: UpstreamBody,
             record: Option<RequestRecord>,
         },
         /// The upstream's stream translated chunk by chunk (`/compat`).
         Translated {
             #[pin]
-            inner: Incoming,
+            inner: UpstreamBody,
             translator: Box<dyn StreamTranslator>,
             record: Option<RequestRecord>,
             out: BytesMut,
@@ -55,7 +55,7 @@ impl ProxyBody {
     }
 
     /// The upstream's body; `record` is finished when the stream ends, fails, or is dropped.
-    pub fn upstream(inner: Incoming, record: RequestRecord) -> Self {
+    pub fn upstream(inner: UpstreamBody, record: RequestRecord) -> Self {
         // An empty body may never be polled; its request is complete already.
         let record = if inner.is_end_stream() {
             record.finish_complete();
@@ -68,7 +68,7 @@ impl ProxyBody {
 
     /// The upstream's stream fed through `translator`; `record` counts the translated bytes.
     pub fn translated(
-        inner: Incoming,
+        inner: UpstreamBody,
         translator: Box<dyn StreamTranslator>,
         record: RequestRecord,
     ) -> Self {
@@ -104,7 +104,7 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,

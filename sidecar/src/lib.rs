@@ -6,6 +6,7 @@
 //! - [`config`]: `gateway.yaml` + keys → a validated [`config::Snapshot`].
 //! - [`proxy`]: the request pipeline.
 //! - [`compat`]: the unified OpenAI-compatible endpoint, translating to each provider's API.
+//! - [`upstream`]: the client to the providers and their response bodies.
 //! - [`headers`]: what crosses from client to upstream and back.
 //! - [`body`]: streamed response bodies and their completion records.
 //! - [`error`]: gateway-made errors in the SPEC.md envelope.
@@ -38,3 +39,4 @@ pub mod shared;
 pub mod telemetry;
 pub mod text;
 pub mod universal;
+pub mod upstream;

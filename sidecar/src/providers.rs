@@ -461,13 +461,28 @@ fn join(prefix: &str, rest: &str) -> String {
 /// Rejects `.` and `..` segments (also percent-encoded) so a route cannot climb out of a
 /// provider's base path.
 fn check_segments(rest: &str) -> Result<(), GatewayError> {
-    for seg in rest.split('/') {
-        let decoded = seg.to_ascii_lowercase().replace("%2e", ".");
-        if decoded == "." || decoded == ".." {
-            return Err(bad_route("dot segments are not allowed in provider paths"));
-        }
+    if rest.split('/').any(is_dot_segment) {
+        return Err(bad_route("dot segments are not allowed in provider paths"));
     }
     Ok(())
+}
+
+/// `.` or `..`, any dot possibly percent-encoded (`%2e`, either case); without allocating.
+fn is_dot_segment(seg: &str) -> bool {
+    let mut rest = seg.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        rest = match rest {
+            [b'.', tail @ ..] => tail,
+            [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+            _ => return false,
+        };
+        dots += 1;
+        if dots > 2 {
+            return false;
+        }
+    }
+    dots > 0
 }
 
 /// A value that may become part of a host name.
@@ -794,6 +809,20 @@ mod tests {
                 Err(2106),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn dot_segments_are_found_like_decoding_them_would() {
+        let decoded = |seg: &str| {
+            let d = seg.to_ascii_lowercase().replace("%2e", ".");
+            d == "." || d == ".."
+        };
+        for seg in [
+            "", ".", "..", "...", "%2e", "%2E", "%2e%2E", ".%2e", "%2e.", "%2e%2e%2e", "%2", "%2f",
+            "a", "a.", ".a", "%%2e2e", "%2e%", "..%2e", "chat", "v1",
+        ] {
+            assert_eq!(is_dot_segment(seg), decoded(seg), "{seg:?}");
         }
     }
 

@@ -13,10 +13,6 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 
 use crate::body::ProxyBody;
 use crate::cache;
@@ -27,8 +23,8 @@ use crate::providers::{KeyChoice, Provider};
 use crate::route::{self, Route};
 use crate::telemetry::{LogOptions, Metrics, RequestRecord};
 
-/// The HTTP client to providers: pooled connections per upstream, HTTP/2 where offered (ALPN).
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub use crate::upstream::{UpstreamClient, upstream_client};
+use crate::upstream::UpstreamBody;
 
 const REQUEST_TIMEOUT: HeaderName = HeaderName::from_static("cf-aig-request-timeout");
 const BYOK_ALIAS: HeaderName = HeaderName::from_static("cf-aig-byok-alias");
@@ -42,38 +38,6 @@ const AWS_SIGNATURE_HEADERS: &[&str] = &[
     "x-amz-security-token",
     "x-amz-content-sha256",
 ];
-
-/// Builds the upstream client. It trusts the public web PKI roots plus `extra_roots` (a private
-/// CA of a model server or an egress proxy).
-pub fn upstream_client(
-    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
-) -> Result<UpstreamClient, rustls::Error> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for cert in extra_roots {
-        roots.add(cert)?;
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(https))
-}
 
 /// The gateway: the config now serving, the upstream client, and the metrics.
 pub struct Gateway {
@@ -132,7 +96,7 @@ impl Gateway {
         timeout: Duration,
         retries: &crate::retry::Policy,
         provider: &Arc<str>,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         let mut attempt = 1;
         while attempt < retries.max_attempts {
             let failure = match self.attempt(clone_request(&req), timeout).await {
@@ -154,7 +118,7 @@ impl Gateway {
         &self,
         req: Request<Full<Bytes>>,
         timeout: Duration,
-    ) -> Result<Response<Incoming>, GatewayError> {
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(error_chain(&e))),

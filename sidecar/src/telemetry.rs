@@ -4,7 +4,7 @@
 //! Provider keys never reach this module: records carry the provider id, the path without its
 //! query, the status and sizes only.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -56,6 +56,9 @@ pub struct CacheLabels {
 /// All metrics of the sidecar.
 pub struct Metrics {
     registry: Registry,
+    /// Handles of the request metrics already resolved, per provider: a finished request
+    /// bumps them without hashing its labels into the families.
+    handles: RwLock<Vec<ProviderHandles>>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<ProviderLabels, Histogram>,
     streams_cancelled: Family<ProviderLabels, Counter>,
@@ -65,6 +68,39 @@ pub struct Metrics {
     retries: Family<ProviderLabels, Counter>,
     redis_errors: Counter,
     guardrails: Family<ReloadLabels, Counter>,
+}
+
+/// The request metrics of one provider (they share their values with the families).
+struct ProviderHandles {
+    provider: Arc<str>,
+    duration: Histogram,
+    cancelled: Option<Counter>,
+    by_status: Vec<(u16, Counter)>,
+}
+
+impl ProviderHandles {
+    fn find<'a>(all: &'a [Self], provider: &Arc<str>) -> Option<&'a Self> {
+        all.iter()
+            .find(|h| Arc::ptr_eq(&h.provider, provider) || h.provider == *provider)
+    }
+
+    /// Records one request if every handle it needs is resolved already.
+    fn record(&self, status: u16, secs: f64, cancelled: bool) -> bool {
+        let Some((_, requests)) = self.by_status.iter().find(|(s, _)| *s == status) else {
+            return false;
+        };
+        let cancelled = match (cancelled, &self.cancelled) {
+            (false, _) => None,
+            (true, Some(c)) => Some(c),
+            (true, None) => return false,
+        };
+        requests.inc();
+        self.duration.observe(secs);
+        if let Some(c) = cancelled {
+            c.inc();
+        }
+        true
+    }
 }
 
 impl Default for Metrics {
@@ -135,6 +171,7 @@ impl Metrics {
         );
         Self {
             registry,
+            handles: RwLock::new(Vec::new()),
             requests,
             duration,
             streams_cancelled,
@@ -145,6 +182,53 @@ impl Metrics {
             redis_errors,
             guardrails,
         }
+    }
+
+    /// Counts a finished request, its duration, and whether the client went away first.
+    fn record(&self, provider: &Arc<str>, status: u16, secs: f64, cancelled: bool) {
+        if let Ok(all) = self.handles.read()
+            && ProviderHandles::find(&all, provider)
+                .is_some_and(|h| h.record(status, secs, cancelled))
+        {
+            return;
+        }
+        let mut all = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        let i = match all
+            .iter()
+            .position(|h| Arc::ptr_eq(&h.provider, provider) || h.provider == *provider)
+        {
+            Some(i) => i,
+            None => {
+                let labels = ProviderLabels {
+                    provider: provider.clone(),
+                };
+                all.push(ProviderHandles {
+                    provider: provider.clone(),
+                    duration: self.duration.get_or_create(&labels).clone(),
+                    cancelled: None,
+                    by_status: Vec::new(),
+                });
+                all.len() - 1
+            }
+        };
+        let h = &mut all[i];
+        if !h.by_status.iter().any(|(s, _)| *s == status) {
+            let counter = self
+                .requests
+                .get_or_create(&RequestLabels {
+                    provider: provider.clone(),
+                    status,
+                })
+                .clone();
+            h.by_status.push((status, counter));
+        }
+        if cancelled && h.cancelled.is_none() {
+            let labels = ProviderLabels {
+                provider: provider.clone(),
+            };
+            h.cancelled = Some(self.streams_cancelled.get_or_create(&labels).clone());
+        }
+        h.record(status, secs, cancelled);
     }
 
     /// Prometheus text exposition.
@@ -339,17 +423,12 @@ impl RequestRecord {
         }
         self.done = true;
         let elapsed = self.start.elapsed();
-        self.metrics.count_request(&self.provider, self.status);
-        let labels = ProviderLabels {
-            provider: self.provider.clone(),
-        };
-        self.metrics
-            .duration
-            .get_or_create(&labels)
-            .observe(elapsed.as_secs_f64());
-        if outcome == "cancelled" {
-            self.metrics.streams_cancelled.get_or_create(&labels).inc();
-        }
+        self.metrics.record(
+            &self.provider,
+            self.status,
+            elapsed.as_secs_f64(),
+            outcome == "cancelled",
+        );
         if self.log {
             crate::access_log::write(&crate::access_log::Entry {
                 log_id: &self.log_id,

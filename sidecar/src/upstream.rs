@@ -1,0 +1,293 @@
+//! The client to the providers, and the body of their responses.
+//!
+//! Plain-HTTP upstreams (in-cluster model servers, local mocks) are spoken to by [`h1`], inside
+//! the request's own task: a request never hops to a connection task and back, and a burst of
+//! streamed chunks read in one go leaves as one frame (one write to the client) instead of one
+//! task hand-off and one syscall per chunk. Everything else — TLS upstreams (HTTP/2 where ALPN
+//! offers it), large request bodies, requests with framing headers of their own — goes through
+//! hyper-util's pooled client, whose bodies are coalesced the same way where data is already
+//! there.
+//!
+//! Both behave alike: origin-form request target and `Host` from the URI, keep-alive reuse, and
+//! a connection closed (the upstream sees the cancel) when its response is dropped before the
+//! end.
+
+pub mod h1;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::uri::Scheme;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use pin_project_lite::pin_project;
+
+/// Error of a response body.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Idle upstream connections are closed after this long.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream host.
+pub const MAX_IDLE_PER_HOST: usize = 256;
+/// Largest frame made by joining chunks that are already there.
+pub const MAX_COALESCE: usize = 64 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Legacy = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The HTTP client to providers.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    legacy: Legacy,
+    pool: Arc<h1::Pool>,
+}
+
+/// Builds the upstream client. It trusts the public web PKI roots plus `extra_roots` (a private
+/// CA of a model server or an egress proxy).
+pub fn upstream_client(
+    extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<UpstreamClient, rustls::Error> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra_roots {
+        roots.add(cert)?;
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http.clone());
+    let legacy = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+        .build(https);
+    let mut plain = HttpConnector::new();
+    plain.set_nodelay(true);
+    plain.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    Ok(UpstreamClient {
+        legacy,
+        pool: Arc::new(h1::Pool::new(plain)),
+    })
+}
+
+impl UpstreamClient {
+    /// Sends `req` (absolute URI) and resolves with the response head; the body streams.
+    pub async fn request(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        if req.uri().scheme() == Some(&Scheme::HTTP)
+            && req.uri().authority().is_some()
+            && h1::eligible(&req)
+        {
+            let resp = self.pool.request(req).await?;
+            return Ok(resp.map(|b| UpstreamBody {
+                kind: Kind::H1 { body: b },
+            }));
+        }
+        match self.legacy.request(req).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::hyper)),
+            Err(e) => Err(UpstreamError {
+                kind: "Legacy",
+                source: Box::new(e),
+            }),
+        }
+    }
+
+    /// Idle plain-HTTP connections pooled now (for tests).
+    pub fn idle_connections(&self) -> usize {
+        self.pool.idle()
+    }
+}
+
+/// A failed upstream request; displays like hyper-util's client errors.
+#[derive(Debug)]
+pub struct UpstreamError {
+    kind: &'static str,
+    source: BodyError,
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.kind == "Legacy" {
+            // hyper-util's error already says "client error (...)".
+            return self.source.fmt(f);
+        }
+        write!(f, "client error ({})", self.kind)
+    }
+}
+
+impl std::error::Error for UpstreamError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        if self.kind == "Legacy" {
+            return self.source.source();
+        }
+        Some(&*self.source)
+    }
+}
+
+pin_project! {
+    /// The body of an upstream response, streamed: every poll hands on all the data that is
+    /// there (up to [`MAX_COALESCE`] bytes for hyper bodies), so the client gets a burst in one
+    /// write; nothing waits for more data to arrive.
+    pub struct UpstreamBody {
+        #[pin]
+        kind: Kind,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind {
+        H1 { body: h1::Body },
+        Hyper {
+            #[pin]
+            inner: Incoming,
+            // A frame or error read after data that was handed on first.
+            held: Option<Result<Frame<Bytes>, hyper::Error>>,
+            done: bool,
+        },
+    }
+}
+
+impl UpstreamBody {
+    fn hyper(inner: Incoming) -> Self {
+        Self {
+            kind: Kind::Hyper {
+                inner,
+                held: None,
+                done: false,
+            },
+        }
+    }
+}
+
+fn data_frame(first: Option<Bytes>, joined: Option<BytesMut>) -> Option<Frame<Bytes>> {
+    match (first, joined) {
+        (_, Some(j)) => Some(Frame::data(j.freeze())),
+        (Some(f), None) => Some(Frame::data(f)),
+        (None, None) => None,
+    }
+}
+
+fn boxed(e: hyper::Error) -> BodyError {
+    Box::new(e)
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let (mut inner, held, done) = match self.project().kind.project() {
+            KindProj::H1 { body } => return body.poll_frame(cx),
+            KindProj::Hyper { inner, held, done } => (inner, held, done),
+        };
+        if let Some(h) = held.take() {
+            return Poll::Ready(Some(h.map_err(boxed)));
+        }
+        if *done {
+            return Poll::Ready(None);
+        }
+        // The first chunk is kept as is; later ones are copied after it.
+        let mut first: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
+        loop {
+            match inner.as_mut().poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let data = match frame.into_data() {
+                        Ok(d) => d,
+                        Err(other) => {
+                            return match data_frame(first, joined) {
+                                Some(d) => {
+                                    *held = Some(Ok(other));
+                                    Poll::Ready(Some(Ok(d)))
+                                }
+                                None => Poll::Ready(Some(Ok(other))),
+                            };
+                        }
+                    };
+                    if let Some(j) = joined.as_mut() {
+                        j.extend_from_slice(&data);
+                    } else if let Some(f) = first.take() {
+                        let mut j = BytesMut::with_capacity((f.len() + data.len()).max(4096));
+                        j.extend_from_slice(&f);
+                        j.extend_from_slice(&data);
+                        joined = Some(j);
+                    } else {
+                        first = Some(data);
+                    }
+                    if inner.is_end_stream() {
+                        *done = true;
+                        break;
+                    }
+                    let len = joined
+                        .as_ref()
+                        .map_or_else(|| first.as_ref().map_or(0, Bytes::len), BytesMut::len);
+                    if len >= MAX_COALESCE {
+                        break;
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    *done = true;
+                    return match data_frame(first, joined) {
+                        Some(d) => {
+                            *held = Some(Err(e));
+                            Poll::Ready(Some(Ok(d)))
+                        }
+                        None => Poll::Ready(Some(Err(boxed(e)))),
+                    };
+                }
+                Poll::Ready(None) => {
+                    *done = true;
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        match data_frame(first, joined) {
+            Some(d) => Poll::Ready(Some(Ok(d))),
+            None if *done => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::H1 { body } => body.is_end_stream(),
+            Kind::Hyper { inner, held, done } => held.is_none() && (*done || inner.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::H1 { body } => body.size_hint(),
+            Kind::Hyper { held: Some(_), .. } => SizeHint::default(),
+            Kind::Hyper { done: true, .. } => SizeHint::with_exact(0),
+            Kind::Hyper { inner, .. } => inner.size_hint(),
+        }
+    }
+}

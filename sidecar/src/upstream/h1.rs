@@ -1,0 +1,811 @@
+//! HTTP/1.1 to plain-HTTP upstreams, run inside the request's task.
+//!
+//! The common request (a small buffered body, no framing headers of its own) is written in one
+//! `writev`, the response head is parsed with `httparse` (as hyper does), and the body is read
+//! straight from the connection's buffer: whatever a read brought in is decoded (chunked
+//! framing removed) and handed on as one frame. No connection task, no per-chunk channel
+//! hand-off. Framing follows RFC 9112 §6.3: no body for HEAD, 1xx, 204 and 304; chunked when
+//! `Transfer-Encoding` ends in `chunked` (trailers are read and dropped: the client side never
+//! asked for them, `TE` being hop-by-hop); else `Content-Length`; else until the connection
+//! closes. A connection goes back to the pool only after a complete, keep-alive response with
+//! nothing read past its end; dropping a body mid-way closes the connection.
+
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tokio::io::{AsyncWrite, Interest};
+use tokio::net::TcpStream;
+use tower_service::Service as _;
+
+use super::{BodyError, IDLE_TIMEOUT, MAX_IDLE_PER_HOST, UpstreamError};
+
+/// Largest request body sent on this path (larger ones take the general client, which can
+/// read an early response while still writing).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest response head accepted (hyper's default buffer limit).
+const MAX_HEAD: usize = 400 * 1024;
+/// Most response headers accepted (hyper's default).
+const MAX_HEADERS: usize = 100;
+/// Largest trailer section skipped.
+const MAX_TRAILERS: usize = 64 * 1024;
+/// First read size of a connection.
+const READ_CHUNK: usize = 8 * 1024;
+/// Largest read size.
+const MAX_READ: usize = 128 * 1024;
+
+/// Whether `req` can take this path: a small body of known length and no framing or upgrade
+/// headers of its own.
+pub fn eligible(req: &Request<Full<Bytes>>) -> bool {
+    use http_body::Body as _;
+    let h = req.headers();
+    req.method() != Method::CONNECT
+        && req.body().size_hint().exact().is_some_and(|n| n <= MAX_BODY as u64)
+        && !h.contains_key(header::CONTENT_LENGTH)
+        && !h.contains_key(header::TRANSFER_ENCODING)
+        && !h.contains_key(header::EXPECT)
+        && !h.contains_key(header::UPGRADE)
+        && !h.contains_key(header::CONNECTION)
+}
+
+/// One connection and the bytes read from it not consumed yet.
+struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+    /// Bytes asked for by the next read: grows while reads fill it.
+    read_size: usize,
+}
+
+impl Conn {
+    /// Reads more into the buffer; `Ok(0)` at end of stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.io.poll_read_ready(cx))?;
+            if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+                self.buf.reserve(self.read_size);
+            }
+            let room = self.buf.capacity() - self.buf.len();
+            match self.io.try_read_buf(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) if n > 0 && n < room => {
+                    // A short read drained the socket: forget its readiness (as tokio's
+                    // `AsyncRead` does), so the idle check of a pooled connection costs no
+                    // syscall.
+                    let _ = self.io.try_io(Interest::READABLE, || {
+                        Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                    });
+                    return Poll::Ready(Ok(n));
+                }
+                Ok(n) => {
+                    if n == room && self.read_size < MAX_READ {
+                        self.read_size *= 2;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Whether an idle connection is still usable: not closed by the upstream, nothing unasked
+    /// for sent on it.
+    fn still_idle(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+struct Idle {
+    conn: Box<Conn>,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Host {
+    idle: Vec<Idle>,
+    host_header: Option<HeaderValue>,
+}
+
+/// Idle connections per upstream authority (a sidecar talks to a handful: a list beats hashing).
+pub struct Pool {
+    connector: HttpConnector,
+    hosts: Mutex<Vec<(Authority, Host)>>,
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+fn host_entry<'a>(hosts: &'a mut Vec<(Authority, Host)>, authority: &Authority) -> &'a mut Host {
+    let i = match hosts.iter().position(|(a, _)| a == authority) {
+        Some(i) => i,
+        None => {
+            hosts.push((authority.clone(), Host::default()));
+            hosts.len() - 1
+        }
+    };
+    &mut hosts[i].1
+}
+
+/// `Host` for a URI: host, and port unless it is the scheme's default (as hyper-util sets it).
+fn host_header(uri: &Uri) -> HeaderValue {
+    let host = uri.host().unwrap_or_default();
+    let value = match uri.port_u16() {
+        Some(port) if port != 80 => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static("localhost"))
+}
+
+fn send_error(e: impl Into<BodyError>) -> UpstreamError {
+    UpstreamError {
+        kind: "SendRequest",
+        source: e.into(),
+    }
+}
+
+/// The message hyper gives for a connection that closed before the response was complete.
+fn incomplete() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "connection closed before message completed",
+    )
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("invalid HTTP response: {what}"))
+}
+
+impl Pool {
+    /// A pool connecting with `connector`.
+    pub fn new(connector: HttpConnector) -> Self {
+        Self {
+            connector,
+            hosts: Mutex::new(Vec::new()),
+            sweeping: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Idle connections now.
+    pub fn idle(&self) -> usize {
+        self.hosts
+            .lock()
+            .map_or(0, |h| h.iter().map(|(_, h)| h.idle.len()).sum())
+    }
+
+    /// Sends an [`eligible`] request with an `http` absolute URI.
+    pub async fn request(
+        self: &Arc<Self>,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let (parts, body) = req.into_parts();
+        let body = http_body_util::BodyExt::collect(body)
+            .await
+            .map(http_body_util::Collected::to_bytes)
+            .unwrap_or_default();
+        let Some(authority) = parts.uri.authority().cloned() else {
+            return Err(send_error(invalid("no authority")));
+        };
+        let (mut idle, host) = self.checkout(&authority, &parts.uri);
+        let head = encode_head(&parts, host, body.len());
+        let mut conn = loop {
+            let (mut conn, reused) = match idle.take() {
+                Some(c) => (c, true),
+                None => (self.connect(&parts.uri).await?, false),
+            };
+            match write_all(&mut conn.io, &head, &body).await {
+                Ok(()) => break conn,
+                // A reused connection the upstream closed before the request went out (the
+                // first write failed, so nothing was sent): another one, like hyper-util.
+                Err((e, 0)) if reused => {
+                    tracing::debug!(error = %e, "pooled upstream connection closed; reconnecting");
+                    idle = self.checkout(&authority, &parts.uri).0;
+                }
+                Err((e, _)) => return Err(send_error(e)),
+            }
+        };
+        let is_head = parts.method == Method::HEAD;
+        let (resp, framing, keep_alive) = read_head(&mut conn, is_head)
+            .await
+            .map_err(send_error)?;
+        let mut body = Body {
+            conn: Some(conn),
+            framing,
+            keep_alive,
+            pool: Arc::downgrade(self),
+            authority,
+        };
+        if matches!(body.framing, Framing::Done) {
+            body.release();
+        }
+        Ok(resp.map(|()| body))
+    }
+
+    fn checkout(&self, authority: &Authority, uri: &Uri) -> (Option<Box<Conn>>, HeaderValue) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let host = host_entry(&mut hosts, authority);
+        let header = host
+            .host_header
+            .get_or_insert_with(|| host_header(uri))
+            .clone();
+        while let Some(idle) = host.idle.pop() {
+            if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.still_idle() {
+                return (Some(idle.conn), header);
+            }
+        }
+        (None, header)
+    }
+
+    async fn connect(self: &Arc<Self>, uri: &Uri) -> Result<Box<Conn>, UpstreamError> {
+        let io = self
+            .connector
+            .clone()
+            .call(uri.clone())
+            .await
+            .map_err(|e| UpstreamError {
+                kind: "Connect",
+                source: Box::new(e),
+            })?;
+        self.start_sweeper();
+        Ok(Box::new(Conn {
+            io: io.into_inner(),
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            read_size: READ_CHUNK,
+        }))
+    }
+
+    fn put(&self, authority: &Authority, conn: Box<Conn>) {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        let host = host_entry(&mut hosts, authority);
+        host.idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
+        if host.idle.len() < MAX_IDLE_PER_HOST {
+            host.idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes connections idle for longer than [`IDLE_TIMEOUT`] or closed by the upstream,
+    /// every so often, for as long as the pool lives.
+    fn start_sweeper(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak: Weak<Self> = Arc::downgrade(self);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { return };
+                let mut hosts = pool.hosts.lock().unwrap_or_else(|p| p.into_inner());
+                for (_, host) in hosts.iter_mut() {
+                    host.idle
+                        .retain(|i| i.since.elapsed() < IDLE_TIMEOUT && i.conn.still_idle());
+                }
+                hosts.retain(|(_, h)| !h.idle.is_empty());
+            }
+        });
+    }
+}
+
+/// Request line and headers, as hyper writes them: origin-form target, `Host` unless the
+/// request has one, `Content-Length` when there is a body.
+fn encode_head(parts: &http::request::Parts, host: HeaderValue, body_len: usize) -> Vec<u8> {
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", http::uri::PathAndQuery::as_str);
+    let target = if target.is_empty() { "/" } else { target };
+    let mut size = parts.method.as_str().len() + target.len() + 64;
+    for (name, value) in &parts.headers {
+        size += name.as_str().len() + value.len() + 4;
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if !parts.headers.contains_key(header::HOST) {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if body_len > 0 {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body_len.to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Writes `head` then `body`, in one `writev` when the socket takes it all. On error, also
+/// says how many bytes had gone out.
+async fn write_all(io: &mut TcpStream, head: &[u8], body: &[u8]) -> Result<(), (io::Error, usize)> {
+    let (mut h, mut b) = (head, body);
+    let mut sent = 0;
+    while !h.is_empty() || !b.is_empty() {
+        let n = poll_fn(|cx| {
+            Pin::new(&mut *io).poll_write_vectored(cx, &[IoSlice::new(h), IoSlice::new(b)])
+        })
+        .await
+        .map_err(|e| (e, sent))?;
+        if n == 0 {
+            return Err((io::ErrorKind::WriteZero.into(), sent));
+        }
+        sent += n;
+        let from_head = n.min(h.len());
+        h = &h[from_head..];
+        b = &b[n - from_head..];
+    }
+    Ok(())
+}
+
+/// How the response body is delimited.
+enum Framing {
+    /// `remaining` bytes.
+    Length(u64),
+    /// Chunked, in this decoder state.
+    Chunked(Chunked),
+    /// Until the upstream closes the connection.
+    Close,
+    /// Nothing (more) to read.
+    Done,
+}
+
+/// Reads and parses the response head (skipping 1xx interim responses).
+async fn read_head(
+    conn: &mut Conn,
+    is_head: bool,
+) -> io::Result<(Response<()>, Framing, bool)> {
+    loop {
+        if !conn.buf.is_empty()
+            && let Some(parsed) = parse_head(&mut conn.buf, is_head)?
+        {
+            return Ok(parsed);
+        }
+        if conn.buf.len() >= MAX_HEAD {
+            return Err(invalid("head too large"));
+        }
+        if poll_fn(|cx| conn.poll_fill(cx)).await? == 0 {
+            return Err(incomplete());
+        }
+    }
+}
+
+/// Parses one response head from `buf` (consuming it), or `None` when more bytes are needed.
+/// Interim 1xx responses are consumed and skipped.
+fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Option<(Response<()>, Framing, bool)>> {
+    loop {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let len = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(invalid(&e.to_string())),
+        };
+        let code = parsed.code.unwrap_or(0);
+        let status = StatusCode::from_u16(code).map_err(|_| invalid("status"))?;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            buf.advance(len);
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            continue;
+        }
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // Header values share the head's bytes.
+        let base = buf.as_ptr() as usize;
+        let mut fields = Vec::with_capacity(parsed.headers.len());
+        for h in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("header name"))?;
+            let start = h.value.as_ptr() as usize - base;
+            fields.push((name, start, start + h.value.len()));
+        }
+        let head = buf.split_to(len).freeze();
+        let mut headers = HeaderMap::with_capacity(fields.len());
+        for (name, a, b) in fields {
+            let value = HeaderValue::from_maybe_shared(head.slice(a..b))
+                .map_err(|_| invalid("header value"))?;
+            headers.append(name, value);
+        }
+        if version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING) {
+            // As hyper: HTTP/1.0 has no transfer codings.
+            return Err(invalid("transfer-encoding in HTTP/1.0"));
+        }
+        let framing = framing(status, is_head, &headers)?;
+        // No reuse after a body delimited by the close, or a switch of protocols.
+        let keep_alive = keep_alive(version, &headers)
+            && !matches!(framing, Framing::Close)
+            && status != StatusCode::SWITCHING_PROTOCOLS;
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        return Ok(Some((resp, framing, keep_alive)));
+    }
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    if has_token(headers, header::CONNECTION, "close") {
+        return false;
+    }
+    version == Version::HTTP_11 || has_token(headers, header::CONNECTION, "keep-alive")
+}
+
+fn framing(status: StatusCode, is_head: bool, headers: &HeaderMap) -> io::Result<Framing> {
+    if is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Done);
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        let last = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty());
+        return Ok(match last {
+            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunked::Size {
+                size: 0,
+                digits: 0,
+            }),
+            _ => Framing::Close,
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().map_err(|_| invalid("content-length"))?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid("content-length"));
+            }
+            let n: u64 = part.parse().map_err(|_| invalid("content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("content-length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => Framing::Done,
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
+    })
+}
+
+/// Chunked decoder states (RFC 9112 §7.1).
+#[derive(Clone, Copy)]
+enum Chunked {
+    /// Reading the hex size.
+    Size { size: u64, digits: u8 },
+    /// Whitespace or an extension after the size, up to CR.
+    Ext { size: u64 },
+    /// LF after the size line.
+    SizeLf { size: u64 },
+    /// Chunk data, `left` bytes to go.
+    Data { left: u64 },
+    /// CR after data.
+    DataCr,
+    /// LF after data.
+    DataLf,
+    /// Trailer section: bytes on the current line, bytes seen in all.
+    Trailers { line: usize, total: usize },
+    /// Done.
+    End,
+}
+
+/// Decodes what `buf` holds, appending data to `out`. True once the last chunk and trailers
+/// have been read.
+fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut, out: &mut BytesMut) -> io::Result<bool> {
+    let mut i = 0;
+    let bytes = &buf[..];
+    let result = loop {
+        if matches!(state, Chunked::End) {
+            break Ok(true);
+        }
+        if i >= bytes.len() {
+            break Ok(false);
+        }
+        if let Chunked::Data { left } = *state {
+            let n = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
+            out.extend_from_slice(&bytes[i..i + n]);
+            i += n;
+            let left = left - n as u64;
+            *state = if left == 0 {
+                Chunked::DataCr
+            } else {
+                Chunked::Data { left }
+            };
+            continue;
+        }
+        let b = bytes[i];
+        i += 1;
+        *state = match *state {
+            Chunked::Size { size, digits } => match b {
+                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
+                    if digits >= 16 {
+                        break Err(invalid("chunk size"));
+                    }
+                    let d = u64::from(match b {
+                        b'0'..=b'9' => b - b'0',
+                        b'a'..=b'f' => b - b'a' + 10,
+                        _ => b - b'A' + 10,
+                    });
+                    Chunked::Size {
+                        size: size << 4 | d,
+                        digits: digits + 1,
+                    }
+                }
+                b'\r' if digits > 0 => Chunked::SizeLf { size },
+                b';' | b' ' | b'\t' if digits > 0 => Chunked::Ext { size },
+                _ => break Err(invalid("chunk size")),
+            },
+            Chunked::Ext { size } => match b {
+                b'\r' => Chunked::SizeLf { size },
+                b'\n' => break Err(invalid("chunk extension")),
+                _ => Chunked::Ext { size },
+            },
+            Chunked::SizeLf { size } => match b {
+                b'\n' if size == 0 => Chunked::Trailers { line: 0, total: 0 },
+                b'\n' => Chunked::Data { left: size },
+                _ => break Err(invalid("chunk size line")),
+            },
+            Chunked::DataCr => match b {
+                b'\r' => Chunked::DataLf,
+                _ => break Err(invalid("chunk data")),
+            },
+            Chunked::DataLf => match b {
+                b'\n' => Chunked::Size { size: 0, digits: 0 },
+                _ => break Err(invalid("chunk data")),
+            },
+            Chunked::Trailers { line, total } => {
+                if total >= MAX_TRAILERS {
+                    break Err(invalid("trailers too large"));
+                }
+                match b {
+                    b'\n' if line == 0 => Chunked::End,
+                    b'\n' => Chunked::Trailers {
+                        line: 0,
+                        total: total + 1,
+                    },
+                    b'\r' => Chunked::Trailers {
+                        line,
+                        total: total + 1,
+                    },
+                    _ => Chunked::Trailers {
+                        line: line + 1,
+                        total: total + 1,
+                    },
+                }
+            }
+            Chunked::Data { .. } | Chunked::End => unreachable!("handled above"),
+        };
+    };
+    buf.advance(i);
+    result
+}
+
+/// The body of a response read on this path.
+pub struct Body {
+    conn: Option<Box<Conn>>,
+    framing: Framing,
+    keep_alive: bool,
+    pool: Weak<Pool>,
+    authority: Authority,
+}
+
+impl Body {
+    /// Hands the connection back when it can carry another request.
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+            && conn.buf.is_empty()
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.put(&self.authority, conn);
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.conn = None;
+        self.framing = Framing::Done;
+        Poll::Ready(Some(Err(Box::new(e))))
+    }
+
+    /// Data already buffered, decoded; true when the body is complete.
+    fn take_buffered(&mut self) -> io::Result<(Option<Bytes>, bool)> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok((None, true));
+        };
+        match &mut self.framing {
+            Framing::Done => Ok((None, true)),
+            Framing::Length(left) => {
+                if conn.buf.is_empty() {
+                    return Ok((None, false));
+                }
+                let n = conn
+                    .buf
+                    .len()
+                    .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                let data = conn.buf.split_to(n).freeze();
+                *left -= n as u64;
+                Ok((Some(data), *left == 0))
+            }
+            Framing::Close => {
+                if conn.buf.is_empty() {
+                    return Ok((None, false));
+                }
+                Ok((Some(conn.buf.split().freeze()), false))
+            }
+            Framing::Chunked(state) => {
+                if conn.buf.is_empty() {
+                    return Ok((None, false));
+                }
+                let mut out = BytesMut::with_capacity(conn.buf.len());
+                let done = decode_chunked(state, &mut conn.buf, &mut out)?;
+                Ok(((!out.is_empty()).then(|| out.freeze()), done))
+            }
+        }
+    }
+
+    /// Polls for the next frame: everything that is there, as one.
+    pub fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            let (data, done) = match self.take_buffered() {
+                Ok(r) => r,
+                Err(e) => return self.fail(e),
+            };
+            if done {
+                self.framing = Framing::Done;
+                self.release();
+                return Poll::Ready(data.map(|d| Ok(Frame::data(d))));
+            }
+            if let Some(d) = data {
+                return Poll::Ready(Some(Ok(Frame::data(d))));
+            }
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    if matches!(self.framing, Framing::Close) {
+                        self.framing = Framing::Done;
+                        self.conn = None;
+                        return Poll::Ready(None);
+                    }
+                    return self.fail(incomplete());
+                }
+                Ok(_) => {}
+                Err(e) => return self.fail(e),
+            }
+        }
+    }
+
+    /// Whether the body has ended.
+    pub fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done)
+    }
+
+    /// Remaining length when known.
+    pub fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[&[u8]]) -> (Vec<u8>, bool) {
+        let mut state = Chunked::Size { size: 0, digits: 0 };
+        let mut out = BytesMut::new();
+        let mut done = false;
+        let mut buf = BytesMut::new();
+        for part in input {
+            buf.extend_from_slice(part);
+            done = decode_chunked(&mut state, &mut buf, &mut out).expect("valid");
+        }
+        (out.to_vec(), done)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_any_split() {
+        let wire: &[u8] = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for split in 0..wire.len() {
+            let (out, done) = decode_all(&[&wire[..split], &wire[split..]]);
+            assert_eq!(out, b"hello world", "split at {split}");
+            assert!(done, "split at {split}");
+        }
+        let (out, done) = decode_all(&[b"A\r\n0123456789\r\n"]);
+        assert_eq!(out, b"0123456789");
+        assert!(!done);
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for bad in [&b"x\r\n"[..], b"\r\n", b"5\r\nhelloXX", b"5\n", b"11111111111111111\r\n"] {
+            let mut state = Chunked::Size { size: 0, digits: 0 };
+            let mut buf = BytesMut::from(bad);
+            let mut out = BytesMut::new();
+            assert!(
+                decode_chunked(&mut state, &mut buf, &mut out).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    fn head(wire: &str, is_head: bool) -> io::Result<Option<(Response<()>, Framing, bool)>> {
+        parse_head(&mut BytesMut::from(wire.as_bytes()), is_head)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let ok = |w: &str, h: bool| head(w, h).expect("valid").expect("complete");
+        let (r, f, ka) = ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: b\r\n\r\n", false);
+        assert!(matches!(f, Framing::Length(5)) && ka);
+        assert_eq!(r.headers()["x-a"], "b");
+        let (_, f, _) = ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
+        assert!(matches!(f, Framing::Done));
+        let (_, f, ka) = ok("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n", false);
+        assert!(matches!(f, Framing::Chunked(_)) && ka);
+        let (_, f, ka) = ok("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert!(matches!(f, Framing::Close) && !ka);
+        let (_, f, _) = ok("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n", false);
+        assert!(matches!(f, Framing::Done));
+        let (_, _, ka) = ok("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n", false);
+        assert!(!ka);
+        let (r, _, ka) = ok("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false);
+        assert!(!ka && r.version() == Version::HTTP_10);
+        let (r, f, _) = ok("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n", false);
+        assert_eq!(r.status(), 201);
+        assert!(matches!(f, Framing::Done));
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-le", false).expect("valid").is_none());
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", false).is_err());
+        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", false).is_err());
+        assert!(head("garbage\r\n\r\n", false).is_err());
+        assert!(head("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", false).is_err());
+        let (_, f, ka) = ok("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n", false);
+        assert!(matches!(f, Framing::Done) && !ka);
+    }
+}

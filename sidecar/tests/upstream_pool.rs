@@ -1,0 +1,221 @@
+//! The plain-HTTP upstream path: connections reused, streamed chunks delivered whole, a dropped
+//! response closes its connection, and a connection the upstream closed while idle is not used.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use sidegate::upstream::upstream_client;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+type Chunks = StreamBody<tokio_stream_shim::Receiver>;
+
+/// A tiny channel-backed stream, so the test needs no extra crate.
+mod tokio_stream_shim {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use hyper::body::Frame;
+
+    pub struct Receiver(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+    impl futures_util::Stream for Receiver {
+        type Item = Result<Frame<Bytes>, std::convert::Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+        }
+    }
+}
+
+struct Upstream {
+    url: String,
+    accepted: Arc<AtomicUsize>,
+    /// Senders of streaming responses, one per `/stream` request.
+    streams: tokio::sync::mpsc::UnboundedReceiver<tokio::sync::mpsc::Sender<Bytes>>,
+}
+
+/// An HTTP/1 upstream: `/json` answers a small body; `/stream` answers a chunked body fed by
+/// the test.
+async fn upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let (streams_tx, streams) = tokio::sync::mpsc::unbounded_channel();
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let streams_tx = streams_tx.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let streams_tx = streams_tx.clone();
+                    async move {
+                        let body: http_body_util::Either<Full<Bytes>, Chunks> =
+                            if req.uri().path() == "/stream" {
+                                let (tx, rx) = tokio::sync::mpsc::channel(64);
+                                let _ = streams_tx.send(tx);
+                                http_body_util::Either::Right(StreamBody::new(
+                                    tokio_stream_shim::Receiver(rx),
+                                ))
+                            } else {
+                                let host = req
+                                    .headers()
+                                    .get("host")
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_owned();
+                                http_body_util::Either::Left(Full::new(Bytes::from(format!(
+                                    "{} {}",
+                                    req.uri(),
+                                    host
+                                ))))
+                            };
+                        Ok::<_, std::convert::Infallible>(Response::new(body))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Upstream {
+        url,
+        accepted,
+        streams,
+    }
+}
+
+fn get(url: &str) -> Request<Full<Bytes>> {
+    Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_connection_with_origin_form_and_host() {
+    let up = upstream().await;
+    let client = upstream_client(Vec::new()).expect("client");
+    for _ in 0..5 {
+        let resp = client
+            .request(get(&format!("{}/json?x=1", up.url)))
+            .await
+            .expect("response");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let host = up.url.trim_start_matches("http://");
+        assert_eq!(body, format!("/json?x=1 {host}").as_bytes());
+    }
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(client.idle_connections(), 1);
+}
+
+#[tokio::test]
+async fn streamed_chunks_arrive_whole_and_in_order() {
+    let mut up = upstream().await;
+    let client = upstream_client(Vec::new()).expect("client");
+    let url = format!("{}/stream", up.url);
+    let (resp, tx) = tokio::join!(client.request(get(&url)), async {
+        up.streams.recv().await.expect("stream")
+    });
+    let mut body = resp.expect("response").into_body();
+    // Nothing waits for more: the first event comes through on its own.
+    tx.send(Bytes::from_static(b"data: first\n\n"))
+        .await
+        .expect("send");
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first event streamed")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(first.into_data().expect("data"), "data: first\n\n");
+    let mut expected = Vec::new();
+    for i in 0..50 {
+        let chunk = format!("data: {i}\n\n");
+        expected.extend_from_slice(chunk.as_bytes());
+        tx.send(Bytes::from(chunk)).await.expect("send");
+    }
+    drop(tx);
+    let mut got = Vec::new();
+    let mut frames = 0;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.expect("frame").into_data() {
+            got.extend_from_slice(&data);
+            frames += 1;
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected));
+    assert!(frames >= 1);
+    // The connection went back to the pool.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(client.idle_connections(), 1);
+}
+
+#[tokio::test]
+async fn a_dropped_response_closes_its_upstream_connection() {
+    let mut up = upstream().await;
+    let client = upstream_client(Vec::new()).expect("client");
+    let url = format!("{}/stream", up.url);
+    let (resp, tx) = tokio::join!(client.request(get(&url)), async {
+        up.streams.recv().await.expect("stream")
+    });
+    let mut body = resp.expect("response").into_body();
+    tx.send(Bytes::from_static(b"data: 1\n\n"))
+        .await
+        .expect("send");
+    let first = body.frame().await.expect("frame").expect("ok");
+    assert_eq!(first.into_data().expect("data"), "data: 1\n\n");
+    drop(body);
+    // The upstream's body sender notices the closed connection.
+    tokio::time::timeout(Duration::from_secs(5), tx.closed())
+        .await
+        .expect("upstream saw the cancel");
+    assert_eq!(client.idle_connections(), 0);
+}
+
+#[tokio::test]
+async fn a_connection_closed_by_the_upstream_while_idle_is_not_used() {
+    // One response per connection, then the upstream closes it (no `Connection: close`).
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}/json", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let mut buf = vec![0u8; 4096];
+            let mut read = 0;
+            while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf[read..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            drop(s);
+        }
+    });
+    let client = upstream_client(Vec::new()).expect("client");
+    for _ in 0..3 {
+        let resp = client.request(get(&url)).await.expect("response");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, "ok");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
