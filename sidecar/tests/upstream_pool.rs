@@ -219,3 +219,116 @@ async fn a_connection_closed_by_the_upstream_while_idle_is_not_used() {
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 3);
 }
+
+/// A raw upstream answering each request on a connection with the next of `answers` (bytes
+/// written as is), closing the connection after an answer marked `close`; counts connections.
+async fn scripted(answers: Vec<(&'static [u8], bool)>) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let answers = Arc::new(tokio::sync::Mutex::new(answers.into_iter()));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            count.fetch_add(1, Ordering::SeqCst);
+            let answers = answers.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut read = 0;
+                loop {
+                    while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf[read..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read += n,
+                        }
+                    }
+                    read = 0;
+                    let Some((answer, close)) = answers.lock().await.next() else {
+                        return;
+                    };
+                    if s.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, accepted)
+}
+
+async fn body_of(
+    client: &sidegate::upstream::UpstreamClient,
+    url: &str,
+) -> Result<(u16, Vec<u8>), String> {
+    let resp = client.request(get(url)).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((status, body.to_bytes().to_vec()))
+}
+
+#[tokio::test]
+async fn framings_and_reuse_follow_the_response() {
+    let (url, accepted) = scripted(vec![
+        // Chunked with an extension and trailers: decoded, connection reused.
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\n",
+            false,
+        ),
+        // 204 with no body: reused.
+        (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        // Connection: close: not reused.
+        (
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            true,
+        ),
+        // Close-delimited body, read to the end.
+        (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+        // Interim 100 skipped.
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 1\r\n\r\nx",
+            false,
+        ),
+    ])
+    .await;
+    let client = upstream_client(Vec::new()).expect("client");
+    assert_eq!(body_of(&client, &url).await, Ok((200, b"abcde".to_vec())));
+    assert_eq!(body_of(&client, &url).await, Ok((204, Vec::new())));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(body_of(&client, &url).await, Ok((200, b"ok".to_vec())));
+    // The close answer ended the first connection; the close-delimited one the second.
+    assert_eq!(body_of(&client, &url).await, Ok((200, b"until the end".to_vec())));
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(body_of(&client, &url).await, Ok((201, b"x".to_vec())));
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+    assert_eq!(client.idle_connections(), 1);
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_an_error_and_the_connection_is_not_reused() {
+    let (url, _) = scripted(vec![
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", true),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel",
+            true,
+        ),
+        (b"HTTP/1.1 200 OK\r\ncontent-le", true),
+        (b"not http at all\r\n\r\n", true),
+    ])
+    .await;
+    let client = upstream_client(Vec::new()).expect("client");
+    for _ in 0..2 {
+        let err = body_of(&client, &url).await.expect_err("cut short");
+        assert!(err.contains("closed before message completed"), "{err}");
+    }
+    let err = body_of(&client, &url).await.expect_err("cut in the head");
+    assert!(err.contains("client error (SendRequest)"), "{err}");
+    assert!(body_of(&client, &url).await.is_err());
+    assert_eq!(client.idle_connections(), 0);
+}
