@@ -185,7 +185,7 @@ fn push_u64(b: &mut String, mut n: u64) {
 
 /// Appends milliseconds with three decimals (like `{:.3}`, to the microsecond).
 fn push_millis(b: &mut String, ms: f64) {
-    if !ms.is_finite() || ms < 0.0 || ms >= 1e15 {
+    if !(0.0..1e15).contains(&ms) {
         let _ = write!(b, "{ms:.3}");
         return;
     }

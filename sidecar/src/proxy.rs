@@ -23,8 +23,8 @@ use crate::providers::{KeyChoice, Provider};
 use crate::route::{self, Route};
 use crate::telemetry::{LogOptions, Metrics, RequestRecord};
 
-pub use crate::upstream::{UpstreamClient, upstream_client};
 use crate::upstream::UpstreamBody;
+pub use crate::upstream::{UpstreamClient, upstream_client};
 
 const REQUEST_TIMEOUT: HeaderName = HeaderName::from_static("cf-aig-request-timeout");
 const BYOK_ALIAS: HeaderName = HeaderName::from_static("cf-aig-byok-alias");

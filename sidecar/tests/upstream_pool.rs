@@ -154,7 +154,10 @@ async fn streamed_chunks_arrive_whole_and_in_order() {
             frames += 1;
         }
     }
-    assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(&expected)
+    );
     assert!(frames >= 1);
     // The connection went back to the pool.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -303,7 +306,10 @@ async fn framings_and_reuse_follow_the_response() {
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
     assert_eq!(body_of(&client, &url).await, Ok((200, b"ok".to_vec())));
     // The close answer ended the first connection; the close-delimited one the second.
-    assert_eq!(body_of(&client, &url).await, Ok((200, b"until the end".to_vec())));
+    assert_eq!(
+        body_of(&client, &url).await,
+        Ok((200, b"until the end".to_vec()))
+    );
     assert_eq!(accepted.load(Ordering::SeqCst), 2);
     assert_eq!(body_of(&client, &url).await, Ok((201, b"x".to_vec())));
     assert_eq!(accepted.load(Ordering::SeqCst), 3);

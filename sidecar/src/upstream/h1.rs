@@ -50,7 +50,11 @@ pub fn eligible(req: &Request<Full<Bytes>>) -> bool {
     use http_body::Body as _;
     let h = req.headers();
     req.method() != Method::CONNECT
-        && req.body().size_hint().exact().is_some_and(|n| n <= MAX_BODY as u64)
+        && req
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= MAX_BODY as u64)
         && !h.contains_key(header::CONTENT_LENGTH)
         && !h.contains_key(header::TRANSFER_ENCODING)
         && !h.contains_key(header::EXPECT)
@@ -160,7 +164,10 @@ fn incomplete() -> io::Error {
 }
 
 fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("invalid HTTP response: {what}"))
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("invalid HTTP response: {what}"),
+    )
 }
 
 impl Pool {
@@ -212,9 +219,8 @@ impl Pool {
             }
         };
         let is_head = parts.method == Method::HEAD;
-        let (resp, framing, keep_alive) = read_head(&mut conn, is_head)
-            .await
-            .map_err(send_error)?;
+        let (resp, framing, keep_alive) =
+            read_head(&mut conn, is_head).await.map_err(send_error)?;
         let mut body = Body {
             conn: Some(conn),
             framing,
@@ -372,10 +378,7 @@ enum Framing {
 }
 
 /// Reads and parses the response head (skipping 1xx interim responses).
-async fn read_head(
-    conn: &mut Conn,
-    is_head: bool,
-) -> io::Result<(Response<()>, Framing, bool)> {
+async fn read_head(conn: &mut Conn, is_head: bool) -> io::Result<(Response<()>, Framing, bool)> {
     loop {
         if !conn.buf.is_empty()
             && let Some(parsed) = parse_head(&mut conn.buf, is_head)?
@@ -393,7 +396,10 @@ async fn read_head(
 
 /// Parses one response head from `buf` (consuming it), or `None` when more bytes are needed.
 /// Interim 1xx responses are consumed and skipped.
-fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Option<(Response<()>, Framing, bool)>> {
+fn parse_head(
+    buf: &mut BytesMut,
+    is_head: bool,
+) -> io::Result<Option<(Response<()>, Framing, bool)>> {
     loop {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut slots);
@@ -420,7 +426,8 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Option<(Response<
         let base = buf.as_ptr() as usize;
         let mut fields = Vec::with_capacity(parsed.headers.len());
         for h in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("header name"))?;
+            let name =
+                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("header name"))?;
             let start = h.value.as_ptr() as usize - base;
             fields.push((name, start, start + h.value.len()));
         }
@@ -450,7 +457,8 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> io::Result<Option<(Response<
 
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
-        v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
 }
 
@@ -478,16 +486,19 @@ fn framing(status: StatusCode, is_head: bool, headers: &HeaderMap) -> io::Result
             .map(str::trim)
             .rfind(|t| !t.is_empty());
         return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunked::Size {
-                size: 0,
-                digits: 0,
-            }),
+            Some(t) if t.eq_ignore_ascii_case("chunked") => {
+                Framing::Chunked(Chunked::Size { size: 0, digits: 0 })
+            }
             _ => Framing::Close,
         });
     }
     let mut length: Option<u64> = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().map_err(|_| invalid("content-length"))?.split(',') {
+        for part in v
+            .to_str()
+            .map_err(|_| invalid("content-length"))?
+            .split(',')
+        {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(invalid("content-length"));
@@ -763,7 +774,13 @@ mod tests {
 
     #[test]
     fn malformed_chunks_are_errors() {
-        for bad in [&b"x\r\n"[..], b"\r\n", b"5\r\nhelloXX", b"5\n", b"11111111111111111\r\n"] {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\r\nhelloXX",
+            b"5\n",
+            b"11111111111111111\r\n",
+        ] {
             let mut state = Chunked::Size { size: 0, digits: 0 };
             let mut buf = BytesMut::from(bad);
             let mut out = BytesMut::new();
@@ -782,30 +799,64 @@ mod tests {
     #[test]
     fn framing_follows_rfc_9112() {
         let ok = |w: &str, h: bool| head(w, h).expect("valid").expect("complete");
-        let (r, f, ka) = ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: b\r\n\r\n", false);
+        let (r, f, ka) = ok(
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: b\r\n\r\n",
+            false,
+        );
         assert!(matches!(f, Framing::Length(5)) && ka);
         assert_eq!(r.headers()["x-a"], "b");
         let (_, f, _) = ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
         assert!(matches!(f, Framing::Done));
-        let (_, f, ka) = ok("HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n", false);
+        let (_, f, ka) = ok(
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
+            false,
+        );
         assert!(matches!(f, Framing::Chunked(_)) && ka);
         let (_, f, ka) = ok("HTTP/1.1 200 OK\r\n\r\n", false);
         assert!(matches!(f, Framing::Close) && !ka);
-        let (_, f, _) = ok("HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n", false);
+        let (_, f, _) = ok(
+            "HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
+            false,
+        );
         assert!(matches!(f, Framing::Done));
-        let (_, _, ka) = ok("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n", false);
+        let (_, _, ka) = ok(
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+            false,
+        );
         assert!(!ka);
         let (r, _, ka) = ok("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false);
         assert!(!ka && r.version() == Version::HTTP_10);
-        let (r, f, _) = ok("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n", false);
+        let (r, f, _) = ok(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
+            false,
+        );
         assert_eq!(r.status(), 201);
         assert!(matches!(f, Framing::Done));
-        assert!(head("HTTP/1.1 200 OK\r\ncontent-le", false).expect("valid").is_none());
-        assert!(head("HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", false).is_err());
+        assert!(
+            head("HTTP/1.1 200 OK\r\ncontent-le", false)
+                .expect("valid")
+                .is_none()
+        );
+        assert!(
+            head(
+                "HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+                false
+            )
+            .is_err()
+        );
         assert!(head("HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n", false).is_err());
         assert!(head("garbage\r\n\r\n", false).is_err());
-        assert!(head("HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", false).is_err());
-        let (_, f, ka) = ok("HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n", false);
+        assert!(
+            head(
+                "HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                false
+            )
+            .is_err()
+        );
+        let (_, f, ka) = ok(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+            false,
+        );
         assert!(matches!(f, Framing::Done) && !ka);
     }
 }
