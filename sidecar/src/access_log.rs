@@ -46,6 +46,10 @@ pub struct Entry<'a> {
     pub cached: bool,
     /// `cf-aig-metadata` (a compact JSON object).
     pub metadata: Option<&'a str>,
+    /// Prompt tokens the provider reported.
+    pub tokens_in: Option<u64>,
+    /// Generated tokens the provider reported.
+    pub tokens_out: Option<u64>,
 }
 
 struct Sink {
@@ -129,6 +133,14 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
     if e.cached {
         b.push_str(" cached=true");
     }
+    if let Some(n) = e.tokens_in {
+        b.push_str(" tokens_in=");
+        push_u64(b, n);
+    }
+    if let Some(n) = e.tokens_out {
+        b.push_str(" tokens_out=");
+        push_u64(b, n);
+    }
     if let Some(m) = e.metadata {
         // Compact JSON without spaces or newlines (re-serialized when the header was read).
         b.push_str(" metadata=");
@@ -158,6 +170,14 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
     b.push_str(e.outcome);
     b.push_str("\",\"cached\":");
     b.push_str(if e.cached { "true" } else { "false" });
+    if let Some(n) = e.tokens_in {
+        b.push_str(",\"tokens_in\":");
+        push_u64(b, n);
+    }
+    if let Some(n) = e.tokens_out {
+        b.push_str(",\"tokens_out\":");
+        push_u64(b, n);
+    }
     if let Some(m) = e.metadata {
         // Already compact JSON (re-serialized when the header was read).
         b.push_str(",\"metadata\":");
@@ -281,6 +301,8 @@ mod tests {
             outcome: "complete",
             cached: false,
             metadata: None,
+            tokens_in: None,
+            tokens_out: None,
         }
     }
 

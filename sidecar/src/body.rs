@@ -117,7 +117,7 @@ impl Body for ProxyBody {
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let (Some(rec), Some(data)) = (record.as_mut(), frame.data_ref()) {
-                            rec.add_bytes(data.len());
+                            rec.observe(data);
                         }
                         // A body with a known length may not be polled again after its last
                         // byte; it is complete now.
@@ -172,7 +172,7 @@ impl Body for ProxyBody {
                 if !out.is_empty() {
                     let data = out.split().freeze();
                     if let Some(rec) = record.as_mut() {
-                        rec.add_bytes(data.len());
+                        rec.observe(&data);
                     }
                     if *ended && let Some(rec) = record.take() {
                         rec.finish_complete();

@@ -40,3 +40,4 @@ pub mod telemetry;
 pub mod text;
 pub mod universal;
 pub mod upstream;
+pub mod usage;

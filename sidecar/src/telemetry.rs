@@ -68,6 +68,16 @@ pub struct Metrics {
     retries: Family<ProviderLabels, Counter>,
     redis_errors: Counter,
     guardrails: Family<ReloadLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+}
+
+/// Labels of a token count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    /// Provider id.
+    pub provider: Arc<str>,
+    /// `input` (prompt) or `output` (generated).
+    pub direction: &'static str,
 }
 
 /// The request metrics of one provider (they share their values with the families).
@@ -169,6 +179,12 @@ impl Metrics {
             "Guardrail checks by result (flag, block, error)",
             guardrails.clone(),
         );
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "tokens",
+            "Tokens reported by providers in responses, by provider and direction",
+            tokens.clone(),
+        );
         Self {
             registry,
             handles: RwLock::new(Vec::new()),
@@ -181,6 +197,7 @@ impl Metrics {
             retries,
             redis_errors,
             guardrails,
+            tokens,
         }
     }
 
@@ -261,6 +278,20 @@ impl Metrics {
                 provider: provider.clone(),
             })
             .inc();
+    }
+
+    /// Counts the tokens of one response.
+    pub fn count_tokens(&self, provider: &Arc<str>, input: Option<u64>, output: Option<u64>) {
+        for (direction, n) in [("input", input), ("output", output)] {
+            if let Some(n) = n {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        provider: provider.clone(),
+                        direction,
+                    })
+                    .inc_by(n);
+            }
+        }
     }
 
     /// Counts one guardrail check that flagged, blocked or failed.
@@ -360,6 +391,7 @@ pub struct RequestRecord {
     log_id: String,
     cached: bool,
     metadata: Option<Arc<str>>,
+    usage: Option<Box<crate::usage::Usage>>,
     done: bool,
 }
 
@@ -388,6 +420,7 @@ impl RequestRecord {
             log_id,
             cached: false,
             metadata: None,
+            usage: None,
             done: false,
         }
     }
@@ -395,6 +428,12 @@ impl RequestRecord {
     /// Adds streamed body bytes.
     pub fn add_bytes(&mut self, n: usize) {
         self.bytes += n as u64;
+    }
+
+    /// Adds a frame of the provider's response body: its bytes, and the token counts it holds.
+    pub fn observe(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        self.usage.get_or_insert_default().observe(data);
     }
 
     /// Logs `cf-aig-metadata` with the request.
@@ -429,8 +468,18 @@ impl RequestRecord {
             elapsed.as_secs_f64(),
             outcome == "cancelled",
         );
+        let (tokens_in, tokens_out) = self
+            .usage
+            .as_ref()
+            .map_or((None, None), |u| (u.input, u.output));
+        if tokens_in.is_some() || tokens_out.is_some() {
+            self.metrics
+                .count_tokens(&self.provider, tokens_in, tokens_out);
+        }
         if self.log {
             crate::access_log::write(&crate::access_log::Entry {
+                tokens_in,
+                tokens_out,
                 log_id: &self.log_id,
                 provider: &self.provider,
                 method: self.method.as_str(),

@@ -56,3 +56,34 @@ def test_invalid_metadata_is_400_2100(gateway, mock):
         err = r.json()["error"][0]
         assert err["code"] == 2100 and "cf-aig-metadata" in err["message"]
     assert mock.requests() == []
+
+
+def test_token_counts_from_responses_are_logged_and_counted(gateway, mock):
+    import anthropic
+    import openai
+
+    oa = openai.OpenAI(base_url=gateway.url + "/openai", api_key="placeholder", max_retries=0)
+    resp = oa.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "count my tokens"}])
+    usage = resp.parse().usage
+    line = wait_line(gateway, resp.headers["cf-aig-log-id"])
+    assert f"tokens_in={usage.prompt_tokens} tokens_out={usage.completion_tokens}" in line, line
+
+    stream = oa.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "stream and count"}], stream=True,
+        stream_options={"include_usage": True})
+    chunks = list(stream.parse())
+    last = chunks[-1].usage
+    line = wait_line(gateway, stream.headers["cf-aig-log-id"])
+    assert f"tokens_in={last.prompt_tokens} tokens_out={last.completion_tokens}" in line, line
+
+    an = anthropic.Anthropic(base_url=gateway.url + "/anthropic", api_key="placeholder", max_retries=0)
+    with an.messages.stream(model="claude-haiku-4-5", max_tokens=64, messages=[{"role": "user", "content": "anthropic counts"}]) as s:
+        final = s.get_final_message()
+        log_id = s.response.headers["cf-aig-log-id"]
+    line = wait_line(gateway, log_id)
+    assert f"tokens_in={final.usage.input_tokens} tokens_out={final.usage.output_tokens}" in line, line
+
+    metrics = gateway.metrics()
+    total_in = usage.prompt_tokens + last.prompt_tokens
+    assert f'sidegate_tokens_total{{provider="openai",direction="input"}} {total_in}' in metrics, metrics
+    assert f'sidegate_tokens_total{{provider="anthropic",direction="output"}} {final.usage.output_tokens}' in metrics

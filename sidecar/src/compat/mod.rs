@@ -834,7 +834,7 @@ pub(crate) async fn serve(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    record.add_bytes(out.len());
+    record.observe(&out);
     record.finish_complete();
     if let Some(fill) = miss
         .as_ref()
