@@ -9,16 +9,16 @@
 use memchr::memmem;
 
 const INPUT_KEYS: &[&[u8]] = &[
-    b"\"prompt_tokens\"",
-    b"\"input_tokens\"",
-    b"\"promptTokenCount\"",
-    b"\"inputTokens\"",
+    b"prompt_tokens",
+    b"input_tokens",
+    b"promptTokenCount",
+    b"inputTokens",
 ];
 const OUTPUT_KEYS: &[&[u8]] = &[
-    b"\"completion_tokens\"",
-    b"\"output_tokens\"",
-    b"\"candidatesTokenCount\"",
-    b"\"outputTokens\"",
+    b"completion_tokens",
+    b"output_tokens",
+    b"candidatesTokenCount",
+    b"outputTokens",
 ];
 /// Bytes of one frame kept for the next (a usage object is well under this).
 const CARRY: usize = 512;
@@ -58,33 +58,52 @@ impl Usage {
         }
     }
 
-    /// Reads the numbers of the object starting at `s` (up to its end or `CARRY` bytes).
+    /// Reads the numbers of the object starting at `s` (just after `"usage`), in one pass over
+    /// its `"key": value` pairs until the object closes (or `CARRY` bytes).
     fn read_object(&mut self, s: &[u8]) {
         let window = &s[..s.len().min(CARRY)];
-        // The object ends at the first `}` after the last nested one; usage objects nest at
-        // most one level (token details), so reading the whole window is enough.
-        if let Some(v) = number_after_any(window, INPUT_KEYS) {
-            self.input = Some(v);
-        }
-        if let Some(v) = number_after_any(window, OUTPUT_KEYS) {
-            self.output = Some(v);
+        let mut depth = 0usize;
+        let mut i = 0;
+        while i < window.len() {
+            match window[i] {
+                b'{' => depth += 1,
+                b'}' => {
+                    depth = depth.saturating_sub(1);
+                    if depth == 0 {
+                        return;
+                    }
+                }
+                b'"' if depth > 0 => {
+                    let start = i + 1;
+                    let Some(len) = window[start..].iter().position(|&c| c == b'"') else {
+                        return;
+                    };
+                    let key = &window[start..start + len];
+                    i = start + len + 1;
+                    let rest = window[i..].trim_ascii_start();
+                    if let Some(value) = rest.strip_prefix(b":") {
+                        let value = value.trim_ascii_start();
+                        let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
+                        if digits > 0
+                            && digits < value.len()
+                            && let Some(n) = std::str::from_utf8(&value[..digits])
+                                .ok()
+                                .and_then(|d| d.parse().ok())
+                        {
+                            if INPUT_KEYS.contains(&key) {
+                                self.input = Some(n);
+                            } else if OUTPUT_KEYS.contains(&key) {
+                                self.output = Some(n);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            i += 1;
         }
     }
-}
-
-/// The number after `"key":` for the first key of `keys` present in `s`.
-fn number_after_any(s: &[u8], keys: &[&[u8]]) -> Option<u64> {
-    keys.iter().find_map(|k| {
-        let at = memmem::find(s, k)? + k.len();
-        let rest = &s[at..];
-        let rest = rest.strip_prefix(b":").or_else(|| {
-            let trimmed = rest.trim_ascii_start();
-            trimmed.strip_prefix(b":")
-        })?;
-        let rest = rest.trim_ascii_start();
-        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-        std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
-    })
 }
 
 #[cfg(test)]
