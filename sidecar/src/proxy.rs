@@ -189,10 +189,9 @@ impl Gateway {
             req.path,
             entry.status.as_u16(),
             start,
-            opts.log,
+            opts,
             log_id,
         );
-        record.set_metadata(opts.metadata.clone());
         record.set_cached();
         record.add_bytes(body_len);
         record.finish_complete();
@@ -441,17 +440,16 @@ impl Gateway {
         }
         let log_id = tag_response(&mut head.headers, event_id.as_ref());
         crate::dlp::flag(&mut head.headers, &dlp_flags);
-        let mut record = RequestRecord::new(
+        let record = RequestRecord::new(
             self.metrics.clone(),
             provider.id.clone(),
             parts.method.clone(),
             route.rest,
             head.status.as_u16(),
             start,
-            opts.log,
+            &opts,
             log_id,
         );
-        record.set_metadata(opts.metadata.clone());
         Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record).cached_through(fill),

@@ -405,7 +405,7 @@ impl RequestRecord {
         path: &str,
         status: u16,
         start: Instant,
-        log: bool,
+        opts: &LogOptions,
         log_id: String,
     ) -> Self {
         Self {
@@ -416,10 +416,10 @@ impl RequestRecord {
             status,
             start,
             bytes: 0,
-            log,
+            log: opts.log,
             log_id,
             cached: false,
-            metadata: None,
+            metadata: opts.metadata.clone(),
             usage: None,
             done: false,
         }
@@ -434,11 +434,6 @@ impl RequestRecord {
     pub fn observe(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
         self.usage.get_or_insert_default().observe(data);
-    }
-
-    /// Logs `cf-aig-metadata` with the request.
-    pub fn set_metadata(&mut self, metadata: Option<Arc<str>>) {
-        self.metadata = metadata;
     }
 
     /// The response came from the cache.

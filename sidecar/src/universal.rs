@@ -137,17 +137,16 @@ pub(crate) async fn serve(
         head.headers.insert(STEP, HeaderValue::from(i));
         let log_id = proxy::tag_response(&mut head.headers, event_id);
         crate::dlp::flag(&mut head.headers, &dlp_flags);
-        let mut record = RequestRecord::new(
+        let record = RequestRecord::new(
             gw.metrics.clone(),
             id.clone(),
             Method::POST,
             &step.endpoint,
             head.status.as_u16(),
             start,
-            opts.log,
+            opts,
             log_id,
         );
-        record.set_metadata(opts.metadata.clone());
         return Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record),

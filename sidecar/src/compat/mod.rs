@@ -778,10 +778,9 @@ pub(crate) async fn serve(
         path,
         head.status.as_u16(),
         start,
-        opts.log,
+        opts,
         log_id,
     );
-    record.set_metadata(opts.metadata.clone());
     let Some(t) = translation else {
         let fill = miss
             .as_ref()
