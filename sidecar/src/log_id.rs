@@ -35,7 +35,10 @@ fn encode(mut v: u128) -> String {
         *slot = ALPHABET[(v & 31) as usize];
         v >>= 5;
     }
-    out.iter().map(|&b| b as char).collect()
+    // The alphabet is ASCII, so this never falls back.
+    std::str::from_utf8(&out)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -340,7 +340,8 @@ impl Provider {
         query: Option<&str>,
     ) -> Result<Uri, GatewayError> {
         check_segments(route.rest)?;
-        let (vars, path): (Vec<(&str, &str)>, String) = match self.shape {
+        // The upstream path is `{prefix}/{rest}` after the base's own path.
+        let (vars, prefix, rest): (Vec<(&str, &str)>, &str, &str) = match self.shape {
             UrlShape::Plain => {
                 // The groq SDK appends /openai/v1/... to its base URL, which for Cloudflare's
                 // contract is /groq; the upstream base already ends in /openai/v1.
@@ -348,7 +349,7 @@ impl Provider {
                     "groq" => route.rest.strip_prefix("openai/v1/").unwrap_or(route.rest),
                     _ => route.rest,
                 };
-                (Vec::new(), join("", rest))
+                (Vec::new(), "", rest)
             }
             UrlShape::Azure => {
                 let mut parts = route.rest.splitn(3, '/');
@@ -362,7 +363,8 @@ impl Provider {
                 }
                 (
                     vec![("resource", resource), ("deployment", deployment)],
-                    join("", rest),
+                    "",
+                    rest,
                 )
             }
             UrlShape::Bedrock => {
@@ -375,7 +377,7 @@ impl Provider {
                         "aws-bedrock routes are /aws-bedrock/bedrock-runtime/{region}/...",
                     ));
                 }
-                (vec![("region", region)], join("", rest))
+                (vec![("region", region)], "", rest)
             }
             UrlShape::Vertex => {
                 let region = route
@@ -387,7 +389,7 @@ impl Provider {
                     .ok_or_else(|| {
                         bad_route("google-vertex-ai routes need a locations/{region} segment")
                     })?;
-                (vec![("region", region)], join("", route.rest))
+                (vec![("region", region)], "", route.rest)
             }
             UrlShape::WorkersAi => {
                 let account = self
@@ -395,25 +397,33 @@ impl Provider {
                     .as_deref()
                     .or(route.account)
                     .ok_or_else(|| bad_route("workers-ai needs an account id: use the long form /v1/{account}/{gateway}/workers-ai/... or set spec.providers.workers-ai.accountId"))?;
-                let path = if route.rest.starts_with("v1/") {
-                    join("", route.rest)
+                let prefix = if route.rest.starts_with("v1/") {
+                    ""
                 } else {
-                    join("/run", route.rest)
+                    "/run"
                 };
-                (vec![("account", account)], path)
+                (vec![("account", account)], prefix, route.rest)
             }
         };
-        let pq = match query {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
+        let push_path = |url: &mut String| {
+            url.push_str(prefix);
+            url.push('/');
+            url.push_str(rest);
+            if let Some(q) = query {
+                url.push('?');
+                url.push_str(q);
+            }
         };
+        let len = prefix.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1;
         match &self.base {
             Base::Fixed {
                 scheme,
                 authority,
                 path: base_path,
             } => {
-                let full = format!("{base_path}{pq}");
+                let mut full = String::with_capacity(base_path.len() + len);
+                full.push_str(base_path);
+                push_path(&mut full);
                 let pq = PathAndQuery::try_from(full)
                     .map_err(|_| bad_route("the request path is not a valid URI path"))?;
                 Uri::builder()
@@ -434,7 +444,8 @@ impl Provider {
                     }
                     url = url.replace(&format!("{{{name}}}"), value);
                 }
-                url.push_str(&pq);
+                url.reserve(len);
+                push_path(&mut url);
                 Uri::try_from(url)
                     .map_err(|_| bad_route("the request path is not a valid URI path"))
             }
@@ -448,14 +459,6 @@ fn truncate(s: &str) -> String {
 
 fn bad_route(msg: impl Into<String>) -> GatewayError {
     GatewayError::BadRoute(msg.into())
-}
-
-fn join(prefix: &str, rest: &str) -> String {
-    let mut s = String::with_capacity(prefix.len() + rest.len() + 1);
-    s.push_str(prefix);
-    s.push('/');
-    s.push_str(rest);
-    s
 }
 
 /// Rejects `.` and `..` segments (also percent-encoded) so a route cannot climb out of a

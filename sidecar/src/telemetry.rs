@@ -85,7 +85,18 @@ struct ProviderHandles {
     provider: Arc<str>,
     duration: Histogram,
     cancelled: Option<Counter>,
+    /// Input and output token counters, once a response reported tokens.
+    tokens: Option<[Counter; 2]>,
     by_status: Vec<(u16, Counter)>,
+}
+
+/// What a finished request adds to the metrics.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sample {
+    status: u16,
+    secs: f64,
+    cancelled: bool,
+    tokens: [Option<u64>; 2],
 }
 
 impl ProviderHandles {
@@ -95,19 +106,31 @@ impl ProviderHandles {
     }
 
     /// Records one request if every handle it needs is resolved already.
-    fn record(&self, status: u16, secs: f64, cancelled: bool) -> bool {
-        let Some((_, requests)) = self.by_status.iter().find(|(s, _)| *s == status) else {
+    fn record(&self, sample: &Sample) -> bool {
+        let Some((_, requests)) = self.by_status.iter().find(|(s, _)| *s == sample.status) else {
             return false;
         };
-        let cancelled = match (cancelled, &self.cancelled) {
+        let cancelled = match (sample.cancelled, &self.cancelled) {
             (false, _) => None,
             (true, Some(c)) => Some(c),
             (true, None) => return false,
         };
+        let tokens = match (sample.tokens, &self.tokens) {
+            ([None, None], _) => None,
+            (_, Some(counters)) => Some(counters),
+            (_, None) => return false,
+        };
         requests.inc();
-        self.duration.observe(secs);
+        self.duration.observe(sample.secs);
         if let Some(c) = cancelled {
             c.inc();
+        }
+        if let Some(counters) = tokens {
+            for (counter, n) in counters.iter().zip(sample.tokens) {
+                if let Some(n) = n {
+                    counter.inc_by(n);
+                }
+            }
         }
         true
     }
@@ -201,11 +224,11 @@ impl Metrics {
         }
     }
 
-    /// Counts a finished request, its duration, and whether the client went away first.
-    fn record(&self, provider: &Arc<str>, status: u16, secs: f64, cancelled: bool) {
+    /// Counts a finished request, its duration, whether the client went away first, and the
+    /// tokens its response reported.
+    fn record(&self, provider: &Arc<str>, sample: &Sample) {
         if let Ok(all) = self.handles.read()
-            && ProviderHandles::find(&all, provider)
-                .is_some_and(|h| h.record(status, secs, cancelled))
+            && ProviderHandles::find(&all, provider).is_some_and(|h| h.record(sample))
         {
             return;
         }
@@ -223,12 +246,14 @@ impl Metrics {
                     provider: provider.clone(),
                     duration: self.duration.get_or_create(&labels).clone(),
                     cancelled: None,
+                    tokens: None,
                     by_status: Vec::new(),
                 });
                 all.len() - 1
             }
         };
         let h = &mut all[i];
+        let status = sample.status;
         if !h.by_status.iter().any(|(s, _)| *s == status) {
             let counter = self
                 .requests
@@ -239,13 +264,23 @@ impl Metrics {
                 .clone();
             h.by_status.push((status, counter));
         }
-        if cancelled && h.cancelled.is_none() {
+        if sample.cancelled && h.cancelled.is_none() {
             let labels = ProviderLabels {
                 provider: provider.clone(),
             };
             h.cancelled = Some(self.streams_cancelled.get_or_create(&labels).clone());
         }
-        h.record(status, secs, cancelled);
+        if sample.tokens != [None, None] && h.tokens.is_none() {
+            h.tokens = Some(["input", "output"].map(|direction| {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        provider: provider.clone(),
+                        direction,
+                    })
+                    .clone()
+            }));
+        }
+        h.record(sample);
     }
 
     /// Prometheus text exposition.
@@ -280,20 +315,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts the tokens of one response.
-    pub fn count_tokens(&self, provider: &Arc<str>, input: Option<u64>, output: Option<u64>) {
-        for (direction, n) in [("input", input), ("output", output)] {
-            if let Some(n) = n {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        provider: provider.clone(),
-                        direction,
-                    })
-                    .inc_by(n);
-            }
-        }
-    }
-
     /// Counts one guardrail check that flagged, blocked or failed.
     pub fn count_guardrail(&self, result: &'static str) {
         self.guardrails
@@ -324,6 +345,9 @@ impl Metrics {
     }
 }
 
+const COLLECT_LOG: http::HeaderName = http::HeaderName::from_static("cf-aig-collect-log");
+const METADATA: http::HeaderName = http::HeaderName::from_static("cf-aig-metadata");
+
 /// What a request asks of its log line: `cf-aig-collect-log: false` (no line) and
 /// `cf-aig-metadata` (a flat JSON object of at most 5 string, number or bool values, logged).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -341,7 +365,7 @@ impl LogOptions {
         log_requests: bool,
     ) -> Result<Self, crate::error::GatewayError> {
         use crate::error::GatewayError;
-        let log = match h.get("cf-aig-collect-log").map(|v| v.as_bytes()) {
+        let log = match h.get(COLLECT_LOG).map(|v| v.as_bytes()) {
             None => log_requests,
             Some(v) if v.eq_ignore_ascii_case(b"false") => false,
             Some(v) if v.eq_ignore_ascii_case(b"true") => log_requests,
@@ -352,7 +376,7 @@ impl LogOptions {
                 });
             }
         };
-        let metadata = match h.get("cf-aig-metadata") {
+        let metadata = match h.get(METADATA) {
             None => None,
             Some(v) => {
                 let bad = |reason: &str| GatewayError::BadHeader {
@@ -391,7 +415,7 @@ pub struct RequestRecord {
     log_id: String,
     cached: bool,
     metadata: Option<Arc<str>>,
-    usage: Option<Box<crate::usage::Usage>>,
+    usage: crate::usage::Usage,
     done: bool,
 }
 
@@ -420,7 +444,7 @@ impl RequestRecord {
             log_id,
             cached: false,
             metadata: opts.metadata.clone(),
-            usage: None,
+            usage: crate::usage::Usage::default(),
             done: false,
         }
     }
@@ -433,7 +457,7 @@ impl RequestRecord {
     /// Adds a frame of the provider's response body: its bytes, and the token counts it holds.
     pub fn observe(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
-        self.usage.get_or_insert_default().observe(data);
+        self.usage.observe(data);
     }
 
     /// The response came from the cache.
@@ -457,20 +481,16 @@ impl RequestRecord {
         }
         self.done = true;
         let elapsed = self.start.elapsed();
+        let (tokens_in, tokens_out) = (self.usage.input, self.usage.output);
         self.metrics.record(
             &self.provider,
-            self.status,
-            elapsed.as_secs_f64(),
-            outcome == "cancelled",
+            &Sample {
+                status: self.status,
+                secs: elapsed.as_secs_f64(),
+                cancelled: outcome == "cancelled",
+                tokens: [tokens_in, tokens_out],
+            },
         );
-        let (tokens_in, tokens_out) = self
-            .usage
-            .as_ref()
-            .map_or((None, None), |u| (u.input, u.output));
-        if tokens_in.is_some() || tokens_out.is_some() {
-            self.metrics
-                .count_tokens(&self.provider, tokens_in, tokens_out);
-        }
         if self.log {
             crate::access_log::write(&crate::access_log::Entry {
                 tokens_in,

@@ -4,7 +4,10 @@
 //! (`usageMetadata.promptTokenCount`/`candidatesTokenCount`) and Bedrock Converse
 //! (`inputTokens`/`outputTokens`). No JSON is parsed: each body frame is searched for `"usage`
 //! and the numbers after it are read; the last value seen wins (stream usage is cumulative).
-//! The tail of each frame is kept so that an object split across two frames is still read.
+//! When a frame ends inside a usage object (or inside `"usage` itself), that piece is kept and
+//! read again together with the start of the next frame; nothing is copied otherwise.
+
+use std::sync::LazyLock;
 
 use memchr::memmem;
 
@@ -20,8 +23,11 @@ const OUTPUT_KEYS: &[&[u8]] = &[
     b"candidatesTokenCount",
     b"outputTokens",
 ];
-/// Bytes of one frame kept for the next (a usage object is well under this).
-const CARRY: usize = 512;
+const NEEDLE: &[u8] = b"\"usage";
+/// Longest usage object read (they are well under this).
+const WINDOW: usize = 512;
+
+static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(NEEDLE));
 
 /// Tokens of one response.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -30,53 +36,86 @@ pub struct Usage {
     pub input: Option<u64>,
     /// Generated tokens.
     pub output: Option<u64>,
-    carry: Vec<u8>,
+    /// The unfinished usage object (or `"usage` prefix) the last frame ended in.
+    pending: Vec<u8>,
 }
 
 impl Usage {
     /// Reads the usage numbers in `data` (the next frame of the body).
     pub fn observe(&mut self, data: &[u8]) {
-        if !self.carry.is_empty() {
-            // Objects that started in the previous frame: read the seam first, in order, so
-            // that what this frame holds is read last.
-            let mut seam = std::mem::take(&mut self.carry);
-            seam.extend_from_slice(&data[..data.len().min(CARRY)]);
-            self.scan(&seam);
+        let mut carried = false;
+        if !self.pending.is_empty() {
+            // The object that started in an earlier frame, read across the seam first so that
+            // what this frame holds is read last.
+            let mut seam = std::mem::take(&mut self.pending);
+            let before = seam.len();
+            seam.extend_from_slice(&data[..data.len().min(WINDOW)]);
+            if let Some(at) = self.scan(&seam)
+                && at < before
+                && data.len() <= WINDOW
+            {
+                // Still unfinished, and this whole frame is in the seam: wait for more.
+                seam.drain(..at);
+                self.pending = seam;
+                carried = true;
+            }
         }
-        self.scan(data);
-        let tail = &data[data.len().saturating_sub(CARRY)..];
-        self.carry.clear();
-        self.carry.extend_from_slice(tail);
+        if let Some(from) = self.scan(data)
+            && !carried
+        {
+            let from = from.max(data.len().saturating_sub(WINDOW));
+            self.pending.extend_from_slice(&data[from..]);
+        }
     }
 
-    /// Reads every usage object in `buf`, in order.
-    fn scan(&mut self, buf: &[u8]) {
-        let mut rest = buf;
-        while let Some(at) = memmem::find(rest, b"\"usage") {
-            rest = &rest[at + 6..];
-            self.read_object(rest);
+    /// Reads every usage object in `buf`, in order. Returns where an object that `buf` ends
+    /// inside starts (or a prefix of `"usage` at its very end), to be read again with more.
+    fn scan(&mut self, buf: &[u8]) -> Option<usize> {
+        let mut at = 0;
+        while let Some(found) = FINDER.find(&buf[at..]) {
+            let start = at + found;
+            at = start + NEEDLE.len();
+            if !self.read_object(&buf[at..]) {
+                return Some(start);
+            }
         }
+        // `"usa` at the very end: the needle may go on in the next frame.
+        (1..NEEDLE.len())
+            .rev()
+            .find(|&n| buf.ends_with(&NEEDLE[..n]))
+            .map(|n| buf.len() - n)
     }
 
     /// Reads the numbers of the object starting at `s` (just after `"usage`), in one pass over
-    /// its `"key": value` pairs until the object closes (or `CARRY` bytes).
-    fn read_object(&mut self, s: &[u8]) {
-        let window = &s[..s.len().min(CARRY)];
+    /// its `"key": value` pairs. Returns false when `s` ends before the object (or the scalar
+    /// value, `null`) does.
+    fn read_object(&mut self, s: &[u8]) -> bool {
+        let cut = s.len() > WINDOW;
+        let window = &s[..s.len().min(WINDOW)];
         let mut depth = 0usize;
         let mut i = 0;
-        while i < window.len() {
+        while let Some(off) = memchr::memchr3(b'{', b'}', b'"', &window[i..]) {
+            i += off;
             match window[i] {
                 b'{' => depth += 1,
                 b'}' => {
                     depth = depth.saturating_sub(1);
                     if depth == 0 {
-                        return;
+                        return true;
                     }
                 }
-                b'"' if depth > 0 => {
+                // A quote outside the object: the key's own closing quote (`"usage"`,
+                // `"usageMetadata"`) comes before the colon; one after it means the value
+                // was a scalar (`"usage":null,"x"`).
+                _ if depth == 0 => {
+                    if window[..i].contains(&b':') {
+                        return true;
+                    }
+                }
+                _ => {
                     let start = i + 1;
-                    let Some(len) = window[start..].iter().position(|&c| c == b'"') else {
-                        return;
+                    let Some(len) = memchr::memchr(b'"', &window[start..]) else {
+                        return cut;
                     };
                     let key = &window[start..start + len];
                     i = start + len + 1;
@@ -99,10 +138,16 @@ impl Usage {
                     }
                     continue;
                 }
-                _ => {}
             }
             i += 1;
         }
+        // The data ended first. Done only if it was cut at WINDOW (too long to read) or a
+        // scalar value has begun after the colon (`"usage": null`).
+        cut || (depth == 0
+            && window
+                .iter()
+                .position(|&c| c == b':')
+                .is_some_and(|colon| !window[colon + 1..].trim_ascii().is_empty()))
     }
 }
 
@@ -146,6 +191,22 @@ mod tests {
     }
 
     #[test]
+    fn only_unfinished_objects_are_kept_between_frames() {
+        let mut u = Usage::default();
+        u.observe(br#"{"id":"x","usage":{"prompt_tokens":1,"completion_tokens":2}}"#);
+        assert!(u.pending.is_empty());
+        u.observe(b"data: {\"choices\":[],\"usage\":null}\n\n");
+        assert!(u.pending.is_empty());
+        u.observe(b"data: {\"choices\":[],\"usage\": ");
+        assert_eq!(u.pending, b"\"usage\": ");
+        u.observe(b"{\"prompt_tokens\":5,\"completion_tokens\":6}}\n\n");
+        assert!(u.pending.is_empty());
+        assert_eq!((u.input, u.output), (Some(5), Some(6)));
+        u.observe(b"data: {\"us");
+        assert_eq!(u.pending, b"\"us");
+    }
+
+    #[test]
     fn streams_take_the_last_values_and_survive_split_frames() {
         // OpenAI: usage null until the last chunk.
         assert_eq!(
@@ -171,7 +232,7 @@ mod tests {
             ]),
             (Some(11), Some(15))
         );
-        // An object split anywhere.
+        // An object split anywhere, in two or three frames.
         let whole = r#"{"usage":{"prompt_tokens":21,"completion_tokens":43}}"#;
         for cut in 1..whole.len() {
             assert_eq!(
@@ -179,6 +240,13 @@ mod tests {
                 (Some(21), Some(43)),
                 "cut at {cut}"
             );
+            for second in cut + 1..whole.len() {
+                assert_eq!(
+                    usage_of(&[&whole[..cut], &whole[cut..second], &whole[second..]]),
+                    (Some(21), Some(43)),
+                    "cut at {cut} and {second}"
+                );
+            }
         }
     }
 }
