@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 use crate::admin;
 use crate::proxy::Gateway;
@@ -18,17 +19,78 @@ use crate::proxy::Gateway;
 /// Largest request head (request line and headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
-fn connection_builder() -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(MAX_HEADER_BYTES)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    b
+/// The first bytes of an HTTP/2 connection with prior knowledge (h2c, RFC 9113 §3.3).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long a new connection may take to send its first bytes.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Which protocol a new connection speaks, from its first bytes (peeked, so they stay in the
+/// socket for the protocol's own reader): h2c when they are the HTTP/2 preface, else HTTP/1.
+/// Deciding once per connection keeps the per-request path free of a rewind buffer.
+async fn speaks_h2(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        stream.readable().await?;
+        let n = match stream.peek(&mut buf).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 || buf[..n] != H2_PREFACE[..n] {
+            // Closed, or HTTP/1 (`PUT`, `POST`, `PATCH` part ways with `PRI` by the 2nd byte):
+            // the HTTP/1 reader answers either.
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A prefix of the preface: wait for more (peek returns what is there right away).
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Serves one gateway connection: HTTP/1.1 with keep-alive, or h2c.
+/// `stopping` changes when the gateway shuts down: a connection that has not sent its first
+/// bytes yet is closed then, like an idle keep-alive one.
+async fn serve_connection(
+    stream: TcpStream,
+    gateway: Arc<Gateway>,
+    watcher: Watcher,
+    mut stopping: watch::Receiver<()>,
+) {
+    let h2 = tokio::select! {
+        first = tokio::time::timeout(FIRST_BYTES_TIMEOUT, speaks_h2(&stream)) => match first {
+            Ok(Ok(h2)) => h2,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "connection ended before its first request");
+                return;
+            }
+            Err(_) => return,
+        },
+        _ = stopping.changed() => return,
+    };
+    let service = service_fn(move |req| gateway.clone().handle(req));
+    let io = TokioIo::new(stream);
+    let result = if h2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .serve_connection(io, service);
+        watcher.watch(conn).await
+    } else {
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .max_header_size(MAX_HEADER_BYTES)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .keep_alive(true)
+            .serve_connection(io, service);
+        watcher.watch(conn).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
 }
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then waits up to `grace` for
@@ -39,8 +101,8 @@ pub async fn serve_gateway(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let builder = connection_builder();
     let graceful = GracefulShutdown::new();
+    let (stop, stopping) = watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -56,19 +118,15 @@ pub async fn serve_gateway(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let gw = gateway.clone();
-        let service = service_fn(move |req| gw.clone().handle(req));
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        tokio::spawn(serve_connection(
+            stream,
+            gateway.clone(),
+            graceful.watcher(),
+            stopping.clone(),
+        ));
     }
     tracing::info!("shutting down: waiting for in-flight requests");
+    let _ = stop.send(());
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()

@@ -24,10 +24,13 @@ const OUTPUT_KEYS: &[&[u8]] = &[
     b"outputTokens",
 ];
 const NEEDLE: &[u8] = b"\"usage";
+/// What the finder looks for: `usage` without the quote, which JSON is full of (a quote as
+/// the first byte would make every string a candidate); the quote is checked after.
+const WORD: &[u8] = b"usage";
 /// Longest usage object read (they are well under this).
 const WINDOW: usize = 512;
 
-static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(NEEDLE));
+static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(WORD));
 
 /// Tokens of one response.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,11 +74,11 @@ impl Usage {
     /// Reads every usage object in `buf`, in order. Returns where an object that `buf` ends
     /// inside starts (or a prefix of `"usage` at its very end), to be read again with more.
     fn scan(&mut self, buf: &[u8]) -> Option<usize> {
-        let mut at = 0;
-        while let Some(found) = FINDER.find(&buf[at..]) {
-            let start = at + found;
+        let mut at = 1;
+        while let Some(found) = buf.get(at..).and_then(|rest| FINDER.find(rest)) {
+            let start = at + found - 1;
             at = start + NEEDLE.len();
-            if !self.read_object(&buf[at..]) {
+            if buf[start] == b'"' && !self.read_object(&buf[at..]) {
                 return Some(start);
             }
         }
@@ -92,6 +95,7 @@ impl Usage {
     fn read_object(&mut self, s: &[u8]) -> bool {
         let cut = s.len() > WINDOW;
         let window = &s[..s.len().min(WINDOW)];
+        let (mut input, mut output) = (false, false);
         let mut depth = 0usize;
         let mut i = 0;
         while let Some(off) = memchr::memchr3(b'{', b'}', b'"', &window[i..]) {
@@ -131,8 +135,14 @@ impl Usage {
                         {
                             if INPUT_KEYS.contains(&key) {
                                 self.input = Some(n);
+                                input = true;
                             } else if OUTPUT_KEYS.contains(&key) {
                                 self.output = Some(n);
+                                output = true;
+                            }
+                            if input && output {
+                                // Both numbers of this object: the rest (details) adds none.
+                                return true;
                             }
                         }
                     }

@@ -143,3 +143,4 @@ def test_metrics_count_requests_by_provider_and_status_and_show_the_config_hash(
     assert 'sidegate_requests_total{provider="none",status="404"} 1' in m
     assert 'sidegate_config_info{hash="sha256:' in m and 'gateway="team-a/main"' in m
     assert httpx.get(gateway.admin + "/readyz").status_code == 200
+

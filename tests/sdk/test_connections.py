@@ -1,0 +1,57 @@
+"""Client connections: HTTP/1.1 and h2c told apart by their first bytes, graceful shutdown."""
+
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+
+def _post_in_two_writes(port, first, pause=0.1):
+    """Sends an HTTP/1.1 request whose first write is `first` and returns its status line."""
+    body = b'{"model":"m","messages":[{"role":"user","content":"slow"}]}'
+    head = (b"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    whole = head + body
+    assert whole.startswith(first)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(first)
+        time.sleep(pause)
+        s.sendall(whole[len(first):])
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize("first", [b"P", b"PO", b"POST /op"])
+def test_a_request_whose_first_bytes_arrive_slowly_is_read_as_http1(gateway, first):
+    # "P" could still be the HTTP/2 preface ("PRI * HTTP/2.0"): the gateway waits for more.
+    assert _post_in_two_writes(gateway.port, first) == b"HTTP/1.1 200 OK"
+
+
+def test_shutdown_lets_in_flight_requests_finish_and_closes_silent_connections(gateway):
+    silent = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    result = {}
+
+    def slow_request():
+        r = httpx.post(gateway.url + "/openai/chat/completions", timeout=20,
+                       headers={"x-mock-delay-ms": "1500"},
+                       json={"model": "m", "messages": [{"role": "user", "content": "in flight"}]})
+        result["status"] = r.status_code
+
+    t = threading.Thread(target=slow_request)
+    t.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    gateway.proc.send_signal(signal.SIGTERM)
+    assert gateway.proc.wait(15) == 0
+    took = time.monotonic() - started
+    t.join(10)
+    assert result.get("status") == 200
+    # The silent connection (no first bytes yet) did not hold the shutdown for the grace period.
+    assert took < 5, f"shutdown took {took:.1f}s"
+    assert silent.recv(1) == b""
+    silent.close()
