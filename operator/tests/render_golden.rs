@@ -1,8 +1,9 @@
 //! Golden files of the rendered ConfigMap and Secret for the design docs' example gateway.
 //! After an intended change: `UPDATE_GOLDEN=1 cargo test -p sidegate-operator --test render_golden`.
 
+mod golden_file;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Secret;
 use serde::de::DeserializeOwned;
@@ -10,32 +11,14 @@ use sidegate_crds::GatewayConfig;
 use sidegate_crds::api::{AIGateway, ProviderKey};
 use sidegate_operator::render::render;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
-}
-
 fn load_all<T: DeserializeOwned>(file: &str) -> Vec<T> {
-    let text = std::fs::read_to_string(fixture_dir().join("fixtures").join(file))
+    let text = std::fs::read_to_string(golden_file::tests_dir().join("fixtures").join(file))
         .unwrap_or_else(|e| panic!("reading fixture {file}: {e}"));
     serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("parsing fixture {file}: {e}"))
 }
 
 fn assert_golden(name: &str, actual: &str) {
-    let path = fixture_dir().join("golden").join(name);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, actual).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "reading {} ({e}); run with UPDATE_GOLDEN=1 to create it",
-            path.display()
-        )
-    });
-    assert_eq!(
-        expected, actual,
-        "{name} differs from the golden file; if the change is intended, rerun with UPDATE_GOLDEN=1"
-    );
+    golden_file::assert_golden("", name, actual);
 }
 
 /// The Secret with its values decoded, so the golden file is readable.

@@ -2,8 +2,9 @@
 //! the webhook returns in `tests/golden/inject/`, and the patched pods checked field by field.
 //! After an intended change: `UPDATE_GOLDEN=1 cargo test -p sidegate-operator --test webhook_inject`.
 
+mod golden_file;
+
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use sidegate_crds::api::SidecarSettings;
@@ -11,33 +12,15 @@ use sidegate_operator::webhook::inject::{
     self, InjectConfig, InjectSettings, Injection, PLACEHOLDER_API_KEY, Skip,
 };
 
-fn tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests")
-}
-
 fn fixture(name: &str) -> Pod {
-    let path = tests_dir().join("fixtures/inject").join(name);
+    let path = golden_file::tests_dir().join("fixtures/inject").join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("parsing {name}: {e}"))
 }
 
 fn assert_golden(name: &str, actual: &str) {
-    let path = tests_dir().join("golden/inject").join(name);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, actual).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "reading {} ({e}); run with UPDATE_GOLDEN=1 to create it",
-            path.display()
-        )
-    });
-    assert_eq!(
-        expected, actual,
-        "{name} differs from the golden file; if the change is intended, rerun with UPDATE_GOLDEN=1"
-    );
+    golden_file::assert_golden("inject", name, actual);
 }
 
 fn config() -> InjectConfig {

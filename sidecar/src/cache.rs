@@ -645,26 +645,27 @@ mod tests {
     #[test]
     fn config_settings_are_checked() {
         use sidegate_crds::units::{ByteSize, Duration as D};
-        let p = CachePolicy {
-            enabled: true,
-            ttl: Some(D::from_secs(30)),
-            ..CachePolicy::default()
-        };
-        assert!(
-            Settings::from_policy(Some(&p))
-                .expect_err("refused")
-                .contains("spec.cache.ttl")
-        );
-        let p = CachePolicy {
-            enabled: true,
-            max_size: Some(ByteSize::bytes(1000)),
-            ..CachePolicy::default()
-        };
-        assert!(
-            Settings::from_policy(Some(&p))
-                .expect_err("refused")
-                .contains("spec.cache.maxSize")
-        );
+        let refused = [
+            (
+                "spec.cache.ttl",
+                CachePolicy {
+                    ttl: Some(D::from_secs(30)),
+                    ..CachePolicy::default()
+                },
+            ),
+            (
+                "spec.cache.maxSize",
+                CachePolicy {
+                    max_size: Some(ByteSize::bytes(1000)),
+                    ..CachePolicy::default()
+                },
+            ),
+        ];
+        for (field, p) in refused {
+            let p = CachePolicy { enabled: true, ..p };
+            let err = Settings::from_policy(Some(&p)).expect_err("refused");
+            assert!(err.contains(field), "{err}");
+        }
         let p = CachePolicy {
             enabled: true,
             ttl: Some(D::from_secs(600)),

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use sidegate::upstream::upstream_client;
+use sidegate::upstream::{UpstreamBody, UpstreamClient, upstream_client};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -103,6 +103,29 @@ fn get(url: &str) -> Request<Full<Bytes>> {
         .expect("request")
 }
 
+/// Starts a streamed response and checks that its first event comes through on its own
+/// (nothing waits for more); returns the body and the upstream's sender of further events.
+async fn open_stream(
+    client: &UpstreamClient,
+    up: &mut Upstream,
+) -> (UpstreamBody, tokio::sync::mpsc::Sender<Bytes>) {
+    let url = format!("{}/stream", up.url);
+    let (resp, tx) = tokio::join!(client.request(get(&url)), async {
+        up.streams.recv().await.expect("stream")
+    });
+    let mut body = resp.expect("response").into_body();
+    tx.send(Bytes::from_static(b"data: first\n\n"))
+        .await
+        .expect("send");
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("first event streamed")
+        .expect("frame")
+        .expect("ok");
+    assert_eq!(first.into_data().expect("data"), "data: first\n\n");
+    (body, tx)
+}
+
 #[tokio::test]
 async fn sequential_requests_reuse_one_connection_with_origin_form_and_host() {
     let up = upstream().await;
@@ -124,21 +147,7 @@ async fn sequential_requests_reuse_one_connection_with_origin_form_and_host() {
 async fn streamed_chunks_arrive_whole_and_in_order() {
     let mut up = upstream().await;
     let client = upstream_client(Vec::new()).expect("client");
-    let url = format!("{}/stream", up.url);
-    let (resp, tx) = tokio::join!(client.request(get(&url)), async {
-        up.streams.recv().await.expect("stream")
-    });
-    let mut body = resp.expect("response").into_body();
-    // Nothing waits for more: the first event comes through on its own.
-    tx.send(Bytes::from_static(b"data: first\n\n"))
-        .await
-        .expect("send");
-    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .expect("first event streamed")
-        .expect("frame")
-        .expect("ok");
-    assert_eq!(first.into_data().expect("data"), "data: first\n\n");
+    let (mut body, tx) = open_stream(&client, &mut up).await;
     let mut expected = Vec::new();
     for i in 0..50 {
         let chunk = format!("data: {i}\n\n");
@@ -168,16 +177,7 @@ async fn streamed_chunks_arrive_whole_and_in_order() {
 async fn a_dropped_response_closes_its_upstream_connection() {
     let mut up = upstream().await;
     let client = upstream_client(Vec::new()).expect("client");
-    let url = format!("{}/stream", up.url);
-    let (resp, tx) = tokio::join!(client.request(get(&url)), async {
-        up.streams.recv().await.expect("stream")
-    });
-    let mut body = resp.expect("response").into_body();
-    tx.send(Bytes::from_static(b"data: 1\n\n"))
-        .await
-        .expect("send");
-    let first = body.frame().await.expect("frame").expect("ok");
-    assert_eq!(first.into_data().expect("data"), "data: 1\n\n");
+    let (body, tx) = open_stream(&client, &mut up).await;
     drop(body);
     // The upstream's body sender notices the closed connection.
     tokio::time::timeout(Duration::from_secs(5), tx.closed())
