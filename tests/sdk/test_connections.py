@@ -1,5 +1,6 @@
 """Client connections: HTTP/1.1 and h2c told apart by their first bytes, graceful shutdown."""
 
+import json
 import signal
 import socket
 import threading
@@ -55,3 +56,19 @@ def test_shutdown_lets_in_flight_requests_finish_and_closes_silent_connections(g
     assert took < 5, f"shutdown took {took:.1f}s"
     assert silent.recv(1) == b""
     silent.close()
+
+
+def test_a_request_body_sent_in_many_chunks_reaches_the_provider_whole(gateway, mock):
+    text = "piece " * 2000
+    payload = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
+
+    def pieces():
+        # Paced, so the gateway reads them as separate frames and has to join them.
+        for i in range(0, len(payload), 700):
+            yield payload[i:i + 700]
+            time.sleep(0.005)
+
+    r = httpx.post(gateway.url + "/openai/chat/completions", content=pieces(),
+                   headers={"content-type": "application/json"}, timeout=20)
+    assert r.status_code == 200, r.text
+    assert mock.last()["body"].encode() == payload
