@@ -8,8 +8,13 @@
 //! stored once its last byte went through; a body that fails, is cut off or outgrows one entry's
 //! share of the cache is not stored. Entries expire after their TTL and the least valuable ones
 //! are evicted when the cache is full (S3-FIFO, by size).
+//!
+//! Identical requests that miss at the same time make one upstream call: the first is the
+//! leader of a [`Flights`] entry, the others wait (at most [`COALESCE_WAIT`]) until its response
+//! is stored or turns out not to be storable, then look again — a hit, or a call of their own.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -30,6 +35,8 @@ const MIN_TTL: Duration = CachePolicy::MIN_TTL;
 const MAX_TTL: Duration = CachePolicy::MAX_TTL;
 /// Longest `cf-aig-cache-key`.
 const MAX_CUSTOM_KEY: usize = 1024;
+/// Longest a request waits for an identical one's response before calling upstream itself.
+pub const COALESCE_WAIT: Duration = Duration::from_secs(30);
 
 const SKIP: HeaderName = HeaderName::from_static("cf-aig-skip-cache");
 const TTL: HeaderName = HeaderName::from_static("cf-aig-cache-ttl");
@@ -150,6 +157,77 @@ pub fn want<'a>(s: &Settings, headers: &'a HeaderMap) -> Result<Option<Want<'a>>
 
 /// A cache key.
 pub type Key = [u8; 32];
+
+/// The keys whose response some request is fetching now.
+#[derive(Debug, Default)]
+pub struct Flights {
+    fetching: Arc<Mutex<HashMap<Key, tokio::sync::watch::Receiver<()>>>>,
+}
+
+/// A request's part in fetching its key's response.
+#[derive(Debug)]
+pub enum Flight {
+    /// First to miss: fetch, and hold the guard until the response is stored (or is not).
+    Leader(FlightGuard),
+    /// Another request is fetching: wait for it.
+    Follower(tokio::sync::watch::Receiver<()>),
+}
+
+impl Flights {
+    /// Joins the fetch of `key`, leading it when none is under way.
+    pub fn join(&self, key: Key) -> Flight {
+        let mut fetching = self.fetching.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(rx) = fetching.get(&key) {
+            return Flight::Follower(rx.clone());
+        }
+        let (done, rx) = tokio::sync::watch::channel(());
+        fetching.insert(key, rx);
+        Flight::Leader(FlightGuard {
+            key,
+            fetching: self.fetching.clone(),
+            _done: done,
+        })
+    }
+
+    /// Keys being fetched now.
+    pub fn len(&self) -> usize {
+        self.fetching
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no key is being fetched.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Waits until the leader of a fetch is done (or `limit` passed).
+pub async fn wait_for_leader(mut leader: tokio::sync::watch::Receiver<()>, limit: Duration) {
+    // The leader never sends: its guard's drop closes the channel, which ends the wait.
+    let _ = tokio::time::timeout(limit, leader.changed()).await;
+}
+
+/// Held by the request fetching a key; dropped once its response was stored or will not be,
+/// which wakes the requests waiting for it.
+#[derive(Debug)]
+pub struct FlightGuard {
+    key: Key,
+    fetching: Arc<Mutex<HashMap<Key, tokio::sync::watch::Receiver<()>>>>,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        // Out of the map first, so a request arriving now leads a new fetch or finds the entry;
+        // the waiters wake when `_done` drops right after.
+        self.fetching
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
 
 /// What a request is, for its cache key.
 pub struct Request<'a> {
@@ -422,6 +500,7 @@ fn start_fill(
         status,
         headers: kept,
         buf: BytesMut::with_capacity(declared.unwrap_or(4096).min(max_entry)),
+        flight: None,
     })
 }
 
@@ -449,12 +528,15 @@ pub struct Miss {
     pub ttl: Duration,
     /// Whether streamed responses are stored too.
     pub streaming: bool,
+    /// Held while this request fetches for others waiting on the same key.
+    pub flight: Option<FlightGuard>,
 }
 
 impl Miss {
-    /// Starts copying the response into the cache, if it may be stored.
-    pub fn fill(&self, status: StatusCode, headers: &HeaderMap) -> Option<Fill> {
-        start_fill(
+    /// Starts copying the response into the cache, if it may be stored (the fill then holds
+    /// the flight until the entry is stored; else the waiting requests go on now).
+    pub fn fill(&mut self, status: StatusCode, headers: &HeaderMap) -> Option<Fill> {
+        let mut fill = start_fill(
             self.sink.clone(),
             self.max_entry,
             self.key,
@@ -462,7 +544,12 @@ impl Miss {
             status,
             headers,
             self.streaming,
-        )
+        );
+        let flight = self.flight.take();
+        if let Some(f) = &mut fill {
+            f.flight = flight;
+        }
+        fill
     }
 }
 
@@ -475,6 +562,7 @@ pub struct Fill {
     status: StatusCode,
     headers: HeaderMap,
     buf: BytesMut,
+    flight: Option<FlightGuard>,
 }
 
 impl Fill {
@@ -494,11 +582,14 @@ impl Fill {
         true
     }
 
-    /// The body ended: store it.
+    /// The body ended: store it (the flight ends once it is stored).
     pub fn finish(self) {
         let body = self.buf.freeze();
         match self.sink {
-            Sink::Memory(store) => store.put(self.key, self.status, self.headers, body, self.ttl),
+            Sink::Memory(store) => {
+                store.put(self.key, self.status, self.headers, body, self.ttl);
+                drop(self.flight);
+            }
             Sink::Redis(shared, metrics) => shared.cache_put(
                 metrics,
                 self.key,
@@ -508,6 +599,7 @@ impl Fill {
                     body,
                 },
                 self.ttl,
+                self.flight,
             ),
         }
     }
@@ -516,6 +608,41 @@ impl Fill {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn identical_misses_wait_for_the_first_and_wake_when_it_is_done() {
+        let flights = Flights::default();
+        let key = [7u8; 32];
+        let Flight::Leader(guard) = flights.join(key) else {
+            panic!("the first request leads");
+        };
+        let Flight::Follower(leader) = flights.join(key) else {
+            panic!("an identical request follows");
+        };
+        assert!(matches!(flights.join([8u8; 32]), Flight::Leader(_)));
+        let waiter = tokio::spawn(wait_for_leader(leader, COALESCE_WAIT));
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(guard);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the follower woke")
+            .expect("joined");
+        assert!(flights.is_empty());
+        assert!(matches!(flights.join(key), Flight::Leader(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_stops_waiting_after_the_limit() {
+        let flights = Flights::default();
+        let _guard = flights.join([1u8; 32]);
+        let Flight::Follower(leader) = flights.join([1u8; 32]) else {
+            panic!("follows");
+        };
+        let started = tokio::time::Instant::now();
+        wait_for_leader(leader, Duration::from_secs(30)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+    }
 
     fn req<'a>(body: &'a [u8], alias: &'a str) -> Request<'a> {
         Request {

@@ -51,6 +51,8 @@ pub struct Gateway {
     cache: ArcSwapOption<cache::Store>,
     /// Request counters of `spec.rateLimit`, kept across reloads.
     limiter: crate::ratelimit::Limiter,
+    /// Cache keys being fetched now, so identical misses make one upstream call.
+    flights: cache::Flights,
 }
 
 /// What the cache did for a request.
@@ -72,6 +74,7 @@ impl Gateway {
             metrics,
             cache: ArcSwapOption::empty(),
             limiter: crate::ratelimit::Limiter::default(),
+            flights: cache::Flights::default(),
         }
     }
 
@@ -85,6 +88,22 @@ impl Gateway {
         let fresh = Arc::new(cache::Store::new(settings.max_size));
         self.cache.store(Some(fresh.clone()));
         fresh
+    }
+
+    /// The cached response of `key` in `sink`, if any.
+    async fn cache_get(
+        &self,
+        sink: &cache::Sink,
+        key: &cache::Key,
+    ) -> Option<crate::shared::CachedResponse> {
+        match sink {
+            cache::Sink::Redis(shared, _) => shared.cache_get(&self.metrics, key).await,
+            cache::Sink::Memory(store) => store.get(key).map(|e| crate::shared::CachedResponse {
+                status: e.status,
+                headers: e.headers.clone(),
+                body: e.body.clone(),
+            }),
+        }
     }
 
     /// Sends a request upstream, waiting at most `timeout` for the response head, and retries
@@ -146,24 +165,29 @@ impl Gateway {
             return Cached::Off;
         }
         let key = cache::key(req, want.custom_key);
-        let (found, sink, max_entry) = match &snap.shared {
-            Some(shared) if snap.cache.redis => {
-                let found = shared.cache_get(&self.metrics, &key).await;
-                let sink = cache::Sink::Redis(shared.clone(), self.metrics.clone());
-                let max_entry = usize::try_from(snap.cache.max_size / 8).unwrap_or(usize::MAX);
-                (found, sink, max_entry)
-            }
+        let (sink, max_entry) = match &snap.shared {
+            Some(shared) if snap.cache.redis => (
+                cache::Sink::Redis(shared.clone(), self.metrics.clone()),
+                usize::try_from(snap.cache.max_size / 8).unwrap_or(usize::MAX),
+            ),
             _ => {
                 let store = self.cache_store(&snap.cache);
-                let found = store.get(&key).map(|e| crate::shared::CachedResponse {
-                    status: e.status,
-                    headers: e.headers.clone(),
-                    body: e.body.clone(),
-                });
                 let max_entry = store.max_entry();
-                (found, cache::Sink::Memory(store), max_entry)
+                (cache::Sink::Memory(store), max_entry)
             }
         };
+        let mut found = self.cache_get(&sink, &key).await;
+        let mut flight = None;
+        if found.is_none() {
+            match self.flights.join(key) {
+                cache::Flight::Leader(guard) => flight = Some(guard),
+                cache::Flight::Follower(leader) => {
+                    // An identical request is fetching: its response, once stored, is ours.
+                    cache::wait_for_leader(leader, cache::COALESCE_WAIT).await;
+                    found = self.cache_get(&sink, &key).await;
+                }
+            }
+        }
         let Some(entry) = found else {
             self.metrics.count_cache("miss");
             return Cached::Miss(cache::Miss {
@@ -172,6 +196,7 @@ impl Gateway {
                 key,
                 ttl: want.ttl,
                 streaming: snap.cache.streaming,
+                flight,
             });
         };
         self.metrics.count_cache("hit");
@@ -398,7 +423,7 @@ impl Gateway {
                 .then_some((&parts.headers, provider.auth_headers())),
             body: &body,
         };
-        let miss = match self
+        let mut miss = match self
             .cache_lookup(snap, want.as_ref(), &lookup, &parts, start, &opts)
             .await
         {
@@ -433,7 +458,7 @@ impl Gateway {
         let (mut head, body) = resp.into_parts();
         strip_response_headers(&mut head.headers);
         let fill = miss
-            .as_ref()
+            .as_mut()
             .and_then(|m| m.fill(head.status, &head.headers));
         if want.is_some() {
             head.headers.insert(cache::STATUS, cache::MISS);

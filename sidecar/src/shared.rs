@@ -117,13 +117,15 @@ impl Shared {
         }
     }
 
-    /// Stores a response in the background for `ttl`.
+    /// Stores a response in the background for `ttl`; `flight` (the requests waiting for
+    /// this response) ends once it is written.
     pub fn cache_put(
         self: &Arc<Self>,
         metrics: Arc<Metrics>,
         key: Key,
         response: CachedResponse,
         ttl: Duration,
+        flight: Option<crate::cache::FlightGuard>,
     ) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -143,6 +145,7 @@ impl Shared {
             if let Err(e) = done {
                 this.failed(&metrics, "cache write", &e);
             }
+            drop(flight);
         });
     }
 

@@ -219,3 +219,31 @@ def test_bad_cache_config_is_refused_at_start_naming_the_field(mock, tmp_path, s
         assert field in g.logs()
     finally:
         g.stop()
+
+
+def _concurrently(n, fn):
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda _: fn(), range(n)))
+
+
+def test_identical_requests_at_the_same_time_make_one_upstream_call(cached_gateway, mock):
+    body = chat_body("stampede")
+    slow = {"x-mock-delay-ms": "400"}
+    answers = _concurrently(6, lambda: post(cached_gateway, body=body, headers=slow))
+    assert [r.status_code for r in answers] == [200] * 6
+    assert len(mock.requests()) == 1
+    statuses = sorted(r.headers["cf-aig-cache-status"] for r in answers)
+    assert statuses == ["HIT"] * 5 + ["MISS"]
+    assert len({r.json()["id"] for r in answers}) == 1
+    assert cache_metric(cached_gateway, "hit") == 5
+
+
+def test_identical_requests_waiting_on_an_uncacheable_answer_each_call_upstream(cached_gateway, mock):
+    # A 500 is not stored: the waiting requests go upstream themselves once it arrives, and
+    # none of them hangs.
+    body = chat_body("broken", model="mock-status-500")
+    slow = {"x-mock-delay-ms": "300"}
+    answers = _concurrently(4, lambda: post(cached_gateway, body=body, headers=slow))
+    assert [r.status_code for r in answers] == [500] * 4
+    assert len(mock.requests()) == 4

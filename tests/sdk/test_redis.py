@@ -88,6 +88,22 @@ def test_a_response_cached_by_one_pod_is_a_hit_in_another(mock, tmp_path, redis)
         b.stop()
 
 
+def test_identical_requests_at_once_wait_for_the_entry_written_to_redis(mock, tmp_path, redis):
+    from concurrent.futures import ThreadPoolExecutor
+    spec = "  cache: {enabled: true, backend: redis, ttl: 10m}\n"
+    a = pod(tmp_path, mock, redis.url, spec, "a")
+    try:
+        mock.clear()
+        q = body(f"stampede {uuid.uuid4()}")
+        with ThreadPoolExecutor(5) as pool:
+            answers = list(pool.map(lambda _: httpx.post(a.url + CHAT, json=q, headers={"x-mock-delay-ms": "300"}, timeout=10), range(5)))
+        assert [r.status_code for r in answers] == [200] * 5
+        assert sorted(r.headers["cf-aig-cache-status"] for r in answers) == ["HIT"] * 4 + ["MISS"]
+        assert len(mock.requests()) == 1
+    finally:
+        a.stop()
+
+
 def test_a_global_rate_limit_is_shared_by_the_pods(mock, tmp_path, redis):
     spec = "  rateLimit: {limit: 3, interval: 1h, scope: global}\n"
     a, b = pod(tmp_path, mock, redis.url, spec, "a"), pod(tmp_path, mock, redis.url, spec, "b")

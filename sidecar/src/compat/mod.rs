@@ -690,7 +690,7 @@ pub(crate) async fn serve(
         client_auth: client_own.then_some((&parts.headers, provider.auth_headers())),
         body: &body,
     };
-    let miss = match gw
+    let mut miss = match gw
         .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts)
         .await
     {
@@ -783,7 +783,7 @@ pub(crate) async fn serve(
     );
     let Some(t) = translation else {
         let fill = miss
-            .as_ref()
+            .as_mut()
             .and_then(|m| m.fill(head.status, &head.headers));
         let body = ProxyBody::upstream(upstream_body, record);
         return Ok(Response::from_parts(head, body.cached_through(fill)));
@@ -798,7 +798,7 @@ pub(crate) async fn serve(
         head.headers
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         let fill = miss
-            .as_ref()
+            .as_mut()
             .and_then(|m| m.fill(head.status, &head.headers));
         let body = ProxyBody::translated(upstream_body, t.stream_translator(), record);
         return Ok(Response::from_parts(head, body.cached_through(fill)));
@@ -836,7 +836,7 @@ pub(crate) async fn serve(
     record.observe(&out);
     record.finish_complete();
     if let Some(fill) = miss
-        .as_ref()
+        .as_mut()
         .and_then(|m| m.fill(head.status, &head.headers))
     {
         fill.whole(&out);
