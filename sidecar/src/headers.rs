@@ -61,20 +61,22 @@ pub fn upstream_request_headers(client: &HeaderMap, drop: &[HeaderName]) -> Head
 
 /// Removes hop-by-hop headers from an upstream response before it goes to the client.
 pub fn strip_response_headers(headers: &mut HeaderMap) {
-    // Most responses carry none: one pass over the names instead of a lookup per name.
+    // Most responses carry none, streams one (`transfer-encoding`): remove the names present
+    // instead of looking up every hop-by-hop name.
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    let mut names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
     if headers.contains_key(header::CONNECTION) {
-        for name in connection_listed(headers) {
-            headers.remove(name);
-        }
+        names.extend(connection_listed(headers));
     }
-    for name in HOP_BY_HOP {
+    for name in names {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 #[cfg(test)]
@@ -133,7 +135,9 @@ mod tests {
         let mut resp = map(&[
             ("connection", "close, x-hop"),
             ("x-hop", "1"),
+            ("transfer-encoding", "chunked"),
             ("content-type", "text/event-stream"),
+            ("keep-alive", "timeout=5"),
         ]);
         strip_response_headers(&mut resp);
         assert_eq!(
