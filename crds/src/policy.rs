@@ -70,6 +70,13 @@ pub struct GatewayPolicy {
     /// Spend limit over a period (429, code 2041).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spend_limit: Option<SpendLimit>,
+    /// Model prices that add to (or replace entries of) the sidecar's built-in price table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["model"])
+    )]
+    pub pricing: Vec<ModelPrice>,
     /// Per-provider settings: upstream base URL overrides and `custom-<slug>` providers.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend(
@@ -96,19 +103,60 @@ impl GatewayPolicy {
                 "{field}: {what} is not implemented in sidegate {v}; remove it (or disable it) to load this config"
             ))
         };
-        if let Some(rl) = &spec.rate_limit
-            && rl.tokens_per_minute.is_some()
-        {
-            return not_yet("spec.rateLimit.tokensPerMinute", "a token budget");
-        }
-        if spec.spend_limit.is_some() {
-            return not_yet("spec.spendLimit", "spend limits");
-        }
         if spec.logging.as_ref().is_some_and(|l| l.payloads) {
             return not_yet("spec.logging.payloads", "payload logging");
         }
         None
     }
+
+    /// What is wrong with the spend limit and prices (field names from `spec`), if anything.
+    /// The sidecar refuses such a config with the same message; the operator reports it.
+    pub fn cost_problem(&self) -> Option<String> {
+        if let Some(s) = &self.spend_limit
+            && !s.usd().is_some_and(|a| a > 0.0)
+        {
+            return Some(format!(
+                "spec.spendLimit.amount {:?} must be a positive decimal number of USD (e.g. \"250.00\")",
+                s.amount
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.pricing.iter().enumerate() {
+            if p.model.trim().is_empty() || p.model.len() > 256 {
+                return Some(format!(
+                    "spec.pricing[{i}].model must be a model name of 1 to 256 characters"
+                ));
+            }
+            if !seen.insert(p.model.as_str()) {
+                return Some(format!(
+                    "spec.pricing[{i}].model {:?} is listed twice",
+                    p.model
+                ));
+            }
+            for (field, v) in [
+                ("inputPerMillion", &p.input_per_million),
+                ("outputPerMillion", &p.output_per_million),
+            ] {
+                if parse_usd(v).is_none() {
+                    return Some(format!(
+                        "spec.pricing[{i}].{field} {v:?} must be a decimal number of USD (e.g. \"2.50\")"
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A non-negative decimal amount of USD as written in the spec (`"250"`, `"0.15"`).
+pub fn parse_usd(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+    let digits = |d: &str| d.bytes().all(|c| c.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(frac) || (s.contains('.') && frac.is_empty()) {
+        return None;
+    }
+    s.parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
 /// A reference to one key of a Kubernetes Secret in the gateway's namespace.
@@ -263,8 +311,10 @@ pub struct RateLimit {
     /// Per pod or global.
     #[serde(default)]
     pub scope: RateLimitScope,
-    /// Optional budget of tokens (in + out) per minute.
+    /// Optional budget of tokens (input + output, as responses report them) per minute, fixed or
+    /// sliding like the request limit, per pod or global like it (429, code 2003).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub tokens_per_minute: Option<u64>,
 }
 
@@ -555,6 +605,29 @@ pub struct SpendLimit {
     pub period: SpendPeriod,
 }
 
+impl SpendLimit {
+    /// The amount in USD, if it is a valid decimal number.
+    pub fn usd(&self) -> Option<f64> {
+        parse_usd(&self.amount)
+    }
+}
+
+/// The price of a model, in USD per million tokens, as decimal strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelPrice {
+    /// Model name, matched like the built-in table: this name or a longer one that continues it
+    /// after `-`, `@` or `:` (so `gpt-4o` prices `gpt-4o-2024-08-06` but not `gpt-4o-mini`).
+    #[schemars(length(min = 1, max = 256))]
+    pub model: String,
+    /// USD per million input (prompt) tokens, e.g. "2.50".
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub input_per_million: String,
+    /// USD per million output (generated) tokens, e.g. "10.00".
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub output_per_million: String,
+}
+
 /// Wire format a provider speaks (for `custom-<slug>` providers and `/compat`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -595,4 +668,62 @@ pub struct Limits {
     /// Largest accepted request body (default 10Mi); larger requests get 413.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_body: Option<ByteSize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usd_amounts_are_plain_decimals() {
+        assert_eq!(parse_usd("250.00"), Some(250.0));
+        assert_eq!(parse_usd("0.15"), Some(0.15));
+        assert_eq!(parse_usd("7"), Some(7.0));
+        for bad in ["", "-1", "1e3", "1.", ".5", "ten", "1,5", "NaN", "inf"] {
+            assert_eq!(parse_usd(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn spend_limits_and_prices_are_checked_by_field() {
+        let mut p = GatewayPolicy {
+            spend_limit: Some(SpendLimit {
+                amount: "250.00".into(),
+                period: SpendPeriod::Month,
+            }),
+            pricing: vec![ModelPrice {
+                model: "my-model".into(),
+                input_per_million: "1.5".into(),
+                output_per_million: "3".into(),
+            }],
+            ..GatewayPolicy::default()
+        };
+        assert_eq!(p.cost_problem(), None);
+        assert_eq!(p.first_unsupported(), None);
+        p.spend_limit = Some(SpendLimit {
+            amount: "lots".into(),
+            period: SpendPeriod::Day,
+        });
+        let why = p.cost_problem().expect("bad amount");
+        assert!(why.starts_with("spec.spendLimit.amount \"lots\""), "{why}");
+        p.spend_limit = Some(SpendLimit {
+            amount: "0".into(),
+            period: SpendPeriod::Day,
+        });
+        assert!(
+            p.cost_problem().is_some(),
+            "a zero limit refuses everything"
+        );
+        p.spend_limit = None;
+        p.pricing.push(p.pricing[0].clone());
+        let why = p.cost_problem().expect("duplicate");
+        assert!(
+            why.contains("pricing[1].model \"my-model\" is listed twice"),
+            "{why}"
+        );
+        p.pricing.pop();
+        p.pricing[0].output_per_million = "3.x".into();
+        let why = p.cost_problem().expect("bad price");
+        assert!(why.starts_with("spec.pricing[0].outputPerMillion"), "{why}");
+    }
 }

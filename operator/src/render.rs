@@ -753,6 +753,39 @@ mod tests {
     }
 
     #[test]
+    fn spend_limits_prices_and_token_budgets_reach_the_sidecar_config() {
+        use sidegate_crds::policy::{ModelPrice, RateLimit, SpendLimit, SpendPeriod};
+        let gw = gateway(GatewayPolicy {
+            spend_limit: Some(SpendLimit {
+                amount: "250.00".into(),
+                period: SpendPeriod::Month,
+            }),
+            pricing: vec![ModelPrice {
+                model: "house-llm".into(),
+                input_per_million: "0.50".into(),
+                output_per_million: "1.50".into(),
+            }],
+            rate_limit: Some(RateLimit {
+                limit: 100,
+                interval: sidegate_crds::units::Duration::from_secs(60),
+                technique: Default::default(),
+                scope: Default::default(),
+                tokens_per_minute: Some(200_000),
+            }),
+            ..GatewayPolicy::default()
+        });
+        let r = render(&gw, &[], &BTreeMap::new()).expect("renders");
+        let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
+        let config: sidegate_crds::GatewayConfig = serde_saphyr::from_str(yaml).expect("parses");
+        assert_eq!(config.spec.spend_limit, gw.spec.policy.spend_limit);
+        assert_eq!(config.spec.pricing, gw.spec.policy.pricing);
+        assert_eq!(
+            config.spec.rate_limit.and_then(|r| r.tokens_per_minute),
+            Some(200_000)
+        );
+    }
+
+    #[test]
     fn provider_key_base_urls_apply_unless_the_gateway_overrides_them() {
         let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
         let mut pk = key("a", "openai", "default", "s", "k");

@@ -144,6 +144,17 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     if let Some(why) = policy.cache.as_ref().and_then(|c| c.problem()) {
         problems.push(why);
     }
+    if let Some(why) = policy.cost_problem() {
+        // The sidecar refuses the same config with the same message.
+        problems.push(why);
+    }
+    if policy
+        .rate_limit
+        .as_ref()
+        .is_some_and(|r| r.tokens_per_minute == Some(0))
+    {
+        problems.push("spec.rateLimit.tokensPerMinute must be larger than 0".into());
+    }
     if policy.redis.is_none()
         && policy
             .rate_limit
@@ -348,6 +359,53 @@ mod tests {
             gateway(&gw)
         );
         gw.spec.policy.guardrails = None;
+        // Spend limits, prices and token budgets are served; amounts and prices are checked.
+        gw.spec.policy.spend_limit = Some(sidegate_crds::policy::SpendLimit {
+            amount: "250.00".into(),
+            period: sidegate_crds::policy::SpendPeriod::Month,
+        });
+        gw.spec.policy.pricing = vec![sidegate_crds::policy::ModelPrice {
+            model: "house-llm".into(),
+            input_per_million: "0.5".into(),
+            output_per_million: "1.5".into(),
+        }];
+        if let Some(rl) = gw.spec.policy.rate_limit.as_mut() {
+            rl.tokens_per_minute = Some(100_000);
+        }
+        assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
+        gw.spec.policy.spend_limit = Some(sidegate_crds::policy::SpendLimit {
+            amount: "a lot".into(),
+            period: sidegate_crds::policy::SpendPeriod::Day,
+        });
+        gw.spec.policy.pricing[0].input_per_million = "cheap".into();
+        if let Some(rl) = gw.spec.policy.rate_limit.as_mut() {
+            rl.tokens_per_minute = Some(0);
+        }
+        let problems = gateway(&gw);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.starts_with("spec.spendLimit.amount \"a lot\" must be a positive")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p == "spec.rateLimit.tokensPerMinute must be larger than 0"),
+            "{problems:?}"
+        );
+        gw.spec.policy.spend_limit = None;
+        assert!(
+            gateway(&gw)
+                .iter()
+                .any(|p| p.starts_with("spec.pricing[0].inputPerMillion \"cheap\"")),
+            "{:?}",
+            gateway(&gw)
+        );
+        gw.spec.policy.pricing.clear();
+        if let Some(rl) = gw.spec.policy.rate_limit.as_mut() {
+            rl.tokens_per_minute = None;
+        }
         gw.spec.policy.redis = None;
         assert!(
             gateway(&gw)

@@ -50,6 +50,12 @@ pub struct Entry<'a> {
     pub tokens_in: Option<u64>,
     /// Generated tokens the provider reported.
     pub tokens_out: Option<u64>,
+    /// The model the request named.
+    pub model: Option<&'a str>,
+    /// Cost in USD, when the model's price (or a custom cost) is known.
+    pub cost: Option<f64>,
+    /// The cost came from `cf-aig-custom-cost`.
+    pub custom_cost: bool,
 }
 
 struct Sink {
@@ -141,6 +147,21 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
         b.push_str(" tokens_out=");
         push_u64(b, n);
     }
+    if let Some(m) = e.model {
+        b.push_str(" model=");
+        if m.bytes().all(|c| c.is_ascii_graphic() && c != b'"') {
+            b.push_str(m);
+        } else {
+            json_str(b, m);
+        }
+    }
+    if let Some(c) = e.cost {
+        b.push_str(" cost=");
+        push_usd(b, c);
+    }
+    if e.custom_cost {
+        b.push_str(" custom_cost=true");
+    }
     if let Some(m) = e.metadata {
         // Compact JSON without spaces or newlines (re-serialized when the header was read).
         b.push_str(" metadata=");
@@ -178,6 +199,17 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
         b.push_str(",\"tokens_out\":");
         push_u64(b, n);
     }
+    if let Some(m) = e.model {
+        b.push_str(",\"model\":");
+        json_str(b, m);
+    }
+    if let Some(c) = e.cost {
+        b.push_str(",\"cost\":");
+        push_usd(b, c);
+    }
+    if e.custom_cost {
+        b.push_str(",\"custom_cost\":true");
+    }
     if let Some(m) = e.metadata {
         // Already compact JSON (re-serialized when the header was read).
         b.push_str(",\"metadata\":");
@@ -200,6 +232,15 @@ fn push_u64(b: &mut String, mut n: u64) {
     }
     for &d in &digits[i..] {
         b.push(char::from(d));
+    }
+}
+
+/// Appends a USD amount as a JSON number (shortest exact decimal, never an exponent).
+fn push_usd(b: &mut String, usd: f64) {
+    if usd.is_finite() {
+        let _ = write!(b, "{usd}");
+    } else {
+        b.push('0');
     }
 }
 
@@ -272,7 +313,7 @@ fn timestamp(b: &mut String, t: SystemTime) {
 }
 
 /// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -303,6 +344,9 @@ mod tests {
             metadata: None,
             tokens_in: None,
             tokens_out: None,
+            model: None,
+            cost: None,
+            custom_cost: false,
         }
     }
 
@@ -337,6 +381,21 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
         assert_eq!(v["metadata"]["team"], "a b");
+        assert!(v.get("cost").is_none() && v.get("model").is_none(), "{b}");
+        let mut b = String::new();
+        json_line(
+            &mut b,
+            &Entry {
+                model: Some("gpt-4o-mini"),
+                cost: Some(0.0000225),
+                custom_cost: true,
+                ..entry()
+            },
+        );
+        let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
+        assert_eq!(v["model"], "gpt-4o-mini");
+        assert_eq!(v["cost"], 0.0000225);
+        assert_eq!(v["custom_cost"], true);
         assert!(b.ends_with("}\n") && b.matches('\n').count() == 1);
     }
 
@@ -369,6 +428,16 @@ mod tests {
             b.trim_end().ends_with("outcome=complete cached=true"),
             "{b}"
         );
+        let mut b = String::new();
+        text_line(
+            &mut b,
+            &Entry {
+                model: Some("gpt-4o"),
+                cost: Some(1e-7),
+                ..entry()
+            },
+        );
+        assert!(b.trim_end().ends_with("model=gpt-4o cost=0.0000001"), "{b}");
     }
 
     #[test]

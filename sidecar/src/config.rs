@@ -87,6 +87,10 @@ pub struct Snapshot {
     pub shared: Option<std::sync::Arc<crate::shared::Shared>>,
     /// Request rate limit, if any.
     pub rate_limit: Option<crate::ratelimit::Settings>,
+    /// Model prices: the built-in table and `spec.pricing`.
+    pub pricing: crate::cost::Pricing,
+    /// Spend limit and token budget, if either is set.
+    pub budgets: Option<crate::budget::Settings>,
     /// The gateway name accepted in long-form URLs (`None`: any).
     pub gateway_name: Option<String>,
     /// sha256 of the file and the keys: any change to either changes it.
@@ -242,6 +246,14 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
             return Err(invalid("spec.cache.backend: redis needs spec.redis".into()));
         }
     }
+    let budgets = crate::budget::Settings::from_policy(&config.spec).map_err(invalid)?;
+    if shared.is_none() && budgets.and_then(|b| b.tokens).is_some_and(|t| t.global) {
+        return Err(invalid(
+            "spec.rateLimit.scope: global needs spec.redis (the token budget is counted in Redis)"
+                .into(),
+        ));
+    }
+    let pricing = crate::cost::Pricing::with(&config.spec.pricing).map_err(invalid)?;
     let mut h = Sha256::new();
     h.update(&raw);
     h.update(keys.digest);
@@ -257,6 +269,8 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         log_requests,
         cache,
         rate_limit,
+        pricing,
+        budgets,
         retries,
         dlp,
         guardrails,
@@ -336,16 +350,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = load(&write_config(
             dir.path(),
-            "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s, tokensPerMinute: 100}\n",
-        ))
-        .expect_err("token budget");
-        assert!(
-            err.to_string()
-                .contains("spec.rateLimit.tokensPerMinute: a token budget is not implemented"),
-            "{err}"
-        );
-        let err = load(&write_config(
-            dir.path(),
             "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s, scope: global}\n",
         ))
         .expect_err("global without redis");
@@ -370,6 +374,53 @@ mod tests {
                 .contains("spec.logging.payloads: payload logging is not implemented"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn usage_limits_and_prices_load_and_bad_ones_are_refused_by_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let snap = load(&write_config(
+            dir.path(),
+            "schemaVersion: 1\nspec:\n  rateLimit: {limit: 5, interval: 60s, tokensPerMinute: 100, technique: sliding}\n  spendLimit: {amount: '2.50', period: week}\n  pricing:\n    - {model: house-llm, inputPerMillion: '1', outputPerMillion: '2'}\n",
+        ))
+        .expect("load");
+        let b = snap.budgets.expect("limits");
+        assert_eq!(b.spend.map(|s| s.amount), Some(2.5));
+        assert_eq!(
+            b.tokens.map(|t| (t.per_minute, t.sliding)),
+            Some((100, true))
+        );
+        assert!(snap.pricing.lookup("house-llm-7b").is_some());
+        let plain = load(&write_config(dir.path(), "schemaVersion: 1\n")).expect("load");
+        assert!(
+            plain.budgets.is_none(),
+            "no limits, nothing to check per request"
+        );
+        for (spec, message) in [
+            (
+                "  spendLimit: {amount: 'ten', period: day}\n",
+                "spec.spendLimit.amount \"ten\"",
+            ),
+            (
+                "  rateLimit: {limit: 5, interval: 60s, tokensPerMinute: 0}\n",
+                "spec.rateLimit.tokensPerMinute must be larger than 0",
+            ),
+            (
+                "  rateLimit: {limit: 5, interval: 60s, tokensPerMinute: 10, scope: global}\n",
+                "needs spec.redis",
+            ),
+            (
+                "  pricing:\n    - {model: m, inputPerMillion: '1', outputPerMillion: free}\n",
+                "spec.pricing[0].outputPerMillion",
+            ),
+        ] {
+            let err = load(&write_config(
+                dir.path(),
+                &format!("schemaVersion: 1\nspec:\n{spec}"),
+            ))
+            .expect_err(spec);
+            assert!(err.to_string().contains(message), "{err}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use crate::body::ProxyBody;
 
 /// An error made by the gateway (not by a provider).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum GatewayError {
     /// No route, unknown provider, or a long-form gateway id that is not this gateway.
     #[error("{0}")]
@@ -43,6 +43,19 @@ pub enum GatewayError {
     RateLimited {
         limit: u64,
         interval: std::time::Duration,
+        retry_after: std::time::Duration,
+    },
+    /// `spec.spendLimit` reached for the current period; `retry_after` until the period ends.
+    #[error("spend limit exceeded: {amount} USD per {period} reached")]
+    SpendLimited {
+        amount: f64,
+        period: &'static str,
+        retry_after: std::time::Duration,
+    },
+    /// `spec.rateLimit.tokensPerMinute` used up; `retry_after` until the budget has room.
+    #[error("rate limit exceeded: token budget of {per_minute} tokens per minute used up")]
+    TokenBudgetSpent {
+        per_minute: u64,
         retry_after: std::time::Duration,
     },
     /// A DLP policy with action BLOCK matched the request (2029) or the response (2030). The
@@ -86,7 +99,9 @@ impl GatewayError {
             Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. }
+            | Self::SpendLimited { .. }
+            | Self::TokenBudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::GuardrailBlocked { .. } => StatusCode::FAILED_DEPENDENCY,
         }
     }
@@ -96,7 +111,8 @@ impl GatewayError {
     pub fn code(&self) -> u16 {
         match self {
             Self::NotFound(_) => 2001,
-            Self::RateLimited { .. } => 2003,
+            Self::RateLimited { .. } | Self::TokenBudgetSpent { .. } => 2003,
+            Self::SpendLimited { .. } => 2041,
             Self::Unauthorized => 2009,
             Self::GuardrailBlocked {
                 response: false, ..
@@ -146,7 +162,10 @@ impl GatewayError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Self::RateLimited { retry_after, .. } = self {
+        if let Self::RateLimited { retry_after, .. }
+        | Self::SpendLimited { retry_after, .. }
+        | Self::TokenBudgetSpent { retry_after, .. } = self
+        {
             // Whole seconds, rounded up (RFC 9110 §10.2.3).
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             resp.headers_mut()
@@ -205,6 +224,27 @@ mod tests {
             v["error"][0]["message"],
             "rate limit exceeded: at most 10 requests per 60s"
         );
+    }
+
+    #[test]
+    fn spend_limited_is_429_2041_with_retry_after_to_the_period_end() {
+        let e = GatewayError::SpendLimited {
+            amount: 250.0,
+            period: "month",
+            retry_after: std::time::Duration::from_secs(86_400 * 3),
+        };
+        assert_eq!((e.status().as_u16(), e.code()), (429, 2041));
+        assert_eq!(
+            e.to_string(),
+            "spend limit exceeded: 250 USD per month reached"
+        );
+        assert_eq!(e.into_response().headers()[header::RETRY_AFTER], "259200");
+        let t = GatewayError::TokenBudgetSpent {
+            per_minute: 1000,
+            retry_after: std::time::Duration::from_millis(10),
+        };
+        assert_eq!((t.status().as_u16(), t.code()), (429, 2003));
+        assert_eq!(t.into_response().headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

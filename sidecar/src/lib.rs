@@ -10,6 +10,7 @@
 //! - [`headers`]: what crosses from client to upstream and back.
 //! - [`body`]: streamed response bodies and their completion records.
 //! - [`error`]: gateway-made errors in the SPEC.md envelope.
+//! - [`cost`], [`budget`]: request cost from model prices; spend limits and token budgets.
 //! - [`log_id`]: request ids (`cf-aig-log-id`).
 //! - [`reload`]: live reload on file changes.
 //! - [`server`], [`admin`], [`telemetry`], [`access_log`]: listeners, health, metrics, request log.
@@ -17,9 +18,11 @@
 pub mod access_log;
 pub mod admin;
 pub mod body;
+pub mod budget;
 pub mod cache;
 pub mod compat;
 pub mod config;
+pub mod cost;
 pub mod dlp;
 pub mod error;
 pub mod google_auth;

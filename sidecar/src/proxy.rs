@@ -53,6 +53,8 @@ pub struct Gateway {
     limiter: crate::ratelimit::Limiter,
     /// Cache keys being fetched now, so identical misses make one upstream call.
     flights: cache::Flights,
+    /// Spend and token counters of this pod, kept across reloads.
+    ledger: Arc<crate::budget::Ledger>,
 }
 
 /// What the cache did for a request.
@@ -75,6 +77,7 @@ impl Gateway {
             cache: ArcSwapOption::empty(),
             limiter: crate::ratelimit::Limiter::default(),
             flights: cache::Flights::default(),
+            ledger: Arc::default(),
         }
     }
 
@@ -104,6 +107,16 @@ impl Gateway {
                 body: e.body.clone(),
             }),
         }
+    }
+
+    /// What a response of `snap` counts against, when it has usage limits.
+    pub(crate) fn tally(&self, snap: &Snapshot) -> Option<crate::budget::Tally> {
+        let settings = snap.budgets?;
+        Some(crate::budget::Tally {
+            ledger: self.ledger.clone(),
+            settings,
+            shared: snap.shared.clone(),
+        })
     }
 
     /// Sends a request upstream, waiting at most `timeout` for the response head, and retries
@@ -350,6 +363,13 @@ impl Gateway {
         }
         let opts =
             LogOptions::from_headers(&parts.headers, snap.log_requests).map_err(|e| (None, e))?;
+        // spend limit and token budget
+        if let Some(b) = &snap.budgets {
+            self.ledger
+                .check(b, snap.shared.as_deref(), &self.metrics)
+                .await
+                .map_err(|e| (None, e))?;
+        }
         let route = match route {
             Route::Provider(p) => p,
             Route::Compat { rest, .. } => {
@@ -435,6 +455,8 @@ impl Gateway {
             Cached::Miss(miss) => Some(miss),
         };
 
+        let model = crate::cost::request_model(route.rest, &body);
+
         // dispatch
         let signed_body = signer.as_ref().map(|_| body.clone());
         let mut upstream =
@@ -465,7 +487,7 @@ impl Gateway {
         }
         let log_id = tag_response(&mut head.headers, event_id.as_ref());
         crate::dlp::flag(&mut head.headers, &dlp_flags);
-        let record = RequestRecord::new(
+        let mut record = RequestRecord::new(
             self.metrics.clone(),
             provider.id.clone(),
             parts.method.clone(),
@@ -475,6 +497,10 @@ impl Gateway {
             &opts,
             log_id,
         );
+        if let Some(m) = model {
+            record.set_model(m, &snap.pricing);
+        }
+        record.set_tally(self.tally(snap));
         Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record).cached_through(fill),

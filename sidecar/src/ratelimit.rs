@@ -23,8 +23,7 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Settings from `spec.rateLimit` (what this version cannot serve, a global scope or a
-    /// token budget, is refused before this by `GatewayPolicy::first_unsupported`).
+    /// Settings from `spec.rateLimit` (its token budget is [`crate::budget`]'s).
     pub fn from_policy(p: Option<&RateLimit>) -> Result<Option<Self>, String> {
         let Some(p) = p else { return Ok(None) };
         if p.limit == 0 || p.interval.get().is_zero() {

@@ -1,6 +1,6 @@
 //! State shared by every pod of a gateway, in the Redis of `spec.redis` (URL in the keys
-//! directory's `redis.url`): cache entries (`spec.cache.backend: redis`) and global rate limits
-//! (`spec.rateLimit.scope: global`).
+//! directory's `redis.url`): cache entries (`spec.cache.backend: redis`), global rate limits and
+//! token budgets (`spec.rateLimit.scope: global`) and spend (`spec.spendLimit`).
 //!
 //! Redis is a help, not a dependency of serving: when it cannot be reached in time the gateway
 //! fails open (a cache miss, a request allowed), counts the error in
@@ -17,6 +17,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::OnceCell;
 
+use sidegate_crds::policy::SpendPeriod;
+
+use crate::budget;
 use crate::cache::Key;
 use crate::ratelimit;
 use crate::telemetry::Metrics;
@@ -193,6 +196,138 @@ impl Shared {
                 Ok(())
             }
         }
+    }
+
+    fn spend_key(&self, period: SpendPeriod, start: u64) -> String {
+        format!(
+            "{}spend:{}:{start}",
+            self.prefix,
+            budget::period_name(period)
+        )
+    }
+
+    /// The gateway's spend in the period holding `now` (Unix seconds); 0 when Redis fails.
+    pub async fn spend_get(&self, metrics: &Metrics, period: SpendPeriod, now: u64) -> f64 {
+        let (start, _) = budget::period_bounds(period, now);
+        let got: ::redis::RedisResult<Option<f64>> = async {
+            let mut c = self.conn().await?;
+            ::redis::cmd("GET")
+                .arg(self.spend_key(period, start))
+                .query_async(&mut c)
+                .await
+        }
+        .await;
+        match got {
+            Ok(v) => v.unwrap_or(0.0),
+            Err(e) => {
+                self.failed(metrics, "spend read", &e);
+                0.0
+            }
+        }
+    }
+
+    /// Adds `usd` to the gateway's spend in the period holding `now`, in the background; the
+    /// key expires a day after the period ends.
+    pub fn spend_add(
+        self: &Arc<Self>,
+        metrics: Arc<Metrics>,
+        period: SpendPeriod,
+        usd: f64,
+        now: u64,
+    ) {
+        let this = self.clone();
+        let (start, end) = budget::period_bounds(period, now);
+        tokio::spawn(async move {
+            let key = this.spend_key(period, start);
+            let ttl = end.saturating_sub(now) + 86_400;
+            let done: ::redis::RedisResult<()> = async {
+                let mut c = this.conn().await?;
+                ::redis::pipe()
+                    .cmd("INCRBYFLOAT")
+                    .arg(&key)
+                    .arg(format!("{usd:.12}"))
+                    .ignore()
+                    .cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(ttl)
+                    .ignore()
+                    .query_async(&mut c)
+                    .await
+            }
+            .await;
+            if let Err(e) = done {
+                this.failed(&metrics, "spend write", &e);
+            }
+        });
+    }
+
+    fn tokens_key(&self, index: u64) -> String {
+        format!("{}tpm:{index}", self.prefix)
+    }
+
+    fn token_window() -> (u64, Duration) {
+        let window_ms = budget::TOKEN_WINDOW.as_millis() as u64;
+        let now = unix_ms();
+        (now / window_ms, Duration::from_millis(now % window_ms))
+    }
+
+    /// Whether the gateway's token budget has room (yes when Redis fails).
+    pub async fn tokens_left(
+        &self,
+        metrics: &Metrics,
+        s: &budget::TokenSettings,
+    ) -> Result<(), Duration> {
+        let (index, into) = Self::token_window();
+        let got: ::redis::RedisResult<(Option<u64>, Option<u64>)> = async {
+            let mut c = self.conn().await?;
+            ::redis::cmd("MGET")
+                .arg(self.tokens_key(index))
+                .arg(self.tokens_key(index.saturating_sub(1)))
+                .query_async(&mut c)
+                .await
+        }
+        .await;
+        match got {
+            Ok((cur, prev)) => budget::budget_left(
+                s.per_minute,
+                cur.unwrap_or(0),
+                prev.unwrap_or(0),
+                into,
+                budget::TOKEN_WINDOW,
+                s.sliding,
+            ),
+            Err(e) => {
+                self.failed(metrics, "token budget read", &e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds `n` tokens to the gateway's current minute, in the background.
+    pub fn tokens_add(self: &Arc<Self>, metrics: Arc<Metrics>, n: u64) {
+        let this = self.clone();
+        let (index, _) = Self::token_window();
+        tokio::spawn(async move {
+            let key = this.tokens_key(index);
+            let done: ::redis::RedisResult<()> = async {
+                let mut c = this.conn().await?;
+                ::redis::pipe()
+                    .cmd("INCRBY")
+                    .arg(&key)
+                    .arg(n)
+                    .ignore()
+                    .cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(budget::TOKEN_WINDOW.as_millis() as u64 * 2)
+                    .ignore()
+                    .query_async(&mut c)
+                    .await
+            }
+            .await;
+            if let Err(e) = done {
+                this.failed(&metrics, "token budget write", &e);
+            }
+        });
     }
 }
 

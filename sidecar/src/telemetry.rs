@@ -69,7 +69,11 @@ pub struct Metrics {
     redis_errors: Counter,
     guardrails: Family<ReloadLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
+    cost: Family<ProviderLabels, UsdCounter>,
 }
+
+/// A counter of US dollars.
+type UsdCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
 /// Labels of a token count.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,6 +91,8 @@ struct ProviderHandles {
     cancelled: Option<Counter>,
     /// Input and output token counters, once a response reported tokens.
     tokens: Option<[Counter; 2]>,
+    /// The cost counter, once a response had a cost.
+    cost: Option<UsdCounter>,
     by_status: Vec<(u16, Counter)>,
 }
 
@@ -97,6 +103,7 @@ pub(crate) struct Sample {
     secs: f64,
     cancelled: bool,
     tokens: [Option<u64>; 2],
+    cost: Option<f64>,
 }
 
 impl ProviderHandles {
@@ -120,7 +127,15 @@ impl ProviderHandles {
             (_, Some(counters)) => Some(counters),
             (_, None) => return false,
         };
+        let cost = match (sample.cost, &self.cost) {
+            (None, _) => None,
+            (Some(usd), Some(c)) => Some((c, usd)),
+            (Some(_), None) => return false,
+        };
         requests.inc();
+        if let Some((c, usd)) = cost {
+            c.inc_by(usd);
+        }
         self.duration.observe(sample.secs);
         if let Some(c) = cancelled {
             c.inc();
@@ -208,6 +223,12 @@ impl Metrics {
             "Tokens reported by providers in responses, by provider and direction",
             tokens.clone(),
         );
+        let cost = Family::<ProviderLabels, UsdCounter>::default();
+        registry.register(
+            "cost_usd",
+            "Cost in USD of responses with a known price (or cf-aig-custom-cost), by provider",
+            cost.clone(),
+        );
         Self {
             registry,
             handles: RwLock::new(Vec::new()),
@@ -221,6 +242,7 @@ impl Metrics {
             redis_errors,
             guardrails,
             tokens,
+            cost,
         }
     }
 
@@ -247,6 +269,7 @@ impl Metrics {
                     duration: self.duration.get_or_create(&labels).clone(),
                     cancelled: None,
                     tokens: None,
+                    cost: None,
                     by_status: Vec::new(),
                 });
                 all.len() - 1
@@ -279,6 +302,15 @@ impl Metrics {
                     })
                     .clone()
             }));
+        }
+        if sample.cost.is_some() && h.cost.is_none() {
+            h.cost = Some(
+                self.cost
+                    .get_or_create(&ProviderLabels {
+                        provider: provider.clone(),
+                    })
+                    .clone(),
+            );
         }
         h.record(sample);
     }
@@ -348,14 +380,17 @@ impl Metrics {
 const COLLECT_LOG: http::HeaderName = http::HeaderName::from_static("cf-aig-collect-log");
 const METADATA: http::HeaderName = http::HeaderName::from_static("cf-aig-metadata");
 
-/// What a request asks of its log line: `cf-aig-collect-log: false` (no line) and
-/// `cf-aig-metadata` (a flat JSON object of at most 5 string, number or bool values, logged).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What a request asks of its log line: `cf-aig-collect-log: false` (no line),
+/// `cf-aig-metadata` (a flat JSON object of at most 5 string, number or bool values, logged)
+/// and `cf-aig-custom-cost`.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LogOptions {
     /// Write a log line for this request.
     pub log: bool,
     /// The metadata as compact JSON.
     pub metadata: Option<Arc<str>>,
+    /// The request's own price, replacing the model's.
+    pub custom_cost: Option<crate::cost::CustomCost>,
 }
 
 impl LogOptions {
@@ -398,7 +433,12 @@ impl LogOptions {
                 Some(Arc::from(serde_json::Value::Object(map).to_string()))
             }
         };
-        Ok(Self { log, metadata })
+        let custom_cost = crate::cost::CustomCost::from_headers(h)?;
+        Ok(Self {
+            log,
+            metadata,
+            custom_cost,
+        })
     }
 }
 
@@ -416,6 +456,12 @@ pub struct RequestRecord {
     cached: bool,
     metadata: Option<Arc<str>>,
     usage: crate::usage::Usage,
+    /// The model the request named, for the log line.
+    model: Option<bytes::Bytes>,
+    price: Option<crate::cost::Price>,
+    custom_cost: Option<crate::cost::CustomCost>,
+    /// Spend and token limits the response counts against.
+    tally: Option<crate::budget::Tally>,
     done: bool,
 }
 
@@ -445,6 +491,10 @@ impl RequestRecord {
             cached: false,
             metadata: opts.metadata.clone(),
             usage: crate::usage::Usage::default(),
+            model: None,
+            price: None,
+            custom_cost: opts.custom_cost,
+            tally: None,
             done: false,
         }
     }
@@ -458,6 +508,19 @@ impl RequestRecord {
     pub fn observe(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
         self.usage.observe(data);
+    }
+
+    /// The model the request named and its price in `pricing`.
+    pub fn set_model(&mut self, model: bytes::Bytes, pricing: &crate::cost::Pricing) {
+        self.price = std::str::from_utf8(&model)
+            .ok()
+            .and_then(|m| pricing.lookup(m));
+        self.model = Some(model);
+    }
+
+    /// Counts the response's cost and tokens against the gateway's usage limits.
+    pub fn set_tally(&mut self, tally: Option<crate::budget::Tally>) {
+        self.tally = tally;
     }
 
     /// The response came from the cache.
@@ -482,13 +545,23 @@ impl RequestRecord {
         self.done = true;
         let elapsed = self.start.elapsed();
         let (tokens_in, tokens_out) = (self.usage.input, self.usage.output);
+        let tokens = [tokens_in, tokens_out];
+        let cost = if self.cached {
+            None
+        } else {
+            crate::cost::cost(self.price, self.custom_cost, tokens)
+        };
+        if let Some(t) = &self.tally {
+            t.add(&self.metrics, cost, tokens);
+        }
         self.metrics.record(
             &self.provider,
             &Sample {
                 status: self.status,
                 secs: elapsed.as_secs_f64(),
                 cancelled: outcome == "cancelled",
-                tokens: [tokens_in, tokens_out],
+                tokens,
+                cost,
             },
         );
         if self.log {
@@ -505,6 +578,12 @@ impl RequestRecord {
                 outcome,
                 cached: self.cached,
                 metadata: self.metadata.as_deref(),
+                model: self
+                    .model
+                    .as_deref()
+                    .and_then(|m| std::str::from_utf8(m).ok()),
+                cost,
+                custom_cost: cost.is_some() && self.custom_cost.is_some(),
             });
         }
     }
@@ -529,7 +608,8 @@ mod tests {
             LogOptions::from_headers(&h, true),
             Ok(LogOptions {
                 log: true,
-                metadata: None
+                metadata: None,
+                custom_cost: None,
             })
         );
         h.insert("cf-aig-collect-log", HeaderValue::from_static("false"));

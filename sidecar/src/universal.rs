@@ -63,6 +63,8 @@ struct Planned<'a> {
     request: Request<Full<Bytes>>,
     timeout: Duration,
     retries: Policy,
+    /// The model the step names (in its endpoint or its `query`), for cost.
+    model: Option<Bytes>,
 }
 
 fn bad(message: String) -> GatewayError {
@@ -137,7 +139,7 @@ pub(crate) async fn serve(
         head.headers.insert(STEP, HeaderValue::from(i));
         let log_id = proxy::tag_response(&mut head.headers, event_id);
         crate::dlp::flag(&mut head.headers, &dlp_flags);
-        let record = RequestRecord::new(
+        let mut record = RequestRecord::new(
             gw.metrics.clone(),
             id.clone(),
             Method::POST,
@@ -147,6 +149,10 @@ pub(crate) async fn serve(
             opts,
             log_id,
         );
+        if let Some(m) = step.model {
+            record.set_model(m, &snap.pricing);
+        }
+        record.set_tally(gw.tally(snap));
         return Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record),
@@ -220,6 +226,9 @@ fn plan<'a>(
     }
     let key = provider.choose_key(alias).map_err(fail)?;
     let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
+    let model = crate::cost::model_in_path(path)
+        .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
+        .map(|m| Bytes::copy_from_slice(m.as_bytes()));
     let mut request =
         proxy::build_upstream_request(provider, &Method::POST, &client_headers, uri, key, body);
     let headers = request.headers_mut();
@@ -277,6 +286,7 @@ fn plan<'a>(
         request,
         timeout,
         retries,
+        model,
     })
 }
 

@@ -94,7 +94,7 @@ def test_unauthenticated_requests_do_not_use_up_the_limit(mock, tmp_path):
 
 @pytest.mark.parametrize("spec,field", [
     ("{limit: 5, interval: 60s, scope: global}", "spec.rateLimit.scope"),
-    ("{limit: 5, interval: 60s, tokensPerMinute: 1000}", "spec.rateLimit.tokensPerMinute"),
+    ("{limit: 5, interval: 60s, tokensPerMinute: 0}", "spec.rateLimit.tokensPerMinute must be larger than 0"),
     ("{limit: 0, interval: 60s}", "spec.rateLimit"),
 ])
 def test_what_cannot_be_served_is_refused_at_start(mock, tmp_path, spec, field):

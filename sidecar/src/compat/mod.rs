@@ -781,6 +781,11 @@ pub(crate) async fn serve(
         opts,
         log_id,
     );
+    record.set_model(
+        bytes::Bytes::copy_from_slice(target.model.as_bytes()),
+        &snap.pricing,
+    );
+    record.set_tally(gw.tally(snap));
     let Some(t) = translation else {
         let fill = miss
             .as_mut()

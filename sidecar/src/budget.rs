@@ -1,0 +1,458 @@
+//! Usage-based limits: the spend limit (`spec.spendLimit`, 429 code 2041) and the token budget
+//! (`spec.rateLimit.tokensPerMinute`, 429 code 2003).
+//!
+//! Both are checked before a request is sent and counted when its response reports usage, so a
+//! request admitted under the limit may take the total past it; the requests after it are
+//! refused. Spend is summed over UTC calendar periods (day, week from Monday, month), per pod,
+//! or across pods in the gateway's Redis when `spec.redis` is set. Tokens (input + output) are
+//! summed over minute windows, fixed or sliding as `rateLimit.technique` says, per pod or in
+//! Redis for `rateLimit.scope: global`. Redis failures fail open, like the rate limit's.
+//!
+//! Gateways without either limit pay nothing: no [`Settings`], no check, no tally per request.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sidegate_crds::policy::{GatewayPolicy, RateLimitScope, RateLimitTechnique, SpendPeriod};
+
+use crate::error::GatewayError;
+use crate::shared::Shared;
+use crate::telemetry::Metrics;
+
+/// Length of a token budget window.
+pub const TOKEN_WINDOW: Duration = Duration::from_secs(60);
+
+/// The usage limits of a loaded config (present only when at least one is set).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// `spec.spendLimit`.
+    pub spend: Option<SpendSettings>,
+    /// `spec.rateLimit.tokensPerMinute`.
+    pub tokens: Option<TokenSettings>,
+}
+
+/// A spend limit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpendSettings {
+    /// USD per period.
+    pub amount: f64,
+    /// Calendar period (UTC).
+    pub period: SpendPeriod,
+}
+
+/// A token budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenSettings {
+    /// Tokens (input + output) per minute.
+    pub per_minute: u64,
+    /// Sliding (else fixed) minute.
+    pub sliding: bool,
+    /// Counted in Redis across pods.
+    pub global: bool,
+}
+
+impl Settings {
+    /// The limits of `policy`, `None` when it sets neither.
+    pub fn from_policy(policy: &GatewayPolicy) -> Result<Option<Self>, String> {
+        if let Some(why) = policy.cost_problem() {
+            return Err(why);
+        }
+        let spend = policy.spend_limit.as_ref().map(|s| SpendSettings {
+            amount: s.usd().unwrap_or(0.0),
+            period: s.period,
+        });
+        let tokens = match policy.rate_limit.as_ref() {
+            Some(rl) => match rl.tokens_per_minute {
+                Some(0) => {
+                    return Err("spec.rateLimit.tokensPerMinute must be larger than 0".into());
+                }
+                Some(per_minute) => Some(TokenSettings {
+                    per_minute,
+                    sliding: rl.technique == RateLimitTechnique::Sliding,
+                    global: rl.scope == RateLimitScope::Global,
+                }),
+                None => None,
+            },
+            None => None,
+        };
+        Ok((spend.is_some() || tokens.is_some()).then_some(Self { spend, tokens }))
+    }
+}
+
+/// Lower-case name of a period, for keys and messages.
+pub fn period_name(p: SpendPeriod) -> &'static str {
+    match p {
+        SpendPeriod::Day => "day",
+        SpendPeriod::Week => "week",
+        SpendPeriod::Month => "month",
+    }
+}
+
+/// Start and end, in Unix seconds, of the UTC calendar period that holds `now` (seconds).
+pub fn period_bounds(period: SpendPeriod, now: u64) -> (u64, u64) {
+    const DAY: u64 = 86_400;
+    let day = now / DAY;
+    match period {
+        SpendPeriod::Day => (day * DAY, (day + 1) * DAY),
+        SpendPeriod::Week => {
+            // 1970-01-01 was a Thursday: Monday-based weekday is (days + 3) % 7.
+            let monday = day.saturating_sub((day + 3) % 7);
+            (monday * DAY, (monday + 7) * DAY)
+        }
+        SpendPeriod::Month => {
+            let (y, m, _) = crate::access_log::civil_from_days(day as i64);
+            let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+            let start = days_from_civil(y, m, 1) as u64 * DAY;
+            let end = days_from_civil(ny, nm, 1) as u64 * DAY;
+            (start, end)
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a (proleptic Gregorian) date, Howard Hinnant's algorithm.
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Whether a budget of `limit` per `window` has room, given the current window's count, the
+/// previous window's, and how far into the current window `into` is. A sliding window counts
+/// the previous one for the part of it still within the last `window`. `Err(retry_after)` when
+/// the budget is spent: until the estimate falls below the limit, at most the window's end.
+pub fn budget_left(
+    limit: u64,
+    current: u64,
+    previous: u64,
+    into: Duration,
+    window: Duration,
+    sliding: bool,
+) -> Result<(), Duration> {
+    let left = window.saturating_sub(into);
+    if !sliding || previous == 0 || current >= limit {
+        return if current >= limit { Err(left) } else { Ok(()) };
+    }
+    let overlap = left.as_secs_f64() / window.as_secs_f64();
+    if previous as f64 * overlap + (current as f64) < limit as f64 {
+        return Ok(());
+    }
+    // The estimate drops below the limit once the overlap is under (limit - current) / previous.
+    let target = (limit - current) as f64 / previous as f64;
+    let wait = Duration::from_secs_f64(((overlap - target) * window.as_secs_f64()).max(0.0));
+    Err(wait.min(left).max(Duration::from_millis(1)))
+}
+
+/// This pod's counters, kept across config reloads.
+#[derive(Debug)]
+pub struct Ledger {
+    epoch: Instant,
+    spend: Mutex<PeriodSpend>,
+    tokens: Mutex<TokenWindow>,
+}
+
+#[derive(Debug, Default)]
+struct PeriodSpend {
+    /// Start (Unix seconds) and period of the sum.
+    start: u64,
+    period: Option<SpendPeriod>,
+    spent: f64,
+}
+
+#[derive(Debug, Default)]
+struct TokenWindow {
+    index: u64,
+    count: u64,
+    previous: u64,
+}
+
+impl TokenWindow {
+    fn roll(&mut self, index: u64) {
+        if index != self.index {
+            self.previous = if index == self.index + 1 {
+                self.count
+            } else {
+                0
+            };
+            self.count = 0;
+            self.index = index;
+        }
+    }
+}
+
+impl Default for Ledger {
+    fn default() -> Self {
+        Self::new(Instant::now())
+    }
+}
+
+impl Ledger {
+    /// Counters whose token windows are aligned to `epoch`.
+    pub fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            spend: Mutex::new(PeriodSpend::default()),
+            tokens: Mutex::new(TokenWindow::default()),
+        }
+    }
+
+    /// Spend of this pod in the period holding `now` (Unix seconds).
+    fn spent(&self, period: SpendPeriod, now: u64) -> f64 {
+        let (start, _) = period_bounds(period, now);
+        let s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
+        if s.start == start && s.period == Some(period) {
+            s.spent
+        } else {
+            0.0
+        }
+    }
+
+    /// Adds `usd` to this pod's spend in the period holding `now` (Unix seconds).
+    pub fn add_spend(&self, period: SpendPeriod, usd: f64, now: u64) {
+        let (start, _) = period_bounds(period, now);
+        let mut s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
+        if s.start != start || s.period != Some(period) {
+            *s = PeriodSpend {
+                start,
+                period: Some(period),
+                spent: 0.0,
+            };
+        }
+        s.spent += usd;
+    }
+
+    fn window(&self, now: Instant) -> (u64, Duration) {
+        let since = now.saturating_duration_since(self.epoch);
+        let w = TOKEN_WINDOW.as_nanos();
+        let index = u64::try_from(since.as_nanos() / w).unwrap_or(u64::MAX);
+        let into = Duration::from_nanos(u64::try_from(since.as_nanos() % w).unwrap_or(0));
+        (index, into)
+    }
+
+    /// Whether this pod's token budget has room at `now`.
+    pub fn tokens_left(&self, s: &TokenSettings, now: Instant) -> Result<(), Duration> {
+        let (index, into) = self.window(now);
+        let mut w = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        w.roll(index);
+        budget_left(
+            s.per_minute,
+            w.count,
+            w.previous,
+            into,
+            TOKEN_WINDOW,
+            s.sliding,
+        )
+    }
+
+    /// Adds `n` tokens to this pod's window at `now`.
+    pub fn add_tokens(&self, n: u64, now: Instant) {
+        let (index, _) = self.window(now);
+        let mut w = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        w.roll(index);
+        w.count = w.count.saturating_add(n);
+    }
+
+    /// Refuses a request when the spend limit or the token budget is used up.
+    pub async fn check(
+        &self,
+        s: &Settings,
+        shared: Option<&Shared>,
+        metrics: &Metrics,
+    ) -> Result<(), GatewayError> {
+        if let Some(sp) = &s.spend {
+            let now = unix_secs();
+            let spent = match shared {
+                Some(r) => r.spend_get(metrics, sp.period, now).await,
+                None => self.spent(sp.period, now),
+            };
+            if spent >= sp.amount {
+                let (_, end) = period_bounds(sp.period, now);
+                return Err(GatewayError::SpendLimited {
+                    amount: sp.amount,
+                    period: period_name(sp.period),
+                    retry_after: Duration::from_secs(end.saturating_sub(now).max(1)),
+                });
+            }
+        }
+        if let Some(t) = &s.tokens {
+            let left = match shared {
+                Some(r) if t.global => r.tokens_left(metrics, t).await,
+                _ => self.tokens_left(t, Instant::now()),
+            };
+            if let Err(retry_after) = left {
+                return Err(GatewayError::TokenBudgetSpent {
+                    per_minute: t.per_minute,
+                    retry_after,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a finished request adds to the limits: kept by its record while the response streams.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    /// This pod's counters.
+    pub ledger: Arc<Ledger>,
+    /// The limits of the request's config.
+    pub settings: Settings,
+    /// The gateway's Redis, when shared.
+    pub shared: Option<Arc<Shared>>,
+}
+
+impl Tally {
+    /// Counts a response's cost and tokens.
+    pub fn add(&self, metrics: &Arc<Metrics>, cost: Option<f64>, tokens: [Option<u64>; 2]) {
+        if let (Some(sp), Some(usd)) = (&self.settings.spend, cost)
+            && usd > 0.0
+        {
+            let now = unix_secs();
+            match &self.shared {
+                Some(r) => r.spend_add(metrics.clone(), sp.period, usd, now),
+                None => self.ledger.add_spend(sp.period, usd, now),
+            }
+        }
+        let n = tokens[0]
+            .unwrap_or(0)
+            .saturating_add(tokens[1].unwrap_or(0));
+        if let Some(t) = &self.settings.tokens
+            && n > 0
+        {
+            match &self.shared {
+                Some(r) if t.global => r.tokens_add(metrics.clone(), n),
+                _ => self.ledger.add_tokens(n, Instant::now()),
+            }
+        }
+    }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unix seconds of a UTC date and time.
+    fn at(y: i64, m: u32, d: u32, hh: u64, mm: u64) -> u64 {
+        days_from_civil(y, m, d) as u64 * 86_400 + hh * 3600 + mm * 60
+    }
+
+    #[test]
+    fn days_from_civil_inverts_civil_from_days() {
+        for days in [0i64, 59, 60, 11_016, 19_782, 20_513, 36_524, 50_000] {
+            let (y, m, d) = crate::access_log::civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+    }
+
+    #[test]
+    fn periods_are_utc_calendar_days_weeks_and_months() {
+        let now = at(2026, 11, 26, 4, 30); // a Thursday
+        assert_eq!(
+            period_bounds(SpendPeriod::Day, now),
+            (at(2026, 11, 26, 0, 0), at(2026, 11, 27, 0, 0))
+        );
+        assert_eq!(
+            period_bounds(SpendPeriod::Week, now),
+            (at(2026, 11, 23, 0, 0), at(2026, 11, 30, 0, 0)),
+            "Monday to Monday"
+        );
+        // A week across a month and a year end.
+        assert_eq!(
+            period_bounds(SpendPeriod::Week, at(2027, 1, 1, 12, 0)),
+            (at(2026, 12, 28, 0, 0), at(2027, 1, 4, 0, 0))
+        );
+        assert_eq!(
+            period_bounds(SpendPeriod::Month, now),
+            (at(2026, 11, 1, 0, 0), at(2026, 12, 1, 0, 0))
+        );
+        assert_eq!(
+            period_bounds(SpendPeriod::Month, at(2026, 12, 31, 23, 59)),
+            (at(2026, 12, 1, 0, 0), at(2027, 1, 1, 0, 0))
+        );
+        // February of a leap year, and its last second.
+        let (start, end) = period_bounds(SpendPeriod::Month, at(2028, 2, 29, 23, 59) + 59);
+        assert_eq!((start, end), (at(2028, 2, 1, 0, 0), at(2028, 3, 1, 0, 0)));
+        assert_eq!(end - start, 29 * 86_400);
+        // The first second of a period belongs to it.
+        assert_eq!(
+            period_bounds(SpendPeriod::Month, at(2027, 3, 1, 0, 0)).0,
+            at(2027, 3, 1, 0, 0)
+        );
+    }
+
+    #[test]
+    fn spend_sums_within_a_period_and_restarts_in_the_next() {
+        let l = Ledger::default();
+        let jan = at(2027, 1, 31, 23, 0);
+        l.add_spend(SpendPeriod::Month, 1.5, jan);
+        l.add_spend(SpendPeriod::Month, 2.0, jan + 60);
+        assert!((l.spent(SpendPeriod::Month, jan + 120) - 3.5).abs() < 1e-9);
+        let feb = at(2027, 2, 1, 0, 0);
+        assert_eq!(l.spent(SpendPeriod::Month, feb), 0.0);
+        l.add_spend(SpendPeriod::Month, 0.25, feb);
+        assert!((l.spent(SpendPeriod::Month, feb) - 0.25).abs() < 1e-9);
+        // Another period is another sum.
+        assert_eq!(l.spent(SpendPeriod::Day, feb), 0.0);
+    }
+
+    #[test]
+    fn token_budgets_refuse_once_spent_until_the_window_moves() {
+        let t0 = Instant::now();
+        let l = Ledger::new(t0);
+        let fixed = TokenSettings {
+            per_minute: 100,
+            sliding: false,
+            global: false,
+        };
+        let s = |secs| t0 + Duration::from_secs(secs);
+        assert_eq!(l.tokens_left(&fixed, s(1)), Ok(()));
+        l.add_tokens(60, s(1));
+        assert_eq!(l.tokens_left(&fixed, s(2)), Ok(()), "60 of 100");
+        l.add_tokens(60, s(2));
+        assert_eq!(l.tokens_left(&fixed, s(20)), Err(Duration::from_secs(40)));
+        assert_eq!(l.tokens_left(&fixed, s(60)), Ok(()), "a new minute");
+        // Sliding: 140 tokens of the last minute weigh 75% 15 s into the next (105 ≥ 100), half
+        // 30 s in (70); a fixed window would have let the request through at once.
+        let sliding = TokenSettings {
+            sliding: true,
+            ..fixed
+        };
+        let l = Ledger::new(t0);
+        l.add_tokens(140, s(10));
+        assert!(l.tokens_left(&sliding, s(75)).is_err());
+        assert_eq!(l.tokens_left(&fixed, s(75)), Ok(()));
+        assert_eq!(l.tokens_left(&sliding, s(90)), Ok(()));
+    }
+
+    #[test]
+    fn sliding_budgets_wait_until_enough_of_the_last_window_slid_out() {
+        let w = TOKEN_WINDOW;
+        // 200 last minute, 0 now, 15 s in: 200 × 0.75 = 150 ≥ 100; below 100 once the overlap
+        // is under 0.5, i.e. 30 s in: wait 15 s.
+        let wait = budget_left(100, 0, 200, Duration::from_secs(15), w, true).expect_err("spent");
+        assert!((wait.as_secs_f64() - 15.0).abs() < 0.01, "{wait:?}");
+        assert_eq!(
+            budget_left(100, 0, 200, Duration::from_secs(31), w, true),
+            Ok(())
+        );
+        // Spent in this window alone: until its end.
+        assert_eq!(
+            budget_left(100, 100, 0, Duration::from_secs(15), w, true),
+            Err(Duration::from_secs(45))
+        );
+        // A fixed window ignores the previous one.
+        assert_eq!(
+            budget_left(100, 0, 500, Duration::from_secs(1), w, false),
+            Ok(())
+        );
+    }
+}

@@ -1,0 +1,508 @@
+//! What a request cost, in USD: the tokens its response reported times the model's price.
+//!
+//! Prices come from a built-in table of well-known models ([`PRICES_AS_OF`]) merged with the
+//! gateway's `spec.pricing`; a model is priced by the longest table name that it equals or
+//! continues after `-`, `@` or `:` (so `gpt-4o-mini-2024-07-18` is `gpt-4o-mini`, and
+//! `claude-3-5-sonnet@20240620` is `claude-3-5-sonnet`). A model the table does not know has no
+//! cost (not a zero one). `cf-aig-custom-cost` overrides the price per request.
+//!
+//! The model is found without parsing the request: in the path for Gemini, Vertex and Bedrock
+//! routes, else the first `"model": "..."` of the JSON body.
+
+use std::sync::LazyLock;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName};
+use memchr::memmem;
+use sidegate_crds::policy::{ModelPrice, parse_usd};
+
+use crate::error::GatewayError;
+
+/// When the built-in prices were taken from the providers' public price lists.
+pub const PRICES_AS_OF: &str = "2025-11-25";
+
+/// A model's price in USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    /// Per million input (prompt) tokens.
+    pub input: f64,
+    /// Per million output (generated) tokens.
+    pub output: f64,
+}
+
+/// List prices (USD per million input, output tokens) as of [`PRICES_AS_OF`]: standard tier,
+/// shortest-context tier where prices depend on prompt length, no batch or cache discounts.
+/// Same-named open models are priced as the provider SPEC.md routes them to sells them (Llama:
+/// Groq).
+const BUILTIN: &[(&str, f64, f64)] = &[
+    // OpenAI
+    ("gpt-5", 1.25, 10.0),
+    ("gpt-5-mini", 0.25, 2.0),
+    ("gpt-5-nano", 0.05, 0.40),
+    ("gpt-4.5-preview", 75.0, 150.0),
+    ("gpt-4.1", 2.0, 8.0),
+    ("gpt-4.1-mini", 0.40, 1.60),
+    ("gpt-4.1-nano", 0.10, 0.40),
+    ("gpt-4o", 2.50, 10.0),
+    ("gpt-4o-2024-05-13", 5.0, 15.0),
+    ("gpt-4o-mini", 0.15, 0.60),
+    ("gpt-4o-realtime-preview", 5.0, 20.0),
+    ("gpt-4o-mini-realtime-preview", 0.60, 2.40),
+    ("gpt-4-turbo", 10.0, 30.0),
+    ("gpt-4", 30.0, 60.0),
+    ("gpt-3.5-turbo", 0.50, 1.50),
+    ("o1", 15.0, 60.0),
+    ("o1-pro", 150.0, 600.0),
+    ("o1-mini", 1.10, 4.40),
+    ("o3", 2.0, 8.0),
+    ("o3-pro", 20.0, 80.0),
+    ("o3-mini", 1.10, 4.40),
+    ("o4-mini", 1.10, 4.40),
+    ("text-embedding-3-small", 0.02, 0.0),
+    ("text-embedding-3-large", 0.13, 0.0),
+    ("text-embedding-ada-002", 0.10, 0.0),
+    // Anthropic
+    ("claude-3-haiku", 0.25, 1.25),
+    ("claude-3-sonnet", 3.0, 15.0),
+    ("claude-3-opus", 15.0, 75.0),
+    ("claude-3-5-haiku", 0.80, 4.0),
+    ("claude-3-5-sonnet", 3.0, 15.0),
+    ("claude-3-7-sonnet", 3.0, 15.0),
+    ("claude-haiku-4-5", 1.0, 5.0),
+    ("claude-sonnet-4", 3.0, 15.0),
+    ("claude-sonnet-4-5", 3.0, 15.0),
+    ("claude-opus-4", 15.0, 75.0),
+    ("claude-opus-4-1", 15.0, 75.0),
+    ("claude-opus-4-5", 5.0, 25.0),
+    // Google Gemini
+    ("gemini-1.5-flash", 0.075, 0.30),
+    ("gemini-1.5-flash-8b", 0.0375, 0.15),
+    ("gemini-1.5-pro", 1.25, 5.0),
+    ("gemini-2.0-flash", 0.10, 0.40),
+    ("gemini-2.0-flash-lite", 0.075, 0.30),
+    ("gemini-2.5-flash", 0.30, 2.50),
+    ("gemini-2.5-flash-lite", 0.10, 0.40),
+    ("gemini-2.5-pro", 1.25, 10.0),
+    ("text-embedding-004", 0.0, 0.0),
+    // Mistral
+    ("mistral-large", 2.0, 6.0),
+    ("mistral-medium", 0.40, 2.0),
+    ("mistral-small", 0.10, 0.30),
+    ("open-mistral-nemo", 0.15, 0.15),
+    ("codestral", 0.30, 0.90),
+    ("ministral-8b", 0.10, 0.10),
+    ("ministral-3b", 0.04, 0.04),
+    ("pixtral-large", 2.0, 6.0),
+    ("mistral-embed", 0.10, 0.0),
+    // Groq
+    ("llama-3.3-70b-versatile", 0.59, 0.79),
+    ("llama-3.1-8b-instant", 0.05, 0.08),
+    ("llama3-70b-8192", 0.59, 0.79),
+    ("llama3-8b-8192", 0.05, 0.08),
+    ("llama-4-scout", 0.11, 0.34),
+    ("llama-4-maverick", 0.20, 0.60),
+    ("gemma2-9b-it", 0.20, 0.20),
+    // DeepSeek, xAI
+    ("deepseek-chat", 0.27, 1.10),
+    ("deepseek-reasoner", 0.55, 2.19),
+    ("grok-4", 3.0, 15.0),
+    ("grok-3", 3.0, 15.0),
+    ("grok-3-mini", 0.30, 0.50),
+];
+
+/// Characters after which a longer model name still counts as the shorter one.
+const BOUNDARY: &[u8] = b"-@:";
+
+/// The price table of a config: the built-in prices with `spec.pricing` merged over them.
+#[derive(Debug, Clone)]
+pub struct Pricing {
+    /// Sorted by name, names unique.
+    entries: Vec<(Box<str>, Price)>,
+}
+
+impl Default for Pricing {
+    fn default() -> Self {
+        Self::with(&[]).unwrap_or(Self {
+            entries: Vec::new(),
+        })
+    }
+}
+
+impl Pricing {
+    /// The built-in table with `overrides` added (an override of a known name replaces it).
+    pub fn with(overrides: &[ModelPrice]) -> Result<Self, String> {
+        let mut entries: Vec<(Box<str>, Price)> =
+            Vec::with_capacity(BUILTIN.len() + overrides.len());
+        for (i, p) in overrides.iter().enumerate() {
+            let usd = |field: &str, v: &str| {
+                parse_usd(v).ok_or_else(|| {
+                    format!("spec.pricing[{i}].{field} {v:?} must be a decimal number of USD")
+                })
+            };
+            let price = Price {
+                input: usd("inputPerMillion", &p.input_per_million)?,
+                output: usd("outputPerMillion", &p.output_per_million)?,
+            };
+            entries.push((p.model.as_str().into(), price));
+        }
+        for (name, input, output) in BUILTIN {
+            if !overrides.iter().any(|o| o.model == *name) {
+                entries.push((
+                    (*name).into(),
+                    Price {
+                        input: *input,
+                        output: *output,
+                    },
+                ));
+            }
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.dedup_by(|a, b| a.0 == b.0);
+        Ok(Self { entries })
+    }
+
+    /// The price of `model`, if the table knows it (see the module doc for the matching).
+    pub fn lookup(&self, model: &str) -> Option<Price> {
+        let name = normalize(model);
+        let exact = |n: &str| {
+            self.entries
+                .binary_search_by(|(e, _)| (**e).cmp(n))
+                .ok()
+                .map(|i| self.entries[i].1)
+        };
+        exact(name).or_else(|| {
+            name.bytes()
+                .enumerate()
+                .rev()
+                .filter(|(_, c)| BOUNDARY.contains(c))
+                .find_map(|(i, _)| exact(&name[..i]))
+        })
+    }
+}
+
+/// The model part of a name: after the last `/` (`models/gemini-2.5-flash`,
+/// `meta-llama/llama-4-scout-...`), without Bedrock's region and vendor prefixes
+/// (`us.anthropic.claude-...`).
+fn normalize(model: &str) -> &str {
+    let mut name = model.rsplit('/').next().unwrap_or(model);
+    while let Some((head, rest)) = name.split_once('.')
+        && !head.is_empty()
+        && head.bytes().all(|c| c.is_ascii_lowercase())
+        && !rest.is_empty()
+    {
+        name = rest;
+    }
+    name
+}
+
+const NEEDLE: &[u8] = b"\"model\"";
+static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(NEEDLE));
+
+/// Where the model name is in a request body: the string value of its first unescaped
+/// `"model"` key. The JSON is not parsed.
+pub fn model_in_body(body: &[u8]) -> Option<std::ops::Range<usize>> {
+    let mut from = 0;
+    while let Some(found) = FINDER.find(&body[from..]) {
+        let at = from + found;
+        from = at + NEEDLE.len();
+        if at > 0 && body[at - 1] == b'\\' {
+            continue;
+        }
+        // A key (not a value like Gemini's `"role": "model"`) with a plain string value.
+        let Some(value) = body[from..].trim_ascii_start().strip_prefix(b":") else {
+            continue;
+        };
+        let Some(inner) = value.trim_ascii_start().strip_prefix(b"\"") else {
+            continue;
+        };
+        let len = memchr::memchr2(b'"', b'\\', inner)?;
+        if inner[len] != b'"' || len == 0 || len > 256 {
+            return None;
+        }
+        let start = body.len() - inner.len();
+        return Some(start..start + len);
+    }
+    None
+}
+
+/// The model a provider path names: `.../models/{model}:generateContent` (Gemini, Vertex) or
+/// `.../model/{modelId}/converse` (Bedrock).
+pub fn model_in_path(path: &str) -> Option<&str> {
+    let after = |marker: &str| {
+        let at = if path.starts_with(&marker[1..]) {
+            Some(marker.len() - 1)
+        } else {
+            path.find(marker).map(|i| i + marker.len())
+        }?;
+        let rest = &path[at..];
+        let end = rest.find(['/', ':', '?']).unwrap_or(rest.len());
+        Some(&rest[..end]).filter(|m| !m.is_empty())
+    };
+    after("/models/").or_else(|| after("/model/"))
+}
+
+/// The model of a request as a small owned value for its log line: from the path, else from
+/// the body (a slice of it when the body is small, so nothing is copied).
+pub fn request_model(path: &str, body: &Bytes) -> Option<Bytes> {
+    if let Some(m) = model_in_path(path) {
+        return Some(Bytes::copy_from_slice(m.as_bytes()));
+    }
+    let range = model_in_body(body)?;
+    Some(if body.len() <= 64 << 10 {
+        body.slice(range)
+    } else {
+        Bytes::copy_from_slice(&body[range])
+    })
+}
+
+const CUSTOM_COST: HeaderName = HeaderName::from_static("cf-aig-custom-cost");
+
+/// A request's `cf-aig-custom-cost`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CustomCost {
+    /// USD per input and per output token.
+    PerToken {
+        /// Per input token.
+        input: f64,
+        /// Per output token.
+        output: f64,
+    },
+    /// The whole request's cost in USD.
+    Total(f64),
+}
+
+impl CustomCost {
+    /// `cf-aig-custom-cost` of `headers`, if present: `{"per_token_in": .., "per_token_out": ..}`
+    /// or `{"total_cost": ..}`, non-negative numbers.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, GatewayError> {
+        let Some(v) = headers.get(CUSTOM_COST) else {
+            return Ok(None);
+        };
+        let bad = |reason: &str| GatewayError::BadHeader {
+            name: "cf-aig-custom-cost",
+            reason: reason.into(),
+        };
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(v.as_bytes())
+            .map_err(|_| {
+                bad(r#"expected {"per_token_in": n, "per_token_out": n} or {"total_cost": n}"#)
+            })?;
+        let num = |key: &str| -> Result<Option<f64>, GatewayError> {
+            match map.get(key) {
+                None => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .filter(|n| n.is_finite() && *n >= 0.0)
+                    .map(Some)
+                    .ok_or_else(|| bad(&format!("{key} must be a non-negative number"))),
+            }
+        };
+        if let Some(k) = map
+            .keys()
+            .find(|k| !matches!(k.as_str(), "per_token_in" | "per_token_out" | "total_cost"))
+        {
+            return Err(bad(&format!(
+                "unknown key {:?} (expected per_token_in and per_token_out, or total_cost)",
+                k.chars().take(32).collect::<String>()
+            )));
+        }
+        match (
+            num("per_token_in")?,
+            num("per_token_out")?,
+            num("total_cost")?,
+        ) {
+            (None, None, Some(t)) => Ok(Some(Self::Total(t))),
+            (Some(input), Some(output), None) => Ok(Some(Self::PerToken { input, output })),
+            (None, None, None) => Err(bad("empty object")),
+            (_, _, Some(_)) => Err(bad("total_cost cannot be combined with per-token prices")),
+            _ => Err(bad("per_token_in and per_token_out go together")),
+        }
+    }
+}
+
+/// The cost in USD of a response that reported `tokens` (input, output): the custom cost when
+/// the request set one, else the model's price; `None` when neither (or no tokens) is known.
+pub fn cost(
+    price: Option<Price>,
+    custom: Option<CustomCost>,
+    tokens: [Option<u64>; 2],
+) -> Option<f64> {
+    let known = tokens != [None, None];
+    let [i, o] = tokens.map(|n| n.unwrap_or(0) as f64);
+    match custom {
+        Some(CustomCost::Total(t)) => Some(t),
+        Some(CustomCost::PerToken { input, output }) => known.then_some(i * input + o * output),
+        None => price
+            .filter(|_| known)
+            .map(|p| (i * p.input + o * p.output) / 1e6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn price(input: f64, output: f64) -> Option<Price> {
+        Some(Price { input, output })
+    }
+
+    #[test]
+    fn models_are_priced_by_the_longest_name_they_continue() {
+        let t = Pricing::default();
+        assert_eq!(t.lookup("gpt-4o"), price(2.5, 10.0));
+        assert_eq!(t.lookup("gpt-4o-mini"), price(0.15, 0.60));
+        assert_eq!(t.lookup("gpt-4o-mini-2024-07-18"), price(0.15, 0.60));
+        assert_eq!(t.lookup("gpt-4o-2024-08-06"), price(2.5, 10.0));
+        assert_eq!(t.lookup("gpt-4o-2024-05-13"), price(5.0, 15.0));
+        assert_eq!(t.lookup("gpt-4.1-mini-2025-04-14"), price(0.40, 1.60));
+        assert_eq!(t.lookup("o3-mini-2025-01-31"), price(1.10, 4.40));
+        assert_eq!(t.lookup("claude-3-5-sonnet-20241022"), price(3.0, 15.0));
+        assert_eq!(t.lookup("claude-3-5-sonnet@20240620"), price(3.0, 15.0));
+        assert_eq!(t.lookup("claude-opus-4-5-20251101"), price(5.0, 25.0));
+        assert_eq!(t.lookup("claude-opus-4-20250514"), price(15.0, 75.0));
+        assert_eq!(t.lookup("claude-haiku-4-5"), price(1.0, 5.0));
+        assert_eq!(t.lookup("models/gemini-2.5-flash"), price(0.30, 2.50));
+        assert_eq!(
+            t.lookup("gemini-2.5-flash-lite-preview-06-17"),
+            price(0.10, 0.40)
+        );
+        assert_eq!(
+            t.lookup("us.anthropic.claude-3-5-haiku-20241022-v1:0"),
+            price(0.80, 4.0)
+        );
+        assert_eq!(
+            t.lookup("meta-llama/llama-4-scout-17b-16e-instruct"),
+            price(0.11, 0.34)
+        );
+        assert_eq!(t.lookup("mistral-large-latest"), price(2.0, 6.0));
+    }
+
+    #[test]
+    fn names_that_only_share_letters_are_not_priced() {
+        let t = Pricing::default();
+        // `gpt-4` is a model, but `gpt-4o-...` is not a variant of it, nor `o1x` of `o1`.
+        assert_eq!(t.lookup("gpt-4x"), None);
+        assert_eq!(t.lookup("o1x"), None);
+        assert_eq!(t.lookup("my-finetune"), None);
+        assert_eq!(t.lookup(""), None);
+        assert_eq!(t.lookup("mock-model"), None);
+    }
+
+    #[test]
+    fn spec_prices_add_models_and_replace_known_ones() {
+        let t = Pricing::with(&[
+            ModelPrice {
+                model: "gpt-4o".into(),
+                input_per_million: "1".into(),
+                output_per_million: "2".into(),
+            },
+            ModelPrice {
+                model: "house-llm".into(),
+                input_per_million: "0.5".into(),
+                output_per_million: "0".into(),
+            },
+        ])
+        .expect("valid");
+        assert_eq!(t.lookup("gpt-4o-2024-08-06"), price(1.0, 2.0));
+        // The longer built-in name still wins for its own variants.
+        assert_eq!(t.lookup("gpt-4o-mini"), price(0.15, 0.60));
+        assert_eq!(t.lookup("house-llm-v2"), price(0.5, 0.0));
+        let err = Pricing::with(&[ModelPrice {
+            model: "x".into(),
+            input_per_million: "cheap".into(),
+            output_per_million: "1".into(),
+        }])
+        .expect_err("bad price");
+        assert!(err.contains("spec.pricing[0].inputPerMillion"), "{err}");
+    }
+
+    #[test]
+    fn the_model_is_found_in_the_body_or_the_path_without_parsing() {
+        let body = br#"{"messages":[{"role":"user","content":"say \"model\": \"x\""}], "model" : "gpt-4o-mini","stream":true}"#;
+        let r = model_in_body(body).expect("found");
+        assert_eq!(&body[r], b"gpt-4o-mini");
+        assert_eq!(model_in_body(br#"{"model":123}"#), None);
+        let gemini = br#"{"contents":[{"role":"model","parts":[]}],"model":"gemini-2.5-pro"}"#;
+        assert_eq!(
+            &gemini[model_in_body(gemini).expect("found")],
+            b"gemini-2.5-pro"
+        );
+        assert_eq!(model_in_body(br#"{"model":"a\"b"}"#), None);
+        assert_eq!(model_in_body(b"not json"), None);
+        assert_eq!(
+            model_in_path("v1beta/models/gemini-2.5-flash:streamGenerateContent"),
+            Some("gemini-2.5-flash")
+        );
+        assert_eq!(
+            model_in_path(
+                "v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.0-flash:generateContent"
+            ),
+            Some("gemini-2.0-flash")
+        );
+        assert_eq!(
+            model_in_path(
+                "bedrock-runtime/us-east-1/model/anthropic.claude-3-haiku-20240307-v1%3A0/converse"
+            ),
+            Some("anthropic.claude-3-haiku-20240307-v1%3A0")
+        );
+        assert_eq!(model_in_path("chat/completions"), None);
+        let body = Bytes::from_static(br#"{"model":"gpt-4o"}"#);
+        assert_eq!(
+            request_model("chat/completions", &body).as_deref(),
+            Some(&b"gpt-4o"[..])
+        );
+    }
+
+    fn custom(v: &'static str) -> Result<Option<CustomCost>, u16> {
+        let mut h = HeaderMap::new();
+        h.insert("cf-aig-custom-cost", HeaderValue::from_static(v));
+        CustomCost::from_headers(&h).map_err(|e| e.code())
+    }
+
+    #[test]
+    fn custom_costs_are_per_token_or_total_and_checked() {
+        assert_eq!(CustomCost::from_headers(&HeaderMap::new()), Ok(None));
+        assert_eq!(
+            custom(r#"{"per_token_in": 0.000001, "per_token_out": 0.000002}"#),
+            Ok(Some(CustomCost::PerToken {
+                input: 0.000001,
+                output: 0.000002
+            }))
+        );
+        assert_eq!(
+            custom(r#"{"total_cost": 0.5}"#),
+            Ok(Some(CustomCost::Total(0.5)))
+        );
+        for bad in [
+            "cheap",
+            "[1]",
+            "{}",
+            r#"{"total_cost": -1}"#,
+            r#"{"total_cost": "1"}"#,
+            r#"{"per_token_in": 1}"#,
+            r#"{"per_token_in": 1, "per_token_out": 1, "total_cost": 1}"#,
+            r#"{"cost": 1}"#,
+        ] {
+            assert_eq!(custom(bad), Err(2100), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cost_is_tokens_times_price_unless_overridden() {
+        let p = price(2.5, 10.0);
+        let c = cost(p, None, [Some(1000), Some(500)]).expect("priced");
+        assert!((c - 0.0075).abs() < 1e-12, "{c}");
+        assert_eq!(cost(p, None, [None, None]), None, "no tokens, no cost");
+        assert_eq!(cost(None, None, [Some(1), Some(1)]), None, "unknown model");
+        let per = Some(CustomCost::PerToken {
+            input: 0.001,
+            output: 0.002,
+        });
+        let c = cost(p, per, [Some(10), Some(5)]).expect("custom");
+        assert!((c - 0.02).abs() < 1e-12, "{c}");
+        assert_eq!(
+            cost(None, Some(CustomCost::Total(0.25)), [None, None]),
+            Some(0.25)
+        );
+    }
+}
