@@ -1,0 +1,225 @@
+"""Usage-based controls: request cost in the log line and metrics, cf-aig-custom-cost,
+spec.pricing, spend limits (429/2041, per pod and shared through Redis) and token budgets
+(spec.rateLimit.tokensPerMinute, 429/2003).
+
+Costs are checked against the tokens the mock reported, as the SDKs parse them."""
+
+import datetime
+import json
+import pathlib
+import time
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from test_redis import redis  # noqa: F401  (module-scoped real redis-server fixture)
+
+CHAT = "/openai/chat/completions"
+
+
+def body(text, model="gpt-4o-mini"):
+    return {"model": model, "messages": [{"role": "user", "content": text}]}
+
+
+def wait_line(g, log_id, timeout=3):
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in g.logs().splitlines():
+            if log_id in line and line.startswith("{"):
+                return json.loads(line)
+        assert time.monotonic() < deadline, f"no JSON log line for {log_id}"
+        time.sleep(0.05)
+
+
+def json_gateway(tmp_path, mock, spec="", keys=None, name="main"):
+    d = pathlib.Path(tmp_path) / f"gw-{time.monotonic_ns()}"
+    d.mkdir()
+    return Sidegate(d, gateway_yaml(mock.url, extra_spec=spec, name=name), keys or DEFAULT_KEYS,
+                    extra_args=["--log-format", "json"])
+
+
+@pytest.fixture
+def gw(mock, tmp_path):
+    g = json_gateway(tmp_path, mock)
+    yield g
+    g.stop()
+
+
+def metric(g, prefix):
+    for line in g.metrics().splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return None
+
+
+def test_known_models_are_priced_in_the_log_line_and_metrics(gw):
+    oa = openai.OpenAI(base_url=gw.url + "/openai", api_key="placeholder", max_retries=0)
+    resp = oa.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini-2024-07-18", messages=[{"role": "user", "content": "price me"}])
+    usage = resp.parse().usage
+    line = wait_line(gw, resp.headers["cf-aig-log-id"])
+    expected = (usage.prompt_tokens * 0.15 + usage.completion_tokens * 0.60) / 1e6
+    assert line["model"] == "gpt-4o-mini-2024-07-18"
+    assert line["cost"] == pytest.approx(expected, rel=1e-9)
+    assert "custom_cost" not in line
+
+    an = anthropic.Anthropic(base_url=gw.url + "/anthropic", api_key="placeholder", max_retries=0)
+    with an.messages.stream(model="claude-haiku-4-5-20251001", max_tokens=64,
+                            messages=[{"role": "user", "content": "stream a price"}]) as s:
+        final = s.get_final_message()
+        log_id = s.response.headers["cf-aig-log-id"]
+    line = wait_line(gw, log_id)
+    an_cost = (final.usage.input_tokens * 1.0 + final.usage.output_tokens * 5.0) / 1e6
+    assert line["cost"] == pytest.approx(an_cost, rel=1e-9)
+    assert metric(gw, 'sidegate_cost_usd_total{provider="openai"}') == pytest.approx(expected)
+    assert metric(gw, 'sidegate_cost_usd_total{provider="anthropic"}') == pytest.approx(an_cost)
+
+
+def test_unknown_models_have_no_cost_not_a_zero_one(gw):
+    r = httpx.post(gw.url + CHAT, json=body("who prices me", model="house-finetune-7b"))
+    assert r.status_code == 200
+    line = wait_line(gw, r.headers["cf-aig-log-id"])
+    assert line["model"] == "house-finetune-7b"
+    assert line["tokens_in"] > 0
+    assert "cost" not in line
+    assert metric(gw, "sidegate_cost_usd_total") is None
+
+
+def test_spec_pricing_prices_models_the_table_does_not_know(mock, tmp_path):
+    spec = "  pricing:\n    - {model: house-finetune, inputPerMillion: '100', outputPerMillion: '1000'}\n"
+    g = json_gateway(tmp_path, mock, spec)
+    try:
+        r = httpx.post(g.url + CHAT, json=body("now priced", model="house-finetune-7b"))
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert line["cost"] == pytest.approx((line["tokens_in"] * 100 + line["tokens_out"] * 1000) / 1e6)
+    finally:
+        g.stop()
+
+
+def test_custom_cost_header_overrides_the_price(gw, mock):
+    r = httpx.post(gw.url + CHAT, json=body("custom total"), headers={"cf-aig-custom-cost": '{"total_cost": 0.25}'})
+    line = wait_line(gw, r.headers["cf-aig-log-id"])
+    assert (line["cost"], line["custom_cost"]) == (0.25, True)
+    assert "cf-aig-custom-cost" not in mock.last()["headers"]
+
+    per_token = '{"per_token_in": 0.001, "per_token_out": 0.002}'
+    r = httpx.post(gw.url + CHAT, json=body("custom per token", model="house-finetune"),
+                   headers={"cf-aig-custom-cost": per_token})
+    line = wait_line(gw, r.headers["cf-aig-log-id"])
+    assert line["custom_cost"] is True
+    assert line["cost"] == pytest.approx(line["tokens_in"] * 0.001 + line["tokens_out"] * 0.002)
+
+
+def test_malformed_custom_cost_is_400_and_never_sent(gw, mock):
+    mock.clear()
+    for bad in ["cheap", '{"total_cost": -1}', '{"per_token_in": 0.1}', '{"price": 1}', '{"total_cost": "1"}']:
+        r = httpx.post(gw.url + CHAT, json=body("bad cost"), headers={"cf-aig-custom-cost": bad})
+        assert r.status_code == 400, bad
+        err = r.json()["error"][0]
+        assert err["code"] == 2100 and "cf-aig-custom-cost" in err["message"], err
+    assert mock.requests() == []
+
+
+def seconds_to_utc_midnight():
+    now = datetime.datetime.now(datetime.timezone.utc)
+    midnight = (now + datetime.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (midnight - now).total_seconds()
+
+
+def spend(g, usd, text="spend"):
+    """A request that costs `usd`; its cost is counted once its log line is written."""
+    r = httpx.post(g.url + CHAT, json=body(text), headers={"cf-aig-custom-cost": json.dumps({"total_cost": usd})})
+    if r.status_code == 200:
+        wait_line(g, r.headers["cf-aig-log-id"])
+    return r
+
+
+def assert_spend_limited(r):
+    assert r.status_code == 429, r.text
+    assert r.json() == {"success": False, "result": [], "messages": [],
+                        "error": [{"code": 2041, "message": "spend limit exceeded: 0.01 USD per day reached"}]}
+    retry = int(r.headers["retry-after"])
+    assert 0 < retry <= seconds_to_utc_midnight() + 1, retry
+
+
+def test_spend_limit_refuses_with_2041_once_the_period_spend_reaches_it(mock, tmp_path):
+    g = json_gateway(tmp_path, mock, "  spendLimit: {amount: '0.01', period: day}\n")
+    try:
+        assert spend(g, 0.006).status_code == 200
+        assert spend(g, 0.006).status_code == 200, "0.006 spent is under the limit"
+        mock.clear()
+        assert_spend_limited(spend(g, 0.006))
+        # The SDKs see a 429 too, and nothing reaches the provider.
+        oa = openai.OpenAI(base_url=g.url + "/openai", api_key="placeholder", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:
+            oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "more"}])
+        assert e.value.status_code == 429
+        assert mock.requests() == []
+    finally:
+        g.stop()
+
+
+def test_spend_is_shared_by_the_pods_through_redis(mock, tmp_path, redis):  # noqa: F811
+    spec = "  redis: {}\n  spendLimit: {amount: '0.01', period: day}\n"
+    keys = dict(DEFAULT_KEYS, **{"redis.url": redis.url})
+    name = f"spend-{time.monotonic_ns()}"
+    a = json_gateway(tmp_path, mock, spec, keys, name=name)
+    b = json_gateway(tmp_path, mock, spec, keys, name=name)
+    try:
+        assert spend(a, 0.008).status_code == 200
+        assert spend(b, 0.004).status_code == 200, "pod b sees 0.008 < 0.01"
+        # Pod b's spend is written to Redis in the background: pod a refuses once it lands.
+        deadline = time.monotonic() + 3
+        while (r := spend(a, 0.001)).status_code == 200:
+            assert time.monotonic() < deadline, "pod a never saw pod b's spend"
+            time.sleep(0.05)
+        assert_spend_limited(r)
+        assert_spend_limited(spend(b, 0.001))
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_token_budget_refuses_with_2003_once_the_minute_is_spent(mock, tmp_path):
+    g = json_gateway(tmp_path, mock, "  rateLimit: {limit: 1000, interval: 60s, tokensPerMinute: 30}\n")
+    try:
+        used = 0
+        codes = []
+        while used < 30:
+            r = httpx.post(g.url + CHAT, json=body("spend some tokens"))
+            codes.append(r.status_code)
+            line = wait_line(g, r.headers["cf-aig-log-id"])
+            used += line["tokens_in"] + line["tokens_out"]
+            assert len(codes) < 30, "the mock reported no tokens"
+        assert set(codes) == {200}
+        r = httpx.post(g.url + CHAT, json=body("one more"))
+        assert r.status_code == 429
+        err = r.json()["error"][0]
+        assert err["code"] == 2003 and "token budget of 30 tokens per minute" in err["message"], err
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+    finally:
+        g.stop()
+
+
+def test_a_global_token_budget_is_shared_by_the_pods(mock, tmp_path, redis):  # noqa: F811
+    spec = "  redis: {}\n  rateLimit: {limit: 1000, interval: 60s, scope: global, tokensPerMinute: 1}\n"
+    keys = dict(DEFAULT_KEYS, **{"redis.url": redis.url})
+    name = f"tokens-{time.monotonic_ns()}"
+    a = json_gateway(tmp_path, mock, spec, keys, name=name)
+    b = json_gateway(tmp_path, mock, spec, keys, name=name)
+    try:
+        r = httpx.post(a.url + CHAT, json=body("global tokens"))
+        assert r.status_code == 200
+        wait_line(a, r.headers["cf-aig-log-id"])
+        deadline = time.monotonic() + 3
+        while (r := httpx.post(b.url + CHAT, json=body("global tokens"))).status_code == 200:
+            # Only possible before pod a's count lands in Redis (or if the minute just turned).
+            assert time.monotonic() < deadline, "pod b never saw pod a's tokens"
+            time.sleep(0.05)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (429, 2003)
+    finally:
+        a.stop()
+        b.stop()
