@@ -11,7 +11,6 @@
 
 use std::sync::LazyLock;
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderName};
 use memchr::memmem;
 use sidegate_crds::policy::{ModelPrice, parse_usd};
@@ -241,18 +240,53 @@ pub fn model_in_path(path: &str) -> Option<&str> {
     after("/models/").or_else(|| after("/model/"))
 }
 
-/// The model of a request as a small owned value for its log line: from the path, else from
-/// the body (a slice of it when the body is small, so nothing is copied).
-pub fn request_model(path: &str, body: &Bytes) -> Option<Bytes> {
+/// The model of a passthrough request: from the path, else from the body.
+pub fn request_model(path: &str, body: &[u8]) -> Option<ModelName> {
     if let Some(m) = model_in_path(path) {
-        return Some(Bytes::copy_from_slice(m.as_bytes()));
+        return Some(ModelName::new(m));
     }
     let range = model_in_body(body)?;
-    Some(if body.len() <= 64 << 10 {
-        body.slice(range)
-    } else {
-        Bytes::copy_from_slice(&body[range])
-    })
+    std::str::from_utf8(&body[range]).ok().map(ModelName::new)
+}
+
+/// Longest model name kept without a heap allocation.
+const INLINE: usize = 62;
+
+/// A model name owned by a request's record; short names (all real ones) are kept inline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelName(Repr);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Repr {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<str>),
+}
+
+impl ModelName {
+    /// Owns `name`.
+    pub fn new(name: &str) -> Self {
+        if name.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..name.len()].copy_from_slice(name.as_bytes());
+            Self(Repr::Inline {
+                len: name.len() as u8,
+                bytes,
+            })
+        } else {
+            Self(Repr::Heap(name.into()))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // Copied from a `&str` whole, so always UTF-8.
+            Repr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Repr::Heap(s) => s,
+        }
+    }
 }
 
 const CUSTOM_COST: HeaderName = HeaderName::from_static("cf-aig-custom-cost");
@@ -446,11 +480,10 @@ mod tests {
             Some("anthropic.claude-3-haiku-20240307-v1%3A0")
         );
         assert_eq!(model_in_path("chat/completions"), None);
-        let body = Bytes::from_static(br#"{"model":"gpt-4o"}"#);
-        assert_eq!(
-            request_model("chat/completions", &body).as_deref(),
-            Some(&b"gpt-4o"[..])
-        );
+        let m = request_model("chat/completions", br#"{"model":"gpt-4o"}"#).expect("found");
+        assert_eq!(m.as_str(), "gpt-4o");
+        let long = "x".repeat(200);
+        assert_eq!(ModelName::new(&long).as_str(), long);
     }
 
     fn custom(v: &'static str) -> Result<Option<CustomCost>, u16> {

@@ -457,7 +457,7 @@ pub struct RequestRecord {
     metadata: Option<Arc<str>>,
     usage: crate::usage::Usage,
     /// The model the request named, for the log line.
-    model: Option<bytes::Bytes>,
+    model: Option<crate::cost::ModelName>,
     price: Option<crate::cost::Price>,
     custom_cost: Option<crate::cost::CustomCost>,
     /// Spend and token limits the response counts against.
@@ -511,10 +511,8 @@ impl RequestRecord {
     }
 
     /// The model the request named and its price in `pricing`.
-    pub fn set_model(&mut self, model: bytes::Bytes, pricing: &crate::cost::Pricing) {
-        self.price = std::str::from_utf8(&model)
-            .ok()
-            .and_then(|m| pricing.lookup(m));
+    pub fn set_model(&mut self, model: crate::cost::ModelName, pricing: &crate::cost::Pricing) {
+        self.price = pricing.lookup(model.as_str());
         self.model = Some(model);
     }
 
@@ -578,10 +576,7 @@ impl RequestRecord {
                 outcome,
                 cached: self.cached,
                 metadata: self.metadata.as_deref(),
-                model: self
-                    .model
-                    .as_deref()
-                    .and_then(|m| std::str::from_utf8(m).ok()),
+                model: self.model.as_ref().map(|m| m.as_str()),
                 cost,
                 custom_cost: cost.is_some() && self.custom_cost.is_some(),
             });

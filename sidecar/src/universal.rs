@@ -64,7 +64,7 @@ struct Planned<'a> {
     timeout: Duration,
     retries: Policy,
     /// The model the step names (in its endpoint or its `query`), for cost.
-    model: Option<Bytes>,
+    model: Option<crate::cost::ModelName>,
 }
 
 fn bad(message: String) -> GatewayError {
@@ -228,7 +228,7 @@ fn plan<'a>(
     let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
     let model = crate::cost::model_in_path(path)
         .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
-        .map(|m| Bytes::copy_from_slice(m.as_bytes()));
+        .map(crate::cost::ModelName::new);
     let mut request =
         proxy::build_upstream_request(provider, &Method::POST, &client_headers, uri, key, body);
     let headers = request.headers_mut();

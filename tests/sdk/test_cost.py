@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
 from test_redis import redis  # noqa: F401  (module-scoped real redis-server fixture)
 
 CHAT = "/openai/chat/completions"
@@ -181,6 +181,21 @@ def test_spend_is_shared_by_the_pods_through_redis(mock, tmp_path, redis):  # no
     finally:
         a.stop()
         b.stop()
+
+
+def test_without_redis_spend_and_token_limits_fail_open(mock, tmp_path):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    spec = ("  redis: {}\n  spendLimit: {amount: '0.01', period: day}\n"
+            "  rateLimit: {limit: 1000, interval: 60s, scope: global, tokensPerMinute: 1}\n")
+    g = json_gateway(tmp_path, mock, spec, dict(DEFAULT_KEYS, **{"redis.url": dead}))
+    try:
+        for _ in range(3):
+            assert spend(g, 1.0).status_code == 200
+        errors = metric(g, "sidegate_redis_errors_total ")
+        assert errors is not None and errors >= 3
+        assert dead not in g.logs()
+    finally:
+        g.stop()
 
 
 def test_token_budget_refuses_with_2003_once_the_minute_is_spent(mock, tmp_path):

@@ -781,10 +781,7 @@ pub(crate) async fn serve(
         opts,
         log_id,
     );
-    record.set_model(
-        bytes::Bytes::copy_from_slice(target.model.as_bytes()),
-        &snap.pricing,
-    );
+    record.set_model(crate::cost::ModelName::new(&target.model), &snap.pricing);
     record.set_tally(gw.tally(snap));
     let Some(t) = translation else {
         let fill = miss
