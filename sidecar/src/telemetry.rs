@@ -544,7 +544,8 @@ impl RequestRecord {
         let elapsed = self.start.elapsed();
         let (tokens_in, tokens_out) = (self.usage.input, self.usage.output);
         let tokens = [tokens_in, tokens_out];
-        let cost = if self.cached {
+        // Cache hits cost nothing; failed requests are not charged (not even a custom cost).
+        let cost = if self.cached || self.status >= 400 {
             None
         } else {
             crate::cost::cost(self.price, self.custom_cost, tokens)

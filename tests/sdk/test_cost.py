@@ -148,6 +148,11 @@ def assert_spend_limited(r):
 def test_spend_limit_refuses_with_2041_once_the_period_spend_reaches_it(mock, tmp_path):
     g = json_gateway(tmp_path, mock, "  spendLimit: {amount: '0.01', period: day}\n")
     try:
+        # A failed request is not charged, even with a custom cost.
+        failed = httpx.post(g.url + CHAT, json=body("fail", model="mock-status-500"),
+                            headers={"cf-aig-custom-cost": '{"total_cost": 1}'})
+        assert failed.status_code == 500
+        assert "cost" not in wait_line(g, failed.headers["cf-aig-log-id"])
         assert spend(g, 0.006).status_code == 200
         assert spend(g, 0.006).status_code == 200, "0.006 spent is under the limit"
         mock.clear()
