@@ -227,17 +227,25 @@ pub fn model_in_body(body: &[u8]) -> Option<std::ops::Range<usize>> {
 /// The model a provider path names: `.../models/{model}:generateContent` (Gemini, Vertex) or
 /// `.../model/{modelId}/converse` (Bedrock).
 pub fn model_in_path(path: &str) -> Option<&str> {
-    let after = |marker: &str| {
-        let at = if path.starts_with(&marker[1..]) {
-            Some(marker.len() - 1)
-        } else {
-            path.find(marker).map(|i| i + marker.len())
-        }?;
-        let rest = &path[at..];
-        let end = rest.find(['/', ':', '?']).unwrap_or(rest.len());
-        Some(&rest[..end]).filter(|m| !m.is_empty())
-    };
-    after("/models/").or_else(|| after("/model/"))
+    // Segment by segment (no substring search: this runs for every passthrough request).
+    let mut found = None;
+    let mut segments = path.split('/');
+    while let Some(segment) = segments.next() {
+        if segment != "models" && segment != "model" {
+            continue;
+        }
+        let Some(next) = segments.next() else {
+            break;
+        };
+        let name = &next[..next.find([':', '?']).unwrap_or(next.len())];
+        if !name.is_empty() {
+            if segment == "models" {
+                return Some(name);
+            }
+            found = found.or(Some(name));
+        }
+    }
+    found
 }
 
 /// The model of a passthrough request: from the path, else from the body.
