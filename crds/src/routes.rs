@@ -6,15 +6,15 @@
 //! `cf-aig-metadata` (`metadata.plan == "paid" && metadata.tier != 2`; `==`, `!=`, `<`, `<=`,
 //! `>`, `>=` against a string, number or bool; `&&` binds tighter than `||`), `percentage`
 //! nodes pick a branch by weight, `rate` nodes take their `fallback` branch once `limit`
-//! requests passed them within `interval`, and `model` nodes name a target; a failed target
-//! continues at the model node's `next`. Budget nodes need cost accounting, which this version
-//! does not have: they are refused.
+//! requests passed them within `interval`, `budget` nodes once the requests that passed them
+//! within `interval` cost `limit` USD, and `model` nodes name a target; a failed target
+//! continues at the model node's `next`.
 
 use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::policy::{DynamicRoute, Fallback, RouteNodeType};
+use crate::policy::{DynamicRoute, Fallback, RouteNodeType, parse_usd};
 
 /// A provider and model to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,17 @@ pub enum Node {
         /// Node while under the limit.
         next: String,
         /// Node once over it.
+        fallback: String,
+    },
+    /// A spend cap.
+    Budget {
+        /// USD per interval.
+        limit: f64,
+        /// Interval.
+        interval: std::time::Duration,
+        /// Node while under the cap.
+        next: String,
+        /// Node once the cap is spent.
         fallback: String,
     },
     /// A target.
@@ -160,11 +171,23 @@ pub fn compile(
                     }
                 }
                 RouteNodeType::Budget => {
-                    return Err(format!(
-                        "{}: budget nodes are not implemented in sidegate {} (no cost accounting yet); use a rate node",
-                        at(ni, "type"),
-                        env!("CARGO_PKG_VERSION")
-                    ));
+                    let limit = n
+                        .limit
+                        .as_deref()
+                        .and_then(|l| parse_usd(l.trim()))
+                        .filter(|l| *l > 0.0)
+                        .ok_or_else(|| {
+                            format!("{} must be an amount of USD above 0", at(ni, "limit"))
+                        })?;
+                    let interval = n.interval.map(|d| d.get()).filter(|d| !d.is_zero());
+                    let interval = interval
+                        .ok_or_else(|| format!("{} must be above 0", at(ni, "interval")))?;
+                    Node::Budget {
+                        limit,
+                        interval,
+                        next: need(&n.next, "next")?,
+                        fallback: need(&n.fallback, "fallback")?,
+                    }
                 }
                 RouteNodeType::Model => {
                     let next = need(&n.next, "next")?;
@@ -201,7 +224,9 @@ pub fn compile(
                 Node::Start { next } => vec![next],
                 Node::Conditional { then, other, .. } => vec![then, other],
                 Node::Percentage { branches, .. } => branches.iter().map(|b| &b.1).collect(),
-                Node::Rate { next, fallback, .. } => vec![next, fallback],
+                Node::Rate { next, fallback, .. } | Node::Budget { next, fallback, .. } => {
+                    vec![next, fallback]
+                }
                 Node::Model { next, .. } => next.iter().collect(),
                 Node::End => vec![],
             };

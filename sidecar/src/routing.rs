@@ -2,11 +2,14 @@
 //! [`sidegate_crds::routes`]) for one request: which provider and model serve it, and what to
 //! try when one fails. When a target fails (no answer, timeout, non-2xx) the walk goes on from
 //! that model node's `next`; reaching `end` (or a model node without `next`) makes that failure
-//! the answer. Rate nodes count per pod. A walk visits at most 64 nodes and 16 targets.
+//! the answer. Rate and budget nodes count per pod (a budget node is charged the cost of the
+//! requests that took its `next` branch, when their responses end). A walk visits at most 64
+//! nodes and 16 targets.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use sidegate_crds::policy::{DynamicRoute, Fallback};
@@ -20,13 +23,51 @@ const MAX_HOPS: usize = 64;
 /// Most targets tried for one request.
 const MAX_TARGETS: usize = 16;
 
-/// The routes and chains of a loaded config, with the counters of their rate nodes.
+/// The routes and chains of a loaded config, with the counters of their rate and budget nodes.
 #[derive(Debug, Default)]
 pub struct Routing {
     compiled: Compiled,
     /// Per (route, node id) of every rate node.
     limiters: HashMap<(String, String), Limiter>,
+    /// Per (route, node id) of every budget node.
+    budgets: HashMap<(String, String), Arc<BudgetWindow>>,
     seed: AtomicU64,
+}
+
+/// What a budget node's requests spent in its current window (fixed windows of its interval).
+#[derive(Debug)]
+pub struct BudgetWindow {
+    interval: Duration,
+    /// Start of the window and USD spent in it.
+    spent: Mutex<(Instant, f64)>,
+}
+
+impl BudgetWindow {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            spent: Mutex::new((Instant::now(), 0.0)),
+        }
+    }
+
+    /// USD spent in the window that holds `now`.
+    fn spent(&self, now: Instant) -> f64 {
+        let mut w = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+        if now.saturating_duration_since(w.0) >= self.interval {
+            *w = (now, 0.0);
+        }
+        w.1
+    }
+
+    /// Adds the cost of a request that took this node's `next` branch.
+    pub fn charge(&self, usd: f64) {
+        let now = Instant::now();
+        let mut w = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
+        if now.saturating_duration_since(w.0) >= self.interval {
+            *w = (now, 0.0);
+        }
+        w.1 += usd;
+    }
 }
 
 impl Routing {
@@ -39,10 +80,20 @@ impl Routing {
     ) -> Result<Self, String> {
         let compiled = sidegate_crds::routes::compile(routes, fallbacks, known_provider)?;
         let mut limiters = HashMap::new();
+        let mut budgets = HashMap::new();
         for (name, graph) in &compiled.routes {
             for (id, node) in &graph.nodes {
-                if matches!(node, Node::Rate { .. }) {
-                    limiters.insert((name.clone(), id.clone()), Limiter::default());
+                match node {
+                    Node::Rate { .. } => {
+                        limiters.insert((name.clone(), id.clone()), Limiter::default());
+                    }
+                    Node::Budget { interval, .. } => {
+                        budgets.insert(
+                            (name.clone(), id.clone()),
+                            Arc::new(BudgetWindow::new(*interval)),
+                        );
+                    }
+                    _ => {}
                 }
             }
         }
@@ -53,6 +104,7 @@ impl Routing {
         Ok(Self {
             compiled,
             limiters,
+            budgets,
             seed: AtomicU64::new(seed),
         })
     }
@@ -72,6 +124,7 @@ impl Routing {
                             hops: 0,
                             tried: 0,
                             routing: self,
+                            charged: Vec::new(),
                         })
                     })
                     .ok_or_else(|| format!("no dynamic route named {name:?} (spec.routes)")),
@@ -116,6 +169,8 @@ enum Position<'a> {
         hops: usize,
         tried: usize,
         routing: &'a Routing,
+        /// Budget nodes whose `next` branch this request took.
+        charged: Vec<Arc<BudgetWindow>>,
     },
     Chain {
         targets: &'a [Target],
@@ -139,6 +194,7 @@ impl<'a> Walk<'a> {
                 hops,
                 tried,
                 routing,
+                charged,
             } => loop {
                 let id = (*at)?;
                 *hops += 1;
@@ -184,6 +240,22 @@ impl<'a> Walk<'a> {
                             .is_none_or(|l| l.check(&settings, Instant::now()).is_ok());
                         Some(if under { next } else { fallback })
                     }
+                    Node::Budget {
+                        limit,
+                        next,
+                        fallback,
+                        ..
+                    } => {
+                        let window = routing.budgets.get(&((*name).clone(), id.clone()));
+                        match window {
+                            Some(w) if w.spent(Instant::now()) >= *limit => Some(fallback),
+                            Some(w) => {
+                                charged.push(w.clone());
+                                Some(next)
+                            }
+                            None => Some(next),
+                        }
+                    }
                     Node::Model { target, next } => {
                         *tried += 1;
                         if *tried > MAX_TARGETS {
@@ -196,6 +268,14 @@ impl<'a> Walk<'a> {
                     Node::End => None,
                 };
             },
+        }
+    }
+
+    /// The budget nodes to charge with this request's cost (those whose `next` it took).
+    pub fn take_budget_charges(&mut self) -> Vec<Arc<BudgetWindow>> {
+        match &mut self.0 {
+            Position::Route { charged, .. } => std::mem::take(charged),
+            Position::Chain { .. } => Vec::new(),
         }
     }
 }
@@ -336,6 +416,42 @@ mod tests {
     }
 
     #[test]
+    fn budget_nodes_take_their_fallback_once_the_requests_through_them_spent_the_limit() {
+        let r = routing(vec![
+            RouteNode {
+                next: Some("cap".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                limit: Some("0.50".into()),
+                interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                next: Some("main".into()),
+                fallback: Some("overflow".into()),
+                ..node("cap", RouteNodeType::Budget)
+            },
+            model("main", "openai", "main", Some("e")),
+            model("overflow", "openai", "cheap", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid");
+        let mut served = Vec::new();
+        for cost in [0.30, 0.30, 0.30] {
+            let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+            let t = walk.next_target(&Map::new()).expect("a target");
+            served.push(t.model.clone());
+            for w in walk.take_budget_charges() {
+                w.charge(cost);
+            }
+        }
+        // 0.30, then 0.60 >= 0.50: the third request overflows (and is not charged here).
+        assert_eq!(served, ["main", "main", "cheap"]);
+        let w = &r.budgets[&("r".to_owned(), "cap".to_owned())];
+        assert!((w.spent(Instant::now()) - 0.60).abs() < 1e-9);
+        // A new window starts empty.
+        assert_eq!(w.spent(Instant::now() + Duration::from_secs(3600)), 0.0);
+    }
+
+    #[test]
     fn bad_routes_are_refused_naming_the_node() {
         let start = RouteNode {
             next: Some("m".into()),
@@ -357,10 +473,19 @@ mod tests {
         assert!(err.contains("\"gone\""), "{err}");
         let err = refused(vec![
             start.clone(),
-            node("m", RouteNodeType::Budget),
+            RouteNode {
+                limit: Some("ten".into()),
+                interval: Some(sidegate_crds::units::Duration::from_secs(60)),
+                next: Some("e".into()),
+                fallback: Some("e".into()),
+                ..node("m", RouteNodeType::Budget)
+            },
             end.clone(),
         ]);
-        assert!(err.contains("budget nodes are not implemented"), "{err}");
+        assert!(
+            err.contains("nodes[1].limit") && err.contains("USD"),
+            "{err}"
+        );
         let err = refused(vec![model("m", "openai", "x", Some("e")), end.clone()]);
         assert!(err.contains("no start node"), "{err}");
         let bad_cond = RouteNode {

@@ -462,6 +462,8 @@ pub struct RequestRecord {
     custom_cost: Option<crate::cost::CustomCost>,
     /// Spend and token limits the response counts against.
     tally: Option<crate::budget::Tally>,
+    /// Budget nodes of a dynamic route this request went through, charged with its cost.
+    route_budgets: Vec<std::sync::Arc<crate::routing::BudgetWindow>>,
     done: bool,
 }
 
@@ -495,6 +497,7 @@ impl RequestRecord {
             price: None,
             custom_cost: opts.custom_cost,
             tally: None,
+            route_budgets: Vec::new(),
             done: false,
         }
     }
@@ -514,6 +517,14 @@ impl RequestRecord {
     pub fn set_model(&mut self, model: crate::cost::ModelName, pricing: &crate::cost::Pricing) {
         self.price = pricing.lookup(model.as_str());
         self.model = Some(model);
+    }
+
+    /// Charges the response's cost to these budget nodes of a dynamic route.
+    pub fn charge_route_budgets(
+        &mut self,
+        budgets: Vec<std::sync::Arc<crate::routing::BudgetWindow>>,
+    ) {
+        self.route_budgets = budgets;
     }
 
     /// Counts the response's cost and tokens against the gateway's usage limits.
@@ -552,6 +563,11 @@ impl RequestRecord {
         };
         if let Some(t) = &self.tally {
             t.add(&self.metrics, cost, tokens);
+        }
+        if let Some(usd) = cost {
+            for b in &self.route_budgets {
+                b.charge(usd);
+            }
         }
         self.metrics.record(
             &self.provider,

@@ -34,6 +34,13 @@ ROUTES = """\
         - {id: good, type: model, provider: anthropic, model: claude-haiku-4-5, next: e}
         - {id: never, type: model, provider: openai, model: never, next: e}
         - {id: e, type: end}
+    - name: budgeted
+      nodes:
+        - {id: s, type: start, next: cap}
+        - {id: cap, type: budget, limit: "0.0001", interval: 1h, next: premium, fallback: cheap}
+        - {id: premium, type: model, provider: openai, model: gpt-4o, next: e}
+        - {id: cheap, type: model, provider: openai, model: gpt-4o-mini, next: e}
+        - {id: e, type: end}
 """
 
 
@@ -52,6 +59,18 @@ def client(g, metadata=None):
 
 def ask(c, model, text="route me"):
     return c.chat.completions.with_raw_response.create(model=model, messages=[{"role": "user", "content": text}])
+
+
+def test_a_budget_node_takes_its_fallback_once_its_requests_cost_the_limit(routed, mock):
+    c = client(routed)
+    # gpt-4o at $2.50/M in and $10/M out: the mock's few prompt and completion tokens cost
+    # more than the node's $0.0001 after two requests, not after one.
+    text = "route me by budget"
+    served = [ask(c, "dynamic/budgeted", text).headers["cf-aig-model"] for _ in range(3)]
+    usage = ask(c, "openai/gpt-4o", text).parse().usage
+    one = (usage.prompt_tokens * 2.50 + usage.completion_tokens * 10.0) / 1e6
+    assert one < 0.0001 <= 2 * one, one
+    assert served == ["gpt-4o", "gpt-4o", "gpt-4o-mini"]
 
 
 def test_a_fallback_chain_moves_on_when_a_target_fails(routed, mock):
@@ -97,7 +116,8 @@ def test_unknown_routes_and_chains_are_400_2107(routed, mock):
 
 @pytest.mark.parametrize("spec,needle", [
     ("  routes:\n    - name: r\n      nodes:\n        - {id: s, type: start, next: b}\n"
-     "        - {id: b, type: budget, limit: '10', interval: 1h, next: s, fallback: s}\n", "spec.routes"),
+     "        - {id: b, type: budget, limit: 'ten', interval: 1h, next: s, fallback: s}\n        - {id: e, type: end}\n",
+     "spec.routes[0].nodes[1].limit must be an amount of USD"),
     ("  routes:\n    - name: r\n      nodes:\n        - {id: s, type: start, next: m}\n"
      "        - {id: m, type: model, provider: openai, model: x, next: gone}\n        - {id: e, type: end}\n", '"gone"'),
 ])

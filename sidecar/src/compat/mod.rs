@@ -783,6 +783,9 @@ pub(crate) async fn serve(
     );
     record.set_model(crate::cost::ModelName::new(&target.model), &snap.pricing);
     record.set_tally(gw.tally(snap));
+    if let Some(w) = walk.as_mut() {
+        record.charge_route_budgets(w.take_budget_charges());
+    }
     let Some(t) = translation else {
         let fill = miss
             .as_mut()
