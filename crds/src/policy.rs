@@ -93,22 +93,6 @@ pub struct GatewayPolicy {
 }
 
 impl GatewayPolicy {
-    /// The first setting the sidecar of this version cannot honour yet, as a message naming the
-    /// field. The sidecar refuses such configs; the operator reports them in the gateway's status.
-    pub fn first_unsupported(&self) -> Option<String> {
-        let spec = self;
-        let v = env!("CARGO_PKG_VERSION");
-        let not_yet = |field: &str, what: &str| {
-            Some(format!(
-                "{field}: {what} is not implemented in sidegate {v}; remove it (or disable it) to load this config"
-            ))
-        };
-        if spec.logging.as_ref().is_some_and(|l| l.payloads) {
-            return not_yet("spec.logging.payloads", "payload logging");
-        }
-        None
-    }
-
     /// What is wrong with the spend limit and prices (field names from `spec`), if anything.
     /// The sidecar refuses such a config with the same message; the operator reports it.
     pub fn cost_problem(&self) -> Option<String> {
@@ -699,7 +683,6 @@ mod tests {
             ..GatewayPolicy::default()
         };
         assert_eq!(p.cost_problem(), None);
-        assert_eq!(p.first_unsupported(), None);
         p.spend_limit = Some(SpendLimit {
             amount: "lots".into(),
             period: SpendPeriod::Day,

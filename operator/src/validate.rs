@@ -111,11 +111,6 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     let spec = &gw.spec;
     let policy = &spec.policy;
 
-    // The sidecar refuses configs that turn on features it does not implement yet; say so here
-    // instead of reporting Ready for a config no sidecar will load.
-    if let Some(unsupported) = policy.first_unsupported() {
-        problems.push(unsupported);
-    }
     if let Some(sel) = &spec.provider_key_selector
         && let Err(e) = parse_selector(sel)
     {
@@ -287,7 +282,7 @@ mod tests {
     }
 
     #[test]
-    fn features_the_sidecar_cannot_serve_yet_are_spec_problems() {
+    fn what_the_sidecar_would_refuse_is_a_spec_problem() {
         use sidegate_crds::api::AIGatewaySpec;
         use sidegate_crds::policy::{
             Cache, CacheBackend, GatewayPolicy, Logging, RateLimit, RateLimitScope, Redis,
@@ -307,15 +302,8 @@ mod tests {
             },
         );
         gw.metadata.namespace = Some("team-a".into());
-        let problems = gateway(&gw);
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.starts_with("spec.logging.payloads: payload logging is not implemented")),
-            "{problems:?}"
-        );
-        // The memory and redis caches and global rate limits are served.
-        gw.spec.policy.logging = None;
+        // Payload logging, the memory and redis caches and global rate limits are served.
+        assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
         gw.spec.policy.cache = Some(Cache {
             enabled: true,
             backend: CacheBackend::Redis,

@@ -56,6 +56,20 @@ pub struct Entry<'a> {
     pub cost: Option<f64>,
     /// The cost came from `cf-aig-custom-cost`.
     pub custom_cost: bool,
+    /// The bodies, when the gateway logs payloads.
+    pub payloads: Option<Bodies<'a>>,
+}
+
+/// The request and response bodies of a log line (each possibly cut short).
+pub struct Bodies<'a> {
+    /// The request body (its first bytes).
+    pub request: &'a [u8],
+    /// The request body was longer.
+    pub request_cut: bool,
+    /// The response body as the client got it (its first bytes).
+    pub response: &'a [u8],
+    /// The response body was longer.
+    pub response_cut: bool,
 }
 
 struct Sink {
@@ -167,6 +181,16 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
         b.push_str(" metadata=");
         b.push_str(m);
     }
+    if let Some(p) = &e.payloads {
+        // Quoted and escaped like JSON strings: a body cannot break the line.
+        b.push_str(" request_body=");
+        json_str(b, &String::from_utf8_lossy(p.request));
+        b.push_str(" response_body=");
+        json_str(b, &String::from_utf8_lossy(p.response));
+        if p.request_cut || p.response_cut {
+            b.push_str(" payload_truncated=true");
+        }
+    }
     b.push('\n');
 }
 
@@ -214,6 +238,15 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
         // Already compact JSON (re-serialized when the header was read).
         b.push_str(",\"metadata\":");
         b.push_str(m);
+    }
+    if let Some(p) = &e.payloads {
+        b.push_str(",\"request_body\":");
+        json_str(b, &String::from_utf8_lossy(p.request));
+        b.push_str(",\"response_body\":");
+        json_str(b, &String::from_utf8_lossy(p.response));
+        if p.request_cut || p.response_cut {
+            b.push_str(",\"payload_truncated\":true");
+        }
     }
     b.push_str("}\n");
 }
@@ -347,7 +380,50 @@ mod tests {
             model: None,
             cost: None,
             custom_cost: false,
+            payloads: None,
         }
+    }
+
+    #[test]
+    fn payloads_are_escaped_strings_that_cannot_break_the_line() {
+        let bodies = Bodies {
+            request: b"{\"q\":\"line one\nline \\\"two\\\"\"}",
+            request_cut: false,
+            response: b"data: {\"x\":1}\n\n\xff",
+            response_cut: true,
+        };
+        let mut b = String::new();
+        json_line(
+            &mut b,
+            &Entry {
+                payloads: Some(bodies),
+                ..entry()
+            },
+        );
+        assert_eq!(b.matches('\n').count(), 1, "{b}");
+        let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
+        assert_eq!(v["request_body"], "{\"q\":\"line one\nline \\\"two\\\"\"}");
+        assert_eq!(v["response_body"], "data: {\"x\":1}\n\n\u{fffd}");
+        assert_eq!(v["payload_truncated"], true);
+        let mut b = String::new();
+        text_line(
+            &mut b,
+            &Entry {
+                payloads: Some(Bodies {
+                    request: b"hi",
+                    request_cut: false,
+                    response: b"a\nb",
+                    response_cut: false,
+                }),
+                ..entry()
+            },
+        );
+        assert_eq!(b.matches('\n').count(), 1, "{b}");
+        assert!(
+            b.contains(r#" request_body="hi" response_body="a\u000ab""#),
+            "{b}"
+        );
+        assert!(!b.contains("payload_truncated"), "{b}");
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct Snapshot {
     pub request_timeout: Duration,
     /// Whether to log one line per request.
     pub log_requests: bool,
+    /// Whether log lines carry the request and response bodies (`spec.logging.payloads`).
+    pub log_payloads: bool,
     /// Response cache settings.
     pub cache: crate::cache::Settings,
     /// Upstream retries (`spec.retries`; headers may change them per request).
@@ -141,9 +143,6 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         path: path.clone(),
         message,
     };
-    if let Some(field) = config.spec.first_unsupported() {
-        return Err(invalid(field));
-    }
     let keys = match &src.keys_dir {
         Some(dir) => KeyStore::load(dir)?,
         None => KeyStore::default(),
@@ -197,6 +196,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         return Err(invalid("spec.requestTimeout must be larger than 0".into()));
     }
     let log_requests = config.spec.logging.as_ref().is_none_or(|l| l.enabled);
+    let log_payloads = config.spec.logging.as_ref().is_some_and(|l| l.payloads);
     let cache = crate::cache::Settings::from_policy(config.spec.cache.as_ref()).map_err(invalid)?;
     let retries =
         crate::retry::Policy::from_config(config.spec.retries.as_ref()).map_err(invalid)?;
@@ -267,6 +267,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         max_body,
         request_timeout,
         log_requests,
+        log_payloads,
         cache,
         rate_limit,
         pricing,
@@ -364,16 +365,6 @@ mod tests {
         ))
         .expect_err("redis without url");
         assert!(err.to_string().contains("no redis.url file"), "{err}");
-        let err = load(&write_config(
-            dir.path(),
-            "schemaVersion: 1\nspec:\n  logging: {payloads: true}\n",
-        ))
-        .expect_err("payload logging");
-        assert!(
-            err.to_string()
-                .contains("spec.logging.payloads: payload logging is not implemented"),
-            "{err}"
-        );
     }
 
     #[test]

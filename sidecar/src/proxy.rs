@@ -213,7 +213,7 @@ impl Gateway {
             });
         };
         self.metrics.count_cache("hit");
-        let body_len = entry.body.len();
+        let cached_body = entry.body.clone();
         let mut resp = Response::new(ProxyBody::full(entry.body));
         *resp.status_mut() = entry.status;
         *resp.headers_mut() = entry.headers;
@@ -231,7 +231,8 @@ impl Gateway {
             log_id,
         );
         record.set_cached();
-        record.add_bytes(body_len);
+        record.set_request_payload(req.body);
+        record.add_cached_body(&cached_body);
         record.finish_complete();
         Cached::Hit(Box::new(resp))
     }
@@ -361,8 +362,8 @@ impl Gateway {
                 },
             ));
         }
-        let opts =
-            LogOptions::from_headers(&parts.headers, snap.log_requests).map_err(|e| (None, e))?;
+        let opts = LogOptions::from_headers(&parts.headers, snap.log_requests, snap.log_payloads)
+            .map_err(|e| (None, e))?;
         // spend limit and token budget
         if let Some(b) = &snap.budgets {
             self.ledger
@@ -456,6 +457,7 @@ impl Gateway {
         };
 
         let model = crate::cost::request_model(route.rest, &body);
+        let logged_body = opts.payloads.then(|| body.clone());
 
         // dispatch
         let signed_body = signer.as_ref().map(|_| body.clone());
@@ -501,6 +503,9 @@ impl Gateway {
             record.set_model(m, &snap.pricing);
         }
         record.set_tally(self.tally(snap));
+        if let Some(b) = &logged_body {
+            record.set_request_payload(b);
+        }
         Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record).cached_through(fill),

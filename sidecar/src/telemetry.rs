@@ -379,6 +379,10 @@ impl Metrics {
 
 const COLLECT_LOG: http::HeaderName = http::HeaderName::from_static("cf-aig-collect-log");
 const METADATA: http::HeaderName = http::HeaderName::from_static("cf-aig-metadata");
+const COLLECT_PAYLOAD: http::HeaderName =
+    http::HeaderName::from_static("cf-aig-collect-log-payload");
+/// Most bytes of each body (request, response) a log line carries.
+pub const MAX_LOGGED_PAYLOAD: usize = 32 * 1024;
 
 /// What a request asks of its log line: `cf-aig-collect-log: false` (no line),
 /// `cf-aig-metadata` (a flat JSON object of at most 5 string, number or bool values, logged)
@@ -391,26 +395,24 @@ pub struct LogOptions {
     pub metadata: Option<Arc<str>>,
     /// The request's own price, replacing the model's.
     pub custom_cost: Option<crate::cost::CustomCost>,
+    /// Log the request and response bodies (`spec.logging.payloads`, unless
+    /// `cf-aig-collect-log-payload: false`).
+    pub payloads: bool,
 }
 
 impl LogOptions {
-    /// From the request headers; `log_requests` is the gateway's setting.
+    /// From the request headers; `log_requests` and `log_payloads` are the gateway's settings.
     pub fn from_headers(
         h: &http::HeaderMap,
         log_requests: bool,
+        log_payloads: bool,
     ) -> Result<Self, crate::error::GatewayError> {
         use crate::error::GatewayError;
-        let log = match h.get(COLLECT_LOG).map(|v| v.as_bytes()) {
-            None => log_requests,
-            Some(v) if v.eq_ignore_ascii_case(b"false") => false,
-            Some(v) if v.eq_ignore_ascii_case(b"true") => log_requests,
-            Some(_) => {
-                return Err(GatewayError::BadHeader {
-                    name: "cf-aig-collect-log",
-                    reason: "expected true or false".into(),
-                });
-            }
-        };
+        let log = flag(h, COLLECT_LOG, "cf-aig-collect-log")?.unwrap_or(true) && log_requests;
+        // The payload switch only matters when payloads are logged at all.
+        let payloads = log
+            && log_payloads
+            && flag(h, COLLECT_PAYLOAD, "cf-aig-collect-log-payload")?.unwrap_or(true);
         let metadata = match h.get(METADATA) {
             None => None,
             Some(v) => {
@@ -438,8 +440,35 @@ impl LogOptions {
             log,
             metadata,
             custom_cost,
+            payloads,
         })
     }
+}
+
+/// A `true`/`false` header (any case); `None` when absent.
+fn flag(
+    h: &http::HeaderMap,
+    name: http::HeaderName,
+    shown: &'static str,
+) -> Result<Option<bool>, crate::error::GatewayError> {
+    match h.get(name).map(|v| v.as_bytes()) {
+        None => Ok(None),
+        Some(v) if v.eq_ignore_ascii_case(b"false") => Ok(Some(false)),
+        Some(v) if v.eq_ignore_ascii_case(b"true") => Ok(Some(true)),
+        Some(_) => Err(crate::error::GatewayError::BadHeader {
+            name: shown,
+            reason: "expected true or false".into(),
+        }),
+    }
+}
+
+/// The bodies of a request whose log line carries them, each cut at [`MAX_LOGGED_PAYLOAD`].
+#[derive(Debug, Default)]
+struct Payloads {
+    request: Vec<u8>,
+    request_cut: bool,
+    response: Vec<u8>,
+    response_cut: bool,
 }
 
 /// One proxied request, finished exactly once: when its body ends, fails, or is dropped.
@@ -464,6 +493,8 @@ pub struct RequestRecord {
     tally: Option<crate::budget::Tally>,
     /// Budget nodes of a dynamic route this request went through, charged with its cost.
     route_budgets: Vec<std::sync::Arc<crate::routing::BudgetWindow>>,
+    /// Bodies for the log line (`spec.logging.payloads`).
+    payloads: Option<Box<Payloads>>,
     done: bool,
 }
 
@@ -498,19 +529,38 @@ impl RequestRecord {
             custom_cost: opts.custom_cost,
             tally: None,
             route_budgets: Vec::new(),
+            payloads: opts.payloads.then(Box::default),
             done: false,
         }
     }
 
-    /// Adds streamed body bytes.
-    pub fn add_bytes(&mut self, n: usize) {
-        self.bytes += n as u64;
+    /// The request body, for a log line that carries payloads.
+    pub fn set_request_payload(&mut self, body: &[u8]) {
+        if let Some(p) = &mut self.payloads {
+            p.request_cut = body.len() > MAX_LOGGED_PAYLOAD;
+            p.request = body[..body.len().min(MAX_LOGGED_PAYLOAD)].to_vec();
+        }
+    }
+
+    /// Adds the body of a response served from the cache (its tokens are not counted again).
+    pub fn add_cached_body(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        self.keep_payload(data);
+    }
+
+    fn keep_payload(&mut self, data: &[u8]) {
+        if let Some(p) = &mut self.payloads {
+            let room = MAX_LOGGED_PAYLOAD - p.response.len();
+            p.response_cut |= data.len() > room;
+            p.response.extend_from_slice(&data[..data.len().min(room)]);
+        }
     }
 
     /// Adds a frame of the provider's response body: its bytes, and the token counts it holds.
     pub fn observe(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
         self.usage.observe(data);
+        self.keep_payload(data);
     }
 
     /// The model the request named and its price in `pricing`.
@@ -596,6 +646,12 @@ impl RequestRecord {
                 model: self.model.as_ref().map(|m| m.as_str()),
                 cost,
                 custom_cost: cost.is_some() && self.custom_cost.is_some(),
+                payloads: self.payloads.as_deref().map(|p| crate::access_log::Bodies {
+                    request: &p.request,
+                    request_cut: p.request_cut,
+                    response: &p.response,
+                    response_cut: p.response_cut,
+                }),
             });
         }
     }
@@ -617,19 +673,46 @@ mod tests {
     fn log_options_read_collect_log_and_metadata() {
         let mut h = HeaderMap::new();
         assert_eq!(
-            LogOptions::from_headers(&h, true),
+            LogOptions::from_headers(&h, true, false),
             Ok(LogOptions {
                 log: true,
                 metadata: None,
                 custom_cost: None,
+                payloads: false,
             })
+        );
+        // Payloads: the gateway's setting, unless the request opts out; only checked when on.
+        assert!(
+            LogOptions::from_headers(&h, true, true)
+                .expect("valid")
+                .payloads
+        );
+        assert!(
+            !LogOptions::from_headers(&h, false, true)
+                .expect("valid")
+                .payloads
+        );
+        let mut opt_out = HeaderMap::new();
+        opt_out.insert(
+            "cf-aig-collect-log-payload",
+            HeaderValue::from_static("FALSE"),
+        );
+        let o = LogOptions::from_headers(&opt_out, true, true).expect("valid");
+        assert!(o.log && !o.payloads);
+        opt_out.insert(
+            "cf-aig-collect-log-payload",
+            HeaderValue::from_static("nope"),
+        );
+        assert_eq!(
+            LogOptions::from_headers(&opt_out, true, true).map_err(|e| e.code()),
+            Err(2100)
         );
         h.insert("cf-aig-collect-log", HeaderValue::from_static("false"));
         h.insert(
             "cf-aig-metadata",
             HeaderValue::from_static(r#"{ "team": "a", "n": 3, "paid": true }"#),
         );
-        let o = LogOptions::from_headers(&h, true).expect("valid");
+        let o = LogOptions::from_headers(&h, true, false).expect("valid");
         assert!(!o.log);
         let v: serde_json::Value =
             serde_json::from_str(o.metadata.as_deref().unwrap_or("")).expect("json");
@@ -645,7 +728,7 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert("cf-aig-metadata", HeaderValue::from_static(bad));
             assert_eq!(
-                LogOptions::from_headers(&h, true).map_err(|e| e.code()),
+                LogOptions::from_headers(&h, true, false).map_err(|e| e.code()),
                 Err(2100),
                 "{bad}"
             );

@@ -153,6 +153,7 @@ pub(crate) async fn serve(
             record.set_model(m, &snap.pricing);
         }
         record.set_tally(gw.tally(snap));
+        record.set_request_payload(&raw);
         return Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record),

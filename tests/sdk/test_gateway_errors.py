@@ -103,7 +103,6 @@ def test_h2c_prior_knowledge_works(gateway, mock):
 @pytest.mark.parametrize(
     "config, message",
     [
-        ("schemaVersion: 1\nspec:\n  logging: {payloads: true}\n", "spec.logging.payloads: payload logging is not implemented"),
         ("schemaVersion: 1\nspec: [unclosed\n", "is not valid"),
         ("schemaVersion: 7\n", "schemaVersion 7 is not supported"),
         ("schemaVersion: 1\nspec:\n  providers:\n    custom-x: {}\n", "custom providers need a baseURL"),

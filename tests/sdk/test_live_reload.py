@@ -80,7 +80,7 @@ def test_plain_file_edit_of_a_key_is_picked_up(gateway, mock):
 def test_invalid_config_at_reload_keeps_the_last_good_one(gateway, mock):
     good = gateway.config.read_text()
     before_err = reload_count(gateway, "error")
-    gateway.config.write_text(good + "  logging: {payloads: true}\n")
+    gateway.config.write_text(good + "  cache: {enabled: true, ttl: 10s}\n")
     wait_for(lambda: reload_count(gateway, "error") > before_err, 3, "bad reload not counted")
     r = httpx.post(gateway.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "still"}]})
     assert r.status_code == 200
@@ -94,7 +94,7 @@ def test_invalid_config_at_reload_keeps_the_last_good_one(gateway, mock):
 
 
 def test_waits_unready_for_a_config_that_appears_later(mock, tmp_path):
-    g = Sidegate(tmp_path, "schemaVersion: 1\nspec:\n  logging: {payloads: true}\n", extra_args=["--wait-for-config"], wait_ready=False)
+    g = Sidegate(tmp_path, "schemaVersion: 1\nspec: [not yet\n", extra_args=["--wait-for-config"], wait_ready=False)
     try:
         wait_for(lambda: _ready_status(g) == 503, 10, "admin not serving")
         r = httpx.post(g.url + "/openai/models")

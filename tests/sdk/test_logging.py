@@ -1,11 +1,14 @@
-"""Per-request log options: cf-aig-metadata (validated, logged) and cf-aig-collect-log."""
+"""Per-request log options: cf-aig-metadata (validated, logged), cf-aig-collect-log, and the
+bodies of spec.logging.payloads (cf-aig-collect-log-payload)."""
 
 import json
 import time
 
 import httpx
+import openai
+import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, OPENAI_KEY, Sidegate, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "log me"}]}
@@ -87,3 +90,66 @@ def test_token_counts_from_responses_are_logged_and_counted(gateway, mock):
     total_in = usage.prompt_tokens + last.prompt_tokens
     assert f'sidegate_tokens_total{{provider="openai",direction="input"}} {total_in}' in metrics, metrics
     assert f'sidegate_tokens_total{{provider="anthropic",direction="output"}} {final.usage.output_tokens}' in metrics
+
+
+@pytest.fixture
+def payload_gateway(mock, tmp_path):
+    spec = "  logging: {payloads: true}\n  cache: {enabled: true}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS, extra_args=["--log-format", "json"])
+    mock.clear()
+    yield g
+    g.stop()
+
+
+def test_payload_logging_puts_both_bodies_in_the_log_line(payload_gateway, mock):
+    client = openai.OpenAI(base_url=payload_gateway.url + "/openai", api_key="placeholder", max_retries=0)
+    resp = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "log my words"}])
+    line = json.loads(wait_line(payload_gateway, resp.headers["cf-aig-log-id"]))
+    assert json.loads(line["request_body"])["messages"][0]["content"] == "log my words"
+    assert json.loads(line["response_body"])["choices"][0]["message"]["content"] == "mock reply to: log my words"
+    assert "payload_truncated" not in line
+    # A cache hit logs the cached body it served.
+    hit = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "log my words"}])
+    assert hit.headers["cf-aig-cache-status"] == "HIT"
+    line = json.loads(wait_line(payload_gateway, hit.headers["cf-aig-log-id"]))
+    assert line["cached"] is True
+    assert json.loads(line["response_body"])["choices"][0]["message"]["content"] == "mock reply to: log my words"
+    # Provider keys travel in headers, never in a logged body.
+    assert OPENAI_KEY not in payload_gateway.logs()
+
+
+def test_streams_are_logged_as_the_client_got_them_and_long_bodies_are_cut(payload_gateway, mock):
+    client = openai.OpenAI(base_url=payload_gateway.url + "/openai", api_key="placeholder", max_retries=0)
+    with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini", stream=True, messages=[{"role": "user", "content": "stream and log"}]) as resp:
+        text = "".join(c.choices[0].delta.content or "" for c in resp.parse() if c.choices)
+        log_id = resp.headers["cf-aig-log-id"]
+    line = json.loads(wait_line(payload_gateway, log_id))
+    assert line["response_body"].startswith("data: ") and line["response_body"].rstrip().endswith("data: [DONE]")
+    assert text and all(w in line["response_body"] for w in text.split())
+    long = "x" * (40 * 1024)
+    r = httpx.post(payload_gateway.url + CHAT, json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": long}]}, timeout=10)
+    line = json.loads(wait_line(payload_gateway, r.headers["cf-aig-log-id"]))
+    assert line["payload_truncated"] is True
+    assert len(line["request_body"]) == 32 * 1024
+
+
+def test_collect_log_payload_false_logs_the_request_without_bodies(payload_gateway, mock):
+    r = httpx.post(payload_gateway.url + CHAT, json=BODY, headers={"cf-aig-collect-log-payload": "false"})
+    line = json.loads(wait_line(payload_gateway, r.headers["cf-aig-log-id"]))
+    assert line["status"] == 200 and "request_body" not in line and "response_body" not in line
+    assert "cf-aig-collect-log-payload" not in mock.last()["headers"]
+    bad = httpx.post(payload_gateway.url + CHAT, json=BODY, headers={"cf-aig-collect-log-payload": "maybe"})
+    assert bad.status_code == 400 and bad.json()["error"][0]["code"] == 2100
+
+
+def test_compat_logs_the_bodies_the_client_sent_and_got(payload_gateway, mock):
+    client = openai.OpenAI(base_url=payload_gateway.url + "/compat", api_key="placeholder", max_retries=0)
+    resp = client.chat.completions.with_raw_response.create(
+        model="anthropic/claude-haiku-4-5", messages=[{"role": "user", "content": "translate and log"}])
+    line = json.loads(wait_line(payload_gateway, resp.headers["cf-aig-log-id"]))
+    assert json.loads(line["request_body"])["model"] == "anthropic/claude-haiku-4-5"
+    # The OpenAI-shaped answer the client got, not Anthropic's wire format.
+    assert json.loads(line["response_body"])["object"] == "chat.completion"

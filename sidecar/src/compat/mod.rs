@@ -786,6 +786,7 @@ pub(crate) async fn serve(
     if let Some(w) = walk.as_mut() {
         record.charge_route_budgets(w.take_budget_charges());
     }
+    record.set_request_payload(&body);
     let Some(t) = translation else {
         let fill = miss
             .as_mut()
