@@ -177,6 +177,19 @@ def gateway_yaml(mock_url, *, auth=False, extra_spec="", name="main"):
     )
 
 
+def assert_refused_at_start(mock, tmp_path, extra_spec, *needles):
+    """Starts a sidegate with `extra_spec` and checks that it refuses to start (exit code 2)
+    with a log naming every needle (the bad field, the bad value)."""
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=extra_spec), DEFAULT_KEYS, wait_ready=False)
+    try:
+        assert g.proc.wait(10) == 2
+        logs = g.logs()
+        for needle in needles:
+            assert needle in logs, f"{needle!r} not in: {logs}"
+    finally:
+        g.stop()
+
+
 DEFAULT_KEYS = {
     "openai.default": OPENAI_KEY,
     "openai.team-b": f"sk-{KEY_MARKER}-openai-teamb",

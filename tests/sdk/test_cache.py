@@ -4,7 +4,6 @@ A hit is proven by the mock: it sees one request for two answered, and the cache
 carries the first response's id (the mock numbers its responses).
 """
 
-import json
 import time
 
 import anthropic
@@ -12,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, gateway_yaml
 
 CACHE_ON = "  cache: {enabled: true, ttl: 10m}\n"
 CHAT = "/openai/chat/completions"
@@ -213,12 +212,7 @@ def test_anthropic_sdk_and_compat_hits(cached_gateway, mock):
     ("  cache: {enabled: true, maxSize: 1Ki}\n", "spec.cache.maxSize"),
 ])
 def test_bad_cache_config_is_refused_at_start_naming_the_field(mock, tmp_path, spec, field):
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS, wait_ready=False)
-    try:
-        assert g.proc.wait(10) == 2
-        assert field in g.logs()
-    finally:
-        g.stop()
+    assert_refused_at_start(mock, tmp_path, spec, field)
 
 
 def _concurrently(n, fn):

@@ -1,9 +1,7 @@
 """The official openai SDK against /compat: one OpenAI API translated to Anthropic, Gemini
 (AI Studio and Vertex), Bedrock (SigV4, event stream) and OpenAI-compatible mock upstreams."""
 
-import base64
 import json
-import struct
 import subprocess
 
 import httpx

@@ -8,9 +8,8 @@ import json
 
 import httpx
 import openai
-import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 SSN = "123-45-6789"
@@ -102,9 +101,4 @@ def test_compat_and_private_keys_inside_json_strings(mock, tmp_path):
 
 def test_unknown_profiles_are_refused_at_start(mock, tmp_path):
     spec = "  dlp:\n    policies:\n      - {id: p, action: FLAG, check: [REQUEST], profiles: [passport]}\n"
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS, wait_ready=False)
-    try:
-        assert g.proc.wait(10) == 2
-        assert "spec.dlp.policies[0].profiles" in g.logs() and "passport" in g.logs()
-    finally:
-        g.stop()
+    assert_refused_at_start(mock, tmp_path, spec, "spec.dlp.policies[0].profiles", "passport")

@@ -5,7 +5,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, free_port, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 
@@ -92,9 +92,4 @@ def test_an_unreachable_moderation_endpoint_fails_open(mock, tmp_path):
     ("  guardrails:\n    prompt: {violence: block}\n", "moderationURL is required"),
 ])
 def test_bad_guardrails_are_refused_at_start(mock, tmp_path, spec, needle):
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS, wait_ready=False)
-    try:
-        assert g.proc.wait(10) == 2
-        assert needle in g.logs()
-    finally:
-        g.stop()
+    assert_refused_at_start(mock, tmp_path, spec, needle)

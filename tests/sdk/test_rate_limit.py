@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, Sidegate, assert_refused_at_start, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "limit me"}]}
@@ -98,9 +98,4 @@ def test_unauthenticated_requests_do_not_use_up_the_limit(mock, tmp_path):
     ("{limit: 0, interval: 60s}", "spec.rateLimit"),
 ])
 def test_what_cannot_be_served_is_refused_at_start(mock, tmp_path, spec, field):
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=f"  rateLimit: {spec}\n"), DEFAULT_KEYS, wait_ready=False)
-    try:
-        assert g.proc.wait(10) == 2
-        assert field in g.logs()
-    finally:
-        g.stop()
+    assert_refused_at_start(mock, tmp_path, f"  rateLimit: {spec}\n", field)

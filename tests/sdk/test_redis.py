@@ -14,7 +14,7 @@ import uuid
 import httpx
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, free_port, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 
@@ -136,9 +136,4 @@ def test_without_redis_the_gateway_fails_open_and_says_so(mock, tmp_path):
 
 
 def test_redis_without_a_url_file_is_refused_at_start(mock, tmp_path):
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  redis: {}\n"), DEFAULT_KEYS, wait_ready=False)
-    try:
-        assert g.proc.wait(10) == 2
-        assert "no redis.url file" in g.logs()
-    finally:
-        g.stop()
+    assert_refused_at_start(mock, tmp_path, "  redis: {}\n", "no redis.url file")
