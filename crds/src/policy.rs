@@ -90,6 +90,9 @@ pub struct GatewayPolicy {
     /// Request size limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Limits>,
+    /// OpenTelemetry export: one span per request (GenAI semantic conventions), OTLP/HTTP JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_telemetry: Option<OpenTelemetry>,
 }
 
 impl GatewayPolicy {
@@ -130,6 +133,57 @@ impl GatewayPolicy {
         }
         None
     }
+
+    /// What is wrong with `spec.openTelemetry`, if anything. The sidecar refuses such a config
+    /// with the same message; the operator reports it.
+    pub fn open_telemetry_problem(&self) -> Option<String> {
+        let o = self.open_telemetry.as_ref()?;
+        if let Err(why) = otlp_endpoint(&o.endpoint) {
+            return Some(format!(
+                "spec.openTelemetry.endpoint {:?} {why}",
+                o.endpoint
+            ));
+        }
+        if o.service_name.as_deref().is_some_and(|n| {
+            n.trim().is_empty() || n.len() > 256 || n.chars().any(char::is_control)
+        }) {
+            return Some(
+                "spec.openTelemetry.serviceName must be 1 to 256 printable characters".into(),
+            );
+        }
+        None
+    }
+}
+
+/// Checks an OTLP/HTTP collector base URL: `http(s)://host[:port][/path]`, no query, fragment
+/// or credentials. The error completes the sentence "endpoint ...".
+fn otlp_endpoint(url: &str) -> Result<(), &'static str> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or("must be an http:// or https:// URL")?;
+    if scheme != "http" && scheme != "https" {
+        return Err("must be an http:// or https:// URL");
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() || authority.starts_with(':') {
+        return Err("has no host");
+    }
+    if authority.contains('@') {
+        return Err("must not carry credentials");
+    }
+    if rest.contains(['?', '#']) {
+        return Err("must not have a query or fragment ({endpoint}/v1/traces is posted to)");
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain whitespace");
+    }
+    if let Some((_, port)) = authority.rsplit_once(':')
+        && !authority.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err("has an invalid port");
+    }
+    Ok(())
 }
 
 /// A non-negative decimal amount of USD as written in the spec (`"250"`, `"0.15"`).
@@ -645,6 +699,23 @@ pub struct ProviderSettings {
     pub account_id: Option<String>,
 }
 
+/// OpenTelemetry export of one span per request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpenTelemetry {
+    /// OTLP/HTTP collector base URL (e.g. `http://otel-collector.observability:4318`); spans
+    /// are posted as JSON to `{endpoint}/v1/traces`.
+    #[schemars(
+        length(min = 1, max = 2048),
+        regex(pattern = r"^https?://[^/?#@\s]+(/[^?#\s]*)?$")
+    )]
+    pub endpoint: String,
+    /// `service.name` resource attribute of the spans (default `sidegate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub service_name: Option<String>,
+}
+
 /// Request limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -708,5 +779,52 @@ mod tests {
         p.pricing[0].output_per_million = "3.x".into();
         let why = p.cost_problem().expect("bad price");
         assert!(why.starts_with("spec.pricing[0].outputPerMillion"), "{why}");
+    }
+
+    #[test]
+    fn open_telemetry_endpoint_must_be_an_http_url() {
+        let with = |endpoint: &str| GatewayPolicy {
+            open_telemetry: Some(OpenTelemetry {
+                endpoint: endpoint.into(),
+                service_name: None,
+            }),
+            ..GatewayPolicy::default()
+        };
+        for ok in [
+            "http://otel-collector.observability:4318",
+            "https://otlp.example.com/otlp",
+            "http://127.0.0.1:4318/",
+            "http://[::1]:4318",
+        ] {
+            assert_eq!(with(ok).open_telemetry_problem(), None, "{ok}");
+        }
+        for (bad, why) in [
+            ("otel-collector:4318", "must be an http:// or https:// URL"),
+            (
+                "grpc://collector:4317",
+                "must be an http:// or https:// URL",
+            ),
+            ("http://", "has no host"),
+            ("http://:4318", "has no host"),
+            (
+                "http://user:pw@collector:4318",
+                "must not carry credentials",
+            ),
+            ("http://collector:4318/?a=b", "must not have a query"),
+            ("http://collector:port", "has an invalid port"),
+            ("http://collector :4318", "must not contain whitespace"),
+        ] {
+            let msg = with(bad).open_telemetry_problem().expect(bad);
+            assert!(
+                msg.starts_with("spec.openTelemetry.endpoint") && msg.contains(why),
+                "{bad}: {msg}"
+            );
+        }
+        let mut p = with("http://collector:4318");
+        if let Some(o) = p.open_telemetry.as_mut() {
+            o.service_name = Some(" ".into());
+        }
+        let msg = p.open_telemetry_problem().expect("blank service name");
+        assert!(msg.starts_with("spec.openTelemetry.serviceName"), "{msg}");
     }
 }

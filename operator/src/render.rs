@@ -786,6 +786,23 @@ mod tests {
     }
 
     #[test]
+    fn open_telemetry_reaches_the_sidecar_config() {
+        use sidegate_crds::policy::OpenTelemetry;
+        let gw = gateway(GatewayPolicy {
+            open_telemetry: Some(OpenTelemetry {
+                endpoint: "http://otel-collector.observability:4318".into(),
+                service_name: Some("checkout".into()),
+            }),
+            ..GatewayPolicy::default()
+        });
+        let r = render(&gw, &[], &BTreeMap::new()).expect("renders");
+        let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
+        assert!(yaml.contains("openTelemetry:"), "{yaml}");
+        let config: sidegate_crds::GatewayConfig = serde_saphyr::from_str(yaml).expect("parses");
+        assert_eq!(config.spec.open_telemetry, gw.spec.policy.open_telemetry);
+    }
+
+    #[test]
     fn provider_key_base_urls_apply_unless_the_gateway_overrides_them() {
         let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
         let mut pk = key("a", "openai", "default", "s", "k");

@@ -139,6 +139,10 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     if let Some(why) = policy.cache.as_ref().and_then(|c| c.problem()) {
         problems.push(why);
     }
+    if let Some(why) = policy.open_telemetry_problem() {
+        // The sidecar refuses the same config with the same message.
+        problems.push(why);
+    }
     if let Some(why) = policy.cost_problem() {
         // The sidecar refuses the same config with the same message.
         problems.push(why);
@@ -347,6 +351,23 @@ mod tests {
             gateway(&gw)
         );
         gw.spec.policy.guardrails = None;
+        // An OpenTelemetry collector anywhere (spans carry no keys), over http or https.
+        gw.spec.policy.open_telemetry = Some(sidegate_crds::policy::OpenTelemetry {
+            endpoint: "http://otel-collector.observability:4318".into(),
+            service_name: Some("checkout".into()),
+        });
+        assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
+        if let Some(o) = gw.spec.policy.open_telemetry.as_mut() {
+            o.endpoint = "otel-collector:4317".into();
+        }
+        assert!(
+            gateway(&gw).iter().any(|p| p.starts_with(
+                "spec.openTelemetry.endpoint \"otel-collector:4317\" must be an http:// or https:// URL"
+            )),
+            "{:?}",
+            gateway(&gw)
+        );
+        gw.spec.policy.open_telemetry = None;
         // Spend limits, prices and token budgets are served; amounts and prices are checked.
         gw.spec.policy.spend_limit = Some(sidegate_crds::policy::SpendLimit {
             amount: "250.00".into(),
