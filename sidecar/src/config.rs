@@ -93,6 +93,8 @@ pub struct Snapshot {
     pub pricing: crate::cost::Pricing,
     /// Spend limit and token budget, if either is set.
     pub budgets: Option<crate::budget::Settings>,
+    /// Where request spans go (`spec.openTelemetry`), if anywhere.
+    pub otel: Option<std::sync::Arc<crate::otel::Target>>,
     /// The gateway name accepted in long-form URLs (`None`: any).
     pub gateway_name: Option<String>,
     /// sha256 of the file and the keys: any change to either changes it.
@@ -254,12 +256,19 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         ));
     }
     let pricing = crate::cost::Pricing::with(&config.spec.pricing).map_err(invalid)?;
+    let otel_gateway = match (&config.gateway.namespace, &config.gateway.name) {
+        (Some(ns), Some(n)) => format!("{ns}/{n}"),
+        (None, Some(n)) => n.clone(),
+        _ => String::new(),
+    };
+    let otel = crate::otel::Target::from_policy(&config.spec, otel_gateway).map_err(invalid)?;
     let mut h = Sha256::new();
     h.update(&raw);
     h.update(keys.digest);
     let fingerprint = format!("sha256:{}", hex::encode(h.finalize()));
     Ok(Snapshot {
         gateway_name: config.gateway.name.clone(),
+        otel,
         config,
         providers,
         keys,

@@ -12,6 +12,7 @@
 //! - [`error`]: gateway-made errors in the SPEC.md envelope.
 //! - [`cost`], [`budget`]: request cost from model prices; spend limits and token budgets.
 //! - [`log_id`]: request ids (`cf-aig-log-id`).
+//! - [`otel`]: OpenTelemetry export, one GenAI span per request (OTLP/HTTP JSON).
 //! - [`reload`]: live reload on file changes.
 //! - [`server`], [`admin`], [`telemetry`], [`access_log`]: listeners, health, metrics, request log.
 
@@ -30,6 +31,7 @@ pub mod guardrails;
 pub mod headers;
 pub mod keys;
 pub mod log_id;
+pub mod otel;
 pub mod providers;
 pub mod proxy;
 pub mod ratelimit;

@@ -160,11 +160,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(reload::watch(gateway.clone(), sources));
     server::serve_gateway(
         listener,
-        gateway,
+        gateway.clone(),
         shutdown_signal(),
         Duration::from_secs(args.shutdown_grace),
     )
     .await;
+    // Spans of the last requests, best effort and bounded (kubelet's grace period is running).
+    gateway.flush_spans(Duration::from_secs(3)).await;
     Ok(())
 }
 

@@ -55,6 +55,8 @@ pub struct Gateway {
     flights: cache::Flights,
     /// Spend and token counters of this pod, kept across reloads.
     ledger: Arc<crate::budget::Ledger>,
+    /// The span exporter (`spec.openTelemetry`); idle until a config sets an endpoint.
+    otel: crate::otel::Exporter,
 }
 
 /// What the cache did for a request.
@@ -72,13 +74,19 @@ impl Gateway {
     pub fn new(metrics: Arc<Metrics>, client: UpstreamClient) -> Self {
         Self {
             snapshot: ArcSwapOption::empty(),
-            client,
-            metrics,
             cache: ArcSwapOption::empty(),
             limiter: crate::ratelimit::Limiter::default(),
             flights: cache::Flights::default(),
             ledger: Arc::default(),
+            otel: crate::otel::Exporter::new(client.clone(), metrics.clone()),
+            client,
+            metrics,
         }
+    }
+
+    /// Exports the spans still queued, waiting at most `within` (on shutdown).
+    pub async fn flush_spans(&self, within: Duration) {
+        self.otel.flush(within).await;
     }
 
     /// The cache store for `settings`, made (or remade, when its size changed) on first use.
@@ -247,12 +255,33 @@ impl Gateway {
             return Ok(self.refuse(None, GatewayError::NotReady, req.method(), true));
         };
         let method = req.method().clone();
+        // Only when spans are exported: what the span of a refused request needs.
+        let refusal = snap.otel.as_ref().map(|_| {
+            (
+                crate::otel::trace_headers(req.headers()),
+                req.uri().path().to_owned(),
+            )
+        });
         match self.proxy(&snap, req, start).await {
             Ok(resp) if snap.dlp.checks_responses() || snap.guardrails.checks_responses() => {
                 Ok(self.scan_response(&snap, resp).await)
             }
             Ok(resp) => Ok(resp),
-            Err((provider, err)) => Ok(self.refuse(provider, err, &method, snap.log_requests)),
+            Err((provider, err)) => {
+                if let (Some(target), Some((headers, path))) = (&snap.otel, refusal) {
+                    self.otel.refused(
+                        target,
+                        &headers,
+                        &path,
+                        provider.clone(),
+                        &method,
+                        &err,
+                        start.elapsed(),
+                        &self.metrics,
+                    );
+                }
+                Ok(self.refuse(provider, err, &method, snap.log_requests))
+            }
         }
     }
 
@@ -362,8 +391,16 @@ impl Gateway {
                 },
             ));
         }
-        let opts = LogOptions::from_headers(&parts.headers, snap.log_requests, snap.log_payloads)
-            .map_err(|e| (None, e))?;
+        let mut opts =
+            LogOptions::from_headers(&parts.headers, snap.log_requests, snap.log_payloads)
+                .map_err(|e| (None, e))?;
+        if let Some(target) = &snap.otel {
+            opts.trace = Some(
+                self.otel
+                    .trace(target, &parts.headers)
+                    .map_err(|e| (None, e))?,
+            );
+        }
         // spend limit and token budget
         if let Some(b) = &snap.budgets {
             self.ledger

@@ -70,6 +70,9 @@ pub struct Metrics {
     guardrails: Family<ReloadLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     cost: Family<ProviderLabels, UsdCounter>,
+    otel_exported: Counter,
+    otel_dropped: Counter,
+    otel_failed: Counter,
 }
 
 /// A counter of US dollars.
@@ -229,7 +232,28 @@ impl Metrics {
             "Cost in USD of responses with a known price (or cf-aig-custom-cost), by provider",
             cost.clone(),
         );
+        let otel_exported = Counter::default();
+        registry.register(
+            "otel_spans_exported",
+            "OpenTelemetry spans the collector accepted",
+            otel_exported.clone(),
+        );
+        let otel_dropped = Counter::default();
+        registry.register(
+            "otel_spans_dropped",
+            "OpenTelemetry spans dropped because the export queue was full",
+            otel_dropped.clone(),
+        );
+        let otel_failed = Counter::default();
+        registry.register(
+            "otel_spans_failed",
+            "OpenTelemetry spans lost because their export request failed",
+            otel_failed.clone(),
+        );
         Self {
+            otel_exported,
+            otel_dropped,
+            otel_failed,
             registry,
             handles: RwLock::new(Vec::new()),
             requests,
@@ -354,6 +378,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts OpenTelemetry spans: `exported`, `dropped` (queue full) or `failed` (export error).
+    pub fn count_otel_spans(&self, result: &'static str, n: u64) {
+        match result {
+            "exported" => self.otel_exported.inc_by(n),
+            "dropped" => self.otel_dropped.inc_by(n),
+            _ => self.otel_failed.inc_by(n),
+        };
+    }
+
     /// Counts one failed Redis operation.
     pub fn count_redis_error(&self) {
         self.redis_errors.inc();
@@ -398,6 +431,8 @@ pub struct LogOptions {
     /// Log the request and response bodies (`spec.logging.payloads`, unless
     /// `cf-aig-collect-log-payload: false`).
     pub payloads: bool,
+    /// The span this request becomes (`spec.openTelemetry`), and the client's trace it joins.
+    pub trace: Option<crate::otel::Trace>,
 }
 
 impl LogOptions {
@@ -441,6 +476,7 @@ impl LogOptions {
             metadata,
             custom_cost,
             payloads,
+            trace: None,
         })
     }
 }
@@ -495,6 +531,8 @@ pub struct RequestRecord {
     route_budgets: Vec<std::sync::Arc<crate::routing::BudgetWindow>>,
     /// Bodies for the log line (`spec.logging.payloads`).
     payloads: Option<Box<Payloads>>,
+    /// The span to export, when the gateway exports them.
+    trace: Option<crate::otel::Trace>,
     done: bool,
 }
 
@@ -530,6 +568,7 @@ impl RequestRecord {
             tally: None,
             route_budgets: Vec::new(),
             payloads: opts.payloads.then(Box::default),
+            trace: opts.trace.clone(),
             done: false,
         }
     }
@@ -654,6 +693,28 @@ impl RequestRecord {
                 }),
             });
         }
+        if let Some(trace) = self.trace.take() {
+            let end = std::time::SystemTime::now();
+            trace.send(
+                crate::otel::Finished {
+                    start: end.checked_sub(elapsed).unwrap_or(end),
+                    end,
+                    provider: self.provider.clone(),
+                    method: self.method.clone(),
+                    operation: crate::otel::operation(&self.path),
+                    model: self.model.as_ref().map(|m| m.as_str().to_owned()),
+                    status: self.status,
+                    outcome,
+                    tokens,
+                    cost,
+                    cached: self.cached,
+                    log_id: std::mem::take(&mut self.log_id),
+                    metadata: self.metadata.take(),
+                    error_code: None,
+                },
+                &self.metrics,
+            );
+        }
     }
 }
 
@@ -679,6 +740,7 @@ mod tests {
                 metadata: None,
                 custom_cost: None,
                 payloads: false,
+                trace: None,
             })
         );
         // Payloads: the gateway's setting, unless the request opts out; only checked when on.
