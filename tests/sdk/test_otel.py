@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, free_port, gateway_yaml
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -298,10 +298,5 @@ def test_with_the_collector_down_requests_succeed_and_lost_spans_are_counted(moc
 
 
 def test_an_invalid_endpoint_is_refused_at_load_naming_the_field(mock, tmp_path):
-    spec = "  openTelemetry: {endpoint: 'otel-collector:4317'}\n"
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS, wait_ready=False)
-    try:
-        assert g.proc.wait(10) != 0
-        assert "spec.openTelemetry.endpoint" in g.logs()
-    finally:
-        g.stop()
+    assert_refused_at_start(mock, tmp_path, "  openTelemetry: {endpoint: 'otel-collector:4317'}\n",
+                            "spec.openTelemetry.endpoint", "otel-collector:4317")
