@@ -25,7 +25,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::GatewayError;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, SpanFate};
 use crate::upstream::UpstreamClient;
 
 /// Spans waiting for export; more are dropped (and counted).
@@ -180,7 +180,7 @@ impl Trace {
             finished: span,
         };
         if self.queue.try_send(Msg::Span(Box::new(span))).is_err() {
-            metrics.count_otel_spans("dropped", 1);
+            metrics.count_otel_spans(SpanFate::Dropped, 1);
         }
     }
 }
@@ -411,9 +411,9 @@ async fn export(
         let n = mine.len() as u64;
         let body = encode(&target, &mine, &mut IdSource::default());
         match post(client, &target.uri, body).await {
-            Ok(()) => metrics.count_otel_spans("exported", n),
+            Ok(()) => metrics.count_otel_spans(SpanFate::Exported, n),
             Err(why) => {
-                metrics.count_otel_spans("failed", n);
+                metrics.count_otel_spans(SpanFate::Failed, n);
                 let now = tokio::time::Instant::now();
                 if last_warn.is_none_or(|t| now >= t + WARN_EVERY) {
                     *last_warn = Some(now);

@@ -75,6 +75,17 @@ pub struct Metrics {
     otel_failed: Counter,
 }
 
+/// What became of OpenTelemetry spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanFate {
+    /// The collector accepted them.
+    Exported,
+    /// The export queue was full.
+    Dropped,
+    /// Their export request failed.
+    Failed,
+}
+
 /// A counter of US dollars.
 type UsdCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
@@ -378,12 +389,12 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts OpenTelemetry spans: `exported`, `dropped` (queue full) or `failed` (export error).
-    pub fn count_otel_spans(&self, result: &'static str, n: u64) {
-        match result {
-            "exported" => self.otel_exported.inc_by(n),
-            "dropped" => self.otel_dropped.inc_by(n),
-            _ => self.otel_failed.inc_by(n),
+    /// Counts `n` OpenTelemetry spans that met `fate`.
+    pub fn count_otel_spans(&self, fate: SpanFate, n: u64) {
+        match fate {
+            SpanFate::Exported => self.otel_exported.inc_by(n),
+            SpanFate::Dropped => self.otel_dropped.inc_by(n),
+            SpanFate::Failed => self.otel_failed.inc_by(n),
         };
     }
 
