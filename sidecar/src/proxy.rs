@@ -255,12 +255,13 @@ impl Gateway {
             return Ok(self.refuse(None, GatewayError::NotReady, req.method(), true));
         };
         let method = req.method().clone();
-        // Only when spans are exported: what the span of a refused request needs.
+        // Only when spans are exported: what the span of a refused request needs (boxed, so a
+        // request without an exporter carries one pointer of `None` across the awaits).
         let refusal = snap.otel.as_ref().map(|_| {
-            (
+            Box::new((
                 crate::otel::trace_headers(req.headers()),
-                req.uri().path().to_owned(),
-            )
+                crate::otel::operation(req.uri().path()),
+            ))
         });
         match self.proxy(&snap, req, start).await {
             Ok(resp) if snap.dlp.checks_responses() || snap.guardrails.checks_responses() => {
@@ -268,11 +269,12 @@ impl Gateway {
             }
             Ok(resp) => Ok(resp),
             Err((provider, err)) => {
-                if let (Some(target), Some((headers, path))) = (&snap.otel, refusal) {
+                if let (Some(target), Some(refusal)) = (&snap.otel, refusal) {
+                    let (headers, operation) = *refusal;
                     self.otel.refused(
                         target,
                         &headers,
-                        &path,
+                        operation,
                         provider.clone(),
                         &method,
                         &err,
