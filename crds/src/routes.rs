@@ -121,6 +121,19 @@ pub fn compile(
                 v.clone()
                     .ok_or_else(|| format!("{} is required for a {:?} node", at(ni, field), n.kind))
             };
+            // The interval and both branches of a rate or budget node.
+            let capped = || {
+                let interval = n
+                    .interval
+                    .map(|d| d.get())
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| format!("{} must be above 0", at(ni, "interval")))?;
+                Ok::<_, String>((
+                    interval,
+                    need(&n.next, "next")?,
+                    need(&n.fallback, "fallback")?,
+                ))
+            };
             let node = match n.kind {
                 RouteNodeType::Start => {
                     if start.replace(n.id.clone()).is_some() {
@@ -160,14 +173,12 @@ pub fn compile(
                         .ok_or_else(|| {
                             format!("{} must be a number of requests above 0", at(ni, "limit"))
                         })?;
-                    let interval = n.interval.map(|d| d.get()).filter(|d| !d.is_zero());
-                    let interval = interval
-                        .ok_or_else(|| format!("{} must be above 0", at(ni, "interval")))?;
+                    let (interval, next, fallback) = capped()?;
                     Node::Rate {
                         limit,
                         interval,
-                        next: need(&n.next, "next")?,
-                        fallback: need(&n.fallback, "fallback")?,
+                        next,
+                        fallback,
                     }
                 }
                 RouteNodeType::Budget => {
@@ -179,14 +190,12 @@ pub fn compile(
                         .ok_or_else(|| {
                             format!("{} must be an amount of USD above 0", at(ni, "limit"))
                         })?;
-                    let interval = n.interval.map(|d| d.get()).filter(|d| !d.is_zero());
-                    let interval = interval
-                        .ok_or_else(|| format!("{} must be above 0", at(ni, "interval")))?;
+                    let (interval, next, fallback) = capped()?;
                     Node::Budget {
                         limit,
                         interval,
-                        next: need(&n.next, "next")?,
-                        fallback: need(&n.fallback, "fallback")?,
+                        next,
+                        fallback,
                     }
                 }
                 RouteNodeType::Model => {

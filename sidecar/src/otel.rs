@@ -645,6 +645,16 @@ mod tests {
         }
     }
 
+    /// The OTLP document of one root span of `f`.
+    fn encode_one(f: Finished) -> Value {
+        let span = Span {
+            target: target(),
+            parent: None,
+            finished: f,
+        };
+        serde_json::from_slice(&encode(&target(), &[span], &mut IdSource::default())).expect("json")
+    }
+
     fn attrs(span: &Value) -> std::collections::BTreeMap<String, Value> {
         span["attributes"]
             .as_array()
@@ -799,14 +809,7 @@ mod tests {
         f.model = None;
         f.cost = None;
         f.tokens = [None, None];
-        let span = Span {
-            target: target(),
-            parent: None,
-            finished: f,
-        };
-        let doc: Value =
-            serde_json::from_slice(&encode(&target(), &[span], &mut IdSource::default()))
-                .expect("json");
+        let doc = encode_one(f);
         let s = &doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
         assert_eq!(s["status"]["code"], 2);
         assert_eq!(s["name"], "chat");
@@ -820,14 +823,7 @@ mod tests {
 
         let mut f = finished();
         f.outcome = "upstream_error";
-        let span = Span {
-            target: target(),
-            parent: None,
-            finished: f,
-        };
-        let doc: Value =
-            serde_json::from_slice(&encode(&target(), &[span], &mut IdSource::default()))
-                .expect("json");
+        let doc = encode_one(f);
         let s = &doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
         assert_eq!(s["status"]["code"], 2);
         assert_eq!(
