@@ -1,6 +1,7 @@
 //! A gateway in a steady state causes no writes: a reconcile triggered by an unrelated change
 //! (here, an annotation) reads and compares, and writes nothing. Its own test binary, so the
-//! write counter belongs to this test alone.
+//! write counter belongs to this test alone — once the namespaces earlier test binaries deleted
+//! are gone (their gateways' last reconciles write too).
 //!
 //! ```text
 //! tests/cluster/with-cluster cargo test -p sidegate-operator --test cluster_steady_state
@@ -11,9 +12,9 @@ mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use sidegate_crds::api::{AIGateway, ProviderKey};
 use sidegate_operator::controller::CONTROLLER;
@@ -44,6 +45,24 @@ async fn a_steady_state_makes_no_writes_when_reconciled_again() {
     .await;
     wait_ready(&gateways, "steady").await;
 
+    // Namespaces that earlier test binaries on this cluster deleted must be gone first: the
+    // operator reconciles their gateways while they terminate, and that writes.
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    eventually(
+        "namespaces of earlier tests deleted",
+        Duration::from_secs(120),
+        || {
+            let namespaces = namespaces.clone();
+            async move {
+                let all = namespaces.list(&ListParams::default()).await.ok()?;
+                all.items
+                    .iter()
+                    .all(|n| n.metadata.deletion_timestamp.is_none())
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     // Let every reconcile in flight (this gateway's and leftovers of earlier runs) settle.
     let mut last = metrics.writes_total(CONTROLLER);
     eventually("writes to settle", Duration::from_secs(30), || {
