@@ -108,17 +108,7 @@ pub struct Want<'a> {
 
 /// Whether the cache is on for a request, and how; `None` when it is off.
 pub fn want<'a>(s: &Settings, headers: &'a HeaderMap) -> Result<Option<Want<'a>>, GatewayError> {
-    let skip = match headers.get(SKIP).map(|v| v.as_bytes()) {
-        None => false,
-        Some(v) if v.eq_ignore_ascii_case(b"true") => true,
-        Some(v) if v.eq_ignore_ascii_case(b"false") => false,
-        Some(_) => {
-            return Err(GatewayError::BadHeader {
-                name: "cf-aig-skip-cache",
-                reason: "expected true or false".into(),
-            });
-        }
-    };
+    let skip = crate::headers::bool_header(headers, SKIP, "cf-aig-skip-cache")?.unwrap_or(false);
     let ttl = match headers.get(TTL) {
         None => None,
         Some(v) => Some(

@@ -23,6 +23,24 @@ pub fn is_gateway_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("cf-aig-")
 }
 
+/// A `true`/`false` gateway header (any case), `None` when absent; anything else is a 400
+/// naming `shown` (the header's name).
+pub fn bool_header(
+    headers: &HeaderMap,
+    name: HeaderName,
+    shown: &'static str,
+) -> Result<Option<bool>, crate::error::GatewayError> {
+    match headers.get(name).map(|v| v.as_bytes()) {
+        None => Ok(None),
+        Some(v) if v.eq_ignore_ascii_case(b"false") => Ok(Some(false)),
+        Some(v) if v.eq_ignore_ascii_case(b"true") => Ok(Some(true)),
+        Some(_) => Err(crate::error::GatewayError::BadHeader {
+            name: shown,
+            reason: "expected true or false".into(),
+        }),
+    }
+}
+
 /// Lowercase header names listed in `Connection` (they are hop-by-hop too).
 fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
     headers

@@ -454,11 +454,13 @@ impl LogOptions {
         log_payloads: bool,
     ) -> Result<Self, crate::error::GatewayError> {
         use crate::error::GatewayError;
-        let log = flag(h, COLLECT_LOG, "cf-aig-collect-log")?.unwrap_or(true) && log_requests;
+        use crate::headers::bool_header;
+        let log =
+            bool_header(h, COLLECT_LOG, "cf-aig-collect-log")?.unwrap_or(true) && log_requests;
         // The payload switch only matters when payloads are logged at all.
         let payloads = log
             && log_payloads
-            && flag(h, COLLECT_PAYLOAD, "cf-aig-collect-log-payload")?.unwrap_or(true);
+            && bool_header(h, COLLECT_PAYLOAD, "cf-aig-collect-log-payload")?.unwrap_or(true);
         let metadata = match h.get(METADATA) {
             None => None,
             Some(v) => {
@@ -489,23 +491,6 @@ impl LogOptions {
             payloads,
             trace: None,
         })
-    }
-}
-
-/// A `true`/`false` header (any case); `None` when absent.
-fn flag(
-    h: &http::HeaderMap,
-    name: http::HeaderName,
-    shown: &'static str,
-) -> Result<Option<bool>, crate::error::GatewayError> {
-    match h.get(name).map(|v| v.as_bytes()) {
-        None => Ok(None),
-        Some(v) if v.eq_ignore_ascii_case(b"false") => Ok(Some(false)),
-        Some(v) if v.eq_ignore_ascii_case(b"true") => Ok(Some(true)),
-        Some(_) => Err(crate::error::GatewayError::BadHeader {
-            name: shown,
-            reason: "expected true or false".into(),
-        }),
     }
 }
 
