@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sidegate_crds::policy::{GatewayPolicy, RateLimitScope, RateLimitTechnique, SpendPeriod};
 
 use crate::error::GatewayError;
+use crate::ratelimit::{Counts, window_at};
 use crate::shared::Shared;
 use crate::telemetry::Metrics;
 
@@ -151,7 +152,7 @@ pub fn budget_left(
 pub struct Ledger {
     epoch: Instant,
     spend: Mutex<PeriodSpend>,
-    tokens: Mutex<TokenWindow>,
+    tokens: Mutex<Counts>,
 }
 
 #[derive(Debug, Default)]
@@ -160,27 +161,6 @@ struct PeriodSpend {
     start: u64,
     period: Option<SpendPeriod>,
     spent: f64,
-}
-
-#[derive(Debug, Default)]
-struct TokenWindow {
-    index: u64,
-    count: u64,
-    previous: u64,
-}
-
-impl TokenWindow {
-    fn roll(&mut self, index: u64) {
-        if index != self.index {
-            self.previous = if index == self.index + 1 {
-                self.count
-            } else {
-                0
-            };
-            self.count = 0;
-            self.index = index;
-        }
-    }
 }
 
 impl Default for Ledger {
@@ -195,7 +175,7 @@ impl Ledger {
         Self {
             epoch,
             spend: Mutex::new(PeriodSpend::default()),
-            tokens: Mutex::new(TokenWindow::default()),
+            tokens: Mutex::new(Counts::default()),
         }
     }
 
@@ -225,11 +205,7 @@ impl Ledger {
     }
 
     fn window(&self, now: Instant) -> (u64, Duration) {
-        let since = now.saturating_duration_since(self.epoch);
-        let w = TOKEN_WINDOW.as_nanos();
-        let index = u64::try_from(since.as_nanos() / w).unwrap_or(u64::MAX);
-        let into = Duration::from_nanos(u64::try_from(since.as_nanos() % w).unwrap_or(0));
-        (index, into)
+        window_at(self.epoch, now, TOKEN_WINDOW)
     }
 
     /// Whether this pod's token budget has room at `now`.

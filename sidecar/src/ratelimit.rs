@@ -48,9 +48,41 @@ pub struct Limiter {
 #[derive(Debug, Default)]
 struct Window {
     settings: Option<Settings>,
-    index: u64,
-    count: u64,
-    previous: u64,
+    counts: Counts,
+}
+
+/// What was counted in the current fixed window (number `index` since an epoch) and in the one
+/// before it: what a fixed or sliding window needs. Also the token budget's ([`crate::budget`]).
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    pub index: u64,
+    pub count: u64,
+    pub previous: u64,
+}
+
+impl Counts {
+    /// Moves to window `index`: the current count becomes the previous one when `index` is the
+    /// next window, and both restart after a gap.
+    pub fn roll(&mut self, index: u64) {
+        if index != self.index {
+            self.previous = if index == self.index + 1 {
+                self.count
+            } else {
+                0
+            };
+            self.count = 0;
+            self.index = index;
+        }
+    }
+}
+
+/// Which window of `interval` (numbered from `epoch`) holds `now`, and how far into it `now` is.
+pub(crate) fn window_at(epoch: Instant, now: Instant, interval: Duration) -> (u64, Duration) {
+    let interval_ns = interval.as_nanos().max(1);
+    let since = now.saturating_duration_since(epoch).as_nanos();
+    let index = u64::try_from(since / interval_ns).unwrap_or(u64::MAX);
+    let into = Duration::from_nanos(u64::try_from(since % interval_ns).unwrap_or(u64::MAX));
+    (index, into)
 }
 
 impl Default for Limiter {
@@ -71,23 +103,21 @@ impl Limiter {
     /// Counts a request at `now`; `Err(retry_after)` when it is over the limit.
     pub fn check(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
         let interval_ns = s.interval.as_nanos().max(1);
-        let since = now.saturating_duration_since(self.epoch).as_nanos();
-        let index = u64::try_from(since / interval_ns).unwrap_or(u64::MAX);
-        let into = since % interval_ns; // nanoseconds into the current window
+        let (index, into) = window_at(self.epoch, now, s.interval);
+        let into = into.as_nanos(); // nanoseconds into the current window
         let left = Duration::from_nanos(u64::try_from(interval_ns - into).unwrap_or(u64::MAX));
-        let mut w = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if w.settings != Some(*s) {
-            *w = Window {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.settings != Some(*s) {
+            *state = Window {
                 settings: Some(*s),
-                index,
-                ..Window::default()
+                counts: Counts {
+                    index,
+                    ..Counts::default()
+                },
             };
         }
-        if index != w.index {
-            w.previous = if index == w.index + 1 { w.count } else { 0 };
-            w.count = 0;
-            w.index = index;
-        }
+        let w = &mut state.counts;
+        w.roll(index);
         if !s.sliding {
             if w.count >= s.limit {
                 return Err(left);
