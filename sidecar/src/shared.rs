@@ -235,28 +235,48 @@ impl Shared {
         usd: f64,
         now: u64,
     ) {
-        let this = self.clone();
         let (start, end) = budget::period_bounds(period, now);
+        let ttl_ms = (end.saturating_sub(now) + 86_400) * 1000;
+        self.add_in_background(
+            metrics,
+            self.spend_key(period, start),
+            "INCRBYFLOAT",
+            format!("{usd:.12}"),
+            ttl_ms,
+            "spend write",
+        );
+    }
+
+    /// Adds `amount` to `key` with `incr` (`INCRBY`, `INCRBYFLOAT`) and (re)sets its expiry to
+    /// `ttl_ms`, in one round trip in the background; a failure is counted as `what`.
+    fn add_in_background(
+        self: &Arc<Self>,
+        metrics: Arc<Metrics>,
+        key: String,
+        incr: &'static str,
+        amount: String,
+        ttl_ms: u64,
+        what: &'static str,
+    ) {
+        let this = self.clone();
         tokio::spawn(async move {
-            let key = this.spend_key(period, start);
-            let ttl = end.saturating_sub(now) + 86_400;
             let done: ::redis::RedisResult<()> = async {
                 let mut c = this.conn().await?;
                 ::redis::pipe()
-                    .cmd("INCRBYFLOAT")
+                    .cmd(incr)
                     .arg(&key)
-                    .arg(format!("{usd:.12}"))
+                    .arg(amount)
                     .ignore()
-                    .cmd("EXPIRE")
+                    .cmd("PEXPIRE")
                     .arg(&key)
-                    .arg(ttl)
+                    .arg(ttl_ms)
                     .ignore()
                     .query_async(&mut c)
                     .await
             }
             .await;
             if let Err(e) = done {
-                this.failed(&metrics, "spend write", &e);
+                this.failed(&metrics, what, &e);
             }
         });
     }
@@ -305,29 +325,15 @@ impl Shared {
 
     /// Adds `n` tokens to the gateway's current minute, in the background.
     pub fn tokens_add(self: &Arc<Self>, metrics: Arc<Metrics>, n: u64) {
-        let this = self.clone();
         let (index, _) = Self::token_window();
-        tokio::spawn(async move {
-            let key = this.tokens_key(index);
-            let done: ::redis::RedisResult<()> = async {
-                let mut c = this.conn().await?;
-                ::redis::pipe()
-                    .cmd("INCRBY")
-                    .arg(&key)
-                    .arg(n)
-                    .ignore()
-                    .cmd("PEXPIRE")
-                    .arg(&key)
-                    .arg(budget::TOKEN_WINDOW.as_millis() as u64 * 2)
-                    .ignore()
-                    .query_async(&mut c)
-                    .await
-            }
-            .await;
-            if let Err(e) = done {
-                this.failed(&metrics, "token budget write", &e);
-            }
-        });
+        self.add_in_background(
+            metrics,
+            self.tokens_key(index),
+            "INCRBY",
+            n.to_string(),
+            budget::TOKEN_WINDOW.as_millis() as u64 * 2,
+            "token budget write",
+        );
     }
 }
 
