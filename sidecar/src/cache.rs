@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use sidegate_crds::policy::Cache as CachePolicy;
 
 use crate::error::GatewayError;
+use crate::headers::{GatewayHeaders, Gw};
 use crate::shared::{CachedResponse, Shared};
 use crate::telemetry::Metrics;
 
@@ -38,9 +39,6 @@ const MAX_CUSTOM_KEY: usize = 1024;
 /// Longest a request waits for an identical one's response before calling upstream itself.
 pub const COALESCE_WAIT: Duration = Duration::from_secs(30);
 
-const SKIP: HeaderName = HeaderName::from_static("cf-aig-skip-cache");
-const TTL: HeaderName = HeaderName::from_static("cf-aig-cache-ttl");
-const CUSTOM_KEY: HeaderName = HeaderName::from_static("cf-aig-cache-key");
 /// `HIT` or `MISS` on every response of a request the cache was on for.
 pub const STATUS: HeaderName = HeaderName::from_static("cf-aig-cache-status");
 /// `cf-aig-cache-status` values.
@@ -107,9 +105,12 @@ pub struct Want<'a> {
 }
 
 /// Whether the cache is on for a request, and how; `None` when it is off.
-pub fn want<'a>(s: &Settings, headers: &'a HeaderMap) -> Result<Option<Want<'a>>, GatewayError> {
-    let skip = crate::headers::bool_header(headers, SKIP, "cf-aig-skip-cache")?.unwrap_or(false);
-    let ttl = match headers.get(TTL) {
+pub fn want<'a>(
+    s: &Settings,
+    headers: GatewayHeaders<'a>,
+) -> Result<Option<Want<'a>>, GatewayError> {
+    let skip = headers.flag(Gw::SkipCache)?.unwrap_or(false);
+    let ttl = match headers.get(Gw::CacheTtl) {
         None => None,
         Some(v) => Some(
             v.to_str()
@@ -123,7 +124,7 @@ pub fn want<'a>(s: &Settings, headers: &'a HeaderMap) -> Result<Option<Want<'a>>
                 })?,
         ),
     };
-    let custom_key = match headers.get(CUSTOM_KEY) {
+    let custom_key = match headers.get(Gw::CacheKey) {
         None => None,
         Some(v) => Some(
             v.to_str()
@@ -722,20 +723,20 @@ mod tests {
             ..Settings::default()
         };
         let mut h = HeaderMap::new();
-        assert_eq!(want(&off, &h), Ok(None));
+        assert_eq!(want(&off, GatewayHeaders::scan(&h)), Ok(None));
         assert_eq!(
-            want(&on, &h),
+            want(&on, GatewayHeaders::scan(&h)),
             Ok(Some(Want {
                 ttl: DEFAULT_TTL,
                 skip: false,
                 custom_key: None
             }))
         );
-        h.insert(TTL, HeaderValue::from_static("3600"));
-        h.insert(SKIP, HeaderValue::from_static("TRUE"));
-        h.insert(CUSTOM_KEY, HeaderValue::from_static("greeting"));
+        h.insert(Gw::CacheTtl.name(), HeaderValue::from_static("3600"));
+        h.insert(Gw::SkipCache.name(), HeaderValue::from_static("TRUE"));
+        h.insert(Gw::CacheKey.name(), HeaderValue::from_static("greeting"));
         assert_eq!(
-            want(&off, &h),
+            want(&off, GatewayHeaders::scan(&h)),
             Ok(Some(Want {
                 ttl: Duration::from_secs(3600),
                 skip: true,
@@ -743,16 +744,16 @@ mod tests {
             }))
         );
         for (name, bad) in [
-            (TTL, "59"),
-            (TTL, "2592001"),
-            (TTL, "soon"),
-            (SKIP, "yes"),
-            (CUSTOM_KEY, ""),
+            (Gw::CacheTtl.name(), "59"),
+            (Gw::CacheTtl.name(), "2592001"),
+            (Gw::CacheTtl.name(), "soon"),
+            (Gw::SkipCache.name(), "yes"),
+            (Gw::CacheKey.name(), ""),
         ] {
             let mut h = HeaderMap::new();
-            h.insert(name.clone(), HeaderValue::from_static(bad));
+            h.insert(name, HeaderValue::from_static(bad));
             assert_eq!(
-                want(&on, &h).map_err(|e| e.code()),
+                want(&on, GatewayHeaders::scan(&h)).map_err(|e| e.code()),
                 Err(2100),
                 "{name}: {bad}"
             );

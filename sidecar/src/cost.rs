@@ -11,11 +11,11 @@
 
 use std::sync::LazyLock;
 
-use http::{HeaderMap, HeaderName};
 use memchr::memmem;
 use sidegate_crds::policy::{ModelPrice, parse_usd};
 
 use crate::error::GatewayError;
+use crate::headers::{GatewayHeaders, Gw};
 
 /// When the built-in prices were taken from the providers' public price lists.
 pub const PRICES_AS_OF: &str = "2025-11-25";
@@ -297,8 +297,6 @@ impl ModelName {
     }
 }
 
-const CUSTOM_COST: HeaderName = HeaderName::from_static("cf-aig-custom-cost");
-
 /// A request's `cf-aig-custom-cost`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CustomCost {
@@ -316,8 +314,8 @@ pub enum CustomCost {
 impl CustomCost {
     /// `cf-aig-custom-cost` of `headers`, if present: `{"per_token_in": .., "per_token_out": ..}`
     /// or `{"total_cost": ..}`, non-negative numbers.
-    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>, GatewayError> {
-        let Some(v) = headers.get(CUSTOM_COST) else {
+    pub fn from_headers(headers: GatewayHeaders<'_>) -> Result<Option<Self>, GatewayError> {
+        let Some(v) = headers.get(Gw::CustomCost) else {
             return Ok(None);
         };
         let bad = |reason: &str| GatewayError::BadHeader {
@@ -495,14 +493,17 @@ mod tests {
     }
 
     fn custom(v: &'static str) -> Result<Option<CustomCost>, u16> {
-        let mut h = HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.insert("cf-aig-custom-cost", HeaderValue::from_static(v));
-        CustomCost::from_headers(&h).map_err(|e| e.code())
+        CustomCost::from_headers(GatewayHeaders::scan(&h)).map_err(|e| e.code())
     }
 
     #[test]
     fn custom_costs_are_per_token_or_total_and_checked() {
-        assert_eq!(CustomCost::from_headers(&HeaderMap::new()), Ok(None));
+        assert_eq!(
+            CustomCost::from_headers(GatewayHeaders::scan(&http::HeaderMap::new())),
+            Ok(None)
+        );
         assert_eq!(
             custom(r#"{"per_token_in": 0.000001, "per_token_out": 0.000002}"#),
             Ok(Some(CustomCost::PerToken {

@@ -1,7 +1,10 @@
 //! Header rules between client and upstream: `cf-aig-*` headers are the gateway's and never go
 //! upstream; hop-by-hop headers (RFC 9110 §7.6.1) apply to one connection only.
 
+use http::HeaderValue;
 use http::header::{self, HeaderMap, HeaderName};
+
+use crate::error::GatewayError;
 
 /// Headers that only describe one connection, in both directions.
 const HOP_BY_HOP: &[HeaderName] = &[
@@ -23,21 +26,107 @@ pub fn is_gateway_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("cf-aig-")
 }
 
-/// A `true`/`false` gateway header (any case), `None` when absent; anything else is a 400
-/// naming `shown` (the header's name).
-pub fn bool_header(
-    headers: &HeaderMap,
-    name: HeaderName,
-    shown: &'static str,
-) -> Result<Option<bool>, crate::error::GatewayError> {
-    match headers.get(name).map(|v| v.as_bytes()) {
-        None => Ok(None),
-        Some(v) if v.eq_ignore_ascii_case(b"false") => Ok(Some(false)),
-        Some(v) if v.eq_ignore_ascii_case(b"true") => Ok(Some(true)),
-        Some(_) => Err(crate::error::GatewayError::BadHeader {
-            name: shown,
-            reason: "expected true or false".into(),
-        }),
+/// The `cf-aig-*` request headers the gateway reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gw {
+    Authorization,
+    ByokAlias,
+    EventId,
+    RequestTimeout,
+    SkipCache,
+    CacheTtl,
+    CacheKey,
+    MaxAttempts,
+    RetryDelay,
+    Backoff,
+    CollectLog,
+    CollectLogPayload,
+    Metadata,
+    CustomCost,
+}
+
+/// Their names, in the order of [`Gw`].
+const GW_NAMES: [&str; 14] = [
+    "cf-aig-authorization",
+    "cf-aig-byok-alias",
+    "cf-aig-event-id",
+    "cf-aig-request-timeout",
+    "cf-aig-skip-cache",
+    "cf-aig-cache-ttl",
+    "cf-aig-cache-key",
+    "cf-aig-max-attempts",
+    "cf-aig-retry-delay",
+    "cf-aig-backoff",
+    "cf-aig-collect-log",
+    "cf-aig-collect-log-payload",
+    "cf-aig-metadata",
+    "cf-aig-custom-cost",
+];
+
+// Every variant has a name.
+const _: () = assert!(Gw::CustomCost as usize + 1 == GW_NAMES.len());
+
+impl Gw {
+    /// The header's name (`cf-aig-...`).
+    pub const fn name(self) -> &'static str {
+        GW_NAMES[self as usize]
+    }
+}
+
+/// A request's headers with the gateway headers it carries found in one pass: most requests
+/// carry one or two of the dozen the gateway reads, and asking for an absent one is a bit test
+/// instead of a hash-map lookup.
+#[derive(Clone, Copy)]
+pub struct GatewayHeaders<'a> {
+    map: &'a HeaderMap,
+    present: u32,
+}
+
+impl<'a> GatewayHeaders<'a> {
+    pub fn scan(map: &'a HeaderMap) -> Self {
+        let mut present = 0u32;
+        for name in map.keys() {
+            let name = name.as_str();
+            if name.starts_with("cf-aig-")
+                && let Some(i) = GW_NAMES.iter().position(|n| *n == name)
+            {
+                present |= 1 << i;
+            }
+        }
+        Self { map, present }
+    }
+
+    /// The value of gateway header `h` (the first, if repeated).
+    pub fn get(self, h: Gw) -> Option<&'a HeaderValue> {
+        if self.present & (1 << h as u32) == 0 {
+            return None;
+        }
+        self.map.get(h.name())
+    }
+
+    /// A `true`/`false` header (any case), `None` when absent; anything else is a 400.
+    pub fn flag(self, h: Gw) -> Result<Option<bool>, GatewayError> {
+        match self.get(h).map(HeaderValue::as_bytes) {
+            None => Ok(None),
+            Some(v) if v.eq_ignore_ascii_case(b"false") => Ok(Some(false)),
+            Some(v) if v.eq_ignore_ascii_case(b"true") => Ok(Some(true)),
+            Some(_) => Err(GatewayError::BadHeader {
+                name: h.name(),
+                reason: "expected true or false".into(),
+            }),
+        }
+    }
+
+    /// `cf-aig-byok-alias`: which stored key of the provider to use.
+    pub fn byok_alias(self) -> Result<Option<&'a str>, GatewayError> {
+        self.get(Gw::ByokAlias)
+            .map(|v| {
+                v.to_str().map_err(|_| GatewayError::BadHeader {
+                    name: Gw::ByokAlias.name(),
+                    reason: "not visible ASCII".into(),
+                })
+            })
+            .transpose()
     }
 }
 
@@ -146,6 +235,43 @@ mod tests {
             2,
             "without injection the client's own key is forwarded"
         );
+    }
+
+    #[test]
+    fn gateway_headers_are_found_in_one_pass() {
+        let h = map(&[
+            ("content-type", "application/json"),
+            ("cf-aig-cache-ttl", "60"),
+            ("cf-aig-skip-cache", "TRUE"),
+            ("cf-aig-collect-log", "maybe"),
+            ("cf-aig-byok-alias", "team-a"),
+            ("cf-aig-byok-alias", "team-b"),
+            ("cf-aig-something-new", "1"),
+        ]);
+        let aig = GatewayHeaders::scan(&h);
+        assert_eq!(
+            aig.get(Gw::CacheTtl).map(|v| v.as_bytes()),
+            Some(&b"60"[..])
+        );
+        assert_eq!(aig.get(Gw::CacheKey), None);
+        assert_eq!(aig.get(Gw::Authorization), None);
+        assert_eq!(aig.flag(Gw::SkipCache), Ok(Some(true)));
+        assert_eq!(aig.flag(Gw::CollectLogPayload), Ok(None));
+        let err = aig.flag(Gw::CollectLog).expect_err("not a boolean");
+        assert_eq!(err.code(), 2100);
+        assert!(err.to_string().contains("cf-aig-collect-log"), "{err}");
+        assert_eq!(
+            aig.byok_alias(),
+            Ok(Some("team-a")),
+            "the first of repeated values"
+        );
+        // A gateway header carried in any case is found: HTTP/1 names arrive lowercased.
+        let mut h = HeaderMap::new();
+        h.insert("CF-AIG-Request-Timeout", HeaderValue::from_static("5"));
+        assert!(GatewayHeaders::scan(&h).get(Gw::RequestTimeout).is_some());
+        for (i, name) in GW_NAMES.iter().enumerate() {
+            assert!(name.starts_with("cf-aig-"), "{i}: {name}");
+        }
     }
 
     #[test]

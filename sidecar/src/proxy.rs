@@ -18,7 +18,7 @@ use crate::body::ProxyBody;
 use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
-use crate::headers::{strip_response_headers, upstream_request_headers};
+use crate::headers::{GatewayHeaders, Gw, strip_response_headers, upstream_request_headers};
 use crate::providers::{KeyChoice, Provider};
 use crate::route::{self, Route};
 use crate::telemetry::{LogOptions, Metrics, RequestRecord};
@@ -26,9 +26,6 @@ use crate::telemetry::{LogOptions, Metrics, RequestRecord};
 use crate::upstream::UpstreamBody;
 pub use crate::upstream::{UpstreamClient, upstream_client};
 
-const REQUEST_TIMEOUT: HeaderName = HeaderName::from_static("cf-aig-request-timeout");
-const BYOK_ALIAS: HeaderName = HeaderName::from_static("cf-aig-byok-alias");
-const GATEWAY_AUTH: HeaderName = HeaderName::from_static("cf-aig-authorization");
 const EVENT_ID: HeaderName = HeaderName::from_static("cf-aig-event-id");
 const LOG_ID: HeaderName = HeaderName::from_static("cf-aig-log-id");
 /// A client's SigV4 signature, replaced when the gateway signs.
@@ -227,7 +224,7 @@ impl Gateway {
         *resp.headers_mut() = entry.headers;
         let headers = resp.headers_mut();
         headers.insert(cache::STATUS, cache::HIT);
-        let log_id = tag_response(headers, parts.headers.get(EVENT_ID));
+        let log_id = tag_response(headers, parts.headers.get(Gw::EventId.name()));
         let mut record = RequestRecord::new(
             self.metrics.clone(),
             Arc::from(req.provider),
@@ -359,6 +356,7 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, (Option<Arc<str>>, GatewayError)> {
         // admit
         let (parts, body) = req.into_parts();
+        let aig = GatewayHeaders::scan(&parts.headers);
         let route = route::parse(parts.uri.path()).map_err(|e| (None, e))?;
         if let (Some(want), Some(got)) = (&snap.gateway_name, route.gateway())
             && want != got
@@ -369,9 +367,8 @@ impl Gateway {
             ));
         }
         if snap.auth_required {
-            let ok = parts
-                .headers
-                .get(GATEWAY_AUTH)
+            let ok = aig
+                .get(Gw::Authorization)
                 .is_some_and(|v| snap.keys.token_matches(v.as_bytes()));
             if !ok {
                 return Err((None, GatewayError::Unauthorized));
@@ -393,9 +390,8 @@ impl Gateway {
                 },
             ));
         }
-        let mut opts =
-            LogOptions::from_headers(&parts.headers, snap.log_requests, snap.log_payloads)
-                .map_err(|e| (None, e))?;
+        let mut opts = LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads)
+            .map_err(|e| (None, e))?;
         if let Some(target) = &snap.otel {
             opts.trace = Some(
                 self.otel
@@ -426,18 +422,8 @@ impl Gateway {
             )
         })?;
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
-        let timeout = request_timeout(&parts.headers, snap.request_timeout).map_err(fail)?;
-        let alias = match parts.headers.get(BYOK_ALIAS) {
-            Some(v) => Some(
-                v.to_str()
-                    .map_err(|_| GatewayError::BadHeader {
-                        name: "cf-aig-byok-alias",
-                        reason: "not visible ASCII".into(),
-                    })
-                    .map_err(fail)?,
-            ),
-            None => None,
-        };
+        let timeout = request_timeout(aig, snap.request_timeout).map_err(fail)?;
+        let alias = aig.byok_alias().map_err(fail)?;
         let minted;
         let key = match provider.service_account(alias) {
             Some(sa) => {
@@ -456,8 +442,8 @@ impl Gateway {
         } else {
             None
         };
-        let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
-        let retries = snap.retries.with_headers(&parts.headers).map_err(fail)?;
+        let want = cache::want(&snap.cache, aig).map_err(fail)?;
+        let retries = snap.retries.with_headers(aig).map_err(fail)?;
 
         // body
         let body = read_body(&parts.headers, body, snap.max_body)
@@ -513,7 +499,7 @@ impl Gateway {
                 .sign(&mut upstream, &body, region, std::time::SystemTime::now())
                 .map_err(fail)?;
         }
-        let event_id = parts.headers.get(EVENT_ID).cloned();
+        let event_id = aig.get(Gw::EventId).cloned();
         let resp = self
             .dispatch(upstream, timeout, &retries, &provider.id)
             .await
@@ -574,10 +560,10 @@ fn truncate(s: &str) -> String {
 
 /// `cf-aig-request-timeout` (milliseconds) or the gateway default.
 pub(crate) fn request_timeout(
-    headers: &http::HeaderMap,
+    headers: GatewayHeaders<'_>,
     default: Duration,
 ) -> Result<Duration, GatewayError> {
-    let Some(v) = headers.get(REQUEST_TIMEOUT) else {
+    let Some(v) = headers.get(Gw::RequestTimeout) else {
         return Ok(default);
     };
     let ms = v
@@ -697,13 +683,16 @@ mod tests {
     fn request_timeout_header_is_milliseconds_within_bounds() {
         let mut h = http::HeaderMap::new();
         let d = Duration::from_secs(7);
-        assert_eq!(request_timeout(&h, d), Ok(d));
-        h.insert(REQUEST_TIMEOUT, HeaderValue::from_static("250"));
-        assert_eq!(request_timeout(&h, d), Ok(Duration::from_millis(250)));
+        assert_eq!(request_timeout(GatewayHeaders::scan(&h), d), Ok(d));
+        h.insert(Gw::RequestTimeout.name(), HeaderValue::from_static("250"));
+        assert_eq!(
+            request_timeout(GatewayHeaders::scan(&h), d),
+            Ok(Duration::from_millis(250))
+        );
         for bad in ["0", "-5", "soon", "3600001"] {
-            h.insert(REQUEST_TIMEOUT, HeaderValue::from_static(bad));
+            h.insert(Gw::RequestTimeout.name(), HeaderValue::from_static(bad));
             assert_eq!(
-                request_timeout(&h, d).map_err(|e| e.code()),
+                request_timeout(GatewayHeaders::scan(&h), d).map_err(|e| e.code()),
                 Err(2100),
                 "{bad}"
             );

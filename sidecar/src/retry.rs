@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::StatusCode;
 use sidegate_crds::policy::{Backoff, Retries};
 
 use crate::error::GatewayError;
+use crate::headers::{GatewayHeaders, Gw};
 
 /// Most attempts, including the first.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -16,10 +17,6 @@ pub const MAX_ATTEMPTS: u32 = 5;
 pub const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Base delay when retries are on and none is set.
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
-
-const ATTEMPTS: HeaderName = HeaderName::from_static("cf-aig-max-attempts");
-const DELAY: HeaderName = HeaderName::from_static("cf-aig-retry-delay");
-const BACKOFF: HeaderName = HeaderName::from_static("cf-aig-backoff");
 
 /// How one request retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,8 +66,8 @@ impl Policy {
     }
 
     /// This policy with a request's `cf-aig-*` retry headers applied.
-    pub fn with_headers(mut self, h: &HeaderMap) -> Result<Self, GatewayError> {
-        if let Some(v) = h.get(ATTEMPTS) {
+    pub fn with_headers(mut self, h: GatewayHeaders<'_>) -> Result<Self, GatewayError> {
+        if let Some(v) = h.get(Gw::MaxAttempts) {
             self.max_attempts = number(v)
                 .and_then(|n| u32::try_from(n).ok())
                 .filter(|n| (1..=MAX_ATTEMPTS).contains(n))
@@ -79,7 +76,7 @@ impl Policy {
                     reason: format!("expected 1 to {MAX_ATTEMPTS}"),
                 })?;
         }
-        if let Some(v) = h.get(DELAY) {
+        if let Some(v) = h.get(Gw::RetryDelay) {
             self.delay = number(v)
                 .map(Duration::from_millis)
                 .filter(|d| *d <= MAX_DELAY)
@@ -88,7 +85,7 @@ impl Policy {
                     reason: "expected milliseconds from 0 to 5000".into(),
                 })?;
         }
-        if let Some(v) = h.get(BACKOFF) {
+        if let Some(v) = h.get(Gw::Backoff) {
             self.backoff = match v.as_bytes() {
                 b"constant" => Backoff::Constant,
                 b"linear" => Backoff::Linear,
@@ -148,12 +145,12 @@ mod tests {
 
     #[test]
     fn headers_override_the_config_within_bounds() {
-        let mut h = HeaderMap::new();
-        h.insert(ATTEMPTS, HeaderValue::from_static("3"));
-        h.insert(DELAY, HeaderValue::from_static("250"));
-        h.insert(BACKOFF, HeaderValue::from_static("linear"));
+        let mut h = http::HeaderMap::new();
+        h.insert(Gw::MaxAttempts.name(), HeaderValue::from_static("3"));
+        h.insert(Gw::RetryDelay.name(), HeaderValue::from_static("250"));
+        h.insert(Gw::Backoff.name(), HeaderValue::from_static("linear"));
         assert_eq!(
-            Policy::default().with_headers(&h),
+            Policy::default().with_headers(GatewayHeaders::scan(&h)),
             Ok(Policy {
                 max_attempts: 3,
                 delay: Duration::from_millis(250),
@@ -161,16 +158,18 @@ mod tests {
             })
         );
         for (name, bad) in [
-            (ATTEMPTS, "0"),
-            (ATTEMPTS, "6"),
-            (DELAY, "5001"),
-            (DELAY, "-1"),
-            (BACKOFF, "random"),
+            (Gw::MaxAttempts.name(), "0"),
+            (Gw::MaxAttempts.name(), "6"),
+            (Gw::RetryDelay.name(), "5001"),
+            (Gw::RetryDelay.name(), "-1"),
+            (Gw::Backoff.name(), "random"),
         ] {
-            let mut h = HeaderMap::new();
-            h.insert(name.clone(), HeaderValue::from_static(bad));
+            let mut h = http::HeaderMap::new();
+            h.insert(name, HeaderValue::from_static(bad));
             assert_eq!(
-                Policy::default().with_headers(&h).map_err(|e| e.code()),
+                Policy::default()
+                    .with_headers(GatewayHeaders::scan(&h))
+                    .map_err(|e| e.code()),
                 Err(2100),
                 "{name}: {bad}"
             );

@@ -421,10 +421,6 @@ impl Metrics {
     }
 }
 
-const COLLECT_LOG: http::HeaderName = http::HeaderName::from_static("cf-aig-collect-log");
-const METADATA: http::HeaderName = http::HeaderName::from_static("cf-aig-metadata");
-const COLLECT_PAYLOAD: http::HeaderName =
-    http::HeaderName::from_static("cf-aig-collect-log-payload");
 /// Most bytes of each body (request, response) a log line carries.
 pub const MAX_LOGGED_PAYLOAD: usize = 32 * 1024;
 
@@ -449,19 +445,16 @@ pub struct LogOptions {
 impl LogOptions {
     /// From the request headers; `log_requests` and `log_payloads` are the gateway's settings.
     pub fn from_headers(
-        h: &http::HeaderMap,
+        h: crate::headers::GatewayHeaders<'_>,
         log_requests: bool,
         log_payloads: bool,
     ) -> Result<Self, crate::error::GatewayError> {
         use crate::error::GatewayError;
-        use crate::headers::bool_header;
-        let log =
-            bool_header(h, COLLECT_LOG, "cf-aig-collect-log")?.unwrap_or(true) && log_requests;
+        use crate::headers::Gw;
+        let log = h.flag(Gw::CollectLog)?.unwrap_or(true) && log_requests;
         // The payload switch only matters when payloads are logged at all.
-        let payloads = log
-            && log_payloads
-            && bool_header(h, COLLECT_PAYLOAD, "cf-aig-collect-log-payload")?.unwrap_or(true);
-        let metadata = match h.get(METADATA) {
+        let payloads = log && log_payloads && h.flag(Gw::CollectLogPayload)?.unwrap_or(true);
+        let metadata = match h.get(Gw::Metadata) {
             None => None,
             Some(v) => {
                 let bad = |reason: &str| GatewayError::BadHeader {
@@ -730,7 +723,7 @@ mod tests {
     fn log_options_read_collect_log_and_metadata() {
         let mut h = HeaderMap::new();
         assert_eq!(
-            LogOptions::from_headers(&h, true, false),
+            LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&h), true, false),
             Ok(LogOptions {
                 log: true,
                 metadata: None,
@@ -741,12 +734,12 @@ mod tests {
         );
         // Payloads: the gateway's setting, unless the request opts out; only checked when on.
         assert!(
-            LogOptions::from_headers(&h, true, true)
+            LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&h), true, true)
                 .expect("valid")
                 .payloads
         );
         assert!(
-            !LogOptions::from_headers(&h, false, true)
+            !LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&h), false, true)
                 .expect("valid")
                 .payloads
         );
@@ -755,14 +748,17 @@ mod tests {
             "cf-aig-collect-log-payload",
             HeaderValue::from_static("FALSE"),
         );
-        let o = LogOptions::from_headers(&opt_out, true, true).expect("valid");
+        let o =
+            LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&opt_out), true, true)
+                .expect("valid");
         assert!(o.log && !o.payloads);
         opt_out.insert(
             "cf-aig-collect-log-payload",
             HeaderValue::from_static("nope"),
         );
         assert_eq!(
-            LogOptions::from_headers(&opt_out, true, true).map_err(|e| e.code()),
+            LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&opt_out), true, true)
+                .map_err(|e| e.code()),
             Err(2100)
         );
         h.insert("cf-aig-collect-log", HeaderValue::from_static("false"));
@@ -770,7 +766,8 @@ mod tests {
             "cf-aig-metadata",
             HeaderValue::from_static(r#"{ "team": "a", "n": 3, "paid": true }"#),
         );
-        let o = LogOptions::from_headers(&h, true, false).expect("valid");
+        let o = LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&h), true, false)
+            .expect("valid");
         assert!(!o.log);
         let v: serde_json::Value =
             serde_json::from_str(o.metadata.as_deref().unwrap_or("")).expect("json");
@@ -786,7 +783,8 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert("cf-aig-metadata", HeaderValue::from_static(bad));
             assert_eq!(
-                LogOptions::from_headers(&h, true, false).map_err(|e| e.code()),
+                LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&h), true, false)
+                    .map_err(|e| e.code()),
                 Err(2100),
                 "{bad}"
             );

@@ -22,7 +22,7 @@ use sidegate_crds::policy::Backoff;
 use crate::body::ProxyBody;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
-use crate::headers::strip_response_headers;
+use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::providers::Provider;
 use crate::proxy::{self, Gateway};
 use crate::retry::{self, Policy};
@@ -87,17 +87,10 @@ pub(crate) async fn serve(
             parts.method
         ))));
     }
-    let timeout = proxy::request_timeout(&parts.headers, snap.request_timeout).map_err(none)?;
-    let retries = snap.retries.with_headers(&parts.headers).map_err(none)?;
-    let alias = match parts.headers.get("cf-aig-byok-alias") {
-        Some(v) => Some(v.to_str().map_err(|_| {
-            none(GatewayError::BadHeader {
-                name: "cf-aig-byok-alias",
-                reason: "not visible ASCII".into(),
-            })
-        })?),
-        None => None,
-    };
+    let aig = GatewayHeaders::scan(&parts.headers);
+    let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
+    let retries = snap.retries.with_headers(aig).map_err(none)?;
+    let alias = aig.byok_alias().map_err(none)?;
     let raw = proxy::read_body(&parts.headers, body, snap.max_body)
         .await
         .map_err(none)?;
@@ -114,7 +107,7 @@ pub(crate) async fn serve(
         .map(|(i, s)| plan(snap, i, s, alias, timeout, retries))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let event_id = parts.headers.get("cf-aig-event-id");
+    let event_id = aig.get(Gw::EventId);
     let count = planned.len();
     for (i, step) in planned.into_iter().enumerate() {
         let last = i + 1 == count;

@@ -34,7 +34,7 @@ use crate::body::ProxyBody;
 use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
-use crate::headers::strip_response_headers;
+use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Cached, Gateway};
@@ -578,18 +578,6 @@ fn bedrock_credentials(
     bedrock::AwsCredentials::parse(key.expose()).map_err(bad)
 }
 
-fn byok_alias(headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
-    headers
-        .get("cf-aig-byok-alias")
-        .map(|v| {
-            v.to_str().map_err(|_| GatewayError::BadHeader {
-                name: "cf-aig-byok-alias",
-                reason: "not visible ASCII".into(),
-            })
-        })
-        .transpose()
-}
-
 type Failure = (Option<Arc<str>>, GatewayError);
 
 /// Serves a `/compat/...` request (`rest` is the path after `compat/`).
@@ -603,6 +591,7 @@ pub(crate) async fn serve(
     opts: &LogOptions,
 ) -> Result<Response<ProxyBody>, Failure> {
     let none = |e: GatewayError| (None, e);
+    let aig = GatewayHeaders::scan(&parts.headers);
     let endpoint = match (parts.method == Method::POST, rest.trim_end_matches('/')) {
         (true, "chat/completions") => Endpoint::Chat,
         (true, "embeddings") => Endpoint::Embeddings,
@@ -614,8 +603,8 @@ pub(crate) async fn serve(
             ))));
         }
     };
-    let timeout = proxy::request_timeout(&parts.headers, snap.request_timeout).map_err(none)?;
-    let alias = byok_alias(&parts.headers).map_err(none)?;
+    let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
+    let alias = aig.byok_alias().map_err(none)?;
     let body = proxy::read_body(&parts.headers, body, snap.max_body)
         .await
         .map_err(none)?;
@@ -674,8 +663,8 @@ pub(crate) async fn serve(
     }
 
     // cache lookup (a routed request is keyed by its route, not by the target it lands on)
-    let want = cache::want(&snap.cache, &parts.headers).map_err(fail)?;
-    let retries = snap.retries.with_headers(&parts.headers).map_err(fail)?;
+    let want = cache::want(&snap.cache, aig).map_err(fail)?;
+    let retries = snap.retries.with_headers(aig).map_err(fail)?;
     let client_own = !routed
         && want.is_some()
         && provider.auth_header().is_some()
@@ -704,7 +693,7 @@ pub(crate) async fn serve(
 
     // dispatch, falling back along the route while targets fail
     let log_id = crate::log_id::next();
-    let event_id = parts.headers.get("cf-aig-event-id").cloned();
+    let event_id = aig.get(Gw::EventId).cloned();
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
     let (resp, translation) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
