@@ -55,12 +55,18 @@ pub fn eligible(req: &Request<Full<Bytes>>) -> bool {
             .size_hint()
             .exact()
             .is_some_and(|n| n <= MAX_BODY as u64)
-        && !h.contains_key(header::CONTENT_LENGTH)
-        && !h.contains_key(header::TRANSFER_ENCODING)
-        && !h.contains_key(header::EXPECT)
-        && !h.contains_key(header::UPGRADE)
-        && !h.contains_key(header::CONNECTION)
+        && !h.keys().any(|n| FRAMING.contains(n))
 }
+
+/// Request headers that would change this path's framing or connection handling (one pass over
+/// the few headers a request has costs less than a lookup of each).
+const FRAMING: [header::HeaderName; 5] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    header::UPGRADE,
+    header::CONNECTION,
+];
 
 /// One connection and the bytes read from it not consumed yet.
 struct Conn {
@@ -128,7 +134,10 @@ pub struct Pool {
 }
 
 fn host_entry<'a>(hosts: &'a mut Vec<(Authority, Host)>, authority: &Authority) -> &'a mut Host {
-    let i = match hosts.iter().position(|(a, _)| a == authority) {
+    // The same provider's authority is the same string each time: compare bytes before the
+    // case-insensitive comparison.
+    let same = |a: &Authority| a.as_str() == authority.as_str() || a == authority;
+    let i = match hosts.iter().position(|(a, _)| same(a)) {
         Some(i) => i,
         None => {
             hosts.push((authority.clone(), Host::default()));
@@ -770,6 +779,39 @@ mod tests {
         let (out, done) = decode_all(&[b"A\r\n0123456789\r\n"]);
         assert_eq!(out, b"0123456789");
         assert!(!done);
+    }
+
+    #[test]
+    fn only_plain_requests_take_this_path() {
+        let req = |method: Method, body: usize, header: Option<(&'static str, &'static str)>| {
+            let mut b = Request::builder()
+                .method(method)
+                .uri("http://127.0.0.1:9/v1/chat/completions")
+                .header("content-type", "application/json")
+                .header("authorization", "Bearer k");
+            if let Some((k, v)) = header {
+                b = b.header(k, v);
+            }
+            b.body(Full::new(Bytes::from(vec![b'x'; body])))
+                .expect("request")
+        };
+        assert!(eligible(&req(Method::POST, 100, None)));
+        assert!(eligible(&req(
+            Method::POST,
+            MAX_BODY,
+            Some(("x-other", "1"))
+        )));
+        assert!(!eligible(&req(Method::POST, MAX_BODY + 1, None)));
+        assert!(!eligible(&req(Method::CONNECT, 0, None)));
+        for h in [
+            ("content-length", "100"),
+            ("transfer-encoding", "chunked"),
+            ("expect", "100-continue"),
+            ("upgrade", "websocket"),
+            ("connection", "upgrade"),
+        ] {
+            assert!(!eligible(&req(Method::POST, 100, Some(h))), "{h:?}");
+        }
     }
 
     #[test]
