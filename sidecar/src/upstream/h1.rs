@@ -74,6 +74,41 @@ struct Conn {
     buf: BytesMut,
     /// Bytes asked for by the next read: grows while reads fill it.
     read_size: usize,
+    /// Header names of this connection's earlier responses.
+    names: Names,
+}
+
+/// Most header names a connection's responses repeat.
+const MAX_KNOWN_NAMES: usize = 64;
+
+/// The header names of a connection's earlier responses, in the order they came. A provider
+/// sends the same dozen or more on every response (`x-request-id`, `openai-*`, `x-ratelimit-*`),
+/// usually in the same order: a name found here is a reference-count increment instead of a
+/// validation, lowercasing and allocation.
+#[derive(Default)]
+struct Names(Vec<HeaderName>);
+
+impl Names {
+    /// The name `raw` (any case), the `i`th of its response.
+    fn get(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        let same = |n: &&HeaderName| {
+            let known = n.as_str().as_bytes();
+            known == raw || known.eq_ignore_ascii_case(raw)
+        };
+        if let Some(n) = self
+            .0
+            .get(i)
+            .filter(same)
+            .or_else(|| self.0.iter().find(same))
+        {
+            return Ok(n.clone());
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        if self.0.len() < MAX_KNOWN_NAMES {
+            self.0.push(name.clone());
+        }
+        Ok(name)
+    }
 }
 
 impl Conn {
@@ -273,6 +308,7 @@ impl Pool {
             io: io.into_inner(),
             buf: BytesMut::with_capacity(READ_CHUNK),
             read_size: READ_CHUNK,
+            names: Names::default(),
         }))
     }
 
@@ -390,7 +426,7 @@ enum Framing {
 async fn read_head(conn: &mut Conn, is_head: bool) -> io::Result<(Response<()>, Framing, bool)> {
     loop {
         if !conn.buf.is_empty()
-            && let Some(parsed) = parse_head(&mut conn.buf, is_head)?
+            && let Some(parsed) = parse_head(&mut conn.buf, &mut conn.names, is_head)?
         {
             return Ok(parsed);
         }
@@ -407,6 +443,7 @@ async fn read_head(conn: &mut Conn, is_head: bool) -> io::Result<(Response<()>, 
 /// Interim 1xx responses are consumed and skipped.
 fn parse_head(
     buf: &mut BytesMut,
+    names: &mut Names,
     is_head: bool,
 ) -> io::Result<Option<(Response<()>, Framing, bool)>> {
     loop {
@@ -434,9 +471,10 @@ fn parse_head(
         // Header values share the head's bytes.
         let base = buf.as_ptr() as usize;
         let mut fields = Vec::with_capacity(parsed.headers.len());
-        for h in parsed.headers.iter() {
-            let name =
-                HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| invalid("header name"))?;
+        for (i, h) in parsed.headers.iter().enumerate() {
+            let name = names
+                .get(i, h.name.as_bytes())
+                .map_err(|_| invalid("header name"))?;
             let start = h.value.as_ptr() as usize - base;
             fields.push((name, start, start + h.value.len()));
         }
@@ -835,7 +873,64 @@ mod tests {
     }
 
     fn head(wire: &str, is_head: bool) -> io::Result<Option<(Response<()>, Framing, bool)>> {
-        parse_head(&mut BytesMut::from(wire.as_bytes()), is_head)
+        parse_head(
+            &mut BytesMut::from(wire.as_bytes()),
+            &mut Names::default(),
+            is_head,
+        )
+    }
+
+    #[test]
+    fn header_names_of_earlier_responses_are_reused() {
+        let mut names = Names::default();
+        let mut parse = |wire: &str| {
+            let (r, _, _) = parse_head(&mut BytesMut::from(wire.as_bytes()), &mut names, false)
+                .expect("valid")
+                .expect("complete");
+            r.headers()
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.to_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+        };
+        let first = parse(
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-request-id: a\r\nX-RateLimit-Remaining-Requests: 9\r\n\r\n",
+        );
+        assert_eq!(
+            first,
+            [
+                "content-length=0",
+                "x-request-id=a",
+                "x-ratelimit-remaining-requests=9"
+            ]
+        );
+        // Another order, another case, one new name: the same names, lowercased.
+        let second = parse(
+            "HTTP/1.1 200 OK\r\nx-ratelimit-remaining-requests: 8\r\nX-Request-ID: b\r\nx-new: 1\r\ncontent-length: 0\r\n\r\n",
+        );
+        assert_eq!(
+            second,
+            [
+                "x-ratelimit-remaining-requests=8",
+                "x-request-id=b",
+                "x-new=1",
+                "content-length=0"
+            ]
+        );
+        assert_eq!(names.0.len(), 4, "each name kept once");
+        // Invalid names are still refused.
+        assert!(
+            parse_head(
+                &mut BytesMut::from(&b"HTTP/1.1 200 OK\r\nbad\x01name: 1\r\n\r\n"[..]),
+                &mut names,
+                false
+            )
+            .is_err()
+        );
+        // The list is bounded.
+        for i in 0..2 * MAX_KNOWN_NAMES {
+            names.get(i, format!("x-h{i}").as_bytes()).expect("valid");
+        }
+        assert_eq!(names.0.len(), MAX_KNOWN_NAMES);
     }
 
     #[test]

@@ -253,7 +253,7 @@ pub(crate) fn chat_completions(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody>
             system_fingerprint: SYSTEM_FINGERPRINT,
         })
     };
-    set_request_id(&mut resp, ctx);
+    set_api_headers(&mut resp, ctx);
     resp
 }
 
@@ -481,7 +481,7 @@ pub(crate) fn embeddings(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
             total_tokens: tokens,
         },
     });
-    set_request_id(&mut resp, ctx);
+    set_api_headers(&mut resp, ctx);
     resp
 }
 
@@ -537,7 +537,7 @@ fn base64_f32(vector: &[f32]) -> String {
 pub(crate) fn models(ctx: &Ctx<'_>) -> Response<MockBody> {
     const MODELS: &[u8] = br#"{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1721172741,"owned_by":"system"},{"id":"gpt-4o","object":"model","created":1715367049,"owned_by":"system"},{"id":"text-embedding-3-small","object":"model","created":1705948997,"owned_by":"system"}]}"#;
     let mut resp = json_response(StatusCode::OK, Bytes::from_static(MODELS));
-    set_request_id(&mut resp, ctx);
+    set_api_headers(&mut resp, ctx);
     resp
 }
 
@@ -599,7 +599,7 @@ fn error_response(
         resp.headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
     }
-    set_request_id(&mut resp, ctx);
+    set_api_headers(&mut resp, ctx);
     resp
 }
 
@@ -616,9 +616,27 @@ pub(crate) fn unknown_route(ctx: &Ctx<'_>, method: &str, path: &str) -> Response
     )
 }
 
-fn set_request_id(resp: &mut Response<MockBody>, ctx: &Ctx<'_>) {
+/// The headers OpenAI sends with every API response: request id, organization, version and
+/// processing time, and the rate-limit state (OpenAI API reference, "Debugging requests" and
+/// "Rate limits"; values fixed here).
+fn set_api_headers(resp: &mut Response<MockBody>, ctx: &Ctx<'_>) {
+    let h = resp.headers_mut();
     if let Ok(value) = HeaderValue::try_from(ctx.request_id()) {
-        resp.headers_mut().insert("x-request-id", value);
+        h.insert("x-request-id", value);
+    }
+    for (name, value) in [
+        ("openai-organization", "mock-org"),
+        ("openai-processing-ms", "12"),
+        ("openai-project", "proj_mock"),
+        ("openai-version", "2020-10-01"),
+        ("x-ratelimit-limit-requests", "10000"),
+        ("x-ratelimit-limit-tokens", "30000000"),
+        ("x-ratelimit-remaining-requests", "9999"),
+        ("x-ratelimit-remaining-tokens", "29999990"),
+        ("x-ratelimit-reset-requests", "6ms"),
+        ("x-ratelimit-reset-tokens", "0s"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
     }
 }
 
