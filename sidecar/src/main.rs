@@ -65,8 +65,11 @@ struct Args {
     #[arg(long, env = "SIDEGATE_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
 
-    /// Worker threads for the proxy (a sidecar shares the pod's CPU; 2 is plenty).
-    #[arg(long, env = "SIDEGATE_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Worker threads for the proxy. 1 (the default) runs everything on one thread: the least
+    /// CPU per request and the least memory (a second thread costs about a quarter more CPU per
+    /// request in bench/run); one core serves tens of thousands of requests per second, so more
+    /// threads only help a pod whose LLM traffic outgrows that.
+    #[arg(long, env = "SIDEGATE_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
 
     /// Seconds to let in-flight requests finish after SIGTERM.
