@@ -43,10 +43,12 @@ pub enum Gw {
     CollectLogPayload,
     Metadata,
     CustomCost,
+    OtelTraceId,
+    OtelParentSpanId,
 }
 
 /// Their names, in the order of [`Gw`].
-const GW_NAMES: [&str; 14] = [
+const GW_NAMES: [&str; 16] = [
     "cf-aig-authorization",
     "cf-aig-byok-alias",
     "cf-aig-event-id",
@@ -61,10 +63,12 @@ const GW_NAMES: [&str; 14] = [
     "cf-aig-collect-log-payload",
     "cf-aig-metadata",
     "cf-aig-custom-cost",
+    "cf-aig-otel-trace-id",
+    "cf-aig-otel-parent-span-id",
 ];
 
 // Every variant has a name.
-const _: () = assert!(Gw::CustomCost as usize + 1 == GW_NAMES.len());
+const _: () = assert!(Gw::OtelParentSpanId as usize + 1 == GW_NAMES.len());
 
 impl Gw {
     /// The header's name (`cf-aig-...`).

@@ -25,6 +25,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::GatewayError;
+use crate::headers::Gw;
 use crate::telemetry::{Metrics, SpanFate};
 use crate::upstream::UpstreamClient;
 
@@ -40,8 +41,8 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-const TRACE_ID: HeaderName = HeaderName::from_static("cf-aig-otel-trace-id");
-const PARENT_SPAN_ID: HeaderName = HeaderName::from_static("cf-aig-otel-parent-span-id");
+const TRACE_ID: HeaderName = HeaderName::from_static(Gw::OtelTraceId.name());
+const PARENT_SPAN_ID: HeaderName = HeaderName::from_static(Gw::OtelParentSpanId.name());
 
 /// Where spans of one config go, and what resource they describe.
 #[derive(Debug, PartialEq, Eq)]
@@ -100,12 +101,12 @@ pub fn parent_from_headers(h: &HeaderMap) -> Result<Option<Parent>, GatewayError
         reason: format!("expected {digits} hex digits, not all zero"),
     };
     let trace_id = match h.get(TRACE_ID) {
-        Some(v) => Some(hex_id::<16>(v.as_bytes()).ok_or_else(|| bad("cf-aig-otel-trace-id", 32))?),
+        Some(v) => Some(hex_id::<16>(v.as_bytes()).ok_or_else(|| bad(Gw::OtelTraceId.name(), 32))?),
         None => None,
     };
     let span_id = match h.get(PARENT_SPAN_ID) {
         Some(v) => {
-            Some(hex_id::<8>(v.as_bytes()).ok_or_else(|| bad("cf-aig-otel-parent-span-id", 16))?)
+            Some(hex_id::<8>(v.as_bytes()).ok_or_else(|| bad(Gw::OtelParentSpanId.name(), 16))?)
         }
         None => None,
     };
