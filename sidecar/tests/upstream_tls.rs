@@ -1,8 +1,9 @@
-//! The upstream client speaks TLS with certificate verification and negotiates HTTP/2 when the
-//! upstream offers it (ALPN), with the stored key injected.
+//! The upstream client speaks TLS with certificate verification, HTTP/1.1 with keep-alive even
+//! when the upstream also offers HTTP/2 (as the providers do), with the stored key injected.
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -63,8 +64,11 @@ async fn upstream(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
     Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
 }
 
-async fn start_upstream() -> (u16, CertificateDer<'static>) {
+/// Starts the TLS upstream; returns its port, its CA and a count of the connections it accepted.
+async fn start_upstream() -> (u16, CertificateDer<'static>, Arc<AtomicUsize>) {
     let (ca, cfg) = tls_upstream();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind upstream");
@@ -72,6 +76,7 @@ async fn start_upstream() -> (u16, CertificateDer<'static>) {
     let acceptor = TlsAcceptor::from(cfg);
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
@@ -83,7 +88,7 @@ async fn start_upstream() -> (u16, CertificateDer<'static>) {
             });
         }
     });
-    (port, ca)
+    (port, ca, accepted)
 }
 
 /// Starts a gateway whose openai provider is the TLS upstream; returns its address.
@@ -124,11 +129,15 @@ async fn start_gateway(
 }
 
 async fn post(addr: &str) -> (StatusCode, serde_json::Value) {
+    post_body(addr, Bytes::from_static(b"{}")).await
+}
+
+async fn post_body(addr: &str, body: Bytes) -> (StatusCode, serde_json::Value) {
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let req = Request::post(format!("http://{addr}/openai/chat/completions"))
         .header("authorization", "Bearer placeholder")
-        .body(Full::new(Bytes::from_static(b"{}")))
+        .body(Full::new(body))
         .expect("request");
     let resp = client.request(req).await.expect("gateway answers");
     let status = resp.status();
@@ -137,20 +146,31 @@ async fn post(addr: &str) -> (StatusCode, serde_json::Value) {
 }
 
 #[tokio::test]
-async fn https_upstreams_get_http2_and_the_stored_key() {
-    let (port, ca) = start_upstream().await;
+async fn https_upstreams_get_http1_keep_alive_and_the_stored_key() {
+    let (port, ca, accepted) = start_upstream().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = start_gateway(dir.path(), port, vec![ca]).await;
-    let (status, body) = post(&gw).await;
+    for _ in 0..3 {
+        let (status, body) = post(&gw).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["version"], "HTTP/1.1");
+        assert_eq!(body["authorization"], format!("Bearer {KEY}"));
+        assert_eq!(body["path"], "/v1/chat/completions");
+    }
+    // Sequential requests share one kept-alive TLS connection.
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+    // A body too large for the in-task path takes the general client: HTTP/1.1 too.
+    let large = serde_json::json!({"messages": [{"role": "user", "content": "x".repeat(100_000)}]});
+    let (status, body) = post_body(&gw, Bytes::from(large.to_string())).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["version"], "HTTP/2.0");
+    assert_eq!(body["version"], "HTTP/1.1");
     assert_eq!(body["authorization"], format!("Bearer {KEY}"));
-    assert_eq!(body["path"], "/v1/chat/completions");
 }
 
 #[tokio::test]
 async fn an_upstream_certificate_from_an_unknown_ca_is_refused() {
-    let (port, _ca) = start_upstream().await;
+    let (port, _ca, _) = start_upstream().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = start_gateway(dir.path(), port, Vec::new()).await;
     let (status, body) = post(&gw).await;

@@ -8,6 +8,7 @@ import os
 import pathlib
 import re
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -51,10 +52,12 @@ def binary(name):
 class MockProvider:
     """The mock provider process (tests/mock-provider)."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, listen="127.0.0.1:0", tls_dir=None):
+        """With `tls_dir` it serves HTTPS, its identity kept there (`self.ca` is the CA to trust)."""
         self.log = _log_file("mock-provider")
+        tls = ["--tls-dir", str(tls_dir)] if tls_dir else []
         self.proc = subprocess.Popen(
-            [binary("mock-provider"), "--listen", "127.0.0.1:0", *args],
+            [binary("mock-provider"), "--listen", listen, *tls, *args],
             stdout=subprocess.PIPE,
             stderr=self.log,
         )
@@ -64,10 +67,12 @@ class MockProvider:
             self.stop()
             raise RuntimeError(f"mock-provider did not start: {line!r}")
         self.addr = m.group(1)
-        self.url = f"http://{self.addr}"
+        self.url = f"{'https' if tls_dir else 'http'}://{self.addr}"
+        self.ca = pathlib.Path(tls_dir) / "ca.pem" if tls_dir else None
+        self._http = httpx.Client(verify=ssl.create_default_context(cafile=self.ca) if tls_dir else True)
 
     def requests(self):
-        return httpx.get(f"{self.url}/__mock/requests").json()
+        return self._http.get(f"{self.url}/__mock/requests").json()
 
     def last(self):
         reqs = self.requests()
@@ -75,12 +80,13 @@ class MockProvider:
         return reqs[-1]
 
     def clear(self):
-        httpx.delete(f"{self.url}/__mock/requests")
+        self._http.delete(f"{self.url}/__mock/requests")
 
     def stats(self):
-        return httpx.get(f"{self.url}/__mock/stats").json()
+        return self._http.get(f"{self.url}/__mock/stats").json()
 
     def stop(self):
+        self._http.close()
         self.proc.terminate()
         try:
             self.proc.wait(5)

@@ -82,6 +82,9 @@ pub struct Options {
     pub record: bool,
     /// Sent back in the `x-mock-name` response header and in `/__mock/stats`.
     pub name: String,
+    /// Serve HTTPS with this configuration (offer `h2` and `http/1.1` through its ALPN
+    /// protocols, as the providers do) instead of plain HTTP/1.1 and h2c.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Options {
@@ -90,6 +93,7 @@ impl Default for Options {
             delay: Duration::ZERO,
             record: true,
             name: "mock".to_owned(),
+            tls: None,
         }
     }
 }
@@ -165,6 +169,7 @@ pub async fn serve_with_shutdown(
         failures: Default::default(),
     });
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let tls = state.opts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -183,11 +188,26 @@ pub async fn serve_with_shutdown(
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(&state);
         let builder = Arc::clone(&builder);
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(Arc::clone(&state), req));
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = match tls {
+                // A failed handshake (a client that does not trust the CA) just ends the
+                // connection.
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => {
+                        builder
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                    }
+                    Err(_) => return,
+                },
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+            };
         });
     }
 }

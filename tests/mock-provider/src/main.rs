@@ -4,6 +4,8 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,7 +17,8 @@ const ABOUT: &str =
 
 const LONG_ABOUT: &str = "\
 Local mock LLM provider speaking the OpenAI, Anthropic, Gemini and Bedrock wire formats, for sidegate's
-tests, demo and benchmarks. HTTP/1.1 (keep-alive) and h2c on one port.
+tests, demo and benchmarks. HTTP/1.1 (keep-alive) and h2c on one port, or HTTPS (h2 and http/1.1
+by ALPN) with --tls-dir.
 
 After binding it prints exactly one line to stdout, `listening on 127.0.0.1:PORT`, then
 serves until SIGTERM or SIGINT.
@@ -58,6 +61,12 @@ struct Cli {
     /// Worker threads (1 runs everything on a single thread).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
+    /// Serve HTTPS (h2 and http/1.1 by ALPN, as the providers do) with DIR/server.pem and
+    /// DIR/server.key. When DIR has neither, a CA (DIR/ca.pem, for clients to trust) and a
+    /// certificate for 127.0.0.1, ::1 and localhost signed by it are made there first; a restart
+    /// with the same DIR keeps the identity. Without it: plain HTTP/1.1 and h2c.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +86,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let tls = cli.tls_dir.as_deref().map(tls_config).transpose()?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("binding {}", cli.listen))?;
@@ -94,10 +104,64 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         delay: Duration::from_millis(cli.delay_ms),
         record: !cli.no_record,
         name: cli.name,
+        tls,
     };
     serve_with_shutdown(listener, opts, shutdown)
         .await
         .context("serving")
+}
+
+/// The TLS server configuration of `dir` (made there first when missing), offering h2 and
+/// http/1.1.
+fn tls_config(dir: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    if !cert.exists() && !key.exists() {
+        make_pki(dir)?;
+    }
+    let chain = CertificateDer::pem_file_iter(&cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading certificates from {}", cert.display()))?;
+    if chain.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&key)
+        .with_context(|| format!("reading a private key from {}", key.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("the certificate and key do not make a TLS server identity")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Writes a new CA (`ca.pem`) and a server certificate for the loopback names signed by it
+/// (`server.pem`, `server.key`) into `dir`.
+fn make_pki(dir: &Path) -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "sidegate mock-provider CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate()?)?;
+    let key = KeyPair::generate()?;
+    let names = ["127.0.0.1", "::1", "localhost"].map(str::to_owned);
+    let cert = CertificateParams::new(names)?.signed_by(&key, &ca)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (name, pem) in [
+        ("ca.pem", ca.pem()),
+        ("server.pem", cert.pem()),
+        ("server.key", key.serialize_pem()),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A future completing on SIGINT or SIGTERM.
