@@ -30,7 +30,9 @@ use http_body::{Frame, SizeHint};
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncWrite, Interest};
+use std::io::BufRead as _;
+
+use tokio::io::{AsyncBufRead, AsyncWrite, Interest};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -159,17 +161,23 @@ impl Conn {
         let tcp = match &mut self.io {
             Io::Plain(tcp) => tcp,
             Io::Tls(tls) => {
-                if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
-                    self.buf.reserve(self.read_size);
-                }
-                let room = self.buf.capacity() - self.buf.len();
-                let n = ready!(tokio_util::io::poll_read_buf(
-                    Pin::new(&mut **tls),
-                    cx,
-                    &mut self.buf
-                ))?;
-                if n == room && self.read_size < MAX_READ {
-                    self.read_size *= 2;
+                // rustls hands on one record's plaintext at a time; a read from the socket
+                // usually decrypts several (a burst of stream events): take them all, so they
+                // leave as one frame like a plain read.
+                let first = ready!(Pin::new(&mut **tls).poll_fill_buf(cx))?;
+                let mut n = first.len();
+                self.buf.extend_from_slice(first);
+                Pin::new(&mut **tls).consume(n);
+                let mut plaintext = tls.get_mut().1.reader();
+                while n > 0 && n < MAX_READ {
+                    let more = match plaintext.fill_buf() {
+                        Ok(more) if !more.is_empty() => more,
+                        _ => break,
+                    };
+                    let len = more.len();
+                    self.buf.extend_from_slice(more);
+                    plaintext.consume(len);
+                    n += len;
                 }
                 return Poll::Ready(Ok(n));
             }
