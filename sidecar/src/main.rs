@@ -57,7 +57,8 @@ struct Args {
     wait_for_config: bool,
 
     /// PEM file of extra CA certificates to trust for upstream TLS (a private model server, an
-    /// egress proxy); the public web PKI roots are always trusted.
+    /// egress proxy); the public web PKI roots are always trusted. Upstreams are spoken to in
+    /// HTTP/1.1 with keep-alive, over TLS 1.2 or 1.3 for https base URLs.
     #[arg(long, env = "SIDEGATE_UPSTREAM_CA", value_name = "FILE")]
     upstream_ca: Option<PathBuf>,
 

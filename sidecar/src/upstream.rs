@@ -44,6 +44,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 pub const MAX_IDLE_PER_HOST: usize = 256;
 /// Largest frame made by joining chunks that are already there.
 pub const MAX_COALESCE: usize = 64 * 1024;
+/// Longest TCP connect, and longest TLS handshake after it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Legacy = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;

@@ -38,7 +38,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tower_service::Service as _;
 
-use super::{BodyError, IDLE_TIMEOUT, MAX_IDLE_PER_HOST, UpstreamError};
+use super::{BodyError, CONNECT_TIMEOUT, IDLE_TIMEOUT, MAX_IDLE_PER_HOST, UpstreamError};
 
 /// Largest request body sent on this path (larger ones take the general client, which can
 /// read an early response while still writing).
@@ -264,6 +264,7 @@ impl Origin {
 pub struct Pool {
     connector: HttpConnector,
     tls: TlsConnector,
+    handshake_timeout: std::time::Duration,
     hosts: Mutex<Vec<(Origin, Host)>>,
     sweeping: std::sync::atomic::AtomicBool,
 }
@@ -323,6 +324,7 @@ impl Pool {
         Self {
             connector,
             tls: TlsConnector::from(tls),
+            handshake_timeout: CONNECT_TIMEOUT,
             hosts: Mutex::new(Vec::new()),
             sweeping: std::sync::atomic::AtomicBool::new(false),
         }
@@ -419,10 +421,16 @@ impl Pool {
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let name =
                 ServerName::try_from(host.to_owned()).map_err(|e| connect_error(Box::new(e)))?;
-            let tls = self
-                .tls
-                .connect(name, tcp)
+            // Bounded like the TCP connect: a server that accepts and then says nothing fails
+            // here, not at the end of the request's timeout.
+            let tls = tokio::time::timeout(self.handshake_timeout, self.tls.connect(name, tcp))
                 .await
+                .map_err(|_| {
+                    connect_error(Box::new(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "TLS handshake timed out",
+                    )))
+                })?
                 .map_err(|e| connect_error(Box::new(e)))?;
             Io::Tls(Box::new(tls))
         } else {
@@ -1140,5 +1148,37 @@ mod tests {
         assert!(!tls.is(&origin("https://api.example.com:8443/v1")));
         assert!(Origin::of(&"ftp://x/".parse().expect("uri")).is_none());
         assert!(Origin::of(&"/relative".parse().expect("uri")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_tls_handshake_that_never_ends_times_out() {
+        // Accepts and keeps the connection, says nothing.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let held = tokio::spawn(async move { listener.accept().await });
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        let mut connector = HttpConnector::new();
+        connector.enforce_http(false);
+        let mut pool = Pool::new(connector, Arc::new(tls));
+        pool.handshake_timeout = std::time::Duration::from_millis(100);
+        let pool = Arc::new(pool);
+        let req = Request::post(format!("https://127.0.0.1:{port}/v1/chat/completions"))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .expect("request");
+        let started = Instant::now();
+        let err = pool.request(req).await.err().expect("no answer");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(err.to_string(), "client error (Connect)");
+        let source = std::error::Error::source(&err).expect("source").to_string();
+        assert_eq!(source, "TLS handshake timed out");
+        held.abort();
     }
 }
