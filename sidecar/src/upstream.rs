@@ -9,8 +9,8 @@
 //! whose bodies are coalesced the same way where data is already there.
 //!
 //! HTTP/2 is not offered: over one multiplexed connection hyper's client served 32 concurrent
-//! streams at 0.20× the rate of a direct client, where HTTP/1.1 connections serve them like
-//! plain HTTP (`bench/run --tls`).
+//! streams at 0.20× the rate of a direct client (nginx 0.70×); HTTP/1.1 connections serve them
+//! at 0.58–0.67×, level with nginx (`bench/run --tls`).
 //!
 //! Both behave alike: origin-form request target and `Host` from the URI, keep-alive reuse, and
 //! a connection closed (the upstream sees the cancel) when its response is dropped before the
