@@ -338,3 +338,89 @@ async fn a_body_cut_short_is_an_error_and_the_connection_is_not_reused() {
     assert!(body_of(&client, &url).await.is_err());
     assert_eq!(client.idle_connections(), 0);
 }
+
+/// A POST of `body` to `url`.
+fn post(url: &str, body: Vec<u8>) -> Request<Full<Bytes>> {
+    Request::post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn a_large_body_is_sent_whole_and_the_connection_reused() {
+    // Counts the body bytes of each request (content-length framing) and answers with the count.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(
+                        TokioIo::new(s),
+                        service_fn(|req: Request<Incoming>| async move {
+                            let n = req.into_body().collect().await?.to_bytes().len();
+                            Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(
+                                n.to_string(),
+                            ))))
+                        }),
+                    )
+                    .await;
+            });
+        }
+    });
+    let client = upstream_client(Vec::new()).expect("client");
+    // Far more than the socket buffers take at once: written while the upstream reads.
+    for size in [8 << 20, 3 << 20] {
+        let resp = client
+            .request(post(&url, vec![b'x'; size]))
+            .await
+            .expect("sent");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body, size.to_string().as_bytes());
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    assert_eq!(client.idle_connections(), 1);
+}
+
+#[tokio::test]
+async fn an_answer_before_the_body_is_read_is_the_response() {
+    // Reads the head only, answers 413 at once and then stops reading (the connection stays
+    // open, so the client's writes block once the socket buffers are full).
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = vec![0u8; 8192];
+            let mut read = 0;
+            while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf[read..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+            let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+            if s.write_all(answer).await.is_ok() {
+                let _ = held_tx.send(s);
+            }
+        }
+    });
+    let client = upstream_client(Vec::new()).expect("client");
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(post(&url, vec![b'x'; 32 << 20])),
+    )
+    .await
+    .expect("no hang on a blocked write")
+    .expect("the early answer");
+    assert_eq!(resp.status(), 413);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"too large");
+    // The rest of the request was never sent: that connection must not carry another one.
+    assert_eq!(client.idle_connections(), 0);
+    assert!(held_rx.recv().await.is_some());
+}

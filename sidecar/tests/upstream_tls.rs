@@ -52,7 +52,7 @@ fn tls_upstream() -> (CertificateDer<'static>, Arc<rustls::ServerConfig>) {
     (ca.der().clone(), Arc::new(cfg))
 }
 
-/// Answers with the HTTP version and authorization header it saw.
+/// Answers with the HTTP version, authorization header and body length it saw.
 async fn upstream(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     let auth = req
         .headers()
@@ -60,7 +60,13 @@ async fn upstream(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let body = serde_json::json!({"version": format!("{:?}", req.version()), "authorization": auth, "path": req.uri().path()});
+    let (version, path) = (format!("{:?}", req.version()), req.uri().path().to_owned());
+    let len = req
+        .into_body()
+        .collect()
+        .await
+        .map_or(0, |b| b.to_bytes().len());
+    let body = serde_json::json!({"version": version, "authorization": auth, "path": path, "body_len": len});
     Ok(Response::new(Full::new(Bytes::from(body.to_string()))))
 }
 
@@ -160,12 +166,17 @@ async fn https_upstreams_get_http1_keep_alive_and_the_stored_key() {
     // Sequential requests share one kept-alive TLS connection.
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
-    // A body too large for the in-task path takes the general client: HTTP/1.1 too.
-    let large = serde_json::json!({"messages": [{"role": "user", "content": "x".repeat(100_000)}]});
-    let (status, body) = post_body(&gw, Bytes::from(large.to_string())).await;
+    // A long prompt, more than one TLS record and than a socket write may take: whole, on the
+    // same connection.
+    let large =
+        serde_json::json!({"messages": [{"role": "user", "content": "x".repeat(3_000_000)}]});
+    let large = Bytes::from(large.to_string());
+    let (status, body) = post_body(&gw, large.clone()).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["body_len"], large.len());
     assert_eq!(body["version"], "HTTP/1.1");
     assert_eq!(body["authorization"], format!("Bearer {KEY}"));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

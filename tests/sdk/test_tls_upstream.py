@@ -67,7 +67,7 @@ def test_anthropic_stream_over_tls(tls_gateway, tls_mock):
 
 
 def test_a_large_request_body_over_tls(tls_gateway, tls_mock):
-    # Over 64 KiB: the general client carries it (HTTP/1.1 over TLS as well).
+    # A long prompt (~120 KiB, many TLS records): sent whole.
     words = "lorem " * 20_000
     out = openai_client(tls_gateway).chat.completions.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": words}])

@@ -38,9 +38,11 @@ use tower_service::Service as _;
 
 use super::{BodyError, CONNECT_TIMEOUT, IDLE_TIMEOUT, MAX_IDLE_PER_HOST, UpstreamError};
 
-/// Largest request body sent on this path (larger ones take the general client, which can
-/// read an early response while still writing).
-pub const MAX_BODY: usize = 64 * 1024;
+/// Largest request body sent on this path (beyond the gateway's default limit of 10 MiB; larger
+/// ones take the general client). Long prompts are the common case for agents: a body the
+/// socket does not take at once is written while watching for an early answer (an error the
+/// upstream sends before reading it all), which then is the response.
+pub const MAX_BODY: usize = 64 << 20;
 /// Largest response head accepted (hyper's default buffer limit).
 const MAX_HEAD: usize = 400 * 1024;
 /// Most response headers accepted (hyper's default).
@@ -52,7 +54,7 @@ const READ_CHUNK: usize = 8 * 1024;
 /// Largest read size.
 const MAX_READ: usize = 128 * 1024;
 
-/// Whether `req` can take this path: a small body of known length and no framing or upgrade
+/// Whether `req` can take this path: a buffered body of known length and no framing or upgrade
 /// headers of its own.
 pub fn eligible(req: &Request<Full<Bytes>>) -> bool {
     use http_body::Body as _;
@@ -350,13 +352,13 @@ impl Pool {
         };
         let (mut idle, host) = self.checkout(&origin, &parts.uri);
         let head = encode_head(&parts, host, body.len());
-        let mut conn = loop {
+        let (mut conn, written) = loop {
             let (mut conn, reused) = match idle.take() {
                 Some(c) => (c, true),
                 None => (self.connect(&origin, &parts.uri).await?, false),
             };
-            match write_all(&mut conn.io, &head, &body).await {
-                Ok(()) => break conn,
+            match write_request(&mut conn, &head, &body).await {
+                Ok(written) => break (conn, written),
                 // A reused connection the upstream closed before the request went out (the
                 // first write failed, so nothing was sent): another one, like hyper-util.
                 Err((e, 0)) if reused => {
@@ -372,7 +374,9 @@ impl Pool {
         let mut body = Body {
             conn: Some(conn),
             framing,
-            keep_alive,
+            // Answered before the request was all sent: the rest of it would be read as the
+            // next request.
+            keep_alive: keep_alive && matches!(written, Written::All),
             pool: Arc::downgrade(self),
             origin,
         };
@@ -519,15 +523,43 @@ fn encode_head(parts: &http::request::Parts, host: HeaderValue, body_len: usize)
     out
 }
 
+/// How much of a request went out.
+enum Written {
+    All,
+    /// The upstream answered (or began to) before the body was all sent.
+    Answered,
+}
+
 /// Writes `head` then `body`, in one `writev` when the socket takes it all (over TLS, in as
-/// few records as they fit). On error, also says how many bytes had gone out.
-async fn write_all(io: &mut Io, head: &[u8], body: &[u8]) -> Result<(), (io::Error, usize)> {
+/// few records as they fit). While the socket takes no more, a response arriving ends the
+/// writing: the upstream refused the request without reading it all, and its answer is the
+/// response (as hyper's client does). On error, also says how many bytes had gone out.
+async fn write_request(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &[u8],
+) -> Result<Written, (io::Error, usize)> {
     let (mut h, mut b) = (head, body);
     let mut sent = 0;
     while !h.is_empty() || !b.is_empty() {
-        let n = poll_fn(|cx| io.poll_write_vectored(cx, &[IoSlice::new(h), IoSlice::new(b)]))
-            .await
-            .map_err(|e| (e, sent))?;
+        let step = poll_fn(|cx| {
+            if let Poll::Ready(r) = conn
+                .io
+                .poll_write_vectored(cx, &[IoSlice::new(h), IoSlice::new(b)])
+            {
+                return Poll::Ready(r.map(Some));
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => Poll::Ready(Err(incomplete())),
+                Ok(_) => Poll::Ready(Ok(None)),
+                Err(e) => Poll::Ready(Err(e)),
+            }
+        })
+        .await
+        .map_err(|e| (e, sent))?;
+        let Some(n) = step else {
+            return Ok(Written::Answered);
+        };
         if n == 0 {
             return Err((io::ErrorKind::WriteZero.into(), sent));
         }
@@ -536,7 +568,10 @@ async fn write_all(io: &mut Io, head: &[u8], body: &[u8]) -> Result<(), (io::Err
         h = &h[from_head..];
         b = &b[n - from_head..];
     }
-    poll_fn(|cx| io.poll_flush(cx)).await.map_err(|e| (e, sent))
+    poll_fn(|cx| conn.io.poll_flush(cx))
+        .await
+        .map_err(|e| (e, sent))?;
+    Ok(Written::All)
 }
 
 /// How the response body is delimited.
