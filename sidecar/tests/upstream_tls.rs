@@ -194,3 +194,48 @@ async fn an_upstream_certificate_from_an_unknown_ca_is_refused() {
     );
     assert!(!msg.contains(KEY));
 }
+
+#[tokio::test]
+async fn over_tls_an_answer_before_the_body_is_read_is_the_response() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Reads the request head only, answers 413 at once and stops reading (connection held).
+    let (ca, cfg) = tls_upstream();
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let port = listener.local_addr().expect("addr").port();
+    let acceptor = TlsAcceptor::from(cfg);
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut buf = vec![0u8; 16384];
+            let mut read = 0;
+            while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                match tls.read(&mut buf[read..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+            let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
+            if tls.write_all(answer).await.is_ok() && tls.flush().await.is_ok() {
+                let _ = held_tx.send(tls);
+            }
+        }
+    });
+    let client = upstream_client(vec![ca]).expect("client");
+    let req = Request::post(format!("https://127.0.0.1:{port}/v1/chat/completions"))
+        .body(Full::new(Bytes::from(vec![b'x'; 32 << 20])))
+        .expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("no hang on a blocked write")
+        .expect("the early answer");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"too large");
+    assert_eq!(client.idle_connections(), 0);
+    assert!(held_rx.recv().await.is_some());
+}

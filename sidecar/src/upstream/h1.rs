@@ -210,6 +210,16 @@ impl Conn {
         }
     }
 
+    /// While a request is still being written: ready when the upstream has answered already
+    /// (bytes read into the buffer); an error when it closed instead.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match ready!(self.poll_fill(cx)) {
+            Ok(0) => Poll::Ready(Err(incomplete())),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
     /// Whether an idle connection is still usable: not closed by the upstream, nothing unasked
     /// for sent on it (over TLS, a record of any kind — a close_notify, say — counts as
     /// something sent: the connection is dropped, costing at most a new handshake).
@@ -549,11 +559,7 @@ async fn write_request(
             {
                 return Poll::Ready(r.map(Some));
             }
-            match ready!(conn.poll_fill(cx)) {
-                Ok(0) => Poll::Ready(Err(incomplete())),
-                Ok(_) => Poll::Ready(Ok(None)),
-                Err(e) => Poll::Ready(Err(e)),
-            }
+            conn.poll_answer(cx).map(|r| r.map(|()| None))
         })
         .await
         .map_err(|e| (e, sent))?;
@@ -568,10 +574,20 @@ async fn write_request(
         h = &h[from_head..];
         b = &b[n - from_head..];
     }
-    poll_fn(|cx| conn.io.poll_flush(cx))
-        .await
-        .map_err(|e| (e, sent))?;
-    Ok(Written::All)
+    // Over TLS the last records may still wait for the socket: watched the same way.
+    let flushed = poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.io.poll_flush(cx) {
+            return Poll::Ready(r.map(|()| true));
+        }
+        conn.poll_answer(cx).map(|r| r.map(|()| false))
+    })
+    .await
+    .map_err(|e| (e, sent))?;
+    Ok(if flushed {
+        Written::All
+    } else {
+        Written::Answered
+    })
 }
 
 /// How the response body is delimited.
