@@ -28,6 +28,8 @@ const LIFETIME: Duration = Duration::from_secs(3600);
 /// Renew this long before the token expires.
 const MARGIN: Duration = Duration::from_secs(300);
 const TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a token is kept, whatever `expires_in` says.
+const MAX_LIFETIME_SECS: u64 = 24 * 3600;
 
 /// A service account able to mint access tokens; the key never leaves this struct.
 pub struct ServiceAccount {
@@ -144,16 +146,24 @@ impl ServiceAccount {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/x-www-form-urlencoded"),
         );
-        let resp = gw
-            .attempt(req, TIMEOUT)
+        req.headers_mut()
+            .insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
+        // The whole exchange is bounded, the body too: every Vertex request of this key waits
+        // on this lock meanwhile.
+        let exchange = async {
+            let resp = gw.attempt(req, TIMEOUT).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let raw = Limited::new(resp.into_body(), 64 << 10)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>((status, raw))
+        };
+        let (status, raw) = tokio::time::timeout(TIMEOUT, exchange)
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        let status = resp.status();
-        let raw = Limited::new(resp.into_body(), 64 << 10)
-            .collect()
-            .await
-            .map_err(|e| unavailable(e.to_string()))?
-            .to_bytes();
+            .map_err(|_| unavailable(format!("no answer within {}s", TIMEOUT.as_secs())))?
+            .map_err(unavailable)?;
         if !status.is_success() {
             // Google's error body names the problem (invalid_grant, ...) without secrets.
             let detail = String::from_utf8_lossy(&raw[..raw.len().min(300)]).into_owned();
@@ -171,7 +181,8 @@ impl ServiceAccount {
             serde_json::from_slice(&raw).map_err(|e| unavailable(format!("token answer: {e}")))?;
         let value = AuthValue::bearer(&t.access_token)
             .ok_or_else(|| unavailable("the access token cannot be a header value".into()))?;
-        let lifetime = Duration::from_secs(t.expires_in.unwrap_or(3600));
+        // Google's tokens live an hour; a larger claim is held to a day (and cannot overflow).
+        let lifetime = Duration::from_secs(t.expires_in.unwrap_or(3600).min(MAX_LIFETIME_SECS));
         let renew_at = Instant::now() + lifetime.saturating_sub(MARGIN);
         *cached = Some((value.clone(), renew_at));
         Ok(value)

@@ -175,6 +175,8 @@ impl Gateway {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        req.headers_mut()
+            .insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
         if openai
             && let Some(provider) = snap.providers.get("openai")
             && let Ok(crate::providers::KeyChoice::Stored(key)) = provider.choose_key(None)
@@ -182,16 +184,23 @@ impl Gateway {
             req.headers_mut()
                 .insert(header::AUTHORIZATION, key.header().clone());
         }
-        let resp = self
-            .attempt(req, TIMEOUT)
+        // Bounded as a whole, the body too: a stalled answer fails open like a missing one.
+        let exchange = async {
+            let resp = self
+                .attempt(req, TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let raw = Limited::new(resp.into_body(), MAX_ANSWER)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the moderation answer: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((status, raw))
+        };
+        let (status, raw) = tokio::time::timeout(TIMEOUT, exchange)
             .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let raw = Limited::new(resp.into_body(), MAX_ANSWER)
-            .collect()
-            .await
-            .map_err(|e| format!("reading the moderation answer: {e}"))?
-            .to_bytes();
+            .map_err(|_| format!("no moderation answer within {}s", TIMEOUT.as_secs()))??;
         if !status.is_success() {
             return Err(format!("moderation endpoint answered {status}"));
         }

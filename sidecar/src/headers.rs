@@ -141,27 +141,59 @@ fn connection_listed(headers: &HeaderMap) -> Vec<HeaderName> {
         .collect()
 }
 
+/// `Accept-Encoding: identity`, on every request the gateway sends upstream. Token counting,
+/// cost, DLP, guardrails, `/compat` translation, logged payloads and the cache all read the
+/// answer's bytes, so it must come uncompressed; between the app and the sidecar (loopback)
+/// compression would save nothing anyway. SDKs ask for gzip (httpx, the `openai` and
+/// `anthropic` SDKs' client, sends `gzip, deflate`), and providers behind CDNs compress JSON
+/// when asked.
+pub fn identity_encoding() -> HeaderValue {
+    HeaderValue::from_static("identity")
+}
+
+/// Whether the client's own SigV4 signature (`Authorization: AWS4-HMAC-SHA256 ...
+/// SignedHeaders=a;b;c, ...`) covers the header `name`: such a header cannot be changed.
+fn client_signed(client: &HeaderMap, name: &HeaderName) -> bool {
+    client
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.starts_with("AWS4-HMAC-SHA256"))
+        .and_then(|v| v.split("SignedHeaders=").nth(1))
+        .and_then(|rest| rest.split([',', ' ']).next())
+        .is_some_and(|list| {
+            list.split(';')
+                .any(|h| h.eq_ignore_ascii_case(name.as_str()))
+        })
+}
+
 /// The headers to send upstream: the client's, less gateway and hop-by-hop headers, `Host`
 /// (set from the upstream URI), `Content-Length` (set from the body), and `drop` (the provider's
-/// auth headers when the gateway injects its own key).
+/// auth headers when the gateway injects its own key); `Accept-Encoding` is `identity` (see
+/// [`identity_encoding`]) unless the client's own signature covers the one it sent.
 pub fn upstream_request_headers(client: &HeaderMap, drop: &[HeaderName]) -> HeaderMap {
     let listed = if client.contains_key(header::CONNECTION) {
         connection_listed(client)
     } else {
         Vec::new()
     };
-    let mut out = HeaderMap::with_capacity(client.len());
+    let keep_encoding = client.contains_key(header::ACCEPT_ENCODING)
+        && client_signed(client, &header::ACCEPT_ENCODING);
+    let mut out = HeaderMap::with_capacity(client.len() + 1);
     for (name, value) in client {
         if is_hop_by_hop(name)
             || is_gateway_header(name)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
+            || (name == header::ACCEPT_ENCODING && !keep_encoding)
             || drop.contains(name)
             || listed.contains(name)
         {
             continue;
         }
         out.append(name.clone(), value.clone());
+    }
+    if !keep_encoding {
+        out.insert(header::ACCEPT_ENCODING, identity_encoding());
     }
     out
 }
@@ -215,7 +247,55 @@ mod tests {
         ]);
         let out = upstream_request_headers(&client, &[]);
         let names: Vec<_> = out.keys().map(HeaderName::as_str).collect();
-        assert_eq!(names, vec!["content-type", "openai-organization"]);
+        assert_eq!(
+            names,
+            vec!["content-type", "openai-organization", "accept-encoding"]
+        );
+    }
+
+    #[test]
+    fn upstream_answers_are_asked_for_uncompressed_unless_the_client_signed_its_choice() {
+        let sdk = map(&[
+            ("accept-encoding", "gzip, deflate"),
+            ("authorization", "Bearer sk-placeholder"),
+        ]);
+        let out = upstream_request_headers(&sdk, &[]);
+        let encodings: Vec<_> = out.get_all(header::ACCEPT_ENCODING).iter().collect();
+        assert_eq!(encodings, vec!["identity"]);
+        // Without any Accept-Encoding a server may pick any coding (RFC 9110 §12.5.3).
+        let none = upstream_request_headers(&map(&[]), &[]);
+        assert_eq!(
+            none.get(header::ACCEPT_ENCODING).expect("accept-encoding"),
+            "identity"
+        );
+        // A SigV4 signature over accept-encoding: changing it would break the signature.
+        let signed = map(&[
+            ("accept-encoding", "gzip"),
+            (
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=AKID/20261126/us-east-1/bedrock/aws4_request, \
+                 SignedHeaders=accept-encoding;host;x-amz-date, Signature=abc",
+            ),
+        ]);
+        let out = upstream_request_headers(&signed, &[]);
+        assert_eq!(
+            out.get(header::ACCEPT_ENCODING).expect("accept-encoding"),
+            "gzip"
+        );
+        // Signed, but not over accept-encoding: replaced as for anyone.
+        let unsigned = map(&[
+            ("accept-encoding", "gzip"),
+            (
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=AKID/20261126/us-east-1/bedrock/aws4_request, \
+                 SignedHeaders=host;x-amz-date, Signature=abc",
+            ),
+        ]);
+        let out = upstream_request_headers(&unsigned, &[]);
+        assert_eq!(
+            out.get(header::ACCEPT_ENCODING).expect("accept-encoding"),
+            "identity"
+        );
     }
 
     #[test]
@@ -228,11 +308,10 @@ mod tests {
             &client,
             &[header::AUTHORIZATION, HeaderName::from_static("x-api-key")],
         );
-        assert!(out.is_empty());
+        assert!(!out.contains_key(header::AUTHORIZATION) && !out.contains_key("x-api-key"));
         let kept = upstream_request_headers(&client, &[]);
-        assert_eq!(
-            kept.len(),
-            2,
+        assert!(
+            kept.contains_key(header::AUTHORIZATION) && kept.contains_key("x-api-key"),
             "without injection the client's own key is forwarded"
         );
     }

@@ -224,6 +224,21 @@ pub struct Provider {
     service_accounts: HashMap<String, Arc<crate::google_auth::ServiceAccount>>,
 }
 
+/// The headers of a request signed by the client with SigV4 that tell who signed it.
+static SIGV4_IDENTITY: [HeaderName; 2] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-amz-security-token"),
+];
+
+/// Every header a client may carry a provider key in (for requests whose provider is not known
+/// yet, such as a `/compat` route's).
+pub static CLIENT_KEY_HEADERS: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-goog-api-key"),
+];
+
 /// Outcome of choosing the key for a request.
 #[derive(Debug)]
 pub enum KeyChoice<'a> {
@@ -247,14 +262,9 @@ impl Provider {
         let auth_headers = match &auth {
             AuthStyle::Header { name, .. } => {
                 let mut v = vec![name.clone()];
-                for extra in [
-                    header::AUTHORIZATION,
-                    HeaderName::from_static("x-api-key"),
-                    HeaderName::from_static("api-key"),
-                    HeaderName::from_static("x-goog-api-key"),
-                ] {
-                    if !v.contains(&extra) {
-                        v.push(extra);
+                for extra in &CLIENT_KEY_HEADERS {
+                    if !v.contains(extra) {
+                        v.push(extra.clone());
                     }
                 }
                 v
@@ -317,6 +327,17 @@ impl Provider {
     /// Client headers replaced by an injected key.
     pub fn auth_headers(&self) -> &[HeaderName] {
         &self.auth_headers
+    }
+
+    /// The client headers that say whose credentials a request carries, for the cache key when
+    /// the client's own credentials go upstream: its key headers, or for a request the client
+    /// signed itself (SigV4) the signature and session token. An access key id is no secret
+    /// and a signature is dated, so such entries serve only a replay of the same signed request.
+    pub fn client_identity_headers(&self) -> &[HeaderName] {
+        match self.auth {
+            AuthStyle::Header { .. } => &self.auth_headers,
+            AuthStyle::ClientSigned => &SIGV4_IDENTITY,
+        }
     }
 
     /// Headers the provider needs that the client may leave out.

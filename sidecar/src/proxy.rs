@@ -466,7 +466,7 @@ impl Gateway {
             query: parts.uri.query(),
             alias: alias.unwrap_or("default"),
             client_auth: (matches!(key, KeyChoice::ClientOwn) && signer.is_none())
-                .then_some((&parts.headers, provider.auth_headers())),
+                .then_some((&parts.headers, provider.client_identity_headers())),
             body: &body,
         };
         let mut miss = match self
@@ -489,15 +489,7 @@ impl Gateway {
         let mut upstream =
             build_upstream_request(provider, &parts.method, &parts.headers, uri, key, body);
         if let (Some(creds), Some(body)) = (&signer, signed_body) {
-            let headers = upstream.headers_mut();
-            for h in AWS_SIGNATURE_HEADERS {
-                headers.remove(*h);
-            }
-            // The route is bedrock-runtime/{region}/... (checked by upstream_uri).
-            let region = route.rest.split('/').nth(1).unwrap_or_default();
-            creds
-                .sign(&mut upstream, &body, region, std::time::SystemTime::now())
-                .map_err(fail)?;
+            sign_aws(creds, &mut upstream, &body, route.rest).map_err(fail)?;
         }
         let event_id = aig.get(Gw::EventId).cloned();
         let resp = self
@@ -651,6 +643,22 @@ pub(crate) fn build_upstream_request(
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     req
+}
+
+/// Signs `req` with the stored AWS `creds`, replacing any signature the client made; `rest` is
+/// the route after the provider, `bedrock-runtime/{region}/...` (checked by `upstream_uri`).
+pub(crate) fn sign_aws(
+    creds: &crate::compat::bedrock::AwsCredentials,
+    req: &mut Request<Full<Bytes>>,
+    body: &[u8],
+    rest: &str,
+) -> Result<(), GatewayError> {
+    let headers = req.headers_mut();
+    for h in AWS_SIGNATURE_HEADERS {
+        headers.remove(*h);
+    }
+    let region = rest.split('/').nth(1).unwrap_or_default();
+    creds.sign(req, body, region, std::time::SystemTime::now())
 }
 
 /// A copy of an upstream request for another attempt (the body is shared, not copied).

@@ -23,7 +23,7 @@ use crate::body::ProxyBody;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
-use crate::providers::Provider;
+use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Gateway};
 use crate::retry::{self, Policy};
 use crate::route::ProviderRoute;
@@ -61,10 +61,44 @@ struct Planned<'a> {
     provider: &'a Provider,
     endpoint: String,
     request: Request<Full<Bytes>>,
+    /// Credentials added just before the step is sent.
+    auth: StepAuth<'a>,
     timeout: Duration,
     retries: Policy,
     /// The model the step names (in its endpoint or its `query`), for cost.
     model: Option<crate::cost::ModelName>,
+}
+
+/// Credentials a step gets just before it is sent, as on the provider's own route.
+enum StepAuth<'a> {
+    /// Nothing to add: the stored key is in the request already, or the step's own headers go.
+    Ready,
+    /// A token minted from the alias's Google service account (`google-vertex-ai`).
+    Google(&'a Arc<crate::google_auth::ServiceAccount>),
+    /// A SigV4 signature with the stored AWS credentials, over this body.
+    Aws(Box<crate::compat::bedrock::AwsCredentials>, Bytes),
+}
+
+impl StepAuth<'_> {
+    async fn apply(self, gw: &Gateway, step: &mut Planned<'_>) -> Result<(), GatewayError> {
+        match self {
+            StepAuth::Ready => Ok(()),
+            StepAuth::Google(sa) => {
+                let token = sa.token(gw).await?;
+                let headers = step.request.headers_mut();
+                for name in step.provider.auth_headers() {
+                    headers.remove(name);
+                }
+                if let Some(name) = step.provider.auth_header() {
+                    headers.insert(name.clone(), token.header().clone());
+                }
+                Ok(())
+            }
+            StepAuth::Aws(creds, body) => {
+                proxy::sign_aws(&creds, &mut step.request, &body, &step.endpoint)
+            }
+        }
+    }
 }
 
 fn bad(message: String) -> GatewayError {
@@ -111,10 +145,17 @@ pub(crate) async fn serve(
     let count = planned.len();
     for (i, step) in planned.into_iter().enumerate() {
         let last = i + 1 == count;
-        let id = &step.provider.id;
-        let outcome = gw
-            .dispatch(step.request, step.timeout, &step.retries, id)
-            .await;
+        let mut step = step;
+        let id = step.provider.id.clone();
+        let auth = std::mem::replace(&mut step.auth, StepAuth::Ready);
+        let outcome = match auth.apply(gw, &mut step).await {
+            Ok(()) => {
+                gw.dispatch(step.request, step.timeout, &step.retries, &id)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let id = &id;
         let resp = match outcome {
             Ok(resp) if last || resp.status().is_success() => resp,
             Ok(resp) => {
@@ -218,8 +259,19 @@ fn plan<'a>(
             .map_err(|_| fail(bad(format!("steps[{i}].headers.{n}: invalid value"))))?;
         client_headers.append(n, v);
     }
-    let key = provider.choose_key(alias).map_err(fail)?;
     let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
+    // The step's credentials, as the provider's own route would have them.
+    let (key, auth) = if let Some(sa) = provider.service_account(alias) {
+        (KeyChoice::ClientOwn, StepAuth::Google(sa))
+    } else if provider.signs_requests() {
+        let auth = match crate::compat::stored_aws_credentials(snap, alias).map_err(fail)? {
+            Some(creds) => StepAuth::Aws(Box::new(creds), body.clone()),
+            None => StepAuth::Ready,
+        };
+        (KeyChoice::ClientOwn, auth)
+    } else {
+        (provider.choose_key(alias).map_err(fail)?, StepAuth::Ready)
+    };
     let model = crate::cost::model_in_path(path)
         .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
         .map(crate::cost::ModelName::new);
@@ -278,6 +330,7 @@ fn plan<'a>(
         provider,
         endpoint: path.to_owned(),
         request,
+        auth,
         timeout,
         retries,
         model,

@@ -12,8 +12,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use sidegate::upstream::{UpstreamBody, UpstreamClient, upstream_client};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+
+mod common;
+use common::{Counting, read_head};
 
 type Chunks = StreamBody<tokio_stream_shim::Receiver>;
 
@@ -45,17 +47,11 @@ struct Upstream {
 /// An HTTP/1 upstream: `/json` answers a small body; `/stream` answers a chunked body fed by
 /// the test.
 async fn upstream() -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let accepted = Arc::new(AtomicUsize::new(0));
+    let listener = Counting::bind().await;
+    let (url, accepted) = (listener.url(), listener.accepted());
     let (streams_tx, streams) = tokio::sync::mpsc::unbounded_channel();
-    let count = accepted.clone();
     tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
+        while let Some(stream) = listener.accept().await {
             let streams_tx = streams_tx.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req: Request<Incoming>| {
@@ -189,23 +185,12 @@ async fn a_dropped_response_closes_its_upstream_connection() {
 #[tokio::test]
 async fn a_connection_closed_by_the_upstream_while_idle_is_not_used() {
     // One response per connection, then the upstream closes it (no `Connection: close`).
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}/json", listener.local_addr().expect("addr"));
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let listener = Counting::bind().await;
+    let (url, accepted) = (format!("{}/json", listener.url()), listener.accepted());
     tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
-            let mut buf = vec![0u8; 4096];
-            let mut read = 0;
-            while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf[read..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => read += n,
-                }
+        while let Some(mut s) = listener.accept().await {
+            if !read_head(&mut s, &mut [0u8; 4096]).await {
+                continue;
             }
             let _ = s
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
@@ -226,29 +211,18 @@ async fn a_connection_closed_by_the_upstream_while_idle_is_not_used() {
 /// A raw upstream answering each request on a connection with the next of `answers` (bytes
 /// written as is), closing the connection after an answer marked `close`; counts connections.
 async fn scripted(answers: Vec<(&'static [u8], bool)>) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let listener = Counting::bind().await;
+    let (url, accepted) = (listener.url(), listener.accepted());
     let answers = Arc::new(tokio::sync::Mutex::new(answers.into_iter()));
     tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            count.fetch_add(1, Ordering::SeqCst);
+        while let Some(mut s) = listener.accept().await {
             let answers = answers.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
-                let mut read = 0;
                 loop {
-                    while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf[read..]).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => read += n,
-                        }
+                    if !read_head(&mut s, &mut buf).await {
+                        return;
                     }
-                    read = 0;
                     let Some((answer, close)) = answers.lock().await.next() else {
                         return;
                     };
@@ -350,13 +324,10 @@ fn post(url: &str, body: Vec<u8>) -> Request<Full<Bytes>> {
 #[tokio::test]
 async fn a_large_body_is_sent_whole_and_the_connection_reused() {
     // Counts the body bytes of each request (content-length framing) and answers with the count.
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let count = accepted.clone();
+    let listener = Counting::bind().await;
+    let (url, accepted) = (listener.url(), listener.accepted());
     tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            count.fetch_add(1, Ordering::SeqCst);
+        while let Some(s) = listener.accept().await {
             tokio::spawn(async move {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(
@@ -390,18 +361,13 @@ async fn a_large_body_is_sent_whole_and_the_connection_reused() {
 async fn an_answer_before_the_body_is_read_is_the_response() {
     // Reads the head only, answers 413 at once and then stops reading (the connection stays
     // open, so the client's writes block once the socket buffers are full).
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let listener = Counting::bind().await;
+    let url = listener.url();
     let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = vec![0u8; 8192];
-            let mut read = 0;
-            while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf[read..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => read += n,
-                }
+        while let Some(mut s) = listener.accept().await {
+            if !read_head(&mut s, &mut [0u8; 8192]).await {
+                continue;
             }
             let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
             if s.write_all(answer).await.is_ok() {

@@ -20,6 +20,9 @@ use sidegate::{reload, server};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+mod common;
+use common::{Counting, read_head};
+
 const KEY: &str = "sk-sgtestkey-tls-upstream";
 
 /// A CA and a server config for 127.0.0.1 signed by it, offering h2 and http/1.1.
@@ -73,16 +76,11 @@ async fn upstream(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infal
 /// Starts the TLS upstream; returns its port, its CA and a count of the connections it accepted.
 async fn start_upstream() -> (u16, CertificateDer<'static>, Arc<AtomicUsize>) {
     let (ca, cfg) = tls_upstream();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind upstream");
-    let port = listener.local_addr().expect("addr").port();
+    let listener = Counting::bind().await;
+    let (port, accepted) = (listener.port(), listener.accepted());
     let acceptor = TlsAcceptor::from(cfg);
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
+        while let Some(tcp) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
@@ -197,27 +195,20 @@ async fn an_upstream_certificate_from_an_unknown_ca_is_refused() {
 
 #[tokio::test]
 async fn over_tls_an_answer_before_the_body_is_read_is_the_response() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     // Reads the request head only, answers 413 at once and stops reading (connection held).
     let (ca, cfg) = tls_upstream();
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind upstream");
-    let port = listener.local_addr().expect("addr").port();
+    let listener = Counting::bind().await;
+    let port = listener.port();
     let acceptor = TlsAcceptor::from(cfg);
     let (held_tx, mut held_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
+        while let Some(tcp) = listener.accept().await {
             let Ok(mut tls) = acceptor.accept(tcp).await else {
                 continue;
             };
-            let mut buf = vec![0u8; 16384];
-            let mut read = 0;
-            while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
-                match tls.read(&mut buf[read..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => read += n,
-                }
+            if !read_head(&mut tls, &mut [0u8; 16384]).await {
+                continue;
             }
             let answer = b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large";
             if tls.write_all(answer).await.is_ok() && tls.flush().await.is_ok() {

@@ -106,6 +106,46 @@ def test_aliases_and_client_keys_never_share_entries(cached_gateway, mock):
     assert len(mock.requests()) == 4
 
 
+def test_routed_requests_with_the_clients_own_keys_never_share_entries(mock, tmp_path):
+    # groq has no stored key: a route to it forwards each client's key, so the key is part of
+    # the cache key even though the route, not the provider, names the entry.
+    spec = CACHE_ON + "  fallbacks:\n    - name: own\n      targets:\n        - {provider: groq, model: llama-3.1-8b-instant}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        body = {"model": "fallback/own", "messages": [{"role": "user", "content": "whose key"}]}
+        compat = "/compat/chat/completions"
+        alice = {"authorization": "Bearer client-key-alice"}
+        bob = {"authorization": "Bearer client-key-bob"}
+        assert post(g, compat, body, alice).headers["cf-aig-cache-status"] == "MISS"
+        assert post(g, compat, body, bob).headers["cf-aig-cache-status"] == "MISS"
+        assert post(g, compat, body, alice).headers["cf-aig-cache-status"] == "HIT"
+        sent = [q["headers"]["authorization"] for q in mock.requests()]
+        assert sent == ["Bearer client-key-alice", "Bearer client-key-bob"]
+    finally:
+        g.stop()
+
+
+def test_requests_signed_by_the_client_are_keyed_by_their_signature(mock, tmp_path):
+    # No stored AWS credentials: the client's SigV4 signature goes upstream. An access key id
+    # is no secret, so only the same signed request may be answered from the cache.
+    spec = f"    aws-bedrock: {{baseURL: '{mock.url}'}}\n" + CACHE_ON
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        path = "/aws-bedrock/bedrock-runtime/us-west-2/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
+        body = {"messages": [{"role": "user", "content": [{"text": "signed"}]}]}
+        def signed(who, sig):
+            return {"authorization": f"AWS4-HMAC-SHA256 Credential={who}/20260101/us-west-2/bedrock/aws4_request, "
+                                     f"SignedHeaders=host;x-amz-date, Signature={sig}", "x-amz-date": "20260101T000000Z"}
+        assert post(g, path, body, signed("AKIDALICE", "aa")).headers["cf-aig-cache-status"] == "MISS"
+        assert post(g, path, body, signed("AKIDALICE", "bb")).headers["cf-aig-cache-status"] == "MISS"
+        assert post(g, path, body, signed("AKIDALICE", "aa")).headers["cf-aig-cache-status"] == "HIT"
+        assert len(mock.requests()) == 2
+    finally:
+        g.stop()
+
+
 def test_custom_cache_key_replaces_the_computed_one(cached_gateway, mock):
     k = {"cf-aig-cache-key": "daily-greeting"}
     a = post(cached_gateway, body=chat_body("one"), headers=k)

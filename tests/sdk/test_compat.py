@@ -3,12 +3,13 @@
 
 import json
 import subprocess
+import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
+from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, StallingServer, gateway_yaml
 
 GOOGLE_KEY = f"AIza-{KEY_MARKER}-google"
 VERTEX_TOKEN = f"ya29.{KEY_MARKER}-vertex"
@@ -292,18 +293,26 @@ def test_vertex_uses_the_project_region_path_and_a_bearer_token(gw, mock):
     assert mock.last()["path"].endswith("text-embedding-005:predict")
 
 
-def test_vertex_service_account_keys_are_exchanged_for_cached_tokens(mock, tmp_path):
+VERTEX_PATH = "/google-vertex-ai/v1/projects/my-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
+
+
+def service_account(token_uri):
+    """A Google service-account key file (a fresh RSA key) whose tokens come from `token_uri`."""
     pem = subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
                          capture_output=True, text=True, check=True).stdout
-    sa = {"type": "service_account", "project_id": "my-proj", "private_key_id": "k1", "private_key": pem,
-          "client_email": f"{KEY_MARKER}-sa@my-proj.iam.gserviceaccount.com", "token_uri": f"{mock.url}/token"}
+    return {"type": "service_account", "project_id": "my-proj", "private_key_id": "k1", "private_key": pem,
+            "client_email": f"{KEY_MARKER}-sa@my-proj.iam.gserviceaccount.com", "token_uri": token_uri}
+
+
+def test_vertex_service_account_keys_are_exchanged_for_cached_tokens(mock, tmp_path):
+    sa = service_account(f"{mock.url}/token")
+    pem = sa["private_key"]
     keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
     g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
     try:
         mock.clear()
-        path = "/google-vertex-ai/v1/projects/my-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
         for _ in range(2):
-            r = httpx.post(g.url + path, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+            r = httpx.post(g.url + VERTEX_PATH, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
             assert r.status_code == 200, r.text
         out = ask(client(g), "google-vertex-ai/my-proj/us-central1/gemini-2.5-flash", "via compat")
         assert out.choices[0].message.content == "mock reply to: via compat"
@@ -316,6 +325,80 @@ def test_vertex_service_account_keys_are_exchanged_for_cached_tokens(mock, tmp_p
         for q in calls:
             assert q["headers"]["authorization"] == f"Bearer ya29.mock-{sa['client_email']}"
         assert pem.splitlines()[1] not in g.logs()
+    finally:
+        g.stop()
+
+
+def test_a_token_endpoint_that_stalls_fails_in_bounded_time(mock, tmp_path):
+    stall = StallingServer()
+    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(service_account(stall.url + "/token"))})
+    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(g.url + VERTEX_PATH, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, timeout=30)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104)
+        assert "no answer within 10s" in r.json()["error"][0]["message"]
+        assert time.monotonic() - t0 < 20, "bounded by the token exchange timeout (10 s)"
+    finally:
+        g.stop()
+        stall.stop()
+
+
+def test_a_token_lifetime_too_large_for_the_clock_is_held_to_a_day(mock, tmp_path):
+    import http.server
+    import threading
+
+    class Token(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            body = json.dumps({"access_token": f"ya29.{KEY_MARKER}-forever", "expires_in": 2**64 - 1}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Token)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    sa = service_account(f"http://127.0.0.1:{server.server_address[1]}/token")
+    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
+    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    try:
+        mock.clear()
+        for _ in range(2):
+            r = httpx.post(g.url + VERTEX_PATH, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+            assert r.status_code == 200, r.text
+        assert mock.last()["headers"]["authorization"] == f"Bearer ya29.{KEY_MARKER}-forever"
+        assert g.proc.poll() is None, "the sidecar is still running"
+    finally:
+        g.stop()
+        server.shutdown()
+
+
+def test_universal_steps_get_minted_tokens_and_stored_aws_signatures(mock, tmp_path):
+    sa = service_account(f"{mock.url}/token")
+    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
+    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    try:
+        mock.clear()
+        vertex = {"provider": "google-vertex-ai", "endpoint": VERTEX_PATH.removeprefix("/google-vertex-ai/"),
+                  "query": {"contents": [{"role": "user", "parts": [{"text": "universal vertex"}]}]}}
+        r = httpx.post(g.url + "/", json=[vertex])
+        assert r.status_code == 200, r.text
+        assert mock.last()["headers"]["authorization"] == f"Bearer ya29.mock-{sa['client_email']}"
+        bedrock = {"provider": "aws-bedrock", "endpoint": f"bedrock-runtime/us-west-2/model/{BEDROCK_MODEL}/converse",
+                   "headers": {"authorization": "AWS4-HMAC-SHA256 Credential=CLIENTKEY/x, SignedHeaders=host, Signature=00"},
+                   "query": {"messages": [{"role": "user", "content": [{"text": "universal bedrock"}]}]}}
+        r = httpx.post(g.url + "/", json=[bedrock])
+        assert r.status_code == 200, r.text
+        assert r.json()["output"]["message"]["content"][0]["text"] == "mock reply to: universal bedrock"
+        seen = mock.last()["headers"]
+        assert seen["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDMOCK/")
+        assert "/us-west-2/bedrock/aws4_request" in seen["authorization"]
+        assert seen["x-amz-security-token"] == AWS_SESSION
     finally:
         g.stop()
 

@@ -1,11 +1,13 @@
 """Guardrails: prompts and responses classified by a moderation endpoint (the mock speaks
 OpenAI's moderation API and flags a category when the text contains `mock-flag:<category>`)."""
 
+import time
+
 import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, StallingServer, assert_refused_at_start, free_port, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 
@@ -85,6 +87,20 @@ def test_an_unreachable_moderation_endpoint_fails_open(mock, tmp_path):
         assert "moderation unavailable" in g.logs()
     finally:
         g.stop()
+
+
+def test_a_moderation_answer_that_stalls_fails_open_in_bounded_time(mock, tmp_path):
+    stall = StallingServer()
+    g = guarded(mock, tmp_path, "    prompt: {violence: block}\n", url=stall.url + "/v1/moderations")
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(g.url + CHAT, json=body("mock-flag:violence"), timeout=30)
+        assert r.status_code == 200
+        assert time.monotonic() - t0 < 20, "bounded by the guardrail timeout (10 s)"
+        assert guardrail_metric(g, "error") == 1
+    finally:
+        g.stop()
+        stall.stop()
 
 
 @pytest.mark.parametrize("spec,needle", [

@@ -92,6 +92,21 @@ def test_token_counts_from_responses_are_logged_and_counted(gateway, mock):
     assert f'sidegate_tokens_total{{provider="anthropic",direction="output"}} {final.usage.output_tokens}' in metrics
 
 
+def test_upstream_answers_come_uncompressed_whatever_the_client_accepts(gateway, mock):
+    # The mock gzips JSON for clients that accept it, as the providers' CDNs do; token counting
+    # (and DLP, guardrails, /compat, the cache) read the answer's bytes.
+    direct = httpx.post(mock.url + "/v1/chat/completions", json=BODY,
+                        headers={"authorization": "Bearer x", "accept-encoding": "gzip"})
+    assert direct.headers["content-encoding"] == "gzip"
+    mock.clear()
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers={"accept-encoding": "gzip, deflate, br"})
+    assert r.status_code == 200 and "content-encoding" not in r.headers
+    assert mock.last()["headers"]["accept-encoding"] == "identity"
+    usage = r.json()["usage"]
+    line = wait_line(gateway, r.headers["cf-aig-log-id"])
+    assert f"tokens_in={usage['prompt_tokens']} tokens_out={usage['completion_tokens']}" in line, line
+
+
 @pytest.fixture
 def payload_gateway(mock, tmp_path):
     spec = "  logging: {payloads: true}\n  cache: {enabled: true}\n"

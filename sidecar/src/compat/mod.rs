@@ -233,6 +233,7 @@ fn translated_headers(provider: &Provider, key: &KeyChoice<'_>, client: &HeaderM
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    h.insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
     if let Some(name) = provider.auth_header() {
         match key {
             KeyChoice::Stored(v) => {
@@ -446,6 +447,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
+            headers.insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
             headers.insert(
                 header::ACCEPT,
                 HeaderValue::from_static(if stream {
@@ -665,10 +667,16 @@ pub(crate) async fn serve(
     // cache lookup (a routed request is keyed by its route, not by the target it lands on)
     let want = cache::want(&snap.cache, aig).map_err(fail)?;
     let retries = snap.retries.with_headers(aig).map_err(fail)?;
-    let client_own = !routed
-        && want.is_some()
-        && provider.auth_header().is_some()
-        && matches!(provider.choose_key(alias), Ok(KeyChoice::ClientOwn));
+    // Whose key goes upstream is part of the key when it is the client's: for a plain model
+    // when its provider has no stored key; for a route, whatever key headers the client sent
+    // (any of its targets may forward them).
+    let client_auth: Option<&[HeaderName]> = if routed {
+        Some(&crate::providers::CLIENT_KEY_HEADERS)
+    } else {
+        (provider.auth_header().is_some()
+            && matches!(provider.choose_key(alias), Ok(KeyChoice::ClientOwn)))
+        .then(|| provider.auth_headers())
+    };
     let lookup = cache::Request {
         scope: "compat",
         provider: if routed { &model } else { &provider.id },
@@ -676,7 +684,7 @@ pub(crate) async fn serve(
         path,
         query: None,
         alias: alias.unwrap_or("default"),
-        client_auth: client_own.then_some((&parts.headers, provider.auth_headers())),
+        client_auth: client_auth.map(|names| (&parts.headers, names)),
         body: &body,
     };
     let mut miss = match gw

@@ -10,8 +10,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE};
-use http::{HeaderValue, Response, StatusCode};
+use http::header::{ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, VARY};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use serde::Serialize;
 use tokio::time::{Instant, Sleep};
@@ -191,6 +191,53 @@ pub(crate) fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Respo
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// Whether a request's `Accept-Encoding` takes gzip (`gzip` or `*`, not with `q=0`).
+pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !refused
+        })
+}
+
+/// `resp` gzip-compressed when it is a complete JSON body, as the providers' CDNs answer
+/// clients that accept gzip (streams stay as they are).
+pub(crate) fn gzip_json(resp: Response<MockBody>) -> Response<MockBody> {
+    use std::io::Write;
+    let json = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let (mut parts, body) = resp.into_parts();
+    let Kind::Full(Some(bytes)) = &body.kind else {
+        return Response::from_parts(parts, body);
+    };
+    if !json {
+        return Response::from_parts(parts, body);
+    }
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let Ok(zipped) = enc.write_all(bytes).and_then(|()| enc.finish()) else {
+        return Response::from_parts(parts, body);
+    };
+    parts
+        .headers
+        .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    parts
+        .headers
+        .insert(VARY, HeaderValue::from_static("accept-encoding"));
+    Response::from_parts(parts, MockBody::full(zipped))
 }
 
 /// A 200 response with the JSON of `value`.

@@ -24,7 +24,8 @@
 //! | GET, DELETE | `/__mock/stats` | counters / reset them |
 //!
 //! Model `mock-status-<code>` (400..=599) answers that status with the endpoint's error
-//! body. Header `x-mock-delay-ms` delays the response head; `x-mock-chunk-delay-ms`
+//! body. JSON answers are gzip-compressed for requests that accept gzip (as the providers'
+//! CDNs do). Header `x-mock-delay-ms` delays the response head; `x-mock-chunk-delay-ms`
 //! delays each stream event. Header `x-mock-fail-first: <n>;<id>[;<status>]` answers the first
 //! `n` requests carrying that exact value with `status` (default 503), then normally: retries
 //! can be tested without a flaky server.
@@ -287,6 +288,7 @@ async fn handle(
     let delay = header_ms(&parts.headers, DELAY_HEADER).unwrap_or(state.opts.delay);
     let chunk_delay = header_ms(&parts.headers, CHUNK_DELAY_HEADER).filter(|d| !d.is_zero());
     let anthropic_models = parts.headers.contains_key("anthropic-version");
+    let gzip = body::accepts_gzip(&parts.headers);
     let fail_spec = parts
         .headers
         .get(FAIL_FIRST_HEADER)
@@ -347,6 +349,9 @@ async fn handle(
             openai::unknown_route(&ctx, &method, &path)
         }
     };
+    if gzip {
+        resp = body::gzip_json(resp);
+    }
     if let Some(name) = &state.name_header {
         resp.headers_mut().insert(NAME_HEADER, name.clone());
     }

@@ -36,7 +36,8 @@ Routes (matched on the path suffix, so any provider prefix works):
   GET|DELETE /__mock/requests     recorded requests, oldest first / clear them
   GET|DELETE /__mock/stats        counters (requests, streams_cancelled, ...) / reset them
 
-Replies are \"mock reply to: <last user message, up to 200 chars>\".
+Replies are \"mock reply to: <last user message, up to 200 chars>\"; JSON replies are
+gzip-compressed for requests whose Accept-Encoding takes gzip, as the providers' CDNs do.
 Model \"mock-status-<code>\" (400..=599) returns that status with the endpoint's error
 body (429 adds retry-after: 1); invalid JSON returns 400; unknown routes 404.
 Request headers: x-mock-delay-ms delays the response head (overrides --delay-ms),
