@@ -126,8 +126,8 @@ pub struct ProviderKeyStatus {
     status = "AIGatewayStatus",
     derive = "PartialEq",
     derive = "Default",
-    validation = kube::core::Rule::new("size(self.metadata.name) <= 230")
-        .message("AIGateway names are at most 230 characters (the Secret sidegate-<name>-keys must fit 253)"),
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63")
+        .message("AIGateway names are at most 63 characters (the name is the sidegate.dev/gateway label value of the ConfigMap and Secret it owns)"),
     printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Keys", "type":"integer", "jsonPath":".status.keyCount", "description":"Provider keys rendered into the gateway"}"#,
     printcolumn = r#"{"name":"Hash", "type":"string", "jsonPath":".status.configHash", "description":"Content hash of the rendered config and keys"}"#,

@@ -413,6 +413,7 @@ pub enum RouteNodeType {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WeightedBranch {
     /// Relative weight.
+    #[schemars(range(max = 1_000_000))]
     pub weight: u32,
     /// Node id to continue with.
     pub next: String,

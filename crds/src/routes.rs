@@ -331,7 +331,8 @@ fn split_outside_quotes<'s>(s: &'s str, sep: &str) -> Vec<&'s str> {
             Some(q) if c == q => quote = None,
             Some(_) => {}
             None if c == b'"' || c == b'\'' => quote = Some(c),
-            None if s[i..].starts_with(sep) => {
+            // Bytes, not `s[i..]`: `i` may be inside a multi-byte character.
+            None if bytes[i..].starts_with(sep.as_bytes()) => {
                 parts.push(&s[last..i]);
                 i += sep.len();
                 last = i;
@@ -452,5 +453,26 @@ mod tests {
         assert!(both.eval(&meta(serde_json::json!({"plan": "paid", "tier": 2}))));
         assert!(!both.eval(&meta(serde_json::json!({"plan": "paid", "tier": 1}))));
         assert!(!both.eval(&Map::new()));
+    }
+
+    #[test]
+    fn non_ascii_conditions_are_parsed_or_refused_never_a_panic() {
+        // Curly quotes pasted from a document: not quotes to the parser, so a clear error.
+        let err =
+            Condition::parse("metadata.plan == “paid” || metadata.x == 1").expect_err("curly");
+        assert!(err.contains("right side"), "{err}");
+        let e = Condition::parse(r#"metadata.city == "Zürich" || metadata.team == 'équipe'"#)
+            .expect("non-ASCII inside quotes");
+        assert!(e.eval(&meta(serde_json::json!({"city": "Zürich"}))));
+        assert!(e.eval(&meta(serde_json::json!({"team": "équipe"}))));
+        for s in [
+            "é||é",
+            "metadata.é == 1",
+            "&&é",
+            "ü",
+            "metadata.a == 1 && ß",
+        ] {
+            let _ = Condition::parse(s);
+        }
     }
 }

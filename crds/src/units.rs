@@ -102,8 +102,11 @@ impl JsonSchema for Duration {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
-            "pattern": "^[0-9]+(ms|s|m|h|d)$",
-            "description": "A duration: a number followed by ms, s, m, h or d (e.g. 500ms, 30s, 5m)."
+            "pattern": "^[0-9]{1,9}(ms|s|m|h|d)$",
+            // At most 9 digits: any such value fits the parser's u64 of milliseconds, so an
+            // object the apiserver accepts always decodes (one that does not would stop the
+            // operator's list of every gateway).
+            "description": "A duration: a number (at most 9 digits) followed by ms, s, m, h or d (e.g. 500ms, 30s, 5m)."
         })
     }
     fn inline_schema() -> bool {
@@ -187,8 +190,8 @@ impl JsonSchema for ByteSize {
     fn json_schema(_: &mut SchemaGenerator) -> Schema {
         json_schema!({
             "type": "string",
-            "pattern": "^[0-9]+(Ki|Mi|Gi|K|M|G)?$",
-            "description": "A size in bytes, optionally with a Ki, Mi, Gi, K, M or G suffix (e.g. 64Mi)."
+            "pattern": "^[0-9]{1,9}(Ki|Mi|Gi|K|M|G)?$",
+            "description": "A size in bytes (at most 9 digits), optionally with a Ki, Mi, Gi, K, M or G suffix (e.g. 64Mi)."
         })
     }
     fn inline_schema() -> bool {
@@ -235,5 +238,34 @@ mod tests {
         assert_eq!("1024".parse::<ByteSize>().map(ByteSize::get), Ok(1024));
         assert!("10MB".parse::<ByteSize>().is_err());
         assert_eq!(ByteSize::bytes(10 << 20).to_string(), "10Mi");
+    }
+
+    #[test]
+    fn every_value_the_schema_admits_decodes() {
+        // The apiserver checks the pattern; a value it admits that the operator could not
+        // decode would fail the list of every AIGateway. The largest admitted values decode.
+        for unit in ["ms", "s", "m", "h", "d"] {
+            let v = format!("999999999{unit}");
+            assert!(v.parse::<Duration>().is_ok(), "{v}");
+        }
+        for unit in ["", "K", "M", "G", "Ki", "Mi", "Gi"] {
+            let v = format!("999999999{unit}");
+            assert!(v.parse::<ByteSize>().is_ok(), "{v}");
+        }
+        let pattern = |schema: Schema| {
+            schema
+                .get("pattern")
+                .and_then(|p| p.as_str())
+                .map(str::to_owned)
+        };
+        let mut generator = SchemaGenerator::default();
+        assert_eq!(
+            pattern(Duration::json_schema(&mut generator)).as_deref(),
+            Some("^[0-9]{1,9}(ms|s|m|h|d)$")
+        );
+        assert_eq!(
+            pattern(ByteSize::json_schema(&mut generator)).as_deref(),
+            Some("^[0-9]{1,9}(Ki|Mi|Gi|K|M|G)?$")
+        );
     }
 }

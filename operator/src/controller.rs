@@ -266,7 +266,7 @@ async fn publish_transitions(
                 EventType::Normal
             },
             reason: t.reason,
-            note: Some(t.note),
+            note: Some(status::event_note(t.note)),
             action: "Reconcile".to_owned(),
             secondary: None,
         };
@@ -322,6 +322,24 @@ pub fn gateways_for_key(
         .collect()
 }
 
+/// Drops what is kept per gateway (dependencies, failure counts) for gateways that no longer
+/// exist: a deleted gateway is not reconciled again, so nothing else removes its entries (with
+/// gateways made and deleted per pull request they would pile up, and a Secret it read would
+/// keep naming it).
+pub fn forget_deleted(
+    deps: &DependencyIndex,
+    failures: &Mutex<HashMap<ObjectRef<AIGateway>, u32>>,
+    exists: impl Fn(&ObjectRef<AIGateway>) -> bool,
+) {
+    deps.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|gw, _| exists(gw));
+    failures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|gw, _| exists(gw));
+}
+
 /// Gateways that read Secret `name` in `ns` at their last reconcile.
 pub fn gateways_for_secret(
     ns: &str,
@@ -351,18 +369,23 @@ pub fn controller(client: Client, ctx: Arc<Context>) -> Controller<AIGateway> {
     .owns(Api::<PartialObjectMeta<Secret>>::all(client.clone()), owned);
     let gateways: Store<AIGateway> = controller.store();
     let deps = ctx.deps.clone();
+    let store = gateways.clone();
     let controller = controller.watches(
         Api::<ProviderKey>::all(client.clone()),
         watcher::Config::default(),
-        move |key| gateways_for_key(&key, &gateways.state(), &deps),
+        move |key| gateways_for_key(&key, &store.state(), &deps),
     );
-    let deps = ctx.deps.clone();
     controller.watches(
         Api::<PartialObjectMeta<Secret>>::all(client),
         watcher::Config::default(),
-        move |secret| match secret.namespace() {
-            Some(ns) => gateways_for_secret(&ns, &secret.name_any(), &deps),
-            None => Vec::new(),
+        move |secret| {
+            // Secrets change often enough to sweep here; until the first list completes the
+            // store is empty, and so is what there is to sweep.
+            forget_deleted(&ctx.deps, &ctx.failures, |gw| gateways.get(gw).is_some());
+            match secret.namespace() {
+                Some(ns) => gateways_for_secret(&ns, &secret.name_any(), &ctx.deps),
+                None => Vec::new(),
+            }
         },
     )
 }
@@ -390,6 +413,30 @@ pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_of_deleted_gateways_are_forgotten() {
+        let gw = |name: &str| ObjectRef::<AIGateway>::new(name).within("team-a");
+        let deps: DependencyIndex = Mutex::default();
+        let failures = Mutex::new(HashMap::from([(gw("kept"), 2), (gw("deleted"), 5)]));
+        for name in ["kept", "deleted"] {
+            deps.lock().expect("deps").insert(
+                gw(name),
+                Dependencies {
+                    provider_keys: BTreeSet::new(),
+                    secrets: BTreeSet::from(["llm-keys".to_owned()]),
+                },
+            );
+        }
+        assert_eq!(gateways_for_secret("team-a", "llm-keys", &deps).len(), 2);
+        forget_deleted(&deps, &failures, |r| r.name == "kept");
+        assert_eq!(
+            gateways_for_secret("team-a", "llm-keys", &deps),
+            vec![gw("kept")]
+        );
+        let failures = failures.lock().expect("failures");
+        assert_eq!(failures.keys().collect::<Vec<_>>(), vec![&gw("kept")]);
+    }
 
     #[test]
     fn backoff_doubles_up_to_five_minutes() {

@@ -33,14 +33,14 @@ pub enum LeaseError {
     #[error("lease {0} was taken over by {1}")]
     TakenOver(String, String),
     /// Renewals failed for too long.
-    #[error("lease {name} could not be renewed for {secs}s: {source}")]
+    #[error("lease {name} could not be renewed for {secs}s: {reason}")]
     RenewFailed {
         /// Lease name.
         name: String,
         /// Seconds since the last successful renewal.
         secs: u64,
-        /// Last error.
-        source: kube::Error,
+        /// The last attempt's error, or that it did not finish in time.
+        reason: String,
     },
 }
 
@@ -68,7 +68,10 @@ impl LeaderElector {
     pub async fn acquire(&self) {
         let mut logged_holder = String::new();
         loop {
-            match self.try_lead().await {
+            let attempt = tokio::time::timeout(self.settings.renew_every, self.try_lead())
+                .await
+                .unwrap_or_else(|_| Err(kube::Error::Service("no answer in time".into())));
+            match attempt {
                 Ok(Attempt::Leading) => {
                     tracing::info!(lease = %self.settings.name, identity = %self.settings.identity, "acquired leadership");
                     return;
@@ -96,22 +99,28 @@ impl LeaderElector {
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.settings.renew_every).await;
-            match self.try_lead().await {
-                Ok(Attempt::Leading) => last_ok = tokio::time::Instant::now(),
-                Ok(Attempt::HeldBy(holder)) => {
+            // Bounded: a renewal stuck on a half-dead connection must not keep this replica
+            // leading past the lease's end while a standby takes over.
+            let attempt = tokio::time::timeout(self.settings.renew_every, self.try_lead()).await;
+            let reason = match attempt {
+                Ok(Ok(Attempt::Leading)) => {
+                    last_ok = tokio::time::Instant::now();
+                    continue;
+                }
+                Ok(Ok(Attempt::HeldBy(holder))) => {
                     return LeaseError::TakenOver(self.settings.name.clone(), holder);
                 }
-                Err(source) => {
-                    let elapsed = last_ok.elapsed();
-                    tracing::warn!(lease = %self.settings.name, error = %source, "lease renewal failed");
-                    if elapsed >= deadline {
-                        return LeaseError::RenewFailed {
-                            name: self.settings.name.clone(),
-                            secs: elapsed.as_secs(),
-                            source,
-                        };
-                    }
-                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {}s", self.settings.renew_every.as_secs()),
+            };
+            let elapsed = last_ok.elapsed();
+            tracing::warn!(lease = %self.settings.name, error = %reason, "lease renewal failed");
+            if elapsed >= deadline {
+                return LeaseError::RenewFailed {
+                    name: self.settings.name.clone(),
+                    secs: elapsed.as_secs(),
+                    reason,
+                };
             }
         }
     }

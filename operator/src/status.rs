@@ -9,6 +9,8 @@ use crate::render::KeyProblem;
 
 /// Longest condition message written; the apiserver allows 32768, people read far less.
 const MAX_MESSAGE: usize = 2048;
+/// Longest Event note: events.k8s.io/v1 refuses longer ones (and the Event would be lost).
+const MAX_NOTE: usize = 1024;
 
 /// What one AIGateway reconcile found.
 #[derive(Debug, Clone, Default)]
@@ -62,9 +64,18 @@ impl Cond {
     }
 }
 
-fn truncate(mut s: String) -> String {
-    if s.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE - 3;
+fn truncate(s: String) -> String {
+    truncate_to(s, MAX_MESSAGE)
+}
+
+/// `note` cut to what an Event may carry.
+pub fn event_note(note: String) -> String {
+    truncate_to(note, MAX_NOTE)
+}
+
+fn truncate_to(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max - 3;
         while !s.is_char_boundary(cut) {
             cut -= 1;
         }
@@ -570,5 +581,13 @@ mod tests {
     fn long_messages_are_cut_at_a_char_boundary() {
         let s = truncate("é".repeat(3000));
         assert!(s.len() <= MAX_MESSAGE && s.ends_with("..."));
+        // A condition message as long as allowed is too long for an Event note.
+        let note = event_note(s);
+        assert!(
+            note.len() <= 1024 && note.ends_with("..."),
+            "{}",
+            note.len()
+        );
+        assert_eq!(event_note("short".into()), "short");
     }
 }

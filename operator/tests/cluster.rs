@@ -412,6 +412,23 @@ async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
             "a model node needs provider and model",
         ),
         (
+            // The name is a label value of the objects the operator renders (at most 63).
+            rejected(&dyn_gateways, gw(&"g".repeat(64), json!({}))).await,
+            "AIGateway names are at most 63 characters",
+        ),
+        (
+            // Admitted, it could not be decoded: the operator's list of every gateway would fail.
+            rejected(&dyn_gateways, gw("ttl", json!({"cache": {"enabled": true, "ttl": "99999999999999999999s"}}))).await,
+            "spec.cache.ttl in body should match",
+        ),
+        (
+            rejected(&dyn_gateways, gw("weight", json!({"routes": [{"name": "r", "nodes": [
+                {"id": "s", "type": "start", "next": "p"},
+                {"id": "p", "type": "percentage", "branches": [{"weight": 4294967296u64, "next": "e"}]},
+                {"id": "e", "type": "end"}]}]}))).await,
+            "should be less than or equal to 1000000",
+        ),
+        (
             rejected(&dyn_keys, pk("bogus", json!({"provider": "bogus", "secretRef": {"name": "s", "key": "k"}}))).await,
             "spec.provider in body should match",
         ),
