@@ -304,15 +304,25 @@ def service_account(token_uri):
             "client_email": f"{KEY_MARKER}-sa@my-proj.iam.gserviceaccount.com", "token_uri": token_uri}
 
 
-def test_vertex_service_account_keys_are_exchanged_for_cached_tokens(mock, tmp_path):
-    sa = service_account(f"{mock.url}/token")
-    pem = sa["private_key"]
+def vertex_gateway(mock, tmp_path, token_uri):
+    """A gateway whose google-vertex-ai key is a service account getting its tokens from `token_uri`."""
+    sa = service_account(token_uri)
     keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
-    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    return Sidegate(tmp_path, compat_yaml(mock.url), keys), sa
+
+
+def generate(g, **kw):
+    """A Vertex generateContent request through the gateway's passthrough route."""
+    return httpx.post(g.url + VERTEX_PATH, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, **kw)
+
+
+def test_vertex_service_account_keys_are_exchanged_for_cached_tokens(mock, tmp_path):
+    g, sa = vertex_gateway(mock, tmp_path, f"{mock.url}/token")
+    pem = sa["private_key"]
     try:
         mock.clear()
         for _ in range(2):
-            r = httpx.post(g.url + VERTEX_PATH, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+            r = generate(g)
             assert r.status_code == 200, r.text
         out = ask(client(g), "google-vertex-ai/my-proj/us-central1/gemini-2.5-flash", "via compat")
         assert out.choices[0].message.content == "mock reply to: via compat"
@@ -331,11 +341,10 @@ def test_vertex_service_account_keys_are_exchanged_for_cached_tokens(mock, tmp_p
 
 def test_a_token_endpoint_that_stalls_fails_in_bounded_time(mock, tmp_path):
     stall = StallingServer()
-    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(service_account(stall.url + "/token"))})
-    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    g, _ = vertex_gateway(mock, tmp_path, stall.url + "/token")
     try:
         t0 = time.monotonic()
-        r = httpx.post(g.url + VERTEX_PATH, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, timeout=30)
+        r = generate(g, timeout=30)
         assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104)
         assert "no answer within 10s" in r.json()["error"][0]["message"]
         assert time.monotonic() - t0 < 20, "bounded by the token exchange timeout (10 s)"
@@ -363,13 +372,11 @@ def test_a_token_lifetime_too_large_for_the_clock_is_held_to_a_day(mock, tmp_pat
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Token)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    sa = service_account(f"http://127.0.0.1:{server.server_address[1]}/token")
-    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
-    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    g, _ = vertex_gateway(mock, tmp_path, f"http://127.0.0.1:{server.server_address[1]}/token")
     try:
         mock.clear()
         for _ in range(2):
-            r = httpx.post(g.url + VERTEX_PATH, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+            r = generate(g)
             assert r.status_code == 200, r.text
         assert mock.last()["headers"]["authorization"] == f"Bearer ya29.{KEY_MARKER}-forever"
         assert g.proc.poll() is None, "the sidecar is still running"
@@ -379,9 +386,7 @@ def test_a_token_lifetime_too_large_for_the_clock_is_held_to_a_day(mock, tmp_pat
 
 
 def test_universal_steps_get_minted_tokens_and_stored_aws_signatures(mock, tmp_path):
-    sa = service_account(f"{mock.url}/token")
-    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
-    g = Sidegate(tmp_path, compat_yaml(mock.url), keys)
+    g, sa = vertex_gateway(mock, tmp_path, f"{mock.url}/token")
     try:
         mock.clear()
         vertex = {"provider": "google-vertex-ai", "endpoint": VERTEX_PATH.removeprefix("/google-vertex-ai/"),
