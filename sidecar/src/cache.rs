@@ -465,11 +465,7 @@ fn start_fill(
     if status != StatusCode::OK {
         return None;
     }
-    let is_stream = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
-    if is_stream && !streaming {
+    if is_event_stream(headers) && !streaming {
         return None;
     }
     let mut kept = headers.clone();
@@ -493,6 +489,14 @@ fn start_fill(
         buf: BytesMut::with_capacity(declared.unwrap_or(4096).min(max_entry)),
         flight: None,
     })
+}
+
+/// Whether a response is a stream of server-sent events.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
 }
 
 /// Removes the gateway's own (`cf-aig-*`) headers: they are set per response.
@@ -525,7 +529,9 @@ pub struct Miss {
 
 impl Miss {
     /// Starts copying the response into the cache, if it may be stored (the fill then holds
-    /// the flight until the entry is stored; else the waiting requests go on now).
+    /// the flight until the entry is stored; else the waiting requests go on now). A stream
+    /// lets them go at once too: a replay would reach them only after the whole stream, as
+    /// long as the model takes to write it, while their own call starts answering at once.
     pub fn fill(&mut self, status: StatusCode, headers: &HeaderMap) -> Option<Fill> {
         let mut fill = start_fill(
             self.sink.clone(),
@@ -537,7 +543,9 @@ impl Miss {
             self.streaming,
         );
         let flight = self.flight.take();
-        if let Some(f) = &mut fill {
+        if let Some(f) = &mut fill
+            && !is_event_stream(headers)
+        {
             f.flight = flight;
         }
         fill

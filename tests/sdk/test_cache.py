@@ -190,6 +190,36 @@ def test_configured_streams_are_replayed_from_the_cache(streaming_cache_gateway,
     assert len(mock.requests()) == 1
 
 
+def test_an_identical_stream_does_not_wait_for_one_being_cached(streaming_cache_gateway, mock):
+    # The first stream takes ~2 s (100 ms per event); an identical request arriving meanwhile
+    # gets its own stream at once instead of a replay after the first one ends.
+    import threading
+    body = chat_body("slow identical streams", stream=True)
+    slow = {"x-mock-chunk-delay-ms": "100"}
+    first = {}
+
+    def leader():
+        with httpx.stream("POST", streaming_cache_gateway.url + CHAT, json=body, headers=slow, timeout=30) as r:
+            first["status"] = r.headers["cf-aig-cache-status"]
+            first["body"] = r.read()
+
+    t = threading.Thread(target=leader)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    with httpx.stream("POST", streaming_cache_gateway.url + CHAT, json=body, headers=slow, timeout=30) as r:
+        chunks = r.iter_raw()
+        second = next(chunks)
+        waited = time.monotonic() - t0
+        assert r.headers["cf-aig-cache-status"] == "MISS"
+        second += b"".join(chunks)
+    t.join()
+    assert waited < 1.0, f"waited {waited:.2f}s for the first stream"
+    assert first["status"] == "MISS" and len(mock.requests()) == 2
+    assert b"[DONE]" in first["body"] and b"[DONE]" in second
+    assert post(streaming_cache_gateway, body=body).headers["cf-aig-cache-status"] == "HIT"
+
+
 def test_a_stream_cut_off_by_the_client_is_not_stored(streaming_cache_gateway, mock):
     body = chat_body("slow stream", stream=True)
     with httpx.stream("POST", streaming_cache_gateway.url + CHAT, json=body,
