@@ -25,7 +25,10 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 const POLL: Duration = Duration::from_secs(5);
 
 /// Installs `snap` as the serving config and publishes it.
-pub fn install(gw: &Gateway, snap: Snapshot) {
+pub fn install(gw: &Gateway, mut snap: Snapshot) {
+    if let Some(old) = gw.snapshot.load_full() {
+        snap.routing.keep_counters(&old.routing);
+    }
     for w in &snap.warnings {
         tracing::warn!(warning = %w, "config");
     }

@@ -28,7 +28,7 @@ const MAX_TARGETS: usize = 16;
 pub struct Routing {
     compiled: Compiled,
     /// Per (route, node id) of every rate node.
-    limiters: HashMap<(String, String), Limiter>,
+    limiters: HashMap<(String, String), Arc<Limiter>>,
     /// Per (route, node id) of every budget node.
     budgets: HashMap<(String, String), Arc<BudgetWindow>>,
     seed: AtomicU64,
@@ -85,7 +85,7 @@ impl Routing {
             for (id, node) in &graph.nodes {
                 match node {
                     Node::Rate { .. } => {
-                        limiters.insert((name.clone(), id.clone()), Limiter::default());
+                        limiters.insert((name.clone(), id.clone()), Arc::default());
                     }
                     Node::Budget { interval, .. } => {
                         budgets.insert(
@@ -108,6 +108,26 @@ impl Routing {
             seed: AtomicU64::new(seed),
         })
     }
+    /// Takes over the counters of `old` (the config this one replaces) for the rate and budget
+    /// nodes still there (same route and node id; a budget node with the same interval): a
+    /// reload — any change to the gateway — must not give every route a fresh allowance.
+    pub fn keep_counters(&mut self, old: &Routing) {
+        for (key, limiter) in &mut self.limiters {
+            if let Some(kept) = old.limiters.get(key) {
+                *limiter = kept.clone();
+            }
+        }
+        for (key, window) in &mut self.budgets {
+            if let Some(kept) = old
+                .budgets
+                .get(key)
+                .filter(|k| k.interval == window.interval)
+            {
+                *window = kept.clone();
+            }
+        }
+    }
+
     /// The walk for a `/compat` model string: `dynamic/<route>`, `fallback/<chain>`, or `None`
     /// for a plain `{provider}/{model}`. `Err` names what does not exist.
     pub fn walk<'a>(&'a self, model: &str) -> Option<Result<Walk<'a>, String>> {
@@ -413,6 +433,40 @@ mod tests {
         .expect("valid");
         let got: Vec<String> = (0..3).flat_map(|_| targets(&r, &Map::new())).collect();
         assert_eq!(got, ["openai/main", "openai/main", "openai/cheap"]);
+    }
+
+    #[test]
+    fn a_reload_keeps_the_counts_of_the_nodes_still_there() {
+        let capped = |limit: &str, id: &str| {
+            routing(vec![
+                RouteNode {
+                    next: Some(id.into()),
+                    ..node("s", RouteNodeType::Start)
+                },
+                RouteNode {
+                    limit: Some(limit.into()),
+                    interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                    next: Some("main".into()),
+                    fallback: Some("overflow".into()),
+                    ..node(id, RouteNodeType::Rate)
+                },
+                model("main", "openai", "main", Some("e")),
+                model("overflow", "openai", "cheap", Some("e")),
+                node("e", RouteNodeType::End),
+            ])
+            .expect("valid")
+        };
+        let old = capped("2", "cap");
+        assert_eq!(targets(&old, &Map::new()), ["openai/main"]);
+        assert_eq!(targets(&old, &Map::new()), ["openai/main"]);
+        // The same node after a reload: its window is spent.
+        let mut new = capped("2", "cap");
+        new.keep_counters(&old);
+        assert_eq!(targets(&new, &Map::new()), ["openai/cheap"]);
+        // A node of another id starts afresh.
+        let mut other = capped("2", "cap2");
+        other.keep_counters(&old);
+        assert_eq!(targets(&other, &Map::new()), ["openai/main"]);
     }
 
     #[test]
