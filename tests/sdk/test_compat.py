@@ -182,6 +182,21 @@ def test_anthropic_response_format_json_schema_comes_back_as_json_content(gw, mo
     assert json.loads(mock.last()["body"])["tool_choice"]["name"] == "json_response"
 
 
+def test_openai_hints_stay_home_and_anthropic_gets_its_own_ranges(gw, mock):
+    out = ask(client(gw), "anthropic/claude-haiku-4-5", "hinted", temperature=1.5, safety_identifier="user-42",
+              metadata={"team": "a"}, service_tier="auto", prompt_cache_key="k1")
+    assert out.choices[0].message.content == "mock reply to: hinted"
+    sent = json.loads(mock.last()["body"])
+    assert sent["temperature"] == 1.0
+    assert sent["metadata"] == {"user_id": "user-42"}
+    for field in ["service_tier", "prompt_cache_key", "safety_identifier"]:
+        assert field not in sent, sent
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(client(gw), "anthropic/claude-haiku-4-5", functions=[{"name": "f", "parameters": {"type": "object"}}])
+    error = e.value.response.json()["error"][0]
+    assert error["code"] == 2107 and "functions" in error["message"], error
+
+
 def test_anthropic_errors_are_mapped_to_the_openai_error_shape(gw):
     with pytest.raises(openai.RateLimitError) as e:
         ask(client(gw), "anthropic/mock-status-429")

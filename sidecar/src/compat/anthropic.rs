@@ -24,7 +24,7 @@ pub const JSON_TOOL: &str = "json_response";
 
 /// The Messages request for `req`, and whether the JSON tool is used.
 pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), GatewayError> {
-    req.refuse_unsupported(PROVIDER, &["user"])?;
+    req.refuse_unsupported(PROVIDER, &["user", "safety_identifier"])?;
     let mut body = req.rest.clone();
     let mut system: Vec<String> = Vec::new();
     let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
@@ -97,7 +97,7 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
         "max_tokens".into(),
         Value::from(req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS)),
     );
-    if let Some(t) = req.temperature {
+    if let Some(t) = req.temperature_at_most(1.0) {
         body.insert("temperature".into(), Value::from(t));
     }
     if let Some(p) = req.top_p {
@@ -109,7 +109,7 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
     if req.is_stream() {
         body.insert("stream".into(), Value::Bool(true));
     }
-    if let Some(user) = &req.user {
+    if let Some(user) = req.safety_identifier.as_ref().or(req.user.as_ref()) {
         body.insert("metadata".into(), json!({"user_id": user}));
     }
     let mut tools: Vec<Value> = req
@@ -625,6 +625,20 @@ mod tests {
             out.contains(r#""usage":{"prompt_tokens":7,"completion_tokens":12,"total_tokens":19}"#)
         );
         assert!(out.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn temperature_is_held_to_anthropics_range_and_safety_identifier_is_the_user() {
+        let req = ChatRequest::parse(
+            br#"{"model":"anthropic/claude-x","temperature":1.6,"safety_identifier":"u-42",
+            "metadata":{"team":"x"},"service_tier":"auto","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .expect("parse");
+        let (body, _) = request(req, "claude-x").expect("translate");
+        let body: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(body["temperature"], 1.0);
+        assert_eq!(body["metadata"], json!({"user_id": "u-42"}));
+        assert!(body.get("service_tier").is_none(), "{body}");
     }
 
     #[test]

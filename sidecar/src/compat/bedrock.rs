@@ -221,7 +221,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
     if let Some(n) = req.max_output_tokens() {
         inference.insert("maxTokens".into(), Value::from(n));
     }
-    if let Some(t) = req.temperature {
+    if let Some(t) = req.temperature_at_most(1.0) {
         inference.insert("temperature".into(), Value::from(t));
     }
     if let Some(p) = req.top_p {
@@ -323,7 +323,12 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
                         "messages[{i}].content[{j}].file: only file_data as a base64 data URL can be expressed for provider aws-bedrock"
                     )));
                 };
-                let format = mime.rsplit('/').next().unwrap_or("pdf");
+                let Some(format) = document_format(mime) else {
+                    return Err(bad(format!(
+                        "messages[{i}].content[{j}].file: provider aws-bedrock takes pdf, csv, doc, docx, xls, xlsx, html, txt and md documents, not {}",
+                        openai::truncate(mime)
+                    )));
+                };
                 let name: String = file
                     .filename
                     .as_deref()
@@ -711,6 +716,22 @@ pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String>
     Ok(openai::embeddings_json(&ctx.model, &vectors, ctx.base64, 0))
 }
 
+/// Bedrock's document format (its `DocumentFormat`) of a MIME type.
+fn document_format(mime: &str) -> Option<&'static str> {
+    Some(match mime.trim().to_ascii_lowercase().as_str() {
+        "application/pdf" => "pdf",
+        "text/csv" => "csv",
+        "application/msword" => "doc",
+        "application/vnd.openxmlformats-officedocument.wordprocessingml.document" => "docx",
+        "application/vnd.ms-excel" => "xls",
+        "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet" => "xlsx",
+        "text/html" => "html",
+        "text/plain" => "txt",
+        "text/markdown" => "md",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -790,6 +811,34 @@ mod tests {
         let (body, json_tool) = request(req).expect("translate");
         assert!(!json_tool);
         golden_json("bedrock_request.json", &body);
+    }
+
+    #[test]
+    fn documents_take_bedrocks_formats_and_temperature_its_range() {
+        let doc = |mime: &str| {
+            ChatRequest::parse(
+                format!(
+                    r#"{{"model":"aws-bedrock/us-east-1/m","temperature":2,"messages":[{{"role":"user","content":[
+                    {{"type":"file","file":{{"filename":"notes","file_data":"data:{mime};base64,aGk="}}}}]}}]}}"#
+                )
+                .as_bytes(),
+            )
+            .expect("parse")
+        };
+        let (body, _) = request(doc("text/plain")).expect("txt");
+        let body: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(
+            body["messages"][0]["content"][0]["document"]["format"],
+            "txt"
+        );
+        assert_eq!(body["inferenceConfig"]["temperature"], 1.0);
+        let (body, _) = request(doc(
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        ))
+        .expect("docx");
+        assert!(String::from_utf8_lossy(&body).contains(r#""format":"docx""#));
+        let err = request(doc("image/svg+xml")).expect_err("not a document format");
+        assert!(err.to_string().contains("image/svg+xml"), "{err}");
     }
 
     #[test]

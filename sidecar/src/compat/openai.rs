@@ -65,7 +65,28 @@ pub struct ChatRequest {
     pub store: Option<bool>,
     #[serde(default)]
     pub web_search_options: Option<Value>,
-    /// Fields this version does not know: passed to providers that accept top-level extras.
+    /// The deprecated function-calling fields: refused (`tools` say the same).
+    #[serde(default)]
+    pub functions: Option<Value>,
+    #[serde(default)]
+    pub function_call: Option<Value>,
+    /// OpenAI's successor of `user`: translated (or refused) like it.
+    #[serde(default)]
+    pub safety_identifier: Option<String>,
+    /// OpenAI's own bookkeeping and hints: never sent to another format (they mean nothing
+    /// there, and native APIs refuse fields they do not know).
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    #[serde(default)]
+    pub service_tier: Option<Value>,
+    #[serde(default)]
+    pub prompt_cache_key: Option<Value>,
+    #[serde(default)]
+    pub prompt_cache_retention: Option<Value>,
+    #[serde(default)]
+    pub verbosity: Option<Value>,
+    /// Fields this version does not know: passed to providers that accept top-level extras
+    /// (a provider's own parameters, sent with the SDK's `extra_body`).
     #[serde(flatten)]
     pub rest: Map<String, Value>,
 }
@@ -364,6 +385,12 @@ impl ChatRequest {
     }
 
     /// `max_completion_tokens`, else `max_tokens`.
+    /// `temperature` held to `max`: OpenAI takes 0 to 2, Anthropic and Bedrock's models 0 to 1
+    /// (a value above is their most random, as 2 is OpenAI's).
+    pub fn temperature_at_most(&self, max: f64) -> Option<f64> {
+        self.temperature.map(|t| t.min(max))
+    }
+
     pub fn max_output_tokens(&self) -> Option<u64> {
         self.max_completion_tokens.or(self.max_tokens)
     }
@@ -403,7 +430,10 @@ impl ChatRequest {
             ("prediction", self.prediction.is_some()),
             ("store", self.store == Some(true)),
             ("web_search_options", self.web_search_options.is_some()),
+            ("functions", self.functions.is_some()),
+            ("function_call", self.function_call.is_some()),
             ("user", self.user.is_some()),
+            ("safety_identifier", self.safety_identifier.is_some()),
         ];
         if let Some((name, _)) = set
             .iter()
@@ -951,6 +981,25 @@ mod tests {
         .expect("parse");
         assert_eq!(r.rest.get("top_k"), Some(&Value::from(3)));
         assert_eq!(r.temperature, Some(0.5));
+    }
+
+    #[test]
+    fn openai_hints_are_not_extras_for_other_providers() {
+        let r = ChatRequest::parse(
+            br#"{"model":"a/b","messages":[],"metadata":{"team":"x"},"service_tier":"default",
+            "prompt_cache_key":"k","prompt_cache_retention":"24h","verbosity":"low","top_k":3}"#,
+        )
+        .expect("parse");
+        assert_eq!(r.rest.keys().collect::<Vec<_>>(), ["top_k"]);
+        assert!(r.refuse_unsupported("anthropic", &[]).is_ok());
+        let old = ChatRequest::parse(
+            br#"{"model":"a/b","messages":[],"functions":[{"name":"f","parameters":{}}]}"#,
+        )
+        .expect("parse");
+        let err = old
+            .refuse_unsupported("anthropic", &[])
+            .expect_err("refused");
+        assert!(err.to_string().contains("functions"), "{err}");
     }
 
     #[test]
