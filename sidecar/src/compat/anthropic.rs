@@ -344,7 +344,8 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
             m.stop_reason.as_deref().unwrap_or("end_turn"),
             ctx.json_tool,
         ),
-        usage: Usage::new(m.usage.prompt(), m.usage.output_tokens),
+        usage: Usage::new(m.usage.prompt(), m.usage.output_tokens)
+            .with_cached(m.usage.cache_read_input_tokens),
     };
     Ok(completion.to_json(ctx.created))
 }
@@ -471,6 +472,8 @@ struct StreamState {
     blocks: Vec<(u64, BlockKind)>,
     next_tool: u32,
     prompt_tokens: u64,
+    /// Of them, read from the prompt cache (when Anthropic says).
+    cached_tokens: Option<u64>,
     output_tokens: u64,
     done: bool,
 }
@@ -491,6 +494,7 @@ impl Stream {
                 blocks: Vec::new(),
                 next_tool: 0,
                 prompt_tokens: 0,
+                cached_tokens: None,
                 output_tokens: 0,
                 done: false,
             },
@@ -541,6 +545,7 @@ impl StreamState {
                     self.w.model = message.model;
                 }
                 self.prompt_tokens = message.usage.prompt();
+                self.cached_tokens = message.usage.cache_read_input_tokens;
                 self.output_tokens = message.usage.output_tokens;
                 self.w.role(out);
             }
@@ -582,8 +587,9 @@ impl StreamState {
             }
             StreamEvent::MessageStop => {
                 self.w.finish(out, "stop");
-                self.w
-                    .done(out, Usage::new(self.prompt_tokens, self.output_tokens));
+                let usage = Usage::new(self.prompt_tokens, self.output_tokens)
+                    .with_cached(self.cached_tokens);
+                self.w.done(out, usage);
                 self.done = true;
             }
             StreamEvent::Error { error } => {
@@ -677,6 +683,29 @@ mod tests {
             serde_json::from_slice(&response(resp, &ctx(false, true)).expect("ok")).expect("json");
         assert_eq!(out["choices"][0]["message"]["content"], r#"{"name":"Ada"}"#);
         assert_eq!(out["choices"][0]["finish_reason"], "stop");
+    }
+
+    #[test]
+    fn cache_reads_are_part_of_the_prompt_and_named_in_the_details() {
+        let resp = br#"{"id":"msg_3","model":"b","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn",
+            "usage":{"input_tokens":10,"cache_creation_input_tokens":5,"cache_read_input_tokens":100,"output_tokens":4}}"#;
+        let out: Value =
+            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+        assert_eq!(
+            out["usage"],
+            json!({"prompt_tokens": 115, "completion_tokens": 4, "total_tokens": 119,
+                   "prompt_tokens_details": {"cached_tokens": 100}})
+        );
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"b\",\"usage\":{\"input_tokens\":10,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":4}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let out = run_stream(&mut Stream::new(&ctx(true, false)), &[stream.as_bytes()]);
+        assert!(
+            out.contains(r#""usage":{"prompt_tokens":110,"completion_tokens":4,"total_tokens":114,"prompt_tokens_details":{"cached_tokens":100}}"#),
+            "{out}"
+        );
     }
 
     #[test]

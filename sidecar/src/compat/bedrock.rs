@@ -410,10 +410,26 @@ struct ToolUse {
 #[derive(Deserialize, Default, Clone, Copy)]
 #[serde(rename_all = "camelCase")]
 struct BedrockUsage {
+    /// The input not read from nor written to the prompt cache.
     #[serde(default)]
     input_tokens: u64,
     #[serde(default)]
     output_tokens: u64,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_write_input_tokens: Option<u64>,
+}
+
+impl BedrockUsage {
+    /// As OpenAI counts it: the whole prompt, of which the cached part in the details.
+    fn usage(&self) -> Usage {
+        let prompt = self
+            .input_tokens
+            .saturating_add(self.cache_read_input_tokens.unwrap_or(0))
+            .saturating_add(self.cache_write_input_tokens.unwrap_or(0));
+        Usage::new(prompt, self.output_tokens).with_cached(self.cache_read_input_tokens)
+    }
 }
 
 /// A complete Converse response as a `chat.completion`.
@@ -444,7 +460,7 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
             r.stop_reason.as_deref().unwrap_or("end_turn"),
             ctx.json_tool,
         ),
-        usage: Usage::new(r.usage.input_tokens, r.usage.output_tokens),
+        usage: r.usage.usage(),
     };
     Ok(c.to_json(ctx.created))
 }
@@ -579,9 +595,11 @@ impl Stream {
                 self.w.finish(out, finish_reason(stop, self.json_tool));
             }
             Some("metadata") => {
-                if let Some(u) = payload.get("usage") {
-                    let n = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
-                    self.usage = Usage::new(n("inputTokens"), n("outputTokens"));
+                if let Some(u) = payload
+                    .get("usage")
+                    .and_then(|u| BedrockUsage::deserialize(u).ok())
+                {
+                    self.usage = u.usage();
                 }
                 if self.w.is_finished() {
                     self.w.done(out, self.usage);
@@ -811,6 +829,17 @@ mod tests {
         let (body, json_tool) = request(req).expect("translate");
         assert!(!json_tool);
         golden_json("bedrock_request.json", &body);
+    }
+
+    #[test]
+    fn cache_reads_and_writes_are_part_of_the_prompt() {
+        let resp = br#"{"output":{"message":{"role":"assistant","content":[{"text":"hi"}]}},"stopReason":"end_turn",
+            "usage":{"inputTokens":4,"outputTokens":200,"totalTokens":2268,"cacheReadInputTokens":2064,"cacheWriteInputTokens":0}}"#;
+        let out: Value =
+            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+        assert_eq!(out["usage"]["prompt_tokens"], 2068);
+        assert_eq!(out["usage"]["total_tokens"], 2268);
+        assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 2064);
     }
 
     #[test]

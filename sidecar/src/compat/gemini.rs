@@ -294,6 +294,9 @@ struct UsageMetadata {
     candidates_token_count: u64,
     #[serde(default)]
     thoughts_token_count: u64,
+    /// Of the prompt, the tokens from cached content.
+    #[serde(default)]
+    cached_content_token_count: Option<u64>,
 }
 
 impl UsageMetadata {
@@ -303,6 +306,8 @@ impl UsageMetadata {
             self.candidates_token_count
                 .saturating_add(self.thoughts_token_count),
         )
+        .with_cached(self.cached_content_token_count)
+        .with_reasoning(self.thoughts_token_count)
     }
 }
 
@@ -630,6 +635,20 @@ mod tests {
         assert!(out.contains(r#""finish_reason":"stop""#));
         assert!(out.contains(r#""prompt_tokens":5,"completion_tokens":2"#));
         assert!(out.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn cached_content_and_thoughts_are_named_in_the_usage_details() {
+        let resp = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"hi"}]},"finishReason":"STOP"}],
+            "usageMetadata":{"promptTokenCount":120,"candidatesTokenCount":5,"thoughtsTokenCount":30,"cachedContentTokenCount":100}}"#;
+        let out: Value =
+            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+        assert_eq!(
+            out["usage"],
+            json!({"prompt_tokens": 120, "completion_tokens": 35, "total_tokens": 155,
+                   "prompt_tokens_details": {"cached_tokens": 100},
+                   "completion_tokens_details": {"reasoning_tokens": 30}})
+        );
     }
 
     #[test]

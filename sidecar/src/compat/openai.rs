@@ -540,6 +540,24 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Of the prompt, the tokens read from the provider's prompt cache (when it says).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// Of the completion, the model's reasoning (thinking) tokens (when it has any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+/// `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u64,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CompletionTokensDetails {
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -549,7 +567,24 @@ impl Usage {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
+            prompt_tokens_details: None,
+            completion_tokens_details: None,
         }
+    }
+
+    /// With the count of prompt tokens read from a cache, when the provider gave one.
+    pub fn with_cached(mut self, cached: Option<u64>) -> Self {
+        self.prompt_tokens_details =
+            cached.map(|cached_tokens| PromptTokensDetails { cached_tokens });
+        self
+    }
+
+    /// With the count of reasoning tokens (part of the completion), when there are any.
+    pub fn with_reasoning(mut self, reasoning: u64) -> Self {
+        self.completion_tokens_details = (reasoning > 0).then_some(CompletionTokensDetails {
+            reasoning_tokens: reasoning,
+        });
+        self
     }
 }
 
