@@ -249,9 +249,11 @@ def test_gemini_stream_uses_alt_sse_and_ends_with_usage(gw, mock):
     assert seen["path"].endswith(":streamGenerateContent") and seen["query"] == "alt=sse"
 
 
-def test_gemini_function_calls_become_tool_calls_and_results_function_responses(gw, mock):
+@pytest.mark.parametrize("model", ["gemini-2.5-flash", "gemini-3-pro-preview"])
+def test_gemini_function_calls_become_tool_calls_and_results_function_responses(gw, mock, model):
+    # Gemini 3 signs its function calls and refuses them back unsigned (the mock does too).
     c = client(gw)
-    first = c.chat.completions.create(model="google-ai-studio/gemini-2.5-flash",
+    first = c.chat.completions.create(model=f"google-ai-studio/{model}",
                                       messages=[{"role": "user", "content": "weather in Rome?"}],
                                       tools=[WEATHER_TOOL], tool_choice="required")
     call = first.choices[0].message.tool_calls[0]
@@ -262,7 +264,7 @@ def test_gemini_function_calls_become_tool_calls_and_results_function_responses(
                                                         "parametersJsonSchema": WEATHER_TOOL["function"]["parameters"]}]}]
     assert body["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}
     second = c.chat.completions.create(
-        model="google-ai-studio/gemini-2.5-flash",
+        model=f"google-ai-studio/{model}",
         messages=[{"role": "user", "content": "weather in Rome?"},
                   first.choices[0].message.model_dump(exclude_none=True),
                   {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 25}'}],
@@ -270,6 +272,8 @@ def test_gemini_function_calls_become_tool_calls_and_results_function_responses(
     assert second.choices[0].message.content == 'mock reply to tool result: {"temp":25}'
     contents = json.loads(mock.last()["body"])["contents"]
     assert contents[2] == {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp": 25}}}]}
+    signed = "thoughtSignature" in contents[1]["parts"][0]
+    assert signed == model.startswith("gemini-3"), contents[1]
 
 
 def test_gemini_safety_blocked_prompt_is_a_content_filter_refusal(gw):

@@ -49,7 +49,14 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
                 let mut parts: Vec<Value> = text.map(|t| json!({"text": t})).into_iter().collect();
                 for (call, args) in calls {
                     call_names.push((call.id.clone(), call.function.name.clone()));
-                    parts.push(json!({"functionCall": {"name": call.function.name, "args": args}}));
+                    let mut part =
+                        json!({"functionCall": {"name": call.function.name, "args": args}});
+                    // Gemini 3 refuses a function call of the current turn without the
+                    // signature it gave with it (carried in the tool call id).
+                    if let Some((_, signature)) = call.id.split_once(SIGNATURE_MARK) {
+                        part["thoughtSignature"] = Value::from(signature);
+                    }
+                    parts.push(part);
                 }
                 if !parts.is_empty() {
                     openai::push_turn(&mut contents, "model", parts);
@@ -267,6 +274,9 @@ struct GeminiPart {
     thought: Option<bool>,
     #[serde(default)]
     function_call: Option<FunctionCall>,
+    /// The model's encrypted reasoning state; Gemini 3 requires it back with a function call.
+    #[serde(default)]
+    thought_signature: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -338,8 +348,14 @@ fn blocked_response(reason: &str) -> String {
     format!("the response was blocked by Google's safety filters (finishReason {reason})")
 }
 
-fn call_id(ctx_id: &str, call: &FunctionCall, n: usize) -> String {
-    match &call.id {
+/// Between a tool call's id and the thought signature it carries.
+const SIGNATURE_MARK: &str = "~ts~";
+
+/// The OpenAI id of a function call: Google's id (or one made from the response id), and the
+/// part's thought signature after [`SIGNATURE_MARK`]. Clients send tool call ids back as they
+/// got them, so the signature reaches Gemini again with the call (as Gemini 3 requires).
+fn call_id(ctx_id: &str, call: &FunctionCall, n: usize, signature: Option<&str>) -> String {
+    let mut id = match &call.id {
         Some(id) if !id.is_empty() => id.clone(),
         _ => {
             let tail: String = ctx_id
@@ -352,7 +368,12 @@ fn call_id(ctx_id: &str, call: &FunctionCall, n: usize) -> String {
                 .collect();
             format!("call_{tail}_{n}")
         }
+    };
+    if let Some(sig) = signature.filter(|s| !s.is_empty()) {
+        id.push_str(SIGNATURE_MARK);
+        id.push_str(sig);
     }
+    id
 }
 
 /// A complete `generateContent` response as a `chat.completion`.
@@ -378,7 +399,8 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
     let mut text = String::new();
     for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
         if let Some(call) = part.function_call {
-            let id = call_id(&ctx.id, &call, c.tool_calls.len());
+            let signature = part.thought_signature.as_deref();
+            let id = call_id(&ctx.id, &call, c.tool_calls.len(), signature);
             let args = call.args.clone().unwrap_or_else(|| json!({}));
             c.tool_calls
                 .push(ToolCallOut::function(id, call.name, &args));
@@ -515,7 +537,8 @@ impl StreamState {
         let mut wrote_text = false;
         for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
             if let Some(call) = part.function_call {
-                let id = call_id(&self.w.id, &call, self.tools);
+                let signature = part.thought_signature.as_deref();
+                let id = call_id(&self.w.id, &call, self.tools, signature);
                 let args = call.args.unwrap_or_else(|| json!({})).to_string();
                 let index = u32::try_from(self.tools).unwrap_or(u32::MAX);
                 self.w.tool_start(out, index, &id, &call.name, &args);
@@ -699,6 +722,42 @@ mod tests {
                 .is_some_and(|id| id.starts_with("call_"))
         );
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    #[test]
+    fn thought_signatures_go_out_in_the_tool_call_id_and_come_back_with_the_call() {
+        let resp = br#"{"candidates":[{"content":{"role":"model","parts":[
+            {"functionCall":{"name":"get_weather","args":{"city":"Oslo"}},"thoughtSignature":"CiQB0e2Kb+/sig=="}]},
+            "finishReason":"STOP"}]}"#;
+        let out: Value =
+            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+        let id = out["choices"][0]["message"]["tool_calls"][0]["id"]
+            .as_str()
+            .expect("id")
+            .to_owned();
+        assert!(id.ends_with("~ts~CiQB0e2Kb+/sig=="), "{id}");
+        let stream = format!(
+            "data: {}\r\n\r\n",
+            std::str::from_utf8(resp).expect("utf8").replace('\n', "")
+        );
+        let chunks = run_stream(&mut Stream::new(&ctx(false, false)), &[stream.as_bytes()]);
+        assert!(chunks.contains("~ts~CiQB0e2Kb+/sig=="), "{chunks}");
+        // The next turn: the call goes back with its signature, the result finds its name.
+        let next = json!({"model": "g/gemini-3-pro", "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [
+                {"id": id, "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": id, "content": "cold"}]});
+        let req = ChatRequest::parse(next.to_string().as_bytes()).expect("parse");
+        let body = request(req, "google-ai-studio").expect("translate");
+        let body: Value = serde_json::from_slice(&body).expect("json");
+        let call = &body["contents"][1]["parts"][0];
+        assert_eq!(call["thoughtSignature"], "CiQB0e2Kb+/sig==");
+        assert_eq!(call["functionCall"]["name"], "get_weather");
+        assert_eq!(
+            body["contents"][2]["parts"][0]["functionResponse"]["name"],
+            "get_weather"
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! answers unregistered callers). With `tools` and a last turn that is not a function
 //! response, the reply is a `functionCall` of the first allowed function; a user text
 //! containing `mock-blocked` gets a prompt blocked for SAFETY; `responseMimeType:
-//! application/json` gets `{"reply": ...}` as the text.
+//! application/json` gets `{"reply": ...}` as the text. Gemini 3 models (`gemini-3*`) sign
+//! their function calls (`thoughtSignature`) and, as Google does, answer 400 to a request whose
+//! function call parts come back without one.
 
 use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
@@ -163,6 +165,20 @@ fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response
         .iter()
         .map(|c| text::words(&parts_text(c.get("parts"))))
         .sum();
+    let gemini_3 = model.starts_with("gemini-3");
+    let unsigned_call = contents.iter().any(|c| {
+        c.get("parts").and_then(Value::as_array).is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p.get("functionCall").is_some() && p.get("thoughtSignature").is_none())
+        })
+    });
+    if gemini_3 && unsigned_call {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Function call is missing a thought_signature in functionCall parts. This is required for tools to work correctly, and missing thought_signature may lead to degraded model performance.",
+            "INVALID_ARGUMENT",
+        );
+    }
     if user_text.contains("mock-blocked") {
         let body = json!({"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": []},
             "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens},
@@ -203,7 +219,10 @@ fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response
     };
     let response_id = format!("mock-resp-{}", ctx.id);
     if let Some(name) = call {
-        let part = json!({"functionCall": {"name": name, "args": {"text": user_text}}});
+        let mut part = json!({"functionCall": {"name": name, "args": {"text": user_text}}});
+        if gemini_3 {
+            part["thoughtSignature"] = Value::from(format!("c2lnLW1vY2st{}", ctx.id));
+        }
         let body = json!({"candidates": [{"content": {"role": "model", "parts": [part]},
             "finishReason": "STOP", "index": 0}], "usageMetadata": usage(3),
             "modelVersion": model, "responseId": response_id});
