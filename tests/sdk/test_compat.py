@@ -310,6 +310,14 @@ def test_vertex_uses_the_project_region_path_and_a_bearer_token(gw, mock):
     emb = client(gw).embeddings.create(model="google-vertex-ai/my-proj/us-central1/text-embedding-005", input="x")
     assert len(emb.data[0].embedding) == 8 and emb.usage.prompt_tokens == 1
     assert mock.last()["path"].endswith("text-embedding-005:predict")
+    # gemini-embedding-001 on Vertex takes one text per request: a list is refused by name.
+    one = client(gw).embeddings.create(model="google-vertex-ai/my-proj/us-central1/gemini-embedding-001", input="x")
+    assert len(one.data) == 1
+    mock.clear()
+    with pytest.raises(openai.BadRequestError) as e:
+        client(gw).embeddings.create(model="google-vertex-ai/my-proj/us-central1/gemini-embedding-001", input=["a", "b"])
+    assert "one text per request" in e.value.response.json()["error"][0]["message"]
+    assert mock.requests() == []
 
 
 VERTEX_PATH = "/google-vertex-ai/v1/projects/my-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"

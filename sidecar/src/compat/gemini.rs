@@ -591,9 +591,18 @@ pub fn embed_request(
 /// Embeddings: Vertex `:predict` request.
 pub fn vertex_embed_request(
     req: &EmbeddingsRequest,
+    model: &str,
     provider: &str,
 ) -> Result<Vec<u8>, GatewayError> {
     let texts = req.texts(provider)?;
+    // Vertex answers a list to gemini-embedding-* with a 400: one instance per request.
+    if model.starts_with("gemini-embedding") && texts.len() > 1 {
+        return Err(bad(format!(
+            "input: provider {provider} embeds one text per request with {}, got {}",
+            openai::truncate(model),
+            texts.len()
+        )));
+    }
     let instances: Vec<Value> = texts.iter().map(|t| json!({"content": t})).collect();
     let mut body = json!({"instances": instances});
     if let (Some(d), Some(obj)) = (req.dimensions, body.as_object_mut()) {

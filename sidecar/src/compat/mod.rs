@@ -385,11 +385,11 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 Endpoint::Embeddings => {
                     let req = openai::EmbeddingsRequest::parse(i.body)?;
                     ctx.base64 = req.wants_base64();
+                    let model = prefix.rsplit('/').next().unwrap_or(i.model);
                     if format == Format::Vertex {
-                        let body = gemini::vertex_embed_request(&req, &i.provider.id)?;
+                        let body = gemini::vertex_embed_request(&req, model, &i.provider.id)?;
                         (format!("{prefix}:predict"), None, body, false)
                     } else {
-                        let model = prefix.rsplit('/').next().unwrap_or(i.model);
                         let body = gemini::embed_request(&req, model, &i.provider.id)?;
                         (format!("{prefix}:batchEmbedContents"), None, body, false)
                     }
