@@ -297,6 +297,11 @@ impl ModelName {
     }
 }
 
+/// Largest `total_cost` of `cf-aig-custom-cost`, in USD.
+const MAX_CUSTOM_TOTAL: f64 = 1_000_000.0;
+/// Largest per-token price of `cf-aig-custom-cost`, in USD.
+const MAX_CUSTOM_PER_TOKEN: f64 = 1.0;
+
 /// A request's `cf-aig-custom-cost`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum CustomCost {
@@ -326,14 +331,21 @@ impl CustomCost {
             .map_err(|_| {
                 bad(r#"expected {"per_token_in": n, "per_token_out": n} or {"total_cost": n}"#)
             })?;
+        // Bounded, so that costs and the sums of them (metrics, spend limits, Redis) stay
+        // finite: a price of 1e308 times a token count is infinity.
         let num = |key: &str| -> Result<Option<f64>, GatewayError> {
+            let max = if key == "total_cost" {
+                MAX_CUSTOM_TOTAL
+            } else {
+                MAX_CUSTOM_PER_TOKEN
+            };
             match map.get(key) {
                 None => Ok(None),
                 Some(v) => v
                     .as_f64()
-                    .filter(|n| n.is_finite() && *n >= 0.0)
+                    .filter(|n| n.is_finite() && (0.0..=max).contains(n))
                     .map(Some)
-                    .ok_or_else(|| bad(&format!("{key} must be a non-negative number"))),
+                    .ok_or_else(|| bad(&format!("{key} must be a number from 0 to {max}"))),
             }
         };
         if let Some(k) = map
@@ -375,6 +387,7 @@ pub fn cost(
             .filter(|_| known)
             .map(|p| (i * p.input + o * p.output) / 1e6),
     }
+    .filter(|c| c.is_finite())
 }
 
 #[cfg(test)]
@@ -524,9 +537,14 @@ mod tests {
             r#"{"per_token_in": 1}"#,
             r#"{"per_token_in": 1, "per_token_out": 1, "total_cost": 1}"#,
             r#"{"cost": 1}"#,
+            // Finite, but a cost (and the counters summing costs) would overflow to infinity.
+            r#"{"per_token_in": 1e308, "per_token_out": 1}"#,
+            r#"{"total_cost": 1e308}"#,
         ] {
             assert_eq!(custom(bad), Err(2100), "{bad}");
         }
+        assert!(custom(r#"{"total_cost": 1000000}"#).is_ok());
+        assert_eq!(cost(price(f64::MAX, 1.0), None, [Some(10), Some(1)]), None);
     }
 
     #[test]

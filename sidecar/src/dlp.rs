@@ -56,6 +56,25 @@ fn luhn(m: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
+/// A card number: Luhn over the whole match, or else over a run of its digit groups — a number
+/// written in groups next to other numbers (a CVV, an expiry date, a quantity) is matched
+/// with them, as matches do not overlap. Only runs of whole groups are tried (not every
+/// window of a long digit run, which would pass Luhn by chance).
+fn card(m: &[u8]) -> bool {
+    if luhn(m) {
+        return true;
+    }
+    let groups: Vec<&[u8]> = m
+        .split(|b| matches!(b, b' ' | b'-'))
+        .filter(|g| !g.is_empty())
+        .collect();
+    (0..groups.len()).any(|i| {
+        (i + 1..=groups.len())
+            .filter(|&j| j - i < groups.len())
+            .any(|j| luhn(&groups[i..j].concat()))
+    })
+}
+
 /// US SSN: area not 000, 666 or 9xx; group not 00; serial not 0000.
 fn ssn(m: &[u8]) -> bool {
     let area = &m[0..3];
@@ -73,7 +92,7 @@ static PROFILES: LazyLock<Vec<Profile>> = LazyLock::new(|| {
         p(
             "credit-card",
             r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b",
-            luhn as fn(&[u8]) -> bool,
+            card as fn(&[u8]) -> bool,
         ),
         p("us-ssn", r"(?-u)\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", ssn),
         p(
@@ -304,6 +323,15 @@ mod tests {
         assert_eq!(hits("card 4111 1111 1111 1111 please"), ["credit-card"]);
         assert_eq!(hits("card 4111-1111-1111-1111"), ["credit-card"]);
         assert!(hits("order 4111 1111 1111 1112").is_empty(), "Luhn fails");
+        // Next to other numbers: one match takes them all; the card is found within.
+        for text in [
+            "card 4111 1111 1111 1111 123 (cvv)",
+            "card 4111 1111 1111 1111 12/26",
+            "qty 12 4111-1111-1111-1111",
+        ] {
+            assert_eq!(hits(text), ["credit-card"], "{text}");
+        }
+        assert!(hits("order 4111 1111 1111 1112 12/26").is_empty());
         assert!(hits("id 1234567890").is_empty());
         assert_eq!(hits("ssn 123-45-6789"), ["us-ssn"]);
         assert!(hits("ssn 000-45-6789 666-12-3456 900-12-3456").is_empty());

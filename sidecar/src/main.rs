@@ -121,6 +121,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(run(args));
+    // Requests still running after the grace period end here (their tasks dropped), each
+    // writing its log line into the buffer: flush after that, not before.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     sidegate::access_log::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,

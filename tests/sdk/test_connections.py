@@ -58,6 +58,27 @@ def test_shutdown_lets_in_flight_requests_finish_and_closes_silent_connections(g
     silent.close()
 
 
+def test_a_stream_cut_off_by_shutdown_still_gets_its_log_line(mock, tmp_path):
+    from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, extra_args=["--shutdown-grace", "1"])
+    try:
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "a long stream"}]}
+        # ~4 s of events (500 ms each) against a grace period of 1 s: cut off by the exit.
+        with httpx.stream("POST", g.url + "/openai/chat/completions", json=body, timeout=20,
+                          headers={"x-mock-chunk-delay-ms": "500"}) as r:
+            log_id = r.headers["cf-aig-log-id"]
+            chunks = r.iter_raw()
+            next(chunks)
+            g.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.RemoteProtocolError):
+                b"".join(chunks)
+        assert g.proc.wait(15) == 0
+        line = next((line for line in g.logs().splitlines() if log_id in line), None)
+        assert line and "outcome=cancelled" in line, g.logs()
+    finally:
+        g.stop()
+
+
 def test_a_request_body_sent_in_many_chunks_reaches_the_provider_whole(gateway, mock):
     text = "piece " * 2000
     payload = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
