@@ -28,6 +28,13 @@ const POLL: Duration = Duration::from_secs(5);
 pub fn install(gw: &Gateway, mut snap: Snapshot) {
     if let Some(old) = gw.snapshot.load_full() {
         snap.routing.keep_counters(&old.routing);
+        // The same Redis: keep its client and connection (a reload is any change of the
+        // gateway, a key rotation too).
+        if let (Some(new), Some(kept)) = (&snap.shared, &old.shared)
+            && new.same_as(kept)
+        {
+            snap.shared = Some(kept.clone());
+        }
     }
     for w in &snap.warnings {
         tracing::warn!(warning = %w, "config");

@@ -15,7 +15,6 @@ use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::OnceCell;
 
 use sidegate_crds::policy::SpendPeriod;
 
@@ -26,6 +25,12 @@ use crate::telemetry::Metrics;
 
 /// Time to connect, and to wait for each answer.
 const TIMEOUT: Duration = Duration::from_millis(250);
+/// After a failure, how long requests go without Redis before it is tried again: a Redis that
+/// is down costs each request nothing instead of a timeout.
+const BACKOFF: Duration = Duration::from_secs(1);
+/// Timeouts in a row after which the connection is dropped and made anew (a connection whose
+/// peer vanished may otherwise time out until the kernel gives up on it, many minutes).
+const RESET_AFTER: u64 = 3;
 
 /// Fixed or sliding window in one script: allowed when `prev × overlap + cur + 1 <= limit`
 /// (a fixed window passes overlap 0); refused requests are not counted.
@@ -41,7 +46,15 @@ return cur
 /// A gateway's Redis.
 pub struct Shared {
     client: ::redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    /// SHA-256 of the URL: a reload with the same Redis keeps this client and its connection.
+    target: [u8; 32],
+    conn: std::sync::Mutex<Option<ConnectionManager>>,
+    /// Held while connecting: the others go without Redis meanwhile instead of queueing.
+    connecting: tokio::sync::Mutex<()>,
+    /// Unix ms until which Redis is not tried (after a failure).
+    down_until: AtomicU64,
+    /// Timeouts in a row.
+    timeouts: AtomicU64,
     prefix: String,
     script: ::redis::Script,
     last_warn: AtomicU64,
@@ -65,26 +78,107 @@ impl Shared {
                 e.category()
             )
         })?;
+        use sha2::{Digest, Sha256};
         Ok(Self {
             client,
-            conn: OnceCell::new(),
+            target: Sha256::digest(url.expose_secret().as_bytes()).into(),
+            conn: std::sync::Mutex::default(),
+            connecting: tokio::sync::Mutex::default(),
+            down_until: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
             prefix: format!("sidegate:{gateway}:"),
             script: ::redis::Script::new(RATE_SCRIPT),
             last_warn: AtomicU64::new(0),
         })
     }
 
-    async fn conn(&self) -> ::redis::RedisResult<ConnectionManager> {
+    /// Whether `other` is the same Redis for the same gateway (a reload may keep `self`).
+    pub fn same_as(&self, other: &Shared) -> bool {
+        self.target == other.target && self.prefix == other.prefix
+    }
+
+    fn unavailable(why: &'static str) -> ::redis::RedisError {
+        ::redis::RedisError::from((::redis::ErrorKind::Io, why))
+    }
+
+    fn mark_down(&self) {
+        let until = unix_ms().saturating_add(BACKOFF.as_millis() as u64);
+        self.down_until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    fn cached_conn(&self) -> Option<ConnectionManager> {
         self.conn
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(TIMEOUT))
-                    .set_response_timeout(Some(TIMEOUT))
-                    .set_number_of_retries(1);
-                ConnectionManager::new_with_config(self.client.clone(), config).await
-            })
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The connection, made on first use. Never waits behind another request: while one
+    /// connects, or for [`BACKOFF`] after a failure, the others are told Redis is unavailable.
+    async fn conn(&self) -> ::redis::RedisResult<ConnectionManager> {
+        if let Some(c) = self.cached_conn() {
+            return Ok(c);
+        }
+        if unix_ms() < self.down_until.load(Ordering::Relaxed) {
+            return Err(Self::unavailable("redis unavailable (retrying shortly)"));
+        }
+        let Ok(_connecting) = self.connecting.try_lock() else {
+            return Err(Self::unavailable("redis connection being made"));
+        };
+        if let Some(c) = self.cached_conn() {
+            return Ok(c);
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(TIMEOUT))
+            .set_response_timeout(Some(TIMEOUT))
+            .set_number_of_retries(0);
+        let made = tokio::time::timeout(
+            TIMEOUT * 2,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .unwrap_or_else(|_| Err(Self::unavailable("redis connection timed out")));
+        match made {
+            Ok(c) => {
+                *self
+                    .conn
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                self.mark_down();
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs one Redis operation, bounded in time whatever the connection does; failures make
+    /// the next requests go without Redis for [`BACKOFF`], and [`RESET_AFTER`] timeouts in a
+    /// row drop the connection for a new one.
+    async fn call<T>(
+        &self,
+        op: impl AsyncFnOnce(&mut ConnectionManager) -> ::redis::RedisResult<T>,
+    ) -> ::redis::RedisResult<T> {
+        let mut c = self.conn().await?;
+        let result = tokio::time::timeout(TIMEOUT * 2, op(&mut c))
             .await
-            .cloned()
+            .unwrap_or_else(|_| Err(Self::unavailable("redis answer timed out")));
+        match &result {
+            Ok(_) => self.timeouts.store(0, Ordering::Relaxed),
+            Err(e) if e.is_timeout() || e.kind() == ::redis::ErrorKind::Io => {
+                self.mark_down();
+                if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= RESET_AFTER {
+                    self.timeouts.store(0, Ordering::Relaxed);
+                    *self
+                        .conn
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                }
+            }
+            Err(_) => {}
+        }
+        result
     }
 
     fn failed(&self, metrics: &Metrics, what: &str, e: &::redis::RedisError) {
@@ -103,14 +197,14 @@ impl Shared {
 
     /// The cached response of `key`, if any.
     pub async fn cache_get(&self, metrics: &Metrics, key: &Key) -> Option<CachedResponse> {
-        let got: ::redis::RedisResult<Option<Vec<u8>>> = async {
-            let mut c = self.conn().await?;
-            ::redis::cmd("GET")
-                .arg(self.cache_key(key))
-                .query_async(&mut c)
-                .await
-        }
-        .await;
+        let got: ::redis::RedisResult<Option<Vec<u8>>> = self
+            .call(async |c| {
+                ::redis::cmd("GET")
+                    .arg(self.cache_key(key))
+                    .query_async(c)
+                    .await
+            })
+            .await;
         match got {
             Ok(v) => v.and_then(|raw| decode(&raw)),
             Err(e) => {
@@ -134,17 +228,17 @@ impl Shared {
         tokio::spawn(async move {
             let raw = encode(&response);
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-            let done: ::redis::RedisResult<()> = async {
-                let mut c = this.conn().await?;
-                ::redis::cmd("SET")
-                    .arg(this.cache_key(&key))
-                    .arg(raw)
-                    .arg("PX")
-                    .arg(ms)
-                    .query_async(&mut c)
-                    .await
-            }
-            .await;
+            let done: ::redis::RedisResult<()> = this
+                .call(async |c| {
+                    ::redis::cmd("SET")
+                        .arg(this.cache_key(&key))
+                        .arg(raw)
+                        .arg("PX")
+                        .arg(ms)
+                        .query_async(c)
+                        .await
+                })
+                .await;
             if let Err(e) = done {
                 this.failed(&metrics, "cache write", &e);
             }
@@ -176,18 +270,18 @@ impl Shared {
         };
         // The limit and interval are part of the key: a changed limit counts afresh.
         let key = |i: u64| format!("{}rl:{}:{}:{i}", self.prefix, s.limit, interval_ms);
-        let counted: ::redis::RedisResult<i64> = async {
-            let mut c = self.conn().await?;
-            self.script
-                .key(key(index))
-                .key(key(index.saturating_sub(1)))
-                .arg(s.limit)
-                .arg(interval_ms.saturating_mul(2))
-                .arg(format!("{overlap:.6}"))
-                .invoke_async(&mut c)
-                .await
-        }
-        .await;
+        let counted: ::redis::RedisResult<i64> = self
+            .call(async |c| {
+                self.script
+                    .key(key(index))
+                    .key(key(index.saturating_sub(1)))
+                    .arg(s.limit)
+                    .arg(interval_ms.saturating_mul(2))
+                    .arg(format!("{overlap:.6}"))
+                    .invoke_async(c)
+                    .await
+            })
+            .await;
         match counted {
             Ok(-1) => Err(left),
             Ok(_) => Ok(()),
@@ -209,14 +303,14 @@ impl Shared {
     /// The gateway's spend in the period holding `now` (Unix seconds); 0 when Redis fails.
     pub async fn spend_get(&self, metrics: &Metrics, period: SpendPeriod, now: u64) -> f64 {
         let (start, _) = budget::period_bounds(period, now);
-        let got: ::redis::RedisResult<Option<f64>> = async {
-            let mut c = self.conn().await?;
-            ::redis::cmd("GET")
-                .arg(self.spend_key(period, start))
-                .query_async(&mut c)
-                .await
-        }
-        .await;
+        let got: ::redis::RedisResult<Option<f64>> = self
+            .call(async |c| {
+                ::redis::cmd("GET")
+                    .arg(self.spend_key(period, start))
+                    .query_async(c)
+                    .await
+            })
+            .await;
         match got {
             Ok(v) => v.unwrap_or(0.0),
             Err(e) => {
@@ -260,21 +354,21 @@ impl Shared {
     ) {
         let this = self.clone();
         tokio::spawn(async move {
-            let done: ::redis::RedisResult<()> = async {
-                let mut c = this.conn().await?;
-                ::redis::pipe()
-                    .cmd(incr)
-                    .arg(&key)
-                    .arg(amount)
-                    .ignore()
-                    .cmd("PEXPIRE")
-                    .arg(&key)
-                    .arg(ttl_ms)
-                    .ignore()
-                    .query_async(&mut c)
-                    .await
-            }
-            .await;
+            let done: ::redis::RedisResult<()> = this
+                .call(async |c| {
+                    ::redis::pipe()
+                        .cmd(incr)
+                        .arg(&key)
+                        .arg(amount)
+                        .ignore()
+                        .cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(ttl_ms)
+                        .ignore()
+                        .query_async(c)
+                        .await
+                })
+                .await;
             if let Err(e) = done {
                 this.failed(&metrics, what, &e);
             }
@@ -298,15 +392,15 @@ impl Shared {
         s: &budget::TokenSettings,
     ) -> Result<(), Duration> {
         let (index, into) = Self::token_window();
-        let got: ::redis::RedisResult<(Option<u64>, Option<u64>)> = async {
-            let mut c = self.conn().await?;
-            ::redis::cmd("MGET")
-                .arg(self.tokens_key(index))
-                .arg(self.tokens_key(index.saturating_sub(1)))
-                .query_async(&mut c)
-                .await
-        }
-        .await;
+        let got: ::redis::RedisResult<(Option<u64>, Option<u64>)> = self
+            .call(async |c| {
+                ::redis::cmd("MGET")
+                    .arg(self.tokens_key(index))
+                    .arg(self.tokens_key(index.saturating_sub(1)))
+                    .query_async(c)
+                    .await
+            })
+            .await;
         match got {
             Ok((cur, prev)) => budget::budget_left(
                 s.per_minute,

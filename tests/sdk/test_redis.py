@@ -6,6 +6,7 @@ Two sidegate processes stand for two pods of one gateway.
 
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -133,6 +134,49 @@ def test_without_redis_the_gateway_fails_open_and_says_so(mock, tmp_path):
         assert dead not in g.logs()
     finally:
         g.stop()
+
+
+def test_a_redis_that_never_answers_costs_requests_little(mock, tmp_path):
+    # A listener that accepts and then says nothing: every Redis call would time out. The
+    # requests must not queue behind each other's connection attempts.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    spec = "  cache: {enabled: true, backend: redis}\n  rateLimit: {limit: 1, interval: 1h, scope: global}\n"
+    g = pod(tmp_path, mock, f"redis://127.0.0.1:{silent.getsockname()[1]}/0", spec, "a")
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+        started = time.monotonic()
+        with ThreadPoolExecutor(20) as pool:
+            codes = list(pool.map(lambda i: httpx.post(g.url + CHAT, json=body(f"silent {i}"), timeout=30).status_code,
+                                  range(40)))
+        took = time.monotonic() - started
+        assert codes == [200] * 40
+        assert took < 5, f"40 requests took {took:.1f}s with a silent Redis"
+    finally:
+        g.stop()
+        silent.close()
+
+
+def test_a_paused_redis_is_used_again_once_it_answers(mock, tmp_path):
+    (tmp_path / "paused").mkdir()
+    r = Redis(tmp_path / "paused")
+    spec = "  rateLimit: {limit: 2, interval: 1h, scope: global}\n"
+    g = pod(tmp_path, mock, r.url, spec, "a")
+    try:
+        assert httpx.post(g.url + CHAT, json=body("one")).status_code == 200
+        r.proc.send_signal(signal.SIGSTOP)
+        try:
+            for i in range(5):  # timeouts, then fail open at once
+                assert httpx.post(g.url + CHAT, json=body(f"paused {i}"), timeout=10).status_code == 200
+        finally:
+            r.proc.send_signal(signal.SIGCONT)
+        time.sleep(1.5)  # past the back-off
+        codes = [httpx.post(g.url + CHAT, json=body("again"), timeout=10).status_code for _ in range(3)]
+        assert codes[-1] == 429, codes
+    finally:
+        g.stop()
+        r.stop()
 
 
 def test_redis_without_a_url_file_is_refused_at_start(mock, tmp_path):
