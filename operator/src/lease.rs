@@ -1,13 +1,14 @@
 //! Leader election with a `coordination.k8s.io/v1` Lease, so that only one replica runs the
-//! controllers. The lease is taken when free or expired, renewed well within its duration, and
-//! released on shutdown so a standby takes over at once. Optimistic concurrency
-//! (`resourceVersion`) settles races between replicas.
+//! controllers. The lease is taken when free or lapsed (its renewal unchanged for its duration,
+//! as this replica's own clock measures: clocks of different nodes may disagree), renewed well
+//! within its duration (each renewal bounded in time), and released on shutdown so a standby
+//! takes over at once. Optimistic concurrency (`resourceVersion`) settles races between replicas.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
 
@@ -48,6 +49,47 @@ pub enum LeaseError {
 pub struct LeaderElector {
     api: Api<Lease>,
     settings: LeaseSettings,
+    /// What this replica last saw of the lease while another replica held it.
+    observed: std::sync::Mutex<Option<Observed>>,
+}
+
+/// A lease another replica holds, as this replica saw it, and when (on its own clock).
+#[derive(Debug, Clone, PartialEq)]
+struct Observed {
+    holder: String,
+    renewed: Option<Timestamp>,
+    secs: Option<i32>,
+    at: std::time::Instant,
+}
+
+/// Whether a lease held by `holder` has lapsed, judged as client-go does: by how long this
+/// replica has seen the same renewal, on its own clock. Comparing the holder's `renewTime`
+/// with this replica's clock would let a clock skew longer than the lease take a healthy one.
+fn lapsed(
+    observed: &mut Option<Observed>,
+    holder: &str,
+    renewed: Option<Timestamp>,
+    secs: Option<i32>,
+    now: std::time::Instant,
+) -> bool {
+    let (Some(_), Some(duration)) = (renewed, secs) else {
+        return true;
+    };
+    match observed {
+        Some(o) if o.holder == holder && o.renewed == renewed && o.secs == secs => {
+            now.saturating_duration_since(o.at)
+                >= Duration::from_secs(u64::try_from(duration).unwrap_or(0))
+        }
+        _ => {
+            *observed = Some(Observed {
+                holder: holder.to_owned(),
+                renewed,
+                secs,
+                at: now,
+            });
+            false
+        }
+    }
 }
 
 enum Attempt {
@@ -61,6 +103,7 @@ impl LeaderElector {
         Self {
             api: Api::namespaced(client, &settings.namespace),
             settings,
+            observed: std::sync::Mutex::default(),
         }
     }
 
@@ -173,14 +216,22 @@ impl LeaderElector {
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let holder = spec.holder_identity.clone().unwrap_or_default();
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(MicroTime(renewed)), Some(secs)) => !renewed
-                .checked_add(SignedDuration::from_secs(i64::from(secs)))
-                .is_ok_and(|until| until >= now),
-            _ => true,
-        };
-        if !holder.is_empty() && holder != *me && !expired {
-            return Ok(Attempt::HeldBy(holder));
+        if !holder.is_empty() && holder != *me {
+            let renewed = spec.renew_time.as_ref().map(|MicroTime(t)| *t);
+            let mut observed = self
+                .observed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let now = std::time::Instant::now();
+            if !lapsed(
+                &mut observed,
+                &holder,
+                renewed,
+                spec.lease_duration_seconds,
+                now,
+            ) {
+                return Ok(Attempt::HeldBy(holder));
+            }
         }
         if holder != *me {
             spec.acquire_time = Some(MicroTime(now));
@@ -203,4 +254,31 @@ impl LeaderElector {
 
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::SignedDuration;
+
+    #[test]
+    fn a_lease_lapses_after_its_duration_unrenewed_on_this_replicas_clock() {
+        let t0 = std::time::Instant::now();
+        let at = |secs| t0 + Duration::from_secs(secs);
+        // The holder's renewTime is a day ahead of this replica (a skewed clock): no matter.
+        let renewed = Some(Timestamp::now() + SignedDuration::from_hours(24));
+        let mut seen = None;
+        assert!(!lapsed(&mut seen, "a", renewed, Some(15), at(0)));
+        assert!(!lapsed(&mut seen, "a", renewed, Some(15), at(14)));
+        assert!(lapsed(&mut seen, "a", renewed, Some(15), at(15)));
+        // A renewal seen starts the count again; so does another holder.
+        let later = renewed.map(|t| t + SignedDuration::from_secs(5));
+        assert!(!lapsed(&mut seen, "a", later, Some(15), at(16)));
+        assert!(!lapsed(&mut seen, "a", later, Some(15), at(30)));
+        assert!(!lapsed(&mut seen, "b", later, Some(15), at(31)));
+        assert!(lapsed(&mut seen, "b", later, Some(15), at(46)));
+        // A lease that was never renewed, or has no duration, is free.
+        assert!(lapsed(&mut None, "a", None, Some(15), at(0)));
+        assert!(lapsed(&mut None, "a", renewed, None, at(0)));
+    }
 }

@@ -143,9 +143,8 @@ pub(crate) async fn serve(
 
     let event_id = aig.get(Gw::EventId);
     let count = planned.len();
-    for (i, step) in planned.into_iter().enumerate() {
+    for (i, mut step) in planned.into_iter().enumerate() {
         let last = i + 1 == count;
-        let mut step = step;
         let id = step.provider.id.clone();
         let auth = std::mem::replace(&mut step.auth, StepAuth::Ready);
         let outcome = match auth.apply(gw, &mut step).await {

@@ -323,17 +323,19 @@ def test_vertex_uses_the_project_region_path_and_a_bearer_token(gw, mock):
 VERTEX_PATH = "/google-vertex-ai/v1/projects/my-proj/locations/us-central1/publishers/google/models/gemini-2.5-flash:generateContent"
 
 
-def service_account(token_uri):
-    """A Google service-account key file (a fresh RSA key) whose tokens come from `token_uri`."""
+def service_account(token_uri, email=f"{KEY_MARKER}-sa@my-proj.iam.gserviceaccount.com"):
+    """A Google service-account key file (a fresh RSA key) whose tokens come from `token_uri`.
+    The default email carries the key marker, so a token minted for it (`ya29.mock-<email>`)
+    that reached a log would fail the log scan."""
     pem = subprocess.run(["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
                          capture_output=True, text=True, check=True).stdout
     return {"type": "service_account", "project_id": "my-proj", "private_key_id": "k1", "private_key": pem,
-            "client_email": f"{KEY_MARKER}-sa@my-proj.iam.gserviceaccount.com", "token_uri": token_uri}
+            "client_email": email, "token_uri": token_uri}
 
 
-def vertex_gateway(mock, tmp_path, token_uri):
+def vertex_gateway(mock, tmp_path, token_uri, **kw):
     """A gateway whose google-vertex-ai key is a service account getting its tokens from `token_uri`."""
-    sa = service_account(token_uri)
+    sa = service_account(token_uri, **kw)
     keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
     return Sidegate(tmp_path, compat_yaml(mock.url), keys), sa
 
@@ -368,7 +370,8 @@ def test_vertex_service_account_keys_are_exchanged_for_cached_tokens(mock, tmp_p
 
 def test_a_token_endpoint_that_stalls_fails_in_bounded_time(mock, tmp_path):
     stall = StallingServer()
-    g, _ = vertex_gateway(mock, tmp_path, stall.url + "/token")
+    # The error names the account (no secret; the default email carries the log-scan marker).
+    g, _ = vertex_gateway(mock, tmp_path, stall.url + "/token", email="stalled-sa@my-proj.iam.gserviceaccount.com")
     try:
         t0 = time.monotonic()
         r = generate(g, timeout=30)

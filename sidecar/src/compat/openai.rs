@@ -384,13 +384,13 @@ impl ChatRequest {
             .unwrap_or(false)
     }
 
-    /// `max_completion_tokens`, else `max_tokens`.
     /// `temperature` held to `max`: OpenAI takes 0 to 2, Anthropic and Bedrock's models 0 to 1
     /// (a value above is their most random, as 2 is OpenAI's).
     pub fn temperature_at_most(&self, max: f64) -> Option<f64> {
         self.temperature.map(|t| t.min(max))
     }
 
+    /// `max_completion_tokens`, else `max_tokens`.
     pub fn max_output_tokens(&self) -> Option<u64> {
         self.max_completion_tokens.or(self.max_tokens)
     }
