@@ -12,7 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use ring::rand::SystemRandom;
 use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
 use rustls::pki_types::PrivatePkcs8KeyDer;
@@ -146,23 +146,10 @@ impl ServiceAccount {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/x-www-form-urlencoded"),
         );
-        req.headers_mut()
-            .insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
-        // The whole exchange is bounded, the body too: every Vertex request of this key waits
-        // on this lock meanwhile.
-        let exchange = async {
-            let resp = gw.attempt(req, TIMEOUT).await.map_err(|e| e.to_string())?;
-            let status = resp.status();
-            let raw = Limited::new(resp.into_body(), 64 << 10)
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>((status, raw))
-        };
-        let (status, raw) = tokio::time::timeout(TIMEOUT, exchange)
+        // Bounded as a whole, the body too: every Vertex request of this key waits on this lock.
+        let (status, raw) = gw
+            .fetch(req, TIMEOUT, 64 << 10)
             .await
-            .map_err(|_| unavailable(format!("no answer within {}s", TIMEOUT.as_secs())))?
             .map_err(unavailable)?;
         if !status.is_success() {
             // Google's error body names the problem (invalid_grant, ...) without secrets.

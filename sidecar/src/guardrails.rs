@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use sidegate_crds::policy::{GuardrailAction, Guardrails};
 
 use crate::error::GatewayError;
@@ -175,8 +175,6 @@ impl Gateway {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        req.headers_mut()
-            .insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
         if openai
             && let Some(provider) = snap.providers.get("openai")
             && let Ok(crate::providers::KeyChoice::Stored(key)) = provider.choose_key(None)
@@ -185,22 +183,10 @@ impl Gateway {
                 .insert(header::AUTHORIZATION, key.header().clone());
         }
         // Bounded as a whole, the body too: a stalled answer fails open like a missing one.
-        let exchange = async {
-            let resp = self
-                .attempt(req, TIMEOUT)
-                .await
-                .map_err(|e| e.to_string())?;
-            let status = resp.status();
-            let raw = Limited::new(resp.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(|e| format!("reading the moderation answer: {e}"))?
-                .to_bytes();
-            Ok::<_, String>((status, raw))
-        };
-        let (status, raw) = tokio::time::timeout(TIMEOUT, exchange)
+        let (status, raw) = self
+            .fetch(req, TIMEOUT, MAX_ANSWER)
             .await
-            .map_err(|_| format!("no moderation answer within {}s", TIMEOUT.as_secs()))??;
+            .map_err(|e| format!("moderation endpoint: {e}"))?;
         if !status.is_success() {
             return Err(format!("moderation endpoint answered {status}"));
         }

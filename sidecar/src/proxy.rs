@@ -165,6 +165,33 @@ impl Gateway {
         }
     }
 
+    /// A small exchange of the gateway's own (a token, a moderation verdict): `req` sent asking
+    /// for an uncompressed answer, and the whole answer — head and body, at most `limit` bytes
+    /// — within `within`. The error says what went wrong, for a log line.
+    pub(crate) async fn fetch(
+        &self,
+        mut req: Request<Full<Bytes>>,
+        within: Duration,
+        limit: usize,
+    ) -> Result<(http::StatusCode, Bytes), String> {
+        use http_body_util::{BodyExt as _, Limited};
+        req.headers_mut()
+            .insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
+        let exchange = async {
+            let resp = self.attempt(req, within).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let raw = Limited::new(resp.into_body(), limit)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the answer: {e}"))?
+                .to_bytes();
+            Ok((status, raw))
+        };
+        tokio::time::timeout(within, exchange)
+            .await
+            .map_err(|_| format!("no answer within {}s", within.as_secs()))?
+    }
+
     /// Looks a request up in the response cache (`want` from [`cache::want`]) and answers a hit.
     pub(crate) async fn cache_lookup(
         &self,

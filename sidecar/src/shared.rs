@@ -106,11 +106,14 @@ impl Shared {
         self.down_until.fetch_max(until, Ordering::Relaxed);
     }
 
-    fn cached_conn(&self) -> Option<ConnectionManager> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
         self.conn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    }
+
+    fn cached_conn(&self) -> Option<ConnectionManager> {
+        self.slot().clone()
     }
 
     /// The connection, made on first use. Never waits behind another request: while one
@@ -140,10 +143,7 @@ impl Shared {
         .unwrap_or_else(|_| Err(Self::unavailable("redis connection timed out")));
         match made {
             Ok(c) => {
-                *self
-                    .conn
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(c.clone());
+                *self.slot() = Some(c.clone());
                 Ok(c)
             }
             Err(e) => {
@@ -170,10 +170,7 @@ impl Shared {
                 self.mark_down();
                 if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= RESET_AFTER {
                     self.timeouts.store(0, Ordering::Relaxed);
-                    *self
-                        .conn
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                    *self.slot() = None;
                 }
             }
             Err(_) => {}
