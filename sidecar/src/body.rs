@@ -232,3 +232,123 @@ impl Body for ProxyBody {
         }
     }
 }
+
+/// Why a body held back whole could not be read.
+#[derive(Debug)]
+pub enum HoldError {
+    /// More than the limit of bytes.
+    TooLarge(usize),
+    /// No frame for this long: the upstream stalled mid-body.
+    Stalled(std::time::Duration),
+    /// The body failed (connection broken, framing error, ...).
+    Failed(String),
+}
+
+impl std::fmt::Display for HoldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge(limit) => write!(f, "larger than {limit} bytes"),
+            Self::Stalled(idle) => write!(f, "no data for {} ms", idle.as_millis()),
+            Self::Failed(e) => f.write_str(e),
+        }
+    }
+}
+
+impl HoldError {
+    /// The gateway error a client gets for it: a stall is a timeout (504), the rest 502.
+    pub fn into_gateway_error(self, reading: &str) -> crate::error::GatewayError {
+        use crate::error::GatewayError;
+        match self {
+            Self::Stalled(idle) => GatewayError::UpstreamStalled {
+                ms: u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
+            },
+            other => GatewayError::UpstreamUnavailable(format!("reading {reading}: {other}")),
+        }
+    }
+}
+
+/// Reads a body whole, for the features that hold a response back until it is complete (DLP
+/// and guardrail response checks, `/compat` translation of JSON): at most `limit` bytes, and
+/// never waiting more than `idle` for the next frame, so an upstream that stalls after its head
+/// becomes an error instead of a request that hangs until the client gives up.
+pub async fn hold_whole<B>(
+    body: B,
+    limit: usize,
+    idle: std::time::Duration,
+) -> Result<Bytes, HoldError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
+{
+    use http_body_util::BodyExt as _;
+    let mut body = std::pin::pin!(body);
+    let mut whole = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Err(_) => return Err(HoldError::Stalled(idle)),
+            Ok(None) => return Ok(whole.freeze()),
+            Ok(Some(Err(e))) => return Err(HoldError::Failed(e.to_string())),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        if let Ok(data) = frame.into_data() {
+            if whole.len() + data.len() > limit {
+                return Err(HoldError::TooLarge(limit));
+            }
+            if whole.is_empty() && body.is_end_stream() {
+                return Ok(data);
+            }
+            whole.extend_from_slice(&data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+
+    use super::{HoldError, hold_whole};
+
+    fn frames(
+        parts: Vec<Result<&'static str, &'static str>>,
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, String>>> {
+        StreamBody::new(futures_util::stream::iter(parts.into_iter().map(|p| {
+            p.map(|s| Frame::data(Bytes::from_static(s.as_bytes())))
+                .map_err(str::to_string)
+        })))
+    }
+
+    #[tokio::test]
+    async fn a_held_body_is_read_whole_within_its_limit() {
+        let idle = Duration::from_secs(5);
+        let whole = hold_whole(frames(vec![Ok("ab"), Ok("cd"), Ok("e")]), 5, idle).await;
+        assert_eq!(whole.expect("whole"), Bytes::from_static(b"abcde"));
+        let over = hold_whole(frames(vec![Ok("ab"), Ok("cd"), Ok("ef")]), 5, idle).await;
+        assert!(matches!(over, Err(HoldError::TooLarge(5))), "{over:?}");
+        let broken = hold_whole(frames(vec![Ok("ab"), Err("reset")]), 5, idle).await;
+        assert!(
+            matches!(&broken, Err(HoldError::Failed(e)) if e == "reset"),
+            "{broken:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stalls_after_its_head_ends_in_an_error_not_a_hang() {
+        use futures_util::StreamExt as _;
+        let stalled = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(b"{")))])
+            .chain(futures_util::stream::pending::<Result<Frame<Bytes>, String>>());
+        let idle = Duration::from_secs(30);
+        let held = hold_whole(StreamBody::new(stalled), 1 << 20, idle).await;
+        assert!(
+            matches!(held, Err(HoldError::Stalled(d)) if d == idle),
+            "{held:?}"
+        );
+        let err = held
+            .expect_err("stalled")
+            .into_gateway_error("the response");
+        assert_eq!((err.status().as_u16(), err.code()), (504, 2103));
+    }
+}

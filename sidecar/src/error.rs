@@ -35,6 +35,10 @@ pub enum GatewayError {
     /// No first byte from the upstream within the request timeout.
     #[error("upstream did not respond within {ms} ms")]
     UpstreamTimeout { ms: u64 },
+    /// The upstream stopped sending a response the gateway holds back whole (for DLP or
+    /// guardrail checks, or `/compat` translation) for the request timeout.
+    #[error("upstream response stalled: no data for {ms} ms")]
+    UpstreamStalled { ms: u64 },
     /// The upstream could not be reached or broke the connection before answering.
     #[error("upstream request failed: {0}")]
     UpstreamUnavailable(String),
@@ -96,7 +100,9 @@ impl GatewayError {
             | Self::UniversalRequest(_)
             | Self::DlpBlocked { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
             Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. }
@@ -126,7 +132,7 @@ impl GatewayError {
             Self::BadHeader { .. } => 2100,
             Self::BadBody(_) => 2101,
             Self::BodyTooLarge { .. } => 2102,
-            Self::UpstreamTimeout { .. } => 2103,
+            Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => 2103,
             Self::UpstreamUnavailable(_) => 2104,
             Self::NotReady => 2105,
             Self::BadRoute(_) => 2106,

@@ -11,10 +11,10 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, hold_whole};
 use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
@@ -287,10 +287,16 @@ impl Gateway {
                 crate::otel::operation(req.uri().path()),
             ))
         });
+        // A response held back whole may go quiet for as long as the upstream may take to answer.
+        let holds = snap.dlp.checks_responses() || snap.guardrails.checks_responses();
+        let idle = if holds {
+            request_timeout(GatewayHeaders::scan(req.headers()), snap.request_timeout)
+                .unwrap_or(snap.request_timeout)
+        } else {
+            snap.request_timeout
+        };
         match self.proxy(&snap, req, start).await {
-            Ok(resp) if snap.dlp.checks_responses() || snap.guardrails.checks_responses() => {
-                Ok(self.scan_response(&snap, resp).await)
-            }
+            Ok(resp) if holds => Ok(self.scan_response(&snap, resp, idle).await),
             Ok(resp) => Ok(resp),
             Err((provider, err)) => {
                 if let (Some(target), Some(refusal)) = (&snap.otel, refusal) {
@@ -314,21 +320,18 @@ impl Gateway {
     /// Holds a response back until it is whole and lets the DLP response policies see it: a
     /// `BLOCK` match replaces it with a 2030 error, `FLAG` matches are listed in `cf-aig-dlp`.
     /// (The request was counted and logged with the upstream's status when its body ended.)
+    /// A body that brings nothing new for `idle` ends in a 504.
     async fn scan_response(
         &self,
         snap: &Snapshot,
         resp: Response<ProxyBody>,
+        idle: Duration,
     ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
-        let whole = match Limited::new(body, crate::dlp::MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-        {
-            Ok(c) => c.to_bytes(),
+        let whole = match hold_whole(body, crate::dlp::MAX_RESPONSE_BYTES, idle).await {
+            Ok(whole) => whole,
             Err(e) => {
-                let err = GatewayError::UpstreamUnavailable(format!(
-                    "reading the response for DLP checks: {e}"
-                ));
+                let err = e.into_gateway_error("the response for its checks");
                 tracing::warn!(error = %err, "response not delivered");
                 return err.into_response();
             }

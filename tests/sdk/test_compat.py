@@ -383,6 +383,24 @@ def test_a_token_endpoint_that_stalls_fails_in_bounded_time(mock, tmp_path):
         stall.stop()
 
 
+def test_a_translated_answer_that_stalls_ends_in_a_504_not_a_hang(tmp_path):
+    # A JSON answer is translated whole: an upstream that sends its head and then nothing more
+    # ends within the request timeout, as a gateway error.
+    stall = StallingServer()
+    g = Sidegate(tmp_path, compat_yaml(stall.url), COMPAT_KEYS)
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(g.url + "/compat/chat/completions", timeout=30, headers={"cf-aig-request-timeout": "1500"},
+                       json={"model": "anthropic/claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]})
+        took = time.monotonic() - t0
+        assert (r.status_code, r.json()["error"][0]["code"]) == (504, 2103), r.text
+        assert "stalled: no data for 1500 ms" in r.json()["error"][0]["message"]
+        assert 1.4 < took < 10, took
+    finally:
+        g.stop()
+        stall.stop()
+
+
 def test_a_token_lifetime_too_large_for_the_clock_is_held_to_a_day(mock, tmp_path):
     import http.server
     import threading

@@ -5,11 +5,12 @@ response carry it too: response policies are tested with the same mock.
 """
 
 import json
+import time
 
 import httpx
 import openai
 
-from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, StallingServer, assert_refused_at_start, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 SSN = "123-45-6789"
@@ -86,6 +87,25 @@ def test_streams_are_checked_whole_before_delivery(mock, tmp_path):
         assert {f["check"] for f in flags} == {"REQUEST", "RESPONSE"}
     finally:
         g.stop()
+
+
+def test_a_held_back_response_that_stalls_ends_in_a_504_not_a_hang(tmp_path):
+    # Responses are held back whole for the check: an upstream that sends its head and then
+    # nothing more must not hold the client until it gives up.
+    stall = StallingServer()
+    spec = "  dlp:\n    policies:\n      - {id: cards, action: BLOCK, check: [RESPONSE], profiles: [credit-card]}\n"
+    g = Sidegate(tmp_path, gateway_yaml(stall.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(g.url + CHAT, json=body("hello"), headers={"cf-aig-request-timeout": "1500"}, timeout=30)
+        took = time.monotonic() - t0
+        assert (r.status_code, r.json()["error"][0]["code"]) == (504, 2103), r.text
+        assert "stalled: no data for 1500 ms" in r.json()["error"][0]["message"]
+        assert 1.4 < took < 10, took
+        assert "response not delivered" in g.logs()
+    finally:
+        g.stop()
+        stall.stop()
 
 
 def test_compat_and_private_keys_inside_json_strings(mock, tmp_path):

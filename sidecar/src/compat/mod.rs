@@ -23,7 +23,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Map, Value};
@@ -806,18 +806,14 @@ pub(crate) async fn serve(
         let body = ProxyBody::translated(upstream_body, t.stream_translator(), record);
         return Ok(Response::from_parts(head, body.cached_through(fill)));
     }
-    let raw = match Limited::new(upstream_body, MAX_RESPONSE_BYTES)
-        .collect()
-        .await
-    {
-        Ok(c) => c.to_bytes(),
+    let idle = target.timeout.unwrap_or(timeout);
+    let raw = match crate::body::hold_whole(upstream_body, MAX_RESPONSE_BYTES, idle).await {
+        Ok(raw) => raw,
         Err(e) => {
             record.finish_upstream_error();
-            return Ok(GatewayError::UpstreamUnavailable(format!(
-                "reading the {} response: {e}",
-                provider.id
-            ))
-            .into_response());
+            let err = e.into_gateway_error(&format!("the {} response", provider.id));
+            tracing::warn!(provider = %provider.id, error = %err, "response not delivered");
+            return Ok(err.into_response());
         }
     };
     let out = if head.status.is_success() {
