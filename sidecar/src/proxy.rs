@@ -455,23 +455,21 @@ impl Gateway {
         let timeout = request_timeout(aig, snap.request_timeout).map_err(fail)?;
         let alias = aig.byok_alias().map_err(fail)?;
         let minted;
-        let key = match provider.service_account(alias) {
-            Some(sa) => {
-                minted = sa.token(self).await.map_err(fail)?;
-                KeyChoice::Stored(&minted)
-            }
-            None => provider.choose_key(alias).map_err(fail)?,
+        let mut signer = None;
+        let key = if let Some(sa) = provider.service_account(alias) {
+            minted = sa.token(self).await.map_err(fail)?;
+            KeyChoice::Stored(&minted)
+        } else if provider.signs_requests() {
+            // AWS: the gateway signs with the stored credentials of the alias; without any
+            // (and no alias asked for), the client's signature goes through as it is.
+            signer = crate::compat::stored_aws_credentials(snap, alias).map_err(fail)?;
+            KeyChoice::ClientOwn
+        } else {
+            provider.choose_key(alias).map_err(fail)?
         };
         let uri = provider
             .upstream_uri(&route, parts.uri.query())
             .map_err(fail)?;
-        // AWS: the gateway signs with stored credentials; without any, the client's signature
-        // goes through as it is.
-        let signer = if provider.signs_requests() {
-            crate::compat::stored_aws_credentials(snap, alias).map_err(fail)?
-        } else {
-            None
-        };
         let want = cache::want(&snap.cache, aig).map_err(fail)?;
         let retries = snap.retries.with_headers(aig).map_err(fail)?;
 

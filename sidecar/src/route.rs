@@ -74,6 +74,15 @@ pub fn parse(path: &str) -> Result<Route<'_>, GatewayError> {
     }))
 }
 
+/// The account id of a long-form path (`/v1/{account}/{gateway}/...`), for the routes that
+/// build provider paths themselves (`/compat`, the universal endpoint).
+pub fn long_form_account(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/")?
+        .split('/')
+        .next()
+        .filter(|a| !a.is_empty())
+}
+
 fn not_found() -> GatewayError {
     GatewayError::NotFound("route not found".into())
 }

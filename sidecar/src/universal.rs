@@ -138,7 +138,7 @@ pub(crate) async fn serve(
     let planned = steps
         .into_iter()
         .enumerate()
-        .map(|(i, s)| plan(snap, i, s, alias, timeout, retries))
+        .map(|(i, s)| plan(snap, &parts.uri, i, s, alias, timeout, retries))
         .collect::<Result<Vec<_>, _>>()?;
 
     let event_id = aig.get(Gw::EventId);
@@ -221,6 +221,7 @@ fn parse(raw: &[u8]) -> Result<Vec<Step>, GatewayError> {
 /// Checks one step and builds its upstream request.
 fn plan<'a>(
     snap: &'a Snapshot,
+    uri: &http::Uri,
     i: usize,
     step: Step,
     alias: Option<&str>,
@@ -240,7 +241,7 @@ fn plan<'a>(
     let route = ProviderRoute {
         provider: &step.provider,
         rest: path,
-        account: None,
+        account: crate::route::long_form_account(uri.path()),
         gateway: None,
     };
     let uri = provider

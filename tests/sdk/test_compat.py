@@ -486,6 +486,21 @@ def test_bedrock_passthrough_is_signed_by_the_gateway_with_the_stored_credential
     assert seen["x-amz-date"] != "20260101T000000Z" and seen["x-amz-security-token"] == AWS_SESSION
 
 
+def test_bedrock_passthrough_signs_with_the_credentials_of_the_alias(mock, tmp_path):
+    team_b = {"accessKeyId": "AKIDTEAMB", "secretAccessKey": f"{KEY_MARKER}-team-b", "region": "us-east-1"}
+    g = Sidegate(tmp_path, compat_yaml(mock.url), dict(COMPAT_KEYS, **{"aws-bedrock.team-b": json.dumps(team_b)}))
+    try:
+        url = g.url + f"/aws-bedrock/bedrock-runtime/us-east-1/model/{BEDROCK_MODEL}/converse"
+        body = {"messages": [{"role": "user", "content": [{"text": "x"}]}]}
+        for alias, key_id in (("team-b", "AKIDTEAMB"), ("default", "AKIDMOCK")):
+            mock.clear()
+            r = httpx.post(url, json=body, headers={"cf-aig-byok-alias": alias})
+            assert r.status_code == 200, (alias, r.text)
+            assert mock.last()["headers"]["authorization"].startswith(f"AWS4-HMAC-SHA256 Credential={key_id}/")
+    finally:
+        g.stop()
+
+
 def test_bedrock_passthrough_without_stored_credentials_keeps_the_clients_signature(mock, tmp_path):
     keys = {k: v for k, v in COMPAT_KEYS.items() if not k.startswith("aws-bedrock")}
     g = Sidegate(tmp_path, compat_yaml(mock.url), keys)

@@ -5,7 +5,7 @@ import json
 import httpx
 import pytest
 
-from conftest import ANTHROPIC_KEY, OPENAI_KEY
+from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, OPENAI_KEY, Sidegate, gateway_yaml
 
 
 def openai_step(model="gpt-4o-mini", text="universal hello", **extra):
@@ -68,6 +68,26 @@ def test_step_retries_come_from_its_config(gateway, mock):
 def test_long_form_url_and_a_single_step_object(gateway, mock):
     r = httpx.post(gateway.url + "/v1/acct/main", json=openai_step())
     assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0")
+
+
+def test_long_form_account_reaches_workers_ai_steps(mock, tmp_path):
+    # Cloudflare's own fallback example: a workers-ai step, its account taken from the URL.
+    extra = f"    workers-ai: {{baseURL: '{mock.url}/client/v4/accounts/{{account}}/ai'}}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=extra), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        step = {"provider": "workers-ai", "endpoint": "@cf/meta/llama-3.1-8b-instruct",
+                "headers": {"authorization": "Bearer cf-token"}, "query": {"prompt": "hi"}}
+        r = httpx.post(g.url + "/v1/acct123/main", json=[step])
+        assert r.headers["cf-aig-step"] == "0", r.text
+        (seen,) = mock.requests()
+        assert seen["path"] == "/client/v4/accounts/acct123/ai/run/@cf/meta/llama-3.1-8b-instruct"
+        # The short form has no account to give.
+        r = httpx.post(g.url + "/", json=[step])
+        assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2108), r.text
+        assert "needs an account id" in r.text
+    finally:
+        g.stop()
 
 
 @pytest.mark.parametrize("body,needle", [

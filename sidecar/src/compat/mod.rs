@@ -220,11 +220,6 @@ fn check_path_model(model: &str) -> Result<(), GatewayError> {
     }
 }
 
-/// The account id of a long-form path (`/v1/{account}/{gateway}/compat/...`).
-fn long_form_account(path: &str) -> Option<&str> {
-    path.strip_prefix("/v1/")?.split('/').next()
-}
-
 /// Headers for a translated request: JSON, and the key in the provider's own header — the
 /// stored one, or else the client's (sent as `Authorization: Bearer` by OpenAI SDKs).
 fn translated_headers(provider: &Provider, key: &KeyChoice<'_>, client: &HeaderMap) -> HeaderMap {
@@ -303,7 +298,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
         ProviderRoute {
             provider: &i.provider.id,
             rest,
-            account: long_form_account(i.parts.uri.path()),
+            account: crate::route::long_form_account(i.parts.uri.path()),
             gateway: None,
         }
     }
