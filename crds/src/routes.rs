@@ -207,6 +207,14 @@ pub fn compile(
                             at(ni, "provider")
                         ));
                     }
+                    if let Some(r) = n.retries
+                        && !(1..=5).contains(&r)
+                    {
+                        return Err(format!(
+                            "{} must be 1 to 5 attempts, got {r}",
+                            at(ni, "retries")
+                        ));
+                    }
                     Node::Model {
                         target: Target {
                             provider,

@@ -218,6 +218,16 @@ pub fn strip_response_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// The token of an `Authorization`-style value `Bearer <token>` (the scheme in any case, as
+/// RFC 9110 has it).
+pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || !rest.starts_with(b" ") {
+        return None;
+    }
+    Some(rest.trim_ascii_start()).filter(|t| !t.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -230,10 +230,10 @@ impl KeyStore {
         self.tokens.len()
     }
 
-    /// Whether `header` (the `cf-aig-authorization` value) is `Bearer <t>` for a held token.
+    /// Whether `header` (the `cf-aig-authorization` value) is `Bearer <t>` (any case of `Bearer`) for a held token.
     /// Compares in constant time against every token.
     pub fn token_matches(&self, header: &[u8]) -> bool {
-        let Some(presented) = header.strip_prefix(b"Bearer ") else {
+        let Some(presented) = crate::headers::bearer_token(header) else {
             return false;
         };
         let mut ok = subtle::Choice::from(0);
@@ -286,6 +286,11 @@ mod tests {
         assert!(!store.token_matches(b"secret-token"));
         assert!(!store.token_matches(b"Bearer secret-toke"));
         assert!(!store.token_matches(b"Bearer "));
+        // The scheme in any case (RFC 9110), but not run into the token.
+        assert!(store.token_matches(b"bearer secret-token"));
+        assert!(store.token_matches(b"BEARER  secret-token"));
+        assert!(!store.token_matches(b"Bearersecret-token"));
+        assert!(!store.token_matches(b"Basic secret-token"));
     }
 
     #[test]

@@ -340,9 +340,10 @@ impl Provider {
         }
     }
 
-    /// Headers the provider needs that the client may leave out.
+    /// Headers the provider needs that the client may leave out: `anthropic-version` for
+    /// Anthropic and every provider speaking its format.
     pub fn default_headers(&self) -> &'static [(&'static str, &'static str)] {
-        if &*self.id == "anthropic" {
+        if self.format == ApiFormat::Anthropic {
             &[("anthropic-version", "2023-06-01")]
         } else {
             &[]
@@ -352,6 +353,26 @@ impl Provider {
     /// Number of stored keys usable by this provider.
     pub fn key_count(&self) -> usize {
         self.keys.len()
+    }
+
+    /// The client's query as it goes upstream. Google AI Studio also takes its key as `?key=`:
+    /// that parameter goes when the gateway injects a stored key, which replaces whatever
+    /// provider auth the client sent.
+    pub fn upstream_query<'q>(
+        &self,
+        query: Option<&'q str>,
+        key: &KeyChoice<'_>,
+    ) -> Option<std::borrow::Cow<'q, str>> {
+        let q = query?;
+        let is_key = |p: &&str| *p == "key" || p.starts_with("key=");
+        if !matches!(key, KeyChoice::Stored(_))
+            || &*self.id != "google-ai-studio"
+            || !q.split('&').any(|p| is_key(&p))
+        {
+            return Some(std::borrow::Cow::Borrowed(q));
+        }
+        let kept: Vec<&str> = q.split('&').filter(|p| !is_key(p)).collect();
+        (!kept.is_empty()).then(|| std::borrow::Cow::Owned(kept.join("&")))
     }
 
     /// The upstream URI for a route, keeping the client's query.
@@ -462,6 +483,10 @@ impl Provider {
                             "{{{name}}} must be letters, digits and dashes, got {:?}",
                             truncate(value)
                         )));
+                    }
+                    if name == "region" && value == "global" {
+                        // Vertex's global endpoint has no region in its host name.
+                        url = url.replace("{region}-", "");
                     }
                     url = url.replace(&format!("{{{name}}}"), value);
                 }
@@ -789,6 +814,18 @@ mod tests {
             .as_deref(),
             Ok(
                 "https://europe-west4-aiplatform.googleapis.com/v1/projects/p/locations/europe-west4/publishers/google/models/g:generateContent"
+            )
+        );
+        // Vertex's global location is served by a host without a region.
+        assert_eq!(
+            uri(
+                &t,
+                "google-vertex-ai",
+                "v1/projects/p/locations/global/publishers/google/models/g:generateContent"
+            )
+            .as_deref(),
+            Ok(
+                "https://aiplatform.googleapis.com/v1/projects/p/locations/global/publishers/google/models/g:generateContent"
             )
         );
     }

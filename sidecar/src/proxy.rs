@@ -404,6 +404,28 @@ impl Gateway {
                 return Err((None, GatewayError::Unauthorized));
             }
         }
+        // An unknown provider is a bad route: refused before the rate limit counts it.
+        enum Served<'r> {
+            Provider(route::ProviderRoute<'r>, &'r Provider),
+            Compat(&'r str),
+            Universal,
+        }
+        let served = match route {
+            Route::Provider(p) => {
+                let provider = snap.providers.get(p.provider).ok_or_else(|| {
+                    (
+                        None,
+                        GatewayError::NotFound(format!(
+                            "unknown provider {:?}",
+                            truncate(p.provider)
+                        )),
+                    )
+                })?;
+                Served::Provider(p, provider)
+            }
+            Route::Compat { rest, .. } => Served::Compat(rest),
+            Route::Universal { .. } => Served::Universal,
+        };
         // rate limit
         if let Some(rl) = &snap.rate_limit
             && let Err(retry_after) = match (&snap.shared, rl.global) {
@@ -436,21 +458,15 @@ impl Gateway {
                 .await
                 .map_err(|e| (None, e))?;
         }
-        let route = match route {
-            Route::Provider(p) => p,
-            Route::Compat { rest, .. } => {
+        let (route, provider) = match served {
+            Served::Provider(route, provider) => (route, provider),
+            Served::Compat(rest) => {
                 return crate::compat::serve(self, snap, &parts, rest, body, start, &opts).await;
             }
-            Route::Universal { .. } => {
+            Served::Universal => {
                 return crate::universal::serve(self, snap, &parts, body, start, &opts).await;
             }
         };
-        let provider = snap.providers.get(route.provider).ok_or_else(|| {
-            (
-                None,
-                GatewayError::NotFound(format!("unknown provider {:?}", truncate(route.provider))),
-            )
-        })?;
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
         let timeout = request_timeout(aig, snap.request_timeout).map_err(fail)?;
         let alias = aig.byok_alias().map_err(fail)?;
@@ -468,7 +484,10 @@ impl Gateway {
             provider.choose_key(alias).map_err(fail)?
         };
         let uri = provider
-            .upstream_uri(&route, parts.uri.query())
+            .upstream_uri(
+                &route,
+                provider.upstream_query(parts.uri.query(), &key).as_deref(),
+            )
             .map_err(fail)?;
         let want = cache::want(&snap.cache, aig).map_err(fail)?;
         let retries = snap.retries.with_headers(aig).map_err(fail)?;

@@ -86,17 +86,10 @@ impl Policy {
                 })?;
         }
         if let Some(v) = h.get(Gw::Backoff) {
-            self.backoff = match v.as_bytes() {
-                b"constant" => Backoff::Constant,
-                b"linear" => Backoff::Linear,
-                b"exponential" => Backoff::Exponential,
-                _ => {
-                    return Err(GatewayError::BadHeader {
-                        name: "cf-aig-backoff",
-                        reason: "expected constant, linear or exponential".into(),
-                    });
-                }
-            };
+            self.backoff = parse_backoff(v.as_bytes()).ok_or_else(|| GatewayError::BadHeader {
+                name: "cf-aig-backoff",
+                reason: "expected constant, linear or exponential".into(),
+            })?;
         }
         Ok(self)
     }
@@ -110,6 +103,19 @@ impl Policy {
         };
         self.delay * factor
     }
+}
+
+/// A backoff named in a header or a universal step (`constant`, `linear`, `exponential`; any
+/// case, spaces around ignored).
+pub(crate) fn parse_backoff(v: &[u8]) -> Option<Backoff> {
+    let v = v.trim_ascii();
+    [
+        (&b"constant"[..], Backoff::Constant),
+        (b"linear", Backoff::Linear),
+        (b"exponential", Backoff::Exponential),
+    ]
+    .into_iter()
+    .find_map(|(name, b)| v.eq_ignore_ascii_case(name).then_some(b))
 }
 
 fn number(v: &http::HeaderValue) -> Option<u64> {
@@ -148,7 +154,7 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert(Gw::MaxAttempts.name(), HeaderValue::from_static("3"));
         h.insert(Gw::RetryDelay.name(), HeaderValue::from_static("250"));
-        h.insert(Gw::Backoff.name(), HeaderValue::from_static("linear"));
+        h.insert(Gw::Backoff.name(), HeaderValue::from_static("Linear"));
         assert_eq!(
             Policy::default().with_headers(GatewayHeaders::scan(&h)),
             Ok(Policy {
@@ -163,6 +169,7 @@ mod tests {
             (Gw::RetryDelay.name(), "5001"),
             (Gw::RetryDelay.name(), "-1"),
             (Gw::Backoff.name(), "random"),
+            (Gw::Backoff.name(), "linearly"),
         ] {
             let mut h = http::HeaderMap::new();
             h.insert(name, HeaderValue::from_static(bad));

@@ -540,6 +540,20 @@ mod tests {
             err.contains("nodes[1].limit") && err.contains("USD"),
             "{err}"
         );
+        for retries in [0, 6, 50] {
+            let err = refused(vec![
+                start.clone(),
+                RouteNode {
+                    retries: Some(retries),
+                    ..model("m", "openai", "x", Some("e"))
+                },
+                end.clone(),
+            ]);
+            assert!(
+                err.contains("nodes[1].retries must be 1 to 5 attempts"),
+                "{err}"
+            );
+        }
         let err = refused(vec![model("m", "openai", "x", Some("e")), end.clone()]);
         assert!(err.contains("no start node"), "{err}");
         let bad_cond = RouteNode {

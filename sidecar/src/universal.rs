@@ -17,7 +17,6 @@ use http::{Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Deserialize;
-use sidegate_crds::policy::Backoff;
 
 use crate::body::ProxyBody;
 use crate::config::Snapshot;
@@ -221,7 +220,7 @@ fn parse(raw: &[u8]) -> Result<Vec<Step>, GatewayError> {
 /// Checks one step and builds its upstream request.
 fn plan<'a>(
     snap: &'a Snapshot,
-    uri: &http::Uri,
+    request_uri: &http::Uri,
     i: usize,
     step: Step,
     alias: Option<&str>,
@@ -241,12 +240,9 @@ fn plan<'a>(
     let route = ProviderRoute {
         provider: &step.provider,
         rest: path,
-        account: crate::route::long_form_account(uri.path()),
+        account: crate::route::long_form_account(request_uri.path()),
         gateway: None,
     };
-    let uri = provider
-        .upstream_uri(&route, (!query.is_empty()).then_some(query))
-        .map_err(|e| fail(bad(format!("steps[{i}].endpoint: {e}"))))?;
     let mut client_headers = HeaderMap::new();
     for (name, value) in &step.headers {
         let n = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
@@ -272,6 +268,10 @@ fn plan<'a>(
     } else {
         (provider.choose_key(alias).map_err(fail)?, StepAuth::Ready)
     };
+    let query = (!query.is_empty()).then_some(query);
+    let uri = provider
+        .upstream_uri(&route, provider.upstream_query(query, &key).as_deref())
+        .map_err(|e| fail(bad(format!("steps[{i}].endpoint: {e}"))))?;
     let model = crate::cost::model_in_path(path)
         .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
         .map(crate::cost::ModelName::new);
@@ -315,16 +315,11 @@ fn plan<'a>(
         retries.delay = d;
     }
     if let Some(b) = &c.backoff {
-        retries.backoff = match b.as_str() {
-            "constant" => Backoff::Constant,
-            "linear" => Backoff::Linear,
-            "exponential" => Backoff::Exponential,
-            _ => {
-                return Err(fail(bad(format!(
-                    "steps[{i}].config.backoff: expected constant, linear or exponential"
-                ))));
-            }
-        };
+        retries.backoff = retry::parse_backoff(b.as_bytes()).ok_or_else(|| {
+            fail(bad(format!(
+                "steps[{i}].config.backoff: expected constant, linear or exponential"
+            )))
+        })?;
     }
     Ok(Planned {
         provider,

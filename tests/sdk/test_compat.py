@@ -383,6 +383,76 @@ def test_a_token_endpoint_that_stalls_fails_in_bounded_time(mock, tmp_path):
         stall.stop()
 
 
+def test_an_apps_own_azure_key_goes_into_api_key(gw, mock):
+    # No stored azure-openai key: the OpenAI SDK sends the app's key as a Bearer token, Azure
+    # wants it in `api-key`.
+    c = client(gw, default_query={"api-version": "2024-10-21"})
+    c.api_key = "azure-app-key"
+    out = ask(c, "azure-openai/my-resource/gpt4o-deploy", "hi azure")
+    assert out.choices[0].message.content == "mock reply to: hi azure"
+    seen = mock.last()
+    assert seen["path"] == "/openai/deployments/gpt4o-deploy/chat/completions"
+    assert seen["headers"]["api-key"] == "azure-app-key"
+    assert "authorization" not in seen["headers"]
+
+
+def test_a_custom_provider_in_anthropic_format_gets_the_api_version(mock, tmp_path):
+    extra = f"    custom-claude: {{baseURL: '{mock.url}', format: anthropic, authHeader: x-api-key}}\n"
+    keys = dict(COMPAT_KEYS, **{"custom-claude.default": f"{KEY_MARKER}-custom-claude"})
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=extra), keys)
+    try:
+        mock.clear()
+        out = ask(client(g), "custom-claude/claude-haiku-4-5", "via a custom provider")
+        assert out.choices[0].message.content == "mock reply to: via a custom provider"
+        seen = mock.last()["headers"]
+        assert seen["anthropic-version"] == "2023-06-01" and seen["x-api-key"] == f"{KEY_MARKER}-custom-claude"
+    finally:
+        g.stop()
+
+
+def test_an_answer_that_cannot_be_translated_is_a_502_in_the_gateway_envelope(tmp_path):
+    import http.server
+    import threading
+
+    class NotAnthropic(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            body = b"<html>captive portal</html>"
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotAnthropic)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    g = Sidegate(tmp_path, compat_yaml(f"http://127.0.0.1:{srv.server_address[1]}"), COMPAT_KEYS)
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions",
+                       json={"model": "anthropic/claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 502, r.text
+        err = r.json()["error"][0]
+        assert r.json()["success"] is False and err["code"] == 2104
+        assert "anthropic response could not be translated" in err["message"]
+    finally:
+        g.stop()
+        srv.shutdown()
+
+
+def test_a_stored_google_key_replaces_the_clients_key_parameter(gw, mock):
+    # Google AI Studio also takes a key as ?key=: the client's goes when the stored key is used.
+    body = {"contents": [{"role": "user", "parts": [{"text": "native"}]}]}
+    r = httpx.post(gw.url + "/google-ai-studio/v1beta/models/gemini-2.5-flash:generateContent?key=placeholder&alt=json",
+                   json=body)
+    assert r.status_code == 200, r.text
+    seen = mock.last()
+    assert seen["headers"]["x-goog-api-key"] == GOOGLE_KEY
+    assert seen["query"] == "alt=json", seen
+
+
 def test_a_translated_answer_that_stalls_ends_in_a_504_not_a_hang(tmp_path):
     # A JSON answer is translated whole: an upstream that sends its head and then nothing more
     # ends within the request timeout, as a gateway error.

@@ -86,7 +86,12 @@ def test_unauthenticated_requests_do_not_use_up_the_limit(mock, tmp_path):
     try:
         for _ in range(3):
             assert httpx.post(g.url + CHAT, json=BODY).status_code == 401
-        ok = httpx.post(g.url + CHAT, json=BODY, headers={"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"})
+        # A bad route, an unknown provider among them, is refused before the limit counts it.
+        auth = {"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"}
+        for path in ("/nosuch/chat/completions", "/v1/acct/other-gateway/openai/chat/completions"):
+            r = httpx.post(g.url + path, json=BODY, headers=auth)
+            assert (r.status_code, r.json()["error"][0]["code"]) == (404, 2001), r.text
+        ok = httpx.post(g.url + CHAT, json=BODY, headers=auth)
         assert ok.status_code == 200
     finally:
         g.stop()

@@ -22,7 +22,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -235,14 +235,7 @@ fn translated_headers(provider: &Provider, key: &KeyChoice<'_>, client: &HeaderM
                 h.insert(name.clone(), v.header().clone());
             }
             KeyChoice::ClientOwn => {
-                if let Some(v) = client.get(name) {
-                    h.insert(name.clone(), v.clone());
-                } else if let Some(token) = client
-                    .get(header::AUTHORIZATION)
-                    .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-                    && let Ok(mut v) = HeaderValue::from_bytes(token)
-                {
-                    v.set_sensitive(true);
+                if let Some(v) = client.get(name).cloned().or_else(|| client_bearer(client)) {
                     h.insert(name.clone(), v);
                 }
             }
@@ -257,6 +250,15 @@ fn translated_headers(provider: &Provider, key: &KeyChoice<'_>, client: &HeaderM
         }
     }
     h
+}
+
+/// The key of an OpenAI SDK's `Authorization: Bearer <key>`, for a provider that wants the
+/// client's own key in a header of its own.
+fn client_bearer(client: &HeaderMap) -> Option<HeaderValue> {
+    let token = crate::headers::bearer_token(client.get(header::AUTHORIZATION)?.as_bytes())?;
+    let mut v = HeaderValue::from_bytes(token).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 fn new_request(uri: http::Uri, headers: HeaderMap, body: Bytes) -> Request<Full<Bytes>> {
@@ -318,8 +320,9 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 .provider
                 .upstream_uri(&route(i, &rest), query.as_deref())?;
             let key = i.key()?;
+            let client_own = matches!(key, KeyChoice::ClientOwn);
             let body = openai::rewrite_model(i.body, model)?;
-            let req = proxy::build_upstream_request(
+            let mut req = proxy::build_upstream_request(
                 i.provider,
                 &i.parts.method,
                 &i.parts.headers,
@@ -327,6 +330,20 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 key,
                 body,
             );
+            // The app's own key, sent the OpenAI SDK's way, goes where the provider wants it
+            // (Azure's `api-key`, a custom provider's `authHeader`).
+            if let Some(name) = i
+                .provider
+                .auth_header()
+                .filter(|n| *n != header::AUTHORIZATION)
+                && client_own
+                && !req.headers().contains_key(name)
+                && let Some(v) = client_bearer(req.headers())
+            {
+                let headers = req.headers_mut();
+                headers.remove(header::AUTHORIZATION);
+                headers.insert(name.clone(), v);
+            }
             Ok((req, None))
         }
         Format::Anthropic => {
@@ -815,9 +832,14 @@ pub(crate) async fn serve(
         match t.body(&raw) {
             Ok(out) => out,
             Err(message) => {
-                tracing::warn!(provider = %provider.id, error = %message, "untranslatable upstream response");
-                head.status = StatusCode::BAD_GATEWAY;
-                openai::error_json(&message, "api_error", Some("untranslatable_response"))
+                // Made by the gateway, so in the SPEC.md envelope like its other 502s.
+                let err = GatewayError::UpstreamUnavailable(format!(
+                    "the {} response could not be translated: {message}",
+                    provider.id
+                ));
+                tracing::warn!(provider = %provider.id, error = %err, "untranslatable upstream response");
+                head.status = err.status();
+                err.to_json().into_bytes()
             }
         }
     } else {

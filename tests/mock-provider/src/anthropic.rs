@@ -440,6 +440,16 @@ fn invalid_json(ctx: &Ctx<'_>, err: &str) -> Response<MockBody> {
     )
 }
 
+/// `400` for a request without `anthropic-version`, in Anthropic's words.
+pub(crate) fn version_required(ctx: &Ctx<'_>) -> Response<MockBody> {
+    error_response(
+        ctx,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        "anthropic-version: header is required",
+    )
+}
+
 /// The error asked for by a `mock-status-<code>` model.
 fn status_error(ctx: &Ctx<'_>, status: StatusCode, model: &str) -> Response<MockBody> {
     let kind = match status.as_u16() {

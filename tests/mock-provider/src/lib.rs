@@ -287,7 +287,7 @@ async fn handle(
     let route = Route::of(&parts.method, parts.uri.path());
     let delay = header_ms(&parts.headers, DELAY_HEADER).unwrap_or(state.opts.delay);
     let chunk_delay = header_ms(&parts.headers, CHUNK_DELAY_HEADER).filter(|d| !d.is_zero());
-    let anthropic_models = parts.headers.contains_key("anthropic-version");
+    let anthropic_version = parts.headers.contains_key("anthropic-version");
     let gzip = body::accepts_gzip(&parts.headers);
     let fail_spec = parts
         .headers
@@ -332,8 +332,12 @@ async fn handle(
         Route::Embeddings => openai::embeddings(&ctx, &body),
         Route::Moderations => openai::moderations(&ctx, &body),
         Route::Token => gemini::token(&ctx, &body),
-        Route::Models if anthropic_models => anthropic::models(&ctx),
+        Route::Models if anthropic_version => anthropic::models(&ctx),
         Route::Models => openai::models(&ctx),
+        // Anthropic refuses Messages calls without the API version header.
+        Route::Messages | Route::CountTokens if !anthropic_version => {
+            anthropic::version_required(&ctx)
+        }
         Route::Messages => anthropic::messages(&ctx, &body),
         Route::CountTokens => anthropic::count_tokens(&ctx, &body),
         Route::Gemini(m) => {

@@ -29,6 +29,7 @@ Routes (matched on the path suffix, so any provider prefix works):
   GET  .../models                 model list (Anthropic shape if anthropic-version is sent)
   POST .../messages               Anthropic Message; Anthropic SSE with \"stream\": true
   POST .../messages/count_tokens  Anthropic token count
+                                  (both refused with 400 without anthropic-version, as Anthropic does)
   POST .../models/M:generateContent, :streamGenerateContent, :batchEmbedContents, :predict
                                   Gemini (AI Studio, Vertex); needs x-goog-api-key or Authorization
   POST .../model/ID/converse, /converse-stream, /invoke
