@@ -125,6 +125,8 @@ pub async fn serve_gateway(
             stopping.clone(),
         ));
     }
+    // New connections are refused from now on, not left waiting unanswered for the grace.
+    drop(listener);
     tracing::info!("shutting down: waiting for in-flight requests");
     let _ = stop.send(());
     if tokio::time::timeout(grace, graceful.shutdown())
@@ -138,19 +140,39 @@ pub async fn serve_gateway(
     }
 }
 
+/// Most admin connections served at once; more are closed at once. The admin port listens
+/// beyond loopback (for the kubelet's probes and metrics scrapers), so whoever reaches it must
+/// not be able to hold the sidecar's memory or file descriptors.
+const ADMIN_MAX_CONNECTIONS: usize = 128;
+
+/// How long an admin connection may take to send a request head (or sit idle between two).
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Largest admin request head: its requests are `GET`s without a body.
+const ADMIN_MAX_BUF: usize = 16 * 1024;
+
 /// Serves the admin endpoints on `listener` forever.
 pub async fn serve_admin(listener: TcpListener, gateway: Arc<Gateway>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "admin connection closed: {ADMIN_MAX_CONNECTIONS} already open");
             continue;
         };
         let gw = gateway.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| admin::handle(gw.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .max_buf_size(ADMIN_MAX_BUF)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
+            drop(slot);
         });
     }
 }

@@ -48,6 +48,18 @@ def test_shutdown_lets_in_flight_requests_finish_and_closes_silent_connections(g
     time.sleep(0.5)
     started = time.monotonic()
     gateway.proc.send_signal(signal.SIGTERM)
+    # While the in-flight request finishes, a new connection is refused, not left unanswered.
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline:
+        try:
+            late = socket.create_connection(("127.0.0.1", gateway.port), timeout=2)
+        except ConnectionRefusedError:
+            break
+        late.close()
+        time.sleep(0.02)
+    else:
+        pytest.fail("new connections were still accepted during the shutdown grace")
+    assert gateway.proc.poll() is None, "the in-flight request holds the shutdown"
     assert gateway.proc.wait(15) == 0
     took = time.monotonic() - started
     t.join(10)
@@ -93,3 +105,21 @@ def test_a_request_body_sent_in_many_chunks_reaches_the_provider_whole(gateway, 
                    headers={"content-type": "application/json"}, timeout=20)
     assert r.status_code == 200, r.text
     assert mock.last()["body"].encode() == payload
+
+
+def test_the_admin_port_bounds_what_a_connection_may_hold(gateway):
+    # The admin port listens beyond loopback (probes, metrics): a head that never ends is cut at
+    # 16 KiB, a silent connection closed after 5 s, and health checks answer meanwhile.
+    port = int(gateway.admin.rsplit(":", 1)[1])
+    big = socket.create_connection(("127.0.0.1", port), timeout=10)
+    big.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-a: " + b"a" * 40000)
+    answer = big.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:80]
+    big.close()
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    assert httpx.get(gateway.admin + "/healthz", timeout=5).status_code == 200
+    started = time.monotonic()
+    for s in silent:
+        assert s.recv(1) == b""
+        s.close()
+    assert time.monotonic() - started < 9, "silent admin connections are closed after 5 s"
