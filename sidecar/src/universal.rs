@@ -66,6 +66,9 @@ struct Planned<'a> {
     retries: Policy,
     /// The model the step names (in its endpoint or its `query`), for cost.
     model: Option<crate::cost::ModelName>,
+    /// The body the step sends (its `query`): the request payload logged for it — not the
+    /// universal request's, whose steps may carry the client's provider keys in `headers`.
+    payload: Bytes,
 }
 
 /// Credentials a step gets just before it is sent, as on the provider's own route.
@@ -185,7 +188,7 @@ pub(crate) async fn serve(
             record.set_model(m, &snap.pricing);
         }
         record.set_tally(gw.tally(snap));
-        record.set_request_payload(&raw);
+        record.set_request_payload(&step.payload);
         return Ok(Response::from_parts(
             head,
             ProxyBody::upstream(body, record),
@@ -275,6 +278,7 @@ fn plan<'a>(
     let model = crate::cost::model_in_path(path)
         .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
         .map(crate::cost::ModelName::new);
+    let payload = body.clone();
     let mut request =
         proxy::build_upstream_request(provider, &Method::POST, &client_headers, uri, key, body);
     let headers = request.headers_mut();
@@ -329,6 +333,7 @@ fn plan<'a>(
         timeout,
         retries,
         model,
+        payload,
     })
 }
 

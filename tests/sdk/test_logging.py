@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, OPENAI_KEY, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "log me"}]}
@@ -168,3 +168,19 @@ def test_compat_logs_the_bodies_the_client_sent_and_got(payload_gateway, mock):
     assert json.loads(line["request_body"])["model"] == "anthropic/claude-haiku-4-5"
     # The OpenAI-shaped answer the client got, not Anthropic's wire format.
     assert json.loads(line["response_body"])["object"] == "chat.completion"
+
+
+def test_universal_requests_log_the_answering_steps_body_never_the_step_headers(payload_gateway, mock):
+    # Universal steps may carry the client's own provider keys in their `headers`: the log line
+    # gets the body of the step that answered, which is what the provider was sent.
+    client_key = f"sk-{KEY_MARKER}-client-own"
+    steps = [{"provider": "custom-local", "endpoint": "chat/completions",
+              "headers": {"x-custom-key": client_key, "x-mock-fail-first": "1;univ-log"},
+              "query": {"model": "first-try", "messages": [{"role": "user", "content": "one"}]}},
+             {"provider": "openai", "endpoint": "chat/completions", "headers": {"authorization": f"Bearer {client_key}"},
+              "query": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "two"}]}}]
+    r = httpx.post(payload_gateway.url + "/", json=steps)
+    assert r.status_code == 200 and r.headers["cf-aig-step"] == "1", r.text
+    line = json.loads(wait_line(payload_gateway, r.headers["cf-aig-log-id"]))
+    assert json.loads(line["request_body"]) == steps[1]["query"]
+    assert client_key not in payload_gateway.logs()
