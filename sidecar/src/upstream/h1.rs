@@ -524,7 +524,9 @@ fn encode_head(parts: &http::request::Parts, host: HeaderValue, body_len: usize)
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if body_len > 0 {
+    // An empty body is announced too where the method has one (RFC 9110 §8.6: some front ends
+    // answer a bodiless POST without a length with 411).
+    if body_len > 0 || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(body_len.to_string().as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -669,7 +671,7 @@ fn parse_head(
             // As hyper: HTTP/1.0 has no transfer codings.
             return Err(invalid("transfer-encoding in HTTP/1.0"));
         }
-        let framing = framing(status, is_head, &headers)?;
+        let framing = framing(status, is_head, &mut headers)?;
         // No reuse after a body delimited by the close, or a switch of protocols.
         let keep_alive = keep_alive(version, &headers)
             && !matches!(framing, Framing::Close)
@@ -696,7 +698,10 @@ fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11 || has_token(headers, header::CONNECTION, "keep-alive")
 }
 
-fn framing(status: StatusCode, is_head: bool, headers: &HeaderMap) -> io::Result<Framing> {
+/// How the body of a response is delimited. A `Content-Length` next to a `Transfer-Encoding` is
+/// ignored and removed, as RFC 9112 §6.3 asks of an intermediary (the client would otherwise
+/// get it with a body of another length).
+fn framing(status: StatusCode, is_head: bool, headers: &mut HeaderMap) -> io::Result<Framing> {
     if is_head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -705,6 +710,7 @@ fn framing(status: StatusCode, is_head: bool, headers: &HeaderMap) -> io::Result
         return Ok(Framing::Done);
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
         let last = headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
@@ -1124,11 +1130,12 @@ mod tests {
         assert_eq!(r.headers()["x-a"], "b");
         let (_, f, _) = ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
         assert!(matches!(f, Framing::Done));
-        let (_, f, ka) = ok(
+        let (r, f, ka) = ok(
             "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
             false,
         );
         assert!(matches!(f, Framing::Chunked(_)) && ka);
+        assert!(!r.headers().contains_key("content-length"), "not forwarded");
         let (_, f, ka) = ok("HTTP/1.1 200 OK\r\n\r\n", false);
         assert!(matches!(f, Framing::Close) && !ka);
         let (_, f, _) = ok(
@@ -1175,6 +1182,27 @@ mod tests {
             false,
         );
         assert!(matches!(f, Framing::Done) && !ka);
+    }
+
+    #[test]
+    fn empty_bodies_are_announced_where_the_method_has_one() {
+        let head = |method: Method, len: usize| {
+            let (parts, ()) = Request::builder()
+                .method(method)
+                .uri("http://h/x")
+                .body(())
+                .expect("request")
+                .into_parts();
+            String::from_utf8(encode_head(&parts, HeaderValue::from_static("h"), len))
+                .expect("ascii")
+        };
+        for m in [Method::POST, Method::PUT, Method::PATCH] {
+            assert!(head(m.clone(), 0).contains("content-length: 0\r\n"), "{m}");
+            assert!(head(m, 12).contains("content-length: 12\r\n"));
+        }
+        for m in [Method::GET, Method::DELETE, Method::HEAD] {
+            assert!(!head(m.clone(), 0).contains("content-length"), "{m}");
+        }
     }
 
     #[test]
