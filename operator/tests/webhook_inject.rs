@@ -376,3 +376,73 @@ fn a_pod_that_already_has_a_container_named_sidegate_is_refused_not_mangled() {
     .expect_err("name clash");
     assert!(err.to_string().contains("sidegate"), "{err}");
 }
+
+fn refusal(pod: &Pod, sidecar: &SidecarSettings) -> Option<inject::InjectError> {
+    let config = config();
+    inject::inject(
+        pod,
+        &InjectSettings {
+            config: &config,
+            namespace: "team-a",
+            sidecar,
+        },
+    )
+    .err()
+}
+
+fn with_port(mut pod: Pod, init: bool, port: i32) -> Pod {
+    let spec = pod.spec.as_mut().expect("spec");
+    let container: Container = serde_json::from_value(serde_json::json!({
+        "name": "web",
+        "image": "example.com/web:1",
+        "ports": [{"containerPort": 8080}, {"containerPort": port}],
+    }))
+    .expect("container");
+    if init {
+        spec.init_containers.get_or_insert_default().push(container);
+    } else {
+        spec.containers.push(container);
+    }
+    pod
+}
+
+#[test]
+fn a_pod_declaring_the_sidecar_port_or_admin_port_is_refused_not_injected_into_a_crash_loop() {
+    let defaults = SidecarSettings::default();
+    for (init, port, role) in [
+        (false, 8787, "(port)"),
+        (false, 8788, "(adminPort)"),
+        (true, 8787, "(port)"),
+        (true, 8788, "(adminPort)"),
+    ] {
+        let pod = with_port(fixture("plain.yaml"), init, port);
+        let err = refusal(&pod, &defaults)
+            .unwrap_or_else(|| panic!("port {port} (init: {init}) was injected"));
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("containerPort {port}"))
+                && message.contains(role)
+                && message.contains("\"web\""),
+            "{message}"
+        );
+    }
+    // The gateway's own ports are what counts: moved away, the same pod is injected.
+    let moved = SidecarSettings {
+        port: 9787,
+        admin_port: 9788,
+        ..SidecarSettings::default()
+    };
+    let pod = with_port(fixture("plain.yaml"), false, 8787);
+    assert!(refusal(&pod, &moved).is_none());
+    assert!(run(&pod, "team-a", &moved).is_some());
+}
+
+#[test]
+fn a_host_network_pod_is_refused() {
+    let mut pod = fixture("plain.yaml");
+    pod.spec.as_mut().expect("spec").host_network = Some(true);
+    let err = refusal(&pod, &SidecarSettings::default()).expect("hostNetwork refused");
+    assert!(err.to_string().contains("hostNetwork"), "{err}");
+    pod.spec.as_mut().expect("spec").host_network = Some(false);
+    assert!(refusal(&pod, &SidecarSettings::default()).is_none());
+}

@@ -164,6 +164,23 @@ pub enum InjectError {
         /// The clashing name.
         name: String,
     },
+    /// A container of the pod declares a port the sidecar listens on: one of the two would fail
+    /// to bind (EADDRINUSE) and crash-loop.
+    #[error(
+        "container {container:?} declares containerPort {port}, which the sidegate sidecar listens on ({role}); set spec.sidecar.port/adminPort of the AIGateway to free ports"
+    )]
+    PortTaken {
+        /// The container (or init container) declaring the port.
+        container: String,
+        /// The port.
+        port: u16,
+        /// `port` or `adminPort`.
+        role: &'static str,
+    },
+    /// The pod uses the node's network: the sidecar's ports would be the node's, and its admin
+    /// listener (0.0.0.0) would be reachable from outside the cluster.
+    #[error("pod uses hostNetwork, where the sidegate sidecar would bind the node's ports")]
+    HostNetwork,
     /// A patch value could not be serialized (not expected for valid Pods).
     #[error("patch value could not be serialized: {0}")]
     Serialize(String),
@@ -233,6 +250,30 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
             kind: "volume",
             name: v.name.clone(),
         });
+    }
+
+    if spec.host_network == Some(true) {
+        return Err(InjectError::HostNetwork);
+    }
+    // Every container of a pod shares one network namespace: a declared port equal to the
+    // sidecar's is a bind conflict for one of them.
+    let sidecar_ports = [
+        (settings.sidecar.port, "port"),
+        (settings.sidecar.admin_port, "adminPort"),
+    ];
+    for c in spec.containers.iter().chain(&init_containers) {
+        for declared in c.ports.iter().flatten() {
+            if let Some((port, role)) = sidecar_ports
+                .iter()
+                .find(|(p, _)| i32::from(*p) == declared.container_port)
+            {
+                return Err(InjectError::PortTaken {
+                    container: c.name.clone(),
+                    port: *port,
+                    role,
+                });
+            }
+        }
     }
 
     let native = settings.sidecar.native_sidecar;
