@@ -503,8 +503,49 @@ pub fn managed_selector() -> String {
 
 /// Whether `existing` already carries everything `desired` sets (data, labels, annotations,
 /// owner), so applying it would change nothing and is skipped.
+///
+/// `gateway.generation` in `gateway.yaml` does not count: a spec change that leaves the config
+/// as it was (e.g. `spec.sidecar.image`) must not rewrite the ConfigMap, since every sidecar
+/// reloads on any change of the file and the sidecar does not use the generation. The file
+/// keeps the generation of the last change of its content.
 pub fn config_map_up_to_date(existing: &ConfigMap, desired: &ConfigMap) -> bool {
-    existing.data == desired.data && meta_up_to_date(&existing.metadata, &desired.metadata)
+    same_config_data(existing.data.as_ref(), desired.data.as_ref())
+        && meta_up_to_date(&existing.metadata, &desired.metadata)
+}
+
+fn same_config_data(
+    existing: Option<&BTreeMap<String, String>>,
+    desired: Option<&BTreeMap<String, String>>,
+) -> bool {
+    if existing == desired {
+        return true;
+    }
+    let (Some(existing), Some(desired)) = (existing, desired) else {
+        return false;
+    };
+    if existing.len() != desired.len() {
+        return false;
+    }
+    existing.iter().all(|(file, have)| {
+        let Some(want) = desired.get(file) else {
+            return false;
+        };
+        if have == want {
+            return true;
+        }
+        if file != CONFIG_FILE_NAME {
+            return false;
+        }
+        let parse = |yaml: &str| serde_saphyr::from_str::<GatewayConfig>(yaml).ok();
+        match (parse(have), parse(want)) {
+            (Some(mut have), Some(mut want)) => {
+                have.gateway.generation = None;
+                want.gateway.generation = None;
+                have == want
+            }
+            _ => false,
+        }
+    })
 }
 
 /// Same as [`config_map_up_to_date`] for the keys Secret.
@@ -871,6 +912,30 @@ mod tests {
             !config_map_up_to_date(&live_cm, &r2.config_map),
             "the hash is in the config"
         );
+    }
+
+    #[test]
+    fn a_new_generation_with_the_same_config_does_not_rewrite_the_config_map() {
+        let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
+        let keys = [key("a", "openai", "default", "s", "k")];
+        let gw = gateway(GatewayPolicy::default());
+        let first = render(&gw, &keys, &secrets).expect("renders");
+        // e.g. spec.sidecar.image changed: a new generation, the same config.
+        let mut bumped = gw.clone();
+        bumped.metadata.generation = Some(2);
+        let second = render(&bumped, &keys, &secrets).expect("renders");
+        assert!(
+            config_map_up_to_date(&first.config_map, &second.config_map),
+            "only the generation differs: no write, no reload in every sidecar"
+        );
+        // A change of content is still written.
+        let mut cached = bumped.clone();
+        cached.spec.policy.cache = Some(Cache {
+            enabled: true,
+            ..Cache::default()
+        });
+        let third = render(&cached, &keys, &secrets).expect("renders");
+        assert!(!config_map_up_to_date(&first.config_map, &third.config_map));
     }
 
     #[test]
