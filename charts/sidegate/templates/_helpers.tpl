@@ -4,7 +4,9 @@
 {{- .Chart.Name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* <release> when it already contains the chart name, else <release>-sidegate. */}}
+{{/* <release> when it already contains the chart name, else <release>-sidegate; at most 50
+     characters, so names made of it and a suffix of up to 13 stay within the 63 of a DNS label
+     (Services, label values). Longer suffixes cut the fullname part, never the suffix. */}}
 {{- define "sidegate.fullname" -}}
 {{- if contains .Chart.Name .Release.Name }}
 {{- .Release.Name | trunc 50 | trimSuffix "-" }}
@@ -15,6 +17,11 @@
 
 {{- define "sidegate.operatorName" -}}
 {{- printf "%s-operator" (include "sidegate.fullname" .) }}
+{{- end }}
+
+{{/* 17 characters of suffix: the fullname part is cut to 46. */}}
+{{- define "sidegate.metricsServiceName" -}}
+{{- printf "%s-operator-metrics" (include "sidegate.fullname" . | trunc 46 | trimSuffix "-") }}
 {{- end }}
 
 {{- define "sidegate.webhookServiceName" -}}
