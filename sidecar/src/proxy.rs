@@ -150,14 +150,19 @@ impl Gateway {
         self.attempt(req, timeout).await
     }
 
-    /// One upstream attempt: the response head within `timeout`.
+    /// One upstream attempt: the response head within `timeout`, and no silence of more than
+    /// `timeout` in its body.
     pub(crate) async fn attempt(
         &self,
         req: Request<Full<Bytes>>,
         timeout: Duration,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
         match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(mut resp)) => {
+                // After the head, the body may go quiet as long as the head could take.
+                resp.body_mut().stall_after(timeout);
+                Ok(resp)
+            }
             Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(error_chain(&e))),
             Err(_) => Err(GatewayError::UpstreamTimeout {
                 ms: timeout.as_millis() as u64,
@@ -287,16 +292,10 @@ impl Gateway {
                 crate::otel::operation(req.uri().path()),
             ))
         });
-        // A response held back whole may go quiet for as long as the upstream may take to answer.
-        let holds = snap.dlp.checks_responses() || snap.guardrails.checks_responses();
-        let idle = if holds {
-            request_timeout(GatewayHeaders::scan(req.headers()), snap.request_timeout)
-                .unwrap_or(snap.request_timeout)
-        } else {
-            snap.request_timeout
-        };
         match self.proxy(&snap, req, start).await {
-            Ok(resp) if holds => Ok(self.scan_response(&snap, resp, idle).await),
+            Ok(resp) if snap.dlp.checks_responses() || snap.guardrails.checks_responses() => {
+                Ok(self.scan_response(&snap, resp).await)
+            }
             Ok(resp) => Ok(resp),
             Err((provider, err)) => {
                 if let (Some(target), Some(refusal)) = (&snap.otel, refusal) {
@@ -320,15 +319,14 @@ impl Gateway {
     /// Holds a response back until it is whole and lets the DLP response policies see it: a
     /// `BLOCK` match replaces it with a 2030 error, `FLAG` matches are listed in `cf-aig-dlp`.
     /// (The request was counted and logged with the upstream's status when its body ended.)
-    /// A body that brings nothing new for `idle` ends in a 504.
+    /// An upstream that stalls mid-body makes it a 504.
     async fn scan_response(
         &self,
         snap: &Snapshot,
         resp: Response<ProxyBody>,
-        idle: Duration,
     ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
-        let whole = match hold_whole(body, crate::dlp::MAX_RESPONSE_BYTES, idle).await {
+        let whole = match hold_whole(body, crate::dlp::MAX_RESPONSE_BYTES).await {
             Ok(whole) => whole,
             Err(e) => {
                 let err = e.into_gateway_error("the response for its checks");

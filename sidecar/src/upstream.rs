@@ -80,6 +80,11 @@ pub fn upstream_client(
     http.set_nodelay(true);
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    // A path that dies without a word (a NAT or firewall dropping the flow) is found within a
+    // minute instead of the kernel's two hours, for idle pooled connections and silent streams.
+    http.set_keepalive(Some(Duration::from_secs(30)));
+    http.set_keepalive_interval(Some(Duration::from_secs(10)));
+    http.set_keepalive_retries(Some(3));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -109,6 +114,7 @@ impl UpstreamClient {
             let resp = self.pool.request(req).await?;
             return Ok(resp.map(|b| UpstreamBody {
                 kind: Kind::H1 { body: b },
+                watchdog: None,
             }));
         }
         match self.legacy.request(req).await {
@@ -155,10 +161,51 @@ impl std::error::Error for UpstreamError {
 pin_project! {
     /// The body of an upstream response, streamed: every poll hands on all the data that is
     /// there (up to [`MAX_COALESCE`] bytes for hyper bodies), so the client gets a burst in one
-    /// write; nothing waits for more data to arrive.
+    /// write; nothing waits for more data to arrive. With [`UpstreamBody::stall_after`], an
+    /// upstream that sends nothing for that long ends the body with a [`Stalled`] error.
     pub struct UpstreamBody {
         #[pin]
         kind: Kind,
+        watchdog: Option<Watchdog>,
+    }
+}
+
+/// The body error of an upstream that sent nothing for this long.
+#[derive(Debug, Clone, Copy)]
+pub struct Stalled(pub Duration);
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "upstream sent nothing for {} ms", self.0.as_millis())
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+/// Times the silences of a body: its timer is made at the first wait, and moved on at a wait
+/// after data came (a body that arrives whole never waits, and never makes one).
+struct Watchdog {
+    after: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    moved: bool,
+}
+
+impl Watchdog {
+    /// At a wait for the upstream: whether it has been silent for `after`.
+    fn poll_silent(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.after;
+        let timer = match &mut self.timer {
+            Some(t) if self.moved => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            Some(t) => t,
+            None => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.moved = false;
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -184,7 +231,18 @@ impl UpstreamBody {
                 held: None,
                 done: false,
             },
+            watchdog: None,
         }
+    }
+
+    /// Ends the body with a [`Stalled`] error when the upstream sends nothing for `after`
+    /// (a provider stuck mid-answer, or a network path that died without a word).
+    pub fn stall_after(&mut self, after: Duration) {
+        self.watchdog = Some(Watchdog {
+            after,
+            timer: None,
+            moved: false,
+        });
     }
 }
 
@@ -208,7 +266,45 @@ impl Body for UpstreamBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let (mut inner, held, done) = match self.project().kind.project() {
+        let this = self.project();
+        let polled = poll_kind(this.kind, cx);
+        if let Some(w) = this.watchdog {
+            if polled.is_pending() {
+                if w.poll_silent(cx) {
+                    let stalled = Stalled(w.after);
+                    *this.watchdog = None;
+                    return Poll::Ready(Some(Err(Box::new(stalled))));
+                }
+            } else {
+                w.moved = true;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::H1 { body } => body.is_end_stream(),
+            Kind::Hyper { inner, held, done } => held.is_none() && (*done || inner.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::H1 { body } => body.size_hint(),
+            Kind::Hyper { held: Some(_), .. } => SizeHint::default(),
+            Kind::Hyper { done: true, .. } => SizeHint::with_exact(0),
+            Kind::Hyper { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+fn poll_kind(
+    kind: Pin<&mut Kind>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    {
+        let (mut inner, held, done) = match kind.project() {
             KindProj::H1 { body } => return body.poll_frame(cx),
             KindProj::Hyper { inner, held, done } => (inner, held, done),
         };
@@ -278,22 +374,6 @@ impl Body for UpstreamBody {
             Some(d) => Poll::Ready(Some(Ok(d))),
             None if *done => Poll::Ready(None),
             None => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::H1 { body } => body.is_end_stream(),
-            Kind::Hyper { inner, held, done } => held.is_none() && (*done || inner.is_end_stream()),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::H1 { body } => body.size_hint(),
-            Kind::Hyper { held: Some(_), .. } => SizeHint::default(),
-            Kind::Hyper { done: true, .. } => SizeHint::with_exact(0),
-            Kind::Hyper { inner, .. } => inner.size_hint(),
         }
     }
 }

@@ -3,11 +3,12 @@
 import shutil
 import socket
 import subprocess
+import time
 
 import httpx
 import pytest
 
-from conftest import GATEWAY_TOKEN, Sidegate, binary, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, Sidegate, StallingServer, binary, free_port, gateway_yaml
 
 
 def envelope_code(r):
@@ -143,3 +144,26 @@ def test_metrics_count_requests_by_provider_and_status_and_show_the_config_hash(
     assert 'sidegate_config_info{hash="sha256:' in m and 'gateway="team-a/main"' in m
     assert httpx.get(gateway.admin + "/readyz").status_code == 200
 
+
+
+def test_a_streamed_answer_that_stalls_is_cut_after_the_request_timeout(tmp_path):
+    # Passed through as it comes (nothing held back): an upstream that goes silent mid-body is
+    # cut after the request timeout, so the client and the connection are not held forever.
+    stall = StallingServer()
+    g = Sidegate(tmp_path, gateway_yaml(stall.url), DEFAULT_KEYS)
+    try:
+        t0 = time.monotonic()
+        with httpx.stream("POST", g.url + "/openai/chat/completions", json={"model": "m", "messages": []},
+                          headers={"cf-aig-request-timeout": "1500"}, timeout=30) as r:
+            assert r.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                r.read()
+        took = time.monotonic() - t0
+        assert 1.4 < took < 10, took
+        deadline = time.monotonic() + 3
+        while "outcome=upstream_error" not in g.logs():
+            assert time.monotonic() < deadline, g.logs()
+            time.sleep(0.05)
+    finally:
+        g.stop()
+        stall.stop()

@@ -818,8 +818,7 @@ pub(crate) async fn serve(
         let body = ProxyBody::translated(upstream_body, t.stream_translator(), record);
         return Ok(Response::from_parts(head, body.cached_through(fill)));
     }
-    let idle = target.timeout.unwrap_or(timeout);
-    let raw = match crate::body::hold_whole(upstream_body, MAX_RESPONSE_BYTES, idle).await {
+    let raw = match crate::body::hold_whole(upstream_body, MAX_RESPONSE_BYTES).await {
         Ok(raw) => raw,
         Err(e) => {
             record.finish_upstream_error();
