@@ -148,6 +148,11 @@ impl KeyStore {
             let meta = match std::fs::metadata(&path) {
                 Ok(m) if m.is_file() => m,
                 Ok(_) => continue,
+                // A link left dangling while kubelet swaps the volume's files: the key is gone.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    store.skipped.push(format!("{name}: gone while loading"));
+                    continue;
+                }
                 Err(source) => return Err(KeysError::ReadFile { path, source }),
             };
             let is_tokens = name == TOKENS_FILE_NAME;

@@ -137,9 +137,11 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // Absolute, as the file watcher reports changed paths (relative ones would never match).
+    let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
     let sources = Sources {
-        config: args.config.clone(),
-        keys_dir: args.keys_dir.clone(),
+        config: absolute(&args.config),
+        keys_dir: args.keys_dir.as_deref().map(absolute),
     };
     let metrics = Arc::new(Metrics::new());
     let extra_roots = match &args.upstream_ca {

@@ -100,12 +100,14 @@ pub async fn watch(gw: Arc<Gateway>, src: Sources) {
     }
     let mut last_error: Option<String> = None;
     let mut last_signature = signature(&src);
+    // Without a watcher (or once it is gone) the channel is closed: the poll alone goes on.
+    let mut events = watcher.is_some();
     loop {
         tokio::select! {
-            ev = rx.recv() => {
+            ev = rx.recv(), if events => {
                 if ev.is_none() {
-                    // Watcher gone: keep polling.
-                    tokio::time::sleep(POLL).await;
+                    events = false;
+                    continue;
                 }
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}

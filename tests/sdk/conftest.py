@@ -141,7 +141,8 @@ class MockProvider:
 class Sidegate:
     """A sidegate process with its own config file and keys directory."""
 
-    def __init__(self, workdir, config_text, keys=None, extra_args=(), wait_ready=True):
+    def __init__(self, workdir, config_text, keys=None, extra_args=(), wait_ready=True, relative_paths=False):
+        self.relative_paths = relative_paths
         self.dir = pathlib.Path(workdir)
         self.config = self.dir / "gateway.yaml"
         self.keys_dir = self.dir / "keys"
@@ -161,11 +162,14 @@ class Sidegate:
         self.log = _log_file("sidegate")
         self.log_path = self.log.name
         env = dict(os.environ, RUST_LOG=os.environ.get("SIDEGATE_TEST_RUST_LOG", "debug"))
+        # With relative_paths the files are named relative to the working directory.
+        config, keys_dir = (("gateway.yaml", "keys") if self.relative_paths
+                            else (str(self.config), str(self.keys_dir)))
         self.proc = subprocess.Popen(
             [
                 binary("sidegate"),
-                "--config", str(self.config),
-                "--keys-dir", str(self.keys_dir),
+                "--config", config,
+                "--keys-dir", keys_dir,
                 "--listen", f"127.0.0.1:{self.port}",
                 "--admin", f"127.0.0.1:{self.admin_port}",
                 *extra_args,
@@ -173,6 +177,7 @@ class Sidegate:
             stdout=self.log,
             stderr=self.log,
             env=env,
+            cwd=self.dir,
         )
         if wait_ready:
             self.wait_ready()

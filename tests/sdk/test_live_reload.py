@@ -77,6 +77,42 @@ def test_plain_file_edit_of_a_key_is_picked_up(gateway, mock):
     wait_for(seen, 2, "edited key not used")
 
 
+def test_files_named_by_relative_paths_are_watched_too(mock, tmp_path):
+    # The watcher reports absolute paths: a relative --config/--keys-dir must still match them
+    # (else only the 5 s poll would see the edit).
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, relative_paths=True)
+    try:
+        new_key = f"sk-{KEY_MARKER}-relative"
+        (g.keys_dir / "openai.default").write_text(new_key + "\n")
+
+        def seen():
+            httpx.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "r"}]})
+            return mock.last()["headers"]["authorization"] == f"Bearer {new_key}"
+
+        wait_for(seen, 2, "edited key not used within 2 s")
+    finally:
+        g.stop()
+
+
+def test_a_key_link_left_dangling_mid_swap_is_skipped_not_a_failed_reload(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
+    try:
+        # A key removed by kubelet's swap (its link not yet cleaned up) next to a rotated one.
+        (g.keys_dir / "openai.team-c").symlink_to(tmp_path / "gone")
+        new_key = f"sk-{KEY_MARKER}-next-to-dangling"
+        (g.keys_dir / "openai.default").write_text(new_key + "\n")
+
+        def seen():
+            httpx.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "d"}]})
+            return mock.last()["headers"]["authorization"] == f"Bearer {new_key}"
+
+        wait_for(seen, 8, "rotated key not used")
+        assert "openai.team-c: gone while loading" in g.logs()
+        assert "config reload rejected" not in g.logs()
+    finally:
+        g.stop()
+
+
 def test_invalid_config_at_reload_keeps_the_last_good_one(gateway, mock):
     good = gateway.config.read_text()
     before_err = reload_count(gateway, "error")
