@@ -439,8 +439,11 @@ async fn post(client: &UpstreamClient, uri: &http::Uri, body: Vec<u8>) -> Result
             .await
             .map_err(|e| crate::proxy::error_chain(&e))?;
         let status = resp.status();
-        // Read the answer to its end so the connection can be reused.
-        let _ = resp.into_body().collect().await;
+        // Read the answer to its end so the connection can be reused (a collector's answer is
+        // small; a larger one is not read further).
+        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await;
         if status.is_success() {
             Ok(())
         } else {
