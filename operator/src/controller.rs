@@ -43,6 +43,21 @@ pub enum Error {
     /// Rendering failed for a reason the spec cannot fix.
     #[error(transparent)]
     Render(#[from] render::RenderError),
+    /// An object with the name of a rendered one exists and was not made by the operator for
+    /// this gateway; a forced apply would take it over (and deleting the gateway delete it).
+    #[error(
+        "{kind} {namespace}/{name} exists and was not made by {FIELD_MANAGER} for this AIGateway (it lacks the {managed_by}={FIELD_MANAGER} and {gateway_label} labels or is controlled by another object); the operator does not take it over: delete or rename it",
+        managed_by = render::MANAGED_BY_LABEL,
+        gateway_label = render::GATEWAY_LABEL
+    )]
+    NotOwned {
+        /// `ConfigMap` or `Secret`.
+        kind: &'static str,
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
 }
 
 impl Error {
@@ -56,7 +71,26 @@ impl Error {
         match self {
             Self::Kube { .. } => "kube",
             Self::Render(_) => "render",
+            Self::NotOwned { .. } => "not-owned",
         }
+    }
+
+    /// The condition reason and message of an error that kept the rendered objects from being
+    /// written (the message has no key values: the apiserver's messages name fields, not data).
+    pub fn failure(&self) -> status::Failure {
+        let (reason, message) = match self {
+            Self::Kube {
+                action,
+                source: kube::Error::Api(s),
+            } => (
+                "ApplyFailed",
+                format!("{action}: {} ({})", s.message, s.reason),
+            ),
+            Self::Kube { .. } => ("ApplyFailed", self.to_string()),
+            Self::Render(_) => ("RenderFailed", self.to_string()),
+            Self::NotOwned { .. } => ("ObjectNotOwned", self.to_string()),
+        };
+        status::Failure { reason, message }
     }
 }
 
@@ -151,43 +185,47 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
             secrets.insert(secret_name.clone(), s);
         }
     }
+    let mut dependencies = Dependencies {
+        provider_keys: keys.iter().map(ResourceExt::name_any).collect(),
+        secrets: secret_names.into_iter().collect(),
+    };
+    // A Secret of the rendered name that is not the operator's blocks rendering until it is
+    // gone: its deletion should trigger a reconcile (the owned-object watch does not see it).
+    dependencies.secrets.insert(render::keys_secret_name(&name));
     ctx.deps
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(
-            ObjectRef::from_obj(gw),
-            Dependencies {
-                provider_keys: keys.iter().map(ResourceExt::name_any).collect(),
-                secrets: secret_names.into_iter().collect(),
-            },
-        );
+        .insert(ObjectRef::from_obj(gw), dependencies);
 
     let mut obs = GatewayObservation {
         generation: gw.metadata.generation,
         spec_problems: validate::gateway(gw),
         selected_keys: keys.len(),
         rendered: None,
+        failure: None,
     };
-    if obs.spec_problems.is_empty() {
-        let rendered = render::render(gw, &keys, &secrets)?;
-        apply_if_changed(ctx, &ns, &rendered).await?;
-        obs.rendered = Some(RenderSummary {
-            hash: rendered.hash.clone(),
-            key_count: u32::try_from(rendered.key_count()).unwrap_or(u32::MAX),
-            provider_keys: rendered
-                .key_index
-                .iter()
-                .map(|(provider, aliases)| ProviderAliases {
-                    provider: provider.clone(),
-                    aliases: aliases.clone(),
-                })
-                .collect(),
-            problems: rendered.problems.clone(),
-            objects: (
-                render::config_map_name(&name),
-                render::keys_secret_name(&name),
-            ),
-        });
+    let outcome = render_and_apply(ctx, gw, &ns, &obs.spec_problems, &keys, &secrets).await;
+    match &outcome {
+        Ok(rendered) => {
+            obs.rendered = rendered.as_ref().map(|r| RenderSummary {
+                hash: r.hash.clone(),
+                key_count: u32::try_from(r.key_count()).unwrap_or(u32::MAX),
+                provider_keys: r
+                    .key_index
+                    .iter()
+                    .map(|(provider, aliases)| ProviderAliases {
+                        provider: provider.clone(),
+                        aliases: aliases.clone(),
+                    })
+                    .collect(),
+                problems: r.problems.clone(),
+                objects: (
+                    render::config_map_name(&name),
+                    render::keys_secret_name(&name),
+                ),
+            });
+        }
+        Err(e) => obs.failure = Some(e.failure()),
     }
 
     let now = Time(Timestamp::now());
@@ -199,54 +237,119 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
             "kind": "AIGateway",
             "status": new_status,
         });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(Error::kube(format!(
-            "updating status of AIGateway {ns}/{name}"
-        )))?;
-        ctx.metrics.write(CONTROLLER, "status");
-        publish_transitions(ctx, gw, gw.status.as_ref(), &new_status).await;
+        let written = api
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map_err(Error::kube(format!(
+                "updating status of AIGateway {ns}/{name}"
+            )));
+        match written {
+            Ok(_) => {
+                ctx.metrics.write(CONTROLLER, "status");
+                publish_transitions(ctx, gw, gw.status.as_ref(), &new_status).await;
+            }
+            // The render's error is the one to retry on (and to log).
+            Err(e) if outcome.is_ok() => return Err(e),
+            Err(e) => {
+                tracing::warn!(gateway = %name, namespace = %ns, error = %e, "status not written")
+            }
+        }
     }
+    // A failure is retried with backoff, its status written first.
+    outcome?;
     Ok(Action::requeue(ctx.resync))
 }
 
-/// Applies the rendered objects that differ from what the apiserver holds (a steady state
-/// writes nothing).
+/// Renders the gateway's objects and writes those that changed. With a valid spec that is the
+/// whole config; with an invalid one the last rendered config stays and only its keys are
+/// rendered again (a revoked key must not stay in the pods until the spec is fixed), or nothing
+/// if the gateway was never rendered. Objects of the rendered names that the operator did not
+/// make are left alone ([`Error::NotOwned`]).
+async fn render_and_apply(
+    ctx: &Context,
+    gw: &AIGateway,
+    ns: &str,
+    spec_problems: &[String],
+    keys: &[ProviderKey],
+    secrets: &BTreeMap<String, Secret>,
+) -> Result<Option<render::Rendered>, Error> {
+    let name = gw.name_any();
+    let cm_name = render::config_map_name(&name);
+    let secret_name = render::keys_secret_name(&name);
+    let current_cm = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&cm_name)
+        .await
+        .map_err(Error::kube(format!("reading ConfigMap {ns}/{cm_name}")))?;
+    let current_secret = Api::<Secret>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&secret_name)
+        .await
+        .map_err(Error::kube(format!("reading Secret {ns}/{secret_name}")))?;
+    for (kind, object_name, meta) in [
+        (
+            "ConfigMap",
+            &cm_name,
+            current_cm.as_ref().map(|c| &c.metadata),
+        ),
+        (
+            "Secret",
+            &secret_name,
+            current_secret.as_ref().map(|s| &s.metadata),
+        ),
+    ] {
+        if let Some(meta) = meta
+            && !render::is_managed_for(meta, gw)
+        {
+            return Err(Error::NotOwned {
+                kind,
+                namespace: ns.to_owned(),
+                name: object_name.clone(),
+            });
+        }
+    }
+    let rendered = if spec_problems.is_empty() {
+        render::render(gw, keys, secrets)?
+    } else {
+        let Some(kept) = current_cm.as_ref().and_then(render::rendered_config) else {
+            return Ok(None);
+        };
+        render::render_keys_only(gw, &kept, keys, secrets, current_secret.as_ref())?
+    };
+    apply_if_changed(ctx, ns, &rendered, current_cm, current_secret).await?;
+    Ok(Some(rendered))
+}
+
+/// Applies the rendered objects that differ from what the apiserver holds (`current_cm`,
+/// `current_secret`; a steady state writes nothing).
 async fn apply_if_changed(
     ctx: &Context,
     ns: &str,
     rendered: &render::Rendered,
+    current_cm: Option<ConfigMap>,
+    current_secret: Option<Secret>,
 ) -> Result<(), Error> {
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
-    let cm_name = rendered.config_map.name_any();
-    let current = cms
-        .get_opt(&cm_name)
-        .await
-        .map_err(Error::kube(format!("reading ConfigMap {ns}/{cm_name}")))?;
-    if !current.is_some_and(|c| render::config_map_up_to_date(&c, &rendered.config_map)) {
-        // k8s-openapi writes apiVersion and kind, which server-side apply needs.
-        cms.patch(&cm_name, &params, &Patch::Apply(&rendered.config_map))
-            .await
-            .map_err(Error::kube(format!("applying ConfigMap {ns}/{cm_name}")))?;
-        ctx.metrics.write(CONTROLLER, "configmap");
-    }
+    // Keys first: the config may name keys (and tokens) that must be there when it loads.
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
     let secret_name = rendered.secret.name_any();
-    let current = secrets
-        .get_opt(&secret_name)
-        .await
-        .map_err(Error::kube(format!("reading Secret {ns}/{secret_name}")))?;
-    if !current.is_some_and(|c| render::secret_up_to_date(&c, &rendered.secret)) {
+    if !current_secret.is_some_and(|c| render::secret_up_to_date(&c, &rendered.secret)) {
         secrets
             .patch(&secret_name, &params, &Patch::Apply(&rendered.secret))
             .await
             .map_err(Error::kube(format!("applying Secret {ns}/{secret_name}")))?;
         ctx.metrics.write(CONTROLLER, "secret");
+    }
+    let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
+    let cm_name = rendered.config_map.name_any();
+    if !current_cm.is_some_and(|c| render::config_map_up_to_date(&c, &rendered.config_map)) {
+        // k8s-openapi writes apiVersion and kind, which server-side apply needs.
+        cms.patch(&cm_name, &params, &Patch::Apply(&rendered.config_map))
+            .await
+            .map_err(Error::kube(format!("applying ConfigMap {ns}/{cm_name}")))?;
+        ctx.metrics.write(CONTROLLER, "configmap");
     }
     Ok(())
 }

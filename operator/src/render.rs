@@ -289,34 +289,32 @@ struct HashInput<'a> {
     files: BTreeMap<&'a str, String>,
 }
 
-/// Renders the owned objects of `gateway` from the ProviderKeys it selects (`keys`, any order)
-/// and the Secrets of its namespace by name (`secrets`).
-pub fn render(
-    gateway: &AIGateway,
+/// The provider key files of a gateway, resolved from the ProviderKeys it selects.
+struct ProviderKeyFiles {
+    /// `<provider>.<alias>` → key.
+    files: BTreeMap<String, Vec<u8>>,
+    /// Provider → aliases, sorted.
+    key_index: BTreeMap<String, Vec<String>>,
+    /// `<provider>.<alias>` → the ProviderKey that supplied it.
+    file_source: BTreeMap<String, String>,
+    /// `<provider>.<alias>` → the ProviderKey's own `baseURL`.
+    file_base_url: BTreeMap<String, Option<String>>,
+    /// Provider → (ProviderKey, baseURL) of the first ProviderKey by name asking for one.
+    base_urls: BTreeMap<String, (String, String)>,
+    problems: Vec<KeyProblem>,
+}
+
+fn resolve_provider_keys(
+    namespace: &str,
     keys: &[ProviderKey],
     secrets: &BTreeMap<String, Secret>,
-) -> Result<Rendered, RenderError> {
-    let name = gateway
-        .metadata
-        .name
-        .clone()
-        .ok_or(RenderError::MissingMetadata("name"))?;
-    let namespace = gateway
-        .metadata
-        .namespace
-        .clone()
-        .ok_or(RenderError::MissingMetadata("namespace"))?;
-    let uid = gateway
-        .metadata
-        .uid
-        .clone()
-        .ok_or(RenderError::MissingMetadata("uid"))?;
-
+) -> ProviderKeyFiles {
     let mut problems = Vec::new();
     let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut key_index: BTreeMap<String, Vec<String>> = BTreeMap::new();
     // Which ProviderKey supplied each file, and the base URLs ProviderKeys ask for.
     let mut file_source: BTreeMap<String, String> = BTreeMap::new();
+    let mut file_base_url: BTreeMap<String, Option<String>> = BTreeMap::new();
     let mut base_urls: BTreeMap<String, (String, String)> = BTreeMap::new();
 
     let mut sorted: Vec<&ProviderKey> = keys.iter().collect();
@@ -345,8 +343,7 @@ pub fn render(
             continue;
         }
         if let Some(url) = &key.spec.base_url
-            && let Err(why) =
-                validate::upstream_url(url, &namespace, validate::allows_insecure(key))
+            && let Err(why) = validate::upstream_url(url, namespace, validate::allows_insecure(key))
         {
             problems.push(problem("InvalidBaseURL", format!("baseURL {why}")));
             continue;
@@ -383,7 +380,8 @@ pub fn render(
             }
         }
         files.insert(file.clone(), material.0);
-        file_source.insert(file, pk_name.clone());
+        file_source.insert(file.clone(), pk_name.clone());
+        file_base_url.insert(file, key.spec.base_url.clone());
         key_index
             .entry(provider.clone())
             .or_default()
@@ -392,6 +390,51 @@ pub fn render(
     for aliases in key_index.values_mut() {
         aliases.sort();
     }
+    ProviderKeyFiles {
+        files,
+        key_index,
+        file_source,
+        file_base_url,
+        base_urls,
+        problems,
+    }
+}
+
+/// Name, namespace and uid of a gateway, which every rendered object needs.
+fn gateway_meta(gateway: &AIGateway) -> Result<(String, String, String), RenderError> {
+    let name = gateway
+        .metadata
+        .name
+        .clone()
+        .ok_or(RenderError::MissingMetadata("name"))?;
+    let namespace = gateway
+        .metadata
+        .namespace
+        .clone()
+        .ok_or(RenderError::MissingMetadata("namespace"))?;
+    let uid = gateway
+        .metadata
+        .uid
+        .clone()
+        .ok_or(RenderError::MissingMetadata("uid"))?;
+    Ok((name, namespace, uid))
+}
+
+/// Renders the owned objects of `gateway` from the ProviderKeys it selects (`keys`, any order)
+/// and the Secrets of its namespace by name (`secrets`).
+pub fn render(
+    gateway: &AIGateway,
+    keys: &[ProviderKey],
+    secrets: &BTreeMap<String, Secret>,
+) -> Result<Rendered, RenderError> {
+    let (name, namespace, uid) = gateway_meta(gateway)?;
+    let ProviderKeyFiles {
+        mut files,
+        key_index,
+        base_urls,
+        mut problems,
+        ..
+    } = resolve_provider_keys(&namespace, keys, secrets);
 
     // The policy as the sidecar sees it: Kubernetes references resolved into key files.
     let mut policy = gateway.spec.policy.clone();
@@ -422,7 +465,147 @@ pub fn render(
             settings.base_url = Some(url);
         }
     }
+    let identity = OwnedIdentity {
+        name,
+        namespace,
+        uid,
+        generation: gateway.metadata.generation,
+    };
+    assemble(identity, policy, key_index, files, problems)
+}
 
+/// The config [`render`] wrote into a ConfigMap, when it holds one of this schema version.
+pub fn rendered_config(config_map: &ConfigMap) -> Option<GatewayConfig> {
+    let yaml = config_map.data.as_ref()?.get(CONFIG_FILE_NAME)?;
+    let config: GatewayConfig = serde_saphyr::from_str(yaml).ok()?;
+    (config.schema_version == SCHEMA_VERSION).then_some(config)
+}
+
+/// Renders the keys of a gateway whose spec is invalid around the config it rendered last
+/// (`kept`, read back from its ConfigMap): the policy stays as it is, the keys follow the
+/// ProviderKeys and Secrets, so a rotated key is replaced and a deleted ProviderKey, Secret or
+/// Secret key is no longer served.
+///
+/// Keys the kept config does not serve wait for a valid spec, reported as `KeyPending`: a
+/// provider/alias it has no key for (a new ProviderKey may come with a baseURL that belongs to
+/// the spec still to be rendered; until then the key would go where the old config sends that
+/// provider), and a key whose ProviderKey asks for a baseURL that the kept config does not use.
+/// The token and Redis URL files follow the Secrets the current spec names; where it names none,
+/// the files of `existing_keys` (the Secret rendered last) stay.
+pub fn render_keys_only(
+    gateway: &AIGateway,
+    kept: &GatewayConfig,
+    keys: &[ProviderKey],
+    secrets: &BTreeMap<String, Secret>,
+    existing_keys: Option<&Secret>,
+) -> Result<Rendered, RenderError> {
+    let (name, namespace, uid) = gateway_meta(gateway)?;
+    let resolved = resolve_provider_keys(&namespace, keys, secrets);
+    let mut problems = resolved.problems;
+    let mut files = BTreeMap::new();
+    let mut key_index: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (provider, aliases) in resolved.key_index {
+        for alias in aliases {
+            let file = format!("{provider}.{alias}");
+            let served = kept.keys.get(&provider).is_some_and(|a| a.contains(&alias));
+            let wanted_url = resolved.file_base_url.get(&file).cloned().flatten();
+            let kept_url = kept
+                .spec
+                .providers
+                .get(&provider)
+                .and_then(|s| s.base_url.as_ref());
+            let pending = if !served {
+                Some(format!(
+                    "{provider}/{alias} is not in the config in use; it is served once the spec is valid"
+                ))
+            } else {
+                wanted_url.filter(|u| Some(u) != kept_url).map(|url| format!(
+                    "baseURL {url} is not the one the config in use has for {provider}; the key is served once the spec is valid"
+                ))
+            };
+            if let Some(detail) = pending {
+                let source = resolved.file_source.get(&file).unwrap_or(&file);
+                problems.push(KeyProblem {
+                    source: format!("ProviderKey {source}"),
+                    reason: "KeyPending",
+                    detail,
+                });
+                continue;
+            }
+            if let Some(v) = resolved.files.get(&file) {
+                files.insert(file, v.clone());
+                key_index.entry(provider.clone()).or_default().push(alias);
+            }
+        }
+    }
+    let carried = |file: &str| -> Option<Vec<u8>> {
+        existing_keys
+            .and_then(|s| secret_value(s, file))
+            .map(<[u8]>::to_vec)
+    };
+    let policy = &gateway.spec.policy;
+    if kept.spec.authentication.is_some() {
+        let current = policy
+            .authentication
+            .as_ref()
+            .and_then(|a| a.token_secret_ref.as_ref());
+        let tokens = match current {
+            Some(r) => resolve_ref("authentication.tokenSecretRef", r, secrets)
+                .map_err(|p| problems.push(p))
+                .ok(),
+            None => carried(TOKENS_FILE_NAME),
+        };
+        if let Some(v) = tokens {
+            files.insert(TOKENS_FILE_NAME.to_owned(), v);
+        }
+    }
+    if kept.spec.redis.is_some() {
+        let current = policy
+            .redis
+            .as_ref()
+            .and_then(|r| r.url_secret_ref.as_ref());
+        let url = match current {
+            Some(r) => resolve_ref("redis.urlSecretRef", r, secrets)
+                .map_err(|p| problems.push(p))
+                .ok(),
+            None => carried(REDIS_URL_FILE_NAME),
+        };
+        if let Some(v) = url {
+            files.insert(REDIS_URL_FILE_NAME.to_owned(), v);
+        }
+    }
+    let identity = OwnedIdentity {
+        name,
+        namespace,
+        uid,
+        // The config is still the one of that generation.
+        generation: kept.gateway.generation,
+    };
+    assemble(identity, kept.spec.clone(), key_index, files, problems)
+}
+
+/// Whose objects are being rendered.
+struct OwnedIdentity {
+    name: String,
+    namespace: String,
+    uid: String,
+    generation: Option<i64>,
+}
+
+/// The ConfigMap and Secret of a resolved policy and key files, with their content hash.
+fn assemble(
+    id: OwnedIdentity,
+    policy: GatewayPolicy,
+    key_index: BTreeMap<String, Vec<String>>,
+    files: BTreeMap<String, Vec<u8>>,
+    problems: Vec<KeyProblem>,
+) -> Result<Rendered, RenderError> {
+    let OwnedIdentity {
+        name,
+        namespace,
+        uid,
+        generation,
+    } = id;
     let hash_input = HashInput {
         schema_version: SCHEMA_VERSION,
         spec: &policy,
@@ -441,7 +624,7 @@ pub fn render(
         gateway: GatewayIdentity {
             namespace: Some(namespace.clone()),
             name: Some(name.clone()),
-            generation: gateway.metadata.generation,
+            generation,
             hash: Some(hash.clone()),
         },
         spec: policy,
@@ -490,6 +673,32 @@ pub fn render(
         key_index,
         problems,
     })
+}
+
+/// Whether an existing object with the name of one of `gateway`'s rendered objects is the
+/// operator's to update: labelled as made by it for this gateway, and controlled by nothing
+/// but an AIGateway of this name (this one, or an earlier one of the same name whose objects
+/// the garbage collector has not removed yet). Anything else was made by someone else, and a
+/// forced apply would take it over: add the owner reference (so deleting the gateway deletes
+/// it) and replace its data.
+pub fn is_managed_for(existing: &ObjectMeta, gateway: &AIGateway) -> bool {
+    let name = gateway.metadata.name.as_deref().unwrap_or_default();
+    let uid = gateway.metadata.uid.as_deref().unwrap_or_default();
+    let label = |key: &str| existing.labels.as_ref().and_then(|l| l.get(key));
+    let labelled = label(MANAGED_BY_LABEL).map(String::as_str) == Some(FIELD_MANAGER)
+        && label(GATEWAY_LABEL).map(String::as_str) == Some(name);
+    let controlled_by_this_gateway = existing
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.controller == Some(true))
+        .all(|o| {
+            o.uid == uid
+                || (o.kind == "AIGateway"
+                    && o.name == name
+                    && o.api_version.starts_with("sidegate.dev/"))
+        });
+    labelled && controlled_by_this_gateway
 }
 
 /// Label selector (for watches) of the objects the operator renders.
@@ -936,6 +1145,169 @@ mod tests {
         });
         let third = render(&cached, &keys, &secrets).expect("renders");
         assert!(!config_map_up_to_date(&first.config_map, &third.config_map));
+    }
+
+    fn kept(r: &Rendered) -> GatewayConfig {
+        rendered_config(&r.config_map).expect("a rendered config")
+    }
+
+    #[test]
+    fn a_keys_only_render_of_unchanged_objects_is_the_last_render() {
+        let secrets = BTreeMap::from([
+            secret("s", &[("k", "v")]),
+            secret("tokens", &[("t", "tok-1")]),
+        ]);
+        let keys = [key("a", "openai", "default", "s", "k")];
+        let gw = gateway(GatewayPolicy {
+            authentication: Some(Authentication {
+                enabled: true,
+                token_secret_ref: Some(SecretKeyRef {
+                    name: "tokens".into(),
+                    key: "t".into(),
+                }),
+            }),
+            ..GatewayPolicy::default()
+        });
+        let last = render(&gw, &keys, &secrets).expect("renders");
+        let again = render_keys_only(&gw, &kept(&last), &keys, &secrets, Some(&last.secret))
+            .expect("renders");
+        assert_eq!(again, last, "nothing changed, nothing to write");
+    }
+
+    #[test]
+    fn while_the_spec_is_invalid_keys_follow_their_secrets_and_the_policy_stays() {
+        let secrets = BTreeMap::from([
+            secret("s", &[("openai", "sk-old"), ("anthropic", "sk-ant")]),
+            secret("tokens", &[("t", "tok-1\ntok-2")]),
+        ]);
+        let keys = [
+            key("a", "openai", "default", "s", "openai"),
+            key("b", "anthropic", "default", "s", "anthropic"),
+        ];
+        let good = gateway(GatewayPolicy {
+            authentication: Some(Authentication {
+                enabled: true,
+                token_secret_ref: Some(SecretKeyRef {
+                    name: "tokens".into(),
+                    key: "t".into(),
+                }),
+            }),
+            ..GatewayPolicy::default()
+        });
+        let last = render(&good, &keys, &secrets).expect("renders");
+
+        // The spec turns invalid (here: a cache the validator would refuse; the content does
+        // not matter to this function), then: the OpenAI key is rotated, ProviderKey b is
+        // deleted, a token is revoked, and two keys the last config does not serve appear.
+        let mut invalid = good.clone();
+        invalid.spec.policy.cache = Some(Cache {
+            enabled: true,
+            ..Cache::default()
+        });
+        invalid.metadata.generation = Some(2);
+        let rotated = BTreeMap::from([
+            secret("s", &[("openai", "sk-new"), ("groq", "gsk")]),
+            secret("tokens", &[("t", "tok-2")]),
+        ]);
+        let mut proxied = key("d", "openai", "team-b", "s", "openai");
+        proxied.spec.base_url = Some("https://proxy.example.com/v1".into());
+        let now = [
+            key("a", "openai", "default", "s", "openai"),
+            key("c", "groq", "default", "s", "groq"),
+            proxied,
+        ];
+        let r = render_keys_only(&invalid, &kept(&last), &now, &rotated, Some(&last.secret))
+            .expect("renders");
+        assert_eq!(file(&r, "openai.default"), Some(&b"sk-new"[..]), "rotated");
+        assert_eq!(file(&r, "anthropic.default"), None, "deleted ProviderKey");
+        assert_eq!(file(&r, TOKENS_FILE_NAME), Some(&b"tok-2"[..]), "revoked");
+        assert_eq!(file(&r, "groq.default"), None, "new keys wait");
+        assert_eq!(file(&r, "openai.team-b"), None, "new keys wait");
+        let pending: Vec<String> = r
+            .problems
+            .iter()
+            .filter(|p| p.reason == "KeyPending")
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            pending,
+            [
+                "ProviderKey c: groq/default is not in the config in use; it is served once the spec is valid",
+                "ProviderKey d: openai/team-b is not in the config in use; it is served once the spec is valid",
+            ]
+        );
+        let config = kept(&r);
+        assert_eq!(config.spec, kept(&last).spec, "the policy stays");
+        assert_eq!(
+            config.gateway.generation,
+            Some(1),
+            "still generation 1's config"
+        );
+        assert_eq!(
+            config.keys,
+            BTreeMap::from([("openai".to_owned(), vec!["default".to_owned()])])
+        );
+        assert_eq!(config.gateway.hash.as_deref(), Some(r.hash.as_str()));
+        assert_ne!(r.hash, last.hash);
+
+        // A served key whose ProviderKey now asks for another baseURL is not sent to the old one.
+        let mut moved = key("a", "openai", "default", "s", "openai");
+        moved.spec.base_url = Some("https://elsewhere.example.com/v1".into());
+        let r = render_keys_only(
+            &invalid,
+            &kept(&last),
+            &[moved],
+            &rotated,
+            Some(&last.secret),
+        )
+        .expect("renders");
+        assert_eq!(file(&r, "openai.default"), None);
+        assert_eq!(r.problems[0].reason, "KeyPending");
+    }
+
+    #[test]
+    fn only_objects_made_for_this_gateway_are_taken_over() {
+        let gw = gateway(GatewayPolicy::default());
+        let r = render(&gw, &[], &BTreeMap::new()).expect("renders");
+        assert!(is_managed_for(&r.config_map.metadata, &gw));
+        assert!(is_managed_for(&r.secret.metadata, &gw));
+
+        // A user's own Secret of that name: no label, no owner.
+        let users = ObjectMeta {
+            name: Some("sidegate-main-keys".into()),
+            ..ObjectMeta::default()
+        };
+        assert!(!is_managed_for(&users, &gw));
+        // Labelled by someone else, or for another gateway.
+        let mut other = r.secret.metadata.clone();
+        other
+            .labels
+            .get_or_insert_default()
+            .insert(MANAGED_BY_LABEL.into(), "Helm".into());
+        assert!(!is_managed_for(&other, &gw));
+        let mut other = r.secret.metadata.clone();
+        other
+            .labels
+            .get_or_insert_default()
+            .insert(GATEWAY_LABEL.into(), "other".into());
+        assert!(!is_managed_for(&other, &gw));
+        // Labelled as ours but controlled by something else.
+        let mut controlled = r.secret.metadata.clone();
+        controlled.owner_references = Some(vec![OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "app".into(),
+            uid: "uid-9".into(),
+            controller: Some(true),
+            block_owner_deletion: None,
+        }]);
+        assert!(!is_managed_for(&controlled, &gw));
+        // Made for an earlier gateway of the same name (not collected yet): still ours.
+        let mut earlier = r.secret.metadata.clone();
+        if let Some(o) = earlier.owner_references.as_mut() {
+            o[0].uid = "uid-0".into();
+        }
+        assert!(is_managed_for(&earlier, &gw));
     }
 
     #[test]

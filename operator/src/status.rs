@@ -17,12 +17,26 @@ const MAX_NOTE: usize = 1024;
 pub struct GatewayObservation {
     /// `metadata.generation` reconciled.
     pub generation: Option<i64>,
-    /// Spec problems (from [`crate::validate::gateway`]); non-empty means nothing was rendered.
+    /// Spec problems (from [`crate::validate::gateway`]); non-empty means the policy was not
+    /// rendered (the keys may have been, around the last rendered config: see `rendered`).
     pub spec_problems: Vec<String>,
     /// Number of ProviderKeys the selector matched.
     pub selected_keys: usize,
-    /// The render, when the spec was valid.
+    /// What was rendered and applied: the whole config when the spec is valid, the keys around
+    /// the last rendered config when it is not (`None`: nothing, e.g. an invalid spec never
+    /// rendered, or a failure).
     pub rendered: Option<RenderSummary>,
+    /// Why the rendered objects could not be written, if they could not.
+    pub failure: Option<Failure>,
+}
+
+/// A reconcile that could not write the rendered objects. Never holds key values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// PascalCase reason (`ApplyFailed`, `RenderFailed`, `ObjectNotOwned`).
+    pub reason: &'static str,
+    /// What went wrong.
+    pub message: String,
 }
 
 /// The parts of a render that status reports.
@@ -87,13 +101,28 @@ fn truncate_to(mut s: String, max: usize) -> String {
 
 /// The conditions of an AIGateway: `ConfigRendered`, `KeysResolved`, then `Ready`.
 pub fn gateway_conditions(obs: &GatewayObservation) -> Vec<Cond> {
-    let rendered = if !obs.spec_problems.is_empty() {
+    let rendered = if let Some(f) = &obs.failure {
+        Cond::new(
+            conditions::CONFIG_RENDERED,
+            false,
+            f.reason,
+            format!(
+                "config not written, pods keep the last written one: {}",
+                f.message
+            ),
+        )
+    } else if !obs.spec_problems.is_empty() {
+        let keys = if obs.rendered.is_some() {
+            " (its keys follow the ProviderKeys and Secrets)"
+        } else {
+            ""
+        };
         Cond::new(
             conditions::CONFIG_RENDERED,
             false,
             "InvalidSpec",
             format!(
-                "spec not rendered, the last rendered config stays in use: {}",
+                "spec not rendered, the last rendered config stays in use{keys}: {}",
                 obs.spec_problems.join("; ")
             ),
         )
@@ -116,6 +145,12 @@ pub fn gateway_conditions(obs: &GatewayObservation) -> Vec<Cond> {
         )
     };
     let keys = match &obs.rendered {
+        None if obs.failure.is_some() => Cond::new(
+            conditions::KEYS_RESOLVED,
+            false,
+            "NotRendered",
+            "keys are resolved once the config is written",
+        ),
         None => Cond::new(
             conditions::KEYS_RESOLVED,
             false,
@@ -268,26 +303,37 @@ pub fn gateway_transitions(
         }
     };
     let mut out = Vec::new();
+    // InvalidSpec, ApplyFailed, RenderFailed, ObjectNotOwned.
     if let Some(c) = changed(conditions::CONFIG_RENDERED)
         && c.status == "False"
-        && c.reason == "InvalidSpec"
+        && c.reason != "NotRendered"
     {
         out.push(Transition {
             warning: true,
-            reason: "InvalidSpec".to_owned(),
+            reason: c.reason.clone(),
             note: c.message,
         });
     }
     if old.and_then(|o| o.config_hash.as_ref()) != new.config_hash.as_ref()
         && let Some(hash) = &new.config_hash
     {
-        out.push(Transition {
-            warning: false,
-            reason: "Rendered".to_owned(),
-            note: format!(
-                "rendered config {hash} with {} key(s)",
-                new.key_count.unwrap_or_default()
-            ),
+        let keys_only = find(Some(new), conditions::CONFIG_RENDERED)
+            .is_some_and(|c| c.status == "False" && c.reason == "InvalidSpec");
+        let keys = new.key_count.unwrap_or_default();
+        out.push(if keys_only {
+            Transition {
+                warning: false,
+                reason: "KeysRendered".to_owned(),
+                note: format!(
+                    "spec invalid, the last rendered config stays in use; its keys were rendered again from the ProviderKeys and Secrets: config {hash} with {keys} key(s)"
+                ),
+            }
+        } else {
+            Transition {
+                warning: false,
+                reason: "Rendered".to_owned(),
+                note: format!("rendered config {hash} with {keys} key(s)"),
+            }
         });
     }
     if let Some(c) = changed(conditions::KEYS_RESOLVED)
@@ -553,6 +599,84 @@ mod tests {
             reasons(gateway_transitions(Some(&broken), &healed)),
             ["Rendered", "Ready"]
         );
+    }
+
+    #[test]
+    fn a_failed_write_is_not_ready_for_this_generation_and_warns() {
+        let ok = GatewayObservation {
+            generation: Some(1),
+            selected_keys: 1,
+            rendered: Some(rendered(vec![], 1)),
+            ..GatewayObservation::default()
+        };
+        let first = gateway_status(None, &ok, &at(100));
+        let failed = GatewayObservation {
+            generation: Some(2),
+            selected_keys: 1,
+            failure: Some(Failure {
+                reason: "ApplyFailed",
+                message: "applying Secret team-a/sidegate-main-keys: field is immutable".into(),
+            }),
+            ..GatewayObservation::default()
+        };
+        let s = gateway_status(Some(&first), &failed, &at(200));
+        for t in [conditions::CONFIG_RENDERED, conditions::READY] {
+            let c = cond(&s, t);
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", "ApplyFailed"),
+                "{t}"
+            );
+            assert!(c.message.contains("field is immutable"), "{}", c.message);
+            assert_eq!(c.observed_generation, Some(2));
+        }
+        assert_eq!(s.observed_generation, Some(2));
+        assert_eq!(s.config_hash, first.config_hash, "what pods have");
+        let t = gateway_transitions(Some(&first), &s);
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert!(t[0].warning && t[0].reason == "ApplyFailed");
+
+        // A new gateway whose first write fails gets conditions too.
+        let s = gateway_status(None, &failed, &at(200));
+        assert_eq!(cond(&s, conditions::READY).reason, "ApplyFailed");
+    }
+
+    #[test]
+    fn keys_rendered_around_an_invalid_spec_are_reported_as_such() {
+        let ok = GatewayObservation {
+            generation: Some(1),
+            selected_keys: 1,
+            rendered: Some(rendered(vec![], 1)),
+            ..GatewayObservation::default()
+        };
+        let first = gateway_status(None, &ok, &at(100));
+        let mut keys_only = rendered(vec![], 0);
+        keys_only.hash = "sha256:def".into();
+        let s = gateway_status(
+            Some(&first),
+            &GatewayObservation {
+                generation: Some(2),
+                spec_problems: vec!["cache.ttl 10s must be between 60s and 30d".into()],
+                selected_keys: 0,
+                rendered: Some(keys_only),
+                failure: None,
+            },
+            &at(200),
+        );
+        let c = cond(&s, conditions::CONFIG_RENDERED);
+        assert_eq!(c.reason, "InvalidSpec");
+        assert!(
+            c.message
+                .contains("its keys follow the ProviderKeys and Secrets"),
+            "{}",
+            c.message
+        );
+        assert_eq!(s.config_hash.as_deref(), Some("sha256:def"));
+        let reasons: Vec<String> = gateway_transitions(Some(&first), &s)
+            .into_iter()
+            .map(|t| t.reason)
+            .collect();
+        assert_eq!(reasons, ["InvalidSpec", "KeysRendered"]);
     }
 
     #[test]

@@ -339,6 +339,289 @@ async fn an_invalid_but_schema_valid_spec_is_a_condition_and_keeps_the_last_conf
     ns.delete().await;
 }
 
+async fn has_event(client: &kube::Client, ns: &str, reason: &str, type_: &str) -> Option<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let list = events.list(&Default::default()).await.ok()?;
+    list.items
+        .into_iter()
+        .find(|e| e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some(type_))
+        .map(|e| e.note.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn while_the_spec_is_invalid_rotated_and_deleted_keys_still_reach_the_keys_secret() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "invalid-keys").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    create(
+        &secrets,
+        &secret("llm-keys", &[("openai", "sk-old"), ("anthropic", "sk-ant")]),
+    )
+    .await;
+    create(
+        &keys,
+        &provider_key("openai-main", "openai", "default", "llm-keys", "openai"),
+    )
+    .await;
+    create(
+        &keys,
+        &provider_key(
+            "anthropic-main",
+            "anthropic",
+            "default",
+            "llm-keys",
+            "anthropic",
+        ),
+    )
+    .await;
+    create(&gateways, &gateway("gw", json!({"requestTimeout": "30s"}))).await;
+    wait_ready(&gateways, "gw").await;
+    let policy_before = {
+        let cm = cms.get("sidegate-gw").await.expect("cm");
+        let config: sidegate_crds::GatewayConfig =
+            serde_saphyr::from_str(&cm.data.expect("data")["gateway.yaml"]).expect("parses");
+        config.spec
+    };
+
+    gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"requestTimeout": "45s", "providers": {"openai": {"baseURL": "http://api.example.com/v1"}}}})),
+        )
+        .await
+        .expect("patch");
+    eventually("ConfigRendered=False", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        condition(&gw, "ConfigRendered").filter(|c| c.1 == "InvalidSpec")
+    })
+    .await;
+
+    // The OpenAI key is rotated (the old one revoked) and the Anthropic ProviderKey deleted.
+    secrets
+        .patch(
+            "llm-keys",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"openai": "sk-new"}})),
+        )
+        .await
+        .expect("rotating");
+    keys.delete("anthropic-main", &DeleteParams::default())
+        .await
+        .expect("deleting a ProviderKey");
+    eventually("the keys Secret follows", WAIT, || async {
+        let s = secrets.get("sidegate-gw-keys").await.ok()?;
+        (secret_value(&s, "openai.default").as_deref() == Some("sk-new")
+            && secret_value(&s, "anthropic.default").is_none())
+        .then_some(())
+    })
+    .await;
+    let gw = eventually("status of the keys-only render", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        (gw.status.as_ref()?.key_count == Some(1)).then_some(gw)
+    })
+    .await;
+    let cm = cms.get("sidegate-gw").await.expect("cm");
+    let config: sidegate_crds::GatewayConfig =
+        serde_saphyr::from_str(&cm.data.expect("data")["gateway.yaml"]).expect("parses");
+    assert_eq!(config.spec, policy_before, "the last good policy stays");
+    assert_eq!(
+        config.keys,
+        BTreeMap::from([("openai".to_owned(), vec!["default".to_owned()])])
+    );
+    let status = gw.status.clone().expect("status");
+    assert_eq!(config.gateway.hash, status.config_hash);
+    let (rendered, reason, message) = condition(&gw, "ConfigRendered").expect("condition");
+    assert_eq!(
+        (rendered.as_str(), reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert!(
+        message.contains("its keys follow the ProviderKeys and Secrets"),
+        "{message}"
+    );
+    assert_eq!(condition(&gw, "Ready").expect("Ready").0, "False");
+    let note = eventually("a KeysRendered event", WAIT, || {
+        has_event(&client, &ns.name, "KeysRendered", "Normal")
+    })
+    .await;
+    assert!(
+        note.contains("the last rendered config stays in use"),
+        "{note}"
+    );
+
+    // Fixed, the whole spec is rendered again.
+    gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"providers": null}})),
+        )
+        .await
+        .expect("patch");
+    let gw = wait_ready(&gateways, "gw").await;
+    let cm = cms.get("sidegate-gw").await.expect("cm");
+    assert!(cm.data.expect("data")["gateway.yaml"].contains("requestTimeout: 45s"));
+    assert_eq!(gw.status.and_then(|s| s.key_count), Some(1));
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_failed_write_is_reported_for_the_current_generation_and_retried() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "apply-fail").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    create(&secrets, &secret("llm-keys", &[("openai", "sk-old")])).await;
+    create(
+        &keys,
+        &provider_key("openai-main", "openai", "default", "llm-keys", "openai"),
+    )
+    .await;
+    create(&gateways, &gateway("gw", json!({}))).await;
+    wait_ready(&gateways, "gw").await;
+
+    // Someone marks the rendered Secret immutable: the apiserver refuses new key data.
+    secrets
+        .patch(
+            "sidegate-gw-keys",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"immutable": true})),
+        )
+        .await
+        .expect("marking immutable");
+    secrets
+        .patch(
+            "llm-keys",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"openai": "sk-new"}})),
+        )
+        .await
+        .expect("rotating");
+    let generation = gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"requestTimeout": "45s"}})),
+        )
+        .await
+        .expect("patch")
+        .metadata
+        .generation;
+    let gw = eventually("Ready=False ApplyFailed", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        let ready = condition(&gw, "Ready")?;
+        (ready.1 == "ApplyFailed").then_some(gw)
+    })
+    .await;
+    let status = gw.status.clone().expect("status");
+    assert_eq!(status.observed_generation, generation);
+    for t in ["Ready", "ConfigRendered"] {
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .expect("condition");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "ApplyFailed")
+        );
+        assert_eq!(c.observed_generation, generation);
+        assert!(
+            c.message.contains("applying Secret") && c.message.contains("immutable"),
+            "{}",
+            c.message
+        );
+    }
+    let status_json = serde_json::to_string(&status).expect("json");
+    assert!(!status_json.contains("sk-new") && !status_json.contains("sk-old"));
+    eventually("an ApplyFailed Warning event", WAIT, || {
+        has_event(&client, &ns.name, "ApplyFailed", "Warning")
+    })
+    .await;
+
+    // Retried: once the Secret is gone, the gateway heals.
+    secrets
+        .delete("sidegate-gw-keys", &DeleteParams::default())
+        .await
+        .expect("deleting");
+    wait_ready(&gateways, "gw").await;
+    let s = secrets.get("sidegate-gw-keys").await.expect("re-rendered");
+    assert_eq!(
+        secret_value(&s, "openai.default").as_deref(),
+        Some("sk-new")
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn an_existing_secret_of_the_rendered_name_is_not_taken_over() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "not-owned").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    // The user's own Secret, which happens to have the name the gateway's keys would get.
+    create(
+        &secrets,
+        &secret("sidegate-gw-keys", &[("mine", "precious")]),
+    )
+    .await;
+    create(&gateways, &gateway("gw", json!({}))).await;
+
+    let (_, reason, message) = eventually("ConfigRendered=False", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        condition(&gw, "ConfigRendered").filter(|c| c.0 == "False" && c.1 != "NotRendered")
+    })
+    .await;
+    assert_eq!(reason, "ObjectNotOwned");
+    assert!(
+        message.contains("Secret")
+            && message.contains("sidegate-gw-keys")
+            && message.contains("does not take it over"),
+        "{message}"
+    );
+    let gw = gateways.get("gw").await.expect("gw");
+    assert_eq!(condition(&gw, "Ready").expect("Ready").1, "ObjectNotOwned");
+    eventually("an ObjectNotOwned Warning event", WAIT, || {
+        has_event(&client, &ns.name, "ObjectNotOwned", "Warning")
+    })
+    .await;
+    // Untouched: no owner (deleting the gateway would delete it), same data, no ConfigMap
+    // pointing pods at it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = secrets.get("sidegate-gw-keys").await.expect("secret");
+    assert!(
+        s.owner_references().is_empty(),
+        "{:?}",
+        s.owner_references()
+    );
+    assert_eq!(secret_value(&s, "mine").as_deref(), Some("precious"));
+    assert_eq!(s.data.as_ref().map(BTreeMap::len), Some(1));
+    assert!(cms.get_opt("sidegate-gw").await.expect("get").is_none());
+
+    // Once the user's Secret is gone, the gateway renders.
+    secrets
+        .delete("sidegate-gw-keys", &DeleteParams::default())
+        .await
+        .expect("deleting");
+    wait_ready(&gateways, "gw").await;
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
     let Some(client) = cluster_client().await else {
