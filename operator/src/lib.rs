@@ -10,6 +10,7 @@
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.
 //! - [`webhook`]: the sidecar injection admission webhook and its certificates.
+//! - [`shutdown`]: SIGTERM handling: unready at once, the webhook drains, then exit.
 
 pub mod admin;
 pub mod controller;
@@ -18,6 +19,7 @@ pub mod lease;
 pub mod metrics;
 pub mod providerkey;
 pub mod render;
+pub mod shutdown;
 pub mod status;
 pub mod validate;
 pub mod webhook;

@@ -14,6 +14,7 @@ use sidegate_operator::admin::{self, AdminState};
 use sidegate_operator::controller::{self, Context};
 use sidegate_operator::lease::{LeaderElector, LeaseSettings};
 use sidegate_operator::metrics::Metrics;
+use sidegate_operator::shutdown::Shutdown;
 use sidegate_operator::{crd, providerkey, webhook};
 
 /// The sidegate operator: reconciles AIGateway and ProviderKey resources into a ConfigMap
@@ -67,6 +68,10 @@ struct RunArgs {
     /// the safety net).
     #[arg(long, default_value_t = 300)]
     resync_secs: u64,
+    /// Seconds the webhook keeps answering after SIGTERM (while /readyz reports unready, so the
+    /// endpoint is removed first), in every role; then the process exits. At most 60.
+    #[arg(long, env = "SIDEGATE_SHUTDOWN_DRAIN_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=60))]
+    shutdown_drain_secs: u64,
     /// Log format.
     #[arg(long, env = "SIDEGATE_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -106,6 +111,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the admin listener on {}", args.admin_addr))?;
     tokio::spawn(admin::serve(listener, state.clone()));
+    let shutdown = Shutdown::on_signal(state.clone());
+    let drain = if args.webhook.enabled {
+        Duration::from_secs(args.shutdown_drain_secs)
+    } else {
+        Duration::ZERO
+    };
 
     let client = kube::Client::try_default()
         .await
@@ -149,7 +160,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     if !args.leader_elect {
         tracing::info!("running controllers without leader election");
+        // The controllers stop on the signal themselves (shutdown_on_signal).
         controllers.await;
+        shutdown.drained_after_stop(drain).await;
         return Ok(());
     }
     let elector = LeaderElector::new(
@@ -164,7 +177,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tokio::select! {
         () = elector.acquire() => {}
-        _ = tokio::signal::ctrl_c() => return Ok(()),
+        () = shutdown.requested() => {
+            shutdown.drained(drain).await;
+            return Ok(());
+        }
     }
     let outcome = tokio::select! {
         () = controllers => Ok(()),
@@ -173,8 +189,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics.leader.set(0);
     match outcome {
         Ok(()) => {
+            // Released before the drain: the standby takes over while this replica still
+            // answers admissions.
             elector.release().await;
             tracing::info!("controllers stopped; lease released");
+            shutdown.drained_after_stop(drain).await;
             Ok(())
         }
         // Exit so the pod restarts with clean caches rather than racing the new leader.
