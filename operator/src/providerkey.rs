@@ -1,5 +1,6 @@
 //! The ProviderKey controller: reports whether each key's Secret and key exist (`SecretFound`)
-//! and whether the key can be served (`Ready`). Rendering is the AIGateway controller's job.
+//! and whether the key can be served (`Ready`; not when another ProviderKey with the same
+//! provider and alias comes first). Rendering is the AIGateway controller's job.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
+use kube::api::{Api, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
@@ -17,7 +18,7 @@ use serde_json::json;
 use sidegate_crds::api::ProviderKey;
 
 use crate::controller::{Context, Error};
-use crate::render::{FIELD_MANAGER, resolve_key};
+use crate::render::{FIELD_MANAGER, is_usable, resolve_key};
 use crate::status;
 use crate::validate;
 
@@ -50,12 +51,21 @@ async fn reconcile_inner(key: &ProviderKey, ctx: &Context) -> Result<Action, Err
         .base_url
         .as_deref()
         .and_then(|url| validate::upstream_url(url, &ns, validate::allows_insecure(key)).err());
+    let shadowed_by = if resolved.is_ok() && url_problem.is_none() {
+        shadowed_by(ctx, key, &ns).await?
+    } else {
+        None
+    };
     let now = Time(Timestamp::now());
     let new_status = status::provider_key_status(
         key.status.as_ref(),
-        key.metadata.generation,
-        resolved.as_ref().map(|_| ()),
-        url_problem.as_deref(),
+        status::KeyObservation {
+            generation: key.metadata.generation,
+            resolved: resolved.as_ref().map(|_| ()),
+            base_url_problem: url_problem.as_deref(),
+            shadowed_by: shadowed_by.as_deref(),
+        },
+        (&key.spec.provider, &key.spec.alias),
         &now,
     );
     if status::status_changed(key.status.as_ref(), &new_status) {
@@ -78,6 +88,59 @@ async fn reconcile_inner(key: &ProviderKey, ctx: &Context) -> Result<Action, Err
         ctx.metrics.write(CONTROLLER, "status");
     }
     Ok(Action::requeue(ctx.resync))
+}
+
+/// The ProviderKey that a gateway selecting both would serve instead of `key`: the first by
+/// name of those in `ns` with the same provider and alias that would be rendered (render keeps
+/// the first by name and reports the others as `DuplicateAlias`).
+async fn shadowed_by(ctx: &Context, key: &ProviderKey, ns: &str) -> Result<Option<String>, Error> {
+    let name = key.name_any();
+    let all = Api::<ProviderKey>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::Kube {
+            action: format!("listing ProviderKeys in {ns}"),
+            source,
+        })?;
+    let mut earlier: Vec<ProviderKey> = all
+        .items
+        .into_iter()
+        .filter(|o| same_alias(o, key) && o.name_any() < name)
+        .collect();
+    earlier.sort_by_key(ResourceExt::name_any);
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    for other in earlier {
+        let secret_name = &other.spec.secret_ref.name;
+        let secret = secrets
+            .get_opt(secret_name)
+            .await
+            .map_err(|source| Error::Kube {
+                action: format!("reading Secret {ns}/{secret_name}"),
+                source,
+            })?;
+        if is_usable(&other, ns, secret.as_ref()) {
+            return Ok(Some(other.name_any()));
+        }
+    }
+    Ok(None)
+}
+
+fn same_alias(a: &ProviderKey, b: &ProviderKey) -> bool {
+    a.namespace() == b.namespace()
+        && a.spec.provider == b.spec.provider
+        && a.spec.alias == b.spec.alias
+}
+
+/// The other ProviderKeys with the same provider and alias as `key`, whose `DuplicateAlias`
+/// state changes with it.
+pub fn keys_with_same_alias(
+    key: &ProviderKey,
+    keys: &[Arc<ProviderKey>],
+) -> Vec<ObjectRef<ProviderKey>> {
+    keys.iter()
+        .filter(|k| same_alias(k, key) && k.name_any() != key.name_any())
+        .map(|k| ObjectRef::from_obj(k.as_ref()))
+        .collect()
 }
 
 /// Retries a failed ProviderKey reconcile after a short delay.
@@ -106,7 +169,13 @@ pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
         watcher::Config::default().any_semantic(),
     );
     let keys: Store<ProviderKey> = controller.store();
+    let same_alias_keys = keys.clone();
     controller
+        .watches(
+            Api::<ProviderKey>::all(client.clone()),
+            watcher::Config::default(),
+            move |key| keys_with_same_alias(&key, &same_alias_keys.state()),
+        )
         .watches(
             Api::<PartialObjectMeta<Secret>>::all(client),
             watcher::Config::default(),

@@ -223,7 +223,42 @@ pub fn resolve_key(key: &ProviderKey, secret: Option<&Secret>) -> Result<KeyMate
             "secretRef.key is not set".to_owned(),
         ));
     };
-    get(k).map(KeyMaterial)
+    let value = get(k)?;
+    // The sidecar reads every key file as UTF-8 (one that is not fails the whole keys
+    // directory) and sends keys in a header; a Google service account is JSON over lines.
+    if std::str::from_utf8(&value).is_err() {
+        return Err(problem(
+            "KeyInvalid",
+            format!("Secret {secret_name} key '{k}' is not UTF-8"),
+        ));
+    }
+    if key.spec.provider != "google-vertex-ai" && !is_header_safe(&value) {
+        return Err(problem(
+            "KeyInvalid",
+            format!(
+                "Secret {secret_name} key '{k}' has a line break, control or non-ASCII character, which an HTTP header cannot carry; the sidecar could not send it"
+            ),
+        ));
+    }
+    Ok(KeyMaterial(value))
+}
+
+/// Whether `value` can be sent in an HTTP header as it is (visible ASCII, spaces and tabs).
+fn is_header_safe(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+}
+
+/// Whether a ProviderKey in `namespace` would be rendered, its `secret` given (the checks of
+/// [`render`] before duplicates: provider id, alias, baseURL, key).
+pub fn is_usable(key: &ProviderKey, namespace: &str, secret: Option<&Secret>) -> bool {
+    sidegate_crds::provider::is_valid_provider_id(&key.spec.provider)
+        && sidegate_crds::provider::is_valid_alias(&key.spec.alias)
+        && key.spec.base_url.as_ref().is_none_or(|url| {
+            validate::upstream_url(url, namespace, validate::allows_insecure(key)).is_ok()
+        })
+        && resolve_key(key, secret).is_ok()
 }
 
 /// The `aws-bedrock.<alias>` key file: JSON credentials the sidecar signs requests with.
@@ -275,6 +310,13 @@ fn resolve_ref(
         return Err(problem(
             "KeyEmpty",
             format!("Secret {} key '{}' is empty", r.name, r.key),
+        ));
+    }
+    // The sidecar reads the file as UTF-8; one that is not fails the whole keys directory.
+    if std::str::from_utf8(value).is_err() {
+        return Err(problem(
+            "KeyInvalid",
+            format!("Secret {} key '{}' is not UTF-8", r.name, r.key),
         ));
     }
     Ok(value.to_vec())
@@ -431,6 +473,7 @@ pub fn render(
     let ProviderKeyFiles {
         mut files,
         key_index,
+        file_source,
         base_urls,
         mut problems,
         ..
@@ -465,6 +508,14 @@ pub fn render(
             settings.base_url = Some(url);
         }
     }
+    let mut key_index = key_index;
+    drop_unconfigured_providers(
+        &policy,
+        &file_source,
+        &mut key_index,
+        &mut files,
+        &mut problems,
+    );
     let identity = OwnedIdentity {
         name,
         namespace,
@@ -472,6 +523,37 @@ pub fn render(
         generation: gateway.metadata.generation,
     };
     assemble(identity, policy, key_index, files, problems)
+}
+
+/// Drops the keys of custom providers that `policy` does not configure (no
+/// `spec.providers.<id>`, no ProviderKey `baseURL`): the sidecar has nowhere to send them and
+/// leaves them unused, so they are reported, not counted as served.
+fn drop_unconfigured_providers(
+    policy: &GatewayPolicy,
+    file_source: &BTreeMap<String, String>,
+    key_index: &mut BTreeMap<String, Vec<String>>,
+    files: &mut BTreeMap<String, Vec<u8>>,
+    problems: &mut Vec<KeyProblem>,
+) {
+    key_index.retain(|provider, aliases| {
+        let builtin = sidegate_crds::provider::BUILTIN_PROVIDERS.contains(&provider.as_str());
+        if builtin || policy.providers.contains_key(provider) {
+            return true;
+        }
+        for alias in aliases.iter() {
+            let file = format!("{provider}.{alias}");
+            files.remove(&file);
+            let source = file_source.get(&file).unwrap_or(&file);
+            problems.push(KeyProblem {
+                source: format!("ProviderKey {source}"),
+                reason: "ProviderNotConfigured",
+                detail: format!(
+                    "custom provider {provider} has no baseURL (set spec.providers.{provider}.baseURL on the AIGateway or baseURL on the ProviderKey); the key is not served"
+                ),
+            });
+        }
+        false
+    });
 }
 
 /// The config [`render`] wrote into a ConfigMap, when it holds one of this schema version.
@@ -574,6 +656,13 @@ pub fn render_keys_only(
             files.insert(REDIS_URL_FILE_NAME.to_owned(), v);
         }
     }
+    drop_unconfigured_providers(
+        &kept.spec,
+        &resolved.file_source,
+        &mut key_index,
+        &mut files,
+        &mut problems,
+    );
     let identity = OwnedIdentity {
         name,
         namespace,
@@ -1308,6 +1397,74 @@ mod tests {
             o[0].uid = "uid-0".into();
         }
         assert!(is_managed_for(&earlier, &gw));
+    }
+
+    #[test]
+    fn keys_the_sidecar_could_not_use_are_key_problems_not_served_keys() {
+        let secrets = BTreeMap::from([secret(
+            "s",
+            &[
+                ("custom", "ck"),
+                ("newline", "sk-a\nsk-b"),
+                ("accent", "sk-caf\u{e9}"),
+                ("ok", "sk-ok\n"),
+                (
+                    "sa",
+                    "{\n  \"type\": \"service_account\",\n  \"private_key\": \"k\"\n}",
+                ),
+            ],
+        )]);
+        let keys = [
+            key("a-custom", "custom-house", "default", "s", "custom"),
+            key("b-newline", "openai", "default", "s", "newline"),
+            key("c-accent", "anthropic", "default", "s", "accent"),
+            key("d-ok", "groq", "default", "s", "ok"),
+            key("e-vertex", "google-vertex-ai", "default", "s", "sa"),
+        ];
+        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        let reasons: Vec<(&str, &str)> = r
+            .problems
+            .iter()
+            .map(|p| (p.source.as_str(), p.reason))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("ProviderKey b-newline", "KeyInvalid"),
+                ("ProviderKey c-accent", "KeyInvalid"),
+                ("ProviderKey a-custom", "ProviderNotConfigured"),
+            ]
+        );
+        assert!(r.problems[0].to_string().contains("HTTP header"));
+        assert!(!r.problems.iter().any(|p| p.to_string().contains("sk-")));
+        assert_eq!(
+            r.key_index.keys().collect::<Vec<_>>(),
+            ["google-vertex-ai", "groq"],
+            "a service account is JSON over lines"
+        );
+        for f in [
+            "custom-house.default",
+            "openai.default",
+            "anthropic.default",
+        ] {
+            assert_eq!(file(&r, f), None, "{f}");
+        }
+
+        // Configured, by the gateway or by the ProviderKey's baseURL, the custom key is served.
+        let mut gw = gateway(GatewayPolicy::default());
+        gw.spec.policy.providers.insert(
+            "custom-house".into(),
+            sidegate_crds::policy::ProviderSettings {
+                base_url: Some("https://llm.example.com/v1".into()),
+                ..Default::default()
+            },
+        );
+        let r = render(&gw, &keys[..1], &secrets).expect("renders");
+        assert!(r.problems.is_empty() && file(&r, "custom-house.default").is_some());
+        let mut pk = keys[0].clone();
+        pk.spec.base_url = Some("https://llm.example.com/v1".into());
+        let r = render(&gateway(GatewayPolicy::default()), &[pk], &secrets).expect("renders");
+        assert!(r.problems.is_empty() && file(&r, "custom-house.default").is_some());
     }
 
     #[test]

@@ -364,14 +364,33 @@ pub fn gateway_transitions(
     out
 }
 
-/// The status of a ProviderKey given whether its key resolved.
+/// What a ProviderKey reconcile found.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyObservation<'a> {
+    /// `metadata.generation` reconciled.
+    pub generation: Option<i64>,
+    /// Whether its key resolved from its Secret.
+    pub resolved: Result<(), &'a KeyProblem>,
+    /// Why its baseURL is refused, if it is.
+    pub base_url_problem: Option<&'a str>,
+    /// The ProviderKey whose key a gateway selecting both serves instead (same provider and
+    /// alias, first by name, usable).
+    pub shadowed_by: Option<&'a str>,
+}
+
+/// The status of a ProviderKey given what its reconcile found.
 pub fn provider_key_status(
     previous: Option<&ProviderKeyStatus>,
-    generation: Option<i64>,
-    resolved: Result<(), &KeyProblem>,
-    base_url_problem: Option<&str>,
+    obs: KeyObservation<'_>,
+    provider_alias: (&str, &str),
     now: &Time,
 ) -> ProviderKeyStatus {
+    let KeyObservation {
+        generation,
+        resolved,
+        base_url_problem,
+        shadowed_by,
+    } = obs;
     let secret = match resolved {
         Ok(()) => Cond::new(
             conditions::SECRET_FOUND,
@@ -381,20 +400,29 @@ pub fn provider_key_status(
         ),
         Err(p) => Cond::new(conditions::SECRET_FOUND, false, p.reason, p.to_string()),
     };
-    let ready = match (&secret.ok, base_url_problem) {
-        (false, _) => Cond::new(
+    let (provider, alias) = provider_alias;
+    let ready = match (&secret.ok, base_url_problem, shadowed_by) {
+        (false, _, _) => Cond::new(
             conditions::READY,
             false,
             &secret.reason,
             secret.message.clone(),
         ),
-        (true, Some(why)) => Cond::new(
+        (true, Some(why), _) => Cond::new(
             conditions::READY,
             false,
             "InvalidBaseURL",
             format!("baseURL {why}"),
         ),
-        (true, None) => Cond::new(
+        (true, None, Some(first)) => Cond::new(
+            conditions::READY,
+            false,
+            "DuplicateAlias",
+            format!(
+                "{provider}/{alias} is also provided by ProviderKey {first}, which comes first by name: gateways that select both serve its key, not this one"
+            ),
+        ),
+        (true, None, None) => Cond::new(
             conditions::READY,
             true,
             "Ready",
@@ -686,7 +714,13 @@ mod tests {
             reason: "SecretNotFound",
             detail: "Secret llm-keys not found".into(),
         };
-        let s = provider_key_status(None, Some(1), Err(&p), None, &at(1));
+        let obs = |resolved, shadowed_by| KeyObservation {
+            generation: Some(1),
+            resolved,
+            base_url_problem: None,
+            shadowed_by,
+        };
+        let s = provider_key_status(None, obs(Err(&p), None), ("openai", "default"), &at(1));
         let ready = s
             .conditions
             .iter()
@@ -697,8 +731,30 @@ mod tests {
             ready.message,
             "ProviderKey openai-main: Secret llm-keys not found"
         );
-        let ok = provider_key_status(Some(&s), Some(1), Ok(()), None, &at(2));
+        let ok = provider_key_status(Some(&s), obs(Ok(()), None), ("openai", "default"), &at(2));
         assert!(ok.conditions.iter().all(|c| c.status == "True"));
+
+        // The losing ProviderKey of a duplicate alias is found but not ready.
+        let lost = provider_key_status(
+            Some(&ok),
+            obs(Ok(()), Some("openai-a")),
+            ("openai", "default"),
+            &at(3),
+        );
+        let ready = lost
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY)
+            .expect("ready");
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "DuplicateAlias")
+        );
+        assert!(
+            ready.message.contains("ProviderKey openai-a"),
+            "{}",
+            ready.message
+        );
     }
 
     #[test]

@@ -623,6 +623,63 @@ async fn an_existing_secret_of_the_rendered_name_is_not_taken_over() {
 }
 
 #[tokio::test]
+async fn the_losing_provider_key_of_a_duplicate_alias_is_not_ready_until_the_first_is_gone() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "dup-alias").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &ns.name);
+    create(
+        &secrets,
+        &secret("llm-keys", &[("a", "sk-a"), ("b", "sk-b")]),
+    )
+    .await;
+    create(
+        &keys,
+        &provider_key("openai-a", "openai", "default", "llm-keys", "a"),
+    )
+    .await;
+    create(
+        &keys,
+        &provider_key("openai-b", "openai", "default", "llm-keys", "b"),
+    )
+    .await;
+    let ready = |name: &'static str| {
+        let keys = keys.clone();
+        async move {
+            let pk = keys.get(name).await.ok()?;
+            pk.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| (c.status, c.reason, c.message))
+        }
+    };
+    eventually("openai-a Ready", WAIT, || async {
+        ready("openai-a").await.filter(|c| c.0 == "True")
+    })
+    .await;
+    let (_, reason, message) = eventually("openai-b not Ready", WAIT, || async {
+        ready("openai-b").await.filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "DuplicateAlias");
+    assert!(message.contains("ProviderKey openai-a"), "{message}");
+
+    // The first one deleted, the other is the one served.
+    keys.delete("openai-a", &DeleteParams::default())
+        .await
+        .expect("deleting");
+    eventually("openai-b Ready", WAIT, || async {
+        ready("openai-b").await.filter(|c| c.0 == "True")
+    })
+    .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
 async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
     let Some(client) = cluster_client().await else {
         return;
