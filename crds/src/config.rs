@@ -47,7 +47,8 @@ pub struct GatewayIdentity {
     /// Name of the AIGateway; also the gateway id accepted in long-form URLs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// `metadata.generation` of the AIGateway rendered.
+    /// `metadata.generation` of the AIGateway when this content was rendered (a later spec change
+    /// that renders the same content keeps it, so the file and its sidecars stay as they are).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
     /// Content hash (`sha256:<hex>`) of the policy, key names and key digests.
