@@ -167,6 +167,22 @@ def test_spend_limit_refuses_with_2041_once_the_period_spend_reaches_it(mock, tm
         g.stop()
 
 
+def probe(g):
+    """A request that costs nothing and uses no tokens (the mock answers 500, without usage),
+    so that a refusal of it can only come from what was spent or used before it."""
+    return httpx.post(g.url + CHAT, json=body("probe", model="mock-status-500"))
+
+
+def wait_refused(g, code, what, timeout=3):
+    """Probes `g` until it refuses with `code` (usage written to Redis lands in the background)."""
+    deadline = time.monotonic() + timeout
+    while (r := probe(g)).status_code == 500:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+    assert (r.status_code, r.json()["error"][0]["code"]) == (429, code), r.text
+    return r
+
+
 def test_spend_is_shared_by_the_pods_through_redis(mock, tmp_path, redis):  # noqa: F811
     spec = "  redis: {}\n  spendLimit: {amount: '0.01', period: day}\n"
     keys = dict(DEFAULT_KEYS, **{"redis.url": redis.url})
@@ -174,15 +190,12 @@ def test_spend_is_shared_by_the_pods_through_redis(mock, tmp_path, redis):  # no
     a = json_gateway(tmp_path, mock, spec, keys, name=name)
     b = json_gateway(tmp_path, mock, spec, keys, name=name)
     try:
-        assert spend(a, 0.008).status_code == 200
-        assert spend(b, 0.004).status_code == 200, "pod b sees 0.008 < 0.01"
-        # Pod b's spend is written to Redis in the background: pod a refuses once it lands.
-        deadline = time.monotonic() + 3
-        while (r := spend(a, 0.001)).status_code == 200:
-            assert time.monotonic() < deadline, "pod a never saw pod b's spend"
-            time.sleep(0.05)
-        assert_spend_limited(r)
-        assert_spend_limited(spend(b, 0.001))
+        # Each pod spends 0.006, under the limit alone; only their sum (0.012) reaches it.
+        assert spend(a, 0.006).status_code == 200
+        assert spend(b, 0.006).status_code == 200, "0.006 (or nothing yet) seen by pod b"
+        # Probes cost nothing, so each pod refuses only once the other's spend is added in Redis.
+        assert_spend_limited(wait_refused(a, 2041, "pod a never saw pod b's spend"))
+        assert_spend_limited(wait_refused(b, 2041, "pod b never saw pod a's spend"))
     finally:
         a.stop()
         b.stop()
@@ -225,21 +238,22 @@ def test_token_budget_refuses_with_2003_once_the_minute_is_spent(mock, tmp_path)
 
 
 def test_a_global_token_budget_is_shared_by_the_pods(mock, tmp_path, redis):  # noqa: F811
-    spec = "  redis: {}\n  rateLimit: {limit: 1000, interval: 60s, scope: global, tokensPerMinute: 1}\n"
+    # Sliding: tokens counted just before a minute boundary still weigh on the next minute, so a
+    # boundary between pod a's request and pod b's probes does not empty the budget.
+    spec = ("  redis: {}\n"
+            "  rateLimit: {limit: 1000, interval: 60s, scope: global, technique: sliding, tokensPerMinute: 1}\n")
     keys = dict(DEFAULT_KEYS, **{"redis.url": redis.url})
     name = f"tokens-{time.monotonic_ns()}"
     a = json_gateway(tmp_path, mock, spec, keys, name=name)
     b = json_gateway(tmp_path, mock, spec, keys, name=name)
     try:
+        assert probe(b).status_code == 500, "nothing used yet: pod b lets a request through"
         r = httpx.post(a.url + CHAT, json=body("global tokens"))
         assert r.status_code == 200
-        wait_line(a, r.headers["cf-aig-log-id"])
-        deadline = time.monotonic() + 3
-        while (r := httpx.post(b.url + CHAT, json=body("global tokens"))).status_code == 200:
-            # Only possible before pod a's count lands in Redis (or if the minute just turned).
-            assert time.monotonic() < deadline, "pod b never saw pod a's tokens"
-            time.sleep(0.05)
-        assert (r.status_code, r.json()["error"][0]["code"]) == (429, 2003)
+        assert wait_line(a, r.headers["cf-aig-log-id"])["tokens_in"] > 1
+        # Pod b's probes use no tokens: only pod a's, counted in Redis, can spend its budget.
+        r = wait_refused(b, 2003, "pod b never saw pod a's tokens")
+        assert "token budget of 1 tokens per minute" in r.json()["error"][0]["message"]
     finally:
         a.stop()
         b.stop()
