@@ -310,13 +310,25 @@ def test_vertex_uses_the_project_region_path_and_a_bearer_token(gw, mock):
     emb = client(gw).embeddings.create(model="google-vertex-ai/my-proj/us-central1/text-embedding-005", input="x")
     assert len(emb.data[0].embedding) == 8 and emb.usage.prompt_tokens == 1
     assert mock.last()["path"].endswith("text-embedding-005:predict")
-    # gemini-embedding-001 on Vertex takes one text per request: a list is refused by name.
-    one = client(gw).embeddings.create(model="google-vertex-ai/my-proj/us-central1/gemini-embedding-001", input="x")
+    # gemini-embedding-001 on Vertex takes one text per request (the mock refuses a list, as
+    # Vertex does): a list is sent one text per request and the answers joined in order.
+    model = "google-vertex-ai/my-proj/us-central1/gemini-embedding-001"
+    one = client(gw).embeddings.create(model=model, input="x", encoding_format="float")
+    mock.clear()
+    texts = [f"text number {i}" for i in range(11)]
+    many = client(gw).embeddings.create(model=model, input=texts, encoding_format="float")
+    assert [d.index for d in many.data] == list(range(11))
+    singles = [client(gw).embeddings.create(model=model, input=t, encoding_format="float") for t in texts]
+    assert [d.embedding for d in many.data] == [s.data[0].embedding for s in singles]
+    assert many.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles) == 33
     assert len(one.data) == 1
+    sent = [json.loads(r["body"])["instances"] for r in mock.requests()[:11]]
+    assert sorted(i[0]["content"] for i in sent) == sorted(texts) and all(len(i) == 1 for i in sent)
+    # A failing part fails the whole request with that part's error.
     mock.clear()
     with pytest.raises(openai.BadRequestError) as e:
-        client(gw).embeddings.create(model="google-vertex-ai/my-proj/us-central1/gemini-embedding-001", input=["a", "b"])
-    assert "one text per request" in e.value.response.json()["error"][0]["message"]
+        client(gw).embeddings.create(model=model, input=["a"] * 300)
+    assert "at most 256 texts" in e.value.response.json()["error"][0]["message"]
     assert mock.requests() == []
 
 
@@ -628,6 +640,14 @@ def test_bedrock_embeddings_titan_and_cohere(gw, mock):
     cohere = c.embeddings.create(model="aws-bedrock/us-east-1/cohere.embed-english-v3", input=["a", "b"])
     assert len(cohere.data) == 2
     assert mock.last()["path"] == "/model/cohere.embed-english-v3/invoke"
+    # Titan takes one text per request: a list goes one text per signed request, joined in order.
+    mock.clear()
+    many = c.embeddings.create(model="aws-bedrock/us-east-1/amazon.titan-embed-text-v2:0", input=["one two", "three"],
+                               encoding_format="float")
+    assert [d.index for d in many.data] == [0, 1] and many.usage.prompt_tokens == 3
+    bodies = sorted(json.loads(r["body"])["inputText"] for r in mock.requests())
+    assert bodies == ["one two", "three"]
+    assert all(r["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 ") for r in mock.requests())
 
 
 # --- OpenAI-compatible providers ---------------------------------------------------------

@@ -682,6 +682,7 @@ pub fn embed_request(req: &EmbeddingsRequest, family: EmbedModel) -> Result<Vec<
     let mut body = req.rest.clone();
     match family {
         EmbedModel::Titan => {
+            // A list is sent one text per request (`EmbeddingsRequest::one_per_text`).
             let [text] = texts.as_slice() else {
                 return Err(bad(
                     "amazon.titan-embed models take one input per request; send input as a single string",
@@ -706,6 +707,14 @@ pub fn embed_request(req: &EmbeddingsRequest, family: EmbedModel) -> Result<Vec<
 
 /// The InvokeModel embeddings response as an OpenAI embedding list.
 pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+    let (vectors, tokens) = embed_vectors(body)?;
+    Ok(openai::embeddings_json(
+        &ctx.model, &vectors, ctx.base64, tokens,
+    ))
+}
+
+/// The vectors and input tokens of an InvokeModel embeddings response (Cohere reports none).
+pub fn embed_vectors(body: &[u8]) -> Result<(Vec<Vec<f32>>, u64), String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("unexpected Bedrock response: {e}"))?;
     if let Some(e) = v.get("embedding") {
@@ -714,12 +723,7 @@ pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String>
             .get("inputTextTokenCount")
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        return Ok(openai::embeddings_json(
-            &ctx.model,
-            &[vector],
-            ctx.base64,
-            tokens,
-        ));
+        return Ok((vec![vector], tokens));
     }
     let list = v
         .get("embeddings")
@@ -731,7 +735,7 @@ pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String>
         .map(openai::floats)
         .collect::<Option<Vec<_>>>()
         .ok_or("Cohere embedding is not a number array")?;
-    Ok(openai::embeddings_json(&ctx.model, &vectors, ctx.base64, 0))
+    Ok((vectors, 0))
 }
 
 /// Bedrock's document format (its `DocumentFormat`) of a MIME type.

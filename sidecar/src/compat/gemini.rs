@@ -588,21 +588,18 @@ pub fn embed_request(
     Ok(openai::to_vec(&json!({"requests": requests})))
 }
 
+/// Whether a Vertex embedding model takes one text per request (Vertex answers a list to
+/// `gemini-embedding-*` with a 400): a list is then sent one text at a time.
+pub fn vertex_embeds_one_per_request(model: &str) -> bool {
+    model.starts_with("gemini-embedding")
+}
+
 /// Embeddings: Vertex `:predict` request.
 pub fn vertex_embed_request(
     req: &EmbeddingsRequest,
-    model: &str,
     provider: &str,
 ) -> Result<Vec<u8>, GatewayError> {
     let texts = req.texts(provider)?;
-    // Vertex answers a list to gemini-embedding-* with a 400: one instance per request.
-    if model.starts_with("gemini-embedding") && texts.len() > 1 {
-        return Err(bad(format!(
-            "input: provider {provider} embeds one text per request with {}, got {}",
-            openai::truncate(model),
-            texts.len()
-        )));
-    }
     let instances: Vec<Value> = texts.iter().map(|t| json!({"content": t})).collect();
     let mut body = json!({"instances": instances});
     if let (Some(d), Some(obj)) = (req.dimensions, body.as_object_mut()) {
@@ -613,6 +610,14 @@ pub fn vertex_embed_request(
 
 /// Embeddings response of either Google API as an OpenAI embedding list.
 pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+    let (vectors, tokens) = embed_vectors(body)?;
+    Ok(openai::embeddings_json(
+        &ctx.model, &vectors, ctx.base64, tokens,
+    ))
+}
+
+/// The vectors and input tokens of an embeddings response of either Google API.
+pub fn embed_vectors(body: &[u8]) -> Result<(Vec<Vec<f32>>, u64), String> {
     let v: Value =
         serde_json::from_slice(body).map_err(|e| format!("unexpected Google response: {e}"))?;
     let mut vectors = Vec::new();
@@ -643,9 +648,7 @@ pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String>
     } else {
         return Err("Google embeddings response without embeddings".into());
     }
-    Ok(openai::embeddings_json(
-        &ctx.model, &vectors, ctx.base64, tokens,
-    ))
+    Ok((vectors, tokens))
 }
 
 #[cfg(test)]

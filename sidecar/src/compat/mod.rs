@@ -38,6 +38,7 @@ use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Cached, Gateway};
+use crate::retry::Policy;
 use crate::route::ProviderRoute;
 use crate::routing::Target;
 use crate::telemetry::{LogOptions, RequestRecord};
@@ -111,6 +112,9 @@ struct Translation {
     endpoint: Endpoint,
     stream: bool,
     ctx: ResponseCtx,
+    /// The other upstream requests of a request sent in parts (embeddings of a provider that
+    /// takes one text per request), sent once the first succeeded; the answers are joined.
+    more: Vec<Request<Full<Bytes>>>,
 }
 
 impl Translation {
@@ -365,6 +369,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     endpoint: i.endpoint,
                     stream,
                     ctx,
+                    more: Vec::new(),
                 }),
             ))
         }
@@ -377,6 +382,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     format!("v1beta/models/{m}")
                 }
             };
+            let mut more_bodies = Vec::new();
             let (rest, query, body, stream) = match i.endpoint {
                 Endpoint::Chat => {
                     let req = openai::ChatRequest::parse(i.body)?;
@@ -399,7 +405,16 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     ctx.base64 = req.wants_base64();
                     let model = prefix.rsplit('/').next().unwrap_or(i.model);
                     if format == Format::Vertex {
-                        let body = gemini::vertex_embed_request(&req, model, &i.provider.id)?;
+                        let mut bodies = if gemini::vertex_embeds_one_per_request(model) {
+                            req.one_per_text(&i.provider.id)?
+                                .iter()
+                                .map(|one| gemini::vertex_embed_request(one, &i.provider.id))
+                                .collect::<Result<Vec<_>, _>>()?
+                        } else {
+                            vec![gemini::vertex_embed_request(&req, &i.provider.id)?]
+                        };
+                        more_bodies = bodies.split_off(1.min(bodies.len()));
+                        let body = bodies.pop().unwrap_or_default();
                         (format!("{prefix}:predict"), None, body, false)
                     } else {
                         let body = gemini::embed_request(&req, model, &i.provider.id)?;
@@ -410,6 +425,10 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
             let uri = i.provider.upstream_uri(&route(i, &rest), query)?;
             let key = i.key()?;
             let headers = translated_headers(i.provider, &key, &i.parts.headers);
+            let more = more_bodies
+                .into_iter()
+                .map(|b| new_request(uri.clone(), headers.clone(), Bytes::from(b)))
+                .collect();
             Ok((
                 new_request(uri, headers, Bytes::from(body)),
                 Some(Translation {
@@ -417,6 +436,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     endpoint: i.endpoint,
                     stream,
                     ctx,
+                    more,
                 }),
             ))
         }
@@ -428,6 +448,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 .ok_or_else(|| bad("aws-bedrock needs a region: use model aws-bedrock/{region}/{modelId} or set \"region\" in the aws-bedrock key file"))?
                 .to_owned();
             let encoded = bedrock::encode_model_id(model_id);
+            let mut more_bodies = Vec::new();
             let (action, body, stream) = match i.endpoint {
                 Endpoint::Chat => {
                     let req = openai::ChatRequest::parse(i.body)?;
@@ -449,7 +470,16 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     let req = openai::EmbeddingsRequest::parse(i.body)?;
                     ctx.base64 = req.wants_base64();
                     let family = bedrock::embed_model(model_id)?;
-                    ("invoke", bedrock::embed_request(&req, family)?, false)
+                    let mut bodies = if family == bedrock::EmbedModel::Titan {
+                        req.one_per_text(&i.provider.id)?
+                            .iter()
+                            .map(|one| bedrock::embed_request(one, family))
+                            .collect::<Result<Vec<_>, _>>()?
+                    } else {
+                        vec![bedrock::embed_request(&req, family)?]
+                    };
+                    more_bodies = bodies.split_off(1.min(bodies.len()));
+                    ("invoke", bodies.pop().unwrap_or_default(), false)
                 }
             };
             let rest = format!("bedrock-runtime/{region}/model/{encoded}/{action}");
@@ -474,9 +504,17 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
             {
                 headers.insert(header::HOST, host);
             }
-            let body = Bytes::from(body);
-            let mut req = new_request(uri, headers, body.clone());
-            creds.sign(&mut req, &body, &region, SystemTime::now())?;
+            let signed = |body: Vec<u8>| {
+                let body = Bytes::from(body);
+                let mut req = new_request(uri.clone(), headers.clone(), body.clone());
+                creds.sign(&mut req, &body, &region, SystemTime::now())?;
+                Ok::<_, GatewayError>(req)
+            };
+            let req = signed(body)?;
+            let more = more_bodies
+                .into_iter()
+                .map(signed)
+                .collect::<Result<Vec<_>, _>>()?;
             Ok((
                 req,
                 Some(Translation {
@@ -484,6 +522,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     endpoint: i.endpoint,
                     stream,
                     ctx,
+                    more,
                 }),
             ))
         }
@@ -733,18 +772,8 @@ pub(crate) async fn serve(
             minted: minted.as_ref(),
         })
         .map_err(fail)?;
-        let mut policy = retries;
-        if let Some(n) = target.attempts {
-            policy.max_attempts = n;
-        }
-        let outcome = gw
-            .dispatch(
-                upstream,
-                target.timeout.unwrap_or(timeout),
-                &policy,
-                &provider.id,
-            )
-            .await;
+        let (within, policy) = target_limits(target, timeout, retries);
+        let outcome = gw.dispatch(upstream, within, &policy, &provider.id).await;
         let ok = matches!(&outcome, Ok(r) if r.status().is_success());
         if !ok && let Some(next) = walk.as_mut().and_then(|w| w.next_target(&metadata)) {
             let why = match &outcome {
@@ -796,7 +825,7 @@ pub(crate) async fn serve(
         record.charge_route_budgets(w.take_budget_charges());
     }
     record.set_request_payload(&body);
-    let Some(t) = translation else {
+    let Some(mut t) = translation else {
         let fill = miss
             .as_mut()
             .and_then(|m| m.fill(head.status, &head.headers));
@@ -827,8 +856,31 @@ pub(crate) async fn serve(
             return Ok(err.into_response());
         }
     };
-    let out = if head.status.is_success() {
-        match t.body(&raw) {
+    let rest = if head.status.is_success() {
+        let (within, policy) = target_limits(target, timeout, retries);
+        fan_out(
+            gw,
+            std::mem::take(&mut t.more),
+            within,
+            &policy,
+            &provider.id,
+        )
+        .await
+    } else {
+        Ok(Vec::new())
+    };
+    let out = match rest {
+        Err(FanOutFailure::Upstream(parts, body)) => {
+            head.status = parts.status;
+            t.error(parts.status.as_u16(), &parts.headers, &body)
+        }
+        Err(FanOutFailure::Gateway(err)) => {
+            tracing::warn!(provider = %provider.id, error = %err, "response not delivered");
+            head.status = err.status();
+            err.to_json().into_bytes()
+        }
+        Ok(_) if !head.status.is_success() => t.error(head.status.as_u16(), &head.headers, &raw),
+        Ok(rest) => match translate_all(&t, &raw, &rest) {
             Ok(out) => out,
             Err(message) => {
                 // Made by the gateway, so in the SPEC.md envelope like its other 502s.
@@ -840,9 +892,7 @@ pub(crate) async fn serve(
                 head.status = err.status();
                 err.to_json().into_bytes()
             }
-        }
-    } else {
-        t.error(head.status.as_u16(), &head.headers, &raw)
+        },
     };
     head.headers.insert(
         header::CONTENT_TYPE,
@@ -857,6 +907,97 @@ pub(crate) async fn serve(
         fill.whole(&out);
     }
     Ok(Response::from_parts(head, ProxyBody::full(out)))
+}
+
+/// The request timeout and retries of a route target: its own where it has them.
+fn target_limits(
+    target: &Target,
+    timeout: std::time::Duration,
+    retries: Policy,
+) -> (std::time::Duration, Policy) {
+    let mut policy = retries;
+    if let Some(n) = target.attempts {
+        policy.max_attempts = n;
+    }
+    (target.timeout.unwrap_or(timeout), policy)
+}
+
+/// Why the rest of a request sent in parts failed.
+enum FanOutFailure {
+    /// A part's upstream answered with an error: its head and body, translated for the client.
+    Upstream(http::response::Parts, Bytes),
+    /// A part could not be sent or read.
+    Gateway(GatewayError),
+}
+
+/// Most parts of a request sent in parts in flight at once.
+const FAN_OUT_CONCURRENCY: usize = 8;
+
+/// Sends the other parts of a request sent in parts (as the first: timeout, retries), a few at
+/// once, and reads their answers whole, in order. Nothing to send: nothing is done.
+async fn fan_out(
+    gw: &Gateway,
+    parts: Vec<Request<Full<Bytes>>>,
+    timeout: std::time::Duration,
+    policy: &Policy,
+    provider: &Arc<str>,
+) -> Result<Vec<Bytes>, FanOutFailure> {
+    use futures_util::StreamExt as _;
+    if parts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let answers = futures_util::stream::iter(parts)
+        .map(|req| async move {
+            let resp = gw
+                .dispatch(req, timeout, policy, provider)
+                .await
+                .map_err(FanOutFailure::Gateway)?;
+            let (head, body) = resp.into_parts();
+            let body = crate::body::hold_whole(body, MAX_RESPONSE_BYTES)
+                .await
+                .map_err(|e| {
+                    FanOutFailure::Gateway(
+                        e.into_gateway_error(&format!("the {provider} response")),
+                    )
+                })?;
+            if head.status.is_success() {
+                Ok(body)
+            } else {
+                Err(FanOutFailure::Upstream(head, body))
+            }
+        })
+        .buffered(FAN_OUT_CONCURRENCY);
+    let mut answers = std::pin::pin!(answers);
+    let mut out = Vec::new();
+    while let Some(answer) = answers.next().await {
+        out.push(answer?);
+    }
+    Ok(out)
+}
+
+/// The client's answer from the upstream's: one translated body, or for embeddings sent in
+/// parts, one list of every part's vectors in order (their input tokens added up).
+fn translate_all(t: &Translation, first: &[u8], rest: &[Bytes]) -> Result<Vec<u8>, String> {
+    if rest.is_empty() {
+        return t.body(first);
+    }
+    let vectors_of = match t.wire {
+        Wire::Google => gemini::embed_vectors,
+        Wire::Bedrock => bedrock::embed_vectors,
+        Wire::Anthropic => return Err("Anthropic has no embeddings".into()),
+    };
+    let (mut all, mut tokens) = vectors_of(first)?;
+    for answer in rest {
+        let (vectors, n) = vectors_of(answer)?;
+        all.extend(vectors);
+        tokens += n;
+    }
+    Ok(openai::embeddings_json(
+        &t.ctx.model,
+        &all,
+        t.ctx.base64,
+        tokens,
+    ))
 }
 
 #[cfg(test)]

@@ -458,6 +458,9 @@ impl ChatRequest {
     }
 }
 
+/// Most texts of one embeddings request sent one per upstream call.
+pub const MAX_FAN_OUT: usize = 256;
+
 /// An embeddings request.
 #[derive(Debug, Deserialize)]
 pub struct EmbeddingsRequest {
@@ -498,6 +501,31 @@ impl EmbeddingsRequest {
                 "input as token arrays cannot be expressed for provider {provider}; send text"
             ))),
         }
+    }
+
+    /// This request as one request per text, for providers that embed one text per call
+    /// (Vertex `gemini-embedding-*`, Bedrock `amazon.titan-embed-*`): the gateway sends them
+    /// all and joins the answers. At most [`MAX_FAN_OUT`] texts.
+    pub fn one_per_text(&self, provider: &str) -> Result<Vec<EmbeddingsRequest>, GatewayError> {
+        let texts = self.texts(provider)?;
+        if texts.len() > MAX_FAN_OUT {
+            return Err(bad(format!(
+                "input: provider {provider} embeds one text per request with {}, so at most {MAX_FAN_OUT} texts are sent at once, got {}",
+                truncate(&self.model),
+                texts.len()
+            )));
+        }
+        Ok(texts
+            .into_iter()
+            .map(|t| EmbeddingsRequest {
+                model: self.model.clone(),
+                input: EmbeddingInput::One(t.to_owned()),
+                encoding_format: self.encoding_format.clone(),
+                dimensions: self.dimensions,
+                user: self.user.clone(),
+                rest: self.rest.clone(),
+            })
+            .collect())
     }
 
     /// Whether the client wants base64 vectors (the openai SDKs ask for them by default).

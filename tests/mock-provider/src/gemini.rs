@@ -118,9 +118,16 @@ pub(crate) fn handle(
             json_ok(&json!({"embeddings": list}))
         }
         Method::Predict => {
-            let list: Vec<Value> = req
-                .get("instances")
-                .and_then(Value::as_array)
+            let instances = req.get("instances").and_then(Value::as_array);
+            // As Vertex: gemini-embedding models take one instance per request.
+            if model.starts_with("gemini-embedding") && instances.is_some_and(|i| i.len() > 1) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "Unable to submit request because gemini-embedding models support only 1 instance per request.",
+                    "INVALID_ARGUMENT",
+                );
+            }
+            let list: Vec<Value> = instances
                 .map(|is| {
                     is.iter()
                         .map(|i| {
