@@ -190,46 +190,103 @@ def test_configured_streams_are_replayed_from_the_cache(streaming_cache_gateway,
     assert len(mock.requests()) == 1
 
 
+def wait_for_request(mock, text, timeout=5):
+    """Waits until the mock has received a request whose body holds `text`."""
+    deadline = time.monotonic() + timeout
+    while not any(text in q["body"] for q in mock.requests()):
+        assert time.monotonic() < deadline, f"the mock never received the request for {text!r}"
+        time.sleep(0.02)
+
+
 def test_an_identical_stream_does_not_wait_for_one_being_cached(streaming_cache_gateway, mock):
-    # The first stream takes ~2 s (100 ms per event); an identical request arriving meanwhile
-    # gets its own stream at once instead of a replay after the first one ends.
+    # The first stream takes ~3 s (31 events, 100 ms apart); an identical request arriving
+    # meanwhile gets its own stream at once instead of a replay after the first one ends.
     import threading
-    body = chat_body("slow identical streams", stream=True)
+    text = "slow identical streams " + " ".join(f"w{i:02}" for i in range(25))
+    body = chat_body(text, stream=True)
     slow = {"x-mock-chunk-delay-ms": "100"}
     first = {}
+    leader_done = threading.Event()
 
     def leader():
-        with httpx.stream("POST", streaming_cache_gateway.url + CHAT, json=body, headers=slow, timeout=30) as r:
-            first["status"] = r.headers["cf-aig-cache-status"]
-            first["body"] = r.read()
+        try:
+            with httpx.stream("POST", streaming_cache_gateway.url + CHAT, json=body, headers=slow, timeout=30) as r:
+                first["status"] = r.headers["cf-aig-cache-status"]
+                first["body"] = r.read()
+        finally:
+            leader_done.set()
 
     t = threading.Thread(target=leader)
     t.start()
-    time.sleep(0.3)
-    t0 = time.monotonic()
+    wait_for_request(mock, text)  # the leader's stream is under way
     with httpx.stream("POST", streaming_cache_gateway.url + CHAT, json=body, headers=slow, timeout=30) as r:
         chunks = r.iter_raw()
         second = next(chunks)
-        waited = time.monotonic() - t0
+        assert not leader_done.is_set(), "the second stream started only after the first one ended"
         assert r.headers["cf-aig-cache-status"] == "MISS"
         second += b"".join(chunks)
     t.join()
-    assert waited < 1.0, f"waited {waited:.2f}s for the first stream"
     assert first["status"] == "MISS" and len(mock.requests()) == 2
-    assert b"[DONE]" in first["body"] and b"[DONE]" in second
+    assert first["body"].rstrip().endswith(b"data: [DONE]") and second.rstrip().endswith(b"data: [DONE]")
     assert post(streaming_cache_gateway, body=body).headers["cf-aig-cache-status"] == "HIT"
 
 
 def test_a_stream_cut_off_by_the_client_is_not_stored(streaming_cache_gateway, mock):
-    body = chat_body("slow stream", stream=True)
+    body = chat_body("slow stream cut off by its client", stream=True)
+    cancelled = mock.stats()["streams_cancelled"]
     with httpx.stream("POST", streaming_cache_gateway.url + CHAT, json=body,
                       headers={"x-mock-chunk-delay-ms": "200"}, timeout=10) as r:
         assert r.headers["cf-aig-cache-status"] == "MISS"
         next(r.iter_raw())  # first bytes, then hang up
-    r = post(streaming_cache_gateway, body=body)
-    assert r.headers["cf-aig-cache-status"] == "MISS"
-    assert r.text.rstrip().endswith("data: [DONE]")
-    assert post(streaming_cache_gateway, body=body).headers["cf-aig-cache-status"] == "HIT"
+    # Once the mock sees its stream cancelled, the gateway has noticed the hang-up.
+    deadline = time.monotonic() + 5
+    while mock.stats()["streams_cancelled"] == cancelled:
+        assert time.monotonic() < deadline, "the upstream stream was not cancelled"
+        time.sleep(0.05)
+    whole = post(streaming_cache_gateway, body=body)
+    assert whole.headers["cf-aig-cache-status"] == "MISS"
+    assert whole.text.rstrip().endswith("data: [DONE]")
+    hit = post(streaming_cache_gateway, body=body)
+    assert hit.headers["cf-aig-cache-status"] == "HIT"
+    assert hit.text.rstrip().endswith("data: [DONE]")
+    assert hit.content == whole.content
+
+
+def reload_count(g):
+    for line in g.metrics().splitlines():
+        if line.startswith('sidegate_config_reloads_total{result="success"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def reload_config(g, text):
+    before = reload_count(g)
+    g.config.write_text(text)
+    deadline = time.monotonic() + 5
+    while reload_count(g) == before:
+        assert time.monotonic() < deadline, "the edited config was not reloaded"
+        time.sleep(0.05)
+
+
+def test_the_cache_survives_config_reloads_unless_max_size_changes(mock, tmp_path):
+    spec = "  cache: {enabled: true, ttl: 10m, maxSize: 1Mi}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        body = chat_body("kept across reloads")
+        assert post(g, body=body).headers["cf-aig-cache-status"] == "MISS"
+        # An edit of everything but maxSize: another ttl, a rate limit, another provider.
+        edited = (f"    mistral: {{baseURL: '{mock.url}/v1'}}\n" + spec.replace("ttl: 10m", "ttl: 20m")
+                  + "  rateLimit: {limit: 1000, interval: 60s}\n")
+        reload_config(g, gateway_yaml(mock.url, extra_spec=edited))
+        assert post(g, body=body).headers["cf-aig-cache-status"] == "HIT"
+        assert len(mock.requests()) == 1
+        # A new maxSize empties it.
+        reload_config(g, gateway_yaml(mock.url, extra_spec=edited.replace("maxSize: 1Mi", "maxSize: 2Mi")))
+        assert post(g, body=body).headers["cf-aig-cache-status"] == "MISS"
+        assert len(mock.requests()) == 2
+    finally:
+        g.stop()
 
 
 def test_cache_ttl_header_turns_the_cache_on_for_one_request(gateway, mock):

@@ -3,6 +3,7 @@ bodies of spec.logging.payloads (cf-aig-collect-log-payload)."""
 
 import json
 import time
+import uuid
 
 import httpx
 import openai
@@ -175,7 +176,7 @@ def test_universal_requests_log_the_answering_steps_body_never_the_step_headers(
     # gets the body of the step that answered, which is what the provider was sent.
     client_key = f"sk-{KEY_MARKER}-client-own"
     steps = [{"provider": "custom-local", "endpoint": "chat/completions",
-              "headers": {"x-custom-key": client_key, "x-mock-fail-first": "1;univ-log"},
+              "headers": {"x-custom-key": client_key, "x-mock-fail-first": f"1;{uuid.uuid4().hex}"},
               "query": {"model": "first-try", "messages": [{"role": "user", "content": "one"}]}},
              {"provider": "openai", "endpoint": "chat/completions", "headers": {"authorization": f"Bearer {client_key}"},
               "query": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "two"}]}}]

@@ -52,17 +52,48 @@ def test_the_openai_sdk_sees_a_rate_limit_error(mock, tmp_path):
 
 
 def test_a_new_window_allows_requests_again(mock, tmp_path):
-    g = limited(mock, tmp_path, "{limit: 2, interval: 1s}")
+    g = limited(mock, tmp_path, "{limit: 2, interval: 2s}")
     try:
-        deadline = time.monotonic() + 10
-        statuses = []
-        while 429 not in statuses:
-            assert time.monotonic() < deadline
-            statuses.append(httpx.post(g.url + CHAT, json=BODY).status_code)
-        r = httpx.post(g.url + CHAT, json=BODY)
-        assert r.status_code == 429 and r.headers["retry-after"] == "1"
-        time.sleep(1.05)
+        sent = 0
+        while (r := httpx.post(g.url + CHAT, json=BODY)).status_code == 200:
+            sent += 1
+            assert sent <= 4, "at most 2 requests per window (4 across a window boundary)"
+        assert r.status_code == 429
+        # Retry-After is the time left in the window, rounded up: the next window starts by then.
+        retry = int(r.headers["retry-after"])
+        assert 1 <= retry <= 2, retry
+        time.sleep(retry)
         assert httpx.post(g.url + CHAT, json=BODY).status_code == 200
+    finally:
+        g.stop()
+
+
+def test_cache_hits_are_counted_by_the_limit(mock, tmp_path):
+    g = limited(mock, tmp_path, "{limit: 2, interval: 1h}", extra="  cache: {enabled: true}\n")
+    try:
+        statuses = [httpx.post(g.url + CHAT, json=BODY) for _ in range(2)]
+        assert [r.headers["cf-aig-cache-status"] for r in statuses] == ["MISS", "HIT"]
+        # Would be another hit, were hits not counted.
+        r = httpx.post(g.url + CHAT, json=BODY)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (429, 2003), r.text
+        assert len(mock.requests()) == 1
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("header,value", [
+    ("cf-aig-metadata", "not json"),
+    ("cf-aig-request-timeout", "soon"),
+    ("cf-aig-skip-cache", "maybe"),
+])
+def test_a_request_refused_for_a_bad_header_value_after_the_limit_is_counted(mock, tmp_path, header, value):
+    g = limited(mock, tmp_path, "{limit: 1, interval: 1h}")
+    try:
+        r = httpx.post(g.url + CHAT, json=BODY, headers={header: value})
+        assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2100), r.text
+        r = httpx.post(g.url + CHAT, json=BODY)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (429, 2003), r.text
+        assert mock.requests() == []
     finally:
         g.stop()
 

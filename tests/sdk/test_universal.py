@@ -1,11 +1,12 @@
 """The universal endpoint: POST / with a JSON array of steps, tried in order (fallback)."""
 
 import json
+import uuid
 
 import httpx
 import pytest
 
-from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, OPENAI_KEY, Sidegate, gateway_yaml
+from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
 
 
 def openai_step(model="gpt-4o-mini", text="universal hello", **extra):
@@ -59,10 +60,42 @@ def test_a_step_timeout_falls_back_to_the_next(gateway, mock):
 
 def test_step_retries_come_from_its_config(gateway, mock):
     step = openai_step(config={"maxAttempts": 2, "retryDelay": 0})
-    step["headers"]["x-mock-fail-first"] = "1;universal-retry"
+    step["headers"]["x-mock-fail-first"] = f"1;{uuid.uuid4().hex}"
     r = httpx.post(gateway.url + "/", json=step)
     assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0")
     assert len(mock.requests()) == 2
+
+
+def test_the_byok_alias_applies_to_every_step(mock, tmp_path):
+    keys = dict(DEFAULT_KEYS, **{"anthropic.team-b": f"sk-ant-{KEY_MARKER}-teamb"})
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), keys)
+    try:
+        mock.clear()
+        r = httpx.post(g.url + "/", json=[openai_step(model="mock-status-503"), anthropic_step()],
+                       headers={"cf-aig-byok-alias": "team-b"})
+        assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1"), r.text
+        first, second = mock.requests()
+        assert first["headers"]["authorization"] == f"Bearer {DEFAULT_KEYS['openai.team-b']}"
+        assert second["headers"]["x-api-key"] == keys["anthropic.team-b"]
+    finally:
+        g.stop()
+
+
+def test_universal_responses_are_not_cached(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  cache: {enabled: true}\n"), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        answers = [httpx.post(g.url + "/", json=[openai_step(text="cache me not")]) for _ in range(2)]
+        assert [r.status_code for r in answers] == [200, 200]
+        assert all("cf-aig-cache-status" not in r.headers for r in answers)
+        assert answers[0].json()["id"] != answers[1].json()["id"]
+        assert len(mock.requests()) == 2
+        # The same request on the provider's own route is cached: the cache is on.
+        direct = [httpx.post(g.url + "/openai/chat/completions", json=openai_step(text="cache me not")["query"])
+                  for _ in range(2)]
+        assert [r.headers["cf-aig-cache-status"] for r in direct] == ["MISS", "HIT"]
+    finally:
+        g.stop()
 
 
 def test_long_form_url_and_a_single_step_object(gateway, mock):
