@@ -15,54 +15,71 @@ def reload_count(g, result):
     return int(m.group(1)) if m else 0
 
 
-def wait_for(cond, timeout, what):
+def wait_for(cond, timeout, what, every=0.01):
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, what
-        time.sleep(0.01)
+        time.sleep(every)
 
 
 def test_rotating_a_key_by_symlink_swap_under_load_loses_no_request(mock, tmp_path):
     g = Sidegate(tmp_path, gateway_yaml(mock.url))
     failures, done, sent, threads = [], threading.Event(), [0], []
+    # What the load sends: "rotation-pending", then "rotation-seen" once the new key was seen.
+    phase = ["rotation-pending"]
 
     def load():
         with httpx.Client(timeout=10) as c:
             while not done.is_set() and sent[0] < 20000:
+                body = {"model": "m", "messages": [{"role": "user", "content": phase[0]}]}
                 try:
-                    r = c.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "l"}]})
+                    r = c.post(g.url + "/openai/chat/completions", json=body)
                     if r.status_code != 200:
                         failures.append(r.status_code)
                 except httpx.HTTPError as e:
                     failures.append(repr(e))
                 sent[0] += 1
 
+    def drain():
+        """The mock's records since the last call (cleared each time, so each fetch stays small)."""
+        reqs = mock.requests()
+        mock.clear()
+        return reqs
+
+    new_key = f"sk-{KEY_MARKER}-openai-rotated"
     try:
         kubelet.write(g.keys_dir, DEFAULT_KEYS)
         wait_for(lambda: reload_count(g, "success") >= 1, 5, "initial keys not loaded")
-        mock.clear()
         threads.extend(threading.Thread(target=load) for _ in range(4))
         for t in threads:
             t.start()
-        time.sleep(0.5)
-        new_key = f"sk-{KEY_MARKER}-openai-rotated"
+        wait_for(lambda: sent[0] >= 50, 10, "the load did not start", every=0.05)
         swapped_at = time.monotonic()
         kubelet.write(g.keys_dir, dict(DEFAULT_KEYS, **{"openai.default": new_key}))
+        mock.clear()
 
         def new_key_seen():
-            reqs = mock.requests()
-            return bool(reqs) and reqs[-1]["headers"].get("authorization") == f"Bearer {new_key}"
+            return any(q["headers"].get("authorization") == f"Bearer {new_key}" for q in drain())
 
-        wait_for(new_key_seen, 1.0, "new key not in use within 1 s of the swap")
+        wait_for(new_key_seen, 5, "new key not in use within 5 s of the swap", every=0.05)
         took = time.monotonic() - swapped_at
-        time.sleep(0.5)
+        # Once one request went with the new key, every request started afterwards does too.
+        phase[0] = "rotation-seen"
+        after = []
+
+        def enough_after():
+            after.extend(q for q in drain() if "rotation-seen" in q["body"])
+            return len(after) >= 50
+
+        wait_for(enough_after, 10, "the load stopped after the swap", every=0.05)
     finally:
         done.set()
         for t in threads:
             t.join(15)
         g.stop()
     assert failures == [], f"{len(failures)} failed requests of {sent[0]}: {failures[:5]}"
-    assert sent[0] > 50, "the load did not run"
+    keys = {q["headers"].get("authorization") for q in after}
+    assert keys == {f"Bearer {new_key}"}, f"requests after the rotation went with {keys}"
     print(f"key rotation: new key in use {took * 1000:.0f} ms after the swap; {sent[0]} requests, 0 failed")
 
 
