@@ -43,6 +43,29 @@ def free_port():
         return s.getsockname()[1]
 
 
+class RefusingPort:
+    """A loopback port that refuses connections for as long as this object is open: a socket
+    bound to it but not listening. Unlike a port closed again (`free_port`), it cannot be handed
+    to another socket meanwhile, such as the gateway's own listener."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def refusing_port():
+    """A dead upstream for the whole test: connections to `.port` / `.url` are refused."""
+    p = RefusingPort()
+    yield p
+    p.close()
+
+
 class StallingServer:
     """A loopback HTTP server stuck mid-answer: it reads a request head, sends a response head
     promising 1000 bytes and two of them, then sends nothing more and holds the connection."""
@@ -201,6 +224,18 @@ class Sidegate:
 
     def metrics(self):
         return httpx.get(f"{self.admin}/metrics").text
+
+    def wait_log_line(self, log_id, timeout=5):
+        """The access log line of the request `log_id` (`cf-aig-log-id`). Access log lines are
+        flushed every 200 ms: wait for the line before asserting what the log does not hold."""
+        text, json_ = f" request log_id={log_id} ", f'"message":"request","log_id":"{log_id}"'
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.logs().splitlines():
+                if text in line or json_ in line:
+                    return line
+            assert time.monotonic() < deadline, f"no access log line for {log_id}"
+            time.sleep(0.05)
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
 from test_redis import redis  # noqa: F401  (module-scoped real redis-server fixture)
 
 CHAT = "/openai/chat/completions"
@@ -201,8 +201,8 @@ def test_spend_is_shared_by_the_pods_through_redis(mock, tmp_path, redis):  # no
         b.stop()
 
 
-def test_without_redis_spend_and_token_limits_fail_open(mock, tmp_path):
-    dead = f"redis://127.0.0.1:{free_port()}/0"
+def test_without_redis_spend_and_token_limits_fail_open(mock, tmp_path, refusing_port):
+    dead = f"redis://127.0.0.1:{refusing_port.port}/0"
     spec = ("  redis: {}\n  spendLimit: {amount: '0.01', period: day}\n"
             "  rateLimit: {limit: 1000, interval: 60s, scope: global, tokensPerMinute: 1}\n")
     g = json_gateway(tmp_path, mock, spec, dict(DEFAULT_KEYS, **{"redis.url": dead}))

@@ -39,7 +39,9 @@ def test_a_blocked_request_never_reaches_the_provider(mock, tmp_path):
         assert SSN not in r.text, "the matched text is never echoed"
         assert mock.requests() == []
         # Clean prompts pass; invalid card numbers (Luhn) are not cards.
-        assert httpx.post(g.url + CHAT, json=body("4111 1111 1111 1112 is an order id")).status_code == 200
+        clean = httpx.post(g.url + CHAT, json=body("4111 1111 1111 1112 is an order id"))
+        assert clean.status_code == 200
+        g.wait_log_line(clean.headers["cf-aig-log-id"])  # lines are flushed in order: all are out
         assert SSN not in g.logs()
     finally:
         g.stop()

@@ -66,8 +66,8 @@ def test_bad_request_timeout_header_is_400(gateway):
     assert (r.status_code, envelope_code(r)) == (400, 2100)
 
 
-def test_unreachable_upstream_is_502_in_the_envelope(mock, tmp_path):
-    dead = f"http://127.0.0.1:{free_port()}"
+def test_unreachable_upstream_is_502_in_the_envelope(mock, tmp_path, refusing_port):
+    dead = refusing_port.url
     g = Sidegate(tmp_path, gateway_yaml(dead))
     try:
         r = httpx.post(g.url + "/openai/chat/completions", json={})

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, StallingServer, assert_refused_at_start, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, StallingServer, assert_refused_at_start, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 
@@ -21,6 +21,13 @@ def guarded(mock, tmp_path, rules, url=None):
     g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
     mock.clear()
     return g
+
+
+def assert_no_stored_key_sent(moderation_request):
+    # The moderation URL is not api.openai.com: the gateway's stored OpenAI key stays home.
+    headers = moderation_request["headers"]
+    assert not [v for v in headers.values() if KEY_MARKER in v], headers
+    assert OPENAI_KEY not in moderation_request["body"]
 
 
 def guardrail_metric(g, result):
@@ -37,8 +44,10 @@ def test_a_blocked_prompt_is_424_2016_and_never_reaches_the_provider(mock, tmp_p
         assert r.status_code == 424
         err = r.json()["error"][0]
         assert err["code"] == 2016 and "violence" in err["message"]
-        assert [q["path"] for q in mock.requests()] == ["/v1/moderations"]
-        assert "mock-flag:violence" in mock.requests()[0]["body"]
+        (moderation,) = mock.requests()
+        assert moderation["path"] == "/v1/moderations"
+        assert "mock-flag:violence" in moderation["body"]
+        assert_no_stored_key_sent(moderation)
         assert guardrail_metric(g, "block") == 1
         # The openai SDK sees the same refusal.
         client = openai.OpenAI(base_url=g.url + "/compat", api_key="placeholder", max_retries=0)
@@ -55,6 +64,10 @@ def test_a_flagged_prompt_goes_through_and_is_counted(mock, tmp_path):
     try:
         r = httpx.post(g.url + CHAT, json=body("some mock-flag:hate speech"))
         assert r.status_code == 200
+        moderation, chat = mock.requests()
+        assert (moderation["path"], chat["path"]) == ("/v1/moderations", "/v1/chat/completions")
+        assert_no_stored_key_sent(moderation)
+        assert chat["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
         assert guardrail_metric(g, "flag") == 1
         assert "guardrails: flagged" in g.logs()
         clean = httpx.post(g.url + CHAT, json=body("hello"))
@@ -78,8 +91,8 @@ def test_a_blocked_response_is_424_2017(mock, tmp_path):
         g.stop()
 
 
-def test_an_unreachable_moderation_endpoint_fails_open(mock, tmp_path):
-    g = guarded(mock, tmp_path, "    prompt: {violence: block}\n", url=f"http://127.0.0.1:{free_port()}/v1/moderations")
+def test_an_unreachable_moderation_endpoint_fails_open(mock, tmp_path, refusing_port):
+    g = guarded(mock, tmp_path, "    prompt: {violence: block}\n", url=refusing_port.url + "/v1/moderations")
     try:
         r = httpx.post(g.url + CHAT, json=body("mock-flag:violence"))
         assert r.status_code == 200

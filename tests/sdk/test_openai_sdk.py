@@ -1,6 +1,7 @@
 """The official openai SDK through sidegate to a mock OpenAI-compatible provider."""
 
 import json
+import re
 import time
 
 import httpx
@@ -8,6 +9,13 @@ import openai
 import pytest
 
 from conftest import KEY_MARKER, OPENAI_KEY
+
+
+def per_response_fields_masked(direct, through):
+    """`direct` with its response id and creation time replaced by those of `through`."""
+    got = json.loads(through)
+    out = re.sub(rb'"id":"[^"]*"', b'"id":' + json.dumps(got["id"]).encode(), direct, count=1)
+    return re.sub(rb'"created":\d+', b'"created":' + str(got["created"]).encode(), out, count=1)
 
 
 def client(gateway, path="/openai", **kw):
@@ -31,9 +39,17 @@ def test_chat_completion_gets_exactly_what_the_provider_sent_with_the_stored_key
     assert not [h for h in seen["headers"] if h.startswith("cf-aig-")]
     assert seen["headers"]["host"] == mock.addr
     assert json.loads(seen["body"])["messages"][0]["content"] == "hello there"
-    # What the SDK received is byte for byte what the mock produced.
-    raw = httpx.post(mock.url + "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}).json()
-    assert completion.choices[0].message.content == raw["choices"][0]["message"]["content"]
+    # What the SDK received is byte for byte what the mock produced (but for the per-response
+    # id and creation time), with the provider's response headers.
+    direct = httpx.post(mock.url + "/v1/chat/completions", headers={"authorization": "Bearer direct"},
+                        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]})
+    assert resp.http_response.content == per_response_fields_masked(direct.content, resp.http_response.content)
+    n = completion.id.removeprefix("chatcmpl-mock-")
+    assert resp.headers["x-request-id"] == f"req_mock_{n}"
+    provider_headers = [h for h in direct.headers if h.startswith(("openai-", "x-ratelimit-"))]
+    assert "openai-processing-ms" in provider_headers and "x-ratelimit-remaining-tokens" in provider_headers
+    for h in provider_headers:
+        assert resp.headers.get(h) == direct.headers[h], h
     deadline = time.monotonic() + 3
     while log_id not in gateway.logs():
         assert time.monotonic() < deadline, "the log line carries the same id as the response header"

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, KEY_MARKER, Sidegate, assert_refused_at_start, gateway_yaml
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -220,8 +220,8 @@ def test_a_malformed_cf_aig_otel_trace_id_is_400_2100_and_not_sent(traced, mock,
         assert s["status"].get("code", 0) == 0
 
 
-def test_an_unreachable_provider_is_an_error_span_in_the_clients_trace(mock, tmp_path, collector):
-    down = f"    deepseek: {{baseURL: 'http://127.0.0.1:{free_port()}'}}\n"
+def test_an_unreachable_provider_is_an_error_span_in_the_clients_trace(mock, tmp_path, collector, refusing_port):
+    down = f"    deepseek: {{baseURL: '{refusing_port.url}'}}\n"
     g = otel_gateway(mock, tmp_path, collector.url, more_providers=down)
     try:
         trace = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -269,9 +269,9 @@ def test_spans_still_queued_are_exported_on_shutdown(mock, tmp_path, collector):
 
 
 @pytest.mark.parametrize("down", ["unreachable", "500"])
-def test_with_the_collector_down_requests_succeed_and_lost_spans_are_counted(mock, tmp_path, down):
+def test_with_the_collector_down_requests_succeed_and_lost_spans_are_counted(mock, tmp_path, down, refusing_port):
     if down == "unreachable":
-        endpoint, stub = f"http://127.0.0.1:{free_port()}", None
+        endpoint, stub = refusing_port.url, None
     else:
         stub = Collector(status=500)
         endpoint = stub.url
@@ -279,9 +279,9 @@ def test_with_the_collector_down_requests_succeed_and_lost_spans_are_counted(moc
     try:
         oa = openai.OpenAI(base_url=g.url + "/openai", api_key="placeholder", max_retries=0)
         for batch in (1, 2):
-            resp = oa.chat.completions.create(model="gpt-4o-mini",
-                                              messages=[{"role": "user", "content": "still works"}])
-            assert resp.choices[0].message.content
+            raw = oa.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "still works"}])
+            assert raw.parse().choices[0].message.content
             deadline = time.monotonic() + 10
             while (metric(g, "sidegate_otel_spans_failed_total") or 0) < batch:
                 assert time.monotonic() < deadline, g.metrics()
@@ -290,7 +290,8 @@ def test_with_the_collector_down_requests_succeed_and_lost_spans_are_counted(moc
         assert metric(g, "sidegate_otel_spans_dropped_total") == 0
         # Two failed batches within 10 s: one warning.
         assert g.logs().count("OpenTelemetry export failed") == 1
-        assert "sgtestkey" not in g.logs()
+        g.wait_log_line(raw.headers["cf-aig-log-id"])  # the last line is out
+        assert KEY_MARKER not in g.logs()
     finally:
         g.stop()
         if stub:

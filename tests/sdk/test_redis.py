@@ -119,8 +119,8 @@ def test_a_global_rate_limit_is_shared_by_the_pods(mock, tmp_path, redis):
         b.stop()
 
 
-def test_without_redis_the_gateway_fails_open_and_says_so(mock, tmp_path):
-    dead = f"redis://127.0.0.1:{free_port()}/0"
+def test_without_redis_the_gateway_fails_open_and_says_so(mock, tmp_path, refusing_port):
+    dead = f"redis://127.0.0.1:{refusing_port.port}/0"
     spec = "  cache: {enabled: true, backend: redis}\n  rateLimit: {limit: 1, interval: 1h, scope: global}\n"
     g = pod(tmp_path, mock, dead, spec, "a")
     try:
@@ -131,6 +131,7 @@ def test_without_redis_the_gateway_fails_open_and_says_so(mock, tmp_path):
         errors = [l for l in g.metrics().splitlines() if l.startswith("sidegate_redis_errors_total ")]
         assert errors and float(errors[0].split()[-1]) >= 3
         assert "serving without it (fail open)" in g.logs()
+        g.wait_log_line(r.headers["cf-aig-log-id"])  # the last line is out
         assert dead not in g.logs()
     finally:
         g.stop()

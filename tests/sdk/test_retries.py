@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "try again"}]}
@@ -101,8 +101,8 @@ def test_timeouts_are_per_attempt_and_retried(gateway, mock):
     assert attempts(mock, h) == 2
 
 
-def test_unreachable_upstreams_are_retried_then_502(mock, tmp_path):
-    dead = f"http://127.0.0.1:{free_port()}"
+def test_unreachable_upstreams_are_retried_then_502(mock, tmp_path, refusing_port):
+    dead = refusing_port.url
     spec = "  retries: {maxAttempts: 3, retryDelay: 10ms}\n"
     g = Sidegate(tmp_path, gateway_yaml(dead, extra_spec=spec), DEFAULT_KEYS)
     try:
@@ -113,9 +113,9 @@ def test_unreachable_upstreams_are_retried_then_502(mock, tmp_path):
         g.stop()
 
 
-def test_compat_requests_are_retried_too(mock, tmp_path):
+def test_compat_requests_are_retried_too(mock, tmp_path, refusing_port):
     # /compat builds its own upstream request (no client headers pass), so use a dead upstream.
-    dead = f"http://127.0.0.1:{free_port()}"
+    dead = refusing_port.url
     spec = "  retries: {maxAttempts: 2, retryDelay: 10ms}\n"
     g = Sidegate(tmp_path, gateway_yaml(dead, extra_spec=spec), DEFAULT_KEYS)
     try:
