@@ -51,7 +51,8 @@ pub struct GatewayIdentity {
     /// that renders the same content keeps it, so the file and its sidecars stay as they are).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,
-    /// Content hash (`sha256:<hex>`) of the policy, key names and key digests.
+    /// Content hash (`sha256:<hex>`) of the policy, key names and key digests (keyed with a salt
+    /// that only the keys Secret holds, so the hash does not confirm guesses of a key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<String>,
 }

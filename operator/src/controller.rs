@@ -310,13 +310,15 @@ async fn render_and_apply(
             });
         }
     }
+    // The salt of the Secret rendered last: a new one would change the hash of the same content.
+    let salt = render::HashSalt::kept_or_new(current_secret.as_ref())?;
     let rendered = if spec_problems.is_empty() {
-        render::render(gw, keys, secrets)?
+        render::render(gw, keys, secrets, &salt)?
     } else {
         let Some(kept) = current_cm.as_ref().and_then(render::rendered_config) else {
             return Ok(None);
         };
-        render::render_keys_only(gw, &kept, keys, secrets, current_secret.as_ref())?
+        render::render_keys_only(gw, &kept, keys, secrets, current_secret.as_ref(), &salt)?
     };
     apply_if_changed(ctx, ns, &rendered, current_cm, current_secret).await?;
     Ok(Some(rendered))

@@ -36,6 +36,10 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Annotation carrying the content hash on the rendered objects.
 pub const CONFIG_HASH_ANNOTATION: &str = "sidegate.dev/config-hash";
 
+/// Name, in the keys Secret, of the gateway's [`HashSalt`] (hex). The sidecar skips files whose
+/// names start with '.'.
+pub const HASH_SALT_FILE_NAME: &str = ".hash-salt";
+
 /// Name of the ConfigMap rendered for gateway `gw`.
 pub fn config_map_name(gw: &str) -> String {
     format!("sidegate-{gw}")
@@ -58,6 +62,64 @@ pub enum RenderError {
     /// The key digest input could not be serialized.
     #[error("hash input could not be serialized: {0}")]
     Hash(String),
+    /// No salt for the content hash could be drawn from the system's random number generator.
+    #[error("the system random number generator failed to supply a hash salt")]
+    Random,
+}
+
+/// Per-gateway random key of the key file digests in the content hash.
+///
+/// The hash is public (ConfigMap, status, sidecar metrics) while the files are secret; with
+/// plain digests, anyone who reads the hash could test guesses of a low-entropy secret offline
+/// (a gateway token that is the only file: guess, recompute, compare). Keyed with a salt that
+/// lives only in the keys Secret, the digests tell nothing without it. The salt is kept across
+/// reconciles (a new one would change the hash and reload every sidecar). `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HashSalt([u8; 32]);
+
+impl fmt::Debug for HashSalt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HashSalt(<redacted>)")
+    }
+}
+
+impl From<[u8; 32]> for HashSalt {
+    fn from(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+}
+
+impl HashSalt {
+    /// A new salt from the operating system's CSPRNG.
+    pub fn generate() -> Result<Self, RenderError> {
+        let bytes: [u8; 32] = ring::rand::generate(&ring::rand::SystemRandom::new())
+            .map_err(|_| RenderError::Random)?
+            .expose();
+        Ok(Self(bytes))
+    }
+
+    /// The salt stored in a keys Secret rendered before, if it holds a well-formed one.
+    pub fn stored_in(keys_secret: &Secret) -> Option<Self> {
+        let hex = secret_value(keys_secret, HASH_SALT_FILE_NAME)?;
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(hex, &mut bytes).ok()?;
+        Some(Self(bytes))
+    }
+
+    /// The salt of the keys Secret rendered before (`existing`), or a new one when there is none
+    /// or it is malformed.
+    pub fn kept_or_new(existing: Option<&Secret>) -> Result<Self, RenderError> {
+        match existing.and_then(Self::stored_in) {
+            Some(salt) => Ok(salt),
+            None => Self::generate(),
+        }
+    }
+
+    /// HMAC-SHA256 of `content` under this salt, in hex.
+    fn digest(&self, content: &[u8]) -> String {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        hex::encode(ring::hmac::sign(&key, content))
+    }
 }
 
 /// A problem with one key reference, phrased so a person knows what to fix. Never holds a value.
@@ -82,9 +144,10 @@ impl fmt::Display for KeyProblem {
 pub struct Rendered {
     /// ConfigMap `sidegate-<gw>` with `gateway.yaml`.
     pub config_map: ConfigMap,
-    /// Secret `sidegate-<gw>-keys` with `<provider>.<alias>`, `authentication.tokens`, `redis.url`.
+    /// Secret `sidegate-<gw>-keys` with `<provider>.<alias>`, `authentication.tokens`, `redis.url`
+    /// and the hash salt.
     pub secret: Secret,
-    /// `sha256:<hex>` over the policy, key index and key digests.
+    /// `sha256:<hex>` over the policy, key index and salted key digests.
     pub hash: String,
     /// Provider id → aliases rendered.
     pub key_index: BTreeMap<String, Vec<String>>,
@@ -322,7 +385,8 @@ fn resolve_ref(
     Ok(value.to_vec())
 }
 
-/// What the hash covers: everything the sidecar sees, with key values replaced by digests.
+/// What the hash covers: everything the sidecar sees, with key values replaced by their digests
+/// keyed with the gateway's [`HashSalt`].
 #[derive(Serialize)]
 struct HashInput<'a> {
     schema_version: u32,
@@ -463,11 +527,13 @@ fn gateway_meta(gateway: &AIGateway) -> Result<(String, String, String), RenderE
 }
 
 /// Renders the owned objects of `gateway` from the ProviderKeys it selects (`keys`, any order)
-/// and the Secrets of its namespace by name (`secrets`).
+/// and the Secrets of its namespace by name (`secrets`); `salt` keys the file digests of the
+/// content hash and is stored in the keys Secret.
 pub fn render(
     gateway: &AIGateway,
     keys: &[ProviderKey],
     secrets: &BTreeMap<String, Secret>,
+    salt: &HashSalt,
 ) -> Result<Rendered, RenderError> {
     let (name, namespace, uid) = gateway_meta(gateway)?;
     let ProviderKeyFiles {
@@ -522,7 +588,7 @@ pub fn render(
         uid,
         generation: gateway.metadata.generation,
     };
-    assemble(identity, policy, key_index, files, problems)
+    assemble(identity, policy, key_index, files, problems, salt)
 }
 
 /// Drops the keys of custom providers that `policy` does not configure (no
@@ -573,13 +639,14 @@ pub fn rendered_config(config_map: &ConfigMap) -> Option<GatewayConfig> {
 /// the spec still to be rendered; until then the key would go where the old config sends that
 /// provider), and a key whose ProviderKey asks for a baseURL that the kept config does not use.
 /// The token and Redis URL files follow the Secrets the current spec names; where it names none,
-/// the files of `existing_keys` (the Secret rendered last) stay.
+/// the files of `existing_keys` (the Secret rendered last) stay. `salt` as in [`render`].
 pub fn render_keys_only(
     gateway: &AIGateway,
     kept: &GatewayConfig,
     keys: &[ProviderKey],
     secrets: &BTreeMap<String, Secret>,
     existing_keys: Option<&Secret>,
+    salt: &HashSalt,
 ) -> Result<Rendered, RenderError> {
     let (name, namespace, uid) = gateway_meta(gateway)?;
     let resolved = resolve_provider_keys(&namespace, keys, secrets);
@@ -670,7 +737,14 @@ pub fn render_keys_only(
         // The config is still the one of that generation.
         generation: kept.gateway.generation,
     };
-    assemble(identity, kept.spec.clone(), key_index, files, problems)
+    assemble(
+        identity,
+        kept.spec.clone(),
+        key_index,
+        files,
+        problems,
+        salt,
+    )
 }
 
 /// Whose objects are being rendered.
@@ -686,8 +760,9 @@ fn assemble(
     id: OwnedIdentity,
     policy: GatewayPolicy,
     key_index: BTreeMap<String, Vec<String>>,
-    files: BTreeMap<String, Vec<u8>>,
+    mut files: BTreeMap<String, Vec<u8>>,
     problems: Vec<KeyProblem>,
+    salt: &HashSalt,
 ) -> Result<Rendered, RenderError> {
     let OwnedIdentity {
         name,
@@ -701,12 +776,17 @@ fn assemble(
         keys: &key_index,
         files: files
             .iter()
-            .map(|(k, v)| (k.as_str(), hex::encode(Sha256::digest(v))))
+            .map(|(k, v)| (k.as_str(), salt.digest(v)))
             .collect(),
     };
     let canonical =
         serde_json::to_vec(&hash_input).map_err(|e| RenderError::Hash(e.to_string()))?;
     let hash = format!("sha256:{}", hex::encode(Sha256::digest(&canonical)));
+    // Stored beside the files it keys (and not among them: it is no key file).
+    files.insert(
+        HASH_SALT_FILE_NAME.to_owned(),
+        hex::encode(salt.0).into_bytes(),
+    );
 
     let config = GatewayConfig {
         schema_version: SCHEMA_VERSION,
@@ -926,6 +1006,11 @@ mod tests {
         (name.to_owned(), s)
     }
 
+    /// The salt of every render in these tests but those about salts.
+    fn salt() -> HashSalt {
+        HashSalt::from([7; 32])
+    }
+
     fn file<'a>(r: &'a Rendered, name: &str) -> Option<&'a [u8]> {
         r.secret
             .data
@@ -944,7 +1029,8 @@ mod tests {
             key("a", "openai", "default", "llm", "openai"),
             key("b", "anthropic", "team-b", "llm", "anthropic"),
         ];
-        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
         assert!(r.problems.is_empty());
         assert_eq!(
             file(&r, "openai.default"),
@@ -985,7 +1071,8 @@ mod tests {
             ),
             key("groq-main", "groq", "default", "gone", "k"),
         ];
-        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
         let messages: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
         assert_eq!(
             messages,
@@ -1007,7 +1094,8 @@ mod tests {
             key("zeta", "openai", "default", "s", "b"),
             key("alpha", "openai", "default", "s", "a"),
         ];
-        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
         assert_eq!(file(&r, "openai.default"), Some(&b"one"[..]));
         assert_eq!(r.problems.len(), 1);
         assert_eq!(r.problems[0].reason, "DuplicateAlias");
@@ -1020,17 +1108,23 @@ mod tests {
         let v1 = BTreeMap::from([secret("s", &[("k", "sk-1")])]);
         let v2 = BTreeMap::from([secret("s", &[("k", "sk-2")])]);
         let gw = gateway(GatewayPolicy::default());
-        let first = render(&gw, &keys, &v1).expect("renders");
-        assert_eq!(first.hash, render(&gw, &keys, &v1).expect("renders").hash);
+        let first = render(&gw, &keys, &v1, &salt()).expect("renders");
+        assert_eq!(
+            first.hash,
+            render(&gw, &keys, &v1, &salt()).expect("renders").hash
+        );
         // A new generation with the same content keeps the hash (no churn in the sidecar).
         let mut bumped = gw.clone();
         bumped.metadata.generation = Some(7);
         assert_eq!(
             first.hash,
-            render(&bumped, &keys, &v1).expect("renders").hash
+            render(&bumped, &keys, &v1, &salt()).expect("renders").hash
         );
         // A rotated key or a policy change gives a new one.
-        assert_ne!(first.hash, render(&gw, &keys, &v2).expect("renders").hash);
+        assert_ne!(
+            first.hash,
+            render(&gw, &keys, &v2, &salt()).expect("renders").hash
+        );
         let cached = gateway(GatewayPolicy {
             cache: Some(Cache {
                 enabled: true,
@@ -1040,9 +1134,118 @@ mod tests {
         });
         assert_ne!(
             first.hash,
-            render(&cached, &keys, &v1).expect("renders").hash
+            render(&cached, &keys, &v1, &salt()).expect("renders").hash
         );
         assert!(first.hash.starts_with("sha256:") && first.hash.len() == 7 + 64);
+    }
+
+    /// A gateway whose only secret file is its token file (no provider keys).
+    fn token_only_gateway() -> (AIGateway, BTreeMap<String, Secret>) {
+        let gw = gateway(GatewayPolicy {
+            authentication: Some(Authentication {
+                enabled: true,
+                token_secret_ref: Some(SecretKeyRef {
+                    name: "tokens".into(),
+                    key: "t".into(),
+                }),
+            }),
+            ..GatewayPolicy::default()
+        });
+        (gw, BTreeMap::from([secret("tokens", &[("t", "hunter2")])]))
+    }
+
+    #[test]
+    fn the_same_content_and_salt_give_the_same_hash_and_another_salt_another() {
+        let (gw, secrets) = token_only_gateway();
+        let first = render(&gw, &[], &secrets, &salt()).expect("renders");
+        let again = render(&gw, &[], &secrets, &salt()).expect("renders");
+        assert_eq!(first.hash, again.hash);
+        let other = HashSalt::from([8; 32]);
+        let resalted = render(&gw, &[], &secrets, &other).expect("renders");
+        assert_ne!(first.hash, resalted.hash);
+        // Rotated content under the same salt still changes it.
+        let rotated = BTreeMap::from([secret("tokens", &[("t", "hunter3")])]);
+        assert_ne!(
+            first.hash,
+            render(&gw, &[], &rotated, &salt()).expect("renders").hash
+        );
+    }
+
+    #[test]
+    fn the_hash_cannot_be_recomputed_from_the_config_map_and_a_right_guess_of_the_secret() {
+        let (gw, secrets) = token_only_gateway();
+        let r = render(&gw, &[], &secrets, &salt()).expect("renders");
+        // What a reader of the ConfigMap has, plus a guess of the token that happens to be right.
+        let config = kept(&r);
+        let recompute = |digest: &dyn Fn(&[u8]) -> String| {
+            let input = HashInput {
+                schema_version: config.schema_version,
+                spec: &config.spec,
+                keys: &config.keys,
+                files: BTreeMap::from([(TOKENS_FILE_NAME, digest(b"hunter2"))]),
+            };
+            let canonical = serde_json::to_vec(&input).expect("serializes");
+            format!("sha256:{}", hex::encode(Sha256::digest(&canonical)))
+        };
+        assert_ne!(
+            recompute(&|v| hex::encode(Sha256::digest(v))),
+            r.hash,
+            "with plain digests the guess would be confirmed offline"
+        );
+        // Only the salt, which lives in the keys Secret alone, is missing from that recomputation.
+        assert_eq!(recompute(&|v| salt().digest(v)), r.hash);
+    }
+
+    #[test]
+    fn the_salt_is_kept_in_the_keys_secret_only_under_a_name_the_sidecar_skips() {
+        let (gw, secrets) = token_only_gateway();
+        let r = render(&gw, &[], &secrets, &salt()).expect("renders");
+        let stored = file(&r, HASH_SALT_FILE_NAME).expect("salt in the keys Secret");
+        assert!(HASH_SALT_FILE_NAME.starts_with('.'), "the sidecar skips it");
+        let hex = std::str::from_utf8(stored).expect("hex");
+        assert_eq!(hex, "07".repeat(32));
+        let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
+        assert!(!yaml.contains(hex) && !r.hash.contains(hex));
+        let annotations = format!("{:?}", r.config_map.metadata);
+        assert!(!annotations.contains(hex));
+        assert!(
+            !r.key_index.contains_key(".hash-salt") && r.key_count() == 0,
+            "no key file"
+        );
+        assert_eq!(format!("{:?}", salt()), "HashSalt(<redacted>)");
+    }
+
+    #[test]
+    fn a_stored_salt_is_kept_and_a_missing_or_malformed_one_replaced() {
+        let (gw, secrets) = token_only_gateway();
+        let r = render(&gw, &[], &secrets, &salt()).expect("renders");
+        let kept_salt = HashSalt::kept_or_new(Some(&r.secret)).expect("salt");
+        assert_eq!(kept_salt, salt());
+        assert_eq!(
+            render(&gw, &[], &secrets, &kept_salt)
+                .expect("renders")
+                .secret,
+            r.secret,
+            "a second reconcile writes nothing"
+        );
+
+        let new = HashSalt::kept_or_new(None).expect("salt");
+        assert_ne!(new, salt());
+        assert_ne!(
+            new,
+            HashSalt::kept_or_new(None).expect("salt"),
+            "random per gateway"
+        );
+        for bad in ["", "not hex", &"07".repeat(31), &"07".repeat(33)] {
+            let (_, broken) = secret("sidegate-main-keys", &[(HASH_SALT_FILE_NAME, bad)]);
+            assert_eq!(HashSalt::stored_in(&broken), None, "{bad:?}");
+            let replaced = HashSalt::kept_or_new(Some(&broken)).expect("salt");
+            assert_ne!(replaced, salt());
+            let rendered = render(&gw, &[], &secrets, &replaced).expect("renders");
+            assert_ne!(rendered.hash, r.hash);
+        }
+        let (_, without) = secret("sidegate-main-keys", &[(TOKENS_FILE_NAME, "hunter2")]);
+        assert_eq!(HashSalt::stored_in(&without), None);
     }
 
     #[test]
@@ -1067,7 +1270,7 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         });
-        let r = render(&gw, &[], &secrets).expect("renders");
+        let r = render(&gw, &[], &secrets, &salt()).expect("renders");
         assert_eq!(file(&r, TOKENS_FILE_NAME), Some(&b"tok-a\ntok-b"[..]));
         assert_eq!(file(&r, REDIS_URL_FILE_NAME), Some(&b"redis://r:6379"[..]));
         let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
@@ -1080,7 +1283,7 @@ mod tests {
             "the redis block stays, so the sidecar uses redis.url: {yaml}"
         );
 
-        let r = render(&gw, &[], &BTreeMap::new()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), &salt()).expect("renders");
         let messages: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
         assert_eq!(
             messages,
@@ -1113,7 +1316,7 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         });
-        let r = render(&gw, &[], &BTreeMap::new()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), &salt()).expect("renders");
         let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
         let config: sidegate_crds::GatewayConfig = serde_saphyr::from_str(yaml).expect("parses");
         assert_eq!(config.spec.spend_limit, gw.spec.policy.spend_limit);
@@ -1134,7 +1337,7 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         });
-        let r = render(&gw, &[], &BTreeMap::new()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), &salt()).expect("renders");
         let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
         assert!(yaml.contains("openTelemetry:"), "{yaml}");
         let config: sidegate_crds::GatewayConfig = serde_saphyr::from_str(yaml).expect("parses");
@@ -1150,6 +1353,7 @@ mod tests {
             &gateway(GatewayPolicy::default()),
             std::slice::from_ref(&pk),
             &secrets,
+            &salt(),
         )
         .expect("renders");
         let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
@@ -1160,7 +1364,13 @@ mod tests {
 
         let mut http = pk.clone();
         http.spec.base_url = Some("http://proxy.example.com/v1".into());
-        let r = render(&gateway(GatewayPolicy::default()), &[http], &secrets).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &[http],
+            &secrets,
+            &salt(),
+        )
+        .expect("renders");
         assert_eq!(r.problems[0].reason, "InvalidBaseURL");
         assert_eq!(
             r.key_count(),
@@ -1178,7 +1388,8 @@ mod tests {
         let mut pk = key("b", "aws-bedrock", "default", "aws", "unused");
         pk.spec.secret_ref.key = None;
         pk.spec.region = Some("eu-west-1".into());
-        let r = render(&gateway(GatewayPolicy::default()), &[pk], &secrets).expect("renders");
+        let r =
+            render(&gateway(GatewayPolicy::default()), &[pk], &secrets, &salt()).expect("renders");
         let json: serde_json::Value =
             serde_json::from_slice(file(&r, "aws-bedrock.default").expect("file")).expect("json");
         assert_eq!(
@@ -1191,7 +1402,8 @@ mod tests {
     fn up_to_date_objects_are_not_applied_again() {
         let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
         let keys = [key("a", "openai", "default", "s", "k")];
-        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
         // What the apiserver returns has more metadata than we set.
         let mut live_cm = r.config_map.clone();
         live_cm.metadata.resource_version = Some("42".into());
@@ -1204,7 +1416,8 @@ mod tests {
         assert!(secret_up_to_date(&r.secret, &r.secret));
 
         let rotated = BTreeMap::from([secret("s", &[("k", "v2")])]);
-        let r2 = render(&gateway(GatewayPolicy::default()), &keys, &rotated).expect("renders");
+        let r2 =
+            render(&gateway(GatewayPolicy::default()), &keys, &rotated, &salt()).expect("renders");
         assert!(!secret_up_to_date(&r.secret, &r2.secret));
         assert!(
             !config_map_up_to_date(&live_cm, &r2.config_map),
@@ -1217,11 +1430,11 @@ mod tests {
         let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
         let keys = [key("a", "openai", "default", "s", "k")];
         let gw = gateway(GatewayPolicy::default());
-        let first = render(&gw, &keys, &secrets).expect("renders");
+        let first = render(&gw, &keys, &secrets, &salt()).expect("renders");
         // e.g. spec.sidecar.image changed: a new generation, the same config.
         let mut bumped = gw.clone();
         bumped.metadata.generation = Some(2);
-        let second = render(&bumped, &keys, &secrets).expect("renders");
+        let second = render(&bumped, &keys, &secrets, &salt()).expect("renders");
         assert!(
             config_map_up_to_date(&first.config_map, &second.config_map),
             "only the generation differs: no write, no reload in every sidecar"
@@ -1232,7 +1445,7 @@ mod tests {
             enabled: true,
             ..Cache::default()
         });
-        let third = render(&cached, &keys, &secrets).expect("renders");
+        let third = render(&cached, &keys, &secrets, &salt()).expect("renders");
         assert!(!config_map_up_to_date(&first.config_map, &third.config_map));
     }
 
@@ -1257,9 +1470,16 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         });
-        let last = render(&gw, &keys, &secrets).expect("renders");
-        let again = render_keys_only(&gw, &kept(&last), &keys, &secrets, Some(&last.secret))
-            .expect("renders");
+        let last = render(&gw, &keys, &secrets, &salt()).expect("renders");
+        let again = render_keys_only(
+            &gw,
+            &kept(&last),
+            &keys,
+            &secrets,
+            Some(&last.secret),
+            &salt(),
+        )
+        .expect("renders");
         assert_eq!(again, last, "nothing changed, nothing to write");
     }
 
@@ -1283,7 +1503,7 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         });
-        let last = render(&good, &keys, &secrets).expect("renders");
+        let last = render(&good, &keys, &secrets, &salt()).expect("renders");
 
         // The spec turns invalid (here: a cache the validator would refuse; the content does
         // not matter to this function), then: the OpenAI key is rotated, ProviderKey b is
@@ -1305,8 +1525,15 @@ mod tests {
             key("c", "groq", "default", "s", "groq"),
             proxied,
         ];
-        let r = render_keys_only(&invalid, &kept(&last), &now, &rotated, Some(&last.secret))
-            .expect("renders");
+        let r = render_keys_only(
+            &invalid,
+            &kept(&last),
+            &now,
+            &rotated,
+            Some(&last.secret),
+            &salt(),
+        )
+        .expect("renders");
         assert_eq!(file(&r, "openai.default"), Some(&b"sk-new"[..]), "rotated");
         assert_eq!(file(&r, "anthropic.default"), None, "deleted ProviderKey");
         assert_eq!(file(&r, TOKENS_FILE_NAME), Some(&b"tok-2"[..]), "revoked");
@@ -1348,6 +1575,7 @@ mod tests {
             &[moved],
             &rotated,
             Some(&last.secret),
+            &salt(),
         )
         .expect("renders");
         assert_eq!(file(&r, "openai.default"), None);
@@ -1357,7 +1585,7 @@ mod tests {
     #[test]
     fn only_objects_made_for_this_gateway_are_taken_over() {
         let gw = gateway(GatewayPolicy::default());
-        let r = render(&gw, &[], &BTreeMap::new()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), &salt()).expect("renders");
         assert!(is_managed_for(&r.config_map.metadata, &gw));
         assert!(is_managed_for(&r.secret.metadata, &gw));
 
@@ -1421,7 +1649,8 @@ mod tests {
             key("d-ok", "groq", "default", "s", "ok"),
             key("e-vertex", "google-vertex-ai", "default", "s", "sa"),
         ];
-        let r = render(&gateway(GatewayPolicy::default()), &keys, &secrets).expect("renders");
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
         let reasons: Vec<(&str, &str)> = r
             .problems
             .iter()
@@ -1459,11 +1688,12 @@ mod tests {
                 ..Default::default()
             },
         );
-        let r = render(&gw, &keys[..1], &secrets).expect("renders");
+        let r = render(&gw, &keys[..1], &secrets, &salt()).expect("renders");
         assert!(r.problems.is_empty() && file(&r, "custom-house.default").is_some());
         let mut pk = keys[0].clone();
         pk.spec.base_url = Some("https://llm.example.com/v1".into());
-        let r = render(&gateway(GatewayPolicy::default()), &[pk], &secrets).expect("renders");
+        let r =
+            render(&gateway(GatewayPolicy::default()), &[pk], &secrets, &salt()).expect("renders");
         assert!(r.problems.is_empty() && file(&r, "custom-house.default").is_some());
     }
 

@@ -204,6 +204,162 @@ async fn rotating_a_key_secret_re_renders_the_gateway_within_seconds() {
     ns.delete().await;
 }
 
+/// The hash salt in the keys Secret of gateway `gw`, once there is one other than `not`.
+async fn salt_in_keys_secret(secrets: &Api<Secret>, gw: &str, not: Option<&str>) -> String {
+    eventually("a hash salt in the keys Secret", WAIT, || async {
+        let s = secrets.get(&format!("sidegate-{gw}-keys")).await.ok()?;
+        secret_value(&s, ".hash-salt").filter(|salt| Some(salt.as_str()) != not)
+    })
+    .await
+}
+
+/// Fails if `salt` shows up anywhere a reader without access to Secrets could see it.
+async fn assert_salt_unpublished(client: &kube::Client, ns: &str, gw: &str, salt: &str) {
+    let status = Api::<AIGateway>::namespaced(client.clone(), ns)
+        .get(gw)
+        .await
+        .expect("gateway")
+        .status;
+    let status = serde_json::to_string(&status).expect("status serializes");
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get(&format!("sidegate-{gw}"))
+        .await
+        .expect("ConfigMap");
+    let cm = serde_json::to_string(&cm).expect("ConfigMap serializes");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let events = events.list(&Default::default()).await.expect("events");
+    let events = serde_json::to_string(&events.items).expect("events serialize");
+    for (what, text) in [("status", status), ("ConfigMap", cm), ("Events", events)] {
+        assert!(!text.contains(salt), "the hash salt is in the {what}");
+    }
+}
+
+#[tokio::test]
+async fn the_hash_salt_is_kept_across_reconciles_and_a_deleted_one_is_replaced() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "salt").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    // Its gateway token is the only secret file: with a plain digest, the public hash would
+    // confirm a right guess of the token.
+    create(&secrets, &secret("tokens", &[("token", "tok-1")])).await;
+    create(
+        &gateways,
+        &gateway(
+            "gw",
+            json!({"authentication": {"enabled": true, "tokenSecretRef": {"name": "tokens", "key": "token"}}}),
+        ),
+    )
+    .await;
+    let hash = wait_ready(&gateways, "gw")
+        .await
+        .status
+        .and_then(|s| s.config_hash)
+        .expect("hash");
+    let salt = salt_in_keys_secret(&secrets, "gw", None).await;
+    assert_eq!(salt.len(), 64, "32 bytes in hex");
+    assert!(salt.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_salt_unpublished(&client, &ns.name, "gw", &salt).await;
+
+    // Reconciled again (an annotation, and a new generation that renders the same config):
+    // the same salt, the same hash.
+    gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"touched": "yes"}}})),
+        )
+        .await
+        .expect("annotating");
+    gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sidecar": {"image": "example.com/sidegate:other"}}})),
+        )
+        .await
+        .expect("patching the sidecar image");
+    let again = wait_ready(&gateways, "gw").await;
+    assert_eq!(
+        again.status.and_then(|s| s.config_hash).as_ref(),
+        Some(&hash)
+    );
+    let s = secrets.get("sidegate-gw-keys").await.expect("keys Secret");
+    assert_eq!(
+        secret_value(&s, ".hash-salt").as_deref(),
+        Some(salt.as_str())
+    );
+
+    // The salt entry deleted from the keys Secret: a new salt and hash, no failure.
+    secrets
+        .patch(
+            "sidegate-gw-keys",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {".hash-salt": null}})),
+        )
+        .await
+        .expect("deleting the salt");
+    let new_salt = salt_in_keys_secret(&secrets, "gw", Some(&salt)).await;
+    let new_hash = eventually("a new hash in status", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        gw.status?.config_hash.filter(|h| *h != hash)
+    })
+    .await;
+    let gw = wait_ready(&gateways, "gw").await;
+    assert_eq!(
+        gw.status.and_then(|s| s.config_hash).as_ref(),
+        Some(&new_hash)
+    );
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("sidegate-gw")
+        .await
+        .expect("cm");
+    assert!(cm.data.expect("data")["gateway.yaml"].contains(&new_hash));
+    let s = secrets.get("sidegate-gw-keys").await.expect("keys Secret");
+    assert_eq!(
+        secret_value(&s, "authentication.tokens").as_deref(),
+        Some("tok-1")
+    );
+    assert_salt_unpublished(&client, &ns.name, "gw", &new_salt).await;
+
+    // While the spec is invalid the keys are rendered again around the last config: a revoked
+    // token is replaced under the same salt.
+    gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"providers": {"openai": {"baseURL": "http://api.example.com/v1"}}}})),
+        )
+        .await
+        .expect("patch");
+    eventually("ConfigRendered=False", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        condition(&gw, "ConfigRendered").filter(|c| c.1 == "InvalidSpec")
+    })
+    .await;
+    secrets
+        .patch(
+            "tokens",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"token": "tok-2"}})),
+        )
+        .await
+        .expect("rotating the token");
+    let s = eventually("the rotated token rendered", WAIT, || async {
+        let s = secrets.get("sidegate-gw-keys").await.ok()?;
+        (secret_value(&s, "authentication.tokens").as_deref() == Some("tok-2")).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        secret_value(&s, ".hash-salt").as_deref(),
+        Some(new_salt.as_str())
+    );
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn a_missing_secret_is_reported_in_status_and_events_then_healed_when_created() {
     let Some(client) = cluster_client().await else {

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Secret;
 use serde::de::DeserializeOwned;
 use sidegate_crds::GatewayConfig;
 use sidegate_crds::api::{AIGateway, ProviderKey};
-use sidegate_operator::render::render;
+use sidegate_operator::render::{HashSalt, render};
 
 fn load_all<T: DeserializeOwned>(file: &str) -> Vec<T> {
     let text = std::fs::read_to_string(golden_file::tests_dir().join("fixtures").join(file))
@@ -37,6 +37,12 @@ fn readable(secret: &Secret) -> String {
     serde_saphyr::to_string(&view).expect("secret view serializes")
 }
 
+/// A fixed salt, so the hash in the golden files is stable (the operator draws a random one per
+/// gateway).
+fn salt() -> HashSalt {
+    HashSalt::from([0x5a; 32])
+}
+
 fn example() -> (AIGateway, Vec<ProviderKey>, BTreeMap<String, Secret>) {
     let gateway = load_all::<AIGateway>("aigateway.yaml").remove(0);
     let keys = load_all::<ProviderKey>("providerkeys.yaml");
@@ -50,7 +56,7 @@ fn example() -> (AIGateway, Vec<ProviderKey>, BTreeMap<String, Secret>) {
 #[test]
 fn example_gateway_renders_the_golden_config_map_and_secret() {
     let (gateway, keys, secrets) = example();
-    let rendered = render(&gateway, &keys, &secrets).expect("example renders");
+    let rendered = render(&gateway, &keys, &secrets, &salt()).expect("example renders");
     assert!(rendered.problems.is_empty(), "{:?}", rendered.problems);
     let cm = serde_saphyr::to_string(&rendered.config_map).expect("configmap serializes");
     assert_golden("example-configmap.yaml", &cm);
@@ -60,7 +66,7 @@ fn example_gateway_renders_the_golden_config_map_and_secret() {
 #[test]
 fn rendered_gateway_yaml_is_what_the_sidecar_reads() {
     let (gateway, keys, secrets) = example();
-    let rendered = render(&gateway, &keys, &secrets).expect("example renders");
+    let rendered = render(&gateway, &keys, &secrets, &salt()).expect("example renders");
     let yaml = &rendered.config_map.data.as_ref().expect("data")["gateway.yaml"];
     let config: GatewayConfig =
         serde_saphyr::from_str(yaml).expect("sidecar can parse gateway.yaml");
@@ -90,7 +96,11 @@ fn rendered_gateway_yaml_is_what_the_sidecar_reads() {
             ),
         ])
     );
-    // No key value appears in the ConfigMap.
+    // Neither the hash salt nor any key value appears in the ConfigMap.
+    assert!(
+        !yaml.contains(&"5a".repeat(32)),
+        "the salt leaked into gateway.yaml"
+    );
     for secret in secrets.values() {
         for value in secret.string_data.iter().flatten().map(|(_, v)| v.trim()) {
             assert!(
