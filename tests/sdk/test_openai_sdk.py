@@ -186,6 +186,10 @@ def test_client_disconnect_cancels_the_upstream_stream(gateway, mock):
     while 'outcome="cancelled"' not in gateway.logs() and "outcome=cancelled" not in gateway.logs():
         assert time.monotonic() < deadline, "sidegate did not log the cancelled response"
         time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while 'sidegate_responses_cancelled_total{provider="openai"} 1' not in gateway.metrics():
+        assert time.monotonic() < deadline, "the cancelled response was not counted"
+        time.sleep(0.05)
 
 
 def test_request_timeout_header_gives_504_in_the_envelope(gateway, mock):
