@@ -105,8 +105,22 @@ pub struct KeyStore {
     pub redis_url: Option<SecretString>,
     /// Names of files that were skipped, with the reason (for the load log).
     pub skipped: Vec<String>,
-    /// sha256 over file names and value digests: changes whenever any key changes.
+    /// sha256 over a salt of this process, file names and value digests: changes whenever any
+    /// key changes, and (published within the config fingerprint when no operator renders the
+    /// config) gives no way to test guesses of a weak key or token offline.
     pub digest: [u8; 32],
+}
+
+/// A random salt, the same for the life of the process (so the digest changes with content only).
+fn process_salt() -> &'static [u8; 32] {
+    static SALT: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    SALT.get_or_init(|| {
+        use ring::rand::SecureRandom as _;
+        let mut salt = [0u8; 32];
+        // Without the system's randomness the digest is still a digest, only unsalted.
+        let _ = ring::rand::SystemRandom::new().fill(&mut salt);
+        salt
+    })
 }
 
 impl fmt::Debug for KeyStore {
@@ -142,6 +156,7 @@ impl KeyStore {
         names.sort();
         let mut store = Self::default();
         let mut hasher = Sha256::new();
+        hasher.update(process_salt());
         for name in names {
             let path = dir.join(&name);
             // Follow kubelet's symlinks; skip directories.
@@ -306,6 +321,22 @@ mod tests {
         let shown = format!("{store:?} {:?}", store.get("openai", "default"));
         assert!(!shown.contains("sk-very-secret"), "{shown}");
         assert!(shown.contains("openai.default"));
+    }
+
+    #[test]
+    fn the_digest_is_salted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), TOKENS_FILE_NAME, "weak\n");
+        let store = KeyStore::load(dir.path()).expect("load");
+        // The unsalted digest of the same files, which a reader of the fingerprint could
+        // recompute for guessed tokens.
+        let mut plain = Sha256::new();
+        plain.update(TOKENS_FILE_NAME.as_bytes());
+        plain.update([0]);
+        plain.update(Sha256::digest(b"weak\n"));
+        let plain: [u8; 32] = plain.finalize().into();
+        assert_ne!(store.digest, plain);
+        assert_eq!(KeyStore::load(dir.path()).expect("again").digest, store.digest);
     }
 
     #[test]
