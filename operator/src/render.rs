@@ -687,42 +687,46 @@ pub fn render_keys_only(
             }
         }
     }
-    let carried = |file: &str| -> Option<Vec<u8>> {
-        existing_keys
-            .and_then(|s| secret_value(s, file))
-            .map(<[u8]>::to_vec)
-    };
+    // Tokens and the Redis URL follow the Secrets the current spec names; a spec that names
+    // none keeps the kept config's file.
     let policy = &gateway.spec.policy;
-    if kept.spec.authentication.is_some() {
-        let current = policy
+    let mut secret_file = |needed: bool,
+                           field: &str,
+                           current: Option<&sidegate_crds::policy::SecretKeyRef>,
+                           file: &str| {
+        if !needed {
+            return;
+        }
+        let value = match current {
+            Some(r) => resolve_ref(field, r, secrets)
+                .map_err(|p| problems.push(p))
+                .ok(),
+            None => existing_keys
+                .and_then(|s| secret_value(s, file))
+                .map(<[u8]>::to_vec),
+        };
+        if let Some(v) = value {
+            files.insert(file.to_owned(), v);
+        }
+    };
+    secret_file(
+        kept.spec.authentication.is_some(),
+        "authentication.tokenSecretRef",
+        policy
             .authentication
             .as_ref()
-            .and_then(|a| a.token_secret_ref.as_ref());
-        let tokens = match current {
-            Some(r) => resolve_ref("authentication.tokenSecretRef", r, secrets)
-                .map_err(|p| problems.push(p))
-                .ok(),
-            None => carried(TOKENS_FILE_NAME),
-        };
-        if let Some(v) = tokens {
-            files.insert(TOKENS_FILE_NAME.to_owned(), v);
-        }
-    }
-    if kept.spec.redis.is_some() {
-        let current = policy
+            .and_then(|a| a.token_secret_ref.as_ref()),
+        TOKENS_FILE_NAME,
+    );
+    secret_file(
+        kept.spec.redis.is_some(),
+        "redis.urlSecretRef",
+        policy
             .redis
             .as_ref()
-            .and_then(|r| r.url_secret_ref.as_ref());
-        let url = match current {
-            Some(r) => resolve_ref("redis.urlSecretRef", r, secrets)
-                .map_err(|p| problems.push(p))
-                .ok(),
-            None => carried(REDIS_URL_FILE_NAME),
-        };
-        if let Some(v) = url {
-            files.insert(REDIS_URL_FILE_NAME.to_owned(), v);
-        }
-    }
+            .and_then(|r| r.url_secret_ref.as_ref()),
+        REDIS_URL_FILE_NAME,
+    );
     drop_unconfigured_providers(
         &kept.spec,
         &resolved.file_source,
