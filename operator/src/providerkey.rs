@@ -37,14 +37,8 @@ async fn reconcile_inner(key: &ProviderKey, ctx: &Context) -> Result<Action, Err
     let (Some(ns), name) = (key.namespace(), key.name_any()) else {
         return Ok(Action::await_change());
     };
-    let secret_name = &key.spec.secret_ref.name;
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(secret_name)
-        .await
-        .map_err(|source| Error::Kube {
-            action: format!("reading Secret {ns}/{secret_name}"),
-            source,
-        })?;
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
+    let secret = read_secret(&secrets, &ns, &key.spec.secret_ref.name).await?;
     let resolved = resolve_key(key, secret.as_ref()).map(|_| ());
     let url_problem = key
         .spec
@@ -110,14 +104,7 @@ async fn shadowed_by(ctx: &Context, key: &ProviderKey, ns: &str) -> Result<Optio
     earlier.sort_by_key(ResourceExt::name_any);
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
     for other in earlier {
-        let secret_name = &other.spec.secret_ref.name;
-        let secret = secrets
-            .get_opt(secret_name)
-            .await
-            .map_err(|source| Error::Kube {
-                action: format!("reading Secret {ns}/{secret_name}"),
-                source,
-            })?;
+        let secret = read_secret(&secrets, ns, &other.spec.secret_ref.name).await?;
         if is_usable(&other, ns, secret.as_ref()) {
             return Ok(Some(other.name_any()));
         }
@@ -193,4 +180,12 @@ pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
             }
         })
         .await;
+}
+
+/// The Secret a ProviderKey names, if it exists.
+async fn read_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<Secret>, Error> {
+    api.get_opt(name).await.map_err(|source| Error::Kube {
+        action: format!("reading Secret {ns}/{name}"),
+        source,
+    })
 }
