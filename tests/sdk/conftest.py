@@ -119,11 +119,13 @@ class MockProvider:
     """The mock provider process (tests/mock-provider)."""
 
     def __init__(self, *args, listen="127.0.0.1:0", tls_dir=None):
-        """With `tls_dir` it serves HTTPS, its identity kept there (`self.ca` is the CA to trust)."""
+        """With `tls_dir` it serves HTTPS, its identity kept there (`self.ca` is the CA to trust).
+        Like the providers it answers 401 to requests without a key; custom-local's key
+        header (`gateway_yaml`) counts as one."""
         self.log = _log_file("mock-provider")
         tls = ["--tls-dir", str(tls_dir)] if tls_dir else []
         self.proc = subprocess.Popen(
-            [binary("mock-provider"), "--listen", listen, *tls, *args],
+            [binary("mock-provider"), "--listen", listen, "--auth-header", "x-custom-key", *tls, *args],
             stdout=subprocess.PIPE,
             stderr=self.log,
         )

@@ -37,7 +37,8 @@ def test_missing_or_wrong_gateway_token_is_401_2009(authed_gateway, mock):
 
 def test_malformed_json_goes_to_the_provider_whose_error_passes_through(gateway, mock):
     r = httpx.post(gateway.url + "/openai/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
-    direct = httpx.post(mock.url + "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    direct = httpx.post(mock.url + "/v1/chat/completions", content=b"{not json",
+                        headers={"content-type": "application/json", "authorization": "Bearer direct"})
     assert (r.status_code, r.content) == (direct.status_code, direct.content)
     assert r.status_code == 400
 

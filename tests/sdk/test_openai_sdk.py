@@ -103,7 +103,8 @@ def test_unknown_alias_is_400_2040_in_the_spec_envelope(gateway, mock):
 def test_provider_errors_pass_through_unchanged(gateway, mock):
     with pytest.raises(openai.RateLimitError) as e:
         client(gateway).chat.completions.create(model="mock-status-429", messages=[{"role": "user", "content": "x"}])
-    direct = httpx.post(mock.url + "/v1/chat/completions", json={"model": "mock-status-429", "messages": [{"role": "user", "content": "x"}]})
+    direct = httpx.post(mock.url + "/v1/chat/completions", headers={"authorization": "Bearer direct"},
+                        json={"model": "mock-status-429", "messages": [{"role": "user", "content": "x"}]})
     assert e.value.response.status_code == 429
     assert e.value.response.content == direct.content
     assert e.value.response.headers.get("retry-after") == direct.headers.get("retry-after")
@@ -115,6 +116,15 @@ def test_without_a_stored_key_the_clients_own_key_is_forwarded(gateway, mock):
     seen = mock.last()
     assert seen["path"] == "/openai/v1/chat/completions"
     assert seen["headers"]["authorization"] == "Bearer gsk-client-own"
+
+
+def test_without_any_key_the_providers_401_passes_through(gateway, mock):
+    # groq has no stored key and the client sends none: the provider's refusal reaches the app.
+    r = httpx.post(gateway.url + "/groq/chat/completions",
+                   json={"model": "llama", "messages": [{"role": "user", "content": "no key"}]})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "authorization" not in mock.last()["headers"]
 
 
 def test_custom_provider_uses_its_configured_auth_header(gateway, mock):

@@ -47,7 +47,8 @@ def test_a_successful_first_step_is_the_only_one_sent(gateway, mock):
 def test_when_every_step_fails_the_last_answer_passes_through(gateway, mock):
     r = httpx.post(gateway.url + "/", json=[openai_step(model="mock-status-500"), openai_step(model="mock-status-429")])
     assert (r.status_code, r.headers["cf-aig-step"]) == (429, "1")
-    direct = httpx.post(mock.url + "/v1/chat/completions", json=openai_step(model="mock-status-429")["query"])
+    direct = httpx.post(mock.url + "/v1/chat/completions", headers={"authorization": "Bearer direct"},
+                        json=openai_step(model="mock-status-429")["query"])
     assert r.content == direct.content
 
 

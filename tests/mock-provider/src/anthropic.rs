@@ -12,9 +12,6 @@ use crate::Ctx;
 use crate::body::{MockBody, SseBuilder, json_ok, json_response, sse_response, write_json};
 use crate::text::{self, Message};
 
-/// Model echoed when a request names none.
-const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
-
 // ---------------------------------------------------------------------------
 // Requests
 
@@ -24,6 +21,8 @@ struct MessagesRequest<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     messages: Option<Vec<Message<'a>>>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
     #[serde(default)]
     system: Option<Value>,
     #[serde(default)]
@@ -84,6 +83,20 @@ impl MessagesRequest<'_> {
 }
 
 impl MessagesRequest<'_> {
+    /// The first required field the request lacks (Messages wants `max_tokens` too), in
+    /// Anthropic's words.
+    fn missing_field(&self, needs_max_tokens: bool) -> Option<&'static str> {
+        if self.model.is_none() {
+            Some("model: Field required")
+        } else if self.messages.is_none() {
+            Some("messages: Field required")
+        } else if needs_max_tokens && self.max_tokens.is_none() {
+            Some("max_tokens: Field required")
+        } else {
+            None
+        }
+    }
+
     fn input_tokens(&self) -> u64 {
         let messages = self.messages.as_deref().unwrap_or_default();
         let system = self.system.as_ref().map_or(0, text::content_words);
@@ -221,7 +234,10 @@ pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
         Ok(req) => req,
         Err(err) => return invalid_json(ctx, &err),
     };
-    let model = req.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    if let Some(message) = req.missing_field(true) {
+        return invalid_request(ctx, message);
+    }
+    let model = req.model.as_deref().unwrap_or_default();
     if let Some(status) = text::status_trigger(model) {
         return status_error(ctx, status, model);
     }
@@ -404,7 +420,10 @@ pub(crate) fn count_tokens(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
         Ok(req) => req,
         Err(err) => return invalid_json(ctx, &err),
     };
-    let model = req.model.as_deref().unwrap_or(DEFAULT_MODEL);
+    if let Some(message) = req.missing_field(false) {
+        return invalid_request(ctx, message);
+    }
+    let model = req.model.as_deref().unwrap_or_default();
     if let Some(status) = text::status_trigger(model) {
         return status_error(ctx, status, model);
     }
@@ -437,6 +456,26 @@ fn invalid_json(ctx: &Ctx<'_>, err: &str) -> Response<MockBody> {
         StatusCode::BAD_REQUEST,
         "invalid_request_error",
         &message,
+    )
+}
+
+/// `400` for a request the API would not take (a required field missing).
+fn invalid_request(ctx: &Ctx<'_>, message: &str) -> Response<MockBody> {
+    error_response(
+        ctx,
+        StatusCode::BAD_REQUEST,
+        "invalid_request_error",
+        message,
+    )
+}
+
+/// `401` for a request without `x-api-key`, in Anthropic's words.
+pub(crate) fn unauthorized(ctx: &Ctx<'_>) -> Response<MockBody> {
+    error_response(
+        ctx,
+        StatusCode::UNAUTHORIZED,
+        "authentication_error",
+        "x-api-key header is required",
     )
 }
 

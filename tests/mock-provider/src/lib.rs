@@ -29,10 +29,14 @@
 //! delays each stream event. Header `x-mock-fail-first: <n>;<id>[;<status>]` answers the first
 //! `n` requests carrying that exact value with `status` (default 503), then normally: retries
 //! can be tested without a flaky server.
+//!
+//! As the providers do, requests without the key their API wants get 401 in its error shape
+//! (see the `auth` module); Anthropic Messages without `model`, `messages` or `max_tokens` get 400.
 
 #![forbid(unsafe_code)]
 
 mod anthropic;
+mod auth;
 pub mod bedrock;
 mod body;
 mod gemini;
@@ -48,7 +52,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -86,6 +90,9 @@ pub struct Options {
     /// Serve HTTPS with this configuration (offer `h2` and `http/1.1` through its ALPN
     /// protocols, as the providers do) instead of plain HTTP/1.1 and h2c.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// More headers taken as a credential on the OpenAI and Anthropic routes, besides each
+    /// API's own (custom providers' `authHeader`).
+    pub auth_headers: Vec<HeaderName>,
 }
 
 impl Default for Options {
@@ -95,6 +102,7 @@ impl Default for Options {
             record: true,
             name: "mock".to_owned(),
             tls: None,
+            auth_headers: Vec::new(),
         }
     }
 }
@@ -288,6 +296,17 @@ async fn handle(
     let delay = header_ms(&parts.headers, DELAY_HEADER).unwrap_or(state.opts.delay);
     let chunk_delay = header_ms(&parts.headers, CHUNK_DELAY_HEADER).filter(|d| !d.is_zero());
     let anthropic_version = parts.headers.contains_key("anthropic-version");
+    // The API whose key the route wants, and whether the request brings one.
+    let api = match route {
+        Route::ChatCompletions | Route::Embeddings => {
+            Some(auth::Api::openai_format(parts.uri.path()))
+        }
+        Route::Models if anthropic_version => Some(auth::Api::Anthropic),
+        Route::Models => Some(auth::Api::openai_format(parts.uri.path())),
+        Route::Messages | Route::CountTokens => Some(auth::Api::Anthropic),
+        _ => None,
+    };
+    let keyless = api.filter(|api| !api.has_credential(&parts.headers, &state.opts.auth_headers));
     let gzip = body::accepts_gzip(&parts.headers);
     let fail_spec = parts
         .headers
@@ -327,28 +346,30 @@ async fn handle(
         chunk_delay,
         stats: &state.stats,
     };
-    let mut resp = match route {
-        Route::ChatCompletions => openai::chat_completions(&ctx, &body),
-        Route::Embeddings => openai::embeddings(&ctx, &body),
-        Route::Moderations => openai::moderations(&ctx, &body),
-        Route::Token => gemini::token(&ctx, &body),
-        Route::Models if anthropic_version => anthropic::models(&ctx),
-        Route::Models => openai::models(&ctx),
+    let mut resp = match (keyless, route) {
+        (Some(auth::Api::Anthropic), _) => anthropic::unauthorized(&ctx),
+        (Some(api), _) => openai::unauthorized(&ctx, api),
+        (None, Route::ChatCompletions) => openai::chat_completions(&ctx, &body),
+        (None, Route::Embeddings) => openai::embeddings(&ctx, &body),
+        (None, Route::Moderations) => openai::moderations(&ctx, &body),
+        (None, Route::Token) => gemini::token(&ctx, &body),
+        (None, Route::Models) if anthropic_version => anthropic::models(&ctx),
+        (None, Route::Models) => openai::models(&ctx),
         // Anthropic refuses Messages calls without the API version header.
-        Route::Messages | Route::CountTokens if !anthropic_version => {
+        (None, Route::Messages | Route::CountTokens) if !anthropic_version => {
             anthropic::version_required(&ctx)
         }
-        Route::Messages => anthropic::messages(&ctx, &body),
-        Route::CountTokens => anthropic::count_tokens(&ctx, &body),
-        Route::Gemini(m) => {
+        (None, Route::Messages) => anthropic::messages(&ctx, &body),
+        (None, Route::CountTokens) => anthropic::count_tokens(&ctx, &body),
+        (None, Route::Gemini(m)) => {
             let (headers, path) = native.unwrap_or_default();
             gemini::handle(&ctx, m, &path, &headers, &body)
         }
-        Route::Bedrock(a) => {
+        (None, Route::Bedrock(a)) => {
             let (headers, path) = native.unwrap_or_default();
             bedrock::handle(&ctx, a, &path, &headers, &body)
         }
-        Route::Unknown => {
+        (None, Route::Unknown) => {
             let (method, path) = unknown.unwrap_or_default();
             openai::unknown_route(&ctx, &method, &path)
         }

@@ -27,15 +27,25 @@ Routes (matched on the path suffix, so any provider prefix works):
   POST .../chat/completions       OpenAI chat.completion; SSE chunks with \"stream\": true
   POST .../embeddings             OpenAI embeddings (8 deterministic floats per input)
   GET  .../models                 model list (Anthropic shape if anthropic-version is sent)
+                                  (these need Authorization: Bearer KEY, or api-key on Azure's
+                                  .../openai/deployments/... paths, else 401 in OpenAI's or Azure's
+                                  error shape; models with anthropic-version needs x-api-key)
   POST .../messages               Anthropic Message; Anthropic SSE with \"stream\": true
   POST .../messages/count_tokens  Anthropic token count
-                                  (both refused with 400 without anthropic-version, as Anthropic does)
+                                  (both need x-api-key, else 401 in Anthropic's error shape; then
+                                  anthropic-version, else 400; then model and messages, and
+                                  max_tokens for messages, else 400, as Anthropic does)
+  POST .../moderations            OpenAI moderation (flags <category> for input with
+                                  mock-flag:<category>); no key needed
   POST .../models/M:generateContent, :streamGenerateContent, :batchEmbedContents, :predict
                                   Gemini (AI Studio, Vertex); needs x-goog-api-key or Authorization
   POST .../model/ID/converse, /converse-stream, /invoke
                                   Bedrock (event-stream framing); needs a SigV4 Authorization
   GET|DELETE /__mock/requests     recorded requests, oldest first / clear them
   GET|DELETE /__mock/stats        counters (requests, streams_cancelled, ...) / reset them
+
+Keys are never checked, only their presence; --auth-header NAME adds a header taken as a key
+on the OpenAI and Anthropic routes (a custom provider's authHeader).
 
 Replies are \"mock reply to: <last user message, up to 200 chars>\"; JSON replies are
 gzip-compressed for requests whose Accept-Encoding takes gzip, as the providers' CDNs do.
@@ -69,6 +79,11 @@ struct Cli {
     /// with the same DIR keeps the identity. Without it: plain HTTP/1.1 and h2c.
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
+    /// Also take header NAME as a key on the OpenAI and Anthropic routes, which otherwise want
+    /// their own (Authorization: Bearer, Azure's api-key, x-api-key) and answer 401 without it;
+    /// for custom providers with their own authHeader. Repeatable.
+    #[arg(long = "auth-header", value_name = "NAME")]
+    auth_headers: Vec<http::HeaderName>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -107,6 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         record: !cli.no_record,
         name: cli.name,
         tls,
+        auth_headers: cli.auth_headers,
     };
     serve_with_shutdown(listener, opts, shutdown)
         .await

@@ -544,6 +544,22 @@ pub(crate) fn models(ctx: &Ctx<'_>) -> Response<MockBody> {
 // ---------------------------------------------------------------------------
 // Errors
 
+/// 401 for a request without its key: OpenAI's words, or Azure's on its deployment paths.
+pub(crate) fn unauthorized(ctx: &Ctx<'_>, api: crate::auth::Api) -> Response<MockBody> {
+    if api == crate::auth::Api::Azure {
+        const DENIED: &[u8] = br#"{"error":{"code":"401","message":"Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource."}}"#;
+        return json_response(StatusCode::UNAUTHORIZED, Bytes::from_static(DENIED));
+    }
+    error_response(
+        ctx,
+        StatusCode::UNAUTHORIZED,
+        "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank username) if you're accessing the API from your browser and are prompted for a username and password. You can obtain an API key from https://platform.openai.com/account/api-keys.",
+        "invalid_request_error",
+        None,
+        None,
+    )
+}
+
 /// 400 for a body that is not valid JSON (or not the expected shape).
 fn invalid_json(ctx: &Ctx<'_>, err: &str) -> Response<MockBody> {
     let message = format!("We could not parse the JSON body of your request: {err}");

@@ -30,14 +30,21 @@ fn start(args: &[&str]) -> (Child, BufReader<ChildStdout>, String) {
 
 #[test]
 fn prints_listening_line_serves_and_stops_on_sigterm() {
-    let (mut child, mut stdout, addr) = start(&["--name", "bin-test", "--no-record"]);
+    // The key comes in a header named with --auth-header, as a custom provider's would.
+    let (mut child, mut stdout, addr) = start(&[
+        "--name",
+        "bin-test",
+        "--no-record",
+        "--auth-header",
+        "x-custom-key",
+    ]);
 
     let body = r#"{"model":"m","messages":[{"role":"user","content":"ping"}]}"#;
     let mut conn = TcpStream::connect(&addr).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nx-custom-key: k\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -115,7 +122,7 @@ fn serves_https_offering_h2_and_http1_by_alpn() {
     let body = r#"{"model":"m","messages":[{"role":"user","content":"over tls"}]}"#;
     write!(
         conn,
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-test\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();

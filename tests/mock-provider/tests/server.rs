@@ -80,8 +80,21 @@ async fn send(
     }
 }
 
+/// What the OpenAI and Anthropic routes want besides the body: a key in each API's header and
+/// Anthropic's version.
+const KEYS: &[(&str, &str)] = &[
+    ("authorization", "Bearer sk-test"),
+    ("x-api-key", "sk-ant-test"),
+    ("anthropic-version", "2023-06-01"),
+];
+
+/// `KEYS` and `more`.
+fn with_keys<'a>(more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    KEYS.iter().chain(more).copied().collect()
+}
+
 async fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
-    send(addr, Method::POST, path, &[], &body.to_string()).await
+    send(addr, Method::POST, path, KEYS, &body.to_string()).await
 }
 
 /// `data:` payloads of an SSE body, with their `event:` names.
@@ -316,17 +329,18 @@ async fn error_statuses_in_each_format() {
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(reply.json()["error"]["type"], "server_error");
 
-    let reply = post(addr, "/v1/messages", json!({"model": "mock-status-529"})).await;
+    let anthropic_error = |model: &str| json!({"model": model, "max_tokens": 8, "messages": []});
+    let reply = post(addr, "/v1/messages", anthropic_error("mock-status-529")).await;
     assert_eq!(reply.status.as_u16(), 529);
     let v = reply.json();
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "overloaded_error");
 
-    let reply = post(addr, "/v1/messages", json!({"model": "mock-status-429"})).await;
+    let reply = post(addr, "/v1/messages", anthropic_error("mock-status-429")).await;
     assert_eq!(reply.headers["retry-after"], "1");
     assert_eq!(reply.json()["error"]["type"], "rate_limit_error");
 
-    let reply = send(addr, Method::POST, "/v1/messages", &[], "{not json").await;
+    let reply = send(addr, Method::POST, "/v1/messages", KEYS, "{not json").await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert_eq!(reply.json()["error"]["type"], "invalid_request_error");
 
@@ -334,14 +348,14 @@ async fn error_statuses_in_each_format() {
         addr,
         Method::POST,
         "/v1/chat/completions",
-        &[],
+        KEYS,
         "\u{0}\u{1}",
     )
     .await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert_eq!(reply.json()["error"]["type"], "invalid_request_error");
 
-    let reply = send(addr, Method::POST, "/v1/embeddings", &[], "[]").await;
+    let reply = send(addr, Method::POST, "/v1/embeddings", KEYS, "[]").await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert_eq!(reply.json()["error"]["type"], "invalid_request_error");
 
@@ -378,7 +392,15 @@ async fn embeddings_and_models() {
     .json();
     assert_eq!(again["data"][0]["embedding"], v["data"][0]["embedding"]);
 
-    let models = send(addr, Method::GET, "/v1/models", &[], "").await.json();
+    let models = send(
+        addr,
+        Method::GET,
+        "/v1/models",
+        &[("authorization", "Bearer k")],
+        "",
+    )
+    .await
+    .json();
     assert_eq!(models["object"], "list");
     assert!(models["data"].as_array().unwrap().len() >= 2);
 }
@@ -394,7 +416,12 @@ async fn recording_and_stats() {
         r#"{"model":"m","messages":[]}"#,
     )
     .await;
-    post(addr, "/v1/messages", json!({"model": "c"})).await;
+    post(
+        addr,
+        "/v1/messages",
+        json!({"model": "c", "max_tokens": 8, "messages": []}),
+    )
+    .await;
 
     let records = send(addr, Method::GET, "/__mock/requests", &[], "")
         .await
@@ -470,7 +497,7 @@ async fn head_delay_header() {
         addr,
         Method::POST,
         "/v1/chat/completions",
-        &[("x-mock-delay-ms", "150")],
+        &with_keys(&[("x-mock-delay-ms", "150")]),
         r#"{"model":"m"}"#,
     )
     .await;
@@ -487,8 +514,8 @@ async fn client_disconnect_cancels_stream() {
     let req = build(
         Method::POST,
         "/v1/messages",
-        &[("x-mock-chunk-delay-ms", "50")],
-        r#"{"model":"c","stream":true,"messages":[{"role":"user","content":"a b c d e f"}]}"#,
+        &with_keys(&[("x-mock-chunk-delay-ms", "50")]),
+        r#"{"model":"c","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"a b c d e f"}]}"#,
     );
     let resp = sender.send_request(req).await.unwrap();
     let mut body = resp.into_body();
@@ -524,7 +551,7 @@ async fn chunk_delay_spaces_events() {
         addr,
         Method::POST,
         "/v1/chat/completions",
-        &[("x-mock-chunk-delay-ms", "10")],
+        &with_keys(&[("x-mock-chunk-delay-ms", "10")]),
         r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"x"}]}"#,
     )
     .await;
@@ -545,6 +572,7 @@ async fn h2c_prior_knowledge() {
         .unwrap();
     tokio::spawn(conn);
     let req = Request::post("http://mock/v1/chat/completions")
+        .header("authorization", "Bearer sk-test")
         .body(Full::new(Bytes::from_static(
             br#"{"model":"m","messages":[{"role":"user","content":"over h2"}]}"#,
         )))
@@ -557,4 +585,161 @@ async fn h2c_prior_knowledge() {
         v["choices"][0]["message"]["content"],
         "mock reply to: over h2"
     );
+}
+
+#[tokio::test]
+async fn requests_without_their_key_are_401_in_each_apis_shape() {
+    let addr = start(Options::default()).await;
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
+    let anthropic = r#"{"model":"c","max_tokens":8,"messages":[{"role":"user","content":"x"}]}"#;
+    let version = ("anthropic-version", "2023-06-01");
+
+    // OpenAI: a bearer token; another API's header is no key.
+    for headers in [
+        &[][..],
+        &[("x-api-key", "k")],
+        &[("authorization", "Bearer ")],
+    ] {
+        let reply = send(addr, Method::POST, "/v1/chat/completions", headers, chat).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        let v = reply.json();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], Value::Null);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("Authorization: Bearer")
+        );
+        assert!(reply.headers.contains_key("x-request-id"));
+    }
+    let reply = send(
+        addr,
+        Method::POST,
+        "/openai/v1/embeddings",
+        &[],
+        r#"{"input":"x"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = send(addr, Method::GET, "/v1/models", &[], "").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+
+    // Azure: api-key (or a bearer token) on deployment paths, else Azure's shape.
+    let azure = "/openai/deployments/d/chat/completions";
+    let reply = send(addr, Method::POST, azure, &[], chat).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(reply.json()["error"]["code"], "401");
+    let reply = send(addr, Method::POST, azure, &[("api-key", "az")], chat).await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    // Anthropic: x-api-key, checked before the version header; a bearer token is no key.
+    for headers in [
+        &[version][..],
+        &[version, ("authorization", "Bearer k")],
+        &[],
+    ] {
+        let reply = send(addr, Method::POST, "/v1/messages", headers, anthropic).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{headers:?}");
+        let v = reply.json();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], "authentication_error");
+        assert_eq!(v["error"]["message"], "x-api-key header is required");
+        assert!(reply.headers.contains_key("request-id"));
+    }
+    let reply = send(
+        addr,
+        Method::POST,
+        "/v1/messages/count_tokens",
+        &[version],
+        anthropic,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = send(addr, Method::GET, "/v1/models", &[version], "").await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+
+    // Keys are only looked for, never checked; the moderation endpoint takes none.
+    let reply = send(
+        addr,
+        Method::POST,
+        "/v1/messages",
+        &[version, ("x-api-key", "anything")],
+        anthropic,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = send(
+        addr,
+        Method::POST,
+        "/v1/moderations",
+        &[],
+        r#"{"input":"x"}"#,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn auth_headers_name_more_headers_taken_as_keys() {
+    let addr = start(Options {
+        auth_headers: vec![http::HeaderName::from_static("x-custom-key")],
+        ..Options::default()
+    })
+    .await;
+    let chat = r#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
+    let reply = send(
+        addr,
+        Method::POST,
+        "/v1/chat/completions",
+        &[("x-custom-key", "k")],
+        chat,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = send(
+        addr,
+        Method::POST,
+        "/v1/chat/completions",
+        &[("x-other-key", "k")],
+        chat,
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn anthropic_messages_without_a_required_field_are_400() {
+    let addr = start(Options::default()).await;
+    let cases = [
+        (
+            json!({"max_tokens": 8, "messages": []}),
+            "model: Field required",
+        ),
+        (
+            json!({"model": "c", "max_tokens": 8}),
+            "messages: Field required",
+        ),
+        (
+            json!({"model": "c", "messages": []}),
+            "max_tokens: Field required",
+        ),
+    ];
+    for (body, message) in cases {
+        let reply = post(addr, "/v1/messages", body).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{message}");
+        let v = reply.json();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["message"], message);
+    }
+    // count_tokens takes no max_tokens.
+    let reply = post(
+        addr,
+        "/v1/messages/count_tokens",
+        json!({"model": "c", "messages": []}),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = post(addr, "/v1/messages/count_tokens", json!({"model": "c"})).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
 }
