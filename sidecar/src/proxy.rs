@@ -182,19 +182,28 @@ impl Gateway {
         use http_body_util::{BodyExt as _, Limited};
         req.headers_mut()
             .insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
+        let late = || format!("no answer within {}s", within.as_secs());
         let exchange = async {
             let resp = self.attempt(req, within).await.map_err(|e| e.to_string())?;
             let status = resp.status();
             let raw = Limited::new(resp.into_body(), limit)
                 .collect()
                 .await
-                .map_err(|e| format!("reading the answer: {e}"))?
+                .map_err(|e| {
+                    // The body's own watchdog has the same bound as the whole exchange: either
+                    // may see a stalled answer first, and it is the same failure.
+                    if e.downcast_ref::<crate::upstream::Stalled>().is_some() {
+                        late()
+                    } else {
+                        format!("reading the answer: {e}")
+                    }
+                })?
                 .to_bytes();
             Ok((status, raw))
         };
         tokio::time::timeout(within, exchange)
             .await
-            .map_err(|_| format!("no answer within {}s", within.as_secs()))?
+            .map_err(|_| late())?
     }
 
     /// Looks a request up in the response cache (`want` from [`cache::want`]) and answers a hit.
