@@ -336,7 +336,10 @@ mod tests {
         plain.update(Sha256::digest(b"weak\n"));
         let plain: [u8; 32] = plain.finalize().into();
         assert_ne!(store.digest, plain);
-        assert_eq!(KeyStore::load(dir.path()).expect("again").digest, store.digest);
+        assert_eq!(
+            KeyStore::load(dir.path()).expect("again").digest,
+            store.digest
+        );
     }
 
     #[test]
