@@ -22,7 +22,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sidegate_crds::api::AIGateway;
@@ -41,9 +41,9 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// Creates a webhook configuration named `name` → `https://127.0.0.1:port/mutate`, selecting
-/// only namespace `ns`, without a caBundle (the webhook patches it in).
-async fn register(client: &Client, name: &str, port: u16, ns: &str) {
+/// The webhook configuration `name` → `https://127.0.0.1:port/mutate`, selecting only namespace
+/// `ns`, without a caBundle (the webhook patches it in); otherwise as the operator defines it.
+fn configuration(name: &str, port: u16, ns: &str) -> MutatingWebhookConfiguration {
     let mut config = webhook::configuration(
         name,
         WebhookClientConfig {
@@ -58,8 +58,13 @@ async fn register(client: &Client, name: &str, port: u16, ns: &str) {
             ..LabelSelector::default()
         });
     }
+    config
+}
+
+/// Creates [`configuration`]`(name, port, ns)`.
+async fn register(client: &Client, name: &str, port: u16, ns: &str) {
     Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .create(&PostParams::default(), &config)
+        .create(&PostParams::default(), &configuration(name, port, ns))
         .await
         .expect("create MutatingWebhookConfiguration");
 }
@@ -311,45 +316,163 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
     operator_ns.delete().await;
 }
 
+/// `apiserver_admission_webhook_fail_open_count{name=WEBHOOK,type="admit"}` from the apiserver's
+/// `/metrics` (kube-apiserver v1.37: counted each time a mutating webhook call fails and
+/// failurePolicy Ignore lets the request through; 0 before the first).
+async fn fail_open_count(client: &Client, webhook: &str) -> u64 {
+    let request = http::Request::get("/metrics")
+        .body(Vec::new())
+        .expect("metrics request");
+    let text = client
+        .request_text(request)
+        .await
+        .expect("GET /metrics of the apiserver");
+    let name_label = format!("name=\"{webhook}\"");
+    text.lines()
+        .filter_map(|l| l.strip_prefix("apiserver_admission_webhook_fail_open_count{"))
+        .filter_map(|l| l.split_once("} "))
+        .filter(|(labels, _)| {
+            labels.split(',').any(|l| l == name_label) && labels.contains("type=\"admit\"")
+        })
+        .map(|(_, v)| v.trim().parse::<f64>().expect("counter value") as u64)
+        .sum()
+}
+
+/// The message of `e` if it is the apiserver's answer when it could not call webhook `webhook`
+/// at `127.0.0.1:port` and that webhook's failurePolicy is Fail (500, "failed calling webhook").
+fn call_failure<'e>(e: &'e kube::Error, webhook: &str, port: u16) -> Option<&'e str> {
+    match e {
+        kube::Error::Api(s)
+            if s.code == 500
+                && s.message
+                    .contains(&format!("failed calling webhook \"{webhook}\""))
+                && s.message.contains(&format!("127.0.0.1:{port}")) =>
+        {
+            Some(&s.message)
+        }
+        _ => None,
+    }
+}
+
 #[tokio::test]
 async fn with_the_webhook_down_pods_are_still_created_because_failure_policy_is_ignore() {
     let Some(client) = cluster_client().await else {
         return;
     };
     let (apps, operator_ns) = namespaces(&client).await;
-    // Registered, but nothing listens on the port.
-    let port = free_port();
+    // Down: the port is held bound but never listens, so every connection to it is refused and
+    // nothing else can take it during the test.
+    let down = tokio::net::TcpSocket::new_v4().expect("socket");
+    down.bind(([127, 0, 0, 1], 0).into()).expect("bind");
+    let port = down.local_addr().expect("bound address").port();
     let config_name = unique_name("sidegate-webhook-down");
-    register(&client, &config_name, port, &apps.name).await;
-    let registered = Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .get(&config_name)
+    let mut config = configuration(&config_name, port, &apps.name);
+    let hook = &mut config.webhooks.as_mut().expect("webhooks")[0];
+    assert_eq!(hook.failure_policy.as_deref(), Some("Ignore"), "as shipped");
+    // A webhook name of its own, so the apiserver's per-webhook metric counts only this test's
+    // calls (the other tests here use the operator's name).
+    let webhook_name = format!("{}.inject.sidegate.dev", unique_name("down"));
+    hook.name = webhook_name.clone();
+    // First failurePolicy Fail: a pod creation rejected with the failed call proves that the
+    // apiserver has the configuration, selects this namespace and finds the webhook down.
+    hook.failure_policy = Some("Fail".into());
+    let configs = Api::<MutatingWebhookConfiguration>::all(client.clone());
+    configs
+        .create(&PostParams::default(), &config)
         .await
-        .expect("config");
+        .expect("create MutatingWebhookConfiguration");
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
+    let annotated = [("sidegate.dev/gateway", "main")];
+    let mut n = 0u32;
+    let rejection = eventually(
+        "the apiserver to reject a pod for the down webhook (failurePolicy Fail)",
+        WAIT,
+        || {
+            n += 1;
+            let (pods, webhook_name) = (pods.clone(), webhook_name.clone());
+            async move {
+                // Admitted (and retried) while the apiserver has not seen the configuration.
+                let e = pods
+                    .create(
+                        &PostParams::default(),
+                        &pod(&format!("probe-{n}"), &annotated),
+                    )
+                    .await
+                    .err()?;
+                let message = call_failure(&e, &webhook_name, port)
+                    .unwrap_or_else(|| panic!("unexpected error: {e}"));
+                Some(message.to_owned())
+            }
+        },
+    )
+    .await;
+    eprintln!("failurePolicy Fail, webhook down: {rejection}");
+
+    // Then failurePolicy Ignore, as shipped: creations are rejected until the apiserver sees the
+    // change, then admitted without injection, each after a failed call (counted as fail-open).
+    let before = fail_open_count(&client, &webhook_name).await;
+    let patched = configs
+        .patch(
+            &config_name,
+            &PatchParams::default(),
+            &Patch::<()>::Json(
+                serde_json::from_value(json!([
+                    {"op": "test", "path": "/webhooks/0/name", "value": webhook_name},
+                    {"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Ignore"},
+                ]))
+                .expect("JSON patch"),
+            ),
+        )
+        .await
+        .expect("patch failurePolicy Ignore");
     assert_eq!(
-        registered.webhooks.expect("webhooks")[0]
+        patched.webhooks.expect("webhooks")[0]
             .failure_policy
             .as_deref(),
         Some("Ignore")
     );
-    // Give the apiserver's webhook informer time to see the configuration, so the create below
-    // really goes through the failing call (a configuration it has not seen yet would pass
-    // trivially).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
     let started = std::time::Instant::now();
-    let created = pods
-        .create(
-            &PostParams::default(),
-            &pod("while-down", &[("sidegate.dev/gateway", "main")]),
-        )
-        .await
-        .expect("pod created although the webhook is down");
-    assert!(!is_injected(&created));
+    let mut n = 0u32;
+    let created = eventually(
+        "a pod created with the webhook down (failurePolicy Ignore)",
+        WAIT,
+        || {
+            n += 1;
+            let (pods, webhook_name) = (pods.clone(), webhook_name.clone());
+            async move {
+                match pods
+                    .create(
+                        &PostParams::default(),
+                        &pod(&format!("while-down-{n}"), &annotated),
+                    )
+                    .await
+                {
+                    Ok(created) => Some(created),
+                    Err(e) if call_failure(&e, &webhook_name, port).is_some() => None,
+                    Err(e) => panic!("unexpected error: {e}"),
+                }
+            }
+        },
+    )
+    .await;
+    let after = fail_open_count(&client, &webhook_name).await;
+    assert!(
+        after > before,
+        "the apiserver admitted {} without failing open on {webhook_name} \
+         (apiserver_admission_webhook_fail_open_count {before} -> {after})",
+        created.name_any()
+    );
+    let stored = pods.get(&created.name_any()).await.expect("stored pod");
+    assert!(!is_injected(&created) && !is_injected(&stored));
+    assert!(sidecar_of(&stored).is_none());
     eprintln!(
-        "pod created with the webhook down in {} ms",
+        "pod {} created with the webhook down ({} ms after the switch to Ignore); \
+         fail-open calls {before} -> {after}",
+        created.name_any(),
         started.elapsed().as_millis()
     );
+    drop(down);
 
     unregister(&client, &config_name).await;
     apps.delete().await;
