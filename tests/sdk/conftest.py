@@ -4,6 +4,7 @@ Every process writes its log to $SIDEGATE_TEST_LOG_DIR (default: a temp dir), so
 `tests/scan-logs` can prove no provider key ever reaches a log line.
 """
 
+import http.server
 import os
 import pathlib
 import re
@@ -64,6 +65,32 @@ def refusing_port():
     p = RefusingPort()
     yield p
     p.close()
+
+
+class FixedAnswerServer:
+    """A loopback HTTP server answering every POST with `status` and `body` (JSON content type),
+    for upstreams the mock cannot play (a captive portal, an odd token endpoint)."""
+
+    def __init__(self, body: bytes, status=200):
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class StallingServer:

@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, StallingServer, gateway_yaml
+from conftest import (ANTHROPIC_KEY, DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, FixedAnswerServer, Sidegate, StallingServer,
+                      gateway_yaml)
 
 GOOGLE_KEY = f"AIza-{KEY_MARKER}-google"
 VERTEX_TOKEN = f"ya29.{KEY_MARKER}-vertex"
@@ -423,25 +424,8 @@ def test_a_custom_provider_in_anthropic_format_gets_the_api_version(mock, tmp_pa
 
 
 def test_an_answer_that_cannot_be_translated_is_a_502_in_the_gateway_envelope(tmp_path):
-    import http.server
-    import threading
-
-    class NotAnthropic(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["content-length"]))
-            body = b"<html>captive portal</html>"
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotAnthropic)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    g = Sidegate(tmp_path, compat_yaml(f"http://127.0.0.1:{srv.server_address[1]}"), COMPAT_KEYS)
+    srv = FixedAnswerServer(b"<html>captive portal</html>")
+    g = Sidegate(tmp_path, compat_yaml(srv.url), COMPAT_KEYS)
     try:
         r = httpx.post(g.url + "/compat/chat/completions",
                        json={"model": "anthropic/claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]})
@@ -451,7 +435,7 @@ def test_an_answer_that_cannot_be_translated_is_a_502_in_the_gateway_envelope(tm
         assert "anthropic response could not be translated" in err["message"]
     finally:
         g.stop()
-        srv.shutdown()
+        srv.stop()
 
 
 def test_a_stored_google_key_replaces_the_clients_key_parameter(gw, mock):
@@ -484,25 +468,8 @@ def test_a_translated_answer_that_stalls_ends_in_a_504_not_a_hang(tmp_path):
 
 
 def test_a_token_lifetime_too_large_for_the_clock_is_held_to_a_day(mock, tmp_path):
-    import http.server
-    import threading
-
-    class Token(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["content-length"]))
-            body = json.dumps({"access_token": f"ya29.{KEY_MARKER}-forever", "expires_in": 2**64 - 1}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Token)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    g, _ = vertex_gateway(mock, tmp_path, f"http://127.0.0.1:{server.server_address[1]}/token")
+    server = FixedAnswerServer(json.dumps({"access_token": f"ya29.{KEY_MARKER}-forever", "expires_in": 2**64 - 1}).encode())
+    g, _ = vertex_gateway(mock, tmp_path, f"{server.url}/token")
     try:
         mock.clear()
         for _ in range(2):
@@ -512,7 +479,7 @@ def test_a_token_lifetime_too_large_for_the_clock_is_held_to_a_day(mock, tmp_pat
         assert g.proc.poll() is None, "the sidecar is still running"
     finally:
         g.stop()
-        server.shutdown()
+        server.stop()
 
 
 def test_universal_steps_get_minted_tokens_and_stored_aws_signatures(mock, tmp_path):

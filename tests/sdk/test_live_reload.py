@@ -83,15 +83,19 @@ def test_rotating_a_key_by_symlink_swap_under_load_loses_no_request(mock, tmp_pa
     print(f"key rotation: new key in use {took * 1000:.0f} ms after the swap; {sent[0]} requests, 0 failed")
 
 
-def test_plain_file_edit_of_a_key_is_picked_up(gateway, mock):
-    new_key = f"sk-{KEY_MARKER}-edited"
-    (gateway.keys_dir / "openai.default").write_text(new_key + "\n")
+def edit_key_and_wait(g, mock, new_key, timeout):
+    """Writes `new_key` as openai.default in place and waits until requests carry it."""
+    (g.keys_dir / "openai.default").write_text(new_key + "\n")
 
     def seen():
-        httpx.post(gateway.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "e"}]})
+        httpx.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "e"}]})
         return mock.last()["headers"]["authorization"] == f"Bearer {new_key}"
 
-    wait_for(seen, 2, "edited key not used")
+    wait_for(seen, timeout, f"edited key not used within {timeout} s")
+
+
+def test_plain_file_edit_of_a_key_is_picked_up(gateway, mock):
+    edit_key_and_wait(gateway, mock, f"sk-{KEY_MARKER}-edited", 2)
 
 
 def test_files_named_by_relative_paths_are_watched_too(mock, tmp_path):
@@ -99,14 +103,7 @@ def test_files_named_by_relative_paths_are_watched_too(mock, tmp_path):
     # (else only the 5 s poll would see the edit).
     g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, relative_paths=True)
     try:
-        new_key = f"sk-{KEY_MARKER}-relative"
-        (g.keys_dir / "openai.default").write_text(new_key + "\n")
-
-        def seen():
-            httpx.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "r"}]})
-            return mock.last()["headers"]["authorization"] == f"Bearer {new_key}"
-
-        wait_for(seen, 2, "edited key not used within 2 s")
+        edit_key_and_wait(g, mock, f"sk-{KEY_MARKER}-relative", 2)
     finally:
         g.stop()
 
@@ -116,14 +113,7 @@ def test_a_key_link_left_dangling_mid_swap_is_skipped_not_a_failed_reload(mock, 
     try:
         # A key removed by kubelet's swap (its link not yet cleaned up) next to a rotated one.
         (g.keys_dir / "openai.team-c").symlink_to(tmp_path / "gone")
-        new_key = f"sk-{KEY_MARKER}-next-to-dangling"
-        (g.keys_dir / "openai.default").write_text(new_key + "\n")
-
-        def seen():
-            httpx.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "d"}]})
-            return mock.last()["headers"]["authorization"] == f"Bearer {new_key}"
-
-        wait_for(seen, 8, "rotated key not used")
+        edit_key_and_wait(g, mock, f"sk-{KEY_MARKER}-next-to-dangling", 8)
         assert "openai.team-c: gone while loading" in g.logs()
         assert "config reload rejected" not in g.logs()
     finally:
