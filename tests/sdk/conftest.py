@@ -68,14 +68,23 @@ def refusing_port():
 
 
 class FixedAnswerServer:
-    """A loopback HTTP server answering every POST with `status` and `body` (JSON content type),
-    for upstreams the mock cannot play (a captive portal, an odd token endpoint)."""
+    """A loopback HTTP server answering POSTs with fixed JSON bodies, for upstreams the mock
+    cannot play (a captive portal, an odd token endpoint): `body` with `status`, or with
+    `then=[(status, body), ...]` the first request gets `body` and the following ones these in
+    turn, the last repeated."""
 
-    def __init__(self, body: bytes, status=200):
+    def __init__(self, body: bytes, status=200, then=()):
+        answers = [(status, body), *then]
+        count = [0]
+        lock = threading.Lock()
+
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
-                self.send_response(status)
+                with lock:
+                    code, body = answers[min(count[0], len(answers) - 1)]
+                    count[0] += 1
+                self.send_response(code)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()

@@ -467,6 +467,23 @@ def test_a_translated_answer_that_stalls_ends_in_a_504_not_a_hang(tmp_path):
         stall.stop()
 
 
+def test_a_failing_part_of_a_list_sent_one_text_per_request_is_the_answer(tmp_path):
+    # The first text's request succeeds, a later one is refused: the client gets that refusal
+    # (translated), not a list with a hole.
+    ok = json.dumps({"predictions": [{"embeddings": {"values": [0.5] * 8, "statistics": {"token_count": 1}}}]}).encode()
+    quota = json.dumps({"error": {"code": 429, "message": "Quota exceeded", "status": "RESOURCE_EXHAUSTED"}}).encode()
+    srv = FixedAnswerServer(ok, then=[(429, quota)])
+    g = Sidegate(tmp_path, compat_yaml(srv.url), COMPAT_KEYS)
+    try:
+        with pytest.raises(openai.RateLimitError) as e:
+            client(g).embeddings.create(model="google-vertex-ai/my-proj/us-central1/gemini-embedding-001",
+                                        input=["a", "b", "c"])
+        assert "Quota exceeded" in str(e.value)
+    finally:
+        g.stop()
+        srv.stop()
+
+
 def test_a_token_lifetime_too_large_for_the_clock_is_held_to_a_day(mock, tmp_path):
     server = FixedAnswerServer(json.dumps({"access_token": f"ya29.{KEY_MARKER}-forever", "expires_in": 2**64 - 1}).encode())
     g, _ = vertex_gateway(mock, tmp_path, f"{server.url}/token")
