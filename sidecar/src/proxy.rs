@@ -179,26 +179,20 @@ impl Gateway {
         within: Duration,
         limit: usize,
     ) -> Result<(http::StatusCode, Bytes), String> {
-        use http_body_util::{BodyExt as _, Limited};
         req.headers_mut()
             .insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
         let late = || format!("no answer within {}s", within.as_secs());
         let exchange = async {
             let resp = self.attempt(req, within).await.map_err(|e| e.to_string())?;
             let status = resp.status();
-            let raw = Limited::new(resp.into_body(), limit)
-                .collect()
+            // The body's own watchdog has the same bound as the whole exchange: either may see
+            // a stalled answer first, and it is the same failure.
+            let raw = hold_whole(resp.into_body(), limit)
                 .await
-                .map_err(|e| {
-                    // The body's own watchdog has the same bound as the whole exchange: either
-                    // may see a stalled answer first, and it is the same failure.
-                    if e.downcast_ref::<crate::upstream::Stalled>().is_some() {
-                        late()
-                    } else {
-                        format!("reading the answer: {e}")
-                    }
-                })?
-                .to_bytes();
+                .map_err(|e| match e {
+                    crate::body::HoldError::Stalled(_) => late(),
+                    other => format!("reading the answer: {other}"),
+                })?;
             Ok((status, raw))
         };
         tokio::time::timeout(within, exchange)

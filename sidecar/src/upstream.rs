@@ -193,16 +193,14 @@ struct Watchdog {
 impl Watchdog {
     /// At a wait for the upstream: whether it has been silent for `after`.
     fn poll_silent(&mut self, cx: &mut Context<'_>) -> bool {
-        let deadline = tokio::time::Instant::now() + self.after;
+        // The clock is read only when the timer is made or moved, not at every wake-up.
         let timer = match &mut self.timer {
             Some(t) if self.moved => {
-                t.as_mut().reset(deadline);
+                t.as_mut().reset(tokio::time::Instant::now() + self.after);
                 t
             }
             Some(t) => t,
-            None => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            None => self.timer.insert(Box::pin(tokio::time::sleep(self.after))),
         };
         self.moved = false;
         timer.as_mut().poll(cx).is_ready()

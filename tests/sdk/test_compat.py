@@ -632,6 +632,11 @@ def test_bedrock_embeddings_titan_and_cohere(gw, mock):
     bodies = sorted(json.loads(r["body"])["inputText"] for r in mock.requests())
     assert bodies == ["one two", "three"]
     assert all(r["headers"]["authorization"].startswith("AWS4-HMAC-SHA256 ") for r in mock.requests())
+    # An empty list is refused by the gateway, never sent as an empty body.
+    mock.clear()
+    r = httpx.post(gw.url + "/compat/embeddings", json={"model": "aws-bedrock/us-east-1/amazon.titan-embed-text-v2:0", "input": []})
+    assert r.status_code == 400 and "one input per request" in r.text, r.text
+    assert mock.requests() == []
 
 
 # --- OpenAI-compatible providers ---------------------------------------------------------

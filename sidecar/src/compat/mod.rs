@@ -405,16 +405,13 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     ctx.base64 = req.wants_base64();
                     let model = prefix.rsplit('/').next().unwrap_or(i.model);
                     if format == Format::Vertex {
-                        let mut bodies = if gemini::vertex_embeds_one_per_request(model) {
-                            req.one_per_text(&i.provider.id)?
-                                .iter()
-                                .map(|one| gemini::vertex_embed_request(one, &i.provider.id))
-                                .collect::<Result<Vec<_>, _>>()?
-                        } else {
-                            vec![gemini::vertex_embed_request(&req, &i.provider.id)?]
-                        };
-                        more_bodies = bodies.split_off(1.min(bodies.len()));
-                        let body = bodies.pop().unwrap_or_default();
+                        let body;
+                        (body, more_bodies) = embed_bodies(
+                            &req,
+                            gemini::vertex_embeds_one_per_request(model),
+                            &i.provider.id,
+                            |one| gemini::vertex_embed_request(one, &i.provider.id),
+                        )?;
                         (format!("{prefix}:predict"), None, body, false)
                     } else {
                         let body = gemini::embed_request(&req, model, &i.provider.id)?;
@@ -470,16 +467,14 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     let req = openai::EmbeddingsRequest::parse(i.body)?;
                     ctx.base64 = req.wants_base64();
                     let family = bedrock::embed_model(model_id)?;
-                    let mut bodies = if family == bedrock::EmbedModel::Titan {
-                        req.one_per_text(&i.provider.id)?
-                            .iter()
-                            .map(|one| bedrock::embed_request(one, family))
-                            .collect::<Result<Vec<_>, _>>()?
-                    } else {
-                        vec![bedrock::embed_request(&req, family)?]
-                    };
-                    more_bodies = bodies.split_off(1.min(bodies.len()));
-                    ("invoke", bodies.pop().unwrap_or_default(), false)
+                    let body;
+                    (body, more_bodies) = embed_bodies(
+                        &req,
+                        family == bedrock::EmbedModel::Titan,
+                        &i.provider.id,
+                        |one| bedrock::embed_request(one, family),
+                    )?;
+                    ("invoke", body, false)
                 }
             };
             let rest = format!("bedrock-runtime/{region}/model/{encoded}/{action}");
@@ -527,6 +522,26 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
             ))
         }
     }
+}
+
+/// The upstream bodies of an embeddings request: one, or for a provider that embeds one text
+/// per request (`one_per_text`) and a list of several, the first text's and the others'.
+fn embed_bodies(
+    req: &openai::EmbeddingsRequest,
+    one_per_text: bool,
+    provider: &str,
+    build: impl Fn(&openai::EmbeddingsRequest) -> Result<Vec<u8>, GatewayError>,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), GatewayError> {
+    if one_per_text {
+        let parts = req.one_per_text(provider)?;
+        if let [first, rest @ ..] = parts.as_slice()
+            && !rest.is_empty()
+        {
+            let rest = rest.iter().map(&build).collect::<Result<_, _>>()?;
+            return Ok((build(first)?, rest));
+        }
+    }
+    Ok((build(req)?, Vec::new()))
 }
 
 /// Path, query and body model of an OpenAI-compatible provider.
@@ -754,7 +769,7 @@ pub(crate) async fn serve(
     let log_id = crate::log_id::next();
     let event_id = aig.get(Gw::EventId).cloned();
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
-    let (resp, translation) = loop {
+    let (resp, translation, within, policy) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
         let minted = match provider.service_account(alias) {
             Some(sa) => Some(sa.token(gw).await.map_err(fail)?),
@@ -786,7 +801,7 @@ pub(crate) async fn serve(
             step += 1;
             continue;
         }
-        break (outcome.map_err(fail)?, translation);
+        break (outcome.map_err(fail)?, translation, within, policy);
     };
     let (mut head, upstream_body) = resp.into_parts();
     strip_response_headers(&mut head.headers);
@@ -857,7 +872,7 @@ pub(crate) async fn serve(
         }
     };
     let rest = if head.status.is_success() {
-        let (within, policy) = target_limits(target, timeout, retries);
+        // The other parts go as the part that answered went.
         fan_out(
             gw,
             std::mem::take(&mut t.more),
