@@ -1143,16 +1143,21 @@ mod tests {
         assert!(first.hash.starts_with("sha256:") && first.hash.len() == 7 + 64);
     }
 
+    /// Gateway authentication with the tokens of Secret `tokens`, key `t`.
+    fn token_auth() -> Option<Authentication> {
+        Some(Authentication {
+            enabled: true,
+            token_secret_ref: Some(SecretKeyRef {
+                name: "tokens".into(),
+                key: "t".into(),
+            }),
+        })
+    }
+
     /// A gateway whose only secret file is its token file (no provider keys).
     fn token_only_gateway() -> (AIGateway, BTreeMap<String, Secret>) {
         let gw = gateway(GatewayPolicy {
-            authentication: Some(Authentication {
-                enabled: true,
-                token_secret_ref: Some(SecretKeyRef {
-                    name: "tokens".into(),
-                    key: "t".into(),
-                }),
-            }),
+            authentication: token_auth(),
             ..GatewayPolicy::default()
         });
         (gw, BTreeMap::from([secret("tokens", &[("t", "hunter2")])]))
@@ -1259,13 +1264,7 @@ mod tests {
             secret("redis", &[("url", "redis://r:6379")]),
         ]);
         let gw = gateway(GatewayPolicy {
-            authentication: Some(Authentication {
-                enabled: true,
-                token_secret_ref: Some(SecretKeyRef {
-                    name: "tokens".into(),
-                    key: "t".into(),
-                }),
-            }),
+            authentication: token_auth(),
             redis: Some(sidegate_crds::policy::Redis {
                 url_secret_ref: Some(SecretKeyRef {
                     name: "redis".into(),
@@ -1465,13 +1464,7 @@ mod tests {
         ]);
         let keys = [key("a", "openai", "default", "s", "k")];
         let gw = gateway(GatewayPolicy {
-            authentication: Some(Authentication {
-                enabled: true,
-                token_secret_ref: Some(SecretKeyRef {
-                    name: "tokens".into(),
-                    key: "t".into(),
-                }),
-            }),
+            authentication: token_auth(),
             ..GatewayPolicy::default()
         });
         let last = render(&gw, &keys, &secrets, &salt()).expect("renders");
@@ -1498,13 +1491,7 @@ mod tests {
             key("b", "anthropic", "default", "s", "anthropic"),
         ];
         let good = gateway(GatewayPolicy {
-            authentication: Some(Authentication {
-                enabled: true,
-                token_secret_ref: Some(SecretKeyRef {
-                    name: "tokens".into(),
-                    key: "t".into(),
-                }),
-            }),
+            authentication: token_auth(),
             ..GatewayPolicy::default()
         });
         let last = render(&good, &keys, &secrets, &salt()).expect("renders");
