@@ -13,6 +13,16 @@ export SIDEGATE_TEST_LOG_DIR=${SIDEGATE_TEST_LOG_DIR:-$(mktemp -d /tmp/sidegate-
 export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 step() { printf '\n=== %s\n' "$*"; }
 started=$(date +%s)
+# A clean clone gains nothing from incremental compilation, and its files were 3.5 GB of the
+# debug target.
+[ -n "${CI:-}" ] && export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+# The suite needs ~10 GB on a fresh clone (debug and static builds ~6 GB, the Go build of the
+# control plane ~5 GB while it runs); a full disk otherwise shows up as a compiler error.
+disk() { df -Pk "$root" | awk 'NR==2 { printf "%.1f GB free on %s", $4 / 1048576, $6 }'; }
+free_kb=$(df -Pk "$root" | awk 'NR==2 { print $4 }')
+if [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
+  echo "warning: only $(disk); the suite needs ~10 GB (cargo clean frees the build output)" >&2
+fi
 
 step "system packages"
 need=()
@@ -34,7 +44,7 @@ if [ -z "${SKIP_LINT:-}" ]; then
   cargo clippy --workspace --all-targets --quiet -- -D warnings
 fi
 
-step "build"
+step "build ($(disk))"
 cargo build --workspace --bins --tests --quiet
 
 step "control plane (kube-apiserver, etcd, kube-controller-manager, kubectl, helm from Go modules)"
@@ -79,4 +89,4 @@ step "performance regression guard (callgrind instructions per request, not wall
 bench/callgrind-guard
 
 echo
-echo "all tests passed in $(( $(date +%s) - started )) s"
+echo "all tests passed in $(( $(date +%s) - started )) s; $(disk), target/ $(du -sh target 2>/dev/null | cut -f1)"
