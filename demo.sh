@@ -18,6 +18,17 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 root=$(pwd)
+case ${1:-} in
+  '' | --standalone | --node) ;;
+  -h | --help)
+    sed -n '14,17p' "$0" | sed 's/^# \{0,1\}//'
+    exit 0
+    ;;
+  *)
+    echo "demo.sh: unknown argument: $1 (one of --standalone, --node, or none; --help)" >&2
+    exit 2
+    ;;
+esac
 [[ ${1:-} == --standalone ]] && exec tests/e2e/standalone-demo.sh
 if [[ ${1:-} == --node ]]; then
   echo "building the static binaries the images carry (tests/e2e/static-binaries), then the node" >&2

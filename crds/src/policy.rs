@@ -12,6 +12,22 @@ use serde::{Deserialize, Serialize};
 use crate::provider::PROVIDER_ID_PATTERN;
 use crate::units::{ByteSize, Duration};
 
+impl GatewayPolicy {
+    /// The policy's field names as written (`requestTimeout`, `rateLimit`, ...), from its schema.
+    ///
+    /// The type cannot refuse unknown fields itself: `AIGatewaySpec` flattens it, and serde does
+    /// not combine `deny_unknown_fields` with `flatten`. In Kubernetes the apiserver refuses or
+    /// prunes them; the sidecar checks a hand-written `gateway.yaml` against this list.
+    pub fn field_names() -> Vec<String> {
+        let schema = schemars::schema_for!(GatewayPolicy);
+        schema
+            .get("properties")
+            .and_then(|p| p.as_object())
+            .map(|p| p.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
 /// Everything a gateway does to requests: auth, limits, caching, routing, DLP, logging.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]

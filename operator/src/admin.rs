@@ -48,9 +48,29 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
-/// Binds the admin listener.
+/// Binds a listener of the operator (admin, webhook).
+///
+/// `[::]` (the default) is one dual-stack socket on Linux (`net.ipv6.bindv6only=0`, the
+/// default), reachable from IPv4 and IPv6, so probes and the apiserver reach the pod in IPv4,
+/// IPv6 and dual-stack clusters. On a kernel without IPv6 it falls back to `0.0.0.0`.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    match TcpListener::bind(addr).await {
+        Err(e) if no_ipv6(addr, &e) => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::info!(%addr, fallback = %v4, error = %e, "no IPv6 here; listening on IPv4 only");
+            TcpListener::bind(v4).await
+        }
+        bound => bound,
+    }
+}
+
+/// Whether binding `addr` failed because the kernel has no IPv6 (booted with `ipv6.disable=1`:
+/// EAFNOSUPPORT at socket creation, or EADDRNOTAVAIL), for the IPv6 unspecified address only.
+fn no_ipv6(addr: SocketAddr, e: &std::io::Error) -> bool {
+    const EAFNOSUPPORT: i32 = 97; // Linux
+    addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+        && (e.raw_os_error() == Some(EAFNOSUPPORT)
+            || e.kind() == std::io::ErrorKind::AddrNotAvailable)
 }
 
 fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
@@ -93,5 +113,35 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
             ),
         },
         _ => text(StatusCode::NOT_FOUND, "not found\n".into(), "text/plain"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_default_address_takes_ipv4_and_ipv6_clients() {
+        let listener = bind("[::]:0".parse().expect("addr"))
+            .await
+            .expect("bind [::]");
+        let port = listener.local_addr().expect("local addr").port();
+        for client in [
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+        ] {
+            let client: std::net::IpAddr = client;
+            let (connected, accepted) = tokio::join!(
+                tokio::net::TcpStream::connect((client, port)),
+                listener.accept()
+            );
+            connected.unwrap_or_else(|e| panic!("connect from {client}: {e}"));
+            accepted.unwrap_or_else(|e| panic!("accept from {client}: {e}"));
+        }
+        let no_family = std::io::Error::from_raw_os_error(97); // EAFNOSUPPORT
+        assert!(no_ipv6("[::]:8080".parse().expect("addr"), &no_family));
+        assert!(!no_ipv6("[::1]:8080".parse().expect("addr"), &no_family));
+        let in_use = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        assert!(!no_ipv6("[::]:8080".parse().expect("addr"), &in_use));
     }
 }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -42,8 +43,9 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "SIDEGATE_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    /// Address of /healthz, /readyz and /metrics (`[::]` takes IPv4 and IPv6; IPv4 only where
+    /// the kernel has no IPv6).
+    #[arg(long, env = "SIDEGATE_ADMIN_ADDR", default_value = "[::]:8080")]
     admin_addr: SocketAddr,
     /// Take a coordination.k8s.io Lease before running the controllers, so that only one of
     /// several replicas reconciles; standby replicas stay ready and take over when it lapses.
@@ -81,27 +83,60 @@ struct RunArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd { out_dir: None } => {
-            print!("{}", crd::all_yaml()?);
-            Ok(())
-        }
-        Command::Crd { out_dir: Some(dir) } => {
-            for (file, def) in crd::definitions() {
-                let path = dir.join(file);
-                std::fs::write(&path, crd::to_yaml(&def)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
+        Command::Crd { out_dir } => match print_crds(out_dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sidegate-operator: {}", error_text(&e));
+                ExitCode::FAILURE
             }
-            Ok(())
+        },
+        Command::Run(args) => {
+            init_tracing(&args.log_format);
+            match run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    // A log record like every other line (one JSON object with --log-format json).
+                    tracing::error!(error = %error_text(&e), "sidegate-operator stopped");
+                    ExitCode::FAILURE
+                }
+            }
         }
-        Command::Run(args) => run(args).await,
     }
 }
 
+fn print_crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let Some(dir) = out_dir else {
+        print!("{}", crd::all_yaml()?);
+        return Ok(());
+    };
+    for (file, def) in crd::definitions() {
+        let path = dir.join(file);
+        std::fs::write(&path, crd::to_yaml(&def)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// An error and its causes on one line, leaving out a cause whose text an earlier one already
+/// holds (kube's errors repeat their sources in their messages).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    init_tracing(&args.log_format);
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(AdminState {
         ready: Default::default(),
@@ -209,5 +244,22 @@ fn init_tracing(format: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_and_its_causes_make_one_line_without_repeats() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file (os error 2)");
+        let e = anyhow::Error::new(io)
+            .context("failed to read kubeconfig: No such file (os error 2)")
+            .context("no Kubernetes client configuration");
+        assert_eq!(
+            error_text(&e),
+            "no Kubernetes client configuration: failed to read kubeconfig: No such file (os error 2)"
+        );
     }
 }

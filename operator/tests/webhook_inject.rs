@@ -98,7 +98,7 @@ fn a_plain_pod_gets_a_native_sidecar_volumes_env_and_the_injected_annotation() {
             "--listen",
             "127.0.0.1:8787",
             "--admin",
-            "0.0.0.0:8788",
+            "[::]:8788",
             "--wait-for-config",
             "--log-format",
             "json",

@@ -33,10 +33,12 @@ pub struct Sources {
 /// Why a config could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // The causes are in the messages, so they are not also `source()`: `{:#}` would print
+    // them twice.
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config file {path} is larger than 1 MiB")]
     TooLarge { path: PathBuf },
@@ -48,11 +50,8 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
     #[error(transparent)]
     Keys(#[from] KeysError),
-    #[error("config file {path}: {source}")]
-    Provider {
-        path: PathBuf,
-        source: ProviderError,
-    },
+    #[error("config file {path}: {error}")]
+    Provider { path: PathBuf, error: ProviderError },
 }
 
 /// A loaded, validated configuration. Requests read it through an `Arc` and finish on the
@@ -123,6 +122,31 @@ impl Snapshot {
     }
 }
 
+/// Parses YAML with errors on one line (`... at line 3, column 5`), without the source snippet
+/// serde-saphyr adds by default: the error goes into a log line.
+fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+    serde_saphyr::from_str_with_options(text, serde_saphyr::options! { with_snippet: false })
+}
+
+/// Refuses a field of `spec` the gateway does not know (`authentification:`), which would
+/// otherwise be dropped silently, turning the feature it meant off. Every other level of the file
+/// refuses unknown fields in its type; `spec` cannot
+/// (see [`sidegate_crds::policy::GatewayPolicy::field_names`]).
+fn refuse_unknown_spec_fields(text: &str) -> Result<(), String> {
+    let doc: serde_json::Value = parse_yaml(text).map_err(|e| e.to_string())?;
+    let Some(spec) = doc.get("spec").and_then(|s| s.as_object()) else {
+        return Ok(());
+    };
+    let known = sidegate_crds::policy::GatewayPolicy::field_names();
+    match spec.keys().find(|k| !known.contains(k)) {
+        None => Ok(()),
+        Some(unknown) => Err(format!(
+            "spec: unknown field `{unknown}`, expected one of {}",
+            known.join(", ")
+        )),
+    }
+}
+
 /// Reads and validates the config file and keys directory.
 pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     let path = &src.config;
@@ -131,7 +155,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         path: path.clone(),
         message: "not UTF-8".into(),
     })?;
-    let config: GatewayConfig = serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+    let config: GatewayConfig = parse_yaml(text).map_err(|e| ConfigError::Parse {
         path: path.clone(),
         message: e.to_string(),
     })?;
@@ -141,6 +165,10 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
             found: config.schema_version,
         });
     }
+    refuse_unknown_spec_fields(text).map_err(|message| ConfigError::Parse {
+        path: path.clone(),
+        message,
+    })?;
     let invalid = |message: String| ConfigError::Invalid {
         path: path.clone(),
         message,
@@ -161,10 +189,10 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         )));
     }
     let (providers, mut warnings) =
-        ProviderTable::build(&config.spec.providers, &keys).map_err(|source| {
+        ProviderTable::build(&config.spec.providers, &keys).map_err(|error| {
             ConfigError::Provider {
                 path: path.clone(),
-                source,
+                error,
             }
         })?;
     warnings.extend(
@@ -292,18 +320,18 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
 }
 
 fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+    let meta = std::fs::metadata(path).map_err(|error| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })?;
     if meta.len() > MAX_CONFIG_FILE {
         return Err(ConfigError::TooLarge {
             path: path.to_owned(),
         });
     }
-    std::fs::read(path).map_err(|source| ConfigError::Read {
+    std::fs::read(path).map_err(|error| ConfigError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -334,6 +362,22 @@ mod tests {
     }
 
     #[test]
+    fn the_examples_in_the_repository_load() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).expect("keys dir");
+        std::fs::write(keys.join("authentication.tokens"), "t0ken\n").expect("tokens");
+        for name in ["gateway.yaml", "demo-gateway.yaml"] {
+            let text = std::fs::read_to_string(examples.join(name)).expect("example");
+            // demo.sh puts the mock's address in place of MOCK_URL.
+            let mut src = write_config(dir.path(), &text.replace("MOCK_URL", "http://127.0.0.1:9"));
+            src.keys_dir = Some(keys.clone());
+            load(&src).unwrap_or_else(|e| panic!("examples/{name}: {e}"));
+        }
+    }
+
+    #[test]
     fn unknown_fields_and_versions_are_refused_by_name() {
         let dir = tempfile::tempdir().expect("tempdir");
         let err = load(&write_config(dir.path(), "schemaVersion: 2\n")).expect_err("v2");
@@ -353,6 +397,26 @@ mod tests {
         ))
         .expect_err("bad duration");
         assert!(err.to_string().contains("invalid duration"), "{err}");
+        // A misspelt feature under spec would be dropped, turning it off: authentication here.
+        for typo in ["authentification", "requestTimout", "cahce"] {
+            let text = format!("schemaVersion: 1\nspec:\n  {typo}: {{enabled: true}}\n");
+            let err = load(&write_config(dir.path(), &text)).expect_err(typo);
+            assert!(
+                err.to_string()
+                    .contains(&format!("spec: unknown field `{typo}`, expected one of")),
+                "{err}"
+            );
+        }
+        let known = sidegate_crds::policy::GatewayPolicy::field_names();
+        for field in [
+            "authentication",
+            "requestTimeout",
+            "rateLimit",
+            "spendLimit",
+            "providers",
+        ] {
+            assert!(known.iter().any(|k| k == field), "{field} in {known:?}");
+        }
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum GatewayError {
     /// The request body could not be read.
     #[error("could not read the request body: {0}")]
     BadBody(String),
+    /// The client sent no part of its request body for `--client-timeout`.
+    #[error("the request body stalled: no data from the client for {secs} s")]
+    BodyStalled { secs: u64 },
     /// The request body is larger than the configured limit.
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
@@ -100,6 +103,7 @@ impl GatewayError {
             | Self::UniversalRequest(_)
             | Self::DlpBlocked { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
             }
@@ -130,7 +134,7 @@ impl GatewayError {
             Self::DlpBlocked { response: true, .. } => 2030,
             Self::AliasNotFound { .. } => 2040,
             Self::BadHeader { .. } => 2100,
-            Self::BadBody(_) => 2101,
+            Self::BadBody(_) | Self::BodyStalled { .. } => 2101,
             Self::BodyTooLarge { .. } => 2102,
             Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => 2103,
             Self::UpstreamUnavailable(_) => 2104,

@@ -24,15 +24,17 @@ const MAX_KEY_FILE: u64 = 64 * 1024;
 /// A keys directory that could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
-    #[error("cannot read keys directory {path}: {source}")]
+    // The causes are in the messages, so they are not also `source()`: `{:#}` would print
+    // them twice.
+    #[error("cannot read keys directory {path}: {error}")]
     ReadDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot read key file {path}: {source}")]
+    #[error("cannot read key file {path}: {error}")]
     ReadFile {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("key file {path} is larger than {MAX_KEY_FILE} bytes")]
     TooLarge { path: PathBuf },
@@ -137,15 +139,15 @@ impl fmt::Debug for KeyStore {
 impl KeyStore {
     /// Reads every key file of `dir`.
     pub fn load(dir: &Path) -> Result<Self, KeysError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| KeysError::ReadDir {
+        let entries = std::fs::read_dir(dir).map_err(|error| KeysError::ReadDir {
             path: dir.to_owned(),
-            source,
+            error,
         })?;
         let mut names = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| KeysError::ReadDir {
+            let entry = entry.map_err(|error| KeysError::ReadDir {
                 path: dir.to_owned(),
-                source,
+                error,
             })?;
             if let Some(name) = entry.file_name().to_str()
                 && !name.starts_with('.')
@@ -168,7 +170,7 @@ impl KeyStore {
                     store.skipped.push(format!("{name}: gone while loading"));
                     continue;
                 }
-                Err(source) => return Err(KeysError::ReadFile { path, source }),
+                Err(error) => return Err(KeysError::ReadFile { path, error }),
             };
             let is_tokens = name == TOKENS_FILE_NAME;
             let is_redis = name == REDIS_URL_FILE_NAME;
@@ -176,17 +178,21 @@ impl KeyStore {
                 .split_once('.')
                 .filter(|(p, a)| is_valid_provider_id(p) && is_valid_alias(a));
             if !is_tokens && !is_redis && parsed.is_none() {
-                store
-                    .skipped
-                    .push(format!("{name}: not <provider>.<alias>"));
+                let why = match name.split_once('.') {
+                    Some((p, a)) if !is_valid_provider_id(p) && is_valid_alias(a) => {
+                        format!("unknown provider `{p}`")
+                    }
+                    _ => "not <provider>.<alias>".to_owned(),
+                };
+                store.skipped.push(format!("{name}: {why}"));
                 continue;
             }
             if meta.len() > MAX_KEY_FILE {
                 return Err(KeysError::TooLarge { path });
             }
-            let raw = std::fs::read(&path).map_err(|source| KeysError::ReadFile {
+            let raw = std::fs::read(&path).map_err(|error| KeysError::ReadFile {
                 path: path.clone(),
-                source,
+                error,
             })?;
             hasher.update(name.as_bytes());
             hasher.update([0]);
@@ -279,6 +285,8 @@ mod tests {
         write(dir.path(), "anthropic.team-b", "sk-ant");
         write(dir.path(), "..data_tmp", "ignored");
         write(dir.path(), "notes.txt", "ignored");
+        write(dir.path(), "opnai.default", "sk-typo");
+        write(dir.path(), "README", "ignored");
         write(dir.path(), TOKENS_FILE_NAME, "tok-1\n# comment\n\ntok-2\n");
         let store = KeyStore::load(dir.path()).expect("load");
         assert_eq!(
@@ -293,7 +301,11 @@ mod tests {
         assert_eq!(store.token_count(), 2);
         assert_eq!(
             store.skipped,
-            vec!["notes.txt: not <provider>.<alias>".to_owned()]
+            [
+                "README: not <provider>.<alias>",
+                "notes.txt: unknown provider `notes`",
+                "opnai.default: unknown provider `opnai`",
+            ]
         );
     }
 

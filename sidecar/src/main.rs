@@ -28,7 +28,8 @@ struct Args {
 
     /// Directory of provider keys: one file per key named <provider>.<alias> (e.g.
     /// openai.default), plus authentication.tokens with gateway tokens, one per line.
-    /// Reloaded live, including kubelet's atomic ..data symlink swaps.
+    /// Reloaded live, including kubelet's atomic ..data symlink swaps. Without it no key is
+    /// stored: requests pass the application's own provider keys through.
     #[arg(long, env = "SIDEGATE_KEYS_DIR", value_name = "DIR")]
     keys_dir: Option<PathBuf>,
 
@@ -72,6 +73,11 @@ struct Args {
     /// threads only help a pod whose LLM traffic outgrows that.
     #[arg(long, env = "SIDEGATE_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
+
+    /// Seconds a client may stay silent mid-request: before its first bytes, within a request
+    /// head (the connection is closed), or between parts of a request body (answered 408).
+    #[arg(long, env = "SIDEGATE_CLIENT_TIMEOUT", default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    client_timeout: u64,
 
     /// Seconds to let in-flight requests finish after SIGTERM.
     #[arg(long, env = "SIDEGATE_SHUTDOWN_GRACE", default_value_t = 25)]
@@ -129,7 +135,6 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "sidegate stopped");
-            eprintln!("sidegate: {e:#}");
             ExitCode::from(2)
         }
     }
@@ -149,7 +154,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => Vec::new(),
     };
     let client = sidegate::proxy::upstream_client(extra_roots).context("upstream TLS setup")?;
-    let gateway = Arc::new(Gateway::new(metrics, client));
+    let mut gateway = Gateway::new(metrics, client);
+    gateway.client_timeout = Duration::from_secs(args.client_timeout);
+    let gateway = Arc::new(gateway);
     match config::load(&sources) {
         Ok(snap) => reload::install(&gateway, snap),
         Err(e) if args.wait_for_config => {

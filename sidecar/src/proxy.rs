@@ -54,6 +54,9 @@ pub struct Gateway {
     ledger: Arc<crate::budget::Ledger>,
     /// The span exporter (`spec.openTelemetry`); idle until a config sets an endpoint.
     otel: crate::otel::Exporter,
+    /// How long a client may stay silent mid-request: its first bytes, a request head, or the
+    /// next part of a request body (`--client-timeout`).
+    pub client_timeout: Duration,
 }
 
 /// What the cache did for a request.
@@ -65,6 +68,9 @@ pub(crate) enum Cached {
     /// Not there: store the response like this.
     Miss(cache::Miss),
 }
+
+/// Default of `--client-timeout`.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Gateway {
     /// A gateway with no config loaded yet.
@@ -78,6 +84,7 @@ impl Gateway {
             otel: crate::otel::Exporter::new(client.clone(), metrics.clone()),
             client,
             metrics,
+            client_timeout: DEFAULT_CLIENT_TIMEOUT,
         }
     }
 
@@ -494,7 +501,7 @@ impl Gateway {
         let retries = snap.retries.with_headers(aig).map_err(fail)?;
 
         // body
-        let body = read_body(&parts.headers, body, snap.max_body)
+        let body = read_body(&parts.headers, body, snap.max_body, self.client_timeout)
             .await
             .map_err(fail)?;
 
@@ -618,11 +625,13 @@ pub(crate) fn request_timeout(
     Ok(Duration::from_millis(ms))
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes.
+/// Reads the whole request body, refusing more than `limit` bytes, or a client that sends no
+/// part of it for `idle`.
 pub(crate) async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
     limit: u64,
+    idle: Duration,
 ) -> Result<Bytes, GatewayError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -636,7 +645,17 @@ pub(crate) async fn read_body(
     let mut whole: Option<Bytes> = None;
     let mut joined: Option<bytes::BytesMut> = None;
     let mut len = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        // A body that came with its head is there at once: only a wait arms a timer.
+        let next = match futures_util::FutureExt::now_or_never(body.frame()) {
+            Some(next) => next,
+            None => tokio::time::timeout(idle, body.frame())
+                .await
+                .map_err(|_| GatewayError::BodyStalled {
+                    secs: idle.as_secs(),
+                })?,
+        };
+        let Some(frame) = next else { break };
         let frame = frame.map_err(|e| GatewayError::BadBody(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue;

@@ -22,9 +22,6 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// The first bytes of an HTTP/2 connection with prior knowledge (h2c, RFC 9113 §3.3).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// How long a new connection may take to send its first bytes.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Which protocol a new connection speaks, from its first bytes (peeked, so they stay in the
 /// socket for the protocol's own reader): h2c when they are the HTTP/2 preface, else HTTP/1.
 /// Deciding once per connection keeps the per-request path free of a rewind buffer.
@@ -59,8 +56,9 @@ async fn serve_connection(
     watcher: Watcher,
     mut stopping: watch::Receiver<()>,
 ) {
+    let silence = gateway.client_timeout;
     let h2 = tokio::select! {
-        first = tokio::time::timeout(FIRST_BYTES_TIMEOUT, speaks_h2(&stream)) => match first {
+        first = tokio::time::timeout(silence, speaks_h2(&stream)) => match first {
             Ok(Ok(h2)) => h2,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "connection ended before its first request");
@@ -81,7 +79,7 @@ async fn serve_connection(
     } else {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(silence)
             .max_header_size(MAX_HEADER_BYTES)
             .max_buf_size(MAX_HEADER_BYTES)
             .keep_alive(true)
@@ -178,8 +176,69 @@ pub async fn serve_admin(listener: TcpListener, gateway: Arc<Gateway>) {
 }
 
 /// Binds a listener, naming the address in the error.
+///
+/// `[::]` is one dual-stack socket on Linux (`net.ipv6.bindv6only=0`, the default), reachable
+/// from IPv4 and IPv6: the injected admin listener uses it so kubelet probes reach it in IPv4,
+/// IPv6 and dual-stack clusters. On a kernel without IPv6 it falls back to `0.0.0.0`.
 pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
+    let bound = match TcpListener::bind(addr).await {
+        Err(e) if no_ipv6(addr, &e) => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::info!(%addr, fallback = %v4, error = %e, "no IPv6 here; listening on IPv4 only ({what})");
+            TcpListener::bind(v4).await
+        }
+        bound => bound,
+    };
+    bound.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
     })
+}
+
+/// Whether binding `addr` failed because the kernel has no IPv6 (booted with `ipv6.disable=1`:
+/// EAFNOSUPPORT at socket creation, or EADDRNOTAVAIL), for the IPv6 unspecified address only.
+fn no_ipv6(addr: SocketAddr, e: &std::io::Error) -> bool {
+    const EAFNOSUPPORT: i32 = 97; // Linux
+    addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+        && (e.raw_os_error() == Some(EAFNOSUPPORT)
+            || e.kind() == std::io::ErrorKind::AddrNotAvailable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_ipv6_unspecified_address_takes_ipv4_and_ipv6_clients() {
+        let listener = bind("[::]:0".parse().expect("addr"), "test")
+            .await
+            .expect("bind [::]");
+        let port = listener.local_addr().expect("local addr").port();
+        for client in ["127.0.0.1", "::1"] {
+            let ip: std::net::IpAddr = client.parse().expect("ip");
+            let (connected, accepted) = tokio::join!(
+                tokio::net::TcpStream::connect((ip, port)),
+                listener.accept()
+            );
+            connected.unwrap_or_else(|e| panic!("connect from {client}: {e}"));
+            accepted.unwrap_or_else(|e| panic!("accept from {client}: {e}"));
+        }
+    }
+
+    #[test]
+    fn only_a_missing_ipv6_stack_falls_back_to_ipv4() {
+        let any6: SocketAddr = "[::]:8788".parse().expect("addr");
+        let no_family = std::io::Error::from_raw_os_error(97); // EAFNOSUPPORT
+        let not_available = std::io::Error::from(std::io::ErrorKind::AddrNotAvailable);
+        let in_use = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        assert!(no_ipv6(any6, &no_family));
+        assert!(no_ipv6(any6, &not_available));
+        assert!(
+            !no_ipv6(any6, &in_use),
+            "a port in use is an error, not a fallback"
+        );
+        for other in ["0.0.0.0:8788", "[::1]:8788", "127.0.0.1:8788"] {
+            let addr: SocketAddr = other.parse().expect("addr");
+            assert!(!no_ipv6(addr, &no_family), "{other} is bound as asked");
+        }
+    }
 }

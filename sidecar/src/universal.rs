@@ -127,7 +127,7 @@ pub(crate) async fn serve(
     let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
     let retries = snap.retries.with_headers(aig).map_err(none)?;
     let alias = aig.byok_alias().map_err(none)?;
-    let raw = proxy::read_body(&parts.headers, body, snap.max_body)
+    let raw = proxy::read_body(&parts.headers, body, snap.max_body, gw.client_timeout)
         .await
         .map_err(none)?;
     let dlp_flags = snap.dlp.check_request(&raw).map_err(none)?;

@@ -128,3 +128,57 @@ def test_the_admin_port_bounds_what_a_connection_may_hold(gateway):
         assert s.recv(1) == b""
         s.close()
     assert time.monotonic() - started < 9, "silent admin connections are closed after 5 s"
+
+
+def test_a_client_that_goes_silent_mid_request_is_answered_408_or_closed(mock, tmp_path):
+    # --client-timeout bounds every silence of a client on the gateway port: within a body (408
+    # in the error envelope, the provider never called), within a head and between keep-alive
+    # requests (the connection closed). Without it each would hold a task until shutdown.
+    from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, extra_args=["--client-timeout", "1"])
+    try:
+        mock.clear()
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+            s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 408"), data[:200]
+        envelope = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        assert envelope["success"] is False
+        assert envelope["error"][0]["code"] == 2101, envelope
+        assert "stalled" in envelope["error"][0]["message"], envelope
+        assert 0.9 < time.monotonic() - started < 5
+        assert mock.requests() == [], "a stalled request must not reach the provider"
+
+        for first in (b"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\n", b""):
+            started = time.monotonic()
+            with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+                s.sendall(first)
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+                assert time.monotonic() - started < 5, f"a silent connection after {first!r} stays open"
+                assert data == b"" or data.startswith(b"HTTP/1.1 408"), data[:200]
+
+        # An idle keep-alive connection after a full exchange is closed too.
+        with httpx.Client(base_url=g.url) as client:
+            r = client.post("/openai/chat/completions", timeout=10,
+                            json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+            body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+            s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            first = s.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200"), first[:80]
+            started = time.monotonic()
+            rest = first
+            while chunk := s.recv(65536):
+                rest += chunk
+            assert time.monotonic() - started < 5, "an idle keep-alive connection stays open"
+        assert g.proc.poll() is None
+    finally:
+        g.stop()

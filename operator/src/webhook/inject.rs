@@ -178,7 +178,7 @@ pub enum InjectError {
         role: &'static str,
     },
     /// The pod uses the node's network: the sidecar's ports would be the node's, and its admin
-    /// listener (0.0.0.0) would be reachable from outside the cluster.
+    /// listener (all addresses) would be reachable from outside the cluster.
     #[error("pod uses hostNetwork, where the sidegate sidecar would bind the node's ports")]
     HostNetwork,
     /// A patch value could not be serialized (not expected for valid Pods).
@@ -395,9 +395,10 @@ pub fn sidecar_container(settings: &InjectSettings<'_>) -> Container {
             "--listen".into(),
             format!("127.0.0.1:{}", sidecar.port),
             // Kubelet probes come from the node, so the admin listener cannot stay on loopback;
-            // it serves only health and metrics, never keys.
+            // it serves only health and metrics, never keys. `[::]` is dual stack: the pod IP
+            // may be IPv4 or IPv6 (the sidecar falls back to 0.0.0.0 on a kernel without IPv6).
             "--admin".into(),
-            format!("0.0.0.0:{}", sidecar.admin_port),
+            format!("[::]:{}", sidecar.admin_port),
             "--wait-for-config".into(),
             "--log-format".into(),
             "json".into(),

@@ -69,8 +69,9 @@ pub struct WebhookArgs {
     /// Port of the webhook's TLS listener.
     #[arg(long, env = "SIDEGATE_WEBHOOK_PORT", default_value_t = 9443)]
     pub webhook_port: u16,
-    /// Address the webhook listens on.
-    #[arg(long, env = "SIDEGATE_WEBHOOK_BIND", default_value = "0.0.0.0")]
+    /// Address the webhook listens on (`::` takes IPv4 and IPv6; IPv4 only where the kernel
+    /// has no IPv6).
+    #[arg(long, env = "SIDEGATE_WEBHOOK_BIND", default_value = "::")]
     pub webhook_bind: std::net::IpAddr,
     /// Where the serving certificate comes from.
     #[arg(long, env = "SIDEGATE_CERT_MODE", value_enum, default_value_t = CertMode::SelfManaged)]
@@ -238,7 +239,7 @@ pub async fn start(
         .excluded_namespaces
         .extend(args.exclude_namespaces.iter().cloned());
     let addr = SocketAddr::new(args.webhook_bind, args.webhook_port);
-    let listener = TcpListener::bind(addr)
+    let listener = crate::admin::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
     let bound = listener

@@ -673,7 +673,7 @@ pub(crate) async fn serve(
     };
     let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
     let alias = aig.byok_alias().map_err(none)?;
-    let body = proxy::read_body(&parts.headers, body, snap.max_body)
+    let body = proxy::read_body(&parts.headers, body, snap.max_body, gw.client_timeout)
         .await
         .map_err(none)?;
     let model = peek_model(&body).map_err(none)?;
