@@ -76,6 +76,10 @@ pub enum GatewayError {
     /// A guardrail with action block flagged the prompt (2016) or the response (2017).
     #[error("{} blocked by guardrails (category: {category})", if *response { "response" } else { "prompt" })]
     GuardrailBlocked { response: bool, category: String },
+    /// The text of a prompt (2016) or response (2017) is longer than one guardrails check takes:
+    /// refused rather than served partly unchecked.
+    #[error("{} too long for the guardrails check (at most {limit} bytes of text)", if *response { "response" } else { "prompt" })]
+    GuardrailTooLong { response: bool, limit: usize },
     /// No valid config is loaded yet.
     #[error("gateway has no valid configuration loaded")]
     NotReady,
@@ -112,7 +116,9 @@ impl GatewayError {
             Self::RateLimited { .. }
             | Self::SpendLimited { .. }
             | Self::TokenBudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::GuardrailBlocked { .. } => StatusCode::FAILED_DEPENDENCY,
+            Self::GuardrailBlocked { .. } | Self::GuardrailTooLong { .. } => {
+                StatusCode::FAILED_DEPENDENCY
+            }
         }
     }
 
@@ -126,8 +132,12 @@ impl GatewayError {
             Self::Unauthorized => 2009,
             Self::GuardrailBlocked {
                 response: false, ..
+            }
+            | Self::GuardrailTooLong {
+                response: false, ..
             } => 2016,
-            Self::GuardrailBlocked { response: true, .. } => 2017,
+            Self::GuardrailBlocked { response: true, .. }
+            | Self::GuardrailTooLong { response: true, .. } => 2017,
             Self::DlpBlocked {
                 response: false, ..
             } => 2029,

@@ -25,8 +25,12 @@ pub use sidegate_crds::policy::GUARDRAIL_CATEGORIES as CATEGORIES;
 
 /// Time for the moderation endpoint to answer.
 const TIMEOUT: Duration = Duration::from_secs(10);
-/// Most text sent for one check.
+/// Most text in one moderation input; longer text goes as several inputs of one request.
 const MAX_TEXT: usize = 64 << 10;
+/// Bytes each input repeats of the one before, so that a phrase across a cut is seen whole.
+const OVERLAP: usize = 1 << 10;
+/// Most inputs in one check (about 2 MiB of text); longer text is refused, not half checked.
+const MAX_INPUTS: usize = 32;
 /// Largest moderation answer read.
 const MAX_ANSWER: usize = 1 << 20;
 
@@ -114,18 +118,19 @@ impl Gateway {
         if actions.is_empty() {
             return Ok(Vec::new());
         }
-        let mut text = crate::text::of_body(body);
+        let text = crate::text::of_body(body);
         if text.trim().is_empty() {
             return Ok(Vec::new());
         }
-        if text.len() > MAX_TEXT {
-            let mut cut = MAX_TEXT;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
+        let inputs = pieces(&text, MAX_TEXT, OVERLAP);
+        if inputs.len() > MAX_INPUTS {
+            self.metrics.count_guardrail("block");
+            return Err(GatewayError::GuardrailTooLong {
+                response: side == Side::Response,
+                limit: MAX_INPUTS * (MAX_TEXT - OVERLAP),
+            });
         }
-        let flagged = match self.moderate(snap, url, &text).await {
+        let flagged = match self.moderate(snap, url, &inputs).await {
             Ok(f) => f,
             Err(why) => {
                 self.metrics.count_guardrail("error");
@@ -159,14 +164,18 @@ impl Gateway {
         Ok(matched)
     }
 
-    /// The categories the moderation endpoint flags for `text`.
+    /// The categories the moderation endpoint flags for any of `inputs`.
     async fn moderate(
         &self,
         snap: &crate::config::Snapshot,
         url: http::Uri,
-        text: &str,
+        inputs: &[&str],
     ) -> Result<Vec<String>, String> {
-        let body = serde_json::json!({ "input": text }).to_string();
+        let body = match inputs {
+            [one] => serde_json::json!({ "input": one }),
+            many => serde_json::json!({ "input": many }),
+        }
+        .to_string();
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
         let openai = url.host() == Some("api.openai.com");
@@ -210,9 +219,54 @@ impl Gateway {
     }
 }
 
+/// `text` cut into pieces of at most `max` bytes (on character boundaries), each starting
+/// `overlap` bytes before the end of the one before.
+fn pieces(text: &str, max: usize, overlap: usize) -> Vec<&str> {
+    let floor = |mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let mut out = Vec::new();
+    let mut start = 0;
+    loop {
+        let end = floor((start + max).min(text.len()));
+        out.push(&text[start..end]);
+        if end == text.len() {
+            return out;
+        }
+        // Always forward, even when a piece is shorter than the overlap (a wide character).
+        start = floor(end.saturating_sub(overlap)).max(start + 1);
+        start = (start..=end)
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(end);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_text_is_cut_into_overlapping_pieces_that_cover_it() {
+        assert_eq!(pieces("short", 10, 2), ["short"]);
+        assert_eq!(pieces("abcdefghij", 4, 1), ["abcd", "defg", "ghij"]);
+        // A phrase across a cut is whole in one piece.
+        let text = format!("{}mock-flag:violence{}", "x".repeat(95), "y".repeat(100));
+        let cut = pieces(&text, 100, 20);
+        assert!(
+            cut.iter().any(|p| p.contains("mock-flag:violence")),
+            "{cut:?}"
+        );
+        assert!(cut.iter().all(|p| p.len() <= 100));
+        // Multi-byte characters are never split.
+        let wide = "é".repeat(100);
+        for p in pieces(&wide, 7, 3) {
+            assert!(p.chars().all(|c| c == 'é') && !p.is_empty());
+        }
+        assert_eq!(pieces("", 10, 2), [""]);
+    }
 
     #[test]
     fn settings_name_what_is_wrong() {

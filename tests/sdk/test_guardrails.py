@@ -1,6 +1,7 @@
 """Guardrails: prompts and responses classified by a moderation endpoint (the mock speaks
 OpenAI's moderation API and flags a category when the text contains `mock-flag:<category>`)."""
 
+import json
 import time
 
 import httpx
@@ -55,6 +56,39 @@ def test_a_blocked_prompt_is_424_2016_and_never_reaches_the_provider(mock, tmp_p
             client.chat.completions.create(model="anthropic/claude-haiku-4-5",
                                            messages=[{"role": "user", "content": "mock-flag:violence"}])
         assert e.value.status_code == 424
+    finally:
+        g.stop()
+
+
+def test_a_long_prompt_is_checked_whole_and_one_too_long_is_refused(mock, tmp_path):
+    # Text past the first 64 KiB used to go unchecked: a long system message hid the flag.
+    g = guarded(mock, tmp_path, "    prompt: {violence: block}\n")
+    try:
+        padding = "lorem ipsum " * 6000  # 72 KB
+        long = {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": padding},
+                                                     {"role": "user", "content": "mock-flag:violence"}]}
+        r = httpx.post(g.url + CHAT, json=long, timeout=30)
+        assert r.status_code == 424, r.text
+        assert r.json()["error"][0]["code"] == 2016
+        (moderation,) = mock.requests()
+        inputs = json.loads(moderation["body"])["input"]
+        assert isinstance(inputs, list) and len(inputs) == 2, [len(i) for i in inputs]
+        assert all(len(i.encode()) <= 64 << 10 for i in inputs)
+        # A body of an API shape the text reader does not list (Cohere v1 chat) is read too.
+        mock.clear()
+        r = httpx.post(g.url + "/cohere/v1/chat", json={"message": "mock-flag:violence", "preamble": "p"})
+        assert r.status_code == 424, r.text
+        r = httpx.post(g.url + "/cohere/v1/rerank", json={"query": "mock-flag:violence", "documents": ["d"]})
+        assert r.status_code == 424, r.text
+        assert all(q["path"] == "/v1/moderations" for q in mock.requests())
+        # More than one check takes (32 inputs, ~2 MiB) is refused, never half checked.
+        mock.clear()
+        huge = body("words " * 400_000)  # 2.4 MB of text
+        r = httpx.post(g.url + CHAT, json=huge, timeout=30)
+        assert r.status_code == 424, r.text
+        err = r.json()["error"][0]
+        assert err["code"] == 2016 and "too long for the guardrails check" in err["message"], err
+        assert mock.requests() == []
     finally:
         g.stop()
 
