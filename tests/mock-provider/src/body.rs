@@ -212,6 +212,34 @@ pub(crate) fn accepts_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
+/// A request body as the handlers read it: a gzip one (`Content-Encoding: gzip`, as servers
+/// that take compressed uploads do) decompressed, at most `limit` bytes; `Err` names why not.
+pub(crate) fn decoded_request(
+    headers: &HeaderMap,
+    body: Bytes,
+    limit: usize,
+) -> Result<Bytes, &'static str> {
+    use std::io::Read;
+    let Some(coding) = headers.get(CONTENT_ENCODING) else {
+        return Ok(body);
+    };
+    if coding.as_bytes().eq_ignore_ascii_case(b"identity") {
+        return Ok(body);
+    }
+    if !coding.as_bytes().eq_ignore_ascii_case(b"gzip") {
+        return Err("unsupported Content-Encoding (only gzip)");
+    }
+    let mut out = Vec::new();
+    let read = flate2::read::GzDecoder::new(&body[..])
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out);
+    match read {
+        Err(_) => Err("the gzip request body could not be decompressed"),
+        Ok(n) if n > limit => Err("the decompressed request body is too large"),
+        Ok(_) => Ok(Bytes::from(out)),
+    }
+}
+
 /// `resp` gzip-compressed when it is a complete JSON body, as the providers' CDNs answer
 /// clients that accept gzip (streams stay as they are).
 pub(crate) fn gzip_json(resp: Response<MockBody>) -> Response<MockBody> {
@@ -261,4 +289,42 @@ pub(crate) fn sse_response(
     );
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gzip(data: &[u8]) -> Bytes {
+        use std::io::Write;
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(data).expect("write");
+        Bytes::from(enc.finish().expect("finish"))
+    }
+
+    fn coded(coding: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_ENCODING, HeaderValue::from_static(coding));
+        h
+    }
+
+    #[test]
+    fn gzip_request_bodies_are_decompressed_within_the_limit() {
+        let plain = Bytes::from_static(br#"{"model":"m"}"#);
+        assert_eq!(
+            decoded_request(&HeaderMap::new(), plain.clone(), 64),
+            Ok(plain.clone())
+        );
+        assert_eq!(
+            decoded_request(&coded("identity"), plain.clone(), 64),
+            Ok(plain.clone())
+        );
+        assert_eq!(
+            decoded_request(&coded("GZIP"), gzip(&plain), 64),
+            Ok(plain.clone())
+        );
+        assert!(decoded_request(&coded("gzip"), gzip(&[b'x'; 65]), 64).is_err());
+        assert!(decoded_request(&coded("gzip"), plain.clone(), 64).is_err());
+        assert!(decoded_request(&coded("br"), plain, 64).is_err());
+    }
 }

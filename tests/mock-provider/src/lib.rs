@@ -25,7 +25,8 @@
 //!
 //! Model `mock-status-<code>` (400..=599) answers that status with the endpoint's error
 //! body. JSON answers are gzip-compressed for requests that accept gzip (as the providers'
-//! CDNs do). Header `x-mock-delay-ms` delays the response head; `x-mock-chunk-delay-ms`
+//! CDNs do); a gzip request body (`Content-Encoding: gzip`) is decompressed before it is read
+//! and recorded. Header `x-mock-delay-ms` delays the response head; `x-mock-chunk-delay-ms`
 //! delays each stream event. Header `x-mock-fail-first: <n>;<id>[;<status>]` answers the first
 //! `n` requests carrying that exact value with `status` (default 503), then normally: retries
 //! can be tested without a flaky server.
@@ -286,6 +287,18 @@ async fn handle(
             return Ok(body::json_response(
                 status,
                 Bytes::from_static(br#"{"error":{"message":"could not read the request body","type":"invalid_request_error","param":null,"code":null}}"#),
+            ));
+        }
+    };
+
+    let body = match body::decoded_request(&parts.headers, body, MAX_BODY_BYTES) {
+        Ok(body) => body,
+        Err(why) => {
+            return Ok(body::json_response(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    r#"{{"error":{{"message":"{why}","type":"invalid_request_error","param":null,"code":null}}}}"#
+                ),
             ));
         }
     };

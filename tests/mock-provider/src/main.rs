@@ -48,7 +48,8 @@ Keys are never checked, only their presence; --auth-header NAME adds a header ta
 on the OpenAI and Anthropic routes (a custom provider's authHeader).
 
 Replies are \"mock reply to: <last user message, up to 200 chars>\"; JSON replies are
-gzip-compressed for requests whose Accept-Encoding takes gzip, as the providers' CDNs do.
+gzip-compressed for requests whose Accept-Encoding takes gzip, as the providers' CDNs do;
+request bodies sent with Content-Encoding: gzip are decompressed before they are read.
 Model \"mock-status-<code>\" (400..=599) returns that status with the endpoint's error
 body (429 adds retry-after: 1); invalid JSON returns 400; unknown routes 404.
 Request headers: x-mock-delay-ms delays the response head (overrides --delay-ms),
