@@ -166,18 +166,58 @@ fn client_signed(client: &HeaderMap, name: &HeaderName) -> bool {
         })
 }
 
+/// Whether the client's `Accept-Encoding` goes upstream as it is: only when the client's own
+/// SigV4 signature goes upstream unchanged (`client_signature`: aws-bedrock without stored
+/// credentials, so the gateway neither signs nor injects a key) and covers it. Anywhere else
+/// the client's `Authorization` is replaced, or is no signature the upstream checks: a look-alike
+/// must not get a compressed answer past DLP, guardrails, usage counting and the cache.
+pub fn keeps_accept_encoding(client: &HeaderMap, client_signature: bool) -> bool {
+    client_signature
+        && client.contains_key(header::ACCEPT_ENCODING)
+        && client_signed(client, &header::ACCEPT_ENCODING)
+}
+
+/// A coding other than `identity` that the client's `Accept-Encoding` asks for, if any: with
+/// [`keeps_accept_encoding`], the upstream may answer compressed.
+pub fn accepts_compression(client: &HeaderMap) -> Option<&str> {
+    non_identity(client, header::ACCEPT_ENCODING)
+}
+
+/// The coding of a request body that is not plain bytes (`Content-Encoding` other than
+/// `identity`), if any: the gateway's request checks cannot read it.
+pub fn body_coding(client: &HeaderMap) -> Option<&str> {
+    non_identity(client, header::CONTENT_ENCODING)
+}
+
+/// The first coding in the `name` header values other than `identity` (a value that is not
+/// text counts as one).
+fn non_identity(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
+    headers.get_all(name).iter().find_map(|v| {
+        let Ok(text) = v.to_str() else {
+            return Some("(not text)");
+        };
+        text.split(',')
+            .map(|c| c.split(';').next().unwrap_or_default().trim())
+            .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+    })
+}
+
 /// The headers to send upstream: the client's, less gateway and hop-by-hop headers, `Host`
 /// (set from the upstream URI), `Content-Length` (set from the body), and `drop` (the provider's
 /// auth headers when the gateway injects its own key); `Accept-Encoding` is `identity` (see
-/// [`identity_encoding`]) unless the client's own signature covers the one it sent.
-pub fn upstream_request_headers(client: &HeaderMap, drop: &[HeaderName]) -> HeaderMap {
+/// [`identity_encoding`]) unless [`keeps_accept_encoding`] (`client_signature`: the client's own
+/// SigV4 signature goes upstream unchanged).
+pub fn upstream_request_headers(
+    client: &HeaderMap,
+    drop: &[HeaderName],
+    client_signature: bool,
+) -> HeaderMap {
     let listed = if client.contains_key(header::CONNECTION) {
         connection_listed(client)
     } else {
         Vec::new()
     };
-    let keep_encoding = client.contains_key(header::ACCEPT_ENCODING)
-        && client_signed(client, &header::ACCEPT_ENCODING);
+    let keep_encoding = keeps_accept_encoding(client, client_signature);
     let mut out = HeaderMap::with_capacity(client.len() + 1);
     for (name, value) in client {
         if is_hop_by_hop(name)
@@ -255,7 +295,7 @@ mod tests {
             ("content-type", "application/json"),
             ("openai-organization", "org-1"),
         ]);
-        let out = upstream_request_headers(&client, &[]);
+        let out = upstream_request_headers(&client, &[], false);
         let names: Vec<_> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(
             names,
@@ -269,20 +309,25 @@ mod tests {
             ("accept-encoding", "gzip, deflate"),
             ("authorization", "Bearer sk-placeholder"),
         ]);
-        let out = upstream_request_headers(&sdk, &[]);
+        let out = upstream_request_headers(&sdk, &[], false);
         let encodings: Vec<_> = out.get_all(header::ACCEPT_ENCODING).iter().collect();
         assert_eq!(encodings, vec!["identity"]);
         // Without any Accept-Encoding a server may pick any coding (RFC 9110 §12.5.3).
-        let none = upstream_request_headers(&map(&[]), &[]);
+        let none = upstream_request_headers(&map(&[]), &[], false);
         assert_eq!(
             none.get(header::ACCEPT_ENCODING).expect("accept-encoding"),
             "identity"
         );
-        // A SigV4 signature over accept-encoding: changing it would break the signature.
-        // Signed, but not over accept-encoding: replaced as for anyone.
-        for (signed_headers, expected) in [
-            ("accept-encoding;host;x-amz-date", "gzip"),
-            ("host;x-amz-date", "identity"),
+        // A SigV4 signature over accept-encoding that goes upstream unchanged: changing the
+        // header would break it. Signed, but not over accept-encoding: replaced as for anyone.
+        // A look-alike where no client signature goes upstream (any other provider, or the
+        // gateway signs or injects a key): replaced, or the answer would come compressed past
+        // every check of its bytes.
+        for (signed_headers, client_signature, expected) in [
+            ("accept-encoding;host;x-amz-date", true, "gzip"),
+            ("host;x-amz-date", true, "identity"),
+            ("accept-encoding;host;x-amz-date", false, "identity"),
+            ("accept-encoding", false, "identity"),
         ] {
             let auth = format!(
                 "AWS4-HMAC-SHA256 Credential=AKID/20261126/us-east-1/bedrock/aws4_request, \
@@ -293,10 +338,40 @@ mod tests {
                 header::AUTHORIZATION,
                 HeaderValue::from_str(&auth).expect("value"),
             );
-            let out = upstream_request_headers(&client, &[]);
+            let out = upstream_request_headers(&client, &[], client_signature);
             let encodings: Vec<_> = out.get_all(header::ACCEPT_ENCODING).iter().collect();
-            assert_eq!(encodings, vec![expected], "{signed_headers}");
+            assert_eq!(
+                encodings,
+                vec![expected],
+                "{signed_headers} {client_signature}"
+            );
+            assert_eq!(
+                keeps_accept_encoding(&client, client_signature),
+                expected == "gzip"
+            );
         }
+    }
+
+    #[test]
+    fn codings_other_than_identity_are_found() {
+        for (value, coding) in [
+            ("identity", None),
+            ("IDENTITY, identity", None),
+            ("", None),
+            ("gzip", Some("gzip")),
+            ("identity, br", Some("br")),
+            ("gzip;q=1.0", Some("gzip")),
+        ] {
+            let mut h = map(&[]);
+            h.insert(header::CONTENT_ENCODING, HeaderValue::from_static(value));
+            h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static(value));
+            assert_eq!(body_coding(&h), coding, "{value:?}");
+            assert_eq!(accepts_compression(&h), coding, "{value:?}");
+        }
+        assert_eq!(body_coding(&map(&[])), None);
+        let mut two = map(&[("content-encoding", "identity")]);
+        two.append(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(body_coding(&two), Some("gzip"), "every value counts");
     }
 
     #[test]
@@ -308,9 +383,10 @@ mod tests {
         let out = upstream_request_headers(
             &client,
             &[header::AUTHORIZATION, HeaderName::from_static("x-api-key")],
+            false,
         );
         assert!(!out.contains_key(header::AUTHORIZATION) && !out.contains_key("x-api-key"));
-        let kept = upstream_request_headers(&client, &[]);
+        let kept = upstream_request_headers(&client, &[], false);
         assert!(
             kept.contains_key(header::AUTHORIZATION) && kept.contains_key("x-api-key"),
             "without injection the client's own key is forwarded"

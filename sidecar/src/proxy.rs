@@ -491,6 +491,10 @@ impl Gateway {
         } else {
             provider.choose_key(alias).map_err(fail)?
         };
+        // Only here does a client's own signature go upstream unchanged (see
+        // `headers::keeps_accept_encoding`).
+        let client_signature = provider.signs_requests() && signer.is_none();
+        check_signed_encoding(snap, &parts.headers, client_signature).map_err(fail)?;
         let uri = provider
             .upstream_uri(
                 &route,
@@ -501,6 +505,13 @@ impl Gateway {
         let retries = snap.retries.with_headers(aig).map_err(fail)?;
 
         // body
+        if snap.dlp.checks_requests() || snap.guardrails.checks_prompts() {
+            refuse_compressed_body(
+                &parts.headers,
+                "the gateway's request checks (DLP, guardrails)",
+            )
+            .map_err(fail)?;
+        }
         let body = read_body(&parts.headers, body, snap.max_body, self.client_timeout)
             .await
             .map_err(fail)?;
@@ -541,8 +552,15 @@ impl Gateway {
 
         // dispatch
         let signed_body = signer.as_ref().map(|_| body.clone());
-        let mut upstream =
-            build_upstream_request(provider, &parts.method, &parts.headers, uri, key, body);
+        let mut upstream = build_upstream_request(
+            provider,
+            &parts.method,
+            &parts.headers,
+            uri,
+            key,
+            body,
+            client_signature,
+        );
         if let (Some(creds), Some(body)) = (&signer, signed_body) {
             sign_aws(creds, &mut upstream, &body, route.rest).map_err(fail)?;
         }
@@ -681,8 +699,51 @@ pub(crate) async fn read_body(
     })
 }
 
+/// Refuses a request body sent compressed (`Content-Encoding` other than `identity`) where
+/// `reader` must read it: checks that scanned the compressed bytes would find nothing.
+pub(crate) fn refuse_compressed_body(
+    client_headers: &http::HeaderMap,
+    reader: &str,
+) -> Result<(), GatewayError> {
+    match crate::headers::body_coding(client_headers) {
+        None => Ok(()),
+        Some(coding) => Err(GatewayError::BadBody(format!(
+            "it is compressed (Content-Encoding: {}), and {reader} must read it uncompressed; send it without Content-Encoding",
+            truncate(coding)
+        ))),
+    }
+}
+
+/// Refuses a request whose own SigV4 signature goes upstream (`client_signature`) and covers an
+/// `Accept-Encoding` that lets the provider compress its answer, when the gateway must read
+/// answers (DLP or guardrail response checks, spend and token limits): it cannot change a
+/// signed header, and a compressed answer would pass those unread.
+pub(crate) fn check_signed_encoding(
+    snap: &Snapshot,
+    client_headers: &http::HeaderMap,
+    client_signature: bool,
+) -> Result<(), GatewayError> {
+    let reads_answers =
+        snap.dlp.checks_responses() || snap.guardrails.checks_responses() || snap.budgets.is_some();
+    if !reads_answers || !crate::headers::keeps_accept_encoding(client_headers, client_signature) {
+        return Ok(());
+    }
+    match crate::headers::accepts_compression(client_headers) {
+        None => Ok(()),
+        Some(coding) => Err(GatewayError::BadHeader {
+            name: "accept-encoding",
+            reason: format!(
+                "the request's own signature covers Accept-Encoding: {}, and this gateway reads answers (DLP or guardrail response checks, spend or token limits), which must come uncompressed; sign Accept-Encoding: identity or leave it unsigned",
+                truncate(coding)
+            ),
+        }),
+    }
+}
+
 /// The request to the provider: the client's method and headers (less gateway and hop-by-hop
 /// ones, and its provider auth when a stored key replaces it), `uri` and `body`.
+/// `client_signature`: the client's own SigV4 signature goes upstream unchanged (aws-bedrock
+/// without stored credentials), so the headers it covers do too.
 pub(crate) fn build_upstream_request(
     provider: &Provider,
     method: &http::Method,
@@ -690,12 +751,13 @@ pub(crate) fn build_upstream_request(
     uri: http::Uri,
     key: KeyChoice<'_>,
     body: Bytes,
+    client_signature: bool,
 ) -> Request<Full<Bytes>> {
     let drop: &[HeaderName] = match key {
         KeyChoice::Stored(_) => provider.auth_headers(),
         KeyChoice::ClientOwn => &[],
     };
-    let mut headers = upstream_request_headers(client_headers, drop);
+    let mut headers = upstream_request_headers(client_headers, drop, client_signature);
     if let (KeyChoice::Stored(value), Some(name)) = (key, provider.auth_header()) {
         headers.insert(name.clone(), value.header().clone());
     }

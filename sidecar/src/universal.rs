@@ -127,6 +127,7 @@ pub(crate) async fn serve(
     let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
     let retries = snap.retries.with_headers(aig).map_err(none)?;
     let alias = aig.byok_alias().map_err(none)?;
+    proxy::refuse_compressed_body(&parts.headers, "the universal endpoint").map_err(none)?;
     let raw = proxy::read_body(&parts.headers, body, snap.max_body, gw.client_timeout)
         .await
         .map_err(none)?;
@@ -279,9 +280,21 @@ fn plan<'a>(
         .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
         .map(crate::cost::ModelName::new);
     let payload = body.clone();
-    let mut request =
-        proxy::build_upstream_request(provider, &Method::POST, &client_headers, uri, key, body);
+    // A step's own SigV4 signature goes upstream unchanged only when the gateway does not sign.
+    let client_signature = provider.signs_requests() && matches!(auth, StepAuth::Ready);
+    proxy::check_signed_encoding(snap, &client_headers, client_signature).map_err(fail)?;
+    let mut request = proxy::build_upstream_request(
+        provider,
+        &Method::POST,
+        &client_headers,
+        uri,
+        key,
+        body,
+        client_signature,
+    );
     let headers = request.headers_mut();
+    // The body is the step's `query` serialized by the gateway, never compressed.
+    headers.remove(header::CONTENT_ENCODING);
     if !headers.contains_key(header::CONTENT_TYPE) {
         headers.insert(
             header::CONTENT_TYPE,

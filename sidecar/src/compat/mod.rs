@@ -333,7 +333,10 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 uri,
                 key,
                 body,
+                false,
             );
+            // The body is the gateway's own serialization, never compressed.
+            req.headers_mut().remove(header::CONTENT_ENCODING);
             // The app's own key, sent the OpenAI SDK's way, goes where the provider wants it
             // (Azure's `api-key`, a custom provider's `authHeader`).
             if let Some(name) = i
@@ -673,6 +676,7 @@ pub(crate) async fn serve(
     };
     let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
     let alias = aig.byok_alias().map_err(none)?;
+    proxy::refuse_compressed_body(&parts.headers, "/compat translation").map_err(none)?;
     let body = proxy::read_body(&parts.headers, body, snap.max_body, gw.client_timeout)
         .await
         .map_err(none)?;

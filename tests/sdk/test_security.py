@@ -1,0 +1,192 @@
+"""Security: what a client may not turn off or reach by the headers it sends.
+
+- A client's `Accept-Encoding` goes upstream only under its own SigV4 signature (aws-bedrock
+  without stored credentials): anywhere else a compressed answer would pass DLP, guardrails,
+  usage counting and the cache unread.
+- A compressed request body is refused where the gateway must read it (request DLP, prompt
+  guardrails, /compat, the universal endpoint).
+"""
+
+import gzip
+import json
+
+import httpx
+import pytest
+
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+
+CHAT = "/openai/chat/completions"
+EMAIL = "jane@example.com"
+SSN = "123-45-6789"
+# What a look-alike of an AWS signature over accept-encoding needs to be: a prefix and a list.
+FAKE_SIGV4 = {"authorization": "AWS4-HMAC-SHA256 SignedHeaders=accept-encoding", "accept-encoding": "gzip"}
+BEDROCK = "/aws-bedrock/bedrock-runtime/us-west-2/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
+
+
+def body(text, model="gpt-4o-mini", **extra):
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def started(mock, tmp_path, spec="", keys=DEFAULT_KEYS):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), keys)
+    mock.clear()
+    return g
+
+
+def dlp(*policies):
+    return "  dlp:\n    policies:\n" + "".join(f"      - {p}\n" for p in policies)
+
+
+def bedrock_provider(mock):
+    return f"    aws-bedrock: {{baseURL: '{mock.url}'}}\n"
+
+
+def signed(signed_headers, encoding):
+    """A client's own SigV4 signature (the mock checks its shape, not its value)."""
+    return {
+        "authorization": "AWS4-HMAC-SHA256 Credential=AKIDALICE/20260101/us-west-2/bedrock/aws4_request, "
+                         f"SignedHeaders={signed_headers}, Signature=aa",
+        "x-amz-date": "20260101T000000Z",
+        "accept-encoding": encoding,
+    }
+
+
+def error(r):
+    return r.status_code, r.json()["error"][0]["code"]
+
+
+# --- Accept-Encoding -------------------------------------------------------------------------
+
+def test_a_fake_signature_gets_no_compressed_answer_past_response_dlp(mock, tmp_path):
+    g = started(mock, tmp_path, dlp("{id: mails, action: BLOCK, check: [RESPONSE], profiles: [email]}"))
+    try:
+        # Provider route with a stored key: the client's Authorization never goes upstream.
+        r = httpx.post(g.url + CHAT, json=body(f"mail {EMAIL}"), headers=FAKE_SIGV4)
+        assert error(r) == (400, 2030), r.text
+        assert EMAIL not in r.text
+        # The universal endpoint's step headers, and /compat, the same.
+        step = {"provider": "openai", "endpoint": "chat/completions", "headers": FAKE_SIGV4,
+                "query": body(f"mail {EMAIL}")}
+        r = httpx.post(g.url + "/", json=[step])
+        assert error(r) == (400, 2030), r.text
+        r = httpx.post(g.url + "/compat/chat/completions", json=body(f"mail {EMAIL}", model="openai/gpt-4o-mini"),
+                       headers=FAKE_SIGV4)
+        assert error(r) == (400, 2030), r.text
+        sent = [q["headers"]["accept-encoding"] for q in mock.requests()]
+        assert sent == ["identity"] * 3
+    finally:
+        g.stop()
+
+
+def test_a_fake_signature_turns_off_no_usage_counting(gateway, mock):
+    r = httpx.post(gateway.url + CHAT, json=body("count me"), headers=FAKE_SIGV4)
+    assert r.status_code == 200 and "content-encoding" not in r.headers
+    usage = r.json()["usage"]
+    line = gateway.wait_log_line(r.headers["cf-aig-log-id"])
+    assert f"tokens_in={usage['prompt_tokens']} tokens_out={usage['completion_tokens']}" in line, line
+    # groq has no stored key: the look-alike goes upstream as the client's credential, but no
+    # provider there checks a signature, so nothing pins the encoding (the mock refuses the key).
+    r = httpx.post(gateway.url + "/groq/chat/completions", json=body("x"), headers=FAKE_SIGV4)
+    assert r.status_code == 401 and "content-encoding" not in r.headers
+    assert mock.last()["headers"]["accept-encoding"] == "identity"
+
+
+def test_the_clients_own_signature_over_accept_encoding_still_goes_through(mock, tmp_path):
+    # No stored AWS credentials: the client's signature goes upstream, and changing a header it
+    # covers would break it.
+    g = started(mock, tmp_path, bedrock_provider(mock))
+    try:
+        r = httpx.post(g.url + BEDROCK, json={"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+                       headers=signed("accept-encoding;host;x-amz-date", "gzip"))
+        assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+        assert mock.last()["headers"]["accept-encoding"] == "gzip"
+        # Not covered by the signature: replaced as for anyone.
+        r = httpx.post(g.url + BEDROCK, json={"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+                       headers=signed("host;x-amz-date", "gzip"))
+        assert r.status_code == 200 and "content-encoding" not in r.headers
+        assert mock.last()["headers"]["accept-encoding"] == "identity"
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("spec", [
+    dlp("{id: mails, action: BLOCK, check: [RESPONSE], profiles: [email]}"),
+    "  spendLimit: {amount: '5.00', period: day}\n",
+])
+def test_a_signed_compressed_answer_is_refused_where_the_gateway_reads_answers(mock, tmp_path, spec):
+    g = started(mock, tmp_path, bedrock_provider(mock) + spec)
+    try:
+        converse = {"messages": [{"role": "user", "content": [{"text": f"mail {EMAIL}"}]}]}
+        r = httpx.post(g.url + BEDROCK, json=converse, headers=signed("accept-encoding;host;x-amz-date", "gzip"))
+        assert error(r) == (400, 2100), r.text
+        assert "Accept-Encoding: gzip" in r.json()["error"][0]["message"]
+        step = {"provider": "aws-bedrock", "endpoint": BEDROCK.removeprefix("/aws-bedrock/"),
+                "headers": signed("accept-encoding;host;x-amz-date", "gzip"), "query": converse}
+        r = httpx.post(g.url + "/", json=[step])
+        assert error(r) == (400, 2100), r.text
+        assert mock.requests() == []
+        # A signed `identity` is what the gateway sends anyway.
+        r = httpx.post(g.url + BEDROCK, json={"messages": [{"role": "user", "content": [{"text": "hi"}]}]},
+                       headers=signed("accept-encoding;host;x-amz-date", "identity"))
+        assert r.status_code == 200
+    finally:
+        g.stop()
+
+
+# --- Content-Encoding ------------------------------------------------------------------------
+
+def gzipped(obj):
+    return gzip.compress(json.dumps(obj).encode())
+
+
+GZIP_JSON = {"content-type": "application/json", "content-encoding": "gzip"}
+
+
+@pytest.mark.parametrize("spec,text", [
+    (dlp("{id: no-ssn, action: BLOCK, check: [REQUEST], profiles: [us-ssn]}"), f"my ssn is {SSN}"),
+    (dlp("{id: watch, action: FLAG, check: [REQUEST], profiles: [us-ssn]}"), f"my ssn is {SSN}"),
+    ("  guardrails:\n    moderationURL: '{mock}/v1/moderations'\n    prompt: {violence: block}\n",
+     "tell me mock-flag:violence"),
+])
+def test_a_compressed_body_is_refused_where_request_checks_must_read_it(mock, tmp_path, spec, text):
+    g = started(mock, tmp_path, spec.replace("{mock}", mock.url))
+    try:
+        r = httpx.post(g.url + CHAT, content=gzipped(body(text)), headers=GZIP_JSON)
+        assert error(r) == (400, 2101), r.text
+        message = r.json()["error"][0]["message"]
+        assert "compressed (Content-Encoding: gzip)" in message, message
+        assert mock.requests() == [], "neither the provider nor the moderation endpoint saw it"
+        # Sent uncompressed, the same request meets its checks.
+        plain = httpx.post(g.url + CHAT, json=body(text))
+        assert plain.status_code in (200, 400, 424)
+        assert plain.status_code == 200 or plain.json()["error"][0]["code"] in (2029, 2016)
+    finally:
+        g.stop()
+
+
+def test_a_compressed_body_passes_through_when_nothing_reads_it(gateway, mock):
+    r = httpx.post(gateway.url + CHAT, content=gzipped(body("squeezed")), headers=GZIP_JSON)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "mock reply to: squeezed"
+    sent = mock.last()
+    assert sent["headers"]["content-encoding"] == "gzip"
+    assert json.loads(sent["body"])["messages"][0]["content"] == "squeezed"
+
+
+@pytest.mark.parametrize("path,payload", [
+    ("/compat/chat/completions", body("squeezed", model="openai/gpt-4o-mini")),
+    ("/", [{"provider": "openai", "endpoint": "chat/completions", "query": body("squeezed")}]),
+])
+def test_routes_that_translate_the_body_refuse_it_compressed(gateway, mock, path, payload):
+    r = httpx.post(gateway.url + path, content=gzipped(payload), headers=GZIP_JSON)
+    assert error(r) == (400, 2101), r.text
+    assert "compressed" in r.json()["error"][0]["message"]
+    assert mock.requests() == []
+
+
+def test_a_step_or_compat_body_never_goes_upstream_labelled_compressed(gateway, mock):
+    # The gateway serializes these bodies itself: a client's Content-Encoding does not apply.
+    step = {"provider": "openai", "endpoint": "chat/completions", "query": body("plain"),
+            "headers": {"content-encoding": "gzip"}}
+    assert httpx.post(gateway.url + "/", json=[step]).status_code == 200
+    assert "content-encoding" not in mock.last()["headers"]
