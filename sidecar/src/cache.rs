@@ -1,9 +1,10 @@
 //! Response cache: identical requests are answered from the sidecar's memory.
 //!
 //! The key is a SHA-256 over the route (provider, method, path, query), the key identity (the
-//! BYOK alias, or a digest of the client's own provider key), and the request body normalized as
-//! JSON (object keys sorted, whitespace dropped) — or over `cf-aig-cache-key` when the client
-//! names one. Only `200` responses are stored; streamed (SSE) ones only with
+//! BYOK alias, or a digest of the client's own provider key), the request headers that change
+//! the answer ([`ANSWER_HEADERS`]), and the request body normalized as JSON (object keys sorted,
+//! whitespace dropped) — or, in place of the body, `cf-aig-cache-key` when the client names one
+//! (so a custom key never reaches across providers, routes or keys). Only `200` responses are stored; streamed (SSE) ones only with
 //! `spec.cache.streaming`. A response is copied into the cache as it streams to the client and
 //! stored once its last byte went through; a body that fails, is cut off or outgrows one entry's
 //! share of the cache is not stored. Entries expire after their TTL and the least valuable ones
@@ -234,41 +235,68 @@ pub struct Request<'a> {
     pub query: Option<&'a str>,
     /// The BYOK alias used (`default` when none was named).
     pub alias: &'a str,
-    /// When the client brings its own provider key: its auth headers, part of the key so that
-    /// clients with different keys never share entries.
-    pub client_auth: Option<(&'a HeaderMap, &'a [HeaderName])>,
+    /// The client's request headers: the [`ANSWER_HEADERS`] among them, and those named by
+    /// `client_auth`, are part of the key.
+    pub headers: &'a HeaderMap,
+    /// When the client brings its own provider key: the headers that carry it, part of the key
+    /// so that clients with different keys never share entries.
+    pub client_auth: Option<&'a [HeaderName]>,
+    /// The client's `Accept-Encoding` goes upstream (its own signature covers it): the answer's
+    /// coding depends on it.
+    pub accept_encoding: bool,
     /// The request body.
     pub body: &'a [u8],
 }
 
-/// The key of a request (`custom` from `cf-aig-cache-key` replaces everything else).
+/// Request headers that go upstream and change the provider's answer (the OpenAI project or
+/// organization it runs in, the Anthropic API version and betas): requests that differ in them
+/// never share an entry.
+pub static ANSWER_HEADERS: [HeaderName; 5] = [
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    HeaderName::from_static("openai-beta"),
+    HeaderName::from_static("anthropic-version"),
+    HeaderName::from_static("anthropic-beta"),
+];
+
+/// The key of a request: its route, whose credentials and the headers that change the answer,
+/// then its body — or, instead of the body, `custom` from `cf-aig-cache-key`, which names
+/// an entry within that scope and never reaches another provider, route or key's entries.
 pub fn key(r: &Request<'_>, custom: Option<&str>) -> Key {
     let mut h = Sha256::new();
-    if let Some(c) = custom {
-        h.update(b"custom\0");
-        h.update(c.as_bytes());
-        return h.finalize().into();
-    }
     for part in [r.scope, r.provider, r.method, r.path, r.query.unwrap_or("")] {
         h.update(part.as_bytes());
         h.update(b"\0");
     }
+    let hash_headers = |h: &mut Sha256, names: &[HeaderName]| {
+        for name in names {
+            for v in r.headers.get_all(name) {
+                h.update(name.as_str().as_bytes());
+                h.update(b":");
+                h.update(v.as_bytes());
+                h.update(b"\0");
+            }
+        }
+    };
     match r.client_auth {
         None => {
             h.update(b"alias\0");
             h.update(r.alias.as_bytes());
         }
-        Some((headers, names)) => {
+        Some(names) => {
             h.update(b"client\0");
-            for name in names {
-                for v in headers.get_all(name) {
-                    h.update(name.as_str().as_bytes());
-                    h.update(b":");
-                    h.update(v.as_bytes());
-                    h.update(b"\0");
-                }
-            }
+            hash_headers(&mut h, names);
         }
+    }
+    h.update(b"\0headers\0");
+    hash_headers(&mut h, &ANSWER_HEADERS);
+    if r.accept_encoding {
+        hash_headers(&mut h, &[header::ACCEPT_ENCODING]);
+    }
+    if let Some(c) = custom {
+        h.update(b"\0custom\0");
+        h.update(c.as_bytes());
+        return h.finalize().into();
     }
     h.update(b"\0body\0");
     match serde_json::from_slice::<serde_json::Value>(r.body) {
@@ -643,6 +671,8 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(30));
     }
 
+    static NO_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+
     fn req<'a>(body: &'a [u8], alias: &'a str) -> Request<'a> {
         Request {
             scope: "provider",
@@ -651,7 +681,9 @@ mod tests {
             path: "chat/completions",
             query: None,
             alias,
+            headers: &NO_HEADERS,
             client_auth: None,
+            accept_encoding: false,
             body,
         }
     }
@@ -715,12 +747,80 @@ mod tests {
             HeaderValue::from_static("Bearer two"),
         );
         let mut r1 = req(body, "default");
-        r1.client_auth = Some((&h1, &names));
+        r1.headers = &h1;
+        r1.client_auth = Some(&names);
         let mut r2 = req(body, "default");
-        r2.client_auth = Some((&h2, &names));
+        r2.headers = &h2;
+        r2.client_auth = Some(&names);
         assert_ne!(key(&r1, None), key(&r2, None));
-        // A custom key replaces everything.
-        assert_eq!(key(&r1, Some("k")), key(&r2, Some("k")));
+    }
+
+    #[test]
+    fn a_custom_key_replaces_the_body_but_stays_within_route_and_credentials() {
+        let k = Some("shared");
+        let a = req(br#"{"model":"m","n":1}"#, "default");
+        let b = req(br#"{"model":"m","n":2}"#, "default");
+        assert_eq!(key(&a, k), key(&b, k), "the body does not count");
+        assert_ne!(key(&a, k), key(&a, Some("other")));
+        assert_ne!(key(&a, k), key(&a, None));
+        let mut other = req(b"{}", "default");
+        other.provider = "anthropic";
+        other.path = "v1/messages";
+        assert_ne!(key(&a, k), key(&other, k), "another provider and path");
+        assert_ne!(key(&a, k), key(&req(b"{}", "team-b"), k), "another alias");
+        let names = [header::AUTHORIZATION];
+        let mut own = HeaderMap::new();
+        own.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        let mut mine = req(b"{}", "default");
+        mine.headers = &own;
+        mine.client_auth = Some(&names);
+        let mut keyless = req(b"{}", "default");
+        keyless.client_auth = Some(&names);
+        assert_ne!(key(&mine, k), key(&keyless, k), "another client key");
+        assert_ne!(key(&mine, k), key(&a, k), "a client key or the stored one");
+    }
+
+    #[test]
+    fn headers_that_change_the_answer_are_part_of_the_key() {
+        let body = br#"{"model":"m"}"#;
+        let base = key(&req(body, "default"), None);
+        let with = |name: &'static str, value: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+            h
+        };
+        let a = with("openai-project", "proj_A");
+        let b = with("openai-project", "proj_B");
+        let (mut ra, mut rb) = (req(body, "default"), req(body, "default"));
+        ra.headers = &a;
+        rb.headers = &b;
+        assert_ne!(key(&ra, None), key(&rb, None));
+        assert_ne!(key(&ra, None), base);
+        assert_ne!(key(&ra, Some("k")), key(&rb, Some("k")));
+        for name in ["openai-organization", "anthropic-version", "anthropic-beta"] {
+            let h = with(name, "x");
+            let mut r = req(body, "default");
+            r.headers = &h;
+            assert_ne!(key(&r, None), base, "{name}");
+        }
+        // Names in any case (HTTP/1 lowercases them), values exactly.
+        let mut upper = HeaderMap::new();
+        upper.insert("OpenAI-Project", HeaderValue::from_static("proj_A"));
+        let mut r = req(body, "default");
+        r.headers = &upper;
+        assert_eq!(key(&r, None), key(&ra, None));
+        let lower_value = with("openai-project", "proj_a");
+        r.headers = &lower_value;
+        assert_ne!(key(&r, None), key(&ra, None));
+        // Other headers do not count; Accept-Encoding only when it goes upstream as it is.
+        let gzip = with("accept-encoding", "gzip");
+        r.headers = &gzip;
+        assert_eq!(key(&r, None), base);
+        r.accept_encoding = true;
+        assert_ne!(key(&r, None), base);
     }
 
     #[test]

@@ -531,8 +531,13 @@ impl Gateway {
             path: route.rest,
             query: parts.uri.query(),
             alias: alias.unwrap_or("default"),
+            headers: &parts.headers,
             client_auth: (matches!(key, KeyChoice::ClientOwn) && signer.is_none())
-                .then_some((&parts.headers, provider.client_identity_headers())),
+                .then_some(provider.client_identity_headers()),
+            accept_encoding: crate::headers::keeps_accept_encoding(
+                &parts.headers,
+                client_signature,
+            ),
             body: &body,
         };
         let mut miss = match self

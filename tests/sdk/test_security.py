@@ -5,6 +5,8 @@
   usage counting and the cache unread.
 - A compressed request body is refused where the gateway must read it (request DLP, prompt
   guardrails, /compat, the universal endpoint).
+- `cf-aig-cache-key` names an entry within one provider, route and key identity; request
+  headers that change the answer are part of the cache key.
 """
 
 import gzip
@@ -18,6 +20,7 @@ from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
 CHAT = "/openai/chat/completions"
 EMAIL = "jane@example.com"
 SSN = "123-45-6789"
+CACHE_ON = "  cache: {enabled: true, ttl: 10m}\n"
 # What a look-alike of an AWS signature over accept-encoding needs to be: a prefix and a list.
 FAKE_SIGV4 = {"authorization": "AWS4-HMAC-SHA256 SignedHeaders=accept-encoding", "accept-encoding": "gzip"}
 BEDROCK = "/aws-bedrock/bedrock-runtime/us-west-2/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
@@ -190,3 +193,60 @@ def test_a_step_or_compat_body_never_goes_upstream_labelled_compressed(gateway, 
             "headers": {"content-encoding": "gzip"}}
     assert httpx.post(gateway.url + "/", json=[step]).status_code == 200
     assert "content-encoding" not in mock.last()["headers"]
+
+
+# --- Cache keys ------------------------------------------------------------------------------
+
+def cache_status(r):
+    assert r.status_code == 200, r.text
+    return r.headers["cf-aig-cache-status"]
+
+
+def test_a_custom_cache_key_never_reaches_another_provider_route_or_key(mock, tmp_path):
+    g = started(mock, tmp_path, CACHE_ON)
+    try:
+        k = {"cf-aig-cache-key": "shared"}
+        groq = g.url + "/groq/chat/completions"
+        alice = {**k, "authorization": "Bearer client-key-alice"}
+        assert cache_status(httpx.post(groq, json=body("alice asks"), headers=alice)) == "MISS"
+        # Another provider and path, with the gateway's stored key.
+        messages = {"model": "claude-haiku-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "b"}]}
+        b = httpx.post(g.url + "/anthropic/v1/messages", json=messages, headers=k)
+        assert cache_status(b) == "MISS" and b.json()["type"] == "message"
+        assert cache_status(httpx.post(g.url + CHAT, json=body("c"), headers=k)) == "MISS"
+        # The same route with another client key.
+        bob = {**k, "authorization": "Bearer client-key-bob"}
+        assert cache_status(httpx.post(groq, json=body("bob asks"), headers=bob)) == "MISS"
+        # Within its scope the custom key still stands for the body.
+        hit = httpx.post(groq, json=body("alice again"), headers=alice)
+        assert cache_status(hit) == "HIT"
+        assert hit.json()["choices"][0]["message"]["content"] == "mock reply to: alice asks"
+        assert len(mock.requests()) == 4
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("path,payload,name,a,b", [
+    (CHAT, body("which project"), "OpenAI-Project", "proj_A", "proj_B"),
+    (CHAT, body("which org"), "OpenAI-Organization", "org-A", "org-B"),
+    ("/anthropic/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 16,
+                                "messages": [{"role": "user", "content": "which beta"}]},
+     "anthropic-beta", "tools-2024-04-04", "prompt-caching-2024-07-31"),
+    ("/anthropic/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 16,
+                                "messages": [{"role": "user", "content": "which version"}]},
+     "anthropic-version", "2023-06-01", "2023-01-01"),
+])
+def test_headers_that_change_the_answer_are_part_of_the_cache_key(mock, tmp_path, path, payload, name, a, b):
+    g = started(mock, tmp_path, CACHE_ON)
+    try:
+        post = lambda value, key=name: httpx.post(g.url + path, json=payload, headers={key: value})
+        assert cache_status(post(a)) == "MISS"
+        assert cache_status(post(b)) == "MISS"
+        assert cache_status(post(a, name.upper())) == "HIT", "header names in any case"
+        assert cache_status(post(b, name.lower())) == "HIT"
+        assert len(mock.requests()) == 2
+        # With a custom key too.
+        custom = lambda value: httpx.post(g.url + path, json=payload, headers={name: value, "cf-aig-cache-key": "k"})
+        assert (cache_status(custom(a)), cache_status(custom(b))) == ("MISS", "MISS")
+    finally:
+        g.stop()

@@ -754,7 +754,9 @@ pub(crate) async fn serve(
         path,
         query: None,
         alias: alias.unwrap_or("default"),
-        client_auth: client_auth.map(|names| (&parts.headers, names)),
+        headers: &parts.headers,
+        client_auth,
+        accept_encoding: false,
         body: &body,
     };
     let mut miss = match gw
