@@ -9,9 +9,6 @@
 //! The model is found without parsing the request: in the path for Gemini, Vertex and Bedrock
 //! routes, else the first `"model": "..."` of the JSON body.
 
-use std::sync::LazyLock;
-
-use memchr::memmem;
 use sidegate_crds::policy::{ModelPrice, parse_usd};
 
 use crate::error::GatewayError;
@@ -194,34 +191,52 @@ fn normalize(model: &str) -> &str {
     name
 }
 
-const NEEDLE: &[u8] = b"\"model\"";
-static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(NEEDLE));
-
-/// Where the model name is in a request body: the string value of its first unescaped
-/// `"model"` key. The JSON is not parsed.
+/// Where the model name is in a request body: the string value of the top-level `"model"` key
+/// (one nested elsewhere, as in `{"metadata": {"model": ...}}`, is not the model the provider
+/// serves). The JSON is not parsed: strings are skipped with `memchr`, and only brackets outside
+/// them are counted.
 pub fn model_in_body(body: &[u8]) -> Option<std::ops::Range<usize>> {
-    let mut from = 0;
-    while let Some(found) = FINDER.find(&body[from..]) {
-        let at = from + found;
-        from = at + NEEDLE.len();
-        if at > 0 && body[at - 1] == b'\\' {
-            continue;
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(&b) = body.get(i) {
+        match b {
+            b'"' => {
+                let start = i + 1;
+                let end = string_end(body, start)?;
+                i = end + 1;
+                if depth != 1 || &body[start..end] != b"model" {
+                    continue;
+                }
+                // A key (not a value like Gemini's `"role": "model"`) with a plain string value.
+                let Some(value) = body[i..].trim_ascii_start().strip_prefix(b":") else {
+                    continue;
+                };
+                let inner = value.trim_ascii_start().strip_prefix(b"\"")?;
+                let len = memchr::memchr2(b'"', b'\\', inner)?;
+                if inner[len] != b'"' || len == 0 || len > 256 {
+                    return None;
+                }
+                let start = body.len() - inner.len();
+                return Some(start..start + len);
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
         }
-        // A key (not a value like Gemini's `"role": "model"`) with a plain string value.
-        let Some(value) = body[from..].trim_ascii_start().strip_prefix(b":") else {
-            continue;
-        };
-        let Some(inner) = value.trim_ascii_start().strip_prefix(b"\"") else {
-            continue;
-        };
-        let len = memchr::memchr2(b'"', b'\\', inner)?;
-        if inner[len] != b'"' || len == 0 || len > 256 {
-            return None;
-        }
-        let start = body.len() - inner.len();
-        return Some(start..start + len);
+        i += 1;
     }
     None
+}
+
+/// The index of the quote that ends the JSON string whose content starts at `from`.
+fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
+    loop {
+        let at = from + memchr::memchr2(b'"', b'\\', body.get(from..)?)?;
+        if body[at] == b'"' {
+            return Some(at);
+        }
+        from = at + 2;
+    }
 }
 
 /// The model a provider path names: `.../models/{model}:generateContent` (Gemini, Vertex) or
@@ -482,6 +497,16 @@ mod tests {
         );
         assert_eq!(model_in_body(br#"{"model":"a\"b"}"#), None);
         assert_eq!(model_in_body(b"not json"), None);
+        // Only the top-level key: a nested "model" must not choose the price.
+        let decoy =
+            br#"{"metadata":{"model":"not-priced"},"tools":[{"model":"x"}],"model":"gpt-4o"}"#;
+        assert_eq!(&decoy[model_in_body(decoy).expect("found")], b"gpt-4o");
+        assert_eq!(
+            model_in_body(br#"{"metadata":{"model":"not-priced"}}"#),
+            None
+        );
+        let escaped = br#"{"x":"a\\","y":"}\"{","model":"m1"}"#;
+        assert_eq!(&escaped[model_in_body(escaped).expect("found")], b"m1");
         assert_eq!(
             model_in_path("v1beta/models/gemini-2.5-flash:streamGenerateContent"),
             Some("gemini-2.5-flash")

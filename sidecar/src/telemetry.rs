@@ -639,10 +639,18 @@ impl RequestRecord {
         } else {
             crate::cost::cost(self.price, self.custom_cost, tokens)
         };
+        // Budgets are the operator's: the app's `cf-aig-custom-cost` may raise what a request
+        // is charged against them, never lower it below the model's price.
+        let charged = match (cost, self.custom_cost) {
+            (Some(c), Some(_)) => {
+                Some(crate::cost::cost(self.price, None, tokens).map_or(c, |priced| c.max(priced)))
+            }
+            (c, _) => c,
+        };
         if let Some(t) = &self.tally {
-            t.add(&self.metrics, cost, tokens);
+            t.add(&self.metrics, charged, tokens);
         }
-        if let Some(usd) = cost {
+        if let Some(usd) = charged {
             for b in &self.route_budgets {
                 b.charge(usd);
             }

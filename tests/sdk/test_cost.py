@@ -167,6 +167,31 @@ def test_spend_limit_refuses_with_2041_once_the_period_spend_reaches_it(mock, tm
         g.stop()
 
 
+def test_the_app_cannot_lower_what_the_spend_limit_is_charged(mock, tmp_path):
+    # cf-aig-custom-cost sets the logged cost, but the spend limit is charged at least the
+    # model's price; and the price is the top-level model's, not a "model" nested elsewhere.
+    spec = ("  spendLimit: {amount: '0.01', period: day}\n"
+            "  pricing:\n    - {model: dear-model, inputPerMillion: '5000', outputPerMillion: '5000'}\n")
+    for case in ("custom cost zero", "nested decoy"):
+        g = json_gateway(tmp_path, mock, spec)
+        try:
+            if case == "custom cost zero":
+                r = httpx.post(g.url + CHAT, json=body("free?", model="dear-model"),
+                               headers={"cf-aig-custom-cost": '{"total_cost": 0}'})
+            else:
+                decoy = {"metadata": {"model": "unpriced-model"}, **body("cheap?", model="dear-model")}
+                r = httpx.post(g.url + CHAT, json=decoy)
+            assert r.status_code == 200, r.text
+            line = wait_line(g, r.headers["cf-aig-log-id"])
+            assert line["model"] == "dear-model", (case, line)
+            priced = (line["tokens_in"] + line["tokens_out"]) * 5000 / 1e6
+            assert priced > 0.01, "one request must cost more than the limit"
+            assert line["cost"] == (0 if case == "custom cost zero" else pytest.approx(priced)), line
+            assert_spend_limited(spend(g, 0))
+        finally:
+            g.stop()
+
+
 def probe(g):
     """A request that costs nothing and uses no tokens (the mock answers 500, without usage),
     so that a refusal of it can only come from what was spent or used before it."""
