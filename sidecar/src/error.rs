@@ -17,6 +17,10 @@ pub enum GatewayError {
     /// Missing or wrong `cf-aig-authorization`.
     #[error("Unauthorized")]
     Unauthorized,
+    /// A request a web page made, or one addressed to a name a loopback listener does not
+    /// answer to (DNS rebinding): a page must not spend the gateway's keys.
+    #[error("{0}")]
+    Forbidden(String),
     /// `cf-aig-byok-alias` names a key the gateway does not hold.
     #[error("no key with alias '{alias}' for provider '{provider}'")]
     AliasNotFound { provider: String, alias: String },
@@ -99,6 +103,7 @@ impl GatewayError {
         match self {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::AliasNotFound { .. }
             | Self::BadHeader { .. }
             | Self::BadBody(_)
@@ -152,6 +157,7 @@ impl GatewayError {
             Self::BadRoute(_) => 2106,
             Self::CompatRequest(_) => 2107,
             Self::UniversalRequest(_) => 2108,
+            Self::Forbidden(_) => 2109,
         }
     }
 

@@ -79,24 +79,58 @@ impl Gw {
 
 /// The gateway headers a request carries, found in one pass over its headers: the gateway
 /// reads a dozen, most requests carry one or two, and each read is an array index instead of a
-/// hash-map lookup.
+/// hash-map lookup. The same pass notes `Host` and the marks a browser puts on a web page's
+/// requests.
 #[derive(Clone, Copy)]
 pub struct GatewayHeaders<'a> {
     values: [Option<&'a HeaderValue>; GW_NAMES.len()],
+    host: Option<&'a HeaderValue>,
+    from_web_page: bool,
 }
 
 impl<'a> GatewayHeaders<'a> {
     pub fn scan(map: &'a HeaderMap) -> Self {
         let mut values = [None; GW_NAMES.len()];
+        let mut host = None;
+        let mut from_web_page = false;
         for (name, value) in map {
             let name = name.as_str();
-            if name.starts_with("cf-aig-")
-                && let Some(i) = GW_NAMES.iter().position(|n| *n == name)
-            {
-                values[i].get_or_insert(value);
+            // One byte tells the few names read here from the rest.
+            match name.as_bytes().first() {
+                Some(b'c') => {
+                    if name.starts_with("cf-aig-")
+                        && let Some(i) = GW_NAMES.iter().position(|n| *n == name)
+                    {
+                        values[i].get_or_insert(value);
+                    }
+                }
+                Some(b'h') if name == "host" => {
+                    host.get_or_insert(value);
+                }
+                Some(b'o') if name == "origin" => from_web_page = true,
+                Some(b's') if name == "sec-fetch-site" => {
+                    from_web_page |= value.as_bytes() != b"none";
+                }
+                _ => {}
             }
         }
-        Self { values }
+        Self {
+            values,
+            host,
+            from_web_page,
+        }
+    }
+
+    /// Whether a web page made the request. Browsers put `Origin` on every request a page sends
+    /// but a plain `GET` of its own origin, and `Sec-Fetch-Site` on every request, `none` only
+    /// for one the user made (a typed URL, a bookmark); server-side SDKs and tools send neither.
+    pub fn from_web_page(self) -> bool {
+        self.from_web_page
+    }
+
+    /// The `Host` header (the first, if repeated).
+    pub fn host(self) -> Option<&'a HeaderValue> {
+        self.host
     }
 
     /// The value of gateway header `h` (the first, if repeated).
@@ -128,6 +162,41 @@ impl<'a> GatewayHeaders<'a> {
             })
             .transpose()
     }
+}
+
+/// Whether `authority` (a `Host` value or a URI authority, port optional) names the listener by
+/// an IP address or as `localhost` (`*.localhost` included, which resolve to loopback without
+/// DNS). Any other name reaches a loopback listener only through a DNS answer someone else
+/// controls: a page of `rebind.attacker.example` whose name now resolves to 127.0.0.1.
+pub fn is_local_authority(authority: &[u8]) -> bool {
+    fn port_ok(port: &[u8]) -> bool {
+        match port.split_first() {
+            None => true,
+            Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+            Some(_) => false,
+        }
+    }
+    if let Some(rest) = authority.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|b| *b == b']') else {
+            return false;
+        };
+        let (ip, port) = (&rest[..end], &rest[end + 1..]);
+        return port_ok(port)
+            && std::str::from_utf8(ip).is_ok_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok());
+    }
+    let (name, port) = match authority.iter().position(|b| *b == b':') {
+        Some(i) => authority.split_at(i),
+        None => (authority, &b""[..]),
+    };
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    let localhost = |n: &[u8]| n.eq_ignore_ascii_case(b"localhost");
+    port_ok(port)
+        && (localhost(name)
+            || name
+                .len()
+                .checked_sub(10)
+                .is_some_and(|i| i > 0 && name[i] == b'.' && localhost(&name[i + 1..]))
+            || std::str::from_utf8(name).is_ok_and(|n| n.parse::<std::net::Ipv4Addr>().is_ok()))
 }
 
 /// Lowercase header names listed in `Connection` (they are hop-by-hop too).
@@ -427,6 +496,69 @@ mod tests {
         assert!(GatewayHeaders::scan(&h).get(Gw::RequestTimeout).is_some());
         for (i, name) in GW_NAMES.iter().enumerate() {
             assert!(name.starts_with("cf-aig-"), "{i}: {name}");
+        }
+    }
+
+    #[test]
+    fn browser_marks_and_host_are_noted_in_the_same_pass() {
+        let sdk = map(&[
+            ("host", "127.0.0.1:8787"),
+            ("content-type", "application/json"),
+            ("cf-aig-cache-ttl", "60"),
+        ]);
+        let aig = GatewayHeaders::scan(&sdk);
+        assert!(!aig.from_web_page());
+        assert_eq!(
+            aig.host().map(HeaderValue::as_bytes),
+            Some(&b"127.0.0.1:8787"[..])
+        );
+        assert!(aig.get(Gw::CacheTtl).is_some());
+        for page in [
+            &[("origin", "http://evil.example")][..],
+            &[("origin", "null")],
+            &[("sec-fetch-site", "cross-site")],
+            &[("sec-fetch-site", "same-site")],
+            &[("sec-fetch-site", "same-origin")],
+        ] {
+            assert!(GatewayHeaders::scan(&map(page)).from_web_page(), "{page:?}");
+        }
+        let typed = map(&[("sec-fetch-site", "none")]);
+        assert!(
+            !GatewayHeaders::scan(&typed).from_web_page(),
+            "a URL the user typed"
+        );
+    }
+
+    #[test]
+    fn only_addresses_and_localhost_name_a_loopback_listener() {
+        for ok in [
+            "127.0.0.1:8787",
+            "127.0.0.1",
+            "10.1.2.3:80",
+            "[::1]:8787",
+            "[::1]",
+            "localhost:8787",
+            "LocalHost",
+            "localhost.:8787",
+            "app.localhost:8787",
+            "127.0.0.1:",
+        ] {
+            assert!(is_local_authority(ok.as_bytes()), "{ok}");
+        }
+        for refused in [
+            "rebind.attacker.example:8787",
+            "rebind.attacker.example",
+            "localhost.attacker.example",
+            "evillocalhost:8787",
+            ".localhost",
+            "127.0.0.1.nip.io:8787",
+            "[::1:8787",
+            "[::1]x",
+            "127.0.0.1:80x",
+            "[not-ip]:80",
+            "",
+        ] {
+            assert!(!is_local_authority(refused.as_bytes()), "{refused}");
         }
     }
 

@@ -156,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let client = sidegate::proxy::upstream_client(extra_roots).context("upstream TLS setup")?;
     let mut gateway = Gateway::new(metrics, client);
     gateway.client_timeout = Duration::from_secs(args.client_timeout);
+    gateway.loopback_listener = args.listen.ip().is_loopback();
     let gateway = Arc::new(gateway);
     match config::load(&sources) {
         Ok(snap) => reload::install(&gateway, snap),

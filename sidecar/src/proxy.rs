@@ -57,6 +57,9 @@ pub struct Gateway {
     /// How long a client may stay silent mid-request: its first bytes, a request head, or the
     /// next part of a request body (`--client-timeout`).
     pub client_timeout: Duration,
+    /// The gateway port listens on loopback only: requests must name it by address or as
+    /// `localhost` (see [`admit_client`]).
+    pub loopback_listener: bool,
 }
 
 /// What the cache did for a request.
@@ -85,6 +88,7 @@ impl Gateway {
             client,
             metrics,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
+            loopback_listener: true,
         }
     }
 
@@ -395,6 +399,7 @@ impl Gateway {
         // admit
         let (parts, body) = req.into_parts();
         let aig = GatewayHeaders::scan(&parts.headers);
+        admit_client(aig, &parts.uri, self.loopback_listener).map_err(|e| (None, e))?;
         let route = route::parse(parts.uri.path()).map_err(|e| (None, e))?;
         if let (Some(want), Some(got)) = (&snap.gateway_name, route.gateway())
             && want != got
@@ -622,6 +627,41 @@ pub(crate) fn tag_response(
         headers.insert(LOG_ID, v);
     }
     log_id
+}
+
+/// Refuses what a web page asks of the gateway. A page may send requests to any address, the
+/// developer's loopback included (CSRF: a `text/plain` POST needs no permission), and by DNS
+/// rebinding even read the answers (its own name made to resolve to 127.0.0.1); either would
+/// spend the stored keys. Server-side clients send no browser marks, and on a loopback listener
+/// (`loopback`) they name it by address or as `localhost`.
+fn admit_client(
+    aig: GatewayHeaders<'_>,
+    uri: &http::Uri,
+    loopback: bool,
+) -> Result<(), GatewayError> {
+    if aig.from_web_page() {
+        return Err(GatewayError::Forbidden(
+            "requests from web pages (Origin, Sec-Fetch-Site) are refused: the gateway holds provider keys; call it from server-side code".into(),
+        ));
+    }
+    if !loopback {
+        return Ok(());
+    }
+    let named = [
+        aig.host().map(HeaderValue::as_bytes),
+        uri.authority().map(|a| a.as_str().as_bytes()),
+    ];
+    match named
+        .into_iter()
+        .flatten()
+        .find(|h| !crate::headers::is_local_authority(h))
+    {
+        None => Ok(()),
+        Some(host) => Err(GatewayError::Forbidden(format!(
+            "host {:?} is refused: this gateway listens on loopback and answers to its address or localhost only",
+            truncate(&String::from_utf8_lossy(host))
+        ))),
+    }
 }
 
 fn truncate(s: &str) -> String {

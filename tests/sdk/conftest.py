@@ -202,8 +202,11 @@ class MockProvider:
 class Sidegate:
     """A sidegate process with its own config file and keys directory."""
 
-    def __init__(self, workdir, config_text, keys=None, extra_args=(), wait_ready=True, relative_paths=False):
+    def __init__(self, workdir, config_text, keys=None, extra_args=(), wait_ready=True, relative_paths=False,
+                 listen_ip="127.0.0.1"):
+        """`listen_ip`: the gateway port's address (`self.url` still reaches it on 127.0.0.1)."""
         self.relative_paths = relative_paths
+        self.listen_ip = listen_ip
         self.dir = pathlib.Path(workdir)
         self.config = self.dir / "gateway.yaml"
         self.keys_dir = self.dir / "keys"
@@ -231,7 +234,7 @@ class Sidegate:
                 binary("sidegate"),
                 "--config", config,
                 "--keys-dir", keys_dir,
-                "--listen", f"127.0.0.1:{self.port}",
+                "--listen", f"{self.listen_ip}:{self.port}",
                 "--admin", f"127.0.0.1:{self.admin_port}",
                 *extra_args,
             ],

@@ -5,6 +5,9 @@
   usage counting and the cache unread.
 - A compressed request body is refused where the gateway must read it (request DLP, prompt
   guardrails, /compat, the universal endpoint).
+- Web pages get nothing: a request with a browser's marks (Origin, Sec-Fetch-Site) is refused,
+  and so is, on a loopback listener, one for a host name other than its address or localhost
+  (DNS rebinding).
 - `cf-aig-cache-key` names an entry within one provider, route and key identity; request
   headers that change the answer are part of the cache key.
 """
@@ -248,5 +251,49 @@ def test_headers_that_change_the_answer_are_part_of_the_cache_key(mock, tmp_path
         # With a custom key too.
         custom = lambda value: httpx.post(g.url + path, json=payload, headers={name: value, "cf-aig-cache-key": "k"})
         assert (cache_status(custom(a)), cache_status(custom(b))) == ("MISS", "MISS")
+    finally:
+        g.stop()
+
+
+# --- Web pages -------------------------------------------------------------------------------
+
+def test_requests_from_web_pages_are_refused(gateway, mock):
+    # CSRF: a page may POST text/plain anywhere without asking; the browser adds Origin.
+    r = httpx.post(gateway.url + CHAT, content=json.dumps(body("csrf")),
+                   headers={"content-type": "text/plain", "origin": "http://evil.example"})
+    assert error(r) == (403, 2109), r.text
+    assert "web pages" in r.json()["error"][0]["message"]
+    # A GET a page makes carries no Origin when same-origin, but always Sec-Fetch-Site.
+    for site in ["cross-site", "same-site", "same-origin"]:
+        r = httpx.get(gateway.url + "/openai/models", headers={"sec-fetch-site": site})
+        assert error(r) == (403, 2109), site
+    r = httpx.post(gateway.url + "/", json=[{"provider": "openai", "endpoint": "chat/completions",
+                                             "query": body("csrf")}], headers={"origin": "null"})
+    assert error(r) == (403, 2109)
+    assert mock.requests() == []
+    # A URL the user typed, and the SDKs (which send neither mark), are served.
+    assert httpx.get(gateway.url + "/openai/models", headers={"sec-fetch-site": "none"}).status_code == 200
+    assert httpx.post(gateway.url + CHAT, json=body("server side")).status_code == 200
+
+
+def test_a_loopback_listener_answers_only_to_its_address_or_localhost(gateway, mock):
+    port = gateway.port
+    r = httpx.post(gateway.url + CHAT, json=body("rebound"), headers={"host": f"rebind.attacker.example:{port}"})
+    assert error(r) == (403, 2109), r.text
+    assert "rebind.attacker.example" in r.json()["error"][0]["message"]
+    assert mock.requests() == []
+    for host in [f"127.0.0.1:{port}", f"localhost:{port}", f"LOCALHOST:{port}", f"[::1]:{port}", "127.0.0.1"]:
+        r = httpx.post(gateway.url + CHAT, json=body("by address"), headers={"host": host})
+        assert r.status_code == 200, (host, r.text)
+
+
+def test_a_listener_beyond_loopback_answers_to_any_name(mock, tmp_path):
+    # Reached over the network (a container's service name), names are the deployment's to pick.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, listen_ip="0.0.0.0")
+    try:
+        r = httpx.post(g.url + CHAT, json=body("by name"), headers={"host": f"sidegate:{g.port}"})
+        assert r.status_code == 200, r.text
+        r = httpx.post(g.url + CHAT, json=body("page"), headers={"origin": "http://evil.example"})
+        assert error(r) == (403, 2109), "browser marks are refused on any listener"
     finally:
         g.stop()
