@@ -13,7 +13,7 @@ import pytest
 def _post_in_two_writes(port, first, pause=0.1):
     """Sends an HTTP/1.1 request whose first write is `first` and returns its status line."""
     body = b'{"model":"m","messages":[{"role":"user","content":"slow"}]}'
-    head = (b"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = (b"POST /openai/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n")
     whole = head + body
     assert whole.startswith(first)
@@ -140,7 +140,7 @@ def test_a_client_that_goes_silent_mid_request_is_answered_408_or_closed(mock, t
         mock.clear()
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
-            s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                       b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
             data = b""
             while chunk := s.recv(65536):
@@ -153,7 +153,7 @@ def test_a_client_that_goes_silent_mid_request_is_answered_408_or_closed(mock, t
         assert 0.9 < time.monotonic() - started < 5
         assert mock.requests() == [], "a stalled request must not reach the provider"
 
-        for first in (b"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\n", b""):
+        for first in (b"POST /openai/chat/completions HTTP/1.1\r\nHost: localhost\r\n", b""):
             started = time.monotonic()
             with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
                 s.sendall(first)
@@ -170,7 +170,7 @@ def test_a_client_that_goes_silent_mid_request_is_answered_408_or_closed(mock, t
             assert r.status_code == 200, r.text
         with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
             body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
-            s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             first = s.recv(65536)
             assert first.startswith(b"HTTP/1.1 200"), first[:80]
