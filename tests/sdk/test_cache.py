@@ -146,7 +146,7 @@ def test_requests_signed_by_the_client_are_keyed_by_their_signature(mock, tmp_pa
         g.stop()
 
 
-def test_custom_cache_key_replaces_the_computed_one(cached_gateway, mock):
+def test_custom_cache_key_names_the_entry_in_place_of_the_body(cached_gateway, mock):
     k = {"cf-aig-cache-key": "daily-greeting"}
     a = post(cached_gateway, body=chat_body("one"), headers=k)
     b = post(cached_gateway, body=chat_body("two"), headers=k)
