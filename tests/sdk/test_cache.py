@@ -318,7 +318,7 @@ def test_anthropic_sdk_and_compat_hits(cached_gateway, mock):
     statuses = []
     for _ in range(2):
         resp = client.messages.with_raw_response.create(
-            model="claude-sonnet-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi claude"}]
+            model="claude-opus-4-5", max_tokens=64, messages=[{"role": "user", "content": "hi claude"}]
         )
         statuses.append(resp.headers["cf-aig-cache-status"])
         assert resp.parse().content[0].text == "mock reply to: hi claude"
@@ -327,7 +327,7 @@ def test_anthropic_sdk_and_compat_hits(cached_gateway, mock):
     got = []
     for _ in range(2):
         resp = compat.chat.completions.with_raw_response.create(
-            model="anthropic/claude-sonnet-4-5", messages=[{"role": "user", "content": "via compat"}]
+            model="anthropic/claude-opus-4-5", messages=[{"role": "user", "content": "via compat"}]
         )
         got.append((resp.headers["cf-aig-cache-status"], resp.parse().choices[0].message.content))
     assert got == [("MISS", "mock reply to: via compat"), ("HIT", "mock reply to: via compat")]
