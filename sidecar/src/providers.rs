@@ -508,10 +508,30 @@ fn bad_route(msg: impl Into<String>) -> GatewayError {
 }
 
 /// Rejects `.` and `..` segments (also percent-encoded) so a route cannot climb out of a
-/// provider's base path.
+/// provider's base path. Segments end at `/`, and also at `\`, `%2F` and `%5C`, which some
+/// servers and proxies decode or normalise into a `/` (an encoded slash stays allowed inside a
+/// segment: Bedrock inference profile ARNs carry one).
 fn check_segments(rest: &str) -> Result<(), GatewayError> {
-    if rest.split('/').any(is_dot_segment) {
-        return Err(bad_route("dot segments are not allowed in provider paths"));
+    let bytes = rest.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    while i <= bytes.len() {
+        let sep = match bytes.get(i..) {
+            None | Some([]) => 1,
+            Some([b'/' | b'\\', ..]) => 1,
+            Some([b'%', b'2', f, ..]) if f.eq_ignore_ascii_case(&b'f') => 3,
+            Some([b'%', b'5', c, ..]) if c.eq_ignore_ascii_case(&b'c') => 3,
+            Some(_) => 0,
+        };
+        if sep == 0 {
+            i += 1;
+            continue;
+        }
+        if is_dot_segment(&rest[start..i]) {
+            return Err(bad_route("dot segments are not allowed in provider paths"));
+        }
+        i += sep;
+        start = i;
     }
     Ok(())
 }
@@ -864,12 +884,26 @@ mod tests {
     #[test]
     fn dot_segments_cannot_climb_out_of_the_base_path() {
         let t = table(&[]);
-        for bad in ["../x", "a/%2e%2E/b", "./a"] {
+        for bad in [
+            "../x",
+            "a/%2e%2E/b",
+            "./a",
+            "..%2fadmin",
+            "..%2Fadmin",
+            "..\\..\\x",
+            "%2e%2e%5cx",
+            "a%2f..",
+        ] {
             assert_eq!(
                 uri(&t, "openai", bad).map_err(|e| e.code()),
                 Err(2106),
                 "{bad}"
             );
+        }
+        // An encoded slash inside a segment is fine (a Bedrock inference profile ARN), and so
+        // are dots that are not a whole segment.
+        for good in ["a%2Fb/c", "v1/x..y", "..a/b", "a\\b"] {
+            assert!(uri(&t, "openai", good).is_ok(), "{good}");
         }
     }
 
