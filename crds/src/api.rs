@@ -64,10 +64,12 @@ pub struct ProviderKeySpec {
     /// Where the key value lives. For aws-bedrock the Secret holds `accessKeyId`,
     /// `secretAccessKey` and optionally `sessionToken`, and `key` is not used.
     pub secret_ref: ProviderKeySecretRef,
-    /// Upstream base URL of this provider in the gateways that select this key, replacing
-    /// SPEC.md's default; one per provider (all its aliases share it) and a gateway's own
-    /// `providers.<id>.baseURL` wins. https; plain http only to in-cluster services unless the
-    /// `sidegate.dev/allow-insecure-upstream` annotation is "true".
+    /// Upstream base URL this key is sent to, replacing SPEC.md's default. A gateway has one per
+    /// provider: its own `providers.<id>.baseURL` if set (then this key is served only if it
+    /// names none or the same), otherwise the one of the oldest ProviderKey of the provider it
+    /// selects; keys of ProviderKeys that disagree are not served (`BaseURLConflict`). https;
+    /// plain http only to in-cluster services unless the `sidegate.dev/allow-insecure-upstream`
+    /// annotation is "true".
     #[serde(default, rename = "baseURL", skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(max = 2048),

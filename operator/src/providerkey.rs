@@ -1,6 +1,6 @@
 //! The ProviderKey controller: reports whether each key's Secret and key exist (`SecretFound`)
-//! and whether the key can be served (`Ready`; not when another ProviderKey with the same
-//! provider and alias comes first). Rendering is the AIGateway controller's job.
+//! and whether the key can be served (`Ready`; not when an older ProviderKey has the same
+//! provider and alias). Rendering is the AIGateway controller's job.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use serde_json::json;
 use sidegate_crds::api::ProviderKey;
 
 use crate::controller::{Context, Error};
-use crate::render::{FIELD_MANAGER, is_usable, resolve_key};
+use crate::render::{FIELD_MANAGER, claim_order, claim_problem, resolve_key};
 use crate::status;
 use crate::validate;
 
@@ -84,11 +84,8 @@ async fn reconcile_inner(key: &ProviderKey, ctx: &Context) -> Result<Action, Err
     Ok(Action::requeue(ctx.resync))
 }
 
-/// The ProviderKey that a gateway selecting both would serve instead of `key`: the first by
-/// name of those in `ns` with the same provider and alias that would be rendered (render keeps
-/// the first by name and reports the others as `DuplicateAlias`).
+/// The ProviderKey that a gateway selecting both would serve instead of `key`, listed from `ns`.
 async fn shadowed_by(ctx: &Context, key: &ProviderKey, ns: &str) -> Result<Option<String>, Error> {
-    let name = key.name_any();
     let all = Api::<ProviderKey>::namespaced(ctx.client.clone(), ns)
         .list(&ListParams::default())
         .await
@@ -96,20 +93,26 @@ async fn shadowed_by(ctx: &Context, key: &ProviderKey, ns: &str) -> Result<Optio
             action: format!("listing ProviderKeys in {ns}"),
             source,
         })?;
-    let mut earlier: Vec<ProviderKey> = all
-        .items
-        .into_iter()
-        .filter(|o| same_alias(o, key) && o.name_any() < name)
-        .collect();
-    earlier.sort_by_key(ResourceExt::name_any);
-    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
-    for other in earlier {
-        let secret = read_secret(&secrets, ns, &other.spec.secret_ref.name).await?;
-        if is_usable(&other, ns, secret.as_ref()) {
-            return Ok(Some(other.name_any()));
-        }
-    }
-    Ok(None)
+    Ok(older_claim(key, &all.items, ns).map(ResourceExt::name_any))
+}
+
+/// The oldest of `others` (by [`claim_order`]) that claims the provider and alias of `key` and is
+/// older than it: render keeps that one and reports `key` as `DuplicateAlias`, whether or not
+/// the older one's key resolves (a newcomer never takes an alias, not even while the Secret of
+/// the one holding it is missing).
+pub fn older_claim<'a>(
+    key: &ProviderKey,
+    others: &'a [ProviderKey],
+    ns: &str,
+) -> Option<&'a ProviderKey> {
+    others
+        .iter()
+        .filter(|o| {
+            same_alias(o, key)
+                && claim_order(o) < claim_order(key)
+                && claim_problem(o, ns).is_none()
+        })
+        .min_by_key(|o| claim_order(o))
 }
 
 fn same_alias(a: &ProviderKey, b: &ProviderKey) -> bool {
@@ -188,4 +191,59 @@ async fn read_secret(api: &Api<Secret>, ns: &str, name: &str) -> Result<Option<S
         action: format!("reading Secret {ns}/{name}"),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use sidegate_crds::api::{ProviderKeySecretRef, ProviderKeySpec};
+
+    fn key(name: &str, alias: &str, created: i64) -> ProviderKey {
+        let mut pk = ProviderKey::new(
+            name,
+            ProviderKeySpec {
+                provider: "openai".into(),
+                alias: alias.into(),
+                secret_ref: ProviderKeySecretRef {
+                    name: "s".into(),
+                    key: Some("k".into()),
+                },
+                base_url: None,
+                region: None,
+            },
+        );
+        pk.metadata.namespace = Some("team-a".into());
+        pk.metadata.creation_timestamp =
+            Some(Time(Timestamp::from_second(created).expect("valid time")));
+        pk
+    }
+
+    fn shadow<'a>(key: &ProviderKey, all: &'a [ProviderKey]) -> Option<&'a str> {
+        older_claim(key, all, "team-a").map(|k| k.metadata.name.as_deref().unwrap_or_default())
+    }
+
+    #[test]
+    fn an_alias_belongs_to_the_oldest_provider_key_then_the_first_by_name() {
+        let all = [
+            key("openai-main", "default", 100),
+            key("00-evil-default", "default", 200),
+            key("team-b", "team-b", 50),
+            key("openai-twin", "default", 100),
+        ];
+        assert_eq!(shadow(&all[0], &all), None, "the oldest keeps its alias");
+        assert_eq!(shadow(&all[1], &all), Some("openai-main"));
+        assert_eq!(shadow(&all[2], &all), None, "another alias");
+        assert_eq!(
+            shadow(&all[3], &all),
+            Some("openai-main"),
+            "as old: by name"
+        );
+
+        // A ProviderKey that claims nothing (here an invalid baseURL) shadows nothing.
+        let mut invalid = key("aaa", "default", 10);
+        invalid.spec.base_url = Some("http://169.254.169.254/latest".into());
+        let all = [invalid, key("openai-main", "default", 100)];
+        assert_eq!(shadow(&all[1], &all), None);
+    }
 }

@@ -2,8 +2,12 @@
 //! ConfigMap `sidegate-<gw>` (`gateway.yaml`) and Secret `sidegate-<gw>-keys` (key files).
 //!
 //! No I/O here: the reconciler fetches, this module decides. Problems with single keys (missing
-//! Secret, missing key, duplicate alias) do not stop rendering: the other keys are served and the
-//! problems are reported in status.
+//! Secret, missing key, duplicate alias, conflicting baseURL) do not stop rendering: the other
+//! keys are served and the problems are reported in status.
+//!
+//! Conflicts between ProviderKeys are settled as Kubernetes settles such conflicts, the oldest
+//! object winning ([`claim_order`]), so that whoever may only create ProviderKeys cannot take an
+//! alias or a provider's base URL from the keys already there.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,6 +21,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sidegate_crds::api::{AIGateway, ProviderKey};
 use sidegate_crds::config::{CONFIG_FILE_NAME, TOKENS_FILE_NAME};
+use sidegate_crds::policy::ProviderSettings;
 use sidegate_crds::{GatewayConfig, GatewayIdentity, GatewayPolicy, SCHEMA_VERSION};
 
 use crate::validate;
@@ -313,15 +318,44 @@ fn is_header_safe(value: &[u8]) -> bool {
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
 }
 
-/// Whether a ProviderKey in `namespace` would be rendered, its `secret` given (the checks of
-/// [`render`] before duplicates: provider id, alias, baseURL, key).
-pub fn is_usable(key: &ProviderKey, namespace: &str, secret: Option<&Secret>) -> bool {
-    sidegate_crds::provider::is_valid_provider_id(&key.spec.provider)
-        && sidegate_crds::provider::is_valid_alias(&key.spec.alias)
-        && key.spec.base_url.as_ref().is_none_or(|url| {
-            validate::upstream_url(url, namespace, validate::allows_insecure(key)).is_ok()
+/// The order in which ProviderKeys claim a provider/alias and the base URL of a provider, as
+/// Kubernetes resolves such conflicts: the oldest first (`metadata.creationTimestamp`), then by
+/// name. A newcomer never displaces a ProviderKey that was there before it. A key without a
+/// creation time (never stored by an apiserver) comes after those with one.
+pub fn claim_order(key: &ProviderKey) -> impl Ord + use<> {
+    let created = key.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    (created.is_none(), created, key.name_any())
+}
+
+/// Why a ProviderKey in `namespace` claims no key file at all (provider id, alias or baseURL
+/// refused); `None` when it claims `<provider>.<alias>`, whether or not its key resolves.
+pub fn claim_problem(key: &ProviderKey, namespace: &str) -> Option<KeyProblem> {
+    let (provider, alias) = (&key.spec.provider, &key.spec.alias);
+    let problem = |reason, detail: String| {
+        Some(KeyProblem {
+            source: format!("ProviderKey {}", key.name_any()),
+            reason,
+            detail,
         })
-        && resolve_key(key, secret).is_ok()
+    };
+    if !sidegate_crds::provider::is_valid_provider_id(provider) {
+        return problem(
+            "InvalidProvider",
+            format!("provider '{provider}' is not a SPEC.md provider id or custom-<slug>"),
+        );
+    }
+    if !sidegate_crds::provider::is_valid_alias(alias) {
+        return problem(
+            "InvalidAlias",
+            format!("alias '{alias}' must be 1-63 letters, digits, '-' or '_'"),
+        );
+    }
+    if let Some(url) = &key.spec.base_url
+        && let Err(why) = validate::upstream_url(url, namespace, validate::allows_insecure(key))
+    {
+        return problem("InvalidBaseURL", format!("baseURL {why}"));
+    }
+    None
 }
 
 /// The `aws-bedrock.<alias>` key file: JSON credentials the sidecar signs requests with.
@@ -405,65 +439,122 @@ struct ProviderKeyFiles {
     file_source: BTreeMap<String, String>,
     /// `<provider>.<alias>` → the ProviderKey's own `baseURL`.
     file_base_url: BTreeMap<String, Option<String>>,
-    /// Provider → (ProviderKey, baseURL) of the first ProviderKey by name asking for one.
-    base_urls: BTreeMap<String, (String, String)>,
+    /// Provider → the base URL its ProviderKeys set (when [`BaseUrls::Settle`] found one).
+    base_urls: BTreeMap<String, String>,
     problems: Vec<KeyProblem>,
+}
+
+/// How [`resolve_provider_keys`] treats the `baseURL`s of ProviderKeys.
+enum BaseUrls<'a> {
+    /// A full render: settled against the gateway's own `spec.providers`.
+    ///
+    /// A key goes only to the base URL its ProviderKey names, or, naming none, to the provider's
+    /// default: a ProviderKey never redirects the keys of another. The gateway's
+    /// `providers.<id>.baseURL` wins and takes the keys that name no baseURL (whoever writes the
+    /// gateway chooses where its keys go); without one, the oldest ProviderKey of the provider
+    /// sets its base URL (none: the default) and the keys of those that disagree are withheld
+    /// (`BaseURLConflict`).
+    Settle(&'a BTreeMap<String, ProviderSettings>),
+    /// A keys-only render: the caller checks each key against the config in use.
+    AsRequested,
+}
+
+/// `url`, or what its absence means, for messages.
+fn describe_base_url(url: Option<&str>) -> String {
+    url.map_or_else(
+        || "no baseURL (the provider's default)".to_owned(),
+        |u| format!("baseURL {u}"),
+    )
 }
 
 fn resolve_provider_keys(
     namespace: &str,
     keys: &[ProviderKey],
     secrets: &BTreeMap<String, Secret>,
+    base_urls: BaseUrls<'_>,
 ) -> ProviderKeyFiles {
     let mut problems = Vec::new();
-    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut key_index: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    // Which ProviderKey supplied each file, and the base URLs ProviderKeys ask for.
-    let mut file_source: BTreeMap<String, String> = BTreeMap::new();
-    let mut file_base_url: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut base_urls: BTreeMap<String, (String, String)> = BTreeMap::new();
-
+    let problem = |key: &ProviderKey, reason, detail: String| KeyProblem {
+        source: format!("ProviderKey {}", key.name_any()),
+        reason,
+        detail,
+    };
     let mut sorted: Vec<&ProviderKey> = keys.iter().collect();
-    sorted.sort_by_key(|k| k.name_any());
+    sorted.sort_by_key(|k| claim_order(k));
+
+    // Claims: each valid ProviderKey takes its provider/alias unless an older one has it.
+    let mut claims: Vec<&ProviderKey> = Vec::new();
+    let mut claimed_by: BTreeMap<String, String> = BTreeMap::new();
     for key in sorted {
-        let pk_name = key.name_any();
-        let provider = &key.spec.provider;
-        let alias = &key.spec.alias;
-        let problem = |reason, detail: String| KeyProblem {
-            source: format!("ProviderKey {pk_name}"),
-            reason,
-            detail,
-        };
-        if !sidegate_crds::provider::is_valid_provider_id(provider) {
-            problems.push(problem(
-                "InvalidProvider",
-                format!("provider '{provider}' is not a SPEC.md provider id or custom-<slug>"),
-            ));
+        if let Some(p) = claim_problem(key, namespace) {
+            problems.push(p);
             continue;
         }
-        if !sidegate_crds::provider::is_valid_alias(alias) {
-            problems.push(problem(
-                "InvalidAlias",
-                format!("alias '{alias}' must be 1-63 letters, digits, '-' or '_'"),
-            ));
-            continue;
-        }
-        if let Some(url) = &key.spec.base_url
-            && let Err(why) = validate::upstream_url(url, namespace, validate::allows_insecure(key))
-        {
-            problems.push(problem("InvalidBaseURL", format!("baseURL {why}")));
-            continue;
-        }
+        let (provider, alias) = (&key.spec.provider, &key.spec.alias);
         let file = format!("{provider}.{alias}");
-        if let Some(first) = file_source.get(&file) {
+        if let Some(first) = claimed_by.get(&file) {
             problems.push(problem(
+                key,
                 "DuplicateAlias",
                 format!(
-                    "{provider}/{alias} is also provided by ProviderKey {first}, which is used"
+                    "{provider}/{alias} is also provided by ProviderKey {first}, which is older (or as old and first by name) and is used"
                 ),
             ));
             continue;
         }
+        claimed_by.insert(file, key.name_any());
+        claims.push(key);
+    }
+
+    // Base URLs: see [`BaseUrls::Settle`]. Claims are in age order, so the first of a provider
+    // is its oldest.
+    let mut provider_urls: BTreeMap<String, (String, Option<String>)> = BTreeMap::new();
+    if let BaseUrls::Settle(gateway) = base_urls {
+        claims.retain(|key| {
+            let provider = &key.spec.provider;
+            let wanted = key.spec.base_url.as_deref();
+            if let Some(set) = gateway.get(provider).and_then(|s| s.base_url.as_deref()) {
+                if wanted.is_none_or(|w| w == set) {
+                    return true;
+                }
+                problems.push(problem(
+                    key,
+                    "BaseURLConflict",
+                    format!(
+                        "{} is not {set}, which the AIGateway sets for {provider} (spec.providers.{provider}.baseURL); the key is not served",
+                        describe_base_url(wanted)
+                    ),
+                ));
+                return false;
+            }
+            let (oldest, url) = provider_urls
+                .entry(provider.clone())
+                .or_insert_with(|| (key.name_any(), key.spec.base_url.clone()));
+            if url.as_deref() == wanted {
+                return true;
+            }
+            problems.push(problem(
+                key,
+                "BaseURLConflict",
+                format!(
+                    "{} differs from {} of ProviderKey {oldest}, which is older and decides where this gateway sends {provider} keys; the key is not served (ProviderKeys of one provider must agree on baseURL)",
+                    describe_base_url(wanted),
+                    describe_base_url(url.as_deref()),
+                ),
+            ));
+            false
+        });
+    }
+    let base_urls = provider_urls
+        .into_iter()
+        .filter_map(|(provider, (_, url))| Some((provider, url?)))
+        .collect();
+
+    let mut files: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut key_index: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut file_source: BTreeMap<String, String> = BTreeMap::new();
+    let mut file_base_url: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for key in claims {
         let material = match resolve_key(key, secrets.get(&key.spec.secret_ref.name)) {
             Ok(m) => m,
             Err(p) => {
@@ -471,22 +562,10 @@ fn resolve_provider_keys(
                 continue;
             }
         };
-        if let Some(url) = &key.spec.base_url {
-            match base_urls.get(provider) {
-                Some((other_pk, other)) if other != url => problems.push(problem(
-                    "ConflictingBaseURL",
-                    format!(
-                        "baseURL {url} differs from {other} of ProviderKey {other_pk} for provider {provider}; {other} is used"
-                    ),
-                )),
-                Some(_) => {}
-                None => {
-                    base_urls.insert(provider.clone(), (pk_name.clone(), url.clone()));
-                }
-            }
-        }
+        let (provider, alias) = (&key.spec.provider, &key.spec.alias);
+        let file = format!("{provider}.{alias}");
         files.insert(file.clone(), material.0);
-        file_source.insert(file.clone(), pk_name.clone());
+        file_source.insert(file.clone(), key.name_any());
         file_base_url.insert(file, key.spec.base_url.clone());
         key_index
             .entry(provider.clone())
@@ -543,7 +622,12 @@ pub fn render(
         base_urls,
         mut problems,
         ..
-    } = resolve_provider_keys(&namespace, keys, secrets);
+    } = resolve_provider_keys(
+        &namespace,
+        keys,
+        secrets,
+        BaseUrls::Settle(&gateway.spec.policy.providers),
+    );
 
     // The policy as the sidecar sees it: Kubernetes references resolved into key files.
     let mut policy = gateway.spec.policy.clone();
@@ -567,12 +651,9 @@ pub fn render(
             Err(p) => problems.push(p),
         }
     }
-    for (provider, (_, url)) in base_urls {
-        let settings = policy.providers.entry(provider).or_default();
-        // The gateway's own override wins over a ProviderKey's.
-        if settings.base_url.is_none() {
-            settings.base_url = Some(url);
-        }
+    // Only providers the gateway sets no base URL for have one from their ProviderKeys.
+    for (provider, url) in base_urls {
+        policy.providers.entry(provider).or_default().base_url = Some(url);
     }
     let mut key_index = key_index;
     drop_unconfigured_providers(
@@ -649,7 +730,7 @@ pub fn render_keys_only(
     salt: &HashSalt,
 ) -> Result<Rendered, RenderError> {
     let (name, namespace, uid) = gateway_meta(gateway)?;
-    let resolved = resolve_provider_keys(&namespace, keys, secrets);
+    let resolved = resolve_provider_keys(&namespace, keys, secrets, BaseUrls::AsRequested);
     let mut problems = resolved.problems;
     let mut files = BTreeMap::new();
     let mut key_index: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -1091,19 +1172,200 @@ mod tests {
         assert!(file(&r, "openai.default").is_some());
     }
 
+    /// `k` as created by the apiserver `secs` seconds after the epoch.
+    fn created(mut k: ProviderKey, secs: i64) -> ProviderKey {
+        let at = k8s_openapi::jiff::Timestamp::from_second(secs).expect("valid time");
+        k.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+        k
+    }
+
+    fn with_base_url(mut k: ProviderKey, url: &str) -> ProviderKey {
+        k.spec.base_url = Some(url.into());
+        k
+    }
+
+    fn problems_of(r: &Rendered) -> Vec<(&str, &str)> {
+        r.problems
+            .iter()
+            .map(|p| (p.source.as_str(), p.reason))
+            .collect()
+    }
+
+    fn provider_base_url(r: &Rendered, provider: &str) -> Option<String> {
+        kept(r).spec.providers.get(provider)?.base_url.clone()
+    }
+
     #[test]
-    fn a_second_key_for_the_same_alias_is_reported_and_the_first_by_name_wins() {
+    fn the_oldest_provider_key_keeps_its_alias_and_a_newer_one_is_a_duplicate() {
+        let secrets = BTreeMap::from([
+            secret("llm", &[("openai", "sk-real")]),
+            secret("db", &[("password", "hunter2")]),
+        ]);
+        // A newcomer whose name sorts first points the team's default alias at another Secret.
+        let keys = [
+            created(
+                key("openai-main", "openai", "default", "llm", "openai"),
+                100,
+            ),
+            created(
+                key("00-evil-default", "openai", "default", "db", "password"),
+                200,
+            ),
+        ];
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        assert_eq!(file(&r, "openai.default"), Some(&b"sk-real"[..]));
+        assert_eq!(
+            problems_of(&r),
+            [("ProviderKey 00-evil-default", "DuplicateAlias")]
+        );
+        assert!(
+            r.problems[0]
+                .detail
+                .contains("ProviderKey openai-main, which is older"),
+            "{}",
+            r.problems[0]
+        );
+
+        // The older one keeps the alias while its own Secret is missing: nothing is served for
+        // it then, rather than the newcomer's key.
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &BTreeMap::from([secret("db", &[("password", "hunter2")])]),
+            &salt(),
+        )
+        .expect("renders");
+        assert_eq!(file(&r, "openai.default"), None);
+        assert_eq!(
+            problems_of(&r),
+            [
+                ("ProviderKey 00-evil-default", "DuplicateAlias"),
+                ("ProviderKey openai-main", "SecretNotFound"),
+            ]
+        );
+
+        // As old as each other (creation times have whole seconds), the first by name wins.
         let secrets = BTreeMap::from([secret("s", &[("a", "one"), ("b", "two")])]);
         let keys = [
-            key("zeta", "openai", "default", "s", "b"),
-            key("alpha", "openai", "default", "s", "a"),
+            created(key("zeta", "openai", "default", "s", "b"), 100),
+            created(key("alpha", "openai", "default", "s", "a"), 100),
         ];
         let r =
             render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
         assert_eq!(file(&r, "openai.default"), Some(&b"one"[..]));
-        assert_eq!(r.problems.len(), 1);
-        assert_eq!(r.problems[0].reason, "DuplicateAlias");
-        assert!(r.problems[0].to_string().contains("ProviderKey zeta"));
+        assert_eq!(problems_of(&r), [("ProviderKey zeta", "DuplicateAlias")]);
+    }
+
+    #[test]
+    fn a_provider_key_base_url_never_redirects_the_keys_of_other_provider_keys() {
+        let secrets = BTreeMap::from([secret("s", &[("real", "sk-real"), ("own", "sk-own")])]);
+        // A newcomer with an alias of its own asks for a base URL for the whole provider.
+        let keys = [
+            created(key("openai-main", "openai", "default", "s", "real"), 100),
+            created(
+                with_base_url(
+                    key("0-evil", "openai", "evil", "s", "own"),
+                    "https://attacker.example/v1",
+                ),
+                200,
+            ),
+        ];
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        assert_eq!(provider_base_url(&r, "openai"), None, "the default stays");
+        assert_eq!(file(&r, "openai.default"), Some(&b"sk-real"[..]));
+        assert_eq!(file(&r, "openai.evil"), None);
+        assert_eq!(problems_of(&r), [("ProviderKey 0-evil", "BaseURLConflict")]);
+        assert_eq!(
+            r.problems[0].detail,
+            "baseURL https://attacker.example/v1 differs from no baseURL (the provider's default) of ProviderKey openai-main, which is older and decides where this gateway sends openai keys; the key is not served (ProviderKeys of one provider must agree on baseURL)"
+        );
+
+        // The other way round: the oldest asks for a proxy, which holds; a newer key naming no
+        // baseURL is not sent there, one naming the same proxy is.
+        let proxy = "https://proxy.example.com/v1";
+        let keys = [
+            created(
+                with_base_url(key("a-proxy", "openai", "default", "s", "real"), proxy),
+                100,
+            ),
+            created(key("b-plain", "openai", "b", "s", "own"), 200),
+            created(
+                with_base_url(key("c-same", "openai", "c", "s", "own"), proxy),
+                300,
+            ),
+        ];
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        assert_eq!(provider_base_url(&r, "openai").as_deref(), Some(proxy));
+        assert_eq!(r.key_index["openai"], ["c", "default"]);
+        assert_eq!(
+            problems_of(&r),
+            [("ProviderKey b-plain", "BaseURLConflict")]
+        );
+
+        // Only claims count: the baseURL of a duplicate decides nothing and conflicts with
+        // nothing (it is reported as the duplicate it is).
+        let keys = [
+            created(key("openai-main", "openai", "default", "s", "real"), 100),
+            created(key("b", "openai", "b", "s", "own"), 200),
+            created(
+                with_base_url(
+                    key("0-dup", "openai", "default", "s", "own"),
+                    "https://attacker.example/v1",
+                ),
+                300,
+            ),
+        ];
+        let r =
+            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        assert_eq!(provider_base_url(&r, "openai"), None);
+        assert_eq!(r.key_index["openai"], ["b", "default"]);
+        assert_eq!(problems_of(&r), [("ProviderKey 0-dup", "DuplicateAlias")]);
+    }
+
+    #[test]
+    fn the_gateway_base_url_wins_and_takes_only_keys_that_name_none_or_the_same() {
+        let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
+        let set = "https://gateway.example.com/v1";
+        let mut gw = gateway(GatewayPolicy::default());
+        gw.spec.policy.providers.insert(
+            "openai".into(),
+            ProviderSettings {
+                base_url: Some(set.into()),
+                ..ProviderSettings::default()
+            },
+        );
+        let keys = [
+            created(
+                with_base_url(
+                    key("a-other", "openai", "a", "s", "k"),
+                    "https://other.example/v1",
+                ),
+                100,
+            ),
+            created(key("b-none", "openai", "b", "s", "k"), 200),
+            created(
+                with_base_url(key("c-same", "openai", "c", "s", "k"), set),
+                300,
+            ),
+        ];
+        let r = render(&gw, &keys, &secrets, &salt()).expect("renders");
+        assert_eq!(provider_base_url(&r, "openai").as_deref(), Some(set));
+        assert_eq!(r.key_index["openai"], ["b", "c"]);
+        assert_eq!(
+            problems_of(&r),
+            [("ProviderKey a-other", "BaseURLConflict")]
+        );
+        assert!(
+            r.problems[0]
+                .detail
+                .contains("spec.providers.openai.baseURL"),
+            "{}",
+            r.problems[0]
+        );
     }
 
     #[test]

@@ -374,7 +374,7 @@ pub struct KeyObservation<'a> {
     /// Why its baseURL is refused, if it is.
     pub base_url_problem: Option<&'a str>,
     /// The ProviderKey whose key a gateway selecting both serves instead (same provider and
-    /// alias, first by name, usable).
+    /// alias, older, valid).
     pub shadowed_by: Option<&'a str>,
 }
 
@@ -419,7 +419,7 @@ pub fn provider_key_status(
             false,
             "DuplicateAlias",
             format!(
-                "{provider}/{alias} is also provided by ProviderKey {first}, which comes first by name: gateways that select both serve its key, not this one"
+                "{provider}/{alias} is also provided by ProviderKey {first}, which is older (or as old and first by name): gateways that select both serve its key, not this one"
             ),
         ),
         (true, None, None) => Cond::new(

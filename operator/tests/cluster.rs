@@ -835,6 +835,130 @@ async fn the_losing_provider_key_of_a_duplicate_alias_is_not_ready_until_the_fir
     ns.delete().await;
 }
 
+/// Waits until the apiserver's clock (the machine's: it runs on loopback) is past the second of
+/// `created`, so that objects created next are younger than it: creation times have whole
+/// seconds, and objects of the same second are ordered by name.
+async fn until_after_creation_second_of(
+    created: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) {
+    while k8s_openapi::jiff::Timestamp::now().as_second() <= created.0.as_second() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_older_provider_key_keeps_its_alias_and_base_url_when_a_newer_one_tries_to_take_them() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "hijack").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    create(&secrets, &secret("llm-keys", &[("openai", "sk-real")])).await;
+    create(&secrets, &secret("db", &[("password", "hunter2")])).await;
+    create(&secrets, &secret("mine", &[("key", "sk-newcomer")])).await;
+    let real = create(
+        &keys,
+        &provider_key("openai-main", "openai", "default", "llm-keys", "openai"),
+    )
+    .await;
+    create(&gateways, &gateway("main", json!({}))).await;
+    wait_ready(&gateways, "main").await;
+
+    // Newcomers whose names sort first: one takes the default alias for another Secret of the
+    // namespace, one asks for a base URL for its own alias.
+    until_after_creation_second_of(real.metadata.creation_timestamp.as_ref().expect("created"))
+        .await;
+    let mut redirect = provider_key("0-evil", "openai", "evil", "mine", "key");
+    redirect.spec.base_url = Some("https://attacker.example/v1".into());
+    create(&keys, &redirect).await;
+    create(
+        &keys,
+        &provider_key("00-evil-default", "openai", "default", "db", "password"),
+    )
+    .await;
+
+    // A reconcile that saw the second newcomer (and so the first) reports the duplicate alias,
+    // whichever ProviderKey lost it; what it rendered is written before its status.
+    let gw = eventually("the duplicate alias reported", WAIT, || async {
+        let gw = gateways.get("main").await.ok()?;
+        let (_, _, message) = condition(&gw, "KeysResolved")?;
+        message.contains("is also provided by").then_some(gw)
+    })
+    .await;
+    let keys_secret = secrets
+        .get("sidegate-main-keys")
+        .await
+        .expect("keys Secret");
+    assert_eq!(
+        secret_value(&keys_secret, "openai.default").as_deref(),
+        Some("sk-real"),
+        "the older ProviderKey keeps its alias"
+    );
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), &ns.name)
+        .get("sidegate-main")
+        .await
+        .expect("ConfigMap");
+    let config: sidegate_crds::GatewayConfig =
+        serde_saphyr::from_str(&cm.data.expect("data")["gateway.yaml"]).expect("parses");
+    assert_eq!(
+        config
+            .spec
+            .providers
+            .get("openai")
+            .and_then(|p| p.base_url.clone()),
+        None,
+        "openai keys still go to the provider's default URL"
+    );
+    assert_eq!(config.keys["openai"], ["default"]);
+    assert_eq!(
+        secret_value(&keys_secret, "openai.evil"),
+        None,
+        "the newcomer disagreeing on baseURL is withheld"
+    );
+    let (status, reason, message) = condition(&gw, "KeysResolved").expect("KeysResolved");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "DuplicateAlias")
+    );
+    assert!(
+        message.contains("ProviderKey 00-evil-default: openai/default is also provided by ProviderKey openai-main")
+            && message.contains("ProviderKey 0-evil: baseURL https://attacker.example/v1 differs from"),
+        "{message}"
+    );
+    let note = eventually("a DuplicateAlias Event", WAIT, || {
+        has_event(&client, &ns.name, "DuplicateAlias", "Warning")
+    })
+    .await;
+    assert!(note.contains("ProviderKey openai-main"), "{note}");
+
+    // The ProviderKeys say the same: the newcomer lost its alias to the older one.
+    let ready = |name: &'static str| {
+        let keys = keys.clone();
+        async move {
+            let pk = keys.get(name).await.ok()?;
+            pk.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "Ready")
+                .map(|c| (c.status, c.reason, c.message))
+        }
+    };
+    let (_, reason, message) = eventually("00-evil-default not Ready", WAIT, || async {
+        ready("00-evil-default").await.filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "DuplicateAlias");
+    assert!(message.contains("ProviderKey openai-main"), "{message}");
+    eventually("openai-main Ready", WAIT, || async {
+        ready("openai-main").await.filter(|c| c.0 == "True")
+    })
+    .await;
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
     let Some(client) = cluster_client().await else {
