@@ -36,6 +36,7 @@ pub const ALLOW_INSECURE_UPSTREAM_ANNOTATION: &str = "sidegate.dev/allow-insecur
     printcolumn = r#"{"name":"Provider", "type":"string", "jsonPath":".spec.provider"}"#,
     printcolumn = r#"{"name":"Alias", "type":"string", "jsonPath":".spec.alias"}"#,
     printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].reason", "description":"Why the resource is (not) ready"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -131,6 +132,7 @@ pub struct ProviderKeyStatus {
     validation = kube::core::Rule::new("size(self.metadata.name) <= 63")
         .message("AIGateway names are at most 63 characters (the name is the sidegate.dev/gateway label value of the ConfigMap and Secret it owns)"),
     printcolumn = r#"{"name":"Ready", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason", "type":"string", "jsonPath":".status.conditions[?(@.type==\"Ready\")].reason", "description":"Why the resource is (not) ready"}"#,
     printcolumn = r#"{"name":"Keys", "type":"integer", "jsonPath":".status.keyCount", "description":"Provider keys rendered into the gateway"}"#,
     printcolumn = r#"{"name":"Hash", "type":"string", "jsonPath":".status.configHash", "description":"Content hash of the rendered config and keys"}"#,
     printcolumn = r#"{"name":"Age", "type":"date", "jsonPath":".metadata.creationTimestamp"}"#

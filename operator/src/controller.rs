@@ -24,6 +24,8 @@ use crate::metrics::Metrics;
 use crate::render::{self, FIELD_MANAGER};
 use crate::status::{self, GatewayObservation, RenderSummary};
 use crate::validate;
+use crate::webhook::images::AllowedImages;
+use crate::webhook::inject::DEFAULT_SIDECAR_IMAGE;
 
 /// Name of this controller in metrics and Events.
 pub const CONTROLLER: &str = "aigateway";
@@ -120,6 +122,8 @@ pub struct Context {
     pub failures: Mutex<HashMap<ObjectRef<AIGateway>, u32>>,
     /// Requeue period of a healthy gateway (catches anything a watch missed).
     pub resync: Duration,
+    /// Sidecar images the webhook injects, so a gateway naming another one says so in status.
+    pub sidecar_images: AllowedImages,
 }
 
 impl Context {
@@ -136,6 +140,7 @@ impl Context {
             deps: Arc::default(),
             failures: Mutex::default(),
             resync: Duration::from_secs(300),
+            sidecar_images: AllowedImages::repository_of(DEFAULT_SIDECAR_IMAGE),
         }
     }
 }
@@ -203,6 +208,7 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
         selected_keys: keys.len(),
         rendered: None,
         failure: None,
+        sidecar_image_refused: refused_sidecar_image(gw, &ctx.sidecar_images),
     };
     let outcome = render_and_apply(ctx, gw, &ns, &obs.spec_problems, &keys, &secrets).await;
     match &outcome {
@@ -262,6 +268,16 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
     // A failure is retried with backoff, its status written first.
     outcome?;
     Ok(Action::requeue(ctx.resync))
+}
+
+/// Why the webhook will not inject the sidecar image `gw` names, if it will not.
+fn refused_sidecar_image(gw: &AIGateway, allowed: &AllowedImages) -> Option<String> {
+    let image = gw.spec.sidecar.as_ref()?.image.as_deref()?;
+    (!allowed.allows(image)).then(|| {
+        format!(
+            "spec.sidecar.image {image:?} is not an image this operator injects (allowed: {allowed}; operator flag --allowed-sidecar-images): pods naming this gateway are created without the sidecar"
+        )
+    })
 }
 
 /// Renders the gateway's objects and writes those that changed. With a valid spec that is the

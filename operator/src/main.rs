@@ -137,6 +137,8 @@ fn error_text(e: &anyhow::Error) -> String {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Checked before anything starts (the webhook reads the same flags).
+    let sidecar_images = args.webhook.allowed_images()?;
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(AdminState {
         ready: Default::default(),
@@ -183,6 +185,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("sidegate-operator-{}", std::process::id()));
     let ctx = Arc::new(Context {
         resync: Duration::from_secs(args.resync_secs.max(10)),
+        sidecar_images,
         ..Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
     });
     let controllers = async {

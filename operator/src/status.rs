@@ -28,6 +28,8 @@ pub struct GatewayObservation {
     pub rendered: Option<RenderSummary>,
     /// Why the rendered objects could not be written, if they could not.
     pub failure: Option<Failure>,
+    /// Why the webhook does not inject the sidecar image the gateway names, if it does not.
+    pub sidecar_image_refused: Option<String>,
 }
 
 /// A reconcile that could not write the rendered objects. Never holds key values.
@@ -185,6 +187,13 @@ pub fn gateway_conditions(obs: &GatewayObservation) -> Vec<Cond> {
         ),
     };
     let ready = match (rendered.ok, keys.ok) {
+        // No pod gets the sidecar at all: the first thing to fix.
+        _ if obs.sidecar_image_refused.is_some() => Cond::new(
+            conditions::READY,
+            false,
+            "SidecarImageNotAllowed",
+            obs.sidecar_image_refused.clone().unwrap_or_default(),
+        ),
         (true, true) => Cond::new(
             conditions::READY,
             true,
@@ -347,6 +356,17 @@ pub fn gateway_transitions(
             } else {
                 c.reason.clone()
             },
+            note: c.message,
+        });
+    }
+    // Ready's own reasons (the others are the events above).
+    if let Some(c) = changed(conditions::READY)
+        && c.status == "False"
+        && c.reason == "SidecarImageNotAllowed"
+    {
+        out.push(Transition {
+            warning: true,
+            reason: c.reason.clone(),
             note: c.message,
         });
     }
@@ -521,6 +541,37 @@ mod tests {
     }
 
     #[test]
+    fn a_sidecar_image_the_operator_does_not_inject_makes_ready_false_with_a_warning() {
+        let ok = GatewayObservation {
+            generation: Some(1),
+            selected_keys: 1,
+            rendered: Some(rendered(vec![], 1)),
+            ..GatewayObservation::default()
+        };
+        let first = gateway_status(None, &ok, &at(100));
+        let refused = GatewayObservation {
+            generation: Some(2),
+            sidecar_image_refused: Some("spec.sidecar.image \"evil:1\" is not allowed".into()),
+            ..ok.clone()
+        };
+        let s = gateway_status(Some(&first), &refused, &at(200));
+        let ready = cond(&s, conditions::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "SidecarImageNotAllowed")
+        );
+        assert!(ready.message.contains("evil:1"), "{}", ready.message);
+        assert_eq!(cond(&s, conditions::CONFIG_RENDERED).status, "True");
+        assert_eq!(cond(&s, conditions::KEYS_RESOLVED).status, "True");
+        let t = gateway_transitions(Some(&first), &s);
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert!(t[0].warning && t[0].reason == "SidecarImageNotAllowed");
+        // Once only.
+        let again = gateway_status(Some(&s), &refused, &at(300));
+        assert!(gateway_transitions(Some(&s), &again).is_empty());
+    }
+
+    #[test]
     fn an_invalid_spec_keeps_the_last_rendered_hash() {
         let good = gateway_status(
             None,
@@ -688,6 +739,7 @@ mod tests {
                 selected_keys: 0,
                 rendered: Some(keys_only),
                 failure: None,
+                sidecar_image_refused: None,
             },
             &at(200),
         );

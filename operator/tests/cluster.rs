@@ -278,7 +278,9 @@ async fn the_hash_salt_is_kept_across_reconciles_and_a_deleted_one_is_replaced()
         .patch(
             "gw",
             &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"sidecar": {"image": "example.com/sidegate:other"}}})),
+            &Patch::Merge(
+                json!({"spec": {"sidecar": {"image": "ghcr.io/sidegate/sidegate:other"}}}),
+            ),
         )
         .await
         .expect("patching the sidecar image");
@@ -832,6 +834,59 @@ async fn the_losing_provider_key_of_a_duplicate_alias_is_not_ready_until_the_fir
         ready("openai-b").await.filter(|c| c.0 == "True")
     })
     .await;
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_gateway_naming_a_sidecar_image_the_operator_does_not_inject_says_so_in_ready() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "image").await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    create(
+        &gateways,
+        &gateway(
+            "gw",
+            json!({"sidecar": {"image": "attacker.example/sidegate:1"}}),
+        ),
+    )
+    .await;
+    let (_, reason, message) = eventually("Ready False", WAIT, || async {
+        let gw = gateways.get("gw").await.ok()?;
+        condition(&gw, "Ready").filter(|c| c.0 == "False")
+    })
+    .await;
+    assert_eq!(reason, "SidecarImageNotAllowed");
+    assert!(
+        message.contains("attacker.example/sidegate:1")
+            && message.contains("--allowed-sidecar-images"),
+        "{message}"
+    );
+    let note = eventually("a SidecarImageNotAllowed Event", WAIT, || {
+        has_event(&client, &ns.name, "SidecarImageNotAllowed", "Warning")
+    })
+    .await;
+    assert!(note.contains("attacker.example/sidegate:1"), "{note}");
+
+    // The config is rendered all the same; another tag of the operator's image is fine.
+    let gw = gateways.get("gw").await.expect("gateway");
+    assert_eq!(
+        condition(&gw, "ConfigRendered").map(|c| c.0).as_deref(),
+        Some("True")
+    );
+    gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"sidecar": {"image": "ghcr.io/sidegate/sidegate:other"}}}),
+            ),
+        )
+        .await
+        .expect("patching the sidecar image");
+    wait_ready(&gateways, "gw").await;
     ns.delete().await;
 }
 

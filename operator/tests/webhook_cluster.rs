@@ -91,6 +91,7 @@ fn args(port: u16, config_name: &str) -> WebhookArgs {
         cert_validity_days: 365,
         sidecar_image: "registry.local/sidegate:test".into(),
         sidecar_image_pull_policy: Some("Never".into()),
+        allowed_sidecar_images: vec![],
         sidecar_resources: None,
         exclude_namespaces: vec![],
     }
@@ -158,6 +159,24 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
     create(
         &gateways,
         &gateway("plain", json!({"sidecar": {"nativeSidecar": false}})),
+    )
+    .await;
+    // Sidecar images named by gateways: another tag of the operator's repository, and one the
+    // operator does not allow (--allowed-sidecar-images defaults to its own repository).
+    create(
+        &gateways,
+        &gateway(
+            "retagged",
+            json!({"sidecar": {"image": "registry.local/sidegate:other"}}),
+        ),
+    )
+    .await;
+    create(
+        &gateways,
+        &gateway(
+            "foreign",
+            json!({"sidecar": {"image": "attacker.example/sidegate:1"}}),
+        ),
     )
     .await;
 
@@ -250,7 +269,20 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
         .expect("create");
     assert_eq!(sidecar_of(&plain).map(|(k, _)| k), Some("container"));
 
-    // Left alone: no annotation, opted out, unknown gateway (created all the same).
+    let retagged = pods
+        .create(
+            &PostParams::default(),
+            &pod("retagged-sidecar", &[("sidegate.dev/gateway", "retagged")]),
+        )
+        .await
+        .expect("create");
+    assert_eq!(
+        sidecar_of(&retagged).and_then(|(_, c)| c.image.as_deref()),
+        Some("registry.local/sidegate:other")
+    );
+
+    // Left alone: no annotation, opted out, unknown gateway, a gateway naming a sidecar image
+    // the operator does not allow (created all the same).
     for (name, annotations) in [
         ("no-annotation", vec![]),
         (
@@ -261,6 +293,7 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
             ],
         ),
         ("unknown-gateway", vec![("sidegate.dev/gateway", "nope")]),
+        ("foreign-image", vec![("sidegate.dev/gateway", "foreign")]),
     ] {
         let created = pods
             .create(&PostParams::default(), &pod(name, &annotations))
@@ -310,6 +343,23 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
     );
     assert_eq!(state.metrics.admissions("skipped"), 1);
     assert_eq!(state.metrics.admissions("injected"), 0);
+
+    // So is the pod of the gateway naming a foreign image, with the reason.
+    let mut review = review;
+    review["request"]["object"] =
+        serde_json::to_value(pod("y", &[("sidegate.dev/gateway", "foreign")])).expect("json");
+    let answer = webhook::review(&state, review.to_string().as_bytes()).await;
+    let response = answer.response.expect("response");
+    assert!(response.allowed);
+    assert!(response.patch.is_none());
+    let warnings = response.warnings.unwrap_or_default();
+    assert!(
+        warnings.iter().any(|w| w.contains(
+            "AIGateway foreign asks for sidecar image \"attacker.example/sidegate:1\", which this operator does not inject"
+        )),
+        "{warnings:?}"
+    );
+    assert_eq!(state.metrics.admissions("error"), 1);
 
     unregister(&client, &config_name).await;
     apps.delete().await;

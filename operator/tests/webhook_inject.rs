@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use sidegate_crds::api::SidecarSettings;
+use sidegate_operator::webhook::images::AllowedImages;
 use sidegate_operator::webhook::inject::{
     self, InjectConfig, InjectSettings, Injection, PLACEHOLDER_API_KEY, Skip,
 };
@@ -23,12 +24,22 @@ fn assert_golden(name: &str, actual: &str) {
     golden_file::assert_golden("inject", name, actual);
 }
 
+/// The operator's defaults, plus a second sidecar repository some tests' gateways name.
 fn config() -> InjectConfig {
-    InjectConfig::new(
+    let mut config = InjectConfig::new(
         "ghcr.io/sidegate/sidegate:0.1.0",
         "0.1.0",
         "sidegate-system",
+    );
+    config.allowed_images = AllowedImages::new(
+        &[
+            "ghcr.io/sidegate/sidegate".into(),
+            "registry.local/sidegate".into(),
+        ],
+        &config.image,
     )
+    .expect("valid entries");
+    config
 }
 
 fn run(pod: &Pod, namespace: &str, sidecar: &SidecarSettings) -> Option<Injection> {
@@ -445,4 +456,74 @@ fn a_host_network_pod_is_refused() {
     assert!(err.to_string().contains("hostNetwork"), "{err}");
     pod.spec.as_mut().expect("spec").host_network = Some(false);
     assert!(refusal(&pod, &SidecarSettings::default()).is_none());
+}
+
+#[test]
+fn a_gateway_naming_a_sidecar_image_the_operator_does_not_allow_gets_no_sidecar() {
+    // The operator's defaults: only the repository of its own sidecar image.
+    let config = InjectConfig::new(
+        "ghcr.io/sidegate/sidegate:0.1.0",
+        "0.1.0",
+        "sidegate-system",
+    );
+    let pod = fixture("plain.yaml");
+    let with_image = |image: &str| SidecarSettings {
+        image: Some(image.into()),
+        ..SidecarSettings::default()
+    };
+    let injected_image = |sidecar: &SidecarSettings| {
+        let injection = inject::inject(
+            &pod,
+            &InjectSettings {
+                config: &config,
+                namespace: "team-a",
+                sidecar,
+            },
+        )?
+        .expect("annotated pod");
+        let mut doc = serde_json::to_value(&pod).expect("pod serializes");
+        json_patch::patch(&mut doc, &injection.patch).expect("patch applies");
+        let patched: Pod = serde_json::from_value(doc).expect("a Pod");
+        Ok::<_, inject::InjectError>(
+            patched.spec.expect("spec").init_containers.expect("init")[0]
+                .image
+                .clone(),
+        )
+    };
+
+    let err = injected_image(&with_image("attacker.example/sidegate:1"))
+        .expect_err("a foreign image is refused");
+    assert_eq!(
+        err.to_string(),
+        "AIGateway main asks for sidecar image \"attacker.example/sidegate:1\", which this operator does not inject (allowed: ghcr.io/sidegate/sidegate (any tag or digest); operator flag --allowed-sidecar-images)"
+    );
+    for lookalike in [
+        "ghcr.io/sidegate/sidegate-debug:0.1.0",
+        "ghcr.io/sidegate/sidegate/shell:0.1.0",
+    ] {
+        assert!(
+            matches!(
+                injected_image(&with_image(lookalike)),
+                Err(inject::InjectError::ImageNotAllowed { .. })
+            ),
+            "{lookalike}"
+        );
+    }
+
+    // Another tag or a digest of the operator's repository is injected as named.
+    let digest = format!("ghcr.io/sidegate/sidegate@sha256:{}", "0".repeat(64));
+    for allowed in ["ghcr.io/sidegate/sidegate:0.2.0", digest.as_str()] {
+        assert_eq!(
+            injected_image(&with_image(allowed))
+                .expect("allowed")
+                .as_deref(),
+            Some(allowed)
+        );
+    }
+    assert_eq!(
+        injected_image(&SidecarSettings::default())
+            .expect("the default")
+            .as_deref(),
+        Some("ghcr.io/sidegate/sidegate:0.1.0")
+    );
 }

@@ -19,7 +19,12 @@ use serde::Serialize;
 use sidegate_crds::api::SidecarSettings;
 use sidegate_crds::config::CONFIG_FILE_NAME;
 
+use super::images::AllowedImages;
 use crate::render::{config_map_name, keys_secret_name};
+
+/// Sidecar image injected when neither the operator's flags nor the AIGateway name one.
+pub const DEFAULT_SIDECAR_IMAGE: &str =
+    concat!("ghcr.io/sidegate/sidegate:", env!("CARGO_PKG_VERSION"));
 
 /// Pod annotation naming the AIGateway (same namespace) whose sidecar the pod gets.
 pub const GATEWAY_ANNOTATION: &str = "sidegate.dev/gateway";
@@ -82,19 +87,24 @@ pub struct InjectConfig {
     pub excluded_namespaces: BTreeSet<String>,
     /// Resources when the gateway names none.
     pub default_resources: ResourceRequirements,
+    /// Images a gateway's `spec.sidecar.image` may name.
+    pub allowed_images: AllowedImages,
 }
 
 impl InjectConfig {
     /// Settings with the usual defaults: excluded `kube-system` and `operator_namespace`,
-    /// requests 50m CPU / 32Mi memory and a 256Mi memory limit.
+    /// requests 50m CPU / 32Mi memory and a 256Mi memory limit, and gateways may name only
+    /// other tags or digests of `image`'s repository.
     pub fn new(
         image: impl Into<String>,
         version: impl Into<String>,
         operator_namespace: &str,
     ) -> Self {
         let quantity = |s: &str| Quantity(s.to_owned());
+        let image = image.into();
         Self {
-            image: image.into(),
+            allowed_images: AllowedImages::repository_of(&image),
+            image,
             image_pull_policy: None,
             version: version.into(),
             excluded_namespaces: ["kube-system", operator_namespace]
@@ -177,6 +187,19 @@ pub enum InjectError {
         /// `port` or `adminPort`.
         role: &'static str,
     },
+    /// The gateway names a sidecar image the operator does not allow: whoever writes an
+    /// AIGateway would choose the code that runs, with the keys, in other people's pods.
+    #[error(
+        "AIGateway {gateway} asks for sidecar image {image:?}, which this operator does not inject (allowed: {allowed}; operator flag --allowed-sidecar-images)"
+    )]
+    ImageNotAllowed {
+        /// The gateway.
+        gateway: String,
+        /// `spec.sidecar.image`.
+        image: String,
+        /// What is allowed, for people.
+        allowed: String,
+    },
     /// The pod uses the node's network: the sidecar's ports would be the node's, and its admin
     /// listener (all addresses) would be reachable from outside the cluster.
     #[error("pod uses hostNetwork, where the sidegate sidecar would bind the node's ports")]
@@ -227,6 +250,15 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
     let Ok(gateway) = requested_gateway(pod, settings.namespace, settings.config) else {
         return Ok(None);
     };
+    if let Some(image) = settings.sidecar.image.as_deref()
+        && !settings.config.allowed_images.allows(image)
+    {
+        return Err(InjectError::ImageNotAllowed {
+            gateway,
+            image: image.to_owned(),
+            allowed: settings.config.allowed_images.to_string(),
+        });
+    }
     let spec = pod.spec.clone().unwrap_or_default();
     let init_containers = spec.init_containers.unwrap_or_default();
     let volumes = spec.volumes.unwrap_or_default();

@@ -2,11 +2,13 @@
 //! its own port by every operator replica.
 //!
 //! - [`inject`]: the pure mutation (Pod + settings → JSON patch).
+//! - [`images`]: which sidecar images may be injected (`--allowed-sidecar-images`).
 //! - [`certs`]: the serving certificate (self-managed with rcgen, or files from cert-manager).
 //! - this module: the HTTP shell (AdmissionReview v1 in and out), the gateway lookup, the
 //!   MutatingWebhookConfiguration the operator expects, and the `run` flags.
 
 pub mod certs;
+pub mod images;
 pub mod inject;
 
 use std::collections::BTreeSet;
@@ -121,8 +123,22 @@ pub struct WebhookArgs {
     #[arg(long, default_value_t = 365)]
     pub cert_validity_days: u64,
     /// Sidecar image injected when the AIGateway names none.
-    #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE", default_value = concat!("ghcr.io/sidegate/sidegate:", env!("CARGO_PKG_VERSION")))]
+    #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE", default_value = inject::DEFAULT_SIDECAR_IMAGE)]
     pub sidecar_image: String,
+    /// Images an AIGateway's spec.sidecar.image may name, comma-separated: a repository
+    /// (ghcr.io/sidegate/sidegate: any tag or digest), a prefix ending in '/'
+    /// (registry.example.com/platform/: every repository under it), an image with a tag or
+    /// digest (only that one), or '*' (any image: whoever may write an AIGateway then chooses
+    /// the code that runs, with its keys, in the pods that name it). Empty: the repository of
+    /// --sidecar-image. Pods of a gateway naming another image are admitted without the sidecar
+    /// and the gateway reports SidecarImageNotAllowed.
+    #[arg(
+        long,
+        env = "SIDEGATE_ALLOWED_SIDECAR_IMAGES",
+        value_name = "IMAGES",
+        value_delimiter = ','
+    )]
+    pub allowed_sidecar_images: Vec<String>,
     /// Pull policy of the sidecar image.
     #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE_PULL_POLICY")]
     pub sidecar_image_pull_policy: Option<String>,
@@ -134,6 +150,13 @@ pub struct WebhookArgs {
     /// Namespaces never injected besides kube-system and the operator's own (repeatable).
     #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
     pub exclude_namespaces: Vec<String>,
+}
+
+impl WebhookArgs {
+    /// The images gateways may name, from `--allowed-sidecar-images` and `--sidecar-image`.
+    pub fn allowed_images(&self) -> Result<images::AllowedImages, images::InvalidRule> {
+        images::AllowedImages::new(&self.allowed_sidecar_images, &self.sidecar_image)
+    }
 }
 
 /// Why the webhook could not start.
@@ -151,6 +174,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// An entry of `--allowed-sidecar-images` is not an image, repository or prefix.
+    #[error(transparent)]
+    AllowedImages(#[from] images::InvalidRule),
     /// `--sidecar-resources` is not JSON ResourceRequirements.
     #[error(
         "--sidecar-resources (SIDEGATE_SIDECAR_RESOURCES) is not JSON ResourceRequirements: {0}"
@@ -227,6 +253,7 @@ pub async fn start(
     }
     let mut config = InjectConfig::new(&args.sidecar_image, env!("CARGO_PKG_VERSION"), namespace);
     config.image_pull_policy = args.sidecar_image_pull_policy.clone();
+    config.allowed_images = args.allowed_images()?;
     if let Some(json) = args
         .sidecar_resources
         .as_deref()
