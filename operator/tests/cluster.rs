@@ -676,10 +676,12 @@ async fn a_failed_write_is_reported_for_the_current_generation_and_retried() {
         .expect("patch")
         .metadata
         .generation;
+    // The rotation alone may fail a reconcile of the previous generation first.
     let gw = eventually("Ready=False ApplyFailed", WAIT, || async {
         let gw = gateways.get("gw").await.ok()?;
         let ready = condition(&gw, "Ready")?;
-        (ready.1 == "ApplyFailed").then_some(gw)
+        let current = gw.status.as_ref()?.observed_generation == generation;
+        (ready.1 == "ApplyFailed" && current).then_some(gw)
     })
     .await;
     let status = gw.status.clone().expect("status");
