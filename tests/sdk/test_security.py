@@ -297,3 +297,55 @@ def test_a_listener_beyond_loopback_answers_to_any_name(mock, tmp_path):
         assert error(r) == (403, 2109), "browser marks are refused on any listener"
     finally:
         g.stop()
+
+
+def test_another_process_of_the_same_user_cannot_read_the_sidecar_through_proc(mock, tmp_path):
+    # In a pod that shares its process namespace, an app running as the sidecar's user could
+    # read the sidecar's memory and, through /proc/<pid>/root, its mounted key files. The
+    # sidecar marks itself not dumpable: only CAP_SYS_PTRACE opens them then.
+    import os
+    import subprocess
+    import time
+
+    from conftest import binary, free_port
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the sidecar and the reader as another user")
+    import pathlib
+    import shutil
+    import tempfile
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # Not tmp_path: pytest's directories are private to root.
+    d = pathlib.Path(tempfile.mkdtemp(prefix="sidegate-nobody-"))
+    (d / "keys").mkdir()
+    (d / "gateway.yaml").write_text(gateway_yaml(mock.url))
+    for name, value in DEFAULT_KEYS.items():
+        (d / "keys" / name).write_text(value + "\n")
+    for p in [d, *d.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen(nobody + [binary("sidegate"), "--config", str(d / "gateway.yaml"),
+                                      "--keys-dir", str(d / "keys"), "--listen", f"127.0.0.1:{port}",
+                                      "--admin", f"127.0.0.1:{admin}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "sidecar not ready"
+            time.sleep(0.05)
+        key_file = f"/proc/{proc.pid}/root{d}/keys/openai.default"
+        for target in (f"/proc/{proc.pid}/environ", key_file):
+            read = subprocess.run(nobody + ["cat", target], capture_output=True, text=True)
+            assert read.returncode != 0 and "Permission denied" in read.stderr, (target, read)
+        # The user's own files stay readable to that user the ordinary way, so the refusal
+        # above comes from the process being not dumpable, not from file permissions.
+        plain = subprocess.run(nobody + ["cat", str(d / "keys" / "openai.default")], capture_output=True)
+        assert plain.returncode == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
