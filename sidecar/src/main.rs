@@ -110,7 +110,9 @@ fn main() -> ExitCode {
     // Processes of the same user, such as an app in a pod that shares its process namespace,
     // must not read this process's memory or, through /proc/<pid>/root, the key files it
     // mounts: a process that is not dumpable is open to them only with CAP_SYS_PTRACE.
-    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
         tracing::warn!(error = %e, "cannot mark the process not dumpable");
     }
     sidegate::access_log::init(match args.log_format {
