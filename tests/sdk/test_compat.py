@@ -223,6 +223,18 @@ def test_images_as_data_urls_and_links_reach_anthropic_as_image_blocks(gw, mock)
 # --- Google Gemini ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("model", ["google-ai-studio/gemini-2.5-flash",
+                                   f"aws-bedrock/us-east-1/{BEDROCK_MODEL}"])
+def test_end_user_ids_are_left_out_for_providers_without_one(gw, mock, model):
+    # OpenAI SDK users often set `user`; Gemini and Bedrock have no end-user id, and it changes
+    # no answer: it is left out like OpenAI's other bookkeeping, not refused.
+    for ids in ({"user": "u-1"}, {"safety_identifier": "u-2"}):
+        out = ask(client(gw), model, "who asks", **ids)
+        assert out.choices[0].message.content == "mock reply to: who asks"
+        sent = mock.last()["body"]
+        assert "u-1" not in sent and "u-2" not in sent, sent
+
+
 def test_gemini_plain_completion_uses_generate_content_and_the_google_key(gw, mock):
     out = client(gw).chat.completions.create(
         model="google-ai-studio/gemini-2.5-flash",

@@ -156,7 +156,9 @@ pub fn encode_model_id(id: &str) -> String {
 
 /// The Converse request for `req`, and whether the JSON tool is used.
 pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
-    req.refuse_unsupported(PROVIDER, &[])?;
+    // `user` and `safety_identifier` (end-user ids for abuse monitoring) have no Converse
+    // equivalent: bookkeeping like `metadata`, left out rather than refused.
+    req.refuse_unsupported(PROVIDER, &["user", "safety_identifier"])?;
     if req.parallel_tool_calls == Some(false) {
         return Err(openai::unsupported("parallel_tool_calls", PROVIDER));
     }

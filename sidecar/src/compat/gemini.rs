@@ -16,7 +16,18 @@ use crate::error::GatewayError;
 
 /// The `generateContent` request for `req`.
 pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayError> {
-    req.refuse_unsupported(provider, &["presence_penalty", "frequency_penalty", "seed"])?;
+    // `user` and `safety_identifier` are OpenAI's end-user ids for abuse monitoring, with no
+    // Gemini equivalent: bookkeeping like `metadata`, left out rather than refused.
+    req.refuse_unsupported(
+        provider,
+        &[
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+            "user",
+            "safety_identifier",
+        ],
+    )?;
     if req.parallel_tool_calls == Some(false) {
         return Err(openai::unsupported("parallel_tool_calls", provider));
     }
