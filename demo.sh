@@ -197,7 +197,7 @@ c = next(c for c in pod["spec"]["initContainers"] if c["name"] == "sidegate")
 for a in c["args"]:
     a = "text" if a == "json" else a  # --log-format: readable here
     print(a.replace("/etc/sidegate", sys.argv[2]).replace("127.0.0.1:8787", "127.0.0.1:" + sys.argv[3])
-           .replace("0.0.0.0:8788", "127.0.0.1:" + sys.argv[4]))' \
+           .replace("[::]:8788", "127.0.0.1:" + sys.argv[4]))' \
   "$work/pod.json" "$work/pod" "$port" "$admin")
 printf '$ sidegate'; printf ' %s' "${sidecar_args[@]}"; echo
 "$bin/sidegate" "${sidecar_args[@]}" 2>"$work/sidegate.log" &
