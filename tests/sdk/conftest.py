@@ -203,9 +203,11 @@ class Sidegate:
     """A sidegate process with its own config file and keys directory."""
 
     def __init__(self, workdir, config_text, keys=None, extra_args=(), wait_ready=True, relative_paths=False,
-                 listen_ip="127.0.0.1"):
-        """`listen_ip`: the gateway port's address (`self.url` still reaches it on 127.0.0.1)."""
+                 listen_ip="127.0.0.1", wrapper=()):
+        """`listen_ip`: the gateway port's address (`self.url` still reaches it on 127.0.0.1).
+        `wrapper`: a command the sidecar is started through (it must exec its arguments)."""
         self.relative_paths = relative_paths
+        self.wrapper = list(wrapper)
         self.listen_ip = listen_ip
         self.dir = pathlib.Path(workdir)
         self.config = self.dir / "gateway.yaml"
@@ -231,6 +233,7 @@ class Sidegate:
                             else (str(self.config), str(self.keys_dir)))
         self.proc = subprocess.Popen(
             [
+                *self.wrapper,
                 binary("sidegate"),
                 "--config", config,
                 "--keys-dir", keys_dir,

@@ -108,6 +108,21 @@ def test_files_named_by_relative_paths_are_watched_too(mock, tmp_path):
         g.stop()
 
 
+def test_without_a_file_watcher_the_poll_alone_picks_up_an_edit(mock, tmp_path):
+    # In a user namespace allowed no inotify instance the watcher cannot start (as on a node out
+    # of them): the sidecar says so and the 5 s poll alone must pick up an edit.
+    no_inotify = ["unshare", "--user", "--map-root-user", "sh", "-c",
+                  'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"', "sh"]
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, wrapper=no_inotify)
+    try:
+        wait_for(lambda: "file watching unavailable; polling only" in g.logs(), 5, g.logs())
+        before = reload_count(g, "success")
+        edit_key_and_wait(g, mock, f"sk-{KEY_MARKER}-polled", 8)
+        assert reload_count(g, "success") == before + 1
+    finally:
+        g.stop()
+
+
 def test_a_key_link_left_dangling_mid_swap_is_skipped_not_a_failed_reload(mock, tmp_path):
     g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
     try:
