@@ -7,7 +7,9 @@
 //! cost (not a zero one). `cf-aig-custom-cost` overrides the price per request.
 //!
 //! The model is found without parsing the request: in the path for Gemini, Vertex and Bedrock
-//! routes, else the first `"model": "..."` of the JSON body.
+//! routes, else the top-level `"model": "..."` of the JSON body.
+
+use std::borrow::Cow;
 
 use sidegate_crds::policy::{ModelPrice, parse_usd};
 
@@ -191,33 +193,55 @@ fn normalize(model: &str) -> &str {
     name
 }
 
-/// Where the model name is in a request body: the string value of the top-level `"model"` key
-/// (one nested elsewhere, as in `{"metadata": {"model": ...}}`, is not the model the provider
-/// serves). The JSON is not parsed: strings are skipped with `memchr`, and only brackets outside
-/// them are counted.
-pub fn model_in_body(body: &[u8]) -> Option<std::ops::Range<usize>> {
+/// The model a request body names: the string value of the top-level `"model"` key (one nested
+/// elsewhere, as in `{"metadata": {"model": ...}}`, is not the model the provider serves). When
+/// the key comes more than once the last one counts, as in the JSON parsers providers run
+/// (Python's, JavaScript's, Go's), so a decoy before it cannot choose the price. The JSON is not
+/// parsed: strings are skipped with `memchr` and only brackets outside them are counted; a
+/// top-level key or the model's value written with escapes (`"mo\u0064el"`) is decoded.
+pub fn model_in_body(body: &[u8]) -> Option<Cow<'_, str>> {
+    let mut found = None;
     let mut depth = 0usize;
     let mut i = 0;
     while let Some(&b) = body.get(i) {
         match b {
             b'"' => {
                 let start = i + 1;
-                let end = string_end(body, start)?;
+                let (end, escaped) = string_end(body, start)?;
                 i = end + 1;
-                if depth != 1 || &body[start..end] != b"model" {
+                if depth != 1 {
                     continue;
                 }
-                // A key (not a value like Gemini's `"role": "model"`) with a plain string value.
+                // A key (not a value like Gemini's `"role": "model"`), then its value.
                 let Some(value) = body[i..].trim_ascii_start().strip_prefix(b":") else {
                     continue;
                 };
-                let inner = value.trim_ascii_start().strip_prefix(b"\"")?;
-                let len = memchr::memchr2(b'"', b'\\', inner)?;
-                if inner[len] != b'"' || len == 0 || len > 256 {
-                    return None;
+                let is_model = if escaped {
+                    decode(&body[start - 1..=end]).is_some_and(|k| k == "model")
+                } else {
+                    &body[start..end] == b"model"
+                };
+                if !is_model {
+                    continue;
                 }
-                let start = body.len() - inner.len();
-                return Some(start..start + len);
+                let value = value.trim_ascii_start();
+                let from = body.len() - value.len();
+                found = match value.strip_prefix(b"\"") {
+                    Some(_) => {
+                        let (to, escaped) = string_end(body, from + 1)?;
+                        i = to + 1;
+                        let text = &body[from + 1..to];
+                        if escaped {
+                            decode(&body[from..=to]).map(Cow::Owned)
+                        } else {
+                            std::str::from_utf8(text).ok().map(Cow::Borrowed)
+                        }
+                        .filter(|m| !m.is_empty() && m.len() <= 256)
+                    }
+                    // Not a string (a number, `null`): no model a price could name.
+                    None => None,
+                };
+                continue;
             }
             b'{' | b'[' => depth += 1,
             b'}' | b']' => depth = depth.saturating_sub(1),
@@ -225,16 +249,24 @@ pub fn model_in_body(body: &[u8]) -> Option<std::ops::Range<usize>> {
         }
         i += 1;
     }
-    None
+    found
 }
 
-/// The index of the quote that ends the JSON string whose content starts at `from`.
-fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
+/// A JSON string literal (quotes included) with its escapes decoded.
+fn decode(literal: &[u8]) -> Option<String> {
+    serde_json::from_slice(literal).ok()
+}
+
+/// The index of the quote that ends the JSON string whose content starts at `from`, and whether
+/// the string holds an escape.
+fn string_end(body: &[u8], mut from: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
     loop {
         let at = from + memchr::memchr2(b'"', b'\\', body.get(from..)?)?;
         if body[at] == b'"' {
-            return Some(at);
+            return Some((at, escaped));
         }
+        escaped = true;
         from = at + 2;
     }
 }
@@ -268,8 +300,7 @@ pub fn request_model(path: &str, body: &[u8]) -> Option<ModelName> {
     if let Some(m) = model_in_path(path) {
         return Some(ModelName::new(m));
     }
-    let range = model_in_body(body)?;
-    std::str::from_utf8(&body[range]).ok().map(ModelName::new)
+    model_in_body(body).map(|m| ModelName::new(&m))
 }
 
 /// Longest model name kept without a heap allocation.
@@ -486,27 +517,34 @@ mod tests {
 
     #[test]
     fn the_model_is_found_in_the_body_or_the_path_without_parsing() {
+        let model = |body: &[u8]| model_in_body(body).map(Cow::into_owned);
+        let found = |m: &str| Some(m.to_owned());
         let body = br#"{"messages":[{"role":"user","content":"say \"model\": \"x\""}], "model" : "gpt-4o-mini","stream":true}"#;
-        let r = model_in_body(body).expect("found");
-        assert_eq!(&body[r], b"gpt-4o-mini");
-        assert_eq!(model_in_body(br#"{"model":123}"#), None);
+        assert_eq!(model(body), found("gpt-4o-mini"));
+        assert_eq!(model(br#"{"model":123}"#), None);
         let gemini = br#"{"contents":[{"role":"model","parts":[]}],"model":"gemini-2.5-pro"}"#;
-        assert_eq!(
-            &gemini[model_in_body(gemini).expect("found")],
-            b"gemini-2.5-pro"
-        );
-        assert_eq!(model_in_body(br#"{"model":"a\"b"}"#), None);
-        assert_eq!(model_in_body(b"not json"), None);
+        assert_eq!(model(gemini), found("gemini-2.5-pro"));
+        assert_eq!(model(b"not json"), None);
+        assert_eq!(model(br#"{"model":""}"#), None);
         // Only the top-level key: a nested "model" must not choose the price.
         let decoy =
             br#"{"metadata":{"model":"not-priced"},"tools":[{"model":"x"}],"model":"gpt-4o"}"#;
-        assert_eq!(&decoy[model_in_body(decoy).expect("found")], b"gpt-4o");
-        assert_eq!(
-            model_in_body(br#"{"metadata":{"model":"not-priced"}}"#),
-            None
-        );
+        assert_eq!(model(decoy), found("gpt-4o"));
+        assert_eq!(model(br#"{"metadata":{"model":"not-priced"}}"#), None);
         let escaped = br#"{"x":"a\\","y":"}\"{","model":"m1"}"#;
-        assert_eq!(&escaped[model_in_body(escaped).expect("found")], b"m1");
+        assert_eq!(model(escaped), found("m1"));
+        // The providers' parsers decode escapes and keep the last of repeated keys: so does the
+        // scan, or an app could name an unpriced model to the gateway and a priced one upstream.
+        assert_eq!(model(br#"{"mo\u0064el":"gpt-4o"}"#), found("gpt-4o"));
+        assert_eq!(model(br#"{"model":"gpt\u002d4o"}"#), found("gpt-4o"));
+        assert_eq!(model(br#"{"model":"a\"b"}"#), found("a\"b"));
+        assert_eq!(
+            model(br#"{"model":"unpriced","stream":true,"model":"gpt-4o"}"#),
+            found("gpt-4o")
+        );
+        assert_eq!(model(br#"{"model":"gpt-4o","model":null}"#), None);
+        assert_eq!(model(br#"{"model":"gpt-4o","model":{"model":"x"}}"#), None);
+        assert_eq!(model(br#"{"\u006dodel":"a","model":"b","x":{"model":"c"}}"#), found("b"));
         assert_eq!(
             model_in_path("v1beta/models/gemini-2.5-flash:streamGenerateContent"),
             Some("gemini-2.5-flash")

@@ -22,10 +22,11 @@ HEX16 = re.compile(r"^[0-9a-f]{16}$")
 class Collector:
     """An OTLP/HTTP collector stub: keeps every JSON body posted to /v1/traces."""
 
-    def __init__(self, status=200):
+    def __init__(self, status=200, endless=False):
         self.bodies = []
         self.paths = []
         self.content_types = []
+        self.sent = 0
         collector = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -38,6 +39,21 @@ class Collector:
                     collector.bodies.append(json.loads(raw))
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
+                if endless:
+                    # An answer that never ends (a broken collector or proxy): chunks of
+                    # whitespace until the reader goes away, 60 s at most.
+                    self.send_header("transfer-encoding", "chunked")
+                    self.end_headers()
+                    chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+                    deadline = time.monotonic() + 60
+                    try:
+                        while time.monotonic() < deadline:
+                            self.wfile.write(chunk)
+                            collector.sent += len(chunk)
+                    except OSError:
+                        pass
+                    self.close_connection = True
+                    return
                 self.send_header("content-length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
@@ -45,6 +61,8 @@ class Collector:
             def log_message(self, *args):
                 pass
 
+        if endless:
+            Handler.protocol_version = "HTTP/1.1"  # chunked framing
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -301,3 +319,27 @@ def test_with_the_collector_down_requests_succeed_and_lost_spans_are_counted(moc
 def test_an_invalid_endpoint_is_refused_at_load_naming_the_field(mock, tmp_path):
     assert_refused_at_start(mock, tmp_path, "  openTelemetry: {endpoint: 'otel-collector:4317'}\n",
                             "spec.openTelemetry.endpoint", "otel-collector:4317")
+
+
+def test_a_collector_answer_that_never_ends_is_read_to_64_kib_and_the_export_counts(mock, tmp_path):
+    """The answer is read only so the connection can be reused: a collector (or a proxy in front
+    of it) that keeps sending must neither hold the exporter until its timeout nor fill memory."""
+    stub = Collector(endless=True)
+    g = otel_gateway(mock, tmp_path, stub.url)
+    try:
+        for batch in (1, 2):
+            r = httpx.post(g.url + "/openai/chat/completions",
+                           json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200
+            started = time.monotonic()
+            # The 2 s batch timer, then the post: well within the 10 s export timeout.
+            while (metric(g, "sidegate_otel_spans_exported_total") or 0) < batch:
+                assert time.monotonic() - started < 6, g.logs() + g.metrics()
+                time.sleep(0.05)
+        assert metric(g, "sidegate_otel_spans_failed_total") == 0
+        # The gateway stopped reading near 64 KiB; the kernel's socket buffers hold the rest.
+        assert stub.sent < 16 * 1024 * 1024, stub.sent
+        assert len(stub.spans()) == 2
+    finally:
+        g.stop()
+        stub.stop()
