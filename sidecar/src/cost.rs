@@ -544,7 +544,10 @@ mod tests {
         );
         assert_eq!(model(br#"{"model":"gpt-4o","model":null}"#), None);
         assert_eq!(model(br#"{"model":"gpt-4o","model":{"model":"x"}}"#), None);
-        assert_eq!(model(br#"{"\u006dodel":"a","model":"b","x":{"model":"c"}}"#), found("b"));
+        assert_eq!(
+            model(br#"{"\u006dodel":"a","model":"b","x":{"model":"c"}}"#),
+            found("b")
+        );
         assert_eq!(
             model_in_path("v1beta/models/gemini-2.5-flash:streamGenerateContent"),
             Some("gemini-2.5-flash")
