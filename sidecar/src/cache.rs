@@ -497,7 +497,8 @@ fn start_fill(
         return None;
     }
     let mut kept = headers.clone();
-    // Per response: hyper sets a fresh Date; the gateway's own headers are added per hit.
+    // Per response: hyper sets a fresh Date; the gateway's own headers are added per hit, but
+    // those naming what produced the answer stay with it.
     kept.remove(header::DATE);
     remove_gateway_headers(&mut kept);
     let declared = headers
@@ -527,11 +528,18 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
 }
 
-/// Removes the gateway's own (`cf-aig-*`) headers: they are set per response.
+/// The gateway headers that say what served an answer (the step, provider and model a dynamic
+/// route landed on): a hit repeats them, as it repeats the answer.
+pub const SERVED_BY_HEADERS: [&str; 3] = ["cf-aig-step", "cf-aig-provider", "cf-aig-model"];
+
+/// Removes the gateway's own (`cf-aig-*`) headers but [`SERVED_BY_HEADERS`]: the others (log id,
+/// cache status, event id, DLP flags) are set per response.
 fn remove_gateway_headers(headers: &mut HeaderMap) {
     let names: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| crate::headers::is_gateway_header(n))
+        .filter(|n| {
+            crate::headers::is_gateway_header(n) && !SERVED_BY_HEADERS.contains(&n.as_str())
+        })
         .cloned()
         .collect();
     for n in names {
@@ -919,6 +927,9 @@ mod tests {
             "cf-aig-log-id",
             HeaderValue::from_static("01J0000000000000000000000"),
         );
+        h.insert("cf-aig-cache-status", HeaderValue::from_static("MISS"));
+        h.insert("cf-aig-provider", HeaderValue::from_static("anthropic"));
+        h.insert("cf-aig-step", HeaderValue::from_static("1"));
         h
     }
 
@@ -949,6 +960,10 @@ mod tests {
         assert_eq!(&e.body[..], b"{\"id\":1}");
         assert!(e.headers.get(header::DATE).is_none());
         assert!(e.headers.get("cf-aig-log-id").is_none());
+        assert!(e.headers.get("cf-aig-cache-status").is_none());
+        // What served the answer stays with it.
+        assert_eq!(e.headers["cf-aig-provider"], "anthropic");
+        assert_eq!(e.headers["cf-aig-step"], "1");
         assert_eq!(e.headers[header::CONTENT_TYPE], "application/json");
         // Expired entries are gone.
         let k2 = [2u8; 32];

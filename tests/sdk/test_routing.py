@@ -105,6 +105,21 @@ def test_model_nodes_retry_then_fall_back_and_streams_work(routed, mock):
     assert paths == ["/v1/chat/completions", "/v1/chat/completions", "/v1/messages"], "2 attempts, then the next node"
 
 
+def test_a_cache_hit_on_a_route_says_what_served_the_answer(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=ROUTES + "  cache: {enabled: true}\n"), DEFAULT_KEYS)
+    try:
+        c = client(g)
+        miss, hit = ask(c, "fallback/safe", "cache me"), ask(c, "fallback/safe", "cache me")
+        assert (miss.headers["cf-aig-cache-status"], hit.headers["cf-aig-cache-status"]) == ("MISS", "HIT")
+        served = ("cf-aig-step", "cf-aig-provider", "cf-aig-model")
+        assert [hit.headers.get(h) for h in served] == [miss.headers[h] for h in served] == \
+            ["1", "anthropic", "claude-haiku-4-5"]
+        assert hit.headers["cf-aig-log-id"] != miss.headers["cf-aig-log-id"]
+        assert hit.parse().choices[0].message.content == "mock reply to: cache me"
+    finally:
+        g.stop()
+
+
 def test_unknown_routes_and_chains_are_400_2107(routed, mock):
     for model in ["dynamic/nope", "fallback/nope"]:
         r = httpx.post(routed.url + "/compat/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}]})
