@@ -6,6 +6,7 @@
 //! - [`units`]: duration (`30s`) and size (`64Mi`) strings used in both.
 //! - [`provider`]: the provider ids of SPEC.md.
 //! - [`routes`]: dynamic routes and fallback chains, compiled and checked.
+//! - [`validation`]: the checks of a policy beyond its schema, made by operator and sidecar alike.
 //! - `api` (feature `kube`): the `AIGateway` and `ProviderKey` custom resources.
 
 #[cfg(feature = "kube")]
@@ -15,6 +16,7 @@ pub mod policy;
 pub mod provider;
 pub mod routes;
 pub mod units;
+pub mod validation;
 
 pub use config::{GatewayConfig, GatewayIdentity, SCHEMA_VERSION};
 pub use policy::GatewayPolicy;

@@ -160,6 +160,14 @@ impl GatewayPolicy {
                 o.endpoint
             ));
         }
+        // The sidecar posts to this URL; the shape check above lets some characters through.
+        let traces = format!("{}/v1/traces", o.endpoint.trim_end_matches('/'));
+        if let Err(e) = traces.parse::<http::Uri>() {
+            return Some(format!(
+                "spec.openTelemetry.endpoint {:?} is not a valid URL: {e}",
+                o.endpoint
+            ));
+        }
         if o.service_name.as_deref().is_some_and(|n| {
             n.trim().is_empty() || n.len() > 256 || n.chars().any(char::is_control)
         }) {

@@ -173,6 +173,15 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         path: path.clone(),
         message,
     };
+    // The operator makes the same checks (`InvalidSpec`), so it never renders a config that
+    // fails here; what is left below needs the keys directory.
+    let problems = sidegate_crds::validation::policy_problems(
+        &config.spec,
+        sidegate_crds::validation::Origin::File,
+    );
+    if !problems.is_empty() {
+        return Err(invalid(problems.join("; ")));
+    }
     let keys = match &src.keys_dir {
         Some(dir) => KeyStore::load(dir)?,
         None => KeyStore::default(),
@@ -213,18 +222,10 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         .as_ref()
         .and_then(|l| l.max_request_body)
         .map_or(DEFAULT_MAX_BODY, |b| b.get());
-    if max_body == 0 {
-        return Err(invalid(
-            "spec.limits.maxRequestBody must be larger than 0".into(),
-        ));
-    }
     let request_timeout = config
         .spec
         .request_timeout
         .map_or(DEFAULT_REQUEST_TIMEOUT, |d| d.get());
-    if request_timeout.is_zero() {
-        return Err(invalid("spec.requestTimeout must be larger than 0".into()));
-    }
     let log_requests = config.spec.logging.as_ref().is_none_or(|l| l.enabled);
     let log_payloads = config.spec.logging.as_ref().is_some_and(|l| l.payloads);
     let cache = crate::cache::Settings::from_policy(config.spec.cache.as_ref()).map_err(invalid)?;
@@ -240,12 +241,6 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         .map_err(invalid)?;
     let shared = match &config.spec.redis {
         None => None,
-        Some(r) if r.url_secret_ref.is_some() => {
-            return Err(invalid(format!(
-                "spec.redis.urlSecretRef is resolved by the operator; outside Kubernetes put the URL in the keys directory file {}",
-                sidegate_crds::config::REDIS_URL_FILE_NAME
-            )));
-        }
         Some(_) => {
             let url = keys.redis_url.as_ref().ok_or_else(|| {
                 invalid(format!(
@@ -265,24 +260,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     };
     let rate_limit = crate::ratelimit::Settings::from_policy(config.spec.rate_limit.as_ref())
         .map_err(invalid)?;
-    if shared.is_none() {
-        if rate_limit.is_some_and(|r| r.global) {
-            return Err(invalid(
-                "spec.rateLimit.scope: global needs spec.redis (the limit is counted in Redis)"
-                    .into(),
-            ));
-        }
-        if cache.enabled && cache.redis {
-            return Err(invalid("spec.cache.backend: redis needs spec.redis".into()));
-        }
-    }
     let budgets = crate::budget::Settings::from_policy(&config.spec).map_err(invalid)?;
-    if shared.is_none() && budgets.and_then(|b| b.tokens).is_some_and(|t| t.global) {
-        return Err(invalid(
-            "spec.rateLimit.scope: global needs spec.redis (the token budget is counted in Redis)"
-                .into(),
-        ));
-    }
     let pricing = crate::cost::Pricing::with(&config.spec.pricing).map_err(invalid)?;
     let otel_gateway = match (&config.gateway.namespace, &config.gateway.name) {
         (Some(ns), Some(n)) => format!("{ns}/{n}"),
@@ -484,6 +462,52 @@ mod tests {
             ))
             .expect_err(spec);
             assert!(err.to_string().contains(message), "{err}");
+        }
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Fixture {
+        refused: Vec<Refused>,
+        accepted: Vec<serde_json::Value>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Refused {
+        spec: serde_json::Value,
+        why: String,
+        sidecar_why: Option<String>,
+    }
+
+    #[test]
+    fn every_spec_the_operator_must_refuse_is_refused_at_load() {
+        // The same list is checked by the operator's tests (operator/src/validate.rs), which
+        // report each as a spec problem: what it renders, the sidecar loads.
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/fixtures/refused-specs.yaml");
+        let text = std::fs::read_to_string(path).expect("fixture");
+        let f: Fixture = parse_yaml(&text).expect("fixture parses");
+        assert!(f.refused.len() > 30);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).expect("keys dir");
+        let with_spec = |spec: &serde_json::Value| {
+            let mut src = write_config(dir.path(), &format!("schemaVersion: 1\nspec: {spec}\n"));
+            src.keys_dir = Some(keys.clone());
+            load(&src)
+        };
+        for case in f.refused {
+            let why = case.sidecar_why.as_ref().unwrap_or(&case.why);
+            match with_spec(&case.spec) {
+                Ok(_) => panic!("{} loaded", case.spec),
+                Err(e) => assert!(e.to_string().contains(why.as_str()), "{}: {e}", case.spec),
+            }
+        }
+        for spec in f.accepted {
+            if let Err(e) = with_spec(&spec) {
+                panic!("{spec}: {e}");
+            }
         }
     }
 

@@ -6,10 +6,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use sidegate_crds::policy::{ApiFormat, ProviderSettings};
-use sidegate_crds::provider::{BUILTIN_PROVIDERS, is_custom_provider_id};
+use sidegate_crds::provider::BUILTIN_PROVIDERS;
+use sidegate_crds::validation::provider_problem;
 
 use crate::error::GatewayError;
 use crate::keys::{AuthValue, KeyStore};
@@ -560,28 +561,13 @@ fn is_host_label(s: &str) -> bool {
 }
 
 fn parse_base(id: &str, text: &str) -> Result<Base, ProviderError> {
-    let text = text.trim_end_matches('/');
-    if !(text.starts_with("https://") || text.starts_with("http://")) {
-        return Err(perr(
-            id,
-            format!("baseURL {text:?} must start with https:// or http://"),
-        ));
+    // The operator checks the same (`sidegate_crds::validation`), so it never renders a base
+    // URL refused here.
+    if let Some(why) = sidegate_crds::validation::base_url_problem(text) {
+        return Err(perr(id, format!("baseURL {why}")));
     }
+    let text = text.trim_end_matches('/');
     if text.contains('{') {
-        // Check the template with a sample filling.
-        let sample = ["resource", "deployment", "region", "account"]
-            .iter()
-            .fold(text.to_owned(), |acc, v| {
-                acc.replace(&format!("{{{v}}}"), "x")
-            });
-        if sample.contains('{') || Uri::try_from(sample).is_err() {
-            return Err(perr(
-                id,
-                format!(
-                    "baseURL {text:?} is not a URL (placeholders: {{resource}}, {{deployment}}, {{region}}, {{account}})"
-                ),
-            ));
-        }
         return Ok(Base::Template(text.to_owned()));
     }
     let uri =
@@ -592,9 +578,6 @@ fn parse_base(id: &str, text: &str) -> Result<Base, ProviderError> {
             format!("baseURL {text:?} needs a scheme and a host"),
         ));
     };
-    if uri.query().is_some() {
-        return Err(perr(id, format!("baseURL {text:?} must not have a query")));
-    }
     let path = uri.path().trim_end_matches('/').to_owned();
     Ok(Base::Fixed {
         scheme,
@@ -619,13 +602,8 @@ impl ProviderTable {
         let mut providers = HashMap::new();
         for bi in BUILTINS {
             let s = settings.get(bi.id);
-            if let Some(s) = s
-                && (s.format.is_some() || s.auth_header.is_some() || s.auth_scheme.is_some())
-            {
-                return Err(perr(
-                    bi.id,
-                    "format, authHeader and authScheme apply to custom-<slug> providers only",
-                ));
+            if let Some(why) = s.and_then(|s| provider_problem(bi.id, s)) {
+                return Err(perr(bi.id, why));
             }
             let auth = if bi.auth_header.is_empty() {
                 AuthStyle::ClientSigned
@@ -644,11 +622,8 @@ impl ProviderTable {
             if BUILTIN_PROVIDERS.contains(&id.as_str()) {
                 continue;
             }
-            if !is_custom_provider_id(id) {
-                return Err(perr(
-                    id,
-                    "unknown provider: use a provider id of SPEC.md or custom-<slug> (lowercase letters, digits, dashes)",
-                ));
+            if let Some(why) = provider_problem(id, s) {
+                return Err(perr(id, why));
             }
             let base = s
                 .base_url
@@ -665,11 +640,6 @@ impl ProviderTable {
                 (None, true) => Some("Bearer".to_owned()),
                 (None, false) => None,
             };
-            if let Some(sc) = &scheme
-                && (HeaderValue::from_str(sc).is_err() || sc.contains(' '))
-            {
-                return Err(perr(id, format!("authScheme {sc:?} must be a single word")));
-            }
             let auth = AuthStyle::Header { name, scheme };
             providers.insert(
                 id.clone(),
