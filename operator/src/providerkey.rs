@@ -44,7 +44,7 @@ async fn reconcile_inner(key: &ProviderKey, ctx: &Context) -> Result<Action, Err
         .spec
         .base_url
         .as_deref()
-        .and_then(|url| validate::upstream_url(url, &ns, validate::allows_insecure(key)).err());
+        .and_then(|url| validate::base_url(url, &ns, validate::allows_insecure(key)).err());
     let shadowed_by = if resolved.is_ok() && url_problem.is_none() {
         shadowed_by(ctx, key, &ns).await?
     } else {

@@ -351,7 +351,7 @@ pub fn claim_problem(key: &ProviderKey, namespace: &str) -> Option<KeyProblem> {
         );
     }
     if let Some(url) = &key.spec.base_url
-        && let Err(why) = validate::upstream_url(url, namespace, validate::allows_insecure(key))
+        && let Err(why) = validate::base_url(url, namespace, validate::allows_insecure(key))
     {
         return problem("InvalidBaseURL", format!("baseURL {why}"));
     }

@@ -1,13 +1,21 @@
-//! Checks of an AIGateway spec that the CRD schema cannot express: upstream URL policy (which
-//! needs the object's annotations), value ranges of unit strings, dynamic route graphs, selectors.
+//! Checks of an AIGateway spec that the CRD schema cannot express. The checks the sidecar makes
+//! at load are [`sidegate_crds::validation`]'s, called here as there, so a spec the operator
+//! renders is one every sidecar loads; this module adds what only the operator can check: the
+//! upstream URL policy (which needs the object's namespace and annotations) and selectors.
 //! Each problem names the field, so the `ConfigRendered` condition tells a person what to fix.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kube::{Resource, ResourceExt};
 use sidegate_crds::api::{AIGateway, ALLOW_INSECURE_UPSTREAM_ANNOTATION};
+use sidegate_crds::validation::{self, Origin};
 
 use crate::render::parse_selector;
+
+/// The cluster DNS domain in-cluster service names end in. Kubernetes' default; the operator
+/// has no setting for another (a cluster with another domain names its services
+/// `<service>.<namespace>.svc` or uses https).
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 
 /// Whether an object opts out of the upstream URL policy with the annotation.
 pub fn allows_insecure<K: Resource>(obj: &K) -> bool {
@@ -16,11 +24,20 @@ pub fn allows_insecure<K: Resource>(obj: &K) -> bool {
         .is_some_and(|v| v == "true")
 }
 
-/// Checks an upstream URL: https anywhere; plain http only to in-cluster hosts (a single-label
-/// service name, `<service>.<namespace of the object>`, `*.svc[.<cluster domain>]`, loopback or a
-/// private address); never link-local or cloud metadata addresses, which would hand keys or
-/// credentials to the node's metadata service. `allow_insecure` lifts both rules.
-/// The error completes the sentence "baseURL ...".
+/// Checks a provider base URL (a gateway's `providers.<id>.baseURL` or a ProviderKey's
+/// `baseURL`): what the sidecar accepts ([`validation::base_url_problem`]), then the upstream
+/// URL policy ([`upstream_url`]). The error completes the sentence "baseURL ...".
+pub fn base_url(url: &str, namespace: &str, allow_insecure: bool) -> Result<(), String> {
+    match validation::base_url_problem(url) {
+        Some(why) => Err(why),
+        None => upstream_url(url, namespace, allow_insecure),
+    }
+}
+
+/// Checks an upstream URL: https anywhere; plain http only to in-cluster hosts (see
+/// [`is_in_cluster_host`]); never link-local or cloud metadata addresses, in any spelling the
+/// sidecar's resolver accepts, which would hand keys or credentials to the node's metadata
+/// service. `allow_insecure` lifts both rules. The error completes the sentence "baseURL ...".
 pub fn upstream_url(url: &str, namespace: &str, allow_insecure: bool) -> Result<(), String> {
     // Placeholders such as {resource} or {region} are filled in by the sidecar per request.
     let concrete = fill_placeholders(url);
@@ -28,12 +45,8 @@ pub fn upstream_url(url: &str, namespace: &str, allow_insecure: bool) -> Result<
         .parse()
         .map_err(|_| format!("'{url}' is not an absolute URL"))?;
     let scheme = uri.scheme_str().unwrap_or_default();
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("'{url}' has no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_ascii_lowercase();
+    let host = uri.host().ok_or_else(|| format!("'{url}' has no host"))?;
+    let host = normalize_host(host);
     if scheme != "https" && scheme != "http" {
         return Err(format!("'{url}' must use https"));
     }
@@ -41,6 +54,11 @@ pub fn upstream_url(url: &str, namespace: &str, allow_insecure: bool) -> Result<
         return Ok(());
     }
     let hint = format!("set annotation {ALLOW_INSECURE_UPSTREAM_ANNOTATION}: \"true\" to allow it");
+    if placeholders_could_spell_an_address(url) {
+        return Err(format!(
+            "'{url}' has a host that the placeholders a request fills in could turn into any IP address, a metadata address too; name the host; {hint}"
+        ));
+    }
     if is_metadata_host(&host) {
         return Err(format!(
             "'{url}' points at a link-local or cloud metadata address; {hint}"
@@ -48,7 +66,7 @@ pub fn upstream_url(url: &str, namespace: &str, allow_insecure: bool) -> Result<
     }
     if scheme == "http" && !is_in_cluster_host(&host, namespace) {
         return Err(format!(
-            "'{url}' uses plain http outside the cluster; use https, or {hint}"
+            "'{url}' uses plain http outside the cluster (in-cluster: <service>, <service>.<namespace>.svc[.{CLUSTER_DOMAIN}], <service>.<this namespace> if the namespace has a digit or dash, loopback or private addresses); use https, or {hint}"
         ));
     }
     Ok(())
@@ -71,6 +89,101 @@ fn fill_placeholders(url: &str) -> String {
     out
 }
 
+/// The host as a resolver sees it: lower case, without IPv6 brackets or the trailing dot of an
+/// absolute name.
+fn normalize_host(host: &str) -> String {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
+
+/// Whether the host of `url` has placeholders and could be an IPv4 address once a request fills
+/// them in: a placeholder takes any letters, digits and dashes, so a host whose every label is
+/// placeholders and hex digits (`{resource}`, `{region}.254`) could be `2852039166` or
+/// `169.254.169.254`.
+fn placeholders_could_spell_an_address(url: &str) -> bool {
+    let authority = url.split_once("://").map_or("", |(_, rest)| {
+        rest.split(['/', '?', '#']).next().unwrap_or("")
+    });
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = match host_port.rsplit_once(':') {
+        Some((h, _)) if !host_port.ends_with(']') => h,
+        _ => host_port,
+    };
+    if !host.contains('{') {
+        return false;
+    }
+    let labels: Vec<&str> = host.split('.').collect();
+    labels.len() <= 4
+        && labels.iter().all(|label| {
+            if label.contains('{') {
+                fill_placeholders(label)
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b'x' || b == b'X')
+            } else {
+                c_number(label).is_some()
+            }
+        })
+}
+
+/// The IPv4 address `host` denotes to `inet_aton`, and so to glibc's `getaddrinfo`, which the
+/// sidecar's connector resolves names with: 1 to 4 dot-separated numbers, each decimal, `0x`
+/// hex or `0` octal, the last one filling the bytes left (`2852039166`, `0xa9fea9fe`,
+/// `0251.0376.0251.0376` and `169.254.43518` are all 169.254.169.254).
+pub fn inet_aton(host: &str) -> Option<Ipv4Addr> {
+    let parts = host
+        .split('.')
+        .map(c_number)
+        .collect::<Option<Vec<u32>>>()?;
+    let (&last, leading) = parts.split_last()?;
+    if leading.len() > 3 || leading.iter().any(|&p| p > 0xff) {
+        return None;
+    }
+    let last_bits = 32 - 8 * leading.len();
+    if u64::from(last) >= 1u64 << last_bits {
+        return None;
+    }
+    let high = leading
+        .iter()
+        .enumerate()
+        .fold(0u32, |acc, (i, &p)| acc | (p << (24 - 8 * i)));
+    Some(Ipv4Addr::from(high | last))
+}
+
+/// A number as C's `strtoul` reads it with base 0, at most 32 bits: `0x1f`, `017`, `15`.
+fn c_number(s: &str) -> Option<u32> {
+    let (digits, radix) = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => (hex, 16),
+        None if s.len() > 1 && s.starts_with('0') => (&s[1..], 8),
+        None => (s, 10),
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u32::from_str_radix(digits, radix).ok()
+}
+
+/// The address a host names without a DNS lookup: an IP literal, or a number `inet_aton` reads.
+fn literal_address(host: &str) -> Option<IpAddr> {
+    host.parse::<IpAddr>()
+        .ok()
+        .or_else(|| inet_aton(host).map(IpAddr::V4))
+}
+
+/// The IPv4 address inside an IPv6 one that reaches it: IPv4-mapped (`::ffff:a.b.c.d`),
+/// IPv4-compatible (`::a.b.c.d`) or NAT64 (`64:ff9b::a.b.c.d`).
+fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        let [.., a, b, c, d] = ip.octets();
+        return Some(Ipv4Addr::new(a, b, c, d));
+    }
+    ip.to_ipv4()
+}
+
+fn is_metadata_v4(ip: Ipv4Addr) -> bool {
+    ip.is_link_local() || ip == Ipv4Addr::new(100, 100, 100, 200)
+}
+
 fn is_metadata_host(host: &str) -> bool {
     if matches!(
         host,
@@ -78,29 +191,78 @@ fn is_metadata_host(host: &str) -> bool {
     ) {
         return true;
     }
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => ip.is_link_local() || ip == Ipv4Addr::new(100, 100, 100, 200),
-        Ok(IpAddr::V6(ip)) => {
+    match literal_address(host) {
+        Some(IpAddr::V4(ip)) => is_metadata_v4(ip),
+        Some(IpAddr::V6(ip)) => {
             (ip.segments()[0] & 0xffc0) == 0xfe80
                 || ip == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
-                || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_link_local())
+                || embedded_ipv4(ip).is_some_and(is_metadata_v4)
         }
-        Err(_) => false,
+        None => false,
     }
 }
 
+/// Whether plain http to `host` stays in the cluster (or the node): loopback and private
+/// addresses, `localhost`, and the names of Services as the pod's resolver finds them:
+///
+/// - `<service>`: a single label, searched in the pod's namespace first;
+/// - `<service>.<namespace>.svc` and `<service>.<namespace>.svc.cluster.local` (also with a
+///   StatefulSet pod's hostname in front): `svc` and `local` are no public top-level domains;
+/// - `<service>.<namespace>` only for the object's own namespace, and only when that namespace
+///   has a digit or a dash (not `xn--`): a name such as `openai.ai` is searched as
+///   `openai.ai.svc.cluster.local` first, but when no such Service exists the resolver goes on to
+///   the public `openai.ai`; a namespace of letters only could be a top-level domain.
 fn is_in_cluster_host(host: &str, namespace: &str) -> bool {
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private(),
-        Ok(IpAddr::V6(ip)) => ip.is_loopback() || (ip.segments()[0] & 0xfe00) == 0xfc00,
-        Err(_) => {
-            let labels: Vec<&str> = host.split('.').collect();
-            host == "localhost"
-                || labels.len() == 1
-                || (labels.len() == 2 && labels[1] == namespace)
-                || labels.get(2) == Some(&"svc")
-        }
+    if host == "localhost" {
+        return true;
     }
+    let private_v4 = |ip: Ipv4Addr| ip.is_loopback() || ip.is_private();
+    match literal_address(host) {
+        Some(IpAddr::V4(ip)) => private_v4(ip),
+        Some(IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00
+                || ip.to_ipv4_mapped().is_some_and(private_v4)
+        }
+        None => is_service_name(host, namespace),
+    }
+}
+
+fn is_service_name(host: &str, namespace: &str) -> bool {
+    let labels: Vec<&str> = host.split('.').collect();
+    if !labels.iter().all(|l| is_dns_label(l)) {
+        return false;
+    }
+    // `<service>.<namespace>`, with a StatefulSet pod's hostname in front or not.
+    let service_in_namespace = |name: &str| (2..=3).contains(&name.split('.').count());
+    if let Some(name) = host.strip_suffix(&format!(".svc.{CLUSTER_DOMAIN}")) {
+        return service_in_namespace(name);
+    }
+    if let Some(name) = host.strip_suffix(".svc") {
+        return service_in_namespace(name);
+    }
+    match labels[..] {
+        [_] => true,
+        [_, ns] => ns == namespace && !could_be_top_level_domain(ns),
+        _ => false,
+    }
+}
+
+/// A DNS label as Kubernetes names Services and namespaces (RFC 1123).
+fn is_dns_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
+/// Whether `label` could be a public top-level domain, today or once delegated: those are
+/// letters only, or IDNs (`xn--...`).
+fn could_be_top_level_domain(label: &str) -> bool {
+    label.bytes().all(|b| b.is_ascii_alphabetic()) || label.starts_with("xn--")
 }
 
 /// Every problem of the gateway's spec, each naming its field; empty when the spec is valid.
@@ -114,106 +276,27 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     if let Some(sel) = &spec.provider_key_selector
         && let Err(e) = parse_selector(sel)
     {
-        problems.push(format!("providerKeySelector is invalid: {e}"));
+        problems.push(format!("spec.providerKeySelector is invalid: {e}"));
     }
+    // What the sidecar would refuse, with the sidecar's messages.
+    problems.extend(validation::policy_problems(policy, Origin::Resource));
+    // The URL policy, for URLs the sidecar accepts (the others are reported above).
     for (provider, settings) in &policy.providers {
         if let Some(url) = &settings.base_url
+            && validation::base_url_problem(url).is_none()
             && let Err(why) = upstream_url(url, &namespace, insecure)
         {
-            problems.push(format!("providers.{provider}.baseURL {why}"));
-        }
-        if provider.starts_with("custom-") && settings.base_url.is_none() {
-            problems.push(format!(
-                "providers.{provider} needs a baseURL (custom providers have no default)"
-            ));
+            problems.push(format!("spec.providers.{provider}.baseURL {why}"));
         }
     }
     if let Some(url) = policy
         .guardrails
         .as_ref()
         .and_then(|g| g.moderation_url.as_ref())
+        && validation::is_http_url(url)
         && let Err(why) = upstream_url(url, &namespace, insecure)
     {
-        problems.push(format!("guardrails.moderationURL {why}"));
-    }
-    if let Some(why) = policy.cache.as_ref().and_then(|c| c.problem()) {
-        problems.push(why);
-    }
-    if let Some(why) = policy.open_telemetry_problem() {
-        // The sidecar refuses the same config with the same message.
-        problems.push(why);
-    }
-    if let Some(why) = policy.cost_problem() {
-        // The sidecar refuses the same config with the same message.
-        problems.push(why);
-    }
-    if policy
-        .rate_limit
-        .as_ref()
-        .is_some_and(|r| r.tokens_per_minute == Some(0))
-    {
-        problems.push("spec.rateLimit.tokensPerMinute must be larger than 0".into());
-    }
-    if policy.redis.is_none()
-        && policy
-            .rate_limit
-            .as_ref()
-            .is_some_and(|r| r.scope == sidegate_crds::policy::RateLimitScope::Global)
-    {
-        problems.push(
-            "rateLimit.scope global needs the redis block (limits are counted in Redis)".into(),
-        );
-    }
-    if let Err(why) = sidegate_crds::routes::compile(&policy.routes, &policy.fallbacks, |id| {
-        sidegate_crds::provider::BUILTIN_PROVIDERS.contains(&id)
-            || policy.providers.contains_key(id)
-    }) {
-        // The sidecar refuses the same config with the same message.
-        problems.push(why);
-    }
-    if let Some(g) = &policy.guardrails {
-        for (side, map) in [("prompt", &g.prompt), ("response", &g.response)] {
-            for c in map.keys() {
-                if !sidegate_crds::policy::GUARDRAIL_CATEGORIES.contains(&c.as_str()) {
-                    problems.push(format!(
-                        "guardrails.{side}: unknown category {c:?} (known: {})",
-                        sidegate_crds::policy::GUARDRAIL_CATEGORIES.join(", ")
-                    ));
-                }
-            }
-        }
-        if (!g.prompt.is_empty() || !g.response.is_empty()) && g.moderation_url.is_none() {
-            problems.push(
-                "guardrails.moderationURL is required when prompt or response categories are set"
-                    .into(),
-            );
-        }
-    }
-    for (i, p) in policy.dlp.iter().flat_map(|d| &d.policies).enumerate() {
-        for name in &p.profiles {
-            if !sidegate_crds::policy::DLP_PROFILES.contains(&name.as_str()) {
-                problems.push(format!(
-                    "dlp.policies[{i}].profiles: unknown profile {name:?} (known: {})",
-                    sidegate_crds::policy::DLP_PROFILES.join(", ")
-                ));
-            }
-        }
-    }
-    if let Some(retries) = &policy.retries
-        && let Some(delay) = retries.retry_delay
-        && delay.get() > std::time::Duration::from_secs(5)
-    {
-        problems.push(format!("retries.retryDelay {delay} must be at most 5s"));
-    }
-    if let Some(rl) = &policy.rate_limit
-        && rl.interval.get().is_zero()
-    {
-        problems.push("rateLimit.interval must be longer than 0s".to_owned());
-    }
-    if let Some(t) = policy.request_timeout
-        && t.get().is_zero()
-    {
-        problems.push("requestTimeout must be longer than 0ms".to_owned());
+        problems.push(format!("spec.guardrails.moderationURL {why}"));
     }
     problems
 }
@@ -221,6 +304,7 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sidegate_crds::api::AIGatewaySpec;
 
     #[test]
     fn https_upstreams_are_allowed_anywhere() {
@@ -245,17 +329,38 @@ mod tests {
             "http://ollama.team-a:11434/v1",
             "http://ollama.models.svc:11434",
             "http://ollama.models.svc.cluster.local/v1",
+            "http://ollama.models.svc.cluster.local./v1",
+            "http://ollama-0.ollama.models.svc:11434",
+            "http://ollama-0.ollama.models.svc.cluster.local:11434",
+            "http://localhost:8080",
             "http://10.0.0.7:8080",
             "http://127.0.0.1:9000",
+            "http://[::1]:9000",
+            "http://[fd12::7]:9000",
+            // Spellings of private addresses are private addresses.
+            "http://167772167:8080",
+            "http://10.7:8080",
         ] {
             assert_eq!(upstream_url(ok, "team-a", false), Ok(()), "{ok}");
         }
-        for bad in [
-            "http://evil.example.com/v1",
-            "http://ollama.other-ns:11434",
-            "http://8.8.8.8/",
+        for (bad, namespace) in [
+            ("http://evil.example.com/v1", "team-a"),
+            ("http://ollama.other-ns:11434", "team-a"),
+            ("http://8.8.8.8/", "team-a"),
+            ("http://134744072/", "team-a"),
+            // A third label `svc` is not the cluster's: only `.svc` and `.svc.cluster.local` end
+            // an in-cluster name.
+            ("http://a.b.svc.example.com/v1", "team-a"),
+            ("http://a.b.svc.cluster.example/v1", "team-a"),
+            ("http://a.b.c.d.svc/v1", "team-a"),
+            ("http://svc.cluster.local/v1", "team-a"),
+            // The object's own namespace, but one that could be a top-level domain: the resolver
+            // goes on to the public name when no such Service exists.
+            ("http://openai.ai/v1", "ai"),
+            ("http://ollama.models:11434", "models"),
+            ("http://example.xn--p1ai/v1", "xn--p1ai"),
         ] {
-            let err = upstream_url(bad, "team-a", false).expect_err(bad);
+            let err = upstream_url(bad, namespace, false).expect_err(bad);
             assert!(err.contains("plain http outside the cluster"), "{err}");
             assert!(err.contains(ALLOW_INSECURE_UPSTREAM_ANNOTATION), "{err}");
         }
@@ -271,8 +376,10 @@ mod tests {
             "http://169.254.169.254/latest/meta-data",
             "https://169.254.169.254/",
             "http://metadata.google.internal/computeMetadata/v1",
+            "http://metadata.google.internal./computeMetadata/v1",
             "http://[fd00:ec2::254]/",
             "https://[fe80::1]/",
+            "http://100.100.100.200/latest/meta-data",
         ] {
             let err = upstream_url(bad, "team-a", false).expect_err(bad);
             assert!(err.contains("metadata"), "{err}");
@@ -280,16 +387,147 @@ mod tests {
     }
 
     #[test]
-    fn non_urls_and_other_schemes_are_refused() {
-        assert!(upstream_url("api.openai.com", "ns", false).is_err());
-        assert!(upstream_url("ftp://x.example/", "ns", true).is_err());
+    fn every_spelling_of_a_metadata_address_is_refused() {
+        // What inet_aton, and so glibc's getaddrinfo, reads as 169.254.169.254.
+        for bad in [
+            "http://2852039166/",
+            "http://0xa9fea9fe/",
+            "http://0XA9FEA9FE/",
+            "http://0251.0376.0251.0376/",
+            "http://169.254.43518/",
+            "http://169.16689662/",
+            "http://0xa9.0xfe.0xa9.0xfe/",
+            "http://0x00000000a9fea9fe/",
+            "https://2852039166/",
+            "http://169.254.169.254./",
+            "http://[::ffff:169.254.169.254]/",
+            "http://[::ffff:a9fe:a9fe]/",
+            "http://[::169.254.169.254]/",
+            "http://[64:ff9b::a9fe:a9fe]/",
+            // Alibaba Cloud's 100.100.100.200.
+            "http://1684301000/",
+        ] {
+            let err = upstream_url(bad, "team-a", false).expect_err(bad);
+            assert!(err.contains("metadata"), "{bad}: {err}");
+        }
+        assert_eq!(
+            inet_aton("2852039166"),
+            Some(Ipv4Addr::new(169, 254, 169, 254))
+        );
+        assert_eq!(inet_aton("1.2"), Some(Ipv4Addr::new(1, 0, 0, 2)));
+        assert_eq!(inet_aton("1.2.3"), Some(Ipv4Addr::new(1, 2, 0, 3)));
+        for not_a_number in [
+            "",
+            "1.",
+            ".1",
+            "1..2",
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "1.2.3.256",
+            "1.16777216",
+            "4294967296",
+            "0x",
+            "08",
+            "1e3",
+            "-1",
+            "+1",
+            "0x1g",
+            "ollama",
+            "a.b",
+        ] {
+            assert_eq!(inet_aton(not_a_number), None, "{not_a_number:?}");
+        }
     }
 
     #[test]
-    fn what_the_sidecar_would_refuse_is_a_spec_problem() {
-        use sidegate_crds::api::AIGatewaySpec;
+    fn a_host_the_request_fills_in_cannot_become_an_address() {
+        for bad in [
+            "http://{resource}/v1",
+            "https://{resource}/v1",
+            "https://{region}.254/v1",
+            "http://169.254.{region}.254/v1",
+        ] {
+            let err = upstream_url(bad, "team-a", false).expect_err(bad);
+            assert!(
+                err.contains("could turn into any IP address"),
+                "{bad}: {err}"
+            );
+        }
+        for ok in [
+            "https://{region}-aiplatform.googleapis.com",
+            "http://{resource}.team-a:8080/v1",
+            "http://{resource}.models.svc:8080/v1",
+        ] {
+            assert_eq!(upstream_url(ok, "team-a", false), Ok(()), "{ok}");
+        }
+    }
+
+    #[test]
+    fn non_urls_and_other_schemes_are_refused() {
+        assert!(upstream_url("api.openai.com", "ns", false).is_err());
+        assert!(upstream_url("ftp://x.example/", "ns", true).is_err());
+        assert!(base_url("https://x.example/v1?k=1", "ns", true).is_err());
+    }
+
+    fn gateway_with(spec: AIGatewaySpec) -> AIGateway {
+        let mut gw = AIGateway::new("main", spec);
+        gw.metadata.namespace = Some("team-a".into());
+        gw
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Fixture {
+        refused: Vec<Refused>,
+        accepted: Vec<serde_json::Value>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Refused {
+        spec: serde_json::Value,
+        why: String,
+    }
+
+    fn fixture() -> Fixture {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../crds/fixtures/refused-specs.yaml"
+        );
+        let text = std::fs::read_to_string(path).expect("fixture");
+        serde_saphyr::from_str(&text).expect("fixture parses")
+    }
+
+    #[test]
+    fn every_spec_the_sidecar_refuses_is_a_spec_problem() {
+        // The same list is loaded by the sidecar's tests (sidecar/src/config.rs), which refuse
+        // each: the operator never marks a gateway Ready that its sidecars would not load.
+        let f = fixture();
+        assert!(f.refused.len() > 30);
+        for case in f.refused {
+            let spec: AIGatewaySpec =
+                serde_json::from_value(case.spec.clone()).expect("spec decodes");
+            let problems = gateway(&gateway_with(spec));
+            assert!(
+                problems.iter().any(|p| p.contains(&case.why)),
+                "{}: expected {:?} in {problems:?}",
+                case.spec,
+                case.why
+            );
+        }
+        for spec in f.accepted {
+            let decoded: AIGatewaySpec = serde_json::from_value(spec.clone()).expect("decodes");
+            assert_eq!(
+                gateway(&gateway_with(decoded)),
+                Vec::<String>::new(),
+                "{spec}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_the_sidecar_serves_is_no_spec_problem() {
         use sidegate_crds::policy::{
             Cache, CacheBackend, GatewayPolicy, Logging, RateLimit, RateLimitScope, Redis,
+            SecretKeyRef,
         };
         let policy = GatewayPolicy {
             logging: Some(Logging {
@@ -298,14 +536,10 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         };
-        let mut gw = AIGateway::new(
-            "main",
-            AIGatewaySpec {
-                policy,
-                ..AIGatewaySpec::default()
-            },
-        );
-        gw.metadata.namespace = Some("team-a".into());
+        let mut gw = gateway_with(AIGatewaySpec {
+            policy,
+            ..AIGatewaySpec::default()
+        });
         // Payload logging, the memory and redis caches and global rate limits are served.
         assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
         gw.spec.policy.cache = Some(Cache {
@@ -313,113 +547,67 @@ mod tests {
             backend: CacheBackend::Redis,
             ..Cache::default()
         });
-        gw.spec.policy.redis = Some(Redis::default());
+        gw.spec.policy.redis = Some(Redis {
+            url_secret_ref: Some(SecretKeyRef {
+                name: "redis".into(),
+                key: "url".into(),
+            }),
+        });
         gw.spec.policy.rate_limit = Some(RateLimit {
             limit: 10,
             interval: sidegate_crds::units::Duration::from_secs(60),
             technique: Default::default(),
             scope: RateLimitScope::Global,
-            tokens_per_minute: None,
+            tokens_per_minute: Some(100_000),
         });
         assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
-        // A route the sidecar would refuse is a spec problem with the sidecar's message.
-        gw.spec.policy.routes = vec![sidegate_crds::policy::DynamicRoute {
-            name: "r".into(),
-            nodes: vec![],
-        }];
-        assert!(
-            gateway(&gw)
-                .iter()
-                .any(|p| p.starts_with("spec.routes[0]: no start node")),
-            "{:?}",
-            gateway(&gw)
+        // A Redis block without its Secret: the sidecar would find no Redis URL.
+        gw.spec.policy.redis = Some(Redis::default());
+        assert_eq!(
+            gateway(&gw),
+            ["spec.redis needs urlSecretRef (a Secret key holding the Redis URL)"]
         );
-        gw.spec.policy.routes.clear();
-        // Guardrail categories are checked against the moderation API's.
-        let mut g = sidegate_crds::policy::Guardrails {
-            moderation_url: Some("http://moderation.team-a:8080/v1/moderations".into()),
-            ..Default::default()
-        };
-        g.prompt
-            .insert("gore".into(), sidegate_crds::policy::GuardrailAction::Block);
-        gw.spec.policy.guardrails = Some(g);
-        assert!(
-            gateway(&gw)
-                .iter()
-                .any(|p| p.starts_with("guardrails.prompt: unknown category \"gore\"")),
-            "{:?}",
-            gateway(&gw)
-        );
-        gw.spec.policy.guardrails = None;
-        // An OpenTelemetry collector anywhere (spans carry no keys), over http or https.
-        gw.spec.policy.open_telemetry = Some(sidegate_crds::policy::OpenTelemetry {
-            endpoint: "http://otel-collector.observability:4318".into(),
-            service_name: Some("checkout".into()),
-        });
-        assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
-        if let Some(o) = gw.spec.policy.open_telemetry.as_mut() {
-            o.endpoint = "otel-collector:4317".into();
-        }
-        assert!(
-            gateway(&gw).iter().any(|p| p.starts_with(
-                "spec.openTelemetry.endpoint \"otel-collector:4317\" must be an http:// or https:// URL"
-            )),
-            "{:?}",
-            gateway(&gw)
-        );
-        gw.spec.policy.open_telemetry = None;
-        // Spend limits, prices and token budgets are served; amounts and prices are checked.
-        gw.spec.policy.spend_limit = Some(sidegate_crds::policy::SpendLimit {
-            amount: "250.00".into(),
-            period: sidegate_crds::policy::SpendPeriod::Month,
-        });
-        gw.spec.policy.pricing = vec![sidegate_crds::policy::ModelPrice {
-            model: "house-llm".into(),
-            input_per_million: "0.5".into(),
-            output_per_million: "1.5".into(),
-        }];
-        if let Some(rl) = gw.spec.policy.rate_limit.as_mut() {
-            rl.tokens_per_minute = Some(100_000);
-        }
-        assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
-        gw.spec.policy.spend_limit = Some(sidegate_crds::policy::SpendLimit {
-            amount: "a lot".into(),
-            period: sidegate_crds::policy::SpendPeriod::Day,
-        });
-        gw.spec.policy.pricing[0].input_per_million = "cheap".into();
-        if let Some(rl) = gw.spec.policy.rate_limit.as_mut() {
-            rl.tokens_per_minute = Some(0);
-        }
-        let problems = gateway(&gw);
-        assert!(
-            problems
-                .iter()
-                .any(|p| p.starts_with("spec.spendLimit.amount \"a lot\" must be a positive")),
-            "{problems:?}"
-        );
-        assert!(
-            problems
-                .iter()
-                .any(|p| p == "spec.rateLimit.tokensPerMinute must be larger than 0"),
-            "{problems:?}"
-        );
-        gw.spec.policy.spend_limit = None;
-        assert!(
-            gateway(&gw)
-                .iter()
-                .any(|p| p.starts_with("spec.pricing[0].inputPerMillion \"cheap\"")),
-            "{:?}",
-            gateway(&gw)
-        );
-        gw.spec.policy.pricing.clear();
-        if let Some(rl) = gw.spec.policy.rate_limit.as_mut() {
-            rl.tokens_per_minute = None;
-        }
         gw.spec.policy.redis = None;
         assert!(
             gateway(&gw)
                 .iter()
-                .any(|p| p.starts_with("rateLimit.scope global needs the redis block")),
+                .any(|p| p.starts_with("spec.rateLimit.scope: global needs spec.redis")),
+            "{:?}",
+            gateway(&gw)
+        );
+        // An OpenTelemetry collector anywhere (spans carry no keys), over http or https.
+        gw.spec.policy = GatewayPolicy {
+            open_telemetry: Some(sidegate_crds::policy::OpenTelemetry {
+                endpoint: "http://otel-collector.observability:4318".into(),
+                service_name: Some("checkout".into()),
+            }),
+            ..GatewayPolicy::default()
+        };
+        assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
+    }
+
+    #[test]
+    fn upstream_url_policy_problems_name_the_field() {
+        let gw = gateway_with(
+            serde_json::from_value(serde_json::json!({
+                "providers": {"openai": {"baseURL": "http://api.example.com/v1"}},
+                "guardrails": {
+                    "moderationURL": "http://169.254.169.254/latest",
+                    "prompt": {"hate": "block"}
+                }
+            }))
+            .expect("spec"),
+        );
+        let problems = gateway(&gw);
+        assert!(
+            problems[0].starts_with(
+                "spec.providers.openai.baseURL 'http://api.example.com/v1' uses plain http outside the cluster"
+            ),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("spec.guardrails.moderationURL 'http://169.254.169.254/latest' points at a link-local or cloud metadata address"),
+            "{problems:?}"
         );
     }
 }
