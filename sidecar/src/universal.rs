@@ -1,7 +1,8 @@
 //! The universal endpoint (`POST /`, long form `POST /v1/{account}/{gateway}`): a JSON array of
 //! steps, each one provider request, tried in order until one answers with a success status.
 //! The answer of the step that served — or of the last step, whatever it is — goes to the client
-//! unchanged, with `cf-aig-step: <index>`. A step is
+//! unchanged, with `cf-aig-step: <index>`, `cf-aig-provider` and (when the step names one)
+//! `cf-aig-model`. A step is
 //! `{"provider", "endpoint", "headers", "query", "config": {"requestTimeout", "maxAttempts",
 //! "retryDelay", "backoff"}}`: `endpoint` is the provider path (as after `/{provider}/`),
 //! `query` the JSON body, `headers` the provider headers (a stored key still replaces the auth
@@ -31,6 +32,8 @@ use crate::telemetry::{LogOptions, RequestRecord};
 /// Most steps in one request.
 const MAX_STEPS: usize = 16;
 const STEP: HeaderName = HeaderName::from_static("cf-aig-step");
+const PROVIDER: HeaderName = HeaderName::from_static("cf-aig-provider");
+const MODEL: HeaderName = HeaderName::from_static("cf-aig-model");
 
 type Failure = (Option<Arc<str>>, GatewayError);
 
@@ -173,6 +176,17 @@ pub(crate) async fn serve(
         let (mut head, body) = resp.into_parts();
         strip_response_headers(&mut head.headers);
         head.headers.insert(STEP, HeaderValue::from(i));
+        // What served the request, as for a dynamic route.
+        if let Ok(v) = HeaderValue::from_str(id) {
+            head.headers.insert(PROVIDER, v);
+        }
+        if let Some(v) = step
+            .model
+            .as_ref()
+            .and_then(|m| HeaderValue::from_str(m.as_str()).ok())
+        {
+            head.headers.insert(MODEL, v);
+        }
         let log_id = proxy::tag_response(&mut head.headers, event_id);
         crate::dlp::flag(&mut head.headers, &dlp_flags);
         let mut record = RequestRecord::new(

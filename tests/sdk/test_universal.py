@@ -26,6 +26,8 @@ def test_the_first_step_that_succeeds_answers_with_its_index(gateway, mock):
                    headers={"cf-aig-event-id": "evt-7"})
     assert r.status_code == 200
     assert r.headers["cf-aig-step"] == "1"
+    # What served it, as for a dynamic route.
+    assert (r.headers["cf-aig-provider"], r.headers["cf-aig-model"]) == ("anthropic", "claude-haiku-4-5")
     assert r.headers["cf-aig-event-id"] == "evt-7" and len(r.headers["cf-aig-log-id"]) == 26
     assert r.json()["content"][0]["text"] == "mock reply to: universal hello"
     first, second = mock.requests()
@@ -40,6 +42,7 @@ def test_the_first_step_that_succeeds_answers_with_its_index(gateway, mock):
 def test_a_successful_first_step_is_the_only_one_sent(gateway, mock):
     r = httpx.post(gateway.url + "/", json=[openai_step(), anthropic_step()])
     assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0")
+    assert (r.headers["cf-aig-provider"], r.headers["cf-aig-model"]) == ("openai", "gpt-4o-mini")
     assert r.json()["choices"][0]["message"]["content"] == "mock reply to: universal hello"
     assert len(mock.requests()) == 1
 
