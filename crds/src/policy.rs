@@ -221,6 +221,75 @@ pub fn parse_usd(s: &str) -> Option<f64> {
     s.parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
+/// Adds a CEL rule (`x-kubernetes-validations`) to a schema.
+fn add_rule(schema: &mut schemars::Schema, rule: String, message: String) {
+    let rules = schema
+        .ensure_object()
+        .entry("x-kubernetes-validations")
+        .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+    if let serde_json::Value::Array(rules) = rules {
+        rules.push(serde_json::json!({"rule": rule, "message": message}));
+    }
+}
+
+/// `cache.ttl` within [`Cache::MIN_TTL`] and [`Cache::MAX_TTL`]. CEL's `duration()` knows no
+/// days and overflows on large hours, so the rule reads the number and unit itself.
+fn ttl_range_rule(schema: &mut schemars::Schema) {
+    let (min, max) = (Cache::MIN_TTL.as_millis(), Cache::MAX_TTL.as_millis());
+    add_rule(
+        schema,
+        format!(
+            "[int(self.find('^[0-9]+')) * (self.endsWith('ms') ? 1 : self.endsWith('s') ? 1000 : self.endsWith('m') ? 60000 : self.endsWith('h') ? 3600000 : 86400000)].all(ms, ms >= {min} && ms <= {max})"
+        ),
+        "cache.ttl must be between 60s and 30d".into(),
+    );
+}
+
+/// The items of `dlp.policies[].profiles`: one of [`DLP_PROFILES`].
+fn dlp_profiles_enum(schema: &mut schemars::Schema) {
+    if let Some(items) = schema.get_mut("items").and_then(|i| i.as_object_mut()) {
+        items.insert("enum".into(), serde_json::json!(DLP_PROFILES));
+    }
+}
+
+/// The keys of `guardrails.prompt` and `.response`: [`GUARDRAIL_CATEGORIES`].
+fn guardrail_categories_rule(schema: &mut schemars::Schema) {
+    let known = GUARDRAIL_CATEGORIES
+        .iter()
+        .map(|c| format!("'{c}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    schema.insert(
+        "maxProperties".into(),
+        serde_json::json!(GUARDRAIL_CATEGORIES.len()),
+    );
+    add_rule(
+        schema,
+        format!("self.all(c, c in [{known}])"),
+        format!(
+            "categories are those of OpenAI's moderation API: {}",
+            GUARDRAIL_CATEGORIES.join(", ")
+        ),
+    );
+}
+
+/// `providers.<id>.baseURL`: an absolute http(s) URL once its placeholders are filled in, as the
+/// ProviderKey's `baseURL` (the operator checks the rest, as the sidecar does).
+fn base_url_rule(schema: &mut schemars::Schema) {
+    let filled = crate::validation::BASE_URL_PLACEHOLDERS
+        .iter()
+        .fold("self".to_owned(), |acc, p| {
+            format!("{acc}.replace('{{{p}}}', 'x')")
+        });
+    add_rule(
+        schema,
+        format!(
+            "[{filled}].all(u, isURL(u) && url(u).getScheme() in ['https', 'http'] && url(u).getHostname() != '')"
+        ),
+        "baseURL must be an absolute http(s) URL, e.g. https://api.openai.com/v1 (placeholders: {resource}, {deployment}, {region}, {account})".into(),
+    );
+}
+
 /// A reference to one key of a Kubernetes Secret in the gateway's namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -300,6 +369,7 @@ pub struct Cache {
     pub enabled: bool,
     /// Default time to live (60s .. 30d); `cf-aig-cache-ttl` overrides it per request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(transform = ttl_range_rule)]
     pub ttl: Option<Duration>,
     /// Where entries are kept.
     #[serde(default)]
@@ -557,7 +627,7 @@ pub struct DlpPolicy {
     #[schemars(length(min = 1, max = 2))]
     pub check: Vec<DlpCheck>,
     /// Detection profiles: `credit-card`, `us-ssn`, `email`, `aws-keys`, `private-keys`.
-    #[schemars(length(min = 1, max = 16))]
+    #[schemars(length(min = 1, max = 16), transform = dlp_profiles_enum)]
     pub profiles: Vec<String>,
 }
 
@@ -614,9 +684,11 @@ pub struct Guardrails {
     pub moderation_url: Option<String>,
     /// Action per hazard category for prompts.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = guardrail_categories_rule)]
     pub prompt: BTreeMap<String, GuardrailAction>,
     /// Action per hazard category for responses.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = guardrail_categories_rule)]
     pub response: BTreeMap<String, GuardrailAction>,
 }
 
@@ -708,6 +780,7 @@ pub struct ProviderSettings {
     /// Upstream base URL; replaces SPEC.md's default. May contain `{resource}`, `{deployment}`
     /// (azure-openai), `{region}` (aws-bedrock, google-vertex-ai) or `{account}` (workers-ai).
     #[serde(default, rename = "baseURL", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), transform = base_url_rule)]
     pub base_url: Option<String>,
     /// Wire format of a custom provider (default openai).
     #[serde(default, skip_serializing_if = "Option::is_none")]

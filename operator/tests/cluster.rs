@@ -1106,6 +1106,36 @@ async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
             "should be less than or equal to 1000000",
         ),
         (
+            rejected(&dyn_gateways, gw("ttl-short", json!({"cache": {"enabled": true, "ttl": "59s"}}))).await,
+            "cache.ttl must be between 60s and 30d",
+        ),
+        (
+            rejected(&dyn_gateways, gw("ttl-long", json!({"cache": {"enabled": true, "ttl": "721h"}}))).await,
+            "cache.ttl must be between 60s and 30d",
+        ),
+        (
+            rejected(&dyn_gateways, gw("ttl-days", json!({"cache": {"enabled": true, "ttl": "999999999d"}}))).await,
+            "cache.ttl must be between 60s and 30d",
+        ),
+        (
+            rejected(&dyn_gateways, gw("dlp", json!({"dlp": {"policies": [
+                {"id": "p", "action": "BLOCK", "check": ["REQUEST"], "profiles": ["iban"]}]}}))).await,
+            "spec.dlp.policies[0].profiles[0]: Unsupported value: \"iban\"",
+        ),
+        (
+            rejected(&dyn_gateways, gw("gore", json!({"guardrails": {
+                "moderationURL": "https://moderation.example.com/v1/moderations", "prompt": {"gore": "block"}}}))).await,
+            "categories are those of OpenAI's moderation API",
+        ),
+        (
+            rejected(&dyn_gateways, gw("base", json!({"providers": {"openai": {"baseURL": "api.openai.com/v1"}}}))).await,
+            "baseURL must be an absolute http(s) URL",
+        ),
+        (
+            rejected(&dyn_gateways, gw("long", json!({"providers": {"openai": {"baseURL": format!("https://x.example/{}", "a".repeat(2048))}}}))).await,
+            "spec.providers.openai.baseURL: Too long",
+        ),
+        (
             rejected(&dyn_keys, pk("bogus", json!({"provider": "bogus", "secretRef": {"name": "s", "key": "k"}}))).await,
             "spec.provider in body should match",
         ),
@@ -1131,6 +1161,35 @@ async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
             message.contains(expected),
             "expected {expected:?} in {message:?}"
         );
+    }
+
+    // What the schema admitted before it checked TTLs, base URLs, profiles and categories, and
+    // is valid, is still admitted.
+    let admitted = [
+        json!({"cache": {"enabled": true, "ttl": "60s"}}),
+        json!({"cache": {"enabled": true, "ttl": "60000ms"}}),
+        json!({"cache": {"enabled": true, "ttl": "1m"}}),
+        json!({"cache": {"enabled": true, "ttl": "720h"}}),
+        json!({"cache": {"enabled": true, "ttl": "30d"}}),
+        json!({"providers": {
+            "azure-openai": {"baseURL": "https://{resource}.openai.azure.com/openai/deployments/{deployment}"},
+            "aws-bedrock": {"baseURL": "https://bedrock-runtime.{region}.amazonaws.com"},
+            "google-vertex-ai": {"baseURL": "https://{region}-aiplatform.googleapis.com"},
+            "workers-ai": {"baseURL": "https://api.cloudflare.com/client/v4/accounts/{account}/ai"},
+            "openai": {"baseURL": "http://10.0.0.7:8080/v1"},
+            "custom-ollama": {"baseURL": "http://ollama.models.svc.cluster.local:11434/v1"}}}),
+        json!({"dlp": {"policies": [{"id": "p", "action": "FLAG", "check": ["REQUEST", "RESPONSE"],
+            "profiles": sidegate_crds::policy::DLP_PROFILES}]}}),
+        json!({"guardrails": {"moderationURL": "https://moderation.example.com/v1/moderations",
+            "prompt": sidegate_crds::policy::GUARDRAIL_CATEGORIES.iter().map(|c| (*c, "block")).collect::<BTreeMap<_, _>>(),
+            "response": {"violence/graphic": "flag"}}}),
+    ];
+    for (i, spec) in admitted.into_iter().enumerate() {
+        let obj: kube::api::DynamicObject =
+            serde_json::from_value(gw(&format!("admitted-{i}"), spec.clone())).expect("object");
+        if let Err(e) = dyn_gateways.create(&PostParams::default(), &obj).await {
+            panic!("{spec} was refused: {e}");
+        }
     }
     ns.delete().await;
 }
