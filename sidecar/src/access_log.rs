@@ -2,8 +2,10 @@
 //!
 //! Lines are formatted by hand (no `fmt` machinery per field) into a shared buffer that a
 //! background thread flushes to stderr every [`FLUSH_EVERY`] (or at once when it grows past
-//! [`FLUSH_AT`]), so a request costs neither a `tracing` event nor a write syscall. Keys never
-//! reach this module: lines carry provider id, method, path without query, status, sizes, time.
+//! [`FLUSH_AT`]), so a request costs neither a `tracing` event nor a write syscall. The fields
+//! are SPEC.md's log fields (`id`, `created_at`, `status_code`, `duration`, ...) plus `method`,
+//! `bytes` and `outcome`. Keys never reach this module: lines carry provider id, method, path
+//! without query, status, sizes, time, and the client's own values (metadata, event id) escaped.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -18,46 +20,59 @@ pub const FLUSH_AT: usize = 64 * 1024;
 /// Line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// `2026-01-01T00:00:00.000000Z  INFO request log_id=... provider=openai ...`
+    /// `2026-01-01T00:00:00.000000Z  INFO request id=... provider=openai ...`
     Text,
     /// One JSON object per line.
     Json,
 }
 
-/// One finished request.
+/// One finished request; the field names are SPEC.md's log fields (`id`, `created_at`, ...).
 pub struct Entry<'a> {
     /// Request id (`cf-aig-log-id`).
-    pub log_id: &'a str,
-    /// Provider id.
-    pub provider: &'a str,
+    pub id: &'a str,
+    /// When the request came in.
+    pub created_at: SystemTime,
+    /// Provider id, when the request got as far as naming a known one.
+    pub provider: Option<&'a str>,
+    /// The model the request named (or that answered it).
+    pub model: Option<&'a str>,
     /// HTTP method.
     pub method: &'a str,
     /// Provider path, without query.
     pub path: &'a str,
     /// Status sent to the client.
-    pub status: u16,
+    pub status_code: u16,
     /// Milliseconds from request to end of body.
-    pub duration_ms: f64,
+    pub duration: f64,
     /// Response body bytes.
     pub bytes: u64,
-    /// `complete`, `cancelled` or `upstream_error`.
+    /// `complete`, `cancelled`, `upstream_error` or `refused` (an error made by the gateway).
     pub outcome: &'a str,
     /// Served from the response cache.
     pub cached: bool,
-    /// `cf-aig-metadata` (a compact JSON object).
-    pub metadata: Option<&'a str>,
     /// Prompt tokens the provider reported.
     pub tokens_in: Option<u64>,
     /// Generated tokens the provider reported.
     pub tokens_out: Option<u64>,
-    /// The model the request named.
-    pub model: Option<&'a str>,
     /// Cost in USD, when the model's price (or a custom cost) is known.
     pub cost: Option<f64>,
     /// The cost came from `cf-aig-custom-cost`.
     pub custom_cost: bool,
+    /// `cf-aig-metadata` (a compact JSON object).
+    pub metadata: Option<&'a str>,
+    /// The dynamic-route step or universal-endpoint index that answered (`cf-aig-step`).
+    pub step: Option<u32>,
+    /// The client's `cf-aig-event-id`.
+    pub event_id: Option<&'a str>,
     /// The bodies, when the gateway logs payloads.
     pub payloads: Option<Bodies<'a>>,
+}
+
+impl Entry<'_> {
+    /// A 2xx/3xx whose body reached the client whole.
+    pub fn success(&self) -> bool {
+        self.status_code < 400 && self.outcome == "complete"
+    }
 }
 
 /// The request and response bodies of a log line (each possibly cut short).
@@ -132,20 +147,27 @@ pub fn write(e: &Entry<'_>) {
 }
 
 fn text_line(b: &mut String, e: &Entry<'_>) {
-    timestamp(b, SystemTime::now());
-    b.push_str("  INFO request log_id=");
-    b.push_str(e.log_id);
-    b.push_str(" provider=");
-    b.push_str(e.provider);
+    timestamp(b, e.created_at);
+    b.push_str("  INFO request id=");
+    b.push_str(e.id);
+    if let Some(p) = e.provider {
+        b.push_str(" provider=");
+        text_value(b, p);
+    }
     b.push_str(" method=");
     b.push_str(e.method);
     b.push_str(" path=");
     // Request paths are visible ASCII without spaces: the HTTP parser refuses anything else.
     b.push_str(e.path);
-    b.push_str(" status=");
-    push_u64(b, e.status.into());
-    b.push_str(" duration_ms=");
-    push_millis(b, e.duration_ms);
+    b.push_str(" status_code=");
+    push_u64(b, e.status_code.into());
+    b.push_str(if e.success() {
+        " success=true"
+    } else {
+        " success=false"
+    });
+    b.push_str(" duration=");
+    push_millis(b, e.duration);
     b.push_str(" bytes=");
     push_u64(b, e.bytes);
     b.push_str(" outcome=");
@@ -163,11 +185,7 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
     }
     if let Some(m) = e.model {
         b.push_str(" model=");
-        if m.bytes().all(|c| c.is_ascii_graphic() && c != b'"') {
-            b.push_str(m);
-        } else {
-            json_str(b, m);
-        }
+        text_value(b, m);
     }
     if let Some(c) = e.cost {
         b.push_str(" cost=");
@@ -180,6 +198,14 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
         // Compact JSON without spaces or newlines (re-serialized when the header was read).
         b.push_str(" metadata=");
         b.push_str(m);
+    }
+    if let Some(n) = e.step {
+        b.push_str(" step=");
+        push_u64(b, n.into());
+    }
+    if let Some(id) = e.event_id {
+        b.push_str(" event_id=");
+        text_value(b, id);
     }
     if let Some(p) = &e.payloads {
         // Quoted and escaped like JSON strings: a body cannot break the line.
@@ -195,50 +221,57 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
 }
 
 fn json_line(b: &mut String, e: &Entry<'_>) {
-    b.push_str("{\"timestamp\":\"");
-    timestamp(b, SystemTime::now());
-    b.push_str("\",\"level\":\"INFO\",\"message\":\"request\",\"log_id\":\"");
-    b.push_str(e.log_id);
+    b.push_str("{\"created_at\":\"");
+    timestamp(b, e.created_at);
+    b.push_str("\",\"level\":\"INFO\",\"message\":\"request\",\"id\":\"");
+    b.push_str(e.id);
     b.push_str("\",\"provider\":");
-    json_str(b, e.provider);
+    json_opt_str(b, e.provider);
+    b.push_str(",\"model\":");
+    json_opt_str(b, e.model);
     b.push_str(",\"method\":");
     json_str(b, e.method);
     b.push_str(",\"path\":");
     json_str(b, e.path);
-    b.push_str(",\"status\":");
-    push_u64(b, e.status.into());
-    b.push_str(",\"duration_ms\":");
-    push_millis(b, e.duration_ms);
+    b.push_str(",\"status_code\":");
+    push_u64(b, e.status_code.into());
+    b.push_str(if e.success() {
+        ",\"success\":true"
+    } else {
+        ",\"success\":false"
+    });
+    b.push_str(if e.cached {
+        ",\"cached\":true"
+    } else {
+        ",\"cached\":false"
+    });
+    b.push_str(",\"duration\":");
+    push_millis(b, e.duration);
     b.push_str(",\"bytes\":");
     push_u64(b, e.bytes);
     b.push_str(",\"outcome\":\"");
     b.push_str(e.outcome);
-    b.push_str("\",\"cached\":");
-    b.push_str(if e.cached { "true" } else { "false" });
-    if let Some(n) = e.tokens_in {
-        b.push_str(",\"tokens_in\":");
-        push_u64(b, n);
+    b.push_str("\",\"tokens_in\":");
+    json_opt_u64(b, e.tokens_in);
+    b.push_str(",\"tokens_out\":");
+    json_opt_u64(b, e.tokens_out);
+    b.push_str(",\"cost\":");
+    match e.cost {
+        Some(c) => push_usd(b, c),
+        None => b.push_str("null"),
     }
-    if let Some(n) = e.tokens_out {
-        b.push_str(",\"tokens_out\":");
-        push_u64(b, n);
-    }
-    if let Some(m) = e.model {
-        b.push_str(",\"model\":");
-        json_str(b, m);
-    }
-    if let Some(c) = e.cost {
-        b.push_str(",\"cost\":");
-        push_usd(b, c);
-    }
-    if e.custom_cost {
-        b.push_str(",\"custom_cost\":true");
-    }
-    if let Some(m) = e.metadata {
-        // Already compact JSON (re-serialized when the header was read).
-        b.push_str(",\"metadata\":");
-        b.push_str(m);
-    }
+    b.push_str(if e.custom_cost {
+        ",\"custom_cost\":true"
+    } else {
+        ",\"custom_cost\":false"
+    });
+    // Already compact JSON (re-serialized when the header was read).
+    b.push_str(",\"metadata\":");
+    b.push_str(e.metadata.unwrap_or("null"));
+    b.push_str(",\"step\":");
+    json_opt_u64(b, e.step.map(u64::from));
+    b.push_str(",\"event_id\":");
+    json_opt_str(b, e.event_id);
     if let Some(p) = &e.payloads {
         b.push_str(",\"request_body\":");
         json_str(b, &String::from_utf8_lossy(p.request));
@@ -249,6 +282,32 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
         }
     }
     b.push_str("}\n");
+}
+
+/// Appends a text-line value: as it is when it is visible ASCII without quotes, else quoted and
+/// escaped like a JSON string (a client's value cannot fake another field or break the line).
+fn text_value(b: &mut String, s: &str) {
+    if !s.is_empty() && s.bytes().all(|c| c.is_ascii_graphic() && c != b'"') {
+        b.push_str(s);
+    } else {
+        json_str(b, s);
+    }
+}
+
+/// Appends `s` as a JSON string, or `null`.
+fn json_opt_str(b: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(b, s),
+        None => b.push_str("null"),
+    }
+}
+
+/// Appends `n` as a JSON number, or `null`.
+fn json_opt_u64(b: &mut String, n: Option<u64>) {
+    match n {
+        Some(n) => push_u64(b, n),
+        None => b.push_str("null"),
+    }
 }
 
 /// Appends `n` in decimal.
@@ -365,23 +424,40 @@ mod tests {
 
     fn entry() -> Entry<'static> {
         Entry {
-            log_id: "01ABC",
-            provider: "openai",
+            id: "01ABC",
+            created_at: UNIX_EPOCH + Duration::from_micros(1_795_646_428_555_485),
+            provider: Some("openai"),
+            model: None,
             method: "POST",
             path: "chat/\"completions",
-            status: 200,
-            duration_ms: 1.5,
+            status_code: 200,
+            duration: 1.5,
             bytes: 10,
             outcome: "complete",
             cached: false,
-            metadata: None,
             tokens_in: None,
             tokens_out: None,
-            model: None,
             cost: None,
             custom_cost: false,
+            metadata: None,
+            step: None,
+            event_id: None,
             payloads: None,
         }
+    }
+
+    fn json(e: &Entry<'_>) -> serde_json::Value {
+        let mut b = String::new();
+        json_line(&mut b, e);
+        assert!(b.ends_with("}\n") && b.matches('\n').count() == 1, "{b}");
+        serde_json::from_str(b.trim_end()).expect("valid json")
+    }
+
+    fn text(e: &Entry<'_>) -> String {
+        let mut b = String::new();
+        text_line(&mut b, e);
+        assert!(b.ends_with('\n') && b.matches('\n').count() == 1, "{b}");
+        b
     }
 
     #[test]
@@ -392,33 +468,22 @@ mod tests {
             response: b"data: {\"x\":1}\n\n\xff",
             response_cut: true,
         };
-        let mut b = String::new();
-        json_line(
-            &mut b,
-            &Entry {
-                payloads: Some(bodies),
-                ..entry()
-            },
-        );
-        assert_eq!(b.matches('\n').count(), 1, "{b}");
-        let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
+        let v = json(&Entry {
+            payloads: Some(bodies),
+            ..entry()
+        });
         assert_eq!(v["request_body"], "{\"q\":\"line one\nline \\\"two\\\"\"}");
         assert_eq!(v["response_body"], "data: {\"x\":1}\n\n\u{fffd}");
         assert_eq!(v["payload_truncated"], true);
-        let mut b = String::new();
-        text_line(
-            &mut b,
-            &Entry {
-                payloads: Some(Bodies {
-                    request: b"hi",
-                    request_cut: false,
-                    response: b"a\nb",
-                    response_cut: false,
-                }),
-                ..entry()
-            },
-        );
-        assert_eq!(b.matches('\n').count(), 1, "{b}");
+        let b = text(&Entry {
+            payloads: Some(Bodies {
+                request: b"hi",
+                request_cut: false,
+                response: b"a\nb",
+                response_cut: false,
+            }),
+            ..entry()
+        });
         assert!(
             b.contains(r#" request_body="hi" response_body="a\u000ab""#),
             "{b}"
@@ -439,81 +504,172 @@ mod tests {
     }
 
     #[test]
-    fn json_lines_parse_and_escape_the_path() {
-        let mut b = String::new();
-        json_line(&mut b, &entry());
-        let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
+    fn json_lines_carry_every_spec_field_null_when_unknown() {
+        let v = json(&entry());
+        let spec = [
+            "id",
+            "created_at",
+            "provider",
+            "model",
+            "path",
+            "status_code",
+            "success",
+            "cached",
+            "duration",
+            "tokens_in",
+            "tokens_out",
+            "cost",
+            "custom_cost",
+            "metadata",
+            "step",
+            "event_id",
+        ];
+        for f in spec {
+            assert!(v.get(f).is_some(), "{f} missing: {v}");
+        }
+        for old in ["log_id", "timestamp", "status", "duration_ms"] {
+            assert!(v.get(old).is_none(), "{old} still there: {v}");
+        }
+        assert_eq!(v["id"], "01ABC");
+        assert_eq!(v["created_at"], "2026-11-25T22:40:28.555485Z");
+        assert_eq!(v["provider"], "openai");
         assert_eq!(v["path"], "chat/\"completions");
-        assert_eq!(v["status"], 200);
-        assert_eq!(v["message"], "request");
+        assert_eq!(v["status_code"], 200);
+        assert_eq!(v["success"], true);
         assert_eq!(v["cached"], false);
-        let mut b = String::new();
-        json_line(
-            &mut b,
-            &Entry {
-                metadata: Some(r#"{"team":"a b","n":1}"#),
-                ..entry()
-            },
-        );
-        let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
+        assert_eq!(v["duration"], 1.5);
+        assert_eq!(v["custom_cost"], false);
+        assert_eq!(v["message"], "request");
+        for unknown in [
+            "model",
+            "tokens_in",
+            "tokens_out",
+            "cost",
+            "metadata",
+            "step",
+            "event_id",
+        ] {
+            assert!(v[unknown].is_null(), "{unknown}: {v}");
+        }
+        let v = json(&Entry {
+            provider: None,
+            ..entry()
+        });
+        assert!(v["provider"].is_null(), "{v}");
+        let v = json(&Entry {
+            metadata: Some(r#"{"team":"a b","n":1}"#),
+            model: Some("gpt-4o-mini"),
+            tokens_in: Some(3),
+            tokens_out: Some(4),
+            cost: Some(0.0000225),
+            custom_cost: true,
+            step: Some(2),
+            ..entry()
+        });
         assert_eq!(v["metadata"]["team"], "a b");
-        assert!(v.get("cost").is_none() && v.get("model").is_none(), "{b}");
-        let mut b = String::new();
-        json_line(
-            &mut b,
-            &Entry {
-                model: Some("gpt-4o-mini"),
-                cost: Some(0.0000225),
-                custom_cost: true,
-                ..entry()
-            },
-        );
-        let v: serde_json::Value = serde_json::from_str(b.trim_end()).expect("valid json");
         assert_eq!(v["model"], "gpt-4o-mini");
+        assert_eq!((&v["tokens_in"], &v["tokens_out"]), (&3.into(), &4.into()));
         assert_eq!(v["cost"], 0.0000225);
         assert_eq!(v["custom_cost"], true);
-        assert!(b.ends_with("}\n") && b.matches('\n').count() == 1);
+        assert_eq!(v["step"], 2);
+    }
+
+    #[test]
+    fn client_values_are_escaped_in_both_formats() {
+        let sneaky = "ev \"1\"\\\n\",\"success\":true provider=x";
+        let e = Entry {
+            event_id: Some(sneaky),
+            model: Some("m\"odel"),
+            provider: Some("custom-a b"),
+            status_code: 429,
+            outcome: "refused",
+            ..entry()
+        };
+        let v = json(&e);
+        assert_eq!(v["event_id"], sneaky);
+        assert_eq!(v["model"], "m\"odel");
+        assert_eq!(v["provider"], "custom-a b");
+        assert_eq!(v["success"], false);
+        let b = text(&e);
+        assert!(
+            b.contains(r#" event_id="ev \"1\"\\\u000a\",\"success\":true provider=x""#),
+            "{b}"
+        );
+        assert!(b.contains(r#" provider="custom-a b" "#), "{b}");
+        assert!(b.contains(r#" model="m\"odel""#), "{b}");
+        assert_eq!(b.matches(" success=").count(), 1, "{b}");
+        assert!(b.contains(" success=false "), "{b}");
+        let b = text(&Entry {
+            event_id: Some("order-42"),
+            ..entry()
+        });
+        assert!(b.trim_end().ends_with(" event_id=order-42"), "{b}");
+    }
+
+    #[test]
+    fn success_is_a_2xx_or_3xx_whose_body_completed() {
+        let ok = |status_code, outcome| {
+            Entry {
+                status_code,
+                outcome,
+                ..entry()
+            }
+            .success()
+        };
+        assert!(ok(200, "complete") && ok(304, "complete"));
+        assert!(!ok(200, "cancelled") && !ok(200, "upstream_error"));
+        assert!(!ok(400, "complete") && !ok(429, "refused") && !ok(502, "complete"));
     }
 
     #[test]
     fn text_lines_name_every_field() {
-        let mut b = String::new();
-        text_line(&mut b, &entry());
+        let b = text(&entry());
+        assert!(
+            b.starts_with("2026-11-25T22:40:28.555485Z  INFO request id=01ABC provider=openai "),
+            "{b}"
+        );
         for f in [
-            "log_id=01ABC",
-            "provider=openai",
-            "method=POST",
-            "status=200",
-            "duration_ms=1.500",
-            "bytes=10",
-            "outcome=complete",
+            " method=POST",
+            " status_code=200 success=true",
+            " duration=1.500",
+            " bytes=10",
+            " outcome=complete",
         ] {
             assert!(b.contains(f), "{b}");
         }
-        assert!(b.ends_with('\n'));
-        assert!(!b.contains("cached"), "{b}");
-        let mut b = String::new();
-        text_line(
-            &mut b,
-            &Entry {
-                cached: true,
-                ..entry()
-            },
-        );
+        for absent in [
+            "cached",
+            "log_id",
+            " status=",
+            "duration_ms",
+            "step",
+            "event_id",
+        ] {
+            assert!(!b.contains(absent), "{absent}: {b}");
+        }
+        let b = text(&Entry {
+            cached: true,
+            ..entry()
+        });
         assert!(
             b.trim_end().ends_with("outcome=complete cached=true"),
             "{b}"
         );
-        let mut b = String::new();
-        text_line(
-            &mut b,
-            &Entry {
-                model: Some("gpt-4o"),
-                cost: Some(1e-7),
-                ..entry()
-            },
+        let b = text(&Entry {
+            model: Some("gpt-4o"),
+            cost: Some(1e-7),
+            step: Some(1),
+            ..entry()
+        });
+        assert!(
+            b.trim_end().ends_with("model=gpt-4o cost=0.0000001 step=1"),
+            "{b}"
         );
-        assert!(b.trim_end().ends_with("model=gpt-4o cost=0.0000001"), "{b}");
+        let b = text(&Entry {
+            provider: None,
+            ..entry()
+        });
+        assert!(b.contains("id=01ABC method=POST"), "{b}");
     }
 
     #[test]

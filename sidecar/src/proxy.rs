@@ -281,7 +281,7 @@ impl Gateway {
             opts,
             log_id,
         );
-        record.set_cached();
+        record.set_cached(None);
         record.set_request_payload(req.body);
         record.add_cached_body(&cached_body);
         record.finish_complete();

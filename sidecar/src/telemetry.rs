@@ -425,8 +425,8 @@ impl Metrics {
 pub const MAX_LOGGED_PAYLOAD: usize = 32 * 1024;
 
 /// What a request asks of its log line: `cf-aig-collect-log: false` (no line),
-/// `cf-aig-metadata` (a flat JSON object of at most 5 string, number or bool values, logged)
-/// and `cf-aig-custom-cost`.
+/// `cf-aig-metadata` (a flat JSON object of at most 5 string, number or bool values, logged),
+/// `cf-aig-custom-cost` and `cf-aig-event-id` (logged).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LogOptions {
     /// Write a log line for this request.
@@ -435,6 +435,8 @@ pub struct LogOptions {
     pub metadata: Option<Arc<str>>,
     /// The request's own price, replacing the model's.
     pub custom_cost: Option<crate::cost::CustomCost>,
+    /// The client's `cf-aig-event-id`.
+    pub event_id: Option<http::HeaderValue>,
     /// Log the request and response bodies (`spec.logging.payloads`, unless
     /// `cf-aig-collect-log-payload: false`).
     pub payloads: bool,
@@ -449,41 +451,45 @@ impl LogOptions {
         log_requests: bool,
         log_payloads: bool,
     ) -> Result<Self, crate::error::GatewayError> {
-        use crate::error::GatewayError;
         use crate::headers::Gw;
         let log = h.flag(Gw::CollectLog)?.unwrap_or(true) && log_requests;
         // The payload switch only matters when payloads are logged at all.
         let payloads = log && log_payloads && h.flag(Gw::CollectLogPayload)?.unwrap_or(true);
-        let metadata = match h.get(Gw::Metadata) {
-            None => None,
-            Some(v) => {
-                let bad = |reason: &str| GatewayError::BadHeader {
-                    name: "cf-aig-metadata",
-                    reason: reason.into(),
-                };
-                let map: serde_json::Map<String, serde_json::Value> =
-                    serde_json::from_slice(v.as_bytes())
-                        .map_err(|_| bad("expected a flat JSON object"))?;
-                if map.len() > 5 {
-                    return Err(bad("at most 5 keys"));
-                }
-                if map
-                    .values()
-                    .any(|v| !(v.is_string() || v.is_number() || v.is_boolean()))
-                {
-                    return Err(bad("values must be strings, numbers or booleans"));
-                }
-                Some(Arc::from(serde_json::Value::Object(map).to_string()))
-            }
-        };
+        let metadata = Self::metadata(h)?;
         let custom_cost = crate::cost::CustomCost::from_headers(h)?;
         Ok(Self {
             log,
             metadata,
             custom_cost,
+            event_id: h.get(Gw::EventId).cloned(),
             payloads,
             trace: None,
         })
+    }
+
+    /// `cf-aig-metadata` as compact JSON, when the request sends it.
+    pub fn metadata(
+        h: crate::headers::GatewayHeaders<'_>,
+    ) -> Result<Option<Arc<str>>, crate::error::GatewayError> {
+        let Some(v) = h.get(crate::headers::Gw::Metadata) else {
+            return Ok(None);
+        };
+        let bad = |reason: &str| crate::error::GatewayError::BadHeader {
+            name: "cf-aig-metadata",
+            reason: reason.into(),
+        };
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(v.as_bytes()).map_err(|_| bad("expected a flat JSON object"))?;
+        if map.len() > 5 {
+            return Err(bad("at most 5 keys"));
+        }
+        if map
+            .values()
+            .any(|v| !(v.is_string() || v.is_number() || v.is_boolean()))
+        {
+            return Err(bad("values must be strings, numbers or booleans"));
+        }
+        Ok(Some(Arc::from(serde_json::Value::Object(map).to_string())))
     }
 }
 
@@ -509,8 +515,12 @@ pub struct RequestRecord {
     log_id: String,
     cached: bool,
     metadata: Option<Arc<str>>,
+    /// The client's `cf-aig-event-id`, for the log line.
+    event_id: Option<http::HeaderValue>,
+    /// The dynamic-route step or universal-endpoint index that answered.
+    step: Option<u32>,
     usage: crate::usage::Usage,
-    /// The model the request named, for the log line.
+    /// The model the request named (or that answered it), for the log line.
     model: Option<crate::cost::ModelName>,
     price: Option<crate::cost::Price>,
     custom_cost: Option<crate::cost::CustomCost>,
@@ -550,6 +560,8 @@ impl RequestRecord {
             log_id,
             cached: false,
             metadata: opts.metadata.clone(),
+            event_id: opts.event_id.clone(),
+            step: None,
             usage: crate::usage::Usage::default(),
             model: None,
             price: None,
@@ -610,9 +622,16 @@ impl RequestRecord {
         self.tally = tally;
     }
 
-    /// The response came from the cache.
-    pub fn set_cached(&mut self) {
+    /// The response came from the cache; `model` produced it (the request's, or the one a
+    /// dynamic route landed on).
+    pub fn set_cached(&mut self, model: Option<crate::cost::ModelName>) {
         self.cached = true;
+        self.model = model;
+    }
+
+    /// The dynamic-route step or universal-endpoint index that answered (`cf-aig-step`).
+    pub fn set_step(&mut self, step: u32) {
+        self.step = Some(step);
     }
 
     /// The body reached its end.
@@ -665,23 +684,35 @@ impl RequestRecord {
                 cost,
             },
         );
+        if !self.log && self.trace.is_none() {
+            return;
+        }
+        let end = std::time::SystemTime::now();
+        let created_at = end.checked_sub(elapsed).unwrap_or(end);
         if self.log {
+            let event_id = self
+                .event_id
+                .as_ref()
+                .map(|v| String::from_utf8_lossy(v.as_bytes()));
             crate::access_log::write(&crate::access_log::Entry {
-                tokens_in,
-                tokens_out,
-                log_id: &self.log_id,
-                provider: &self.provider,
+                id: &self.log_id,
+                created_at,
+                provider: Some(&self.provider),
+                model: self.model.as_ref().map(|m| m.as_str()),
                 method: self.method.as_str(),
                 path: &self.path,
-                status: self.status,
-                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                status_code: self.status,
+                duration: elapsed.as_secs_f64() * 1000.0,
                 bytes: self.bytes,
                 outcome,
                 cached: self.cached,
-                metadata: self.metadata.as_deref(),
-                model: self.model.as_ref().map(|m| m.as_str()),
+                tokens_in,
+                tokens_out,
                 cost,
                 custom_cost: cost.is_some() && self.custom_cost.is_some(),
+                metadata: self.metadata.as_deref(),
+                step: self.step,
+                event_id: event_id.as_deref(),
                 payloads: self.payloads.as_deref().map(|p| crate::access_log::Bodies {
                     request: &p.request,
                     request_cut: p.request_cut,
@@ -691,10 +722,9 @@ impl RequestRecord {
             });
         }
         if let Some(trace) = self.trace.take() {
-            let end = std::time::SystemTime::now();
             trace.send(
                 crate::otel::Finished {
-                    start: end.checked_sub(elapsed).unwrap_or(end),
+                    start: created_at,
                     end,
                     provider: self.provider.clone(),
                     method: self.method.clone(),
@@ -736,6 +766,7 @@ mod tests {
                 log: true,
                 metadata: None,
                 custom_cost: None,
+                event_id: None,
                 payloads: false,
                 trace: None,
             })

@@ -272,7 +272,7 @@ class Sidegate:
     def wait_log_line(self, log_id, timeout=5):
         """The access log line of the request `log_id` (`cf-aig-log-id`). Access log lines are
         flushed every 200 ms: wait for the line before asserting what the log does not hold."""
-        text, json_ = f" request log_id={log_id} ", f'"message":"request","log_id":"{log_id}"'
+        text, json_ = f" request id={log_id} ", f'"message":"request","id":"{log_id}"'
         deadline = time.monotonic() + timeout
         while True:
             for line in self.logs().splitlines():

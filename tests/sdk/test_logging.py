@@ -1,28 +1,91 @@
-"""Per-request log options: cf-aig-metadata (validated, logged), cf-aig-collect-log, and the
-bodies of spec.logging.payloads (cf-aig-collect-log-payload)."""
+"""The access log: one line per request with SPEC.md's fields (id, created_at, provider, model,
+path, status_code, success, cached, duration, tokens_in, tokens_out, cost, custom_cost, metadata,
+step, event_id), refused requests included; per-request log options: cf-aig-metadata (validated,
+logged), cf-aig-collect-log, and the bodies of spec.logging.payloads (cf-aig-collect-log-payload)."""
 
+import datetime
 import json
-import time
 import uuid
 
 import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "log me"}]}
+SPEC_FIELDS = {"id", "created_at", "provider", "model", "path", "status_code", "success", "cached", "duration",
+               "tokens_in", "tokens_out", "cost", "custom_cost", "metadata", "step", "event_id"}
 
 
-def wait_line(g, needle, timeout=3):
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in g.logs().splitlines():
-            if needle in line:
-                return line
-        assert time.monotonic() < deadline, f"no log line with {needle!r}"
-        time.sleep(0.05)
+def wait_line(g, log_id):
+    """The access log line of the request `log_id` (text or JSON, as the gateway writes them)."""
+    return g.wait_log_line(log_id)
+
+
+ROUTE = """  cache: {enabled: true, ttl: 10m}
+  routes:
+    - name: tiers
+      nodes:
+        - {id: s, type: start, next: down}
+        - {id: down, type: model, provider: openai, model: mock-status-503, retries: 1, next: up}
+        - {id: up, type: model, provider: anthropic, model: claude-haiku-4-5, next: e}
+        - {id: e, type: end}
+"""
+
+
+@pytest.fixture
+def json_gateway(mock, tmp_path):
+    """JSON logs, gateway authentication, the cache and a dynamic route whose first target fails."""
+    keys = dict(DEFAULT_KEYS, **{"authentication.tokens": GATEWAY_TOKEN})
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, auth=True, extra_spec=ROUTE), keys, extra_args=["--log-format", "json"])
+    mock.clear()
+    yield g
+    g.stop()
+
+
+AUTH = {"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"}
+
+
+def json_line(g, log_id):
+    line = json.loads(wait_line(g, log_id))
+    assert SPEC_FIELDS <= line.keys(), f"missing {SPEC_FIELDS - line.keys()}: {line}"
+    assert not {"log_id", "timestamp", "status", "duration_ms"} & line.keys(), line
+    assert line["id"] == log_id
+    return line
+
+
+def test_a_served_request_is_logged_with_the_spec_fields(json_gateway, mock):
+    before = datetime.datetime.now(datetime.timezone.utc)
+    r = httpx.post(json_gateway.url + CHAT, json=BODY, headers={
+        **AUTH, "cf-aig-metadata": '{"team": "a", "n": 2}', "cf-aig-event-id": "order-42"})
+    assert r.status_code == 200 and r.headers["cf-aig-event-id"] == "order-42"
+    line = json_line(json_gateway, r.headers["cf-aig-log-id"])
+    created = datetime.datetime.fromisoformat(line["created_at"].replace("Z", "+00:00"))
+    assert before - datetime.timedelta(seconds=1) <= created <= datetime.datetime.now(datetime.timezone.utc)
+    usage = r.json()["usage"]
+    assert {k: line[k] for k in ("provider", "model", "path", "status_code", "success", "cached", "custom_cost",
+                                 "metadata", "step", "event_id", "tokens_in", "tokens_out", "outcome", "method")} == {
+        "provider": "openai", "model": "gpt-4o-mini", "path": "chat/completions", "status_code": 200,
+        "success": True, "cached": False, "custom_cost": False, "metadata": {"team": "a", "n": 2}, "step": None,
+        "event_id": "order-42", "tokens_in": usage["prompt_tokens"], "tokens_out": usage["completion_tokens"],
+        "outcome": "complete", "method": "POST"}
+    assert isinstance(line["duration"], float) and line["duration"] > 0
+    assert line["cost"] > 0
+    # A provider error is logged as it came, and is no success.
+    r = httpx.post(json_gateway.url + CHAT, json=dict(BODY, model="mock-status-500"), headers=AUTH)
+    line = json_line(json_gateway, r.headers["cf-aig-log-id"])
+    assert (line["status_code"], line["success"], line["event_id"], line["metadata"]) == (500, False, None, None)
+
+
+def test_text_lines_use_the_spec_names(gateway, mock):
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers={"cf-aig-event-id": "evt-text"})
+    line = wait_line(gateway, r.headers["cf-aig-log-id"])
+    assert f" INFO request id={r.headers['cf-aig-log-id']} provider=openai method=POST path=chat/completions " \
+           "status_code=200 success=true duration=" in line, line
+    assert line.rstrip().endswith(" event_id=evt-text"), line
+    assert "log_id=" not in line and " status=" not in line and "duration_ms=" not in line
 
 
 def test_metadata_is_logged_with_the_request(gateway, mock):
@@ -155,7 +218,7 @@ def test_streams_are_logged_as_the_client_got_them_and_long_bodies_are_cut(paylo
 def test_collect_log_payload_false_logs_the_request_without_bodies(payload_gateway, mock):
     r = httpx.post(payload_gateway.url + CHAT, json=BODY, headers={"cf-aig-collect-log-payload": "false"})
     line = json.loads(wait_line(payload_gateway, r.headers["cf-aig-log-id"]))
-    assert line["status"] == 200 and "request_body" not in line and "response_body" not in line
+    assert line["status_code"] == 200 and "request_body" not in line and "response_body" not in line
     assert "cf-aig-collect-log-payload" not in mock.last()["headers"]
     bad = httpx.post(payload_gateway.url + CHAT, json=BODY, headers={"cf-aig-collect-log-payload": "maybe"})
     assert bad.status_code == 400 and bad.json()["error"][0]["code"] == 2100
