@@ -28,6 +28,10 @@ pub use crate::upstream::{UpstreamClient, upstream_client};
 
 const EVENT_ID: HeaderName = HeaderName::from_static("cf-aig-event-id");
 const LOG_ID: HeaderName = HeaderName::from_static("cf-aig-log-id");
+/// What answered a dynamic route (kept with a cached answer, so a hit logs it too).
+const SERVED_PROVIDER: HeaderName = HeaderName::from_static("cf-aig-provider");
+const SERVED_MODEL: HeaderName = HeaderName::from_static("cf-aig-model");
+const SERVED_STEP: HeaderName = HeaderName::from_static("cf-aig-step");
 /// A client's SigV4 signature, replaced when the gateway signs.
 const AWS_SIGNATURE_HEADERS: &[&str] = &[
     "authorization",
@@ -264,6 +268,7 @@ impl Gateway {
             });
         };
         self.metrics.count_cache("hit");
+        let served = ServedBy::of_hit(snap, req, &entry.headers);
         let cached_body = entry.body.clone();
         let mut resp = Response::new(ProxyBody::full(entry.body));
         *resp.status_mut() = entry.status;
@@ -273,7 +278,7 @@ impl Gateway {
         let log_id = tag_response(headers, parts.headers.get(Gw::EventId.name()));
         let mut record = RequestRecord::new(
             self.metrics.clone(),
-            Arc::from(req.provider),
+            served.provider,
             parts.method.clone(),
             req.path,
             entry.status.as_u16(),
@@ -281,7 +286,10 @@ impl Gateway {
             opts,
             log_id,
         );
-        record.set_cached(None);
+        record.set_cached(served.model);
+        if let Some(step) = served.step {
+            record.set_step(step);
+        }
         record.set_request_payload(req.body);
         record.add_cached_body(&cached_body);
         record.finish_complete();
@@ -610,6 +618,44 @@ impl Gateway {
             head,
             ProxyBody::upstream(body, record).cached_through(fill),
         ))
+    }
+}
+
+/// What produced an answer: its provider, model and, for a dynamic route, the step.
+struct ServedBy {
+    provider: Arc<str>,
+    model: Option<crate::cost::ModelName>,
+    step: Option<u32>,
+}
+
+impl ServedBy {
+    /// What produced a cached answer: the target a dynamic route landed on, as the headers
+    /// stored with it say; else the provider and model of the request (`req`).
+    fn of_hit(snap: &Snapshot, req: &cache::Request<'_>, stored: &http::HeaderMap) -> Self {
+        let named = |h: &HeaderName| stored.get(h).and_then(|v| v.to_str().ok());
+        let id = named(&SERVED_PROVIDER).unwrap_or(req.provider);
+        let provider = snap
+            .providers
+            .get(id)
+            .map_or_else(|| Arc::from(id), |p| p.id.clone());
+        let model = match named(&SERVED_MODEL) {
+            Some(m) => Some(crate::cost::ModelName::new(m)),
+            None => crate::cost::request_model(req.path, req.body).map(|m| {
+                // `/compat` names `{provider}/{model}`; its lines name the model alone.
+                match m.as_str().strip_prefix(req.provider) {
+                    Some(rest) if req.scope == "compat" && rest.starts_with('/') => {
+                        crate::cost::ModelName::new(&rest[1..])
+                    }
+                    _ => m,
+                }
+            }),
+        };
+        let step = named(&SERVED_STEP).and_then(|s| s.parse().ok());
+        Self {
+            provider,
+            model,
+            step,
+        }
     }
 }
 

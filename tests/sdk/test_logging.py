@@ -79,6 +79,27 @@ def test_a_served_request_is_logged_with_the_spec_fields(json_gateway, mock):
     assert (line["status_code"], line["success"], line["event_id"], line["metadata"]) == (500, False, None, None)
 
 
+def test_a_cache_hit_through_a_dynamic_route_logs_what_answered(json_gateway, mock):
+    c = openai.OpenAI(base_url=json_gateway.url + "/compat", api_key="placeholder", max_retries=0, default_headers=AUTH)
+
+    def ask():
+        return c.chat.completions.with_raw_response.create(
+            model="dynamic/tiers", messages=[{"role": "user", "content": "cache my route"}],
+            extra_headers={"cf-aig-event-id": "evt-hit"})
+
+    miss = ask()
+    assert (miss.headers["cf-aig-cache-status"], miss.headers["cf-aig-step"]) == ("MISS", "1")
+    line = json_line(json_gateway, miss.headers["cf-aig-log-id"])
+    assert (line["provider"], line["model"], line["cached"]) == ("anthropic", "claude-haiku-4-5", False)
+    hit = ask()
+    assert hit.headers["cf-aig-cache-status"] == "HIT"
+    line = json_line(json_gateway, hit.headers["cf-aig-log-id"])
+    assert {k: line[k] for k in ("provider", "model", "step", "cached", "success", "path", "event_id", "cost")} == {
+        "provider": "anthropic", "model": "claude-haiku-4-5", "step": 1, "cached": True, "success": True,
+        "path": "compat/chat/completions", "event_id": "evt-hit", "cost": None}
+    assert 'provider="dynamic/' not in json_gateway.metrics()
+
+
 def test_text_lines_use_the_spec_names(gateway, mock):
     r = httpx.post(gateway.url + CHAT, json=BODY, headers={"cf-aig-event-id": "evt-text"})
     line = wait_line(gateway, r.headers["cf-aig-log-id"])
