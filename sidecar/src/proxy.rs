@@ -303,37 +303,33 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let Some(snap) = self.snapshot.load_full() else {
-            return Ok(self.refuse(None, GatewayError::NotReady, req.method(), true));
+            // No config, no gateway settings: counted and traced, not in the access log.
+            let err = GatewayError::NotReady;
+            let status = err.status().as_u16();
+            self.metrics.count_request(&Arc::from("none"), status);
+            tracing::info!(provider = "none", method = %req.method(), status, code = err.code(), error = %err, "request refused");
+            return Ok(err.into_response());
         };
-        let method = req.method().clone();
-        // Only when spans are exported: what the span of a refused request needs (boxed, so a
-        // request without an exporter carries one pointer of `None` across the awaits).
-        let refusal = snap.otel.as_ref().map(|_| {
-            Box::new((
-                crate::otel::trace_headers(req.headers()),
-                crate::otel::operation(req.uri().path()),
-            ))
-        });
-        match self.proxy(&snap, req, start).await {
+        let (parts, body) = req.into_parts();
+        match self.proxy(&snap, &parts, body, start).await {
             Ok(resp) if snap.dlp.checks_responses() || snap.guardrails.checks_responses() => {
                 Ok(self.scan_response(&snap, resp).await)
             }
             Ok(resp) => Ok(resp),
             Err((provider, err)) => {
-                if let (Some(target), Some(refusal)) = (&snap.otel, refusal) {
-                    let (headers, operation) = *refusal;
+                if let Some(target) = &snap.otel {
                     self.otel.refused(
                         target,
-                        &headers,
-                        operation,
+                        &parts.headers,
+                        crate::otel::operation(parts.uri.path()),
                         provider.clone(),
-                        &method,
+                        &parts.method,
                         &err,
                         start.elapsed(),
                         &self.metrics,
                     );
                 }
-                Ok(self.refuse(provider, err, &method, snap.log_requests))
+                Ok(self.refuse(&snap, &parts, provider, err, start))
             }
         }
     }
@@ -381,31 +377,72 @@ impl Gateway {
         }
     }
 
-    /// Counts, logs and renders a request the gateway refused.
+    /// Counts, logs and renders a request the gateway refused with `err`; `provider` is the
+    /// one it had chosen, if any. The response gets a `cf-aig-log-id` like a served one, and the
+    /// access log a line with that id (unless the request or the gateway turned logging off).
     fn refuse(
         &self,
+        snap: &Snapshot,
+        parts: &http::request::Parts,
         provider: Option<Arc<str>>,
         err: GatewayError,
-        method: &http::Method,
-        log: bool,
+        start: Instant,
     ) -> Response<ProxyBody> {
         let status = err.status().as_u16();
-        let provider = provider.unwrap_or_else(|| Arc::from("none"));
-        self.metrics.count_request(&provider, status);
+        let label = provider.clone().unwrap_or_else(|| Arc::from("none"));
+        self.metrics.count_request(&label, status);
+        let aig = GatewayHeaders::scan(&parts.headers);
+        let id = crate::log_id::next();
+        // A header the request got wrong (its refusal, perhaps) leaves the default.
+        let log = snap.log_requests && aig.flag(Gw::CollectLog).ok().flatten() != Some(false);
         if log {
-            tracing::info!(provider = %provider, method = %method, status, code = err.code(), error = %err, "request refused");
+            tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, id = %id, "request refused");
         }
-        err.into_response()
+        let mut resp = err.into_response();
+        tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
+        if !log {
+            return resp;
+        }
+        let (route_provider, path) = refused_route(snap, parts.uri.path());
+        let provider = provider.or(route_provider);
+        let metadata = LogOptions::metadata(aig).ok().flatten();
+        let event_id = aig
+            .get(Gw::EventId)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()));
+        let elapsed = start.elapsed();
+        let now = std::time::SystemTime::now();
+        crate::access_log::write(&crate::access_log::Entry {
+            id: &id,
+            created_at: now.checked_sub(elapsed).unwrap_or(now),
+            provider: provider.as_deref(),
+            model: None,
+            method: parts.method.as_str(),
+            path,
+            status_code: status,
+            duration: elapsed.as_secs_f64() * 1000.0,
+            bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
+            outcome: "refused",
+            cached: false,
+            tokens_in: None,
+            tokens_out: None,
+            cost: None,
+            custom_cost: false,
+            metadata: metadata.as_deref(),
+            step: None,
+            event_id: event_id.as_deref(),
+            payloads: None,
+        });
+        resp
     }
 
     async fn proxy(
         &self,
         snap: &Arc<Snapshot>,
-        req: Request<Incoming>,
+        parts: &http::request::Parts,
+        body: Incoming,
         start: Instant,
     ) -> Result<Response<ProxyBody>, (Option<Arc<str>>, GatewayError)> {
         // admit
-        let (parts, body) = req.into_parts();
         let aig = GatewayHeaders::scan(&parts.headers);
         admit_client(aig, &parts.uri, self.loopback_listener).map_err(|e| (None, e))?;
         let route = route::parse(parts.uri.path()).map_err(|e| (None, e))?;
@@ -482,10 +519,10 @@ impl Gateway {
         let (route, provider) = match served {
             Served::Provider(route, provider) => (route, provider),
             Served::Compat(rest) => {
-                return crate::compat::serve(self, snap, &parts, rest, body, start, &opts).await;
+                return crate::compat::serve(self, snap, parts, rest, body, start, &opts).await;
             }
             Served::Universal => {
-                return crate::universal::serve(self, snap, &parts, body, start, &opts).await;
+                return crate::universal::serve(self, snap, parts, body, start, &opts).await;
             }
         };
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
@@ -554,7 +591,7 @@ impl Gateway {
             body: &body,
         };
         let mut miss = match self
-            .cache_lookup(snap, want.as_ref(), &lookup, &parts, start, &opts)
+            .cache_lookup(snap, want.as_ref(), &lookup, parts, start, &opts)
             .await
         {
             Cached::Off => None,
@@ -659,20 +696,43 @@ impl ServedBy {
     }
 }
 
+/// The provider (when the route names a known one) and the path a refused request's log line
+/// names, as a served request's would: the provider path of a passthrough, `compat/...` for
+/// the unified endpoint, else the path as requested.
+fn refused_route<'p>(snap: &Snapshot, path: &'p str) -> (Option<Arc<str>>, &'p str) {
+    match route::parse(path) {
+        Ok(Route::Provider(p)) => match snap.providers.get(p.provider) {
+            Some(provider) => (Some(provider.id.clone()), p.rest),
+            None => (None, path),
+        },
+        Ok(Route::Compat { rest, .. }) => {
+            // `rest` ends the path; `compat/` comes before it.
+            let head = &path[..path.len() - rest.len()];
+            (None, head.rfind("compat").map_or(path, |i| &path[i..]))
+        }
+        _ => (None, path),
+    }
+}
+
 /// Adds the gateway's headers of every response it forwards (`cf-aig-event-id` echoed, a new
 /// `cf-aig-log-id`) and returns the log id.
 pub(crate) fn tag_response(
     headers: &mut http::HeaderMap,
     event_id: Option<&HeaderValue>,
 ) -> String {
+    let log_id = crate::log_id::next();
+    tag_response_with(headers, event_id, &log_id);
+    log_id
+}
+
+/// [`tag_response`] with the log id `log_id`.
+fn tag_response_with(headers: &mut http::HeaderMap, event_id: Option<&HeaderValue>, log_id: &str) {
     if let Some(id) = event_id {
         headers.insert(EVENT_ID, id.clone());
     }
-    let log_id = crate::log_id::next();
-    if let Ok(v) = HeaderValue::from_str(&log_id) {
+    if let Ok(v) = HeaderValue::from_str(log_id) {
         headers.insert(LOG_ID, v);
     }
-    log_id
 }
 
 /// Refuses what a web page asks of the gateway. A page may send requests to any address, the

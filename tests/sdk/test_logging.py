@@ -100,6 +100,54 @@ def test_a_cache_hit_through_a_dynamic_route_logs_what_answered(json_gateway, mo
     assert 'provider="dynamic/' not in json_gateway.metrics()
 
 
+def test_a_refused_request_gets_a_log_id_and_a_line(json_gateway, mock):
+    client_key = f"sk-{KEY_MARKER}-client-own"
+    wrong_token = f"Bearer wrong-{KEY_MARKER}"
+    r = httpx.post(json_gateway.url + CHAT, json=BODY, headers={
+        "cf-aig-authorization": wrong_token, "authorization": f"Bearer {client_key}",
+        "cf-aig-metadata": '{"team": "a"}', "cf-aig-event-id": "evt-401"})
+    assert (r.status_code, r.json()["error"][0]["code"]) == (401, 2009)
+    assert r.headers["cf-aig-event-id"] == "evt-401" and len(r.headers["cf-aig-log-id"]) == 26
+    line = json_line(json_gateway, r.headers["cf-aig-log-id"])
+    assert {k: line[k] for k in ("provider", "model", "path", "status_code", "success", "cached", "outcome",
+                                 "metadata", "event_id", "tokens_in", "cost", "step")} == {
+        "provider": "openai", "model": None, "path": "chat/completions", "status_code": 401, "success": False,
+        "cached": False, "outcome": "refused", "metadata": {"team": "a"}, "event_id": "evt-401",
+        "tokens_in": None, "cost": None, "step": None}
+    assert line["bytes"] == len(r.content)
+    # Bad metadata is the refusal: logged without it. An unknown route names no provider.
+    bad = httpx.post(json_gateway.url + CHAT, json=BODY, headers={**AUTH, "cf-aig-metadata": "[1]"})
+    line = json_line(json_gateway, bad.headers["cf-aig-log-id"])
+    assert (line["status_code"], line["metadata"], line["provider"]) == (400, None, "openai")
+    nowhere = httpx.post(json_gateway.url + "/nowhere/x", json=BODY, headers=AUTH)
+    line = json_line(json_gateway, nowhere.headers["cf-aig-log-id"])
+    assert (line["status_code"], line["provider"], line["path"]) == (404, None, "/nowhere/x")
+    # cf-aig-collect-log: false holds for refusals too.
+    quiet = httpx.post(json_gateway.url + CHAT, json=BODY, headers={"cf-aig-collect-log": "false"})
+    assert quiet.status_code == 401 and "cf-aig-log-id" in quiet.headers
+    marker = httpx.post(json_gateway.url + CHAT, json=BODY)
+    wait_line(json_gateway, marker.headers["cf-aig-log-id"])
+    assert quiet.headers["cf-aig-log-id"] not in json_gateway.logs()
+    logs = json_gateway.logs()
+    assert client_key not in logs and wrong_token not in logs and GATEWAY_TOKEN not in logs
+    assert mock.requests() == []
+
+
+def test_a_rate_limited_request_is_logged_as_refused(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  rateLimit: {limit: 1, interval: 1h}\n"), DEFAULT_KEYS)
+    try:
+        assert httpx.post(g.url + CHAT, json=BODY).status_code == 200
+        r = httpx.post(g.url + "/compat/chat/completions", json=dict(BODY, model="openai/gpt-4o-mini"),
+                       headers={"cf-aig-event-id": "evt 429"})
+        assert r.status_code == 429
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert f" request id={r.headers['cf-aig-log-id']} method=POST path=compat/chat/completions " \
+               "status_code=429 success=false duration=" in line, line
+        assert line.rstrip().endswith(' outcome=refused event_id="evt 429"'), line
+    finally:
+        g.stop()
+
+
 def test_text_lines_use_the_spec_names(gateway, mock):
     r = httpx.post(gateway.url + CHAT, json=BODY, headers={"cf-aig-event-id": "evt-text"})
     line = wait_line(gateway, r.headers["cf-aig-log-id"])
