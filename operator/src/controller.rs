@@ -4,6 +4,7 @@
 //! [`reconcile`] and [`error_policy`], the watch wiring in [`controller`].
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -18,7 +19,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use sidegate_crds::api::{AIGateway, AIGatewayStatus, ProviderAliases, ProviderKey};
+use sidegate_crds::api::{AIGateway, ProviderAliases, ProviderKey};
 
 use crate::metrics::Metrics;
 use crate::render::{self, FIELD_MANAGER};
@@ -108,6 +109,52 @@ pub struct Dependencies {
 /// Dependencies of every gateway, by gateway.
 pub type DependencyIndex = Mutex<HashMap<ObjectRef<AIGateway>, Dependencies>>;
 
+/// Consecutive failed reconciles per object, for the backoff of the controllers' error policies.
+pub struct Failures<K: Resource>(Mutex<HashMap<ObjectRef<K>, u32>>)
+where
+    K::DynamicType: Eq + Hash;
+
+impl<K: Resource> Default for Failures<K>
+where
+    K::DynamicType: Eq + Hash,
+{
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<K: Resource<DynamicType = ()>> Failures<K> {
+    /// Counts a failed reconcile of `obj` and returns the delay before its retry ([`backoff`]).
+    pub fn next_retry(&self, obj: &K) -> Duration {
+        let mut failures = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = failures.entry(ObjectRef::from_obj(obj)).or_insert(0);
+        *n = n.saturating_add(1);
+        backoff(*n)
+    }
+
+    /// Forgets the failures of `obj`, which reconciled.
+    pub fn clear(&self, obj: &K) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&ObjectRef::from_obj(obj));
+    }
+
+    /// Keeps the counts of the objects that `exists` says still exist.
+    pub fn retain(&self, exists: impl Fn(&ObjectRef<K>) -> bool) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|obj, _| exists(obj));
+    }
+
+    /// The objects with a count (failing since their last successful reconcile).
+    pub fn failing(&self) -> Vec<ObjectRef<K>> {
+        let failures = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        failures.keys().cloned().collect()
+    }
+}
+
 /// Shared state of the reconcilers.
 pub struct Context {
     /// Kubernetes client.
@@ -119,7 +166,9 @@ pub struct Context {
     /// What each gateway depends on.
     pub deps: Arc<DependencyIndex>,
     /// Consecutive failures per gateway, for backoff.
-    pub failures: Mutex<HashMap<ObjectRef<AIGateway>, u32>>,
+    pub failures: Failures<AIGateway>,
+    /// Consecutive failures per ProviderKey, for backoff.
+    pub key_failures: Failures<ProviderKey>,
     /// Requeue period of a healthy gateway (catches anything a watch missed).
     pub resync: Duration,
     /// Sidecar images the webhook injects, so a gateway naming another one says so in status.
@@ -138,7 +187,8 @@ impl Context {
             client,
             metrics,
             deps: Arc::default(),
-            failures: Mutex::default(),
+            failures: Failures::default(),
+            key_failures: Failures::default(),
             resync: Duration::from_secs(300),
             sidecar_images: AllowedImages::repository_of(DEFAULT_SIDECAR_IMAGE),
         }
@@ -151,10 +201,7 @@ pub async fn reconcile(gw: Arc<AIGateway>, ctx: Arc<Context>) -> Result<Action, 
     let result = reconcile_inner(&gw, &ctx).await;
     timer.finish(result.is_ok());
     if result.is_ok() {
-        ctx.failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&ObjectRef::from_obj(gw.as_ref()));
+        ctx.failures.clear(&gw);
     }
     result
 }
@@ -256,7 +303,8 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
         match written {
             Ok(_) => {
                 ctx.metrics.write(CONTROLLER, "status");
-                publish_transitions(ctx, gw, gw.status.as_ref(), &new_status).await;
+                let transitions = status::gateway_transitions(gw.status.as_ref(), &new_status);
+                publish_events(ctx, CONTROLLER, gw, transitions).await;
             }
             // The render's error is the one to retry on (and to log).
             Err(e) if outcome.is_ok() => return Err(e),
@@ -372,14 +420,16 @@ async fn apply_if_changed(
     Ok(())
 }
 
-async fn publish_transitions(
+/// Publishes the Events of status transitions of `obj` (an AIGateway or ProviderKey), for
+/// `controller`'s metrics. Best effort: a failure is logged, the reconcile goes on.
+pub async fn publish_events<K: Resource<DynamicType = ()>>(
     ctx: &Context,
-    gw: &AIGateway,
-    old: Option<&AIGatewayStatus>,
-    new: &AIGatewayStatus,
+    controller: &'static str,
+    obj: &K,
+    transitions: Vec<status::Transition>,
 ) {
-    let reference = gw.object_ref(&());
-    for t in status::gateway_transitions(old, new) {
+    let reference = obj.object_ref(&());
+    for t in transitions {
         let event = Event {
             type_: if t.warning {
                 EventType::Warning
@@ -393,8 +443,10 @@ async fn publish_transitions(
         };
         // Events are best effort: a failure must not fail (and retry) the reconcile.
         match ctx.recorder.publish(&event, &reference).await {
-            Ok(()) => ctx.metrics.write(CONTROLLER, "event"),
-            Err(e) => tracing::warn!(gateway = %gw.name_any(), error = %e, "event not published"),
+            Ok(()) => ctx.metrics.write(controller, "event"),
+            Err(e) => {
+                tracing::warn!(kind = %K::kind(&()), name = %obj.name_any(), namespace = ?obj.namespace(), error = %e, "event not published")
+            }
         }
     }
 }
@@ -402,12 +454,7 @@ async fn publish_transitions(
 /// Retries a failed reconcile with exponential backoff per gateway: 1s, 2s, 4s, ... up to 5 min.
 pub fn error_policy(gw: Arc<AIGateway>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(CONTROLLER, error.kind());
-    let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
-    let n = failures
-        .entry(ObjectRef::from_obj(gw.as_ref()))
-        .or_insert(0);
-    *n = n.saturating_add(1);
-    let delay = backoff(*n);
+    let delay = ctx.failures.next_retry(&gw);
     tracing::warn!(gateway = %gw.name_any(), namespace = ?gw.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }
@@ -449,16 +496,13 @@ pub fn gateways_for_key(
 /// keep naming it).
 pub fn forget_deleted(
     deps: &DependencyIndex,
-    failures: &Mutex<HashMap<ObjectRef<AIGateway>, u32>>,
+    failures: &Failures<AIGateway>,
     exists: impl Fn(&ObjectRef<AIGateway>) -> bool,
 ) {
     deps.lock()
         .unwrap_or_else(PoisonError::into_inner)
         .retain(|gw, _| exists(gw));
-    failures
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .retain(|gw, _| exists(gw));
+    failures.retain(exists);
 }
 
 /// Gateways that read Secret `name` in `ns` at their last reconcile.
@@ -539,7 +583,12 @@ mod tests {
     fn entries_of_deleted_gateways_are_forgotten() {
         let gw = |name: &str| ObjectRef::<AIGateway>::new(name).within("team-a");
         let deps: DependencyIndex = Mutex::default();
-        let failures = Mutex::new(HashMap::from([(gw("kept"), 2), (gw("deleted"), 5)]));
+        let failures = Failures::<AIGateway>::default();
+        for name in ["kept", "deleted"] {
+            let mut obj = AIGateway::new(name, Default::default());
+            obj.metadata.namespace = Some("team-a".into());
+            failures.next_retry(&obj);
+        }
         for name in ["kept", "deleted"] {
             deps.lock().expect("deps").insert(
                 gw(name),
@@ -555,8 +604,7 @@ mod tests {
             gateways_for_secret("team-a", "llm-keys", &deps),
             vec![gw("kept")]
         );
-        let failures = failures.lock().expect("failures");
-        assert_eq!(failures.keys().collect::<Vec<_>>(), vec![&gw("kept")]);
+        assert_eq!(failures.failing(), vec![gw("kept")]);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! The ProviderKey controller: reports whether each key's Secret and key exist (`SecretFound`)
 //! and whether the key can be served (`Ready`; not when an older ProviderKey has the same
-//! provider and alias). Rendering is the AIGateway controller's job.
+//! provider and alias), with Events on their transitions and the AIGateway controller's
+//! backoff on failures. Rendering is the AIGateway controller's job.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -17,7 +17,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use sidegate_crds::api::ProviderKey;
 
-use crate::controller::{Context, Error};
+use crate::controller::{Context, Error, publish_events};
 use crate::render::{FIELD_MANAGER, claim_order, claim_problem, resolve_key};
 use crate::status;
 use crate::validate;
@@ -30,6 +30,9 @@ pub async fn reconcile(key: Arc<ProviderKey>, ctx: Arc<Context>) -> Result<Actio
     let timer = ctx.metrics.reconcile(CONTROLLER);
     let result = reconcile_inner(&key, &ctx).await;
     timer.finish(result.is_ok());
+    if result.is_ok() {
+        ctx.key_failures.clear(&key);
+    }
     result
 }
 
@@ -80,6 +83,8 @@ async fn reconcile_inner(key: &ProviderKey, ctx: &Context) -> Result<Action, Err
                 source,
             })?;
         ctx.metrics.write(CONTROLLER, "status");
+        let transitions = status::provider_key_transitions(key.status.as_ref(), &new_status);
+        publish_events(ctx, CONTROLLER, key, transitions).await;
     }
     Ok(Action::requeue(ctx.resync))
 }
@@ -133,11 +138,13 @@ pub fn keys_with_same_alias(
         .collect()
 }
 
-/// Retries a failed ProviderKey reconcile after a short delay.
+/// Retries a failed ProviderKey reconcile with the AIGateway controller's backoff, per key:
+/// 1s, 2s, 4s, ... up to 5 min.
 pub fn error_policy(key: Arc<ProviderKey>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics.error(CONTROLLER, error.kind());
-    tracing::warn!(provider_key = %key.name_any(), error = %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(10))
+    let delay = ctx.key_failures.next_retry(&key);
+    tracing::warn!(provider_key = %key.name_any(), namespace = ?key.namespace(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
 }
 
 /// ProviderKeys in the Secret's namespace that reference it.
@@ -160,6 +167,7 @@ pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
     );
     let keys: Store<ProviderKey> = controller.store();
     let same_alias_keys = keys.clone();
+    let sweep = ctx.clone();
     controller
         .watches(
             Api::<ProviderKey>::all(client.clone()),
@@ -169,9 +177,14 @@ pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
         .watches(
             Api::<PartialObjectMeta<Secret>>::all(client),
             watcher::Config::default(),
-            move |secret| match secret.namespace() {
-                Some(ns) => keys_for_secret(&ns, &secret.name_any(), &keys.state()),
-                None => Vec::new(),
+            move |secret| {
+                // Failure counts of deleted keys would stay forever; Secrets change often enough
+                // to sweep here (before the first list an empty store only resets backoffs).
+                sweep.key_failures.retain(|k| keys.get(k).is_some());
+                match secret.namespace() {
+                    Some(ns) => keys_for_secret(&ns, &secret.name_any(), &keys.state()),
+                    None => Vec::new(),
+                }
             },
         )
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
@@ -221,6 +234,47 @@ mod tests {
 
     fn shadow<'a>(key: &ProviderKey, all: &'a [ProviderKey]) -> Option<&'a str> {
         older_claim(key, all, "team-a").map(|k| k.metadata.name.as_deref().unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn failed_reconciles_are_retried_with_the_gateway_backoff_per_key() {
+        // A client that never connects: the error policy does not call the apiserver.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        let ctx = Arc::new(Context::new(client, Arc::default(), None));
+        let failure = || Error::NotOwned {
+            kind: "Secret",
+            namespace: "team-a".into(),
+            name: "x".into(),
+        };
+        let (a, b) = (
+            Arc::new(key("openai-a", "default", 1)),
+            Arc::new(key("openai-b", "default", 2)),
+        );
+        let retry = |k: &Arc<ProviderKey>| error_policy(k.clone(), &failure(), ctx.clone());
+        assert_eq!(retry(&a), Action::requeue(crate::controller::backoff(1)));
+        assert_eq!(retry(&a), Action::requeue(crate::controller::backoff(2)));
+        assert_eq!(
+            retry(&a),
+            Action::requeue(std::time::Duration::from_secs(4))
+        );
+        assert_eq!(
+            retry(&b),
+            Action::requeue(std::time::Duration::from_secs(1))
+        );
+        // A successful reconcile starts over.
+        ctx.key_failures.clear(&a);
+        assert_eq!(
+            retry(&a),
+            Action::requeue(std::time::Duration::from_secs(1))
+        );
+        for _ in 0..20 {
+            retry(&b);
+        }
+        assert_eq!(
+            retry(&b),
+            Action::requeue(std::time::Duration::from_secs(300))
+        );
     }
 
     #[test]

@@ -294,23 +294,47 @@ pub struct Transition {
     pub note: String,
 }
 
+/// Condition `type_` of `conditions`, if present.
+fn find_condition(conditions: &[Condition], type_: &str) -> Option<Condition> {
+    conditions.iter().find(|c| c.type_ == type_).cloned()
+}
+
+/// Condition `type_` of `new` when it differs from the one in `old` (status or message) or is
+/// new; the events of a status are about these.
+fn changed_condition(old: &[Condition], new: &[Condition], type_: &str) -> Option<Condition> {
+    match (find_condition(old, type_), find_condition(new, type_)) {
+        (Some(a), Some(b)) => (a.status != b.status || a.message != b.message).then_some(b),
+        (None, b) => b,
+        (Some(_), None) => None,
+    }
+}
+
+/// Whether condition `type_` of `conditions` is True.
+fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    find_condition(conditions, type_).is_some_and(|c| c.status == "True")
+}
+
+/// The Event reason of a key problem: `KeyMissing` for a missing Secret or Secret key, else the
+/// problem's own reason (`KeyEmpty`, `KeyInvalid`, ...).
+fn key_problem_event_reason(reason: &str) -> String {
+    if reason == "SecretNotFound" || reason == "KeyNotFound" {
+        "KeyMissing".to_owned()
+    } else {
+        reason.to_owned()
+    }
+}
+
 /// The Events that mark the difference between two AIGateway statuses: a new config rendered,
 /// a spec or key problem appearing or changing, and the gateway becoming ready.
 pub fn gateway_transitions(
     old: Option<&AIGatewayStatus>,
     new: &AIGatewayStatus,
 ) -> Vec<Transition> {
+    let old_conditions = old.map(|o| o.conditions.as_slice()).unwrap_or_default();
     let find = |s: Option<&AIGatewayStatus>, t: &str| -> Option<Condition> {
-        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == t).cloned())
+        s.and_then(|s| find_condition(&s.conditions, t))
     };
-    let changed = |t: &str| {
-        let (a, b) = (find(old, t), find(Some(new), t));
-        match (a, b) {
-            (Some(a), Some(b)) => (a.status != b.status || a.message != b.message).then_some(b),
-            (None, b) => b,
-            (Some(_), None) => None,
-        }
-    };
+    let changed = |t: &str| changed_condition(old_conditions, &new.conditions, t);
     let mut out = Vec::new();
     // InvalidSpec, ApplyFailed, RenderFailed, ObjectNotOwned.
     if let Some(c) = changed(conditions::CONFIG_RENDERED)
@@ -351,11 +375,7 @@ pub fn gateway_transitions(
     {
         out.push(Transition {
             warning: true,
-            reason: if c.reason == "SecretNotFound" || c.reason == "KeyNotFound" {
-                "KeyMissing".to_owned()
-            } else {
-                c.reason.clone()
-            },
+            reason: key_problem_event_reason(&c.reason),
             note: c.message,
         });
     }
@@ -370,17 +390,58 @@ pub fn gateway_transitions(
             note: c.message,
         });
     }
-    let was_ready = find(old, conditions::READY).is_some_and(|c| c.status == "True");
-    if let Some(c) = find(Some(new), conditions::READY)
-        && c.status == "True"
-        && !was_ready
+    if let Some(c) = became_ready(old_conditions, &new.conditions) {
+        out.push(c);
+    }
+    out
+}
+
+/// The `Ready` Event when `Ready` is True in `new` and was not in `old`.
+fn became_ready(old: &[Condition], new: &[Condition]) -> Option<Transition> {
+    let c = find_condition(new, conditions::READY).filter(|c| c.status == "True")?;
+    (!is_true(old, conditions::READY)).then(|| Transition {
+        warning: false,
+        reason: "Ready".to_owned(),
+        note: c.message,
+    })
+}
+
+/// The Events that mark the difference between two ProviderKey statuses: its key going missing
+/// or becoming unusable (`KeyMissing`, `KeyEmpty`, ...), found again (`SecretFound`), a reason it
+/// is not served (`InvalidBaseURL`, `DuplicateAlias`), and the key becoming ready.
+pub fn provider_key_transitions(
+    old: Option<&ProviderKeyStatus>,
+    new: &ProviderKeyStatus,
+) -> Vec<Transition> {
+    let old = old.map(|o| o.conditions.as_slice()).unwrap_or_default();
+    let mut out = Vec::new();
+    if let Some(c) = changed_condition(old, &new.conditions, conditions::SECRET_FOUND) {
+        if c.status == "False" {
+            out.push(Transition {
+                warning: true,
+                reason: key_problem_event_reason(&c.reason),
+                note: c.message,
+            });
+        } else if find_condition(old, conditions::SECRET_FOUND).is_some() {
+            out.push(Transition {
+                warning: false,
+                reason: "SecretFound".to_owned(),
+                note: c.message,
+            });
+        }
+    }
+    // Not ready for a reason of its own (the Secret's is the event above).
+    if let Some(c) = changed_condition(old, &new.conditions, conditions::READY)
+        && c.status == "False"
+        && is_true(&new.conditions, conditions::SECRET_FOUND)
     {
         out.push(Transition {
-            warning: false,
-            reason: "Ready".to_owned(),
+            warning: true,
+            reason: c.reason.clone(),
             note: c.message,
         });
     }
+    out.extend(became_ready(old, &new.conditions));
     out
 }
 
@@ -807,6 +868,53 @@ mod tests {
             "{}",
             ready.message
         );
+    }
+
+    #[test]
+    fn provider_key_events_mark_a_missing_key_its_recovery_and_other_reasons_once() {
+        let missing = KeyProblem {
+            source: "ProviderKey openai-main".into(),
+            reason: "KeyNotFound",
+            detail: "Secret llm-keys has no key 'api-key'".into(),
+        };
+        let obs = |resolved, base_url_problem, shadowed_by| KeyObservation {
+            generation: Some(1),
+            resolved,
+            base_url_problem,
+            shadowed_by,
+        };
+        let status = |prev, o| provider_key_status(prev, o, ("openai", "default"), &at(1));
+        let events = |old: Option<&ProviderKeyStatus>, new: &ProviderKeyStatus| {
+            provider_key_transitions(old, new)
+                .into_iter()
+                .map(|t| (t.warning, t.reason))
+                .collect::<Vec<_>>()
+        };
+        let w = |r: &str| (true, r.to_owned());
+        let n = |r: &str| (false, r.to_owned());
+
+        let first = status(None, obs(Err(&missing), None, None));
+        assert_eq!(events(None, &first), [w("KeyMissing")]);
+        let t = provider_key_transitions(None, &first);
+        assert!(t[0].note.contains("has no key 'api-key'"), "{}", t[0].note);
+        // Nothing changed, nothing said.
+        let again = status(Some(&first), obs(Err(&missing), None, None));
+        assert!(events(Some(&first), &again).is_empty());
+
+        let found = status(Some(&again), obs(Ok(()), None, None));
+        assert_eq!(events(Some(&again), &found), [n("SecretFound"), n("Ready")]);
+        // A key that is ready from the start is only Ready.
+        assert_eq!(events(None, &found), [n("Ready")]);
+
+        let bad_url = status(
+            Some(&found),
+            obs(Ok(()), Some("'http://x' uses plain http"), None),
+        );
+        assert_eq!(events(Some(&found), &bad_url), [w("InvalidBaseURL")]);
+        let shadowed = status(Some(&bad_url), obs(Ok(()), None, Some("openai-a")));
+        assert_eq!(events(Some(&bad_url), &shadowed), [w("DuplicateAlias")]);
+        let healed = status(Some(&shadowed), obs(Ok(()), None, None));
+        assert_eq!(events(Some(&shadowed), &healed), [n("Ready")]);
     }
 
     #[test]

@@ -416,6 +416,33 @@ async fn a_missing_secret_is_reported_in_status_and_events_then_healed_when_crea
     })
     .await;
 
+    // The ProviderKey says so too, in its own Events.
+    let key_event = |reason: &'static str, type_: &'static str| {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.type_.as_deref() == Some(type_)
+                    && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("ProviderKey")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("openai-main")
+            })
+        }
+    };
+    let missing = eventually(
+        "a KeyMissing Warning event of the ProviderKey",
+        WAIT,
+        || key_event("KeyMissing", "Warning"),
+    )
+    .await;
+    assert!(
+        missing
+            .note
+            .as_deref()
+            .is_some_and(|n| n.contains("Secret llm-keys")),
+        "{missing:?}"
+    );
+
     // Healed: the key is added.
     secrets
         .patch(
@@ -427,6 +454,15 @@ async fn a_missing_secret_is_reported_in_status_and_events_then_healed_when_crea
         .expect("adding the key");
     let gw = wait_ready(&gateways, "gw").await;
     assert_eq!(gw.status.and_then(|s| s.key_count), Some(1));
+    eventually(
+        "SecretFound and Ready events of the ProviderKey",
+        WAIT,
+        || async {
+            key_event("SecretFound", "Normal").await?;
+            key_event("Ready", "Normal").await
+        },
+    )
+    .await;
     ns.delete().await;
 }
 
