@@ -202,6 +202,7 @@ pub(crate) async fn serve(
         if let Some(m) = step.model {
             record.set_model(m, &snap.pricing);
         }
+        record.set_step(u32::try_from(i).unwrap_or(u32::MAX));
         record.set_tally(gw.tally(snap));
         record.set_request_payload(&step.payload);
         return Ok(Response::from_parts(

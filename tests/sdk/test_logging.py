@@ -90,7 +90,8 @@ def test_a_cache_hit_through_a_dynamic_route_logs_what_answered(json_gateway, mo
     miss = ask()
     assert (miss.headers["cf-aig-cache-status"], miss.headers["cf-aig-step"]) == ("MISS", "1")
     line = json_line(json_gateway, miss.headers["cf-aig-log-id"])
-    assert (line["provider"], line["model"], line["cached"]) == ("anthropic", "claude-haiku-4-5", False)
+    assert (line["provider"], line["model"], line["step"], line["cached"]) == \
+        ("anthropic", "claude-haiku-4-5", 1, False)
     hit = ask()
     assert hit.headers["cf-aig-cache-status"] == "HIT"
     line = json_line(json_gateway, hit.headers["cf-aig-log-id"])

@@ -28,6 +28,8 @@ def test_the_first_step_that_succeeds_answers_with_its_index(gateway, mock):
     assert r.headers["cf-aig-step"] == "1"
     # What served it, as for a dynamic route.
     assert (r.headers["cf-aig-provider"], r.headers["cf-aig-model"]) == ("anthropic", "claude-haiku-4-5")
+    line = gateway.wait_log_line(r.headers["cf-aig-log-id"])
+    assert " provider=anthropic " in line and " step=1 " in line and " model=claude-haiku-4-5" in line, line
     assert r.headers["cf-aig-event-id"] == "evt-7" and len(r.headers["cf-aig-log-id"]) == 26
     assert r.json()["content"][0]["text"] == "mock reply to: universal hello"
     first, second = mock.requests()

@@ -841,6 +841,9 @@ pub(crate) async fn serve(
         log_id,
     );
     record.set_model(crate::cost::ModelName::new(&target.model), &snap.pricing);
+    if routed {
+        record.set_step(u32::try_from(step).unwrap_or(u32::MAX));
+    }
     record.set_tally(gw.tally(snap));
     if let Some(w) = walk.as_mut() {
         record.charge_route_budgets(w.take_budget_charges());
