@@ -20,6 +20,17 @@ pub const TOKENS_FILE_NAME: &str = "authentication.tokens";
 /// File name, in the keys directory, of the Redis URL of `spec.redis`.
 pub const REDIS_URL_FILE_NAME: &str = "redis.url";
 
+/// Largest file of the keys directory the sidecar reads; a larger one fails the whole directory.
+pub const MAX_KEY_FILE_SIZE: usize = 64 * 1024;
+
+/// The gateway tokens of an `authentication.tokens` file as the sidecar reads them: one per
+/// line, trimmed; blank lines and lines starting with `#` are skipped.
+pub fn gateway_tokens(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
 /// The rendered (or hand-written) sidecar configuration.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -20,7 +20,9 @@ use kube::core::{Expression, Selector, SelectorExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sidegate_crds::api::{AIGateway, ProviderKey};
-use sidegate_crds::config::{CONFIG_FILE_NAME, TOKENS_FILE_NAME};
+use sidegate_crds::config::{
+    CONFIG_FILE_NAME, MAX_KEY_FILE_SIZE, TOKENS_FILE_NAME, gateway_tokens,
+};
 use sidegate_crds::policy::ProviderSettings;
 use sidegate_crds::{GatewayConfig, GatewayIdentity, GatewayPolicy, SCHEMA_VERSION};
 
@@ -283,6 +285,15 @@ pub fn resolve_key(key: &ProviderKey, secret: Option<&Secret>) -> Result<KeyMate
                 "AWS credentials could not be encoded".to_owned(),
             )
         })?;
+        if json.len() > MAX_KEY_FILE_SIZE {
+            return Err(problem(
+                "KeyInvalid",
+                format!(
+                    "the AWS credentials of Secret {secret_name} {}",
+                    too_large()
+                ),
+            ));
+        }
         return Ok(KeyMaterial(json));
     }
     let Some(k) = key.spec.secret_ref.key.as_deref() else {
@@ -292,6 +303,12 @@ pub fn resolve_key(key: &ProviderKey, secret: Option<&Secret>) -> Result<KeyMate
         ));
     };
     let value = get(k)?;
+    if value.len() > MAX_KEY_FILE_SIZE {
+        return Err(problem(
+            "KeyInvalid",
+            format!("Secret {secret_name} key '{k}' {}", too_large()),
+        ));
+    }
     // The sidecar reads every key file as UTF-8 (one that is not fails the whole keys
     // directory) and sends keys in a header; a Google service account is JSON over lines.
     if std::str::from_utf8(&value).is_err() {
@@ -382,9 +399,11 @@ fn secret_value<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
         .map(String::as_bytes)
 }
 
-/// Reads a secret referenced by the gateway spec (tokens, Redis URL).
+/// Reads a secret referenced by the gateway spec (tokens, Redis URL) for keys directory file
+/// `file`, checked as the sidecar reads that file.
 fn resolve_ref(
     what: &str,
+    file: &str,
     r: &sidegate_crds::policy::SecretKeyRef,
     secrets: &BTreeMap<String, Secret>,
 ) -> Result<Vec<u8>, KeyProblem> {
@@ -410,13 +429,80 @@ fn resolve_ref(
         ));
     }
     // The sidecar reads the file as UTF-8; one that is not fails the whole keys directory.
-    if std::str::from_utf8(value).is_err() {
+    let Ok(text) = std::str::from_utf8(value) else {
         return Err(problem(
             "KeyInvalid",
             format!("Secret {} key '{}' is not UTF-8", r.name, r.key),
         ));
+    };
+    let why = if value.len() > MAX_KEY_FILE_SIZE {
+        Some(too_large())
+    } else if file == TOKENS_FILE_NAME && gateway_tokens(text).next().is_none() {
+        Some(
+            "holds no token (one per line; blank lines and lines starting with # are skipped)"
+                .to_owned(),
+        )
+    } else if file == REDIS_URL_FILE_NAME {
+        redis_url_problem(text)
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(problem(
+            "KeyInvalid",
+            format!("Secret {} key '{}' {why}", r.name, r.key),
+        )),
+        None => Ok(value.to_vec()),
     }
-    Ok(value.to_vec())
+}
+
+/// Why a key file is too large for the sidecar (which then refuses the whole keys directory).
+fn too_large() -> String {
+    format!(
+        "is larger than {} KiB, the most the sidecar reads from a key file",
+        MAX_KEY_FILE_SIZE / 1024
+    )
+}
+
+/// What the sidecar's Redis client refuses in a Redis URL, if anything: it speaks
+/// `redis://`/`valkey://` (TCP, `[user][:password@]host[:port][/db]`) and `unix://`/
+/// `redis+unix://`/`valkey+unix://` sockets, not TLS (`rediss://`), which it was built without.
+fn redis_url_problem(url: &str) -> Option<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some("is not a Redis URL (redis://host[:port][/db])".to_owned());
+    };
+    match scheme {
+        "redis" | "valkey" => {}
+        "unix" | "redis+unix" | "valkey+unix" => {
+            return (!rest.starts_with('/'))
+                .then(|| "is a unix socket URL without an absolute path".to_owned());
+        }
+        "rediss" | "valkeys" => {
+            return Some(format!(
+                "is a {scheme}:// (TLS) URL, which the sidecar does not speak; use redis:// (e.g. to a TLS proxy in the pod or cluster)"
+            ));
+        }
+        _ => return Some(format!("has scheme {scheme}://, not redis:// or unix://")),
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let host = match host_port.rsplit_once(':') {
+        Some((h, _)) if !host_port.ends_with(']') => h,
+        _ => host_port,
+    };
+    if host.is_empty() {
+        return Some("has no host".to_owned());
+    }
+    if matches!(host, "0.0.0.0" | "[::]") {
+        return Some("names a wildcard address (0.0.0.0 or ::), not a Redis host".to_owned());
+    }
+    let db = path
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default()
+        .trim_matches('/');
+    (!db.is_empty() && db.parse::<i64>().is_err())
+        .then(|| format!("has database {db:?}, which is not a number"))
 }
 
 /// What the hash covers: everything the sidecar sees, with key values replaced by their digests
@@ -634,7 +720,12 @@ pub fn render(
     if let Some(auth) = policy.authentication.as_mut()
         && let Some(r) = auth.token_secret_ref.take()
     {
-        match resolve_ref("authentication.tokenSecretRef", &r, secrets) {
+        match resolve_ref(
+            "authentication.tokenSecretRef",
+            TOKENS_FILE_NAME,
+            &r,
+            secrets,
+        ) {
             Ok(v) => {
                 files.insert(TOKENS_FILE_NAME.to_owned(), v);
             }
@@ -644,7 +735,7 @@ pub fn render(
     if let Some(redis) = policy.redis.as_mut()
         && let Some(r) = redis.url_secret_ref.take()
     {
-        match resolve_ref("redis.urlSecretRef", &r, secrets) {
+        match resolve_ref("redis.urlSecretRef", REDIS_URL_FILE_NAME, &r, secrets) {
             Ok(v) => {
                 files.insert(REDIS_URL_FILE_NAME.to_owned(), v);
             }
@@ -779,7 +870,7 @@ pub fn render_keys_only(
             return;
         }
         let value = match current {
-            Some(r) => resolve_ref(field, r, secrets)
+            Some(r) => resolve_ref(field, file, r, secrets)
                 .map_err(|p| problems.push(p))
                 .ok(),
             None => existing_keys
@@ -1183,6 +1274,82 @@ mod tests {
     fn with_base_url(mut k: ProviderKey, url: &str) -> ProviderKey {
         k.spec.base_url = Some(url.into());
         k
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct FileFixture {
+        refused_files: Vec<FileCase>,
+        accepted_files: Vec<FileCase>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct FileCase {
+        file: String,
+        value: String,
+        repeat: Option<usize>,
+        why: Option<String>,
+    }
+
+    /// Renders a gateway whose Secret `s` holds `case.value` under `v` for `case.file`.
+    fn render_file(case: &FileCase) -> Rendered {
+        let value = case.value.repeat(case.repeat.unwrap_or(1));
+        let reference = Some(SecretKeyRef {
+            name: "s".into(),
+            key: "v".into(),
+        });
+        let mut policy = GatewayPolicy::default();
+        let mut keys = Vec::new();
+        match case.file.as_str() {
+            REDIS_URL_FILE_NAME => {
+                policy.redis = Some(sidegate_crds::policy::Redis {
+                    url_secret_ref: reference,
+                })
+            }
+            TOKENS_FILE_NAME => {
+                policy.authentication = Some(Authentication {
+                    enabled: true,
+                    token_secret_ref: reference,
+                })
+            }
+            key_file => {
+                let (provider, alias) = key_file.split_once('.').expect("<provider>.<alias>");
+                keys.push(key("k", provider, alias, "s", "v"));
+            }
+        }
+        let secrets = BTreeMap::from([secret("s", &[("v", value.as_str())])]);
+        render(&gateway(policy), &keys, &secrets, &salt()).expect("render")
+    }
+
+    #[test]
+    fn secret_values_the_sidecar_would_refuse_are_key_problems_not_files() {
+        // The same list is loaded by the sidecar's tests (sidecar/src/config.rs), which refuse
+        // each file at load: a value it cannot read would stop it loading the whole config.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../crds/fixtures/refused-specs.yaml"
+        );
+        let text = std::fs::read_to_string(path).expect("fixture");
+        let f: FileFixture = serde_saphyr::from_str(&text).expect("fixture parses");
+        for case in &f.refused_files {
+            let r = render_file(case);
+            let why = case.why.as_deref().unwrap_or_default();
+            assert!(
+                r.problems
+                    .iter()
+                    .any(|p| p.reason == "KeyInvalid" && p.to_string().contains(why)),
+                "{} {:.40}: expected {why:?} in {:?}",
+                case.file,
+                case.value,
+                r.problems
+            );
+            assert_eq!(file(&r, &case.file), None, "{} not rendered", case.file);
+        }
+        for case in &f.accepted_files {
+            let r = render_file(case);
+            assert_eq!(r.problems, [], "{} {:.40}", case.file, case.value);
+            assert!(file(&r, &case.file).is_some(), "{}", case.file);
+        }
     }
 
     fn problems_of(r: &Rendered) -> Vec<(&str, &str)> {

@@ -511,6 +511,60 @@ mod tests {
         }
     }
 
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct FileFixture {
+        refused_files: Vec<FileCase>,
+        accepted_files: Vec<FileCase>,
+    }
+
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct FileCase {
+        file: String,
+        value: String,
+        repeat: Option<usize>,
+        sidecar_why: Option<String>,
+    }
+
+    #[test]
+    fn every_keys_file_the_operator_must_not_render_is_refused_at_load() {
+        // The same list is checked by the operator's tests (operator/src/render.rs), which
+        // report each Secret value as a key problem instead of rendering it.
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/fixtures/refused-specs.yaml");
+        let text = std::fs::read_to_string(path).expect("fixture");
+        let f: FileFixture = parse_yaml(&text).expect("fixture parses");
+        let load_with = |case: &FileCase| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let keys = dir.path().join("keys");
+            std::fs::create_dir(&keys).expect("keys dir");
+            // The operator renders the value trimmed.
+            let value = case.value.repeat(case.repeat.unwrap_or(1));
+            std::fs::write(keys.join(&case.file), value.trim()).expect("key file");
+            let spec = match case.file.as_str() {
+                sidegate_crds::config::REDIS_URL_FILE_NAME => "{redis: {}}",
+                sidegate_crds::config::TOKENS_FILE_NAME => "{authentication: {enabled: true}}",
+                _ => "{}",
+            };
+            let mut src = write_config(dir.path(), &format!("schemaVersion: 1\nspec: {spec}\n"));
+            src.keys_dir = Some(keys);
+            load(&src).map(|_| ())
+        };
+        for case in &f.refused_files {
+            let why = case.sidecar_why.as_deref().unwrap_or_default();
+            match load_with(case) {
+                Ok(()) => panic!("{} {:.40} loaded", case.file, case.value),
+                Err(e) => assert!(e.to_string().contains(why), "{}: {e}", case.file),
+            }
+        }
+        for case in &f.accepted_files {
+            if let Err(e) = load_with(case) {
+                panic!("{} {:.40}: {e}", case.file, case.value);
+            }
+        }
+    }
+
     #[test]
     fn authentication_without_tokens_is_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
