@@ -175,6 +175,25 @@ def test_anthropic_streamed_tool_call_arguments_arrive_as_json_deltas(gw):
     assert finish_reasons(chunks) == ["tool_calls"]
 
 
+NOW_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now"}}
+
+
+@pytest.mark.parametrize("model", ["anthropic/claude-sonnet-4-5", "google-ai-studio/gemini-2.5-flash",
+                                   f"aws-bedrock/us-east-1/{BEDROCK_MODEL}"])
+def test_a_tool_call_without_input_carries_empty_object_arguments_streamed_or_not(gw, model):
+    # Anthropic streams an empty partial_json for a tool without input, Bedrock no input delta
+    # and Gemini no args (the mock does the same): the finished call still has valid JSON.
+    c = client(gw)
+    streamed = list(c.chat.completions.create(model=model, messages=[{"role": "user", "content": "what time?"}],
+                                              tools=[NOW_TOOL], stream=True))
+    calls = streamed_tool_calls(streamed)
+    assert [(call["name"], call["arguments"]) for call in calls] == [("get_time", "{}")], streamed
+    assert finish_reasons(streamed) == ["tool_calls"]
+    plain = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "what time?"}],
+                                      tools=[NOW_TOOL])
+    assert plain.choices[0].message.tool_calls[0].function.arguments == "{}"
+
+
 def test_anthropic_response_format_json_schema_comes_back_as_json_content(gw, mock):
     out = ask(client(gw), "anthropic/claude-sonnet-4-5", "who are you",
               response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": {"type": "object"}}})

@@ -634,6 +634,44 @@ mod tests {
     }
 
     #[test]
+    fn a_streamed_tool_call_without_input_finishes_with_empty_object_arguments() {
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"b\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_a\",\"name\":\"now\",\"input\":{}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"\"}}\n\n",
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_b\",\"name\":\"today\",\"input\":{}}}\n\n",
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":5}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let out = run_stream(&mut Stream::new(&ctx(false, false)), &[stream.as_bytes()]);
+        let mut arguments = [String::new(), String::new()];
+        for event in out.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+            let Ok(v) = serde_json::from_str::<Value>(event) else {
+                continue;
+            };
+            if let Some(tc) = v.pointer("/choices/0/delta/tool_calls/0") {
+                let k = tc["index"].as_u64().expect("index") as usize;
+                arguments[k].push_str(tc["function"]["arguments"].as_str().unwrap_or(""));
+            }
+        }
+        assert_eq!(arguments, ["{}", "{}"], "{out}");
+        let finish = out.find(r#""finish_reason":"tool_calls""#).expect("finish");
+        assert!(
+            out.rfind(r#""arguments":"{}""#).expect("args") < finish,
+            "{out}"
+        );
+        let plain = br#"{"id":"m","model":"b","content":[{"type":"tool_use","id":"t","name":"now"}],"stop_reason":"tool_use","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        let v: Value = serde_json::from_slice(&response(plain, &ctx(false, false)).expect("ok"))
+            .expect("json");
+        assert_eq!(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"],
+            "{}"
+        );
+    }
+
+    #[test]
     fn temperature_is_held_to_anthropics_range_and_safety_identifier_is_the_user() {
         let req = ChatRequest::parse(
             br#"{"model":"anthropic/claude-x","temperature":1.6,"safety_identifier":"u-42",

@@ -634,14 +634,16 @@ pub struct FunctionOut {
 
 impl ToolCallOut {
     /// A function call with `arguments` serialized as JSON text.
+    /// Missing input (`null`) is `{}`: clients parse the arguments as a JSON object.
     pub fn function(id: String, name: String, arguments: &Value) -> Self {
+        let arguments = match arguments {
+            Value::Null => "{}".to_owned(),
+            other => other.to_string(),
+        };
         Self {
             id,
             kind: "function",
-            function: FunctionOut {
-                name,
-                arguments: arguments.to_string(),
-            },
+            function: FunctionOut { name, arguments },
         }
     }
 }
@@ -757,6 +759,9 @@ pub struct ChunkWriter {
     include_usage: bool,
     role_sent: bool,
     finished: bool,
+    /// Tool calls started with no argument text yet: they get `{}` before the finish chunk
+    /// (a tool without input streams none, and a finished call must carry valid JSON).
+    tools_without_arguments: Vec<u32>,
 }
 
 #[derive(Serialize)]
@@ -817,6 +822,7 @@ impl ChunkWriter {
             include_usage,
             role_sent: false,
             finished: false,
+            tools_without_arguments: Vec::new(),
         }
     }
 
@@ -901,6 +907,9 @@ impl ChunkWriter {
 
     /// The start of tool call `index` (arguments follow in [`Self::tool_arguments`]).
     pub fn tool_start(&mut self, out: &mut BytesMut, index: u32, id: &str, name: &str, args: &str) {
+        if args.trim().is_empty() {
+            self.tools_without_arguments.push(index);
+        }
         self.role(out);
         self.chunk(
             out,
@@ -924,6 +933,9 @@ impl ChunkWriter {
     pub fn tool_arguments(&mut self, out: &mut BytesMut, index: u32, args: &str) {
         if args.is_empty() {
             return;
+        }
+        if !args.trim().is_empty() {
+            self.tools_without_arguments.retain(|&k| k != index);
         }
         self.role(out);
         self.chunk(
@@ -950,6 +962,9 @@ impl ChunkWriter {
             return;
         }
         self.finished = true;
+        for index in std::mem::take(&mut self.tools_without_arguments) {
+            self.tool_arguments(out, index, "{}");
+        }
         self.role(out);
         self.chunk(out, Delta::default(), Some(reason));
     }

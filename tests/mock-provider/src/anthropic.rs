@@ -65,6 +65,17 @@ impl MessagesRequest<'_> {
         }
     }
 
+    /// Whether `tool` takes no input (its schema's properties are `{}`): it is called with `{}`,
+    /// and a stream carries one empty `partial_json` for it, as Anthropic sends.
+    fn tool_takes_no_input(&self, tool: &str) -> bool {
+        self.tools.iter().flatten().any(|t| {
+            t.get("name").and_then(Value::as_str) == Some(tool)
+                && t.pointer("/input_schema/properties")
+                    .and_then(Value::as_object)
+                    .is_some_and(|p| p.is_empty())
+        })
+    }
+
     /// The text of the last turn's tool results, if it has any.
     fn tool_result_text(&self) -> Option<String> {
         let last = self.messages.as_deref()?.last()?;
@@ -289,7 +300,12 @@ fn tool_use(
     input_tokens: u64,
 ) -> Response<MockBody> {
     let tool_id = format!("toolu_mock_{}", ctx.id);
-    let input = serde_json::json!({"text": user_text});
+    let no_input = req.tool_takes_no_input(tool);
+    let input = if no_input {
+        serde_json::json!({})
+    } else {
+        serde_json::json!({"text": user_text})
+    };
     let usage = |out: u64| serde_json::json!({"input_tokens": input_tokens, "output_tokens": out});
     if req.stream != Some(true) {
         return json_ok(
@@ -298,10 +314,19 @@ fn tool_use(
             "stop_reason": "tool_use", "stop_sequence": null, "usage": usage(3)}),
         );
     }
-    let args = input.to_string();
+    let args = if no_input {
+        String::new()
+    } else {
+        input.to_string()
+    };
     let mid = (args.len() / 2..args.len())
         .find(|&i| args.is_char_boundary(i))
         .unwrap_or(args.len());
+    let pieces: &[&str] = if no_input {
+        &[""]
+    } else {
+        &[&args[..mid], &args[mid..]]
+    };
     let mut sse = SseBuilder::with_capacity(8);
     sse.event(
         Some("message_start"),
@@ -314,7 +339,7 @@ fn tool_use(
         &serde_json::json!({"type": "content_block_start", "index": 0,
         "content_block": {"type": "tool_use", "id": tool_id, "name": tool, "input": {}}}),
     );
-    for piece in [&args[..mid], &args[mid..]] {
+    for piece in pieces {
         sse.event(
             Some("content_block_delta"),
             &serde_json::json!({"type": "content_block_delta", "index": 0,

@@ -179,7 +179,25 @@ fn converse(ctx: &Ctx<'_>, action: Action, req: &Value) -> Response<MockBody> {
     let usage = json!({"inputTokens": prompt_tokens, "outputTokens": output_tokens,
         "totalTokens": prompt_tokens + output_tokens});
     let tool_id = format!("tooluse_mock_{}", ctx.id);
-    let input = json!({"text": user_text});
+    // A tool whose schema's properties are `{}` is called with `{}`; its stream has no input
+    // delta.
+    let no_input = tool.as_deref().is_some_and(|name| {
+        req.pointer("/toolConfig/tools")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|t| {
+                t.pointer("/toolSpec/name").and_then(Value::as_str) == Some(name)
+                    && t.pointer("/toolSpec/inputSchema/json/properties")
+                        .and_then(Value::as_object)
+                        .is_some_and(|p| p.is_empty())
+            })
+    });
+    let input = if no_input {
+        json!({})
+    } else {
+        json!({"text": user_text})
+    };
     if action == Action::Converse {
         let (content, stop) = match &tool {
             Some(name) => (
@@ -200,12 +218,21 @@ fn converse(ctx: &Ctx<'_>, action: Action, req: &Value) -> Response<MockBody> {
                 "contentBlockStart",
                 &json!({"contentBlockIndex": 0, "start": {"toolUse": {"toolUseId": tool_id, "name": name}}}),
             ));
-            let args = input.to_string();
+            let args = if no_input {
+                String::new()
+            } else {
+                input.to_string()
+            };
             let mid = args.len() / 2;
             let mid = (mid..args.len())
                 .find(|&i| args.is_char_boundary(i))
                 .unwrap_or(args.len());
-            for piece in [&args[..mid], &args[mid..]] {
+            let pieces: &[&str] = if no_input {
+                &[]
+            } else {
+                &[&args[..mid], &args[mid..]]
+            };
+            for piece in pieces {
                 frames.push(event(
                     "contentBlockDelta",
                     &json!({"contentBlockIndex": 0, "delta": {"toolUse": {"input": piece}}}),

@@ -226,7 +226,26 @@ fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response
     };
     let response_id = format!("mock-resp-{}", ctx.id);
     if let Some(name) = call {
-        let mut part = json!({"functionCall": {"name": name, "args": {"text": user_text}}});
+        // A function without parameters is called without `args`, as Gemini does.
+        let no_input = req
+            .pointer("/tools/0/functionDeclarations")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|d| {
+                d.get("name").and_then(Value::as_str) == Some(name.as_str())
+                    && ["parametersJsonSchema", "parameters"].iter().all(|k| {
+                        d.get(*k)
+                            .and_then(|s| s.get("properties"))
+                            .and_then(Value::as_object)
+                            .is_none_or(|p| p.is_empty())
+                    })
+            });
+        let mut part = if no_input {
+            json!({"functionCall": {"name": name}})
+        } else {
+            json!({"functionCall": {"name": name, "args": {"text": user_text}}})
+        };
         if gemini_3 {
             part["thoughtSignature"] = Value::from(format!("c2lnLW1vY2st{}", ctx.id));
         }
