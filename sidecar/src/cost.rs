@@ -197,16 +197,24 @@ fn normalize(model: &str) -> &str {
 /// elsewhere, as in `{"metadata": {"model": ...}}`, is not the model the provider serves). When
 /// the key comes more than once the last one counts, as in the JSON parsers providers run
 /// (Python's, JavaScript's, Go's), so a decoy before it cannot choose the price. The JSON is not
-/// parsed: strings are skipped with `memchr` and only brackets outside them are counted; a
+/// parsed: `memchr` jumps from quote to brace, strings are skipped whole, and only braces are
+/// counted (in valid JSON a string followed by `:` is an object key, so arrays need no count); a
 /// top-level key or the model's value written with escapes (`"mo\u0064el"`) is decoded.
 pub fn model_in_body(body: &[u8]) -> Option<Cow<'_, str>> {
     let mut found = None;
     let mut depth = 0usize;
     let mut i = 0;
-    while let Some(&b) = body.get(i) {
-        match b {
-            b'"' => {
-                let start = i + 1;
+    while let Some(at) = body
+        .get(i..)
+        .and_then(|rest| memchr::memchr3(b'"', b'{', b'}', rest))
+    {
+        let at = i + at;
+        i = at + 1;
+        match body[at] {
+            b'{' => depth += 1,
+            b'}' => depth = depth.saturating_sub(1),
+            _ => {
+                let start = at + 1;
                 let (end, escaped) = string_end(body, start)?;
                 i = end + 1;
                 if depth != 1 {
@@ -241,13 +249,8 @@ pub fn model_in_body(body: &[u8]) -> Option<Cow<'_, str>> {
                     // Not a string (a number, `null`): no model a price could name.
                     None => None,
                 };
-                continue;
             }
-            b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
         }
-        i += 1;
     }
     found
 }
@@ -542,6 +545,9 @@ mod tests {
             model(br#"{"model":"unpriced","stream":true,"model":"gpt-4o"}"#),
             found("gpt-4o")
         );
+        // Strings in arrays are values, never followed by `:`.
+        assert_eq!(model(br#"{"stop":["model", ":"],"model":"m"}"#), found("m"));
+        assert_eq!(model(br#"{"a":[{"model":"x"}],"b":["model"]}"#), None);
         assert_eq!(model(br#"{"model":"gpt-4o","model":null}"#), None);
         assert_eq!(model(br#"{"model":"gpt-4o","model":{"model":"x"}}"#), None);
         assert_eq!(
