@@ -155,6 +155,7 @@ impl Body for ProxyBody {
                     Some(Ok(frame)) => {
                         if let Some(data) = frame.data_ref() {
                             translator.push(data, out);
+                            count_tokens(translator.as_ref(), record.as_mut());
                         }
                     }
                     Some(Err(e)) => {
@@ -167,12 +168,13 @@ impl Body for ProxyBody {
                     None => {
                         *ended = true;
                         translator.finish(out);
+                        count_tokens(translator.as_ref(), record.as_mut());
                     }
                 }
                 if !out.is_empty() {
                     let data = out.split().freeze();
                     if let Some(rec) = record.as_mut() {
-                        rec.observe(&data);
+                        rec.observe_bytes(&data);
                     }
                     if *ended && let Some(rec) = record.take() {
                         rec.finish_complete();
@@ -230,6 +232,14 @@ impl Body for ProxyBody {
             Self::Translated { .. } => SizeHint::default(),
             Self::Filling { inner, .. } => inner.size_hint(),
         }
+    }
+}
+
+/// Hands the tokens a translator read from the upstream to the request's record: the
+/// translated stream carries them only when the client asked for a usage chunk.
+fn count_tokens(translator: &dyn StreamTranslator, record: Option<&mut RequestRecord>) {
+    if let (Some(u), Some(rec)) = (translator.usage(), record) {
+        rec.set_tokens(u.prompt_tokens, u.completion_tokens);
     }
 }
 

@@ -604,6 +604,18 @@ impl Gateway {
 
         let model = crate::cost::request_model(route.rest, &body);
         let logged_body = opts.payloads.then(|| body.clone());
+        // Spend limits and token budgets count the tokens answers report; an OpenAI-format
+        // stream reports none unless asked, so the gateway asks, and holds the usage chunk out
+        // of the client's stream. Without limits the body goes as it came.
+        let asked = (snap.budgets.is_some()
+            && asks_stream_usage(provider, &parts.method, route.rest, parts.uri.query())
+            && crate::headers::body_coding(&parts.headers).is_none())
+        .then(|| crate::compat::openai::with_stream_usage(&body))
+        .flatten();
+        let (body, hide_usage) = match asked {
+            Some(asked) => (asked, true),
+            None => (body, false),
+        };
 
         // dispatch
         let signed_body = signer.as_ref().map(|_| body.clone());
@@ -626,6 +638,10 @@ impl Gateway {
             .map_err(fail)?;
         let (mut head, body) = resp.into_parts();
         strip_response_headers(&mut head.headers);
+        let hide_usage = hide_usage && head.status.is_success();
+        if hide_usage {
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
         let fill = miss
             .as_mut()
             .and_then(|m| m.fill(head.status, &head.headers));
@@ -651,11 +667,28 @@ impl Gateway {
         if let Some(b) = &logged_body {
             record.set_request_payload(b);
         }
-        Ok(Response::from_parts(
-            head,
-            ProxyBody::upstream(body, record).cached_through(fill),
-        ))
+        let body = if hide_usage {
+            let filter = Box::new(crate::compat::openai::HiddenUsage::new());
+            ProxyBody::translated(body, filter, record)
+        } else {
+            ProxyBody::upstream(body, record)
+        };
+        Ok(Response::from_parts(head, body.cached_through(fill)))
     }
+}
+
+/// Whether a passthrough request is an OpenAI-format chat completion of a provider that can be
+/// asked for stream usage (`stream_options.include_usage`).
+fn asks_stream_usage(
+    provider: &Provider,
+    method: &http::Method,
+    rest: &str,
+    query: Option<&str>,
+) -> bool {
+    provider.format == sidegate_crds::policy::ApiFormat::Openai
+        && method == http::Method::POST
+        && rest.trim_end_matches('/').ends_with("chat/completions")
+        && crate::usage::takes_stream_options(&provider.id, query)
 }
 
 /// What produced an answer: its provider, model and, for a dynamic route, the step.

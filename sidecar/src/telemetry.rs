@@ -596,11 +596,24 @@ impl RequestRecord {
         }
     }
 
+    /// Adds a frame of a response whose tokens are counted otherwise ([`Self::set_tokens`]).
+    pub fn observe_bytes(&mut self, data: &[u8]) {
+        self.bytes += data.len() as u64;
+        self.keep_payload(data);
+    }
+
     /// Adds a frame of the provider's response body: its bytes, and the token counts it holds.
     pub fn observe(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
         self.usage.observe(data);
         self.keep_payload(data);
+    }
+
+    /// The tokens of the upstream's answer as a stream translator read them: what the client
+    /// gets may not carry them (no usage chunk unless it asked for one).
+    pub fn set_tokens(&mut self, input: u64, output: u64) {
+        self.usage.input = Some(input);
+        self.usage.output = Some(output);
     }
 
     /// The model the request named and its price in `pricing`.

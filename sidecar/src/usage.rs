@@ -32,6 +32,23 @@ const WINDOW: usize = 512;
 
 static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(WORD));
 
+/// Whether an OpenAI-format provider takes `stream_options.include_usage`, which the gateway
+/// adds to streams that lack it so that their tokens are counted. Providers that refuse fields
+/// they do not know are left out: Mistral answers 422 to it (and, like Perplexity, sends usage
+/// in every stream anyway); Azure takes it from `api-version` 2024-09-01 on; others
+/// (`cohere`, `huggingface`, `workers-ai`, `custom-*`) are not known to take it.
+pub fn takes_stream_options(provider: &str, query: Option<&str>) -> bool {
+    match provider {
+        "openai" | "groq" | "deepseek" | "grok" | "openrouter" => true,
+        "azure-openai" => query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .find_map(|kv| kv.strip_prefix("api-version="))
+            .is_some_and(|v| v.get(..10).is_some_and(|date| date >= "2024-09-01")),
+        _ => false,
+    }
+}
+
 /// Tokens of one response.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -171,6 +188,26 @@ mod tests {
             u.observe(f.as_bytes());
         }
         (u.input, u.output)
+    }
+
+    #[test]
+    fn stream_options_go_only_to_providers_that_take_them() {
+        assert!(takes_stream_options("openai", None));
+        assert!(takes_stream_options("groq", None));
+        assert!(
+            !takes_stream_options("mistral", None),
+            "Mistral answers 422"
+        );
+        assert!(!takes_stream_options("custom-local", None));
+        assert!(takes_stream_options(
+            "azure-openai",
+            Some("api-version=2024-10-21")
+        ));
+        assert!(!takes_stream_options(
+            "azure-openai",
+            Some("api-version=2024-06-01")
+        ));
+        assert!(!takes_stream_options("azure-openai", None));
     }
 
     #[test]

@@ -282,3 +282,87 @@ def test_a_global_token_budget_is_shared_by_the_pods(mock, tmp_path, redis):  # 
     finally:
         a.stop()
         b.stop()
+
+
+# --- Streams that did not ask for usage -----------------------------------------------------
+
+STREAM_SPEC = (
+    "    google-ai-studio: {{baseURL: '{url}'}}\n"
+    "    aws-bedrock: {{baseURL: '{url}'}}\n"
+    "  pricing:\n    - {{model: dear-model, inputPerMillion: '5000', outputPerMillion: '5000'}}\n"
+)
+STREAM_KEYS = dict(DEFAULT_KEYS, **{
+    "google-ai-studio.default": "AIza-mock-google",
+    "aws-bedrock.default": json.dumps({"accessKeyId": "AKIDMOCK", "secretAccessKey": "mock-secret", "region": "eu-west-1"}),
+})
+STREAMED_ROUTES = [
+    ("/openai", "dear-model"),
+    ("/groq", "dear-model"),
+    ("/compat", "openai/dear-model"),
+    ("/compat", "groq/dear-model"),
+    ("/compat", "anthropic/dear-model"),
+    ("/compat", "google-ai-studio/dear-model"),
+    ("/compat", "aws-bedrock/us-east-1/dear-model"),
+]
+
+
+def stream_without_usage(g, path, model, text="count my stream"):
+    """Streams a completion through the openai SDK without stream_options; its chunks and log line."""
+    oa = openai.OpenAI(base_url=g.url + path, api_key="placeholder", max_retries=0)
+    raw = oa.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": text}], stream=True)
+    chunks = list(raw.parse())
+    return chunks, wait_line(g, raw.headers["cf-aig-log-id"])
+
+
+@pytest.mark.parametrize("path,model", STREAMED_ROUTES)
+def test_a_stream_without_include_usage_is_logged_with_its_tokens_and_charged_to_the_spend_limit(
+        mock, tmp_path, path, model):
+    spec = STREAM_SPEC.format(url=mock.url) + "  spendLimit: {amount: '0.01', period: day}\n"
+    g = json_gateway(tmp_path, mock, spec, STREAM_KEYS)
+    try:
+        chunks, line = stream_without_usage(g, path, model)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "mock reply to: count my stream"
+        # The client did not ask for usage: no chunk carries it, none comes without choices.
+        assert all(c.choices and c.usage is None for c in chunks), chunks[-2:]
+        assert line["tokens_in"] > 0 and line["tokens_out"] > 0, line
+        assert line["cost"] == pytest.approx((line["tokens_in"] + line["tokens_out"]) * 5000 / 1e6), line
+        assert_spend_limited(spend(g, 0))
+    finally:
+        g.stop()
+
+
+def test_a_stream_that_asked_for_usage_still_gets_it(mock, tmp_path):
+    spec = STREAM_SPEC.format(url=mock.url) + "  spendLimit: {amount: '100', period: day}\n"
+    g = json_gateway(tmp_path, mock, spec, STREAM_KEYS)
+    try:
+        for path, model in [("/openai", "gpt-4o-mini"), ("/compat", "openai/gpt-4o-mini")]:
+            oa = openai.OpenAI(base_url=g.url + path, api_key="placeholder", max_retries=0)
+            chunks = list(oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                     stream=True, stream_options={"include_usage": True}))
+            assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0, (path, chunks[-1])
+    finally:
+        g.stop()
+
+
+def test_without_limits_a_passthrough_stream_goes_upstream_unchanged(gw, mock):
+    # Only a gateway with a spend limit or token budget needs a stream's tokens before the log:
+    # without one the passthrough body is the client's, byte for byte.
+    sent = json.dumps(body("as it came") | {"stream": True}).encode()
+    r = httpx.post(gw.url + CHAT, content=sent, headers={"content-type": "application/json"})
+    assert r.status_code == 200
+    assert mock.last()["body"] == sent.decode()
+    assert '"choices":[]' not in r.text
+
+
+def test_a_token_budget_counts_streams_that_did_not_ask_for_usage(mock, tmp_path):
+    g = json_gateway(tmp_path, mock, "  rateLimit: {limit: 1000, interval: 60s, tokensPerMinute: 20}\n")
+    try:
+        _, line = stream_without_usage(g, "/openai", "gpt-4o-mini", "spend some tokens in a longer stream of words please")
+        assert line["tokens_in"] + line["tokens_out"] >= 20, line
+        assert json.loads(mock.last()["body"])["stream_options"] == {"include_usage": True}
+        r = httpx.post(g.url + CHAT, json=body("one more"))
+        assert (r.status_code, r.json()["error"][0]["code"]) == (429, 2003), r.text
+    finally:
+        g.stop()

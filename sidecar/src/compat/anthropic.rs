@@ -475,6 +475,8 @@ struct StreamState {
     /// Of them, read from the prompt cache (when Anthropic says).
     cached_tokens: Option<u64>,
     output_tokens: u64,
+    /// Whether `message_start` (and its usage) came.
+    started: bool,
     done: bool,
 }
 
@@ -496,6 +498,7 @@ impl Stream {
                 prompt_tokens: 0,
                 cached_tokens: None,
                 output_tokens: 0,
+                started: false,
                 done: false,
             },
         }
@@ -506,6 +509,10 @@ impl StreamTranslator for Stream {
     fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
         let Self { sse, state } = self;
         sse.feed(chunk, &mut |e| state.on_event(e, out));
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.state.started.then(|| self.state.usage())
     }
 
     fn finish(&mut self, out: &mut BytesMut) {
@@ -523,6 +530,10 @@ impl StreamTranslator for Stream {
 }
 
 impl StreamState {
+    fn usage(&self) -> Usage {
+        Usage::new(self.prompt_tokens, self.output_tokens).with_cached(self.cached_tokens)
+    }
+
     fn block(&self, index: u64) -> Option<BlockKind> {
         self.blocks
             .iter()
@@ -547,6 +558,7 @@ impl StreamState {
                 self.prompt_tokens = message.usage.prompt();
                 self.cached_tokens = message.usage.cache_read_input_tokens;
                 self.output_tokens = message.usage.output_tokens;
+                self.started = true;
                 self.w.role(out);
             }
             StreamEvent::ContentBlockStart {
@@ -587,9 +599,7 @@ impl StreamState {
             }
             StreamEvent::MessageStop => {
                 self.w.finish(out, "stop");
-                let usage = Usage::new(self.prompt_tokens, self.output_tokens)
-                    .with_cached(self.cached_tokens);
-                self.w.done(out, usage);
+                self.w.done(out, self.usage());
                 self.done = true;
             }
             StreamEvent::Error { error } => {

@@ -500,6 +500,8 @@ pub struct Stream {
     blocks: Vec<(u64, BlockKind)>,
     next_tool: u32,
     usage: Usage,
+    /// Whether the stream's metadata reported usage yet.
+    usage_seen: bool,
     done: bool,
 }
 
@@ -518,6 +520,7 @@ impl Stream {
             blocks: Vec::new(),
             next_tool: 0,
             usage: Usage::default(),
+            usage_seen: false,
             done: false,
         }
     }
@@ -602,6 +605,7 @@ impl Stream {
                     .and_then(|u| BedrockUsage::deserialize(u).ok())
                 {
                     self.usage = u.usage();
+                    self.usage_seen = true;
                 }
                 if self.w.is_finished() {
                     self.w.done(out, self.usage);
@@ -631,6 +635,10 @@ impl StreamTranslator for Stream {
                 return;
             }
         }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.usage_seen.then_some(self.usage)
     }
 
     fn finish(&mut self, out: &mut BytesMut) {

@@ -462,6 +462,8 @@ pub struct Stream {
 struct StreamState {
     w: ChunkWriter,
     usage: Usage,
+    /// Whether the stream reported usage yet.
+    usage_seen: bool,
     tools: usize,
     done: bool,
 }
@@ -479,6 +481,7 @@ impl Stream {
                     ctx.include_usage,
                 ),
                 usage: Usage::default(),
+                usage_seen: false,
                 tools: 0,
                 done: false,
             },
@@ -490,6 +493,10 @@ impl StreamTranslator for Stream {
     fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
         let Self { sse, state } = self;
         sse.feed(chunk, &mut |e| state.on_event(e, out));
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        self.state.usage_seen.then_some(self.state.usage)
     }
 
     fn finish(&mut self, out: &mut BytesMut) {
@@ -536,6 +543,7 @@ impl StreamState {
         }
         if let Some(u) = r.usage_metadata {
             self.usage = u.usage();
+            self.usage_seen = true;
         }
         let Some(candidate) = r.candidates.into_iter().next() else {
             if let Some(reason) = r.prompt_feedback.and_then(|f| f.block_reason) {

@@ -50,6 +50,9 @@ pub trait StreamTranslator: Send {
     /// The upstream body ended: flushes the rest (`[DONE]`, or an error event if the stream
     /// was cut short).
     fn finish(&mut self, out: &mut BytesMut);
+    /// The upstream's token counts so far (prompt, completion), for the request's log, cost
+    /// and limits whether or not the client asked for a usage chunk.
+    fn usage(&self) -> Option<openai::Usage>;
 }
 
 /// What response translation needs to know about the request.
@@ -297,8 +300,13 @@ impl CompatCall<'_> {
     }
 }
 
-/// The upstream request and how to translate its response (`None`: pass it through).
-fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>), GatewayError> {
+/// The upstream request, how to translate its response (`None`: pass it through), and whether
+/// it asks an OpenAI-format upstream for a usage chunk the client did not ask for (held out of
+/// the client's stream).
+type Plan = (Request<Full<Bytes>>, Option<Translation>, bool);
+
+/// Plans the upstream request of `i`.
+fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
     let format = Format::of(i.provider);
     fn route<'r>(i: &'r CompatCall<'_>, rest: &'r str) -> ProviderRoute<'r> {
         ProviderRoute {
@@ -325,7 +333,9 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 .upstream_uri(&route(i, &rest), query.as_deref())?;
             let key = i.key()?;
             let client_own = matches!(key, KeyChoice::ClientOwn);
-            let body = openai::rewrite_model(i.body, model)?;
+            let ask_usage = i.endpoint == Endpoint::Chat
+                && crate::usage::takes_stream_options(&i.provider.id, query.as_deref());
+            let (body, hide_usage) = openai::rewrite_model_asking_usage(i.body, model, ask_usage)?;
             let mut req = proxy::build_upstream_request(
                 i.provider,
                 &i.parts.method,
@@ -351,7 +361,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                 headers.remove(header::AUTHORIZATION);
                 headers.insert(name.clone(), v);
             }
-            Ok((req, None))
+            Ok((req, None, hide_usage))
         }
         Format::Anthropic => {
             if i.endpoint == Endpoint::Embeddings {
@@ -374,6 +384,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     ctx,
                     more: Vec::new(),
                 }),
+                false,
             ))
         }
         Format::Gemini | Format::Vertex => {
@@ -438,6 +449,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     ctx,
                     more,
                 }),
+                false,
             ))
         }
         Format::Bedrock => {
@@ -522,6 +534,7 @@ fn plan(i: &CompatCall<'_>) -> Result<(Request<Full<Bytes>>, Option<Translation>
                     ctx,
                     more,
                 }),
+                false,
             ))
         }
     }
@@ -775,13 +788,13 @@ pub(crate) async fn serve(
     let log_id = crate::log_id::next();
     let event_id = aig.get(Gw::EventId).cloned();
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
-    let (resp, translation, within, policy) = loop {
+    let (resp, translation, hide_usage, within, policy) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
         let minted = match provider.service_account(alias) {
             Some(sa) => Some(sa.token(gw).await.map_err(fail)?),
             None => None,
         };
-        let (upstream, translation) = plan(&CompatCall {
+        let (upstream, translation, hide_usage) = plan(&CompatCall {
             snap,
             provider,
             endpoint,
@@ -807,7 +820,13 @@ pub(crate) async fn serve(
             step += 1;
             continue;
         }
-        break (outcome.map_err(fail)?, translation, within, policy);
+        break (
+            outcome.map_err(fail)?,
+            translation,
+            hide_usage,
+            within,
+            policy,
+        );
     };
     let (mut head, upstream_body) = resp.into_parts();
     strip_response_headers(&mut head.headers);
@@ -850,10 +869,15 @@ pub(crate) async fn serve(
     }
     record.set_request_payload(&body);
     let Some(mut t) = translation else {
+        let body = if hide_usage && head.status.is_success() {
+            head.headers.remove(header::CONTENT_LENGTH);
+            ProxyBody::translated(upstream_body, Box::new(openai::HiddenUsage::new()), record)
+        } else {
+            ProxyBody::upstream(upstream_body, record)
+        };
         let fill = miss
             .as_mut()
             .and_then(|m| m.fill(head.status, &head.headers));
-        let body = ProxyBody::upstream(upstream_body, record);
         return Ok(Response::from_parts(head, body.cached_through(fill)));
     };
     head.headers.remove(header::CONTENT_LENGTH);

@@ -1041,10 +1041,147 @@ pub fn floats(v: &Value) -> Option<Vec<f32>> {
 
 /// An OpenAI-compatible provider's body: the client's, with `model` replaced.
 pub fn rewrite_model(body: &[u8], model: &str) -> Result<Bytes, GatewayError> {
+    rewrite_model_asking_usage(body, model, false).map(|(body, _)| body)
+}
+
+/// [`rewrite_model`], and when `ask_usage` and the client streams without
+/// `stream_options.include_usage`, that option set (the second value says so: the usage chunk
+/// is then the gateway's, held out of the client's stream by [`HiddenUsage`]).
+pub fn rewrite_model_asking_usage(
+    body: &[u8],
+    model: &str,
+    ask_usage: bool,
+) -> Result<(Bytes, bool), GatewayError> {
     let mut map: Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
     map.insert("model".to_owned(), Value::String(model.to_owned()));
-    Ok(Bytes::from(to_vec(&map)))
+    let asked = ask_usage && ask_stream_usage(&mut map);
+    Ok((Bytes::from(to_vec(&map)), asked))
+}
+
+/// A chat completions body that streams without `stream_options.include_usage`, with that
+/// option set; `None` for any other body (not JSON, not a stream, usage asked already).
+pub fn with_stream_usage(body: &[u8]) -> Option<Bytes> {
+    // Most bodies do not stream: those are not parsed.
+    memchr::memmem::find(body, b"\"stream\"")?;
+    let mut map: Map<String, Value> = serde_json::from_slice(body).ok()?;
+    ask_stream_usage(&mut map).then(|| Bytes::from(to_vec(&map)))
+}
+
+/// Sets `stream_options.include_usage` in a streamed request that lacks it; whether it did.
+fn ask_stream_usage(map: &mut Map<String, Value>) -> bool {
+    if map.get("stream") != Some(&Value::Bool(true)) {
+        return false;
+    }
+    let options = map
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if options.is_null() {
+        *options = Value::Object(Map::new());
+    }
+    match options.as_object_mut() {
+        Some(o) if o.get("include_usage") != Some(&Value::Bool(true)) => {
+            o.insert("include_usage".to_owned(), Value::Bool(true));
+            true
+        }
+        _ => false,
+    }
+}
+
+/// An OpenAI-format stream passed through unchanged but for the usage-only chunk
+/// (`"choices":[]` with `usage`) the gateway asked for and the client did not: it is held
+/// out of the client's stream, and its tokens counted for the request.
+#[derive(Default)]
+pub struct HiddenUsage {
+    /// The start of an event the last chunk ended inside.
+    pending: BytesMut,
+    tokens: crate::usage::Usage,
+}
+
+impl HiddenUsage {
+    /// A filter for one stream.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Copies the complete events of `buf` but the usage-only one to `out`; returns where the
+    /// unfinished last event starts.
+    fn pass(buf: &[u8], out: &mut BytesMut) -> usize {
+        let mut start = 0;
+        while let Some(len) = event_len(&buf[start..]) {
+            let event = &buf[start..start + len];
+            if !is_usage_only(event) {
+                out.extend_from_slice(event);
+            }
+            start += len;
+        }
+        start
+    }
+}
+
+impl super::StreamTranslator for HiddenUsage {
+    fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
+        self.tokens.observe(chunk);
+        if self.pending.is_empty() {
+            let done = Self::pass(chunk, out);
+            self.pending.extend_from_slice(&chunk[done..]);
+        } else {
+            self.pending.extend_from_slice(chunk);
+            let done = Self::pass(&self.pending, out);
+            let _ = self.pending.split_to(done);
+        }
+    }
+
+    fn finish(&mut self, out: &mut BytesMut) {
+        let rest = self.pending.split();
+        if !is_usage_only(&rest) {
+            out.extend_from_slice(&rest);
+        }
+    }
+
+    fn usage(&self) -> Option<Usage> {
+        (self.tokens.input.is_some() || self.tokens.output.is_some()).then(|| {
+            Usage::new(
+                self.tokens.input.unwrap_or(0),
+                self.tokens.output.unwrap_or(0),
+            )
+        })
+    }
+}
+
+/// Length of the first SSE event of `buf` with the blank line ending it (`\n\n`, `\r\n\r\n`),
+/// if it is complete.
+fn event_len(buf: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(nl) = memchr::memchr(b'\n', &buf[at..]) {
+        let p = at + nl;
+        match &buf[p + 1..] {
+            [b'\n', ..] => return Some(p + 2),
+            [b'\r', b'\n', ..] => return Some(p + 3),
+            _ => at = p + 1,
+        }
+    }
+    None
+}
+
+/// Whether an SSE event is a chunk with no choices and a usage object (the last chunk of a
+/// stream with `include_usage`).
+fn is_usage_only(event: &[u8]) -> bool {
+    let Some(at) = memchr::memmem::find(event, b"\"choices\"") else {
+        return false;
+    };
+    let rest = event[at + 9..].trim_ascii_start();
+    let empty = rest
+        .strip_prefix(b":")
+        .map(<[u8]>::trim_ascii_start)
+        .and_then(|r| r.strip_prefix(b"["))
+        .is_some_and(|r| r.trim_ascii_start().starts_with(b"]"));
+    empty
+        && memchr::memmem::find_iter(event, b"\"usage\"").any(|u| {
+            let v = event[u + 7..].trim_ascii_start();
+            v.strip_prefix(b":")
+                .is_some_and(|v| v.trim_ascii_start().starts_with(b"{"))
+        })
 }
 
 #[cfg(test)]
@@ -1108,6 +1245,51 @@ mod tests {
             r#""choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}"#
         ));
         assert_eq!(events[5], "data: [DONE]");
+    }
+
+    const USAGE_STREAM: &str = concat!(
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n",
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\r\n\r\n",
+        "data: {\"id\":\"c\",\"choices\": [ ],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    #[test]
+    fn the_usage_chunk_the_client_did_not_ask_for_is_held_out_and_counted() {
+        use crate::compat::StreamTranslator;
+        let usage_at = USAGE_STREAM
+            .find("data: {\"id\":\"c\",\"choices\": [")
+            .expect("usage");
+        let done_at = USAGE_STREAM.find("data: [DONE]").expect("done");
+        let expected = [&USAGE_STREAM[..usage_at], &USAGE_STREAM[done_at..]].concat();
+        for cut in 0..=USAGE_STREAM.len() {
+            let mut f = HiddenUsage::new();
+            let mut out = BytesMut::new();
+            f.push(&USAGE_STREAM.as_bytes()[..cut], &mut out);
+            f.push(&USAGE_STREAM.as_bytes()[cut..], &mut out);
+            f.finish(&mut out);
+            assert_eq!(String::from_utf8_lossy(&out), expected, "cut at {cut}");
+            assert_eq!(f.usage(), Some(Usage::new(5, 2)), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn stream_usage_is_asked_for_only_where_the_client_did_not() {
+        let asked = with_stream_usage(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#)
+            .expect("asked");
+        let v: Value = serde_json::from_slice(&asked).expect("json");
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"x": 1, "include_usage": true})
+        );
+        assert!(
+            with_stream_usage(
+                br#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#
+            )
+            .is_none()
+        );
+        assert!(with_stream_usage(br#"{"model":"m"}"#).is_none());
+        assert!(with_stream_usage(b"not json").is_none());
     }
 
     #[test]
