@@ -196,11 +196,29 @@ fn normalize(model: &str) -> &str {
 /// The model a request body names: the string value of the top-level `"model"` key (one nested
 /// elsewhere, as in `{"metadata": {"model": ...}}`, is not the model the provider serves). When
 /// the key comes more than once the last one counts, as in the JSON parsers providers run
-/// (Python's, JavaScript's, Go's), so a decoy before it cannot choose the price. The JSON is not
-/// parsed: `memchr` jumps from quote to brace, strings are skipped whole, and only braces are
-/// counted (in valid JSON a string followed by `:` is an object key, so arrays need no count); a
-/// top-level key or the model's value written with escapes (`"mo\u0064el"`) is decoded.
+/// (Python's, JavaScript's, Go's), so a decoy before it cannot choose the price. A top-level key
+/// or the model's value written with escapes (`"mo\u0064el"`) is decoded.
+///
+/// The JSON is not parsed. Nearly every body names its model once and plainly, near the start:
+/// the scan stops at the first top-level `model`, and two `memmem` searches of the rest for
+/// `model"` and `\u` (the only escape that can spell a letter) show whether another key could
+/// follow; only then is the whole body scanned.
 pub fn model_in_body(body: &[u8]) -> Option<Cow<'_, str>> {
+    let (model, end) = top_level_model(body, true)?;
+    let rest = &body[end..];
+    if memchr::memmem::find(rest, b"model\"").is_none()
+        && memchr::memmem::find(rest, b"\\u").is_none()
+    {
+        return model;
+    }
+    top_level_model(body, false).and_then(|(model, _)| model)
+}
+
+/// The value of the first (`first`) or last top-level `"model"` key and where it ends; `None`
+/// when there is no such key. `memchr` jumps from quote to brace, strings are skipped whole, and
+/// only braces are counted: in valid JSON a string followed by `:` is an object key, so arrays
+/// need no count.
+fn top_level_model(body: &[u8], first: bool) -> Option<(Option<Cow<'_, str>>, usize)> {
     let mut found = None;
     let mut depth = 0usize;
     let mut i = 0;
@@ -234,7 +252,7 @@ pub fn model_in_body(body: &[u8]) -> Option<Cow<'_, str>> {
                 }
                 let value = value.trim_ascii_start();
                 let from = body.len() - value.len();
-                found = match value.strip_prefix(b"\"") {
+                let model = match value.strip_prefix(b"\"") {
                     Some(_) => {
                         let (to, escaped) = string_end(body, from + 1)?;
                         i = to + 1;
@@ -249,6 +267,10 @@ pub fn model_in_body(body: &[u8]) -> Option<Cow<'_, str>> {
                     // Not a string (a number, `null`): no model a price could name.
                     None => None,
                 };
+                if first {
+                    return Some((model, i));
+                }
+                found = Some((model, i));
             }
         }
     }
@@ -544,6 +566,11 @@ mod tests {
         assert_eq!(
             model(br#"{"model":"unpriced","stream":true,"model":"gpt-4o"}"#),
             found("gpt-4o")
+        );
+        // Text that only looks like another key sends the scan through the whole body.
+        assert_eq!(
+            model(br#"{"model":"a","messages":[{"content":"which model", "x": "\u00e9"}]}"#),
+            found("a")
         );
         // Strings in arrays are values, never followed by `:`.
         assert_eq!(model(br#"{"stop":["model", ":"],"model":"m"}"#), found("m"));
