@@ -388,11 +388,22 @@ impl Provider {
             UrlShape::Plain => {
                 // The groq SDK appends /openai/v1/... to its base URL, which for Cloudflare's
                 // contract is /groq; the upstream base already ends in /openai/v1.
-                let rest = match &*self.id {
-                    "groq" => route.rest.strip_prefix("openai/v1/").unwrap_or(route.rest),
-                    _ => route.rest,
+                let (prefix, rest) = match &*self.id {
+                    "groq" => (
+                        "",
+                        route.rest.strip_prefix("openai/v1/").unwrap_or(route.rest),
+                    ),
+                    // Cloudflare's contract: `/huggingface/{model}` is the Inference API's
+                    // `/models/{model}`; OpenAI-compatible paths (`v1/...`, as /compat sends)
+                    // and paths already under `models/` go as they are.
+                    "huggingface"
+                        if !route.rest.starts_with("models/") && !route.rest.starts_with("v1/") =>
+                    {
+                        ("/models", route.rest)
+                    }
+                    _ => ("", route.rest),
                 };
-                (Vec::new(), "", rest)
+                (Vec::new(), prefix, rest)
             }
             UrlShape::Azure => {
                 let mut parts = route.rest.splitn(3, '/');
@@ -750,6 +761,91 @@ mod tests {
         assert_eq!(
             uri(&t, "anthropic", "v1/messages").as_deref(),
             Ok("https://api.anthropic.com/v1/messages")
+        );
+    }
+
+    #[test]
+    fn every_builtin_provider_has_spec_md_base_and_url_shape() {
+        let t = table(&[]);
+        for (provider, rest, want) in [
+            (
+                "openai",
+                "chat/completions",
+                "https://api.openai.com/v1/chat/completions",
+            ),
+            (
+                "anthropic",
+                "v1/messages",
+                "https://api.anthropic.com/v1/messages",
+            ),
+            (
+                "google-ai-studio",
+                "v1beta/models/gemini-2.5-flash:generateContent",
+                "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent",
+            ),
+            (
+                "groq",
+                "chat/completions",
+                "https://api.groq.com/openai/v1/chat/completions",
+            ),
+            (
+                "mistral",
+                "v1/chat/completions",
+                "https://api.mistral.ai/v1/chat/completions",
+            ),
+            ("cohere", "v2/chat", "https://api.cohere.ai/v2/chat"),
+            (
+                "deepseek",
+                "chat/completions",
+                "https://api.deepseek.com/chat/completions",
+            ),
+            (
+                "grok",
+                "v1/chat/completions",
+                "https://api.x.ai/v1/chat/completions",
+            ),
+            (
+                "perplexity-ai",
+                "chat/completions",
+                "https://api.perplexity.ai/chat/completions",
+            ),
+            (
+                "openrouter",
+                "v1/chat/completions",
+                "https://openrouter.ai/api/v1/chat/completions",
+            ),
+            // Cloudflare's HuggingFace shape: the model right after the provider.
+            (
+                "huggingface",
+                "bigcode/starcoder",
+                "https://api-inference.huggingface.co/models/bigcode/starcoder",
+            ),
+            (
+                "huggingface",
+                "models/gpt2",
+                "https://api-inference.huggingface.co/models/gpt2",
+            ),
+            (
+                "huggingface",
+                "v1/chat/completions",
+                "https://api-inference.huggingface.co/v1/chat/completions",
+            ),
+        ] {
+            assert_eq!(
+                uri(&t, provider, rest).as_deref(),
+                Ok(want),
+                "{provider} {rest}"
+            );
+        }
+        // A base URL override keeps the shape (HuggingFace's router serves the same paths).
+        let s = ProviderSettings {
+            base_url: Some("https://router.huggingface.co/hf-inference".into()),
+            ..Default::default()
+        };
+        let t = table(&[("huggingface", s)]);
+        assert_eq!(
+            uri(&t, "huggingface", "bigcode/starcoder").as_deref(),
+            Ok("https://router.huggingface.co/hf-inference/models/bigcode/starcoder")
         );
     }
 
