@@ -47,6 +47,13 @@ fi
 step "build ($(disk))"
 cargo build --workspace --bins --tests --quiet
 
+step "the sidecar links no Kubernetes client (DESIGN.md: small binary, fast start)"
+linked=$(cargo tree -p sidegate -e normal,build --prefix none | grep -E '^(kube|kube-[a-z-]+|k8s-openapi) ' || true)
+if [ -n "$linked" ]; then
+  echo "sidegate depends on: $linked" >&2
+  exit 1
+fi
+
 step "control plane (kube-apiserver, etcd, kube-controller-manager, kubectl, helm from Go modules)"
 tests/cluster/build >/dev/null
 
