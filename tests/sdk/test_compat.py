@@ -640,6 +640,24 @@ def test_bedrock_streamed_tool_use(gw, mock):
     assert tool_config["tools"][0]["toolSpec"]["inputSchema"] == {"json": WEATHER_TOOL["function"]["parameters"]}
 
 
+def test_bedrock_conversation_with_tool_calls_but_no_tools_declares_the_called_tools(gw, mock):
+    # Bedrock refuses toolUse/toolResult blocks without a toolConfig (the mock too); an agent's
+    # last turn often sends the history without tools, asking for text.
+    c = client(gw)
+    model = f"aws-bedrock/us-east-1/{BEDROCK_MODEL}"
+    first = c.chat.completions.create(model=model, messages=[{"role": "user", "content": "weather in Lima?"}],
+                                      tools=[WEATHER_TOOL])
+    call = first.choices[0].message.tool_calls[0]
+    second = c.chat.completions.create(model=model, messages=[
+        {"role": "user", "content": "weather in Lima?"},
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "18C"},
+    ])
+    assert second.choices[0].message.content == "mock reply to tool result: 18C"
+    tools = json.loads(mock.last()["body"])["toolConfig"]["tools"]
+    assert [t["toolSpec"]["name"] for t in tools] == ["get_weather"]
+
+
 def test_bedrock_errors_are_mapped_to_the_openai_error_shape(gw):
     with pytest.raises(openai.RateLimitError) as e:
         ask(client(gw), "aws-bedrock/us-east-1/mock-status-429")

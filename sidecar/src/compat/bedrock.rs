@@ -165,6 +165,8 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
     let mut body = req.rest.clone();
     let mut system: Vec<Value> = Vec::new();
     let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    // Tools the conversation called: Bedrock wants a toolConfig wherever toolUse blocks are.
+    let mut called: Vec<&str> = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         match m {
             Message::System { content, .. } | Message::Developer { content, .. } => {
@@ -188,6 +190,9 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                 let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
                 let mut blocks: Vec<Value> = text.map(|t| json!({"text": t})).into_iter().collect();
                 for (call, input) in calls {
+                    if !called.contains(&call.function.name.as_str()) {
+                        called.push(&call.function.name);
+                    }
                     blocks.push(json!({"toolUse": {"toolUseId": call.id,
                         "name": call.function.name, "input": input}}));
                 }
@@ -284,6 +289,16 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             true
         }
     };
+    // A conversation with tool calls but no `tools` (an agent's last turn, asking for text) is
+    // refused by Bedrock without a toolConfig: the tools it called are declared, input-less.
+    if req.tools.as_ref().is_none_or(Vec::is_empty) {
+        for name in called {
+            if !(json_tool && name == JSON_TOOL) {
+                tools.push(json!({"toolSpec": {"name": name,
+                    "inputSchema": {"json": {"type": "object", "properties": {}}}}}));
+            }
+        }
+    }
     if !tools.is_empty() {
         let mut config = Map::new();
         config.insert("tools".into(), Value::Array(tools));

@@ -143,6 +143,21 @@ fn converse(ctx: &Ctx<'_>, action: Action, req: &Value) -> Response<MockBody> {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
+    let has_tool_blocks = messages.iter().any(|m| {
+        m.get("content")
+            .and_then(Value::as_array)
+            .is_some_and(|bs| {
+                bs.iter()
+                    .any(|b| b.get("toolUse").is_some() || b.get("toolResult").is_some())
+            })
+    });
+    if has_tool_blocks && req.get("toolConfig").is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            "The toolConfig field must be defined when using toolUse and toolResult content blocks.",
+        );
+    }
     let last_user = messages
         .iter()
         .rev()
