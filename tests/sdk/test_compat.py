@@ -217,6 +217,18 @@ def test_openai_hints_stay_home_and_anthropic_gets_its_own_ranges(gw, mock):
     assert error["code"] == 2107 and "functions" in error["message"], error
 
 
+@pytest.mark.parametrize("model", ["anthropic/claude-sonnet-4-5", "google-ai-studio/gemini-2.5-flash",
+                                   f"aws-bedrock/us-east-1/{BEDROCK_MODEL}"])
+def test_parallel_tool_calls_false_without_tools_means_nothing_and_is_accepted(gw, mock, model):
+    # SDK wrappers often send it on every request; with no tools there is nothing to keep apart.
+    out = ask(client(gw), model, "one at a time", parallel_tool_calls=False)
+    assert out.choices[0].message.content == "mock reply to: one at a time"
+    assert "parallel" not in mock.last()["body"]
+    as_json = ask(client(gw), model, "json please", parallel_tool_calls=False,
+                  response_format={"type": "json_object"})
+    assert json.loads(as_json.choices[0].message.content)
+
+
 def test_anthropic_errors_are_mapped_to_the_openai_error_shape(gw):
     with pytest.raises(openai.RateLimitError) as e:
         ask(client(gw), "anthropic/mock-status-429")

@@ -138,7 +138,9 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
         Some(Choice::Required) => Some(json!({"type": "any"})),
         Some(Choice::Function(name)) => Some(json!({"type": "tool", "name": name})),
     };
-    if req.parallel_tool_calls == Some(false) {
+    // Without tools the field means nothing (and a tool_choice made for it would clash with
+    // the JSON tool of response_format).
+    if req.parallel_tool_calls == Some(false) && !tools.is_empty() {
         let tc = tool_choice.get_or_insert_with(|| json!({"type": "auto"}));
         if let Some(obj) = tc.as_object_mut()
             && obj.get("type") != Some(&Value::from("none"))

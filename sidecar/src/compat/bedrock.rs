@@ -159,7 +159,8 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
     // `user` and `safety_identifier` (end-user ids for abuse monitoring) have no Converse
     // equivalent: bookkeeping like `metadata`, left out rather than refused.
     req.refuse_unsupported(PROVIDER, &["user", "safety_identifier"])?;
-    if req.parallel_tool_calls == Some(false) {
+    // Without tools there are no calls to keep apart: the field means nothing then.
+    if req.parallel_tool_calls == Some(false) && req.has_tools() {
         return Err(openai::unsupported("parallel_tool_calls", PROVIDER));
     }
     let mut body = req.rest.clone();

@@ -28,7 +28,8 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
             "safety_identifier",
         ],
     )?;
-    if req.parallel_tool_calls == Some(false) {
+    // Without tools there are no calls to keep apart: the field means nothing then.
+    if req.parallel_tool_calls == Some(false) && req.has_tools() {
         return Err(openai::unsupported("parallel_tool_calls", provider));
     }
     let mut body = req.rest.clone();

@@ -376,6 +376,11 @@ impl ChatRequest {
         self.stream == Some(true)
     }
 
+    /// Whether the request declares any tools.
+    pub fn has_tools(&self) -> bool {
+        self.tools.as_ref().is_some_and(|t| !t.is_empty())
+    }
+
     /// Whether the last stream chunk should carry usage.
     pub fn include_usage(&self) -> bool {
         self.stream_options
