@@ -2,6 +2,7 @@
 (AI Studio and Vertex), Bedrock (SigV4, event stream) and OpenAI-compatible mock upstreams."""
 
 import json
+import re
 import subprocess
 import time
 
@@ -318,6 +319,31 @@ def test_gemini_function_calls_become_tool_calls_and_results_function_responses(
     assert contents[2] == {"role": "user", "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp": 25}}}]}
     signed = "thoughtSignature" in contents[1]["parts"][0]
     assert signed == model.startswith("gemini-3"), contents[1]
+
+
+@pytest.mark.parametrize("target", ["anthropic/claude-sonnet-4-5", f"aws-bedrock/us-east-1/{BEDROCK_MODEL}",
+                                    "openai/gpt-4o-mini"])
+def test_gemini_signed_tool_call_ids_are_made_valid_for_the_next_provider(gw, mock, target):
+    # A conversation started on Gemini 3 (tool call ids carry thought signatures) and moved to
+    # another provider: ids there are [A-Za-z0-9_-] (Anthropic, Bedrock) and at most 40 long
+    # (OpenAI), and a call still matches its result.
+    c = client(gw)
+    first = c.chat.completions.create(model="google-ai-studio/gemini-3-pro-preview",
+                                      messages=[{"role": "user", "content": "weather in Rome?"}],
+                                      tools=[WEATHER_TOOL], tool_choice="required")
+    call = first.choices[0].message.tool_calls[0]
+    assert "~ts~" in call.id
+    out = c.chat.completions.create(model=target, tools=[WEATHER_TOOL], messages=[
+        {"role": "user", "content": "weather in Rome?"},
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "25C"}])
+    if not target.startswith("openai/"):  # the OpenAI mock does not read tool results
+        assert "25C" in out.choices[0].message.content
+    sent = mock.last()["body"]
+    assert "~ts~" not in sent
+    ids = re.findall(r'"(?:id|tool_use_id|toolUseId|tool_call_id)":"([^"]*)"', sent)
+    assert len(ids) >= 2 and len(set(ids)) == 1, ids
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,40}", ids[0]), ids
 
 
 def test_gemini_safety_blocked_prompt_is_a_content_filter_refusal(gw):

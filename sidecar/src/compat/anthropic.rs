@@ -19,6 +19,9 @@ use crate::error::GatewayError;
 const PROVIDER: &str = "anthropic";
 /// `max_tokens` when the client sets none (Anthropic requires one).
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+/// Longest tool use id sent (Anthropic takes `[a-zA-Z0-9_-]+`; ids from Gemini carry thought
+/// signatures, see [`openai::portable_call_id`]).
+const MAX_CALL_ID: usize = 64;
 /// Name of the tool that carries a `response_format` JSON answer.
 pub const JSON_TOOL: &str = "json_response";
 
@@ -61,7 +64,8 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                     .into_iter()
                     .collect();
                 for (call, input) in calls {
-                    blocks.push(json!({"type": "tool_use", "id": call.id,
+                    blocks.push(json!({"type": "tool_use",
+                        "id": openai::portable_call_id(&call.id, MAX_CALL_ID),
                         "name": call.function.name, "input": input}));
                 }
                 if !blocks.is_empty() {
@@ -74,7 +78,8 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             } => openai::push_turn(
                 &mut messages,
                 "user",
-                vec![json!({"type": "tool_result", "tool_use_id": tool_call_id,
+                vec![json!({"type": "tool_result",
+                    "tool_use_id": openai::portable_call_id(tool_call_id, MAX_CALL_ID),
                     "content": text_only(content, i)?})],
             ),
             Message::Function { .. } => {

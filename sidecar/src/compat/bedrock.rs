@@ -154,6 +154,9 @@ pub fn encode_model_id(id: &str) -> String {
     s
 }
 
+/// Longest `toolUseId` Bedrock takes (`[a-zA-Z0-9_-]+`; see [`openai::portable_call_id`]).
+const MAX_CALL_ID: usize = 64;
+
 /// The Converse request for `req`, and whether the JSON tool is used.
 pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
     // `user` and `safety_identifier` (end-user ids for abuse monitoring) have no Converse
@@ -194,7 +197,8 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                     if !called.contains(&call.function.name.as_str()) {
                         called.push(&call.function.name);
                     }
-                    blocks.push(json!({"toolUse": {"toolUseId": call.id,
+                    blocks.push(json!({"toolUse": {
+                        "toolUseId": openai::portable_call_id(&call.id, MAX_CALL_ID),
                         "name": call.function.name, "input": input}}));
                 }
                 if !blocks.is_empty() {
@@ -207,7 +211,8 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             } => openai::push_turn(
                 &mut messages,
                 "user",
-                vec![json!({"toolResult": {"toolUseId": tool_call_id,
+                vec![json!({"toolResult": {
+                    "toolUseId": openai::portable_call_id(tool_call_id, MAX_CALL_ID),
                     "content": [{"text": content.text()}]}})],
             ),
             Message::Function { .. } => {

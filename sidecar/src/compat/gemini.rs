@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::openai::{
     self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, Message, Part,
-    ResponseFormat, Tool, ToolCallOut, Usage, bad,
+    ResponseFormat, SIGNATURE_MARK, Tool, ToolCallOut, Usage, bad,
 };
 use super::sse::{Event, SseParser};
 use super::{ResponseCtx, StreamTranslator};
@@ -359,9 +359,6 @@ fn blocked_prompt(reason: &str) -> String {
 fn blocked_response(reason: &str) -> String {
     format!("the response was blocked by Google's safety filters (finishReason {reason})")
 }
-
-/// Between a tool call's id and the thought signature it carries.
-const SIGNATURE_MARK: &str = "~ts~";
 
 /// The OpenAI id of a function call: Google's id (or one made from the response id), and the
 /// part's thought signature after [`SIGNATURE_MARK`]. Clients send tool call ids back as they

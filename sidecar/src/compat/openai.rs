@@ -236,6 +236,58 @@ pub fn push_turn(
     }
 }
 
+/// Between a tool call's id and the Gemini thought signature it carries (see `gemini`).
+pub const SIGNATURE_MARK: &str = "~ts~";
+
+/// A tool call id as another provider takes it (`[A-Za-z0-9_-]`, at most `max` characters):
+/// without a Gemini thought signature, and when what is left does not fit either, `call_` and
+/// a hash of it, so that a call and its result still match.
+pub fn portable_call_id(id: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    use sha2::Digest as _;
+    let base = id.split_once(SIGNATURE_MARK).map_or(id, |(base, _)| base);
+    let fits = !base.is_empty()
+        && base.len() <= max
+        && base
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if fits {
+        return std::borrow::Cow::Borrowed(base);
+    }
+    let digest = sha2::Sha256::digest(base.as_bytes());
+    std::borrow::Cow::Owned(format!("call_{}", hex::encode(&digest[..12])))
+}
+
+/// Longest tool call id OpenAI takes.
+const OPENAI_MAX_CALL_ID: usize = 40;
+
+/// The tool call ids of a request's history made [`portable_call_id`]s for an OpenAI-format
+/// provider (ids from Gemini carry signatures and run long).
+fn portable_call_ids(map: &mut Map<String, Value>) {
+    let Some(Value::Array(messages)) = map.get_mut("messages") else {
+        return;
+    };
+    let fix = |v: &mut Value| {
+        if let Value::String(id) = v {
+            let portable = portable_call_id(id, OPENAI_MAX_CALL_ID).into_owned();
+            if portable != *id {
+                *id = portable;
+            }
+        }
+    };
+    for m in messages.iter_mut() {
+        if let Some(id) = m.get_mut("tool_call_id") {
+            fix(id);
+        }
+        if let Some(Value::Array(calls)) = m.get_mut("tool_calls") {
+            for call in calls {
+                if let Some(id) = call.get_mut("id") {
+                    fix(id);
+                }
+            }
+        }
+    }
+}
+
 /// A tool call with its arguments parsed.
 pub type ParsedCall<'a> = (&'a ToolCall, Value);
 
@@ -1060,6 +1112,7 @@ pub fn rewrite_model_asking_usage(
     let mut map: Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
     map.insert("model".to_owned(), Value::String(model.to_owned()));
+    portable_call_ids(&mut map);
     let asked = ask_usage && ask_stream_usage(&mut map);
     Ok((Bytes::from(to_vec(&map)), asked))
 }
@@ -1295,6 +1348,31 @@ mod tests {
         );
         assert!(with_stream_usage(br#"{"model":"m"}"#).is_none());
         assert!(with_stream_usage(b"not json").is_none());
+    }
+
+    #[test]
+    fn tool_call_ids_lose_gemini_signatures_and_invalid_ones_become_hashes() {
+        assert_eq!(portable_call_id("toolu_01Ab-c", 64), "toolu_01Ab-c");
+        assert_eq!(
+            portable_call_id("call_abcd1234_0~ts~CiQB0e2Kb+/sig==", 40),
+            "call_abcd1234_0"
+        );
+        let odd = portable_call_id("call.with:odd/chars", 64);
+        assert!(odd.starts_with("call_") && odd.len() == 29, "{odd}");
+        assert_eq!(
+            odd,
+            portable_call_id("call.with:odd/chars", 64),
+            "deterministic"
+        );
+        let long = "x".repeat(41);
+        assert_eq!(portable_call_id(&long, 40).len(), 29);
+        let mut body = serde_json::from_str::<Map<String, Value>>(
+            r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c_1~ts~s+/="}]},{"role":"tool","tool_call_id":"c_1~ts~s+/="}]}"#,
+        )
+        .expect("json");
+        portable_call_ids(&mut body);
+        assert_eq!(body["messages"][0]["tool_calls"][0]["id"], "c_1");
+        assert_eq!(body["messages"][1]["tool_call_id"], "c_1");
     }
 
     #[test]
