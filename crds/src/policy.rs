@@ -232,16 +232,28 @@ fn add_rule(schema: &mut schemars::Schema, rule: String, message: String) {
     }
 }
 
-/// `cache.ttl` within [`Cache::MIN_TTL`] and [`Cache::MAX_TTL`]. CEL's `duration()` knows no
-/// days and overflows on large hours, so the rule reads the number and unit itself.
+/// A CEL list of one element, a [`Duration`] string's length in milliseconds. CEL's `duration()`
+/// knows no days and overflows on large hours (an error, not the rule's message), so the rule
+/// reads the number and unit itself; the pattern keeps the number within 9 digits.
+const DURATION_MS_CEL: &str = "[int(self.find('^[0-9]+')) * (self.endsWith('ms') ? 1 : self.endsWith('s') ? 1000 : self.endsWith('m') ? 60000 : self.endsWith('h') ? 3600000 : 86400000)]";
+
+/// `cache.ttl` within [`Cache::MIN_TTL`] and [`Cache::MAX_TTL`].
 fn ttl_range_rule(schema: &mut schemars::Schema) {
     let (min, max) = (Cache::MIN_TTL.as_millis(), Cache::MAX_TTL.as_millis());
     add_rule(
         schema,
-        format!(
-            "[int(self.find('^[0-9]+')) * (self.endsWith('ms') ? 1 : self.endsWith('s') ? 1000 : self.endsWith('m') ? 60000 : self.endsWith('h') ? 3600000 : 86400000)].all(ms, ms >= {min} && ms <= {max})"
-        ),
+        format!("{DURATION_MS_CEL}.all(ms, ms >= {min} && ms <= {max})"),
         "cache.ttl must be between 60s and 30d".into(),
+    );
+}
+
+/// `retries.retryDelay` at most [`crate::validation::MAX_RETRY_DELAY`].
+fn retry_delay_rule(schema: &mut schemars::Schema) {
+    let max = crate::validation::MAX_RETRY_DELAY.as_millis();
+    add_rule(
+        schema,
+        format!("{DURATION_MS_CEL}.all(ms, ms <= {max})"),
+        "retryDelay must be at most 5s".into(),
     );
 }
 
@@ -339,10 +351,7 @@ pub struct Retries {
     pub max_attempts: u32,
     /// Delay before the second attempt (at most 5s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "!self.endsWith('d') && duration(self) <= duration('5s')",
-        "message": "retryDelay must be at most 5s"
-    }]))]
+    #[schemars(transform = retry_delay_rule)]
     pub retry_delay: Option<Duration>,
     /// How the delay grows with each attempt.
     #[serde(default)]
@@ -526,7 +535,7 @@ pub struct WeightedBranch {
         "message": "a conditional node needs condition, then and else"
     },
     {
-        "rule": "self.type != 'percentage' || size(self.branches) > 0",
+        "rule": "self.type != 'percentage' || (has(self.branches) && size(self.branches) > 0)",
         "message": "a percentage node needs branches"
     },
     {

@@ -1230,6 +1230,420 @@ async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
     ns.delete().await;
 }
 
+/// The messages of every `x-kubernetes-validations` rule in the generated CRDs.
+fn schema_rule_messages() -> std::collections::BTreeSet<String> {
+    fn walk(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Array(rules)) = map.get("x-kubernetes-validations") {
+                    out.extend(
+                        rules
+                            .iter()
+                            .filter_map(|r| r["message"].as_str().map(str::to_owned)),
+                    );
+                }
+                map.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    for (_, crd) in sidegate_operator::crd::definitions() {
+        walk(
+            &serde_json::to_value(crd).expect("CRD serializes"),
+            &mut out,
+        );
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_schema_rule_refuses_its_case_with_its_message_and_admits_the_nearest_valid_spec() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "rules").await;
+    let api = |kind: &str| -> Api<kube::api::DynamicObject> {
+        let resource = match kind {
+            "AIGateway" => kube::api::ApiResource::erase::<AIGateway>(&()),
+            _ => kube::api::ApiResource::erase::<ProviderKey>(&()),
+        };
+        Api::namespaced_with(client.clone(), &ns.name, &resource)
+    };
+    let object = |kind: &str, name: &str, spec: &serde_json::Value| -> kube::api::DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "sidegate.dev/v1alpha1", "kind": kind,
+            "metadata": {"name": name}, "spec": spec}))
+        .expect("object")
+    };
+    let redis = json!({"urlSecretRef": {"name": "redis", "key": "url"}});
+    let route = |node: serde_json::Value| {
+        json!({"routes": [{"name": "r", "nodes": [
+            {"id": "s", "type": "start", "next": "n"}, node, {"id": "e", "type": "end"}]}]})
+    };
+    let providers = |n: usize| json!({"providers": (0..n).map(|i| (format!("custom-p{i}"), json!({}))).collect::<BTreeMap<_, _>>()});
+    let secret_ref = json!({"name": "s", "key": "k"});
+
+    // (kind, refused name and spec, the rule's message, admitted name and spec): the admitted
+    // spec is the refused one with the least change that satisfies the rule.
+    let g = "AIGateway";
+    let k = "ProviderKey";
+    type Named = (String, serde_json::Value);
+    let cases: Vec<(&str, Named, &str, Named)> = vec![
+        (
+            g,
+            ("g".repeat(64), json!({})),
+            "AIGateway names are at most 63 characters",
+            ("g".repeat(63), json!({})),
+        ),
+        (
+            g,
+            ("auth".into(), json!({"authentication": {"enabled": true}})),
+            "authentication.enabled needs tokenSecretRef",
+            (
+                "auth".into(),
+                json!({"authentication": {"enabled": true, "tokenSecretRef": {"name": "t", "key": "token"}}}),
+            ),
+        ),
+        (
+            g,
+            (
+                "cache-redis".into(),
+                json!({"cache": {"enabled": true, "backend": "redis"}}),
+            ),
+            "cache.backend redis needs the redis block",
+            (
+                "cache-redis".into(),
+                json!({"cache": {"enabled": true, "backend": "redis"}, "redis": redis}),
+            ),
+        ),
+        (
+            g,
+            (
+                "global".into(),
+                json!({"rateLimit": {"limit": 10, "interval": "60s", "scope": "global"}}),
+            ),
+            "rateLimit.scope global needs the redis block",
+            (
+                "global".into(),
+                json!({"rateLimit": {"limit": 10, "interval": "60s", "scope": "global"}, "redis": redis}),
+            ),
+        ),
+        (
+            g,
+            (
+                "ttl-min".into(),
+                json!({"cache": {"enabled": true, "ttl": "59s"}}),
+            ),
+            "cache.ttl must be between 60s and 30d",
+            (
+                "ttl-min".into(),
+                json!({"cache": {"enabled": true, "ttl": "60s"}}),
+            ),
+        ),
+        (
+            g,
+            (
+                "ttl-max".into(),
+                json!({"cache": {"enabled": true, "ttl": "31d"}}),
+            ),
+            "cache.ttl must be between 60s and 30d",
+            (
+                "ttl-max".into(),
+                json!({"cache": {"enabled": true, "ttl": "30d"}}),
+            ),
+        ),
+        (
+            g,
+            (
+                "delay".into(),
+                json!({"retries": {"maxAttempts": 2, "retryDelay": "5001ms"}}),
+            ),
+            "retryDelay must be at most 5s",
+            (
+                "delay".into(),
+                json!({"retries": {"maxAttempts": 2, "retryDelay": "5000ms"}}),
+            ),
+        ),
+        // CEL's duration() overflows on this (a conversion error, not the rule's message).
+        (
+            g,
+            (
+                "delay-hours".into(),
+                json!({"retries": {"maxAttempts": 2, "retryDelay": "999999999h"}}),
+            ),
+            "retryDelay must be at most 5s",
+            (
+                "delay-hours".into(),
+                json!({"retries": {"maxAttempts": 2, "retryDelay": "5s"}}),
+            ),
+        ),
+        (
+            g,
+            (
+                "prompt".into(),
+                json!({"guardrails": {"moderationURL": "https://m.example/v1/moderations", "prompt": {"gore": "block"}}}),
+            ),
+            "categories are those of OpenAI's moderation API",
+            (
+                "prompt".into(),
+                json!({"guardrails": {"moderationURL": "https://m.example/v1/moderations", "prompt": {"violence": "block"}}}),
+            ),
+        ),
+        (
+            g,
+            (
+                "response".into(),
+                json!({"guardrails": {"moderationURL": "https://m.example/v1/moderations", "response": {"Hate": "flag"}}}),
+            ),
+            "categories are those of OpenAI's moderation API",
+            (
+                "response".into(),
+                json!({"guardrails": {"moderationURL": "https://m.example/v1/moderations", "response": {"hate": "flag"}}}),
+            ),
+        ),
+        (
+            g,
+            ("provider-id".into(), json!({"providers": {"OpenAI": {}}})),
+            "providers keys must be provider ids from SPEC.md or custom-<slug>",
+            ("provider-id".into(), json!({"providers": {"openai": {}}})),
+        ),
+        (
+            g,
+            ("providers".into(), providers(33)),
+            "spec.providers: Too many: 33: must have at most 32 items",
+            ("providers".into(), providers(32)),
+        ),
+        (
+            g,
+            (
+                "base-url".into(),
+                json!({"providers": {"openai": {"baseURL": "api.openai.com/v1"}}}),
+            ),
+            "baseURL must be an absolute http(s) URL, e.g. https://api.openai.com/v1 (placeholders",
+            (
+                "base-url".into(),
+                json!({"providers": {"openai": {"baseURL": "https://api.openai.com/v1"}}}),
+            ),
+        ),
+        (
+            g,
+            (
+                "model".into(),
+                route(json!({"id": "n", "type": "model", "provider": "openai", "next": "e"})),
+            ),
+            "a model node needs provider and model",
+            (
+                "model".into(),
+                route(
+                    json!({"id": "n", "type": "model", "provider": "openai", "model": "gpt-4o-mini", "next": "e"}),
+                ),
+            ),
+        ),
+        (
+            g,
+            (
+                "conditional".into(),
+                route(
+                    json!({"id": "n", "type": "conditional", "condition": "metadata.plan == \"paid\"", "then": "e"}),
+                ),
+            ),
+            "a conditional node needs condition, then and else",
+            (
+                "conditional".into(),
+                route(
+                    json!({"id": "n", "type": "conditional", "condition": "metadata.plan == \"paid\"", "then": "e", "else": "e"}),
+                ),
+            ),
+        ),
+        // Without branches at all, not only with an empty list.
+        (
+            g,
+            (
+                "percentage".into(),
+                route(json!({"id": "n", "type": "percentage"})),
+            ),
+            "a percentage node needs branches",
+            (
+                "percentage".into(),
+                route(
+                    json!({"id": "n", "type": "percentage", "branches": [{"weight": 1, "next": "e"}]}),
+                ),
+            ),
+        ),
+        (
+            g,
+            (
+                "percentage-empty".into(),
+                route(json!({"id": "n", "type": "percentage", "branches": []})),
+            ),
+            "a percentage node needs branches",
+            (
+                "percentage-empty".into(),
+                route(
+                    json!({"id": "n", "type": "percentage", "branches": [{"weight": 0, "next": "e"}, {"weight": 1, "next": "e"}]}),
+                ),
+            ),
+        ),
+        (
+            g,
+            (
+                "rate".into(),
+                route(
+                    json!({"id": "n", "type": "rate", "limit": "10", "interval": "60s", "next": "e"}),
+                ),
+            ),
+            "rate and budget nodes need limit, interval and fallback",
+            (
+                "rate".into(),
+                route(
+                    json!({"id": "n", "type": "rate", "limit": "10", "interval": "60s", "fallback": "e", "next": "e"}),
+                ),
+            ),
+        ),
+        (
+            g,
+            (
+                "budget".into(),
+                route(
+                    json!({"id": "n", "type": "budget", "interval": "1d", "fallback": "e", "next": "e"}),
+                ),
+            ),
+            "rate and budget nodes need limit, interval and fallback",
+            (
+                "budget".into(),
+                route(
+                    json!({"id": "n", "type": "budget", "limit": "1.50", "interval": "1d", "fallback": "e", "next": "e"}),
+                ),
+            ),
+        ),
+        (
+            g,
+            (
+                "ports".into(),
+                json!({"sidecar": {"port": 9000, "adminPort": 9000}}),
+            ),
+            "port and adminPort must differ",
+            (
+                "ports".into(),
+                json!({"sidecar": {"port": 9000, "adminPort": 9001}}),
+            ),
+        ),
+        // adminPort's default is 8788.
+        (
+            g,
+            ("port-default".into(), json!({"sidecar": {"port": 8788}})),
+            "port and adminPort must differ",
+            ("port-default".into(), json!({"sidecar": {"port": 8789}})),
+        ),
+        (
+            k,
+            (
+                "bedrock".into(),
+                json!({"provider": "aws-bedrock", "secretRef": {"name": "s"}}),
+            ),
+            "aws-bedrock keys need spec.region",
+            (
+                "bedrock".into(),
+                json!({"provider": "aws-bedrock", "region": "us-east-1", "secretRef": {"name": "s"}}),
+            ),
+        ),
+        (
+            k,
+            (
+                "secret-key".into(),
+                json!({"provider": "openai", "secretRef": {"name": "s"}}),
+            ),
+            "secretRef.key is required",
+            (
+                "secret-key".into(),
+                json!({"provider": "openai", "secretRef": secret_ref}),
+            ),
+        ),
+        (
+            k,
+            (
+                "region".into(),
+                json!({"provider": "openai", "region": "us-east-1", "secretRef": secret_ref}),
+            ),
+            "region is only used by aws-bedrock and google-vertex-ai keys",
+            (
+                "region".into(),
+                json!({"provider": "openai", "secretRef": secret_ref}),
+            ),
+        ),
+        (
+            k,
+            (
+                "vertex-region".into(),
+                json!({"provider": "google-ai-studio", "region": "us-east1", "secretRef": secret_ref}),
+            ),
+            "region is only used by aws-bedrock and google-vertex-ai keys",
+            (
+                "vertex-region".into(),
+                json!({"provider": "google-vertex-ai", "region": "us-east1", "secretRef": secret_ref}),
+            ),
+        ),
+        (
+            k,
+            (
+                "key-url".into(),
+                json!({"provider": "openai", "secretRef": secret_ref, "baseURL": "ftp://x.example/v1"}),
+            ),
+            "baseURL must be an absolute http(s) URL, e.g. https://api.openai.com/v1",
+            (
+                "key-url".into(),
+                json!({"provider": "openai", "secretRef": secret_ref, "baseURL": "https://x.example/v1"}),
+            ),
+        ),
+    ];
+
+    for (kind, (name, spec), expected, _) in &cases {
+        let message = match api(kind)
+            .create(&PostParams::default(), &object(kind, name, spec))
+            .await
+        {
+            Ok(_) => panic!("{kind} {name} {spec} was accepted; expected {expected:?}"),
+            Err(kube::Error::Api(s)) => {
+                assert_eq!(s.code, 422, "{kind} {name}: {s:?}");
+                s.message
+            }
+            Err(e) => panic!("{kind} {name}: unexpected error: {e}"),
+        };
+        assert!(
+            message.contains(expected),
+            "{kind} {name}: expected {expected:?} in {message:?}"
+        );
+        // A rule that fails to evaluate refuses with CEL's error, not with what to fix.
+        for error in ["evaluating rule", "no such key", "conversion error"] {
+            assert!(
+                !message.contains(error),
+                "{kind} {name}: the rule did not evaluate: {message:?}"
+            );
+        }
+    }
+    for (kind, _, _, (name, spec)) in &cases {
+        if let Err(e) = api(kind)
+            .create(&PostParams::default(), &object(kind, name, spec))
+            .await
+        {
+            panic!("{kind} {name} {spec} was refused: {e}");
+        }
+    }
+
+    // A rule added later gets its case here.
+    let untested: Vec<_> = schema_rule_messages()
+        .into_iter()
+        .filter(|m| !cases.iter().any(|(_, _, expected, _)| m.contains(expected)))
+        .collect();
+    assert!(
+        untested.is_empty(),
+        "schema rules without a case: {untested:?}"
+    );
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn only_one_replica_leads_and_a_released_lease_is_taken_over_at_once() {
     let Some(client) = cluster_client().await else {
