@@ -240,7 +240,16 @@ fn certified_key(cert: &ServingCert) -> Result<Arc<CertifiedKey>, CertError> {
         .map_err(|e| CertError::Invalid(format!("private key PEM: {e}")))?;
     let signing = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|e| CertError::Invalid(format!("private key: {e}")))?;
-    Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    let certified = CertifiedKey::new(chain, signing);
+    // A pair caught mid-renewal (one file new, the other old) would fail every handshake.
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(Arc::new(certified))
+        }
+        Err(e) => Err(CertError::Invalid(format!(
+            "the private key does not belong to the certificate: {e}"
+        ))),
+    }
 }
 
 /// Where the self-managed certificate lives and what it is for.
@@ -530,6 +539,10 @@ pub struct CertFiles {
 }
 
 impl CertFiles {
+    /// How often the files are re-read: a renewed certificate is served within this time after
+    /// kubelet updates the mounted Secret.
+    pub const RELOAD_EVERY: Duration = Duration::from_secs(10);
+
     /// Reads both files.
     pub fn read(&self) -> Result<ServingCert, CertError> {
         let read = |path: &PathBuf| {
@@ -550,7 +563,7 @@ impl CertFiles {
     }
 
     /// Re-reads the files every `every` (kubelet updates a mounted Secret in place), keeping
-    /// the last good certificate when a read fails mid-update.
+    /// the last good certificate when a read fails or the pair is invalid or mismatched.
     pub async fn keep_loaded(self, resolver: Arc<CertResolver>, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
@@ -595,6 +608,159 @@ mod tests {
         assert!(resolver.is_loaded());
         assert!(!format!("{:?}", cert).contains("PRIVATE KEY"));
         assert!(cert.not_after > unix_now() + 86000);
+    }
+
+    /// A mounted Secret's directory as kubelet's atomic writer keeps it: the files in a
+    /// timestamped directory, `..data` pointing at it, and `tls.crt` -> `..data/tls.crt`.
+    struct MountedSecret {
+        dir: tempfile::TempDir,
+        version: u32,
+    }
+
+    impl MountedSecret {
+        fn new(cert: &ServingCert) -> Self {
+            let mut mount = Self {
+                dir: tempfile::tempdir().expect("temp dir"),
+                version: 0,
+            };
+            mount.update(cert);
+            for name in [TLS_CERT_KEY, TLS_KEY_KEY] {
+                std::os::unix::fs::symlink(format!("..data/{name}"), mount.dir.path().join(name))
+                    .expect("symlink");
+            }
+            mount
+        }
+
+        fn files(&self) -> CertFiles {
+            CertFiles {
+                cert: self.dir.path().join(TLS_CERT_KEY),
+                key: self.dir.path().join(TLS_KEY_KEY),
+            }
+        }
+
+        /// Writes a new version and swaps `..data` to it with one rename, as kubelet does.
+        fn update(&mut self, cert: &ServingCert) {
+            let root = self.dir.path();
+            let old = root.join(format!("..v{}", self.version));
+            self.version += 1;
+            let new = format!("..v{}", self.version);
+            std::fs::create_dir(root.join(&new)).expect("version dir");
+            std::fs::write(root.join(&new).join(TLS_CERT_KEY), &cert.cert_pem).expect("write");
+            std::fs::write(root.join(&new).join(TLS_KEY_KEY), &cert.key_pem).expect("write");
+            std::os::unix::fs::symlink(&new, root.join("..data_tmp")).expect("symlink");
+            std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+            let _ = std::fs::remove_dir_all(old);
+        }
+    }
+
+    /// Serves TLS from `resolver` on a loopback port, as the webhook's listener does.
+    async fn serve_tls(resolver: &Arc<CertResolver>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(resolver.server_config().expect("server config"));
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut tls) = acceptor.accept(tcp).await {
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The leaf certificate a new handshake with `addr` sees, trusting `cas`; None if it fails.
+    async fn served_leaf(addr: std::net::SocketAddr, cas: &[&str]) -> Option<Vec<u8>> {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in cas {
+            roots
+                .add(CertificateDer::from_pem_slice(ca.as_bytes()).expect("CA PEM"))
+                .expect("CA");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .ok()?;
+        Some(tls.get_ref().1.peer_certificates()?.first()?.to_vec())
+    }
+
+    fn leaf(cert: &GeneratedCert) -> Vec<u8> {
+        CertificateDer::from_pem_slice(cert.serving.cert_pem.as_bytes())
+            .expect("leaf PEM")
+            .to_vec()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_certificate_file_is_served_within_the_reload_interval_and_a_bad_pair_never_is()
+     {
+        let names = ["127.0.0.1".to_owned()];
+        let day = Duration::from_secs(86400);
+        let first = generate(&names, day).expect("first");
+        let renewed = generate(&names, day).expect("renewed");
+        let mut mount = MountedSecret::new(&first.serving);
+        let resolver = Arc::new(CertResolver::new());
+        mount.files().load(&resolver).expect("first pair loads");
+        tokio::spawn(
+            mount
+                .files()
+                .keep_loaded(resolver.clone(), CertFiles::RELOAD_EVERY),
+        );
+        let addr = serve_tls(&resolver).await;
+        let cas = [first.ca_pem.as_str(), renewed.ca_pem.as_str()];
+        assert_eq!(served_leaf(addr, &cas).await, Some(leaf(&first)));
+
+        // Kubelet swaps in the renewed Secret.
+        mount.update(&renewed.serving);
+        tokio::time::sleep(CertFiles::RELOAD_EVERY + Duration::from_millis(1)).await;
+        assert_eq!(
+            served_leaf(addr, &cas).await,
+            Some(leaf(&renewed)),
+            "the renewed certificate is served within {:?}",
+            CertFiles::RELOAD_EVERY
+        );
+
+        // Files written one after the other, caught in between: the certificate is new, the key
+        // still the previous one. Then a truncated certificate. Neither replaces the good pair.
+        let next = generate(&names, day).expect("next");
+        let half_written = ServingCert {
+            cert_pem: next.serving.cert_pem.clone(),
+            key_pem: renewed.serving.key_pem.clone(),
+        };
+        let truncated = ServingCert {
+            cert_pem: next.serving.cert_pem[..next.serving.cert_pem.len() / 2].to_owned(),
+            key_pem: next.serving.key_pem.clone(),
+        };
+        for bad in [&half_written, &truncated] {
+            std::fs::write(mount.files().cert, &bad.cert_pem).expect("write cert");
+            std::fs::write(mount.files().key, &bad.key_pem).expect("write key");
+            tokio::time::sleep(CertFiles::RELOAD_EVERY * 2).await;
+            assert_eq!(
+                served_leaf(addr, &[cas[0], cas[1], next.ca_pem.as_str()]).await,
+                Some(leaf(&renewed)),
+                "the last good certificate is still served"
+            );
+        }
+        // The second file lands: the complete pair is served.
+        mount.update(&next.serving);
+        tokio::time::sleep(CertFiles::RELOAD_EVERY + Duration::from_millis(1)).await;
+        assert_eq!(
+            served_leaf(addr, &[cas[0], cas[1], next.ca_pem.as_str()]).await,
+            Some(leaf(&next))
+        );
     }
 
     #[test]

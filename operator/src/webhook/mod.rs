@@ -248,7 +248,7 @@ pub async fn start(
                 })?;
                 certs::patch_ca_bundle(&client, &args.webhook_config_name, &ca, &ca).await?;
             }
-            tokio::spawn(files.keep_loaded(resolver.clone(), Duration::from_secs(10)));
+            tokio::spawn(files.keep_loaded(resolver.clone(), CertFiles::RELOAD_EVERY));
         }
     }
     let mut config = InjectConfig::new(&args.sidecar_image, env!("CARGO_PKG_VERSION"), namespace);
