@@ -43,11 +43,7 @@ async fn reconcile_inner(key: &ProviderKey, ctx: &Context) -> Result<Action, Err
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
     let secret = read_secret(&secrets, &ns, &key.spec.secret_ref.name).await?;
     let resolved = resolve_key(key, secret.as_ref()).map(|_| ());
-    let url_problem = key
-        .spec
-        .base_url
-        .as_deref()
-        .and_then(|url| validate::base_url(url, &ns, validate::allows_insecure(key)).err());
+    let url_problem = validate::provider_key_base_url(key, &ns);
     let shadowed_by = if resolved.is_ok() && url_problem.is_none() {
         shadowed_by(ctx, key, &ns).await?
     } else {

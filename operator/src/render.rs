@@ -367,9 +367,7 @@ pub fn claim_problem(key: &ProviderKey, namespace: &str) -> Option<KeyProblem> {
             format!("alias '{alias}' must be 1-63 letters, digits, '-' or '_'"),
         );
     }
-    if let Some(url) = &key.spec.base_url
-        && let Err(why) = validate::base_url(url, namespace, validate::allows_insecure(key))
-    {
+    if let Some(why) = validate::provider_key_base_url(key, namespace) {
         return problem("InvalidBaseURL", format!("baseURL {why}"));
     }
     None
@@ -1808,6 +1806,39 @@ mod tests {
             r.key_count(),
             0,
             "a key is never sent over plain http to the internet"
+        );
+    }
+
+    #[test]
+    fn a_key_annotated_allow_insecure_upstream_is_rendered_with_its_http_base_url_whatever_the_gateway_says()
+     {
+        let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
+        let mut pk = key("a", "custom-local", "default", "s", "k");
+        pk.spec.base_url = Some("http://169.254.169.254:8080/v1".into());
+        // The gateway's annotation lifts the policy for the gateway's own URLs only.
+        let gw = {
+            let mut gw = gateway(GatewayPolicy::default());
+            gw.metadata.annotations = Some(
+                [(
+                    sidegate_crds::api::ALLOW_INSECURE_UPSTREAM_ANNOTATION.to_owned(),
+                    "true".to_owned(),
+                )]
+                .into(),
+            );
+            gw
+        };
+        let r = render(&gw, std::slice::from_ref(&pk), &secrets, &salt()).expect("renders");
+        assert_eq!(r.problems[0].reason, "InvalidBaseURL");
+        assert_eq!(r.key_count(), 0);
+
+        pk.metadata.annotations = gw.metadata.annotations.clone();
+        let r = render(&gw, &[pk], &secrets, &salt()).expect("renders");
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.key_count(), 1);
+        let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
+        assert!(
+            yaml.contains("baseURL: http://169.254.169.254:8080/v1"),
+            "{yaml}"
         );
     }
 

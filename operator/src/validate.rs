@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use kube::{Resource, ResourceExt};
-use sidegate_crds::api::{AIGateway, ALLOW_INSECURE_UPSTREAM_ANNOTATION};
+use sidegate_crds::api::{AIGateway, ALLOW_INSECURE_UPSTREAM_ANNOTATION, ProviderKey};
 use sidegate_crds::validation::{self, Origin};
 
 use crate::render::parse_selector;
@@ -22,6 +22,13 @@ pub fn allows_insecure<K: Resource>(obj: &K) -> bool {
     obj.annotations()
         .get(ALLOW_INSECURE_UPSTREAM_ANNOTATION)
         .is_some_and(|v| v == "true")
+}
+
+/// Why a ProviderKey's `baseURL` is refused, if it is (the reason completes "baseURL ...").
+/// Only the key's own annotation lifts the URL policy for it, never a gateway's.
+pub fn provider_key_base_url(key: &ProviderKey, namespace: &str) -> Option<String> {
+    let url = key.spec.base_url.as_deref()?;
+    base_url(url, namespace, allows_insecure(key)).err()
 }
 
 /// Checks a provider base URL (a gateway's `providers.<id>.baseURL` or a ProviderKey's
@@ -584,6 +591,154 @@ mod tests {
             ..GatewayPolicy::default()
         };
         assert!(gateway(&gw).is_empty(), "{:?}", gateway(&gw));
+    }
+
+    fn annotated(mut obj: AIGateway, value: Option<&str>) -> AIGateway {
+        obj.metadata.annotations =
+            value.map(|v| [(ALLOW_INSECURE_UPSTREAM_ANNOTATION.to_owned(), v.to_owned())].into());
+        obj
+    }
+
+    #[test]
+    fn a_gateway_annotated_allow_insecure_upstream_may_use_http_and_link_local_upstreams_and_one_without_is_invalid_spec()
+     {
+        use crate::status::{GatewayObservation, gateway_conditions};
+        let spec: AIGatewaySpec = serde_json::from_value(serde_json::json!({
+            "providers": {
+                "openai": {"baseURL": "http://api.example.com/v1"},
+                "custom-node": {"baseURL": "http://169.254.169.254:8080/v1"}
+            },
+            "guardrails": {
+                "moderationURL": "http://[fe80::1]/v1/moderations",
+                "prompt": {"hate": "block"}
+            }
+        }))
+        .expect("spec");
+        let config_rendered = |gw: &AIGateway| {
+            let obs = GatewayObservation {
+                spec_problems: gateway(gw),
+                ..GatewayObservation::default()
+            };
+            gateway_conditions(&obs)
+                .into_iter()
+                .find(|c| c.type_ == sidegate_crds::api::conditions::CONFIG_RENDERED)
+                .map(|c| (c.ok, c.reason))
+        };
+
+        let allowed = annotated(gateway_with(spec.clone()), Some("true"));
+        assert_eq!(gateway(&allowed), Vec::<String>::new());
+        assert_ne!(
+            config_rendered(&allowed),
+            Some((false, "InvalidSpec".to_owned()))
+        );
+
+        // Only the exact value "true" opts out.
+        for value in [None, Some("false"), Some("True"), Some("yes"), Some("")] {
+            let gw = annotated(gateway_with(spec.clone()), value);
+            let problems = gateway(&gw);
+            assert_eq!(problems.len(), 3, "{value:?}: {problems:?}");
+            assert!(
+                problems[0].starts_with("spec.providers.custom-node.baseURL 'http://169.254.169.254:8080/v1' points at a link-local or cloud metadata address")
+                    && problems[1].starts_with("spec.providers.openai.baseURL 'http://api.example.com/v1' uses plain http outside the cluster")
+                    && problems[2].starts_with("spec.guardrails.moderationURL 'http://[fe80::1]/v1/moderations' points at a link-local"),
+                "{value:?}: {problems:?}"
+            );
+            assert!(
+                problems
+                    .iter()
+                    .all(|p| p.contains(ALLOW_INSECURE_UPSTREAM_ANNOTATION)),
+                "the way out is named: {problems:?}"
+            );
+            assert_eq!(
+                config_rendered(&gw),
+                Some((false, "InvalidSpec".to_owned())),
+                "{value:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_provider_key_annotated_allow_insecure_upstream_may_use_an_http_or_link_local_base_url_and_one_without_is_invalid_base_url()
+     {
+        use crate::status::{KeyObservation, provider_key_status};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+        use sidegate_crds::api::{ProviderKeySecretRef, ProviderKeySpec};
+        let key = |url: &str, annotation: Option<&str>| {
+            let mut pk = ProviderKey::new(
+                "k",
+                ProviderKeySpec {
+                    provider: "custom-local".into(),
+                    alias: "default".into(),
+                    secret_ref: ProviderKeySecretRef {
+                        name: "s".into(),
+                        key: Some("k".into()),
+                    },
+                    base_url: Some(url.into()),
+                    region: None,
+                },
+            );
+            pk.metadata.namespace = Some("team-a".into());
+            pk.metadata.annotations = annotation
+                .map(|v| [(ALLOW_INSECURE_UPSTREAM_ANNOTATION.to_owned(), v.to_owned())].into());
+            pk
+        };
+        let ready = |pk: &ProviderKey| {
+            let problem = provider_key_base_url(pk, "team-a");
+            let status = provider_key_status(
+                None,
+                KeyObservation {
+                    generation: Some(1),
+                    resolved: Ok(()),
+                    base_url_problem: problem.as_deref(),
+                    shadowed_by: None,
+                },
+                ("custom-local", "default"),
+                &Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            );
+            status
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == sidegate_crds::api::conditions::READY)
+                .map(|c| (c.status, c.reason, c.message))
+                .expect("Ready")
+        };
+        for url in [
+            "http://llm.example.com:8080/v1",
+            "http://169.254.169.254/v1",
+            "https://[fe80::1]/v1",
+        ] {
+            assert_eq!(
+                provider_key_base_url(&key(url, Some("true")), "team-a"),
+                None
+            );
+            let (status, reason, _) = ready(&key(url, Some("true")));
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("True", "Ready"),
+                "{url}"
+            );
+            for value in [None, Some("false"), Some("TRUE")] {
+                let (status, reason, message) = ready(&key(url, value));
+                assert_eq!(
+                    (status.as_str(), reason.as_str()),
+                    ("False", "InvalidBaseURL"),
+                    "{url} {value:?}"
+                );
+                assert!(
+                    message.starts_with(&format!("baseURL '{url}'"))
+                        && message.contains(ALLOW_INSECURE_UPSTREAM_ANNOTATION),
+                    "{message}"
+                );
+            }
+        }
+        // A URL the sidecar cannot use stays refused with the annotation.
+        assert!(
+            provider_key_base_url(
+                &key("http://llm.example.com/v1?x=1", Some("true")),
+                "team-a"
+            )
+            .is_some()
+        );
     }
 
     #[test]
