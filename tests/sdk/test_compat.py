@@ -203,6 +203,84 @@ def test_anthropic_response_format_json_schema_comes_back_as_json_content(gw, mo
     assert json.loads(mock.last()["body"])["tool_choice"]["name"] == "json_response"
 
 
+THINKING = {"thinking": {"type": "enabled", "budget_tokens": 2048}}
+
+
+def streamed_assistant_message(chunks):
+    """The assistant message a client rebuilds from a stream, as LiteLLM clients do: its tool
+    calls, its reasoning_content and its thinking_blocks (each one whole, in a delta of its own)."""
+    deltas = [c.delta.model_dump() for ch in chunks for c in ch.choices]
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    blocks = [b for d in deltas for b in d.get("thinking_blocks") or []]
+    calls = [{"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
+             for c in streamed_tool_calls(chunks)]
+    return {"role": "assistant", "content": None, "tool_calls": calls, "reasoning_content": reasoning,
+            "thinking_blocks": blocks}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_thinking_tool_loop_sends_the_signed_thinking_back(gw, mock, stream):
+    c = client(gw)
+    question = [{"role": "user", "content": "weather in Paris?"}]
+    first = c.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=question, tools=[WEATHER_TOOL],
+                                      stream=stream, extra_body=THINKING)
+    if stream:
+        chunks = list(first)
+        assert finish_reasons(chunks) == ["tool_calls"]
+        assistant = streamed_assistant_message(chunks)
+    else:
+        assert first.choices[0].finish_reason == "tool_calls"
+        assistant = first.choices[0].message.model_dump(exclude_none=True)
+    assert assistant["reasoning_content"] == "mock thinking about: weather in Paris?"
+    [block] = assistant["thinking_blocks"]
+    assert block["type"] == "thinking" and block["thinking"] == assistant["reasoning_content"] and block["signature"]
+    [call] = assistant["tool_calls"]
+    assert json.loads(mock.last()["body"])["thinking"] == THINKING["thinking"]
+
+    second = c.chat.completions.create(
+        model="anthropic/claude-sonnet-4-5",
+        messages=question + [assistant, {"role": "tool", "tool_call_id": call["id"], "content": "21C and sunny"}],
+        tools=[WEATHER_TOOL], stream=stream, extra_body=THINKING)
+    text = stream_text(second)[0] if stream else second.choices[0].message.content
+    assert text == "mock reply to tool result: 21C and sunny"
+    sent = json.loads(mock.last()["body"])["messages"][1]["content"]
+    assert sent[0] == block, "the thinking block goes back first and unchanged"
+    assert sent[1]["type"] == "tool_use" and sent[1]["id"] == call["id"]
+
+
+def test_anthropic_refuses_a_thinking_tool_turn_sent_back_without_its_thinking(gw):
+    c = client(gw)
+    question = [{"role": "user", "content": "weather in Paris?"}]
+    first = c.chat.completions.create(model="anthropic/claude-sonnet-4-5", messages=question, tools=[WEATHER_TOOL],
+                                      extra_body=THINKING)
+    message = first.choices[0].message
+    assistant = {"role": "assistant", "content": None, "tool_calls": [t.model_dump() for t in message.tool_calls]}
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(
+            model="anthropic/claude-sonnet-4-5",
+            messages=question + [assistant, {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "x"}],
+            tools=[WEATHER_TOOL], extra_body=THINKING)
+    assert "Expected `thinking` or `redacted_thinking`, but found `tool_use`" in err.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_response_format_json_with_thinking_is_asked_through_an_unforced_tool(gw, mock, stream):
+    out = ask(client(gw), "anthropic/claude-sonnet-4-5", "who are you", stream=stream, extra_body=THINKING,
+              response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": {"type": "object"}}})
+    if stream:
+        content, chunks = stream_text(out)
+        assert finish_reasons(chunks) == ["stop"]
+        assert streamed_assistant_message(chunks)["reasoning_content"] == "mock thinking about: who are you"
+    else:
+        content = out.choices[0].message.content
+        assert out.choices[0].finish_reason == "stop"
+        assert out.choices[0].message.reasoning_content == "mock thinking about: who are you"
+    assert json.loads(content) == {"text": "who are you"}
+    body = json.loads(mock.last()["body"])
+    assert body["tool_choice"] == {"type": "auto"}, "Anthropic refuses a forced tool while thinking"
+    assert body["tools"][0]["name"] == "json_response"
+
+
 def test_openai_hints_stay_home_and_anthropic_gets_its_own_ranges(gw, mock):
     out = ask(client(gw), "anthropic/claude-haiku-4-5", "hinted", temperature=1.5, safety_identifier="user-42",
               metadata={"team": "a"}, service_tier="auto", prompt_cache_key="k1")

@@ -1,7 +1,14 @@
 //! OpenAI chat completions ⇄ Anthropic Messages: request, response, SSE stream and errors.
 //!
 //! `response_format` JSON is expressed as one forced tool ([`JSON_TOOL`]) whose input is the
-//! answer; its `tool_use` comes back as message content.
+//! answer; its `tool_use` comes back as message content. With extended thinking on, Anthropic
+//! refuses a forced tool: the JSON tool is then offered (`tool_choice: auto`) with an
+//! instruction to answer through it.
+//!
+//! Extended thinking comes back as LiteLLM shows it: `reasoning_content` (the text) and
+//! `thinking_blocks` (the blocks with their signatures, or redacted data), in messages and in
+//! stream deltas; an assistant message sent back with `thinking_blocks` starts its Anthropic
+//! turn with them, unchanged, as Anthropic requires of a tool-use turn while thinking.
 
 use bytes::BytesMut;
 use serde::Deserialize;
@@ -9,7 +16,7 @@ use serde_json::{Map, Value, json};
 
 use super::openai::{
     self, ChatRequest, Choice, ChunkWriter, Completion, Content, Message, Part, ResponseFormat,
-    Tool, ToolCallOut, Usage, bad,
+    ThinkingBlock, Tool, ToolCallOut, Usage, bad,
 };
 use super::sse::{Event, SseParser};
 use super::{ResponseCtx, StreamTranslator};
@@ -24,6 +31,27 @@ pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 const MAX_CALL_ID: usize = 64;
 /// Name of the tool that carries a `response_format` JSON answer.
 pub const JSON_TOOL: &str = "json_response";
+/// System instruction added when the JSON tool cannot be forced (extended thinking is on).
+const JSON_TOOL_INSTRUCTION: &str =
+    "Give your final answer by calling the json_response tool; its input is the answer.";
+
+/// Whether the request turns extended thinking on (`thinking: {"type": "enabled" | "adaptive",
+/// ...}`, passed through as Anthropic's own field).
+fn thinking_on(rest: &Map<String, Value>) -> bool {
+    rest.get("thinking")
+        .and_then(|t| t.get("type"))
+        .and_then(Value::as_str)
+        .is_some_and(|t| t != "disabled")
+}
+
+/// An assistant turn's thinking blocks as Anthropic content blocks, first in the turn.
+fn thinking_content(blocks: &Option<Vec<ThinkingBlock>>) -> Vec<Value> {
+    blocks
+        .iter()
+        .flatten()
+        .map(|b| serde_json::to_value(b).unwrap_or(Value::Null))
+        .collect()
+}
 
 /// The Messages request for `req`, and whether the JSON tool is used.
 pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), GatewayError> {
@@ -46,6 +74,7 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                 function_call,
                 audio,
                 name: _,
+                thinking_blocks,
             } => {
                 if function_call.is_some() {
                     return Err(bad(format!(
@@ -59,10 +88,8 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                     ));
                 }
                 let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
-                let mut blocks: Vec<Value> = text
-                    .map(|t| json!({"type": "text", "text": t}))
-                    .into_iter()
-                    .collect();
+                let mut blocks = thinking_content(thinking_blocks);
+                blocks.extend(text.map(|t| json!({"type": "text", "text": t})));
                 for (call, input) in calls {
                     blocks.push(json!({"type": "tool_use",
                         "id": openai::portable_call_id(&call.id, MAX_CALL_ID),
@@ -88,6 +115,11 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                 )));
             }
         }
+    }
+    let thinking = thinking_on(&req.rest);
+    if thinking && matches!(req.response_format, Some(ref f) if !matches!(f, ResponseFormat::Text))
+    {
+        system.push(JSON_TOOL_INSTRUCTION.to_owned());
     }
     if !system.is_empty() {
         body.insert("system".into(), Value::String(system.join("\n\n")));
@@ -180,7 +212,11 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             tools.push(
                 json!({"name": JSON_TOOL, "description": description, "input_schema": schema}),
             );
-            tool_choice = Some(json!({"type": "tool", "name": JSON_TOOL}));
+            tool_choice = Some(if thinking {
+                json!({"type": "auto"})
+            } else {
+                json!({"type": "tool", "name": JSON_TOOL})
+            });
             true
         }
     };
@@ -295,6 +331,15 @@ enum Block {
         #[serde(default)]
         input: Value,
     },
+    Thinking {
+        #[serde(default)]
+        thinking: String,
+        #[serde(default)]
+        signature: Option<String>,
+    },
+    RedactedThinking {
+        data: String,
+    },
     #[serde(other)]
     Other,
 }
@@ -324,18 +369,41 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
     let m: MessageResponse =
         serde_json::from_slice(body).map_err(|e| format!("unexpected anthropic response: {e}"))?;
     let mut text = String::new();
+    let mut json_answer: Option<String> = None;
     let mut tool_calls = Vec::new();
+    let mut reasoning = String::new();
+    let mut thinking_blocks = Vec::new();
     for block in m.content {
         match block {
             Block::Text { text: t } => text.push_str(&t),
             Block::ToolUse { name, input, .. } if ctx.json_tool && name == JSON_TOOL => {
-                text.push_str(&input.to_string());
+                json_answer
+                    .get_or_insert_with(String::new)
+                    .push_str(&input.to_string());
             }
             Block::ToolUse { id, name, input } => {
                 tool_calls.push(ToolCallOut::function(id, name, &input));
             }
+            Block::Thinking {
+                thinking,
+                signature,
+            } => {
+                reasoning.push_str(&thinking);
+                thinking_blocks.push(ThinkingBlock::Thinking {
+                    thinking,
+                    signature,
+                });
+            }
+            Block::RedactedThinking { data } => {
+                thinking_blocks.push(ThinkingBlock::RedactedThinking { data });
+            }
             Block::Other => {}
         }
+    }
+    // The JSON tool's input is the whole answer: words around it (possible when it could not
+    // be forced) would make the content invalid JSON.
+    if let Some(json) = json_answer {
+        text = json;
     }
     let completion = Completion {
         id: m.id,
@@ -346,6 +414,8 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
         },
         text: (!text.is_empty() || tool_calls.is_empty()).then_some(text),
         refusal: None,
+        reasoning: (!reasoning.is_empty()).then_some(reasoning),
+        thinking_blocks,
         tool_calls,
         finish_reason: finish_reason(
             m.stop_reason.as_deref().unwrap_or("end_turn"),
@@ -390,6 +460,9 @@ enum StreamEvent {
         index: u64,
         delta: BlockDelta,
     },
+    ContentBlockStop {
+        index: u64,
+    },
     MessageDelta {
         #[serde(default)]
         delta: MessageDeltaBody,
@@ -421,6 +494,15 @@ enum StartBlock {
         id: String,
         name: String,
     },
+    Thinking {
+        #[serde(default)]
+        thinking: String,
+        #[serde(default)]
+        signature: Option<String>,
+    },
+    RedactedThinking {
+        data: String,
+    },
     #[serde(other)]
     Other,
 }
@@ -433,6 +515,12 @@ enum BlockDelta {
     },
     InputJsonDelta {
         partial_json: String,
+    },
+    ThinkingDelta {
+        thinking: String,
+    },
+    SignatureDelta {
+        signature: String,
     },
     #[serde(other)]
     Other,
@@ -477,6 +565,15 @@ struct StreamState {
     json_tool: bool,
     /// Tool and JSON blocks by content block index (text blocks need no state).
     blocks: Vec<(u64, BlockKind)>,
+    /// The thinking block being streamed (its index, text and signature so far): sent whole
+    /// as a `thinking_blocks` delta when it stops, since the client must send it back whole.
+    /// Its size is bounded by the request's thinking budget.
+    thinking: Option<(u64, String, Option<String>)>,
+    /// With the JSON tool, text held back until the answer shows whether the tool was called
+    /// (then the tool input alone is the content).
+    held_text: String,
+    /// Whether the JSON tool was called.
+    json_called: bool,
     next_tool: u32,
     prompt_tokens: u64,
     /// Of them, read from the prompt cache (when Anthropic says).
@@ -501,6 +598,9 @@ impl Stream {
                 ),
                 json_tool: ctx.json_tool,
                 blocks: Vec::new(),
+                thinking: None,
+                held_text: String::new(),
+                json_called: false,
                 next_tool: 0,
                 prompt_tokens: 0,
                 cached_tokens: None,
@@ -547,6 +647,14 @@ impl StreamState {
             .find_map(|(i, k)| (*i == index).then_some(*k))
     }
 
+    /// Text held back for the JSON tool, as content when the tool was not called.
+    fn flush_held_text(&mut self, out: &mut BytesMut) {
+        let text = std::mem::take(&mut self.held_text);
+        if !self.json_called {
+            self.w.content(out, &text);
+        }
+    }
+
     fn on_event(&mut self, e: Event<'_>, out: &mut BytesMut) {
         if self.done {
             return;
@@ -573,6 +681,8 @@ impl StreamState {
                 content_block: StartBlock::ToolUse { id, name },
             } => {
                 if self.json_tool && name == JSON_TOOL {
+                    self.held_text.clear();
+                    self.json_called = true;
                     self.blocks.push((index, BlockKind::Json));
                 } else if self.blocks.len() < 1024 {
                     let k = self.next_tool;
@@ -581,9 +691,59 @@ impl StreamState {
                     self.w.tool_start(out, k, &id, &name, "");
                 }
             }
+            StreamEvent::ContentBlockStart {
+                index,
+                content_block:
+                    StartBlock::Thinking {
+                        thinking,
+                        signature,
+                    },
+            } => {
+                self.w.reasoning(out, &thinking);
+                self.thinking = Some((index, thinking, signature));
+            }
+            StreamEvent::ContentBlockStart {
+                content_block: StartBlock::RedactedThinking { data },
+                ..
+            } => self
+                .w
+                .thinking_block(out, &ThinkingBlock::RedactedThinking { data }),
             StreamEvent::ContentBlockStart { .. } => {}
+            StreamEvent::ContentBlockStop { index } => {
+                if let Some((_, thinking, signature)) =
+                    self.thinking.take_if(|(i, _, _)| *i == index)
+                {
+                    self.w.thinking_block(
+                        out,
+                        &ThinkingBlock::Thinking {
+                            thinking,
+                            signature,
+                        },
+                    );
+                }
+            }
             StreamEvent::ContentBlockDelta { index, delta } => match delta {
+                BlockDelta::TextDelta { text } if self.json_tool => {
+                    if !self.json_called {
+                        self.held_text.push_str(&text);
+                    }
+                }
                 BlockDelta::TextDelta { text } => self.w.content(out, &text),
+                BlockDelta::ThinkingDelta { thinking } => {
+                    if let Some((i, held, _)) = &mut self.thinking
+                        && *i == index
+                    {
+                        held.push_str(&thinking);
+                        self.w.reasoning(out, &thinking);
+                    }
+                }
+                BlockDelta::SignatureDelta { signature } => {
+                    if let Some((i, _, held)) = &mut self.thinking
+                        && *i == index
+                    {
+                        held.get_or_insert_with(String::new).push_str(&signature);
+                    }
+                }
                 BlockDelta::InputJsonDelta { partial_json } => match self.block(index) {
                     Some(BlockKind::Tool(k)) => self.w.tool_arguments(out, k, &partial_json),
                     Some(BlockKind::Json) => self.w.content(out, &partial_json),
@@ -601,10 +761,12 @@ impl StreamState {
                     }
                 }
                 if let Some(stop) = delta.stop_reason {
+                    self.flush_held_text(out);
                     self.w.finish(out, finish_reason(&stop, self.json_tool));
                 }
             }
             StreamEvent::MessageStop => {
+                self.flush_held_text(out);
                 self.w.finish(out, "stop");
                 self.w.done(out, self.usage());
                 self.done = true;
@@ -740,6 +902,188 @@ mod tests {
         assert_eq!(out["choices"][0]["finish_reason"], "stop");
     }
 
+    const THINKING_STREAM: &str = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_t\",\"model\":\"claude-x\",\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\",\"signature\":\"\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"Paris is \"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"in France.\"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"signature_delta\",\"signature\":\"EqoBsig==\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"redacted_thinking\",\"data\":\"EmwKAhgBEgy\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":2,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_1\",\"name\":\"get_weather\",\"input\":{}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":2,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"city\\\":\\\"Paris\\\"}\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":2}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":30}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    /// The `choices[0].delta` objects of a translated stream.
+    fn deltas(out: &str) -> Vec<Value> {
+        out.split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| v.pointer("/choices/0/delta").cloned())
+            .collect()
+    }
+
+    #[test]
+    fn streamed_thinking_is_reasoning_content_then_the_signed_block_before_the_tool_call() {
+        let out = run_stream(
+            &mut Stream::new(&ctx(false, false)),
+            &[THINKING_STREAM.as_bytes()],
+        );
+        let deltas = deltas(&out);
+        let reasoning: String = deltas
+            .iter()
+            .filter_map(|d| d["reasoning_content"].as_str())
+            .collect();
+        assert_eq!(reasoning, "Paris is in France.", "{out}");
+        let blocks: Vec<&Value> = deltas
+            .iter()
+            .filter_map(|d| d["thinking_blocks"].as_array())
+            .flatten()
+            .collect();
+        assert_eq!(
+            blocks,
+            [
+                &json!({"type": "thinking", "thinking": "Paris is in France.", "signature": "EqoBsig=="}),
+                &json!({"type": "redacted_thinking", "data": "EmwKAhgBEgy"}),
+            ],
+            "{out}"
+        );
+        let block_at = deltas
+            .iter()
+            .position(|d| d.get("thinking_blocks").is_some())
+            .expect("block");
+        let tool_at = deltas
+            .iter()
+            .position(|d| d.get("tool_calls").is_some())
+            .expect("tool");
+        assert!(block_at < tool_at, "{out}");
+        assert!(out.contains(r#""finish_reason":"tool_calls""#), "{out}");
+    }
+
+    #[test]
+    fn answered_thinking_is_reasoning_content_and_thinking_blocks_of_the_message() {
+        let resp = br#"{"id":"msg_t","model":"claude-x","content":[
+            {"type":"thinking","thinking":"Paris is in France.","signature":"EqoBsig=="},
+            {"type":"redacted_thinking","data":"EmwKAhgBEgy"},
+            {"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"city":"Paris"}}],
+            "stop_reason":"tool_use","usage":{"input_tokens":5,"output_tokens":30}}"#;
+        let out: Value =
+            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+        let message = &out["choices"][0]["message"];
+        assert_eq!(message["reasoning_content"], "Paris is in France.");
+        assert_eq!(
+            message["thinking_blocks"],
+            json!([{"type": "thinking", "thinking": "Paris is in France.", "signature": "EqoBsig=="},
+                   {"type": "redacted_thinking", "data": "EmwKAhgBEgy"}])
+        );
+        assert_eq!(message["tool_calls"][0]["id"], "toolu_1");
+        let plain = br#"{"id":"m","model":"b","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":1}}"#;
+        let out: Value = serde_json::from_slice(&response(plain, &ctx(false, false)).expect("ok"))
+            .expect("json");
+        assert!(
+            out["choices"][0]["message"]
+                .get("reasoning_content")
+                .is_none(),
+            "{out}"
+        );
+        assert!(
+            out["choices"][0]["message"]
+                .get("thinking_blocks")
+                .is_none(),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn thinking_blocks_sent_back_open_the_assistant_turn_unchanged() {
+        let req = ChatRequest::parse(
+            br#"{"model":"anthropic/claude-x","thinking":{"type":"enabled","budget_tokens":2048},
+            "messages":[
+              {"role":"user","content":"weather in Paris?"},
+              {"role":"assistant","content":"Let me look.","reasoning_content":"Paris is in France.",
+               "thinking_blocks":[{"type":"thinking","thinking":"Paris is in France.","signature":"EqoBsig=="},
+                                  {"type":"redacted_thinking","data":"EmwKAhgBEgy"}],
+               "tool_calls":[{"id":"toolu_1","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
+              {"role":"tool","tool_call_id":"toolu_1","content":"sunny"}],
+            "tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}]}"#,
+        )
+        .expect("parse");
+        let (body, _) = request(req, "claude-x").expect("translate");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(
+            v["thinking"],
+            json!({"type": "enabled", "budget_tokens": 2048})
+        );
+        assert_eq!(
+            v["messages"][1],
+            json!({"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "Paris is in France.", "signature": "EqoBsig=="},
+                {"type": "redacted_thinking", "data": "EmwKAhgBEgy"},
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]})
+        );
+        assert!(v["messages"][1].get("reasoning_content").is_none());
+    }
+
+    #[test]
+    fn response_format_json_with_thinking_offers_the_json_tool_without_forcing_it() {
+        let req = ChatRequest::parse(
+            br#"{"model":"a/b","thinking":{"type":"enabled","budget_tokens":1024},
+            "messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}],
+            "response_format":{"type":"json_object"}}"#,
+        )
+        .expect("parse");
+        let (body, json_tool) = request(req, "b").expect("translate");
+        assert!(json_tool);
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["tool_choice"], json!({"type": "auto"}));
+        assert_eq!(v["tools"][0]["name"], JSON_TOOL);
+        assert_eq!(
+            v["system"],
+            format!("be brief\n\n{JSON_TOOL_INSTRUCTION}"),
+            "{v}"
+        );
+        // Words before the tool call stay out of the JSON content.
+        let resp = br#"{"id":"m","model":"b","content":[
+            {"type":"thinking","thinking":"t","signature":"s"},
+            {"type":"text","text":"Here it is:"},
+            {"type":"tool_use","id":"t","name":"json_response","input":{"a":1}}],
+            "stop_reason":"tool_use","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        let out: Value =
+            serde_json::from_slice(&response(resp, &ctx(false, true)).expect("ok")).expect("json");
+        assert_eq!(out["choices"][0]["message"]["content"], r#"{"a":1}"#);
+        assert_eq!(out["choices"][0]["finish_reason"], "stop");
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"b\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Here it is:\"}}\n\n",
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t\",\"name\":\"json_response\",\"input\":{}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":1,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":1}\"}}\n\n",
+            "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":1}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":4}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let out = run_stream(&mut Stream::new(&ctx(false, true)), &[stream.as_bytes()]);
+        let content: String = deltas(&out)
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        assert_eq!(content, r#"{"a":1}"#, "{out}");
+        // Without the tool call, the text is the answer.
+        let text_only = stream.replace("json_response", "other_tool");
+        let out = run_stream(&mut Stream::new(&ctx(false, true)), &[text_only.as_bytes()]);
+        let content: String = deltas(&out)
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        assert_eq!(content, "Here it is:", "{out}");
+    }
+
     #[test]
     fn cache_reads_are_part_of_the_prompt_and_named_in_the_details() {
         let resp = br#"{"id":"msg_3","model":"b","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn",
@@ -797,6 +1141,13 @@ mod tests {
                                        cuts in proptest::collection::vec(0usize..2048, 0..10)) {
             let pieces = crate::compat::tests::cut(&data, cuts);
             let _ = run_stream(&mut Stream::new(&ctx(true, true)), &pieces);
+        }
+
+        #[test]
+        fn any_chunking_of_thinking_gives_the_same_output(cuts in proptest::collection::vec(0usize..THINKING_STREAM.len(), 0..20)) {
+            let whole = run_stream(&mut Stream::new(&ctx(true, false)), &[THINKING_STREAM.as_bytes()]);
+            let pieces = crate::compat::tests::cut(THINKING_STREAM.as_bytes(), cuts);
+            prop_assert_eq!(run_stream(&mut Stream::new(&ctx(true, false)), &pieces), whole);
         }
 
         #[test]

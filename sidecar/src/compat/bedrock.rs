@@ -484,6 +484,7 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
             ctx.json_tool,
         ),
         usage: r.usage.usage(),
+        ..Completion::default()
     };
     Ok(c.to_json(ctx.created))
 }

@@ -149,6 +149,10 @@ pub enum Message {
         function_call: Option<Value>,
         #[serde(default)]
         audio: Option<Value>,
+        /// Anthropic's thinking of this turn as it was answered (LiteLLM's field): sent back
+        /// unchanged, since Anthropic wants a tool-use turn to start with its signed thinking.
+        #[serde(default)]
+        thinking_blocks: Option<Vec<ThinkingBlock>>,
     },
     Tool {
         content: Content,
@@ -214,6 +218,22 @@ pub struct FilePart {
     pub file_id: Option<String>,
     #[serde(default)]
     pub filename: Option<String>,
+}
+
+/// A block of Claude's extended thinking, in LiteLLM's `thinking_blocks` shape (Anthropic's own
+/// block shape): answered with the message and sent back with it, unchanged.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ThinkingBlock {
+    Thinking {
+        thinking: String,
+        /// Anthropic's proof that the thinking is its own; it refuses the block without it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
+    },
+    RedactedThinking {
+        data: String,
+    },
 }
 
 /// A tool call made by the assistant earlier in the conversation.
@@ -712,6 +732,10 @@ pub struct Completion {
     pub model: String,
     pub text: Option<String>,
     pub refusal: Option<String>,
+    /// The thinking text (`reasoning_content`), when the model shows it.
+    pub reasoning: Option<String>,
+    /// The thinking as blocks to send back (`thinking_blocks`).
+    pub thinking_blocks: Vec<ThinkingBlock>,
     pub tool_calls: Vec<ToolCallOut>,
     pub finish_reason: &'static str,
     pub usage: Usage,
@@ -742,6 +766,10 @@ impl Completion {
             content: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             refusal: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reasoning_content: Option<&'a str>,
+            #[serde(skip_serializing_if = "<[_]>::is_empty")]
+            thinking_blocks: &'a [ThinkingBlock],
             #[serde(skip_serializing_if = "<[_]>::is_empty")]
             tool_calls: &'a [ToolCallOut],
         }
@@ -756,6 +784,8 @@ impl Completion {
                     role: "assistant",
                     content: self.text.as_deref(),
                     refusal: self.refusal.as_deref(),
+                    reasoning_content: self.reasoning.as_deref(),
+                    thinking_blocks: &self.thinking_blocks,
                     tool_calls: &self.tool_calls,
                 },
                 logprobs: None,
@@ -848,6 +878,10 @@ struct Delta<'a> {
     content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking_blocks: Option<[&'a ThinkingBlock; 1]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_calls: Option<[ToolCallDelta<'a>; 1]>,
 }
@@ -956,6 +990,35 @@ impl ChunkWriter {
             out,
             Delta {
                 refusal: Some(text),
+                ..Delta::default()
+            },
+            None,
+        );
+    }
+
+    /// A delta of thinking text (`reasoning_content`, as LiteLLM streams it).
+    pub fn reasoning(&mut self, out: &mut BytesMut, text: &str) {
+        if text.is_empty() {
+            return;
+        }
+        self.role(out);
+        self.chunk(
+            out,
+            Delta {
+                reasoning_content: Some(text),
+                ..Delta::default()
+            },
+            None,
+        );
+    }
+
+    /// A finished thinking block, signature included, for the client to send back.
+    pub fn thinking_block(&mut self, out: &mut BytesMut, block: &ThinkingBlock) {
+        self.role(out);
+        self.chunk(
+            out,
+            Delta {
+                thinking_blocks: Some([block]),
                 ..Delta::default()
             },
             None,

@@ -1,4 +1,9 @@
 //! Anthropic wire format: Messages (plain and SSE), count_tokens, Models, errors.
+//!
+//! With extended thinking on (`thinking: {"type": "enabled", ...}`) an answer starts with a
+//! signed thinking block, and, as Anthropic does, the mock refuses a forced `tool_choice` and a
+//! conversation whose last assistant tool-use turn does not start with its thinking block
+//! (signature intact).
 
 use std::borrow::Cow;
 
@@ -31,6 +36,8 @@ struct MessagesRequest<'a> {
     tools: Option<Vec<Value>>,
     #[serde(default)]
     tool_choice: Option<Value>,
+    #[serde(default)]
+    thinking: Option<Value>,
 }
 
 impl MessagesRequest<'_> {
@@ -94,6 +101,58 @@ impl MessagesRequest<'_> {
 }
 
 impl MessagesRequest<'_> {
+    /// Whether extended thinking is on.
+    fn thinking_on(&self) -> bool {
+        self.thinking
+            .as_ref()
+            .and_then(|t| t.get("type"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| t != "disabled")
+    }
+
+    /// Why Anthropic would refuse this request with thinking on, in its words: a forced tool,
+    /// or a last assistant turn holding `tool_use` that does not start with thinking, or whose
+    /// thinking is not signed as it was answered.
+    fn thinking_refusal(&self) -> Option<String> {
+        let forced = self
+            .tool_choice
+            .as_ref()
+            .and_then(|c| c.get("type"))
+            .and_then(Value::as_str)
+            .is_some_and(|t| t == "any" || t == "tool");
+        if forced {
+            return Some("Thinking may not be enabled when tool_choice forces tool use.".into());
+        }
+        let messages = self.messages.as_deref()?;
+        let (i, blocks) = messages.iter().enumerate().rev().find_map(|(i, m)| {
+            (m.role.as_deref() == Some("assistant"))
+                .then(|| Some((i, m.content.as_ref()?.as_array()?)))
+                .flatten()
+        })?;
+        let kind = |b: &Value| {
+            b.get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        if !blocks.iter().any(|b| kind(b) == "tool_use") {
+            return None;
+        }
+        let first = blocks.first().map(kind).unwrap_or_default();
+        if first != "thinking" && first != "redacted_thinking" {
+            return Some(format!(
+                "messages.{i}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{first}`. When `thinking` is enabled, a final `assistant` message must start with a thinking block (preceeding the lastmost set of `tool_use` and `tool_result` blocks). We recommend you include thinking blocks from previous turns. To avoid this requirement, disable `thinking`. Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking"
+            ));
+        }
+        blocks.iter().enumerate().find_map(|(j, b)| {
+            let text = b.get("thinking").and_then(Value::as_str)?;
+            let signed = b.get("signature").and_then(Value::as_str) == Some(&signature(text));
+            (!signed).then(|| {
+                format!("messages.{i}.content.{j}: Invalid `signature` in `thinking` block")
+            })
+        })
+    }
+
     /// The first required field the request lacks (Messages wants `max_tokens` too), in
     /// Anthropic's words.
     fn missing_field(&self, needs_max_tokens: bool) -> Option<&'static str> {
@@ -118,6 +177,64 @@ impl MessagesRequest<'_> {
 // ---------------------------------------------------------------------------
 // Responses
 
+/// The mock's thinking before answering `user_text`.
+fn thinking_about(user_text: &str) -> String {
+    format!(
+        "mock thinking about: {}",
+        text::truncate_chars(user_text, text::MAX_QUOTE_CHARS)
+    )
+}
+
+/// The mock's signature of a thinking text (FNV-1a, base64): the request check recomputes it.
+fn signature(thinking: &str) -> String {
+    use base64::Engine;
+    let hash = thinking.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    base64::engine::general_purpose::STANDARD.encode(format!("mock-sig:{hash:016x}"))
+}
+
+/// A content block of an answer.
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block<'a> {
+    Thinking {
+        thinking: &'a str,
+        signature: String,
+    },
+    Text {
+        text: &'a str,
+    },
+}
+
+/// The stream events of a thinking block at `index`: start, text deltas, signature, stop.
+fn thinking_events(sse: &mut SseBuilder, index: u32, thinking: &str) {
+    sse.event(
+        Some("content_block_start"),
+        &serde_json::json!({"type": "content_block_start", "index": index,
+        "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+    );
+    for piece in text::stream_pieces(thinking) {
+        sse.event(
+            Some("content_block_delta"),
+            &serde_json::json!({"type": "content_block_delta", "index": index,
+            "delta": {"type": "thinking_delta", "thinking": piece}}),
+        );
+    }
+    sse.event(
+        Some("content_block_delta"),
+        &serde_json::json!({"type": "content_block_delta", "index": index,
+        "delta": {"type": "signature_delta", "signature": signature(thinking)}}),
+    );
+    sse.event(
+        Some("content_block_stop"),
+        &ContentBlockStop {
+            kind: "content_block_stop",
+            index,
+        },
+    );
+}
+
 #[derive(Serialize)]
 struct MessageBody<'a> {
     id: &'a str,
@@ -125,7 +242,7 @@ struct MessageBody<'a> {
     kind: &'static str,
     role: &'static str,
     model: &'a str,
-    content: &'a [TextBlock<'a>],
+    content: &'a [Block<'a>],
     stop_reason: Option<&'static str>,
     stop_sequence: Option<()>,
     usage: Usage,
@@ -252,8 +369,15 @@ pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
     if let Some(status) = text::status_trigger(model) {
         return status_error(ctx, status, model);
     }
+    if req.thinking_on()
+        && let Some(message) = req.thinking_refusal()
+    {
+        return invalid_request(ctx, &message);
+    }
     let messages = req.messages.as_deref().unwrap_or_default();
     let user_text = text::last_user_text(messages);
+    let thinking = req.thinking_on().then(|| thinking_about(&user_text));
+    let thinking = thinking.as_deref();
     let reply = match req.tool_result_text() {
         Some(t) => format!("mock reply to tool result: {t}"),
         None => text::reply_to(&user_text),
@@ -262,13 +386,22 @@ pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
     let output_tokens = text::words(&reply);
     let id = format!("msg_mock_{}", ctx.id);
     if let Some(tool) = req.tool_to_call() {
-        let mut resp = tool_use(ctx, &req, &id, model, &tool, &user_text, input_tokens);
+        let mut resp = tool_use(
+            ctx,
+            &req,
+            &id,
+            model,
+            &tool,
+            &user_text,
+            input_tokens,
+            thinking,
+        );
         set_request_id(&mut resp, ctx);
         return resp;
     }
 
     let mut resp = if req.stream == Some(true) {
-        let events = message_stream(&id, model, &reply, input_tokens, output_tokens);
+        let events = message_stream(&id, model, &reply, input_tokens, output_tokens, thinking);
         sse_response(events, ctx.chunk_delay, ctx.stats)
     } else {
         json_ok(&MessageBody {
@@ -276,10 +409,14 @@ pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
             kind: "message",
             role: "assistant",
             model,
-            content: &[TextBlock {
-                kind: "text",
-                text: &reply,
-            }],
+            content: &thinking
+                .map(|t| Block::Thinking {
+                    thinking: t,
+                    signature: signature(t),
+                })
+                .into_iter()
+                .chain([Block::Text { text: &reply }])
+                .collect::<Vec<_>>(),
             stop_reason: Some("end_turn"),
             stop_sequence: None,
             usage: Usage::new(input_tokens, output_tokens),
@@ -289,7 +426,9 @@ pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
     resp
 }
 
-/// A `tool_use` answer (plain or streamed) calling `tool` with `{"text": <user text>}`.
+/// A `tool_use` answer (plain or streamed) calling `tool` with `{"text": <user text>}`, after
+/// `thinking` when it is on.
+#[allow(clippy::too_many_arguments)]
 fn tool_use(
     ctx: &Ctx<'_>,
     req: &MessagesRequest<'_>,
@@ -298,6 +437,7 @@ fn tool_use(
     tool: &str,
     user_text: &str,
     input_tokens: u64,
+    thinking: Option<&str>,
 ) -> Response<MockBody> {
     let tool_id = format!("toolu_mock_{}", ctx.id);
     let no_input = req.tool_takes_no_input(tool);
@@ -308,9 +448,16 @@ fn tool_use(
     };
     let usage = |out: u64| serde_json::json!({"input_tokens": input_tokens, "output_tokens": out});
     if req.stream != Some(true) {
+        let mut content: Vec<Value> = thinking
+            .map(|t| serde_json::json!({"type": "thinking", "thinking": t, "signature": signature(t)}))
+            .into_iter()
+            .collect();
+        content.push(
+            serde_json::json!({"type": "tool_use", "id": tool_id, "name": tool, "input": input}),
+        );
         return json_ok(
             &serde_json::json!({"id": id, "type": "message", "role": "assistant",
-            "model": model, "content": [{"type": "tool_use", "id": tool_id, "name": tool, "input": input}],
+            "model": model, "content": content,
             "stop_reason": "tool_use", "stop_sequence": null, "usage": usage(3)}),
         );
     }
@@ -334,21 +481,25 @@ fn tool_use(
         "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
         "stop_reason": null, "stop_sequence": null, "usage": usage(1)}}),
     );
+    if let Some(t) = thinking {
+        thinking_events(&mut sse, 0, t);
+    }
+    let index = u32::from(thinking.is_some());
     sse.event(
         Some("content_block_start"),
-        &serde_json::json!({"type": "content_block_start", "index": 0,
+        &serde_json::json!({"type": "content_block_start", "index": index,
         "content_block": {"type": "tool_use", "id": tool_id, "name": tool, "input": {}}}),
     );
     for piece in pieces {
         sse.event(
             Some("content_block_delta"),
-            &serde_json::json!({"type": "content_block_delta", "index": 0,
+            &serde_json::json!({"type": "content_block_delta", "index": index,
             "delta": {"type": "input_json_delta", "partial_json": piece}}),
         );
     }
     sse.event(
         Some("content_block_stop"),
-        &serde_json::json!({"type": "content_block_stop", "index": 0}),
+        &serde_json::json!({"type": "content_block_stop", "index": index}),
     );
     sse.event(Some("message_delta"), &serde_json::json!({"type": "message_delta",
         "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 3}}));
@@ -361,13 +512,14 @@ fn tool_use(
     sse_response(sse.finish(), ctx.chunk_delay, ctx.stats)
 }
 
-/// The SSE events of a streamed message, in Anthropic's order.
+/// The SSE events of a streamed message, in Anthropic's order (`thinking` first when on).
 fn message_stream(
     id: &str,
     model: &str,
     reply: &str,
     input_tokens: u64,
     output_tokens: u64,
+    thinking: Option<&str>,
 ) -> Vec<Bytes> {
     let pieces = text::stream_pieces(reply);
     let mut sse = SseBuilder::with_capacity(pieces.len() + 6);
@@ -387,11 +539,15 @@ fn message_stream(
             },
         },
     );
+    if let Some(t) = thinking {
+        thinking_events(&mut sse, 0, t);
+    }
+    let index = u32::from(thinking.is_some());
     sse.event(
         Some("content_block_start"),
         &ContentBlockStart {
             kind: "content_block_start",
-            index: 0,
+            index,
             content_block: TextBlock {
                 kind: "text",
                 text: "",
@@ -404,7 +560,7 @@ fn message_stream(
             Some("content_block_delta"),
             &ContentBlockDelta {
                 kind: "content_block_delta",
-                index: 0,
+                index,
                 delta: TextDelta {
                     kind: "text_delta",
                     text: piece,
@@ -416,7 +572,7 @@ fn message_stream(
         Some("content_block_stop"),
         &ContentBlockStop {
             kind: "content_block_stop",
-            index: 0,
+            index,
         },
     );
     sse.event(
