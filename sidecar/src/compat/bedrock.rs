@@ -6,6 +6,9 @@
 //! `{"accessKeyId": "...", "secretAccessKey": "...", "sessionToken": "...", "region": "..."}`
 //! (`sessionToken` and `region` optional). The region comes from the model string
 //! (`aws-bedrock/{region}/{modelId}`) or else from the key file.
+//!
+//! Claude's extended thinking (`reasoningContent` blocks) is shown and sent back in the same
+//! `reasoning_content` / `thinking_blocks` shape as for Anthropic (see `anthropic`).
 
 use std::fmt;
 use std::time::SystemTime;
@@ -23,7 +26,7 @@ use super::anthropic::JSON_TOOL;
 use super::eventstream::Decoder;
 use super::openai::{
     self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, Message, Part,
-    ResponseFormat, Tool, ToolCallOut, Usage, bad,
+    ResponseFormat, ThinkingBlock, Tool, ToolCallOut, Usage, bad,
 };
 use super::{ResponseCtx, StreamTranslator};
 use crate::error::GatewayError;
@@ -154,6 +157,35 @@ pub fn encode_model_id(id: &str) -> String {
     s
 }
 
+/// A thinking block as a Converse `reasoningContent` block.
+fn reasoning_block(block: &ThinkingBlock) -> Value {
+    match block {
+        ThinkingBlock::Thinking {
+            thinking,
+            signature,
+        } => {
+            let mut text = Map::new();
+            text.insert("text".into(), Value::from(thinking.as_str()));
+            if let Some(sig) = signature {
+                text.insert("signature".into(), Value::from(sig.as_str()));
+            }
+            json!({"reasoningContent": {"reasoningText": text}})
+        }
+        ThinkingBlock::RedactedThinking { data } => {
+            json!({"reasoningContent": {"redactedContent": data}})
+        }
+    }
+}
+
+/// Whether Claude's extended thinking is on (`additionalModelRequestFields.thinking`), under
+/// which a forced tool is refused.
+fn thinking_on(rest: &Map<String, Value>) -> bool {
+    rest.get("additionalModelRequestFields")
+        .and_then(|f| f.pointer("/thinking/type"))
+        .and_then(Value::as_str)
+        .is_some_and(|t| t != "disabled")
+}
+
 /// Longest `toolUseId` Bedrock takes (`[a-zA-Z0-9_-]+`; see [`openai::portable_call_id`]).
 const MAX_CALL_ID: usize = 64;
 
@@ -184,6 +216,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                 tool_calls,
                 function_call,
                 audio,
+                thinking_blocks,
                 ..
             } => {
                 if function_call.is_some() || audio.is_some() {
@@ -192,7 +225,12 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                     )));
                 }
                 let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
-                let mut blocks: Vec<Value> = text.map(|t| json!({"text": t})).into_iter().collect();
+                let mut blocks: Vec<Value> = thinking_blocks
+                    .iter()
+                    .flatten()
+                    .map(reasoning_block)
+                    .collect();
+                blocks.extend(text.map(|t| json!({"text": t})));
                 for (call, input) in calls {
                     if !called.contains(&call.function.name.as_str()) {
                         called.push(&call.function.name);
@@ -274,6 +312,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
         Some(Choice::Required) => Some(json!({"any": {}})),
         Some(Choice::Function(name)) => Some(json!({"tool": {"name": name}})),
     };
+    let mut json_instruction = false;
     let json_tool = match &req.response_format {
         None | Some(ResponseFormat::Text) => false,
         Some(format) => {
@@ -291,10 +330,25 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             };
             tools.push(json!({"toolSpec": {"name": JSON_TOOL,
                 "description": "Respond with the answer as JSON.", "inputSchema": {"json": schema}}}));
-            tool_choice = Some(json!({"tool": {"name": JSON_TOOL}}));
+            // Claude refuses a forced tool while thinking: the tool is offered (Bedrock's
+            // default choice is auto) and asked for.
+            if thinking_on(&req.rest) {
+                json_instruction = true;
+            } else {
+                tool_choice = Some(json!({"tool": {"name": JSON_TOOL}}));
+            }
             true
         }
     };
+    if json_instruction {
+        let instruction = json!({"text": "Give your final answer by calling the json_response tool; its input is the answer."});
+        match body.get_mut("system") {
+            Some(Value::Array(system)) => system.push(instruction),
+            _ => {
+                body.insert("system".into(), Value::Array(vec![instruction]));
+            }
+        }
+    }
     // A conversation with tool calls but no `tools` (an agent's last turn, asking for text) is
     // refused by Bedrock without a toolConfig: the tools it called are declared, input-less.
     if req.tools.as_ref().is_none_or(Vec::is_empty) {
@@ -419,6 +473,26 @@ struct OutputBlock {
     text: Option<String>,
     #[serde(default)]
     tool_use: Option<ToolUse>,
+    #[serde(default)]
+    reasoning_content: Option<ReasoningContent>,
+}
+
+/// A `reasoningContent` block: Claude's thinking, signed, or redacted.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReasoningContent {
+    #[serde(default)]
+    reasoning_text: Option<ReasoningText>,
+    #[serde(default)]
+    redacted_content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ReasoningText {
+    #[serde(default)]
+    text: String,
+    #[serde(default)]
+    signature: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -460,18 +534,39 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
     let r: ConverseResponse =
         serde_json::from_slice(body).map_err(|e| format!("unexpected Bedrock response: {e}"))?;
     let mut text = String::new();
+    let mut json_answer: Option<String> = None;
     let mut tool_calls = Vec::new();
+    let mut reasoning = String::new();
+    let mut thinking_blocks = Vec::new();
     for block in r.output.message.content {
         if let Some(t) = block.text {
             text.push_str(&t);
         }
         if let Some(u) = block.tool_use {
             if ctx.json_tool && u.name == JSON_TOOL {
-                text.push_str(&u.input.to_string());
+                json_answer
+                    .get_or_insert_with(String::new)
+                    .push_str(&u.input.to_string());
             } else {
                 tool_calls.push(ToolCallOut::function(u.tool_use_id, u.name, &u.input));
             }
         }
+        if let Some(rc) = block.reasoning_content {
+            if let Some(t) = rc.reasoning_text {
+                reasoning.push_str(&t.text);
+                thinking_blocks.push(ThinkingBlock::Thinking {
+                    thinking: t.text,
+                    signature: t.signature,
+                });
+            }
+            if let Some(data) = rc.redacted_content {
+                thinking_blocks.push(ThinkingBlock::RedactedThinking { data });
+            }
+        }
+    }
+    // The JSON tool's input is the whole answer (words around it would make it invalid JSON).
+    if let Some(json) = json_answer {
+        text = json;
     }
     let c = Completion {
         id: ctx.id.clone(),
@@ -484,7 +579,8 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
             ctx.json_tool,
         ),
         usage: r.usage.usage(),
-        ..Completion::default()
+        reasoning: (!reasoning.is_empty()).then_some(reasoning),
+        thinking_blocks,
     };
     Ok(c.to_json(ctx.created))
 }
@@ -520,6 +616,9 @@ pub struct Stream {
     w: ChunkWriter,
     json_tool: bool,
     blocks: Vec<(u64, BlockKind)>,
+    /// The reasoning block being streamed (index, text, signature): sent whole as a
+    /// `thinking_blocks` delta when it stops (bounded by the thinking budget).
+    thinking: Option<(u64, String, Option<String>)>,
     next_tool: u32,
     usage: Usage,
     /// Whether the stream's metadata reported usage yet.
@@ -540,6 +639,7 @@ impl Stream {
             ),
             json_tool: ctx.json_tool,
             blocks: Vec::new(),
+            thinking: None,
             next_tool: 0,
             usage: Usage::default(),
             usage_seen: false,
@@ -551,6 +651,29 @@ impl Stream {
         self.blocks
             .iter()
             .find_map(|(i, k)| (*i == index).then_some(*k))
+    }
+
+    /// A `reasoningContent` delta: thinking text, its signature, or redacted thinking.
+    fn on_reasoning(&mut self, index: u64, rc: &Value, out: &mut BytesMut) {
+        if let Some(data) = rc.get("redactedContent").and_then(Value::as_str) {
+            self.w.thinking_block(
+                out,
+                &ThinkingBlock::RedactedThinking {
+                    data: data.to_owned(),
+                },
+            );
+            return;
+        }
+        let (_, text, signature) = self
+            .thinking
+            .get_or_insert_with(|| (index, String::new(), None));
+        if let Some(t) = rc.get("text").and_then(Value::as_str) {
+            text.push_str(t);
+            self.w.reasoning(out, t);
+        }
+        if let Some(sig) = rc.get("signature").and_then(Value::as_str) {
+            signature.get_or_insert_with(String::new).push_str(sig);
+        }
     }
 
     fn on_message(&mut self, m: &super::eventstream::Message, out: &mut BytesMut) {
@@ -605,6 +728,8 @@ impl Stream {
                 };
                 if let Some(t) = delta.get("text").and_then(Value::as_str) {
                     self.w.content(out, t);
+                } else if let Some(rc) = delta.get("reasoningContent") {
+                    self.on_reasoning(index, rc, out);
                 } else if let Some(input) = delta.pointer("/toolUse/input").and_then(Value::as_str)
                 {
                     match self.block(index) {
@@ -612,6 +737,19 @@ impl Stream {
                         Some(BlockKind::Json) => self.w.content(out, input),
                         None => {}
                     }
+                }
+            }
+            Some("contentBlockStop") => {
+                if let Some((_, thinking, signature)) =
+                    self.thinking.take_if(|(i, _, _)| *i == index)
+                {
+                    self.w.thinking_block(
+                        out,
+                        &ThinkingBlock::Thinking {
+                            thinking,
+                            signature,
+                        },
+                    );
                 }
             }
             Some("messageStop") => {
@@ -828,6 +966,96 @@ mod tests {
         assert!(out.contains(r#""finish_reason":"tool_calls""#));
         assert!(out.contains(r#""prompt_tokens":11,"completion_tokens":9"#));
         assert!(out.ends_with("data: [DONE]\n\n"));
+    }
+
+    #[test]
+    fn claudes_reasoning_is_reasoning_content_and_signed_thinking_blocks_streamed_or_not() {
+        let bytes = [
+            event("messageStart", r#"{"role":"assistant"}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"text":"Oslo is "}}}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"text":"cold."}}}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"reasoningContent":{"signature":"sig=="}}}"#),
+            event("contentBlockStop", r#"{"contentBlockIndex":0}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":1,"delta":{"reasoningContent":{"redactedContent":"cmVk"}}}"#),
+            event("contentBlockStop", r#"{"contentBlockIndex":1}"#),
+            event("contentBlockStart", r#"{"contentBlockIndex":2,"start":{"toolUse":{"toolUseId":"tooluse_1","name":"get_weather"}}}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":2,"delta":{"toolUse":{"input":"{}"}}}"#),
+            event("contentBlockStop", r#"{"contentBlockIndex":2}"#),
+            event("messageStop", r#"{"stopReason":"tool_use"}"#),
+            event("metadata", r#"{"usage":{"inputTokens":1,"outputTokens":2}}"#),
+        ]
+        .concat();
+        let out = run_stream_bytes(&mut Stream::new(&ctx(false, false)), &[&bytes]);
+        let deltas: Vec<Value> = out
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| v.pointer("/choices/0/delta").cloned())
+            .collect();
+        let reasoning: String = deltas
+            .iter()
+            .filter_map(|d| d["reasoning_content"].as_str())
+            .collect();
+        assert_eq!(reasoning, "Oslo is cold.", "{out}");
+        let blocks: Vec<&Value> = deltas
+            .iter()
+            .filter_map(|d| d["thinking_blocks"].as_array())
+            .flatten()
+            .collect();
+        let want = json!([{"type": "thinking", "thinking": "Oslo is cold.", "signature": "sig=="},
+                          {"type": "redacted_thinking", "data": "cmVk"}]);
+        assert_eq!(json!(blocks), want, "{out}");
+
+        let plain = br#"{"output":{"message":{"role":"assistant","content":[
+            {"reasoningContent":{"reasoningText":{"text":"Oslo is cold.","signature":"sig=="}}},
+            {"reasoningContent":{"redactedContent":"cmVk"}},
+            {"toolUse":{"toolUseId":"tooluse_1","name":"get_weather","input":{}}}]}},
+            "stopReason":"tool_use","usage":{"inputTokens":1,"outputTokens":2}}"#;
+        let v: Value = serde_json::from_slice(&response(plain, &ctx(false, false)).expect("ok"))
+            .expect("json");
+        assert_eq!(
+            v["choices"][0]["message"]["reasoning_content"],
+            "Oslo is cold."
+        );
+        assert_eq!(v["choices"][0]["message"]["thinking_blocks"], want);
+    }
+
+    #[test]
+    fn thinking_blocks_sent_back_open_the_turn_as_reasoning_content_blocks() {
+        let req = ChatRequest::parse(
+            br#"{"model":"aws-bedrock/m","additionalModelRequestFields":{"thinking":{"type":"enabled","budget_tokens":1024}},
+            "messages":[{"role":"user","content":"weather in Oslo?"},
+              {"role":"assistant","content":null,
+               "thinking_blocks":[{"type":"thinking","thinking":"Oslo is cold.","signature":"sig=="},{"type":"redacted_thinking","data":"cmVk"}],
+               "tool_calls":[{"id":"t1","type":"function","function":{"name":"get_weather","arguments":"{}"}}]},
+              {"role":"tool","tool_call_id":"t1","content":"cold"}],
+            "tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object"}}}]}"#,
+        )
+        .expect("parse");
+        let (body, _) = request(req).expect("translate");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(
+            v["messages"][1]["content"],
+            json!([{"reasoningContent": {"reasoningText": {"text": "Oslo is cold.", "signature": "sig=="}}},
+                   {"reasoningContent": {"redactedContent": "cmVk"}},
+                   {"toolUse": {"toolUseId": "t1", "name": "get_weather", "input": {}}}])
+        );
+        let req = ChatRequest::parse(
+            br#"{"model":"aws-bedrock/m","additionalModelRequestFields":{"thinking":{"type":"enabled","budget_tokens":1024}},
+            "messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_object"}}"#,
+        )
+        .expect("parse");
+        let (body, json_tool) = request(req).expect("translate");
+        assert!(json_tool);
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert!(v["toolConfig"].get("toolChoice").is_none(), "{v}");
+        assert_eq!(v["toolConfig"]["tools"][0]["toolSpec"]["name"], JSON_TOOL);
+        assert!(
+            v["system"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains(JSON_TOOL)),
+            "{v}"
+        );
     }
 
     #[test]
