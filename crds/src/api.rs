@@ -221,6 +221,11 @@ pub struct AIGatewayStatus {
     /// Aliases rendered per provider (names only, never values).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub provider_keys: Vec<ProviderAliases>,
+    /// Pods annotated `sidegate.dev/gateway: <this gateway>` that run without the sidecar
+    /// (created before the AIGateway, or while the webhook could not inject them); restart them
+    /// to get it. An `UninjectedPods` Event names them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uninjected_pods: Option<u32>,
 }
 
 /// The key aliases a gateway holds for one provider.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, PartialObjectMeta, Patch, PatchParams};
@@ -22,6 +22,7 @@ use serde_json::json;
 use sidegate_crds::api::{AIGateway, ProviderAliases, ProviderKey};
 
 use crate::metrics::Metrics;
+use crate::pods;
 use crate::render::{self, FIELD_MANAGER};
 use crate::status::{self, GatewayObservation, RenderSummary};
 use crate::validate;
@@ -256,7 +257,15 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
         rendered: None,
         failure: None,
         sidecar_image_refused: refused_sidecar_image(gw, &ctx.sidecar_images),
+        uninjected_pods: None,
     };
+    // Informational: a failure (e.g. RBAC without pods) keeps the last count, never the render.
+    match pods::uninjected(client, &ns, &name).await {
+        Ok(found) => obs.uninjected_pods = Some(found),
+        Err(e) => {
+            tracing::warn!(gateway = %name, namespace = %ns, error = %e, "pods without the sidecar not counted")
+        }
+    }
     let outcome = render_and_apply(ctx, gw, &ns, &obs.spec_problems, &keys, &secrets).await;
     match &outcome {
         Ok(rendered) => {
@@ -303,7 +312,12 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
         match written {
             Ok(_) => {
                 ctx.metrics.write(CONTROLLER, "status");
-                let transitions = status::gateway_transitions(gw.status.as_ref(), &new_status);
+                let mut transitions = status::gateway_transitions(gw.status.as_ref(), &new_status);
+                transitions.extend(status::uninjected_pods_transition(
+                    gw.status.as_ref(),
+                    &obs,
+                    &name,
+                ));
                 publish_events(ctx, CONTROLLER, gw, transitions).await;
             }
             // The render's error is the one to retry on (and to log).
@@ -520,7 +534,8 @@ pub fn gateways_for_secret(
 }
 
 /// Builds the AIGateway controller: owned ConfigMaps and Secrets (metadata-only watches of the
-/// operator's labelled objects), ProviderKeys and key Secrets mapped back to their gateways.
+/// operator's labelled objects), ProviderKeys, key Secrets and pods that may lack the sidecar
+/// mapped back to their gateways.
 pub fn controller(client: Client, ctx: Arc<Context>) -> Controller<AIGateway> {
     let owned = watcher::Config::default().labels(&render::managed_selector());
     let controller = Controller::new(
@@ -539,6 +554,12 @@ pub fn controller(client: Client, ctx: Arc<Context>) -> Controller<AIGateway> {
         Api::<ProviderKey>::all(client.clone()),
         watcher::Config::default(),
         move |key| gateways_for_key(&key, &store.state(), &deps),
+    );
+    // Pods, metadata only and no store: those that may lack the sidecar trigger their gateway.
+    let controller = controller.watches(
+        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        watcher::Config::default(),
+        |pod| pods::gateway_for_pod(&pod.metadata),
     );
     controller.watches(
         Api::<PartialObjectMeta<Secret>>::all(client),

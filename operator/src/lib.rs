@@ -7,6 +7,7 @@
 //! - [`status`]: conditions, status comparison and transition Events of both resources.
 //! - [`controller`]: the AIGateway reconciler (`Context`, `reconcile`, `error_policy`).
 //! - [`providerkey`]: the ProviderKey status reconciler.
+//! - [`pods`]: pods that name a gateway but run without its sidecar.
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.
 //! - [`webhook`]: the sidecar injection admission webhook and its certificates.
@@ -17,6 +18,7 @@ pub mod controller;
 pub mod crd;
 pub mod lease;
 pub mod metrics;
+pub mod pods;
 pub mod providerkey;
 pub mod render;
 pub mod shutdown;

@@ -30,6 +30,9 @@ pub struct GatewayObservation {
     pub failure: Option<Failure>,
     /// Why the webhook does not inject the sidecar image the gateway names, if it does not.
     pub sidecar_image_refused: Option<String>,
+    /// Pods naming the gateway that run without the sidecar (`None`: not checked this time,
+    /// the last count stays).
+    pub uninjected_pods: Option<crate::pods::UninjectedPods>,
 }
 
 /// A reconcile that could not write the rendered objects. Never holds key values.
@@ -274,7 +277,38 @@ pub fn gateway_status(
     };
     status.observed_generation = obs.generation;
     status.conditions = merge_conditions(prev_conditions, &computed, obs.generation, now);
+    status.uninjected_pods = match &obs.uninjected_pods {
+        Some(pods) => Some(pods.count),
+        None => previous.and_then(|p| p.uninjected_pods),
+    };
     status
+}
+
+/// The Event for a change of the gateway's pods without the sidecar: a Warning naming them when
+/// their number changes to one that is not zero, a Normal one when the last is gone.
+pub fn uninjected_pods_transition(
+    old: Option<&AIGatewayStatus>,
+    obs: &GatewayObservation,
+    gateway: &str,
+) -> Option<Transition> {
+    let pods = obs.uninjected_pods.as_ref()?;
+    let before = old.and_then(|o| o.uninjected_pods).unwrap_or(0);
+    if pods.count == before {
+        return None;
+    }
+    Some(if pods.count > 0 {
+        Transition {
+            warning: true,
+            reason: "UninjectedPods".to_owned(),
+            note: pods.note(gateway),
+        }
+    } else {
+        Transition {
+            warning: false,
+            reason: "AllPodsInjected".to_owned(),
+            note: "every pod naming this gateway runs the sidecar".to_owned(),
+        }
+    })
 }
 
 /// Whether writing `new` would change anything a reader sees (transition times of unchanged
@@ -667,6 +701,59 @@ mod tests {
     }
 
     #[test]
+    fn pods_without_the_sidecar_are_counted_and_each_new_count_is_a_warning_naming_them() {
+        use crate::pods::UninjectedPods;
+        let observe = |count: Option<u32>| GatewayObservation {
+            generation: Some(1),
+            rendered: Some(rendered(vec![], 1)),
+            uninjected_pods: count.map(|count| UninjectedPods {
+                count,
+                names: (0..count.min(5)).map(|i| format!("app-{i}")).collect(),
+            }),
+            ..GatewayObservation::default()
+        };
+        let none = gateway_status(None, &observe(Some(0)), &at(100));
+        assert_eq!(none.uninjected_pods, Some(0));
+        assert_eq!(
+            uninjected_pods_transition(None, &observe(Some(0)), "main"),
+            None
+        );
+
+        let two = gateway_status(Some(&none), &observe(Some(2)), &at(200));
+        assert_eq!(two.uninjected_pods, Some(2));
+        assert!(status_changed(Some(&none), &two));
+        let t =
+            uninjected_pods_transition(Some(&none), &observe(Some(2)), "main").expect("an Event");
+        assert!(t.warning);
+        assert_eq!(t.reason, "UninjectedPods");
+        assert!(
+            t.note.contains("app-0, app-1") && t.note.contains("restart them"),
+            "{}",
+            t.note
+        );
+        assert_eq!(
+            uninjected_pods_transition(Some(&two), &observe(Some(2)), "main"),
+            None,
+            "the same count again is no new Event"
+        );
+
+        // Not counted this time (the pods could not be listed): the last count stays.
+        let unknown = gateway_status(Some(&two), &observe(None), &at(300));
+        assert_eq!(unknown.uninjected_pods, Some(2));
+        assert_eq!(
+            uninjected_pods_transition(Some(&two), &observe(None), "main"),
+            None
+        );
+
+        let gone =
+            uninjected_pods_transition(Some(&two), &observe(Some(0)), "main").expect("an Event");
+        assert_eq!(
+            (gone.warning, gone.reason.as_str()),
+            (false, "AllPodsInjected")
+        );
+    }
+
+    #[test]
     fn an_unchanged_observation_produces_an_identical_status_so_nothing_is_written() {
         let obs = GatewayObservation {
             generation: Some(1),
@@ -801,6 +888,7 @@ mod tests {
                 rendered: Some(keys_only),
                 failure: None,
                 sidecar_image_refused: None,
+                uninjected_pods: None,
             },
             &at(200),
         );

@@ -1230,6 +1230,122 @@ async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
     ns.delete().await;
 }
 
+#[tokio::test]
+async fn pods_created_before_their_gateway_run_without_the_sidecar_and_the_gateway_says_so() {
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    use sidegate_operator::webhook::inject::{
+        GATEWAY_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION, SIDECAR_CONTAINER,
+    };
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "uninjected").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    // Pods cannot be created before the namespace's default ServiceAccount exists.
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
+    eventually("the default ServiceAccount", WAIT, || {
+        let sas = sas.clone();
+        async move { sas.get_opt("default").await.ok().flatten() }
+    })
+    .await;
+    // No webhook here and no node: each pod is stored as created.
+    let pod = |name: &str, annotations: &[(&str, &str)], sidecar: bool| -> Pod {
+        let mut containers = vec![json!({"name": "app", "image": "example.com/app:1"})];
+        if sidecar {
+            containers.push(json!({"name": SIDECAR_CONTAINER, "image": "example.com/sidegate:1"}));
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "annotations": annotations.iter().copied().collect::<BTreeMap<_, _>>()},
+            "spec": {"containers": containers},
+        }))
+        .expect("pod")
+    };
+    create(
+        &pods,
+        &pod("early-app", &[(GATEWAY_ANNOTATION, "main")], false),
+    )
+    .await;
+    create(
+        &pods,
+        &pod(
+            "opted-out",
+            &[(GATEWAY_ANNOTATION, "main"), (INJECT_ANNOTATION, "false")],
+            false,
+        ),
+    )
+    .await;
+    create(
+        &pods,
+        &pod(
+            "injected",
+            &[(GATEWAY_ANNOTATION, "main"), (INJECTED_ANNOTATION, "v1")],
+            true,
+        ),
+    )
+    .await;
+    // Injected by hand, without the webhook's mark: it has the sidecar all the same.
+    create(
+        &pods,
+        &pod("by-hand", &[(GATEWAY_ANNOTATION, "main")], true),
+    )
+    .await;
+    create(
+        &pods,
+        &pod("other-gateway", &[(GATEWAY_ANNOTATION, "other")], false),
+    )
+    .await;
+    create(&pods, &pod("plain", &[], false)).await;
+
+    create(&gateways, &gateway("main", json!({}))).await;
+    let uninjected = |want: u32| {
+        let gateways = gateways.clone();
+        move || {
+            let gateways = gateways.clone();
+            async move {
+                let gw = gateways.get("main").await.ok()?;
+                (gw.status?.uninjected_pods == Some(want)).then_some(())
+            }
+        }
+    };
+    eventually("status.uninjectedPods 1", WAIT, uninjected(1)).await;
+    let note = eventually("an UninjectedPods Warning", WAIT, || {
+        has_event(&client, &ns.name, "UninjectedPods", "Warning")
+    })
+    .await;
+    assert!(
+        note.contains("1 pod(s)") && note.contains("early-app") && note.contains("restart them"),
+        "{note}"
+    );
+    for other in ["opted-out", "injected", "by-hand", "other-gateway", "plain"] {
+        assert!(!note.contains(other), "{other} in {note}");
+    }
+
+    // The pod watch brings each change, not the resync (60 s here) nor the reconciles the
+    // gateway's own status writes trigger: let those settle first (debounce 200 ms).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    create(
+        &pods,
+        &pod("late-app", &[(GATEWAY_ANNOTATION, "main")], false),
+    )
+    .await;
+    eventually("status.uninjectedPods 2", WAIT, uninjected(2)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for name in ["early-app", "late-app"] {
+        pods.delete(name, &DeleteParams::default())
+            .await
+            .expect("delete pod");
+    }
+    eventually("status.uninjectedPods 0", WAIT, uninjected(0)).await;
+    eventually("an AllPodsInjected Event", WAIT, || {
+        has_event(&client, &ns.name, "AllPodsInjected", "Normal")
+    })
+    .await;
+    ns.delete().await;
+}
+
 /// The messages of every `x-kubernetes-validations` rule in the generated CRDs.
 fn schema_rule_messages() -> std::collections::BTreeSet<String> {
     fn walk(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {

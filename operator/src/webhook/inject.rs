@@ -226,7 +226,18 @@ pub fn requested_gateway(
     namespace: &str,
     config: &InjectConfig,
 ) -> Result<String, Skip> {
-    let annotations = pod.metadata.annotations.as_ref();
+    let gateway = requested_gateway_by_annotations(pod.metadata.annotations.as_ref())?;
+    if config.excluded_namespaces.contains(namespace) {
+        return Err(Skip::ExcludedNamespace(namespace.to_owned()));
+    }
+    Ok(gateway)
+}
+
+/// The gateway pod annotations ask for a sidecar of, or why they ask for none (the namespace
+/// aside): what [`requested_gateway`] reads, and the operator reads of pods it watches.
+pub fn requested_gateway_by_annotations(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+) -> Result<String, Skip> {
     let get = |key: &str| annotations.and_then(|a| a.get(key)).map(|v| v.trim());
     let gateway = match get(GATEWAY_ANNOTATION) {
         Some(gw) if !gw.is_empty() => gw.to_owned(),
@@ -237,9 +248,6 @@ pub fn requested_gateway(
     }
     if get(INJECTED_ANNOTATION).is_some() {
         return Err(Skip::AlreadyInjected);
-    }
-    if config.excluded_namespaces.contains(namespace) {
-        return Err(Skip::ExcludedNamespace(namespace.to_owned()));
     }
     Ok(gateway)
 }
