@@ -316,21 +316,7 @@ impl Gateway {
                 Ok(self.scan_response(&snap, resp).await)
             }
             Ok(resp) => Ok(resp),
-            Err((provider, err)) => {
-                if let Some(target) = &snap.otel {
-                    self.otel.refused(
-                        target,
-                        &parts.headers,
-                        crate::otel::operation(parts.uri.path()),
-                        provider.clone(),
-                        &parts.method,
-                        &err,
-                        start.elapsed(),
-                        &self.metrics,
-                    );
-                }
-                Ok(self.refuse(&snap, &parts, provider, err, start))
-            }
+            Err((provider, err)) => Ok(self.refuse(&snap, &parts, provider, err, start, None)),
         }
     }
 
@@ -377,17 +363,31 @@ impl Gateway {
         }
     }
 
-    /// Counts, logs and renders a request the gateway refused with `err`; `provider` is the
-    /// one it had chosen, if any. The response gets a `cf-aig-log-id` like a served one, and the
-    /// access log a line with that id (unless the request or the gateway turned logging off).
-    fn refuse(
+    /// Counts, traces, logs and renders a request the gateway refused with `err`; `provider` is
+    /// the one it had chosen, if any, and `step` the universal-endpoint step it failed at. The
+    /// response gets a `cf-aig-log-id` like a served one (and `cf-aig-step`), and the access log
+    /// a line with that id (unless the request or the gateway turned logging off).
+    pub(crate) fn refuse(
         &self,
         snap: &Snapshot,
         parts: &http::request::Parts,
         provider: Option<Arc<str>>,
         err: GatewayError,
         start: Instant,
+        step: Option<u32>,
     ) -> Response<ProxyBody> {
+        if let Some(target) = &snap.otel {
+            self.otel.refused(
+                target,
+                &parts.headers,
+                crate::otel::operation(parts.uri.path()),
+                provider.clone(),
+                &parts.method,
+                &err,
+                start.elapsed(),
+                &self.metrics,
+            );
+        }
         let status = err.status().as_u16();
         let label = provider.clone().unwrap_or_else(|| Arc::from("none"));
         self.metrics.count_request(&label, status);
@@ -400,6 +400,12 @@ impl Gateway {
         }
         let mut resp = err.into_response();
         tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
+        if let Some(step) = step {
+            resp.headers_mut().insert(
+                HeaderName::from_static("cf-aig-step"),
+                HeaderValue::from(step),
+            );
+        }
         if !log {
             return resp;
         }
@@ -428,7 +434,7 @@ impl Gateway {
             cost: None,
             custom_cost: false,
             metadata: metadata.as_deref(),
-            step: None,
+            step,
             event_id: event_id.as_deref(),
             payloads: None,
         });

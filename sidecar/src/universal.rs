@@ -167,7 +167,12 @@ pub(crate) async fn serve(
                 tracing::info!(step = i, provider = %id, status = resp.status().as_u16(), "universal step failed, trying the next");
                 continue;
             }
-            Err(e) if last => return Err((Some(id.clone()), e)),
+            // The gateway's own error (no answer, timeout) at the last step: refused here, so
+            // the response can say which step it was.
+            Err(e) if last => {
+                let step = u32::try_from(i).unwrap_or(u32::MAX);
+                return Ok(gw.refuse(snap, parts, Some(id.clone()), e, start, Some(step)));
+            }
             Err(e) => {
                 tracing::info!(step = i, provider = %id, error = %e, "universal step failed, trying the next");
                 continue;

@@ -64,6 +64,17 @@ def test_a_step_timeout_falls_back_to_the_next(gateway, mock):
     assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1")
 
 
+def test_when_the_last_step_gets_no_answer_the_gateway_error_names_the_step(gateway, mock):
+    slow = openai_step(config={"requestTimeout": 100})
+    slow["headers"]["x-mock-delay-ms"] = "1000"
+    r = httpx.post(gateway.url + "/", json=[openai_step(model="mock-status-503"), slow],
+                   headers={"cf-aig-event-id": "evt-504"})
+    assert (r.status_code, r.json()["error"][0]["code"]) == (504, 2103)
+    assert (r.headers["cf-aig-step"], r.headers["cf-aig-event-id"]) == ("1", "evt-504")
+    line = gateway.wait_log_line(r.headers["cf-aig-log-id"])
+    assert " status_code=504 " in line and " outcome=refused" in line and " step=1" in line, line
+
+
 def test_step_retries_come_from_its_config(gateway, mock):
     step = openai_step(config={"maxAttempts": 2, "retryDelay": 0})
     step["headers"]["x-mock-fail-first"] = f"1;{uuid.uuid4().hex}"
