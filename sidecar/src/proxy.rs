@@ -685,7 +685,7 @@ impl Gateway {
 
 /// Whether a passthrough request is an OpenAI-format chat completion of a provider that can be
 /// asked for stream usage (`stream_options.include_usage`).
-fn asks_stream_usage(
+pub(crate) fn asks_stream_usage(
     provider: &Provider,
     method: &http::Method,
     rest: &str,

@@ -72,6 +72,8 @@ struct Planned<'a> {
     /// The body the step sends (its `query`): the request payload logged for it — not the
     /// universal request's, whose steps may carry the client's provider keys in `headers`.
     payload: Bytes,
+    /// The gateway asked an OpenAI-format stream for its usage, which the client did not.
+    hide_usage: bool,
 }
 
 /// Credentials a step gets just before it is sent, as on the provider's own route.
@@ -210,10 +212,14 @@ pub(crate) async fn serve(
         record.set_step(u32::try_from(i).unwrap_or(u32::MAX));
         record.set_tally(gw.tally(snap));
         record.set_request_payload(&step.payload);
-        return Ok(Response::from_parts(
-            head,
-            ProxyBody::upstream(body, record),
-        ));
+        let body = if step.hide_usage && head.status.is_success() {
+            head.headers.remove(header::CONTENT_LENGTH);
+            let filter = Box::new(crate::compat::openai::HiddenUsage::new());
+            ProxyBody::translated(body, filter, record)
+        } else {
+            ProxyBody::upstream(body, record)
+        };
+        return Ok(Response::from_parts(head, body));
     }
     // `parse` refuses an empty list, so the last step returned above.
     Err(none(bad("no steps".into())))
@@ -246,7 +252,7 @@ fn plan<'a>(
     snap: &'a Snapshot,
     request_uri: &http::Uri,
     i: usize,
-    step: Step,
+    mut step: Step,
     alias: Option<&str>,
     timeout: Duration,
     retries: Policy,
@@ -280,6 +286,21 @@ fn plan<'a>(
         client_headers.append(n, v);
     }
     let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
+    // The body as the client wrote it, for the log.
+    let payload = body.clone();
+    // As on the provider's own route: with spend limits or token budgets, an OpenAI-format
+    // stream is asked for its usage, and the usage chunk held out of the client's stream.
+    let hide_usage = snap.budgets.is_some()
+        && proxy::asks_stream_usage(provider, &Method::POST, path, Some(query))
+        && step
+            .query
+            .as_object_mut()
+            .is_some_and(crate::compat::openai::ask_stream_usage);
+    let body = if hide_usage {
+        Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default())
+    } else {
+        body
+    };
     // The step's credentials, as the provider's own route would have them.
     let (key, auth) = if let Some(sa) = provider.service_account(alias) {
         (KeyChoice::ClientOwn, StepAuth::Google(sa))
@@ -299,7 +320,6 @@ fn plan<'a>(
     let model = crate::cost::model_in_path(path)
         .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
         .map(crate::cost::ModelName::new);
-    let payload = body.clone();
     // A step's own SigV4 signature goes upstream unchanged only when the gateway does not sign.
     let client_signature = provider.signs_requests() && matches!(auth, StepAuth::Ready);
     proxy::check_signed_encoding(snap, &client_headers, client_signature).map_err(fail)?;
@@ -367,6 +387,7 @@ fn plan<'a>(
         retries,
         model,
         payload,
+        hide_usage,
     })
 }
 

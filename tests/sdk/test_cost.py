@@ -333,6 +333,24 @@ def test_a_stream_without_include_usage_is_logged_with_its_tokens_and_charged_to
         g.stop()
 
 
+def test_a_universal_stream_step_without_include_usage_is_charged_to_the_spend_limit(mock, tmp_path):
+    spec = STREAM_SPEC.format(url=mock.url) + "  spendLimit: {amount: '0.01', period: day}\n"
+    g = json_gateway(tmp_path, mock, spec, STREAM_KEYS)
+    try:
+        step = {"provider": "openai", "endpoint": "chat/completions",
+                "query": {"model": "dear-model", "stream": True,
+                          "messages": [{"role": "user", "content": "count my stream"}]}}
+        r = httpx.post(g.url + "/", json=[step])
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+        assert '"choices":[]' not in r.text, "the client did not ask for the usage chunk"
+        assert json.loads(mock.last()["body"])["stream_options"] == {"include_usage": True}
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert line["tokens_in"] > 0 and line["tokens_out"] > 0 and line["step"] == 0, line
+        assert_spend_limited(spend(g, 0))
+    finally:
+        g.stop()
+
+
 def test_a_stream_that_asked_for_usage_still_gets_it(mock, tmp_path):
     spec = STREAM_SPEC.format(url=mock.url) + "  spendLimit: {amount: '100', period: day}\n"
     g = json_gateway(tmp_path, mock, spec, STREAM_KEYS)

@@ -1190,7 +1190,7 @@ pub fn with_stream_usage(body: &[u8]) -> Option<Bytes> {
 }
 
 /// Sets `stream_options.include_usage` in a streamed request that lacks it; whether it did.
-fn ask_stream_usage(map: &mut Map<String, Value>) -> bool {
+pub fn ask_stream_usage(map: &mut Map<String, Value>) -> bool {
     if map.get("stream") != Some(&Value::Bool(true)) {
         return false;
     }
