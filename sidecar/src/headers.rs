@@ -307,18 +307,19 @@ pub fn upstream_request_headers(
     out
 }
 
-/// Removes hop-by-hop headers from an upstream response before it goes to the client.
+/// Removes hop-by-hop headers, and any `cf-aig-*` header, from an upstream response before it
+/// goes to the client.
 pub fn strip_response_headers(headers: &mut HeaderMap) {
+    // The `cf-aig-*` names are this gateway's: an upstream's own (another AI gateway's log id or
+    // cache status, or a provider naming itself) would pass for ours, and a cached answer would
+    // repeat them as what served it.
+    let strip = |n: &HeaderName| is_hop_by_hop(n) || is_gateway_header(n);
     // Most responses carry none, streams one (`transfer-encoding`): remove the names present
     // instead of looking up every hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    if !headers.keys().any(strip) {
         return;
     }
-    let mut names: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n))
-        .cloned()
-        .collect();
+    let mut names: Vec<HeaderName> = headers.keys().filter(|n| strip(n)).cloned().collect();
     if headers.contains_key(header::CONNECTION) {
         names.extend(connection_listed(headers));
     }

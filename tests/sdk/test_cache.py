@@ -368,3 +368,50 @@ def test_identical_requests_waiting_on_an_uncacheable_answer_each_call_upstream(
     answers = _concurrently(4, lambda: post(cached_gateway, body=body, headers=slow))
     assert [r.status_code for r in answers] == [500] * 4
     assert len(mock.requests()) == 4
+
+
+def test_an_upstreams_own_cf_aig_headers_are_not_taken_for_the_gateways(mock, tmp_path):
+    """An upstream that is itself an AI gateway (or any upstream) may answer with cf-aig-*
+    headers: they must not reach the client as this gateway's, nor be stored with the answer and
+    name a hit's provider, model and step (a metric label the upstream would choose)."""
+    import http.server
+    import threading
+
+    class Upstream(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            body = b'{"id":"chatcmpl-up","object":"chat.completion","model":"gpt-4o-mini","choices":[]}'
+            self.send_response(200)
+            for name, value in [("content-type", "application/json"), ("cf-aig-provider", "evil-label"),
+                                ("cf-aig-model", "not-the-model"), ("cf-aig-step", "7"),
+                                ("cf-aig-cache-status", "HIT"), ("cf-aig-log-id", "upstream-id")]:
+                self.send_header(name, value)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # The custom provider goes under spec.providers, which gateway_yaml opens first.
+    yaml = gateway_yaml(mock.url, extra_spec="").replace(
+        "  providers:\n",
+        f"  providers:\n    custom-gw: {{baseURL: 'http://127.0.0.1:{server.server_address[1]}/v1'}}\n", 1) + CACHE_ON
+    g = Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+    try:
+        miss, hit = (post(g, "/custom-gw/chat/completions") for _ in range(2))
+        for r, status in [(miss, "MISS"), (hit, "HIT")]:
+            assert r.status_code == 200, r.text
+            assert r.headers["cf-aig-cache-status"] == status
+            assert r.headers["cf-aig-log-id"] != "upstream-id"
+            assert not any(r.headers.get(h) for h in ("cf-aig-provider", "cf-aig-model", "cf-aig-step")), r.headers
+        line = g.wait_log_line(hit.headers["cf-aig-log-id"])
+        assert " provider=custom-gw " in line and "evil-label" not in line and "not-the-model" not in line, line
+        assert "evil-label" not in g.metrics()
+    finally:
+        g.stop()
+        server.shutdown()
