@@ -201,17 +201,23 @@ fn normalize(model: &str) -> &str {
 ///
 /// The JSON is not parsed. Nearly every body names its model once and plainly, near the start:
 /// the scan stops at the first top-level `model`, and two `memmem` searches of the rest for
-/// `model"` and `\u` (the only escape that can spell a letter) show whether another key could
-/// follow; only then is the whole body scanned.
+/// `model"` and an escaped ASCII letter ([`escapes_ascii_letter`]) show whether another key
+/// could follow; only then is the whole body scanned.
 pub fn model_in_body(body: &[u8]) -> Option<Cow<'_, str>> {
     let (model, end) = top_level_model(body, true)?;
     let rest = &body[end..];
-    if memchr::memmem::find(rest, b"model\"").is_none()
-        && memchr::memmem::find(rest, b"\\u").is_none()
-    {
+    if memchr::memmem::find(rest, b"model\"").is_none() && !escapes_ascii_letter(rest) {
         return model;
     }
     top_level_model(body, false).and_then(|(model, _)| model)
+}
+
+/// Whether `body` holds a JSON escape of a lowercase ASCII letter (`\u0061`..`\u007a`), the only
+/// way to spell a key such as `model` or `stream` without its plain bytes (text in other scripts
+/// escapes only code points past ASCII).
+pub fn escapes_ascii_letter(body: &[u8]) -> bool {
+    memchr::memmem::find_iter(body, b"\\u00")
+        .any(|at| matches!(body.get(at + 4..at + 6), Some([b'6' | b'7', _])))
 }
 
 /// The value of the first (`first`) or last top-level `"model"` key and where it ends; `None`

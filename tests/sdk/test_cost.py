@@ -384,3 +384,21 @@ def test_a_token_budget_counts_streams_that_did_not_ask_for_usage(mock, tmp_path
         assert (r.status_code, r.json()["error"][0]["code"]) == (429, 2003), r.text
     finally:
         g.stop()
+
+
+def test_a_stream_asked_for_with_an_escaped_key_is_counted_too(mock, tmp_path):
+    # The provider decodes "\u0073tream" to "stream" and streams: the gateway must see it too.
+    g = json_gateway(tmp_path, mock, "  rateLimit: {limit: 1000, interval: 60s, tokensPerMinute: 20}\n")
+    try:
+        sent = ('{"model":"gpt-4o-mini","\\u0073tream":true,'
+                '"messages":[{"role":"user","content":"spend some tokens in a longer stream of words please"}]}')
+        r = httpx.post(g.url + CHAT, content=sent, headers={"content-type": "application/json"})
+        assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n"), r.text
+        assert '"choices":[]' not in r.text
+        assert json.loads(mock.last()["body"])["stream_options"] == {"include_usage": True}
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert line["tokens_in"] + line["tokens_out"] >= 20, line
+        r = httpx.post(g.url + CHAT, json=body("one more"))
+        assert (r.status_code, r.json()["error"][0]["code"]) == (429, 2003), r.text
+    finally:
+        g.stop()

@@ -1184,9 +1184,24 @@ pub fn rewrite_model_asking_usage(
 /// option set; `None` for any other body (not JSON, not a stream, usage asked already).
 pub fn with_stream_usage(body: &[u8]) -> Option<Bytes> {
     // Most bodies do not stream: those are not parsed.
-    memchr::memmem::find(body, b"\"stream\"")?;
+    if !may_stream(body) {
+        return None;
+    }
     let mut map: Map<String, Value> = serde_json::from_slice(body).ok()?;
     ask_stream_usage(&mut map).then(|| Bytes::from(to_vec(&map)))
+}
+
+/// Whether a body could ask for a stream, without parsing it: a `"stream"` key followed by
+/// `true` (any of them: providers' parsers keep the last of repeated keys), or an escape of an
+/// ASCII letter (`\u0073tream`: the providers decode it; text in other scripts escapes only
+/// code points past ASCII).
+fn may_stream(body: &[u8]) -> bool {
+    memchr::memmem::find_iter(body, b"\"stream\"").any(|at| {
+        body[at + 8..]
+            .trim_ascii_start()
+            .strip_prefix(b":")
+            .is_some_and(|v| v.trim_ascii_start().starts_with(b"true"))
+    }) || crate::cost::escapes_ascii_letter(body)
 }
 
 /// Sets `stream_options.include_usage` in a streamed request that lacks it; whether it did.
@@ -1410,6 +1425,22 @@ mod tests {
             .is_none()
         );
         assert!(with_stream_usage(br#"{"model":"m"}"#).is_none());
+        // Not parsed unless a stream could be asked for; escaped and repeated keys are read
+        // as the providers read them.
+        assert!(!may_stream(br#"{"model":"m","stream":false,"x":"stream"}"#));
+        assert!(!may_stream(
+            "{\"stream\":false,\"text\":\"caf\\u00e9 \\u4e2d\"}".as_bytes()
+        ));
+        for streams in [
+            r#"{"\u0073tream":true}"#,
+            r#"{"str\u0065am" : true}"#,
+            r#"{"stream":false,"stream":true}"#,
+        ] {
+            let asked = with_stream_usage(streams.as_bytes()).expect(streams);
+            let v: Value = serde_json::from_slice(&asked).expect("json");
+            assert_eq!(v["stream_options"]["include_usage"], true, "{streams}");
+        }
+        assert!(with_stream_usage(br#"{"stream":true,"stream":false}"#).is_none());
         assert!(with_stream_usage(b"not json").is_none());
     }
 
