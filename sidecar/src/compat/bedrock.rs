@@ -619,6 +619,12 @@ pub struct Stream {
     /// The reasoning block being streamed (index, text, signature): sent whole as a
     /// `thinking_blocks` delta when it stops (bounded by the thinking budget).
     thinking: Option<(u64, String, Option<String>)>,
+    /// With the JSON tool, text held back until the answer shows whether the tool was called
+    /// (then the tool input alone is the content: with thinking on the tool is not forced, and
+    /// the model may write words before calling it).
+    held_text: String,
+    /// Whether the JSON tool was called.
+    json_called: bool,
     next_tool: u32,
     usage: Usage,
     /// Whether the stream's metadata reported usage yet.
@@ -640,6 +646,8 @@ impl Stream {
             json_tool: ctx.json_tool,
             blocks: Vec::new(),
             thinking: None,
+            held_text: String::new(),
+            json_called: false,
             next_tool: 0,
             usage: Usage::default(),
             usage_seen: false,
@@ -651,6 +659,14 @@ impl Stream {
         self.blocks
             .iter()
             .find_map(|(i, k)| (*i == index).then_some(*k))
+    }
+
+    /// Text held back for the JSON tool, as content when the tool was not called.
+    fn flush_held_text(&mut self, out: &mut BytesMut) {
+        let text = std::mem::take(&mut self.held_text);
+        if !self.json_called {
+            self.w.content(out, &text);
+        }
     }
 
     /// A `reasoningContent` delta: thinking text, its signature, or redacted thinking.
@@ -714,6 +730,8 @@ impl Stream {
                     .and_then(Value::as_str)
                     .unwrap_or_default();
                 if self.json_tool && name == JSON_TOOL {
+                    self.held_text.clear();
+                    self.json_called = true;
                     self.blocks.push((index, BlockKind::Json));
                 } else if self.blocks.len() < 1024 {
                     let k = self.next_tool;
@@ -727,7 +745,11 @@ impl Stream {
                     return;
                 };
                 if let Some(t) = delta.get("text").and_then(Value::as_str) {
-                    self.w.content(out, t);
+                    if !self.json_tool {
+                        self.w.content(out, t);
+                    } else if !self.json_called {
+                        self.held_text.push_str(t);
+                    }
                 } else if let Some(rc) = delta.get("reasoningContent") {
                     self.on_reasoning(index, rc, out);
                 } else if let Some(input) = delta.pointer("/toolUse/input").and_then(Value::as_str)
@@ -757,6 +779,7 @@ impl Stream {
                     .get("stopReason")
                     .and_then(Value::as_str)
                     .unwrap_or("end_turn");
+                self.flush_held_text(out);
                 self.w.finish(out, finish_reason(stop, self.json_tool));
             }
             Some("metadata") => {
@@ -1018,6 +1041,50 @@ mod tests {
             "Oslo is cold."
         );
         assert_eq!(v["choices"][0]["message"]["thinking_blocks"], want);
+    }
+
+    #[test]
+    fn with_the_json_tool_unforced_words_before_it_are_not_content() {
+        // With thinking on, the JSON tool is offered, not forced: the model may write words
+        // first. The tool input alone is the content; without a tool call, the words are.
+        let called = [
+            event("messageStart", r#"{"role":"assistant"}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":0,"delta":{"text":"Here it is:"}}"#),
+            event("contentBlockStop", r#"{"contentBlockIndex":0}"#),
+            event("contentBlockStart", r#"{"contentBlockIndex":1,"start":{"toolUse":{"toolUseId":"t1","name":"json_response"}}}"#),
+            event("contentBlockDelta", r#"{"contentBlockIndex":1,"delta":{"toolUse":{"input":"{\"a\":1}"}}}"#),
+            event("contentBlockStop", r#"{"contentBlockIndex":1}"#),
+            event("messageStop", r#"{"stopReason":"tool_use"}"#),
+            event("metadata", r#"{"usage":{"inputTokens":1,"outputTokens":2}}"#),
+        ]
+        .concat();
+        let content = |bytes: &[u8]| -> String {
+            run_stream_bytes(&mut Stream::new(&ctx(false, true)), &[bytes])
+                .split("\n\n")
+                .filter_map(|e| e.strip_prefix("data: "))
+                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+                .filter_map(|v| {
+                    v.pointer("/choices/0/delta/content")?
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect()
+        };
+        assert_eq!(content(&called), r#"{"a":1}"#);
+        let words = [
+            event("messageStart", r#"{"role":"assistant"}"#),
+            event(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":0,"delta":{"text":"No JSON today"}}"#,
+            ),
+            event("messageStop", r#"{"stopReason":"end_turn"}"#),
+            event(
+                "metadata",
+                r#"{"usage":{"inputTokens":1,"outputTokens":2}}"#,
+            ),
+        ]
+        .concat();
+        assert_eq!(content(&words), "No JSON today");
     }
 
     #[test]
