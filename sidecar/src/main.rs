@@ -79,9 +79,24 @@ struct Args {
     #[arg(long, env = "SIDEGATE_CLIENT_TIMEOUT", default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     client_timeout: u64,
 
-    /// Seconds to let in-flight requests finish after SIGTERM.
-    #[arg(long, env = "SIDEGATE_SHUTDOWN_GRACE", default_value_t = 25)]
+    /// Seconds after SIGTERM (the drain delay included) that in-flight requests, LLM streams
+    /// too, have to finish; those still running then are cut. Keep it below the pod's
+    /// terminationGracePeriodSeconds (the operator injects that minus a margin).
+    #[arg(
+        long,
+        env = "SIDEGATE_SHUTDOWN_GRACE",
+        default_value_t = 25,
+        value_name = "SECS"
+    )]
     shutdown_grace: u64,
+
+    /// Seconds after SIGTERM during which the gateway still accepts and serves new connections
+    /// and requests, before it refuses new ones and lets in-flight requests finish. A classic
+    /// (non-native) sidecar gets SIGTERM together with its app, whose last requests arrive
+    /// meanwhile: the operator injects a few seconds there; a native sidecar is stopped after
+    /// its app has exited and needs none.
+    #[arg(long, env = "SIDEGATE_SHUTDOWN_DELAY", default_value_t = 0, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
+    shutdown_delay: u64,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -135,8 +150,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(run(args));
-    // Requests still running after the grace period end here (their tasks dropped), each
-    // writing its log line into the buffer: flush after that, not before.
+    // Requests still running after the grace period ended in `run`; other tasks (a cache write,
+    // the config watcher) end here, and may still write log lines: flush after that.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     sidegate::access_log::flush();
     match result {
@@ -179,6 +194,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen = %listener.local_addr()?,
         admin = %admin.local_addr()?,
         version = env!("CARGO_PKG_VERSION"),
+        shutdown_delay_secs = args.shutdown_delay,
+        shutdown_grace_secs = args.shutdown_grace,
         "sidegate listening"
     );
     tokio::spawn(server::serve_admin(admin, gateway.clone()));
@@ -187,10 +204,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listener,
         gateway.clone(),
         shutdown_signal(),
-        Duration::from_secs(args.shutdown_grace),
+        server::Drain {
+            delay: Duration::from_secs(args.shutdown_delay),
+            grace: Duration::from_secs(args.shutdown_grace),
+        },
     )
     .await;
-    // Spans of the last requests, best effort and bounded (kubelet's grace period is running).
+    // Spans of the last requests, those cut at the grace deadline included (serve_gateway
+    // returns once their connections are gone): best effort and bounded, as kubelet's grace
+    // period is running.
     gateway.flush_spans(Duration::from_secs(3)).await;
     Ok(())
 }

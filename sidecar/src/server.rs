@@ -1,17 +1,23 @@
-//! Listeners: the gateway port (HTTP/1.1 keep-alive and h2c) and the admin port, with graceful
-//! shutdown that lets in-flight requests finish.
+//! Listeners: the gateway port (HTTP/1.1 keep-alive and h2c) and the admin port, with a
+//! shutdown that first keeps serving for a drain delay, then lets in-flight requests finish
+//! within the grace period and cuts what remains.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http_body::{Body, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::admin;
 use crate::proxy::Gateway;
@@ -21,6 +27,43 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// The first bytes of an HTTP/2 connection with prior knowledge (h2c, RFC 9113 §3.3).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long the connections still open at the grace deadline get to wind down (their log lines
+/// and spans written) before their tasks are aborted.
+const CUT_WITHIN: Duration = Duration::from_secs(1);
+
+/// When the gateway stops after SIGTERM (or Ctrl-C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// How long after the signal new connections and requests are still accepted and served,
+    /// as before it: a classic sidecar gets SIGTERM with its app, whose last requests arrive
+    /// meanwhile.
+    pub delay: Duration,
+    /// How long after the signal (the delay included) in-flight requests may run; those still
+    /// running then are cut.
+    pub grace: Duration,
+}
+
+impl Drain {
+    /// No delay: refuse new connections at once and give in-flight requests `grace`.
+    pub fn grace(grace: Duration) -> Self {
+        Self {
+            delay: Duration::ZERO,
+            grace,
+        }
+    }
+}
+
+/// Where the gateway is in its shutdown; every connection task watches it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Serving as usual (also during the drain delay).
+    Serving,
+    /// No new connections: idle ones close, in-flight requests finish.
+    Stopping,
+    /// The grace period is over: connections end now.
+    Cut,
+}
 
 /// Which protocol a new connection speaks, from its first bytes (peeked, so they stay in the
 /// socket for the protocol's own reader): h2c when they are the HTTP/2 preface, else HTTP/1.
@@ -47,14 +90,13 @@ async fn speaks_h2(stream: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
-/// Serves one gateway connection: HTTP/1.1 with keep-alive, or h2c.
-/// `stopping` changes when the gateway shuts down: a connection that has not sent its first
-/// bytes yet is closed then, like an idle keep-alive one.
+/// Serves one gateway connection, HTTP/1.1 with keep-alive or h2c, until it ends or the
+/// shutdown closes it: a connection that has not sent its first bytes yet is closed when the
+/// gateway stops, like an idle keep-alive one.
 async fn serve_connection(
     stream: TcpStream,
     gateway: Arc<Gateway>,
-    watcher: Watcher,
-    mut stopping: watch::Receiver<()>,
+    mut phase: watch::Receiver<Phase>,
 ) {
     let silence = gateway.client_timeout;
     let h2 = tokio::select! {
@@ -66,75 +108,275 @@ async fn serve_connection(
             }
             Err(_) => return,
         },
-        _ = stopping.changed() => return,
+        _ = phase.wait_for(|p| *p != Phase::Serving) => return,
     };
-    let service = service_fn(move |req| gateway.clone().handle(req));
     let io = TokioIo::new(stream);
     let result = if h2 {
-        let conn = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .serve_connection(io, service);
-        watcher.watch(conn).await
+        serve_h2(io, gateway, silence, phase).await
     } else {
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(silence)
-            .max_header_size(MAX_HEADER_BYTES)
-            .max_buf_size(MAX_HEADER_BYTES)
-            .keep_alive(true)
-            .serve_connection(io, service);
-        watcher.watch(conn).await
+        serve_h1(io, gateway, silence, phase).await
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
-/// Serves the gateway on `listener` until `shutdown` resolves, then waits up to `grace` for
-/// in-flight requests.
+/// HTTP/1.1: hyper closes a connection silent for `silence` between requests or within a head.
+async fn serve_h1(
+    io: TokioIo<TcpStream>,
+    gateway: Arc<Gateway>,
+    silence: Duration,
+    mut phase: watch::Receiver<Phase>,
+) -> hyper::Result<()> {
+    let service = service_fn(move |req| gateway.clone().handle(req));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(silence)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .keep_alive(true)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            next = next_phase(&mut phase) => match next {
+                Phase::Serving => {}
+                Phase::Stopping => conn.as_mut().graceful_shutdown(),
+                // Dropping the connection drops its request here, in this task: its log line
+                // and span are written before the gateway exits.
+                Phase::Cut => return Ok(()),
+            },
+        }
+    }
+}
+
+/// h2c: a connection with no open stream for `silence` is sent GOAWAY, and closed if it is
+/// still there after another `silence` (a client that never answers the GOAWAY's PING), as
+/// HTTP/1.1 closes an idle keep-alive connection.
+async fn serve_h2(
+    io: TokioIo<TcpStream>,
+    gateway: Arc<Gateway>,
+    silence: Duration,
+    mut phase: watch::Receiver<Phase>,
+) -> hyper::Result<()> {
+    let streams = StreamTasks::default();
+    let (open, mut open_rx) = watch::channel(0usize);
+    let open = Arc::new(open);
+    let service = service_fn(move |req| {
+        let stream = OpenStream::new(open.clone());
+        let gateway = gateway.clone();
+        async move {
+            let response = gateway.handle(req).await?;
+            Ok::<_, std::convert::Infallible>(response.map(|inner| Tracked {
+                inner,
+                _stream: stream,
+            }))
+        }
+    });
+    let mut conn = Box::pin(
+        http2::Builder::new(streams.clone())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .serve_connection(io, service),
+    );
+    let mut sent_goaway = false;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            next = next_phase(&mut phase) => match next {
+                Phase::Serving => {}
+                Phase::Stopping => conn.as_mut().graceful_shutdown(),
+                Phase::Cut => break Ok(()),
+            },
+            () = idle_for(silence, &mut open_rx) => {
+                if sent_goaway {
+                    break Ok(());
+                }
+                sent_goaway = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    // Streams run in tasks of their own: they end with their connection, here, so that a
+    // stream cut at the grace deadline writes its log line and span before the gateway exits.
+    drop(conn);
+    streams.shutdown().await;
+    result
+}
+
+/// The phase the shutdown moves to next (`Cut` when the server is gone).
+async fn next_phase(phase: &mut watch::Receiver<Phase>) -> Phase {
+    match phase.changed().await {
+        Ok(()) => *phase.borrow_and_update(),
+        Err(_) => Phase::Cut,
+    }
+}
+
+/// Resolves once no stream has been open for `silence`.
+async fn idle_for(silence: Duration, open: &mut watch::Receiver<usize>) {
+    loop {
+        if open.wait_for(|n| *n == 0).await.is_err() {
+            return std::future::pending().await;
+        }
+        if tokio::time::timeout(silence, open.wait_for(|n| *n > 0))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The executor of one h2c connection's streams: their tasks, so they end with it.
+#[derive(Clone, Default)]
+struct StreamTasks(Arc<Mutex<JoinSet<()>>>);
+
+impl StreamTasks {
+    /// Aborts the streams still running and waits until they are gone.
+    async fn shutdown(&self) {
+        let mut tasks = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        tasks.shutdown().await;
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamTasks
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let mut tasks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Reaped as new ones start: a long-lived connection holds only its open streams.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(fut);
+    }
+}
+
+/// One open stream of an h2c connection, counted from its request head until its response
+/// body is dropped (sent whole, or reset).
+struct OpenStream(Arc<watch::Sender<usize>>);
+
+impl OpenStream {
+    fn new(open: Arc<watch::Sender<usize>>) -> Self {
+        open.send_modify(|n| *n += 1);
+        Self(open)
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its stream counted as open.
+    struct Tracked<B> {
+        #[pin]
+        inner: B,
+        _stream: OpenStream,
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Serves the gateway on `listener` until `signal` resolves, then shuts down as `drain` says:
+/// new connections are still served for its delay, then refused; in-flight requests get until
+/// its grace (from the signal); what still runs then is cut, its log lines and spans written,
+/// before this returns.
 pub async fn serve_gateway(
     listener: TcpListener,
     gateway: Arc<Gateway>,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    signal: impl Future<Output = ()>,
+    drain: Drain,
 ) {
-    let graceful = GracefulShutdown::new();
-    let (stop, stopping) = watch::channel(());
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(serve_connection(
-            stream,
-            gateway.clone(),
-            graceful.watcher(),
-            stopping.clone(),
-        ));
+    let (phase, watching) = watch::channel(Phase::Serving);
+    let mut connections = JoinSet::new();
+    accept_until(&listener, &gateway, &watching, &mut connections, signal).await;
+    let signalled = Instant::now();
+    let deadline = signalled + drain.grace;
+    if !drain.delay.is_zero() {
+        tracing::info!(
+            delay_secs = drain.delay.as_secs(),
+            grace_secs = drain.grace.as_secs(),
+            "shutting down: still serving new requests for the drain delay"
+        );
+        let delay_over = tokio::time::sleep_until((signalled + drain.delay).min(deadline));
+        accept_until(&listener, &gateway, &watching, &mut connections, delay_over).await;
     }
     // New connections are refused from now on, not left waiting unanswered for the grace.
     drop(listener);
-    tracing::info!("shutting down: waiting for in-flight requests");
-    let _ = stop.send(());
-    if tokio::time::timeout(grace, graceful.shutdown())
+    tracing::info!(
+        grace_secs = drain.grace.as_secs(),
+        "shutting down: new connections refused, waiting for in-flight requests"
+    );
+    let _ = phase.send(Phase::Stopping);
+    let all_ended = async |connections: &mut JoinSet<()>| {
+        while connections.join_next().await.is_some() {}
+    };
+    if tokio::time::timeout_at(deadline, all_ended(&mut connections))
         .await
         .is_err()
     {
         tracing::warn!(
-            grace_secs = grace.as_secs(),
-            "in-flight requests did not finish in time"
+            grace_secs = drain.grace.as_secs(),
+            connections = connections.len(),
+            "in-flight requests did not finish in time: cut"
         );
+        let _ = phase.send(Phase::Cut);
+        if tokio::time::timeout(CUT_WITHIN, all_ended(&mut connections))
+            .await
+            .is_err()
+        {
+            connections.shutdown().await;
+        }
+    }
+}
+
+/// Accepts gateway connections into `connections` until `until` resolves.
+async fn accept_until(
+    listener: &TcpListener,
+    gateway: &Arc<Gateway>,
+    phase: &watch::Receiver<Phase>,
+    connections: &mut JoinSet<()>,
+    until: impl Future<Output = ()>,
+) {
+    tokio::pin!(until);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(serve_connection(stream, gateway.clone(), phase.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            // Reaped as they end, so the set holds the open connections only.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut until => return,
+        }
     }
 }
 

@@ -127,7 +127,7 @@ async fn start_gateway(
         listener,
         gw,
         std::future::pending(),
-        Duration::from_secs(1),
+        server::Drain::grace(Duration::from_secs(1)),
     ));
     addr
 }

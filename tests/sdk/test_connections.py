@@ -182,3 +182,119 @@ def test_a_client_that_goes_silent_mid_request_is_answered_408_or_closed(mock, t
         assert g.proc.poll() is None
     finally:
         g.stop()
+
+
+def test_after_sigterm_new_requests_are_served_for_the_drain_delay_then_refused(mock, tmp_path):
+    # A classic sidecar gets SIGTERM together with its app, whose last requests (on new
+    # connections or kept-alive ones) come in meanwhile: --shutdown-delay keeps serving them;
+    # after it new connections are refused while the in-flight stream still completes.
+    from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS,
+                 extra_args=["--shutdown-delay", "2", "--shutdown-grace", "20"])
+    chat = {"model": "m", "messages": [{"role": "user", "content": "during the drain delay"}]}
+    try:
+        kept_alive = httpx.Client(base_url=g.url, timeout=5)
+        assert kept_alive.post("/openai/chat/completions", json=chat).status_code == 200
+        body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "a long stream"}]}
+        # ~4 s of events (500 ms each): in flight across the delay and after it.
+        with httpx.stream("POST", g.url + "/openai/chat/completions", json=body, timeout=20,
+                          headers={"x-mock-chunk-delay-ms": "500"}) as stream:
+            chunks = stream.iter_raw()
+            received = next(chunks)
+            signalled = time.monotonic()
+            g.proc.send_signal(signal.SIGTERM)
+            r = httpx.post(g.url + "/openai/chat/completions", json=chat, timeout=5)  # a new connection
+            assert r.status_code == 200, r.text
+            assert kept_alive.post("/openai/chat/completions", json=chat).status_code == 200
+            assert time.monotonic() - signalled < 1.5, "served during the delay, not after it"
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", g.port), timeout=2).close()
+                except ConnectionRefusedError:
+                    break
+                assert time.monotonic() - signalled < 4, "new connections still accepted 4 s after SIGTERM"
+                time.sleep(0.02)
+            refused_after = time.monotonic() - signalled
+            assert refused_after > 1.8, f"refused {refused_after:.1f}s after SIGTERM, within the 2 s delay"
+            assert g.proc.poll() is None, "the in-flight stream holds the exit"
+            received += b"".join(chunks)
+        assert b"data: [DONE]" in received, received[-200:]
+        assert g.proc.wait(15) == 0
+        kept_alive.close()
+        assert "drain delay" in g.logs()
+    finally:
+        g.stop()
+
+
+def _h2_frame(kind, flags, stream, payload=b""):
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _h2_read_frame(sock):
+    """The next frame (type, flags, stream, payload), or None when the connection is closed."""
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                return None
+            data += chunk
+        return data
+    head = exactly(9)
+    if head is None:
+        return None
+    length = int.from_bytes(head[:3], "big")
+    payload = exactly(length) if length else b""
+    return head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF, payload
+
+
+def _hpack_literal(name, value):
+    """A header field as an HPACK literal without indexing (name: a static table index or a
+    new lowercase name), no Huffman coding."""
+    value = value.encode()
+    if isinstance(name, int):
+        return bytes([name]) + bytes([len(value)]) + value
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value
+
+
+def test_an_idle_h2c_connection_is_closed_and_a_long_stream_is_not(mock, tmp_path):
+    # Like an idle HTTP/1.1 keep-alive connection, an h2c connection with no open stream is
+    # closed after --client-timeout (GOAWAY, then closed as this client answers no PING);
+    # a request open longer than that is not idle.
+    from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, extra_args=["--client-timeout", "1"])
+    try:
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+            s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0))  # preface, SETTINGS
+            body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "h2c"}]}).encode()
+            headers = (b"\x83\x86"  # :method POST, :scheme http
+                       + _hpack_literal(4, "/openai/chat/completions") + _hpack_literal(1, "localhost")
+                       + _hpack_literal("content-type", "application/json")
+                       + _hpack_literal("x-mock-delay-ms", "1500"))
+            started = time.monotonic()
+            s.sendall(_h2_frame(1, 0x4, 1, headers) + _h2_frame(0, 0x1, 1, body))  # END_HEADERS, END_STREAM
+            status, answered, goaway = None, None, False
+            while True:
+                try:
+                    frame = _h2_read_frame(s)
+                except TimeoutError:
+                    pytest.fail("an idle h2c connection stays open")
+                if frame is None:
+                    break
+                kind, flags, stream, payload = frame
+                if kind == 4 and not flags & 0x1:
+                    s.sendall(_h2_frame(4, 0x1, 0))  # SETTINGS ACK
+                elif kind == 1 and stream == 1:
+                    status = payload[:1]
+                elif kind == 0 and stream == 1 and flags & 0x1:
+                    answered = time.monotonic()
+                elif kind == 7:
+                    goaway = True
+            closed = time.monotonic()
+        assert status == b"\x88", "the stream was answered 200 (HPACK static index 8)"
+        assert answered and answered - started > 1.4, "the stream outlived the client timeout, whole"
+        assert goaway, "the idle connection was told GOAWAY first"
+        assert closed - answered < 4, f"closed {closed - answered:.1f}s after its last stream"
+        assert g.proc.poll() is None
+    finally:
+        g.stop()

@@ -5,6 +5,7 @@ joined; a collector that is down never affects requests."""
 import http.server
 import json
 import re
+import signal
 import threading
 import time
 
@@ -343,3 +344,26 @@ def test_a_collector_answer_that_never_ends_is_read_to_64_kib_and_the_export_cou
     finally:
         g.stop()
         stub.stop()
+
+
+def test_a_stream_cut_at_the_shutdown_grace_deadline_still_gets_its_span(mock, tmp_path, collector):
+    spec = f"  openTelemetry: {{endpoint: '{collector.url}', serviceName: checkout}}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS,
+                 extra_args=["--shutdown-grace", "1"])
+    try:
+        body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "a long stream"}]}
+        # ~4 s of events (500 ms each) against a grace period of 1 s: cut off by the exit.
+        with httpx.stream("POST", g.url + "/openai/chat/completions", json=body, timeout=20,
+                          headers={"x-mock-chunk-delay-ms": "500"}) as r:
+            log_id = r.headers["cf-aig-log-id"]
+            chunks = r.iter_raw()
+            next(chunks)
+            g.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(httpx.RemoteProtocolError):
+                b"".join(chunks)
+        assert g.proc.wait(15) == 0
+    finally:
+        g.stop()
+    span = collector.wait_span(log_id, timeout=1)
+    assert span["attrs"]["sidegate.outcome"] == "cancelled", span
+    assert span["name"].startswith("chat"), span
