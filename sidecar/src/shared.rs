@@ -8,8 +8,9 @@
 //! `sidegate:{namespace/name}:`, so gateways can share one Redis.
 
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use bytes::Bytes;
@@ -28,6 +29,8 @@ const TIMEOUT: Duration = Duration::from_millis(250);
 /// After a failure, how long requests go without Redis before it is tried again: a Redis that
 /// is down costs each request nothing instead of a timeout.
 const BACKOFF: Duration = Duration::from_secs(1);
+/// At most one warning about Redis failures per this period.
+const WARN_EVERY: Duration = Duration::from_secs(10);
 /// Timeouts in a row after which the connection is dropped and made anew (a connection whose
 /// peer vanished may otherwise time out until the kernel gives up on it, many minutes).
 const RESET_AFTER: u64 = 3;
@@ -51,13 +54,13 @@ pub struct Shared {
     conn: std::sync::Mutex<Option<ConnectionManager>>,
     /// Held while connecting: the others go without Redis meanwhile instead of queueing.
     connecting: tokio::sync::Mutex<()>,
-    /// Unix ms until which Redis is not tried (after a failure).
-    down_until: AtomicU64,
+    /// After a failure, Redis is not tried until this ends.
+    backoff: Backoff,
     /// Timeouts in a row.
     timeouts: AtomicU64,
     prefix: String,
     script: ::redis::Script,
-    last_warn: AtomicU64,
+    warnings: WarnThrottle,
 }
 
 impl std::fmt::Debug for Shared {
@@ -84,11 +87,11 @@ impl Shared {
             target: Sha256::digest(url.expose_secret().as_bytes()).into(),
             conn: std::sync::Mutex::default(),
             connecting: tokio::sync::Mutex::default(),
-            down_until: AtomicU64::new(0),
+            backoff: Backoff::default(),
             timeouts: AtomicU64::new(0),
             prefix: format!("sidegate:{gateway}:"),
             script: ::redis::Script::new(RATE_SCRIPT),
-            last_warn: AtomicU64::new(0),
+            warnings: WarnThrottle::default(),
         })
     }
 
@@ -102,8 +105,7 @@ impl Shared {
     }
 
     fn mark_down(&self) {
-        let until = unix_ms().saturating_add(BACKOFF.as_millis() as u64);
-        self.down_until.fetch_max(until, Ordering::Relaxed);
+        self.backoff.start(monotonic_ms());
     }
 
     fn slot(&self) -> std::sync::MutexGuard<'_, Option<ConnectionManager>> {
@@ -122,7 +124,7 @@ impl Shared {
         if let Some(c) = self.cached_conn() {
             return Ok(c);
         }
-        if unix_ms() < self.down_until.load(Ordering::Relaxed) {
+        if self.backoff.active(monotonic_ms()) {
             return Err(Self::unavailable("redis unavailable (retrying shortly)"));
         }
         let Ok(_connecting) = self.connecting.try_lock() else {
@@ -180,14 +182,7 @@ impl Shared {
 
     fn failed(&self, metrics: &Metrics, what: &str, e: &::redis::RedisError) {
         metrics.count_redis_error();
-        let now = unix_ms() / 1000;
-        let last = self.last_warn.load(Ordering::Relaxed);
-        if now >= last + 10
-            && self
-                .last_warn
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.warnings.allow(monotonic_ms()) {
             tracing::warn!(error = %e, "redis {what} failed; serving without it (fail open)");
         }
     }
@@ -428,6 +423,59 @@ impl Shared {
     }
 }
 
+/// Milliseconds since the process started, on a monotonic clock: a back-off or a warning
+/// throttle timed on the wall clock would last as long as a step back of it (NTP, a resumed
+/// VM), and Redis would be skipped (global limits failing open) all that time.
+fn monotonic_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The period after a failure during which Redis is not tried, on the [`monotonic_ms`] clock.
+#[derive(Debug, Default)]
+struct Backoff {
+    /// When it ends; 0 (the clock's start) when Redis never failed.
+    until: AtomicU64,
+}
+
+impl Backoff {
+    /// A failure at `now`: no Redis for [`BACKOFF`] (never shortening one already running).
+    fn start(&self, now: u64) {
+        let until = now.saturating_add(BACKOFF.as_millis() as u64);
+        self.until.fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether Redis is still skipped at `now`.
+    fn active(&self, now: u64) -> bool {
+        now < self.until.load(Ordering::Relaxed)
+    }
+}
+
+/// Lets one warning through per [`WARN_EVERY`], on the [`monotonic_ms`] clock.
+#[derive(Debug, Default)]
+struct WarnThrottle {
+    /// 1 + the time of the last warning; 0 before the first (the clock starts at 0 too).
+    last: AtomicU64,
+}
+
+impl WarnThrottle {
+    /// Whether a warning at `now` is logged (then the next ones wait [`WARN_EVERY`]).
+    fn allow(&self, now: u64) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || now >= (last - 1).saturating_add(WARN_EVERY.as_millis() as u64);
+        due && self
+            .last
+            .compare_exchange(
+                last,
+                now.saturating_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+}
+
+/// Wall-clock milliseconds: the windows of global limits, which every pod must agree on.
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -522,6 +570,51 @@ mod tests {
         planted.extend_from_slice(&200u16.to_be_bytes());
         planted.extend_from_slice(&u16::MAX.to_be_bytes());
         assert_eq!(decode(&planted), None, "no panic, a miss");
+    }
+
+    #[test]
+    fn a_back_off_skips_redis_for_one_second_and_a_new_failure_extends_it() {
+        let b = Backoff::default();
+        assert!(!b.active(0), "Redis is tried until it fails");
+        b.start(5_000);
+        assert!(b.active(5_000) && b.active(5_999));
+        assert!(!b.active(6_000));
+        b.start(5_500);
+        assert!(b.active(6_499) && !b.active(6_500));
+        b.start(5_200);
+        assert!(
+            b.active(6_499),
+            "an older failure does not shorten the back-off"
+        );
+    }
+
+    #[test]
+    fn redis_failures_warn_at_once_even_at_process_start_then_at_most_every_10_s() {
+        let w = WarnThrottle::default();
+        assert!(
+            w.allow(0),
+            "the first failure warns, at the clock's start too"
+        );
+        assert!(!w.allow(0) && !w.allow(9_999));
+        assert!(w.allow(10_000));
+        assert!(!w.allow(10_001));
+        assert!(w.allow(25_000));
+    }
+
+    #[test]
+    fn a_back_off_is_timed_on_the_process_clock_so_a_wall_clock_step_cannot_stretch_it() {
+        let shared =
+            Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw").expect("valid url");
+        let before = monotonic_ms();
+        shared.mark_down();
+        let until = shared.backoff.until.load(Ordering::Relaxed);
+        let after = monotonic_ms();
+        let backoff = BACKOFF.as_millis() as u64;
+        assert!(
+            (before + backoff..=after + backoff).contains(&until),
+            "back-off ends at {until}, not {backoff} ms after now ({before}..{after}) on the monotonic clock"
+        );
+        assert!(shared.backoff.active(after));
     }
 
     #[test]
