@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use sidegate_crds::api::SidecarSettings;
 use sidegate_operator::webhook::images::AllowedImages;
 use sidegate_operator::webhook::inject::{
-    self, InjectConfig, InjectSettings, Injection, PLACEHOLDER_API_KEY, Skip,
+    self, InjectConfig, InjectSettings, Injection, PLACEHOLDER_API_KEY, ShutdownTiming, Skip,
 };
 
 fn fixture(name: &str) -> Pod {
@@ -113,6 +113,8 @@ fn a_plain_pod_gets_a_native_sidecar_volumes_env_and_the_injected_annotation() {
             "--wait-for-config",
             "--log-format",
             "json",
+            "--shutdown-grace",
+            "25",
         ]
     );
     let mounts = sidecar.volume_mounts.as_ref().expect("mounts");
@@ -307,6 +309,11 @@ fn native_sidecar_false_injects_a_plain_container_and_warns_for_jobs() {
         Some("registry.local/sidegate:dev")
     );
     assert!(sidecar.args.iter().flatten().any(|a| a == "127.0.0.1:9000"));
+    // It gets SIGTERM with the app: it serves the app's last requests for 5 s; the pod has
+    // Kubernetes' default 30 s, so in-flight requests get 25.
+    let args = sidecar.args.as_deref().expect("args");
+    assert_eq!(flag(args, "--shutdown-delay"), Some("5"));
+    assert_eq!(flag(args, "--shutdown-grace"), Some("25"));
     assert_eq!(
         env_of(&spec.containers[0])["ANTHROPIC_BASE_URL"].as_deref(),
         Some("http://127.0.0.1:9000/anthropic")
@@ -318,6 +325,75 @@ fn native_sidecar_false_injects_a_plain_container_and_warns_for_jobs() {
         job.warnings[0].contains("nativeSidecar"),
         "{}",
         job.warnings[0]
+    );
+}
+
+fn sidecar_args(pod: &Pod) -> Vec<String> {
+    let spec = pod.spec.as_ref().expect("spec");
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .find(|c| c.name == "sidegate")
+        .expect("sidecar injected");
+    sidecar.args.clone().expect("args")
+}
+
+/// The value of `flag` in `args`, if present.
+fn flag<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .map(|i| args[i + 1].as_str())
+}
+
+#[test]
+fn the_sidecar_gets_the_pods_termination_grace_period_minus_a_margin_and_a_classic_one_a_drain_delay()
+ {
+    let classic = SidecarSettings {
+        native_sidecar: false,
+        ..SidecarSettings::default()
+    };
+    // A classic sidecar gets SIGTERM with its app: it keeps serving the app's last requests for
+    // 5 s, and streams in flight get the 300 s the pod owner gave, minus 5 s for the sidecar's
+    // own exit.
+    let (pod, _) = injected("long-streams.yaml", &classic, "long-streams-container.yaml");
+    let args = sidecar_args(&pod);
+    assert_eq!(flag(&args, "--shutdown-grace"), Some("295"));
+    assert_eq!(flag(&args, "--shutdown-delay"), Some("5"));
+    // kubelet stops a native sidecar only after the app exited: no delay, the same grace.
+    let pod = fixture("long-streams.yaml");
+    let native = run(&pod, "team-a", &SidecarSettings::default()).expect("injected");
+    let mut doc = serde_json::to_value(&pod).expect("pod serializes");
+    json_patch::patch(&mut doc, &native.patch).expect("patch applies");
+    let args = sidecar_args(&serde_json::from_value(doc).expect("a Pod"));
+    assert_eq!(flag(&args, "--shutdown-grace"), Some("295"));
+    assert_eq!(flag(&args, "--shutdown-delay"), None);
+}
+
+#[test]
+fn short_termination_grace_periods_keep_half_for_the_requests_and_a_delay_within_it() {
+    let timing = |secs: Option<i64>, native: bool| {
+        let t = ShutdownTiming::for_pod(secs, native);
+        (t.grace_secs, t.delay_secs)
+    };
+    for (secs, classic, native) in [
+        (None, (25, 5), (25, 0)),
+        (Some(30), (25, 5), (25, 0)),
+        (Some(3600), (3595, 5), (3595, 0)),
+        (Some(10), (5, 2), (5, 0)),
+        (Some(4), (2, 1), (2, 0)),
+        (Some(2), (1, 0), (1, 0)),
+        (Some(0), (1, 0), (1, 0)),
+        (Some(-1), (1, 0), (1, 0)),
+    ] {
+        assert_eq!(timing(secs, false), classic, "classic, {secs:?}");
+        assert_eq!(timing(secs, true), native, "native, {secs:?}");
+    }
+    assert_eq!(
+        ShutdownTiming::for_pod(Some(2), false).args(),
+        ["--shutdown-grace", "1"],
+        "no delay flag when there is no delay"
     );
 }
 

@@ -74,6 +74,62 @@ pub const PLACEHOLDER_KEY_VARIABLES: &[&str] = &["OPENAI_API_KEY", "ANTHROPIC_AP
 /// Value of the placeholder API keys.
 pub const PLACEHOLDER_API_KEY: &str = "sidegate-managed";
 
+/// `terminationGracePeriodSeconds` of a pod that sets none (the Kubernetes default).
+pub const DEFAULT_TERMINATION_GRACE_SECS: i64 = 30;
+
+/// Most of the pod's grace period the sidecar keeps for itself after its in-flight requests:
+/// cutting the last ones, exporting their spans (up to 3 s), writing its last log lines.
+pub const SHUTDOWN_MARGIN_SECS: u64 = 5;
+
+/// Longest drain delay of a classic sidecar: the time its app has, after SIGTERM, to send its
+/// last requests through it on new connections (as service-mesh sidecars give theirs).
+pub const CLASSIC_DRAIN_DELAY_SECS: u64 = 5;
+
+/// How the sidecar of a pod stops: `--shutdown-grace` and `--shutdown-delay` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownTiming {
+    /// In-flight requests, LLM streams too, may run this long after SIGTERM: the pod's
+    /// `terminationGracePeriodSeconds` minus a margin ([`SHUTDOWN_MARGIN_SECS`], at most half
+    /// of it), at least 1.
+    pub grace_secs: u64,
+    /// New requests are still served this long after SIGTERM: 0 for a native sidecar, which
+    /// kubelet stops only after the app containers exited; for a classic one, which gets
+    /// SIGTERM together with its app, [`CLASSIC_DRAIN_DELAY_SECS`] at most half the grace.
+    pub delay_secs: u64,
+}
+
+impl ShutdownTiming {
+    /// The timing for a pod with `termination_grace_period_seconds` and a native or classic
+    /// sidecar.
+    pub fn for_pod(termination_grace_period_seconds: Option<i64>, native: bool) -> Self {
+        let period = termination_grace_period_seconds
+            .unwrap_or(DEFAULT_TERMINATION_GRACE_SECS)
+            .max(0)
+            .unsigned_abs();
+        let grace_secs = period
+            .saturating_sub(SHUTDOWN_MARGIN_SECS.min(period / 2))
+            .max(1);
+        let delay_secs = if native {
+            0
+        } else {
+            CLASSIC_DRAIN_DELAY_SECS.min(grace_secs / 2)
+        };
+        Self {
+            grace_secs,
+            delay_secs,
+        }
+    }
+
+    /// The sidecar's arguments for this timing (no `--shutdown-delay` when there is none).
+    pub fn args(&self) -> Vec<String> {
+        let mut args = vec!["--shutdown-grace".to_owned(), self.grace_secs.to_string()];
+        if self.delay_secs > 0 {
+            args.extend(["--shutdown-delay".to_owned(), self.delay_secs.to_string()]);
+        }
+        args
+    }
+}
+
 /// Operator-wide injection settings (from flags).
 #[derive(Debug, Clone)]
 pub struct InjectConfig {
@@ -338,7 +394,8 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
 
     // The sidecar: first init container when native (so later init containers can use it),
     // last app container otherwise.
-    let sidecar = sidecar_container(settings);
+    let shutdown = ShutdownTiming::for_pod(spec.termination_grace_period_seconds, native);
+    let sidecar = sidecar_container(settings, shutdown);
     if native {
         if pod
             .spec
@@ -402,8 +459,8 @@ pub fn sidecar_volumes(gateway: &str) -> Vec<Volume> {
     ]
 }
 
-/// The sidecar container for `settings`.
-pub fn sidecar_container(settings: &InjectSettings<'_>) -> Container {
+/// The sidecar container for `settings`, stopping as `shutdown` says.
+pub fn sidecar_container(settings: &InjectSettings<'_>, shutdown: ShutdownTiming) -> Container {
     let sidecar = settings.sidecar;
     let config = settings.config;
     let admin_port = i32::from(sidecar.admin_port);
@@ -427,22 +484,27 @@ pub fn sidecar_container(settings: &InjectSettings<'_>) -> Container {
                 .unwrap_or_else(|| config.image.clone()),
         ),
         image_pull_policy: config.image_pull_policy.clone(),
-        args: Some(vec![
-            "--config".into(),
-            format!("{CONFIG_DIR}/{CONFIG_FILE_NAME}"),
-            "--keys-dir".into(),
-            KEYS_DIR.into(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", sidecar.port),
-            // Kubelet probes come from the node, so the admin listener cannot stay on loopback;
-            // it serves only health and metrics, never keys. `[::]` is dual stack: the pod IP
-            // may be IPv4 or IPv6 (the sidecar falls back to 0.0.0.0 on a kernel without IPv6).
-            "--admin".into(),
-            format!("[::]:{}", sidecar.admin_port),
-            "--wait-for-config".into(),
-            "--log-format".into(),
-            "json".into(),
-        ]),
+        args: Some(
+            [
+                "--config".into(),
+                format!("{CONFIG_DIR}/{CONFIG_FILE_NAME}"),
+                "--keys-dir".into(),
+                KEYS_DIR.into(),
+                "--listen".into(),
+                format!("127.0.0.1:{}", sidecar.port),
+                // Kubelet probes come from the node, so the admin listener cannot stay on loopback;
+                // it serves only health and metrics, never keys. `[::]` is dual stack: the pod IP
+                // may be IPv4 or IPv6 (the sidecar falls back to 0.0.0.0 on a kernel without IPv6).
+                "--admin".into(),
+                format!("[::]:{}", sidecar.admin_port),
+                "--wait-for-config".into(),
+                "--log-format".into(),
+                "json".into(),
+            ]
+            .into_iter()
+            .chain(shutdown.args())
+            .collect(),
+        ),
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.into()),
             container_port: admin_port,
