@@ -2,20 +2,26 @@
 //!
 //! Lines are formatted by hand (no `fmt` machinery per field) into a shared buffer that a
 //! background thread flushes to stderr every [`FLUSH_EVERY`] (or at once when it grows past
-//! [`FLUSH_AT`]), so a request costs neither a `tracing` event nor a write syscall. The fields
+//! [`FLUSH_AT`]), so a request costs neither a `tracing` event nor a write syscall. The
+//! process's other log lines ([`LogWriter`], for `tracing`) go through the same buffer, so only
+//! that thread ever waits on stderr: a log pipe that stops draining (a stuck collector) cannot
+//! stall requests or the health probes. Past [`MAX_HELD`] waiting bytes, lines are dropped and
+//! counted, and the count is logged once stderr drains again. The fields
 //! are SPEC.md's log fields (`id`, `created_at`, `status_code`, `duration`, ...) plus `method`,
 //! `bytes` and `outcome`. Keys never reach this module: lines carry provider id, method, path
 //! without query, status, sizes, time, and the client's own values (metadata, event id) escaped.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Longest time a line waits in the buffer.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(200);
-/// Buffer size that triggers an immediate flush by the writing request.
+/// Buffer size that wakes the flusher at once.
 pub const FLUSH_AT: usize = 64 * 1024;
+/// Most bytes held for a stderr that does not drain; lines past it are dropped (and counted).
+pub const MAX_HELD: usize = 4 * 1024 * 1024;
 
 /// Line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,59 +96,125 @@ pub struct Bodies<'a> {
 struct Sink {
     format: Format,
     buf: Mutex<String>,
+    /// Wakes the flusher when the buffer passes [`FLUSH_AT`] or holds a process log line.
+    full: Condvar,
+    /// Set (under the buffer's lock) with each wake-up, so one that comes while the flusher is
+    /// busy writing is not lost.
+    wake: AtomicBool,
+    /// Held from taking the buffer to the end of its write, so chunks reach stderr in order.
+    writing: Mutex<()>,
+    /// Lines dropped since the last write because [`MAX_HELD`] bytes were waiting.
+    dropped: AtomicU64,
 }
 
 static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
 
-/// Starts the flusher thread; lines written before this are dropped.
+/// Starts the flusher thread; request lines written before this are dropped, other log lines
+/// go to stderr directly.
 pub fn init(format: Format) {
     let sink = Arc::new(Sink {
         format,
         buf: Mutex::new(String::with_capacity(FLUSH_AT)),
+        full: Condvar::new(),
+        wake: AtomicBool::new(false),
+        writing: Mutex::new(()),
+        dropped: AtomicU64::new(0),
     });
     if SINK.set(sink.clone()).is_ok() {
         let _ = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || {
                 loop {
-                    std::thread::sleep(FLUSH_EVERY);
-                    flush_sink(&sink);
+                    if let Ok(b) = sink.buf.lock()
+                        && !sink.wake.swap(false, Ordering::Relaxed)
+                    {
+                        // Woken early when asked; spurious wake-ups only flush early.
+                        if let Ok((_b, _)) = sink.full.wait_timeout(b, FLUSH_EVERY) {
+                            sink.wake.store(false, Ordering::Relaxed);
+                        }
+                    }
+                    flush_sink(&sink, &mut std::io::stderr());
                 }
             });
     }
 }
 
-/// Writes out whatever is buffered (at shutdown).
+/// Writes out whatever is buffered (at shutdown, and before an error line).
 pub fn flush() {
     if let Some(s) = SINK.get() {
-        flush_sink(s);
+        flush_sink(s, &mut std::io::stderr());
     }
 }
 
-fn flush_sink(sink: &Sink) {
-    let out = {
+fn flush_sink(sink: &Sink, out: &mut dyn std::io::Write) {
+    let Ok(_writing) = sink.writing.lock() else {
+        return;
+    };
+    let text = {
         let Ok(mut b) = sink.buf.lock() else { return };
         if b.is_empty() {
             return;
         }
         std::mem::replace(&mut *b, String::with_capacity(FLUSH_AT))
     };
-    let _ = std::io::stderr().lock().write_all(out.as_bytes());
+    let _ = out.write_all(text.as_bytes());
+    let dropped = sink.dropped.swap(0, Ordering::Relaxed);
+    if dropped > 0 {
+        let note = format!(
+            "{}  WARN {dropped} log lines dropped: stderr did not take them as fast as they came\n",
+            timestamp_now()
+        );
+        let _ = out.write_all(note.as_bytes());
+    }
+}
+
+/// Appends to the buffer with `fill`, unless [`MAX_HELD`] bytes are waiting already (then the
+/// line is counted as dropped); wakes the flusher when `now` or the buffer passes [`FLUSH_AT`].
+fn append(sink: &Sink, now: bool, fill: impl FnOnce(&mut String)) {
+    let Ok(mut b) = sink.buf.lock() else { return };
+    if b.len() >= MAX_HELD {
+        sink.dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    fill(&mut b);
+    if now || b.len() >= FLUSH_AT {
+        sink.wake.store(true, Ordering::Relaxed);
+        sink.full.notify_one();
+    }
 }
 
 /// Records one request.
 pub fn write(e: &Entry<'_>) {
     let Some(sink) = SINK.get() else { return };
-    let flush_now = {
-        let Ok(mut b) = sink.buf.lock() else { return };
-        match sink.format {
-            Format::Text => text_line(&mut b, e),
-            Format::Json => json_line(&mut b, e),
-        }
-        b.len() >= FLUSH_AT
-    };
-    if flush_now {
-        flush_sink(sink);
+    append(sink, false, |b| match sink.format {
+        Format::Text => text_line(b, e),
+        Format::Json => json_line(b, e),
+    });
+}
+
+fn timestamp_now() -> String {
+    let mut t = String::with_capacity(32);
+    timestamp(&mut t, SystemTime::now());
+    t
+}
+
+/// The process's log lines (`tracing`'s writer): through the request log's buffer, so no thread
+/// but the flusher waits on stderr; each wakes the flusher, so they come out at once. (Before
+/// [`init`], and after the flusher is gone at exit, [`flush`] writes them out.)
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let Some(sink) = SINK.get() else {
+            return std::io::stderr().lock().write_all(buf).map(|()| buf.len());
+        };
+        append(sink, true, |b| b.push_str(&String::from_utf8_lossy(buf)));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

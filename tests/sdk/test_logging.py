@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, KEY_MARKER, OPENAI_KEY, Sidegate, binary, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "log me"}]}
@@ -318,3 +318,57 @@ def test_universal_requests_log_the_answering_steps_body_never_the_step_headers(
     line = json.loads(wait_line(payload_gateway, r.headers["cf-aig-log-id"]))
     assert json.loads(line["request_body"]) == steps[1]["query"]
     assert client_key not in payload_gateway.logs()
+
+
+def test_a_log_pipe_that_stops_draining_stalls_neither_requests_nor_probes(mock, tmp_path):
+    """stderr is a pipe nobody reads (a stuck log collector): requests and /healthz go on, the
+    lines past the held limit are dropped, and their count is logged once the pipe drains."""
+    import fcntl
+    import os
+    import subprocess
+    import time
+
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  logging: {payloads: true}\n"), DEFAULT_KEYS,
+                 wait_ready=False)
+    g.stop()
+    proc = subprocess.Popen(
+        [binary("sidegate"), "--config", str(g.config), "--keys-dir", str(g.keys_dir),
+         "--listen", f"127.0.0.1:{g.port}", "--admin", f"127.0.0.1:{g.admin_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ, RUST_LOG="debug"))
+    try:
+        g.proc = proc
+        g.wait_ready()
+        big = dict(BODY, messages=[{"role": "user", "content": "x" * 32 * 1024}])
+        with httpx.Client(timeout=5) as c:
+            # Each line carries ~40 KB of payload: the 64 KiB pipe is full after two, the 4 MiB
+            # the gateway holds after ~100.
+            for i in range(160):
+                assert c.post(g.url + CHAT, json=big).status_code == 200, i
+                if i % 40 == 0:
+                    assert c.get(g.admin + "/healthz").status_code == 200, i
+        fd = proc.stderr.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+        got, deadline = b"", time.monotonic() + 10
+        while b"log lines dropped" not in got:
+            assert time.monotonic() < deadline, got[-500:]
+            try:
+                got += os.read(fd, 1 << 20) or b""
+            except BlockingIOError:
+                time.sleep(0.02)
+        quiet = time.monotonic() + 1
+        while time.monotonic() < quiet:
+            try:
+                more = os.read(fd, 1 << 20)
+                got += more
+                quiet = time.monotonic() + 1
+            except BlockingIOError:
+                time.sleep(0.02)
+        note = got[got.index(b"WARN "):].split(b"\n")[0].decode()
+        assert int(note.split()[1]) > 0, note
+        # What was kept is whole lines, in order.
+        ids = [json.loads(l[l.index(b"{"):])["id"] if l.startswith(b"{") else l.split(b" id=")[1].split()[0]
+               for l in got.split(b"\n") if b" request id=" in l]
+        assert len(ids) > 50, len(ids)
+    finally:
+        proc.kill()
+        proc.wait()
