@@ -830,6 +830,12 @@ pub struct Limits {
     /// Largest accepted request body (default 10Mi); larger requests get 413.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_body: Option<ByteSize>,
+    /// Most bytes the sidecar holds in buffered bodies at once, over all requests (default
+    /// 64Mi): request bodies read whole, responses held back for DLP or guardrail checks or
+    /// /compat translation, cache fills. A request that does not fit gets 503 with
+    /// Retry-After: 1. At least maxRequestBody.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_buffered_bytes: Option<ByteSize>,
 }
 
 #[cfg(test)]

@@ -30,6 +30,9 @@ pub const BASE_URL_PLACEHOLDERS: &[&str] = &["resource", "deployment", "region",
 /// Largest retry delay (`spec.retries.retryDelay`).
 pub const MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Largest request body when `spec.limits.maxRequestBody` is not set (10Mi).
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 << 20;
+
 /// Most attempts (`spec.retries.maxAttempts`).
 pub const MAX_ATTEMPTS: u32 = 5;
 
@@ -51,6 +54,21 @@ pub fn policy_problems(policy: &GatewayPolicy, origin: Origin) -> Vec<String> {
         && b.get() == 0
     {
         problems.push("spec.limits.maxRequestBody must be larger than 0".into());
+    }
+    if let Some(limits) = &policy.limits
+        && let Some(buffered) = limits.max_buffered_bytes
+    {
+        // A request body the gateway accepts must fit in the budget when nothing else holds
+        // any, or it could never be served.
+        let body = limits
+            .max_request_body
+            .map_or(DEFAULT_MAX_REQUEST_BODY, |b| b.get());
+        if buffered.get() < body {
+            problems.push(format!(
+                "spec.limits.maxBufferedBytes ({buffered}) must be at least maxRequestBody ({})",
+                crate::units::ByteSize::bytes(body)
+            ));
+        }
     }
     if let Some(r) = &policy.retries {
         if !(1..=MAX_ATTEMPTS).contains(&r.max_attempts) {
