@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+use crate::buffers::Held;
 use crate::cache::Fill;
 use crate::compat::StreamTranslator;
 use crate::telemetry::RequestRecord;
@@ -20,8 +21,9 @@ pin_project! {
     /// Body of every response the proxy sends.
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
-        /// A body made by the gateway, sent in one frame.
-        Full { data: Option<Bytes> },
+        /// A body made by the gateway, sent in one frame; `held` accounts for it when it is
+        /// a response held back whole, until the body is dropped.
+        Full { data: Option<Bytes>, held: Option<Held> },
         /// The upstream's body, streamed through.
         Upstream {
             #[pin]
@@ -37,10 +39,12 @@ pin_project! {
             out: BytesMut,
             ended: bool,
         },
-        /// Another body, copied into the response cache as it goes through.
+        /// Another body, copied into the response cache as it goes through; `held` accounts
+        /// for the copy (a copy the budget has no room for is given up, the body goes on).
         Filling {
             inner: Pin<Box<ProxyBody>>,
             fill: Option<Fill>,
+            held: Held,
         },
     }
 }
@@ -51,6 +55,16 @@ impl ProxyBody {
         let data = data.into();
         Self::Full {
             data: (!data.is_empty()).then_some(data),
+            held: None,
+        }
+    }
+
+    /// A body of `data` held back whole, whose bytes `held` accounts for until it is dropped.
+    pub fn full_held(data: impl Into<Bytes>, held: Held) -> Self {
+        let data = data.into();
+        Self::Full {
+            data: (!data.is_empty()).then_some(data),
+            held: Some(held),
         }
     }
 
@@ -83,9 +97,10 @@ impl ProxyBody {
 }
 
 impl ProxyBody {
-    /// This body, stored in the cache through `fill` (if any) once its last byte went through.
-    pub fn cached_through(self, fill: Option<Fill>) -> Self {
-        let Some(fill) = fill else {
+    /// This body, stored in the cache through `fill` (if any) once its last byte went through;
+    /// the copy's bytes are taken from the budget of buffered bodies through its guard.
+    pub fn cached_through(self, fill: Option<(Fill, Held)>) -> Self {
+        let Some((fill, held)) = fill else {
             return self;
         };
         // A body that is complete already may never be polled.
@@ -98,6 +113,7 @@ impl ProxyBody {
         Self::Filling {
             inner: Box::pin(self),
             fill,
+            held,
         }
     }
 }
@@ -111,7 +127,9 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
-            ProxyBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBodyProj::Full { data, .. } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
             ProxyBodyProj::Upstream { mut inner, record } => {
                 let polled = inner.as_mut().poll_frame(cx);
                 match &polled {
@@ -185,13 +203,13 @@ impl Body for ProxyBody {
                     rec.finish_complete();
                 }
             },
-            ProxyBodyProj::Filling { inner, fill } => {
+            ProxyBodyProj::Filling { inner, fill, held } => {
                 let polled = inner.as_mut().poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref()
                             && let Some(f) = fill.as_mut()
-                            && !f.push(data)
+                            && (held.grow(data.len() as u64).is_err() || !f.push(data))
                         {
                             *fill = None;
                         }
@@ -216,7 +234,7 @@ impl Body for ProxyBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Full { data } => data.is_none(),
+            Self::Full { data, .. } => data.is_none(),
             Self::Upstream { inner, .. } => inner.is_end_stream(),
             Self::Translated { ended, out, .. } => *ended && out.is_empty(),
             Self::Filling { inner, .. } => inner.is_end_stream(),
@@ -225,7 +243,7 @@ impl Body for ProxyBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Full { data } => {
+            Self::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Self::Upstream { inner, .. } => inner.size_hint(),
@@ -248,6 +266,8 @@ fn count_tokens(translator: &dyn StreamTranslator, record: Option<&mut RequestRe
 pub enum HoldError {
     /// More than the limit of bytes.
     TooLarge(usize),
+    /// More than the budget of buffered bodies has room for now.
+    Exhausted(crate::buffers::BudgetExhausted),
     /// The upstream stalled mid-body (see [`UpstreamBody::stall_after`]).
     Stalled(std::time::Duration),
     /// The body failed (connection broken, framing error, ...).
@@ -258,6 +278,11 @@ impl std::fmt::Display for HoldError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::TooLarge(limit) => write!(f, "larger than {limit} bytes"),
+            Self::Exhausted(e) => write!(
+                f,
+                "buffered bodies would exceed the budget of {} bytes",
+                e.limit
+            ),
             Self::Stalled(idle) => write!(f, "no data for {} ms", idle.as_millis()),
             Self::Failed(e) => f.write_str(e),
         }
@@ -265,10 +290,12 @@ impl std::fmt::Display for HoldError {
 }
 
 impl HoldError {
-    /// The gateway error a client gets for it: a stall is a timeout (504), the rest 502.
+    /// The gateway error a client gets for it: a stall is a timeout (504), a full budget of
+    /// buffered bodies 503, the rest 502.
     pub fn into_gateway_error(self, reading: &str) -> crate::error::GatewayError {
         use crate::error::GatewayError;
         match self {
+            Self::Exhausted(e) => e.into_gateway_error(),
             Self::Stalled(idle) => GatewayError::UpstreamStalled {
                 ms: u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
             },
@@ -278,13 +305,26 @@ impl HoldError {
 }
 
 /// Reads a body whole, for the features that hold a response back until it is complete (DLP
-/// and guardrail response checks, `/compat` translation of JSON): at most `limit` bytes.
-/// Its upstream's silences are bounded by the body itself ([`UpstreamBody::stall_after`]).
-pub async fn hold_whole<B>(body: B, limit: usize) -> Result<Bytes, HoldError>
+/// and guardrail response checks, `/compat` translation of JSON): at most `limit` bytes, each
+/// taken from the budget of buffered bodies through `held` as it arrives (a declared length
+/// the budget has no room for is refused before any byte is read). On an error the body is
+/// dropped, and with it the upstream connection. Its upstream's silences are bounded by the
+/// body itself ([`UpstreamBody::stall_after`]).
+pub async fn hold_whole<B>(
+    body: B,
+    limit: usize,
+    mut held: Option<&mut Held>,
+) -> Result<Bytes, HoldError>
 where
     B: Body<Data = Bytes, Error = BodyError>,
 {
     use http_body_util::BodyExt as _;
+    let declared = body.size_hint().lower();
+    if let Some(h) = held.as_deref()
+        && declared <= limit as u64
+    {
+        h.check_room(declared).map_err(HoldError::Exhausted)?;
+    }
     let mut body = std::pin::pin!(body);
     let mut whole = BytesMut::new();
     loop {
@@ -302,8 +342,17 @@ where
             if whole.len() + data.len() > limit {
                 return Err(HoldError::TooLarge(limit));
             }
+            if let Some(h) = held.as_deref_mut() {
+                h.grow(data.len() as u64).map_err(HoldError::Exhausted)?;
+            }
             if whole.is_empty() && body.is_end_stream() {
                 return Ok(data);
+            }
+            if whole.capacity() == 0 {
+                // A body in several frames with a declared length is allocated once, not
+                // doubled up to it.
+                let declared = usize::try_from(declared).unwrap_or(0).min(limit);
+                whole.reserve(declared.max(data.len()));
             }
             whole.extend_from_slice(&data);
         }
@@ -318,7 +367,8 @@ mod tests {
     use http_body::Frame;
     use http_body_util::StreamBody;
 
-    use super::{HoldError, hold_whole};
+    use super::{HoldError, ProxyBody, hold_whole};
+    use crate::buffers::BufferBudget;
     use crate::upstream::{BodyError, Stalled};
 
     fn frames(
@@ -333,11 +383,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_held_body_is_read_whole_within_its_limit() {
-        let whole = hold_whole(frames(vec![Ok("ab"), Ok("cd"), Ok("e")]), 5).await;
+        let whole = hold_whole(frames(vec![Ok("ab"), Ok("cd"), Ok("e")]), 5, None).await;
         assert_eq!(whole.expect("whole"), Bytes::from_static(b"abcde"));
-        let over = hold_whole(frames(vec![Ok("ab"), Ok("cd"), Ok("ef")]), 5).await;
+        let over = hold_whole(frames(vec![Ok("ab"), Ok("cd"), Ok("ef")]), 5, None).await;
         assert!(matches!(over, Err(HoldError::TooLarge(5))), "{over:?}");
-        let broken = hold_whole(frames(vec![Ok("ab"), Err("reset".into())]), 5).await;
+        let broken = hold_whole(frames(vec![Ok("ab"), Err("reset".into())]), 5, None).await;
         assert!(
             matches!(&broken, Err(HoldError::Failed(e)) if e == "reset"),
             "{broken:?}"
@@ -350,6 +400,7 @@ mod tests {
         let held = hold_whole(
             frames(vec![Ok("{"), Err(Box::new(Stalled(after)))]),
             1 << 20,
+            None,
         )
         .await;
         assert!(
@@ -361,5 +412,42 @@ mod tests {
             .into_gateway_error("the response");
         assert_eq!((err.status().as_u16(), err.code()), (504, 2103));
         assert!(err.to_string().contains("no data for 30000 ms"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_held_body_takes_its_bytes_from_the_budget_and_the_response_gives_them_back() {
+        let budget = BufferBudget::default();
+        let mut held = budget.guard(10);
+        let whole = hold_whole(frames(vec![Ok("ab"), Ok("cd")]), 100, Some(&mut held)).await;
+        assert_eq!(whole.expect("fits"), Bytes::from_static(b"abcd"));
+        assert_eq!(budget.held(), 4);
+        let body = ProxyBody::full_held(Bytes::from_static(b"abcd"), held);
+        assert_eq!(budget.held(), 4);
+        drop(body);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_held_body_the_budget_has_no_room_for_is_a_503_and_holds_nothing() {
+        let budget = BufferBudget::default();
+        let mut other = budget.guard(10);
+        other.grow(7).expect("fits");
+        let mut held = budget.guard(10);
+        let over = hold_whole(frames(vec![Ok("ab"), Ok("cd")]), 100, Some(&mut held)).await;
+        let Err(HoldError::Exhausted(e)) = over else {
+            panic!("{over:?}")
+        };
+        drop(held);
+        assert_eq!(budget.held(), 7);
+        let err = HoldError::Exhausted(e).into_gateway_error("the response");
+        assert_eq!((err.status().as_u16(), err.code()), (503, 2110));
+        // A declared length with no room is refused before any byte is read.
+        let mut held = budget.guard(10);
+        use http_body_util::BodyExt as _;
+        let declared = http_body_util::Full::new(Bytes::from_static(b"abcd"))
+            .map_err(|never: std::convert::Infallible| -> BodyError { match never {} });
+        let over = hold_whole(declared, 100, Some(&mut held)).await;
+        assert!(matches!(over, Err(HoldError::Exhausted(_))), "{over:?}");
+        assert_eq!(held.bytes(), 0);
     }
 }

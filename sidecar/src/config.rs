@@ -14,7 +14,7 @@ use crate::keys::{KeyStore, KeysError};
 use crate::providers::{ProviderError, ProviderTable};
 
 /// Default largest request body (10 MiB).
-pub const DEFAULT_MAX_BODY: u64 = 10 << 20;
+pub const DEFAULT_MAX_BODY: u64 = sidegate_crds::validation::DEFAULT_MAX_REQUEST_BODY;
 /// Default time to the first upstream byte when neither config nor header sets one.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -68,6 +68,9 @@ pub struct Snapshot {
     pub auth_required: bool,
     /// Largest request body.
     pub max_body: u64,
+    /// Most bytes held in buffered bodies at once, over all requests
+    /// (`spec.limits.maxBufferedBytes`; see [`crate::buffers`]).
+    pub max_buffered: u64,
     /// Default time to the first upstream byte.
     pub request_timeout: Duration,
     /// Whether to log one line per request.
@@ -222,6 +225,16 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         .as_ref()
         .and_then(|l| l.max_request_body)
         .map_or(DEFAULT_MAX_BODY, |b| b.get());
+    // Unset, the budget is the default, or one largest request body if that is more: raising
+    // `maxRequestBody` alone must not make its largest requests unservable.
+    let max_buffered = config
+        .spec
+        .limits
+        .as_ref()
+        .and_then(|l| l.max_buffered_bytes)
+        .map_or(crate::buffers::DEFAULT_MAX_BUFFERED.max(max_body), |b| {
+            b.get()
+        });
     let request_timeout = config
         .spec
         .request_timeout
@@ -280,6 +293,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         keys,
         auth_required,
         max_body,
+        max_buffered,
         request_timeout,
         log_requests,
         log_payloads,
@@ -336,6 +350,7 @@ mod tests {
         let snap = load(&src).expect("load");
         assert_eq!(snap.request_timeout, Duration::from_secs(30));
         assert_eq!(snap.max_body, DEFAULT_MAX_BODY);
+        assert_eq!(snap.max_buffered, crate::buffers::DEFAULT_MAX_BUFFERED);
         assert!(snap.fingerprint.starts_with("sha256:"));
     }
 

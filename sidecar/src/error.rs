@@ -87,6 +87,12 @@ pub enum GatewayError {
     /// No valid config is loaded yet.
     #[error("gateway has no valid configuration loaded")]
     NotReady,
+    /// The bodies the gateway holds in memory at once (requests read whole, responses held
+    /// back whole) would exceed `spec.limits.maxBufferedBytes`: refused, for a retry shortly.
+    #[error(
+        "gateway busy: buffered bodies would exceed its memory budget of {limit} bytes; retry shortly"
+    )]
+    BuffersFull { limit: u64 },
     /// A `/compat` request that names no usable provider/model, or asks for something the
     /// provider cannot express (the message names the field).
     #[error("{0}")]
@@ -117,7 +123,7 @@ impl GatewayError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            Self::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::BuffersFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. }
             | Self::SpendLimited { .. }
             | Self::TokenBudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -158,6 +164,7 @@ impl GatewayError {
             Self::CompatRequest(_) => 2107,
             Self::UniversalRequest(_) => 2108,
             Self::Forbidden(_) => 2109,
+            Self::BuffersFull { .. } => 2110,
         }
     }
 
@@ -196,6 +203,11 @@ impl GatewayError {
             let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        if let Self::BuffersFull { .. } = self {
+            // Budget frees as soon as the requests holding it end.
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
         }
         resp
     }
@@ -271,6 +283,14 @@ mod tests {
         };
         assert_eq!((t.status().as_u16(), t.code()), (429, 2003));
         assert_eq!(t.into_response().headers()[header::RETRY_AFTER], "1");
+    }
+
+    #[test]
+    fn full_buffers_are_503_2110_with_retry_after_one_second() {
+        let e = GatewayError::BuffersFull { limit: 64 << 20 };
+        assert_eq!((e.status().as_u16(), e.code()), (503, 2110));
+        assert!(e.to_string().contains("67108864 bytes"), "{e}");
+        assert_eq!(e.into_response().headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

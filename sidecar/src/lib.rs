@@ -9,6 +9,7 @@
 //! - [`upstream`]: the client to the providers and their response bodies.
 //! - [`headers`]: what crosses from client to upstream and back.
 //! - [`body`]: streamed response bodies and their completion records.
+//! - [`buffers`]: the process-wide budget of bytes held in buffered bodies.
 //! - [`error`]: gateway-made errors in the SPEC.md envelope.
 //! - [`cost`], [`budget`]: request cost from model prices; spend limits and token budgets.
 //! - [`log_id`]: request ids (`cf-aig-log-id`).
@@ -20,6 +21,7 @@ pub mod access_log;
 pub mod admin;
 pub mod body;
 pub mod budget;
+pub mod buffers;
 pub mod cache;
 pub mod compat;
 pub mod config;

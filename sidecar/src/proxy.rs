@@ -58,6 +58,8 @@ pub struct Gateway {
     ledger: Arc<crate::budget::Ledger>,
     /// The span exporter (`spec.openTelemetry`); idle until a config sets an endpoint.
     otel: crate::otel::Exporter,
+    /// Bytes held in buffered bodies over every request (`spec.limits.maxBufferedBytes`).
+    pub(crate) buffers: crate::buffers::BufferBudget,
     /// How long a client may stay silent mid-request: its first bytes, a request head, or the
     /// next part of a request body (`--client-timeout`).
     pub client_timeout: Duration,
@@ -89,6 +91,7 @@ impl Gateway {
             flights: cache::Flights::default(),
             ledger: Arc::default(),
             otel: crate::otel::Exporter::new(client.clone(), metrics.clone()),
+            buffers: metrics.buffer_budget(),
             client,
             metrics,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
@@ -201,8 +204,10 @@ impl Gateway {
             let resp = self.attempt(req, within).await.map_err(|e| e.to_string())?;
             let status = resp.status();
             // The body's own watchdog has the same bound as the whole exchange: either may see
-            // a stalled answer first, and it is the same failure.
-            let raw = hold_whole(resp.into_body(), limit)
+            // a stalled answer first, and it is the same failure. Not taken from the budget of
+            // buffered bodies: `limit` is small (a token, a verdict) and the request it serves
+            // holds its own body there already.
+            let raw = hold_whole(resp.into_body(), limit, None)
                 .await
                 .map_err(|e| match e {
                     crate::body::HoldError::Stalled(_) => late(),
@@ -330,7 +335,8 @@ impl Gateway {
         resp: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
-        let whole = match hold_whole(body, crate::dlp::MAX_RESPONSE_BYTES).await {
+        let mut held = self.buffers.guard(snap.max_buffered);
+        let whole = match hold_whole(body, crate::dlp::MAX_RESPONSE_BYTES, Some(&mut held)).await {
             Ok(whole) => whole,
             Err(e) => {
                 let err = e.into_gateway_error("the response for its checks");
@@ -349,7 +355,7 @@ impl Gateway {
             Ok(found) => {
                 crate::dlp::flag(&mut head.headers, &found);
                 head.headers.remove(header::CONTENT_LENGTH);
-                Response::from_parts(head, ProxyBody::full(whole))
+                Response::from_parts(head, ProxyBody::full_held(whole, held))
             }
             Err(err) => {
                 let log_id = head.headers.get(LOG_ID).cloned();
@@ -568,9 +574,17 @@ impl Gateway {
             )
             .map_err(fail)?;
         }
-        let body = read_body(&parts.headers, body, snap.max_body, self.client_timeout)
-            .await
-            .map_err(fail)?;
+        // Held until the answer's head is here: the body goes upstream, and stays for retries.
+        let mut held = self.buffers.guard(snap.max_buffered);
+        let body = read_body(
+            &parts.headers,
+            body,
+            snap.max_body,
+            self.client_timeout,
+            &mut held,
+        )
+        .await
+        .map_err(fail)?;
 
         let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
         if snap.guardrails.checks_prompts() {
@@ -650,7 +664,8 @@ impl Gateway {
         }
         let fill = miss
             .as_mut()
-            .and_then(|m| m.fill(head.status, &head.headers));
+            .and_then(|m| m.fill(head.status, &head.headers))
+            .map(|f| (f, self.buffers.guard(snap.max_buffered)));
         if want.is_some() {
             head.headers.insert(cache::STATUS, cache::MISS);
         }
@@ -833,13 +848,16 @@ pub(crate) fn request_timeout(
     Ok(Duration::from_millis(ms))
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes, or a client that sends no
-/// part of it for `idle`.
+/// Reads the whole request body, refusing more than `limit` bytes, a client that sends no
+/// part of it for `idle`, or a body the budget of buffered bodies has no room for: its bytes
+/// are taken through `held` as they arrive (a declared length with no room is refused before
+/// any of it is read), and stay taken until `held` drops.
 pub(crate) async fn read_body(
     headers: &http::HeaderMap,
     body: Incoming,
     limit: u64,
     idle: Duration,
+    held: &mut crate::buffers::Held,
 ) -> Result<Bytes, GatewayError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -847,6 +865,10 @@ pub(crate) async fn read_body(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(GatewayError::BodyTooLarge { limit });
+    }
+    if let Some(n) = declared {
+        held.check_room(n)
+            .map_err(crate::buffers::BudgetExhausted::into_gateway_error)?;
     }
     // Most bodies arrive as one frame: that frame is the body, with no copy and no list.
     let mut body = body;
@@ -872,11 +894,15 @@ pub(crate) async fn read_body(
         if len > limit {
             return Err(GatewayError::BodyTooLarge { limit });
         }
+        held.grow(data.len() as u64)
+            .map_err(crate::buffers::BudgetExhausted::into_gateway_error)?;
         match (&mut joined, whole.take()) {
             (Some(buf), _) => buf.extend_from_slice(&data),
             (None, None) => whole = Some(data),
             (None, Some(first)) => {
-                let mut buf = bytes::BytesMut::with_capacity(first.len() + data.len());
+                // Allocated once for a declared length, not doubled up to it.
+                let size = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+                let mut buf = bytes::BytesMut::with_capacity(size.max(first.len() + data.len()));
                 buf.extend_from_slice(&first);
                 buf.extend_from_slice(&data);
                 joined = Some(buf);

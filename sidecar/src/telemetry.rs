@@ -73,6 +73,8 @@ pub struct Metrics {
     otel_exported: Counter,
     otel_dropped: Counter,
     otel_failed: Counter,
+    buffered_bytes: Gauge,
+    buffer_refusals: Counter,
 }
 
 /// What became of OpenTelemetry spans.
@@ -261,7 +263,21 @@ impl Metrics {
             "OpenTelemetry spans lost because their export request failed",
             otel_failed.clone(),
         );
+        let buffered_bytes = Gauge::default();
+        registry.register(
+            "buffered_bytes",
+            "Bytes held now in buffered bodies (requests read whole, responses held back whole, cache fills), against spec.limits.maxBufferedBytes",
+            buffered_bytes.clone(),
+        );
+        let buffer_refusals = Counter::default();
+        registry.register(
+            "buffer_refusals",
+            "Requests refused (503, code 2110) because their buffered body did not fit in spec.limits.maxBufferedBytes",
+            buffer_refusals.clone(),
+        );
         Self {
+            buffered_bytes,
+            buffer_refusals,
             otel_exported,
             otel_dropped,
             otel_failed,
@@ -371,6 +387,12 @@ impl Metrics {
     /// Counts one request the cache was on for.
     pub fn count_cache(&self, result: &'static str) {
         self.cache.get_or_create(&CacheLabels { result }).inc();
+    }
+
+    /// The budget of buffered bodies, accounted in `sidegate_buffered_bytes` and refusing into
+    /// `sidegate_buffer_refusals_total`.
+    pub fn buffer_budget(&self) -> crate::buffers::BufferBudget {
+        crate::buffers::BufferBudget::new(self.buffered_bytes.clone(), self.buffer_refusals.clone())
     }
 
     /// Counts one retried upstream attempt.

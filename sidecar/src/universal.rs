@@ -133,9 +133,16 @@ pub(crate) async fn serve(
     let retries = snap.retries.with_headers(aig).map_err(none)?;
     let alias = aig.byok_alias().map_err(none)?;
     proxy::refuse_compressed_body(&parts.headers, "the universal endpoint").map_err(none)?;
-    let raw = proxy::read_body(&parts.headers, body, snap.max_body, gw.client_timeout)
-        .await
-        .map_err(none)?;
+    let mut held = gw.buffers.guard(snap.max_buffered);
+    let raw = proxy::read_body(
+        &parts.headers,
+        body,
+        snap.max_body,
+        gw.client_timeout,
+        &mut held,
+    )
+    .await
+    .map_err(none)?;
     let dlp_flags = snap.dlp.check_request(&raw).map_err(none)?;
     if snap.guardrails.checks_prompts() {
         gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &raw)

@@ -31,6 +31,7 @@ use sidegate_crds::policy::ApiFormat;
 
 use self::openai::bad;
 use crate::body::ProxyBody;
+use crate::buffers::Held;
 use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
@@ -690,9 +691,17 @@ pub(crate) async fn serve(
     let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
     let alias = aig.byok_alias().map_err(none)?;
     proxy::refuse_compressed_body(&parts.headers, "/compat translation").map_err(none)?;
-    let body = proxy::read_body(&parts.headers, body, snap.max_body, gw.client_timeout)
-        .await
-        .map_err(none)?;
+    // Held until the answer goes out: the body is read again for a fallback's request.
+    let mut held = gw.buffers.guard(snap.max_buffered);
+    let body = proxy::read_body(
+        &parts.headers,
+        body,
+        snap.max_body,
+        gw.client_timeout,
+        &mut held,
+    )
+    .await
+    .map_err(none)?;
     let model = peek_model(&body).map_err(none)?;
     let metadata: Map<String, Value> = opts
         .metadata
@@ -877,7 +886,8 @@ pub(crate) async fn serve(
         };
         let fill = miss
             .as_mut()
-            .and_then(|m| m.fill(head.status, &head.headers));
+            .and_then(|m| m.fill(head.status, &head.headers))
+            .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
         return Ok(Response::from_parts(head, body.cached_through(fill)));
     };
     head.headers.remove(header::CONTENT_LENGTH);
@@ -891,19 +901,24 @@ pub(crate) async fn serve(
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         let fill = miss
             .as_mut()
-            .and_then(|m| m.fill(head.status, &head.headers));
+            .and_then(|m| m.fill(head.status, &head.headers))
+            .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
         let body = ProxyBody::translated(upstream_body, t.stream_translator(), record);
         return Ok(Response::from_parts(head, body.cached_through(fill)));
     }
-    let raw = match crate::body::hold_whole(upstream_body, MAX_RESPONSE_BYTES).await {
-        Ok(raw) => raw,
-        Err(e) => {
-            record.finish_upstream_error();
-            let err = e.into_gateway_error(&format!("the {} response", provider.id));
-            tracing::warn!(provider = %provider.id, error = %err, "response not delivered");
-            return Ok(err.into_response());
-        }
-    };
+    // The request body is not needed any more; the answer is held back whole from here.
+    drop(held);
+    let mut held = gw.buffers.guard(snap.max_buffered);
+    let raw =
+        match crate::body::hold_whole(upstream_body, MAX_RESPONSE_BYTES, Some(&mut held)).await {
+            Ok(raw) => raw,
+            Err(e) => {
+                record.finish_upstream_error();
+                let err = e.into_gateway_error(&format!("the {} response", provider.id));
+                tracing::warn!(provider = %provider.id, error = %err, "response not delivered");
+                return Ok(err.into_response());
+            }
+        };
     let rest = if head.status.is_success() {
         // The other parts go as the part that answered went.
         fan_out(
@@ -912,10 +927,11 @@ pub(crate) async fn serve(
             within,
             &policy,
             &provider.id,
+            snap.max_buffered,
         )
         .await
     } else {
-        Ok(Vec::new())
+        Ok((Vec::new(), gw.buffers.guard(snap.max_buffered)))
     };
     let out = match rest {
         Err(FanOutFailure::Upstream(parts, body)) => {
@@ -928,19 +944,22 @@ pub(crate) async fn serve(
             err.to_json().into_bytes()
         }
         Ok(_) if !head.status.is_success() => t.error(head.status.as_u16(), &head.headers, &raw),
-        Ok(rest) => match translate_all(&t, &raw, &rest) {
-            Ok(out) => out,
-            Err(message) => {
-                // Made by the gateway, so in the SPEC.md envelope like its other 502s.
-                let err = GatewayError::UpstreamUnavailable(format!(
-                    "the {} response could not be translated: {message}",
-                    provider.id
-                ));
-                tracing::warn!(provider = %provider.id, error = %err, "untranslatable upstream response");
-                head.status = err.status();
-                err.to_json().into_bytes()
+        Ok((rest, parts_held)) => {
+            held.absorb(parts_held);
+            match translate_all(&t, &raw, &rest) {
+                Ok(out) => out,
+                Err(message) => {
+                    // Made by the gateway, so in the SPEC.md envelope like its other 502s.
+                    let err = GatewayError::UpstreamUnavailable(format!(
+                        "the {} response could not be translated: {message}",
+                        provider.id
+                    ));
+                    tracing::warn!(provider = %provider.id, error = %err, "untranslatable upstream response");
+                    head.status = err.status();
+                    err.to_json().into_bytes()
+                }
             }
-        },
+        }
     };
     head.headers.insert(
         header::CONTENT_TYPE,
@@ -954,7 +973,8 @@ pub(crate) async fn serve(
     {
         fill.whole(&out);
     }
-    Ok(Response::from_parts(head, ProxyBody::full(out)))
+    // The translation takes the place of the answer it came from.
+    Ok(Response::from_parts(head, ProxyBody::full_held(out, held)))
 }
 
 /// The request timeout and retries of a route target: its own where it has them.
@@ -989,10 +1009,12 @@ async fn fan_out(
     timeout: std::time::Duration,
     policy: &Policy,
     provider: &Arc<str>,
-) -> Result<Vec<Bytes>, FanOutFailure> {
+    max_buffered: u64,
+) -> Result<(Vec<Bytes>, Held), FanOutFailure> {
     use futures_util::StreamExt as _;
+    let mut held = gw.buffers.guard(max_buffered);
     if parts.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), held));
     }
     let answers = futures_util::stream::iter(parts)
         .map(|req| async move {
@@ -1001,7 +1023,8 @@ async fn fan_out(
                 .await
                 .map_err(FanOutFailure::Gateway)?;
             let (head, body) = resp.into_parts();
-            let body = crate::body::hold_whole(body, MAX_RESPONSE_BYTES)
+            let mut held = gw.buffers.guard(max_buffered);
+            let body = crate::body::hold_whole(body, MAX_RESPONSE_BYTES, Some(&mut held))
                 .await
                 .map_err(|e| {
                     FanOutFailure::Gateway(
@@ -1009,7 +1032,7 @@ async fn fan_out(
                     )
                 })?;
             if head.status.is_success() {
-                Ok(body)
+                Ok((body, held))
             } else {
                 Err(FanOutFailure::Upstream(head, body))
             }
@@ -1018,9 +1041,11 @@ async fn fan_out(
     let mut answers = std::pin::pin!(answers);
     let mut out = Vec::new();
     while let Some(answer) = answers.next().await {
-        out.push(answer?);
+        let (body, part) = answer?;
+        held.absorb(part);
+        out.push(body);
     }
-    Ok(out)
+    Ok((out, held))
 }
 
 /// The client's answer from the upstream's: one translated body, or for embeddings sent in

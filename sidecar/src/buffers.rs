@@ -1,0 +1,244 @@
+//! The process-wide budget of bytes held in buffered bodies: request bodies read whole,
+//! responses held back whole (DLP or guardrail response checks, `/compat` JSON translation) and
+//! cache fills. Each of them alone is bounded (`spec.limits.maxRequestBody`, the hold limits),
+//! but not their sum over concurrent requests: without this budget a few dozen large requests
+//! at once take the sidecar past its container's memory limit, and its OOM kill ends every
+//! stream of the pod. With it, a request that does not fit is refused (`503`/2110,
+//! `Retry-After: 1`) and the rest go on.
+//!
+//! Bytes are taken as they arrive ([`Held::grow`]), one compare-and-swap on a shared atomic per
+//! buffered frame, and given back when the [`Held`] guard holding them drops — whatever ends
+//! the request: success, refusal, error or the client going away. Bodies streamed through take
+//! nothing.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+
+/// Default budget (`spec.limits.maxBufferedBytes`): 64 MiB. The injected sidecar container's
+/// default memory limit is 256Mi and the sidecar idles at ~25 MB; a buffered body can briefly
+/// cost up to about twice its size (a body joined from frames, a response and its translation
+/// or the text a check extracts from it), so 64 MiB of accounted bytes stays well under the
+/// limit with room for streams, connections and the cache.
+pub const DEFAULT_MAX_BUFFERED: u64 = 64 << 20;
+
+/// The bytes held in buffered bodies now, shared by every request of the process; its metrics
+/// are `sidegate_buffered_bytes` (the gauge is the account itself) and
+/// `sidegate_buffer_refusals_total`.
+#[derive(Clone, Debug, Default)]
+pub struct BufferBudget(Arc<Account>);
+
+#[derive(Debug, Default)]
+struct Account {
+    held: Gauge,
+    refused: Counter,
+}
+
+/// A buffered body did not fit in the budget of `limit` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BudgetExhausted {
+    /// The budget, in bytes.
+    pub limit: u64,
+}
+
+impl BudgetExhausted {
+    /// The error the client gets: 503/2110 with `Retry-After: 1`.
+    pub fn into_gateway_error(self) -> crate::error::GatewayError {
+        crate::error::GatewayError::BuffersFull { limit: self.limit }
+    }
+}
+
+impl BufferBudget {
+    /// A budget whose account is `held` (bytes held now) and whose refusals count in `refused`.
+    pub fn new(held: Gauge, refused: Counter) -> Self {
+        Self(Arc::new(Account { held, refused }))
+    }
+
+    /// A guard holding nothing yet, taking from this budget up to `limit` bytes in all (the
+    /// limit of the config the request started with, so a reload applies to new requests).
+    pub fn guard(&self, limit: u64) -> Held {
+        Held {
+            budget: self.clone(),
+            limit,
+            bytes: 0,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        u64::try_from(self.0.held.get()).unwrap_or(0)
+    }
+
+    /// Takes `n` bytes if the total stays within `limit`.
+    fn take(&self, n: u64, limit: u64) -> Result<(), BudgetExhausted> {
+        let Ok(n) = i64::try_from(n) else {
+            return Err(self.refuse(limit));
+        };
+        let max = i64::try_from(limit).unwrap_or(i64::MAX);
+        let held = self.0.held.inner();
+        let mut now = held.load(Ordering::Relaxed);
+        loop {
+            if now.saturating_add(n) > max {
+                return Err(self.refuse(limit));
+            }
+            match held.compare_exchange_weak(now, now + n, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(actual) => now = actual,
+            }
+        }
+    }
+
+    fn refuse(&self, limit: u64) -> BudgetExhausted {
+        self.0.refused.inc();
+        BudgetExhausted { limit }
+    }
+
+    fn give_back(&self, n: u64) {
+        self.0.held.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+/// Bytes of one buffered body taken from the [`BufferBudget`]; given back on drop.
+#[derive(Debug)]
+pub struct Held {
+    budget: BufferBudget,
+    limit: u64,
+    bytes: u64,
+}
+
+impl Held {
+    /// Takes `n` more bytes, or refuses (counted in `sidegate_buffer_refusals_total`) when
+    /// the budget has no room for them; what this guard holds already stays held.
+    pub fn grow(&mut self, n: u64) -> Result<(), BudgetExhausted> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.budget.take(n, self.limit)?;
+        self.bytes += n;
+        Ok(())
+    }
+
+    /// Refuses now (counted like [`Self::grow`]) when `n` more bytes would not fit: a declared
+    /// length refused before any of it is read. Not a reservation: [`Self::grow`] decides.
+    pub fn check_room(&self, n: u64) -> Result<(), BudgetExhausted> {
+        if n == 0 || self.budget.held().saturating_add(n) <= self.limit {
+            Ok(())
+        } else {
+            Err(self.budget.refuse(self.limit))
+        }
+    }
+
+    /// Bytes this guard holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Takes over what `other` holds (one guard for a body made of several).
+    pub fn absorb(&mut self, mut other: Held) {
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.give_back(self.bytes);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_taken_up_to_the_limit_and_given_back_on_drop() {
+        let budget = BufferBudget::default();
+        let mut a = budget.guard(100);
+        a.grow(60).expect("fits");
+        let mut b = budget.guard(100);
+        b.grow(30).expect("fits");
+        assert_eq!(budget.held(), 90);
+        assert_eq!(b.grow(11), Err(BudgetExhausted { limit: 100 }));
+        // A refused grow takes nothing: the guard keeps what it held.
+        assert_eq!((b.bytes(), budget.held()), (30, 90));
+        assert_eq!(b.check_room(10), Ok(()));
+        assert_eq!(b.check_room(11), Err(BudgetExhausted { limit: 100 }));
+        drop(a);
+        assert_eq!(budget.held(), 30);
+        b.grow(70).expect("room again");
+        drop(b);
+        assert_eq!(budget.held(), 0);
+        assert_eq!(budget.0.refused.get(), 2);
+    }
+
+    #[test]
+    fn a_body_larger_than_the_whole_budget_is_refused_and_holds_nothing() {
+        let budget = BufferBudget::default();
+        let mut g = budget.guard(10);
+        assert!(g.grow(u64::MAX).is_err());
+        assert!(g.grow(11).is_err());
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn absorbed_guards_are_given_back_once() {
+        let budget = BufferBudget::default();
+        let mut whole = budget.guard(100);
+        whole.grow(10).expect("fits");
+        let mut part = budget.guard(100);
+        part.grow(20).expect("fits");
+        whole.absorb(part);
+        assert_eq!((whole.bytes(), budget.held()), (30, 30));
+        drop(whole);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_gives_its_bytes_back() {
+        let budget = BufferBudget::default();
+        let (started, wait) = tokio::sync::oneshot::channel::<()>();
+        let b = budget.clone();
+        let task = tokio::spawn(async move {
+            let mut g = b.guard(100);
+            g.grow(80).expect("fits");
+            let _ = started.send(());
+            // Never ends on its own: the client went away.
+            std::future::pending::<()>().await;
+        });
+        wait.await.expect("started");
+        assert_eq!(budget.held(), 80);
+        task.abort();
+        assert!(task.await.expect_err("aborted").is_cancelled());
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn concurrent_takers_never_exceed_the_limit() {
+        let budget = BufferBudget::default();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let budget = budget.clone();
+                std::thread::spawn(move || {
+                    let mut kept = Vec::new();
+                    for _ in 0..1000 {
+                        let mut g = budget.guard(1000);
+                        if g.grow(7).is_ok() {
+                            assert!(budget.held() <= 1000);
+                            kept.push(g);
+                        }
+                        if kept.len() > 20 {
+                            kept.clear();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("no panic");
+        }
+        assert_eq!(budget.held(), 0);
+    }
+}
