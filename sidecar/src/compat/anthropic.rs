@@ -783,7 +783,7 @@ impl StreamState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compat::tests::{ctx, run_stream};
+    use crate::compat::tests::{ctx, deltas, run_stream};
     use proptest::prelude::*;
 
     const STREAM: &str = concat!(
@@ -919,14 +919,6 @@ mod tests {
     );
 
     /// The `choices[0].delta` objects of a translated stream.
-    fn deltas(out: &str) -> Vec<Value> {
-        out.split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|v| v.pointer("/choices/0/delta").cloned())
-            .collect()
-    }
-
     #[test]
     fn streamed_thinking_is_reasoning_content_then_the_signed_block_before_the_tool_call() {
         let out = run_stream(

@@ -951,7 +951,7 @@ fn document_format(mime: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::compat::eventstream::encode;
-    use crate::compat::tests::{ctx, cut, golden, golden_json, run_stream_bytes};
+    use crate::compat::tests::{ctx, cut, deltas, golden, golden_json, run_stream_bytes};
     use proptest::prelude::*;
 
     fn event(kind: &str, payload: &str) -> Vec<u8> {
@@ -1009,12 +1009,7 @@ mod tests {
         ]
         .concat();
         let out = run_stream_bytes(&mut Stream::new(&ctx(false, false)), &[&bytes]);
-        let deltas: Vec<Value> = out
-            .split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|v| v.pointer("/choices/0/delta").cloned())
-            .collect();
+        let deltas = deltas(&out);
         let reasoning: String = deltas
             .iter()
             .filter_map(|d| d["reasoning_content"].as_str())
@@ -1059,16 +1054,13 @@ mod tests {
         ]
         .concat();
         let content = |bytes: &[u8]| -> String {
-            run_stream_bytes(&mut Stream::new(&ctx(false, true)), &[bytes])
-                .split("\n\n")
-                .filter_map(|e| e.strip_prefix("data: "))
-                .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-                .filter_map(|v| {
-                    v.pointer("/choices/0/delta/content")?
-                        .as_str()
-                        .map(str::to_owned)
-                })
-                .collect()
+            deltas(&run_stream_bytes(
+                &mut Stream::new(&ctx(false, true)),
+                &[bytes],
+            ))
+            .iter()
+            .filter_map(|d| d["content"].as_str().map(str::to_owned))
+            .collect()
         };
         assert_eq!(content(&called), r#"{"a":1}"#);
         let words = [

@@ -1104,6 +1104,15 @@ pub(crate) mod tests {
         run_stream(t, chunks)
     }
 
+    /// The `delta` of every chunk in translated SSE output.
+    pub fn deltas(out: &str) -> Vec<Value> {
+        out.split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| v.pointer("/choices/0/delta").cloned())
+            .collect()
+    }
+
     /// `data` cut at `cuts` (sorted, clamped).
     pub fn cut(data: &[u8], cuts: Vec<usize>) -> Vec<&[u8]> {
         let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
