@@ -71,9 +71,9 @@ class FixedAnswerServer:
     """A loopback HTTP server answering POSTs with fixed JSON bodies, for upstreams the mock
     cannot play (a captive portal, an odd token endpoint): `body` with `status`, or with
     `then=[(status, body), ...]` the first request gets `body` and the following ones these in
-    turn, the last repeated."""
+    turn, the last repeated; `headers`: more response headers, `(name, value)` pairs."""
 
-    def __init__(self, body: bytes, status=200, then=()):
+    def __init__(self, body: bytes, status=200, then=(), headers=()):
         answers = [(status, body), *then]
         count = [0]
         lock = threading.Lock()
@@ -86,6 +86,8 @@ class FixedAnswerServer:
                     count[0] += 1
                 self.send_response(code)
                 self.send_header("content-type", "application/json")
+                for name, value in headers:
+                    self.send_header(name, value)
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

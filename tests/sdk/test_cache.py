@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, gateway_yaml
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, assert_refused_at_start, gateway_yaml
 
 CACHE_ON = "  cache: {enabled: true, ttl: 10m}\n"
 CHAT = "/openai/chat/completions"
@@ -374,33 +374,13 @@ def test_an_upstreams_own_cf_aig_headers_are_not_taken_for_the_gateways(mock, tm
     """An upstream that is itself an AI gateway (or any upstream) may answer with cf-aig-*
     headers: they must not reach the client as this gateway's, nor be stored with the answer and
     name a hit's provider, model and step (a metric label the upstream would choose)."""
-    import http.server
-    import threading
-
-    class Upstream(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("content-length", "0")))
-            body = b'{"id":"chatcmpl-up","object":"chat.completion","model":"gpt-4o-mini","choices":[]}'
-            self.send_response(200)
-            for name, value in [("content-type", "application/json"), ("cf-aig-provider", "evil-label"),
-                                ("cf-aig-model", "not-the-model"), ("cf-aig-step", "7"),
-                                ("cf-aig-cache-status", "HIT"), ("cf-aig-log-id", "upstream-id")]:
-                self.send_header(name, value)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    # The custom provider goes under spec.providers, which gateway_yaml opens first.
+    server = FixedAnswerServer(
+        b'{"id":"chatcmpl-up","object":"chat.completion","model":"gpt-4o-mini","choices":[]}',
+        headers=[("cf-aig-provider", "evil-label"), ("cf-aig-model", "not-the-model"), ("cf-aig-step", "7"),
+                 ("cf-aig-cache-status", "HIT"), ("cf-aig-log-id", "upstream-id")])
     yaml = gateway_yaml(mock.url, extra_spec="").replace(
         "  providers:\n",
-        f"  providers:\n    custom-gw: {{baseURL: 'http://127.0.0.1:{server.server_address[1]}/v1'}}\n", 1) + CACHE_ON
+        f"  providers:\n    custom-gw: {{baseURL: '{server.url}/v1'}}\n", 1) + CACHE_ON
     g = Sidegate(tmp_path, yaml, DEFAULT_KEYS)
     try:
         miss, hit = (post(g, "/custom-gw/chat/completions") for _ in range(2))
@@ -414,4 +394,4 @@ def test_an_upstreams_own_cf_aig_headers_are_not_taken_for_the_gateways(mock, tm
         assert "evil-label" not in g.metrics()
     finally:
         g.stop()
-        server.shutdown()
+        server.stop()
