@@ -783,7 +783,7 @@ impl StreamState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compat::tests::{ctx, deltas, run_stream};
+    use crate::compat::tests::{ctx, deltas, run_stream, thinking_of};
     use proptest::prelude::*;
 
     const STREAM: &str = concat!(
@@ -926,16 +926,8 @@ mod tests {
             &[THINKING_STREAM.as_bytes()],
         );
         let deltas = deltas(&out);
-        let reasoning: String = deltas
-            .iter()
-            .filter_map(|d| d["reasoning_content"].as_str())
-            .collect();
+        let (reasoning, blocks) = thinking_of(&deltas);
         assert_eq!(reasoning, "Paris is in France.", "{out}");
-        let blocks: Vec<&Value> = deltas
-            .iter()
-            .filter_map(|d| d["thinking_blocks"].as_array())
-            .flatten()
-            .collect();
         assert_eq!(
             blocks,
             [

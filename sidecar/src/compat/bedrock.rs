@@ -951,7 +951,9 @@ fn document_format(mime: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::compat::eventstream::encode;
-    use crate::compat::tests::{ctx, cut, deltas, golden, golden_json, run_stream_bytes};
+    use crate::compat::tests::{
+        ctx, cut, deltas, golden, golden_json, run_stream_bytes, thinking_of,
+    };
     use proptest::prelude::*;
 
     fn event(kind: &str, payload: &str) -> Vec<u8> {
@@ -1010,16 +1012,8 @@ mod tests {
         .concat();
         let out = run_stream_bytes(&mut Stream::new(&ctx(false, false)), &[&bytes]);
         let deltas = deltas(&out);
-        let reasoning: String = deltas
-            .iter()
-            .filter_map(|d| d["reasoning_content"].as_str())
-            .collect();
+        let (reasoning, blocks) = thinking_of(&deltas);
         assert_eq!(reasoning, "Oslo is cold.", "{out}");
-        let blocks: Vec<&Value> = deltas
-            .iter()
-            .filter_map(|d| d["thinking_blocks"].as_array())
-            .flatten()
-            .collect();
         let want = json!([{"type": "thinking", "thinking": "Oslo is cold.", "signature": "sig=="},
                           {"type": "redacted_thinking", "data": "cmVk"}]);
         assert_eq!(json!(blocks), want, "{out}");

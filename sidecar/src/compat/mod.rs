@@ -1113,6 +1113,21 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// The thinking in stream deltas: the `reasoning_content` text joined, and every
+    /// `thinking_blocks` entry in order.
+    pub fn thinking_of(deltas: &[Value]) -> (String, Vec<&Value>) {
+        let reasoning = deltas
+            .iter()
+            .filter_map(|d| d["reasoning_content"].as_str())
+            .collect();
+        let blocks = deltas
+            .iter()
+            .filter_map(|d| d["thinking_blocks"].as_array())
+            .flatten()
+            .collect();
+        (reasoning, blocks)
+    }
+
     /// `data` cut at `cuts` (sorted, clamped).
     pub fn cut(data: &[u8], cuts: Vec<usize>) -> Vec<&[u8]> {
         let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(data.len())).collect();
