@@ -19,7 +19,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# two_ports: prints two distinct free loopback ports from below the ephemeral range (tests/ports.py).
+two_ports() { python3 tests/ports.py 2 | paste -sd " "; }
 
 say "starting a mock LLM provider (OpenAI and Anthropic wire formats) on loopback"
 "$bin/mock-provider" --listen 127.0.0.1:0 >"$work/mock.out" 2>"$work/mock.log" &
@@ -37,7 +38,7 @@ echo "demo-gateway-token" >"$work/keys/authentication.tokens"
 ls "$work/keys"
 sed "s#MOCK_URL#$mock#g" examples/demo-gateway.yaml >"$work/gateway.yaml"
 
-port=$(free_port); admin=$(free_port)
+read -r port admin < <(two_ports)
 say "starting sidegate on 127.0.0.1:$port (admin 127.0.0.1:$admin)"
 "$bin/sidegate" --config "$work/gateway.yaml" --keys-dir "$work/keys" \
   --listen "127.0.0.1:$port" --admin "127.0.0.1:$admin" 2>"$work/sidegate.log" &

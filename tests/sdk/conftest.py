@@ -11,6 +11,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -19,6 +20,8 @@ import httpx
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from ports import free_port  # noqa: E402  (re-exported to the tests)
 BIN_DIR = pathlib.Path(os.environ.get("SIDEGATE_BIN_DIR", ROOT / "target" / "debug"))
 LOG_DIR = pathlib.Path(os.environ.get("SIDEGATE_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="sidegate-logs-"))
 LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -36,12 +39,6 @@ def _log_file(name):
     global _counter
     _counter += 1
     return open(LOG_DIR / f"{name}-{os.getpid()}-{_counter}.log", "wb")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RefusingPort:
