@@ -10,6 +10,7 @@
 //!
 //! Gateways without either limit pay nothing: no [`Settings`], no check, no tally per request.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +23,10 @@ use crate::telemetry::Metrics;
 
 /// Length of a token budget window.
 pub const TOKEN_WINDOW: Duration = Duration::from_secs(60);
+
+/// Most models and providers named in "not charged" warnings; beyond them the warnings stop (a
+/// client that sends a new model name in every request must not grow the sidecar's memory).
+const MAX_UNCHARGED_NOTED: usize = 256;
 
 /// The usage limits of a loaded config (present only when at least one is set).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -153,6 +158,9 @@ pub struct Ledger {
     epoch: Instant,
     spend: Mutex<PeriodSpend>,
     tokens: Mutex<Counts>,
+    /// What answers went uncharged for (a model without a price, a provider without token
+    /// counts), each warned about once.
+    uncharged: Mutex<HashSet<Box<str>>>,
 }
 
 #[derive(Debug, Default)]
@@ -176,7 +184,14 @@ impl Ledger {
             epoch,
             spend: Mutex::new(PeriodSpend::default()),
             tokens: Mutex::new(Counts::default()),
+            uncharged: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Whether `what` is new among the reasons answers went uncharged (and now noted).
+    fn first_uncharged(&self, what: String) -> bool {
+        let mut noted = self.uncharged.lock().unwrap_or_else(|e| e.into_inner());
+        noted.len() < MAX_UNCHARGED_NOTED && noted.insert(what.into_boxed_str())
     }
 
     /// Spend of this pod in the period holding `now` (Unix seconds).
@@ -304,6 +319,33 @@ impl Tally {
             }
         }
     }
+
+    /// A successful answer of `provider` (for `model`, when the request named one) cost nothing
+    /// against the spend limit: its tokens are unknown (`tokens_known` false) or its model has
+    /// no price. Warned once per model (per provider, for unknown tokens), as an operator who
+    /// set a limit would want to hear it does not see these answers.
+    pub fn uncharged(&self, provider: &str, model: Option<&str>, tokens_known: bool) {
+        if self.settings.spend.is_none() {
+            return;
+        }
+        if !tokens_known {
+            if self.ledger.first_uncharged(format!("usage\0{provider}")) {
+                tracing::warn!(
+                    provider,
+                    "an answer reported no token counts, so it was not charged to the spend limit (said once per provider)"
+                );
+            }
+        } else if self
+            .ledger
+            .first_uncharged(format!("price\0{provider}\0{}", model.unwrap_or("")))
+        {
+            tracing::warn!(
+                provider,
+                model = model.unwrap_or("(none named)"),
+                "the model has no price, so its answers are not charged to the spend limit: give it one in spec.pricing (said once per model)"
+            );
+        }
+    }
 }
 
 fn unix_secs() -> u64 {
@@ -319,6 +361,21 @@ mod tests {
     /// Unix seconds of a UTC date and time.
     fn at(y: i64, m: u32, d: u32, hh: u64, mm: u64) -> u64 {
         days_from_civil(y, m, d) as u64 * 86_400 + hh * 3600 + mm * 60
+    }
+
+    #[test]
+    fn each_uncharged_reason_is_noted_once_and_the_notes_are_bounded() {
+        let ledger = Ledger::default();
+        assert!(ledger.first_uncharged("price\0openai\0house-llm".into()));
+        assert!(!ledger.first_uncharged("price\0openai\0house-llm".into()));
+        assert!(ledger.first_uncharged("price\0groq\0house-llm".into()));
+        for i in 2..MAX_UNCHARGED_NOTED {
+            assert!(ledger.first_uncharged(format!("price\0openai\0m{i}")));
+        }
+        assert!(
+            !ledger.first_uncharged("price\0openai\0one-more".into()),
+            "past the bound nothing more is noted"
+        );
     }
 
     #[test]

@@ -167,6 +167,28 @@ def test_spend_limit_refuses_with_2041_once_the_period_spend_reaches_it(mock, tm
         g.stop()
 
 
+def test_under_a_spend_limit_an_unpriced_model_is_warned_about_once(mock, tmp_path):
+    g = json_gateway(tmp_path, mock, "  spendLimit: {amount: '0.01', period: day}\n")
+    try:
+        for model in ["house-finetune-7b", "house-finetune-7b", "gpt-4o-mini", "other-house-model"]:
+            r = httpx.post(g.url + CHAT, json=body("who prices me", model=model))
+            assert r.status_code == 200
+            line = wait_line(g, r.headers["cf-aig-log-id"])
+            assert (line["cost"] is None) == (model != "gpt-4o-mini"), line
+        warnings = [json.loads(l) for l in g.logs().splitlines() if "has no price" in l]
+        assert [(w["level"], w["provider"], w["model"]) for w in warnings] == [
+            ("WARN", "openai", "house-finetune-7b"), ("WARN", "openai", "other-house-model")], warnings
+        assert "spec.pricing" in warnings[0]["message"]
+    finally:
+        g.stop()
+
+
+def test_without_a_spend_limit_unpriced_models_are_not_warned_about(gw):
+    r = httpx.post(gw.url + CHAT, json=body("who prices me", model="house-finetune-7b"))
+    wait_line(gw, r.headers["cf-aig-log-id"])
+    assert "has no price" not in gw.logs()
+
+
 def test_the_app_cannot_lower_what_the_spend_limit_is_charged(mock, tmp_path):
     # cf-aig-custom-cost sets the logged cost, but the spend limit is charged at least the
     # model's price; and the price is the top-level model's, not a "model" nested elsewhere.
