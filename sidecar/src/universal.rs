@@ -7,6 +7,11 @@
 //! "retryDelay", "backoff"}}`: `endpoint` is the provider path (as after `/{provider}/`),
 //! `query` the JSON body, `headers` the provider headers (a stored key still replaces the auth
 //! header), and `config` overrides timeout and retries for that step.
+//!
+//! With the cache on, each step is looked up when it is reached and its answer stored, keyed as
+//! a request to its provider would be (endpoint, body, alias or the step's own credentials, the
+//! headers that change the answer) in a scope of the step's index: a hit answers as the step
+//! did, with its `cf-aig-step`, and the steps after it are not tried.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,11 +25,12 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 
 use crate::body::ProxyBody;
+use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::providers::{KeyChoice, Provider};
-use crate::proxy::{self, Gateway};
+use crate::proxy::{self, Cached, Gateway};
 use crate::retry::{self, Policy};
 use crate::route::ProviderRoute;
 use crate::telemetry::{LogOptions, RequestRecord};
@@ -74,6 +80,15 @@ struct Planned<'a> {
     payload: Bytes,
     /// The gateway asked an OpenAI-format stream for its usage, which the client did not.
     hide_usage: bool,
+    /// The query string of the step's `endpoint`.
+    query: Option<String>,
+    /// The step's own `headers`: those that change the answer, and the client's credentials
+    /// when they go upstream, are part of its cache key.
+    headers: HeaderMap,
+    /// The client's credentials go upstream (no stored key, no gateway signature or token).
+    client_own: bool,
+    /// The step's `Accept-Encoding` goes upstream (its own signature covers it).
+    accept_encoding: bool,
 }
 
 /// Credentials a step gets just before it is sent, as on the provider's own route.
@@ -130,6 +145,7 @@ pub(crate) async fn serve(
     }
     let aig = GatewayHeaders::scan(&parts.headers);
     let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
+    let want = cache::want(&snap.cache, aig).map_err(none)?;
     let retries = snap.retries.with_headers(aig).map_err(none)?;
     let alias = aig.byok_alias().map_err(none)?;
     proxy::refuse_compressed_body(&parts.headers, "the universal endpoint").map_err(none)?;
@@ -161,6 +177,34 @@ pub(crate) async fn serve(
     for (i, mut step) in planned.into_iter().enumerate() {
         let last = i + 1 == count;
         let id = step.provider.id.clone();
+        // Each step is looked up as it is reached, in a scope of its own: an answer cached for
+        // the step at this index (`cf-aig-step` is stored with it) of any universal request.
+        let scope = format!("universal/{i}");
+        let lookup = cache::Request {
+            scope: &scope,
+            provider: &id,
+            method: "POST",
+            path: &step.endpoint,
+            query: step.query.as_deref(),
+            alias: alias.unwrap_or("default"),
+            headers: &step.headers,
+            client_auth: step
+                .client_own
+                .then_some(step.provider.client_identity_headers()),
+            accept_encoding: step.accept_encoding,
+            body: &step.payload,
+        };
+        let mut miss = match gw
+            .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts)
+            .await
+        {
+            Cached::Off => None,
+            Cached::Hit(mut resp) => {
+                crate::dlp::flag(resp.headers_mut(), &dlp_flags);
+                return Ok(*resp);
+            }
+            Cached::Miss(miss) => Some(miss),
+        };
         let auth = std::mem::replace(&mut step.auth, StepAuth::Ready);
         let outcome = match auth.apply(gw, &mut step).await {
             Ok(()) => {
@@ -201,6 +245,18 @@ pub(crate) async fn serve(
         {
             head.headers.insert(MODEL, v);
         }
+        let hide_usage = step.hide_usage && head.status.is_success();
+        if hide_usage {
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
+        // Stored with what served it (step, provider, model), as a hit repeats them.
+        let fill = miss
+            .as_mut()
+            .and_then(|m| m.fill(head.status, &head.headers))
+            .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
+        if want.is_some() {
+            head.headers.insert(cache::STATUS, cache::MISS);
+        }
         let log_id = proxy::tag_response(&mut head.headers, event_id);
         crate::dlp::flag(&mut head.headers, &dlp_flags);
         let mut record = RequestRecord::new(
@@ -219,14 +275,13 @@ pub(crate) async fn serve(
         record.set_step(u32::try_from(i).unwrap_or(u32::MAX));
         record.set_tally(gw.tally(snap));
         record.set_request_payload(&step.payload);
-        let body = if step.hide_usage && head.status.is_success() {
-            head.headers.remove(header::CONTENT_LENGTH);
+        let body = if hide_usage {
             let filter = Box::new(crate::compat::openai::HiddenUsage::new());
             ProxyBody::translated(body, filter, record)
         } else {
             ProxyBody::upstream(body, record)
         };
-        return Ok(Response::from_parts(head, body));
+        return Ok(Response::from_parts(head, body.cached_through(fill)));
     }
     // `parse` refuses an empty list, so the last step returned above.
     Err(none(bad("no steps".into())))
@@ -321,6 +376,8 @@ fn plan<'a>(
         (provider.choose_key(alias).map_err(fail)?, StepAuth::Ready)
     };
     let query = (!query.is_empty()).then_some(query);
+    // Whose credentials the answer was made with: the client's own, or the alias's.
+    let client_own = matches!(key, KeyChoice::ClientOwn) && matches!(auth, StepAuth::Ready);
     let uri = provider
         .upstream_uri(&route, provider.upstream_query(query, &key).as_deref())
         .map_err(|e| fail(bad(format!("steps[{i}].endpoint: {e}"))))?;
@@ -330,6 +387,7 @@ fn plan<'a>(
     // A step's own SigV4 signature goes upstream unchanged only when the gateway does not sign.
     let client_signature = provider.signs_requests() && matches!(auth, StepAuth::Ready);
     proxy::check_signed_encoding(snap, &client_headers, client_signature).map_err(fail)?;
+    let accept_encoding = crate::headers::keeps_accept_encoding(&client_headers, client_signature);
     let mut request = proxy::build_upstream_request(
         provider,
         &Method::POST,
@@ -395,6 +453,10 @@ fn plan<'a>(
         model,
         payload,
         hide_usage,
+        query: query.map(str::to_owned),
+        headers: client_headers,
+        client_own,
+        accept_encoding,
     })
 }
 

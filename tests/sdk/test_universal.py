@@ -98,21 +98,61 @@ def test_the_byok_alias_applies_to_every_step(mock, tmp_path):
         g.stop()
 
 
-def test_universal_responses_are_not_cached(mock, tmp_path):
+@pytest.fixture
+def cached(mock, tmp_path):
     g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  cache: {enabled: true}\n"), DEFAULT_KEYS)
-    try:
-        mock.clear()
-        answers = [httpx.post(g.url + "/", json=[openai_step(text="cache me not")]) for _ in range(2)]
-        assert [r.status_code for r in answers] == [200, 200]
-        assert all("cf-aig-cache-status" not in r.headers for r in answers)
-        assert answers[0].json()["id"] != answers[1].json()["id"]
-        assert len(mock.requests()) == 2
-        # The same request on the provider's own route is cached: the cache is on.
-        direct = [httpx.post(g.url + "/openai/chat/completions", json=openai_step(text="cache me not")["query"])
-                  for _ in range(2)]
-        assert [r.headers["cf-aig-cache-status"] for r in direct] == ["MISS", "HIT"]
-    finally:
-        g.stop()
+    mock.clear()
+    yield g
+    g.stop()
+
+
+def test_the_step_that_answered_is_cached_and_a_hit_answers_as_it_did(cached, mock):
+    steps = [openai_step(model="mock-status-503"), anthropic_step(text="cache the fallback")]
+    first = httpx.post(cached.url + "/", json=steps)
+    assert (first.status_code, first.headers["cf-aig-step"], first.headers["cf-aig-cache-status"]) == (200, "1", "MISS")
+    assert len(mock.requests()) == 2
+    mock.clear()
+    second = httpx.post(cached.url + "/", json=steps)
+    assert (second.status_code, second.headers["cf-aig-cache-status"]) == (200, "HIT")
+    assert second.content == first.content
+    for h in ["cf-aig-step", "cf-aig-provider", "cf-aig-model"]:
+        assert second.headers[h] == first.headers[h], h
+    # The failed step is tried again (errors are not stored); the one that answered is not.
+    assert [r["path"] for r in mock.requests()] == ["/v1/chat/completions"]
+    line = cached.wait_log_line(second.headers["cf-aig-log-id"])
+    assert " provider=anthropic " in line and " cached=true" in line and " step=1" in line, line
+    # The same request with cf-aig-skip-cache goes to the provider again.
+    mock.clear()
+    skipped = httpx.post(cached.url + "/", json=steps, headers={"cf-aig-skip-cache": "true"})
+    assert skipped.json()["id"] != first.json()["id"] and len(mock.requests()) == 2
+
+
+def test_a_step_is_cached_at_its_index_apart_from_the_providers_own_route(cached, mock):
+    step = openai_step(text="where am I cached")
+    at_0 = httpx.post(cached.url + "/", json=[step])
+    at_1 = httpx.post(cached.url + "/", json=[openai_step(model="mock-status-503"), step])
+    direct = httpx.post(cached.url + "/openai/chat/completions", json=step["query"])
+    assert [r.headers["cf-aig-cache-status"] for r in (at_0, at_1, direct)] == ["MISS", "MISS", "MISS"]
+    assert (at_0.headers["cf-aig-step"], at_1.headers["cf-aig-step"]) == ("0", "1")
+    assert "cf-aig-step" not in direct.headers
+    again = httpx.post(cached.url + "/", json=[step])
+    assert (again.headers["cf-aig-cache-status"], again.headers["cf-aig-step"]) == ("HIT", "0")
+    assert again.json()["id"] == at_0.json()["id"]
+
+
+def test_steps_with_other_credentials_never_share_entries(cached, mock):
+    def groq(key):
+        step = openai_step(text="whose answer")
+        return dict(step, provider="groq", headers=dict(step["headers"], authorization=f"Bearer {key}"))
+
+    # groq has no stored key: the step's own key goes upstream, and keys the entry.
+    a, b, a_again = (httpx.post(cached.url + "/", json=[groq(k)]) for k in ["client-key-a", "client-key-b", "client-key-a"])
+    assert [r.headers["cf-aig-cache-status"] for r in (a, b, a_again)] == ["MISS", "MISS", "HIT"]
+    assert a_again.json()["id"] == a.json()["id"] != b.json()["id"]
+    # A stored key is chosen by alias: another alias, another entry.
+    default, team_b = (httpx.post(cached.url + "/", json=[openai_step(text="whose alias")], headers=h)
+                       for h in [{}, {"cf-aig-byok-alias": "team-b"}])
+    assert [r.headers["cf-aig-cache-status"] for r in (default, team_b)] == ["MISS", "MISS"]
 
 
 def test_long_form_url_and_a_single_step_object(gateway, mock):
