@@ -24,8 +24,9 @@ use crate::telemetry::Metrics;
 /// Length of a token budget window.
 pub const TOKEN_WINDOW: Duration = Duration::from_secs(60);
 
-/// Most models and providers named in "not charged" warnings; beyond them the warnings stop (a
-/// client that sends a new model name in every request must not grow the sidecar's memory).
+/// Most models (and, apart, providers) named in "not charged" warnings; beyond them one last
+/// warning says no more are named (a client that sends a new model name in every request must
+/// not grow the sidecar's memory or its log).
 const MAX_UNCHARGED_NOTED: usize = 256;
 
 /// The usage limits of a loaded config (present only when at least one is set).
@@ -158,9 +159,38 @@ pub struct Ledger {
     epoch: Instant,
     spend: Mutex<PeriodSpend>,
     tokens: Mutex<Counts>,
-    /// What answers went uncharged for (a model without a price, a provider without token
-    /// counts), each warned about once.
-    uncharged: Mutex<HashSet<Box<str>>>,
+    /// Models without a price whose answers went uncharged, each warned about once.
+    unpriced: Mutex<Noted>,
+    /// Providers whose answers reported no token counts, each warned about once.
+    uncounted: Mutex<Noted>,
+}
+
+/// Names already warned about, at most [`MAX_UNCHARGED_NOTED`].
+#[derive(Debug, Default)]
+struct Noted {
+    names: HashSet<Box<str>>,
+    full: bool,
+}
+
+impl Noted {
+    /// Whether `name` is new (and now noted). The first name past the bound gets a warning that
+    /// no more `what` are named.
+    fn first(&mut self, name: &str, what: &str) -> bool {
+        if self.names.contains(name) {
+            return false;
+        }
+        if self.names.len() >= MAX_UNCHARGED_NOTED {
+            if !self.full {
+                self.full = true;
+                tracing::warn!(
+                    "{MAX_UNCHARGED_NOTED} {what} named in warnings already: further ones are not named"
+                );
+            }
+            return false;
+        }
+        self.names.insert(name.into());
+        true
+    }
 }
 
 #[derive(Debug, Default)]
@@ -184,14 +214,21 @@ impl Ledger {
             epoch,
             spend: Mutex::new(PeriodSpend::default()),
             tokens: Mutex::new(Counts::default()),
-            uncharged: Mutex::new(HashSet::new()),
+            unpriced: Mutex::default(),
+            uncounted: Mutex::default(),
         }
     }
 
-    /// Whether `what` is new among the reasons answers went uncharged (and now noted).
-    fn first_uncharged(&self, what: String) -> bool {
-        let mut noted = self.uncharged.lock().unwrap_or_else(|e| e.into_inner());
-        noted.len() < MAX_UNCHARGED_NOTED && noted.insert(what.into_boxed_str())
+    /// Whether `model` of `provider` is new among the models without a price (and now noted).
+    fn first_unpriced(&self, provider: &str, model: &str) -> bool {
+        let mut noted = self.unpriced.lock().unwrap_or_else(|e| e.into_inner());
+        noted.first(&format!("{provider}\0{model}"), "models without a price")
+    }
+
+    /// Whether `provider` is new among the providers whose answers had no token counts.
+    fn first_uncounted(&self, provider: &str) -> bool {
+        let mut noted = self.uncounted.lock().unwrap_or_else(|e| e.into_inner());
+        noted.first(provider, "providers without token counts")
     }
 
     /// Spend of this pod in the period holding `now` (Unix seconds).
@@ -320,28 +357,27 @@ impl Tally {
         }
     }
 
-    /// A successful answer of `provider` (for `model`, when the request named one) cost nothing
-    /// against the spend limit: its tokens are unknown (`tokens_known` false) or its model has
-    /// no price. Warned once per model (per provider, for unknown tokens), as an operator who
-    /// set a limit would want to hear it does not see these answers.
-    pub fn uncharged(&self, provider: &str, model: Option<&str>, tokens_known: bool) {
+    /// A successful answer of `provider` for `model` cost nothing against the spend limit: its
+    /// tokens are unknown (`tokens_known` false) or the model has no price. Warned once per
+    /// model (per provider, for unknown tokens), as an operator who set a limit would want to
+    /// hear it does not see these answers. Answers of requests that named no model (a model
+    /// list, a file upload) are no model's work and cost nothing anyway.
+    pub fn uncharged(&self, provider: &str, model: &str, tokens_known: bool) {
         if self.settings.spend.is_none() {
             return;
         }
         if !tokens_known {
-            if self.ledger.first_uncharged(format!("usage\0{provider}")) {
+            if self.ledger.first_uncounted(provider) {
                 tracing::warn!(
                     provider,
+                    model,
                     "an answer reported no token counts, so it was not charged to the spend limit (said once per provider)"
                 );
             }
-        } else if self
-            .ledger
-            .first_uncharged(format!("price\0{provider}\0{}", model.unwrap_or("")))
-        {
+        } else if self.ledger.first_unpriced(provider, model) {
             tracing::warn!(
                 provider,
-                model = model.unwrap_or("(none named)"),
+                model,
                 "the model has no price, so its answers are not charged to the spend limit: give it one in spec.pricing (said once per model)"
             );
         }
@@ -366,16 +402,21 @@ mod tests {
     #[test]
     fn each_uncharged_reason_is_noted_once_and_the_notes_are_bounded() {
         let ledger = Ledger::default();
-        assert!(ledger.first_uncharged("price\0openai\0house-llm".into()));
-        assert!(!ledger.first_uncharged("price\0openai\0house-llm".into()));
-        assert!(ledger.first_uncharged("price\0groq\0house-llm".into()));
+        assert!(ledger.first_unpriced("openai", "house-llm"));
+        assert!(!ledger.first_unpriced("openai", "house-llm"));
+        assert!(ledger.first_unpriced("groq", "house-llm"));
         for i in 2..MAX_UNCHARGED_NOTED {
-            assert!(ledger.first_uncharged(format!("price\0openai\0m{i}")));
+            assert!(ledger.first_unpriced("openai", &format!("m{i}")));
         }
         assert!(
-            !ledger.first_uncharged("price\0openai\0one-more".into()),
+            !ledger.first_unpriced("openai", "one-more"),
             "past the bound nothing more is noted"
         );
+        assert!(ledger.unpriced.lock().expect("lock").full);
+        // Providers without token counts are noted apart: the full list of models does not
+        // silence them.
+        assert!(ledger.first_uncounted("mistral"));
+        assert!(!ledger.first_uncounted("mistral"));
     }
 
     #[test]

@@ -246,6 +246,9 @@ pub struct Request<'a> {
     pub accept_encoding: bool,
     /// The request body.
     pub body: &'a [u8],
+    /// The account of a long-form URL, when it goes into the upstream URL (`workers-ai` without
+    /// a configured account id): another account is another upstream.
+    pub account: Option<&'a str>,
 }
 
 /// Request headers that go upstream and change the provider's answer (the OpenAI project or
@@ -266,6 +269,11 @@ pub fn key(r: &Request<'_>, custom: Option<&str>) -> Key {
     let mut h = Sha256::new();
     for part in [r.scope, r.provider, r.method, r.path, r.query.unwrap_or("")] {
         h.update(part.as_bytes());
+        h.update(b"\0");
+    }
+    if let Some(account) = r.account {
+        h.update(b"account\0");
+        h.update(account.as_bytes());
         h.update(b"\0");
     }
     let hash_headers = |h: &mut Sha256, names: &[HeaderName]| {
@@ -693,6 +701,7 @@ mod tests {
             client_auth: None,
             accept_encoding: false,
             body,
+            account: None,
         }
     }
 
@@ -743,6 +752,14 @@ mod tests {
         let mut r = req(body, "default");
         r.provider = "groq";
         assert_ne!(base, key(&r, None));
+        let mut r = req(body, "default");
+        r.account = Some("acct-1");
+        let acct_1 = key(&r, None);
+        r.account = Some("acct-2");
+        assert!(
+            base != acct_1 && acct_1 != key(&r, None),
+            "another account, another entry"
+        );
         let names = [header::AUTHORIZATION];
         let mut h1 = HeaderMap::new();
         h1.insert(

@@ -268,7 +268,7 @@ fn top_level_model(body: &[u8], first: bool) -> Option<(Option<Cow<'_, str>>, us
                         } else {
                             std::str::from_utf8(text).ok().map(Cow::Borrowed)
                         }
-                        .filter(|m| !m.is_empty() && m.len() <= 256)
+                        .filter(|m| !m.is_empty() && m.len() <= MAX_MODEL_LEN)
                     }
                     // Not a string (a number, `null`): no model a price could name.
                     None => None,
@@ -329,7 +329,7 @@ pub fn model_in_path(path: &str) -> Option<&str> {
 /// The model of a passthrough request: from the path, else from the body.
 pub fn request_model(path: &str, body: &[u8]) -> Option<ModelName> {
     if let Some(m) = model_in_path(path) {
-        return Some(ModelName::new(m));
+        return ModelName::named(m);
     }
     model_in_body(body).map(|m| ModelName::new(&m))
 }
@@ -341,6 +341,9 @@ const INLINE: usize = 62;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelName(Repr);
 
+/// Longest model name the gateway prices, logs and names in `cf-aig-model`.
+pub const MAX_MODEL_LEN: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Repr {
     Inline { len: u8, bytes: [u8; INLINE] },
@@ -348,6 +351,12 @@ enum Repr {
 }
 
 impl ModelName {
+    /// `name` when it can be a model's: not empty, at most [`MAX_MODEL_LEN`] bytes (longer
+    /// names are no provider's, and would be logged and remembered whole).
+    pub fn named(name: &str) -> Option<Self> {
+        (!name.is_empty() && name.len() <= MAX_MODEL_LEN).then(|| Self::new(name))
+    }
+
     /// Owns `name`.
     pub fn new(name: &str) -> Self {
         if name.len() <= INLINE {

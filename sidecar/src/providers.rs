@@ -376,6 +376,12 @@ impl Provider {
         (!kept.is_empty()).then(|| std::borrow::Cow::Owned(kept.join("&")))
     }
 
+    /// The account of a long-form URL (`/v1/{account}/{gateway}/...`) when it goes into this
+    /// provider's upstream URL: `workers-ai` without a configured account id.
+    pub fn route_account<'r>(&self, account: Option<&'r str>) -> Option<&'r str> {
+        account.filter(|_| self.shape == UrlShape::WorkersAi && self.account_id.is_none())
+    }
+
     /// The upstream URI for a route, keeping the client's query.
     pub fn upstream_uri(
         &self,
@@ -931,6 +937,23 @@ mod tests {
             Ok("https://api.cloudflare.com/client/v4/accounts/acc1/ai/run/@cf/meta/llama")
         );
         assert!(uri(&t, "workers-ai", "@cf/meta/llama").is_err());
+    }
+
+    #[test]
+    fn only_an_account_that_goes_into_the_upstream_url_is_the_routes() {
+        let t = table(&[]);
+        let workers = t.get("workers-ai").expect("workers-ai");
+        assert_eq!(workers.route_account(Some("acc1")), Some("acc1"));
+        assert_eq!(workers.route_account(None), None);
+        let openai = t.get("openai").expect("openai");
+        assert_eq!(openai.route_account(Some("acc1")), None);
+        let configured = ProviderSettings {
+            account_id: Some("acc-configured".into()),
+            ..Default::default()
+        };
+        let t = table(&[("workers-ai", configured)]);
+        let workers = t.get("workers-ai").expect("workers-ai");
+        assert_eq!(workers.route_account(Some("acc1")), None);
     }
 
     #[test]

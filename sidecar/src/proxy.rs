@@ -609,6 +609,7 @@ impl Gateway {
                 client_signature,
             ),
             body: &body,
+            account: provider.route_account(route.account),
         };
         let mut miss = match self
             .cache_lookup(snap, want.as_ref(), &lookup, parts, start, &opts)

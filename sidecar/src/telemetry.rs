@@ -703,9 +703,13 @@ impl RequestRecord {
         };
         if let Some(t) = &self.tally {
             t.add(&self.metrics, charged, tokens);
-            if charged.is_none() && !self.cached && self.status < 400 && outcome == "complete" {
-                let model = self.model.as_ref().map(|m| m.as_str());
-                t.uncharged(&self.provider, model, tokens != [None, None]);
+            if let Some(model) = &self.model
+                && charged.is_none()
+                && !self.cached
+                && self.status < 400
+                && outcome == "complete"
+            {
+                t.uncharged(&self.provider, model.as_str(), tokens != [None, None]);
             }
         }
         if let Some(usd) = charged {

@@ -37,6 +37,26 @@ use crate::telemetry::{LogOptions, RequestRecord};
 
 /// Most steps in one request.
 const MAX_STEPS: usize = 16;
+/// The cache scope of each step index: a step's answers are stored apart from its provider's
+/// own route, and from the other indexes (a hit repeats the `cf-aig-step` stored with it).
+const SCOPES: [&str; MAX_STEPS] = [
+    "universal/0",
+    "universal/1",
+    "universal/2",
+    "universal/3",
+    "universal/4",
+    "universal/5",
+    "universal/6",
+    "universal/7",
+    "universal/8",
+    "universal/9",
+    "universal/10",
+    "universal/11",
+    "universal/12",
+    "universal/13",
+    "universal/14",
+    "universal/15",
+];
 const STEP: HeaderName = HeaderName::from_static("cf-aig-step");
 const PROVIDER: HeaderName = HeaderName::from_static("cf-aig-provider");
 const MODEL: HeaderName = HeaderName::from_static("cf-aig-model");
@@ -89,6 +109,8 @@ struct Planned<'a> {
     client_own: bool,
     /// The step's `Accept-Encoding` goes upstream (its own signature covers it).
     accept_encoding: bool,
+    /// The long-form URL's account, when it goes into the step's upstream URL.
+    account: Option<&'a str>,
 }
 
 /// Credentials a step gets just before it is sent, as on the provider's own route.
@@ -177,11 +199,9 @@ pub(crate) async fn serve(
     for (i, mut step) in planned.into_iter().enumerate() {
         let last = i + 1 == count;
         let id = step.provider.id.clone();
-        // Each step is looked up as it is reached, in a scope of its own: an answer cached for
-        // the step at this index (`cf-aig-step` is stored with it) of any universal request.
-        let scope = format!("universal/{i}");
+        // Each step is looked up as it is reached, in the scope of its index.
         let lookup = cache::Request {
-            scope: &scope,
+            scope: SCOPES[i],
             provider: &id,
             method: "POST",
             path: &step.endpoint,
@@ -193,6 +213,7 @@ pub(crate) async fn serve(
                 .then_some(step.provider.client_identity_headers()),
             accept_encoding: step.accept_encoding,
             body: &step.payload,
+            account: step.account,
         };
         let mut miss = match gw
             .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts)
@@ -312,7 +333,7 @@ fn parse(raw: &[u8]) -> Result<Vec<Step>, GatewayError> {
 /// Checks one step and builds its upstream request.
 fn plan<'a>(
     snap: &'a Snapshot,
-    request_uri: &http::Uri,
+    request_uri: &'a http::Uri,
     i: usize,
     mut step: Step,
     alias: Option<&str>,
@@ -383,7 +404,7 @@ fn plan<'a>(
         .map_err(|e| fail(bad(format!("steps[{i}].endpoint: {e}"))))?;
     let model = crate::cost::model_in_path(path)
         .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
-        .map(crate::cost::ModelName::new);
+        .and_then(crate::cost::ModelName::named);
     // A step's own SigV4 signature goes upstream unchanged only when the gateway does not sign.
     let client_signature = provider.signs_requests() && matches!(auth, StepAuth::Ready);
     proxy::check_signed_encoding(snap, &client_headers, client_signature).map_err(fail)?;
@@ -454,6 +475,7 @@ fn plan<'a>(
         payload,
         hide_usage,
         query: query.map(str::to_owned),
+        account: provider.route_account(crate::route::long_form_account(request_uri.path())),
         headers: client_headers,
         client_own,
         accept_encoding,

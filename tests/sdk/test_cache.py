@@ -395,3 +395,23 @@ def test_an_upstreams_own_cf_aig_headers_are_not_taken_for_the_gateways(mock, tm
     finally:
         g.stop()
         server.stop()
+
+
+def test_long_form_accounts_that_reach_the_upstream_url_never_share_entries(mock, tmp_path):
+    # workers-ai without an accountId takes it from the long-form URL: another account is
+    # another upstream, whose answers another account must not get.
+    server = FixedAnswerServer(b'{"result": {"response": "for account a"}, "success": true}',
+                               then=[(200, b'{"result": {"response": "for account b"}, "success": true}')])
+    extra = f"    workers-ai: {{baseURL: '{server.url}/client/v4/accounts/{{account}}/ai'}}\n" + CACHE_ON
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=extra), DEFAULT_KEYS)
+    try:
+        def ask(account):
+            return httpx.post(f"{g.url}/v1/{account}/main/workers-ai/@cf/meta/llama-3.1-8b-instruct",
+                              headers={"authorization": "Bearer cf-token"}, json={"prompt": "hi"})
+        a, a_again, b = ask("acct-a"), ask("acct-a"), ask("acct-b")
+        assert [r.headers["cf-aig-cache-status"] for r in (a, a_again, b)] == ["MISS", "HIT", "MISS"]
+        assert (a_again.json()["result"]["response"], b.json()["result"]["response"]) == (
+            "for account a", "for account b")
+    finally:
+        g.stop()
+        server.stop()

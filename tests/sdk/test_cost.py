@@ -183,6 +183,22 @@ def test_under_a_spend_limit_an_unpriced_model_is_warned_about_once(mock, tmp_pa
         g.stop()
 
 
+def test_under_a_spend_limit_a_provider_whose_answers_have_no_token_counts_is_warned_about_once(mock, tmp_path):
+    g = json_gateway(tmp_path, mock, "  spendLimit: {amount: '0.01', period: day}\n")
+    try:
+        # custom-* providers are not asked for stream usage: their streams report no tokens.
+        for _ in range(2):
+            _, line = stream_without_usage(g, "/custom-local", "gpt-4o-mini")
+            assert (line["tokens_in"], line["cost"]) == (None, None), line
+        # A request that names no model is no model's work: no warning for it.
+        assert httpx.get(g.url + "/openai/models").status_code == 200
+        warnings = [json.loads(l) for l in g.logs().splitlines() if "no token counts" in l]
+        assert [(w["level"], w["provider"], w["model"]) for w in warnings] == [
+            ("WARN", "custom-local", "gpt-4o-mini")], warnings
+    finally:
+        g.stop()
+
+
 def test_without_a_spend_limit_unpriced_models_are_not_warned_about(gw):
     r = httpx.post(gw.url + CHAT, json=body("who prices me", model="house-finetune-7b"))
     wait_line(gw, r.headers["cf-aig-log-id"])

@@ -780,6 +780,12 @@ pub(crate) async fn serve(
         client_auth,
         accept_encoding: false,
         body: &body,
+        // A route's targets may take the account from the URL: keyed by it whenever it is there.
+        account: if routed {
+            crate::route::long_form_account(parts.uri.path())
+        } else {
+            provider.route_account(crate::route::long_form_account(parts.uri.path()))
+        },
     };
     let mut miss = match gw
         .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts)
@@ -868,7 +874,9 @@ pub(crate) async fn serve(
         opts,
         log_id,
     );
-    record.set_model(crate::cost::ModelName::new(&target.model), &snap.pricing);
+    if let Some(m) = crate::cost::ModelName::named(&target.model) {
+        record.set_model(m, &snap.pricing);
+    }
     if routed {
         record.set_step(u32::try_from(step).unwrap_or(u32::MAX));
     }
