@@ -150,9 +150,15 @@ def test_steps_with_other_credentials_never_share_entries(cached, mock):
     assert [r.headers["cf-aig-cache-status"] for r in (a, b, a_again)] == ["MISS", "MISS", "HIT"]
     assert a_again.json()["id"] == a.json()["id"] != b.json()["id"]
     # A stored key is chosen by alias: another alias, another entry.
-    default, team_b = (httpx.post(cached.url + "/", json=[openai_step(text="whose alias")], headers=h)
-                       for h in [{}, {"cf-aig-byok-alias": "team-b"}])
-    assert [r.headers["cf-aig-cache-status"] for r in (default, team_b)] == ["MISS", "MISS"]
+    default, team_b, default_again = (
+        httpx.post(cached.url + "/", json=[openai_step(text="whose alias")], headers=h)
+        for h in [{}, {"cf-aig-byok-alias": "team-b"}, {}])
+    assert [r.headers["cf-aig-cache-status"] for r in (default, team_b, default_again)] == ["MISS", "MISS", "HIT"]
+    # A custom cache key stands for the body, never for the credentials.
+    custom = {"cf-aig-cache-key": "shared-name"}
+    a, b, a_again = (httpx.post(cached.url + "/", json=[groq(k)], headers=custom)
+                     for k in ["client-key-a", "client-key-b", "client-key-a"])
+    assert [r.headers["cf-aig-cache-status"] for r in (a, b, a_again)] == ["MISS", "MISS", "HIT"]
 
 
 def test_long_form_url_and_a_single_step_object(gateway, mock):
