@@ -74,3 +74,38 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - {{ $svc }}.{{ .Release.Namespace }}.svc
 - {{ $svc }}.{{ .Release.Namespace }}.svc.cluster.local
 {{- end }}
+
+{{/* The operator's rules on namespaced resources: in the ClusterRole (watchNamespaces empty)
+     or in a Role of each watched namespace. */}}
+{{- define "sidegate.namespacedRules" -}}
+# Read the API objects it reconciles.
+- apiGroups: ["sidegate.dev"]
+  resources: ["aigateways", "providerkeys"]
+  verbs: ["get", "list", "watch"]
+# Report status (server-side apply of the status subresource).
+- apiGroups: ["sidegate.dev"]
+  resources: ["aigateways/status", "providerkeys/status"]
+  verbs: ["patch"]
+# Owner references with blockOwnerDeletion on rendered objects point at the AIGateway.
+- apiGroups: ["sidegate.dev"]
+  resources: ["aigateways/finalizers"]
+  verbs: ["update"]
+# Rendered ConfigMaps: watch its own (label-selected, metadata only), read and apply them.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Key Secrets referenced by ProviderKeys/AIGateways (read) and the rendered keys Secrets
+# (apply). list/watch are metadata-only watches that map Secret changes to gateways.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Pods that name a gateway but run without the sidecar (status.uninjectedPods): a
+# metadata-only watch and list, then a read of the few the webhook did not mark injected.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# Events on transitions (KeyMissing, Rendered, Ready, ...).
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
