@@ -24,6 +24,7 @@ use sidegate_crds::api::{AIGateway, ProviderAliases, ProviderKey};
 use crate::metrics::Metrics;
 use crate::pods;
 use crate::render::{self, FIELD_MANAGER};
+use crate::scope::Scope;
 use crate::status::{self, GatewayObservation, RenderSummary};
 use crate::validate;
 use crate::webhook::images::AllowedImages;
@@ -533,41 +534,45 @@ pub fn gateways_for_secret(
         .collect()
 }
 
-/// Builds the AIGateway controller: owned ConfigMaps and Secrets (metadata-only watches of the
-/// operator's labelled objects), ProviderKeys, key Secrets and pods that may lack the sidecar
-/// mapped back to their gateways.
-pub fn controller(client: Client, ctx: Arc<Context>) -> Controller<AIGateway> {
+/// Builds the AIGateway controller of namespace `ns` (`None`: every namespace): owned
+/// ConfigMaps and Secrets (metadata-only watches of the operator's labelled objects),
+/// ProviderKeys, key Secrets and pods that may lack the sidecar mapped back to their gateways.
+pub fn controller(client: Client, ctx: Arc<Context>, ns: Option<&str>) -> Controller<AIGateway> {
     let owned = watcher::Config::default().labels(&render::managed_selector());
     let controller = Controller::new(
-        Api::<AIGateway>::all(client.clone()),
+        Scope::api::<AIGateway>(&client, ns),
         watcher::Config::default().any_semantic(),
     )
     .owns(
-        Api::<PartialObjectMeta<ConfigMap>>::all(client.clone()),
+        Scope::api::<PartialObjectMeta<ConfigMap>>(&client, ns),
         owned.clone(),
     )
-    .owns(Api::<PartialObjectMeta<Secret>>::all(client.clone()), owned);
+    .owns(Scope::api::<PartialObjectMeta<Secret>>(&client, ns), owned);
     let gateways: Store<AIGateway> = controller.store();
     let deps = ctx.deps.clone();
     let store = gateways.clone();
     let controller = controller.watches(
-        Api::<ProviderKey>::all(client.clone()),
+        Scope::api::<ProviderKey>(&client, ns),
         watcher::Config::default(),
         move |key| gateways_for_key(&key, &store.state(), &deps),
     );
     // Pods, metadata only and no store: those that may lack the sidecar trigger their gateway.
     let controller = controller.watches(
-        Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+        Scope::api::<PartialObjectMeta<Pod>>(&client, ns),
         watcher::Config::default(),
         |pod| pods::gateway_for_pod(&pod.metadata),
     );
+    let watched = ns.map(str::to_owned);
     controller.watches(
-        Api::<PartialObjectMeta<Secret>>::all(client),
+        Scope::api::<PartialObjectMeta<Secret>>(&client, ns),
         watcher::Config::default(),
         move |secret| {
             // Secrets change often enough to sweep here; until the first list completes the
-            // store is empty, and so is what there is to sweep.
-            forget_deleted(&ctx.deps, &ctx.failures, |gw| gateways.get(gw).is_some());
+            // store is empty, and so is what there is to sweep. Only this controller's
+            // namespace: the others' gateways are in their controllers' stores.
+            forget_deleted(&ctx.deps, &ctx.failures, |gw| {
+                (watched.is_some() && gw.namespace != watched) || gateways.get(gw).is_some()
+            });
             match secret.namespace() {
                 Some(ns) => gateways_for_secret(&ns, &secret.name_any(), &ctx.deps),
                 None => Vec::new(),
@@ -576,14 +581,25 @@ pub fn controller(client: Client, ctx: Arc<Context>) -> Controller<AIGateway> {
     )
 }
 
-/// Runs the AIGateway controller until shutdown.
-pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
+/// Runs the AIGateway controllers of `scope` (one per watched namespace, or one for the whole
+/// cluster) until shutdown.
+pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16, scope: &Scope) {
+    futures_util::future::join_all(
+        scope
+            .watches()
+            .into_iter()
+            .map(|ns| run_one(client.clone(), ctx.clone(), concurrency, ns)),
+    )
+    .await;
+}
+
+async fn run_one(client: Client, ctx: Arc<Context>, concurrency: u16, ns: Option<&str>) {
     // A short debounce folds the burst of triggers one change causes (the gateway, its keys,
     // its owned objects) into one reconcile.
     let config = kube::runtime::controller::Config::default()
         .concurrency(concurrency)
         .debounce(Duration::from_millis(200));
-    controller(client, ctx.clone())
+    controller(client, ctx.clone(), ns)
         .with_config(config)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

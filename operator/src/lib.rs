@@ -9,6 +9,7 @@
 //! - [`providerkey`]: the ProviderKey status reconciler.
 //! - [`pods`]: pods that name a gateway but run without its sidecar.
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
+//! - [`scope`]: the namespaces served: the whole cluster, or those `--watch-namespace` names.
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.
 //! - [`webhook`]: the sidecar injection admission webhook and its certificates.
 //! - [`shutdown`]: SIGTERM handling: unready at once, the webhook drains, then exit.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod pods;
 pub mod providerkey;
 pub mod render;
+pub mod scope;
 pub mod shutdown;
 pub mod status;
 pub mod validate;

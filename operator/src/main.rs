@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use kube::api::{Api, ListParams};
+use kube::api::ListParams;
 use sidegate_crds::api::AIGateway;
 use sidegate_operator::admin::{self, AdminState};
 use sidegate_operator::controller::{self, Context};
 use sidegate_operator::lease::{LeaderElector, LeaseSettings};
 use sidegate_operator::metrics::Metrics;
+use sidegate_operator::scope::Scope;
 use sidegate_operator::shutdown::Shutdown;
 use sidegate_operator::{crd, providerkey, webhook};
 
@@ -63,6 +64,17 @@ struct RunArgs {
     /// Seconds a Lease stays valid without renewal (a standby takes over after at most this long).
     #[arg(long, default_value_t = 15)]
     lease_duration_secs: u64,
+    /// Serve only this namespace; repeat the flag for more (or list them, comma-separated, in
+    /// $SIDEGATE_WATCH_NAMESPACES). The controllers then watch and reconcile only there and the
+    /// webhook injects only there, so the operator's RBAC can be Roles in those namespaces
+    /// (Helm value `watchNamespaces`). Without it: every namespace, with a ClusterRole.
+    #[arg(
+        long = "watch-namespace",
+        env = "SIDEGATE_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NAMESPACE"
+    )]
+    watch_namespaces: Vec<String>,
     /// Gateways reconciled in parallel.
     #[arg(long, default_value_t = 4)]
     concurrency: u16,
@@ -139,6 +151,7 @@ fn error_text(e: &anyhow::Error) -> String {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Checked before anything starts (the webhook reads the same flags).
     let sidecar_images = args.webhook.allowed_images()?;
+    let scope = Scope::namespaces(&args.watch_namespaces)?;
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(AdminState {
         ready: Default::default(),
@@ -158,12 +171,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
-    Api::<AIGateway>::all(client.clone())
-        .list(&ListParams::default().limit(1))
-        .await
-        .context(
-            "cannot list AIGateways: are the CRDs installed (sidegate-operator crd | kubectl apply --server-side -f -) and is RBAC granted?",
-        )?;
+    tracing::info!(serving = %scope.describe(), "sidegate-operator starting");
+    for ns in scope.watches() {
+        Scope::api::<AIGateway>(&client, ns)
+            .list(&ListParams::default().limit(1))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot list AIGateways in {}: are the CRDs installed (sidegate-operator crd | kubectl apply --server-side -f -) and is RBAC granted there?",
+                    ns.map_or_else(|| "the cluster".to_owned(), |ns| format!("namespace {ns}"))
+                )
+            })?;
+    }
     if args.webhook.enabled {
         // The webhook's namespace is the operator's own (excluded from injection, holds the
         // certificate Secret).
@@ -171,6 +190,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             client.clone(),
             &args.webhook,
             &args.lease_namespace,
+            &scope,
             metrics.clone(),
         )
         .await
@@ -191,8 +211,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controllers = async {
         metrics.leader.set(1);
         tokio::join!(
-            controller::run(client.clone(), ctx.clone(), args.concurrency),
-            providerkey::run(client.clone(), ctx.clone(), args.concurrency),
+            controller::run(client.clone(), ctx.clone(), args.concurrency, &scope),
+            providerkey::run(client.clone(), ctx.clone(), args.concurrency, &scope),
         );
     };
 

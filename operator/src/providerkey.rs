@@ -19,6 +19,7 @@ use sidegate_crds::api::ProviderKey;
 
 use crate::controller::{Context, Error, publish_events};
 use crate::render::{FIELD_MANAGER, claim_order, claim_problem, resolve_key};
+use crate::scope::Scope;
 use crate::status;
 use crate::validate;
 
@@ -155,28 +156,43 @@ pub fn keys_for_secret(
         .collect()
 }
 
-/// Runs the ProviderKey controller until shutdown.
-pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16) {
+/// Runs the ProviderKey controllers of `scope` (one per watched namespace, or one for the
+/// whole cluster) until shutdown.
+pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16, scope: &Scope) {
+    futures_util::future::join_all(
+        scope
+            .watches()
+            .into_iter()
+            .map(|ns| run_one(client.clone(), ctx.clone(), concurrency, ns)),
+    )
+    .await;
+}
+
+async fn run_one(client: Client, ctx: Arc<Context>, concurrency: u16, ns: Option<&str>) {
     let controller = Controller::new(
-        Api::<ProviderKey>::all(client.clone()),
+        Scope::api::<ProviderKey>(&client, ns),
         watcher::Config::default().any_semantic(),
     );
     let keys: Store<ProviderKey> = controller.store();
+    let watched = ns.map(str::to_owned);
     let same_alias_keys = keys.clone();
     let sweep = ctx.clone();
     controller
         .watches(
-            Api::<ProviderKey>::all(client.clone()),
+            Scope::api::<ProviderKey>(&client, ns),
             watcher::Config::default(),
             move |key| keys_with_same_alias(&key, &same_alias_keys.state()),
         )
         .watches(
-            Api::<PartialObjectMeta<Secret>>::all(client),
+            Scope::api::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
             move |secret| {
                 // Failure counts of deleted keys would stay forever; Secrets change often enough
                 // to sweep here (before the first list an empty store only resets backoffs).
-                sweep.key_failures.retain(|k| keys.get(k).is_some());
+                // Only this controller's namespace: the others' keys are in their stores.
+                sweep.key_failures.retain(|k| {
+                    (watched.is_some() && k.namespace != watched) || keys.get(k).is_some()
+                });
                 match secret.namespace() {
                     Some(ns) => keys_for_secret(&ns, &secret.name_any(), &keys.state()),
                     None => Vec::new(),

@@ -188,6 +188,7 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
         client.clone(),
         &args(port, &config_name),
         &operator_ns.name,
+        &sidegate_operator::scope::Scope::cluster(),
         metrics.clone(),
     )
     .await

@@ -436,6 +436,23 @@ fn pods_in_excluded_namespaces_are_skipped() {
 }
 
 #[test]
+fn an_operator_watching_some_namespaces_injects_only_there() {
+    let pod = fixture("plain.yaml");
+    let mut config = config();
+    config.scope =
+        sidegate_operator::scope::Scope::namespaces(["team-a", "team-b"]).expect("scope");
+    assert_eq!(
+        inject::requested_gateway(&pod, "team-a", &config),
+        inject::requested_gateway(&pod, "team-a", &self::config())
+    );
+    assert!(inject::requested_gateway(&pod, "team-b", &config).is_ok());
+    assert_eq!(
+        inject::requested_gateway(&pod, "team-c", &config),
+        Err(Skip::UnwatchedNamespace("team-c".into()))
+    );
+}
+
+#[test]
 fn a_pod_without_the_gateway_annotation_is_skipped() {
     let pod = fixture("not-annotated.yaml");
     assert!(run(&pod, "team-a", &SidecarSettings::default()).is_none());

@@ -141,6 +141,9 @@ pub struct InjectConfig {
     pub version: String,
     /// Namespaces never injected (kube-system and the operator's own).
     pub excluded_namespaces: BTreeSet<String>,
+    /// The namespaces the operator serves (`--watch-namespace`): pods elsewhere are left alone,
+    /// as their gateways are not reconciled.
+    pub scope: crate::scope::Scope,
     /// Resources when the gateway names none.
     pub default_resources: ResourceRequirements,
     /// Images a gateway's `spec.sidecar.image` may name.
@@ -167,6 +170,7 @@ impl InjectConfig {
                 .into_iter()
                 .map(str::to_owned)
                 .collect(),
+            scope: crate::scope::Scope::cluster(),
             default_resources: ResourceRequirements {
                 requests: Some(
                     [
@@ -205,6 +209,8 @@ pub enum Skip {
     AlreadyInjected,
     /// The pod's namespace is excluded.
     ExcludedNamespace(String),
+    /// The pod's namespace is not one the operator serves (`--watch-namespace`).
+    UnwatchedNamespace(String),
 }
 
 impl Skip {
@@ -215,6 +221,7 @@ impl Skip {
             Self::OptedOut => "opted-out",
             Self::AlreadyInjected => "already-injected",
             Self::ExcludedNamespace(_) => "excluded-namespace",
+            Self::UnwatchedNamespace(_) => "unwatched-namespace",
         }
     }
 }
@@ -285,6 +292,9 @@ pub fn requested_gateway(
     let gateway = requested_gateway_by_annotations(pod.metadata.annotations.as_ref())?;
     if config.excluded_namespaces.contains(namespace) {
         return Err(Skip::ExcludedNamespace(namespace.to_owned()));
+    }
+    if !config.scope.includes(namespace) {
+        return Err(Skip::UnwatchedNamespace(namespace.to_owned()));
     }
     Ok(gateway)
 }

@@ -210,6 +210,7 @@ pub async fn start(
     client: kube::Client,
     args: &WebhookArgs,
     namespace: &str,
+    scope: &crate::scope::Scope,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<SocketAddr, StartError> {
     let resolver = Arc::new(CertResolver::new());
@@ -265,6 +266,7 @@ pub async fn start(
     config
         .excluded_namespaces
         .extend(args.exclude_namespaces.iter().cloned());
+    config.scope = scope.clone();
     let addr = SocketAddr::new(args.webhook_bind, args.webhook_port);
     let listener = crate::admin::bind(addr)
         .await

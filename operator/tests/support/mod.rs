@@ -17,6 +17,7 @@ use sidegate_crds::api::{AIGateway, ProviderKey};
 use sidegate_operator::controller::{self, Context};
 use sidegate_operator::metrics::Metrics;
 use sidegate_operator::providerkey;
+use sidegate_operator::scope::Scope;
 use tokio::sync::OnceCell;
 
 use crate::common::eventually;
@@ -46,34 +47,67 @@ pub fn kubectl(args: &[&str]) {
     );
 }
 
-/// Applies CRDs and RBAC once, then starts the controllers on their own runtime (the tests'
-/// runtimes end with each test) as the operator's ServiceAccount.
+/// Applies the committed CRDs and waits until the apiserver serves them.
+pub async fn install_crds(client: &Client) {
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "crds/manifests/",
+    ]);
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for name in ["aigateways.sidegate.dev", "providerkeys.sidegate.dev"] {
+        eventually(&format!("CRD {name} established"), WAIT, || {
+            let crds = crds.clone();
+            async move {
+                let crd = crds.get_opt(name).await.ok().flatten()?;
+                let established = crd
+                    .status?
+                    .conditions?
+                    .into_iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                established.then_some(())
+            }
+        })
+        .await;
+    }
+}
+
+/// Starts the controllers of `scope` on their own runtime (the tests' runtimes end with each
+/// test), as `user` (impersonated).
+pub async fn start_controllers(user: &str, scope: Scope) -> Arc<Metrics> {
+    let mut config = kube::Config::infer().await.expect("kubeconfig");
+    config.auth_info.impersonate = Some(user.into());
+    let metrics = Arc::new(Metrics::default());
+    let m = metrics.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("operator runtime");
+        rt.block_on(async move {
+            let client = Client::try_from(config).expect("operator client");
+            let ctx = Arc::new(Context {
+                resync: Duration::from_secs(60),
+                ..Context::new(client.clone(), m, Some("cluster-test".into()))
+            });
+            tokio::join!(
+                controller::run(client.clone(), ctx.clone(), 4, &scope),
+                providerkey::run(client, ctx, 4, &scope),
+            );
+        });
+    });
+    metrics
+}
+
+/// Applies CRDs and RBAC once, then starts the controllers of the whole cluster as the
+/// operator's ServiceAccount.
 pub async fn operator(client: &Client) -> Arc<Metrics> {
     OPERATOR
         .get_or_init(|| async {
-            kubectl(&[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "-f",
-                "crds/manifests/",
-            ]);
-            let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-            for name in ["aigateways.sidegate.dev", "providerkeys.sidegate.dev"] {
-                eventually(&format!("CRD {name} established"), WAIT, || {
-                    let crds = crds.clone();
-                    async move {
-                        let crd = crds.get_opt(name).await.ok().flatten()?;
-                        let established = crd
-                            .status?
-                            .conditions?
-                            .into_iter()
-                            .any(|c| c.type_ == "Established" && c.status == "True");
-                        established.then_some(())
-                    }
-                })
-                .await;
-            }
+            install_crds(client).await;
             let ns = Namespace {
                 metadata: ObjectMeta {
                     name: Some("sidegate-system".into()),
@@ -92,29 +126,7 @@ pub async fn operator(client: &Client) -> Arc<Metrics> {
                 "operator/rbac.yaml",
             ]);
 
-            let mut config = kube::Config::infer().await.expect("kubeconfig");
-            config.auth_info.impersonate = Some(OPERATOR_SA.into());
-            let metrics = Arc::new(Metrics::default());
-            let m = metrics.clone();
-            std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("operator runtime");
-                rt.block_on(async move {
-                    let client = Client::try_from(config).expect("operator client");
-                    let ctx = Arc::new(Context {
-                        resync: Duration::from_secs(60),
-                        ..Context::new(client.clone(), m, Some("cluster-test".into()))
-                    });
-                    tokio::join!(
-                        controller::run(client.clone(), ctx.clone(), 4),
-                        providerkey::run(client, ctx, 4),
-                    );
-                });
-            });
-            metrics
+            start_controllers(OPERATOR_SA, Scope::cluster()).await
         })
         .await
         .clone()

@@ -1,0 +1,157 @@
+//! The operator serving chosen namespaces only (`--watch-namespace`), against a real
+//! kube-apiserver started by `tests/cluster/`:
+//!
+//! ```text
+//! tests/cluster/with-cluster cargo test -p sidegate-operator --test cluster_namespaced
+//! ```
+//!
+//! The controllers run impersonating a ServiceAccount that has the operator's rules as a Role in
+//! the watched namespace and nothing anywhere else (no ClusterRole): a controller that watched
+//! beyond its namespace would be refused its lists and never reconcile. Its own test binary, so
+//! no cluster-wide operator runs beside it.
+
+mod common;
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding, RoleRef, Subject};
+use kube::ResourceExt;
+use kube::api::{Api, ObjectMeta};
+use serde_json::json;
+use sidegate_crds::api::{AIGateway, ProviderKey};
+use sidegate_operator::scope::Scope;
+
+use common::{cluster_client, create_test_namespace, unique_name};
+use support::*;
+
+/// The namespaced rules of operator/rbac.yaml's ClusterRole (all of them but the cluster-scoped
+/// webhook configuration's), as a Role.
+fn namespaced_rules() -> Vec<k8s_openapi::api::rbac::v1::PolicyRule> {
+    let text = std::fs::read_to_string(repo_root().join("operator/rbac.yaml")).expect("rbac.yaml");
+    let role: ClusterRole = text
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: ClusterRole\n"))
+        .map(|doc| serde_saphyr::from_str(doc).expect("ClusterRole parses"))
+        .expect("a ClusterRole in rbac.yaml");
+    role.rules
+        .expect("rules")
+        .into_iter()
+        .filter(|r| {
+            !r.resources
+                .iter()
+                .flatten()
+                .any(|res| res == "mutatingwebhookconfigurations")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_namespaced_operator_serves_its_namespace_with_a_role_there_and_nothing_else() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    install_crds(&client).await;
+    let watched = create_test_namespace(&client, "watched").await;
+    let other = create_test_namespace(&client, "unwatched").await;
+
+    // A ServiceAccount whose only permissions are the Role in the watched namespace.
+    let sa_name = unique_name("sidegate-ns-operator");
+    create(
+        &Api::<ServiceAccount>::namespaced(client.clone(), &watched.name),
+        &ServiceAccount {
+            metadata: ObjectMeta {
+                name: Some(sa_name.clone()),
+                ..ObjectMeta::default()
+            },
+            ..ServiceAccount::default()
+        },
+    )
+    .await;
+    let meta = || ObjectMeta {
+        name: Some("sidegate-operator".into()),
+        ..ObjectMeta::default()
+    };
+    create(
+        &Api::<Role>::namespaced(client.clone(), &watched.name),
+        &Role {
+            metadata: meta(),
+            rules: Some(namespaced_rules()),
+        },
+    )
+    .await;
+    create(
+        &Api::<RoleBinding>::namespaced(client.clone(), &watched.name),
+        &RoleBinding {
+            metadata: meta(),
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "Role".into(),
+                name: "sidegate-operator".into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: sa_name.clone(),
+                namespace: Some(watched.name.clone()),
+                ..Subject::default()
+            }]),
+        },
+    )
+    .await;
+    let user = format!("system:serviceaccount:{}:{sa_name}", watched.name);
+    start_controllers(&user, Scope::namespaces([&watched.name]).expect("scope")).await;
+
+    // The same gateway and key in both namespaces.
+    for ns in [&watched.name, &other.name] {
+        create(
+            &Api::namespaced(client.clone(), ns),
+            &secret("llm-keys", &[("openai", "sk-ns")]),
+        )
+        .await;
+        create(
+            &Api::<ProviderKey>::namespaced(client.clone(), ns),
+            &provider_key("openai-main", "openai", "default", "llm-keys", "openai"),
+        )
+        .await;
+        create(
+            &Api::<AIGateway>::namespaced(client.clone(), ns),
+            &gateway("main", json!({"requestTimeout": "30s"})),
+        )
+        .await;
+    }
+
+    let gw = wait_ready(&Api::namespaced(client.clone(), &watched.name), "main").await;
+    assert_eq!(gw.status.as_ref().and_then(|s| s.key_count), Some(1));
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &watched.name);
+    common::eventually("the watched ProviderKey's status", WAIT, || async {
+        keys.get("openai-main").await.ok()?.status.map(|_| ())
+    })
+    .await;
+    Api::<ConfigMap>::namespaced(client.clone(), &watched.name)
+        .get("sidegate-main")
+        .await
+        .expect("the watched gateway's ConfigMap");
+
+    // The other namespace is not served: a few seconds after the watched one was done, its
+    // gateway and key have no status and nothing was rendered.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let unserved = Api::<AIGateway>::namespaced(client.clone(), &other.name)
+        .get("main")
+        .await
+        .expect("gateway");
+    assert!(unserved.status.is_none(), "{:?}", unserved.status);
+    let unserved_key = Api::<ProviderKey>::namespaced(client.clone(), &other.name)
+        .get("openai-main")
+        .await
+        .expect("key");
+    assert!(unserved_key.status.is_none(), "{:?}", unserved_key.status);
+    let rendered = Api::<ConfigMap>::namespaced(client.clone(), &other.name)
+        .get_opt("sidegate-main")
+        .await
+        .expect("get");
+    assert!(rendered.is_none(), "{:?}", rendered.map(|c| c.name_any()));
+
+    watched.delete().await;
+    other.delete().await;
+}
