@@ -660,16 +660,7 @@ impl Gateway {
         let (mut head, body) = resp.into_parts();
         strip_response_headers(&mut head.headers);
         let hide_usage = hide_usage && head.status.is_success();
-        if hide_usage {
-            head.headers.remove(header::CONTENT_LENGTH);
-        }
-        let fill = miss
-            .as_mut()
-            .and_then(|m| m.fill(head.status, &head.headers))
-            .map(|f| (f, self.buffers.guard(snap.max_buffered)));
-        if want.is_some() {
-            head.headers.insert(cache::STATUS, cache::MISS);
-        }
+        let fill = self.start_fill(snap, &mut head, hide_usage, miss.as_mut(), want.is_some());
         let log_id = tag_response(&mut head.headers, event_id.as_ref());
         crate::dlp::flag(&mut head.headers, &dlp_flags);
         let mut record = RequestRecord::new(
@@ -689,14 +680,51 @@ impl Gateway {
         if let Some(b) = &logged_body {
             record.set_request_payload(b);
         }
-        let body = if hide_usage {
-            let filter = Box::new(crate::compat::openai::HiddenUsage::new());
-            ProxyBody::translated(body, filter, record)
-        } else {
-            ProxyBody::upstream(body, record)
-        };
-        Ok(Response::from_parts(head, body.cached_through(fill)))
+        let body = answer_body(body, hide_usage, record, fill);
+        Ok(Response::from_parts(head, body))
     }
+
+    /// Readies the head of an upstream answer (of a successful status when `hide_usage`) for
+    /// the client: without its length when its usage chunk is held out, copied into the cache
+    /// on a `miss` (the headers as they are now are stored), and marked a miss when the cache
+    /// is on (`cache_on`). The fill, for [`answer_body`].
+    pub(crate) fn start_fill(
+        &self,
+        snap: &Snapshot,
+        head: &mut http::response::Parts,
+        hide_usage: bool,
+        miss: Option<&mut cache::Miss>,
+        cache_on: bool,
+    ) -> Option<(cache::Fill, crate::buffers::Held)> {
+        if hide_usage {
+            head.headers.remove(header::CONTENT_LENGTH);
+        }
+        let fill = miss
+            .and_then(|m| m.fill(head.status, &head.headers))
+            .map(|f| (f, self.buffers.guard(snap.max_buffered)));
+        if cache_on {
+            head.headers.insert(cache::STATUS, cache::MISS);
+        }
+        fill
+    }
+}
+
+/// The body of an upstream answer on its way to the client: its usage chunk held out when the
+/// gateway asked for it (`hide_usage`), counted and logged by `record`, copied into the cache by
+/// `fill` (from [`Gateway::start_fill`]).
+pub(crate) fn answer_body(
+    body: UpstreamBody,
+    hide_usage: bool,
+    record: RequestRecord,
+    fill: Option<(cache::Fill, crate::buffers::Held)>,
+) -> ProxyBody {
+    let body = if hide_usage {
+        let filter = Box::new(crate::compat::openai::HiddenUsage::new());
+        ProxyBody::translated(body, filter, record)
+    } else {
+        ProxyBody::upstream(body, record)
+    };
+    body.cached_through(fill)
 }
 
 /// Whether a passthrough request is an OpenAI-format chat completion of a provider that can be

@@ -267,17 +267,8 @@ pub(crate) async fn serve(
             head.headers.insert(MODEL, v);
         }
         let hide_usage = step.hide_usage && head.status.is_success();
-        if hide_usage {
-            head.headers.remove(header::CONTENT_LENGTH);
-        }
         // Stored with what served it (step, provider, model), as a hit repeats them.
-        let fill = miss
-            .as_mut()
-            .and_then(|m| m.fill(head.status, &head.headers))
-            .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
-        if want.is_some() {
-            head.headers.insert(cache::STATUS, cache::MISS);
-        }
+        let fill = gw.start_fill(snap, &mut head, hide_usage, miss.as_mut(), want.is_some());
         let log_id = proxy::tag_response(&mut head.headers, event_id);
         crate::dlp::flag(&mut head.headers, &dlp_flags);
         let mut record = RequestRecord::new(
@@ -296,13 +287,8 @@ pub(crate) async fn serve(
         record.set_step(u32::try_from(i).unwrap_or(u32::MAX));
         record.set_tally(gw.tally(snap));
         record.set_request_payload(&step.payload);
-        let body = if hide_usage {
-            let filter = Box::new(crate::compat::openai::HiddenUsage::new());
-            ProxyBody::translated(body, filter, record)
-        } else {
-            ProxyBody::upstream(body, record)
-        };
-        return Ok(Response::from_parts(head, body.cached_through(fill)));
+        let body = proxy::answer_body(body, hide_usage, record, fill);
+        return Ok(Response::from_parts(head, body));
     }
     // `parse` refuses an empty list, so the last step returned above.
     Err(none(bad("no steps".into())))
