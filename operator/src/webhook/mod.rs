@@ -452,6 +452,17 @@ async fn decide(
                 reason = skip.reason(),
                 "sidecar injection skipped"
             );
+            // The pod asked for a gateway this operator does not serve: say so to whoever
+            // created it (kubectl prints admission warnings).
+            let allow = match &skip {
+                Skip::UnwatchedNamespace(ns) => with_warning(
+                    allow,
+                    format!(
+                        "sidegate: this operator does not serve namespace {ns} (--watch-namespace); pod created without the sidegate sidecar"
+                    ),
+                ),
+                _ => allow,
+            };
             return (allow, Some("skipped"));
         }
     };
