@@ -280,9 +280,12 @@ pub fn portable_call_id(id: &str, max: usize) -> std::borrow::Cow<'_, str> {
 /// Longest tool call id OpenAI takes.
 const OPENAI_MAX_CALL_ID: usize = 40;
 
-/// The tool call ids of a request's history made [`portable_call_id`]s for an OpenAI-format
-/// provider (ids from Gemini carry signatures and run long).
-fn portable_call_ids(map: &mut Map<String, Value>) {
+/// The history of a request made fit for an OpenAI-format provider: tool call ids made
+/// [`portable_call_id`]s (ids from Gemini carry signatures and run long), and `thinking_blocks`
+/// left out of its messages — the gateway's Anthropic and Bedrock signed thinking, which no
+/// OpenAI-format provider takes (OpenAI refuses unknown message fields). `reasoning_content`
+/// stays: DeepSeek wants it back within a turn of tool calls.
+fn portable_history(map: &mut Map<String, Value>) {
     let Some(Value::Array(messages)) = map.get_mut("messages") else {
         return;
     };
@@ -295,6 +298,9 @@ fn portable_call_ids(map: &mut Map<String, Value>) {
         }
     };
     for m in messages.iter_mut() {
+        if let Some(m) = m.as_object_mut() {
+            m.remove("thinking_blocks");
+        }
         if let Some(id) = m.get_mut("tool_call_id") {
             fix(id);
         }
@@ -1175,7 +1181,7 @@ pub fn rewrite_model_asking_usage(
     let mut map: Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
     map.insert("model".to_owned(), Value::String(model.to_owned()));
-    portable_call_ids(&mut map);
+    portable_history(&mut map);
     let asked = ask_usage && ask_stream_usage(&mut map);
     Ok((Bytes::from(to_vec(&map)), asked))
 }
@@ -1464,9 +1470,28 @@ mod tests {
             r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c_1~ts~s+/="}]},{"role":"tool","tool_call_id":"c_1~ts~s+/="}]}"#,
         )
         .expect("json");
-        portable_call_ids(&mut body);
+        portable_history(&mut body);
         assert_eq!(body["messages"][0]["tool_calls"][0]["id"], "c_1");
         assert_eq!(body["messages"][1]["tool_call_id"], "c_1");
+    }
+
+    #[test]
+    fn signed_thinking_sent_back_stays_out_of_openai_format_requests() {
+        let (body, _) = rewrite_model_asking_usage(
+            br#"{"model":"openai/gpt-4o","messages":[{"role":"user","content":"hi"},
+                 {"role":"assistant","content":"Paris.","reasoning_content":"France's capital.",
+                  "thinking_blocks":[{"type":"thinking","thinking":"France's capital.","signature":"EqoB"}]},
+                 {"role":"user","content":"and Spain?"}]}"#,
+            "gpt-4o",
+            false,
+        )
+        .expect("rewritten");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["model"], "gpt-4o");
+        let assistant = &v["messages"][1];
+        assert!(assistant.get("thinking_blocks").is_none(), "{assistant}");
+        assert_eq!(assistant["reasoning_content"], "France's capital.");
+        assert_eq!(assistant["content"], "Paris.");
     }
 
     #[test]
