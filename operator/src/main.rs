@@ -75,7 +75,8 @@ struct RunArgs {
         value_name = "NAMESPACE"
     )]
     watch_namespaces: Vec<String>,
-    /// Gateways reconciled in parallel.
+    /// Gateways (and, apart, ProviderKeys) reconciled in parallel; with --watch-namespace, in
+    /// each watched namespace.
     #[arg(long, default_value_t = 4)]
     concurrency: u16,
     /// Seconds between full re-reconciles of a healthy gateway (watches handle changes; this is

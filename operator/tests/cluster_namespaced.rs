@@ -6,24 +6,27 @@
 //! ```
 //!
 //! The controllers run impersonating a ServiceAccount that has the operator's rules as a Role in
-//! the watched namespace and nothing anywhere else (no ClusterRole): a controller that watched
-//! beyond its namespace would be refused its lists and never reconcile. Its own test binary, so
-//! no cluster-wide operator runs beside it.
+//! the watched namespace and nothing anywhere else (no ClusterRole): a watch or read beyond the
+//! namespace would be refused, and the gateway never reconciled (its own watch), a rotated key
+//! never rendered (the Secret watch), a pod without the sidecar never counted (the pod watch and
+//! list) or no Event written. Its own test binary, so no cluster-wide operator runs beside it.
 
 mod common;
 mod support;
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding, RoleRef, Subject};
 use kube::ResourceExt;
-use kube::api::{Api, ObjectMeta};
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use serde_json::json;
 use sidegate_crds::api::{AIGateway, ProviderKey};
 use sidegate_operator::scope::Scope;
+use sidegate_operator::webhook::inject::GATEWAY_ANNOTATION;
 
-use common::{cluster_client, create_test_namespace, unique_name};
+use common::{cluster_client, create_test_namespace, eventually, unique_name};
 use support::*;
 
 /// The namespaced rules of operator/rbac.yaml's ClusterRole (all of them but the cluster-scoped
@@ -124,7 +127,7 @@ async fn a_namespaced_operator_serves_its_namespace_with_a_role_there_and_nothin
     let gw = wait_ready(&Api::namespaced(client.clone(), &watched.name), "main").await;
     assert_eq!(gw.status.as_ref().and_then(|s| s.key_count), Some(1));
     let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &watched.name);
-    common::eventually("the watched ProviderKey's status", WAIT, || async {
+    eventually("the watched ProviderKey's status", WAIT, || async {
         keys.get("openai-main").await.ok()?.status.map(|_| ())
     })
     .await;
@@ -132,6 +135,62 @@ async fn a_namespaced_operator_serves_its_namespace_with_a_role_there_and_nothin
         .get("sidegate-main")
         .await
         .expect("the watched gateway's ConfigMap");
+
+    // Every watch and read works within the namespace, not only the gateways': a rotated key
+    // Secret reaches the rendered keys Secret, a pod without the sidecar is counted, and the
+    // transitions were written as Events there.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &watched.name);
+    secrets
+        .patch(
+            "llm-keys",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"openai": "sk-ns-rotated"}})),
+        )
+        .await
+        .expect("rotate the key");
+    eventually("the rotated key in the rendered Secret", WAIT, || {
+        let secrets = secrets.clone();
+        async move {
+            let rendered = secrets.get("sidegate-main-keys").await.ok()?;
+            (secret_value(&rendered, "openai.default").as_deref() == Some("sk-ns-rotated"))
+                .then_some(())
+        }
+    })
+    .await;
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &watched.name);
+    eventually("the default ServiceAccount", WAIT, || {
+        let sas = sas.clone();
+        async move { sas.get_opt("default").await.ok().flatten() }
+    })
+    .await;
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "annotations": {GATEWAY_ANNOTATION: "main"}},
+        "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}]},
+    }))
+    .expect("pod");
+    create(&Api::namespaced(client.clone(), &watched.name), &pod).await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &watched.name);
+    eventually("status.uninjectedPods 1", WAIT, || {
+        let gateways = gateways.clone();
+        async move {
+            let gw = gateways.get("main").await.ok()?;
+            (gw.status?.uninjected_pods == Some(1)).then_some(())
+        }
+    })
+    .await;
+    let events: Api<Event> = Api::namespaced(client.clone(), &watched.name);
+    eventually("an UninjectedPods Event", WAIT, || {
+        let events = events.clone();
+        async move {
+            let list = events.list(&Default::default()).await.ok()?;
+            list.items
+                .iter()
+                .any(|e| e.reason.as_deref() == Some("UninjectedPods"))
+                .then_some(())
+        }
+    })
+    .await;
 
     // The other namespace is not served: a few seconds after the watched one was done, its
     // gateway and key have no status and nothing was rendered.
