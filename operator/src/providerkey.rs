@@ -159,13 +159,9 @@ pub fn keys_for_secret(
 /// Runs the ProviderKey controllers of `scope` (one per watched namespace, or one for the
 /// whole cluster) until shutdown.
 pub async fn run(client: Client, ctx: Arc<Context>, concurrency: u16, scope: &Scope) {
-    futures_util::future::join_all(
-        scope
-            .watches()
-            .into_iter()
-            .map(|ns| run_one(client.clone(), ctx.clone(), concurrency, ns)),
-    )
-    .await;
+    scope
+        .run_each(|ns| run_one(client.clone(), ctx.clone(), concurrency, ns))
+        .await;
 }
 
 async fn run_one(client: Client, ctx: Arc<Context>, concurrency: u16, ns: Option<&str>) {

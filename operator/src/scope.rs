@@ -63,6 +63,15 @@ impl Scope {
         }
     }
 
+    /// Runs `run` for each entry of [`Self::watches`] at once, until all have returned.
+    pub async fn run_each<'a, F, Fut>(&'a self, run: F)
+    where
+        F: FnMut(Option<&'a str>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        futures_util::future::join_all(self.watches().into_iter().map(run)).await;
+    }
+
     /// The API of `K` in `ns`, or in every namespace for `None` (an entry of [`Self::watches`]).
     pub fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
     where
