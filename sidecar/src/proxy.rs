@@ -78,6 +78,24 @@ pub(crate) enum Cached {
     Miss(cache::Miss),
 }
 
+impl Cached {
+    /// The miss to fill (`None` with the cache off), or a hit to answer with at once, the
+    /// request's DLP flags added to it (its body was checked like any other's).
+    pub(crate) fn into_miss(
+        self,
+        dlp_flags: &[crate::dlp::Finding],
+    ) -> Result<Option<cache::Miss>, Box<Response<ProxyBody>>> {
+        match self {
+            Cached::Off => Ok(None),
+            Cached::Hit(mut resp) => {
+                crate::dlp::flag(resp.headers_mut(), dlp_flags);
+                Err(resp)
+            }
+            Cached::Miss(miss) => Ok(Some(miss)),
+        }
+    }
+}
+
 /// Default of `--client-timeout`.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -611,16 +629,12 @@ impl Gateway {
             body: &body,
             account: provider.route_account(route.account),
         };
-        let mut miss = match self
+        let cached = self
             .cache_lookup(snap, want.as_ref(), &lookup, parts, start, &opts)
-            .await
-        {
-            Cached::Off => None,
-            Cached::Hit(mut resp) => {
-                crate::dlp::flag(resp.headers_mut(), &dlp_flags);
-                return Ok(*resp);
-            }
-            Cached::Miss(miss) => Some(miss),
+            .await;
+        let mut miss = match cached.into_miss(&dlp_flags) {
+            Ok(miss) => miss,
+            Err(hit) => return Ok(*hit),
         };
 
         let model = crate::cost::request_model(route.rest, &body);

@@ -30,7 +30,7 @@ use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::providers::{KeyChoice, Provider};
-use crate::proxy::{self, Cached, Gateway};
+use crate::proxy::{self, Gateway};
 use crate::retry::{self, Policy};
 use crate::route::ProviderRoute;
 use crate::telemetry::{LogOptions, RequestRecord};
@@ -215,16 +215,12 @@ pub(crate) async fn serve(
             body: &step.payload,
             account: step.account,
         };
-        let mut miss = match gw
+        let cached = gw
             .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts)
-            .await
-        {
-            Cached::Off => None,
-            Cached::Hit(mut resp) => {
-                crate::dlp::flag(resp.headers_mut(), &dlp_flags);
-                return Ok(*resp);
-            }
-            Cached::Miss(miss) => Some(miss),
+            .await;
+        let mut miss = match cached.into_miss(&dlp_flags) {
+            Ok(miss) => miss,
+            Err(hit) => return Ok(*hit),
         };
         let auth = std::mem::replace(&mut step.auth, StepAuth::Ready);
         let outcome = match auth.apply(gw, &mut step).await {

@@ -38,7 +38,7 @@ use crate::error::GatewayError;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
-use crate::proxy::{self, Cached, Gateway};
+use crate::proxy::{self, Gateway};
 use crate::retry::Policy;
 use crate::route::ProviderRoute;
 use crate::routing::Target;
@@ -787,16 +787,12 @@ pub(crate) async fn serve(
             provider.route_account(crate::route::long_form_account(parts.uri.path()))
         },
     };
-    let mut miss = match gw
+    let cached = gw
         .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts)
-        .await
-    {
-        Cached::Off => None,
-        Cached::Hit(mut resp) => {
-            crate::dlp::flag(resp.headers_mut(), &dlp_flags);
-            return Ok(*resp);
-        }
-        Cached::Miss(miss) => Some(miss),
+        .await;
+    let mut miss = match cached.into_miss(&dlp_flags) {
+        Ok(miss) => miss,
+        Err(hit) => return Ok(*hit),
     };
 
     // dispatch, falling back along the route while targets fail
