@@ -1232,7 +1232,7 @@ async fn the_apiserver_rejects_invalid_resources_with_clear_messages() {
 
 #[tokio::test]
 async fn pods_created_before_their_gateway_run_without_the_sidecar_and_the_gateway_says_so() {
-    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    use k8s_openapi::api::core::v1::Pod;
     use sidegate_operator::webhook::inject::{
         GATEWAY_ANNOTATION, INJECT_ANNOTATION, INJECTED_ANNOTATION, SIDECAR_CONTAINER,
     };
@@ -1243,13 +1243,7 @@ async fn pods_created_before_their_gateway_run_without_the_sidecar_and_the_gatew
     let ns = create_test_namespace(&client, "uninjected").await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
-    // Pods cannot be created before the namespace's default ServiceAccount exists.
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns.name);
-    eventually("the default ServiceAccount", WAIT, || {
-        let sas = sas.clone();
-        async move { sas.get_opt("default").await.ok().flatten() }
-    })
-    .await;
+    wait_for_default_service_account(&client, &ns.name).await;
     // No webhook here and no node: each pod is stored as created.
     let pod = |name: &str, annotations: &[(&str, &str)], sidecar: bool| -> Pod {
         let mut containers = vec![json!({"name": "app", "image": "example.com/app:1"})];

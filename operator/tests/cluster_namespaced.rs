@@ -157,12 +157,7 @@ async fn a_namespaced_operator_serves_its_namespace_with_a_role_there_and_nothin
         }
     })
     .await;
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &watched.name);
-    eventually("the default ServiceAccount", WAIT, || {
-        let sas = sas.clone();
-        async move { sas.get_opt("default").await.ok().flatten() }
-    })
-    .await;
+    wait_for_default_service_account(&client, &watched.name).await;
     let pod: Pod = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "app", "annotations": {GATEWAY_ANNOTATION: "main"}},

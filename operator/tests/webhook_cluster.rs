@@ -20,7 +20,7 @@ use std::time::Duration;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -31,7 +31,7 @@ use sidegate_operator::webhook::inject::{INJECTED_ANNOTATION, SIDECAR_CONTAINER}
 use sidegate_operator::webhook::{self, CertMode, WebhookArgs, WebhookState};
 
 use common::{TestNamespace, cluster_client, create_test_namespace, eventually, unique_name};
-use support::{WAIT, create, gateway};
+use support::{WAIT, create, gateway, wait_for_default_service_account};
 
 /// A free loopback port (bound and released; the webhook binds it again right after).
 fn free_port() -> u16 {
@@ -108,16 +108,6 @@ fn pod(name: &str, annotations: &[(&str, &str)]) -> Pod {
         "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}]},
     }))
     .expect("valid Pod")
-}
-
-/// The namespace's `default` ServiceAccount (pods cannot be created before it exists).
-async fn wait_for_default_service_account(client: &Client, ns: &str) {
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    eventually("the default ServiceAccount", WAIT, || {
-        let sas = sas.clone();
-        async move { sas.get_opt("default").await.ok().flatten().map(|_| ()) }
-    })
-    .await;
 }
 
 fn is_injected(p: &Pod) -> bool {

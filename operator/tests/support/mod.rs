@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Secret, ServiceAccount};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ObjectMeta, PostParams};
 use kube::{Client, ResourceExt};
@@ -130,6 +130,16 @@ pub async fn operator(client: &Client) -> Arc<Metrics> {
         })
         .await
         .clone()
+}
+
+/// Waits for the namespace's `default` ServiceAccount (pods cannot be created before it exists).
+pub async fn wait_for_default_service_account(client: &Client, ns: &str) {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    eventually("the default ServiceAccount", WAIT, || {
+        let sas = sas.clone();
+        async move { sas.get_opt("default").await.ok().flatten().map(|_| ()) }
+    })
+    .await;
 }
 
 pub fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
