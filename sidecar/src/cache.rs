@@ -105,7 +105,10 @@ pub struct Want<'a> {
     pub custom_key: Option<&'a str>,
 }
 
-/// Whether the cache is on for a request, and how; `None` when it is off.
+/// Whether the cache is on for a request, and how; `None` when it is off. As Cloudflare's: a
+/// request's `cf-aig-cache-ttl` turns it on for that request, and so does a `cf-aig-cache-key`
+/// ("If caching is not enabled for the gateway, responses will be cached for 5 minutes by
+/// default"); a TTL of `0` turns it off for the request, like `cf-aig-skip-cache`.
 pub fn want<'a>(
     s: &Settings,
     headers: GatewayHeaders<'a>,
@@ -118,10 +121,11 @@ pub fn want<'a>(
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok())
                 .map(Duration::from_secs)
-                .filter(|d| (MIN_TTL..=MAX_TTL).contains(d))
+                .filter(|d| d.is_zero() || (MIN_TTL..=MAX_TTL).contains(d))
                 .ok_or_else(|| GatewayError::BadHeader {
                     name: "cf-aig-cache-ttl",
-                    reason: "expected seconds between 60 and 2592000 (30 days)".into(),
+                    reason: "expected 0 (no caching) or seconds between 60 and 2592000 (30 days)"
+                        .into(),
                 })?,
         ),
     };
@@ -137,12 +141,15 @@ pub fn want<'a>(
                 })?,
         ),
     };
-    if !s.enabled && ttl.is_none() {
-        return Ok(None);
-    }
+    let ttl = match ttl {
+        Some(t) => t,
+        None if s.enabled => s.ttl,
+        None if custom_key.is_some() => DEFAULT_TTL,
+        None => return Ok(None),
+    };
     Ok(Some(Want {
-        ttl: ttl.unwrap_or(s.ttl),
-        skip,
+        ttl,
+        skip: skip || ttl.is_zero(),
         custom_key,
     }))
 }
@@ -876,8 +883,38 @@ mod tests {
                 custom_key: Some("greeting")
             }))
         );
+        // A custom key alone caches, for the gateway's TTL or, with the cache off, 5 minutes.
+        let mut keyed = HeaderMap::new();
+        keyed.insert(Gw::CacheKey.name(), HeaderValue::from_static("responseA"));
+        let off_with_ttl = Settings {
+            ttl: Duration::from_secs(3600),
+            ..Settings::default()
+        };
+        let on_with_ttl = Settings {
+            enabled: true,
+            ..off_with_ttl
+        };
+        for (s, ttl) in [
+            (&off_with_ttl, DEFAULT_TTL),
+            (&on_with_ttl, Duration::from_secs(3600)),
+        ] {
+            assert_eq!(
+                want(s, GatewayHeaders::scan(&keyed)),
+                Ok(Some(Want {
+                    ttl,
+                    skip: false,
+                    custom_key: Some("responseA")
+                }))
+            );
+        }
+        // A TTL of 0 is no caching for this request, even with the cache on.
+        let mut zero = HeaderMap::new();
+        zero.insert(Gw::CacheTtl.name(), HeaderValue::from_static("0"));
+        assert!(want(&on, GatewayHeaders::scan(&zero)).is_ok_and(|w| w.is_some_and(|w| w.skip)));
+        assert!(want(&off, GatewayHeaders::scan(&zero)).is_ok_and(|w| w.is_some_and(|w| w.skip)));
         for (name, bad) in [
             (Gw::CacheTtl.name(), "59"),
+            (Gw::CacheTtl.name(), "1"),
             (Gw::CacheTtl.name(), "2592001"),
             (Gw::CacheTtl.name(), "soon"),
             (Gw::SkipCache.name(), "yes"),

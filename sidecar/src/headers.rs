@@ -26,6 +26,19 @@ pub fn is_gateway_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("cf-aig-")
 }
 
+/// The gateway headers' former names, which Cloudflare still honours ("the old headers will
+/// still function"), and the headers they stand for when the new name is absent.
+const LEGACY_NAMES: [(&str, Gw); 2] = [
+    ("cf-skip-cache", Gw::SkipCache),
+    ("cf-cache-ttl", Gw::CacheTtl),
+];
+
+/// Whether `name` is a former name of a gateway header: read as the new one, never sent upstream.
+fn is_legacy_gateway_header(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.starts_with("cf-") && LEGACY_NAMES.iter().any(|(old, _)| *old == name)
+}
+
 /// The `cf-aig-*` request headers the gateway reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gw {
@@ -93,15 +106,20 @@ impl<'a> GatewayHeaders<'a> {
         let mut values = [None; GW_NAMES.len()];
         let mut host = None;
         let mut from_web_page = false;
+        let mut legacy = [None; LEGACY_NAMES.len()];
         for (name, value) in map {
             let name = name.as_str();
             // One byte tells the few names read here from the rest.
             match name.as_bytes().first() {
                 Some(b'c') => {
-                    if name.starts_with("cf-aig-")
-                        && let Some(i) = GW_NAMES.iter().position(|n| *n == name)
+                    if name.starts_with("cf-aig-") {
+                        if let Some(i) = GW_NAMES.iter().position(|n| *n == name) {
+                            values[i].get_or_insert(value);
+                        }
+                    } else if name.starts_with("cf-")
+                        && let Some(i) = LEGACY_NAMES.iter().position(|(n, _)| *n == name)
                     {
-                        values[i].get_or_insert(value);
+                        legacy[i].get_or_insert(value);
                     }
                 }
                 Some(b'h') if name == "host" => {
@@ -112,6 +130,12 @@ impl<'a> GatewayHeaders<'a> {
                     from_web_page |= value.as_bytes() != b"none";
                 }
                 _ => {}
+            }
+        }
+        // A former name counts only when the current one is absent.
+        for ((_, gw), value) in LEGACY_NAMES.iter().zip(legacy) {
+            if let Some(v) = value {
+                values[*gw as usize].get_or_insert(v);
             }
         }
         Self {
@@ -131,6 +155,18 @@ impl<'a> GatewayHeaders<'a> {
     /// The `Host` header (the first, if repeated).
     pub fn host(self) -> Option<&'a HeaderValue> {
         self.host
+    }
+
+    /// These headers with `specific`'s values in place of theirs where it has one: a universal
+    /// step's own `cf-aig-*` headers over the request's ("provider-level headers override all
+    /// other configurations").
+    pub fn overridden_by(mut self, specific: GatewayHeaders<'a>) -> Self {
+        for (value, own) in self.values.iter_mut().zip(specific.values) {
+            if own.is_some() {
+                *value = own;
+            }
+        }
+        self
     }
 
     /// The value of gateway header `h` (the first, if repeated).
@@ -291,6 +327,7 @@ pub fn upstream_request_headers(
     for (name, value) in client {
         if is_hop_by_hop(name)
             || is_gateway_header(name)
+            || is_legacy_gateway_header(name)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
             || (name == header::ACCEPT_ENCODING && !keep_encoding)
@@ -356,6 +393,9 @@ mod tests {
         let client = map(&[
             ("cf-aig-authorization", "Bearer gw"),
             ("cf-aig-byok-alias", "x"),
+            ("cf-skip-cache", "true"),
+            ("cf-cache-ttl", "60"),
+            ("cf-ray", "kept"),
             ("connection", "keep-alive, x-private"),
             ("x-private", "1"),
             ("keep-alive", "timeout=5"),
@@ -369,8 +409,37 @@ mod tests {
         let names: Vec<_> = out.keys().map(HeaderName::as_str).collect();
         assert_eq!(
             names,
-            vec!["content-type", "openai-organization", "accept-encoding"]
+            vec![
+                "cf-ray",
+                "content-type",
+                "openai-organization",
+                "accept-encoding"
+            ]
         );
+    }
+
+    #[test]
+    fn former_names_of_gateway_headers_count_when_the_current_name_is_absent() {
+        let old = map(&[("cf-skip-cache", "true"), ("cf-cache-ttl", "120")]);
+        let aig = GatewayHeaders::scan(&old);
+        assert_eq!(aig.flag(Gw::SkipCache), Ok(Some(true)));
+        assert_eq!(
+            aig.get(Gw::CacheTtl).map(|v| v.as_bytes()),
+            Some(&b"120"[..])
+        );
+        // Either order: the current name wins.
+        for pair in [
+            [("cf-cache-ttl", "120"), ("cf-aig-cache-ttl", "3600")],
+            [("cf-aig-cache-ttl", "3600"), ("cf-cache-ttl", "120")],
+        ] {
+            let both = map(&pair);
+            assert_eq!(
+                GatewayHeaders::scan(&both)
+                    .get(Gw::CacheTtl)
+                    .map(|v| v.as_bytes()),
+                Some(&b"3600"[..])
+            );
+        }
     }
 
     #[test]

@@ -489,7 +489,10 @@ impl LogOptions {
         })
     }
 
-    /// `cf-aig-metadata` as compact JSON, when the request sends it.
+    /// `cf-aig-metadata` as compact JSON, when the request sends it: a flat object whose values
+    /// are strings, numbers or booleans. As Cloudflare does, only the first
+    /// [`MAX_METADATA_ENTRIES`] entries are kept and later ones are ignored (a key repeated among
+    /// the kept ones takes its last value, as JSON parsers do).
     pub fn metadata(
         h: crate::headers::GatewayHeaders<'_>,
     ) -> Result<Option<Arc<str>>, crate::error::GatewayError> {
@@ -500,18 +503,77 @@ impl LogOptions {
             name: "cf-aig-metadata",
             reason: reason.into(),
         };
-        let map: serde_json::Map<String, serde_json::Value> =
+        let FirstEntries { entries, ignored } =
             serde_json::from_slice(v.as_bytes()).map_err(|_| bad("expected a flat JSON object"))?;
-        if map.len() > 5 {
-            return Err(bad("at most 5 keys"));
-        }
-        if map
-            .values()
-            .any(|v| !(v.is_string() || v.is_number() || v.is_boolean()))
+        if entries
+            .iter()
+            .any(|(_, v)| !(v.is_string() || v.is_number() || v.is_boolean()))
         {
             return Err(bad("values must be strings, numbers or booleans"));
         }
-        Ok(Some(Arc::from(serde_json::Value::Object(map).to_string())))
+        if ignored > 0 {
+            tracing::debug!(
+                ignored,
+                "cf-aig-metadata entries past the first {MAX_METADATA_ENTRIES} are ignored"
+            );
+        }
+        // Compact JSON in the client's order.
+        let mut out = String::with_capacity(v.len());
+        out.push('{');
+        for (i, (k, v)) in entries.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(&serde_json::Value::from(k.as_str()).to_string());
+            out.push(':');
+            out.push_str(&v.to_string());
+        }
+        out.push('}');
+        Ok(Some(Arc::from(out)))
+    }
+}
+
+/// Entries of `cf-aig-metadata` kept; Cloudflare saves the first five and ignores the rest.
+pub const MAX_METADATA_ENTRIES: usize = 5;
+
+/// The first [`MAX_METADATA_ENTRIES`] entries of a JSON object, in order, and how many more
+/// were skipped (their values are skipped unparsed, whatever they are).
+struct FirstEntries {
+    entries: Vec<(String, serde_json::Value)>,
+    ignored: usize,
+}
+
+impl<'de> serde::Deserialize<'de> for FirstEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = FirstEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<FirstEntries, A::Error> {
+                let mut out = FirstEntries {
+                    entries: Vec::new(),
+                    ignored: 0,
+                };
+                while let Some(key) = map.next_key::<String>()? {
+                    if let Some(slot) = out.entries.iter_mut().find(|(k, _)| *k == key) {
+                        slot.1 = map.next_value()?;
+                    } else if out.entries.len() < MAX_METADATA_ENTRIES {
+                        let value = map.next_value()?;
+                        out.entries.push((key, value));
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        out.ignored += 1;
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 
@@ -859,7 +921,6 @@ mod tests {
             r#"{"a":{"nested":1}}"#,
             r#"{"a":[1]}"#,
             r#"{"a":null}"#,
-            r#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6}"#,
             "not json",
         ] {
             let mut h = HeaderMap::new();
@@ -871,5 +932,33 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn metadata_keeps_the_first_five_entries_in_order_and_ignores_the_rest() {
+        let meta = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("cf-aig-metadata", HeaderValue::from_static(v));
+            LogOptions::metadata(crate::headers::GatewayHeaders::scan(&h)).map_err(|e| e.code())
+        };
+        // Cloudflare: "If more than five entries are provided, only the first five will be
+        // saved; additional entries will be ignored", whatever they hold.
+        assert_eq!(
+            meta(r#"{"z":1,"b":"x","a":true,"d":4,"c":5,"f":6,"g":{"any":[1]}}"#)
+                .expect("valid")
+                .as_deref(),
+            Some(r#"{"z":1,"b":"x","a":true,"d":4,"c":5}"#)
+        );
+        // A repeated key is one entry, with its last value.
+        assert_eq!(
+            meta(r#"{"a":1,"a":2,"b":3}"#).expect("valid").as_deref(),
+            Some(r#"{"a":2,"b":3}"#)
+        );
+        // Kept entries are still checked; keys are written back as JSON strings.
+        assert_eq!(meta(r#"{"a":1,"b":[2]}"#), Err(2100));
+        assert_eq!(
+            meta(r#"{"q\"k":"v\n"}"#).expect("valid").as_deref(),
+            Some(r#"{"q\"k":"v\n"}"#)
+        );
     }
 }

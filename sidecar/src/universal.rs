@@ -68,6 +68,11 @@ type Failure = (Option<Arc<str>>, GatewayError);
 struct Step {
     provider: String,
     endpoint: String,
+    /// The `Authorization` header of the step (Cloudflare's field), unless `headers` has one.
+    #[serde(default)]
+    authorization: Option<String>,
+    /// Headers of the step: sent upstream, but its `cf-aig-*` ones, which override the
+    /// request's for this step.
     #[serde(default)]
     headers: BTreeMap<String, String>,
     query: serde_json::Value,
@@ -107,6 +112,8 @@ struct Planned<'a> {
     headers: HeaderMap,
     /// The client's credentials go upstream (no stored key, no gateway signature or token).
     client_own: bool,
+    /// The stored key's alias the step uses (its own `cf-aig-byok-alias`, else the request's).
+    alias: Option<String>,
     /// The step's `Accept-Encoding` goes upstream (its own signature covers it).
     accept_encoding: bool,
     /// The long-form URL's account, when it goes into the step's upstream URL.
@@ -166,10 +173,12 @@ pub(crate) async fn serve(
         ))));
     }
     let aig = GatewayHeaders::scan(&parts.headers);
-    let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
-    let want = cache::want(&snap.cache, aig).map_err(none)?;
-    let retries = snap.retries.with_headers(aig).map_err(none)?;
-    let alias = aig.byok_alias().map_err(none)?;
+    // The request's gateway headers are checked before its body is read; each step may
+    // override them with its own (`plan`).
+    proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
+    cache::want(&snap.cache, aig).map_err(none)?;
+    snap.retries.with_headers(aig).map_err(none)?;
+    aig.byok_alias().map_err(none)?;
     proxy::refuse_compressed_body(&parts.headers, "the universal endpoint").map_err(none)?;
     let mut held = gw.buffers.guard(snap.max_buffered);
     let raw = proxy::read_body(
@@ -191,7 +200,7 @@ pub(crate) async fn serve(
     let planned = steps
         .into_iter()
         .enumerate()
-        .map(|(i, s)| plan(snap, &parts.uri, i, s, alias, timeout, retries))
+        .map(|(i, s)| plan(snap, &parts.uri, i, s, aig))
         .collect::<Result<Vec<_>, _>>()?;
 
     let event_id = aig.get(Gw::EventId);
@@ -199,6 +208,13 @@ pub(crate) async fn serve(
     for (i, mut step) in planned.into_iter().enumerate() {
         let last = i + 1 == count;
         let id = step.provider.id.clone();
+        let headers = std::mem::take(&mut step.headers);
+        // Checked by `plan` already.
+        let want = cache::want(
+            &snap.cache,
+            aig.overridden_by(GatewayHeaders::scan(&headers)),
+        )
+        .map_err(|e| (Some(id.clone()), e))?;
         // Each step is looked up as it is reached, in the scope of its index.
         let lookup = cache::Request {
             scope: SCOPES[i],
@@ -206,8 +222,8 @@ pub(crate) async fn serve(
             method: "POST",
             path: &step.endpoint,
             query: step.query.as_deref(),
-            alias: alias.unwrap_or("default"),
-            headers: &step.headers,
+            alias: step.alias.as_deref().unwrap_or("default"),
+            headers: &headers,
             client_auth: step
                 .client_own
                 .then_some(step.provider.client_identity_headers()),
@@ -318,9 +334,7 @@ fn plan<'a>(
     request_uri: &'a http::Uri,
     i: usize,
     mut step: Step,
-    alias: Option<&str>,
-    timeout: Duration,
-    retries: Policy,
+    request: GatewayHeaders<'_>,
 ) -> Result<Planned<'a>, Failure> {
     let none = |e: GatewayError| (None, e);
     let provider = snap.providers.get(&step.provider).ok_or_else(|| {
@@ -350,6 +364,21 @@ fn plan<'a>(
             .map_err(|_| fail(bad(format!("steps[{i}].headers.{n}: invalid value"))))?;
         client_headers.append(n, v);
     }
+    if let Some(auth) = step.authorization.take()
+        && !client_headers.contains_key(header::AUTHORIZATION)
+    {
+        let v = HeaderValue::from_str(&auth)
+            .map_err(|_| fail(bad(format!("steps[{i}].authorization: invalid value"))))?;
+        client_headers.insert(header::AUTHORIZATION, v);
+    }
+    // The step's own gateway headers over the request's.
+    let aig = request.overridden_by(GatewayHeaders::scan(&client_headers));
+    let at = |e: GatewayError| fail(bad(format!("steps[{i}].headers: {e}")));
+    let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(at)?;
+    let retries = snap.retries.with_headers(aig).map_err(at)?;
+    cache::want(&snap.cache, aig).map_err(at)?;
+    let alias = aig.byok_alias().map_err(at)?.map(str::to_owned);
+    let alias = alias.as_deref();
     let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
     // The body as the client wrote it, for the log.
     let payload = body.clone();
@@ -458,9 +487,10 @@ fn plan<'a>(
         hide_usage,
         query: query.map(str::to_owned),
         account: provider.route_account(crate::route::long_form_account(request_uri.path())),
-        headers: client_headers,
         client_own,
         accept_encoding,
+        alias: alias.map(str::to_owned),
+        headers: client_headers,
     })
 }
 

@@ -299,9 +299,50 @@ def test_cache_ttl_header_turns_the_cache_on_for_one_request(gateway, mock):
     assert len(mock.requests()) == 2
 
 
+def test_a_custom_cache_key_alone_caches_for_five_minutes_when_the_gateway_cache_is_off(gateway, mock):
+    # Cloudflare: "If caching is not enabled for the gateway, responses will be cached for 5
+    # minutes by default."
+    k = {"cf-aig-cache-key": "responseA"}
+    a = post(gateway, body=chat_body("one"), headers=k)
+    b = post(gateway, body=chat_body("two"), headers=k)
+    assert (a.headers["cf-aig-cache-status"], b.headers["cf-aig-cache-status"]) == ("MISS", "HIT")
+    assert b.json()["choices"][0]["message"]["content"] == "mock reply to: one"
+    assert len(mock.requests()) == 1
+    assert "cf-aig-cache-status" not in post(gateway, body=chat_body("one")).headers
+
+
+def test_a_cache_ttl_of_zero_turns_the_cache_off_for_the_request(cached_gateway, mock):
+    zero = {"cf-aig-cache-ttl": "0"}
+    first = post(cached_gateway, headers=zero)
+    second = post(cached_gateway, headers=zero)
+    assert [r.status_code for r in (first, second)] == [200, 200]
+    assert [r.headers["cf-aig-cache-status"] for r in (first, second)] == ["MISS", "MISS"]
+    assert first.json()["id"] != second.json()["id"] and len(mock.requests()) == 2
+    # Nothing was stored either.
+    assert post(cached_gateway).headers["cf-aig-cache-status"] == "MISS"
+
+
+def test_the_former_skip_cache_header_still_works_and_never_goes_upstream(cached_gateway, mock):
+    # Cloudflare: "cf-cache-ttl is now cf-aig-cache-ttl, cf-skip-cache is now cf-aig-skip-cache
+    # ... the old headers will still function".
+    post(cached_gateway)
+    skipped = post(cached_gateway, headers={"cf-skip-cache": "true"})
+    assert skipped.headers["cf-aig-cache-status"] == "MISS" and len(mock.requests()) == 2
+    assert "cf-skip-cache" not in mock.last()["headers"]
+
+
+def test_the_former_cache_ttl_header_still_works_and_never_goes_upstream(gateway, mock):
+    ttl = {"cf-cache-ttl": "120"}
+    assert [post(gateway, headers=ttl).headers["cf-aig-cache-status"] for _ in range(2)] == ["MISS", "HIT"]
+    assert len(mock.requests()) == 1 and "cf-cache-ttl" not in mock.last()["headers"]
+    bad = post(gateway, headers={"cf-cache-ttl": "59"})
+    assert (bad.status_code, bad.json()["error"][0]["code"]) == (400, 2100)
+
+
 @pytest.mark.parametrize("header,value", [
     ("cf-aig-cache-ttl", "59"),
     ("cf-aig-cache-ttl", "2592001"),
+    ("cf-aig-cache-ttl", "1"),
     ("cf-aig-cache-ttl", "an hour"),
     ("cf-aig-skip-cache", "maybe"),
 ])

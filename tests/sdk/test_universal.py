@@ -161,6 +161,46 @@ def test_steps_with_other_credentials_never_share_entries(cached, mock):
     assert [r.headers["cf-aig-cache-status"] for r in (a, b, a_again)] == ["MISS", "MISS", "HIT"]
 
 
+def test_a_steps_authorization_field_is_its_authorization_header(gateway, mock):
+    # Cloudflare's step field: "the content of the Authorization HTTP Header".
+    step = openai_step(text="own key")
+    step = dict(step, provider="groq", authorization="Bearer client-groq-key",
+                headers={"content-type": "application/json"})
+    r = httpx.post(gateway.url + "/", json=[step])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0"), r.text
+    assert mock.last()["headers"]["authorization"] == "Bearer client-groq-key"
+    # The step's headers win over the field.
+    step["headers"]["authorization"] = "Bearer from-headers"
+    httpx.post(gateway.url + "/", json=[step])
+    assert mock.last()["headers"]["authorization"] == "Bearer from-headers"
+
+
+def test_a_steps_own_gateway_headers_override_the_requests(gateway, mock):
+    # Cloudflare's hierarchy example: the request caches for an hour, the OpenAI step says 0.
+    no_cache = openai_step(text="never cached")
+    no_cache["headers"]["cf-aig-cache-ttl"] = "0"
+    hour = {"cf-aig-cache-ttl": "3600"}
+    a, b = (httpx.post(gateway.url + "/", json=[no_cache], headers=hour) for _ in range(2))
+    assert [r.headers["cf-aig-cache-status"] for r in (a, b)] == ["MISS", "MISS"]
+    assert a.json()["id"] != b.json()["id"] and len(mock.requests()) == 2
+    assert not any(h.startswith("cf-aig-") for h in mock.last()["headers"]), mock.last()["headers"]
+    # A step's TTL turns the cache on for it alone; its alias picks its stored key.
+    mock.clear()
+    cached = openai_step(text="cached by the step")
+    cached["headers"].update({"cf-aig-cache-ttl": "600", "cf-aig-byok-alias": "team-b"})
+    c, d = (httpx.post(gateway.url + "/", json=[cached]) for _ in range(2))
+    assert [r.headers["cf-aig-cache-status"] for r in (c, d)] == ["MISS", "HIT"]
+    assert len(mock.requests()) == 1
+    assert mock.last()["headers"]["authorization"] == f"Bearer {DEFAULT_KEYS['openai.team-b']}"
+    # The step's retry headers: two attempts, as the request's would give.
+    mock.clear()
+    retried = openai_step(text="retried by the step")
+    retried["headers"].update({"cf-aig-max-attempts": "2", "cf-aig-retry-delay": "0",
+                               "x-mock-fail-first": f"1;{uuid.uuid4().hex}"})
+    r = httpx.post(gateway.url + "/", json=[retried])
+    assert r.status_code == 200 and len(mock.requests()) == 2
+
+
 def test_long_form_url_and_a_single_step_object(gateway, mock):
     r = httpx.post(gateway.url + "/v1/acct/main", json=openai_step())
     assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0")
@@ -192,6 +232,9 @@ def test_long_form_account_reaches_workers_ai_steps(mock, tmp_path):
     ([{"provider": "nope", "endpoint": "x", "query": {}}], "steps[0].provider: unknown provider"),
     ([{"provider": "openai", "endpoint": "x", "query": {}, "headers": {"bad header": "v"}}], "steps[0].headers"),
     ([{"provider": "openai", "endpoint": "x", "query": {}, "config": {"maxAttempts": 9}}], "steps[0].config.maxAttempts"),
+    ([{"provider": "openai", "endpoint": "x", "query": {}, "headers": {"cf-aig-max-attempts": "9"}}],
+     "steps[0].headers: invalid header cf-aig-max-attempts"),
+    ([{"provider": "openai", "endpoint": "x", "query": {}, "authorization": "bad\nvalue"}], "steps[0].authorization"),
     ([{"provider": "openai", "endpoint": "../x", "query": {}}], "steps[0].endpoint"),
 ])
 def test_bad_steps_are_400_2108_naming_the_step(gateway, mock, body, needle):
