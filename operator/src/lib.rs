@@ -4,6 +4,7 @@
 //! - [`crd`]: the CustomResourceDefinitions generated from the API types.
 //! - [`render`]: pure rendering of a gateway, its keys and Secrets into the owned objects.
 //! - [`validate`]: spec checks the CRD schema cannot express (URL policy, route graphs).
+//! - [`resources`]: the sidecar container's resources, checked as the apiserver checks them.
 //! - [`status`]: conditions, status comparison and transition Events of both resources.
 //! - [`controller`]: the AIGateway reconciler (`Context`, `reconcile`, `error_policy`).
 //! - [`providerkey`]: the ProviderKey status reconciler.
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod pods;
 pub mod providerkey;
 pub mod render;
+pub mod resources;
 pub mod scope;
 pub mod shutdown;
 pub mod status;

@@ -1,7 +1,8 @@
 //! Checks of an AIGateway spec that the CRD schema cannot express. The checks the sidecar makes
 //! at load are [`sidegate_crds::validation`]'s, called here as there, so a spec the operator
 //! renders is one every sidecar loads; this module adds what only the operator can check: the
-//! upstream URL policy (which needs the object's namespace and annotations) and selectors.
+//! upstream URL policy (which needs the object's namespace and annotations), selectors, and the
+//! sidecar's resources (which the sidecar never sees, but the apiserver checks on every pod).
 //! Each problem names the field, so the `ConfigRendered` condition tells a person what to fix.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -11,6 +12,7 @@ use sidegate_crds::api::{AIGateway, ALLOW_INSECURE_UPSTREAM_ANNOTATION, Provider
 use sidegate_crds::validation::{self, Origin};
 
 use crate::render::parse_selector;
+use crate::resources;
 
 /// The cluster DNS domain in-cluster service names end in. Kubernetes' default; the operator
 /// has no setting for another (a cluster with another domain names its services
@@ -305,7 +307,23 @@ pub fn gateway(gw: &AIGateway) -> Vec<String> {
     {
         problems.push(format!("spec.guardrails.moderationURL {why}"));
     }
+    if let Some(found) = sidecar_resources_problem(gw) {
+        problems.push(found);
+    }
     problems
+}
+
+/// Why the webhook will not inject the gateway's sidecar with its `spec.sidecar.resources`, if
+/// it will not: the apiserver would refuse every pod carrying them (see [`resources::problems`]).
+pub fn sidecar_resources_problem(gw: &AIGateway) -> Option<String> {
+    let requested = gw.spec.sidecar.as_ref()?.resources.as_ref()?;
+    let found = resources::problems(requested, "spec.sidecar.resources");
+    (!found.is_empty()).then(|| {
+        format!(
+            "{}; the apiserver would refuse pods with such a sidecar, so pods naming this gateway are created without it until this is fixed",
+            found.join("; ")
+        )
+    })
 }
 
 #[cfg(test)]
@@ -764,5 +782,44 @@ mod tests {
             problems[1].starts_with("spec.guardrails.moderationURL 'http://169.254.169.254/latest' points at a link-local or cloud metadata address"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn sidecar_resources_the_apiserver_would_refuse_are_a_spec_problem() {
+        let with_resources = |resources: serde_json::Value| {
+            gateway_with(
+                serde_json::from_value(serde_json::json!({"sidecar": {"resources": resources}}))
+                    .expect("spec"),
+            )
+        };
+        let fine = with_resources(serde_json::json!({
+            "requests": {"cpu": "100m", "memory": "64Mi"},
+            "limits": {"cpu": "0.1", "memory": "128Mi"},
+        }));
+        assert_eq!(gateway(&fine), Vec::<String>::new());
+        for (resources, names) in [
+            (
+                serde_json::json!({"requests": {"memory": "1Gi"}, "limits": {"memory": "256Mi"}}),
+                "spec.sidecar.resources.requests.memory 1Gi is more than limits.memory 256Mi",
+            ),
+            (
+                serde_json::json!({"requests": {"cpu": "abc"}}),
+                "spec.sidecar.resources.requests.cpu \"abc\" is not a Kubernetes quantity",
+            ),
+            (
+                serde_json::json!({"claims": [{"name": "gpu"}]}),
+                "spec.sidecar.resources.claims is not allowed",
+            ),
+        ] {
+            let problems = gateway(&with_resources(resources.clone()));
+            assert_eq!(problems.len(), 1, "{resources}: {problems:?}");
+            assert!(problems[0].starts_with(names), "{resources}: {problems:?}");
+            assert!(
+                problems[0].ends_with(
+                    "pods naming this gateway are created without it until this is fixed"
+                ),
+                "{problems:?}"
+            );
+        }
     }
 }

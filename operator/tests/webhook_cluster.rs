@@ -31,7 +31,7 @@ use sidegate_operator::webhook::inject::{INJECTED_ANNOTATION, SIDECAR_CONTAINER}
 use sidegate_operator::webhook::{self, CertMode, WebhookArgs, WebhookState};
 
 use common::{TestNamespace, cluster_client, create_test_namespace, eventually, unique_name};
-use support::{WAIT, create, gateway, wait_for_default_service_account};
+use support::{WAIT, condition, create, gateway, wait_for_default_service_account};
 
 /// A free loopback port (bound and released; the webhook binds it again right after).
 fn free_port() -> u16 {
@@ -351,6 +351,134 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
         "{warnings:?}"
     );
     assert_eq!(state.metrics.admissions("error"), 1);
+
+    unregister(&client, &config_name).await;
+    apps.delete().await;
+    operator_ns.delete().await;
+}
+
+/// Creates `pod` in `ns` with kubectl, which prints the admission warnings the client library
+/// does not surface; returns kubectl's stderr, or panics with it if the apiserver refused. Runs
+/// on a blocking thread: the webhook the apiserver calls meanwhile is served by this runtime.
+async fn kubectl_create(ns: &str, pod: &Pod) -> String {
+    let (ns, pod) = (ns.to_owned(), pod.clone());
+    tokio::task::spawn_blocking(move || kubectl_create_blocking(&ns, &pod))
+        .await
+        .expect("kubectl create")
+}
+
+fn kubectl_create_blocking(ns: &str, pod: &Pod) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("kubectl")
+        .args(["create", "--namespace", ns, "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl (the test bed's bin dir on PATH)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&serde_json::to_vec(pod).expect("pod JSON"))
+        .expect("write the pod to kubectl");
+    let out = child.wait_with_output().expect("kubectl runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "kubectl create {}: {stderr}",
+        pod.name_any()
+    );
+    stderr
+}
+
+#[tokio::test]
+async fn pods_of_a_gateway_whose_sidecar_resources_the_apiserver_refuses_are_created_without_it() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    support::operator(&client).await; // CRDs and the controllers, which report the gateway
+    let (apps, operator_ns) = namespaces(&client).await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
+    create(&gateways, &gateway("main", json!({}))).await;
+    // Schema-valid, but a pod with this sidecar is refused by the apiserver ("must be less than
+    // or equal to memory limit").
+    create(
+        &gateways,
+        &gateway(
+            "tight",
+            json!({"sidecar": {"resources": {
+                "requests": {"memory": "1Gi"},
+                "limits": {"memory": "256Mi"},
+            }}}),
+        ),
+    )
+    .await;
+
+    let port = free_port();
+    let config_name = unique_name("sidegate-webhook-resources");
+    register(&client, &config_name, port, &apps.name).await;
+    let metrics = Arc::new(sidegate_operator::metrics::Metrics::default());
+    webhook::start(
+        client.clone(),
+        &args(port, &config_name),
+        &operator_ns.name,
+        &sidegate_operator::scope::Scope::cluster(),
+        metrics.clone(),
+    )
+    .await
+    .expect("webhook starts");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
+    let mut n = 0u32;
+    eventually("the apiserver to call the webhook", WAIT, || {
+        n += 1;
+        let pods = pods.clone();
+        async move {
+            let created = pods
+                .create(
+                    &PostParams::default(),
+                    &pod(&format!("probe-{n}"), &[("sidegate.dev/gateway", "main")]),
+                )
+                .await
+                .expect("create annotated pod");
+            is_injected(&created).then_some(())
+        }
+    })
+    .await;
+
+    // The pod is created, without the sidecar, and its creator is told why.
+    let warnings = kubectl_create(
+        &apps.name,
+        &pod("tight-app", &[("sidegate.dev/gateway", "tight")]),
+    )
+    .await;
+    assert!(
+        warnings.contains(
+            "sidegate: pod not injected: AIGateway tight sets sidecar resources the apiserver would refuse: spec.sidecar.resources.requests.memory 1Gi is more than limits.memory 256Mi"
+        ),
+        "{warnings}"
+    );
+    let stored = pods.get("tight-app").await.expect("stored pod");
+    assert!(!is_injected(&stored) && sidecar_of(&stored).is_none());
+    assert_eq!(metrics.admissions("error"), 1);
+
+    // The gateway says so.
+    let (reason, message) = eventually("AIGateway tight Ready=False", WAIT, || {
+        let gateways = gateways.clone();
+        async move {
+            let gw = gateways.get("tight").await.ok()?;
+            let (status, reason, message) = condition(&gw, "Ready")?;
+            (status == "False" && reason != "NotRendered").then_some((reason, message))
+        }
+    })
+    .await;
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message.contains(
+            "spec.sidecar.resources.requests.memory 1Gi is more than limits.memory 256Mi"
+        ) && message.contains("pods naming this gateway are created without it"),
+        "{message}"
+    );
 
     unregister(&client, &config_name).await;
     apps.delete().await;

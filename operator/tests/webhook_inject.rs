@@ -620,3 +620,61 @@ fn a_gateway_naming_a_sidecar_image_the_operator_does_not_allow_gets_no_sidecar(
         Some("ghcr.io/sidegate/sidegate:0.1.0")
     );
 }
+
+#[test]
+fn a_gateway_whose_sidecar_resources_the_apiserver_would_refuse_gets_no_sidecar_injected() {
+    let config = config();
+    let pod = fixture("plain.yaml");
+    let with_resources = |resources: serde_json::Value| SidecarSettings {
+        resources: Some(serde_json::from_value(resources).expect("ResourceRequirements")),
+        ..SidecarSettings::default()
+    };
+    let inject = |sidecar: &SidecarSettings| {
+        inject::inject(
+            &pod,
+            &InjectSettings {
+                config: &config,
+                namespace: "team-a",
+                sidecar,
+            },
+        )
+    };
+
+    let err = inject(&with_resources(serde_json::json!({
+        "requests": {"memory": "1Gi"},
+        "limits": {"memory": "256Mi"},
+    })))
+    .expect_err("a request above its limit is refused");
+    assert_eq!(
+        err.to_string(),
+        "AIGateway main sets sidecar resources the apiserver would refuse: spec.sidecar.resources.requests.memory 1Gi is more than limits.memory 256Mi (a request may not exceed its limit)"
+    );
+    for refused in [
+        serde_json::json!({"requests": {"cpu": "abc"}}),
+        serde_json::json!({"claims": [{"name": "gpu"}]}),
+        serde_json::json!({"limits": {"nvidia.com/gpu": "1"}}),
+    ] {
+        assert!(
+            matches!(
+                inject(&with_resources(refused.clone())),
+                Err(inject::InjectError::InvalidResources { .. })
+            ),
+            "{refused}"
+        );
+    }
+
+    // Resources the apiserver accepts are injected as written, in place of the defaults.
+    let accepted =
+        serde_json::json!({"requests": {"cpu": "0.1", "memory": "1Gi"}, "limits": {"cpu": "100m"}});
+    let injection = inject(&with_resources(accepted.clone()))
+        .expect("accepted")
+        .expect("annotated pod");
+    let mut doc = serde_json::to_value(&pod).expect("pod serializes");
+    json_patch::patch(&mut doc, &injection.patch).expect("patch applies");
+    let patched: Pod = serde_json::from_value(doc).expect("a Pod");
+    let sidecar = &patched.spec.expect("spec").init_containers.expect("init")[0];
+    assert_eq!(
+        serde_json::to_value(&sidecar.resources).expect("json"),
+        accepted
+    );
+}

@@ -263,6 +263,15 @@ pub enum InjectError {
         /// What is allowed, for people.
         allowed: String,
     },
+    /// The gateway's `spec.sidecar.resources` would make the apiserver refuse the pod: admitted
+    /// without the sidecar, the pod at least runs (the gateway reports the same problems).
+    #[error("AIGateway {gateway} sets sidecar resources the apiserver would refuse: {problems}")]
+    InvalidResources {
+        /// The gateway.
+        gateway: String,
+        /// What is wrong, field by field ([`crate::resources::problems`]).
+        problems: String,
+    },
     /// The pod uses the node's network: the sidecar's ports would be the node's, and its admin
     /// listener (all addresses) would be reachable from outside the cluster.
     #[error("pod uses hostNetwork, where the sidegate sidecar would bind the node's ports")]
@@ -332,6 +341,15 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
             image: image.to_owned(),
             allowed: settings.config.allowed_images.to_string(),
         });
+    }
+    if let Some(resources) = settings.sidecar.resources.as_ref() {
+        let problems = crate::resources::problems(resources, "spec.sidecar.resources");
+        if !problems.is_empty() {
+            return Err(InjectError::InvalidResources {
+                gateway,
+                problems: problems.join("; "),
+            });
+        }
     }
     let spec = pod.spec.clone().unwrap_or_default();
     let init_containers = spec.init_containers.unwrap_or_default();

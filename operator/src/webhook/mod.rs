@@ -29,7 +29,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
     ServiceReference, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::{Api, ObjectMeta};
 use kube::core::DynamicObject;
@@ -182,6 +182,11 @@ pub enum StartError {
         "--sidecar-resources (SIDEGATE_SIDECAR_RESOURCES) is not JSON ResourceRequirements: {0}"
     )]
     SidecarResources(#[source] serde_json::Error),
+    /// `--sidecar-resources` holds resources the apiserver would refuse on a container.
+    #[error(
+        "--sidecar-resources (SIDEGATE_SIDECAR_RESOURCES) would make the apiserver refuse every injected pod: {0}"
+    )]
+    SidecarResourcesRefused(String),
     /// The listener could not be bound.
     #[error("binding the webhook listener on {addr}: {source}")]
     Bind {
@@ -191,6 +196,18 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The sidecar's default resources from `--sidecar-resources`: JSON ResourceRequirements that
+/// the apiserver accepts on a container (else every pod injected with them would be refused).
+pub fn default_resources(json: &str) -> Result<ResourceRequirements, StartError> {
+    let resources = serde_json::from_str(json).map_err(StartError::SidecarResources)?;
+    let problems = crate::resources::problems(&resources, "resources");
+    if problems.is_empty() {
+        Ok(resources)
+    } else {
+        Err(StartError::SidecarResourcesRefused(problems.join("; ")))
+    }
 }
 
 /// What the admission handler needs.
@@ -260,8 +277,7 @@ pub async fn start(
         .as_deref()
         .filter(|j| !j.trim().is_empty())
     {
-        config.default_resources =
-            serde_json::from_str(json).map_err(StartError::SidecarResources)?;
+        config.default_resources = default_resources(json)?;
     }
     config
         .excluded_namespaces
@@ -626,5 +642,33 @@ pub fn service_client_config(
         }),
         ca_bundle: ca_bundle.map(|b| ByteString(b.as_bytes().to_vec())),
         url: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_sidecar_resources_the_apiserver_would_refuse_stop_the_start() {
+        let accepted = default_resources(
+            r#"{"requests":{"cpu":"50m","memory":"32Mi"},"limits":{"memory":"256Mi"}}"#,
+        )
+        .expect("accepted");
+        assert_eq!(
+            accepted,
+            InjectConfig::new("img", "0.1.0", "sidegate-system").default_resources
+        );
+        let refused =
+            default_resources(r#"{"requests":{"memory":"1Gi"},"limits":{"memory":"256Mi"}}"#)
+                .expect_err("a request above its limit");
+        assert_eq!(
+            refused.to_string(),
+            "--sidecar-resources (SIDEGATE_SIDECAR_RESOURCES) would make the apiserver refuse every injected pod: resources.requests.memory 1Gi is more than limits.memory 256Mi (a request may not exceed its limit)"
+        );
+        assert!(matches!(
+            default_resources("{not json"),
+            Err(StartError::SidecarResources(_))
+        ));
     }
 }
