@@ -1,7 +1,8 @@
 //! The request pipeline: one function per phase over a request, in the order of DESIGN.md.
 //!
 //! `admit` (route, gateway id, gateway auth) → `provider` → `key` (BYOK) → `body` (size limit)
-//! → `dispatch` (time to first byte) → response headers, body streamed through.
+//! → `dispatch` (time to first byte; a retried request's last attempt waits longer) → response
+//! headers, body streamed through.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -160,9 +161,9 @@ impl Gateway {
         })
     }
 
-    /// Sends a request upstream, waiting at most `timeout` for the response head, and retries
-    /// failed attempts (connection errors, timeouts, `429`, `5xx`) as `retries` says. The last
-    /// attempt's answer, whatever its status, is the response.
+    /// Sends a fallback step upstream (a universal-endpoint step): every attempt's response
+    /// head within `timeout`, the last one's too, so that a slow provider moves the request on
+    /// to the next step; see [`Gateway::dispatch_with`].
     pub(crate) async fn dispatch(
         &self,
         req: Request<Full<Bytes>>,
@@ -170,9 +171,50 @@ impl Gateway {
         retries: &crate::retry::Policy,
         provider: &Arc<str>,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let waits = crate::retry::Waits::every_attempt(timeout, self.own_request_timeout());
+        self.dispatch_with(req, waits, retries, provider).await
+    }
+
+    /// Sends a direct request upstream (passthrough, `/compat` to one model): each attempt's
+    /// response head within `timeout`, but the last of several waits for it as Cloudflare's
+    /// does (see [`crate::retry::Waits::direct`]); see [`Gateway::dispatch_with`].
+    pub(crate) async fn dispatch_direct(
+        &self,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+        retries: &crate::retry::Policy,
+        provider: &Arc<str>,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        let own = self.own_request_timeout();
+        let waits = crate::retry::Waits::direct(timeout, own, retries.max_attempts);
+        self.dispatch_with(req, waits, retries, provider).await
+    }
+
+    /// The gateway's own bound on upstreams, `spec.requestTimeout` of the config now serving:
+    /// what bounds the silences of a streamed body, whatever timeout a client asked for.
+    fn own_request_timeout(&self) -> Duration {
+        self.snapshot
+            .load()
+            .as_ref()
+            .map_or(crate::config::DEFAULT_REQUEST_TIMEOUT, |s| {
+                s.request_timeout
+            })
+    }
+
+    /// Sends a request upstream within `waits`, and retries failed attempts (connection errors,
+    /// timeouts to the first byte, `429`, `5xx`) as `retries` says. The last attempt's answer,
+    /// whatever its status, is the response.
+    async fn dispatch_with(
+        &self,
+        req: Request<Full<Bytes>>,
+        waits: crate::retry::Waits,
+        retries: &crate::retry::Policy,
+        provider: &Arc<str>,
+    ) -> Result<Response<UpstreamBody>, GatewayError> {
         let mut attempt = 1;
         while attempt < retries.max_attempts {
-            let failure = match self.attempt(clone_request(&req), timeout).await {
+            let sent = self.attempt(clone_request(&req), waits.head, waits.silence);
+            let failure = match sent.await {
                 Ok(resp) if !crate::retry::retryable_status(resp.status()) => return Ok(resp),
                 Ok(resp) => format!("status {}", resp.status().as_u16()),
                 Err(e) => e.to_string(),
@@ -183,25 +225,25 @@ impl Gateway {
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
-        self.attempt(req, timeout).await
+        self.attempt(req, waits.last_head, waits.silence).await
     }
 
-    /// One upstream attempt: the response head within `timeout`, and no silence of more than
-    /// `timeout` in its body.
+    /// One upstream attempt: the response head within `head`, and no silence of more than
+    /// `silence` in its body.
     pub(crate) async fn attempt(
         &self,
         req: Request<Full<Bytes>>,
-        timeout: Duration,
+        head: Duration,
+        silence: Duration,
     ) -> Result<Response<UpstreamBody>, GatewayError> {
-        match tokio::time::timeout(timeout, self.client.request(req)).await {
+        match tokio::time::timeout(head, self.client.request(req)).await {
             Ok(Ok(mut resp)) => {
-                // After the head, the body may go quiet as long as the head could take.
-                resp.body_mut().stall_after(timeout);
+                resp.body_mut().stall_after(silence);
                 Ok(resp)
             }
             Ok(Err(e)) => Err(GatewayError::UpstreamUnavailable(error_chain(&e))),
             Err(_) => Err(GatewayError::UpstreamTimeout {
-                ms: timeout.as_millis() as u64,
+                ms: head.as_millis() as u64,
             }),
         }
     }
@@ -219,7 +261,10 @@ impl Gateway {
             .insert(header::ACCEPT_ENCODING, crate::headers::identity_encoding());
         let late = || format!("no answer within {}s", within.as_secs());
         let exchange = async {
-            let resp = self.attempt(req, within).await.map_err(|e| e.to_string())?;
+            let resp = self
+                .attempt(req, within, within)
+                .await
+                .map_err(|e| e.to_string())?;
             let status = resp.status();
             // The body's own watchdog has the same bound as the whole exchange: either may see
             // a stalled answer first, and it is the same failure. Not taken from the budget of
@@ -668,7 +713,7 @@ impl Gateway {
         }
         let event_id = aig.get(Gw::EventId).cloned();
         let resp = self
-            .dispatch(upstream, timeout, &retries, &provider.id)
+            .dispatch_direct(upstream, timeout, &retries, &provider.id)
             .await
             .map_err(fail)?;
         let (mut head, body) = resp.into_parts();

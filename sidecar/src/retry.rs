@@ -2,6 +2,10 @@
 //! `5xx` answers, before any byte went to the client. Attempts, delay and backoff come from
 //! `spec.retries`, and per request from `cf-aig-max-attempts` (at most 5), `cf-aig-retry-delay`
 //! (milliseconds, at most 5000) and `cf-aig-backoff` (`constant`, `linear`, `exponential`).
+//!
+//! How long each attempt may take is [`Waits`]: the request timeout bounds the first byte only,
+//! and a direct request's last attempt of several waits as Cloudflare's does, "until the request
+//! completes" (within [`LAST_ATTEMPT_WAIT`]).
 
 use std::time::Duration;
 
@@ -17,6 +21,12 @@ pub const MAX_ATTEMPTS: u32 = 5;
 pub const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Base delay when retries are on and none is set.
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
+
+/// Least wait for the response head of a direct request's last attempt of several. Cloudflare
+/// waits on it "regardless of how long it takes"; a pod cannot hold a connection and a buffered
+/// request body forever, so it waits this long: the default timeout of the OpenAI and Anthropic
+/// SDKs (and of `spec.requestTimeout`), by when a client left at its defaults has given up.
+pub const LAST_ATTEMPT_WAIT: Duration = Duration::from_secs(600);
 
 /// How one request retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +115,54 @@ impl Policy {
     }
 }
 
+/// How long an upstream may take in each attempt of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waits {
+    /// For the response head of every attempt but the last: the request timeout.
+    pub head: Duration,
+    /// For the response head of the last attempt.
+    pub last_head: Duration,
+    /// Longest silence of an upstream mid-body, once its head came.
+    pub silence: Duration,
+}
+
+impl Waits {
+    /// A direct request's (passthrough, `/compat` to one model): `timeout` (its
+    /// `cf-aig-request-timeout`, else `spec.requestTimeout`) bounds the first byte of each
+    /// attempt; the last of several waits at least [`LAST_ATTEMPT_WAIT`] and `own`
+    /// (`spec.requestTimeout`); a single attempt times out after `timeout` (a 504).
+    pub fn direct(timeout: Duration, own: Duration, attempts: u32) -> Self {
+        let last_head = if attempts > 1 {
+            timeout.max(own).max(LAST_ATTEMPT_WAIT)
+        } else {
+            timeout
+        };
+        Self {
+            last_head,
+            ..Self::every_attempt(timeout, own)
+        }
+    }
+
+    /// A fallback step's (universal endpoint, a routed `/compat` target): `timeout` bounds
+    /// the first byte of every attempt, the last too, so that a slow provider moves the request
+    /// on to the next step.
+    pub fn every_attempt(timeout: Duration, own: Duration) -> Self {
+        Self {
+            head: timeout,
+            last_head: timeout,
+            silence: Self::silence(timeout, own),
+        }
+    }
+
+    /// The body of a streamed answer may pause (a model thinking between chunks) for as long as
+    /// the gateway's own `spec.requestTimeout` (`own`) allows, never less than the head could
+    /// take: a client's short `timeout` bounds the first byte only, as Cloudflare's does. A
+    /// dead network path is found sooner by TCP keepalive (`upstream`).
+    fn silence(timeout: Duration, own: Duration) -> Duration {
+        timeout.max(own)
+    }
+}
+
 /// A backoff named in a header or a universal step (`constant`, `linear`, `exponential`; any
 /// case, spaces around ignored).
 pub(crate) fn parse_backoff(v: &[u8]) -> Option<Backoff> {
@@ -181,6 +239,40 @@ mod tests {
                 "{name}: {bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_direct_requests_last_attempt_of_several_waits_past_its_timeout() {
+        let (timeout, own) = (Duration::from_millis(500), Duration::from_secs(30));
+        let w = Waits::direct(timeout, own, 2);
+        assert_eq!(w.head, timeout);
+        assert_eq!(w.last_head, LAST_ATTEMPT_WAIT);
+        // A gateway or a client that waits longer still does on the last attempt.
+        let long = Duration::from_secs(1200);
+        assert_eq!(Waits::direct(timeout, long, 3).last_head, long);
+        assert_eq!(Waits::direct(long, own, 3).last_head, long);
+    }
+
+    #[test]
+    fn a_single_attempt_and_a_fallback_step_time_out_on_the_first_byte() {
+        let (timeout, own) = (Duration::from_millis(500), Duration::from_secs(30));
+        assert_eq!(Waits::direct(timeout, own, 1).last_head, timeout);
+        let step = Waits::every_attempt(timeout, own);
+        assert_eq!((step.head, step.last_head), (timeout, timeout));
+    }
+
+    #[test]
+    fn a_short_request_timeout_does_not_bound_silences_mid_body() {
+        let own = Duration::from_secs(30);
+        for w in [
+            Waits::direct(Duration::from_millis(500), own, 1),
+            Waits::direct(Duration::from_millis(500), own, 5),
+            Waits::every_attempt(Duration::from_millis(500), own),
+        ] {
+            assert_eq!(w.silence, own);
+        }
+        let long = Duration::from_secs(90);
+        assert_eq!(Waits::direct(long, own, 1).silence, long);
     }
 
     #[test]

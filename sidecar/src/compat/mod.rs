@@ -818,7 +818,14 @@ pub(crate) async fn serve(
         })
         .map_err(fail)?;
         let (within, policy) = target_limits(target, timeout, retries);
-        let outcome = gw.dispatch(upstream, within, &policy, &provider.id).await;
+        // A route's target is a fallback step: its timeout moves the request on, as a
+        // universal step's does. A plain model is a direct request.
+        let outcome = if routed {
+            gw.dispatch(upstream, within, &policy, &provider.id).await
+        } else {
+            gw.dispatch_direct(upstream, within, &policy, &provider.id)
+                .await
+        };
         let ok = matches!(&outcome, Ok(r) if r.status().is_success());
         if !ok && let Some(next) = walk.as_mut().and_then(|w| w.next_target(&metadata)) {
             let why = match &outcome {
@@ -1022,8 +1029,9 @@ async fn fan_out(
     }
     let answers = futures_util::stream::iter(parts)
         .map(|req| async move {
+            // No fallback is left for a part: waited on as a direct request.
             let resp = gw
-                .dispatch(req, timeout, policy, provider)
+                .dispatch_direct(req, timeout, policy, provider)
                 .await
                 .map_err(FanOutFailure::Gateway)?;
             let (head, body) = resp.into_parts();
