@@ -175,6 +175,9 @@ pub struct Context {
     pub resync: Duration,
     /// Sidecar images the webhook injects, so a gateway naming another one says so in status.
     pub sidecar_images: AllowedImages,
+    /// Namespaces the webhook never injects ([`crate::webhook::inject::excluded_namespaces`]):
+    /// their pods are not counted as lacking the sidecar, since a restart would not bring it.
+    pub excluded_namespaces: BTreeSet<String>,
 }
 
 impl Context {
@@ -193,6 +196,7 @@ impl Context {
             key_failures: Failures::default(),
             resync: Duration::from_secs(300),
             sidecar_images: AllowedImages::repository_of(DEFAULT_SIDECAR_IMAGE),
+            excluded_namespaces: BTreeSet::from(["kube-system".to_owned()]),
         }
     }
 }
@@ -261,7 +265,7 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
         uninjected_pods: None,
     };
     // Informational: a failure (e.g. RBAC without pods) keeps the last count, never the render.
-    match pods::uninjected(client, &ns, &name).await {
+    match pods::uninjected(client, &ns, &name, &ctx.excluded_namespaces).await {
         Ok(found) => obs.uninjected_pods = Some(found),
         Err(e) => {
             tracing::warn!(gateway = %name, namespace = %ns, error = %e, "pods without the sidecar not counted")

@@ -207,6 +207,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Context {
         resync: Duration::from_secs(args.resync_secs.max(10)),
         sidecar_images,
+        // The webhook's exclusions: pods there are never injected, so not counted as uninjected.
+        excluded_namespaces: args.webhook.excluded_namespaces(&args.lease_namespace),
         ..Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
     });
     let controllers = async {

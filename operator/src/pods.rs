@@ -81,12 +81,17 @@ fn has_ended(pod: &Pod) -> bool {
 }
 
 /// The pods in `ns` that name gateway `name` and run without the sidecar: a metadata list
-/// (from the apiserver's cache), then a read of at most [`MAX_PODS_READ`] candidates.
+/// (from the apiserver's cache), then a read of at most [`MAX_PODS_READ`] candidates. None in a
+/// namespace of `excluded` (the webhook's exclusions): a restart would not inject them either.
 pub async fn uninjected(
     client: &Client,
     ns: &str,
     name: &str,
+    excluded: &BTreeSet<String>,
 ) -> Result<UninjectedPods, kube::Error> {
+    if excluded.contains(ns) {
+        return Ok(UninjectedPods::default());
+    }
     let api = Api::<Pod>::namespaced(client.clone(), ns);
     let listed = api
         .list_metadata(&ListParams::default().match_any())

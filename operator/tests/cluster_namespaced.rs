@@ -9,7 +9,9 @@
 //! the watched namespace and nothing anywhere else (no ClusterRole): a watch or read beyond the
 //! namespace would be refused, and the gateway never reconciled (its own watch), a rotated key
 //! never rendered (the Secret watch), a pod without the sidecar never counted (the pod watch and
-//! list) or no Event written. Its own test binary, so no cluster-wide operator runs beside it.
+//! list) or no Event written. Also: pods in a namespace the webhook never injects are not
+//! counted as waiting for a restart. Its own test binary, so no cluster-wide operator runs
+//! beside it.
 
 mod common;
 mod support;
@@ -208,4 +210,81 @@ async fn a_namespaced_operator_serves_its_namespace_with_a_role_there_and_nothin
 
     watched.delete().await;
     other.delete().await;
+}
+
+#[tokio::test]
+async fn pods_in_a_namespace_the_webhook_never_injects_are_not_counted_as_uninjected() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    install_crds_and_rbac(&client).await;
+    // Both served; the webhook never injects in the first (as kube-system, the release
+    // namespace or an --exclude-namespace), so restarting its pods would not help.
+    let excluded = create_test_namespace(&client, "excluded").await;
+    let injected = create_test_namespace(&client, "injected").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "annotations": {GATEWAY_ANNOTATION: "main"}},
+        "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}]},
+    }))
+    .expect("pod");
+    for ns in [&excluded.name, &injected.name] {
+        wait_for_default_service_account(&client, ns).await;
+        create(&Api::namespaced(client.clone(), ns), &pod).await;
+        create(
+            &Api::<AIGateway>::namespaced(client.clone(), ns),
+            &gateway("main", json!({})),
+        )
+        .await;
+    }
+    start_controllers_excluding(
+        OPERATOR_SA,
+        Scope::namespaces([&excluded.name, &injected.name]).expect("scope"),
+        [excluded.name.clone()].into(),
+    )
+    .await;
+
+    let uninjected = |ns: &str, want: u32| {
+        let gateways = Api::<AIGateway>::namespaced(client.clone(), ns);
+        move || {
+            let gateways = gateways.clone();
+            async move {
+                let gw = gateways.get("main").await.ok()?;
+                (gw.status?.uninjected_pods == Some(want)).then_some(())
+            }
+        }
+    };
+    // Counted where the webhook injects: the same pod in the excluded namespace would be too
+    // without the exclusion.
+    eventually(
+        "status.uninjectedPods 1 where the webhook injects",
+        WAIT,
+        uninjected(&injected.name, 1),
+    )
+    .await;
+    eventually(
+        "status.uninjectedPods 0 where it never does",
+        WAIT,
+        uninjected(&excluded.name, 0),
+    )
+    .await;
+    wait_ready(&Api::namespaced(client.clone(), &excluded.name), "main").await;
+    let events = Api::<Event>::namespaced(client.clone(), &excluded.name)
+        .list(&Default::default())
+        .await
+        .expect("events");
+    assert!(
+        !events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("UninjectedPods")),
+        "{:?}",
+        events
+            .items
+            .iter()
+            .map(|e| (&e.reason, &e.note))
+            .collect::<Vec<_>>()
+    );
+    excluded.delete().await;
+    injected.delete().await;
 }

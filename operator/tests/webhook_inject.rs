@@ -678,3 +678,17 @@ fn a_gateway_whose_sidecar_resources_the_apiserver_would_refuse_gets_no_sidecar_
         accepted
     );
 }
+
+#[test]
+fn the_excluded_namespaces_are_kube_system_the_operators_own_and_the_flags() {
+    assert_eq!(
+        inject::excluded_namespaces("sidegate-system", &["batch".into(), " ".into()]),
+        ["batch", "kube-system", "sidegate-system"]
+            .map(String::from)
+            .into()
+    );
+    assert_eq!(
+        InjectConfig::new("img", "0.1.0", "ops").excluded_namespaces,
+        inject::excluded_namespaces("ops", &[])
+    );
+}

@@ -166,10 +166,7 @@ impl InjectConfig {
             image,
             image_pull_policy: None,
             version: version.into(),
-            excluded_namespaces: ["kube-system", operator_namespace]
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
+            excluded_namespaces: excluded_namespaces(operator_namespace, &[]),
             scope: crate::scope::Scope::cluster(),
             default_resources: ResourceRequirements {
                 requests: Some(
@@ -184,6 +181,18 @@ impl InjectConfig {
             },
         }
     }
+}
+
+/// Namespaces the webhook never injects: kube-system (the control plane), the operator's own (it
+/// must start while its webhook is down) and `extra` (`--exclude-namespace`). The controller
+/// reads the same set, so pods there are not reported as waiting for a restart.
+pub fn excluded_namespaces(operator_namespace: &str, extra: &[String]) -> BTreeSet<String> {
+    ["kube-system", operator_namespace]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(extra.iter().map(|ns| ns.trim().to_owned()))
+        .filter(|ns| !ns.is_empty())
+        .collect()
 }
 
 /// Everything [`inject`] needs about one admission: operator settings, the namespace the pod is

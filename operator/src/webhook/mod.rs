@@ -153,6 +153,12 @@ pub struct WebhookArgs {
 }
 
 impl WebhookArgs {
+    /// The namespaces never injected by an operator in `operator_namespace`
+    /// ([`inject::excluded_namespaces`] with `--exclude-namespace`).
+    pub fn excluded_namespaces(&self, operator_namespace: &str) -> BTreeSet<String> {
+        inject::excluded_namespaces(operator_namespace, &self.exclude_namespaces)
+    }
+
     /// The images gateways may name, from `--allowed-sidecar-images` and `--sidecar-image`.
     pub fn allowed_images(&self) -> Result<images::AllowedImages, images::InvalidRule> {
         images::AllowedImages::new(&self.allowed_sidecar_images, &self.sidecar_image)
@@ -279,9 +285,7 @@ pub async fn start(
     {
         config.default_resources = default_resources(json)?;
     }
-    config
-        .excluded_namespaces
-        .extend(args.exclude_namespaces.iter().cloned());
+    config.excluded_namespaces = args.excluded_namespaces(namespace);
     config.scope = scope.clone();
     let addr = SocketAddr::new(args.webhook_bind, args.webhook_port);
     let listener = crate::admin::bind(addr)

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +78,15 @@ pub async fn install_crds(client: &Client) {
 /// Starts the controllers of `scope` on their own runtime (the tests' runtimes end with each
 /// test), as `user` (impersonated).
 pub async fn start_controllers(user: &str, scope: Scope) -> Arc<Metrics> {
+    start_controllers_excluding(user, scope, BTreeSet::from(["kube-system".to_owned()])).await
+}
+
+/// [`start_controllers`] for an operator whose webhook never injects `excluded`.
+pub async fn start_controllers_excluding(
+    user: &str,
+    scope: Scope,
+    excluded: BTreeSet<String>,
+) -> Arc<Metrics> {
     let mut config = kube::Config::infer().await.expect("kubeconfig");
     config.auth_info.impersonate = Some(user.into());
     let metrics = Arc::new(Metrics::default());
@@ -91,6 +101,7 @@ pub async fn start_controllers(user: &str, scope: Scope) -> Arc<Metrics> {
             let client = Client::try_from(config).expect("operator client");
             let ctx = Arc::new(Context {
                 resync: Duration::from_secs(60),
+                excluded_namespaces: excluded,
                 ..Context::new(client.clone(), m, Some("cluster-test".into()))
             });
             tokio::join!(
@@ -107,29 +118,34 @@ pub async fn start_controllers(user: &str, scope: Scope) -> Arc<Metrics> {
 pub async fn operator(client: &Client) -> Arc<Metrics> {
     OPERATOR
         .get_or_init(|| async {
-            install_crds(client).await;
-            let ns = Namespace {
-                metadata: ObjectMeta {
-                    name: Some("sidegate-system".into()),
-                    ..ObjectMeta::default()
-                },
-                ..Namespace::default()
-            };
-            let _ = Api::<Namespace>::all(client.clone())
-                .create(&PostParams::default(), &ns)
-                .await;
-            kubectl(&[
-                "apply",
-                "--server-side",
-                "--force-conflicts",
-                "-f",
-                "operator/rbac.yaml",
-            ]);
-
+            install_crds_and_rbac(client).await;
             start_controllers(OPERATOR_SA, Scope::cluster()).await
         })
         .await
         .clone()
+}
+
+/// Applies the CRDs and operator/rbac.yaml (the operator's ServiceAccount [`OPERATOR_SA`] and
+/// its ClusterRole), in namespace sidegate-system.
+pub async fn install_crds_and_rbac(client: &Client) {
+    install_crds(client).await;
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some("sidegate-system".into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    };
+    let _ = Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await;
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "operator/rbac.yaml",
+    ]);
 }
 
 /// Waits for the namespace's `default` ServiceAccount (pods cannot be created before it exists).
