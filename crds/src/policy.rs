@@ -98,7 +98,8 @@ pub struct GatewayPolicy {
     #[schemars(extend(
         "maxProperties" = 32,
         "x-kubernetes-validations" = [{
-            "rule": "self.all(p, p.matches('^(openai|anthropic|azure-openai|aws-bedrock|google-ai-studio|google-vertex-ai|groq|mistral|cohere|deepseek|grok|perplexity-ai|openrouter|huggingface|workers-ai|custom-[a-z0-9]([a-z0-9-]{0,54}[a-z0-9])?)$'))",
+            // The same pattern as the ProviderKey's `provider`, so the two cannot drift apart.
+            "rule": format!("self.all(p, p.matches('{PROVIDER_ID_PATTERN}'))"),
             "message": "providers keys must be provider ids from SPEC.md or custom-<slug> (lowercase letters, digits, dashes)"
         }]
     ))]

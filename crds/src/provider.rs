@@ -1,6 +1,7 @@
 //! Provider ids of SPEC.md, shared so that the operator validates what the sidecar serves.
 
-/// Every built-in provider id (SPEC.md's table); `custom-<slug>` providers come from config.
+/// Every built-in provider id: SPEC.md's table and the further providers Cloudflare's gateway
+/// documents (`cerebras`, `baseten`, `parallel`); `custom-<slug>` providers come from config.
 pub const BUILTIN_PROVIDERS: &[&str] = &[
     "openai",
     "anthropic",
@@ -17,11 +18,14 @@ pub const BUILTIN_PROVIDERS: &[&str] = &[
     "openrouter",
     "huggingface",
     "workers-ai",
+    "cerebras",
+    "baseten",
+    "parallel",
 ];
 
 /// Schema pattern of a provider id: the built-in ids or `custom-<slug>`; a test keeps it equal to
 /// [`is_valid_provider_id`].
-pub const PROVIDER_ID_PATTERN: &str = "^(openai|anthropic|azure-openai|aws-bedrock|google-ai-studio|google-vertex-ai|groq|mistral|cohere|deepseek|grok|perplexity-ai|openrouter|huggingface|workers-ai|custom-[a-z0-9]([a-z0-9-]{0,54}[a-z0-9])?)$";
+pub const PROVIDER_ID_PATTERN: &str = "^(openai|anthropic|azure-openai|aws-bedrock|google-ai-studio|google-vertex-ai|groq|mistral|cohere|deepseek|grok|perplexity-ai|openrouter|huggingface|workers-ai|cerebras|baseten|parallel|custom-[a-z0-9]([a-z0-9-]{0,54}[a-z0-9])?)$";
 
 /// Schema pattern of a key alias; a test keeps it equal to [`is_valid_alias`].
 pub const ALIAS_PATTERN: &str = "^[A-Za-z0-9_-]{1,63}$";
@@ -63,6 +67,9 @@ mod tests {
     #[test]
     fn custom_ids_need_a_lowercase_slug() {
         assert!(is_valid_provider_id("openai"));
+        assert!(is_valid_provider_id("cerebras"));
+        assert!(is_valid_provider_id("baseten"));
+        assert!(is_valid_provider_id("parallel"));
         assert!(is_valid_provider_id("custom-ollama"));
         assert!(is_valid_provider_id("custom-my-llm-2"));
         assert!(!is_valid_provider_id("custom-"));

@@ -1,4 +1,5 @@
-//! The providers of SPEC.md: where each one's upstream is, how its URL is shaped, and which
+//! The providers of SPEC.md and the further ones Cloudflare's gateway documents (`cerebras`,
+//! `baseten`, `parallel`): where each one's upstream is, how its URL is shaped, and which
 //! header carries its key. OpenAI-compatible providers share one shape (`base + rest`);
 //! azure-openai, aws-bedrock, google-vertex-ai and workers-ai take parts of the path into the
 //! upstream host or path.
@@ -160,6 +161,34 @@ const BUILTINS: &[Builtin] = &[
         UrlShape::WorkersAi,
         "authorization",
         Some("Bearer"),
+    ),
+    // Cloudflare: developers.cloudflare.com/ai-gateway/usage/providers/cerebras/;
+    // upstream: inference-docs.cerebras.ai/api-reference.
+    b(
+        "cerebras",
+        "https://api.cerebras.ai/v1",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    // Cloudflare: developers.cloudflare.com/ai-gateway/usage/providers/baseten/ (the Model
+    // APIs' OpenAI-compatible chat completions); upstream:
+    // docs.baseten.co/reference/inference-api/chat-completions.
+    b(
+        "baseten",
+        "https://inference.baseten.co/v1",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    // Cloudflare: developers.cloudflare.com/ai-gateway/usage/providers/parallel/ (any path
+    // after /parallel, key in `x-api-key`); upstream: docs.parallel.ai/api-reference.
+    b(
+        "parallel",
+        "https://api.parallel.ai",
+        UrlShape::Plain,
+        "x-api-key",
+        None,
     ),
 ];
 
@@ -399,6 +428,12 @@ impl Provider {
                         "",
                         route.rest.strip_prefix("openai/v1/").unwrap_or(route.rest),
                     ),
+                    // Their bases end in /v1, which Cloudflare's examples send after the
+                    // provider or leave out (baseten shows both; the Cerebras SDK and apps
+                    // with an api.cerebras.ai base without /v1 send it): both reach the API.
+                    "cerebras" | "baseten" => {
+                        ("", route.rest.strip_prefix("v1/").unwrap_or(route.rest))
+                    }
                     // Cloudflare's contract: `/huggingface/{model}` is the Inference API's
                     // `/models/{model}`; OpenAI-compatible paths (`v1/...`, as /compat sends)
                     // and paths already under `models/` go as they are.
@@ -836,6 +871,26 @@ mod tests {
                 "v1/chat/completions",
                 "https://api-inference.huggingface.co/v1/chat/completions",
             ),
+            (
+                "cerebras",
+                "chat/completions",
+                "https://api.cerebras.ai/v1/chat/completions",
+            ),
+            (
+                "baseten",
+                "chat/completions",
+                "https://inference.baseten.co/v1/chat/completions",
+            ),
+            (
+                "parallel",
+                "v1/tasks/runs",
+                "https://api.parallel.ai/v1/tasks/runs",
+            ),
+            (
+                "parallel",
+                "v1beta/chat/completions",
+                "https://api.parallel.ai/v1beta/chat/completions",
+            ),
         ] {
             assert_eq!(
                 uri(&t, provider, rest).as_deref(),
@@ -862,6 +917,59 @@ mod tests {
             uri(&t, "groq", "openai/v1/chat/completions").as_deref(),
             Ok("https://api.groq.com/openai/v1/chat/completions")
         );
+    }
+
+    #[test]
+    fn cerebras_and_baseten_serve_paths_with_or_without_their_v1() {
+        let t = table(&[]);
+        for (provider, want) in [
+            ("cerebras", "https://api.cerebras.ai/v1/chat/completions"),
+            (
+                "baseten",
+                "https://inference.baseten.co/v1/chat/completions",
+            ),
+        ] {
+            for rest in ["chat/completions", "v1/chat/completions"] {
+                assert_eq!(
+                    uri(&t, provider, rest).as_deref(),
+                    Ok(want),
+                    "{provider} {rest}"
+                );
+            }
+        }
+        // The same holds for a base URL pointed elsewhere (a proxy or a mock).
+        let s = ProviderSettings {
+            base_url: Some("http://127.0.0.1:9/v1".into()),
+            ..Default::default()
+        };
+        let t = table(&[("cerebras", s)]);
+        assert_eq!(
+            uri(&t, "cerebras", "v1/models").as_deref(),
+            Ok("http://127.0.0.1:9/v1/models")
+        );
+    }
+
+    #[test]
+    fn cloudflares_further_providers_take_their_key_where_their_apis_want_it() {
+        let t = table(&[]);
+        for (provider, header) in [
+            ("cerebras", "authorization"),
+            ("baseten", "authorization"),
+            ("parallel", "x-api-key"),
+        ] {
+            let p = t.get(provider).expect("provider");
+            assert_eq!(p.format, ApiFormat::Openai, "{provider}");
+            assert_eq!(
+                p.auth_header().map(HeaderName::as_str),
+                Some(header),
+                "{provider}"
+            );
+            // An OpenAI SDK's placeholder `Authorization` goes when a key is injected.
+            assert!(
+                p.auth_headers().contains(&header::AUTHORIZATION),
+                "{provider}"
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,145 @@
+"""Providers Cloudflare's gateway serves beyond SPEC.md's table (cerebras, baseten, parallel):
+an app moving from Cloudflare by changing only its base URL reaches them through sidegate, with
+the stored key injected, in the short and the long form, and through /compat."""
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import DEFAULT_KEYS, KEY_MARKER, MockProvider, Sidegate, gateway_yaml
+
+KEYS = dict(
+    DEFAULT_KEYS,
+    **{
+        "cerebras.default": f"csk-{KEY_MARKER}-cerebras",
+        "baseten.default": f"{KEY_MARKER}-baseten",
+        "parallel.default": f"{KEY_MARKER}-parallel",
+    },
+)
+
+# Cerebras' and Baseten's upstream bases end in /v1 (api.cerebras.ai/v1, inference.baseten.co/v1).
+OPENAI_COMPATIBLE = ["cerebras", "baseten"]
+
+
+@pytest.fixture(scope="module")
+def x_api_key_mock():
+    """A mock that, like Parallel, takes `x-api-key` as the key on its OpenAI-format routes."""
+    m = MockProvider("--auth-header", "x-api-key")
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def gw(mock, x_api_key_mock, tmp_path):
+    extra = (
+        f"    cerebras: {{baseURL: '{mock.url}/v1'}}\n"
+        f"    baseten: {{baseURL: '{mock.url}/v1'}}\n"
+        f"    parallel: {{baseURL: '{x_api_key_mock.url}'}}\n"
+    )
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=extra), KEYS, extra_args=["--log-format", "json"])
+    mock.clear()
+    x_api_key_mock.clear()
+    yield g
+    g.stop()
+
+
+def client(gw, path):
+    return openai.OpenAI(base_url=gw.url + path, api_key="placeholder-from-app", max_retries=0)
+
+
+def ask(c, model, text, **kw):
+    return c.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **kw)
+
+
+def request_line(g, log_id, timeout=3):
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in g.logs().splitlines():
+            if f'"message":"request","id":"{log_id}"' in line:
+                return json.loads(line)
+        assert time.monotonic() < deadline, f"no JSON log line for {log_id}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("provider", OPENAI_COMPATIBLE)
+def test_openai_sdk_gets_a_completion_with_the_stored_key_and_tokens_logged(gw, mock, provider):
+    resp = client(gw, f"/{provider}").chat.completions.with_raw_response.create(
+        model="llama3.1-8b", messages=[{"role": "user", "content": f"hello {provider}"}]
+    )
+    out = resp.parse()
+    assert out.choices[0].message.content == f"mock reply to: hello {provider}"
+    seen = mock.last()
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["headers"]["authorization"] == f"Bearer {KEYS[f'{provider}.default']}"
+    assert not [h for h in seen["headers"] if h.startswith("cf-aig-")]
+    line = request_line(gw, resp.headers["cf-aig-log-id"])
+    assert line["provider"] == provider
+    assert (line["tokens_in"], line["tokens_out"]) == (out.usage.prompt_tokens, out.usage.completion_tokens)
+
+
+@pytest.mark.parametrize("provider", OPENAI_COMPATIBLE)
+def test_openai_sdk_streams_with_the_stored_key(gw, mock, provider):
+    stream = ask(client(gw, f"/{provider}"), "llama3.1-8b", "stream a few words please",
+                 stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "mock reply to: stream a few words please"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    seen = mock.last()
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["headers"]["authorization"] == f"Bearer {KEYS[f'{provider}.default']}"
+
+
+@pytest.mark.parametrize("provider", OPENAI_COMPATIBLE)
+def test_the_long_form_reaches_the_same_provider(gw, mock, provider):
+    out = ask(client(gw, f"/v1/acct/main/{provider}"), "llama3.1-8b", "long form")
+    assert out.choices[0].message.content == "mock reply to: long form"
+    seen = mock.last()
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["headers"]["authorization"] == f"Bearer {KEYS[f'{provider}.default']}"
+
+
+@pytest.mark.parametrize("provider", OPENAI_COMPATIBLE)
+def test_paths_that_repeat_the_upstream_v1_reach_it_once(gw, mock, provider):
+    # Cloudflare's Baseten example posts to /baseten/v1/chat/completions; the Cerebras SDK
+    # appends /v1/chat/completions to its base URL.
+    out = ask(client(gw, f"/{provider}/v1"), "llama3.1-8b", "with v1")
+    assert out.choices[0].message.content == "mock reply to: with v1"
+    assert mock.last()["path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(("model", "upstream_model"), [
+    ("cerebras/llama3.1-8b", "llama3.1-8b"),
+    ("baseten/openai/gpt-oss-120b", "openai/gpt-oss-120b"),
+])
+def test_compat_reaches_them_with_the_model_after_the_provider(gw, mock, model, upstream_model):
+    out = ask(client(gw, "/compat"), model, "through compat")
+    assert out.choices[0].message.content == "mock reply to: through compat"
+    provider = model.split("/")[0]
+    seen = mock.last()
+    assert seen["path"] == "/v1/chat/completions"
+    assert seen["headers"]["authorization"] == f"Bearer {KEYS[f'{provider}.default']}"
+    assert json.loads(seen["body"])["model"] == upstream_model
+
+
+def test_parallel_takes_the_stored_key_in_x_api_key_on_any_path(gw, x_api_key_mock):
+    out = ask(client(gw, "/parallel/v1beta"), "speed", "hello parallel")
+    assert out.choices[0].message.content == "mock reply to: hello parallel"
+    seen = x_api_key_mock.last()
+    assert seen["path"] == "/v1beta/chat/completions"
+    assert seen["headers"]["x-api-key"] == KEYS["parallel.default"]
+    # The SDK's placeholder key does not go upstream beside the stored one.
+    assert "authorization" not in seen["headers"]
+    # Cloudflare: "route to any Parallel endpoint ... by appending the path after parallel".
+    httpx.post(gw.url + "/v1/acct/main/parallel/v1/tasks/runs", json={"input": "x", "processor": "base"})
+    seen = x_api_key_mock.last()
+    assert seen["path"] == "/v1/tasks/runs"
+    assert seen["headers"]["x-api-key"] == KEYS["parallel.default"]
+
+
+def test_provider_keys_for_them_are_used_not_reported_unused(gw):
+    for provider in ["cerebras", "baseten", "parallel"]:
+        assert f"key {provider}.default is unused" not in gw.logs()
