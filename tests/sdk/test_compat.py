@@ -600,10 +600,10 @@ def test_a_translated_answer_that_stalls_ends_in_a_504_not_a_hang(tmp_path):
     # A JSON answer is translated whole: an upstream that sends its head and then nothing more
     # ends within the request timeout, as a gateway error.
     stall = StallingServer()
-    g = Sidegate(tmp_path, compat_yaml(stall.url), COMPAT_KEYS)
+    g = Sidegate(tmp_path, compat_yaml(stall.url) + "  requestTimeout: 1500ms\n", COMPAT_KEYS)
     try:
         t0 = time.monotonic()
-        r = httpx.post(g.url + "/compat/chat/completions", timeout=30, headers={"cf-aig-request-timeout": "1500"},
+        r = httpx.post(g.url + "/compat/chat/completions", timeout=30,
                        json={"model": "anthropic/claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]})
         took = time.monotonic() - t0
         assert (r.status_code, r.json()["error"][0]["code"]) == (504, 2103), r.text

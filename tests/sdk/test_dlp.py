@@ -95,11 +95,11 @@ def test_a_held_back_response_that_stalls_ends_in_a_504_not_a_hang(tmp_path):
     # Responses are held back whole for the check: an upstream that sends its head and then
     # nothing more must not hold the client until it gives up.
     stall = StallingServer()
-    spec = "  dlp:\n    policies:\n      - {id: cards, action: BLOCK, check: [RESPONSE], profiles: [credit-card]}\n"
+    spec = "  dlp:\n    policies:\n      - {id: cards, action: BLOCK, check: [RESPONSE], profiles: [credit-card]}\n  requestTimeout: 1500ms\n"
     g = Sidegate(tmp_path, gateway_yaml(stall.url, extra_spec=spec), DEFAULT_KEYS)
     try:
         t0 = time.monotonic()
-        r = httpx.post(g.url + CHAT, json=body("hello"), headers={"cf-aig-request-timeout": "1500"}, timeout=30)
+        r = httpx.post(g.url + CHAT, json=body("hello"), timeout=30)
         took = time.monotonic() - t0
         assert (r.status_code, r.json()["error"][0]["code"]) == (504, 2103), r.text
         assert "stalled: no data for 1500 ms" in r.json()["error"][0]["message"]

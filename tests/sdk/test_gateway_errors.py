@@ -151,11 +151,11 @@ def test_a_streamed_answer_that_stalls_is_cut_after_the_request_timeout(tmp_path
     # Passed through as it comes (nothing held back): an upstream that goes silent mid-body is
     # cut after the request timeout, so the client and the connection are not held forever.
     stall = StallingServer()
-    g = Sidegate(tmp_path, gateway_yaml(stall.url), DEFAULT_KEYS)
+    g = Sidegate(tmp_path, gateway_yaml(stall.url, extra_spec="  requestTimeout: 1500ms\n"), DEFAULT_KEYS)
     try:
         t0 = time.monotonic()
         with httpx.stream("POST", g.url + "/openai/chat/completions", json={"model": "m", "messages": []},
-                          headers={"cf-aig-request-timeout": "1500"}, timeout=30) as r:
+                          headers={"cf-aig-request-timeout": "200"}, timeout=30) as r:
             assert r.status_code == 200
             with pytest.raises(httpx.RemoteProtocolError):
                 r.read()
