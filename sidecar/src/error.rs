@@ -43,7 +43,8 @@ pub enum GatewayError {
     #[error("upstream did not respond within {ms} ms")]
     UpstreamTimeout { ms: u64 },
     /// The upstream stopped sending a response the gateway holds back whole (for DLP or
-    /// guardrail checks, or `/compat` translation) for the request timeout.
+    /// guardrail checks, or `/compat` translation) for `spec.requestTimeout` (or the request's
+    /// timeout, if longer).
     #[error("upstream response stalled: no data for {ms} ms")]
     UpstreamStalled { ms: u64 },
     /// The upstream could not be reached or broke the connection before answering.
@@ -101,6 +102,9 @@ pub enum GatewayError {
     /// and field).
     #[error("universal endpoint: {0}")]
     UniversalRequest(String),
+    /// A WebSocket upgrade the gateway cannot serve (the message says why).
+    #[error("{0}")]
+    WebSocketRefused(String),
 }
 
 impl GatewayError {
@@ -116,6 +120,7 @@ impl GatewayError {
             | Self::BadRoute(_)
             | Self::CompatRequest(_)
             | Self::UniversalRequest(_)
+            | Self::WebSocketRefused(_)
             | Self::DlpBlocked { .. } => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -165,6 +170,7 @@ impl GatewayError {
             Self::UniversalRequest(_) => 2108,
             Self::Forbidden(_) => 2109,
             Self::BuffersFull { .. } => 2110,
+            Self::WebSocketRefused(_) => 2111,
         }
     }
 

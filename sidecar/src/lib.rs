@@ -7,6 +7,7 @@
 //! - [`proxy`]: the request pipeline.
 //! - [`compat`]: the unified OpenAI-compatible endpoint, translating to each provider's API.
 //! - [`upstream`]: the client to the providers and their response bodies.
+//! - [`websocket`]: WebSocket sessions (the providers' realtime APIs) passed through.
 //! - [`headers`]: what crosses from client to upstream and back.
 //! - [`body`]: streamed response bodies and their completion records.
 //! - [`buffers`]: the process-wide budget of bytes held in buffered bodies.
@@ -48,3 +49,4 @@ pub mod text;
 pub mod universal;
 pub mod upstream;
 pub mod usage;
+pub mod websocket;

@@ -620,12 +620,30 @@ impl Gateway {
         // `headers::keeps_accept_encoding`).
         let client_signature = provider.signs_requests() && signer.is_none();
         check_signed_encoding(snap, &parts.headers, client_signature).map_err(fail)?;
+        // A WebSocket session (the providers' realtime APIs) is admitted and keyed as any
+        // request is, then served by `crate::websocket`.
+        let upgrade = crate::websocket::is_upgrade(parts);
+        let mut route = route;
+        if upgrade {
+            route.rest = crate::websocket::upstream_rest(provider, route.rest);
+        }
         let uri = provider
             .upstream_uri(
                 &route,
                 provider.upstream_query(parts.uri.query(), &key).as_deref(),
             )
             .map_err(fail)?;
+        if upgrade {
+            let up = crate::websocket::Upgrade {
+                provider,
+                route: &route,
+                uri,
+                key,
+                timeout,
+                start,
+            };
+            return crate::websocket::serve(self, snap, parts, up, &opts).await;
+        }
         let want = cache::want(&snap.cache, aig).map_err(fail)?;
         let retries = snap.retries.with_headers(aig).map_err(fail)?;
 

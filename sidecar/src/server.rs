@@ -135,7 +135,9 @@ async fn serve_h1(
         .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true)
-        .serve_connection(io, service);
+        .serve_connection(io, service)
+        // A WebSocket session (`crate::websocket`) takes the connection over once answered.
+        .with_upgrades();
     tokio::pin!(conn);
     loop {
         tokio::select! {

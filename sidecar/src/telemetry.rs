@@ -680,6 +680,11 @@ impl RequestRecord {
         }
     }
 
+    /// Adds `n` bytes sent to the client that are not kept for the log (a WebSocket session's).
+    pub fn add_bytes(&mut self, n: u64) {
+        self.bytes += n;
+    }
+
     /// Adds a frame of a response whose tokens are counted otherwise ([`Self::set_tokens`]).
     pub fn observe_bytes(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
