@@ -193,6 +193,19 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
         }
         Err(e) => {
             let msg = e.to_string();
+            if removed(src) {
+                // Not a bad edit but the gateway taken away: its keys must not serve on.
+                if gw.snapshot.load().is_some() {
+                    gw.snapshot.store(None);
+                    gw.metrics.count_reload(false);
+                    tracing::error!(
+                        config = %src.config.display(),
+                        "the config file is gone and the keys directory is empty (the AIGateway was deleted?): the stored keys are dropped and requests are refused (503, code 2105) until a config comes back"
+                    );
+                }
+                *last_error = Some(msg);
+                return;
+            }
             // The poll would repeat the same failure every few seconds: say it once.
             if last_error.as_deref() != Some(msg.as_str()) {
                 gw.metrics.count_reload(false);
@@ -201,6 +214,24 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                 *last_error = Some(msg);
             }
         }
+    }
+}
+
+/// Whether the sources are gone rather than bad: no config file, and no key file in the keys
+/// directory (kubelet empties both volumes when the AIGateway's ConfigMap and Secret are
+/// deleted; its own `..` entries do not count).
+fn removed(src: &Sources) -> bool {
+    if src.config.try_exists().unwrap_or(true) {
+        return false;
+    }
+    let Some(dir) = &src.keys_dir else {
+        return true;
+    };
+    match std::fs::read_dir(dir) {
+        Ok(entries) => !entries
+            .flatten()
+            .any(|e| !e.file_name().to_string_lossy().starts_with('.')),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
     }
 }
 
@@ -226,5 +257,34 @@ mod tests {
         ));
         assert!(!is_source_path(&src, Path::new("/etc/sg/sidegate.log")));
         assert!(!is_source_path(&src, Path::new("/etc/sg/gateway.yaml.swp")));
+    }
+
+    #[test]
+    fn sources_are_removed_only_when_the_config_and_every_key_file_are_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).expect("keys dir");
+        let src = Sources {
+            config: dir.path().join("gateway.yaml"),
+            keys_dir: Some(keys.clone()),
+        };
+        std::fs::write(&src.config, "schemaVersion: 1\n").expect("config");
+        std::fs::write(keys.join("openai.default"), "sk-1").expect("key");
+        assert!(!removed(&src), "both there");
+        std::fs::remove_file(&src.config).expect("rm config");
+        assert!(!removed(&src), "a key is still there");
+        std::fs::remove_file(keys.join("openai.default")).expect("rm key");
+        // kubelet's own entries of an emptied volume do not count.
+        std::fs::create_dir(keys.join("..2026_11_27_04_00_00.1")).expect("stamp dir");
+        std::fs::write(keys.join("..data"), "").expect("data entry");
+        assert!(removed(&src), "config and keys gone");
+        std::fs::remove_dir_all(&keys).expect("rm keys dir");
+        assert!(removed(&src), "keys dir gone too");
+        assert!(removed(&Sources {
+            config: src.config.clone(),
+            keys_dir: None
+        }));
+        std::fs::write(&src.config, "schemaVersion: 1\n").expect("config back");
+        assert!(!removed(&src), "the config is back");
     }
 }

@@ -151,6 +151,37 @@ def test_invalid_config_at_reload_keeps_the_last_good_one(gateway, mock):
     assert httpx.get(gateway.url + "/v1/a/main/openai/models").status_code == 404
 
 
+def test_a_deleted_gateway_stops_serving_its_keys_until_it_comes_back(mock, tmp_path):
+    # kubelet empties both volumes when the AIGateway (and so its ConfigMap and Secret) is
+    # deleted: the keys must not go on serving from memory.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url))
+    chat = {"model": "m", "messages": [{"role": "user", "content": "who serves"}]}
+    try:
+        kubelet.write(g.keys_dir, DEFAULT_KEYS)
+        wait_for(lambda: reload_count(g, "success") >= 1, 5, "keys not loaded")
+        text = g.config.read_text()
+        # The config file alone gone is a bad edit: the last good config keeps serving.
+        before = reload_count(g, "error")
+        g.config.unlink()
+        wait_for(lambda: reload_count(g, "error") > before, 8, "missing config not noticed")
+        assert httpx.post(g.url + "/openai/chat/completions", json=chat).status_code == 200
+        # Both gone: nothing serves, and the pod is not ready.
+        kubelet.write(g.keys_dir, {})
+        wait_for(lambda: _ready_status(g) == 503, 8, "still ready with its gateway gone")
+        r = httpx.post(g.url + "/openai/chat/completions", json=chat)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (503, 2105)
+        assert "the AIGateway was deleted?" in g.logs()
+        # Created again: served again, with the new key.
+        mock.clear()
+        g.config.write_text(text)
+        kubelet.write(g.keys_dir, dict(DEFAULT_KEYS, **{"openai.default": f"sk-{KEY_MARKER}-recreated"}))
+        wait_for(lambda: _ready_status(g) == 200, 8, "not served again")
+        assert httpx.post(g.url + "/openai/chat/completions", json=chat).status_code == 200
+        assert mock.last()["headers"]["authorization"] == f"Bearer sk-{KEY_MARKER}-recreated"
+    finally:
+        g.stop()
+
+
 def test_waits_unready_for_a_config_that_appears_later(mock, tmp_path):
     g = Sidegate(tmp_path, "schemaVersion: 1\nspec: [not yet\n", extra_args=["--wait-for-config"], wait_ready=False)
     try:
