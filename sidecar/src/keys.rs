@@ -259,9 +259,12 @@ impl KeyStore {
     /// Whether `header` (the `cf-aig-authorization` value) is `Bearer <t>` (any case of `Bearer`) for a held token.
     /// Compares in constant time against every token.
     pub fn token_matches(&self, header: &[u8]) -> bool {
-        let Some(presented) = crate::headers::bearer_token(header) else {
-            return false;
-        };
+        crate::headers::bearer_token(header).is_some_and(|t| self.is_token(t))
+    }
+
+    /// Whether `presented` (a bare token, as in a provider's `x-api-key`) is a held gateway
+    /// token. Compares in constant time against every token.
+    pub fn is_token(&self, presented: &[u8]) -> bool {
         let mut ok = subtle::Choice::from(0);
         for t in &self.tokens {
             ok |= t.expose_secret().as_bytes().ct_eq(presented);
@@ -323,6 +326,9 @@ mod tests {
         assert!(store.token_matches(b"BEARER  secret-token"));
         assert!(!store.token_matches(b"Bearersecret-token"));
         assert!(!store.token_matches(b"Basic secret-token"));
+        assert!(store.is_token(b"secret-token"));
+        assert!(!store.is_token(b"Bearer secret-token"));
+        assert!(!store.is_token(b""));
     }
 
     #[test]

@@ -529,14 +529,7 @@ impl Gateway {
                 GatewayError::NotFound(format!("gateway {:?} not found", truncate(got))),
             ));
         }
-        if snap.auth_required {
-            let ok = aig
-                .get(Gw::Authorization)
-                .is_some_and(|v| snap.keys.token_matches(v.as_bytes()));
-            if !ok {
-                return Err((None, GatewayError::Unauthorized));
-            }
-        }
+        let admission = authenticate(snap, aig, &parts.headers).map_err(|e| (None, e))?;
         // An unknown provider is a bad route: refused before the rate limit counts it.
         enum Served<'r> {
             Provider(route::ProviderRoute<'r>, &'r Provider),
@@ -594,9 +587,15 @@ impl Gateway {
         let (route, provider) = match served {
             Served::Provider(route, provider) => (route, provider),
             Served::Compat(rest) => {
-                return crate::compat::serve(self, snap, parts, rest, body, start, &opts).await;
+                return crate::compat::serve(
+                    self, snap, parts, rest, body, start, &opts, admission,
+                )
+                .await;
             }
             Served::Universal => {
+                // Each step names its own provider and headers: there is no one provider key
+                // header the token could stand in.
+                admission.allow_client_key(false).map_err(|e| (None, e))?;
                 return crate::universal::serve(self, snap, parts, body, start, &opts).await;
             }
         };
@@ -616,6 +615,10 @@ impl Gateway {
         } else {
             provider.choose_key(alias).map_err(fail)?
         };
+        // A stored key drops every client key header, the gateway token among them.
+        admission
+            .allow_client_key(matches!(key, KeyChoice::Stored(_)))
+            .map_err(fail)?;
         // Only here does a client's own signature go upstream unchanged (see
         // `headers::keeps_accept_encoding`).
         let client_signature = provider.signs_requests() && signer.is_none();
@@ -892,6 +895,62 @@ fn tag_response_with(headers: &mut http::HeaderMap, event_id: Option<&HeaderValu
     }
     if let Ok(v) = HeaderValue::from_str(log_id) {
         headers.insert(LOG_ID, v);
+    }
+}
+
+/// How a request passed the gateway's authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Authentication is off, or the request carries a gateway token in `cf-aig-authorization`.
+    Gateway,
+    /// No `cf-aig-authorization`, but a gateway token in a provider key header (`Authorization:
+    /// Bearer`, `x-api-key`, `x-goog-api-key`, `api-key`), as Cloudflare's stored-key SDK
+    /// examples send it (`apiKey: "{cf_aig_token}"`). Good only for a request whose provider
+    /// key the gateway replaces with a stored one, so that the token never goes upstream.
+    ClientKeyHeader,
+}
+
+impl Admission {
+    /// Refuses (401/2009) a request let in by the token in a provider key header unless the
+    /// gateway replaces that header with stored credentials (`stored`).
+    pub(crate) fn allow_client_key(self, stored: bool) -> Result<(), GatewayError> {
+        match self {
+            Self::ClientKeyHeader if !stored => Err(GatewayError::Unauthorized),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Checks the gateway token when authentication is on: `cf-aig-authorization` when the request
+/// has one (a wrong token there is refused whatever else it carries), else a provider key
+/// header. Tokens are compared in constant time and never quoted.
+fn authenticate(
+    snap: &Snapshot,
+    aig: GatewayHeaders<'_>,
+    headers: &http::HeaderMap,
+) -> Result<Admission, GatewayError> {
+    if !snap.auth_required {
+        return Ok(Admission::Gateway);
+    }
+    if let Some(v) = aig.get(Gw::Authorization) {
+        return if snap.keys.token_matches(v.as_bytes()) {
+            Ok(Admission::Gateway)
+        } else {
+            Err(GatewayError::Unauthorized)
+        };
+    }
+    let in_key_header = crate::providers::CLIENT_KEY_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(name))
+        .any(|v| {
+            let v = v.as_bytes();
+            snap.keys
+                .is_token(crate::headers::bearer_token(v).unwrap_or(v))
+        });
+    if in_key_header {
+        Ok(Admission::ClientKeyHeader)
+    } else {
+        Err(GatewayError::Unauthorized)
     }
 }
 

@@ -38,7 +38,7 @@ use crate::error::GatewayError;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
-use crate::proxy::{self, Gateway};
+use crate::proxy::{self, Admission, Gateway};
 use crate::retry::Policy;
 use crate::route::ProviderRoute;
 use crate::routing::Target;
@@ -632,6 +632,19 @@ fn vertex_prefix(model: &str) -> Result<String, GatewayError> {
     ))
 }
 
+/// Whether the gateway sends its own credentials of `alias` to `provider` for a `/compat`
+/// request — a stored key, a token minted from a stored service account, or a signature made
+/// with stored AWS credentials — so that no client key header goes upstream.
+fn sends_stored_credentials(snap: &Snapshot, provider: &Provider, alias: Option<&str>) -> bool {
+    if provider.service_account(alias).is_some() {
+        return true;
+    }
+    if Format::of(provider) == Format::Bedrock {
+        return bedrock_credentials(snap, alias).is_ok();
+    }
+    matches!(provider.choose_key(alias), Ok(KeyChoice::Stored(_)))
+}
+
 /// The stored AWS credentials of `alias` (`None` when no alias is named and there is no
 /// `aws-bedrock.default`: the client signs); a named alias that is missing is 2040.
 pub(crate) fn stored_aws_credentials(
@@ -665,7 +678,8 @@ fn bedrock_credentials(
 
 type Failure = (Option<Arc<str>>, GatewayError);
 
-/// Serves a `/compat/...` request (`rest` is the path after `compat/`).
+/// Serves a `/compat/...` request (`rest` is the path after `compat/`), let in by `admission`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     gw: &Gateway,
     snap: &Arc<Snapshot>,
@@ -674,6 +688,7 @@ pub(crate) async fn serve(
     body: Incoming,
     start: Instant,
     opts: &LogOptions,
+    admission: Admission,
 ) -> Result<Response<ProxyBody>, Failure> {
     let none = |e: GatewayError| (None, e);
     let aig = GatewayHeaders::scan(&parts.headers);
@@ -744,6 +759,11 @@ pub(crate) async fn serve(
     };
     let provider = provider_of(first)?;
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);
+    // A gateway token in the app's `Authorization` (the OpenAI SDK's `apiKey`) is good only
+    // for targets the gateway sends its own credentials to; checked before the cache answers.
+    let admitted =
+        |p: &Provider| admission.allow_client_key(sends_stored_credentials(snap, p, alias));
+    admitted(provider).map_err(fail)?;
     let path = match endpoint {
         Endpoint::Chat => "compat/chat/completions",
         Endpoint::Embeddings => "compat/embeddings",
@@ -835,6 +855,8 @@ pub(crate) async fn serve(
             tracing::info!(step, provider = %provider.id, model = %target.model, failure = %why, "route target failed, trying the next");
             target = next;
             provider = provider_of(next)?;
+            // A route's every target is held to it, not only its first.
+            admitted(provider).map_err(|e| (Some(provider.id.clone()), e))?;
             step += 1;
             continue;
         }
