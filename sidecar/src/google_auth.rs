@@ -34,6 +34,11 @@ const MAX_LIFETIME_SECS: u64 = 24 * 3600;
 /// A service account able to mint access tokens; the key never leaves this struct.
 pub struct ServiceAccount {
     email: String,
+    /// The key's `project_id`: the project of `/compat` models named without one.
+    project_id: Option<String>,
+    /// The key's `region` (Cloudflare stores the region chosen with the key, or reads a `region`
+    /// field of the JSON): the region of `/compat` models named without one.
+    region: Option<String>,
     token_uri: http::Uri,
     key: RsaKeyPair,
     cached: tokio::sync::Mutex<Option<(AuthValue, Instant)>>,
@@ -62,6 +67,10 @@ impl ServiceAccount {
             private_key: String,
             #[serde(default)]
             token_uri: Option<String>,
+            #[serde(default)]
+            project_id: Option<String>,
+            #[serde(default)]
+            region: Option<String>,
         }
         let parsed = (|| {
             let f: File = serde_json::from_str(text).map_err(|_| {
@@ -82,14 +91,27 @@ impl ServiceAccount {
                 .ok()
                 .filter(|u| matches!(u.scheme_str(), Some("http" | "https")))
                 .ok_or("token_uri is not an http(s) URL")?;
+            let named = |v: Option<String>| v.filter(|v| !v.trim().is_empty());
             Ok(Self {
                 email: f.client_email,
+                project_id: named(f.project_id),
+                region: named(f.region),
                 token_uri,
                 key,
                 cached: tokio::sync::Mutex::new(None),
             })
         })();
         Some(parsed)
+    }
+
+    /// The project the key belongs to (`project_id`), if the key names it.
+    pub fn project_id(&self) -> Option<&str> {
+        self.project_id.as_deref()
+    }
+
+    /// The region stored with the key (`region`), if any.
+    pub fn region(&self) -> Option<&str> {
+        self.region.as_deref()
     }
 
     /// A signed JWT asserting this account, valid from `now` for an hour.
@@ -194,6 +216,33 @@ mod tests {
             .output()
             .expect("openssl runs");
         String::from_utf8(out.stdout).expect("pem")
+    }
+
+    #[test]
+    fn the_project_and_region_stored_with_the_key_are_kept() {
+        let pem = test_key_pem();
+        let mut file = serde_json::json!({
+            "type": "service_account",
+            "project_id": "my-proj",
+            "client_email": "sidegate@my-proj.iam.gserviceaccount.com",
+            "private_key": pem,
+            "region": "europe-west4",
+        });
+        let sa = ServiceAccount::parse(&file.to_string())
+            .expect("json")
+            .expect("valid");
+        assert_eq!(
+            (sa.project_id(), sa.region()),
+            (Some("my-proj"), Some("europe-west4"))
+        );
+        file["region"] = serde_json::json!("");
+        if let Some(o) = file.as_object_mut() {
+            o.remove("project_id");
+        }
+        let sa = ServiceAccount::parse(&file.to_string())
+            .expect("json")
+            .expect("valid");
+        assert_eq!((sa.project_id(), sa.region()), (None, None));
     }
 
     #[test]

@@ -35,6 +35,7 @@ use crate::buffers::Held;
 use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
+use crate::google_auth::ServiceAccount;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
@@ -390,7 +391,11 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
         }
         Format::Gemini | Format::Vertex => {
             let prefix = match format {
-                Format::Vertex => vertex_prefix(i.model)?,
+                Format::Vertex => vertex_prefix(
+                    i.model,
+                    i.provider.service_account(i.alias).map(|sa| &**sa),
+                    i.alias,
+                )?,
                 _ => {
                     let m = i.model.strip_prefix("models/").unwrap_or(i.model);
                     check_path_model(m)?;
@@ -596,9 +601,14 @@ fn openai_route<'m>(
     Ok((format!("{prefix}{leaf}"), None, model))
 }
 
-/// `projects/{p}/locations/{r}/publishers/google/models/{m}` or `{p}/{r}/{m}` → the Vertex
-/// path prefix.
-fn vertex_prefix(model: &str) -> Result<String, GatewayError> {
+/// `projects/{p}/locations/{r}/publishers/google/models/{m}`, `{p}/{r}/{m}`, or Cloudflare's
+/// `{publisher}/{m}` with the project and region of the stored service-account key `sa` (of
+/// `alias`) → the Vertex path prefix.
+fn vertex_prefix(
+    model: &str,
+    sa: Option<&ServiceAccount>,
+    alias: Option<&str>,
+) -> Result<String, GatewayError> {
     let parts: Vec<&str> = model.split('/').collect();
     let (project, region, publisher, name) = match parts.as_slice() {
         [
@@ -612,9 +622,13 @@ fn vertex_prefix(model: &str) -> Result<String, GatewayError> {
             m,
         ] => (*p, *r, *publ, *m),
         [p, r, m] => (*p, *r, "google", *m),
+        [publ, m] => {
+            let (project, region) = stored_project_region(sa, alias.unwrap_or("default"))?;
+            (project, region, *publ, *m)
+        }
         _ => {
             return Err(bad(
-                "google-vertex-ai models are google-vertex-ai/{project}/{region}/{model} or google-vertex-ai/projects/{project}/locations/{region}/publishers/google/models/{model}",
+                "google-vertex-ai models are google-vertex-ai/{publisher}/{model} (project and region from the stored service-account key), google-vertex-ai/{project}/{region}/{model} or google-vertex-ai/projects/{project}/locations/{region}/publishers/google/models/{model}",
             ));
         }
     };
@@ -630,6 +644,28 @@ fn vertex_prefix(model: &str) -> Result<String, GatewayError> {
     Ok(format!(
         "v1/projects/{project}/locations/{region}/publishers/google/models/{name}"
     ))
+}
+
+/// The project (`project_id`) and region (`region`) of the stored Vertex service-account key of
+/// `alias`, for a model named `{publisher}/{model}` as in Cloudflare's docs.
+fn stored_project_region<'s>(
+    sa: Option<&'s ServiceAccount>,
+    alias: &str,
+) -> Result<(&'s str, &'s str), GatewayError> {
+    let name_them = "or name them: google-vertex-ai/{project}/{region}/{model}";
+    let Some(sa) = sa else {
+        return Err(bad(format!(
+            "google-vertex-ai/{{publisher}}/{{model}} takes the project and region from the stored service-account key google-vertex-ai.{alias}, and there is none (no key, or an access token): store the service-account JSON key with \"region\", {name_them}"
+        )));
+    };
+    let missing = |field: &str| {
+        bad(format!(
+            "google-vertex-ai/{{publisher}}/{{model}} takes the {field} from the stored service-account key google-vertex-ai.{alias}, which has no \"{field}\": add it to the key JSON (e.g. \"region\": \"us-central1\"), {name_them}"
+        ))
+    };
+    let project = sa.project_id().ok_or_else(|| missing("project_id"))?;
+    let region = sa.region().ok_or_else(|| missing("region"))?;
+    Ok((project, region))
 }
 
 /// Whether the gateway sends its own credentials of `alias` to `provider` for a `/compat`
@@ -1250,12 +1286,29 @@ pub(crate) mod tests {
     #[test]
     fn vertex_models_take_project_region_and_name() {
         assert_eq!(
-            vertex_prefix("p1/us-central1/gemini-2.5-flash")
+            vertex_prefix("p1/us-central1/gemini-2.5-flash", None, None)
                 .ok()
                 .as_deref(),
             Some("v1/projects/p1/locations/us-central1/publishers/google/models/gemini-2.5-flash")
         );
-        assert!(vertex_prefix("projects/p/locations/r/publishers/anthropic/models/c").is_err());
-        assert!(vertex_prefix("p/../m").is_err());
+        assert!(
+            vertex_prefix(
+                "projects/p/locations/r/publishers/anthropic/models/c",
+                None,
+                None
+            )
+            .is_err()
+        );
+        assert!(vertex_prefix("p/../m", None, None).is_err());
+    }
+
+    #[test]
+    fn vertex_publisher_models_need_a_stored_service_account_key() {
+        let err = vertex_prefix("google/gemini-2.5-pro", None, Some("team-b"))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("google-vertex-ai.team-b"), "{err}");
+        assert!(err.contains("{project}/{region}/{model}"), "{err}");
     }
 }
