@@ -226,6 +226,11 @@ pub struct AIGatewayStatus {
     /// to get it. An `UninjectedPods` Event names them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uninjected_pods: Option<u32>,
+    /// Pods naming this gateway whose sidecar was injected with another image or other sidecar
+    /// settings (`spec.sidecar`, the operator's sidecar flags) than the webhook injects now;
+    /// restart them to get the current sidecar. An `OutdatedSidecars` Event names them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outdated_pods: Option<u32>,
 }
 
 /// The key aliases a gateway holds for one provider.

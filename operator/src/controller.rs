@@ -21,14 +21,14 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use sidegate_crds::api::{AIGateway, ProviderAliases, ProviderKey};
 
-use crate::metrics::Metrics;
+use crate::metrics::{GatewayHealth, Metrics};
 use crate::pods;
 use crate::render::{self, FIELD_MANAGER};
 use crate::scope::Scope;
 use crate::status::{self, GatewayObservation, RenderSummary};
 use crate::validate;
 use crate::webhook::images::AllowedImages;
-use crate::webhook::inject::DEFAULT_SIDECAR_IMAGE;
+use crate::webhook::inject::{DEFAULT_SIDECAR_IMAGE, InjectConfig, InjectedWith};
 
 /// Name of this controller in metrics and Events.
 pub const CONTROLLER: &str = "aigateway";
@@ -178,6 +178,9 @@ pub struct Context {
     /// Namespaces the webhook never injects ([`crate::webhook::inject::excluded_namespaces`]):
     /// their pods are not counted as lacking the sidecar, since a restart would not bring it.
     pub excluded_namespaces: BTreeSet<String>,
+    /// How the webhook injects (`--sidecar-image` and the other sidecar flags), so that pods
+    /// injected otherwise are counted as outdated; `None`: not compared.
+    pub injection: Option<InjectConfig>,
 }
 
 impl Context {
@@ -197,6 +200,7 @@ impl Context {
             resync: Duration::from_secs(300),
             sidecar_images: AllowedImages::repository_of(DEFAULT_SIDECAR_IMAGE),
             excluded_namespaces: BTreeSet::from(["kube-system".to_owned()]),
+            injection: None,
         }
     }
 }
@@ -263,12 +267,28 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
         failure: None,
         sidecar_image_refused: refused_sidecar_image(gw, &ctx.sidecar_images),
         uninjected_pods: None,
+        outdated_pods: None,
     };
+    let injected_now = ctx
+        .injection
+        .as_ref()
+        .and_then(|config| injected_now(gw, config));
     // Informational: a failure (e.g. RBAC without pods) keeps the last count, never the render.
-    match pods::uninjected(client, &ns, &name, &ctx.excluded_namespaces).await {
-        Ok(found) => obs.uninjected_pods = Some(found),
+    match pods::survey(
+        client,
+        &ns,
+        &name,
+        injected_now.as_ref(),
+        &ctx.excluded_namespaces,
+    )
+    .await
+    {
+        Ok(found) => {
+            obs.uninjected_pods = Some(found.uninjected);
+            obs.outdated_pods = found.outdated;
+        }
         Err(e) => {
-            tracing::warn!(gateway = %name, namespace = %ns, error = %e, "pods without the sidecar not counted")
+            tracing::warn!(gateway = %name, namespace = %ns, error = %e, "pods without the current sidecar not counted")
         }
     }
     let outcome = render_and_apply(ctx, gw, &ns, &obs.spec_problems, &keys, &secrets).await;
@@ -297,6 +317,8 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
 
     let now = Time(Timestamp::now());
     let new_status = status::gateway_status(gw.status.as_ref(), &obs, &now);
+    ctx.metrics
+        .gateway_observed(&ns, &name, GatewayHealth::of(&new_status));
     if status::status_changed(gw.status.as_ref(), &new_status) {
         let api = Api::<AIGateway>::namespaced(client.clone(), &ns);
         let patch = json!({
@@ -323,6 +345,11 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
                     &obs,
                     &name,
                 ));
+                transitions.extend(status::outdated_pods_transition(
+                    gw.status.as_ref(),
+                    &obs,
+                    &name,
+                ));
                 publish_events(ctx, CONTROLLER, gw, transitions).await;
             }
             // The render's error is the one to retry on (and to log).
@@ -335,6 +362,24 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
     // A failure is retried with backoff, its status written first.
     outcome?;
     Ok(Action::requeue(ctx.resync))
+}
+
+/// What the webhook injects into a new pod of `gw` under `config`; `None` when it injects
+/// nothing (an image it refuses, resources the apiserver would refuse): restarting outdated
+/// pods would not help then, the gateway's status says what to fix.
+fn injected_now(gw: &AIGateway, config: &InjectConfig) -> Option<InjectedWith> {
+    let sidecar = gw.spec.sidecar.clone().unwrap_or_default();
+    if let Some(image) = sidecar.image.as_deref()
+        && !config.allowed_images.allows(image)
+    {
+        return None;
+    }
+    if let Some(resources) = sidecar.resources.as_ref()
+        && !crate::resources::problems(resources, "spec.sidecar.resources").is_empty()
+    {
+        return None;
+    }
+    Some(InjectedWith::new(config, &sidecar))
 }
 
 /// Why the webhook will not inject the sidecar image `gw` names, if it will not.
@@ -574,9 +619,12 @@ pub fn controller(client: Client, ctx: Arc<Context>, ns: Option<&str>) -> Contro
             // Secrets change often enough to sweep here; until the first list completes the
             // store is empty, and so is what there is to sweep. Only this controller's
             // namespace: the others' gateways are in their controllers' stores.
-            forget_deleted(&ctx.deps, &ctx.failures, |gw| {
+            let exists = |gw: &ObjectRef<AIGateway>| {
                 (watched.is_some() && gw.namespace != watched) || gateways.get(gw).is_some()
-            });
+            };
+            forget_deleted(&ctx.deps, &ctx.failures, exists);
+            ctx.metrics
+                .retain_gateways(|ns, name| exists(&ObjectRef::new(name).within(ns)));
             match secret.namespace() {
                 Some(ns) => gateways_for_secret(&ns, &secret.name_any(), &ctx.deps),
                 None => Vec::new(),

@@ -8,7 +8,7 @@
 //! - [`status`]: conditions, status comparison and transition Events of both resources.
 //! - [`controller`]: the AIGateway reconciler (`Context`, `reconcile`, `error_policy`).
 //! - [`providerkey`]: the ProviderKey status reconciler.
-//! - [`pods`]: pods that name a gateway but run without its sidecar.
+//! - [`pods`]: pods that name a gateway but run without its sidecar, or an outdated one.
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
 //! - [`scope`]: the namespaces served: the whole cluster, or those `--watch-namespace` names.
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.

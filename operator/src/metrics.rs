@@ -1,6 +1,11 @@
 //! The operator's Prometheus metrics: reconciles by controller and result, their durations,
-//! errors by kind, the writes they made (a steady state makes none) and leadership.
+//! errors by kind, the writes they made (a steady state makes none), leadership, and for alerts
+//! the state of the AIGateways the last reconciles saw (not Ready by reason, pods without the
+//! sidecar or with an outdated one) and the expiry of the webhook's self-managed certificate.
+//! No label names a gateway or a pod: the reasons are a fixed set.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -9,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use sidegate_crds::api::{AIGatewayStatus, conditions};
 
 /// Labels naming a controller (`aigateway` or `providerkey`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,6 +58,51 @@ pub struct AdmissionLabels {
     pub result: &'static str,
 }
 
+/// Labels of the AIGateways that are not Ready.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The reason of their `Ready` condition (`KeyMissing`, `InvalidSpec`, ...).
+    pub reason: String,
+}
+
+/// What the metrics keep of one AIGateway's status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GatewayHealth {
+    /// The reason of its `Ready` condition when that is not True.
+    pub not_ready: Option<String>,
+    /// `status.uninjectedPods`.
+    pub uninjected_pods: u32,
+    /// `status.outdatedPods`.
+    pub outdated_pods: u32,
+}
+
+impl GatewayHealth {
+    /// The health `status` reports.
+    pub fn of(status: &AIGatewayStatus) -> Self {
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY);
+        Self {
+            not_ready: match ready {
+                Some(c) if c.status == "True" => None,
+                Some(c) => Some(c.reason.clone()),
+                None => Some("Unknown".to_owned()),
+            },
+            uninjected_pods: status.uninjected_pods.unwrap_or(0),
+            outdated_pods: status.outdated_pods.unwrap_or(0),
+        }
+    }
+}
+
+/// The health of each gateway, by namespace and name, and the reasons ever reported (their
+/// series stay, at 0, when no gateway has them any more).
+#[derive(Default)]
+struct Gateways {
+    health: BTreeMap<(String, String), GatewayHealth>,
+    reasons: BTreeSet<String>,
+}
+
 /// All operator metrics and the registry that exposes them.
 pub struct Metrics {
     /// The registry `/metrics` encodes.
@@ -63,6 +114,13 @@ pub struct Metrics {
     /// 1 while this replica holds the leader Lease (or runs without leader election).
     pub leader: Gauge,
     admissions: Family<AdmissionLabels, Counter>,
+    gateways: Mutex<Gateways>,
+    not_ready: Family<ReasonLabels, Gauge>,
+    uninjected_pods: Gauge,
+    outdated_pods: Gauge,
+    /// Expiry of the webhook's self-managed serving certificate, Unix seconds (0: none yet, or
+    /// certificates from files).
+    pub webhook_certificate_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -106,8 +164,37 @@ impl Default for Metrics {
             "Pods with the gateway annotation seen by the injection webhook, by result",
             admissions.clone(),
         );
+        let not_ready = Family::<ReasonLabels, Gauge>::default();
+        registry.register(
+            "aigateways_not_ready",
+            "AIGateways whose Ready condition is not True, by its reason",
+            not_ready.clone(),
+        );
+        let uninjected_pods = Gauge::default();
+        registry.register(
+            "uninjected_pods",
+            "Pods naming an AIGateway that run without its sidecar (sum of status.uninjectedPods)",
+            uninjected_pods.clone(),
+        );
+        let outdated_pods = Gauge::default();
+        registry.register(
+            "outdated_pods",
+            "Pods running a sidecar injected with another image or settings than now (sum of status.outdatedPods)",
+            outdated_pods.clone(),
+        );
+        let webhook_certificate_expiry = Gauge::default();
+        registry.register(
+            "webhook_certificate_expiry_timestamp_seconds",
+            "Expiry of the webhook's self-managed serving certificate, Unix seconds",
+            webhook_certificate_expiry.clone(),
+        );
         Self {
             admissions,
+            gateways: Mutex::default(),
+            not_ready,
+            uninjected_pods,
+            outdated_pods,
+            webhook_certificate_expiry,
             registry,
             reconciles,
             errors,
@@ -126,6 +213,50 @@ impl Metrics {
             controller,
             start: Instant::now(),
         }
+    }
+
+    /// Records the health of gateway `ns`/`name` seen by its reconcile, and the totals.
+    pub fn gateway_observed(&self, ns: &str, name: &str, health: GatewayHealth) {
+        let mut gateways = self.gateways.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reason) = &health.not_ready {
+            gateways.reasons.insert(reason.clone());
+        }
+        gateways
+            .health
+            .insert((ns.to_owned(), name.to_owned()), health);
+        self.set_totals(&gateways);
+    }
+
+    /// Forgets the gateways `exists(namespace, name)` says are gone.
+    pub fn retain_gateways(&self, exists: impl Fn(&str, &str) -> bool) {
+        let mut gateways = self.gateways.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = gateways.health.len();
+        gateways.health.retain(|(ns, name), _| exists(ns, name));
+        if gateways.health.len() != before {
+            self.set_totals(&gateways);
+        }
+    }
+
+    fn set_totals(&self, gateways: &Gateways) {
+        let mut not_ready: BTreeMap<&str, i64> =
+            gateways.reasons.iter().map(|r| (r.as_str(), 0)).collect();
+        let (mut uninjected, mut outdated) = (0i64, 0i64);
+        for health in gateways.health.values() {
+            if let Some(reason) = &health.not_ready {
+                *not_ready.entry(reason.as_str()).or_default() += 1;
+            }
+            uninjected += i64::from(health.uninjected_pods);
+            outdated += i64::from(health.outdated_pods);
+        }
+        for (reason, count) in not_ready {
+            self.not_ready
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .set(count);
+        }
+        self.uninjected_pods.set(uninjected);
+        self.outdated_pods.set(outdated);
     }
 
     /// Counts a pod the webhook answered for.
@@ -206,5 +337,90 @@ impl ReconcileTimer<'_> {
             .reconciles
             .get_or_create(&ResultLabels { controller, result })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health(not_ready: Option<&str>, uninjected_pods: u32, outdated_pods: u32) -> GatewayHealth {
+        GatewayHealth {
+            not_ready: not_ready.map(str::to_owned),
+            uninjected_pods,
+            outdated_pods,
+        }
+    }
+
+    fn lines(metrics: &Metrics, prefix: &str) -> Vec<String> {
+        metrics
+            .encode()
+            .expect("encodes")
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn gateway_gauges_total_the_last_health_of_each_gateway_and_forget_deleted_ones() {
+        let metrics = Metrics::default();
+        metrics.gateway_observed("a", "main", health(Some("KeyMissing"), 2, 1));
+        metrics.gateway_observed("b", "main", health(Some("KeyMissing"), 0, 3));
+        metrics.gateway_observed("c", "main", health(None, 1, 0));
+        assert_eq!(
+            lines(&metrics, "sidegate_operator_aigateways_not_ready"),
+            ["sidegate_operator_aigateways_not_ready{reason=\"KeyMissing\"} 2"]
+        );
+        assert_eq!(
+            lines(&metrics, "sidegate_operator_uninjected_pods "),
+            ["sidegate_operator_uninjected_pods 3"]
+        );
+        assert_eq!(
+            lines(&metrics, "sidegate_operator_outdated_pods "),
+            ["sidegate_operator_outdated_pods 4"]
+        );
+
+        // A gateway reconciled again replaces its last health; a reason no gateway has any more
+        // stays at 0.
+        metrics.gateway_observed("a", "main", health(Some("InvalidSpec"), 0, 0));
+        metrics.gateway_observed("b", "main", health(None, 0, 0));
+        assert_eq!(
+            lines(&metrics, "sidegate_operator_aigateways_not_ready"),
+            [
+                "sidegate_operator_aigateways_not_ready{reason=\"KeyMissing\"} 0",
+                "sidegate_operator_aigateways_not_ready{reason=\"InvalidSpec\"} 1",
+            ]
+        );
+        metrics.retain_gateways(|ns, _| ns != "a");
+        assert_eq!(
+            lines(&metrics, "sidegate_operator_aigateways_not_ready"),
+            [
+                "sidegate_operator_aigateways_not_ready{reason=\"KeyMissing\"} 0",
+                "sidegate_operator_aigateways_not_ready{reason=\"InvalidSpec\"} 0",
+            ]
+        );
+        assert_eq!(
+            lines(&metrics, "sidegate_operator_uninjected_pods "),
+            ["sidegate_operator_uninjected_pods 1"]
+        );
+    }
+
+    #[test]
+    fn a_status_without_a_true_ready_condition_is_not_ready_by_its_reason() {
+        let status: AIGatewayStatus = serde_json::from_value(serde_json::json!({
+            "conditions": [{"type": "Ready", "status": "False", "reason": "KeyMissing",
+                "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z"}],
+            "uninjectedPods": 2,
+            "outdatedPods": 1,
+        }))
+        .expect("status");
+        assert_eq!(GatewayHealth::of(&status), health(Some("KeyMissing"), 2, 1));
+        assert_eq!(
+            GatewayHealth::of(&AIGatewayStatus::default())
+                .not_ready
+                .as_deref(),
+            Some("Unknown")
+        );
     }
 }

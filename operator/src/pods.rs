@@ -1,11 +1,16 @@
-//! Pods that name a gateway but run without its sidecar.
+//! Pods that name a gateway but do not run the sidecar it would give them now.
 //!
-//! The webhook admits a pod it cannot inject (its AIGateway does not exist yet, the webhook was
-//! down under `failurePolicy: Ignore`, ...) unchanged, so the app runs without the gateway. The
-//! AIGateway reconcile counts those pods into `status.uninjectedPods` and says which in an
-//! Event. Pods are watched metadata-only: the webhook marks every pod it injects with
-//! `sidegate.dev/injected`, so the annotations find the candidates, and only those are read
-//! whole to look at their containers.
+//! - Uninjected: the webhook admits a pod it cannot inject (its AIGateway does not exist yet,
+//!   the webhook was down under `failurePolicy: Ignore`, ...) unchanged, so the app runs
+//!   without the gateway.
+//! - Outdated: the pod got the sidecar, but with another image or other settings than the
+//!   webhook injects now (the operator was upgraded, its sidecar flags or the gateway's
+//!   `spec.sidecar` changed): a running pod never changes, it keeps what it was created with.
+//!
+//! The AIGateway reconcile counts both into its status and says which in Events. Pods are
+//! watched and listed metadata-only: the webhook marks every pod it injects with
+//! `sidegate.dev/injected` and what it injected ([`InjectedWith`]), so the annotations find the
+//! candidates and tell most outdated pods apart; only the rest are read whole, a few at a time.
 
 use std::collections::BTreeSet;
 
@@ -15,7 +20,10 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Client, ResourceExt};
 use sidegate_crds::api::AIGateway;
 
-use crate::webhook::inject::{self, SIDECAR_CONTAINER};
+use crate::webhook::inject::{
+    self, INJECTED_ANNOTATION, InjectedWith, SIDECAR_CONTAINER, SIDECAR_IMAGE_ANNOTATION,
+    SIDECAR_SETTINGS_ANNOTATION,
+};
 
 /// Candidates read whole per reconcile; more are counted from their annotations alone.
 pub const MAX_PODS_READ: usize = 32;
@@ -34,17 +42,103 @@ pub struct UninjectedPods {
 impl UninjectedPods {
     /// The Event note: how many, which, and what to do.
     pub fn note(&self, gateway: &str) -> String {
-        let mut names = self.names.join(", ");
-        let more = (self.count as usize).saturating_sub(self.names.len());
-        if more > 0 {
-            names.push_str(&format!(" and {more} more"));
-        }
         format!(
-            "{} pod(s) annotated {}: {gateway} run without the sidecar (created before the AIGateway, or while the webhook could not inject them): {names}; restart them (kubectl rollout restart, or delete the pods) to get the sidecar",
+            "{} pod(s) annotated {}: {gateway} run without the sidecar (created before the AIGateway, or while the webhook could not inject them): {}; restart them (kubectl rollout restart, or delete the pods) to get the sidecar",
             self.count,
-            inject::GATEWAY_ANNOTATION
+            inject::GATEWAY_ANNOTATION,
+            named(self.count, &self.names),
         )
     }
+}
+
+/// The pods of one gateway whose sidecar is not the one the webhook injects now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutdatedPods {
+    /// How many.
+    pub count: u32,
+    /// The first few names, sorted.
+    pub names: Vec<String>,
+    /// What the webhook injects now.
+    pub now: InjectedWith,
+}
+
+impl OutdatedPods {
+    /// The Event note: how many, which, what they should run, and what to do.
+    pub fn note(&self, gateway: &str) -> String {
+        let now = &self.now;
+        format!(
+            "{} pod(s) of AIGateway {gateway} run a sidecar injected with another image or other sidecar settings than it gets now (image {}, settings {}; spec.sidecar or the operator's sidecar flags changed, or the operator was upgraded): {}; restart them (kubectl rollout restart, or delete the pods) to get the current sidecar",
+            self.count,
+            now.image,
+            now.settings_hash,
+            named(self.count, &self.names),
+        )
+    }
+}
+
+/// `names`, and how many of `count` they leave out.
+fn named(count: u32, names: &[String]) -> String {
+    let mut text = names.join(", ");
+    let more = (count as usize).saturating_sub(names.len());
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
+}
+
+/// What the pods of one gateway run, as far as it differs from what they should.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayPods {
+    /// Pods without the sidecar.
+    pub uninjected: UninjectedPods,
+    /// Pods with an outdated sidecar (`None`: not compared, what injection gives is unknown).
+    pub outdated: Option<OutdatedPods>,
+}
+
+/// How an injected pod's sidecar compares with what the webhook injects now, by its annotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drift {
+    /// Injected with the same image and settings.
+    Current,
+    /// Injected with another image or other settings.
+    Outdated,
+    /// Injected before the webhook recorded what it injected: the image is in the pod's
+    /// sidecar container, the settings are not known (and not compared).
+    Unrecorded,
+}
+
+/// How the sidecar recorded in `meta` (a pod the webhook injected) compares with `now`.
+pub fn drift(meta: &ObjectMeta, now: &InjectedWith) -> Drift {
+    let get = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+    let Some(image) = get(SIDECAR_IMAGE_ANNOTATION) else {
+        return Drift::Unrecorded;
+    };
+    let settings = get(SIDECAR_SETTINGS_ANNOTATION);
+    if *image == now.image && settings.is_none_or(|s| *s == now.settings_hash) {
+        Drift::Current
+    } else {
+        Drift::Outdated
+    }
+}
+
+/// The gateway whose sidecar the webhook injected into the pod of `meta`, unless the pod is
+/// being deleted.
+pub fn injected_gateway(meta: &ObjectMeta) -> Option<String> {
+    let annotations = meta.annotations.as_ref()?;
+    annotations.get(INJECTED_ANNOTATION)?;
+    let gateway = annotations.get(inject::GATEWAY_ANNOTATION)?.trim();
+    (!gateway.is_empty() && meta.deletion_timestamp.is_none()).then(|| gateway.to_owned())
+}
+
+/// Whether the sidecar container of `pod` runs `image` (`None`: the pod has no sidecar).
+fn sidecar_image_is(pod: &Pod, image: &str) -> Option<bool> {
+    let spec = pod.spec.as_ref()?;
+    let sidecar = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == SIDECAR_CONTAINER)?;
+    Some(sidecar.image.as_deref() == Some(image))
 }
 
 /// The gateway a pod asks for, if by its metadata it may run without the sidecar: annotated
@@ -59,8 +153,19 @@ pub fn requested_gateway_without_sidecar(meta: &ObjectMeta) -> Option<String> {
 /// The gateway to reconcile when a pod changes: the one it names, if it may lack the sidecar.
 /// A pod being deleted counts no more, so its gateway is reconciled too (the watch's last word
 /// on a deleted pod carries its deletion timestamp).
+/// An injected pod going away may have been outdated: its gateway is reconciled then too (not on
+/// the injected pods' other changes, status updates mostly, which change no count).
 pub fn gateway_for_pod(meta: &ObjectMeta) -> Option<ObjectRef<AIGateway>> {
-    let gateway = inject::requested_gateway_by_annotations(meta.annotations.as_ref()).ok()?;
+    let gateway = match inject::requested_gateway_by_annotations(meta.annotations.as_ref()) {
+        Ok(gateway) => gateway,
+        Err(inject::Skip::AlreadyInjected) if meta.deletion_timestamp.is_some() => meta
+            .annotations
+            .as_ref()?
+            .get(inject::GATEWAY_ANNOTATION)?
+            .trim()
+            .to_owned(),
+        Err(_) => return None,
+    };
     Some(ObjectRef::new(&gateway).within(meta.namespace.as_deref()?))
 }
 
@@ -80,29 +185,58 @@ fn has_ended(pod: &Pod) -> bool {
     matches!(phase, Some("Succeeded" | "Failed"))
 }
 
-/// The pods in `ns` that name gateway `name` and run without the sidecar: a metadata list
-/// (from the apiserver's cache), then a read of at most [`MAX_PODS_READ`] candidates. None in a
-/// namespace of `excluded` (the webhook's exclusions): a restart would not inject them either.
-pub async fn uninjected(
+/// The pods in `ns` that name gateway `name` and run without the sidecar, and, when `now` says
+/// what injection gives, those whose sidecar differs from it: a metadata list (from the
+/// apiserver's cache, ended pods left out) and reads of at most [`MAX_PODS_READ`] pods of each
+/// kind. None in a namespace of `excluded` (the webhook's exclusions): a restart would not
+/// inject them either.
+///
+/// A pod injected before the webhook recorded what it injected is compared by the image of its
+/// sidecar container alone; beyond the reads it is not counted.
+pub async fn survey(
     client: &Client,
     ns: &str,
     name: &str,
+    now: Option<&InjectedWith>,
     excluded: &BTreeSet<String>,
-) -> Result<UninjectedPods, kube::Error> {
+) -> Result<GatewayPods, kube::Error> {
     if excluded.contains(ns) {
-        return Ok(UninjectedPods::default());
+        return Ok(GatewayPods {
+            outdated: now.map(|now| OutdatedPods {
+                now: now.clone(),
+                ..OutdatedPods::default()
+            }),
+            ..GatewayPods::default()
+        });
     }
     let api = Api::<Pod>::namespaced(client.clone(), ns);
     let listed = api
-        .list_metadata(&ListParams::default().match_any())
+        .list_metadata(
+            &ListParams::default()
+                .match_any()
+                .fields("status.phase!=Succeeded,status.phase!=Failed"),
+        )
         .await?;
-    let mut candidates: Vec<String> = listed
-        .items
-        .iter()
-        .filter(|p| requested_gateway_without_sidecar(&p.metadata).as_deref() == Some(name))
-        .map(ResourceExt::name_any)
-        .collect();
+    let mut candidates: Vec<String> = Vec::new();
+    let mut outdated = BTreeSet::new();
+    let mut unrecorded: Vec<String> = Vec::new();
+    for pod in &listed.items {
+        if requested_gateway_without_sidecar(&pod.metadata).as_deref() == Some(name) {
+            candidates.push(pod.name_any());
+        } else if let Some(now) = now
+            && injected_gateway(&pod.metadata).as_deref() == Some(name)
+        {
+            match drift(&pod.metadata, now) {
+                Drift::Current => {}
+                Drift::Outdated => {
+                    outdated.insert(pod.name_any());
+                }
+                Drift::Unrecorded => unrecorded.push(pod.name_any()),
+            }
+        }
+    }
     candidates.sort();
+    unrecorded.sort();
     let unread = candidates.len().saturating_sub(MAX_PODS_READ);
     let mut without = BTreeSet::new();
     for pod_name in candidates.into_iter().take(MAX_PODS_READ) {
@@ -114,9 +248,26 @@ pub async fn uninjected(
             without.insert(pod_name);
         }
     }
-    Ok(UninjectedPods {
-        count: u32::try_from(without.len() + unread).unwrap_or(u32::MAX),
-        names: without.into_iter().take(MAX_PODS_NAMED).collect(),
+    if let Some(now) = now {
+        for pod_name in unrecorded.into_iter().take(MAX_PODS_READ) {
+            if let Some(pod) = api.get_opt(&pod_name).await?
+                && sidecar_image_is(&pod, &now.image) == Some(false)
+                && !has_ended(&pod)
+            {
+                outdated.insert(pod_name);
+            }
+        }
+    }
+    Ok(GatewayPods {
+        uninjected: UninjectedPods {
+            count: u32::try_from(without.len() + unread).unwrap_or(u32::MAX),
+            names: without.into_iter().take(MAX_PODS_NAMED).collect(),
+        },
+        outdated: now.map(|now| OutdatedPods {
+            count: u32::try_from(outdated.len()).unwrap_or(u32::MAX),
+            names: outdated.into_iter().take(MAX_PODS_NAMED).collect(),
+            now: now.clone(),
+        }),
     })
 }
 
@@ -168,6 +319,117 @@ mod tests {
         assert_eq!(
             gateway_for_pod(&deleting),
             Some(ObjectRef::new("main").within("team-a"))
+        );
+    }
+
+    #[test]
+    fn an_injected_pod_maps_to_its_gateway_only_when_it_goes_away() {
+        let mut injected = meta(&[
+            (inject::GATEWAY_ANNOTATION, "main"),
+            (INJECTED_ANNOTATION, "0.1.0"),
+        ]);
+        assert_eq!(gateway_for_pod(&injected), None);
+        assert_eq!(injected_gateway(&injected).as_deref(), Some("main"));
+        injected.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        assert_eq!(
+            gateway_for_pod(&injected),
+            Some(ObjectRef::new("main").within("team-a"))
+        );
+        assert_eq!(injected_gateway(&injected), None, "no longer counted");
+    }
+
+    #[test]
+    fn a_pod_is_outdated_when_its_recorded_image_or_settings_differ_from_those_injected_now() {
+        let now = InjectedWith {
+            image: "ghcr.io/sidegate/sidegate:0.2.0".into(),
+            settings_hash: "abc123abc123".into(),
+        };
+        let recorded = |image: &str, settings: Option<&str>| {
+            let mut annotations = vec![
+                (inject::GATEWAY_ANNOTATION, "main"),
+                (INJECTED_ANNOTATION, "0.1.0"),
+                (SIDECAR_IMAGE_ANNOTATION, image),
+            ];
+            if let Some(s) = settings {
+                annotations.push((SIDECAR_SETTINGS_ANNOTATION, s));
+            }
+            meta(&annotations)
+        };
+        assert_eq!(
+            drift(
+                &recorded("ghcr.io/sidegate/sidegate:0.2.0", Some("abc123abc123")),
+                &now
+            ),
+            Drift::Current
+        );
+        assert_eq!(
+            drift(
+                &recorded("ghcr.io/sidegate/sidegate:0.1.0", Some("abc123abc123")),
+                &now
+            ),
+            Drift::Outdated
+        );
+        assert_eq!(
+            drift(
+                &recorded("ghcr.io/sidegate/sidegate:0.2.0", Some("ffffffffffff")),
+                &now
+            ),
+            Drift::Outdated
+        );
+        // An image without settings: the image is what can be compared.
+        assert_eq!(
+            drift(&recorded("ghcr.io/sidegate/sidegate:0.2.0", None), &now),
+            Drift::Current
+        );
+        // Injected before anything was recorded: its sidecar container is read.
+        assert_eq!(
+            drift(
+                &meta(&[
+                    (inject::GATEWAY_ANNOTATION, "main"),
+                    (INJECTED_ANNOTATION, "0.1.0")
+                ]),
+                &now
+            ),
+            Drift::Unrecorded
+        );
+    }
+
+    #[test]
+    fn an_unrecorded_pod_is_compared_by_the_image_of_its_sidecar_container() {
+        let pod = |json: serde_json::Value| -> Pod { serde_json::from_value(json).expect("pod") };
+        let with = |image: &str| {
+            pod(serde_json::json!({"spec": {
+                "containers": [{"name": "app", "image": "app:1"}],
+                "initContainers": [{"name": SIDECAR_CONTAINER, "image": image}],
+            }}))
+        };
+        assert_eq!(
+            sidecar_image_is(&with("sidegate:2"), "sidegate:2"),
+            Some(true)
+        );
+        assert_eq!(
+            sidecar_image_is(&with("sidegate:1"), "sidegate:2"),
+            Some(false)
+        );
+        let without = pod(serde_json::json!({"spec": {"containers": [{"name": "app"}]}}));
+        assert_eq!(sidecar_image_is(&without, "sidegate:2"), None);
+    }
+
+    #[test]
+    fn the_outdated_note_says_what_pods_get_now_and_to_restart_them() {
+        let pods = OutdatedPods {
+            count: 6,
+            names: ["a", "b", "c", "d", "e"].map(String::from).to_vec(),
+            now: InjectedWith {
+                image: "ghcr.io/sidegate/sidegate:0.2.0".into(),
+                settings_hash: "abc123abc123".into(),
+            },
+        };
+        assert_eq!(
+            pods.note("main"),
+            "6 pod(s) of AIGateway main run a sidecar injected with another image or other sidecar settings than it gets now (image ghcr.io/sidegate/sidegate:0.2.0, settings abc123abc123; spec.sidecar or the operator's sidecar flags changed, or the operator was upgraded): a, b, c, d, e and 1 more; restart them (kubectl rollout restart, or delete the pods) to get the current sidecar"
         );
     }
 

@@ -33,6 +33,9 @@ pub struct GatewayObservation {
     /// Pods naming the gateway that run without the sidecar (`None`: not checked this time,
     /// the last count stays).
     pub uninjected_pods: Option<crate::pods::UninjectedPods>,
+    /// Pods naming the gateway whose sidecar is not the one injected now (`None`: not compared
+    /// this time, the last count stays).
+    pub outdated_pods: Option<crate::pods::OutdatedPods>,
 }
 
 /// A reconcile that could not write the rendered objects. Never holds key values.
@@ -281,7 +284,39 @@ pub fn gateway_status(
         Some(pods) => Some(pods.count),
         None => previous.and_then(|p| p.uninjected_pods),
     };
+    status.outdated_pods = match &obs.outdated_pods {
+        Some(pods) => Some(pods.count),
+        None => previous.and_then(|p| p.outdated_pods),
+    };
     status
+}
+
+/// The Event for a change of the gateway's pods with an outdated sidecar: a Warning naming them
+/// when their number changes to one that is not zero, a Normal one when the last is gone.
+pub fn outdated_pods_transition(
+    old: Option<&AIGatewayStatus>,
+    obs: &GatewayObservation,
+    gateway: &str,
+) -> Option<Transition> {
+    let pods = obs.outdated_pods.as_ref()?;
+    let before = old.and_then(|o| o.outdated_pods).unwrap_or(0);
+    if pods.count == before {
+        return None;
+    }
+    Some(if pods.count > 0 {
+        Transition {
+            warning: true,
+            reason: "OutdatedSidecars".to_owned(),
+            note: pods.note(gateway),
+        }
+    } else {
+        Transition {
+            warning: false,
+            reason: "AllSidecarsCurrent".to_owned(),
+            note: "every injected pod naming this gateway runs the sidecar it would get now"
+                .to_owned(),
+        }
+    })
 }
 
 /// The Event for a change of the gateway's pods without the sidecar: a Warning naming them when
@@ -754,6 +789,58 @@ mod tests {
     }
 
     #[test]
+    fn pods_with_an_outdated_sidecar_are_counted_and_each_new_count_is_a_warning() {
+        use crate::pods::OutdatedPods;
+        let observe = |count: Option<u32>| GatewayObservation {
+            generation: Some(1),
+            rendered: Some(rendered(vec![], 1)),
+            outdated_pods: count.map(|count| OutdatedPods {
+                count,
+                names: (0..count.min(5)).map(|i| format!("app-{i}")).collect(),
+                ..OutdatedPods::default()
+            }),
+            ..GatewayObservation::default()
+        };
+        // Not compared (the operator does not know how its webhook injects): no field.
+        let unknown = gateway_status(None, &observe(None), &at(100));
+        assert_eq!(unknown.outdated_pods, None);
+
+        let none = gateway_status(None, &observe(Some(0)), &at(100));
+        assert_eq!(none.outdated_pods, Some(0));
+        assert_eq!(
+            outdated_pods_transition(None, &observe(Some(0)), "main"),
+            None
+        );
+        let two = gateway_status(Some(&none), &observe(Some(2)), &at(200));
+        assert_eq!(two.outdated_pods, Some(2));
+        assert!(status_changed(Some(&none), &two));
+        let t = outdated_pods_transition(Some(&none), &observe(Some(2)), "main").expect("an Event");
+        assert!(t.warning);
+        assert_eq!(t.reason, "OutdatedSidecars");
+        assert!(
+            t.note.contains("app-0, app-1") && t.note.contains("restart them"),
+            "{}",
+            t.note
+        );
+        assert_eq!(
+            outdated_pods_transition(Some(&two), &observe(Some(2)), "main"),
+            None,
+            "the same count again is no new Event"
+        );
+        assert_eq!(
+            gateway_status(Some(&two), &observe(None), &at(300)).outdated_pods,
+            Some(2),
+            "not compared this time: the last count stays"
+        );
+        let gone =
+            outdated_pods_transition(Some(&two), &observe(Some(0)), "main").expect("an Event");
+        assert_eq!(
+            (gone.warning, gone.reason.as_str()),
+            (false, "AllSidecarsCurrent")
+        );
+    }
+
+    #[test]
     fn an_unchanged_observation_produces_an_identical_status_so_nothing_is_written() {
         let obs = GatewayObservation {
             generation: Some(1),
@@ -889,6 +976,7 @@ mod tests {
                 failure: None,
                 sidecar_image_refused: None,
                 uninjected_pods: None,
+                outdated_pods: None,
             },
             &at(200),
         );

@@ -288,3 +288,249 @@ async fn pods_in_a_namespace_the_webhook_never_injects_are_not_counted_as_uninje
     excluded.delete().await;
     injected.delete().await;
 }
+
+/// The lines of the operator's `/metrics` text that start with `prefix`.
+fn metric_lines(metrics: &sidegate_operator::metrics::Metrics, prefix: &str) -> Vec<String> {
+    metrics
+        .encode()
+        .expect("metrics encode")
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The notes of the Events of `reason` in `ns`.
+async fn event_notes(client: &kube::Client, ns: &str, reason: &str) -> Vec<String> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some(reason))
+                .map(|e| e.note.unwrap_or_default())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn pods_injected_with_another_sidecar_than_the_gateway_gives_now_are_counted_until_restarted()
+{
+    use sidegate_crds::api::SidecarSettings;
+    use sidegate_operator::webhook::inject::{
+        self, INJECTED_ANNOTATION, InjectConfig, InjectSettings, SIDECAR_CONTAINER,
+    };
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    install_crds_and_rbac(&client).await;
+    let ns = create_test_namespace(&client, "outdated").await;
+    wait_for_default_service_account(&client, &ns.name).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    let config = InjectConfig::new(
+        "ghcr.io/sidegate/sidegate:0.2.0",
+        "0.2.0",
+        "sidegate-system",
+    );
+
+    let app = |name: &str| -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "annotations": {GATEWAY_ANNOTATION: "main"}},
+            "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}]},
+        }))
+        .expect("pod")
+    };
+    // Injected as the webhook does now (its patch applied here: no webhook in this test).
+    let injected_now = |name: &str| -> Pod {
+        let pod = app(name);
+        let injection = inject::inject(
+            &pod,
+            &InjectSettings {
+                config: &config,
+                namespace: &ns.name,
+                sidecar: &SidecarSettings::default(),
+            },
+        )
+        .expect("injects")
+        .expect("a patch");
+        let mut doc = serde_json::to_value(&pod).expect("pod");
+        json_patch::patch(&mut doc, &injection.patch).expect("patch applies");
+        serde_json::from_value(doc).expect("patched pod")
+    };
+    // Injected by an operator that recorded nothing but its version.
+    let injected_before = |name: &str, image: &str| -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "annotations": {
+                GATEWAY_ANNOTATION: "main", INJECTED_ANNOTATION: "0.1.0"}},
+            "spec": {
+                "initContainers": [{"name": SIDECAR_CONTAINER, "image": image, "restartPolicy": "Always"}],
+                "containers": [{"name": "app", "image": "example.com/app:1"}],
+            },
+        }))
+        .expect("pod")
+    };
+    create(&pods, &injected_now("current")).await;
+    create(
+        &pods,
+        &injected_before("before-same-image", "ghcr.io/sidegate/sidegate:0.2.0"),
+    )
+    .await;
+    create(
+        &pods,
+        &injected_before("before-old-image", "ghcr.io/sidegate/sidegate:0.1.0"),
+    )
+    .await;
+    // A Job's pod that has ended is not restarted by anyone: not counted.
+    create(
+        &pods,
+        &injected_before("ended", "ghcr.io/sidegate/sidegate:0.1.0"),
+    )
+    .await;
+    pods.patch_status(
+        "ended",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
+    )
+    .await
+    .expect("pod status");
+    create(&gateways, &gateway("main", json!({}))).await;
+    let metrics = start_controllers_injecting(
+        OPERATOR_SA,
+        Scope::namespaces([&ns.name]).expect("scope"),
+        ["kube-system".to_owned()].into(),
+        Some(config.clone()),
+    )
+    .await;
+
+    let outdated = |want: u32| {
+        let gateways = gateways.clone();
+        move || {
+            let gateways = gateways.clone();
+            async move {
+                let gw = gateways.get("main").await.ok()?;
+                (gw.status?.outdated_pods == Some(want)).then_some(())
+            }
+        }
+    };
+    // The image of a pod injected before anything was recorded is in its sidecar container.
+    eventually("status.outdatedPods 1", WAIT, outdated(1)).await;
+    let notes = eventually("an OutdatedSidecars Warning", WAIT, || async {
+        let notes = event_notes(&client, &ns.name, "OutdatedSidecars").await;
+        (!notes.is_empty()).then_some(notes)
+    })
+    .await;
+    assert!(
+        notes[0].contains("1 pod(s)")
+            && notes[0].contains("before-old-image")
+            && notes[0].contains("image ghcr.io/sidegate/sidegate:0.2.0")
+            && notes[0].contains("restart them"),
+        "{notes:?}"
+    );
+    assert_eq!(
+        metric_lines(&metrics, "sidegate_operator_outdated_pods "),
+        ["sidegate_operator_outdated_pods 1"]
+    );
+
+    // The gateway's sidecar settings change: the pod injected with the old ones is outdated too
+    // (one injected before they were recorded is judged by its image alone).
+    gateways
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"spec": {"sidecar": {"resources": {"limits": {"memory": "512Mi"}}}}}),
+            ),
+        )
+        .await
+        .expect("patch gateway");
+    eventually("status.outdatedPods 2", WAIT, outdated(2)).await;
+
+    // Restarted (here: deleted), they count no more; the pod watch brings it, not the resync
+    // (60 s here). (The second Warning's note is not checked: kube's Recorder sends a repeated
+    // reason as a series of the first Event, whose note stays.)
+    for (name, left) in [("current", 1), ("before-old-image", 0)] {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        pods.delete(name, &Default::default())
+            .await
+            .expect("delete pod");
+        eventually(
+            &format!("status.outdatedPods {left} without {name}"),
+            WAIT,
+            outdated(left),
+        )
+        .await;
+    }
+    eventually("an AllSidecarsCurrent Event", WAIT, || async {
+        let notes = event_notes(&client, &ns.name, "AllSidecarsCurrent").await;
+        (!notes.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric_lines(&metrics, "sidegate_operator_outdated_pods "),
+        ["sidegate_operator_outdated_pods 0"]
+    );
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn a_gateway_that_is_not_ready_is_counted_in_the_operators_metrics_by_its_reason() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    install_crds_and_rbac(&client).await;
+    let ns = create_test_namespace(&client, "not-ready-metrics").await;
+    wait_for_default_service_account(&client, &ns.name).await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    // Not Ready: the operator does not inject the image it names.
+    create(
+        &gateways,
+        &gateway(
+            "main",
+            json!({"sidecar": {"image": "attacker.example/sidegate:1"}}),
+        ),
+    )
+    .await;
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "app", "annotations": {GATEWAY_ANNOTATION: "main"}},
+        "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}]},
+    }))
+    .expect("pod");
+    create(&Api::namespaced(client.clone(), &ns.name), &pod).await;
+    let metrics =
+        start_controllers(OPERATOR_SA, Scope::namespaces([&ns.name]).expect("scope")).await;
+
+    eventually("a not-Ready gateway in /metrics", WAIT, || async {
+        let lines = metric_lines(&metrics, "sidegate_operator_aigateways_not_ready");
+        (lines == ["sidegate_operator_aigateways_not_ready{reason=\"SidecarImageNotAllowed\"} 1"])
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric_lines(&metrics, "sidegate_operator_uninjected_pods "),
+        ["sidegate_operator_uninjected_pods 1"]
+    );
+
+    // Fixed: Ready, and the series of the reason stays at 0.
+    gateways
+        .patch(
+            "main",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sidecar": null}})),
+        )
+        .await
+        .expect("patch gateway");
+    wait_ready(&gateways, "main").await;
+    eventually("no not-Ready gateway in /metrics", WAIT, || async {
+        let lines = metric_lines(&metrics, "sidegate_operator_aigateways_not_ready");
+        (lines == ["sidegate_operator_aigateways_not_ready{reason=\"SidecarImageNotAllowed\"} 0"])
+            .then_some(())
+    })
+    .await;
+    ns.delete().await;
+}

@@ -190,6 +190,14 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
         .get("sidegate-webhook-tls")
         .await
         .expect("certificate Secret stored");
+    // Its expiry is a gauge, for an alert before the apiserver stops trusting it.
+    let not_after: i64 = secret.annotations()[certs::NOT_AFTER_ANNOTATION]
+        .parse()
+        .expect("Unix seconds");
+    assert_eq!(metrics.webhook_certificate_expiry.get(), not_after);
+    assert!(metrics.encode().expect("metrics").contains(&format!(
+        "sidegate_operator_webhook_certificate_expiry_timestamp_seconds {not_after}\n"
+    )));
     let ca =
         String::from_utf8(secret.data.expect("data")[certs::CA_CERT_KEY].0.clone()).expect("PEM");
     let registered = Api::<MutatingWebhookConfiguration>::all(client.clone())

@@ -692,3 +692,88 @@ fn the_excluded_namespaces_are_kube_system_the_operators_own_and_the_flags() {
         inject::excluded_namespaces("ops", &[])
     );
 }
+
+#[test]
+fn an_injected_pod_records_the_sidecar_image_and_a_hash_of_the_sidecar_settings() {
+    let (pod, _) = injected("plain.yaml", &SidecarSettings::default(), "plain.yaml");
+    let now = inject::InjectedWith::new(&config(), &SidecarSettings::default());
+    assert_eq!(
+        annotation(&pod, inject::SIDECAR_IMAGE_ANNOTATION),
+        Some("ghcr.io/sidegate/sidegate:0.1.0")
+    );
+    assert_eq!(
+        annotation(&pod, inject::SIDECAR_SETTINGS_ANNOTATION),
+        Some(now.settings_hash.as_str())
+    );
+    assert_eq!(now.settings_hash.len(), 12);
+    // The recorded image is the one the sidecar container runs.
+    let spec = pod.spec.expect("spec");
+    let sidecar = &spec.init_containers.expect("init containers")[0];
+    assert_eq!(sidecar.image.as_deref(), Some(now.image.as_str()));
+}
+
+#[test]
+fn what_a_pod_is_injected_with_changes_with_each_setting_that_shapes_the_sidecar() {
+    let base = SidecarSettings::default();
+    let hash = |config: &InjectConfig, sidecar: &SidecarSettings| {
+        inject::InjectedWith::new(config, sidecar)
+    };
+    let before = hash(&config(), &base);
+    assert_eq!(before, hash(&config(), &base), "deterministic");
+
+    let named = SidecarSettings {
+        image: Some("registry.local/sidegate:2".into()),
+        ..base.clone()
+    };
+    let with_image = hash(&config(), &named);
+    assert_eq!(with_image.image, "registry.local/sidegate:2");
+    assert_eq!(
+        with_image.settings_hash, before.settings_hash,
+        "the image is recorded apart"
+    );
+    let mut upgraded = config();
+    upgraded.image = "ghcr.io/sidegate/sidegate:0.2.0".into();
+    assert_eq!(
+        hash(&upgraded, &base).image,
+        "ghcr.io/sidegate/sidegate:0.2.0"
+    );
+
+    let resources: k8s_openapi::api::core::v1::ResourceRequirements =
+        serde_json::from_value(serde_json::json!({"limits": {"memory": "512Mi"}}))
+            .expect("resources");
+    let changed = [
+        SidecarSettings {
+            resources: Some(resources.clone()),
+            ..base.clone()
+        },
+        SidecarSettings {
+            native_sidecar: false,
+            ..base.clone()
+        },
+        SidecarSettings {
+            port: 9000,
+            ..base.clone()
+        },
+        SidecarSettings {
+            admin_port: 9001,
+            ..base.clone()
+        },
+    ];
+    for sidecar in &changed {
+        assert_ne!(
+            hash(&config(), sidecar).settings_hash,
+            before.settings_hash,
+            "{sidecar:?}"
+        );
+    }
+    let mut flags = config();
+    flags.image_pull_policy = Some("Always".into());
+    assert_ne!(hash(&flags, &base).settings_hash, before.settings_hash);
+    let mut flags = config();
+    flags.default_resources = resources;
+    assert_ne!(hash(&flags, &base).settings_hash, before.settings_hash);
+    // The operator's version alone changes nothing the sidecar runs with.
+    let mut flags = config();
+    flags.version = "9.9.9".into();
+    assert_eq!(hash(&flags, &base), before);
+}

@@ -156,6 +156,8 @@ fn unix_now() -> u64 {
 /// The certificate the TLS listener presents, replaceable while it runs.
 pub struct CertResolver {
     current: RwLock<Option<(ServingCert, Arc<CertifiedKey>)>>,
+    /// Where the expiry of a self-managed certificate is reported (Unix seconds).
+    expiry: Option<prometheus_client::metrics::gauge::Gauge>,
 }
 
 impl fmt::Debug for CertResolver {
@@ -175,7 +177,26 @@ impl CertResolver {
     pub fn new() -> Self {
         Self {
             current: RwLock::new(None),
+            expiry: None,
         }
+    }
+
+    /// A resolver like [`CertResolver::new`] that sets `gauge` to the expiry (Unix seconds) of
+    /// each self-managed certificate it serves.
+    pub fn reporting_expiry(gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            expiry: Some(gauge),
+            ..Self::new()
+        }
+    }
+
+    /// Serves `cert`, valid until `not_after` (Unix seconds), like [`CertResolver::set`].
+    fn set_expiring(&self, cert: &ServingCert, not_after: u64) -> Result<bool, CertError> {
+        let changed = self.set(cert)?;
+        if let Some(gauge) = &self.expiry {
+            gauge.set(i64::try_from(not_after).unwrap_or(i64::MAX));
+        }
+        Ok(changed)
     }
 
     /// Serves `cert` from the next handshake on. Returns whether it differs from the current one.
@@ -314,7 +335,7 @@ pub async fn ensure_self_managed(
                 &stored.bundle,
             )
             .await?;
-            resolver.set(&stored.serving)?;
+            resolver.set_expiring(&stored.serving, stored.not_after)?;
             return Ok(CertAction::Reused);
         }
 
@@ -405,7 +426,7 @@ pub async fn ensure_self_managed(
         };
         match written {
             Ok(()) => {
-                resolver.set(&fresh.serving)?;
+                resolver.set_expiring(&fresh.serving, fresh.not_after)?;
                 tracing::info!(
                     secret = %settings.secret_name,
                     not_after = fresh.not_after,
@@ -425,6 +446,7 @@ pub async fn ensure_self_managed(
 
 struct Stored {
     serving: ServingCert,
+    not_after: u64,
     ca_pem: String,
     bundle: String,
 }
@@ -448,6 +470,7 @@ fn usable(secret: &Secret, settings: &SelfManaged) -> Option<Stored> {
     let bundle = data_str(secret, CA_BUNDLE_KEY).unwrap_or_else(|| ca_pem.clone());
     Some(Stored {
         serving,
+        not_after,
         ca_pem,
         bundle,
     })

@@ -16,6 +16,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
+use sha2::Digest as _;
 use sidegate_crds::api::SidecarSettings;
 use sidegate_crds::config::CONFIG_FILE_NAME;
 
@@ -30,8 +31,13 @@ pub const DEFAULT_SIDECAR_IMAGE: &str =
 pub const GATEWAY_ANNOTATION: &str = "sidegate.dev/gateway";
 /// Pod annotation that opts a pod out (`"false"`) even when it names a gateway.
 pub const INJECT_ANNOTATION: &str = "sidegate.dev/inject";
-/// Annotation the webhook sets on injected pods; the value is the sidecar version.
+/// Annotation the webhook sets on injected pods; the value is the operator version.
 pub const INJECTED_ANNOTATION: &str = "sidegate.dev/injected";
+/// Annotation the webhook sets on injected pods: the sidecar image injected.
+pub const SIDECAR_IMAGE_ANNOTATION: &str = "sidegate.dev/sidecar-image";
+/// Annotation the webhook sets on injected pods: [`InjectedWith::settings_hash`] of the sidecar
+/// settings injected.
+pub const SIDECAR_SETTINGS_ANNOTATION: &str = "sidegate.dev/sidecar-settings";
 
 /// Name of the injected container.
 pub const SIDECAR_CONTAINER: &str = "sidegate";
@@ -205,6 +211,55 @@ pub struct InjectSettings<'a> {
     pub namespace: &'a str,
     /// `spec.sidecar` of the pod's AIGateway (defaults when absent).
     pub sidecar: &'a SidecarSettings,
+}
+
+/// What a pod injected now gets, as the webhook records it in the pod's annotations: the
+/// operator compares it with what pods recorded to find those running an outdated sidecar.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InjectedWith {
+    /// The sidecar image ([`SIDECAR_IMAGE_ANNOTATION`]).
+    pub image: String,
+    /// Short hash of the other settings that shape the sidecar container
+    /// ([`SIDECAR_SETTINGS_ANNOTATION`]): pull policy, resources, native or not, ports.
+    pub settings_hash: String,
+}
+
+/// The settings hashed into [`InjectedWith::settings_hash`], in a fixed order.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HashedSettings<'a> {
+    image_pull_policy: Option<&'a str>,
+    resources: &'a ResourceRequirements,
+    native_sidecar: bool,
+    port: u16,
+    admin_port: u16,
+}
+
+impl InjectedWith {
+    /// What [`inject`] gives a pod of a gateway with `sidecar` settings under `config`: the
+    /// gateway's values where it sets them, the operator's otherwise.
+    pub fn new(config: &InjectConfig, sidecar: &SidecarSettings) -> Self {
+        let hashed = HashedSettings {
+            image_pull_policy: config.image_pull_policy.as_deref(),
+            resources: sidecar
+                .resources
+                .as_ref()
+                .unwrap_or(&config.default_resources),
+            native_sidecar: sidecar.native_sidecar,
+            port: sidecar.port,
+            admin_port: sidecar.admin_port,
+        };
+        // Fields of plain types and BTreeMaps: the JSON, and so the hash, is deterministic.
+        let json = serde_json::to_vec(&hashed).unwrap_or_default();
+        let digest = sha2::Sha256::digest(&json);
+        Self {
+            image: sidecar
+                .image
+                .clone()
+                .unwrap_or_else(|| config.image.clone()),
+            settings_hash: hex::encode(&digest[..6]),
+        }
+    }
 }
 
 /// Why a pod gets no sidecar.
@@ -416,6 +471,15 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
     ops.add(
         &["metadata", "annotations", INJECTED_ANNOTATION],
         &settings.config.version,
+    )?;
+    let injected_with = InjectedWith::new(settings.config, settings.sidecar);
+    ops.add(
+        &["metadata", "annotations", SIDECAR_IMAGE_ANNOTATION],
+        &injected_with.image,
+    )?;
+    ops.add(
+        &["metadata", "annotations", SIDECAR_SETTINGS_ANNOTATION],
+        &injected_with.settings_hash,
     )?;
 
     // Volumes: whole-object mounts (no subPath), so kubelet's updates reach the sidecar;

@@ -163,6 +163,29 @@ impl WebhookArgs {
     pub fn allowed_images(&self) -> Result<images::AllowedImages, images::InvalidRule> {
         images::AllowedImages::new(&self.allowed_sidecar_images, &self.sidecar_image)
     }
+
+    /// How the webhook of an operator in `namespace` serving `scope` injects: the sidecar flags.
+    /// The controller reads the same, to tell pods injected otherwise (outdated) apart.
+    pub fn inject_config(
+        &self,
+        namespace: &str,
+        scope: &crate::scope::Scope,
+    ) -> Result<InjectConfig, StartError> {
+        let mut config =
+            InjectConfig::new(&self.sidecar_image, env!("CARGO_PKG_VERSION"), namespace);
+        config.image_pull_policy = self.sidecar_image_pull_policy.clone();
+        config.allowed_images = self.allowed_images()?;
+        if let Some(json) = self
+            .sidecar_resources
+            .as_deref()
+            .filter(|j| !j.trim().is_empty())
+        {
+            config.default_resources = default_resources(json)?;
+        }
+        config.excluded_namespaces = self.excluded_namespaces(namespace);
+        config.scope = scope.clone();
+        Ok(config)
+    }
 }
 
 /// Why the webhook could not start.
@@ -236,7 +259,9 @@ pub async fn start(
     scope: &crate::scope::Scope,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<SocketAddr, StartError> {
-    let resolver = Arc::new(CertResolver::new());
+    let resolver = Arc::new(CertResolver::reporting_expiry(
+        metrics.webhook_certificate_expiry.clone(),
+    ));
     match args.cert_mode {
         CertMode::SelfManaged => {
             let settings = SelfManaged {
@@ -275,18 +300,7 @@ pub async fn start(
             tokio::spawn(files.keep_loaded(resolver.clone(), CertFiles::RELOAD_EVERY));
         }
     }
-    let mut config = InjectConfig::new(&args.sidecar_image, env!("CARGO_PKG_VERSION"), namespace);
-    config.image_pull_policy = args.sidecar_image_pull_policy.clone();
-    config.allowed_images = args.allowed_images()?;
-    if let Some(json) = args
-        .sidecar_resources
-        .as_deref()
-        .filter(|j| !j.trim().is_empty())
-    {
-        config.default_resources = default_resources(json)?;
-    }
-    config.excluded_namespaces = args.excluded_namespaces(namespace);
-    config.scope = scope.clone();
+    let config = args.inject_config(namespace, scope)?;
     let addr = SocketAddr::new(args.webhook_bind, args.webhook_port);
     let listener = crate::admin::bind(addr)
         .await

@@ -19,6 +19,7 @@ use sidegate_operator::controller::{self, Context};
 use sidegate_operator::metrics::Metrics;
 use sidegate_operator::providerkey;
 use sidegate_operator::scope::Scope;
+use sidegate_operator::webhook::inject::InjectConfig;
 use tokio::sync::OnceCell;
 
 use crate::common::eventually;
@@ -87,6 +88,17 @@ pub async fn start_controllers_excluding(
     scope: Scope,
     excluded: BTreeSet<String>,
 ) -> Arc<Metrics> {
+    start_controllers_injecting(user, scope, excluded, None).await
+}
+
+/// [`start_controllers_excluding`] for an operator whose webhook injects as `injection` says
+/// (pods injected otherwise are outdated).
+pub async fn start_controllers_injecting(
+    user: &str,
+    scope: Scope,
+    excluded: BTreeSet<String>,
+    injection: Option<InjectConfig>,
+) -> Arc<Metrics> {
     let mut config = kube::Config::infer().await.expect("kubeconfig");
     config.auth_info.impersonate = Some(user.into());
     let metrics = Arc::new(Metrics::default());
@@ -102,6 +114,7 @@ pub async fn start_controllers_excluding(
             let ctx = Arc::new(Context {
                 resync: Duration::from_secs(60),
                 excluded_namespaces: excluded,
+                injection,
                 ..Context::new(client.clone(), m, Some("cluster-test".into()))
             });
             tokio::join!(
