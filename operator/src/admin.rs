@@ -1,5 +1,10 @@
-//! The admin listener: `/healthz` (process alive), `/readyz` (connected to the apiserver and
-//! either leading with caches synced or standing by) and `/metrics` (Prometheus text).
+//! The admin listener: `/healthz` (process alive), `/readyz` and `/metrics` (Prometheus text).
+//!
+//! `/readyz` turns ready once the start-up checks passed and the webhook serves, and stays so in
+//! every role (leader, standby, a leader that lost its Lease and stands by again) and through
+//! later apiserver outages, since the webhook still answers then: every replica unready at once
+//! would leave the webhook Service without endpoints. It is unready while starting (the
+//! apiserver may be away; the process waits for it rather than exiting) and from SIGTERM on.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +23,7 @@ use crate::metrics::Metrics;
 /// What the admin endpoints report.
 #[derive(Default)]
 pub struct AdminState {
-    /// Set once the operator can serve (see the module doc).
+    /// Whether `/readyz` reports ready (see the module doc).
     pub ready: AtomicBool,
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
@@ -97,7 +102,7 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
         }
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: apiserver not reached or caches not synced\n".into(),
+            "not ready: starting (waiting for the apiserver) or shutting down\n".into(),
             "text/plain",
         ),
         "/metrics" => match state.metrics.encode() {

@@ -49,7 +49,9 @@ struct RunArgs {
     #[arg(long, env = "SIDEGATE_ADMIN_ADDR", default_value = "[::]:8080")]
     admin_addr: SocketAddr,
     /// Take a coordination.k8s.io Lease before running the controllers, so that only one of
-    /// several replicas reconciles; standby replicas stay ready and take over when it lapses.
+    /// several replicas reconciles; standby replicas stay ready and take over when it lapses, and
+    /// a leader that loses it (taken over, or not renewed in time) stops its controllers and
+    /// stands by again, its webhook serving throughout.
     #[arg(long, env = "SIDEGATE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
     /// Namespace of the leader Lease (defaults to the pod's namespace, $POD_NAMESPACE).
@@ -134,16 +136,27 @@ fn print_crds(out_dir: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 /// An error and its causes on one line, leaving out a cause whose text an earlier one already
-/// holds (kube's errors repeat their sources in their messages).
+/// holds (kube's errors repeat their sources in their messages), and an apiserver's answer as
+/// its message and code (kube prints the whole Status struct after them).
 fn error_text(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
-        let part = cause.to_string();
+        // The answer's Status, the last cause, says the same again.
+        let (part, last) = match cause.downcast_ref::<kube::Error>() {
+            Some(kube::Error::Api(status)) => (
+                format!("{} ({} {})", status.message, status.code, status.reason),
+                true,
+            ),
+            _ => (cause.to_string(), false),
+        };
         if !text.contains(&part) {
             if !text.is_empty() {
                 text.push_str(": ");
             }
             text.push_str(&part);
+        }
+        if last {
+            break;
         }
     }
     text
@@ -173,30 +186,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .context("no Kubernetes client configuration (in-cluster or KUBECONFIG)")?;
     tracing::info!(serving = %scope.describe(), "sidegate-operator starting");
-    for ns in scope.watches() {
-        Scope::api::<AIGateway>(&client, ns)
-            .list(&ListParams::default().limit(1))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot list AIGateways in {}: are the CRDs installed (sidegate-operator crd | kubectl apply --server-side -f -) and is RBAC granted there?",
-                    ns.map_or_else(|| "the cluster".to_owned(), |ns| format!("namespace {ns}"))
+    // /healthz answers and /readyz stays unready meanwhile: an apiserver down for a while (a
+    // control-plane upgrade) is waited for here, not by a restart loop whose backoff outlasts it.
+    let started = async {
+        for ns in scope.watches() {
+            startup_step(&format!("listing AIGateways in {}", described(ns)), || {
+                list_aigateways(&client, ns)
+            })
+            .await?;
+        }
+        if args.webhook.enabled {
+            // The webhook's namespace is the operator's own (excluded from injection, holds the
+            // certificate Secret).
+            startup_step("starting the sidecar injection webhook", || async {
+                Ok(webhook::start(
+                    client.clone(),
+                    &args.webhook,
+                    &args.lease_namespace,
+                    &scope,
+                    metrics.clone(),
                 )
-            })?;
+                .await?)
+            })
+            .await?;
+        }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        started = started => started?,
+        () = shutdown.requested() => {
+            tracing::info!("stopped during start-up");
+            return Ok(());
+        }
     }
-    if args.webhook.enabled {
-        // The webhook's namespace is the operator's own (excluded from injection, holds the
-        // certificate Secret).
-        webhook::start(
-            client.clone(),
-            &args.webhook,
-            &args.lease_namespace,
-            &scope,
-            metrics.clone(),
-        )
-        .await
-        .context("starting the sidecar injection webhook")?;
-    }
+    // Ready from here on in every role, also while the apiserver is away later: the webhook
+    // serves on every replica, and all of them unready at once would remove every endpoint
+    // (with failurePolicy Ignore, pods would then start without the sidecar).
     state.ready.store(true, Ordering::Relaxed);
 
     let identity = args
@@ -204,14 +229,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| format!("sidegate-operator-{}", std::process::id()));
-    let ctx = Arc::new(Context {
-        resync: Duration::from_secs(args.resync_secs.max(10)),
-        sidecar_images,
-        // The webhook's exclusions: pods there are never injected, so not counted as uninjected.
-        excluded_namespaces: args.webhook.excluded_namespaces(&args.lease_namespace),
-        ..Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
-    });
-    let controllers = async {
+    // A new Context (and new watches, so new caches) for every term as leader: nothing learned
+    // in an earlier term, when another replica may have written since, is trusted.
+    let controllers = || async {
+        let ctx = Arc::new(Context {
+            resync: Duration::from_secs(args.resync_secs.max(10)),
+            sidecar_images: sidecar_images.clone(),
+            // The webhook's exclusions: pods there are never injected, so not counted as
+            // uninjected.
+            excluded_namespaces: args.webhook.excluded_namespaces(&args.lease_namespace),
+            ..Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
+        });
         metrics.leader.set(1);
         tokio::join!(
             controller::run(client.clone(), ctx.clone(), args.concurrency, &scope),
@@ -222,7 +250,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if !args.leader_elect {
         tracing::info!("running controllers without leader election");
         // The controllers stop on the signal themselves (shutdown_on_signal).
-        controllers.await;
+        controllers().await;
         shutdown.drained_after_stop(drain).await;
         return Ok(());
     }
@@ -231,41 +259,181 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         LeaseSettings {
             namespace: args.lease_namespace.clone(),
             name: args.lease_name.clone(),
-            identity,
+            identity: identity.clone(),
             duration: Duration::from_secs(args.lease_duration_secs.max(4)),
             renew_every: Duration::from_secs((args.lease_duration_secs / 3).max(1)),
         },
     );
-    tokio::select! {
-        () = elector.acquire() => {}
-        () = shutdown.requested() => {
-            shutdown.drained(drain).await;
-            return Ok(());
+    // Leadership lost (taken over, or not renewed while the apiserver was away) stops the
+    // controllers and makes this replica a standby again; the process, its webhook and its
+    // readiness carry on. Exiting instead would cut admissions in flight and, after an apiserver
+    // outage, restart every replica into a growing CrashLoopBackOff.
+    loop {
+        tokio::select! {
+            () = elector.acquire() => {}
+            () = shutdown.requested() => {
+                shutdown.drained(drain).await;
+                return Ok(());
+            }
         }
-    }
-    let outcome = tokio::select! {
-        () = controllers => Ok(()),
-        lost = elector.hold() => Err(lost),
-    };
-    metrics.leader.set(0);
-    match outcome {
-        Ok(()) => {
+        let lost = tokio::select! {
+            () = controllers() => None,
+            lost = elector.hold() => Some(lost),
+        };
+        metrics.leader.set(0);
+        let Some(lost) = lost else {
             // Released before the drain: the standby takes over while this replica still
             // answers admissions.
             elector.release().await;
             tracing::info!("controllers stopped; lease released");
             shutdown.drained_after_stop(drain).await;
-            Ok(())
+            return Ok(());
+        };
+        tracing::warn!(
+            error = %lost,
+            "leadership lost: controllers stopped; standing by for the lease again (the webhook keeps serving)"
+        );
+    }
+}
+
+/// `the cluster` or `namespace NS`, for an entry of [`Scope::watches`].
+fn described(ns: Option<&str>) -> String {
+    ns.map_or_else(|| "the cluster".to_owned(), |ns| format!("namespace {ns}"))
+}
+
+/// Lists one AIGateway: the CRDs are installed and this identity may read them there.
+async fn list_aigateways(client: &kube::Client, ns: Option<&str>) -> anyhow::Result<()> {
+    match Scope::api::<AIGateway>(client, ns)
+        .list(&ListParams::default().limit(1))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let hint = match StartupFailure::of_kube(&e) {
+                StartupFailure::NotInstalled => Some(
+                    "the CRDs are not installed (sidegate-operator crd | kubectl apply --server-side -f -)",
+                ),
+                StartupFailure::Refused => Some("RBAC does not grant it to this operator"),
+                _ => None,
+            };
+            let e = anyhow::Error::new(e);
+            Err(match hint {
+                Some(hint) => e.context(hint),
+                None => e,
+            })
         }
-        // Exit so the pod restarts with clean caches rather than racing the new leader.
-        Err(lost) => Err(anyhow::Error::new(lost).context("leadership lost")),
+    }
+}
+
+/// First wait between attempts of a start-up step; it doubles up to [`STARTUP_RETRY_MAX`].
+const STARTUP_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between attempts of a start-up step.
+const STARTUP_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Longest one attempt may take (a half-open connection answers nothing, and says nothing).
+const STARTUP_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Refusals (401, 403) in a row believed: an apiserver that has just started refuses until its
+/// RBAC caches are loaded (kubernetes/kubernetes#121635), which 5 attempts (~15 s) outlast.
+const STARTUP_REFUSALS_BELIEVED: u32 = 5;
+
+/// What a failed start-up step says about trying it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartupFailure {
+    /// The apiserver was not reached, did not answer in time, or said it cannot serve now
+    /// (408, 429, 5xx): it comes back.
+    Unreachable,
+    /// 404: a CRD not installed yet (helm's crds/ or a `kubectl apply` may land a moment later).
+    NotInstalled,
+    /// 401 or 403: lasts until the credentials or RBAC change, once it has lasted a while.
+    Refused,
+    /// Anything else (flags, files, a request the apiserver calls invalid): waiting changes
+    /// nothing, so the process exits saying why.
+    Permanent,
+}
+
+impl StartupFailure {
+    /// The failure of an error whose causes hold a client error (none: [`Self::Permanent`]).
+    fn of(e: &anyhow::Error) -> Self {
+        e.chain()
+            .find_map(|c| c.downcast_ref::<kube::Error>())
+            .map_or(Self::Permanent, Self::of_kube)
+    }
+
+    /// The failure of a client error.
+    fn of_kube(e: &kube::Error) -> Self {
+        match e {
+            kube::Error::Api(status) => match status.code {
+                401 | 403 => Self::Refused,
+                404 => Self::NotInstalled,
+                408 | 429 | 500.. => Self::Unreachable,
+                _ => Self::Permanent,
+            },
+            // Connection refused or reset, TLS handshake cut, no answer, a credential plugin
+            // that could not run: the transport, not the request.
+            kube::Error::HyperError(_)
+            | kube::Error::Service(_)
+            | kube::Error::ReadEvents(_)
+            | kube::Error::Auth(_) => Self::Unreachable,
+            _ => Self::Permanent,
+        }
+    }
+}
+
+/// Runs `attempt` until it succeeds, waiting between attempts (1 s doubling to 30 s) while the
+/// failure may heal, with one log line per failed attempt; returns the error of one that will
+/// not (see [`StartupFailure`]).
+async fn startup_step<T, F, Fut>(step: &str, mut attempt: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut wait = STARTUP_RETRY_FIRST;
+    let mut refusals = 0;
+    let mut n = 0u32;
+    loop {
+        n += 1;
+        let (failure, e) = match tokio::time::timeout(STARTUP_ATTEMPT_TIMEOUT, attempt()).await {
+            Ok(Ok(done)) => {
+                if n > 1 {
+                    tracing::info!("{step}: done at attempt {n}");
+                }
+                return Ok(done);
+            }
+            Ok(Err(e)) => (StartupFailure::of(&e), e),
+            Err(_) => (
+                StartupFailure::Unreachable,
+                anyhow::anyhow!("no answer within {}s", STARTUP_ATTEMPT_TIMEOUT.as_secs()),
+            ),
+        };
+        match failure {
+            StartupFailure::Permanent => return Err(e.context(step.to_owned())),
+            StartupFailure::Refused => {
+                refusals += 1;
+                if refusals >= STARTUP_REFUSALS_BELIEVED {
+                    return Err(e.context(format!("{step} (refused {refusals} times in a row)")));
+                }
+            }
+            StartupFailure::Unreachable | StartupFailure::NotInstalled => refusals = 0,
+        }
+        tracing::warn!(
+            "{step}: attempt {n} failed, retrying in {}s: {}",
+            wait.as_secs(),
+            error_text(&e)
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(STARTUP_RETRY_MAX);
     }
 }
 
 fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // kube_client's builder logs every failed request again, which its caller already does in
+    // one line of its own (a start-up attempt, a lease renewal, a reconcile).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,kube=warn,kube_client::client::builder=off")
+    });
+    // Colours only on a terminal: kubectl logs shows escape codes as they are.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     if format == "json" {
         builder.json().init();
     } else {
@@ -276,6 +444,107 @@ fn init_tracing(format: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU32;
+
+    fn api_error(code: u16) -> anyhow::Error {
+        let status = kube::core::Status::failure("refused", "Test").with_code(code);
+        anyhow::Error::new(kube::Error::Api(status.boxed())).context("reading something")
+    }
+
+    fn unreachable() -> anyhow::Error {
+        anyhow::Error::new(kube::Error::Service("connection refused".into()))
+    }
+
+    #[test]
+    fn start_up_failures_are_sorted_by_whether_waiting_heals_them() {
+        use StartupFailure::*;
+        assert_eq!(StartupFailure::of(&unreachable()), Unreachable);
+        for code in [408, 429, 500, 503, 504] {
+            assert_eq!(StartupFailure::of(&api_error(code)), Unreachable, "{code}");
+        }
+        assert_eq!(StartupFailure::of(&api_error(404)), NotInstalled);
+        assert_eq!(StartupFailure::of(&api_error(403)), Refused);
+        assert_eq!(StartupFailure::of(&api_error(401)), Refused);
+        assert_eq!(StartupFailure::of(&api_error(422)), Permanent);
+        assert_eq!(
+            StartupFailure::of(&anyhow::anyhow!("--tls-cert-file: no such file")),
+            Permanent
+        );
+    }
+
+    /// Runs `startup_step` over `failures` (then success), returning its result, the attempts
+    /// made and the time it took (paused time).
+    async fn step_over(
+        failures: Vec<fn() -> anyhow::Error>,
+    ) -> (anyhow::Result<()>, u32, Duration) {
+        let attempts = AtomicU32::new(0);
+        let start = tokio::time::Instant::now();
+        let result = startup_step("a step", || {
+            let n = attempts.fetch_add(1, Ordering::Relaxed) as usize;
+            let failure = failures.get(n).map(|f| f());
+            async move { failure.map_or(Ok(()), Err) }
+        })
+        .await;
+        (result, attempts.into_inner(), start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_up_step_is_retried_with_a_doubling_wait_while_the_apiserver_is_away() {
+        let away: Vec<fn() -> anyhow::Error> = vec![
+            unreachable,
+            || api_error(503),
+            || api_error(404),
+            unreachable,
+            unreachable,
+            unreachable,
+            unreachable,
+        ];
+        let (result, attempts, took) = step_over(away).await;
+        result.expect("done once the apiserver answers");
+        assert_eq!(attempts, 8);
+        // 1 + 2 + 4 + 8 + 16 + 30 + 30: the wait stops doubling at 30 s.
+        assert_eq!(took, Duration::from_secs(91));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_up_step_gives_up_at_once_on_what_waiting_cannot_heal() {
+        let (result, attempts, took) = step_over(vec![unreachable, || api_error(422)]).await;
+        let e = result.expect_err("422 is permanent");
+        assert_eq!(attempts, 2);
+        assert_eq!(took, Duration::from_secs(1));
+        assert!(
+            error_text(&e).starts_with("a step: reading something"),
+            "{e:#}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_believed_once_it_lasts_five_attempts_in_a_row() {
+        // A refusal between other failures starts the count again (a restarting apiserver
+        // refuses until its RBAC caches are loaded).
+        let forbidden = || api_error(403);
+        let (result, attempts, _) = step_over(vec![
+            forbidden,
+            forbidden,
+            forbidden,
+            forbidden,
+            unreachable,
+            forbidden,
+            forbidden,
+        ])
+        .await;
+        result.expect("refusals that stopped");
+        assert_eq!(attempts, 8);
+
+        let (result, attempts, took) = step_over(vec![forbidden; 6]).await;
+        let e = result.expect_err("a refusal that lasts");
+        assert_eq!(attempts, 5);
+        assert_eq!(took, Duration::from_secs(1 + 2 + 4 + 8));
+        assert!(
+            error_text(&e).starts_with("a step (refused 5 times in a row): reading something"),
+            "{e:#}"
+        );
+    }
 
     #[test]
     fn an_error_and_its_causes_make_one_line_without_repeats() {
@@ -286,6 +555,16 @@ mod tests {
         assert_eq!(
             error_text(&e),
             "no Kubernetes client configuration: failed to read kubeconfig: No such file (os error 2)"
+        );
+        let forbidden = kube::core::Status::failure(
+            "aigateways.sidegate.dev is forbidden: User \"x\" cannot list resource \"aigateways\"",
+            "Forbidden",
+        )
+        .with_code(403);
+        let e = anyhow::Error::new(kube::Error::Api(forbidden.boxed())).context("listing");
+        assert_eq!(
+            error_text(&e),
+            "listing: aigateways.sidegate.dev is forbidden: User \"x\" cannot list resource \"aigateways\" (403 Forbidden)"
         );
     }
 }
