@@ -166,6 +166,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Checked before anything starts (the webhook reads the same flags).
     let sidecar_images = args.webhook.allowed_images()?;
     let scope = Scope::namespaces(&args.watch_namespaces)?;
+    // How the webhook injects, so that pods injected otherwise are counted as outdated.
+    let injection = if args.webhook.enabled {
+        Some(
+            args.webhook
+                .inject_config(&args.lease_namespace, &scope)
+                .context("sidecar injection settings")?,
+        )
+    } else {
+        None
+    };
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(AdminState {
         ready: Default::default(),
@@ -238,6 +248,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             // The webhook's exclusions: pods there are never injected, so not counted as
             // uninjected.
             excluded_namespaces: args.webhook.excluded_namespaces(&args.lease_namespace),
+            injection: injection.clone(),
             ..Context::new(client.clone(), metrics.clone(), Some(identity.clone()))
         });
         metrics.leader.set(1);
