@@ -357,6 +357,14 @@ impl Tally {
         }
     }
 
+    /// Whether the limits still have room (as [`Ledger::check`]), for a long answer charged in
+    /// parts (a WebSocket session) that must stop when they run out.
+    pub async fn check(&self, metrics: &Metrics) -> Result<(), GatewayError> {
+        self.ledger
+            .check(&self.settings, self.shared.as_deref(), metrics)
+            .await
+    }
+
     /// A successful answer of `provider` for `model` cost nothing against the spend limit: its
     /// tokens are unknown (`tokens_known` false) or the model has no price. Warned once per
     /// model (per provider, for unknown tokens), as an operator who set a limit would want to

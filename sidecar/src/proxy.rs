@@ -61,6 +61,8 @@ pub struct Gateway {
     otel: crate::otel::Exporter,
     /// Bytes held in buffered bodies over every request (`spec.limits.maxBufferedBytes`).
     pub(crate) buffers: crate::buffers::BufferBudget,
+    /// The WebSocket sessions open now (`crate::websocket`).
+    pub sessions: crate::websocket::Sessions,
     /// How long a client may stay silent mid-request: its first bytes, a request head, or the
     /// next part of a request body (`--client-timeout`).
     pub client_timeout: Duration,
@@ -111,6 +113,7 @@ impl Gateway {
             ledger: Arc::default(),
             otel: crate::otel::Exporter::new(client.clone(), metrics.clone()),
             buffers: metrics.buffer_budget(),
+            sessions: crate::websocket::Sessions::default(),
             client,
             metrics,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,

@@ -197,6 +197,8 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                 // Not a bad edit but the gateway taken away: its keys must not serve on.
                 if gw.snapshot.load().is_some() {
                     gw.snapshot.store(None);
+                    // Open WebSocket sessions hold the provider's credentials too.
+                    gw.sessions.end_all();
                     gw.metrics.count_reload(false);
                     tracing::error!(
                         config = %src.config.display(),

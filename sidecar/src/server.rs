@@ -331,8 +331,10 @@ pub async fn serve_gateway(
         "shutting down: new connections refused, waiting for in-flight requests"
     );
     let _ = phase.send(Phase::Stopping);
+    // WebSocket sessions left their connections when they upgraded: waited for apart.
     let all_ended = async |connections: &mut JoinSet<()>| {
         while connections.join_next().await.is_some() {}
+        gateway.sessions.all_ended().await;
     };
     if tokio::time::timeout_at(deadline, all_ended(&mut connections))
         .await
@@ -341,9 +343,11 @@ pub async fn serve_gateway(
         tracing::warn!(
             grace_secs = drain.grace.as_secs(),
             connections = connections.len(),
+            websocket_sessions = gateway.sessions.open(),
             "in-flight requests did not finish in time: cut"
         );
         let _ = phase.send(Phase::Cut);
+        gateway.sessions.end_all();
         if tokio::time::timeout(CUT_WITHIN, all_ended(&mut connections))
             .await
             .is_err()

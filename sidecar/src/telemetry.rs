@@ -560,9 +560,12 @@ impl<'de> serde::Deserialize<'de> for FirstEntries {
                     ignored: 0,
                 };
                 while let Some(key) = map.next_key::<String>()? {
-                    if let Some(slot) = out.entries.iter_mut().find(|(k, _)| *k == key) {
+                    let kept = out.entries.iter_mut().find(|(k, _)| *k == key);
+                    if let Some(slot) = kept
+                        && out.ignored == 0
+                    {
                         slot.1 = map.next_value()?;
-                    } else if out.entries.len() < MAX_METADATA_ENTRIES {
+                    } else if out.entries.len() < MAX_METADATA_ENTRIES && out.ignored == 0 {
                         let value = map.next_value()?;
                         out.entries.push((key, value));
                     } else {
@@ -612,6 +615,8 @@ pub struct RequestRecord {
     tally: Option<crate::budget::Tally>,
     /// Budget nodes of a dynamic route this request went through, charged with its cost.
     route_budgets: Vec<std::sync::Arc<crate::routing::BudgetWindow>>,
+    /// Tokens (input, output) already charged to the usage limits by [`Self::charge_part`].
+    precharged: [u64; 2],
     /// Bodies for the log line (`spec.logging.payloads`).
     payloads: Option<Box<Payloads>>,
     /// The span to export, when the gateway exports them.
@@ -652,6 +657,7 @@ impl RequestRecord {
             custom_cost: opts.custom_cost,
             tally: None,
             route_budgets: Vec::new(),
+            precharged: [0, 0],
             payloads: opts.payloads.then(Box::default),
             trace: opts.trace.clone(),
             done: false,
@@ -736,6 +742,36 @@ impl RequestRecord {
         self.step = Some(step);
     }
 
+    /// Adds a part of a long answer as it completes (a WebSocket session's response): its tokens
+    /// to the record's, and its cost charged to the usage limits now, not when the record
+    /// finishes (which charges only what was not charged yet).
+    pub fn charge_part(&mut self, input: u64, output: u64) {
+        let part = [Some(input), Some(output)];
+        self.usage.input = Some(self.usage.input.unwrap_or(0).saturating_add(input));
+        self.usage.output = Some(self.usage.output.unwrap_or(0).saturating_add(output));
+        self.precharged[0] = self.precharged[0].saturating_add(input);
+        self.precharged[1] = self.precharged[1].saturating_add(output);
+        if let Some(t) = &self.tally {
+            t.add(&self.metrics, self.charged(part), part);
+        }
+    }
+
+    /// What `tokens` of this request cost against the usage limits: cache hits and failed
+    /// requests nothing; the app's `cf-aig-custom-cost` may raise the model's price, never lower
+    /// it (budgets are the operator's).
+    fn charged(&self, tokens: [Option<u64>; 2]) -> Option<f64> {
+        if self.cached || self.status >= 400 {
+            return None;
+        }
+        let cost = crate::cost::cost(self.price, self.custom_cost, tokens);
+        match (cost, self.custom_cost) {
+            (Some(c), Some(_)) => {
+                Some(crate::cost::cost(self.price, None, tokens).map_or(c, |priced| c.max(priced)))
+            }
+            (c, _) => c,
+        }
+    }
+
     /// The body reached its end.
     pub fn finish_complete(mut self) {
         self.finish("complete");
@@ -760,16 +796,21 @@ impl RequestRecord {
         } else {
             crate::cost::cost(self.price, self.custom_cost, tokens)
         };
-        // Budgets are the operator's: the app's `cf-aig-custom-cost` may raise what a request
-        // is charged against them, never lower it below the model's price.
-        let charged = match (cost, self.custom_cost) {
-            (Some(c), Some(_)) => {
-                Some(crate::cost::cost(self.price, None, tokens).map_or(c, |priced| c.max(priced)))
-            }
-            (c, _) => c,
-        };
+        let charged = self.charged(tokens);
         if let Some(t) = &self.tally {
-            t.add(&self.metrics, charged, tokens);
+            if self.precharged == [0, 0] {
+                t.add(&self.metrics, charged, tokens);
+            } else {
+                // Parts were charged as they completed: only the rest is due.
+                let [pi, po] = self.precharged;
+                let due = [
+                    tokens_in.map(|n| n.saturating_sub(pi)),
+                    tokens_out.map(|n| n.saturating_sub(po)),
+                ];
+                if due != [Some(0), Some(0)] {
+                    t.add(&self.metrics, self.charged(due), due);
+                }
+            }
             if let Some(model) = &self.model
                 && charged.is_none()
                 && !self.cached
@@ -954,10 +995,16 @@ mod tests {
                 .as_deref(),
             Some(r#"{"z":1,"b":"x","a":true,"d":4,"c":5}"#)
         );
-        // A repeated key is one entry, with its last value.
+        // A repeated key is one entry, with its last value, until entries are ignored.
         assert_eq!(
             meta(r#"{"a":1,"a":2,"b":3}"#).expect("valid").as_deref(),
             Some(r#"{"a":2,"b":3}"#)
+        );
+        assert_eq!(
+            meta(r#"{"a":1,"b":2,"c":3,"d":4,"e":5,"f":6,"a":{"x":1}}"#)
+                .expect("valid")
+                .as_deref(),
+            Some(r#"{"a":1,"b":2,"c":3,"d":4,"e":5}"#)
         );
         // Kept entries are still checked; keys are written back as JSON strings.
         assert_eq!(meta(r#"{"a":1,"b":[2]}"#), Err(2100));

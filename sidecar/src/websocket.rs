@@ -14,8 +14,14 @@
 //! limits as other answers do. For that the gateway asks the provider for uncompressed frames
 //! (it drops the client's `Sec-WebSocket-Extensions`), as it asks for uncompressed HTTP answers.
 //!
+//! Each response is charged to the spend limit and token budget when its `response.done` passes,
+//! and a session whose limits run out is closed (close code 1008). Sessions are ended (close code
+//! 1001) when the gateway stops after its grace period, and when its config is taken away (the
+//! AIGateway deleted): a session never goes on with keys the gateway no longer holds.
+//!
 //! A gateway whose DLP or guardrails check requests or responses refuses upgrades: it could not
-//! check what a session carries.
+//! check what a session carries. So does a provider whose requests the gateway signs (AWS): a
+//! session is not a request it can sign.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,8 +43,64 @@ use crate::telemetry::{LogOptions, RequestRecord};
 
 /// Largest text message whose token counts are read; a longer one is passed on unread.
 const MAX_READ_MESSAGE: usize = 1 << 20;
-/// Size of each direction's copy buffer.
+/// A message is gathered only when its first bytes name a `response.done` (OpenAI puts the
+/// `type` first): audio deltas and the like pass without being copied.
+const PEEK: usize = 128;
+/// Size of the provider-to-client copy buffer.
 const COPY_BUFFER: usize = 16 * 1024;
+/// Once one direction of a session has ended, how long the other may take to end too.
+const CLOSING_GRACE: Duration = Duration::from_secs(5);
+
+/// The WebSocket sessions open now: counted, and ended together when the gateway stops or its
+/// config is taken away.
+#[derive(Debug)]
+pub struct Sessions {
+    /// Bumped to end every session open now.
+    ending: tokio::sync::watch::Sender<u64>,
+    /// Sessions open now.
+    open: Arc<tokio::sync::watch::Sender<usize>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            ending: tokio::sync::watch::channel(0).0,
+            open: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+}
+
+impl Sessions {
+    /// Ends every session open now (sessions opened later are not affected).
+    pub fn end_all(&self) {
+        self.ending.send_modify(|g| *g += 1);
+    }
+
+    /// Sessions open now.
+    pub fn open(&self) -> usize {
+        *self.open.borrow()
+    }
+
+    /// Resolves once no session is open.
+    pub async fn all_ended(&self) {
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|n| *n == 0).await;
+    }
+
+    fn join(&self) -> (tokio::sync::watch::Receiver<u64>, OpenSession) {
+        self.open.send_modify(|n| *n += 1);
+        (self.ending.subscribe(), OpenSession(self.open.clone()))
+    }
+}
+
+/// Counts a session as open until dropped.
+struct OpenSession(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
 
 type Failure = (Option<Arc<str>>, GatewayError);
 
@@ -95,6 +157,12 @@ pub(crate) async fn serve(
             "WebSocket sessions are refused: this gateway's DLP or guardrails check what requests and responses carry, which they cannot do for a session".into(),
         )));
     }
+    if provider.signs_requests() {
+        return Err(fail(GatewayError::WebSocketRefused(format!(
+            "WebSocket sessions are refused for {}: the gateway signs its requests, and a session is not one it can sign",
+            provider.id
+        ))));
+    }
     let Some(client_side) = parts.extensions.get::<OnUpgrade>().cloned() else {
         return Err(fail(GatewayError::WebSocketRefused(
             "a WebSocket upgrade needs HTTP/1.1".into(),
@@ -126,6 +194,13 @@ pub(crate) async fn serve(
         .and_then(|q| query_value(q, "model"))
         .and_then(|m| crate::cost::ModelName::named(&m));
     let (mut head, body) = upstream.into_parts();
+    // The provider's own `cf-aig-*` and hop-by-hop headers go; the gateway's are added after.
+    let upstream_side = head.extensions.remove::<OnUpgrade>();
+    let (connection, upgrade) = (
+        head.headers.remove(header::CONNECTION),
+        head.headers.remove(header::UPGRADE),
+    );
+    crate::headers::strip_response_headers(&mut head.headers);
     let log_id =
         crate::proxy::tag_response(&mut head.headers, parts.headers.get("cf-aig-event-id"));
     let mut record = RequestRecord::new(
@@ -141,34 +216,40 @@ pub(crate) async fn serve(
     if let Some(m) = model {
         record.set_model(m, &snap.pricing);
     }
-    record.set_tally(gw.tally(snap));
+    let tally = gw.tally(snap);
+    record.set_tally(tally.clone());
     if head.status != StatusCode::SWITCHING_PROTOCOLS {
         // The provider's answer (an error, most likely) goes through as it is.
-        crate::headers::strip_response_headers(&mut head.headers);
         let body = crate::proxy::answer_body(body, false, record, None);
         return Ok(Response::from_parts(head, body));
     }
-    let Some(upstream_side) = head.extensions.remove::<OnUpgrade>() else {
+    let Some(upstream_side) = upstream_side else {
         return Err(fail(GatewayError::UpstreamUnavailable(
             "the provider switched protocols on a connection that cannot be handed over".into(),
         )));
     };
     // The provider's handshake answer (its `Sec-WebSocket-Accept` answers the client's key).
-    let mut answer = Response::new(ProxyBody::full(Bytes::new()));
-    *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    for (name, value) in &head.headers {
-        if name != header::CONNECTION && name != header::UPGRADE && name != header::CONTENT_LENGTH {
-            answer.headers_mut().append(name.clone(), value.clone());
-        }
-    }
-    answer
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    answer
-        .headers_mut()
-        .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    head.headers.remove(header::CONTENT_LENGTH);
+    head.headers.insert(
+        header::CONNECTION,
+        connection.unwrap_or(HeaderValue::from_static("upgrade")),
+    );
+    head.headers.insert(
+        header::UPGRADE,
+        upgrade.unwrap_or(HeaderValue::from_static("websocket")),
+    );
+    let answer = Response::from_parts(head, ProxyBody::full(Bytes::new()));
+    let (ending, open) = gw.sessions.join();
+    let session = Session {
+        record,
+        tally,
+        metrics: gw.metrics.clone(),
+        ending,
+        _open: open,
+    };
     let provider_id = provider.id.clone();
-    // The client's side switches once this answer is written; the session runs on its own.
+    // The client's side switches once this answer is written; the session runs on its own,
+    // counted in `gw.sessions`.
     tokio::spawn(async move {
         let (client, upstream) = tokio::join!(client_side, upstream_side);
         let (client, upstream) = match (client, upstream) {
@@ -176,61 +257,145 @@ pub(crate) async fn serve(
             (c, u) => {
                 let e = c.err().or(u.err()).map(|e| e.to_string());
                 tracing::debug!(provider = %provider_id, error = ?e, "websocket upgrade did not complete");
-                record.finish_upstream_error();
+                session.record.finish_upstream_error();
                 return;
             }
         };
-        run(client, upstream, record).await;
+        run(client, upstream, session).await;
     });
     Ok(answer)
 }
 
-/// Copies a session both ways until either side closes it, reading the token counts of the
-/// provider's messages on the way, and finishes its record.
-async fn run<C, U>(client: C, upstream: U, mut record: RequestRecord)
+/// An open session's bookkeeping.
+struct Session {
+    record: RequestRecord,
+    /// The usage limits its responses are charged to as they complete.
+    tally: Option<crate::budget::Tally>,
+    metrics: Arc<crate::telemetry::Metrics>,
+    /// Changes when every session must end ([`Sessions::end_all`]).
+    ending: tokio::sync::watch::Receiver<u64>,
+    _open: OpenSession,
+}
+
+/// How the provider-to-client direction of a session ended.
+enum End {
+    /// The provider closed its side.
+    Closed,
+    /// Reading or writing failed.
+    Failed(std::io::Error),
+    /// The usage limits ran out (close code 1008 sent).
+    Limit(GatewayError),
+    /// The gateway ended the session (close code 1001 sent).
+    Ending,
+}
+
+/// Copies a session both ways until either side closes it (the other then gets
+/// [`CLOSING_GRACE`] to close too), charging the provider's responses as they complete, and
+/// finishes its record.
+async fn run<C, U>(client: C, upstream: U, mut s: Session)
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
-    let to_provider = async {
-        let copied = tokio::io::copy(&mut client_rx, &mut upstream_tx).await;
-        // The client closed its side: so does the gateway, towards the provider.
-        let _ = upstream_tx.shutdown().await;
-        copied
-    };
-    let to_client = async {
-        let mut frames = Frames::default();
-        let mut buf = vec![0u8; COPY_BUFFER];
-        let mut total = 0u64;
-        loop {
-            let n = match upstream_rx.read(&mut buf).await {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => return (Err(e), frames, total),
-            };
-            frames.feed(&buf[..n]);
-            if let Err(e) = client_tx.write_all(&buf[..n]).await {
-                return (Err(e), frames, total);
+    let (up, down) = {
+        let to_provider = async {
+            let copied = tokio::io::copy(&mut client_rx, &mut upstream_tx).await;
+            // The client closed its side: so does the gateway, towards the provider.
+            let _ = upstream_tx.shutdown().await;
+            copied
+        };
+        let to_client = async {
+            let end = forward(&mut upstream_rx, &mut client_tx, &mut s).await;
+            let _ = client_tx.shutdown().await;
+            end
+        };
+        tokio::pin!(to_provider, to_client);
+        tokio::select! {
+            down = &mut to_client => {
+                // The provider's side is over: the client's gets a moment to close, then goes.
+                let up = tokio::time::timeout(CLOSING_GRACE, &mut to_provider).await.ok();
+                (up, down)
             }
-            total += n as u64;
+            up = &mut to_provider => {
+                match tokio::time::timeout(CLOSING_GRACE, &mut to_client).await {
+                    Ok(down) => (Some(up), down),
+                    Err(_) => (Some(up), End::Closed),
+                }
+            }
         }
-        let _ = client_tx.shutdown().await;
-        (Ok(()), frames, total)
     };
-    let (up, (down, frames, bytes)) = tokio::join!(to_provider, to_client);
-    record.add_bytes(bytes);
-    if let Some((input, output)) = frames.tokens() {
-        record.set_tokens(input, output);
-    }
+    let record = s.record;
     match (up, down) {
-        (Ok(_), Ok(())) => record.finish_complete(),
+        (Some(Ok(_)) | None, End::Closed | End::Ending) => record.finish_complete(),
+        (_, End::Limit(e)) => {
+            tracing::info!(error = %e, "websocket session closed: usage limit reached");
+            record.finish_complete();
+        }
         (up, down) => {
-            tracing::debug!(to_provider = ?up.err(), to_client = ?down.err(), "websocket session ended with an error");
+            let down = match down {
+                End::Failed(e) => Some(e),
+                _ => None,
+            };
+            tracing::debug!(to_provider = ?up.and_then(Result::err), to_client = ?down, "websocket session ended with an error");
             record.finish_upstream_error();
         }
     }
+}
+
+/// Copies what the provider sends to the client, charging each `response.done`, until the
+/// provider closes, a copy fails, the usage limits run out or the gateway ends the session.
+async fn forward<R, W>(upstream: &mut R, client: &mut W, s: &mut Session) -> End
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut frames = Frames::default();
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = tokio::select! {
+            read = upstream.read(&mut buf) => match read {
+                Ok(0) => return End::Closed,
+                Ok(n) => n,
+                Err(e) => return End::Failed(e),
+            },
+            _ = s.ending.changed() => {
+                close(client, &frames, 1001, "the gateway is stopping").await;
+                return End::Ending;
+            }
+        };
+        frames.feed(&buf[..n]);
+        tokio::select! {
+            written = client.write_all(&buf[..n]) => if let Err(e) = written {
+                return End::Failed(e);
+            },
+            _ = s.ending.changed() => return End::Ending,
+        }
+        s.record.add_bytes(n as u64);
+        if let Some((input, output)) = frames.take_counted() {
+            s.record.charge_part(input, output);
+            if let Some(t) = &s.tally
+                && let Err(e) = t.check(&s.metrics).await
+            {
+                close(client, &frames, 1008, "usage limit reached").await;
+                return End::Limit(e);
+            }
+        }
+    }
+}
+
+/// Sends the client a close frame (RFC 6455 §5.5.1) with `code` and `reason`, when the bytes
+/// copied so far end on a frame boundary (else the connection is closed without one).
+async fn close<W: AsyncWrite + Unpin>(client: &mut W, frames: &Frames, code: u16, reason: &str) {
+    if !frames.at_boundary() {
+        return;
+    }
+    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    let mut frame = vec![0x88, 2 + reason.len() as u8];
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(reason);
+    let _ = tokio::time::timeout(CLOSING_GRACE, client.write_all(&frame)).await;
 }
 
 /// The value of `name` in a URL query (percent-decoding only what model names use).
@@ -263,6 +428,9 @@ struct Frames {
     message: Option<Vec<u8>>,
     /// The current frame belongs to the text message being gathered.
     reading: bool,
+    /// The first [`PEEK`] bytes of the message were looked at.
+    peeked: bool,
+    /// Tokens of the `response.done` messages read since [`Self::take_counted`].
     input: u64,
     output: u64,
     counted: bool,
@@ -327,6 +495,7 @@ impl Frames {
         self.reading = match opcode {
             1 => {
                 self.message = Some(Vec::new());
+                self.peeked = false;
                 true
             }
             0 => self.message.is_some(),
@@ -358,6 +527,12 @@ impl Frames {
             for b in &mut m[from..] {
                 *b ^= key[*at % 4];
                 *at += 1;
+            }
+        }
+        if !self.peeked && m.len() >= PEEK {
+            self.peeked = true;
+            if memchr::memmem::find(&m[..PEEK], b"response.done").is_none() {
+                self.message = None;
             }
         }
     }
@@ -396,9 +571,17 @@ impl Frames {
         }
     }
 
-    /// Input and output tokens of the session, when the provider reported any.
-    fn tokens(&self) -> Option<(u64, u64)> {
-        self.counted.then_some((self.input, self.output))
+    /// Input and output tokens of the `response.done` messages read since the last call, when
+    /// there were any.
+    fn take_counted(&mut self) -> Option<(u64, u64)> {
+        let counted = std::mem::take(&mut self.counted).then_some((self.input, self.output));
+        (self.input, self.output) = (0, 0);
+        counted
+    }
+
+    /// Whether the bytes fed so far end where a frame ends.
+    fn at_boundary(&self) -> bool {
+        !self.in_payload && self.header.is_empty()
     }
 }
 
@@ -431,11 +614,13 @@ mod tests {
         f
     }
 
+    /// A `response.done` event as OpenAI sends it (`event_id` and `type` first).
     fn done(input: u64, output: u64, pad: usize) -> Vec<u8> {
-        serde_json::json!({"type": "response.done", "event_id": "ev1", "response": {
-            "id": "resp1", "status": "completed", "output": [{"text": "x".repeat(pad)}],
-            "usage": {"total_tokens": input + output, "input_tokens": input, "output_tokens": output}}})
-        .to_string()
+        format!(
+            r#"{{"event_id":"ev1","type":"response.done","response":{{"id":"resp1","status":"completed","output":[{{"text":"{}"}}],"usage":{{"total_tokens":{},"input_tokens":{input},"output_tokens":{output}}}}}}}"#,
+            "x".repeat(pad),
+            input + output
+        )
         .into_bytes()
     }
 
@@ -460,22 +645,36 @@ mod tests {
             for piece in stream.chunks(chunk) {
                 f.feed(piece);
             }
-            assert_eq!(f.tokens(), Some((111, 46)), "fed {chunk} bytes at a time");
+            assert_eq!(
+                f.take_counted(),
+                Some((111, 46)),
+                "fed {chunk} bytes at a time"
+            );
+            assert_eq!(f.take_counted(), None, "taken once");
+            assert!(f.at_boundary());
             assert!(!f.in_payload && f.header.is_empty());
         }
         let mut none = Frames::default();
         none.feed(&frame(true, 1, br#"{"type":"session.created"}"#, None));
-        assert_eq!(none.tokens(), None);
+        assert_eq!(none.take_counted(), None);
+        // A long message whose first bytes name no response.done is not gathered at all.
+        let mut audio = Frames::default();
+        let delta = format!(
+            r#"{{"type":"response.output_audio.delta","delta":"{}","note":"response.done"}}"#,
+            "A".repeat(5000)
+        );
+        audio.feed(&frame(true, 1, delta.as_bytes(), None)[..3000]);
+        assert!(audio.message.is_none() && !audio.at_boundary());
     }
 
     #[test]
     fn messages_over_the_read_limit_are_passed_unread() {
         let mut f = Frames::default();
         f.feed(&frame(true, 1, &done(5, 5, MAX_READ_MESSAGE), None));
-        assert_eq!(f.tokens(), None);
+        assert_eq!(f.take_counted(), None);
         // The next one is read again.
         f.feed(&frame(true, 1, &done(5, 5, 0), None));
-        assert_eq!(f.tokens(), Some((5, 5)));
+        assert_eq!(f.take_counted(), Some((5, 5)));
     }
 
     #[test]

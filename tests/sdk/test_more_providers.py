@@ -140,6 +140,23 @@ def test_parallel_takes_the_stored_key_in_x_api_key_on_any_path(gw, x_api_key_mo
     assert seen["headers"]["x-api-key"] == KEYS["parallel.default"]
 
 
-def test_provider_keys_for_them_are_used_not_reported_unused(gw):
-    for provider in ["cerebras", "baseten", "parallel"]:
-        assert f"key {provider}.default is unused" not in gw.logs()
+def test_compat_reaches_parallel_on_its_chat_path(gw, x_api_key_mock):
+    out = ask(client(gw, "/compat"), "parallel/speed", "compat parallel")
+    assert out.choices[0].message.content == "mock reply to: compat parallel"
+    seen = x_api_key_mock.last()
+    assert seen["path"] == "/v1beta/chat/completions"
+    assert seen["headers"]["x-api-key"] == KEYS["parallel.default"]
+
+
+def test_provider_keys_for_them_are_used_not_reported_unused(mock, tmp_path):
+    # custom-nowhere is not configured here: its key is the one reported unused (the message checked
+    # against is the gateway's own).
+    keys = dict(KEYS, **{"custom-nowhere.default": f"{KEY_MARKER}-nowhere"})
+    extra = "".join(f"    {p}: {{baseURL: '{mock.url}/v1'}}\n" for p in ["cerebras", "baseten", "parallel"])
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=extra), keys)
+    try:
+        assert "key custom-nowhere.default is unused" in g.logs()
+        for provider in ["cerebras", "baseten", "parallel"]:
+            assert f"key {provider}.default is unused" not in g.logs()
+    finally:
+        g.stop()

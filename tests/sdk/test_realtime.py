@@ -145,6 +145,9 @@ def test_cloudflares_realtime_url_and_a_bad_key_answer_through(upstream, tmp_pat
                                            additional_headers={"Authorization": "Bearer sk-wrong"}).close()
         assert refused.value.response.status_code == 401
         assert b"Incorrect API key" in refused.value.response.body
+        # The refusal carries the id of its log line, as every answer does.
+        log_id = refused.value.response.headers["cf-aig-log-id"]
+        assert " status_code=401 " in g.wait_log_line(log_id)
         assert upstream.handshakes[-1]["path"] == f"/v1/realtime?model={MODEL}"
         with websockets.sync.client.connect(g.url.replace("http", "ws") + f"/openai?model={MODEL}",
                                             additional_headers={"Authorization": f"Bearer {OPENAI_KEY}"}) as ws:
@@ -171,7 +174,74 @@ def test_a_gateway_that_checks_what_requests_carry_refuses_sessions(upstream, tm
         err = json.loads(refused.value.response.body)["error"][0]
         assert err["code"] == 2111 and "DLP" in err["message"], err
         assert upstream.handshakes == []
-        # Plain HTTP requests are served as before.
-        assert httpx.get(g.url + "/openai/models").status_code != 400
+        # Plain HTTP requests are served as before: this one reaches the upstream.
+        httpx.get(g.url + "/openai/models")
+        assert [h["path"] for h in upstream.handshakes] == ["/v1/models"]
+    finally:
+        g.stop()
+
+
+def ws_url(g):
+    return g.url.replace("http", "ws") + f"/openai/realtime?model={MODEL}"
+
+
+def respond(ws):
+    """Asks for a response; the events until its response.done."""
+    ws.send(json.dumps({"type": "response.create"}))
+    events = []
+    while not events or events[-1]["type"] != "response.done":
+        events.append(json.loads(ws.recv(timeout=5)))
+    return events
+
+
+def test_a_session_is_closed_when_its_token_budget_runs_out(upstream, tmp_path):
+    # Each response reports 19 tokens: the first fits a budget of 20 tokens a minute, the
+    # second spends it, and the session is closed then (1008), charged for both.
+    spec = "  rateLimit: {limit: 1000, interval: 60s, tokensPerMinute: 20}\n"
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        with websockets.sync.client.connect(ws_url(g)) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+            respond(ws)
+            respond(ws)
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                ws.recv(timeout=5)
+            assert closed.value.rcvd.code == 1008, closed.value
+        assert " tokens_in=24 tokens_out=14" in session_line(g)
+        # The budget is spent: the next session is refused at the upgrade.
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            websockets.sync.client.connect(ws_url(g)).close()
+        assert refused.value.response.status_code == 429
+    finally:
+        g.stop()
+
+
+def test_sessions_end_when_the_gateway_is_deleted(upstream, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url), DEFAULT_KEYS)
+    try:
+        with websockets.sync.client.connect(ws_url(g)) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+            # kubelet empties both volumes when the AIGateway is deleted.
+            g.config.unlink()
+            for f in g.keys_dir.iterdir():
+                f.unlink()
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd.code == 1001, closed.value
+        # Logged when it ended, not left open.
+        assert " provider=openai " in session_line(g)
+    finally:
+        g.stop()
+
+
+def test_a_session_whose_provider_goes_away_ends_for_the_client(upstream, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url), DEFAULT_KEYS)
+    try:
+        with websockets.sync.client.connect(ws_url(g)) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+            upstream.stop()
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                ws.recv(timeout=10)
+        assert " provider=openai " in session_line(g)
     finally:
         g.stop()

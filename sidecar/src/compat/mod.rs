@@ -596,6 +596,8 @@ fn openai_route<'m>(
         }
         "mistral" | "grok" | "openrouter" | "huggingface" | "workers-ai" => "v1/",
         "cohere" => "compatibility/v1/",
+        // Parallel's OpenAI-compatible chat API (docs.parallel.ai/api-reference).
+        "parallel" => "v1beta/",
         _ => "",
     };
     Ok((format!("{prefix}{leaf}"), None, model))
