@@ -352,14 +352,18 @@ mod tests {
         }
     }
 
+    /// The sample lines starting with `prefix`, sorted: the order of a family's label sets in
+    /// the exposition is not defined.
     fn lines(metrics: &Metrics, prefix: &str) -> Vec<String> {
-        metrics
+        let mut lines: Vec<String> = metrics
             .encode()
             .expect("encodes")
             .lines()
             .filter(|l| l.starts_with(prefix))
             .map(str::to_owned)
-            .collect()
+            .collect();
+        lines.sort();
+        lines
     }
 
     #[test]
@@ -388,16 +392,16 @@ mod tests {
         assert_eq!(
             lines(&metrics, "sidegate_operator_aigateways_not_ready"),
             [
-                "sidegate_operator_aigateways_not_ready{reason=\"KeyMissing\"} 0",
                 "sidegate_operator_aigateways_not_ready{reason=\"InvalidSpec\"} 1",
+                "sidegate_operator_aigateways_not_ready{reason=\"KeyMissing\"} 0",
             ]
         );
         metrics.retain_gateways(|ns, _| ns != "a");
         assert_eq!(
             lines(&metrics, "sidegate_operator_aigateways_not_ready"),
             [
-                "sidegate_operator_aigateways_not_ready{reason=\"KeyMissing\"} 0",
                 "sidegate_operator_aigateways_not_ready{reason=\"InvalidSpec\"} 0",
+                "sidegate_operator_aigateways_not_ready{reason=\"KeyMissing\"} 0",
             ]
         );
         assert_eq!(
