@@ -5,7 +5,7 @@
 //!
 //! How long each attempt may take is [`Waits`]: the request timeout bounds the first byte only,
 //! and a direct request's last attempt of several waits as Cloudflare's does, "until the request
-//! completes" (within [`LAST_ATTEMPT_WAIT`]).
+//! completes" (within the gateway's own `spec.requestTimeout`).
 
 use std::time::Duration;
 
@@ -21,12 +21,6 @@ pub const MAX_ATTEMPTS: u32 = 5;
 pub const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Base delay when retries are on and none is set.
 pub const DEFAULT_DELAY: Duration = Duration::from_millis(100);
-
-/// Least wait for the response head of a direct request's last attempt of several. Cloudflare
-/// waits on it "regardless of how long it takes"; a pod cannot hold a connection and a buffered
-/// request body forever, so it waits this long: the default timeout of the OpenAI and Anthropic
-/// SDKs (and of `spec.requestTimeout`), by when a client left at its defaults has given up.
-pub const LAST_ATTEMPT_WAIT: Duration = Duration::from_secs(600);
 
 /// How one request retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,11 +123,13 @@ pub struct Waits {
 impl Waits {
     /// A direct request's (passthrough, `/compat` to one model): `timeout` (its
     /// `cf-aig-request-timeout`, else `spec.requestTimeout`) bounds the first byte of each
-    /// attempt; the last of several waits at least [`LAST_ATTEMPT_WAIT`] and `own`
-    /// (`spec.requestTimeout`); a single attempt times out after `timeout` (a 504).
+    /// attempt; the last of several waits as Cloudflare's does "regardless of how long it
+    /// takes", within the gateway's own bound `own` (`spec.requestTimeout`, default 600 s: the
+    /// OpenAI and Anthropic SDKs' own timeout), or `timeout` if longer; a single attempt times
+    /// out after `timeout` (a 504).
     pub fn direct(timeout: Duration, own: Duration, attempts: u32) -> Self {
         let last_head = if attempts > 1 {
-            timeout.max(own).max(LAST_ATTEMPT_WAIT)
+            timeout.max(own)
         } else {
             timeout
         };
@@ -246,7 +242,8 @@ mod tests {
         let (timeout, own) = (Duration::from_millis(500), Duration::from_secs(30));
         let w = Waits::direct(timeout, own, 2);
         assert_eq!(w.head, timeout);
-        assert_eq!(w.last_head, LAST_ATTEMPT_WAIT);
+        // As long as the gateway's own bound, which an operator's spec.requestTimeout sets.
+        assert_eq!(w.last_head, own);
         // A gateway or a client that waits longer still does on the last attempt.
         let long = Duration::from_secs(1200);
         assert_eq!(Waits::direct(timeout, long, 3).last_head, long);

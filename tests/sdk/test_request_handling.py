@@ -40,6 +40,21 @@ def test_a_timed_out_attempt_is_retried_and_the_last_attempt_waits_for_its_answe
     assert "retrying upstream" in gateway.logs()
 
 
+def test_the_last_attempt_waits_no_longer_than_the_gateways_own_request_timeout(mock, tmp_path):
+    # The operator's spec.requestTimeout bounds the last attempt's wait, as it bounds the
+    # gateway's other waits.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  requestTimeout: 800ms\n"), DEFAULT_KEYS)
+    try:
+        h = tagged(**{"cf-aig-request-timeout": "200", "cf-aig-max-attempts": "2",
+                      "cf-aig-retry-delay": "0", "x-mock-delay-ms": "1500"})
+        r = httpx.post(g.url + CHAT, json=BODY, headers=h, timeout=30)
+        assert r.status_code == 504, r.text
+        assert "800 ms" in r.json()["error"][0]["message"]
+        assert attempts(mock, h) == 2
+    finally:
+        g.stop()
+
+
 def test_a_single_attempt_that_times_out_is_a_504_in_the_envelope(gateway, mock):
     h = tagged(**{"cf-aig-request-timeout": "500", "cf-aig-max-attempts": "1", "x-mock-delay-ms": "1500"})
     r = httpx.post(gateway.url + CHAT, json=BODY, headers=h, timeout=30)
