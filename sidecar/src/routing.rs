@@ -199,6 +199,22 @@ enum Position<'a> {
 }
 
 impl<'a> Walk<'a> {
+    /// Every target the walk could reach (a chain's, or a route's model nodes), whatever the
+    /// request's metadata.
+    pub fn targets(&self) -> Vec<&'a Target> {
+        match &self.0 {
+            Position::Chain { targets, .. } => targets.iter().collect(),
+            Position::Route { route, .. } => route
+                .nodes
+                .values()
+                .filter_map(|n| match n {
+                    Node::Model { target, .. } => Some(target),
+                    _ => None,
+                })
+                .collect(),
+        }
+    }
+
     /// The next target to try, given the request's metadata; `None` when the walk ends.
     pub fn next_target(&mut self, metadata: &Map<String, Value>) -> Option<&'a Target> {
         match &mut self.0 {
@@ -383,6 +399,22 @@ mod tests {
             ["openai/gpt-4o-mini"]
         );
         assert_eq!(targets(&r, &Map::new()), ["openai/gpt-4o-mini"]);
+        // Every model the route could reach, whatever the metadata.
+        let walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+        let mut all: Vec<String> = walk
+            .targets()
+            .iter()
+            .map(|t| format!("{}/{}", t.provider, t.model))
+            .collect();
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                "anthropic/claude-sonnet-4-5",
+                "openai/gpt-4o",
+                "openai/gpt-4o-mini"
+            ]
+        );
     }
 
     #[test]
@@ -613,6 +645,7 @@ mod tests {
         )
         .expect("valid");
         let mut w = r.walk("fallback/f").expect("chain").expect("exists");
+        assert_eq!(w.targets().len(), 2);
         let m = Map::new();
         assert_eq!(w.next_target(&m).map(|t| t.model.as_str()), Some("a"));
         assert_eq!(w.next_target(&m).map(|t| t.model.as_str()), Some("b"));

@@ -802,6 +802,13 @@ pub(crate) async fn serve(
     let admitted =
         |p: &Provider| admission.allow_client_key(sends_stored_credentials(snap, p, alias));
     admitted(provider).map_err(fail)?;
+    // Every target a route or chain could reach, before any is tried: a fallback must not
+    // turn a provider's failure into the client's 401.
+    for t in walk.as_ref().map(|w| w.targets()).unwrap_or_default() {
+        if let Some(p) = snap.providers.get(&t.provider) {
+            admitted(p).map_err(|e| (Some(p.id.clone()), e))?;
+        }
+    }
     let path = match endpoint {
         Endpoint::Chat => "compat/chat/completions",
         Endpoint::Embeddings => "compat/embeddings",
