@@ -3,7 +3,6 @@ an app moving from Cloudflare by changing only its base URL reaches them through
 the stored key injected, in the short and the long form, and through /compat."""
 
 import json
-import time
 
 import httpx
 import openai
@@ -54,14 +53,9 @@ def ask(c, model, text, **kw):
     return c.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], **kw)
 
 
-def request_line(g, log_id, timeout=3):
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in g.logs().splitlines():
-            if f'"message":"request","id":"{log_id}"' in line:
-                return json.loads(line)
-        assert time.monotonic() < deadline, f"no JSON log line for {log_id}"
-        time.sleep(0.05)
+def request_line(g, log_id):
+    """The JSON access log line of the request `log_id`."""
+    return json.loads(g.wait_log_line(log_id))
 
 
 @pytest.mark.parametrize("provider", OPENAI_COMPATIBLE)
