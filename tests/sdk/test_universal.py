@@ -181,7 +181,8 @@ def test_a_steps_own_gateway_headers_override_the_requests(gateway, mock):
     no_cache["headers"]["cf-aig-cache-ttl"] = "0"
     hour = {"cf-aig-cache-ttl": "3600"}
     a, b = (httpx.post(gateway.url + "/", json=[no_cache], headers=hour) for _ in range(2))
-    assert [r.headers["cf-aig-cache-status"] for r in (a, b)] == ["MISS", "MISS"]
+    # The gateway's cache is off: with the step's TTL 0 the request has no caching to report.
+    assert not any("cf-aig-cache-status" in r.headers for r in (a, b))
     assert a.json()["id"] != b.json()["id"] and len(mock.requests()) == 2
     assert not any(h.startswith("cf-aig-") for h in mock.last()["headers"]), mock.last()["headers"]
     # A step's TTL turns the cache on for it alone; its alias picks its stored key.
