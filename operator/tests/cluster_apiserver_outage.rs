@@ -14,7 +14,6 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -22,13 +21,13 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
-use rcgen::{CertificateParams, KeyPair};
 use serde_json::json;
 use sidegate_crds::api::{AIGateway, ProviderKey};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-use common::{cluster_client, create_test_namespace, eventually, unique_name};
+use common::{cluster_client, create_test_namespace, eventually};
+use support::operator_process::{OperatorCommand, OperatorProcess, temp_dir, write_certificate};
 use support::*;
 
 /// The operator's Lease duration: renewals every second, given up after 3 s without one.
@@ -116,160 +115,24 @@ async fn apiserver_addr() -> SocketAddr {
         .expect("an address")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+/// `sidegate-operator run` with `kubeconfig` as `LEASE-replica`, serving namespace `ns` only
+/// and taking the Lease `lease` there.
+fn start_operator(dir: &Path, kubeconfig: &Path, ns: &str, lease: &str) -> OperatorProcess {
+    write_certificate(dir);
+    OperatorCommand::new(dir, &format!("{lease}-replica"))
+        .kubeconfig(kubeconfig)
+        .arg(format!("--watch-namespace={ns}"))
+        .arg(format!("--lease-namespace={ns}"))
+        .arg(format!("--lease-name={lease}"))
+        .arg(format!("--lease-duration-secs={LEASE_SECS}"))
+        .spawn()
 }
 
-/// One operator process, killed (by its pid) when the test ends.
-struct Operator {
-    identity: String,
-    child: Child,
-    admin: u16,
-    webhook: u16,
-    log: PathBuf,
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-impl Operator {
-    /// Starts `sidegate-operator run` with `kubeconfig`, serving namespace `ns` only and taking
-    /// the Lease `lease` there.
-    fn start(dir: &Path, kubeconfig: &Path, ns: &str, lease: &str) -> Self {
-        write_certificate(dir);
-        let (admin, webhook) = (free_port(), free_port());
-        let identity = format!("{lease}-replica");
-        let log = dir.join("operator.log");
-        let out = std::fs::File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_sidegate-operator"))
-            .args([
-                "run",
-                &format!("--admin-addr=127.0.0.1:{admin}"),
-                "--webhook-bind=127.0.0.1",
-                &format!("--webhook-port={webhook}"),
-                "--cert-mode=files",
-                &format!("--tls-cert-file={}", dir.join("tls.crt").display()),
-                &format!("--tls-key-file={}", dir.join("tls.key").display()),
-                &format!("--watch-namespace={ns}"),
-                &format!("--lease-namespace={ns}"),
-                &format!("--lease-name={lease}"),
-                &format!("--identity={identity}"),
-                &format!("--lease-duration-secs={LEASE_SECS}"),
-                "--log-format=text",
-            ])
-            .env("KUBECONFIG", kubeconfig)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("starting sidegate-operator");
-        Self {
-            identity,
-            child,
-            admin,
-            webhook,
-            log,
-        }
-    }
-
-    fn get(&self, path: &str) -> Option<(String, String)> {
-        let out = Command::new("curl")
-            .args(["--max-time", "2", "-s", "-w", "\n%{http_code}"])
-            .arg(format!("http://127.0.0.1:{}{path}", self.admin))
-            .output()
-            .expect("curl runs");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n')?;
-        out.status
-            .success()
-            .then(|| (code.to_owned(), body.to_owned()))
-    }
-
-    fn status(&self, path: &str) -> Option<String> {
-        self.get(path).map(|(code, _)| code)
-    }
-
-    /// `sidegate_operator_leader` from `/metrics`.
-    fn leader_gauge(&self) -> Option<String> {
-        let (_, body) = self.get("/metrics")?;
-        body.lines()
-            .find_map(|l| l.strip_prefix("sidegate_operator_leader "))
-            .map(str::to_owned)
-    }
-
-    /// `GET /healthz` on the webhook's TLS listener: whether it answers.
-    fn webhook_answers(&self) -> bool {
-        Command::new("curl")
-            .args(["--max-time", "2", "-sk"])
-            .arg(format!("https://127.0.0.1:{}/healthz", self.webhook))
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout == b"ok\n")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Panics with the log if the process has exited.
-    fn assert_running(&mut self, when: &str) {
-        if let Some(status) = self.child.try_wait().expect("try_wait") {
-            panic!(
-                "the operator exited ({status}) {when}; its log:\n{}",
-                self.log()
-            );
-        }
-    }
-
-    /// Waits until `check` holds, panicking with the log if the process exits meanwhile.
-    async fn wait_for(&mut self, what: &str, timeout: Duration, check: impl Fn(&Self) -> bool) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            self.assert_running(&format!("while waiting for {what}"));
-            if check(self) {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out after {timeout:?} waiting for {what}; the operator's log:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Ready, leading (by its gauge) and answering admissions.
-    fn serving(&self, leader: &str) -> bool {
-        self.status("/readyz").as_deref() == Some("200")
-            && self.leader_gauge().as_deref() == Some(leader)
-            && self.webhook_answers()
-    }
-}
-
-fn write_certificate(dir: &Path) {
-    let key = KeyPair::generate().expect("key");
-    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .expect("params")
-        .self_signed(&key)
-        .expect("self-signed");
-    std::fs::write(dir.join("tls.crt"), cert.pem()).expect("tls.crt");
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("tls.key");
-}
-
-fn temp_dir(prefix: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique_name(prefix));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// Ready and answering admissions, and leading or standing by as its
+/// `sidegate_operator_leader` gauge says.
+fn serving_and_leading(operator: &OperatorProcess, leading: bool) -> bool {
+    let gauge = if leading { "1" } else { "0" };
+    operator.serving() && operator.metric("sidegate_operator_leader").as_deref() == Some(gauge)
 }
 
 async fn holder(leases: &Api<Lease>, name: &str) -> Option<String> {
@@ -287,7 +150,7 @@ async fn an_operator_started_while_the_apiserver_is_away_waits_for_it_and_become
     let dir = temp_dir("sidegate-outage-start");
     let gate = ApiserverGate::start(apiserver_addr().await, false).await;
     let kubeconfig = kubeconfig_through(&gate, &dir).await;
-    let mut operator = Operator::start(&dir, &kubeconfig, &ns.name, "outage-start");
+    let mut operator = start_operator(&dir, &kubeconfig, &ns.name, "outage-start");
 
     // Attempts at about 0, 1 and 3 s: the third failure is logged before 5 s.
     operator
@@ -297,9 +160,9 @@ async fn an_operator_started_while_the_apiserver_is_away_waits_for_it_and_become
             |o| o.log().contains("attempt 3 failed"),
         )
         .await;
-    assert_eq!(operator.status("/healthz").as_deref(), Some("200"));
+    assert_eq!(operator.admin_status("/healthz").as_deref(), Some("200"));
     assert_eq!(
-        operator.status("/readyz").as_deref(),
+        operator.admin_status("/readyz").as_deref(),
         Some("503"),
         "ready before the apiserver was reached"
     );
@@ -318,7 +181,7 @@ async fn an_operator_started_while_the_apiserver_is_away_waits_for_it_and_become
         .wait_for(
             "ready, leading and answering admissions",
             Duration::from_secs(30),
-            |o| o.serving("1"),
+            |o| serving_and_leading(o, true),
         )
         .await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
@@ -344,10 +207,10 @@ async fn a_leader_that_loses_its_lease_stops_its_controllers_stands_by_and_leads
     let gate = ApiserverGate::start(apiserver_addr().await, true).await;
     let kubeconfig = kubeconfig_through(&gate, &dir).await;
     let lease = "outage-lease";
-    let mut operator = Operator::start(&dir, &kubeconfig, &ns.name, lease);
+    let mut operator = start_operator(&dir, &kubeconfig, &ns.name, lease);
     let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
     operator
-        .wait_for("ready and leading", WAIT, |o| o.serving("1"))
+        .wait_for("ready and leading", WAIT, |o| serving_and_leading(o, true))
         .await;
     assert_eq!(
         holder(&leases, lease).await.as_deref(),
@@ -372,7 +235,7 @@ async fn a_leader_that_loses_its_lease_stops_its_controllers_stands_by_and_leads
         .wait_for(
             "the controllers stopped, standing by, still serving the webhook",
             Duration::from_secs(10),
-            |o| o.serving("0"),
+            |o| serving_and_leading(o, false),
         )
         .await;
     assert!(
@@ -385,7 +248,7 @@ async fn a_leader_that_loses_its_lease_stops_its_controllers_stands_by_and_leads
         .wait_for(
             "leading again once the taken Lease lapsed",
             Duration::from_secs(LEASE_SECS * 4),
-            |o| o.serving("1"),
+            |o| serving_and_leading(o, true),
         )
         .await;
     assert_eq!(
@@ -412,7 +275,9 @@ async fn a_leader_that_loses_its_lease_stops_its_controllers_stands_by_and_leads
         .wait_for(
             "leadership given up while the apiserver is away, the webhook still serving",
             Duration::from_secs(LEASE_SECS * 3),
-            |o| o.log().matches("leadership lost").count() > losses && o.serving("0"),
+            |o| {
+                o.log().matches("leadership lost").count() > losses && serving_and_leading(o, false)
+            },
         )
         .await;
     gate.open();
@@ -425,7 +290,7 @@ async fn a_leader_that_loses_its_lease_stops_its_controllers_stands_by_and_leads
         .wait_for(
             "leading again once the apiserver is back",
             Duration::from_secs(30),
-            |o| o.serving("1"),
+            |o| serving_and_leading(o, true),
         )
         .await;
     eventually("the Lease renewed by the operator", WAIT, || async {
@@ -452,14 +317,10 @@ async fn an_operator_refused_by_rbac_exits_with_one_clear_line_once_the_refusal_
     let gate = ApiserverGate::start(apiserver_addr().await, true).await;
     let nobody = format!("system:serviceaccount:{}:nobody", ns.name);
     let kubeconfig = kubeconfig_as(&gate, &dir, Some(&nobody)).await;
-    let mut operator = Operator::start(&dir, &kubeconfig, &ns.name, "outage-refused");
+    let mut operator = start_operator(&dir, &kubeconfig, &ns.name, "outage-refused");
 
     // Refusals at about 0, 1, 3, 7 and 15 s: believed at the fifth.
-    let status = eventually("the operator exits", Duration::from_secs(40), || {
-        let done = operator.child.try_wait().expect("try_wait");
-        async move { done }
-    })
-    .await;
+    let status = operator.exit_status(Duration::from_secs(40)).await;
     assert!(!status.success(), "{status}");
     let log = operator.log();
     assert_eq!(

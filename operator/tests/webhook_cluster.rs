@@ -14,6 +14,7 @@ mod common;
 mod support;
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,20 +27,14 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sidegate_crds::api::AIGateway;
+use sidegate_operator::metrics::Metrics;
+use sidegate_operator::scope::Scope;
 use sidegate_operator::webhook::certs::{self, CertResolver, SelfManaged};
 use sidegate_operator::webhook::inject::{INJECTED_ANNOTATION, SIDECAR_CONTAINER};
 use sidegate_operator::webhook::{self, CertMode, WebhookArgs, WebhookState};
 
 use common::{TestNamespace, cluster_client, create_test_namespace, eventually, unique_name};
-use support::{WAIT, condition, create, gateway, wait_for_default_service_account};
-
-/// A free loopback port (bound and released; the webhook binds it again right after).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
+use support::{WAIT, condition, create, free_port, gateway, wait_for_default_service_account};
 
 /// The webhook configuration `name` → `https://127.0.0.1:port/mutate`, selecting only namespace
 /// `ns`, without a caBundle (the webhook patches it in); otherwise as the operator defines it.
@@ -137,6 +132,64 @@ async fn namespaces(client: &Client) -> (TestNamespace, TestNamespace) {
     (apps, operator)
 }
 
+/// The webhook served by this process and registered with the apiserver.
+struct ServedWebhook {
+    config_name: String,
+    port: u16,
+    bound: SocketAddr,
+    metrics: Arc<Metrics>,
+}
+
+/// Registers a configuration `PREFIX-<unique>` for namespace `apps` at a free loopback port and
+/// starts the webhook there (as [`args`] says, its certificate stored in `operator_ns`).
+async fn serve_webhook(
+    client: &Client,
+    config_prefix: &str,
+    apps: &TestNamespace,
+    operator_ns: &TestNamespace,
+) -> ServedWebhook {
+    let port = free_port();
+    let config_name = unique_name(config_prefix);
+    register(client, &config_name, port, &apps.name).await;
+    let metrics = Arc::new(Metrics::default());
+    let bound = webhook::start(
+        client.clone(),
+        &args(port, &config_name),
+        &operator_ns.name,
+        &Scope::cluster(),
+        metrics.clone(),
+    )
+    .await
+    .expect("webhook starts");
+    ServedWebhook {
+        config_name,
+        port,
+        bound,
+        metrics,
+    }
+}
+
+/// Creates pods `probe-N` naming gateway `main` until the apiserver has the webhook inject one;
+/// returns that one as created.
+async fn first_injected_probe(pods: &Api<Pod>) -> Pod {
+    let mut n = 0u32;
+    eventually("the apiserver to call the webhook", WAIT, || {
+        n += 1;
+        let pods = pods.clone();
+        async move {
+            let created = pods
+                .create(
+                    &PostParams::default(),
+                    &pod(&format!("probe-{n}"), &[("sidegate.dev/gateway", "main")]),
+                )
+                .await
+                .expect("create annotated pod");
+            is_injected(&created).then_some(created)
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_alone() {
     let Some(client) = cluster_client().await else {
@@ -170,19 +223,12 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
     )
     .await;
 
-    let port = free_port();
-    let config_name = unique_name("sidegate-webhook-test");
-    register(&client, &config_name, port, &apps.name).await;
-    let metrics = Arc::new(sidegate_operator::metrics::Metrics::default());
-    let bound = webhook::start(
-        client.clone(),
-        &args(port, &config_name),
-        &operator_ns.name,
-        &sidegate_operator::scope::Scope::cluster(),
-        metrics.clone(),
-    )
-    .await
-    .expect("webhook starts");
+    let ServedWebhook {
+        config_name,
+        port,
+        bound,
+        metrics,
+    } = serve_webhook(&client, "sidegate-webhook-test", &apps, &operator_ns).await;
     assert_eq!(bound.port(), port);
 
     // Start-up stored the certificate and patched caBundle.
@@ -213,22 +259,7 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
 
     // The apiserver picks the configuration up within moments: create pods until one is injected.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
-    let mut n = 0u32;
-    let first = eventually("the apiserver to call the webhook", WAIT, || {
-        n += 1;
-        let pods = pods.clone();
-        async move {
-            let created = pods
-                .create(
-                    &PostParams::default(),
-                    &pod(&format!("probe-{n}"), &[("sidegate.dev/gateway", "main")]),
-                )
-                .await
-                .expect("create annotated pod");
-            is_injected(&created).then_some(created)
-        }
-    })
-    .await;
+    let first = first_injected_probe(&pods).await;
 
     // Read back what the apiserver stored, not what the create call returned.
     let stored = pods.get(&first.name_any()).await.expect("stored pod");
@@ -308,7 +339,7 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
     // Every injected pod was counted.
     assert!(metrics.admissions("injected") >= 1);
     let state = WebhookState {
-        metrics: Arc::new(sidegate_operator::metrics::Metrics::default()),
+        metrics: Arc::new(Metrics::default()),
         client: client.clone(),
         config: sidegate_operator::webhook::inject::InjectConfig::new(
             "img",
@@ -423,36 +454,13 @@ async fn pods_of_a_gateway_whose_sidecar_resources_the_apiserver_refuses_are_cre
     )
     .await;
 
-    let port = free_port();
-    let config_name = unique_name("sidegate-webhook-resources");
-    register(&client, &config_name, port, &apps.name).await;
-    let metrics = Arc::new(sidegate_operator::metrics::Metrics::default());
-    webhook::start(
-        client.clone(),
-        &args(port, &config_name),
-        &operator_ns.name,
-        &sidegate_operator::scope::Scope::cluster(),
-        metrics.clone(),
-    )
-    .await
-    .expect("webhook starts");
+    let ServedWebhook {
+        config_name,
+        metrics,
+        ..
+    } = serve_webhook(&client, "sidegate-webhook-resources", &apps, &operator_ns).await;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
-    let mut n = 0u32;
-    eventually("the apiserver to call the webhook", WAIT, || {
-        n += 1;
-        let pods = pods.clone();
-        async move {
-            let created = pods
-                .create(
-                    &PostParams::default(),
-                    &pod(&format!("probe-{n}"), &[("sidegate.dev/gateway", "main")]),
-                )
-                .await
-                .expect("create annotated pod");
-            is_injected(&created).then_some(())
-        }
-    })
-    .await;
+    first_injected_probe(&pods).await;
 
     // The pod is created, without the sidecar, and its creator is told why.
     let warnings = kubectl_create(

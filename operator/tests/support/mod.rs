@@ -1,7 +1,10 @@
 //! Helpers shared by the operator's cluster tests: CRDs and RBAC applied once, the controllers
-//! running in-process as the operator's ServiceAccount, object builders and waits.
+//! running in-process as the operator's ServiceAccount, object builders and waits;
+//! [`operator_process`]: `sidegate-operator run` as a child process.
 
 #![allow(dead_code)]
+
+pub mod operator_process;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -31,6 +34,14 @@ static OPERATOR: OnceCell<Arc<Metrics>> = OnceCell::const_new();
 
 pub fn repo_root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// A free loopback port (bound and released; whoever needs it binds it again right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 pub fn kubectl(args: &[&str]) {
