@@ -8,6 +8,13 @@
 //! `query` the JSON body, `headers` the provider headers (a stored key still replaces the auth
 //! header), and `config` overrides timeout and retries for that step.
 //!
+//! A step whose `provider` is `compat` is a request to `/compat` (Cloudflare's unified API):
+//! `endpoint` is `chat/completions` (or Cloudflare's `chat/completion`) or `embeddings`, `query`
+//! the OpenAI-format body whose `model` is `{provider}/{model}`, `dynamic/{route}` or
+//! `fallback/{chain}`; it is served by [`crate::compat::answer`] (translation, the route's own
+//! fallbacks, retries, cache, log), and a non-2xx answer that a step follows is dropped before
+//! anything is logged, charged or stored for it, as a provider step's is.
+//!
 //! With the cache on, each step is looked up when it is reached and its answer stored, keyed as
 //! a request to its provider would be (endpoint, body, alias or the step's own credentials, the
 //! headers that change the answer) in a scope of the step's index: a hit answers as the step
@@ -26,11 +33,12 @@ use serde::Deserialize;
 
 use crate::body::ProxyBody;
 use crate::cache;
+use crate::compat::{self, CompatRequest, Served, UniversalStep};
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::providers::{KeyChoice, Provider};
-use crate::proxy::{self, Gateway};
+use crate::proxy::{self, Admission, Gateway};
 use crate::retry::{self, Policy};
 use crate::route::ProviderRoute;
 use crate::telemetry::{LogOptions, RequestRecord};
@@ -60,6 +68,8 @@ const SCOPES: [&str; MAX_STEPS] = [
 const STEP: HeaderName = HeaderName::from_static("cf-aig-step");
 const PROVIDER: HeaderName = HeaderName::from_static("cf-aig-provider");
 const MODEL: HeaderName = HeaderName::from_static("cf-aig-model");
+/// The `provider` of a step served by `/compat`.
+const COMPAT: &str = "compat";
 
 type Failure = (Option<Arc<str>>, GatewayError);
 
@@ -87,6 +97,24 @@ struct StepConfig {
     max_attempts: Option<u32>,
     retry_delay: Option<u64>,
     backoff: Option<String>,
+}
+
+/// A step checked and ready to be tried.
+enum Plan<'a> {
+    /// A request to one provider.
+    Provider(Box<Planned<'a>>),
+    /// A request to `/compat`.
+    Compat(Box<CompatStep>),
+}
+
+/// A `compat` step checked and ready to be served by `/compat`.
+struct CompatStep {
+    endpoint: compat::Endpoint,
+    /// Its `query`, serialized.
+    body: Bytes,
+    /// `POST`, the request's path (its long-form account) with the endpoint's query, and the
+    /// step's own headers (its `config` among them, as gateway headers).
+    parts: http::request::Parts,
 }
 
 /// A step checked and ready to send.
@@ -205,8 +233,33 @@ pub(crate) async fn serve(
 
     let event_id = aig.get(Gw::EventId);
     let count = planned.len();
-    for (i, mut step) in planned.into_iter().enumerate() {
+    for (i, plan) in planned.into_iter().enumerate() {
         let last = i + 1 == count;
+        let mut step = match plan {
+            Plan::Provider(step) => *step,
+            Plan::Compat(c) => {
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                match serve_compat(gw, snap, *c, aig, i, last, &dlp_flags, start, opts).await {
+                    Ok(Served::Answer(resp)) => return Ok(*resp),
+                    Ok(Served::HandedOver(status)) => {
+                        tracing::info!(
+                            step = i,
+                            provider = COMPAT,
+                            status = status.as_u16(),
+                            "universal step failed, trying the next"
+                        );
+                    }
+                    Err((id, e)) if last => {
+                        return Ok(gw.refuse(snap, parts, id, e, start, Some(index)));
+                    }
+                    Err((id, e)) => {
+                        let id = id.as_deref().unwrap_or(COMPAT);
+                        tracing::info!(step = i, provider = %id, error = %e, "universal step failed, trying the next");
+                    }
+                }
+                continue;
+            }
+        };
         let id = step.provider.id.clone();
         let headers = std::mem::take(&mut step.headers);
         // Checked by `plan` already.
@@ -306,6 +359,41 @@ pub(crate) async fn serve(
     Err(none(bad("no steps".into())))
 }
 
+/// Serves a `compat` step (index `i`) through `/compat`, with the request's gateway headers
+/// `request` under the step's own.
+#[allow(clippy::too_many_arguments)]
+async fn serve_compat(
+    gw: &Gateway,
+    snap: &Arc<Snapshot>,
+    step: CompatStep,
+    request: GatewayHeaders<'_>,
+    i: usize,
+    last: bool,
+    dlp_flags: &[crate::dlp::Finding],
+    start: Instant,
+    opts: &LogOptions,
+) -> Result<Served, Failure> {
+    let mut held = gw.buffers.guard(snap.max_buffered);
+    held.grow(step.body.len() as u64)
+        .map_err(|e| (None, e.into_gateway_error()))?;
+    let request = CompatRequest {
+        parts: &step.parts,
+        aig: request.overridden_by(GatewayHeaders::scan(&step.parts.headers)),
+        endpoint: step.endpoint,
+        body: step.body,
+        held,
+        // A gateway token in a key header was refused before the steps were read.
+        admission: Admission::Gateway,
+        step: Some(UniversalStep {
+            index: i,
+            scope: SCOPES[i],
+            hands_over: !last,
+            dlp_flags,
+        }),
+    };
+    compat::answer(gw, snap, request, start, opts).await
+}
+
 /// The steps of a request body: a JSON array of steps (or one step object).
 fn parse(raw: &[u8]) -> Result<Vec<Step>, GatewayError> {
     let value: serde_json::Value =
@@ -333,6 +421,210 @@ fn plan<'a>(
     snap: &'a Snapshot,
     request_uri: &'a http::Uri,
     i: usize,
+    step: Step,
+    request: GatewayHeaders<'_>,
+) -> Result<Plan<'a>, Failure> {
+    if step.provider == COMPAT {
+        return plan_compat(snap, request_uri, i, step, request)
+            .map(|c| Plan::Compat(Box::new(c)))
+            .map_err(|e| (None, e));
+    }
+    plan_provider(snap, request_uri, i, step, request).map(|p| Plan::Provider(Box::new(p)))
+}
+
+/// Checks a `compat` step: all that can be known before it is tried (endpoint, headers,
+/// config, a model that names a known provider, route or chain), so that a wrong step is
+/// refused before any step is sent, as a provider step is.
+fn plan_compat(
+    snap: &Snapshot,
+    request_uri: &http::Uri,
+    i: usize,
+    step: Step,
+    request: GatewayHeaders<'_>,
+) -> Result<CompatStep, GatewayError> {
+    let raw = step.endpoint.trim_start_matches('/');
+    let (path, query) = raw.split_once('?').unwrap_or((raw, ""));
+    let endpoint = match path.trim_end_matches('/') {
+        // Cloudflare's dynamic-routing example names it in the singular.
+        "chat/completions" | "chat/completion" => compat::Endpoint::Chat,
+        "embeddings" => compat::Endpoint::Embeddings,
+        _ => {
+            return Err(bad(format!(
+                "steps[{i}].endpoint: a compat step's endpoint is chat/completions or embeddings, not {:?}",
+                truncate(path)
+            )));
+        }
+    };
+    let uri = if query.is_empty() {
+        http::Uri::try_from(request_uri.path())
+    } else {
+        http::Uri::try_from(format!("{}?{query}", request_uri.path()))
+    }
+    .map_err(|_| bad(format!("steps[{i}].endpoint: invalid query")))?;
+    let mut headers = step_headers(i, &step)?;
+    // The step's `config`, as the most specific gateway headers (checked as a provider
+    // step's is).
+    let c = &step.config;
+    check_config(i, c, Duration::ZERO, snap.retries)?;
+    let settings = [
+        (
+            "cf-aig-request-timeout",
+            c.request_timeout.map(|v| v.to_string()),
+        ),
+        ("cf-aig-max-attempts", c.max_attempts.map(|v| v.to_string())),
+        ("cf-aig-retry-delay", c.retry_delay.map(|v| v.to_string())),
+        ("cf-aig-backoff", c.backoff.clone()),
+    ];
+    for (name, value) in settings {
+        if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    }
+    let alias;
+    {
+        let aig = request.overridden_by(GatewayHeaders::scan(&headers));
+        let at = |e: GatewayError| bad(format!("steps[{i}].headers: {e}"));
+        proxy::request_timeout(aig, snap.request_timeout).map_err(at)?;
+        snap.retries.with_headers(aig).map_err(at)?;
+        cache::want(&snap.cache, aig).map_err(at)?;
+        alias = aig.byok_alias().map_err(at)?.map(str::to_owned);
+    }
+    let alias = alias.as_deref();
+    // The request's event id, unless the step has its own: a cache hit is tagged with it.
+    if !headers.contains_key(Gw::EventId.name())
+        && let Some(v) = request.get(Gw::EventId)
+    {
+        headers.insert(Gw::EventId.name(), v.clone());
+    }
+    // The body is the step's `query` serialized by the gateway, never compressed.
+    headers.remove(header::CONTENT_ENCODING);
+    headers.remove(header::CONTENT_LENGTH);
+    if !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    let model = step
+        .query
+        .get("model")
+        .and_then(|m| m.as_str())
+        .ok_or_else(|| {
+            bad(format!(
+                "steps[{i}].query.model: a compat step's model is required, as {{provider}}/{{model}}, dynamic/{{route}} or fallback/{{chain}}"
+            ))
+        })?;
+    // The providers it could reach, each with the credentials it would be sent with.
+    let providers = match snap.routing.walk(model) {
+        Some(found) => {
+            let walk = found.map_err(|e| bad(format!("steps[{i}].query.model: {e}")))?;
+            walk.targets()
+                .into_iter()
+                .filter_map(|t| snap.providers.get(&t.provider))
+                .collect()
+        }
+        None => {
+            let (provider, _) = compat::split_model(model)
+                .map_err(|e| bad(format!("steps[{i}].query.model: {e}")))?;
+            let p = snap.providers.get(provider).ok_or_else(|| {
+                bad(format!(
+                    "steps[{i}].query.model: unknown provider {:?} in model {:?}",
+                    truncate(provider),
+                    truncate(model)
+                ))
+            })?;
+            vec![p]
+        }
+    };
+    for p in providers {
+        compat::check_credentials(snap, p, alias)?;
+    }
+    let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = Method::POST;
+    parts.uri = uri;
+    parts.headers = headers;
+    Ok(CompatStep {
+        endpoint,
+        body,
+        parts,
+    })
+}
+
+/// The step's headers: its `headers`, and its `authorization` field unless they have one.
+fn step_headers(i: usize, step: &Step) -> Result<HeaderMap, GatewayError> {
+    let mut client_headers = HeaderMap::new();
+    for (name, value) in &step.headers {
+        let n = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+            bad(format!(
+                "steps[{i}].headers: invalid name {:?}",
+                truncate(name)
+            ))
+        })?;
+        let v = HeaderValue::from_str(value)
+            .map_err(|_| bad(format!("steps[{i}].headers.{n}: invalid value")))?;
+        client_headers.append(n, v);
+    }
+    if let Some(auth) = &step.authorization
+        && !client_headers.contains_key(header::AUTHORIZATION)
+    {
+        let v = HeaderValue::from_str(auth)
+            .map_err(|_| bad(format!("steps[{i}].authorization: invalid value")))?;
+        client_headers.insert(header::AUTHORIZATION, v);
+    }
+    Ok(client_headers)
+}
+
+/// The step's timeout and retries: its `config` over `timeout` and `retries`.
+fn check_config(
+    i: usize,
+    c: &StepConfig,
+    timeout: Duration,
+    retries: Policy,
+) -> Result<(Duration, Policy), GatewayError> {
+    let timeout = match c.request_timeout {
+        None => timeout,
+        Some(ms) if (1..=3_600_000).contains(&ms) => Duration::from_millis(ms),
+        Some(_) => {
+            return Err(bad(format!(
+                "steps[{i}].config.requestTimeout: expected milliseconds between 1 and 3600000"
+            )));
+        }
+    };
+    let mut retries = retries;
+    if let Some(n) = c.max_attempts {
+        if !(1..=retry::MAX_ATTEMPTS).contains(&n) {
+            return Err(bad(format!(
+                "steps[{i}].config.maxAttempts: expected 1 to {}",
+                retry::MAX_ATTEMPTS
+            )));
+        }
+        retries.max_attempts = n;
+    }
+    if let Some(ms) = c.retry_delay {
+        let d = Duration::from_millis(ms);
+        if d > retry::MAX_DELAY {
+            return Err(bad(format!(
+                "steps[{i}].config.retryDelay: expected milliseconds from 0 to 5000"
+            )));
+        }
+        retries.delay = d;
+    }
+    if let Some(b) = &c.backoff {
+        retries.backoff = retry::parse_backoff(b.as_bytes()).ok_or_else(|| {
+            bad(format!(
+                "steps[{i}].config.backoff: expected constant, linear or exponential"
+            ))
+        })?;
+    }
+    Ok((timeout, retries))
+}
+
+/// Checks one provider step and builds its upstream request.
+fn plan_provider<'a>(
+    snap: &'a Snapshot,
+    request_uri: &'a http::Uri,
+    i: usize,
     mut step: Step,
     request: GatewayHeaders<'_>,
 ) -> Result<Planned<'a>, Failure> {
@@ -352,25 +644,7 @@ fn plan<'a>(
         account: crate::route::long_form_account(request_uri.path()),
         gateway: None,
     };
-    let mut client_headers = HeaderMap::new();
-    for (name, value) in &step.headers {
-        let n = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-            fail(bad(format!(
-                "steps[{i}].headers: invalid name {:?}",
-                truncate(name)
-            )))
-        })?;
-        let v = HeaderValue::from_str(value)
-            .map_err(|_| fail(bad(format!("steps[{i}].headers.{n}: invalid value"))))?;
-        client_headers.append(n, v);
-    }
-    if let Some(auth) = step.authorization.take()
-        && !client_headers.contains_key(header::AUTHORIZATION)
-    {
-        let v = HeaderValue::from_str(&auth)
-            .map_err(|_| fail(bad(format!("steps[{i}].authorization: invalid value"))))?;
-        client_headers.insert(header::AUTHORIZATION, v);
-    }
+    let client_headers = step_headers(i, &step).map_err(fail)?;
     // The step's own gateway headers over the request's.
     let aig = request.overridden_by(GatewayHeaders::scan(&client_headers));
     let at = |e: GatewayError| fail(bad(format!("steps[{i}].headers: {e}")));
@@ -439,42 +713,7 @@ fn plan<'a>(
         );
     }
 
-    let c = step.config;
-    let timeout = match c.request_timeout {
-        None => timeout,
-        Some(ms) if (1..=3_600_000).contains(&ms) => Duration::from_millis(ms),
-        Some(_) => {
-            return Err(fail(bad(format!(
-                "steps[{i}].config.requestTimeout: expected milliseconds between 1 and 3600000"
-            ))));
-        }
-    };
-    let mut retries = retries;
-    if let Some(n) = c.max_attempts {
-        if !(1..=retry::MAX_ATTEMPTS).contains(&n) {
-            return Err(fail(bad(format!(
-                "steps[{i}].config.maxAttempts: expected 1 to {}",
-                retry::MAX_ATTEMPTS
-            ))));
-        }
-        retries.max_attempts = n;
-    }
-    if let Some(ms) = c.retry_delay {
-        let d = Duration::from_millis(ms);
-        if d > retry::MAX_DELAY {
-            return Err(fail(bad(format!(
-                "steps[{i}].config.retryDelay: expected milliseconds from 0 to 5000"
-            ))));
-        }
-        retries.delay = d;
-    }
-    if let Some(b) = &c.backoff {
-        retries.backoff = retry::parse_backoff(b.as_bytes()).ok_or_else(|| {
-            fail(bad(format!(
-                "steps[{i}].config.backoff: expected constant, linear or exponential"
-            )))
-        })?;
-    }
+    let (timeout, retries) = check_config(i, &step.config, timeout, retries).map_err(fail)?;
     Ok(Planned {
         provider,
         endpoint: path.to_owned(),

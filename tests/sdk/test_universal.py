@@ -6,7 +6,7 @@ import uuid
 import httpx
 import pytest
 
-from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
+from conftest import ANTHROPIC_KEY, DEFAULT_KEYS, GATEWAY_TOKEN, KEY_MARKER, OPENAI_KEY, Sidegate, gateway_yaml
 
 
 def openai_step(model="gpt-4o-mini", text="universal hello", **extra):
@@ -19,6 +19,16 @@ def anthropic_step(text="universal hello"):
     return {"provider": "anthropic", "endpoint": "v1/messages",
             "headers": {"x-api-key": "placeholder"},
             "query": {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": text}]}}
+
+
+def compat_step(model="anthropic/claude-haiku-4-5", text="universal hello", endpoint="chat/completions", **extra):
+    """A step served by /compat (Cloudflare's unified API): an OpenAI-format body."""
+    return {"provider": "compat", "endpoint": endpoint, "headers": {},
+            "query": {"model": model, "messages": [{"role": "user", "content": text}]}, **extra}
+
+
+def access_lines(g):
+    return [line for line in g.logs().splitlines() if " request id=" in line]
 
 
 def test_the_first_step_that_succeeds_answers_with_its_index(gateway, mock):
@@ -249,3 +259,120 @@ def test_bad_steps_are_400_2108_naming_the_step(gateway, mock, body, needle):
 def test_get_on_the_universal_endpoint_is_404(gateway):
     r = httpx.get(gateway.url + "/")
     assert (r.status_code, r.json()["error"][0]["code"]) == (404, 2001)
+
+
+def test_a_compat_step_after_a_failed_step_answers_in_the_openai_shape(gateway, mock):
+    r = httpx.post(gateway.url + "/", json=[openai_step(model="mock-status-503"), compat_step()])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1"), r.text
+    assert (r.headers["cf-aig-provider"], r.headers["cf-aig-model"]) == ("anthropic", "claude-haiku-4-5")
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["choices"][0]["message"]["content"] == "mock reply to: universal hello"
+    assert out["usage"]["prompt_tokens"] > 0
+    first, second = mock.requests()
+    assert first["path"] == "/v1/chat/completions"
+    assert second["path"] == "/v1/messages" and second["headers"]["x-api-key"] == ANTHROPIC_KEY
+    line = gateway.wait_log_line(r.headers["cf-aig-log-id"])
+    assert " provider=anthropic " in line and " path=compat/chat/completions " in line and line.endswith(" step=1"), line
+
+
+@pytest.mark.parametrize("endpoint", ["chat/completions", "chat/completion", "/chat/completion"])
+def test_a_compat_step_that_succeeds_first_is_the_only_one_sent(gateway, mock, endpoint):
+    # Cloudflare's dynamic-routing example names the endpoint "chat/completion".
+    r = httpx.post(gateway.url + "/", json=[compat_step(model="openai/gpt-4o-mini", endpoint=endpoint), anthropic_step()])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0"), r.text
+    assert (r.headers["cf-aig-provider"], r.headers["cf-aig-model"]) == ("openai", "gpt-4o-mini")
+    assert r.json()["choices"][0]["message"]["content"] == "mock reply to: universal hello"
+    (seen,) = mock.requests()
+    assert seen["path"] == "/v1/chat/completions" and seen["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
+    assert json.loads(seen["body"])["model"] == "gpt-4o-mini"
+
+
+def test_a_failed_compat_step_hands_over_and_leaves_no_log_line(gateway, mock):
+    r = httpx.post(gateway.url + "/", json=[compat_step(model="anthropic/mock-status-503"), openai_step()])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1"), r.text
+    assert [q["path"] for q in mock.requests()] == ["/v1/messages", "/v1/chat/completions"]
+    # Only the step that served is logged (and charged): the dropped answer never reached a record.
+    line = gateway.wait_log_line(r.headers["cf-aig-log-id"])
+    assert access_lines(gateway) == [line], access_lines(gateway)
+    assert " provider=openai " in line and line.endswith(" step=1"), line
+
+
+def test_a_compat_step_that_fails_last_answers_with_its_translated_error(gateway, mock):
+    r = httpx.post(gateway.url + "/", json=[openai_step(model="mock-status-503"),
+                                            compat_step(model="anthropic/mock-status-429")])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (429, "1"), r.text
+    assert "message" in r.json()["error"], r.text
+    line = gateway.wait_log_line(r.headers["cf-aig-log-id"])
+    assert " status_code=429 " in line and line.endswith(" step=1"), line
+
+
+def test_a_compat_step_falls_back_along_its_chain_and_names_the_universal_step(mock, tmp_path):
+    chain = ("  fallbacks:\n    - name: safe\n      targets:\n"
+             "        - {provider: openai, model: mock-status-503}\n"
+             "        - {provider: anthropic, model: claude-haiku-4-5}\n")
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=chain), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        r = httpx.post(g.url + "/", json=[compat_step(model="fallback/safe"), openai_step()])
+        assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0"), r.text
+        assert (r.headers["cf-aig-provider"], r.headers["cf-aig-model"]) == ("anthropic", "claude-haiku-4-5")
+        assert [q["path"] for q in mock.requests()] == ["/v1/chat/completions", "/v1/messages"]
+    finally:
+        g.stop()
+
+
+def test_a_compat_step_is_cached_at_its_index(cached, mock):
+    steps = [openai_step(model="mock-status-503"), compat_step(text="cache the compat step")]
+    first = httpx.post(cached.url + "/", json=steps)
+    assert (first.status_code, first.headers["cf-aig-step"], first.headers["cf-aig-cache-status"]) == (200, "1", "MISS")
+    mock.clear()
+    second = httpx.post(cached.url + "/", json=steps)
+    assert (second.headers["cf-aig-cache-status"], second.content) == ("HIT", first.content)
+    for h in ["cf-aig-step", "cf-aig-provider", "cf-aig-model"]:
+        assert second.headers[h] == first.headers[h], h
+    assert [q["path"] for q in mock.requests()] == ["/v1/chat/completions"]
+    # The same body through /compat itself is another entry.
+    direct = httpx.post(cached.url + "/compat/chat/completions", json=steps[1]["query"])
+    assert direct.headers["cf-aig-cache-status"] == "MISS"
+
+
+def test_a_compat_steps_config_and_gateway_headers_apply_to_it(gateway, mock):
+    step = compat_step(model="openai/gpt-4o-mini", config={"maxAttempts": 2, "retryDelay": 0})
+    step["headers"] = {"x-mock-fail-first": f"1;{uuid.uuid4().hex}", "cf-aig-byok-alias": "team-b"}
+    r = httpx.post(gateway.url + "/", json=[step])
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0"), r.text
+    assert len(mock.requests()) == 2
+    assert mock.last()["headers"]["authorization"] == f"Bearer {DEFAULT_KEYS['openai.team-b']}"
+    assert not any(h.startswith("cf-aig-") for h in mock.last()["headers"]), mock.last()["headers"]
+
+
+@pytest.mark.parametrize("step,needle", [
+    (compat_step(model="nope/model-x"), 'steps[1].query.model: unknown provider "nope"'),
+    (compat_step(model="claude-haiku-4-5"), "steps[1].query.model: model"),
+    (compat_step(model="dynamic/nope"), "steps[1].query.model"),
+    (dict(compat_step(), query={"messages": []}), "steps[1].query.model"),
+    (compat_step(endpoint="v1/messages"), "steps[1].endpoint"),
+    (compat_step(config={"maxAttempts": 9}), "steps[1].config.maxAttempts"),
+    (dict(compat_step(), headers={"cf-aig-request-timeout": "0"}), "steps[1].headers: invalid header cf-aig-request-timeout"),
+])
+def test_bad_compat_steps_are_400_2108_naming_the_step_before_any_is_sent(gateway, mock, step, needle):
+    r = httpx.post(gateway.url + "/", json=[openai_step(), step])
+    assert r.status_code == 400, r.text
+    err = r.json()["error"][0]
+    assert err["code"] == 2108 and needle in err["message"], err
+    assert mock.requests() == []
+
+
+def test_a_gateway_token_in_a_key_header_is_refused_with_compat_steps(authed_gateway, mock):
+    r = httpx.post(authed_gateway.url + "/", json=[compat_step()], headers={"authorization": f"Bearer {GATEWAY_TOKEN}"})
+    assert (r.status_code, r.json()["error"][0]["code"]) == (401, 2009)
+    r = httpx.post(authed_gateway.url + "/", json=[compat_step()], headers={"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"})
+    assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0"), r.text
+    assert mock.last()["headers"]["x-api-key"] == ANTHROPIC_KEY
+
+
+def test_a_compat_steps_missing_alias_is_refused_before_any_step_is_sent(gateway, mock):
+    step = dict(compat_step(), headers={"cf-aig-byok-alias": "nobody"})
+    r = httpx.post(gateway.url + "/", json=[openai_step(), step])
+    assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2040), r.text
+    assert mock.requests() == []

@@ -7,6 +7,9 @@
 //!   response, stream, errors.
 //! - [`sse`], [`eventstream`]: incremental decoders of the upstream streams.
 //!
+//! [`serve`] reads a `/compat` request's body; [`answer`] serves a body already read — the
+//! request's, or a `compat` step's of the universal endpoint (`crate::universal`).
+//!
 //! Streams are translated event by event as bytes arrive ([`StreamTranslator`]); complete
 //! responses and errors are small JSON documents and are translated whole.
 
@@ -683,6 +686,23 @@ fn sends_stored_credentials(snap: &Snapshot, provider: &Provider, alias: Option<
     matches!(provider.choose_key(alias), Ok(KeyChoice::Stored(_)))
 }
 
+/// Refuses `provider` when the credentials a `/compat` request of `alias` would use are missing
+/// (a named alias with no stored key is 2040, as when the request is planned): a universal
+/// step's targets are checked before any step is tried.
+pub(crate) fn check_credentials(
+    snap: &Snapshot,
+    provider: &Provider,
+    alias: Option<&str>,
+) -> Result<(), GatewayError> {
+    if provider.service_account(alias).is_some() {
+        return Ok(());
+    }
+    if Format::of(provider) == Format::Bedrock {
+        return bedrock_credentials(snap, alias).map(drop);
+    }
+    provider.choose_key(alias).map(drop)
+}
+
 /// The stored AWS credentials of `alias` (`None` when no alias is named and there is no
 /// `aws-bedrock.default`: the client signs); a named alias that is missing is 2040.
 pub(crate) fn stored_aws_credentials(
@@ -741,8 +761,9 @@ pub(crate) async fn serve(
             ))));
         }
     };
-    let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
-    let alias = aig.byok_alias().map_err(none)?;
+    // The headers are checked before the body is read.
+    proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
+    aig.byok_alias().map_err(none)?;
     proxy::refuse_compressed_body(&parts.headers, "/compat translation").map_err(none)?;
     // Held until the answer goes out: the body is read again for a fallback's request.
     let mut held = gw.buffers.guard(snap.max_buffered);
@@ -755,6 +776,83 @@ pub(crate) async fn serve(
     )
     .await
     .map_err(none)?;
+    let request = CompatRequest {
+        parts,
+        aig,
+        endpoint,
+        body,
+        held,
+        admission,
+        step: None,
+    };
+    match answer(gw, snap, request, start, opts).await? {
+        Served::Answer(resp) => Ok(*resp),
+        // Only a universal step hands its failure over.
+        Served::HandedOver(status) => Err(none(GatewayError::UpstreamUnavailable(format!(
+            "upstream answered {status}"
+        )))),
+    }
+}
+
+/// A `/compat` request whose body is read.
+pub(crate) struct CompatRequest<'a> {
+    /// Method, URI (its long-form account, Azure's `api-version`) and the headers that carry
+    /// the client's provider keys and change the answer: the request's, or a universal step's.
+    pub parts: &'a http::request::Parts,
+    /// The gateway headers that apply (a universal step's own over the request's).
+    pub aig: GatewayHeaders<'a>,
+    pub endpoint: Endpoint,
+    pub body: Bytes,
+    /// The body's bytes taken from the budget of buffered bodies.
+    pub held: Held,
+    pub admission: Admission,
+    /// Served as a step of the universal endpoint.
+    pub step: Option<UniversalStep<'a>>,
+}
+
+/// What changes when a `/compat` request is a step of the universal endpoint.
+pub(crate) struct UniversalStep<'a> {
+    /// Its index: its `cf-aig-step`, its log's `step`.
+    pub index: usize,
+    /// Its cache scope (apart from `/compat`'s own and the other indexes).
+    pub scope: &'static str,
+    /// A step follows: a non-2xx answer is handed over before anything is logged, charged or
+    /// stored for it.
+    pub hands_over: bool,
+    /// The universal body's DLP findings: the request checks (DLP, guardrails) were made on
+    /// the whole body, every step's `query` in it, before any step was tried.
+    pub dlp_flags: &'a [crate::dlp::Finding],
+}
+
+/// How a `/compat` request ended.
+pub(crate) enum Served {
+    /// The answer for the client.
+    Answer(Box<Response<ProxyBody>>),
+    /// A universal step, not the last, got this non-2xx status (after its route's targets, if
+    /// it names one): dropped unanswered, unlogged, uncharged.
+    HandedOver(http::StatusCode),
+}
+
+/// Serves a `/compat` request whose body is read: routing, translation, retries, cache, log.
+pub(crate) async fn answer(
+    gw: &Gateway,
+    snap: &Arc<Snapshot>,
+    request: CompatRequest<'_>,
+    start: Instant,
+    opts: &LogOptions,
+) -> Result<Served, Failure> {
+    let none = |e: GatewayError| (None, e);
+    let CompatRequest {
+        parts,
+        aig,
+        endpoint,
+        body,
+        held,
+        admission,
+        step: universal,
+    } = request;
+    let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
+    let alias = aig.byok_alias().map_err(none)?;
     let model = peek_model(&body).map_err(none)?;
     let metadata: Map<String, Value> = opts
         .metadata
@@ -814,12 +912,18 @@ pub(crate) async fn serve(
         Endpoint::Embeddings => "compat/embeddings",
     };
 
-    let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
-    if snap.guardrails.checks_prompts() {
-        gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
-            .await
-            .map_err(fail)?;
-    }
+    let dlp_flags = match &universal {
+        Some(u) => u.dlp_flags.to_vec(),
+        None => {
+            let flags = snap.dlp.check_request(&body).map_err(fail)?;
+            if snap.guardrails.checks_prompts() {
+                gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
+                    .await
+                    .map_err(fail)?;
+            }
+            flags
+        }
+    };
 
     // cache lookup (a routed request is keyed by its route, not by the target it lands on)
     let want = cache::want(&snap.cache, aig).map_err(fail)?;
@@ -835,7 +939,7 @@ pub(crate) async fn serve(
         .then(|| provider.auth_headers())
     };
     let lookup = cache::Request {
-        scope: "compat",
+        scope: universal.as_ref().map_or("compat", |u| u.scope),
         provider: if routed { &model } else { &provider.id },
         method: parts.method.as_str(),
         path,
@@ -857,7 +961,7 @@ pub(crate) async fn serve(
         .await;
     let mut miss = match cached.into_miss(&dlp_flags) {
         Ok(miss) => miss,
-        Err(hit) => return Ok(*hit),
+        Err(hit) => return Ok(Served::Answer(hit)),
     };
 
     // dispatch, falling back along the route while targets fail
@@ -883,9 +987,9 @@ pub(crate) async fn serve(
         })
         .map_err(fail)?;
         let (within, policy) = target_limits(target, timeout, retries);
-        // A route's target is a fallback step: its timeout moves the request on, as a
-        // universal step's does. A plain model is a direct request.
-        let outcome = if routed {
+        // A route's target, or a universal step, is a fallback step: its timeout moves the
+        // request on. A plain model of `/compat` itself is a direct request.
+        let outcome = if routed || universal.is_some() {
             gw.dispatch(upstream, within, &policy, &provider.id).await
         } else {
             gw.dispatch_direct(upstream, within, &policy, &provider.id)
@@ -904,6 +1008,17 @@ pub(crate) async fn serve(
             admitted(provider).map_err(|e| (Some(provider.id.clone()), e))?;
             step += 1;
             continue;
+        }
+        if let (
+            Ok(r),
+            Some(UniversalStep {
+                hands_over: true, ..
+            }),
+        ) = (&outcome, &universal)
+            && !ok
+        {
+            // Dropped before its log record, budget charges and cache fill exist.
+            return Ok(Served::HandedOver(r.status()));
         }
         break (
             outcome.map_err(fail)?,
@@ -924,7 +1039,10 @@ pub(crate) async fn serve(
     if let Ok(v) = HeaderValue::from_str(&log_id) {
         head.headers.insert("cf-aig-log-id", v);
     }
-    if routed {
+    // A universal step names what served it whatever its model, as the universal endpoint's
+    // other steps do.
+    let step = universal.as_ref().map_or(step, |u| u.index);
+    if routed || universal.is_some() {
         head.headers.insert("cf-aig-step", HeaderValue::from(step));
         if let Ok(v) = HeaderValue::from_str(&target.provider) {
             head.headers.insert("cf-aig-provider", v);
@@ -947,7 +1065,7 @@ pub(crate) async fn serve(
     if let Some(m) = crate::cost::ModelName::named(&target.model) {
         record.set_model(m, &snap.pricing);
     }
-    if routed {
+    if routed || universal.is_some() {
         record.set_step(u32::try_from(step).unwrap_or(u32::MAX));
     }
     record.set_tally(gw.tally(snap));
@@ -966,7 +1084,10 @@ pub(crate) async fn serve(
             .as_mut()
             .and_then(|m| m.fill(head.status, &head.headers))
             .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
-        return Ok(Response::from_parts(head, body.cached_through(fill)));
+        return Ok(Served::Answer(Box::new(Response::from_parts(
+            head,
+            body.cached_through(fill),
+        ))));
     };
     head.headers.remove(header::CONTENT_LENGTH);
     head.headers.remove(header::CONTENT_ENCODING);
@@ -982,7 +1103,10 @@ pub(crate) async fn serve(
             .and_then(|m| m.fill(head.status, &head.headers))
             .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
         let body = ProxyBody::translated(upstream_body, t.stream_translator(), record);
-        return Ok(Response::from_parts(head, body.cached_through(fill)));
+        return Ok(Served::Answer(Box::new(Response::from_parts(
+            head,
+            body.cached_through(fill),
+        ))));
     }
     // The request body is not needed any more; the answer is held back whole from here.
     drop(held);
@@ -994,7 +1118,7 @@ pub(crate) async fn serve(
                 record.finish_upstream_error();
                 let err = e.into_gateway_error(&format!("the {} response", provider.id));
                 tracing::warn!(provider = %provider.id, error = %err, "response not delivered");
-                return Ok(err.into_response());
+                return Ok(Served::Answer(Box::new(err.into_response())));
             }
         };
     let rest = if head.status.is_success() {
@@ -1052,7 +1176,10 @@ pub(crate) async fn serve(
         fill.whole(&out);
     }
     // The translation takes the place of the answer it came from.
-    Ok(Response::from_parts(head, ProxyBody::full_held(out, held)))
+    Ok(Served::Answer(Box::new(Response::from_parts(
+        head,
+        ProxyBody::full_held(out, held),
+    ))))
 }
 
 /// The request timeout and retries of a route target: its own where it has them.
