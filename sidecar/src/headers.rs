@@ -21,6 +21,15 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
 }
 
+/// Whether a `name` header (a comma-separated list, as `Connection` or `Upgrade`) holds
+/// `token`, in any case.
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
 /// Whether `name` is a gateway header (`cf-aig-*`).
 pub fn is_gateway_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("cf-aig-")

@@ -537,7 +537,7 @@ fn plan_compat(
         }
     };
     for p in providers {
-        compat::check_credentials(snap, p, alias)?;
+        compat::stored_credentials(snap, p, alias)?;
     }
     let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
     let (mut parts, ()) = Request::new(()).into_parts();

@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::body::ProxyBody;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
+use crate::headers::has_token;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::Gateway;
 use crate::route::ProviderRoute;
@@ -110,13 +111,6 @@ pub fn is_upgrade(parts: &http::request::Parts) -> bool {
     parts.method == Method::GET
         && has_token(&parts.headers, header::UPGRADE, "websocket")
         && has_token(&parts.headers, header::CONNECTION, "upgrade")
-}
-
-fn has_token(headers: &http::HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 /// The provider path of an upgrade: Cloudflare's `/openai?model=...` is OpenAI's `realtime`.

@@ -673,34 +673,26 @@ fn stored_project_region<'s>(
     Ok((project, region))
 }
 
-/// Whether the gateway sends its own credentials of `alias` to `provider` for a `/compat`
-/// request — a stored key, a token minted from a stored service account, or a signature made
-/// with stored AWS credentials — so that no client key header goes upstream.
-fn sends_stored_credentials(snap: &Snapshot, provider: &Provider, alias: Option<&str>) -> bool {
-    if provider.service_account(alias).is_some() {
-        return true;
-    }
-    if Format::of(provider) == Format::Bedrock {
-        return bedrock_credentials(snap, alias).is_ok();
-    }
-    matches!(provider.choose_key(alias), Ok(KeyChoice::Stored(_)))
-}
-
-/// Refuses `provider` when the credentials a `/compat` request of `alias` would use are missing
-/// (a named alias with no stored key is 2040, as when the request is planned): a universal
-/// step's targets are checked before any step is tried.
-pub(crate) fn check_credentials(
+/// The credentials a `/compat` request of `alias` sends to `provider`: the gateway's own
+/// (`Ok(true)`: a stored key, a token minted from a stored service account, or a signature made
+/// with stored AWS credentials, so that no client key header goes upstream) or the client's
+/// (`Ok(false)`); an error when they are missing (a named alias with no stored key is 2040, as
+/// when the request is planned). A universal step's targets are checked with it before any step
+/// is tried.
+pub(crate) fn stored_credentials(
     snap: &Snapshot,
     provider: &Provider,
     alias: Option<&str>,
-) -> Result<(), GatewayError> {
+) -> Result<bool, GatewayError> {
     if provider.service_account(alias).is_some() {
-        return Ok(());
+        return Ok(true);
     }
     if Format::of(provider) == Format::Bedrock {
-        return bedrock_credentials(snap, alias).map(drop);
+        return bedrock_credentials(snap, alias).map(|_| true);
     }
-    provider.choose_key(alias).map(drop)
+    provider
+        .choose_key(alias)
+        .map(|k| matches!(k, KeyChoice::Stored(_)))
 }
 
 /// The stored AWS credentials of `alias` (`None` when no alias is named and there is no
@@ -897,8 +889,9 @@ pub(crate) async fn answer(
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);
     // A gateway token in the app's `Authorization` (the OpenAI SDK's `apiKey`) is good only
     // for targets the gateway sends its own credentials to; checked before the cache answers.
-    let admitted =
-        |p: &Provider| admission.allow_client_key(sends_stored_credentials(snap, p, alias));
+    let admitted = |p: &Provider| {
+        admission.allow_client_key(stored_credentials(snap, p, alias).is_ok_and(|stored| stored))
+    };
     admitted(provider).map_err(fail)?;
     // Every target a route or chain could reach, before any is tried: a fallback must not
     // turn a provider's failure into the client's 401.
@@ -1004,8 +997,6 @@ pub(crate) async fn answer(
             tracing::info!(step, provider = %provider.id, model = %target.model, failure = %why, "route target failed, trying the next");
             target = next;
             provider = provider_of(next)?;
-            // A route's every target is held to it, not only its first.
-            admitted(provider).map_err(|e| (Some(provider.id.clone()), e))?;
             step += 1;
             continue;
         }

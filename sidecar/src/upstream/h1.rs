@@ -36,6 +36,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tower_service::Service as _;
 
+use crate::headers::has_token;
+
 use super::{BodyError, CONNECT_TIMEOUT, IDLE_TIMEOUT, MAX_IDLE_PER_HOST, UpstreamError};
 
 /// Largest request body sent on this path (beyond the gateway's default limit of 10 MiB; larger
@@ -682,13 +684,6 @@ fn parse_head(
         *resp.headers_mut() = headers;
         return Ok(Some((resp, framing, keep_alive)));
     }
-}
-
-fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
 }
 
 fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
