@@ -53,6 +53,12 @@ impl fmt::Debug for ServiceAccount {
 }
 
 impl ServiceAccount {
+    /// Whether `other` is the same account with the same private key (a key file rewritten with
+    /// the same key is; a new key of the account is not).
+    pub fn same_key(&self, other: &Self) -> bool {
+        self.email == other.email && self.key.public().as_ref() == other.key.public().as_ref()
+    }
+
     /// Parses a service-account JSON key file; `None` when the text is not JSON (then it is a
     /// token). The error never quotes the file.
     pub fn parse(text: &str) -> Option<Result<Self, String>> {
@@ -243,6 +249,21 @@ mod tests {
             .expect("json")
             .expect("valid");
         assert_eq!((sa.project_id(), sa.region()), (None, None));
+    }
+
+    #[test]
+    fn a_key_file_rewritten_is_the_same_key_a_new_key_is_not() {
+        let file = |email: &str, pem: &str| {
+            let json = serde_json::json!({"client_email": email, "private_key": pem});
+            ServiceAccount::parse(&json.to_string())
+                .expect("json")
+                .expect("valid")
+        };
+        let (pem, other_pem) = (test_key_pem(), test_key_pem());
+        let sa = file("a@p.iam.gserviceaccount.com", &pem);
+        assert!(sa.same_key(&file("a@p.iam.gserviceaccount.com", &pem)));
+        assert!(!sa.same_key(&file("a@p.iam.gserviceaccount.com", &other_pem)));
+        assert!(!sa.same_key(&file("b@p.iam.gserviceaccount.com", &pem)));
     }
 
     #[test]

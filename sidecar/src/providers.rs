@@ -269,6 +269,16 @@ pub static CLIENT_KEY_HEADERS: [HeaderName; 4] = [
     HeaderName::from_static("x-goog-api-key"),
 ];
 
+/// A stored credential a request went with: a key, or the service account a token was minted
+/// from (see [`Provider::still_holds`]).
+#[derive(Debug, Clone)]
+pub enum HeldCredential {
+    /// A stored key's auth header value.
+    Key(AuthValue),
+    /// A Google service account.
+    ServiceAccount(Arc<crate::google_auth::ServiceAccount>),
+}
+
 /// Outcome of choosing the key for a request.
 #[derive(Debug)]
 pub enum KeyChoice<'a> {
@@ -330,6 +340,21 @@ impl Provider {
                         alias: a.chars().take(64).collect(),
                     })
             }
+        }
+    }
+
+    /// Whether `held`, a credential given to a request earlier, is still the one stored under
+    /// `alias` (a key removed or rotated since is not).
+    pub fn still_holds(&self, alias: &str, held: &HeldCredential) -> bool {
+        match held {
+            HeldCredential::Key(v) => self
+                .keys
+                .get(alias)
+                .is_some_and(|k| k.header() == v.header()),
+            HeldCredential::ServiceAccount(sa) => self
+                .service_accounts
+                .get(alias)
+                .is_some_and(|now| now.same_key(sa)),
         }
     }
 

@@ -644,6 +644,7 @@ impl Gateway {
                 provider,
                 route: &route,
                 uri,
+                held: crate::websocket::HeldKey::of(provider, alias, &key),
                 key,
                 timeout,
                 start,

@@ -47,7 +47,9 @@ pub fn install(gw: &Gateway, mut snap: Snapshot) {
         tokens = snap.keys.token_count(),
         "config loaded"
     );
-    gw.snapshot.store(Some(Arc::new(snap)));
+    let snap = Arc::new(snap);
+    gw.snapshot.store(Some(snap.clone()));
+    gw.sessions.reloaded(&snap);
 }
 
 /// Directories to watch for a set of sources.

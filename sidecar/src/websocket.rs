@@ -16,8 +16,9 @@
 //!
 //! Each response is charged to the spend limit and token budget when its `response.done` passes,
 //! and a session whose limits run out is closed (close code 1008). Sessions are ended (close code
-//! 1001) when the gateway stops after its grace period, and when its config is taken away (the
-//! AIGateway deleted): a session never goes on with keys the gateway no longer holds.
+//! 1001) when the gateway stops after its grace period, when its config is taken away (the
+//! AIGateway deleted), and when the stored key a session was opened with is removed or rotated: a
+//! session never goes on with keys the gateway no longer holds.
 //!
 //! A gateway whose DLP or guardrails check requests or responses refuses upgrades: it could not
 //! check what a session carries. So does a provider whose requests the gateway signs (AWS): a
@@ -37,7 +38,7 @@ use crate::body::ProxyBody;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::headers::has_token;
-use crate::providers::{KeyChoice, Provider};
+use crate::providers::{HeldCredential, KeyChoice, Provider};
 use crate::proxy::Gateway;
 use crate::route::ProviderRoute;
 use crate::telemetry::{LogOptions, RequestRecord};
@@ -52,12 +53,15 @@ const COPY_BUFFER: usize = 16 * 1024;
 /// Once one direction of a session has ended, how long the other may take to end too.
 const CLOSING_GRACE: Duration = Duration::from_secs(5);
 
-/// The WebSocket sessions open now: counted, and ended together when the gateway stops or its
-/// config is taken away.
+/// The WebSocket sessions open now: counted, ended together when the gateway stops or its
+/// config is taken away, and one by one when the stored key a session was opened with is removed
+/// or rotated.
 #[derive(Debug)]
 pub struct Sessions {
     /// Bumped to end every session open now.
     ending: tokio::sync::watch::Sender<u64>,
+    /// The config serving now, sent at each reload for sessions to check their key against.
+    serving: tokio::sync::watch::Sender<Option<Arc<Snapshot>>>,
     /// Sessions open now.
     open: Arc<tokio::sync::watch::Sender<usize>>,
 }
@@ -66,6 +70,7 @@ impl Default for Sessions {
     fn default() -> Self {
         Self {
             ending: tokio::sync::watch::channel(0).0,
+            serving: tokio::sync::watch::channel(None).0,
             open: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
@@ -74,7 +79,14 @@ impl Default for Sessions {
 impl Sessions {
     /// Ends every session open now (sessions opened later are not affected).
     pub fn end_all(&self) {
+        // Nor is a config that no longer serves kept for them.
+        self.serving.send_replace(None);
         self.ending.send_modify(|g| *g += 1);
+    }
+
+    /// A new config serves: sessions whose stored key it no longer holds end.
+    pub fn reloaded(&self, serving: &Arc<Snapshot>) {
+        self.serving.send_replace(Some(serving.clone()));
     }
 
     /// Sessions open now.
@@ -88,9 +100,60 @@ impl Sessions {
         let _ = open.wait_for(|n| *n == 0).await;
     }
 
-    fn join(&self) -> (tokio::sync::watch::Receiver<u64>, OpenSession) {
+    fn join(&self) -> Watches {
         self.open.send_modify(|n| *n += 1);
-        (self.ending.subscribe(), OpenSession(self.open.clone()))
+        let mut serving = self.serving.subscribe();
+        // A reload between the key's choice and now is checked at once.
+        serving.mark_changed();
+        Watches {
+            ending: self.ending.subscribe(),
+            serving,
+            _open: OpenSession(self.open.clone()),
+        }
+    }
+}
+
+/// What a session watches: the gateway ending every session, and reloads.
+struct Watches {
+    ending: tokio::sync::watch::Receiver<u64>,
+    serving: tokio::sync::watch::Receiver<Option<Arc<Snapshot>>>,
+    _open: OpenSession,
+}
+
+/// The stored credential a session was opened with, and where it was stored.
+#[derive(Debug)]
+pub(crate) struct HeldKey {
+    provider: Arc<str>,
+    alias: String,
+    credential: HeldCredential,
+}
+
+impl HeldKey {
+    /// The stored credential `key` is (none for a client's own key), under `alias` of `provider`.
+    pub(crate) fn of(
+        provider: &Provider,
+        alias: Option<&str>,
+        key: &KeyChoice<'_>,
+    ) -> Option<Self> {
+        let KeyChoice::Stored(value) = key else {
+            return None;
+        };
+        let credential = match provider.service_account(alias) {
+            Some(sa) => HeldCredential::ServiceAccount(sa.clone()),
+            None => HeldCredential::Key((*value).clone()),
+        };
+        Some(Self {
+            provider: provider.id.clone(),
+            alias: alias.unwrap_or("default").to_owned(),
+            credential,
+        })
+    }
+
+    /// Whether `serving` (no config: nothing) still stores it.
+    fn still_held(&self, serving: Option<&Snapshot>) -> bool {
+        serving
+            .and_then(|s| s.providers.get(&self.provider))
+            .is_some_and(|p| p.still_holds(&self.alias, &self.credential))
     }
 }
 
@@ -128,6 +191,8 @@ pub(crate) struct Upgrade<'a> {
     pub route: &'a ProviderRoute<'a>,
     pub uri: http::Uri,
     pub key: KeyChoice<'a>,
+    /// The stored credential `key` is, if any: the session ends when it is removed or rotated.
+    pub held: Option<HeldKey>,
     pub timeout: Duration,
     pub start: Instant,
 }
@@ -233,13 +298,12 @@ pub(crate) async fn serve(
         upgrade.unwrap_or(HeaderValue::from_static("websocket")),
     );
     let answer = Response::from_parts(head, ProxyBody::full(Bytes::new()));
-    let (ending, open) = gw.sessions.join();
     let session = Session {
         record,
         tally,
         metrics: gw.metrics.clone(),
-        ending,
-        _open: open,
+        held: up.held,
+        watches: gw.sessions.join(),
     };
     let provider_id = provider.id.clone();
     // The client's side switches once this answer is written; the session runs on its own,
@@ -266,9 +330,26 @@ struct Session {
     /// The usage limits its responses are charged to as they complete.
     tally: Option<crate::budget::Tally>,
     metrics: Arc<crate::telemetry::Metrics>,
-    /// Changes when every session must end ([`Sessions::end_all`]).
-    ending: tokio::sync::watch::Receiver<u64>,
-    _open: OpenSession,
+    /// The stored credential it was opened with, if any.
+    held: Option<HeldKey>,
+    watches: Watches,
+}
+
+impl Session {
+    /// Resolves when the session must end: every session ends, or a reload took its key away.
+    async fn ended(&mut self) -> &'static str {
+        loop {
+            tokio::select! {
+                _ = self.watches.ending.changed() => return "the gateway is stopping",
+                Ok(()) = self.watches.serving.changed(), if self.held.is_some() => {
+                    let serving = self.watches.serving.borrow_and_update().clone();
+                    if self.held.as_ref().is_some_and(|h| !h.still_held(serving.as_deref())) {
+                        return "the provider key of this session was removed or rotated";
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How the provider-to-client direction of a session ended.
@@ -354,8 +435,9 @@ where
                 Ok(n) => n,
                 Err(e) => return End::Failed(e),
             },
-            _ = s.ending.changed() => {
-                close(client, &frames, 1001, "the gateway is stopping").await;
+            why = s.ended() => {
+                tracing::info!(reason = why, "websocket session ended by the gateway");
+                close(client, &frames, 1001, why).await;
                 return End::Ending;
             }
         };
@@ -364,7 +446,7 @@ where
             written = client.write_all(&buf[..n]) => if let Err(e) = written {
                 return End::Failed(e);
             },
-            _ = s.ending.changed() => return End::Ending,
+            _ = s.ended() => return End::Ending,
         }
         s.record.add_bytes(n as u64);
         if let Some((input, output)) = frames.take_counted() {

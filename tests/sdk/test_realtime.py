@@ -5,6 +5,7 @@ both ways, one log line per session with the tokens of its `response.done` event
 
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -230,6 +231,59 @@ def test_sessions_end_when_the_gateway_is_deleted(upstream, tmp_path):
             assert closed.value.rcvd.code == 1001, closed.value
         # Logged when it ended, not left open.
         assert " provider=openai " in session_line(g)
+    finally:
+        g.stop()
+
+
+def reloads(g):
+    m = re.search(r'sidegate_config_reloads_total{result="success"} (\d+)', g.metrics())
+    return int(m.group(1)) if m else 0
+
+
+def wait_for_reload(g, before, timeout=10):
+    deadline = time.monotonic() + timeout
+    while reloads(g) <= before:
+        assert time.monotonic() < deadline, "the edit was not reloaded"
+        time.sleep(0.05)
+
+
+def test_a_session_ends_when_its_stored_key_is_rotated_not_when_another_is(upstream, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url), DEFAULT_KEYS)
+    try:
+        with websockets.sync.client.connect(ws_url(g)) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+            # Another provider's key changes: this session goes on.
+            before = reloads(g)
+            (g.keys_dir / "anthropic.default").write_text("sk-ant-rotated\n")
+            wait_for_reload(g, before)
+            assert respond(ws)[-1]["type"] == "response.done"
+            # Its own key is rotated: the gateway no longer holds what the session was opened
+            # with, so the session ends (1001), and says why.
+            (g.keys_dir / "openai.default").write_text("sk-openai-rotated\n")
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                ws.recv(timeout=10)
+            assert closed.value.rcvd.code == 1001, closed.value
+            assert "removed or rotated" in closed.value.rcvd.reason
+        assert " provider=openai " in session_line(g)
+    finally:
+        g.stop()
+
+
+def test_a_session_ends_when_its_stored_key_is_removed(upstream, tmp_path):
+    keys = dict(DEFAULT_KEYS, **{"openai.team-b": OPENAI_KEY})
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url), keys)
+    try:
+        headers = {"cf-aig-byok-alias": "team-b"}
+        with websockets.sync.client.connect(ws_url(g), additional_headers=headers) as team_b, \
+                websockets.sync.client.connect(ws_url(g)) as default:
+            for ws in (team_b, default):
+                assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+            (g.keys_dir / "openai.team-b").unlink()
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+                team_b.recv(timeout=10)
+            assert closed.value.rcvd.code == 1001, closed.value
+            # The session on the key still held goes on.
+            assert respond(default)[-1]["type"] == "response.done"
     finally:
         g.stop()
 
