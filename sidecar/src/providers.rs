@@ -374,6 +374,16 @@ impl Provider {
         }
     }
 
+    /// Whether its WebSocket sessions speak OpenAI's Realtime events (a `response.done` with
+    /// `usage` per response), whose usage the gateway reads: OpenAI, Azure OpenAI, and custom
+    /// providers of the OpenAI format.
+    pub fn sessions_report_openai_usage(&self) -> bool {
+        match &*self.id {
+            "openai" | "azure-openai" => true,
+            id => !BUILTIN_PROVIDERS.contains(&id) && self.format == ApiFormat::Openai,
+        }
+    }
+
     /// Whether requests are signed (AWS SigV4) rather than carrying a key in a header.
     pub fn signs_requests(&self) -> bool {
         matches!(self.auth, AuthStyle::ClientSigned)

@@ -21,8 +21,10 @@
 //! session never goes on with keys the gateway no longer holds.
 //!
 //! A gateway whose DLP or guardrails check requests or responses refuses upgrades: it could not
-//! check what a session carries. So does a provider whose requests the gateway signs (AWS): a
-//! session is not a request it can sign.
+//! check what a session carries. So does, where a spend limit or token budget applies, a
+//! provider whose sessions do not speak OpenAI's Realtime events (Gemini Live): their usage would
+//! go uncounted. So does a provider whose requests the gateway signs (AWS): a session is not a
+//! request it can sign.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -215,6 +217,12 @@ pub(crate) async fn serve(
         return Err(fail(GatewayError::WebSocketRefused(
             "WebSocket sessions are refused: this gateway's DLP or guardrails check what requests and responses carry, which they cannot do for a session".into(),
         )));
+    }
+    if snap.budgets.is_some() && !provider.sessions_report_openai_usage() {
+        return Err(fail(GatewayError::WebSocketRefused(format!(
+            "WebSocket sessions are refused for {}: this gateway has a spend limit or token budget, and the gateway cannot read how much this provider's sessions use",
+            provider.id
+        ))));
     }
     if provider.signs_requests() {
         return Err(fail(GatewayError::WebSocketRefused(format!(

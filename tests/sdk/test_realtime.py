@@ -217,6 +217,24 @@ def test_a_session_is_closed_when_its_token_budget_runs_out(upstream, tmp_path):
         g.stop()
 
 
+def test_under_a_budget_sessions_whose_usage_the_gateway_cannot_read_are_refused(upstream, tmp_path):
+    # Only OpenAI's Realtime events are read for usage: a session of another provider could
+    # spend past the limits unseen, so where limits apply it is refused at the upgrade.
+    spec = "  rateLimit: {limit: 1000, interval: 60s, tokensPerMinute: 100000}\n"
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            websockets.sync.client.connect(g.url.replace("http", "ws") + "/groq/realtime").close()
+        assert refused.value.response.status_code == 400
+        err = json.loads(refused.value.response.body)["error"][0]
+        assert err["code"] == 2111 and "cannot read" in err["message"], err
+        assert upstream.handshakes == []
+        with websockets.sync.client.connect(ws_url(g)) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+    finally:
+        g.stop()
+
+
 def test_sessions_end_when_the_gateway_is_deleted(upstream, tmp_path):
     g = Sidegate(tmp_path, gateway_yaml(upstream.url), DEFAULT_KEYS)
     try:
