@@ -936,22 +936,29 @@ fn authenticate(
     if !snap.auth_required {
         return Ok(Admission::Gateway);
     }
+    let in_key_header = || {
+        crate::providers::CLIENT_KEY_HEADERS
+            .iter()
+            .flat_map(|name| headers.get_all(name))
+            .any(|v| {
+                let v = v.as_bytes();
+                snap.keys
+                    .is_token(crate::headers::bearer_token(v).unwrap_or(v))
+            })
+    };
     if let Some(v) = aig.get(Gw::Authorization) {
-        return if snap.keys.token_matches(v.as_bytes()) {
-            Ok(Admission::Gateway)
+        if !snap.keys.token_matches(v.as_bytes()) {
+            return Err(GatewayError::Unauthorized);
+        }
+        // A token in a key header as well is held to the same rule as one there alone: it
+        // must never go upstream as the client's own key.
+        return Ok(if in_key_header() {
+            Admission::ClientKeyHeader
         } else {
-            Err(GatewayError::Unauthorized)
-        };
-    }
-    let in_key_header = crate::providers::CLIENT_KEY_HEADERS
-        .iter()
-        .flat_map(|name| headers.get_all(name))
-        .any(|v| {
-            let v = v.as_bytes();
-            snap.keys
-                .is_token(crate::headers::bearer_token(v).unwrap_or(v))
+            Admission::Gateway
         });
-    if in_key_header {
+    }
+    if in_key_header() {
         Ok(Admission::ClientKeyHeader)
     } else {
         Err(GatewayError::Unauthorized)

@@ -88,6 +88,20 @@ def test_a_provider_without_a_stored_key_refuses_the_token_in_its_auth_header(au
     assert mock.requests() == []
 
 
+def test_the_token_in_the_auth_header_is_refused_there_with_cf_aig_authorization_too(authed, mock):
+    # cf-aig-authorization lets the request in, but the key header still holds the token and
+    # no stored key replaces it: it would go upstream as the client's own key.
+    c = openai_client(authed, "/groq", default_headers={"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"})
+    with pytest.raises(openai.AuthenticationError) as e:
+        c.chat.completions.create(model="llama-3.1-8b", messages=MESSAGES)
+    assert_refused(e.value.response)
+    assert mock.requests() == []
+    # Where a stored key replaces it, both together are fine.
+    c = openai_client(authed, default_headers={"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"})
+    assert c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices
+    assert_token_never_upstream(mock)
+
+
 def test_a_wrong_token_or_none_is_refused(authed, mock):
     for key in ("gw-wrong-token", "sk-placeholder"):
         with pytest.raises(openai.AuthenticationError) as e:
