@@ -432,6 +432,24 @@ fn plan<'a>(
     plan_provider(snap, request_uri, i, step, request).map(|p| Plan::Provider(Box::new(p)))
 }
 
+/// A step's `endpoint` as a path and a query (empty when none): what a request target can carry
+/// and nothing else. A `#` would cut what goes upstream short of what the gateway prices, logs
+/// and caches by, so it is refused with anything a URL cannot hold.
+fn split_endpoint(i: usize, endpoint: &str) -> Result<(&str, &str), GatewayError> {
+    let raw = endpoint.trim_start_matches('/');
+    let valid = raw.len() < 8192
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b'#' | b'\\'));
+    if !valid {
+        return Err(bad(format!(
+            "steps[{i}].endpoint: {:?} is not a URL path (no spaces, control characters, '#' or '\\')",
+            truncate(raw)
+        )));
+    }
+    Ok(raw.split_once('?').unwrap_or((raw, "")))
+}
+
 /// Checks a `compat` step: all that can be known before it is tried (endpoint, headers,
 /// config, a model that names a known provider, route or chain), so that a wrong step is
 /// refused before any step is sent, as a provider step is.
@@ -442,8 +460,7 @@ fn plan_compat(
     step: Step,
     request: GatewayHeaders<'_>,
 ) -> Result<CompatStep, GatewayError> {
-    let raw = step.endpoint.trim_start_matches('/');
-    let (path, query) = raw.split_once('?').unwrap_or((raw, ""));
+    let (path, query) = split_endpoint(i, &step.endpoint)?;
     let endpoint = match path.trim_end_matches('/') {
         // Cloudflare's dynamic-routing example names it in the singular.
         "chat/completions" | "chat/completion" => compat::Endpoint::Chat,
@@ -636,8 +653,8 @@ fn plan_provider<'a>(
         )))
     })?;
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);
-    let endpoint = step.endpoint.trim_start_matches('/').to_owned();
-    let (path, query) = endpoint.split_once('?').unwrap_or((&endpoint, ""));
+    let endpoint = step.endpoint.clone();
+    let (path, query) = split_endpoint(i, &endpoint).map_err(fail)?;
     let route = ProviderRoute {
         provider: &step.provider,
         rest: path,
@@ -740,6 +757,28 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_are_a_path_and_a_query_and_nothing_a_url_cannot_carry() {
+        assert_eq!(
+            split_endpoint(0, "/v1/chat/completions?api-version=1").expect("valid"),
+            ("v1/chat/completions", "api-version=1")
+        );
+        assert_eq!(
+            split_endpoint(0, "embeddings").expect("valid"),
+            ("embeddings", "")
+        );
+        for bad in [
+            "chat#/models/x",
+            "chat completions",
+            "chat\n",
+            "ch\\at",
+            "chat/é",
+        ] {
+            let e = split_endpoint(2, bad).expect_err(bad).to_string();
+            assert!(e.contains("steps[2].endpoint"), "{e}");
+        }
+    }
 
     #[test]
     fn steps_are_an_array_or_one_object_and_named_when_wrong() {

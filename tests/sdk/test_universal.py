@@ -247,6 +247,13 @@ def test_long_form_account_reaches_workers_ai_steps(mock, tmp_path):
      "steps[0].headers: invalid header cf-aig-max-attempts"),
     ([{"provider": "openai", "endpoint": "x", "query": {}, "authorization": "bad\nvalue"}], "steps[0].authorization"),
     ([{"provider": "openai", "endpoint": "../x", "query": {}}], "steps[0].endpoint"),
+    # A fragment would leave the model priced and logged ("unpriced") apart from the one sent.
+    ([{"provider": "openai", "endpoint": "chat/completions#/models/unpriced", "query": {"model": "gpt-4o"}}],
+     "steps[0].endpoint: \"chat/completions#/models/unpriced\" is not a URL path"),
+    ([{"provider": "openai", "endpoint": "chat/completions\nINFO forged", "query": {}}],
+     "steps[0].endpoint: \"chat/completions\\nINFO forged\" is not a URL path"),
+    ([{"provider": "compat", "endpoint": "chat/completions#x", "query": {"model": "openai/gpt-4o"}}],
+     "steps[0].endpoint"),
 ])
 def test_bad_steps_are_400_2108_naming_the_step(gateway, mock, body, needle):
     r = httpx.post(gateway.url + "/", json=body)
