@@ -198,6 +198,39 @@ fn timestamp_now() -> String {
     t
 }
 
+/// How the text format writes an event's fields: as `tracing`'s default does, with control
+/// characters escaped, so that a value quoting client input (a JSON key named in a refusal, say)
+/// cannot start a line of its own.
+pub fn text_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        let mut w = OneLine(w);
+        if field.name() == "message" {
+            write!(w, "{value:?}")
+        } else {
+            write!(w, "{field}={value:?}")
+        }
+    })
+    .delimited(" ")
+}
+
+/// Writes through to `W` with control characters escaped (`\n`, `\u{1b}`, ...).
+struct OneLine<'a, W>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for OneLine<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut start = 0;
+        for (i, c) in s.char_indices() {
+            if c.is_control() {
+                self.0.write_str(&s[start..i])?;
+                write!(self.0, "{}", c.escape_default())?;
+                start = i + c.len_utf8();
+            }
+        }
+        self.0.write_str(&s[start..])
+    }
+}
+
 /// The process's log lines (`tracing`'s writer): through the request log's buffer, so no thread
 /// but the flusher waits on stderr; each wakes the flusher, so they come out at once. (Before
 /// [`init`], and after the flusher is gone at exit, [`flush`] writes them out.)
@@ -492,6 +525,38 @@ pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn text_log_fields_cannot_start_a_line() {
+        #[derive(Clone, Default)]
+        struct Out(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Out {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("out").extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Out::default();
+        let make = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || make.clone())
+            .with_ansi(false)
+            .fmt_fields(text_fields())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let err = "unknown field `zz\n2026-01-01 INFO forged`";
+            tracing::info!(error = %err, code = 2108, name = "a\rb", "request refused");
+        });
+        let text = String::from_utf8(out.0.lock().expect("out").clone()).expect("utf-8");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(r#"request refused error=unknown field `zz\n2026-01-01 INFO forged` code=2108 name="a\rb""#),
+            "{text}"
+        );
+    }
+
     use super::*;
 
     fn entry() -> Entry<'static> {

@@ -114,7 +114,9 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder
+            .fmt_fields(sidegate::access_log::text_fields())
+            .init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
 }
