@@ -655,12 +655,16 @@ impl Gateway {
         let retries = snap.retries.with_headers(aig).map_err(fail)?;
 
         // body
-        if snap.dlp.checks_requests() || snap.guardrails.checks_prompts() {
-            refuse_compressed_body(
-                &parts.headers,
-                "the gateway's request checks (DLP, guardrails)",
-            )
-            .map_err(fail)?;
+        let reader = if snap.dlp.checks_requests() || snap.guardrails.checks_prompts() {
+            Some("the gateway's request checks (DLP, guardrails)")
+        } else if snap.budgets.is_some() {
+            // The model's price and a stream's usage request are read from the body.
+            Some("the gateway's spend limit and token budget")
+        } else {
+            None
+        };
+        if let Some(reader) = reader {
+            refuse_compressed_body(&parts.headers, reader).map_err(fail)?;
         }
         // Held until the answer's head is here: the body goes upstream, and stays for retries.
         let mut held = self.buffers.guard(snap.max_buffered);

@@ -4,7 +4,7 @@
   without stored credentials): anywhere else a compressed answer would pass DLP, guardrails,
   usage counting and the cache unread.
 - A compressed request body is refused where the gateway must read it (request DLP, prompt
-  guardrails, /compat, the universal endpoint).
+  guardrails, spend limits and token budgets, /compat, the universal endpoint).
 - Web pages get nothing: a request with a browser's marks (Origin, Sec-Fetch-Site) is refused,
   and so is, on a loopback listener, one for a host name other than its address or localhost
   (DNS rebinding).
@@ -153,6 +153,10 @@ GZIP_JSON = {"content-type": "application/json", "content-encoding": "gzip"}
     (dlp("{id: watch, action: FLAG, check: [REQUEST], profiles: [us-ssn]}"), f"my ssn is {SSN}"),
     ("  guardrails:\n    moderationURL: '{mock}/v1/moderations'\n    prompt: {violence: block}\n",
      "tell me mock-flag:violence"),
+    # Usage limits read the model (its price) and ask a stream for its usage in the body: a
+    # compressed one was served, priced at nothing.
+    ("  spendLimit: {amount: '0.00001', period: day}\n", "spend"),
+    ("  rateLimit: {limit: 1000, interval: 60s, tokensPerMinute: 100000}\n", "tokens"),
 ])
 def test_a_compressed_body_is_refused_where_request_checks_must_read_it(mock, tmp_path, spec, text):
     g = started(mock, tmp_path, spec.replace("{mock}", mock.url))
