@@ -382,7 +382,17 @@ impl Gateway {
             return Ok(err.into_response());
         };
         let (parts, body) = req.into_parts();
-        match self.proxy(&snap, &parts, body, start).await {
+        let mut unanswered = Unanswered {
+            gw: &self,
+            snap: &snap,
+            parts: &parts,
+            start,
+            armed: true,
+        };
+        let result = self.proxy(&snap, &parts, body, start).await;
+        // From here the answer's record (or the refusal) tells of the request.
+        unanswered.armed = false;
+        match result {
             Ok(resp) if snap.dlp.checks_responses() || snap.guardrails.checks_responses() => {
                 Ok(self.scan_response(&snap, resp).await)
             }
@@ -903,6 +913,51 @@ fn tag_response_with(headers: &mut http::HeaderMap, event_id: Option<&HeaderValu
     }
     if let Ok(v) = HeaderValue::from_str(log_id) {
         headers.insert(LOG_ID, v);
+    }
+}
+
+/// Status logged for a request dropped before it had an answer (nginx's "client closed
+/// request").
+const CLIENT_CLOSED: u16 = 499;
+
+/// A request waiting for its answer. Dropped while armed, the request was given up before the
+/// gateway answered it (the client left, or the shutdown grace ended, while it waited on the
+/// provider, a retry, the cache): it is counted and logged as cancelled with status 499, as an
+/// answer cut short is, instead of vanishing.
+struct Unanswered<'a> {
+    gw: &'a Gateway,
+    snap: &'a Snapshot,
+    parts: &'a http::request::Parts,
+    start: Instant,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let aig = GatewayHeaders::scan(&self.parts.headers);
+        // The headers were good enough to get this far; should one not be, the line goes
+        // without what it would have added.
+        let opts = LogOptions::from_headers(aig, self.snap.log_requests, self.snap.log_payloads)
+            .unwrap_or_else(|_| LogOptions {
+                log: self.snap.log_requests,
+                ..LogOptions::default()
+            });
+        let (provider, path) = refused_route(self.snap, self.parts.uri.path());
+        let record = RequestRecord::new(
+            self.gw.metrics.clone(),
+            provider.unwrap_or_else(|| Arc::from("none")),
+            self.parts.method.clone(),
+            path,
+            CLIENT_CLOSED,
+            self.start,
+            &opts,
+            crate::log_id::next(),
+        );
+        // An unfinished record logs itself as cancelled.
+        drop(record);
     }
 }
 

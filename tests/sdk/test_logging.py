@@ -5,6 +5,7 @@ logged), cf-aig-collect-log, and the bodies of spec.logging.payloads (cf-aig-col
 
 import datetime
 import json
+import time
 import uuid
 
 import httpx
@@ -132,6 +133,22 @@ def test_a_refused_request_gets_a_log_id_and_a_line(json_gateway, mock):
     logs = json_gateway.logs()
     assert client_key not in logs and wrong_token not in logs and GATEWAY_TOKEN not in logs
     assert mock.requests() == []
+
+
+def test_a_request_the_client_gives_up_on_before_its_answer_is_logged_as_cancelled(json_gateway, mock):
+    # The provider takes 3 s to answer; the client leaves after 0.5 s.
+    headers = {**AUTH, "x-mock-delay-ms": "3000", "cf-aig-event-id": "evt-gone", "cf-aig-metadata": '{"team": "a"}'}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(json_gateway.url + CHAT, json=BODY, headers=headers, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while '"event_id":"evt-gone"' not in json_gateway.logs():
+        assert time.monotonic() < deadline, "no line for the request the client gave up on"
+        time.sleep(0.05)
+    (line,) = [json.loads(l) for l in json_gateway.logs().splitlines() if '"event_id":"evt-gone"' in l]
+    assert {k: line[k] for k in ("provider", "path", "status_code", "success", "outcome", "metadata")} == {
+        "provider": "openai", "path": "chat/completions", "status_code": 499, "success": False,
+        "outcome": "cancelled", "metadata": {"team": "a"}}
+    assert 'sidegate_requests_total{provider="openai",status="499"} 1' in json_gateway.metrics()
 
 
 def test_a_rate_limited_request_is_logged_as_refused(mock, tmp_path):
