@@ -11,7 +11,8 @@
 //! are evicted when the cache is full (S3-FIFO, by size).
 //!
 //! Identical requests that miss at the same time make one upstream call: the first is the
-//! leader of a [`Flights`] entry, the others wait (at most [`COALESCE_WAIT`]) until its response
+//! leader of a [`Flights`] entry, the others wait (at most [`COALESCE_WAIT`], and at most their
+//! own request timeout) until its response
 //! is stored or turns out not to be storable, then look again — a hit, or a call of their own.
 
 use std::collections::HashMap;

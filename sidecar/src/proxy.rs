@@ -321,8 +321,13 @@ impl Gateway {
             match self.flights.join(key) {
                 cache::Flight::Leader(guard) => flight = Some(guard),
                 cache::Flight::Follower(leader) => {
-                    // An identical request is fetching: its response, once stored, is ours.
-                    cache::wait_for_leader(leader, cache::COALESCE_WAIT).await;
+                    // An identical request is fetching: its response, once stored, is ours. Not
+                    // waited for longer than this request's own timeout (its header's, else the
+                    // gateway's), after which it calls upstream itself.
+                    let own =
+                        request_timeout(GatewayHeaders::scan(&parts.headers), snap.request_timeout)
+                            .unwrap_or(cache::COALESCE_WAIT);
+                    cache::wait_for_leader(leader, own.min(cache::COALESCE_WAIT)).await;
                     found = self.cache_get(&sink, &key).await;
                 }
             }

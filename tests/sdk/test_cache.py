@@ -401,6 +401,23 @@ def test_identical_requests_at_the_same_time_make_one_upstream_call(cached_gatew
     assert cache_metric(cached_gateway, "hit") == 5
 
 
+def test_an_identical_request_waits_for_the_first_no_longer_than_its_own_timeout(cached_gateway, mock):
+    # The first takes 3 s; an identical one that gives the provider 500 ms waits at most that
+    # long for it, then calls upstream itself and times out there (it waited 3 s for a hit).
+    import threading
+    body = chat_body("patience")
+    slow = {"x-mock-delay-ms": "3000"}
+    first = threading.Thread(target=lambda: post(cached_gateway, body=body, headers=slow))
+    first.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    r = post(cached_gateway, body=body, headers={**slow, "cf-aig-request-timeout": "500"})
+    took = time.monotonic() - started
+    first.join()
+    assert (r.status_code, r.json()["error"][0]["code"]) == (504, 2103), r.text
+    assert took < 2.0, f"answered after {took:.1f} s"
+
+
 def test_identical_requests_waiting_on_an_uncacheable_answer_each_call_upstream(cached_gateway, mock):
     # A 500 is not stored: the waiting requests go upstream themselves once it arrives, and
     # none of them hangs.
