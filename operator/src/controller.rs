@@ -181,6 +181,8 @@ pub struct Context {
     /// How the webhook injects (`--sidecar-image` and the other sidecar flags), so that pods
     /// injected otherwise are counted as outdated; `None`: not compared.
     pub injection: Option<InjectConfig>,
+    /// The pods each running controller's pod watch caches, which the reconciles survey.
+    pub pods: pods::PodCaches,
 }
 
 impl Context {
@@ -201,6 +203,7 @@ impl Context {
             sidecar_images: AllowedImages::repository_of(DEFAULT_SIDECAR_IMAGE),
             excluded_namespaces: BTreeSet::from(["kube-system".to_owned()]),
             injection: None,
+            pods: pods::PodCaches::default(),
         }
     }
 }
@@ -274,15 +277,19 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
         .as_ref()
         .and_then(|config| injected_now(gw, config));
     // Informational: a failure (e.g. RBAC without pods) keeps the last count, never the render.
-    match pods::survey(
-        client,
-        &ns,
-        &name,
-        injected_now.as_ref(),
-        &ctx.excluded_namespaces,
-    )
-    .await
-    {
+    let surveyed = async {
+        let cache = ctx.pods.covering(&ns)?;
+        pods::survey(
+            client,
+            &cache,
+            &ns,
+            &name,
+            injected_now.as_ref(),
+            &ctx.excluded_namespaces,
+        )
+        .await
+    };
+    match surveyed.await {
         Ok(found) => {
             obs.uninjected_pods = Some(found.uninjected);
             obs.outdated_pods = found.outdated;
@@ -586,6 +593,7 @@ pub fn gateways_for_secret(
 /// Builds the AIGateway controller of namespace `ns` (`None`: every namespace): owned
 /// ConfigMaps and Secrets (metadata-only watches of the operator's labelled objects),
 /// ProviderKeys, key Secrets and pods that may lack the sidecar mapped back to their gateways.
+/// The pod watch also fills the controller's pod cache, set in `ctx.pods` for the reconciles.
 pub fn controller(client: Client, ctx: Arc<Context>, ns: Option<&str>) -> Controller<AIGateway> {
     let owned = watcher::Config::default().labels(&render::managed_selector());
     let controller = Controller::new(
@@ -605,12 +613,12 @@ pub fn controller(client: Client, ctx: Arc<Context>, ns: Option<&str>) -> Contro
         watcher::Config::default(),
         move |key| gateways_for_key(&key, &store.state(), &deps),
     );
-    // Pods, metadata only and no store: those that may lack the sidecar trigger their gateway.
-    let controller = controller.watches(
-        Scope::api::<PartialObjectMeta<Pod>>(&client, ns),
-        watcher::Config::default(),
-        |pod| pods::gateway_for_pod(&pod.metadata),
-    );
+    // Pods, metadata only: those that may lack the sidecar trigger their gateway, and every
+    // pod not ended is cached (stripped) for the surveys, so that a reconcile lists no pods.
+    let (pod_cache, pod_events) = pods::watch(Scope::api::<PartialObjectMeta<Pod>>(&client, ns));
+    ctx.pods.insert(ns, pod_cache);
+    let controller =
+        controller.watches_stream(pod_events, |pod| pods::gateway_for_pod(&pod.metadata));
     let watched = ns.map(str::to_owned);
     controller.watches(
         Scope::api::<PartialObjectMeta<Secret>>(&client, ns),

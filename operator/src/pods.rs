@@ -8,27 +8,175 @@
 //!   `spec.sidecar` changed): a running pod never changes, it keeps what it was created with.
 //!
 //! The AIGateway reconcile counts both into its status and says which in Events. Pods are
-//! watched and listed metadata-only: the webhook marks every pod it injects with
-//! `sidegate.dev/injected` and what it injected ([`InjectedWith`]), so the annotations find the
-//! candidates and tell most outdated pods apart; only the rest are read whole, a few at a time.
+//! watched metadata-only, one watch per controller ([`watch`]): it triggers the reconciles and
+//! fills a [`PodCache`] that every reconcile's [`survey`] reads, so a reconcile lists no pods.
+//! The webhook marks every pod it injects with `sidegate.dev/injected` and what it injected
+//! ([`InjectedWith`]), so the annotations find the candidates and tell most outdated pods apart;
+//! only the rest are read whole, a few at a time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, ObjectMeta};
-use kube::runtime::reflector::ObjectRef;
+use kube::api::{Api, ObjectMeta, PartialObjectMeta};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use sidegate_crds::api::AIGateway;
 
 use crate::webhook::inject::{
-    self, INJECTED_ANNOTATION, InjectedWith, SIDECAR_CONTAINER, SIDECAR_IMAGE_ANNOTATION,
-    SIDECAR_SETTINGS_ANNOTATION,
+    self, INJECT_ANNOTATION, INJECTED_ANNOTATION, InjectedWith, SIDECAR_CONTAINER,
+    SIDECAR_IMAGE_ANNOTATION, SIDECAR_SETTINGS_ANNOTATION,
 };
 
 /// Candidates read whole per reconcile; more are counted from their annotations alone.
 pub const MAX_PODS_READ: usize = 32;
 /// Pods named in the Event.
 pub const MAX_PODS_NAMED: usize = 5;
+/// How long a survey waits for its controller's first pod list before it gives up (the count
+/// is then not updated): at startup the gateways may be listed before the pods are.
+pub const CACHE_READY_WAIT: Duration = Duration::from_secs(10);
+
+/// The pod watch's field selector: ended pods are never counted, so never cached (one that ends
+/// leaves the selector, and the watch reports it deleted).
+pub const NOT_ENDED: &str = "status.phase!=Succeeded,status.phase!=Failed";
+
+/// The annotations [`survey`] and [`gateway_for_pod`] read: the only ones cached.
+pub const CACHED_ANNOTATIONS: [&str; 5] = [
+    inject::GATEWAY_ANNOTATION,
+    INJECT_ANNOTATION,
+    INJECTED_ANNOTATION,
+    SIDECAR_IMAGE_ANNOTATION,
+    SIDECAR_SETTINGS_ANNOTATION,
+];
+
+/// Strips a watched pod's metadata to what is read of it (name, namespace, deletion timestamp
+/// and [`CACHED_ANNOTATIONS`]) before it is cached: with thousands of pods, their labels,
+/// managedFields, owners and other annotations would be most of the cache.
+pub fn strip(pod: &mut PartialObjectMeta<Pod>) {
+    let meta = std::mem::take(&mut pod.metadata);
+    let annotations: BTreeMap<String, String> = meta
+        .annotations
+        .into_iter()
+        .flatten()
+        .filter(|(key, _)| CACHED_ANNOTATIONS.contains(&key.as_str()))
+        .collect();
+    pod.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        deletion_timestamp: meta.deletion_timestamp,
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        ..ObjectMeta::default()
+    };
+}
+
+/// The pod metadata one AIGateway controller watches (its namespace, or the whole cluster),
+/// which [`survey`] reads instead of listing pods.
+#[derive(Clone)]
+pub struct PodCache {
+    /// Pods not ended, [`strip`]ped; ready once the watch's first list is in.
+    store: Store<PartialObjectMeta<Pod>>,
+    /// The watch's last error, until it brings something again.
+    watch_error: Arc<Mutex<Option<String>>>,
+}
+
+impl PodCache {
+    /// Waits (at most `wait`) until the first list is in. A failing watch is not waited for: one
+    /// refused for good (RBAC without pods) would hold every reconcile that long.
+    async fn ready(&self, wait: Duration) -> Result<(), SurveyError> {
+        let watch_error = self
+            .watch_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let wait = if watch_error.is_some() {
+            Duration::ZERO
+        } else {
+            wait
+        };
+        match tokio::time::timeout(wait, self.store.wait_until_ready()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SurveyError::WatchEnded),
+            Err(_) => Err(match watch_error {
+                Some(error) => SurveyError::WatchFailing(error),
+                None => SurveyError::NotReady(wait),
+            }),
+        }
+    }
+}
+
+/// The metadata-only watch of the pods of `api` that are not ended: the stream to drive (it
+/// fills the cache, and each pod it brings may trigger its gateway, [`gateway_for_pod`]) and
+/// the cache it fills.
+pub fn watch(
+    api: Api<PartialObjectMeta<Pod>>,
+) -> (
+    PodCache,
+    impl Stream<Item = Result<PartialObjectMeta<Pod>, watcher::Error>> + Send + 'static,
+) {
+    let (store, writer) = reflector::store();
+    let cache = PodCache {
+        store,
+        watch_error: Arc::default(),
+    };
+    let watch_error = cache.watch_error.clone();
+    let pods = watcher(api, watcher::Config::default().fields(NOT_ENDED))
+        .modify(strip)
+        .inspect(move |event| {
+            *watch_error.lock().unwrap_or_else(PoisonError::into_inner) =
+                event.as_ref().err().map(ToString::to_string);
+        })
+        .reflect(writer)
+        .touched_objects();
+    (cache, pods)
+}
+
+/// The [`PodCache`]s of the running AIGateway controllers, by the namespace each watches
+/// (`None`: the whole cluster).
+#[derive(Default)]
+pub struct PodCaches(Mutex<BTreeMap<Option<String>, PodCache>>);
+
+impl PodCaches {
+    /// Sets the cache of the controller of `ns` (a new one replaces the last).
+    pub fn insert(&self, ns: Option<&str>, cache: PodCache) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(ns.map(str::to_owned), cache);
+    }
+
+    /// The cache that holds the pods of namespace `ns`.
+    pub fn covering(&self, ns: &str) -> Result<PodCache, SurveyError> {
+        let caches = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        caches
+            .get(&Some(ns.to_owned()))
+            .or_else(|| caches.get(&None))
+            .cloned()
+            .ok_or_else(|| SurveyError::NotWatched(ns.to_owned()))
+    }
+}
+
+/// Why the pods of a gateway were not counted (the reconcile keeps the last counts).
+#[derive(Debug, thiserror::Error)]
+pub enum SurveyError {
+    /// No controller watches the pods of this namespace.
+    #[error("no pod watch covers namespace {0}")]
+    NotWatched(String),
+    /// The pod watch has not listed the pods yet.
+    #[error("the pod watch has not listed the pods yet (waited {0:?})")]
+    NotReady(Duration),
+    /// The pod watch fails and has not listed the pods yet.
+    #[error("the pod watch fails: {0}")]
+    WatchFailing(String),
+    /// The pod watch stopped before it listed the pods.
+    #[error("the pod watch stopped before it listed the pods")]
+    WatchEnded,
+    /// Reading a pod failed.
+    #[error("reading pods: {0}")]
+    Kube(#[from] kube::Error),
+}
 
 /// The pods of one gateway that run without its sidecar.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -186,20 +334,21 @@ fn has_ended(pod: &Pod) -> bool {
 }
 
 /// The pods in `ns` that name gateway `name` and run without the sidecar, and, when `now` says
-/// what injection gives, those whose sidecar differs from it: a metadata list (from the
-/// apiserver's cache, ended pods left out) and reads of at most [`MAX_PODS_READ`] pods of each
-/// kind. None in a namespace of `excluded` (the webhook's exclusions): a restart would not
-/// inject them either.
+/// what injection gives, those whose sidecar differs from it: the pods of `cache` (no list; it
+/// is waited for until its first list is in, at most [`CACHE_READY_WAIT`], so an empty cache is
+/// never taken for no pods) and reads of at most [`MAX_PODS_READ`] pods of each kind. None in a
+/// namespace of `excluded` (the webhook's exclusions): a restart would not inject them either.
 ///
 /// A pod injected before the webhook recorded what it injected is compared by the image of its
 /// sidecar container alone; beyond the reads it is not counted.
 pub async fn survey(
     client: &Client,
+    cache: &PodCache,
     ns: &str,
     name: &str,
     now: Option<&InjectedWith>,
     excluded: &BTreeSet<String>,
-) -> Result<GatewayPods, kube::Error> {
+) -> Result<GatewayPods, SurveyError> {
     if excluded.contains(ns) {
         return Ok(GatewayPods {
             outdated: now.map(|now| OutdatedPods {
@@ -209,18 +358,15 @@ pub async fn survey(
             ..GatewayPods::default()
         });
     }
+    cache.ready(CACHE_READY_WAIT).await?;
+    let cached = cache
+        .store
+        .state_filter(|pod| pod.metadata.namespace.as_deref() == Some(ns));
     let api = Api::<Pod>::namespaced(client.clone(), ns);
-    let listed = api
-        .list_metadata(
-            &ListParams::default()
-                .match_any()
-                .fields("status.phase!=Succeeded,status.phase!=Failed"),
-        )
-        .await?;
     let mut candidates: Vec<String> = Vec::new();
     let mut outdated = BTreeSet::new();
     let mut unrecorded: Vec<String> = Vec::new();
-    for pod in &listed.items {
+    for pod in &cached {
         if requested_gateway_without_sidecar(&pod.metadata).as_deref() == Some(name) {
             candidates.push(pod.name_any());
         } else if let Some(now) = now
@@ -240,7 +386,7 @@ pub async fn survey(
     let unread = candidates.len().saturating_sub(MAX_PODS_READ);
     let mut without = BTreeSet::new();
     for pod_name in candidates.into_iter().take(MAX_PODS_READ) {
-        // Gone since the list: nothing to count.
+        // Gone since the watch saw it: nothing to count.
         if let Some(pod) = api.get_opt(&pod_name).await?
             && !has_sidecar(&pod)
             && !has_ended(&pod)
@@ -459,5 +605,110 @@ mod tests {
             pods.note("main"),
             "7 pod(s) annotated sidegate.dev/gateway: main run without the sidecar (created before the AIGateway, or while the webhook could not inject them): a, b, c, d, e and 2 more; restart them (kubectl rollout restart, or delete the pods) to get the sidecar"
         );
+    }
+
+    #[test]
+    fn a_cached_pod_keeps_only_what_the_survey_and_the_trigger_read() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+            ManagedFieldsEntry, OwnerReference, Time,
+        };
+        use kube::api::PartialObjectMetaExt;
+        let mut watched = meta(&[
+            (inject::GATEWAY_ANNOTATION, "main"),
+            (INJECT_ANNOTATION, "true"),
+            (INJECTED_ANNOTATION, "0.1.0"),
+            (SIDECAR_IMAGE_ANNOTATION, "ghcr.io/sidegate/sidegate:0.1.0"),
+            (SIDECAR_SETTINGS_ANNOTATION, "abc123abc123"),
+            ("sidegate.dev/something-else", "x"),
+            ("kubectl.kubernetes.io/last-applied-configuration", "{...}"),
+        ]);
+        watched.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        watched.labels = Some([("app".to_owned(), "web".to_owned())].into());
+        watched.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
+        watched.owner_references = Some(vec![OwnerReference::default()]);
+        watched.uid = Some("0b8c".into());
+        watched.resource_version = Some("42".into());
+        let mut pod = watched.clone().into_response_partial::<Pod>();
+        strip(&mut pod);
+        let mut kept = meta(&[
+            (inject::GATEWAY_ANNOTATION, "main"),
+            (INJECT_ANNOTATION, "true"),
+            (INJECTED_ANNOTATION, "0.1.0"),
+            (SIDECAR_IMAGE_ANNOTATION, "ghcr.io/sidegate/sidegate:0.1.0"),
+            (SIDECAR_SETTINGS_ANNOTATION, "abc123abc123"),
+        ]);
+        kept.deletion_timestamp = watched.deletion_timestamp.clone();
+        assert_eq!(pod.metadata, kept);
+        assert_eq!(
+            gateway_for_pod(&pod.metadata),
+            gateway_for_pod(&watched),
+            "the trigger maps the stripped pod as the watched one"
+        );
+
+        let mut plain = meta(&[("other", "x")]).into_response_partial::<Pod>();
+        strip(&mut plain);
+        assert_eq!(plain.metadata.annotations, None);
+        assert_eq!(plain.name_any(), "app-1");
+    }
+
+    fn unlisted_cache() -> (PodCache, reflector::store::Writer<PartialObjectMeta<Pod>>) {
+        let (store, writer) = reflector::store();
+        let cache = PodCache {
+            store,
+            watch_error: Arc::default(),
+        };
+        (cache, writer)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_survey_waits_a_bounded_time_for_the_first_pod_list_and_never_reads_an_empty_cache() {
+        let (cache, mut writer) = unlisted_cache();
+        let start = tokio::time::Instant::now();
+        let waited = cache.ready(CACHE_READY_WAIT).await;
+        assert!(
+            matches!(waited, Err(SurveyError::NotReady(_))),
+            "{waited:?}"
+        );
+        assert_eq!(start.elapsed(), CACHE_READY_WAIT);
+
+        // Listed meanwhile: the wait ends then.
+        let listing = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.ready(CACHE_READY_WAIT).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        assert!(listing.await.expect("joined").is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_pod_watch_is_not_waited_for() {
+        let (cache, _writer) = unlisted_cache();
+        *cache.watch_error.lock().expect("lock") = Some("pods is forbidden".into());
+        let start = tokio::time::Instant::now();
+        let waited = cache.ready(CACHE_READY_WAIT).await;
+        assert!(
+            matches!(&waited, Err(SurveyError::WatchFailing(e)) if e == "pods is forbidden"),
+            "{waited:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_cache_of_a_namespace_is_its_own_or_the_whole_clusters() {
+        let caches = PodCaches::default();
+        assert!(matches!(
+            caches.covering("team-a"),
+            Err(SurveyError::NotWatched(_))
+        ));
+        let (team_a, _a) = unlisted_cache();
+        caches.insert(Some("team-a"), team_a.clone());
+        assert!(caches.covering("team-b").is_err());
+        let (cluster, _c) = unlisted_cache();
+        caches.insert(None, cluster.clone());
+        let covering = |ns| caches.covering(ns).expect("covered").watch_error;
+        assert!(Arc::ptr_eq(&covering("team-a"), &team_a.watch_error));
+        assert!(Arc::ptr_eq(&covering("team-b"), &cluster.watch_error));
     }
 }

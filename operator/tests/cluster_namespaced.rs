@@ -8,10 +8,10 @@
 //! The controllers run impersonating a ServiceAccount that has the operator's rules as a Role in
 //! the watched namespace and nothing anywhere else (no ClusterRole): a watch or read beyond the
 //! namespace would be refused, and the gateway never reconciled (its own watch), a rotated key
-//! never rendered (the Secret watch), a pod without the sidecar never counted (the pod watch and
-//! list) or no Event written. Also: pods in a namespace the webhook never injects are not
-//! counted as waiting for a restart. Its own test binary, so no cluster-wide operator runs
-//! beside it.
+//! never rendered (the Secret watch), a pod without the sidecar never counted (the pod watch) or
+//! no Event written. Also: pods in a namespace the webhook never injects are not counted as
+//! waiting for a restart, and a reconcile counts pods from the pod watch's cache, listing none.
+//! Its own test binary, so no cluster-wide operator runs beside it.
 
 mod common;
 mod support;
@@ -287,6 +287,78 @@ async fn pods_in_a_namespace_the_webhook_never_injects_are_not_counted_as_uninje
     );
     excluded.delete().await;
     injected.delete().await;
+}
+
+#[tokio::test]
+async fn reconciles_count_pods_from_the_pod_watch_and_list_none() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    install_crds_and_rbac(&client).await;
+    let ns = create_test_namespace(&client, "pod-cache").await;
+    wait_for_default_service_account(&client, &ns.name).await;
+    // Every pod LIST the controllers send (not the watches, not the reads of single pods).
+    let lists = Arc::new(AtomicUsize::new(0));
+    let counted = lists.clone();
+    let collection = format!("/api/v1/namespaces/{}/pods", ns.name);
+    start_controllers_observing(
+        OPERATOR_SA,
+        Scope::namespaces([&ns.name]).expect("scope"),
+        Arc::new(move |request| {
+            let watch = request
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+            if request.method() == http::Method::GET && request.uri().path() == collection && !watch
+            {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }
+        }),
+    )
+    .await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    create(&gateways, &gateway("main", json!({}))).await;
+    let uninjected = |want: u32| {
+        let gateways = gateways.clone();
+        move || {
+            let gateways = gateways.clone();
+            async move {
+                let gw = gateways.get("main").await.ok()?;
+                (gw.status?.uninjected_pods == Some(want)).then_some(())
+            }
+        }
+    };
+    eventually("status.uninjectedPods 0", WAIT, uninjected(0)).await;
+    // The pod watch's first list (the one there is): what is counted is what is sent.
+    let listed = lists.load(Ordering::SeqCst);
+    assert!(listed >= 1, "the pod watch's own list was not seen");
+
+    // Each new pod is a reconcile that counts it, from the cache.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+    for i in 1..=3u32 {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("app-{i}"), "annotations": {GATEWAY_ANNOTATION: "main"}},
+            "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}]},
+        }))
+        .expect("pod");
+        create(&pods, &pod).await;
+        eventually(&format!("status.uninjectedPods {i}"), WAIT, uninjected(i)).await;
+    }
+    for i in 1..=3u32 {
+        pods.delete(&format!("app-{i}"), &Default::default())
+            .await
+            .expect("delete pod");
+    }
+    eventually("status.uninjectedPods 0 again", WAIT, uninjected(0)).await;
+    assert_eq!(
+        lists.load(Ordering::SeqCst),
+        listed,
+        "pods were listed by reconciles"
+    );
+    ns.delete().await;
 }
 
 /// The lines of the operator's `/metrics` text that start with `prefix`.

@@ -110,6 +110,61 @@ pub async fn start_controllers_injecting(
     excluded: BTreeSet<String>,
     injection: Option<InjectConfig>,
 ) -> Arc<Metrics> {
+    start_controllers_observed(user, scope, excluded, injection, None).await
+}
+
+/// Sees each request the controllers send to the apiserver, before it is sent.
+pub type RequestObserver = Arc<dyn Fn(&http::Request<kube::client::Body>) + Send + Sync>;
+
+/// [`start_controllers`], with `observe` seeing each request the controllers send.
+pub async fn start_controllers_observing(
+    user: &str,
+    scope: Scope,
+    observe: RequestObserver,
+) -> Arc<Metrics> {
+    start_controllers_observed(
+        user,
+        scope,
+        BTreeSet::from(["kube-system".to_owned()]),
+        None,
+        Some(observe),
+    )
+    .await
+}
+
+/// A client service that shows each request to an observer, then sends it with `client`.
+#[derive(Clone)]
+struct Observed {
+    client: Client,
+    observe: RequestObserver,
+}
+
+impl tower_service::Service<http::Request<kube::client::Body>> for Observed {
+    type Response = http::Response<kube::client::Body>;
+    type Error = kube::Error;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<kube::client::Body>) -> Self::Future {
+        (self.observe)(&request);
+        let client = self.client.clone();
+        Box::pin(async move { client.send(request).await })
+    }
+}
+
+async fn start_controllers_observed(
+    user: &str,
+    scope: Scope,
+    excluded: BTreeSet<String>,
+    injection: Option<InjectConfig>,
+    observe: Option<RequestObserver>,
+) -> Arc<Metrics> {
     let mut config = kube::Config::infer().await.expect("kubeconfig");
     config.auth_info.impersonate = Some(user.into());
     let metrics = Arc::new(Metrics::default());
@@ -121,7 +176,12 @@ pub async fn start_controllers_injecting(
             .build()
             .expect("operator runtime");
         rt.block_on(async move {
+            let default_ns = config.default_namespace.clone();
             let client = Client::try_from(config).expect("operator client");
+            let client = match observe {
+                Some(observe) => Client::new(Observed { client, observe }, default_ns),
+                None => client,
+            };
             let ctx = Arc::new(Context {
                 resync: Duration::from_secs(60),
                 excluded_namespaces: excluded,
