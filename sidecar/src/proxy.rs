@@ -217,12 +217,17 @@ impl Gateway {
         let mut attempt = 1;
         while attempt < retries.max_attempts {
             let sent = self.attempt(clone_request(&req), waits.head, waits.silence);
-            let failure = match sent.await {
+            let (failure, asked) = match sent.await {
                 Ok(resp) if !crate::retry::retryable_status(resp.status()) => return Ok(resp),
-                Ok(resp) => format!("status {}", resp.status().as_u16()),
-                Err(e) => e.to_string(),
+                Ok(resp) => match crate::retry::retry_after(resp.headers()) {
+                    // Longer than the gateway waits: the provider's answer is the response.
+                    Some(asked) if asked > crate::retry::MAX_RETRY_AFTER => return Ok(resp),
+                    asked => (format!("status {}", resp.status().as_u16()), asked),
+                },
+                Err(e) => (e.to_string(), None),
             };
-            let wait = retries.delay_before(attempt);
+            // The provider's Retry-After when it asks for longer than the policy's delay.
+            let wait = retries.delay_before(attempt).max(asked.unwrap_or_default());
             tracing::info!(provider = %provider, attempt, max_attempts = retries.max_attempts, failure = %failure, wait_ms = wait.as_millis() as u64, "retrying upstream");
             self.metrics.count_retry(provider);
             tokio::time::sleep(wait).await;

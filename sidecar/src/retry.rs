@@ -109,6 +109,30 @@ impl Policy {
     }
 }
 
+/// The longest wait a provider's `Retry-After` may ask for that the gateway waits out before its
+/// next attempt (as the OpenAI SDK does); asked for longer, the provider's answer goes to the
+/// client at once, its `Retry-After` with it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// How long a provider's answer asks to be left alone: `retry-after-ms` (OpenAI, Azure OpenAI),
+/// else `retry-after` in seconds (an HTTP date there is not read).
+pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = text("retry-after-ms").and_then(|s| s.parse::<f64>().ok())
+        && let Ok(d) = Duration::try_from_secs_f64(ms / 1000.0)
+    {
+        return Some(d);
+    }
+    text("retry-after")
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
 /// How long an upstream may take in each attempt of one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Waits {
@@ -184,6 +208,29 @@ pub fn retryable_status(s: StatusCode) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_in_milliseconds_or_seconds() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, http::HeaderValue::from_static(v));
+            }
+            retry_after(&m)
+        };
+        assert_eq!(h(&[("retry-after", "3")]), Some(Duration::from_secs(3)));
+        assert_eq!(
+            h(&[("retry-after-ms", "250.5"), ("retry-after", "3")]),
+            Some(Duration::from_micros(250_500))
+        );
+        assert_eq!(
+            h(&[("retry-after-ms", "-1"), ("retry-after", "2")]),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(h(&[("retry-after-ms", "1e300")]), None);
+        assert_eq!(h(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]), None);
+        assert_eq!(h(&[]), None);
+    }
     use http::HeaderValue;
 
     #[test]

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "try again"}]}
@@ -50,6 +50,44 @@ def test_failed_attempts_are_retried_until_one_succeeds(retrying, mock):
     assert attempts(mock, h) == 3
     assert retry_metric(retrying) == 2
     assert "retrying upstream" in retrying.logs()
+
+
+def retry_after_gateway(tmp_path, retry_after):
+    """A gateway retrying (3 attempts, 20 ms apart) a provider that answers 429 with
+    `Retry-After: retry_after` once, then 200."""
+    server = FixedAnswerServer(b'{"error": {"message": "slow down"}}', status=429,
+                               then=[(200, b'{"id": "ok", "choices": []}')], headers=[("retry-after", retry_after)])
+    spec = ("  retries: {maxAttempts: 3, retryDelay: 20ms, backoff: constant}\n"
+            f"  providers:\n    custom-ra: {{baseURL: '{server.url}/v1'}}\n")
+    yaml = gateway_yaml("http://127.0.0.1:9", extra_spec="").replace("  providers:\n", "", 1)
+    yaml = yaml.replace("    openai:", spec + "    openai:", 1)
+    return server, Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+
+
+def test_a_providers_retry_after_is_waited_out_before_the_next_attempt(tmp_path):
+    server, g = retry_after_gateway(tmp_path, "1")
+    try:
+        started = time.monotonic()
+        r = httpx.post(g.url + "/custom-ra/chat/completions", json=BODY)
+        took = time.monotonic() - started
+        assert (r.status_code, r.json()["id"]) == (200, "ok"), r.text
+        assert took >= 0.95, f"retried after {took:.2f} s, not the 1 s the provider asked for"
+    finally:
+        g.stop()
+        server.stop()
+
+
+def test_a_retry_after_longer_than_the_gateway_waits_passes_the_answer_through(tmp_path):
+    server, g = retry_after_gateway(tmp_path, "120")
+    try:
+        started = time.monotonic()
+        r = httpx.post(g.url + "/custom-ra/chat/completions", json=BODY)
+        assert time.monotonic() - started < 1.0
+        assert (r.status_code, r.headers["retry-after"]) == (429, "120"), r.text
+        assert r.json() == {"error": {"message": "slow down"}}
+    finally:
+        g.stop()
+        server.stop()
 
 
 def test_the_last_attempts_provider_error_passes_through_unchanged(retrying, mock):
