@@ -75,7 +75,9 @@ struct Args {
     threads: u16,
 
     /// Seconds a client may stay silent mid-request: before its first bytes, within a request
-    /// head (the connection is closed), or between parts of a request body (answered 408).
+    /// head (the connection is closed), or between parts of a request body (answered 408); and
+    /// may take none of its answer while the gateway has more to send (the connection and the
+    /// provider's stream behind it are closed).
     #[arg(long, env = "SIDEGATE_CLIENT_TIMEOUT", default_value_t = 30, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     client_timeout: u64,
 

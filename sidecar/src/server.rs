@@ -90,6 +90,96 @@ async fn speaks_h2(stream: &TcpStream) -> std::io::Result<bool> {
     }
 }
 
+/// A client connection that gives up on a client taking none of its answer: a write that has
+/// waited `limit` for the client to read (its socket buffer full) fails, and the connection,
+/// its request and the provider's stream behind it end (as nginx's `send_timeout`). Writes that
+/// go through at once, as nearly all do, cost one check.
+struct WriteStall<T> {
+    inner: T,
+    limit: Duration,
+    /// Since when a write has waited, while one does.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteStall<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            waiting: None,
+        }
+    }
+
+    /// Passes a write's outcome on, failing it once it has waited `limit`.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        if polled.is_ready() {
+            self.waiting = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match waiting.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the client took none of its answer for {} s",
+                    limit.as_secs()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStall<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteStall<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Serves one gateway connection, HTTP/1.1 with keep-alive or h2c, until it ends or the
 /// shutdown closes it: a connection that has not sent its first bytes yet is closed when the
 /// gateway stops, like an idle keep-alive one.
@@ -110,7 +200,7 @@ async fn serve_connection(
         },
         _ = phase.wait_for(|p| *p != Phase::Serving) => return,
     };
-    let io = TokioIo::new(stream);
+    let io = TokioIo::new(WriteStall::new(stream, silence));
     let result = if h2 {
         serve_h2(io, gateway, silence, phase).await
     } else {
@@ -123,7 +213,7 @@ async fn serve_connection(
 
 /// HTTP/1.1: hyper closes a connection silent for `silence` between requests or within a head.
 async fn serve_h1(
-    io: TokioIo<TcpStream>,
+    io: TokioIo<WriteStall<TcpStream>>,
     gateway: Arc<Gateway>,
     silence: Duration,
     mut phase: watch::Receiver<Phase>,
@@ -157,7 +247,7 @@ async fn serve_h1(
 /// still there after another `silence` (a client that never answers the GOAWAY's PING), as
 /// HTTP/1.1 closes an idle keep-alive connection.
 async fn serve_h2(
-    io: TokioIo<TcpStream>,
+    io: TokioIo<WriteStall<TcpStream>>,
     gateway: Arc<Gateway>,
     silence: Duration,
     mut phase: watch::Receiver<Phase>,

@@ -184,6 +184,63 @@ def test_a_client_that_goes_silent_mid_request_is_answered_408_or_closed(mock, t
         g.stop()
 
 
+class EndlessStream:
+    """A provider whose SSE answer does not end: 64 KiB events as fast as they are taken, until
+    the connection goes (at most 2 GiB); `ended` is set once the gateway stops taking them."""
+
+    def __init__(self):
+        self.ended = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(60)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            event = b"data: " + b"x" * 65530 + b"\n\n"
+            chunk = f"{len(event):x}\r\n".encode() + event + b"\r\n"
+            try:
+                for _ in range(32768):
+                    conn.sendall(chunk)
+            except OSError:
+                pass
+            self.ended.set()
+
+    def stop(self):
+        self.listener.close()
+
+
+def test_a_client_that_takes_none_of_its_answer_is_let_go(mock, tmp_path):
+    # The client reads the head of a stream, then nothing: once its socket buffers are full the
+    # gateway's write waits, and after --client-timeout the connection, the request (logged as
+    # cancelled) and the provider's stream behind it end, while the client still holds on.
+    from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+    upstream = EndlessStream()
+    yaml = gateway_yaml(mock.url).replace("  providers:\n", f"  providers:\n    custom-endless: {{baseURL: '{upstream.url}'}}\n", 1)
+    g = Sidegate(tmp_path, yaml, DEFAULT_KEYS, extra_args=["--client-timeout", "1"])
+    try:
+        body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"go on"}]}'
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"POST /custom-endless/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            # Reads nothing more, and stays connected.
+            assert upstream.ended.wait(30), "the provider's stream is still being read"
+            deadline = time.monotonic() + 5
+            while "outcome=cancelled" not in g.logs():
+                assert time.monotonic() < deadline, "no log line for the request let go"
+                time.sleep(0.05)
+    finally:
+        g.stop()
+        upstream.stop()
+
+
 def test_after_sigterm_new_requests_are_served_for_the_drain_delay_then_refused(mock, tmp_path):
     # A classic sidecar gets SIGTERM together with its app, whose last requests (on new
     # connections or kept-alive ones) come in meanwhile: --shutdown-delay keeps serving them;
