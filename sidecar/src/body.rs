@@ -2,7 +2,9 @@
 //! body streamed through frame by frame (never buffered), with a guard that records the request
 //! in logs and metrics when the body ends or the client goes away; or, for `/compat` streams,
 //! the upstream's body translated event by event; any of these can be copied into the response
-//! cache on its way through.
+//! cache on its way through. A stream that ends but not whole (a translated stream cut short or
+//! broken off with an error event, an OpenAI-format stream without `data: [DONE]`) is recorded
+//! as an upstream error and not cached.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -14,6 +16,7 @@ use pin_project_lite::pin_project;
 use crate::buffers::Held;
 use crate::cache::Fill;
 use crate::compat::StreamTranslator;
+use crate::compat::sse::DoneWatch;
 use crate::telemetry::RequestRecord;
 use crate::upstream::{BodyError, Stalled, UpstreamBody};
 
@@ -24,11 +27,13 @@ pin_project! {
         /// A body made by the gateway, sent in one frame; `held` accounts for it when it is
         /// a response held back whole, until the body is dropped.
         Full { data: Option<Bytes>, held: Option<Held> },
-        /// The upstream's body, streamed through.
+        /// The upstream's body, streamed through; `done` watches an OpenAI-format stream for
+        /// its `data: [DONE]`.
         Upstream {
             #[pin]
             inner: UpstreamBody,
             record: Option<RequestRecord>,
+            done: Option<DoneWatch>,
         },
         /// The upstream's stream translated chunk by chunk (`/compat`).
         Translated {
@@ -77,7 +82,30 @@ impl ProxyBody {
         } else {
             Some(record)
         };
-        Self::Upstream { inner, record }
+        Self::Upstream {
+            inner,
+            record,
+            done: None,
+        }
+    }
+
+    /// The upstream's OpenAI-format event stream, streamed through: whole only if it ends with
+    /// `data: [DONE]` (otherwise `record` finishes as an upstream error and it is not cached).
+    pub fn upstream_sse(inner: UpstreamBody, record: RequestRecord) -> Self {
+        let done = DoneWatch::default();
+        if inner.is_end_stream() {
+            record.finish_upstream_error();
+            return Self::Upstream {
+                inner,
+                record: None,
+                done: Some(done),
+            };
+        }
+        Self::Upstream {
+            inner,
+            record: Some(record),
+            done: Some(done),
+        }
     }
 
     /// The upstream's stream fed through `translator`; `record` counts the translated bytes.
@@ -97,6 +125,16 @@ impl ProxyBody {
 }
 
 impl ProxyBody {
+    /// Whether this body ended, or will end, not whole: a stream cut short (see the module doc).
+    fn cut_short(&self) -> bool {
+        match self {
+            Self::Full { .. } => false,
+            Self::Upstream { done, .. } => done.as_ref().is_some_and(|d| !d.saw_done()),
+            Self::Translated { translator, .. } => !translator.ended_whole(),
+            Self::Filling { inner, .. } => inner.cut_short(),
+        }
+    }
+
     /// This body, stored in the cache through `fill` (if any) once its last byte went through;
     /// the copy's bytes are taken from the budget of buffered bodies through its guard.
     pub fn cached_through(self, fill: Option<(Fill, Held)>) -> Self {
@@ -105,7 +143,9 @@ impl ProxyBody {
         };
         // A body that is complete already may never be polled.
         let fill = if self.is_end_stream() {
-            fill.finish();
+            if !self.cut_short() {
+                fill.finish();
+            }
             None
         } else {
             Some(fill)
@@ -130,19 +170,28 @@ impl Body for ProxyBody {
             ProxyBodyProj::Full { data, .. } => {
                 Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
             }
-            ProxyBodyProj::Upstream { mut inner, record } => {
+            ProxyBodyProj::Upstream {
+                mut inner,
+                record,
+                done,
+            } => {
                 let polled = inner.as_mut().poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
-                        if let (Some(rec), Some(data)) = (record.as_mut(), frame.data_ref()) {
-                            rec.observe(data);
+                        if let Some(data) = frame.data_ref() {
+                            if let Some(rec) = record.as_mut() {
+                                rec.observe(data);
+                            }
+                            if let Some(d) = done.as_mut() {
+                                d.observe(data);
+                            }
                         }
                         // A body with a known length may not be polled again after its last
                         // byte; it is complete now.
                         if inner.is_end_stream()
                             && let Some(rec) = record.take()
                         {
-                            rec.finish_complete();
+                            finish_at_end(rec, done.as_ref().is_none_or(DoneWatch::saw_done));
                         }
                     }
                     Poll::Ready(Some(Err(_))) => {
@@ -152,7 +201,7 @@ impl Body for ProxyBody {
                     }
                     Poll::Ready(None) => {
                         if let Some(rec) = record.take() {
-                            rec.finish_complete();
+                            finish_at_end(rec, done.as_ref().is_none_or(DoneWatch::saw_done));
                         }
                     }
                     Poll::Pending => {}
@@ -195,12 +244,12 @@ impl Body for ProxyBody {
                         rec.observe_bytes(&data);
                     }
                     if *ended && let Some(rec) = record.take() {
-                        rec.finish_complete();
+                        finish_at_end(rec, translator.ended_whole());
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 if *ended && let Some(rec) = record.take() {
-                    rec.finish_complete();
+                    finish_at_end(rec, translator.ended_whole());
                 }
             },
             ProxyBodyProj::Filling { inner, fill, held } => {
@@ -215,13 +264,16 @@ impl Body for ProxyBody {
                         }
                         if inner.is_end_stream()
                             && let Some(f) = fill.take()
+                            && !inner.cut_short()
                         {
                             f.finish();
                         }
                     }
                     Poll::Ready(Some(Err(_))) => *fill = None,
                     Poll::Ready(None) => {
-                        if let Some(f) = fill.take() {
+                        if let Some(f) = fill.take()
+                            && !inner.cut_short()
+                        {
                             f.finish();
                         }
                     }
@@ -250,6 +302,16 @@ impl Body for ProxyBody {
             Self::Translated { .. } => SizeHint::default(),
             Self::Filling { inner, .. } => inner.size_hint(),
         }
+    }
+}
+
+/// Finishes the record of a body that reached its end: complete if the stream was `whole`,
+/// otherwise an upstream error (a stream cut short).
+fn finish_at_end(record: RequestRecord, whole: bool) {
+    if whole {
+        record.finish_complete();
+    } else {
+        record.finish_upstream_error();
     }
 }
 

@@ -742,6 +742,13 @@ impl RequestRecord {
         self.step = Some(step);
     }
 
+    /// The status the client got instead of the upstream's: a gateway error (502, 504, ...)
+    /// made after the record, when the answer held back whole could not be delivered. A 4xx or
+    /// 5xx is not charged to the usage limits.
+    pub fn set_status(&mut self, status: u16) {
+        self.status = status;
+    }
+
     /// Adds a part of a long answer as it completes (a WebSocket session's response): its tokens
     /// to the record's, and its cost charged to the usage limits now, not when the record
     /// finishes (which charges only what was not charged yet).

@@ -622,6 +622,10 @@ impl StreamTranslator for Stream {
         self.state.started.then(|| self.state.usage())
     }
 
+    fn ended_whole(&self) -> bool {
+        self.state.w.sent_done()
+    }
+
     fn finish(&mut self, out: &mut BytesMut) {
         let Self { sse, state } = self;
         sse.finish(&mut |e| state.on_event(e, out));
@@ -1103,11 +1107,24 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_cut_before_message_stop_ends_with_an_error_event() {
+    fn a_stream_cut_before_message_stop_ends_with_an_error_event_and_not_whole() {
         let cut = &STREAM[..STREAM.find("event: message_delta").expect("has delta")];
-        let out = run_stream(&mut Stream::new(&ctx(false, false)), &[cut.as_bytes()]);
+        let mut t = Stream::new(&ctx(false, false));
+        let out = run_stream(&mut t, &[cut.as_bytes()]);
         assert!(out.contains("ended before message_stop"), "{out}");
         assert!(!out.contains("[DONE]"));
+        assert!(!t.ended_whole());
+        let mut whole = Stream::new(&ctx(false, false));
+        run_stream(&mut whole, &[STREAM.as_bytes()]);
+        assert!(whole.ended_whole());
+        // Broken off by the upstream's error event: not whole either.
+        let overloaded = format!(
+            "{cut}event: error\ndata: {{\"type\":\"error\",\"error\":{{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}}}\n\n"
+        );
+        let mut broken = Stream::new(&ctx(false, false));
+        let out = run_stream(&mut broken, &[overloaded.as_bytes()]);
+        assert!(out.contains("Overloaded"), "{out}");
+        assert!(!broken.ended_whole());
     }
 
     proptest! {

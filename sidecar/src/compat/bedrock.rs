@@ -824,6 +824,10 @@ impl StreamTranslator for Stream {
         self.usage_seen.then_some(self.usage)
     }
 
+    fn ended_whole(&self) -> bool {
+        self.w.sent_done()
+    }
+
     fn finish(&mut self, out: &mut BytesMut) {
         if self.done {
             return;
@@ -875,7 +879,7 @@ pub fn embed_request(req: &EmbeddingsRequest, family: EmbedModel) -> Result<Vec<
     let mut body = req.rest.clone();
     match family {
         EmbedModel::Titan => {
-            // A list is sent one text per request (`EmbeddingsRequest::one_per_text`).
+            // A list is sent one text per request (`EmbeddingsRequest::take_texts`).
             let [text] = texts.as_slice() else {
                 return Err(bad(
                     "amazon.titan-embed models take one input per request; send input as a single string",

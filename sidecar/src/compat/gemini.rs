@@ -497,6 +497,10 @@ impl StreamTranslator for Stream {
         self.state.usage_seen.then_some(self.state.usage)
     }
 
+    fn ended_whole(&self) -> bool {
+        self.state.w.sent_done()
+    }
+
     fn finish(&mut self, out: &mut BytesMut) {
         let Self { sse, state } = self;
         sse.finish(&mut |e| state.on_event(e, out));

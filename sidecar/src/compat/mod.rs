@@ -55,6 +55,10 @@ pub trait StreamTranslator: Send {
     /// The upstream body ended: flushes the rest (`[DONE]`, or an error event if the stream
     /// was cut short).
     fn finish(&mut self, out: &mut BytesMut);
+    /// Whether the stream ended whole, asked once it ended: with `[DONE]`, not cut short or
+    /// broken off with an error event. One that did not is logged as an upstream error and
+    /// is not cached.
+    fn ended_whole(&self) -> bool;
     /// The upstream's token counts so far (prompt, completion), for the request's log, cost
     /// and limits whether or not the client asked for a usage chunk.
     fn usage(&self) -> Option<openai::Usage>;
@@ -430,7 +434,7 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
                     if format == Format::Vertex {
                         let body;
                         (body, more_bodies) = embed_bodies(
-                            &req,
+                            req,
                             gemini::vertex_embeds_one_per_request(model),
                             &i.provider.id,
                             |one| gemini::vertex_embed_request(one, &i.provider.id),
@@ -493,7 +497,7 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
                     let family = bedrock::embed_model(model_id)?;
                     let body;
                     (body, more_bodies) = embed_bodies(
-                        &req,
+                        req,
                         family == bedrock::EmbedModel::Titan,
                         &i.provider.id,
                         |one| bedrock::embed_request(one, family),
@@ -549,24 +553,46 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
     }
 }
 
+/// Most bytes each part of a list sent one text per request repeats besides its text: the
+/// request's other fields (Titan's `normalize`, `embeddingTypes`) go to every part, so the
+/// parts together stay about the size of the request, not up to [`openai::MAX_FAN_OUT`] times
+/// it.
+const MAX_REPEATED_PER_PART: usize = 4 << 10;
+
 /// The upstream bodies of an embeddings request: one, or for a provider that embeds one text
 /// per request (`one_per_text`) and a list of several, the first text's and the others'.
 fn embed_bodies(
-    req: &openai::EmbeddingsRequest,
+    mut req: openai::EmbeddingsRequest,
     one_per_text: bool,
     provider: &str,
     build: impl Fn(&openai::EmbeddingsRequest) -> Result<Vec<u8>, GatewayError>,
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>), GatewayError> {
-    if one_per_text {
-        let parts = req.one_per_text(provider)?;
-        if let [first, rest @ ..] = parts.as_slice()
-            && !rest.is_empty()
-        {
-            let rest = rest.iter().map(&build).collect::<Result<_, _>>()?;
-            return Ok((build(first)?, rest));
-        }
+    let texts = if one_per_text {
+        req.take_texts(provider)?
+    } else {
+        None
+    };
+    let Some(texts) = texts else {
+        return Ok((build(&req)?, Vec::new()));
+    };
+    // What every part repeats: the part of an empty text.
+    req.input = openai::EmbeddingInput::One(String::new());
+    let repeated = build(&req)?.len();
+    if repeated > MAX_REPEATED_PER_PART {
+        return Err(bad(format!(
+            "provider {provider} embeds one text per request with {}, and each of the {} requests would repeat the {repeated} bytes of the request's other fields; at most {MAX_REPEATED_PER_PART} are repeated: send fewer fields, or one text per request",
+            openai::truncate(&req.model),
+            texts.len()
+        )));
     }
-    Ok((build(req)?, Vec::new()))
+    let mut part = |text: String| {
+        req.input = openai::EmbeddingInput::One(text);
+        build(&req)
+    };
+    let mut texts = texts.into_iter();
+    let first = part(texts.next().unwrap_or_default())?;
+    let rest = texts.map(part).collect::<Result<_, _>>()?;
+    Ok((first, rest))
 }
 
 /// Path, query and body model of an OpenAI-compatible provider.
@@ -961,7 +987,7 @@ pub(crate) async fn answer(
     let log_id = crate::log_id::next();
     let event_id = aig.get(Gw::EventId).cloned();
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
-    let (resp, translation, hide_usage, within, policy) = loop {
+    let (resp, translation, hide_usage, within, policy, parts_held) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
         let minted = match provider.service_account(alias) {
             Some(sa) => Some(sa.token(gw).await.map_err(fail)?),
@@ -979,6 +1005,17 @@ pub(crate) async fn answer(
             minted: minted.as_ref(),
         })
         .map_err(fail)?;
+        // The other parts of a request sent in parts wait in memory until they are sent.
+        let mut parts_held = gw.buffers.guard(snap.max_buffered);
+        let waiting = translation.as_ref().map_or(0, |t| {
+            t.more
+                .iter()
+                .map(|r| http_body::Body::size_hint(r.body()).lower())
+                .sum::<u64>()
+        });
+        parts_held
+            .grow(waiting)
+            .map_err(|e| fail(e.into_gateway_error()))?;
         let (within, policy) = target_limits(target, timeout, retries);
         // A route's target, or a universal step, is a fallback step: its timeout moves the
         // request on. A plain model of `/compat` itself is a direct request.
@@ -1017,6 +1054,7 @@ pub(crate) async fn answer(
             hide_usage,
             within,
             policy,
+            parts_held,
         );
     };
     let (mut head, upstream_body) = resp.into_parts();
@@ -1051,7 +1089,7 @@ pub(crate) async fn answer(
         head.status.as_u16(),
         start,
         opts,
-        log_id,
+        log_id.clone(),
     );
     if let Some(m) = crate::cost::ModelName::named(&target.model) {
         record.set_model(m, &snap.pricing);
@@ -1065,9 +1103,13 @@ pub(crate) async fn answer(
     }
     record.set_request_payload(&body);
     let Some(mut t) = translation else {
-        let body = if hide_usage && head.status.is_success() {
+        // A stream passed through is whole only with its `data: [DONE]`.
+        let stream = head.status.is_success() && is_event_stream(&head.headers);
+        let body = if hide_usage && stream {
             head.headers.remove(header::CONTENT_LENGTH);
             ProxyBody::translated(upstream_body, Box::new(openai::HiddenUsage::new()), record)
+        } else if stream {
+            ProxyBody::upstream_sse(upstream_body, record)
         } else {
             ProxyBody::upstream(upstream_body, record)
         };
@@ -1102,16 +1144,25 @@ pub(crate) async fn answer(
     // The request body is not needed any more; the answer is held back whole from here.
     drop(held);
     let mut held = gw.buffers.guard(snap.max_buffered);
-    let raw =
-        match crate::body::hold_whole(upstream_body, MAX_RESPONSE_BYTES, Some(&mut held)).await {
-            Ok(raw) => raw,
-            Err(e) => {
-                record.finish_upstream_error();
-                let err = e.into_gateway_error(&format!("the {} response", provider.id));
-                tracing::warn!(provider = %provider.id, error = %err, "response not delivered");
-                return Ok(Served::Answer(Box::new(err.into_response())));
+    let raw = match crate::body::hold_whole(upstream_body, MAX_RESPONSE_BYTES, Some(&mut held))
+        .await
+    {
+        Ok(raw) => raw,
+        Err(e) => {
+            let err = e.into_gateway_error(&format!("the {} response", provider.id));
+            tracing::warn!(provider = %provider.id, error = %err, log_id = %log_id, "response not delivered");
+            // Logged and counted as the client got it.
+            record.set_status(err.status().as_u16());
+            record.finish_upstream_error();
+            let mut resp = err.into_response();
+            for name in GATEWAY_TAGS {
+                if let Some(v) = head.headers.get(name) {
+                    resp.headers_mut().insert(name, v.clone());
+                }
             }
-        };
+            return Ok(Served::Answer(Box::new(resp)));
+        }
+    };
     let rest = if head.status.is_success() {
         // The other parts go as the part that answered went.
         fan_out(
@@ -1126,14 +1177,18 @@ pub(crate) async fn answer(
     } else {
         Ok((Vec::new(), gw.buffers.guard(snap.max_buffered)))
     };
+    drop(parts_held);
+    // Whether the answer is the upstream's (translated), or a gateway error made in its place.
+    let mut delivered = true;
     let out = match rest {
         Err(FanOutFailure::Upstream(parts, body)) => {
             head.status = parts.status;
             t.error(parts.status.as_u16(), &parts.headers, &body)
         }
         Err(FanOutFailure::Gateway(err)) => {
-            tracing::warn!(provider = %provider.id, error = %err, "response not delivered");
+            tracing::warn!(provider = %provider.id, error = %err, log_id = %log_id, "response not delivered");
             head.status = err.status();
+            delivered = false;
             err.to_json().into_bytes()
         }
         Ok(_) if !head.status.is_success() => t.error(head.status.as_u16(), &head.headers, &raw),
@@ -1147,8 +1202,9 @@ pub(crate) async fn answer(
                         "the {} response could not be translated: {message}",
                         provider.id
                     ));
-                    tracing::warn!(provider = %provider.id, error = %err, "untranslatable upstream response");
+                    tracing::warn!(provider = %provider.id, error = %err, log_id = %log_id, "untranslatable upstream response");
                     head.status = err.status();
+                    delivered = false;
                     err.to_json().into_bytes()
                 }
             }
@@ -1158,8 +1214,15 @@ pub(crate) async fn answer(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    record.observe(&out);
-    record.finish_complete();
+    // Logged and counted with the status the client got (a part's error, the gateway's).
+    record.set_status(head.status.as_u16());
+    if delivered {
+        record.observe(&out);
+        record.finish_complete();
+    } else {
+        record.observe_bytes(&out);
+        record.finish_upstream_error();
+    }
     if let Some(fill) = miss
         .as_mut()
         .and_then(|m| m.fill(head.status, &head.headers))
@@ -1171,6 +1234,23 @@ pub(crate) async fn answer(
         head,
         ProxyBody::full_held(out, held),
     ))))
+}
+
+/// The gateway's headers of a `/compat` answer, kept on a gateway error made in its place.
+const GATEWAY_TAGS: [&str; 5] = [
+    "cf-aig-log-id",
+    "cf-aig-event-id",
+    "cf-aig-step",
+    "cf-aig-provider",
+    "cf-aig-model",
+];
+
+/// Whether an upstream's answer is a stream of server-sent events.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
 }
 
 /// The request timeout and retries of a route target: its own where it has them.
@@ -1368,6 +1448,66 @@ pub(crate) mod tests {
         let v: Value = serde_json::from_slice(body).expect("json body");
         let text = serde_json::to_string_pretty(&v).expect("pretty") + "\n";
         golden(name, &text);
+    }
+
+    fn embeddings(extra: &str, texts: usize) -> (Vec<u8>, openai::EmbeddingsRequest) {
+        let input: Vec<String> = (0..texts).map(|i| format!("text {i}")).collect();
+        let body = format!(
+            r#"{{"model":"m","input":{},"user":"someone"{extra}}}"#,
+            serde_json::to_string(&input).expect("texts")
+        );
+        let req = openai::EmbeddingsRequest::parse(body.as_bytes()).expect("valid");
+        (body.into_bytes(), req)
+    }
+
+    fn titan(one: &openai::EmbeddingsRequest) -> Result<Vec<u8>, GatewayError> {
+        bedrock::embed_request(one, bedrock::EmbedModel::Titan)
+    }
+
+    fn vertex(one: &openai::EmbeddingsRequest) -> Result<Vec<u8>, GatewayError> {
+        gemini::vertex_embed_request(one, "google-vertex-ai")
+    }
+
+    fn total(parts: &(Vec<u8>, Vec<Vec<u8>>)) -> usize {
+        parts.0.len() + parts.1.iter().map(Vec::len).sum::<usize>()
+    }
+
+    #[test]
+    fn a_list_sent_one_text_per_request_costs_about_the_request_not_a_copy_per_text() {
+        // Vertex has no place for other fields: a large one is not repeated 256 times.
+        let junk = format!(r#","junk":"{}""#, "j".repeat(64 << 10));
+        let (body, req) = embeddings(&junk, openai::MAX_FAN_OUT);
+        let parts = embed_bodies(req, true, "google-vertex-ai", vertex).expect("parts");
+        assert_eq!(parts.1.len(), openai::MAX_FAN_OUT - 1);
+        assert!(
+            total(&parts) < body.len(),
+            "{} of {}",
+            total(&parts),
+            body.len()
+        );
+        let last: Value = serde_json::from_slice(parts.1.last().expect("parts")).expect("json");
+        assert_eq!(
+            last,
+            serde_json::json!({"instances": [{"content": "text 255"}]})
+        );
+        // Titan takes them: small ones go to every part, large ones are refused.
+        let (_, req) = embeddings(r#","normalize":true"#, 3);
+        let (first, rest) = embed_bodies(req, true, "aws-bedrock", titan).expect("parts");
+        for (part, text) in [&first, &rest[0], &rest[1]]
+            .into_iter()
+            .zip(["text 0", "text 1", "text 2"])
+        {
+            let v: Value = serde_json::from_slice(part).expect("json");
+            assert_eq!(v, serde_json::json!({"inputText": text, "normalize": true}));
+        }
+        let (_, req) = embeddings(&junk, openai::MAX_FAN_OUT);
+        let err = embed_bodies(req, true, "aws-bedrock", titan).expect_err("too much to repeat");
+        assert_eq!(err.status().as_u16(), 400);
+        assert!(err.to_string().contains("would repeat"), "{err}");
+        // One text is one request, sent as it is.
+        let (_, req) = embeddings(&junk, 1);
+        let (one, more) = embed_bodies(req, true, "aws-bedrock", titan).expect("one");
+        assert!(more.is_empty() && one.len() > 64 << 10);
     }
 
     #[test]

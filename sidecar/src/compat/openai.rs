@@ -586,29 +586,23 @@ impl EmbeddingsRequest {
         }
     }
 
-    /// This request as one request per text, for providers that embed one text per call
-    /// (Vertex `gemini-embedding-*`, Bedrock `amazon.titan-embed-*`): the gateway sends them
-    /// all and joins the answers. At most [`MAX_FAN_OUT`] texts.
-    pub fn one_per_text(&self, provider: &str) -> Result<Vec<EmbeddingsRequest>, GatewayError> {
-        let texts = self.texts(provider)?;
-        if texts.len() > MAX_FAN_OUT {
+    /// The texts of a list sent one per request, for providers that embed one text per call
+    /// (Vertex `gemini-embedding-*`, Bedrock `amazon.titan-embed-*`), taken out of the request:
+    /// each part is then built from the request with its one text as `input`, its other fields
+    /// lent to every part, never copied. `None` for a single text or an empty list, sent as
+    /// they are. At most [`MAX_FAN_OUT`] texts.
+    pub fn take_texts(&mut self, provider: &str) -> Result<Option<Vec<String>>, GatewayError> {
+        let n = self.texts(provider)?.len();
+        if n > MAX_FAN_OUT {
             return Err(bad(format!(
-                "input: provider {provider} embeds one text per request with {}, so at most {MAX_FAN_OUT} texts are sent at once, got {}",
+                "input: provider {provider} embeds one text per request with {}, so at most {MAX_FAN_OUT} texts are sent at once, got {n}",
                 truncate(&self.model),
-                texts.len()
             )));
         }
-        Ok(texts
-            .into_iter()
-            .map(|t| EmbeddingsRequest {
-                model: self.model.clone(),
-                input: EmbeddingInput::One(t.to_owned()),
-                encoding_format: self.encoding_format.clone(),
-                dimensions: self.dimensions,
-                user: self.user.clone(),
-                rest: self.rest.clone(),
-            })
-            .collect())
+        match &mut self.input {
+            EmbeddingInput::Many(texts) if n > 1 => Ok(Some(std::mem::take(texts))),
+            _ => Ok(None),
+        }
     }
 
     /// Whether the client wants base64 vectors (the openai SDKs ask for them by default).
@@ -852,6 +846,8 @@ pub struct ChunkWriter {
     include_usage: bool,
     role_sent: bool,
     finished: bool,
+    /// `[DONE]` was written: the stream ended whole.
+    done_sent: bool,
     /// Tool calls started with no argument text yet: they get `{}` before the finish chunk
     /// (a tool without input streams none, and a finished call must carry valid JSON).
     tools_without_arguments: Vec<u32>,
@@ -919,6 +915,7 @@ impl ChunkWriter {
             include_usage,
             role_sent: false,
             finished: false,
+            done_sent: false,
             tools_without_arguments: Vec::new(),
         }
     }
@@ -1116,6 +1113,12 @@ impl ChunkWriter {
             );
         }
         out.put_slice(b"data: [DONE]\n\n");
+        self.done_sent = true;
+    }
+
+    /// Whether the stream ended whole: `[DONE]` was written (not an error event, or nothing).
+    pub fn sent_done(&self) -> bool {
+        self.done_sent
     }
 
     /// An error event (the openai SDKs raise it as an `APIError`).
@@ -1238,6 +1241,7 @@ pub struct HiddenUsage {
     /// The start of an event the last chunk ended inside.
     pending: BytesMut,
     tokens: crate::usage::Usage,
+    end: super::sse::DoneWatch,
 }
 
 impl HiddenUsage {
@@ -1264,6 +1268,7 @@ impl HiddenUsage {
 impl super::StreamTranslator for HiddenUsage {
     fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
         self.tokens.observe(chunk);
+        self.end.observe(chunk);
         if self.pending.is_empty() {
             let done = Self::pass(chunk, out);
             self.pending.extend_from_slice(&chunk[done..]);
@@ -1279,6 +1284,10 @@ impl super::StreamTranslator for HiddenUsage {
         if !is_usage_only(&rest) {
             out.extend_from_slice(&rest);
         }
+    }
+
+    fn ended_whole(&self) -> bool {
+        self.end.saw_done()
     }
 
     fn usage(&self) -> Option<Usage> {

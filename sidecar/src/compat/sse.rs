@@ -1,6 +1,7 @@
 //! A small incremental server-sent-events parser (WHATWG "event stream" rules): fed the body
 //! chunk by chunk at arbitrary boundaries, it hands out each event as soon as its blank line
-//! arrives and never holds more than one event.
+//! arrives and never holds more than one event. [`DoneWatch`] tells whether an OpenAI-format
+//! stream passed through unparsed ended whole.
 
 /// Largest event (data plus the line being read) kept; a larger one is dropped whole.
 pub const MAX_EVENT_BYTES: usize = 8 << 20;
@@ -142,6 +143,46 @@ impl SseParser {
     }
 }
 
+/// Watches an OpenAI-format stream passed through unparsed for its last event, `data: [DONE]`,
+/// keeping only the stream's last bytes: without it the stream was cut short.
+#[derive(Debug, Default)]
+pub struct DoneWatch {
+    tail: [u8; DoneWatch::KEPT],
+    len: usize,
+}
+
+impl DoneWatch {
+    /// Bytes kept: `data: [DONE]` with room for the line endings and spaces around it.
+    const KEPT: usize = 32;
+
+    /// Takes the next bytes of the stream.
+    pub fn observe(&mut self, data: &[u8]) {
+        if data.len() >= Self::KEPT {
+            self.tail.copy_from_slice(&data[data.len() - Self::KEPT..]);
+            self.len = Self::KEPT;
+            return;
+        }
+        let keep = (Self::KEPT - data.len()).min(self.len);
+        self.tail.copy_within(self.len - keep..self.len, 0);
+        self.tail[keep..keep + data.len()].copy_from_slice(data);
+        self.len = keep + data.len();
+    }
+
+    /// Whether the stream so far ends with a `data: [DONE]` line.
+    pub fn saw_done(&self) -> bool {
+        let Some(before) = self.tail[..self.len]
+            .trim_ascii_end()
+            .strip_suffix(b"[DONE]")
+        else {
+            return false;
+        };
+        let before = before.strip_suffix(b" ").unwrap_or(before);
+        before
+            .strip_suffix(b"data:")
+            .is_some_and(|line_start| matches!(line_start.last(), None | Some(b'\n' | b'\r')))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +298,33 @@ mod tests {
                 .collect();
             prop_assert_eq!(whole, expected);
         }
+    }
+
+    fn watched(chunks: &[&str]) -> bool {
+        let mut w = DoneWatch::default();
+        for c in chunks {
+            w.observe(c.as_bytes());
+        }
+        w.saw_done()
+    }
+
+    #[test]
+    fn a_stream_ends_whole_only_with_a_done_line() {
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        assert!(watched(&[chunk, "data: [DONE]\n\n"]));
+        assert!(watched(&[chunk, "data:[DONE]\r\n\r\n"]));
+        assert!(watched(&[chunk, "data: [DONE]"]));
+        // Cut anywhere, in pieces as small as a byte.
+        let whole = format!("{chunk}data: [DONE]\n\n");
+        let bytes: Vec<String> = whole.chars().map(String::from).collect();
+        assert!(watched(
+            &bytes.iter().map(String::as_str).collect::<Vec<_>>()
+        ));
+        assert!(!watched(&[]));
+        assert!(!watched(&[chunk]));
+        assert!(!watched(&[chunk, "data: [DO"]));
+        assert!(!watched(&["data: {\"content\":\"data: [DONE]\"}\n\n"]));
+        assert!(!watched(&["data: {\"content\":\"x data: [DONE]"]));
+        assert!(!watched(&["data: [DONE]\n\n", chunk]));
     }
 }
