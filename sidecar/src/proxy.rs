@@ -543,6 +543,16 @@ impl Gateway {
         // admit
         let aig = GatewayHeaders::scan(&parts.headers);
         admit_client(aig, &parts.uri, self.loopback_listener).map_err(|e| (None, e))?;
+        // TRACE asks a server to send the request back, the injected key with it.
+        if parts.method == http::Method::TRACE || parts.method == http::Method::CONNECT {
+            return Err((
+                None,
+                GatewayError::BadRoute(format!(
+                    "method {} is not forwarded to providers",
+                    parts.method
+                )),
+            ));
+        }
         let route = route::parse(parts.uri.path()).map_err(|e| (None, e))?;
         if let (Some(want), Some(got)) = (&snap.gateway_name, route.gateway())
             && want != got

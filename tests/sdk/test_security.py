@@ -280,6 +280,17 @@ def test_requests_from_web_pages_are_refused(gateway, mock):
     assert httpx.post(gateway.url + CHAT, json=body("server side")).status_code == 200
 
 
+def test_trace_is_not_forwarded_it_would_echo_the_injected_key(gateway, mock):
+    # A server that answers TRACE sends the request back, headers and all.
+    r = httpx.request("TRACE", gateway.url + "/openai/models")
+    assert error(r) == (400, 2106), r.text
+    assert "TRACE" in r.json()["error"][0]["message"]
+    assert mock.requests() == []
+    # Every method an API uses still goes through.
+    for method in ("GET", "DELETE", "OPTIONS"):
+        assert httpx.request(method, gateway.url + "/openai/models").status_code != 400, method
+
+
 def test_a_loopback_listener_answers_only_to_its_address_or_localhost(gateway, mock):
     port = gateway.port
     r = httpx.post(gateway.url + CHAT, json=body("rebound"), headers={"host": f"rebind.attacker.example:{port}"})
