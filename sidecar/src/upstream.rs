@@ -38,8 +38,16 @@ use pin_project_lite::pin_project;
 /// Error of a response body.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Idle upstream connections are closed after this long.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle upstream connections are closed after this long, or sooner when an upstream's
+/// `Keep-Alive: timeout=N` asks (see [`h1`]).
+///
+/// Under the idle timeouts of the load balancers and front ends most upstreams sit behind
+/// (AWS ALB 60 s, nginx 75 s): a connection the upstream has closed is noticed before reuse, but
+/// one it closes just as it is reused costs a request (`h1` sends that request again, once; the
+/// general client cannot). Shorter server timeouts are announced (Node and Apache send
+/// `Keep-Alive: timeout=5`) or left to that resend (uvicorn's 5 s): a pool limit that short would
+/// reconnect, and over TLS handshake again, for most requests of a steady trickle.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 /// Idle connections kept per upstream host.
 pub const MAX_IDLE_PER_HOST: usize = 256;
 /// Largest frame made by joining chunks that are already there.

@@ -8,7 +8,10 @@
 //! `Transfer-Encoding` ends in `chunked` (trailers are read and dropped: the client side never
 //! asked for them, `TE` being hop-by-hop); else `Content-Length`; else until the connection
 //! closes. A connection goes back to the pool only after a complete, keep-alive response with
-//! nothing read past its end; dropping a body mid-way closes the connection.
+//! nothing read past its end, for no longer than the upstream's `Keep-Alive: timeout` allows
+//! (less a margin); dropping a body mid-way closes the connection. A request lost with a
+//! pooled connection the upstream closed as it went out — the connection closed or reset
+//! before any byte of an answer — is sent again, once, on a new connection.
 //!
 //! HTTPS upstreams get the same path over rustls, offering only `http/1.1` by ALPN: HTTP/1.1
 //! with keep-alive is what the providers' own SDKs speak, and in `bench/run --tls` it served 32
@@ -20,7 +23,7 @@ use std::io::{self, BufRead as _, IoSlice};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -122,6 +125,8 @@ struct Conn {
     read_size: usize,
     /// Header names of this connection's earlier responses.
     names: Names,
+    /// How long the connection may wait idle in the pool, from its last response.
+    keep_idle: Duration,
 }
 
 /// Most header names a connection's responses repeat.
@@ -233,7 +238,8 @@ impl Conn {
 
 struct Idle {
     conn: Box<Conn>,
-    since: Instant,
+    /// When it is no longer to be used.
+    expires: Instant,
 }
 
 #[derive(Default)]
@@ -364,31 +370,45 @@ impl Pool {
         };
         let (mut idle, host) = self.checkout(&origin, &parts.uri);
         let head = encode_head(&parts, host, body.len());
-        let (mut conn, written) = loop {
+        let is_head = parts.method == Method::HEAD;
+        let (mut conn, written, (resp, framing, keep_idle)) = loop {
             let (mut conn, reused) = match idle.take() {
                 Some(c) => (c, true),
                 None => (self.connect(&origin, &parts.uri).await?, false),
             };
-            match write_request(&mut conn, &head, &body).await {
-                Ok(written) => break (conn, written),
+            let lost = match write_request(&mut conn, &head, &body).await {
+                Ok(written) => match read_head(&mut conn, is_head).await {
+                    Ok(parsed) => break (conn, written, parsed),
+                    Err((e, received)) if reused && !received && connection_lost(&e) => e,
+                    Err((e, _)) => return Err(send_error(e)),
+                },
                 // A reused connection the upstream closed before the request went out (the
                 // first write failed, so nothing was sent): another one, like hyper-util.
                 Err((e, 0)) if reused => {
                     tracing::debug!(error = %e, "pooled upstream connection closed; reconnecting");
                     idle = self.checkout(&origin, &parts.uri).0;
+                    continue;
                 }
+                // A failed write says no answer had come (one would have ended the writing).
+                Err((e, _)) if reused && connection_lost(&e) => e,
                 Err((e, _)) => return Err(send_error(e)),
-            }
+            };
+            // The keep-alive race: the upstream closed the idle connection as the request went
+            // out, so it never read it (a server closing an idle connection has no request in
+            // progress on it). The request is in memory, whole: sent again, once, on a new
+            // connection — `idle` is empty, and a new connection is never `reused` — as
+            // browsers do for any method (Go's transport only for idempotent ones; the
+            // providers' SDKs retry a lost connection anyway). Within this one attempt: retry
+            // policies and their counts see one.
+            tracing::debug!(error = %lost, "pooled upstream connection lost before any answer; resending on a new one");
         };
-        let is_head = parts.method == Method::HEAD;
-        let (resp, framing, keep_alive) =
-            read_head(&mut conn, is_head).await.map_err(send_error)?;
+        conn.keep_idle = keep_idle.unwrap_or(Duration::ZERO);
         let mut body = Body {
             conn: Some(conn),
             framing,
             // Answered before the request was all sent: the rest of it would be read as the
             // next request.
-            keep_alive: keep_alive && matches!(written, Written::All),
+            keep_alive: keep_idle.is_some() && matches!(written, Written::All),
             pool: Arc::downgrade(self),
             origin,
         };
@@ -405,8 +425,12 @@ impl Pool {
             .host_header
             .get_or_insert_with(|| host_header(uri))
             .clone();
+        if host.idle.is_empty() {
+            return (None, header);
+        }
+        let now = Instant::now();
         while let Some(idle) = host.idle.pop() {
-            if idle.since.elapsed() < IDLE_TIMEOUT && idle.conn.still_idle() {
+            if now < idle.expires && idle.conn.still_idle() {
                 return (Some(idle.conn), header);
             }
         }
@@ -456,23 +480,29 @@ impl Pool {
             buf: BytesMut::with_capacity(READ_CHUNK),
             read_size: READ_CHUNK,
             names: Names::default(),
+            keep_idle: IDLE_TIMEOUT,
         }))
     }
 
     fn put(&self, origin: &Origin, conn: Box<Conn>) {
+        if conn.keep_idle.is_zero() {
+            return;
+        }
+        let now = Instant::now();
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let host = host_entry(&mut hosts, origin);
-        host.idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT);
+        host.idle.retain(|i| now < i.expires);
         if host.idle.len() < MAX_IDLE_PER_HOST {
             host.idle.push(Idle {
+                expires: now + conn.keep_idle,
                 conn,
-                since: Instant::now(),
             });
         }
     }
 
-    /// Closes connections idle for longer than [`IDLE_TIMEOUT`] or closed by the upstream,
-    /// every so often, for as long as the pool lives.
+    /// Closes connections idle for longer than they may be ([`IDLE_TIMEOUT`], or less as the
+    /// upstream's `Keep-Alive` asked) or closed by the upstream, every so often, for as long as
+    /// the pool lives.
     fn start_sweeper(self: &Arc<Self>) {
         use std::sync::atomic::Ordering;
         if self.sweeping.swap(true, Ordering::Relaxed) {
@@ -487,10 +517,10 @@ impl Pool {
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { return };
+                let now = Instant::now();
                 let mut hosts = pool.hosts.lock().unwrap_or_else(|p| p.into_inner());
                 for (_, host) in hosts.iter_mut() {
-                    host.idle
-                        .retain(|i| i.since.elapsed() < IDLE_TIMEOUT && i.conn.still_idle());
+                    host.idle.retain(|i| now < i.expires && i.conn.still_idle());
                 }
                 hosts.retain(|(_, h)| !h.idle.is_empty());
             }
@@ -606,30 +636,49 @@ enum Framing {
     Done,
 }
 
-/// Reads and parses the response head (skipping 1xx interim responses).
-async fn read_head(conn: &mut Conn, is_head: bool) -> io::Result<(Response<()>, Framing, bool)> {
+/// Whether an error is the connection lost under the request — closed (a FIN, or over TLS a
+/// close_notify or a bare FIN) or reset by the upstream — rather than a bad or late answer.
+fn connection_lost(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::NotConnected
+    )
+}
+
+/// A response head: the response, how its body is delimited, and how long its connection may
+/// then wait idle for another request (`None`: it is not to be reused).
+type Head = (Response<()>, Framing, Option<Duration>);
+
+/// Reads and parses the response head (skipping 1xx interim responses). On error, also says
+/// whether any byte of a response had come.
+async fn read_head(conn: &mut Conn, is_head: bool) -> Result<Head, (io::Error, bool)> {
+    let mut received = !conn.buf.is_empty();
     loop {
-        if !conn.buf.is_empty()
-            && let Some(parsed) = parse_head(&mut conn.buf, &mut conn.names, is_head)?
-        {
-            return Ok(parsed);
+        if !conn.buf.is_empty() {
+            match parse_head(&mut conn.buf, &mut conn.names, is_head) {
+                Ok(Some(parsed)) => return Ok(parsed),
+                Ok(None) => {}
+                Err(e) => return Err((e, true)),
+            }
         }
         if conn.buf.len() >= MAX_HEAD {
-            return Err(invalid("head too large"));
+            return Err((invalid("head too large"), true));
         }
-        if poll_fn(|cx| conn.poll_fill(cx)).await? == 0 {
-            return Err(incomplete());
+        match poll_fn(|cx| conn.poll_fill(cx)).await {
+            Ok(0) => return Err((incomplete(), received)),
+            Ok(_) => received = true,
+            Err(e) => return Err((e, received)),
         }
     }
 }
 
 /// Parses one response head from `buf` (consuming it), or `None` when more bytes are needed.
 /// Interim 1xx responses are consumed and skipped.
-fn parse_head(
-    buf: &mut BytesMut,
-    names: &mut Names,
-    is_head: bool,
-) -> io::Result<Option<(Response<()>, Framing, bool)>> {
+fn parse_head(buf: &mut BytesMut, names: &mut Names, is_head: bool) -> io::Result<Option<Head>> {
     loop {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut slots);
@@ -655,7 +704,12 @@ fn parse_head(
         // Header values share the head's bytes.
         let base = buf.as_ptr() as usize;
         let mut fields = Vec::with_capacity(parsed.headers.len());
+        let mut keep_idle = IDLE_TIMEOUT;
         for (i, h) in parsed.headers.iter().enumerate() {
+            // Read here, from the bytes at hand, rather than looked up in the map after.
+            if h.name.len() == KEEP_ALIVE.len() && h.name.eq_ignore_ascii_case(KEEP_ALIVE) {
+                keep_idle = keep_idle.min(keep_alive_idle(h.value));
+            }
             let name = names
                 .get(i, h.name.as_bytes())
                 .map_err(|_| invalid("header name"))?;
@@ -682,8 +736,33 @@ fn parse_head(
         *resp.status_mut() = status;
         *resp.version_mut() = version;
         *resp.headers_mut() = headers;
-        return Ok(Some((resp, framing, keep_alive)));
+        return Ok(Some((resp, framing, keep_alive.then_some(keep_idle))));
     }
+}
+
+/// The response header with the upstream's keep-alive parameters (RFC 2068 §19.7.1.1).
+const KEEP_ALIVE: &str = "keep-alive";
+
+/// Left of the upstream's own idle timeout when a connection is last reused: a request must
+/// reach it before its timer fires, and the two clocks started a network trip apart (Node's
+/// agent keeps the same second).
+const KEEP_ALIVE_MARGIN: Duration = Duration::from_secs(1);
+
+/// How long a connection may wait idle by the value of `Keep-Alive` (`timeout=5, max=100`):
+/// the upstream's `timeout` less [`KEEP_ALIVE_MARGIN`]; [`IDLE_TIMEOUT`] when it gives none.
+fn keep_alive_idle(value: &[u8]) -> Duration {
+    value
+        .split(|&b| b == b',')
+        .find_map(|param| {
+            let eq = param.iter().position(|&b| b == b'=')?;
+            if !param[..eq].trim_ascii().eq_ignore_ascii_case(b"timeout") {
+                return None;
+            }
+            let secs = std::str::from_utf8(param[eq + 1..].trim_ascii()).ok()?;
+            let secs: u64 = secs.trim_matches('"').parse().ok()?;
+            Some(Duration::from_secs(secs).saturating_sub(KEEP_ALIVE_MARGIN))
+        })
+        .map_or(IDLE_TIMEOUT, |d| d.min(IDLE_TIMEOUT))
 }
 
 fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
@@ -1053,7 +1132,7 @@ mod tests {
         }
     }
 
-    fn head(wire: &str, is_head: bool) -> io::Result<Option<(Response<()>, Framing, bool)>> {
+    fn head(wire: &str, is_head: bool) -> io::Result<Option<Head>> {
         parse_head(
             &mut BytesMut::from(wire.as_bytes()),
             &mut Names::default(),
@@ -1121,7 +1200,7 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-a: b\r\n\r\n",
             false,
         );
-        assert!(matches!(f, Framing::Length(5)) && ka);
+        assert!(matches!(f, Framing::Length(5)) && ka == Some(IDLE_TIMEOUT));
         assert_eq!(r.headers()["x-a"], "b");
         let (_, f, _) = ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
         assert!(matches!(f, Framing::Done));
@@ -1129,10 +1208,10 @@ mod tests {
             "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
             false,
         );
-        assert!(matches!(f, Framing::Chunked(_)) && ka);
+        assert!(matches!(f, Framing::Chunked(_)) && ka.is_some());
         assert!(!r.headers().contains_key("content-length"), "not forwarded");
         let (_, f, ka) = ok("HTTP/1.1 200 OK\r\n\r\n", false);
-        assert!(matches!(f, Framing::Close) && !ka);
+        assert!(matches!(f, Framing::Close) && ka.is_none());
         let (_, f, _) = ok(
             "HTTP/1.1 204 No Content\r\ncontent-length: 9\r\n\r\n",
             false,
@@ -1142,9 +1221,9 @@ mod tests {
             "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
             false,
         );
-        assert!(!ka);
+        assert!(ka.is_none());
         let (r, _, ka) = ok("HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n", false);
-        assert!(!ka && r.version() == Version::HTTP_10);
+        assert!(ka.is_none() && r.version() == Version::HTTP_10);
         let (r, f, _) = ok(
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n",
             false,
@@ -1176,7 +1255,44 @@ mod tests {
             "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
             false,
         );
-        assert!(matches!(f, Framing::Done) && !ka);
+        assert!(matches!(f, Framing::Done) && ka.is_none());
+    }
+
+    #[test]
+    fn a_keep_alive_timeout_shortens_the_idle_time_by_a_margin() {
+        let idle = |extra: &str| {
+            let wire = format!("HTTP/1.1 200 OK\r\n{extra}content-length: 0\r\n\r\n");
+            head(&wire, false).expect("valid").expect("complete").2
+        };
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(idle(""), Some(IDLE_TIMEOUT));
+        assert_eq!(idle("Keep-Alive: timeout=5, max=1000\r\n"), secs(4));
+        assert_eq!(idle("keep-alive: max=10,timeout = \"20\"\r\n"), secs(19));
+        assert_eq!(idle("keep-alive: timeout=1\r\n"), secs(0));
+        assert_eq!(idle("keep-alive: timeout=0\r\n"), secs(0));
+        // Never longer than the pool's own limit; nonsense is no hint.
+        assert_eq!(idle("keep-alive: timeout=3600\r\n"), Some(IDLE_TIMEOUT));
+        for junk in [
+            "timeout=-1",
+            "timeout=",
+            "timeout",
+            "timeouts=2",
+            "max=3",
+            "",
+            "timeout=5s",
+        ] {
+            assert_eq!(
+                idle(&format!("keep-alive: {junk}\r\n")),
+                Some(IDLE_TIMEOUT),
+                "{junk}"
+            );
+        }
+        // Of two, the shorter; and none where the connection is not kept anyway.
+        assert_eq!(
+            idle("keep-alive: timeout=10\r\nkeep-alive: timeout=3\r\n"),
+            secs(2)
+        );
+        assert_eq!(idle("connection: close\r\nkeep-alive: timeout=5\r\n"), None);
     }
 
     #[test]
@@ -1252,5 +1368,380 @@ mod tests {
         let source = std::error::Error::source(&err).expect("source").to_string();
         assert_eq!(source, "TLS handshake timed out");
         held.abort();
+    }
+
+    /// What a test upstream does with the next request on a connection.
+    #[derive(Clone, Copy)]
+    enum Step {
+        /// Reads the request whole and answers `200` with these extra header lines, keeping the
+        /// connection open; the body says which connection answered and how many body bytes
+        /// it read: `"{connection} {length}"`.
+        Answer(&'static str),
+        /// Reads the request whole, then closes the connection (a FIN; over TLS after a
+        /// close_notify): an upstream closing an idle connection as the request came.
+        Close,
+        /// Reads the request whole, then resets the connection (RST).
+        Reset,
+        /// Reads the request head only, then closes with the body unread (an RST, while a
+        /// long body is still being written).
+        CloseUnread,
+        /// Reads the request whole, sends the start of a response head, then closes.
+        Partial,
+    }
+
+    /// Reads one request; its body length, or `None` when the connection ended first.
+    async fn read_request(
+        s: &mut (impl tokio::io::AsyncRead + Unpin),
+        body: bool,
+    ) -> Option<usize> {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .split("\r\n")
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |n| n.parse().expect("length"));
+        let mut read = buf.len() - end;
+        while body && read < length {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => read += n,
+            }
+        }
+        Some(length)
+    }
+
+    /// Runs `steps` on connection number `conn`; closes it at their end.
+    async fn serve<S>(mut s: S, conn: usize, steps: &[Step], tcp: fn(&S) -> &TcpStream)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt as _;
+        for step in steps {
+            let Some(length) = read_request(&mut s, !matches!(step, Step::CloseUnread)).await
+            else {
+                return;
+            };
+            match step {
+                Step::Answer(extra) => {
+                    let body = format!("{conn} {length}");
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\n{extra}content-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(answer.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                Step::Close => {
+                    let _ = s.shutdown().await;
+                    return;
+                }
+                Step::Reset => {
+                    tcp(&s).set_zero_linger().expect("linger");
+                    return;
+                }
+                Step::CloseUnread => return,
+                Step::Partial => {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// An upstream on 127.0.0.1 running `plans[i]` on its `i`th connection (over TLS with
+    /// `tls`); its URL and a count of the connections it accepted.
+    async fn upstream(
+        plans: Vec<Vec<Step>>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tokio::spawn(async move {
+            for (conn, steps) in plans.into_iter().enumerate() {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    match tls {
+                        Some(cfg) => {
+                            let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                            if let Ok(s) = acceptor.accept(tcp).await {
+                                serve(s, conn, &steps, |s| s.get_ref().0).await;
+                            }
+                        }
+                        None => serve(tcp, conn, &steps, |s| s).await,
+                    }
+                });
+            }
+            // Connections beyond the plans are counted and closed at once.
+            while let Ok((_, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        (format!("{scheme}://127.0.0.1:{port}"), accepted)
+    }
+
+    /// A server config for 127.0.0.1 and a client pool trusting it.
+    fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<Pool>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).expect("root");
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"http/1.1".to_vec()];
+        (Arc::new(server), pool_with(client))
+    }
+
+    fn pool_with(tls: rustls::ClientConfig) -> Arc<Pool> {
+        let mut connector = HttpConnector::new();
+        connector.enforce_http(false);
+        Arc::new(Pool::new(connector, Arc::new(tls)))
+    }
+
+    fn plain_pool() -> Arc<Pool> {
+        pool_with(
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth(),
+        )
+    }
+
+    /// POSTs `len` bytes to `url`; the status and body of the answer, or the error with its
+    /// source.
+    async fn post(pool: &Arc<Pool>, url: &str, len: usize) -> Result<(u16, String), String> {
+        let req = Request::post(format!("{url}/v1/chat/completions"))
+            .body(Full::new(Bytes::from(vec![b'x'; len])))
+            .expect("request");
+        let resp = pool.request(req).await.map_err(|e| {
+            let source = std::error::Error::source(&e).map(ToString::to_string);
+            format!("{e}: {}", source.unwrap_or_default())
+        })?;
+        let status = resp.status().as_u16();
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(frame) = poll_fn(|cx| body.poll_frame(cx)).await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            out.extend_from_slice(&frame.into_data().unwrap_or_default());
+        }
+        Ok((status, String::from_utf8_lossy(&out).into_owned()))
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_lost_as_the_request_went_out_is_retried_on_a_new_one() {
+        for (lost, name) in [(Step::Close, "FIN"), (Step::Reset, "RST")] {
+            let (url, accepted) = upstream(
+                vec![vec![Step::Answer(""), lost], vec![Step::Answer("")]],
+                None,
+            )
+            .await;
+            let pool = plain_pool();
+            assert_eq!(
+                post(&pool, &url, 7).await,
+                Ok((200, "0 7".into())),
+                "{name}"
+            );
+            assert_eq!(pool.idle(), 1, "{name}");
+            // Sent on the pooled connection, lost, and sent again whole on a new one.
+            assert_eq!(
+                post(&pool, &url, 9).await,
+                Ok((200, "1 9".into())),
+                "{name}"
+            );
+            assert_eq!(
+                accepted.load(std::sync::atomic::Ordering::SeqCst),
+                2,
+                "{name}"
+            );
+            assert_eq!(pool.idle(), 1, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_body_cut_off_on_a_reused_connection_is_sent_again_whole() {
+        // The upstream closes with the body unread: the write fails part-way, or the close is
+        // seen while watching for an early answer.
+        let (url, accepted) = upstream(
+            vec![
+                vec![Step::Answer(""), Step::CloseUnread],
+                vec![Step::Answer("")],
+            ],
+            None,
+        )
+        .await;
+        let pool = plain_pool();
+        assert_eq!(post(&pool, &url, 2).await, Ok((200, "0 2".into())));
+        let long = 16 << 20;
+        assert_eq!(
+            post(&pool, &url, long).await,
+            Ok((200, format!("1 {long}")))
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn over_tls_a_lost_reused_connection_is_retried_the_same_way() {
+        for (lost, name) in [(Step::Close, "close_notify"), (Step::Reset, "RST")] {
+            let (server, pool) = tls_pair();
+            let (url, accepted) = upstream(
+                vec![vec![Step::Answer(""), lost], vec![Step::Answer("")]],
+                Some(server),
+            )
+            .await;
+            assert_eq!(
+                post(&pool, &url, 7).await,
+                Ok((200, "0 7".into())),
+                "{name}"
+            );
+            assert_eq!(
+                post(&pool, &url, 9).await,
+                Ok((200, "1 9".into())),
+                "{name}"
+            );
+            assert_eq!(
+                accepted.load(std::sync::atomic::Ordering::SeqCst),
+                2,
+                "{name}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fresh_connection_lost_before_any_answer_is_an_error_not_a_retry() {
+        for (lost, name) in [(Step::Close, "FIN"), (Step::Reset, "RST")] {
+            let (url, accepted) = upstream(vec![vec![lost], vec![Step::Answer("")]], None).await;
+            let pool = plain_pool();
+            let err = post(&pool, &url, 7).await.expect_err(name);
+            assert!(
+                err.starts_with("client error (SendRequest)"),
+                "{name}: {err}"
+            );
+            assert_eq!(
+                accepted.load(std::sync::atomic::Ordering::SeqCst),
+                1,
+                "{name}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_lost_after_part_of_an_answer_is_an_error_not_a_retry() {
+        let (url, accepted) = upstream(
+            vec![
+                vec![Step::Answer(""), Step::Partial],
+                vec![Step::Answer("")],
+            ],
+            None,
+        )
+        .await;
+        let pool = plain_pool();
+        assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
+        let err = post(&pool, &url, 7).await.expect_err("cut in the head");
+        assert!(err.contains("closed before message completed"), "{err}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_request_is_sent_again_once_only() {
+        // The new connection is lost too: that is the answer, no third connection.
+        let (url, accepted) = upstream(
+            vec![
+                vec![Step::Answer(""), Step::Close],
+                vec![Step::Close],
+                vec![Step::Answer("")],
+            ],
+            None,
+        )
+        .await;
+        let pool = plain_pool();
+        assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
+        let err = post(&pool, &url, 7).await.expect_err("lost twice");
+        assert!(err.contains("closed before message completed"), "{err}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_timeout_too_short_to_use_is_not_pooled() {
+        // `timeout=1`, less the safety margin, leaves no time to reuse the connection in.
+        let (url, accepted) = upstream(
+            vec![
+                vec![Step::Answer("keep-alive: timeout=1\r\n"), Step::Answer("")],
+                vec![Step::Answer("")],
+            ],
+            None,
+        )
+        .await;
+        let pool = plain_pool();
+        assert_eq!(post(&pool, &url, 1).await, Ok((200, "0 1".into())));
+        assert_eq!(pool.idle(), 0);
+        assert_eq!(post(&pool, &url, 1).await, Ok((200, "1 1".into())));
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_pooled_no_longer_than_its_keep_alive_timeout_allows() {
+        let (url, _) = upstream(
+            vec![vec![
+                Step::Answer("keep-alive: timeout=5, max=100\r\n"),
+                Step::Answer(""),
+            ]],
+            None,
+        )
+        .await;
+        let pool = plain_pool();
+        let expires = || {
+            let hosts = pool.hosts.lock().expect("lock");
+            hosts[0].1.idle[0].expires
+        };
+        let before = Instant::now();
+        assert_eq!(post(&pool, &url, 1).await, Ok((200, "0 1".into())));
+        let expires_in = expires() - before;
+        assert!(
+            expires_in <= Duration::from_secs(4) + before.elapsed(),
+            "{expires_in:?}"
+        );
+        assert!(expires_in >= Duration::from_secs(4), "{expires_in:?}");
+        // A response without the header: the pool's own limit again.
+        assert_eq!(post(&pool, &url, 1).await, Ok((200, "0 1".into())));
+        assert!(expires() - Instant::now() > IDLE_TIMEOUT - Duration::from_secs(1));
     }
 }

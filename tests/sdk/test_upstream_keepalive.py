@@ -1,0 +1,144 @@
+"""The keep-alive race: an upstream closing an idle connection just as the gateway reuses it.
+
+The request then went out on a connection the upstream had already given up, and it was never
+read. The gateway sends it again, once, on a new connection, inside the same upstream attempt
+(no retry counted or logged); a request lost on a new connection, or after part of an answer,
+stays an error.
+"""
+
+import json
+import socket
+import struct
+import threading
+
+import httpx
+import pytest
+
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+
+CHAT = "/openai/chat/completions"
+
+
+def chat(prompt):
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}
+
+
+def read_request(conn, body=True):
+    """Reads one request: (content-length, body bytes read), or None when the connection ended."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    read = len(rest)
+    while body and read < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return None
+        read += len(chunk)
+    return length, read
+
+
+class RacingUpstream:
+    """A keep-alive upstream whose first connection answers one request and is then lost under
+    the next one as `lose` says: "fin" (closed after reading it), "rst" (reset after reading
+    it), "unread" (closed with its body unread), or "at-once" (the first request is lost, on
+    the new connection). Every other connection answers each request with which connection it
+    was and how much of the body it read."""
+
+    def __init__(self, lose):
+        self.lose = lose
+        self.accepted = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            index = self.accepted
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(conn, index), daemon=True).start()
+
+    def _serve(self, conn, index):
+        lost_at = {"at-once": 0}.get(self.lose, 1) if index == 0 else None
+        with conn:
+            n = 0
+            while True:
+                req = read_request(conn, body=not (n == lost_at and self.lose == "unread"))
+                if req is None:
+                    return
+                if n == lost_at:
+                    if self.lose == "rst":
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                length, read = req
+                body = json.dumps({
+                    "id": f"conn-{index}", "object": "chat.completion", "model": "gpt-4o-mini",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": f"{read} of {length}"}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (len(body), body))
+                n += 1
+
+    def stop(self):
+        self.sock.close()
+
+
+def retries_counted(g):
+    for line in g.metrics().splitlines():
+        if line.startswith('sidegate_upstream_retries_total{provider="openai"}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+@pytest.fixture
+def racing(tmp_path, request):
+    up = RacingUpstream(request.param)
+    g = Sidegate(tmp_path, gateway_yaml(up.url), DEFAULT_KEYS)
+    yield up, g
+    g.stop()
+    up.stop()
+
+
+@pytest.mark.parametrize("racing", ["fin", "rst", "unread"], indirect=True)
+def test_a_request_lost_with_a_reused_connection_is_sent_again_on_a_new_one(racing):
+    up, g = racing
+    with httpx.Client(timeout=30) as client:
+        first = client.post(g.url + CHAT, json=chat("hello"))
+        assert first.status_code == 200, first.text
+        assert first.json()["id"] == "conn-0"
+        # A long prompt where the upstream closes with it unread: cut off mid-write.
+        prompt = "x" * (4 << 20) if up.lose == "unread" else "again"
+        second = client.post(g.url + CHAT, json=chat(prompt))
+    assert second.status_code == 200, second.text
+    assert second.json()["id"] == "conn-1"
+    read, _, length = second.json()["choices"][0]["message"]["content"].partition(" of ")
+    assert read == length and int(length) > len(prompt), "the request went again whole"
+    assert up.accepted == 2
+    # One upstream attempt as far as anyone can see.
+    assert retries_counted(g) == 0
+    assert "retrying upstream" not in g.logs()
+
+
+@pytest.mark.parametrize("racing", ["at-once"], indirect=True)
+def test_a_request_lost_on_a_new_connection_is_not_sent_again(racing):
+    up, g = racing
+    r = httpx.post(g.url + CHAT, json=chat("hello"), timeout=30)
+    assert r.status_code == 502, r.text
+    assert "closed before message completed" in r.text
+    assert up.accepted == 1
