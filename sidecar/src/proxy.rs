@@ -628,7 +628,9 @@ impl Gateway {
             Served::Universal => {
                 // Each step names its own provider and headers: there is no one provider key
                 // header the token could stand in.
-                admission.allow_client_key(false).map_err(|e| (None, e))?;
+                admission
+                    .allow_client_key(false, snap, &parts.headers)
+                    .map_err(|e| (None, e))?;
                 return crate::universal::serve(self, snap, parts, body, start, &opts).await;
             }
         };
@@ -650,7 +652,7 @@ impl Gateway {
         };
         // A stored key drops every client key header, the gateway token among them.
         admission
-            .allow_client_key(matches!(key, KeyChoice::Stored(_)))
+            .allow_client_key(matches!(key, KeyChoice::Stored(_)), snap, &parts.headers)
             .map_err(fail)?;
         // Only here does a client's own signature go upstream unchanged (see
         // `headers::keeps_accept_encoding`).
@@ -984,8 +986,10 @@ impl Drop for Unanswered<'_> {
 /// How a request passed the gateway's authentication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Admission {
-    /// Authentication is off, or the request carries a gateway token in `cf-aig-authorization`.
-    Gateway,
+    /// Authentication is off.
+    Open,
+    /// A gateway token in `cf-aig-authorization`.
+    Token,
     /// No `cf-aig-authorization`, but a gateway token in a provider key header (`Authorization:
     /// Bearer`, `x-api-key`, `x-goog-api-key`, `api-key`), as Cloudflare's stored-key SDK
     /// examples send it (`apiKey: "{cf_aig_token}"`). Good only for a request whose provider
@@ -994,14 +998,39 @@ pub(crate) enum Admission {
 }
 
 impl Admission {
-    /// Refuses (401/2009) a request let in by the token in a provider key header unless the
-    /// gateway replaces that header with stored credentials (`stored`).
-    pub(crate) fn allow_client_key(self, stored: bool) -> Result<(), GatewayError> {
-        match self {
-            Self::ClientKeyHeader if !stored => Err(GatewayError::Unauthorized),
-            _ => Ok(()),
+    /// Refuses (401/2009) a request whose provider key headers hold a gateway token unless the
+    /// gateway replaces those headers with stored credentials (`stored`): the token must never
+    /// go upstream as the client's own key. Looked for only then, with authentication on.
+    pub(crate) fn allow_client_key(
+        self,
+        stored: bool,
+        snap: &Snapshot,
+        headers: &http::HeaderMap,
+    ) -> Result<(), GatewayError> {
+        let refused = match self {
+            _ if stored => false,
+            Self::Open => false,
+            Self::Token => token_in_key_header(snap, headers),
+            Self::ClientKeyHeader => true,
+        };
+        if refused {
+            Err(GatewayError::Unauthorized)
+        } else {
+            Ok(())
         }
     }
+}
+
+/// Whether a provider key header of the request holds a gateway token.
+fn token_in_key_header(snap: &Snapshot, headers: &http::HeaderMap) -> bool {
+    crate::providers::CLIENT_KEY_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(name))
+        .any(|v| {
+            let v = v.as_bytes();
+            snap.keys
+                .is_token(crate::headers::bearer_token(v).unwrap_or(v))
+        })
 }
 
 /// Checks the gateway token when authentication is on: `cf-aig-authorization` when the request
@@ -1013,31 +1042,16 @@ fn authenticate(
     headers: &http::HeaderMap,
 ) -> Result<Admission, GatewayError> {
     if !snap.auth_required {
-        return Ok(Admission::Gateway);
+        return Ok(Admission::Open);
     }
-    let in_key_header = || {
-        crate::providers::CLIENT_KEY_HEADERS
-            .iter()
-            .flat_map(|name| headers.get_all(name))
-            .any(|v| {
-                let v = v.as_bytes();
-                snap.keys
-                    .is_token(crate::headers::bearer_token(v).unwrap_or(v))
-            })
-    };
     if let Some(v) = aig.get(Gw::Authorization) {
-        if !snap.keys.token_matches(v.as_bytes()) {
-            return Err(GatewayError::Unauthorized);
-        }
-        // A token in a key header as well is held to the same rule as one there alone: it
-        // must never go upstream as the client's own key.
-        return Ok(if in_key_header() {
-            Admission::ClientKeyHeader
+        return if snap.keys.token_matches(v.as_bytes()) {
+            Ok(Admission::Token)
         } else {
-            Admission::Gateway
-        });
+            Err(GatewayError::Unauthorized)
+        };
     }
-    if in_key_header() {
+    if token_in_key_header(snap, headers) {
         Ok(Admission::ClientKeyHeader)
     } else {
         Err(GatewayError::Unauthorized)

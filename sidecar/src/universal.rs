@@ -383,7 +383,7 @@ async fn serve_compat(
         body: step.body,
         held,
         // A gateway token in a key header was refused before the steps were read.
-        admission: Admission::Gateway,
+        admission: Admission::Token,
         step: Some(UniversalStep {
             index: i,
             scope: SCOPES[i],

@@ -916,7 +916,11 @@ pub(crate) async fn answer(
     // A gateway token in the app's `Authorization` (the OpenAI SDK's `apiKey`) is good only
     // for targets the gateway sends its own credentials to; checked before the cache answers.
     let admitted = |p: &Provider| {
-        admission.allow_client_key(stored_credentials(snap, p, alias).is_ok_and(|stored| stored))
+        admission.allow_client_key(
+            stored_credentials(snap, p, alias).is_ok_and(|stored| stored),
+            snap,
+            &parts.headers,
+        )
     };
     admitted(provider).map_err(fail)?;
     // Every target a route or chain could reach, before any is tried: a fallback must not
