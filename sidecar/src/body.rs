@@ -125,6 +125,18 @@ impl ProxyBody {
 }
 
 impl ProxyBody {
+    /// Takes out the record of an upstream body streamed through as it is (or copied into the
+    /// cache on its way): the body then goes on unrecorded, and its reader records it, with the
+    /// status the client got. `None` for other bodies (a translated stream counts its tokens as
+    /// it goes, so its record stays in it).
+    pub fn take_record(self: Pin<&mut Self>) -> Option<RequestRecord> {
+        match self.project() {
+            ProxyBodyProj::Upstream { record, .. } => record.take(),
+            ProxyBodyProj::Filling { inner, .. } => inner.as_mut().take_record(),
+            _ => None,
+        }
+    }
+
     /// Whether this body ended, or will end, not whole: a stream cut short (see the module doc).
     fn cut_short(&self) -> bool {
         match self {

@@ -421,15 +421,34 @@ impl Gateway {
         resp: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
+        let mut body = std::pin::pin!(body);
+        // Recorded here, once it is known what the client gets.
+        let mut record = body.as_mut().take_record();
         let mut held = self.buffers.guard(snap.max_buffered);
+        let log_id = head.headers.get(LOG_ID).cloned();
         let whole = match hold_whole(body, crate::dlp::MAX_RESPONSE_BYTES, Some(&mut held)).await {
             Ok(whole) => whole,
             Err(e) => {
                 let err = e.into_gateway_error("the response for its checks");
-                tracing::warn!(error = %err, "response not delivered");
-                return err.into_response();
+                tracing::warn!(error = %err, log_id = ?log_id, "response not delivered");
+                if let Some(mut record) = record {
+                    // Logged and counted as the client got it; not charged (cut short).
+                    record.set_status(err.status().as_u16());
+                    record.finish_upstream_error();
+                }
+                let mut resp = err.into_response();
+                if let Some(id) = log_id {
+                    resp.headers_mut().insert(LOG_ID, id);
+                }
+                return resp;
             }
         };
+        if let Some(mut record) = record.take() {
+            // The provider's whole answer: its tokens were spent whether or not the checks let
+            // it through, so it is recorded (and charged) with the provider's status.
+            record.observe(&whole);
+            record.finish_complete();
+        }
         let checked = match snap.dlp.check_response(&whole) {
             Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => self
                 .guardrails_check(snap, crate::guardrails::Side::Response, &whole)
@@ -444,7 +463,6 @@ impl Gateway {
                 Response::from_parts(head, ProxyBody::full_held(whole, held))
             }
             Err(err) => {
-                let log_id = head.headers.get(LOG_ID).cloned();
                 tracing::info!(status = 400, code = err.code(), error = %err, log_id = ?log_id, "response refused");
                 let mut resp = err.into_response();
                 if let Some(id) = log_id {

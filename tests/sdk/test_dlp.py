@@ -105,6 +105,12 @@ def test_a_held_back_response_that_stalls_ends_in_a_504_not_a_hang(tmp_path):
         assert "stalled: no data for 1500 ms" in r.json()["error"][0]["message"]
         assert 1.4 < took < 10, took
         assert "response not delivered" in g.logs()
+        # Logged and counted as the client got it, under its log id.
+        log_id = r.headers["cf-aig-log-id"]
+        line = g.wait_log_line(log_id)
+        assert " status_code=504 " in line and " outcome=upstream_error" in line, line
+        assert 'sidegate_requests_total{provider="openai",status="504"} 1' in g.metrics()
+        assert 'sidegate_requests_total{provider="openai",status="200"}' not in g.metrics()
     finally:
         g.stop()
         stall.stop()
