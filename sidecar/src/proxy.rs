@@ -818,7 +818,16 @@ impl Gateway {
         if let Some(b) = &logged_body {
             record.set_request_payload(b);
         }
-        let body = answer_body(body, hide_usage, record, fill);
+        // An OpenAI-format chat stream is whole only with its `data: [DONE]`: one cut short
+        // (its connection ended cleanly mid-answer) is logged as such and never cached.
+        let openai_stream = head.status.is_success()
+            && is_openai_chat(provider, &parts.method, route.rest)
+            && crate::compat::is_event_stream(&head.headers);
+        let body = if openai_stream && !hide_usage {
+            ProxyBody::upstream_sse(body, record).cached_through(fill)
+        } else {
+            answer_body(body, hide_usage, record, fill)
+        };
         Ok(Response::from_parts(head, body))
     }
 
@@ -873,10 +882,16 @@ pub(crate) fn asks_stream_usage(
     rest: &str,
     query: Option<&str>,
 ) -> bool {
+    is_openai_chat(provider, method, rest)
+        && crate::usage::takes_stream_options(&provider.id, query)
+}
+
+/// Whether a passthrough request is an OpenAI-format chat completion (whose stream ends with
+/// `data: [DONE]`).
+fn is_openai_chat(provider: &Provider, method: &http::Method, rest: &str) -> bool {
     provider.format == sidegate_crds::policy::ApiFormat::Openai
         && method == http::Method::POST
         && rest.trim_end_matches('/').ends_with("chat/completions")
-        && crate::usage::takes_stream_options(&provider.id, query)
 }
 
 /// What produced an answer: its provider, model and, for a dynamic route, the step.

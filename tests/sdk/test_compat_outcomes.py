@@ -117,23 +117,26 @@ def test_an_anthropic_stream_cut_before_message_stop_is_an_upstream_error_and_no
         srv.stop()
 
 
-@pytest.mark.parametrize("model, extra", [
+@pytest.mark.parametrize("path, model, extra", [
     # The gateway asks openai for a usage chunk the client did not ask for (held out of its stream).
-    ("openai/gpt-4o-mini", {}),
+    ("/compat/chat/completions", "openai/gpt-4o-mini", {}),
     # Passed through as it comes.
-    ("custom-local/some-model", {}),
-    ("openai/gpt-4o-mini", {"stream_options": {"include_usage": True}}),
+    ("/compat/chat/completions", "custom-local/some-model", {}),
+    ("/compat/chat/completions", "openai/gpt-4o-mini", {"stream_options": {"include_usage": True}}),
+    # The providers' own routes.
+    ("/openai/chat/completions", "gpt-4o-mini", {}),
+    ("/custom-local/chat/completions", "some-model", {}),
 ])
-def test_an_openai_format_stream_without_done_is_an_upstream_error_and_not_cached(tmp_path, model, extra):
+def test_an_openai_format_stream_without_done_is_an_upstream_error_and_not_cached(tmp_path, path, model, extra):
     srv = RawStreamServer(OPENAI_CUT)
     g = Sidegate(tmp_path, compat_yaml(srv.url) + STREAMING_CACHE, COMPAT_KEYS)
     try:
         body = chat(model, True, **extra)
-        first = post(g, body)
+        first = post(g, body, path)
         assert first.status_code == 200 and "Half an ans" in first.text, first.text
         line = access_line(g, first.headers["cf-aig-log-id"])
         assert "outcome=upstream_error" in line and "success=false" in line, line
-        second = post(g, body)
+        second = post(g, body, path)
         assert second.headers["cf-aig-cache-status"] == "MISS", second.text
         assert srv.requests == 2
     finally:
@@ -141,15 +144,19 @@ def test_an_openai_format_stream_without_done_is_an_upstream_error_and_not_cache
         srv.stop()
 
 
-def test_a_whole_openai_format_stream_is_still_cached(tmp_path):
+@pytest.mark.parametrize("path, model", [
+    ("/compat/chat/completions", "custom-local/some-model"),
+    ("/custom-local/chat/completions", "some-model"),
+])
+def test_a_whole_openai_format_stream_is_still_cached(tmp_path, path, model):
     srv = RawStreamServer(OPENAI_CUT + b"data: [DONE]\n\n")
     g = Sidegate(tmp_path, compat_yaml(srv.url) + STREAMING_CACHE, COMPAT_KEYS)
     try:
-        body = chat("custom-local/some-model", True)
-        first = post(g, body)
+        body = chat(model, True)
+        first = post(g, body, path)
         line = access_line(g, first.headers["cf-aig-log-id"])
         assert "outcome=complete" in line and "success=true" in line, line
-        second = post(g, body)
+        second = post(g, body, path)
         assert second.headers["cf-aig-cache-status"] == "HIT" and second.text == first.text
         assert srv.requests == 1
     finally:

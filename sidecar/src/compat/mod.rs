@@ -1250,7 +1250,7 @@ const GATEWAY_TAGS: [&str; 5] = [
 ];
 
 /// Whether an upstream's answer is a stream of server-sent events.
-fn is_event_stream(headers: &HeaderMap) -> bool {
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
