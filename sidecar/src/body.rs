@@ -28,12 +28,14 @@ pin_project! {
         /// a response held back whole, until the body is dropped.
         Full { data: Option<Bytes>, held: Option<Held> },
         /// The upstream's body, streamed through; `done` watches an OpenAI-format stream for
-        /// its `data: [DONE]`.
+        /// its `data: [DONE]`; `tokens`: whether its usage counts (an answer of the model,
+        /// not a batch's status or a file's content, which carry `usage` objects too).
         Upstream {
             #[pin]
             inner: UpstreamBody,
             record: Option<RequestRecord>,
             done: Option<DoneWatch>,
+            tokens: bool,
         },
         /// The upstream's stream translated chunk by chunk (`/compat`).
         Translated {
@@ -86,7 +88,16 @@ impl ProxyBody {
             inner,
             record,
             done: None,
+            tokens: true,
         }
+    }
+
+    /// Counts no tokens in this body (see [`ProxyBody::Upstream`]); other bodies are unchanged.
+    pub fn without_tokens(mut self) -> Self {
+        if let Self::Upstream { tokens, .. } = &mut self {
+            *tokens = false;
+        }
+        self
     }
 
     /// The upstream's OpenAI-format event stream, streamed through: whole only if it ends with
@@ -99,12 +110,14 @@ impl ProxyBody {
                 inner,
                 record: None,
                 done: Some(done),
+                tokens: true,
             };
         }
         Self::Upstream {
             inner,
             record: Some(record),
             done: Some(done),
+            tokens: true,
         }
     }
 
@@ -186,13 +199,18 @@ impl Body for ProxyBody {
                 mut inner,
                 record,
                 done,
+                tokens,
             } => {
                 let polled = inner.as_mut().poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             if let Some(rec) = record.as_mut() {
-                                rec.observe(data);
+                                if *tokens {
+                                    rec.observe(data);
+                                } else {
+                                    rec.observe_bytes(data);
+                                }
                             }
                             if let Some(d) = done.as_mut() {
                                 d.observe(data);

@@ -825,6 +825,12 @@ impl Gateway {
             && crate::compat::is_event_stream(&head.headers);
         let body = if openai_stream && !hide_usage {
             ProxyBody::upstream_sse(body, record).cached_through(fill)
+        } else if parts.method != http::Method::POST {
+            // Models are asked with POSTs: the `usage` in other answers (a batch's status, a
+            // file's content, a stored response) is no tokens spent now.
+            ProxyBody::upstream(body, record)
+                .without_tokens()
+                .cached_through(fill)
         } else {
             answer_body(body, hide_usage, record, fill)
         };
