@@ -99,6 +99,25 @@ def test_spec_pricing_prices_models_the_table_does_not_know(mock, tmp_path):
         g.stop()
 
 
+def test_azure_requests_are_priced_by_their_deployment_whatever_the_body_names(mock, tmp_path):
+    # Azure answers with the deployment's model: a body naming none, or a cheaper one, must not
+    # go uncharged or undercharged.
+    spec = ("  pricing:\n    - {model: prod-chat, inputPerMillion: '100', outputPerMillion: '1000'}\n"
+            "  spendLimit: {amount: '1000', period: day}\n")
+    g = json_gateway(tmp_path, mock, spec)
+    try:
+        path = "/azure-openai/my-resource/prod-chat/chat/completions?api-version=2024-10-21"
+        chat = {"messages": [{"role": "user", "content": "no model named"}]}
+        for sent in (chat, dict(chat, model="gpt-4o-mini")):
+            r = httpx.post(g.url + path, json=sent, headers={"api-key": "azure-client-key"})
+            assert r.status_code == 200, r.text
+            line = wait_line(g, r.headers["cf-aig-log-id"])
+            assert line["model"] == "prod-chat", line
+            assert line["cost"] == pytest.approx((line["tokens_in"] * 100 + line["tokens_out"] * 1000) / 1e6)
+    finally:
+        g.stop()
+
+
 def test_custom_cost_header_overrides_the_price(gw, mock):
     r = httpx.post(gw.url + CHAT, json=body("custom total"), headers={"cf-aig-custom-cost": '{"total_cost": 0.25}'})
     line = wait_line(gw, r.headers["cf-aig-log-id"])
