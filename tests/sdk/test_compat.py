@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from conftest import (ANTHROPIC_KEY, DEFAULT_KEYS, KEY_MARKER, OPENAI_KEY, FixedAnswerServer, Sidegate, StallingServer,
-                      gateway_yaml)
+                      free_port, gateway_yaml)
 
 GOOGLE_KEY = f"AIza-{KEY_MARKER}-google"
 VERTEX_TOKEN = f"ya29.{KEY_MARKER}-vertex"
@@ -541,6 +541,23 @@ def test_a_token_endpoint_that_stalls_fails_in_bounded_time(mock, tmp_path):
     finally:
         g.stop()
         stall.stop()
+
+
+def test_a_route_target_whose_token_cannot_be_minted_falls_back_to_the_next(mock, tmp_path):
+    # Google's token endpoint refusing is that target failing: the chain moves on.
+    sa = service_account(f"http://127.0.0.1:{free_port()}/token")
+    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
+    chain = ("  fallbacks:\n    - name: vertex-then-openai\n      targets:\n"
+             "        - {provider: google-vertex-ai, model: my-proj/us-central1/gemini-2.5-flash}\n"
+             "        - {provider: openai, model: gpt-4o-mini}\n")
+    g = Sidegate(tmp_path, compat_yaml(mock.url) + chain, keys)
+    try:
+        out = ask(client(g), "fallback/vertex-then-openai", "either will do")
+        assert out.choices[0].message.content == "mock reply to: either will do"
+        assert mock.last()["path"] == "/v1/chat/completions"
+        assert "route target failed, trying the next" in g.logs()
+    finally:
+        g.stop()
 
 
 def test_an_apps_own_azure_key_goes_into_api_key(gw, mock):

@@ -994,7 +994,21 @@ pub(crate) async fn answer(
     let (resp, translation, hide_usage, within, policy, parts_held) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
         let minted = match provider.service_account(alias) {
-            Some(sa) => Some(sa.token(gw).await.map_err(fail)?),
+            Some(sa) => match sa.token(gw).await {
+                Ok(token) => Some(token),
+                // No token from Google's token endpoint is this target failing: the route
+                // moves on as it would for the provider's own failure.
+                Err(e) => match walk.as_mut().and_then(|w| w.next_target(&metadata)) {
+                    Some(next) => {
+                        tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, "route target failed, trying the next");
+                        target = next;
+                        provider = provider_of(next)?;
+                        step += 1;
+                        continue;
+                    }
+                    None => return Err(fail(e)),
+                },
+            },
             None => None,
         };
         let (upstream, translation, hide_usage) = plan(&CompatCall {
