@@ -65,7 +65,7 @@ def refusing_port():
 
 
 class FixedAnswerServer:
-    """A loopback HTTP server answering POSTs with fixed JSON bodies, for upstreams the mock
+    """A loopback HTTP server answering POSTs (and GETs) with fixed JSON bodies, for upstreams the mock
     cannot play (a captive portal, an odd token endpoint): `body` with `status`, or with
     `then=[(status, body), ...]` the first request gets `body` and the following ones these in
     turn, the last repeated; `headers`: more response headers, `(name, value)` pairs."""
@@ -76,6 +76,9 @@ class FixedAnswerServer:
         lock = threading.Lock()
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.do_POST()
+
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 with lock:

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
 from test_redis import redis  # noqa: F401  (module-scoped real redis-server fixture)
 
 CHAT = "/openai/chat/completions"
@@ -298,38 +298,11 @@ def test_without_redis_spend_and_token_limits_fail_open(mock, tmp_path, refusing
         g.stop()
 
 
-class BatchStatusServer:
-    """A provider answering GETs with a finished batch's status, which carries its `usage`."""
-
-    def __init__(self):
-        import http.server
-        import threading
-        body = json.dumps({"id": "batch_1", "object": "batch", "status": "completed",
-                           "usage": {"input_tokens": 500000, "output_tokens": 200000, "total_tokens": 700000}}).encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_usage_in_answers_that_are_not_a_models_work_is_not_counted(mock, tmp_path):
     # A batch's status carries the batch's usage: polling it spends nothing now.
-    batches = BatchStatusServer()
+    batches = FixedAnswerServer(json.dumps({
+        "id": "batch_1", "object": "batch", "status": "completed",
+        "usage": {"input_tokens": 500000, "output_tokens": 200000, "total_tokens": 700000}}).encode())
     spec = (f"  rateLimit: {{limit: 1000, interval: 60s, tokensPerMinute: 1000}}\n"
             f"  spendLimit: {{amount: '0.01', period: day}}\n")
     yaml = gateway_yaml(mock.url, extra_spec=spec).replace(
