@@ -15,6 +15,7 @@ use sidegate_crds::policy::{ModelPrice, parse_usd};
 
 use crate::error::GatewayError;
 use crate::headers::{GatewayHeaders, Gw};
+use crate::usage::Tokens;
 
 /// When the built-in prices were taken from the providers' public price lists.
 pub const PRICES_AS_OF: &str = "2025-11-25";
@@ -26,15 +27,87 @@ pub struct Price {
     pub input: f64,
     /// Per million output (generated) tokens.
     pub output: f64,
+    /// Per million input tokens read from the provider's prompt cache.
+    pub cache_read: f64,
+    /// Per million input tokens written to the prompt cache (Anthropic's 5-minute writes).
+    pub cache_write: f64,
+    /// Per million input tokens written to the prompt cache for an hour (Anthropic).
+    pub cache_write_1h: f64,
 }
 
+impl Price {
+    /// `input` and `output`, with the prompt cache priced by the provider's rule for `model`
+    /// (see [`cache_ratios`]).
+    pub fn of(model: &str, input: f64, output: f64) -> Self {
+        let (read, write, write_1h) = cache_ratios(normalize(model));
+        Self {
+            input,
+            output,
+            cache_read: input * read,
+            cache_write: input * write,
+            cache_write_1h: input * write_1h,
+        }
+    }
+}
+
+/// How a provider prices prompt-cache reads, writes and one-hour writes, as multiples of the
+/// model's input price, by model family; `(1, 1, 1)` (no discount) for a model whose provider
+/// has none or that the gateway does not know.
+///
+/// - Anthropic (direct, Bedrock, Vertex): reads 0.1, writes 1.25 (5-minute TTL), 2 (1 hour).
+/// - OpenAI: cached input 0.1 for the GPT-5 family (not `gpt-5-pro`), 0.25 for GPT-4.1, o3,
+///   o4-mini and the deep-research models, 0.5 for GPT-4o (not `gpt-4o-2024-05-13`), GPT-4o
+///   mini and realtime, GPT-4.5, o1, o1-mini and o3-mini; none for the pro models.
+/// - Gemini: cached input 0.1 for 2.5 models, 0.25 for 2.0 Flash and 1.5.
+/// - DeepSeek: cache hits 0.1 ($0.028 against $0.28). xAI: cached input 0.25.
+pub fn cache_ratios(name: &str) -> (f64, f64, f64) {
+    if name.starts_with("claude-") {
+        return (0.1, 1.25, 2.0);
+    }
+    CACHE_READ
+        .iter()
+        .find(|(family, _)| {
+            name.strip_prefix(family).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with(|c: char| BOUNDARY.contains(&(c as u8)))
+            })
+        })
+        .map_or((1.0, 1.0, 1.0), |&(_, read)| (read, 1.0, 1.0))
+}
+
+/// Cached input as a multiple of the input price, by model family: the first family a model's
+/// name equals or continues (after `-`, `@`, `:`) counts, so the exceptions come first.
+const CACHE_READ: &[(&str, f64)] = &[
+    ("gpt-5-pro", 1.0),
+    ("o1-pro", 1.0),
+    ("o3-pro", 1.0),
+    ("gpt-4o-2024-05-13", 1.0),
+    ("o1-mini", 0.5),
+    ("o3-mini", 0.5),
+    ("gpt-5", 0.1),
+    ("gpt-4.1", 0.25),
+    ("o3", 0.25),
+    ("o4-mini", 0.25),
+    ("gpt-4o", 0.5),
+    ("gpt-4.5-preview", 0.5),
+    ("o1", 0.5),
+    ("gemini-2.5", 0.1),
+    ("gemini-2.0-flash", 0.25),
+    ("gemini-1.5", 0.25),
+    ("deepseek", 0.1),
+    ("grok", 0.25),
+];
+
 /// List prices (USD per million input, output tokens) as of [`PRICES_AS_OF`]: standard tier,
-/// shortest-context tier where prices depend on prompt length, no batch or cache discounts.
+/// shortest-context tier where prices depend on prompt length, no batch discounts; prompt-cache
+/// reads and writes are priced from the input price by [`cache_ratios`]. A variant with a price
+/// of its own has its own row (`gpt-5-pro`, `o3-deep-research`, `grok-4-fast`), or it would be
+/// priced as the model it continues.
 /// Same-named open models are priced as the provider SPEC.md routes them to sells them (Llama:
 /// Groq).
 const BUILTIN: &[(&str, f64, f64)] = &[
     // OpenAI
     ("gpt-5", 1.25, 10.0),
+    ("gpt-5-pro", 15.0, 120.0),
     ("gpt-5-mini", 0.25, 2.0),
     ("gpt-5-nano", 0.05, 0.40),
     ("gpt-4.5-preview", 75.0, 150.0),
@@ -47,15 +120,22 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-4o-realtime-preview", 5.0, 20.0),
     ("gpt-4o-mini-realtime-preview", 0.60, 2.40),
     ("gpt-4-turbo", 10.0, 30.0),
+    ("gpt-4-0125-preview", 10.0, 30.0),
+    ("gpt-4-1106-preview", 10.0, 30.0),
+    ("gpt-4-1106-vision-preview", 10.0, 30.0),
+    ("gpt-4-vision-preview", 10.0, 30.0),
     ("gpt-4", 30.0, 60.0),
+    ("gpt-4-32k", 60.0, 120.0),
     ("gpt-3.5-turbo", 0.50, 1.50),
     ("o1", 15.0, 60.0),
     ("o1-pro", 150.0, 600.0),
     ("o1-mini", 1.10, 4.40),
     ("o3", 2.0, 8.0),
     ("o3-pro", 20.0, 80.0),
+    ("o3-deep-research", 10.0, 40.0),
     ("o3-mini", 1.10, 4.40),
     ("o4-mini", 1.10, 4.40),
+    ("o4-mini-deep-research", 2.0, 8.0),
     ("text-embedding-3-small", 0.02, 0.0),
     ("text-embedding-3-large", 0.13, 0.0),
     ("text-embedding-ada-002", 0.10, 0.0),
@@ -101,9 +181,12 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("llama-4-maverick", 0.20, 0.60),
     ("gemma2-9b-it", 0.20, 0.20),
     // DeepSeek, xAI
-    ("deepseek-chat", 0.27, 1.10),
-    ("deepseek-reasoner", 0.55, 2.19),
+    // DeepSeek-V3.2 prices both alike since 2025-09-29 (cache hits $0.028).
+    ("deepseek-chat", 0.28, 0.42),
+    ("deepseek-reasoner", 0.28, 0.42),
     ("grok-4", 3.0, 15.0),
+    ("grok-4-fast", 0.20, 0.50),
+    ("grok-4-1-fast", 0.20, 0.50),
     ("grok-3", 3.0, 15.0),
     ("grok-3-mini", 0.30, 0.50),
 ];
@@ -137,21 +220,16 @@ impl Pricing {
                     format!("spec.pricing[{i}].{field} {v:?} must be a decimal number of USD")
                 })
             };
-            let price = Price {
-                input: usd("inputPerMillion", &p.input_per_million)?,
-                output: usd("outputPerMillion", &p.output_per_million)?,
-            };
+            let price = Price::of(
+                &p.model,
+                usd("inputPerMillion", &p.input_per_million)?,
+                usd("outputPerMillion", &p.output_per_million)?,
+            );
             entries.push((p.model.as_str().into(), price));
         }
         for (name, input, output) in BUILTIN {
             if !overrides.iter().any(|o| o.model == *name) {
-                entries.push((
-                    (*name).into(),
-                    Price {
-                        input: *input,
-                        output: *output,
-                    },
-                ));
+                entries.push(((*name).into(), Price::of(name, *input, *output)));
             }
         }
         entries.sort_by(|a, b| a.0.cmp(&b.0));
@@ -161,6 +239,15 @@ impl Pricing {
 
     /// The price of `model`, if the table knows it (see the module doc for the matching).
     pub fn lookup(&self, model: &str) -> Option<Price> {
+        // AWS SDKs send a Bedrock ARN in the path percent-encoded
+        // (`arn%3Aaws%3Abedrock%3A...%3Ainference-profile%2Fus.anthropic.claude-...`).
+        let decoded;
+        let model = if model.contains('%') {
+            decoded = percent_decode(model);
+            &decoded
+        } else {
+            model
+        };
         let name = normalize(model);
         let exact = |n: &str| {
             self.entries
@@ -176,6 +263,29 @@ impl Pricing {
                 .find_map(|(i, _)| exact(&name[..i]))
         })
     }
+}
+
+/// `s` with its `%XX` escapes decoded (invalid ones kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The model part of a name: after the last `/` (`models/gemini-2.5-flash`,
@@ -457,21 +567,29 @@ impl CustomCost {
     }
 }
 
-/// The cost in USD of a response that reported `tokens` (input, output): the custom cost when
-/// the request set one, else the model's price; `None` when neither (or no tokens) is known.
-pub fn cost(
-    price: Option<Price>,
-    custom: Option<CustomCost>,
-    tokens: [Option<u64>; 2],
-) -> Option<f64> {
-    let known = tokens != [None, None];
-    let [i, o] = tokens.map(|n| n.unwrap_or(0) as f64);
+/// The cost in USD of a response that reported `tokens`: the custom cost when the request set
+/// one (per token: every input token at `per_token_in`), else the model's price, the prompt
+/// cache's reads and writes at theirs; `None` when neither (or no tokens) is known.
+pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -> Option<f64> {
+    let known = tokens.totals() != [None, None];
+    let [i, o] = tokens.totals().map(|n| n.unwrap_or(0));
+    let read = tokens.cache_read.min(i);
+    let write = tokens.cache_write.min(i - read);
+    let write_1h = tokens.cache_write_1h.min(write);
+    let fresh = i - read - write;
     match custom {
         Some(CustomCost::Total(t)) => Some(t),
-        Some(CustomCost::PerToken { input, output }) => known.then_some(i * input + o * output),
-        None => price
-            .filter(|_| known)
-            .map(|p| (i * p.input + o * p.output) / 1e6),
+        Some(CustomCost::PerToken { input, output }) => {
+            known.then_some(i as f64 * input + o as f64 * output)
+        }
+        None => price.filter(|_| known).map(|p| {
+            (fresh as f64 * p.input
+                + read as f64 * p.cache_read
+                + (write - write_1h) as f64 * p.cache_write
+                + write_1h as f64 * p.cache_write_1h
+                + o as f64 * p.output)
+                / 1e6
+        }),
     }
     .filter(|c| c.is_finite())
 }
@@ -481,50 +599,59 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn price(input: f64, output: f64) -> Option<Price> {
-        Some(Price { input, output })
+    fn price(input: f64, output: f64) -> Option<(f64, f64)> {
+        Some((input, output))
+    }
+
+    /// The input and output price `t` gives `model`.
+    fn look(t: &Pricing, model: &str) -> Option<(f64, f64)> {
+        t.lookup(model).map(|p| (p.input, p.output))
+    }
+
+    fn plain(input: f64, output: f64) -> Option<Price> {
+        Some(Price::of("", input, output))
     }
 
     #[test]
     fn models_are_priced_by_the_longest_name_they_continue() {
         let t = Pricing::default();
-        assert_eq!(t.lookup("gpt-4o"), price(2.5, 10.0));
-        assert_eq!(t.lookup("gpt-4o-mini"), price(0.15, 0.60));
-        assert_eq!(t.lookup("gpt-4o-mini-2024-07-18"), price(0.15, 0.60));
-        assert_eq!(t.lookup("gpt-4o-2024-08-06"), price(2.5, 10.0));
-        assert_eq!(t.lookup("gpt-4o-2024-05-13"), price(5.0, 15.0));
-        assert_eq!(t.lookup("gpt-4.1-mini-2025-04-14"), price(0.40, 1.60));
-        assert_eq!(t.lookup("o3-mini-2025-01-31"), price(1.10, 4.40));
-        assert_eq!(t.lookup("claude-3-5-sonnet-20241022"), price(3.0, 15.0));
-        assert_eq!(t.lookup("claude-3-5-sonnet@20240620"), price(3.0, 15.0));
-        assert_eq!(t.lookup("claude-opus-4-5-20251101"), price(5.0, 25.0));
-        assert_eq!(t.lookup("claude-opus-4-20250514"), price(15.0, 75.0));
-        assert_eq!(t.lookup("claude-haiku-4-5"), price(1.0, 5.0));
-        assert_eq!(t.lookup("models/gemini-2.5-flash"), price(0.30, 2.50));
+        assert_eq!(look(&t, "gpt-4o"), price(2.5, 10.0));
+        assert_eq!(look(&t, "gpt-4o-mini"), price(0.15, 0.60));
+        assert_eq!(look(&t, "gpt-4o-mini-2024-07-18"), price(0.15, 0.60));
+        assert_eq!(look(&t, "gpt-4o-2024-08-06"), price(2.5, 10.0));
+        assert_eq!(look(&t, "gpt-4o-2024-05-13"), price(5.0, 15.0));
+        assert_eq!(look(&t, "gpt-4.1-mini-2025-04-14"), price(0.40, 1.60));
+        assert_eq!(look(&t, "o3-mini-2025-01-31"), price(1.10, 4.40));
+        assert_eq!(look(&t, "claude-3-5-sonnet-20241022"), price(3.0, 15.0));
+        assert_eq!(look(&t, "claude-3-5-sonnet@20240620"), price(3.0, 15.0));
+        assert_eq!(look(&t, "claude-opus-4-5-20251101"), price(5.0, 25.0));
+        assert_eq!(look(&t, "claude-opus-4-20250514"), price(15.0, 75.0));
+        assert_eq!(look(&t, "claude-haiku-4-5"), price(1.0, 5.0));
+        assert_eq!(look(&t, "models/gemini-2.5-flash"), price(0.30, 2.50));
         assert_eq!(
-            t.lookup("gemini-2.5-flash-lite-preview-06-17"),
+            look(&t, "gemini-2.5-flash-lite-preview-06-17"),
             price(0.10, 0.40)
         );
         assert_eq!(
-            t.lookup("us.anthropic.claude-3-5-haiku-20241022-v1:0"),
+            look(&t, "us.anthropic.claude-3-5-haiku-20241022-v1:0"),
             price(0.80, 4.0)
         );
         assert_eq!(
-            t.lookup("meta-llama/llama-4-scout-17b-16e-instruct"),
+            look(&t, "meta-llama/llama-4-scout-17b-16e-instruct"),
             price(0.11, 0.34)
         );
-        assert_eq!(t.lookup("mistral-large-latest"), price(2.0, 6.0));
+        assert_eq!(look(&t, "mistral-large-latest"), price(2.0, 6.0));
     }
 
     #[test]
     fn names_that_only_share_letters_are_not_priced() {
         let t = Pricing::default();
         // `gpt-4` is a model, but `gpt-4o-...` is not a variant of it, nor `o1x` of `o1`.
-        assert_eq!(t.lookup("gpt-4x"), None);
-        assert_eq!(t.lookup("o1x"), None);
-        assert_eq!(t.lookup("my-finetune"), None);
-        assert_eq!(t.lookup(""), None);
-        assert_eq!(t.lookup("mock-model"), None);
+        assert_eq!(look(&t, "gpt-4x"), None);
+        assert_eq!(look(&t, "o1x"), None);
+        assert_eq!(look(&t, "my-finetune"), None);
+        assert_eq!(look(&t, ""), None);
+        assert_eq!(look(&t, "mock-model"), None);
     }
 
     #[test]
@@ -542,10 +669,10 @@ mod tests {
             },
         ])
         .expect("valid");
-        assert_eq!(t.lookup("gpt-4o-2024-08-06"), price(1.0, 2.0));
+        assert_eq!(look(&t, "gpt-4o-2024-08-06"), price(1.0, 2.0));
         // The longer built-in name still wins for its own variants.
-        assert_eq!(t.lookup("gpt-4o-mini"), price(0.15, 0.60));
-        assert_eq!(t.lookup("house-llm-v2"), price(0.5, 0.0));
+        assert_eq!(look(&t, "gpt-4o-mini"), price(0.15, 0.60));
+        assert_eq!(look(&t, "house-llm-v2"), price(0.5, 0.0));
         let err = Pricing::with(&[ModelPrice {
             model: "x".into(),
             input_per_million: "cheap".into(),
@@ -658,25 +785,207 @@ mod tests {
             assert_eq!(custom(bad), Err(2100), "{bad}");
         }
         assert!(custom(r#"{"total_cost": 1000000}"#).is_ok());
-        assert_eq!(cost(price(f64::MAX, 1.0), None, [Some(10), Some(1)]), None);
+        assert_eq!(
+            cost(
+                plain(f64::MAX, 1.0),
+                None,
+                &Tokens::plain(Some(10), Some(1))
+            ),
+            None
+        );
     }
 
     #[test]
     fn cost_is_tokens_times_price_unless_overridden() {
-        let p = price(2.5, 10.0);
-        let c = cost(p, None, [Some(1000), Some(500)]).expect("priced");
+        let p = plain(2.5, 10.0);
+        let c = cost(p, None, &Tokens::plain(Some(1000), Some(500))).expect("priced");
         assert!((c - 0.0075).abs() < 1e-12, "{c}");
-        assert_eq!(cost(p, None, [None, None]), None, "no tokens, no cost");
-        assert_eq!(cost(None, None, [Some(1), Some(1)]), None, "unknown model");
+        assert_eq!(
+            cost(p, None, &Tokens::plain(None, None)),
+            None,
+            "no tokens, no cost"
+        );
+        assert_eq!(
+            cost(None, None, &Tokens::plain(Some(1), Some(1))),
+            None,
+            "unknown model"
+        );
         let per = Some(CustomCost::PerToken {
             input: 0.001,
             output: 0.002,
         });
-        let c = cost(p, per, [Some(10), Some(5)]).expect("custom");
+        let c = cost(p, per, &Tokens::plain(Some(10), Some(5))).expect("custom");
         assert!((c - 0.02).abs() < 1e-12, "{c}");
         assert_eq!(
-            cost(None, Some(CustomCost::Total(0.25)), [None, None]),
+            cost(
+                None,
+                Some(CustomCost::Total(0.25)),
+                &Tokens::plain(None, None)
+            ),
             Some(0.25)
         );
+    }
+    fn close(got: Option<f64>, want: f64) {
+        let got = got.expect("priced");
+        assert!((got - want).abs() < 1e-9, "{got} != {want}");
+    }
+
+    #[test]
+    fn prompt_cache_reads_and_writes_are_priced_as_the_provider_prices_them() {
+        let t = Pricing::default();
+        let sonnet = t.lookup("claude-sonnet-4-5-20250929");
+        let tokens = |input, output, read, write, write_1h| Tokens {
+            input: Some(input),
+            output: Some(output),
+            cache_read: read,
+            cache_write: write,
+            cache_write_1h: write_1h,
+        };
+        // 50 fresh + 100k read, 500 out: 50*3 + 100k*0.30 + 500*15 per 1M.
+        close(
+            cost(sonnet, None, &tokens(100_050, 500, 100_000, 0, 0)),
+            0.03765,
+        );
+        // 100k written for 5 minutes (1.25x), then for an hour (2x).
+        close(
+            cost(sonnet, None, &tokens(100_050, 500, 0, 100_000, 0)),
+            0.38265,
+        );
+        close(
+            cost(sonnet, None, &tokens(100_050, 500, 0, 100_000, 100_000)),
+            0.60765,
+        );
+        // Bedrock names it with region and vendor prefixes, the same price.
+        close(
+            cost(
+                t.lookup("us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+                None,
+                &tokens(100_050, 500, 100_000, 0, 0),
+            ),
+            0.03765,
+        );
+        // Gemini 2.5 Pro: thinking is output (2200 out); 800 of the prompt cached at 0.1x.
+        let pro = t.lookup("gemini-2.5-pro");
+        close(cost(pro, None, &tokens(1000, 2200, 0, 0, 0)), 0.02325);
+        close(cost(pro, None, &tokens(1000, 2200, 800, 0, 0)), 0.02235);
+        // OpenAI: gpt-5 cached input $0.125, gpt-4o 50%, gpt-4.1 25%, gpt-5-pro none.
+        let gpt5 = t.lookup("gpt-5-2025-08-07");
+        close(
+            cost(gpt5, None, &tokens(100_000, 1000, 90_000, 0, 0)),
+            0.03375,
+        );
+        close(
+            cost(
+                t.lookup("gpt-4o"),
+                None,
+                &tokens(1_000_000, 0, 1_000_000, 0, 0),
+            ),
+            1.25,
+        );
+        close(
+            cost(
+                t.lookup("gpt-4.1-mini"),
+                None,
+                &tokens(1_000_000, 0, 1_000_000, 0, 0),
+            ),
+            0.10,
+        );
+        close(
+            cost(
+                t.lookup("o3-mini"),
+                None,
+                &tokens(1_000_000, 0, 1_000_000, 0, 0),
+            ),
+            0.55,
+        );
+        close(
+            cost(
+                t.lookup("gpt-5-pro"),
+                None,
+                &tokens(1_000_000, 0, 1_000_000, 0, 0),
+            ),
+            15.0,
+        );
+        // DeepSeek cache hits $0.028 per 1M.
+        close(
+            cost(
+                t.lookup("deepseek-chat"),
+                None,
+                &tokens(1_000_000, 0, 1_000_000, 0, 0),
+            ),
+            0.028,
+        );
+        // A model the gateway knows no cache rule for: cached tokens at the input price.
+        let house = Pricing::with(&[ModelPrice {
+            model: "house-llm".into(),
+            input_per_million: "1".into(),
+            output_per_million: "0".into(),
+        }])
+        .expect("valid");
+        close(
+            cost(
+                house.lookup("house-llm"),
+                None,
+                &tokens(1_000_000, 0, 1_000_000, 0, 0),
+            ),
+            1.0,
+        );
+        // spec.pricing replacing a Claude price keeps Anthropic's cache rule.
+        let own = Pricing::with(&[ModelPrice {
+            model: "claude-sonnet-4-5".into(),
+            input_per_million: "10".into(),
+            output_per_million: "0".into(),
+        }])
+        .expect("valid");
+        close(
+            cost(
+                own.lookup("claude-sonnet-4-5"),
+                None,
+                &tokens(1_000_000, 0, 1_000_000, 0, 0),
+            ),
+            1.0,
+        );
+        // A custom per-token cost prices every input token alike.
+        let per = Some(CustomCost::PerToken {
+            input: 0.000001,
+            output: 0.0,
+        });
+        close(
+            cost(sonnet, per, &tokens(100_050, 0, 100_000, 0, 0)),
+            0.10005,
+        );
+    }
+
+    #[test]
+    fn variants_with_their_own_price_are_not_priced_as_their_base() {
+        let t = Pricing::default();
+        assert_eq!(look(&t, "deepseek-chat"), price(0.28, 0.42));
+        assert_eq!(look(&t, "deepseek-reasoner"), price(0.28, 0.42));
+        assert_eq!(look(&t, "grok-4-fast-reasoning"), price(0.20, 0.50));
+        assert_eq!(look(&t, "grok-4-fast-non-reasoning"), price(0.20, 0.50));
+        assert_eq!(look(&t, "grok-4-1-fast-reasoning"), price(0.20, 0.50));
+        assert_eq!(look(&t, "grok-4-1-fast-non-reasoning"), price(0.20, 0.50));
+        assert_eq!(look(&t, "grok-4-0709"), price(3.0, 15.0));
+        assert_eq!(look(&t, "o3-deep-research-2025-06-26"), price(10.0, 40.0));
+        assert_eq!(look(&t, "o4-mini-deep-research"), price(2.0, 8.0));
+        assert_eq!(look(&t, "o3-2025-04-16"), price(2.0, 8.0));
+        assert_eq!(look(&t, "gpt-5-pro-2025-10-06"), price(15.0, 120.0));
+        assert_eq!(look(&t, "gpt-4-0125-preview"), price(10.0, 30.0));
+        assert_eq!(look(&t, "gpt-4-1106-preview"), price(10.0, 30.0));
+        assert_eq!(look(&t, "gpt-4-32k-0613"), price(60.0, 120.0));
+        assert_eq!(look(&t, "gpt-4-0613"), price(30.0, 60.0));
+    }
+
+    #[test]
+    fn percent_encoded_bedrock_arns_are_priced() {
+        let t = Pricing::default();
+        let path = "bedrock-runtime/us-east-1/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A123456789012%3Ainference-profile%2Fus.anthropic.claude-sonnet-4-5-20250929-v1%3A0/converse";
+        let model = model_in_path(path).expect("found");
+        assert_eq!(look(&t, model), price(3.0, 15.0));
+        assert_eq!(
+            look(&t, "anthropic.claude-3-haiku-20240307-v1%3A0"),
+            price(0.25, 1.25)
+        );
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
     }
 }

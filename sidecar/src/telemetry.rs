@@ -14,6 +14,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::usage::Tokens;
+
 /// Labels of a request sample.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -707,8 +709,13 @@ impl RequestRecord {
     /// The tokens of the upstream's answer as a stream translator read them: what the client
     /// gets may not carry them (no usage chunk unless it asked for one).
     pub fn set_tokens(&mut self, input: u64, output: u64) {
-        self.usage.input = Some(input);
-        self.usage.output = Some(output);
+        self.usage = crate::usage::Usage::counted(input, output, None);
+    }
+
+    /// [`Self::set_tokens`] with the part of `input` read from the provider's prompt cache, so
+    /// that it is priced as the provider prices cache reads.
+    pub fn set_tokens_cached(&mut self, input: u64, output: u64, cache_read: Option<u64>) {
+        self.usage = crate::usage::Usage::counted(input, output, cache_read);
     }
 
     /// The model the request named and its price in `pricing`.
@@ -753,20 +760,20 @@ impl RequestRecord {
     /// to the record's, and its cost charged to the usage limits now, not when the record
     /// finishes (which charges only what was not charged yet).
     pub fn charge_part(&mut self, input: u64, output: u64) {
-        let part = [Some(input), Some(output)];
+        let part = Tokens::plain(Some(input), Some(output));
         self.usage.input = Some(self.usage.input.unwrap_or(0).saturating_add(input));
         self.usage.output = Some(self.usage.output.unwrap_or(0).saturating_add(output));
         self.precharged[0] = self.precharged[0].saturating_add(input);
         self.precharged[1] = self.precharged[1].saturating_add(output);
         if let Some(t) = &self.tally {
-            t.add(&self.metrics, self.charged(part), part);
+            t.add(&self.metrics, self.charged(&part), part.totals());
         }
     }
 
     /// What `tokens` of this request cost against the usage limits: cache hits and failed
     /// requests nothing; the app's `cf-aig-custom-cost` may raise the model's price, never lower
     /// it (budgets are the operator's).
-    fn charged(&self, tokens: [Option<u64>; 2]) -> Option<f64> {
+    fn charged(&self, tokens: &Tokens) -> Option<f64> {
         if self.cached || self.status >= 400 {
             return None;
         }
@@ -795,27 +802,29 @@ impl RequestRecord {
         }
         self.done = true;
         let elapsed = self.start.elapsed();
-        let (tokens_in, tokens_out) = (self.usage.input, self.usage.output);
-        let tokens = [tokens_in, tokens_out];
+        // All input (fresh, cache reads and writes) and all output, as providers bill them.
+        let counted = self.usage.tokens();
+        let tokens = counted.totals();
+        let [tokens_in, tokens_out] = tokens;
         // Cache hits cost nothing; failed requests are not charged (not even a custom cost).
         let cost = if self.cached || self.status >= 400 {
             None
         } else {
-            crate::cost::cost(self.price, self.custom_cost, tokens)
+            crate::cost::cost(self.price, self.custom_cost, &counted)
         };
-        let charged = self.charged(tokens);
+        let charged = self.charged(&counted);
         if let Some(t) = &self.tally {
             if self.precharged == [0, 0] {
                 t.add(&self.metrics, charged, tokens);
             } else {
                 // Parts were charged as they completed: only the rest is due.
                 let [pi, po] = self.precharged;
-                let due = [
+                let due = Tokens::plain(
                     tokens_in.map(|n| n.saturating_sub(pi)),
                     tokens_out.map(|n| n.saturating_sub(po)),
-                ];
-                if due != [Some(0), Some(0)] {
-                    t.add(&self.metrics, self.charged(due), due);
+                );
+                if due.totals() != [Some(0), Some(0)] {
+                    t.add(&self.metrics, self.charged(&due), due.totals());
                 }
             }
             if let Some(model) = &self.model

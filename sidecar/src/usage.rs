@@ -1,34 +1,85 @@
 //! Token counts read from responses as they stream through, for logs and metrics: the `usage`
-//! objects of OpenAI (`prompt_tokens`/`completion_tokens`), Anthropic (`input_tokens`/
-//! `output_tokens`, in `message_start` and `message_delta` for streams), Gemini
-//! (`usageMetadata.promptTokenCount`/`candidatesTokenCount`) and Bedrock Converse
-//! (`inputTokens`/`outputTokens`). No JSON is parsed: each body frame is searched for `"usage`
-//! and the numbers after it are read; the last value seen wins (stream usage is cumulative).
-//! When a frame ends inside a usage object (or inside `"usage` itself), that piece is kept and
-//! read again together with the start of the next frame; nothing is copied otherwise.
+//! objects of OpenAI (`prompt_tokens`/`completion_tokens`, the Responses API's `input_tokens`/
+//! `output_tokens`), Anthropic (`input_tokens`/`output_tokens`, in `message_start` and
+//! `message_delta` for streams), Gemini (`usageMetadata.promptTokenCount`/
+//! `candidatesTokenCount`) and Bedrock Converse (`inputTokens`/`outputTokens`), with the parts
+//! that are priced apart or counted outside those two numbers:
+//!
+//! - prompt-cache reads and writes counted *beside* the input (Anthropic
+//!   `cache_read_input_tokens`/`cache_creation_input_tokens`, the 1-hour part in
+//!   `cache_creation.ephemeral_1h_input_tokens`; Bedrock `cacheReadInputTokens`/
+//!   `cacheWriteInputTokens`, the 1-hour part in `cacheDetails[{"ttl":"1h","inputTokens":n}]`);
+//! - prompt-cache reads counted *inside* the input (OpenAI `prompt_tokens_details.cached_tokens`
+//!   and `input_tokens_details.cached_tokens`, Gemini `cachedContentTokenCount`, DeepSeek
+//!   `prompt_cache_hit_tokens`);
+//! - Gemini's thinking (`thoughtsTokenCount`, billed as output beside `candidatesTokenCount`)
+//!   and tool-use prompt (`toolUsePromptTokenCount`, input beside `promptTokenCount`).
+//!
+//! No JSON is parsed: each body frame is searched for `"usage` and the `"key": number` pairs of
+//! the object after it are read (keys of its own level; the few nested ones above by name). The
+//! last value seen wins (stream usage is cumulative): an object with the input (output) number
+//! replaces every input-side (output-side) count, one without it (Anthropic's `message_delta`)
+//! only the counts it has. When a frame ends inside a usage object (or inside `"usage` itself),
+//! that piece is kept and read again together with the start of the next frame; nothing is
+//! copied otherwise. Text inside JSON strings cannot pass for a usage object: its quotes are
+//! escaped, so no key in it matches.
 
 use std::sync::LazyLock;
 
 use memchr::memmem;
 
-const INPUT_KEYS: &[&[u8]] = &[
-    b"prompt_tokens",
-    b"input_tokens",
-    b"promptTokenCount",
-    b"inputTokens",
+/// What a key of a usage object counts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    /// The input number (OpenAI, Gemini: all of it; Anthropic, Bedrock: the uncached part).
+    Input,
+    /// The output number.
+    Output,
+    /// Cache reads beside the input (Anthropic, Bedrock).
+    ReadBeside,
+    /// Cache writes beside the input (Anthropic, Bedrock).
+    WriteBeside,
+    /// Cache reads inside the input (OpenAI, Gemini, DeepSeek).
+    ReadInside,
+    /// Gemini's tool-use prompt, input beside the prompt.
+    ToolPrompt,
+    /// Gemini's thinking, output beside the candidates.
+    Thoughts,
+    /// Of the cache writes, those kept for an hour (Anthropic).
+    Write1h,
+}
+
+/// Keys of the usage object's own level.
+const KEYS: &[(&[u8], Field)] = &[
+    (b"prompt_tokens", Field::Input),
+    (b"input_tokens", Field::Input),
+    (b"promptTokenCount", Field::Input),
+    (b"inputTokens", Field::Input),
+    (b"completion_tokens", Field::Output),
+    (b"output_tokens", Field::Output),
+    (b"candidatesTokenCount", Field::Output),
+    (b"outputTokens", Field::Output),
+    (b"cache_read_input_tokens", Field::ReadBeside),
+    (b"cacheReadInputTokens", Field::ReadBeside),
+    (b"cache_creation_input_tokens", Field::WriteBeside),
+    (b"cacheWriteInputTokens", Field::WriteBeside),
+    (b"cachedContentTokenCount", Field::ReadInside),
+    (b"prompt_cache_hit_tokens", Field::ReadInside),
+    (b"toolUsePromptTokenCount", Field::ToolPrompt),
+    (b"thoughtsTokenCount", Field::Thoughts),
 ];
-const OUTPUT_KEYS: &[&[u8]] = &[
-    b"completion_tokens",
-    b"output_tokens",
-    b"candidatesTokenCount",
-    b"outputTokens",
+/// Keys one object down (`prompt_tokens_details`, `input_tokens_details`, `cache_creation`).
+const NESTED_KEYS: &[(&[u8], Field)] = &[
+    (b"cached_tokens", Field::ReadInside),
+    (b"ephemeral_1h_input_tokens", Field::Write1h),
 ];
 const NEEDLE: &[u8] = b"\"usage";
 /// What the finder looks for: `usage` without the quote, which JSON is full of (a quote as
 /// the first byte would make every string a candidate); the quote is checked after.
 const WORD: &[u8] = b"usage";
-/// Longest usage object read (they are well under this).
-const WINDOW: usize = 512;
+/// Longest usage object read (they are well under this, even pretty-printed with Gemini's
+/// per-modality details).
+const WINDOW: usize = 1024;
 
 static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(WORD));
 
@@ -49,18 +100,160 @@ pub fn takes_stream_options(provider: &str, query: Option<&str>) -> bool {
     }
 }
 
+/// The tokens of a response as providers bill them: all input (fresh, cache reads and cache
+/// writes), of which the cache reads and writes, and all output (thinking included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    /// All input tokens; `None` when the response reported none.
+    pub input: Option<u64>,
+    /// All output tokens; `None` when the response reported none.
+    pub output: Option<u64>,
+    /// Of the input, the tokens read from the provider's prompt cache.
+    pub cache_read: u64,
+    /// Of the input, the tokens written to the provider's prompt cache.
+    pub cache_write: u64,
+    /// Of the cache writes, those kept for an hour (Anthropic's dearer writes).
+    pub cache_write_1h: u64,
+}
+
+impl Tokens {
+    /// Input and output with no cache reads or writes.
+    pub fn plain(input: Option<u64>, output: Option<u64>) -> Self {
+        Self {
+            input,
+            output,
+            ..Self::default()
+        }
+    }
+
+    /// The two totals, for metrics and the usage limits.
+    pub fn totals(&self) -> [Option<u64>; 2] {
+        [self.input, self.output]
+    }
+}
+
 /// Tokens of one response.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
-    /// Prompt tokens.
+    /// The input number as the provider reported it (`prompt_tokens`, `input_tokens`, ...): for
+    /// Anthropic and Bedrock without the cache reads and writes. [`Self::tokens`] has the total.
     pub input: Option<u64>,
-    /// Generated tokens.
+    /// The output number as the provider reported it; without Gemini's thinking.
     pub output: Option<u64>,
+    read_beside: Option<u64>,
+    write_beside: Option<u64>,
+    read_inside: Option<u64>,
+    tool_prompt: Option<u64>,
+    thoughts: Option<u64>,
+    write_1h: Option<u64>,
     /// The unfinished usage object (or `"usage` prefix) the last frame ended in.
     pending: Vec<u8>,
 }
 
+/// The counts one usage object holds.
+#[derive(Default)]
+struct Seen {
+    input: Option<u64>,
+    output: Option<u64>,
+    read_beside: Option<u64>,
+    write_beside: Option<u64>,
+    read_inside: Option<u64>,
+    tool_prompt: Option<u64>,
+    thoughts: Option<u64>,
+    write_1h: Option<u64>,
+    /// A value of the base input (output) key one level down (Cohere's `billed_units`), used
+    /// when the object's own level has none.
+    nested_input: Option<u64>,
+    nested_output: Option<u64>,
+}
+
+impl Seen {
+    fn set(&mut self, field: Field, n: u64) {
+        let slot = match field {
+            Field::Input => &mut self.input,
+            Field::Output => &mut self.output,
+            Field::ReadBeside => &mut self.read_beside,
+            Field::WriteBeside => &mut self.write_beside,
+            Field::ReadInside => &mut self.read_inside,
+            Field::ToolPrompt => &mut self.tool_prompt,
+            Field::Thoughts => &mut self.thoughts,
+            Field::Write1h => &mut self.write_1h,
+        };
+        *slot = Some(n);
+    }
+
+    fn add_1h(&mut self, n: u64) {
+        self.write_1h = Some(self.write_1h.unwrap_or(0).saturating_add(n));
+    }
+}
+
 impl Usage {
+    /// Counts given by a translator that read them itself (`/compat`): `input` is all input, of
+    /// which `cache_read` read from the prompt cache.
+    pub fn counted(input: u64, output: u64, cache_read: Option<u64>) -> Self {
+        Self {
+            input: Some(input),
+            output: Some(output),
+            read_inside: cache_read,
+            ..Self::default()
+        }
+    }
+
+    /// The tokens read so far, totalled as providers bill them.
+    pub fn tokens(&self) -> Tokens {
+        let n = |v: Option<u64>| v.unwrap_or(0);
+        let beside = n(self.read_beside)
+            .saturating_add(n(self.write_beside))
+            .saturating_add(n(self.tool_prompt));
+        let input = match self.input {
+            None if beside == 0 => None,
+            i => Some(n(i).saturating_add(beside)),
+        };
+        let output = match (self.output, self.thoughts) {
+            (None, None) => None,
+            (o, t) => Some(n(o).saturating_add(n(t))),
+        };
+        let all = n(input);
+        let cache_write = n(self.write_beside).min(all);
+        let cache_read = n(self.read_beside)
+            .saturating_add(n(self.read_inside))
+            .min(all - cache_write);
+        Tokens {
+            input,
+            output,
+            cache_read,
+            cache_write,
+            cache_write_1h: n(self.write_1h).min(cache_write),
+        }
+    }
+
+    /// Takes the counts of one whole usage object (see the module doc for what replaces what).
+    fn commit(&mut self, seen: Seen) {
+        let input = seen.input.or(seen.nested_input);
+        let output = seen.output.or(seen.nested_output);
+        if input.is_some() {
+            self.input = input;
+            self.read_beside = seen.read_beside;
+            self.write_beside = seen.write_beside;
+            self.read_inside = seen.read_inside;
+            self.tool_prompt = seen.tool_prompt;
+            self.write_1h = seen.write_1h;
+        } else {
+            let keep = |slot: &mut Option<u64>, v: Option<u64>| *slot = v.or(*slot);
+            keep(&mut self.read_beside, seen.read_beside);
+            keep(&mut self.write_beside, seen.write_beside);
+            keep(&mut self.read_inside, seen.read_inside);
+            keep(&mut self.tool_prompt, seen.tool_prompt);
+            keep(&mut self.write_1h, seen.write_1h);
+        }
+        if output.is_some() {
+            self.output = output;
+            self.thoughts = seen.thoughts;
+        } else if seen.thoughts.is_some() {
+            self.thoughts = seen.thoughts;
+        }
+    }
+
     /// Reads the usage numbers in `data` (the next frame of the body).
     pub fn observe(&mut self, data: &[u8]) {
         let mut carried = false;
@@ -107,21 +300,34 @@ impl Usage {
     }
 
     /// Reads the numbers of the object starting at `s` (just after `"usage`), in one pass over
-    /// its `"key": value` pairs. Returns false when `s` ends before the object (or the scalar
-    /// value, `null`) does.
+    /// its `"key": value` pairs, and takes them when it is whole. Returns false when `s` ends
+    /// before the object (or the scalar value, `null`) does.
     fn read_object(&mut self, s: &[u8]) -> bool {
         let cut = s.len() > WINDOW;
         let window = &s[..s.len().min(WINDOW)];
-        let (mut input, mut output) = (false, false);
+        let mut seen = Seen::default();
+        // Bedrock's `cacheDetails` entry being read: its `inputTokens`, and whether its `ttl`
+        // is `1h`.
+        let (mut detail_tokens, mut detail_1h) = (None, false);
         let mut depth = 0usize;
         let mut i = 0;
         while let Some(off) = memchr::memchr3(b'{', b'}', b'"', &window[i..]) {
             i += off;
             match window[i] {
-                b'{' => depth += 1,
+                b'{' => {
+                    depth += 1;
+                    (detail_tokens, detail_1h) = (None, false);
+                }
                 b'}' => {
+                    if depth == 2
+                        && detail_1h
+                        && let Some(n) = detail_tokens
+                    {
+                        seen.add_1h(n);
+                    }
                     depth = depth.saturating_sub(1);
                     if depth == 0 {
+                        self.commit(seen);
                         return true;
                     }
                 }
@@ -136,45 +342,67 @@ impl Usage {
                 _ => {
                     let start = i + 1;
                     let Some(len) = memchr::memchr(b'"', &window[start..]) else {
-                        return cut;
+                        break;
                     };
                     let key = &window[start..start + len];
                     i = start + len + 1;
                     let rest = window[i..].trim_ascii_start();
-                    if let Some(value) = rest.strip_prefix(b":") {
-                        let value = value.trim_ascii_start();
-                        let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
-                        if digits > 0
-                            && digits < value.len()
-                            && let Some(n) = std::str::from_utf8(&value[..digits])
-                                .ok()
-                                .and_then(|d| d.parse().ok())
-                        {
-                            if INPUT_KEYS.contains(&key) {
-                                self.input = Some(n);
-                                input = true;
-                            } else if OUTPUT_KEYS.contains(&key) {
-                                self.output = Some(n);
-                                output = true;
-                            }
-                            if input && output {
-                                // Both numbers of this object: the rest (details) adds none.
-                                return true;
+                    let Some(value) = rest.strip_prefix(b":") else {
+                        continue;
+                    };
+                    let value = value.trim_ascii_start();
+                    if depth == 2 && key == b"ttl" {
+                        detail_1h = value.starts_with(b"\"1h\"");
+                        continue;
+                    }
+                    let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
+                    let Some(n) = (digits > 0 && digits < value.len())
+                        .then(|| std::str::from_utf8(&value[..digits]).ok())
+                        .flatten()
+                        .and_then(|d| d.parse::<u64>().ok())
+                    else {
+                        continue;
+                    };
+                    let field = |keys: &[(&[u8], Field)]| {
+                        keys.iter().find(|(k, _)| *k == key).map(|&(_, f)| f)
+                    };
+                    match depth {
+                        1 => {
+                            if let Some(f) = field(KEYS) {
+                                seen.set(f, n);
                             }
                         }
+                        2 => match field(NESTED_KEYS) {
+                            Some(f) => seen.set(f, n),
+                            None => match field(KEYS) {
+                                Some(Field::Input) => {
+                                    detail_tokens = Some(n);
+                                    seen.nested_input = seen.nested_input.or(Some(n));
+                                }
+                                Some(Field::Output) => {
+                                    seen.nested_output = seen.nested_output.or(Some(n));
+                                }
+                                _ => {}
+                            },
+                        },
+                        _ => {}
                     }
                     continue;
                 }
             }
             i += 1;
         }
-        // The data ended first. Done only if it was cut at WINDOW (too long to read) or a
-        // scalar value has begun after the colon (`"usage": null`).
-        cut || (depth == 0
+        // The data ended first. Done only if it was cut at WINDOW (too long to read: what was
+        // read counts) or a scalar value has begun after the colon (`"usage": null`).
+        if cut {
+            self.commit(seen);
+            return true;
+        }
+        depth == 0
             && window
                 .iter()
                 .position(|&c| c == b':')
-                .is_some_and(|colon| !window[colon + 1..].trim_ascii().is_empty()))
+                .is_some_and(|colon| !window[colon + 1..].trim_ascii().is_empty())
     }
 }
 
@@ -295,5 +523,110 @@ mod tests {
                 );
             }
         }
+    }
+    fn tokens_of(frames: &[&str]) -> Tokens {
+        let mut u = Usage::default();
+        for f in frames {
+            u.observe(f.as_bytes());
+        }
+        u.tokens()
+    }
+
+    fn tokens(input: u64, output: u64, read: u64, write: u64, write_1h: u64) -> Tokens {
+        Tokens {
+            input: Some(input),
+            output: Some(output),
+            cache_read: read,
+            cache_write: write,
+            cache_write_1h: write_1h,
+        }
+    }
+
+    #[test]
+    fn anthropic_cache_reads_and_writes_count_as_input() {
+        // Non-streamed: 50 fresh + 100k read beside `input_tokens`.
+        let body = r#"{"id":"msg","type":"message","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":50,"cache_creation_input_tokens":0,"cache_read_input_tokens":100000,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":500,"service_tier":"standard"}}"#;
+        assert_eq!(tokens_of(&[body]), tokens(100_050, 500, 100_000, 0, 0));
+        // Streamed: the cache write in message_start, the output in message_delta.
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg\",\"usage\":{\"input_tokens\":50,\"cache_creation_input_tokens\":100000,\"cache_read_input_tokens\":0,\"cache_creation\":{\"ephemeral_5m_input_tokens\":40000,\"ephemeral_1h_input_tokens\":60000},\"output_tokens\":1}}}\n\n";
+        let delta = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":500}}\n\n";
+        assert_eq!(
+            tokens_of(&[start, delta]),
+            tokens(100_050, 500, 0, 100_000, 60_000)
+        );
+        // Split anywhere, the object is still read whole.
+        let whole = format!("{start}{delta}");
+        for cut in 1..whole.len() {
+            assert_eq!(
+                tokens_of(&[&whole[..cut], &whole[cut..]]),
+                tokens(100_050, 500, 0, 100_000, 60_000),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn bedrock_cache_counts_after_the_output_are_read() {
+        let body = r#"{"metrics":{"latencyMs":100},"output":{"message":{"content":[{"text":"hi"}],"role":"assistant"}},"stopReason":"end_turn","usage":{"inputTokens":50,"outputTokens":500,"totalTokens":100550,"cacheReadInputTokens":100000,"cacheWriteInputTokens":0}}"#;
+        assert_eq!(tokens_of(&[body]), tokens(100_050, 500, 100_000, 0, 0));
+        // `cacheDetails` entries name their own `inputTokens` (a write's), which is not the input.
+        let body = r#"{"usage":{"inputTokens":50,"outputTokens":500,"totalTokens":3550,"cacheReadInputTokens":0,"cacheWriteInputTokens":3000,"cacheDetails":[{"inputTokens":1000,"ttl":"1h"},{"ttl":"5m","inputTokens":2000}]}}"#;
+        assert_eq!(tokens_of(&[body]), tokens(3050, 500, 0, 3000, 1000));
+    }
+
+    #[test]
+    fn gemini_thinking_is_output_and_tool_prompts_input() {
+        let body = r#"{"candidates":[{"content":{"parts":[{"text":"hi"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":1000,"candidatesTokenCount":200,"totalTokenCount":3200,"promptTokensDetails":[{"modality":"TEXT","tokenCount":1000}],"thoughtsTokenCount":2000},"modelVersion":"gemini-2.5-pro"}"#;
+        assert_eq!(tokens_of(&[body]), tokens(1000, 2200, 0, 0, 0));
+        let body = r#"{"usageMetadata":{"promptTokenCount":1000,"candidatesTokenCount":200,"cachedContentTokenCount":800,"toolUsePromptTokenCount":300,"thoughtsTokenCount":50}}"#;
+        assert_eq!(tokens_of(&[body]), tokens(1300, 250, 800, 0, 0));
+        // Streamed: cumulative per chunk, the last one wins.
+        let chunk = |cand: u64, thoughts: u64| {
+            format!(
+                "data: {{\"candidates\":[],\"usageMetadata\":{{\"promptTokenCount\":1000,\"candidatesTokenCount\":{cand},\"thoughtsTokenCount\":{thoughts}}}}}\n\n"
+            )
+        };
+        let (a, b) = (chunk(1, 2000), chunk(200, 2000));
+        assert_eq!(tokens_of(&[&a, &b]), tokens(1000, 2200, 0, 0, 0));
+    }
+
+    #[test]
+    fn cached_input_inside_the_prompt_is_told_apart() {
+        let chat = r#"{"id":"x","usage":{"prompt_tokens":100000,"completion_tokens":1000,"total_tokens":101000,"prompt_tokens_details":{"cached_tokens":90000,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":800}}}"#;
+        assert_eq!(tokens_of(&[chat]), tokens(100_000, 1000, 90_000, 0, 0));
+        let responses = r#"{"object":"response","usage":{"input_tokens":5000,"input_tokens_details":{"cached_tokens":4000},"output_tokens":3000,"output_tokens_details":{"reasoning_tokens":2500},"total_tokens":8000}}"#;
+        assert_eq!(tokens_of(&[responses]), tokens(5000, 3000, 4000, 0, 0));
+        let deepseek = r#"{"usage":{"prompt_tokens":1000,"completion_tokens":10,"prompt_cache_hit_tokens":600,"prompt_cache_miss_tokens":400}}"#;
+        assert_eq!(tokens_of(&[deepseek]), tokens(1000, 10, 600, 0, 0));
+        // No cache at all: plain totals.
+        assert_eq!(
+            tokens_of(&[r#"{"usage":{"prompt_tokens":7,"completion_tokens":9}}"#]),
+            tokens(7, 9, 0, 0, 0)
+        );
+        assert_eq!(tokens_of(&[r#"{"choices":[]}"#]), Tokens::default());
+    }
+
+    #[test]
+    fn usage_text_inside_strings_is_never_read() {
+        // The answer's text quotes a usage object; the real one has other numbers.
+        let body = r#"{"output":[{"content":[{"type":"output_text","text":"Here: {\"usage\":{\"input_tokens\":1,\"cache_read_input_tokens\":999999,\"thoughtsTokenCount\":5,\"output_tokens\":1}}"}]}],"usage":{"input_tokens":5000,"output_tokens":3000}}"#;
+        assert_eq!(tokens_of(&[body]), tokens(5000, 3000, 0, 0, 0));
+        // Even when the quoted one comes last (the text of a streamed delta).
+        let stream = [
+            "data: {\"response\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":20}}}\n\n",
+            "data: {\"delta\":\"{\\\"usage\\\":{\\\"input_tokens\\\":1,\\\"cached_tokens\\\":1,\\\"output_tokens\\\":1}}\"}\n\n",
+        ];
+        assert_eq!(tokens_of(&stream), tokens(10, 20, 0, 0, 0));
+        // An object that is JSON (a tool's input) before the real usage: the real one replaces
+        // every input- and output-side count, so the decoy's cache counts do not linger.
+        let body = r#"{"content":[{"type":"tool_use","input":{"usage":{"input_tokens":1,"cachedContentTokenCount":1,"cache_read_input_tokens":7,"output_tokens":1,"thoughtsTokenCount":9}}}],"usage":{"input_tokens":5000,"output_tokens":3000}}"#;
+        assert_eq!(tokens_of(&[body]), tokens(5000, 3000, 0, 0, 0));
+    }
+
+    #[test]
+    fn nested_base_counts_are_used_only_without_top_level_ones() {
+        // Cohere v2: what is billed, one level down.
+        let body = r#"{"usage":{"billed_units":{"input_tokens":5,"output_tokens":10},"tokens":{"input_tokens":71,"output_tokens":10}}}"#;
+        assert_eq!(tokens_of(&[body]), tokens(5, 10, 0, 0, 0));
     }
 }

@@ -319,12 +319,17 @@ struct UsageMetadata {
     /// Of the prompt, the tokens from cached content.
     #[serde(default)]
     cached_content_token_count: Option<u64>,
+    /// Input beside the prompt: what the model's tool calls read.
+    #[serde(default)]
+    tool_use_prompt_token_count: u64,
 }
 
 impl UsageMetadata {
+    /// As the gateway counts it on passthrough: the tool-use prompt is input, thinking output.
     fn usage(&self) -> Usage {
         Usage::new(
-            self.prompt_token_count,
+            self.prompt_token_count
+                .saturating_add(self.tool_use_prompt_token_count),
             self.candidates_token_count
                 .saturating_add(self.thoughts_token_count),
         )

@@ -1,0 +1,113 @@
+"""Tokens and cost of answers with prompt-cache reads and writes and with thinking: input is
+all of it (fresh, cache reads, cache writes) as the providers bill it, cache reads and writes
+are priced by the provider's rule, Gemini's thinking is output; passthrough and /compat charge
+the same upstream answer the same."""
+
+import json
+import pathlib
+import time
+
+import httpx
+import pytest
+
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate
+from test_cost import wait_line
+
+GOOGLE_KEY = "AIza-sidegate-test-cache-tokens"
+
+# Claude Sonnet 4.5: $3 in, $15 out; cache reads 0.1x, 5-minute writes 1.25x.
+ANTHROPIC_CACHE_READ = {
+    "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5-20250929",
+    "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+    "usage": {"input_tokens": 50, "cache_creation_input_tokens": 0,
+              "cache_read_input_tokens": 100000,
+              "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+              "output_tokens": 500, "service_tier": "standard"},
+}
+# 50 x 3 + 100000 x 0.30 + 500 x 15, per million (0.00765 when the cache read was dropped).
+ANTHROPIC_CACHE_READ_COST = 0.03765
+
+# Gemini 2.5 Pro: $1.25 in, $10 out; thinking is output.
+GEMINI_THINKING = {
+    "candidates": [{"content": {"parts": [{"text": "hi"}], "role": "model"},
+                    "finishReason": "STOP", "index": 0}],
+    "usageMetadata": {"promptTokenCount": 1000, "candidatesTokenCount": 200,
+                      "totalTokenCount": 3200,
+                      "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 1000}],
+                      "thoughtsTokenCount": 2000},
+    "modelVersion": "gemini-2.5-pro", "responseId": "r1",
+}
+# 1000 x 1.25 + 2200 x 10, per million (0.00325 when the thinking was dropped).
+GEMINI_THINKING_COST = 0.02325
+
+
+def gateway(tmp_path, upstream_url):
+    d = pathlib.Path(tmp_path) / f"gw-{time.monotonic_ns()}"
+    d.mkdir()
+    yaml = (
+        "schemaVersion: 1\n"
+        "gateway: {namespace: team-a, name: cache-tokens}\n"
+        "spec:\n"
+        "  providers:\n"
+        f"    anthropic: {{baseURL: '{upstream_url}'}}\n"
+        f"    google-ai-studio: {{baseURL: '{upstream_url}'}}\n"
+    )
+    keys = dict(DEFAULT_KEYS, **{"google-ai-studio.default": GOOGLE_KEY})
+    return Sidegate(d, yaml, keys, extra_args=["--log-format", "json"])
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A gateway in front of an upstream that answers every request with `answer`."""
+    made = []
+
+    def make(answer):
+        upstream = FixedAnswerServer(json.dumps(answer).encode())
+        g = gateway(tmp_path, upstream.url)
+        made.append((g, upstream))
+        return g
+
+    yield make
+    for g, upstream in made:
+        g.stop()
+        upstream.stop()
+
+
+def test_anthropic_cache_reads_are_input_priced_at_the_cache_rate_on_both_routes(served):
+    g = served(ANTHROPIC_CACHE_READ)
+    r = httpx.post(g.url + "/anthropic/v1/messages", timeout=30, json={
+        "model": "claude-sonnet-4-5", "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    line = wait_line(g, r.headers["cf-aig-log-id"])
+    assert (line["tokens_in"], line["tokens_out"]) == (100050, 500), line
+    assert line["cost"] == pytest.approx(ANTHROPIC_CACHE_READ_COST, rel=1e-9)
+
+    r = httpx.post(g.url + "/compat/chat/completions", timeout=30, json={
+        "model": "anthropic/claude-sonnet-4-5",
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    usage = r.json()["usage"]
+    assert usage["prompt_tokens"] == 100050
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 100000
+    line = wait_line(g, r.headers["cf-aig-log-id"])
+    assert (line["tokens_in"], line["tokens_out"]) == (100050, 500), line
+    assert line["cost"] == pytest.approx(ANTHROPIC_CACHE_READ_COST, rel=1e-9)
+
+
+def test_gemini_thinking_is_output_on_both_routes(served):
+    g = served(GEMINI_THINKING)
+    r = httpx.post(g.url + "/google-ai-studio/v1beta/models/gemini-2.5-pro:generateContent",
+                   timeout=30, json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+    assert r.status_code == 200, r.text
+    line = wait_line(g, r.headers["cf-aig-log-id"])
+    assert (line["tokens_in"], line["tokens_out"]) == (1000, 2200), line
+    assert line["cost"] == pytest.approx(GEMINI_THINKING_COST, rel=1e-9)
+
+    r = httpx.post(g.url + "/compat/chat/completions", timeout=30, json={
+        "model": "google-ai-studio/gemini-2.5-pro",
+        "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    line = wait_line(g, r.headers["cf-aig-log-id"])
+    assert (line["tokens_in"], line["tokens_out"]) == (1000, 2200), line
+    assert line["cost"] == pytest.approx(GEMINI_THINKING_COST, rel=1e-9)
