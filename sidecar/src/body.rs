@@ -349,7 +349,11 @@ fn finish_at_end(record: RequestRecord, whole: bool) {
 /// translated stream carries them only when the client asked for a usage chunk.
 fn count_tokens(translator: &dyn StreamTranslator, record: Option<&mut RequestRecord>) {
     if let (Some(u), Some(rec)) = (translator.usage(), record) {
-        rec.set_tokens(u.prompt_tokens, u.completion_tokens);
+        rec.set_tokens_cached(
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.prompt_tokens_details.map(|d| d.cached_tokens),
+        );
     }
 }
 

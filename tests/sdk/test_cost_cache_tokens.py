@@ -111,3 +111,37 @@ def test_gemini_thinking_is_output_on_both_routes(served):
     line = wait_line(g, r.headers["cf-aig-log-id"])
     assert (line["tokens_in"], line["tokens_out"]) == (1000, 2200), line
     assert line["cost"] == pytest.approx(GEMINI_THINKING_COST, rel=1e-9)
+
+
+ANTHROPIC_CACHE_READ_STREAM = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_s","type":"message",'
+    b'"role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"stop_reason":null,'
+    b'"usage":{"input_tokens":50,"cache_creation_input_tokens":0,"cache_read_input_tokens":100000,"output_tokens":1}}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":500}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
+
+@pytest.mark.parametrize("path, model", [
+    ("/anthropic/v1/messages", "claude-sonnet-4-5"),
+    ("/compat/chat/completions", "anthropic/claude-sonnet-4-5"),
+])
+def test_a_streamed_anthropic_cache_read_costs_what_the_whole_answer_does(tmp_path, path, model):
+    from test_compat_outcomes import RawStreamServer
+    upstream = RawStreamServer(ANTHROPIC_CACHE_READ_STREAM)
+    g = gateway(tmp_path, upstream.url)
+    try:
+        r = httpx.post(g.url + path, timeout=30, json={
+            "model": model, "max_tokens": 64, "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and "hi" in r.text, r.text
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert (line["tokens_in"], line["tokens_out"]) == (100050, 500), line
+        assert line["cost"] == pytest.approx(ANTHROPIC_CACHE_READ_COST, rel=1e-9)
+    finally:
+        g.stop()
+        upstream.stop()
