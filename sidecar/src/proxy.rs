@@ -299,7 +299,7 @@ impl Gateway {
         req: &cache::Request<'_>,
         parts: &http::request::Parts,
         start: Instant,
-        opts: &LogOptions,
+        opts: &LogOptions<'_>,
     ) -> Cached {
         let Some(want) = want else {
             return Cached::Off;
@@ -392,14 +392,16 @@ impl Gateway {
             return Ok(err.into_response());
         };
         let (parts, body) = req.into_parts();
+        let recorded = std::sync::atomic::AtomicBool::new(false);
         let mut unanswered = Unanswered {
             gw: &self,
             snap: &snap,
             parts: &parts,
             start,
+            recorded: &recorded,
             armed: true,
         };
-        let result = self.proxy(&snap, &parts, body, start).await;
+        let result = self.proxy(&snap, &parts, body, start, &recorded).await;
         // From here the answer's record (or the refusal) tells of the request.
         unanswered.armed = false;
         match result {
@@ -557,6 +559,7 @@ impl Gateway {
         parts: &http::request::Parts,
         body: Incoming,
         start: Instant,
+        recorded: &std::sync::atomic::AtomicBool,
     ) -> Result<Response<ProxyBody>, (Option<Arc<str>>, GatewayError)> {
         // admit
         let aig = GatewayHeaders::scan(&parts.headers);
@@ -621,6 +624,7 @@ impl Gateway {
         }
         let mut opts = LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads)
             .map_err(|e| (None, e))?;
+        opts.recorded = crate::telemetry::Recorded::to(recorded);
         if let Some(target) = &snap.otel {
             opts.trace = Some(
                 self.otel
@@ -994,21 +998,23 @@ fn tag_response_with(headers: &mut http::HeaderMap, event_id: Option<&HeaderValu
 /// request").
 const CLIENT_CLOSED: u16 = 499;
 
-/// A request waiting for its answer. Dropped while armed, the request was given up before the
-/// gateway answered it (the client left, or the shutdown grace ended, while it waited on the
-/// provider, a retry, the cache): it is counted and logged as cancelled with status 499, as an
-/// answer cut short is, instead of vanishing.
+/// A request waiting for its answer. Dropped while armed and before any record of the request
+/// was made (`recorded`), the request was given up before the gateway answered it (the client
+/// left, or the shutdown grace ended, while it waited on the provider, a retry, the cache): it
+/// is counted and logged as cancelled with status 499, as an answer cut short is, instead of
+/// vanishing. (A record made already logs itself as cancelled when dropped.)
 struct Unanswered<'a> {
     gw: &'a Gateway,
     snap: &'a Snapshot,
     parts: &'a http::request::Parts,
     start: Instant,
+    recorded: &'a std::sync::atomic::AtomicBool,
     armed: bool,
 }
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        if !self.armed || self.recorded.load(std::sync::atomic::Ordering::Relaxed) {
             return;
         }
         let aig = GatewayHeaders::scan(&self.parts.headers);

@@ -452,7 +452,7 @@ pub const MAX_LOGGED_PAYLOAD: usize = 32 * 1024;
 /// `cf-aig-metadata` (a flat JSON object of at most 5 string, number or bool values, logged),
 /// `cf-aig-custom-cost` and `cf-aig-event-id` (logged).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct LogOptions {
+pub struct LogOptions<'a> {
     /// Write a log line for this request.
     pub log: bool,
     /// The metadata as compact JSON.
@@ -466,9 +466,35 @@ pub struct LogOptions {
     pub payloads: bool,
     /// The span this request becomes (`spec.openTelemetry`), and the client's trace it joins.
     pub trace: Option<crate::otel::Trace>,
+    /// Told when a record of the request is made.
+    pub recorded: Recorded<'a>,
 }
 
-impl LogOptions {
+/// A flag set when a [`RequestRecord`] of a request is made: from then on the record tells of
+/// the request (see `proxy::Unanswered`). Options compare equal whatever it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Recorded<'a>(Option<&'a std::sync::atomic::AtomicBool>);
+
+impl<'a> Recorded<'a> {
+    /// Sets `flag` when a record is made.
+    pub fn to(flag: &'a std::sync::atomic::AtomicBool) -> Self {
+        Self(Some(flag))
+    }
+
+    fn mark(self) {
+        if let Some(flag) = self.0 {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl PartialEq for Recorded<'_> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl LogOptions<'_> {
     /// From the request headers; `log_requests` and `log_payloads` are the gateway's settings.
     pub fn from_headers(
         h: crate::headers::GatewayHeaders<'_>,
@@ -488,6 +514,7 @@ impl LogOptions {
             event_id: h.get(Gw::EventId).cloned(),
             payloads,
             trace: None,
+            recorded: Recorded::default(),
         })
     }
 
@@ -636,9 +663,10 @@ impl RequestRecord {
         path: &str,
         status: u16,
         start: Instant,
-        opts: &LogOptions,
+        opts: &LogOptions<'_>,
         log_id: String,
     ) -> Self {
+        opts.recorded.mark();
         Self {
             metrics,
             provider,
@@ -936,6 +964,7 @@ mod tests {
                 event_id: None,
                 payloads: false,
                 trace: None,
+                recorded: Recorded::default(),
             })
         );
         // Payloads: the gateway's setting, unless the request opts out; only checked when on.

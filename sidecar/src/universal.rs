@@ -191,7 +191,7 @@ pub(crate) async fn serve(
     parts: &http::request::Parts,
     body: Incoming,
     start: Instant,
-    opts: &LogOptions,
+    opts: &LogOptions<'_>,
 ) -> Result<Response<ProxyBody>, Failure> {
     let none = |e: GatewayError| (None, e);
     if parts.method != Method::POST {
@@ -371,7 +371,7 @@ async fn serve_compat(
     last: bool,
     dlp_flags: &[crate::dlp::Finding],
     start: Instant,
-    opts: &LogOptions,
+    opts: &LogOptions<'_>,
 ) -> Result<Served, Failure> {
     let mut held = gw.buffers.guard(snap.max_buffered);
     held.grow(step.body.len() as u64)

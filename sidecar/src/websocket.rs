@@ -205,7 +205,7 @@ pub(crate) async fn serve(
     snap: &Arc<Snapshot>,
     parts: &http::request::Parts,
     up: Upgrade<'_>,
-    opts: &LogOptions,
+    opts: &LogOptions<'_>,
 ) -> Result<Response<ProxyBody>, Failure> {
     let provider = up.provider;
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);

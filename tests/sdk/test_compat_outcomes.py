@@ -262,3 +262,21 @@ def test_titan_repeats_small_other_fields_in_every_part_and_refuses_large_ones(m
         assert r.status_code == 200, r.text
     finally:
         g.stop()
+
+
+def test_a_compat_request_left_while_its_answer_is_held_back_is_logged_once(tmp_path):
+    # The answer's record exists while the gateway holds the answer back to translate it: the
+    # client leaving then is that record's `cancelled` line, not a second one for the request.
+    stall = StallingServer()
+    g = Sidegate(tmp_path, compat_yaml(stall.url), COMPAT_KEYS)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(g.url + "/compat/chat/completions", json=chat("anthropic/claude-haiku-4-5", False), timeout=1)
+        assert log_lines_with(g, "outcome=cancelled"), "no line for the request"
+        time.sleep(0.5)
+        lines = [line for line in g.logs().splitlines() if " request id=" in line]
+        assert len(lines) == 1 and "provider=anthropic" in lines[0], lines
+        assert "status=\"499\"" not in g.metrics()
+    finally:
+        g.stop()
+        stall.stop()

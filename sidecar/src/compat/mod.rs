@@ -763,7 +763,7 @@ pub(crate) async fn serve(
     rest: &str,
     body: Incoming,
     start: Instant,
-    opts: &LogOptions,
+    opts: &LogOptions<'_>,
     admission: Admission,
 ) -> Result<Response<ProxyBody>, Failure> {
     let none = |e: GatewayError| (None, e);
@@ -857,7 +857,7 @@ pub(crate) async fn answer(
     snap: &Arc<Snapshot>,
     request: CompatRequest<'_>,
     start: Instant,
-    opts: &LogOptions,
+    opts: &LogOptions<'_>,
 ) -> Result<Served, Failure> {
     let none = |e: GatewayError| (None, e);
     let CompatRequest {
