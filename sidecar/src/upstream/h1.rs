@@ -58,6 +58,10 @@ const MAX_TRAILERS: usize = 64 * 1024;
 const READ_CHUNK: usize = 8 * 1024;
 /// Largest read size.
 const MAX_READ: usize = 128 * 1024;
+/// How soon after a pooled connection was taken its loss, with no byte of an answer, is the
+/// keep-alive race (the upstream closed it idle as the request went out: sent again on a new
+/// one); later, the upstream may have worked on the request, which is not sent twice.
+const RESEND_WITHIN: Duration = Duration::from_secs(1);
 
 /// Whether `req` can take this path: a buffered body of known length and no framing or upgrade
 /// headers of its own.
@@ -372,14 +376,25 @@ impl Pool {
         let head = encode_head(&parts, host, body.len());
         let is_head = parts.method == Method::HEAD;
         let (mut conn, written, (resp, framing, keep_idle)) = loop {
-            let (mut conn, reused) = match idle.take() {
-                Some(c) => (c, true),
-                None => (self.connect(&origin, &parts.uri).await?, false),
+            // When a pooled connection was taken: only such a connection may have been closed
+            // by the upstream as the request went out.
+            let (mut conn, taken_at) = match idle.take() {
+                Some((c, at)) => (c, Some(at)),
+                None => (self.connect(&origin, &parts.uri).await?, None),
             };
+            let reused = taken_at.is_some();
             let lost = match write_request(&mut conn, &head, &body).await {
                 Ok(written) => match read_head(&mut conn, is_head).await {
                     Ok(parsed) => break (conn, written, parsed),
-                    Err((e, received)) if reused && !received && connection_lost(&e) => e,
+                    // Lost at once, not after the upstream had time to work on the request (a
+                    // crash mid-answer must not have it done twice).
+                    Err((e, received))
+                        if !received
+                            && connection_lost(&e)
+                            && taken_at.is_some_and(|at| at.elapsed() < RESEND_WITHIN) =>
+                    {
+                        e
+                    }
                     Err((e, _)) => return Err(send_error(e)),
                 },
                 // A reused connection the upstream closed before the request went out (the
@@ -418,7 +433,7 @@ impl Pool {
         Ok(resp.map(|()| body))
     }
 
-    fn checkout(&self, origin: &Origin, uri: &Uri) -> (Option<Box<Conn>>, HeaderValue) {
+    fn checkout(&self, origin: &Origin, uri: &Uri) -> (Option<(Box<Conn>, Instant)>, HeaderValue) {
         let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
         let host = host_entry(&mut hosts, origin);
         let header = host
@@ -431,7 +446,7 @@ impl Pool {
         let now = Instant::now();
         while let Some(idle) = host.idle.pop() {
             if now < idle.expires && idle.conn.still_idle() {
-                return (Some(idle.conn), header);
+                return (Some((idle.conn, now)), header);
             }
         }
         (None, header)
@@ -1387,6 +1402,9 @@ mod tests {
         CloseUnread,
         /// Reads the request whole, sends the start of a response head, then closes.
         Partial,
+        /// Reads the request whole, works on it for longer than [`RESEND_WITHIN`], then closes
+        /// without an answer (a crash mid-request).
+        CloseLate,
     }
 
     /// Reads one request; its body length, or `None` when the connection ended first.
@@ -1452,6 +1470,11 @@ mod tests {
                     return;
                 }
                 Step::CloseUnread => return,
+                Step::CloseLate => {
+                    tokio::time::sleep(RESEND_WITHIN + Duration::from_millis(300)).await;
+                    let _ = s.shutdown().await;
+                    return;
+                }
                 Step::Partial => {
                     let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-le").await;
                     return;
@@ -1676,6 +1699,24 @@ mod tests {
         let pool = plain_pool();
         assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
         let err = post(&pool, &url, 7).await.expect_err("cut in the head");
+        assert!(err.contains("closed before message completed"), "{err}");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reused_connection_lost_after_the_upstream_worked_on_the_request_is_not_a_resend() {
+        // Lost with no answer, but long after it went out: the upstream may have done it.
+        let (url, accepted) = upstream(
+            vec![
+                vec![Step::Answer(""), Step::CloseLate],
+                vec![Step::Answer("")],
+            ],
+            None,
+        )
+        .await;
+        let pool = plain_pool();
+        assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
+        let err = post(&pool, &url, 7).await.expect_err("lost late");
         assert!(err.contains("closed before message completed"), "{err}");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
