@@ -288,7 +288,12 @@ impl Usage {
         while let Some(found) = buf.get(at..).and_then(|rest| FINDER.find(rest)) {
             let start = at + found - 1;
             at = start + NEEDLE.len();
-            if buf[start] == b'"' && !self.read_object(&buf[at..]) {
+            // A key opens an object or follows a comma (or starts a carried piece); a quote
+            // after anything else is inside a string (`\"usage\":{` in a model's text), whose
+            // unbalanced braces would hide the real object after it.
+            let key =
+                start == 0 || matches!(buf[start - 1], b'{' | b',' | b' ' | b'\n' | b'\r' | b'\t');
+            if buf[start] == b'"' && key && !self.read_object(&buf[at..]) {
                 return Some(start);
             }
         }
@@ -621,6 +626,14 @@ mod tests {
         // every input- and output-side count, so the decoy's cache counts do not linger.
         let body = r#"{"content":[{"type":"tool_use","input":{"usage":{"input_tokens":1,"cachedContentTokenCount":1,"cache_read_input_tokens":7,"output_tokens":1,"thoughtsTokenCount":9}}}],"usage":{"input_tokens":5000,"output_tokens":3000}}"#;
         assert_eq!(tokens_of(&[body]), tokens(5000, 3000, 0, 0, 0));
+        // A quoted object left open (its braces never balance) before the real one.
+        let body = r#"{"choices":[{"message":{"content":"Print \"usage\":{ fill in"}}],"usage":{"prompt_tokens":1900,"completion_tokens":1000}}"#;
+        assert_eq!(tokens_of(&[body]), tokens(1900, 1000, 0, 0, 0));
+        let cut = body.len() / 2;
+        assert_eq!(
+            tokens_of(&[&body[..cut], &body[cut..]]),
+            tokens(1900, 1000, 0, 0, 0)
+        );
     }
 
     #[test]
