@@ -145,3 +145,46 @@ def test_a_streamed_anthropic_cache_read_costs_what_the_whole_answer_does(tmp_pa
     finally:
         g.stop()
         upstream.stop()
+
+
+OPENAI_CACHED_STREAM = (
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-2024-08-06","choices":'
+    b'[{"index":0,"delta":{"role":"assistant","content":"hi"},"finish_reason":null}],"usage":null}\n\n'
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-2024-08-06","choices":'
+    b'[{"index":0,"delta":{},"finish_reason":"stop"}],"usage":null}\n\n'
+    b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-2024-08-06","choices":[],'
+    b'"usage":{"prompt_tokens":100000,"completion_tokens":1000,"total_tokens":101000,'
+    b'"prompt_tokens_details":{"cached_tokens":90000}}}\n\n'
+    b'data: [DONE]\n\n'
+)
+
+
+def test_an_openai_streams_cache_reads_cost_the_same_with_a_spend_limit(tmp_path):
+    # Under a spend limit the gateway reads the usage chunk it holds out of the client's stream:
+    # its cached tokens are priced at the cache rate there too.
+    from test_compat_outcomes import RawStreamServer
+    upstream = RawStreamServer(OPENAI_CACHED_STREAM)
+    costs = []
+    try:
+        for spec in ("", "  spendLimit: {amount: '1000', period: day}\n"):
+            d = pathlib.Path(tmp_path) / f"gw-{time.monotonic_ns()}"
+            d.mkdir()
+            yaml = ("schemaVersion: 1\ngateway: {namespace: team-a, name: cached-stream}\nspec:\n"
+                    f"  providers:\n    openai: {{baseURL: '{upstream.url}/v1'}}\n{spec}")
+            g = Sidegate(d, yaml, DEFAULT_KEYS, extra_args=["--log-format", "json"])
+            try:
+                r = httpx.post(g.url + "/openai/chat/completions", timeout=30, json={
+                    "model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 200, r.text
+                # With the limit, the usage chunk the client did not ask for is held out.
+                assert ('"choices":[],' in r.text) == (spec == ""), r.text
+                line = wait_line(g, r.headers["cf-aig-log-id"])
+                assert (line["tokens_in"], line["tokens_out"]) == (100000, 1000), line
+                costs.append(line["cost"])
+            finally:
+                g.stop()
+    finally:
+        upstream.stop()
+    # gpt-4o: $2.50 in ($1.25 cached), $10 out.
+    expected = (10000 * 2.5 + 90000 * 1.25 + 1000 * 10) / 1e6
+    assert costs == [pytest.approx(expected, rel=1e-9)] * 2, costs

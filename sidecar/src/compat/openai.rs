@@ -1291,11 +1291,11 @@ impl super::StreamTranslator for HiddenUsage {
     }
 
     fn usage(&self) -> Option<Usage> {
-        (self.tokens.input.is_some() || self.tokens.output.is_some()).then(|| {
-            Usage::new(
-                self.tokens.input.unwrap_or(0),
-                self.tokens.output.unwrap_or(0),
-            )
+        let t = self.tokens.tokens();
+        (t.input.is_some() || t.output.is_some()).then(|| {
+            // Its cache reads too, priced apart.
+            Usage::new(t.input.unwrap_or(0), t.output.unwrap_or(0))
+                .with_cached((t.cache_read > 0).then_some(t.cache_read))
         })
     }
 }
