@@ -701,6 +701,13 @@ fn plan_provider<'a>(
     let query = (!query.is_empty()).then_some(query);
     // Whose credentials the answer was made with: the client's own, or the alias's.
     let client_own = matches!(key, KeyChoice::ClientOwn) && matches!(auth, StepAuth::Ready);
+    // A gateway token in the step's own key headers would go upstream as its key: refused, as
+    // on the providers' own routes.
+    if client_own && snap.auth_required {
+        Admission::Token
+            .allow_client_key(false, snap, &client_headers)
+            .map_err(fail)?;
+    }
     let uri = provider
         .upstream_uri(&route, provider.upstream_query(query, &key).as_deref())
         .map_err(|e| fail(bad(format!("steps[{i}].endpoint: {e}"))))?;

@@ -155,3 +155,22 @@ def test_the_universal_endpoint_wants_cf_aig_authorization(authed, mock):
     r = httpx.post(authed.url + "/", json=[step], headers={"authorization": f"Bearer {GATEWAY_TOKEN}"})
     assert_refused(r)
     assert mock.requests() == []
+
+
+def test_a_universal_step_may_not_carry_the_token_as_its_key(authed, mock):
+    # groq has no stored key: the step's own `authorization` would go upstream as its key.
+    auth = {"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"}
+    for where in ({"headers": {"authorization": f"Bearer {GATEWAY_TOKEN}"}},
+                  {"authorization": f"Bearer {GATEWAY_TOKEN}"}):
+        step = {"provider": "groq", "endpoint": "chat/completions",
+                "query": {"model": "llama-3.1-8b", "messages": MESSAGES}, **where}
+        r = httpx.post(authed.url + "/", json=[step], headers=auth)
+        assert_refused(r)
+    assert mock.requests() == []
+    # A key of the step's own goes through.
+    step = {"provider": "groq", "endpoint": "chat/completions", "authorization": "Bearer gsk-own-key",
+            "query": {"model": "llama-3.1-8b", "messages": MESSAGES}}
+    r = httpx.post(authed.url + "/", json=[step], headers=auth)
+    assert r.status_code == 200, r.text
+    assert mock.last()["headers"]["authorization"] == "Bearer gsk-own-key"
+    assert_token_never_upstream(mock)
