@@ -142,16 +142,17 @@ impl ProxyBody {
     /// cache on its way): the body then goes on unrecorded, and its reader records it, with the
     /// status the client got. `None` for other bodies (a translated stream counts its tokens as
     /// it goes, so its record stays in it).
-    pub fn take_record(self: Pin<&mut Self>) -> Option<RequestRecord> {
+    /// With the record, whether the body's usage counts as tokens (see [`ProxyBody::Upstream`]).
+    pub fn take_record(self: Pin<&mut Self>) -> Option<(RequestRecord, bool)> {
         match self.project() {
-            ProxyBodyProj::Upstream { record, .. } => record.take(),
+            ProxyBodyProj::Upstream { record, tokens, .. } => record.take().map(|r| (r, *tokens)),
             ProxyBodyProj::Filling { inner, .. } => inner.as_mut().take_record(),
             _ => None,
         }
     }
 
     /// Whether this body ended, or will end, not whole: a stream cut short (see the module doc).
-    fn cut_short(&self) -> bool {
+    pub fn cut_short(&self) -> bool {
         match self {
             Self::Full { .. } => false,
             Self::Upstream { done, .. } => done.as_ref().is_some_and(|d| !d.saw_done()),

@@ -428,12 +428,17 @@ impl Gateway {
         let mut record = body.as_mut().take_record();
         let mut held = self.buffers.guard(snap.max_buffered);
         let log_id = head.headers.get(LOG_ID).cloned();
-        let whole = match hold_whole(body, crate::dlp::MAX_RESPONSE_BYTES, Some(&mut held)).await {
+        let held_whole = hold_whole(
+            body.as_mut(),
+            crate::dlp::MAX_RESPONSE_BYTES,
+            Some(&mut held),
+        );
+        let whole = match held_whole.await {
             Ok(whole) => whole,
             Err(e) => {
                 let err = e.into_gateway_error("the response for its checks");
                 tracing::warn!(error = %err, log_id = ?log_id, "response not delivered");
-                if let Some(mut record) = record {
+                if let Some((mut record, _)) = record {
                     // Logged and counted as the client got it; not charged (cut short).
                     record.set_status(err.status().as_u16());
                     record.finish_upstream_error();
@@ -445,11 +450,19 @@ impl Gateway {
                 return resp;
             }
         };
-        if let Some(mut record) = record.take() {
+        if let Some((mut record, tokens)) = record.take() {
             // The provider's whole answer: its tokens were spent whether or not the checks let
             // it through, so it is recorded (and charged) with the provider's status.
-            record.observe(&whole);
-            record.finish_complete();
+            if tokens {
+                record.observe(&whole);
+            } else {
+                record.observe_bytes(&whole);
+            }
+            if body.cut_short() {
+                record.finish_upstream_error();
+            } else {
+                record.finish_complete();
+            }
         }
         let checked = match snap.dlp.check_response(&whole) {
             Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => self

@@ -298,13 +298,18 @@ def test_without_redis_spend_and_token_limits_fail_open(mock, tmp_path, refusing
         g.stop()
 
 
-def test_usage_in_answers_that_are_not_a_models_work_is_not_counted(mock, tmp_path):
+@pytest.mark.parametrize("checks", [
+    "",
+    # Answers held back whole for DLP response checks are recorded after the check.
+    "  dlp:\n    policies:\n      - {id: cards, action: BLOCK, check: [RESPONSE], profiles: [credit-card]}\n",
+])
+def test_usage_in_answers_that_are_not_a_models_work_is_not_counted(mock, tmp_path, checks):
     # A batch's status carries the batch's usage: polling it spends nothing now.
     batches = FixedAnswerServer(json.dumps({
         "id": "batch_1", "object": "batch", "status": "completed",
         "usage": {"input_tokens": 500000, "output_tokens": 200000, "total_tokens": 700000}}).encode())
     spec = (f"  rateLimit: {{limit: 1000, interval: 60s, tokensPerMinute: 1000}}\n"
-            f"  spendLimit: {{amount: '0.01', period: day}}\n")
+            f"  spendLimit: {{amount: '0.01', period: day}}\n{checks}")
     yaml = gateway_yaml(mock.url, extra_spec=spec).replace(
         "  providers:\n", f"  providers:\n    custom-batch: {{baseURL: '{batches.url}/v1'}}\n", 1)
     g = Sidegate(tmp_path, yaml, DEFAULT_KEYS, extra_args=["--log-format", "json"])
