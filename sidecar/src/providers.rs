@@ -384,6 +384,12 @@ impl Provider {
         }
     }
 
+    /// Whether its OpenAI-format streams end with `data: [DONE]`, as OpenAI's do: all but
+    /// Perplexity's, which end without it.
+    pub fn ends_streams_with_done(&self) -> bool {
+        self.format == ApiFormat::Openai && &*self.id != "perplexity-ai"
+    }
+
     /// Whether requests are signed (AWS SigV4) rather than carrying a key in a header.
     pub fn signs_requests(&self) -> bool {
         matches!(self.auth, AuthStyle::ClientSigned)

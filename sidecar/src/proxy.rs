@@ -844,6 +844,7 @@ impl Gateway {
         // (its connection ended cleanly mid-answer) is logged as such and never cached.
         let openai_stream = head.status.is_success()
             && is_openai_chat(provider, &parts.method, route.rest)
+            && provider.ends_streams_with_done()
             && crate::compat::is_event_stream(&head.headers);
         let body = if openai_stream && !hide_usage {
             ProxyBody::upstream_sse(body, record).cached_through(fill)

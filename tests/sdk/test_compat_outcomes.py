@@ -280,3 +280,19 @@ def test_a_compat_request_left_while_its_answer_is_held_back_is_logged_once(tmp_
     finally:
         g.stop()
         stall.stop()
+
+
+def test_perplexity_streams_end_without_done_and_are_whole(tmp_path):
+    # Perplexity's OpenAI-format streams carry no `data: [DONE]`: that is their end, not a cut.
+    srv = RawStreamServer(OPENAI_CUT)
+    yaml = compat_yaml(srv.url).replace("  providers:\n", f"  providers:\n    perplexity-ai: {{baseURL: '{srv.url}'}}\n", 1)
+    g = Sidegate(tmp_path, yaml + STREAMING_CACHE, COMPAT_KEYS)
+    try:
+        for path, model in (("/perplexity-ai/chat/completions", "sonar"), ("/compat/chat/completions", "perplexity-ai/sonar")):
+            r = post(g, chat(model, True), path)
+            assert r.status_code == 200 and "Half an ans" in r.text, r.text
+            line = access_line(g, r.headers["cf-aig-log-id"])
+            assert "outcome=complete" in line and "success=true" in line, line
+    finally:
+        g.stop()
+        srv.stop()

@@ -1126,7 +1126,7 @@ pub(crate) async fn answer(
         let body = if hide_usage && stream {
             head.headers.remove(header::CONTENT_LENGTH);
             ProxyBody::translated(upstream_body, Box::new(openai::HiddenUsage::new()), record)
-        } else if stream {
+        } else if stream && provider.ends_streams_with_done() {
             ProxyBody::upstream_sse(upstream_body, record)
         } else {
             ProxyBody::upstream(upstream_body, record)
