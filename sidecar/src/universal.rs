@@ -382,8 +382,13 @@ async fn serve_compat(
         endpoint: step.endpoint,
         body: step.body,
         held,
-        // A gateway token in a key header was refused before the steps were read.
-        admission: Admission::Token,
+        // The request was admitted by its cf-aig-authorization (or authentication is off);
+        // the step's own key headers are checked for a token where they would go upstream.
+        admission: if snap.auth_required {
+            Admission::Token
+        } else {
+            Admission::Open
+        },
         step: Some(UniversalStep {
             index: i,
             scope: SCOPES[i],
