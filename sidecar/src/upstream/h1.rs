@@ -1575,18 +1575,24 @@ mod tests {
         let req = Request::post(format!("{url}/v1/chat/completions"))
             .body(Full::new(Bytes::from(vec![b'x'; len])))
             .expect("request");
-        let resp = pool.request(req).await.map_err(|e| {
-            let source = std::error::Error::source(&e).map(ToString::to_string);
-            format!("{e}: {}", source.unwrap_or_default())
-        })?;
-        let status = resp.status().as_u16();
-        let mut body = resp.into_body();
-        let mut out = Vec::new();
-        while let Some(frame) = poll_fn(|cx| body.poll_frame(cx)).await {
-            let frame = frame.map_err(|e| e.to_string())?;
-            out.extend_from_slice(&frame.into_data().unwrap_or_default());
-        }
-        Ok((status, String::from_utf8_lossy(&out).into_owned()))
+        // Bounded: a body sent short would leave the test upstream waiting for the rest.
+        let exchange = async {
+            let resp = pool.request(req).await.map_err(|e| {
+                let source = std::error::Error::source(&e).map(ToString::to_string);
+                format!("{e}: {}", source.unwrap_or_default())
+            })?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            let mut out = Vec::new();
+            while let Some(frame) = poll_fn(|cx| body.poll_frame(cx)).await {
+                let frame = frame.map_err(|e| e.to_string())?;
+                out.extend_from_slice(&frame.into_data().unwrap_or_default());
+            }
+            Ok((status, String::from_utf8_lossy(&out).into_owned()))
+        };
+        tokio::time::timeout(Duration::from_secs(20), exchange)
+            .await
+            .unwrap_or_else(|_| Err("no answer within 20 s".into()))
     }
 
     #[tokio::test]
