@@ -789,8 +789,9 @@ impl RequestRecord {
     /// finishes (which charges only what was not charged yet).
     pub fn charge_part(&mut self, input: u64, output: u64) {
         let part = Tokens::plain(Some(input), Some(output));
-        self.usage.input = Some(self.usage.input.unwrap_or(0).saturating_add(input));
-        self.usage.output = Some(self.usage.output.unwrap_or(0).saturating_add(output));
+        let c = &mut self.usage.counts;
+        c.input = Some(c.input.unwrap_or(0).saturating_add(input));
+        c.output = Some(c.output.unwrap_or(0).saturating_add(output));
         self.precharged[0] = self.precharged[0].saturating_add(input);
         self.precharged[1] = self.precharged[1].saturating_add(output);
         if let Some(t) = &self.tally {

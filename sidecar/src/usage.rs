@@ -132,13 +132,13 @@ impl Tokens {
     }
 }
 
-/// Tokens of one response.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// The input number as the provider reported it (`prompt_tokens`, `input_tokens`, ...): for
-    /// Anthropic and Bedrock without the cache reads and writes. [`Self::tokens`] has the total.
+/// The numbers of usage, as the provider reported them (one per [`Field`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// The input number (`prompt_tokens`, `input_tokens`, ...): for Anthropic and Bedrock
+    /// without the cache reads and writes. [`Usage::tokens`] has the total.
     pub input: Option<u64>,
-    /// The output number as the provider reported it; without Gemini's thinking.
+    /// The output number; without Gemini's thinking.
     pub output: Option<u64>,
     read_beside: Option<u64>,
     write_beside: Option<u64>,
@@ -146,6 +146,13 @@ pub struct Usage {
     tool_prompt: Option<u64>,
     thoughts: Option<u64>,
     write_1h: Option<u64>,
+}
+
+/// Tokens of one response.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// What the usage objects read so far say.
+    pub counts: Counts,
     /// The unfinished usage object (or `"usage` prefix) the last frame ended in.
     pending: Vec<u8>,
 }
@@ -153,14 +160,7 @@ pub struct Usage {
 /// The counts one usage object holds.
 #[derive(Default)]
 struct Seen {
-    input: Option<u64>,
-    output: Option<u64>,
-    read_beside: Option<u64>,
-    write_beside: Option<u64>,
-    read_inside: Option<u64>,
-    tool_prompt: Option<u64>,
-    thoughts: Option<u64>,
-    write_1h: Option<u64>,
+    counts: Counts,
     /// A value of the base input (output) key one level down (Cohere's `billed_units`), used
     /// when the object's own level has none.
     nested_input: Option<u64>,
@@ -169,21 +169,23 @@ struct Seen {
 
 impl Seen {
     fn set(&mut self, field: Field, n: u64) {
+        let c = &mut self.counts;
         let slot = match field {
-            Field::Input => &mut self.input,
-            Field::Output => &mut self.output,
-            Field::ReadBeside => &mut self.read_beside,
-            Field::WriteBeside => &mut self.write_beside,
-            Field::ReadInside => &mut self.read_inside,
-            Field::ToolPrompt => &mut self.tool_prompt,
-            Field::Thoughts => &mut self.thoughts,
-            Field::Write1h => &mut self.write_1h,
+            Field::Input => &mut c.input,
+            Field::Output => &mut c.output,
+            Field::ReadBeside => &mut c.read_beside,
+            Field::WriteBeside => &mut c.write_beside,
+            Field::ReadInside => &mut c.read_inside,
+            Field::ToolPrompt => &mut c.tool_prompt,
+            Field::Thoughts => &mut c.thoughts,
+            Field::Write1h => &mut c.write_1h,
         };
         *slot = Some(n);
     }
 
     fn add_1h(&mut self, n: u64) {
-        self.write_1h = Some(self.write_1h.unwrap_or(0).saturating_add(n));
+        let c = &mut self.counts;
+        c.write_1h = Some(c.write_1h.unwrap_or(0).saturating_add(n));
     }
 }
 
@@ -192,65 +194,70 @@ impl Usage {
     /// which `cache_read` read from the prompt cache.
     pub fn counted(input: u64, output: u64, cache_read: Option<u64>) -> Self {
         Self {
-            input: Some(input),
-            output: Some(output),
-            read_inside: cache_read,
+            counts: Counts {
+                input: Some(input),
+                output: Some(output),
+                read_inside: cache_read,
+                ..Counts::default()
+            },
             ..Self::default()
         }
     }
 
     /// The tokens read so far, totalled as providers bill them.
     pub fn tokens(&self) -> Tokens {
+        let c = &self.counts;
         let n = |v: Option<u64>| v.unwrap_or(0);
-        let beside = n(self.read_beside)
-            .saturating_add(n(self.write_beside))
-            .saturating_add(n(self.tool_prompt));
-        let input = match self.input {
+        let beside = n(c.read_beside)
+            .saturating_add(n(c.write_beside))
+            .saturating_add(n(c.tool_prompt));
+        let input = match c.input {
             None if beside == 0 => None,
             i => Some(n(i).saturating_add(beside)),
         };
-        let output = match (self.output, self.thoughts) {
+        let output = match (c.output, c.thoughts) {
             (None, None) => None,
             (o, t) => Some(n(o).saturating_add(n(t))),
         };
         let all = n(input);
-        let cache_write = n(self.write_beside).min(all);
-        let cache_read = n(self.read_beside)
-            .saturating_add(n(self.read_inside))
+        let cache_write = n(c.write_beside).min(all);
+        let cache_read = n(c.read_beside)
+            .saturating_add(n(c.read_inside))
             .min(all - cache_write);
         Tokens {
             input,
             output,
             cache_read,
             cache_write,
-            cache_write_1h: n(self.write_1h).min(cache_write),
+            cache_write_1h: n(c.write_1h).min(cache_write),
         }
     }
 
     /// Takes the counts of one whole usage object (see the module doc for what replaces what).
     fn commit(&mut self, seen: Seen) {
-        let input = seen.input.or(seen.nested_input);
-        let output = seen.output.or(seen.nested_output);
+        let (c, new) = (&mut self.counts, seen.counts);
+        let input = new.input.or(seen.nested_input);
+        let output = new.output.or(seen.nested_output);
         if input.is_some() {
-            self.input = input;
-            self.read_beside = seen.read_beside;
-            self.write_beside = seen.write_beside;
-            self.read_inside = seen.read_inside;
-            self.tool_prompt = seen.tool_prompt;
-            self.write_1h = seen.write_1h;
+            *c = Counts {
+                input,
+                output: c.output,
+                thoughts: c.thoughts,
+                ..new
+            };
         } else {
             let keep = |slot: &mut Option<u64>, v: Option<u64>| *slot = v.or(*slot);
-            keep(&mut self.read_beside, seen.read_beside);
-            keep(&mut self.write_beside, seen.write_beside);
-            keep(&mut self.read_inside, seen.read_inside);
-            keep(&mut self.tool_prompt, seen.tool_prompt);
-            keep(&mut self.write_1h, seen.write_1h);
+            keep(&mut c.read_beside, new.read_beside);
+            keep(&mut c.write_beside, new.write_beside);
+            keep(&mut c.read_inside, new.read_inside);
+            keep(&mut c.tool_prompt, new.tool_prompt);
+            keep(&mut c.write_1h, new.write_1h);
         }
         if output.is_some() {
-            self.output = output;
-            self.thoughts = seen.thoughts;
-        } else if seen.thoughts.is_some() {
-            self.thoughts = seen.thoughts;
+            c.output = output;
+            c.thoughts = new.thoughts;
+        } else if new.thoughts.is_some() {
+            c.thoughts = new.thoughts;
         }
     }
 
@@ -420,7 +427,7 @@ mod tests {
         for f in frames {
             u.observe(f.as_bytes());
         }
-        (u.input, u.output)
+        (u.counts.input, u.counts.output)
     }
 
     #[test]
@@ -481,7 +488,7 @@ mod tests {
         assert_eq!(u.pending, b"\"usage\": ");
         u.observe(b"{\"prompt_tokens\":5,\"completion_tokens\":6}}\n\n");
         assert!(u.pending.is_empty());
-        assert_eq!((u.input, u.output), (Some(5), Some(6)));
+        assert_eq!((u.counts.input, u.counts.output), (Some(5), Some(6)));
         u.observe(b"data: {\"us");
         assert_eq!(u.pending, b"\"us");
     }

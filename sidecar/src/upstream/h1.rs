@@ -1693,38 +1693,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_reused_connection_lost_after_part_of_an_answer_is_an_error_not_a_retry() {
-        let (url, accepted) = upstream(
-            vec![
-                vec![Step::Answer(""), Step::Partial],
-                vec![Step::Answer("")],
-            ],
-            None,
-        )
-        .await;
-        let pool = plain_pool();
-        assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
-        let err = post(&pool, &url, 7).await.expect_err("cut in the head");
-        assert!(err.contains("closed before message completed"), "{err}");
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
-    }
-
-    #[tokio::test]
-    async fn a_reused_connection_lost_after_the_upstream_worked_on_the_request_is_not_a_resend() {
-        // Lost with no answer, but long after it went out: the upstream may have done it.
-        let (url, accepted) = upstream(
-            vec![
-                vec![Step::Answer(""), Step::CloseLate],
-                vec![Step::Answer("")],
-            ],
-            None,
-        )
-        .await;
-        let pool = plain_pool();
-        assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
-        let err = post(&pool, &url, 7).await.expect_err("lost late");
-        assert!(err.contains("closed before message completed"), "{err}");
-        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+    async fn a_reused_connection_lost_after_an_answer_began_or_late_is_an_error_not_a_resend() {
+        // Cut in the answer's head; or lost with no answer, but long after the request went
+        // out (the upstream may have done it).
+        for lost in [Step::Partial, Step::CloseLate] {
+            let (url, accepted) = upstream(
+                vec![vec![Step::Answer(""), lost], vec![Step::Answer("")]],
+                None,
+            )
+            .await;
+            let pool = plain_pool();
+            assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
+            let err = post(&pool, &url, 7).await.expect_err("lost");
+            assert!(err.contains("closed before message completed"), "{err}");
+            assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        }
     }
 
     #[tokio::test]
