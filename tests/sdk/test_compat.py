@@ -545,7 +545,8 @@ def test_a_token_endpoint_that_stalls_fails_in_bounded_time(mock, tmp_path):
 
 def test_a_route_target_whose_token_cannot_be_minted_falls_back_to_the_next(mock, tmp_path):
     # Google's token endpoint refusing is that target failing: the chain moves on.
-    sa = service_account(f"http://127.0.0.1:{free_port()}/token")
+    # The failure names the account (no secret; the default email carries the log-scan marker).
+    sa = service_account(f"http://127.0.0.1:{free_port()}/token", email="unminted-sa@my-proj.iam.gserviceaccount.com")
     keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
     chain = ("  fallbacks:\n    - name: vertex-then-openai\n      targets:\n"
              "        - {provider: google-vertex-ai, model: my-proj/us-central1/gemini-2.5-flash}\n"
