@@ -49,30 +49,32 @@ enum Field {
     Write1h,
 }
 
-/// Keys of the usage object's own level.
-const KEYS: &[(&[u8], Field)] = &[
-    (b"prompt_tokens", Field::Input),
-    (b"input_tokens", Field::Input),
-    (b"promptTokenCount", Field::Input),
-    (b"inputTokens", Field::Input),
-    (b"completion_tokens", Field::Output),
-    (b"output_tokens", Field::Output),
-    (b"candidatesTokenCount", Field::Output),
-    (b"outputTokens", Field::Output),
-    (b"cache_read_input_tokens", Field::ReadBeside),
-    (b"cacheReadInputTokens", Field::ReadBeside),
-    (b"cache_creation_input_tokens", Field::WriteBeside),
-    (b"cacheWriteInputTokens", Field::WriteBeside),
-    (b"cachedContentTokenCount", Field::ReadInside),
-    (b"prompt_cache_hit_tokens", Field::ReadInside),
-    (b"toolUsePromptTokenCount", Field::ToolPrompt),
-    (b"thoughtsTokenCount", Field::Thoughts),
-];
-/// Keys one object down (`prompt_tokens_details`, `input_tokens_details`, `cache_creation`).
-const NESTED_KEYS: &[(&[u8], Field)] = &[
-    (b"cached_tokens", Field::ReadInside),
-    (b"ephemeral_1h_input_tokens", Field::Write1h),
-];
+/// What a key of the usage object's own level counts.
+fn own_field(key: &[u8]) -> Option<Field> {
+    // A match on byte strings: the length picks the few candidates to compare.
+    Some(match key {
+        b"prompt_tokens" | b"input_tokens" | b"promptTokenCount" | b"inputTokens" => Field::Input,
+        b"completion_tokens" | b"output_tokens" | b"candidatesTokenCount" | b"outputTokens" => {
+            Field::Output
+        }
+        b"cache_read_input_tokens" | b"cacheReadInputTokens" => Field::ReadBeside,
+        b"cache_creation_input_tokens" | b"cacheWriteInputTokens" => Field::WriteBeside,
+        b"cachedContentTokenCount" | b"prompt_cache_hit_tokens" => Field::ReadInside,
+        b"toolUsePromptTokenCount" => Field::ToolPrompt,
+        b"thoughtsTokenCount" => Field::Thoughts,
+        _ => return None,
+    })
+}
+
+/// What a key one object down counts (`prompt_tokens_details`, `input_tokens_details`,
+/// `cache_creation`).
+fn nested_field(key: &[u8]) -> Option<Field> {
+    match key {
+        b"cached_tokens" => Some(Field::ReadInside),
+        b"ephemeral_1h_input_tokens" => Some(Field::Write1h),
+        _ => None,
+    }
+}
 const NEEDLE: &[u8] = b"\"usage";
 /// What the finder looks for: `usage` without the quote, which JSON is full of (a quote as
 /// the first byte would make every string a candidate); the quote is checked after.
@@ -367,37 +369,43 @@ impl Usage {
                         detail_1h = value.starts_with(b"\"1h\"");
                         continue;
                     }
+                    // What the key counts, if anything (most keys count nothing: their numbers
+                    // are not read).
+                    let (field, nested) = match depth {
+                        1 => (own_field(key), false),
+                        2 => match nested_field(key) {
+                            Some(f) => (Some(f), false),
+                            None => match own_field(key) {
+                                f @ Some(Field::Input | Field::Output) => (f, true),
+                                _ => continue,
+                            },
+                        },
+                        _ => continue,
+                    };
+                    let Some(field) = field else {
+                        continue;
+                    };
                     let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
+                    // A number the data goes on after (it may be cut mid-number otherwise).
                     let Some(n) = (digits > 0 && digits < value.len())
-                        .then(|| std::str::from_utf8(&value[..digits]).ok())
+                        .then(|| {
+                            value[..digits].iter().try_fold(0u64, |n, &d| {
+                                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+                            })
+                        })
                         .flatten()
-                        .and_then(|d| d.parse::<u64>().ok())
                     else {
                         continue;
                     };
-                    let field = |keys: &[(&[u8], Field)]| {
-                        keys.iter().find(|(k, _)| *k == key).map(|&(_, f)| f)
-                    };
-                    match depth {
-                        1 => {
-                            if let Some(f) = field(KEYS) {
-                                seen.set(f, n);
-                            }
+                    match (field, nested) {
+                        (Field::Input, true) => {
+                            detail_tokens = Some(n);
+                            seen.nested_input = seen.nested_input.or(Some(n));
                         }
-                        2 => match field(NESTED_KEYS) {
-                            Some(f) => seen.set(f, n),
-                            None => match field(KEYS) {
-                                Some(Field::Input) => {
-                                    detail_tokens = Some(n);
-                                    seen.nested_input = seen.nested_input.or(Some(n));
-                                }
-                                Some(Field::Output) => {
-                                    seen.nested_output = seen.nested_output.or(Some(n));
-                                }
-                                _ => {}
-                            },
-                        },
-                        _ => {}
+                        (Field::Output, true) => {
+                            seen.nested_output = seen.nested_output.or(Some(n));
+                        }
+                        (f, _) => seen.set(f, n),
                     }
                     continue;
                 }
