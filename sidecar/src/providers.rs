@@ -224,6 +224,14 @@ fn perr(provider: &str, message: impl Into<String>) -> ProviderError {
     }
 }
 
+/// The resource, the deployment and the rest of an Azure OpenAI route's path (empty when
+/// missing).
+fn azure_parts(rest: &str) -> (&str, &str, &str) {
+    let mut parts = rest.splitn(3, '/');
+    let mut next = || parts.next().unwrap_or_default();
+    (next(), next(), next())
+}
+
 /// A base URL: parsed once when it has no placeholders, filled in per request otherwise.
 #[derive(Debug, Clone)]
 enum Base {
@@ -384,6 +392,15 @@ impl Provider {
         }
     }
 
+    /// The deployment an Azure OpenAI route names (`{resource}/{deployment}/...`), which decides
+    /// the model whatever the body names.
+    pub fn deployment<'r>(&self, rest: &'r str) -> Option<&'r str> {
+        if self.shape != UrlShape::Azure {
+            return None;
+        }
+        Some(azure_parts(rest).1).filter(|d| !d.is_empty())
+    }
+
     /// Whether its OpenAI-format streams end with `data: [DONE]`, as OpenAI's do: all but
     /// Perplexity's, which end without it.
     pub fn ends_streams_with_done(&self) -> bool {
@@ -488,10 +505,7 @@ impl Provider {
                 (Vec::new(), prefix, rest)
             }
             UrlShape::Azure => {
-                let mut parts = route.rest.splitn(3, '/');
-                let resource = parts.next().unwrap_or_default();
-                let deployment = parts.next().unwrap_or_default();
-                let rest = parts.next().unwrap_or_default();
+                let (resource, deployment, rest) = azure_parts(route.rest);
                 if resource.is_empty() || deployment.is_empty() {
                     return Err(bad_route(
                         "azure-openai routes are /azure-openai/{resource}/{deployment}/...",

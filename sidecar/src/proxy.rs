@@ -778,7 +778,7 @@ impl Gateway {
             Err(hit) => return Ok(*hit),
         };
 
-        let model = match azure_deployment(provider, route.rest) {
+        let model = match provider.deployment(route.rest) {
             // The deployment decides the model, whatever the body names: priced by its name
             // (as deployments are usually named, or as `spec.pricing` names it).
             Some(deployment) => crate::cost::ModelName::named(deployment),
@@ -913,14 +913,6 @@ pub(crate) fn asks_stream_usage(
 ) -> bool {
     is_openai_chat(provider, method, rest)
         && crate::usage::takes_stream_options(&provider.id, query)
-}
-
-/// The deployment an Azure OpenAI route names (`{resource}/{deployment}/...`).
-fn azure_deployment<'r>(provider: &Provider, rest: &'r str) -> Option<&'r str> {
-    if &*provider.id != "azure-openai" {
-        return None;
-    }
-    rest.split('/').nth(1).filter(|d| !d.is_empty())
 }
 
 /// Whether a passthrough request is an OpenAI-format chat completion (whose stream ends with
