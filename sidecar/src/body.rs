@@ -4,13 +4,17 @@
 //! the upstream's body translated event by event; any of these can be copied into the response
 //! cache on its way through. A stream that ends but not whole (a translated stream cut short or
 //! broken off with an error event, an OpenAI-format stream without `data: [DONE]`) is recorded
-//! as an upstream error and not cached.
+//! as an upstream error and not cached. A client that leaves an answer counted against a
+//! budget after the end of its content (its `finish_reason`), before the usage that follows it,
+//! does not take that usage along: the rest is read, briefly, to count it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 
 use crate::buffers::Held;
@@ -29,13 +33,15 @@ pin_project! {
         Full { data: Option<Bytes>, held: Option<Held> },
         /// The upstream's body, streamed through; `done` watches an OpenAI-format stream for
         /// its `data: [DONE]`; `tokens`: whether its usage counts (an answer of the model,
-        /// not a batch's status or a file's content, which carry `usage` objects too).
+        /// not a batch's status or a file's content, which carry `usage` objects too);
+        /// `finish` watches an answer counted against a budget for the end of its content.
         Upstream {
             #[pin]
             inner: UpstreamBody,
             record: Option<RequestRecord>,
             done: Option<DoneWatch>,
             tokens: bool,
+            finish: Option<FinishWatch>,
         },
         /// The upstream's stream translated chunk by chunk (`/compat`).
         Translated {
@@ -45,6 +51,7 @@ pin_project! {
             record: Option<RequestRecord>,
             out: BytesMut,
             ended: bool,
+            finish: Option<FinishWatch>,
         },
         /// Another body, copied into the response cache as it goes through; `held` accounts
         /// for the copy (a copy the budget has no room for is given up, the body goes on).
@@ -53,6 +60,35 @@ pin_project! {
             fill: Option<Fill>,
             held: Held,
         },
+    }
+
+    impl PinnedDrop for ProxyBody {
+        fn drop(this: Pin<&mut Self>) {
+            // The client went away (a body read to its end has no record left). Past the end
+            // of the content of an answer counted against a budget, its usage is still to
+            // come: the rest is read for it.
+            match this.project() {
+                ProxyBodyProj::Upstream { inner, record, finish, tokens: true, .. } => {
+                    if finish.as_ref().is_some_and(FinishWatch::seen)
+                        && let Some(rec) = record.take()
+                    {
+                        read_rest(inner.get_mut().take(), rec, None);
+                    }
+                }
+                ProxyBodyProj::Translated { inner, translator, record, finish, ended: false, .. } => {
+                    if finish.as_ref().is_some_and(FinishWatch::seen)
+                        && let Some(rec) = record.take()
+                    {
+                        let translator = std::mem::replace(
+                            translator,
+                            Box::new(crate::compat::openai::HiddenUsage::new()),
+                        );
+                        read_rest(inner.get_mut().take(), rec, Some(translator));
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 
@@ -78,6 +114,7 @@ impl ProxyBody {
     /// The upstream's body; `record` is finished when the stream ends, fails, or is dropped.
     pub fn upstream(inner: UpstreamBody, record: RequestRecord) -> Self {
         // An empty body may never be polled; its request is complete already.
+        let finish = FinishWatch::for_record(&record);
         let record = if inner.is_end_stream() {
             record.finish_complete();
             None
@@ -89,6 +126,7 @@ impl ProxyBody {
             record,
             done: None,
             tokens: true,
+            finish,
         }
     }
 
@@ -111,10 +149,12 @@ impl ProxyBody {
                 record: None,
                 done: Some(done),
                 tokens: true,
+                finish: None,
             };
         }
         Self::Upstream {
             inner,
+            finish: FinishWatch::for_record(&record),
             record: Some(record),
             done: Some(done),
             tokens: true,
@@ -130,6 +170,7 @@ impl ProxyBody {
         Self::Translated {
             inner,
             translator,
+            finish: FinishWatch::for_record(&record),
             record: Some(record),
             out: BytesMut::new(),
             ended: false,
@@ -201,6 +242,7 @@ impl Body for ProxyBody {
                 record,
                 done,
                 tokens,
+                finish,
             } => {
                 let polled = inner.as_mut().poll_frame(cx);
                 match &polled {
@@ -215,6 +257,9 @@ impl Body for ProxyBody {
                             }
                             if let Some(d) = done.as_mut() {
                                 d.observe(data);
+                            }
+                            if let Some(f) = finish.as_mut() {
+                                f.observe(data);
                             }
                         }
                         // A body with a known length may not be polled again after its last
@@ -245,6 +290,7 @@ impl Body for ProxyBody {
                 record,
                 out,
                 ended,
+                finish,
             } => loop {
                 if *ended {
                     return Poll::Ready(None);
@@ -252,6 +298,9 @@ impl Body for ProxyBody {
                 match ready!(inner.as_mut().poll_frame(cx)) {
                     Some(Ok(frame)) => {
                         if let Some(data) = frame.data_ref() {
+                            if let Some(f) = finish.as_mut() {
+                                f.observe(data);
+                            }
                             translator.push(data, out);
                             count_tokens(translator.as_ref(), record.as_mut());
                         }
@@ -343,6 +392,116 @@ fn finish_at_end(record: RequestRecord, whole: bool) {
         record.finish_complete();
     } else {
         record.finish_upstream_error();
+    }
+}
+
+/// How long the rest of an answer is read for after its client left past the end of its
+/// content, and how much of it: its usage follows at once.
+const READ_REST_FOR: Duration = Duration::from_secs(5);
+const READ_REST_BYTES: usize = 64 * 1024;
+
+/// Reads the rest of an answer its client left after the end of its content, for the usage
+/// that follows (through `translator` for a translated stream), then lets `record` finish as
+/// cancelled, with the tokens read; within [`READ_REST_FOR`] and [`READ_REST_BYTES`].
+fn read_rest(
+    mut inner: UpstreamBody,
+    mut record: RequestRecord,
+    mut translator: Option<Box<dyn StreamTranslator>>,
+) {
+    // Outside a runtime (a body dropped at shutdown) the record finishes without them.
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        let reading = async {
+            let mut read = 0;
+            let mut out = BytesMut::new();
+            while read < READ_REST_BYTES
+                && let Some(Ok(frame)) = inner.frame().await
+            {
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                read += data.len();
+                match translator.as_mut() {
+                    Some(t) => {
+                        t.push(data, &mut out);
+                        out.clear();
+                        count_tokens(t.as_ref(), Some(&mut record));
+                    }
+                    None => record.observe_unsent(data),
+                }
+            }
+            if let Some(t) = translator.as_mut() {
+                t.finish(&mut out);
+                count_tokens(t.as_ref(), Some(&mut record));
+            }
+            record
+        };
+        // On time out the record goes with the reading, as it is.
+        let _ = tokio::time::timeout(READ_REST_FOR, reading).await;
+    });
+}
+
+/// Watches an answer counted against a budget for the end of its content — an OpenAI-format
+/// `finish_reason` with a value, or a Bedrock ConverseStream `messageStop` event — after which
+/// only its usage (and the stream's end) is left to come. Markers split between two reads are
+/// found too.
+#[derive(Debug, Default)]
+pub struct FinishWatch {
+    seen: bool,
+    tail: [u8; FinishWatch::KEPT],
+    len: usize,
+}
+
+impl FinishWatch {
+    /// The markers; a text that contains them has its quotes escaped, and does not match.
+    const MARKERS: [&'static [u8]; 3] = [
+        b"\"finish_reason\":\"",
+        b"\"finish_reason\": \"",
+        // An event-stream header: name length, `:event-type`, string type, value length, value.
+        b"\x0b:event-type\x07\x00\x0bmessageStop",
+    ];
+    /// Bytes of a read kept to find a marker that continues in the next: the longest less one.
+    const KEPT: usize = 25;
+
+    /// A watch for an answer counted against a budget; none for others.
+    fn for_record(record: &RequestRecord) -> Option<Self> {
+        record.budgeted().then(Self::default)
+    }
+
+    fn seen(&self) -> bool {
+        self.seen
+    }
+
+    fn has_marker(bytes: &[u8]) -> bool {
+        Self::MARKERS
+            .iter()
+            .any(|m| memchr::memmem::find(bytes, m).is_some())
+    }
+
+    /// Takes the next bytes of the answer.
+    fn observe(&mut self, data: &[u8]) {
+        if self.seen {
+            return;
+        }
+        let head = &data[..data.len().min(Self::KEPT)];
+        let mut seam = [0; 2 * Self::KEPT];
+        seam[..self.len].copy_from_slice(&self.tail[..self.len]);
+        seam[self.len..self.len + head.len()].copy_from_slice(head);
+        if Self::has_marker(&seam[..self.len + head.len()]) || Self::has_marker(data) {
+            self.seen = true;
+            return;
+        }
+        if data.len() >= Self::KEPT {
+            self.tail.copy_from_slice(&data[data.len() - Self::KEPT..]);
+            self.len = Self::KEPT;
+        } else {
+            let keep = (Self::KEPT - data.len()).min(self.len);
+            self.tail.copy_within(self.len - keep..self.len, 0);
+            self.tail[keep..keep + data.len()].copy_from_slice(data);
+            self.len = keep + data.len();
+        }
     }
 }
 
@@ -464,9 +623,38 @@ mod tests {
     use http_body::Frame;
     use http_body_util::StreamBody;
 
-    use super::{HoldError, ProxyBody, hold_whole};
+    use super::{FinishWatch, HoldError, ProxyBody, hold_whole};
     use crate::buffers::BufferBudget;
     use crate::upstream::{BodyError, Stalled};
+
+    fn finish_seen(reads: &[&[u8]]) -> bool {
+        let mut w = FinishWatch::default();
+        reads.iter().for_each(|r| w.observe(r));
+        w.seen()
+    }
+
+    #[test]
+    fn the_end_of_an_answers_content_is_seen_in_any_split_of_its_bytes() {
+        let chunk: &[u8] = br#"data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
+        let bedrock: &[u8] =
+            b"\x00\x00\x00\x58\x0b:event-type\x07\x00\x0bmessageStop\x0d:content-type";
+        for text in [chunk, br#"{"finish_reason": "length"}"#, bedrock] {
+            assert!(finish_seen(&[text]));
+            for at in 0..text.len() {
+                assert!(finish_seen(&[&text[..at], &text[at..]]), "split at {at}");
+            }
+            // One byte at a time.
+            let bytes: Vec<&[u8]> = text.chunks(1).collect();
+            assert!(finish_seen(&bytes));
+        }
+        // Not yet: a null finish_reason, the words in the model's text (quotes escaped), a
+        // Bedrock event that is not messageStop.
+        assert!(!finish_seen(&[
+            br#"data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}]}"#,
+            br#"data: {"choices":[{"delta":{"content":"\"finish_reason\":\"stop\""}}]}"#,
+            b"\x0b:event-type\x07\x00\x11contentBlockDelta",
+        ]));
+    }
 
     fn frames(
         parts: Vec<Result<&'static str, BodyError>>,

@@ -734,6 +734,17 @@ impl RequestRecord {
         self.keep_payload(data);
     }
 
+    /// Reads the token counts in a frame of the provider's response the client did not get (the
+    /// rest of an answer read after the client left, [`crate::body`]).
+    pub fn observe_unsent(&mut self, data: &[u8]) {
+        self.usage.observe(data);
+    }
+
+    /// Whether the response counts against a spend limit, token budget or route budget.
+    pub fn budgeted(&self) -> bool {
+        self.tally.is_some() || !self.route_budgets.is_empty()
+    }
+
     /// The tokens of the upstream's answer as a stream translator read them: what the client
     /// gets may not carry them (no usage chunk unless it asked for one).
     pub fn set_tokens(&mut self, input: u64, output: u64) {

@@ -219,6 +219,8 @@ pin_project! {
     #[project = KindProj]
     enum Kind {
         H1 { body: h1::Body },
+        /// What is left where a body was taken out ([`UpstreamBody::take`]).
+        Ended,
         Hyper {
             #[pin]
             inner: Incoming,
@@ -230,6 +232,17 @@ pin_project! {
 }
 
 impl UpstreamBody {
+    /// Takes the body out (to be read on by another task), leaving an ended one in its place.
+    pub fn take(&mut self) -> Self {
+        std::mem::replace(
+            self,
+            Self {
+                kind: Kind::Ended,
+                watchdog: None,
+            },
+        )
+    }
+
     fn hyper(inner: Incoming) -> Self {
         Self {
             kind: Kind::Hyper {
@@ -291,6 +304,7 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::H1 { body } => body.is_end_stream(),
+            Kind::Ended => true,
             Kind::Hyper { inner, held, done } => held.is_none() && (*done || inner.is_end_stream()),
         }
     }
@@ -298,6 +312,7 @@ impl Body for UpstreamBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::H1 { body } => body.size_hint(),
+            Kind::Ended => SizeHint::with_exact(0),
             Kind::Hyper { held: Some(_), .. } => SizeHint::default(),
             Kind::Hyper { done: true, .. } => SizeHint::with_exact(0),
             Kind::Hyper { inner, .. } => inner.size_hint(),
@@ -312,6 +327,7 @@ fn poll_kind(
     {
         let (mut inner, held, done) = match kind.project() {
             KindProj::H1 { body } => return body.poll_frame(cx),
+            KindProj::Ended => return Poll::Ready(None),
             KindProj::Hyper { inner, held, done } => (inner, held, done),
         };
         if let Some(h) = held.take() {

@@ -417,6 +417,90 @@ def test_a_stream_without_include_usage_is_logged_with_its_tokens_and_charged_to
         g.stop()
 
 
+def leave_at_finish_reason(g, path, model, **extra):
+    """Streams a completion through the openai SDK, one event every 100 ms, and closes the stream
+    at the chunk that carries `finish_reason` (as apps that stop there do); its log id."""
+    oa = openai.OpenAI(base_url=g.url + path, api_key="placeholder", max_retries=0)
+    raw = oa.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "count my stream"}], stream=True,
+        extra_headers={"x-mock-chunk-delay-ms": "100"}, **extra)
+    stream = raw.parse()
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].finish_reason:
+            break
+    else:
+        pytest.fail("the stream ended without a finish_reason")
+    stream.close()
+    return raw.headers["cf-aig-log-id"]
+
+
+@pytest.mark.parametrize("path,model", STREAMED_ROUTES)
+@pytest.mark.parametrize("usage", [False, True], ids=["usage-asked-by-the-gateway", "usage-asked-by-the-client"])
+def test_a_stream_left_at_its_finish_reason_is_charged_for_the_usage_that_follows(
+        mock, tmp_path, path, model, usage):
+    # The usage comes after the finish_reason chunk (100 ms later here): the client left before
+    # it, so the sidecar reads the rest of the answer for it; the line still says cancelled.
+    spec = STREAM_SPEC.format(url=mock.url) + "  spendLimit: {amount: '0.01', period: day}\n"
+    g = json_gateway(tmp_path, mock, spec, STREAM_KEYS)
+    try:
+        extra = {"stream_options": {"include_usage": True}} if usage else {}
+        line = wait_line(g, leave_at_finish_reason(g, path, model, **extra))
+        # /compat's Anthropic, Gemini and Bedrock streams send their finish_reason with the usage,
+        # once the provider's stream has ended: those lines are complete.
+        assert line["outcome"] == ("complete" if path == "/compat" and "openai/" not in model
+                                   and "groq/" not in model else "cancelled"), line
+        assert line["tokens_in"] > 0 and line["tokens_out"] > 0, line
+        assert line["cost"] == pytest.approx((line["tokens_in"] + line["tokens_out"]) * 5000 / 1e6), line
+        assert_spend_limited(spend(g, 0))
+    finally:
+        g.stop()
+
+
+def test_a_bedrock_stream_left_at_its_message_stop_is_charged_for_the_metadata_that_follows(mock, tmp_path):
+    # ConverseStream sends the usage in a `metadata` event after `messageStop`.
+    spec = STREAM_SPEC.format(url=mock.url) + "  spendLimit: {amount: '0.01', period: day}\n"
+    g = json_gateway(tmp_path, mock, spec, STREAM_KEYS)
+    try:
+        with httpx.stream("POST", g.url + "/aws-bedrock/bedrock-runtime/us-east-1/model/dear-model/converse-stream",
+                          headers={"x-mock-chunk-delay-ms": "100"},
+                          json={"messages": [{"role": "user", "content": [{"text": "count my stream"}]}]}) as r:
+            assert r.status_code == 200, r.read()
+            seen = b""
+            for data in r.iter_raw():
+                seen += data
+                if b"messageStop" in seen:
+                    break
+            assert b"metadata" not in seen, "the usage came with messageStop: nothing to test"
+            log_id = r.headers["cf-aig-log-id"]
+        line = wait_line(g, log_id)
+        assert line["outcome"] == "cancelled" and line["tokens_in"] > 0 and line["tokens_out"] > 0, line
+        assert_spend_limited(spend(g, 0))
+    finally:
+        g.stop()
+
+
+def test_a_stream_left_before_its_finish_reason_is_not_read_on(mock, tmp_path):
+    # Reading on would have the provider write (and bill) the whole answer: the upstream stream
+    # is dropped with the client, and the answer is not charged (README, "Known gaps").
+    spec = STREAM_SPEC.format(url=mock.url) + "  spendLimit: {amount: '0.01', period: day}\n"
+    g = json_gateway(tmp_path, mock, spec, STREAM_KEYS)
+    try:
+        before = mock.stats()["streams_cancelled"]
+        with httpx.stream("POST", g.url + CHAT, headers={"x-mock-chunk-delay-ms": "200"},
+                          json=body("a b c d e f g h i j") | {"stream": True}) as r:
+            next(r.iter_raw())
+            log_id = r.headers["cf-aig-log-id"]
+        line = wait_line(g, log_id)
+        assert line["outcome"] == "cancelled" and line.get("tokens_out") is None, line
+        deadline = time.monotonic() + 5
+        while mock.stats()["streams_cancelled"] == before:
+            assert time.monotonic() < deadline, "the upstream stream went on after the client left"
+            time.sleep(0.05)
+        assert spend(g, 0).status_code == 200
+    finally:
+        g.stop()
+
+
 def test_a_universal_stream_step_without_include_usage_is_charged_to_the_spend_limit(mock, tmp_path):
     spec = STREAM_SPEC.format(url=mock.url) + "  spendLimit: {amount: '0.01', period: day}\n"
     g = json_gateway(tmp_path, mock, spec, STREAM_KEYS)
