@@ -138,10 +138,18 @@ impl GatewayPolicy {
                 ));
             }
             for (field, v) in [
-                ("inputPerMillion", &p.input_per_million),
-                ("outputPerMillion", &p.output_per_million),
+                ("inputPerMillion", Some(&p.input_per_million)),
+                ("outputPerMillion", Some(&p.output_per_million)),
+                ("cacheReadPerMillion", p.cache_read_per_million.as_ref()),
+                ("cacheWritePerMillion", p.cache_write_per_million.as_ref()),
+                (
+                    "cacheWrite1hPerMillion",
+                    p.cache_write_1h_per_million.as_ref(),
+                ),
             ] {
-                if parse_usd(v).is_none() {
+                if let Some(v) = v
+                    && parse_usd(v).is_none()
+                {
                     return Some(format!(
                         "spec.pricing[{i}].{field} {v:?} must be a decimal number of USD (e.g. \"2.50\")"
                     ));
@@ -758,7 +766,7 @@ impl SpendLimit {
 }
 
 /// The price of a model, in USD per million tokens, as decimal strings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelPrice {
     /// Model name, matched like the built-in table: this name or a longer one that continues it
@@ -771,6 +779,22 @@ pub struct ModelPrice {
     /// USD per million output (generated) tokens, e.g. "10.00".
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
     pub output_per_million: String,
+    /// USD per million input tokens read from the provider's prompt cache. Default: the
+    /// provider's rule for the model as a share of `inputPerMillion` (Claude 0.1×, GPT-4o 0.5×,
+    /// ...; the input price for models without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub cache_read_per_million: Option<String>,
+    /// USD per million input tokens written to the prompt cache (Anthropic's 5-minute writes).
+    /// Default: the provider's rule (Claude 1.25× `inputPerMillion`; the input price otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub cache_write_per_million: Option<String>,
+    /// USD per million input tokens written to the prompt cache for an hour (Anthropic).
+    /// Default: the provider's rule (Claude 2× `inputPerMillion`; the input price otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]{1,6})?$"))]
+    pub cache_write_1h_per_million: Option<String>,
 }
 
 /// Wire format a provider speaks (for `custom-<slug>` providers and `/compat`).
@@ -864,6 +888,7 @@ mod tests {
                 model: "my-model".into(),
                 input_per_million: "1.5".into(),
                 output_per_million: "3".into(),
+                ..ModelPrice::default()
             }],
             ..GatewayPolicy::default()
         };
@@ -893,6 +918,15 @@ mod tests {
         p.pricing[0].output_per_million = "3.x".into();
         let why = p.cost_problem().expect("bad price");
         assert!(why.starts_with("spec.pricing[0].outputPerMillion"), "{why}");
+        p.pricing[0].output_per_million = "3".into();
+        p.pricing[0].cache_read_per_million = Some("0.15".into());
+        assert_eq!(p.cost_problem(), None);
+        p.pricing[0].cache_write_1h_per_million = Some("-3".into());
+        let why = p.cost_problem().expect("bad cache price");
+        assert!(
+            why.starts_with("spec.pricing[0].cacheWrite1hPerMillion \"-3\""),
+            "{why}"
+        );
     }
 
     #[test]

@@ -1736,6 +1736,7 @@ mod tests {
                 model: "house-llm".into(),
                 input_per_million: "0.50".into(),
                 output_per_million: "1.50".into(),
+                ..ModelPrice::default()
             }],
             rate_limit: Some(RateLimit {
                 limit: 100,

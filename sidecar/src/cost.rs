@@ -220,11 +220,33 @@ impl Pricing {
                     format!("spec.pricing[{i}].{field} {v:?} must be a decimal number of USD")
                 })
             };
-            let price = Price::of(
+            let mut price = Price::of(
                 &p.model,
                 usd("inputPerMillion", &p.input_per_million)?,
                 usd("outputPerMillion", &p.output_per_million)?,
             );
+            // Cache prices given replace the provider's rule.
+            for (field, given, into) in [
+                (
+                    "cacheReadPerMillion",
+                    &p.cache_read_per_million,
+                    &mut price.cache_read,
+                ),
+                (
+                    "cacheWritePerMillion",
+                    &p.cache_write_per_million,
+                    &mut price.cache_write,
+                ),
+                (
+                    "cacheWrite1hPerMillion",
+                    &p.cache_write_1h_per_million,
+                    &mut price.cache_write_1h,
+                ),
+            ] {
+                if let Some(v) = given {
+                    *into = usd(field, v)?;
+                }
+            }
             entries.push((p.model.as_str().into(), price));
         }
         for (name, input, output) in BUILTIN {
@@ -661,11 +683,13 @@ mod tests {
                 model: "gpt-4o".into(),
                 input_per_million: "1".into(),
                 output_per_million: "2".into(),
+                ..ModelPrice::default()
             },
             ModelPrice {
                 model: "house-llm".into(),
                 input_per_million: "0.5".into(),
                 output_per_million: "0".into(),
+                ..ModelPrice::default()
             },
         ])
         .expect("valid");
@@ -677,6 +701,7 @@ mod tests {
             model: "x".into(),
             input_per_million: "cheap".into(),
             output_per_million: "1".into(),
+            ..ModelPrice::default()
         }])
         .expect_err("bad price");
         assert!(err.contains("spec.pricing[0].inputPerMillion"), "{err}");
@@ -920,6 +945,7 @@ mod tests {
             model: "house-llm".into(),
             input_per_million: "1".into(),
             output_per_million: "0".into(),
+            ..ModelPrice::default()
         }])
         .expect("valid");
         close(
@@ -935,6 +961,7 @@ mod tests {
             model: "claude-sonnet-4-5".into(),
             input_per_million: "10".into(),
             output_per_million: "0".into(),
+            ..ModelPrice::default()
         }])
         .expect("valid");
         close(
@@ -944,6 +971,32 @@ mod tests {
                 &tokens(1_000_000, 0, 1_000_000, 0, 0),
             ),
             1.0,
+        );
+        // Cache prices in spec.pricing replace the rule: 1M fresh, 1M read, 1M written for
+        // 5 minutes and 1M for an hour, priced 10 + 0.5 + 12 + 20 (1.0 and 2.0 by the rule).
+        let given = Pricing::with(&[ModelPrice {
+            model: "claude-sonnet-4-5".into(),
+            input_per_million: "10".into(),
+            output_per_million: "0".into(),
+            cache_read_per_million: Some("0.5".into()),
+            cache_write_per_million: Some("12".into()),
+            cache_write_1h_per_million: Some("20".into()),
+        }])
+        .expect("valid");
+        let mixed = tokens(4_000_000, 0, 1_000_000, 2_000_000, 1_000_000);
+        close(cost(given.lookup("claude-sonnet-4-5"), None, &mixed), 42.5);
+        close(cost(own.lookup("claude-sonnet-4-5"), None, &mixed), 43.5);
+        let err = Pricing::with(&[ModelPrice {
+            model: "x".into(),
+            input_per_million: "1".into(),
+            output_per_million: "1".into(),
+            cache_write_per_million: Some("free".into()),
+            ..ModelPrice::default()
+        }])
+        .expect_err("bad cache price");
+        assert!(
+            err.contains("spec.pricing[0].cacheWritePerMillion"),
+            "{err}"
         );
         // A custom per-token cost prices every input token alike.
         let per = Some(CustomCost::PerToken {

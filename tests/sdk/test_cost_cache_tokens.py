@@ -41,7 +41,7 @@ GEMINI_THINKING = {
 GEMINI_THINKING_COST = 0.02325
 
 
-def gateway(tmp_path, upstream_url):
+def gateway(tmp_path, upstream_url, extra_spec=""):
     d = pathlib.Path(tmp_path) / f"gw-{time.monotonic_ns()}"
     d.mkdir()
     yaml = (
@@ -51,6 +51,7 @@ def gateway(tmp_path, upstream_url):
         "  providers:\n"
         f"    anthropic: {{baseURL: '{upstream_url}'}}\n"
         f"    google-ai-studio: {{baseURL: '{upstream_url}'}}\n"
+        + extra_spec
     )
     keys = dict(DEFAULT_KEYS, **{"google-ai-studio.default": GOOGLE_KEY})
     return Sidegate(d, yaml, keys, extra_args=["--log-format", "json"])
@@ -93,6 +94,28 @@ def test_anthropic_cache_reads_are_input_priced_at_the_cache_rate_on_both_routes
     line = wait_line(g, r.headers["cf-aig-log-id"])
     assert (line["tokens_in"], line["tokens_out"]) == (100050, 500), line
     assert line["cost"] == pytest.approx(ANTHROPIC_CACHE_READ_COST, rel=1e-9)
+
+
+def test_cache_prices_in_spec_pricing_replace_the_providers_rule(tmp_path):
+    # Sonnet 4.5 with its cache reads at $0.50 (0.30 by Anthropic's rule): 50 x 3 + 100000 x 0.50
+    # + 500 x 15, per million; a price the config cannot read is refused at load, by field.
+    upstream = FixedAnswerServer(json.dumps(ANTHROPIC_CACHE_READ).encode())
+    g = gateway(tmp_path, upstream.url, "  pricing:\n    - {model: claude-sonnet-4-5, inputPerMillion: '3',"
+                " outputPerMillion: '15', cacheReadPerMillion: '0.50'}\n")
+    try:
+        r = httpx.post(g.url + "/anthropic/v1/messages", timeout=30, json={
+            "model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        assert wait_line(g, r.headers["cf-aig-log-id"])["cost"] == pytest.approx(0.05765, rel=1e-9)
+    finally:
+        g.stop()
+        upstream.stop()
+    d = pathlib.Path(tmp_path) / "refused"
+    d.mkdir()
+    with pytest.raises(Exception) as refused:
+        Sidegate(d, "schemaVersion: 1\nspec:\n  pricing:\n    - {model: m, inputPerMillion: '1',"
+                    " outputPerMillion: '1', cacheWritePerMillion: 'cheap'}\n", DEFAULT_KEYS)
+    assert "spec.pricing[0].cacheWritePerMillion" in str(refused.value), refused.value
 
 
 def test_gemini_thinking_is_output_on_both_routes(served):
