@@ -667,6 +667,7 @@ impl RequestRecord {
         log_id: String,
     ) -> Self {
         opts.recorded.mark();
+        let usage = crate::usage::Usage::for_answer(&provider, path);
         Self {
             metrics,
             provider,
@@ -681,7 +682,7 @@ impl RequestRecord {
             metadata: opts.metadata.clone(),
             event_id: opts.event_id.clone(),
             step: None,
-            usage: crate::usage::Usage::default(),
+            usage,
             model: None,
             price: None,
             custom_cost: opts.custom_cost,

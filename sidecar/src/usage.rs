@@ -151,12 +151,54 @@ pub struct Counts {
 }
 
 /// Tokens of one response.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Usage {
     /// What the usage objects read so far say.
     pub counts: Counts,
     /// The unfinished usage object (or `"usage` prefix) the last frame ended in.
     pending: Vec<u8>,
+    /// For a Bedrock InvokeModelWithResponseStream answer, its event-stream framing.
+    invoke: Option<Box<InvokeStream>>,
+}
+
+/// Bedrock's InvokeModelWithResponseStream answer: event-stream messages whose `chunk`
+/// payloads, `{"bytes":"<base64>"}`, hold the model's own stream events (Anthropic's
+/// `message_start` and `message_delta` with their usage, ...), which a byte scan cannot see
+/// before they are decoded. The last one adds `amazon-bedrock-invocationMetrics`, Bedrock's
+/// token counts for any model, read when the model's own events carried none.
+#[derive(Debug, Default)]
+struct InvokeStream {
+    decoder: crate::compat::eventstream::Decoder,
+}
+
+/// The `amazon-bedrock-invocationMetrics` of an InvokeModelWithResponseStream chunk.
+#[derive(serde::Deserialize)]
+struct InvocationMetrics {
+    #[serde(rename = "amazon-bedrock-invocationMetrics")]
+    metrics: TokenCounts,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TokenCounts {
+    input_token_count: Option<u64>,
+    output_token_count: Option<u64>,
+}
+
+/// The decoded `bytes` of an InvokeModelWithResponseStream `chunk` event.
+fn invoke_chunk(message: &crate::compat::eventstream::Message) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        bytes: String,
+    }
+    if message.header_str(":event-type") != Some("chunk") {
+        return None;
+    }
+    let chunk: Chunk = serde_json::from_slice(&message.payload).ok()?;
+    base64::engine::general_purpose::STANDARD
+        .decode(chunk.bytes)
+        .ok()
 }
 
 /// The counts one usage object holds.
@@ -263,8 +305,53 @@ impl Usage {
         }
     }
 
+    /// A reader of the usage of the answer to a request of `provider` on `path`: Bedrock's
+    /// InvokeModelWithResponseStream answers are read through their event-stream framing.
+    pub fn for_answer(provider: &str, path: &str) -> Self {
+        let invoke = (provider == "aws-bedrock"
+            && path
+                .trim_end_matches('/')
+                .ends_with("/invoke-with-response-stream"))
+        .then(Box::default);
+        Self {
+            invoke,
+            ..Self::default()
+        }
+    }
+
     /// Reads the usage numbers in `data` (the next frame of the body).
     pub fn observe(&mut self, data: &[u8]) {
+        if let Some(mut invoke) = self.invoke.take() {
+            self.observe_invoke(&mut invoke, data);
+            self.invoke = Some(invoke);
+            return;
+        }
+        self.observe_plain(data);
+    }
+
+    /// [`Self::observe`] for an InvokeModelWithResponseStream answer (see [`InvokeStream`]).
+    fn observe_invoke(&mut self, invoke: &mut InvokeStream, data: &[u8]) {
+        invoke.decoder.push(data);
+        while let Some(Ok(message)) = invoke.decoder.next_message() {
+            let Some(event) = invoke_chunk(&message) else {
+                continue;
+            };
+            // Each chunk is one whole event of the model's stream.
+            self.observe_plain(&event);
+            self.pending.clear();
+            if memchr::memmem::find(&event, b"\"amazon-bedrock-invocationMetrics\"").is_some()
+                && let Ok(m) = serde_json::from_slice::<InvocationMetrics>(&event)
+            {
+                let c = &mut self.counts;
+                if c.input.is_none() && c.output.is_none() {
+                    c.input = m.metrics.input_token_count;
+                    c.output = m.metrics.output_token_count;
+                }
+            }
+        }
+    }
+
+    fn observe_plain(&mut self, data: &[u8]) {
         let mut carried = false;
         if !self.pending.is_empty() {
             // The object that started in an earlier frame, read across the seam first so that
@@ -429,6 +516,64 @@ impl Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An InvokeModelWithResponseStream answer carrying `events` (the model's own JSON events).
+    fn invoke_stream(events: &[&str]) -> Vec<u8> {
+        use base64::Engine as _;
+        let headers = [
+            (":event-type", "chunk"),
+            (":content-type", "application/json"),
+            (":message-type", "event"),
+        ];
+        let mut out = Vec::new();
+        for e in events {
+            let bytes = base64::engine::general_purpose::STANDARD.encode(e);
+            let payload = format!(r#"{{"bytes":"{bytes}","p":"abcdefgh"}}"#);
+            out.extend(crate::compat::eventstream::encode(
+                &headers,
+                payload.as_bytes(),
+            ));
+        }
+        out
+    }
+
+    #[test]
+    fn bedrock_invoke_streams_are_read_through_their_framing_and_base64() {
+        const PATH: &str = "/aws-bedrock/bedrock-runtime/us-east-1/model/anthropic.claude-sonnet-4-5-20250929-v1:0/invoke-with-response-stream";
+        let claude = invoke_stream(&[
+            r#"{"type":"message_start","message":{"id":"msg_1","type":"message","role":"assistant","content":[],"model":"claude-sonnet-4-5","usage":{"input_tokens":12,"cache_read_input_tokens":100,"output_tokens":1}}}"#,
+            r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#,
+            r#"{"type":"message_stop","amazon-bedrock-invocationMetrics":{"inputTokenCount":112,"outputTokenCount":7,"invocationLatency":500,"firstByteLatency":200}}"#,
+        ]);
+        // Split anywhere: the counts are the model's own (its cache reads apart).
+        for at in [0, 1, 13, claude.len() / 2, claude.len() - 1] {
+            let mut u = Usage::for_answer("aws-bedrock", PATH);
+            u.observe(&claude[..at]);
+            u.observe(&claude[at..]);
+            let t = u.tokens();
+            assert_eq!(
+                (t.input, t.output, t.cache_read),
+                (Some(112), Some(7), 100),
+                "split at {at}"
+            );
+        }
+        // A model whose events carry no usage: Bedrock's invocation metrics.
+        let llama = invoke_stream(&[
+            r#"{"generation":"hi","stop_reason":null}"#,
+            r#"{"generation":"","stop_reason":"stop","amazon-bedrock-invocationMetrics":{"inputTokenCount":20,"outputTokenCount":3,"invocationLatency":90,"firstByteLatency":40}}"#,
+        ]);
+        let mut u = Usage::for_answer("aws-bedrock", PATH);
+        u.observe(&llama);
+        assert_eq!((u.counts.input, u.counts.output), (Some(20), Some(3)));
+        // Other routes read the bytes as they come (and see nothing in these).
+        let mut u = Usage::for_answer(
+            "aws-bedrock",
+            "/aws-bedrock/bedrock-runtime/us-east-1/model/m/invoke",
+        );
+        u.observe(&claude);
+        assert_eq!((u.counts.input, u.counts.output), (None, None));
+    }
 
     fn usage_of(frames: &[&str]) -> (Option<u64>, Option<u64>) {
         let mut u = Usage::default();

@@ -68,9 +68,10 @@ class FixedAnswerServer:
     """A loopback HTTP server answering POSTs (and GETs) with fixed JSON bodies, for upstreams the mock
     cannot play (a captive portal, an odd token endpoint): `body` with `status`, or with
     `then=[(status, body), ...]` the first request gets `body` and the following ones these in
-    turn, the last repeated; `headers`: more response headers, `(name, value)` pairs."""
+    turn, the last repeated; `headers`: more response headers, `(name, value)` pairs; `content_type`
+    of every answer."""
 
-    def __init__(self, body: bytes, status=200, then=(), headers=()):
+    def __init__(self, body: bytes, status=200, then=(), headers=(), content_type="application/json"):
         answers = [(status, body), *then]
         count = [0]
         lock = threading.Lock()
@@ -85,7 +86,7 @@ class FixedAnswerServer:
                     code, body = answers[min(count[0], len(answers) - 1)]
                     count[0] += 1
                 self.send_response(code)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", content_type)
                 for name, value in headers:
                     self.send_header(name, value)
                 self.send_header("content-length", str(len(body)))

@@ -4,10 +4,13 @@ spec.pricing, spend limits (429/2041, per pod and shared through Redis) and toke
 
 Costs are checked against the tokens the mock reported, as the SDKs parse them."""
 
+import base64
 import datetime
 import json
 import pathlib
+import struct
 import time
+import zlib
 
 import anthropic
 import httpx
@@ -477,6 +480,47 @@ def test_a_bedrock_stream_left_at_its_message_stop_is_charged_for_the_metadata_t
         assert_spend_limited(spend(g, 0))
     finally:
         g.stop()
+
+
+def event_stream(events):
+    """Bedrock InvokeModelWithResponseStream framing of `events` (the model's JSON events):
+    `chunk` messages whose payload is `{"bytes": base64}`, with AWS's CRC32s."""
+    out = b""
+    for e in events:
+        payload = json.dumps({"bytes": base64.b64encode(json.dumps(e).encode()).decode(), "p": "abcd"}).encode()
+        headers = b"".join(bytes([len(n)]) + n + b"\x07" + struct.pack(">H", len(v)) + v for n, v in [
+            (b":event-type", b"chunk"), (b":content-type", b"application/json"), (b":message-type", b"event")])
+        prelude = struct.pack(">II", 12 + len(headers) + len(payload) + 4, len(headers))
+        message = prelude + struct.pack(">I", zlib.crc32(prelude)) + headers + payload
+        out += message + struct.pack(">I", zlib.crc32(message))
+    return out
+
+
+def test_a_bedrock_invoke_stream_is_counted_and_charged(tmp_path):
+    # The AnthropicBedrock clients stream through InvokeModelWithResponseStream: the usage is in
+    # base64 inside the event-stream framing (the model's events, then Bedrock's metrics).
+    upstream = FixedAnswerServer(event_stream([
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                              "content": [], "model": "claude", "usage": {"input_tokens": 12, "output_tokens": 1}}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 7}},
+        {"type": "message_stop", "amazon-bedrock-invocationMetrics": {
+            "inputTokenCount": 12, "outputTokenCount": 7, "invocationLatency": 50, "firstByteLatency": 20}},
+    ]), content_type="application/vnd.amazon.eventstream")
+    spec = STREAM_SPEC.format(url=upstream.url) + "  spendLimit: {amount: '0.01', period: day}\n"
+    g = json_gateway(tmp_path, upstream, spec, STREAM_KEYS)
+    try:
+        r = httpx.post(g.url + "/aws-bedrock/bedrock-runtime/us-east-1/model/dear-model/invoke-with-response-stream",
+                       json={"anthropic_version": "bedrock-2023-05-31", "max_tokens": 64,
+                             "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert (line["tokens_in"], line["tokens_out"]) == (12, 7), line
+        assert line["cost"] == pytest.approx(19 * 5000 / 1e6), line
+        assert_spend_limited(spend(g, 0))
+    finally:
+        g.stop()
+        upstream.stop()
 
 
 def test_a_stream_left_before_its_finish_reason_is_not_read_on(mock, tmp_path):
