@@ -584,9 +584,10 @@ pub struct RouteNode {
     /// Time to first byte for a model node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
-    /// Attempts for a model node (1..=5).
+    /// Retries of a model node after its first attempt (0..=4), as Cloudflare's model element
+    /// counts them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 5))]
+    #[schemars(range(min = 0, max = 4))]
     pub retries: Option<u32>,
     /// Limit of a rate node (requests) or budget node (cost), per `interval`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

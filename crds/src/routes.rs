@@ -104,6 +104,12 @@ pub struct Compiled {
     pub chains: HashMap<String, Vec<Target>>,
 }
 
+/// Most retries of a model node (after its first attempt): 5 attempts in all, as
+/// `cf-aig-max-attempts` allows.
+const MAX_RETRIES: u32 = 4;
+/// Longest time to first byte of a model node, as `cf-aig-request-timeout` allows.
+const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Compiles `spec.routes` and `spec.fallbacks`; the error names the node and field.
 /// `known_provider` tells whether a provider id can be served.
 pub fn compile(
@@ -207,20 +213,31 @@ pub fn compile(
                             at(ni, "provider")
                         ));
                     }
+                    // Retries after the first attempt, as Cloudflare's model element counts them.
                     if let Some(r) = n.retries
-                        && !(1..=5).contains(&r)
+                        && r > MAX_RETRIES
                     {
                         return Err(format!(
-                            "{} must be 1 to 5 attempts, got {r}",
+                            "{} must be 0 to {MAX_RETRIES} retries, got {r}",
                             at(ni, "retries")
+                        ));
+                    }
+                    let timeout = n.timeout.map(|d| d.get());
+                    if let Some(t) = timeout
+                        && (t.is_zero() || t > MAX_TIMEOUT)
+                    {
+                        return Err(format!(
+                            "{} must be 1ms to 1h, got {}ms",
+                            at(ni, "timeout"),
+                            t.as_millis()
                         ));
                     }
                     Node::Model {
                         target: Target {
                             provider,
                             model: need(&n.model, "model")?,
-                            timeout: n.timeout.map(|d| d.get()),
-                            attempts: n.retries,
+                            timeout,
+                            attempts: n.retries.map(|r| r + 1),
                         },
                         next: Some(next),
                     }
@@ -254,7 +271,16 @@ pub fn compile(
                 ));
             }
         }
-        out.routes.insert(r.name.clone(), Graph { start, nodes });
+        if out
+            .routes
+            .insert(r.name.clone(), Graph { start, nodes })
+            .is_some()
+        {
+            return Err(format!(
+                "spec.routes[{ri}].name: duplicate route name {:?}",
+                r.name
+            ));
+        }
     }
     for (ci, c) in fallbacks.iter().enumerate() {
         if c.targets.is_empty() {
@@ -275,7 +301,12 @@ pub fn compile(
                 attempts: None,
             });
         }
-        out.chains.insert(c.name.clone(), targets);
+        if out.chains.insert(c.name.clone(), targets).is_some() {
+            return Err(format!(
+                "spec.fallbacks[{ci}].name: duplicate fallback name {:?}",
+                c.name
+            ));
+        }
     }
     Ok(out)
 }

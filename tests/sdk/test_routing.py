@@ -30,7 +30,7 @@ ROUTES = """\
       nodes:
         - {id: s, type: start, next: split}
         - {id: split, type: percentage, branches: [{weight: 1, next: bad}, {weight: 0, next: never}]}
-        - {id: bad, type: model, provider: openai, model: mock-status-500, retries: 2, next: good}
+        - {id: bad, type: model, provider: openai, model: mock-status-500, retries: 1, next: good}
         - {id: good, type: model, provider: anthropic, model: claude-haiku-4-5, next: e}
         - {id: never, type: model, provider: openai, model: never, next: e}
         - {id: e, type: end}
@@ -102,7 +102,8 @@ def test_model_nodes_retry_then_fall_back_and_streams_work(routed, mock):
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "mock reply to: stream on"
     paths = [r["path"] for r in mock.requests()]
-    assert paths == ["/v1/chat/completions", "/v1/chat/completions", "/v1/messages"], "2 attempts, then the next node"
+    assert paths == ["/v1/chat/completions", "/v1/chat/completions", "/v1/messages"], \
+        "1 retry (2 attempts, as Cloudflare counts a model node's retries), then the next node"
 
 
 def test_a_cache_hit_on_a_route_says_what_served_the_answer(mock, tmp_path):
@@ -135,6 +136,19 @@ def test_unknown_routes_and_chains_are_400_2107(routed, mock):
      "spec.routes[0].nodes[1].limit must be an amount of USD"),
     ("  routes:\n    - name: r\n      nodes:\n        - {id: s, type: start, next: m}\n"
      "        - {id: m, type: model, provider: openai, model: x, next: gone}\n        - {id: e, type: end}\n", '"gone"'),
+    # A node that times out at once would send every request upstream and throw its answer away.
+    ("  routes:\n    - name: r\n      nodes:\n        - {id: s, type: start, next: m}\n"
+     "        - {id: m, type: model, provider: openai, model: x, timeout: 0ms, next: e}\n        - {id: e, type: end}\n",
+     "spec.routes[0].nodes[1].timeout must be 1ms to 1h, got 0ms"),
+    ("  routes:\n    - name: r\n      nodes:\n        - {id: s, type: start, next: m}\n"
+     "        - {id: m, type: model, provider: openai, model: x, retries: 5, next: e}\n        - {id: e, type: end}\n",
+     "spec.routes[0].nodes[1].retries must be 0 to 4 retries, got 5"),
+    # The last of two routes of one name would win silently.
+    ("  routes:\n" + "".join("    - name: twice\n      nodes:\n        - {id: s, type: start, next: e}\n"
+                             "        - {id: e, type: end}\n" for _ in range(2)),
+     'spec.routes[1].name: duplicate route name "twice"'),
+    ("  fallbacks:\n" + "    - {name: twice, targets: [{provider: openai, model: x}]}\n" * 2,
+     'spec.fallbacks[1].name: duplicate fallback name "twice"'),
 ])
 def test_bad_routes_are_refused_at_start(mock, tmp_path, spec, needle):
     assert_refused_at_start(mock, tmp_path, spec, needle)
