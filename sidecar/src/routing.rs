@@ -572,7 +572,7 @@ mod tests {
             err.contains("nodes[1].limit") && err.contains("USD"),
             "{err}"
         );
-        for retries in [0, 6, 50] {
+        for retries in [5, 6, 50] {
             let err = refused(vec![
                 start.clone(),
                 RouteNode {
@@ -582,7 +582,7 @@ mod tests {
                 end.clone(),
             ]);
             assert!(
-                err.contains("nodes[1].retries must be 1 to 5 attempts"),
+                err.contains("nodes[1].retries must be 0 to 4 retries"),
                 "{err}"
             );
         }
