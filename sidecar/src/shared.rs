@@ -119,13 +119,15 @@ impl Shared {
     }
 
     /// The connection, made on first use. Never waits behind another request: while one
-    /// connects, or for [`BACKOFF`] after a failure, the others are told Redis is unavailable.
+    /// connects, or for [`BACKOFF`] after a failure (with a connection made already too: one
+    /// that just failed would make each request wait for its timeout again), the others are
+    /// told Redis is unavailable.
     async fn conn(&self) -> ::redis::RedisResult<ConnectionManager> {
-        if let Some(c) = self.cached_conn() {
-            return Ok(c);
-        }
         if self.backoff.active(monotonic_ms()) {
             return Err(Self::unavailable("redis unavailable (retrying shortly)"));
+        }
+        if let Some(c) = self.cached_conn() {
+            return Ok(c);
         }
         let Ok(_connecting) = self.connecting.try_lock() else {
             return Err(Self::unavailable("redis connection being made"));

@@ -182,3 +182,36 @@ def test_a_paused_redis_is_used_again_once_it_answers(mock, tmp_path):
 
 def test_redis_without_a_url_file_is_refused_at_start(mock, tmp_path):
     assert_refused_at_start(mock, tmp_path, "  redis: {}\n", "no redis.url file")
+
+
+def test_after_a_failure_the_next_seconds_requests_go_without_redis_at_once(mock, tmp_path):
+    # With its connection made already: a Redis that stops answering costs the request that
+    # found out a timeout, not every request of the back-off second another one.
+    (tmp_path / "stopped").mkdir()
+    r = Redis(tmp_path / "stopped")
+    g = pod(tmp_path, mock, r.url, "  cache: {enabled: true, backend: redis, ttl: 10m}\n", "a")
+    try:
+        warm = body(f"warm {uuid.uuid4()}")
+        assert httpx.post(g.url + CHAT, json=warm).headers["cf-aig-cache-status"] == "MISS"
+        # The connection is made and the background write is done: nothing is in flight.
+        deadline = time.monotonic() + 5
+        while httpx.post(g.url + CHAT, json=warm).headers["cf-aig-cache-status"] != "HIT":
+            assert time.monotonic() < deadline, "the entry never landed in Redis"
+            time.sleep(0.05)
+        r.proc.send_signal(signal.SIGSTOP)
+        try:
+            took = []
+            for i in range(4):
+                started = time.monotonic()
+                resp = httpx.post(g.url + CHAT, json=body(f"stopped {i} {uuid.uuid4()}"), timeout=10)
+                took.append(time.monotonic() - started)
+                assert (resp.status_code, resp.headers["cf-aig-cache-status"]) == (200, "MISS")
+        finally:
+            r.proc.send_signal(signal.SIGCONT)
+        # Redis answers within 250 ms or not at all.
+        assert took[0] >= 0.25, f"the first request did not wait for the stopped Redis: {took}"
+        assert max(took[1:]) < 0.2, f"requests during the back-off waited for Redis: {took}"
+    finally:
+        g.stop()
+        r.stop()
+
