@@ -261,10 +261,16 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
                     sidegate_crds::config::REDIS_URL_FILE_NAME
                 ))
             })?;
+            // The key prefix in Redis: unnamed gateways would share each other's entries,
+            // limits and spend.
             let label = match (&config.gateway.namespace, &config.gateway.name) {
                 (Some(ns), Some(n)) => format!("{ns}/{n}"),
                 (None, Some(n)) => n.clone(),
-                _ => "standalone".to_owned(),
+                _ => {
+                    return Err(invalid(
+                        "spec.redis needs the gateway's name (gateway: {name: ...}): it names the gateway's keys in Redis (sidegate:{name}:), which another gateway sharing that Redis must not use".to_owned(),
+                    ));
+                }
             };
             Some(std::sync::Arc::new(
                 crate::shared::Shared::new(url, &label).map_err(invalid)?,
@@ -434,6 +440,39 @@ mod tests {
     }
 
     #[test]
+    fn redis_needs_a_gateway_name_to_keep_its_keys_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).expect("keys dir");
+        std::fs::write(
+            keys.join(sidegate_crds::config::REDIS_URL_FILE_NAME),
+            "redis://127.0.0.1:6379/0",
+        )
+        .expect("url");
+        let load_with = |gateway: &str| {
+            let text = format!("schemaVersion: 1\n{gateway}spec:\n  redis: {{}}\n");
+            let mut src = write_config(dir.path(), &text);
+            src.keys_dir = Some(keys.clone());
+            load(&src)
+        };
+        for unnamed in ["", "gateway: {namespace: team-a}\n"] {
+            let err = load_with(unnamed).expect_err("unnamed");
+            assert!(
+                err.to_string()
+                    .contains("spec.redis needs the gateway's name (gateway: {name: ...})"),
+                "{err}"
+            );
+        }
+        for named in [
+            "gateway: {name: gw}\n",
+            "gateway: {namespace: team-a, name: gw}\n",
+        ] {
+            let snap = load_with(named).unwrap_or_else(|e| panic!("{named}: {e}"));
+            assert!(snap.shared.is_some());
+        }
+    }
+
+    #[test]
     fn usage_limits_and_prices_load_and_bad_ones_are_refused_by_field() {
         let dir = tempfile::tempdir().expect("tempdir");
         let snap = load(&write_config(
@@ -558,7 +597,7 @@ mod tests {
             let value = case.value.repeat(case.repeat.unwrap_or(1));
             std::fs::write(keys.join(&case.file), value.trim()).expect("key file");
             let spec = match case.file.as_str() {
-                sidegate_crds::config::REDIS_URL_FILE_NAME => "{redis: {}}",
+                sidegate_crds::config::REDIS_URL_FILE_NAME => "{redis: {}}\ngateway: {name: gw}",
                 sidegate_crds::config::TOKENS_FILE_NAME => "{authentication: {enabled: true}}",
                 _ => "{}",
             };

@@ -215,3 +215,15 @@ def test_after_a_failure_the_next_seconds_requests_go_without_redis_at_once(mock
         g.stop()
         r.stop()
 
+
+def test_redis_for_a_gateway_without_a_name_is_refused_at_start(mock, tmp_path, redis):
+    # Its keys would be another unnamed gateway's on the same Redis: cache entries, limits, spend.
+    yaml = gateway_yaml(mock.url, extra_spec="  redis: {}\n")
+    unnamed = yaml.replace("gateway: {namespace: team-a, name: main}\n", "")
+    assert unnamed != yaml
+    g = Sidegate(tmp_path, unnamed, dict(DEFAULT_KEYS, **{"redis.url": redis.url}), wait_ready=False)
+    try:
+        assert g.proc.wait(10) == 2
+        assert "spec.redis needs the gateway's name (gateway: {name: ...})" in g.logs()
+    finally:
+        g.stop()
