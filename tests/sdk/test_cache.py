@@ -473,3 +473,47 @@ def test_long_form_accounts_that_reach_the_upstream_url_never_share_entries(mock
     finally:
         g.stop()
         server.stop()
+
+
+ROUTED_SPEC = CACHE_ON + """\
+  routes:
+    - name: plan
+      nodes:
+        - {id: s, type: start, next: c}
+        - {id: c, type: conditional, condition: 'metadata.plan == "paid"', then: big, else: small}
+        - {id: big, type: model, provider: anthropic, model: claude-sonnet-4-5, next: e}
+        - {id: small, type: model, provider: openai, model: gpt-4o-mini, next: e}
+        - {id: e, type: end}
+"""
+
+
+def test_a_conditional_branch_never_answers_with_another_branchs_entry(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=ROUTED_SPEC), DEFAULT_KEYS)
+    try:
+        body = {"model": "dynamic/plan", "messages": [{"role": "user", "content": "which model"}]}
+        def ask(plan):
+            r = post(g, "/compat/chat/completions", body, {"cf-aig-metadata": f'{{"plan": "{plan}"}}'})
+            assert r.status_code == 200, r.text
+            return r.headers["cf-aig-cache-status"], r.headers["cf-aig-model"]
+        assert ask("free") == ("MISS", "gpt-4o-mini")
+        assert ask("paid") == ("MISS", "claude-sonnet-4-5")
+        assert ask("paid") == ("HIT", "claude-sonnet-4-5")
+        assert ask("free") == ("HIT", "gpt-4o-mini")
+    finally:
+        g.stop()
+
+
+def test_a_compat_requests_query_is_part_of_the_key(mock, tmp_path):
+    # The client's api-version goes to Azure: another version, another answer.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=CACHE_ON), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        body = {"model": "azure-openai/res/dep", "messages": [{"role": "user", "content": "versioned"}]}
+        key = {"authorization": "Bearer client-azure-key"}
+        statuses = [post(g, f"/compat/chat/completions?api-version={v}", body, key).headers["cf-aig-cache-status"]
+                    for v in ("2024-10-21", "2025-01-01-preview", "2024-10-21")]
+        assert statuses == ["MISS", "MISS", "HIT"]
+        assert [q["query"] for q in mock.requests()] == ["api-version=2024-10-21", "api-version=2025-01-01-preview"]
+    finally:
+        g.stop()
+

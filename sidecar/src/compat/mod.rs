@@ -948,7 +948,8 @@ pub(crate) async fn answer(
         }
     };
 
-    // cache lookup (a routed request is keyed by its route, not by the target it lands on)
+    // cache lookup (a routed request is keyed by its route and the target it lands on first:
+    // a conditional branch or a percentage split never answers with another branch's entry)
     let want = cache::want(&snap.cache, aig).map_err(fail)?;
     let retries = snap.retries.with_headers(aig).map_err(fail)?;
     // Whose key goes upstream is part of the key when it is the client's: for a plain model
@@ -961,12 +962,15 @@ pub(crate) async fn answer(
             && matches!(provider.choose_key(alias), Ok(KeyChoice::ClientOwn)))
         .then(|| provider.auth_headers())
     };
+    let routed_to =
+        (routed && want.is_some()).then(|| format!("{model}\0{}/{}", first.provider, first.model));
     let lookup = cache::Request {
         scope: universal.as_ref().map_or("compat", |u| u.scope),
-        provider: if routed { &model } else { &provider.id },
+        provider: routed_to.as_deref().unwrap_or(&provider.id),
         method: parts.method.as_str(),
         path,
-        query: None,
+        // The client's query goes upstream (an Azure target's `api-version`).
+        query: parts.uri.query(),
         alias: alias.unwrap_or("default"),
         headers: &parts.headers,
         client_auth,
