@@ -262,14 +262,18 @@ pub struct Request<'a> {
 }
 
 /// Request headers that go upstream and change the provider's answer (the OpenAI project or
-/// organization it runs in, the Anthropic API version and betas): requests that differ in them
-/// never share an entry.
-pub static ANSWER_HEADERS: [HeaderName; 5] = [
+/// organization it runs in, the Anthropic API version and betas, the Bedrock guardrail applied
+/// and its trace, the format asked for): requests that differ in them never share an entry.
+pub static ANSWER_HEADERS: [HeaderName; 9] = [
     HeaderName::from_static("openai-organization"),
     HeaderName::from_static("openai-project"),
     HeaderName::from_static("openai-beta"),
     HeaderName::from_static("anthropic-version"),
     HeaderName::from_static("anthropic-beta"),
+    HeaderName::from_static("x-amzn-bedrock-guardrailidentifier"),
+    HeaderName::from_static("x-amzn-bedrock-guardrailversion"),
+    HeaderName::from_static("x-amzn-bedrock-trace"),
+    header::ACCEPT,
 ];
 
 /// The key of a request: its route, whose credentials and the headers that change the answer,
@@ -835,7 +839,15 @@ mod tests {
         assert_ne!(key(&ra, None), key(&rb, None));
         assert_ne!(key(&ra, None), base);
         assert_ne!(key(&ra, Some("k")), key(&rb, Some("k")));
-        for name in ["openai-organization", "anthropic-version", "anthropic-beta"] {
+        for name in [
+            "openai-organization",
+            "anthropic-version",
+            "anthropic-beta",
+            "x-amzn-bedrock-guardrailidentifier",
+            "x-amzn-bedrock-guardrailversion",
+            "x-amzn-bedrock-trace",
+            "accept",
+        ] {
             let h = with(name, "x");
             let mut r = req(body, "default");
             r.headers = &h;

@@ -517,3 +517,24 @@ def test_a_compat_requests_query_is_part_of_the_key(mock, tmp_path):
     finally:
         g.stop()
 
+
+BEDROCK_STREAM = "/aws-bedrock/bedrock-runtime/us-west-2/model/anthropic.claude-3-haiku-20240307-v1:0/converse-stream"
+SIGNED = {"authorization": "AWS4-HMAC-SHA256 Credential=AKIDALICE/20260101/us-west-2/bedrock/aws4_request, "
+                           "SignedHeaders=host;x-amz-date, Signature=aa", "x-amz-date": "20260101T000000Z"}
+
+
+def test_bedrock_guardrail_headers_are_part_of_the_key(mock, tmp_path):
+    # Another guardrail (or none) is another answer: a cached unguarded answer must not reach a
+    # request that names a guardrail.
+    spec = f"    aws-bedrock: {{baseURL: '{mock.url}'}}\n" + CACHE_ON
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        path = BEDROCK_STREAM.removesuffix("-stream")
+        body = {"messages": [{"role": "user", "content": [{"text": "guard me"}]}]}
+        guarded = {**SIGNED, "x-amzn-bedrock-guardrailidentifier": "gr-1", "x-amzn-bedrock-guardrailversion": "1"}
+        statuses = [post(g, path, body, h).headers["cf-aig-cache-status"]
+                    for h in (SIGNED, guarded, {**guarded, "x-amzn-bedrock-guardrailversion": "2"},
+                              {**guarded, "x-amzn-bedrock-trace": "ENABLED"}, guarded)]
+        assert statuses == ["MISS", "MISS", "MISS", "MISS", "HIT"]
+    finally:
+        g.stop()
