@@ -4,8 +4,11 @@
 //! BYOK alias, or a digest of the client's own provider key), the request headers that change
 //! the answer ([`ANSWER_HEADERS`]), and the request body normalized as JSON (object keys sorted,
 //! whitespace dropped) — or, in place of the body, `cf-aig-cache-key` when the client names one
-//! (so a custom key never reaches across providers, routes or keys). Only `200` responses are stored; streamed (SSE) ones only with
-//! `spec.cache.streaming`. A response is copied into the cache as it streams to the client and
+//! (so a custom key never reaches across providers, routes or keys). Only `POST`s to inference
+//! endpoints are looked up and stored ([`cacheable`]), and only their `200` responses, without
+//! the headers that are one response's own; streamed ones (server-sent events, Bedrock's event
+//! streams, Gemini's JSON stream) only with `spec.cache.streaming`, and only when they ended
+//! whole (`ended_whole`). A response is copied into the cache as it streams to the client and
 //! stored once its last byte went through; a body that fails, is cut off or outgrows one entry's
 //! share of the cache is not stored. Entries expire after their TTL and the least valuable ones
 //! are evicted when the cache is full (S3-FIFO, by size).
@@ -276,6 +279,98 @@ pub static ANSWER_HEADERS: [HeaderName; 9] = [
     header::ACCEPT,
 ];
 
+/// Last path segments of the endpoints whose answer is the model's answer to the request body
+/// (chat, completions, messages, embeddings, rerank, moderation, images, speech, Bedrock's
+/// Converse and InvokeModel; the Responses API's `responses` unless in the background), which
+/// [`cacheable`] lets the cache answer.
+const INFERENCE: [&str; 18] = [
+    "completions",
+    "completion",
+    "chat",
+    "messages",
+    "count_tokens",
+    "embeddings",
+    "embed",
+    "rerank",
+    "moderations",
+    "generate",
+    "generations",
+    "speech",
+    "transcriptions",
+    "translations",
+    "converse",
+    "converse-stream",
+    "invoke",
+    "invoke-with-response-stream",
+];
+
+/// Google's (AI Studio, Vertex) model methods (`models/{m}:{method}`) that answer the body.
+const GOOGLE_INFERENCE: [&str; 8] = [
+    "generateContent",
+    "streamGenerateContent",
+    "embedContent",
+    "batchEmbedContents",
+    "countTokens",
+    "predict",
+    "rawPredict",
+    "streamRawPredict",
+];
+
+/// Path segments of stored state (OpenAI's threads and their messages and runs, assistants,
+/// batches, vector stores): nothing under them is answered from the cache.
+const STATEFUL: [&str; 4] = ["threads", "assistants", "batches", "vector_stores"];
+
+/// Whether a request's answer may come from the cache and be stored in it: a `POST` to an
+/// inference endpoint — its answer is the model's answer to the body. Everything else reads or
+/// changes state the provider keeps (a batch's, a run's or a stored response's status, a
+/// thread's messages, a file, a `background: true` response, a deletion), and is answered by
+/// the provider every time, as with `cf-aig-skip-cache`.
+pub fn cacheable(r: &Request<'_>) -> bool {
+    if r.method != "POST" {
+        return false;
+    }
+    let path = r.path.trim_matches('/');
+    if path.split('/').any(|s| STATEFUL.contains(&s)) {
+        return false;
+    }
+    // Workers AI runs the model its path names (`@cf/...`, `@hf/...`), the Hugging Face
+    // Inference API too (`models/{model}`, `pipeline/{task}/{model}`).
+    if path.starts_with('@')
+        || path.contains("/@")
+        || (r.provider == "huggingface"
+            && (path.starts_with("models/") || path.starts_with("pipeline/")))
+    {
+        return true;
+    }
+    let last = path.rsplit('/').next().unwrap_or_default();
+    if let Some((_, method)) = last.rsplit_once(':') {
+        return GOOGLE_INFERENCE.contains(&method);
+    }
+    if last == "responses" {
+        // A background response is fetched later by its id: each request makes one.
+        return !background(r.body);
+    }
+    INFERENCE.contains(&last)
+}
+
+/// Whether a Responses API body asks for a background response (or cannot be read to tell).
+fn background(body: &[u8]) -> bool {
+    if memchr::memmem::find(body, b"\"background\"").is_none() {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(body).map_or(true, |v| {
+        v.get("background").and_then(serde_json::Value::as_bool) == Some(true)
+    })
+}
+
+/// Whether a request asks for a stream that its answer's content type does not mark as one:
+/// Gemini's `:streamGenerateContent` without `alt=sse`, a JSON array written as it is made.
+pub fn streams_json(r: &Request<'_>) -> bool {
+    r.path
+        .trim_end_matches('/')
+        .ends_with(":streamGenerateContent")
+}
+
 /// The key of a request: its route, whose credentials and the headers that change the answer,
 /// then its body — or, instead of the body, `custom` from `cf-aig-cache-key`, which names
 /// an entry within that scope and never reaches another provider, route or key's entries.
@@ -488,6 +583,7 @@ impl Store {
             status,
             headers,
             streaming,
+            framing(headers, false),
         )
     }
 }
@@ -503,6 +599,7 @@ pub enum Sink {
 
 /// Starts copying a `200` response into `sink`; `None` when it must not be stored (another
 /// status, a stream without `streaming`, a declared length over `max_entry`).
+#[allow(clippy::too_many_arguments)]
 fn start_fill(
     sink: Sink,
     max_entry: usize,
@@ -511,17 +608,20 @@ fn start_fill(
     status: StatusCode,
     headers: &HeaderMap,
     streaming: bool,
+    framing: Framing,
 ) -> Option<Fill> {
     if status != StatusCode::OK {
         return None;
     }
-    if is_event_stream(headers) && !streaming {
+    if framing != Framing::Whole && !streaming {
         return None;
     }
     let mut kept = headers.clone();
-    // Per response: hyper sets a fresh Date; the gateway's own headers are added per hit, but
-    // those naming what produced the answer stay with it.
+    // Per response: hyper sets a fresh Date, the provider's request ids, rate-limit counts and
+    // cookies are this response's own; the gateway's own headers are added per hit, but those
+    // naming what produced the answer stay with it.
     kept.remove(header::DATE);
+    remove_per_response_headers(&mut kept);
     remove_gateway_headers(&mut kept);
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -539,15 +639,223 @@ fn start_fill(
         headers: kept,
         buf: BytesMut::with_capacity(declared.unwrap_or(4096).min(max_entry)),
         flight: None,
+        framing,
     })
 }
 
-/// Whether a response is a stream of server-sent events.
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
+/// How a response's body is framed: one whole document, or a stream whose copy is stored only
+/// once it is known to have ended whole ([`ended_whole`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Not a stream: whole when its last byte came.
+    Whole,
+    /// Server-sent events (`text/event-stream`).
+    Sse,
+    /// AWS's binary event stream (`application/vnd.amazon.eventstream`: Bedrock's
+    /// ConverseStream and InvokeModelWithResponseStream).
+    EventStream,
+    /// A JSON array written as it is made (Gemini's `:streamGenerateContent` without
+    /// `alt=sse`), `json_stream` of [`framing`].
+    JsonArray,
+}
+
+/// The framing of a response with `headers`, to a request that asked for a JSON stream
+/// (`json_stream`, [`streams_json`]) or not.
+fn framing(headers: &HeaderMap, json_stream: bool) -> Framing {
+    let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"))
+        .unwrap_or_default()
+        .trim_start();
+    let is = |mime: &str| {
+        ct.get(..mime.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(mime))
+    };
+    if is("text/event-stream") {
+        Framing::Sse
+    } else if is("application/vnd.amazon.eventstream") {
+        Framing::EventStream
+    } else if json_stream {
+        Framing::JsonArray
+    } else {
+        Framing::Whole
+    }
+}
+
+/// Whether a stream's copy (`body`, all of it) ended whole: with its format's last event
+/// (OpenAI's `data: [DONE]`, Anthropic's `message_stop`, the Responses API's
+/// `response.completed` or `response.incomplete`, Cohere's `message-end`, a Gemini chunk with
+/// a `finishReason`, Bedrock's `messageStop` or the last InvokeModel chunk with its
+/// `amazon-bedrock-invocationMetrics`) and without an error in it (an `error` or
+/// `response.failed` event, an `{"error": ...}` chunk, an event-stream exception). A stream of
+/// a format that shows neither is never stored: an answer cut short looks like a whole one.
+fn ended_whole(framing: Framing, body: &[u8]) -> bool {
+    match framing {
+        Framing::Whole => true,
+        Framing::Sse => sse_ended_whole(body),
+        Framing::EventStream => event_stream_ended_whole(body),
+        Framing::JsonArray => json_array_ended_whole(body),
+    }
+}
+
+/// What one server-sent event says of the stream's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    /// The stream's last event: the answer is complete.
+    End,
+    /// The answer failed.
+    Error,
+    /// Any other event.
+    Other,
+}
+
+fn sse_ended_whole(body: &[u8]) -> bool {
+    let mut parser = crate::compat::sse::SseParser::new();
+    let (mut ended, mut failed) = (false, false);
+    parser.feed(body, &mut |e| match sse_mark(e.name, e.data) {
+        Mark::End => ended = true,
+        Mark::Error => failed = true,
+        Mark::Other => {}
+    });
+    ended && !failed
+}
+
+fn sse_mark(name: &str, data: &str) -> Mark {
+    let kind = if name.is_empty() {
+        json_type(data).unwrap_or_default()
+    } else {
+        name
+    };
+    match kind {
+        "message_stop" | "response.completed" | "response.incomplete" | "message-end" => {
+            return Mark::End;
+        }
+        "error" | "response.failed" => return Mark::Error,
+        _ => {}
+    }
+    let data = data.trim();
+    if data == "[DONE]" {
+        return Mark::End;
+    }
+    if json_first_key(data) == Some("error") {
+        return Mark::Error;
+    }
+    if data.contains("\"finishReason\"") {
+        return Mark::End;
+    }
+    Mark::Other
+}
+
+/// The first key of a JSON object, when it is a plain string (`{"error": ...}` → `error`).
+fn json_first_key(data: &str) -> Option<&str> {
+    let rest = data.trim_start().strip_prefix('{')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    let end = rest.find(['"', '\\'])?;
+    Some(&rest[..end])
+}
+
+/// The value of a JSON object's `type` when it is its first member (`{"type":"message_stop"}`),
+/// as Anthropic and the Responses API write their events.
+fn json_type(data: &str) -> Option<&str> {
+    let rest = data.trim_start().strip_prefix('{')?.trim_start();
+    let rest = rest.strip_prefix("\"type\"")?.trim_start();
+    let rest = rest.strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let end = rest.find(['"', '\\'])?;
+    Some(&rest[..end])
+}
+
+fn event_stream_ended_whole(body: &[u8]) -> bool {
+    let mut decoder = crate::compat::eventstream::Decoder::new();
+    decoder.push(body);
+    let mut ended = false;
+    while let Some(message) = decoder.next_message() {
+        let Ok(message) = message else {
+            return false;
+        };
+        // `exception` or `error`: the answer failed.
+        if message
+            .header_str(":message-type")
+            .is_some_and(|t| t != "event")
+        {
+            return false;
+        }
+        match message.header_str(":event-type") {
+            Some("messageStop") => ended = true,
+            Some("chunk") => ended = invoke_chunk_is_last(&message.payload),
+            _ => {}
+        }
+    }
+    ended && decoder.pending() == 0
+}
+
+/// Whether an InvokeModelWithResponseStream chunk (`{"bytes": "<base64 of the model's own
+/// event>"}`) is the last: Bedrock adds `amazon-bedrock-invocationMetrics` to that one.
+fn invoke_chunk_is_last(payload: &[u8]) -> bool {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        bytes: String,
+    }
+    serde_json::from_slice::<Chunk>(payload)
+        .ok()
+        .and_then(|c| {
+            base64::engine::general_purpose::STANDARD
+                .decode(c.bytes)
+                .ok()
+        })
+        .is_some_and(|event| {
+            memchr::memmem::find(&event, b"\"amazon-bedrock-invocationMetrics\"").is_some()
+        })
+}
+
+fn json_array_ended_whole(body: &[u8]) -> bool {
+    use serde_json::Value;
+    let Ok(Value::Array(chunks)) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let finished = |c: &Value| {
+        c.get("candidates")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| cs.iter().any(|c| c.get("finishReason").is_some()))
+    };
+    chunks.iter().all(|c| c.get("error").is_none()) && chunks.iter().any(finished)
+}
+
+/// Response headers that belong to one response and are not stored with its answer: the
+/// provider's request ids, processing times and rate-limit counts, its cookies, and a wait it
+/// asked for.
+const PER_RESPONSE_HEADERS: [&str; 10] = [
+    "set-cookie",
+    "x-request-id",
+    "request-id",
+    "cf-ray",
+    "openai-processing-ms",
+    "retry-after",
+    "x-amzn-requestid",
+    "apim-request-id",
+    "x-envoy-upstream-service-time",
+    "server-timing",
+];
+
+/// Prefixes of the per-response headers (rate-limit counts).
+const PER_RESPONSE_PREFIXES: [&str; 2] = ["x-ratelimit-", "anthropic-ratelimit-"];
+
+fn remove_per_response_headers(headers: &mut HeaderMap) {
+    for name in PER_RESPONSE_HEADERS {
+        headers.remove(name);
+    }
+    let counts: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            PER_RESPONSE_PREFIXES
+                .iter()
+                .any(|p| n.as_str().starts_with(p))
+        })
+        .cloned()
+        .collect();
+    for n in counts {
+        headers.remove(n);
+    }
 }
 
 /// The gateway headers that say what served an answer (the step, provider and model a dynamic
@@ -581,6 +889,8 @@ pub struct Miss {
     pub ttl: Duration,
     /// Whether streamed responses are stored too.
     pub streaming: bool,
+    /// The request asks for a JSON stream ([`streams_json`]).
+    pub json_stream: bool,
     /// Held while this request fetches for others waiting on the same key.
     pub flight: Option<FlightGuard>,
 }
@@ -591,6 +901,7 @@ impl Miss {
     /// lets them go at once too: a replay would reach them only after the whole stream, as
     /// long as the model takes to write it, while their own call starts answering at once.
     pub fn fill(&mut self, status: StatusCode, headers: &HeaderMap) -> Option<Fill> {
+        let framing = framing(headers, self.json_stream);
         let mut fill = start_fill(
             self.sink.clone(),
             self.max_entry,
@@ -599,10 +910,11 @@ impl Miss {
             status,
             headers,
             self.streaming,
+            framing,
         );
         let flight = self.flight.take();
         if let Some(f) = &mut fill
-            && !is_event_stream(headers)
+            && framing == Framing::Whole
         {
             f.flight = flight;
         }
@@ -620,6 +932,7 @@ pub struct Fill {
     headers: HeaderMap,
     buf: BytesMut,
     flight: Option<FlightGuard>,
+    framing: Framing,
 }
 
 impl Fill {
@@ -639,8 +952,12 @@ impl Fill {
         true
     }
 
-    /// The body ended: store it (the flight ends once it is stored).
+    /// The body ended: store it (the flight ends once it is stored), unless it is a stream
+    /// that did not end whole (`ended_whole`).
     pub fn finish(self) {
+        if !ended_whole(self.framing, &self.buf) {
+            return;
+        }
         let body = self.buf.freeze();
         match self.sink {
             Sink::Memory(store) => {
@@ -868,6 +1185,297 @@ mod tests {
         assert_eq!(key(&r, None), base);
         r.accept_encoding = true;
         assert_ne!(key(&r, None), base);
+    }
+
+    #[test]
+    fn only_posts_to_inference_endpoints_are_cacheable() {
+        let at = |provider: &'static str, method: &'static str, path: &'static str| {
+            let mut r = req(br#"{"model":"m"}"#, "default");
+            (r.provider, r.method, r.path) = (provider, method, path);
+            cacheable(&r)
+        };
+        for (provider, path) in [
+            ("openai", "chat/completions"),
+            ("openai", "v1/completions"),
+            ("openai", "embeddings"),
+            ("openai", "responses"),
+            ("openai", "images/generations"),
+            ("openai", "audio/speech"),
+            ("openai", "moderations"),
+            ("anthropic", "v1/messages"),
+            ("azure-openai", "res/dep/chat/completions"),
+            (
+                "google-ai-studio",
+                "v1beta/models/gemini-2.5-flash:generateContent",
+            ),
+            (
+                "google-ai-studio",
+                "v1beta/models/gemini-2.5-flash:streamGenerateContent",
+            ),
+            (
+                "google-vertex-ai",
+                "v1/projects/p/locations/l/publishers/anthropic/models/c@1:streamRawPredict",
+            ),
+            (
+                "aws-bedrock",
+                "bedrock-runtime/us-east-1/model/a.b-v1:0/converse",
+            ),
+            (
+                "aws-bedrock",
+                "bedrock-runtime/us-east-1/model/a.b-v1:0/converse-stream",
+            ),
+            (
+                "aws-bedrock",
+                "bedrock-runtime/us-east-1/model/a.b-v1:0/invoke",
+            ),
+            (
+                "aws-bedrock",
+                "bedrock-runtime/us-east-1/model/a.b-v1:0/invoke-with-response-stream",
+            ),
+            ("workers-ai", "@cf/meta/llama-3.1-8b-instruct"),
+            ("cohere", "v2/chat"),
+            ("cohere", "v2/rerank"),
+            ("huggingface", "models/org/model"),
+            ("compat", "compat/chat/completions"),
+        ] {
+            assert!(at(provider, "POST", path), "{provider} POST {path}");
+        }
+        for (method, path) in [
+            ("GET", "responses/resp_1"),
+            ("GET", "chat/completions"),
+            ("GET", "batches/batch_1"),
+            ("GET", "threads/t/runs/run_1"),
+            ("DELETE", "responses/resp_1"),
+            ("POST", "threads/t/runs"),
+            ("POST", "threads/t/messages"),
+            ("POST", "batches"),
+            ("POST", "v1/messages/batches"),
+            ("POST", "files"),
+            ("POST", "responses/resp_1/cancel"),
+            ("POST", "chat/completions/chatcmpl-1"),
+            (
+                "POST",
+                "v1beta/models/gemini-2.5-flash:batchGenerateContent",
+            ),
+            ("POST", "v1/models/veo:predictLongRunning"),
+            ("POST", "bedrock-runtime/us-east-1/async-invoke"),
+        ] {
+            assert!(!at("openai", method, path), "{method} {path}");
+        }
+        let mut r = req(br#"{"model":"m","background":true}"#, "default");
+        r.path = "responses";
+        assert!(!cacheable(&r), "a background response");
+        r.body = br#"{"model":"m","background":false}"#;
+        assert!(cacheable(&r));
+    }
+
+    #[test]
+    fn the_stored_headers_are_not_one_responses_own() {
+        let store = Arc::new(Store::new(1 << 20));
+        let mut h = json_headers();
+        for (name, value) in [
+            ("set-cookie", "__cf_bm=abc; path=/"),
+            ("x-request-id", "req_1"),
+            ("request-id", "req_2"),
+            ("cf-ray", "8f00-SJC"),
+            ("openai-processing-ms", "120"),
+            ("retry-after", "3"),
+            ("x-ratelimit-remaining-requests", "99"),
+            ("anthropic-ratelimit-tokens-remaining", "1000"),
+            ("openai-version", "2020-10-01"),
+        ] {
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        store
+            .fill([9; 32], DEFAULT_TTL, StatusCode::OK, &h, false)
+            .expect("fill")
+            .whole(b"{}");
+        let e = store.get(&[9; 32]).expect("stored");
+        let mut names: Vec<&str> = e.headers.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "cf-aig-provider",
+                "cf-aig-step",
+                "content-type",
+                "openai-version"
+            ]
+        );
+    }
+
+    fn stored(content_type: &'static str, json_stream: bool, body: &[u8]) -> bool {
+        let store = Arc::new(Store::new(1 << 20));
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let mut miss = Miss {
+            sink: Sink::Memory(store.clone()),
+            max_entry: store.max_entry(),
+            key: [1; 32],
+            ttl: DEFAULT_TTL,
+            streaming: true,
+            json_stream,
+            flight: None,
+        };
+        miss.fill(StatusCode::OK, &h).expect("fill").whole(body);
+        store.get(&[1; 32]).is_some()
+    }
+
+    fn event_stream(messages: &[(&str, &str, &[u8])]) -> Vec<u8> {
+        messages
+            .iter()
+            .flat_map(|(kind, name, payload)| {
+                let name_header = if *kind == "event" {
+                    ":event-type"
+                } else {
+                    ":exception-type"
+                };
+                crate::compat::eventstream::encode(
+                    &[(":message-type", kind), (name_header, name)],
+                    payload,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_stream_is_stored_only_when_it_ended_with_its_last_event_and_no_error() {
+        let sse = "text/event-stream; charset=utf-8";
+        let whole: [&[u8]; 6] = [
+            b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n",
+            b"event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"   }\n\n",
+            b"data: {\"type\":\"message_delta\"}\n\ndata: {\"type\": \"message_stop\"}\n\n",
+            b"event: response.created\ndata: {}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{}}\n\n",
+            b"event: response.incomplete\ndata: {\"type\":\"response.incomplete\"}\n\n",
+            b"data: {\"candidates\": [{\"content\": {}}]}\r\n\r\ndata: {\"candidates\": [{\"finishReason\": \"STOP\"}]}\r\n\r\n",
+        ];
+        for body in whole {
+            assert!(
+                stored(sse, false, body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        let broken: [&[u8]; 8] = [
+            // Cut short: no last event.
+            b"data: {\"choices\":[]}\n\n",
+            b"event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: message_delta\ndata: {}\n\n",
+            b"event: response.created\ndata: {}\n\nevent: response.output_text.delta\ndata: {}\n\n",
+            b"data: {\"candidates\": [{\"content\": {}}]}\r\n\r\n",
+            // Failed in the stream.
+            b"event: message_start\ndata: {}\n\nevent: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\n\nevent: message_stop\ndata: {}\n\n",
+            b"event: response.created\ndata: {}\n\nevent: response.failed\ndata: {\"type\":\"response.failed\"}\n\n",
+            b"data: {\"candidates\": [{\"finishReason\": \"STOP\"}]}\n\ndata: {\"error\": {\"code\": 500}}\n\n",
+            // A stream that shows no end is never stored.
+            b"data: {\"choices\":[{\"finish_reason\":\"stop\"}]}\n\n",
+        ];
+        for body in broken {
+            assert!(
+                !stored(sse, false, body),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Bedrock's binary event streams.
+        let amz = "application/vnd.amazon.eventstream";
+        let converse = event_stream(&[
+            ("event", "messageStart", b"{}"),
+            ("event", "contentBlockDelta", b"{}"),
+            ("event", "messageStop", b"{}"),
+            ("event", "metadata", b"{}"),
+        ]);
+        assert!(stored(amz, false, &converse));
+        assert!(
+            !stored(amz, false, &converse[..converse.len() - 3]),
+            "cut mid-message"
+        );
+        let cut = event_stream(&[
+            ("event", "messageStart", b"{}"),
+            ("event", "contentBlockDelta", b"{}"),
+        ]);
+        assert!(!stored(amz, false, &cut));
+        let failed = event_stream(&[
+            ("event", "messageStart", b"{}"),
+            ("exception", "throttlingException", b"{}"),
+            ("event", "messageStop", b"{}"),
+        ]);
+        assert!(!stored(amz, false, &failed));
+        use base64::Engine as _;
+        let chunk = |event: &str| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(event);
+            format!("{{\"bytes\":\"{b64}\"}}").into_bytes()
+        };
+        let first = chunk(r#"{"type":"content_block_delta"}"#);
+        let last = chunk(
+            r#"{"type":"message_stop","amazon-bedrock-invocationMetrics":{"inputTokenCount":1}}"#,
+        );
+        let invoke = event_stream(&[("event", "chunk", &first), ("event", "chunk", &last)]);
+        assert!(stored(amz, false, &invoke));
+        assert!(!stored(
+            amz,
+            false,
+            &event_stream(&[("event", "chunk", &first)])
+        ));
+        // Gemini's JSON stream (no alt=sse): a JSON array.
+        let json = "application/json; charset=UTF-8";
+        let gemini = br#"[{"candidates": [{"content": {}}]}
+,{"candidates": [{"content": {}, "finishReason": "STOP"}]}
+]"#;
+        assert!(stored(json, true, gemini));
+        assert!(
+            !stored(json, true, &gemini[..gemini.len() - 2]),
+            "cut short"
+        );
+        assert!(!stored(
+            json,
+            true,
+            br#"[{"candidates": [{"content": {}}]}, {"error": {"code": 500}}]"#
+        ));
+        assert!(stored(json, false, b"{}"), "not a stream");
+    }
+
+    #[test]
+    fn bedrock_and_gemini_json_streams_are_streams() {
+        // Stored only with `streaming`, and identical requests do not wait for them.
+        let store = Arc::new(Store::new(1 << 20));
+        let mut amz = HeaderMap::new();
+        amz.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/vnd.amazon.eventstream"),
+        );
+        assert!(
+            store
+                .fill([3; 32], DEFAULT_TTL, StatusCode::OK, &amz, false)
+                .is_none()
+        );
+        let flights = Flights::default();
+        for (headers, json_stream) in [(amz, false), (json_headers(), true)] {
+            let Flight::Leader(guard) = flights.join([5; 32]) else {
+                panic!("leads");
+            };
+            let mut miss = Miss {
+                sink: Sink::Memory(store.clone()),
+                max_entry: store.max_entry(),
+                key: [5; 32],
+                ttl: DEFAULT_TTL,
+                streaming: false,
+                json_stream,
+                flight: Some(guard),
+            };
+            assert!(miss.fill(StatusCode::OK, &headers).is_none());
+            assert!(flights.is_empty(), "the waiting requests go on");
+            let Flight::Leader(guard) = flights.join([5; 32]) else {
+                panic!("leads");
+            };
+            miss.flight = Some(guard);
+            miss.streaming = true;
+            let fill = miss.fill(StatusCode::OK, &headers).expect("fill");
+            assert!(flights.is_empty(), "a stream lets them go at once");
+            drop(fill);
+        }
     }
 
     #[test]

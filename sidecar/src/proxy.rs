@@ -304,6 +304,11 @@ impl Gateway {
         let Some(want) = want else {
             return Cached::Off;
         };
+        // Decided before any key or flight: a status poll, a run or a deletion is answered by
+        // the provider every time.
+        if !cache::cacheable(req) {
+            return Cached::Off;
+        }
         if want.skip {
             self.metrics.count_cache("skip");
             return Cached::Off;
@@ -345,6 +350,7 @@ impl Gateway {
                 key,
                 ttl: want.ttl,
                 streaming: snap.cache.streaming,
+                json_stream: cache::streams_json(req),
                 flight,
             });
         };

@@ -475,6 +475,160 @@ def test_long_form_accounts_that_reach_the_upstream_url_never_share_entries(mock
         server.stop()
 
 
+def numbered_server(n=12, **kw):
+    """A server whose answers are numbered, {"n": 1}, {"n": 2}, ...: a repeated number is a replay."""
+    return FixedAnswerServer(b'{"n": 1}', then=[(200, b'{"n": %d}' % i) for i in range(2, n)], **kw)
+
+
+def test_only_posts_to_inference_endpoints_are_cached(mock, tmp_path):
+    # A status poll, a run, a background response: state the provider keeps, which a replay
+    # would freeze for the TTL (a poll never seeing its job finish, a run never started).
+    server = numbered_server()
+    spec = f"    custom-state: {{baseURL: '{server.url}/v1'}}\n" + CACHE_ON
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        own = {"authorization": "Bearer client-key"}
+        def twice(method, path, body=None):
+            return [httpx.request(method, g.url + "/custom-state/" + path, json=body, headers=own, timeout=10)
+                    for _ in range(2)]
+        for method, path, body in [
+            ("GET", "responses/resp_1", None),
+            ("GET", "batches/batch_1", None),
+            ("POST", "threads/thread_1/runs", {"assistant_id": "asst_1"}),
+            ("POST", "responses", {"model": "gpt-4o-mini", "input": "later", "background": True}),
+        ]:
+            answers = twice(method, path, body)
+            assert [r.status_code for r in answers] == [200, 200], (method, path)
+            assert answers[0].json()["n"] != answers[1].json()["n"], f"{method} {path} was replayed"
+            assert [r.headers["cf-aig-cache-status"] for r in answers] == ["MISS", "MISS"]
+        # The model's answers still are.
+        for path, body in [("chat/completions", chat_body()), ("responses", {"model": "gpt-4o-mini", "input": "now"})]:
+            answers = twice("POST", path, body)
+            assert [r.headers["cf-aig-cache-status"] for r in answers] == ["MISS", "HIT"], path
+            assert answers[0].json() == answers[1].json()
+    finally:
+        g.stop()
+        server.stop()
+
+
+ANTHROPIC_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+                   b'"role":"assistant","content":[],"model":"claude-haiku-4-5","usage":{"input_tokens":3,"output_tokens":1}}}\n\n'
+                   b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+                   b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}}\n\n')
+ANTHROPIC_END = (b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+                 b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":2}}\n\n'
+                 b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+RESPONSES_START = (b'event: response.created\ndata: {"type":"response.created","response":{"id":"resp_1","status":"in_progress"}}\n\n'
+                   b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Hel"}\n\n')
+
+
+@pytest.mark.parametrize("path,stream,whole", [
+    ("v1/messages", ANTHROPIC_START + ANTHROPIC_END, True),
+    ("v1/messages", ANTHROPIC_START + b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n', False),
+    ("v1/messages", ANTHROPIC_START, False),
+    ("v1/responses", RESPONSES_START + b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"resp_1","status":"completed"}}\n\n', True),
+    ("v1/responses", RESPONSES_START + b'event: response.failed\ndata: {"type":"response.failed","response":{"id":"resp_1","status":"failed"}}\n\n', False),
+    ("v1/responses", RESPONSES_START + b'event: error\ndata: {"type":"error","code":"server_error","message":"boom"}\n\n', False),
+    ("v1/responses", RESPONSES_START, False),
+], ids=["anthropic-whole", "anthropic-error-event", "anthropic-no-message-stop", "responses-whole",
+        "responses-failed", "responses-error-event", "responses-no-completed"])
+def test_a_stream_that_failed_in_band_or_ended_without_its_last_event_is_not_stored(mock, tmp_path, path, stream, whole):
+    # The provider's 200 stream carries its failure as an event, or just stops: a replay of it
+    # would serve that failure as an answer for the whole TTL.
+    server = FixedAnswerServer(stream, content_type="text/event-stream")
+    spec = f"    custom-sse: {{baseURL: '{server.url}'}}\n  cache: {{enabled: true, streaming: true}}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        body = {"model": "m", "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        answers = [post(g, "/custom-sse/" + path, body, {"x-api-key": "client-key"}) for _ in range(2)]
+        assert [r.status_code for r in answers] == [200, 200]
+        assert answers[0].content == stream
+        statuses = [r.headers["cf-aig-cache-status"] for r in answers]
+        assert statuses == (["MISS", "HIT"] if whole else ["MISS", "MISS"])
+    finally:
+        g.stop()
+        server.stop()
+
+
+BEDROCK_STREAM = "/aws-bedrock/bedrock-runtime/us-west-2/model/anthropic.claude-3-haiku-20240307-v1:0/converse-stream"
+SIGNED = {"authorization": "AWS4-HMAC-SHA256 Credential=AKIDALICE/20260101/us-west-2/bedrock/aws4_request, "
+                           "SignedHeaders=host;x-amz-date, Signature=aa", "x-amz-date": "20260101T000000Z"}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bedrock_and_gemini_streams_are_streams(mock, tmp_path, streaming):
+    # Bedrock's binary event streams, and Gemini's JSON stream (no alt=sse): stored only with
+    # `streaming: true`, and then only whole.
+    gemini_json = (b'[{"candidates": [{"content": {"parts": [{"text": "Hel"}], "role": "model"}, "index": 0}]}\r\n,'
+                   b'{"candidates": [{"content": {"parts": [{"text": "lo"}], "role": "model"}, "finishReason": "STOP", "index": 0}],'
+                   b' "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 2, "totalTokenCount": 3}}\r\n]')
+    server = FixedAnswerServer(gemini_json)
+    spec = (f"    aws-bedrock: {{baseURL: '{mock.url}'}}\n    google-ai-studio: {{baseURL: '{mock.url}'}}\n"
+            f"    custom-gemini: {{baseURL: '{server.url}'}}\n"
+            f"  cache: {{enabled: true, streaming: {str(streaming).lower()}}}\n")
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        expected = ["MISS", "HIT"] if streaming else ["MISS", "MISS"]
+        bedrock = [post(g, BEDROCK_STREAM, {"messages": [{"role": "user", "content": [{"text": "stream"}]}]}, SIGNED)
+                   for _ in range(2)]
+        assert [r.status_code for r in bedrock] == [200, 200]
+        assert bedrock[0].headers["content-type"] == "application/vnd.amazon.eventstream"
+        assert [r.headers["cf-aig-cache-status"] for r in bedrock] == expected
+        assert len(mock.requests()) == (1 if streaming else 2)
+        gemini_path = "/custom-gemini/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+        gemini = [post(g, gemini_path, {"contents": [{"parts": [{"text": "hi"}]}]}, {"x-goog-api-key": "k"})
+                  for _ in range(2)]
+        assert [r.headers["cf-aig-cache-status"] for r in gemini] == expected
+        assert gemini[1].content == gemini_json
+        # Gemini's SSE stream (alt=sse) and Anthropic's, as the mock writes them, end whole.
+        sse = [post(g, "/google-ai-studio/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                    {"contents": [{"parts": [{"text": "hi"}]}]}, {"x-goog-api-key": "k"}) for _ in range(2)]
+        assert sse[0].headers["content-type"].startswith("text/event-stream")
+        assert [r.headers["cf-aig-cache-status"] for r in sse] == expected
+        claude = [post(g, "/anthropic/v1/messages", {"model": "claude-haiku-4-5", "max_tokens": 16, "stream": True,
+                                                     "messages": [{"role": "user", "content": "stream"}]})
+                  for _ in range(2)]
+        assert [r.headers["cf-aig-cache-status"] for r in claude] == expected
+        assert (claude[1].content == claude[0].content) == streaming, "a replay, or the mock's next message"
+    finally:
+        g.stop()
+        server.stop()
+
+
+def test_an_identical_request_does_not_wait_for_a_bedrock_stream(mock, tmp_path):
+    # As for SSE streams: a replay would reach the second client only after the whole stream.
+    import threading
+    spec = f"    aws-bedrock: {{baseURL: '{mock.url}'}}\n  cache: {{enabled: true, streaming: true}}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        text = "slow bedrock stream " + " ".join(f"w{i:02}" for i in range(20))
+        body = {"messages": [{"role": "user", "content": [{"text": text}]}]}
+        slow = {**SIGNED, "x-mock-chunk-delay-ms": "100"}
+        leader_done = threading.Event()
+
+        def leader():
+            try:
+                post(g, BEDROCK_STREAM, body, slow)
+            finally:
+                leader_done.set()
+
+        t = threading.Thread(target=leader)
+        t.start()
+        wait_for_request(mock, text)
+        with httpx.stream("POST", g.url + BEDROCK_STREAM, json=body, headers=slow, timeout=30) as r:
+            chunks = r.iter_raw()
+            next(chunks)
+            assert not leader_done.is_set(), "the second stream started only after the first one ended"
+            assert r.headers["cf-aig-cache-status"] == "MISS"
+            b"".join(chunks)
+        t.join()
+        assert len(mock.requests()) == 2
+    finally:
+        g.stop()
+
+
 ROUTED_SPEC = CACHE_ON + """\
   routes:
     - name: plan
@@ -503,26 +657,6 @@ def test_a_conditional_branch_never_answers_with_another_branchs_entry(mock, tmp
         g.stop()
 
 
-def test_a_compat_requests_query_is_part_of_the_key(mock, tmp_path):
-    # The client's api-version goes to Azure: another version, another answer.
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=CACHE_ON), DEFAULT_KEYS)
-    try:
-        mock.clear()
-        body = {"model": "azure-openai/res/dep", "messages": [{"role": "user", "content": "versioned"}]}
-        key = {"authorization": "Bearer client-azure-key"}
-        statuses = [post(g, f"/compat/chat/completions?api-version={v}", body, key).headers["cf-aig-cache-status"]
-                    for v in ("2024-10-21", "2025-01-01-preview", "2024-10-21")]
-        assert statuses == ["MISS", "MISS", "HIT"]
-        assert [q["query"] for q in mock.requests()] == ["api-version=2024-10-21", "api-version=2025-01-01-preview"]
-    finally:
-        g.stop()
-
-
-BEDROCK_STREAM = "/aws-bedrock/bedrock-runtime/us-west-2/model/anthropic.claude-3-haiku-20240307-v1:0/converse-stream"
-SIGNED = {"authorization": "AWS4-HMAC-SHA256 Credential=AKIDALICE/20260101/us-west-2/bedrock/aws4_request, "
-                           "SignedHeaders=host;x-amz-date, Signature=aa", "x-amz-date": "20260101T000000Z"}
-
-
 def test_bedrock_guardrail_headers_are_part_of_the_key(mock, tmp_path):
     # Another guardrail (or none) is another answer: a cached unguarded answer must not reach a
     # request that names a guardrail.
@@ -538,3 +672,39 @@ def test_bedrock_guardrail_headers_are_part_of_the_key(mock, tmp_path):
         assert statuses == ["MISS", "MISS", "MISS", "MISS", "HIT"]
     finally:
         g.stop()
+
+
+def test_a_compat_requests_query_is_part_of_the_key(mock, tmp_path):
+    # The client's api-version goes to Azure: another version, another answer.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=CACHE_ON), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        body = {"model": "azure-openai/res/dep", "messages": [{"role": "user", "content": "versioned"}]}
+        key = {"authorization": "Bearer client-azure-key"}
+        statuses = [post(g, f"/compat/chat/completions?api-version={v}", body, key).headers["cf-aig-cache-status"]
+                    for v in ("2024-10-21", "2025-01-01-preview", "2024-10-21")]
+        assert statuses == ["MISS", "MISS", "HIT"]
+        assert [q["query"] for q in mock.requests()] == ["api-version=2024-10-21", "api-version=2025-01-01-preview"]
+    finally:
+        g.stop()
+
+
+def test_a_hit_does_not_repeat_the_first_responses_own_headers(mock, tmp_path):
+    own = [("set-cookie", "__cf_bm=session-of-the-first; path=/"), ("x-request-id", "req_first"),
+           ("request-id", "req_first"), ("cf-ray", "8f00-SJC"), ("openai-processing-ms", "120"),
+           ("x-ratelimit-remaining-requests", "99"), ("anthropic-ratelimit-tokens-remaining", "1000"),
+           ("openai-version", "2020-10-01")]
+    server = FixedAnswerServer(b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}', headers=own)
+    spec = f"    custom-own: {{baseURL: '{server.url}/v1'}}\n" + CACHE_ON
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        miss, hit = (post(g, "/custom-own/chat/completions", headers={"authorization": "Bearer k"}) for _ in range(2))
+        assert (miss.headers["cf-aig-cache-status"], hit.headers["cf-aig-cache-status"]) == ("MISS", "HIT")
+        for name, value in own:
+            assert miss.headers.get(name) == value, name
+        assert hit.headers.get("openai-version") == "2020-10-01", "the answer's own headers stay"
+        left = [name for name, _ in own[:-1] if name in hit.headers]
+        assert left == [], f"the hit repeats {left}"
+    finally:
+        g.stop()
+        server.stop()
