@@ -221,7 +221,7 @@ impl Gateway {
                 Ok(resp) if !crate::retry::retryable_status(resp.status()) => return Ok(resp),
                 Ok(resp) => match crate::retry::retry_after(resp.headers()) {
                     // Longer than the gateway waits: the provider's answer is the response.
-                    Some(asked) if asked > crate::retry::MAX_RETRY_AFTER => return Ok(resp),
+                    Some(asked) if asked > waits.retry_after => return Ok(resp),
                     asked => (format!("status {}", resp.status().as_u16()), asked),
                 },
                 Err(e) => (e.to_string(), None),

@@ -142,6 +142,9 @@ pub struct Waits {
     pub last_head: Duration,
     /// Longest silence of an upstream mid-body, once its head came.
     pub silence: Duration,
+    /// Longest `Retry-After` waited out before the next attempt; asked for longer, the
+    /// provider's answer is the response (a fallback step's moves the request on).
+    pub retry_after: Duration,
 }
 
 impl Waits {
@@ -159,18 +162,20 @@ impl Waits {
         };
         Self {
             last_head,
+            retry_after: MAX_RETRY_AFTER,
             ..Self::every_attempt(timeout, own)
         }
     }
 
     /// A fallback step's (universal endpoint, a routed `/compat` target): `timeout` bounds
-    /// the first byte of every attempt, the last too, so that a slow provider moves the request
-    /// on to the next step.
+    /// the first byte of every attempt, the last too, and the `Retry-After` waited out, so that
+    /// a slow provider moves the request on to the next step.
     pub fn every_attempt(timeout: Duration, own: Duration) -> Self {
         Self {
             head: timeout,
             last_head: timeout,
             silence: Self::silence(timeout, own),
+            retry_after: timeout.min(MAX_RETRY_AFTER),
         }
     }
 

@@ -90,6 +90,26 @@ def test_a_retry_after_longer_than_the_gateway_waits_passes_the_answer_through(t
         server.stop()
 
 
+def test_a_fallback_step_moves_on_when_retry_after_asks_for_longer_than_its_timeout(mock, tmp_path):
+    # A step that may take 1 s for its answer does not wait 30 s to retry: its 429 is its answer,
+    # and the next step serves (a shorter Retry-After is still waited out: see above).
+    server = FixedAnswerServer(b'{"error": {"message": "slow down"}}', status=429, headers=[("retry-after", "30")])
+    yaml = gateway_yaml(mock.url).replace(
+        "  providers:\n", f"  providers:\n    custom-ra: {{baseURL: '{server.url}/v1'}}\n", 1)
+    g = Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+    try:
+        limited = {"provider": "custom-ra", "endpoint": "chat/completions", "headers": {},
+                   "query": BODY, "config": {"maxAttempts": 2, "retryDelay": 0, "requestTimeout": 1000}}
+        fallback = {"provider": "openai", "endpoint": "chat/completions", "headers": {}, "query": BODY}
+        started = time.monotonic()
+        r = httpx.post(g.url + "/", json=[limited, fallback], timeout=60)
+        assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1"), r.text
+        assert time.monotonic() - started < 5, "the step waited out a Retry-After longer than its timeout"
+    finally:
+        g.stop()
+        server.stop()
+
+
 def test_the_last_attempts_provider_error_passes_through_unchanged(retrying, mock):
     h = fail_first(5, 429)
     r = httpx.post(retrying.url + CHAT, json=BODY, headers=h)
