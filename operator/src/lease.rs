@@ -1,9 +1,14 @@
 //! Leader election with a `coordination.k8s.io/v1` Lease, so that only one replica runs the
 //! controllers. The lease is taken when free or lapsed (its renewal unchanged for its duration,
 //! as this replica's own clock measures: clocks of different nodes may disagree), renewed well
-//! within its duration (each renewal bounded in time), and released on shutdown so a standby
-//! takes over at once. Optimistic concurrency (`resourceVersion`) settles races between replicas.
+//! within its duration, and released on shutdown so a standby takes over at once. Optimistic
+//! concurrency (`resourceVersion`) settles races between replicas.
+//!
+//! Like client-go's `RenewDeadline`, a leader gives up once no renewal succeeded for
+//! `duration - renewEvery` counted from the start of the last one that did; every wait and every
+//! attempt is cut to the time left, so it stops leading before a standby may take the Lease.
 
+use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -11,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
+use tokio::time::Instant;
 
 /// Where the lease lives and how it is held.
 #[derive(Debug, Clone)]
@@ -23,7 +29,8 @@ pub struct LeaseSettings {
     pub identity: String,
     /// How long a lease stays valid without renewal.
     pub duration: Duration,
-    /// Renewal period; give up leadership when no renewal succeeded for `duration - renew_every`.
+    /// Renewal period; give up leadership when no renewal succeeded for `duration - renew_every`
+    /// (retrying failed renewals every half of it meanwhile).
     pub renew_every: Duration,
 }
 
@@ -107,17 +114,19 @@ impl LeaderElector {
         }
     }
 
-    /// Waits until this replica holds the lease.
-    pub async fn acquire(&self) {
+    /// Waits until this replica holds the lease; returns when the attempt that took it started
+    /// (what [`Self::hold`] counts from).
+    pub async fn acquire(&self) -> Instant {
         let mut logged_holder = String::new();
         loop {
+            let started = Instant::now();
             let attempt = tokio::time::timeout(self.settings.renew_every, self.try_lead())
                 .await
                 .unwrap_or_else(|_| Err(kube::Error::Service("no answer in time".into())));
             match attempt {
                 Ok(Attempt::Leading) => {
                     tracing::info!(lease = %self.settings.name, identity = %self.settings.identity, "acquired leadership");
-                    return;
+                    return started;
                 }
                 Ok(Attempt::HeldBy(holder)) => {
                     if holder != logged_holder {
@@ -133,39 +142,11 @@ impl LeaderElector {
         }
     }
 
-    /// Renews the lease until leadership is lost; returns why.
-    pub async fn hold(&self) -> LeaseError {
-        let deadline = self
-            .settings
-            .duration
-            .saturating_sub(self.settings.renew_every);
-        let mut last_ok = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(self.settings.renew_every).await;
-            // Bounded: a renewal stuck on a half-dead connection must not keep this replica
-            // leading past the lease's end while a standby takes over.
-            let attempt = tokio::time::timeout(self.settings.renew_every, self.try_lead()).await;
-            let reason = match attempt {
-                Ok(Ok(Attempt::Leading)) => {
-                    last_ok = tokio::time::Instant::now();
-                    continue;
-                }
-                Ok(Ok(Attempt::HeldBy(holder))) => {
-                    return LeaseError::TakenOver(self.settings.name.clone(), holder);
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {}s", self.settings.renew_every.as_secs()),
-            };
-            let elapsed = last_ok.elapsed();
-            tracing::warn!(lease = %self.settings.name, error = %reason, "lease renewal failed");
-            if elapsed >= deadline {
-                return LeaseError::RenewFailed {
-                    name: self.settings.name.clone(),
-                    secs: elapsed.as_secs(),
-                    reason,
-                };
-            }
-        }
+    /// Renews the lease, taken by an attempt that started at `acquired`, until leadership is lost;
+    /// returns why. It returns no later than `duration - renew_every` after the start of the
+    /// last successful renewal.
+    pub async fn hold(&self, acquired: Instant) -> LeaseError {
+        keep_renewing(&self.settings, acquired, || self.try_lead()).await
     }
 
     /// Gives the lease up (if still held) so a standby replica takes over without waiting.
@@ -252,6 +233,56 @@ impl LeaderElector {
     }
 }
 
+/// The renewal loop of [`LeaderElector::hold`], over any `attempt` (tests give it a fake one and
+/// paused time).
+async fn keep_renewing<F, Fut>(
+    settings: &LeaseSettings,
+    acquired: Instant,
+    mut attempt: F,
+) -> LeaseError
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Attempt, kube::Error>>,
+{
+    let renew_deadline = settings.duration.saturating_sub(settings.renew_every);
+    let retry_every = settings.renew_every / 2;
+    // When the last successful renewal (or the acquiring attempt) started: the Lease's
+    // renewTime is at least that late, so standbys wait at least `duration` from there.
+    let mut last_ok = acquired;
+    let mut next = acquired + settings.renew_every;
+    let mut last_error = String::from("no renewal attempted in time");
+    loop {
+        let deadline = last_ok + renew_deadline;
+        tokio::time::sleep_until(next.min(deadline)).await;
+        let started = Instant::now();
+        let remaining = deadline.saturating_duration_since(started);
+        if remaining.is_zero() {
+            return LeaseError::RenewFailed {
+                name: settings.name.clone(),
+                secs: started.duration_since(last_ok).as_secs(),
+                reason: last_error,
+            };
+        }
+        // Bounded: a renewal stuck on a half-dead connection must not keep this replica
+        // leading past the renew deadline while a standby takes over.
+        let bound = settings.renew_every.min(remaining);
+        last_error = match tokio::time::timeout(bound, attempt()).await {
+            Ok(Ok(Attempt::Leading)) => {
+                last_ok = started;
+                next = started + settings.renew_every;
+                continue;
+            }
+            Ok(Ok(Attempt::HeldBy(holder))) => {
+                return LeaseError::TakenOver(settings.name.clone(), holder);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:.1}s", bound.as_secs_f32()),
+        };
+        tracing::warn!(lease = %settings.name, error = %last_error, "lease renewal failed");
+        next = Instant::now() + retry_every;
+    }
+}
+
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
@@ -260,6 +291,104 @@ fn is_conflict(e: &kube::Error) -> bool {
 mod tests {
     use super::*;
     use k8s_openapi::jiff::SignedDuration;
+    use std::sync::{Arc, Mutex};
+
+    /// The chart's defaults: a 15 s lease renewed every 5 s, given up 10 s after the last
+    /// renewal that succeeded.
+    fn settings() -> LeaseSettings {
+        LeaseSettings {
+            namespace: "sidegate-system".into(),
+            name: "sidegate-operator".into(),
+            identity: "replica-a".into(),
+            duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+        }
+    }
+
+    enum Step {
+        /// Renewed, after this long.
+        Ok(Duration),
+        /// Failed, after this long.
+        Fail(Duration),
+        /// Never answers.
+        Hang,
+    }
+
+    /// Holds the lease with renewals that go as `steps` say (then fail at once); returns when
+    /// each attempt started, and when and why leadership ended, in seconds after acquiring.
+    async fn hold_with(steps: Vec<Step>) -> (Vec<f64>, f64, LeaseError) {
+        let t0 = Instant::now();
+        let steps = Arc::new(Mutex::new(steps.into_iter()));
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let since = move |t: Instant| t.duration_since(t0).as_secs_f64();
+        let lost = keep_renewing(&settings(), t0, || {
+            let step = steps.lock().expect("steps").next();
+            starts.lock().expect("starts").push(since(Instant::now()));
+            async move {
+                match step {
+                    Some(Step::Ok(after)) => {
+                        tokio::time::sleep(after).await;
+                        Ok(Attempt::Leading)
+                    }
+                    Some(Step::Hang) => std::future::pending().await,
+                    Some(Step::Fail(after)) => {
+                        tokio::time::sleep(after).await;
+                        Err(kube::Error::Service("refused".into()))
+                    }
+                    None => Err(kube::Error::Service("refused".into())),
+                }
+            }
+        })
+        .await;
+        let starts = starts.lock().expect("starts").clone();
+        (starts, since(Instant::now()), lost)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_failing_renewal_then_a_hanging_one_end_leadership_at_the_renew_deadline() {
+        // The first renewal (at 5 s) fails only after 4.9 s, the next one would hang: the
+        // leader must stop by 10 s, well before a standby may take the Lease (15 s after the
+        // renewal it last saw), not wait out a full renewal period and timeout again.
+        let (starts, ended, lost) =
+            hold_with(vec![Step::Fail(Duration::from_millis(4900)), Step::Hang]).await;
+        assert_eq!(starts, [5.0]);
+        assert!(ended <= 10.0, "leadership ended at {ended} s");
+        assert!(
+            matches!(lost, LeaseError::RenewFailed { ref reason, .. } if reason.contains("refused")),
+            "{lost}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_renew_deadline_counts_from_the_start_of_the_last_successful_renewal() {
+        // Renewals that take 4 s each, then failures from 20 s on: the last success started at
+        // 15 s, so leadership ends at 25 s (not 10 s after that renewal's answer came).
+        let slow = || Step::Ok(Duration::from_secs(4));
+        let (starts, ended, lost) = hold_with(vec![slow(), slow(), slow()]).await;
+        assert_eq!(starts, [5.0, 10.0, 15.0, 20.0, 22.5]);
+        assert_eq!(ended, 25.0);
+        assert!(
+            matches!(lost, LeaseError::RenewFailed { secs: 10, .. }),
+            "{lost}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_renewal_is_cut_at_the_renew_deadline() {
+        let (starts, ended, lost) = hold_with(vec![
+            Step::Ok(Duration::ZERO),
+            Step::Fail(Duration::ZERO),
+            Step::Hang,
+        ])
+        .await;
+        // Renewed at 5 s; failed at 10 s; retried at 12.5 s and cut at 15 s.
+        assert_eq!(starts, [5.0, 10.0, 12.5]);
+        assert_eq!(ended, 15.0);
+        assert!(
+            matches!(lost, LeaseError::RenewFailed { ref reason, .. } if reason.contains("no answer within 2.5s")),
+            "{lost}"
+        );
+    }
 
     #[test]
     fn a_lease_lapses_after_its_duration_unrenewed_on_this_replicas_clock() {

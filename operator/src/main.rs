@@ -280,16 +280,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // readiness carry on. Exiting instead would cut admissions in flight and, after an apiserver
     // outage, restart every replica into a growing CrashLoopBackOff.
     loop {
-        tokio::select! {
-            () = elector.acquire() => {}
+        let acquired = tokio::select! {
+            acquired = elector.acquire() => acquired,
             () = shutdown.requested() => {
                 shutdown.drained(drain).await;
                 return Ok(());
             }
-        }
+        };
         let lost = tokio::select! {
             () = controllers() => None,
-            lost = elector.hold() => Some(lost),
+            lost = elector.hold(acquired) => Some(lost),
         };
         metrics.leader.set(0);
         let Some(lost) = lost else {
