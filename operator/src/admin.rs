@@ -15,9 +15,10 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::listener::Limits;
 use crate::metrics::Metrics;
 
 /// What the admin endpoints report.
@@ -29,28 +30,29 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
 }
 
-/// Serves the admin endpoints on `listener` until the task is dropped.
+/// Serves the admin endpoints (HTTP/1.1, as kubelet probes and Prometheus scrape) on `listener`
+/// until the task is dropped, within [`Limits::ADMIN`].
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "admin listener accept failed");
-                continue;
-            }
-        };
+    serve_within(listener, state, Limits::ADMIN).await;
+}
+
+async fn serve_within(listener: TcpListener, state: Arc<AdminState>, limits: Limits) {
+    crate::listener::accept_loop(listener, limits, "admin", move |stream, _| {
         let state = state.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, std::convert::Infallible>(handle(&req, &state)) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+            if let Err(e) = crate::listener::http1(&limits)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// Binds a listener of the operator (admin, webhook).
@@ -124,6 +126,41 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn an_admin_client_that_sends_nothing_is_closed_after_the_header_timeout() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            header_read_timeout: std::time::Duration::from_millis(300),
+            ..Limits::ADMIN
+        };
+        tokio::spawn(serve_within(listener, Arc::default(), limits));
+
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut buf = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            silent.read_to_end(&mut buf),
+        )
+        .await
+        .expect("closed by the server within the header timeout")
+        .expect("read");
+        assert!(buf.is_empty(), "{buf:?}");
+
+        // A client that asks is still answered.
+        let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
 
     #[tokio::test]
     async fn the_default_address_takes_ipv4_and_ipv6_clients() {

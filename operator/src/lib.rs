@@ -12,6 +12,7 @@
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
 //! - [`scope`]: the namespaces served: the whole cluster, or those `--watch-namespace` names.
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.
+//! - [`listener`]: connection limits and timeouts shared by the admin and webhook listeners.
 //! - [`webhook`]: the sidecar injection admission webhook and its certificates.
 //! - [`shutdown`]: SIGTERM handling: unready at once, the webhook drains, then exit.
 
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod controller;
 pub mod crd;
 pub mod lease;
+pub mod listener;
 pub mod metrics;
 pub mod pods;
 pub mod providerkey;

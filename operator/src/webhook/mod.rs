@@ -40,6 +40,7 @@ use tokio_rustls::TlsAcceptor;
 
 use self::certs::{CertFiles, CertResolver, SelfManaged};
 use self::inject::{InjectConfig, InjectSettings, Skip};
+use crate::listener::Limits;
 
 /// Path the apiserver posts AdmissionReviews to.
 pub const MUTATE_PATH: &str = "/mutate";
@@ -322,63 +323,87 @@ pub async fn start(
     Ok(bound)
 }
 
-/// Serves `POST /mutate` (and `GET /healthz`) over TLS on `listener` until the task is dropped.
+/// Serves `POST /mutate` (and `GET /healthz`) over TLS on `listener` until the task is dropped,
+/// within [`Limits::WEBHOOK`].
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     state: Arc<WebhookState>,
 ) {
+    serve_within(listener, tls, state, Limits::WEBHOOK).await;
+}
+
+async fn serve_within(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<WebhookState>,
+    limits: Limits,
+) {
     let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(conn) => conn,
-            Err(e) => {
-                tracing::warn!(error = %e, "webhook accept failed");
-                continue;
-            }
-        };
+    crate::listener::accept_loop(listener, limits, "webhook", move |tcp, peer| {
         let acceptor = acceptor.clone();
         let state = state.clone();
-        tokio::spawn(async move {
+        async move {
+            // A client that never finishes the handshake has the time it would have for its
+            // headers.
             let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
                         return;
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        tracing::debug!(%peer, "webhook TLS handshake timed out");
+                        return;
+                    }
                 };
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(req, &state).await) }
+                async move {
+                    Ok::<_, Infallible>(handle(req, &state, limits.body_read_timeout).await)
+                }
             });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
+            if let Err(e) = crate::listener::http1(&limits)
                 .serve_connection(TokioIo::new(tls), svc)
                 .await
             {
                 tracing::debug!(%peer, error = %e, "webhook connection ended with an error");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
-async fn handle(req: Request<Incoming>, state: &WebhookState) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    state: &WebhookState,
+    body_read_timeout: Duration,
+) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => {
             respond(StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
         }
         (&Method::POST, MUTATE_PATH) => {
-            let body = match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
-                .collect()
-                .await
-            {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
+            let body = Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect();
+            let body = match tokio::time::timeout(body_read_timeout, body).await {
+                Ok(Ok(b)) => b.to_bytes(),
+                Ok(Err(e)) => {
                     return respond(
                         StatusCode::BAD_REQUEST,
                         "text/plain",
                         Bytes::from(format!("body: {e}\n")),
+                    );
+                }
+                Err(_) => {
+                    return respond(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "text/plain",
+                        Bytes::from(format!(
+                            "body: not received within {}s\n",
+                            body_read_timeout.as_secs_f32()
+                        )),
                     );
                 }
             };
@@ -666,6 +691,99 @@ pub fn service_client_config(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const SHORT: Limits = Limits {
+        max_connections: 8,
+        header_read_timeout: Duration::from_millis(300),
+        body_read_timeout: Duration::from_millis(300),
+    };
+
+    /// The webhook under `limits` on a loopback port (its client never reached: these requests
+    /// never look a gateway up), and a TLS client config trusting its CA.
+    async fn webhook(limits: Limits) -> (SocketAddr, Arc<rustls::ClientConfig>) {
+        let cert = certs::generate(&["127.0.0.1".to_owned()], Duration::from_secs(86400))
+            .expect("certificate");
+        let resolver = Arc::new(CertResolver::new());
+        resolver.set(&cert.serving).expect("loaded");
+        let client = kube::Client::try_from(kube::Config::new(
+            "http://127.0.0.1:9".parse().expect("url"),
+        ))
+        .expect("client");
+        let state = Arc::new(WebhookState {
+            client,
+            config: InjectConfig::new("img", "0.1.0", "sidegate-system"),
+            metrics: Arc::default(),
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let tls = resolver.server_config().expect("server config");
+        tokio::spawn(serve_within(listener, tls, state, limits));
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(cert.ca_pem.as_bytes()).expect("CA PEM"))
+            .expect("CA");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        (addr, Arc::new(config))
+    }
+
+    async fn tls_connect(
+        addr: SocketAddr,
+        config: &Arc<rustls::ClientConfig>,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+        tokio_rustls::TlsConnector::from(config.clone())
+            .connect(name, tcp)
+            .await
+            .expect("handshake")
+    }
+
+    /// What the server sends until it closes the connection; `None` if it is still open after
+    /// 5 s.
+    async fn until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<String> {
+        let mut buf = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await {
+            // A TLS peer that drops the connection without close_notify is an error here.
+            Ok(_) => Some(String::from_utf8_lossy(&buf).into_owned()),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_webhook_client_that_sends_nothing_is_closed_after_the_header_timeout() {
+        let (addr, client) = webhook(SHORT).await;
+        // No TLS handshake at all.
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        assert_eq!(until_closed(&mut tcp).await.as_deref(), Some(""));
+        // A handshake, then no request.
+        let mut tls = tls_connect(addr, &client).await;
+        assert_eq!(until_closed(&mut tls).await.as_deref(), Some(""));
+        // Headers, then not the body they announce: answered 408 after the body timeout.
+        let mut tls = tls_connect(addr, &client).await;
+        tls.write_all(
+            b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+        let answer = until_closed(&mut tls).await.expect("answered and closed");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        // Served as before otherwise.
+        let mut tls = tls_connect(addr, &client).await;
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let answer = until_closed(&mut tls).await.expect("answered");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
 
     #[test]
     fn default_sidecar_resources_the_apiserver_would_refuse_stop_the_start() {
