@@ -337,7 +337,8 @@ fn has_ended(pod: &Pod) -> bool {
 /// what injection gives, those whose sidecar differs from it: the pods of `cache` (no list; it
 /// is waited for until its first list is in, at most [`CACHE_READY_WAIT`], so an empty cache is
 /// never taken for no pods) and reads of at most [`MAX_PODS_READ`] pods of each kind. None in a
-/// namespace of `excluded` (the webhook's exclusions): a restart would not inject them either.
+/// namespace of `excluded` (the webhook's exclusions), nor Windows pods: a restart would not
+/// inject them either.
 ///
 /// A pod injected before the webhook recorded what it injected is compared by the image of its
 /// sidecar container alone; beyond the reads it is not counted.
@@ -386,10 +387,12 @@ pub async fn survey(
     let unread = candidates.len().saturating_sub(MAX_PODS_READ);
     let mut without = BTreeSet::new();
     for pod_name in candidates.into_iter().take(MAX_PODS_READ) {
-        // Gone since the watch saw it: nothing to count.
+        // Gone since the watch saw it: nothing to count. Windows pods are never injected: a
+        // restart would not bring the sidecar either.
         if let Some(pod) = api.get_opt(&pod_name).await?
             && !has_sidecar(&pod)
             && !has_ended(&pod)
+            && !inject::is_windows_pod(&pod)
         {
             without.insert(pod_name);
         }

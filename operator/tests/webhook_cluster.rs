@@ -88,6 +88,8 @@ fn args(port: u16, config_name: &str) -> WebhookArgs {
         sidecar_image_pull_policy: Some("Never".into()),
         allowed_sidecar_images: vec![],
         sidecar_resources: None,
+        sidecar_run_as_user: webhook::IdFlag(Some(65532)),
+        sidecar_run_as_group: webhook::IdFlag(Some(65532)),
         exclude_namespaces: vec![],
     }
 }
@@ -310,6 +312,34 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
         sidecar_of(&retagged).and_then(|(_, c)| c.image.as_deref()),
         Some("registry.local/sidegate:other")
     );
+
+    // A Windows pod: created without the sidecar, whose Linux securityContext (seccomp,
+    // runAsGroup, readOnlyRootFilesystem, ...) the apiserver refuses on a pod for Windows.
+    let mut windows = pod("windows", &[("sidegate.dev/gateway", "main")]);
+    windows.spec.as_mut().expect("spec").os = Some(k8s_openapi::api::core::v1::PodOS {
+        name: "windows".into(),
+    });
+    let windows = pods
+        .create(&PostParams::default(), &windows)
+        .await
+        .expect("a Windows pod is created, without the sidecar");
+    assert!(!is_injected(&windows) && sidecar_of(&windows).is_none());
+
+    // A container taking its environment from a ConfigMap (envFrom) gets the sidecar but no
+    // base URLs, which would override the ConfigMap's (it may point at an in-cluster server).
+    let mut env_from = pod("env-from", &[("sidegate.dev/gateway", "main")]);
+    env_from.spec.as_mut().expect("spec").containers[0].env_from = Some(vec![
+        serde_json::from_value(
+            json!({"configMapRef": {"name": "llm-endpoints", "optional": true}}),
+        )
+        .expect("EnvFromSource"),
+    ]);
+    let env_from = pods
+        .create(&PostParams::default(), &env_from)
+        .await
+        .expect("create");
+    assert!(sidecar_of(&env_from).is_some());
+    assert_eq!(env_from.spec.expect("spec").containers[0].env, None);
 
     // Left alone: no annotation, opted out, unknown gateway, a gateway naming a sidecar image
     // the operator does not allow (created all the same).

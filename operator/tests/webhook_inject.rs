@@ -187,8 +187,9 @@ fn a_plain_pod_gets_a_native_sidecar_volumes_env_and_the_injected_annotation() {
 }
 
 #[test]
-fn variables_the_pod_already_sets_are_left_alone_and_env_from_containers_get_no_placeholder_keys() {
-    let (pod, _) = injected("env-set.yaml", &SidecarSettings::default(), "env-set.yaml");
+fn variables_the_pod_already_sets_are_left_alone_and_env_from_containers_keep_their_base_urls_and_keys()
+ {
+    let (pod, injection) = injected("env-set.yaml", &SidecarSettings::default(), "env-set.yaml");
     let spec = pod.spec.expect("spec");
     let app = &spec.containers[0];
     let env = env_of(app);
@@ -213,13 +214,71 @@ fn variables_the_pod_already_sets_are_left_alone_and_env_from_containers_get_no_
         Some(PLACEHOLDER_API_KEY)
     );
 
-    let worker = env_of(&spec.containers[1]);
+    // envFrom may point the worker's SDKs at an in-cluster model server and give its key: an
+    // env entry would win over both (env takes precedence over envFrom), so none is added, and
+    // the pod's creator is told.
+    assert!(
+        spec.containers[1].env.is_none(),
+        "{:?}",
+        spec.containers[1].env
+    );
+    assert_eq!(injection.warnings.len(), 1, "{:?}", injection.warnings);
+    let warning = &injection.warnings[0];
+    for part in [
+        "\"worker\"",
+        "envFrom",
+        "OPENAI_BASE_URL",
+        "ANTHROPIC_BASE_URL",
+        "http://127.0.0.1:8787/<provider>",
+        "sidegate.dev/override-env-from: \"true\"",
+    ] {
+        assert!(warning.contains(part), "{part:?} not in {warning}");
+    }
+    assert!(!warning.contains("\"app\""), "{warning}");
+}
+
+#[test]
+fn the_override_env_from_annotation_sets_the_base_urls_over_env_from_but_never_placeholder_keys() {
+    let mut pod = fixture("env-set.yaml");
+    pod.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(inject::OVERRIDE_ENV_FROM_ANNOTATION.into(), "true".into());
+    let injection = run(&pod, "team-a", &SidecarSettings::default()).expect("injected");
+    assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+    let mut doc = serde_json::to_value(&pod).expect("pod serializes");
+    json_patch::patch(&mut doc, &injection.patch).expect("patch applies");
+    let patched: Pod = serde_json::from_value(doc).expect("a Pod");
+    let worker = env_of(&patched.spec.expect("spec").containers[1]);
     assert_eq!(
         worker["OPENAI_BASE_URL"].as_deref(),
         Some("http://127.0.0.1:8787/openai")
     );
+    assert_eq!(
+        worker["ANTHROPIC_BASE_URL"].as_deref(),
+        Some("http://127.0.0.1:8787/anthropic")
+    );
     assert!(!worker.contains_key("OPENAI_API_KEY"));
     assert!(!worker.contains_key("ANTHROPIC_API_KEY"));
+}
+
+#[test]
+fn env_from_init_containers_of_a_native_sidecar_pod_are_named_in_the_warning_too() {
+    let mut pod = fixture("multi-container.yaml");
+    let spec = pod.spec.as_mut().expect("spec");
+    let init = &mut spec.init_containers.as_mut().expect("init containers")[0];
+    init.env_from = Some(vec![
+        serde_json::from_value(serde_json::json!({"configMapRef": {"name": "llm-endpoints"}}))
+            .expect("EnvFromSource"),
+    ]);
+    let name = init.name.clone();
+    let injection = run(&pod, "team-a", &SidecarSettings::default()).expect("injected");
+    assert_eq!(injection.warnings.len(), 1, "{:?}", injection.warnings);
+    assert!(
+        injection.warnings[0].contains(&format!("{name:?}")),
+        "{}",
+        injection.warnings[0]
+    );
 }
 
 #[test]
@@ -542,6 +601,88 @@ fn a_pod_declaring_the_sidecar_port_or_admin_port_is_refused_not_injected_into_a
 }
 
 #[test]
+fn a_windows_pod_is_skipped_not_given_a_linux_sidecar_the_apiserver_would_refuse() {
+    let by_os: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "win", "annotations": {"sidegate.dev/gateway": "main"}},
+        "spec": {"os": {"name": "windows"}, "containers": [{"name": "app", "image": "app:1"}]},
+    }))
+    .expect("pod");
+    let by_selector: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "win", "annotations": {"sidegate.dev/gateway": "main"}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/os": "windows"},
+            "containers": [{"name": "app", "image": "app:1"}],
+        },
+    }))
+    .expect("pod");
+    for pod in [&by_os, &by_selector] {
+        assert!(inject::is_windows_pod(pod));
+        assert_eq!(
+            inject::requested_gateway(pod, "team-a", &config()),
+            Err(Skip::WindowsPod)
+        );
+        assert!(run(pod, "team-a", &SidecarSettings::default()).is_none());
+    }
+    let linux: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "lin", "annotations": {"sidegate.dev/gateway": "main"}},
+        "spec": {
+            "os": {"name": "linux"},
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "containers": [{"name": "app", "image": "app:1"}],
+        },
+    }))
+    .expect("pod");
+    assert!(!inject::is_windows_pod(&linux));
+    assert!(run(&linux, "team-a", &SidecarSettings::default()).is_some());
+}
+
+#[test]
+fn the_sidecar_uid_and_gid_can_be_left_to_the_platform_and_stay_non_root() {
+    let mut config = config();
+    config.run_as_user = None;
+    config.run_as_group = None;
+    let pod = fixture("plain.yaml");
+    let injection = inject::inject(
+        &pod,
+        &InjectSettings {
+            config: &config,
+            namespace: "team-a",
+            sidecar: &SidecarSettings::default(),
+        },
+    )
+    .expect("injects")
+    .expect("annotated pod");
+    let mut doc = serde_json::to_value(&pod).expect("pod serializes");
+    json_patch::patch(&mut doc, &injection.patch).expect("patch applies");
+    let patched: Pod = serde_json::from_value(doc).expect("a Pod");
+    let sidecar = &patched.spec.expect("spec").init_containers.expect("init")[0];
+    let sc = sidecar.security_context.as_ref().expect("securityContext");
+    assert_eq!((sc.run_as_user, sc.run_as_group), (None, None));
+    assert_eq!(sc.run_as_non_root, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+
+    // Another uid is injected as given.
+    config.run_as_user = Some(1000680000);
+    config.run_as_group = Some(0);
+    let injection = inject::inject(
+        &pod,
+        &InjectSettings {
+            config: &config,
+            namespace: "team-a",
+            sidecar: &SidecarSettings::default(),
+        },
+    )
+    .expect("injects")
+    .expect("annotated pod");
+    let patch = serde_json::to_string(&injection.patch).expect("json");
+    assert!(
+        patch.contains(r#""runAsUser":1000680000"#) && patch.contains(r#""runAsGroup":0"#),
+        "{patch}"
+    );
+}
+
+#[test]
 fn a_host_network_pod_is_refused() {
     let mut pod = fixture("plain.yaml");
     pod.spec.as_mut().expect("spec").host_network = Some(true);
@@ -771,6 +912,16 @@ fn what_a_pod_is_injected_with_changes_with_each_setting_that_shapes_the_sidecar
     assert_ne!(hash(&flags, &base).settings_hash, before.settings_hash);
     let mut flags = config();
     flags.default_resources = resources;
+    assert_ne!(hash(&flags, &base).settings_hash, before.settings_hash);
+    // The uid/gid: the defaults hash as before they were settable (pods injected then stay
+    // current); another value or none does not.
+    let mut flags = config();
+    flags.run_as_user = Some(inject::SIDECAR_UID);
+    assert_eq!(hash(&flags, &base), before);
+    flags.run_as_user = None;
+    assert_ne!(hash(&flags, &base).settings_hash, before.settings_hash);
+    let mut flags = config();
+    flags.run_as_group = Some(1000);
     assert_ne!(hash(&flags, &base).settings_hash, before.settings_hash);
     // The operator's version alone changes nothing the sidecar runs with.
     let mut flags = config();

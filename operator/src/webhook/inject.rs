@@ -38,6 +38,9 @@ pub const SIDECAR_IMAGE_ANNOTATION: &str = "sidegate.dev/sidecar-image";
 /// Annotation the webhook sets on injected pods: [`InjectedWith::settings_hash`] of the sidecar
 /// settings injected.
 pub const SIDECAR_SETTINGS_ANNOTATION: &str = "sidegate.dev/sidecar-settings";
+/// Pod annotation (`"true"`) that has the webhook set the SDK base URLs on containers with
+/// `envFrom` too, overriding what envFrom gives them (see [`SDK_BASE_URL_VARIABLES`]).
+pub const OVERRIDE_ENV_FROM_ANNOTATION: &str = "sidegate.dev/override-env-from";
 
 /// Name of the injected container.
 pub const SIDECAR_CONTAINER: &str = "sidegate";
@@ -51,7 +54,8 @@ pub const CONFIG_DIR: &str = "/etc/sidegate/config";
 pub const KEYS_DIR: &str = "/etc/sidegate/keys";
 /// Name of the admin port (probes, metrics); at most 15 characters.
 pub const ADMIN_PORT_NAME: &str = "sidegate-admin";
-/// Uid and gid the sidecar runs as (the distroless `nonroot` user).
+/// Uid and gid the sidecar runs as by default (the distroless `nonroot` user, also the image's
+/// numeric `USER`).
 pub const SIDECAR_UID: i64 = 65532;
 
 /// Environment variables the SDKs read their base URL from, and the sidecar route each points
@@ -154,12 +158,17 @@ pub struct InjectConfig {
     pub default_resources: ResourceRequirements,
     /// Images a gateway's `spec.sidecar.image` may name.
     pub allowed_images: AllowedImages,
+    /// `runAsUser` of the sidecar (`None`: not set; the platform assigns one, as OpenShift's
+    /// restricted SCCs do, and `runAsNonRoot` with the image's numeric `USER` keeps it non-root).
+    pub run_as_user: Option<i64>,
+    /// `runAsGroup` of the sidecar (`None`: not set).
+    pub run_as_group: Option<i64>,
 }
 
 impl InjectConfig {
     /// Settings with the usual defaults: excluded `kube-system` and `operator_namespace`,
-    /// requests 50m CPU / 32Mi memory and a 256Mi memory limit, and gateways may name only
-    /// other tags or digests of `image`'s repository.
+    /// requests 50m CPU / 32Mi memory and a 256Mi memory limit, uid and gid [`SIDECAR_UID`],
+    /// and gateways may name only other tags or digests of `image`'s repository.
     pub fn new(
         image: impl Into<String>,
         version: impl Into<String>,
@@ -185,6 +194,8 @@ impl InjectConfig {
                 limits: Some([("memory".to_owned(), quantity("256Mi"))].into()),
                 ..ResourceRequirements::default()
             },
+            run_as_user: Some(SIDECAR_UID),
+            run_as_group: Some(SIDECAR_UID),
         }
     }
 }
@@ -220,7 +231,8 @@ pub struct InjectedWith {
     /// The sidecar image ([`SIDECAR_IMAGE_ANNOTATION`]).
     pub image: String,
     /// Short hash of the other settings that shape the sidecar container
-    /// ([`SIDECAR_SETTINGS_ANNOTATION`]): pull policy, resources, native or not, ports.
+    /// ([`SIDECAR_SETTINGS_ANNOTATION`]): pull policy, resources, native or not, ports, and the
+    /// uid/gid when not the defaults.
     pub settings_hash: String,
 }
 
@@ -233,6 +245,15 @@ struct HashedSettings<'a> {
     native_sidecar: bool,
     port: u16,
     admin_port: u16,
+    // Left out at their defaults, so pods injected before these were settable stay current.
+    #[serde(skip_serializing_if = "is_default_id")]
+    run_as_user: Option<i64>,
+    #[serde(skip_serializing_if = "is_default_id")]
+    run_as_group: Option<i64>,
+}
+
+fn is_default_id(id: &Option<i64>) -> bool {
+    *id == Some(SIDECAR_UID)
 }
 
 impl InjectedWith {
@@ -248,6 +269,8 @@ impl InjectedWith {
             native_sidecar: sidecar.native_sidecar,
             port: sidecar.port,
             admin_port: sidecar.admin_port,
+            run_as_user: config.run_as_user,
+            run_as_group: config.run_as_group,
         };
         // Fields of plain types and BTreeMaps: the JSON, and so the hash, is deterministic.
         let json = serde_json::to_vec(&hashed).unwrap_or_default();
@@ -275,6 +298,10 @@ pub enum Skip {
     ExcludedNamespace(String),
     /// The pod's namespace is not one the operator serves (`--watch-namespace`).
     UnwatchedNamespace(String),
+    /// The pod runs on Windows nodes (`spec.os.name` or its `kubernetes.io/os` node selector):
+    /// the sidecar is a Linux image, and its Linux-only securityContext would make the
+    /// apiserver refuse the pod.
+    WindowsPod,
 }
 
 impl Skip {
@@ -286,6 +313,7 @@ impl Skip {
             Self::AlreadyInjected => "already-injected",
             Self::ExcludedNamespace(_) => "excluded-namespace",
             Self::UnwatchedNamespace(_) => "unwatched-namespace",
+            Self::WindowsPod => "windows-pod",
         }
     }
 }
@@ -369,7 +397,25 @@ pub fn requested_gateway(
     if !config.scope.includes(namespace) {
         return Err(Skip::UnwatchedNamespace(namespace.to_owned()));
     }
+    if is_windows_pod(pod) {
+        return Err(Skip::WindowsPod);
+    }
     Ok(gateway)
+}
+
+/// Whether `pod` runs on Windows nodes: `spec.os.name: windows` (which the apiserver checks the
+/// securityContext against), or a `kubernetes.io/os: windows` node selector.
+pub fn is_windows_pod(pod: &Pod) -> bool {
+    let Some(spec) = pod.spec.as_ref() else {
+        return false;
+    };
+    let windows = |v: &str| v.trim().eq_ignore_ascii_case("windows");
+    spec.os.as_ref().is_some_and(|os| windows(&os.name))
+        || spec
+            .node_selector
+            .as_ref()
+            .and_then(|s| s.get("kubernetes.io/os"))
+            .is_some_and(|os| windows(os))
 }
 
 /// The gateway pod annotations ask for a sidecar of, or why they ask for none (the namespace
@@ -514,16 +560,44 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
     // SDK environment on app containers; on init containers too when the sidecar runs before
     // them. Indices shift by one after the native sidecar is inserted at 0.
     let env = sdk_env(settings.sidecar.port);
+    let override_env_from = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OVERRIDE_ENV_FROM_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    let mut env_from_left = Vec::new();
     for (i, c) in spec.containers.iter().enumerate() {
-        add_env(&mut ops, &["spec", "containers"], i, c, &env)?;
+        if add_env(
+            &mut ops,
+            &["spec", "containers"],
+            i,
+            c,
+            &env,
+            override_env_from,
+        )? {
+            env_from_left.push(c.name.as_str());
+        }
     }
     if native {
         for (i, c) in init_containers.iter().enumerate() {
-            add_env(&mut ops, &["spec", "initContainers"], i + 1, c, &env)?;
+            if add_env(
+                &mut ops,
+                &["spec", "initContainers"],
+                i + 1,
+                c,
+                &env,
+                override_env_from,
+            )? {
+                env_from_left.push(c.name.as_str());
+            }
         }
     }
 
     let mut warnings = Vec::new();
+    if !env_from_left.is_empty() {
+        warnings.push(env_from_warning(&env_from_left, settings.sidecar.port));
+    }
     if !native && is_job_pod(pod) {
         warnings.push(format!(
             "sidegate: AIGateway {gateway} injects a plain (non-native) sidecar, which keeps this Job's pod running after the app exits; set spec.sidecar.nativeSidecar: true"
@@ -626,8 +700,8 @@ pub fn sidecar_container(settings: &InjectSettings<'_>, shutdown: ShutdownTiming
         restart_policy: sidecar.native_sidecar.then(|| "Always".to_owned()),
         security_context: Some(SecurityContext {
             run_as_non_root: Some(true),
-            run_as_user: Some(SIDECAR_UID),
-            run_as_group: Some(SIDECAR_UID),
+            run_as_user: config.run_as_user,
+            run_as_group: config.run_as_group,
             read_only_root_filesystem: Some(true),
             allow_privilege_escalation: Some(false),
             privileged: Some(false),
@@ -675,16 +749,36 @@ fn sdk_env(port: u16) -> Vec<EnvVar> {
     urls.chain(keys).collect()
 }
 
+/// The warning for containers whose SDK base URLs were left to their `envFrom`.
+fn env_from_warning(containers: &[&str], port: u16) -> String {
+    let names = containers
+        .iter()
+        .map(|c| format!("{c:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let variables = SDK_BASE_URL_VARIABLES
+        .iter()
+        .map(|(name, _)| *name)
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "sidegate: container(s) {names} take variables from envFrom, which an env entry would override, so the sidecar's base URLs ({variables}) were not set there: their SDKs go straight to the providers unless envFrom or env points them at http://127.0.0.1:{port}/<provider>; annotate the pod {OVERRIDE_ENV_FROM_ANNOTATION}: \"true\" to have the webhook set them over envFrom's values"
+    )
+}
+
 /// Adds the variables of `env` that container `c` (at `index` after injection) does not set.
-/// A container with `envFrom` gets no placeholder keys: a key may come from there, and an `env`
-/// entry would override it.
+/// A container with `envFrom` gets neither the placeholder keys nor, unless `override_env_from`,
+/// the base URLs: they may come from there (a ConfigMap pointing the SDK at an in-cluster
+/// model server, the app's own key), and an `env` entry would override them. Returns whether
+/// base URLs were left out for that reason.
 fn add_env(
     ops: &mut Ops,
     list: &[&str],
     index: usize,
     c: &Container,
     env: &[EnvVar],
-) -> Result<(), InjectError> {
+    override_env_from: bool,
+) -> Result<bool, InjectError> {
     let set: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     // A provider the container already points somewhere (under any of its variable names) is
     // left alone: e.g. LangChain prefers OPENAI_API_BASE over the app's own OPENAI_BASE_URL.
@@ -700,14 +794,21 @@ fn add_env(
             .map(|(_, route)| *route)
     };
     let has_env_from = c.env_from.as_ref().is_some_and(|e| !e.is_empty());
-    let missing: Vec<&EnvVar> = env
+    let unset: Vec<&EnvVar> = env
         .iter()
         .filter(|e| !set.contains(e.name.as_str()))
         .filter(|e| route_of(&e.name).is_none_or(|r| !configured_routes.contains(r)))
         .filter(|e| !(has_env_from && PLACEHOLDER_KEY_VARIABLES.contains(&e.name.as_str())))
         .collect();
+    let left_to_env_from = has_env_from && !override_env_from;
+    let missing: Vec<&EnvVar> = unset
+        .iter()
+        .copied()
+        .filter(|e| !(left_to_env_from && route_of(&e.name).is_some()))
+        .collect();
+    let base_urls_left = missing.len() < unset.len();
     if missing.is_empty() {
-        return Ok(());
+        return Ok(base_urls_left);
     }
     let index = index.to_string();
     let path = [list[0], list[1], index.as_str(), "env"];
@@ -715,10 +816,10 @@ fn add_env(
         for e in missing {
             ops.add(&[path[0], path[1], path[2], path[3], "-"], e)?;
         }
-        Ok(())
     } else {
-        ops.add(&path, missing)
+        ops.add(&path, missing)?;
     }
+    Ok(base_urls_left)
 }
 
 fn is_job_pod(pod: &Pod) -> bool {

@@ -148,9 +148,64 @@ pub struct WebhookArgs {
     /// spec.sidecar.resources overrides them. Built-in: requests 50m/32Mi, limit 256Mi memory.
     #[arg(long, env = "SIDEGATE_SIDECAR_RESOURCES", value_name = "JSON")]
     pub sidecar_resources: Option<String>,
+    /// runAsUser of injected sidecars, or 'none' to leave it unset: where the platform assigns
+    /// uids (OpenShift's restricted SCCs refuse a pod that names one outside its range), the
+    /// sidecar then runs as the assigned uid, non-root either way (runAsNonRoot; the image's
+    /// USER is numeric, 65532).
+    #[arg(
+        long,
+        env = "SIDEGATE_SIDECAR_RUN_AS_USER",
+        value_name = "UID|none",
+        default_value = "65532",
+        value_parser = parse_uid
+    )]
+    pub sidecar_run_as_user: IdFlag,
+    /// runAsGroup of injected sidecars, or 'none' to leave it unset.
+    #[arg(
+        long,
+        env = "SIDEGATE_SIDECAR_RUN_AS_GROUP",
+        value_name = "GID|none",
+        default_value = "65532",
+        value_parser = parse_gid
+    )]
+    pub sidecar_run_as_group: IdFlag,
     /// Namespaces never injected besides kube-system and the operator's own (repeatable).
     #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
     pub exclude_namespaces: Vec<String>,
+}
+
+/// A uid or gid flag: a number, or `none` (also empty) to leave it unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdFlag(pub Option<i64>);
+
+fn parse_id(value: &str, what: &str) -> Result<IdFlag, String> {
+    let value = value.trim();
+    if value.is_empty() || value.eq_ignore_ascii_case("none") {
+        return Ok(IdFlag(None));
+    }
+    match value.parse::<i64>() {
+        Ok(id) if (0..=i64::from(i32::MAX)).contains(&id) => Ok(IdFlag(Some(id))),
+        _ => Err(format!(
+            "{value:?} is not a {what} (0 to 2147483647) nor 'none'"
+        )),
+    }
+}
+
+/// `--sidecar-run-as-user`: a uid other than 0 (the sidecar runs with runAsNonRoot, which
+/// kubelet enforces), or `none`.
+fn parse_uid(value: &str) -> Result<IdFlag, String> {
+    match parse_id(value, "uid")? {
+        IdFlag(Some(0)) => Err(
+            "0 is root; the sidecar runs non-root (runAsNonRoot): name another uid, or 'none'"
+                .to_owned(),
+        ),
+        id => Ok(id),
+    }
+}
+
+/// `--sidecar-run-as-group`: a gid, or `none`.
+fn parse_gid(value: &str) -> Result<IdFlag, String> {
+    parse_id(value, "gid")
 }
 
 impl WebhookArgs {
@@ -185,6 +240,8 @@ impl WebhookArgs {
         }
         config.excluded_namespaces = self.excluded_namespaces(namespace);
         config.scope = scope.clone();
+        config.run_as_user = self.sidecar_run_as_user.0;
+        config.run_as_group = self.sidecar_run_as_group.0;
         Ok(config)
     }
 }
@@ -520,6 +577,10 @@ async fn decide(
                         "sidegate: this operator does not serve namespace {ns} (--watch-namespace); pod created without the sidegate sidecar"
                     ),
                 ),
+                Skip::WindowsPod => with_warning(
+                    allow,
+                    "sidegate: the pod runs on Windows nodes (spec.os.name or its kubernetes.io/os node selector), where the sidegate sidecar (a Linux image) cannot run; pod created without the sidegate sidecar".to_owned(),
+                ),
                 _ => allow,
             };
             return (allow, Some("skipped"));
@@ -756,6 +817,50 @@ mod tests {
             Ok(_) => Some(String::from_utf8_lossy(&buf).into_owned()),
             Err(_) => None,
         }
+    }
+
+    #[test]
+    fn the_sidecar_uid_and_gid_flags_take_a_number_or_none_and_never_root_as_the_uid() {
+        assert_eq!(parse_uid("65532"), Ok(IdFlag(Some(65532))));
+        assert_eq!(parse_uid("none"), Ok(IdFlag(None)));
+        assert_eq!(parse_uid(""), Ok(IdFlag(None)));
+        assert_eq!(parse_gid("0"), Ok(IdFlag(Some(0))));
+        let root = parse_uid("0").expect_err("root refused");
+        assert!(root.contains("non-root"), "{root}");
+        for bad in ["-1", "nobody", "4294967296"] {
+            let e = parse_uid(bad).expect_err(bad);
+            assert!(e.contains(bad) && e.contains("'none'"), "{e}");
+        }
+        // The defaults, through clap: what the chart's values map to.
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            webhook: WebhookArgs,
+        }
+        let cli = Cli::try_parse_from(["x"]).expect("defaults");
+        let config = cli
+            .webhook
+            .inject_config("sidegate-system", &crate::scope::Scope::cluster())
+            .expect("config");
+        assert_eq!(
+            (config.run_as_user, config.run_as_group),
+            (Some(65532), Some(65532))
+        );
+        let cli = Cli::try_parse_from([
+            "x",
+            "--sidecar-run-as-user=none",
+            "--sidecar-run-as-group=none",
+        ])
+        .expect("none");
+        assert_eq!(
+            (
+                cli.webhook.sidecar_run_as_user,
+                cli.webhook.sidecar_run_as_group
+            ),
+            (IdFlag(None), IdFlag(None))
+        );
+        assert!(Cli::try_parse_from(["x", "--sidecar-run-as-user=0"]).is_err());
     }
 
     #[tokio::test]
