@@ -28,8 +28,24 @@
 {{- printf "%s-webhook" (include "sidegate.fullname" .) }}
 {{- end }}
 
+{{/* Cluster-scoped objects carry the release namespace in their name, so the same release name
+     installs in two namespaces. Names over 63 characters are cut to 54 and end in 8 hex digits
+     of the whole name's sha256, so two long namespaces never share one. Argument: the name. */}}
+{{- define "sidegate.clusterScopedName" -}}
+{{- if le (len .) 63 }}
+{{- . }}
+{{- else }}
+{{- printf "%s-%s" (. | trunc 54 | trimSuffix "-") (sha256sum . | trunc 8) }}
+{{- end }}
+{{- end }}
+
 {{- define "sidegate.webhookConfigName" -}}
-{{- printf "%s-%s" (include "sidegate.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- include "sidegate.clusterScopedName" (printf "%s-%s" (include "sidegate.fullname" .) .Release.Namespace) }}
+{{- end }}
+
+{{/* The ClusterRole and ClusterRoleBinding. */}}
+{{- define "sidegate.clusterRoleName" -}}
+{{- include "sidegate.clusterScopedName" (printf "%s-%s" (include "sidegate.operatorName" .) .Release.Namespace) }}
 {{- end }}
 
 {{- define "sidegate.certSecretName" -}}
@@ -46,7 +62,7 @@
 
 {{- define "sidegate.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "sidegate.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 app.kubernetes.io/component: operator
 {{- end }}
 
