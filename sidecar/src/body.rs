@@ -41,7 +41,7 @@ pin_project! {
             record: Option<RequestRecord>,
             done: Option<DoneWatch>,
             tokens: bool,
-            finish: Option<FinishWatch>,
+            finish: Option<Box<FinishWatch>>,
         },
         /// The upstream's stream translated chunk by chunk (`/compat`).
         Translated {
@@ -51,7 +51,7 @@ pin_project! {
             record: Option<RequestRecord>,
             out: BytesMut,
             ended: bool,
-            finish: Option<FinishWatch>,
+            finish: Option<Box<FinishWatch>>,
         },
         /// Another body, copied into the response cache as it goes through; `held` accounts
         /// for the copy (a copy the budget has no room for is given up, the body goes on).
@@ -69,14 +69,14 @@ pin_project! {
             // come: the rest is read for it.
             match this.project() {
                 ProxyBodyProj::Upstream { inner, record, finish, tokens: true, .. } => {
-                    if finish.as_ref().is_some_and(FinishWatch::seen)
+                    if finish.as_ref().is_some_and(|f| f.seen())
                         && let Some(rec) = record.take()
                     {
                         read_rest(inner.get_mut().take(), rec, None);
                     }
                 }
                 ProxyBodyProj::Translated { inner, translator, record, finish, ended: false, .. } => {
-                    if finish.as_ref().is_some_and(FinishWatch::seen)
+                    if finish.as_ref().is_some_and(|f| f.seen())
                         && let Some(rec) = record.take()
                     {
                         let translator = std::mem::replace(
@@ -466,8 +466,8 @@ impl FinishWatch {
     const KEPT: usize = 25;
 
     /// A watch for an answer counted against a budget; none for others.
-    fn for_record(record: &RequestRecord) -> Option<Self> {
-        record.budgeted().then(Self::default)
+    fn for_record(record: &RequestRecord) -> Option<Box<Self>> {
+        record.budgeted().then(Box::default)
     }
 
     fn seen(&self) -> bool {
