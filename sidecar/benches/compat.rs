@@ -137,7 +137,7 @@ fn main() {
     let gem_req = request_body("google-ai-studio/gemini-2.5-flash");
     measure("gemini: request", || {
         let r = ChatRequest::parse(black_box(&gem_req)).unwrap();
-        black_box(gemini::request(r, "google-ai-studio").unwrap());
+        black_box(gemini::request(r, "gemini-2.5-flash", "google-ai-studio").unwrap());
     });
     let gem_resp = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"word0 word1 word2 word3 word4 word5 word6 word7 word8 word9 word10 word11 word12 word13 word14 word15 word16 word17 word18 word19"}]},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":20,"candidatesTokenCount":20,"totalTokenCount":40},"modelVersion":"gemini-2.5-flash","responseId":"r1"}"#;
     measure("gemini: response", || {

@@ -119,3 +119,20 @@ def test_an_authenticated_gateway_takes_the_token_as_api_key_for_a_stored_servic
         assert GATEWAY_TOKEN not in g.logs()
     finally:
         g.stop()
+
+
+def test_blank_text_never_reaches_vertex(regional, mock):
+    # Vertex refuses a text part that is blank ("empty text parameter", the mock too); Claude's
+    # "\n\n" before a tool call comes back in histories moved to Gemini.
+    g, _ = regional
+    out = client(g).chat.completions.create(model="google-vertex-ai/google/gemini-2.5-flash", messages=[
+        {"role": "system", "content": " "},
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "\n\n"},
+        {"role": "user", "content": [{"type": "text", "text": "\n"}, {"type": "text", "text": "and now?"}]}])
+    # The assistant turn left with nothing is left out: the user turns around it merge.
+    assert out.choices[0].message.content == "mock reply to: weather? and now?"
+    [seen] = calls(mock)
+    body = json.loads(seen["body"])
+    assert "systemInstruction" not in body
+    assert body["contents"] == [{"role": "user", "parts": [{"text": "weather?"}, {"text": "and now?"}]}]

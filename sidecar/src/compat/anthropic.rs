@@ -62,7 +62,10 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
     for (i, m) in req.messages.iter().enumerate() {
         match m {
             Message::System { content, .. } | Message::Developer { content, .. } => {
-                system.push(text_only(content, i)?);
+                let text = openai::text_only(content, i, "system", PROVIDER)?;
+                if !openai::is_blank(&text) {
+                    system.push(text);
+                }
             }
             Message::User { content, .. } => {
                 openai::push_turn(&mut messages, "user", user_blocks(content, i)?)
@@ -87,7 +90,7 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                         PROVIDER,
                     ));
                 }
-                let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
+                let (text, calls) = openai::assistant_parts(content, tool_calls);
                 let mut blocks = thinking_content(thinking_blocks);
                 blocks.extend(text.map(|t| json!({"type": "text", "text": t})));
                 for (call, input) in calls {
@@ -102,13 +105,18 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             Message::Tool {
                 content,
                 tool_call_id,
-            } => openai::push_turn(
-                &mut messages,
-                "user",
-                vec![json!({"type": "tool_result",
-                    "tool_use_id": openai::portable_call_id(tool_call_id, MAX_CALL_ID),
-                    "content": text_only(content, i)?})],
-            ),
+            } => {
+                let mut result = Map::new();
+                result.insert("type".into(), Value::from("tool_result"));
+                result.insert(
+                    "tool_use_id".into(),
+                    Value::from(openai::portable_call_id(tool_call_id, MAX_CALL_ID)),
+                );
+                if let Some(content) = tool_result_content(content, i)? {
+                    result.insert("content".into(), content);
+                }
+                openai::push_turn(&mut messages, "user", vec![Value::Object(result)]);
+            }
             Message::Function { .. } => {
                 return Err(bad(format!(
                     "messages[{i}]: role function is deprecated; send role tool"
@@ -132,7 +140,10 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
     body.insert("messages".into(), Value::Array(messages));
     body.insert(
         "max_tokens".into(),
-        Value::from(req.max_output_tokens().unwrap_or(DEFAULT_MAX_TOKENS)),
+        Value::from(
+            req.max_output_tokens()
+                .unwrap_or_else(|| default_max_tokens(&req.rest)),
+        ),
     );
     if let Some(t) = req.temperature_at_most(1.0) {
         body.insert("temperature".into(), Value::from(t));
@@ -165,6 +176,10 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                     .clone()
                     .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
             );
+            // Anthropic's strict tool use: the input is held to the schema, as OpenAI's is.
+            if f.strict == Some(true) {
+                t.insert("strict".into(), Value::Bool(true));
+            }
             Value::Object(t)
         })
         .collect();
@@ -209,9 +224,13 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                     json!({"type": "object"}),
                 ),
             };
-            tools.push(
-                json!({"name": JSON_TOOL, "description": description, "input_schema": schema}),
-            );
+            let mut tool =
+                json!({"name": JSON_TOOL, "description": description, "input_schema": schema});
+            if matches!(format, ResponseFormat::JsonSchema { json_schema } if json_schema.strict == Some(true))
+            {
+                tool["strict"] = Value::Bool(true);
+            }
+            tools.push(tool);
             tool_choice = Some(if thinking {
                 json!({"type": "auto"})
             } else {
@@ -229,21 +248,31 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
     Ok((openai::to_vec(&body), json_tool))
 }
 
-fn text_only(content: &Content, i: usize) -> Result<String, GatewayError> {
-    if let Content::Parts(parts) = content
-        && let Some(j) = parts
-            .iter()
-            .position(|p| !matches!(p, Part::Text { .. } | Part::Refusal { .. }))
-    {
-        return Err(bad(format!(
-            "messages[{i}].content[{j}]: only text parts can be expressed here for provider anthropic"
-        )));
+/// `max_tokens` when the client sets none: [`DEFAULT_MAX_TOKENS`] for the answer, beyond the
+/// thinking budget when thinking is on (Anthropic wants `budget_tokens` below `max_tokens`).
+fn default_max_tokens(rest: &Map<String, Value>) -> u64 {
+    let budget = thinking_on(rest)
+        .then(|| rest.get("thinking")?.get("budget_tokens")?.as_u64())
+        .flatten()
+        .unwrap_or(0);
+    budget.saturating_add(DEFAULT_MAX_TOKENS)
+}
+
+/// A tool result's `content`: its text, or its blocks when it holds images or documents
+/// (Anthropic takes them in a tool result); `None` when there is nothing but blank text —
+/// Anthropic refuses blank text blocks, and a result without content is an empty one.
+fn tool_result_content(content: &Content, i: usize) -> Result<Option<Value>, GatewayError> {
+    if content.is_text_only() {
+        let text = content.text();
+        return Ok((!openai::is_blank(&text)).then_some(Value::String(text)));
     }
-    Ok(content.text())
+    let blocks = user_blocks(content, i)?;
+    Ok((!blocks.is_empty()).then_some(Value::Array(blocks)))
 }
 
 fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
     let parts = match content {
+        Content::Text(t) if openai::is_blank(t) => return Ok(Vec::new()),
         Content::Text(t) => return Ok(vec![json!({"type": "text", "text": t})]),
         Content::Parts(parts) => parts,
     };
@@ -251,7 +280,7 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
     for (j, p) in parts.iter().enumerate() {
         match p {
             Part::Text { text } | Part::Refusal { refusal: text } => {
-                if !text.is_empty() {
+                if !openai::is_blank(text) {
                     blocks.push(json!({"type": "text", "text": text}));
                 }
             }
@@ -532,12 +561,18 @@ struct MessageDeltaBody {
     stop_reason: Option<String>,
 }
 
+/// `message_delta` usage: cumulative counts of the message so far (Anthropic sends the input
+/// side too, grown when server tools ran); each count given replaces `message_start`'s.
 #[derive(Deserialize)]
 struct DeltaUsage {
     #[serde(default)]
     output_tokens: Option<u64>,
     #[serde(default)]
     input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -575,9 +610,8 @@ struct StreamState {
     /// Whether the JSON tool was called.
     json_called: bool,
     next_tool: u32,
-    prompt_tokens: u64,
-    /// Of them, read from the prompt cache (when Anthropic says).
-    cached_tokens: Option<u64>,
+    /// The prompt's parts as Anthropic counts them: uncached input, cache writes, cache reads.
+    input: AnthropicUsage,
     output_tokens: u64,
     /// Whether `message_start` (and its usage) came.
     started: bool,
@@ -602,8 +636,7 @@ impl Stream {
                 held_text: String::new(),
                 json_called: false,
                 next_tool: 0,
-                prompt_tokens: 0,
-                cached_tokens: None,
+                input: AnthropicUsage::default(),
                 output_tokens: 0,
                 started: false,
                 done: false,
@@ -642,7 +675,8 @@ impl StreamTranslator for Stream {
 
 impl StreamState {
     fn usage(&self) -> Usage {
-        Usage::new(self.prompt_tokens, self.output_tokens).with_cached(self.cached_tokens)
+        Usage::new(self.input.prompt(), self.output_tokens)
+            .with_cached(self.input.cache_read_input_tokens)
     }
 
     fn block(&self, index: u64) -> Option<BlockKind> {
@@ -674,8 +708,7 @@ impl StreamState {
                 if !message.model.is_empty() {
                     self.w.model = message.model;
                 }
-                self.prompt_tokens = message.usage.prompt();
-                self.cached_tokens = message.usage.cache_read_input_tokens;
+                self.input = message.usage;
                 self.output_tokens = message.usage.output_tokens;
                 self.started = true;
                 self.w.role(out);
@@ -761,7 +794,13 @@ impl StreamState {
                         self.output_tokens = o;
                     }
                     if let Some(i) = u.input_tokens {
-                        self.prompt_tokens = self.prompt_tokens.max(i);
+                        self.input.input_tokens = i;
+                    }
+                    if let Some(w) = u.cache_creation_input_tokens {
+                        self.input.cache_creation_input_tokens = Some(w);
+                    }
+                    if let Some(r) = u.cache_read_input_tokens {
+                        self.input.cache_read_input_tokens = Some(r);
                     }
                 }
                 if let Some(stop) = delta.stop_reason {
@@ -1093,6 +1132,144 @@ mod tests {
             out.contains(r#""usage":{"prompt_tokens":110,"completion_tokens":4,"total_tokens":114,"prompt_tokens_details":{"cached_tokens":100}}"#),
             "{out}"
         );
+    }
+
+    /// The Messages body for a chat completion request body.
+    fn translated(body: Value) -> Value {
+        let req = ChatRequest::parse(body.to_string().as_bytes()).expect("parse");
+        let (body, _) = request(req, "claude-x").expect("translate");
+        serde_json::from_slice(&body).expect("json")
+    }
+
+    #[test]
+    fn blank_text_is_left_out_and_a_turn_left_empty_merges_with_its_neighbours() {
+        // Claude answers "\n\n" before a tool call; clients send it back, and tools return "".
+        let v = translated(json!({"model": "anthropic/claude-x", "messages": [
+            {"role": "system", "content": "  "},
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "\n\n", "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": ""},
+            {"role": "user", "content": [{"type": "text", "text": " "},
+                {"type": "image_url", "image_url": {"url": "data:image/jpg;base64,/9j/"}}]},
+            {"role": "assistant", "content": " \t "},
+            {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "go on"}]}],
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}]}));
+        assert!(v.get("system").is_none(), "{v}");
+        assert_eq!(
+            v["messages"],
+            json!([
+                {"role": "user", "content": [{"type": "text", "text": "weather?"}]},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/"}},
+                    {"type": "text", "text": "go on"}]}]),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn tool_results_with_images_become_blocks_and_text_stays_a_string() {
+        let v = translated(json!({"model": "anthropic/claude-x", "messages": [
+            {"role": "user", "content": "look"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "t1", "type": "function", "function": {"name": "shot", "arguments": ""}},
+                {"id": "t2", "type": "function", "function": {"name": "shot", "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "t1", "content": [
+                {"type": "text", "text": "the screen:"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]},
+            {"role": "tool", "tool_call_id": "t2", "content": [{"type": "text", "text": "done"}]}]}));
+        assert_eq!(
+            v["messages"][2]["content"],
+            json!([
+                {"type": "tool_result", "tool_use_id": "t1", "content": [
+                    {"type": "text", "text": "the screen:"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}]},
+                {"type": "tool_result", "tool_use_id": "t2", "content": "done"}]),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn arguments_that_do_not_parse_go_as_a_raw_wrapper_and_the_conversation_goes_on() {
+        let v = translated(json!({"model": "anthropic/claude-x", "messages": [
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Par"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "cut off"}]}));
+        assert_eq!(
+            v["messages"][1]["content"][0]["input"],
+            json!({"_raw": "{\"city\": \"Par"})
+        );
+    }
+
+    #[test]
+    fn the_default_max_tokens_leaves_room_beyond_the_thinking_budget() {
+        let ask = |extra: Value| {
+            let mut body = json!({"model": "a/b", "messages": [{"role": "user", "content": "hi"}]});
+            if let (Some(b), Value::Object(e)) = (body.as_object_mut(), extra) {
+                b.extend(e);
+            }
+            translated(body)["max_tokens"].clone()
+        };
+        assert_eq!(ask(json!({})), DEFAULT_MAX_TOKENS);
+        assert_eq!(
+            ask(json!({"thinking": {"type": "enabled", "budget_tokens": 10000}})),
+            10000 + DEFAULT_MAX_TOKENS
+        );
+        assert_eq!(
+            ask(json!({"thinking": {"type": "disabled", "budget_tokens": 10000}})),
+            DEFAULT_MAX_TOKENS
+        );
+        assert_eq!(
+            ask(json!({"thinking": {"type": "adaptive"}})),
+            DEFAULT_MAX_TOKENS
+        );
+        assert_eq!(
+            ask(
+                json!({"max_tokens": 20000, "thinking": {"type": "enabled", "budget_tokens": 10000}})
+            ),
+            20000
+        );
+    }
+
+    #[test]
+    fn strict_tools_and_strict_json_schemas_are_anthropics_strict_tool_use() {
+        let v = translated(
+            json!({"model": "a/b", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [
+                {"type": "function", "function": {"name": "s", "strict": true, "parameters": {"type": "object"}}},
+                {"type": "function", "function": {"name": "l", "strict": false}}]}),
+        );
+        assert_eq!(v["tools"][0]["strict"], true);
+        assert!(v["tools"][1].get("strict").is_none(), "{v}");
+        let v = translated(
+            json!({"model": "a/b", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "strict": true,
+                "schema": {"type": "object"}}}}),
+        );
+        assert_eq!(v["tools"][0]["name"], JSON_TOOL);
+        assert_eq!(v["tools"][0]["strict"], true);
+    }
+
+    #[test]
+    fn message_delta_usage_replaces_the_input_counts_of_message_start() {
+        // Current Anthropic streams repeat the input side in message_delta, cumulative (grown
+        // when server tools ran).
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"b\",\"usage\":{\"input_tokens\":10,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":100,\"output_tokens\":1}}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":5,\"cache_read_input_tokens\":200,\"output_tokens\":9}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let mut t = Stream::new(&ctx(true, false));
+        run_stream(&mut t, &[stream.as_bytes()]);
+        assert_eq!(t.usage(), Some(Usage::new(230, 9).with_cached(Some(200))));
+        // A delta with the output alone keeps message_start's input.
+        let mut t = Stream::new(&ctx(true, false));
+        run_stream(&mut t, &[STREAM.as_bytes()]);
+        assert_eq!(t.usage(), Some(Usage::new(7, 12)));
     }
 
     #[test]

@@ -206,7 +206,11 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
     for (i, m) in req.messages.iter().enumerate() {
         match m {
             Message::System { content, .. } | Message::Developer { content, .. } => {
-                system.push(json!({"text": content.text()}));
+                // Converse system blocks hold text (and guard or cache points), no images.
+                let text = openai::text_only(content, i, "system", PROVIDER)?;
+                if !openai::is_blank(&text) {
+                    system.push(json!({"text": text}));
+                }
             }
             Message::User { content, .. } => {
                 openai::push_turn(&mut messages, "user", user_blocks(content, i)?)
@@ -224,7 +228,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                         "messages[{i}]: function_call and audio cannot be expressed for provider aws-bedrock"
                     )));
                 }
-                let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
+                let (text, calls) = openai::assistant_parts(content, tool_calls);
                 let mut blocks: Vec<Value> = thinking_blocks
                     .iter()
                     .flatten()
@@ -246,13 +250,22 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             Message::Tool {
                 content,
                 tool_call_id,
-            } => openai::push_turn(
-                &mut messages,
-                "user",
-                vec![json!({"toolResult": {
-                    "toolUseId": openai::portable_call_id(tool_call_id, MAX_CALL_ID),
-                    "content": [{"text": content.text()}]}})],
-            ),
+            } => {
+                // A tool result holds text, images and documents as a user turn does. Bedrock
+                // wants at least one block, and text that is not blank: an empty result is an
+                // empty JSON object.
+                let mut result = user_blocks(content, i)?;
+                if result.is_empty() {
+                    result.push(json!({"json": {}}));
+                }
+                openai::push_turn(
+                    &mut messages,
+                    "user",
+                    vec![json!({"toolResult": {
+                        "toolUseId": openai::portable_call_id(tool_call_id, MAX_CALL_ID),
+                        "content": result}})],
+                );
+            }
             Message::Function { .. } => {
                 return Err(bad(format!(
                     "messages[{i}]: role function is deprecated; send role tool"
@@ -298,6 +311,10 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                 "inputSchema".into(),
                 json!({"json": f.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))}),
             );
+            // Bedrock's strict tool use holds the input to the schema, as OpenAI's does.
+            if f.strict == Some(true) {
+                spec.insert("strict".into(), Value::Bool(true));
+            }
             json!({"toolSpec": spec})
         })
         .collect();
@@ -321,15 +338,22 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                     "response_format json together with tools cannot be expressed for provider aws-bedrock",
                 ));
             }
-            let schema = match format {
-                ResponseFormat::JsonSchema { json_schema } => json_schema
-                    .schema
-                    .clone()
-                    .unwrap_or_else(|| json!({"type": "object"})),
-                _ => json!({"type": "object"}),
+            let (schema, strict) = match format {
+                ResponseFormat::JsonSchema { json_schema } => (
+                    json_schema
+                        .schema
+                        .clone()
+                        .unwrap_or_else(|| json!({"type": "object"})),
+                    json_schema.strict == Some(true),
+                ),
+                _ => (json!({"type": "object"}), false),
             };
-            tools.push(json!({"toolSpec": {"name": JSON_TOOL,
-                "description": "Respond with the answer as JSON.", "inputSchema": {"json": schema}}}));
+            let mut spec = json!({"name": JSON_TOOL,
+                "description": "Respond with the answer as JSON.", "inputSchema": {"json": schema}});
+            if strict {
+                spec["strict"] = Value::Bool(true);
+            }
+            tools.push(json!({"toolSpec": spec}));
             // Claude refuses a forced tool while thinking: the tool is offered (Bedrock's
             // default choice is auto) and asked for.
             if thinking_on(&req.rest) {
@@ -370,8 +394,11 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
     Ok((openai::to_vec(&body), json_tool))
 }
 
+/// The Converse blocks of a user message or tool result: text that is not blank (Bedrock
+/// refuses blank text), images and documents.
 fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
     let parts = match content {
+        Content::Text(t) if openai::is_blank(t) => return Ok(Vec::new()),
         Content::Text(t) => return Ok(vec![json!({"text": t})]),
         Content::Parts(parts) => parts,
     };
@@ -379,7 +406,7 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
     for (j, p) in parts.iter().enumerate() {
         match p {
             Part::Text { text } | Part::Refusal { refusal: text } => {
-                if !text.is_empty() {
+                if !openai::is_blank(text) {
                     blocks.push(json!({"text": text}));
                 }
             }
@@ -389,8 +416,7 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
                         "messages[{i}].content[{j}].image_url: provider aws-bedrock takes images as base64 data URLs only"
                     )));
                 };
-                let format = mime.strip_prefix("image/").unwrap_or(mime);
-                let format = if format == "jpg" { "jpeg" } else { format };
+                let format = mime.strip_prefix("image/").unwrap_or(&mime);
                 blocks.push(json!({"image": {"format": format, "source": {"bytes": data}}}));
             }
             Part::File { file } => {
@@ -400,10 +426,10 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
                         "messages[{i}].content[{j}].file: only file_data as a base64 data URL can be expressed for provider aws-bedrock"
                     )));
                 };
-                let Some(format) = document_format(mime) else {
+                let Some(format) = document_format(&mime) else {
                     return Err(bad(format!(
                         "messages[{i}].content[{j}].file: provider aws-bedrock takes pdf, csv, doc, docx, xls, xlsx, html, txt and md documents, not {}",
-                        openai::truncate(mime)
+                        openai::truncate(&mime)
                     )));
                 };
                 let name: String = file
@@ -1211,6 +1237,91 @@ mod tests {
         assert_eq!(req.headers()["x-amz-date"], "20231114T221320Z");
         assert!(req.headers()["authorization"].is_sensitive());
         assert!(!format!("{creds:?}").contains("EXAMPLEKEY"));
+    }
+
+    /// The Converse body for a chat completion request body.
+    fn translated(body: Value) -> Result<Value, GatewayError> {
+        let req = ChatRequest::parse(body.to_string().as_bytes()).expect("parse");
+        let (body, _) = request(req)?;
+        Ok(serde_json::from_slice(&body).expect("json"))
+    }
+
+    #[test]
+    fn blank_text_is_left_out_and_an_empty_tool_result_is_an_empty_json_object() {
+        // Bedrock: "The text field in the ContentBlock object at messages.1.content.0 is blank".
+        let v = translated(json!({"model": "m", "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "developer", "content": " \n"},
+            {"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": "\n\n", "tool_calls": [
+                {"id": "tooluse_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "tooluse_1", "content": ""},
+            {"role": "assistant", "content": ""},
+            {"role": "user", "content": [{"type": "text", "text": "  "}, {"type": "text", "text": "thanks"}]}],
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}]}))
+        .expect("translate");
+        assert_eq!(v["system"], json!([{"text": "be brief"}]));
+        assert_eq!(
+            v["messages"],
+            json!([
+                {"role": "user", "content": [{"text": "weather?"}]},
+                {"role": "assistant", "content": [
+                    {"toolUse": {"toolUseId": "tooluse_1", "name": "get_weather", "input": {}}}]},
+                {"role": "user", "content": [
+                    {"toolResult": {"toolUseId": "tooluse_1", "content": [{"json": {}}]}},
+                    {"text": "thanks"}]}]),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn tool_result_images_are_sent_and_system_images_refused() {
+        let v = translated(json!({"model": "m", "messages": [
+            {"role": "user", "content": "look"},
+            {"role": "assistant", "tool_calls": [
+                {"id": "t1", "type": "function", "function": {"name": "shot", "arguments": "{"}}]},
+            {"role": "tool", "tool_call_id": "t1", "content": [
+                {"type": "text", "text": "the screen:"},
+                {"type": "image_url", "image_url": {"url": "data:image/jpg;base64,/9j/"}}]}],
+            "tools": [{"type": "function", "function": {"name": "shot"}}]}))
+        .expect("translate");
+        assert_eq!(
+            v["messages"][1]["content"][0]["toolUse"]["input"],
+            json!({"_raw": "{"})
+        );
+        assert_eq!(
+            v["messages"][2]["content"][0]["toolResult"]["content"],
+            json!([{"text": "the screen:"},
+                   {"image": {"format": "jpeg", "source": {"bytes": "/9j/"}}}])
+        );
+        let err = translated(json!({"model": "m", "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "see"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]},
+            {"role": "user", "content": "hi"}]}))
+        .expect_err("refused");
+        assert_eq!(err.code(), 2107);
+        assert!(err.to_string().contains("messages[0].content[1]"), "{err}");
+    }
+
+    #[test]
+    fn strict_tools_and_strict_json_schemas_are_bedrocks_strict_tool_use() {
+        let v = translated(
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "s", "strict": true}},
+                      {"type": "function", "function": {"name": "l"}}]}),
+        )
+        .expect("translate");
+        assert_eq!(v["toolConfig"]["tools"][0]["toolSpec"]["strict"], true);
+        assert!(
+            v["toolConfig"]["tools"][1]["toolSpec"]
+                .get("strict")
+                .is_none()
+        );
+        let v = translated(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "strict": true}}}))
+        .expect("translate");
+        assert_eq!(v["toolConfig"]["tools"][0]["toolSpec"]["name"], JSON_TOOL);
+        assert_eq!(v["toolConfig"]["tools"][0]["toolSpec"]["strict"], true);
     }
 
     #[test]

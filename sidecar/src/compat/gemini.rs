@@ -14,8 +14,39 @@ use super::sse::{Event, SseParser};
 use super::{ResponseCtx, StreamTranslator};
 use crate::error::GatewayError;
 
-/// The `generateContent` request for `req`.
-pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayError> {
+/// The thought signature Google documents for function calls Gemini did not make itself (a
+/// history from another provider): Gemini 3 refuses a model turn whose first function call
+/// comes without a signature.
+pub const FOREIGN_SIGNATURE: &str = "skip_thought_signature_validator";
+
+/// Whether `model` (its last path segment: `gemini-3-pro-preview`, `google/gemini-3-flash`,
+/// `.../models/gemini-3.1-pro`) is Gemini 3 or later, which validates thought signatures.
+fn validates_signatures(model: &str) -> bool {
+    let name = model.rsplit('/').next().unwrap_or(model);
+    let Some(version) = name.strip_prefix("gemini-") else {
+        return false;
+    };
+    let major: String = version.chars().take_while(char::is_ascii_digit).collect();
+    major.parse::<u32>().is_ok_and(|m| m >= 3)
+}
+
+/// Gives the first function call of every model turn a signature where it has none (the
+/// calls of another provider, or ids that lost theirs): Gemini 3 checks only that one, the
+/// first of parallel calls.
+fn sign_foreign_calls(contents: &mut [(&'static str, Vec<Value>)]) {
+    for (_, parts) in contents.iter_mut().filter(|(role, _)| *role == "model") {
+        if let Some(Value::Object(first)) =
+            parts.iter_mut().find(|p| p.get("functionCall").is_some())
+        {
+            first
+                .entry("thoughtSignature")
+                .or_insert_with(|| Value::from(FOREIGN_SIGNATURE));
+        }
+    }
+}
+
+/// The `generateContent` request for `req` to `model`.
+pub fn request(mut req: ChatRequest, model: &str, provider: &str) -> Result<Vec<u8>, GatewayError> {
     // `user` and `safety_identifier` are OpenAI's end-user ids for abuse monitoring, with no
     // Gemini equivalent: bookkeeping like `metadata`, left out rather than refused.
     req.refuse_unsupported(
@@ -40,7 +71,11 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
     for (i, m) in req.messages.iter().enumerate() {
         match m {
             Message::System { content, .. } | Message::Developer { content, .. } => {
-                system.push(content.text());
+                // Gemini's systemInstruction takes text only.
+                let text = openai::text_only(content, i, "system", provider)?;
+                if !openai::is_blank(&text) {
+                    system.push(text);
+                }
             }
             Message::User { content, .. } => {
                 openai::push_turn(&mut contents, "user", user_parts(content, i)?)
@@ -57,7 +92,7 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
                         "messages[{i}]: function_call and audio cannot be expressed for provider {provider}"
                     )));
                 }
-                let (text, calls) = openai::assistant_parts(i, content, tool_calls)?;
+                let (text, calls) = openai::assistant_parts(content, tool_calls);
                 let mut parts: Vec<Value> = text.map(|t| json!({"text": t})).into_iter().collect();
                 for (call, args) in calls {
                     call_names.push((call.id.clone(), call.function.name.clone()));
@@ -85,7 +120,8 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
                         openai::truncate(tool_call_id)
                     )));
                 };
-                let text = content.text();
+                // A function response is JSON: images or files have no place in it here.
+                let text = openai::text_only(content, i, "tool", provider)?;
                 let response = match serde_json::from_str::<Value>(&text) {
                     Ok(Value::Object(o)) => Value::Object(o),
                     _ => json!({"content": text}),
@@ -102,6 +138,9 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
                 )));
             }
         }
+    }
+    if validates_signatures(model) {
+        sign_foreign_calls(&mut contents);
     }
     let contents: Vec<Value> = contents
         .into_iter()
@@ -151,6 +190,13 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
     if !generation.is_empty() {
         super::merge_object(&mut body, "generationConfig", generation);
     }
+    // `strict` is held by the function calling mode, for all declarations: VALIDATED holds
+    // calls to their schemas, as ANY does.
+    let strict = req
+        .tools
+        .iter()
+        .flatten()
+        .any(|Tool::Function { function }| function.strict == Some(true));
     let declarations: Vec<Value> = req
         .tools
         .iter()
@@ -173,8 +219,14 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
             json!([{"functionDeclarations": declarations}]),
         );
     }
-    if let Some(choice) = req.tool_choice.as_ref().map(|c| c.choice()).transpose()? {
+    let choice = req.tool_choice.as_ref().map(|c| c.choice()).transpose()?;
+    let choice = match choice {
+        None | Some(Choice::Auto) if strict => Some(Choice::Auto),
+        other => other,
+    };
+    if let Some(choice) = choice {
         let config = match choice {
+            Choice::Auto if strict => json!({"mode": "VALIDATED"}),
             Choice::Auto => json!({"mode": "AUTO"}),
             Choice::None => json!({"mode": "NONE"}),
             Choice::Required => json!({"mode": "ANY"}),
@@ -188,8 +240,11 @@ pub fn request(mut req: ChatRequest, provider: &str) -> Result<Vec<u8>, GatewayE
     Ok(openai::to_vec(&body))
 }
 
+/// The parts of a user message: text that is not blank (Google refuses empty text parts),
+/// images, files and audio.
 fn user_parts(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
     let parts = match content {
+        Content::Text(t) if openai::is_blank(t) => return Ok(Vec::new()),
         Content::Text(t) => return Ok(vec![json!({"text": t})]),
         Content::Parts(parts) => parts,
     };
@@ -197,7 +252,9 @@ fn user_parts(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
     for (j, p) in parts.iter().enumerate() {
         match p {
             Part::Text { text } | Part::Refusal { refusal: text } => {
-                out.push(json!({"text": text}));
+                if !openai::is_blank(text) {
+                    out.push(json!({"text": text}));
+                }
             }
             Part::ImageUrl { image_url } => match openai::parse_data_url(&image_url.url) {
                 Some((mime, data)) => {
@@ -411,6 +468,7 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
         return Ok(c.to_json(ctx.created));
     };
     let mut text = String::new();
+    let mut reasoning = String::new();
     for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
         if let Some(call) = part.function_call {
             let signature = part.thought_signature.as_deref();
@@ -418,10 +476,16 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
             let args = call.args.clone().unwrap_or_else(|| json!({}));
             c.tool_calls
                 .push(ToolCallOut::function(id, call.name, &args));
-        } else if let (Some(t), false) = (part.text, part.thought == Some(true)) {
-            text.push_str(&t);
+        } else if let Some(t) = part.text {
+            // Thought summaries (`includeThoughts`) are the model's reasoning.
+            if part.thought == Some(true) {
+                reasoning.push_str(&t);
+            } else {
+                text.push_str(&t);
+            }
         }
     }
+    c.reasoning = (!reasoning.is_empty()).then_some(reasoning);
     let reason = candidate.finish_reason.as_deref().unwrap_or("STOP");
     c.finish_reason = if c.tool_calls.is_empty() {
         finish_reason(reason)
@@ -569,9 +633,13 @@ impl StreamState {
                 let index = u32::try_from(self.tools).unwrap_or(u32::MAX);
                 self.w.tool_start(out, index, &id, &call.name, &args);
                 self.tools += 1;
-            } else if let (Some(t), false) = (part.text, part.thought == Some(true)) {
-                wrote_text |= !t.is_empty();
-                self.w.content(out, &t);
+            } else if let Some(t) = part.text {
+                if part.thought == Some(true) {
+                    self.w.reasoning(out, &t);
+                } else {
+                    wrote_text |= !t.is_empty();
+                    self.w.content(out, &t);
+                }
             }
         }
         if let Some(reason) = candidate.finish_reason {
@@ -729,7 +797,7 @@ mod tests {
         .expect("parse");
         golden_json(
             "gemini_request.json",
-            &request(req, "google-ai-studio").expect("translate"),
+            &request(req, "gemini-2.5-flash", "google-ai-studio").expect("translate"),
         );
     }
 
@@ -787,7 +855,7 @@ mod tests {
                 {"id": id, "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
             {"role": "tool", "tool_call_id": id, "content": "cold"}]});
         let req = ChatRequest::parse(next.to_string().as_bytes()).expect("parse");
-        let body = request(req, "google-ai-studio").expect("translate");
+        let body = request(req, "gemini-3-pro", "google-ai-studio").expect("translate");
         let body: Value = serde_json::from_slice(&body).expect("json");
         let call = &body["contents"][1]["parts"][0];
         assert_eq!(call["thoughtSignature"], "CiQB0e2Kb+/sig==");
@@ -798,13 +866,162 @@ mod tests {
         );
     }
 
+    /// The `generateContent` body for a chat completion request body sent to `model`.
+    fn translated(model: &str, body: Value) -> Result<Value, GatewayError> {
+        let req = ChatRequest::parse(body.to_string().as_bytes()).expect("parse");
+        let body = request(req, model, "google-ai-studio")?;
+        Ok(serde_json::from_slice(&body).expect("json"))
+    }
+
+    /// A conversation whose tool calls another provider made: two parallel, then one.
+    fn foreign_history() -> Value {
+        let call = |id: &str| {
+            json!({"id": id, "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}})
+        };
+        json!({"model": "dynamic/agent", "messages": [
+            {"role": "user", "content": "weather in Oslo and Rome?"},
+            {"role": "assistant", "content": "\n\n", "tool_calls": [call("toolu_1"), call("toolu_2")]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": "cold"},
+            {"role": "tool", "tool_call_id": "toolu_2", "content": "warm"},
+            {"role": "assistant", "tool_calls": [call("toolu_3~ts~CiQBreal")]},
+            {"role": "tool", "tool_call_id": "toolu_3~ts~CiQBreal", "content": "windy"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather"}}]})
+    }
+
+    #[test]
+    fn gemini_3_gets_the_documented_signature_on_the_first_call_of_each_foreign_turn() {
+        let v = translated("gemini-3-pro-preview", foreign_history()).expect("translate");
+        let contents = v["contents"].as_array().expect("contents");
+        let signatures: Vec<Vec<Value>> = contents
+            .iter()
+            .filter(|c| c["role"] == "model")
+            .map(|c| {
+                c["parts"]
+                    .as_array()
+                    .expect("parts")
+                    .iter()
+                    .map(|p| p["thoughtSignature"].clone())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            signatures,
+            [
+                vec![json!(FOREIGN_SIGNATURE), Value::Null],
+                vec![json!("CiQBreal")],
+            ],
+            "{v}"
+        );
+        // Not for models that do not check them.
+        let v = translated("gemini-2.5-flash", foreign_history()).expect("translate");
+        assert!(!v.to_string().contains(FOREIGN_SIGNATURE), "{v}");
+        for (model, checks) in [
+            ("gemini-3-pro-preview", true),
+            ("models/gemini-3-flash", true),
+            ("google/gemini-3.1-pro", true),
+            ("my-proj/us-central1/gemini-10-ultra", true),
+            ("gemini-2.5-pro", false),
+            ("gemini-embedding-001", false),
+            ("gemma-3-27b-it", false),
+        ] {
+            assert_eq!(validates_signatures(model), checks, "{model}");
+        }
+    }
+
+    #[test]
+    fn blank_text_parts_are_left_out_and_images_where_only_text_goes_refused() {
+        let v = translated("gemini-2.5-flash", foreign_history()).expect("translate");
+        assert_eq!(
+            v["contents"][1]["parts"][0]["functionCall"]["name"],
+            "get_weather"
+        );
+        assert!(!v.to_string().contains(r#""text":"\n\n""#), "{v}");
+        let v = translated(
+            "gemini-2.5-flash",
+            json!({"model": "m", "messages": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": [{"type": "text", "text": " "},
+                {"type": "image_url", "image_url": {"url": "data:image/jpg;base64,/9j/"}}]},
+            {"role": "assistant", "content": "  "},
+            {"role": "user", "content": "and?"}]}),
+        )
+        .expect("translate");
+        assert!(v.get("systemInstruction").is_none(), "{v}");
+        assert_eq!(
+            v["contents"],
+            json!([{"role": "user", "parts": [
+                {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/"}}, {"text": "and?"}]}])
+        );
+        let image =
+            json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}});
+        let err = translated(
+            "gemini-2.5-flash",
+            json!({"model": "m", "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "see"}, image]},
+            {"role": "user", "content": "hi"}]}),
+        )
+        .expect_err("system image");
+        assert!(err.to_string().contains("messages[0].content[1]"), "{err}");
+        let mut history = foreign_history();
+        history["messages"][2]["content"] = json!([image]);
+        let err = translated("gemini-2.5-flash", history).expect_err("tool image");
+        assert_eq!(err.code(), 2107);
+        assert!(err.to_string().contains("messages[2].content[0]"), "{err}");
+    }
+
+    #[test]
+    fn thought_summaries_are_reasoning_content_streamed_or_not() {
+        let resp = br#"{"candidates":[{"content":{"role":"model","parts":[
+            {"text":"Oslo is far north.","thought":true},{"text":"Cold."}]},"finishReason":"STOP"}],
+            "usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"thoughtsTokenCount":5}}"#;
+        let v: Value =
+            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+        assert_eq!(v["choices"][0]["message"]["content"], "Cold.");
+        assert_eq!(
+            v["choices"][0]["message"]["reasoning_content"],
+            "Oslo is far north."
+        );
+        let stream = format!(
+            "data: {}\r\n\r\n",
+            std::str::from_utf8(resp).expect("utf8").replace('\n', "")
+        );
+        let out = run_stream(&mut Stream::new(&ctx(false, false)), &[stream.as_bytes()]);
+        let deltas = crate::compat::tests::deltas(&out);
+        let (reasoning, _) = crate::compat::tests::thinking_of(&deltas);
+        assert_eq!(reasoning, "Oslo is far north.", "{out}");
+        let content: String = deltas
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        assert_eq!(content, "Cold.", "{out}");
+    }
+
+    #[test]
+    fn strict_tools_hold_calls_to_their_schemas_with_the_validated_mode() {
+        let strict = |choice: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                "tools": [{"type": "function", "function": {"name": "f", "strict": true}}]});
+            if !choice.is_null() {
+                body["tool_choice"] = choice;
+            }
+            translated("gemini-2.5-flash", body).expect("translate")["toolConfig"]
+                ["functionCallingConfig"]
+                .clone()
+        };
+        assert_eq!(strict(Value::Null), json!({"mode": "VALIDATED"}));
+        assert_eq!(strict(json!("auto")), json!({"mode": "VALIDATED"}));
+        assert_eq!(strict(json!("required")), json!({"mode": "ANY"}));
+        assert_eq!(strict(json!("none")), json!({"mode": "NONE"}));
+    }
+
     #[test]
     fn tool_results_need_a_known_call_id() {
         let req = ChatRequest::parse(
             br#"{"model":"g/m","messages":[{"role":"tool","tool_call_id":"nope","content":"x"}]}"#,
         )
         .expect("parse");
-        let err = request(req, "google-ai-studio").expect_err("unknown id");
+        let err = request(req, "gemini-2.5-flash", "google-ai-studio").expect_err("unknown id");
         assert!(
             err.to_string().contains("messages[0].tool_call_id"),
             "{err}"

@@ -415,7 +415,7 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
                     let req = openai::ChatRequest::parse(i.body)?;
                     ctx.include_usage = req.include_usage();
                     let stream = req.is_stream();
-                    let body = gemini::request(req, &i.provider.id)?;
+                    let body = gemini::request(req, i.model, &i.provider.id)?;
                     if stream {
                         (
                             format!("{prefix}:streamGenerateContent"),
@@ -468,6 +468,8 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
         Format::Bedrock => {
             let creds = bedrock_credentials(i.snap, i.alias)?;
             let (region, model_id) = bedrock::split_region(i.model);
+            // Answers name the model, not the region it was asked in.
+            model_id.clone_into(&mut ctx.model);
             let region = region
                 .or(creds.region.as_deref())
                 .ok_or_else(|| bad("aws-bedrock needs a region: use model aws-bedrock/{region}/{modelId} or set \"region\" in the aws-bedrock key file"))?

@@ -172,7 +172,34 @@ pub enum Content {
     Parts(Vec<Part>),
 }
 
+/// Whether a text is empty or only whitespace: Anthropic, Bedrock and Google refuse such text
+/// blocks (Claude often answers `"\n\n"` before a tool call, and clients send it back), so
+/// translators leave them out.
+pub fn is_blank(text: &str) -> bool {
+    text.trim().is_empty()
+}
+
 impl Content {
+    /// Whether every part is text (or a refusal): nothing but [`Content::text`] to send.
+    pub fn is_text_only(&self) -> bool {
+        match self {
+            Content::Text(_) => true,
+            Content::Parts(parts) => parts
+                .iter()
+                .all(|p| matches!(p, Part::Text { .. } | Part::Refusal { .. })),
+        }
+    }
+
+    /// The first part that is not text, with its index, for errors naming it.
+    pub fn first_non_text(&self) -> Option<usize> {
+        match self {
+            Content::Text(_) => None,
+            Content::Parts(parts) => parts
+                .iter()
+                .position(|p| !matches!(p, Part::Text { .. } | Part::Refusal { .. })),
+        }
+    }
+
     /// All text parts joined with a newline (non-text parts are the caller's concern).
     pub fn text(&self) -> String {
         match self {
@@ -244,12 +271,17 @@ pub struct ToolCall {
 }
 
 /// Appends a turn of `role`, merged into the previous turn when it has the same role: the
-/// translated APIs want user and assistant turns to alternate.
+/// translated APIs want user and assistant turns to alternate. A turn without blocks (a
+/// message of blank text only) is left out: they refuse empty turns, and the turns around it
+/// merge when they meet.
 pub fn push_turn(
     turns: &mut Vec<(&'static str, Vec<Value>)>,
     role: &'static str,
     blocks: Vec<Value>,
 ) {
+    if blocks.is_empty() {
+        return;
+    }
     match turns.last_mut() {
         Some((last, content)) if *last == role => content.extend(blocks),
         _ => turns.push((role, blocks)),
@@ -317,30 +349,23 @@ fn portable_history(map: &mut Map<String, Value>) {
 /// A tool call with its arguments parsed.
 pub type ParsedCall<'a> = (&'a ToolCall, Value);
 
-/// What every translator takes from an assistant message: its text (if any) and its tool calls
-/// with their arguments parsed, errors naming `messages[i].tool_calls[j]`.
+/// What every translator takes from an assistant message: its text (if any is not blank) and
+/// its tool calls with their arguments as a JSON object (see [`FunctionCall::arguments_json`]).
 pub fn assistant_parts<'a>(
-    i: usize,
     content: &Option<Content>,
     tool_calls: &'a Option<Vec<ToolCall>>,
-) -> Result<(Option<String>, Vec<ParsedCall<'a>>), GatewayError> {
-    let text = content
-        .as_ref()
-        .map(Content::text)
-        .filter(|t| !t.is_empty());
+) -> (Option<String>, Vec<ParsedCall<'a>>) {
+    let text = content.as_ref().map(Content::text).filter(|t| !is_blank(t));
     let calls = tool_calls
         .iter()
         .flatten()
-        .enumerate()
-        .map(|(j, call)| {
-            let args = call
-                .function
-                .arguments_json(&format!("messages[{i}].tool_calls[{j}]"))?;
-            Ok((call, args))
-        })
-        .collect::<Result<Vec<_>, GatewayError>>()?;
-    Ok((text, calls))
+        .map(|call| (call, call.function.arguments_json()))
+        .collect();
+    (text, calls)
 }
+
+/// The key of the object that carries tool call arguments that are not a JSON object.
+pub const RAW_ARGUMENTS: &str = "_raw";
 
 /// The function of a tool call.
 #[derive(Debug, Deserialize)]
@@ -351,13 +376,25 @@ pub struct FunctionCall {
 }
 
 impl FunctionCall {
-    /// The arguments as JSON (`{}` when empty); `field` names the call in the error.
-    pub fn arguments_json(&self, field: &str) -> Result<Value, GatewayError> {
-        if self.arguments.trim().is_empty() {
-            return Ok(Value::Object(Map::new()));
+    /// The arguments as a JSON object, as the translated APIs take a tool call's input: `{}`
+    /// when empty, and `{"_raw": "<text>"}` when they are not a JSON object — OpenAI says the
+    /// model's arguments do not always parse (a history cut off by `max_tokens` holds half an
+    /// object), and a conversation that holds them goes on.
+    pub fn arguments_json(&self) -> Value {
+        if is_blank(&self.arguments) {
+            return Value::Object(Map::new());
         }
-        serde_json::from_str(&self.arguments)
-            .map_err(|e| bad(format!("{field}.function.arguments is not valid JSON: {e}")))
+        match serde_json::from_str(&self.arguments) {
+            Ok(Value::Object(o)) => Value::Object(o),
+            _ => {
+                let mut raw = Map::new();
+                raw.insert(
+                    RAW_ARGUMENTS.to_owned(),
+                    Value::String(self.arguments.clone()),
+                );
+                Value::Object(raw)
+            }
+        }
     }
 }
 
@@ -616,6 +653,22 @@ pub fn bad(message: impl Into<String>) -> GatewayError {
     GatewayError::CompatRequest(message.into())
 }
 
+/// The 400 for a part other than text in a message that takes only text (a system message,
+/// or a tool result where the provider takes text only), naming the part.
+pub fn text_only(
+    content: &Content,
+    i: usize,
+    role: &str,
+    provider: &str,
+) -> Result<String, GatewayError> {
+    match content.first_non_text() {
+        Some(j) => Err(bad(format!(
+            "messages[{i}].content[{j}]: only text parts can be expressed in a {role} message for provider {provider}"
+        ))),
+        None => Ok(content.text()),
+    }
+}
+
 /// The 400 for a field the provider cannot express.
 pub fn unsupported(field: &str, provider: &str) -> GatewayError {
     bad(format!(
@@ -628,12 +681,34 @@ pub fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
 }
 
-/// `data:<mime>;base64,<data>` → `(mime, data)`.
-pub fn parse_data_url(url: &str) -> Option<(&str, &str)> {
+/// `data:<mime>[;<parameter>...];base64,<data>` → `(mime, data)`, the MIME type as the
+/// providers take it ([`normal_mime`]).
+pub fn parse_data_url(url: &str) -> Option<(std::borrow::Cow<'_, str>, &str)> {
     let rest = url.strip_prefix("data:")?;
     let (meta, data) = rest.split_once(',')?;
-    let mime = meta.strip_suffix(";base64")?;
-    Some((if mime.is_empty() { "text/plain" } else { mime }, data))
+    Some((normal_mime(meta.strip_suffix(";base64")?), data))
+}
+
+/// A MIME type as Anthropic, Google and Bedrock take it: lowercase, without parameters, and
+/// with the nonstandard names browsers and tools give JPEG and PNG (`image/jpg`,
+/// `image/pjpeg`, `image/jfif`, `image/x-png`) replaced by the registered ones, which the
+/// providers refuse otherwise (`text/plain` when empty, as RFC 2397 has it).
+pub fn normal_mime(mime: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let mime = mime.split(';').next().unwrap_or_default().trim();
+    if mime.is_empty() {
+        return Cow::Borrowed("text/plain");
+    }
+    let lower: Cow<'_, str> = if mime.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(mime.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(mime)
+    };
+    match &*lower {
+        "image/jpg" | "image/pjpeg" | "image/jfif" | "image/pjp" => Cow::Borrowed("image/jpeg"),
+        "image/x-png" => Cow::Borrowed("image/png"),
+        _ => lower,
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -860,8 +935,10 @@ struct Chunk<'a> {
     created: u64,
     model: &'a str,
     choices: &'a [ChunkChoice<'a>],
+    /// Left out unless the client asked for usage; then `null` in every chunk but the last
+    /// (as OpenAI sends it: clients read the field on every chunk).
     #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Usage>,
+    usage: Option<Option<Usage>>,
 }
 
 #[derive(Serialize)]
@@ -949,7 +1026,7 @@ impl ChunkWriter {
                 created: self.created,
                 model: &self.model,
                 choices: &choices,
-                usage: None,
+                usage: self.include_usage.then_some(None),
             },
         );
     }
@@ -1108,7 +1185,7 @@ impl ChunkWriter {
                     created: self.created,
                     model: &self.model,
                     choices: &[],
-                    usage: Some(usage),
+                    usage: Some(Some(usage)),
                 },
             );
         }
@@ -1391,11 +1468,23 @@ mod tests {
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
         assert_eq!(events.len(), 6, "{text}");
         assert!(events[0].contains(r#""delta":{"role":"assistant","content":""}"#));
+        // With usage asked for, OpenAI's other chunks carry `"usage": null`.
+        assert!(
+            events[..4].iter().all(|e| e.ends_with(r#","usage":null}"#)),
+            "{text}"
+        );
         assert!(events[3].contains(r#""finish_reason":"stop""#));
         assert!(events[4].contains(
             r#""choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}"#
         ));
         assert_eq!(events[5], "data: [DONE]");
+        let mut w = ChunkWriter::new("id1".into(), "m".into(), 7, false);
+        let mut out = BytesMut::new();
+        w.content(&mut out, "Hi");
+        w.finish(&mut out, "stop");
+        w.done(&mut out, Usage::new(3, 2));
+        let text = String::from_utf8(out.to_vec()).expect("utf8");
+        assert!(!text.contains("usage"), "{text}");
     }
 
     const USAGE_STREAM: &str = concat!(
@@ -1505,12 +1594,74 @@ mod tests {
 
     #[test]
     fn data_urls_split_into_mime_and_base64() {
+        let parsed = |url| parse_data_url(url).map(|(m, d)| (m.into_owned(), d));
         assert_eq!(
-            parse_data_url("data:image/png;base64,iVBO"),
-            Some(("image/png", "iVBO"))
+            parsed("data:image/png;base64,iVBO"),
+            Some(("image/png".into(), "iVBO"))
         );
-        assert_eq!(parse_data_url("https://x/y.png"), None);
-        assert_eq!(parse_data_url("data:image/png,raw"), None);
+        assert_eq!(parsed("https://x/y.png"), None);
+        assert_eq!(parsed("data:image/png,raw"), None);
+        assert_eq!(
+            parsed("data:;base64,eA=="),
+            Some(("text/plain".into(), "eA=="))
+        );
+    }
+
+    #[test]
+    fn image_media_types_are_normalized_for_the_providers() {
+        for (url, mime) in [
+            ("data:image/jpg;base64,/9j/", "image/jpeg"),
+            ("data:image/JPG;base64,/9j/", "image/jpeg"),
+            ("data:image/pjpeg;base64,/9j/", "image/jpeg"),
+            ("data:image/jfif;base64,/9j/", "image/jpeg"),
+            ("data:image/x-png;base64,iVBO", "image/png"),
+            ("data:image/png;name=cat.png;base64,iVBO", "image/png"),
+            ("data:Image/WebP;base64,UklG", "image/webp"),
+            ("data:application/pdf;base64,JVBE", "application/pdf"),
+        ] {
+            assert_eq!(
+                parse_data_url(url).map(|(m, _)| m.into_owned()),
+                Some(mime.into()),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn blank_text_and_unparsable_arguments_are_made_fit_for_other_providers() {
+        assert!(is_blank("") && is_blank("\n\n") && is_blank(" \t") && !is_blank(" x "));
+        let call = |arguments: &str| FunctionCall {
+            name: "f".into(),
+            arguments: arguments.into(),
+        };
+        assert_eq!(call("").arguments_json(), serde_json::json!({}));
+        assert_eq!(
+            call(r#"{"a":1}"#).arguments_json(),
+            serde_json::json!({"a": 1})
+        );
+        assert_eq!(
+            call(r#"{"city":"Par"#).arguments_json(),
+            serde_json::json!({"_raw": r#"{"city":"Par"#})
+        );
+        assert_eq!(
+            call("[1]").arguments_json(),
+            serde_json::json!({"_raw": "[1]"})
+        );
+        let assistant: Message = serde_json::from_str(
+            r#"{"role":"assistant","content":"\n\n","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{"}}]}"#,
+        )
+        .expect("parse");
+        let Message::Assistant {
+            content,
+            tool_calls,
+            ..
+        } = &assistant
+        else {
+            panic!("assistant");
+        };
+        let (text, calls) = assistant_parts(content, tool_calls);
+        assert_eq!(text, None);
+        assert_eq!(calls[0].1, serde_json::json!({"_raw": "{"}));
     }
 
     #[test]

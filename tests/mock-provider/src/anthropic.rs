@@ -4,6 +4,11 @@
 //! signed thinking block, and, as Anthropic does, the mock refuses a forced `tool_choice` and a
 //! conversation whose last assistant tool-use turn does not start with its thinking block
 //! (signature intact).
+//!
+//! Like the API, Messages requests are refused (400, Anthropic's words) for a top-level field
+//! it does not know, a message without content, a text block that is empty or whitespace, and
+//! an image whose `media_type` is not JPEG, PNG, GIF or WebP. Streams end with a
+//! `message_delta` whose usage repeats the input side, cumulative, as Anthropic sends it now.
 
 use std::borrow::Cow;
 
@@ -110,8 +115,8 @@ impl MessagesRequest<'_> {
             .is_some_and(|t| t != "disabled")
     }
 
-    /// Why Anthropic would refuse this request with thinking on, in its words: a forced tool,
-    /// or a last assistant turn holding `tool_use` that does not start with thinking, or whose
+    /// Why Anthropic would refuse this request with thinking on, in its words: a forced tool, a
+    /// thinking budget below 1024 or not below `max_tokens`, or a last assistant turn holding `tool_use` that does not start with thinking, or whose
     /// thinking is not signed as it was answered.
     fn thinking_refusal(&self) -> Option<String> {
         let forced = self
@@ -122,6 +127,23 @@ impl MessagesRequest<'_> {
             .is_some_and(|t| t == "any" || t == "tool");
         if forced {
             return Some("Thinking may not be enabled when tool_choice forces tool use.".into());
+        }
+        let budget = self
+            .thinking
+            .as_ref()
+            .and_then(|t| t.get("budget_tokens"))
+            .and_then(Value::as_u64);
+        let max_tokens = self.max_tokens.as_ref().and_then(Value::as_u64);
+        if let Some(budget) = budget {
+            if budget < 1024 {
+                return Some(
+                    "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+                        .into(),
+                );
+            }
+            if max_tokens.is_some_and(|m| m <= budget) {
+                return Some("`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking#max-tokens-and-context-window-size".into());
+            }
         }
         let messages = self.messages.as_deref()?;
         let (i, blocks) = messages.iter().enumerate().rev().find_map(|(i, m)| {
@@ -153,6 +175,69 @@ impl MessagesRequest<'_> {
         })
     }
 
+    /// Why Anthropic would refuse the messages' content, in its words: a message without
+    /// content (but a last assistant prefill), a text block empty or only whitespace, or an
+    /// image of a media type it does not take.
+    fn content_refusal(&self) -> Option<String> {
+        let messages = self.messages.as_deref()?;
+        for (i, m) in messages.iter().enumerate() {
+            let last_assistant = i + 1 == messages.len() && m.role.as_deref() == Some("assistant");
+            let empty = match &m.content {
+                Some(Value::String(s)) => s.is_empty(),
+                Some(Value::Array(blocks)) => blocks.is_empty(),
+                _ => false,
+            };
+            if empty && !last_assistant {
+                return Some(format!(
+                    "messages.{i}: all messages must have non-empty content except for the optional final assistant message"
+                ));
+            }
+            let texts: Vec<&str> = match &m.content {
+                Some(Value::String(s)) if !s.is_empty() => vec![s],
+                Some(Value::Array(blocks)) => blocks
+                    .iter()
+                    .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+                    .filter_map(|b| b.get("text").and_then(Value::as_str))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            for text in texts {
+                if text.is_empty() {
+                    return Some("messages: text content blocks must be non-empty".into());
+                }
+                if text.trim().is_empty() {
+                    return Some(
+                        "messages: text content blocks must contain non-whitespace text".into(),
+                    );
+                }
+            }
+            for (j, b) in m
+                .content
+                .as_ref()
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let media_type = b
+                    .pointer("/source/media_type")
+                    .and_then(Value::as_str)
+                    .filter(|_| b.get("type") == Some(&Value::from("image")));
+                if let Some(media_type) = media_type
+                    && !matches!(
+                        media_type,
+                        "image/jpeg" | "image/png" | "image/gif" | "image/webp"
+                    )
+                {
+                    return Some(format!(
+                        "messages.{i}.content.{j}.image.source.base64.media_type: Input should be 'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
     /// The first required field the request lacks (Messages wants `max_tokens` too), in
     /// Anthropic's words.
     fn missing_field(&self, needs_max_tokens: bool) -> Option<&'static str> {
@@ -172,6 +257,41 @@ impl MessagesRequest<'_> {
         let system = self.system.as_ref().map_or(0, text::content_words);
         text::messages_words(messages).saturating_add(system)
     }
+}
+
+/// The top-level fields of a Messages request (with the beta ones): Anthropic refuses others.
+const MESSAGES_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "system",
+    "metadata",
+    "stop_sequences",
+    "stream",
+    "temperature",
+    "top_k",
+    "top_p",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "service_tier",
+    "container",
+    "mcp_servers",
+    "context_management",
+    "output_config",
+    "output_format",
+    "inference_geo",
+    "cache_control",
+    "speed",
+];
+
+/// The first top-level field of a Messages request that Anthropic does not take, in its words.
+fn unknown_field(body: &[u8]) -> Option<String> {
+    let fields: serde_json::Map<String, Value> = serde_json::from_slice(body).ok()?;
+    fields
+        .keys()
+        .find(|k| !MESSAGES_FIELDS.contains(&k.as_str()))
+        .map(|k| format!("{k}: Extra inputs are not permitted"))
 }
 
 // ---------------------------------------------------------------------------
@@ -318,7 +438,7 @@ struct MessageDelta {
     #[serde(rename = "type")]
     kind: &'static str,
     delta: StopDelta,
-    usage: OutputUsage,
+    usage: DeltaUsage,
 }
 
 #[derive(Serialize)]
@@ -327,9 +447,25 @@ struct StopDelta {
     stop_sequence: Option<()>,
 }
 
+/// `message_delta` usage: the whole message's counts so far, input side included (current
+/// Anthropic; the input grows there when server tools ran).
 #[derive(Serialize)]
-struct OutputUsage {
+struct DeltaUsage {
+    input_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
     output_tokens: u64,
+}
+
+impl DeltaUsage {
+    fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Self {
+            input_tokens,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: 0,
+            output_tokens,
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -364,6 +500,9 @@ pub(crate) fn messages(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
     };
     if let Some(message) = req.missing_field(true) {
         return invalid_request(ctx, message);
+    }
+    if let Some(message) = unknown_field(body).or_else(|| req.content_refusal()) {
+        return invalid_request(ctx, &message);
     }
     let model = req.model.as_deref().unwrap_or_default();
     if let Some(status) = text::status_trigger(model) {
@@ -501,8 +640,17 @@ fn tool_use(
         Some("content_block_stop"),
         &serde_json::json!({"type": "content_block_stop", "index": index}),
     );
-    sse.event(Some("message_delta"), &serde_json::json!({"type": "message_delta",
-        "delta": {"stop_reason": "tool_use", "stop_sequence": null}, "usage": {"output_tokens": 3}}));
+    sse.event(
+        Some("message_delta"),
+        &MessageDelta {
+            kind: "message_delta",
+            delta: StopDelta {
+                stop_reason: "tool_use",
+                stop_sequence: None,
+            },
+            usage: DeltaUsage::new(input_tokens, 3),
+        },
+    );
     sse.event(
         Some("message_stop"),
         &TypeOnly {
@@ -583,7 +731,7 @@ fn message_stream(
                 stop_reason: "end_turn",
                 stop_sequence: None,
             },
-            usage: OutputUsage { output_tokens },
+            usage: DeltaUsage::new(input_tokens, output_tokens),
         },
     );
     sse.event(
@@ -719,5 +867,57 @@ fn error_response(
 fn set_request_id(resp: &mut Response<MockBody>, ctx: &Ctx<'_>) {
     if let Ok(value) = HeaderValue::try_from(ctx.request_id()) {
         resp.headers_mut().insert("request-id", value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(body: Value) -> Option<String> {
+        let bytes = body.to_string();
+        let req: MessagesRequest<'_> = serde_json::from_str(&bytes).expect("parse");
+        unknown_field(bytes.as_bytes()).or_else(|| req.content_refusal())
+    }
+
+    #[test]
+    fn blank_text_empty_messages_odd_images_and_unknown_fields_are_refused_in_anthropics_words() {
+        let with = |messages: Value| {
+            refusal(serde_json::json!({"model": "m", "max_tokens": 8, "messages": messages}))
+        };
+        assert_eq!(
+            with(serde_json::json!([{"role": "user", "content": "hi"}])),
+            None
+        );
+        assert_eq!(
+            with(serde_json::json!([{"role": "user", "content": [{"type": "text", "text": ""}]}]))
+                .as_deref(),
+            Some("messages: text content blocks must be non-empty")
+        );
+        assert_eq!(
+            with(serde_json::json!([{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "text", "text": "\n\n"},
+                    {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]))
+            .as_deref(),
+            Some("messages: text content blocks must contain non-whitespace text")
+        );
+        assert!(
+            with(serde_json::json!([{"role": "user", "content": []}])).is_some_and(
+                |m| m.starts_with("messages.0: all messages must have non-empty content")
+            )
+        );
+        let jpg = serde_json::json!([{"role": "user", "content": [{"type": "image",
+            "source": {"type": "base64", "media_type": "image/jpg", "data": "/9j/"}}]}]);
+        assert!(
+            with(jpg).is_some_and(
+                |m| m.starts_with("messages.0.content.0.image.source.base64.media_type")
+            )
+        );
+        assert_eq!(
+            refusal(serde_json::json!({"model": "m", "max_tokens": 8, "n": 2,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .as_deref(),
+            Some("n: Extra inputs are not permitted")
+        );
     }
 }

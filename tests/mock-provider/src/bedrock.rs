@@ -7,6 +7,10 @@
 //! as AWS answers. The signature itself is not verified (the mock knows no secret). With a
 //! `toolConfig` and a last user turn without `toolResult`, the reply is a `toolUse` of the
 //! forced tool, else of the first one.
+//!
+//! Like Bedrock, Converse refuses (400 `ValidationException`, its words) a message without
+//! content blocks, a text block that is blank, and an image whose format is not one of
+//! `gif`, `jpeg`, `png`, `webp`.
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
@@ -137,12 +141,54 @@ fn content_text(content: Option<&Value>) -> String {
         .unwrap_or_default()
 }
 
+/// Why Bedrock would refuse the messages' content blocks, in its words: none at all, blank
+/// text (the message names the block; AWS's enum message counts from 1), an image format it
+/// does not take.
+fn content_refusal(messages: &[Value]) -> Option<String> {
+    for (i, m) in messages.iter().enumerate() {
+        let blocks = m
+            .get("content")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if blocks.is_empty() {
+            return Some(format!(
+                "1 validation error detected: Value '[]' at 'messages.{}.member.content' failed to satisfy constraint: Member must have length greater than or equal to 1",
+                i + 1
+            ));
+        }
+        for (j, b) in blocks.iter().enumerate() {
+            if b.get("text")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.trim().is_empty())
+            {
+                return Some(format!(
+                    "The text field in the ContentBlock object at messages.{i}.content.{j} is blank. Add text to the text field, and try again."
+                ));
+            }
+            if let Some(format) = b.pointer("/image/format").and_then(Value::as_str)
+                && !matches!(format, "gif" | "jpeg" | "png" | "webp")
+            {
+                return Some(format!(
+                    "1 validation error detected: Value '{format}' at 'messages.{}.member.content.{}.member.image.format' failed to satisfy constraint: Member must satisfy enum value set: [gif, jpeg, png, webp]",
+                    i + 1,
+                    j + 1
+                ));
+            }
+        }
+    }
+    None
+}
+
 fn converse(ctx: &Ctx<'_>, action: Action, req: &Value) -> Response<MockBody> {
     let messages = req
         .get("messages")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
+    if let Some(message) = content_refusal(&messages) {
+        return error(StatusCode::BAD_REQUEST, "ValidationException", &message);
+    }
     let has_tool_blocks = messages.iter().any(|m| {
         m.get("content")
             .and_then(Value::as_array)
@@ -381,6 +427,26 @@ mod tests {
             crc32fast::hash(&f[..n - 4]),
             u32::from_be_bytes([f[n - 4], f[n - 3], f[n - 2], f[n - 1]])
         );
+    }
+
+    #[test]
+    fn blank_text_empty_messages_and_other_image_formats_are_refused_in_bedrocks_words() {
+        let user = |content: Value| vec![json!({"role": "user", "content": content})];
+        assert_eq!(
+            content_refusal(&user(json!([{"text": "hi"}, {"text": "\n\n"}]))).as_deref(),
+            Some(
+                "The text field in the ContentBlock object at messages.0.content.1 is blank. Add text to the text field, and try again."
+            )
+        );
+        assert!(
+            content_refusal(&user(json!([])))
+                .is_some_and(|m| m.contains("messages.1.member.content"))
+        );
+        let jpg = json!([{"image": {"format": "jpg", "source": {"bytes": "/9j/"}}}]);
+        assert!(content_refusal(&user(jpg)).is_some_and(|m| m.contains("Value 'jpg'")));
+        let fine =
+            json!([{"text": "hi"}, {"toolResult": {"toolUseId": "t", "content": [{"json": {}}]}}]);
+        assert_eq!(content_refusal(&user(fine)), None);
     }
 
     #[test]

@@ -8,7 +8,15 @@
 //! containing `mock-blocked` gets a prompt blocked for SAFETY; `responseMimeType:
 //! application/json` gets `{"reply": ...}` as the text. Gemini 3 models (`gemini-3*`) sign
 //! their function calls (`thoughtSignature`) and, as Google does, answer 400 to a request whose
-//! function call parts come back without one.
+//! current turn (since the last user text) has a model step whose first function call comes
+//! back without one (the later calls of a parallel set carry none).
+//!
+//! With `generationConfig.thinkingConfig.includeThoughts` the answer starts with a thought
+//! summary part (`"thought": true`), counted in `thoughtsTokenCount`.
+//!
+//! As Google does, `generateContent` refuses (400 `INVALID_ARGUMENT`, its words) a content
+//! without parts, an empty text part (Vertex: a blank one), and an inline image of a MIME
+//! type other than PNG, JPEG, WebP, HEIC or HEIF.
 
 use bytes::Bytes;
 use http::{HeaderMap, Response, StatusCode};
@@ -93,7 +101,12 @@ pub(crate) fn handle(
         }
     };
     match method {
-        Method::Generate | Method::StreamGenerate => generate(ctx, method, model, &req),
+        Method::Generate | Method::StreamGenerate => {
+            if let Some(message) = content_refusal(&req, path.contains("/publishers/")) {
+                return error(StatusCode::BAD_REQUEST, &message, "INVALID_ARGUMENT");
+            }
+            generate(ctx, method, model, &req)
+        }
         Method::Embed => {
             let text = parts_text(req.pointer("/content/parts"));
             json_ok(&json!({"embedding": {"values": embedding_of(text.as_bytes(), 8)}}))
@@ -143,6 +156,97 @@ pub(crate) fn handle(
     }
 }
 
+/// Why Google would refuse the request's contents, in its words: a content without parts, an
+/// empty text part (proto3 reads `""` as no data at all; Vertex refuses blank text too), an
+/// inline image of a type Gemini does not read.
+fn content_refusal(req: &Value, vertex: bool) -> Option<String> {
+    const VERTEX_EMPTY: &str = "Unable to submit request because it has an empty text parameter. Add a value to the parameter and try again. Learn more: https://cloud.google.com/vertex-ai/generative-ai/docs/multimodal/send-request#text";
+    let empty = |t: &str| {
+        if vertex {
+            t.trim().is_empty()
+        } else {
+            t.is_empty()
+        }
+    };
+    let system = req
+        .pointer("/systemInstruction/parts")
+        .and_then(Value::as_array);
+    for (j, p) in system.into_iter().flatten().enumerate() {
+        if p.get("text").and_then(Value::as_str).is_some_and(empty) {
+            return Some(if vertex {
+                VERTEX_EMPTY.to_owned()
+            } else {
+                format!(
+                    "* GenerateContentRequest.system_instruction.parts[{j}].data: required oneof field 'data' must have one initialized field\n"
+                )
+            });
+        }
+    }
+    let contents = req.get("contents").and_then(Value::as_array);
+    for (i, c) in contents.into_iter().flatten().enumerate() {
+        let parts = c
+            .get("parts")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        if parts.is_empty() {
+            return Some(format!(
+                "* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty.\n"
+            ));
+        }
+        for (j, p) in parts.iter().enumerate() {
+            if p.get("text").and_then(Value::as_str).is_some_and(empty) {
+                return Some(if vertex {
+                    VERTEX_EMPTY.to_owned()
+                } else {
+                    format!(
+                        "* GenerateContentRequest.contents[{i}].parts[{j}].data: required oneof field 'data' must have one initialized field\n"
+                    )
+                });
+            }
+            if let Some(mime) = p.pointer("/inlineData/mimeType").and_then(Value::as_str)
+                && mime.starts_with("image/")
+                && !matches!(
+                    mime,
+                    "image/png" | "image/jpeg" | "image/webp" | "image/heic" | "image/heif"
+                )
+            {
+                return Some(format!("Unsupported MIME type: {mime}"));
+            }
+        }
+    }
+    None
+}
+
+/// Whether a Gemini 3 request lacks a thought signature it checks: on the first function call
+/// of each model step of the current turn (the contents after the last user content holding
+/// more than function responses). Earlier turns, and the other calls of a parallel set, are
+/// not checked.
+fn missing_signature(contents: &[Value]) -> bool {
+    fn parts(c: &Value) -> &[Value] {
+        c.get("parts")
+            .and_then(Value::as_array)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+    let turn_start = contents
+        .iter()
+        .rposition(|c| {
+            c.get("role").and_then(Value::as_str) != Some("model")
+                && parts(c).iter().any(|p| p.get("functionResponse").is_none())
+        })
+        .map_or(0, |k| k + 1);
+    contents[turn_start..]
+        .iter()
+        .filter(|c| c.get("role").and_then(Value::as_str) == Some("model"))
+        .any(|c| {
+            parts(c)
+                .iter()
+                .find(|p| p.get("functionCall").is_some())
+                .is_some_and(|p| p.get("thoughtSignature").is_none())
+        })
+}
+
 /// Text parts of a `parts` array, joined with a space.
 fn parts_text(parts: Option<&Value>) -> String {
     parts
@@ -173,13 +277,7 @@ fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response
         .map(|c| text::words(&parts_text(c.get("parts"))))
         .sum();
     let gemini_3 = model.starts_with("gemini-3");
-    let unsigned_call = contents.iter().any(|c| {
-        c.get("parts").and_then(Value::as_array).is_some_and(|ps| {
-            ps.iter()
-                .any(|p| p.get("functionCall").is_some() && p.get("thoughtSignature").is_none())
-        })
-    });
-    if gemini_3 && unsigned_call {
+    if gemini_3 && missing_signature(&contents) {
         return error(
             StatusCode::BAD_REQUEST,
             "Function call is missing a thought_signature in functionCall parts. This is required for tools to work correctly, and missing thought_signature may lead to degraded model performance.",
@@ -220,10 +318,25 @@ fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response
         reply
     };
     let output_tokens = text::words(&reply);
+    // Thought summaries, when asked for, come first (the reasoning before the answer).
+    let thought = (req.pointer("/generationConfig/thinkingConfig/includeThoughts")
+        == Some(&json!(true)))
+    .then(|| {
+        format!(
+            "mock thinking about: {}",
+            text::truncate_chars(&user_text, text::MAX_QUOTE_CHARS)
+        )
+    });
+    let thoughts_tokens = thought.as_deref().map_or(0, text::words);
     let usage = |out: u64| {
-        json!({"promptTokenCount": prompt_tokens, "candidatesTokenCount": out,
-        "totalTokenCount": prompt_tokens + out})
+        let mut u = json!({"promptTokenCount": prompt_tokens, "candidatesTokenCount": out,
+        "totalTokenCount": prompt_tokens + out + thoughts_tokens});
+        if thoughts_tokens > 0 {
+            u["thoughtsTokenCount"] = json!(thoughts_tokens);
+        }
+        u
     };
+    let thought_part = thought.map(|t| json!({"text": t, "thought": true}));
     let response_id = format!("mock-resp-{}", ctx.id);
     if let Some(name) = call {
         // A function without parameters is called without `args`, as Gemini does.
@@ -249,7 +362,8 @@ fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response
         if gemini_3 {
             part["thoughtSignature"] = Value::from(format!("c2lnLW1vY2st{}", ctx.id));
         }
-        let body = json!({"candidates": [{"content": {"role": "model", "parts": [part]},
+        let parts: Vec<Value> = thought_part.into_iter().chain([part]).collect();
+        let body = json!({"candidates": [{"content": {"role": "model", "parts": parts},
             "finishReason": "STOP", "index": 0}], "usageMetadata": usage(3),
             "modelVersion": model, "responseId": response_id});
         return if method == Method::StreamGenerate {
@@ -262,7 +376,13 @@ fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response
     }
     if method == Method::StreamGenerate {
         let pieces = text::stream_pieces(&reply);
-        let mut sse = SseBuilder::with_capacity(pieces.len());
+        let mut sse = SseBuilder::with_capacity(pieces.len() + 1);
+        if let Some(part) = thought_part {
+            sse.raw(&sse_data(
+                &json!({"candidates": [{"content": {"role": "model", "parts": [part]}, "index": 0}],
+                "usageMetadata": usage(0), "modelVersion": model, "responseId": response_id}),
+            ));
+        }
         let mut sent = 0u64;
         let last = pieces.len().saturating_sub(1);
         for (i, piece) in pieces.iter().enumerate() {
@@ -279,8 +399,12 @@ fn generate(ctx: &Ctx<'_>, method: Method, model: &str, req: &Value) -> Response
         }
         return sse_response(sse.finish(), ctx.chunk_delay, ctx.stats);
     }
+    let parts: Vec<Value> = thought_part
+        .into_iter()
+        .chain([json!({"text": reply})])
+        .collect();
     json_ok(
-        &json!({"candidates": [{"content": {"role": "model", "parts": [{"text": reply}]},
+        &json!({"candidates": [{"content": {"role": "model", "parts": parts},
         "finishReason": "STOP", "index": 0}], "usageMetadata": usage(output_tokens),
         "modelVersion": model, "responseId": response_id}),
     )
@@ -369,4 +493,79 @@ pub(crate) fn token(_ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody> {
         "expires_in": 3599,
         "token_type": "Bearer",
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(signed: bool) -> Value {
+        let mut p = json!({"functionCall": {"name": "f", "args": {}}});
+        if signed {
+            p["thoughtSignature"] = json!("c2ln");
+        }
+        p
+    }
+
+    #[test]
+    fn gemini_3_checks_the_first_call_of_each_step_of_the_current_turn_only() {
+        let user = json!({"role": "user", "parts": [{"text": "hi"}]});
+        let answer =
+            json!({"role": "user", "parts": [{"functionResponse": {"name": "f", "response": {}}}]});
+        let step = |parts: Vec<Value>| json!({"role": "model", "parts": parts});
+        // Parallel calls: the first is signed, the others need not be.
+        assert!(!missing_signature(&[
+            user.clone(),
+            step(vec![call(true), call(false)]),
+            answer.clone()
+        ]));
+        assert!(missing_signature(&[
+            user.clone(),
+            step(vec![call(false), call(true)]),
+            answer.clone()
+        ]));
+        // A later step of the same turn is checked too.
+        assert!(missing_signature(&[
+            user.clone(),
+            step(vec![call(true)]),
+            answer.clone(),
+            step(vec![call(false)]),
+            answer.clone(),
+        ]));
+        // An earlier turn is not.
+        assert!(!missing_signature(&[
+            user.clone(),
+            step(vec![call(false)]),
+            answer.clone(),
+            step(vec![json!({"text": "done"})]),
+            user,
+        ]));
+    }
+
+    #[test]
+    fn empty_text_parts_and_unsupported_images_are_refused_in_googles_words() {
+        let req = |parts: Value| json!({"contents": [{"role": "user", "parts": parts}]});
+        let studio = content_refusal(&req(json!([{"text": ""}])), false).expect("refused");
+        assert!(
+            studio.contains("contents[0].parts[0].data: required oneof field 'data'"),
+            "{studio}"
+        );
+        assert_eq!(content_refusal(&req(json!([{"text": " "}])), false), None);
+        let vertex = content_refusal(&req(json!([{"text": " "}])), true).expect("refused");
+        assert!(vertex.contains("empty text parameter"), "{vertex}");
+        assert!(
+            content_refusal(&req(json!([])), false)
+                .is_some_and(|m| m.contains("must not be empty"))
+        );
+        let jpg = json!([{"inlineData": {"mimeType": "image/jpg", "data": "/9j/"}}]);
+        assert_eq!(
+            content_refusal(&req(jpg), false).as_deref(),
+            Some("Unsupported MIME type: image/jpg")
+        );
+        let system = json!({"systemInstruction": {"parts": [{"text": ""}]}, "contents": []});
+        assert!(
+            content_refusal(&system, false)
+                .is_some_and(|m| m.contains("system_instruction.parts[0]"))
+        );
+    }
 }
