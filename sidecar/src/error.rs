@@ -64,6 +64,14 @@ pub enum GatewayError {
         period: &'static str,
         retry_after: std::time::Duration,
     },
+    /// A dynamic route's rate node (`spend: false`) or budget node (`spend: true`) over its
+    /// limit led the request to `end` before any target; `retry_after` until its window ends.
+    #[error("{what}")]
+    RouteLimited {
+        what: String,
+        spend: bool,
+        retry_after: std::time::Duration,
+    },
     /// `spec.rateLimit.tokensPerMinute` used up; `retry_after` until the budget has room.
     #[error("rate limit exceeded: token budget of {per_minute} tokens per minute used up")]
     TokenBudgetSpent {
@@ -131,6 +139,7 @@ impl GatewayError {
             Self::NotReady | Self::BuffersFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. }
             | Self::SpendLimited { .. }
+            | Self::RouteLimited { .. }
             | Self::TokenBudgetSpent { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::GuardrailBlocked { .. } | Self::GuardrailTooLong { .. } => {
                 StatusCode::FAILED_DEPENDENCY
@@ -143,8 +152,10 @@ impl GatewayError {
     pub fn code(&self) -> u16 {
         match self {
             Self::NotFound(_) => 2001,
-            Self::RateLimited { .. } | Self::TokenBudgetSpent { .. } => 2003,
-            Self::SpendLimited { .. } => 2041,
+            Self::RateLimited { .. }
+            | Self::TokenBudgetSpent { .. }
+            | Self::RouteLimited { spend: false, .. } => 2003,
+            Self::SpendLimited { .. } | Self::RouteLimited { spend: true, .. } => 2041,
             Self::Unauthorized => 2009,
             Self::GuardrailBlocked {
                 response: false, ..
@@ -203,6 +214,7 @@ impl GatewayError {
         );
         if let Self::RateLimited { retry_after, .. }
         | Self::SpendLimited { retry_after, .. }
+        | Self::RouteLimited { retry_after, .. }
         | Self::TokenBudgetSpent { retry_after, .. } = self
         {
             // Whole seconds, rounded up (RFC 9110 §10.2.3).

@@ -142,6 +142,17 @@ impl Limiter {
         w.count += 1;
         Ok(())
     }
+
+    /// Takes back a request counted at `at` by [`Self::check`] that was not sent after all (a
+    /// route's rate node whose request the gateway refused, or answered from its cache); one
+    /// counted in a window that has passed stays there.
+    pub fn uncount(&self, s: &Settings, at: Instant) {
+        let (index, _) = window_at(self.epoch, at, s.interval);
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.settings == Some(*s) && state.counts.index == index {
+            state.counts.count = state.counts.count.saturating_sub(1);
+        }
+    }
 }
 
 #[cfg(test)]

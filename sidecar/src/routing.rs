@@ -3,8 +3,10 @@
 //! try when one fails. When a target fails (no answer, timeout, non-2xx) the walk goes on from
 //! that model node's `next`; reaching `end` (or a model node without `next`) makes that failure
 //! the answer. Rate and budget nodes count per pod (a budget node is charged the cost of the
-//! requests that took its `next` branch, when their responses end). A walk visits at most 64
-//! nodes and 16 targets.
+//! requests that took its `next` branch, when their responses end; a rate node counts only the
+//! requests sent upstream); one over its limit that leads to `end` before any target is the
+//! answer, a 429 as the gateway's own limits give. A walk visits at most 64 nodes and 16
+//! targets.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +18,7 @@ use sidegate_crds::policy::{DynamicRoute, Fallback};
 pub use sidegate_crds::routes::Target;
 use sidegate_crds::routes::{Compiled, Graph, Node};
 
+use crate::error::GatewayError;
 use crate::ratelimit::{Limiter, Settings as RateSettings};
 
 /// Most nodes visited for one request (routes may loop back; the walk stops here).
@@ -50,13 +53,16 @@ impl BudgetWindow {
         }
     }
 
-    /// USD spent in the window that holds `now`.
-    fn spent(&self, now: Instant) -> f64 {
+    /// USD spent in the window that holds `now`, and how long that window has left.
+    fn spent(&self, now: Instant) -> (f64, Duration) {
         let mut w = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
         if now.saturating_duration_since(w.0) >= self.interval {
             *w = (now, 0.0);
         }
-        w.1
+        let left = self
+            .interval
+            .saturating_sub(now.saturating_duration_since(w.0));
+        (w.1, left)
     }
 
     /// Adds the cost of a request that took this node's `next` branch.
@@ -145,6 +151,8 @@ impl Routing {
                             tried: 0,
                             routing: self,
                             charged: Vec::new(),
+                            counted: Vec::new(),
+                            limited: None,
                         })
                     })
                     .ok_or_else(|| format!("no dynamic route named {name:?} (spec.routes)")),
@@ -191,6 +199,11 @@ enum Position<'a> {
         routing: &'a Routing,
         /// Budget nodes whose `next` branch this request took.
         charged: Vec<Arc<BudgetWindow>>,
+        /// Rate nodes that counted this request, taken back unless it is sent upstream.
+        counted: Vec<(Arc<Limiter>, RateSettings, Instant)>,
+        /// The last rate or budget node over its limit the walk went past, for the error
+        /// when that leads it to `end` before any target.
+        limited: Option<Limited>,
     },
     Chain {
         targets: &'a [Target],
@@ -231,6 +244,8 @@ impl<'a> Walk<'a> {
                 tried,
                 routing,
                 charged,
+                counted,
+                limited,
             } => loop {
                 let id = (*at)?;
                 *hops += 1;
@@ -270,11 +285,25 @@ impl<'a> Walk<'a> {
                             sliding: false,
                             global: false,
                         };
-                        let under = routing
-                            .limiters
-                            .get(&((*name).clone(), id.clone()))
-                            .is_none_or(|l| l.check(&settings, Instant::now()).is_ok());
-                        Some(if under { next } else { fallback })
+                        let now = Instant::now();
+                        let limiter = routing.limiters.get(&((*name).clone(), id.clone()));
+                        match limiter.map(|l| (l, l.check(&settings, now))) {
+                            Some((l, Ok(()))) => {
+                                counted.push((l.clone(), settings, now));
+                                Some(next)
+                            }
+                            Some((_, Err(retry_after))) => {
+                                *limited = Some(Limited::Rate {
+                                    route: (*name).clone(),
+                                    node: id.clone(),
+                                    limit: *limit,
+                                    interval: *interval,
+                                    retry_after,
+                                });
+                                Some(fallback)
+                            }
+                            None => Some(next),
+                        }
                     }
                     Node::Budget {
                         limit,
@@ -283,9 +312,17 @@ impl<'a> Walk<'a> {
                         ..
                     } => {
                         let window = routing.budgets.get(&((*name).clone(), id.clone()));
-                        match window {
-                            Some(w) if w.spent(Instant::now()) >= *limit => Some(fallback),
-                            Some(w) => {
+                        match window.map(|w| (w, w.spent(Instant::now()))) {
+                            Some((_, (spent, retry_after))) if spent >= *limit => {
+                                *limited = Some(Limited::Budget {
+                                    route: (*name).clone(),
+                                    node: id.clone(),
+                                    limit: *limit,
+                                    retry_after,
+                                });
+                                Some(fallback)
+                            }
+                            Some((w, _)) => {
                                 charged.push(w.clone());
                                 Some(next)
                             }
@@ -314,6 +351,83 @@ impl<'a> Walk<'a> {
             Position::Chain { .. } => Vec::new(),
         }
     }
+
+    /// The request goes upstream: the rate nodes that counted it keep it.
+    pub fn sent(&mut self) {
+        if let Position::Route { counted, .. } = &mut self.0 {
+            counted.clear();
+        }
+    }
+
+    /// Why a walk that ended before any target did: the rate or budget node over its limit
+    /// that sent it to `end` (429, as the gateway's own limits answer); `None` otherwise.
+    pub fn limit_error(&self) -> Option<GatewayError> {
+        let Position::Route {
+            limited: Some(l),
+            tried: 0,
+            ..
+        } = &self.0
+        else {
+            return None;
+        };
+        Some(match l {
+            Limited::Rate {
+                route,
+                node,
+                limit,
+                interval,
+                retry_after,
+            } => GatewayError::RouteLimited {
+                what: format!(
+                    "rate limit exceeded: route {route:?} node {node:?} allows {limit} requests per {}s",
+                    interval.as_secs()
+                ),
+                spend: false,
+                retry_after: *retry_after,
+            },
+            Limited::Budget {
+                route,
+                node,
+                limit,
+                retry_after,
+            } => GatewayError::RouteLimited {
+                what: format!(
+                    "spend limit exceeded: route {route:?} node {node:?} spent its {limit} USD"
+                ),
+                spend: true,
+                retry_after: *retry_after,
+            },
+        })
+    }
+}
+
+impl Drop for Walk<'_> {
+    fn drop(&mut self) {
+        // Not sent upstream (refused by the gateway, answered from the cache): uncounted.
+        if let Position::Route { counted, .. } = &mut self.0 {
+            for (limiter, settings, at) in counted.drain(..) {
+                limiter.uncount(&settings, at);
+            }
+        }
+    }
+}
+
+/// A rate or budget node over its limit that a walk went past.
+#[derive(Debug, Clone)]
+enum Limited {
+    Rate {
+        route: String,
+        node: String,
+        limit: u64,
+        interval: Duration,
+        retry_after: Duration,
+    },
+    Budget {
+        route: String,
+        node: String,
+        limit: f64,
+        retry_after: Duration,
+    },
 }
 
 #[cfg(test)]
@@ -364,11 +478,16 @@ mod tests {
         )
     }
 
+    /// The targets a request's walk goes through, each sent upstream (and counted).
     fn targets(r: &Routing, m: &Map<String, Value>) -> Vec<String> {
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
-        std::iter::from_fn(|| walk.next_target(m))
-            .map(|t| format!("{}/{}", t.provider, t.model))
-            .collect()
+        std::iter::from_fn(|| {
+            let t = walk.next_target(m);
+            walk.sent();
+            t
+        })
+        .map(|t| format!("{}/{}", t.provider, t.model))
+        .collect()
     }
 
     #[test]
@@ -465,6 +584,38 @@ mod tests {
         .expect("valid");
         let got: Vec<String> = (0..3).flat_map(|_| targets(&r, &Map::new())).collect();
         assert_eq!(got, ["openai/main", "openai/main", "openai/cheap"]);
+        // A walk whose request was not sent upstream (refused, a cache hit) is not counted.
+        let r = capped_at_one();
+        for _ in 0..2 {
+            let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+            assert!(walk.next_target(&Map::new()).is_some());
+        }
+        assert_eq!(targets(&r, &Map::new()), ["openai/main"]);
+        // Over the limit, leading to `end` before any target: the node's 429.
+        let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+        assert!(walk.next_target(&Map::new()).is_none());
+        let e = walk.limit_error().expect("limited");
+        assert_eq!((e.status().as_u16(), e.code()), (429, 2003), "{e}");
+    }
+
+    /// A route whose rate node allows one request per hour, then leads to `end`.
+    fn capped_at_one() -> Routing {
+        routing(vec![
+            RouteNode {
+                next: Some("cap".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                limit: Some("1".into()),
+                interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                next: Some("main".into()),
+                fallback: Some("e".into()),
+                ..node("cap", RouteNodeType::Rate)
+            },
+            model("main", "openai", "main", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid")
     }
 
     #[test]
@@ -532,9 +683,9 @@ mod tests {
         // 0.30, then 0.60 >= 0.50: the third request overflows (and is not charged here).
         assert_eq!(served, ["main", "main", "cheap"]);
         let w = &r.budgets[&("r".to_owned(), "cap".to_owned())];
-        assert!((w.spent(Instant::now()) - 0.60).abs() < 1e-9);
+        assert!((w.spent(Instant::now()).0 - 0.60).abs() < 1e-9);
         // A new window starts empty.
-        assert_eq!(w.spent(Instant::now() + Duration::from_secs(3600)), 0.0);
+        assert_eq!(w.spent(Instant::now() + Duration::from_secs(3600)).0, 0.0);
     }
 
     #[test]

@@ -152,3 +152,85 @@ def test_unknown_routes_and_chains_are_400_2107(routed, mock):
 ])
 def test_bad_routes_are_refused_at_start(mock, tmp_path, spec, needle):
     assert_refused_at_start(mock, tmp_path, spec, needle)
+
+
+LIMITED = """\
+  routes:
+    - name: capped
+      nodes:
+        - {id: s, type: start, next: cap}
+        - {id: cap, type: rate, limit: "1", interval: 1h, next: m, fallback: e}
+        - {id: m, type: model, provider: openai, model: gpt-4o-mini, next: e}
+        - {id: e, type: end}
+    - name: priced
+      nodes:
+        - {id: s, type: start, next: spend}
+        - {id: spend, type: budget, limit: "0.000001", interval: 1h, next: m, fallback: e}
+        - {id: m, type: model, provider: openai, model: gpt-4o, next: e}
+        - {id: e, type: end}
+    - name: picky
+      nodes:
+        - {id: s, type: start, next: cap}
+        - {id: cap, type: rate, limit: "1", interval: 1h, next: claude, fallback: e}
+        - {id: claude, type: model, provider: anthropic, model: claude-haiku-4-5, next: gpt}
+        - {id: gpt, type: model, provider: openai, model: gpt-4o-mini, next: e}
+        - {id: e, type: end}
+"""
+
+
+@pytest.fixture
+def limited(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=LIMITED), DEFAULT_KEYS)
+    mock.clear()
+    yield g
+    g.stop()
+
+
+def post(g, model, headers=None, **body):
+    return httpx.post(g.url + "/compat/chat/completions", headers=headers or {},
+                      json={"model": model, "messages": [{"role": "user", "content": "route me"}]} | body)
+
+
+@pytest.mark.parametrize("route,code", [("capped", 2003), ("priced", 2041)])
+def test_a_limit_node_that_leads_to_end_is_a_429_with_retry_after(limited, mock, route, code):
+    assert post(limited, f"dynamic/{route}").status_code == 200
+    r = post(limited, f"dynamic/{route}")
+    assert (r.status_code, r.json()["error"][0]["code"]) == (429, code), r.text
+    assert f'route "{route}"' in r.json()["error"][0]["message"], r.text
+    assert 0 < int(r.headers["retry-after"]) <= 3600
+    assert len(mock.requests()) == 1
+
+
+def test_a_rate_node_counts_only_requests_sent_upstream(mock, tmp_path):
+    # A cache hit (or a request the gateway refuses) spends nothing of a provider's quota.
+    spec = LIMITED.replace('limit: "1", interval: 1h, next: m', 'limit: "2", interval: 1h, next: m') + \
+        "  cache: {enabled: true}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        statuses = [(r.status_code, r.headers.get("cf-aig-cache-status")) for r in (
+            post(g, "dynamic/capped"), post(g, "dynamic/capped"), post(g, "dynamic/capped", user="b"),
+            post(g, "dynamic/capped", user="c"))]
+        assert statuses == [(200, "MISS"), (200, "HIT"), (200, "MISS"), (429, None)], statuses
+    finally:
+        g.stop()
+
+
+def test_a_target_that_cannot_take_the_request_hands_it_to_the_next(limited, mock):
+    # Anthropic takes no `n` > 1; the route's next target does.
+    r = post(limited, "dynamic/picky", n=2)
+    assert (r.status_code, r.headers["cf-aig-step"], r.headers["cf-aig-model"]) == (200, "1", "gpt-4o-mini"), r.text
+    assert [q["path"] for q in mock.requests()] == ["/v1/chat/completions"]
+
+
+def test_a_routes_missing_alias_is_refused_before_any_target_is_sent(mock, tmp_path):
+    # Only openai has a `team` key: the anthropic fallback would be refused for it after
+    # openai's failure, hiding that failure; refused up front, whatever openai does.
+    keys = dict(DEFAULT_KEYS, **{"openai.team": DEFAULT_KEYS["openai.default"]})
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=ROUTES), keys)
+    try:
+        mock.clear()
+        r = post(g, "fallback/safe", headers={"cf-aig-byok-alias": "team"})
+        assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2040), r.text
+        assert mock.requests() == []
+    finally:
+        g.stop()

@@ -45,7 +45,7 @@ use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Admission, Gateway};
 use crate::retry::Policy;
 use crate::route::ProviderRoute;
-use crate::routing::Target;
+use crate::routing::{Target, Walk};
 use crate::telemetry::{LogOptions, RequestRecord};
 
 /// Turns an upstream stream, fed chunk by chunk, into OpenAI `chat.completion.chunk` SSE.
@@ -899,10 +899,17 @@ pub(crate) async fn answer(
         (None, target) => target.as_ref(),
     }
     .ok_or_else(|| {
-        none(bad(format!(
-            "{} leads to no model for this request",
-            openai::truncate(&model)
-        )))
+        // A rate or budget node over its limit that leads to `end` is that limit's 429.
+        none(
+            walk.as_ref()
+                .and_then(Walk::limit_error)
+                .unwrap_or_else(|| {
+                    bad(format!(
+                        "{} leads to no model for this request",
+                        openai::truncate(&model)
+                    ))
+                }),
+        )
     })?;
     let provider_of = |t: &Target| {
         snap.providers.get(&t.provider).ok_or_else(|| {
@@ -927,9 +934,13 @@ pub(crate) async fn answer(
     admitted(provider).map_err(fail)?;
     // Every target a route or chain could reach, before any is tried: a fallback must not
     // turn a provider's failure into the client's 401.
+    // And each has the key its alias names, whether or not the walk reaches it: a request
+    // refused for it after a provider's failure would hide that failure.
     for t in walk.as_ref().map(|w| w.targets()).unwrap_or_default() {
         if let Some(p) = snap.providers.get(&t.provider) {
-            admitted(p).map_err(|e| (Some(p.id.clone()), e))?;
+            let refused = |e| (Some(p.id.clone()), e);
+            admitted(p).map_err(refused)?;
+            stored_credentials(snap, p, alias).map_err(refused)?;
         }
     }
     let path = match endpoint {
@@ -1017,7 +1028,7 @@ pub(crate) async fn answer(
             },
             None => None,
         };
-        let (upstream, translation, hide_usage) = plan(&CompatCall {
+        let planned = plan(&CompatCall {
             snap,
             provider,
             endpoint,
@@ -1027,8 +1038,22 @@ pub(crate) async fn answer(
             parts,
             log_id: &log_id,
             minted: minted.as_ref(),
-        })
-        .map_err(fail)?;
+        });
+        let (upstream, translation, hide_usage) = match planned {
+            Ok(p) => p,
+            // A target that cannot take the request (a parameter its provider refuses, an
+            // endpoint it lacks) fails as one that answered with an error: the route moves on.
+            Err(e) => match walk.as_mut().and_then(|w| w.next_target(&metadata)) {
+                Some(next) => {
+                    tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, "route target cannot take the request, trying the next");
+                    target = next;
+                    provider = provider_of(next)?;
+                    step += 1;
+                    continue;
+                }
+                None => return Err(fail(e)),
+            },
+        };
         // The other parts of a request sent in parts wait in memory until they are sent.
         let mut parts_held = gw.buffers.guard(snap.max_buffered);
         let waiting = translation.as_ref().map_or(0, |t| {
@@ -1041,6 +1066,9 @@ pub(crate) async fn answer(
             .grow(waiting)
             .map_err(|e| fail(e.into_gateway_error()))?;
         let (within, policy) = target_limits(target, timeout, retries);
+        if let Some(w) = walk.as_mut() {
+            w.sent();
+        }
         // A route's target, or a universal step, is a fallback step: its timeout moves the
         // request on. A plain model of `/compat` itself is a direct request.
         let outcome = if routed || universal.is_some() {
