@@ -72,18 +72,14 @@ pin_project! {
                     if finish.as_ref().is_some_and(|f| f.seen())
                         && let Some(rec) = record.take()
                     {
-                        read_rest(inner.get_mut().take(), rec, None);
+                        read_rest(inner.get_mut().take(), rec);
                     }
                 }
-                ProxyBodyProj::Translated { inner, translator, record, finish, ended: false, .. } => {
+                ProxyBodyProj::Translated { inner, record, finish, ended: false, .. } => {
                     if finish.as_ref().is_some_and(|f| f.seen())
                         && let Some(rec) = record.take()
                     {
-                        let translator = std::mem::replace(
-                            translator,
-                            Box::new(crate::compat::openai::HiddenUsage::new()),
-                        );
-                        read_rest(inner.get_mut().take(), rec, Some(translator));
+                        read_rest(inner.get_mut().take(), rec);
                     }
                 }
                 _ => {}
@@ -301,8 +297,12 @@ impl Body for ProxyBody {
                             if let Some(f) = finish.as_mut() {
                                 f.observe(data);
                             }
+                            // Counted from the provider's own usage, as its passthrough route
+                            // counts it (cache writes too, which the OpenAI format lacks).
+                            if let Some(rec) = record.as_mut() {
+                                rec.observe_unsent(data);
+                            }
                             translator.push(data, out);
-                            count_tokens(translator.as_ref(), record.as_mut());
                         }
                     }
                     Some(Err(e)) => {
@@ -315,7 +315,6 @@ impl Body for ProxyBody {
                     None => {
                         *ended = true;
                         translator.finish(out);
-                        count_tokens(translator.as_ref(), record.as_mut());
                     }
                 }
                 if !out.is_empty() {
@@ -401,13 +400,9 @@ const READ_REST_FOR: Duration = Duration::from_secs(5);
 const READ_REST_BYTES: usize = 64 * 1024;
 
 /// Reads the rest of an answer its client left after the end of its content, for the usage
-/// that follows (through `translator` for a translated stream), then lets `record` finish as
-/// cancelled, with the tokens read; within [`READ_REST_FOR`] and [`READ_REST_BYTES`].
-fn read_rest(
-    mut inner: UpstreamBody,
-    mut record: RequestRecord,
-    mut translator: Option<Box<dyn StreamTranslator>>,
-) {
+/// that follows, then lets `record` finish as cancelled, with the tokens read; within
+/// [`READ_REST_FOR`] and [`READ_REST_BYTES`].
+fn read_rest(mut inner: UpstreamBody, mut record: RequestRecord) {
     // Outside a runtime (a body dropped at shutdown) the record finishes without them.
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
@@ -415,26 +410,13 @@ fn read_rest(
     runtime.spawn(async move {
         let reading = async {
             let mut read = 0;
-            let mut out = BytesMut::new();
             while read < READ_REST_BYTES
                 && let Some(Ok(frame)) = inner.frame().await
             {
-                let Some(data) = frame.data_ref() else {
-                    continue;
-                };
-                read += data.len();
-                match translator.as_mut() {
-                    Some(t) => {
-                        t.push(data, &mut out);
-                        out.clear();
-                        count_tokens(t.as_ref(), Some(&mut record));
-                    }
-                    None => record.observe_unsent(data),
+                if let Some(data) = frame.data_ref() {
+                    read += data.len();
+                    record.observe_unsent(data);
                 }
-            }
-            if let Some(t) = translator.as_mut() {
-                t.finish(&mut out);
-                count_tokens(t.as_ref(), Some(&mut record));
             }
             record
         };
@@ -502,18 +484,6 @@ impl FinishWatch {
             self.tail[keep..keep + data.len()].copy_from_slice(data);
             self.len = keep + data.len();
         }
-    }
-}
-
-/// Hands the tokens a translator read from the upstream to the request's record: the
-/// translated stream carries them only when the client asked for a usage chunk.
-fn count_tokens(translator: &dyn StreamTranslator, record: Option<&mut RequestRecord>) {
-    if let (Some(u), Some(rec)) = (translator.usage(), record) {
-        rec.set_tokens_cached(
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.prompt_tokens_details.map(|d| d.cached_tokens),
-        );
     }
 }
 

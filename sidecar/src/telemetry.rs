@@ -746,18 +746,6 @@ impl RequestRecord {
         self.tally.is_some() || !self.route_budgets.is_empty()
     }
 
-    /// The tokens of the upstream's answer as a stream translator read them: what the client
-    /// gets may not carry them (no usage chunk unless it asked for one).
-    pub fn set_tokens(&mut self, input: u64, output: u64) {
-        self.usage = crate::usage::Usage::counted(input, output, None);
-    }
-
-    /// [`Self::set_tokens`] with the part of `input` read from the provider's prompt cache, so
-    /// that it is priced as the provider prices cache reads.
-    pub fn set_tokens_cached(&mut self, input: u64, output: u64, cache_read: Option<u64>) {
-        self.usage = crate::usage::Usage::counted(input, output, cache_read);
-    }
-
     /// The model the request named and its price in `pricing`.
     pub fn set_model(&mut self, model: crate::cost::ModelName, pricing: &crate::cost::Pricing) {
         self.price = pricing.lookup(model.as_str());

@@ -234,20 +234,6 @@ impl Seen {
 }
 
 impl Usage {
-    /// Counts given by a translator that read them itself (`/compat`): `input` is all input, of
-    /// which `cache_read` read from the prompt cache.
-    pub fn counted(input: u64, output: u64, cache_read: Option<u64>) -> Self {
-        Self {
-            counts: Counts {
-                input: Some(input),
-                output: Some(output),
-                read_inside: cache_read,
-                ..Counts::default()
-            },
-            ..Self::default()
-        }
-    }
-
     /// The tokens read so far, totalled as providers bill them.
     pub fn tokens(&self) -> Tokens {
         let c = &self.counts;

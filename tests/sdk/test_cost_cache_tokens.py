@@ -170,6 +170,52 @@ def test_a_streamed_anthropic_cache_read_costs_what_the_whole_answer_does(tmp_pa
         upstream.stop()
 
 
+# Claude Sonnet 4.5 writing 1000 tokens to the prompt cache (5-minute, 1.25x) and 2000 for an
+# hour (2x): 10 x 3 + 1000 x 3.75 + 2000 x 6 + 5 x 15, per million; the OpenAI format has no field
+# for cache writes, so /compat must count the provider's own usage to charge them.
+ANTHROPIC_CACHE_WRITE_USAGE = (
+    '"usage":{"input_tokens":10,"cache_creation_input_tokens":3000,"cache_read_input_tokens":0,'
+    '"cache_creation":{"ephemeral_5m_input_tokens":1000,"ephemeral_1h_input_tokens":2000},"output_tokens":5}')
+ANTHROPIC_CACHE_WRITE_COST = (10 * 3 + 1000 * 3.75 + 2000 * 6 + 5 * 15) / 1e6
+ANTHROPIC_CACHE_WRITE = json.loads(
+    '{"id":"msg_w","type":"message","role":"assistant","model":"claude-sonnet-4-5-20250929",'
+    '"content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn","stop_sequence":null,'
+    + ANTHROPIC_CACHE_WRITE_USAGE + '}')
+ANTHROPIC_CACHE_WRITE_STREAM = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_w","type":"message",'
+    b'"role":"assistant","model":"claude-sonnet-4-5-20250929","content":[],"stop_reason":null,'
+    + ANTHROPIC_CACHE_WRITE_USAGE.replace('"output_tokens":5', '"output_tokens":1').encode() + b'}}\n\n'
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}\n\n'
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":5}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("path, model", [
+    ("/anthropic/v1/messages", "claude-sonnet-4-5"),
+    ("/compat/chat/completions", "anthropic/claude-sonnet-4-5"),
+])
+def test_anthropic_cache_writes_cost_the_same_on_both_routes(tmp_path, path, model, stream):
+    from test_compat_outcomes import RawStreamServer
+    upstream = (RawStreamServer(ANTHROPIC_CACHE_WRITE_STREAM) if stream
+                else FixedAnswerServer(json.dumps(ANTHROPIC_CACHE_WRITE).encode()))
+    g = gateway(tmp_path, upstream.url)
+    try:
+        r = httpx.post(g.url + path, timeout=30, json={
+            "model": model, "max_tokens": 64, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and "hi" in r.text, r.text
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert (line["tokens_in"], line["tokens_out"]) == (3010, 5), line
+        assert line["cost"] == pytest.approx(ANTHROPIC_CACHE_WRITE_COST, rel=1e-9), line
+    finally:
+        g.stop()
+        upstream.stop()
+
+
 OPENAI_CACHED_STREAM = (
     b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-2024-08-06","choices":'
     b'[{"index":0,"delta":{"role":"assistant","content":"hi"},"finish_reason":null}],"usage":null}\n\n'

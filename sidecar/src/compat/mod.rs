@@ -1232,6 +1232,11 @@ pub(crate) async fn answer(
     drop(parts_held);
     // Whether the answer is the upstream's (translated), or a gateway error made in its place.
     let mut delivered = true;
+    // A chat answer is counted from the provider's own usage, as its passthrough route counts
+    // it (cache writes too, which the OpenAI format lacks); embeddings sent in parts from the
+    // translation, which sums them.
+    let one_answer =
+        endpoint == Endpoint::Chat && matches!(&rest, Ok((more, _)) if more.is_empty());
     let out = match rest {
         Err(FanOutFailure::Upstream(parts, body)) => {
             head.status = parts.status;
@@ -1268,7 +1273,11 @@ pub(crate) async fn answer(
     );
     // Logged and counted with the status the client got (a part's error, the gateway's).
     record.set_status(head.status.as_u16());
-    if delivered {
+    if delivered && one_answer {
+        record.observe_unsent(&raw);
+        record.observe_bytes(&out);
+        record.finish_complete();
+    } else if delivered {
         record.observe(&out);
         record.finish_complete();
     } else {
