@@ -9,12 +9,14 @@
 //! does not take that usage along: the rest is read, briefly, to count it.
 
 use std::pin::Pin;
+use std::sync::LazyLock;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use memchr::memmem;
 use pin_project_lite::pin_project;
 
 use crate::buffers::Held;
@@ -437,15 +439,9 @@ pub struct FinishWatch {
 }
 
 impl FinishWatch {
-    /// The markers; a text that contains them has its quotes escaped, and does not match.
-    const MARKERS: [&'static [u8]; 3] = [
-        b"\"finish_reason\":\"",
-        b"\"finish_reason\": \"",
-        // An event-stream header: name length, `:event-type`, string type, value length, value.
-        b"\x0b:event-type\x07\x00\x0bmessageStop",
-    ];
-    /// Bytes of a read kept to find a marker that continues in the next: the longest less one.
-    const KEPT: usize = 25;
+    /// Bytes of a read kept to find a marker that continues in the next: `"finish_reason"`,
+    /// the colon, the value's first bytes, with room for spaces.
+    const KEPT: usize = 32;
 
     /// A watch for an answer counted against a budget; none for others.
     fn for_record(record: &RequestRecord) -> Option<Box<Self>> {
@@ -456,10 +452,13 @@ impl FinishWatch {
         self.seen
     }
 
+    /// Whether `bytes` hold a `finish_reason` with a value or a Bedrock `messageStop` event (a
+    /// text that names them has its quotes escaped, and does not match).
     fn has_marker(bytes: &[u8]) -> bool {
-        Self::MARKERS
-            .iter()
-            .any(|m| memchr::memmem::find(bytes, m).is_some())
+        MESSAGE_STOP.find(bytes).is_some()
+            || FINISH_REASON
+                .find_iter(bytes)
+                .any(|at| has_finish_value(&bytes[at + FINISH_REASON.needle().len()..]))
     }
 
     /// Takes the next bytes of the answer.
@@ -484,6 +483,31 @@ impl FinishWatch {
             self.tail[keep..keep + data.len()].copy_from_slice(data);
             self.len = keep + data.len();
         }
+    }
+}
+
+/// The key of an OpenAI-format choice's end.
+static FINISH_REASON: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"finish_reason\""));
+/// A Bedrock ConverseStream `messageStop` event's event-stream header: name length,
+/// `:event-type`, string type, value length, value.
+static MESSAGE_STOP: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\x0b:event-type\x07\x00\x0bmessageStop"));
+
+/// Whether what follows a `"finish_reason"` key is a reason: a string of its own, not `null`,
+/// nor `""` or `"null"` (which some OpenAI-compatible servers send while a choice goes on); one
+/// cut short by the end of the read is not yet (the next read looks at it again).
+fn has_finish_value(after: &[u8]) -> bool {
+    let Some(value) = after
+        .trim_ascii_start()
+        .strip_prefix(b":")
+        .and_then(|v| v.trim_ascii_start().strip_prefix(b"\""))
+    else {
+        return false;
+    };
+    match value.first() {
+        None | Some(b'"') => false,
+        Some(_) => !b"null\"".starts_with(&value[..value.len().min(5)]),
     }
 }
 
@@ -621,6 +645,8 @@ mod tests {
         // Bedrock event that is not messageStop.
         assert!(!finish_seen(&[
             br#"data: {"choices":[{"delta":{"content":"x"},"finish_reason":null}]}"#,
+            br#"data: {"choices":[{"delta":{"content":"x"},"finish_reason":""}]}"#,
+            br#"data: {"choices":[{"delta":{"content":"x"},"finish_reason": "null"}]}"#,
             br#"data: {"choices":[{"delta":{"content":"\"finish_reason\":\"stop\""}}]}"#,
             b"\x0b:event-type\x07\x00\x11contentBlockDelta",
         ]));

@@ -722,7 +722,8 @@ impl RequestRecord {
         self.bytes += n;
     }
 
-    /// Adds a frame of a response whose tokens are counted otherwise ([`Self::set_tokens`]).
+    /// Adds a frame sent to the client whose tokens are counted otherwise (a translation, whose
+    /// provider's own frames go to [`Self::observe_unsent`]).
     pub fn observe_bytes(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
         self.keep_payload(data);
@@ -735,8 +736,9 @@ impl RequestRecord {
         self.keep_payload(data);
     }
 
-    /// Reads the token counts in a frame of the provider's response the client did not get (the
-    /// rest of an answer read after the client left, [`crate::body`]).
+    /// Reads the token counts in a frame of the provider's response that the client does not
+    /// get as it is: one translated for it (`/compat`), or the rest of an answer read after the
+    /// client left ([`crate::body`]).
     pub fn observe_unsent(&mut self, data: &[u8]) {
         self.usage.observe(data);
     }

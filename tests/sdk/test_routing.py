@@ -234,3 +234,16 @@ def test_a_routes_missing_alias_is_refused_before_any_target_is_sent(mock, tmp_p
         assert mock.requests() == []
     finally:
         g.stop()
+
+
+def test_without_an_alias_a_target_without_stored_credentials_does_not_refuse_the_route(mock, tmp_path):
+    # A Bedrock fallback with no AWS credentials can never serve, but the request may never
+    # reach it: openai answers (the check above is for an alias the client names).
+    spec = "  fallbacks:\n    - name: to-bedrock\n      targets:\n" \
+           "        - {provider: openai, model: gpt-4o-mini}\n        - {provider: aws-bedrock, model: us-east-1/m}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        r = post(g, "fallback/to-bedrock")
+        assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0"), r.text
+    finally:
+        g.stop()

@@ -59,8 +59,8 @@ pub trait StreamTranslator: Send {
     /// broken off with an error event. One that did not is logged as an upstream error and
     /// is not cached.
     fn ended_whole(&self) -> bool;
-    /// The upstream's token counts so far (prompt, completion), for the request's log, cost
-    /// and limits whether or not the client asked for a usage chunk.
+    /// The upstream's token counts so far (prompt, completion), for the usage chunk the client
+    /// asked for (the request's log, cost and limits count the provider's own usage).
     fn usage(&self) -> Option<openai::Usage>;
 }
 
@@ -934,13 +934,15 @@ pub(crate) async fn answer(
     admitted(provider).map_err(fail)?;
     // Every target a route or chain could reach, before any is tried: a fallback must not
     // turn a provider's failure into the client's 401.
-    // And each has the key its alias names, whether or not the walk reaches it: a request
-    // refused for it after a provider's failure would hide that failure.
+    // And, when the client names a key alias, each has that key, whether or not the walk
+    // reaches it: a request refused for it after a provider's failure would hide that failure.
     for t in walk.as_ref().map(|w| w.targets()).unwrap_or_default() {
         if let Some(p) = snap.providers.get(&t.provider) {
             let refused = |e| (Some(p.id.clone()), e);
             admitted(p).map_err(refused)?;
-            stored_credentials(snap, p, alias).map_err(refused)?;
+            if alias.is_some() {
+                stored_credentials(snap, p, alias).map_err(refused)?;
+            }
         }
     }
     let path = match endpoint {
