@@ -176,10 +176,8 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                     .clone()
                     .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
             );
-            // Anthropic's strict tool use: the input is held to the schema, as OpenAI's is.
-            if f.strict == Some(true) {
-                t.insert("strict".into(), Value::Bool(true));
-            }
+            // `strict` is not passed on: Anthropic's strict tool use is a feature of some models
+            // only, which the others refuse, and the OpenAI Agents SDK sets it on every tool.
             Value::Object(t)
         })
         .collect();
@@ -224,13 +222,9 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                     json!({"type": "object"}),
                 ),
             };
-            let mut tool =
-                json!({"name": JSON_TOOL, "description": description, "input_schema": schema});
-            if matches!(format, ResponseFormat::JsonSchema { json_schema } if json_schema.strict == Some(true))
-            {
-                tool["strict"] = Value::Bool(true);
-            }
-            tools.push(tool);
+            tools.push(
+                json!({"name": JSON_TOOL, "description": description, "input_schema": schema}),
+            );
             tool_choice = Some(if thinking {
                 json!({"type": "auto"})
             } else {
@@ -1236,14 +1230,14 @@ mod tests {
     }
 
     #[test]
-    fn strict_tools_and_strict_json_schemas_are_anthropics_strict_tool_use() {
+    fn strict_is_not_passed_on_to_models_that_may_refuse_it() {
         let v = translated(
             json!({"model": "a/b", "messages": [{"role": "user", "content": "hi"}],
             "tools": [
                 {"type": "function", "function": {"name": "s", "strict": true, "parameters": {"type": "object"}}},
                 {"type": "function", "function": {"name": "l", "strict": false}}]}),
         );
-        assert_eq!(v["tools"][0]["strict"], true);
+        assert!(v["tools"][0].get("strict").is_none(), "{v}");
         assert!(v["tools"][1].get("strict").is_none(), "{v}");
         let v = translated(
             json!({"model": "a/b", "messages": [{"role": "user", "content": "hi"}],
@@ -1251,7 +1245,7 @@ mod tests {
                 "schema": {"type": "object"}}}}),
         );
         assert_eq!(v["tools"][0]["name"], JSON_TOOL);
-        assert_eq!(v["tools"][0]["strict"], true);
+        assert!(v["tools"][0].get("strict").is_none(), "{v}");
     }
 
     #[test]

@@ -311,10 +311,8 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                 "inputSchema".into(),
                 json!({"json": f.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))}),
             );
-            // Bedrock's strict tool use holds the input to the schema, as OpenAI's does.
-            if f.strict == Some(true) {
-                spec.insert("strict".into(), Value::Bool(true));
-            }
+            // `strict` is not passed on: strict tool use is a feature of some models only, which
+            // the others refuse, and the OpenAI Agents SDK sets it on every tool.
             json!({"toolSpec": spec})
         })
         .collect();
@@ -338,22 +336,15 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                     "response_format json together with tools cannot be expressed for provider aws-bedrock",
                 ));
             }
-            let (schema, strict) = match format {
-                ResponseFormat::JsonSchema { json_schema } => (
-                    json_schema
-                        .schema
-                        .clone()
-                        .unwrap_or_else(|| json!({"type": "object"})),
-                    json_schema.strict == Some(true),
-                ),
-                _ => (json!({"type": "object"}), false),
+            let schema = match format {
+                ResponseFormat::JsonSchema { json_schema } => json_schema
+                    .schema
+                    .clone()
+                    .unwrap_or_else(|| json!({"type": "object"})),
+                _ => json!({"type": "object"}),
             };
-            let mut spec = json!({"name": JSON_TOOL,
-                "description": "Respond with the answer as JSON.", "inputSchema": {"json": schema}});
-            if strict {
-                spec["strict"] = Value::Bool(true);
-            }
-            tools.push(json!({"toolSpec": spec}));
+            tools.push(json!({"toolSpec": {"name": JSON_TOOL,
+                "description": "Respond with the answer as JSON.", "inputSchema": {"json": schema}}}));
             // Claude refuses a forced tool while thinking: the tool is offered (Bedrock's
             // default choice is auto) and asked for.
             if thinking_on(&req.rest) {
@@ -1304,24 +1295,29 @@ mod tests {
     }
 
     #[test]
-    fn strict_tools_and_strict_json_schemas_are_bedrocks_strict_tool_use() {
+    fn strict_is_not_passed_on_to_models_that_may_refuse_it() {
         let v = translated(
             json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "s", "strict": true}},
                       {"type": "function", "function": {"name": "l"}}]}),
         )
         .expect("translate");
-        assert_eq!(v["toolConfig"]["tools"][0]["toolSpec"]["strict"], true);
-        assert!(
-            v["toolConfig"]["tools"][1]["toolSpec"]
-                .get("strict")
-                .is_none()
-        );
+        for t in 0..2 {
+            assert!(
+                v["toolConfig"]["tools"][t]["toolSpec"]
+                    .get("strict")
+                    .is_none()
+            );
+        }
         let v = translated(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "p", "strict": true}}}))
         .expect("translate");
         assert_eq!(v["toolConfig"]["tools"][0]["toolSpec"]["name"], JSON_TOOL);
-        assert_eq!(v["toolConfig"]["tools"][0]["toolSpec"]["strict"], true);
+        assert!(
+            v["toolConfig"]["tools"][0]["toolSpec"]
+                .get("strict")
+                .is_none()
+        );
     }
 
     #[test]

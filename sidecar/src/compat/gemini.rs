@@ -190,13 +190,6 @@ pub fn request(mut req: ChatRequest, model: &str, provider: &str) -> Result<Vec<
     if !generation.is_empty() {
         super::merge_object(&mut body, "generationConfig", generation);
     }
-    // `strict` is held by the function calling mode, for all declarations: VALIDATED holds
-    // calls to their schemas, as ANY does.
-    let strict = req
-        .tools
-        .iter()
-        .flatten()
-        .any(|Tool::Function { function }| function.strict == Some(true));
     let declarations: Vec<Value> = req
         .tools
         .iter()
@@ -219,14 +212,11 @@ pub fn request(mut req: ChatRequest, model: &str, provider: &str) -> Result<Vec<
             json!([{"functionDeclarations": declarations}]),
         );
     }
+    // `strict` is not passed on (as the function calling mode `VALIDATED`): not every API
+    // version and model takes it, and the OpenAI Agents SDK sets it on every tool.
     let choice = req.tool_choice.as_ref().map(|c| c.choice()).transpose()?;
-    let choice = match choice {
-        None | Some(Choice::Auto) if strict => Some(Choice::Auto),
-        other => other,
-    };
     if let Some(choice) = choice {
         let config = match choice {
-            Choice::Auto if strict => json!({"mode": "VALIDATED"}),
             Choice::Auto => json!({"mode": "AUTO"}),
             Choice::None => json!({"mode": "NONE"}),
             Choice::Required => json!({"mode": "ANY"}),
@@ -998,7 +988,7 @@ mod tests {
     }
 
     #[test]
-    fn strict_tools_hold_calls_to_their_schemas_with_the_validated_mode() {
+    fn strict_tools_keep_the_mode_tool_choice_asks_for() {
         let strict = |choice: Value| {
             let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                 "tools": [{"type": "function", "function": {"name": "f", "strict": true}}]});
@@ -1009,8 +999,8 @@ mod tests {
                 ["functionCallingConfig"]
                 .clone()
         };
-        assert_eq!(strict(Value::Null), json!({"mode": "VALIDATED"}));
-        assert_eq!(strict(json!("auto")), json!({"mode": "VALIDATED"}));
+        assert_eq!(strict(Value::Null), Value::Null);
+        assert_eq!(strict(json!("auto")), json!({"mode": "AUTO"}));
         assert_eq!(strict(json!("required")), json!({"mode": "ANY"}));
         assert_eq!(strict(json!("none")), json!({"mode": "NONE"}));
     }
