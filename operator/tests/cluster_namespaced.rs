@@ -392,7 +392,7 @@ async fn pods_injected_with_another_sidecar_than_the_gateway_gives_now_are_count
 {
     use sidegate_crds::api::SidecarSettings;
     use sidegate_operator::webhook::inject::{
-        self, INJECTED_ANNOTATION, InjectConfig, InjectSettings, SIDECAR_CONTAINER,
+        self, EnvFromKeys, INJECTED_ANNOTATION, InjectConfig, InjectSettings, SIDECAR_CONTAINER,
     };
     let Some(client) = cluster_client().await else {
         return;
@@ -425,6 +425,7 @@ async fn pods_injected_with_another_sidecar_than_the_gateway_gives_now_are_count
                 config: &config,
                 namespace: &ns.name,
                 sidecar: &SidecarSettings::default(),
+                env_from: &EnvFromKeys::default(),
             },
         )
         .expect("injects")

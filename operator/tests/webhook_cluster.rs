@@ -21,7 +21,7 @@ use std::time::Duration;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -30,7 +30,9 @@ use sidegate_crds::api::AIGateway;
 use sidegate_operator::metrics::Metrics;
 use sidegate_operator::scope::Scope;
 use sidegate_operator::webhook::certs::{self, CertResolver, SelfManaged};
-use sidegate_operator::webhook::inject::{INJECTED_ANNOTATION, SIDECAR_CONTAINER};
+use sidegate_operator::webhook::inject::{
+    ENV_KEPT_ANNOTATION, INJECTED_ANNOTATION, SDK_BASE_URL_VARIABLES, SIDECAR_CONTAINER,
+};
 use sidegate_operator::webhook::{self, CertMode, WebhookArgs, WebhookState};
 
 use common::{TestNamespace, cluster_client, create_test_namespace, eventually, unique_name};
@@ -325,22 +327,6 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
         .expect("a Windows pod is created, without the sidecar");
     assert!(!is_injected(&windows) && sidecar_of(&windows).is_none());
 
-    // A container taking its environment from a ConfigMap (envFrom) gets the sidecar but no
-    // base URLs, which would override the ConfigMap's (it may point at an in-cluster server).
-    let mut env_from = pod("env-from", &[("sidegate.dev/gateway", "main")]);
-    env_from.spec.as_mut().expect("spec").containers[0].env_from = Some(vec![
-        serde_json::from_value(
-            json!({"configMapRef": {"name": "llm-endpoints", "optional": true}}),
-        )
-        .expect("EnvFromSource"),
-    ]);
-    let env_from = pods
-        .create(&PostParams::default(), &env_from)
-        .await
-        .expect("create");
-    assert!(sidecar_of(&env_from).is_some());
-    assert_eq!(env_from.spec.expect("spec").containers[0].env, None);
-
     // Left alone: no annotation, opted out, unknown gateway, a gateway naming a sidecar image
     // the operator does not allow (created all the same).
     for (name, annotations) in [
@@ -420,6 +406,195 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
         "{warnings:?}"
     );
     assert_eq!(state.metrics.admissions("error"), 1);
+
+    unregister(&client, &config_name).await;
+    apps.delete().await;
+    operator_ns.delete().await;
+}
+
+/// The names of the variables a container of `p` sets in `env`.
+fn env_names(p: &Pod, container: &str) -> BTreeSet<String> {
+    p.spec
+        .iter()
+        .flat_map(|s| &s.containers)
+        .filter(|c| c.name == container)
+        .flat_map(|c| c.env.iter().flatten())
+        .map(|e| e.name.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn env_from_objects_are_read_and_only_the_base_urls_they_set_are_left_to_them() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    support::operator(&client).await; // CRDs
+    let (apps, operator_ns) = namespaces(&client).await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
+    create(&gateways, &gateway("main", json!({}))).await;
+    // A ConfigMap without base URLs, one pointing OpenAI at an in-cluster server, a Secret
+    // whose BASE_URL becomes ANTHROPIC_BASE_URL under its envFrom prefix.
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &apps.name);
+    for (name, data) in [
+        ("db", json!({"DB_HOST": "postgres"})),
+        (
+            "llm-endpoints",
+            json!({"OPENAI_BASE_URL": "http://vllm.models.svc:8000/v1"}),
+        ),
+    ] {
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": name}, "data": data}))
+                .expect("ConfigMap");
+        create(&config_maps, &cm).await;
+    }
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "agent-env"},
+        "stringData": {"BASE_URL": "http://claude-proxy.internal", "API_KEY": "sk-not-logged"},
+    }))
+    .expect("Secret");
+    create(
+        &Api::<Secret>::namespaced(client.clone(), &apps.name),
+        &secret,
+    )
+    .await;
+
+    let ServedWebhook { config_name, .. } =
+        serve_webhook(&client, "sidegate-webhook-env-from", &apps, &operator_ns).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
+    first_injected_probe(&pods).await;
+
+    let container = |name: &str, env_from: serde_json::Value| json!({"name": name, "image": "example.com/app:1", "envFrom": env_from});
+    let llm: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "llm", "annotations": {"sidegate.dev/gateway": "main"}},
+        "spec": {"containers": [
+            container("app", json!([{"configMapRef": {"name": "db"}}])),
+            container("chat", json!([
+                {"configMapRef": {"name": "db"}},
+                {"configMapRef": {"name": "llm-endpoints"}},
+            ])),
+            container("agent", json!([
+                {"prefix": "ANTHROPIC_", "secretRef": {"name": "agent-env"}},
+                {"configMapRef": {"name": "not-there", "optional": true}},
+            ])),
+        ]},
+    }))
+    .expect("Pod");
+    let stderr = kubectl_create(&apps.name, &llm).await;
+    assert!(!stderr.contains("sk-not-logged"), "{stderr}");
+    let stored = pods.get("llm").await.expect("stored");
+    assert!(sidecar_of(&stored).is_some());
+    let all: BTreeSet<String> = SDK_BASE_URL_VARIABLES
+        .iter()
+        .map(|(name, _)| (*name).to_owned())
+        .collect();
+    let without = |left: &[&str]| -> BTreeSet<String> {
+        all.iter()
+            .filter(|n| !left.contains(&n.as_str()))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(env_names(&stored, "app"), all);
+    assert_eq!(
+        env_names(&stored, "chat"),
+        without(&["OPENAI_BASE_URL", "OPENAI_API_BASE"])
+    );
+    assert_eq!(
+        env_names(&stored, "agent"),
+        without(&["ANTHROPIC_BASE_URL"])
+    );
+    assert_eq!(
+        stored
+            .annotations()
+            .get(ENV_KEPT_ANNOTATION)
+            .map(String::as_str),
+        Some("chat: OPENAI_BASE_URL,OPENAI_API_BASE; agent: ANTHROPIC_BASE_URL")
+    );
+    assert!(
+        stderr.contains("\"chat\" (OPENAI_BASE_URL, OPENAI_API_BASE)"),
+        "{stderr}"
+    );
+
+    // A ConfigMap that does not exist (yet: the pod waits for it, which may set anything):
+    // every base URL is left to envFrom, said in the annotation and the warning.
+    let waiting: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "waiting", "annotations": {"sidegate.dev/gateway": "main"}},
+        "spec": {"containers": [container("app", json!([{"configMapRef": {"name": "later"}}]))]},
+    }))
+    .expect("Pod");
+    let stderr = kubectl_create(&apps.name, &waiting).await;
+    assert!(stderr.contains("ConfigMap later: not found"), "{stderr}");
+    let stored = pods.get("waiting").await.expect("stored");
+    assert!(sidecar_of(&stored).is_some());
+    assert!(env_names(&stored, "app").is_empty());
+    assert!(
+        stored.annotations()[ENV_KEPT_ANNOTATION].ends_with("(envFrom not read)"),
+        "{:?}",
+        stored.annotations()
+    );
+
+    // A webhook that may read the gateway but not ConfigMaps: the same, with the reason.
+    let user = unique_name("sgwh-no-configmaps");
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "read-gateways"},
+        "rules": [{"apiGroups": ["sidegate.dev"], "resources": ["aigateways"], "verbs": ["get"]}],
+    }))
+    .expect("Role");
+    create(&Api::namespaced(client.clone(), &apps.name), &role).await;
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "read-gateways"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-gateways"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .expect("RoleBinding");
+    create(&Api::namespaced(client.clone(), &apps.name), &binding).await;
+    let mut config = kube::Config::infer().await.expect("kubeconfig");
+    config.auth_info.impersonate = Some(user);
+    let state = WebhookState {
+        metrics: Arc::new(Metrics::default()),
+        client: Client::try_from(config).expect("client"),
+        config: sidegate_operator::webhook::inject::InjectConfig::new(
+            "img",
+            "0.1.0",
+            &operator_ns.name,
+        ),
+    };
+    let mut review = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "0f5e1a9c-1111-2222-3333-444455556677",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": apps.name,
+            "operation": "CREATE",
+            "userInfo": {"username": "test"},
+        },
+    });
+    review["request"]["object"] = serde_json::to_value(&llm).expect("json");
+    let response = eventually("the Role to take effect", WAIT, || {
+        let (state, review) = (&state, review.to_string());
+        async move {
+            let response = webhook::review(state, review.as_bytes())
+                .await
+                .response
+                .expect("response");
+            response.patch.is_some().then_some(response)
+        }
+    })
+    .await;
+    assert!(response.allowed);
+    let warnings = response.warnings.unwrap_or_default();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("ConfigMap db: 403 Forbidden")
+                && w.contains("\"app\", \"chat\"")
+                && w.contains("Secret agent-env: 403 Forbidden")),
+        "{warnings:?}"
+    );
+    let patch = String::from_utf8_lossy(response.patch.as_deref().expect("patch")).into_owned();
+    assert!(patch.contains("env-kept"), "{patch}");
+    assert!(!patch.contains("OPENAI_BASE_URL\",\"value"), "{patch}");
 
     unregister(&client, &config_name).await;
     apps.delete().await;

@@ -10,7 +10,8 @@ use k8s_openapi::api::core::v1::{Container, Pod};
 use sidegate_crds::api::SidecarSettings;
 use sidegate_operator::webhook::images::AllowedImages;
 use sidegate_operator::webhook::inject::{
-    self, InjectConfig, InjectSettings, Injection, PLACEHOLDER_API_KEY, ShutdownTiming, Skip,
+    self, EnvFromKeys, EnvSource, EnvSourceKeys, InjectConfig, InjectSettings, Injection,
+    PLACEHOLDER_API_KEY, ShutdownTiming, Skip,
 };
 
 fn fixture(name: &str) -> Pod {
@@ -43,6 +44,16 @@ fn config() -> InjectConfig {
 }
 
 fn run(pod: &Pod, namespace: &str, sidecar: &SidecarSettings) -> Option<Injection> {
+    run_reading(pod, namespace, sidecar, &EnvFromKeys::default())
+}
+
+/// [`run`], the pod's envFrom objects having been read as `env_from` says.
+fn run_reading(
+    pod: &Pod,
+    namespace: &str,
+    sidecar: &SidecarSettings,
+    env_from: &EnvFromKeys,
+) -> Option<Injection> {
     let config = config();
     inject::inject(
         pod,
@@ -50,9 +61,29 @@ fn run(pod: &Pod, namespace: &str, sidecar: &SidecarSettings) -> Option<Injectio
             config: &config,
             namespace,
             sidecar,
+            env_from,
         },
     )
     .expect("injection does not fail")
+}
+
+fn patched(pod: &Pod, injection: &Injection) -> Pod {
+    let mut doc = serde_json::to_value(pod).expect("pod serializes");
+    json_patch::patch(&mut doc, &injection.patch).expect("patch applies to the pod");
+    serde_json::from_value(doc).expect("patched pod is a Pod")
+}
+
+/// What reading a ConfigMap or Secret with `keys` finds.
+fn found(keys: &[&str]) -> EnvSourceKeys {
+    EnvSourceKeys::Found(keys.iter().map(|k| (*k).to_owned()).collect())
+}
+
+fn config_map(name: &str) -> EnvSource {
+    EnvSource::ConfigMap(name.into())
+}
+
+fn secret(name: &str) -> EnvSource {
+    EnvSource::Secret(name.into())
 }
 
 /// Injects with the defaults, checks the patch against its golden file, returns the patched pod.
@@ -187,10 +218,10 @@ fn a_plain_pod_gets_a_native_sidecar_volumes_env_and_the_injected_annotation() {
 }
 
 #[test]
-fn variables_the_pod_already_sets_are_left_alone_and_env_from_containers_keep_their_base_urls_and_keys()
+fn variables_the_pod_already_sets_are_left_alone_and_a_container_whose_env_from_was_not_read_keeps_all_base_urls_to_it()
  {
     let (pod, injection) = injected("env-set.yaml", &SidecarSettings::default(), "env-set.yaml");
-    let spec = pod.spec.expect("spec");
+    let spec = pod.spec.clone().expect("spec");
     let app = &spec.containers[0];
     let env = env_of(app);
     assert_eq!(
@@ -235,6 +266,179 @@ fn variables_the_pod_already_sets_are_left_alone_and_env_from_containers_keep_th
         assert!(warning.contains(part), "{part:?} not in {warning}");
     }
     assert!(!warning.contains("\"app\""), "{warning}");
+    assert!(warning.contains("Secret worker-env: not read"), "{warning}");
+    assert_eq!(
+        annotation(&pod, inject::ENV_KEPT_ANNOTATION),
+        Some(
+            "worker: OPENAI_BASE_URL,OPENAI_API_BASE,ANTHROPIC_BASE_URL,GOOGLE_GEMINI_BASE_URL,CO_API_URL,GROQ_BASE_URL (envFrom not read)"
+        )
+    );
+}
+
+/// The keys of the objects `env-from.yaml` names, as the webhook reads them.
+fn env_from_keys() -> EnvFromKeys {
+    EnvFromKeys(
+        [
+            (config_map("db"), found(&["DB_HOST", "DB_PORT"])),
+            (
+                config_map("llm-endpoints"),
+                found(&["OPENAI_BASE_URL", "OPENAI_MODEL"]),
+            ),
+            // Prefixed ANTHROPIC_: ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY and
+            // ANTHROPIC_OPENAI_BASE_URL, which no SDK reads.
+            (
+                secret("agent-env"),
+                found(&["BASE_URL", "API_KEY", "OPENAI_BASE_URL"]),
+            ),
+            (config_map("extra"), EnvSourceKeys::NotFound),
+        ]
+        .into(),
+    )
+}
+
+#[test]
+fn only_the_base_urls_env_from_objects_define_are_left_to_them_prefix_included() {
+    let pod = fixture("env-from.yaml");
+    assert_eq!(
+        inject::env_from_sources(&pod),
+        [
+            config_map("db"),
+            config_map("llm-endpoints"),
+            secret("agent-env"),
+            config_map("extra"),
+        ]
+        .into()
+    );
+    let injection = run_reading(
+        &pod,
+        "team-a",
+        &SidecarSettings::default(),
+        &env_from_keys(),
+    )
+    .expect("injected");
+    let patch_yaml = serde_saphyr::to_string(&injection.patch).expect("patch serializes");
+    assert_golden("env-from.yaml", &patch_yaml);
+    let pod = patched(&pod, &injection);
+    let spec = pod.spec.as_ref().expect("spec");
+    let names = |c: &Container| env_of(c).into_keys().collect::<Vec<_>>();
+
+    // A ConfigMap without base URLs (DB_HOST): every one is injected, as without envFrom; no
+    // placeholder keys (the app's own may come from envFrom).
+    assert_eq!(
+        names(&spec.containers[0]),
+        [
+            "ANTHROPIC_BASE_URL",
+            "CO_API_URL",
+            "GOOGLE_GEMINI_BASE_URL",
+            "GROQ_BASE_URL",
+            "OPENAI_API_BASE",
+            "OPENAI_BASE_URL",
+        ]
+    );
+    // A ConfigMap pointing OpenAI at an in-cluster server: OpenAI is left to it under both of
+    // its names (LangChain would prefer an injected OPENAI_API_BASE), the others are injected.
+    assert_eq!(
+        names(&spec.containers[1]),
+        [
+            "ANTHROPIC_BASE_URL",
+            "CO_API_URL",
+            "GOOGLE_GEMINI_BASE_URL",
+            "GROQ_BASE_URL",
+            "LOG_LEVEL",
+        ]
+    );
+    // Secret key BASE_URL under prefix ANTHROPIC_: Anthropic is left to it; its
+    // OPENAI_BASE_URL key is ANTHROPIC_OPENAI_BASE_URL in the container; the optional missing
+    // ConfigMap defines nothing.
+    let agent = env_of(&spec.containers[2]);
+    assert!(!agent.contains_key("ANTHROPIC_BASE_URL"), "{agent:?}");
+    assert_eq!(
+        agent["OPENAI_BASE_URL"].as_deref(),
+        Some("http://127.0.0.1:8787/openai")
+    );
+    assert!(!agent.contains_key("ANTHROPIC_API_KEY"), "{agent:?}");
+
+    assert_eq!(
+        annotation(&pod, inject::ENV_KEPT_ANNOTATION),
+        Some("chat: OPENAI_BASE_URL,OPENAI_API_BASE; agent: ANTHROPIC_BASE_URL")
+    );
+    assert_eq!(injection.warnings.len(), 1, "{:?}", injection.warnings);
+    let warning = &injection.warnings[0];
+    for part in [
+        "\"chat\" (OPENAI_BASE_URL, OPENAI_API_BASE)",
+        "\"agent\" (ANTHROPIC_BASE_URL)",
+        "sidegate.dev/override-env-from: \"true\"",
+    ] {
+        assert!(warning.contains(part), "{part:?} not in {warning}");
+    }
+    assert!(!warning.contains("\"app\""), "{warning}");
+}
+
+#[test]
+fn env_from_objects_without_base_urls_leave_the_pod_as_a_pod_without_env_from_bar_the_keys() {
+    let pod = fixture("env-from.yaml");
+    let mut keys = env_from_keys();
+    keys.0
+        .insert(config_map("llm-endpoints"), found(&["OPENAI_MODEL"]));
+    keys.0.insert(secret("agent-env"), found(&[]));
+    let injection =
+        run_reading(&pod, "team-a", &SidecarSettings::default(), &keys).expect("injected");
+    assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+    let pod = patched(&pod, &injection);
+    assert_eq!(annotation(&pod, inject::ENV_KEPT_ANNOTATION), None);
+    for c in &pod.spec.as_ref().expect("spec").containers {
+        let env = env_of(c);
+        for (name, route) in inject::SDK_BASE_URL_VARIABLES {
+            assert_eq!(
+                env.get(*name).cloned().flatten(),
+                Some(format!("http://127.0.0.1:8787/{route}")),
+                "{} {name}",
+                c.name
+            );
+        }
+    }
+}
+
+#[test]
+fn a_container_whose_env_from_objects_cannot_be_read_keeps_all_base_urls_to_them_with_a_warning() {
+    let pod = fixture("env-from.yaml");
+    let mut keys = env_from_keys();
+    // Forbidden, missing without optional (the pod waits for it, which may hold anything),
+    // never read (timed out before its turn).
+    keys.0.insert(
+        config_map("llm-endpoints"),
+        EnvSourceKeys::Unreadable("403 Forbidden".into()),
+    );
+    keys.0.insert(config_map("db"), EnvSourceKeys::NotFound);
+    keys.0.remove(&secret("agent-env"));
+    let injection =
+        run_reading(&pod, "team-a", &SidecarSettings::default(), &keys).expect("injected");
+    let pod = patched(&pod, &injection);
+    let spec = pod.spec.as_ref().expect("spec");
+    for c in &spec.containers {
+        let env = env_of(c);
+        for (name, _) in inject::SDK_BASE_URL_VARIABLES {
+            assert!(!env.contains_key(*name), "{} {name}: {env:?}", c.name);
+        }
+    }
+    let all = "OPENAI_BASE_URL,OPENAI_API_BASE,ANTHROPIC_BASE_URL,GOOGLE_GEMINI_BASE_URL,CO_API_URL,GROQ_BASE_URL (envFrom not read)";
+    assert_eq!(
+        annotation(&pod, inject::ENV_KEPT_ANNOTATION),
+        Some(format!("app: {all}; chat: {all}; agent: {all}").as_str())
+    );
+    assert_eq!(injection.warnings.len(), 1, "{:?}", injection.warnings);
+    let warning = &injection.warnings[0];
+    for part in [
+        "\"app\", \"chat\", \"agent\"",
+        "ConfigMap db: not found",
+        "ConfigMap llm-endpoints: 403 Forbidden",
+        "Secret agent-env: not read",
+        "http://127.0.0.1:8787/<provider>",
+        "sidegate.dev/override-env-from: \"true\"",
+    ] {
+        assert!(warning.contains(part), "{part:?} not in {warning}");
+    }
+    assert!(!warning.contains("extra"), "{warning}");
 }
 
 #[test]
@@ -244,8 +448,13 @@ fn the_override_env_from_annotation_sets_the_base_urls_over_env_from_but_never_p
         .annotations
         .get_or_insert_default()
         .insert(inject::OVERRIDE_ENV_FROM_ANNOTATION.into(), "true".into());
+    assert!(inject::env_from_sources(&pod).is_empty(), "nothing to read");
     let injection = run(&pod, "team-a", &SidecarSettings::default()).expect("injected");
     assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+    assert_eq!(
+        annotation(&patched(&pod, &injection), inject::ENV_KEPT_ANNOTATION),
+        None
+    );
     let mut doc = serde_json::to_value(&pod).expect("pod serializes");
     json_patch::patch(&mut doc, &injection.patch).expect("patch applies");
     let patched: Pod = serde_json::from_value(doc).expect("a Pod");
@@ -534,6 +743,7 @@ fn a_pod_that_already_has_a_container_named_sidegate_is_refused_not_mangled() {
             config: &config,
             namespace: "team-a",
             sidecar: &SidecarSettings::default(),
+            env_from: &EnvFromKeys::default(),
         },
     )
     .expect_err("name clash");
@@ -548,6 +758,7 @@ fn refusal(pod: &Pod, sidecar: &SidecarSettings) -> Option<inject::InjectError> 
             config: &config,
             namespace: "team-a",
             sidecar,
+            env_from: &EnvFromKeys::default(),
         },
     )
     .err()
@@ -648,6 +859,7 @@ fn the_sidecar_uid_and_gid_can_be_left_to_the_platform_and_stay_non_root() {
             config: &config,
             namespace: "team-a",
             sidecar: &SidecarSettings::default(),
+            env_from: &EnvFromKeys::default(),
         },
     )
     .expect("injects")
@@ -671,6 +883,7 @@ fn the_sidecar_uid_and_gid_can_be_left_to_the_platform_and_stay_non_root() {
             config: &config,
             namespace: "team-a",
             sidecar: &SidecarSettings::default(),
+            env_from: &EnvFromKeys::default(),
         },
     )
     .expect("injects")
@@ -712,6 +925,7 @@ fn a_gateway_naming_a_sidecar_image_the_operator_does_not_allow_gets_no_sidecar(
                 config: &config,
                 namespace: "team-a",
                 sidecar,
+                env_from: &EnvFromKeys::default(),
             },
         )?
         .expect("annotated pod");
@@ -777,6 +991,7 @@ fn a_gateway_whose_sidecar_resources_the_apiserver_would_refuse_gets_no_sidecar_
                 config: &config,
                 namespace: "team-a",
                 sidecar,
+                env_from: &EnvFromKeys::default(),
             },
         )
     };

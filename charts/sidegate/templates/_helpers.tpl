@@ -107,11 +107,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   resources: ["aigateways/finalizers"]
   verbs: ["update"]
 # Rendered ConfigMaps: watch its own (label-selected, metadata only), read and apply them.
+# The webhook reads (get) those a pod's envFrom names, for their keys.
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch"]
 # Key Secrets referenced by ProviderKeys/AIGateways (read) and the rendered keys Secrets
-# (apply). list/watch are metadata-only watches that map Secret changes to gateways.
+# (apply). list/watch are metadata-only watches that map Secret changes to gateways. The
+# webhook reads (get) those a pod's envFrom names, for their keys.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]

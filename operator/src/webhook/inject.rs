@@ -1,17 +1,18 @@
 //! Sidecar injection as a pure function: a Pod and the settings of its gateway in, a JSON patch
-//! out. No I/O; the admission handler looks the gateway up and calls [`inject`].
+//! out. No I/O; the admission handler looks the gateway and the pod's `envFrom` objects up
+//! ([`env_from_sources`], [`EnvFromKeys`]) and calls [`inject`].
 //!
 //! The patch is written operation by operation (not diffed), so it only ever adds: the apiserver
 //! applies it to its own copy of the Pod, and fields this crate does not know survive.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, HTTPGetAction, Pod,
-    Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume,
-    VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvFromSource, EnvVar,
+    HTTPGetAction, Pod, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -41,6 +42,10 @@ pub const SIDECAR_SETTINGS_ANNOTATION: &str = "sidegate.dev/sidecar-settings";
 /// Pod annotation (`"true"`) that has the webhook set the SDK base URLs on containers with
 /// `envFrom` too, overriding what envFrom gives them (see [`SDK_BASE_URL_VARIABLES`]).
 pub const OVERRIDE_ENV_FROM_ANNOTATION: &str = "sidegate.dev/override-env-from";
+/// Annotation the webhook sets on injected pods whose containers keep base URLs of their
+/// `envFrom` (the sidecar's were not set there): `<container>: VAR,VAR; <container>: ...`, with
+/// ` (envFrom not read)` after a container whose envFrom objects could not be read.
+pub const ENV_KEPT_ANNOTATION: &str = "sidegate.dev/env-kept";
 
 /// Name of the injected container.
 pub const SIDECAR_CONTAINER: &str = "sidegate";
@@ -222,6 +227,86 @@ pub struct InjectSettings<'a> {
     pub namespace: &'a str,
     /// `spec.sidecar` of the pod's AIGateway (defaults when absent).
     pub sidecar: &'a SidecarSettings,
+    /// The keys of the objects the pod's `envFrom` names, as far as they were read: a
+    /// container with an `envFrom` object not in here keeps all its base URLs to it.
+    pub env_from: &'a EnvFromKeys,
+}
+
+/// An object a container's `envFrom` names, in the pod's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EnvSource {
+    /// `configMapRef`.
+    ConfigMap(String),
+    /// `secretRef`.
+    Secret(String),
+}
+
+impl EnvSource {
+    /// The object `entry` names (`None`: neither a ConfigMap nor a Secret, which the apiserver
+    /// refuses after the webhook).
+    pub fn of(entry: &EnvFromSource) -> Option<Self> {
+        if let Some(r) = &entry.config_map_ref {
+            Some(Self::ConfigMap(r.name.clone()))
+        } else {
+            entry
+                .secret_ref
+                .as_ref()
+                .map(|r| Self::Secret(r.name.clone()))
+        }
+    }
+}
+
+impl std::fmt::Display for EnvSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ConfigMap(name) => write!(f, "ConfigMap {name}"),
+            Self::Secret(name) => write!(f, "Secret {name}"),
+        }
+    }
+}
+
+/// What reading one `envFrom` object found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvSourceKeys {
+    /// Its keys (ConfigMap `data`, Secret `data`: what kubelet turns into variables). Never
+    /// the values.
+    Found(BTreeSet<String>),
+    /// It does not exist: it defines nothing where the reference is `optional: true`; otherwise
+    /// the pod waits for it, which may be created with any keys.
+    NotFound,
+    /// It could not be read (forbidden, timed out, ...): why, without values.
+    Unreadable(String),
+}
+
+/// The keys of the `envFrom` objects of one pod ([`env_from_sources`]), filled in by the
+/// admission handler; empty (the default) when none were read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvFromKeys(pub BTreeMap<EnvSource, EnvSourceKeys>);
+
+/// The `envFrom` objects of the containers of `pod` that may get the SDK variables (app and
+/// init containers), to be read into [`EnvFromKeys`]; none when the pod has the base URLs set
+/// over envFrom anyway ([`OVERRIDE_ENV_FROM_ANNOTATION`]).
+pub fn env_from_sources(pod: &Pod) -> BTreeSet<EnvSource> {
+    if overrides_env_from(pod) {
+        return BTreeSet::new();
+    }
+    let Some(spec) = pod.spec.as_ref() else {
+        return BTreeSet::new();
+    };
+    spec.containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .flat_map(|c| c.env_from.iter().flatten())
+        .filter_map(EnvSource::of)
+        .collect()
+}
+
+fn overrides_env_from(pod: &Pod) -> bool {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(OVERRIDE_ENV_FROM_ANNOTATION))
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
 }
 
 /// What a pod injected now gets, as the webhook records it in the pod's annotations: the
@@ -560,43 +645,41 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
     // SDK environment on app containers; on init containers too when the sidecar runs before
     // them. Indices shift by one after the native sidecar is inserted at 0.
     let env = sdk_env(settings.sidecar.port);
-    let override_env_from = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(OVERRIDE_ENV_FROM_ANNOTATION))
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    let mut env_from_left = Vec::new();
+    let env_from = EnvFromView {
+        keys: settings.env_from,
+        overridden: overrides_env_from(pod),
+    };
+    let mut kept = Vec::new();
     for (i, c) in spec.containers.iter().enumerate() {
-        if add_env(
+        kept.extend(add_env(
             &mut ops,
             &["spec", "containers"],
             i,
             c,
             &env,
-            override_env_from,
-        )? {
-            env_from_left.push(c.name.as_str());
-        }
+            env_from,
+        )?);
     }
     if native {
         for (i, c) in init_containers.iter().enumerate() {
-            if add_env(
+            kept.extend(add_env(
                 &mut ops,
                 &["spec", "initContainers"],
                 i + 1,
                 c,
                 &env,
-                override_env_from,
-            )? {
-                env_from_left.push(c.name.as_str());
-            }
+                env_from,
+            )?);
         }
     }
 
     let mut warnings = Vec::new();
-    if !env_from_left.is_empty() {
-        warnings.push(env_from_warning(&env_from_left, settings.sidecar.port));
+    if !kept.is_empty() {
+        ops.add(
+            &["metadata", "annotations", ENV_KEPT_ANNOTATION],
+            env_kept_annotation(&kept),
+        )?;
+        warnings.extend(env_from_warnings(&kept, settings.sidecar.port));
     }
     if !native && is_job_pod(pod) {
         warnings.push(format!(
@@ -749,50 +832,143 @@ fn sdk_env(port: u16) -> Vec<EnvVar> {
     urls.chain(keys).collect()
 }
 
-/// The warning for containers whose SDK base URLs were left to their `envFrom`.
-fn env_from_warning(containers: &[&str], port: u16) -> String {
-    let names = containers
-        .iter()
-        .map(|c| format!("{c:?}"))
+/// Base URLs a container was not given because its `envFrom` sets them, or may.
+#[derive(Debug)]
+struct KeptToEnvFrom<'c> {
+    container: &'c str,
+    /// The variables left out, in [`SDK_BASE_URL_VARIABLES`] order.
+    variables: Vec<&'static str>,
+    /// The envFrom objects that could not be read, and why: all base URLs were left out.
+    unread: Vec<String>,
+}
+
+/// The value of [`ENV_KEPT_ANNOTATION`].
+fn env_kept_annotation(kept: &[KeptToEnvFrom<'_>]) -> String {
+    kept.iter()
+        .map(|k| {
+            let unread = if k.unread.is_empty() {
+                ""
+            } else {
+                " (envFrom not read)"
+            };
+            format!("{}: {}{unread}", k.container, k.variables.join(","))
+        })
         .collect::<Vec<_>>()
-        .join(", ");
-    let variables = SDK_BASE_URL_VARIABLES
+        .join("; ")
+}
+
+/// Warnings for containers whose base URLs were left to their `envFrom`: those whose envFrom
+/// sets them (their SDKs go where it points), and those whose envFrom could not be read.
+fn env_from_warnings(kept: &[KeptToEnvFrom<'_>], port: u16) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let (unread, read): (Vec<_>, Vec<_>) = kept.iter().partition(|k| !k.unread.is_empty());
+    if !read.is_empty() {
+        let list = read
+            .iter()
+            .map(|k| format!("{:?} ({})", k.container, k.variables.join(", ")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        warnings.push(format!(
+            "sidegate: envFrom sets a provider's base URL in container(s) {list}, so the webhook did not set these variables there (an env entry would override envFrom's): those SDKs go where envFrom points, not through the sidecar; annotate the pod {OVERRIDE_ENV_FROM_ANNOTATION}: \"true\" to have the webhook set them over envFrom's values"
+        ));
+    }
+    if !unread.is_empty() {
+        let names = unread
+            .iter()
+            .map(|k| format!("{:?}", k.container))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let why: BTreeSet<&str> = unread
+            .iter()
+            .flat_map(|k| k.unread.iter().map(String::as_str))
+            .collect();
+        let why = why.into_iter().collect::<Vec<_>>().join("; ");
+        let variables = SDK_BASE_URL_VARIABLES
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>()
+            .join(", ");
+        warnings.push(format!(
+            "sidegate: container(s) {names} take variables from envFrom that the webhook could not read ({why}), which an env entry would override, so the sidecar's base URLs ({variables}) were not set there: their SDKs go straight to the providers unless envFrom or env points them at http://127.0.0.1:{port}/<provider>; annotate the pod {OVERRIDE_ENV_FROM_ANNOTATION}: \"true\" to have the webhook set them over envFrom's values"
+        ));
+    }
+    warnings
+}
+
+/// How [`add_env`] treats `envFrom`: the keys read, and whether the pod has the base URLs set
+/// over it anyway.
+#[derive(Clone, Copy)]
+struct EnvFromView<'a> {
+    keys: &'a EnvFromKeys,
+    overridden: bool,
+}
+
+impl EnvFromView<'_> {
+    /// The base URL variables `c`'s envFrom defines (prefix + key), or why that is not known:
+    /// the objects that could not be read (a missing one is unknown unless `optional`).
+    fn base_urls_of(&self, c: &Container) -> Result<BTreeSet<&'static str>, Vec<String>> {
+        let mut defined = BTreeSet::new();
+        let mut unread = Vec::new();
+        for entry in c.env_from.iter().flatten() {
+            let Some(source) = EnvSource::of(entry) else {
+                continue;
+            };
+            let optional = entry
+                .config_map_ref
+                .as_ref()
+                .map(|r| r.optional)
+                .or_else(|| entry.secret_ref.as_ref().map(|r| r.optional))
+                .flatten()
+                .unwrap_or(false);
+            let prefix = entry.prefix.as_deref().unwrap_or("");
+            match self.keys.0.get(&source) {
+                Some(EnvSourceKeys::Found(keys)) => {
+                    defined.extend(SDK_BASE_URL_VARIABLES.iter().map(|(name, _)| *name).filter(
+                        |name| {
+                            name.strip_prefix(prefix)
+                                .is_some_and(|key| keys.contains(key))
+                        },
+                    ))
+                }
+                Some(EnvSourceKeys::NotFound) if optional => {}
+                Some(EnvSourceKeys::NotFound) => unread.push(format!("{source}: not found")),
+                Some(EnvSourceKeys::Unreadable(why)) => unread.push(format!("{source}: {why}")),
+                None => unread.push(format!("{source}: not read")),
+            }
+        }
+        if unread.is_empty() {
+            Ok(defined)
+        } else {
+            Err(unread)
+        }
+    }
+}
+
+fn route_of(name: &str) -> Option<&'static str> {
+    SDK_BASE_URL_VARIABLES
         .iter()
-        .map(|(name, _)| *name)
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!(
-        "sidegate: container(s) {names} take variables from envFrom, which an env entry would override, so the sidecar's base URLs ({variables}) were not set there: their SDKs go straight to the providers unless envFrom or env points them at http://127.0.0.1:{port}/<provider>; annotate the pod {OVERRIDE_ENV_FROM_ANNOTATION}: \"true\" to have the webhook set them over envFrom's values"
-    )
+        .find(|(n, _)| *n == name)
+        .map(|(_, route)| *route)
 }
 
 /// Adds the variables of `env` that container `c` (at `index` after injection) does not set.
-/// A container with `envFrom` gets neither the placeholder keys nor, unless `override_env_from`,
-/// the base URLs: they may come from there (a ConfigMap pointing the SDK at an in-cluster
-/// model server, the app's own key), and an `env` entry would override them. Returns whether
-/// base URLs were left out for that reason.
-fn add_env(
+/// A provider the container points somewhere under any of its variable names, in `env` or in
+/// its `envFrom` objects, is left alone: an `env` entry would override envFrom's (a ConfigMap
+/// pointing the SDK at an in-cluster model server), and e.g. LangChain prefers
+/// `OPENAI_API_BASE` over the app's own `OPENAI_BASE_URL`. Where the envFrom objects could not
+/// be read, all base URLs are left out. Unless the pod overrides envFrom, returns the base URLs
+/// left out for envFrom's sake. A container with `envFrom` gets no placeholder keys: the app's
+/// own key may come from there.
+fn add_env<'c>(
     ops: &mut Ops,
     list: &[&str],
     index: usize,
-    c: &Container,
+    c: &'c Container,
     env: &[EnvVar],
-    override_env_from: bool,
-) -> Result<bool, InjectError> {
+    env_from: EnvFromView<'_>,
+) -> Result<Option<KeptToEnvFrom<'c>>, InjectError> {
     let set: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-    // A provider the container already points somewhere (under any of its variable names) is
-    // left alone: e.g. LangChain prefers OPENAI_API_BASE over the app's own OPENAI_BASE_URL.
-    let configured_routes: BTreeSet<&str> = SDK_BASE_URL_VARIABLES
-        .iter()
-        .filter(|(name, _)| set.contains(name))
-        .map(|(_, route)| *route)
-        .collect();
-    let route_of = |name: &str| {
-        SDK_BASE_URL_VARIABLES
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, route)| *route)
-    };
+    let configured_routes: BTreeSet<&str> = set.iter().filter_map(|name| route_of(name)).collect();
     let has_env_from = c.env_from.as_ref().is_some_and(|e| !e.is_empty());
     let unset: Vec<&EnvVar> = env
         .iter()
@@ -800,15 +976,38 @@ fn add_env(
         .filter(|e| route_of(&e.name).is_none_or(|r| !configured_routes.contains(r)))
         .filter(|e| !(has_env_from && PLACEHOLDER_KEY_VARIABLES.contains(&e.name.as_str())))
         .collect();
-    let left_to_env_from = has_env_from && !override_env_from;
-    let missing: Vec<&EnvVar> = unset
-        .iter()
-        .copied()
-        .filter(|e| !(left_to_env_from && route_of(&e.name).is_some()))
-        .collect();
-    let base_urls_left = missing.len() < unset.len();
+    // Routes left to envFrom: `None` for all of them (its objects could not be read).
+    let (env_from_routes, unread) = if has_env_from && !env_from.overridden {
+        match env_from.base_urls_of(c) {
+            Ok(defined) => (
+                Some(defined.into_iter().filter_map(route_of).collect()),
+                Vec::new(),
+            ),
+            Err(unread) => (None, unread),
+        }
+    } else {
+        (Some(BTreeSet::new()), Vec::new())
+    };
+    let left_to_env_from = |e: &EnvVar| {
+        route_of(&e.name).is_some_and(|r| {
+            env_from_routes
+                .as_ref()
+                .is_none_or(|routes: &BTreeSet<&str>| routes.contains(r))
+        })
+    };
+    let (kept, missing): (Vec<&EnvVar>, Vec<&EnvVar>) =
+        unset.into_iter().partition(|e| left_to_env_from(e));
+    let kept = (!kept.is_empty()).then(|| KeptToEnvFrom {
+        container: c.name.as_str(),
+        variables: SDK_BASE_URL_VARIABLES
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| kept.iter().any(|e| e.name == *name))
+            .collect(),
+        unread,
+    });
     if missing.is_empty() {
-        return Ok(base_urls_left);
+        return Ok(kept);
     }
     let index = index.to_string();
     let path = [list[0], list[1], index.as_str(), "env"];
@@ -819,7 +1018,7 @@ fn add_env(
     } else {
         ops.add(&path, missing)?;
     }
-    Ok(base_urls_left)
+    Ok(kept)
 }
 
 fn is_job_pod(pod: &Pod) -> bool {

@@ -4,8 +4,9 @@
 //! - [`inject`]: the pure mutation (Pod + settings → JSON patch).
 //! - [`images`]: which sidecar images may be injected (`--allowed-sidecar-images`).
 //! - [`certs`]: the serving certificate (self-managed with rcgen, or files from cert-manager).
-//! - this module: the HTTP shell (AdmissionReview v1 in and out), the gateway lookup, the
-//!   MutatingWebhookConfiguration the operator expects, and the `run` flags.
+//! - this module: the HTTP shell (AdmissionReview v1 in and out), the lookups (the gateway, the
+//!   keys of the pod's `envFrom` objects), the MutatingWebhookConfiguration the operator
+//!   expects, and the `run` flags.
 
 pub mod certs;
 pub mod images;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt as _;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -29,7 +31,7 @@ use k8s_openapi::api::admissionregistration::v1::{
     MatchCondition, MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations,
     ServiceReference, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceRequirements, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use kube::api::{Api, ObjectMeta};
 use kube::core::DynamicObject;
@@ -39,7 +41,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use self::certs::{CertFiles, CertResolver, SelfManaged};
-use self::inject::{InjectConfig, InjectSettings, Skip};
+use self::inject::{EnvFromKeys, EnvSource, EnvSourceKeys, InjectConfig, InjectSettings, Skip};
 use crate::listener::Limits;
 
 /// Path the apiserver posts AdmissionReviews to.
@@ -48,8 +50,13 @@ pub const MUTATE_PATH: &str = "/mutate";
 pub const WEBHOOK_NAME: &str = "inject.sidegate.dev";
 /// Largest AdmissionReview accepted (a Pod is at most ~1.5 MiB in etcd).
 const MAX_REVIEW_BYTES: usize = 8 << 20;
-/// How long the gateway lookup may take inside the apiserver's webhook timeout.
-const GATEWAY_LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the lookups of one admission (the gateway and the pod's `envFrom` objects, all at
+/// once) may take inside the apiserver's webhook timeout (5 s).
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most `envFrom` objects read for one pod, and at once: those beyond are left unread (their
+/// containers keep all their base URLs to envFrom).
+const MAX_ENV_FROM_LOOKUPS: usize = 32;
+const CONCURRENT_ENV_FROM_LOOKUPS: usize = 8;
 
 /// How the webhook gets its serving certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -587,8 +594,18 @@ async fn decide(
         }
     };
     let gateways: Api<AIGateway> = Api::namespaced(state.client.clone(), &namespace);
-    let found = match tokio::time::timeout(GATEWAY_LOOKUP_TIMEOUT, gateways.get_opt(&gateway)).await
-    {
+    // The envFrom objects are read alongside the gateway, so the two take no longer than one.
+    let deadline = tokio::time::Instant::now() + LOOKUP_TIMEOUT;
+    let (found, env_from) = tokio::join!(
+        tokio::time::timeout_at(deadline, gateways.get_opt(&gateway)),
+        read_env_from_keys(
+            &state.client,
+            &namespace,
+            inject::env_from_sources(&pod),
+            deadline
+        ),
+    );
+    let found = match found {
         Ok(Ok(found)) => found,
         Ok(Err(e)) => {
             tracing::warn!(namespace, pod = pod_name, gateway, error = %e, "AIGateway lookup failed; pod admitted without sidecar");
@@ -639,6 +656,7 @@ async fn decide(
         config: &state.config,
         namespace: &namespace,
         sidecar: &sidecar,
+        env_from: &env_from,
     };
     match inject::inject(&pod, &settings) {
         Ok(Some(injection)) => {
@@ -673,6 +691,75 @@ async fn decide(
             )
         }
     }
+}
+
+/// The keys of `sources` in `namespace`, read until `deadline` ([`MAX_ENV_FROM_LOOKUPS`] at
+/// most). A Secret's values are dropped as soon as its keys are taken, and never logged.
+async fn read_env_from_keys(
+    client: &kube::Client,
+    namespace: &str,
+    sources: BTreeSet<EnvSource>,
+    deadline: tokio::time::Instant,
+) -> EnvFromKeys {
+    let mut keys = EnvFromKeys::default();
+    let mut sources = sources.into_iter();
+    let read: Vec<_> = sources.by_ref().take(MAX_ENV_FROM_LOOKUPS).collect();
+    keys.0.extend(sources.map(|source| {
+        (
+            source,
+            EnvSourceKeys::Unreadable(format!("more than {MAX_ENV_FROM_LOOKUPS} envFrom objects")),
+        )
+    }));
+    let found: Vec<(EnvSource, EnvSourceKeys)> = futures_util::stream::iter(read)
+        .map(|source| async move {
+            let found = tokio::time::timeout_at(
+                deadline,
+                read_env_source_keys(client, namespace, &source),
+            )
+            .await;
+            let found = match found {
+                Ok(Ok(Some(keys))) => EnvSourceKeys::Found(keys),
+                Ok(Ok(None)) => EnvSourceKeys::NotFound,
+                Ok(Err(e)) => {
+                    tracing::warn!(namespace, object = %source, error = %e, "reading an envFrom object failed; its containers keep their base URLs to envFrom");
+                    EnvSourceKeys::Unreadable(match &e {
+                        kube::Error::Api(status) if !status.reason.is_empty() => {
+                            format!("{} {}", status.code, status.reason)
+                        }
+                        _ => "read failed".to_owned(),
+                    })
+                }
+                Err(_) => {
+                    tracing::warn!(namespace, object = %source, "reading an envFrom object timed out; its containers keep their base URLs to envFrom");
+                    EnvSourceKeys::Unreadable("timed out".to_owned())
+                }
+            };
+            (source, found)
+        })
+        .buffer_unordered(CONCURRENT_ENV_FROM_LOOKUPS)
+        .collect()
+        .await;
+    keys.0.extend(found);
+    keys
+}
+
+/// The keys kubelet makes variables of (`data`) of `source` in `namespace`; `None` if it does
+/// not exist.
+async fn read_env_source_keys(
+    client: &kube::Client,
+    namespace: &str,
+    source: &EnvSource,
+) -> Result<Option<BTreeSet<String>>, kube::Error> {
+    Ok(match source {
+        EnvSource::ConfigMap(name) => Api::<ConfigMap>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .map(|cm| cm.data.unwrap_or_default().into_keys().collect()),
+        EnvSource::Secret(name) => Api::<Secret>::namespaced(client.clone(), namespace)
+            .get_opt(name)
+            .await?
+            .map(|secret| secret.data.unwrap_or_default().into_keys().collect()),
+    })
 }
 
 fn with_warning(mut response: AdmissionResponse, warning: String) -> AdmissionResponse {
