@@ -487,6 +487,12 @@ async fn env_from_objects_are_read_and_only_the_base_urls_they_set_are_left_to_t
         .iter()
         .map(|(name, _)| (*name).to_owned())
         .collect();
+    // The base URLs and placeholder keys of the containers, but those left to envFrom (a
+    // provider's key with its base URL).
+    let all: BTreeSet<String> = all
+        .into_iter()
+        .chain(["OPENAI_API_KEY".to_owned(), "ANTHROPIC_API_KEY".to_owned()])
+        .collect();
     let without = |left: &[&str]| -> BTreeSet<String> {
         all.iter()
             .filter(|n| !left.contains(&n.as_str()))
@@ -496,11 +502,11 @@ async fn env_from_objects_are_read_and_only_the_base_urls_they_set_are_left_to_t
     assert_eq!(env_names(&stored, "app"), all);
     assert_eq!(
         env_names(&stored, "chat"),
-        without(&["OPENAI_BASE_URL", "OPENAI_API_BASE"])
+        without(&["OPENAI_BASE_URL", "OPENAI_API_BASE", "OPENAI_API_KEY"])
     );
     assert_eq!(
         env_names(&stored, "agent"),
-        without(&["ANTHROPIC_BASE_URL"])
+        without(&["ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"])
     );
     assert_eq!(
         stored

@@ -322,24 +322,28 @@ fn only_the_base_urls_env_from_objects_define_are_left_to_them_prefix_included()
     let spec = pod.spec.as_ref().expect("spec");
     let names = |c: &Container| env_of(c).into_keys().collect::<Vec<_>>();
 
-    // A ConfigMap without base URLs (DB_HOST): every one is injected, as without envFrom; no
-    // placeholder keys (the app's own may come from envFrom).
+    // A ConfigMap without base URLs or keys (DB_HOST): every one is injected, placeholder keys
+    // too, as without envFrom (an SDK given a base URL but no key would not start).
     assert_eq!(
         names(&spec.containers[0]),
         [
+            "ANTHROPIC_API_KEY",
             "ANTHROPIC_BASE_URL",
             "CO_API_URL",
             "GOOGLE_GEMINI_BASE_URL",
             "GROQ_BASE_URL",
             "OPENAI_API_BASE",
+            "OPENAI_API_KEY",
             "OPENAI_BASE_URL",
         ]
     );
     // A ConfigMap pointing OpenAI at an in-cluster server: OpenAI is left to it under both of
-    // its names (LangChain would prefer an injected OPENAI_API_BASE), the others are injected.
+    // its names (LangChain would prefer an injected OPENAI_API_BASE), its key too (the
+    // placeholder would go to that server), the others are injected.
     assert_eq!(
         names(&spec.containers[1]),
         [
+            "ANTHROPIC_API_KEY",
             "ANTHROPIC_BASE_URL",
             "CO_API_URL",
             "GOOGLE_GEMINI_BASE_URL",
@@ -375,7 +379,7 @@ fn only_the_base_urls_env_from_objects_define_are_left_to_them_prefix_included()
 }
 
 #[test]
-fn env_from_objects_without_base_urls_leave_the_pod_as_a_pod_without_env_from_bar_the_keys() {
+fn env_from_objects_without_base_urls_or_keys_leave_the_pod_as_a_pod_without_env_from() {
     let pod = fixture("env-from.yaml");
     let mut keys = env_from_keys();
     keys.0
@@ -392,6 +396,14 @@ fn env_from_objects_without_base_urls_leave_the_pod_as_a_pod_without_env_from_ba
             assert_eq!(
                 env.get(*name).cloned().flatten(),
                 Some(format!("http://127.0.0.1:8787/{route}")),
+                "{} {name}",
+                c.name
+            );
+        }
+        for name in inject::PLACEHOLDER_KEY_VARIABLES {
+            assert_eq!(
+                env.get(*name).cloned().flatten().as_deref(),
+                Some(PLACEHOLDER_API_KEY),
                 "{} {name}",
                 c.name
             );

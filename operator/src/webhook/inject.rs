@@ -904,9 +904,10 @@ struct EnvFromView<'a> {
 }
 
 impl EnvFromView<'_> {
-    /// The base URL variables `c`'s envFrom defines (prefix + key), or why that is not known:
-    /// the objects that could not be read (a missing one is unknown unless `optional`).
-    fn base_urls_of(&self, c: &Container) -> Result<BTreeSet<&'static str>, Vec<String>> {
+    /// The variables the webhook sets (base URLs, placeholder keys) that `c`'s envFrom defines
+    /// (prefix + key), or why that is not known: the objects that could not be read (a missing
+    /// one is unknown unless `optional`).
+    fn defined_of(&self, c: &Container) -> Result<BTreeSet<&'static str>, Vec<String>> {
         let mut defined = BTreeSet::new();
         let mut unread = Vec::new();
         for entry in c.env_from.iter().flatten() {
@@ -922,14 +923,16 @@ impl EnvFromView<'_> {
                 .unwrap_or(false);
             let prefix = entry.prefix.as_deref().unwrap_or("");
             match self.keys.0.get(&source) {
-                Some(EnvSourceKeys::Found(keys)) => {
-                    defined.extend(SDK_BASE_URL_VARIABLES.iter().map(|(name, _)| *name).filter(
-                        |name| {
+                Some(EnvSourceKeys::Found(keys)) => defined.extend(
+                    SDK_BASE_URL_VARIABLES
+                        .iter()
+                        .map(|(name, _)| *name)
+                        .chain(PLACEHOLDER_KEY_VARIABLES.iter().copied())
+                        .filter(|name| {
                             name.strip_prefix(prefix)
                                 .is_some_and(|key| keys.contains(key))
-                        },
-                    ))
-                }
+                        }),
+                ),
                 Some(EnvSourceKeys::NotFound) if optional => {}
                 Some(EnvSourceKeys::NotFound) => unread.push(format!("{source}: not found")),
                 Some(EnvSourceKeys::Unreadable(why)) => unread.push(format!("{source}: {why}")),
@@ -941,6 +944,15 @@ impl EnvFromView<'_> {
         } else {
             Err(unread)
         }
+    }
+}
+
+/// The provider a placeholder key variable is for.
+fn key_route(name: &str) -> &'static str {
+    if name.starts_with("ANTHROPIC_") {
+        "anthropic"
+    } else {
+        "openai"
     }
 }
 
@@ -970,24 +982,40 @@ fn add_env<'c>(
     let set: BTreeSet<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
     let configured_routes: BTreeSet<&str> = set.iter().filter_map(|name| route_of(name)).collect();
     let has_env_from = c.env_from.as_ref().is_some_and(|e| !e.is_empty());
+    // What envFrom defines: `None` without envFrom or with the override (not read).
+    let lookup = (has_env_from && !env_from.overridden).then(|| env_from.defined_of(c));
+    // Routes left to envFrom: `None` for all of them (its objects could not be read).
+    let (env_from_routes, unread) = match &lookup {
+        Some(Ok(defined)) => (
+            Some(defined.iter().filter_map(|n| route_of(n)).collect()),
+            Vec::new(),
+        ),
+        Some(Err(unread)) => (None, unread.clone()),
+        None => (Some(BTreeSet::new()), Vec::new()),
+    };
+    // A placeholder key is left to envFrom when its objects define it, or may (not read, or
+    // the override: the app's own key may come from there), and when its provider's base URL
+    // is (the key then goes to the app's own endpoint, not the sidecar).
+    let key_left_to_env_from = |name: &str| {
+        has_env_from
+            && match &lookup {
+                Some(Ok(defined)) => {
+                    defined.contains(name)
+                        || env_from_routes
+                            .as_ref()
+                            .is_some_and(|routes: &BTreeSet<&str>| routes.contains(key_route(name)))
+                }
+                _ => true,
+            }
+    };
     let unset: Vec<&EnvVar> = env
         .iter()
         .filter(|e| !set.contains(e.name.as_str()))
         .filter(|e| route_of(&e.name).is_none_or(|r| !configured_routes.contains(r)))
-        .filter(|e| !(has_env_from && PLACEHOLDER_KEY_VARIABLES.contains(&e.name.as_str())))
+        .filter(|e| {
+            !(PLACEHOLDER_KEY_VARIABLES.contains(&e.name.as_str()) && key_left_to_env_from(&e.name))
+        })
         .collect();
-    // Routes left to envFrom: `None` for all of them (its objects could not be read).
-    let (env_from_routes, unread) = if has_env_from && !env_from.overridden {
-        match env_from.base_urls_of(c) {
-            Ok(defined) => (
-                Some(defined.into_iter().filter_map(route_of).collect()),
-                Vec::new(),
-            ),
-            Err(unread) => (None, unread),
-        }
-    } else {
-        (Some(BTreeSet::new()), Vec::new())
-    };
     let left_to_env_from = |e: &EnvVar| {
         route_of(&e.name).is_some_and(|r| {
             env_from_routes
