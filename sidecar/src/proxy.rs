@@ -842,6 +842,9 @@ impl Gateway {
         if let Some(m) = model {
             record.set_model(m, &snap.pricing);
         }
+        if &*provider.id == "aws-bedrock" {
+            record.bedrock_token_headers(&head.headers);
+        }
         record.set_tally(self.tally(snap));
         if let Some(b) = &logged_body {
             record.set_request_payload(b);

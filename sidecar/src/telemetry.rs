@@ -743,6 +743,25 @@ impl RequestRecord {
         self.usage.observe(data);
     }
 
+    /// The token counts Bedrock gives in the response headers of InvokeModel, for any model:
+    /// the counts of a body that carries none of its own (Llama, Titan, Mistral, ...); a body's
+    /// usage, read as it comes, takes their place.
+    pub fn bedrock_token_headers(&mut self, headers: &http::HeaderMap) {
+        let count = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        if let (Some(input), Some(output)) = (
+            count("x-amzn-bedrock-input-token-count"),
+            count("x-amzn-bedrock-output-token-count"),
+        ) {
+            self.usage.counts.input = Some(input);
+            self.usage.counts.output = Some(output);
+        }
+    }
+
     /// Whether the response counts against a spend limit, token budget or route budget.
     pub fn budgeted(&self) -> bool {
         self.tally.is_some() || !self.route_budgets.is_empty()

@@ -523,6 +523,26 @@ def test_a_bedrock_invoke_stream_is_counted_and_charged(tmp_path):
         upstream.stop()
 
 
+def test_a_bedrock_invoke_of_a_model_without_usage_in_its_body_is_counted_from_bedrocks_headers(tmp_path):
+    # InvokeModel of Llama, Titan, Mistral, ...: the body has its own fields (or none), Bedrock's
+    # response headers have the counts.
+    upstream = FixedAnswerServer(
+        json.dumps({"generation": "hi", "prompt_token_count": None, "stop_reason": "stop"}).encode(),
+        headers=[("x-amzn-bedrock-input-token-count", "20"), ("x-amzn-bedrock-output-token-count", "3")])
+    spec = STREAM_SPEC.format(url=upstream.url) + "  spendLimit: {amount: '0.01', period: day}\n"
+    g = json_gateway(tmp_path, upstream, spec, STREAM_KEYS)
+    try:
+        r = httpx.post(g.url + "/aws-bedrock/bedrock-runtime/us-east-1/model/dear-model/invoke",
+                       json={"prompt": "hi", "max_gen_len": 16})
+        assert r.status_code == 200, r.text
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert (line["tokens_in"], line["tokens_out"]) == (20, 3), line
+        assert_spend_limited(spend(g, 0))
+    finally:
+        g.stop()
+        upstream.stop()
+
+
 def test_a_stream_left_before_its_finish_reason_is_not_read_on(mock, tmp_path):
     # Reading on would have the provider write (and bill) the whole answer: the upstream stream
     # is dropped with the client, and the answer is not charged (README, "Known gaps").
