@@ -1012,42 +1012,31 @@ pub(crate) async fn answer(
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
     let (resp, translation, hide_usage, within, policy, parts_held) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
+        // A target that cannot be sent — no token from Google's token endpoint, or a request it
+        // cannot take (a parameter its provider refuses, an endpoint it lacks) — fails as one
+        // that answered with an error: the route moves on.
         let minted = match provider.service_account(alias) {
-            Some(sa) => match sa.token(gw).await {
-                Ok(token) => Some(token),
-                // No token from Google's token endpoint is this target failing: the route
-                // moves on as it would for the provider's own failure.
-                Err(e) => match walk.as_mut().and_then(|w| w.next_target(&metadata)) {
-                    Some(next) => {
-                        tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, "route target failed, trying the next");
-                        target = next;
-                        provider = provider_of(next)?;
-                        step += 1;
-                        continue;
-                    }
-                    None => return Err(fail(e)),
-                },
-            },
-            None => None,
+            Some(sa) => sa.token(gw).await.map(Some),
+            None => Ok(None),
         };
-        let planned = plan(&CompatCall {
-            snap,
-            provider,
-            endpoint,
-            model: &target.model,
-            body: &body,
-            alias,
-            parts,
-            log_id: &log_id,
-            minted: minted.as_ref(),
+        let planned = minted.and_then(|minted| {
+            plan(&CompatCall {
+                snap,
+                provider,
+                endpoint,
+                model: &target.model,
+                body: &body,
+                alias,
+                parts,
+                log_id: &log_id,
+                minted: minted.as_ref(),
+            })
         });
         let (upstream, translation, hide_usage) = match planned {
             Ok(p) => p,
-            // A target that cannot take the request (a parameter its provider refuses, an
-            // endpoint it lacks) fails as one that answered with an error: the route moves on.
             Err(e) => match walk.as_mut().and_then(|w| w.next_target(&metadata)) {
                 Some(next) => {
-                    tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, "route target cannot take the request, trying the next");
+                    tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, "route target failed, trying the next");
                     target = next;
                     provider = provider_of(next)?;
                     step += 1;
