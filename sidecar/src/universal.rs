@@ -558,9 +558,11 @@ fn plan_compat(
             vec![p]
         }
     };
-    for p in providers {
+    for p in &providers {
         compat::stored_credentials(snap, p, alias)?;
     }
+    compat::one_provider_for_client_key(snap, providers, alias, &headers, model)
+        .map_err(|e| bad(format!("steps[{i}]: {e}")))?;
     let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = Method::POST;

@@ -247,3 +247,41 @@ def test_without_an_alias_a_target_without_stored_credentials_does_not_refuse_th
         assert (r.status_code, r.headers["cf-aig-step"]) == (200, "0"), r.text
     finally:
         g.stop()
+
+
+OWN_KEYS = """\
+    mistral: {baseURL: '%s/v1'}
+  fallbacks:
+    - name: two-own
+      targets:
+        - {provider: groq, model: mock-status-503}
+        - {provider: mistral, model: mistral-small-latest}
+    - name: one-own
+      targets:
+        - {provider: groq, model: mock-status-503}
+        - {provider: openai, model: gpt-4o-mini}
+"""
+
+
+def test_a_route_that_could_send_the_apps_own_key_to_two_providers_is_refused(mock, tmp_path):
+    # Neither groq nor mistral has a stored key: after groq's failure the app's groq key would
+    # go to mistral. Refused before anything is sent; without a key header nothing can leak.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=OWN_KEYS % mock.url), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        r = post(g, "fallback/two-own", headers={"authorization": "Bearer gsk-apps-own-groq-key"})
+        assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2107), r.text
+        message = r.json()["error"][0]["message"]
+        assert "groq, mistral" in message and "gsk-apps-own" not in message, message
+        assert mock.requests() == []
+        # One provider on the app's key, the others on stored keys: the app's key reaches groq only.
+        r = post(g, "fallback/one-own", headers={"authorization": "Bearer gsk-apps-own-groq-key"})
+        assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1"), r.text
+        sent = [(q["path"], q["headers"]["authorization"]) for q in mock.requests()]
+        assert sent[0] == ("/openai/v1/chat/completions", "Bearer gsk-apps-own-groq-key"), sent
+        assert sent[1][0] == "/v1/chat/completions" and "gsk-apps-own" not in sent[1][1], sent
+        # No key header: nothing to leak, the targets answer for themselves (groq fails, mistral
+        # refuses the missing key with its own 401).
+        assert post(g, "fallback/two-own").status_code == 401
+    finally:
+        g.stop()

@@ -383,3 +383,21 @@ def test_a_compat_steps_missing_alias_is_refused_before_any_step_is_sent(gateway
     r = httpx.post(gateway.url + "/", json=[openai_step(), step])
     assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2040), r.text
     assert mock.requests() == []
+
+
+def test_a_compat_step_whose_route_could_send_its_key_to_two_providers_is_refused(mock, tmp_path):
+    # groq and mistral have no stored key: the step's groq key would reach mistral after
+    # groq's failure. Refused before any step is sent.
+    spec = (f"    mistral: {{baseURL: '{mock.url}/v1'}}\n  fallbacks:\n    - name: two-own\n      targets:\n"
+            "        - {provider: groq, model: mock-status-503}\n        - {provider: mistral, model: m}\n")
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        mock.clear()
+        step = compat_step(model="fallback/two-own") | {"headers": {"authorization": "Bearer gsk-step-own-key"}}
+        r = httpx.post(g.url + "/", json=[step, openai_step()])
+        assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2108), r.text
+        message = r.json()["error"][0]["message"]
+        assert "steps[0]" in message and "groq, mistral" in message and "gsk-step" not in message, message
+        assert mock.requests() == []
+    finally:
+        g.stop()

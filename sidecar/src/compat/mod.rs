@@ -723,6 +723,42 @@ pub(crate) fn stored_credentials(
         .map(|k| matches!(k, KeyChoice::Stored(_)))
 }
 
+/// Refuses a route or chain that could send the app's own key to more than one provider: a key
+/// is meant for one provider and must never reach another when the walk falls back. `reach` is
+/// every provider the walk could reach; those with stored credentials (or that need them, which
+/// is refused elsewhere) replace the app's key headers, so only the others count. Nothing is
+/// sent with no key header, so then nothing is refused.
+pub(crate) fn one_provider_for_client_key<'p>(
+    snap: &Snapshot,
+    reach: impl IntoIterator<Item = &'p Provider>,
+    alias: Option<&str>,
+    headers: &HeaderMap,
+    model: &str,
+) -> Result<(), GatewayError> {
+    if !crate::providers::CLIENT_KEY_HEADERS
+        .iter()
+        .any(|n| headers.contains_key(n))
+    {
+        return Ok(());
+    }
+    let mut own: Vec<&str> = reach
+        .into_iter()
+        .filter(|p| matches!(stored_credentials(snap, p, alias), Ok(false)))
+        .map(|p| &*p.id)
+        .collect();
+    own.sort_unstable();
+    own.dedup();
+    if own.len() > 1 {
+        return Err(bad(format!(
+            "{} could send the app's own key to {}, which have no stored key{}: a key meant for one provider must not reach another; store keys (ProviderKey) for all of them but one",
+            openai::truncate(model),
+            own.join(", "),
+            alias.map(|a| format!(" {a}")).unwrap_or_default(),
+        )));
+    }
+    Ok(())
+}
+
 /// The stored AWS credentials of `alias` (`None` when no alias is named and there is no
 /// `aws-bedrock.default`: the client signs); a named alias that is missing is 2040.
 pub(crate) fn stored_aws_credentials(
@@ -944,6 +980,11 @@ pub(crate) async fn answer(
                 stored_credentials(snap, p, alias).map_err(refused)?;
             }
         }
+    }
+    if let Some(w) = &walk {
+        let reach = w.targets().into_iter();
+        let reach = reach.filter_map(|t| snap.providers.get(&t.provider));
+        one_provider_for_client_key(snap, reach, alias, &parts.headers, &model).map_err(none)?;
     }
     let path = match endpoint {
         Endpoint::Chat => "compat/chat/completions",
