@@ -10,6 +10,9 @@
 //! routes, else the top-level `"model": "..."` of the JSON body.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
+
+use memchr::memmem::Finder;
 
 use sidegate_crds::policy::{ModelPrice, parse_usd};
 
@@ -338,17 +341,22 @@ fn normalize(model: &str) -> &str {
 pub fn model_in_body(body: &[u8]) -> Option<Cow<'_, str>> {
     let (model, end) = top_level_model(body, true)?;
     let rest = &body[end..];
-    if memchr::memmem::find(rest, b"model\"").is_none() && !escapes_ascii_letter(rest) {
+    if MODEL_KEY.find(rest).is_none() && !escapes_ascii_letter(rest) {
         return model;
     }
     top_level_model(body, false).and_then(|(model, _)| model)
 }
 
+/// Built once: a searcher's set-up costs more than searching a short body.
+static MODEL_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"model\""));
+static LOW_ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u00"));
+
 /// Whether `body` holds a JSON escape of a lowercase ASCII letter (`\u0061`..`\u007a`), the only
 /// way to spell a key such as `model` or `stream` without its plain bytes (text in other scripts
 /// escapes only code points past ASCII).
 pub fn escapes_ascii_letter(body: &[u8]) -> bool {
-    memchr::memmem::find_iter(body, b"\\u00")
+    LOW_ESCAPE
+        .find_iter(body)
         .any(|at| matches!(body.get(at + 4..at + 6), Some([b'6' | b'7', _])))
 }
 
