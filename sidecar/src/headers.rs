@@ -108,6 +108,8 @@ pub struct GatewayHeaders<'a> {
     values: [Option<&'a HeaderValue>; GW_NAMES.len()],
     host: Option<&'a HeaderValue>,
     from_web_page: bool,
+    /// `cf-aig-authorization` came more than once.
+    token_repeated: bool,
 }
 
 impl<'a> GatewayHeaders<'a> {
@@ -115,6 +117,7 @@ impl<'a> GatewayHeaders<'a> {
         let mut values = [None; GW_NAMES.len()];
         let mut host = None;
         let mut from_web_page = false;
+        let mut token_repeated = false;
         let mut legacy = [None; LEGACY_NAMES.len()];
         for (name, value) in map {
             let name = name.as_str();
@@ -123,6 +126,8 @@ impl<'a> GatewayHeaders<'a> {
                 Some(b'c') => {
                     if name.starts_with("cf-aig-") {
                         if let Some(i) = GW_NAMES.iter().position(|n| *n == name) {
+                            token_repeated |=
+                                i == Gw::Authorization as usize && values[i].is_some();
                             values[i].get_or_insert(value);
                         }
                     } else if name.starts_with("cf-")
@@ -151,7 +156,14 @@ impl<'a> GatewayHeaders<'a> {
             values,
             host,
             from_web_page,
+            token_repeated,
         }
+    }
+
+    /// Whether `cf-aig-authorization` came more than once: refused whatever the values, so
+    /// that a wrong token is never let through beside a right one.
+    pub fn token_repeated(self) -> bool {
+        self.token_repeated
     }
 
     /// Whether a web page made the request. Browsers put `Origin` on every request a page sends
@@ -539,6 +551,20 @@ mod tests {
             kept.contains_key(header::AUTHORIZATION) && kept.contains_key("x-api-key"),
             "without injection the client's own key is forwarded"
         );
+    }
+
+    #[test]
+    fn a_repeated_gateway_token_is_noted() {
+        let once = map(&[("cf-aig-authorization", "Bearer a")]);
+        assert!(!GatewayHeaders::scan(&once).token_repeated());
+        let twice = map(&[
+            ("cf-aig-authorization", "Bearer a"),
+            ("x-api-key", "k"),
+            ("cf-aig-authorization", "Bearer b"),
+        ]);
+        assert!(GatewayHeaders::scan(&twice).token_repeated());
+        let other = map(&[("cf-aig-byok-alias", "a"), ("cf-aig-byok-alias", "b")]);
+        assert!(!GatewayHeaders::scan(&other).token_repeated());
     }
 
     #[test]

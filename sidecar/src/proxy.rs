@@ -1107,8 +1107,8 @@ fn token_in_key_header(snap: &Snapshot, headers: &http::HeaderMap) -> bool {
 }
 
 /// Checks the gateway token when authentication is on: `cf-aig-authorization` when the request
-/// has one (a wrong token there is refused whatever else it carries), else a provider key
-/// header. Tokens are compared in constant time and never quoted.
+/// has one (a wrong token there is refused whatever else it carries, and so is a repeated
+/// header), else a provider key header. Tokens are compared in constant time and never quoted.
 fn authenticate(
     snap: &Snapshot,
     aig: GatewayHeaders<'_>,
@@ -1118,7 +1118,7 @@ fn authenticate(
         return Ok(Admission::Open);
     }
     if let Some(v) = aig.get(Gw::Authorization) {
-        return if snap.keys.token_matches(v.as_bytes()) {
+        return if snap.keys.token_matches(v.as_bytes()) && !aig.token_repeated() {
             Ok(Admission::Token)
         } else {
             Err(GatewayError::Unauthorized)

@@ -123,6 +123,15 @@ def test_a_wrong_cf_aig_authorization_is_refused_whatever_the_auth_header_holds(
     assert mock.last()["headers"]["authorization"] == f"Bearer {OPENAI_KEY}"
 
 
+def test_a_repeated_cf_aig_authorization_is_refused_whichever_comes_first(authed, mock):
+    good, wrong = ("cf-aig-authorization", f"Bearer {GATEWAY_TOKEN}"), ("cf-aig-authorization", "Bearer gw-wrong")
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    for headers in ([good, wrong], [wrong, good], [good, good]):
+        assert_refused(httpx.post(authed.url + "/openai/chat/completions", json=body, headers=headers))
+    assert mock.requests() == []
+    assert httpx.post(authed.url + "/openai/chat/completions", json=body, headers=[good]).status_code == 200
+
+
 def test_compat_takes_the_token_as_the_openai_sdks_api_key(authed, mock):
     c = openai_client(authed, "/compat")
     for model in ("openai/gpt-4o-mini", "anthropic/claude-sonnet-4-5", "google-ai-studio/gemini-2.5-flash"):
