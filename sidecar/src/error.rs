@@ -39,6 +39,12 @@ pub enum GatewayError {
     /// The request body is larger than the configured limit.
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    /// A JSON body the gateway must parse whose values would take more memory than the whole
+    /// buffer budget (`spec.limits.maxBufferedBytes`) once parsed.
+    #[error(
+        "request body has too many JSON values: parsed, they would take more than the gateway's memory budget of {limit} bytes"
+    )]
+    BodyTooComplex { limit: u64 },
     /// No first byte from the upstream within the request timeout.
     #[error("upstream did not respond within {ms} ms")]
     UpstreamTimeout { ms: u64 },
@@ -130,7 +136,9 @@ impl GatewayError {
             | Self::UniversalRequest(_)
             | Self::WebSocketRefused(_)
             | Self::DlpBlocked { .. } => StatusCode::BAD_REQUEST,
-            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooLarge { .. } | Self::BodyTooComplex { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::BodyStalled { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -172,7 +180,7 @@ impl GatewayError {
             Self::AliasNotFound { .. } => 2040,
             Self::BadHeader { .. } => 2100,
             Self::BadBody(_) | Self::BodyStalled { .. } => 2101,
-            Self::BodyTooLarge { .. } => 2102,
+            Self::BodyTooLarge { .. } | Self::BodyTooComplex { .. } => 2102,
             Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => 2103,
             Self::UpstreamUnavailable(_) => 2104,
             Self::NotReady => 2105,

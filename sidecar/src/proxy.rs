@@ -750,6 +750,14 @@ impl Gateway {
         )
         .await
         .map_err(fail)?;
+        // Guardrails, the cache key (of the body) and the stream-usage rewrite parse the body
+        // into a tree.
+        let keyed_by_body = want
+            .as_ref()
+            .is_some_and(|w| !w.skip && w.custom_key.is_none());
+        if snap.guardrails.checks_prompts() || keyed_by_body || snap.budgets.is_some() {
+            held.reserve_parse(&body).map_err(fail)?;
+        }
 
         let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
         if snap.guardrails.checks_prompts() {

@@ -218,6 +218,8 @@ pub(crate) async fn serve(
     )
     .await
     .map_err(none)?;
+    // Parsed into a tree of steps, kept until the request ends.
+    held.reserve_parse(&raw).map_err(none)?;
     let dlp_flags = snap.dlp.check_request(&raw).map_err(none)?;
     if snap.guardrails.checks_prompts() {
         gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &raw)

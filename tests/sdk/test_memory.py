@@ -221,3 +221,43 @@ def test_a_buffer_budget_smaller_than_the_largest_request_body_is_refused_at_sta
         assert "spec.limits.maxBufferedBytes (4Mi) must be at least maxRequestBody (10Mi)" in g.logs()
     finally:
         g.stop()
+
+
+def pad_body(size):
+    # `size` bytes of JSON whose values are tiny: ~30 times its size once parsed into a tree.
+    head = b'{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"pad":['
+    n = (size - len(head) - 3) // 2
+    return head + b"0," * n + b"0]}"
+
+
+def test_json_bodies_of_millions_of_tiny_values_are_refused_before_they_are_parsed(tmp_path, upstream):
+    # 3.9 MB of `0,` is ~2M values: parsed, over 100 MB, past a budget of 8 MiB (and, with the
+    # defaults, 9 MB of it past 256Mi, the sidecar's memory limit). Each path that parses the
+    # body takes room for the tree first; a path that does not parse sends it on.
+    g = gateway(tmp_path, upstream.url, "  cache: {enabled: true}\n")
+    try:
+        upstream.gate.set()
+        body = pad_body(3900 * 1024)
+        universal = b'[{"provider":"openai","endpoint":"chat/completions","headers":{},"query":' + body + b"}]"
+        base = vm_hwm_kib(g.proc.pid)
+        for path, content, headers in (
+                ("/compat/chat/completions", body, {}),
+                ("/", universal, {}),
+                (URL, body, {}),  # the cache key normalizes the body
+        ):
+            r = httpx.post(g.url + path, content=content, headers={"content-type": "application/json", **headers}, timeout=60)
+            assert r.status_code == 413, (path, r.status_code, r.text[:300])
+            assert r.json()["error"][0]["code"] == 2102 and "too many JSON values" in r.json()["error"][0]["message"]
+        grown = vm_hwm_kib(g.proc.pid) - base
+        assert grown < 48 * 1024, f"peak RSS grew by {grown} KiB"
+        assert upstream.received == 0
+        # Not parsed (no cache): sent on as it came.
+        r = httpx.post(g.url + URL, content=body, headers={"content-type": "application/json", "cf-aig-skip-cache": "true"}, timeout=60)
+        assert r.status_code == 200 and upstream.received == 1, r.text[:300]
+        assert metric(g, "sidegate_buffered_bytes") == 0
+        # A large body of few values (an image as base64 text) parses at about its size.
+        image = b'{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"' + b"QUJD" * (900 * 1024) + b'"}]}'
+        r = httpx.post(g.url + "/compat/chat/completions", content=image, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        g.stop()

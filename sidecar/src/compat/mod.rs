@@ -832,6 +832,8 @@ pub(crate) async fn serve(
     )
     .await
     .map_err(none)?;
+    // Each target's plan parses it into a tree.
+    held.reserve_parse(&body).map_err(none)?;
     let request = CompatRequest {
         parts,
         aig,
