@@ -1340,8 +1340,10 @@ pub(crate) fn build_upstream_request(
     req
 }
 
-/// Signs `req` with the stored AWS `creds`, replacing any signature the client made; `rest` is
-/// the route after the provider, `bedrock-runtime/{region}/...` (checked by `upstream_uri`).
+/// Signs `req` with the stored AWS `creds`, replacing any signature the client made and
+/// dropping every other provider key header it sent (AWS reads none; a gateway token or
+/// another provider's key must not go there, signed in); `rest` is the route after the
+/// provider, `bedrock-runtime/{region}/...` (checked by `upstream_uri`).
 pub(crate) fn sign_aws(
     creds: &crate::compat::bedrock::AwsCredentials,
     req: &mut Request<Full<Bytes>>,
@@ -1351,6 +1353,9 @@ pub(crate) fn sign_aws(
     let headers = req.headers_mut();
     for h in AWS_SIGNATURE_HEADERS {
         headers.remove(*h);
+    }
+    for h in &crate::providers::CLIENT_KEY_HEADERS {
+        headers.remove(h);
     }
     let region = rest.split('/').nth(1).unwrap_or_default();
     creds.sign(req, body, region, std::time::SystemTime::now())

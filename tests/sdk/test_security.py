@@ -364,3 +364,33 @@ def test_another_process_of_the_same_user_cannot_read_the_sidecar_through_proc(m
         proc.kill()
         proc.wait()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_request_the_gateway_signs_for_aws_carries_no_other_key_header(mock, tmp_path):
+    # AWS reads only the signature: a gateway token or another provider's key the client sent
+    # (passthrough, or a universal step's headers) must not go there, signed in.
+    from conftest import GATEWAY_TOKEN
+    creds = json.dumps({"accessKeyId": "AKIDMOCK", "secretAccessKey": "mock-secret"})
+    keys = dict(DEFAULT_KEYS, **{"aws-bedrock.default": creds, "authentication.tokens": GATEWAY_TOKEN})
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, auth=True, extra_spec=f"    aws-bedrock: {{baseURL: '{mock.url}'}}\n"), keys)
+    try:
+        mock.clear()
+        endpoint = "bedrock-runtime/us-east-1/model/anthropic.claude-3-haiku-20240307-v1:0/converse"
+        query = {"messages": [{"role": "user", "content": [{"text": "signed by the gateway"}]}]}
+        others = {"x-api-key": "sk-ant-other-provider", "x-goog-api-key": "AIza-other", "api-key": "azure-other"}
+        auth = {"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"}
+        r = httpx.post(g.url + "/aws-bedrock/" + endpoint, json=query, headers=auth | others)
+        assert r.status_code == 200, r.text
+        step = {"provider": "aws-bedrock", "endpoint": endpoint, "query": query,
+                "headers": {"x-api-key": GATEWAY_TOKEN, "x-goog-api-key": GATEWAY_TOKEN}}
+        r = httpx.post(g.url + "/", json=[step], headers=auth)
+        assert r.status_code == 200, r.text
+        sent = mock.requests()
+        assert len(sent) == 2
+        for q in sent:
+            h = q["headers"]
+            assert h["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDMOCK/"), h
+            assert not {"x-api-key", "x-goog-api-key", "api-key"} & set(h), h
+            assert "x-api-key" not in h["authorization"], h["authorization"]
+    finally:
+        g.stop()
