@@ -239,6 +239,44 @@ impl GatewayError {
     }
 }
 
+/// What a JSON parser said of a body, without the values it quotes: serde names a string it
+/// could not take (`invalid type: string "Bearer sk-..."`) or a variant it does not know, and
+/// such a string may be a key or a prompt, which must reach neither the logs nor the answer.
+/// What was expected and where (line, column) stay.
+pub fn json_error(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s.as_str();
+    loop {
+        let string = rest.find("string \"").map(|at| (at, "string \"", '"'));
+        let variant = rest.find("variant `").map(|at| (at, "variant `", '`'));
+        let Some((at, mark, close)) = [string, variant].into_iter().flatten().min() else {
+            out.push_str(rest);
+            return out;
+        };
+        out.push_str(&rest[..at]);
+        out.push_str(mark.trim_end_matches(['"', '`']).trim_end());
+        let quoted = &rest[at + mark.len()..];
+        // The end of the quoted value: its closing mark, past escaped ones (`\"`, `\\`).
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in quoted.char_indices() {
+            match c {
+                '\\' if close == '"' && !escaped => escaped = true,
+                c if c == close && !escaped => {
+                    end = Some(i);
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        match end {
+            Some(i) => rest = &quoted[i + 1..],
+            None => return out,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +361,36 @@ mod tests {
     fn only_upstream_failures_are_retryable() {
         assert!(GatewayError::UpstreamTimeout { ms: 5 }.is_retryable());
         assert!(!GatewayError::BodyTooLarge { limit: 1 }.is_retryable());
+    }
+
+    #[test]
+    fn json_errors_name_the_problem_but_not_the_value() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Step {
+            headers: std::collections::BTreeMap<String, String>,
+            kind: Option<Kind>,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        enum Kind {
+            A,
+        }
+        let said = |body: &str| json_error(&serde_json::from_str::<Step>(body).expect_err("bad"));
+        let m = said(r#"{"headers": "Authorization: Bearer sk-LEAK \"quoted\" \\ x"}"#);
+        assert_eq!(
+            m,
+            "invalid type: string, expected a map at line 1 column 59"
+        );
+        let m = said(r#"{"headers": {}, "kind": "sk-LEAK-variant"}"#);
+        assert!(m.starts_with("unknown variant, expected `A`"), "{m}");
+        assert!(!m.contains("LEAK"), "{m}");
+        // Nothing quoted: as serde said it.
+        let m = said(r#"{"headers": 5}"#);
+        assert_eq!(
+            m,
+            "invalid type: integer `5`, expected a map at line 1 column 13"
+        );
+        let m = said("{");
+        assert!(m.starts_with("EOF while parsing"), "{m}");
     }
 }

@@ -36,6 +36,7 @@ use crate::cache;
 use crate::compat::{self, CompatRequest, Served, UniversalStep};
 use crate::config::Snapshot;
 use crate::error::GatewayError;
+use crate::error::json_error;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Admission, Gateway};
@@ -403,8 +404,8 @@ async fn serve_compat(
 
 /// The steps of a request body: a JSON array of steps (or one step object).
 fn parse(raw: &[u8]) -> Result<Vec<Step>, GatewayError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(raw).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(raw)
+        .map_err(|e| bad(format!("the body is not JSON: {}", json_error(&e))))?;
     let items = match value {
         serde_json::Value::Array(items) => items,
         obj @ serde_json::Value::Object(_) => vec![obj],
@@ -419,7 +420,9 @@ fn parse(raw: &[u8]) -> Result<Vec<Step>, GatewayError> {
     items
         .into_iter()
         .enumerate()
-        .map(|(i, v)| serde_json::from_value(v).map_err(|e| bad(format!("steps[{i}]: {e}"))))
+        .map(|(i, v)| {
+            serde_json::from_value(v).map_err(|e| bad(format!("steps[{i}]: {}", json_error(&e))))
+        })
         .collect()
 }
 

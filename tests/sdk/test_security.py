@@ -394,3 +394,23 @@ def test_a_request_the_gateway_signs_for_aws_carries_no_other_key_header(mock, t
             assert "x-api-key" not in h["authorization"], h["authorization"]
     finally:
         g.stop()
+
+
+def test_a_body_the_gateway_cannot_parse_is_refused_without_quoting_its_values(mock, tmp_path):
+    # serde quotes the string it could not take; a key or a prompt in the wrong place must
+    # reach neither the answer nor the log.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
+    try:
+        secret = "sk-proj-SHOULD-NOT-ECHO-42"
+        cases = [
+            ("/", [{"provider": "openai", "endpoint": "chat/completions", "headers": f"Authorization: Bearer {secret}", "query": {}}], 2108),
+            ("/", [{"provider": "openai", "endpoint": "chat/completions", "query": {}, "config": {"maxAttempts": secret}}], 2108),
+            ("/compat/chat/completions", {"model": "anthropic/claude-haiku-4-5", "messages": f"my {secret} prompt"}, 2107),
+        ]
+        for path, body, code in cases:
+            r = httpx.post(g.url + path, json=body)
+            assert (r.status_code, r.json()["error"][0]["code"]) == (400, code), (path, r.text)
+            assert secret not in r.text and "expected" in r.text, r.text
+        assert secret not in g.logs()
+    finally:
+        g.stop()

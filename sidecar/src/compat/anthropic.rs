@@ -21,6 +21,7 @@ use super::openai::{
 use super::sse::{Event, SseParser};
 use super::{ResponseCtx, StreamTranslator};
 use crate::error::GatewayError;
+use crate::error::json_error;
 
 /// Provider name in messages.
 const PROVIDER: &str = "anthropic";
@@ -389,8 +390,8 @@ impl AnthropicUsage {
 
 /// A complete Messages response as a `chat.completion`.
 pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
-    let m: MessageResponse =
-        serde_json::from_slice(body).map_err(|e| format!("unexpected anthropic response: {e}"))?;
+    let m: MessageResponse = serde_json::from_slice(body)
+        .map_err(|e| format!("unexpected anthropic response: {}", json_error(&e)))?;
     let mut text = String::new();
     let mut json_answer: Option<String> = None;
     let mut tool_calls = Vec::new();

@@ -30,6 +30,7 @@ use super::openai::{
 };
 use super::{ResponseCtx, StreamTranslator};
 use crate::error::GatewayError;
+use crate::error::json_error;
 
 const PROVIDER: &str = "aws-bedrock";
 
@@ -548,8 +549,8 @@ impl BedrockUsage {
 
 /// A complete Converse response as a `chat.completion`.
 pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
-    let r: ConverseResponse =
-        serde_json::from_slice(body).map_err(|e| format!("unexpected Bedrock response: {e}"))?;
+    let r: ConverseResponse = serde_json::from_slice(body)
+        .map_err(|e| format!("unexpected Bedrock response: {}", json_error(&e)))?;
     let mut text = String::new();
     let mut json_answer: Option<String> = None;
     let mut tool_calls = Vec::new();
@@ -929,8 +930,8 @@ pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String>
 
 /// The vectors and input tokens of an InvokeModel embeddings response (Cohere reports none).
 pub fn embed_vectors(body: &[u8]) -> Result<(Vec<Vec<f32>>, u64), String> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("unexpected Bedrock response: {e}"))?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("unexpected Bedrock response: {}", json_error(&e)))?;
     if let Some(e) = v.get("embedding") {
         let vector = openai::floats(e).ok_or("Titan embedding is not a number array")?;
         let tokens = v

@@ -13,6 +13,7 @@ use super::openai::{
 use super::sse::{Event, SseParser};
 use super::{ResponseCtx, StreamTranslator};
 use crate::error::GatewayError;
+use crate::error::json_error;
 
 /// The thought signature Google documents for function calls Gemini did not make itself (a
 /// history from another provider): Gemini 3 refuses a model turn whose first function call
@@ -439,8 +440,8 @@ fn call_id(ctx_id: &str, call: &FunctionCall, n: usize, signature: Option<&str>)
 
 /// A complete `generateContent` response as a `chat.completion`.
 pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
-    let r: GenerateResponse =
-        serde_json::from_slice(body).map_err(|e| format!("unexpected Google response: {e}"))?;
+    let r: GenerateResponse = serde_json::from_slice(body)
+        .map_err(|e| format!("unexpected Google response: {}", json_error(&e)))?;
     let mut c = Completion {
         id: ctx.id.clone(),
         model: r.model_version.clone().unwrap_or_else(|| ctx.model.clone()),
@@ -702,8 +703,8 @@ pub fn embed_response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String>
 
 /// The vectors and input tokens of an embeddings response of either Google API.
 pub fn embed_vectors(body: &[u8]) -> Result<(Vec<Vec<f32>>, u64), String> {
-    let v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("unexpected Google response: {e}"))?;
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("unexpected Google response: {}", json_error(&e)))?;
     let mut vectors = Vec::new();
     let mut tokens = 0u64;
     if let Some(list) = v.get("embeddings").and_then(Value::as_array) {

@@ -38,6 +38,7 @@ use crate::buffers::Held;
 use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
+use crate::error::json_error;
 use crate::google_auth::ServiceAccount;
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::keys::AuthValue;
@@ -185,8 +186,8 @@ fn peek_model(body: &[u8]) -> Result<String, GatewayError> {
         #[serde(default)]
         model: Option<String>,
     }
-    let p: Peek =
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+    let p: Peek = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("invalid request body: {}", json_error(&e))))?;
     p.model
         .ok_or_else(|| bad("model is required, as {provider}/{model}"))
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::GatewayError;
+use crate::error::json_error;
 
 /// A chat completion request.
 #[derive(Debug, Deserialize)]
@@ -482,8 +483,12 @@ pub struct JsonSchema {
 impl ChatRequest {
     /// Parses a request body.
     pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
-        serde_json::from_slice(body)
-            .map_err(|e| bad(format!("invalid chat completion request: {e}")))
+        serde_json::from_slice(body).map_err(|e| {
+            bad(format!(
+                "invalid chat completion request: {}",
+                json_error(&e)
+            ))
+        })
     }
 
     /// Whether the client asked for a stream.
@@ -609,7 +614,8 @@ pub enum EmbeddingInput {
 impl EmbeddingsRequest {
     /// Parses a request body.
     pub fn parse(body: &[u8]) -> Result<Self, GatewayError> {
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid embeddings request: {e}")))
+        serde_json::from_slice(body)
+            .map_err(|e| bad(format!("invalid embeddings request: {}", json_error(&e))))
     }
 
     /// The inputs as texts; token arrays cannot be sent to other providers.
@@ -1258,8 +1264,8 @@ pub fn rewrite_model_asking_usage(
     model: &str,
     ask_usage: bool,
 ) -> Result<(Bytes, bool), GatewayError> {
-    let mut map: Map<String, Value> =
-        serde_json::from_slice(body).map_err(|e| bad(format!("invalid request body: {e}")))?;
+    let mut map: Map<String, Value> = serde_json::from_slice(body)
+        .map_err(|e| bad(format!("invalid request body: {}", json_error(&e))))?;
     map.insert("model".to_owned(), Value::String(model.to_owned()));
     portable_history(&mut map);
     let asked = ask_usage && ask_stream_usage(&mut map);
