@@ -398,3 +398,29 @@ def test_a_log_pipe_that_stops_draining_stalls_neither_requests_nor_probes(mock,
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_duration_is_in_milliseconds(json_gateway, mock):
+    # SPEC.md: duration (ms). The mock holds its answer 300 ms: in seconds it would be ~0.3, in
+    # microseconds ~300000. (This gateway caches: no cache hit.)
+    no_cache = {**AUTH, "cf-aig-skip-cache": "true"}
+    r = httpx.post(json_gateway.url + CHAT, json=BODY, headers={**no_cache, "x-mock-delay-ms": "300"})
+    assert r.status_code == 200
+    line = json_line(json_gateway, r.headers["cf-aig-log-id"])
+    assert (line["outcome"], line["cached"]) == ("complete", False), line
+    assert 300 <= line["duration"] < 30000, line
+    # A request refused after waiting (the attempt timed out after 300 ms) is timed the same way.
+    r = httpx.post(json_gateway.url + CHAT, json=BODY, headers={
+        **no_cache, "x-mock-delay-ms": "3000", "cf-aig-request-timeout": "300", "cf-aig-max-attempts": "1"})
+    assert r.status_code == 504, r.text
+    line = json_line(json_gateway, r.headers["cf-aig-log-id"])
+    assert line["outcome"] == "refused", line
+    assert 300 <= line["duration"] < 30000, line
+
+
+def test_text_lines_give_the_duration_in_milliseconds(gateway, mock):
+    r = httpx.post(gateway.url + CHAT, json=BODY, headers={"x-mock-delay-ms": "300", "cf-aig-skip-cache": "true"})
+    assert r.status_code == 200
+    line = wait_line(gateway, r.headers["cf-aig-log-id"])
+    duration = float(line.split(" duration=")[1].split()[0])
+    assert 300 <= duration < 30000, line

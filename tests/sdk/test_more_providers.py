@@ -154,3 +154,49 @@ def test_provider_keys_for_them_are_used_not_reported_unused(mock, tmp_path):
             assert f"key {provider}.default is unused" not in g.logs()
     finally:
         g.stop()
+
+
+# SPEC.md's providers whose stored key goes upstream as `Authorization: Bearer <key>` (cohere:
+# SPEC allows `Token` or Bearer; the gateway sends Bearer, which Cohere's API takes). Each is
+# pointed at its own base on the mock (its path as in SPEC's base, under a prefix of its own), so
+# the path also shows which provider's base a request reached. (provider, base path on the mock,
+# client path, upstream path); groq's base is conftest's `/openai/v1`.
+BEARER_PROVIDERS = [
+    ("groq", None, "/groq/chat/completions", "/openai/v1/chat/completions"),
+    ("mistral", "/mistral-up", "/mistral/v1/chat/completions", "/mistral-up/v1/chat/completions"),
+    ("cohere", "/cohere-up", "/cohere/compatibility/v1/chat/completions",
+     "/cohere-up/compatibility/v1/chat/completions"),
+    ("deepseek", "/deepseek-up", "/deepseek/chat/completions", "/deepseek-up/chat/completions"),
+    ("grok", "/grok-up", "/grok/v1/chat/completions", "/grok-up/v1/chat/completions"),
+    ("perplexity-ai", "/perplexity-up", "/perplexity-ai/chat/completions", "/perplexity-up/chat/completions"),
+    ("openrouter", "/openrouter-up/api", "/openrouter/v1/chat/completions",
+     "/openrouter-up/api/v1/chat/completions"),
+    ("huggingface", "/huggingface-up", "/huggingface/v1/chat/completions", "/huggingface-up/v1/chat/completions"),
+    # Workers AI's account comes from the long form; its base is .../accounts/{account}/ai, run/ added.
+    ("workers-ai", "/client/v4/accounts/{account}/ai", "/v1/acct123/main/workers-ai/@cf/meta/llama-3.1-8b-instruct",
+     "/client/v4/accounts/acct123/ai/run/@cf/meta/llama-3.1-8b-instruct"),
+]
+BEARER_KEYS = dict(DEFAULT_KEYS, **{f"{p}.default": f"{KEY_MARKER}-stored-{p}" for p, *_ in BEARER_PROVIDERS})
+
+
+@pytest.fixture(scope="module")
+def bearer_gw(mock, tmp_path_factory):
+    extra = "".join(f"    {p}: {{baseURL: '{mock.url}{base}'}}\n" for p, base, *_ in BEARER_PROVIDERS if base)
+    g = Sidegate(tmp_path_factory.mktemp("bearer"), gateway_yaml(mock.url, extra_spec=extra), BEARER_KEYS)
+    yield g
+    g.stop()
+
+
+@pytest.mark.parametrize(("provider", "base", "path", "upstream_path"), BEARER_PROVIDERS,
+                         ids=[p for p, *_ in BEARER_PROVIDERS])
+def test_the_stored_key_replaces_the_apps_placeholder_as_bearer(bearer_gw, mock, provider, base, path, upstream_path):
+    mock.clear()
+    placeholder = "Bearer placeholder-from-app"
+    r = httpx.post(bearer_gw.url + path, headers={"authorization": placeholder},
+                   json={"model": "m", "messages": [{"role": "user", "content": f"key for {provider}"}]})
+    (seen,) = mock.requests()
+    assert seen["path"] == upstream_path
+    # Exactly the stored key, once (repeated headers are recorded joined with ", ").
+    assert seen["headers"].get("authorization") == f"Bearer {BEARER_KEYS[f'{provider}.default']}"
+    assert not [h for h, v in seen["headers"].items() if "placeholder" in v], seen["headers"]
+    assert r.status_code != 401, r.text

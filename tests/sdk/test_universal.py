@@ -401,3 +401,50 @@ def test_a_compat_step_whose_route_could_send_its_key_to_two_providers_is_refuse
         assert mock.requests() == []
     finally:
         g.stop()
+
+
+# A step's `config.backoff`, as cf-aig-backoff is for a request: how the wait grows between its
+# attempts (retryDelay times 1, 1, 1 / 1, 2, 3 / 1, 2, 4).
+import time  # noqa: E402
+
+
+@pytest.mark.parametrize("backoff", ["fibonacci", "", "linearly"])
+def test_a_bad_step_backoff_is_400_2108_naming_it(gateway, mock, backoff):
+    for steps, needle in [
+        ([openai_step(config={"backoff": backoff})], "steps[0].config.backoff"),
+        ([openai_step(), compat_step(config={"backoff": backoff})], "steps[1].config.backoff"),
+    ]:
+        r = httpx.post(gateway.url + "/", json=steps)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"][0]
+        assert err["code"] == 2108 and needle in err["message"], err
+        assert "constant, linear or exponential" in err["message"], err
+    assert mock.requests() == []
+
+
+# Four attempts 300 ms apart at first: the three waits add up to at least this much. Only lower
+# bounds (a loaded machine only adds time); the gateway's own backoff is constant, so a step
+# whose backoff were ignored would wait 0.9 s in all.
+STEP_BACKOFF_WAITS = [("constant", 0.9), ("linear", 1.8), ("exponential", 2.1)]
+
+
+@pytest.mark.parametrize(("backoff", "at_least"), STEP_BACKOFF_WAITS)
+def test_a_steps_backoff_spaces_its_attempts(gateway, mock, backoff, at_least):
+    step = openai_step(model="mock-status-503", config={"maxAttempts": 4, "retryDelay": 300, "backoff": backoff})
+    t0 = time.monotonic()
+    r = httpx.post(gateway.url + "/", json=[step], timeout=30)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 503, r.text
+    assert len(mock.requests()) == 4
+    assert elapsed >= at_least, elapsed
+
+
+def test_a_compat_steps_backoff_spaces_its_attempts(gateway, mock):
+    step = compat_step(model="openai/mock-status-503",
+                       config={"maxAttempts": 4, "retryDelay": 300, "backoff": "Linear"})
+    t0 = time.monotonic()
+    r = httpx.post(gateway.url + "/", json=[step], timeout=30)
+    elapsed = time.monotonic() - t0
+    assert r.status_code == 503, r.text
+    assert len(mock.requests()) == 4
+    assert elapsed >= 1.8, elapsed

@@ -1646,6 +1646,80 @@ pub(crate) mod tests {
         assert!(r("azure-openai", "only").is_err());
     }
 
+    /// The upstream URI /compat sends a model of `provider` to: its chat path (`openai_route`)
+    /// under the provider's built-in base, as `send` puts them together; `account` as a long-form
+    /// URL gives it.
+    fn compat_upstream_uri(provider: &str, endpoint: Endpoint, account: Option<&str>) -> String {
+        let (table, _) = crate::providers::ProviderTable::build(
+            &std::collections::BTreeMap::new(),
+            &crate::keys::KeyStore::default(),
+        )
+        .expect("built-in providers");
+        let p = table.get(provider).expect("a built-in provider");
+        let (rest, query, _) =
+            openai_route(provider, endpoint, "some-model", None).expect(provider);
+        let route = ProviderRoute {
+            provider,
+            rest: &rest,
+            account,
+            gateway: None,
+        };
+        p.upstream_uri(&route, query.as_deref())
+            .expect(provider)
+            .to_string()
+    }
+
+    #[test]
+    fn openai_compatible_providers_reach_their_openai_compatible_api() {
+        // SPEC.md's bases; each provider's OpenAI-compatible API is under v1/ (cohere:
+        // compatibility/v1/; huggingface: v1/, not the Inference API's /models/{model}).
+        for (provider, account, uri) in [
+            ("openai", None, "https://api.openai.com/v1/chat/completions"),
+            (
+                "mistral",
+                None,
+                "https://api.mistral.ai/v1/chat/completions",
+            ),
+            ("grok", None, "https://api.x.ai/v1/chat/completions"),
+            (
+                "openrouter",
+                None,
+                "https://openrouter.ai/api/v1/chat/completions",
+            ),
+            (
+                "huggingface",
+                None,
+                "https://api-inference.huggingface.co/v1/chat/completions",
+            ),
+            (
+                "workers-ai",
+                Some("acct123"),
+                "https://api.cloudflare.com/client/v4/accounts/acct123/ai/v1/chat/completions",
+            ),
+            (
+                "cohere",
+                None,
+                "https://api.cohere.ai/compatibility/v1/chat/completions",
+            ),
+        ] {
+            assert_eq!(
+                compat_upstream_uri(provider, Endpoint::Chat, account),
+                uri,
+                "{provider}"
+            );
+        }
+        assert_eq!(
+            compat_upstream_uri("cohere", Endpoint::Embeddings, None),
+            "https://api.cohere.ai/compatibility/v1/embeddings"
+        );
+        assert_eq!(
+            compat_upstream_uri("workers-ai", Endpoint::Embeddings, Some("acct123")),
+            "https://api.cloudflare.com/client/v4/accounts/acct123/ai/v1/embeddings"
+        );
+        // Not Workers AI's native run/ path, which takes another body.
+        assert!(!compat_upstream_uri("workers-ai", Endpoint::Chat, Some("a")).contains("/run/"));
+    }
+
     #[test]
     fn vertex_models_take_project_region_and_name() {
         assert_eq!(
