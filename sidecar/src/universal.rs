@@ -221,13 +221,22 @@ pub(crate) async fn serve(
     .map_err(none)?;
     // Parsed into a tree of steps, kept until the request ends.
     held.reserve_parse(&raw).map_err(none)?;
-    let dlp_flags = snap.dlp.check_request(&raw).map_err(none)?;
-    if snap.guardrails.checks_prompts() {
-        gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &raw)
-            .await
-            .map_err(none)?;
-    }
     let steps = parse(&raw).map_err(none)?;
+    // The checks read what goes to the providers as prompts, the steps' queries: not their
+    // headers, whose keys must never reach a moderation service (nor match a DLP profile).
+    let dlp_flags = if snap.dlp.checks_requests() || snap.guardrails.checks_prompts() {
+        let queries: Vec<&serde_json::Value> = steps.iter().map(|s| &s.query).collect();
+        let queries = serde_json::to_vec(&queries).unwrap_or_default();
+        let flags = snap.dlp.check_request(&queries).map_err(none)?;
+        if snap.guardrails.checks_prompts() {
+            gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &queries)
+                .await
+                .map_err(none)?;
+        }
+        flags
+    } else {
+        Vec::new()
+    };
     let planned = steps
         .into_iter()
         .enumerate()

@@ -156,3 +156,34 @@ def test_a_moderation_answer_that_stalls_fails_open_in_bounded_time(mock, tmp_pa
 ])
 def test_bad_guardrails_are_refused_at_start(mock, tmp_path, spec, needle):
     assert_refused_at_start(mock, tmp_path, spec, needle)
+
+
+def test_a_universal_requests_prompts_are_checked_but_not_its_steps_headers(mock, tmp_path):
+    # The moderation service gets the steps' queries: a step's own key stays out of it, and a
+    # prompt in any step (not only the first) is checked.
+    g = guarded(mock, tmp_path, "    prompt: {violence: block}\n")
+    try:
+        def step(text):
+            return {"provider": "openai", "endpoint": "chat/completions",
+                    "headers": {"authorization": "Bearer sk-step-own-key-77"}, "query": body(text)}
+        r = httpx.post(g.url + "/", json=[step("fine"), step("then mock-flag:violence")])
+        assert (r.status_code, r.json()["error"][0]["code"]) == (424, 2016), r.text
+        (moderation,) = mock.requests()
+        assert "mock-flag:violence" in moderation["body"] and "sk-step-own-key-77" not in moderation["body"], moderation
+        mock.clear()
+        r = httpx.post(g.url + "/", json=[step("a calm question")])
+        assert r.status_code == 200, r.text
+        moderation, sent = mock.requests()
+        assert moderation["path"] == "/v1/moderations" and "a calm question" in moderation["body"]
+        assert "sk-step-own-key-77" not in moderation["body"] and "chat/completions" not in moderation["body"], moderation
+        assert sent["path"] == "/v1/chat/completions"
+        # A body without the usual text fields is read whole: the query's, not the step's.
+        mock.clear()
+        rerank = {"provider": "openai", "endpoint": "rerank", "headers": {"authorization": "Bearer sk-step-own-key-77"},
+                  "query": {"model": "rerank-v3.5", "query": "what is x", "documents": ["doc one"]}}
+        httpx.post(g.url + "/", json=[rerank])
+        moderation = mock.requests()[0]
+        assert moderation["path"] == "/v1/moderations" and "doc one" in moderation["body"], moderation
+        assert "sk-step-own-key-77" not in moderation["body"] and "rerank\\n" not in moderation["body"], moderation
+    finally:
+        g.stop()
