@@ -213,6 +213,12 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
             .map(|s| format!("keys directory entry skipped: {s}")),
     );
     for (provider, aliases) in &config.keys {
+        if providers.get(provider).is_none() && provider != "authentication" {
+            warnings.push(format!(
+                "keys index names {provider:?}, which is no provider of this gateway (built in or in spec.providers): its keys are never used"
+            ));
+            continue;
+        }
         for alias in aliases {
             if keys.get(provider, alias).is_none() {
                 warnings.push(format!("keys index lists {provider}.{alias} but the keys directory has no such file (yet)"));

@@ -99,6 +99,12 @@ struct Args {
     /// its app has exited and needs none.
     #[arg(long, env = "SIDEGATE_SHUTDOWN_DELAY", default_value_t = 0, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     shutdown_delay: u64,
+
+    /// Check the config file, the keys directory and the upstream CA file as a start would,
+    /// print what is wrong (or what would be served) and exit: 0 when valid, 2 when not.
+    /// Nothing listens; for CI checks of a gateway.yaml.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -154,6 +160,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if args.check {
+        let code = runtime.block_on(check(&args));
+        sidegate::access_log::flush();
+        return code;
+    }
+    if args.shutdown_delay > args.shutdown_grace {
+        tracing::warn!(
+            delay_secs = args.shutdown_delay,
+            grace_secs = args.shutdown_grace,
+            "--shutdown-delay is part of --shutdown-grace and longer than it: the drain delay will be the grace"
+        );
+    }
     let result = runtime.block_on(run(args));
     // Requests still running after the grace period ended in `run`; other tasks (a cache write,
     // the config watcher) end here, and may still write log lines: flush after that.
@@ -169,14 +187,53 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    // Absolute, as the file watcher reports changed paths (relative ones would never match).
+/// The config file and keys directory of `args`, as absolute paths: the file watcher reports
+/// changed paths that way (relative ones would never match).
+fn sources(args: &Args) -> Sources {
     let absolute = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-    let sources = Sources {
+    Sources {
         config: absolute(&args.config),
         keys_dir: args.keys_dir.as_deref().map(absolute),
-    };
+    }
+}
+
+/// `--check`: what a start would load, said on stdout (the problems on stderr), without
+/// listening.
+async fn check(args: &Args) -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(path) = &args.upstream_ca
+        && let Err(e) = read_certs(path)
+    {
+        eprintln!("{}: {e:#}", args.config.display());
+        return ExitCode::from(2);
+    }
+    match config::load(&sources(args)) {
+        Ok(snap) => {
+            for w in &snap.warnings {
+                println!("warning: {w}");
+            }
+            println!(
+                "{}: valid (gateway {}, {} stored key(s), {} gateway token(s), authentication {})",
+                args.config.display(),
+                Some(snap.gateway_label())
+                    .filter(|l| !l.is_empty())
+                    .unwrap_or_else(|| "unnamed".into()),
+                snap.keys.len(),
+                snap.keys.token_count(),
+                if snap.auth_required { "on" } else { "off" },
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sources = sources(&args);
     let metrics = Arc::new(Metrics::new());
     let extra_roots = match &args.upstream_ca {
         Some(path) => read_certs(path)?,

@@ -204,7 +204,7 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                     gw.metrics.count_reload(false);
                     tracing::error!(
                         config = %src.config.display(),
-                        "the config file is gone and the keys directory is empty (the AIGateway was deleted?): the stored keys are dropped and requests are refused (503, code 2105) until a config comes back"
+                        "the config file is gone (and the keys directory, if any, is empty: the AIGateway was deleted?): the stored keys are dropped and requests are refused (503, code 2105) until a config comes back"
                     );
                 }
                 *last_error = Some(msg);

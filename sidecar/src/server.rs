@@ -405,13 +405,15 @@ pub async fn serve_gateway(
     accept_until(&listener, &gateway, &watching, &mut connections, signal).await;
     let signalled = Instant::now();
     let deadline = signalled + drain.grace;
-    if !drain.delay.is_zero() {
+    // The delay is part of the grace.
+    let delay = drain.delay.min(drain.grace);
+    if !delay.is_zero() {
         tracing::info!(
-            delay_secs = drain.delay.as_secs(),
+            delay_secs = delay.as_secs(),
             grace_secs = drain.grace.as_secs(),
             "shutting down: still serving new requests for the drain delay"
         );
-        let delay_over = tokio::time::sleep_until((signalled + drain.delay).min(deadline));
+        let delay_over = tokio::time::sleep_until(signalled + delay);
         accept_until(&listener, &gateway, &watching, &mut connections, delay_over).await;
     }
     // New connections are refused from now on, not left waiting unanswered for the grace.

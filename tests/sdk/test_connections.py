@@ -283,6 +283,23 @@ def test_after_sigterm_new_requests_are_served_for_the_drain_delay_then_refused(
         g.stop()
 
 
+def test_a_drain_delay_longer_than_the_grace_ends_with_the_grace(mock, tmp_path):
+    # The delay is part of the grace: said at start, and the log says the delay that applies.
+    from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS,
+                 extra_args=["--shutdown-delay", "30", "--shutdown-grace", "1"])
+    try:
+        assert "--shutdown-delay is part of --shutdown-grace and longer than it" in g.logs()
+        signalled = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        assert g.proc.wait(15) == 0
+        assert time.monotonic() - signalled < 10, "waited past the grace"
+        line = next(line for line in g.logs().splitlines() if "still serving new requests" in line)
+        assert "delay_secs=1 " in line, line
+    finally:
+        g.stop()
+
+
 def _h2_frame(kind, flags, stream, payload=b""):
     return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 

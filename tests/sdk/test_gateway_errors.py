@@ -134,6 +134,29 @@ def test_help_explains_every_flag():
         assert flag in out.stdout
 
 
+def test_check_says_whether_a_config_would_load_and_listens_nowhere(tmp_path, mock):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "openai.default").write_text("sk-check-key")
+    good = tmp_path / "good.yaml"
+    good.write_text(gateway_yaml(mock.url) + "keys:\n  openai: [default]\n  opneai: [default]\n")
+    port = free_port()
+    args = ["--keys-dir", str(keys), "--listen", f"127.0.0.1:{port}", "--check"]
+    out = subprocess.run([binary("sidegate"), "--config", str(good), *args], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0, out
+    assert "good.yaml: valid (gateway team-a/main, 1 stored key(s)" in out.stdout, out.stdout
+    # A name in the keys index that is no provider is said, not silently kept.
+    assert '"opneai", which is no provider of this gateway' in out.stdout, out.stdout
+    assert "sk-check-key" not in out.stdout + out.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(gateway_yaml(mock.url).replace("groq:", "grok-typo:"))
+    out = subprocess.run([binary("sidegate"), "--config", str(bad), *args], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 2, out
+    assert "invalid configuration" in out.stderr and "spec.providers.grok-typo: unknown provider" in out.stderr, out.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # nothing listened there
+
+
 def test_metrics_count_requests_by_provider_and_status_and_show_the_config_hash(gateway):
     httpx.post(gateway.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "m"}]})
     httpx.post(gateway.url + "/openai/chat/completions", json={"model": "mock-status-400", "messages": []})
