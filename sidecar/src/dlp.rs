@@ -5,9 +5,10 @@
 //! `BLOCK`s (`400` with code 2029 for a request, 2030 for a response). Request bodies are
 //! scanned as received. When any policy checks `RESPONSE`, responses are held back and scanned
 //! whole before the first byte goes to the client — streamed responses too, which then arrive
-//! in one piece: a response that is already on its way cannot be taken back. In a stream (SSE)
-//! the text of the events (`content`, `text`, `arguments`, ... fields) is also joined before
-//! matching, so a number split across chunks is still found.
+//! in one piece: a response that is already on its way cannot be taken back. In a stream (SSE,
+//! Bedrock's binary event streams with their base64 `chunk`s, Gemini's JSON array of chunks)
+//! the text of the events (`content`, `text`, `arguments`, ... fields; see [`crate::text`]) is
+//! also joined before matching, so a number split across chunks is still found.
 
 use std::sync::LazyLock;
 
@@ -204,7 +205,7 @@ impl Settings {
         }
         let check = if request { "REQUEST" } else { "RESPONSE" };
         let text = unescape_json(body);
-        let joined = crate::text::sse_text(body);
+        let joined = crate::text::stream_text(body);
         let found = |i: usize| {
             profile_matches(i, &text) || joined.as_deref().is_some_and(|j| profile_matches(i, j))
         };
@@ -407,6 +408,33 @@ mod tests {
         );
         let ssn = settings(DlpAction::Block, vec![DlpCheck::Response], &["us-ssn"]);
         assert!(ssn.check_response(anthropic.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn bedrock_and_gemini_json_streams_are_read_through_their_framing() {
+        use crate::text::tests::{converse_stream, gemini_array, invoke_stream};
+        let block = settings(DlpAction::Block, vec![DlpCheck::Response], &["credit-card"]);
+        let flag = settings(DlpAction::Flag, vec![DlpCheck::Response], &["us-ssn"]);
+        for (name, stream) in [
+            ("converse-stream", converse_stream as fn(&[&str]) -> Vec<u8>),
+            ("invoke-with-response-stream", invoke_stream),
+            ("gemini array", gemini_array),
+        ] {
+            // A card number one group per event, as the mock streams words.
+            let card = stream(&["card ", "4111 ", "1111 ", "1111 ", "1111"]);
+            assert_eq!(
+                block.check_response(&card).map_err(|e| e.code()),
+                Err(2030),
+                "{name}"
+            );
+            let ssn = stream(&["ssn 123-4", "5-6789"]);
+            assert_eq!(flag.check_response(&ssn).map(|f| f.len()), Ok(1), "{name}");
+            let clean = stream(&["card ", "4111 ", "1111 ", "1111 ", "1112"]);
+            assert_eq!(block.check_response(&clean), Ok(vec![]), "{name}");
+        }
+        // In base64, even a number in one piece is seen only once decoded.
+        let whole = invoke_stream(&["ssn 123-45-6789"]);
+        assert_eq!(flag.check_response(&whole).map(|f| f.len()), Ok(1));
     }
 
     #[test]

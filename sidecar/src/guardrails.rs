@@ -268,6 +268,47 @@ mod tests {
         assert_eq!(pieces("", 10, 2), [""]);
     }
 
+    /// The text `guardrails_check` sends to moderation for `body`.
+    fn moderated(body: &[u8]) -> String {
+        crate::text::of_body(body)
+    }
+
+    #[test]
+    fn bedrock_and_gemini_json_streams_are_moderated_as_their_text() {
+        use crate::text::tests::{converse_stream, gemini_array, invoke_stream};
+        let pieces = ["mock reply to: say mock-fl", "ag:violence"];
+        for (name, body) in [
+            ("converse-stream", converse_stream(&pieces)),
+            ("invoke-with-response-stream", invoke_stream(&pieces)),
+            ("gemini array", gemini_array(&pieces)),
+        ] {
+            // The model's words only: no framing, base64, JSON or ids.
+            assert_eq!(
+                moderated(&body),
+                "mock reply to: say mock-flag:violence",
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn tool_inputs_results_and_documents_of_a_prompt_are_moderated() {
+        // Each beside a plain text part (a body with no text field has all its strings read).
+        let prompts: [&[u8]; 4] = [
+            br#"{"messages":[{"role":"user","content":"look"},{"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"f","input":{"q":"mock-flag:violence"}}]}]}"#,
+            br#"{"messages":[{"role":"user","content":[{"type":"text","text":"read"},{"type":"document","source":{"type":"text","media_type":"text/plain","data":"mock-flag:violence"}}]}]}"#,
+            br#"{"contents":[{"role":"user","parts":[{"text":"look"}]},{"role":"model","parts":[{"functionCall":{"name":"f","args":{"q":{"r":"mock-flag:violence"}}}}]}]}"#,
+            br#"{"messages":[{"role":"user","content":[{"text":"look"},{"toolResult":{"toolUseId":"t1","content":[{"json":{"r":"mock-flag:violence"}}]}}]}]}"#,
+        ];
+        for p in prompts {
+            assert!(
+                moderated(p).contains("mock-flag:violence"),
+                "{}",
+                String::from_utf8_lossy(p)
+            );
+        }
+    }
+
     #[test]
     fn settings_name_what_is_wrong() {
         let mut g = Guardrails {

@@ -1,10 +1,16 @@
-//! The human text inside request and response bodies (chat messages, prompts, stream deltas),
-//! for the checks that read it: DLP and guardrails.
+//! The human text inside request and response bodies (chat messages, prompts, tool inputs and
+//! results, stream deltas), for the checks that read it: DLP and guardrails.
+//!
+//! Streams are read in each format a provider streams in: SSE (OpenAI, Anthropic, Gemini with
+//! `alt=sse`), AWS's binary event stream (Bedrock's `converse-stream`, and
+//! `invoke-with-response-stream`, whose `chunk` events carry the model's own events in base64)
+//! and a JSON array of chunks (Gemini's `streamGenerateContent` without `alt=sse`).
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// Keys whose string values carry text people or models wrote, in the APIs sidegate serves
-/// (OpenAI, Anthropic, Gemini, Bedrock, Cohere, tool-call arguments, stream deltas).
+/// (OpenAI, Anthropic, Gemini, Bedrock, Cohere, tool-call arguments and results, stream
+/// deltas).
 const TEXT_KEYS: &[&str] = &[
     "content",
     "text",
@@ -18,13 +24,64 @@ const TEXT_KEYS: &[&str] = &[
     "refusal",
     "message",
     "preamble",
+    // OpenAI Responses' `function_call_output` / `custom_tool_call_output` and `mcp_call`,
+    // Gemini's `codeExecutionResult`.
+    "output",
 ];
+
+/// What an object's field `key` (the object itself under `parent`) holds, beyond [`TEXT_KEYS`].
+enum Field {
+    /// Free-form data a model or a tool wrote (tool-call inputs, tool results): every string
+    /// inside is text, whatever its key.
+    Data,
+    /// A string that is text although its key names other things elsewhere.
+    Text,
+    /// Walked by [`TEXT_KEYS`].
+    Walk,
+}
+
+fn field(parent: Option<&str>, map: &Map<String, Value>, key: &str, v: &Value) -> Field {
+    let kind = map.get("type").and_then(Value::as_str);
+    match (parent, key) {
+        // Anthropic's `tool_use` (and server / MCP tool use) `input`, Bedrock Converse's
+        // `toolUse.input`; tool-call `arguments` given as an object (not a JSON string).
+        (_, "input" | "arguments") if v.is_object() => Field::Data,
+        // Gemini's `functionCall.args` and `functionResponse.response`.
+        (Some("functionCall"), "args") | (Some("functionResponse"), "response") => Field::Data,
+        // Bedrock Converse's `toolResult.content[].json`.
+        (Some("content"), "json") => Field::Data,
+        // Cohere's documents: `{"type": "document", "document": {"data": {...}}}`.
+        (Some("document" | "documents"), "data") if !v.is_string() => Field::Data,
+        // Anthropic's plain-text document source, `{"type": "text", "data": "..."}` (a base64
+        // source holds a PDF or an image: not read).
+        (Some("source"), "data") if kind == Some("text") => Field::Text,
+        // Anthropic's document and search-result blocks' title and context.
+        (_, "title" | "context") if matches!(kind, Some("document" | "search_result")) => {
+            Field::Text
+        }
+        // Gemini's `executableCode.code`.
+        (Some("executableCode"), "code") => Field::Text,
+        _ => Field::Walk,
+    }
+}
 
 fn walk(v: &Value, key: Option<&str>, out: &mut Vec<String>) {
     match v {
         Value::String(s) if key.is_some_and(|k| TEXT_KEYS.contains(&k)) => out.push(s.clone()),
         Value::Array(items) => items.iter().for_each(|i| walk(i, key, out)),
-        Value::Object(map) => map.iter().for_each(|(k, v)| walk(v, Some(k), out)),
+        Value::Object(map) => {
+            for (k, child) in map {
+                match field(key, map, k, child) {
+                    Field::Data => all_strings(child, out),
+                    Field::Text => {
+                        if let Value::String(s) = child {
+                            out.push(s.clone());
+                        }
+                    }
+                    Field::Walk => walk(child, Some(k), out),
+                }
+            }
+        }
         _ => {}
     }
 }
@@ -39,12 +96,24 @@ fn all_strings(v: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// For an SSE body: the text of all events joined in order, without separators (deltas are
-/// fragments of one text); `None` for other bodies.
-pub fn sse_text(body: &[u8]) -> Option<Vec<u8>> {
-    if !(body.starts_with(b"data:") || body.starts_with(b"event:") || body.starts_with(b":")) {
-        return None;
+/// For a stream body (SSE, an AWS event stream, a JSON array of chunks): the text of all its
+/// events joined in order, without separators (deltas are fragments of one text); `None` for
+/// other bodies.
+pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
+    if is_event_stream(body) {
+        return Some(event_stream_text(body));
     }
+    if body.starts_with(b"data:") || body.starts_with(b"event:") || body.starts_with(b":") {
+        return Some(sse_text(body));
+    }
+    if body.trim_ascii_start().starts_with(b"[") {
+        return json_array_text(body);
+    }
+    None
+}
+
+/// The joined text of an SSE body's `data:` events.
+fn sse_text(body: &[u8]) -> Vec<u8> {
     let mut parts = Vec::new();
     for line in body.split(|b| *b == b'\n') {
         if let Some(data) = line.strip_prefix(b"data:")
@@ -53,14 +122,88 @@ pub fn sse_text(body: &[u8]) -> Option<Vec<u8>> {
             walk(&v, None, &mut parts);
         }
     }
-    Some(parts.concat().into_bytes())
+    parts.concat().into_bytes()
+}
+
+/// Whether `body` starts with an AWS event-stream message prelude: its checksum (over the two
+/// lengths) holds, which text or JSON does by chance once in 2^32.
+fn is_event_stream(body: &[u8]) -> bool {
+    body.len() >= 16
+        && crc32fast::hash(&body[..8]) == u32::from_be_bytes([body[8], body[9], body[10], body[11]])
+}
+
+/// The joined text of an AWS event stream's JSON payloads; an InvokeModelWithResponseStream
+/// `chunk` is read in the model's own event its `bytes` hold. Up to where the framing breaks.
+fn event_stream_text(body: &[u8]) -> Vec<u8> {
+    let mut decoder = crate::compat::eventstream::Decoder::new();
+    let mut parts = Vec::new();
+    // Fed in pieces: the decoder keeps one message at a time, not a copy of the whole body.
+    for piece in body.chunks(64 << 10) {
+        decoder.push(piece);
+        while let Some(Ok(message)) = decoder.next_message() {
+            let model_event = invoke_chunk(&message);
+            let payload = model_event.as_deref().unwrap_or(&message.payload);
+            if let Ok(v) = serde_json::from_slice::<Value>(payload) {
+                walk(&v, None, &mut parts);
+            }
+        }
+    }
+    parts.concat().into_bytes()
+}
+
+/// The decoded `bytes` of an InvokeModelWithResponseStream `chunk` event (`{"bytes":
+/// "<base64>"}`). (`usage::invoke_chunk` does the same but is private to that module.)
+fn invoke_chunk(message: &crate::compat::eventstream::Message) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        bytes: String,
+    }
+    if message.header_str(":event-type") != Some("chunk") {
+        return None;
+    }
+    let chunk: Chunk = serde_json::from_slice(&message.payload).ok()?;
+    base64::engine::general_purpose::STANDARD
+        .decode(chunk.bytes)
+        .ok()
+}
+
+/// The joined text of a JSON array of objects (Gemini's stream without `alt=sse`), read one
+/// element at a time (never the whole tree at once); `None` when `body` is not such an array
+/// or its objects hold no text (then read as any JSON document).
+fn json_array_text(body: &[u8]) -> Option<Vec<u8>> {
+    use serde::Deserializer as _;
+    use serde::de::{Error, SeqAccess, Visitor};
+
+    struct Chunks<'a>(&'a mut Vec<String>);
+    impl<'de> Visitor<'de> for Chunks<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of stream chunks")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            while let Some(chunk) = seq.next_element::<Value>()? {
+                if !chunk.is_object() {
+                    return Err(A::Error::custom("not a stream chunk"));
+                }
+                walk(&chunk, None, self.0);
+            }
+            Ok(())
+        }
+    }
+
+    let mut parts = Vec::new();
+    let mut de = serde_json::Deserializer::from_slice(body);
+    de.deserialize_seq(Chunks(&mut parts)).ok()?;
+    de.end().ok()?;
+    (!parts.is_empty()).then(|| parts.concat().into_bytes())
 }
 
 /// The text of a body: the joined deltas of a stream, the text fields of a JSON document
 /// (one per line, in no particular order across fields; every string value when it has none
 /// of them, so an API shape not listed is still read), or the body itself when it is neither.
 pub fn of_body(body: &[u8]) -> String {
-    if let Some(t) = sse_text(body) {
+    if let Some(t) = stream_text(body) {
         return String::from_utf8_lossy(&t).into_owned();
     }
     match serde_json::from_slice::<Value>(body) {
@@ -77,7 +220,7 @@ pub fn of_body(body: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -95,7 +238,7 @@ mod tests {
         assert_eq!(of_body(b"plain words"), "plain words");
         let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: [DONE]\n\n";
         assert_eq!(of_body(sse), "Hello");
-        assert_eq!(sse_text(b"{\"content\":\"x\"}"), None);
+        assert_eq!(stream_text(b"{\"content\":\"x\"}"), None);
         let cohere = br#"{"message":"hola","preamble":"be brief"}"#;
         let mut lines: Vec<String> = of_body(cohere).lines().map(str::to_owned).collect();
         lines.sort();
@@ -105,5 +248,186 @@ mod tests {
         let mut lines: Vec<String> = of_body(other).lines().map(str::to_owned).collect();
         lines.sort();
         assert_eq!(lines, ["doc one", "m", "what is x"]);
+    }
+
+    /// A Bedrock event stream of `(event type, JSON payload)` messages.
+    pub(crate) fn event_stream(events: &[(&str, String)]) -> Vec<u8> {
+        events
+            .iter()
+            .flat_map(|(kind, payload)| {
+                crate::compat::eventstream::encode(
+                    &[
+                        (":event-type", kind),
+                        (":content-type", "application/json"),
+                        (":message-type", "event"),
+                    ],
+                    payload.as_bytes(),
+                )
+            })
+            .collect()
+    }
+
+    /// Bedrock ConverseStream: one `contentBlockDelta` per piece.
+    pub(crate) fn converse_stream(pieces: &[&str]) -> Vec<u8> {
+        let mut events = vec![("messageStart", r#"{"role":"assistant","p":"abcd"}"#.into())];
+        for piece in pieces {
+            let delta = serde_json::json!({"contentBlockIndex": 0, "delta": {"text": piece}, "p": "abcdefgh"});
+            events.push(("contentBlockDelta", delta.to_string()));
+        }
+        events.push(("messageStop", r#"{"stopReason":"end_turn"}"#.into()));
+        events.push((
+            "metadata",
+            r#"{"usage":{"inputTokens":3,"outputTokens":4},"metrics":{"latencyMs":1}}"#.into(),
+        ));
+        event_stream(&events)
+    }
+
+    /// Bedrock InvokeModelWithResponseStream of an Anthropic model: its events in base64.
+    pub(crate) fn invoke_stream(pieces: &[&str]) -> Vec<u8> {
+        use base64::Engine as _;
+        let mut model_events = vec![
+            serde_json::json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude", "content": [], "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        ];
+        for piece in pieces {
+            model_events.push(serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}));
+        }
+        model_events.push(serde_json::json!({"type": "message_stop", "amazon-bedrock-invocationMetrics": {"inputTokenCount": 3, "outputTokenCount": 4}}));
+        let events: Vec<(&str, String)> = model_events
+            .iter()
+            .map(|e| {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(e.to_string());
+                ("chunk", format!(r#"{{"bytes":"{b64}","p":"abcdefgh"}}"#))
+            })
+            .collect();
+        event_stream(&events)
+    }
+
+    /// Gemini `streamGenerateContent` without `alt=sse`: a JSON array, as Google formats it.
+    pub(crate) fn gemini_array(pieces: &[&str]) -> Vec<u8> {
+        let chunks: Vec<String> = pieces
+            .iter()
+            .map(|p| {
+                serde_json::to_string_pretty(&serde_json::json!({"candidates": [{"content": {"parts": [{"text": p}], "role": "model"}, "index": 0}], "usageMetadata": {"promptTokenCount": 2}, "modelVersion": "gemini-2.5-flash", "responseId": "resp-1"}))
+                    .expect("json")
+            })
+            .collect();
+        format!("[{}]", chunks.join("\r\n,")).into_bytes()
+    }
+
+    #[test]
+    fn bedrock_and_gemini_json_streams_give_their_joined_text() {
+        let pieces = ["card 4111 11", "11 1111 ", "1111 thanks"];
+        let whole = "card 4111 1111 1111 1111 thanks";
+        for (name, body) in [
+            ("converse-stream", converse_stream(&pieces)),
+            ("invoke-with-response-stream", invoke_stream(&pieces)),
+            ("gemini array", gemini_array(&pieces)),
+        ] {
+            assert_eq!(
+                stream_text(&body).as_deref(),
+                Some(whole.as_bytes()),
+                "{name}"
+            );
+            assert_eq!(of_body(&body), whole, "{name}");
+        }
+        // Converse-stream tool input deltas (partial JSON) are read too.
+        let tool = event_stream(&[(
+            "contentBlockDelta",
+            r#"{"contentBlockIndex":0,"delta":{"toolUse":{"input":"{\"q\":\"hi"}}}"#.into(),
+        )]);
+        assert_eq!(of_body(&tool), r#"{"q":"hi"#);
+        // A stream cut mid-message: the messages before the cut.
+        let body = converse_stream(&["one ", "two"]);
+        let cut = &body[..body.len() - 5];
+        assert_eq!(of_body(cut), "one two");
+        // Arrays that are not streams of objects are read as JSON documents.
+        assert_eq!(stream_text(br#"["a","b"]"#), None);
+        assert_eq!(of_body(br#"["a","b"]"#), "a\nb");
+        assert_eq!(stream_text(br#"[{"id":"x"}]"#), None);
+        assert_eq!(of_body(br#"[{"id":"x"}]"#), "x");
+        assert_eq!(stream_text(b"[{\"text\":\"a\"}"), None, "not whole");
+        // Text or JSON is not taken for an event stream.
+        assert_eq!(stream_text(b"0123456789abcdefghij"), None);
+    }
+
+    fn sorted_lines(body: &[u8]) -> Vec<String> {
+        let mut lines: Vec<String> = of_body(body).lines().map(str::to_owned).collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn tool_inputs_tool_results_and_documents_are_read_but_not_ids_urls_or_base64() {
+        let anthropic = br#"{"model":"claude","max_tokens":9,"messages":[
+            {"role":"user","content":[
+                {"type":"document","source":{"type":"text","media_type":"text/plain","data":"doc body"},"title":"doc title","context":"doc context"},
+                {"type":"document","source":{"type":"base64","media_type":"application/pdf","data":"JVBERi0xLjQK"}},
+                {"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBORw0KGgo"}},
+                {"type":"image","source":{"type":"url","url":"https://example.com/a.png"}}]},
+            {"role":"assistant","content":[{"type":"tool_use","id":"toolu_01","name":"lookup","input":{"query":"tool arg","nested":{"list":["deep arg"]},"n":3}}]},
+            {"role":"user","content":[
+                {"type":"tool_result","tool_use_id":"toolu_01","content":"result string"},
+                {"type":"tool_result","tool_use_id":"toolu_02","content":[{"type":"text","text":"result block"}]}]}]}"#;
+        assert_eq!(
+            sorted_lines(anthropic),
+            [
+                "deep arg",
+                "doc body",
+                "doc context",
+                "doc title",
+                "result block",
+                "result string",
+                "tool arg"
+            ]
+        );
+        let gemini = br#"{"contents":[
+            {"role":"user","parts":[{"text":"question"},{"inlineData":{"mimeType":"image/png","data":"iVBORw0KGgo"}},{"fileData":{"fileUri":"gs://b/f"}}]},
+            {"role":"model","parts":[{"functionCall":{"id":"call-1","name":"lookup","args":{"city":"call arg"}},"thoughtSignature":"c2ln"},
+                {"executableCode":{"language":"PYTHON","code":"print(1)"}},{"codeExecutionResult":{"outcome":"OUTCOME_OK","output":"1"}}]},
+            {"role":"user","parts":[{"functionResponse":{"id":"call-1","name":"lookup","response":{"result":{"forecast":"tool said"}}}}]}],
+            "systemInstruction":{"parts":[{"text":"system words"}]}}"#;
+        assert_eq!(
+            sorted_lines(gemini),
+            [
+                "1",
+                "call arg",
+                "print(1)",
+                "question",
+                "system words",
+                "tool said"
+            ]
+        );
+        let bedrock = br#"{"system":[{"text":"sys"}],"messages":[
+            {"role":"assistant","content":[{"toolUse":{"toolUseId":"tooluse_1","name":"lookup","input":{"q":"converse arg"}}}]},
+            {"role":"user","content":[{"toolResult":{"toolUseId":"tooluse_1","status":"success","content":[{"text":"result text"},{"json":{"temp":"json result"}}]}},
+                {"image":{"format":"png","source":{"bytes":"iVBORw0KGgo"}}}]}]}"#;
+        assert_eq!(
+            sorted_lines(bedrock),
+            ["converse arg", "json result", "result text", "sys"]
+        );
+        let openai = br#"{"model":"gpt","messages":[
+            {"role":"assistant","content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"a\":\"chat arg\"}"}}]},
+            {"role":"tool","tool_call_id":"call_1","content":"tool message"}]}"#;
+        assert_eq!(
+            sorted_lines(openai),
+            ["tool message", r#"{"a":"chat arg"}"#]
+        );
+        let responses = br#"{"model":"gpt","instructions":"be brief","input":[
+            {"role":"user","content":[{"type":"input_text","text":"responses text"},{"type":"input_image","image_url":"https://x/y.png"},{"type":"input_file","file_data":"JVBERi0="}]},
+            {"type":"function_call","call_id":"call_1","name":"f","arguments":"{\"b\":1}"},
+            {"type":"function_call_output","call_id":"call_1","output":"function output"}]}"#;
+        assert_eq!(
+            sorted_lines(responses),
+            [
+                "be brief",
+                "function output",
+                "responses text",
+                r#"{"b":1}"#
+            ]
+        );
+        // Cohere v2: a tool message's documents.
+        let cohere = br#"{"model":"command-r","messages":[{"role":"user","content":"q"},
+            {"role":"tool","tool_call_id":"c1","content":[{"type":"document","document":{"id":"d1","data":{"title":"doc data"}}}]}]}"#;
+        assert_eq!(sorted_lines(cohere), ["doc data", "q"]);
     }
 }
