@@ -781,7 +781,7 @@ fn event_stream_ended_whole(body: &[u8]) -> bool {
         }
         match message.header_str(":event-type") {
             Some("messageStop") => ended = true,
-            Some("chunk") => ended = invoke_chunk_is_last(&message.payload),
+            Some("chunk") => ended = invoke_chunk_is_last(&message),
             _ => {}
         }
     }
@@ -790,22 +790,10 @@ fn event_stream_ended_whole(body: &[u8]) -> bool {
 
 /// Whether an InvokeModelWithResponseStream chunk (`{"bytes": "<base64 of the model's own
 /// event>"}`) is the last: Bedrock adds `amazon-bedrock-invocationMetrics` to that one.
-fn invoke_chunk_is_last(payload: &[u8]) -> bool {
-    use base64::Engine as _;
-    #[derive(serde::Deserialize)]
-    struct Chunk {
-        bytes: String,
-    }
-    serde_json::from_slice::<Chunk>(payload)
-        .ok()
-        .and_then(|c| {
-            base64::engine::general_purpose::STANDARD
-                .decode(c.bytes)
-                .ok()
-        })
-        .is_some_and(|event| {
-            memchr::memmem::find(&event, b"\"amazon-bedrock-invocationMetrics\"").is_some()
-        })
+fn invoke_chunk_is_last(message: &crate::compat::eventstream::Message) -> bool {
+    message.invoke_chunk().is_some_and(|event| {
+        memchr::memmem::find(&event, b"\"amazon-bedrock-invocationMetrics\"").is_some()
+    })
 }
 
 fn json_array_ended_whole(body: &[u8]) -> bool {

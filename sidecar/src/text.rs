@@ -141,7 +141,7 @@ fn event_stream_text(body: &[u8]) -> Vec<u8> {
     for piece in body.chunks(64 << 10) {
         decoder.push(piece);
         while let Some(Ok(message)) = decoder.next_message() {
-            let model_event = invoke_chunk(&message);
+            let model_event = message.invoke_chunk();
             let payload = model_event.as_deref().unwrap_or(&message.payload);
             if let Ok(v) = serde_json::from_slice::<Value>(payload) {
                 walk(&v, None, &mut parts);
@@ -149,23 +149,6 @@ fn event_stream_text(body: &[u8]) -> Vec<u8> {
         }
     }
     parts.concat().into_bytes()
-}
-
-/// The decoded `bytes` of an InvokeModelWithResponseStream `chunk` event (`{"bytes":
-/// "<base64>"}`). (`usage::invoke_chunk` does the same but is private to that module.)
-fn invoke_chunk(message: &crate::compat::eventstream::Message) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    #[derive(serde::Deserialize)]
-    struct Chunk {
-        bytes: String,
-    }
-    if message.header_str(":event-type") != Some("chunk") {
-        return None;
-    }
-    let chunk: Chunk = serde_json::from_slice(&message.payload).ok()?;
-    base64::engine::general_purpose::STANDARD
-        .decode(chunk.bytes)
-        .ok()
 }
 
 /// The joined text of a JSON array of objects (Gemini's stream without `alt=sse`), read one

@@ -185,22 +185,6 @@ struct TokenCounts {
     output_token_count: Option<u64>,
 }
 
-/// The decoded `bytes` of an InvokeModelWithResponseStream `chunk` event.
-fn invoke_chunk(message: &crate::compat::eventstream::Message) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    #[derive(serde::Deserialize)]
-    struct Chunk {
-        bytes: String,
-    }
-    if message.header_str(":event-type") != Some("chunk") {
-        return None;
-    }
-    let chunk: Chunk = serde_json::from_slice(&message.payload).ok()?;
-    base64::engine::general_purpose::STANDARD
-        .decode(chunk.bytes)
-        .ok()
-}
-
 /// The counts one usage object holds.
 #[derive(Default)]
 struct Seen {
@@ -319,7 +303,7 @@ impl Usage {
     fn observe_invoke(&mut self, invoke: &mut InvokeStream, data: &[u8]) {
         invoke.decoder.push(data);
         while let Some(Ok(message)) = invoke.decoder.next_message() {
-            let Some(event) = invoke_chunk(&message) else {
+            let Some(event) = message.invoke_chunk() else {
                 continue;
             };
             // Each chunk is one whole event of the model's stream.

@@ -46,6 +46,23 @@ impl Message {
             _ => None,
         })
     }
+
+    /// The model's own event inside an InvokeModelWithResponseStream `chunk` event: its
+    /// payload's `{"bytes": "<base64>"}` decoded; `None` for other events.
+    pub fn invoke_chunk(&self) -> Option<Vec<u8>> {
+        use base64::Engine as _;
+        #[derive(serde::Deserialize)]
+        struct Chunk {
+            bytes: String,
+        }
+        if self.header_str(":event-type") != Some("chunk") {
+            return None;
+        }
+        let chunk: Chunk = serde_json::from_slice(&self.payload).ok()?;
+        base64::engine::general_purpose::STANDARD
+            .decode(chunk.bytes)
+            .ok()
+    }
 }
 
 /// Why the byte stream is not a valid event stream; the framing is lost after any of these.
