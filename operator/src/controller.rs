@@ -14,7 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -163,8 +163,8 @@ pub struct Context {
     pub client: Client,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Event recorder.
-    pub recorder: Recorder,
+    /// Event recorder (each different text its own Event: [`crate::events`]).
+    pub recorder: crate::events::Recorder,
     /// What each gateway depends on.
     pub deps: Arc<DependencyIndex>,
     /// Consecutive failures per gateway, for backoff.
@@ -193,7 +193,7 @@ impl Context {
             instance,
         };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            recorder: crate::events::Recorder::new(client.clone(), reporter),
             client,
             metrics,
             deps: Arc::default(),

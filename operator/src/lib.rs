@@ -6,6 +6,7 @@
 //! - [`validate`]: spec checks the CRD schema cannot express (URL policy, route graphs).
 //! - [`resources`]: the sidecar container's resources, checked as the apiserver checks them.
 //! - [`status`]: conditions, status comparison and transition Events of both resources.
+//! - [`events`]: the Event recorder (a series only for an Event of the same text).
 //! - [`controller`]: the AIGateway reconciler (`Context`, `reconcile`, `error_policy`).
 //! - [`providerkey`]: the ProviderKey status reconciler.
 //! - [`pods`]: pods that name a gateway but run without its sidecar, or an outdated one.
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod lease;
 pub mod listener;
 pub mod metrics;

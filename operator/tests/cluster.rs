@@ -466,6 +466,182 @@ async fn a_missing_secret_is_reported_in_status_and_events_then_healed_when_crea
     ns.delete().await;
 }
 
+/// The notes of the Events of `reason` about `kind` `name` in `ns`.
+async fn notes_about(
+    client: &kube::Client,
+    ns: &str,
+    kind: &str,
+    name: &str,
+    reason: &str,
+) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let Ok(list) = events.list(&Default::default()).await else {
+        return Vec::new();
+    };
+    list.items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some(kind)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        })
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+#[tokio::test]
+async fn an_event_whose_reason_repeats_within_minutes_carries_its_own_text() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "event-text").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let keys: Api<ProviderKey> = Api::namespaced(client.clone(), &ns.name);
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    let notes = |kind: &'static str, name: &'static str, reason: &'static str, want: String| {
+        let client = client.clone();
+        let ns = ns.name.clone();
+        move || {
+            let (client, ns, want) = (client.clone(), ns.clone(), want.clone());
+            async move {
+                let notes = notes_about(&client, &ns, kind, name, reason).await;
+                notes.iter().any(|n| n.contains(&want)).then_some(notes)
+            }
+        }
+    };
+
+    // A KeyMissing naming one Secret, then (within seconds) another.
+    create(
+        &keys,
+        &provider_key("openai-main", "openai", "default", "first", "api-key"),
+    )
+    .await;
+    create(&gateways, &gateway("gw", json!({}))).await;
+    for (what, want) in [
+        ("of the gateway", ("AIGateway", "gw")),
+        ("of the ProviderKey", ("ProviderKey", "openai-main")),
+    ] {
+        eventually(
+            &format!("a KeyMissing {what} naming Secret first"),
+            WAIT,
+            notes(want.0, want.1, "KeyMissing", "Secret first".into()),
+        )
+        .await;
+    }
+    keys.patch(
+        "openai-main",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"secretRef": {"name": "second"}}})),
+    )
+    .await
+    .expect("patch ProviderKey");
+    for (what, want) in [
+        ("of the gateway", ("AIGateway", "gw")),
+        ("of the ProviderKey", ("ProviderKey", "openai-main")),
+    ] {
+        let seen = eventually(
+            &format!("a KeyMissing {what} naming Secret second"),
+            WAIT,
+            notes(want.0, want.1, "KeyMissing", "Secret second".into()),
+        )
+        .await;
+        assert!(
+            seen.iter().any(|n| n.contains("Secret first")),
+            "the first text stays in its own Event: {seen:?}"
+        );
+    }
+
+    // A Rendered Event per config hash, each naming its own.
+    create(&secrets, &secret("second", &[("api-key", "sk-1")])).await;
+    let first = wait_ready(&gateways, "gw")
+        .await
+        .status
+        .and_then(|s| s.config_hash)
+        .expect("hash");
+    eventually(
+        "a Rendered Event of the first hash",
+        WAIT,
+        notes("AIGateway", "gw", "Rendered", first.clone()),
+    )
+    .await;
+    gateways
+        .patch(
+            "gw",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"requestTimeout": "45s"}})),
+        )
+        .await
+        .expect("patch gateway");
+    let second = eventually("a new hash in status", WAIT, || async {
+        let h = gateways.get("gw").await.ok()?.status?.config_hash?;
+        (h != first).then_some(h)
+    })
+    .await;
+    let seen = eventually(
+        "a Rendered Event of the second hash",
+        WAIT,
+        notes("AIGateway", "gw", "Rendered", second.clone()),
+    )
+    .await;
+    assert!(seen.iter().any(|n| n.contains(&first)), "{seen:?}");
+    ns.delete().await;
+}
+
+#[tokio::test]
+async fn the_recorder_counts_an_identical_event_up_and_writes_another_text_anew() {
+    use kube::runtime::events::{Event, EventType, Reporter};
+    use sidegate_operator::events::Recorder;
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    operator(&client).await;
+    let ns = create_test_namespace(&client, "event-series").await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &ns.name);
+    let gw = create(&gateways, &gateway("gw", json!({}))).await;
+    let reference = kube::Resource::object_ref(&gw, &());
+    // As the operator's ServiceAccount: its RBAC allows creating and patching Events.
+    let mut config = kube::Config::infer().await.expect("kubeconfig");
+    config.auth_info.impersonate = Some(OPERATOR_SA.into());
+    let recorder = Recorder::new(
+        kube::Client::try_from(config).expect("client"),
+        Reporter {
+            controller: "sidegate-test".to_owned(),
+            instance: None,
+        },
+    );
+    let note = |n: &str| Event {
+        type_: EventType::Warning,
+        reason: "TestReason".to_owned(),
+        note: Some(n.to_owned()),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    };
+    for n in ["first", "first", "second", "first"] {
+        recorder
+            .publish(&note(n), &reference)
+            .await
+            .expect("published");
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(client.clone(), &ns.name);
+    let mut seen: Vec<(String, Option<i32>)> = events
+        .list(&Default::default())
+        .await
+        .expect("events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("TestReason"))
+        .map(|e| (e.note.unwrap_or_default(), e.series.map(|s| s.count)))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [("first".to_owned(), Some(3)), ("second".to_owned(), None)]
+    );
+    ns.delete().await;
+}
+
 #[tokio::test]
 async fn deleting_a_gateway_garbage_collects_its_config_map_and_secret() {
     let Some(client) = cluster_client().await else {

@@ -522,10 +522,26 @@ async fn pods_injected_with_another_sidecar_than_the_gateway_gives_now_are_count
         .await
         .expect("patch gateway");
     eventually("status.outdatedPods 2", WAIT, outdated(2)).await;
+    // Its Warning names both, in an Event of its own (not a count on the first one's text).
+    let notes = eventually(
+        "an OutdatedSidecars Warning naming 2 pods",
+        WAIT,
+        || async {
+            let notes = event_notes(&client, &ns.name, "OutdatedSidecars").await;
+            notes
+                .iter()
+                .any(|n| n.contains("2 pod(s)"))
+                .then_some(notes)
+        },
+    )
+    .await;
+    assert!(
+        notes.iter().any(|n| n.contains("1 pod(s)")),
+        "the first Warning keeps its own text: {notes:?}"
+    );
 
     // Restarted (here: deleted), they count no more; the pod watch brings it, not the resync
-    // (60 s here). (The second Warning's note is not checked: kube's Recorder sends a repeated
-    // reason as a series of the first Event, whose note stays.)
+    // (60 s here).
     for (name, left) in [("current", 1), ("before-old-image", 0)] {
         tokio::time::sleep(Duration::from_secs(3)).await;
         pods.delete(name, &Default::default())
