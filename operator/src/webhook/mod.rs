@@ -100,7 +100,7 @@ pub struct WebhookArgs {
         default_value = "sidegate-webhook"
     )]
     pub webhook_service: String,
-    /// Secret (in the operator's namespace) holding the self-managed certificate.
+    /// Secret (in the operator's namespace, --lease-namespace) holding the self-managed certificate.
     #[arg(
         long,
         env = "SIDEGATE_WEBHOOK_SECRET",
@@ -147,8 +147,14 @@ pub struct WebhookArgs {
         value_delimiter = ','
     )]
     pub allowed_sidecar_images: Vec<String>,
-    /// Pull policy of the sidecar image.
-    #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE_PULL_POLICY")]
+    /// Pull policy of the sidecar image: Always, IfNotPresent or Never (what the apiserver
+    /// accepts on a container; unset: the apiserver's default for the image's tag).
+    #[arg(
+        long,
+        env = "SIDEGATE_SIDECAR_IMAGE_PULL_POLICY",
+        value_name = "POLICY",
+        value_parser = clap::builder::PossibleValuesParser::new(PULL_POLICIES)
+    )]
     pub sidecar_image_pull_policy: Option<String>,
     /// Default resources of injected sidecars, as JSON ResourceRequirements (e.g.
     /// '{"requests":{"cpu":"50m","memory":"32Mi"},"limits":{"memory":"256Mi"}}'); an AIGateway's
@@ -180,6 +186,10 @@ pub struct WebhookArgs {
     #[arg(long = "exclude-namespace", value_name = "NAMESPACE")]
     pub exclude_namespaces: Vec<String>,
 }
+
+/// The image pull policies the apiserver accepts on a container (any other value would have
+/// every injected pod refused).
+pub const PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
 
 /// A uid or gid flag: a number, or `none` (also empty) to leave it unset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -948,6 +958,48 @@ mod tests {
             (IdFlag(None), IdFlag(None))
         );
         assert!(Cli::try_parse_from(["x", "--sidecar-run-as-user=0"]).is_err());
+    }
+
+    #[test]
+    fn the_sidecar_pull_policy_is_one_the_apiserver_accepts() {
+        use clap::{CommandFactory as _, Parser as _};
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            webhook: WebhookArgs,
+        }
+        for policy in PULL_POLICIES {
+            let cli =
+                Cli::try_parse_from(["x", "--sidecar-image-pull-policy", policy]).expect(policy);
+            let config = cli
+                .webhook
+                .inject_config("sidegate-system", &crate::scope::Scope::cluster())
+                .expect("config");
+            assert_eq!(config.image_pull_policy.as_deref(), Some(policy));
+        }
+        assert_eq!(
+            Cli::try_parse_from(["x"])
+                .expect("unset")
+                .webhook
+                .sidecar_image_pull_policy,
+            None
+        );
+        // Anything else (the apiserver is case-sensitive too) is refused at start, naming them.
+        for bad in ["Sometimes", "always", "", "IfNotPresent "] {
+            let e = Cli::try_parse_from(["x", "--sidecar-image-pull-policy", bad])
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            let text = e.to_string();
+            assert!(
+                PULL_POLICIES.iter().all(|p| text.contains(p)),
+                "{bad:?}: {text}"
+            );
+        }
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("Always") && help.contains("IfNotPresent") && help.contains("Never"),
+            "{help}"
+        );
     }
 
     #[tokio::test]
