@@ -250,12 +250,22 @@ fn is_auth_scheme(s: &str) -> bool {
 ///
 /// `http(s)://host[:port][/path]`, no query or fragment (the route's path is appended), and
 /// `{resource}`, `{deployment}`, `{region}`, `{account}` as the only placeholders.
+///
+/// No userinfo (`https://user:key@host`): the URL lands in a ConfigMap (and the sidecar would not
+/// send it anyway). No message repeats what may be a credential: it is shown as `***`.
 pub fn base_url_problem(url: &str) -> Option<String> {
-    let text = url.trim_end_matches('/');
-    if !(text.starts_with("https://") || text.starts_with("http://")) {
+    let raw = url.trim_end_matches('/');
+    let (shown, userinfo) = without_userinfo(raw);
+    let text = shown.as_str();
+    if !(raw.starts_with("https://") || raw.starts_with("http://")) {
         return Some(format!("{text:?} must start with https:// or http://"));
     }
-    let sample = fill_base_url_placeholders(text, "x");
+    if userinfo {
+        return Some(format!(
+            "{text:?} must not carry credentials (user:password@ before the host): put keys in a ProviderKey"
+        ));
+    }
+    let sample = fill_base_url_placeholders(raw, "x");
     if sample.contains(['{', '}']) {
         return Some(format!(
             "{text:?} is not a URL (placeholders: {{resource}}, {{deployment}}, {{region}}, {{account}})"
@@ -283,6 +293,33 @@ pub fn base_url_problem(url: &str) -> Option<String> {
         return Some(format!("{text:?} has an invalid port"));
     }
     None
+}
+
+/// `url` as messages may show it, and whether it carries userinfo (`user:password@` in its
+/// authority). The userinfo, or what may be a password that a `/` cut short
+/// (`https://user:pa/ss@host`), is shown as `***`.
+fn without_userinfo(url: &str) -> (String, bool) {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return (url.to_owned(), false);
+    };
+    let before_query = rest.find(['?', '#']).map_or(rest, |i| &rest[..i]);
+    let authority = before_query.split('/').next().unwrap_or_default();
+    let userinfo = authority.contains('@');
+    // The userinfo ends at the authority's last '@'; one holding an unencoded '/' ends at the
+    // last '@' of the text a ':' before it could have started.
+    let cut = if userinfo {
+        authority.rfind('@')
+    } else {
+        let colon = before_query.find(':');
+        let slash = before_query.find('/');
+        before_query
+            .rfind('@')
+            .filter(|_| colon.is_some_and(|c| slash.is_none_or(|s| c < s)))
+    };
+    match cut {
+        Some(at) => (format!("{scheme}://***{}", &rest[at..]), userinfo),
+        None => (url.to_owned(), false),
+    }
 }
 
 /// `url` with each known base URL placeholder replaced by `with`.
@@ -348,6 +385,68 @@ mod tests {
         ] {
             let msg = base_url_problem(bad).unwrap_or_else(|| panic!("{bad} accepted"));
             assert!(msg.contains(why), "{bad}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_base_url_with_credentials_is_refused_without_repeating_them() {
+        for (bad, shown) in [
+            (
+                "https://user:sk-SECRET@api.example.com/v1",
+                "https://***@api.example.com/v1",
+            ),
+            (
+                "https://sk-SECRET@api.example.com",
+                "https://***@api.example.com",
+            ),
+            (
+                "http://:sk-SECRET@10.0.0.1:8080/v1/",
+                "http://***@10.0.0.1:8080/v1",
+            ),
+            (
+                "https://user:sk-SECRET@{resource}.openai.azure.com/openai",
+                "https://***@{resource}.openai.azure.com/openai",
+            ),
+            (
+                "https://u:sk-SECRET@x.example/v1?k=1",
+                "https://***@x.example/v1?k=1",
+            ),
+        ] {
+            let msg = base_url_problem(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert_eq!(
+                msg,
+                format!(
+                    "{shown:?} must not carry credentials (user:password@ before the host): put keys in a ProviderKey"
+                ),
+            );
+            let settings = ProviderSettings {
+                base_url: Some(bad.into()),
+                ..Default::default()
+            };
+            let problems = policy_problems(&with_provider("openai", settings), Origin::Resource);
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.contains("must not carry credentials"))
+                    && problems.iter().all(|p| !p.contains("SECRET")),
+                "{problems:?}"
+            );
+        }
+        // Other problems do not repeat them either, nor what may be a password a '/' cut short.
+        for bad in [
+            "ftp://user:sk-SECRET@x.example",
+            "https://user:sk-SE/CRET@x.example/v1",
+            "https://user:sk-SECRET@x.example:port",
+        ] {
+            let msg = base_url_problem(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(!msg.contains("SECRET") && !msg.contains("sk-SE"), "{msg}");
+        }
+        // An '@' in the path is no userinfo.
+        for ok in [
+            "https://api.cloudflare.com/client/v4/accounts/acc1/ai/run/@cf/meta/llama",
+            "https://gw.example.com:8443/v1/@team/models",
+        ] {
+            assert_eq!(base_url_problem(ok), None, "{ok}");
         }
     }
 

@@ -757,6 +757,38 @@ mod tests {
             )
             .is_some()
         );
+        // So does one with credentials, which the status does not repeat.
+        for annotation in [None, Some("true")] {
+            let (status, reason, message) = ready(&key(
+                "https://user:sk-SECRET@api.example.com/v1",
+                annotation,
+            ));
+            assert_eq!(
+                (status.as_str(), reason.as_str()),
+                ("False", "InvalidBaseURL")
+            );
+            assert!(
+                message.contains("must not carry credentials") && !message.contains("SECRET"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gateway_provider_base_url_with_credentials_is_an_invalid_spec_that_does_not_repeat_them() {
+        let gw = gateway_with(
+            serde_json::from_value(serde_json::json!({
+                "providers": {"openai": {"baseURL": "https://user:sk-SECRET@api.example.com/v1"}},
+            }))
+            .expect("spec"),
+        );
+        let problems = gateway(&gw);
+        assert_eq!(
+            problems,
+            [
+                "spec.providers.openai: baseURL \"https://***@api.example.com/v1\" must not carry credentials (user:password@ before the host): put keys in a ProviderKey"
+            ]
+        );
     }
 
     #[test]
