@@ -54,8 +54,18 @@ struct RunArgs {
     /// stands by again, its webhook serving throughout.
     #[arg(long, env = "SIDEGATE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     leader_elect: bool,
-    /// Namespace of the leader Lease (defaults to the pod's namespace, $POD_NAMESPACE).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "sidegate-system")]
+    /// The operator's own namespace (defaults to the pod's, $POD_NAMESPACE), not only the
+    /// Lease's: the leader Lease is there, the webhook keeps its self-managed certificate Secret
+    /// (--webhook-secret) there and names its Service (--webhook-service) in that namespace in
+    /// the certificate, and the webhook never injects pods there (nor counts them as lacking the
+    /// sidecar).
+    #[arg(
+        long,
+        visible_alias = "operator-namespace",
+        env = "POD_NAMESPACE",
+        value_name = "NAMESPACE",
+        default_value = "sidegate-system"
+    )]
     lease_namespace: String,
     /// Name of the leader Lease.
     #[arg(long, default_value = "sidegate-operator")]
@@ -464,6 +474,39 @@ mod tests {
 
     fn unreachable() -> anyhow::Error {
         anyhow::Error::new(kube::Error::Service("connection refused".into()))
+    }
+
+    #[test]
+    fn the_lease_namespace_flag_says_it_is_the_operators_namespace_for_the_webhook_too() {
+        use clap::CommandFactory as _;
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("run")
+            .expect("run")
+            .render_long_help()
+            .to_string();
+        let flag = help
+            .split("--lease-namespace")
+            .nth(1)
+            .and_then(|h| h.split("\n      --").next())
+            .expect("--lease-namespace in the help");
+        for what in [
+            "operator-namespace",
+            "Lease",
+            "certificate Secret",
+            "never injects",
+        ] {
+            assert!(flag.contains(what), "{what}: {flag}");
+        }
+        for flag in ["--lease-namespace", "--operator-namespace"] {
+            let Command::Run(args) = Cli::try_parse_from(["x", "run", flag, "ops"])
+                .expect(flag)
+                .command
+            else {
+                panic!("run");
+            };
+            assert_eq!(args.lease_namespace, "ops");
+        }
     }
 
     #[test]
