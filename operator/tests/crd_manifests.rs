@@ -91,3 +91,29 @@ fn schema_patterns_agree_with_the_rust_validators() {
         assert_eq!(alias.is_match(a), is_valid_alias(a), "alias {a:?}");
     }
 }
+
+#[test]
+fn the_charts_notes_name_the_columns_kubectl_get_aigw_prints() {
+    let notes = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/sidegate/templates/NOTES.txt"),
+    )
+    .expect("NOTES.txt");
+    let named = notes
+        .split("(columns: ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("NOTES.txt names the columns of kubectl get aigw");
+    let (_, aigateway) = crd::definitions()
+        .into_iter()
+        .find(|(file, _)| *file == "aigateway.yaml")
+        .expect("AIGateway CRD");
+    let printed: Vec<String> = aigateway
+        .spec
+        .versions
+        .iter()
+        .flat_map(|v| v.additional_printer_columns.iter().flatten())
+        .map(|c| c.name.clone())
+        .collect();
+    // Name is always printed first; the notes name the others.
+    assert_eq!(named, printed.join(", "));
+}
