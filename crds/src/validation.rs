@@ -143,9 +143,15 @@ pub fn policy_problems(policy: &GatewayPolicy, origin: Origin) -> Vec<String> {
                 "spec.guardrails.moderationURL is required when prompt or response categories are set"
                     .into(),
             ),
-            Some(url) if !is_http_url(url) => problems.push(format!(
-                "spec.guardrails.moderationURL {url:?} is not an http(s) URL"
-            )),
+            Some(url) => match without_userinfo(url) {
+                (shown, true) => problems.push(format!(
+                    "spec.guardrails.moderationURL {shown:?} must not carry credentials (user:password@ before the host)"
+                )),
+                (shown, false) if !is_http_url(url) => problems.push(format!(
+                    "spec.guardrails.moderationURL {shown:?} is not an http(s) URL"
+                )),
+                _ => {}
+            },
             _ => {}
         }
     }
@@ -540,5 +546,33 @@ mod tests {
         };
         assert!(policy_problems(&referenced, Origin::Resource).is_empty());
         assert!(policy_problems(&referenced, Origin::File)[0].contains("resolved by the operator"));
+    }
+
+    #[test]
+    fn a_moderation_url_with_credentials_is_refused_without_them() {
+        let policy = |url: &str| GatewayPolicy {
+            guardrails: Some(crate::policy::Guardrails {
+                moderation_url: Some(url.into()),
+                ..Default::default()
+            }),
+            ..GatewayPolicy::default()
+        };
+        let problems = policy_problems(
+            &policy("https://user:sk-mod-SECRET@moderation.example.com/v1/moderations"),
+            Origin::File,
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("must not carry credentials"),
+            "{problems:?}"
+        );
+        assert!(!problems[0].contains("SECRET"), "{problems:?}");
+        assert!(
+            policy_problems(
+                &policy("https://moderation.example.com/v1/moderations"),
+                Origin::File
+            )
+            .is_empty()
+        );
     }
 }
