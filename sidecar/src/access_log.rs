@@ -300,9 +300,15 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
         b.push_str(" custom_cost=true");
     }
     if let Some(m) = e.metadata {
-        // Compact JSON without spaces or newlines (re-serialized when the header was read).
+        // Compact JSON (re-serialized when the header was read), as it is while it holds
+        // visible ASCII only; else quoted and escaped like a JSON string, so that a value with
+        // a space cannot fake another field (`{"team":"a status_code=200"}`).
         b.push_str(" metadata=");
-        b.push_str(m);
+        if m.bytes().all(|c| c.is_ascii_graphic()) {
+            b.push_str(m);
+        } else {
+            json_str(b, m);
+        }
     }
     if let Some(n) = e.step {
         b.push_str(" step=");
@@ -432,13 +438,36 @@ fn push_u64(b: &mut String, mut n: u64) {
     }
 }
 
-/// Appends a USD amount as a JSON number (shortest exact decimal, never an exponent).
+/// Appends a USD amount as a JSON number (shortest decimal of [`round_usd`], never an
+/// exponent).
 fn push_usd(b: &mut String, usd: f64) {
     if usd.is_finite() {
-        let _ = write!(b, "{usd}");
+        let _ = write!(b, "{}", round_usd(usd));
     } else {
         b.push('0');
     }
+}
+
+/// Significant digits a written cost keeps: a price times tokens summed in binary floating
+/// point ends in noise past the 15th (`0.000016800000000000002`).
+const USD_DIGITS: i32 = 12;
+
+/// `usd` rounded to [`USD_DIGITS`] significant digits, for the log lines and spans.
+pub(crate) fn round_usd(usd: f64) -> f64 {
+    if usd == 0.0 || !usd.is_finite() {
+        return usd;
+    }
+    // Exact powers of ten (up to 1e22) keep the rounding exact: `n / 10^k` is the nearest
+    // double to the decimal it stands for.
+    const POW10: [f64; 23] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+        1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+    ];
+    let k = USD_DIGITS - 1 - usd.abs().log10().floor() as i32;
+    let Some(&scale) = usize::try_from(k).ok().and_then(|k| POW10.get(k)) else {
+        return usd;
+    };
+    (usd * scale).round() / scale
 }
 
 /// Appends milliseconds with three decimals (like `{:.3}`, to the microsecond).
@@ -807,6 +836,64 @@ mod tests {
             ..entry()
         });
         assert!(b.contains("id=01ABC method=POST"), "{b}");
+    }
+
+    #[test]
+    fn metadata_with_spaces_is_quoted_in_text_lines() {
+        let b = text(&Entry {
+            metadata: Some(r#"{"team":"a","n":2}"#),
+            ..entry()
+        });
+        assert!(
+            b.trim_end().ends_with(r#" metadata={"team":"a","n":2}"#),
+            "{b}"
+        );
+        let forged = r#"{"team":"a status_code=200 success=true"}"#;
+        let b = text(&Entry {
+            metadata: Some(forged),
+            status_code: 400,
+            outcome: "refused",
+            ..entry()
+        });
+        let quoted = r#" metadata="{\"team\":\"a status_code=200 success=true\"}""#;
+        assert!(b.contains(quoted), "{b}");
+        // Outside the quoted value, the line has its own fields only.
+        let rest = b.replace(quoted, "");
+        assert_eq!(rest.matches(" status_code=").count(), 1, "{b}");
+        assert!(rest.contains(" status_code=400 success=false "), "{b}");
+        // Other characters past visible ASCII (a non-breaking space) are quoted too.
+        let b = text(&Entry {
+            metadata: Some("{\"t\":\"a\u{a0}b\"}"),
+            ..entry()
+        });
+        assert!(b.contains(" metadata=\"{"), "{b}");
+    }
+
+    #[test]
+    fn costs_are_written_without_float_noise() {
+        let noisy = 12.0 * 0.15e-6 + 25.0 * 0.6e-6;
+        for (usd, want) in [
+            (0.000016800000000000002, "0.0000168"),
+            (0.1 + 0.2, "0.3"),
+            (noisy, "0.0000168"),
+            (0.0000225, "0.0000225"),
+            (1e-7, "0.0000001"),
+            (123.456789012345, "123.456789012"),
+            (0.0, "0"),
+        ] {
+            let mut b = String::new();
+            push_usd(&mut b, usd);
+            assert_eq!(b, want, "{usd:?}");
+        }
+        let mut b = String::new();
+        json_line(
+            &mut b,
+            &Entry {
+                cost: Some(0.000016800000000000002),
+                ..entry()
+            },
+        );
+        assert!(b.contains(r#","cost":0.0000168,"#), "{b}");
     }
 
     #[test]

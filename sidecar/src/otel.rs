@@ -291,7 +291,9 @@ impl Exporter {
         })
     }
 
-    /// Queues the span of a request the gateway refused with `err` (its own error response).
+    /// Queues the span of a request the gateway refused with `err` (its own error response,
+    /// whose `cf-aig-log-id` is `log_id`); `metadata` is the request's `cf-aig-metadata` as
+    /// compact JSON, when that header is valid.
     #[allow(clippy::too_many_arguments)]
     pub fn refused(
         &self,
@@ -302,6 +304,8 @@ impl Exporter {
         method: &http::Method,
         err: &GatewayError,
         elapsed: Duration,
+        log_id: &str,
+        metadata: Option<Arc<str>>,
         metrics: &Metrics,
     ) {
         // A refusal for a malformed trace header starts a new trace.
@@ -326,8 +330,8 @@ impl Exporter {
                 tokens: [None, None],
                 cost: None,
                 cached: false,
-                log_id: String::new(),
-                metadata: None,
+                log_id: log_id.to_owned(),
+                metadata,
                 error_code: Some(err.code()),
             },
             metrics,
@@ -573,6 +577,7 @@ fn span_json(s: &Span, ids: &mut IdSource) -> Value {
     attributes.push(attr("sidegate.cached", json!({"boolValue": f.cached})));
     attributes.push(attr("sidegate.outcome", string(f.outcome)));
     if let Some(usd) = f.cost {
+        let usd = crate::access_log::round_usd(usd);
         attributes.push(attr("sidegate.cost_usd", json!({"doubleValue": usd})));
     }
     if let Some(Ok(Value::Object(meta))) = f.metadata.as_deref().map(serde_json::from_str::<Value>)
@@ -804,6 +809,17 @@ mod tests {
         assert_eq!(a["sidegate.metadata.paid"], json!({"boolValue": true}));
         assert_eq!(a["sidegate.metadata.ratio"], json!({"doubleValue": 0.5}));
         assert!(!a.contains_key("error.type"));
+    }
+
+    #[test]
+    fn the_cost_is_written_without_float_noise() {
+        let span = encode_one(Finished {
+            cost: Some(0.000016800000000000002),
+            ..finished()
+        });
+        let a = attrs(&span["resourceSpans"][0]["scopeSpans"][0]["spans"][0]);
+        let usd = a["sidegate.cost_usd"]["doubleValue"].as_f64();
+        assert_eq!(usd, Some(0.0000168), "{a:?}");
     }
 
     #[test]

@@ -407,33 +407,49 @@ impl Gateway {
             recorded: &recorded,
             armed: true,
         };
-        let result = self.proxy(&snap, &parts, body, start, &recorded).await;
+        // With response checks, the answer's record waits for them to say what the client got.
+        let held_back = (snap.dlp.checks_responses() || snap.guardrails.checks_responses())
+            .then(Arc::<crate::telemetry::HeldBack>::default);
+        let result = self
+            .proxy(&snap, &parts, body, start, &recorded, held_back.as_ref())
+            .await;
         // From here the answer's record (or the refusal) tells of the request.
         unanswered.armed = false;
-        match result {
-            Ok(resp) if snap.dlp.checks_responses() || snap.guardrails.checks_responses() => {
-                Ok(self.scan_response(&snap, resp).await)
+        match (result, held_back) {
+            (Ok(resp), Some(held_back)) => Ok(self.scan_response(&snap, resp, &held_back).await),
+            (Ok(resp), None) => Ok(resp),
+            (Err((provider, err)), held_back) => {
+                // An answer recorded before the refusal is let go as it was.
+                if let Some(answered) = held_back.as_deref().and_then(|h| h.take()) {
+                    answered.deliver();
+                }
+                Ok(self.refuse(&snap, &parts, provider, err, start, None))
             }
-            Ok(resp) => Ok(resp),
-            Err((provider, err)) => Ok(self.refuse(&snap, &parts, provider, err, start, None)),
         }
     }
 
-    /// Holds a response back until it is whole and lets the DLP response policies see it: a
-    /// `BLOCK` match replaces it with a 2030 error, `FLAG` matches are listed in `cf-aig-dlp`.
-    /// (The request was counted and logged with the upstream's status when its body ended.)
-    /// An upstream that stalls mid-body makes it a 504.
+    /// Holds a response back until it is whole and lets the DLP response policies and the
+    /// response guardrails see it: a DLP `BLOCK` match replaces it with a 2030 error, a blocking
+    /// guardrail category with a 2017 one; `FLAG` matches are listed in `cf-aig-dlp`. An
+    /// upstream that stalls mid-body makes it a 504. The answer's record, parked in
+    /// `held_back` when its body ended, is finished here with what the client got (charged
+    /// for the provider's tokens either way).
     async fn scan_response(
         &self,
         snap: &Snapshot,
         resp: Response<ProxyBody>,
+        held_back: &crate::telemetry::HeldBack,
     ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
         let mut body = std::pin::pin!(body);
-        // Recorded here, once it is known what the client gets.
+        // A body streamed through as it is goes on unrecorded: its record is fed here.
         let mut record = body.as_mut().take_record();
         let mut held = self.buffers.guard(snap.max_buffered);
         let log_id = head.headers.get(LOG_ID).cloned();
+        let id = log_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
         let held_whole = hold_whole(
             body.as_mut(),
             crate::dlp::MAX_RESPONSE_BYTES,
@@ -443,11 +459,13 @@ impl Gateway {
             Ok(whole) => whole,
             Err(e) => {
                 let err = e.into_gateway_error("the response for its checks");
-                tracing::warn!(error = %err, log_id = ?log_id, "response not delivered");
-                if let Some((mut record, _)) = record {
-                    // Logged and counted as the client got it; not charged (cut short).
-                    record.set_status(err.status().as_u16());
+                tracing::warn!(error = %err, log_id = %id, "response not delivered");
+                if let Some((record, _)) = record {
                     record.finish_upstream_error();
+                }
+                // Logged and counted as the client got it; not charged (cut short).
+                if let Some(answered) = held_back.take() {
+                    answered.undelivered(err.status().as_u16());
                 }
                 let mut resp = err.into_response();
                 if let Some(id) = log_id {
@@ -457,8 +475,6 @@ impl Gateway {
             }
         };
         if let Some((mut record, tokens)) = record.take() {
-            // The provider's whole answer: its tokens were spent whether or not the checks let
-            // it through, so it is recorded (and charged) with the provider's status.
             if tokens {
                 record.observe(&whole);
             } else {
@@ -471,20 +487,35 @@ impl Gateway {
             }
         }
         let checked = match snap.dlp.check_response(&whole) {
-            Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => self
-                .guardrails_check(snap, crate::guardrails::Side::Response, &whole)
-                .await
-                .map(|_| found),
+            Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => {
+                let check = self.guardrails_check(snap, crate::guardrails::Side::Response, &whole);
+                // Its lines (flagged, blocked) name the request.
+                let span = tracing::info_span!("response_checks", log_id = %id);
+                tracing::Instrument::instrument(check, span)
+                    .await
+                    .map(|_| found)
+            }
             other => other,
         };
+        let answered = held_back.take();
         match checked {
             Ok(found) => {
+                if let Some(answered) = answered {
+                    answered.deliver();
+                }
                 crate::dlp::flag(&mut head.headers, &found);
                 head.headers.remove(header::CONTENT_LENGTH);
                 Response::from_parts(head, ProxyBody::full_held(whole, held))
             }
             Err(err) => {
-                tracing::info!(status = 400, code = err.code(), error = %err, log_id = ?log_id, "response refused");
+                let status = err.status().as_u16();
+                let code = err.code();
+                tracing::info!(status, code, error = %err, log_id = %id, "response refused");
+                let body = err.to_json();
+                // Logged as the client got it: the error, never the text it blocked.
+                if let Some(answered) = answered {
+                    answered.refuse(status, code, body.as_bytes());
+                }
                 let mut resp = err.into_response();
                 if let Some(id) = log_id {
                     resp.headers_mut().insert(LOG_ID, id);
@@ -507,6 +538,20 @@ impl Gateway {
         start: Instant,
         step: Option<u32>,
     ) -> Response<ProxyBody> {
+        let aig = GatewayHeaders::scan(&parts.headers);
+        let id = crate::log_id::next();
+        // The provider the route names when none was chosen yet (a known one), as the access
+        // line, the metric, the span and the line below all name it.
+        let (route_provider, path) = refused_route(snap, parts.uri.path());
+        let provider = provider.or(route_provider);
+        // A header the request got wrong (its refusal, perhaps) leaves the default.
+        let log = snap.log_requests && aig.flag(Gw::CollectLog).ok().flatten() != Some(false);
+        // The request's metadata, unless that header is what is wrong with it.
+        let metadata = if log || snap.otel.is_some() {
+            LogOptions::metadata(aig).ok().flatten()
+        } else {
+            None
+        };
         if let Some(target) = &snap.otel {
             self.otel.refused(
                 target,
@@ -516,16 +561,14 @@ impl Gateway {
                 &parts.method,
                 &err,
                 start.elapsed(),
+                &id,
+                metadata.clone(),
                 &self.metrics,
             );
         }
         let status = err.status().as_u16();
         let label = provider.clone().unwrap_or_else(|| Arc::from("none"));
         self.metrics.count_request(&label, status);
-        let aig = GatewayHeaders::scan(&parts.headers);
-        let id = crate::log_id::next();
-        // A header the request got wrong (its refusal, perhaps) leaves the default.
-        let log = snap.log_requests && aig.flag(Gw::CollectLog).ok().flatten() != Some(false);
         if log {
             tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, id = %id, "request refused");
         }
@@ -540,9 +583,6 @@ impl Gateway {
         if !log {
             return resp;
         }
-        let (route_provider, path) = refused_route(snap, parts.uri.path());
-        let provider = provider.or(route_provider);
-        let metadata = LogOptions::metadata(aig).ok().flatten();
         let event_id = aig
             .get(Gw::EventId)
             .map(|v| String::from_utf8_lossy(v.as_bytes()));
@@ -579,6 +619,7 @@ impl Gateway {
         body: Incoming,
         start: Instant,
         recorded: &std::sync::atomic::AtomicBool,
+        held_back: Option<&Arc<crate::telemetry::HeldBack>>,
     ) -> Result<Response<ProxyBody>, (Option<Arc<str>>, GatewayError)> {
         // admit
         let aig = GatewayHeaders::scan(&parts.headers);
@@ -644,6 +685,7 @@ impl Gateway {
         let mut opts = LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads)
             .map_err(|e| (None, e))?;
         opts.recorded = crate::telemetry::Recorded::to(recorded);
+        opts.held_back = held_back.cloned();
         if let Some(target) = &snap.otel {
             opts.trace = Some(
                 self.otel

@@ -468,6 +468,98 @@ pub struct LogOptions<'a> {
     pub trace: Option<crate::otel::Trace>,
     /// Told when a record of the request is made.
     pub recorded: Recorded<'a>,
+    /// Where the request's record waits, once its answer ended, for the response checks (DLP
+    /// response policies, response guardrails) to decide what the client gets; `None` when
+    /// the gateway checks no responses.
+    pub held_back: Option<Arc<HeldBack>>,
+}
+
+/// The record of an answer the gateway holds back for its response checks, parked when the
+/// answer ended (by whatever made it: a passthrough, `/compat`, the universal endpoint, a cache
+/// hit) until the checks decide ([`HeldBack::take`]): logged, counted and traced then, with what
+/// the client got. Dropped with a record still parked, the checks never decided (the client
+/// left while they ran): it is logged as cancelled, status 499.
+#[derive(Default)]
+pub struct HeldBack(std::sync::Mutex<Option<Answered>>);
+
+impl std::fmt::Debug for HeldBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeldBack")
+    }
+}
+
+impl PartialEq for HeldBack {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl HeldBack {
+    fn park(&self, answered: Answered) {
+        let earlier = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(answered);
+        // One record per request: another one parked before is let go as it was.
+        if let Some(earlier) = earlier {
+            earlier.deliver();
+        }
+    }
+
+    /// The record parked here, if the answer has ended.
+    pub fn take(&self) -> Option<Answered> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl Drop for HeldBack {
+    fn drop(&mut self) {
+        if let Some(Answered { mut record, .. }) = self.take() {
+            record.sent = Some(CLIENT_CLOSED);
+            record.finish("cancelled");
+        }
+    }
+}
+
+/// Status logged for a request given up before it had an answer (nginx's "client closed
+/// request").
+const CLIENT_CLOSED: u16 = 499;
+
+/// A finished answer held back for the response checks, and how its body ended.
+pub struct Answered {
+    record: RequestRecord,
+    outcome: &'static str,
+}
+
+impl Answered {
+    /// The checks let the answer through: recorded as it ended.
+    pub fn deliver(mut self) {
+        self.record.finish(self.outcome);
+    }
+
+    /// The checks refused the answer: the client got the gateway's error `status`/`code` with
+    /// `body` instead. Logged, counted and traced as that refusal (outcome `refused`, the error
+    /// body as the logged response), and still charged: the provider produced the tokens.
+    pub fn refuse(mut self, status: u16, code: u16, body: &[u8]) {
+        let r = &mut self.record;
+        r.sent = Some(status);
+        r.error_code = Some(code);
+        r.bytes = body.len() as u64;
+        if let Some(p) = &mut r.payloads {
+            p.response.clear();
+            p.response_cut = false;
+        }
+        r.keep_payload(body);
+        r.finish("refused");
+    }
+
+    /// The answer could not be delivered whole (it stalled, or was too large to hold): the
+    /// client got the gateway's error `status`. Not charged (cut short).
+    pub fn undelivered(mut self, status: u16) {
+        self.record.set_status(status);
+        self.record.finish("upstream_error");
+    }
 }
 
 /// A flag set when a [`RequestRecord`] of a request is made: from then on the record tells of
@@ -515,6 +607,7 @@ impl LogOptions<'_> {
             payloads,
             trace: None,
             recorded: Recorded::default(),
+            held_back: None,
         })
     }
 
@@ -650,6 +743,13 @@ pub struct RequestRecord {
     payloads: Option<Box<Payloads>>,
     /// The span to export, when the gateway exports them.
     trace: Option<crate::otel::Trace>,
+    /// Where the record waits for the response checks when it finishes (see [`HeldBack`]).
+    hold: Option<Arc<HeldBack>>,
+    /// The status the client got when it is not the provider's `status` (an answer the response
+    /// checks refused, or one given up while they ran): logged and counted, not charged by.
+    sent: Option<u16>,
+    /// The gateway's error code, for an answer the response checks refused.
+    error_code: Option<u16>,
     done: bool,
 }
 
@@ -691,6 +791,43 @@ impl RequestRecord {
             precharged: [0, 0],
             payloads: opts.payloads.then(Box::default),
             trace: opts.trace.clone(),
+            hold: opts.held_back.clone(),
+            sent: None,
+            error_code: None,
+            done: false,
+        }
+    }
+
+    /// This record, moved out to wait in a [`HeldBack`] (this one is done: dropping it does
+    /// nothing).
+    fn moved_out(&mut self) -> Self {
+        self.done = true;
+        Self {
+            metrics: self.metrics.clone(),
+            provider: self.provider.clone(),
+            method: self.method.clone(),
+            path: std::mem::take(&mut self.path),
+            status: self.status,
+            start: self.start,
+            bytes: self.bytes,
+            log: self.log,
+            log_id: std::mem::take(&mut self.log_id),
+            cached: self.cached,
+            metadata: self.metadata.take(),
+            event_id: self.event_id.take(),
+            step: self.step,
+            usage: std::mem::take(&mut self.usage),
+            model: self.model.take(),
+            price: self.price.take(),
+            custom_cost: self.custom_cost.take(),
+            tally: self.tally.take(),
+            route_budgets: std::mem::take(&mut self.route_budgets),
+            precharged: self.precharged,
+            payloads: self.payloads.take(),
+            trace: self.trace.take(),
+            hold: None,
+            sent: self.sent,
+            error_code: self.error_code,
             done: false,
         }
     }
@@ -850,7 +987,18 @@ impl RequestRecord {
         if self.done {
             return;
         }
+        // Held back for the response checks: they decide what is recorded, unless no one is
+        // left to wait for them (the last holder of the slot is this record).
+        if let Some(slot) = self.hold.take()
+            && Arc::strong_count(&slot) > 1
+        {
+            let record = self.moved_out();
+            slot.park(Answered { record, outcome });
+            return;
+        }
         self.done = true;
+        // What the client got: the provider's status, or the gateway's refusal of the answer.
+        let status = self.sent.unwrap_or(self.status);
         let elapsed = self.start.elapsed();
         // All input (fresh, cache reads and writes) and all output, as providers bill them.
         let counted = self.usage.tokens();
@@ -881,7 +1029,7 @@ impl RequestRecord {
                 && charged.is_none()
                 && !self.cached
                 && self.status < 400
-                && outcome == "complete"
+                && matches!(outcome, "complete" | "refused")
             {
                 t.uncharged(&self.provider, model.as_str(), tokens != [None, None]);
             }
@@ -894,7 +1042,7 @@ impl RequestRecord {
         self.metrics.record(
             &self.provider,
             &Sample {
-                status: self.status,
+                status,
                 secs: elapsed.as_secs_f64(),
                 cancelled: outcome == "cancelled",
                 tokens,
@@ -918,7 +1066,7 @@ impl RequestRecord {
                 model: self.model.as_ref().map(|m| m.as_str()),
                 method: self.method.as_str(),
                 path: &self.path,
-                status_code: self.status,
+                status_code: status,
                 duration: elapsed.as_secs_f64() * 1000.0,
                 bytes: self.bytes,
                 outcome,
@@ -947,14 +1095,14 @@ impl RequestRecord {
                     method: self.method.clone(),
                     operation: crate::otel::operation(&self.path),
                     model: self.model.as_ref().map(|m| m.as_str().to_owned()),
-                    status: self.status,
+                    status,
                     outcome,
                     tokens,
                     cost,
                     cached: self.cached,
                     log_id: std::mem::take(&mut self.log_id),
                     metadata: self.metadata.take(),
-                    error_code: None,
+                    error_code: self.error_code,
                 },
                 &self.metrics,
             );
@@ -987,6 +1135,7 @@ mod tests {
                 payloads: false,
                 trace: None,
                 recorded: Recorded::default(),
+                held_back: None,
             })
         );
         // Payloads: the gateway's setting, unless the request opts out; only checked when on.
@@ -1045,6 +1194,144 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// A record of an OpenAI chat answer of gpt-4o-mini (12 tokens in, 25 out) with `opts`.
+    fn answered(metrics: &Arc<Metrics>, opts: &LogOptions<'_>) -> RequestRecord {
+        let mut r = RequestRecord::new(
+            metrics.clone(),
+            Arc::from("openai"),
+            http::Method::POST,
+            "chat/completions",
+            200,
+            Instant::now(),
+            opts,
+            "01LOGID".into(),
+        );
+        r.set_model(
+            crate::cost::ModelName::new("gpt-4o-mini"),
+            &crate::cost::Pricing::default(),
+        );
+        r.observe(br#"{"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":25}}"#);
+        r
+    }
+
+    /// The value of the sample of `metric` (its name and labels as written) in `text`.
+    fn sample(text: &str, metric: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_held_back_answer_the_checks_refuse_is_counted_as_the_refusal_and_still_charged() {
+        let metrics = Arc::new(Metrics::new());
+        let slot = Arc::new(HeldBack::default());
+        let opts = LogOptions {
+            held_back: Some(slot.clone()),
+            ..LogOptions::default()
+        };
+        // The body ends: the record waits for the checks, nothing counted yet.
+        answered(&metrics, &opts).finish_complete();
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"sidegate_requests_total{provider="openai",status="200"}"#
+            ),
+            None,
+            "{text}"
+        );
+        let parked = slot.take().expect("parked");
+        assert!(slot.take().is_none());
+        parked.refuse(400, 2030, br#"{"success":false}"#);
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"sidegate_requests_total{provider="openai",status="400"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"sidegate_requests_total{provider="openai",status="200"}"#
+            ),
+            None,
+            "{text}"
+        );
+        // The provider produced the tokens: counted, and their cost.
+        assert_eq!(
+            sample(
+                &text,
+                r#"sidegate_tokens_total{provider="openai",direction="output"}"#
+            ),
+            Some(25.0),
+            "{text}"
+        );
+        let usd = sample(&text, r#"sidegate_cost_usd_total{provider="openai"}"#).expect("cost");
+        assert!((usd - 0.0000168).abs() < 1e-12, "{text}");
+    }
+
+    #[test]
+    fn a_held_back_answer_let_through_is_counted_with_its_own_status() {
+        let metrics = Arc::new(Metrics::new());
+        let slot = Arc::new(HeldBack::default());
+        let opts = LogOptions {
+            held_back: Some(slot.clone()),
+            ..LogOptions::default()
+        };
+        answered(&metrics, &opts).finish_complete();
+        slot.take().expect("parked").deliver();
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"sidegate_requests_total{provider="openai",status="200"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        // Checks that never decide (the client left while they ran): 499, cancelled.
+        answered(&metrics, &opts).finish_complete();
+        drop(opts);
+        drop(slot);
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"sidegate_requests_total{provider="openai",status="499"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"sidegate_responses_cancelled_total{provider="openai"}"#
+            ),
+            Some(1.0),
+            "{text}"
+        );
+        // With no one left to wait for the checks, a record is counted at once.
+        let slot = Arc::new(HeldBack::default());
+        let opts = LogOptions {
+            held_back: Some(slot),
+            ..LogOptions::default()
+        };
+        let record = answered(&metrics, &opts);
+        drop(opts);
+        record.finish_complete();
+        let text = metrics.encode();
+        assert_eq!(
+            sample(
+                &text,
+                r#"sidegate_requests_total{provider="openai",status="200"}"#
+            ),
+            Some(2.0),
+            "{text}"
+        );
     }
 
     #[test]
