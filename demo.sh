@@ -37,21 +37,8 @@ if [[ ${1:-} == --node ]]; then
   tests/node/build >/dev/null
   exec tests/node/local-cluster
 fi
-bold=$'\033[1m' dim=$'\033[2m' off=$'\033[0m'
-[[ -t 1 ]] || { bold='' dim='' off=''; }
-say() { printf '\n%s== %s%s\n' "$bold" "$*" "$off"; }
-note() { printf '%s   %s%s\n' "$dim" "$*" "$off"; }
-run() { # prints the command, shell-quoted where needed, then runs it
-  local a
-  printf '$'
-  for a in "$@"; do
-    if [[ $a =~ [^A-Za-z0-9_./:=@%+,-] ]]; then printf " '%s'" "$a"; else printf ' %s' "$a"; fi
-  done
-  echo
-  "$@"
-  echo
-}
-die() { printf 'demo failed: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=tests/e2e/demo-output.sh
+source tests/e2e/demo-output.sh
 
 work=$(mktemp -d /tmp/sidegate-demo.XXXXXX)
 pids=()

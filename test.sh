@@ -87,7 +87,7 @@ tests/node/e2e 2>&1 | tee "$SIDEGATE_TEST_LOG_DIR/node-e2e.log"
 step "demo (README's first command) runs end to end"
 ./demo.sh >"$SIDEGATE_TEST_LOG_DIR/demo.log" 2>&1 || { tail -40 "$SIDEGATE_TEST_LOG_DIR/demo.log"; exit 1; }
 grep -E 'cache HIT|provider saw the new key|demo done' "$SIDEGATE_TEST_LOG_DIR/demo.log"
-shellcheck demo.sh images/build-static tests/chart/run tests/e2e/kind.sh tests/e2e/static-binaries tests/e2e/standalone-demo.sh
+shellcheck -x demo.sh images/build-static tests/chart/run tests/e2e/kind.sh tests/e2e/static-binaries tests/e2e/standalone-demo.sh
 
 step "no key in any log"
 tests/scan-logs "$SIDEGATE_TEST_LOG_DIR"

@@ -4,19 +4,8 @@
 # responses and the gateway's response headers. Cleans up everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-bold=$'\033[1m' off=$'\033[0m'
-[[ -t 1 ]] || { bold='' off=''; }
-say() { printf '\n%s== %s%s\n' "$bold" "$*" "$off"; }
-run() { # prints the command, shell-quoted where needed (to be pasted), then runs it
-  local a
-  printf '$'
-  for a in "$@"; do
-    if [[ $a =~ [^A-Za-z0-9_./:=@%+,-] ]]; then printf " '%s'" "$a"; else printf ' %s' "$a"; fi
-  done
-  echo
-  "$@"
-  echo
-}
+# shellcheck source=tests/e2e/demo-output.sh
+source tests/e2e/demo-output.sh
 
 say "building sidegate and the mock provider (first build takes a few minutes)"
 cargo build --quiet -p sidegate -p sidegate-mock-provider
