@@ -102,7 +102,7 @@ impl fmt::Debug for AuthValue {
 #[derive(Default)]
 pub struct KeyStore {
     keys: HashMap<String, HashMap<String, ProviderKey>>,
-    tokens: Vec<SecretString>,
+    pub(crate) tokens: Vec<SecretString>,
     /// The Redis URL (`redis.url`; may carry a password).
     pub redis_url: Option<SecretString>,
     /// Names of files that were skipped, with the reason (for the load log).

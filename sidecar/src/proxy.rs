@@ -56,7 +56,7 @@ pub struct Gateway {
     /// Cache keys being fetched now, so identical misses make one upstream call.
     flights: cache::Flights,
     /// Spend and token counters of this pod, kept across reloads.
-    ledger: Arc<crate::budget::Ledger>,
+    pub(crate) ledger: Arc<crate::budget::Ledger>,
     /// The span exporter (`spec.openTelemetry`); idle until a config sets an endpoint.
     otel: crate::otel::Exporter,
     /// Bytes held in buffered bodies over every request (`spec.limits.maxBufferedBytes`).

@@ -13,6 +13,16 @@
 //! with `input_tokens` and `output_tokens`), so they count against token budgets and spend
 //! limits as other answers do. For that the gateway asks the provider for uncompressed frames
 //! (it drops the client's `Sec-WebSocket-Extensions`), as it asks for uncompressed HTTP answers.
+//! The session's model, which prices its responses, is the deployment of an Azure OpenAI route
+//! (as for its HTTP requests), else the URL's `?model=` or `?deployment=`.
+//!
+//! Input audio transcriptions are charged too, as their
+//! `conversation.item.input_audio_transcription.completed` events pass (`usage` with
+//! `input_tokens` and `output_tokens`), priced at the transcription model the provider's
+//! `session.created`/`session.updated` events name (`input_audio_transcription.model`, or
+//! `audio.input.transcription.model`). A transcription billed by its audio's duration (`usage`
+//! of `type: "duration"`), or by a model without a price, is not charged to the spend limit, and
+//! the gateway warns (once per provider or model), as it does for HTTP answers.
 //!
 //! Each response is charged to the spend limit and token budget when its `response.done` passes,
 //! and a session whose limits run out is closed (close code 1008). Sessions are ended (close code
@@ -23,8 +33,17 @@
 //! A gateway whose DLP or guardrails check requests or responses refuses upgrades: it could not
 //! check what a session carries. So does, where a spend limit or token budget applies, a
 //! provider whose sessions do not speak OpenAI's Realtime events (Gemini Live): their usage would
-//! go uncounted. So does a provider whose requests the gateway signs (AWS): a session is not a
-//! request it can sign.
+//! go uncounted; and, where a spend limit applies, a session that names no model (nor asks for
+//! transcription, `?intent=transcription`, priced by its transcription model): its responses
+//! could not be priced. So does a provider whose requests the gateway signs (AWS): a session is
+//! not a request it can sign.
+//!
+//! At each reload an open session is admitted again under the new config: it ends (close code
+//! 1008) when the gateway token it was opened with is no longer one of the gateway's (the
+//! session keeps a salted hash of it, never the token), when DLP or guardrails now check
+//! requests or responses, when the new limits would refuse it (above) or are spent already; it
+//! ends (1001) when its provider is no longer configured. Otherwise its responses are charged
+//! from then on to the new config's limits, at its prices.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,9 +66,25 @@ use crate::telemetry::{LogOptions, RequestRecord};
 
 /// Largest text message whose token counts are read; a longer one is passed on unread.
 const MAX_READ_MESSAGE: usize = 1 << 20;
-/// A message is gathered only when its first bytes name a `response.done` (OpenAI puts the
-/// `type` first): audio deltas and the like pass without being copied.
+/// A message is gathered only when its first bytes name an event read for usage (OpenAI puts
+/// the `type` first, after at most an `event_id`): audio deltas and the like pass without being
+/// copied.
 const PEEK: usize = 128;
+/// What the first [`PEEK`] bytes of a message read for usage hold: `response.done`, an input
+/// audio transcription's `...transcription.completed`, and the session's configuration
+/// (`session.created`, `session.updated`, and the `transcription_session.` ones).
+const READ_EVENTS: [&[u8]; 4] = [
+    b"response.done",
+    b"transcription.completed",
+    b"session.created",
+    b"session.updated",
+];
+/// Named in the gateway's warning for a transcription whose model the session never named.
+const UNNAMED_TRANSCRIPTION_MODEL: &str = "(input audio transcription: model not named)";
+/// Named in the gateway's warning for a response of a session that named no model.
+const UNNAMED_MODEL: &str = "(realtime session: model not named)";
+/// Why a session ends when its stored key goes.
+const KEY_GONE: &str = "the provider key of this session was removed or rotated";
 /// Size of the provider-to-client copy buffer.
 const COPY_BUFFER: usize = 16 * 1024;
 /// Once one direction of a session has ended, how long the other may take to end too.
@@ -86,7 +121,8 @@ impl Sessions {
         self.ending.send_modify(|g| *g += 1);
     }
 
-    /// A new config serves: sessions whose stored key it no longer holds end.
+    /// A new config serves: each session is admitted again under it (see the module docs), and
+    /// those it would not admit end.
     pub fn reloaded(&self, serving: &Arc<Snapshot>) {
         self.serving.send_replace(Some(serving.clone()));
     }
@@ -159,6 +195,123 @@ impl HeldKey {
     }
 }
 
+/// The gateway token a session was admitted with, as a salted SHA-256 (the salt random per
+/// process): the session keeps no token, yet a reload can tell whether it is still one of the
+/// gateway's.
+#[derive(Clone, Copy)]
+struct TokenPrint([u8; 32]);
+
+impl TokenPrint {
+    fn of(token: &[u8]) -> Self {
+        use sha2::Digest as _;
+        static SALT: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let salt = SALT.get_or_init(|| {
+            use ring::rand::SecureRandom as _;
+            let mut salt = [0u8; 32];
+            let _ = ring::rand::SystemRandom::new().fill(&mut salt);
+            salt
+        });
+        let mut h = sha2::Sha256::new();
+        h.update(salt);
+        h.update(token);
+        Self(h.finalize().into())
+    }
+
+    /// The gateway token of an admitted request when authentication is on: the bearer token
+    /// of `cf-aig-authorization`, else the token in a provider key header (see
+    /// [`crate::proxy`]'s `authenticate`).
+    fn presented(snap: &Snapshot, headers: &http::HeaderMap) -> Option<Self> {
+        use crate::headers::bearer_token;
+        if !snap.auth_required {
+            return None;
+        }
+        if let Some(v) = headers.get("cf-aig-authorization") {
+            return bearer_token(v.as_bytes()).map(Self::of);
+        }
+        crate::providers::CLIENT_KEY_HEADERS
+            .iter()
+            .flat_map(|name| headers.get_all(name))
+            .map(|v| bearer_token(v.as_bytes()).unwrap_or(v.as_bytes()))
+            .find(|t| snap.keys.is_token(t))
+            .map(Self::of)
+    }
+
+    /// Whether `keys` still holds the token.
+    fn held_by(&self, keys: &crate::keys::KeyStore) -> bool {
+        use secrecy::ExposeSecret as _;
+        use subtle::ConstantTimeEq as _;
+        let mut held = subtle::Choice::from(0);
+        for t in &keys.tokens {
+            held |= Self::of(t.expose_secret().as_bytes()).0.ct_eq(&self.0);
+        }
+        held.into()
+    }
+}
+
+/// Why a gateway does not admit a session (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// DLP or guardrails check requests or responses.
+    Checked,
+    /// Limits apply and the provider's sessions do not report usage the gateway reads.
+    Unreadable,
+    /// A spend limit applies and the session names no model to price it by.
+    NoModel,
+    /// The gateway signs the provider's requests.
+    Signed,
+}
+
+impl Refusal {
+    /// Whether `snap` refuses a session of `provider`, naming a model (`priced`: a model, or a
+    /// transcription session priced by its transcription model) or not.
+    fn of(snap: &Snapshot, provider: &Provider, priced: bool) -> Option<Self> {
+        if snap.dlp.checks_requests()
+            || snap.dlp.checks_responses()
+            || snap.guardrails.checks_prompts()
+            || snap.guardrails.checks_responses()
+        {
+            Some(Self::Checked)
+        } else if snap.budgets.is_some() && !provider.sessions_report_openai_usage() {
+            Some(Self::Unreadable)
+        } else if snap.budgets.is_some_and(|b| b.spend.is_some()) && !priced {
+            Some(Self::NoModel)
+        } else if provider.signs_requests() {
+            Some(Self::Signed)
+        } else {
+            None
+        }
+    }
+
+    /// The refusal of an upgrade (400/2111).
+    fn error(self, provider: &str) -> GatewayError {
+        GatewayError::WebSocketRefused(match self {
+            Self::Checked => "WebSocket sessions are refused: this gateway's DLP or guardrails check what requests and responses carry, which they cannot do for a session".into(),
+            Self::Unreadable => format!(
+                "WebSocket sessions are refused for {provider}: this gateway has a spend limit or token budget, and the gateway cannot read how much this provider's sessions use"
+            ),
+            Self::NoModel => format!(
+                "WebSocket sessions are refused for {provider}: this gateway has a spend limit, and the session names no model to price its responses by: name it in the URL (?model=..., or the deployment of an azure-openai route)"
+            ),
+            Self::Signed => format!(
+                "WebSocket sessions are refused for {provider}: the gateway signs its requests, and a session is not one it can sign"
+            ),
+        })
+    }
+
+    /// The reason of the close frame (1008) that ends an open session the gateway no longer
+    /// admits after a reload (at most 123 bytes).
+    fn reason(self) -> &'static str {
+        match self {
+            Self::Checked => "the gateway's DLP or guardrails now check requests or responses",
+            Self::Unreadable => {
+                "the gateway now has usage limits and cannot read this session's usage"
+            }
+            Self::NoModel => "the gateway now has a spend limit and this session names no model",
+            Self::Signed => "the gateway now signs this provider's requests",
+        }
+    }
+}
+
 /// Counts a session as open until dropped.
 struct OpenSession(Arc<tokio::sync::watch::Sender<usize>>);
 
@@ -209,26 +362,17 @@ pub(crate) async fn serve(
 ) -> Result<Response<ProxyBody>, Failure> {
     let provider = up.provider;
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);
-    if snap.dlp.checks_requests()
-        || snap.dlp.checks_responses()
-        || snap.guardrails.checks_prompts()
-        || snap.guardrails.checks_responses()
-    {
-        return Err(fail(GatewayError::WebSocketRefused(
-            "WebSocket sessions are refused: this gateway's DLP or guardrails check what requests and responses carry, which they cannot do for a session".into(),
-        )));
-    }
-    if snap.budgets.is_some() && !provider.sessions_report_openai_usage() {
-        return Err(fail(GatewayError::WebSocketRefused(format!(
-            "WebSocket sessions are refused for {}: this gateway has a spend limit or token budget, and the gateway cannot read how much this provider's sessions use",
-            provider.id
-        ))));
-    }
-    if provider.signs_requests() {
-        return Err(fail(GatewayError::WebSocketRefused(format!(
-            "WebSocket sessions are refused for {}: the gateway signs its requests, and a session is not one it can sign",
-            provider.id
-        ))));
+    // The deployment decides an Azure OpenAI session's model, as it does for HTTP requests.
+    let query = parts.uri.query().unwrap_or_default();
+    let model = provider
+        .deployment(up.route.rest)
+        .map(str::to_owned)
+        .or_else(|| query_value(query, "model"))
+        .or_else(|| query_value(query, "deployment"))
+        .and_then(|m| crate::cost::ModelName::named(&m));
+    let transcription = query_value(query, "intent").as_deref() == Some("transcription");
+    if let Some(refusal) = Refusal::of(snap, provider, model.is_some() || transcription) {
+        return Err(fail(refusal.error(&provider.id)));
     }
     let Some(client_side) = parts.extensions.get::<OnUpgrade>().cloned() else {
         return Err(fail(GatewayError::WebSocketRefused(
@@ -255,11 +399,6 @@ pub(crate) async fn serve(
         .attempt(request, up.timeout, snap.request_timeout)
         .await
         .map_err(fail)?;
-    let model = parts
-        .uri
-        .query()
-        .and_then(|q| query_value(q, "model"))
-        .and_then(|m| crate::cost::ModelName::named(&m));
     let (mut head, body) = upstream.into_parts();
     // The provider's own `cf-aig-*` and hop-by-hop headers go; the gateway's are added after.
     let upstream_side = head.extensions.remove::<OnUpgrade>();
@@ -280,11 +419,19 @@ pub(crate) async fn serve(
         opts,
         log_id,
     );
-    if let Some(m) = model {
-        record.set_model(m, &snap.pricing);
+    if let Some(m) = &model {
+        record.set_model(m.clone(), &snap.pricing);
     }
     let tally = gw.tally(snap);
     record.set_tally(tally.clone());
+    let admitted = Admitted {
+        provider: provider.id.clone(),
+        token: TokenPrint::presented(snap, &parts.headers),
+        model,
+        transcription,
+        ledger: gw.ledger.clone(),
+        pricing: snap.pricing.clone(),
+    };
     if head.status != StatusCode::SWITCHING_PROTOCOLS {
         // The provider's answer (an error, most likely) goes through as it is.
         let body = crate::proxy::answer_body(body, false, record, None);
@@ -311,8 +458,10 @@ pub(crate) async fn serve(
         tally,
         metrics: gw.metrics.clone(),
         held: up.held,
+        admitted,
         watches: gw.sessions.join(),
     };
+    session.warn_unpriced();
     let provider_id = provider.id.clone();
     // The client's side switches once this answer is written; the session runs on its own,
     // counted in `gw.sessions`.
@@ -340,20 +489,148 @@ struct Session {
     metrics: Arc<crate::telemetry::Metrics>,
     /// The stored credential it was opened with, if any.
     held: Option<HeldKey>,
+    /// What it was admitted with, checked again at each reload.
+    admitted: Admitted,
     watches: Watches,
 }
 
+/// What a session was admitted with.
+struct Admitted {
+    provider: Arc<str>,
+    /// The gateway token (when authentication was on).
+    token: Option<TokenPrint>,
+    /// The model its responses are priced at.
+    model: Option<crate::cost::ModelName>,
+    /// The URL asked for a transcription session (`?intent=transcription`).
+    transcription: bool,
+    /// This pod's counters, kept across reloads: a reload's limits are charged to them.
+    ledger: Arc<crate::budget::Ledger>,
+    /// The prices of the config serving, for its transcriptions.
+    pricing: crate::cost::Pricing,
+}
+
+/// Usage read from a session's events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Used {
+    /// A response's tokens (`response.done`), priced at the session's model.
+    Response { input: u64, output: u64 },
+    /// An input audio transcription's tokens, priced at the transcription model (`None`: the
+    /// session never named it).
+    Transcription {
+        input: u64,
+        output: u64,
+        model: Option<String>,
+    },
+    /// An input audio transcription that reported no tokens (billed by its audio's duration).
+    Untokened { model: Option<String> },
+}
+
 impl Session {
-    /// Resolves when the session must end: every session ends, or a reload took its key away.
-    async fn ended(&mut self) -> &'static str {
+    /// Resolves when the session must end, with the close code and reason: every session ends,
+    /// or a reload no longer admits it (see the module docs).
+    async fn ended(&mut self) -> (u16, &'static str) {
         loop {
             tokio::select! {
-                _ = self.watches.ending.changed() => return "the gateway is stopping",
-                Ok(()) = self.watches.serving.changed(), if self.held.is_some() => {
+                _ = self.watches.ending.changed() => return (1001, "the gateway is stopping"),
+                Ok(()) = self.watches.serving.changed() => {
                     let serving = self.watches.serving.borrow_and_update().clone();
-                    if self.held.as_ref().is_some_and(|h| !h.still_held(serving.as_deref())) {
-                        return "the provider key of this session was removed or rotated";
+                    // Done before any wait, so that a reload is taken in whole even when this
+                    // future is dropped (a frame came) during the check below.
+                    if let Some(end) = self.readmit(serving.as_deref()) {
+                        return end;
                     }
+                    if let Some(t) = &self.tally
+                        && t.check(&self.metrics).await.is_err()
+                    {
+                        return (1008, "usage limit reached");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Admits the session again under `serving` (none: the config was taken away), and charges
+    /// it from now on to its limits at its prices; the close code and reason when it is not.
+    fn readmit(&mut self, serving: Option<&Snapshot>) -> Option<(u16, &'static str)> {
+        let Some(snap) = serving else {
+            // The gateway ends every session then; a stored key is gone at once.
+            return self.held.is_some().then_some((1001, KEY_GONE));
+        };
+        if self
+            .held
+            .as_ref()
+            .is_some_and(|h| !h.still_held(Some(snap)))
+        {
+            return Some((1001, KEY_GONE));
+        }
+        let a = &self.admitted;
+        let Some(provider) = snap.providers.get(&a.provider) else {
+            return Some((1001, "the provider of this session is no longer configured"));
+        };
+        if snap.auth_required && !a.token.is_some_and(|t| t.held_by(&snap.keys)) {
+            return Some((1008, "the gateway token of this session is no longer valid"));
+        }
+        if let Some(refusal) = Refusal::of(snap, provider, a.model.is_some() || a.transcription) {
+            return Some((1008, refusal.reason()));
+        }
+        self.tally = snap.budgets.map(|settings| crate::budget::Tally {
+            ledger: a.ledger.clone(),
+            settings,
+            shared: snap.shared.clone(),
+        });
+        self.record.set_tally(self.tally.clone());
+        if let Some(m) = &a.model {
+            self.record.set_model(m.clone(), &snap.pricing);
+        }
+        self.admitted.pricing = snap.pricing.clone();
+        self.warn_unpriced();
+        None
+    }
+
+    /// Warns, under a spend limit, that the session's model has no price (once per model, as
+    /// for HTTP answers): its responses will not be charged.
+    fn warn_unpriced(&self) {
+        let a = &self.admitted;
+        if let (Some(t), Some(m)) = (&self.tally, &a.model)
+            && a.pricing.lookup(m.as_str()).is_none()
+        {
+            t.uncharged(&a.provider, m.as_str(), true);
+        }
+    }
+
+    /// Charges what an event reported to the record and the usage limits.
+    fn charge(&mut self, used: Used) {
+        let a = &self.admitted;
+        match used {
+            Used::Response { input, output } => {
+                self.record.charge_part(input, output);
+                if let Some(t) = &self.tally
+                    && a.model.is_none()
+                {
+                    t.uncharged(&a.provider, UNNAMED_MODEL, true);
+                }
+            }
+            Used::Transcription {
+                input,
+                output,
+                model,
+            } => {
+                let Some(t) = &self.tally else {
+                    return;
+                };
+                let tokens = crate::usage::Tokens::plain(Some(input), Some(output));
+                let price = model.as_deref().and_then(|m| a.pricing.lookup(m));
+                let cost = crate::cost::cost(price, None, &tokens);
+                t.add(&self.metrics, cost, tokens.totals());
+                if cost.is_none() {
+                    let model = model.as_deref().unwrap_or(UNNAMED_TRANSCRIPTION_MODEL);
+                    t.uncharged(&a.provider, model, true);
+                }
+            }
+            Used::Untokened { model } => {
+                if let Some(t) = &self.tally {
+                    let model = model.as_deref().unwrap_or(UNNAMED_TRANSCRIPTION_MODEL);
+                    t.uncharged(&a.provider, model, false);
                 }
             }
         }
@@ -427,7 +704,8 @@ where
     }
 }
 
-/// Copies what the provider sends to the client, charging each `response.done`, until the
+/// Copies what the provider sends to the client, charging each `response.done` and input audio
+/// transcription, until the
 /// provider closes, a copy fails, the usage limits run out or the gateway ends the session.
 async fn forward<R, W>(upstream: &mut R, client: &mut W, s: &mut Session) -> End
 where
@@ -443,9 +721,9 @@ where
                 Ok(n) => n,
                 Err(e) => return End::Failed(e),
             },
-            why = s.ended() => {
-                tracing::info!(reason = why, "websocket session ended by the gateway");
-                close(client, &frames, 1001, why).await;
+            (code, why) = s.ended() => {
+                tracing::info!(reason = why, code, "websocket session ended by the gateway");
+                close(client, &frames, code, why).await;
                 return End::Ending;
             }
         };
@@ -457,8 +735,11 @@ where
             _ = s.ended() => return End::Ending,
         }
         s.record.add_bytes(n as u64);
-        if let Some((input, output)) = frames.take_counted() {
-            s.record.charge_part(input, output);
+        let used = frames.take_used();
+        if !used.is_empty() {
+            for u in used {
+                s.charge(u);
+            }
             if let Some(t) = &s.tally
                 && let Err(e) = t.check(&s.metrics).await
             {
@@ -495,7 +776,8 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 }
 
 /// Reads the WebSocket frames a provider sends (RFC 6455 §5.2) as they pass, for the token
-/// counts of its `response.done` messages. Frames from a server are unmasked, but a masked one is
+/// counts of its `response.done` and transcription messages (and the transcription model its
+/// session messages name). Frames from a server are unmasked, but a masked one is
 /// read too; messages over [`MAX_READ_MESSAGE`] are skipped.
 #[derive(Default)]
 struct Frames {
@@ -514,10 +796,10 @@ struct Frames {
     reading: bool,
     /// The first [`PEEK`] bytes of the message were looked at.
     peeked: bool,
-    /// Tokens of the `response.done` messages read since [`Self::take_counted`].
-    input: u64,
-    output: u64,
-    counted: bool,
+    /// Usage read since [`Self::take_used`], in the order it came.
+    used: Vec<Used>,
+    /// The input audio transcription model the session's last configuration named.
+    transcription_model: Option<String>,
 }
 
 impl Frames {
@@ -615,7 +897,7 @@ impl Frames {
         }
         if !self.peeked && m.len() >= PEEK {
             self.peeked = true;
-            if memchr::memmem::find(&m[..PEEK], b"response.done").is_none() {
+            if !names_read_event(&m[..PEEK]) {
                 self.message = None;
             }
         }
@@ -633,40 +915,76 @@ impl Frames {
         self.mask = None;
     }
 
-    /// Adds the usage of a `response.done` message.
+    /// Adds the usage of a `response.done` or transcription message, or notes the
+    /// transcription model a session message names.
     fn read_message(&mut self, m: &[u8]) {
-        if memchr::memmem::find(m, b"response.done").is_none() {
+        if !names_read_event(m) {
             return;
         }
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(m) else {
             return;
         };
-        if v.get("type").and_then(|t| t.as_str()) != Some("response.done") {
-            return;
-        }
-        let Some(usage) = v.pointer("/response/usage") else {
-            return;
+        let tokens = |usage: &serde_json::Value| {
+            let count = |k: &str| usage.get(k).and_then(serde_json::Value::as_u64);
+            count("input_tokens").map(|i| (i, count("output_tokens").unwrap_or(0)))
         };
-        let count = |k: &str| usage.get(k).and_then(serde_json::Value::as_u64);
-        if let (Some(i), Some(o)) = (count("input_tokens"), count("output_tokens")) {
-            self.input = self.input.saturating_add(i);
-            self.output = self.output.saturating_add(o);
-            self.counted = true;
+        match v.get("type").and_then(|t| t.as_str()) {
+            Some("response.done") => {
+                let usage = v.pointer("/response/usage");
+                let count = |k: &str| usage?.get(k).and_then(serde_json::Value::as_u64);
+                if let (Some(input), Some(output)) = (count("input_tokens"), count("output_tokens"))
+                {
+                    self.used.push(Used::Response { input, output });
+                }
+            }
+            Some("conversation.item.input_audio_transcription.completed") => {
+                let model = self.transcription_model.clone();
+                self.used.push(match v.get("usage").and_then(tokens) {
+                    Some((input, output)) => Used::Transcription {
+                        input,
+                        output,
+                        model,
+                    },
+                    None => Used::Untokened { model },
+                });
+            }
+            Some(
+                "session.created"
+                | "session.updated"
+                | "transcription_session.created"
+                | "transcription_session.updated",
+            ) => {
+                let named = [
+                    "/session/audio/input/transcription",
+                    "/session/input_audio_transcription",
+                ]
+                .iter()
+                .find_map(|p| v.pointer(p));
+                if let Some(t) = named {
+                    self.transcription_model =
+                        t.get("model").and_then(|m| m.as_str()).map(str::to_owned);
+                }
+            }
+            _ => {}
         }
     }
 
-    /// Input and output tokens of the `response.done` messages read since the last call, when
-    /// there were any.
-    fn take_counted(&mut self) -> Option<(u64, u64)> {
-        let counted = std::mem::take(&mut self.counted).then_some((self.input, self.output));
-        (self.input, self.output) = (0, 0);
-        counted
+    /// The usage read since the last call.
+    fn take_used(&mut self) -> Vec<Used> {
+        std::mem::take(&mut self.used)
     }
 
     /// Whether the bytes fed so far end where a frame ends.
     fn at_boundary(&self) -> bool {
         !self.in_payload && self.header.is_empty()
     }
+}
+
+/// Whether `m` names an event read for usage ([`READ_EVENTS`]).
+fn names_read_event(m: &[u8]) -> bool {
+    READ_EVENTS
+        .iter()
+        .any(|name| memchr::memmem::find(m, name).is_some())
 }
 
 #[cfg(test)]
@@ -696,6 +1014,23 @@ mod tests {
             None => f.extend_from_slice(payload),
         }
         f
+    }
+
+    impl Frames {
+        /// The tokens of the `response.done` messages read since the last call, summed, when
+        /// there were any (and no other usage was read).
+        fn take_responses(&mut self) -> Option<(u64, u64)> {
+            let used = self.take_used();
+            let mut sum = None;
+            for u in used {
+                let Used::Response { input, output } = u else {
+                    panic!("not a response: {u:?}");
+                };
+                let (i, o) = sum.unwrap_or((0, 0));
+                sum = Some((i + input, o + output));
+            }
+            sum
+        }
     }
 
     /// A `response.done` event as OpenAI sends it (`event_id` and `type` first).
@@ -730,17 +1065,17 @@ mod tests {
                 f.feed(piece);
             }
             assert_eq!(
-                f.take_counted(),
+                f.take_responses(),
                 Some((111, 46)),
                 "fed {chunk} bytes at a time"
             );
-            assert_eq!(f.take_counted(), None, "taken once");
+            assert_eq!(f.take_responses(), None, "taken once");
             assert!(f.at_boundary());
             assert!(!f.in_payload && f.header.is_empty());
         }
         let mut none = Frames::default();
         none.feed(&frame(true, 1, br#"{"type":"session.created"}"#, None));
-        assert_eq!(none.take_counted(), None);
+        assert_eq!(none.take_responses(), None);
         // A long message whose first bytes name no response.done is not gathered at all.
         let mut audio = Frames::default();
         let delta = format!(
@@ -755,10 +1090,10 @@ mod tests {
     fn messages_over_the_read_limit_are_passed_unread() {
         let mut f = Frames::default();
         f.feed(&frame(true, 1, &done(5, 5, MAX_READ_MESSAGE), None));
-        assert_eq!(f.take_counted(), None);
+        assert_eq!(f.take_responses(), None);
         // The next one is read again.
         f.feed(&frame(true, 1, &done(5, 5, 0), None));
-        assert_eq!(f.take_counted(), Some((5, 5)));
+        assert_eq!(f.take_responses(), Some((5, 5)));
     }
 
     #[test]
@@ -797,5 +1132,73 @@ mod tests {
             Some("@cf:x")
         );
         assert_eq!(query_value("models=x", "model"), None);
+    }
+
+    #[test]
+    fn transcriptions_are_read_with_the_model_the_session_names_at_their_time() {
+        let ev = |s: &str| frame(true, 1, s.as_bytes(), None);
+        let mut stream = Vec::new();
+        // A transcription before any session configuration: its model is not known.
+        stream.extend(ev(r#"{"event_id":"e0","type":"conversation.item.input_audio_transcription.completed","item_id":"i0","transcript":"hi","usage":{"type":"tokens","total_tokens":9,"input_tokens":7,"output_tokens":2}}"#));
+        // The beta shape names the model under input_audio_transcription.
+        stream.extend(ev(r#"{"event_id":"e1","type":"transcription_session.updated","session":{"input_audio_transcription":{"model":"gpt-4o-transcribe","language":"en"}}}"#));
+        stream.extend(ev(r#"{"event_id":"e2","type":"conversation.item.input_audio_transcription.completed","item_id":"i1","transcript":"hello","usage":{"type":"tokens","total_tokens":30,"input_tokens":20,"input_token_details":{"text_tokens":0,"audio_tokens":20},"output_tokens":10}}"#));
+        // The GA shape names it under audio.input.transcription; whisper-1 bills by duration.
+        stream.extend(ev(r#"{"event_id":"e3","type":"session.updated","session":{"type":"realtime","audio":{"input":{"transcription":{"model":"whisper-1"}}}}}"#));
+        stream.extend(ev(r#"{"event_id":"e4","type":"conversation.item.input_audio_transcription.completed","item_id":"i2","transcript":"x","usage":{"type":"duration","seconds":3.2}}"#));
+        stream.extend(ev(&String::from_utf8(done(4, 5, 0)).expect("utf-8")));
+        // A session configuration without transcription clears the model.
+        stream.extend(ev(r#"{"event_id":"e5","type":"session.updated","session":{"input_audio_transcription":null}}"#));
+        stream.extend(ev(r#"{"event_id":"e6","type":"conversation.item.input_audio_transcription.completed","usage":{"type":"tokens","input_tokens":1,"output_tokens":1}}"#));
+        // Deltas and failures carry no usage.
+        stream.extend(ev(r#"{"event_id":"e7","type":"conversation.item.input_audio_transcription.delta","delta":"h"}"#));
+        for chunk in [1, 5, 64, stream.len()] {
+            let mut f = Frames::default();
+            let mut used = Vec::new();
+            for piece in stream.chunks(chunk) {
+                f.feed(piece);
+                used.extend(f.take_used());
+            }
+            let named = |m: &str| Some(m.to_owned());
+            assert_eq!(
+                used,
+                [
+                    Used::Transcription {
+                        input: 7,
+                        output: 2,
+                        model: None
+                    },
+                    Used::Transcription {
+                        input: 20,
+                        output: 10,
+                        model: named("gpt-4o-transcribe")
+                    },
+                    Used::Untokened {
+                        model: named("whisper-1")
+                    },
+                    Used::Response {
+                        input: 4,
+                        output: 5
+                    },
+                    Used::Transcription {
+                        input: 1,
+                        output: 1,
+                        model: None
+                    },
+                ],
+                "fed {chunk} bytes at a time"
+            );
+        }
+    }
+
+    #[test]
+    fn gateway_tokens_are_kept_as_salted_hashes_and_checked_against_the_held_ones() {
+        let a = TokenPrint::of(b"gw-token-a");
+        assert_eq!(a.0, TokenPrint::of(b"gw-token-a").0);
+        assert_ne!(a.0, TokenPrint::of(b"gw-token-b").0);
+        // Not the plain SHA-256 of the token: the salt is the process's own.
+        use sha2::Digest as _;
+        let plain: [u8; 32] = sha2::Sha256::digest(b"gw-token-a").into();
+        assert_ne!(a.0, plain);
     }
 }
