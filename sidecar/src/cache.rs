@@ -888,7 +888,17 @@ impl Miss {
     /// the flight until the entry is stored; else the waiting requests go on now). A stream
     /// lets them go at once too: a replay would reach them only after the whole stream, as
     /// long as the model takes to write it, while their own call starts answering at once.
-    pub fn fill(&mut self, status: StatusCode, headers: &HeaderMap) -> Option<Fill> {
+    pub fn fill(&mut self, head: &http::response::Parts) -> Option<Fill> {
+        let (status, headers) = (head.status, &head.headers);
+        if head
+            .extensions
+            .get::<crate::upstream::UnframedBody>()
+            .is_some()
+        {
+            // Whole or cut off, it cannot be told: the waiting requests go on now.
+            drop(self.flight.take());
+            return None;
+        }
         let framing = framing(headers, self.json_stream);
         let mut fill = start_fill(
             self.sink.clone(),
@@ -969,6 +979,15 @@ impl Fill {
 
 #[cfg(test)]
 mod tests {
+
+    /// A response head of `status` and `headers`, as a fill is started with.
+    fn head_of(status: StatusCode, headers: &HeaderMap) -> http::response::Parts {
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers.clone();
+        resp.into_parts().0
+    }
+
     use super::*;
 
     #[tokio::test]
@@ -1308,7 +1327,7 @@ mod tests {
             json_stream,
             flight: None,
         };
-        miss.fill(StatusCode::OK, &h).expect("fill").whole(body);
+        miss.fill(&head_of(StatusCode::OK, &h)).expect("fill").whole(body);
         store.get(&[1; 32]).is_some()
     }
 
@@ -1453,14 +1472,14 @@ mod tests {
                 json_stream,
                 flight: Some(guard),
             };
-            assert!(miss.fill(StatusCode::OK, &headers).is_none());
+            assert!(miss.fill(&head_of(StatusCode::OK, &headers)).is_none());
             assert!(flights.is_empty(), "the waiting requests go on");
             let Flight::Leader(guard) = flights.join([5; 32]) else {
                 panic!("leads");
             };
             miss.flight = Some(guard);
             miss.streaming = true;
-            let fill = miss.fill(StatusCode::OK, &headers).expect("fill");
+            let fill = miss.fill(&head_of(StatusCode::OK, &headers)).expect("fill");
             assert!(flights.is_empty(), "a stream lets them go at once");
             drop(fill);
         }

@@ -935,7 +935,7 @@ impl Gateway {
             head.headers.remove(header::CONTENT_LENGTH);
         }
         let fill = miss
-            .and_then(|m| m.fill(head.status, &head.headers))
+            .and_then(|m| m.fill(head))
             .map(|f| (f, self.buffers.guard(snap.max_buffered)));
         if cache_on {
             head.headers.insert(cache::STATUS, cache::MISS);

@@ -43,10 +43,11 @@ pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 ///
 /// Under the idle timeouts of the load balancers and front ends most upstreams sit behind
 /// (AWS ALB 60 s, nginx 75 s): a connection the upstream has closed is noticed before reuse, but
-/// one it closes just as it is reused costs a request (`h1` sends that request again, once; the
-/// general client cannot). Shorter server timeouts are announced (Node and Apache send
-/// `Keep-Alive: timeout=5`) or left to that resend (uvicorn's 5 s): a pool limit that short would
-/// reconnect, and over TLS handshake again, for most requests of a steady trickle.
+/// one it closes just as it is reused costs a request (`h1` sends it again, once, when that
+/// cannot do it twice; else it is a 502 the providers' SDKs retry). Shorter server timeouts are
+/// announced (Node and Apache send `Keep-Alive: timeout=5`) or left to that (uvicorn's 5 s): a
+/// pool limit that short would reconnect, and over TLS handshake again, for most requests of a
+/// steady trickle.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(55);
 /// Idle connections kept per upstream host.
 pub const MAX_IDLE_PER_HOST: usize = 256;
@@ -179,6 +180,12 @@ pin_project! {
 }
 
 /// The body error of an upstream that sent nothing for this long.
+/// A response extension: its body ends where the upstream closes the connection (no length,
+/// no chunks) over plain HTTP, so a cut-off body cannot be told from a whole one (over TLS the
+/// missing `close_notify` tells). Such a body is passed on, but never stored in the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct UnframedBody;
+
 #[derive(Debug, Clone, Copy)]
 pub struct Stalled(pub Duration);
 

@@ -708,3 +708,41 @@ def test_a_hit_does_not_repeat_the_first_responses_own_headers(mock, tmp_path):
     finally:
         g.stop()
         server.stop()
+
+
+def test_a_body_that_ends_where_the_upstream_closes_is_passed_on_but_not_stored(tmp_path):
+    # No length and no chunks over plain HTTP: a body cut off by a lost connection looks the
+    # same as a whole one, so it is never replayed from the cache.
+    import http.server
+    import threading
+
+    served = []
+
+    class CloseDelimited(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()  # no content-length: the body ends with the connection
+            self.wfile.write(b'{"id":"chatcmpl-1","object":"chat.completion","choices":[]}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CloseDelimited)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    g = Sidegate(tmp_path, gateway_yaml(url, extra_spec=CACHE_ON), DEFAULT_KEYS)
+    try:
+        for _ in range(2):
+            r = post(g, "/openai/chat/completions")
+            assert r.status_code == 200 and r.json()["id"] == "chatcmpl-1", r.text
+            assert r.headers["cf-aig-cache-status"] == "MISS"
+        assert len(served) == 2
+    finally:
+        g.stop()
+        server.shutdown()
+        server.server_close()

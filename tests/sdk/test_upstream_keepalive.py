@@ -2,8 +2,11 @@
 
 The request then went out on a connection the upstream had already given up, and it was never
 read. The gateway sends it again, once, on a new connection, inside the same upstream attempt
-(no retry counted or logged); a request lost on a new connection, or after part of an answer,
-stays an error.
+(no retry counted or logged) when that cannot do it twice: the upstream had not all of it (the
+connection went while it was being written), or the request is safe to repeat (an
+`Idempotency-Key`). A POST that went out whole may have been read (and billed) by an upstream
+that then failed: that, a request lost on a new connection, or after part of an answer, stays an
+error.
 """
 
 import json
@@ -122,9 +125,11 @@ def test_a_request_lost_with_a_reused_connection_is_sent_again_on_a_new_one(raci
         first = client.post(g.url + CHAT, json=chat("hello"))
         assert first.status_code == 200, first.text
         assert first.json()["id"] == "conn-0"
-        # A long prompt where the upstream closes with it unread: cut off mid-write.
+        # A long prompt where the upstream closes with it unread: cut off mid-write. A short one
+        # went out whole: sent again only as the client made it safe to repeat.
         prompt = "x" * (4 << 20) if up.lose == "unread" else "again"
-        second = client.post(g.url + CHAT, json=chat(prompt))
+        headers = {} if up.lose == "unread" else {"idempotency-key": "req-7"}
+        second = client.post(g.url + CHAT, json=chat(prompt), headers=headers)
     assert second.status_code == 200, second.text
     assert second.json()["id"] == "conn-1"
     read, _, length = second.json()["choices"][0]["message"]["content"].partition(" of ")
@@ -133,6 +138,18 @@ def test_a_request_lost_with_a_reused_connection_is_sent_again_on_a_new_one(raci
     # One upstream attempt as far as anyone can see.
     assert retries_counted(g) == 0
     assert "retrying upstream" not in g.logs()
+
+
+@pytest.mark.parametrize("racing", ["fin", "rst"], indirect=True)
+def test_a_post_that_went_out_whole_is_not_sent_twice(racing):
+    # The upstream read it, then the connection was lost: it may have done (and billed) it.
+    up, g = racing
+    with httpx.Client(timeout=30) as client:
+        assert client.post(g.url + CHAT, json=chat("hello")).status_code == 200
+        r = client.post(g.url + CHAT, json=chat("again"))
+    assert r.status_code == 502, r.text
+    assert r.json()["error"][0]["code"] == 2104
+    assert up.accepted == 1
 
 
 @pytest.mark.parametrize("racing", ["at-once"], indirect=True)

@@ -1202,7 +1202,7 @@ pub(crate) async fn answer(
         };
         let fill = miss
             .as_mut()
-            .and_then(|m| m.fill(head.status, &head.headers))
+            .and_then(|m| m.fill(&head))
             .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
         return Ok(Served::Answer(Box::new(Response::from_parts(
             head,
@@ -1220,7 +1220,7 @@ pub(crate) async fn answer(
             .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         let fill = miss
             .as_mut()
-            .and_then(|m| m.fill(head.status, &head.headers))
+            .and_then(|m| m.fill(&head))
             .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
         let body = ProxyBody::translated(upstream_body, t.stream_translator(), record);
         return Ok(Served::Answer(Box::new(Response::from_parts(
@@ -1319,10 +1319,7 @@ pub(crate) async fn answer(
         record.observe_bytes(&out);
         record.finish_upstream_error();
     }
-    if let Some(fill) = miss
-        .as_mut()
-        .and_then(|m| m.fill(head.status, &head.headers))
-    {
+    if let Some(fill) = miss.as_mut().and_then(|m| m.fill(&head)) {
         fill.whole(&out);
     }
     // The translation takes the place of the answer it came from.

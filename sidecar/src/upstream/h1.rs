@@ -58,9 +58,14 @@ const MAX_TRAILERS: usize = 64 * 1024;
 const READ_CHUNK: usize = 8 * 1024;
 /// Largest read size.
 const MAX_READ: usize = 128 * 1024;
+/// A request header that makes a POST safe to send twice (the IETF draft's name; Stripe's and
+/// others' APIs take it).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 /// How soon after a pooled connection was taken its loss, with no byte of an answer, is the
-/// keep-alive race (the upstream closed it idle as the request went out: sent again on a new
-/// one); later, the upstream may have worked on the request, which is not sent twice.
+/// keep-alive race (the upstream closed it idle as the request went out: a replayable request
+/// is sent again on a new one); later, the upstream may have worked on the request, which is
+/// not sent twice.
 const RESEND_WITHIN: Duration = Duration::from_secs(1);
 
 /// Whether `req` can take this path: a buffered body of known length and no framing or upgrade
@@ -375,6 +380,11 @@ impl Pool {
         let (mut idle, host) = self.checkout(&origin, &parts.uri);
         let head = encode_head(&parts, host, body.len());
         let is_head = parts.method == Method::HEAD;
+        // Sent again after a lost connection that may have read it only when doing it twice
+        // does no harm: an idempotent method, or a request its client made safe to repeat.
+        // An LLM call is a POST, and one the upstream read and then lost may have been billed.
+        let replayable =
+            parts.method.is_idempotent() || parts.headers.contains_key(IDEMPOTENCY_KEY);
         let (mut conn, written, (resp, framing, keep_idle)) = loop {
             // When a pooled connection was taken: only such a connection may have been closed
             // by the upstream as the request went out.
@@ -390,6 +400,7 @@ impl Pool {
                     // crash mid-answer must not have it done twice).
                     Err((e, received))
                         if !received
+                            && replayable
                             && connection_lost(&e)
                             && taken_at.is_some_and(|at| at.elapsed() < RESEND_WITHIN) =>
                     {
@@ -410,11 +421,12 @@ impl Pool {
             };
             // The keep-alive race: the upstream closed the idle connection as the request went
             // out, so it never read it (a server closing an idle connection has no request in
-            // progress on it). The request is in memory, whole: sent again, once, on a new
-            // connection — `idle` is empty, and a new connection is never `reused` — as
-            // browsers do for any method (Go's transport only for idempotent ones; the
-            // providers' SDKs retry a lost connection anyway). Within this one attempt: retry
-            // policies and their counts see one.
+            // progress on it) — or, sent whole, it read it and failed, which cannot be told
+            // apart: then only a replayable request is sent again, as Go's transport and
+            // nginx do (a POST is not: the client, or a retry policy, decides; the providers'
+            // SDKs retry a 502). The request is in memory, whole: sent again, once, on a new
+            // connection — `idle` is empty, and a new connection is never `reused`. Within this
+            // one attempt: retry policies and their counts see one.
             tracing::debug!(error = %lost, "pooled upstream connection lost before any answer; resending on a new one");
         };
         conn.keep_idle = keep_idle.unwrap_or(Duration::ZERO);
@@ -427,6 +439,10 @@ impl Pool {
             pool: Arc::downgrade(self),
             origin,
         };
+        let mut resp = resp;
+        if matches!(body.framing, Framing::Close) && !body.origin.tls {
+            resp.extensions_mut().insert(super::UnframedBody);
+        }
         if matches!(body.framing, Framing::Done) {
             body.release();
         }
@@ -704,7 +720,13 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names, is_head: bool) -> io::Resul
         };
         let code = parsed.code.unwrap_or(0);
         let status = StatusCode::from_u16(code).map_err(|_| invalid("status"))?;
-        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // `eligible` requests ask for no upgrade: a switch nobody asked for is no answer.
+            return Err(invalid(
+                "101 Switching Protocols to a request that asked for no upgrade",
+            ));
+        }
+        if status.is_informational() {
             buf.advance(len);
             if buf.is_empty() {
                 return Ok(None);
@@ -744,9 +766,7 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names, is_head: bool) -> io::Resul
         }
         let framing = framing(status, is_head, &mut headers)?;
         // No reuse after a body delimited by the close, or a switch of protocols.
-        let keep_alive = keep_alive(version, &headers)
-            && !matches!(framing, Framing::Close)
-            && status != StatusCode::SWITCHING_PROTOCOLS;
+        let keep_alive = keep_alive(version, &headers) && !matches!(framing, Framing::Close);
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
@@ -1266,11 +1286,14 @@ mod tests {
             )
             .is_err()
         );
-        let (_, f, ka) = ok(
-            "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
-            false,
+        // No request of this path asks to switch protocols.
+        assert!(
+            head(
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+                false
+            )
+            .is_err()
         );
-        assert!(matches!(f, Framing::Done) && ka.is_none());
     }
 
     #[test]
@@ -1572,7 +1595,21 @@ mod tests {
     /// POSTs `len` bytes to `url`; the status and body of the answer, or the error with its
     /// source.
     async fn post(pool: &Arc<Pool>, url: &str, len: usize) -> Result<(u16, String), String> {
-        let req = Request::post(format!("{url}/v1/chat/completions"))
+        send(pool, url, len, false).await
+    }
+
+    /// [`post`], with an `Idempotency-Key` when `replayable`.
+    async fn send(
+        pool: &Arc<Pool>,
+        url: &str,
+        len: usize,
+        replayable: bool,
+    ) -> Result<(u16, String), String> {
+        let mut req = Request::post(format!("{url}/v1/chat/completions"));
+        if replayable {
+            req = req.header(IDEMPOTENCY_KEY, "k-1");
+        }
+        let req = req
             .body(Full::new(Bytes::from(vec![b'x'; len])))
             .expect("request");
         // Bounded: a body sent short would leave the test upstream waiting for the rest.
@@ -1596,6 +1633,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_post_lost_after_it_went_out_whole_is_an_error_not_sent_twice() {
+        // The upstream may have read it and failed (and billed it): the client decides.
+        for (lost, name) in [(Step::Close, "FIN"), (Step::Reset, "RST")] {
+            let (url, accepted) = upstream(
+                vec![vec![Step::Answer(""), lost], vec![Step::Answer("")]],
+                None,
+            )
+            .await;
+            let pool = plain_pool();
+            assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
+            let err = post(&pool, &url, 9).await.expect_err(name);
+            assert!(
+                err.contains("closed before message completed") || err.contains("reset"),
+                "{name}: {err}"
+            );
+            assert_eq!(
+                accepted.load(std::sync::atomic::Ordering::SeqCst),
+                1,
+                "{name}"
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_reused_connection_lost_as_the_request_went_out_is_retried_on_a_new_one() {
         for (lost, name) in [(Step::Close, "FIN"), (Step::Reset, "RST")] {
             let (url, accepted) = upstream(
@@ -1610,9 +1671,10 @@ mod tests {
                 "{name}"
             );
             assert_eq!(pool.idle(), 1, "{name}");
-            // Sent on the pooled connection, lost, and sent again whole on a new one.
+            // Replayable: sent on the pooled connection, lost, and sent again whole on a new
+            // one.
             assert_eq!(
-                post(&pool, &url, 9).await,
+                send(&pool, &url, 9, true).await,
                 Ok((200, "1 9".into())),
                 "{name}"
             );
@@ -1662,7 +1724,7 @@ mod tests {
                 "{name}"
             );
             assert_eq!(
-                post(&pool, &url, 9).await,
+                send(&pool, &url, 9, true).await,
                 Ok((200, "1 9".into())),
                 "{name}"
             );
@@ -1704,7 +1766,7 @@ mod tests {
             .await;
             let pool = plain_pool();
             assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
-            let err = post(&pool, &url, 7).await.expect_err("lost");
+            let err = send(&pool, &url, 7, true).await.expect_err("lost");
             assert!(err.contains("closed before message completed"), "{err}");
             assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
         }
@@ -1724,7 +1786,7 @@ mod tests {
         .await;
         let pool = plain_pool();
         assert_eq!(post(&pool, &url, 7).await, Ok((200, "0 7".into())));
-        let err = post(&pool, &url, 7).await.expect_err("lost twice");
+        let err = send(&pool, &url, 7, true).await.expect_err("lost twice");
         assert!(err.contains("closed before message completed"), "{err}");
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
