@@ -329,10 +329,10 @@ fn non_identity(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
 }
 
 /// The headers to send upstream: the client's, less gateway and hop-by-hop headers, `Host`
-/// (set from the upstream URI), `Content-Length` (set from the body), and `drop` (the provider's
-/// auth headers when the gateway injects its own key); `Accept-Encoding` is `identity` (see
-/// [`identity_encoding`]) unless [`keeps_accept_encoding`] (`client_signature`: the client's own
-/// SigV4 signature goes upstream unchanged).
+/// (set from the upstream URI), `Content-Length` (set from the body), `Expect` (the gateway
+/// answered it), and `drop` (the provider's auth headers when the gateway injects its own key);
+/// `Accept-Encoding` is `identity` (see [`identity_encoding`]) unless [`keeps_accept_encoding`]
+/// (`client_signature`: the client's own SigV4 signature goes upstream unchanged).
 pub fn upstream_request_headers(
     client: &HeaderMap,
     drop: &[HeaderName],
@@ -351,6 +351,10 @@ pub fn upstream_request_headers(
             || is_legacy_gateway_header(name)
             || name == header::HOST
             || name == header::CONTENT_LENGTH
+            // `Expect: 100-continue` was the client's question to this gateway, answered (hyper
+            // sends `100 Continue` when the body is read) before the body was read whole: every
+            // upstream request carries a buffered body, so there is nothing left to ask.
+            || name == header::EXPECT
             || (name == header::ACCEPT_ENCODING && !keep_encoding)
             || drop.contains(name)
             || listed.contains(name)
@@ -423,6 +427,7 @@ mod tests {
             ("te", "trailers"),
             ("host", "127.0.0.1:8787"),
             ("content-length", "12"),
+            ("expect", "100-continue"),
             ("content-type", "application/json"),
             ("openai-organization", "org-1"),
         ]);

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,6 +18,7 @@ use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
 use crate::admin;
@@ -65,30 +67,123 @@ enum Phase {
     Cut,
 }
 
-/// Which protocol a new connection speaks, from its first bytes (peeked, so they stay in the
-/// socket for the protocol's own reader): h2c when they are the HTTP/2 preface, else HTTP/1.
-/// Deciding once per connection keeps the per-request path free of a rewind buffer.
-async fn speaks_h2(stream: &TcpStream) -> std::io::Result<bool> {
-    let mut buf = [0u8; H2_PREFACE.len()];
+/// Which protocol a new connection speaks, from its first bytes: h2c when they are the HTTP/2
+/// preface, else HTTP/1. Nearly always one peek decides (the client's first write is there
+/// whole), leaving the bytes in the socket for the protocol's own reader. First bytes that are
+/// only a part of the preface (a lone `P`) are read out instead and waited on with reads, which
+/// sleep until more comes, not a timed re-peek; they are handed on to the reader in the
+/// returned [`FirstBytes`].
+async fn speaks_h2(stream: &TcpStream) -> std::io::Result<(bool, FirstBytes)> {
+    let mut first = FirstBytes::default();
+    let n = stream.peek(&mut first.bytes).await?;
+    if let Some(h2) = preface_decided(&first.bytes[..n]) {
+        return Ok((h2, FirstBytes::default()));
+    }
     loop {
         stream.readable().await?;
-        let n = match stream.peek(&mut buf).await {
+        let len = usize::from(first.end);
+        let n = match stream.try_read(&mut first.bytes[len..]) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        if n == 0 || buf[..n] != H2_PREFACE[..n] {
-            // Closed, or HTTP/1 (`PUT`, `POST`, `PATCH` part ways with `PRI` by the 2nd byte):
-            // the HTTP/1 reader answers either.
-            return Ok(false);
+        // At most the preface's 24 bytes.
+        first.end += n as u8;
+        if n == 0 {
+            // Closed after a part of the preface: the HTTP/1 reader answers it.
+            return Ok((false, first));
         }
-        if n == H2_PREFACE.len() {
-            return Ok(true);
+        if let Some(h2) = preface_decided(first.pending()) {
+            return Ok((h2, first));
         }
-        // A prefix of the preface: wait for more (peek returns what is there right away).
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
+
+/// Whether the first bytes `seen` are the whole HTTP/2 preface (`Some(true)`), cannot be it
+/// (`Some(false)`: none, or HTTP/1 — `PUT`, `POST`, `PATCH` part ways with `PRI` by the 2nd
+/// byte), or are a part of it (`None`: wait for more).
+fn preface_decided(seen: &[u8]) -> Option<bool> {
+    if seen.is_empty() || seen != &H2_PREFACE[..seen.len()] {
+        Some(false)
+    } else if seen.len() == H2_PREFACE.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// The first bytes of a connection read while telling its protocol apart (usually none: they
+/// were peeked), still to be read by the protocol's reader.
+#[derive(Default)]
+struct FirstBytes {
+    bytes: [u8; H2_PREFACE.len()],
+    start: u8,
+    end: u8,
+}
+
+impl FirstBytes {
+    fn pending(&self) -> &[u8] {
+        &self.bytes[usize::from(self.start)..usize::from(self.end)]
+    }
+}
+
+/// A client connection whose reads start with its [`FirstBytes`]: one comparison per read
+/// once they are gone.
+struct Replayed<T> {
+    first: FirstBytes,
+    inner: T,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replayed<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.first.start == self.first.end {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let pending = self.first.pending();
+        let n = pending.len().min(buf.remaining());
+        buf.put_slice(&pending[..n]);
+        // n <= 24
+        self.first.start += n as u8;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replayed<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A gateway client connection as its HTTP/1 or h2c server sees it.
+type ClientIo = TokioIo<WriteStall<Replayed<TcpStream>>>;
 
 /// A client connection that gives up on a client taking none of its answer: a write that has
 /// waited `limit` for the client to read (its socket buffer full) fails, and the connection,
@@ -189,9 +284,9 @@ async fn serve_connection(
     mut phase: watch::Receiver<Phase>,
 ) {
     let silence = gateway.client_timeout;
-    let h2 = tokio::select! {
+    let (h2, first) = tokio::select! {
         first = tokio::time::timeout(silence, speaks_h2(&stream)) => match first {
-            Ok(Ok(h2)) => h2,
+            Ok(Ok(decided)) => decided,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "connection ended before its first request");
                 return;
@@ -200,7 +295,13 @@ async fn serve_connection(
         },
         _ = phase.wait_for(|p| *p != Phase::Serving) => return,
     };
-    let io = TokioIo::new(WriteStall::new(stream, silence));
+    let io = TokioIo::new(WriteStall::new(
+        Replayed {
+            first,
+            inner: stream,
+        },
+        silence,
+    ));
     let result = if h2 {
         serve_h2(io, gateway, silence, phase).await
     } else {
@@ -213,7 +314,7 @@ async fn serve_connection(
 
 /// HTTP/1.1: hyper closes a connection silent for `silence` between requests or within a head.
 async fn serve_h1(
-    io: TokioIo<WriteStall<TcpStream>>,
+    io: ClientIo,
     gateway: Arc<Gateway>,
     silence: Duration,
     mut phase: watch::Receiver<Phase>,
@@ -245,14 +346,15 @@ async fn serve_h1(
 
 /// h2c: a connection with no open stream for `silence` is sent GOAWAY, and closed if it is
 /// still there after another `silence` (a client that never answers the GOAWAY's PING), as
-/// HTTP/1.1 closes an idle keep-alive connection.
+/// HTTP/1.1 closes an idle keep-alive connection. A stream whose client takes none of its answer
+/// for `silence` (its flow-control window stays shut) is reset (see [`Watched`]).
 async fn serve_h2(
-    io: TokioIo<WriteStall<TcpStream>>,
+    io: ClientIo,
     gateway: Arc<Gateway>,
     silence: Duration,
     mut phase: watch::Receiver<Phase>,
 ) -> hyper::Result<()> {
-    let streams = StreamTasks::default();
+    let streams = StreamTasks::new(silence);
     let (open, mut open_rx) = watch::channel(0usize);
     let open = Arc::new(open);
     let service = service_fn(move |req| {
@@ -260,9 +362,13 @@ async fn serve_h2(
         let gateway = gateway.clone();
         async move {
             let response = gateway.handle(req).await?;
+            // Polled in the stream's task (`StreamTasks`), where its progress is.
+            let progress = STREAM_PROGRESS.try_with(Arc::clone).ok();
             Ok::<_, std::convert::Infallible>(response.map(|inner| Tracked {
                 inner,
                 _stream: stream,
+                progress,
+                polls: 0,
             }))
         }
     });
@@ -320,14 +426,26 @@ async fn idle_for(silence: Duration, open: &mut watch::Receiver<usize>) {
     }
 }
 
-/// The executor of one h2c connection's streams: their tasks, so they end with it.
-#[derive(Clone, Default)]
-struct StreamTasks(Arc<Mutex<JoinSet<()>>>);
+/// The executor of one h2c connection's streams: their tasks, so they end with it, each
+/// [`Watched`] for a client that takes none of its answer for `limit`.
+#[derive(Clone)]
+struct StreamTasks {
+    tasks: Arc<Mutex<JoinSet<()>>>,
+    limit: Duration,
+}
 
 impl StreamTasks {
+    fn new(limit: Duration) -> Self {
+        Self {
+            tasks: Arc::default(),
+            limit,
+        }
+    }
+
     /// Aborts the streams still running and waits until they are gone.
     async fn shutdown(&self) {
-        let mut tasks = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        let mut tasks =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
         tasks.shutdown().await;
     }
 }
@@ -337,10 +455,100 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
-        let mut tasks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let watched = Watched::new(fut, self.limit);
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
         // Reaped as new ones start: a long-lived connection holds only its open streams.
         while tasks.try_join_next().is_some() {}
-        tasks.spawn(fut);
+        tasks.spawn(watched);
+    }
+}
+
+tokio::task_local! {
+    /// The answer progress of the h2c stream whose task runs (see [`Watched`]).
+    static STREAM_PROGRESS: Arc<Progress>;
+}
+
+/// How an h2c stream's answer moves, written by its [`Tracked`] body and read by its
+/// [`Watched`] task, both polled in that one task: a count of the times hyper asked the body for
+/// a frame, shifted left once, with the low bit set while the frame it gave last has not been
+/// taken (hyper asks for the next one only once the stream has send capacity for it).
+#[derive(Default)]
+struct Progress(AtomicU64);
+
+pin_project! {
+    /// An h2c stream's task (hyper's, serving one request), which ends, resetting the stream and
+    /// dropping its answer (logged `cancelled`) and the provider's stream behind it, once a
+    /// frame of the answer has waited `limit` for the client to open its flow-control window:
+    /// such a stream never makes a socket write wait, so [`WriteStall`] cannot see it.
+    /// A stream still waiting for its answer (a slow provider) is no client's fault, and
+    /// never ends so.
+    struct Watched<F> {
+        #[pin]
+        stream: TaskLocalFuture<Arc<Progress>, F>,
+        progress: Arc<Progress>,
+        limit: Duration,
+        // The progress the timer was armed at.
+        armed_at: u64,
+        // Armed while a frame waits; boxed as few streams ever need one.
+        stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F: Future<Output = ()>> Watched<F> {
+    fn new(stream: F, limit: Duration) -> Self {
+        let progress = Arc::new(Progress::default());
+        Self {
+            stream: STREAM_PROGRESS.scope(progress.clone(), stream),
+            progress,
+            limit,
+            armed_at: 0,
+            stalled: None,
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for Watched<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let me = self.project();
+        if me.stream.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let now = me.progress.0.load(Ordering::Relaxed);
+        if now & 1 == 0 {
+            // Waiting for the answer, or no answer yet.
+            *me.stalled = None;
+            return Poll::Pending;
+        }
+        let limit = *me.limit;
+        match me.stalled {
+            Some(timer) if *me.armed_at == now => {
+                if timer.as_mut().poll(cx).is_ready() {
+                    tracing::debug!(
+                        "an h2c client took none of its answer for {} s: its stream is reset",
+                        limit.as_secs()
+                    );
+                    // Ending the task drops the stream.
+                    return Poll::Ready(());
+                }
+            }
+            // A frame given since: waited for from now.
+            timer => {
+                *me.armed_at = now;
+                let deadline = Instant::now() + limit;
+                let timer = match timer {
+                    Some(timer) => {
+                        timer.as_mut().reset(deadline);
+                        timer
+                    }
+                    None => timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                // Registers the wake-up (a timer just armed is not due).
+                let _ = timer.as_mut().poll(cx);
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -362,11 +570,15 @@ impl Drop for OpenStream {
 }
 
 pin_project! {
-    /// A response body that keeps its stream counted as open.
+    /// A response body that keeps its stream counted as open, and tells its [`Watched`] task
+    /// whether a frame it gave waits for the client.
     struct Tracked<B> {
         #[pin]
         inner: B,
         _stream: OpenStream,
+        progress: Option<Arc<Progress>>,
+        // The times hyper asked for a frame.
+        polls: u64,
     }
 }
 
@@ -378,7 +590,19 @@ impl<B: Body> Body for Tracked<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let me = self.project();
+        let Some(progress) = me.progress else {
+            return me.inner.poll_frame(cx);
+        };
+        *me.polls += 1;
+        let asked = *me.polls << 1;
+        progress.0.store(asked, Ordering::Relaxed);
+        let polled = me.inner.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = polled {
+            // hyper holds it until the stream has send capacity, then asks again.
+            progress.0.store(asked | 1, Ordering::Relaxed);
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -546,6 +770,127 @@ fn no_ipv6(addr: SocketAddr, e: &std::io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn first_bytes_that_are_a_part_of_the_preface_are_waited_on_and_handed_on() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let cases: [(&[&[u8]], bool); 4] = [
+            (
+                &[b"P", b"RI * HTTP/2.0\r\n", b"\r\nSM\r\n\r\n\0\0\0\x04"],
+                true,
+            ),
+            (&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"], true),
+            (&[b"P", b"OST / HTTP/1.1\r\n\r\n"], false),
+            (&[b"PRI", b""], false),
+        ];
+        for (parts, h2) in cases {
+            let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+            let mut client = client.expect("connect");
+            let (server, _) = accepted.expect("accept");
+            let sent = parts.concat();
+            let writer = tokio::spawn(async move {
+                for part in parts {
+                    client.write_all(part).await.expect("write");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                // Closed after the last part (the `PRI` case ends so).
+                client.shutdown().await.expect("shutdown");
+                client
+            });
+            let (decided, first) = speaks_h2(&server).await.expect("first bytes");
+            assert_eq!(decided, h2, "{:?}", String::from_utf8_lossy(&sent));
+            let _client = writer.await.expect("writer");
+            // The protocol's reader gets every byte, those read to decide first.
+            let mut replayed = Replayed {
+                first,
+                inner: server,
+            };
+            let mut got = Vec::new();
+            replayed.read_to_end(&mut got).await.expect("read");
+            assert_eq!(got, sent);
+        }
+    }
+
+    #[test]
+    fn a_tracked_body_marks_a_frame_given_until_it_is_asked_for_the_next() {
+        let progress = Arc::new(Progress::default());
+        let mut body = std::pin::pin!(Tracked {
+            inner: http_body_util::Full::new(bytes::Bytes::from_static(b"x")),
+            _stream: OpenStream::new(Arc::new(watch::channel(0).0)),
+            progress: Some(progress.clone()),
+            polls: 0,
+        });
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(Some(Ok(_)))
+        ));
+        assert_eq!(progress.0.load(Ordering::Relaxed), 2 | 1, "a frame waits");
+        assert!(matches!(
+            body.as_mut().poll_frame(&mut cx),
+            Poll::Ready(None)
+        ));
+        assert_eq!(progress.0.load(Ordering::Relaxed), 4, "taken, none waits");
+    }
+
+    /// Marks a frame given (the `n`th time the body was asked) in the running stream task.
+    fn frame_given(n: u64) {
+        STREAM_PROGRESS.with(|p| p.0.store(n << 1 | 1, Ordering::Relaxed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_ends_once_a_frame_of_its_answer_waited_the_limit() {
+        let limit = Duration::from_secs(10);
+        let started = Instant::now();
+        Watched::new(
+            async {
+                frame_given(1);
+                std::future::pending::<()>().await
+            },
+            limit,
+        )
+        .await;
+        assert_eq!(started.elapsed(), limit);
+
+        // Frames taken every 9 s: the answer moves.
+        let moving = Watched::new(
+            async {
+                for n in 1.. {
+                    frame_given(n);
+                    tokio::time::sleep(Duration::from_secs(9)).await;
+                }
+            },
+            limit,
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_secs(100), moving)
+                .await
+                .is_err()
+        );
+
+        // Waiting for its answer (a slow provider), or between frames: not the client's fault.
+        let waiting = Watched::new(std::future::pending::<()>(), limit);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(100), waiting)
+                .await
+                .is_err()
+        );
+        let between = Watched::new(
+            async {
+                frame_given(1);
+                STREAM_PROGRESS.with(|p| p.0.store(4, Ordering::Relaxed));
+                std::future::pending::<()>().await
+            },
+            limit,
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_secs(100), between)
+                .await
+                .is_err()
+        );
+    }
 
     #[tokio::test]
     async fn the_ipv6_unspecified_address_takes_ipv4_and_ipv6_clients() {
