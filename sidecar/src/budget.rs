@@ -3,8 +3,9 @@
 //!
 //! Both are checked before a request is sent and counted when its response reports usage, so a
 //! request admitted under the limit may take the total past it; the requests after it are
-//! refused. Spend is summed over UTC calendar periods (day, week from Monday, month), per pod,
-//! or across pods in the gateway's Redis when `spec.redis` is set. Tokens (input + output) are
+//! refused. Spend is summed over UTC calendar periods (day, week from Monday, month; each
+//! charge counts in all three, so a reload changing the period finds the new period's spend),
+//! per pod, or across pods in the gateway's Redis when `spec.redis` is set. Tokens (input + output) are
 //! summed over minute windows, fixed or sliding as `rateLimit.technique` says, per pod or in
 //! Redis for `rateLimit.scope: global`. Redis failures fail open, like the rate limit's.
 //!
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use sidegate_crds::policy::{GatewayPolicy, RateLimitScope, RateLimitTechnique, SpendPeriod};
 
 use crate::error::GatewayError;
-use crate::ratelimit::{Counts, window_at};
+use crate::ratelimit::{self, Counts, window_at};
 use crate::shared::Shared;
 use crate::telemetry::Metrics;
 
@@ -128,9 +129,10 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 /// Whether a budget of `limit` per `window` has room, given the current window's count, the
-/// previous window's, and how far into the current window `into` is. A sliding window counts
-/// the previous one for the part of it still within the last `window`. `Err(retry_after)` when
-/// the budget is spent: until the estimate falls below the limit, at most the window's end.
+/// previous window's, and how far into the current window `into` is: a request passes while the
+/// count (a sliding window adding the previous one's for the part of it still within the last
+/// `window`) is under the limit. `Err(retry_after)` when the budget is spent: until the earliest
+/// time it has room again, which may be in the next window ([`ratelimit::admit`]).
 pub fn budget_left(
     limit: u64,
     current: u64,
@@ -139,18 +141,15 @@ pub fn budget_left(
     window: Duration,
     sliding: bool,
 ) -> Result<(), Duration> {
-    let left = window.saturating_sub(into);
-    if !sliding || previous == 0 || current >= limit {
-        return if current >= limit { Err(left) } else { Ok(()) };
-    }
-    let overlap = left.as_secs_f64() / window.as_secs_f64();
-    if previous as f64 * overlap + (current as f64) < limit as f64 {
-        return Ok(());
-    }
-    // The estimate drops below the limit once the overlap is under (limit - current) / previous.
-    let target = (limit - current) as f64 / previous as f64;
-    let wait = Duration::from_secs_f64(((overlap - target) * window.as_secs_f64()).max(0.0));
-    Err(wait.min(left).max(Duration::from_millis(1)))
+    ratelimit::admit(
+        limit,
+        current,
+        previous,
+        into,
+        window,
+        sliding,
+        ratelimit::Need::Any,
+    )
 }
 
 /// This pod's counters, kept across config reloads.
@@ -193,12 +192,24 @@ impl Noted {
     }
 }
 
+/// The calendar periods a spend limit may name.
+const PERIODS: [SpendPeriod; 3] = [SpendPeriod::Day, SpendPeriod::Week, SpendPeriod::Month];
+
+/// This pod's spend in the current day, week and month (each with the start of its period, in
+/// Unix seconds): every charge counts in all three, whatever period the config of the request
+/// names, so that a reload changing the period (a week's limit become a month's) finds the
+/// spend of the new period, charges still arriving under the old config included.
 #[derive(Debug, Default)]
 struct PeriodSpend {
-    /// Start (Unix seconds) and period of the sum.
-    start: u64,
-    period: Option<SpendPeriod>,
-    spent: f64,
+    sums: [Option<(u64, f64)>; 3],
+}
+
+fn period_slot(p: SpendPeriod) -> usize {
+    match p {
+        SpendPeriod::Day => 0,
+        SpendPeriod::Week => 1,
+        SpendPeriod::Month => 2,
+    }
 }
 
 impl Default for Ledger {
@@ -235,25 +246,27 @@ impl Ledger {
     fn spent(&self, period: SpendPeriod, now: u64) -> f64 {
         let (start, _) = period_bounds(period, now);
         let s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
-        if s.start == start && s.period == Some(period) {
-            s.spent
-        } else {
-            0.0
+        match s.sums[period_slot(period)] {
+            Some((from, usd)) if from == start => usd,
+            _ => 0.0,
         }
     }
 
-    /// Adds `usd` to this pod's spend in the period holding `now` (Unix seconds).
-    pub fn add_spend(&self, period: SpendPeriod, usd: f64, now: u64) {
-        let (start, _) = period_bounds(period, now);
+    /// Adds `usd` to this pod's spend in the day, the week and the month holding `now` (Unix
+    /// seconds).
+    pub fn add_spend(&self, usd: f64, now: u64) {
         let mut s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
-        if s.start != start || s.period != Some(period) {
-            *s = PeriodSpend {
-                start,
-                period: Some(period),
-                spent: 0.0,
-            };
+        for period in PERIODS {
+            let (start, _) = period_bounds(period, now);
+            let sum = &mut s.sums[period_slot(period)];
+            match sum {
+                Some((from, total)) if *from == start => *total += usd,
+                // A charge timed before the held period (the wall clock stepped back) is not
+                // allowed to wipe it.
+                Some((from, _)) if *from > start => {}
+                _ => *sum = Some((start, usd)),
+            }
         }
-        s.spent += usd;
     }
 
     fn window(&self, now: Instant) -> (u64, Duration) {
@@ -335,13 +348,15 @@ pub struct Tally {
 impl Tally {
     /// Counts a response's cost and tokens.
     pub fn add(&self, metrics: &Arc<Metrics>, cost: Option<f64>, tokens: [Option<u64>; 2]) {
-        if let (Some(sp), Some(usd)) = (&self.settings.spend, cost)
+        // Charged to every period (see [`PeriodSpend`]): a request admitted before a reload
+        // that changed the period counts against the new one.
+        if let (Some(_), Some(usd)) = (&self.settings.spend, cost)
             && usd > 0.0
         {
             let now = unix_secs();
             match &self.shared {
-                Some(r) => r.spend_add(metrics.clone(), sp.period, usd, now),
-                None => self.ledger.add_spend(sp.period, usd, now),
+                Some(r) => r.spend_add(metrics.clone(), usd, now),
+                None => self.ledger.add_spend(usd, now),
             }
         }
         let n = tokens[0]
@@ -474,16 +489,74 @@ mod tests {
     #[test]
     fn spend_sums_within_a_period_and_restarts_in_the_next() {
         let l = Ledger::default();
-        let jan = at(2027, 1, 31, 23, 0);
-        l.add_spend(SpendPeriod::Month, 1.5, jan);
-        l.add_spend(SpendPeriod::Month, 2.0, jan + 60);
+        let jan = at(2027, 1, 31, 23, 0); // a Sunday
+        l.add_spend(1.5, jan);
+        l.add_spend(2.0, jan + 60);
         assert!((l.spent(SpendPeriod::Month, jan + 120) - 3.5).abs() < 1e-9);
-        let feb = at(2027, 2, 1, 0, 0);
+        let feb = at(2027, 2, 1, 0, 0); // a Monday
         assert_eq!(l.spent(SpendPeriod::Month, feb), 0.0);
-        l.add_spend(SpendPeriod::Month, 0.25, feb);
+        assert_eq!(l.spent(SpendPeriod::Week, feb), 0.0);
+        l.add_spend(0.25, feb);
         assert!((l.spent(SpendPeriod::Month, feb) - 0.25).abs() < 1e-9);
-        // Another period is another sum.
-        assert_eq!(l.spent(SpendPeriod::Day, feb), 0.0);
+        assert!((l.spent(SpendPeriod::Day, feb + 3600) - 0.25).abs() < 1e-9);
+        assert_eq!(l.spent(SpendPeriod::Day, feb + 86_400), 0.0, "the next day");
+        assert!(
+            (l.spent(SpendPeriod::Week, feb + 86_400) - 0.25).abs() < 1e-9,
+            "the same week"
+        );
+    }
+
+    #[test]
+    fn a_reload_changing_the_period_keeps_the_spend_of_the_new_one() {
+        // Charges of a week's limit still arriving after a reload made it a month's count for
+        // the month, and the month's own charges do not make the pod forget them.
+        let l = Ledger::default();
+        // Spend earlier in the month, in another week, counts for the month alone.
+        l.add_spend(1.0, at(2027, 3, 1, 9, 0));
+        let now = at(2027, 3, 10, 12, 0); // a Wednesday
+        for i in 0..4 {
+            l.add_spend(3.0, now + i);
+        }
+        assert!((l.spent(SpendPeriod::Month, now + 10) - 13.0).abs() < 1e-9);
+        assert!((l.spent(SpendPeriod::Week, now + 10) - 12.0).abs() < 1e-9);
+        assert!((l.spent(SpendPeriod::Day, now + 10) - 12.0).abs() < 1e-9);
+        // A charge timed in an earlier period (the wall clock stepped back) wipes nothing.
+        l.add_spend(1.0, at(2027, 2, 28, 9, 0));
+        assert!((l.spent(SpendPeriod::Month, now + 10) - 13.0).abs() < 1e-9);
+        assert!((l.spent(SpendPeriod::Day, now + 10) - 12.0).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn a_tally_of_an_old_period_counts_against_the_new_one() {
+        let limit = |period| Settings {
+            spend: Some(SpendSettings {
+                amount: 5.0,
+                period,
+            }),
+            tokens: None,
+        };
+        let ledger = Arc::new(Ledger::default());
+        let tally = |settings| Tally {
+            ledger: ledger.clone(),
+            settings,
+            shared: None,
+        };
+        let (week, month) = (
+            tally(limit(SpendPeriod::Week)),
+            tally(limit(SpendPeriod::Month)),
+        );
+        let metrics = Arc::new(Metrics::new());
+        // A $3 answer of the month's config, then a $3 one admitted under the week's.
+        month.add(&metrics, Some(3.0), [None, None]);
+        week.add(&metrics, Some(3.0), [None, None]);
+        assert!(
+            matches!(
+                month.check(&metrics).await,
+                Err(GatewayError::SpendLimited { .. })
+            ),
+            "$6 spent this month over a $5 limit"
+        );
+        assert!(week.check(&metrics).await.is_err(), "and this week");
     }
 
     #[test]
@@ -518,17 +591,18 @@ mod tests {
     #[test]
     fn sliding_budgets_wait_until_enough_of_the_last_window_slid_out() {
         let w = TOKEN_WINDOW;
-        // 200 last minute, 0 now, 15 s in: 200 × 0.75 = 150 ≥ 100; below 100 once the overlap
-        // is under 0.5, i.e. 30 s in: wait 15 s.
+        // 200 last minute, 0 now, 15 s in: 200 × 0.75 = 150 ≥ 100; under 100 once the overlap
+        // is under 0.5, i.e. just past 30 s in: wait 15 s.
         let wait = budget_left(100, 0, 200, Duration::from_secs(15), w, true).expect_err("spent");
         assert!((wait.as_secs_f64() - 15.0).abs() < 0.01, "{wait:?}");
         assert_eq!(
-            budget_left(100, 0, 200, Duration::from_secs(31), w, true),
+            budget_left(100, 0, 200, Duration::from_secs(15) + wait, w, true),
             Ok(())
         );
-        // Spent in this window alone: until its end.
+        assert!(budget_left(100, 0, 200, Duration::from_secs(30), w, true).is_err());
+        // Spent in this window alone, fixed: until its end.
         assert_eq!(
-            budget_left(100, 100, 0, Duration::from_secs(15), w, true),
+            budget_left(100, 100, 0, Duration::from_secs(15), w, false),
             Err(Duration::from_secs(45))
         );
         // A fixed window ignores the previous one.
@@ -536,5 +610,37 @@ mod tests {
             budget_left(100, 0, 500, Duration::from_secs(1), w, false),
             Ok(())
         );
+    }
+
+    #[test]
+    fn a_sliding_budget_spent_in_this_window_waits_into_the_next() {
+        // 150 tokens this minute (the answer that took it past 100): at its end they still
+        // weigh 150, under 100 only a third into the next minute: 40 s + 20 s, not 40 s.
+        let t0 = Instant::now();
+        let l = Ledger::new(t0);
+        let sliding = TokenSettings {
+            per_minute: 100,
+            sliding: true,
+            global: false,
+        };
+        l.add_tokens(150, t0 + Duration::from_secs(10));
+        let now = t0 + Duration::from_secs(20);
+        let wait = l.tokens_left(&sliding, now).expect_err("spent");
+        assert!((wait.as_secs_f64() - 60.0).abs() < 0.01, "{wait:?}");
+        assert!(
+            l.tokens_left(&sliding, now + Duration::from_secs(40))
+                .is_err(),
+            "the next minute's start is too early"
+        );
+        assert!(
+            l.tokens_left(&sliding, now + wait - Duration::from_millis(1))
+                .is_err()
+        );
+        assert_eq!(l.tokens_left(&sliding, now + wait), Ok(()));
+        // Spent within this window, over a previous one: until enough of both slid out.
+        let wait = budget_left(100, 60, 80, Duration::from_secs(30), TOKEN_WINDOW, true)
+            .expect_err("40 + 60 = 100");
+        // 80 × (60 − t)/60 + 60 < 100 ⇔ t > 30: at once, in this window.
+        assert!(wait <= Duration::from_millis(1), "{wait:?}");
     }
 }

@@ -2,7 +2,8 @@
 //! counted in Redis, [`crate::shared`], with the same windows), in a fixed window
 //! (reset at each interval boundary) or a sliding one (the previous window's count weighted by
 //! how much of it still overlaps the last `interval`), as Cloudflare's AI Gateway does.
-//! Refused requests are not counted. One small lock per request, only when a limit is set.
+//! Refused requests are not counted; their Retry-After is when a request would pass ([`admit`]).
+//! One small lock per request, only when a limit is set.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -85,6 +86,66 @@ pub(crate) fn window_at(epoch: Instant, now: Instant, interval: Duration) -> (u6
     (index, into)
 }
 
+/// What a request needs of a limit to pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Need {
+    /// Room for one more (a request against a request limit): `estimate + 1 <= limit`.
+    One,
+    /// Any room at all (a token budget, whose request's tokens are known only once it is
+    /// answered): `estimate < limit`.
+    Any,
+}
+
+/// Whether a limit of `limit` per `window` lets a request pass `into` the current window, given
+/// the counts of the current window and of the previous one, and if not, how long until it
+/// would: the rate limits (per pod and in Redis) and the token budgets all answer with this.
+///
+/// A fixed window counts the current window alone; a sliding one adds the previous window's
+/// count weighted by how much of it is still within the last `window` (`remaining / window`).
+/// The estimate only falls while no more is counted, so the wait is the earliest time at which
+/// `previous × remaining / window + current` leaves what `need` asks: later in this window, or
+/// in the next one, where the current count becomes the previous one (and weighs fully at its
+/// start). Exact: compared in integers, scaled by the window in nanoseconds.
+pub(crate) fn admit(
+    limit: u64,
+    current: u64,
+    previous: u64,
+    into: Duration,
+    window: Duration,
+    sliding: bool,
+    need: Need,
+) -> Result<(), Duration> {
+    let w = window.as_nanos().max(1);
+    let x = into.as_nanos().min(w);
+    let weighted = |previous: u64| if sliding { u128::from(previous) } else { 0 };
+    // The first point of a window (nanoseconds into it) from which a request passes with these
+    // counts; `None` when it passes nowhere in that window.
+    let earliest = |current: u64, previous: u128| -> Option<u128> {
+        let need = match need {
+            Need::One => w,
+            Need::Any => 1,
+        };
+        let used = u128::from(current).saturating_mul(w).saturating_add(need);
+        // previous × (w − t) ≤ limit × w − current × w − need
+        let room = u128::from(limit).saturating_mul(w).checked_sub(used)?;
+        if previous == 0 {
+            return Some(0);
+        }
+        Some(w.saturating_sub(room / previous))
+    };
+    let nanos = |n: u128| Duration::from_nanos(u64::try_from(n).unwrap_or(u64::MAX));
+    match earliest(current, weighted(previous)) {
+        Some(t) if t <= x => Ok(()),
+        Some(t) if t < w => Err(nanos(t - x)),
+        // Not in this window: in the next, where nothing is counted yet (refused requests are
+        // not) and this window's count is the previous one.
+        _ => {
+            let next = earliest(0, weighted(current)).unwrap_or(w);
+            Err(nanos(w - x + next))
+        }
+    }
+}
+
 impl Default for Limiter {
     fn default() -> Self {
         Self::new(Instant::now())
@@ -102,10 +163,7 @@ impl Limiter {
 
     /// Counts a request at `now`; `Err(retry_after)` when it is over the limit.
     pub fn check(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
-        let interval_ns = s.interval.as_nanos().max(1);
         let (index, into) = window_at(self.epoch, now, s.interval);
-        let into = into.as_nanos(); // nanoseconds into the current window
-        let left = Duration::from_nanos(u64::try_from(interval_ns - into).unwrap_or(u64::MAX));
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.settings != Some(*s) {
             *state = Window {
@@ -118,27 +176,15 @@ impl Limiter {
         }
         let w = &mut state.counts;
         w.roll(index);
-        if !s.sliding {
-            if w.count >= s.limit {
-                return Err(left);
-            }
-            w.count += 1;
-            return Ok(());
-        }
-        // Sliding: the previous window counts for the part of it still within `interval`.
-        let overlap = (interval_ns - into) as f64 / interval_ns as f64;
-        let estimate = w.previous as f64 * overlap + w.count as f64;
-        if estimate + 1.0 > s.limit as f64 {
-            // Wait until enough of the previous window has slid out (or the next window).
-            let retry = if w.previous == 0 || w.count >= s.limit {
-                left
-            } else {
-                let excess = estimate + 1.0 - s.limit as f64;
-                let fraction = (excess / w.previous as f64).min(1.0);
-                Duration::from_secs_f64(s.interval.as_secs_f64() * fraction).min(left)
-            };
-            return Err(retry);
-        }
+        admit(
+            s.limit,
+            w.count,
+            w.previous,
+            into,
+            s.interval,
+            s.sliding,
+            Need::One,
+        )?;
         w.count += 1;
         Ok(())
     }
@@ -212,6 +258,108 @@ mod tests {
         }
         // After a quiet window nothing of the old count remains.
         assert_eq!(l.check(&s, t0 + Duration::from_secs(35)), Ok(()));
+    }
+
+    #[test]
+    fn a_full_sliding_window_waits_until_the_next_one_has_room() {
+        // 3 per 10 s, sliding, 3 at the window's start: the 4th waits 10 s and then a third of
+        // the next window, until 3 × 2/3 + 1 ≤ 3, not just to the window's end (where the 3
+        // still weigh fully, and a retry was refused again).
+        let t0 = Instant::now();
+        let l = Limiter::new(t0);
+        let s = settings(3, 10, true);
+        for _ in 0..3 {
+            assert_eq!(l.check(&s, t0), Ok(()));
+        }
+        let wait = l.check(&s, t0).expect_err("full");
+        assert_eq!(wait, Duration::from_nanos(13_333_333_334), "{wait:?}");
+        assert!(l.check(&s, t0 + Duration::from_secs(10)).is_err());
+        assert!(l.check(&s, t0 + wait - Duration::from_nanos(1)).is_err());
+        assert_eq!(
+            l.check(&s, t0 + wait),
+            Ok(()),
+            "a retry after the wait passes"
+        );
+        // Fixed: the rest of the window.
+        let f = Limiter::new(t0);
+        let fixed = settings(3, 10, false);
+        for _ in 0..3 {
+            assert_eq!(f.check(&fixed, t0 + Duration::from_secs(4)), Ok(()));
+        }
+        assert_eq!(
+            f.check(&fixed, t0 + Duration::from_secs(4)),
+            Err(Duration::from_secs(6))
+        );
+    }
+
+    /// Whether a request passes `dt` after `into`, with no other request counted meanwhile
+    /// (the windows roll as [`Counts::roll`] does).
+    fn passes_after(
+        (limit, current, previous): (u64, u64, u64),
+        into: Duration,
+        w: Duration,
+        sliding: bool,
+        need: Need,
+        dt: Duration,
+    ) -> bool {
+        let t = into + dt;
+        let (current, previous, t) = if t < w {
+            (current, previous, t)
+        } else if t < w * 2 {
+            (0, current, t - w)
+        } else {
+            (0, 0, t - w * 2)
+        };
+        admit(limit, current, previous, t, w, sliding, need).is_ok()
+    }
+
+    #[test]
+    fn every_refusal_waits_exactly_until_a_request_would_pass() {
+        let w = Duration::from_secs(10);
+        let mut refused = 0;
+        for limit in [1, 2, 3, 7, 100] {
+            for current in [0, 1, limit - 1, limit, limit + 5] {
+                for previous in [0, 1, limit / 2, limit, limit * 3] {
+                    for into_ms in [0, 1, 2_500, 5_000, 9_999] {
+                        for sliding in [false, true] {
+                            for need in [Need::One, Need::Any] {
+                                let into = Duration::from_millis(into_ms);
+                                let counts = (limit, current, previous);
+                                let got = admit(limit, current, previous, into, w, sliding, need);
+                                // The decision, by floating point away from the edge.
+                                let weight = if sliding { previous as f64 } else { 0.0 };
+                                let estimate =
+                                    weight * (10_000 - into_ms) as f64 / 10_000.0 + current as f64;
+                                let room = limit as f64 - estimate;
+                                if need == Need::One && (room - 1.0).abs() > 1e-6 {
+                                    assert_eq!(got.is_ok(), room >= 1.0, "{counts:?} {into:?}");
+                                }
+                                let Err(wait) = got else { continue };
+                                refused += 1;
+                                let case = format!("{counts:?} into {into:?} {sliding} {need:?}");
+                                assert!(wait > Duration::ZERO, "{case}");
+                                assert!(
+                                    passes_after(counts, into, w, sliding, need, wait),
+                                    "{case}: refused after the wait {wait:?}"
+                                );
+                                assert!(
+                                    !passes_after(
+                                        counts,
+                                        into,
+                                        w,
+                                        sliding,
+                                        need,
+                                        wait - Duration::from_nanos(1)
+                                    ),
+                                    "{case}: passes before the wait {wait:?}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(refused > 500, "{refused}");
     }
 
     #[test]

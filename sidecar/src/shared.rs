@@ -35,15 +35,20 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// peer vanished may otherwise time out until the kernel gives up on it, many minutes).
 const RESET_AFTER: u64 = 3;
 
-/// Fixed or sliding window in one script: allowed when `prev × overlap + cur + 1 <= limit`
-/// (a fixed window passes overlap 0); refused requests are not counted.
+/// Fixed or sliding window in one script: allowed when `prev × remaining + (cur + 1) × interval
+/// <= limit × interval` (ARGV 3 and 4, in milliseconds; a fixed window passes remaining 0), as
+/// [`ratelimit::admit`] decides; refused requests are not counted. Answers `{allowed, cur, prev}`
+/// (1 or 0, then the counts it saw), from which a refusal's wait is computed.
 const RATE_SCRIPT: &str = r"
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 local prev = tonumber(redis.call('GET', KEYS[2]) or '0')
-if prev * tonumber(ARGV[3]) + cur + 1 > tonumber(ARGV[1]) then return -1 end
+local interval = tonumber(ARGV[4])
+if prev * tonumber(ARGV[3]) + (cur + 1) * interval > tonumber(ARGV[1]) * interval then
+  return {0, cur, prev}
+end
 cur = redis.call('INCR', KEYS[1])
 if cur == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return cur
+return {1, cur, prev}
 ";
 
 /// A gateway's Redis.
@@ -256,28 +261,24 @@ impl Shared {
         let now = unix_ms();
         let index = now / interval_ms;
         let into = now % interval_ms;
-        let left = Duration::from_millis(interval_ms - into);
-        let overlap = if s.sliding {
-            (interval_ms - into) as f64 / interval_ms as f64
-        } else {
-            0.0
-        };
+        let remaining = if s.sliding { interval_ms - into } else { 0 };
         // The limit and interval are part of the key: a changed limit counts afresh.
         let key = |i: u64| format!("{}rl:{}:{}:{i}", self.prefix, s.limit, interval_ms);
-        let counted: ::redis::RedisResult<i64> = self
+        let counted: ::redis::RedisResult<(i64, u64, u64)> = self
             .call(async |c| {
                 self.script
                     .key(key(index))
                     .key(key(index.saturating_sub(1)))
                     .arg(s.limit)
                     .arg(interval_ms.saturating_mul(2))
-                    .arg(format!("{overlap:.6}"))
+                    .arg(remaining)
+                    .arg(interval_ms)
                     .invoke_async(c)
                     .await
             })
             .await;
         match counted {
-            Ok(-1) => Err(left),
+            Ok((0, cur, prev)) => Err(refused_wait(s, cur, prev, into, interval_ms)),
             Ok(_) => Ok(()),
             Err(e) => {
                 self.failed(metrics, "rate limit", &e);
@@ -314,53 +315,52 @@ impl Shared {
         }
     }
 
-    /// Adds `usd` to the gateway's spend in the period holding `now`, in the background; the
-    /// key expires a day after the period ends.
-    pub fn spend_add(
-        self: &Arc<Self>,
-        metrics: Arc<Metrics>,
-        period: SpendPeriod,
-        usd: f64,
-        now: u64,
-    ) {
-        let (start, end) = budget::period_bounds(period, now);
-        let ttl_ms = (end.saturating_sub(now) + 86_400) * 1000;
+    /// Adds `usd` to the gateway's spend in the day, the week and the month holding `now`
+    /// (as [`budget::Ledger::add_spend`] does per pod: a reload changing the period finds the
+    /// new period's spend), in one round trip in the background; each key expires a day after
+    /// its period ends.
+    pub fn spend_add(self: &Arc<Self>, metrics: Arc<Metrics>, usd: f64, now: u64) {
+        let adds = [SpendPeriod::Day, SpendPeriod::Week, SpendPeriod::Month].map(|period| {
+            let (start, end) = budget::period_bounds(period, now);
+            let ttl_ms = (end.saturating_sub(now) + 86_400) * 1000;
+            (self.spend_key(period, start), ttl_ms)
+        });
         self.add_in_background(
             metrics,
-            self.spend_key(period, start),
+            adds.to_vec(),
             "INCRBYFLOAT",
             format!("{usd:.12}"),
-            ttl_ms,
             "spend write",
         );
     }
 
-    /// Adds `amount` to `key` with `incr` (`INCRBY`, `INCRBYFLOAT`) and (re)sets its expiry to
-    /// `ttl_ms`, in one round trip in the background; a failure is counted as `what`.
+    /// Adds `amount` to each key of `keys` with `incr` (`INCRBY`, `INCRBYFLOAT`) and (re)sets
+    /// its expiry to its milliseconds, in one round trip in the background; a failure is
+    /// counted as `what`.
     fn add_in_background(
         self: &Arc<Self>,
         metrics: Arc<Metrics>,
-        key: String,
+        keys: Vec<(String, u64)>,
         incr: &'static str,
         amount: String,
-        ttl_ms: u64,
         what: &'static str,
     ) {
         let this = self.clone();
         tokio::spawn(async move {
             let done: ::redis::RedisResult<()> = this
                 .call(async |c| {
-                    ::redis::pipe()
-                        .cmd(incr)
-                        .arg(&key)
-                        .arg(amount)
-                        .ignore()
-                        .cmd("PEXPIRE")
-                        .arg(&key)
-                        .arg(ttl_ms)
-                        .ignore()
-                        .query_async(c)
-                        .await
+                    let mut pipe = ::redis::pipe();
+                    for (key, ttl_ms) in &keys {
+                        pipe.cmd(incr)
+                            .arg(key)
+                            .arg(&amount)
+                            .ignore()
+                            .cmd("PEXPIRE")
+                            .arg(key)
+                            .arg(*ttl_ms)
+                            .ignore();
+                    }
+                    pipe.query_async(c).await
                 })
                 .await;
             if let Err(e) = done {
@@ -416,13 +416,39 @@ impl Shared {
         let (index, _) = Self::token_window();
         self.add_in_background(
             metrics,
-            self.tokens_key(index),
+            vec![(
+                self.tokens_key(index),
+                budget::TOKEN_WINDOW.as_millis() as u64 * 2,
+            )],
             "INCRBY",
             n.to_string(),
-            budget::TOKEN_WINDOW.as_millis() as u64 * 2,
             "token budget write",
         );
     }
+}
+
+/// How long a request refused by [`RATE_SCRIPT`] waits, from the counts the script saw `into`
+/// (milliseconds) the window: the same wait as a per-pod limit's. At least a millisecond, should
+/// the script's floating-point comparison and [`ratelimit::admit`] ever disagree on the edge.
+fn refused_wait(
+    s: &ratelimit::Settings,
+    cur: u64,
+    prev: u64,
+    into: u64,
+    interval_ms: u64,
+) -> Duration {
+    ratelimit::admit(
+        s.limit,
+        cur,
+        prev,
+        Duration::from_millis(into),
+        Duration::from_millis(interval_ms),
+        s.sliding,
+        ratelimit::Need::One,
+    )
+    .err()
+    .unwrap_or(Duration::ZERO)
+    .max(Duration::from_millis(1))
 }
 
 /// Milliseconds since the process started, on a monotonic clock: a back-off or a warning
@@ -617,6 +643,36 @@ mod tests {
             "back-off ends at {until}, not {backoff} ms after now ({before}..{after}) on the monotonic clock"
         );
         assert!(shared.backoff.active(after));
+    }
+
+    #[test]
+    fn a_global_limit_refused_waits_as_a_pods_would() {
+        let s = |sliding| ratelimit::Settings {
+            limit: 3,
+            interval: Duration::from_secs(10),
+            sliding,
+            global: true,
+        };
+        // Full at the window's start: 10 s, and a third of the next window while the 3 weigh.
+        assert_eq!(
+            refused_wait(&s(true), 3, 0, 0, 10_000),
+            Duration::from_nanos(13_333_333_334)
+        );
+        // 3 in the previous window, 1 s into this one: 3 × 0.9 + 1 > 3 until a third in.
+        assert_eq!(
+            refused_wait(&s(true), 0, 3, 1_000, 10_000),
+            Duration::from_nanos(2_333_333_334)
+        );
+        // Fixed: the rest of the window.
+        assert_eq!(
+            refused_wait(&s(false), 3, 9, 4_000, 10_000),
+            Duration::from_secs(6)
+        );
+        // Refused by the script on an edge the exact comparison lets through: soon.
+        assert_eq!(
+            refused_wait(&s(true), 0, 0, 0, 10_000),
+            Duration::from_millis(1)
+        );
     }
 
     #[test]
