@@ -108,14 +108,36 @@ const PARSED_VALUE_BYTES: u64 = 80;
 
 /// The memory a JSON body takes when parsed into a tree, beyond its own bytes: one
 /// [`PARSED_VALUE_BYTES`] per separator or opener (`,` `:` `[` `{`: each value has one, or
-/// more). Those inside strings count too, which overestimates prose a little (a comma every
-/// few dozen bytes) and base64 images not at all.
+/// more) outside strings. A string is one value whatever it holds (code, CSV, base64), so the
+/// scan jumps over each to its closing quote.
 pub fn parse_overhead(body: &[u8]) -> u64 {
-    let marks = body
-        .iter()
-        .filter(|&&b| matches!(b, b',' | b':' | b'[' | b'{'))
-        .count();
-    u64::try_from(marks)
+    let marks = |part: &[u8]| {
+        part.iter()
+            .filter(|&&b| matches!(b, b',' | b':' | b'[' | b'{'))
+            .count()
+    };
+    let mut count = 0;
+    let mut rest = body;
+    while let Some(open) = memchr::memchr(b'"', rest) {
+        count += marks(&rest[..open]);
+        rest = &rest[open + 1..];
+        // To the closing quote, past escaped characters.
+        loop {
+            match memchr::memchr2(b'"', b'\\', rest) {
+                Some(at) if rest[at] == b'\\' => rest = rest.get(at + 2..).unwrap_or_default(),
+                Some(at) => {
+                    rest = &rest[at + 1..];
+                    break;
+                }
+                None => rest = &[],
+            }
+            if rest.is_empty() {
+                break;
+            }
+        }
+    }
+    count += marks(rest);
+    u64::try_from(count)
         .unwrap_or(u64::MAX)
         .saturating_mul(PARSED_VALUE_BYTES)
 }
@@ -151,11 +173,12 @@ impl Held {
     }
 
     /// Takes room for parsing `body` into a JSON tree (see [`parse_overhead`]) before it is
-    /// parsed: a body the byte limits let through may hold millions of tiny values. One that
-    /// could never fit is 413/2102; one that does not fit now is [`Self::grow`]'s 503/2110.
+    /// parsed: a body the byte limits let through may hold millions of tiny values. One whose
+    /// bytes and tree could never fit together is 413/2102; one that does not fit now is
+    /// [`Self::grow`]'s 503/2110.
     pub fn reserve_parse(&mut self, body: &[u8]) -> Result<(), crate::error::GatewayError> {
         let n = parse_overhead(body);
-        if n > self.limit {
+        if n.saturating_add(body.len() as u64) > self.limit {
             self.budget.refuse(self.limit);
             return Err(crate::error::GatewayError::BodyTooComplex { limit: self.limit });
         }
@@ -187,10 +210,15 @@ mod tests {
 
     #[test]
     fn parsing_room_is_counted_by_values_and_refused_past_the_limit() {
-        // Tiny values cost their tree; long strings little more than their bytes.
+        // Tiny values cost their tree; a string is one value whatever it holds.
         assert_eq!(parse_overhead(b"[0,0,0]"), 3 * PARSED_VALUE_BYTES);
         let image = format!(r#"{{"content":"{}"}}"#, "QUJD".repeat(10_000));
         assert_eq!(parse_overhead(image.as_bytes()), 2 * PARSED_VALUE_BYTES);
+        let csv = r#"{"content":"a,b:[c{d,\"e,f\",g","n":[1,2]}"#;
+        assert_eq!(parse_overhead(csv.as_bytes()), 6 * PARSED_VALUE_BYTES);
+        // An unterminated string ends the count; an escape at the very end too.
+        assert_eq!(parse_overhead(br#"[1,"a,b"#), 2 * PARSED_VALUE_BYTES);
+        assert_eq!(parse_overhead(br#"[1,"a"#), 2 * PARSED_VALUE_BYTES);
         let budget = BufferBudget::default();
         let mut held = budget.guard(1000);
         held.reserve_parse(b"[0,0]").expect("fits");
@@ -199,6 +227,13 @@ mod tests {
         let many = "0,".repeat(20);
         assert!(matches!(
             budget.guard(1000).reserve_parse(many.as_bytes()),
+            Err(crate::error::GatewayError::BodyTooComplex { limit: 1000 })
+        ));
+        // Its bytes count too: a tree that fits beside nothing else is refused for good.
+        let near = format!("[0,0,0,0,0,0,0,0,0,0,0,\"{}\"]", "x".repeat(100));
+        assert!(parse_overhead(near.as_bytes()) <= 1000);
+        assert!(matches!(
+            budget.guard(1000).reserve_parse(near.as_bytes()),
             Err(crate::error::GatewayError::BodyTooComplex { limit: 1000 })
         ));
         let mut other = budget.guard(1000);

@@ -1327,7 +1327,9 @@ mod tests {
             json_stream,
             flight: None,
         };
-        miss.fill(&head_of(StatusCode::OK, &h)).expect("fill").whole(body);
+        miss.fill(&head_of(StatusCode::OK, &h))
+            .expect("fill")
+            .whole(body);
         store.get(&[1; 32]).is_some()
     }
 

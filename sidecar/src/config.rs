@@ -297,7 +297,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     h.update(&raw);
     h.update(keys.digest);
     let fingerprint = format!("sha256:{}", hex::encode(h.finalize()));
-    Ok(Snapshot {
+    let mut snap = Snapshot {
         gateway_name: config.gateway.name.clone(),
         otel,
         config,
@@ -320,7 +320,10 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         shared,
         fingerprint,
         warnings,
-    })
+    };
+    let routes = crate::compat::client_key_warnings(&snap);
+    snap.warnings.extend(routes);
+    Ok(snap)
 }
 
 fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {

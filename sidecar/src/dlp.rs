@@ -205,7 +205,12 @@ impl Settings {
         }
         let check = if request { "REQUEST" } else { "RESPONSE" };
         let text = unescape_json(body);
-        let joined = crate::text::stream_text(body);
+        // A response may be a stream whose text is split across events; a request is not.
+        let joined = if request {
+            None
+        } else {
+            crate::text::stream_text(body)
+        };
         let found = |i: usize| {
             profile_matches(i, &text) || joined.as_deref().is_some_and(|j| profile_matches(i, j))
         };

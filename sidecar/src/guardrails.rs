@@ -118,7 +118,10 @@ impl Gateway {
         if actions.is_empty() {
             return Ok(Vec::new());
         }
-        let text = crate::text::of_body(body);
+        let text = match side {
+            Side::Prompt => crate::text::of_request(body),
+            Side::Response => crate::text::of_body(body),
+        };
         if text.trim().is_empty() {
             return Ok(Vec::new());
         }

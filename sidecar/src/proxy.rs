@@ -792,14 +792,23 @@ impl Gateway {
         )
         .await
         .map_err(fail)?;
-        // Guardrails, the cache key (of the body) and the stream-usage rewrite parse the body
-        // into a tree.
+        // Spend limits and token budgets count the tokens answers report; an OpenAI-format
+        // stream reports none unless asked, so the gateway asks (below).
+        let rewrites_usage = snap.budgets.is_some()
+            && asks_stream_usage(provider, &parts.method, route.rest, parts.uri.query())
+            && crate::headers::body_coding(&parts.headers).is_none();
+        // Guardrails, the cache key (of the body) and that rewrite parse the body into a tree,
+        // each for a moment (no await holds one): room for it until the last of them.
         let keyed_by_body = want
             .as_ref()
             .is_some_and(|w| !w.skip && w.custom_key.is_none());
-        if snap.guardrails.checks_prompts() || keyed_by_body || snap.budgets.is_some() {
-            held.reserve_parse(&body).map_err(fail)?;
-        }
+        let parsing = if snap.guardrails.checks_prompts() || keyed_by_body || rewrites_usage {
+            let mut room = self.buffers.guard(snap.max_buffered);
+            room.reserve_parse(&body).map_err(fail)?;
+            Some(room)
+        } else {
+            None
+        };
 
         let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
         if snap.guardrails.checks_prompts() {
@@ -844,11 +853,10 @@ impl Gateway {
         // Spend limits and token budgets count the tokens answers report; an OpenAI-format
         // stream reports none unless asked, so the gateway asks, and holds the usage chunk out
         // of the client's stream. Without limits the body goes as it came.
-        let asked = (snap.budgets.is_some()
-            && asks_stream_usage(provider, &parts.method, route.rest, parts.uri.query())
-            && crate::headers::body_coding(&parts.headers).is_none())
-        .then(|| crate::compat::openai::with_stream_usage(&body))
-        .flatten();
+        let asked = rewrites_usage
+            .then(|| crate::compat::openai::with_stream_usage(&body))
+            .flatten();
+        drop(parsing);
         let (body, hide_usage) = match asked {
             Some(asked) => (asked, true),
             None => (body, false),
@@ -1133,7 +1141,7 @@ impl Admission {
         let refused = match self {
             _ if stored => false,
             Self::Open => false,
-            Self::Token => token_in_key_header(snap, headers),
+            Self::Token => token_in_key_header(snap, headers).is_some(),
             Self::ClientKeyHeader => true,
         };
         if refused {
@@ -1144,16 +1152,16 @@ impl Admission {
     }
 }
 
-/// Whether a provider key header of the request holds a gateway token.
-fn token_in_key_header(snap: &Snapshot, headers: &http::HeaderMap) -> bool {
+/// The gateway token a provider key header of the request holds (as a bearer token or bare).
+pub(crate) fn token_in_key_header<'h>(
+    snap: &Snapshot,
+    headers: &'h http::HeaderMap,
+) -> Option<&'h [u8]> {
     crate::providers::CLIENT_KEY_HEADERS
         .iter()
         .flat_map(|name| headers.get_all(name))
-        .any(|v| {
-            let v = v.as_bytes();
-            snap.keys
-                .is_token(crate::headers::bearer_token(v).unwrap_or(v))
-        })
+        .map(|v| crate::headers::bearer_token(v.as_bytes()).unwrap_or(v.as_bytes()))
+        .find(|t| snap.keys.is_token(t))
 }
 
 /// Checks the gateway token when authentication is on: `cf-aig-authorization` when the request
@@ -1174,7 +1182,7 @@ fn authenticate(
             Err(GatewayError::Unauthorized)
         };
     }
-    if token_in_key_header(snap, headers) {
+    if token_in_key_header(snap, headers).is_some() {
         Ok(Admission::ClientKeyHeader)
     } else {
         Err(GatewayError::Unauthorized)

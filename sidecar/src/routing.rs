@@ -134,6 +134,17 @@ impl Routing {
         }
     }
 
+    /// The `/compat` model strings of the routes and chains: `dynamic/<route>`,
+    /// `fallback/<chain>`, sorted.
+    pub fn models(&self) -> Vec<String> {
+        let mut models: Vec<String> = (self.compiled.routes.keys())
+            .map(|n| format!("dynamic/{n}"))
+            .chain(self.compiled.chains.keys().map(|n| format!("fallback/{n}")))
+            .collect();
+        models.sort_unstable();
+        models
+    }
+
     /// The walk for a `/compat` model string: `dynamic/<route>`, `fallback/<chain>`, or `None`
     /// for a plain `{provider}/{model}`. `Err` names what does not exist.
     pub fn walk<'a>(&'a self, model: &str) -> Option<Result<Walk<'a>, String>> {

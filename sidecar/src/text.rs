@@ -182,13 +182,19 @@ fn json_array_text(body: &[u8]) -> Option<Vec<u8>> {
     (!parts.is_empty()).then(|| parts.concat().into_bytes())
 }
 
-/// The text of a body: the joined deltas of a stream, the text fields of a JSON document
-/// (one per line, in no particular order across fields; every string value when it has none
-/// of them, so an API shape not listed is still read), or the body itself when it is neither.
+/// The text of a response body: the joined deltas of a stream, else as [`of_request`].
 pub fn of_body(body: &[u8]) -> String {
     if let Some(t) = stream_text(body) {
         return String::from_utf8_lossy(&t).into_owned();
     }
+    of_request(body)
+}
+
+/// The text of a request body (never a stream: a top-level array is a document too, whose
+/// parts are separate texts): the text fields of a JSON document (one per line, in no
+/// particular order across fields; every string value when it has none of them, so an API
+/// shape not listed is still read), or the body itself when it is none.
+pub fn of_request(body: &[u8]) -> String {
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => {
             let mut parts = Vec::new();

@@ -228,12 +228,7 @@ impl TokenPrint {
         if let Some(v) = headers.get("cf-aig-authorization") {
             return bearer_token(v.as_bytes()).map(Self::of);
         }
-        crate::providers::CLIENT_KEY_HEADERS
-            .iter()
-            .flat_map(|name| headers.get_all(name))
-            .map(|v| bearer_token(v.as_bytes()).unwrap_or(v.as_bytes()))
-            .find(|t| snap.keys.is_token(t))
-            .map(Self::of)
+        crate::proxy::token_in_key_header(snap, headers).map(Self::of)
     }
 
     /// Whether `keys` still holds the token.

@@ -259,5 +259,27 @@ def test_json_bodies_of_millions_of_tiny_values_are_refused_before_they_are_pars
         image = b'{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"' + b"QUJD" * (900 * 1024) + b'"}]}'
         r = httpx.post(g.url + "/compat/chat/completions", content=image, headers={"content-type": "application/json"}, timeout=60)
         assert r.status_code == 200, r.text[:300]
+        # So does one whose text is full of commas and colons (CSV, code, JSON pasted as text):
+        # a string is one value.
+        csv = b'{"model":"openai/gpt-4o-mini","messages":[{"role":"user","content":"' + b"1,2:[3{," * (450 * 1024) + b'"}]}'
+        r = httpx.post(g.url + "/compat/chat/completions", content=csv, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+    finally:
+        g.stop()
+
+
+def test_a_request_dlp_reads_without_parsing_a_tree(tmp_path, upstream):
+    # Request bodies are no streams: a top-level array of tiny values is scanned as text, not
+    # decoded element by element into trees (which cost ~40 times its size).
+    spec = "  dlp:\n    policies:\n      - {id: cards, action: BLOCK, check: [REQUEST], profiles: [credit-card]}\n"
+    g = gateway(tmp_path, upstream.url, spec)
+    try:
+        upstream.gate.set()
+        body = b"[" + pad_body(3900 * 1024) + b"]"
+        base = vm_hwm_kib(g.proc.pid)
+        r = httpx.post(g.url + URL, content=body, headers={"content-type": "application/json"}, timeout=60)
+        assert r.status_code == 200, r.text[:300]
+        grown = vm_hwm_kib(g.proc.pid) - base
+        assert grown < 48 * 1024, f"peak RSS grew by {grown} KiB"
     finally:
         g.stop()

@@ -250,8 +250,14 @@ def test_without_an_alias_a_target_without_stored_credentials_does_not_refuse_th
 
 
 OWN_KEYS = """\
-    mistral: {baseURL: '%s/v1'}
+    mistral: {baseURL: '%(url)s/v1'}
+    custom-a: {baseURL: '%(url)s/v1'}
+    custom-b: {baseURL: '%(url)s/v1'}
   fallbacks:
+    - name: two-custom
+      targets:
+        - {provider: custom-a, model: mock-status-503}
+        - {provider: custom-b, model: local-model}
     - name: two-own
       targets:
         - {provider: groq, model: mock-status-503}
@@ -266,8 +272,11 @@ OWN_KEYS = """\
 def test_a_route_that_could_send_the_apps_own_key_to_two_providers_is_refused(mock, tmp_path):
     # Neither groq nor mistral has a stored key: after groq's failure the app's groq key would
     # go to mistral. Refused before anything is sent; without a key header nothing can leak.
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=OWN_KEYS % mock.url), DEFAULT_KEYS)
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=OWN_KEYS % {"url": mock.url}), DEFAULT_KEYS)
     try:
+        # Said when the config loads, not only when a request is refused.
+        assert "fallback/two-own reaches groq, mistral without a stored key" in g.logs()
+        assert "fallback/one-own reaches" not in g.logs() and "two-custom reaches" not in g.logs()
         mock.clear()
         r = post(g, "fallback/two-own", headers={"authorization": "Bearer gsk-apps-own-groq-key"})
         assert (r.status_code, r.json()["error"][0]["code"]) == (400, 2107), r.text
@@ -283,5 +292,8 @@ def test_a_route_that_could_send_the_apps_own_key_to_two_providers_is_refused(mo
         # No key header: nothing to leak, the targets answer for themselves (groq fails, mistral
         # refuses the missing key with its own 401).
         assert post(g, "fallback/two-own").status_code == 401
+        # The platform's own servers (custom providers) take the OpenAI SDK's placeholder key.
+        r = post(g, "fallback/two-custom", headers={"authorization": "Bearer unused"})
+        assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1"), r.text
     finally:
         g.stop()

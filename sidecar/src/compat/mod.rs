@@ -724,11 +724,30 @@ pub(crate) fn stored_credentials(
         .map(|k| matches!(k, KeyChoice::Stored(_)))
 }
 
-/// Refuses a route or chain that could send the app's own key to more than one provider: a key
-/// is meant for one provider and must never reach another when the walk falls back. `reach` is
-/// every provider the walk could reach; those with stored credentials (or that need them, which
-/// is refused elsewhere) replace the app's key headers, so only the others count. Nothing is
-/// sent with no key header, so then nothing is refused.
+/// The public providers among `reach` that would get the app's own key headers (no stored
+/// credentials of `alias`), each once. Custom providers are left out: they are the platform's
+/// own endpoints (a self-hosted model server takes the OpenAI SDK's placeholder key), where a
+/// fallback's key is no leak to a third party.
+pub(crate) fn client_key_providers<'p>(
+    snap: &Snapshot,
+    reach: impl IntoIterator<Item = &'p Provider>,
+    alias: Option<&str>,
+) -> Vec<&'p str> {
+    let mut own: Vec<&str> = reach
+        .into_iter()
+        .filter(|p| !p.id.starts_with("custom-"))
+        .filter(|p| matches!(stored_credentials(snap, p, alias), Ok(false)))
+        .map(|p| &*p.id)
+        .collect();
+    own.sort_unstable();
+    own.dedup();
+    own
+}
+
+/// Refuses a route or chain that could send the app's own key to more than one public provider
+/// ([`client_key_providers`]): a key is meant for one provider and must never reach another
+/// when the walk falls back. Nothing is sent with no key header, so then nothing is refused.
+/// Such routes are warned about when the config loads ([`client_key_warnings`]).
 pub(crate) fn one_provider_for_client_key<'p>(
     snap: &Snapshot,
     reach: impl IntoIterator<Item = &'p Provider>,
@@ -742,13 +761,7 @@ pub(crate) fn one_provider_for_client_key<'p>(
     {
         return Ok(());
     }
-    let mut own: Vec<&str> = reach
-        .into_iter()
-        .filter(|p| matches!(stored_credentials(snap, p, alias), Ok(false)))
-        .map(|p| &*p.id)
-        .collect();
-    own.sort_unstable();
-    own.dedup();
+    let own = client_key_providers(snap, reach, alias);
     if own.len() > 1 {
         return Err(bad(format!(
             "{} could send the app's own key to {}, which have no stored key{}: a key meant for one provider must not reach another; store keys (ProviderKey) for all of them but one",
@@ -758,6 +771,27 @@ pub(crate) fn one_provider_for_client_key<'p>(
         )));
     }
     Ok(())
+}
+
+/// A warning for each route or chain whose requests carrying the app's own key would be
+/// refused by [`one_provider_for_client_key`] with the stored keys of `snap`.
+pub(crate) fn client_key_warnings(snap: &Snapshot) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for model in snap.routing.models() {
+        let Some(Ok(walk)) = snap.routing.walk(&model) else {
+            continue;
+        };
+        let reach = walk.targets().into_iter();
+        let reach = reach.filter_map(|t| snap.providers.get(&t.provider));
+        let own = client_key_providers(snap, reach, None);
+        if own.len() > 1 {
+            warnings.push(format!(
+                "{model} reaches {} without a stored key: its requests carrying the app's own key are refused (400/2107), as a key meant for one provider must not reach another; store keys for all of them but one",
+                own.join(", ")
+            ));
+        }
+    }
+    warnings
 }
 
 /// The stored AWS credentials of `alias` (`None` when no alias is named and there is no
