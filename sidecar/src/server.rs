@@ -125,83 +125,44 @@ impl FirstBytes {
     fn pending(&self) -> &[u8] {
         &self.bytes[usize::from(self.start)..usize::from(self.end)]
     }
-}
 
-/// A client connection whose reads start with its [`FirstBytes`]: one comparison per read
-/// once they are gone.
-struct Replayed<T> {
-    first: FirstBytes,
-    inner: T,
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Replayed<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if self.first.start == self.first.end {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
-        }
-        let pending = self.first.pending();
+    /// Moves what is left of them into `buf`. Out of line: the read path that calls it
+    /// stays small enough to be inlined into hyper's.
+    #[cold]
+    #[inline(never)]
+    fn replay(&mut self, buf: &mut tokio::io::ReadBuf<'_>) {
+        let pending = self.pending();
         let n = pending.len().min(buf.remaining());
         buf.put_slice(&pending[..n]);
         // n <= 24
-        self.first.start += n as u8;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Replayed<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        self.start += n as u8;
     }
 }
 
 /// A gateway client connection as its HTTP/1 or h2c server sees it.
-type ClientIo = TokioIo<WriteStall<Replayed<TcpStream>>>;
+type ClientIo = TokioIo<WriteStall<TcpStream>>;
 
 /// A client connection that gives up on a client taking none of its answer: a write that has
 /// waited `limit` for the client to read (its socket buffer full) fails, and the connection,
 /// its request and the provider's stream behind it end (as nginx's `send_timeout`). Writes that
-/// go through at once, as nearly all do, cost one check.
+/// go through at once, as nearly all do, cost one check. Its reads start with the connection's
+/// [`FirstBytes`] (read while telling its protocol apart): one comparison per read once they are
+/// gone (here rather than in a layer of its own, which cost a call per read).
 struct WriteStall<T> {
     inner: T,
     limit: Duration,
     /// Since when a write has waited, while one does.
     waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    first: FirstBytes,
 }
 
 impl<T> WriteStall<T> {
-    fn new(inner: T, limit: Duration) -> Self {
+    fn new(inner: T, limit: Duration, first: FirstBytes) -> Self {
         Self {
             inner,
             limit,
             waiting: None,
+            first,
         }
     }
 
@@ -238,6 +199,10 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStall<T> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.first.start != self.first.end {
+            self.first.replay(buf);
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -295,13 +260,7 @@ async fn serve_connection(
         },
         _ = phase.wait_for(|p| *p != Phase::Serving) => return,
     };
-    let io = TokioIo::new(WriteStall::new(
-        Replayed {
-            first,
-            inner: stream,
-        },
-        silence,
-    ));
+    let io = TokioIo::new(WriteStall::new(stream, silence, first));
     let result = if h2 {
         serve_h2(io, gateway, silence, phase).await
     } else {
@@ -803,10 +762,7 @@ mod tests {
             assert_eq!(decided, h2, "{:?}", String::from_utf8_lossy(&sent));
             let _client = writer.await.expect("writer");
             // The protocol's reader gets every byte, those read to decide first.
-            let mut replayed = Replayed {
-                first,
-                inner: server,
-            };
+            let mut replayed = WriteStall::new(server, Duration::from_secs(5), first);
             let mut got = Vec::new();
             replayed.read_to_end(&mut got).await.expect("read");
             assert_eq!(got, sent);

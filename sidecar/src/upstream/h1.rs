@@ -383,8 +383,9 @@ impl Pool {
         // Sent again after a lost connection that may have read it only when doing it twice
         // does no harm: an idempotent method, or a request its client made safe to repeat.
         // An LLM call is a POST, and one the upstream read and then lost may have been billed.
+        // (Asked only then: a header lookup by name costs every request.)
         let replayable =
-            parts.method.is_idempotent() || parts.headers.contains_key(IDEMPOTENCY_KEY);
+            || parts.method.is_idempotent() || parts.headers.contains_key(IDEMPOTENCY_KEY);
         let (mut conn, written, (resp, framing, keep_idle)) = loop {
             // When a pooled connection was taken: only such a connection may have been closed
             // by the upstream as the request went out.
@@ -400,9 +401,9 @@ impl Pool {
                     // crash mid-answer must not have it done twice).
                     Err((e, received))
                         if !received
-                            && replayable
                             && connection_lost(&e)
-                            && taken_at.is_some_and(|at| at.elapsed() < RESEND_WITHIN) =>
+                            && taken_at.is_some_and(|at| at.elapsed() < RESEND_WITHIN)
+                            && replayable() =>
                     {
                         e
                     }
