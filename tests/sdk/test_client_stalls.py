@@ -5,10 +5,10 @@ window stays shut, first bytes that are only a part of the h2c preface, and `Exp
 import json
 import os
 import socket
-import threading
 import time
 
 from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from test_connections import EndlessStream
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0, 1, 3, 4, 6, 7
@@ -69,46 +69,12 @@ class _Frames:
             self.buf += chunk
 
 
-class _EndlessAnswer:
-    """A provider whose SSE answer does not end: 64 KiB events as fast as they are taken, until
-    the connection goes; `ended` is set once the gateway stops taking them (closes it)."""
-
-    def __init__(self):
-        self.ended = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.settimeout(60)
-            head = b""
-            while b"\r\n\r\n" not in head:
-                head += conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-            event = b"data: " + b"x" * 65530 + b"\n\n"
-            chunk = f"{len(event):x}\r\n".encode() + event + b"\r\n"
-            try:
-                for _ in range(32768):
-                    conn.sendall(chunk)
-            except OSError:
-                pass
-            self.ended.set()
-
-    def stop(self):
-        self.listener.close()
-
-
 def test_an_h2c_stream_whose_window_stays_shut_is_reset_and_its_provider_stream_ends(mock, tmp_path):
     # The client grants no stream window (SETTINGS_INITIAL_WINDOW_SIZE 0) and never sends
     # WINDOW_UPDATE, while acknowledging and answering PINGs: no write of the gateway ever waits,
     # yet the client takes none of its answer. After --client-timeout the stream is reset, its
     # request logged cancelled and the provider's stream behind it closed.
-    upstream = _EndlessAnswer()
+    upstream = EndlessStream()
     yaml = gateway_yaml(mock.url).replace(
         "  providers:\n", f"  providers:\n    custom-endless: {{baseURL: '{upstream.url}'}}\n", 1)
     g = Sidegate(tmp_path, yaml, DEFAULT_KEYS, extra_args=["--client-timeout", "1"])

@@ -195,7 +195,10 @@ class EndlessStream:
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self):
-        conn, _ = self.listener.accept()
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return  # stopped before any connection
         with conn:
             conn.settimeout(60)
             head = b""
