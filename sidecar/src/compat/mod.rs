@@ -1009,20 +1009,19 @@ pub(crate) async fn answer(
     // turn a provider's failure into the client's 401.
     // And, when the client names a key alias, each has that key, whether or not the walk
     // reaches it: a request refused for it after a provider's failure would hide that failure.
-    for t in walk.as_ref().map(|w| w.targets()).unwrap_or_default() {
-        if let Some(p) = snap.providers.get(&t.provider) {
-            let refused = |e| (Some(p.id.clone()), e);
-            admitted(p).map_err(refused)?;
-            if alias.is_some() {
-                stored_credentials(snap, p, alias).map_err(refused)?;
-            }
+    let reach: Vec<&Provider> = (walk.as_ref().map(|w| w.targets()).unwrap_or_default())
+        .into_iter()
+        .filter_map(|t| snap.providers.get(&t.provider))
+        .collect();
+    for p in &reach {
+        let refused = |e| (Some(p.id.clone()), e);
+        admitted(p).map_err(refused)?;
+        if alias.is_some() {
+            stored_credentials(snap, p, alias).map_err(refused)?;
         }
     }
-    if let Some(w) = &walk {
-        let reach = w.targets().into_iter();
-        let reach = reach.filter_map(|t| snap.providers.get(&t.provider));
-        one_provider_for_client_key(snap, reach, alias, &parts.headers, &model).map_err(none)?;
-    }
+    // And none but one public provider gets the app's own key.
+    one_provider_for_client_key(snap, reach, alias, &parts.headers, &model).map_err(none)?;
     let path = match endpoint {
         Endpoint::Chat => "compat/chat/completions",
         Endpoint::Embeddings => "compat/embeddings",
