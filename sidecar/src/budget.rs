@@ -314,7 +314,7 @@ impl Ledger {
                 return Err(GatewayError::SpendLimited {
                     amount: sp.amount,
                     period: period_name(sp.period),
-                    retry_after: Duration::from_secs(end.saturating_sub(now).max(1)),
+                    retry_after: until_unix(end),
                 });
             }
         }
@@ -405,6 +405,17 @@ impl Tally {
             );
         }
     }
+}
+
+/// How long until the Unix time `end` (in seconds), from now to the nanosecond (the whole
+/// seconds of `unix_secs` would overstate it by up to a second), at least a second.
+fn until_unix(end: u64) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Duration::from_secs(end)
+        .saturating_sub(now)
+        .max(Duration::from_secs(1))
 }
 
 fn unix_secs() -> u64 {

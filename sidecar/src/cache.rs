@@ -809,36 +809,15 @@ fn json_array_ended_whole(body: &[u8]) -> bool {
     chunks.iter().all(|c| c.get("error").is_none()) && chunks.iter().any(finished)
 }
 
-/// Response headers that belong to one response and are not stored with its answer: the
-/// provider's request ids, processing times and rate-limit counts, its cookies, and a wait it
-/// asked for.
-const PER_RESPONSE_HEADERS: [&str; 10] = [
-    "set-cookie",
-    "x-request-id",
-    "request-id",
-    "cf-ray",
-    "openai-processing-ms",
-    "retry-after",
-    "x-amzn-requestid",
-    "apim-request-id",
-    "x-envoy-upstream-service-time",
-    "server-timing",
-];
-
-/// Prefixes of the per-response headers (rate-limit counts).
-const PER_RESPONSE_PREFIXES: [&str; 2] = ["x-ratelimit-", "anthropic-ratelimit-"];
-
+/// Removes the headers that belong to one response and are not stored with its answer: the
+/// provider's request ids, processing times and rate-limit counts
+/// ([`crate::headers::unread_per_response`]), its cookies, and a wait it asked for.
 fn remove_per_response_headers(headers: &mut HeaderMap) {
-    for name in PER_RESPONSE_HEADERS {
-        headers.remove(name);
-    }
+    headers.remove(header::SET_COOKIE);
+    headers.remove(header::RETRY_AFTER);
     let counts: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| {
-            PER_RESPONSE_PREFIXES
-                .iter()
-                .any(|p| n.as_str().starts_with(p))
-        })
+        .filter(|n| crate::headers::unread_per_response(n.as_str().as_bytes()))
         .cloned()
         .collect();
     for n in counts {

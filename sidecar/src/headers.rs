@@ -21,6 +21,46 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
 }
 
+/// Most header names a connection's messages repeat.
+pub(crate) const MAX_KNOWN_NAMES: usize = 64;
+
+/// The header names of a connection's earlier messages, in the order they came, each with its
+/// spelling as it came. A provider sends the same dozen or more on every response
+/// (`x-request-id`, `openai-*`, `x-ratelimit-*`), a client the same on every request, usually in
+/// the same order and always in the same case: a name found here is a comparison of bytes and a
+/// reference-count increment instead of a validation, lowercasing and allocation.
+#[derive(Default)]
+pub(crate) struct KnownNames(Vec<(Box<[u8]>, HeaderName)>);
+
+impl KnownNames {
+    /// The name `raw` (any case), the `i`th of its message.
+    pub(crate) fn get(
+        &mut self,
+        i: usize,
+        raw: &[u8],
+    ) -> Result<HeaderName, http::header::InvalidHeaderName> {
+        let same = |(sent, _): &&(Box<[u8]>, HeaderName)| **sent == *raw;
+        if let Some((_, n)) = self
+            .0
+            .get(i)
+            .filter(same)
+            .or_else(|| self.0.iter().find(same))
+        {
+            return Ok(n.clone());
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        if self.0.len() < MAX_KNOWN_NAMES {
+            self.0.push((raw.into(), name.clone()));
+        }
+        Ok(name)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
 /// Whether a `name` header (a comma-separated list, as `Connection` or `Upgrade`) holds
 /// `token`, in any case.
 pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
@@ -28,6 +68,76 @@ pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> b
         v.to_str()
             .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     })
+}
+
+/// Response headers that belong to one response (the provider's request ids, processing times
+/// and rate-limit counts) and that the gateway never reads: its own HTTP/1 upstream client keeps
+/// them as the bytes they came in ([`RawHeaders`]), and a cached answer does not store them.
+const UNREAD_PER_RESPONSE: [&[u8]; 8] = [
+    b"x-request-id",
+    b"request-id",
+    b"cf-ray",
+    b"openai-processing-ms",
+    b"x-amzn-requestid",
+    b"apim-request-id",
+    b"x-envoy-upstream-service-time",
+    b"server-timing",
+];
+
+/// Prefixes of [`UNREAD_PER_RESPONSE`] headers: rate-limit counts.
+/// The `x-` one first, then the `anthropic-` one.
+const UNREAD_PER_RESPONSE_PREFIXES: [&[u8]; 2] = [b"x-ratelimit-", b"anthropic-ratelimit-"];
+
+/// Whether `name` (any case) is one of the [`UNREAD_PER_RESPONSE`] headers.
+pub fn unread_per_response(name: &[u8]) -> bool {
+    // Asked of every response header: told apart by length, then compared.
+    // Providers send them lowercase: compared as they are first.
+    let starts = |p: &[u8]| {
+        name.len() > p.len() && (name.starts_with(p) || name[..p.len()].eq_ignore_ascii_case(p))
+    };
+    match name.first().map(u8::to_ascii_lowercase) {
+        Some(b'x') if starts(UNREAD_PER_RESPONSE_PREFIXES[0]) => return true,
+        Some(b'a') if starts(UNREAD_PER_RESPONSE_PREFIXES[1]) => return true,
+        _ => {}
+    }
+    UNREAD_PER_RESPONSE
+        .iter()
+        .any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+}
+
+/// A response's [`unread_per_response`] headers as the upstream sent them, `Name: value\r\n`
+/// lines (the value without the spaces around it), in its extensions: written through as they are by the gateway's own HTTP/1 server,
+/// put into the header map ([`RawHeaders::into_map`]) for anything else that sends or keeps the
+/// response. Names and values were checked as HTTP's by the upstream client's parser.
+#[derive(Clone, Debug)]
+pub struct RawHeaders(pub bytes::Bytes);
+
+impl RawHeaders {
+    /// Appends a header line as it came (`name:` and its value, without the line end).
+    pub fn push(raw: &mut Vec<u8>, line: &[u8]) {
+        raw.extend_from_slice(line);
+        raw.extend_from_slice(b"\r\n");
+    }
+
+    /// Moves a response's raw headers, if it has any, into its header map.
+    pub fn into_map(parts: &mut http::response::Parts) {
+        let Some(RawHeaders(raw)) = parts.extensions.remove::<RawHeaders>() else {
+            return;
+        };
+        let mut at = 0;
+        while let Some(eol) = memchr::memmem::find(&raw[at..], b"\r\n") {
+            let line = &raw[at..at + eol];
+            if let Some(colon) = memchr::memchr(b':', line)
+                && let Ok(name) = HeaderName::from_bytes(&line[..colon])
+                && let value = &line[colon + 1..]
+                && let start = at + colon + 1 + (value.len() - value.trim_ascii_start().len())
+                && let Ok(value) = HeaderValue::from_maybe_shared(raw.slice(start..at + eol))
+            {
+                parts.headers.append(name, value);
+            }
+            at += eol + 2;
+        }
+    }
 }
 
 /// Whether `name` is a gateway header (`cf-aig-*`).

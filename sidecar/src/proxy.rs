@@ -13,9 +13,8 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 
-use crate::body::{ProxyBody, hold_whole};
+use crate::body::{ProxyBody, RequestBody, hold_whole};
 use crate::cache;
 use crate::config::Snapshot;
 use crate::error::GatewayError;
@@ -386,7 +385,7 @@ impl Gateway {
     /// Serves one request; every failure becomes a SPEC.md error response.
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let Some(snap) = self.snapshot.load_full() else {
@@ -616,7 +615,7 @@ impl Gateway {
         &self,
         snap: &Arc<Snapshot>,
         parts: &http::request::Parts,
-        body: Incoming,
+        body: RequestBody,
         start: Instant,
         recorded: &std::sync::atomic::AtomicBool,
         held_back: Option<&Arc<crate::telemetry::HeldBack>>,
@@ -1254,7 +1253,7 @@ pub(crate) fn request_timeout(
 /// any of it is read), and stay taken until `held` drops.
 pub(crate) async fn read_body(
     headers: &http::HeaderMap,
-    body: Incoming,
+    body: RequestBody,
     limit: u64,
     idle: Duration,
     held: &mut crate::buffers::Held,

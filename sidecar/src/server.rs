@@ -1,4 +1,5 @@
-//! Listeners: the gateway port (HTTP/1.1 keep-alive and h2c) and the admin port, with a
+//! Listeners: the gateway port (HTTP/1.1 keep-alive — the gateway's own server for the usual
+//! requests, hyper's for the rest — and h2c) and the admin port, with a
 //! shutdown that first keeps serving for a drain delay, then lets in-flight requests finish
 //! within the grace period and cuts what remains.
 
@@ -10,7 +11,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -22,7 +26,11 @@ use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
 use crate::admin;
+use crate::body::RequestBody;
+use crate::headers::RawHeaders;
 use crate::proxy::Gateway;
+
+mod h1;
 
 /// Largest request head (request line and headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -74,27 +82,28 @@ enum Phase {
 /// sleep until more comes, not a timed re-peek; they are handed on to the reader in the
 /// returned [`FirstBytes`].
 async fn speaks_h2(stream: &TcpStream) -> std::io::Result<(bool, FirstBytes)> {
-    let mut first = FirstBytes::default();
-    let n = stream.peek(&mut first.bytes).await?;
-    if let Some(h2) = preface_decided(&first.bytes[..n]) {
+    let mut seen = [0u8; H2_PREFACE.len()];
+    let n = stream.peek(&mut seen).await?;
+    if let Some(h2) = preface_decided(&seen[..n]) {
         return Ok((h2, FirstBytes::default()));
     }
+    let mut len = 0;
     loop {
         stream.readable().await?;
-        let len = usize::from(first.end);
-        let n = match stream.try_read(&mut first.bytes[len..]) {
+        let n = match stream.try_read(&mut seen[len..]) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
         // At most the preface's 24 bytes.
-        first.end += n as u8;
+        len += n;
+        let first = || FirstBytes(Bytes::copy_from_slice(&seen[..len]));
         if n == 0 {
             // Closed after a part of the preface: the HTTP/1 reader answers it.
-            return Ok((false, first));
+            return Ok((false, first()));
         }
-        if let Some(h2) = preface_decided(first.pending()) {
-            return Ok((h2, first));
+        if let Some(h2) = preface_decided(&seen[..len]) {
+            return Ok((h2, first()));
         }
     }
 }
@@ -112,34 +121,24 @@ fn preface_decided(seen: &[u8]) -> Option<bool> {
     }
 }
 
-/// The first bytes of a connection read while telling its protocol apart (usually none: they
-/// were peeked), still to be read by the protocol's reader.
+/// Bytes of a connection already read but still to be read by the protocol's reader: the
+/// first bytes read while telling its protocol apart (usually none: they were peeked), or
+/// what the gateway's own HTTP/1 server read before it handed the connection to hyper.
 #[derive(Default)]
-struct FirstBytes {
-    bytes: [u8; H2_PREFACE.len()],
-    start: u8,
-    end: u8,
-}
+struct FirstBytes(Bytes);
 
 impl FirstBytes {
-    fn pending(&self) -> &[u8] {
-        &self.bytes[usize::from(self.start)..usize::from(self.end)]
-    }
-
     /// Moves what is left of them into `buf`. Out of line: the read path that calls it
     /// stays small enough to be inlined into hyper's.
     #[cold]
     #[inline(never)]
     fn replay(&mut self, buf: &mut tokio::io::ReadBuf<'_>) {
-        let pending = self.pending();
-        let n = pending.len().min(buf.remaining());
-        buf.put_slice(&pending[..n]);
-        // n <= 24
-        self.start += n as u8;
+        let n = self.0.len().min(buf.remaining());
+        buf.put_slice(&self.0.split_to(n));
     }
 }
 
-/// A gateway client connection as its HTTP/1 or h2c server sees it.
+/// A gateway client connection as hyper's HTTP/1 or h2c server sees it.
 type ClientIo = TokioIo<WriteStall<TcpStream>>;
 
 /// A client connection that gives up on a client taking none of its answer: a write that has
@@ -199,7 +198,7 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteStall<T> {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if self.first.start != self.first.end {
+        if !self.first.0.is_empty() {
             self.first.replay(buf);
             return Poll::Ready(Ok(()));
         }
@@ -260,25 +259,57 @@ async fn serve_connection(
         },
         _ = phase.wait_for(|p| *p != Phase::Serving) => return,
     };
-    let io = TokioIo::new(WriteStall::new(stream, silence, first));
+    let mut io = WriteStall::new(stream, silence, first);
     let result = if h2 {
-        serve_h2(io, gateway, silence, phase).await
+        serve_h2(TokioIo::new(io), gateway, silence, phase).await
     } else {
-        serve_h1(io, gateway, silence, phase).await
+        // The gateway's own server first; hyper for what it leaves.
+        let stop = h1::Stop::default();
+        let ended = {
+            let served = h1::serve(&mut io, &gateway, silence, &stop);
+            tokio::pin!(served);
+            loop {
+                tokio::select! {
+                    ended = served.as_mut() => break ended,
+                    next = next_phase(&mut phase) => match next {
+                        Phase::Serving => {}
+                        Phase::Stopping => if stop.stop() {
+                            return;
+                        },
+                        // Dropping the request writes its log line and span, here.
+                        Phase::Cut => return,
+                    },
+                }
+            }
+        };
+        match ended {
+            h1::Ended::Closed => return,
+            h1::Ended::HandOff(read) => {
+                io.first = FirstBytes(read.freeze());
+                serve_h1(TokioIo::new(io), gateway, silence, phase).await
+            }
+        }
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 
-/// HTTP/1.1: hyper closes a connection silent for `silence` between requests or within a head.
+/// HTTP/1.1 by hyper, for a connection the gateway's own server ([`h1`]) left to it: hyper
+/// closes a connection silent for `silence` between requests or within a head.
 async fn serve_h1(
     io: ClientIo,
     gateway: Arc<Gateway>,
     silence: Duration,
     mut phase: watch::Receiver<Phase>,
 ) -> hyper::Result<()> {
-    let service = service_fn(move |req| gateway.clone().handle(req));
+    let service = service_fn(move |req: Request<Incoming>| {
+        let gateway = gateway.clone();
+        async move {
+            let response = gateway.handle(req.map(RequestBody::from)).await?;
+            Ok::<_, std::convert::Infallible>(raw_into_map(response))
+        }
+    });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(silence)
@@ -289,6 +320,10 @@ async fn serve_h1(
         // A WebSocket session (`crate::websocket`) takes the connection over once answered.
         .with_upgrades();
     tokio::pin!(conn);
+    // Handed over by the gateway's own server after the stop began.
+    if *phase.borrow() != Phase::Serving {
+        conn.as_mut().graceful_shutdown();
+    }
     loop {
         tokio::select! {
             result = conn.as_mut() => return result,
@@ -316,11 +351,11 @@ async fn serve_h2(
     let streams = StreamTasks::new(silence);
     let (open, mut open_rx) = watch::channel(0usize);
     let open = Arc::new(open);
-    let service = service_fn(move |req| {
+    let service = service_fn(move |req: Request<Incoming>| {
         let stream = OpenStream::new(open.clone());
         let gateway = gateway.clone();
         async move {
-            let response = gateway.handle(req).await?;
+            let response = raw_into_map(gateway.handle(req.map(RequestBody::from)).await?);
             // Polled in the stream's task (`StreamTasks`), where its progress is.
             let progress = STREAM_PROGRESS.try_with(Arc::clone).ok();
             Ok::<_, std::convert::Infallible>(response.map(|inner| Tracked {
@@ -360,6 +395,16 @@ async fn serve_h2(
     drop(conn);
     streams.shutdown().await;
     result
+}
+
+/// A response for hyper to send: its [`RawHeaders`] in its header map.
+fn raw_into_map<B>(response: Response<B>) -> Response<B> {
+    if response.extensions().get::<RawHeaders>().is_none() {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    RawHeaders::into_map(&mut parts);
+    Response::from_parts(parts, body)
 }
 
 /// The phase the shutdown moves to next (`Cut` when the server is gone).

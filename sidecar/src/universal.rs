@@ -28,10 +28,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use serde::Deserialize;
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::cache;
 use crate::compat::{self, CompatRequest, Served, UniversalStep};
 use crate::config::Snapshot;
@@ -190,7 +189,7 @@ pub(crate) async fn serve(
     gw: &Gateway,
     snap: &Arc<Snapshot>,
     parts: &http::request::Parts,
-    body: Incoming,
+    body: RequestBody,
     start: Instant,
     opts: &LogOptions<'_>,
 ) -> Result<Response<ProxyBody>, Failure> {

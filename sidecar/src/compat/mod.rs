@@ -27,13 +27,12 @@ use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Version};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use sidegate_crds::policy::ApiFormat;
 
 use self::openai::bad;
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, RequestBody};
 use crate::buffers::Held;
 use crate::cache;
 use crate::config::Snapshot;
@@ -834,7 +833,7 @@ pub(crate) async fn serve(
     snap: &Arc<Snapshot>,
     parts: &http::request::Parts,
     rest: &str,
-    body: Incoming,
+    body: RequestBody,
     start: Instant,
     opts: &LogOptions<'_>,
     admission: Admission,

@@ -26,7 +26,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Frame, SizeHint};
@@ -39,7 +39,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tower_service::Service as _;
 
-use crate::headers::has_token;
+use crate::headers::{KnownNames, RawHeaders, has_token, unread_per_response};
 
 use super::{BodyError, CONNECT_TIMEOUT, IDLE_TIMEOUT, MAX_IDLE_PER_HOST, UpstreamError};
 
@@ -133,42 +133,9 @@ struct Conn {
     /// Bytes asked for by the next read: grows while reads fill it.
     read_size: usize,
     /// Header names of this connection's earlier responses.
-    names: Names,
+    names: KnownNames,
     /// How long the connection may wait idle in the pool, from its last response.
     keep_idle: Duration,
-}
-
-/// Most header names a connection's responses repeat.
-const MAX_KNOWN_NAMES: usize = 64;
-
-/// The header names of a connection's earlier responses, in the order they came. A provider
-/// sends the same dozen or more on every response (`x-request-id`, `openai-*`, `x-ratelimit-*`),
-/// usually in the same order: a name found here is a reference-count increment instead of a
-/// validation, lowercasing and allocation.
-#[derive(Default)]
-struct Names(Vec<HeaderName>);
-
-impl Names {
-    /// The name `raw` (any case), the `i`th of its response.
-    fn get(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
-        let same = |n: &&HeaderName| {
-            let known = n.as_str().as_bytes();
-            known == raw || known.eq_ignore_ascii_case(raw)
-        };
-        if let Some(n) = self
-            .0
-            .get(i)
-            .filter(same)
-            .or_else(|| self.0.iter().find(same))
-        {
-            return Ok(n.clone());
-        }
-        let name = HeaderName::from_bytes(raw)?;
-        if self.0.len() < MAX_KNOWN_NAMES {
-            self.0.push(name.clone());
-        }
-        Ok(name)
-    }
 }
 
 impl Conn {
@@ -511,7 +478,7 @@ impl Pool {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             read_size: READ_CHUNK,
-            names: Names::default(),
+            names: KnownNames::default(),
             keep_idle: IDLE_TIMEOUT,
         }))
     }
@@ -710,7 +677,11 @@ async fn read_head(conn: &mut Conn, is_head: bool) -> Result<Head, (io::Error, b
 
 /// Parses one response head from `buf` (consuming it), or `None` when more bytes are needed.
 /// Interim 1xx responses are consumed and skipped.
-fn parse_head(buf: &mut BytesMut, names: &mut Names, is_head: bool) -> io::Result<Option<Head>> {
+fn parse_head(
+    buf: &mut BytesMut,
+    names: &mut KnownNames,
+    is_head: bool,
+) -> io::Result<Option<Head>> {
     loop {
         let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut parsed = httparse::Response::new(&mut slots);
@@ -743,13 +714,25 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names, is_head: bool) -> io::Resul
         let base = buf.as_ptr() as usize;
         let mut fields = Vec::with_capacity(parsed.headers.len());
         let mut keep_idle = IDLE_TIMEOUT;
-        for (i, h) in parsed.headers.iter().enumerate() {
+        // Headers the gateway never reads stay bytes (`RawHeaders`).
+        let mut raw = Vec::new();
+        for h in parsed.headers.iter() {
             // Read here, from the bytes at hand, rather than looked up in the map after.
             if h.name.len() == KEEP_ALIVE.len() && h.name.eq_ignore_ascii_case(KEEP_ALIVE) {
                 keep_idle = keep_idle.min(keep_alive_idle(h.value));
             }
+            if unread_per_response(h.name.as_bytes()) {
+                if raw.is_empty() {
+                    raw.reserve(1024);
+                }
+                // The line as it came, up to the end of its value.
+                let from = h.name.as_ptr() as usize - base;
+                let to = h.value.as_ptr() as usize - base + h.value.len();
+                RawHeaders::push(&mut raw, &buf[from..to]);
+                continue;
+            }
             let name = names
-                .get(i, h.name.as_bytes())
+                .get(fields.len(), h.name.as_bytes())
                 .map_err(|_| invalid("header name"))?;
             let start = h.value.as_ptr() as usize - base;
             fields.push((name, start, start + h.value.len()));
@@ -772,6 +755,9 @@ fn parse_head(buf: &mut BytesMut, names: &mut Names, is_head: bool) -> io::Resul
         *resp.status_mut() = status;
         *resp.version_mut() = version;
         *resp.headers_mut() = headers;
+        if !raw.is_empty() {
+            resp.extensions_mut().insert(RawHeaders(raw.into()));
+        }
         return Ok(Some((resp, framing, keep_alive.then_some(keep_idle))));
     }
 }
@@ -1171,14 +1157,63 @@ mod tests {
     fn head(wire: &str, is_head: bool) -> io::Result<Option<Head>> {
         parse_head(
             &mut BytesMut::from(wire.as_bytes()),
-            &mut Names::default(),
+            &mut KnownNames::default(),
             is_head,
         )
     }
 
     #[test]
+    fn headers_the_gateway_never_reads_are_kept_as_the_bytes_they_came_in() {
+        let wire = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Request-Id:  req_1\r\nopenai-organization: org\r\nx-ratelimit-remaining-requests: 9\r\nX-RateLimit-Reset-Tokens: 0s\r\nanthropic-ratelimit-tokens-limit: 5\r\nx-ratelimit-: not a count\r\nContent-Length: 2\r\n\r\n{}";
+        let (resp, _, _) = head(wire, false).expect("valid").expect("whole");
+        let (mut parts, ()) = resp.into_parts();
+        let names = |h: &HeaderMap| h.keys().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&parts.headers),
+            [
+                "content-type",
+                "openai-organization",
+                "x-ratelimit-",
+                "content-length"
+            ],
+            "read or kept by the gateway: in the map"
+        );
+        let raw = parts.extensions.get::<RawHeaders>().expect("raw headers");
+        assert_eq!(
+            &raw.0[..],
+            b"X-Request-Id:  req_1\r\nx-ratelimit-remaining-requests: 9\r\nX-RateLimit-Reset-Tokens: 0s\r\nanthropic-ratelimit-tokens-limit: 5\r\n"
+        );
+        // Put in the map for those who need it whole: lowercased, in order, values as they came.
+        RawHeaders::into_map(&mut parts);
+        assert!(parts.extensions.get::<RawHeaders>().is_none());
+        let pairs: Vec<_> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}={}", v.to_str().expect("ASCII")))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                "content-type=application/json",
+                "openai-organization=org",
+                "x-ratelimit-=not a count",
+                "content-length=2",
+                "x-request-id=req_1",
+                "x-ratelimit-remaining-requests=9",
+                "x-ratelimit-reset-tokens=0s",
+                "anthropic-ratelimit-tokens-limit=5",
+            ]
+        );
+        // None such: no extension at all.
+        let (resp, _, _) = head("HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n", false)
+            .expect("valid")
+            .expect("whole");
+        assert!(resp.extensions().get::<RawHeaders>().is_none());
+    }
+
+    #[test]
     fn header_names_of_earlier_responses_are_reused() {
-        let mut names = Names::default();
+        let mut names = KnownNames::default();
         let mut parse = |wire: &str| {
             let (r, _, _) = parse_head(&mut BytesMut::from(wire.as_bytes()), &mut names, false)
                 .expect("valid")
@@ -1189,30 +1224,28 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let first = parse(
-            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx-request-id: a\r\nX-RateLimit-Remaining-Requests: 9\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nopenai-project: a\r\nOpenAI-Version: 9\r\n\r\n",
         );
         assert_eq!(
             first,
-            [
-                "content-length=0",
-                "x-request-id=a",
-                "x-ratelimit-remaining-requests=9"
-            ]
+            ["content-length=0", "openai-project=a", "openai-version=9"]
         );
         // Another order, another case, one new name: the same names, lowercased.
         let second = parse(
-            "HTTP/1.1 200 OK\r\nx-ratelimit-remaining-requests: 8\r\nX-Request-ID: b\r\nx-new: 1\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nopenai-version: 8\r\nOpenAI-Project: b\r\nx-new: 1\r\ncontent-length: 0\r\n\r\n",
         );
         assert_eq!(
             second,
             [
-                "x-ratelimit-remaining-requests=8",
-                "x-request-id=b",
+                "openai-version=8",
+                "openai-project=b",
                 "x-new=1",
                 "content-length=0"
             ]
         );
-        assert_eq!(names.0.len(), 4, "each name kept once");
+        // Each spelling kept once: content-length, openai-project, OpenAI-Version, openai-version,
+        // OpenAI-Project, x-new.
+        assert_eq!(names.len(), 6, "each spelling kept once");
         // Invalid names are still refused.
         assert!(
             parse_head(
@@ -1223,10 +1256,10 @@ mod tests {
             .is_err()
         );
         // The list is bounded.
-        for i in 0..2 * MAX_KNOWN_NAMES {
+        for i in 0..2 * crate::headers::MAX_KNOWN_NAMES {
             names.get(i, format!("x-h{i}").as_bytes()).expect("valid");
         }
-        assert_eq!(names.0.len(), MAX_KNOWN_NAMES);
+        assert_eq!(names.len(), crate::headers::MAX_KNOWN_NAMES);
     }
 
     #[test]

@@ -1,0 +1,634 @@
+//! The gateway's own HTTP/1.1 server, for the requests nearly every client sends: a method with
+//! a body of a declared length (or none), no upgrade, no `Expect`, no transfer coding. It reads
+//! the head and the whole body, hands them to the gateway, and writes the answer's head
+//! straight from its header map, its body with a length or chunked. Anything else — HTTP/1.0,
+//! `HEAD`, a chunked or large request body, a WebSocket upgrade, a head hyper would refuse —
+//! hands the connection, bytes already read included, to hyper for the rest of its life: the
+//! rare requests keep hyper's well-trodden handling, the common one skips its dispatcher.
+//!
+//! As hyper's server it closes a connection silent for the client timeout before or within a
+//! head, drops a request whose client closes the connection while it waits for its answer, and
+//! finishes the request in flight when the gateway stops, answering it with `connection: close`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::{MAX_HEADER_BYTES, WriteStall};
+use crate::body::{ProxyBody, RequestBody};
+use crate::headers::{KnownNames, RawHeaders};
+use crate::proxy::Gateway;
+
+/// Most request headers read here (hyper's limit too); a request with more goes to hyper.
+const MAX_HEADERS: usize = 100;
+
+/// Largest request body read here with its head; a larger one goes to hyper, whose body is read
+/// as it arrives against the gateway's limits. A connection holds at most this and a head.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Bodies up to this size are copied into the buffer of the answer's head; larger ones are
+/// written apart.
+const COPY_BELOW: usize = 16 * 1024;
+
+/// How a connection's time with this server ended.
+pub(super) enum Ended {
+    /// Closed: by the client, for silence, at the gateway's stop, or after an error.
+    Closed,
+    /// Left to hyper from a request on; `BytesMut` holds the bytes read of it and after it.
+    HandOff(BytesMut),
+}
+
+/// What the connection's task tells its server about the gateway's stop.
+#[derive(Default)]
+pub(super) struct Stop {
+    /// Stopping: no new request; the one in flight is answered with `connection: close`.
+    stopping: AtomicBool,
+    /// Set while the server waits for a request with nothing of one read.
+    idle: AtomicBool,
+}
+
+impl Stop {
+    /// Marks the gateway stopping; true when the connection is idle and can be closed now.
+    pub(super) fn stop(&self) -> bool {
+        self.stopping.store(true, Ordering::Relaxed);
+        self.idle.load(Ordering::Relaxed)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// One request head as read, its header values sharing the head's bytes.
+struct Head {
+    request: Request<RequestBody>,
+    /// The head as read, for hyper should the body not come.
+    bytes: Bytes,
+    /// Declared body length.
+    body: usize,
+    close: bool,
+}
+
+// Once per request, moved into place: a box would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
+enum Parsed {
+    Head(Head),
+    Partial,
+    /// Not a request this server takes.
+    Other,
+}
+
+/// Serves `io`'s requests until the connection ends or one is for hyper.
+pub(super) async fn serve(
+    io: &mut WriteStall<TcpStream>,
+    gateway: &Arc<Gateway>,
+    silence: Duration,
+    stop: &Stop,
+) -> Ended {
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
+    let mut names = KnownNames::default();
+    let timer = tokio::time::sleep(silence);
+    tokio::pin!(timer);
+    loop {
+        // The next head, within `silence` from now.
+        timer.as_mut().reset(Instant::now() + silence);
+        let head = loop {
+            if !buf.is_empty() {
+                match parse(&mut buf, &mut names) {
+                    Parsed::Head(head) => break head,
+                    Parsed::Partial if buf.len() < MAX_HEADER_BYTES => {}
+                    // hyper answers it (400, 431, ...).
+                    Parsed::Partial | Parsed::Other => return Ended::HandOff(buf),
+                }
+            } else {
+                stop.idle.store(true, Ordering::Relaxed);
+                if stop.stopping() {
+                    return Ended::Closed;
+                }
+            }
+            let read = tokio::select! {
+                read = io.read_buf(&mut buf) => read,
+                () = timer.as_mut() => return Ended::Closed,
+            };
+            stop.idle.store(false, Ordering::Relaxed);
+            match read {
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(_) => {}
+            }
+        };
+        // Its body, whole.
+        while buf.len() < head.body {
+            let read = tokio::select! {
+                read = io.read_buf(&mut buf) => read,
+                // hyper's reading of the body applies the gateway's own timeout.
+                () = timer.as_mut() => return Ended::HandOff(rejoin(&head.bytes, &buf)),
+            };
+            match read {
+                Ok(0) | Err(_) => return Ended::Closed,
+                Ok(_) => {}
+            }
+        }
+        let Head {
+            mut request,
+            body,
+            close,
+            ..
+        } = head;
+        if body > 0 {
+            *request.body_mut() = RequestBody::Whole(Some(buf.split_to(body).freeze()));
+        }
+        let mut answer = std::pin::pin!(gateway.clone().handle(request));
+        // A client that closes the connection meanwhile drops its request (as hyper does);
+        // bytes it sends on (a next request) wait in `buf`.
+        let response = loop {
+            tokio::select! {
+                biased;
+                response = answer.as_mut() => break response,
+                read = io.read_buf(&mut buf), if buf.len() < MAX_HEADER_BYTES + MAX_BODY => match read {
+                    Ok(0) | Err(_) => return Ended::Closed,
+                    Ok(_) => {}
+                },
+            }
+        };
+        let Ok(response) = response;
+        let close = close || stop.stopping();
+        if write_response(io, &mut buf, &mut out, response, close)
+            .await
+            .is_err()
+            || close
+        {
+            let _ = io.shutdown().await;
+            return Ended::Closed;
+        }
+    }
+}
+
+/// Parses a request head at the start of `buf` and takes it off (not when it is
+/// [`Parsed::Other`]), the header values sharing its bytes.
+fn parse(buf: &mut BytesMut, names: &mut KnownNames) -> Parsed {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    let len = match parsed.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    let (Some(method), Some(path), Some(1)) = (parsed.method, parsed.path, parsed.version) else {
+        return Parsed::Other;
+    };
+    let method = match method {
+        "POST" => Method::POST,
+        "GET" => Method::GET,
+        // No body is written for HEAD: hyper's.
+        "HEAD" | "CONNECT" => return Parsed::Other,
+        other => match Method::from_bytes(other.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return Parsed::Other,
+        },
+    };
+    if !path.starts_with('/') {
+        return Parsed::Other;
+    }
+    let base = buf.as_ptr() as usize;
+    let path_at = path.as_ptr() as usize - base;
+    let path_end = path_at + path.len();
+    let mut fields = Vec::with_capacity(parsed.headers.len());
+    let mut body = None;
+    let mut close = false;
+    for (i, h) in parsed.headers.iter().enumerate() {
+        let Ok(name) = names.get(i, h.name.as_bytes()) else {
+            return Parsed::Other;
+        };
+        if name == header::CONTENT_LENGTH {
+            // One length, digits only; anything else is hyper's to judge.
+            let Some(n) = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok())
+            else {
+                return Parsed::Other;
+            };
+            if body.is_some() || n > MAX_BODY {
+                return Parsed::Other;
+            }
+            body = Some(n);
+        } else if name == header::CONNECTION {
+            for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    return Parsed::Other;
+                }
+            }
+        } else if name == header::TRANSFER_ENCODING
+            || name == header::UPGRADE
+            || name == header::EXPECT
+        {
+            return Parsed::Other;
+        }
+        let start = h.value.as_ptr() as usize - base;
+        fields.push((name, start, start + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at..path_end)) else {
+        *buf = rejoin(&head, buf);
+        return Parsed::Other;
+    };
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, a, b) in fields {
+        let Ok(value) = HeaderValue::from_maybe_shared(head.slice(a..b)) else {
+            *buf = rejoin(&head, buf);
+            return Parsed::Other;
+        };
+        headers.append(name, value);
+    }
+    let mut request = Request::new(RequestBody::Whole(None));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_11;
+    *request.headers_mut() = headers;
+    Parsed::Head(Head {
+        request,
+        bytes: head,
+        body: body.unwrap_or(0),
+        close,
+    })
+}
+
+/// `head` (split off the front of `buf`) and `buf` again as one buffer, for hyper.
+#[cold]
+fn rejoin(head: &Bytes, buf: &BytesMut) -> BytesMut {
+    let mut all = BytesMut::with_capacity(head.len() + buf.len());
+    all.extend_from_slice(head);
+    all.extend_from_slice(buf);
+    all
+}
+
+/// How the answer's body is delimited on the wire.
+enum Framing {
+    /// No body (204, 304).
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// Writes `response`, its head with `connection: close` when `close`; an error ends the
+/// connection (the client gone, or a body that broke off or does not match its length).
+async fn write_response(
+    io: &mut WriteStall<TcpStream>,
+    buf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    response: Response<ProxyBody>,
+    close: bool,
+) -> std::io::Result<()> {
+    let (parts, body) = response.into_parts();
+    let raw = parts.extensions.get::<RawHeaders>();
+    let framing = head(out, parts.status, &parts.headers, raw, &body, close);
+    let mut body = std::pin::pin!(body);
+    let mut left = match framing {
+        Framing::None => {
+            io.write_all(out).await?;
+            return Ok(());
+        }
+        Framing::Length(n) => n,
+        Framing::Chunked => u64::MAX,
+    };
+    let chunked = matches!(framing, Framing::Chunked);
+    loop {
+        // Frames at hand go out together; a wait for the next sends what is there first.
+        let frame = match futures_util::FutureExt::now_or_never(body.frame()) {
+            Some(frame) => frame,
+            None => {
+                if !out.is_empty() {
+                    io.write_all(out).await?;
+                    out.clear();
+                }
+                next_frame(io, buf, body.as_mut()).await?
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => return Err(std::io::Error::other(e)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => data,
+                // Trailers are not sent (nor asked for).
+                Err(_) => continue,
+            },
+        };
+        if data.is_empty() {
+            continue;
+        }
+        if chunked {
+            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        } else {
+            left = left
+                .checked_sub(data.len() as u64)
+                .ok_or_else(|| std::io::Error::other("body longer than its content-length"))?;
+        }
+        if data.len() < COPY_BELOW {
+            out.extend_from_slice(&data);
+        } else {
+            io.write_all(out).await?;
+            out.clear();
+            io.write_all(&data).await?;
+        }
+        if chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    } else if left != 0 {
+        if !out.is_empty() {
+            io.write_all(out).await?;
+            out.clear();
+        }
+        return Err(std::io::Error::other(
+            "body shorter than its content-length",
+        ));
+    }
+    if !out.is_empty() {
+        io.write_all(out).await?;
+        out.clear();
+    }
+    Ok(())
+}
+
+/// The body's next frame; an error when the client closes the connection meanwhile.
+async fn next_frame(
+    io: &mut WriteStall<TcpStream>,
+    buf: &mut BytesMut,
+    mut body: std::pin::Pin<&mut ProxyBody>,
+) -> std::io::Result<Option<Result<Frame<Bytes>, crate::upstream::BodyError>>> {
+    loop {
+        tokio::select! {
+            biased;
+            frame = body.frame() => return Ok(frame),
+            read = io.read_buf(buf), if buf.len() < MAX_HEADER_BYTES + MAX_BODY => match read {
+                Ok(0) => return Err(std::io::ErrorKind::ConnectionAborted.into()),
+                Err(e) => return Err(e),
+                Ok(_) => {}
+            },
+        }
+    }
+}
+
+/// Encodes the answer's head into `out` (emptied first), its `raw` headers as they came, and
+/// says how its body goes.
+fn head(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    raw: Option<&RawHeaders>,
+    body: &ProxyBody,
+    close: bool,
+) -> Framing {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let bodiless = status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let mut length = None;
+    let mut date = false;
+    let mut connection = false;
+    for (name, value) in headers {
+        if name == header::TRANSFER_ENCODING {
+            // The body's framing is this server's.
+            continue;
+        }
+        if name == header::CONTENT_LENGTH {
+            if status == StatusCode::NO_CONTENT || status.is_informational() {
+                continue;
+            }
+            length = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if length.is_none() {
+                continue;
+            }
+        } else if name == header::DATE {
+            date = true;
+        } else if name == header::CONNECTION {
+            connection = true;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(RawHeaders(raw)) = raw {
+        out.extend_from_slice(raw);
+    }
+    if !date {
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close && !connection {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    let framing = if bodiless {
+        Framing::None
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else if let Some(n) = body.size_hint().exact() {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+        Framing::Length(n)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(wire: &str) -> (Parsed, BytesMut) {
+        let mut buf = BytesMut::from(wire.as_bytes());
+        let parsed = parse(&mut buf, &mut KnownNames::default());
+        (parsed, buf)
+    }
+
+    #[test]
+    fn a_plain_request_is_taken_off_the_buffer_with_its_headers() {
+        let wire = "POST /v1/chat?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nX-Many: 1\r\nx-many: 2\r\nConnection: keep-alive, Close\r\n\r\nbodyGET / HTTP/1.1\r\n";
+        let (Parsed::Head(head), rest) = parsed(wire) else {
+            panic!("not parsed")
+        };
+        assert_eq!(
+            &rest[..],
+            b"bodyGET / HTTP/1.1\r\n",
+            "only the head is taken"
+        );
+        assert_eq!(head.body, 4);
+        assert!(head.close);
+        let req = head.request;
+        assert_eq!(req.method(), Method::POST);
+        assert_eq!(req.uri().path(), "/v1/chat");
+        assert_eq!(req.uri().query(), Some("x=1"));
+        assert_eq!(req.headers()["host"], "a");
+        let many: Vec<_> = req.headers().get_all("x-many").iter().collect();
+        assert_eq!(many, ["1", "2"]);
+        assert!(head.bytes.starts_with(b"POST /v1/chat"));
+        assert!(head.bytes.ends_with(b"\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_head_not_yet_whole_waits_for_more() {
+        let (p, rest) = parsed("POST /v1/chat HTTP/1.1\r\nHost: a\r\n");
+        assert!(matches!(p, Parsed::Partial));
+        assert_eq!(rest.len(), 33, "nothing taken");
+    }
+
+    #[test]
+    fn requests_this_server_does_not_take_are_left_whole_for_hyper() {
+        for wire in [
+            "HEAD / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\n\r\n",
+            "OPTIONS * HTTP/1.1\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 65537\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: 1\r\n\r\n",
+            "GET /\x7f HTTP/1.1\r\n\r\n",
+        ] {
+            let (p, rest) = parsed(wire);
+            assert!(matches!(p, Parsed::Other), "{wire:?} taken");
+            assert_eq!(&rest[..], wire.as_bytes(), "{wire:?} not left whole");
+        }
+        // More headers than read here.
+        let mut many = String::from("GET / HTTP/1.1\r\n");
+        for i in 0..=MAX_HEADERS {
+            many.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        many.push_str("\r\n");
+        assert!(matches!(parsed(&many).0, Parsed::Other));
+    }
+
+    #[test]
+    fn a_value_http_refuses_leaves_the_request_whole_for_hyper() {
+        // httparse takes obs-text in values; so does `HeaderValue`. A bare CR is neither's.
+        let wire = "GET / HTTP/1.1\r\nx-a: \x01\r\n\r\nnext";
+        let (p, rest) = parsed(wire);
+        assert!(matches!(p, Parsed::Other));
+        assert_eq!(&rest[..], wire.as_bytes());
+    }
+
+    fn answer(
+        status: u16,
+        headers: &[(&str, &str)],
+        body: ProxyBody,
+        close: bool,
+    ) -> (String, Framing) {
+        answer_with(status, headers, None, body, close)
+    }
+
+    fn answer_with(
+        status: u16,
+        headers: &[(&str, &str)],
+        raw: Option<&RawHeaders>,
+        body: ProxyBody,
+        close: bool,
+    ) -> (String, Framing) {
+        let mut map = HeaderMap::new();
+        for (n, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(n.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        let mut out = Vec::new();
+        let status = StatusCode::from_u16(status).expect("status");
+        let framing = head(&mut out, status, &map, raw, &body, close);
+        (String::from_utf8(out).expect("ASCII"), framing)
+    }
+
+    #[test]
+    fn headers_kept_as_bytes_are_written_as_they_came() {
+        let mut raw = Vec::new();
+        RawHeaders::push(&mut raw, b"X-Request-Id: req_1");
+        RawHeaders::push(&mut raw, b"x-ratelimit-remaining-requests:9");
+        let raw = RawHeaders(raw.into());
+        let (h, _) = answer_with(
+            200,
+            &[("content-type", "application/json"), ("date", "x")],
+            Some(&raw),
+            ProxyBody::full(Bytes::from_static(b"{}")),
+            false,
+        );
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: x\r\nX-Request-Id: req_1\r\nx-ratelimit-remaining-requests:9\r\ncontent-length: 2\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn the_head_says_how_the_body_is_delimited() {
+        let full = || ProxyBody::full(Bytes::from_static(b"hello"));
+        // A length of its own is kept; a known body size is announced.
+        let (h, f) = answer(
+            200,
+            &[("content-length", "5"), ("date", "x")],
+            full(),
+            false,
+        );
+        assert_eq!(h, "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ndate: x\r\n\r\n");
+        assert!(matches!(f, Framing::Length(5)));
+        let (h, f) = answer(404, &[("date", "x")], full(), false);
+        assert_eq!(
+            h,
+            "HTTP/1.1 404 Not Found\r\ndate: x\r\ncontent-length: 5\r\n\r\n"
+        );
+        assert!(matches!(f, Framing::Length(5)));
+        // No date: one is added, as hyper does.
+        let (h, _) = answer(200, &[], full(), true);
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\ndate: "), "{h}");
+        assert!(
+            h.ends_with(" GMT\r\nconnection: close\r\ncontent-length: 5\r\n\r\n"),
+            "{h}"
+        );
+        // 204: no body, no length; a transfer coding of the upstream's is not repeated.
+        let (h, f) = answer(
+            204,
+            &[
+                ("date", "x"),
+                ("content-length", "0"),
+                ("transfer-encoding", "chunked"),
+            ],
+            full(),
+            false,
+        );
+        assert_eq!(h, "HTTP/1.1 204 No Content\r\ndate: x\r\n\r\n");
+        assert!(matches!(f, Framing::None));
+        // An unknown status has no reason phrase.
+        let (h, _) = answer(599, &[("date", "x")], full(), false);
+        assert!(h.starts_with("HTTP/1.1 599 \r\n"), "{h}");
+    }
+}

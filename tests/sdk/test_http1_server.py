@@ -1,0 +1,221 @@
+"""The gateway's own HTTP/1.1 server, byte by byte on raw sockets: pipelining, keep-alive across
+requests it leaves to hyper, bodies that come late or large, `Connection: close`, chunked
+answers, and a client that leaves before its answer."""
+
+import json
+import socket
+import time
+
+import httpx
+
+CHAT = "/openai/chat/completions"
+
+
+def request(content, *, stream=False, extra=b"", path=CHAT, chunked=False):
+    body = json.dumps({"model": "gpt-4o-mini", "stream": stream,
+                       "messages": [{"role": "user", "content": content}]}).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n").encode() + extra
+    if chunked:
+        half = len(body) // 2
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:half], body[half:])) + b"0\r\n\r\n"
+        return head + b"Transfer-Encoding: chunked\r\n\r\n" + framed
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+class Reader:
+    """Reads HTTP/1.1 answers off a socket."""
+
+    def __init__(self, sock):
+        self.sock, self.buf = sock, b""
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("connection closed")
+        self.buf += chunk
+
+    def _until(self, sep):
+        while sep not in self.buf:
+            self._fill()
+        line, self.buf = self.buf.split(sep, 1)
+        return line
+
+    def _take(self, n):
+        while len(self.buf) < n:
+            self._fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def answer(self):
+        """(status, headers with lowercase names, body, whether it came chunked)."""
+        head = self._until(b"\r\n\r\n").decode()
+        status_line, *lines = head.split("\r\n")
+        status = int(status_line.split(" ")[1])
+        headers = {}
+        for line in lines:
+            name, value = line.split(":", 1)
+            assert name.lower() not in headers, f"{name} twice"
+            headers[name.lower()] = value.strip()
+        if status < 200:
+            return status, headers, b"", False
+        if headers.get("transfer-encoding") == "chunked":
+            assert "content-length" not in headers
+            body = b""
+            while size := int(self._until(b"\r\n"), 16):
+                body += self._take(size)
+                assert self._take(2) == b"\r\n"
+            assert self._take(2) == b"\r\n"
+            return status, headers, body, True
+        return status, headers, self._take(int(headers["content-length"])), False
+
+    def closed(self):
+        """Whether the peer closes the connection with nothing more to read."""
+        try:
+            self._fill()
+        except EOFError:
+            return self.buf == b""
+        return False
+
+
+def connect(gateway):
+    s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    return s, Reader(s)
+
+
+def reply(body):
+    return json.loads(body)["choices"][0]["message"]["content"]
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(gateway):
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request("first") + request("second") + request("third"))
+        for word in ("first", "second", "third"):
+            status, headers, body, _ = r.answer()
+            assert status == 200
+            assert reply(body) == f"mock reply to: {word}"
+            assert headers["content-length"] == str(len(body))
+            assert "date" in headers
+
+
+def test_a_connection_goes_on_across_requests_left_to_hyper(gateway, mock):
+    # A chunked request body and `Expect` are hyper's to read; the connection stays usable.
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request("plain"))
+        assert reply(r.answer()[2]) == "mock reply to: plain"
+        s.sendall(request("chunked", chunked=True))
+        assert reply(r.answer()[2]) == "mock reply to: chunked"
+        s.sendall(request("after", extra=b"Expect: 100-continue\r\n"))
+        status, _, body, _ = r.answer()
+        if status == 100:
+            status, _, body, _ = r.answer()
+        assert (status, reply(body)) == (200, "mock reply to: after")
+        s.sendall(request("last"))
+        assert reply(r.answer()[2]) == "mock reply to: last"
+    assert [json.loads(q["body"])["messages"][0]["content"] for q in mock.requests()] == [
+        "plain", "chunked", "after", "last"]
+
+
+def test_a_body_that_comes_after_its_head_in_parts_is_read_whole(gateway, mock):
+    whole = request("late " * 50)
+    head_end = whole.index(b"\r\n\r\n") + 4
+    s, r = connect(gateway)
+    with s:
+        s.sendall(whole[:head_end])
+        time.sleep(0.3)
+        s.sendall(whole[head_end:head_end + 20])
+        time.sleep(0.2)
+        s.sendall(whole[head_end + 20:])
+        status, _, body, _ = r.answer()
+    assert status == 200
+    assert reply(body).startswith("mock reply to: late late")
+    assert mock.last()["body"] == whole[head_end:].decode()
+
+
+def test_a_large_body_is_read_whole(gateway, mock):
+    big = "x" * 300_000
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request(big) + request("small after it"))
+        assert r.answer()[0] == 200
+        assert reply(r.answer()[2]) == "mock reply to: small after it"
+    assert json.loads(mock.requests()[0]["body"])["messages"][0]["content"] == big
+
+
+def test_connection_close_is_said_in_the_answer_and_done(gateway):
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request("bye", extra=b"Connection: close\r\n"))
+        status, headers, body, _ = r.answer()
+        assert (status, headers["connection"]) == (200, "close")
+        assert r.closed(), "the connection stayed open"
+
+
+def test_a_stream_is_sent_chunked_and_the_connection_is_reused_after_it(gateway):
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request("one two three", stream=True))
+        status, headers, body, chunked = r.answer()
+        assert (status, chunked) == (200, True)
+        assert headers["content-type"].startswith("text/event-stream")
+        assert body.endswith(b"data: [DONE]\n\n")
+        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                       for line in body.decode().split("\n")
+                       if line.startswith("data: {") and json.loads(line[6:])["choices"])
+        assert "one two three" in text
+        s.sendall(request("again"))
+        assert reply(r.answer()[2]) == "mock reply to: again"
+
+
+def test_a_gateway_error_has_a_length_and_a_date(gateway):
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request("x", path="/nowhere/chat/completions"))
+        status, headers, body, _ = r.answer()
+    assert status == 404
+    assert headers["content-length"] == str(len(body))
+    assert headers["date"].endswith(" GMT")
+    assert json.loads(body)["success"] is False
+
+
+def test_a_client_that_leaves_before_its_answer_drops_its_request_at_once(gateway):
+    # The provider takes 5 s to answer; the client leaves after 0.3 s: its request is dropped
+    # then (logged cancelled, 499), not when the provider answers.
+    s, _ = connect(gateway)
+    with s:
+        s.sendall(request("leaving", extra=b"x-mock-delay-ms: 5000\r\n"))
+        time.sleep(0.3)
+    left = time.monotonic()
+    while 'sidegate_requests_total{provider="openai",status="499"} 1' not in gateway.metrics():
+        assert time.monotonic() - left < 2, "the request was not dropped when its client left"
+        time.sleep(0.05)
+
+
+def test_a_head_request_gets_no_body_and_the_connection_goes_on(gateway):
+    s, r = connect(gateway)
+    with s:
+        s.sendall(b"HEAD /nowhere/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        head = r._until(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 404")
+        s.sendall(request("after head"))
+        assert reply(r.answer()[2]) == "mock reply to: after head"
+    assert httpx.post(gateway.url + CHAT, json={"model": "m", "messages": []}).status_code == 200
+
+
+def test_the_providers_own_headers_reach_the_client_from_either_server(gateway):
+    # Request ids and rate-limit counts are written through as the provider sent them by the
+    # gateway's own server, and put in hyper's header map on a connection left to hyper.
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request("own"))
+        _, own, _, _ = r.answer()
+        s.sendall(request("by hyper", chunked=True))
+        _, hypers, _, _ = r.answer()
+    for headers in (own, hypers):
+        assert headers["x-request-id"].startswith("req_mock_")
+        assert headers["x-ratelimit-remaining-requests"] == "9999"
+        assert headers["x-ratelimit-reset-tokens"] == "0s"
+        assert headers["openai-processing-ms"] == "12"
+        assert headers["openai-organization"] == "mock-org"
+        assert "cf-aig-log-id" in headers
