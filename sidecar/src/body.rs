@@ -224,11 +224,32 @@ impl ProxyBody {
 }
 
 /// Body of a request as the gateway's servers hand it on: hyper's (h2c, and HTTP/1 requests
-/// the gateway's own server leaves to hyper), or the whole body read with its head by that
-/// server (`crate::server`).
+/// the gateway's own server leaves to hyper), the whole body read with its head by that server
+/// (`crate::server`), or what became of one that never came whole.
 pub enum RequestBody {
     Incoming(hyper::body::Incoming),
     Whole(Option<Bytes>),
+    Broken(Option<BodyBroken>),
+}
+
+/// How a request body the gateway's own server was reading ended before its declared length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyBroken {
+    /// No part of it came for the client timeout.
+    Stalled,
+    /// The client closed the connection.
+    Closed,
+}
+
+/// Why a request body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error("no part of it came for the client timeout")]
+    Stalled,
+    #[error("the client closed the connection before its end")]
+    Closed,
 }
 
 impl From<hyper::body::Incoming> for RequestBody {
@@ -239,15 +260,23 @@ impl From<hyper::body::Incoming> for RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = RequestBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, RequestBodyError>>> {
         match self.get_mut() {
-            Self::Incoming(body) => Pin::new(body).poll_frame(cx),
+            Self::Incoming(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(RequestBodyError::from))),
             Self::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Self::Broken(broken) => Poll::Ready(broken.take().map(|b| {
+                Err(match b {
+                    BodyBroken::Stalled => RequestBodyError::Stalled,
+                    BodyBroken::Closed => RequestBodyError::Closed,
+                })
+            })),
         }
     }
 
@@ -255,6 +284,7 @@ impl Body for RequestBody {
         match self {
             Self::Incoming(body) => body.is_end_stream(),
             Self::Whole(data) => data.is_none(),
+            Self::Broken(broken) => broken.is_none(),
         }
     }
 
@@ -262,6 +292,7 @@ impl Body for RequestBody {
         match self {
             Self::Incoming(body) => body.size_hint(),
             Self::Whole(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Self::Broken(_) => SizeHint::default(),
         }
     }
 }

@@ -121,9 +121,14 @@ impl RawHeaders {
 
     /// Moves a response's raw headers, if it has any, into its header map.
     pub fn into_map(parts: &mut http::response::Parts) {
-        let Some(RawHeaders(raw)) = parts.extensions.remove::<RawHeaders>() else {
-            return;
-        };
+        if let Some(raw) = parts.extensions.remove::<RawHeaders>() {
+            raw.append_to(&mut parts.headers);
+        }
+    }
+
+    /// Appends the headers to `headers`.
+    pub fn append_to(self, headers: &mut HeaderMap) {
+        let RawHeaders(raw) = self;
         let mut at = 0;
         while let Some(eol) = memchr::memmem::find(&raw[at..], b"\r\n") {
             let line = &raw[at..at + eol];
@@ -133,7 +138,7 @@ impl RawHeaders {
                 && let start = at + colon + 1 + (value.len() - value.trim_ascii_start().len())
                 && let Ok(value) = HeaderValue::from_maybe_shared(raw.slice(start..at + eol))
             {
-                parts.headers.append(name, value);
+                headers.append(name, value);
             }
             at += eol + 2;
         }

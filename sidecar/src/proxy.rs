@@ -1285,7 +1285,12 @@ pub(crate) async fn read_body(
                 })?,
         };
         let Some(frame) = next else { break };
-        let frame = frame.map_err(|e| GatewayError::BadBody(e.to_string()))?;
+        let frame = frame.map_err(|e| match e {
+            crate::body::RequestBodyError::Stalled => GatewayError::BodyStalled {
+                secs: idle.as_secs(),
+            },
+            e => GatewayError::BadBody(e.to_string()),
+        })?;
         let Ok(data) = frame.into_data() else {
             continue;
         };

@@ -3,6 +3,7 @@ requests it leaves to hyper, bodies that come late or large, `Connection: close`
 answers, and a client that leaves before its answer."""
 
 import json
+import signal
 import socket
 import time
 
@@ -219,3 +220,84 @@ def test_the_providers_own_headers_reach_the_client_from_either_server(gateway):
         assert headers["openai-processing-ms"] == "12"
         assert headers["openai-organization"] == "mock-org"
         assert "cf-aig-log-id" in headers
+
+
+def test_a_head_over_the_limit_is_431_whenever_it_comes(gateway):
+    big = b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: localhost\r\nx-big: " + b"a" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n"
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request("small first"))
+        assert r.answer()[0] == 200
+        s.sendall(big)
+        assert r._until(b"\r\n").startswith(b"HTTP/1.1 431")
+
+
+def _slow_gateway(mock, tmp_path):
+    from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+    return Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, extra_args=["--client-timeout", "1"])
+
+
+def test_a_body_that_stops_coming_is_408_one_client_timeout_after_its_last_part(mock, tmp_path):
+    g = _slow_gateway(mock, tmp_path)
+    mock.clear()
+    try:
+        whole = request("never whole")
+        for stop in (False, True):
+            s, r = connect(g)
+            with s:
+                s.sendall(whole[:-10])
+                started = time.monotonic()
+                if stop:
+                    # The stop does not cut it short: the 408 still comes, closing.
+                    time.sleep(0.3)
+                    g.proc.send_signal(signal.SIGTERM)
+                status, headers, body, _ = r.answer()
+                took = time.monotonic() - started
+                assert status == 408, body
+                assert json.loads(body)["error"][0]["code"] == 2101
+                assert headers["connection"] == "close"
+                assert 0.9 < took < 1.8, f"408 after {took:.1f}s with --client-timeout 1"
+                assert r.closed()
+        assert mock.requests() == []
+    finally:
+        g.stop()
+
+
+def test_a_body_its_client_cuts_off_is_counted_as_refused(gateway, mock):
+    mock.clear()
+    s, _ = connect(gateway)
+    with s:
+        s.sendall(request("cut off")[:-10])
+        time.sleep(0.2)
+    deadline = time.monotonic() + 3
+    while 'sidegate_requests_total{provider="openai",status="400"} 1' not in gateway.metrics():
+        assert time.monotonic() < deadline, "no record of the request cut off mid-body"
+        time.sleep(0.05)
+    assert mock.requests() == []
+
+
+def test_requests_sent_before_the_client_shut_its_side_are_all_answered(gateway):
+    s, r = connect(gateway)
+    with s:
+        s.sendall(request("one", extra=b"x-mock-delay-ms: 200\r\n") + request("two"))
+        s.shutdown(socket.SHUT_WR)
+        assert reply(r.answer()[2]) == "mock reply to: one"
+        assert reply(r.answer()[2]) == "mock reply to: two"
+        assert r.closed()
+
+
+def test_headers_the_upstream_names_in_connection_are_not_passed_on(tmp_path):
+    from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
+    answer = json.dumps({"id": "x", "object": "chat.completion", "model": "gpt-4o-mini", "choices": []}).encode()
+    upstream = FixedAnswerServer(answer, headers=[("connection", "keep-alive, x-request-id, x-other"),
+                                                  ("x-request-id", "hop"), ("x-other", "hop"),
+                                                  ("x-ratelimit-remaining-requests", "5")])
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url), DEFAULT_KEYS)
+    try:
+        r = httpx.post(g.url + CHAT, json={"model": "gpt-4o-mini", "messages": []})
+        assert r.status_code == 200
+        assert "x-request-id" not in r.headers and "x-other" not in r.headers
+        assert r.headers["x-ratelimit-remaining-requests"] == "5"
+    finally:
+        g.stop()
+        upstream.stop()

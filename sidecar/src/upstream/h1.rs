@@ -754,10 +754,16 @@ fn parse_head(
         let mut resp = Response::new(());
         *resp.status_mut() = status;
         *resp.version_mut() = version;
-        *resp.headers_mut() = headers;
         if !raw.is_empty() {
-            resp.extensions_mut().insert(RawHeaders(raw.into()));
+            let raw = RawHeaders(raw.into());
+            if lists_other_headers(&headers) {
+                // Hop-by-hop by name: left to `strip_response_headers`, which reads the map.
+                raw.append_to(&mut headers);
+            } else {
+                resp.extensions_mut().insert(raw);
+            }
         }
+        *resp.headers_mut() = headers;
         return Ok(Some((resp, framing, keep_alive.then_some(keep_idle))));
     }
 }
@@ -785,6 +791,21 @@ fn keep_alive_idle(value: &[u8]) -> Duration {
             Some(Duration::from_secs(secs).saturating_sub(KEEP_ALIVE_MARGIN))
         })
         .map_or(IDLE_TIMEOUT, |d| d.min(IDLE_TIMEOUT))
+}
+
+/// Whether a `Connection` header names other headers (hop-by-hop for this connection) than
+/// its usual `close` and `keep-alive` options.
+fn lists_other_headers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .any(|t| {
+                !t.is_empty()
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && !t.eq_ignore_ascii_case(b"keep-alive")
+            })
+    })
 }
 
 fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
@@ -1204,6 +1225,22 @@ mod tests {
                 "anthropic-ratelimit-tokens-limit=5",
             ]
         );
+        // A `Connection` naming headers: all in the map, for the hop-by-hop ones to be removed.
+        let (resp, _, _) = head(
+            "HTTP/1.1 200 OK\r\nx-request-id: a\r\nConnection: keep-alive, x-request-id\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("valid")
+        .expect("whole");
+        assert!(resp.extensions().get::<RawHeaders>().is_none());
+        assert_eq!(resp.headers()["x-request-id"], "a");
+        let (resp, _, _) = head(
+            "HTTP/1.1 200 OK\r\nx-request-id: a\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("valid")
+        .expect("whole");
+        assert!(resp.extensions().get::<RawHeaders>().is_some());
         // None such: no extension at all.
         let (resp, _, _) = head("HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n", false)
             .expect("valid")
