@@ -301,3 +301,23 @@ def test_headers_the_upstream_names_in_connection_are_not_passed_on(tmp_path):
     finally:
         g.stop()
         upstream.stop()
+
+
+def test_a_large_answer_reaches_the_client_byte_for_byte(tmp_path):
+    from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
+    answer = json.dumps({"id": "x", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "".join(chr(65 + i % 26) for i in range(400_000))}}]}).encode()
+    upstream = FixedAnswerServer(answer)
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url), DEFAULT_KEYS)
+    try:
+        s, r = connect(g)
+        with s:
+            for _ in range(2):
+                s.sendall(request("big"))
+                status, headers, body, _ = r.answer()
+                assert status == 200
+                assert headers["content-length"] == str(len(answer))
+                assert body == answer
+    finally:
+        g.stop()
+        upstream.stop()

@@ -35,8 +35,8 @@ const MAX_HEADERS: usize = 100;
 /// as it arrives against the gateway's limits. A connection holds at most this and a head.
 const MAX_BODY: usize = 64 * 1024;
 
-/// Bodies up to this size are copied into the buffer of the answer's head; larger ones are
-/// written apart.
+/// Body frames up to this size are copied into the buffer of what goes out next (the answer's
+/// head, earlier frames); larger ones are written from where they are, with it, in one write.
 const COPY_BELOW: usize = 16 * 1024;
 
 /// How a connection's time with this server ended.
@@ -348,7 +348,8 @@ async fn write_response(
             continue;
         }
         if chunked {
-            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            push_hex(out, data.len());
+            out.extend_from_slice(b"\r\n");
         } else {
             left = left
                 .checked_sub(data.len() as u64)
@@ -357,9 +358,9 @@ async fn write_response(
         if data.len() < COPY_BELOW {
             out.extend_from_slice(&data);
         } else {
-            io.write_all(out).await?;
+            // What is gathered and the frame in one write.
+            write_both(io, out, &data).await?;
             out.clear();
-            io.write_all(&data).await?;
         }
         if chunked {
             out.extend_from_slice(b"\r\n");
@@ -379,6 +380,44 @@ async fn write_response(
     if !out.is_empty() {
         io.write_all(out).await?;
         out.clear();
+    }
+    Ok(())
+}
+
+/// Appends `n` in hexadecimal (a chunk size).
+fn push_hex(out: &mut Vec<u8>, n: usize) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = DIGITS[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Writes `first` and then `second` whole, with vectored writes.
+async fn write_both(
+    io: &mut WriteStall<TcpStream>,
+    first: &[u8],
+    second: &[u8],
+) -> std::io::Result<()> {
+    let (mut a, mut b) = (first, second);
+    while !a.is_empty() || !b.is_empty() {
+        let n = io
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
     }
     Ok(())
 }
@@ -627,6 +666,53 @@ mod tests {
             h,
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ndate: x\r\nX-Request-Id: req_1\r\nx-ratelimit-remaining-requests:9\r\ncontent-length: 2\r\n\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn two_buffers_are_written_whole_and_in_order_whatever_the_socket_takes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let first: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let second: Vec<u8> = (0..700_000u32).map(|i| (i % 241) as u8).collect();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.expect("read");
+            got
+        });
+        let mut io = WriteStall::new(
+            client,
+            Duration::from_secs(5),
+            super::super::FirstBytes::default(),
+        );
+        write_both(&mut io, &first, &second).await.expect("written");
+        write_both(&mut io, b"", b"end").await.expect("written");
+        io.shutdown().await.expect("shutdown");
+        drop(io);
+        let got = reader.await.expect("reader");
+        assert_eq!(got.len(), first.len() + second.len() + 3);
+        assert!(got[..first.len()] == first[..]);
+        assert!(got[first.len()..first.len() + second.len()] == second[..]);
+        assert!(got.ends_with(b"end"));
+    }
+
+    #[test]
+    fn chunk_sizes_are_written_in_hexadecimal() {
+        for (n, hex) in [
+            (0, "0"),
+            (9, "9"),
+            (10, "a"),
+            (255, "ff"),
+            (4096, "1000"),
+            (usize::MAX, "ffffffffffffffff"),
+        ] {
+            let mut out = Vec::new();
+            push_hex(&mut out, n);
+            assert_eq!(out, hex.as_bytes());
+        }
     }
 
     #[test]
