@@ -30,7 +30,15 @@ pub(crate) const MAX_KNOWN_NAMES: usize = 64;
 /// the same order and always in the same case: a name found here is a comparison of bytes and a
 /// reference-count increment instead of a validation, lowercasing and allocation.
 #[derive(Default)]
-pub(crate) struct KnownNames(Vec<(Box<[u8]>, HeaderName)>);
+pub(crate) struct KnownNames(Vec<KnownName>);
+
+struct KnownName {
+    /// As it came.
+    sent: Box<[u8]>,
+    name: HeaderName,
+    /// One of the [`unread_per_response`] headers.
+    unread: bool,
+}
 
 impl KnownNames {
     /// The name `raw` (any case), the `i`th of its message.
@@ -39,20 +47,47 @@ impl KnownNames {
         i: usize,
         raw: &[u8],
     ) -> Result<HeaderName, http::header::InvalidHeaderName> {
-        let same = |(sent, _): &&(Box<[u8]>, HeaderName)| **sent == *raw;
-        if let Some((_, n)) = self
-            .0
-            .get(i)
-            .filter(same)
-            .or_else(|| self.0.iter().find(same))
-        {
-            return Ok(n.clone());
-        }
-        let name = HeaderName::from_bytes(raw)?;
-        if self.0.len() < MAX_KNOWN_NAMES {
-            self.0.push((raw.into(), name.clone()));
-        }
-        Ok(name)
+        Ok(self.find(i, raw)?.name.clone())
+    }
+
+    /// The name of a response header `raw` (any case), the `i`th of its response; `None` for one
+    /// of the [`unread_per_response`] headers, which are kept as bytes.
+    pub(crate) fn response_header(
+        &mut self,
+        i: usize,
+        raw: &[u8],
+    ) -> Result<Option<HeaderName>, http::header::InvalidHeaderName> {
+        let known = self.find(i, raw)?;
+        Ok((!known.unread).then(|| known.name.clone()))
+    }
+
+    fn find(
+        &mut self,
+        i: usize,
+        raw: &[u8],
+    ) -> Result<&KnownName, http::header::InvalidHeaderName> {
+        let same = |k: &&KnownName| *k.sent == *raw;
+        let at = match self.0.get(i).filter(same) {
+            Some(_) => Some(i),
+            None => self.0.iter().position(|k| same(&k)),
+        };
+        let at = match at {
+            Some(at) => at,
+            None => {
+                let known = KnownName {
+                    sent: raw.into(),
+                    name: HeaderName::from_bytes(raw)?,
+                    unread: unread_per_response(raw),
+                };
+                if self.0.len() == MAX_KNOWN_NAMES {
+                    // Full: the oldest name makes room (a connection's names rarely change).
+                    self.0.remove(0);
+                }
+                self.0.push(known);
+                self.0.len() - 1
+            }
+        };
+        Ok(&self.0[at])
     }
 
     #[cfg(test)]

@@ -39,7 +39,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tower_service::Service as _;
 
-use crate::headers::{KnownNames, RawHeaders, has_token, unread_per_response};
+use crate::headers::{KnownNames, RawHeaders, has_token};
 
 use super::{BodyError, CONNECT_TIMEOUT, IDLE_TIMEOUT, MAX_IDLE_PER_HOST, UpstreamError};
 
@@ -716,12 +716,15 @@ fn parse_head(
         let mut keep_idle = IDLE_TIMEOUT;
         // Headers the gateway never reads stay bytes (`RawHeaders`).
         let mut raw = Vec::new();
-        for h in parsed.headers.iter() {
+        for (i, h) in parsed.headers.iter().enumerate() {
             // Read here, from the bytes at hand, rather than looked up in the map after.
             if h.name.len() == KEEP_ALIVE.len() && h.name.eq_ignore_ascii_case(KEEP_ALIVE) {
                 keep_idle = keep_idle.min(keep_alive_idle(h.value));
             }
-            if unread_per_response(h.name.as_bytes()) {
+            let Some(name) = names
+                .response_header(i, h.name.as_bytes())
+                .map_err(|_| invalid("header name"))?
+            else {
                 if raw.is_empty() {
                     raw.reserve(1024);
                 }
@@ -730,10 +733,7 @@ fn parse_head(
                 let to = h.value.as_ptr() as usize - base + h.value.len();
                 RawHeaders::push(&mut raw, &buf[from..to]);
                 continue;
-            }
-            let name = names
-                .get(fields.len(), h.name.as_bytes())
-                .map_err(|_| invalid("header name"))?;
+            };
             let start = h.value.as_ptr() as usize - base;
             fields.push((name, start, start + h.value.len()));
         }
