@@ -40,7 +40,7 @@ pin_project! {
         Upstream {
             #[pin]
             inner: UpstreamBody,
-            record: Option<RequestRecord>,
+            record: Option<Box<RequestRecord>>,
             done: Option<DoneWatch>,
             tokens: bool,
             finish: Option<Box<FinishWatch>>,
@@ -50,7 +50,7 @@ pin_project! {
             #[pin]
             inner: UpstreamBody,
             translator: Box<dyn StreamTranslator>,
-            record: Option<RequestRecord>,
+            record: Option<Box<RequestRecord>>,
             out: BytesMut,
             ended: bool,
             finish: Option<Box<FinishWatch>>,
@@ -117,7 +117,7 @@ impl ProxyBody {
             record.finish_complete();
             None
         } else {
-            Some(record)
+            Some(Box::new(record))
         };
         Self::Upstream {
             inner,
@@ -153,7 +153,7 @@ impl ProxyBody {
         Self::Upstream {
             inner,
             finish: FinishWatch::for_record(&record),
-            record: Some(record),
+            record: Some(Box::new(record)),
             done: Some(done),
             tokens: true,
         }
@@ -169,7 +169,7 @@ impl ProxyBody {
             inner,
             translator,
             finish: FinishWatch::for_record(&record),
-            record: Some(record),
+            record: Some(Box::new(record)),
             out: BytesMut::new(),
             ended: false,
         }
@@ -184,7 +184,7 @@ impl ProxyBody {
     /// With the record, whether the body's usage counts as tokens (see [`ProxyBody::Upstream`]).
     pub fn take_record(self: Pin<&mut Self>) -> Option<(RequestRecord, bool)> {
         match self.project() {
-            ProxyBodyProj::Upstream { record, tokens, .. } => record.take().map(|r| (r, *tokens)),
+            ProxyBodyProj::Upstream { record, tokens, .. } => record.take().map(|r| (*r, *tokens)),
             ProxyBodyProj::Filling { inner, .. } => inner.as_mut().take_record(),
             _ => None,
         }
@@ -462,7 +462,7 @@ impl Body for ProxyBody {
 
 /// Finishes the record of a body that reached its end: complete if the stream was `whole`,
 /// otherwise an upstream error (a stream cut short).
-fn finish_at_end(record: RequestRecord, whole: bool) {
+fn finish_at_end(record: Box<RequestRecord>, whole: bool) {
     if whole {
         record.finish_complete();
     } else {
@@ -478,7 +478,7 @@ const READ_REST_BYTES: usize = 64 * 1024;
 /// Reads the rest of an answer its client left after the end of its content, for the usage
 /// that follows, then lets `record` finish as cancelled, with the tokens read; within
 /// [`READ_REST_FOR`] and [`READ_REST_BYTES`].
-fn read_rest(mut inner: UpstreamBody, mut record: RequestRecord) {
+fn read_rest(mut inner: UpstreamBody, mut record: Box<RequestRecord>) {
     // Outside a runtime (a body dropped at shutdown) the record finishes without them.
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
@@ -694,6 +694,14 @@ mod tests {
     use super::{FinishWatch, HoldError, ProxyBody, hold_whole};
     use crate::buffers::BufferBudget;
     use crate::upstream::{BodyError, Stalled};
+
+    #[test]
+    fn a_response_body_stays_small_to_move() {
+        // Moved several times per request (out of the gateway's future, into the server's):
+        // large parts (the request's record) are boxed.
+        let size = std::mem::size_of::<ProxyBody>();
+        assert!(size <= 320, "ProxyBody is {size} bytes");
+    }
 
     fn finish_seen(reads: &[&[u8]]) -> bool {
         let mut w = FinishWatch::default();
