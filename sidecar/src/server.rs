@@ -246,6 +246,7 @@ async fn serve_connection(
     stream: TcpStream,
     gateway: Arc<Gateway>,
     mut phase: watch::Receiver<Phase>,
+    stops: Arc<Stops>,
 ) {
     let silence = gateway.client_timeout;
     let (h2, first) = tokio::select! {
@@ -264,27 +265,18 @@ async fn serve_connection(
         serve_h2(TokioIo::new(io), gateway, silence, phase).await
     } else {
         // The gateway's own server first; hyper for what it leaves.
-        let stop = h1::Stop::default();
-        let ended = {
-            let served = h1::serve(&mut io, &gateway, silence, &stop);
-            tokio::pin!(served);
-            loop {
-                tokio::select! {
-                    ended = served.as_mut() => break ended,
-                    next = next_phase(&mut phase) => match next {
-                        Phase::Serving => {}
-                        Phase::Stopping => if stop.stop() {
-                            return;
-                        },
-                        // Dropping the request writes its log line and span, here.
-                        Phase::Cut => return,
-                    },
-                }
-            }
-        };
-        match ended {
-            h1::Ended::Closed => return,
-            h1::Ended::HandOff(read) => {
+        let stop = Arc::new(h1::Stop::default());
+        stops.add(&stop);
+        // Told of a stop from here on; one that came before is in the phase.
+        match *phase.borrow() {
+            Phase::Serving => {}
+            Phase::Stopping => stop.stop(),
+            Phase::Cut => return,
+        }
+        let served = h1::serve(&mut io, &gateway, silence, &stop);
+        match stop.watch(served).await {
+            None | Some(h1::Ended::Closed) => return,
+            Some(h1::Ended::HandOff(read)) => {
                 io.first = FirstBytes(read.freeze());
                 serve_h1(TokioIo::new(io), gateway, silence, phase).await
             }
@@ -405,6 +397,29 @@ fn raw_into_map<B>(response: Response<B>) -> Response<B> {
     let (mut parts, body) = response.into_parts();
     RawHeaders::into_map(&mut parts);
     Response::from_parts(parts, body)
+}
+
+/// The stops of the gateway's own HTTP/1 connections ([`h1::Stop`]), told of the shutdown
+/// through them.
+#[derive(Default)]
+struct Stops(Mutex<Vec<std::sync::Weak<h1::Stop>>>);
+
+impl Stops {
+    fn add(&self, stop: &Arc<h1::Stop>) {
+        let mut stops = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        // Those of ended connections are let go as the list doubles.
+        if stops.len() >= 64 && stops.len().is_power_of_two() {
+            stops.retain(|s| s.strong_count() > 0);
+        }
+        stops.push(Arc::downgrade(stop));
+    }
+
+    fn each(&self, tell: impl Fn(&h1::Stop)) {
+        let stops = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        for stop in stops.iter().filter_map(std::sync::Weak::upgrade) {
+            tell(&stop);
+        }
+    }
 }
 
 /// The phase the shutdown moves to next (`Cut` when the server is gone).
@@ -629,8 +644,17 @@ pub async fn serve_gateway(
     drain: Drain,
 ) {
     let (phase, watching) = watch::channel(Phase::Serving);
+    let stops = Arc::new(Stops::default());
     let mut connections = JoinSet::new();
-    accept_until(&listener, &gateway, &watching, &mut connections, signal).await;
+    accept_until(
+        &listener,
+        &gateway,
+        &watching,
+        &stops,
+        &mut connections,
+        signal,
+    )
+    .await;
     let signalled = Instant::now();
     let deadline = signalled + drain.grace;
     // The delay is part of the grace.
@@ -642,7 +666,15 @@ pub async fn serve_gateway(
             "shutting down: still serving new requests for the drain delay"
         );
         let delay_over = tokio::time::sleep_until(signalled + delay);
-        accept_until(&listener, &gateway, &watching, &mut connections, delay_over).await;
+        accept_until(
+            &listener,
+            &gateway,
+            &watching,
+            &stops,
+            &mut connections,
+            delay_over,
+        )
+        .await;
     }
     // New connections are refused from now on, not left waiting unanswered for the grace.
     drop(listener);
@@ -651,6 +683,7 @@ pub async fn serve_gateway(
         "shutting down: new connections refused, waiting for in-flight requests"
     );
     let _ = phase.send(Phase::Stopping);
+    stops.each(h1::Stop::stop);
     // WebSocket sessions left their connections when they upgraded: waited for apart.
     let all_ended = async |connections: &mut JoinSet<()>| {
         while connections.join_next().await.is_some() {}
@@ -667,6 +700,7 @@ pub async fn serve_gateway(
             "in-flight requests did not finish in time: cut"
         );
         let _ = phase.send(Phase::Cut);
+        stops.each(h1::Stop::cut);
         gateway.sessions.end_all();
         if tokio::time::timeout(CUT_WITHIN, all_ended(&mut connections))
             .await
@@ -682,6 +716,7 @@ async fn accept_until(
     listener: &TcpListener,
     gateway: &Arc<Gateway>,
     phase: &watch::Receiver<Phase>,
+    stops: &Arc<Stops>,
     connections: &mut JoinSet<()>,
     until: impl Future<Output = ()>,
 ) {
@@ -691,7 +726,12 @@ async fn accept_until(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(serve_connection(stream, gateway.clone(), phase.clone()));
+                    connections.spawn(serve_connection(
+                        stream,
+                        gateway.clone(),
+                        phase.clone(),
+                        stops.clone(),
+                    ));
                 }
                 Err(e) => {
                     // Out of file descriptors and similar: back off instead of spinning.

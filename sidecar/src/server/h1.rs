@@ -10,11 +10,14 @@
 //! head, drops a request whose client closes the connection while it waits for its answer, and
 //! finishes the request in flight when the gateway stops, answering it with `connection: close`.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame};
@@ -47,24 +50,52 @@ pub(super) enum Ended {
     HandOff(BytesMut),
 }
 
-/// What the connection's task tells its server about the gateway's stop.
+/// What the gateway's shutdown tells a connection of this server, directly (see
+/// `server::Stops`) rather than through a channel its task would poll at every wake.
 #[derive(Default)]
 pub(super) struct Stop {
     /// Stopping: no new request; the one in flight is answered with `connection: close`.
     stopping: AtomicBool,
+    /// The grace is over: the connection ends now, its request dropped.
+    cut: AtomicBool,
     /// Set while the server waits for a request with nothing of one read.
     idle: AtomicBool,
+    /// The connection's task, woken to see the above.
+    task: AtomicWaker,
 }
 
 impl Stop {
-    /// Marks the gateway stopping; true when the connection is idle and can be closed now.
-    pub(super) fn stop(&self) -> bool {
+    /// The gateway is stopping.
+    pub(super) fn stop(&self) {
         self.stopping.store(true, Ordering::Relaxed);
-        self.idle.load(Ordering::Relaxed)
+        self.task.wake();
+    }
+
+    /// The grace is over.
+    pub(super) fn cut(&self) {
+        self.cut.store(true, Ordering::Relaxed);
+        self.task.wake();
     }
 
     fn stopping(&self) -> bool {
         self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// Runs `served` (the connection's [`serve`]) until it ends, or the stop ends it (`None`):
+    /// at once when cut, when it waits idle once stopping. Dropping it drops the request in
+    /// flight, writing its log line and span, here.
+    pub(super) async fn watch(&self, served: impl Future<Output = Ended>) -> Option<Ended> {
+        let mut served = std::pin::pin!(served);
+        std::future::poll_fn(|cx| {
+            self.task.register(cx.waker());
+            if self.cut.load(Ordering::Relaxed)
+                || (self.stopping() && self.idle.load(Ordering::Relaxed))
+            {
+                return Poll::Ready(None);
+            }
+            served.as_mut().poll(cx).map(Some)
+        })
+        .await
     }
 }
 
