@@ -422,20 +422,8 @@ fn json_opt_u64(b: &mut String, n: Option<u64>) {
 }
 
 /// Appends `n` in decimal.
-fn push_u64(b: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[i..] {
-        b.push(char::from(d));
-    }
+fn push_u64(b: &mut String, n: u64) {
+    b.push_str(itoa::Buffer::new().format(n));
 }
 
 /// Appends a USD amount as a JSON number (shortest decimal of [`round_usd`], never an
