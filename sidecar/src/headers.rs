@@ -120,30 +120,24 @@ const UNREAD_PER_RESPONSE: [&[u8]; 8] = [
 ];
 
 /// Prefixes of [`UNREAD_PER_RESPONSE`] headers: rate-limit counts.
-/// The `x-` one first, then the `anthropic-` one.
 const UNREAD_PER_RESPONSE_PREFIXES: [&[u8]; 2] = [b"x-ratelimit-", b"anthropic-ratelimit-"];
 
-/// Whether `name` (any case) is one of the [`UNREAD_PER_RESPONSE`] headers.
+/// Whether `name` (any case) is one of the [`UNREAD_PER_RESPONSE`] headers. Asked once per
+/// spelling a connection sees ([`KnownNames`]) and of a response the cache stores.
 pub fn unread_per_response(name: &[u8]) -> bool {
-    // Asked of every response header: told apart by length, then compared.
-    // Providers send them lowercase: compared as they are first.
-    let starts = |p: &[u8]| {
-        name.len() > p.len() && (name.starts_with(p) || name[..p.len()].eq_ignore_ascii_case(p))
-    };
-    match name.first().map(u8::to_ascii_lowercase) {
-        Some(b'x') if starts(UNREAD_PER_RESPONSE_PREFIXES[0]) => return true,
-        Some(b'a') if starts(UNREAD_PER_RESPONSE_PREFIXES[1]) => return true,
-        _ => {}
-    }
-    UNREAD_PER_RESPONSE
+    UNREAD_PER_RESPONSE_PREFIXES
         .iter()
-        .any(|n| n.len() == name.len() && n.eq_ignore_ascii_case(name))
+        .any(|p| name.len() > p.len() && name[..p.len()].eq_ignore_ascii_case(p))
+        || UNREAD_PER_RESPONSE
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
 }
 
 /// A response's [`unread_per_response`] headers as the upstream sent them, `Name: value\r\n`
-/// lines (the value without the spaces around it), in its extensions: written through as they are by the gateway's own HTTP/1 server,
-/// put into the header map ([`RawHeaders::into_map`]) for anything else that sends or keeps the
-/// response. Names and values were checked as HTTP's by the upstream client's parser.
+/// lines, in its extensions: written through as they are by the gateway's own HTTP/1 server,
+/// put into the header map ([`RawHeaders::into_map`], the values without the spaces around
+/// them) for anything else that sends or keeps the response. Names and values were checked as
+/// HTTP's by the upstream client's parser.
 #[derive(Clone, Debug)]
 pub struct RawHeaders(pub bytes::Bytes);
 
