@@ -900,6 +900,17 @@ fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut, out: &mut BytesMut) -
         if i >= bytes.len() {
             break Ok(false);
         }
+        // The common case, a whole chunk at hand (`1a\r\n`, data, `\r\n`), in one step; the
+        // rest (extensions, the last chunk, a chunk cut by the read) byte by byte below.
+        if let Chunked::Size { size: 0, digits: 0 } = *state
+            && let Some((data_at, size)) = size_line(&bytes[i..])
+            && let Some(end) = data_at.checked_add(size)
+            && bytes[i..].get(end..end + 2) == Some(b"\r\n")
+        {
+            out.extend_from_slice(&bytes[i + data_at..i + end]);
+            i += end + 2;
+            continue;
+        }
         if let Chunked::Data { left } = *state {
             let n = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
             out.extend_from_slice(&bytes[i..i + n]);
@@ -977,6 +988,29 @@ fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut, out: &mut BytesMut) -
     };
     buf.advance(i);
     result
+}
+
+/// A chunk-size line of hex digits alone (no extension) at the start of `bytes`, of a chunk
+/// other than the last: where its data starts and its size.
+fn size_line(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut size = 0usize;
+    // At most 15 digits: the size fits a `usize`, and longer lines take the slow path.
+    for (i, &b) in bytes.iter().enumerate().take(16) {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            b'\r' if i > 0 && size > 0 => {
+                return (bytes.get(i + 1) == Some(&b'\n')).then_some((i + 2, size));
+            }
+            _ => return None,
+        };
+        if i == 15 {
+            return None;
+        }
+        size = size << 4 | usize::from(d);
+    }
+    None
 }
 
 /// The body of a response read on this path.
@@ -1120,6 +1154,15 @@ mod tests {
         let (out, done) = decode_all(&[b"A\r\n0123456789\r\n"]);
         assert_eq!(out, b"0123456789");
         assert!(!done);
+        // Whole chunks in a row (the one-step path, up to 15 digits), a size of 16 digits
+        // (byte by byte), and the last chunk.
+        let wire: &[u8] =
+            b"3\r\nabc\r\n000000000000002\r\nde\r\n0000000000000001\r\nf\r\n0A\r\n0123456789\r\n0\r\n\r\n";
+        for split in 0..wire.len() {
+            let (out, done) = decode_all(&[&wire[..split], &wire[split..]]);
+            assert_eq!(out, b"abcdef0123456789", "split at {split}");
+            assert!(done, "split at {split}");
+        }
     }
 
     #[test]
