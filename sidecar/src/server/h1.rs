@@ -11,6 +11,7 @@
 //! finishes the request in flight when the gateway stops, answering it with `connection: close`.
 
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
@@ -226,9 +227,10 @@ pub(super) async fn serve(
 /// Parses a request head at the start of `buf` and takes it off (not when it is
 /// [`Parsed::Other`]), the header values sharing its bytes.
 fn parse(buf: &mut BytesMut, names: &mut KnownNames) -> Parsed {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut slots);
-    let len = match parsed.parse(buf) {
+    // Uninitialized: the parser writes the headers it finds, nothing has to clear 100 slots.
+    let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    let len = match parsed.parse_with_uninit_headers(buf, &mut slots) {
         // hyper's 431 for a head over the limit, however it came.
         Ok(httparse::Status::Complete(len)) if len <= MAX_HEADER_BYTES => len,
         Ok(httparse::Status::Partial) => return Parsed::Partial,
