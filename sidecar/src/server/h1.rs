@@ -213,7 +213,7 @@ pub(super) async fn serve(
         };
         let Ok(response) = response;
         let close = close || stop.stopping();
-        if write_response(io, &mut buf, &mut out, response, close)
+        if write_response(io, &mut buf, &mut eof, &mut out, response, close)
             .await
             .is_err()
             || close
@@ -335,10 +335,12 @@ enum Framing {
 }
 
 /// Writes `response`, its head with `connection: close` when `close`; an error ends the
-/// connection (the client gone, or a body that broke off or does not match its length).
+/// connection (the client gone, or a body that broke off or does not match its length). `buf`
+/// and `eof` as in [`next_frame`].
 async fn write_response(
     io: &mut WriteStall<TcpStream>,
     buf: &mut BytesMut,
+    eof: &mut bool,
     out: &mut Vec<u8>,
     response: Response<ProxyBody>,
     close: bool,
@@ -365,7 +367,7 @@ async fn write_response(
                     io.write_all(out).await?;
                     out.clear();
                 }
-                next_frame(io, buf, body.as_mut()).await?
+                next_frame(io, buf, eof, body.as_mut()).await?
             }
         };
         let data = match frame {
@@ -455,17 +457,21 @@ async fn write_both(
     Ok(())
 }
 
-/// The body's next frame; an error when the client closes the connection meanwhile.
+/// The body's next frame; an error when the client closes the connection meanwhile, unless it
+/// sent further requests before (it shut its side only: `eof` is set, and they are answered
+/// after this one). Bytes the client sends on (a next request) wait in `buf`.
 async fn next_frame(
     io: &mut WriteStall<TcpStream>,
     buf: &mut BytesMut,
+    eof: &mut bool,
     mut body: std::pin::Pin<&mut ProxyBody>,
 ) -> std::io::Result<Option<Result<Frame<Bytes>, crate::upstream::BodyError>>> {
     loop {
         tokio::select! {
             biased;
             frame = body.frame() => return Ok(frame),
-            read = io.read_buf(buf), if buf.len() < MAX_HEADER_BYTES + MAX_BODY => match read {
+            read = io.read_buf(buf), if !*eof && buf.len() < MAX_HEADER_BYTES + MAX_BODY => match read {
+                Ok(0) if !buf.is_empty() => *eof = true,
                 Ok(0) => return Err(std::io::ErrorKind::ConnectionAborted.into()),
                 Err(e) => return Err(e),
                 Ok(_) => {}
@@ -502,7 +508,9 @@ fn head(
             continue;
         }
         if name == header::CONTENT_LENGTH {
-            if status == StatusCode::NO_CONTENT || status.is_informational() {
+            // One line, the first that reads as a length (an upstream may repeat it, which its
+            // client took as one length; Node's HTTP parser refuses an answer with two).
+            if status == StatusCode::NO_CONTENT || status.is_informational() || length.is_some() {
                 continue;
             }
             length = value
@@ -789,5 +797,15 @@ mod tests {
         // An unknown status has no reason phrase.
         let (h, _) = answer(599, &[("date", "x")], full(), false);
         assert!(h.starts_with("HTTP/1.1 599 \r\n"), "{h}");
+        // One length however often the map has it (clients refuse an answer with two), the
+        // first that reads as one.
+        for lengths in [&["5", "5"][..], &["5", "5, 5"], &["5, 5", "5"]] {
+            let mut headers: Vec<_> = lengths.iter().map(|v| ("content-length", *v)).collect();
+            headers.push(("date", "x"));
+            let (h, f) = answer(200, &headers, full(), false);
+            assert_eq!(h.matches("content-length").count(), 1, "{lengths:?}: {h}");
+            assert!(h.contains("content-length: 5\r\n"), "{h}");
+            assert!(matches!(f, Framing::Length(5)));
+        }
     }
 }

@@ -595,10 +595,15 @@ async fn write_request(
             }
             conn.poll_answer(cx).map(|r| r.map(|()| None))
         })
-        .await
-        .map_err(|e| (e, sent))?;
-        let Some(n) = step else {
-            return Ok(Written::Answered);
+        .await;
+        let n = match step {
+            Ok(Some(n)) => n,
+            Ok(None) if final_answer_begun(&mut conn.buf) => return Ok(Written::Answered),
+            Ok(None) => continue,
+            // Part of an answer came before the write failed or the upstream closed: it is
+            // read as the answer, or found cut off (never sent again).
+            Err(_) if !conn.buf.is_empty() => return Ok(Written::Answered),
+            Err(e) => return Err((e, sent)),
         };
         if n == 0 {
             return Err((io::ErrorKind::WriteZero.into(), sent));
@@ -609,19 +614,54 @@ async fn write_request(
         b = &b[n - from_head..];
     }
     // Over TLS the last records may still wait for the socket: watched the same way.
-    let flushed = poll_fn(|cx| {
-        if let Poll::Ready(r) = conn.io.poll_flush(cx) {
-            return Poll::Ready(r.map(|()| true));
+    loop {
+        let flushed = poll_fn(|cx| {
+            if let Poll::Ready(r) = conn.io.poll_flush(cx) {
+                return Poll::Ready(r.map(|()| true));
+            }
+            conn.poll_answer(cx).map(|r| r.map(|()| false))
+        })
+        .await;
+        match flushed {
+            Ok(true) => return Ok(Written::All),
+            Ok(false) if final_answer_begun(&mut conn.buf) => return Ok(Written::Answered),
+            Ok(false) => {}
+            Err(_) if !conn.buf.is_empty() => return Ok(Written::Answered),
+            Err(e) => return Err((e, sent)),
         }
-        conn.poll_answer(cx).map(|r| r.map(|()| false))
-    })
-    .await
-    .map_err(|e| (e, sent))?;
-    Ok(if flushed {
-        Written::All
-    } else {
-        Written::Answered
-    })
+    }
+}
+
+/// Whether what the upstream sent while the request was still going out begins its final
+/// answer, which ends the writing. Interim answers (`100 Continue` unasked, `103 Early
+/// Hints`) are taken off `buf` and the request goes on (RFC 9110 §15.2); so does it while the
+/// head that came is not whole yet (up to [`MAX_HEAD`]). A head that does not parse ends the
+/// writing too: `read_head` tells of it.
+fn final_answer_begun(buf: &mut BytesMut) -> bool {
+    loop {
+        let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut []);
+        let interim = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut parsed,
+            buf,
+            &mut slots,
+        ) {
+            Ok(httparse::Status::Complete(len))
+                if len <= MAX_HEAD
+                    && parsed
+                        .code
+                        .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
+            {
+                len
+            }
+            Ok(httparse::Status::Partial) => return buf.len() >= MAX_HEAD,
+            _ => return true,
+        };
+        buf.advance(interim);
+        if buf.is_empty() {
+            return false;
+        }
+    }
 }
 
 /// How the response body is delimited.
@@ -693,6 +733,10 @@ fn parse_head(
             buf,
             &mut slots,
         ) {
+            // However it came: in parts (see `read_head`) or with one read.
+            Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+                return Err(invalid("head too large"));
+            }
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(invalid(&e.to_string())),
@@ -850,6 +894,7 @@ fn framing(status: StatusCode, is_head: bool, headers: &mut HeaderMap) -> io::Re
         });
     }
     let mut length: Option<u64> = None;
+    let mut repeated = false;
     for v in headers.get_all(header::CONTENT_LENGTH) {
         for part in v
             .to_str()
@@ -864,8 +909,13 @@ fn framing(status: StatusCode, is_head: bool, headers: &mut HeaderMap) -> io::Re
             if length.is_some_and(|l| l != n) {
                 return Err(invalid("content-length"));
             }
+            repeated |= length.is_some();
             length = Some(n);
         }
+    }
+    if repeated && let Some(n) = length {
+        // The same length more than once (RFC 9112 §6.3) goes on as one: clients refuse two.
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(match length {
         Some(0) => Framing::Done,
@@ -1347,6 +1397,65 @@ mod tests {
             names.get(i, format!("x-h{i}").as_bytes()).expect("valid");
         }
         assert_eq!(names.len(), crate::headers::MAX_KNOWN_NAMES);
+    }
+
+    #[test]
+    fn a_repeated_length_goes_on_as_one_and_a_head_over_the_limit_is_refused() {
+        for wire in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 2\r\n\r\n{}",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2, 2\r\n\r\n{}",
+        ] {
+            let (r, f, _) = head(wire, false).expect("valid").expect("whole");
+            assert!(matches!(f, Framing::Length(2)));
+            let lengths: Vec<_> = r.headers().get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["2"], "{wire}");
+        }
+        // Whole at once, or not: refused when over the limit.
+        let big = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+            "a".repeat(MAX_HEAD)
+        );
+        assert!(head(&big, false).is_err());
+        let fits = format!(
+            "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\n{{}}",
+            "a".repeat(MAX_HEAD - 100)
+        );
+        assert!(head(&fits, false).expect("valid").is_some());
+    }
+
+    #[test]
+    fn interim_answers_while_the_request_goes_out_do_not_end_it() {
+        let begun = |wire: &str| {
+            let mut buf = BytesMut::from(wire.as_bytes());
+            (
+                final_answer_begun(&mut buf),
+                String::from_utf8(buf.to_vec()).expect("text"),
+            )
+        };
+        assert_eq!(
+            begun("HTTP/1.1 100 Continue\r\n\r\n"),
+            (false, String::new())
+        );
+        assert_eq!(
+            begun(
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 2"
+            ),
+            (false, "HTTP/1.1 2".into()),
+            "interim answers taken off, a head not yet whole waited for"
+        );
+        let last = "HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(
+            begun(&format!("HTTP/1.1 100 Continue\r\n\r\n{last}")),
+            (true, last.into())
+        );
+        for wire in [
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "garbage\r\n\r\n",
+        ] {
+            assert_eq!(begun(wire), (true, wire.into()), "read_head tells of it");
+        }
+        let partial_too_large = format!("HTTP/1.1 200 OK\r\nx-big: {}", "a".repeat(MAX_HEAD));
+        assert!(begun(&partial_too_large).0);
     }
 
     #[test]
