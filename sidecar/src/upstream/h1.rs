@@ -55,6 +55,8 @@ const MAX_HEAD: usize = 400 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Largest trailer section skipped.
 const MAX_TRAILERS: usize = 64 * 1024;
+/// Longest chunk extension read (they are ignored).
+const MAX_CHUNK_EXTENSION: usize = 16 * 1024;
 /// First read size of a connection.
 const READ_CHUNK: usize = 8 * 1024;
 /// Largest read size.
@@ -930,7 +932,7 @@ enum Chunked {
     /// Reading the hex size.
     Size { size: u64, digits: u8 },
     /// Whitespace or an extension after the size, up to CR.
-    Ext { size: u64 },
+    Ext { size: u64, len: u16 },
     /// LF after the size line.
     SizeLf { size: u64 },
     /// Chunk data, `left` bytes to go.
@@ -999,13 +1001,18 @@ fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut, out: &mut BytesMut) -
                     }
                 }
                 b'\r' if digits > 0 => Chunked::SizeLf { size },
-                b';' | b' ' | b'\t' if digits > 0 => Chunked::Ext { size },
+                b';' | b' ' | b'\t' if digits > 0 => Chunked::Ext { size, len: 1 },
                 _ => break Err(invalid("chunk size")),
             },
-            Chunked::Ext { size } => match b {
+            Chunked::Ext { size, len } => match b {
                 b'\r' => Chunked::SizeLf { size },
                 b'\n' => break Err(invalid("chunk extension")),
-                _ => Chunked::Ext { size },
+                // hyper's 16 KiB (over the whole body, there): a line that never ends would
+                // be read until the request timeout.
+                _ if usize::from(len) >= MAX_CHUNK_EXTENSION => {
+                    break Err(invalid("chunk extension too long"));
+                }
+                _ => Chunked::Ext { size, len: len + 1 },
             },
             Chunked::SizeLf { size } => match b {
                 b'\n' if size == 0 => Chunked::Trailers { line: 0, total: 0 },
@@ -1263,6 +1270,7 @@ mod tests {
             b"5\r\nhelloXX",
             b"5\n",
             b"11111111111111111\r\n",
+            &[&b"1;"[..], &[b'a'; MAX_CHUNK_EXTENSION]].concat(),
         ] {
             let mut state = Chunked::Size { size: 0, digits: 0 };
             let mut buf = BytesMut::from(bad);
