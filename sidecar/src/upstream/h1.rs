@@ -642,12 +642,8 @@ async fn write_request(
 fn final_answer_begun(buf: &mut BytesMut) -> bool {
     loop {
         let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut []);
-        let interim = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut parsed,
-            buf,
-            &mut slots,
-        ) {
+        let (parsed, status) = parse_response(buf, &mut slots);
+        let interim = match status {
             Ok(httparse::Status::Complete(len))
                 if len <= MAX_HEAD
                     && parsed
@@ -718,6 +714,21 @@ async fn read_head(conn: &mut Conn, is_head: bool) -> Result<Head, (io::Error, b
     }
 }
 
+/// Parses the response head at the start of `buf`, its headers into `slots` (uninitialized:
+/// the parser writes the headers it finds, nothing has to clear a hundred slots).
+fn parse_response<'h, 'b>(
+    buf: &'b [u8],
+    slots: &'h mut [MaybeUninit<httparse::Header<'b>>],
+) -> (httparse::Response<'h, 'b>, httparse::Result<usize>) {
+    let mut parsed = httparse::Response::new(&mut []);
+    let status = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        slots,
+    );
+    (parsed, status)
+}
+
 /// Parses one response head from `buf` (consuming it), or `None` when more bytes are needed.
 /// Interim 1xx responses are consumed and skipped.
 fn parse_head(
@@ -726,15 +737,9 @@ fn parse_head(
     is_head: bool,
 ) -> io::Result<Option<Head>> {
     loop {
-        // Uninitialized: the parser writes the headers it finds, nothing has to clear 100
-        // slots.
         let mut slots = [const { MaybeUninit::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Response::new(&mut []);
-        let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
-            &mut parsed,
-            buf,
-            &mut slots,
-        ) {
+        let (parsed, status) = parse_response(buf, &mut slots);
+        let len = match status {
             // However it came: in parts (see `read_head`) or with one read.
             Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
                 return Err(invalid("head too large"));
