@@ -179,6 +179,16 @@ pub fn is_gateway_header(name: &HeaderName) -> bool {
     name.as_str().starts_with("cf-aig-")
 }
 
+/// Copies the gateway's own headers of an answer (`cf-aig-*`: log id, event id, step, provider,
+/// model, cache status) onto an error made in its place.
+pub fn copy_gateway_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        if is_gateway_header(name) {
+            to.insert(name.clone(), value.clone());
+        }
+    }
+}
+
 /// The gateway headers' former names, which Cloudflare still honours ("the old headers will
 /// still function"), and the headers they stand for when the new name is absent.
 const LEGACY_NAMES: [(&str, Gw); 2] = [

@@ -467,9 +467,7 @@ impl Gateway {
                     answered.undelivered(err.status().as_u16());
                 }
                 let mut resp = err.into_response();
-                if let Some(id) = log_id {
-                    resp.headers_mut().insert(LOG_ID, id);
-                }
+                crate::headers::copy_gateway_headers(&head.headers, resp.headers_mut());
                 return resp;
             }
         };
@@ -516,9 +514,7 @@ impl Gateway {
                     answered.refuse(status, code, body.as_bytes());
                 }
                 let mut resp = err.into_response();
-                if let Some(id) = log_id {
-                    resp.headers_mut().insert(LOG_ID, id);
-                }
+                crate::headers::copy_gateway_headers(&head.headers, resp.headers_mut());
                 resp
             }
         }

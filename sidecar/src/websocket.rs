@@ -398,9 +398,10 @@ pub(crate) async fn serve(
     // The provider's own `cf-aig-*` and hop-by-hop headers go; the gateway's are added after.
     let upstream_side = head.extensions.remove::<OnUpgrade>();
     let (connection, upgrade) = (
-        head.headers.remove(header::CONNECTION),
-        head.headers.remove(header::UPGRADE),
+        head.headers.get(header::CONNECTION).cloned(),
+        head.headers.get(header::UPGRADE).cloned(),
     );
+    // With them the headers `Connection` names (read before it goes).
     crate::headers::strip_response_headers(&mut head.headers);
     let log_id =
         crate::proxy::tag_response(&mut head.headers, parts.headers.get("cf-aig-event-id"));

@@ -39,7 +39,9 @@ use crate::config::Snapshot;
 use crate::error::GatewayError;
 use crate::error::json_error;
 use crate::google_auth::ServiceAccount;
-use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
+use crate::headers::{
+    GatewayHeaders, Gw, RawHeaders, copy_gateway_headers, strip_response_headers,
+};
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Admission, Gateway};
@@ -1274,11 +1276,7 @@ pub(crate) async fn answer(
             record.set_status(err.status().as_u16());
             record.finish_upstream_error();
             let mut resp = err.into_response();
-            for name in GATEWAY_TAGS {
-                if let Some(v) = head.headers.get(name) {
-                    resp.headers_mut().insert(name, v.clone());
-                }
-            }
+            copy_gateway_headers(&head.headers, resp.headers_mut());
             return Ok(Served::Answer(Box::new(resp)));
         }
     };
@@ -1305,9 +1303,21 @@ pub(crate) async fn answer(
     let one_answer =
         endpoint == Endpoint::Chat && matches!(&rest, Ok((more, _)) if more.is_empty());
     let out = match rest {
-        Err(FanOutFailure::Upstream(parts, body)) => {
-            head.status = parts.status;
-            t.error(parts.status.as_u16(), &parts.headers, &body)
+        Err(FanOutFailure::Upstream(mut part, body)) => {
+            // The part that failed answers, with its own headers (its `Retry-After`, request
+            // id), under the gateway's.
+            strip_response_headers(&mut part.headers);
+            part.headers.remove(header::CONTENT_LENGTH);
+            part.headers.remove(header::CONTENT_ENCODING);
+            copy_gateway_headers(&head.headers, &mut part.headers);
+            let out = t.error(part.status.as_u16(), &part.headers, &body);
+            head.status = part.status;
+            head.headers = part.headers;
+            head.extensions.remove::<RawHeaders>();
+            if let Some(raw) = part.extensions.remove::<RawHeaders>() {
+                head.extensions.insert(raw);
+            }
+            out
         }
         Err(FanOutFailure::Gateway(err)) => {
             tracing::warn!(provider = %provider.id, error = %err, log_id = %log_id, "response not delivered");
@@ -1334,6 +1344,13 @@ pub(crate) async fn answer(
             }
         }
     };
+    if !delivered {
+        // The gateway's error in place of the answer carries none of the provider's headers.
+        let mut own = HeaderMap::new();
+        copy_gateway_headers(&head.headers, &mut own);
+        head.headers = own;
+        head.extensions.remove::<RawHeaders>();
+    }
     head.headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -1360,15 +1377,6 @@ pub(crate) async fn answer(
         ProxyBody::full_held(out, held),
     ))))
 }
-
-/// The gateway's headers of a `/compat` answer, kept on a gateway error made in its place.
-const GATEWAY_TAGS: [&str; 5] = [
-    "cf-aig-log-id",
-    "cf-aig-event-id",
-    "cf-aig-step",
-    "cf-aig-provider",
-    "cf-aig-model",
-];
 
 /// Whether an upstream's answer is a stream of server-sent events.
 pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
