@@ -101,6 +101,9 @@ pub struct Snapshot {
     pub gateway_name: Option<String>,
     /// sha256 of the file and the keys: any change to either changes it.
     pub fingerprint: String,
+    /// The config file as read: its keys are loaded again around it while a newer file is
+    /// refused.
+    pub raw: Vec<u8>,
     /// Warnings found while loading (unused keys, ...).
     pub warnings: Vec<String>,
 }
@@ -152,8 +155,12 @@ fn refuse_unknown_spec_fields(text: &str) -> Result<(), String> {
 
 /// Reads and validates the config file and keys directory.
 pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
+    load_with(src, read_config(&src.config)?)
+}
+
+/// Validates `raw` as the config file and reads the keys directory.
+pub fn load_with(src: &Sources, raw: Vec<u8>) -> Result<Snapshot, ConfigError> {
     let path = &src.config;
-    let raw = read_config(path)?;
     let text = std::str::from_utf8(&raw).map_err(|_| ConfigError::Parse {
         path: path.clone(),
         message: "not UTF-8".into(),
@@ -194,12 +201,6 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         .authentication
         .as_ref()
         .is_some_and(|a| a.enabled);
-    if auth_required && keys.token_count() == 0 {
-        return Err(invalid(format!(
-            "spec.authentication.enabled is true but the keys directory has no tokens in {}",
-            sidegate_crds::config::TOKENS_FILE_NAME
-        )));
-    }
     let (providers, mut warnings) =
         ProviderTable::build(&config.spec.providers, &keys).map_err(|error| {
             ConfigError::Provider {
@@ -212,6 +213,14 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
             .iter()
             .map(|s| format!("keys directory entry skipped: {s}")),
     );
+    if auth_required && keys.token_count() == 0 {
+        // Fail closed: all tokens revoked (the operator leaves the file out when the token
+        // Secret is gone) is no token accepted, not the last ones kept.
+        warnings.push(format!(
+            "spec.authentication.enabled is true but the keys directory has no tokens in {}: every request is refused (401) until one comes",
+            sidegate_crds::config::TOKENS_FILE_NAME
+        ));
+    }
     for (provider, aliases) in &config.keys {
         if providers.get(provider).is_none() && provider != "authentication" {
             warnings.push(format!(
@@ -319,6 +328,7 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
         routing,
         shared,
         fingerprint,
+        raw,
         warnings,
     };
     let routes = crate::compat::client_key_warnings(&snap);
@@ -327,19 +337,23 @@ pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
 }
 
 fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    let meta = std::fs::metadata(path).map_err(|error| ConfigError::Read {
+    use std::io::Read as _;
+    let read = |error| ConfigError::Read {
         path: path.to_owned(),
         error,
-    })?;
-    if meta.len() > MAX_CONFIG_FILE {
+    };
+    let file = std::fs::File::open(path).map_err(read)?;
+    // Read up to the limit, not by the length the metadata gives (none for a device or pipe).
+    let mut raw = Vec::new();
+    file.take(MAX_CONFIG_FILE + 1)
+        .read_to_end(&mut raw)
+        .map_err(read)?;
+    if raw.len() as u64 > MAX_CONFIG_FILE {
         return Err(ConfigError::TooLarge {
             path: path.to_owned(),
         });
     }
-    std::fs::read(path).map_err(|error| ConfigError::Read {
-        path: path.to_owned(),
-        error,
-    })
+    Ok(raw)
 }
 
 #[cfg(test)]
@@ -541,6 +555,8 @@ mod tests {
         spec: serde_json::Value,
         why: String,
         sidecar_why: Option<String>,
+        #[serde(default)]
+        sidecar_warns: bool,
     }
 
     #[test]
@@ -563,8 +579,18 @@ mod tests {
         for case in f.refused {
             let why = case.sidecar_why.as_ref().unwrap_or(&case.why);
             match with_spec(&case.spec) {
+                Ok(snap) if case.sidecar_warns => assert!(
+                    snap.warnings.iter().any(|w| w.contains(why.as_str())),
+                    "{}: {:?}",
+                    case.spec,
+                    snap.warnings
+                ),
                 Ok(_) => panic!("{} loaded", case.spec),
-                Err(e) => assert!(e.to_string().contains(why.as_str()), "{}: {e}", case.spec),
+                Err(e) => assert!(
+                    !case.sidecar_warns && e.to_string().contains(why.as_str()),
+                    "{}: {e}",
+                    case.spec
+                ),
             }
         }
         for spec in f.accepted {
@@ -588,6 +614,8 @@ mod tests {
         value: String,
         repeat: Option<usize>,
         sidecar_why: Option<String>,
+        #[serde(default)]
+        sidecar_warns: bool,
     }
 
     #[test]
@@ -612,13 +640,27 @@ mod tests {
             };
             let mut src = write_config(dir.path(), &format!("schemaVersion: 1\nspec: {spec}\n"));
             src.keys_dir = Some(keys);
-            load(&src).map(|_| ())
+            load(&src)
         };
         for case in &f.refused_files {
             let why = case.sidecar_why.as_deref().unwrap_or_default();
             match load_with(case) {
-                Ok(()) => panic!("{} {:.40} loaded", case.file, case.value),
-                Err(e) => assert!(e.to_string().contains(why), "{}: {e}", case.file),
+                // Loaded, but none of it served (no token: every request refused).
+                Ok(snap) if case.sidecar_warns => {
+                    assert!(
+                        snap.warnings.iter().any(|w| w.contains(why)),
+                        "{}: {:?}",
+                        case.file,
+                        snap.warnings
+                    );
+                    assert!(snap.keys.is_empty() && snap.keys.token_count() == 0);
+                }
+                Ok(_) => panic!("{} {:.40} loaded", case.file, case.value),
+                Err(e) => assert!(
+                    !case.sidecar_warns && e.to_string().contains(why),
+                    "{}: {e}",
+                    case.file
+                ),
             }
         }
         for case in &f.accepted_files {
@@ -629,7 +671,7 @@ mod tests {
     }
 
     #[test]
-    fn authentication_without_tokens_is_refused() {
+    fn authentication_without_tokens_accepts_none() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut src = write_config(
             dir.path(),
@@ -638,7 +680,14 @@ mod tests {
         let keys = dir.path().join("keys");
         std::fs::create_dir(&keys).expect("mkdir");
         src.keys_dir = Some(keys);
-        let err = load(&src).expect_err("no tokens");
-        assert!(err.to_string().contains("authentication.tokens"), "{err}");
+        let snap = load(&src).expect("loads, accepting no token");
+        assert!(snap.auth_required && snap.keys.token_count() == 0);
+        assert!(
+            snap.warnings
+                .iter()
+                .any(|w| w.contains("authentication.tokens") && w.contains("401")),
+            "{:?}",
+            snap.warnings
+        );
     }
 }

@@ -36,12 +36,6 @@ pub enum KeysError {
         path: PathBuf,
         error: std::io::Error,
     },
-    #[error("key file {path} is larger than {MAX_KEY_FILE} bytes")]
-    TooLarge { path: PathBuf },
-    #[error("key file {path} is empty")]
-    Empty { path: PathBuf },
-    #[error("key file {path} is not valid UTF-8")]
-    NotUtf8 { path: PathBuf },
 }
 
 /// One stored provider key.
@@ -144,19 +138,28 @@ impl KeyStore {
             error,
         })?;
         let mut names = Vec::new();
+        // Names that are not UTF-8 (no key's is).
+        let mut odd = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|error| KeysError::ReadDir {
                 path: dir.to_owned(),
                 error,
             })?;
-            if let Some(name) = entry.file_name().to_str()
-                && !name.starts_with('.')
-            {
-                names.push(name.to_owned());
+            let file_name = entry.file_name();
+            match file_name.to_str() {
+                Some(name) if !name.starts_with('.') => names.push(name.to_owned()),
+                Some(_) => {}
+                None => odd.push(format!(
+                    "{}: not <provider>.<alias>",
+                    file_name.to_string_lossy()
+                )),
             }
         }
         names.sort();
-        let mut store = Self::default();
+        let mut store = Self {
+            skipped: odd,
+            ..Self::default()
+        };
         let mut hasher = Sha256::new();
         hasher.update(process_salt());
         for name in names {
@@ -187,8 +190,13 @@ impl KeyStore {
                 store.skipped.push(format!("{name}: {why}"));
                 continue;
             }
+            // A file that cannot be a key is no key (its alias is not served; an unusable tokens
+            // file leaves no token, so every request is refused), and holds back no other.
             if meta.len() > MAX_KEY_FILE {
-                return Err(KeysError::TooLarge { path });
+                store
+                    .skipped
+                    .push(format!("{name}: larger than {MAX_KEY_FILE} bytes"));
+                continue;
             }
             let raw = std::fs::read(&path).map_err(|error| KeysError::ReadFile {
                 path: path.clone(),
@@ -197,8 +205,10 @@ impl KeyStore {
             hasher.update(name.as_bytes());
             hasher.update([0]);
             hasher.update(Sha256::digest(&raw));
-            let text =
-                String::from_utf8(raw).map_err(|_| KeysError::NotUtf8 { path: path.clone() })?;
+            let Ok(text) = String::from_utf8(raw) else {
+                store.skipped.push(format!("{name}: not valid UTF-8"));
+                continue;
+            };
             if is_tokens {
                 store.tokens = text
                     .lines()
@@ -210,7 +220,8 @@ impl KeyStore {
             }
             let value = text.trim();
             if value.is_empty() {
-                return Err(KeysError::Empty { path });
+                store.skipped.push(format!("{name}: empty"));
+                continue;
             }
             if is_redis {
                 store.redis_url = Some(SecretString::from(value.to_owned()));
@@ -370,10 +381,31 @@ mod tests {
     }
 
     #[test]
-    fn empty_key_files_are_an_error_naming_the_file() {
+    fn key_files_that_cannot_be_keys_are_skipped_naming_the_file_and_hold_back_no_other() {
         let dir = tempfile::tempdir().expect("tempdir");
         write(dir.path(), "openai.default", "\n");
-        let err = KeyStore::load(dir.path()).expect_err("empty key");
-        assert!(err.to_string().contains("openai.default"), "{err}");
+        write(
+            dir.path(),
+            "openai.big",
+            &"k".repeat(MAX_KEY_FILE as usize + 1),
+        );
+        std::fs::write(dir.path().join("openai.bytes"), b"sk-\xff").expect("write");
+        write(dir.path(), "openai.good", "sk-good\n");
+        let store = KeyStore::load(dir.path()).expect("load");
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.get("openai", "good").map(ProviderKey::expose),
+            Some("sk-good")
+        );
+        let mut skipped = store.skipped.clone();
+        skipped.sort();
+        assert_eq!(
+            skipped,
+            [
+                format!("openai.big: larger than {MAX_KEY_FILE} bytes"),
+                "openai.bytes: not valid UTF-8".to_owned(),
+                "openai.default: empty".to_owned(),
+            ]
+        );
     }
 }

@@ -54,7 +54,7 @@ struct Args {
 
     /// Start even if the config file is missing or invalid, unready until a valid one appears
     /// (for pods whose ConfigMap is rendered after they start).
-    #[arg(long, env = "SIDEGATE_WAIT_FOR_CONFIG")]
+    #[arg(long, env = "SIDEGATE_WAIT_FOR_CONFIG", value_parser = clap::builder::BoolishValueParser::new())]
     wait_for_config: bool,
 
     /// PEM file of extra CA certificates to trust for upstream TLS (a private model server, an
@@ -204,7 +204,7 @@ async fn check(args: &Args) -> ExitCode {
     if let Some(path) = &args.upstream_ca
         && let Err(e) = read_certs(path)
     {
-        eprintln!("{}: {e:#}", args.config.display());
+        eprintln!("invalid --upstream-ca: {e:#}");
         return ExitCode::from(2);
     }
     match config::load(&sources(args)) {
@@ -233,6 +233,14 @@ async fn check(args: &Args) -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
+    // SIGHUP asks for a reload of the config and keys (its default action ends the process).
+    let (hangup_tx, hangup_rx) = tokio::sync::mpsc::unbounded_channel();
+    #[cfg(unix)]
+    if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() && hangup_tx.send(()).is_ok() {}
+        });
+    }
     let sources = sources(&args);
     let metrics = Arc::new(Metrics::new());
     let extra_roots = match &args.upstream_ca {
@@ -262,7 +270,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "sidegate listening"
     );
     tokio::spawn(server::serve_admin(admin, gateway.clone()));
-    tokio::spawn(reload::watch(gateway.clone(), sources));
+    tokio::spawn(reload::watch(gateway.clone(), sources, hangup_rx));
     server::serve_gateway(
         listener,
         gateway.clone(),

@@ -2,9 +2,11 @@
 //!
 //! kubelet updates a mounted ConfigMap or Secret by writing a new timestamped directory and
 //! renaming the `..data` symlink over the old one; editors and `cp` modify files in place. Both
-//! show up as events in the watched directories. Events are debounced, the new config is loaded
-//! and validated, and swapped in atomically only when valid; otherwise the last good config
-//! keeps serving. A slow poll backs the watcher up in case an event is missed.
+//! show up as events in the watched directories. Events are debounced (a file written in place is
+//! read once its writer closes it), the new config is loaded and validated, and swapped in
+//! atomically only when valid; otherwise the last good config keeps serving, with the keys
+//! directory's keys loaded again around it. A slow poll backs the watcher up in case an event is
+//! missed; SIGHUP asks for a reload at once.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +23,8 @@ use crate::proxy::Gateway;
 
 /// Wait after the first event for the rest of a burst (kubelet writes several entries).
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Longest wait for the writer of a file written in place to close it.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
 /// Re-check even without events.
 const POLL: Duration = Duration::from_secs(5);
 
@@ -69,21 +73,47 @@ fn watch_dirs(src: &Sources) -> Vec<PathBuf> {
     dirs
 }
 
-/// Watches the sources and reloads on change, forever.
-pub async fn watch(gw: Arc<Gateway>, src: Sources) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+/// What an event says of a source file.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Change {
+    /// Written in place, its writer not done with it yet.
+    Writing,
+    /// Changed and done with: closed after writing, created, renamed, removed.
+    Settled,
+}
+
+/// The change an event makes; `None` for a file only opened or read (the gateway reading its
+/// own sources, too: taken as a change, each load would cause the next).
+fn change_of(kind: &notify::EventKind) -> Option<Change> {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(Change::Settled),
+        EventKind::Access(_) => None,
+        EventKind::Modify(ModifyKind::Data(_)) => Some(Change::Writing),
+        _ => Some(Change::Settled),
+    }
+}
+
+/// Watches the sources and reloads on change (or when `hangup` says so), forever.
+pub async fn watch(gw: Arc<Gateway>, src: Sources, mut hangup: mpsc::UnboundedReceiver<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Change>();
     let relevant = src.clone();
     let mut watcher = match notify::recommended_watcher(
         move |res: notify::Result<notify::Event>| {
-            // Other files in the config's directory (a log file, say) must not cause reloads.
-            let wanted = match &res {
-                Ok(ev) => {
-                    ev.paths.is_empty() || ev.paths.iter().any(|p| is_source_path(&relevant, p))
+            let change = match &res {
+                // Other files in the config's directory (a log file, say) must not cause reloads.
+                Ok(ev)
+                    if ev.paths.is_empty()
+                        || ev.paths.iter().any(|p| is_source_path(&relevant, p)) =>
+                {
+                    change_of(&ev.kind)
                 }
-                Err(_) => true,
+                Ok(_) => None,
+                Err(_) => Some(Change::Settled),
             };
-            if wanted {
-                let _ = tx.send(());
+            if let Some(change) = change {
+                let _ = tx.send(change);
             }
         },
     ) {
@@ -104,15 +134,35 @@ pub async fn watch(gw: Arc<Gateway>, src: Sources) {
     let mut last_signature = signature(&src);
     // Without a watcher (or once it is gone) the channel is closed: the poll alone goes on.
     let mut events = watcher.is_some();
+    let mut hangups = true;
     loop {
         tokio::select! {
             ev = rx.recv(), if events => {
-                if ev.is_none() {
+                let Some(mut change) = ev else {
                     events = false;
                     continue;
+                };
+                // The rest of the burst; a file written in place, to its writer's close.
+                let first = tokio::time::Instant::now();
+                loop {
+                    let left = WRITE_WAIT.saturating_sub(first.elapsed());
+                    let quiet = if change == Change::Writing { left } else { DEBOUNCE.min(left) };
+                    match tokio::time::timeout(quiet, rx.recv()).await {
+                        Ok(Some(next)) => change = next,
+                        Ok(None) => {
+                            events = false;
+                            break;
+                        }
+                        Err(_) => break,
+                    }
                 }
-                tokio::time::sleep(DEBOUNCE).await;
-                while rx.try_recv().is_ok() {}
+            }
+            signal = hangup.recv(), if hangups => {
+                if signal.is_none() {
+                    hangups = false;
+                    continue;
+                }
+                tracing::info!("SIGHUP: reloading the config and keys");
             }
             () = tokio::time::sleep(POLL) => {
                 // The poll only stats the files; it loads them when something changed.
@@ -188,6 +238,7 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                 .as_ref()
                 .is_some_and(|c| c.fingerprint == snap.fingerprint)
             {
+                tracing::debug!("config and keys read again: unchanged");
                 return;
             }
             gw.metrics.count_reload(true);
@@ -199,6 +250,7 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                 // Not a bad edit but the gateway taken away: its keys must not serve on.
                 if gw.snapshot.load().is_some() {
                     gw.snapshot.store(None);
+                    gw.metrics.clear_config();
                     // Open WebSocket sessions hold the provider's credentials too.
                     gw.sessions.end_all();
                     gw.metrics.count_reload(false);
@@ -210,8 +262,9 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                 *last_error = Some(msg);
                 return;
             }
+            let kept = keys_around_last_good(gw, src).await;
             // The poll would repeat the same failure every few seconds: say it once.
-            if last_error.as_deref() != Some(msg.as_str()) {
+            if last_error.as_deref() != Some(msg.as_str()) || kept {
                 gw.metrics.count_reload(false);
                 let serving = gw.snapshot.load().as_ref().map(|s| s.hash().to_owned());
                 tracing::error!(error = %msg, serving = serving.as_deref().unwrap_or("nothing"), "config reload rejected; keeping the last good config");
@@ -219,6 +272,31 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
             }
         }
     }
+}
+
+/// While the config file is refused, its keys directory still changes what is served: a rotated
+/// key is sent, a revoked token refused. The keys are loaded again around the config that
+/// serves (as the operator renders them around the policy it keeps) and installed when they
+/// changed; true then.
+async fn keys_around_last_good(gw: &Gateway, src: &Sources) -> bool {
+    let Some(current) = gw.snapshot.load_full() else {
+        return false;
+    };
+    let (src2, raw) = (src.clone(), current.raw.clone());
+    let Ok(Ok(snap)) = tokio::task::spawn_blocking(move || config::load_with(&src2, raw)).await
+    else {
+        return false;
+    };
+    if snap.fingerprint == current.fingerprint {
+        return false;
+    }
+    tracing::warn!(
+        config = %src.config.display(),
+        "the config file is refused (below); the keys directory's keys are applied around the last good config"
+    );
+    gw.metrics.count_reload(true);
+    install(gw, snap);
+    true
 }
 
 /// Whether the sources are gone rather than bad: no config file, and no key file in the keys

@@ -434,6 +434,11 @@ impl Metrics {
     }
 
     /// Publishes the hash of the config now serving.
+    /// No config is loaded (it was dropped): `sidegate_config_info` names none.
+    pub fn clear_config(&self) {
+        self.config_info.clear();
+    }
+
     pub fn set_config(&self, hash: &str, gateway: &str) {
         self.config_info.clear();
         self.config_info
