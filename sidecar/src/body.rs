@@ -69,7 +69,14 @@ pin_project! {
             // The client went away (a body read to its end has no record left). Past the end
             // of the content of an answer counted against a budget, its usage is still to
             // come: the rest is read for it.
+            // A stream that ended whole ([DONE] passed) is complete, whether or not the
+            // upstream's end of the body came before the client stopped reading at its end.
             match this.project() {
+                ProxyBodyProj::Upstream { record, done: Some(done), .. } if done.saw_done() => {
+                    if let Some(rec) = record.take() {
+                        rec.finish_complete();
+                    }
+                }
                 ProxyBodyProj::Upstream { inner, record, finish, tokens: true, .. } => {
                     if finish.as_ref().is_some_and(|f| f.seen())
                         && let Some(rec) = record.take()
@@ -77,11 +84,23 @@ pin_project! {
                         read_rest(inner.get_mut().take(), rec);
                     }
                 }
+                ProxyBodyProj::Translated { record, translator, .. } if translator.ended_whole() => {
+                    if let Some(rec) = record.take() {
+                        rec.finish_complete();
+                    }
+                }
                 ProxyBodyProj::Translated { inner, record, finish, ended: false, .. } => {
                     if finish.as_ref().is_some_and(|f| f.seen())
                         && let Some(rec) = record.take()
                     {
                         read_rest(inner.get_mut().take(), rec);
+                    }
+                }
+                ProxyBodyProj::Filling { inner, fill, .. } => {
+                    if inner.ended_whole()
+                        && let Some(f) = fill.take()
+                    {
+                        f.finish();
                     }
                 }
                 _ => {}
@@ -187,6 +206,17 @@ impl ProxyBody {
             ProxyBodyProj::Upstream { record, tokens, .. } => record.take().map(|r| (*r, *tokens)),
             ProxyBodyProj::Filling { inner, .. } => inner.as_mut().take_record(),
             _ => None,
+        }
+    }
+
+    /// Whether this body is a stream that ended whole already: its last event went through
+    /// (an OpenAI-format `data: [DONE]`, a translation's end), whatever bytes may follow it.
+    fn ended_whole(&self) -> bool {
+        match self {
+            Self::Full { .. } => false,
+            Self::Upstream { done, .. } => done.as_ref().is_some_and(DoneWatch::saw_done),
+            Self::Translated { translator, .. } => translator.ended_whole(),
+            Self::Filling { inner, .. } => inner.ended_whole(),
         }
     }
 

@@ -712,11 +712,15 @@ enum Mark {
 fn sse_ended_whole(body: &[u8]) -> bool {
     let mut parser = crate::compat::sse::SseParser::new();
     let (mut ended, mut failed) = (false, false);
-    parser.feed(body, &mut |e| match sse_mark(e.name, e.data) {
+    let mut mark = |e: crate::compat::sse::Event<'_>| match sse_mark(e.name, e.data) {
         Mark::End => ended = true,
         Mark::Error => failed = true,
         Mark::Other => {}
-    });
+    };
+    parser.feed(body, &mut mark);
+    // A last event ended by the connection, not a blank line, counts (as the stream's
+    // `data: [DONE]` watch takes it).
+    parser.finish(&mut mark);
     ended && !failed
 }
 

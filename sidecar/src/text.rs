@@ -103,7 +103,12 @@ pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
     if is_event_stream(body) {
         return Some(event_stream_text(body));
     }
-    if body.starts_with(b"data:") || body.starts_with(b"event:") || body.starts_with(b":") {
+    // An SSE body starts with a field (after a byte order mark) or a comment.
+    let first = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    if [&b"data:"[..], b"event:", b"id:", b"retry:", b":"]
+        .iter()
+        .any(|field| first.starts_with(field))
+    {
         return Some(sse_text(body));
     }
     if body.trim_ascii_start().starts_with(b"[") {
@@ -112,16 +117,18 @@ pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// The joined text of an SSE body's `data:` events.
+/// The joined text of an SSE body's events (each one's `data:` lines joined, whatever its line
+/// ends: a JSON document split over lines is read whole).
 fn sse_text(body: &[u8]) -> Vec<u8> {
     let mut parts = Vec::new();
-    for line in body.split(|b| *b == b'\n') {
-        if let Some(data) = line.strip_prefix(b"data:")
-            && let Ok(v) = serde_json::from_slice::<Value>(data.trim_ascii())
-        {
+    let mut parser = crate::compat::sse::SseParser::new();
+    let mut read = |e: crate::compat::sse::Event<'_>| {
+        if let Ok(v) = serde_json::from_str::<Value>(e.data) {
             walk(&v, None, &mut parts);
         }
-    }
+    };
+    parser.feed(body, &mut read);
+    parser.finish(&mut read);
     parts.concat().into_bytes()
 }
 
@@ -237,6 +244,42 @@ pub(crate) mod tests {
         let mut lines: Vec<String> = of_body(other).lines().map(str::to_owned).collect();
         lines.sort();
         assert_eq!(lines, ["doc one", "m", "what is x"]);
+    }
+
+    #[test]
+    fn sse_streams_give_their_joined_text_in_every_framing() {
+        let events = [
+            r#"{"choices":[{"delta":{"content":"card 4111 11"}}]}"#,
+            r#"{"choices":[{"delta":{"content":"11 1111"}}]}"#,
+        ];
+        let framed = |prefix: &str, nl: &str, split: bool| {
+            let mut body = prefix.to_owned();
+            for e in events {
+                body.push_str("id: 1");
+                body.push_str(nl);
+                if split {
+                    // The JSON document over two data lines (between two of its tokens).
+                    let (a, b) = e.split_at(e.find("\"content\"").expect("content"));
+                    body.push_str(&format!("data:{a}{nl}data:{b}{nl}{nl}"));
+                } else {
+                    body.push_str(&format!("data: {e}{nl}{nl}"));
+                }
+            }
+            body.push_str(&format!("data: [DONE]{nl}{nl}"));
+            body
+        };
+        for prefix in ["", "\u{feff}", ": ping\n"] {
+            for nl in ["\n", "\r\n", "\r"] {
+                for split in [false, true] {
+                    let body = framed(prefix, nl, split);
+                    assert_eq!(
+                        stream_text(body.as_bytes()).as_deref(),
+                        Some(&b"card 4111 1111 1111"[..]),
+                        "{body:?}"
+                    );
+                }
+            }
+        }
     }
 
     /// A Bedrock event stream of `(event type, JSON payload)` messages.

@@ -357,8 +357,11 @@ impl Usage {
             // A key opens an object or follows a comma (or starts a carried piece); a quote
             // after anything else is inside a string (`\"usage\":{` in a model's text), whose
             // unbalanced braces would hide the real object after it.
-            let key =
-                start == 0 || matches!(buf[start - 1], b'{' | b',' | b' ' | b'\n' | b'\r' | b'\t');
+            // (Or starts an SSE `data:` line without a space: a document split over lines.)
+            let key = start == 0
+                || matches!(buf[start - 1], b'{' | b',' | b' ' | b'\n' | b'\r' | b'\t')
+                || (buf[..start].ends_with(b"data:")
+                    && (start == 5 || matches!(buf[start - 6], b'\n' | b'\r')));
             if buf[start] == b'"' && key && !self.read_object(&buf[at..]) {
                 return Some(start);
             }
@@ -739,6 +742,15 @@ mod tests {
             tokens(7, 9, 0, 0, 0)
         );
         assert_eq!(tokens_of(&[r#"{"choices":[]}"#]), Tokens::default());
+    }
+
+    #[test]
+    fn a_usage_object_starting_a_data_line_is_read() {
+        // A document over several `data:` lines, without the space after the colon.
+        let frames = [
+            "data:{\"id\":\"c\",\r\ndata:\"usage\": {\"prompt_tokens\": 12,\r\ndata:\"completion_tokens\": 3}}\r\n\r\n",
+        ];
+        assert_eq!(usage_of(&frames), (Some(12), Some(3)));
     }
 
     #[test]

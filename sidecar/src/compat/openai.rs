@@ -1323,6 +1323,9 @@ pub fn ask_stream_usage(map: &mut Map<String, Value>) -> bool {
 pub struct HiddenUsage {
     /// The start of an event the last chunk ended inside.
     pending: BytesMut,
+    /// The last event ended with a blank line's `\r` last in its chunk: a `\n` starting the
+    /// next chunk is that line end's, passed on with it or left out with it (`Some(passed)`).
+    cr_last: Option<bool>,
     tokens: crate::usage::Usage,
     end: super::sse::DoneWatch,
 }
@@ -1334,15 +1337,21 @@ impl HiddenUsage {
     }
 
     /// Copies the complete events of `buf` but the usage-only one to `out`; returns where the
-    /// unfinished last event starts.
-    fn pass(buf: &[u8], out: &mut BytesMut) -> usize {
+    /// unfinished last event starts, and notes in `cr_last` whether the last ended with a `\r`
+    /// last in `buf`.
+    fn pass(&mut self, buf: &[u8], out: &mut BytesMut) -> usize {
         let mut start = 0;
+        let mut passed = false;
         while let Some(len) = event_len(&buf[start..]) {
             let event = &buf[start..start + len];
-            if !is_usage_only(event) {
+            passed = !is_usage_only(event);
+            if passed {
                 out.extend_from_slice(event);
             }
             start += len;
+        }
+        if start > 0 && start == buf.len() && buf[start - 1] == b'\r' {
+            self.cr_last = Some(passed);
         }
         start
     }
@@ -1352,13 +1361,25 @@ impl super::StreamTranslator for HiddenUsage {
     fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
         self.tokens.observe(chunk);
         self.end.observe(chunk);
+        let mut chunk = chunk;
+        if !chunk.is_empty()
+            && let Some(passed) = self.cr_last.take()
+            && let Some(rest) = chunk.strip_prefix(b"\n")
+        {
+            if passed {
+                out.extend_from_slice(b"\n");
+            }
+            chunk = rest;
+        }
         if self.pending.is_empty() {
-            let done = Self::pass(chunk, out);
+            let done = self.pass(chunk, out);
             self.pending.extend_from_slice(&chunk[done..]);
         } else {
-            self.pending.extend_from_slice(chunk);
-            let done = Self::pass(&self.pending, out);
-            let _ = self.pending.split_to(done);
+            let mut pending = std::mem::take(&mut self.pending);
+            pending.extend_from_slice(chunk);
+            let done = self.pass(&pending, out);
+            let _ = pending.split_to(done);
+            self.pending = pending;
         }
     }
 
@@ -1383,16 +1404,24 @@ impl super::StreamTranslator for HiddenUsage {
     }
 }
 
-/// Length of the first SSE event of `buf` with the blank line ending it (`\n\n`, `\r\n\r\n`),
-/// if it is complete.
+/// Length of the first SSE event of `buf` with the blank line ending it, if it is complete:
+/// a line end (`\r\n`, `\n` or `\r`) right after another. A line's `\r` last in `buf` may
+/// be the start of a `\r\n` (or of a blank line after it): the event waits for what follows.
+/// A blank line's `\r` last in `buf` ends it (a `\n` may follow: see `HiddenUsage::cr_last`).
 fn event_len(buf: &[u8]) -> Option<usize> {
+    // Where the line end at `p` ends.
+    let line_end = |p: usize| match (buf[p], buf.get(p + 1)) {
+        (b'\r', None) => None,
+        (b'\r', Some(b'\n')) => Some(p + 2),
+        _ => Some(p + 1),
+    };
     let mut at = 0;
-    while let Some(nl) = memchr::memchr(b'\n', &buf[at..]) {
-        let p = at + nl;
-        match &buf[p + 1..] {
-            [b'\n', ..] => return Some(p + 2),
-            [b'\r', b'\n', ..] => return Some(p + 3),
-            _ => at = p + 1,
+    while let Some(i) = memchr::memchr2(b'\n', b'\r', &buf[at..]) {
+        let end = line_end(at + i)?;
+        match buf.get(end) {
+            Some(b'\n' | b'\r') => return Some(line_end(end).unwrap_or(end + 1)),
+            Some(_) => at = end,
+            None => return None,
         }
     }
     None
@@ -1516,6 +1545,41 @@ mod tests {
             f.finish(&mut out);
             assert_eq!(String::from_utf8_lossy(&out), expected, "cut at {cut}");
             assert_eq!(f.usage(), Some(Usage::new(5, 2)), "cut at {cut}");
+        }
+        // Bare CR line ends too (each event passed on as soon as its blank line came).
+        let cr = USAGE_STREAM.replace("\r\n", "\n").replace('\n', "\r");
+        let cr_expected = expected.replace("\r\n", "\n").replace('\n', "\r");
+        for cut in 0..=cr.len() {
+            let mut f = HiddenUsage::new();
+            let mut out = BytesMut::new();
+            f.push(&cr.as_bytes()[..cut], &mut out);
+            let first = out.len();
+            f.push(&cr.as_bytes()[cut..], &mut out);
+            f.finish(&mut out);
+            assert_eq!(String::from_utf8_lossy(&out), cr_expected, "cut at {cut}");
+            let first_event = cr.find("\r\r").expect("event") + 2;
+            assert!(
+                cut < first_event || first >= first_event,
+                "cut at {cut}: held back"
+            );
+        }
+    }
+
+    #[test]
+    fn events_end_at_a_blank_line_of_any_line_end() {
+        for (buf, len) in [
+            ("data: a\n\ndata: b", Some(9)),
+            ("data: a\r\n\r\n", Some(11)),
+            ("data: a\n\r\n", Some(10)),
+            ("data: a\r\r", Some(9)),
+            ("data: a\r\rdata: b", Some(9)),
+            ("data: a\r\n\r", Some(10)),
+            // A line's CR last: the LF of a CRLF, or a blank line, may follow.
+            ("data: a\r", None),
+            ("data: a\r\n", None),
+            ("data: a\ndata: b\r\n", None),
+        ] {
+            assert_eq!(event_len(buf.as_bytes()), len, "{buf:?}");
         }
     }
 

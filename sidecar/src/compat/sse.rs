@@ -27,6 +27,8 @@ pub struct SseParser {
     skip_lf: bool,
     /// The current event grew past [`MAX_EVENT_BYTES`]; skip it up to its blank line.
     oversized: bool,
+    /// A line was read: a byte order mark may start the first one only.
+    past_first_line: bool,
     /// Events dropped for size.
     pub dropped: u64,
 }
@@ -95,6 +97,13 @@ impl SseParser {
     }
 
     fn process_line(&mut self, line: &[u8], on_event: &mut dyn FnMut(Event<'_>)) {
+        // The stream's byte order mark is no part of its first field (as a UTF-8 decoder has it).
+        let line = if self.past_first_line {
+            line
+        } else {
+            self.past_first_line = true;
+            line.strip_prefix("\u{feff}".as_bytes()).unwrap_or(line)
+        };
         if line.is_empty() {
             if self.oversized {
                 self.oversized = false;
@@ -219,6 +228,21 @@ mod tests {
         assert_eq!(
             got,
             vec![(String::new(), "a".into()), (String::new(), "b".into())]
+        );
+    }
+
+    #[test]
+    fn a_byte_order_mark_starting_the_stream_is_no_part_of_its_first_field() {
+        for chunks in [
+            &[&b"\xef\xbb\xbfdata: a\n\n"[..]][..],
+            &[b"\xef\xbb", b"\xbfdata: a\n\n"],
+        ] {
+            assert_eq!(parse_chunks(chunks), vec![(String::new(), "a".into())]);
+        }
+        // Only there.
+        assert_eq!(
+            parse_chunks(&[b"data: a\n\n\xef\xbb\xbfdata: b\n\n"]),
+            vec![(String::new(), "a".into())]
         );
     }
 
