@@ -242,7 +242,6 @@ pub(crate) async fn serve(
         .map(|(i, s)| plan(snap, &parts.uri, i, s, aig))
         .collect::<Result<Vec<_>, _>>()?;
 
-    let event_id = aig.get(Gw::EventId);
     let count = planned.len();
     for (i, plan) in planned.into_iter().enumerate() {
         let last = i + 1 == count;
@@ -273,12 +272,14 @@ pub(crate) async fn serve(
         };
         let id = step.provider.id.clone();
         let headers = std::mem::take(&mut step.headers);
+        let step_aig = aig.overridden_by(GatewayHeaders::scan(&headers));
         // Checked by `plan` already.
-        let want = cache::want(
-            &snap.cache,
-            aig.overridden_by(GatewayHeaders::scan(&headers)),
-        )
-        .map_err(|e| (Some(id.clone()), e))?;
+        let want = cache::want(&snap.cache, step_aig).map_err(|e| (Some(id.clone()), e))?;
+        // Its own log options (`cf-aig-collect-log`, `-metadata`, `-event-id`) over the
+        // request's.
+        let own = LogOptions::from_headers(step_aig, snap.log_requests, snap.log_payloads);
+        let opts = own.as_ref().unwrap_or(opts);
+        let event_id = step_aig.get(Gw::EventId);
         // Each step is looked up as it is reached, in the scope of its index.
         let lookup = cache::Request {
             scope: SCOPES[i],
@@ -387,9 +388,14 @@ async fn serve_compat(
     let mut held = gw.buffers.guard(snap.max_buffered);
     held.grow(step.body.len() as u64)
         .map_err(|e| (None, e.into_gateway_error()))?;
+    let aig = request.overridden_by(GatewayHeaders::scan(&step.parts.headers));
+    // Its own log options (`cf-aig-collect-log`, `-metadata`, `-event-id`) over the request's;
+    // checked by `plan_compat` already.
+    let own = LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads);
+    let opts = own.as_ref().unwrap_or(opts);
     let request = CompatRequest {
         parts: &step.parts,
-        aig: request.overridden_by(GatewayHeaders::scan(&step.parts.headers)),
+        aig,
         endpoint: step.endpoint,
         body: step.body,
         held,
@@ -522,6 +528,7 @@ fn plan_compat(
         proxy::request_timeout(aig, snap.request_timeout).map_err(at)?;
         snap.retries.with_headers(aig).map_err(at)?;
         cache::want(&snap.cache, aig).map_err(at)?;
+        LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads).map_err(at)?;
         alias = aig.byok_alias().map_err(at)?.map(str::to_owned);
     }
     let alias = alias.as_deref();
@@ -688,6 +695,7 @@ fn plan_provider<'a>(
     let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(at)?;
     let retries = snap.retries.with_headers(aig).map_err(at)?;
     cache::want(&snap.cache, aig).map_err(at)?;
+    LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads).map_err(at)?;
     let alias = aig.byok_alias().map_err(at)?.map(str::to_owned);
     let alias = alias.as_deref();
     let body = Bytes::from(serde_json::to_vec(&step.query).unwrap_or_default());

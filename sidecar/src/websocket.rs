@@ -49,7 +49,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -374,6 +374,7 @@ pub(crate) async fn serve(
             "a WebSocket upgrade needs HTTP/1.1".into(),
         )));
     };
+    let stored_key = matches!(up.key, KeyChoice::Stored(_));
     let mut request = crate::proxy::build_upstream_request(
         provider,
         &Method::GET,
@@ -384,6 +385,11 @@ pub(crate) async fn serve(
         false,
     );
     let headers = request.headers_mut();
+    let protocols = upstream_subprotocols(headers, stored_key, &snap.keys);
+    headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+    if let Some(protocols) = protocols {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocols);
+    }
     // Hop-by-hop, so not forwarded as they came: the upgrade is asked for again on the
     // gateway's own connection to the provider, without compression (see the module docs).
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -633,12 +639,45 @@ impl Session {
     }
 }
 
+/// The subprotocol a browser puts its OpenAI key in (it cannot set headers):
+/// `openai-insecure-api-key.<key>`.
+const KEY_SUBPROTOCOL: &str = "openai-insecure-api-key.";
+
+/// The client's subprotocols as the provider gets them: a key in them goes only where the
+/// client's own key is used (a stored key replaces the client's, as its headers are), and a
+/// gateway token never.
+fn upstream_subprotocols(
+    headers: &HeaderMap,
+    stored_key: bool,
+    keys: &crate::keys::KeyStore,
+) -> Option<HeaderValue> {
+    let mut kept = Vec::new();
+    for value in headers.get_all(header::SEC_WEBSOCKET_PROTOCOL) {
+        // Subprotocol names are tokens (RFC 6455 §4.1): a value that is not text holds none.
+        let Ok(list) = value.to_str() else { continue };
+        for protocol in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let passes = match protocol.strip_prefix(KEY_SUBPROTOCOL) {
+                Some(key) => !stored_key && !keys.is_token(key.as_bytes()),
+                None => true,
+            };
+            if passes {
+                kept.push(protocol);
+            }
+        }
+    }
+    HeaderValue::from_str(&kept.join(", "))
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 /// How the provider-to-client direction of a session ended.
 enum End {
     /// The provider closed its side.
     Closed,
-    /// Reading or writing failed.
+    /// Reading from the provider failed.
     Failed(std::io::Error),
+    /// Writing to the client failed: it went away.
+    ClientGone(std::io::Error),
     /// The usage limits ran out (close code 1008 sent).
     Limit(GatewayError),
     /// The gateway ended the session (close code 1001 sent).
@@ -657,7 +696,7 @@ where
     let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
     let (up, down) = {
         let to_provider = async {
-            let copied = tokio::io::copy(&mut client_rx, &mut upstream_tx).await;
+            let copied = to_provider(&mut client_rx, &mut upstream_tx).await;
             // The client closed its side: so does the gateway, towards the provider.
             let _ = upstream_tx.shutdown().await;
             copied
@@ -684,19 +723,57 @@ where
     };
     let record = s.record;
     match (up, down) {
-        (Some(Ok(_)) | None, End::Closed | End::Ending) => record.finish_complete(),
+        (Some(Ok(())) | None, End::Closed | End::Ending) => record.finish_complete(),
         (_, End::Limit(e)) => {
             tracing::info!(error = %e, "websocket session closed: usage limit reached");
             record.finish_complete();
         }
+        // The client went away: its session is cancelled (the record says so when dropped),
+        // not the provider's fault.
+        (Some(Err(Failed::Client(e))), _) | (_, End::ClientGone(e)) => {
+            tracing::debug!(error = %e, "websocket session ended: the client went away");
+            drop(record);
+        }
         (up, down) => {
+            let up = match up {
+                Some(Err(Failed::Provider(e) | Failed::Client(e))) => Some(e),
+                _ => None,
+            };
             let down = match down {
                 End::Failed(e) => Some(e),
                 _ => None,
             };
-            tracing::debug!(to_provider = ?up.and_then(Result::err), to_client = ?down, "websocket session ended with an error");
+            tracing::debug!(to_provider = ?up, from_provider = ?down, "websocket session ended with an error");
             record.finish_upstream_error();
         }
+    }
+}
+
+/// Which side of a copy failed.
+#[derive(Debug)]
+enum Failed {
+    /// Reading from the client.
+    Client(std::io::Error),
+    /// Writing to the provider.
+    Provider(std::io::Error),
+}
+
+/// Copies what the client sends to the provider until the client closes its side.
+async fn to_provider<R, W>(client: &mut R, upstream: &mut W) -> Result<(), Failed>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        let n = client.read(&mut buf).await.map_err(Failed::Client)?;
+        if n == 0 {
+            return Ok(());
+        }
+        upstream
+            .write_all(&buf[..n])
+            .await
+            .map_err(Failed::Provider)?;
     }
 }
 
@@ -726,7 +803,7 @@ where
         frames.feed(&buf[..n]);
         tokio::select! {
             written = client.write_all(&buf[..n]) => if let Err(e) = written {
-                return End::Failed(e);
+                return End::ClientGone(e);
             },
             _ = s.ended() => return End::Ending,
         }
@@ -986,6 +1063,37 @@ fn names_read_event(m: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keys_in_the_subprotocols_go_upstream_only_with_the_clients_own_key_and_tokens_never() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("authentication.tokens"), "gw-token\n").expect("tokens");
+        let keys = crate::keys::KeyStore::load(dir.path()).expect("keys");
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("realtime, openai-insecure-api-key.sk-own"),
+        );
+        headers.append(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("openai-insecure-api-key.gw-token,openai-beta.realtime-v1"),
+        );
+        let got = |stored| upstream_subprotocols(&headers, stored, &keys);
+        assert_eq!(
+            got(true).expect("kept"),
+            "realtime, openai-beta.realtime-v1"
+        );
+        assert_eq!(
+            got(false).expect("kept"),
+            "realtime, openai-insecure-api-key.sk-own, openai-beta.realtime-v1"
+        );
+        let mut only_key = HeaderMap::new();
+        only_key.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static("openai-insecure-api-key.sk-own"),
+        );
+        assert_eq!(upstream_subprotocols(&only_key, true, &keys), None);
+    }
 
     /// A frame as a server sends it (unmasked), or masked with `mask`.
     fn frame(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
