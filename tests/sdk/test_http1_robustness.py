@@ -15,6 +15,7 @@ import time
 import pytest
 
 from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from rawhttp import read_request
 from test_http1_server import request
 
 CHAT = "/openai/chat/completions"
@@ -23,28 +24,6 @@ REQUEST_TIMEOUT_MS = 1500
 
 
 # --- a hostile upstream -------------------------------------------------------------------------
-
-def read_request(conn):
-    """One request off `conn` (its head), or None when the connection ended."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(rest) < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        rest += chunk
-    return head
-
 
 class HostileUpstream:
     """A loopback upstream run by a script: `script(conn, conn_index, request_index)` answers one

@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from conftest import DEFAULT_KEYS, KEY_MARKER, MockProvider, Sidegate, gateway_yaml
+from rawhttp import Listener, read_request
 
 CHAT = "/openai/chat/completions"
 CACHE_ON = "  cache: {enabled: true, ttl: 300s}\n"
@@ -31,43 +32,16 @@ class ScriptedUpstream:
 
     def __init__(self, answer):
         self.answer, self.count, self.lock = answer, 0, threading.Lock()
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.listener = Listener(self._serve, backlog=16)
+        self.url = self.listener.url
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def _serve(self, conn, _):
         buf = b""
         conn.settimeout(10)
         with conn:
             try:
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            return
-                        buf += chunk
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    length = 0
-                    for line in head.split(b"\r\n")[1:]:
-                        name, _, value = line.partition(b":")
-                        if name.strip().lower() == b"content-length":
-                            length = int(value)
-                    while len(buf) < length:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            return
-                        buf += chunk
-                    body, buf = buf[:length], buf[length:]
+                while (req := read_request(conn, buf)) is not None:
+                    head, body, buf = req
                     with self.lock:
                         i = self.count
                         self.count += 1
@@ -82,7 +56,7 @@ class ScriptedUpstream:
                 return
 
     def stop(self):
-        self.sock.close()
+        self.listener.close()
 
 
 def http_answer(status=200, headers=(), body=OK_CHAT):

@@ -16,7 +16,6 @@ import base64
 import json
 import random
 import socket
-import threading
 import time
 
 import httpx
@@ -24,6 +23,7 @@ import openai
 import pytest
 
 from conftest import DEFAULT_KEYS, KEY_MARKER, MockProvider, Sidegate, gateway_yaml
+from rawhttp import Listener, read_request
 from test_checks_on_streams import SIGNED, frame
 
 BEDROCK_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
@@ -39,51 +39,24 @@ class FragmentingServer:
     seconds after the last piece (with it when `None`)."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(32)
-        self.sock.settimeout(0.2)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.answer([b""])
         self.requests = []
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.listener = Listener(self._handle, backlog=32)
+        self.url = self.listener.url
 
     def answer(self, pieces, content_type="text/event-stream", delay=0.002, end_after=None, pauses=None):
         """`pauses`: {piece index: seconds to wait before sending that piece} beyond `delay`."""
         self.plan = ([p for p in pieces if p], content_type, delay, end_after, dict(pauses or {}))
 
-    def _serve(self):
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn):
+    def _handle(self, conn, _):
         pieces, content_type, delay, end_after, pauses = self.plan
         conn.settimeout(10)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                got = conn.recv(65536)
-                if not got:
-                    return
-                data += got
-            head, body = data.split(b"\r\n\r\n", 1)
-            length = 0
-            for line in head.decode("latin-1").split("\r\n")[1:]:
-                name, _, value = line.partition(":")
-                if name.strip().lower() == "content-length":
-                    length = int(value)
-            while len(body) < length:
-                got = conn.recv(65536)
-                if not got:
-                    break
-                body += got
+            req = read_request(conn)
+            if req is None:
+                return
+            _, body, _ = req
             self.requests.append(body)
             conn.sendall(f"HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ntransfer-encoding: chunked\r\n"
                          "connection: close\r\n\r\n".encode())
@@ -101,9 +74,7 @@ class FragmentingServer:
             conn.close()
 
     def stop(self):
-        self.stopped.set()
-        self.thread.join(5)
-        self.sock.close()
+        self.listener.close()
 
 
 @pytest.fixture

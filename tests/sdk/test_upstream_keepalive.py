@@ -12,41 +12,18 @@ error.
 import json
 import socket
 import struct
-import threading
 
 import httpx
 import pytest
 
 from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from rawhttp import Listener, content_length, read_request
 
 CHAT = "/openai/chat/completions"
 
 
 def chat(prompt):
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]}
-
-
-def read_request(conn, body=True):
-    """Reads one request: (content-length, body bytes read), or None when the connection ended."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    read = len(rest)
-    while body and read < length:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        read += len(chunk)
-    return length, read
 
 
 class RacingUpstream:
@@ -58,22 +35,12 @@ class RacingUpstream:
 
     def __init__(self, lose):
         self.lose = lose
-        self.accepted = 0
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.listener = Listener(self._serve, backlog=16)
+        self.url = self.listener.url
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            index = self.accepted
-            self.accepted += 1
-            threading.Thread(target=self._serve, args=(conn, index), daemon=True).start()
+    @property
+    def accepted(self):
+        return self.listener.accepted
 
     def _serve(self, conn, index):
         lost_at = {"at-once": 0}.get(self.lose, 1) if index == 0 else None
@@ -87,7 +54,8 @@ class RacingUpstream:
                     if self.lose == "rst":
                         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
-                length, read = req
+                head, got, _ = req
+                length, read = content_length(head), len(got)
                 body = json.dumps({
                     "id": f"conn-{index}", "object": "chat.completion", "model": "gpt-4o-mini",
                     "choices": [{"index": 0, "finish_reason": "stop",
@@ -99,7 +67,7 @@ class RacingUpstream:
                 n += 1
 
     def stop(self):
-        self.sock.close()
+        self.listener.close()
 
 
 def retries_counted(g):
