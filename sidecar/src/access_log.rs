@@ -262,8 +262,8 @@ fn text_line(b: &mut String, e: &Entry<'_>) {
     b.push_str(" method=");
     b.push_str(e.method);
     b.push_str(" path=");
-    // Request paths are visible ASCII without spaces: the HTTP parser refuses anything else.
-    b.push_str(e.path);
+    // Quoted when it holds a quote or more than visible ASCII (the parser takes obs-text).
+    text_value(b, e.path);
     b.push_str(" status_code=");
     push_u64(b, e.status_code.into());
     b.push_str(if e.success() {
@@ -480,7 +480,12 @@ fn json_str(b: &mut String, s: &str) {
         match c {
             '"' => b.push_str("\\\""),
             '\\' => b.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
+            // Control characters (C1 too: NEL breaks lines, CSI starts terminal sequences),
+            // line separators and bidirectional controls (which reorder what a reader sees).
+            c if c.is_control()
+                || matches!(c, '\u{2028}' | '\u{2029}' | '\u{200e}' | '\u{200f}')
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') =>
+            {
                 let _ = write!(b, "\\u{:04x}", c as u32);
             }
             c => b.push(c),
@@ -758,6 +763,30 @@ mod tests {
             ..entry()
         });
         assert!(b.trim_end().ends_with(" event_id=order-42"), "{b}");
+        // A path with a quote, C1 controls (NEL, CSI), a line separator and a bidi override:
+        // quoted and escaped, in both formats.
+        let odd = "/openai/\"v1\u{85}\u{9b}[2J\u{2028}\u{202e}x";
+        let e = Entry {
+            path: odd,
+            model: Some("gpt\u{85}x"),
+            ..entry()
+        };
+        let b = text(&e);
+        assert!(
+            b.contains(r#" path="/openai/\"v1\u0085\u009b[2J\u2028\u202ex" "#),
+            "{b}"
+        );
+        assert!(b.contains(r#" model="gpt\u0085x""#), "{b}");
+        assert_eq!(b.trim_end().lines().count(), 1);
+        assert!(!b.contains('\u{85}') && !b.contains('\u{2028}'), "{b}");
+        let v = json(&e);
+        assert_eq!(v["path"], odd);
+        let mut raw = String::new();
+        json_line(&mut raw, &e);
+        assert!(
+            !raw.contains('\u{85}') && !raw.contains('\u{202e}'),
+            "{raw}"
+        );
     }
 
     #[test]

@@ -499,14 +499,20 @@ fn string(s: &str) -> Value {
 }
 
 fn int(n: u64) -> Value {
-    // OTLP JSON writes 64-bit integers as strings.
-    json!({"intValue": n.to_string()})
+    // OTLP JSON writes 64-bit integers as strings; its integers are signed: one past them goes
+    // as a string value (a collector refuses the whole batch for it).
+    if i64::try_from(n).is_ok() {
+        json!({"intValue": n.to_string()})
+    } else {
+        string(&n.to_string())
+    }
 }
 
 fn any_value(v: &Value) -> Value {
     match v {
         Value::Bool(b) => json!({"boolValue": b}),
-        Value::Number(n) if n.is_i64() || n.is_u64() => json!({"intValue": n.to_string()}),
+        Value::Number(n) if n.is_i64() => json!({"intValue": n.to_string()}),
+        Value::Number(n) if n.is_u64() => n.as_u64().map_or_else(|| string(&n.to_string()), int),
         Value::Number(n) => json!({"doubleValue": n.as_f64()}),
         Value::String(s) => string(s),
         other => string(&other.to_string()),
@@ -888,6 +894,26 @@ mod tests {
         assert_eq!(operation("v1/embeddings"), "embeddings");
         assert_eq!(operation("v1/completions"), "text_completion");
         assert_eq!(operation("v1/models"), "request");
+    }
+
+    #[test]
+    fn integers_past_int64_go_as_strings() {
+        assert_eq!(int(5), json!({"intValue": "5"}));
+        assert_eq!(
+            int(u64::MAX),
+            json!({"stringValue": "18446744073709551615"})
+        );
+        let v: Value = serde_json::from_str(r#"[-3, 9223372036854775807, 18446744073709551615]"#)
+            .expect("json");
+        let got: Vec<Value> = v.as_array().expect("array").iter().map(any_value).collect();
+        assert_eq!(
+            got,
+            [
+                json!({"intValue": "-3"}),
+                json!({"intValue": "9223372036854775807"}),
+                json!({"stringValue": "18446744073709551615"}),
+            ]
+        );
     }
 
     #[test]

@@ -275,10 +275,7 @@ pub(crate) async fn serve(
         let step_aig = aig.overridden_by(GatewayHeaders::scan(&headers));
         // Checked by `plan` already.
         let want = cache::want(&snap.cache, step_aig).map_err(|e| (Some(id.clone()), e))?;
-        // Its own log options (`cf-aig-collect-log`, `-metadata`, `-event-id`) over the
-        // request's.
-        let own = LogOptions::from_headers(step_aig, snap.log_requests, snap.log_payloads);
-        let opts = own.as_ref().unwrap_or(opts);
+        let opts = &step_log_options(opts, step_aig, snap);
         let event_id = step_aig.get(Gw::EventId);
         // Each step is looked up as it is reached, in the scope of its index.
         let lookup = cache::Request {
@@ -371,6 +368,26 @@ pub(crate) async fn serve(
     Err(none(bad("no steps".into())))
 }
 
+/// The request's log options with what a step's own gateway headers say of its log line
+/// (`cf-aig-collect-log`, `-metadata`, `-custom-cost`, `-event-id`), which `plan` checked.
+fn step_log_options<'a>(
+    opts: &LogOptions<'a>,
+    step: GatewayHeaders<'_>,
+    snap: &Snapshot,
+) -> LogOptions<'a> {
+    match LogOptions::from_headers(step, snap.log_requests, snap.log_payloads) {
+        Ok(own) => LogOptions {
+            log: own.log,
+            metadata: own.metadata,
+            custom_cost: own.custom_cost,
+            event_id: own.event_id,
+            payloads: own.payloads,
+            ..opts.clone()
+        },
+        Err(_) => opts.clone(),
+    }
+}
+
 /// Serves a `compat` step (index `i`) through `/compat`, with the request's gateway headers
 /// `request` under the step's own.
 #[allow(clippy::too_many_arguments)]
@@ -389,10 +406,7 @@ async fn serve_compat(
     held.grow(step.body.len() as u64)
         .map_err(|e| (None, e.into_gateway_error()))?;
     let aig = request.overridden_by(GatewayHeaders::scan(&step.parts.headers));
-    // Its own log options (`cf-aig-collect-log`, `-metadata`, `-event-id`) over the request's;
-    // checked by `plan_compat` already.
-    let own = LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads);
-    let opts = own.as_ref().unwrap_or(opts);
+    let opts = &step_log_options(opts, aig, snap);
     let request = CompatRequest {
         parts: &step.parts,
         aig,
