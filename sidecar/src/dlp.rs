@@ -117,7 +117,20 @@ pub fn profile_names() -> Vec<&'static str> {
 
 fn profile_matches(i: usize, text: &[u8]) -> bool {
     let p = &PROFILES[i];
-    p.pattern.find_iter(text).any(|m| (p.verify)(m.as_bytes()))
+    let mut at = 0;
+    while let Some(m) = p.pattern.find_at(text, at) {
+        if (p.verify)(m.as_bytes()) {
+            return true;
+        }
+        // Matches do not overlap: a number written after others (a date, an SSN: more digits
+        // than one match holds) may start inside this one. Searched again from its next group.
+        at = m
+            .as_bytes()
+            .iter()
+            .position(|b| matches!(b, b' ' | b'-'))
+            .map_or(m.end(), |sep| m.start() + sep + 1);
+    }
+    false
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -334,9 +347,16 @@ mod tests {
             "card 4111 1111 1111 1111 123 (cvv)",
             "card 4111 1111 1111 1111 12/26",
             "qty 12 4111-1111-1111-1111",
+            // After more digits than one match holds (found from a later group).
+            "paid 2026-11-27 4111-1111-1111-1111",
+            "ref 12 34 4111 1111 1111 1111",
         ] {
             assert_eq!(hits(text), ["credit-card"], "{text}");
         }
+        assert_eq!(
+            hits("ssn 123-45-6789 4111 1111 1111 1111"),
+            ["credit-card", "us-ssn"]
+        );
         assert!(hits("order 4111 1111 1111 1112 12/26").is_empty());
         assert!(hits("id 1234567890").is_empty());
         assert_eq!(hits("ssn 123-45-6789"), ["us-ssn"]);
@@ -413,6 +433,8 @@ mod tests {
         );
         let ssn = settings(DlpAction::Block, vec![DlpCheck::Response], &["us-ssn"]);
         assert!(ssn.check_response(anthropic.as_bytes()).is_err());
+        // A stream that starts with a blank line is a stream too.
+        assert!(block.check_response(format!("\n{sse}").as_bytes()).is_err());
     }
 
     #[test]

@@ -27,6 +27,12 @@ const TEXT_KEYS: &[&str] = &[
     // OpenAI Responses' `function_call_output` / `custom_tool_call_output` and `mcp_call`,
     // Gemini's `codeExecutionResult`.
     "output",
+    // Bedrock InvokeModel's own model formats: Meta Llama's `generation`, Amazon Titan's
+    // `inputText`/`outputText`; reasoning deltas (`reasoning_content`, DeepSeek and others).
+    "generation",
+    "inputText",
+    "outputText",
+    "reasoning_content",
 ];
 
 /// What an object's field `key` (the object itself under `parent`) holds, beyond [`TEXT_KEYS`].
@@ -103,8 +109,12 @@ pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
     if is_event_stream(body) {
         return Some(event_stream_text(body));
     }
-    // An SSE body starts with a field (after a byte order mark) or a comment.
+    // An SSE body starts with a field (after a byte order mark, and blank lines) or a comment.
     let first = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    let first = &first[first
+        .iter()
+        .position(|b| !matches!(b, b'\r' | b'\n'))
+        .unwrap_or(first.len())..];
     if [&b"data:"[..], b"event:", b"id:", b"retry:", b":"]
         .iter()
         .any(|field| first.starts_with(field))
@@ -361,6 +371,19 @@ pub(crate) mod tests {
                 "{name}"
             );
             assert_eq!(of_body(&body), whole, "{name}");
+        }
+        // InvokeModel streams of Meta Llama (`generation`) and Amazon Titan (`outputText`).
+        for key in ["generation", "outputText"] {
+            use base64::Engine as _;
+            let events: Vec<(&str, String)> = pieces
+                .iter()
+                .map(|piece| {
+                    let event = serde_json::json!({ key: piece }).to_string();
+                    let chunk = base64::engine::general_purpose::STANDARD.encode(event);
+                    ("chunk", serde_json::json!({ "bytes": chunk }).to_string())
+                })
+                .collect();
+            assert_eq!(of_body(&event_stream(&events)), whole, "{key}");
         }
         // Converse-stream tool input deltas (partial JSON) are read too.
         let tool = event_stream(&[(
