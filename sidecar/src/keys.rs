@@ -138,8 +138,7 @@ impl KeyStore {
             error,
         })?;
         let mut names = Vec::new();
-        // Names that are not UTF-8 (no key's is).
-        let mut odd = Vec::new();
+        let mut store = Self::default();
         for entry in entries {
             let entry = entry.map_err(|error| KeysError::ReadDir {
                 path: dir.to_owned(),
@@ -149,17 +148,14 @@ impl KeyStore {
             match file_name.to_str() {
                 Some(name) if !name.starts_with('.') => names.push(name.to_owned()),
                 Some(_) => {}
-                None => odd.push(format!(
+                // Not UTF-8 (no key's name is).
+                None => store.skipped.push(format!(
                     "{}: not <provider>.<alias>",
                     file_name.to_string_lossy()
                 )),
             }
         }
         names.sort();
-        let mut store = Self {
-            skipped: odd,
-            ..Self::default()
-        };
         let mut hasher = Sha256::new();
         hasher.update(process_salt());
         for name in names {

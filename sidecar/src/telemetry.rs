@@ -440,7 +440,7 @@ impl Metrics {
     }
 
     pub fn set_config(&self, hash: &str, gateway: &str) {
-        self.config_info.clear();
+        self.clear_config();
         self.config_info
             .get_or_create(&ConfigLabels {
                 hash: hash.to_owned(),
