@@ -713,6 +713,58 @@ where
     }
 }
 
+/// A held-back answer its upstream compressed although the gateway asked for `identity` (see
+/// [`crate::headers::identity_encoding`]): the response checks must read its text, so a gzip
+/// or deflate body is decoded (at most `limit` bytes, each taken from `held`) and its
+/// `Content-Encoding` removed; another coding, or a body that does not decode, is a 502 rather
+/// than an answer let through unread. An answer without a coding is returned as it is.
+pub fn decode_held(
+    headers: &mut http::HeaderMap,
+    whole: Bytes,
+    limit: usize,
+    held: &mut Held,
+) -> Result<Bytes, crate::error::GatewayError> {
+    use crate::error::GatewayError;
+    use std::io::Read as _;
+    let Some(coding) = crate::headers::answer_coding(headers) else {
+        return Ok(whole);
+    };
+    let mut reader: Box<dyn std::io::Read + '_> = match coding.to_ascii_lowercase().as_str() {
+        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(&whole[..])),
+        // RFC 9110's deflate is the zlib format; some servers send raw deflate.
+        "deflate" if whole.first().is_some_and(|b| b & 0x0f == 8) => {
+            Box::new(flate2::read::ZlibDecoder::new(&whole[..]))
+        }
+        "deflate" => Box::new(flate2::read::DeflateDecoder::new(&whole[..])),
+        _ => {
+            return Err(GatewayError::UpstreamUnavailable(format!(
+                "the provider answered compressed (Content-Encoding: {}) although asked for identity, and this gateway's response checks cannot read that coding",
+                crate::error::truncate(&coding)
+            )));
+        }
+    };
+    let mut out = Vec::with_capacity(whole.len().saturating_mul(4).min(limit));
+    let mut piece = [0u8; 16 << 10];
+    loop {
+        let n = reader.read(&mut piece).map_err(|e| {
+            GatewayError::UpstreamUnavailable(format!(
+                "the provider's {coding} answer could not be decoded: {e}"
+            ))
+        })?;
+        if n == 0 {
+            break;
+        }
+        if out.len() + n > limit {
+            return Err(HoldError::TooLarge(limit).into_gateway_error("the decoded response"));
+        }
+        held.grow(n as u64)
+            .map_err(|e| HoldError::Exhausted(e).into_gateway_error("the decoded response"))?;
+        out.extend_from_slice(&piece[..n]);
+    }
+    headers.remove(http::header::CONTENT_ENCODING);
+    Ok(Bytes::from(out))
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -842,5 +894,74 @@ mod tests {
         let over = hold_whole(declared, 100, Some(&mut held)).await;
         assert!(matches!(over, Err(HoldError::Exhausted(_))), "{over:?}");
         assert_eq!(held.bytes(), 0);
+    }
+
+    #[test]
+    fn an_answer_compressed_against_the_request_is_decoded_or_refused() {
+        use std::io::Write as _;
+        let text = b"{\"content\":\"key AKIAIOSFODNN7EXAMPLE\"}".repeat(50);
+        let gzip = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&text).expect("gzip");
+            e.finish().expect("gzip")
+        };
+        let zlib = {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&text).expect("zlib");
+            e.finish().expect("zlib")
+        };
+        let raw = {
+            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(&text).expect("deflate");
+            e.finish().expect("deflate")
+        };
+        let budget = BufferBudget::default();
+        let decode = |coding: Option<&str>, body: &[u8], limit: usize| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(c) = coding {
+                headers.insert("content-encoding", c.parse().expect("value"));
+            }
+            let mut held = budget.guard(1 << 20);
+            let out =
+                super::decode_held(&mut headers, Bytes::copy_from_slice(body), limit, &mut held);
+            (out, headers.contains_key("content-encoding"), held.bytes())
+        };
+        for (coding, body) in [
+            ("gzip", &gzip),
+            ("X-Gzip", &gzip),
+            ("identity, gzip", &gzip),
+            ("deflate", &zlib),
+            ("deflate", &raw),
+        ] {
+            let (out, still_coded, held) = decode(Some(coding), body, 1 << 20);
+            assert_eq!(out.expect(coding), text, "{coding}");
+            assert!(!still_coded, "{coding}: the header goes with the coding");
+            assert_eq!(held, text.len() as u64, "{coding}: taken from the budget");
+        }
+        // Plain answers are left as they are.
+        for coding in [None, Some("identity")] {
+            let (out, _, held) = decode(coding, &text, 1 << 20);
+            assert_eq!(out.expect("plain"), text);
+            assert_eq!(held, 0);
+        }
+        // Codings the gateway cannot read, a body that does not decode, one decoding past
+        // the limit (a small bomb): 502s, never the bytes unread.
+        for (coding, body, limit) in [
+            ("br", &gzip, 1 << 20),
+            ("gzip, br", &gzip, 1 << 20),
+            ("gzip", &zlib, 1 << 20),
+            ("gzip", &gzip[..gzip.len() / 2].to_vec(), 1 << 20),
+            ("gzip", &gzip, text.len() - 1),
+        ] {
+            let (out, still_coded, _) = decode(Some(coding), body, limit);
+            let err = out.expect_err(coding);
+            assert_eq!(
+                (err.status().as_u16(), err.code()),
+                (502, 2104),
+                "{coding}: {err}"
+            );
+            assert!(still_coded, "{coding}");
+        }
+        assert_eq!(budget.held(), 0);
     }
 }

@@ -121,6 +121,11 @@ pub enum GatewayError {
     WebSocketRefused(String),
 }
 
+/// At most the first 64 characters of client or upstream text quoted in an error message.
+pub(crate) fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
 impl GatewayError {
     /// HTTP status of the error response.
     pub fn status(&self) -> StatusCode {

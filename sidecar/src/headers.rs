@@ -469,6 +469,19 @@ pub fn body_coding(client: &HeaderMap) -> Option<&str> {
     non_identity(client, header::CONTENT_ENCODING)
 }
 
+/// The codings an answer's `Content-Encoding` lists other than `identity`, as one value (`gzip`;
+/// `gzip, br` for a body coded twice), if any.
+pub fn answer_coding(headers: &HeaderMap) -> Option<String> {
+    let mut codings = Vec::new();
+    for v in headers.get_all(header::CONTENT_ENCODING) {
+        let Ok(text) = v.to_str() else {
+            return Some("(not text)".to_owned());
+        };
+        codings.extend(codings_in(text));
+    }
+    (!codings.is_empty()).then(|| codings.join(", "))
+}
+
 /// The first coding in the `name` header values other than `identity` (a value that is not
 /// text counts as one).
 fn non_identity(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
@@ -476,10 +489,15 @@ fn non_identity(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
         let Ok(text) = v.to_str() else {
             return Some("(not text)");
         };
-        text.split(',')
-            .map(|c| c.split(';').next().unwrap_or_default().trim())
-            .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
+        codings_in(text).next()
     })
+}
+
+/// The codings a coding list names other than `identity` (parameters left off).
+fn codings_in(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',')
+        .map(|c| c.split(';').next().unwrap_or_default().trim())
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("identity"))
 }
 
 /// The headers to send upstream: the client's, less gateway and hop-by-hop headers, `Host`

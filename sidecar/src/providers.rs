@@ -13,7 +13,7 @@ use sidegate_crds::policy::{ApiFormat, ProviderSettings};
 use sidegate_crds::provider::BUILTIN_PROVIDERS;
 use sidegate_crds::validation::provider_problem;
 
-use crate::error::GatewayError;
+use crate::error::{GatewayError, truncate};
 use crate::keys::{AuthValue, KeyStore};
 use crate::route::ProviderRoute;
 
@@ -605,10 +605,6 @@ impl Provider {
             }
         }
     }
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
 }
 
 fn bad_route(msg: impl Into<String>) -> GatewayError {

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use crate::body::{ProxyBody, RequestBody, hold_whole};
 use crate::cache;
 use crate::config::Snapshot;
-use crate::error::GatewayError;
+use crate::error::{GatewayError, truncate};
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers, upstream_request_headers};
 use crate::providers::{KeyChoice, Provider};
 use crate::route::{self, Route};
@@ -430,7 +430,8 @@ impl Gateway {
     /// Holds a response back until it is whole and lets the DLP response policies and the
     /// response guardrails see it: a DLP `BLOCK` match replaces it with a 2030 error, a blocking
     /// guardrail category with a 2017 one; `FLAG` matches are listed in `cf-aig-dlp`. An
-    /// upstream that stalls mid-body makes it a 504. The answer's record, parked in
+    /// upstream that stalls mid-body makes it a 504; one that compressed it anyway has it
+    /// decoded first ([`crate::body::decode_held`]). The answer's record, parked in
     /// `held_back` when its body ended, is finished here with what the client got (charged
     /// for the provider's tokens either way).
     async fn scan_response(
@@ -455,9 +456,17 @@ impl Gateway {
             Some(&mut held),
         );
         let whole = match held_whole.await {
+            Ok(whole) => crate::body::decode_held(
+                &mut head.headers,
+                whole,
+                crate::dlp::MAX_RESPONSE_BYTES,
+                &mut held,
+            ),
+            Err(e) => Err(e.into_gateway_error("the response for its checks")),
+        };
+        let whole = match whole {
             Ok(whole) => whole,
-            Err(e) => {
-                let err = e.into_gateway_error("the response for its checks");
+            Err(err) => {
                 tracing::warn!(error = %err, log_id = %id, "response not delivered");
                 if let Some((record, _)) = record {
                     record.finish_upstream_error();
@@ -1217,10 +1226,6 @@ fn admit_client(
             truncate(&String::from_utf8_lossy(host))
         ))),
     }
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
 }
 
 /// `cf-aig-request-timeout` (milliseconds) or the gateway default.

@@ -102,9 +102,42 @@ fn all_strings(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The text of a stream's events, kept apart per choice: with `n` > 1 the deltas of OpenAI's
+/// `choices[]` and Gemini's `candidates[]` interleave, and each choice's text is joined on its
+/// own (by its `index`, else its place in the array). Other text goes with the first choice.
+#[derive(Default)]
+struct Lanes(std::collections::BTreeMap<u64, Vec<String>>);
+
+impl Lanes {
+    fn event(&mut self, mut v: Value) {
+        if let Value::Object(map) = &mut v {
+            for key in ["choices", "candidates"] {
+                let Some(Value::Array(items)) = map.remove(key) else {
+                    continue;
+                };
+                for (place, item) in items.iter().enumerate() {
+                    let index = item.get("index").and_then(Value::as_u64);
+                    let lane = self.0.entry(index.unwrap_or(place as u64)).or_default();
+                    walk(item, Some(key), lane);
+                }
+            }
+        }
+        walk(&v, None, self.0.entry(0).or_default());
+    }
+
+    /// Each choice's fragments joined, the choices one per line (a match never spans two).
+    fn joined(self) -> Vec<u8> {
+        let lanes: Vec<String> = (self.0.into_values())
+            .map(|parts| parts.concat())
+            .filter(|text| !text.is_empty())
+            .collect();
+        lanes.join("\n").into_bytes()
+    }
+}
+
 /// For a stream body (SSE, an AWS event stream, a JSON array of chunks): the text of all its
-/// events joined in order, without separators (deltas are fragments of one text); `None` for
-/// other bodies.
+/// events joined in order, without separators (deltas are fragments of one text), each choice
+/// on its own (see [`Lanes`]); `None` for other bodies.
 pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
     if is_event_stream(body) {
         return Some(event_stream_text(body));
@@ -130,16 +163,16 @@ pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
 /// The joined text of an SSE body's events (each one's `data:` lines joined, whatever its line
 /// ends: a JSON document split over lines is read whole).
 fn sse_text(body: &[u8]) -> Vec<u8> {
-    let mut parts = Vec::new();
+    let mut lanes = Lanes::default();
     let mut parser = crate::compat::sse::SseParser::new();
     let mut read = |e: crate::compat::sse::Event<'_>| {
         if let Ok(v) = serde_json::from_str::<Value>(e.data) {
-            walk(&v, None, &mut parts);
+            lanes.event(v);
         }
     };
     parser.feed(body, &mut read);
     parser.finish(&mut read);
-    parts.concat().into_bytes()
+    lanes.joined()
 }
 
 /// Whether `body` starts with an AWS event-stream message prelude: its checksum (over the two
@@ -153,7 +186,7 @@ fn is_event_stream(body: &[u8]) -> bool {
 /// `chunk` is read in the model's own event its `bytes` hold. Up to where the framing breaks.
 fn event_stream_text(body: &[u8]) -> Vec<u8> {
     let mut decoder = crate::compat::eventstream::Decoder::new();
-    let mut parts = Vec::new();
+    let mut lanes = Lanes::default();
     // Fed in pieces: the decoder keeps one message at a time, not a copy of the whole body.
     for piece in body.chunks(64 << 10) {
         decoder.push(piece);
@@ -161,11 +194,11 @@ fn event_stream_text(body: &[u8]) -> Vec<u8> {
             let model_event = message.invoke_chunk();
             let payload = model_event.as_deref().unwrap_or(&message.payload);
             if let Ok(v) = serde_json::from_slice::<Value>(payload) {
-                walk(&v, None, &mut parts);
+                lanes.event(v);
             }
         }
     }
-    parts.concat().into_bytes()
+    lanes.joined()
 }
 
 /// The joined text of a JSON array of objects (Gemini's stream without `alt=sse`), read one
@@ -175,7 +208,7 @@ fn json_array_text(body: &[u8]) -> Option<Vec<u8>> {
     use serde::Deserializer as _;
     use serde::de::{Error, SeqAccess, Visitor};
 
-    struct Chunks<'a>(&'a mut Vec<String>);
+    struct Chunks<'a>(&'a mut Lanes);
     impl<'de> Visitor<'de> for Chunks<'_> {
         type Value = ();
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -186,17 +219,18 @@ fn json_array_text(body: &[u8]) -> Option<Vec<u8>> {
                 if !chunk.is_object() {
                     return Err(A::Error::custom("not a stream chunk"));
                 }
-                walk(&chunk, None, self.0);
+                self.0.event(chunk);
             }
             Ok(())
         }
     }
 
-    let mut parts = Vec::new();
+    let mut lanes = Lanes::default();
     let mut de = serde_json::Deserializer::from_slice(body);
-    de.deserialize_seq(Chunks(&mut parts)).ok()?;
+    de.deserialize_seq(Chunks(&mut lanes)).ok()?;
     de.end().ok()?;
-    (!parts.is_empty()).then(|| parts.concat().into_bytes())
+    let text = lanes.joined();
+    (!text.is_empty()).then_some(text)
 }
 
 /// The text of a response body: the joined deltas of a stream, else as [`of_request`].
@@ -403,6 +437,47 @@ pub(crate) mod tests {
         assert_eq!(stream_text(b"[{\"text\":\"a\"}"), None, "not whole");
         // Text or JSON is not taken for an event stream.
         assert_eq!(stream_text(b"0123456789abcdefghij"), None);
+    }
+
+    #[test]
+    fn interleaved_choices_and_candidates_are_joined_each_on_its_own() {
+        // OpenAI with `n: 2`: the two choices' deltas alternate.
+        let openai = [
+            (0, "card 4111 11"),
+            (1, "hello "),
+            (0, "11 1111 "),
+            (1, "world"),
+            (0, "1111"),
+        ]
+        .iter()
+        .map(|(i, t)| {
+            let e = serde_json::json!({"choices": [{"index": i, "delta": {"content": t}}]});
+            format!("data: {e}\n\n")
+        })
+        .collect::<String>()
+            + "data: [DONE]\n\n";
+        assert_eq!(
+            stream_text(openai.as_bytes()).as_deref(),
+            Some(&b"card 4111 1111 1111 1111\nhello world"[..])
+        );
+        // Gemini with two candidates in each chunk (the second without `index`: its place),
+        // over SSE and as a JSON array; the chunk's other text goes with the first.
+        let chunks = [
+            r#"{"candidates":[{"index":0,"content":{"parts":[{"text":"ssn 123-4"}]}},{"content":{"parts":[{"text":"other "}]}}]}"#,
+            r#"{"candidates":[{"index":0,"content":{"parts":[{"text":"5-6789"}]}},{"content":{"parts":[{"text":"text"}]}}],"text":"!"}"#,
+        ];
+        let sse: String = chunks
+            .iter()
+            .map(|c| format!("data: {c}\r\n\r\n"))
+            .collect();
+        let array = format!("[{}]", chunks.join(","));
+        for body in [sse, array] {
+            assert_eq!(
+                stream_text(body.as_bytes()).as_deref(),
+                Some(&b"ssn 123-45-6789!\nother text"[..]),
+                "{body}"
+            );
+        }
     }
 
     fn sorted_lines(body: &[u8]) -> Vec<String> {

@@ -34,8 +34,7 @@ use crate::body::{ProxyBody, RequestBody};
 use crate::cache;
 use crate::compat::{self, CompatRequest, Served, UniversalStep};
 use crate::config::Snapshot;
-use crate::error::GatewayError;
-use crate::error::json_error;
+use crate::error::{GatewayError, json_error, truncate};
 use crate::headers::{GatewayHeaders, Gw, strip_response_headers};
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Admission, Gateway};
@@ -797,10 +796,6 @@ fn plan_provider<'a>(
         alias: alias.map(str::to_owned),
         headers: client_headers,
     })
-}
-
-fn truncate(s: &str) -> String {
-    s.chars().take(64).collect()
 }
 
 #[cfg(test)]
