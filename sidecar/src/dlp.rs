@@ -57,24 +57,39 @@ fn luhn(m: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
-/// A card number: Luhn over the whole match, or else over a run of its digit groups — a number
-/// written in groups next to other numbers (a CVV, an expiry date, a quantity) is matched
-/// with them, as matches do not overlap. Only runs of whole groups are tried (not every
-/// window of a long digit run, which would pass Luhn by chance).
+/// A card number: the whole match, or else a run of its digit groups — a number written in
+/// groups next to other numbers (a CVV, an expiry date, a quantity) is matched with them, as
+/// matches do not overlap. Only runs of whole groups are tried (not every window of a long
+/// digit run, which would pass Luhn by chance).
 fn card(m: &[u8]) -> bool {
-    if luhn(m) {
-        return true;
-    }
     let groups: Vec<&[u8]> = m
         .split(|b| matches!(b, b' ' | b'-'))
         .filter(|g| !g.is_empty())
         .collect();
-    (0..groups.len()).any(|i| {
-        (i + 1..=groups.len())
-            .filter(|&j| j - i < groups.len())
-            .any(|j| luhn(&groups[i..j].concat()))
-    })
+    (0..groups.len()).any(|i| (i + 1..=groups.len()).any(|j| card_number(&groups[i..j])))
 }
+
+/// Digit groups written as card numbers are: 13–19 digits passing Luhn, not starting with 0
+/// (no issuer's: zeros, a nil UUID), in one run or in groups of three or more digits (4-4-4-4,
+/// 4-6-5), not a list of small numbers.
+fn card_number(groups: &[&[u8]]) -> bool {
+    groups[0].first() != Some(&b'0')
+        && (groups.len() == 1 || groups.iter().all(|g| g.len() >= 3))
+        && luhn(&groups.concat())
+}
+
+/// An address, not an image's name at a density (`icon@2x.png`): its last label is no image
+/// file extension.
+fn email(m: &[u8]) -> bool {
+    let tld = m.rsplit(|&b| b == b'.').next().unwrap_or_default();
+    !IMAGE_EXTENSIONS
+        .iter()
+        .any(|ext| tld.eq_ignore_ascii_case(ext.as_bytes()))
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &[
+    "png", "jpg", "jpeg", "gif", "svg", "webp", "avif", "bmp", "ico", "tif", "tiff",
+];
 
 /// US SSN: area not 000, 666 or 9xx; group not 00; serial not 0000.
 fn ssn(m: &[u8]) -> bool {
@@ -95,16 +110,35 @@ static PROFILES: LazyLock<Vec<Profile>> = LazyLock::new(|| {
             r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b",
             card as fn(&[u8]) -> bool,
         ),
-        p("us-ssn", r"(?-u)\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b", ssn),
+        // Written with dashes or spaces (nine digits alone are any number).
+        p(
+            "us-ssn",
+            r"(?-u)\b[0-9]{3}(?:-[0-9]{2}-| [0-9]{2} )[0-9]{4}\b",
+            ssn,
+        ),
         p(
             "email",
             r"(?-u)\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
+            email,
+        ),
+        // Access key ids (also after `_`, as in `BACKUP_AKIA...`), and secret access keys where
+        // they are named (40 characters of base64 alone are any hash).
+        p(
+            "aws-keys",
+            concat!(
+                r"(?-u)(?:\b|_)(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+                r#"|(?i-u)\baws[_ -]?secret[_ -]?(?:access[_ -]?)?key["']?\s*[:=]\s*["']?[A-Za-z0-9/+]{40}(?:[^A-Za-z0-9/+=]|$)"#,
+            ),
             always,
         ),
-        p("aws-keys", r"(?-u)\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", always),
+        // PEM (PKCS#1/#8, EC, OpenSSH, encrypted), OpenPGP, SSH2 (RFC 4716 style) and PuTTY.
         p(
             "private-keys",
-            r"(?-u)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----",
+            concat!(
+                r"(?-u)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",
+                r"|---- BEGIN SSH2 (?:ENCRYPTED )?PRIVATE KEY ----",
+                r"|PuTTY-User-Key-File-[0-9]+:",
+            ),
             always,
         ),
     ]
@@ -373,6 +407,58 @@ mod tests {
             ["email"]
         );
         assert!(hits("Summarize distributed systems in 3 points.").is_empty());
+    }
+
+    #[test]
+    fn formats_in_the_wild_are_found_and_look_alikes_are_not() {
+        for (text, profile) in [
+            ("amex 3782 822463 10005", "credit-card"),
+            ("card 4111111111111111", "credit-card"),
+            ("ssn 123 45 6789", "us-ssn"),
+            ("BACKUP_AKIAIOSFODNN7EXAMPLE", "aws-keys"),
+            (
+                "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                "aws-keys",
+            ),
+            (
+                r#"{"aws_secret_access_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}"#,
+                "aws-keys",
+            ),
+            (
+                "aws secret key: wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                "aws-keys",
+            ),
+            ("-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQ", "private-keys"),
+            (
+                "---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----\nP2",
+                "private-keys",
+            ),
+            (
+                "PuTTY-User-Key-File-3: ssh-rsa\nEncryption: none",
+                "private-keys",
+            ),
+            ("see jane@example.png.example.com", "email"),
+        ] {
+            assert_eq!(hits(text), [profile], "{text}");
+        }
+        for text in [
+            // Luhn-valid, but no card: zeros, a nil UUID, a list of small numbers.
+            "zeros 0000 0000 0000 0000",
+            "trace 00000000-0000-0000-0000-000000000000",
+            "counting 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15",
+            "pairs 41 11 11 11 11 11 11 11",
+            "ssn 123456789",
+            "ssn 123-45 6789",
+            "use icon@2x.png or logo@3X.JPEG for retina",
+            "user id AIDAIOSFODNN7EXAMPLE",
+            "xAKIAIOSFODNN7EXAMPLE",
+            "sha1 wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY alone",
+            "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEYX",
+            "-----BEGIN PUBLIC KEY-----",
+            "---- BEGIN SSH2 PUBLIC KEY ----",
+        ] {
+            assert!(hits(text).is_empty(), "{text}: {:?}", hits(text));
+        }
     }
 
     #[test]

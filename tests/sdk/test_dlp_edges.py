@@ -174,6 +174,13 @@ FOUND = [
     ("private-keys", "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIF\n-----END ENCRYPTED PRIVATE KEY-----"),
     ("private-keys", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Bl\n-----END OPENSSH PRIVATE KEY-----"),
     ("private-keys", "-----BEGIN RSA PRIVATE KEY-----\r\nMIIE\r\n"),
+    # Formats beyond the first patterns (FAIL at 1f8b2e4).
+    ("us-ssn", "ssn 123 45 6789"),
+    ("aws-keys", "backup_AKIAIOSFODNN7EXAMPLE"),
+    ("aws-keys", "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("private-keys", "-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQ\n-----END PGP PRIVATE KEY BLOCK-----"),
+    ("private-keys", "---- BEGIN SSH2 ENCRYPTED PRIVATE KEY ----\nP2/5\n---- END SSH2 ENCRYPTED PRIVATE KEY ----"),
+    ("private-keys", "PuTTY-User-Key-File-3: ssh-rsa\nPrivate-Lines: 14\nAAAA"),
 ]
 
 
@@ -197,6 +204,13 @@ NOT_FOUND = [
     ("aws-keys", "key AKIAIOSFODNN7EXAMPLEX"),
     ("private-keys", "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----"),
     ("private-keys", "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"),
+    # Look-alikes flagged at 1f8b2e4.
+    ("credit-card", "counting 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15"),
+    ("credit-card", "trace 00000000-0000-0000-0000-000000000000"),
+    ("credit-card", "zeros 0000 0000 0000 0000"),
+    ("email", "use icon@2x.png for retina"),
+    ("aws-keys", "user id AIDAIOSFODNN7EXAMPLE"),
+    ("us-ssn", "order 123456789"),
 ]
 
 
