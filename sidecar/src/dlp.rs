@@ -252,9 +252,10 @@ impl Settings {
         }
         let check = if request { "REQUEST" } else { "RESPONSE" };
         let text = unescape_json(body);
-        // A response may be a stream whose text is split across events; a request is not.
+        // A response may be a stream whose text is split across events; a request is not,
+        // but it may send documents in base64.
         let joined = if request {
-            None
+            encoded_documents(body)
         } else {
             crate::text::stream_text(body)
         };
@@ -290,6 +291,18 @@ impl Settings {
         }
         Ok(findings)
     }
+}
+
+/// The decoded text of the documents a request body sends in base64 with a text media type
+/// ([`crate::text::encoded_documents`]), if any.
+fn encoded_documents(body: &[u8]) -> Option<Vec<u8>> {
+    if !crate::text::may_hold_encoded_documents(body) {
+        return None;
+    }
+    let v = serde_json::from_slice(body).ok()?;
+    let mut docs = Vec::new();
+    crate::text::encoded_documents(&v, &mut docs);
+    (!docs.is_empty()).then(|| docs.join("\n").into_bytes())
 }
 
 /// The text to scan: JSON string escapes (`\n`, `\u0040`, `\/`) undone, so that a private key
@@ -499,6 +512,22 @@ mod tests {
             .check_response(b"AKIAIOSFODNN7EXAMPLE")
             .expect_err("blocked");
         assert_eq!(err.code(), 2030);
+    }
+
+    #[test]
+    fn requests_are_checked_in_their_text_documents_in_base64() {
+        use base64::Engine as _;
+        let doc = base64::engine::general_purpose::STANDARD.encode("key AKIAIOSFODNN7EXAMPLE");
+        let body =
+            serde_json::json!({"messages": [{"role": "user", "content": [{"type": "document",
+            "source": {"type": "base64", "media_type": "text/plain", "data": doc}}]}]})
+            .to_string();
+        let block = settings(DlpAction::Block, vec![DlpCheck::Request], &["aws-keys"]);
+        let err = block.check_request(body.as_bytes()).expect_err("blocked");
+        assert_eq!(err.code(), 2029);
+        // As an image it is not text: not read.
+        let image = body.replace("text/plain", "image/png");
+        assert_eq!(block.check_request(image.as_bytes()), Ok(vec![]));
     }
 
     #[test]

@@ -801,18 +801,22 @@ impl Gateway {
         let rewrites_usage = snap.budgets.is_some()
             && asks_stream_usage(provider, &parts.method, route.rest, parts.uri.query())
             && crate::headers::body_coding(&parts.headers).is_none();
-        // Guardrails, the cache key (of the body) and that rewrite parse the body into a tree,
-        // each for a moment (no await holds one): room for it until the last of them.
+        // Guardrails, the cache key (of the body), that rewrite and DLP (for documents in
+        // base64) parse the body into a tree, each for a moment (no await holds one): room for
+        // it until the last of them.
         let keyed_by_body = want
             .as_ref()
             .is_some_and(|w| !w.skip && w.custom_key.is_none());
-        let parsing = if snap.guardrails.checks_prompts() || keyed_by_body || rewrites_usage {
-            let mut room = self.buffers.guard(snap.max_buffered);
-            room.reserve_parse(&body).map_err(fail)?;
-            Some(room)
-        } else {
-            None
-        };
+        let dlp_parses =
+            snap.dlp.checks_requests() && crate::text::may_hold_encoded_documents(&body);
+        let parsing =
+            if snap.guardrails.checks_prompts() || keyed_by_body || rewrites_usage || dlp_parses {
+                let mut room = self.buffers.guard(snap.max_buffered);
+                room.reserve_parse(&body).map_err(fail)?;
+                Some(room)
+            } else {
+                None
+            };
 
         let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
         if snap.guardrails.checks_prompts() {

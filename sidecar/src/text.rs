@@ -233,6 +233,77 @@ fn json_array_text(body: &[u8]) -> Option<Vec<u8>> {
     (!text.is_empty()).then_some(text)
 }
 
+/// Markers of a document a request body may send in base64 (see [`encoded_documents`]): a
+/// look before a body is parsed for them.
+const ENCODED_MARKERS: &[&[u8]] = &[b"base64", b"\"bytes\"", b"inlineData", b"inline_data"];
+
+/// Whether a request body may send a document in base64 (see [`encoded_documents`]).
+pub fn may_hold_encoded_documents(body: &[u8]) -> bool {
+    ENCODED_MARKERS
+        .iter()
+        .any(|m| memchr::memmem::find(body, m).is_some())
+}
+
+/// Whether a media type (`text/plain`, `application/json; charset=utf-8`) is text.
+fn is_text_type(media_type: &str) -> bool {
+    let t = media_type.split(';').next().unwrap_or_default().trim();
+    t.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/"))
+        || ["application/json", "application/xml", "application/x-yaml"]
+            .iter()
+            .any(|x| t.eq_ignore_ascii_case(x))
+}
+
+/// The text of the documents a request sends in base64 with a text media type, which the
+/// checks would otherwise see only encoded: Anthropic's `source: {type: "base64", media_type:
+/// "text/plain", data}`, Gemini's `inlineData: {mimeType: "text/csv", data}` (or
+/// `inline_data`/`mime_type`), OpenAI's `file: {file_data: "data:text/plain;base64,..."}`,
+/// Bedrock Converse's `document: {format: "txt" | "md" | "csv" | "html", source: {bytes}}`.
+/// Images, PDFs and office files are not text and are not read.
+pub fn encoded_documents(v: &Value, out: &mut Vec<String>) {
+    fn str_of<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+        map.get(key).and_then(Value::as_str)
+    }
+    use base64::Engine as _;
+    let decode = |data: &str, out: &mut Vec<String>| {
+        let data: String = data.split_ascii_whitespace().collect();
+        let engine = &base64::engine::general_purpose::STANDARD_NO_PAD;
+        if let Ok(bytes) = engine.decode(data.trim_end_matches('=')) {
+            out.push(String::from_utf8_lossy(&bytes).into_owned());
+        }
+    };
+    match v {
+        Value::Array(items) => items.iter().for_each(|i| encoded_documents(i, out)),
+        Value::Object(map) => {
+            let media = str_of(map, "media_type")
+                .or_else(|| str_of(map, "mimeType"))
+                .or_else(|| str_of(map, "mime_type"));
+            if let (Some(media), Some(data)) = (media, str_of(map, "data"))
+                && is_text_type(media)
+                && str_of(map, "type").is_none_or(|t| t == "base64")
+            {
+                decode(data, out);
+            }
+            if let Some(url) = str_of(map, "file_data")
+                && let Some((head, data)) = url.split_once(',')
+                && let Some(media) = head.strip_prefix("data:")
+                && let Some(media) = media.strip_suffix(";base64")
+                && is_text_type(media)
+            {
+                decode(data, out);
+            }
+            if let Some(format) = str_of(map, "format")
+                && ["txt", "md", "csv", "html"].contains(&format)
+                && let Some(Value::Object(source)) = map.get("source")
+                && let Some(bytes) = str_of(source, "bytes")
+            {
+                decode(bytes, out);
+            }
+            map.values().for_each(|v| encoded_documents(v, out));
+        }
+        _ => {}
+    }
+}
+
 /// The text of a response body: the joined deltas of a stream, else as [`of_request`].
 pub fn of_body(body: &[u8]) -> String {
     if let Some(t) = stream_text(body) {
@@ -244,7 +315,8 @@ pub fn of_body(body: &[u8]) -> String {
 /// The text of a request body (never a stream: a top-level array is a document too, whose
 /// parts are separate texts): the text fields of a JSON document (one per line, in no
 /// particular order across fields; every string value when it has none of them, so an API
-/// shape not listed is still read), or the body itself when it is none.
+/// shape not listed is still read) and its text documents in base64
+/// ([`encoded_documents`]), or the body itself when it is none.
 pub fn of_request(body: &[u8]) -> String {
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => {
@@ -252,6 +324,9 @@ pub fn of_request(body: &[u8]) -> String {
             walk(&v, None, &mut parts);
             if parts.is_empty() {
                 all_strings(&v, &mut parts);
+            }
+            if may_hold_encoded_documents(body) {
+                encoded_documents(&v, &mut parts);
             }
             parts.join("\n")
         }
@@ -478,6 +553,44 @@ pub(crate) mod tests {
                 "{body}"
             );
         }
+    }
+
+    #[test]
+    fn text_documents_in_base64_are_read_and_other_files_are_not() {
+        use base64::Engine as _;
+        let b64 = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+        let doc = b64("ssn 123-45-6789");
+        let bodies = [
+            serde_json::json!({"messages": [{"role": "user", "content": [{"type": "document",
+                "source": {"type": "base64", "media_type": "text/plain", "data": doc}}]}]}),
+            serde_json::json!({"contents": [{"parts": [{"inlineData": {"mimeType": "text/csv", "data": doc}}]}]}),
+            serde_json::json!({"contents": [{"parts": [{"inline_data": {"mime_type": "application/json; charset=utf-8", "data": doc}}]}]}),
+            serde_json::json!({"messages": [{"role": "user", "content": [{"type": "file",
+                "file": {"filename": "a.txt", "file_data": format!("data:text/plain;base64,{doc}")}}]}]}),
+            serde_json::json!({"messages": [{"role": "user", "content": [{"document":
+                {"format": "md", "name": "notes", "source": {"bytes": doc}}}]}]}),
+        ];
+        for body in &bodies {
+            let raw = body.to_string();
+            assert!(may_hold_encoded_documents(raw.as_bytes()), "{raw}");
+            let mut docs = Vec::new();
+            encoded_documents(body, &mut docs);
+            assert_eq!(docs, ["ssn 123-45-6789"], "{raw}");
+            assert!(
+                of_request(raw.as_bytes()).contains("ssn 123-45-6789"),
+                "{raw}"
+            );
+        }
+        // Images, PDFs, office files: not text, not read.
+        let others = serde_json::json!({"messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": doc}},
+            {"type": "file", "file": {"file_data": format!("data:application/pdf;base64,{doc}")}},
+            {"document": {"format": "pdf", "name": "x", "source": {"bytes": doc}}},
+            {"inlineData": {"mimeType": "audio/wav", "data": doc}}]}]});
+        let mut docs = Vec::new();
+        encoded_documents(&others, &mut docs);
+        assert!(docs.is_empty(), "{docs:?}");
+        assert!(!may_hold_encoded_documents(b"{\"messages\":[]}"));
     }
 
     fn sorted_lines(body: &[u8]) -> Vec<String> {

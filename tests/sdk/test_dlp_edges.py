@@ -282,6 +282,16 @@ def test_gemini_system_instruction_and_function_call(req_gw):
     assert {"us-ssn", "email"} <= got
 
 
+def test_base64_text_document_in_request_is_read(req_gw):
+    # FAILS at 0b11ae6: only the base64 was scanned.
+    b64 = base64.b64encode(b"ssn 123-45-6789").decode()
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "text/plain", "data": b64}}]}]}
+    assert "us-ssn" in ask_request(req_gw, None, raw=json.dumps(body).encode(), path="/anthropic/v1/messages")
+    body["messages"][0]["content"][0]["source"]["media_type"] = "application/pdf"
+    assert "us-ssn" not in ask_request(req_gw, None, raw=json.dumps(body).encode(), path="/anthropic/v1/messages")
+
+
 @pytest.mark.parametrize("coding", ["gzip", "GZIP", "identity, gzip", "br"])
 def test_compressed_request_is_refused(req_gw, coding):
     data = gzip.compress(json.dumps({"model": "m", "messages": [{"role": "user", "content": "ssn 123-45-6789"}]}).encode())
