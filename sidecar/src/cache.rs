@@ -657,6 +657,9 @@ enum Framing {
     /// A JSON array written as it is made (Gemini's `:streamGenerateContent` without
     /// `alt=sse`), `json_stream` of [`framing`].
     JsonArray,
+    /// One JSON document per line (`application/x-ndjson`: Ollama's native API;
+    /// `application/stream+json`: Cohere's v1 streams; `application/jsonl`).
+    JsonLines,
 }
 
 /// The framing of a response with `headers`, to a request that asked for a JSON stream
@@ -675,6 +678,15 @@ fn framing(headers: &HeaderMap, json_stream: bool) -> Framing {
         Framing::Sse
     } else if is("application/vnd.amazon.eventstream") {
         Framing::EventStream
+    } else if [
+        "application/x-ndjson",
+        "application/stream+json",
+        "application/jsonl",
+    ]
+    .iter()
+    .any(|mime| is(mime))
+    {
+        Framing::JsonLines
     } else if json_stream {
         Framing::JsonArray
     } else {
@@ -686,7 +698,8 @@ fn framing(headers: &HeaderMap, json_stream: bool) -> Framing {
 /// (OpenAI's `data: [DONE]`, Anthropic's `message_stop`, the Responses API's
 /// `response.completed` or `response.incomplete`, Cohere's `message-end`, a Gemini chunk with
 /// a `finishReason`, Bedrock's `messageStop` or the last InvokeModel chunk with its
-/// `amazon-bedrock-invocationMetrics`) and without an error in it (an `error` or
+/// `amazon-bedrock-invocationMetrics`, a JSON line with Ollama's `"done": true` or Cohere's
+/// `"is_finished": true`) and without an error in it (an `error` or
 /// `response.failed` event, an `{"error": ...}` chunk, an event-stream exception). A stream of
 /// a format that shows neither is never stored: an answer cut short looks like a whole one.
 fn ended_whole(framing: Framing, body: &[u8]) -> bool {
@@ -695,6 +708,7 @@ fn ended_whole(framing: Framing, body: &[u8]) -> bool {
         Framing::Sse => sse_ended_whole(body),
         Framing::EventStream => event_stream_ended_whole(body),
         Framing::JsonArray => json_array_ended_whole(body),
+        Framing::JsonLines => json_lines_ended_whole(body),
     }
 }
 
@@ -813,7 +827,28 @@ fn json_array_ended_whole(body: &[u8]) -> bool {
     chunks.iter().all(|c| c.get("error").is_none()) && chunks.iter().any(finished)
 }
 
-/// Removes the headers that belong to one response and are not stored with its answer: the
+/// Whether a stream of JSON lines ended with its last line saying so (Ollama's `"done": true`,
+/// Cohere's `stream-end` with `"is_finished": true`), none of its lines an error.
+fn json_lines_ended_whole(body: &[u8]) -> bool {
+    use serde_json::Value;
+    let mut last_finished = false;
+    for line in body.split(|&b| b == b'\n') {
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
+        let Ok(Value::Object(chunk)) = serde_json::from_slice::<Value>(line) else {
+            return false;
+        };
+        if chunk.contains_key("error") {
+            return false;
+        }
+        last_finished = [chunk.get("done"), chunk.get("is_finished")]
+            .iter()
+            .any(|v| *v == Some(&Value::Bool(true)));
+    }
+    last_finished
+}
+
 /// provider's request ids, processing times and rate-limit counts
 /// ([`crate::headers::unread_per_response`]), its cookies, and a wait it asked for.
 fn remove_per_response_headers(headers: &mut HeaderMap) {
@@ -1427,6 +1462,38 @@ mod tests {
             br#"[{"candidates": [{"content": {}}]}, {"error": {"code": 500}}]"#
         ));
         assert!(stored(json, false, b"{}"), "not a stream");
+    }
+
+    #[test]
+    fn json_line_streams_are_stored_only_when_their_last_line_ends_them() {
+        for ct in [
+            "application/x-ndjson",
+            "application/stream+json",
+            "application/jsonl",
+        ] {
+            let ollama = b"{\"message\":{\"content\":\"Hi\"},\"done\":false}\n{\"message\":{\"content\":\"\"},\"done\":true,\"eval_count\":2}\n";
+            assert!(stored(ct, false, ollama), "{ct}");
+            let cohere = b"{\"is_finished\":false,\"event_type\":\"text-generation\",\"text\":\"Hi\"}\n{\"is_finished\":true,\"event_type\":\"stream-end\",\"finish_reason\":\"COMPLETE\"}\n";
+            assert!(stored(ct, false, cohere), "{ct}");
+            // Cut short, ended by an error, or not lines of JSON: never stored.
+            let cut = b"{\"message\":{\"content\":\"Hi\"},\"done\":false}\n";
+            assert!(!stored(ct, false, cut), "{ct}");
+            let failed = b"{\"done\":false}\n{\"error\":\"boom\"}\n{\"done\":true}\n";
+            assert!(!stored(ct, false, failed), "{ct}");
+            assert!(!stored(ct, false, b"{\"done\":true"), "{ct}");
+        }
+        // Without `streaming`, never, and identical requests do not wait for one.
+        let store = Arc::new(Store::new(1 << 20));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        assert!(
+            store
+                .fill([3; 32], DEFAULT_TTL, StatusCode::OK, &h, false)
+                .is_none()
+        );
     }
 
     #[test]

@@ -616,6 +616,30 @@ impl Gateway {
         resp
     }
 
+    /// The rate limit (which counts the request), then the spend limit and token budget: the
+    /// last checks before a request admitted and authenticated goes on (those it refuses, and
+    /// the refusals before, are not counted).
+    async fn check_limits(&self, snap: &Snapshot) -> Result<(), GatewayError> {
+        if let Some(rl) = &snap.rate_limit
+            && let Err(retry_after) = match (&snap.shared, rl.global) {
+                (Some(shared), true) => shared.rate_check(&self.metrics, rl).await,
+                _ => self.limiter.check(rl, Instant::now()),
+            }
+        {
+            return Err(GatewayError::RateLimited {
+                limit: rl.limit,
+                interval: rl.interval,
+                retry_after,
+            });
+        }
+        if let Some(b) = &snap.budgets {
+            self.ledger
+                .check(b, snap.shared.as_deref(), &self.metrics)
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn proxy(
         &self,
         snap: &Arc<Snapshot>,
@@ -670,22 +694,6 @@ impl Gateway {
             Route::Compat { rest, .. } => Served::Compat(rest),
             Route::Universal { .. } => Served::Universal,
         };
-        // rate limit
-        if let Some(rl) = &snap.rate_limit
-            && let Err(retry_after) = match (&snap.shared, rl.global) {
-                (Some(shared), true) => shared.rate_check(&self.metrics, rl).await,
-                _ => self.limiter.check(rl, Instant::now()),
-            }
-        {
-            return Err((
-                None,
-                GatewayError::RateLimited {
-                    limit: rl.limit,
-                    interval: rl.interval,
-                    retry_after,
-                },
-            ));
-        }
         let mut opts = LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads)
             .map_err(|e| (None, e))?;
         opts.recorded = crate::telemetry::Recorded::to(recorded);
@@ -697,16 +705,10 @@ impl Gateway {
                     .map_err(|e| (None, e))?,
             );
         }
-        // spend limit and token budget
-        if let Some(b) = &snap.budgets {
-            self.ledger
-                .check(b, snap.shared.as_deref(), &self.metrics)
-                .await
-                .map_err(|e| (None, e))?;
-        }
         let (route, provider) = match served {
             Served::Provider(route, provider) => (route, provider),
             Served::Compat(rest) => {
+                self.check_limits(snap).await.map_err(|e| (None, e))?;
                 return crate::compat::serve(
                     self, snap, parts, rest, body, start, &opts, admission,
                 )
@@ -718,12 +720,29 @@ impl Gateway {
                 admission
                     .allow_client_key(false, snap, &parts.headers)
                     .map_err(|e| (None, e))?;
+                self.check_limits(snap).await.map_err(|e| (None, e))?;
                 return crate::universal::serve(self, snap, parts, body, start, &opts).await;
             }
         };
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
         let timeout = request_timeout(aig, snap.request_timeout).map_err(fail)?;
         let alias = aig.byok_alias().map_err(fail)?;
+        // A stored key drops every client key header, the gateway token among them: which one
+        // goes is known from the config (a token is minted only for a request let in).
+        let stored = if provider.service_account(alias).is_some() {
+            true
+        } else if provider.signs_requests() {
+            false
+        } else {
+            matches!(
+                provider.choose_key(alias).map_err(fail)?,
+                KeyChoice::Stored(_)
+            )
+        };
+        admission
+            .allow_client_key(stored, snap, &parts.headers)
+            .map_err(fail)?;
+        self.check_limits(snap).await.map_err(fail)?;
         let minted;
         let mut signer = None;
         let key = if let Some(sa) = provider.service_account(alias) {
@@ -737,10 +756,6 @@ impl Gateway {
         } else {
             provider.choose_key(alias).map_err(fail)?
         };
-        // A stored key drops every client key header, the gateway token among them.
-        admission
-            .allow_client_key(matches!(key, KeyChoice::Stored(_)), snap, &parts.headers)
-            .map_err(fail)?;
         // Only here does a client's own signature go upstream unchanged (see
         // `headers::keeps_accept_encoding`).
         let client_signature = provider.signs_requests() && signer.is_none();

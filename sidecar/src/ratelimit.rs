@@ -163,6 +163,46 @@ impl Limiter {
 
     /// Counts a request at `now`; `Err(retry_after)` when it is over the limit.
     pub fn check(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
+        self.at(s, now, |w, into| {
+            admit(
+                s.limit,
+                w.count,
+                w.previous,
+                into,
+                s.interval,
+                s.sliding,
+                Need::One,
+            )?;
+            w.count += 1;
+            Ok(())
+        })
+    }
+
+    /// Whether a request at `now` would pass, without counting it (a route's rate node, which
+    /// counts only the requests that go upstream: [`Self::count`]).
+    pub fn peek(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
+        self.at(s, now, |w, into| {
+            admit(
+                s.limit,
+                w.count,
+                w.previous,
+                into,
+                s.interval,
+                s.sliding,
+                Need::One,
+            )
+        })
+    }
+
+    /// Counts a request at `now` that [`Self::peek`] let pass earlier and that goes upstream
+    /// now (requests let pass at once may take the count a little past the limit).
+    pub fn count(&self, s: &Settings, now: Instant) {
+        self.at(s, now, |w, _| w.count += 1);
+    }
+
+    /// Runs `f` on the counts of the window at `now` (and how far into it `now` is), started
+    /// afresh when the settings changed.
+    fn at<R>(&self, s: &Settings, now: Instant, f: impl FnOnce(&mut Counts, Duration) -> R) -> R {
         let (index, into) = window_at(self.epoch, now, s.interval);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.settings != Some(*s) {
@@ -174,30 +214,8 @@ impl Limiter {
                 },
             };
         }
-        let w = &mut state.counts;
-        w.roll(index);
-        admit(
-            s.limit,
-            w.count,
-            w.previous,
-            into,
-            s.interval,
-            s.sliding,
-            Need::One,
-        )?;
-        w.count += 1;
-        Ok(())
-    }
-
-    /// Takes back a request counted at `at` by [`Self::check`] that was not sent after all (a
-    /// route's rate node whose request the gateway refused, or answered from its cache); one
-    /// counted in a window that has passed stays there.
-    pub fn uncount(&self, s: &Settings, at: Instant) {
-        let (index, _) = window_at(self.epoch, at, s.interval);
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.settings == Some(*s) && state.counts.index == index {
-            state.counts.count = state.counts.count.saturating_sub(1);
-        }
+        state.counts.roll(index);
+        f(&mut state.counts, into)
     }
 }
 

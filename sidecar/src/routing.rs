@@ -210,8 +210,8 @@ enum Position<'a> {
         routing: &'a Routing,
         /// Budget nodes whose `next` branch this request took.
         charged: Vec<Arc<BudgetWindow>>,
-        /// Rate nodes that counted this request, taken back unless it is sent upstream.
-        counted: Vec<(Arc<Limiter>, RateSettings, Instant)>,
+        /// Rate nodes this request passed, which count it when it is sent upstream.
+        counted: Vec<(Arc<Limiter>, RateSettings)>,
         /// The last rate or budget node over its limit the walk went past, for the error
         /// when that leads it to `end` before any target.
         limited: Option<Limited>,
@@ -296,11 +296,10 @@ impl<'a> Walk<'a> {
                             sliding: false,
                             global: false,
                         };
-                        let now = Instant::now();
                         let limiter = routing.limiters.get(&((*name).clone(), id.clone()));
-                        match limiter.map(|l| (l, l.check(&settings, now))) {
+                        match limiter.map(|l| (l, l.peek(&settings, Instant::now()))) {
                             Some((l, Ok(()))) => {
-                                counted.push((l.clone(), settings, now));
+                                counted.push((l.clone(), settings));
                                 Some(next)
                             }
                             Some((_, Err(retry_after))) => {
@@ -363,10 +362,15 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// The request goes upstream: the rate nodes that counted it keep it.
+    /// The request goes upstream: the rate nodes it passed count it. One refused by the
+    /// gateway, or answered from its cache (or waiting for an identical request's answer), is
+    /// never counted.
     pub fn sent(&mut self) {
         if let Position::Route { counted, .. } = &mut self.0 {
-            counted.clear();
+            let now = Instant::now();
+            for (limiter, settings) in counted.drain(..) {
+                limiter.count(&settings, now);
+            }
         }
     }
 
@@ -409,17 +413,6 @@ impl<'a> Walk<'a> {
                 retry_after: *retry_after,
             },
         })
-    }
-}
-
-impl Drop for Walk<'_> {
-    fn drop(&mut self) {
-        // Not sent upstream (refused by the gateway, answered from the cache): uncounted.
-        if let Position::Route { counted, .. } = &mut self.0 {
-            for (limiter, settings, at) in counted.drain(..) {
-                limiter.uncount(&settings, at);
-            }
-        }
     }
 }
 
@@ -601,7 +594,11 @@ mod tests {
             let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
             assert!(walk.next_target(&Map::new()).is_some());
         }
+        // One let past and still waiting (for the cache, for its checks) holds no slot.
+        let mut waiting = r.walk("dynamic/r").expect("dynamic").expect("exists");
+        assert!(waiting.next_target(&Map::new()).is_some());
         assert_eq!(targets(&r, &Map::new()), ["openai/main"]);
+        drop(waiting);
         // Over the limit, leading to `end` before any target: the node's 429.
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
         assert!(walk.next_target(&Map::new()).is_none());

@@ -142,7 +142,8 @@ impl Shared {
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
-            .set_response_timeout(Some(TIMEOUT))
+            // An answer may take twice as long as connecting (as `call` bounds it).
+            .set_response_timeout(Some(TIMEOUT * 2))
             .set_number_of_retries(0);
         let made = tokio::time::timeout(
             TIMEOUT * 2,

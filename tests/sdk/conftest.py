@@ -284,6 +284,17 @@ class Sidegate:
             assert time.monotonic() < deadline, f"no access log line for {log_id}"
             time.sleep(0.05)
 
+    def wait_for_log(self, text, timeout=5):
+        """The logs once they hold `text`: a line written as the answer goes out may reach the
+        file a moment after the client has the answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            logs = self.logs()
+            if text in logs:
+                return logs
+            assert time.monotonic() < deadline, f"{text!r} not logged: {logs[-2000:]}"
+            time.sleep(0.05)
+
     def stop(self):
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()

@@ -125,6 +125,7 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             }
         }
     }
+    openai::trim_prefill(&mut messages);
     let thinking = thinking_on(&req.rest);
     if thinking && matches!(req.response_format, Some(ref f) if !matches!(f, ResponseFormat::Text))
     {
@@ -969,8 +970,8 @@ mod tests {
         assert_eq!(
             blocks,
             [
-                &json!({"type": "thinking", "thinking": "Paris is in France.", "signature": "EqoBsig=="}),
-                &json!({"type": "redacted_thinking", "data": "EmwKAhgBEgy"}),
+                &json!({"index": 0, "type": "thinking", "thinking": "Paris is in France.", "signature": "EqoBsig=="}),
+                &json!({"index": 1, "type": "redacted_thinking", "data": "EmwKAhgBEgy"}),
             ],
             "{out}"
         );

@@ -274,6 +274,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             }
         }
     }
+    openai::trim_prefill(&mut messages);
     let messages: Vec<Value> = messages
         .into_iter()
         .map(|(role, content)| json!({"role": role, "content": content}))
@@ -1036,8 +1037,9 @@ mod tests {
         let deltas = deltas(&out);
         let (reasoning, blocks) = thinking_of(&deltas);
         assert_eq!(reasoning, "Oslo is cold.", "{out}");
-        let want = json!([{"type": "thinking", "thinking": "Oslo is cold.", "signature": "sig=="},
-                          {"type": "redacted_thinking", "data": "cmVk"}]);
+        // Each with its place: clients merge list deltas by `index`.
+        let want = json!([{"index": 0, "type": "thinking", "thinking": "Oslo is cold.", "signature": "sig=="},
+                          {"index": 1, "type": "redacted_thinking", "data": "cmVk"}]);
         assert_eq!(json!(blocks), want, "{out}");
 
         let plain = br#"{"output":{"message":{"role":"assistant","content":[
@@ -1051,7 +1053,9 @@ mod tests {
             v["choices"][0]["message"]["reasoning_content"],
             "Oslo is cold."
         );
-        assert_eq!(v["choices"][0]["message"]["thinking_blocks"], want);
+        let whole = json!([{"type": "thinking", "thinking": "Oslo is cold.", "signature": "sig=="},
+                           {"type": "redacted_thinking", "data": "cmVk"}]);
+        assert_eq!(v["choices"][0]["message"]["thinking_blocks"], whole);
     }
 
     #[test]

@@ -523,6 +523,9 @@ struct StreamState {
     /// Whether the stream reported usage yet.
     usage_seen: bool,
     tools: usize,
+    /// Text of the answer was written: a safety stop after it is a `content_filter` finish
+    /// without a refusal, as the same answer unstreamed has.
+    wrote_text: bool,
     done: bool,
 }
 
@@ -541,6 +544,7 @@ impl Stream {
                 usage: Usage::default(),
                 usage_seen: false,
                 tools: 0,
+                wrote_text: false,
                 done: false,
             },
         }
@@ -615,7 +619,6 @@ impl StreamState {
             return;
         };
         self.w.role(out);
-        let mut wrote_text = false;
         for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
             if let Some(call) = part.function_call {
                 let signature = part.thought_signature.as_deref();
@@ -628,7 +631,7 @@ impl StreamState {
                 if part.thought == Some(true) {
                     self.w.reasoning(out, &t);
                 } else {
-                    wrote_text |= !t.is_empty();
+                    self.wrote_text |= !t.is_empty();
                     self.w.content(out, &t);
                 }
             }
@@ -639,7 +642,7 @@ impl StreamState {
             } else {
                 finish_reason(&reason)
             };
-            if mapped == "content_filter" && !wrote_text {
+            if mapped == "content_filter" && !self.wrote_text {
                 self.w.refusal(out, &blocked_response(&reason));
             }
             self.w.finish(out, mapped);

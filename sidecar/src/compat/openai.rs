@@ -289,6 +289,33 @@ pub fn push_turn(
     }
 }
 
+/// Ends a conversation that ends on the assistant's turn (a prefill: the model goes on from
+/// that text) without trailing whitespace in its last text block, which Claude refuses ("final
+/// assistant content cannot end with trailing whitespace") where OpenAI takes it: the text is
+/// trimmed at its end, a block left blank dropped, and a turn left empty too. Text blocks are
+/// `{"text": ...}` (Anthropic's also say `"type": "text"`).
+pub fn trim_prefill(turns: &mut Vec<(&'static str, Vec<Value>)>) {
+    let Some(("assistant", blocks)) = turns.last_mut() else {
+        return;
+    };
+    let Some(Value::Object(block)) = blocks.last_mut() else {
+        return;
+    };
+    if block.get("type").is_some_and(|t| t != "text") {
+        return;
+    }
+    let Some(Value::String(text)) = block.get_mut("text") else {
+        return;
+    };
+    text.truncate(text.trim_end().len());
+    if text.is_empty() {
+        blocks.pop();
+        if blocks.is_empty() {
+            turns.pop();
+        }
+    }
+}
+
 /// Between a tool call's id and the Gemini thought signature it carries (see `gemini`).
 pub const SIGNATURE_MARK: &str = "~ts~";
 
@@ -332,7 +359,7 @@ fn portable_history(map: &mut Map<String, Value>) {
     };
     for m in messages.iter_mut() {
         if let Some(m) = m.as_object_mut() {
-            m.remove("thinking_blocks");
+            m.shift_remove("thinking_blocks");
         }
         if let Some(id) = m.get_mut("tool_call_id") {
             fix(id);
@@ -932,6 +959,8 @@ pub struct ChunkWriter {
     /// Tool calls started with no argument text yet: they get `{}` before the finish chunk
     /// (a tool without input streams none, and a finished call must carry valid JSON).
     tools_without_arguments: Vec<u32>,
+    /// Thinking blocks written so far: the next one's `index`.
+    thinking_blocks: u32,
 }
 
 #[derive(Serialize)]
@@ -966,9 +995,18 @@ struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     reasoning_content: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    thinking_blocks: Option<[&'a ThinkingBlock; 1]>,
+    thinking_blocks: Option<[NumberedBlock<'a>; 1]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tool_calls: Option<[ToolCallDelta<'a>; 1]>,
+}
+
+/// A thinking block in a stream, with its place among the message's blocks: clients merge
+/// list deltas by `index` (the `openai` SDK's stream helper refuses a second entry without).
+#[derive(Serialize)]
+struct NumberedBlock<'a> {
+    index: u32,
+    #[serde(flatten)]
+    block: &'a ThinkingBlock,
 }
 
 #[derive(Serialize)]
@@ -1000,6 +1038,7 @@ impl ChunkWriter {
             finished: false,
             done_sent: false,
             tools_without_arguments: Vec::new(),
+            thinking_blocks: 0,
         }
     }
 
@@ -1104,11 +1143,15 @@ impl ChunkWriter {
         self.chunk(
             out,
             Delta {
-                thinking_blocks: Some([block]),
+                thinking_blocks: Some([NumberedBlock {
+                    index: self.thinking_blocks,
+                    block,
+                }]),
                 ..Delta::default()
             },
             None,
         );
+        self.thinking_blocks += 1;
     }
 
     /// The start of tool call `index` (arguments follow in [`Self::tool_arguments`]).
@@ -1450,6 +1493,33 @@ fn is_usage_only(event: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_prefill_ends_without_trailing_whitespace() {
+        let user = ("user", vec![json!({"type": "text", "text": "Q?"})]);
+        let trimmed = |blocks: Vec<Value>| {
+            let mut turns = vec![user.clone(), ("assistant", blocks)];
+            trim_prefill(&mut turns);
+            turns
+        };
+        let t = trimmed(vec![json!({"type": "text", "text": "The answer is: \n "})]);
+        assert_eq!(t[1].1, [json!({"type": "text", "text": "The answer is:"})]);
+        // Bedrock's text blocks have no type.
+        let t = trimmed(vec![json!({"text": "x"}), json!({"text": " \t"})]);
+        assert_eq!(t[1].1, [json!({"text": "x"})]);
+        // A turn left with nothing is dropped; a tool call is left alone.
+        assert_eq!(
+            trimmed(vec![json!({"type": "text", "text": "  "})]),
+            [user.clone()]
+        );
+        let call = json!({"type": "tool_use", "id": "c", "name": "f", "input": {}});
+        assert_eq!(trimmed(vec![call.clone()])[1].1, [call]);
+        // Not the assistant's turn last: nothing changes.
+        let mut turns = vec![("user", vec![json!({"type": "text", "text": "Q? "})])];
+        trim_prefill(&mut turns);
+        assert_eq!(turns[0].1, [json!({"type": "text", "text": "Q? "})]);
+    }
 
     #[test]
     fn unknown_fields_are_kept_in_rest() {
