@@ -8,7 +8,7 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -16,7 +16,7 @@ use kube::api::{Api, ListParams, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::watcher::{self, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use sidegate_crds::api::{AIGateway, ProviderAliases, ProviderKey};
@@ -298,7 +298,7 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
             tracing::warn!(gateway = %name, namespace = %ns, error = %e, "pods without the current sidecar not counted")
         }
     }
-    let outcome = render_and_apply(ctx, gw, &ns, &obs.spec_problems, &keys, &secrets).await;
+    let outcome = render_and_apply(ctx, gw, &ns, &mut obs.spec_problems, &keys, &secrets).await;
     match &outcome {
         Ok(rendered) => {
             obs.rendered = rendered.as_ref().map(|r| RenderSummary {
@@ -402,13 +402,14 @@ fn refused_sidecar_image(gw: &AIGateway, allowed: &AllowedImages) -> Option<Stri
 /// Renders the gateway's objects and writes those that changed. With a valid spec that is the
 /// whole config; with an invalid one the last rendered config stays and only its keys are
 /// rendered again (a revoked key must not stay in the pods until the spec is fixed), or nothing
-/// if the gateway was never rendered. Objects of the rendered names that the operator did not
-/// make are left alone ([`Error::NotOwned`]).
+/// if the gateway was never rendered. A Redis URL that cannot be rendered nor kept is one more
+/// spec problem ([`render::unrenderable_redis_url`]). Objects of the rendered names that the
+/// operator did not make are left alone ([`Error::NotOwned`]).
 async fn render_and_apply(
     ctx: &Context,
     gw: &AIGateway,
     ns: &str,
-    spec_problems: &[String],
+    spec_problems: &mut Vec<String>,
     keys: &[ProviderKey],
     secrets: &BTreeMap<String, Secret>,
 ) -> Result<Option<render::Rendered>, Error> {
@@ -445,10 +446,15 @@ async fn render_and_apply(
             });
         }
     }
+    spec_problems.extend(render::unrenderable_redis_url(
+        gw,
+        secrets,
+        current_secret.as_ref(),
+    ));
     // The salt of the Secret rendered last: a new one would change the hash of the same content.
     let salt = render::HashSalt::kept_or_new(current_secret.as_ref())?;
     let rendered = if spec_problems.is_empty() {
-        render::render(gw, keys, secrets, &salt)?
+        render::render(gw, keys, secrets, current_secret.as_ref(), &salt)?
     } else {
         let Some(kept) = current_cm.as_ref().and_then(render::rendered_config) else {
             return Ok(None);
@@ -590,19 +596,16 @@ pub fn gateways_for_secret(
         .collect()
 }
 
-/// Builds the AIGateway controller of namespace `ns` (`None`: every namespace): owned
-/// ConfigMaps and Secrets (metadata-only watches of the operator's labelled objects),
-/// ProviderKeys, key Secrets and pods that may lack the sidecar mapped back to their gateways.
+/// Builds the AIGateway controller of namespace `ns` (`None`: every namespace): owned Secrets
+/// (a metadata-only watch of the operator's labelled objects), ConfigMaps by the rendered
+/// name, ProviderKeys, key Secrets and pods that may lack the sidecar mapped back to their
+/// gateways; gateway deletions sweep the indexes and metrics.
 /// The pod watch also fills the controller's pod cache, set in `ctx.pods` for the reconciles.
 pub fn controller(client: Client, ctx: Arc<Context>, ns: Option<&str>) -> Controller<AIGateway> {
     let owned = watcher::Config::default().labels(&render::managed_selector());
     let controller = Controller::new(
         Scope::api::<AIGateway>(&client, ns),
         watcher::Config::default().any_semantic(),
-    )
-    .owns(
-        Scope::api::<PartialObjectMeta<ConfigMap>>(&client, ns),
-        owned.clone(),
     )
     .owns(Scope::api::<PartialObjectMeta<Secret>>(&client, ns), owned);
     let gateways: Store<AIGateway> = controller.store();
@@ -619,6 +622,39 @@ pub fn controller(client: Client, ctx: Arc<Context>, ns: Option<&str>) -> Contro
     ctx.pods.insert(ns, pod_cache);
     let controller =
         controller.watches_stream(pod_events, |pod| pods::gateway_for_pod(&pod.metadata));
+    // A deleted gateway leaves the indexes and metrics at once: one that never rendered owns
+    // nothing whose deletion would say so (the sweep below waits for a Secret to change).
+    let swept = ctx.clone();
+    let deleted = watcher(
+        Scope::api::<PartialObjectMeta<AIGateway>>(&client, ns),
+        watcher::Config::default(),
+    )
+    .try_filter_map(move |event| {
+        if let watcher::Event::Delete(gw) = event
+            && let Some(ns) = gw.namespace()
+        {
+            let gone = ObjectRef::<AIGateway>::new(&gw.name_any()).within(&ns);
+            forget_deleted(&swept.deps, &swept.failures, |g| *g != gone);
+            swept.metrics.retain_gateways(|ns, name| {
+                gone.namespace.as_deref() != Some(ns) || gone.name != name
+            });
+        }
+        std::future::ready(Ok(None::<PartialObjectMeta<AIGateway>>))
+    });
+    let controller = controller.watches_stream(deleted, |_| None);
+    // ConfigMaps by the rendered name (`sidegate-<gateway>`): the operator's own, and a foreign
+    // one, which blocks rendering until it is deleted — that should trigger its gateway at once
+    // (a watch of the operator's labelled objects would not see it).
+    let cm_gateways = gateways.clone();
+    let controller = controller.watches(
+        Scope::api::<PartialObjectMeta<ConfigMap>>(&client, ns),
+        watcher::Config::default(),
+        move |cm| {
+            let gw = ObjectRef::<AIGateway>::new(cm.name_any().strip_prefix("sidegate-")?)
+                .within(&cm.namespace()?);
+            cm_gateways.get(&gw).is_some().then_some(gw)
+        },
+    );
     let watched = ns.map(str::to_owned);
     controller.watches(
         Scope::api::<PartialObjectMeta<Secret>>(&client, ns),

@@ -18,8 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::{Stream, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -129,7 +131,26 @@ pub fn watch(
                 event.as_ref().err().map(ToString::to_string);
         })
         .reflect(writer)
-        .touched_objects();
+        .map(|event| {
+            event.map(|event| {
+                let pods: Vec<_> = match event {
+                    // Gone from the watch: deleted, or ended (out of its field selector). Marked
+                    // going away, so that an injected pod's gateway counts it no more at once
+                    // (`gateway_for_pod`); the watch's last word on an ended pod has no
+                    // deletion timestamp of its own.
+                    watcher::Event::Delete(mut pod) => {
+                        pod.metadata
+                            .deletion_timestamp
+                            .get_or_insert_with(|| Time(Timestamp::now()));
+                        vec![pod]
+                    }
+                    watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => vec![pod],
+                    watcher::Event::Init | watcher::Event::InitDone => Vec::new(),
+                };
+                futures_util::stream::iter(pods.into_iter().map(Ok))
+            })
+        })
+        .try_flatten();
     (cache, pods)
 }
 

@@ -10,15 +10,18 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, PartialObjectMeta, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::{Action, Controller};
+use kube::runtime::predicates;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::utils::PredicateConfig;
+use kube::runtime::watcher::{self, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use sidegate_crds::api::ProviderKey;
+use sidegate_crds::api::{AIGateway, ProviderKey};
 
 use crate::controller::{Context, Error, publish_events};
-use crate::render::{FIELD_MANAGER, claim_order, claim_problem, resolve_key};
+use crate::render::{FIELD_MANAGER, claim_order, claim_problem, resolve_key, selects};
 use crate::scope::Scope;
 use crate::status;
 use crate::validate;
@@ -86,33 +89,54 @@ async fn reconcile_inner(key: &ProviderKey, ctx: &Context) -> Result<Action, Err
     Ok(Action::requeue(ctx.resync))
 }
 
-/// The ProviderKey that a gateway selecting both would serve instead of `key`, listed from `ns`.
+/// The ProviderKey that a gateway selecting both would serve instead of `key`, listed from `ns`
+/// with the gateways there ([`older_claim`]).
 async fn shadowed_by(ctx: &Context, key: &ProviderKey, ns: &str) -> Result<Option<String>, Error> {
+    let listing = |what: &str| {
+        let action = format!("listing {what} in {ns}");
+        move |source| Error::Kube { action, source }
+    };
     let all = Api::<ProviderKey>::namespaced(ctx.client.clone(), ns)
         .list(&ListParams::default())
         .await
-        .map_err(|source| Error::Kube {
-            action: format!("listing ProviderKeys in {ns}"),
-            source,
-        })?;
-    Ok(older_claim(key, &all.items, ns).map(ResourceExt::name_any))
+        .map_err(listing("ProviderKeys"))?;
+    let gateways = Api::<AIGateway>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .map_err(listing("AIGateways"))?;
+    Ok(older_claim(key, &all.items, &gateways.items, ns).map(ResourceExt::name_any))
 }
 
 /// The oldest of `others` (by [`claim_order`]) that claims the provider and alias of `key` and is
-/// older than it: render keeps that one and reports `key` as `DuplicateAlias`, whether or not
-/// the older one's key resolves (a newcomer never takes an alias, not even while the Secret of
-/// the one holding it is missing).
+/// older than it, where a gateway would serve that one instead of `key`: render keeps the older
+/// one and reports `key` as `DuplicateAlias`, whether or not the older one's key resolves (a
+/// newcomer never takes an alias, not even while the Secret of the one holding it is missing).
+/// Only claims some gateway of `gateways` selects with `key` count — gateways selecting
+/// different keys by label each serve their own — unless none selects `key` (then any gateway
+/// that came to select both would).
 pub fn older_claim<'a>(
     key: &ProviderKey,
     others: &'a [ProviderKey],
+    gateways: &[AIGateway],
     ns: &str,
 ) -> Option<&'a ProviderKey> {
+    let selecting: Vec<&AIGateway> = gateways
+        .iter()
+        .filter(|g| selects(g.spec.provider_key_selector.as_ref(), key))
+        .collect();
+    let meet = |o: &ProviderKey| {
+        selecting.is_empty()
+            || selecting
+                .iter()
+                .any(|g| selects(g.spec.provider_key_selector.as_ref(), o))
+    };
     others
         .iter()
         .filter(|o| {
             same_alias(o, key)
                 && claim_order(o) < claim_order(key)
                 && claim_problem(o, ns).is_none()
+                && meet(o)
         })
         .min_by_key(|o| claim_order(o))
 }
@@ -123,14 +147,40 @@ fn same_alias(a: &ProviderKey, b: &ProviderKey) -> bool {
         && a.spec.alias == b.spec.alias
 }
 
-/// The other ProviderKeys with the same provider and alias as `key`, whose `DuplicateAlias`
-/// state changes with it.
+/// The other ProviderKeys whose `DuplicateAlias` state may change with `key`: those of its
+/// namespace with its provider, and those shadowed now (by this key, perhaps, before it moved to
+/// another provider or alias: the watch shows only its new claim).
 pub fn keys_with_same_alias(
     key: &ProviderKey,
     keys: &[Arc<ProviderKey>],
 ) -> Vec<ObjectRef<ProviderKey>> {
     keys.iter()
-        .filter(|k| same_alias(k, key) && k.name_any() != key.name_any())
+        .filter(|k| {
+            k.namespace() == key.namespace()
+                && k.name_any() != key.name_any()
+                && (k.spec.provider == key.spec.provider || is_shadowed(k))
+        })
+        .map(|k| ObjectRef::from_obj(k.as_ref()))
+        .collect()
+}
+
+/// Whether a key's status says it is not served for an older claim on its alias.
+fn is_shadowed(key: &ProviderKey) -> bool {
+    key.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "DuplicateAlias")
+    })
+}
+
+/// The ProviderKeys of a gateway's namespace, whose `DuplicateAlias` state depends on which
+/// keys the gateways there select.
+pub fn keys_of_gateway_namespace(
+    gateway: &AIGateway,
+    keys: &[Arc<ProviderKey>],
+) -> Vec<ObjectRef<ProviderKey>> {
+    keys.iter()
+        .filter(|k| k.namespace() == gateway.namespace())
         .map(|k| ObjectRef::from_obj(k.as_ref()))
         .collect()
 }
@@ -172,12 +222,23 @@ async fn run_one(client: Client, ctx: Arc<Context>, concurrency: u16, ns: Option
     let keys: Store<ProviderKey> = controller.store();
     let watched = ns.map(str::to_owned);
     let same_alias_keys = keys.clone();
+    let gateway_keys = keys.clone();
     let sweep = ctx.clone();
     controller
         .watches(
             Scope::api::<ProviderKey>(&client, ns),
             watcher::Config::default(),
             move |key| keys_with_same_alias(&key, &same_alias_keys.state()),
+        )
+        .watches_stream(
+            // Which keys a gateway selects changes with its spec (not its status updates).
+            watcher(
+                Scope::api::<AIGateway>(&client, ns),
+                watcher::Config::default(),
+            )
+            .applied_objects()
+            .predicate_filter(predicates::generation, PredicateConfig::default()),
+            move |gateway| keys_of_gateway_namespace(&gateway, &gateway_keys.state()),
         )
         .watches(
             Scope::api::<PartialObjectMeta<Secret>>(&client, ns),
@@ -241,7 +302,64 @@ mod tests {
     }
 
     fn shadow<'a>(key: &ProviderKey, all: &'a [ProviderKey]) -> Option<&'a str> {
-        older_claim(key, all, "team-a").map(|k| k.metadata.name.as_deref().unwrap_or_default())
+        older_claim(key, all, &[], "team-a").map(|k| k.metadata.name.as_deref().unwrap_or_default())
+    }
+
+    #[test]
+    fn an_older_claim_shadows_a_key_only_where_a_gateway_would_serve_both() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        use sidegate_crds::api::AIGatewaySpec;
+        let team = |name: &str, team: &str, created| {
+            let mut k = key(name, "default", created);
+            k.metadata.labels = Some([("team".to_owned(), team.to_owned())].into());
+            k
+        };
+        let gateway = |team: Option<&str>| {
+            let selector = team.map(|t| LabelSelector {
+                match_labels: Some([("team".to_owned(), t.to_owned())].into()),
+                ..LabelSelector::default()
+            });
+            AIGateway::new(
+                "gw",
+                AIGatewaySpec {
+                    provider_key_selector: selector,
+                    ..AIGatewaySpec::default()
+                },
+            )
+        };
+        let (a, b) = (team("pk-a", "a", 1), team("pk-b", "b", 2));
+        let all = [a.clone(), b.clone()];
+        let older = |gateways: &[AIGateway]| {
+            older_claim(&b, &all, gateways, "team-a").map(ResourceExt::name_any)
+        };
+        // Gateways selecting different keys by label: each serves its own.
+        assert_eq!(older(&[gateway(Some("a")), gateway(Some("b"))]), None);
+        // One selecting both serves the older; so would any, while none selects the newer.
+        assert_eq!(older(&[gateway(None)]).as_deref(), Some("pk-a"));
+        assert_eq!(
+            older(&[gateway(Some("b")), gateway(None)]).as_deref(),
+            Some("pk-a")
+        );
+        assert_eq!(older(&[]).as_deref(), Some("pk-a"));
+        assert_eq!(older(&[gateway(Some("a"))]).as_deref(), Some("pk-a"));
+        // A key shadowed now is triggered by any change of its namespace's keys (the one that
+        // shadowed it may have moved to another alias or provider).
+        let mut shadowed = Arc::new(b.clone());
+        Arc::make_mut(&mut shadowed).status = Some(sidegate_crds::api::ProviderKeyStatus {
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "DuplicateAlias".into(),
+                message: String::new(),
+                last_transition_time: Time(Timestamp::from_second(3).expect("valid time")),
+                observed_generation: None,
+            }],
+            ..Default::default()
+        });
+        let mut moved = a.clone();
+        moved.spec.provider = "anthropic".into();
+        let triggered = keys_with_same_alias(&moved, &[Arc::new(a), shadowed]);
+        assert_eq!(triggered, [ObjectRef::from_obj(&b)]);
     }
 
     #[tokio::test]

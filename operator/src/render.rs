@@ -441,7 +441,7 @@ fn resolve_ref(
                 .to_owned(),
         )
     } else if file == REDIS_URL_FILE_NAME {
-        redis_url_problem(text)
+        redis_url_refused(text)
     } else {
         None
     };
@@ -454,12 +454,55 @@ fn resolve_ref(
     }
 }
 
+/// The problem of a Redis URL the gateway names that can be neither rendered now nor kept from
+/// the keys rendered last (`existing_keys`): the sidecar refuses a config with `redis` and no
+/// URL, so the spec is not rendered until it can be (the config in use stays, as for an
+/// invalid spec).
+pub fn unrenderable_redis_url(
+    gateway: &AIGateway,
+    secrets: &BTreeMap<String, Secret>,
+    existing_keys: Option<&Secret>,
+) -> Option<String> {
+    let r = gateway
+        .spec
+        .policy
+        .redis
+        .as_ref()?
+        .url_secret_ref
+        .as_ref()?;
+    let problem = resolve_ref("redis.urlSecretRef", REDIS_URL_FILE_NAME, r, secrets).err()?;
+    kept_file(existing_keys, REDIS_URL_FILE_NAME)
+        .is_none()
+        .then(|| format!("{problem} (the sidecar cannot load spec.redis without a Redis URL)"))
+}
+
+/// File `file` of the keys Secret rendered last, if it has one.
+fn kept_file(existing_keys: Option<&Secret>, file: &str) -> Option<Vec<u8>> {
+    existing_keys
+        .and_then(|s| secret_value(s, file))
+        .map(<[u8]>::to_vec)
+}
+
 /// Why a key file is too large for the sidecar (which then refuses the whole keys directory).
 fn too_large() -> String {
     format!(
         "is larger than {} KiB, the most the sidecar reads from a key file",
         MAX_KEY_FILE_SIZE / 1024
     )
+}
+
+/// Why the sidecar would refuse a Redis URL, if it would: [`redis_url_problem`], then the
+/// sidecar's own client parses it (what it refuses fails the whole config there). Never quotes
+/// the URL, which may carry a password.
+fn redis_url_refused(url: &str) -> Option<String> {
+    redis_url_problem(url).or_else(|| {
+        redis::Client::open(url).err().map(|e| {
+            format!(
+                "is not a Redis URL the sidecar's client takes ({}: a port past 65535, a space, a parameter it does not know?)",
+                e.category()
+            )
+        })
+    })
 }
 
 /// What the sidecar's Redis client refuses in a Redis URL, if anything: it speaks
@@ -691,11 +734,14 @@ fn gateway_meta(gateway: &AIGateway) -> Result<(String, String, String), RenderE
 
 /// Renders the owned objects of `gateway` from the ProviderKeys it selects (`keys`, any order)
 /// and the Secrets of its namespace by name (`secrets`); `salt` keys the file digests of the
-/// content hash and is stored in the keys Secret.
+/// content hash and is stored in the keys Secret. A Redis URL that cannot be read now (its
+/// Secret gone, refused) is reported, and the one rendered last (in `existing_keys`, the keys
+/// Secret the apiserver holds) stays: a config with `redis` and no URL fails in the sidecar.
 pub fn render(
     gateway: &AIGateway,
     keys: &[ProviderKey],
     secrets: &BTreeMap<String, Secret>,
+    existing_keys: Option<&Secret>,
     salt: &HashSalt,
 ) -> Result<Rendered, RenderError> {
     let (name, namespace, uid) = gateway_meta(gateway)?;
@@ -733,11 +779,12 @@ pub fn render(
     if let Some(redis) = policy.redis.as_mut()
         && let Some(r) = redis.url_secret_ref.take()
     {
-        match resolve_ref("redis.urlSecretRef", REDIS_URL_FILE_NAME, &r, secrets) {
-            Ok(v) => {
-                files.insert(REDIS_URL_FILE_NAME.to_owned(), v);
-            }
-            Err(p) => problems.push(p),
+        let url = resolve_ref("redis.urlSecretRef", REDIS_URL_FILE_NAME, &r, secrets)
+            .map_err(|p| problems.push(p))
+            .ok()
+            .or_else(|| kept_file(existing_keys, REDIS_URL_FILE_NAME));
+        if let Some(url) = url {
+            files.insert(REDIS_URL_FILE_NAME.to_owned(), url);
         }
     }
     // Only providers the gateway sets no base URL for have one from their ProviderKeys.
@@ -870,10 +917,15 @@ pub fn render_keys_only(
         let value = match current {
             Some(r) => resolve_ref(field, file, r, secrets)
                 .map_err(|p| problems.push(p))
-                .ok(),
-            None => existing_keys
-                .and_then(|s| secret_value(s, file))
-                .map(<[u8]>::to_vec),
+                .ok()
+                // A Redis URL unreadable now keeps the last (see `render`); tokens never do:
+                // a token Secret gone revokes them.
+                .or_else(|| {
+                    (file == REDIS_URL_FILE_NAME)
+                        .then(|| kept_file(existing_keys, file))
+                        .flatten()
+                }),
+            None => kept_file(existing_keys, file),
         };
         if let Some(v) = value {
             files.insert(file.to_owned(), v);
@@ -1194,6 +1246,31 @@ mod tests {
     }
 
     #[test]
+    fn redis_urls_are_checked_as_the_sidecar_reads_them() {
+        for good in [
+            "redis://redis.cache:6379/0",
+            "redis://:s3cret@redis.cache/2",
+            "valkey://user:pw@[::1]:6380",
+            "redis+unix:///run/redis.sock?db=1",
+        ] {
+            assert_eq!(redis_url_refused(good), None, "{good}");
+        }
+        for bad in [
+            "redis://redis.cache:99999/0",
+            "redis://host:notaport/0",
+            "redis://ho st/",
+            "redis://h/0?protocol=resp9",
+            "redis+unix:///x.sock?db=abc",
+            "rediss://h",
+            "redis://:pw@0.0.0.0",
+            "http://h",
+        ] {
+            let why = redis_url_refused(bad).unwrap_or_else(|| panic!("{bad} passed"));
+            assert!(!why.contains("pw") && !why.contains(bad), "{why}");
+        }
+    }
+
+    #[test]
     fn keys_become_provider_alias_files_and_an_index_without_values() {
         let secrets = BTreeMap::from([secret(
             "llm",
@@ -1203,8 +1280,14 @@ mod tests {
             key("a", "openai", "default", "llm", "openai"),
             key("b", "anthropic", "team-b", "llm", "anthropic"),
         ];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         assert!(r.problems.is_empty());
         assert_eq!(
             file(&r, "openai.default"),
@@ -1245,8 +1328,14 @@ mod tests {
             ),
             key("groq-main", "groq", "default", "gone", "k"),
         ];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         let messages: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
         assert_eq!(
             messages,
@@ -1316,7 +1405,7 @@ mod tests {
             }
         }
         let secrets = BTreeMap::from([secret("s", &[("v", value.as_str())])]);
-        render(&gateway(policy), &keys, &secrets, &salt()).expect("render")
+        render(&gateway(policy), &keys, &secrets, None, &salt()).expect("render")
     }
 
     #[test]
@@ -1378,8 +1467,14 @@ mod tests {
                 200,
             ),
         ];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         assert_eq!(file(&r, "openai.default"), Some(&b"sk-real"[..]));
         assert_eq!(
             problems_of(&r),
@@ -1399,6 +1494,7 @@ mod tests {
             &gateway(GatewayPolicy::default()),
             &keys,
             &BTreeMap::from([secret("db", &[("password", "hunter2")])]),
+            None,
             &salt(),
         )
         .expect("renders");
@@ -1417,8 +1513,14 @@ mod tests {
             created(key("zeta", "openai", "default", "s", "b"), 100),
             created(key("alpha", "openai", "default", "s", "a"), 100),
         ];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         assert_eq!(file(&r, "openai.default"), Some(&b"one"[..]));
         assert_eq!(problems_of(&r), [("ProviderKey zeta", "DuplicateAlias")]);
     }
@@ -1437,8 +1539,14 @@ mod tests {
                 200,
             ),
         ];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         assert_eq!(provider_base_url(&r, "openai"), None, "the default stays");
         assert_eq!(file(&r, "openai.default"), Some(&b"sk-real"[..]));
         assert_eq!(file(&r, "openai.evil"), None);
@@ -1462,8 +1570,14 @@ mod tests {
                 300,
             ),
         ];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         assert_eq!(provider_base_url(&r, "openai").as_deref(), Some(proxy));
         assert_eq!(r.key_index["openai"], ["c", "default"]);
         assert_eq!(
@@ -1484,8 +1598,14 @@ mod tests {
                 300,
             ),
         ];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         assert_eq!(provider_base_url(&r, "openai"), None);
         assert_eq!(r.key_index["openai"], ["b", "default"]);
         assert_eq!(problems_of(&r), [("ProviderKey 0-dup", "DuplicateAlias")]);
@@ -1517,7 +1637,7 @@ mod tests {
                 300,
             ),
         ];
-        let r = render(&gw, &keys, &secrets, &salt()).expect("renders");
+        let r = render(&gw, &keys, &secrets, None, &salt()).expect("renders");
         assert_eq!(provider_base_url(&r, "openai").as_deref(), Some(set));
         assert_eq!(r.key_index["openai"], ["b", "c"]);
         assert_eq!(
@@ -1539,22 +1659,28 @@ mod tests {
         let v1 = BTreeMap::from([secret("s", &[("k", "sk-1")])]);
         let v2 = BTreeMap::from([secret("s", &[("k", "sk-2")])]);
         let gw = gateway(GatewayPolicy::default());
-        let first = render(&gw, &keys, &v1, &salt()).expect("renders");
+        let first = render(&gw, &keys, &v1, None, &salt()).expect("renders");
         assert_eq!(
             first.hash,
-            render(&gw, &keys, &v1, &salt()).expect("renders").hash
+            render(&gw, &keys, &v1, None, &salt())
+                .expect("renders")
+                .hash
         );
         // A new generation with the same content keeps the hash (no churn in the sidecar).
         let mut bumped = gw.clone();
         bumped.metadata.generation = Some(7);
         assert_eq!(
             first.hash,
-            render(&bumped, &keys, &v1, &salt()).expect("renders").hash
+            render(&bumped, &keys, &v1, None, &salt())
+                .expect("renders")
+                .hash
         );
         // A rotated key or a policy change gives a new one.
         assert_ne!(
             first.hash,
-            render(&gw, &keys, &v2, &salt()).expect("renders").hash
+            render(&gw, &keys, &v2, None, &salt())
+                .expect("renders")
+                .hash
         );
         let cached = gateway(GatewayPolicy {
             cache: Some(Cache {
@@ -1565,7 +1691,9 @@ mod tests {
         });
         assert_ne!(
             first.hash,
-            render(&cached, &keys, &v1, &salt()).expect("renders").hash
+            render(&cached, &keys, &v1, None, &salt())
+                .expect("renders")
+                .hash
         );
         assert!(first.hash.starts_with("sha256:") && first.hash.len() == 7 + 64);
     }
@@ -1593,24 +1721,26 @@ mod tests {
     #[test]
     fn the_same_content_and_salt_give_the_same_hash_and_another_salt_another() {
         let (gw, secrets) = token_only_gateway();
-        let first = render(&gw, &[], &secrets, &salt()).expect("renders");
-        let again = render(&gw, &[], &secrets, &salt()).expect("renders");
+        let first = render(&gw, &[], &secrets, None, &salt()).expect("renders");
+        let again = render(&gw, &[], &secrets, None, &salt()).expect("renders");
         assert_eq!(first.hash, again.hash);
         let other = HashSalt::from([8; 32]);
-        let resalted = render(&gw, &[], &secrets, &other).expect("renders");
+        let resalted = render(&gw, &[], &secrets, None, &other).expect("renders");
         assert_ne!(first.hash, resalted.hash);
         // Rotated content under the same salt still changes it.
         let rotated = BTreeMap::from([secret("tokens", &[("t", "hunter3")])]);
         assert_ne!(
             first.hash,
-            render(&gw, &[], &rotated, &salt()).expect("renders").hash
+            render(&gw, &[], &rotated, None, &salt())
+                .expect("renders")
+                .hash
         );
     }
 
     #[test]
     fn the_hash_cannot_be_recomputed_from_the_config_map_and_a_right_guess_of_the_secret() {
         let (gw, secrets) = token_only_gateway();
-        let r = render(&gw, &[], &secrets, &salt()).expect("renders");
+        let r = render(&gw, &[], &secrets, None, &salt()).expect("renders");
         // What a reader of the ConfigMap has, plus a guess of the token that happens to be right.
         let config = kept(&r);
         let recompute = |digest: &dyn Fn(&[u8]) -> String| {
@@ -1635,7 +1765,7 @@ mod tests {
     #[test]
     fn the_salt_is_kept_in_the_keys_secret_only_under_a_name_the_sidecar_skips() {
         let (gw, secrets) = token_only_gateway();
-        let r = render(&gw, &[], &secrets, &salt()).expect("renders");
+        let r = render(&gw, &[], &secrets, None, &salt()).expect("renders");
         let stored = file(&r, HASH_SALT_FILE_NAME).expect("salt in the keys Secret");
         assert!(HASH_SALT_FILE_NAME.starts_with('.'), "the sidecar skips it");
         let hex = std::str::from_utf8(stored).expect("hex");
@@ -1654,11 +1784,11 @@ mod tests {
     #[test]
     fn a_stored_salt_is_kept_and_a_missing_or_malformed_one_replaced() {
         let (gw, secrets) = token_only_gateway();
-        let r = render(&gw, &[], &secrets, &salt()).expect("renders");
+        let r = render(&gw, &[], &secrets, None, &salt()).expect("renders");
         let kept_salt = HashSalt::kept_or_new(Some(&r.secret)).expect("salt");
         assert_eq!(kept_salt, salt());
         assert_eq!(
-            render(&gw, &[], &secrets, &kept_salt)
+            render(&gw, &[], &secrets, None, &kept_salt)
                 .expect("renders")
                 .secret,
             r.secret,
@@ -1677,7 +1807,7 @@ mod tests {
             assert_eq!(HashSalt::stored_in(&broken), None, "{bad:?}");
             let replaced = HashSalt::kept_or_new(Some(&broken)).expect("salt");
             assert_ne!(replaced, salt());
-            let rendered = render(&gw, &[], &secrets, &replaced).expect("renders");
+            let rendered = render(&gw, &[], &secrets, None, &replaced).expect("renders");
             assert_ne!(rendered.hash, r.hash);
         }
         let (_, without) = secret("sidegate-main-keys", &[(TOKENS_FILE_NAME, "hunter2")]);
@@ -1700,7 +1830,7 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         });
-        let r = render(&gw, &[], &secrets, &salt()).expect("renders");
+        let r = render(&gw, &[], &secrets, None, &salt()).expect("renders");
         assert_eq!(file(&r, TOKENS_FILE_NAME), Some(&b"tok-a\ntok-b"[..]));
         assert_eq!(file(&r, REDIS_URL_FILE_NAME), Some(&b"redis://r:6379"[..]));
         let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
@@ -1713,7 +1843,7 @@ mod tests {
             "the redis block stays, so the sidecar uses redis.url: {yaml}"
         );
 
-        let r = render(&gw, &[], &BTreeMap::new(), &salt()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), None, &salt()).expect("renders");
         let messages: Vec<String> = r.problems.iter().map(ToString::to_string).collect();
         assert_eq!(
             messages,
@@ -1722,6 +1852,13 @@ mod tests {
                 "AIGateway redis.urlSecretRef: Secret redis not found",
             ]
         );
+        // With the keys Secret rendered before: its Redis URL stays (a config with `redis`
+        // and no URL fails in the sidecar); its tokens do not (a token Secret gone revokes).
+        let before = render(&gw, &[], &secrets, None, &salt()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), Some(&before.secret), &salt()).expect("renders");
+        assert_eq!(file(&r, REDIS_URL_FILE_NAME), Some(&b"redis://r:6379"[..]));
+        assert_eq!(file(&r, TOKENS_FILE_NAME), None);
+        assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
     }
 
     #[test]
@@ -1747,7 +1884,7 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         });
-        let r = render(&gw, &[], &BTreeMap::new(), &salt()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), None, &salt()).expect("renders");
         let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
         let config: sidegate_crds::GatewayConfig = serde_saphyr::from_str(yaml).expect("parses");
         assert_eq!(config.spec.spend_limit, gw.spec.policy.spend_limit);
@@ -1768,7 +1905,7 @@ mod tests {
             }),
             ..GatewayPolicy::default()
         });
-        let r = render(&gw, &[], &BTreeMap::new(), &salt()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), None, &salt()).expect("renders");
         let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
         assert!(yaml.contains("openTelemetry:"), "{yaml}");
         let config: sidegate_crds::GatewayConfig = serde_saphyr::from_str(yaml).expect("parses");
@@ -1784,6 +1921,7 @@ mod tests {
             &gateway(GatewayPolicy::default()),
             std::slice::from_ref(&pk),
             &secrets,
+            None,
             &salt(),
         )
         .expect("renders");
@@ -1799,6 +1937,7 @@ mod tests {
             &gateway(GatewayPolicy::default()),
             &[http],
             &secrets,
+            None,
             &salt(),
         )
         .expect("renders");
@@ -1828,12 +1967,12 @@ mod tests {
             );
             gw
         };
-        let r = render(&gw, std::slice::from_ref(&pk), &secrets, &salt()).expect("renders");
+        let r = render(&gw, std::slice::from_ref(&pk), &secrets, None, &salt()).expect("renders");
         assert_eq!(r.problems[0].reason, "InvalidBaseURL");
         assert_eq!(r.key_count(), 0);
 
         pk.metadata.annotations = gw.metadata.annotations.clone();
-        let r = render(&gw, &[pk], &secrets, &salt()).expect("renders");
+        let r = render(&gw, &[pk], &secrets, None, &salt()).expect("renders");
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert_eq!(r.key_count(), 1);
         let yaml = &r.config_map.data.as_ref().expect("data")["gateway.yaml"];
@@ -1852,8 +1991,14 @@ mod tests {
         let mut pk = key("b", "aws-bedrock", "default", "aws", "unused");
         pk.spec.secret_ref.key = None;
         pk.spec.region = Some("eu-west-1".into());
-        let r =
-            render(&gateway(GatewayPolicy::default()), &[pk], &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &[pk],
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         let json: serde_json::Value =
             serde_json::from_slice(file(&r, "aws-bedrock.default").expect("file")).expect("json");
         assert_eq!(
@@ -1866,8 +2011,14 @@ mod tests {
     fn up_to_date_objects_are_not_applied_again() {
         let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
         let keys = [key("a", "openai", "default", "s", "k")];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         // What the apiserver returns has more metadata than we set.
         let mut live_cm = r.config_map.clone();
         live_cm.metadata.resource_version = Some("42".into());
@@ -1880,8 +2031,14 @@ mod tests {
         assert!(secret_up_to_date(&r.secret, &r.secret));
 
         let rotated = BTreeMap::from([secret("s", &[("k", "v2")])]);
-        let r2 =
-            render(&gateway(GatewayPolicy::default()), &keys, &rotated, &salt()).expect("renders");
+        let r2 = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &rotated,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         assert!(!secret_up_to_date(&r.secret, &r2.secret));
         assert!(
             !config_map_up_to_date(&live_cm, &r2.config_map),
@@ -1894,11 +2051,11 @@ mod tests {
         let secrets = BTreeMap::from([secret("s", &[("k", "v")])]);
         let keys = [key("a", "openai", "default", "s", "k")];
         let gw = gateway(GatewayPolicy::default());
-        let first = render(&gw, &keys, &secrets, &salt()).expect("renders");
+        let first = render(&gw, &keys, &secrets, None, &salt()).expect("renders");
         // e.g. spec.sidecar.image changed: a new generation, the same config.
         let mut bumped = gw.clone();
         bumped.metadata.generation = Some(2);
-        let second = render(&bumped, &keys, &secrets, &salt()).expect("renders");
+        let second = render(&bumped, &keys, &secrets, None, &salt()).expect("renders");
         assert!(
             config_map_up_to_date(&first.config_map, &second.config_map),
             "only the generation differs: no write, no reload in every sidecar"
@@ -1909,7 +2066,7 @@ mod tests {
             enabled: true,
             ..Cache::default()
         });
-        let third = render(&cached, &keys, &secrets, &salt()).expect("renders");
+        let third = render(&cached, &keys, &secrets, None, &salt()).expect("renders");
         assert!(!config_map_up_to_date(&first.config_map, &third.config_map));
     }
 
@@ -1928,7 +2085,7 @@ mod tests {
             authentication: token_auth(),
             ..GatewayPolicy::default()
         });
-        let last = render(&gw, &keys, &secrets, &salt()).expect("renders");
+        let last = render(&gw, &keys, &secrets, None, &salt()).expect("renders");
         let again = render_keys_only(
             &gw,
             &kept(&last),
@@ -1955,7 +2112,7 @@ mod tests {
             authentication: token_auth(),
             ..GatewayPolicy::default()
         });
-        let last = render(&good, &keys, &secrets, &salt()).expect("renders");
+        let last = render(&good, &keys, &secrets, None, &salt()).expect("renders");
 
         // The spec turns invalid (here: a cache the validator would refuse; the content does
         // not matter to this function), then: the OpenAI key is rotated, ProviderKey b is
@@ -2037,7 +2194,7 @@ mod tests {
     #[test]
     fn only_objects_made_for_this_gateway_are_taken_over() {
         let gw = gateway(GatewayPolicy::default());
-        let r = render(&gw, &[], &BTreeMap::new(), &salt()).expect("renders");
+        let r = render(&gw, &[], &BTreeMap::new(), None, &salt()).expect("renders");
         assert!(is_managed_for(&r.config_map.metadata, &gw));
         assert!(is_managed_for(&r.secret.metadata, &gw));
 
@@ -2101,8 +2258,14 @@ mod tests {
             key("d-ok", "groq", "default", "s", "ok"),
             key("e-vertex", "google-vertex-ai", "default", "s", "sa"),
         ];
-        let r =
-            render(&gateway(GatewayPolicy::default()), &keys, &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &keys,
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         let reasons: Vec<(&str, &str)> = r
             .problems
             .iter()
@@ -2140,12 +2303,18 @@ mod tests {
                 ..Default::default()
             },
         );
-        let r = render(&gw, &keys[..1], &secrets, &salt()).expect("renders");
+        let r = render(&gw, &keys[..1], &secrets, None, &salt()).expect("renders");
         assert!(r.problems.is_empty() && file(&r, "custom-house.default").is_some());
         let mut pk = keys[0].clone();
         pk.spec.base_url = Some("https://llm.example.com/v1".into());
-        let r =
-            render(&gateway(GatewayPolicy::default()), &[pk], &secrets, &salt()).expect("renders");
+        let r = render(
+            &gateway(GatewayPolicy::default()),
+            &[pk],
+            &secrets,
+            None,
+            &salt(),
+        )
+        .expect("renders");
         assert!(r.problems.is_empty() && file(&r, "custom-house.default").is_some());
     }
 

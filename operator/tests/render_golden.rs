@@ -56,7 +56,7 @@ fn example() -> (AIGateway, Vec<ProviderKey>, BTreeMap<String, Secret>) {
 #[test]
 fn example_gateway_renders_the_golden_config_map_and_secret() {
     let (gateway, keys, secrets) = example();
-    let rendered = render(&gateway, &keys, &secrets, &salt()).expect("example renders");
+    let rendered = render(&gateway, &keys, &secrets, None, &salt()).expect("example renders");
     assert!(rendered.problems.is_empty(), "{:?}", rendered.problems);
     let cm = serde_saphyr::to_string(&rendered.config_map).expect("configmap serializes");
     assert_golden("example-configmap.yaml", &cm);
@@ -66,7 +66,7 @@ fn example_gateway_renders_the_golden_config_map_and_secret() {
 #[test]
 fn rendered_gateway_yaml_is_what_the_sidecar_reads() {
     let (gateway, keys, secrets) = example();
-    let rendered = render(&gateway, &keys, &secrets, &salt()).expect("example renders");
+    let rendered = render(&gateway, &keys, &secrets, None, &salt()).expect("example renders");
     let yaml = &rendered.config_map.data.as_ref().expect("data")["gateway.yaml"];
     let config: GatewayConfig =
         serde_saphyr::from_str(yaml).expect("sidecar can parse gateway.yaml");

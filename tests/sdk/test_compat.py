@@ -244,7 +244,11 @@ def test_anthropic_thinking_tool_loop_sends_the_signed_thinking_back(gw, mock, s
     text = stream_text(second)[0] if stream else second.choices[0].message.content
     assert text == "mock reply to tool result: 21C and sunny"
     sent = json.loads(mock.last()["body"])["messages"][1]["content"]
-    assert sent[0] == block, "the thinking block goes back first and unchanged"
+    # A streamed block carries its `index` among the message's blocks (for clients that merge
+    # deltas by it); Anthropic gets the block itself, unchanged.
+    assert sent[0] == {k: v for k, v in block.items() if k != "index"}, \
+        "the thinking block goes back first and unchanged"
+    assert block.get("index", 0) == 0
     assert sent[1]["type"] == "tool_use" and sent[1]["id"] == call["id"]
 
 
