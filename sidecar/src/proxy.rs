@@ -729,32 +729,30 @@ impl Gateway {
         let alias = aig.byok_alias().map_err(fail)?;
         // A stored key drops every client key header, the gateway token among them: which one
         // goes is known from the config (a token is minted only for a request let in).
-        let stored = if provider.service_account(alias).is_some() {
-            true
-        } else if provider.signs_requests() {
-            false
-        } else {
-            matches!(
-                provider.choose_key(alias).map_err(fail)?,
-                KeyChoice::Stored(_)
-            )
+        let service_account = provider.service_account(alias);
+        let chosen = match (service_account, provider.signs_requests()) {
+            (None, false) => Some(provider.choose_key(alias).map_err(fail)?),
+            _ => None,
         };
+        let stored = service_account.is_some() || matches!(chosen, Some(KeyChoice::Stored(_)));
         admission
             .allow_client_key(stored, snap, &parts.headers)
             .map_err(fail)?;
         self.check_limits(snap).await.map_err(fail)?;
         let minted;
         let mut signer = None;
-        let key = if let Some(sa) = provider.service_account(alias) {
-            minted = sa.token(self).await.map_err(fail)?;
-            KeyChoice::Stored(&minted)
-        } else if provider.signs_requests() {
+        let key = match (chosen, service_account) {
+            (Some(key), _) => key,
+            (None, Some(sa)) => {
+                minted = sa.token(self).await.map_err(fail)?;
+                KeyChoice::Stored(&minted)
+            }
             // AWS: the gateway signs with the stored credentials of the alias; without any
             // (and no alias asked for), the client's signature goes through as it is.
-            signer = crate::compat::stored_aws_credentials(snap, alias).map_err(fail)?;
-            KeyChoice::ClientOwn
-        } else {
-            provider.choose_key(alias).map_err(fail)?
+            (None, None) => {
+                signer = crate::compat::stored_aws_credentials(snap, alias).map_err(fail)?;
+                KeyChoice::ClientOwn
+            }
         };
         // Only here does a client's own signature go upstream unchanged (see
         // `headers::keeps_accept_encoding`).

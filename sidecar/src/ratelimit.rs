@@ -62,6 +62,19 @@ pub(crate) struct Counts {
 }
 
 impl Counts {
+    /// Whether one more request passes `into` the window with these counts ([`admit`]).
+    fn admits(&self, s: &Settings, into: Duration) -> Result<(), Duration> {
+        admit(
+            s.limit,
+            self.count,
+            self.previous,
+            into,
+            s.interval,
+            s.sliding,
+            Need::One,
+        )
+    }
+
     /// Moves to window `index`: the current count becomes the previous one when `index` is the
     /// next window, and both restart after a gap.
     pub fn roll(&mut self, index: u64) {
@@ -164,15 +177,7 @@ impl Limiter {
     /// Counts a request at `now`; `Err(retry_after)` when it is over the limit.
     pub fn check(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
         self.at(s, now, |w, into| {
-            admit(
-                s.limit,
-                w.count,
-                w.previous,
-                into,
-                s.interval,
-                s.sliding,
-                Need::One,
-            )?;
+            w.admits(s, into)?;
             w.count += 1;
             Ok(())
         })
@@ -181,17 +186,7 @@ impl Limiter {
     /// Whether a request at `now` would pass, without counting it (a route's rate node, which
     /// counts only the requests that go upstream: [`Self::count`]).
     pub fn peek(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
-        self.at(s, now, |w, into| {
-            admit(
-                s.limit,
-                w.count,
-                w.previous,
-                into,
-                s.interval,
-                s.sliding,
-                Need::One,
-            )
-        })
+        self.at(s, now, |w, into| w.admits(s, into))
     }
 
     /// Counts a request at `now` that [`Self::peek`] let pass earlier and that goes upstream
