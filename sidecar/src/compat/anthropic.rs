@@ -174,9 +174,7 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             }
             t.insert(
                 "input_schema".into(),
-                f.parameters
-                    .clone()
-                    .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                openai::tool_input_schema(f.parameters.as_ref()),
             );
             // `strict` is not passed on: Anthropic's strict tool use is a feature of some models
             // only, which the others refuse, and the OpenAI Agents SDK sets it on every tool.

@@ -311,7 +311,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             }
             spec.insert(
                 "inputSchema".into(),
-                json!({"json": f.parameters.clone().unwrap_or_else(|| json!({"type": "object", "properties": {}}))}),
+                json!({"json": openai::tool_input_schema(f.parameters.as_ref())}),
             );
             // `strict` is not passed on: strict tool use is a feature of some models only, which
             // the others refuse, and the OpenAI Agents SDK sets it on every tool.

@@ -316,6 +316,22 @@ pub fn trim_prefill(turns: &mut Vec<(&'static str, Vec<Value>)>) {
     }
 }
 
+/// A function's `parameters` as a tool input schema for Anthropic and Bedrock, which want an
+/// object schema with its `type`: none is an empty object schema (OpenAI: "omitting parameters
+/// defines a function with an empty parameter list"), and an object schema without `type`
+/// (`{}`, which OpenAI takes) gets `"type": "object"`.
+pub fn tool_input_schema(parameters: Option<&Value>) -> Value {
+    match parameters {
+        None => serde_json::json!({"type": "object", "properties": {}}),
+        Some(Value::Object(schema)) if !schema.contains_key("type") => {
+            let mut schema = schema.clone();
+            schema.insert("type".into(), Value::from("object"));
+            Value::Object(schema)
+        }
+        Some(schema) => schema.clone(),
+    }
+}
+
 /// Between a tool call's id and the Gemini thought signature it carries (see `gemini`).
 pub const SIGNATURE_MARK: &str = "~ts~";
 
@@ -1494,6 +1510,30 @@ fn is_usage_only(event: &[u8]) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn tool_input_schemas_are_object_schemas_with_their_type() {
+        assert_eq!(
+            tool_input_schema(None),
+            json!({"type": "object", "properties": {}})
+        );
+        assert_eq!(
+            tool_input_schema(Some(&json!({}))),
+            json!({"type": "object"})
+        );
+        let props = json!({"properties": {"b": {}, "a": {}}});
+        let typed = tool_input_schema(Some(&props));
+        assert_eq!(typed["type"], "object");
+        // The client's order stays (it orders what the model writes).
+        let keys: Vec<&String> = typed["properties"]
+            .as_object()
+            .expect("object")
+            .keys()
+            .collect();
+        assert_eq!(keys, ["b", "a"]);
+        let full = json!({"type": "object", "properties": {"x": {"type": "string"}}});
+        assert_eq!(tool_input_schema(Some(&full)), full);
+    }
 
     #[test]
     fn a_prefill_ends_without_trailing_whitespace() {
