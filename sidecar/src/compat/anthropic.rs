@@ -58,14 +58,29 @@ fn thinking_content(blocks: &Option<Vec<ThinkingBlock>>) -> Vec<Value> {
 pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), GatewayError> {
     req.refuse_unsupported(PROVIDER, &["user", "safety_identifier"])?;
     let mut body = req.rest.clone();
-    let mut system: Vec<String> = Vec::new();
+    // The system text blocks, each with its `cache_control` if the client set one.
+    let mut system: Vec<(String, Option<Value>)> = Vec::new();
     let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
     for (i, m) in req.messages.iter().enumerate() {
         match m {
             Message::System { content, .. } | Message::Developer { content, .. } => {
                 let text = openai::text_only(content, i, "system", PROVIDER)?;
-                if !openai::is_blank(&text) {
-                    system.push(text);
+                match content {
+                    // A caching breakpoint keeps its part a block of its own.
+                    Content::Parts(parts) if content.has_cache_control() => {
+                        for p in parts {
+                            if let Part::Text {
+                                text,
+                                cache_control,
+                            } = p
+                                && !openai::is_blank(text)
+                            {
+                                system.push((text.clone(), cache_control.clone()));
+                            }
+                        }
+                    }
+                    _ if !openai::is_blank(&text) => system.push((text, None)),
+                    _ => {}
                 }
             }
             Message::User { content, .. } => {
@@ -129,10 +144,17 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
     let thinking = thinking_on(&req.rest);
     if thinking && matches!(req.response_format, Some(ref f) if !matches!(f, ResponseFormat::Text))
     {
-        system.push(JSON_TOOL_INSTRUCTION.to_owned());
+        system.push((JSON_TOOL_INSTRUCTION.to_owned(), None));
     }
-    if !system.is_empty() {
-        body.insert("system".into(), Value::String(system.join("\n\n")));
+    if system.iter().any(|(_, cache)| cache.is_some()) {
+        let blocks = system
+            .into_iter()
+            .map(|(text, cache)| text_block(text, cache))
+            .collect();
+        body.insert("system".into(), Value::Array(blocks));
+    } else if !system.is_empty() {
+        let texts: Vec<String> = system.into_iter().map(|(text, _)| text).collect();
+        body.insert("system".into(), Value::String(texts.join("\n\n")));
     }
     let messages: Vec<Value> = messages
         .into_iter()
@@ -166,20 +188,28 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
         .tools
         .iter()
         .flatten()
-        .map(|Tool::Function { function: f }| {
-            let mut t = Map::new();
-            t.insert("name".into(), Value::String(f.name.clone()));
-            if let Some(d) = &f.description {
-                t.insert("description".into(), Value::String(d.clone()));
-            }
-            t.insert(
-                "input_schema".into(),
-                openai::tool_input_schema(f.parameters.as_ref()),
-            );
-            // `strict` is not passed on: Anthropic's strict tool use is a feature of some models
-            // only, which the others refuse, and the OpenAI Agents SDK sets it on every tool.
-            Value::Object(t)
-        })
+        .map(
+            |Tool::Function {
+                 function: f,
+                 cache_control,
+             }| {
+                let mut t = Map::new();
+                t.insert("name".into(), Value::String(f.name.clone()));
+                if let Some(d) = &f.description {
+                    t.insert("description".into(), Value::String(d.clone()));
+                }
+                t.insert(
+                    "input_schema".into(),
+                    openai::tool_input_schema(f.parameters.as_ref()),
+                );
+                if let Some(cache) = cache_control {
+                    t.insert("cache_control".into(), cache.clone());
+                }
+                // `strict` is not passed on: Anthropic's strict tool use is a feature of some models
+                // only, which the others refuse, and the OpenAI Agents SDK sets it on every tool.
+                Value::Object(t)
+            },
+        )
         .collect();
     let mut tool_choice = match req.tool_choice.as_ref().map(|c| c.choice()).transpose()? {
         None => None,
@@ -256,7 +286,7 @@ fn default_max_tokens(rest: &Map<String, Value>) -> u64 {
 /// (Anthropic takes them in a tool result); `None` when there is nothing but blank text —
 /// Anthropic refuses blank text blocks, and a result without content is an empty one.
 fn tool_result_content(content: &Content, i: usize) -> Result<Option<Value>, GatewayError> {
-    if content.is_text_only() {
+    if content.is_text_only() && !content.has_cache_control() {
         let text = content.text();
         return Ok((!openai::is_blank(&text)).then_some(Value::String(text)));
     }
@@ -272,13 +302,14 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
     };
     let mut blocks = Vec::with_capacity(parts.len());
     for (j, p) in parts.iter().enumerate() {
+        let before = blocks.len();
         match p {
-            Part::Text { text } | Part::Refusal { refusal: text } => {
+            Part::Text { text, .. } | Part::Refusal { refusal: text } => {
                 if !openai::is_blank(text) {
                     blocks.push(json!({"type": "text", "text": text}));
                 }
             }
-            Part::ImageUrl { image_url } => {
+            Part::ImageUrl { image_url, .. } => {
                 let source = match openai::parse_data_url(&image_url.url) {
                     Some((mime, data)) => {
                         json!({"type": "base64", "media_type": mime, "data": data})
@@ -296,7 +327,7 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
                 };
                 blocks.push(json!({"type": "image", "source": source}));
             }
-            Part::File { file } => {
+            Part::File { file, .. } => {
                 let Some((mime, data)) = file.file_data.as_deref().and_then(openai::parse_data_url)
                 else {
                     return Err(bad(format!(
@@ -313,8 +344,25 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
                 ));
             }
         }
+        // A prompt-caching breakpoint after this part, as the client marked it.
+        if let (Some(cache), Some(Value::Object(block))) =
+            (p.cache_control(), blocks.get_mut(before))
+        {
+            block.insert("cache_control".into(), cache.clone());
+        }
     }
     Ok(blocks)
+}
+
+/// A text block, with its `cache_control` if any.
+fn text_block(text: String, cache_control: Option<Value>) -> Value {
+    let mut block = Map::new();
+    block.insert("type".into(), Value::from("text"));
+    block.insert("text".into(), Value::String(text));
+    if let Some(cache) = cache_control {
+        block.insert("cache_control".into(), cache);
+    }
+    Value::Object(block)
 }
 
 /// OpenAI `finish_reason` for an Anthropic `stop_reason`.
@@ -1133,6 +1181,46 @@ mod tests {
         let req = ChatRequest::parse(body.to_string().as_bytes()).expect("parse");
         let (body, _) = request(req, "claude-x").expect("translate");
         serde_json::from_slice(&body).expect("json")
+    }
+
+    #[test]
+    fn cache_control_marks_reach_anthropic_where_the_client_put_them() {
+        let mark = json!({"type": "ephemeral"});
+        let v = translated(json!({"model": "anthropic/claude-x",
+            "messages": [
+                {"role": "system", "content": [
+                    {"type": "text", "text": "long rules", "cache_control": mark},
+                    {"type": "text", "text": "today"}]},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "a long document", "cache_control": mark},
+                    {"type": "text", "text": "question"}]},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                    "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": [
+                    {"type": "text", "text": "result", "cache_control": mark}]}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}},
+                       "cache_control": mark}]}));
+        assert_eq!(
+            v["system"],
+            json!([{"type": "text", "text": "long rules", "cache_control": mark},
+                   {"type": "text", "text": "today"}])
+        );
+        assert_eq!(
+            v["messages"][0]["content"],
+            json!([{"type": "text", "text": "a long document", "cache_control": mark},
+                   {"type": "text", "text": "question"}])
+        );
+        assert_eq!(
+            v["messages"][2]["content"][0]["content"],
+            json!([{"type": "text", "text": "result", "cache_control": mark}])
+        );
+        assert_eq!(v["tools"][0]["cache_control"], mark);
+        assert_eq!(v["tools"][0]["input_schema"], json!({"type": "object"}));
+        // Without marks the system prompt stays one string.
+        let plain = translated(json!({"model": "anthropic/claude-x", "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {"role": "user", "content": "hi"}]}));
+        assert!(plain["system"].is_string(), "{plain}");
     }
 
     #[test]

@@ -209,8 +209,25 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             Message::System { content, .. } | Message::Developer { content, .. } => {
                 // Converse system blocks hold text (and guard or cache points), no images.
                 let text = openai::text_only(content, i, "system", PROVIDER)?;
-                if !openai::is_blank(&text) {
-                    system.push(json!({"text": text}));
+                match content {
+                    // Each part a block of its own, a cache point after those marked.
+                    Content::Parts(parts) if content.has_cache_control() => {
+                        for p in parts {
+                            if let Part::Text {
+                                text,
+                                cache_control,
+                            } = p
+                                && !openai::is_blank(text)
+                            {
+                                system.push(json!({"text": text}));
+                                if cache_control.is_some() {
+                                    system.push(cache_point());
+                                }
+                            }
+                        }
+                    }
+                    _ if !openai::is_blank(&text) => system.push(json!({"text": text})),
+                    _ => {}
                 }
             }
             Message::User { content, .. } => {
@@ -256,16 +273,20 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                 // wants at least one block, and text that is not blank: an empty result is an
                 // empty JSON object.
                 let mut result = user_blocks(content, i)?;
+                // A tool result holds no cache point: one goes after the result instead.
+                let cached = result.len();
+                result.retain(|b| b.get("cachePoint").is_none());
+                let cached = result.len() < cached;
                 if result.is_empty() {
                     result.push(json!({"json": {}}));
                 }
-                openai::push_turn(
-                    &mut messages,
-                    "user",
-                    vec![json!({"toolResult": {
-                        "toolUseId": openai::portable_call_id(tool_call_id, MAX_CALL_ID),
-                        "content": result}})],
-                );
+                let mut blocks = vec![json!({"toolResult": {
+                    "toolUseId": openai::portable_call_id(tool_call_id, MAX_CALL_ID),
+                    "content": result}})];
+                if cached {
+                    blocks.push(cache_point());
+                }
+                openai::push_turn(&mut messages, "user", blocks);
             }
             Message::Function { .. } => {
                 return Err(bad(format!(
@@ -303,20 +324,26 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
         .tools
         .iter()
         .flatten()
-        .map(|Tool::Function { function: f }| {
-            let mut spec = Map::new();
-            spec.insert("name".into(), Value::String(f.name.clone()));
-            if let Some(d) = &f.description {
-                spec.insert("description".into(), Value::String(d.clone()));
-            }
-            spec.insert(
-                "inputSchema".into(),
-                json!({"json": openai::tool_input_schema(f.parameters.as_ref())}),
-            );
-            // `strict` is not passed on: strict tool use is a feature of some models only, which
-            // the others refuse, and the OpenAI Agents SDK sets it on every tool.
-            json!({"toolSpec": spec})
-        })
+        .flat_map(
+            |Tool::Function {
+                 function: f,
+                 cache_control,
+             }| {
+                let mut spec = Map::new();
+                spec.insert("name".into(), Value::String(f.name.clone()));
+                if let Some(d) = &f.description {
+                    spec.insert("description".into(), Value::String(d.clone()));
+                }
+                spec.insert(
+                    "inputSchema".into(),
+                    json!({"json": openai::tool_input_schema(f.parameters.as_ref())}),
+                );
+                // `strict` is not passed on: strict tool use is a feature of some models only, which
+                // the others refuse, and the OpenAI Agents SDK sets it on every tool.
+                let cache = cache_control.as_ref().map(|_| cache_point());
+                std::iter::once(json!({"toolSpec": spec})).chain(cache)
+            },
+        )
         .collect();
     let mut tool_choice = match req.tool_choice.as_ref().map(|c| c.choice()).transpose()? {
         None | Some(Choice::Auto) => None,
@@ -397,13 +424,14 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
     };
     let mut blocks = Vec::with_capacity(parts.len());
     for (j, p) in parts.iter().enumerate() {
+        let before = blocks.len();
         match p {
-            Part::Text { text } | Part::Refusal { refusal: text } => {
+            Part::Text { text, .. } | Part::Refusal { refusal: text } => {
                 if !openai::is_blank(text) {
                     blocks.push(json!({"text": text}));
                 }
             }
-            Part::ImageUrl { image_url } => {
+            Part::ImageUrl { image_url, .. } => {
                 let Some((mime, data)) = openai::parse_data_url(&image_url.url) else {
                     return Err(bad(format!(
                         "messages[{i}].content[{j}].image_url: provider aws-bedrock takes images as base64 data URLs only"
@@ -412,7 +440,7 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
                 let format = mime.strip_prefix("image/").unwrap_or(&mime);
                 blocks.push(json!({"image": {"format": format, "source": {"bytes": data}}}));
             }
-            Part::File { file } => {
+            Part::File { file, .. } => {
                 let Some((mime, data)) = file.file_data.as_deref().and_then(openai::parse_data_url)
                 else {
                     return Err(bad(format!(
@@ -449,8 +477,17 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
                 ));
             }
         }
+        // Anthropic's `cache_control` on a part is a Converse cache point after its block.
+        if p.cache_control().is_some() && blocks.len() > before {
+            blocks.push(cache_point());
+        }
     }
     Ok(blocks)
+}
+
+/// A Converse prompt-caching checkpoint: what comes before it is cached.
+fn cache_point() -> Value {
+    json!({"cachePoint": {"type": "default"}})
 }
 
 /// OpenAI `finish_reason` for a Bedrock `stopReason`.
@@ -1003,6 +1040,42 @@ mod tests {
             event("metadata", r#"{"usage":{"inputTokens":11,"outputTokens":9,"totalTokens":20},"metrics":{"latencyMs":100}}"#),
         ]
         .concat()
+    }
+
+    #[test]
+    fn cache_control_marks_are_cache_points_after_their_blocks() {
+        let mark = json!({"type": "ephemeral"});
+        let body = json!({"model": "aws-bedrock/m",
+            "messages": [
+                {"role": "system", "content": [
+                    {"type": "text", "text": "long rules", "cache_control": mark},
+                    {"type": "text", "text": "today"}]},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "a long document", "cache_control": mark},
+                    {"type": "text", "text": "question"}]},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                    "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": [
+                    {"type": "text", "text": "result", "cache_control": mark}]}],
+            "tools": [{"type": "function", "function": {"name": "f"}, "cache_control": mark}]});
+        let req = ChatRequest::parse(body.to_string().as_bytes()).expect("parse");
+        let (body, _) = request(req).expect("translate");
+        let v: Value = serde_json::from_slice(&body).expect("json");
+        let point = json!({"cachePoint": {"type": "default"}});
+        assert_eq!(
+            v["system"],
+            json!([{"text": "long rules"}, point, {"text": "today"}])
+        );
+        assert_eq!(
+            v["messages"][0]["content"],
+            json!([{"text": "a long document"}, point, {"text": "question"}])
+        );
+        // A tool result holds no cache point: it follows the result.
+        assert_eq!(
+            v["messages"][2]["content"],
+            json!([{"toolResult": {"toolUseId": "c1", "content": [{"text": "result"}]}}, point])
+        );
+        assert_eq!(v["toolConfig"]["tools"][1], point);
     }
 
     #[test]

@@ -195,7 +195,7 @@ pub fn request(mut req: ChatRequest, model: &str, provider: &str) -> Result<Vec<
         .tools
         .iter()
         .flatten()
-        .map(|Tool::Function { function: f }| {
+        .map(|Tool::Function { function: f, .. }| {
             let mut d = Map::new();
             d.insert("name".into(), Value::String(f.name.clone()));
             if let Some(desc) = &f.description {
@@ -242,19 +242,19 @@ fn user_parts(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
     let mut out = Vec::with_capacity(parts.len());
     for (j, p) in parts.iter().enumerate() {
         match p {
-            Part::Text { text } | Part::Refusal { refusal: text } => {
+            Part::Text { text, .. } | Part::Refusal { refusal: text } => {
                 if !openai::is_blank(text) {
                     out.push(json!({"text": text}));
                 }
             }
-            Part::ImageUrl { image_url } => match openai::parse_data_url(&image_url.url) {
+            Part::ImageUrl { image_url, .. } => match openai::parse_data_url(&image_url.url) {
                 Some((mime, data)) => {
                     out.push(json!({"inlineData": {"mimeType": mime, "data": data}}));
                 }
                 None => out.push(json!({"fileData": {
                     "mimeType": mime_from_extension(&image_url.url), "fileUri": image_url.url}})),
             },
-            Part::File { file } => {
+            Part::File { file, .. } => {
                 let Some((mime, data)) = file.file_data.as_deref().and_then(openai::parse_data_url)
                 else {
                     return Err(bad(format!(

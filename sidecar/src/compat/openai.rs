@@ -191,6 +191,11 @@ impl Content {
         }
     }
 
+    /// Whether a part carries a `cache_control` (which keeps the parts blocks of their own).
+    pub fn has_cache_control(&self) -> bool {
+        matches!(self, Content::Parts(parts) if parts.iter().any(|p| p.cache_control().is_some()))
+    }
+
     /// The first part that is not text, with its index, for errors naming it.
     pub fn first_non_text(&self) -> Option<usize> {
         match self {
@@ -208,7 +213,7 @@ impl Content {
             Content::Parts(parts) => parts
                 .iter()
                 .filter_map(|p| match p {
-                    Part::Text { text } => Some(text.as_str()),
+                    Part::Text { text, .. } => Some(text.as_str()),
                     Part::Refusal { refusal } => Some(refusal.as_str()),
                     _ => None,
                 })
@@ -218,15 +223,44 @@ impl Content {
     }
 }
 
-/// A content part.
+/// A content part. Text, images and files may carry Anthropic's `cache_control` (as LiteLLM
+/// takes it), a prompt-caching breakpoint after them.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Part {
-    Text { text: String },
-    ImageUrl { image_url: ImageUrl },
-    InputAudio { input_audio: Value },
-    File { file: FilePart },
-    Refusal { refusal: String },
+    Text {
+        text: String,
+        #[serde(default)]
+        cache_control: Option<Value>,
+    },
+    ImageUrl {
+        image_url: ImageUrl,
+        #[serde(default)]
+        cache_control: Option<Value>,
+    },
+    InputAudio {
+        input_audio: Value,
+    },
+    File {
+        file: FilePart,
+        #[serde(default)]
+        cache_control: Option<Value>,
+    },
+    Refusal {
+        refusal: String,
+    },
+}
+
+impl Part {
+    /// The part's `cache_control`, if it has one.
+    pub fn cache_control(&self) -> Option<&Value> {
+        match self {
+            Part::Text { cache_control, .. }
+            | Part::ImageUrl { cache_control, .. }
+            | Part::File { cache_control, .. } => cache_control.as_ref(),
+            Part::InputAudio { .. } | Part::Refusal { .. } => None,
+        }
+    }
 }
 
 /// `image_url` of a part.
@@ -446,7 +480,12 @@ impl FunctionCall {
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Tool {
-    Function { function: FunctionDef },
+    Function {
+        function: FunctionDef,
+        /// Anthropic's prompt-caching breakpoint after this tool (as LiteLLM takes it).
+        #[serde(default)]
+        cache_control: Option<Value>,
+    },
 }
 
 /// A function definition.
