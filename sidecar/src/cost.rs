@@ -291,7 +291,7 @@ impl Pricing {
 }
 
 /// `s` with its `%XX` escapes decoded (invalid ones kept as they are).
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

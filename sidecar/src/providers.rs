@@ -255,6 +255,11 @@ pub struct Provider {
     auth: AuthStyle,
     /// Headers removed from the client's request when the gateway injects a key.
     auth_headers: Vec<HeaderName>,
+    /// Other providers' own key headers (custom providers' `authHeader`s that are not one of
+    /// [`CLIENT_KEY_HEADERS`]): never sent here, whoever's key goes.
+    foreign_key_headers: Vec<HeaderName>,
+    /// [`Self::auth_headers`] and [`Self::foreign_key_headers`]: removed when a key is injected.
+    stored_drop: Vec<HeaderName>,
     account_id: Option<String>,
     /// Precomputed auth header value per key alias.
     keys: HashMap<String, AuthValue>,
@@ -326,6 +331,8 @@ impl Provider {
             base,
             auth,
             auth_headers,
+            foreign_key_headers: Vec::new(),
+            stored_drop: Vec::new(),
             account_id: settings.and_then(|s| s.account_id.clone()),
             keys: HashMap::new(),
             service_accounts: HashMap::new(),
@@ -415,6 +422,17 @@ impl Provider {
     /// Client headers replaced by an injected key.
     pub fn auth_headers(&self) -> &[HeaderName] {
         &self.auth_headers
+    }
+
+    /// The client headers not sent to this provider: with a stored key (`stored`) its own key
+    /// headers and other providers', else other providers' own key headers (a key meant for a
+    /// self-hosted service must not reach another provider, on a fallback say).
+    pub fn dropped_headers(&self, stored: bool) -> &[HeaderName] {
+        if stored {
+            &self.stored_drop
+        } else {
+            &self.foreign_key_headers
+        }
     }
 
     /// The client headers that say whose credentials a request carries, for the cache key when
@@ -693,6 +711,9 @@ fn parse_base(id: &str, text: &str) -> Result<Base, ProviderError> {
 #[derive(Debug, Default)]
 pub struct ProviderTable {
     providers: HashMap<String, Provider>,
+    /// Every header a configured provider takes a key in: [`CLIENT_KEY_HEADERS`] and custom
+    /// providers' `authHeader`s.
+    key_headers: Vec<HeaderName>,
 }
 
 impl ProviderTable {
@@ -800,12 +821,40 @@ impl ProviderTable {
                 )),
             }
         }
-        Ok((Self { providers }, warnings))
+        let mut key_headers = CLIENT_KEY_HEADERS.to_vec();
+        for name in providers.values().filter_map(Provider::auth_header) {
+            if !key_headers.contains(name) {
+                key_headers.push(name.clone());
+            }
+        }
+        for p in providers.values_mut() {
+            p.foreign_key_headers = key_headers[CLIENT_KEY_HEADERS.len()..]
+                .iter()
+                .filter(|n| p.auth_header() != Some(*n))
+                .cloned()
+                .collect();
+            p.stored_drop = p.auth_headers.clone();
+            p.stored_drop.extend(p.foreign_key_headers.iter().cloned());
+        }
+        Ok((
+            Self {
+                providers,
+                key_headers,
+            },
+            warnings,
+        ))
     }
 
     /// The provider with this id.
     pub fn get(&self, id: &str) -> Option<&Provider> {
         self.providers.get(id)
+    }
+
+    /// Every header a configured provider takes a key in (for requests whose provider is not
+    /// known yet, and for the gateway token's check): [`CLIENT_KEY_HEADERS`] and custom
+    /// providers' `authHeader`s.
+    pub fn key_headers(&self) -> &[HeaderName] {
+        &self.key_headers
     }
 }
 
@@ -958,6 +1007,46 @@ mod tests {
         assert_eq!(
             uri(&t, "huggingface", "bigcode/starcoder").as_deref(),
             Ok("https://router.huggingface.co/hf-inference/models/bigcode/starcoder")
+        );
+    }
+
+    #[test]
+    fn a_custom_providers_key_header_goes_to_no_other_provider() {
+        let custom = ProviderSettings {
+            base_url: Some("http://llm.internal/v1".into()),
+            auth_header: Some("x-custom-key".into()),
+            ..Default::default()
+        };
+        let t = table(&[("custom-own", custom)]);
+        fn names(h: &[HeaderName]) -> Vec<&str> {
+            h.iter().map(HeaderName::as_str).collect()
+        }
+        assert_eq!(
+            names(t.key_headers()),
+            [
+                "authorization",
+                "x-api-key",
+                "api-key",
+                "x-goog-api-key",
+                "x-custom-key"
+            ]
+        );
+        let openai = t.get("openai").expect("openai");
+        assert_eq!(names(openai.dropped_headers(false)), ["x-custom-key"]);
+        let stored = names(openai.dropped_headers(true));
+        assert!(stored.contains(&"authorization") && stored.contains(&"x-custom-key"));
+        // Its own provider gets it; AWS (signed) never does.
+        let own = t.get("custom-own").expect("custom");
+        assert!(own.dropped_headers(false).is_empty());
+        let bedrock = t.get("aws-bedrock").expect("bedrock");
+        assert_eq!(names(bedrock.dropped_headers(false)), ["x-custom-key"]);
+        // With built-ins only, nothing more is dropped than before.
+        let t = table(&[]);
+        assert!(
+            t.get("openai")
+                .expect("openai")
+                .dropped_headers(false)
+                .is_empty()
         );
     }
 

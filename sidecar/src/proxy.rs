@@ -652,8 +652,12 @@ impl Gateway {
         // admit
         let aig = GatewayHeaders::scan(&parts.headers);
         admit_client(aig, &parts.uri, self.loopback_listener).map_err(|e| (None, e))?;
-        // TRACE asks a server to send the request back, the injected key with it.
-        if parts.method == http::Method::TRACE || parts.method == http::Method::CONNECT {
+        // TRACE (and IIS's TRACK) asks a server to send the request back, the injected key with
+        // it; some servers match methods without regard to case.
+        if ["TRACE", "TRACK", "CONNECT"]
+            .iter()
+            .any(|m| parts.method.as_str().eq_ignore_ascii_case(m))
+        {
             return Err((
                 None,
                 GatewayError::BadRoute(format!(
@@ -718,7 +722,7 @@ impl Gateway {
                 // Each step names its own provider and headers: there is no one provider key
                 // header the token could stand in.
                 admission
-                    .allow_client_key(false, snap, &parts.headers)
+                    .allow_client_key(false, snap, &parts.headers, None)
                     .map_err(|e| (None, e))?;
                 self.check_limits(snap).await.map_err(|e| (None, e))?;
                 return crate::universal::serve(self, snap, parts, body, start, &opts).await;
@@ -736,7 +740,7 @@ impl Gateway {
         };
         let stored = service_account.is_some() || matches!(chosen, Some(KeyChoice::Stored(_)));
         admission
-            .allow_client_key(stored, snap, &parts.headers)
+            .allow_client_key(stored, snap, &parts.headers, parts.uri.query())
             .map_err(fail)?;
         self.check_limits(snap).await.map_err(fail)?;
         let minted;
@@ -1150,19 +1154,23 @@ pub(crate) enum Admission {
 }
 
 impl Admission {
-    /// Refuses (401/2009) a request whose provider key headers hold a gateway token unless the
-    /// gateway replaces those headers with stored credentials (`stored`): the token must never
-    /// go upstream as the client's own key. Looked for only then, with authentication on.
+    /// Refuses (401/2009) a request whose provider key headers, or the `key` parameter of the
+    /// `query` that goes upstream (Google's API key parameter), hold a gateway token unless the
+    /// gateway replaces them with stored credentials (`stored`): the token must never go
+    /// upstream as the client's own key. Looked for only then, with authentication on.
     pub(crate) fn allow_client_key(
         self,
         stored: bool,
         snap: &Snapshot,
         headers: &http::HeaderMap,
+        query: Option<&str>,
     ) -> Result<(), GatewayError> {
         let refused = match self {
             _ if stored => false,
             Self::Open => false,
-            Self::Token => token_in_key_header(snap, headers).is_some(),
+            Self::Token => {
+                token_in_key_header(snap, headers).is_some() || token_in_key_param(snap, query)
+            }
             Self::ClientKeyHeader => true,
         };
         if refused {
@@ -1173,16 +1181,26 @@ impl Admission {
     }
 }
 
-/// The gateway token a provider key header of the request holds (as a bearer token or bare).
+/// The gateway token a provider key header of the request holds (as a bearer token or bare):
+/// any header a configured provider takes a key in, custom providers' own among them.
 pub(crate) fn token_in_key_header<'h>(
     snap: &Snapshot,
     headers: &'h http::HeaderMap,
 ) -> Option<&'h [u8]> {
-    crate::providers::CLIENT_KEY_HEADERS
-        .iter()
+    (snap.providers.key_headers().iter())
         .flat_map(|name| headers.get_all(name))
         .map(|v| crate::headers::bearer_token(v.as_bytes()).unwrap_or(v.as_bytes()))
         .find(|t| snap.keys.is_token(t))
+}
+
+/// Whether a query's `key` parameter (Google's API key parameter) holds a gateway token.
+fn token_in_key_param(snap: &Snapshot, query: Option<&str>) -> bool {
+    (query.into_iter().flat_map(|q| q.split('&')))
+        .filter_map(|p| p.strip_prefix("key="))
+        .any(|v| {
+            snap.keys
+                .is_token(crate::cost::percent_decode(v).as_bytes())
+        })
 }
 
 /// Checks the gateway token when authentication is on: `cf-aig-authorization` when the request
@@ -1391,10 +1409,7 @@ pub(crate) fn build_upstream_request(
     body: Bytes,
     client_signature: bool,
 ) -> Request<Full<Bytes>> {
-    let drop: &[HeaderName] = match key {
-        KeyChoice::Stored(_) => provider.auth_headers(),
-        KeyChoice::ClientOwn => &[],
-    };
+    let drop = provider.dropped_headers(matches!(key, KeyChoice::Stored(_)));
     let mut headers = upstream_request_headers(client_headers, drop, client_signature);
     if let (KeyChoice::Stored(value), Some(name)) = (key, provider.auth_header()) {
         headers.insert(name.clone(), value.header().clone());

@@ -479,9 +479,11 @@ fn split_endpoint(i: usize, endpoint: &str) -> Result<(&str, &str), GatewayError
             .bytes()
             .all(|b| b.is_ascii_graphic() && !matches!(b, b'#' | b'\\'));
     if !valid {
+        // Its path only: a query may hold a key (Google's `key=`), which errors never quote.
+        let path = raw.split('?').next().unwrap_or_default();
         return Err(bad(format!(
             "steps[{i}].endpoint: {:?} is not a URL path (no spaces, control characters, '#' or '\\')",
-            truncate(raw)
+            truncate(path)
         )));
     }
     Ok(raw.split_once('?').unwrap_or((raw, "")))
@@ -746,7 +748,7 @@ fn plan_provider<'a>(
     // on the providers' own routes.
     if client_own && snap.auth_required {
         Admission::Token
-            .allow_client_key(false, snap, &client_headers)
+            .allow_client_key(false, snap, &client_headers, query)
             .map_err(fail)?;
     }
     let uri = provider

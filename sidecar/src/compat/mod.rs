@@ -756,10 +756,7 @@ pub(crate) fn one_provider_for_client_key<'p>(
     headers: &HeaderMap,
     model: &str,
 ) -> Result<(), GatewayError> {
-    if !crate::providers::CLIENT_KEY_HEADERS
-        .iter()
-        .any(|n| headers.contains_key(n))
-    {
+    if !(snap.providers.key_headers().iter()).any(|n| headers.contains_key(n)) {
         return Ok(());
     }
     let own = client_key_providers(snap, reach, alias);
@@ -1003,6 +1000,8 @@ pub(crate) async fn answer(
             stored_credentials(snap, p, alias).is_ok_and(|stored| stored),
             snap,
             &parts.headers,
+            // A translated request's URL is the gateway's own: no client query goes.
+            None,
         )
     };
     admitted(provider).map_err(fail)?;
@@ -1049,7 +1048,7 @@ pub(crate) async fn answer(
     // when its provider has no stored key; for a route, whatever key headers the client sent
     // (any of its targets may forward them).
     let client_auth: Option<&[HeaderName]> = if routed {
-        Some(&crate::providers::CLIENT_KEY_HEADERS)
+        Some(snap.providers.key_headers())
     } else {
         (provider.auth_header().is_some()
             && matches!(provider.choose_key(alias), Ok(KeyChoice::ClientOwn)))
