@@ -212,7 +212,7 @@ impl UninjectedPods {
     /// The Event note: how many, which, and what to do.
     pub fn note(&self, gateway: &str) -> String {
         format!(
-            "{} pod(s) annotated {}: {gateway} run without the sidecar (created before the AIGateway, or while the webhook could not inject them): {}; restart them (kubectl rollout restart, or delete the pods) to get the sidecar",
+            "{} pod(s) annotated {}: {gateway} run without the sidecar (created before the AIGateway, or while the webhook could not inject them): {}; restart them (kubectl rollout restart, or delete the pods) to get the sidecar (the webhook must be called for them: see the chart's webhook.namespaceSelectorExpressions and webhook.objectSelector)",
             self.count,
             inject::GATEWAY_ANNOTATION,
             named(self.count, &self.names),
@@ -627,7 +627,7 @@ mod tests {
         };
         assert_eq!(
             pods.note("main"),
-            "7 pod(s) annotated sidegate.dev/gateway: main run without the sidecar (created before the AIGateway, or while the webhook could not inject them): a, b, c, d, e and 2 more; restart them (kubectl rollout restart, or delete the pods) to get the sidecar"
+            "7 pod(s) annotated sidegate.dev/gateway: main run without the sidecar (created before the AIGateway, or while the webhook could not inject them): a, b, c, d, e and 2 more; restart them (kubectl rollout restart, or delete the pods) to get the sidecar (the webhook must be called for them: see the chart's webhook.namespaceSelectorExpressions and webhook.objectSelector)"
         );
     }
 

@@ -4,7 +4,7 @@
 //! [`problems`] finds those before any pod carries them; [`parse_quantity`] reads a Kubernetes
 //! quantity (k8s-openapi keeps quantities as strings and has no parser).
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{Container, PodSpec, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 /// Resources the sidecar may ask for: a small proxy needs CPU, memory and at most some scratch
@@ -167,10 +167,219 @@ pub fn problems(resources: &ResourceRequirements, path: &str) -> Vec<String> {
     problems
 }
 
+/// Resources pod-level `spec.resources` may name (Kubernetes' pod-level resources).
+const POD_LEVEL_NAMES: [&str; 2] = ["cpu", "memory"];
+
+/// The pod-level resources (`spec.resources`) of a pod the sidecar (`sidecar`, its resources)
+/// joins, where they would no longer hold it; `None` when the pod sets none or they still fit.
+/// The apiserver refuses pod-level requests below what the containers request together, and
+/// requests above their limit; a pod with pod-level limits only and no container requests has
+/// its requests defaulted to those limits (Guaranteed), which the sidecar's own requests would
+/// change (the default becomes the sum of the containers' requests): such requests are
+/// written as the limits. What grows grows by what the sidecar needs, no more.
+pub fn pod_level_with_sidecar(
+    spec: &PodSpec,
+    sidecar: &ResourceRequirements,
+) -> Option<ResourceRequirements> {
+    let pod = spec.resources.as_ref()?;
+    let mut grown = pod.clone();
+    let mut changed = false;
+    for name in POD_LEVEL_NAMES {
+        let get = |list: Option<&std::collections::BTreeMap<String, Quantity>>| {
+            list.and_then(|l| l.get(name))
+                .and_then(|Quantity(q)| parse_quantity(q).ok())
+        };
+        let (pod_request, pod_limit) = (get(pod.requests.as_ref()), get(pod.limits.as_ref()));
+        if pod_request.is_none() && pod_limit.is_none() {
+            continue;
+        }
+        let request_of =
+            |r: &ResourceRequirements| get(r.requests.as_ref()).or_else(|| get(r.limits.as_ref()));
+        let of = |c: &Container| c.resources.as_ref().and_then(request_of);
+        let restartable = |c: &&Container| c.restart_policy.as_deref() == Some("Always");
+        let inits = spec.init_containers.iter().flatten();
+        // What the containers ask for together: the app containers and native sidecars run
+        // side by side (the sidecar with them); each regular init container runs alone, with
+        // the sidecar (first of the init containers) and the native sidecars before it.
+        let sidecar_request = request_of(sidecar).unwrap_or(0);
+        let long_running: u128 = (spec
+            .containers
+            .iter()
+            .chain(inits.clone().filter(restartable)))
+        .filter_map(of)
+        .sum::<u128>()
+            + sidecar_request;
+        let init_peak = inits
+            .clone()
+            .filter(|c| !restartable(c))
+            .filter_map(of)
+            .max()
+            .map_or(0, |r| r + sidecar_request);
+        let together = long_running.max(init_peak);
+        let any_container_request = (spec.containers.iter().chain(inits)).any(|c| of(c).is_some());
+        let request = match (pod_request, pod_limit) {
+            (Some(r), _) if r < together => Some(together),
+            (Some(_), _) => None,
+            // Defaulted to the limit had the sidecar not come with requests of its own.
+            (None, Some(l)) if !any_container_request => Some(l.max(together)),
+            (None, _) => None,
+        };
+        // A request may not exceed its limit: the limit grows with it (the sidecar's own
+        // limit is kept within the pod's by `cap_to_pod_limits`).
+        let limit = pod_limit.and_then(|l| {
+            let needed = request.or(pod_request).unwrap_or(together);
+            (needed > l).then_some(needed)
+        });
+        if let Some(r) = request {
+            grown
+                .requests
+                .get_or_insert_with(Default::default)
+                .insert(name.to_owned(), Quantity(format_quantity(name, r)));
+            changed = true;
+        }
+        if let Some(l) = limit {
+            grown
+                .limits
+                .get_or_insert_with(Default::default)
+                .insert(name.to_owned(), Quantity(format_quantity(name, l)));
+            changed = true;
+        }
+    }
+    changed.then_some(grown)
+}
+
+/// Keeps the sidecar's limits (and requests) within the pod-level limits of the pod it joins:
+/// the apiserver refuses a container limit above the pod's, and the pod's limit is its whole
+/// budget, which the sidecar shares rather than grows.
+pub fn cap_to_pod_limits(spec: &PodSpec, sidecar: &mut ResourceRequirements) {
+    let Some(pod_limits) = spec.resources.as_ref().and_then(|r| r.limits.as_ref()) else {
+        return;
+    };
+    for name in POD_LEVEL_NAMES {
+        let Some(cap) = pod_limits
+            .get(name)
+            .and_then(|Quantity(q)| parse_quantity(q).ok())
+        else {
+            continue;
+        };
+        for list in [sidecar.limits.as_mut(), sidecar.requests.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(q) = list.get_mut(name)
+                && parse_quantity(&q.0).is_ok_and(|v| v > cap)
+            {
+                *q = Quantity(format_quantity(name, cap));
+            }
+        }
+    }
+}
+
+/// A quantity of resource `name` in billionths as people write it: memory in `Gi`, `Mi` or
+/// `Ki` where it divides, whole units, else thousandths (`550m`), else billionths.
+fn format_quantity(name: &str, billionths: u128) -> String {
+    let whole = billionths / 1_000_000_000;
+    if billionths.is_multiple_of(1_000_000_000) {
+        if name == "memory" && whole > 0 {
+            for (suffix, unit) in [("Gi", 1u128 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+                if whole.is_multiple_of(unit) {
+                    return format!("{}{suffix}", whole / unit);
+                }
+            }
+        }
+        whole.to_string()
+    } else if billionths.is_multiple_of(1_000_000) {
+        format!("{}m", billionths / 1_000_000)
+    } else {
+        format!("{billionths}n")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::ResourceClaim;
+
+    #[test]
+    fn pod_level_resources_grow_to_hold_the_sidecar_and_keep_their_qos() {
+        fn requirements(
+            requests: &[(&str, &str)],
+            limits: &[(&str, &str)],
+        ) -> ResourceRequirements {
+            let list = |l: &[(&str, &str)]| {
+                (!l.is_empty()).then(|| {
+                    l.iter()
+                        .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+                        .collect()
+                })
+            };
+            ResourceRequirements {
+                requests: list(requests),
+                limits: list(limits),
+                ..Default::default()
+            }
+        }
+        let sidecar = requirements(&[("cpu", "50m"), ("memory", "32Mi")], &[("memory", "64Mi")]);
+        let spec = |pod: ResourceRequirements, app: Option<ResourceRequirements>| PodSpec {
+            resources: Some(pod),
+            containers: vec![Container {
+                name: "app".into(),
+                resources: app,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        // Sized for the app alone: requests grow by the sidecar's, memory's limit with them.
+        let sized = spec(
+            requirements(
+                &[("cpu", "500m"), ("memory", "256Mi")],
+                &[("cpu", "1"), ("memory", "256Mi")],
+            ),
+            Some(requirements(&[("cpu", "500m"), ("memory", "256Mi")], &[])),
+        );
+        assert_eq!(
+            pod_level_with_sidecar(&sized, &sidecar),
+            Some(requirements(
+                &[("cpu", "550m"), ("memory", "288Mi")],
+                &[("cpu", "1"), ("memory", "288Mi")]
+            ))
+        );
+        // Limits only, no container requests: requests written as the limits (Guaranteed).
+        let limited = spec(
+            requirements(&[], &[("cpu", "1"), ("memory", "128Mi")]),
+            None,
+        );
+        assert_eq!(
+            pod_level_with_sidecar(&limited, &sidecar),
+            Some(requirements(
+                &[("cpu", "1"), ("memory", "128Mi")],
+                &[("cpu", "1"), ("memory", "128Mi")]
+            ))
+        );
+        // The sidecar's limit above the pod's: the sidecar's is lowered to it, the pod's kept.
+        let mut capped = requirements(
+            &[("cpu", "50m"), ("memory", "32Mi")],
+            &[("memory", "256Mi")],
+        );
+        cap_to_pod_limits(&limited, &mut capped);
+        assert_eq!(
+            capped,
+            requirements(
+                &[("cpu", "50m"), ("memory", "32Mi")],
+                &[("memory", "128Mi")]
+            )
+        );
+        // Room enough, or no pod-level resources: nothing to change.
+        let roomy = spec(requirements(&[("cpu", "2"), ("memory", "1Gi")], &[]), None);
+        assert_eq!(pod_level_with_sidecar(&roomy, &sidecar), None);
+        let none = PodSpec::default();
+        assert_eq!(pod_level_with_sidecar(&none, &sidecar), None);
+        assert_eq!(
+            format_quantity("memory", 1536 * (1 << 20) * 1_000_000_000),
+            "1536Mi"
+        );
+        assert_eq!(format_quantity("cpu", 1_500_000_000), "1500m");
+    }
 
     const UNIT: u128 = 1_000_000_000;
 

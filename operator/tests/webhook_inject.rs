@@ -733,6 +733,33 @@ fn an_operator_watching_some_namespaces_injects_only_there() {
 }
 
 #[test]
+fn an_annotation_that_names_no_aigateway_is_skipped_unlooked_up() {
+    let with =
+        |value: &str| BTreeMap::from([(inject::GATEWAY_ANNOTATION.to_owned(), value.to_owned())]);
+    for value in [
+        "main/",
+        "main/status",
+        "main?x=1",
+        "main#a",
+        "Main",
+        "-main",
+        &"a".repeat(64),
+    ] {
+        assert_eq!(
+            inject::requested_gateway_by_annotations(Some(&with(value))),
+            Err(Skip::InvalidGatewayName(value.to_owned())),
+            "{value}"
+        );
+    }
+    for value in ["main", " main ", "team-a.gw", "0", &"a".repeat(63)] {
+        assert_eq!(
+            inject::requested_gateway_by_annotations(Some(&with(value))),
+            Ok(value.trim().to_owned())
+        );
+    }
+}
+
+#[test]
 fn a_pod_without_the_gateway_annotation_is_skipped() {
     let pod = fixture("not-annotated.yaml");
     assert!(run(&pod, "team-a", &SidecarSettings::default()).is_none());

@@ -387,6 +387,12 @@ pub enum Skip {
     /// the sidecar is a Linux image, and its Linux-only securityContext would make the
     /// apiserver refuse the pod.
     WindowsPod,
+    /// The annotation names no object an AIGateway could be (a DNS-1123 subdomain of at most
+    /// 63 characters, as AIGateway names are): never looked up, never injected.
+    InvalidGatewayName(String),
+    /// A static pod's mirror (`kubernetes.io/config.mirror`): the apiserver refuses mirror pods
+    /// that reference Secrets or ConfigMaps, and kubelet runs the static pod as its file says.
+    MirrorPod,
 }
 
 impl Skip {
@@ -399,6 +405,8 @@ impl Skip {
             Self::ExcludedNamespace(_) => "excluded-namespace",
             Self::UnwatchedNamespace(_) => "unwatched-namespace",
             Self::WindowsPod => "windows-pod",
+            Self::InvalidGatewayName(_) => "invalid-gateway-name",
+            Self::MirrorPod => "mirror-pod",
         }
     }
 }
@@ -519,7 +527,27 @@ pub fn requested_gateway_by_annotations(
     if get(INJECTED_ANNOTATION).is_some() {
         return Err(Skip::AlreadyInjected);
     }
+    if get(MIRROR_ANNOTATION).is_some() {
+        return Err(Skip::MirrorPod);
+    }
+    if !is_gateway_name(&gateway) {
+        return Err(Skip::InvalidGatewayName(gateway));
+    }
     Ok(gateway)
+}
+
+/// Kubelet's mark on the mirror pod of a static pod.
+const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
+/// Whether `name` can be an AIGateway's: a DNS-1123 subdomain (lowercase alphanumerics, `-`
+/// and `.`, starting and ending alphanumeric) of at most 63 characters.
+fn is_gateway_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.'))
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
 /// The patch that adds the sidecar to `pod`; `None` when the pod gets none (see
@@ -627,7 +655,17 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
     // The sidecar: first init container when native (so later init containers can use it),
     // last app container otherwise.
     let shutdown = ShutdownTiming::for_pod(spec.termination_grace_period_seconds, native);
-    let sidecar = sidecar_container(settings, shutdown);
+    let mut sidecar = sidecar_container(settings, shutdown);
+    // Pod-level resources: the sidecar's limits within the pod's, and the pod's requests
+    // (sized for the app) grown to hold the sidecar's.
+    if let Some(resources) = sidecar.resources.as_mut()
+        && let Some(pod_spec) = pod.spec.as_ref()
+    {
+        crate::resources::cap_to_pod_limits(pod_spec, resources);
+        if let Some(grown) = crate::resources::pod_level_with_sidecar(pod_spec, resources) {
+            ops.add(&["spec", "resources"], grown)?;
+        }
+    }
     if native {
         if pod
             .spec

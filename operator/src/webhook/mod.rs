@@ -598,6 +598,17 @@ async fn decide(
                     allow,
                     "sidegate: the pod runs on Windows nodes (spec.os.name or its kubernetes.io/os node selector), where the sidegate sidecar (a Linux image) cannot run; pod created without the sidegate sidecar".to_owned(),
                 ),
+                Skip::InvalidGatewayName(name) => with_warning(
+                    allow,
+                    format!(
+                        "sidegate: annotation sidegate.dev/gateway {:?} is not an AIGateway name (lowercase letters, digits, '-' and '.', at most 63 characters); pod created without the sidegate sidecar",
+                        name.chars().take(80).collect::<String>()
+                    ),
+                ),
+                Skip::MirrorPod => with_warning(
+                    allow,
+                    "sidegate: the mirror pod of a static pod cannot mount the sidecar's config and keys (the apiserver refuses mirror pods that reference Secrets); pod created without the sidegate sidecar".to_owned(),
+                ),
                 _ => allow,
             };
             return (allow, Some("skipped"));
