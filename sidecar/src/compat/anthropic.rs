@@ -140,6 +140,7 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             }
         }
     }
+    openai::ends_where_sent(&req.messages, &messages, PROVIDER)?;
     openai::trim_prefill(&mut messages);
     let thinking = thinking_on(&req.rest);
     if thinking && matches!(req.response_format, Some(ref f) if !matches!(f, ResponseFormat::Text))
@@ -1181,6 +1182,24 @@ mod tests {
         let req = ChatRequest::parse(body.to_string().as_bytes()).expect("parse");
         let (body, _) = request(req, "claude-x").expect("translate");
         serde_json::from_slice(&body).expect("json")
+    }
+
+    #[test]
+    fn a_blank_last_user_message_is_refused_not_turned_into_a_prefill() {
+        let req = |last: &str| {
+            let body = json!({"model": "anthropic/claude-x", "messages": [
+                {"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": last}]});
+            request(
+                ChatRequest::parse(body.to_string().as_bytes()).expect("parse"),
+                "claude-x",
+            )
+        };
+        let err = req("  \n").expect_err("refused");
+        assert_eq!(err.status().as_u16(), 400);
+        assert!(err.to_string().contains("messages[2]"), "{err}");
+        assert!(req("and?").is_ok());
     }
 
     #[test]

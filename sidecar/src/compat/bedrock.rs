@@ -295,6 +295,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             }
         }
     }
+    openai::ends_where_sent(&req.messages, &messages, PROVIDER)?;
     openai::trim_prefill(&mut messages);
     let messages: Vec<Value> = messages
         .into_iter()

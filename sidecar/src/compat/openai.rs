@@ -323,6 +323,28 @@ pub fn push_turn(
     }
 }
 
+/// Refuses a conversation whose last message is the user's (or a tool result) but whose
+/// translated turns end on the assistant's: its last message was blank text, which the
+/// translated APIs refuse and leave out, and the model would go on from the assistant's text (a
+/// prefill) instead of answering. `i` names the message in the error.
+pub fn ends_where_sent(
+    messages: &[Message],
+    turns: &[(&'static str, Vec<Value>)],
+    provider: &str,
+) -> Result<(), GatewayError> {
+    let last_is_users = matches!(
+        messages.last(),
+        Some(Message::User { .. } | Message::Tool { .. })
+    );
+    if last_is_users && turns.last().is_none_or(|(role, _)| *role == "assistant") {
+        return Err(bad(format!(
+            "messages[{}]: a user message of blank text cannot be expressed for provider {provider} (it refuses blank text); send text",
+            messages.len() - 1
+        )));
+    }
+    Ok(())
+}
+
 /// Ends a conversation that ends on the assistant's turn (a prefill: the model goes on from
 /// that text) without trailing whitespace in its last text block, which Claude refuses ("final
 /// assistant content cannot end with trailing whitespace") where OpenAI takes it: the text is
