@@ -27,9 +27,10 @@ pub enum GatewayError {
     /// A request header the gateway reads has an invalid value.
     #[error("invalid header {name}: {reason}")]
     BadHeader { name: &'static str, reason: String },
-    /// The request path names the provider but not in the shape it needs.
+    /// A method the gateway does not forward (`TRACE`, `TRACK`, `CONNECT`: they echo the request,
+    /// the injected key with it).
     #[error("{0}")]
-    BadRoute(String),
+    RefusedMethod(String),
     /// The request body could not be read.
     #[error("could not read the request body: {0}")]
     BadBody(String),
@@ -136,7 +137,7 @@ impl GatewayError {
             Self::AliasNotFound { .. }
             | Self::BadHeader { .. }
             | Self::BadBody(_)
-            | Self::BadRoute(_)
+            | Self::RefusedMethod(_)
             | Self::CompatRequest(_)
             | Self::UniversalRequest(_)
             | Self::WebSocketRefused(_)
@@ -189,7 +190,7 @@ impl GatewayError {
             Self::UpstreamTimeout { .. } | Self::UpstreamStalled { .. } => 2103,
             Self::UpstreamUnavailable(_) => 2104,
             Self::NotReady => 2105,
-            Self::BadRoute(_) => 2106,
+            Self::RefusedMethod(_) => 2106,
             Self::CompatRequest(_) => 2107,
             Self::UniversalRequest(_) => 2108,
             Self::Forbidden(_) => 2109,

@@ -625,8 +625,9 @@ impl Provider {
     }
 }
 
+/// A provider path not in the shape its provider needs: a bad route, 404/2001 (SPEC.md).
 fn bad_route(msg: impl Into<String>) -> GatewayError {
-    GatewayError::BadRoute(msg.into())
+    GatewayError::NotFound(msg.into())
 }
 
 /// Rejects `.` and `..` segments (also percent-encoded) so a route cannot climb out of a
@@ -1121,7 +1122,7 @@ mod tests {
         );
         assert_eq!(
             uri(&t, "azure-openai", "only-resource").map_err(|e| e.code()),
-            Err(2106)
+            Err(2001)
         );
     }
 
@@ -1129,7 +1130,7 @@ mod tests {
     fn host_placeholders_refuse_anything_but_a_host_label() {
         let t = table(&[]);
         let err = uri(&t, "azure-openai", "evil.com%2f/x/chat").expect_err("must refuse");
-        assert_eq!(err.status().as_u16(), 400);
+        assert_eq!(err.status().as_u16(), 404);
         assert!(uri(&t, "aws-bedrock", "bedrock-runtime/us-east-1@x/model").is_err());
     }
 
@@ -1233,7 +1234,7 @@ mod tests {
         ] {
             assert_eq!(
                 uri(&t, "openai", bad).map_err(|e| e.code()),
-                Err(2106),
+                Err(2001),
                 "{bad}"
             );
         }

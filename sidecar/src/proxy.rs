@@ -660,7 +660,7 @@ impl Gateway {
         {
             return Err((
                 None,
-                GatewayError::BadRoute(format!(
+                GatewayError::RefusedMethod(format!(
                     "method {} is not forwarded to providers",
                     parts.method
                 )),

@@ -754,9 +754,14 @@ fn plan_provider<'a>(
     let uri = provider
         .upstream_uri(&route, provider.upstream_query(query, &key).as_deref())
         .map_err(|e| fail(bad(format!("steps[{i}].endpoint: {e}"))))?;
-    let model = crate::cost::model_in_path(path)
-        .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
-        .and_then(crate::cost::ModelName::named);
+    // As on the provider's own route: a deployment (Azure) decides the model, whatever the
+    // body names.
+    let model = match provider.deployment(route.rest) {
+        Some(deployment) => crate::cost::ModelName::named(deployment),
+        None => crate::cost::model_in_path(path)
+            .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
+            .and_then(crate::cost::ModelName::named),
+    };
     // A step's own SigV4 signature goes upstream unchanged only when the gateway does not sign.
     let client_signature = provider.signs_requests() && matches!(auth, StepAuth::Ready);
     proxy::check_signed_encoding(snap, &client_headers, client_signature).map_err(fail)?;
