@@ -742,7 +742,6 @@ impl Gateway {
         admission
             .allow_client_key(stored, snap, &parts.headers, parts.uri.query())
             .map_err(fail)?;
-        self.check_limits(snap).await.map_err(fail)?;
         let minted;
         let mut signer = None;
         let key = match (chosen, service_account) {
@@ -775,7 +774,18 @@ impl Gateway {
                 provider.upstream_query(parts.uri.query(), &key).as_deref(),
             )
             .map_err(fail)?;
-        if upgrade {
+        let checked = (!upgrade)
+            .then(|| {
+                Ok((
+                    cache::want(&snap.cache, aig)?,
+                    snap.retries.with_headers(aig)?,
+                ))
+            })
+            .transpose()
+            .map_err(fail)?;
+        // The route and every header checked: the limits count the request now.
+        self.check_limits(snap).await.map_err(fail)?;
+        let Some((want, retries)) = checked else {
             let up = crate::websocket::Upgrade {
                 provider,
                 route: &route,
@@ -786,9 +796,7 @@ impl Gateway {
                 start,
             };
             return crate::websocket::serve(self, snap, parts, up, &opts).await;
-        }
-        let want = cache::want(&snap.cache, aig).map_err(fail)?;
-        let retries = snap.retries.with_headers(aig).map_err(fail)?;
+        };
 
         // body
         let reader = if snap.dlp.checks_requests() || snap.guardrails.checks_prompts() {

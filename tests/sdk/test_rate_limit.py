@@ -84,14 +84,14 @@ def test_cache_hits_are_counted_by_the_limit(mock, tmp_path):
 
 
 @pytest.mark.parametrize("header,value,counted", [
-    # The route's own headers (log options, timeout, key alias) are read before the limit.
+    # Every header of a provider route is read before the limit counts the request.
     ("cf-aig-metadata", "not json", False),
     ("cf-aig-request-timeout", "soon", False),
     ("cf-aig-byok-alias", "nosuchalias", False),
-    # The cache's, after it.
-    ("cf-aig-skip-cache", "maybe", True),
+    ("cf-aig-skip-cache", "maybe", False),
+    ("cf-aig-max-attempts", "many", False),
 ])
-def test_a_request_refused_for_a_bad_header_value_is_counted_only_after_the_limit(mock, tmp_path, header, value, counted):
+def test_a_request_refused_for_a_bad_header_value_is_not_counted(mock, tmp_path, header, value, counted):
     g = limited(mock, tmp_path, "{limit: 1, interval: 1h}")
     try:
         r = httpx.post(g.url + CHAT, json=BODY, headers={header: value})
