@@ -149,8 +149,17 @@ impl LeaderElector {
         keep_renewing(&self.settings, acquired, || self.try_lead()).await
     }
 
-    /// Gives the lease up (if still held) so a standby replica takes over without waiting.
+    /// Gives the lease up (if still held) so a standby replica takes over without waiting;
+    /// within one renewal period, so that an apiserver that does not answer cannot hold the
+    /// shutdown past its grace (the standby then takes over when the lease runs out).
     pub async fn release(&self) {
+        let released = tokio::time::timeout(self.settings.renew_every, self.try_release()).await;
+        if released.is_err() {
+            tracing::warn!(lease = %self.settings.name, "lease release got no answer in time; it runs out instead");
+        }
+    }
+
+    async fn try_release(&self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.settings.name).await else {
             return;
         };

@@ -67,14 +67,15 @@ struct RunArgs {
         default_value = "sidegate-system"
     )]
     lease_namespace: String,
-    /// Name of the leader Lease.
-    #[arg(long, default_value = "sidegate-operator")]
+    /// Name of the leader Lease (an object name: lowercase letters, digits, '-' and '.').
+    #[arg(long, default_value = "sidegate-operator", value_parser = object_name)]
     lease_name: String,
     /// Identity written into the Lease and Events (defaults to the pod name, $POD_NAME).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Seconds a Lease stays valid without renewal (a standby takes over after at most this long).
-    #[arg(long, default_value_t = 15)]
+    /// Seconds a Lease stays valid without renewal (a standby takes over after at most this long;
+    /// the leader renews every third of it). From 4 to 3600.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(4..=3600))]
     lease_duration_secs: u64,
     /// Serve only this namespace; repeat the flag for more (or list them, comma-separated, in
     /// $SIDEGATE_WATCH_NAMESPACES). The controllers then watch and reconcile only there and the
@@ -92,8 +93,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 4)]
     concurrency: u16,
     /// Seconds between full re-reconciles of a healthy gateway (watches handle changes; this is
-    /// the safety net).
-    #[arg(long, default_value_t = 300)]
+    /// the safety net). From 10 to 604800 (a week).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=604_800))]
     resync_secs: u64,
     /// Seconds the webhook keeps answering after SIGTERM (while /readyz reports unready, so the
     /// endpoint is removed first), in every role; then the process exits. At most 60.
@@ -129,6 +130,17 @@ async fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// A flag value that must be a Kubernetes object name (a Lease's).
+fn object_name(value: &str) -> Result<String, String> {
+    if sidegate_operator::validate::is_dns_subdomain(value, 253) {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} is not a Kubernetes object name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)"
+        ))
     }
 }
 
@@ -253,7 +265,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // in an earlier term, when another replica may have written since, is trusted.
     let controllers = || async {
         let ctx = Arc::new(Context {
-            resync: Duration::from_secs(args.resync_secs.max(10)),
+            resync: Duration::from_secs(args.resync_secs),
             sidecar_images: sidecar_images.clone(),
             // The webhook's exclusions: pods there are never injected, so not counted as
             // uninjected.
@@ -281,7 +293,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             namespace: args.lease_namespace.clone(),
             name: args.lease_name.clone(),
             identity: identity.clone(),
-            duration: Duration::from_secs(args.lease_duration_secs.max(4)),
+            duration: Duration::from_secs(args.lease_duration_secs),
             renew_every: Duration::from_secs((args.lease_duration_secs / 3).max(1)),
         },
     );
@@ -302,6 +314,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             lost = elector.hold(acquired) => Some(lost),
         };
         metrics.leader.set(0);
+        // The gateway gauges are the leader's: a standby reports none (the new leader does).
+        metrics.retain_gateways(|_, _| false);
         let Some(lost) = lost else {
             // Released before the drain: the standby takes over while this replica still
             // answers admissions.

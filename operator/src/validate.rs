@@ -257,6 +257,17 @@ fn is_service_name(host: &str, namespace: &str) -> bool {
     }
 }
 
+/// A DNS subdomain as Kubernetes names most objects (RFC 1123: lowercase letters, digits, `-`
+/// and `.`, starting and ending with a letter or digit), of at most `max` characters.
+pub fn is_dns_subdomain(name: &str, max: usize) -> bool {
+    let b = name.as_bytes();
+    (1..=max).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.'))
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
 /// A DNS label as Kubernetes names Services and namespaces (RFC 1123).
 fn is_dns_label(label: &str) -> bool {
     !label.is_empty()

@@ -530,7 +530,7 @@ pub fn requested_gateway_by_annotations(
     if get(MIRROR_ANNOTATION).is_some() {
         return Err(Skip::MirrorPod);
     }
-    if !is_gateway_name(&gateway) {
+    if !crate::validate::is_dns_subdomain(&gateway, 63) {
         return Err(Skip::InvalidGatewayName(gateway));
     }
     Ok(gateway)
@@ -538,17 +538,6 @@ pub fn requested_gateway_by_annotations(
 
 /// Kubelet's mark on the mirror pod of a static pod.
 const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
-
-/// Whether `name` can be an AIGateway's: a DNS-1123 subdomain (lowercase alphanumerics, `-`
-/// and `.`, starting and ending alphanumeric) of at most 63 characters.
-fn is_gateway_name(name: &str) -> bool {
-    let b = name.as_bytes();
-    (1..=63).contains(&b.len())
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'.'))
-        && b.first().is_some_and(u8::is_ascii_alphanumeric)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric)
-}
 
 /// The patch that adds the sidecar to `pod`; `None` when the pod gets none (see
 /// [`requested_gateway`] for why).
