@@ -307,7 +307,7 @@ fn encoded_documents(body: &[u8]) -> Option<Vec<u8>> {
 
 /// The text to scan: JSON string escapes (`\n`, `\u0040`, `\/`) undone, so that a private key
 /// or an address inside a JSON string matches as it would in plain text.
-fn unescape_json(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+pub(crate) fn unescape_json(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !body.contains(&b'\\') {
         return std::borrow::Cow::Borrowed(body);
     }

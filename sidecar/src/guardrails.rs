@@ -181,7 +181,7 @@ impl Gateway {
         .to_string();
         let mut req = Request::new(Full::new(Bytes::from(body)));
         *req.method_mut() = Method::POST;
-        let openai = url.host() == Some("api.openai.com");
+        let openai = is_openai_over_tls(&url);
         *req.uri_mut() = url;
         req.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -208,18 +208,39 @@ impl Gateway {
             .get("results")
             .and_then(|r| r.as_array())
             .ok_or("moderation answer has no results")?;
+        // One result per input, each with its categories: an answer that leaves an input
+        // unclassified is no answer (an error, as a missing one), never a clean one.
+        if results.len() != inputs.len() {
+            return Err(format!(
+                "moderation answer has {} results for {} inputs",
+                results.len(),
+                inputs.len()
+            ));
+        }
         let mut flagged = Vec::new();
         for r in results {
-            if let Some(cats) = r.get("categories").and_then(|c| c.as_object()) {
-                for (name, on) in cats {
-                    if on.as_bool() == Some(true) && !flagged.contains(name) {
-                        flagged.push(name.clone());
-                    }
+            let cats = r
+                .get("categories")
+                .and_then(|c| c.as_object())
+                .ok_or("moderation answer has a result without categories")?;
+            for (name, on) in cats {
+                if on.as_bool() == Some(true) && !flagged.contains(name) {
+                    flagged.push(name.clone());
                 }
             }
         }
         Ok(flagged)
     }
+}
+
+/// Whether the stored OpenAI key may go to moderation `url`: OpenAI's own host (in any case, a
+/// trailing dot too), over TLS only.
+fn is_openai_over_tls(url: &http::Uri) -> bool {
+    url.scheme_str() == Some("https")
+        && url.host().is_some_and(|h| {
+            h.trim_end_matches('.')
+                .eq_ignore_ascii_case("api.openai.com")
+        })
 }
 
 /// `text` cut into pieces of at most `max` bytes (on character boundaries), each starting
@@ -250,6 +271,25 @@ fn pieces(text: &str, max: usize, overlap: usize) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stored_openai_key_goes_to_openais_host_over_tls_only() {
+        let url = |u: &str| u.parse::<http::Uri>().expect("uri");
+        for yes in [
+            "https://api.openai.com/v1/moderations",
+            "https://API.OpenAI.com/v1/moderations",
+            "https://api.openai.com./v1/moderations",
+        ] {
+            assert!(is_openai_over_tls(&url(yes)), "{yes}");
+        }
+        for no in [
+            "http://api.openai.com/v1/moderations",
+            "https://api.openai.com.evil.example/v1/moderations",
+            "https://moderation.internal/v1/moderations",
+        ] {
+            assert!(!is_openai_over_tls(&url(no)), "{no}");
+        }
+    }
 
     #[test]
     fn long_text_is_cut_into_overlapping_pieces_that_cover_it() {

@@ -33,6 +33,12 @@ const TEXT_KEYS: &[&str] = &[
     "inputText",
     "outputText",
     "reasoning_content",
+    // The Responses API's stream events (`response.output_text.delta` and others) carry their
+    // text as a string `delta`; rerank's `query` and `documents`, a fill-in-the-middle `suffix`.
+    "delta",
+    "query",
+    "documents",
+    "suffix",
 ];
 
 /// What an object's field `key` (the object itself under `parent`) holds, beyond [`TEXT_KEYS`].
@@ -92,9 +98,11 @@ fn walk(v: &Value, key: Option<&str>, out: &mut Vec<String>) {
     }
 }
 
-/// Every string value of `v`, for a body of a shape [`TEXT_KEYS`] does not know.
+/// Every string value of `v` that is text, for a body of a shape [`TEXT_KEYS`] does not know:
+/// not data URLs nor base64 (images, audio, embeddings as base64).
 fn all_strings(v: &Value, out: &mut Vec<String>) {
     match v {
+        Value::String(s) if is_encoded_data(s) => {}
         Value::String(s) => out.push(s.clone()),
         Value::Array(items) => items.iter().for_each(|i| all_strings(i, out)),
         Value::Object(map) => map.values().for_each(|v| all_strings(v, out)),
@@ -135,6 +143,15 @@ impl Lanes {
     }
 }
 
+/// Whether a string is encoded data rather than text: a data URL, or a long run of base64.
+fn is_encoded_data(s: &str) -> bool {
+    s.starts_with("data:")
+        || (s.len() >= 256
+            && s.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+            }))
+}
+
 /// For a stream body (SSE, an AWS event stream, a JSON array of chunks): the text of all its
 /// events joined in order, without separators (deltas are fragments of one text), each choice
 /// on its own (see [`Lanes`]); `None` for other bodies.
@@ -157,7 +174,30 @@ pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
     if body.trim_ascii_start().starts_with(b"[") {
         return json_array_text(body);
     }
-    None
+    json_lines_text(body)
+}
+
+/// The joined text of a stream of JSON lines (Ollama's native API, Cohere's v1 streams): two or
+/// more lines, each a JSON object; `None` for anything else (a document over several lines).
+fn json_lines_text(body: &[u8]) -> Option<Vec<u8>> {
+    let mut lines = body
+        .split(|&b| b == b'\n')
+        .map(<[u8]>::trim_ascii)
+        .filter(|l| !l.is_empty());
+    let first = lines.next()?;
+    if !first.starts_with(b"{") {
+        return None;
+    }
+    let mut lanes = Lanes::default();
+    let mut count = 0;
+    for line in std::iter::once(first).chain(lines) {
+        let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(line) else {
+            return None;
+        };
+        lanes.event(v);
+        count += 1;
+    }
+    (count >= 2).then(|| lanes.joined())
 }
 
 /// The joined text of an SSE body's events (each one's `data:` lines joined, whatever its line
@@ -330,7 +370,13 @@ pub fn of_request(body: &[u8]) -> String {
             }
             parts.join("\n")
         }
-        Err(_) => String::from_utf8_lossy(body).into_owned(),
+        // Not JSON this reader takes (too deep, a lone surrogate escape): its text with the
+        // string escapes undone (an escaped prompt must not pass as escape codes); bytes that
+        // are not text (an audio upload, a binary answer) are no text to check.
+        Err(_) => match std::str::from_utf8(body) {
+            Ok(_) => String::from_utf8_lossy(&crate::dlp::unescape_json(body)).into_owned(),
+            Err(_) => String::new(),
+        },
     }
 }
 
@@ -358,11 +404,31 @@ pub(crate) mod tests {
         let mut lines: Vec<String> = of_body(cohere).lines().map(str::to_owned).collect();
         lines.sort();
         assert_eq!(lines, ["be brief", "hola"]);
-        // A shape with none of the known fields: every string is read.
-        let other = br#"{"model":"m","query":"what is x","documents":["doc one"]}"#;
-        let mut lines: Vec<String> = of_body(other).lines().map(str::to_owned).collect();
+        // Rerank: the query and the documents.
+        let rerank = br#"{"model":"m","query":"what is x","documents":["doc one"]}"#;
+        let mut lines: Vec<String> = of_body(rerank).lines().map(str::to_owned).collect();
         lines.sort();
-        assert_eq!(lines, ["doc one", "m", "what is x"]);
+        assert_eq!(lines, ["doc one", "what is x"]);
+        // A shape with none of the known fields: every string is read, but not encoded data.
+        let other = format!(
+            r#"{{"model":"m","ask":"what is y","b64_json":"{}","url":"data:image/png;base64,iVBO"}}"#,
+            "A".repeat(300)
+        );
+        let mut lines: Vec<String> = of_body(other.as_bytes())
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        assert_eq!(lines, ["m", "what is y"]);
+        // A stream of JSON lines (Ollama): its text joined; a document over lines is none.
+        let ndjson = b"{\"message\":{\"content\":\"mock-fl\"},\"done\":false}\n{\"message\":{\"content\":\"ag\"},\"done\":true}\n";
+        assert_eq!(stream_text(ndjson).as_deref(), Some(&b"mock-flag"[..]));
+        assert_eq!(stream_text(b"{\n  \"content\": \"x\"\n}\n"), None);
+        assert_eq!(stream_text(b"{\"content\":\"one line\"}\n"), None);
+        // JSON this reader does not take (a lone surrogate): its escapes undone; binary: none.
+        let escaped = br#"{"x":"\ud800","prompt":"\u006d\u006f\u0063\u006b"}"#;
+        assert!(of_body(escaped).contains("mock"), "{}", of_body(escaped));
+        assert_eq!(of_body(&[0xff, 0xfe, 0x00, 0x80]), "");
     }
 
     #[test]
