@@ -122,6 +122,9 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-4o-mini", 0.15, 0.60),
     ("gpt-4o-realtime-preview", 5.0, 20.0),
     ("gpt-4o-mini-realtime-preview", 0.60, 2.40),
+    // Transcription models (their text input and output tokens; audio input is priced apart).
+    ("gpt-4o-transcribe", 2.50, 10.0),
+    ("gpt-4o-mini-transcribe", 1.25, 5.0),
     ("gpt-4-turbo", 10.0, 30.0),
     ("gpt-4-0125-preview", 10.0, 30.0),
     ("gpt-4-1106-preview", 10.0, 30.0),
@@ -130,6 +133,7 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-4", 30.0, 60.0),
     ("gpt-4-32k", 60.0, 120.0),
     ("gpt-3.5-turbo", 0.50, 1.50),
+    ("gpt-3.5-turbo-instruct", 1.50, 2.00),
     ("o1", 15.0, 60.0),
     ("o1-pro", 150.0, 600.0),
     ("o1-mini", 1.10, 4.40),
@@ -250,6 +254,12 @@ impl Pricing {
                     *into = usd(field, v)?;
                 }
             }
+            // Named as the app sends the model (`openai/gpt-oss-120b`, a Bedrock id with its
+            // publisher) or as the table does: found either way.
+            let normalized = normalize(&p.model);
+            if normalized != p.model {
+                entries.push((normalized.into(), price));
+            }
             entries.push((p.model.as_str().into(), price));
         }
         for (name, input, output) in BUILTIN {
@@ -280,7 +290,8 @@ impl Pricing {
                 .ok()
                 .map(|i| self.entries[i].1)
         };
-        exact(name).or_else(|| {
+        // The name as sent first (a `spec.pricing` entry may name it so), then normalized.
+        exact(model).or_else(|| exact(name)).or_else(|| {
             name.bytes()
                 .enumerate()
                 .rev()
@@ -463,7 +474,25 @@ pub fn model_in_path(path: &str) -> Option<&str> {
             found = found.or(Some(name));
         }
     }
-    found
+    found.or_else(|| workers_ai_model(path))
+}
+
+/// A Workers AI model in a path (`@cf/meta/llama-3.1-8b-instruct`, `@hf/...`): its three
+/// segments from the `@`.
+fn workers_ai_model(path: &str) -> Option<&str> {
+    let start = if path.starts_with('@') {
+        0
+    } else {
+        path.find("/@")? + 1
+    };
+    let rest = &path[start..];
+    let rest = &rest[..rest.find('?').unwrap_or(rest.len())];
+    let end = rest
+        .match_indices('/')
+        .nth(2)
+        .map_or(rest.len(), |(i, _)| i);
+    let model = &rest[..end];
+    (model.matches('/').count() == 2).then_some(model)
 }
 
 /// The model of a passthrough request: from the path, else from the body.
@@ -773,6 +802,19 @@ mod tests {
             Some("anthropic.claude-3-haiku-20240307-v1%3A0")
         );
         assert_eq!(model_in_path("chat/completions"), None);
+        // Workers AI names the model in the path, from its `@`.
+        for path in [
+            "@cf/meta/llama-3.1-8b-instruct",
+            "run/@cf/meta/llama-3.1-8b-instruct?x=1",
+            "acct/ai/run/@cf/meta/llama-3.1-8b-instruct/",
+        ] {
+            assert_eq!(
+                model_in_path(path),
+                Some("@cf/meta/llama-3.1-8b-instruct"),
+                "{path}"
+            );
+        }
+        assert_eq!(model_in_path("@cf/meta"), None);
         let m = request_model("chat/completions", br#"{"model":"gpt-4o"}"#).expect("found");
         assert_eq!(m.as_str(), "gpt-4o");
         let long = "x".repeat(200);

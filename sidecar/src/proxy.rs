@@ -948,9 +948,10 @@ impl Gateway {
             && crate::compat::is_event_stream(&head.headers);
         let body = if openai_stream && !hide_usage {
             ProxyBody::upstream_sse(body, record).cached_through(fill)
-        } else if parts.method != http::Method::POST {
+        } else if parts.method != http::Method::POST || is_management_post(route.rest) {
             // Models are asked with POSTs: the `usage` in other answers (a batch's status, a
-            // file's content, a stored response) is no tokens spent now.
+            // file's content, a stored response, a cancelled batch or response, an updated
+            // stored completion) is no tokens spent now.
             ProxyBody::upstream(body, record)
                 .without_tokens()
                 .cached_through(fill)
@@ -1363,6 +1364,18 @@ pub(crate) async fn read_body(
     })
 }
 
+/// Whether a POST manages something made before rather than asking a model: cancelling a batch
+/// or a background response (`batches/{id}/cancel`, `responses/{id}/cancel`), updating a stored
+/// chat completion (`chat/completions/{id}`). Their answers repeat the usage spent then.
+fn is_management_post(rest: &str) -> bool {
+    let mut back = rest.trim_end_matches('/').rsplit('/');
+    let (last, second, third) = (back.next(), back.next(), back.next());
+    matches!(
+        (last, third),
+        (Some("cancel"), Some("batches" | "responses"))
+    ) || matches!((second, third), (Some("completions"), Some("chat")))
+}
+
 /// Refuses a request body sent compressed (`Content-Encoding` other than `identity`) where
 /// `reader` must read it: checks that scanned the compressed bytes would find nothing.
 pub(crate) fn refuse_compressed_body(
@@ -1481,6 +1494,25 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn management_posts_are_told_from_model_calls() {
+        for path in [
+            "v1/batches/batch_1/cancel",
+            "v1/responses/resp_1/cancel/",
+            "v1/chat/completions/chatcmpl-1",
+        ] {
+            assert!(is_management_post(path), "{path}");
+        }
+        for path in [
+            "v1/chat/completions",
+            "chat/completions",
+            "v1/responses",
+            "v1/batches",
+        ] {
+            assert!(!is_management_post(path), "{path}");
+        }
+    }
 
     #[test]
     fn request_timeout_header_is_milliseconds_within_bounds() {

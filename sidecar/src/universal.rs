@@ -357,6 +357,11 @@ pub(crate) async fn serve(
         if let Some(m) = step.model {
             record.set_model(m, &snap.pricing);
         }
+        // As on the provider's own route: InvokeModel answers of models whose bodies carry no
+        // usage are counted from Bedrock's token-count headers.
+        if &**id == "aws-bedrock" {
+            record.bedrock_token_headers(&head.headers);
+        }
         record.set_step(u32::try_from(i).unwrap_or(u32::MAX));
         record.set_tally(gw.tally(snap));
         record.set_request_payload(&step.payload);

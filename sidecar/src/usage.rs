@@ -80,8 +80,8 @@ const NEEDLE: &[u8] = b"\"usage";
 /// the first byte would make every string a candidate); the quote is checked after.
 const WORD: &[u8] = b"usage";
 /// Longest usage object read (they are well under this, even pretty-printed with Gemini's
-/// per-modality details).
-const WINDOW: usize = 1024;
+/// per-modality details for every modality of a prompt over cached content).
+const WINDOW: usize = 8 * 1024;
 
 static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(WORD));
 
@@ -253,10 +253,17 @@ impl Usage {
         let input = new.input.or(seen.nested_input);
         let output = new.output.or(seen.nested_output);
         if input.is_some() {
+            // Anthropic's `message_delta` repeats the input side without its `cache_creation`
+            // breakdown: the hour-long writes `message_start` named stay.
+            let write_1h = new
+                .write_1h
+                .or(c.write_1h)
+                .map(|w| w.min(new.write_beside.unwrap_or(w)));
             *c = Counts {
                 input,
                 output: c.output,
                 thoughts: c.thoughts,
+                write_1h,
                 ..new
             };
         } else {
