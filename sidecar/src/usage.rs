@@ -47,6 +47,11 @@ enum Field {
     Thoughts,
     /// Of the cache writes, those kept for an hour (Anthropic).
     Write1h,
+    /// The total the answer states (`total_tokens`), which tells whether reasoning is counted
+    /// inside the output (OpenAI) or beside it (xAI).
+    Total,
+    /// Reasoning tokens (`completion_tokens_details.reasoning_tokens`).
+    Reasoning,
 }
 
 /// What a key of the usage object's own level counts.
@@ -62,6 +67,7 @@ fn own_field(key: &[u8]) -> Option<Field> {
         b"cachedContentTokenCount" | b"prompt_cache_hit_tokens" => Field::ReadInside,
         b"toolUsePromptTokenCount" => Field::ToolPrompt,
         b"thoughtsTokenCount" => Field::Thoughts,
+        b"total_tokens" => Field::Total,
         _ => return None,
     })
 }
@@ -72,6 +78,7 @@ fn nested_field(key: &[u8]) -> Option<Field> {
     match key {
         b"cached_tokens" => Some(Field::ReadInside),
         b"ephemeral_1h_input_tokens" => Some(Field::Write1h),
+        b"reasoning_tokens" => Some(Field::Reasoning),
         _ => None,
     }
 }
@@ -150,6 +157,20 @@ pub struct Counts {
     write_1h: Option<u64>,
 }
 
+impl Counts {
+    /// Adds a part of a long answer (a WebSocket session's response): `input` of which `cached`
+    /// read from the prompt cache (counted inside the input, as OpenAI counts them), `output`.
+    pub fn add_part(&mut self, input: u64, output: u64, cached: u64) {
+        let add =
+            |slot: &mut Option<u64>, n: u64| *slot = Some(slot.unwrap_or(0).saturating_add(n));
+        add(&mut self.input, input);
+        add(&mut self.output, output);
+        if cached > 0 {
+            add(&mut self.read_inside, cached);
+        }
+    }
+}
+
 /// Tokens of one response.
 #[derive(Debug, Default)]
 pub struct Usage {
@@ -193,12 +214,18 @@ struct Seen {
     /// when the object's own level has none.
     nested_input: Option<u64>,
     nested_output: Option<u64>,
+    /// [`Field::Total`] and [`Field::Reasoning`]: reasoning beside the output when the total
+    /// holds it apart (xAI's Grok).
+    total: Option<u64>,
+    reasoning: Option<u64>,
 }
 
 impl Seen {
     fn set(&mut self, field: Field, n: u64) {
         let c = &mut self.counts;
         let slot = match field {
+            Field::Total => &mut self.total,
+            Field::Reasoning => &mut self.reasoning,
             Field::Input => &mut c.input,
             Field::Output => &mut c.output,
             Field::ReadBeside => &mut c.read_beside,
@@ -249,9 +276,18 @@ impl Usage {
 
     /// Takes the counts of one whole usage object (see the module doc for what replaces what).
     fn commit(&mut self, seen: Seen) {
-        let (c, new) = (&mut self.counts, seen.counts);
+        let (c, mut new) = (&mut self.counts, seen.counts);
         let input = new.input.or(seen.nested_input);
         let output = new.output.or(seen.nested_output);
+        // Reasoning the stated total holds beside the output (xAI) is output too; counted
+        // inside it (OpenAI), the total is input and output alone.
+        if let (Some(total), Some(reasoning), Some(i), Some(o)) =
+            (seen.total, seen.reasoning, input, output)
+            && reasoning > 0
+            && total == i.saturating_add(o).saturating_add(reasoning)
+        {
+            new.thoughts = new.thoughts.or(Some(reasoning));
+        }
         if input.is_some() {
             // Anthropic's `message_delta` repeats the input side without its `cache_creation`
             // breakdown: the hour-long writes `message_start` named stay.
@@ -675,6 +711,16 @@ mod tests {
             u.observe(f.as_bytes());
         }
         u.tokens()
+    }
+
+    #[test]
+    fn reasoning_beside_the_output_is_output_and_inside_it_is_not_counted_twice() {
+        // xAI: the total holds reasoning apart from completion_tokens.
+        let xai = r#"{"usage":{"prompt_tokens":10,"completion_tokens":9,"total_tokens":113,"completion_tokens_details":{"reasoning_tokens":94}}}"#;
+        assert_eq!(tokens_of(&[xai]).output, Some(103));
+        // OpenAI: reasoning inside completion_tokens, the total without it.
+        let openai = r#"{"usage":{"prompt_tokens":10,"completion_tokens":103,"total_tokens":113,"completion_tokens_details":{"reasoning_tokens":94}}}"#;
+        assert_eq!(tokens_of(&[openai]).output, Some(103));
     }
 
     fn tokens(input: u64, output: u64, read: u64, write: u64, write_1h: u64) -> Tokens {

@@ -514,8 +514,13 @@ struct Admitted {
 /// Usage read from a session's events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Used {
-    /// A response's tokens (`response.done`), priced at the session's model.
-    Response { input: u64, output: u64 },
+    /// A response's tokens (`response.done`), priced at the session's model; `cached` of the
+    /// input read from the prompt cache (`input_token_details.cached_tokens`, at the cache rate).
+    Response {
+        input: u64,
+        output: u64,
+        cached: u64,
+    },
     /// An input audio transcription's tokens, priced at the transcription model (`None`: the
     /// session never named it).
     Transcription {
@@ -604,8 +609,12 @@ impl Session {
     fn charge(&mut self, used: Used) {
         let a = &self.admitted;
         match used {
-            Used::Response { input, output } => {
-                self.record.charge_part(input, output);
+            Used::Response {
+                input,
+                output,
+                cached,
+            } => {
+                self.record.charge_part(input, output, cached);
                 if let Some(t) = &self.tally
                     && a.model.is_none()
                 {
@@ -1007,7 +1016,16 @@ impl Frames {
                 let count = |k: &str| usage?.get(k).and_then(serde_json::Value::as_u64);
                 if let (Some(input), Some(output)) = (count("input_tokens"), count("output_tokens"))
                 {
-                    self.used.push(Used::Response { input, output });
+                    let cached = usage
+                        .and_then(|u| u.pointer("/input_token_details/cached_tokens"))
+                        .and_then(serde_json::Value::as_u64)
+                        .unwrap_or(0)
+                        .min(input);
+                    self.used.push(Used::Response {
+                        input,
+                        output,
+                        cached,
+                    });
                 }
             }
             Some("conversation.item.input_audio_transcription.completed") => {
@@ -1127,7 +1145,7 @@ mod tests {
             let used = self.take_used();
             let mut sum = None;
             for u in used {
-                let Used::Response { input, output } = u else {
+                let Used::Response { input, output, .. } = u else {
                     panic!("not a response: {u:?}");
                 };
                 let (i, o) = sum.unwrap_or((0, 0));
@@ -1282,7 +1300,8 @@ mod tests {
                     },
                     Used::Response {
                         input: 4,
-                        output: 5
+                        output: 5,
+                        cached: 0
                     },
                     Used::Transcription {
                         input: 1,
