@@ -5,14 +5,13 @@ holds. Loopback upstreams only; every process started here is stopped here."""
 
 import json
 import pathlib
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 
 from conftest import DEFAULT_KEYS, Sidegate
+from rawhttp import Listener, read_request
 from test_cost import wait_line
 
 GOOGLE_KEY = "AIza-sidegate-test-accounting-edges"
@@ -28,52 +27,28 @@ class ChunkServer:
         self.content_type = content_type
         self.status = status
         self.bodies = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.settimeout(0.2)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        self.listener = Listener(self._answer)
+        self.url = self.listener.url
 
-    def _serve(self):
-        while not self.stopped.is_set():
+    def _answer(self, conn, _index):
+        with conn:
+            conn.settimeout(5)
             try:
-                conn, _ = self.sock.accept()
+                got = read_request(conn)
+                if got is None:
+                    return
+                self.bodies.append(got[1])
+                conn.sendall(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
+                             b"connection: close\r\n\r\n" % (self.status, self.content_type.encode()))
+                for c in self.chunks:
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(c), c))
+                    time.sleep(0.02)
+                conn.sendall(b"0\r\n\r\n")
             except OSError:
-                continue
-            with conn:
-                conn.settimeout(5)
-                try:
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        got = conn.recv(65536)
-                        if not got:
-                            break
-                        data += got
-                    head, _, body = data.partition(b"\r\n\r\n")
-                    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                                   if line.lower().startswith(b"content-length:")), 0)
-                    while len(body) < length:
-                        got = conn.recv(65536)
-                        if not got:
-                            break
-                        body += got
-                    self.bodies.append(body)
-                    conn.sendall(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
-                                 b"connection: close\r\n\r\n" % (self.status, self.content_type.encode()))
-                    for c in self.chunks:
-                        conn.sendall(b"%x\r\n%s\r\n" % (len(c), c))
-                        time.sleep(0.02)
-                    conn.sendall(b"0\r\n\r\n")
-                except OSError:
-                    pass
+                pass
 
     def stop(self):
-        self.stopped.set()
-        self.thread.join(2)
-        self.sock.close()
+        self.listener.close()
 
 
 def start_gateway(tmp_path, upstream_url, extra_spec="", name="acct"):
