@@ -18,6 +18,9 @@ use sidegate::{reload, server};
 /// Gives applications one address for every LLM provider, with provider keys injected from a
 /// keys directory and the Cloudflare AI Gateway contract (cf-aig-* headers, error codes).
 /// Point an SDK at http://127.0.0.1:8787/openai (or /anthropic, /groq, ...).
+/// The longest shutdown grace taken (100 years): longer ones end at it.
+const MAX_GRACE_SECS: u64 = 100 * 365 * 24 * 3600;
+
 #[derive(Debug, Parser)]
 #[command(name = "sidegate", version, about, long_about)]
 struct Args {
@@ -83,7 +86,8 @@ struct Args {
 
     /// Seconds after SIGTERM (the drain delay included) that in-flight requests, LLM streams
     /// too, have to finish; those still running then are cut. Keep it below the pod's
-    /// terminationGracePeriodSeconds (the operator injects that minus a margin).
+    /// terminationGracePeriodSeconds (the operator injects that minus a margin). Longer than
+    /// 100 years is 100 years.
     #[arg(
         long,
         env = "SIDEGATE_SHUTDOWN_GRACE",
@@ -277,7 +281,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shutdown_signal(),
         server::Drain {
             delay: Duration::from_secs(args.shutdown_delay),
-            grace: Duration::from_secs(args.shutdown_grace),
+            // A pod's grace may be any int64: a deadline that far would overflow the clock.
+            grace: Duration::from_secs(args.shutdown_grace.min(MAX_GRACE_SECS)),
         },
     )
     .await;
