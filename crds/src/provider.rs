@@ -1,7 +1,8 @@
 //! Provider ids of SPEC.md, shared so that the operator validates what the sidecar serves.
 
 /// Every built-in provider id: SPEC.md's table and the further providers Cloudflare's gateway
-/// documents (`cerebras`, `baseten`, `parallel`); `custom-<slug>` providers come from config.
+/// documents (`cerebras`, `baseten`, `parallel`, `replicate`, `elevenlabs`, `cartesia`, `fal`,
+/// `ideogram`); `custom-<slug>` providers come from config.
 pub const BUILTIN_PROVIDERS: &[&str] = &[
     "openai",
     "anthropic",
@@ -21,11 +22,16 @@ pub const BUILTIN_PROVIDERS: &[&str] = &[
     "cerebras",
     "baseten",
     "parallel",
+    "replicate",
+    "elevenlabs",
+    "cartesia",
+    "fal",
+    "ideogram",
 ];
 
 /// Schema pattern of a provider id: the built-in ids or `custom-<slug>`; a test keeps it equal to
 /// [`is_valid_provider_id`].
-pub const PROVIDER_ID_PATTERN: &str = "^(openai|anthropic|azure-openai|aws-bedrock|google-ai-studio|google-vertex-ai|groq|mistral|cohere|deepseek|grok|perplexity-ai|openrouter|huggingface|workers-ai|cerebras|baseten|parallel|custom-[a-z0-9]([a-z0-9-]{0,54}[a-z0-9])?)$";
+pub const PROVIDER_ID_PATTERN: &str = "^(openai|anthropic|azure-openai|aws-bedrock|google-ai-studio|google-vertex-ai|groq|mistral|cohere|deepseek|grok|perplexity-ai|openrouter|huggingface|workers-ai|cerebras|baseten|parallel|replicate|elevenlabs|cartesia|fal|ideogram|custom-[a-z0-9]([a-z0-9-]{0,54}[a-z0-9])?)$";
 
 /// Schema pattern of a key alias; a test keeps it equal to [`is_valid_alias`].
 pub const ALIAS_PATTERN: &str = "^[A-Za-z0-9_-]{1,63}$";

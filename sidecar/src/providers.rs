@@ -190,6 +190,51 @@ const BUILTINS: &[Builtin] = &[
         "x-api-key",
         None,
     ),
+    // Cloudflare: developers.cloudflare.com/ai-gateway/usage/providers/replicate/ ("replace
+    // https://api.replicate.com/v1"); upstream: replicate.com/docs/reference/http.
+    b(
+        "replicate",
+        "https://api.replicate.com/v1",
+        UrlShape::Plain,
+        "authorization",
+        Some("Bearer"),
+    ),
+    // Cloudflare: .../providers/elevenlabs/ (`/elevenlabs/v1/text-to-speech/{voice}`);
+    // upstream: elevenlabs.io/docs/api-reference (key in `xi-api-key`).
+    b(
+        "elevenlabs",
+        "https://api.elevenlabs.io",
+        UrlShape::Plain,
+        "xi-api-key",
+        None,
+    ),
+    // Cloudflare: .../providers/cartesia/ (`/cartesia/tts/bytes`, `Cartesia-Version` passed
+    // through); upstream: docs.cartesia.ai/api-reference, whose paths have no /v1.
+    b(
+        "cartesia",
+        "https://api.cartesia.ai",
+        UrlShape::Plain,
+        "x-api-key",
+        None,
+    ),
+    // Cloudflare: .../providers/fal/ (`/fal/fal-ai/fast-sdxl` → the synchronous API at
+    // https://fal.run); upstream: docs.fal.ai (`Authorization: Key ...`).
+    b(
+        "fal",
+        "https://fal.run",
+        UrlShape::Plain,
+        "authorization",
+        Some("Key"),
+    ),
+    // Cloudflare: .../providers/ideogram/ (`/ideogram/v1/ideogram-v3/generate`); upstream:
+    // developer.ideogram.ai (key in `Api-Key`).
+    b(
+        "ideogram",
+        "https://api.ideogram.ai",
+        UrlShape::Plain,
+        "api-key",
+        None,
+    ),
 ];
 
 const fn b(
@@ -510,6 +555,10 @@ impl Provider {
                     "cerebras" | "baseten" => {
                         ("", route.rest.strip_prefix("v1/").unwrap_or(route.rest))
                     }
+                    // Their APIs live under /v1, which Cloudflare's pages both send after the
+                    // provider (curl) and put in the gateway URL (SDK base URLs: "replace
+                    // https://api.x.ai/v1 with .../grok"): both reach the API.
+                    "grok" | "openrouter" if !route.rest.starts_with("v1/") => ("/v1", route.rest),
                     // Cloudflare's contract: `/huggingface/{model}` is the Inference API's
                     // `/models/{model}`; OpenAI-compatible paths (`v1/...`, as /compat sends)
                     // and paths already under `models/` go as they are.
@@ -822,8 +871,13 @@ impl ProviderTable {
                 )),
             }
         }
+        // In a fixed order: the built-ins' (ElevenLabs' `xi-api-key`), then the custom ones'.
         let mut key_headers = CLIENT_KEY_HEADERS.to_vec();
-        for name in providers.values().filter_map(Provider::auth_header) {
+        let ids = BUILTINS
+            .iter()
+            .map(|bi| bi.id)
+            .chain(settings.keys().map(String::as_str));
+        for name in ids.filter_map(|id| providers.get(id)?.auth_header()) {
             if !key_headers.contains(name) {
                 key_headers.push(name.clone());
             }
@@ -946,6 +1000,13 @@ mod tests {
                 "v1/chat/completions",
                 "https://api.x.ai/v1/chat/completions",
             ),
+            // Cloudflare's SDK base URLs leave grok's and openrouter's /v1 out.
+            (
+                "grok",
+                "chat/completions",
+                "https://api.x.ai/v1/chat/completions",
+            ),
+            ("grok", "v1/messages", "https://api.x.ai/v1/messages"),
             (
                 "perplexity-ai",
                 "chat/completions",
@@ -954,6 +1015,11 @@ mod tests {
             (
                 "openrouter",
                 "v1/chat/completions",
+                "https://openrouter.ai/api/v1/chat/completions",
+            ),
+            (
+                "openrouter",
+                "chat/completions",
                 "https://openrouter.ai/api/v1/chat/completions",
             ),
             // Cloudflare's HuggingFace shape: the model right after the provider.
@@ -1029,26 +1095,99 @@ mod tests {
                 "x-api-key",
                 "api-key",
                 "x-goog-api-key",
+                "xi-api-key",
                 "x-custom-key"
             ]
         );
         let openai = t.get("openai").expect("openai");
-        assert_eq!(names(openai.dropped_headers(false)), ["x-custom-key"]);
+        assert_eq!(
+            names(openai.dropped_headers(false)),
+            ["xi-api-key", "x-custom-key"]
+        );
         let stored = names(openai.dropped_headers(true));
         assert!(stored.contains(&"authorization") && stored.contains(&"x-custom-key"));
         // Its own provider gets it; AWS (signed) never does.
         let own = t.get("custom-own").expect("custom");
-        assert!(own.dropped_headers(false).is_empty());
+        assert_eq!(names(own.dropped_headers(false)), ["xi-api-key"]);
         let bedrock = t.get("aws-bedrock").expect("bedrock");
-        assert_eq!(names(bedrock.dropped_headers(false)), ["x-custom-key"]);
-        // With built-ins only, nothing more is dropped than before.
-        let t = table(&[]);
-        assert!(
-            t.get("openai")
-                .expect("openai")
-                .dropped_headers(false)
-                .is_empty()
+        assert_eq!(
+            names(bedrock.dropped_headers(false)),
+            ["xi-api-key", "x-custom-key"]
         );
+        // With built-ins only, ElevenLabs' key header goes to ElevenLabs alone.
+        let t = table(&[]);
+        assert_eq!(
+            names(t.get("openai").expect("openai").dropped_headers(false)),
+            ["xi-api-key"]
+        );
+        let elevenlabs = t.get("elevenlabs").expect("elevenlabs");
+        assert!(elevenlabs.dropped_headers(false).is_empty());
+    }
+
+    #[test]
+    fn the_media_providers_cloudflare_serves_take_their_keys_as_documented() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, key) in [
+            ("replicate.default", "r8_k"),
+            ("elevenlabs.default", "el_k"),
+            ("cartesia.default", "ca_k"),
+            ("fal.default", "fal_k"),
+            ("ideogram.default", "id_k"),
+        ] {
+            std::fs::write(dir.path().join(name), key).expect("key file");
+        }
+        let keys = KeyStore::load(dir.path()).expect("keys");
+        let (t, warnings) = ProviderTable::build(&BTreeMap::new(), &keys).expect("table");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        for (provider, rest, want, header, value) in [
+            (
+                "replicate",
+                "predictions",
+                "https://api.replicate.com/v1/predictions",
+                "authorization",
+                "Bearer r8_k",
+            ),
+            (
+                "elevenlabs",
+                "v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb",
+                "https://api.elevenlabs.io/v1/text-to-speech/JBFqnCBsd6RMkjVDRZzb",
+                "xi-api-key",
+                "el_k",
+            ),
+            (
+                "cartesia",
+                "tts/bytes",
+                "https://api.cartesia.ai/tts/bytes",
+                "x-api-key",
+                "ca_k",
+            ),
+            (
+                "fal",
+                "fal-ai/fast-sdxl",
+                "https://fal.run/fal-ai/fast-sdxl",
+                "authorization",
+                "Key fal_k",
+            ),
+            (
+                "ideogram",
+                "v1/ideogram-v3/generate",
+                "https://api.ideogram.ai/v1/ideogram-v3/generate",
+                "api-key",
+                "id_k",
+            ),
+        ] {
+            assert_eq!(uri(&t, provider, rest).as_deref(), Ok(want), "{provider}");
+            let p = t.get(provider).expect(provider);
+            assert_eq!(
+                p.auth_header().map(HeaderName::as_str),
+                Some(header),
+                "{provider}"
+            );
+            let Ok(KeyChoice::Stored(v)) = p.choose_key(None) else {
+                panic!("{provider}: no stored key");
+            };
+            assert_eq!(v.header().to_str().ok(), Some(value), "{provider}");
+        }
     }
 
     #[test]
