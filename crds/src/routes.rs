@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::policy::{DynamicRoute, Fallback, RouteNodeType, parse_usd};
+use crate::policy::{DynamicRoute, Fallback, RouteNode, RouteNodeType, parse_usd};
 
 /// A provider and model to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,6 +110,49 @@ const MAX_RETRIES: u32 = 4;
 /// Longest time to first byte of a model node, as `cf-aig-request-timeout` allows.
 const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// The node kind as configs spell it.
+fn kind_name(kind: RouteNodeType) -> &'static str {
+    match kind {
+        RouteNodeType::Start => "start",
+        RouteNodeType::Conditional => "conditional",
+        RouteNodeType::Percentage => "percentage",
+        RouteNodeType::Rate => "rate",
+        RouteNodeType::Budget => "budget",
+        RouteNodeType::Model => "model",
+        RouteNodeType::End => "end",
+    }
+}
+
+/// The first field `n` sets that its kind does not read: a route ported from elsewhere (a
+/// Cloudflare model element's `fallback` output) must not lose a branch without a word.
+fn stray_field(n: &RouteNode) -> Option<&'static str> {
+    let set = [
+        ("next", n.next.is_some()),
+        ("condition", n.condition.is_some()),
+        ("then", n.then_.is_some()),
+        ("else", n.else_.is_some()),
+        ("branches", !n.branches.is_empty()),
+        ("provider", n.provider.is_some()),
+        ("model", n.model.is_some()),
+        ("timeout", n.timeout.is_some()),
+        ("retries", n.retries.is_some()),
+        ("limit", n.limit.is_some()),
+        ("interval", n.interval.is_some()),
+        ("fallback", n.fallback.is_some()),
+    ];
+    let reads: &[&str] = match n.kind {
+        RouteNodeType::Start => &["next"],
+        RouteNodeType::Conditional => &["condition", "then", "else"],
+        RouteNodeType::Percentage => &["branches"],
+        RouteNodeType::Rate | RouteNodeType::Budget => &["limit", "interval", "next", "fallback"],
+        RouteNodeType::Model => &["next", "provider", "model", "timeout", "retries"],
+        RouteNodeType::End => &[],
+    };
+    set.into_iter()
+        .find(|(field, is_set)| *is_set && !reads.contains(field))
+        .map(|(field, _)| field)
+}
+
 /// Compiles `spec.routes` and `spec.fallbacks`; the error names the node and field.
 /// `known_provider` tells whether a provider id can be served.
 pub fn compile(
@@ -140,6 +183,24 @@ pub fn compile(
                     need(&n.fallback, "fallback")?,
                 ))
             };
+            if let Some(field) = stray_field(n) {
+                let hint = match (n.kind, field) {
+                    (RouteNodeType::Model, "fallback") => {
+                        " (a model node that fails goes on to its next node)"
+                    }
+                    _ => "",
+                };
+                let kind = kind_name(n.kind);
+                let a = if kind.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                    "an"
+                } else {
+                    "a"
+                };
+                return Err(format!(
+                    "{} is not a field of {a} {kind} node{hint}",
+                    at(ni, field)
+                ));
+            }
             let node = match n.kind {
                 RouteNodeType::Start => {
                     if start.replace(n.id.clone()).is_some() {

@@ -281,7 +281,8 @@ pub static ANSWER_HEADERS: [HeaderName; 9] = [
 
 /// Last path segments of the endpoints whose answer is the model's answer to the request body
 /// (chat, completions, messages, embeddings, rerank, moderation, images, speech, Bedrock's
-/// Converse and InvokeModel; the Responses API's `responses` unless in the background), which
+/// Converse and InvokeModel; the Responses API's `responses` unless in the background or in a
+/// conversation), which
 /// [`cacheable`] lets the cache answer.
 const INFERENCE: [&str; 18] = [
     "completions",
@@ -323,7 +324,8 @@ const STATEFUL: [&str; 4] = ["threads", "assistants", "batches", "vector_stores"
 /// Whether a request's answer may come from the cache and be stored in it: a `POST` to an
 /// inference endpoint — its answer is the model's answer to the body. Everything else reads or
 /// changes state the provider keeps (a batch's, a run's or a stored response's status, a
-/// thread's messages, a file, a `background: true` response, a deletion), and is answered by
+/// thread's messages, a file, a `background: true` response, a conversation's turn, a
+/// deletion), and is answered by
 /// the provider every time, as with `cf-aig-skip-cache`.
 pub fn cacheable(r: &Request<'_>) -> bool {
     if r.method != "POST" {
@@ -347,19 +349,24 @@ pub fn cacheable(r: &Request<'_>) -> bool {
         return GOOGLE_INFERENCE.contains(&method);
     }
     if last == "responses" {
-        // A background response is fetched later by its id: each request makes one.
-        return !background(r.body);
+        return !keeps_state(r.body);
     }
     INFERENCE.contains(&last)
 }
 
-/// Whether a Responses API body asks for a background response (or cannot be read to tell).
-fn background(body: &[u8]) -> bool {
-    if memchr::memmem::find(body, b"\"background\"").is_none() {
+/// Whether a Responses API body changes state the provider keeps (or cannot be read to tell):
+/// a background response is fetched later by its id, so each request makes one; a turn in a
+/// `conversation` is added to it, so a cached answer would leave the conversation without it.
+fn keeps_state(body: &[u8]) -> bool {
+    if memchr::memmem::find(body, b"\"background\"").is_none()
+        && memchr::memmem::find(body, b"\"conversation\"").is_none()
+        && !crate::cost::escapes_ascii_letter(body)
+    {
         return false;
     }
     serde_json::from_slice::<serde_json::Value>(body).map_or(true, |v| {
         v.get("background").and_then(serde_json::Value::as_bool) == Some(true)
+            || v.get("conversation").is_some_and(|c| !c.is_null())
     })
 }
 
@@ -416,6 +423,20 @@ pub fn key(r: &Request<'_>, custom: Option<&str>) -> Key {
         return h.finalize().into();
     }
     h.update(b"\0body\0");
+    // A form (an audio transcription, an image edit) by its parts: the boundary between them
+    // is drawn at random for each request.
+    if let Some(parts) =
+        crate::multipart::boundary(r.headers).and_then(|b| crate::multipart::parts(r.body, b))
+    {
+        h.update(b"form\0");
+        for part in parts {
+            for bytes in [part.headers, part.data] {
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(bytes);
+            }
+        }
+        return h.finalize().into();
+    }
     match serde_json::from_slice::<serde_json::Value>(r.body) {
         Ok(v) => {
             let mut out = Vec::with_capacity(r.body.len());
@@ -1098,6 +1119,33 @@ mod tests {
     }
 
     #[test]
+    fn equal_forms_share_a_key_whatever_their_boundary() {
+        let form = |boundary: &str, model: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(&format!("multipart/form-data; boundary={boundary}"))
+                    .expect("header"),
+            );
+            let body = format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n\
+                 --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+                 Content-Type: audio/wav\r\n\r\nRIFF....\r\n--{boundary}--\r\n"
+            );
+            (h, body.into_bytes())
+        };
+        let keyed = |(h, body): &(HeaderMap, Vec<u8>)| {
+            let mut r = req(body, "default");
+            r.path = "audio/transcriptions";
+            r.headers = h;
+            key(&r, None)
+        };
+        let a = keyed(&form("8f1e2d3c4b5a", "whisper-1"));
+        assert_eq!(a, keyed(&form("0a9b8c7d6e5f", "whisper-1")));
+        assert_ne!(a, keyed(&form("8f1e2d3c4b5a", "gpt-4o-transcribe")));
+    }
+
+    #[test]
     fn the_key_depends_on_route_alias_and_client_key() {
         let body = br#"{"model":"m"}"#;
         let base = key(&req(body, "default"), None);
@@ -1291,6 +1339,17 @@ mod tests {
         r.path = "responses";
         assert!(!cacheable(&r), "a background response");
         r.body = br#"{"model":"m","background":false}"#;
+        assert!(cacheable(&r));
+        // A turn of a conversation is added to it (an id or `{"id": ...}`); `null` is none.
+        for body in [
+            &br#"{"model":"m","conversation":"conv_1","input":"hi"}"#[..],
+            br#"{"model":"m","conversation":{"id":"conv_1"},"input":"hi"}"#,
+            br#"{"model":"m","\u0063onversation":"conv_1","input":"hi"}"#,
+        ] {
+            r.body = body;
+            assert!(!cacheable(&r), "{}", String::from_utf8_lossy(body));
+        }
+        r.body = br#"{"model":"m","conversation":null,"input":"hi"}"#;
         assert!(cacheable(&r));
     }
 

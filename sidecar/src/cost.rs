@@ -122,9 +122,10 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-4o-mini", 0.15, 0.60),
     ("gpt-4o-realtime-preview", 5.0, 20.0),
     ("gpt-4o-mini-realtime-preview", 0.60, 2.40),
-    // Transcription models (their text input and output tokens; audio input is priced apart).
-    ("gpt-4o-transcribe", 2.50, 10.0),
-    ("gpt-4o-mini-transcribe", 1.25, 5.0),
+    // Transcription models: their input is the audio (a prompt's few text tokens, which
+    // OpenAI prices lower, are charged as audio too: a little over, never under).
+    ("gpt-4o-transcribe", 6.0, 10.0),
+    ("gpt-4o-mini-transcribe", 3.0, 5.0),
     ("gpt-4-turbo", 10.0, 30.0),
     ("gpt-4-0125-preview", 10.0, 30.0),
     ("gpt-4-1106-preview", 10.0, 30.0),
@@ -501,6 +502,13 @@ pub fn request_model(path: &str, body: &[u8]) -> Option<ModelName> {
         return ModelName::named(m);
     }
     model_in_body(body).map(|m| ModelName::new(&m))
+}
+
+/// The model a form request names in its `model` field (an audio transcription or
+/// translation, an image edit: uploads that are `multipart/form-data`).
+pub fn form_model(headers: &http::HeaderMap, body: &[u8]) -> Option<ModelName> {
+    let model = crate::multipart::field(headers, body, b"model")?;
+    ModelName::named(std::str::from_utf8(model).ok()?.trim())
 }
 
 /// Longest model name kept without a heap allocation.

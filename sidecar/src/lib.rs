@@ -34,6 +34,7 @@ pub mod guardrails;
 pub mod headers;
 pub mod keys;
 pub mod log_id;
+pub mod multipart;
 pub mod otel;
 pub mod providers;
 pub mod proxy;

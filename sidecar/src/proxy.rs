@@ -392,7 +392,8 @@ impl Gateway {
             // No config, no gateway settings: counted and traced, not in the access log.
             let err = GatewayError::NotReady;
             let status = err.status().as_u16();
-            self.metrics.count_request(&Arc::from("none"), status);
+            self.metrics
+                .count_request(&Arc::from("none"), status, start.elapsed());
             tracing::info!(provider = "none", method = %req.method(), status, code = err.code(), error = %err, "request refused");
             return Ok(err.into_response());
         };
@@ -572,7 +573,7 @@ impl Gateway {
         }
         let status = err.status().as_u16();
         let label = provider.clone().unwrap_or_else(|| Arc::from("none"));
-        self.metrics.count_request(&label, status);
+        self.metrics.count_request(&label, status, start.elapsed());
         if log {
             tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, id = %id, "request refused");
         }
@@ -826,31 +827,7 @@ impl Gateway {
         let rewrites_usage = snap.budgets.is_some()
             && asks_stream_usage(provider, &parts.method, route.rest, parts.uri.query())
             && crate::headers::body_coding(&parts.headers).is_none();
-        // Guardrails, the cache key (of the body), that rewrite and DLP (for documents in
-        // base64) parse the body into a tree, each for a moment (no await holds one): room for
-        // it until the last of them.
-        let keyed_by_body = want
-            .as_ref()
-            .is_some_and(|w| !w.skip && w.custom_key.is_none());
-        let dlp_parses =
-            snap.dlp.checks_requests() && crate::text::may_hold_encoded_documents(&body);
-        let parsing =
-            if snap.guardrails.checks_prompts() || keyed_by_body || rewrites_usage || dlp_parses {
-                let mut room = self.buffers.guard(snap.max_buffered);
-                room.reserve_parse(&body).map_err(fail)?;
-                Some(room)
-            } else {
-                None
-            };
-
-        let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
-        if snap.guardrails.checks_prompts() {
-            self.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
-                .await
-                .map_err(fail)?;
-        }
-
-        // cache lookup
+        // The cache's view of the request (looked up below).
         let lookup = cache::Request {
             scope: "provider",
             provider: &provider.id,
@@ -868,6 +845,34 @@ impl Gateway {
             body: &body,
             account: provider.route_account(route.account),
         };
+        // Guardrails, the cache key (of the body), that rewrite and DLP (for documents in
+        // base64) parse the body into a tree, each for a moment (no await holds one): room for
+        // it until the last of them.
+        let keyed_by_body = want
+            .as_ref()
+            .is_some_and(|w| !w.skip && w.custom_key.is_none())
+            && cache::cacheable(&lookup);
+        let dlp_parses =
+            snap.dlp.checks_requests() && crate::text::may_hold_encoded_documents(&body);
+        // Only JSON makes a tree: an upload (multipart, a JSONL file, audio) is read as bytes.
+        let parsing = if is_json_document(&body)
+            && (snap.guardrails.checks_prompts() || keyed_by_body || rewrites_usage || dlp_parses)
+        {
+                let mut room = self.buffers.guard(snap.max_buffered);
+                room.reserve_parse(&body).map_err(fail)?;
+                Some(room)
+            } else {
+                None
+            };
+
+        let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
+        if snap.guardrails.checks_prompts() {
+            self.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
+                .await
+                .map_err(fail)?;
+        }
+
+        // cache lookup
         let cached = self
             .cache_lookup(snap, want.as_ref(), &lookup, parts, start, &opts)
             .await;
@@ -880,7 +885,8 @@ impl Gateway {
             // The deployment decides the model, whatever the body names: priced by its name
             // (as deployments are usually named, or as `spec.pricing` names it).
             Some(deployment) => crate::cost::ModelName::named(deployment),
-            None => crate::cost::request_model(route.rest, &body),
+            None => crate::cost::request_model(route.rest, &body)
+                .or_else(|| crate::cost::form_model(&parts.headers, &body)),
         };
         let logged_body = opts.payloads.then(|| body.clone());
         // Spend limits and token budgets count the tokens answers report; an OpenAI-format
@@ -1374,6 +1380,12 @@ fn is_management_post(rest: &str) -> bool {
         (last, third),
         (Some("cancel"), Some("batches" | "responses"))
     ) || matches!((second, third), (Some("completions"), Some("chat")))
+}
+
+/// Whether `body` may be one JSON document (an object or an array), the only bodies the
+/// gateway parses into a tree.
+fn is_json_document(body: &[u8]) -> bool {
+    matches!(body.trim_ascii_start().first(), Some(b'{' | b'['))
 }
 
 /// Refuses a request body sent compressed (`Content-Encoding` other than `identity`) where

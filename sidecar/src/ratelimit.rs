@@ -183,32 +183,36 @@ impl Limiter {
         })
     }
 
-    /// Whether a request at `now` would pass, without counting it (a route's rate node, which
-    /// counts only the requests that go upstream: [`Self::count`]).
-    pub fn peek(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
-        self.at(s, now, |w, into| w.admits(s, into))
-    }
-
-    /// Counts a request at `now` that [`Self::peek`] let pass earlier and that goes upstream
-    /// now (requests let pass at once may take the count a little past the limit).
-    pub fn count(&self, s: &Settings, now: Instant) {
-        self.at(s, now, |w, _| w.count += 1);
+    /// Takes back a request [`Self::check`] counted at `counted_at` that never went anywhere
+    /// (a route's rate node, whose request was then refused or answered from the cache),
+    /// from the window that counted it if that is still the current or the previous one.
+    pub fn release(&self, s: &Settings, counted_at: Instant) {
+        let (index, _) = window_at(self.epoch, counted_at, s.interval);
+        self.at(s, Instant::now(), |w, _| {
+            if w.index == index {
+                w.count = w.count.saturating_sub(1);
+            } else if w.index == index + 1 {
+                w.previous = w.previous.saturating_sub(1);
+            }
+        });
     }
 
     /// Runs `f` on the counts of the window at `now` (and how far into it `now` is), started
-    /// afresh when the settings changed.
+    /// afresh when the window's shape changed (its interval, fixed or sliding); a new limit
+    /// (a reload raising or lowering it) applies to what the window already counted.
     fn at<R>(&self, s: &Settings, now: Instant, f: impl FnOnce(&mut Counts, Duration) -> R) -> R {
         let (index, into) = window_at(self.epoch, now, s.interval);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if state.settings != Some(*s) {
-            *state = Window {
-                settings: Some(*s),
-                counts: Counts {
-                    index,
-                    ..Counts::default()
-                },
+        let same_shape = state
+            .settings
+            .is_some_and(|old| old.interval == s.interval && old.sliding == s.sliding);
+        if !same_shape {
+            state.counts = Counts {
+                index,
+                ..Counts::default()
             };
         }
+        state.settings = Some(*s);
         state.counts.roll(index);
         f(&mut state.counts, into)
     }
@@ -241,6 +245,25 @@ mod tests {
         );
         // Refusals are not counted; the next window starts afresh.
         assert_eq!(l.check(&s, t0 + Duration::from_secs(10)), Ok(()));
+    }
+
+    #[test]
+    fn a_new_limit_applies_to_what_the_window_counted_a_new_window_starts_afresh() {
+        let t0 = Instant::now();
+        let l = Limiter::new(t0);
+        let at = t0 + Duration::from_secs(1);
+        for _ in 0..2 {
+            assert_eq!(l.check(&settings(2, 3600, false), at), Ok(()));
+        }
+        // Raised to 3 (a reload): one more, not three.
+        let raised = settings(3, 3600, false);
+        assert_eq!(l.check(&raised, at), Ok(()));
+        assert!(l.check(&raised, at).is_err());
+        // Lowered below the count: refused at once.
+        assert!(l.check(&settings(1, 3600, false), at).is_err());
+        // Another interval, or a sliding window, is another window: counted from zero.
+        assert_eq!(l.check(&settings(1, 60, false), at), Ok(()));
+        assert_eq!(l.check(&settings(1, 60, true), at), Ok(()));
     }
 
     #[test]

@@ -211,7 +211,7 @@ enum Position<'a> {
         /// Budget nodes whose `next` branch this request took.
         charged: Vec<Arc<BudgetWindow>>,
         /// Rate nodes this request passed, which count it when it is sent upstream.
-        counted: Vec<(Arc<Limiter>, RateSettings)>,
+        counted: Vec<Reserved>,
         /// The last rate or budget node over its limit the walk went past, for the error
         /// when that leads it to `end` before any target.
         limited: Option<Limited>,
@@ -296,10 +296,17 @@ impl<'a> Walk<'a> {
                             sliding: false,
                             global: false,
                         };
+                        // Counted as the walk passes (requests waiting on guardrails or the
+                        // cache at the same time see it), given back unless sent.
                         let limiter = routing.limiters.get(&((*name).clone(), id.clone()));
-                        match limiter.map(|l| (l, l.peek(&settings, Instant::now()))) {
+                        let now = Instant::now();
+                        match limiter.map(|l| (l, l.check(&settings, now))) {
                             Some((l, Ok(()))) => {
-                                counted.push((l.clone(), settings));
+                                counted.push(Reserved {
+                                    limiter: Some(l.clone()),
+                                    settings,
+                                    at: now,
+                                });
                                 Some(next)
                             }
                             Some((_, Err(retry_after))) => {
@@ -362,14 +369,14 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// The request goes upstream: the rate nodes it passed count it. One refused by the
-    /// gateway, or answered from its cache (or waiting for an identical request's answer), is
-    /// never counted.
+    /// The request goes upstream: the rate nodes it passed keep its count. One refused by the
+    /// gateway, or answered from its cache (or by an identical request's answer), is given
+    /// back when the walk is dropped.
     pub fn sent(&mut self) {
         if let Position::Route { counted, .. } = &mut self.0 {
-            let now = Instant::now();
-            for (limiter, settings) in counted.drain(..) {
-                limiter.count(&settings, now);
+            for mut kept in counted.drain(..) {
+                // Taken out, the limiter is not given the count back when `kept` drops.
+                drop(kept.limiter.take());
             }
         }
     }
@@ -413,6 +420,24 @@ impl<'a> Walk<'a> {
                 retry_after: *retry_after,
             },
         })
+    }
+}
+
+/// A request a rate node counted as a walk passed it, until the request is sent.
+#[derive(Debug)]
+struct Reserved {
+    /// `None` once the request was sent: the count stays.
+    limiter: Option<Arc<Limiter>>,
+    settings: RateSettings,
+    at: Instant,
+}
+
+impl Drop for Reserved {
+    /// Not sent (refused, a cache hit, the client gone): the node's count is given back.
+    fn drop(&mut self) {
+        if let Some(limiter) = self.limiter.take() {
+            limiter.release(&self.settings, self.at);
+        }
     }
 }
 
@@ -492,6 +517,45 @@ mod tests {
         })
         .map(|t| format!("{}/{}", t.provider, t.model))
         .collect()
+    }
+
+    #[test]
+    fn a_field_its_node_does_not_read_is_refused_by_name() {
+        let start = RouteNode {
+            next: Some("m".into()),
+            ..node("s", RouteNodeType::Start)
+        };
+        // A Cloudflare model element's `fallback` output, ported as it is.
+        let err = routing(vec![
+            start.clone(),
+            RouteNode {
+                fallback: Some("backup".into()),
+                ..model("m", "openai", "gpt-4o", Some("e"))
+            },
+            model("backup", "anthropic", "claude-sonnet-4-5", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .err()
+        .expect("refused");
+        assert!(
+            err.contains("spec.routes[0].nodes[1].fallback is not a field of a model node")
+                && err.contains("goes on to its next node"),
+            "{err}"
+        );
+        let err = routing(vec![
+            start,
+            model("m", "openai", "gpt-4o", Some("e")),
+            RouteNode {
+                limit: Some("3".into()),
+                ..node("e", RouteNodeType::End)
+            },
+        ])
+        .err()
+        .expect("refused");
+        assert_eq!(
+            err,
+            "spec.routes[0].nodes[2].limit is not a field of an end node"
+        );
     }
 
     #[test]
@@ -594,11 +658,17 @@ mod tests {
             let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
             assert!(walk.next_target(&Map::new()).is_some());
         }
-        // One let past and still waiting (for the cache, for its checks) holds no slot.
+        // One let past and still waiting (for the cache, for its checks) holds its slot: the
+        // requests that come meanwhile take the fallback (`end` here); dropped unsent, it gives
+        // the slot back.
         let mut waiting = r.walk("dynamic/r").expect("dynamic").expect("exists");
-        assert!(waiting.next_target(&Map::new()).is_some());
-        assert_eq!(targets(&r, &Map::new()), ["openai/main"]);
+        assert_eq!(
+            waiting.next_target(&Map::new()).map(|t| t.model.as_str()),
+            Some("main")
+        );
+        assert!(targets(&r, &Map::new()).is_empty());
         drop(waiting);
+        assert_eq!(targets(&r, &Map::new()), ["openai/main"]);
         // Over the limit, leading to `end` before any target: the node's 429.
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
         assert!(walk.next_target(&Map::new()).is_none());

@@ -376,14 +376,20 @@ impl Metrics {
         out
     }
 
-    /// Counts one request.
-    pub fn count_request(&self, provider: &Arc<str>, status: u16) {
+    /// Counts one request the gateway answered itself (a refusal, a timeout) and its duration,
+    /// so that latency percentiles include those answers.
+    pub fn count_request(&self, provider: &Arc<str>, status: u16, elapsed: std::time::Duration) {
         self.requests
             .get_or_create(&RequestLabels {
                 provider: provider.clone(),
                 status,
             })
             .inc();
+        self.duration
+            .get_or_create(&ProviderLabels {
+                provider: provider.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Counts one request the cache was on for.
