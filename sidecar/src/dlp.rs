@@ -12,6 +12,7 @@
 
 use std::sync::LazyLock;
 
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use regex::bytes::Regex;
 use sidegate_crds::policy::{Dlp, DlpAction, DlpCheck};
@@ -144,6 +145,10 @@ static PROFILES: LazyLock<Vec<Profile>> = LazyLock::new(|| {
     ]
 });
 
+/// Largest body scanned on the runtime's own thread (a few milliseconds at most); larger ones,
+/// uploads of megabytes, go to a blocking thread ([`Settings::scan`]).
+const SCAN_INLINE: usize = 256 * 1024;
+
 /// Names of the detection profiles, for error messages.
 pub fn profile_names() -> Vec<&'static str> {
     PROFILES.iter().map(|p| p.name).collect()
@@ -243,6 +248,22 @@ impl Settings {
     /// Scans a whole response body, as [`Settings::check_request`].
     pub fn check_response(&self, body: &[u8]) -> Result<Vec<Finding>, GatewayError> {
         self.check(body, false)
+    }
+
+    /// [`Settings::check_request`] (`request`) or [`Settings::check_response`] of a body that
+    /// may be large: one over [`SCAN_INLINE`] is scanned on a blocking thread, so that the
+    /// runtime's thread (one by default) goes on serving the other requests meanwhile.
+    pub async fn scan(&self, body: &Bytes, request: bool) -> Result<Vec<Finding>, GatewayError> {
+        let applies = |p: &Policy| if request { p.request } else { p.response };
+        if body.len() <= SCAN_INLINE || !self.policies.iter().any(applies) {
+            return self.check(body, request);
+        }
+        let (settings, owned) = (self.clone(), body.clone());
+        match tokio::task::spawn_blocking(move || settings.check(&owned, request)).await {
+            Ok(result) => result,
+            // No blocking thread (the runtime is shutting down): scanned here.
+            Err(_) => self.check(body, request),
+        }
     }
 
     fn check(&self, body: &[u8], request: bool) -> Result<Vec<Finding>, GatewayError> {

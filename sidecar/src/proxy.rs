@@ -493,7 +493,7 @@ impl Gateway {
                 record.finish_complete();
             }
         }
-        let checked = match snap.dlp.check_response(&whole) {
+        let checked = match snap.dlp.scan(&whole, false).await {
             Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => {
                 let check = self.guardrails_check(snap, crate::guardrails::Side::Response, &whole);
                 // Its lines (flagged, blocked) name the request.
@@ -865,7 +865,7 @@ impl Gateway {
                 None
             };
 
-        let dlp_flags = snap.dlp.check_request(&body).map_err(fail)?;
+        let dlp_flags = snap.dlp.scan(&body, true).await.map_err(fail)?;
         if snap.guardrails.checks_prompts() {
             self.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
                 .await
