@@ -270,11 +270,14 @@ fn perr(provider: &str, message: impl Into<String>) -> ProviderError {
 }
 
 /// The resource, the deployment and the rest of an Azure OpenAI route's path (empty when
-/// missing).
+/// missing): Cloudflare's `{resource}/{deployment}/...`, or `{resource}/openai/deployments/
+/// {deployment}/...`, the path Azure's own SDK clients append to an `azure_endpoint` (the
+/// gateway's `/azure-openai/{resource}`).
 fn azure_parts(rest: &str) -> (&str, &str, &str) {
-    let mut parts = rest.splitn(3, '/');
-    let mut next = || parts.next().unwrap_or_default();
-    (next(), next(), next())
+    let (resource, after) = rest.split_once('/').unwrap_or((rest, ""));
+    let after = after.strip_prefix("openai/deployments/").unwrap_or(after);
+    let (deployment, rest) = after.split_once('/').unwrap_or((after, ""));
+    (resource, deployment, rest)
 }
 
 /// A base URL: parsed once when it has no placeholders, filled in per request otherwise.
@@ -1188,6 +1191,22 @@ mod tests {
             };
             assert_eq!(v.header().to_str().ok(), Some(value), "{provider}");
         }
+    }
+
+    #[test]
+    fn azure_routes_take_cloudflares_path_and_the_one_azures_sdk_appends() {
+        let t = table(&[]);
+        let want = "https://res.openai.azure.com/openai/deployments/gpt4o/chat/completions";
+        for rest in [
+            "res/gpt4o/chat/completions",
+            "res/openai/deployments/gpt4o/chat/completions",
+        ] {
+            assert_eq!(uri(&t, "azure-openai", rest).as_deref(), Ok(want), "{rest}");
+            let azure = t.get("azure-openai").expect("azure");
+            assert_eq!(azure.deployment(rest), Some("gpt4o"), "{rest}");
+        }
+        assert!(uri(&t, "azure-openai", "res/openai/deployments/").is_err());
+        assert!(uri(&t, "azure-openai", "res").is_err());
     }
 
     #[test]

@@ -147,6 +147,19 @@ def test_azure_url_shape_maps_deployment_and_keeps_query(gateway, mock):
     assert seen["headers"]["api-key"] == "azure-client-key"
 
 
+def test_the_azure_sdk_client_pointed_at_the_gateway_reaches_its_deployment(gateway, mock):
+    # AzureOpenAI appends /openai/deployments/{model}/... to its azure_endpoint, which for the
+    # gateway is /azure-openai/{resource}: the deployment is read from that path too.
+    c = openai.AzureOpenAI(azure_endpoint=gateway.url + "/azure-openai/my-resource",
+                           api_version="2024-10-21", api_key="azure-client-key", max_retries=0)
+    out = c.chat.completions.create(model="gpt4o-deploy", messages=[{"role": "user", "content": "sdk"}])
+    assert out.choices[0].message.content == "mock reply to: sdk"
+    seen = mock.last()
+    assert seen["path"] == "/openai/deployments/gpt4o-deploy/chat/completions"
+    assert seen["query"] == "api-version=2024-10-21"
+    assert seen["headers"]["api-key"] == "azure-client-key"
+
+
 def test_embeddings_and_models_pass_through(gateway, mock):
     c = client(gateway)
     emb = c.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
