@@ -163,18 +163,17 @@ impl GatewayPolicy {
     /// with the same message; the operator reports it.
     pub fn open_telemetry_problem(&self) -> Option<String> {
         let o = self.open_telemetry.as_ref()?;
+        // Shown with any userinfo as `***`: these messages reach logs, reload errors and
+        // `--check` output.
+        let (shown, _) = crate::validation::without_userinfo(&o.endpoint);
         if let Err(why) = otlp_endpoint(&o.endpoint) {
-            return Some(format!(
-                "spec.openTelemetry.endpoint {:?} {why}",
-                o.endpoint
-            ));
+            return Some(format!("spec.openTelemetry.endpoint {shown:?} {why}"));
         }
         // The sidecar posts to this URL; the shape check above lets some characters through.
         let traces = format!("{}/v1/traces", o.endpoint.trim_end_matches('/'));
         if let Err(e) = traces.parse::<http::Uri>() {
             return Some(format!(
-                "spec.openTelemetry.endpoint {:?} is not a valid URL: {e}",
-                o.endpoint
+                "spec.openTelemetry.endpoint {shown:?} is not a valid URL: {e}"
             ));
         }
         if o.service_name.as_deref().is_some_and(|n| {
@@ -975,5 +974,25 @@ mod tests {
         }
         let msg = p.open_telemetry_problem().expect("blank service name");
         assert!(msg.starts_with("spec.openTelemetry.serviceName"), "{msg}");
+    }
+
+    #[test]
+    fn an_open_telemetry_endpoint_with_credentials_is_refused_without_repeating_them() {
+        for endpoint in [
+            "http://collector:s3cr3t@127.0.0.1:4318",
+            // A password holding an unencoded '/' ends the authority early: "invalid port".
+            "http://collector:s3/cr3t@127.0.0.1:4318",
+        ] {
+            let p = GatewayPolicy {
+                open_telemetry: Some(OpenTelemetry {
+                    endpoint: endpoint.into(),
+                    service_name: None,
+                }),
+                ..GatewayPolicy::default()
+            };
+            let msg = p.open_telemetry_problem().expect(endpoint);
+            assert!(!msg.contains("s3"), "{endpoint}: {msg}");
+            assert!(msg.contains("\"http://***@127.0.0.1:4318\""), "{msg}");
+        }
     }
 }

@@ -304,7 +304,7 @@ pub fn base_url_problem(url: &str) -> Option<String> {
 /// `url` as messages may show it, and whether it carries userinfo (`user:password@` in its
 /// authority). The userinfo, or what may be a password that a `/` cut short
 /// (`https://user:pa/ss@host`), is shown as `***`.
-fn without_userinfo(url: &str) -> (String, bool) {
+pub(crate) fn without_userinfo(url: &str) -> (String, bool) {
     let Some((scheme, rest)) = url.split_once("://") else {
         return (url.to_owned(), false);
     };

@@ -23,6 +23,10 @@ pub const FLUSH_AT: usize = 64 * 1024;
 /// Most bytes held for a stderr that does not drain; lines past it are dropped (and counted).
 pub const MAX_HELD: usize = 4 * 1024 * 1024;
 
+/// Longest wait of [`flush`] for stderr to take the lines held: at exit, a log pipe that does not
+/// drain must not keep the process alive (kubelet would wait for its grace period, then kill it).
+pub const FLUSH_WAIT: Duration = Duration::from_secs(1);
+
 /// Line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -101,10 +105,25 @@ struct Sink {
     /// Set (under the buffer's lock) with each wake-up, so one that comes while the flusher is
     /// busy writing is not lost.
     wake: AtomicBool,
-    /// Held from taking the buffer to the end of its write, so chunks reach stderr in order.
-    writing: Mutex<()>,
     /// Lines dropped since the last write because [`MAX_HELD`] bytes were waiting.
     dropped: AtomicU64,
+    /// The flusher thread runs (else [`flush`] writes to stderr itself).
+    flusher: AtomicBool,
+    /// Flushes asked for by [`flush`], counted.
+    flushes_asked: AtomicU64,
+    /// The last of those the flusher has done (its buffer written out).
+    flushes_done: Mutex<u64>,
+    /// Signalled with each flush the flusher has done.
+    flushed: Condvar,
+}
+
+impl Sink {
+    /// Wakes the flusher now. `_locked` is the buffer, borrowed from its lock: the flag is set
+    /// under that lock, where the flusher checks it before waiting, so no wake-up is lost.
+    fn wake_flusher(&self, _locked: &mut String) {
+        self.wake.store(true, Ordering::Relaxed);
+        self.full.notify_one();
+    }
 }
 
 static SINK: OnceLock<Arc<Sink>> = OnceLock::new();
@@ -117,39 +136,70 @@ pub fn init(format: Format) {
         buf: Mutex::new(String::with_capacity(FLUSH_AT)),
         full: Condvar::new(),
         wake: AtomicBool::new(false),
-        writing: Mutex::new(()),
         dropped: AtomicU64::new(0),
+        flusher: AtomicBool::new(false),
+        flushes_asked: AtomicU64::new(0),
+        flushes_done: Mutex::new(0),
+        flushed: Condvar::new(),
     });
     if SINK.set(sink.clone()).is_ok() {
-        let _ = std::thread::Builder::new()
+        let flusher = sink.clone();
+        let spawned = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || {
-                loop {
-                    if let Ok(b) = sink.buf.lock()
-                        && !sink.wake.swap(false, Ordering::Relaxed)
-                    {
-                        // Woken early when asked; spurious wake-ups only flush early.
-                        if let Ok((_b, _)) = sink.full.wait_timeout(b, FLUSH_EVERY) {
-                            sink.wake.store(false, Ordering::Relaxed);
-                        }
-                    }
-                    flush_sink(&sink, &mut std::io::stderr());
-                }
-            });
+            .spawn(move || run_flusher(&flusher, &mut std::io::stderr()));
+        sink.flusher.store(spawned.is_ok(), Ordering::Release);
     }
 }
 
-/// Writes out whatever is buffered (at shutdown, and before an error line).
+/// The flusher thread: writes the buffer out to `out` every [`FLUSH_EVERY`], or when woken, and
+/// says which [`flush`] calls it has served. The only writer of the log while it runs, so
+/// chunks reach stderr in order.
+fn run_flusher(sink: &Sink, out: &mut dyn std::io::Write) {
+    loop {
+        if let Ok(b) = sink.buf.lock()
+            && !sink.wake.swap(false, Ordering::Relaxed)
+        {
+            // Woken early when asked; spurious wake-ups only flush early.
+            if let Ok((_b, _)) = sink.full.wait_timeout(b, FLUSH_EVERY) {
+                sink.wake.store(false, Ordering::Relaxed);
+            }
+        }
+        // Read before the buffer is taken: the lines of those calls are in it.
+        let asked = sink.flushes_asked.load(Ordering::Acquire);
+        flush_sink(sink, out);
+        if let Ok(mut done) = sink.flushes_done.lock() {
+            *done = asked;
+            sink.flushed.notify_all();
+        }
+    }
+}
+
+/// Has whatever is buffered written out (at exit, and before an error line), waiting at most
+/// [`FLUSH_WAIT`]. The flusher thread writes it: a stderr that does not drain blocks that
+/// thread only, and the lines it has not taken by then are lost with the process.
 pub fn flush() {
-    if let Some(s) = SINK.get() {
-        flush_sink(s, &mut std::io::stderr());
+    let Some(sink) = SINK.get() else { return };
+    if sink.flusher.load(Ordering::Acquire) {
+        flush_via_flusher(sink);
+    } else {
+        flush_sink(sink, &mut std::io::stderr());
+    }
+}
+
+/// Asks the flusher thread for a flush and waits for it, at most [`FLUSH_WAIT`].
+fn flush_via_flusher(sink: &Sink) {
+    let ticket = sink.flushes_asked.fetch_add(1, Ordering::AcqRel) + 1;
+    if let Ok(mut b) = sink.buf.lock() {
+        sink.wake_flusher(&mut b);
+    }
+    if let Ok(done) = sink.flushes_done.lock() {
+        let _ = sink
+            .flushed
+            .wait_timeout_while(done, FLUSH_WAIT, |done| *done < ticket);
     }
 }
 
 fn flush_sink(sink: &Sink, out: &mut dyn std::io::Write) {
-    let Ok(_writing) = sink.writing.lock() else {
-        return;
-    };
     let text = {
         let Ok(mut b) = sink.buf.lock() else { return };
         if b.is_empty() {
@@ -160,12 +210,30 @@ fn flush_sink(sink: &Sink, out: &mut dyn std::io::Write) {
     let _ = out.write_all(text.as_bytes());
     let dropped = sink.dropped.swap(0, Ordering::Relaxed);
     if dropped > 0 {
-        let note = format!(
-            "{}  WARN {dropped} log lines dropped: stderr did not take them as fast as they came\n",
-            timestamp_now()
-        );
-        let _ = out.write_all(note.as_bytes());
+        let _ = out.write_all(dropped_note(sink.format, dropped, SystemTime::now()).as_bytes());
     }
+}
+
+/// The line that says `dropped` lines were lost, in the log's format (in JSON, one object like
+/// `tracing`'s own lines, so a pipeline reading one JSON object per line can read it too).
+fn dropped_note(format: Format, dropped: u64, now: SystemTime) -> String {
+    const WHY: &str = "stderr did not take them as fast as they came";
+    let mut b = String::with_capacity(160);
+    match format {
+        Format::Text => {
+            timestamp(&mut b, now);
+            let _ = writeln!(b, "  WARN {dropped} log lines dropped: {WHY}");
+        }
+        Format::Json => {
+            b.push_str("{\"timestamp\":\"");
+            timestamp(&mut b, now);
+            let _ = writeln!(
+                b,
+                "\",\"level\":\"WARN\",\"message\":\"{dropped} log lines dropped: {WHY}\",\"dropped\":{dropped}}}"
+            );
+        }
+    }
+    b
 }
 
 /// Appends to the buffer with `fill`, unless [`MAX_HELD`] bytes are waiting already (then the
@@ -178,8 +246,7 @@ fn append(sink: &Sink, now: bool, fill: impl FnOnce(&mut String)) {
     }
     fill(&mut b);
     if now || b.len() >= FLUSH_AT {
-        sink.wake.store(true, Ordering::Relaxed);
-        sink.full.notify_one();
+        sink.wake_flusher(&mut b);
     }
 }
 
@@ -192,26 +259,64 @@ pub fn write(e: &Entry<'_>) {
     });
 }
 
-fn timestamp_now() -> String {
-    let mut t = String::with_capacity(32);
-    timestamp(&mut t, SystemTime::now());
-    t
+/// How the text format writes an event's fields: `name=value` after the message, as `tracing`'s
+/// default does, but with each value written as [`text_value`] writes those of request lines:
+/// bare when it is visible ASCII without a quote or `=`, else quoted and escaped like a JSON
+/// string. A value quoting client input (a header named in a refusal, a JSON key) can then
+/// neither fake fields of its line (`x" status=200 id=01FAKE`) nor start a line of its own.
+pub fn text_fields() -> TextFields {
+    TextFields
 }
 
-/// How the text format writes an event's fields: as `tracing`'s default does, with control
-/// characters escaped, so that a value quoting client input (a JSON key named in a refusal, say)
-/// cannot start a line of its own.
-pub fn text_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
-    use tracing_subscriber::field::MakeExt;
-    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
-        let mut w = OneLine(w);
-        if field.name() == "message" {
-            write!(w, "{value:?}")
-        } else {
-            write!(w, "{field}={value:?}")
+/// The field formatter of the text format (see [`text_fields`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextFields;
+
+impl<'w> tracing_subscriber::fmt::FormatFields<'w> for TextFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: tracing_subscriber::fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut line = TextFieldsLine::default();
+        fields.record(&mut line);
+        writer.write_str(&line.0)
+    }
+}
+
+/// The fields of one event, as the text format writes them.
+#[derive(Default)]
+struct TextFieldsLine(String);
+
+impl TextFieldsLine {
+    fn push(&mut self, name: &str, value: &str) {
+        // Those `tracing-log` adds to a `log` record say where it came from, as `tracing`'s
+        // default formatter leaves them out.
+        if name.starts_with("log.") {
+            return;
         }
-    })
-    .delimited(" ")
+        if !self.0.is_empty() {
+            self.0.push(' ');
+        }
+        if name == "message" {
+            // The event's own words: control characters escaped, so it cannot start a line.
+            let _ = OneLine(&mut self.0).write_str(value);
+        } else {
+            self.0.push_str(name);
+            self.0.push('=');
+            text_value(&mut self.0, value);
+        }
+    }
+}
+
+impl tracing::field::Visit for TextFieldsLine {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.push(field.name(), value);
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.push(field.name(), &format!("{value:?}"));
+    }
 }
 
 /// Writes through to `W` with control characters escaped (`\n`, `\u{1b}`, ...).
@@ -233,7 +338,7 @@ impl<W: std::fmt::Write> std::fmt::Write for OneLine<'_, W> {
 
 /// The process's log lines (`tracing`'s writer): through the request log's buffer, so no thread
 /// but the flusher waits on stderr; each wakes the flusher, so they come out at once. (Before
-/// [`init`], and after the flusher is gone at exit, [`flush`] writes them out.)
+/// [`init`] they go to stderr directly.)
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LogWriter;
 
@@ -395,10 +500,14 @@ fn json_line(b: &mut String, e: &Entry<'_>) {
     b.push_str("}\n");
 }
 
-/// Appends a text-line value: as it is when it is visible ASCII without quotes, else quoted and
-/// escaped like a JSON string (a client's value cannot fake another field or break the line).
+/// Appends a text-line value: as it is when it is visible ASCII without a quote or `=`, else
+/// quoted and escaped like a JSON string (a client's value cannot fake another field or break
+/// the line).
 fn text_value(b: &mut String, s: &str) {
-    if !s.is_empty() && s.bytes().all(|c| c.is_ascii_graphic() && c != b'"') {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|c| c.is_ascii_graphic() && c != b'"' && c != b'=')
+    {
         b.push_str(s);
     } else {
         json_str(b, s);
@@ -569,14 +678,126 @@ mod tests {
             .finish();
         tracing::subscriber::with_default(subscriber, || {
             let err = "unknown field `zz\n2026-01-01 INFO forged`";
-            tracing::info!(error = %err, code = 2108, name = "a\rb", "request refused");
+            tracing::info!(error = %err, code = 2108, name = "a\rb", "request refused\nby me");
+            let alias = r#"x" status=200 code=0 id=01FAKE"#;
+            tracing::info!(
+                provider = "openai",
+                alias,
+                query = "a=b",
+                blank = "",
+                status = 400u16,
+                id = "01REAL",
+                "request refused"
+            );
         });
         let text = String::from_utf8(out.0.lock().expect("out").clone()).expect("utf-8");
-        assert_eq!(text.lines().count(), 1, "{text}");
+        assert_eq!(text.lines().count(), 2, "{text}");
         assert!(
-            text.contains(r#"request refused error=unknown field `zz\n2026-01-01 INFO forged` code=2108 name="a\rb""#),
+            text.contains(r#"request refused\nby me error="unknown field `zz\u000a2026-01-01 INFO forged`" code=2108 name="a\u000db""#),
             "{text}"
         );
+        // The client's value is one quoted field: the line's own fields stay the only ones.
+        assert!(
+            text.contains(r#" request refused provider=openai alias="x\" status=200 code=0 id=01FAKE" query="a=b" blank="" status=400 id=01REAL"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_note_on_dropped_lines_is_in_the_log_format() {
+        let at = UNIX_EPOCH + Duration::from_micros(1_795_646_428_555_485);
+        let note = dropped_note(Format::Json, 42, at);
+        assert!(
+            note.ends_with("}\n") && note.matches('\n').count() == 1,
+            "{note}"
+        );
+        let v: serde_json::Value = serde_json::from_str(note.trim_end()).expect("one JSON object");
+        assert_eq!(v["timestamp"], "2026-11-25T22:40:28.555485Z");
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["dropped"], 42);
+        assert_eq!(
+            v["message"],
+            "42 log lines dropped: stderr did not take them as fast as they came"
+        );
+        assert_eq!(
+            dropped_note(Format::Text, 42, at),
+            "2026-11-25T22:40:28.555485Z  WARN 42 log lines dropped: stderr did not take them as fast as they came\n"
+        );
+    }
+
+    /// A sink served by a flusher thread writing to `out`.
+    fn sink_with_flusher(out: impl std::io::Write + Send + 'static) -> Arc<Sink> {
+        let sink = Arc::new(Sink {
+            format: Format::Text,
+            buf: Mutex::new(String::new()),
+            full: Condvar::new(),
+            wake: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            flusher: AtomicBool::new(true),
+            flushes_asked: AtomicU64::new(0),
+            flushes_done: Mutex::new(0),
+            flushed: Condvar::new(),
+        });
+        let flusher = sink.clone();
+        let mut out = out;
+        std::thread::spawn(move || run_flusher(&flusher, &mut out));
+        sink
+    }
+
+    /// A stderr that takes what it is given (into a shared buffer), or one whose writes say they
+    /// began, then block until the release's sender is dropped (a log pipe nobody drains).
+    struct Stderr {
+        took: Arc<Mutex<Vec<u8>>>,
+        stuck: Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>,
+    }
+
+    impl std::io::Write for Stderr {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some((began, release)) = &self.stuck {
+                let _ = began.send(());
+                let _ = release.recv();
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            self.took.lock().expect("took").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_flush_writes_out_what_is_held_through_the_flusher() {
+        let took = Arc::new(Mutex::new(Vec::new()));
+        let sink = sink_with_flusher(Stderr {
+            took: took.clone(),
+            stuck: None,
+        });
+        append(&sink, false, |b| b.push_str("one\n"));
+        append(&sink, false, |b| b.push_str("two\n"));
+        let started = std::time::Instant::now();
+        flush_via_flusher(&sink);
+        assert!(started.elapsed() < FLUSH_WAIT, "{:?}", started.elapsed());
+        assert_eq!(took.lock().expect("took").as_slice(), b"one\ntwo\n");
+    }
+
+    #[test]
+    fn a_flush_waits_for_a_stderr_that_does_not_drain_no_longer_than_its_bound() {
+        let (release, blocked) = std::sync::mpsc::channel();
+        let (began, writing) = std::sync::mpsc::channel();
+        let sink = sink_with_flusher(Stderr {
+            took: Arc::default(),
+            stuck: Some((began, blocked)),
+        });
+        append(&sink, true, |b| b.push_str("stuck\n"));
+        // The flusher takes the line and blocks writing it, as in write(2) on a full pipe.
+        writing.recv().expect("the flusher writes");
+        append(&sink, false, |b| b.push_str("held\n"));
+        let started = std::time::Instant::now();
+        flush_via_flusher(&sink);
+        let took = started.elapsed();
+        assert!(took >= FLUSH_WAIT && took < FLUSH_WAIT * 3, "{took:?}");
+        drop(release);
     }
 
     use super::*;

@@ -42,6 +42,8 @@ pub enum ConfigError {
     },
     #[error("config file {path} is larger than 1 MiB")]
     TooLarge { path: PathBuf },
+    #[error("cannot read config file {path}: a {kind}, not a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("config file {path}: schemaVersion {found} is not supported by sidegate {} (supports {SCHEMA_VERSION})", env!("CARGO_PKG_VERSION"))]
@@ -342,8 +344,17 @@ fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
         path: path.to_owned(),
         error,
     };
+    // Opening a FIFO waits for a writer, forever if none comes: only regular files are opened
+    // (through symlinks, as kubelet mounts a ConfigMap's files).
+    let meta = std::fs::metadata(path).map_err(read)?;
+    if !meta.is_file() {
+        return Err(ConfigError::NotAFile {
+            path: path.to_owned(),
+            kind: file_kind(&meta.file_type()),
+        });
+    }
     let file = std::fs::File::open(path).map_err(read)?;
-    // Read up to the limit, not by the length the metadata gives (none for a device or pipe).
+    // Read up to the limit, not by the length the metadata gives (the file may grow meanwhile).
     let mut raw = Vec::new();
     file.take(MAX_CONFIG_FILE + 1)
         .read_to_end(&mut raw)
@@ -356,9 +367,60 @@ fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
     Ok(raw)
 }
 
+/// What a file that is not a regular one is, for an error message.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    if t.is_dir() {
+        "directory"
+    } else if t.is_fifo() {
+        "FIFO"
+    } else if t.is_socket() {
+        "socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "device"
+    } else {
+        "special file"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_that_is_no_regular_file_is_refused_without_opening_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("gateway.yaml");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        // Opening it would wait for a writer that never comes.
+        let err = read_config(&fifo).expect_err("a FIFO");
+        assert!(
+            matches!(err, ConfigError::NotAFile { kind: "FIFO", .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&fifo.display().to_string()),
+            "{err}"
+        );
+        let err = read_config(dir.path()).expect_err("a directory");
+        assert!(
+            matches!(
+                err,
+                ConfigError::NotAFile {
+                    kind: "directory",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        // Through a symlink (kubelet's ConfigMap volume) a regular file is read.
+        let real = dir.path().join("real.yaml");
+        std::fs::write(&real, "schemaVersion: 1\n").expect("write");
+        let link = dir.path().join("link.yaml");
+        std::os::unix::fs::symlink(&real, &link).expect("symlink");
+        assert_eq!(read_config(&link).expect("link"), b"schemaVersion: 1\n");
+    }
 
     fn write_config(dir: &Path, text: &str) -> Sources {
         let path = dir.join("gateway.yaml");

@@ -264,6 +264,8 @@ pub struct GatewayHeaders<'a> {
     from_web_page: bool,
     /// `cf-aig-authorization` came more than once.
     token_repeated: bool,
+    /// `Host` came more than once (RFC 9112 §3.2: a request to refuse).
+    host_repeated: bool,
 }
 
 impl<'a> GatewayHeaders<'a> {
@@ -272,6 +274,7 @@ impl<'a> GatewayHeaders<'a> {
         let mut host = None;
         let mut from_web_page = false;
         let mut token_repeated = false;
+        let mut host_repeated = false;
         let mut legacy = [None; LEGACY_NAMES.len()];
         for (name, value) in map {
             let name = name.as_str();
@@ -291,6 +294,7 @@ impl<'a> GatewayHeaders<'a> {
                     }
                 }
                 Some(b'h') if name == "host" => {
+                    host_repeated |= host.is_some();
                     host.get_or_insert(value);
                 }
                 Some(b'o') if name == "origin" => from_web_page = true,
@@ -311,6 +315,7 @@ impl<'a> GatewayHeaders<'a> {
             host,
             from_web_page,
             token_repeated,
+            host_repeated,
         }
     }
 
@@ -318,6 +323,11 @@ impl<'a> GatewayHeaders<'a> {
     /// that a wrong token is never let through beside a right one.
     pub fn token_repeated(self) -> bool {
         self.token_repeated
+    }
+
+    /// Whether `Host` came more than once.
+    pub fn host_repeated(self) -> bool {
+        self.host_repeated
     }
 
     /// Whether a web page made the request. Browsers put `Origin` on every request a page sends
@@ -742,6 +752,16 @@ mod tests {
         assert!(GatewayHeaders::scan(&twice).token_repeated());
         let other = map(&[("cf-aig-byok-alias", "a"), ("cf-aig-byok-alias", "b")]);
         assert!(!GatewayHeaders::scan(&other).token_repeated());
+    }
+
+    #[test]
+    fn a_repeated_host_is_noted() {
+        let once = map(&[("host", "localhost"), ("x-a", "b")]);
+        assert!(!GatewayHeaders::scan(&once).host_repeated());
+        let twice = map(&[("host", "localhost"), ("host", "evil.example")]);
+        let aig = GatewayHeaders::scan(&twice);
+        assert!(aig.host_repeated());
+        assert_eq!(aig.host().map(|h| h.as_bytes()), Some(&b"localhost"[..]));
     }
 
     #[test]

@@ -130,6 +130,20 @@ impl fmt::Debug for KeyStore {
     }
 }
 
+/// Why an entry of the keys directory that `e` was met following is no key, when `e` says it
+/// leads to no file: a link left dangling while kubelet swaps the volume's files, or one that
+/// loops (a stray self-referencing link). Such an entry is skipped; a key file that is there but
+/// cannot be read (its permissions) fails the load, loudly, as a key that cannot be used should.
+fn leads_nowhere(e: &std::io::Error) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    // `ErrorKind::FilesystemLoop` is not stable: ELOOP by its number.
+    if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+        return Some("a link that loops");
+    }
+    matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory)
+        .then_some("gone while loading")
+}
+
 impl KeyStore {
     /// Reads every key file of `dir`.
     pub fn load(dir: &Path) -> Result<Self, KeysError> {
@@ -160,22 +174,12 @@ impl KeyStore {
         hasher.update(process_salt());
         for name in names {
             let path = dir.join(&name);
-            // Follow kubelet's symlinks; skip directories.
-            let meta = match std::fs::metadata(&path) {
-                Ok(m) if m.is_file() => m,
-                Ok(_) => continue,
-                // A link left dangling while kubelet swaps the volume's files: the key is gone.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    store.skipped.push(format!("{name}: gone while loading"));
-                    continue;
-                }
-                Err(error) => return Err(KeysError::ReadFile { path, error }),
-            };
             let is_tokens = name == TOKENS_FILE_NAME;
             let is_redis = name == REDIS_URL_FILE_NAME;
             let parsed = name
                 .split_once('.')
                 .filter(|(p, a)| is_valid_provider_id(p) && is_valid_alias(a));
+            // Named first: an odd entry that is no key (a stray or looping link) is not followed.
             if !is_tokens && !is_redis && parsed.is_none() {
                 let why = match name.split_once('.') {
                     Some((p, a)) if !is_valid_provider_id(p) && is_valid_alias(a) => {
@@ -186,6 +190,21 @@ impl KeyStore {
                 store.skipped.push(format!("{name}: {why}"));
                 continue;
             }
+            // Follow kubelet's symlinks.
+            let meta = match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => m,
+                Ok(_) => {
+                    store.skipped.push(format!("{name}: not a file"));
+                    continue;
+                }
+                Err(error) => match leads_nowhere(&error) {
+                    Some(why) => {
+                        store.skipped.push(format!("{name}: {why}"));
+                        continue;
+                    }
+                    None => return Err(KeysError::ReadFile { path, error }),
+                },
+            };
             // A file that cannot be a key is no key (its alias is not served; an unusable tokens
             // file leaves no token, so every request is refused), and holds back no other.
             if meta.len() > MAX_KEY_FILE {
@@ -194,10 +213,16 @@ impl KeyStore {
                     .push(format!("{name}: larger than {MAX_KEY_FILE} bytes"));
                 continue;
             }
-            let raw = std::fs::read(&path).map_err(|error| KeysError::ReadFile {
-                path: path.clone(),
-                error,
-            })?;
+            let raw = match std::fs::read(&path) {
+                Ok(raw) => raw,
+                Err(error) => match leads_nowhere(&error) {
+                    Some(why) => {
+                        store.skipped.push(format!("{name}: {why}"));
+                        continue;
+                    }
+                    None => return Err(KeysError::ReadFile { path, error }),
+                },
+            };
             hasher.update(name.as_bytes());
             hasher.update([0]);
             hasher.update(Sha256::digest(&raw));
@@ -315,6 +340,34 @@ mod tests {
                 "README: not <provider>.<alias>",
                 "notes.txt: unknown provider `notes`",
                 "opnai.default: unknown provider `opnai`",
+            ]
+        );
+    }
+
+    #[test]
+    fn looping_and_dangling_links_are_skipped_and_hold_back_no_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "openai.default", "sk-one\n");
+        let link = |name: &str, to: &str| {
+            std::os::unix::fs::symlink(to, dir.path().join(name)).expect("symlink");
+        };
+        link("stray", "stray");
+        link("openai.loop", "openai.loop");
+        link("openai.gone", "nowhere");
+        std::fs::create_dir(dir.path().join("openai.adir")).expect("dir");
+        let store = KeyStore::load(dir.path()).expect("load");
+        assert_eq!(
+            store.get("openai", "default").map(ProviderKey::expose),
+            Some("sk-one")
+        );
+        assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.skipped,
+            [
+                "openai.adir: not a file",
+                "openai.gone: gone while loading",
+                "openai.loop: a link that loops",
+                "stray: not <provider>.<alias>",
             ]
         );
     }

@@ -1,26 +1,27 @@
 //! `sidegate`: the sidecar binary.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
+use rustls::pki_types::CertificateDer;
 use sidegate::config::{self, Sources};
-use sidegate::proxy::Gateway;
+use sidegate::proxy::{Gateway, UpstreamClient};
 use sidegate::telemetry::Metrics;
 use sidegate::{reload, server};
+
+/// The longest shutdown grace taken (100 years): longer ones end at it.
+const MAX_GRACE_SECS: u64 = 100 * 365 * 24 * 3600;
 
 /// sidegate: a local AI gateway for one pod (or one machine).
 ///
 /// Gives applications one address for every LLM provider, with provider keys injected from a
 /// keys directory and the Cloudflare AI Gateway contract (cf-aig-* headers, error codes).
 /// Point an SDK at http://127.0.0.1:8787/openai (or /anthropic, /groq, ...).
-/// The longest shutdown grace taken (100 years): longer ones end at it.
-const MAX_GRACE_SECS: u64 = 100 * 365 * 24 * 3600;
-
 #[derive(Debug, Parser)]
 #[command(name = "sidegate", version, about, long_about)]
 struct Args {
@@ -205,10 +206,9 @@ fn sources(args: &Args) -> Sources {
 /// listening.
 async fn check(args: &Args) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    if let Some(path) = &args.upstream_ca
-        && let Err(e) = read_certs(path)
-    {
-        eprintln!("invalid --upstream-ca: {e:#}");
+    // Built as a start builds it: a PEM block that parses may still be refused as a root.
+    if let Err(e) = upstream_client(args.upstream_ca.as_deref()) {
+        eprintln!("invalid upstream TLS setup: {e:#}");
         return ExitCode::from(2);
     }
     match config::load(&sources(args)) {
@@ -247,11 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let sources = sources(&args);
     let metrics = Arc::new(Metrics::new());
-    let extra_roots = match &args.upstream_ca {
-        Some(path) => read_certs(path)?,
-        None => Vec::new(),
-    };
-    let client = sidegate::proxy::upstream_client(extra_roots).context("upstream TLS setup")?;
+    let client = upstream_client(args.upstream_ca.as_deref())?;
     let mut gateway = Gateway::new(metrics, client);
     gateway.client_timeout = Duration::from_secs(args.client_timeout);
     gateway.loopback_listener = args.listen.ip().is_loopback();
@@ -293,15 +289,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read_certs(
-    path: &std::path::Path,
-) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+/// The client to the providers, trusting the certificates of `--upstream-ca` (`ca`) too. A start
+/// and `--check` both build it, so `--check` refuses what a start would.
+fn upstream_client(ca: Option<&Path>) -> anyhow::Result<UpstreamClient> {
+    let extra_roots = match ca {
+        Some(path) => read_certs(path)?,
+        None => Vec::new(),
+    };
+    sidegate::proxy::upstream_client(extra_roots).context("upstream TLS setup")
+}
+
+/// The certificates of the `--upstream-ca` file at `path`, each one a root store takes: rustls
+/// would refuse a bad one later as an "invalid peer certificate", naming neither flag nor file.
+fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
-    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+    let shown = path.display();
+    let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("cannot read CA certificates from {}", path.display()))?;
+        .with_context(|| format!("--upstream-ca {shown}: cannot read PEM certificates"))?;
     if certs.is_empty() {
-        anyhow::bail!("{} holds no PEM certificate", path.display());
+        anyhow::bail!("--upstream-ca {shown}: holds no PEM certificate");
+    }
+    for (i, cert) in certs.iter().enumerate() {
+        if let Err(e) = rustls::RootCertStore::empty().add(cert.clone()) {
+            let why = match e {
+                rustls::Error::InvalidCertificate(why) => why.to_string(),
+                other => other.to_string(),
+            };
+            anyhow::bail!(
+                "--upstream-ca {shown}: PEM block {} of {} is not a certificate ({why})",
+                i + 1,
+                certs.len()
+            );
+        }
     }
     Ok(certs)
 }

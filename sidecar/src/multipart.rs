@@ -20,7 +20,10 @@ impl Part<'_> {
     pub fn name(&self) -> Option<&[u8]> {
         self.headers.split(|&b| b == b'\n').find_map(|line| {
             let (key, value) = line.split_at(line.iter().position(|&b| b == b':')?);
-            if !key.trim_ascii().eq_ignore_ascii_case(b"content-disposition") {
+            if !key
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"content-disposition")
+            {
                 return None;
             }
             value[1..].split(|&b| b == b';').find_map(|param| {

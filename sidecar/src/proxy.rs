@@ -291,6 +291,8 @@ impl Gateway {
     }
 
     /// Looks a request up in the response cache (`want` from [`cache::want`]) and answers a hit.
+    /// `following` runs when the request is to wait for an identical one's answer.
+    #[allow(clippy::too_many_arguments)] // the request's parts, each from where it was read
     pub(crate) async fn cache_lookup(
         &self,
         snap: &Snapshot,
@@ -299,6 +301,7 @@ impl Gateway {
         parts: &http::request::Parts,
         start: Instant,
         opts: &LogOptions<'_>,
+        following: impl FnOnce(),
     ) -> Cached {
         let Some(want) = want else {
             return Cached::Off;
@@ -330,6 +333,7 @@ impl Gateway {
             match self.flights.join(key) {
                 cache::Flight::Leader(guard) => flight = Some(guard),
                 cache::Flight::Follower(leader) => {
+                    following();
                     // An identical request is fetching: its response, once stored, is ours. Not
                     // waited for longer than this request's own timeout (its header's, else the
                     // gateway's), after which it calls upstream itself.
@@ -652,7 +656,8 @@ impl Gateway {
     ) -> Result<Response<ProxyBody>, (Option<Arc<str>>, GatewayError)> {
         // admit
         let aig = GatewayHeaders::scan(&parts.headers);
-        admit_client(aig, &parts.uri, self.loopback_listener).map_err(|e| (None, e))?;
+        admit_client(aig, &parts.uri, parts.version, self.loopback_listener)
+            .map_err(|e| (None, e))?;
         // TRACE (and IIS's TRACK) asks a server to send the request back, the injected key with
         // it; some servers match methods without regard to case.
         if ["TRACE", "TRACK", "CONNECT"]
@@ -858,12 +863,12 @@ impl Gateway {
         let parsing = if is_json_document(&body)
             && (snap.guardrails.checks_prompts() || keyed_by_body || rewrites_usage || dlp_parses)
         {
-                let mut room = self.buffers.guard(snap.max_buffered);
-                room.reserve_parse(&body).map_err(fail)?;
-                Some(room)
-            } else {
-                None
-            };
+            let mut room = self.buffers.guard(snap.max_buffered);
+            room.reserve_parse(&body).map_err(fail)?;
+            Some(room)
+        } else {
+            None
+        };
 
         let dlp_flags = snap.dlp.scan(&body, true).await.map_err(fail)?;
         if snap.guardrails.checks_prompts() {
@@ -874,7 +879,7 @@ impl Gateway {
 
         // cache lookup
         let cached = self
-            .cache_lookup(snap, want.as_ref(), &lookup, parts, start, &opts)
+            .cache_lookup(snap, want.as_ref(), &lookup, parts, start, &opts, || {})
             .await;
         let mut miss = match cached.into_miss(&dlp_flags) {
             Ok(miss) => miss,
@@ -1251,8 +1256,17 @@ fn authenticate(
 fn admit_client(
     aig: GatewayHeaders<'_>,
     uri: &http::Uri,
+    version: http::Version,
     loopback: bool,
 ) -> Result<(), GatewayError> {
+    // Which of two a checker reads and which one a server obeys may differ; an HTTP/1.1
+    // request has exactly one (RFC 9112 §3.2; HTTP/2 names its authority in `:authority`).
+    if aig.host_repeated() || (version == http::Version::HTTP_11 && aig.host().is_none()) {
+        return Err(GatewayError::BadHeader {
+            name: "host",
+            reason: "an HTTP/1.1 request carries exactly one".into(),
+        });
+    }
     if aig.from_web_page() {
         return Err(GatewayError::Forbidden(
             "requests from web pages (Origin, Sec-Fetch-Site) are refused: the gateway holds provider keys; call it from server-side code".into(),

@@ -183,6 +183,12 @@ impl Limiter {
         })
     }
 
+    /// Counts a request at `now` whatever the limit (a route's rate node counting again one it
+    /// gave back while the request waited for an identical one's answer, which failed).
+    pub fn count(&self, s: &Settings, now: Instant) {
+        self.at(s, now, |w, _| w.count += 1);
+    }
+
     /// Takes back a request [`Self::check`] counted at `counted_at` that never went anywhere
     /// (a route's rate node, whose request was then refused or answered from the cache),
     /// from the window that counted it if that is still the current or the previous one.

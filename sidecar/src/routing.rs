@@ -303,9 +303,9 @@ impl<'a> Walk<'a> {
                         match limiter.map(|l| (l, l.check(&settings, now))) {
                             Some((l, Ok(()))) => {
                                 counted.push(Reserved {
-                                    limiter: Some(l.clone()),
+                                    limiter: l.clone(),
                                     settings,
-                                    at: now,
+                                    at: Some(now),
                                 });
                                 Some(next)
                             }
@@ -369,15 +369,25 @@ impl<'a> Walk<'a> {
         }
     }
 
-    /// The request goes upstream: the rate nodes it passed keep its count. One refused by the
-    /// gateway, or answered from its cache (or by an identical request's answer), is given
-    /// back when the walk is dropped.
+    /// The request goes upstream: the rate nodes it passed keep its count (or count it again,
+    /// when it was set aside to wait for an identical request that then failed). One refused
+    /// by the gateway, or answered from its cache, is given back when the walk is dropped.
     pub fn sent(&mut self) {
         if let Position::Route { counted, .. } = &mut self.0 {
+            let now = Instant::now();
             for mut kept in counted.drain(..) {
-                // Taken out, the limiter is not given the count back when `kept` drops.
-                drop(kept.limiter.take());
+                if kept.at.take().is_none() {
+                    kept.limiter.count(&kept.settings, now);
+                }
             }
+        }
+    }
+
+    /// The request waits for an identical request's answer, which will be its own: the rate
+    /// nodes it passed give its count back meanwhile, as for a cache hit.
+    pub fn set_aside(&mut self) {
+        if let Position::Route { counted, .. } = &mut self.0 {
+            counted.iter_mut().for_each(Reserved::give_back);
         }
     }
 
@@ -426,18 +436,25 @@ impl<'a> Walk<'a> {
 /// A request a rate node counted as a walk passed it, until the request is sent.
 #[derive(Debug)]
 struct Reserved {
-    /// `None` once the request was sent: the count stays.
-    limiter: Option<Arc<Limiter>>,
+    limiter: Arc<Limiter>,
     settings: RateSettings,
-    at: Instant,
+    /// When it was counted; `None` once given back (set aside, [`Walk::set_aside`]).
+    at: Option<Instant>,
+}
+
+impl Reserved {
+    /// Gives the count back, if it still holds it.
+    fn give_back(&mut self) {
+        if let Some(at) = self.at.take() {
+            self.limiter.release(&self.settings, at);
+        }
+    }
 }
 
 impl Drop for Reserved {
     /// Not sent (refused, a cache hit, the client gone): the node's count is given back.
     fn drop(&mut self) {
-        if let Some(limiter) = self.limiter.take() {
-            limiter.release(&self.settings, self.at);
-        }
+        self.give_back();
     }
 }
 
@@ -526,7 +543,7 @@ mod tests {
             ..node("s", RouteNodeType::Start)
         };
         // A Cloudflare model element's `fallback` output, ported as it is.
-        let err = routing(vec![
+        let Err(err) = routing(vec![
             start.clone(),
             RouteNode {
                 fallback: Some("backup".into()),
@@ -534,24 +551,24 @@ mod tests {
             },
             model("backup", "anthropic", "claude-sonnet-4-5", Some("e")),
             node("e", RouteNodeType::End),
-        ])
-        .err()
-        .expect("refused");
+        ]) else {
+            panic!("refused");
+        };
         assert!(
             err.contains("spec.routes[0].nodes[1].fallback is not a field of a model node")
                 && err.contains("goes on to its next node"),
             "{err}"
         );
-        let err = routing(vec![
+        let Err(err) = routing(vec![
             start,
             model("m", "openai", "gpt-4o", Some("e")),
             RouteNode {
                 limit: Some("3".into()),
                 ..node("e", RouteNodeType::End)
             },
-        ])
-        .err()
-        .expect("refused");
+        ]) else {
+            panic!("refused");
+        };
         assert_eq!(
             err,
             "spec.routes[0].nodes[2].limit is not a field of an end node"
@@ -669,9 +686,21 @@ mod tests {
         assert!(targets(&r, &Map::new()).is_empty());
         drop(waiting);
         assert_eq!(targets(&r, &Map::new()), ["openai/main"]);
-        // Over the limit, leading to `end` before any target: the node's 429.
+        // One waiting for an identical request's answer gives its slot back meanwhile; sent
+        // after all (that request failed), it is counted again.
+        let r = capped_at_one();
+        let mut follower = r.walk("dynamic/r").expect("dynamic").expect("exists");
+        assert!(follower.next_target(&Map::new()).is_some());
+        follower.set_aside();
+        assert_eq!(targets(&r, &Map::new()), ["openai/main"]);
+        follower.sent();
+        drop(follower);
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
-        assert!(walk.next_target(&Map::new()).is_none());
+        // Over the limit, leading to `end` before any target: the node's 429.
+        assert!(
+            walk.next_target(&Map::new()).is_none(),
+            "two counted, over the one"
+        );
         let e = walk.limit_error().expect("limited");
         assert_eq!((e.status().as_u16(), e.code()), (429, 2003), "{e}");
     }

@@ -330,10 +330,15 @@ async fn serve_h1(
     }
 }
 
+/// Longest time an h2c connection with no open stream is kept once the stop began (for its
+/// client to ack the GOAWAY, or take the last bytes of an answer).
+const STOPPING_IDLE: Duration = Duration::from_secs(1);
+
 /// h2c: a connection with no open stream for `silence` is sent GOAWAY, and closed if it is
 /// still there after another `silence` (a client that never answers the GOAWAY's PING), as
-/// HTTP/1.1 closes an idle keep-alive connection. A stream whose client takes none of its answer
-/// for `silence` (its flow-control window stays shut) is reset (see [`Watched`]).
+/// HTTP/1.1 closes an idle keep-alive connection; once the stop began, after [`STOPPING_IDLE`].
+/// A stream whose client takes none of its answer for `silence` (its flow-control window stays
+/// shut) is reset (see [`Watched`]).
 async fn serve_h2(
     io: ClientIo,
     gateway: Arc<Gateway>,
@@ -365,15 +370,23 @@ async fn serve_h2(
             .serve_connection(io, service),
     );
     let mut sent_goaway = false;
+    let mut idle_limit = silence;
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
             next = next_phase(&mut phase) => match next {
                 Phase::Serving => {}
-                Phase::Stopping => conn.as_mut().graceful_shutdown(),
+                // The GOAWAY ends the connection once its client acks the PING sent with it; one
+                // that reads nothing more never does, and would hold the exit for the whole
+                // grace: with no stream open, it is closed after a short while instead.
+                Phase::Stopping => {
+                    sent_goaway = true;
+                    idle_limit = idle_limit.min(STOPPING_IDLE);
+                    conn.as_mut().graceful_shutdown();
+                }
                 Phase::Cut => break Ok(()),
             },
-            () = idle_for(silence, &mut open_rx) => {
+            () = idle_for(idle_limit, &mut open_rx) => {
                 if sent_goaway {
                     break Ok(());
                 }

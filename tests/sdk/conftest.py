@@ -5,6 +5,7 @@ Every process writes its log to $SIDEGATE_TEST_LOG_DIR (default: a temp dir), so
 """
 
 import http.server
+import json
 import os
 import pathlib
 import re
@@ -324,15 +325,21 @@ def gateway_yaml(mock_url, *, auth=False, extra_spec="", name="main"):
     )
 
 
+def as_logged(text):
+    """`text` as a text log line holds it inside a quoted field value (escaped like a JSON
+    string: `"` as `\\"`)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
 def assert_refused_at_start(mock, tmp_path, extra_spec, *needles):
     """Starts a sidegate with `extra_spec` and checks that it refuses to start (exit code 2)
-    with a log naming every needle (the bad field, the bad value)."""
+    with a log naming every needle (the bad field, the bad value), as the log writes it."""
     g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=extra_spec), DEFAULT_KEYS, wait_ready=False)
     try:
         assert g.proc.wait(10) == 2
         logs = g.logs()
         for needle in needles:
-            assert needle in logs, f"{needle!r} not in: {logs}"
+            assert as_logged(needle) in logs, f"{as_logged(needle)!r} not in: {logs}"
     finally:
         g.stop()
 

@@ -86,7 +86,8 @@ def test_identical_requests_waiting_for_a_cached_answer_do_not_use_up_a_rate_nod
 
 
 # FAILS at 1f8b2e4: a request the gateway refuses (here its prompt guardrail) holds a slot of a route's rate node while it is being checked, so a request beside it is refused 429.
-def test_a_request_being_refused_does_not_use_up_a_rate_node_meanwhile(mock, tmp_path):
+# (Since faca951 it holds it while checked, by design, and gives it back once refused.)
+def test_a_request_being_refused_gives_its_rate_node_slot_back(mock, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
     import time
 
@@ -103,9 +104,14 @@ def test_a_request_being_refused_does_not_use_up_a_rate_node_meanwhile(mock, tmp
             time.sleep(0.3)  # the first is with the moderation service now
             clean = pool.submit(_capped, g, "a clean question")
             got = (blocked.result()[0], clean.result()[0])
-        # README: a rate node counts only the requests that go upstream, not those the gateway
-        # refuses; the blocked one never went, so the clean one has the node's one slot.
-        assert got == (424, 200), got
+        # README: a rate node counts a request as it lets it past (so that requests waiting on
+        # their checks cannot all pass one empty window: test_routing_review.py), and gives the
+        # count back when the gateway refuses it. While the blocked one was being checked it held
+        # the node's one slot (the clean one, checked meanwhile, took the fallback, `end`: 429);
+        # refused, it gave the slot back.
+        assert got == (424, 429), got
+        assert _capped(g, "a clean question again")[0] == 200, "the refused request gave its slot back"
+        assert len(mock.requests()) == 1
     finally:
         g.stop()
         moderation.stop()

@@ -1076,7 +1076,12 @@ pub(crate) async fn answer(
         },
     };
     let cached = gw
-        .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts)
+        .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts, || {
+            // Waiting for an identical request's answer, it holds no slot of a rate node.
+            if let Some(w) = walk.as_mut() {
+                w.set_aside();
+            }
+        })
         .await;
     let mut miss = match cached.into_miss(&dlp_flags) {
         Ok(miss) => miss,

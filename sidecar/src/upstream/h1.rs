@@ -886,13 +886,24 @@ fn framing(status: StatusCode, is_head: bool, headers: &mut HeaderMap) -> io::Re
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
-        let last = headers
+        // The gateway removes Transfer-Encoding, so it must undo every coding it lists (RFC
+        // 9112 §7): it undoes `chunked` alone. Another (`gzip, chunked`) would reach the client
+        // as a plain body, and the gateway's checks would read compressed bytes.
+        // (`identity`, a coding that changes nothing, is let be.)
+        let mut last = None;
+        for coding in headers
             .get_all(header::TRANSFER_ENCODING)
             .iter()
-            .filter_map(|v| v.to_str().ok())
+            .map(|v| v.to_str().unwrap_or("?"))
             .flat_map(|v| v.split(','))
             .map(str::trim)
-            .rfind(|t| !t.is_empty());
+            .filter(|t| !t.is_empty())
+        {
+            if !coding.eq_ignore_ascii_case("chunked") && !coding.eq_ignore_ascii_case("identity") {
+                return Err(invalid("a transfer-encoding other than chunked"));
+            }
+            last = Some(coding);
+        }
         return Ok(match last {
             Some(t) if t.eq_ignore_ascii_case("chunked") => {
                 Framing::Chunked(Chunked::Size { size: 0, digits: 0 })
@@ -1483,11 +1494,16 @@ mod tests {
         let (_, f, _) = ok("HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true);
         assert!(matches!(f, Framing::Done));
         let (r, f, ka) = ok(
-            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n",
             false,
         );
         assert!(matches!(f, Framing::Chunked(_)) && ka.is_some());
         assert!(!r.headers().contains_key("content-length"), "not forwarded");
+        // A coding the gateway would not undo is refused, never passed on as a plain body.
+        for te in ["gzip, chunked", "gzip", "chunked\r\ntransfer-encoding: br"] {
+            let wire = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {te}\r\n\r\n");
+            assert!(head(&wire, false).is_err(), "{te}");
+        }
         let (_, f, ka) = ok("HTTP/1.1 200 OK\r\n\r\n", false);
         assert!(matches!(f, Framing::Close) && ka.is_none());
         let (_, f, _) = ok(
