@@ -180,6 +180,14 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("ministral-3b", 0.04, 0.04),
     ("pixtral-large", 2.0, 6.0),
     ("mistral-embed", 0.10, 0.0),
+    // Cohere (cohere.com/pricing; billed units)
+    ("command-a", 2.50, 10.0),
+    ("command-r-plus", 2.50, 10.0),
+    ("command-r", 0.15, 0.60),
+    ("command-r7b", 0.0375, 0.15),
+    ("embed-english-v3.0", 0.10, 0.0),
+    ("embed-multilingual-v3.0", 0.10, 0.0),
+    ("embed-v4.0", 0.12, 0.0),
     // Groq
     ("llama-3.3-70b-versatile", 0.59, 0.79),
     ("llama-3.1-8b-instant", 0.05, 0.08),

@@ -562,6 +562,16 @@ impl Provider {
                     // provider (curl) and put in the gateway URL (SDK base URLs: "replace
                     // https://api.x.ai/v1 with .../grok"): both reach the API.
                     "grok" | "openrouter" if !route.rest.starts_with("v1/") => ("/v1", route.rest),
+                    // Cloudflare's page sets Cohere's SDK base URL to `.../cohere/v1`, after
+                    // which today's SDK puts its own `v1/chat` or `v2/chat`.
+                    "cohere" => (
+                        "",
+                        route
+                            .rest
+                            .strip_prefix("v1/")
+                            .filter(|r| r.starts_with("v1/") || r.starts_with("v2/"))
+                            .unwrap_or(route.rest),
+                    ),
                     // Cloudflare's contract: `/huggingface/{model}` is the Inference API's
                     // `/models/{model}`; OpenAI-compatible paths (`v1/...`, as /compat sends)
                     // and paths already under `models/` go as they are.
@@ -993,6 +1003,10 @@ mod tests {
                 "https://api.mistral.ai/v1/chat/completions",
             ),
             ("cohere", "v2/chat", "https://api.cohere.ai/v2/chat"),
+            // Cloudflare's SDK base URL (`.../cohere/v1`) and the SDK's own version after it.
+            ("cohere", "v1/v2/chat", "https://api.cohere.ai/v2/chat"),
+            ("cohere", "v1/v1/chat", "https://api.cohere.ai/v1/chat"),
+            ("cohere", "v1/chat", "https://api.cohere.ai/v1/chat"),
             (
                 "deepseek",
                 "chat/completions",

@@ -91,6 +91,10 @@ const WORD: &[u8] = b"usage";
 const WINDOW: usize = 8 * 1024;
 
 static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(WORD));
+/// Cohere's `meta` object, read as a usage object where its counts are ([`Usage::for_answer`]).
+const META_NEEDLE: &[u8] = b"\"meta";
+static META_FINDER: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(&META_NEEDLE[1..]));
 
 /// Whether an OpenAI-format provider takes `stream_options.include_usage`, which the gateway
 /// adds to streams that lack it so that their tokens are counted. Providers that refuse fields
@@ -180,6 +184,9 @@ pub struct Usage {
     pending: Vec<u8>,
     /// For a Bedrock InvokeModelWithResponseStream answer, its event-stream framing.
     invoke: Option<Box<InvokeStream>>,
+    /// The counts are in a `meta` object, not `usage` (Cohere's v1 API and its embeddings:
+    /// `meta.billed_units`).
+    in_meta: bool,
 }
 
 /// Bedrock's InvokeModelWithResponseStream answer: event-stream messages whose `chunk`
@@ -326,8 +333,12 @@ impl Usage {
                 .trim_end_matches('/')
                 .ends_with("/invoke-with-response-stream"))
         .then(Box::default);
+        let path = path.trim_start_matches('/');
+        let in_meta = provider == "cohere"
+            && (path.starts_with("v1/") || path.trim_end_matches('/').ends_with("/embed"));
         Self {
             invoke,
+            in_meta,
             ..Self::default()
         }
     }
@@ -393,10 +404,15 @@ impl Usage {
     /// Reads every usage object in `buf`, in order. Returns where an object that `buf` ends
     /// inside starts (or a prefix of `"usage` at its very end), to be read again with more.
     fn scan(&mut self, buf: &[u8]) -> Option<usize> {
+        let (finder, needle) = if self.in_meta {
+            (&*META_FINDER, META_NEEDLE)
+        } else {
+            (&*FINDER, NEEDLE)
+        };
         let mut at = 1;
-        while let Some(found) = buf.get(at..).and_then(|rest| FINDER.find(rest)) {
+        while let Some(found) = buf.get(at..).and_then(|rest| finder.find(rest)) {
             let start = at + found - 1;
-            at = start + NEEDLE.len();
+            at = start + needle.len();
             // A key opens an object or follows a comma (or starts a carried piece); a quote
             // after anything else is inside a string (`\"usage\":{` in a model's text), whose
             // unbalanced braces would hide the real object after it.
@@ -410,9 +426,9 @@ impl Usage {
             }
         }
         // `"usa` at the very end: the needle may go on in the next frame.
-        (1..NEEDLE.len())
+        (1..needle.len())
             .rev()
-            .find(|&n| buf.ends_with(&NEEDLE[..n]))
+            .find(|&n| buf.ends_with(&needle[..n]))
             .map(|n| buf.len() - n)
     }
 
@@ -836,5 +852,33 @@ mod tests {
         // Cohere v2: what is billed, one level down.
         let body = r#"{"usage":{"billed_units":{"input_tokens":5,"output_tokens":10},"tokens":{"input_tokens":71,"output_tokens":10}}}"#;
         assert_eq!(tokens_of(&[body]), tokens(5, 10, 0, 0, 0));
+    }
+
+    #[test]
+    fn cohere_v1_and_embeddings_report_in_meta() {
+        let read = |path: &str, frames: &[&str]| {
+            let mut u = Usage::for_answer("cohere", path);
+            for f in frames {
+                u.observe(f.as_bytes());
+            }
+            u.tokens()
+        };
+        let chat = r#"{"text":"hi","generation_id":"g","meta":{"api_version":{"version":"1"},"billed_units":{"input_tokens":5,"output_tokens":10},"tokens":{"input_tokens":70,"output_tokens":10}}}"#;
+        assert_eq!(read("v1/chat", &[chat]), tokens(5, 10, 0, 0, 0));
+        let (a, b) = chat.split_at(40);
+        assert_eq!(read("v1/chat", &[a, b]), tokens(5, 10, 0, 0, 0));
+        // The v1 stream's last JSON line holds the whole response.
+        let stream = concat!(
+            r#"{"is_finished":false,"event_type":"text-generation","text":"hi"}"#,
+            "\n",
+            r#"{"is_finished":true,"event_type":"stream-end","response":{"text":"hi","meta":{"billed_units":{"input_tokens":3,"output_tokens":2}}},"finish_reason":"COMPLETE"}"#,
+            "\n"
+        );
+        assert_eq!(read("v1/chat", &[stream]), tokens(3, 2, 0, 0, 0));
+        let embed = r#"{"id":"e","embeddings":{"float":[[0.1]]},"texts":["hi"],"meta":{"api_version":{"version":"2"},"billed_units":{"input_tokens":7}}}"#;
+        assert_eq!(read("v2/embed", &[embed]).input, Some(7));
+        // v2 chat keeps its `usage`; a `meta` elsewhere is not read there.
+        let v2 = r#"{"id":"c","meta":{"billed_units":{"input_tokens":99}},"usage":{"billed_units":{"input_tokens":5,"output_tokens":10}}}"#;
+        assert_eq!(read("v2/chat", &[v2]), tokens(5, 10, 0, 0, 0));
     }
 }
