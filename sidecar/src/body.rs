@@ -155,10 +155,10 @@ impl ProxyBody {
         self
     }
 
-    /// The upstream's OpenAI-format event stream, streamed through: whole only if it ends with
-    /// `data: [DONE]` (otherwise `record` finishes as an upstream error and it is not cached).
-    pub fn upstream_sse(inner: UpstreamBody, record: RequestRecord) -> Self {
-        let done = DoneWatch::default();
+    /// The upstream's event stream, streamed through: whole only if it ends with the last event
+    /// `done` watches for (otherwise `record` finishes as an upstream error and it is not
+    /// cached).
+    pub fn upstream_sse(inner: UpstreamBody, record: RequestRecord, done: DoneWatch) -> Self {
         if inner.is_end_stream() {
             record.finish_upstream_error();
             return Self::Upstream {

@@ -951,14 +951,26 @@ impl Gateway {
         if let Some(b) = &logged_body {
             record.set_request_payload(b);
         }
-        // An OpenAI-format chat stream is whole only with its `data: [DONE]`: one cut short
-        // (its connection ended cleanly mid-answer) is logged as such and never cached.
-        let openai_stream = head.status.is_success()
-            && is_openai_chat(provider, &parts.method, route.rest)
+        // An OpenAI-format chat stream is whole only with its `data: [DONE]`, an Anthropic
+        // Messages stream with its `message_stop`: one cut short (its connection ended cleanly
+        // mid-answer) or failed in band (Anthropic's `event: error`) is logged as such and never
+        // cached.
+        let event_stream =
+            head.status.is_success() && crate::compat::is_event_stream(&head.headers);
+        let end = if !event_stream {
+            None
+        } else if is_openai_chat(provider, &parts.method, route.rest)
             && provider.ends_streams_with_done()
-            && crate::compat::is_event_stream(&head.headers);
-        let body = if openai_stream && !hide_usage {
-            ProxyBody::upstream_sse(body, record).cached_through(fill)
+            && !hide_usage
+        {
+            Some(crate::compat::sse::DoneWatch::default())
+        } else if is_anthropic_messages(provider, &parts.method, route.rest) {
+            Some(crate::compat::sse::DoneWatch::message_stop())
+        } else {
+            None
+        };
+        let body = if let Some(end) = end {
+            ProxyBody::upstream_sse(body, record, end).cached_through(fill)
         } else if parts.method != http::Method::POST || is_management_post(route.rest) {
             // Models are asked with POSTs: the `usage` in other answers (a batch's status, a
             // file's content, a stored response, a cancelled batch or response, an updated
@@ -1033,6 +1045,12 @@ fn is_openai_chat(provider: &Provider, method: &http::Method, rest: &str) -> boo
     provider.format == sidegate_crds::policy::ApiFormat::Openai
         && method == http::Method::POST
         && rest.trim_end_matches('/').ends_with("chat/completions")
+}
+
+fn is_anthropic_messages(provider: &Provider, method: &http::Method, rest: &str) -> bool {
+    provider.format == sidegate_crds::policy::ApiFormat::Anthropic
+        && method == http::Method::POST
+        && rest.trim_end_matches('/').ends_with("v1/messages")
 }
 
 /// What produced an answer: its provider, model and, for a dynamic route, the step.

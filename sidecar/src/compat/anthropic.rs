@@ -108,7 +108,21 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
                 }
                 let (text, calls) = openai::assistant_parts(content, tool_calls);
                 let mut blocks = thinking_content(thinking_blocks);
-                blocks.extend(text.map(|t| json!({"type": "text", "text": t})));
+                match content {
+                    // A prompt-caching breakpoint on an assistant turn's part (Anthropic caches
+                    // assistant blocks too): the text parts stay blocks of their own.
+                    Some(c @ Content::Parts(parts)) if c.has_cache_control() => {
+                        blocks.extend(parts.iter().filter_map(|p| match p {
+                            Part::Text { text, .. } | Part::Refusal { refusal: text }
+                                if !openai::is_blank(text) =>
+                            {
+                                Some(text_block(text.clone(), p.cache_control().cloned()))
+                            }
+                            _ => None,
+                        }));
+                    }
+                    _ => blocks.extend(text.map(|t| json!({"type": "text", "text": t}))),
+                }
                 for (call, input) in calls {
                     blocks.push(json!({"type": "tool_use",
                         "id": openai::portable_call_id(&call.id, MAX_CALL_ID),

@@ -1234,7 +1234,7 @@ pub(crate) async fn answer(
             head.headers.remove(header::CONTENT_LENGTH);
             ProxyBody::translated(upstream_body, Box::new(openai::HiddenUsage::new()), record)
         } else if stream && provider.ends_streams_with_done() {
-            ProxyBody::upstream_sse(upstream_body, record)
+            ProxyBody::upstream_sse(upstream_body, record, sse::DoneWatch::default())
         } else {
             ProxyBody::upstream(upstream_body, record)
         };

@@ -152,18 +152,44 @@ impl SseParser {
     }
 }
 
-/// Watches an OpenAI-format stream passed through unparsed for its last event, `data: [DONE]`,
-/// keeping only the stream's last bytes: without it the stream was cut short.
-#[derive(Debug, Default)]
+/// Watches an event stream passed through unparsed for its last event, keeping only the
+/// stream's last bytes: an OpenAI-format stream's `data: [DONE]`, or an Anthropic Messages
+/// stream's `message_stop`. Without it the stream was cut short, or failed in band (Anthropic's
+/// `event: error`, after which the stream ends).
+#[derive(Debug)]
 pub struct DoneWatch {
     tail: [u8; DoneWatch::KEPT],
     len: usize,
+    /// The last event is Anthropic's `message_stop` (else OpenAI's `[DONE]`).
+    message_stop: bool,
 }
 
 impl DoneWatch {
-    /// Bytes kept: `data: [DONE]` with room for the line endings and spaces around it.
-    const KEPT: usize = 32;
+    /// Bytes kept: `data: {"type":"message_stop"}` with room for the line endings and spaces
+    /// around it.
+    const KEPT: usize = 48;
 
+    /// A watch for an Anthropic Messages stream's last event, `message_stop`.
+    pub fn message_stop() -> Self {
+        Self {
+            message_stop: true,
+            ..Self::default()
+        }
+    }
+}
+
+impl Default for DoneWatch {
+    /// A watch for an OpenAI-format stream's last event, `data: [DONE]`.
+    fn default() -> Self {
+        Self {
+            tail: [0; Self::KEPT],
+            len: 0,
+            message_stop: false,
+        }
+    }
+}
+
+impl DoneWatch {
     /// Takes the next bytes of the stream.
     pub fn observe(&mut self, data: &[u8]) {
         if data.len() >= Self::KEPT {
@@ -177,12 +203,19 @@ impl DoneWatch {
         self.len = keep + data.len();
     }
 
-    /// Whether the stream so far ends with a `data: [DONE]` line.
+    /// Whether the stream so far ends with its last event (a `data: [DONE]` line, or the data
+    /// line of a `message_stop` event).
     pub fn saw_done(&self) -> bool {
-        let Some(before) = self.tail[..self.len]
-            .trim_ascii_end()
-            .strip_suffix(b"[DONE]")
-        else {
+        let tail = self.tail[..self.len].trim_ascii_end();
+        if self.message_stop {
+            let line = tail
+                .iter()
+                .rposition(|&b| b == b'\n' || b == b'\r')
+                .map_or(tail, |at| &tail[at + 1..]);
+            return line.starts_with(b"data:")
+                && memchr::memmem::find(line, b"\"message_stop\"").is_some();
+        }
+        let Some(before) = tail.strip_suffix(b"[DONE]") else {
             return false;
         };
         let before = before.strip_suffix(b" ").unwrap_or(before);
@@ -350,5 +383,38 @@ mod tests {
         assert!(!watched(&["data: {\"content\":\"data: [DONE]\"}\n\n"]));
         assert!(!watched(&["data: {\"content\":\"x data: [DONE]"]));
         assert!(!watched(&["data: [DONE]\n\n", chunk]));
+    }
+
+    #[test]
+    fn an_anthropic_stream_ends_whole_only_with_message_stop() {
+        let watched = |chunks: &[&str]| {
+            let mut w = DoneWatch::message_stop();
+            for c in chunks {
+                w.observe(c.as_bytes());
+            }
+            w.saw_done()
+        };
+        let delta = "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n";
+        let stop = "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        assert!(watched(&[delta, stop]));
+        assert!(watched(&[
+            delta,
+            "event: message_stop\r\ndata: {\"type\": \"message_stop\"}"
+        ]));
+        let whole = format!("{delta}{stop}");
+        let bytes: Vec<String> = whole.chars().map(String::from).collect();
+        assert!(watched(
+            &bytes.iter().map(String::as_str).collect::<Vec<_>>()
+        ));
+        // Cut short, or failed in band (the stream ends after its error event).
+        assert!(!watched(&[delta]));
+        assert!(!watched(&[delta, "event: message_stop\n"]));
+        assert!(!watched(&[
+            delta,
+            "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n"
+        ]));
+        assert!(!watched(&[stop, delta]));
+        // `data: [DONE]` is OpenAI's end, not this one.
+        assert!(!watched(&[delta, "data: [DONE]\n\n"]));
     }
 }
