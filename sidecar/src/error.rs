@@ -236,6 +236,11 @@ impl GatewayError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
+        if let Self::BodyTooLarge { .. } = self {
+            // The rest of the body is not read: the connection cannot carry another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Self::BuffersFull { .. } = self {
             // Budget frees as soon as the requests holding it end.
             resp.headers_mut()

@@ -398,8 +398,12 @@ impl Gateway {
             let status = err.status().as_u16();
             self.metrics
                 .count_request(&Arc::from("none"), status, start.elapsed());
-            tracing::info!(provider = "none", method = %req.method(), status, code = err.code(), error = %err, "request refused");
-            return Ok(err.into_response());
+            let id = crate::log_id::next();
+            tracing::info!(provider = "none", method = %req.method(), status, code = err.code(), error = %err, id = %id, "request refused");
+            let mut resp = err.into_response();
+            let aig = GatewayHeaders::scan(req.headers());
+            tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
+            return Ok(resp);
         };
         let (parts, body) = req.into_parts();
         let recorded = std::sync::atomic::AtomicBool::new(false);
@@ -600,7 +604,8 @@ impl Gateway {
         crate::access_log::write(&crate::access_log::Entry {
             id: &id,
             created_at: now.checked_sub(elapsed).unwrap_or(now),
-            provider: provider.as_deref(),
+            // As the metric and the process line name it.
+            provider: Some(provider.as_deref().unwrap_or("none")),
             model: None,
             method: parts.method.as_str(),
             path,

@@ -117,13 +117,14 @@ def test_a_refused_request_gets_a_log_id_and_a_line(json_gateway, mock):
         "cached": False, "outcome": "refused", "metadata": {"team": "a"}, "event_id": "evt-401",
         "tokens_in": None, "cost": None, "step": None}
     assert line["bytes"] == len(r.content)
-    # Bad metadata is the refusal: logged without it. An unknown route names no provider.
+    # Bad metadata is the refusal: logged without it. An unknown route names no provider: `none`,
+    # as in sidegate_requests_total.
     bad = httpx.post(json_gateway.url + CHAT, json=BODY, headers={**AUTH, "cf-aig-metadata": "[1]"})
     line = json_line(json_gateway, bad.headers["cf-aig-log-id"])
     assert (line["status_code"], line["metadata"], line["provider"]) == (400, None, "openai")
     nowhere = httpx.post(json_gateway.url + "/nowhere/x", json=BODY, headers=AUTH)
     line = json_line(json_gateway, nowhere.headers["cf-aig-log-id"])
-    assert (line["status_code"], line["provider"], line["path"]) == (404, None, "/nowhere/x")
+    assert (line["status_code"], line["provider"], line["path"]) == (404, "none", "/nowhere/x")
     # cf-aig-collect-log: false holds for refusals too.
     quiet = httpx.post(json_gateway.url + CHAT, json=BODY, headers={"cf-aig-collect-log": "false"})
     assert quiet.status_code == 401 and "cf-aig-log-id" in quiet.headers
@@ -159,7 +160,7 @@ def test_a_rate_limited_request_is_logged_as_refused(mock, tmp_path):
                        headers={"cf-aig-event-id": "evt 429"})
         assert r.status_code == 429
         line = wait_line(g, r.headers["cf-aig-log-id"])
-        assert f" request id={r.headers['cf-aig-log-id']} method=POST path=compat/chat/completions " \
+        assert f" request id={r.headers['cf-aig-log-id']} provider=none method=POST path=compat/chat/completions " \
                "status_code=429 success=false duration=" in line, line
         assert line.rstrip().endswith(' outcome=refused event_id="evt 429"'), line
     finally:
