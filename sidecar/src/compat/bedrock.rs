@@ -252,7 +252,23 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                     .flatten()
                     .map(reasoning_block)
                     .collect();
-                blocks.extend(text.map(|t| json!({"text": t})));
+                match content {
+                    // A prompt-caching breakpoint on an assistant turn's part: its text parts
+                    // stay blocks of their own, a cache point after each one marked.
+                    Some(c @ Content::Parts(parts)) if c.has_cache_control() => {
+                        for p in parts {
+                            if let Part::Text { text, .. } | Part::Refusal { refusal: text } = p
+                                && !openai::is_blank(text)
+                            {
+                                blocks.push(json!({"text": text}));
+                                if p.cache_control().is_some() {
+                                    blocks.push(cache_point());
+                                }
+                            }
+                        }
+                    }
+                    _ => blocks.extend(text.map(|t| json!({"text": t}))),
+                }
                 for (call, input) in calls {
                     if !called.contains(&call.function.name.as_str()) {
                         called.push(&call.function.name);
@@ -1054,7 +1070,10 @@ mod tests {
                 {"role": "user", "content": [
                     {"type": "text", "text": "a long document", "cache_control": mark},
                     {"type": "text", "text": "question"}]},
-                {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "a long answer", "cache_control": mark},
+                    {"type": "text", "text": "calling"}],
+                    "tool_calls": [{"id": "c1", "type": "function",
                     "function": {"name": "f", "arguments": "{}"}}]},
                 {"role": "tool", "tool_call_id": "c1", "content": [
                     {"type": "text", "text": "result", "cache_control": mark}]}],
@@ -1070,6 +1089,12 @@ mod tests {
         assert_eq!(
             v["messages"][0]["content"],
             json!([{"text": "a long document"}, point, {"text": "question"}])
+        );
+        // An assistant turn's parts stay blocks, the marked one followed by its point.
+        assert_eq!(
+            v["messages"][1]["content"],
+            json!([{"text": "a long answer"}, point, {"text": "calling"},
+                {"toolUse": {"toolUseId": "c1", "name": "f", "input": {}}}])
         );
         // A tool result holds no cache point: it follows the result.
         assert_eq!(
