@@ -127,6 +127,14 @@ impl UpstreamClient {
             }));
         }
         match self.legacy.request(req).await {
+            // hyper undoes `chunked` alone, as the in-task client does (see there).
+            Ok(resp) if h1::transfer_codings(resp.headers()).is_none() => Err(UpstreamError {
+                kind: "Legacy",
+                source: Box::new(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "client error (invalid HTTP response: a transfer-encoding other than chunked)",
+                )),
+            }),
             Ok(resp) => Ok(resp.map(UpstreamBody::hyper)),
             Err(e) => Err(UpstreamError {
                 kind: "Legacy",

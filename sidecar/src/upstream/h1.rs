@@ -873,6 +873,29 @@ fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11 || has_token(headers, header::CONNECTION, "keep-alive")
 }
 
+/// The last transfer coding a response lists (`None` inside: it lists none), or `None` when it
+/// lists one the gateway does not undo. The gateway removes Transfer-Encoding, so it must undo
+/// every coding listed (RFC 9112 §7): it undoes `chunked` alone (`identity` changes nothing).
+/// Another (`gzip, chunked`) would reach the client as a plain body, and the gateway's checks
+/// would read compressed bytes.
+pub(crate) fn transfer_codings(headers: &HeaderMap) -> Option<Option<&str>> {
+    let mut last = None;
+    for coding in headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"))
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        if !coding.eq_ignore_ascii_case("chunked") && !coding.eq_ignore_ascii_case("identity") {
+            return None;
+        }
+        last = Some(coding);
+    }
+    Some(last)
+}
+
 /// How the body of a response is delimited. A `Content-Length` next to a `Transfer-Encoding` is
 /// ignored and removed, as RFC 9112 §6.3 asks of an intermediary (the client would otherwise
 /// get it with a body of another length).
@@ -886,24 +909,9 @@ fn framing(status: StatusCode, is_head: bool, headers: &mut HeaderMap) -> io::Re
     }
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
-        // The gateway removes Transfer-Encoding, so it must undo every coding it lists (RFC
-        // 9112 §7): it undoes `chunked` alone. Another (`gzip, chunked`) would reach the client
-        // as a plain body, and the gateway's checks would read compressed bytes.
-        // (`identity`, a coding that changes nothing, is let be.)
-        let mut last = None;
-        for coding in headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .map(|v| v.to_str().unwrap_or("?"))
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        {
-            if !coding.eq_ignore_ascii_case("chunked") && !coding.eq_ignore_ascii_case("identity") {
-                return Err(invalid("a transfer-encoding other than chunked"));
-            }
-            last = Some(coding);
-        }
+        let Some(last) = transfer_codings(headers) else {
+            return Err(invalid("a transfer-encoding other than chunked"));
+        };
         return Ok(match last {
             Some(t) if t.eq_ignore_ascii_case("chunked") => {
                 Framing::Chunked(Chunked::Size { size: 0, digits: 0 })
