@@ -137,3 +137,27 @@ def test_a_model_nodes_fallback_is_honoured_or_refused_never_ignored(mock, tmp_p
             f"the model node's fallback was ignored: {r.status_code} {r.text[:200]}"
     finally:
         g.stop()
+
+
+def test_a_route_whose_last_target_fails_in_the_gateway_says_what_it_tried(mock, tmp_path):
+    # The last target times out (a gateway 504): the error names the step, provider and model
+    # tried last, as an answer from it would.
+    spec = (
+        "  routes:\n"
+        "    - name: slow\n"
+        "      nodes:\n"
+        "        - {id: s, type: start, next: a}\n"
+        "        - {id: a, type: model, provider: openai, model: gpt-4o, timeout: 200ms, next: b}\n"
+        "        - {id: b, type: model, provider: openai, model: gpt-4o-mini, timeout: 200ms, next: e}\n"
+        "        - {id: e, type: end}\n"
+    )
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        r = compat(g, "dynamic/slow", headers={"x-mock-delay-ms": "2000"})
+        assert r.status_code == 504, r.text
+        assert r.json()["success"] is False
+        assert (r.headers.get("cf-aig-step"), r.headers.get("cf-aig-provider"), r.headers.get("cf-aig-model")) \
+            == ("1", "openai", "gpt-4o-mini"), dict(r.headers)
+        assert r.headers.get("cf-aig-log-id")
+    finally:
+        g.stop()

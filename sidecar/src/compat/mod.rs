@@ -1173,14 +1173,31 @@ pub(crate) async fn answer(
             // Dropped before its log record, budget charges and cache fill exist.
             return Ok(Served::HandedOver(r.status()));
         }
-        break (
-            outcome.map_err(fail)?,
-            translation,
-            hide_usage,
-            within,
-            policy,
-            parts_held,
-        );
+        let resp = match outcome {
+            Ok(resp) => resp,
+            // The last target of a route failed in the gateway (a timeout, no connection): the
+            // error names what was tried last, as an answer would.
+            Err(err) if routed && universal.is_none() => {
+                let step = u32::try_from(step).unwrap_or(u32::MAX);
+                let mut resp = gw.refuse(
+                    snap,
+                    parts,
+                    Some(provider.id.clone()),
+                    err,
+                    start,
+                    Some(step),
+                );
+                if let Ok(v) = HeaderValue::from_str(&target.provider) {
+                    resp.headers_mut().insert("cf-aig-provider", v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&target.model) {
+                    resp.headers_mut().insert("cf-aig-model", v);
+                }
+                return Ok(Served::Answer(Box::new(resp)));
+            }
+            Err(err) => return Err(fail(err)),
+        };
+        break (resp, translation, hide_usage, within, policy, parts_held);
     };
     let (mut head, upstream_body) = resp.into_parts();
     strip_response_headers(&mut head.headers);
