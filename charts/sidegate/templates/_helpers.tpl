@@ -48,8 +48,17 @@
 {{- include "sidegate.clusterScopedName" (printf "%s-%s" (include "sidegate.operatorName" .) .Release.Namespace) }}
 {{- end }}
 
+{{/* The Secret of the webhook's serving certificate. Each certificate mode has its own, so a
+     switch of webhook.certMode on upgrade never serves one mode's certificate to a caBundle
+     that trusts the other's: self-managed, the Secret the operator writes (--webhook-secret);
+     cert-manager, the Certificate's, mounted by the pods (a new pod waits for it to be issued
+     while the old ones keep serving). 21 characters of suffix: the fullname part is cut to 42. */}}
 {{- define "sidegate.certSecretName" -}}
+{{- if eq .Values.webhook.certMode "cert-manager" }}
+{{- printf "%s-webhook-cert-manager" (include "sidegate.fullname" . | trunc 42 | trimSuffix "-") }}
+{{- else }}
 {{- printf "%s-webhook-cert" (include "sidegate.fullname" .) }}
+{{- end }}
 {{- end }}
 
 {{- define "sidegate.serviceAccountName" -}}
@@ -126,4 +135,30 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+{{- end }}
+
+{{/* Refuses values the schema cannot compare with each other, saying why. Included by
+     deployment.yaml, so every render checks them. */}}
+{{- define "sidegate.validateValues" -}}
+{{- $replicas := int .Values.replicaCount }}
+{{- if and (not .Values.leaderElection.enabled) (gt $replicas 1) }}
+{{- fail (printf "replicaCount=%d needs leaderElection.enabled=true: replicas without leader election would each run the controllers and reconcile the same gateways at once; set replicaCount=1 to run without it" $replicas) }}
+{{- end }}
+{{- if and .Values.webhook.enabled (eq (int .Values.webhook.port) (int .Values.operator.adminPort)) }}
+{{- fail (printf "webhook.port and operator.adminPort are both %d: the operator cannot bind its second listener there and would crash-loop; give them different ports" (int .Values.webhook.port)) }}
+{{- end }}
+{{- $pdb := .Values.podDisruptionBudget }}
+{{- if and $pdb.enabled (gt $replicas 1) }}
+{{- $min := $pdb.minAvailable }}
+{{- $needed := 0 }}
+{{- if kindIs "string" $min }}
+{{- /* A percentage is rounded up, as the disruption controller does for minAvailable. */}}
+{{- $needed = div (add (mul $replicas (atoi (trimSuffix "%" $min))) 99) 100 | int }}
+{{- else }}
+{{- $needed = int $min }}
+{{- end }}
+{{- if ge $needed $replicas }}
+{{- fail (printf "podDisruptionBudget.minAvailable=%v with replicaCount=%d keeps all %d replicas up: no voluntary eviction is ever allowed, so draining a node that runs an operator pod hangs; set minAvailable below replicaCount (at most %d) or raise replicaCount" $min $replicas $needed (sub $replicas 1)) }}
+{{- end }}
+{{- end }}
 {{- end }}
