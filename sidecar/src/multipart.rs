@@ -26,18 +26,7 @@ impl Part<'_> {
             {
                 return None;
             }
-            value[1..].split(|&b| b == b';').find_map(|param| {
-                let (k, v) = param.split_at(param.iter().position(|&b| b == b'=')?);
-                if !k.trim_ascii().eq_ignore_ascii_case(b"name") {
-                    return None;
-                }
-                let v = v[1..].trim_ascii();
-                Some(
-                    v.strip_prefix(b"\"")
-                        .and_then(|v| v.strip_suffix(b"\""))
-                        .unwrap_or(v),
-                )
-            })
+            parameter(&value[1..], b"name")
         })
     }
 }
@@ -45,26 +34,31 @@ impl Part<'_> {
 /// The boundary of a `multipart/form-data` request (`None` for any other body).
 pub fn boundary(headers: &HeaderMap) -> Option<&[u8]> {
     let value = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
-    let mut params = value.split(|&b| b == b';');
-    if !params
-        .next()?
+    let media = value.split(|&b| b == b';').next()?;
+    if !media
         .trim_ascii()
         .eq_ignore_ascii_case(b"multipart/form-data")
     {
         return None;
     }
-    params.find_map(|param| {
+    // RFC 2046: 1 to 70 characters.
+    parameter(value, b"boundary").filter(|v| (1..=70).contains(&v.len()))
+}
+
+/// The value of parameter `key` (any case) of a header value `type; key=value; ...`, without
+/// the quotes around it.
+fn parameter<'v>(value: &'v [u8], key: &[u8]) -> Option<&'v [u8]> {
+    value.split(|&b| b == b';').skip(1).find_map(|param| {
         let (k, v) = param.split_at(param.iter().position(|&b| b == b'=')?);
-        if !k.trim_ascii().eq_ignore_ascii_case(b"boundary") {
+        if !k.trim_ascii().eq_ignore_ascii_case(key) {
             return None;
         }
         let v = v[1..].trim_ascii();
-        let v = v
-            .strip_prefix(b"\"")
-            .and_then(|v| v.strip_suffix(b"\""))
-            .unwrap_or(v);
-        // RFC 2046: 1 to 70 characters.
-        (1..=70).contains(&v.len()).then_some(v)
+        Some(
+            v.strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(v),
+        )
     })
 }
 
