@@ -324,8 +324,12 @@ async fn reconcile_inner(gw: &AIGateway, ctx: &Context) -> Result<Action, Error>
 
     let now = Time(Timestamp::now());
     let new_status = status::gateway_status(gw.status.as_ref(), &obs, &now);
-    ctx.metrics
-        .gateway_observed(&ns, &name, GatewayHealth::of(&new_status));
+    ctx.metrics.gateway_observed(
+        &ns,
+        &name,
+        gw.uid().as_deref(),
+        GatewayHealth::of(&new_status),
+    );
     if status::status_changed(gw.status.as_ref(), &new_status) {
         let api = Api::<AIGateway>::namespaced(client.clone(), &ns);
         let patch = json!({
@@ -635,9 +639,9 @@ pub fn controller(client: Client, ctx: Arc<Context>, ns: Option<&str>) -> Contro
         {
             let gone = ObjectRef::<AIGateway>::new(&gw.name_any()).within(&ns);
             forget_deleted(&swept.deps, &swept.failures, |g| *g != gone);
-            swept.metrics.retain_gateways(|ns, name| {
-                gone.namespace.as_deref() != Some(ns) || gone.name != name
-            });
+            swept
+                .metrics
+                .gateway_deleted(&ns, &gone.name, gw.uid().as_deref());
         }
         std::future::ready(Ok(None::<PartialObjectMeta<AIGateway>>))
     });

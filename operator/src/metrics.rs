@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -101,7 +101,14 @@ impl GatewayHealth {
 struct Gateways {
     health: BTreeMap<(String, String), GatewayHealth>,
     reasons: BTreeSet<String>,
+    /// UIDs of gateways deleted in the last [`TOMBSTONE_TTL`]: a reconcile that was running when
+    /// its gateway was deleted must not record it again after the deletion swept it.
+    deleted: Vec<(String, Instant)>,
 }
+
+/// How long a deleted gateway's UID is remembered: longer than any reconcile runs (each of its
+/// API calls is bounded by the client's timeouts).
+const TOMBSTONE_TTL: Duration = Duration::from_secs(600);
 
 /// All operator metrics and the registry that exposes them.
 pub struct Metrics {
@@ -215,9 +222,13 @@ impl Metrics {
         }
     }
 
-    /// Records the health of gateway `ns`/`name` seen by its reconcile, and the totals.
-    pub fn gateway_observed(&self, ns: &str, name: &str, health: GatewayHealth) {
+    /// Records the health of gateway `ns`/`name` (`uid`) seen by its reconcile, and the totals;
+    /// nothing when that gateway has been deleted meanwhile.
+    pub fn gateway_observed(&self, ns: &str, name: &str, uid: Option<&str>, health: GatewayHealth) {
         let mut gateways = self.gateways.lock().unwrap_or_else(PoisonError::into_inner);
+        if uid.is_some_and(|uid| gateways.deleted.iter().any(|(gone, _)| gone == uid)) {
+            return;
+        }
         if let Some(reason) = &health.not_ready {
             gateways.reasons.insert(reason.clone());
         }
@@ -225,6 +236,26 @@ impl Metrics {
             .health
             .insert((ns.to_owned(), name.to_owned()), health);
         self.set_totals(&gateways);
+    }
+
+    /// Forgets deleted gateway `ns`/`name` (`uid`), now and when a reconcile that was running
+    /// at its deletion reports it afterwards.
+    pub fn gateway_deleted(&self, ns: &str, name: &str, uid: Option<&str>) {
+        let mut gateways = self.gateways.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        gateways
+            .deleted
+            .retain(|(_, at)| now.duration_since(*at) < TOMBSTONE_TTL);
+        if let Some(uid) = uid {
+            gateways.deleted.push((uid.to_owned(), now));
+        }
+        if gateways
+            .health
+            .remove(&(ns.to_owned(), name.to_owned()))
+            .is_some()
+        {
+            self.set_totals(&gateways);
+        }
     }
 
     /// Forgets the gateways `exists(namespace, name)` says are gone.
@@ -369,9 +400,9 @@ mod tests {
     #[test]
     fn gateway_gauges_total_the_last_health_of_each_gateway_and_forget_deleted_ones() {
         let metrics = Metrics::default();
-        metrics.gateway_observed("a", "main", health(Some("KeyMissing"), 2, 1));
-        metrics.gateway_observed("b", "main", health(Some("KeyMissing"), 0, 3));
-        metrics.gateway_observed("c", "main", health(None, 1, 0));
+        metrics.gateway_observed("a", "main", None, health(Some("KeyMissing"), 2, 1));
+        metrics.gateway_observed("b", "main", None, health(Some("KeyMissing"), 0, 3));
+        metrics.gateway_observed("c", "main", None, health(None, 1, 0));
         assert_eq!(
             lines(&metrics, "sidegate_operator_aigateways_not_ready"),
             ["sidegate_operator_aigateways_not_ready{reason=\"KeyMissing\"} 2"]
@@ -387,8 +418,8 @@ mod tests {
 
         // A gateway reconciled again replaces its last health; a reason no gateway has any more
         // stays at 0.
-        metrics.gateway_observed("a", "main", health(Some("InvalidSpec"), 0, 0));
-        metrics.gateway_observed("b", "main", health(None, 0, 0));
+        metrics.gateway_observed("a", "main", None, health(Some("InvalidSpec"), 0, 0));
+        metrics.gateway_observed("b", "main", None, health(None, 0, 0));
         assert_eq!(
             lines(&metrics, "sidegate_operator_aigateways_not_ready"),
             [
@@ -407,6 +438,30 @@ mod tests {
         assert_eq!(
             lines(&metrics, "sidegate_operator_uninjected_pods "),
             ["sidegate_operator_uninjected_pods 1"]
+        );
+    }
+
+    #[test]
+    fn a_reconcile_finishing_after_its_gateway_was_deleted_records_nothing() {
+        let metrics = Metrics::default();
+        let not_ready = |m: &Metrics| lines(m, "sidegate_operator_aigateways_not_ready");
+        metrics.gateway_observed("a", "gw", Some("uid-1"), health(Some("InvalidSpec"), 0, 0));
+        metrics.gateway_deleted("a", "gw", Some("uid-1"));
+        assert_eq!(
+            not_ready(&metrics),
+            ["sidegate_operator_aigateways_not_ready{reason=\"InvalidSpec\"} 0"]
+        );
+        // The reconcile that was running at the deletion reports late: ignored.
+        metrics.gateway_observed("a", "gw", Some("uid-1"), health(Some("InvalidSpec"), 0, 0));
+        assert_eq!(
+            not_ready(&metrics),
+            ["sidegate_operator_aigateways_not_ready{reason=\"InvalidSpec\"} 0"]
+        );
+        // A gateway made again under the same name is a new object: counted.
+        metrics.gateway_observed("a", "gw", Some("uid-2"), health(Some("InvalidSpec"), 0, 0));
+        assert_eq!(
+            not_ready(&metrics),
+            ["sidegate_operator_aigateways_not_ready{reason=\"InvalidSpec\"} 1"]
         );
     }
 
