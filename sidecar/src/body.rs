@@ -269,6 +269,8 @@ pub enum BodyBroken {
     Stalled,
     /// The client closed the connection.
     Closed,
+    /// Its chunked framing was not well formed: why.
+    Malformed(&'static str),
 }
 
 /// Why a request body could not be read.
@@ -280,6 +282,8 @@ pub enum RequestBodyError {
     Stalled,
     #[error("the client closed the connection before its end")]
     Closed,
+    #[error("malformed chunked body: {0}")]
+    Malformed(&'static str),
 }
 
 impl From<hyper::body::Incoming> for RequestBody {
@@ -305,6 +309,7 @@ impl Body for RequestBody {
                 Err(match b {
                     BodyBroken::Stalled => RequestBodyError::Stalled,
                     BodyBroken::Closed => RequestBodyError::Closed,
+                    BodyBroken::Malformed(why) => RequestBodyError::Malformed(why),
                 })
             })),
         }

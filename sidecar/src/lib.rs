@@ -24,6 +24,7 @@ pub mod body;
 pub mod budget;
 pub mod buffers;
 pub mod cache;
+pub mod chunked;
 pub mod compat;
 pub mod config;
 pub mod cost;

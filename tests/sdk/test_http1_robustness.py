@@ -731,8 +731,8 @@ def test_chunked_answers_decode_whole_across_any_read_boundaries(gw, upstream):
 
 def reference_chunked(wire):
     """RFC 9112 §7.1 decoding of `wire`: the body, or None when it is not one whole chunked body.
-    Trailer lines are taken as the gateway takes them (dropped, a line ending at LF, CRs
-    ignored): only the chunks' framing is checked against it."""
+    Trailer lines are dropped, each ending in CRLF (a bare CR or LF, a folded line or a control
+    character refused, as by the gateway: chunked.rs)."""
     body, at = b"", 0
     while True:
         m = re.compile(rb"([0-9a-fA-F]{1,16})(?:[ \t]*;[^\r\n]*|[ \t]+)?\r\n").match(wire, at)
@@ -744,10 +744,12 @@ def reference_chunked(wire):
         if wire[at + size:at + size + 2] != b"\r\n":
             return None
         body, at = body + wire[at:at + size], at + size + 2
-    while (eol := wire.find(b"\n", at)) >= 0:
-        line, at = wire[at:eol].replace(b"\r", b""), eol + 1
+    while (eol := wire.find(b"\r\n", at)) >= 0:
+        line, at = wire[at:eol], eol + 2
         if not line:
             return body
+        if line[:1] in (b" ", b"\t") or any(b < 0x20 and b != 0x09 or b == 0x7f for b in line):
+            return None
     return None
 
 

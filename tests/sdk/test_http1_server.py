@@ -1,6 +1,6 @@
 """The gateway's own HTTP/1.1 server, byte by byte on raw sockets: pipelining, keep-alive across
-requests it leaves to hyper, bodies that come late or large, `Connection: close`, chunked
-answers, and a client that leaves before its answer."""
+requests it leaves to hyper, bodies that come late or large, chunked requests read strictly,
+`Connection: close`, chunked answers, and a client that leaves before its answer."""
 
 import json
 import signal
@@ -8,6 +8,7 @@ import socket
 import time
 
 import httpx
+import pytest
 
 CHAT = "/openai/chat/completions"
 
@@ -100,7 +101,8 @@ def test_pipelined_requests_are_answered_in_order_on_one_connection(gateway):
 
 
 def test_a_connection_goes_on_across_requests_left_to_hyper(gateway, mock):
-    # A chunked request body and `Expect` are hyper's to read; the connection stays usable.
+    # `Expect` is hyper's to read (a small chunked body the gateway's own); the connection stays
+    # usable.
     s, r = connect(gateway)
     with s:
         s.sendall(request("plain"))
@@ -321,3 +323,80 @@ def test_a_large_answer_reaches_the_client_byte_for_byte(tmp_path):
     finally:
         g.stop()
         upstream.stop()
+
+
+def chunked_request(*chunks, trailers=b"", extension=b""):
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    return head + b"".join(b"%x%s\r\n%s\r\n" % (len(c), extension, c) for c in chunks) + b"0\r\n" + trailers + b"\r\n"
+
+
+def chat(content):
+    return json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}).encode()
+
+
+def test_a_chunked_request_reaches_the_provider_whole_with_its_length(gateway, mock):
+    body = chat("in many chunks")
+    parts = [body[i:i + 7] for i in range(0, len(body), 7)]
+    s, r = connect(gateway)
+    with s:
+        # Many chunks with extensions and trailers, then one chunk: the connection goes on.
+        s.sendall(chunked_request(*parts, trailers=b"x-checksum: 1\r\nx-other: a b\r\n", extension=b";a=1;b=\"q\""))
+        status, _, answer, _ = r.answer()
+        assert (status, reply(answer)) == (200, "mock reply to: in many chunks")
+        s.sendall(chunked_request(chat("one chunk")) + request("plain after"))
+        assert reply(r.answer()[2]) == "mock reply to: one chunk"
+        assert reply(r.answer()[2]) == "mock reply to: plain after"
+    sent = mock.requests()
+    assert [q["body"] for q in sent[:2]] == [body.decode(), chat("one chunk").decode()]
+    for q in sent[:2]:
+        headers = {k.lower(): v for k, v in q["headers"].items()}
+        assert "transfer-encoding" not in headers, headers
+        assert "x-checksum" not in headers
+        assert headers["content-length"] == str(len(q["body"].encode()))
+
+
+def test_a_chunked_body_that_comes_in_pieces_is_read_whole(gateway, mock):
+    wire = chunked_request(chat("slowly"))
+    s, r = connect(gateway)
+    with s:
+        # Cut inside the size line, the data, the CRLF after it, and the last chunk.
+        head_end = wire.index(b"\r\n\r\n") + 4
+        cuts = [head_end + 1, head_end + 10, len(wire) - 7, len(wire) - 2, len(wire)]
+        at = 0
+        for cut in cuts:
+            s.sendall(wire[at:cut])
+            at = cut
+            time.sleep(0.05)
+        status, _, answer, _ = r.answer()
+        assert (status, reply(answer)) == (200, "mock reply to: slowly")
+    assert mock.requests()[-1]["body"] == chat("slowly").decode()
+
+
+BAD_FRAMING = {
+    "bare LF after the size": lambda b: b"%x\n%s\r\n0\r\n\r\n" % (len(b), b),
+    "data longer than its size": lambda b: b"%x\r\n%sX\r\n0\r\n\r\n" % (len(b), b),
+    "data shorter than its size": lambda b: b"%x\r\n%s\r\n0\r\n\r\n" % (len(b) + 1, b),
+    "size not hex": lambda b: b"0x%x\r\n%s\r\n0\r\n\r\n" % (len(b), b),
+    "negative size": lambda b: b"-%x\r\n%s\r\n0\r\n\r\n" % (len(b), b),
+    "17 digit size": lambda b: b"0000000000000%04x\r\n%s\r\n0\r\n\r\n" % (len(b), b),
+    "bare CR in the trailers": lambda b: b"%x\r\n%s\r\n0\r\nx-t: 1\rx-u: 2\r\n\r\n" % (len(b), b),
+    "folded trailer": lambda b: b"%x\r\n%s\r\n0\r\nx-t: 1\r\n folded\r\n\r\n" % (len(b), b),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FRAMING)
+def test_a_chunked_body_framed_wrong_is_400_and_the_connection_closed(gateway, mock, name):
+    head = (f"POST {CHAT} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n").encode()
+    s, r = connect(gateway)
+    with s:
+        # A whole request after it, which must never be read as one.
+        s.sendall(head + BAD_FRAMING[name](chat("framed wrong")) + request("after"))
+        status, headers, body, _ = r.answer()
+        assert status == 400, (status, body)
+        error = json.loads(body)["error"][0]
+        assert error["code"] == 2101 and "chunk" in error["message"], error
+        assert headers["connection"] == "close"
+        assert r.closed()
+    assert mock.requests() == []

@@ -1,10 +1,11 @@
 //! The gateway's own HTTP/1.1 server, for the requests nearly every client sends: a method with
-//! a body of a declared length (or none), no upgrade, no `Expect`, no transfer coding. It reads
-//! the head and the whole body, hands them to the gateway, and writes the answer's head
-//! straight from its header map, its body with a length or chunked. Anything else — HTTP/1.0,
-//! `HEAD`, a chunked or large request body, a WebSocket upgrade, a head hyper would refuse —
-//! hands the connection, bytes already read included, to hyper for the rest of its life: the
-//! rare requests keep hyper's well-trodden handling, the common one skips its dispatcher.
+//! a body of a declared length, or chunked (read strictly, [`crate::chunked`]), or none; no
+//! upgrade, no `Expect`. It reads the head and the whole body, hands them to the gateway, and
+//! writes the answer's head straight from its header map, its body with a length or chunked.
+//! Anything else — HTTP/1.0, `HEAD`, a body over 64 KiB, a WebSocket upgrade, a head hyper
+//! would refuse — hands the connection, bytes already read included, to hyper for the rest of
+//! its life: the rare requests keep hyper's well-trodden handling, the common one skips its
+//! dispatcher.
 //!
 //! As hyper's server it closes a connection silent for the client timeout before or within a
 //! head, drops a request whose client closes the connection while it waits for its answer, and
@@ -29,7 +30,8 @@ use tokio::time::Instant;
 
 use super::{MAX_HEADER_BYTES, WriteStall};
 use crate::body::{BodyBroken, ProxyBody, RequestBody};
-use crate::headers::{KnownNames, RawHeaders};
+use crate::chunked::{self, Chunked};
+use crate::headers::{KnownNames, RawHeaders, has_token};
 use crate::proxy::Gateway;
 
 /// Most request headers read here (hyper's limit too); a request with more goes to hyper.
@@ -105,6 +107,9 @@ struct Head {
     request: Request<RequestBody>,
     /// Declared body length.
     body: usize,
+    /// A chunked body: the head's bytes, to hand the request to hyper if it outgrows
+    /// [`MAX_BODY`].
+    chunked: Option<Bytes>,
     close: bool,
 }
 
@@ -167,13 +172,37 @@ pub(super) async fn serve(
         };
         let Head {
             mut request,
-            body,
+            mut body,
+            chunked,
             mut close,
         } = head;
         // Its body, whole, each part within `silence` of the one before. One that stops
-        // coming, or is cut off, is the gateway's to tell of (408, 400; logged as refused).
+        // coming, is cut off or is not framed right is the gateway's to tell of (408, 400;
+        // logged as refused).
         let mut broken = None;
-        while buf.len() < body && broken.is_none() {
+        // A chunked body: the decoder's state, the bytes of `buf` it read, what it decoded.
+        let mut dechunked = (Chunked::START, 0, BytesMut::new());
+        let mut decoded = None;
+        loop {
+            if let Some(raw) = &chunked {
+                let (state, read, data) = &mut dechunked;
+                match chunked::decode(state, &buf[*read..], data) {
+                    Ok((used, true)) => {
+                        let _ = buf.split_to(*read + used);
+                        decoded = Some(std::mem::take(data).freeze());
+                        break;
+                    }
+                    Ok((used, false)) if buf.len() <= MAX_BODY => *read += used,
+                    // hyper reads it as it comes, within the gateway's limits.
+                    Ok(_) => return Ended::HandOff(rejoin(raw, &buf)),
+                    Err(why) => {
+                        broken = Some(BodyBroken::Malformed(why));
+                        break;
+                    }
+                }
+            } else if buf.len() >= body {
+                break;
+            }
             if eof {
                 broken = Some(BodyBroken::Closed);
                 break;
@@ -186,8 +215,16 @@ pub(super) async fn serve(
                 },
                 () = timer.as_mut() => broken = Some(BodyBroken::Stalled),
             }
+            if broken.is_some() {
+                break;
+            }
         }
-        if let Some(broken) = broken {
+        if let Some(data) = decoded {
+            body = data.len();
+            if body > 0 {
+                *request.body_mut() = RequestBody::Whole(Some(data));
+            }
+        } else if let Some(broken) = broken {
             *request.body_mut() = RequestBody::Broken(Some(broken));
             // What came of it is not the start of a next request.
             buf.clear();
@@ -212,7 +249,10 @@ pub(super) async fn serve(
             }
         };
         let Ok(response) = response;
-        let close = close || stop.stopping();
+        // The gateway's own `connection: close` (a 413 whose body was not all read) ends the
+        // connection as it says.
+        let close =
+            close || stop.stopping() || has_token(response.headers(), header::CONNECTION, "close");
         if write_response(io, &mut buf, &mut eof, &mut out, response, close)
             .await
             .is_err()
@@ -257,6 +297,7 @@ fn parse(buf: &mut BytesMut, names: &mut KnownNames) -> Parsed {
     let path_end = path_at + path.len();
     let mut fields = Vec::with_capacity(parsed.headers.len());
     let mut body = None;
+    let mut chunked = false;
     let mut close = false;
     for (i, h) in parsed.headers.iter().enumerate() {
         let Ok(name) = names.get(i, h.name.as_bytes()) else {
@@ -283,14 +324,20 @@ fn parse(buf: &mut BytesMut, names: &mut KnownNames) -> Parsed {
                     return Parsed::Other;
                 }
             }
-        } else if name == header::TRANSFER_ENCODING
-            || name == header::UPGRADE
-            || name == header::EXPECT
-        {
+        } else if name == header::TRANSFER_ENCODING {
+            // One `chunked`, alone; a length beside it or any other coding is hyper's to judge.
+            if chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Parsed::Other;
+            }
+            chunked = true;
+        } else if name == header::UPGRADE || name == header::EXPECT {
             return Parsed::Other;
         }
         let start = h.value.as_ptr() as usize - base;
         fields.push((name, start, start + h.value.len()));
+    }
+    if chunked && body.is_some() {
+        return Parsed::Other;
     }
     let head = buf.split_to(len).freeze();
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at..path_end)) else {
@@ -313,6 +360,7 @@ fn parse(buf: &mut BytesMut, names: &mut KnownNames) -> Parsed {
     Parsed::Head(Head {
         request,
         body: body.unwrap_or(0),
+        chunked: chunked.then(|| head.clone()),
         close,
     })
 }
@@ -623,7 +671,9 @@ mod tests {
             "CONNECT a:443 HTTP/1.1\r\n\r\n",
             "OPTIONS * HTTP/1.1\r\n\r\n",
             "GET http://a/ HTTP/1.1\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
             "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
             "GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
             "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",

@@ -40,6 +40,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tower_service::Service as _;
 
+use crate::chunked::{self, Chunked};
 use crate::headers::{KnownNames, RawHeaders, has_token};
 
 use super::{BodyError, CONNECT_TIMEOUT, IDLE_TIMEOUT, MAX_IDLE_PER_HOST, UpstreamError};
@@ -53,10 +54,6 @@ pub const MAX_BODY: usize = 64 << 20;
 const MAX_HEAD: usize = 400 * 1024;
 /// Most response headers accepted (hyper's default).
 const MAX_HEADERS: usize = 100;
-/// Largest trailer section skipped.
-const MAX_TRAILERS: usize = 64 * 1024;
-/// Longest chunk extension read (they are ignored).
-const MAX_CHUNK_EXTENSION: usize = 16 * 1024;
 /// First read size of a connection.
 const READ_CHUNK: usize = 8 * 1024;
 /// Largest read size.
@@ -913,9 +910,7 @@ fn framing(status: StatusCode, is_head: bool, headers: &mut HeaderMap) -> io::Re
             return Err(invalid("a transfer-encoding other than chunked"));
         };
         return Ok(match last {
-            Some(t) if t.eq_ignore_ascii_case("chunked") => {
-                Framing::Chunked(Chunked::Size { size: 0, digits: 0 })
-            }
+            Some(t) if t.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunked::START),
             _ => Framing::Close,
         });
     }
@@ -948,157 +943,6 @@ fn framing(status: StatusCode, is_head: bool, headers: &mut HeaderMap) -> io::Re
         Some(n) => Framing::Length(n),
         None => Framing::Close,
     })
-}
-
-/// Chunked decoder states (RFC 9112 §7.1).
-#[derive(Clone, Copy)]
-enum Chunked {
-    /// Reading the hex size.
-    Size { size: u64, digits: u8 },
-    /// Whitespace or an extension after the size, up to CR.
-    Ext { size: u64, len: u16 },
-    /// LF after the size line.
-    SizeLf { size: u64 },
-    /// Chunk data, `left` bytes to go.
-    Data { left: u64 },
-    /// CR after data.
-    DataCr,
-    /// LF after data.
-    DataLf,
-    /// Trailer section: bytes on the current line, bytes seen in all.
-    Trailers { line: usize, total: usize },
-    /// Done.
-    End,
-}
-
-/// Decodes what `buf` holds, appending data to `out`. True once the last chunk and trailers
-/// have been read.
-fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut, out: &mut BytesMut) -> io::Result<bool> {
-    let mut i = 0;
-    let bytes = &buf[..];
-    let result = loop {
-        if matches!(state, Chunked::End) {
-            break Ok(true);
-        }
-        if i >= bytes.len() {
-            break Ok(false);
-        }
-        // The common case, a whole chunk at hand (`1a\r\n`, data, `\r\n`), in one step; the
-        // rest (extensions, the last chunk, a chunk cut by the read) byte by byte below.
-        if let Chunked::Size { size: 0, digits: 0 } = *state
-            && let Some((data_at, size)) = size_line(&bytes[i..])
-            && let Some(end) = data_at.checked_add(size)
-            && bytes[i..].get(end..end + 2) == Some(b"\r\n")
-        {
-            out.extend_from_slice(&bytes[i + data_at..i + end]);
-            i += end + 2;
-            continue;
-        }
-        if let Chunked::Data { left } = *state {
-            let n = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
-            out.extend_from_slice(&bytes[i..i + n]);
-            i += n;
-            let left = left - n as u64;
-            *state = if left == 0 {
-                Chunked::DataCr
-            } else {
-                Chunked::Data { left }
-            };
-            continue;
-        }
-        let b = bytes[i];
-        i += 1;
-        *state = match *state {
-            Chunked::Size { size, digits } => match b {
-                b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                    if digits >= 16 {
-                        break Err(invalid("chunk size"));
-                    }
-                    let d = u64::from(match b {
-                        b'0'..=b'9' => b - b'0',
-                        b'a'..=b'f' => b - b'a' + 10,
-                        _ => b - b'A' + 10,
-                    });
-                    Chunked::Size {
-                        size: size << 4 | d,
-                        digits: digits + 1,
-                    }
-                }
-                b'\r' if digits > 0 => Chunked::SizeLf { size },
-                b';' | b' ' | b'\t' if digits > 0 => Chunked::Ext { size, len: 1 },
-                _ => break Err(invalid("chunk size")),
-            },
-            Chunked::Ext { size, len } => match b {
-                b'\r' => Chunked::SizeLf { size },
-                b'\n' => break Err(invalid("chunk extension")),
-                // hyper's 16 KiB (over the whole body, there): a line that never ends would
-                // be read until the request timeout.
-                _ if usize::from(len) >= MAX_CHUNK_EXTENSION => {
-                    break Err(invalid("chunk extension too long"));
-                }
-                _ => Chunked::Ext { size, len: len + 1 },
-            },
-            Chunked::SizeLf { size } => match b {
-                b'\n' if size == 0 => Chunked::Trailers { line: 0, total: 0 },
-                b'\n' => Chunked::Data { left: size },
-                _ => break Err(invalid("chunk size line")),
-            },
-            Chunked::DataCr => match b {
-                b'\r' => Chunked::DataLf,
-                _ => break Err(invalid("chunk data")),
-            },
-            Chunked::DataLf => match b {
-                b'\n' => Chunked::Size { size: 0, digits: 0 },
-                _ => break Err(invalid("chunk data")),
-            },
-            Chunked::Trailers { line, total } => {
-                if total >= MAX_TRAILERS {
-                    break Err(invalid("trailers too large"));
-                }
-                match b {
-                    b'\n' if line == 0 => Chunked::End,
-                    b'\n' => Chunked::Trailers {
-                        line: 0,
-                        total: total + 1,
-                    },
-                    b'\r' => Chunked::Trailers {
-                        line,
-                        total: total + 1,
-                    },
-                    _ => Chunked::Trailers {
-                        line: line + 1,
-                        total: total + 1,
-                    },
-                }
-            }
-            Chunked::Data { .. } | Chunked::End => unreachable!("handled above"),
-        };
-    };
-    buf.advance(i);
-    result
-}
-
-/// A chunk-size line of hex digits alone (no extension) at the start of `bytes`, of a chunk
-/// other than the last: where its data starts and its size.
-fn size_line(bytes: &[u8]) -> Option<(usize, usize)> {
-    let mut size = 0usize;
-    // At most 15 digits: the size fits a `usize`, and longer lines take the slow path.
-    for (i, &b) in bytes.iter().enumerate().take(16) {
-        let d = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            b'\r' if i > 0 && size > 0 => {
-                return (bytes.get(i + 1) == Some(&b'\n')).then_some((i + 2, size));
-            }
-            _ => return None,
-        };
-        if i == 15 {
-            return None;
-        }
-        size = size << 4 | usize::from(d);
-    }
-    None
 }
 
 /// The body of a response read on this path.
@@ -1158,7 +1002,8 @@ impl Body {
                     return Ok((None, false));
                 }
                 let mut out = BytesMut::with_capacity(conn.buf.len());
-                let done = decode_chunked(state, &mut conn.buf, &mut out)?;
+                let (used, done) = chunked::decode(state, &conn.buf, &mut out).map_err(invalid)?;
+                conn.buf.advance(used);
                 Ok(((!out.is_empty()).then(|| out.freeze()), done))
             }
         }
@@ -1219,40 +1064,6 @@ impl Body {
 mod tests {
     use super::*;
 
-    fn decode_all(input: &[&[u8]]) -> (Vec<u8>, bool) {
-        let mut state = Chunked::Size { size: 0, digits: 0 };
-        let mut out = BytesMut::new();
-        let mut done = false;
-        let mut buf = BytesMut::new();
-        for part in input {
-            buf.extend_from_slice(part);
-            done = decode_chunked(&mut state, &mut buf, &mut out).expect("valid");
-        }
-        (out.to_vec(), done)
-    }
-
-    #[test]
-    fn chunked_bodies_decode_across_any_split() {
-        let wire: &[u8] = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n";
-        for split in 0..wire.len() {
-            let (out, done) = decode_all(&[&wire[..split], &wire[split..]]);
-            assert_eq!(out, b"hello world", "split at {split}");
-            assert!(done, "split at {split}");
-        }
-        let (out, done) = decode_all(&[b"A\r\n0123456789\r\n"]);
-        assert_eq!(out, b"0123456789");
-        assert!(!done);
-        // Whole chunks in a row (the one-step path, up to 15 digits), a size of 16 digits
-        // (byte by byte), and the last chunk.
-        let wire: &[u8] =
-            b"3\r\nabc\r\n000000000000002\r\nde\r\n0000000000000001\r\nf\r\n0A\r\n0123456789\r\n0\r\n\r\n";
-        for split in 0..wire.len() {
-            let (out, done) = decode_all(&[&wire[..split], &wire[split..]]);
-            assert_eq!(out, b"abcdef0123456789", "split at {split}");
-            assert!(done, "split at {split}");
-        }
-    }
-
     #[test]
     fn only_plain_requests_take_this_path() {
         let req = |method: Method, body: usize, header: Option<(&'static str, &'static str)>| {
@@ -1283,27 +1094,6 @@ mod tests {
             ("connection", "upgrade"),
         ] {
             assert!(!eligible(&req(Method::POST, 100, Some(h))), "{h:?}");
-        }
-    }
-
-    #[test]
-    fn malformed_chunks_are_errors() {
-        for bad in [
-            &b"x\r\n"[..],
-            b"\r\n",
-            b"5\r\nhelloXX",
-            b"5\n",
-            b"11111111111111111\r\n",
-            &[&b"1;"[..], &[b'a'; MAX_CHUNK_EXTENSION]].concat(),
-        ] {
-            let mut state = Chunked::Size { size: 0, digits: 0 };
-            let mut buf = BytesMut::from(bad);
-            let mut out = BytesMut::new();
-            assert!(
-                decode_chunked(&mut state, &mut buf, &mut out).is_err(),
-                "{}",
-                String::from_utf8_lossy(bad)
-            );
         }
     }
 
