@@ -777,6 +777,47 @@ def test_mutated_chunked_answers_are_decoded_exactly_or_refused(gw, upstream):
     assert_alive(gw)
 
 
+def test_mutated_chunked_requests_are_read_exactly_or_refused(gw, upstream):
+    # The gateway's own server reads chunked request bodies (up to 64 KiB) with the same strict
+    # decoder: a body it takes is exactly what RFC 9112 framing says, anything else is 400 and
+    # nothing goes upstream (the client shuts its side after such a body, so that one cut short
+    # ends too).
+    bodies = []
+
+    def recording(conn, index):
+        got = read_request(conn)
+        if got is not None:
+            bodies.append(got[1])
+            conn.sendall(ok("seen"))
+    recording.whole_connection = True
+    upstream.play(recording)
+    rng = random.Random(9112)
+    wire = b"5\r\nhello\r\n3;x=y\r\n, w\r\n4\r\norld\r\n0\r\nx-t: 1\r\n\r\n"
+    head = (b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+    for _ in range(120):
+        mutated = bytearray(wire)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(mutated))
+            op = rng.random()
+            if op < 0.4:
+                mutated[at] = rng.choice(b"\r\n;0 xZ\t\x00-+fF9")
+            elif op < 0.7:
+                del mutated[at]
+            else:
+                mutated.insert(at, rng.choice(b"\r\n;0 x\t"))
+        mutated = bytes(mutated)
+        bodies.clear()
+        expected = reference_chunked(mutated)
+        answer, closed, _, data = exchange(gw, head + mutated, wait=3, shut=expected is None)
+        assert answer is not None, f"{mutated!r}: no answer"
+        if expected is None:
+            assert (answer.status, bodies) == (400, []), f"{mutated!r}: {data[-300:]!r}"
+        else:
+            assert (answer.status, bodies) == (200, [expected]), f"{mutated!r}: {data[-300:]!r}"
+    assert_alive(gw)
+
+
 # --- the gateway's own server -------------------------------------------------------------------------
 
 # Failed at 605ca51 (mended since): with requests pipelined and the client's side shut after them (a
