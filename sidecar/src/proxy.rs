@@ -290,8 +290,10 @@ impl Gateway {
             .map_err(|_| late())?
     }
 
-    /// Looks a request up in the response cache (`want` from [`cache::want`]) and answers a hit.
-    /// `following` runs when the request is to wait for an identical one's answer.
+    /// Looks a request up in the response cache and answers a hit: `want` from [`cache::want`],
+    /// `None` also for a request that is not [`cache::cacheable`] (a status poll, a run or a
+    /// deletion is answered by the provider every time). `following` runs when the request is
+    /// to wait for an identical one's answer.
     #[allow(clippy::too_many_arguments)] // the request's parts, each from where it was read
     pub(crate) async fn cache_lookup(
         &self,
@@ -306,11 +308,6 @@ impl Gateway {
         let Some(want) = want else {
             return Cached::Off;
         };
-        // Decided before any key or flight: a status poll, a run or a deletion is answered by
-        // the provider every time.
-        if !cache::cacheable(req) {
-            return Cached::Off;
-        }
         if want.skip {
             self.metrics.count_cache("skip");
             return Cached::Off;
@@ -858,10 +855,11 @@ impl Gateway {
         // Guardrails, the cache key (of the body), that rewrite and DLP (for documents in
         // base64) parse the body into a tree, each for a moment (no await holds one): room for
         // it until the last of them.
-        let keyed_by_body = want
-            .as_ref()
-            .is_some_and(|w| !w.skip && w.custom_key.is_none())
-            && cache::cacheable(&lookup);
+        let cacheable = want.is_some() && cache::cacheable(&lookup);
+        let keyed_by_body = cacheable
+            && want
+                .as_ref()
+                .is_some_and(|w| !w.skip && w.custom_key.is_none());
         let dlp_parses =
             snap.dlp.checks_requests() && crate::text::may_hold_encoded_documents(&body);
         // Only JSON makes a tree: an upload (multipart, a JSONL file, audio) is read as bytes.
@@ -884,7 +882,15 @@ impl Gateway {
 
         // cache lookup
         let cached = self
-            .cache_lookup(snap, want.as_ref(), &lookup, parts, start, &opts, || {})
+            .cache_lookup(
+                snap,
+                want.as_ref().filter(|_| cacheable),
+                &lookup,
+                parts,
+                start,
+                &opts,
+                || {},
+            )
             .await;
         let mut miss = match cached.into_miss(&dlp_flags) {
             Ok(miss) => miss,

@@ -293,7 +293,15 @@ pub(crate) async fn serve(
             account: step.account,
         };
         let cached = gw
-            .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts, || {})
+            .cache_lookup(
+                snap,
+                want.as_ref().filter(|_| cache::cacheable(&lookup)),
+                &lookup,
+                parts,
+                start,
+                opts,
+                || {},
+            )
             .await;
         let mut miss = match cached.into_miss(&dlp_flags) {
             Ok(miss) => miss,
