@@ -753,10 +753,12 @@ def reference_chunked(wire):
     return None
 
 
-def test_mutated_chunked_answers_are_decoded_exactly_or_refused(gw, upstream):
-    rng = random.Random(7230)
+def mutated_chunked_bodies(seed, count):
+    """`count` copies of one chunked body (extension, trailer), each with 1 to 3 bytes changed,
+    deleted or inserted: framing characters mostly."""
+    rng = random.Random(seed)
     wire = b"5\r\nhello\r\n3;x=y\r\n, w\r\n4\r\norld\r\n0\r\nx-t: 1\r\n\r\n"
-    for _ in range(150):
+    for _ in range(count):
         mutated = bytearray(wire)
         for _ in range(rng.randint(1, 3)):
             at = rng.randrange(len(mutated))
@@ -767,7 +769,11 @@ def test_mutated_chunked_answers_are_decoded_exactly_or_refused(gw, upstream):
                 del mutated[at]
             else:
                 mutated.insert(at, rng.choice(b"\r\n;0 x\t"))
-        mutated = bytes(mutated)
+        yield bytes(mutated)
+
+
+def test_mutated_chunked_answers_are_decoded_exactly_or_refused(gw, upstream):
+    for mutated in mutated_chunked_bodies(seed=7230, count=150):
         upstream.play(answering(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                                 b"transfer-encoding: chunked\r\n\r\n" + mutated, keep=False), settle=0.01)
         answer, closed, _, data = exchange(gw, chat(), wait=3)
@@ -791,22 +797,9 @@ def test_mutated_chunked_requests_are_read_exactly_or_refused(gw, upstream):
             conn.sendall(ok("seen"))
     recording.whole_connection = True
     upstream.play(recording)
-    rng = random.Random(9112)
-    wire = b"5\r\nhello\r\n3;x=y\r\n, w\r\n4\r\norld\r\n0\r\nx-t: 1\r\n\r\n"
     head = (b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
             b"transfer-encoding: chunked\r\n\r\n")
-    for _ in range(120):
-        mutated = bytearray(wire)
-        for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(len(mutated))
-            op = rng.random()
-            if op < 0.4:
-                mutated[at] = rng.choice(b"\r\n;0 xZ\t\x00-+fF9")
-            elif op < 0.7:
-                del mutated[at]
-            else:
-                mutated.insert(at, rng.choice(b"\r\n;0 x\t"))
-        mutated = bytes(mutated)
+    for mutated in mutated_chunked_bodies(seed=9112, count=120):
         bodies.clear()
         expected = reference_chunked(mutated)
         answer, closed, _, data = exchange(gw, head + mutated, wait=3, shut=expected is None)
