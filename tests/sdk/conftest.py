@@ -203,6 +203,57 @@ class MockProvider:
         self.log.close()
 
 
+def wait_ready(admin, proc, timeout=15, logs=lambda: ""):
+    """Returns once the sidegate `proc` answers 200 on `admin`/readyz; raises when it exits or
+    is not ready within `timeout` seconds, with `logs()`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sidegate exited with {proc.returncode}: {logs()}")
+        try:
+            if httpx.get(f"{admin}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"sidegate not ready after {timeout}s: {logs()}")
+
+
+def start_with_stderr_piped(mock, tmp_path, extra_args=(), env=None):
+    """A sidegate logging payloads whose stderr is a pipe (`proc.stderr`) nobody reads yet, as a
+    log collector that stopped draining it: `(proc, gateway url, admin url)` once ready."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for k, v in DEFAULT_KEYS.items():
+        (keys / k).write_text(v + "\n")
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(gateway_yaml(mock.url, extra_spec="  logging: {payloads: true}\n"))
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen([binary("sidegate"), "--config", str(cfg), "--keys-dir", str(keys),
+                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                             *extra_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, **(env or {})))
+    wait_ready(f"http://127.0.0.1:{admin}", proc)
+    return proc, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}"
+
+
+def drain_stderr(proc, until, timeout=10):
+    """Reads `proc.stderr` from now on, in a thread, until `until(bytes so far)` or `timeout`
+    seconds: the bytes read by then."""
+    buf = [b""]
+
+    def drain():
+        while chunk := proc.stderr.read1(1 << 20):
+            buf[0] += chunk
+
+    threading.Thread(target=drain, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not until(buf[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return buf[0]
+
+
 class Sidegate:
     """A sidegate process with its own config file and keys directory."""
 
@@ -254,17 +305,7 @@ class Sidegate:
             self.wait_ready()
 
     def wait_ready(self, timeout=15):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sidegate exited with {self.proc.returncode}: {self.logs()}")
-            try:
-                if httpx.get(f"{self.admin}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"sidegate not ready after {timeout}s: {self.logs()}")
+        wait_ready(self.admin, self.proc, timeout, self.logs)
 
     def logs(self):
         self.log.flush()

@@ -8,13 +8,12 @@ import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, binary, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, binary, drain_stderr, free_port, gateway_yaml, start_with_stderr_piped
 from test_connections import _h2_frame, _h2_read_frame, _hpack_literal
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -84,60 +83,24 @@ def test_a_request_answered_504_after_its_timeout_is_in_the_duration_histogram(g
 # ("<ts>  WARN N log lines dropped: ...", access_log.rs flush_sink), breaking "one JSON object per
 # line" for the log pipeline exactly when it is already struggling.
 def test_json_logs_stay_one_json_object_per_line_when_lines_are_dropped(mock, tmp_path):
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for k, v in DEFAULT_KEYS.items():
-        (keys / k).write_text(v + "\n")
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(gateway_yaml(mock.url, extra_spec="  logging: {payloads: true}\n"))
-    port, admin = free_port(), free_port()
-    proc = subprocess.Popen([binary("sidegate"), "--config", str(cfg), "--keys-dir", str(keys),
-                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                             "--log-format", "json"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, RUST_LOG="warn"))
+    proc, url, _ = start_with_stderr_piped(mock, tmp_path, ["--log-format", "json"], env={"RUST_LOG": "warn"})
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         # stderr is a pipe nobody reads: ~6 MiB of payload lines pass the 4 MiB bound.
         n = 160
         big = dict(CHAT, messages=[{"role": "user", "content": "x" * 40000}])
         with httpx.Client(timeout=10) as c:
             for _ in range(n):
-                assert c.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions", json=big).status_code == 200
-        buf = [b""]
-
-        def drain():
-            while True:
-                chunk = proc.stderr.read1(1 << 20)
-                if not chunk:
-                    return
-                buf[0] += chunk
-
-        threading.Thread(target=drain, daemon=True).start()
-        deadline = time.monotonic() + 10
-        while True:
-            got = buf[0]
-            if got.count(b'"message":"request"') + sum(
-                    int(x) for x in re.findall(rb"(\d+) log lines dropped", got)) >= n \
-                    or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        lines = [l for l in buf[0].decode(errors="replace").split("\n")[:-1] if l]
+                assert c.post(f"{url}/openai/v1/chat/completions", json=big).status_code == 200
+        got = drain_stderr(proc, lambda got: got.count(b'"message":"request"') + sum(
+            int(x) for x in re.findall(rb"(\d+) log lines dropped", got)) >= n)
+        lines = [l for l in got.decode(errors="replace").split("\n")[:-1] if l]
         not_json = []
         for line in lines:
             try:
                 json.loads(line)
             except ValueError:
                 not_json.append(line[:160])
-        assert "dropped" in buf[0].decode(errors="replace"), "nothing was dropped: no line says so"
+        assert "dropped" in got.decode(errors="replace"), "nothing was dropped: no line says so"
         assert not not_json, not_json
     finally:
         proc.terminate()
@@ -327,34 +290,15 @@ def test_a_client_value_quoted_by_a_refusal_cannot_fake_fields_of_its_log_line(g
 # lock the flusher thread holds while blocked in write(2) on the full pipe (access_log.rs
 # flush_sink); the process sleeps until SIGKILL, whatever --shutdown-grace says.
 def test_sigterm_ends_the_sidecar_even_when_stderr_does_not_drain(mock, tmp_path):
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for k, v in DEFAULT_KEYS.items():
-        (keys / k).write_text(v + "\n")
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(gateway_yaml(mock.url, extra_spec="  logging: {payloads: true}\n"))
-    port, admin = free_port(), free_port()
-    proc = subprocess.Popen([binary("sidegate"), "--config", str(cfg), "--keys-dir", str(keys),
-                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                             "--shutdown-grace", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, url, admin = start_with_stderr_piped(mock, tmp_path, ["--shutdown-grace", "2"])
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         # ~1 MiB of lines into a pipe nobody reads (it holds 64 KiB): the flusher blocks in write.
         big = dict(CHAT, messages=[{"role": "user", "content": "x" * 8000}])
         with httpx.Client(timeout=10) as c:
             for _ in range(60):
-                assert c.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions", json=big).status_code == 200
+                assert c.post(f"{url}/openai/v1/chat/completions", json=big).status_code == 200
         time.sleep(0.5)
-        assert httpx.get(f"http://127.0.0.1:{admin}/healthz", timeout=2).status_code == 200
+        assert httpx.get(f"{admin}/healthz", timeout=2).status_code == 200
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         try:

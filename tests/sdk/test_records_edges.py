@@ -4,7 +4,6 @@ cardinality from client input, and OpenTelemetry export against strict or stalle
 
 import http.server
 import json
-import os
 import re
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import unicodedata
 import httpx
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, binary, free_port, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, drain_stderr, gateway_yaml, start_with_stderr_piped
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 INT64 = (-(2**63), 2**63 - 1)
@@ -307,52 +306,20 @@ def test_a_stalled_collector_neither_slows_requests_nor_the_admin_port(mock, tmp
 def test_lines_dropped_while_stderr_is_stuck_are_all_accounted_for(mock, tmp_path):
     """stderr is a pipe nobody reads while 160 requests with ~40 KiB payload lines pass (past
     the 4 MiB bound); once it drains, every request is either a line or in a dropped count."""
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    for k, v in DEFAULT_KEYS.items():
-        (keys / k).write_text(v + "\n")
-    cfg = tmp_path / "gateway.yaml"
-    cfg.write_text(gateway_yaml(mock.url, extra_spec="  logging: {payloads: true}\n"))
-    port, admin = free_port(), free_port()
-    proc = subprocess.Popen([binary("sidegate"), "--config", str(cfg), "--keys-dir", str(keys),
-                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=dict(os.environ, RUST_LOG="warn"))
+    proc, url, _ = start_with_stderr_piped(mock, tmp_path, env={"RUST_LOG": "warn"})
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         n = 160
         big = dict(CHAT, messages=[{"role": "user", "content": "x" * 40000}])
         with httpx.Client(timeout=10) as c:
             t0 = time.monotonic()
             for _ in range(n):
-                assert c.post(f"http://127.0.0.1:{port}/openai/v1/chat/completions", json=big).status_code == 200
+                assert c.post(f"{url}/openai/v1/chat/completions", json=big).status_code == 200
             assert time.monotonic() - t0 < 20
-        got, buf = b"", [b""]
 
-        def drain():
-            while True:
-                chunk = proc.stderr.read1(1 << 20)
-                if not chunk:
-                    return
-                buf[0] += chunk
-
-        threading.Thread(target=drain, daemon=True).start()
-        deadline = time.monotonic() + 10
-        while True:
-            got = buf[0]
-            lines = got.count(b" INFO request id=")
-            dropped = sum(int(x) for x in re.findall(rb"WARN (\d+) log lines dropped", got))
-            if lines + dropped >= n or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
+        def counts(got):
+            return (got.count(b" INFO request id="),
+                    sum(int(x) for x in re.findall(rb"WARN (\d+) log lines dropped", got)))
+        lines, dropped = counts(drain_stderr(proc, lambda got: sum(counts(got)) >= n))
         assert dropped > 0, "4 MiB were passed: some lines must have been dropped"
         assert lines + dropped == n, (lines, dropped)
     finally:

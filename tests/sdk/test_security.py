@@ -18,7 +18,7 @@ import json
 import httpx
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml, wait_ready
 
 CHAT = "/openai/chat/completions"
 EMAIL = "jane@example.com"
@@ -343,15 +343,7 @@ def test_another_process_of_the_same_user_cannot_read_the_sidecar_through_proc(m
                                       "--admin", f"127.0.0.1:{admin}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{admin}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "sidecar not ready"
-            time.sleep(0.05)
+        wait_ready(f"http://127.0.0.1:{admin}", proc, 10)
         key_file = f"/proc/{proc.pid}/root{d}/keys/openai.default"
         for target in (f"/proc/{proc.pid}/environ", key_file):
             read = subprocess.run(nobody + ["cat", target], capture_output=True, text=True)
