@@ -28,13 +28,8 @@ def body(text, model="gpt-4o-mini"):
 
 
 def wait_line(g, log_id, timeout=3):
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in g.logs().splitlines():
-            if f'"message":"request","id":"{log_id}"' in line:
-                return json.loads(line)
-        assert time.monotonic() < deadline, f"no JSON log line for {log_id}"
-        time.sleep(0.05)
+    """The JSON access log line of request `log_id`, parsed."""
+    return json.loads(g.wait_log_line(log_id, timeout))
 
 
 def json_gateway(tmp_path, mock, spec="", keys=None, name="main"):

@@ -25,6 +25,7 @@ import pytest
 from conftest import DEFAULT_KEYS, KEY_MARKER, MockProvider, Sidegate, gateway_yaml
 from rawhttp import Listener, read_request
 from test_checks_on_streams import SIGNED, frame
+from test_cost import wait_line as log_line
 
 BEDROCK_MODEL = "anthropic.claude-3-haiku-20240307-v1:0"
 BEDROCK = f"/aws-bedrock/bedrock-runtime/us-west-2/model/{BEDROCK_MODEL}"
@@ -94,16 +95,6 @@ def start(tmp_path, upstream, spec="", name="gw"):
     # gateway_yaml points openai at `{url}/v1` and anthropic at `{url}`: all on the fragmenting
     # server, which answers any path.
     return Sidegate(d, yaml, KEYS, extra_args=["--log-format", "json"])
-
-
-def log_line(g, log_id, timeout=3):
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in g.logs().splitlines():
-            if f'"message":"request","id":"{log_id}"' in line:
-                return json.loads(line)
-        assert time.monotonic() < deadline, f"no access log line for {log_id}"
-        time.sleep(0.05)
 
 
 def accounted(line):

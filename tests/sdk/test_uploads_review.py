@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from conftest import DEFAULT_KEYS, Sidegate
+from test_cost import wait_line as log_line
 
 MiB = 1 << 20
 SPEECH = b"ID3\x04\x00\x00" + bytes(range(256)) * 64 + os.urandom(200_000)  # ~216 KB "MP3"
@@ -154,16 +155,6 @@ def start(tmp_path, upstream_url, extra="", name="gw"):
         f"{extra}"
     )
     return Sidegate(d, config, DEFAULT_KEYS, extra_args=["--log-format", "json"])
-
-
-def log_line(g, log_id, timeout=5):
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in g.logs().splitlines():
-            if f'"message":"request","id":"{log_id}"' in line:
-                return json.loads(line)
-        assert time.monotonic() < deadline, f"no JSON log line for {log_id}"
-        time.sleep(0.05)
 
 
 class Sent:
