@@ -1097,20 +1097,27 @@ impl ServedBy {
 }
 
 /// The provider (when the route names a known one) and the path a refused request's log line
-/// names, as a served request's would: the provider path of a passthrough, `compat/...` for
-/// the unified endpoint, else the path as requested.
+/// names, as a served request's would, without a leading `/`: the provider path of a
+/// passthrough, `compat/...` for the unified endpoint, `{provider}/...` for an unknown provider,
+/// nothing for the universal endpoint (each after a long form's `v1/{account}/{gateway}/`),
+/// else the path as requested.
 fn refused_route<'p>(snap: &Snapshot, path: &'p str) -> (Option<Arc<str>>, &'p str) {
     match route::parse(path) {
         Ok(Route::Provider(p)) => match snap.providers.get(p.provider) {
             Some(provider) => (Some(provider.id.clone()), p.rest),
-            None => (None, path),
+            None => {
+                // `rest` ends the path; `{provider}/` comes before it.
+                let head = path[..path.len() - p.rest.len()].trim_end_matches('/');
+                (None, &path[head.len() - p.provider.len()..])
+            }
         },
         Ok(Route::Compat { rest, .. }) => {
             // `rest` ends the path; `compat/` comes before it.
             let head = &path[..path.len() - rest.len()];
             (None, head.rfind("compat").map_or(path, |i| &path[i..]))
         }
-        _ => (None, path),
+        Ok(Route::Universal { .. }) => (None, ""),
+        Err(_) => (None, path.trim_start_matches('/')),
     }
 }
 
@@ -1543,6 +1550,31 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_request_logs_its_path_as_a_served_one_without_a_leading_slash() {
+        let src = crate::config::Sources {
+            config: "gateway.yaml".into(),
+            keys_dir: None,
+        };
+        let snap = crate::config::load_with(&src, b"schemaVersion: 1\nspec: {}\n".to_vec())
+            .expect("config");
+        let cases = [
+            ("/openai/chat/completions", Some("openai"), "chat/completions"),
+            ("/v1/acct/gw/openai/chat/completions", Some("openai"), "chat/completions"),
+            ("/compat/chat/completions", None, "compat/chat/completions"),
+            ("/nowhere/x", None, "nowhere/x"),
+            ("/v1/acct/gw/nowhere/x", None, "nowhere/x"),
+            ("/nowhere", None, "nowhere"),
+            ("/", None, ""),
+            ("/v1/acct/gw", None, ""),
+            ("//x", None, "x"),
+        ];
+        for (path, provider, logged) in cases {
+            let (p, l) = refused_route(&snap, path);
+            assert_eq!((p.as_deref(), l), (provider, logged), "{path}");
+        }
+    }
 
     #[test]
     fn management_posts_are_told_from_model_calls() {
