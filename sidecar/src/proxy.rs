@@ -227,7 +227,7 @@ impl Gateway {
             };
             // The provider's Retry-After when it asks for longer than the policy's delay.
             let wait = retries.delay_before(attempt).max(asked.unwrap_or_default());
-            tracing::info!(provider = %provider, attempt, max_attempts = retries.max_attempts, failure = %failure, wait_ms = wait.as_millis() as u64, "retrying upstream");
+            tracing::info!(provider = %provider, attempt, max_attempts = retries.max_attempts, failure = %failure, wait_ms = wait.as_millis() as u64, log_id = crate::log_id::current().as_deref(), "retrying upstream");
             self.metrics.count_retry(provider);
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -391,6 +391,18 @@ impl Gateway {
         self: Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        // Chosen first, so that the lines logged on the way (a guardrail's flag, a retry) name
+        // the id its answer and access line will carry.
+        let log_id: Arc<str> = Arc::from(crate::log_id::next());
+        crate::log_id::scope(log_id.clone(), self.serve(req, log_id)).await
+    }
+
+    /// [`Gateway::handle`] within the scope of the request's log id `log_id`.
+    async fn serve(
+        self: Arc<Self>,
+        req: Request<RequestBody>,
+        log_id: Arc<str>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let Some(snap) = self.snapshot.load_full() else {
             // No config, no gateway settings: counted and traced, not in the access log.
@@ -398,8 +410,8 @@ impl Gateway {
             let status = err.status().as_u16();
             self.metrics
                 .count_request(&Arc::from("none"), status, start.elapsed());
-            let id = crate::log_id::next();
-            tracing::info!(provider = "none", method = %req.method(), status, code = err.code(), error = %err, id = %id, "request refused");
+            let id = log_id;
+            tracing::info!(provider = "none", method = %req.method(), status, code = err.code(), error = %err, log_id = %id, "request refused");
             let mut resp = err.into_response();
             let aig = GatewayHeaders::scan(req.headers());
             tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
@@ -414,6 +426,7 @@ impl Gateway {
             start,
             recorded: &recorded,
             armed: true,
+            log_id,
         };
         // With response checks, the answer's record waits for them to say what the client got.
         let held_back = (snap.dlp.checks_responses() || snap.guardrails.checks_responses())
@@ -503,10 +516,8 @@ impl Gateway {
         }
         let checked = match snap.dlp.scan(&whole, false).await {
             Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => {
-                let check = self.guardrails_check(snap, crate::guardrails::Side::Response, &whole);
-                // Its lines (flagged, blocked) name the request.
-                let span = tracing::info_span!("response_checks", log_id = %id);
-                tracing::Instrument::instrument(check, span)
+                // Its lines (flagged, blocked) name the request's log id (the scope's).
+                self.guardrails_check(snap, crate::guardrails::Side::Response, &whole)
                     .await
                     .map(|_| found)
             }
@@ -552,7 +563,7 @@ impl Gateway {
         step: Option<u32>,
     ) -> Response<ProxyBody> {
         let aig = GatewayHeaders::scan(&parts.headers);
-        let id = crate::log_id::next();
+        let id = crate::log_id::for_request();
         // The provider the route names when none was chosen yet (a known one), as the access
         // line, the metric, the span and the line below all name it.
         let (route_provider, path) = refused_route(snap, parts.uri.path());
@@ -583,7 +594,7 @@ impl Gateway {
         let label = provider.clone().unwrap_or_else(|| Arc::from("none"));
         self.metrics.count_request(&label, status, start.elapsed());
         if log {
-            tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, id = %id, "request refused");
+            tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, log_id = %id, "request refused");
         }
         let mut resp = err.into_response();
         tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
@@ -1122,12 +1133,12 @@ fn refused_route<'p>(snap: &Snapshot, path: &'p str) -> (Option<Arc<str>>, &'p s
 }
 
 /// Adds the gateway's headers of every response it forwards (`cf-aig-event-id` echoed, a new
-/// `cf-aig-log-id`) and returns the log id.
+/// `cf-aig-log-id`: the request's, see [`crate::log_id::scope`]) and returns the log id.
 pub(crate) fn tag_response(
     headers: &mut http::HeaderMap,
     event_id: Option<&HeaderValue>,
 ) -> String {
-    let log_id = crate::log_id::next();
+    let log_id = crate::log_id::for_request();
     tag_response_with(headers, event_id, &log_id);
     log_id
 }
@@ -1158,6 +1169,7 @@ struct Unanswered<'a> {
     start: Instant,
     recorded: &'a std::sync::atomic::AtomicBool,
     armed: bool,
+    log_id: Arc<str>,
 }
 
 impl Drop for Unanswered<'_> {
@@ -1182,7 +1194,7 @@ impl Drop for Unanswered<'_> {
             CLIENT_CLOSED,
             self.start,
             &opts,
-            crate::log_id::next(),
+            self.log_id.to_string(),
         );
         // An unfinished record logs itself as cancelled.
         drop(record);
