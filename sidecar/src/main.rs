@@ -253,7 +253,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     gateway.loopback_listener = args.listen.ip().is_loopback();
     let gateway = Arc::new(gateway);
     match config::load(&sources) {
-        Ok(snap) => reload::install(&gateway, snap),
+        Ok(snap) => {
+            gateway.metrics.set_load_outcome(true);
+            reload::install(&gateway, snap);
+        }
         Err(e) if args.wait_for_config => {
             tracing::warn!(error = %e, "no valid config yet; serving 503 until one appears");
         }
