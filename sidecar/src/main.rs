@@ -118,9 +118,57 @@ enum LogFormat {
     Json,
 }
 
+/// Level names people write that `tracing` does not know: a bare word is a target name to it, so
+/// `RUST_LOG=warning` would show only the (nonexistent) target `warning`, that is nothing.
+const NOT_LEVELS: [&str; 7] = [
+    "warning",
+    "err",
+    "fatal",
+    "critical",
+    "verbose",
+    "information",
+    "notice",
+];
+
+/// The log filter of `RUST_LOG`'s value `spec` (`info` when unset or empty, or when none of its
+/// directives is valid), and the directives left out, each with why.
+fn log_filter(spec: Option<&str>) -> (tracing_subscriber::EnvFilter, Vec<String>) {
+    use tracing_subscriber::filter::Directive;
+    let mut ignored = Vec::new();
+    let mut kept = Vec::new();
+    for directive in spec.unwrap_or_default().split(',') {
+        let directive = directive.trim();
+        if directive.is_empty() {
+            continue;
+        }
+        if NOT_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            ignored.push(format!(
+                "{directive:?}: not a level (off, error, warn, info, debug, trace)"
+            ));
+            continue;
+        }
+        match directive.parse::<Directive>() {
+            Ok(_) => kept.push(directive),
+            Err(e) => ignored.push(format!("{directive:?}: {e}")),
+        }
+    }
+    let filter = if kept.is_empty() {
+        None
+    } else {
+        tracing_subscriber::EnvFilter::builder()
+            .parse(kept.join(","))
+            .ok()
+    };
+    (
+        filter.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info")),
+        ignored,
+    )
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var(tracing_subscriber::EnvFilter::DEFAULT_ENV).ok();
+    let (filter, ignored) = log_filter(spec.as_deref());
+    let effective = filter.to_string();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| sidegate::access_log::LogWriter)
@@ -131,6 +179,14 @@ fn init_logging(format: LogFormat) {
             .fmt_fields(sidegate::access_log::text_fields())
             .init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    // Said once, where the log goes: a filter that silently became `info` hides what was asked.
+    if !ignored.is_empty() {
+        tracing::warn!(
+            ignored = %ignored.join("; "),
+            filter = %effective,
+            "RUST_LOG: directives ignored"
+        );
     }
 }
 
@@ -349,4 +405,40 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_rust_log_directive_is_named_and_the_good_ones_kept() {
+        let (filter, ignored) = log_filter(Some("debug,hyper=lots"));
+        assert_eq!(filter.to_string(), "debug");
+        assert_eq!(ignored.len(), 1, "{ignored:?}");
+        assert!(ignored[0].starts_with("\"hyper=lots\": "), "{ignored:?}");
+    }
+
+    #[test]
+    fn a_rust_log_with_no_valid_directive_is_info_and_says_why() {
+        let (filter, ignored) = log_filter(Some("warning"));
+        assert_eq!(filter.to_string(), "info");
+        assert_eq!(
+            ignored,
+            ["\"warning\": not a level (off, error, warn, info, debug, trace)"]
+        );
+    }
+
+    #[test]
+    fn an_unset_or_valid_rust_log_ignores_nothing() {
+        for (spec, shown) in [
+            (None, "info"),
+            (Some(""), "info"),
+            (Some("warn,sidegate=debug"), "sidegate=debug,warn"),
+        ] {
+            let (filter, ignored) = log_filter(spec);
+            assert!(ignored.is_empty(), "{spec:?}: {ignored:?}");
+            assert_eq!(filter.to_string(), shown, "{spec:?}");
+        }
+    }
 }
