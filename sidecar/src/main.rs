@@ -385,26 +385,81 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C), which starts the drain; a second one
+/// during it ends the process at once (exit status 128 + its number, as a death by it), as
+/// kubelet's and a terminal's users expect of a second signal.
 async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut signals = match ShutdownSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM and SIGINT: the sidecar stops only when killed");
+            return std::future::pending().await;
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    let first = signals.next().await;
+    tracing::info!(
+        signal = first.name(),
+        "signal received (a second SIGTERM or SIGINT exits at once)"
+    );
+    tokio::spawn(async move {
+        let second = signals.next().await;
+        tracing::warn!(
+            signal = second.name(),
+            "second signal during the shutdown: exiting now, in-flight requests cut"
+        );
+        sidegate::access_log::flush();
+        std::process::exit(128 + second.number());
+    });
+}
+
+/// A signal that stops the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopSignal {
+    Terminate,
+    Interrupt,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Terminate => "SIGTERM",
+            StopSignal::Interrupt => "SIGINT",
+        }
     }
-    tracing::info!("signal received");
+
+    /// Its number (as `kill -l` lists it).
+    fn number(self) -> i32 {
+        match self {
+            StopSignal::Terminate => 15,
+            StopSignal::Interrupt => 2,
+        }
+    }
+}
+
+/// The listeners of SIGTERM and SIGINT, made once: a signal arriving between the first and the
+/// second wait is not missed.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next signal received.
+    async fn next(&mut self) -> StopSignal {
+        tokio::select! {
+            Some(()) = self.terminate.recv() => StopSignal::Terminate,
+            Some(()) = self.interrupt.recv() => StopSignal::Interrupt,
+            else => std::future::pending().await,
+        }
+    }
 }
 
 #[cfg(test)]
