@@ -1,10 +1,10 @@
 //! Request ids for `cf-aig-log-id` and the request log: ULIDs (26 characters, Crockford base32,
 //! time-ordered), so they sort by time like Cloudflare's log ids.
 
-use std::hash::{BuildHasher, Hasher};
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";

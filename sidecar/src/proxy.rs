@@ -1572,8 +1572,16 @@ mod tests {
         let snap = crate::config::load_with(&src, b"schemaVersion: 1\nspec: {}\n".to_vec())
             .expect("config");
         let cases = [
-            ("/openai/chat/completions", Some("openai"), "chat/completions"),
-            ("/v1/acct/gw/openai/chat/completions", Some("openai"), "chat/completions"),
+            (
+                "/openai/chat/completions",
+                Some("openai"),
+                "chat/completions",
+            ),
+            (
+                "/v1/acct/gw/openai/chat/completions",
+                Some("openai"),
+                "chat/completions",
+            ),
             ("/compat/chat/completions", None, "compat/chat/completions"),
             ("/nowhere/x", None, "nowhere/x"),
             ("/v1/acct/gw/nowhere/x", None, "nowhere/x"),

@@ -1273,14 +1273,20 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(
-            sample(&text, "sidegate_config_last_reload_success_timestamp_seconds"),
+            sample(
+                &text,
+                "sidegate_config_last_reload_success_timestamp_seconds"
+            ),
             Some(0.0),
             "{text}"
         );
         metrics.set_load_outcome(true);
         let text = metrics.encode();
-        let loaded = sample(&text, "sidegate_config_last_reload_success_timestamp_seconds")
-            .expect("timestamp");
+        let loaded = sample(
+            &text,
+            "sidegate_config_last_reload_success_timestamp_seconds",
+        )
+        .expect("timestamp");
         assert!(loaded > 1.7e9, "{text}");
         assert_eq!(
             sample(&text, "sidegate_config_last_reload_successful"),
@@ -1293,7 +1299,10 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(
-            sample(&text, "sidegate_config_last_reload_success_timestamp_seconds"),
+            sample(
+                &text,
+                "sidegate_config_last_reload_success_timestamp_seconds"
+            ),
             Some(loaded)
         );
         metrics.count_reload(true);
