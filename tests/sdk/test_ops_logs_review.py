@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate, StallingServer, gateway_yaml
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, StallingServer, gateway_yaml
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -113,6 +113,43 @@ def test_a_fallback_line_names_the_log_id_of_the_request_it_served(mock, tmp_pat
         assert failed["log_id"] == log_id, failed
     finally:
         g.stop()
+
+
+# FAILS before the logs branch: the universal endpoint's `universal step failed` named no log id.
+def test_a_universal_step_failure_names_the_log_id_of_the_request(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, extra_args=["--log-format", "json"])
+    try:
+        steps = [{"provider": "openai", "endpoint": "chat/completions", "headers": {},
+                  "query": {"model": "mock-status-503", "messages": MESSAGES}},
+                 {"provider": "anthropic", "endpoint": "v1/messages", "headers": {},
+                  "query": {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": MESSAGES}}]
+        r = httpx.post(g.url + "/", json=steps)
+        assert (r.status_code, r.headers["cf-aig-step"]) == (200, "1"), r.text
+        log_id = r.headers["cf-aig-log-id"]
+        g.wait_log_line(log_id)
+        (failed,) = [x for x in json_lines(g) if x.get("message") == "universal step failed, trying the next"]
+        assert (failed["step"], failed["log_id"]) == (0, log_id), failed
+    finally:
+        g.stop()
+
+
+# FAILS before the logs branch: `retrying upstream` named no log id.
+def test_a_retry_line_names_the_log_id_of_the_request_it_retried(tmp_path):
+    upstream = FixedAnswerServer(b'{"error": {"message": "busy"}}', status=503,
+                                 then=[(200, b'{"id": "c", "object": "chat.completion", "choices": []}')])
+    spec = "  retries: {maxAttempts: 2, retryDelay: 10ms, backoff: constant}\n"
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec=spec), DEFAULT_KEYS,
+                 extra_args=["--log-format", "json"])
+    try:
+        r = httpx.post(g.url + "/openai/chat/completions", json={"model": "gpt-4o-mini", "messages": MESSAGES})
+        assert r.status_code == 200, r.text
+        log_id = r.headers["cf-aig-log-id"]
+        g.wait_log_line(log_id)
+        (retry,) = [x for x in json_lines(g) if x.get("message") == "retrying upstream"]
+        assert retry["log_id"] == log_id, retry
+    finally:
+        g.stop()
+        upstream.stop()
 
 
 # FAILS before the logs branch: a refusal for an unknown provider logged `path` as requested,
