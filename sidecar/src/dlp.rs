@@ -242,12 +242,12 @@ impl Settings {
 
     /// Scans a request body: `Err` when a `BLOCK` policy matched, else the flagged findings.
     pub fn check_request(&self, body: &[u8]) -> Result<Vec<Finding>, GatewayError> {
-        self.check(body, true)
+        logged(self.check(body, true))
     }
 
     /// Scans a whole response body, as [`Settings::check_request`].
     pub fn check_response(&self, body: &[u8]) -> Result<Vec<Finding>, GatewayError> {
-        self.check(body, false)
+        logged(self.check(body, false))
     }
 
     /// [`Settings::check_request`] (`request`) or [`Settings::check_response`] of a body that
@@ -256,14 +256,16 @@ impl Settings {
     pub async fn scan(&self, body: &Bytes, request: bool) -> Result<Vec<Finding>, GatewayError> {
         let applies = |p: &Policy| if request { p.request } else { p.response };
         if body.len() <= SCAN_INLINE || !self.policies.iter().any(applies) {
-            return self.check(body, request);
+            return logged(self.check(body, request));
         }
         let (settings, owned) = (self.clone(), body.clone());
-        match tokio::task::spawn_blocking(move || settings.check(&owned, request)).await {
-            Ok(result) => result,
-            // No blocking thread (the runtime is shutting down): scanned here.
-            Err(_) => self.check(body, request),
-        }
+        logged(
+            match tokio::task::spawn_blocking(move || settings.check(&owned, request)).await {
+                Ok(result) => result,
+                // No blocking thread (the runtime is shutting down): scanned here.
+                Err(_) => self.check(body, request),
+            },
+        )
     }
 
     fn check(&self, body: &[u8], request: bool) -> Result<Vec<Finding>, GatewayError> {
@@ -362,6 +364,24 @@ pub(crate) fn unescape_json(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
         i += 1;
     }
     std::borrow::Cow::Owned(out)
+}
+
+/// `found`, once it has a flagged match said in a process line naming the request's log id (a
+/// `BLOCK` match is said by the refusal's line), as a guardrail's flag is: the `cf-aig-dlp`
+/// header tells the client, this line the operator.
+fn logged(found: Result<Vec<Finding>, GatewayError>) -> Result<Vec<Finding>, GatewayError> {
+    if let Ok(findings) = &found
+        && let Some(first) = findings.first()
+    {
+        let policies: Vec<&str> = findings.iter().map(|f| f.policy.as_str()).collect();
+        tracing::info!(
+            check = first.check,
+            policies = ?policies,
+            log_id = crate::log_id::current().as_deref(),
+            "dlp: flagged"
+        );
+    }
+    found
 }
 
 /// Adds `cf-aig-dlp` listing `findings` (merged with what is there already).

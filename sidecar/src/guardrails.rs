@@ -137,7 +137,7 @@ impl Gateway {
             Ok(f) => f,
             Err(why) => {
                 self.metrics.count_guardrail("error");
-                tracing::warn!(error = %why, "guardrails: moderation unavailable; serving without it (fail open)");
+                tracing::warn!(error = %why, log_id = crate::log_id::current().as_deref(), "guardrails: moderation unavailable; serving without it (fail open)");
                 return Ok(Vec::new());
             }
         };
@@ -150,7 +150,7 @@ impl Gateway {
             match actions.get(&category) {
                 Some(GuardrailAction::Block) => {
                     self.metrics.count_guardrail("block");
-                    tracing::info!(side = side_name, category = %category, "guardrails: blocked");
+                    tracing::info!(side = side_name, category = %category, log_id = crate::log_id::current().as_deref(), "guardrails: blocked");
                     return Err(GatewayError::GuardrailBlocked {
                         response: side == Side::Response,
                         category,
@@ -162,7 +162,7 @@ impl Gateway {
         }
         if !matched.is_empty() {
             self.metrics.count_guardrail("flag");
-            tracing::info!(side = side_name, categories = ?matched, "guardrails: flagged");
+            tracing::info!(side = side_name, categories = ?matched, log_id = crate::log_id::current().as_deref(), "guardrails: flagged");
         }
         Ok(matched)
     }

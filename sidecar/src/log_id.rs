@@ -1,15 +1,37 @@
 //! Request ids for `cf-aig-log-id` and the request log: ULIDs (26 characters, Crockford base32,
 //! time-ordered), so they sort by time like Cloudflare's log ids.
 
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
 static SEED: OnceLock<u64> = OnceLock::new();
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+tokio::task_local! {
+    /// The log id of the request being served: its access line, its `cf-aig-log-id` and every
+    /// process line about it (a guardrail's flag, a retry) name the same one.
+    static REQUEST: Arc<str>;
+}
+
+/// Runs `serve` as the request with log id `id`: [`for_request`] and [`current`] return it.
+pub async fn scope<F: Future>(id: Arc<str>, serve: F) -> F::Output {
+    REQUEST.scope(id, serve).await
+}
+
+/// The log id of the request being served, for a process line about it; `None` outside one.
+pub fn current() -> Option<Arc<str>> {
+    REQUEST.try_with(Arc::clone).ok()
+}
+
+/// The log id of the request being served, or a new one outside a request's [`scope`].
+pub fn for_request() -> String {
+    current().map_or_else(next, |id| id.to_string())
+}
 
 /// A new id, unique within the process and very likely across processes.
 pub fn next() -> String {
@@ -52,6 +74,17 @@ mod tests {
         assert_eq!(a.len(), 26);
         assert!(a.bytes().all(|c| ALPHABET.contains(&c)));
         assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn a_request_scope_names_one_id_for_all_its_lines() {
+        assert_eq!(current(), None);
+        let id: Arc<str> = Arc::from(next());
+        let (seen, minted) = scope(id.clone(), async { (current(), for_request()) }).await;
+        assert_eq!(seen.as_deref(), Some(&*id));
+        assert_eq!(minted, *id);
+        // Outside a request, each asks for a new one.
+        assert_ne!(for_request(), *id);
     }
 
     #[test]

@@ -118,9 +118,57 @@ enum LogFormat {
     Json,
 }
 
+/// Level names people write that `tracing` does not know: a bare word is a target name to it, so
+/// `RUST_LOG=warning` would show only the (nonexistent) target `warning`, that is nothing.
+const NOT_LEVELS: [&str; 7] = [
+    "warning",
+    "err",
+    "fatal",
+    "critical",
+    "verbose",
+    "information",
+    "notice",
+];
+
+/// The log filter of `RUST_LOG`'s value `spec` (`info` when unset or empty, or when none of its
+/// directives is valid), and the directives left out, each with why.
+fn log_filter(spec: Option<&str>) -> (tracing_subscriber::EnvFilter, Vec<String>) {
+    use tracing_subscriber::filter::Directive;
+    let mut ignored = Vec::new();
+    let mut kept = Vec::new();
+    for directive in spec.unwrap_or_default().split(',') {
+        let directive = directive.trim();
+        if directive.is_empty() {
+            continue;
+        }
+        if NOT_LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            ignored.push(format!(
+                "{directive:?}: not a level (off, error, warn, info, debug, trace)"
+            ));
+            continue;
+        }
+        match directive.parse::<Directive>() {
+            Ok(_) => kept.push(directive),
+            Err(e) => ignored.push(format!("{directive:?}: {e}")),
+        }
+    }
+    let filter = if kept.is_empty() {
+        None
+    } else {
+        tracing_subscriber::EnvFilter::builder()
+            .parse(kept.join(","))
+            .ok()
+    };
+    (
+        filter.unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info")),
+        ignored,
+    )
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var(tracing_subscriber::EnvFilter::DEFAULT_ENV).ok();
+    let (filter, ignored) = log_filter(spec.as_deref());
+    let effective = filter.to_string();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| sidegate::access_log::LogWriter)
@@ -131,6 +179,14 @@ fn init_logging(format: LogFormat) {
             .fmt_fields(sidegate::access_log::text_fields())
             .init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    // Said once, where the log goes: a filter that silently became `info` hides what was asked.
+    if !ignored.is_empty() {
+        tracing::warn!(
+            ignored = %ignored.join("; "),
+            filter = %effective,
+            "RUST_LOG: directives ignored"
+        );
     }
 }
 
@@ -253,7 +309,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     gateway.loopback_listener = args.listen.ip().is_loopback();
     let gateway = Arc::new(gateway);
     match config::load(&sources) {
-        Ok(snap) => reload::install(&gateway, snap),
+        Ok(snap) => {
+            gateway.metrics.set_load_outcome(true);
+            reload::install(&gateway, snap);
+        }
         Err(e) if args.wait_for_config => {
             tracing::warn!(error = %e, "no valid config yet; serving 503 until one appears");
         }
@@ -326,24 +385,115 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// Resolves at the first SIGTERM or SIGINT (Ctrl-C), which starts the drain; a second one
+/// during it ends the process at once (exit status 128 + its number, as a death by it), as
+/// kubelet's and a terminal's users expect of a second signal.
 async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    let mut signals = match ShutdownSignals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM and SIGINT: the sidecar stops only when killed");
+            return std::future::pending().await;
         }
     };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+    let first = signals.next().await;
+    tracing::info!(
+        signal = first.name(),
+        "signal received (a second SIGTERM or SIGINT exits at once)"
+    );
+    tokio::spawn(async move {
+        let second = signals.next().await;
+        tracing::warn!(
+            signal = second.name(),
+            "second signal during the shutdown: exiting now, in-flight requests cut"
+        );
+        sidegate::access_log::flush();
+        std::process::exit(128 + second.number());
+    });
+}
+
+/// A signal that stops the sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopSignal {
+    Terminate,
+    Interrupt,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Terminate => "SIGTERM",
+            StopSignal::Interrupt => "SIGINT",
+        }
     }
-    tracing::info!("signal received");
+
+    /// Its number (as `kill -l` lists it).
+    fn number(self) -> i32 {
+        match self {
+            StopSignal::Terminate => 15,
+            StopSignal::Interrupt => 2,
+        }
+    }
+}
+
+/// The listeners of SIGTERM and SIGINT, made once: a signal arriving between the first and the
+/// second wait is not missed.
+struct ShutdownSignals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next signal received.
+    async fn next(&mut self) -> StopSignal {
+        tokio::select! {
+            Some(()) = self.terminate.recv() => StopSignal::Terminate,
+            Some(()) = self.interrupt.recv() => StopSignal::Interrupt,
+            else => std::future::pending().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_rust_log_directive_is_named_and_the_good_ones_kept() {
+        let (filter, ignored) = log_filter(Some("debug,hyper=lots"));
+        assert_eq!(filter.to_string(), "debug");
+        assert_eq!(ignored.len(), 1, "{ignored:?}");
+        assert!(ignored[0].starts_with("\"hyper=lots\": "), "{ignored:?}");
+    }
+
+    #[test]
+    fn a_rust_log_with_no_valid_directive_is_info_and_says_why() {
+        let (filter, ignored) = log_filter(Some("warning"));
+        assert_eq!(filter.to_string(), "info");
+        assert_eq!(
+            ignored,
+            ["\"warning\": not a level (off, error, warn, info, debug, trace)"]
+        );
+    }
+
+    #[test]
+    fn an_unset_or_valid_rust_log_ignores_nothing() {
+        for (spec, shown) in [
+            (None, "info"),
+            (Some(""), "info"),
+            (Some("warn,sidegate=debug"), "sidegate=debug,warn"),
+        ] {
+            let (filter, ignored) = log_filter(spec);
+            assert!(ignored.is_empty(), "{spec:?}: {ignored:?}");
+            assert_eq!(filter.to_string(), shown, "{spec:?}");
+        }
+    }
 }

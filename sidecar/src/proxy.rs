@@ -227,7 +227,7 @@ impl Gateway {
             };
             // The provider's Retry-After when it asks for longer than the policy's delay.
             let wait = retries.delay_before(attempt).max(asked.unwrap_or_default());
-            tracing::info!(provider = %provider, attempt, max_attempts = retries.max_attempts, failure = %failure, wait_ms = wait.as_millis() as u64, "retrying upstream");
+            tracing::info!(provider = %provider, attempt, max_attempts = retries.max_attempts, failure = %failure, wait_ms = wait.as_millis() as u64, log_id = crate::log_id::current().as_deref(), "retrying upstream");
             self.metrics.count_retry(provider);
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -388,6 +388,18 @@ impl Gateway {
         self: Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        // Chosen first, so that the lines logged on the way (a guardrail's flag, a retry) name
+        // the id its answer and access line will carry.
+        let log_id: Arc<str> = Arc::from(crate::log_id::next());
+        crate::log_id::scope(log_id.clone(), self.serve(req, log_id)).await
+    }
+
+    /// [`Gateway::handle`] within the scope of the request's log id `log_id`.
+    async fn serve(
+        self: Arc<Self>,
+        req: Request<RequestBody>,
+        log_id: Arc<str>,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
         let Some(snap) = self.snapshot.load_full() else {
             // No config, no gateway settings: counted and traced, not in the access log.
@@ -395,8 +407,8 @@ impl Gateway {
             let status = err.status().as_u16();
             self.metrics
                 .count_request(&Arc::from("none"), status, start.elapsed());
-            let id = crate::log_id::next();
-            tracing::info!(provider = "none", method = %req.method(), status, code = err.code(), error = %err, id = %id, "request refused");
+            let id = log_id;
+            tracing::info!(provider = "none", method = %req.method(), status, code = err.code(), error = %err, log_id = %id, "request refused");
             let mut resp = err.into_response();
             let aig = GatewayHeaders::scan(req.headers());
             tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
@@ -411,6 +423,7 @@ impl Gateway {
             start,
             recorded: &recorded,
             armed: true,
+            log_id,
         };
         // With response checks, the answer's record waits for them to say what the client got.
         let held_back = (snap.dlp.checks_responses() || snap.guardrails.checks_responses())
@@ -500,10 +513,8 @@ impl Gateway {
         }
         let checked = match snap.dlp.scan(&whole, false).await {
             Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => {
-                let check = self.guardrails_check(snap, crate::guardrails::Side::Response, &whole);
-                // Its lines (flagged, blocked) name the request.
-                let span = tracing::info_span!("response_checks", log_id = %id);
-                tracing::Instrument::instrument(check, span)
+                // Its lines (flagged, blocked) name the request's log id (the scope's).
+                self.guardrails_check(snap, crate::guardrails::Side::Response, &whole)
                     .await
                     .map(|_| found)
             }
@@ -549,7 +560,7 @@ impl Gateway {
         step: Option<u32>,
     ) -> Response<ProxyBody> {
         let aig = GatewayHeaders::scan(&parts.headers);
-        let id = crate::log_id::next();
+        let id = crate::log_id::for_request();
         // The provider the route names when none was chosen yet (a known one), as the access
         // line, the metric, the span and the line below all name it.
         let (route_provider, path) = refused_route(snap, parts.uri.path());
@@ -580,7 +591,7 @@ impl Gateway {
         let label = provider.clone().unwrap_or_else(|| Arc::from("none"));
         self.metrics.count_request(&label, status, start.elapsed());
         if log {
-            tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, id = %id, "request refused");
+            tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, log_id = %id, "request refused");
         }
         let mut resp = err.into_response();
         tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
@@ -1103,30 +1114,37 @@ impl ServedBy {
 }
 
 /// The provider (when the route names a known one) and the path a refused request's log line
-/// names, as a served request's would: the provider path of a passthrough, `compat/...` for
-/// the unified endpoint, else the path as requested.
+/// names, as a served request's would, without a leading `/`: the provider path of a
+/// passthrough, `compat/...` for the unified endpoint, `{provider}/...` for an unknown provider,
+/// nothing for the universal endpoint (each after a long form's `v1/{account}/{gateway}/`),
+/// else the path as requested.
 fn refused_route<'p>(snap: &Snapshot, path: &'p str) -> (Option<Arc<str>>, &'p str) {
     match route::parse(path) {
         Ok(Route::Provider(p)) => match snap.providers.get(p.provider) {
             Some(provider) => (Some(provider.id.clone()), p.rest),
-            None => (None, path),
+            None => {
+                // `rest` ends the path; `{provider}/` comes before it.
+                let head = path[..path.len() - p.rest.len()].trim_end_matches('/');
+                (None, &path[head.len() - p.provider.len()..])
+            }
         },
         Ok(Route::Compat { rest, .. }) => {
             // `rest` ends the path; `compat/` comes before it.
             let head = &path[..path.len() - rest.len()];
             (None, head.rfind("compat").map_or(path, |i| &path[i..]))
         }
-        _ => (None, path),
+        Ok(Route::Universal { .. }) => (None, ""),
+        Err(_) => (None, path.trim_start_matches('/')),
     }
 }
 
 /// Adds the gateway's headers of every response it forwards (`cf-aig-event-id` echoed, a new
-/// `cf-aig-log-id`) and returns the log id.
+/// `cf-aig-log-id`: the request's, see [`crate::log_id::scope`]) and returns the log id.
 pub(crate) fn tag_response(
     headers: &mut http::HeaderMap,
     event_id: Option<&HeaderValue>,
 ) -> String {
-    let log_id = crate::log_id::next();
+    let log_id = crate::log_id::for_request();
     tag_response_with(headers, event_id, &log_id);
     log_id
 }
@@ -1157,6 +1175,7 @@ struct Unanswered<'a> {
     start: Instant,
     recorded: &'a std::sync::atomic::AtomicBool,
     armed: bool,
+    log_id: Arc<str>,
 }
 
 impl Drop for Unanswered<'_> {
@@ -1181,7 +1200,7 @@ impl Drop for Unanswered<'_> {
             CLIENT_CLOSED,
             self.start,
             &opts,
-            crate::log_id::next(),
+            self.log_id.to_string(),
         );
         // An unfinished record logs itself as cancelled.
         drop(record);
@@ -1549,6 +1568,39 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_request_logs_its_path_as_a_served_one_without_a_leading_slash() {
+        let src = crate::config::Sources {
+            config: "gateway.yaml".into(),
+            keys_dir: None,
+        };
+        let snap = crate::config::load_with(&src, b"schemaVersion: 1\nspec: {}\n".to_vec())
+            .expect("config");
+        let cases = [
+            (
+                "/openai/chat/completions",
+                Some("openai"),
+                "chat/completions",
+            ),
+            (
+                "/v1/acct/gw/openai/chat/completions",
+                Some("openai"),
+                "chat/completions",
+            ),
+            ("/compat/chat/completions", None, "compat/chat/completions"),
+            ("/nowhere/x", None, "nowhere/x"),
+            ("/v1/acct/gw/nowhere/x", None, "nowhere/x"),
+            ("/nowhere", None, "nowhere"),
+            ("/", None, ""),
+            ("/v1/acct/gw", None, ""),
+            ("//x", None, "x"),
+        ];
+        for (path, provider, logged) in cases {
+            let (p, l) = refused_route(&snap, path);
+            assert_eq!((p.as_deref(), l), (provider, logged), "{path}");
+        }
+    }
 
     #[test]
     fn management_posts_are_told_from_model_calls() {

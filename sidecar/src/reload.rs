@@ -239,6 +239,8 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                 .is_some_and(|c| c.fingerprint == snap.fingerprint)
             {
                 tracing::debug!("config and keys read again: unchanged");
+                // Valid again (a rejected edit undone, say): the gauges say so.
+                gw.metrics.set_load_outcome(true);
                 return;
             }
             gw.metrics.count_reload(true);

@@ -65,6 +65,8 @@ pub struct Metrics {
     duration: Family<ProviderLabels, Histogram>,
     streams_cancelled: Family<ProviderLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    last_reload_successful: Gauge,
+    last_reload_success_time: Gauge<f64, std::sync::atomic::AtomicU64>,
     config_info: Family<ConfigLabels, Gauge>,
     cache: Family<CacheLabels, Counter>,
     retries: Family<ProviderLabels, Counter>,
@@ -205,6 +207,18 @@ impl Metrics {
             "Config reloads by result",
             reloads.clone(),
         );
+        let last_reload_successful = Gauge::default();
+        registry.register(
+            "config_last_reload_successful",
+            "Whether the last load of the config file and keys directory was valid (1) or rejected (0, the last good config keeps serving)",
+            last_reload_successful.clone(),
+        );
+        let last_reload_success_time = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last valid load of the config file and keys directory (0 before one)",
+            last_reload_success_time.clone(),
+        );
         let config_info = Family::<ConfigLabels, Gauge>::default();
         registry.register(
             "config_info",
@@ -289,6 +303,8 @@ impl Metrics {
             duration,
             streams_cancelled,
             reloads,
+            last_reload_successful,
+            last_reload_success_time,
             config_info,
             cache,
             retries,
@@ -433,10 +449,24 @@ impl Metrics {
         self.redis_errors.inc();
     }
 
-    /// Counts one reload.
+    /// Counts one reload, and publishes its outcome as [`Metrics::set_load_outcome`] does.
     pub fn count_reload(&self, ok: bool) {
         let result = if ok { "success" } else { "error" };
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        self.set_load_outcome(ok);
+    }
+
+    /// Publishes whether the last load of the config was valid (`ok`), and when the last valid
+    /// one was: a rejected reload keeps the last good config serving, which the counters alone
+    /// do not tell (Prometheus's own `config_last_reload_successful` convention).
+    pub fn set_load_outcome(&self, ok: bool) {
+        self.last_reload_successful.set(i64::from(ok));
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last_reload_success_time.set(now);
+        }
     }
 
     /// Publishes the hash of the config now serving.
@@ -1232,6 +1262,55 @@ mod tests {
     fn sample(text: &str, metric: &str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(metric)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_rejected_reload_reads_0_and_keeps_the_time_of_the_last_valid_load() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        assert_eq!(
+            sample(&text, "sidegate_config_last_reload_successful"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "sidegate_config_last_reload_success_timestamp_seconds"
+            ),
+            Some(0.0),
+            "{text}"
+        );
+        metrics.set_load_outcome(true);
+        let text = metrics.encode();
+        let loaded = sample(
+            &text,
+            "sidegate_config_last_reload_success_timestamp_seconds",
+        )
+        .expect("timestamp");
+        assert!(loaded > 1.7e9, "{text}");
+        assert_eq!(
+            sample(&text, "sidegate_config_last_reload_successful"),
+            Some(1.0)
+        );
+        metrics.count_reload(false);
+        let text = metrics.encode();
+        assert_eq!(
+            sample(&text, "sidegate_config_last_reload_successful"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "sidegate_config_last_reload_success_timestamp_seconds"
+            ),
+            Some(loaded)
+        );
+        metrics.count_reload(true);
+        let text = metrics.encode();
+        assert_eq!(
+            sample(&text, "sidegate_config_last_reload_successful"),
+            Some(1.0)
+        );
     }
 
     #[test]

@@ -255,6 +255,7 @@ pub(crate) async fn serve(
                             step = i,
                             provider = COMPAT,
                             status = status.as_u16(),
+                            log_id = crate::log_id::current().as_deref(),
                             "universal step failed, trying the next"
                         );
                     }
@@ -263,7 +264,7 @@ pub(crate) async fn serve(
                     }
                     Err((id, e)) => {
                         let id = id.as_deref().unwrap_or(COMPAT);
-                        tracing::info!(step = i, provider = %id, error = %e, "universal step failed, trying the next");
+                        tracing::info!(step = i, provider = %id, error = %e, log_id = crate::log_id::current().as_deref(), "universal step failed, trying the next");
                     }
                 }
                 continue;
@@ -319,7 +320,7 @@ pub(crate) async fn serve(
         let resp = match outcome {
             Ok(resp) if last || resp.status().is_success() => resp,
             Ok(resp) => {
-                tracing::info!(step = i, provider = %id, status = resp.status().as_u16(), "universal step failed, trying the next");
+                tracing::info!(step = i, provider = %id, status = resp.status().as_u16(), log_id = crate::log_id::current().as_deref(), "universal step failed, trying the next");
                 continue;
             }
             // The gateway's own error (no answer, timeout) at the last step: refused here, so
@@ -329,7 +330,7 @@ pub(crate) async fn serve(
                 return Ok(gw.refuse(snap, parts, Some(id.clone()), e, start, Some(step)));
             }
             Err(e) => {
-                tracing::info!(step = i, provider = %id, error = %e, "universal step failed, trying the next");
+                tracing::info!(step = i, provider = %id, error = %e, log_id = crate::log_id::current().as_deref(), "universal step failed, trying the next");
                 continue;
             }
         };

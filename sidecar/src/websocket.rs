@@ -466,8 +466,8 @@ pub(crate) async fn serve(
     session.warn_unpriced();
     let provider_id = provider.id.clone();
     // The client's side switches once this answer is written; the session runs on its own,
-    // counted in `gw.sessions`.
-    tokio::spawn(async move {
+    // counted in `gw.sessions`; its lines name the request's log id.
+    let relay = async move {
         let (client, upstream) = tokio::join!(client_side, upstream_side);
         let (client, upstream) = match (client, upstream) {
             (Ok(c), Ok(u)) => (TokioIo::new(c), TokioIo::new(u)),
@@ -479,7 +479,11 @@ pub(crate) async fn serve(
             }
         };
         run(client, upstream, session).await;
-    });
+    };
+    match crate::log_id::current() {
+        Some(log_id) => tokio::spawn(crate::log_id::scope(log_id, relay)),
+        None => tokio::spawn(relay),
+    };
     Ok(answer)
 }
 
@@ -734,7 +738,7 @@ where
     match (up, down) {
         (Some(Ok(())) | None, End::Closed | End::Ending) => record.finish_complete(),
         (_, End::Limit(e)) => {
-            tracing::info!(error = %e, "websocket session closed: usage limit reached");
+            tracing::info!(error = %e, log_id = crate::log_id::current().as_deref(), "websocket session closed: usage limit reached");
             record.finish_complete();
         }
         // The client went away: its session is cancelled (the record says so when dropped),
@@ -804,7 +808,7 @@ where
                 Err(e) => return End::Failed(e),
             },
             (code, why) = s.ended() => {
-                tracing::info!(reason = why, code, "websocket session ended by the gateway");
+                tracing::info!(reason = why, code, log_id = crate::log_id::current().as_deref(), "websocket session ended by the gateway");
                 close(client, &frames, code, why).await;
                 return End::Ending;
             }

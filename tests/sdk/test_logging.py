@@ -124,7 +124,7 @@ def test_a_refused_request_gets_a_log_id_and_a_line(json_gateway, mock):
     assert (line["status_code"], line["metadata"], line["provider"]) == (400, None, "openai")
     nowhere = httpx.post(json_gateway.url + "/nowhere/x", json=BODY, headers=AUTH)
     line = json_line(json_gateway, nowhere.headers["cf-aig-log-id"])
-    assert (line["status_code"], line["provider"], line["path"]) == (404, "none", "/nowhere/x")
+    assert (line["status_code"], line["provider"], line["path"]) == (404, "none", "nowhere/x")
     # cf-aig-collect-log: false holds for refusals too.
     quiet = httpx.post(json_gateway.url + CHAT, json=BODY, headers={"cf-aig-collect-log": "false"})
     assert quiet.status_code == 401 and "cf-aig-log-id" in quiet.headers

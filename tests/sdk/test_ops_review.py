@@ -282,7 +282,7 @@ def test_a_client_value_quoted_by_a_refusal_cannot_fake_fields_of_its_log_line(g
     gateway.wait_log_line(log_id)
     line = next(l for l in gateway.logs().splitlines() if " request refused " in l and log_id in l)
     fields = _logfmt_after(line, "request refused")
-    assert fields["id"] == log_id and fields["status"] == "400" and fields["code"] == "2040", fields
+    assert fields["log_id"] == log_id and fields["status"] == "400" and fields["code"] == "2040", fields
 
 
 # FAILS at bbc2db5: with stderr stuck (a log collector that stopped draining the pipe) SIGTERM never

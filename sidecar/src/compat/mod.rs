@@ -1089,7 +1089,7 @@ pub(crate) async fn answer(
     };
 
     // dispatch, falling back along the route while targets fail
-    let log_id = crate::log_id::next();
+    let log_id = crate::log_id::for_request();
     let event_id = aig.get(Gw::EventId).cloned();
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
     let (resp, translation, hide_usage, within, policy, parts_held) = loop {
@@ -1118,7 +1118,7 @@ pub(crate) async fn answer(
             Ok(p) => p,
             Err(e) => match walk.as_mut().and_then(|w| w.next_target(&metadata)) {
                 Some(next) => {
-                    tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, "route target failed, trying the next");
+                    tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, log_id = crate::log_id::current().as_deref(), "route target failed, trying the next");
                     target = next;
                     provider = provider_of(next)?;
                     step += 1;
@@ -1156,7 +1156,7 @@ pub(crate) async fn answer(
                 Ok(r) => format!("status {}", r.status().as_u16()),
                 Err(e) => e.to_string(),
             };
-            tracing::info!(step, provider = %provider.id, model = %target.model, failure = %why, "route target failed, trying the next");
+            tracing::info!(step, provider = %provider.id, model = %target.model, failure = %why, log_id = crate::log_id::current().as_deref(), "route target failed, trying the next");
             target = next;
             provider = provider_of(next)?;
             step += 1;
