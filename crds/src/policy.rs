@@ -597,6 +597,14 @@ pub struct RouteNode {
     /// Node taken when a rate or budget limit is exceeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// What a rate or budget node counts by, `metadata.<name>`: a window for each value of
+    /// that `cf-aig-metadata` field (requests without it share one); unset, one for all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^metadata\.[A-Za-z0-9_-]+$"))]
+    pub key: Option<String>,
+    /// Fixed (the default) or sliding window of a rate or budget node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub technique: Option<RateLimitTechnique>,
 }
 
 /// A dynamic route: a graph of nodes from `start` to `end`.

@@ -2,15 +2,17 @@
 //! [`sidegate_crds::routes`]) for one request: which provider and model serve it, and what to
 //! try when one fails. When a target fails (no answer, timeout, non-2xx) the walk goes on from
 //! that model node's `next`; reaching `end` (or a model node without `next`) makes that failure
-//! the answer. Rate and budget nodes count per pod (a budget node is charged the cost of the
-//! requests that took its `next` branch, when their responses end; a rate node counts only the
+//! the answer. Rate and budget nodes count per pod, in fixed or sliding windows (the gateway
+//! rate limit's, [`crate::ratelimit`]), one per node or, with a `key`, one per value of that
+//! metadata field (a budget node is charged the cost of the requests that took its `next`
+//! branch, when their responses end, in billionths of a USD; a rate node counts only the
 //! requests sent upstream); one over its limit that leads to `end` before any target is the
 //! answer, a 429 as the gateway's own limits give. A walk visits at most 64 nodes and 16
 //! targets.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -19,7 +21,7 @@ pub use sidegate_crds::routes::Target;
 use sidegate_crds::routes::{Compiled, Graph, Node};
 
 use crate::error::GatewayError;
-use crate::ratelimit::{Limiter, Settings as RateSettings};
+use crate::ratelimit::{Keyed, Limiter, Settings as RateSettings};
 
 /// Most nodes visited for one request (routes may loop back; the walk stops here).
 const MAX_HOPS: usize = 64;
@@ -30,49 +32,41 @@ const MAX_TARGETS: usize = 16;
 #[derive(Debug, Default)]
 pub struct Routing {
     compiled: Compiled,
-    /// Per (route, node id) of every rate node.
-    limiters: HashMap<(String, String), Arc<Limiter>>,
-    /// Per (route, node id) of every budget node.
-    budgets: HashMap<(String, String), Arc<BudgetWindow>>,
+    /// Per (route, node id) of every rate and budget node.
+    counters: HashMap<(String, String), Counter>,
     seed: AtomicU64,
 }
 
-/// What a budget node's requests spent in its current window (fixed windows of its interval).
+/// The windows of one rate or budget node, and what they count: a reload keeps them for a node
+/// of the same kind counting by the same key.
 #[derive(Debug)]
-pub struct BudgetWindow {
-    interval: Duration,
-    /// Start of the window and USD spent in it.
-    spent: Mutex<(Instant, f64)>,
+struct Counter {
+    budget: bool,
+    key: Option<String>,
+    windows: Arc<Keyed>,
 }
 
-impl BudgetWindow {
-    fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            spent: Mutex::new((Instant::now(), 0.0)),
-        }
-    }
+/// Billionths of a USD: a budget node counts spend in a [`Limiter`], in whole units.
+const UNITS_PER_USD: f64 = 1e9;
 
-    /// USD spent in the window that holds `now`, and how long that window has left.
-    fn spent(&self, now: Instant) -> (f64, Duration) {
-        let mut w = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
-        if now.saturating_duration_since(w.0) >= self.interval {
-            *w = (now, 0.0);
-        }
-        let left = self
-            .interval
-            .saturating_sub(now.saturating_duration_since(w.0));
-        (w.1, left)
-    }
+/// `usd` in [`UNITS_PER_USD`], rounded; a negative amount (or NaN) is 0.
+fn usd_units(usd: f64) -> u64 {
+    // `as` saturates: an absurd amount is `u64::MAX`, not a wrap.
+    (usd * UNITS_PER_USD).round().max(0.0) as u64
+}
 
+/// The window a budget node charged a request to, and its shape.
+#[derive(Debug)]
+pub struct BudgetCharge {
+    window: Arc<Limiter>,
+    settings: RateSettings,
+}
+
+impl BudgetCharge {
     /// Adds the cost of a request that took this node's `next` branch.
     pub fn charge(&self, usd: f64) {
-        let now = Instant::now();
-        let mut w = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
-        if now.saturating_duration_since(w.0) >= self.interval {
-            *w = (now, 0.0);
-        }
-        w.1 += usd;
+        self.window
+            .add(&self.settings, Instant::now(), usd_units(usd));
     }
 }
 
@@ -85,22 +79,22 @@ impl Routing {
         known_provider: impl Fn(&str) -> bool,
     ) -> Result<Self, String> {
         let compiled = sidegate_crds::routes::compile(routes, fallbacks, known_provider)?;
-        let mut limiters = HashMap::new();
-        let mut budgets = HashMap::new();
+        let mut counters = HashMap::new();
         for (name, graph) in &compiled.routes {
             for (id, node) in &graph.nodes {
-                match node {
-                    Node::Rate { .. } => {
-                        limiters.insert((name.clone(), id.clone()), Arc::default());
-                    }
-                    Node::Budget { interval, .. } => {
-                        budgets.insert(
-                            (name.clone(), id.clone()),
-                            Arc::new(BudgetWindow::new(*interval)),
-                        );
-                    }
-                    _ => {}
-                }
+                let (budget, key) = match node {
+                    Node::Rate { key, .. } => (false, key),
+                    Node::Budget { key, .. } => (true, key),
+                    _ => continue,
+                };
+                counters.insert(
+                    (name.clone(), id.clone()),
+                    Counter {
+                        budget,
+                        key: key.clone(),
+                        windows: Arc::default(),
+                    },
+                );
             }
         }
         let seed = std::time::SystemTime::now()
@@ -109,29 +103,41 @@ impl Routing {
             | 1;
         Ok(Self {
             compiled,
-            limiters,
-            budgets,
+            counters,
             seed: AtomicU64::new(seed),
         })
     }
+
     /// Takes over the counters of `old` (the config this one replaces) for the rate and budget
-    /// nodes still there (same route and node id; a budget node with the same interval): a
-    /// reload — any change to the gateway — must not give every route a fresh allowance.
+    /// nodes still there (same route and node id, same kind, same `key`): a reload — any change
+    /// to the gateway, a node's new `limit` included — must not give every route, or every
+    /// user, a fresh allowance. A window whose interval or technique changed starts afresh
+    /// when next used ([`Limiter`]).
     pub fn keep_counters(&mut self, old: &Routing) {
-        for (key, limiter) in &mut self.limiters {
-            if let Some(kept) = old.limiters.get(key) {
-                *limiter = kept.clone();
-            }
-        }
-        for (key, window) in &mut self.budgets {
+        for (id, counter) in &mut self.counters {
             if let Some(kept) = old
-                .budgets
-                .get(key)
-                .filter(|k| k.interval == window.interval)
+                .counters
+                .get(id)
+                .filter(|k| k.budget == counter.budget && k.key == counter.key)
             {
-                *window = kept.clone();
+                counter.windows = kept.windows.clone();
             }
         }
+    }
+
+    /// The window of node `id` of route `name` for a request with `metadata`, when it is a
+    /// rate or budget node.
+    fn window(
+        &self,
+        name: &str,
+        id: &str,
+        metadata: &Map<String, Value>,
+        settings: &RateSettings,
+        now: Instant,
+    ) -> Option<Arc<Limiter>> {
+        let c = self.counters.get(&(name.to_owned(), id.to_owned()))?;
+        let value = c.key.as_ref().and_then(|k| metadata.get(k));
+        Some(c.windows.window(value, settings, now))
     }
 
     /// The `/compat` model strings of the routes and chains: `dynamic/<route>`,
@@ -209,7 +215,7 @@ enum Position<'a> {
         tried: usize,
         routing: &'a Routing,
         /// Budget nodes whose `next` branch this request took.
-        charged: Vec<Arc<BudgetWindow>>,
+        charged: Vec<BudgetCharge>,
         /// Rate nodes this request passed, which count it when it is sent upstream.
         counted: Vec<Reserved>,
         /// The last rate or budget node over its limit the walk went past, for the error
@@ -287,23 +293,28 @@ impl<'a> Walk<'a> {
                     Node::Rate {
                         limit,
                         interval,
+                        sliding,
+                        key,
                         next,
                         fallback,
                     } => {
                         let settings = RateSettings {
                             limit: *limit,
                             interval: *interval,
-                            sliding: false,
+                            sliding: *sliding,
                             global: false,
                         };
                         // Counted as the walk passes (requests waiting on guardrails or the
                         // cache at the same time see it), given back unless sent.
-                        let limiter = routing.limiters.get(&((*name).clone(), id.clone()));
                         let now = Instant::now();
-                        match limiter.map(|l| (l, l.check(&settings, now))) {
-                            Some((l, Ok(()))) => {
+                        let window = routing.window(name, id, metadata, &settings, now);
+                        match window.map(|w| {
+                            let checked = w.check(&settings, now);
+                            (w, checked)
+                        }) {
+                            Some((w, Ok(()))) => {
                                 counted.push(Reserved {
-                                    limiter: l.clone(),
+                                    limiter: w,
                                     settings,
                                     at: Some(now),
                                 });
@@ -315,6 +326,7 @@ impl<'a> Walk<'a> {
                                     node: id.clone(),
                                     limit: *limit,
                                     interval: *interval,
+                                    key: key.clone(),
                                     retry_after,
                                 });
                                 Some(fallback)
@@ -324,23 +336,36 @@ impl<'a> Walk<'a> {
                     }
                     Node::Budget {
                         limit,
+                        interval,
+                        sliding,
+                        key,
                         next,
                         fallback,
-                        ..
                     } => {
-                        let window = routing.budgets.get(&((*name).clone(), id.clone()));
-                        match window.map(|w| (w, w.spent(Instant::now()))) {
-                            Some((_, (spent, retry_after))) if spent >= *limit => {
+                        let settings = RateSettings {
+                            limit: usd_units(*limit).max(1),
+                            interval: *interval,
+                            sliding: *sliding,
+                            global: false,
+                        };
+                        let now = Instant::now();
+                        let window = routing.window(name, id, metadata, &settings, now);
+                        match window.map(|w| {
+                            let room = w.room(&settings, now);
+                            (w, room)
+                        }) {
+                            Some((_, Err(retry_after))) => {
                                 *limited = Some(Limited::Budget {
                                     route: (*name).clone(),
                                     node: id.clone(),
                                     limit: *limit,
+                                    key: key.clone(),
                                     retry_after,
                                 });
                                 Some(fallback)
                             }
-                            Some((w, _)) => {
-                                charged.push(w.clone());
+                            Some((window, Ok(()))) => {
+                                charged.push(BudgetCharge { window, settings });
                                 Some(next)
                             }
                             None => Some(next),
@@ -362,7 +387,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The budget nodes to charge with this request's cost (those whose `next` it took).
-    pub fn take_budget_charges(&mut self) -> Vec<Arc<BudgetWindow>> {
+    pub fn take_budget_charges(&mut self) -> Vec<BudgetCharge> {
         match &mut self.0 {
             Position::Route { charged, .. } => std::mem::take(charged),
             Position::Chain { .. } => Vec::new(),
@@ -408,11 +433,13 @@ impl<'a> Walk<'a> {
                 node,
                 limit,
                 interval,
+                key,
                 retry_after,
             } => GatewayError::RouteLimited {
                 what: format!(
-                    "rate limit exceeded: route {route:?} node {node:?} allows {limit} requests per {}s",
-                    interval.as_secs()
+                    "rate limit exceeded: route {route:?} node {node:?} allows {limit} requests per {}s{}",
+                    interval.as_secs(),
+                    per_value(key)
                 ),
                 spend: false,
                 retry_after: *retry_after,
@@ -421,10 +448,12 @@ impl<'a> Walk<'a> {
                 route,
                 node,
                 limit,
+                key,
                 retry_after,
             } => GatewayError::RouteLimited {
                 what: format!(
-                    "spend limit exceeded: route {route:?} node {node:?} spent its {limit} USD"
+                    "spend limit exceeded: route {route:?} node {node:?} spent its {limit} USD{}",
+                    per_value(key)
                 ),
                 spend: true,
                 retry_after: *retry_after,
@@ -466,14 +495,23 @@ enum Limited {
         node: String,
         limit: u64,
         interval: Duration,
+        key: Option<String>,
         retry_after: Duration,
     },
     Budget {
         route: String,
         node: String,
         limit: f64,
+        key: Option<String>,
         retry_after: Duration,
     },
+}
+
+/// How a limit error names a node's key (never the request's value of it).
+fn per_value(key: &Option<String>) -> String {
+    key.as_ref()
+        .map(|k| format!(" for each value of metadata.{k}"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -501,6 +539,8 @@ mod tests {
             limit: None,
             interval: None,
             fallback: None,
+            key: None,
+            technique: None,
         }
     }
 
@@ -759,6 +799,119 @@ mod tests {
         assert_eq!(targets(&other, &Map::new()), ["openai/main"]);
     }
 
+    /// A route whose `kind` node (`limit`, per hour, `key`) leads to `main`, over it to
+    /// `overflow`.
+    fn keyed(kind: RouteNodeType, limit: &str, key: Option<&str>) -> Routing {
+        routing(vec![
+            RouteNode {
+                next: Some("cap".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                limit: Some(limit.into()),
+                interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                key: key.map(Into::into),
+                next: Some("main".into()),
+                fallback: Some("overflow".into()),
+                ..node("cap", kind)
+            },
+            model("main", "openai", "main", Some("e")),
+            model("overflow", "openai", "cheap", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid")
+    }
+
+    #[test]
+    fn a_keyed_rate_node_counts_each_metadata_value_in_its_own_window() {
+        let r = keyed(RouteNodeType::Rate, "1", Some("metadata.user"));
+        let user = |u: &str| meta(serde_json::json!({"user": u, "plan": "free"}));
+        assert_eq!(targets(&r, &user("alice")), ["openai/main"]);
+        assert_eq!(targets(&r, &user("bob")), ["openai/main"]);
+        assert_eq!(targets(&r, &user("alice")), ["openai/cheap"]);
+        assert_eq!(targets(&r, &user("bob")), ["openai/cheap"]);
+        // Requests without the field share one window of their own.
+        let anonymous = meta(serde_json::json!({"plan": "free"}));
+        assert_eq!(targets(&r, &anonymous), ["openai/main"]);
+        assert_eq!(targets(&r, &Map::new()), ["openai/cheap"]);
+        assert_eq!(targets(&r, &user("carol")), ["openai/main"]);
+        // Over the limit, leading to `end`: the 429 says the limit is per value.
+        let r = routing(vec![
+            RouteNode {
+                next: Some("cap".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                limit: Some("1".into()),
+                interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                key: Some("metadata.user".into()),
+                next: Some("main".into()),
+                fallback: Some("e".into()),
+                ..node("cap", RouteNodeType::Rate)
+            },
+            model("main", "openai", "main", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid");
+        assert_eq!(targets(&r, &user("alice")), ["openai/main"]);
+        let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+        assert!(walk.next_target(&user("alice")).is_none());
+        let e = walk.limit_error().expect("limited").to_string();
+        assert!(e.contains("for each value of metadata.user"), "{e}");
+        assert!(!e.contains("alice"), "{e}");
+    }
+
+    #[test]
+    fn a_keyed_budget_node_charges_each_metadata_value_apart() {
+        let r = keyed(RouteNodeType::Budget, "0.50", Some("metadata.team"));
+        let team = |t: &str| meta(serde_json::json!({"team": t}));
+        let mut served = Vec::new();
+        for t in ["red", "red", "blue", "red", "blue"] {
+            let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+            let target = walk.next_target(&team(t)).expect("a target");
+            served.push(format!("{t}:{}", target.model));
+            for b in walk.take_budget_charges() {
+                b.charge(0.30);
+            }
+        }
+        assert_eq!(
+            served,
+            [
+                "red:main",
+                "red:main",
+                "blue:main",
+                "red:cheap",
+                "blue:main"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_per_value_counts_when_the_limit_changes_not_when_the_key_does() {
+        let user = |u: &str| meta(serde_json::json!({"user": u}));
+        let old = keyed(RouteNodeType::Rate, "1", Some("metadata.user"));
+        assert_eq!(targets(&old, &user("alice")), ["openai/main"]);
+        // Raised to 2: alice has one more, bob his two.
+        let mut raised = keyed(RouteNodeType::Rate, "2", Some("metadata.user"));
+        raised.keep_counters(&old);
+        assert_eq!(targets(&raised, &user("alice")), ["openai/main"]);
+        assert_eq!(targets(&raised, &user("alice")), ["openai/cheap"]);
+        assert_eq!(targets(&raised, &user("bob")), ["openai/main"]);
+        // Counting by another field is another set of windows.
+        let mut by_team = keyed(RouteNodeType::Rate, "2", Some("metadata.team"));
+        by_team.keep_counters(&raised);
+        assert_eq!(targets(&by_team, &user("alice")), ["openai/main"]);
+        // A budget node of the same id does not take over a rate node's counts.
+        let mut budget = keyed(RouteNodeType::Budget, "2", Some("metadata.user"));
+        budget.keep_counters(&raised);
+        assert_eq!(
+            budget.counters[&("r".to_owned(), "cap".to_owned())]
+                .windows
+                .values(),
+            0
+        );
+    }
+
     #[test]
     fn budget_nodes_take_their_fallback_once_the_requests_through_them_spent_the_limit() {
         let r = routing(vec![
@@ -789,10 +942,19 @@ mod tests {
         }
         // 0.30, then 0.60 >= 0.50: the third request overflows (and is not charged here).
         assert_eq!(served, ["main", "main", "cheap"]);
-        let w = &r.budgets[&("r".to_owned(), "cap".to_owned())];
-        assert!((w.spent(Instant::now()).0 - 0.60).abs() < 1e-9);
         // A new window starts empty.
-        assert_eq!(w.spent(Instant::now() + Duration::from_secs(3600)).0, 0.0);
+        let s = RateSettings {
+            limit: usd_units(0.50),
+            interval: Duration::from_secs(3600),
+            sliding: false,
+            global: false,
+        };
+        let now = Instant::now();
+        let w = r
+            .window("r", "cap", &Map::new(), &s, now)
+            .expect("a budget node");
+        assert!(w.room(&s, now).is_err());
+        assert_eq!(w.room(&s, now + Duration::from_secs(3600)), Ok(()));
     }
 
     #[test]
