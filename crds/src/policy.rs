@@ -423,7 +423,7 @@ impl Cache {
     }
 }
 
-/// Rate limiting technique.
+/// Fixed (the default) or sliding window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitTechnique {
