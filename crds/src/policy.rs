@@ -434,7 +434,8 @@ pub enum RateLimitTechnique {
     Sliding,
 }
 
-/// Where a rate limit is counted.
+/// Where a limit is counted: each pod on its own (the default), or every pod together in
+/// the gateway's Redis.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitScope {
@@ -605,6 +606,10 @@ pub struct RouteNode {
     /// Fixed (the default) or sliding window of a rate or budget node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub technique: Option<RateLimitTechnique>,
+    /// Where a rate or budget node counts: each pod on its own (the default), or every pod
+    /// of the gateway together in its Redis (`global`, needs `spec.redis`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RateLimitScope>,
 }
 
 /// A dynamic route: a graph of nodes from `start` to `end`.

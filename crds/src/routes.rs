@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Value};
 
 use crate::policy::{
-    DynamicRoute, Fallback, RateLimitTechnique, RouteNode, RouteNodeType, parse_usd,
+    DynamicRoute, Fallback, RateLimitScope, RateLimitTechnique, RouteNode, RouteNodeType, parse_usd,
 };
 
 /// A provider and model to try.
@@ -67,6 +67,8 @@ pub enum Node {
         /// Metadata field with a window per value (`user` for `metadata.user`); `None`: one
         /// window for all.
         key: Option<String>,
+        /// Counted in the gateway's Redis by every pod (else per pod).
+        global: bool,
         /// Node while under the limit.
         next: String,
         /// Node once over it.
@@ -82,6 +84,8 @@ pub enum Node {
         sliding: bool,
         /// Metadata field with a window per value; `None`: one window for all.
         key: Option<String>,
+        /// Counted in the gateway's Redis by every pod (else per pod).
+        global: bool,
         /// Node while under the cap.
         next: String,
         /// Node once the cap is spent.
@@ -153,14 +157,21 @@ fn stray_field(n: &RouteNode) -> Option<&'static str> {
         ("fallback", n.fallback.is_some()),
         ("key", n.key.is_some()),
         ("technique", n.technique.is_some()),
+        ("scope", n.scope.is_some()),
     ];
     let reads: &[&str] = match n.kind {
         RouteNodeType::Start => &["next"],
         RouteNodeType::Conditional => &["condition", "then", "else"],
         RouteNodeType::Percentage => &["branches"],
-        RouteNodeType::Rate | RouteNodeType::Budget => {
-            &["limit", "interval", "next", "fallback", "key", "technique"]
-        }
+        RouteNodeType::Rate | RouteNodeType::Budget => &[
+            "limit",
+            "interval",
+            "next",
+            "fallback",
+            "key",
+            "technique",
+            "scope",
+        ],
         RouteNodeType::Model => &["next", "provider", "model", "timeout", "retries"],
         RouteNodeType::End => &[],
     };
@@ -208,10 +219,9 @@ pub fn compile(
                     ),
                 };
                 let sliding = n.technique == Some(RateLimitTechnique::Sliding);
+                let global = n.scope == Some(RateLimitScope::Global);
                 Ok::<_, String>((
-                    interval,
-                    sliding,
-                    key,
+                    (interval, sliding, key, global),
                     need(&n.next, "next")?,
                     need(&n.fallback, "fallback")?,
                 ))
@@ -273,12 +283,13 @@ pub fn compile(
                         .ok_or_else(|| {
                             format!("{} must be a number of requests above 0", at(ni, "limit"))
                         })?;
-                    let (interval, sliding, key, next, fallback) = capped()?;
+                    let ((interval, sliding, key, global), next, fallback) = capped()?;
                     Node::Rate {
                         limit,
                         interval,
                         sliding,
                         key,
+                        global,
                         next,
                         fallback,
                     }
@@ -292,12 +303,13 @@ pub fn compile(
                         .ok_or_else(|| {
                             format!("{} must be an amount of USD above 0", at(ni, "limit"))
                         })?;
-                    let (interval, sliding, key, next, fallback) = capped()?;
+                    let ((interval, sliding, key, global), next, fallback) = capped()?;
                     Node::Budget {
                         limit,
                         interval,
                         sliding,
                         key,
+                        global,
                         next,
                         fallback,
                     }
@@ -615,6 +627,7 @@ mod tests {
             fallback: None,
             key: None,
             technique: None,
+            scope: None,
         };
         let capped = RouteNode {
             id: "cap".into(),
@@ -652,32 +665,43 @@ mod tests {
     }
 
     #[test]
-    fn rate_and_budget_nodes_take_a_metadata_key_and_a_technique() {
+    fn rate_and_budget_nodes_take_a_metadata_key_a_technique_and_a_scope() {
         for kind in ["rate", "budget"] {
             let got = route_with(capped(
                 kind,
-                r#", "key": "metadata.user_id", "technique": "sliding""#,
+                r#", "key": "metadata.user_id", "technique": "sliding", "scope": "global""#,
             ))
             .expect("valid");
-            let (sliding, key) = match &got.routes["r"].nodes["cap"] {
-                Node::Rate { sliding, key, .. } | Node::Budget { sliding, key, .. } => {
-                    (*sliding, key.clone())
+            let (sliding, key, global) = match &got.routes["r"].nodes["cap"] {
+                Node::Rate {
+                    sliding,
+                    key,
+                    global,
+                    ..
                 }
+                | Node::Budget {
+                    sliding,
+                    key,
+                    global,
+                    ..
+                } => (*sliding, key.clone(), *global),
                 other => panic!("{other:?}"),
             };
-            assert!(sliding, "{kind}");
+            assert!(sliding && global, "{kind}");
             assert_eq!(key.as_deref(), Some("user_id"), "{kind}");
-            // Neither: one fixed window, as before.
+            // None of them: one fixed window on each pod, as before.
             let got = route_with(capped(kind, "")).expect("valid");
             assert!(matches!(
                 &got.routes["r"].nodes["cap"],
                 Node::Rate {
                     sliding: false,
                     key: None,
+                    global: false,
                     ..
                 } | Node::Budget {
                     sliding: false,
                     key: None,
+                    global: false,
                     ..
                 }
             ));

@@ -2,13 +2,14 @@
 //! [`sidegate_crds::routes`]) for one request: which provider and model serve it, and what to
 //! try when one fails. When a target fails (no answer, timeout, non-2xx) the walk goes on from
 //! that model node's `next`; reaching `end` (or a model node without `next`) makes that failure
-//! the answer. Rate and budget nodes count per pod, in fixed or sliding windows (the gateway
-//! rate limit's, [`crate::ratelimit`]), one per node or, with a `key`, one per value of that
-//! metadata field (a budget node is charged the cost of the requests that took its `next`
-//! branch, when their responses end, in billionths of a USD; a rate node counts only the
-//! requests sent upstream); one over its limit that leads to `end` before any target is the
-//! answer, a 429 as the gateway's own limits give. A walk visits at most 64 nodes and 16
-//! targets.
+//! the answer. Rate and budget nodes count per pod, or with `scope: global` in the gateway's
+//! Redis ([`crate::shared`], failing open like the gateway's own global limit), in fixed or
+//! sliding windows (the gateway rate limit's, [`crate::ratelimit`]), one per node or, with a
+//! `key`, one per value of that metadata field (a budget node is charged the cost of the
+//! requests that took its `next` branch, when their responses end, in billionths of a USD; a
+//! rate node counts only the requests sent upstream); one over its limit that leads to `end`
+//! before any target is the answer, a 429 as the gateway's own limits give. A walk visits at
+//! most 64 nodes and 16 targets.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,6 +23,11 @@ use sidegate_crds::routes::{Compiled, Graph, Node};
 
 use crate::error::GatewayError;
 use crate::ratelimit::{Keyed, Limiter, Settings as RateSettings};
+use crate::shared::{RouteWindows, Shared};
+use crate::telemetry::Metrics;
+
+/// The gateway's Redis, for the nodes that count there, and the metrics its failures go to.
+pub type Redis = (Arc<Shared>, Arc<Metrics>);
 
 /// Most nodes visited for one request (routes may loop back; the walk stops here).
 const MAX_HOPS: usize = 64;
@@ -43,6 +49,8 @@ pub struct Routing {
 struct Counter {
     budget: bool,
     key: Option<String>,
+    /// Counted in Redis (when the walk has it; else here).
+    global: bool,
     windows: Arc<Keyed>,
 }
 
@@ -55,18 +63,107 @@ fn usd_units(usd: f64) -> u64 {
     (usd * UNITS_PER_USD).round().max(0.0) as u64
 }
 
+/// Where a rate or budget node counts one request: a window of this pod, or one in Redis.
+#[derive(Clone)]
+enum Window {
+    Pod(Arc<Limiter>),
+    Redis {
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+        windows: RouteWindows,
+    },
+}
+
+/// What a rate node's window holds of a request it let past.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    /// Counted on this pod at that time.
+    Pod(Instant),
+    /// Counted in that window in Redis.
+    Redis(u64),
+    /// Nothing: sent (the count stays), or let past uncounted as Redis failed.
+    Nothing,
+    /// Counted, then given back while the request waited ([`Walk::set_aside`]).
+    GivenBack,
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pod(l) => f.debug_tuple("Pod").field(l).finish(),
+            Self::Redis { windows, .. } => f.debug_tuple("Redis").field(windows).finish(),
+        }
+    }
+}
+
+impl Window {
+    /// Counts a request under `s` if it is within the limit; else the wait until one would be.
+    async fn check(&self, s: &RateSettings, now: Instant) -> Result<Held, Duration> {
+        match self {
+            Self::Pod(l) => l.check(s, now).map(|()| Held::Pod(now)),
+            Self::Redis {
+                shared,
+                metrics,
+                windows,
+            } => shared
+                .route_rate_check(metrics, windows, s)
+                .await
+                .map(|w| w.map_or(Held::Nothing, Held::Redis)),
+        }
+    }
+
+    /// Whether a budget node's window has room under `s`; else the wait until it has.
+    async fn room(&self, s: &RateSettings, now: Instant) -> Result<(), Duration> {
+        match self {
+            Self::Pod(l) => l.room(s, now),
+            Self::Redis {
+                shared,
+                metrics,
+                windows,
+            } => shared.route_room(metrics, windows, s).await,
+        }
+    }
+
+    /// Adds `n` whatever the limit.
+    fn add(&self, s: &RateSettings, n: u64) {
+        match self {
+            Self::Pod(l) => l.add(s, Instant::now(), n),
+            Self::Redis {
+                shared,
+                metrics,
+                windows,
+            } => shared.route_add(metrics.clone(), windows, n),
+        }
+    }
+
+    /// Takes back what [`Self::check`] counted.
+    fn release(&self, s: &RateSettings, held: Held) {
+        match (self, held) {
+            (Self::Pod(l), Held::Pod(at)) => l.release(s, at),
+            (
+                Self::Redis {
+                    shared,
+                    metrics,
+                    windows,
+                },
+                Held::Redis(window),
+            ) => shared.route_release(metrics.clone(), windows, window),
+            _ => {}
+        }
+    }
+}
+
 /// The window a budget node charged a request to, and its shape.
 #[derive(Debug)]
 pub struct BudgetCharge {
-    window: Arc<Limiter>,
+    window: Window,
     settings: RateSettings,
 }
 
 impl BudgetCharge {
     /// Adds the cost of a request that took this node's `next` branch.
     pub fn charge(&self, usd: f64) {
-        self.window
-            .add(&self.settings, Instant::now(), usd_units(usd));
+        self.window.add(&self.settings, usd_units(usd));
     }
 }
 
@@ -82,9 +179,9 @@ impl Routing {
         let mut counters = HashMap::new();
         for (name, graph) in &compiled.routes {
             for (id, node) in &graph.nodes {
-                let (budget, key) = match node {
-                    Node::Rate { key, .. } => (false, key),
-                    Node::Budget { key, .. } => (true, key),
+                let (budget, key, global) = match node {
+                    Node::Rate { key, global, .. } => (false, key, global),
+                    Node::Budget { key, global, .. } => (true, key, global),
                     _ => continue,
                 };
                 counters.insert(
@@ -92,6 +189,7 @@ impl Routing {
                     Counter {
                         budget,
                         key: key.clone(),
+                        global: *global,
                         windows: Arc::default(),
                     },
                 );
@@ -126,18 +224,25 @@ impl Routing {
     }
 
     /// The window of node `id` of route `name` for a request with `metadata`, when it is a
-    /// rate or budget node.
+    /// rate or budget node: in `redis` when the node counts there, else on this pod.
     fn window(
         &self,
-        name: &str,
-        id: &str,
+        (name, id): (&str, &str),
         metadata: &Map<String, Value>,
         settings: &RateSettings,
         now: Instant,
-    ) -> Option<Arc<Limiter>> {
+        redis: Option<&Redis>,
+    ) -> Option<Window> {
         let c = self.counters.get(&(name.to_owned(), id.to_owned()))?;
         let value = c.key.as_ref().and_then(|k| metadata.get(k));
-        Some(c.windows.window(value, settings, now))
+        Some(match redis {
+            Some((shared, metrics)) if c.global => Window::Redis {
+                windows: shared.route_windows(c.budget, name, id, value, settings.interval),
+                shared: shared.clone(),
+                metrics: metrics.clone(),
+            },
+            _ => Window::Pod(c.windows.window(value, settings, now)),
+        })
     }
 
     /// The `/compat` model strings of the routes and chains: `dynamic/<route>`,
@@ -170,6 +275,7 @@ impl Routing {
                             charged: Vec::new(),
                             counted: Vec::new(),
                             limited: None,
+                            redis: None,
                         })
                     })
                     .ok_or_else(|| format!("no dynamic route named {name:?} (spec.routes)")),
@@ -221,6 +327,8 @@ enum Position<'a> {
         /// The last rate or budget node over its limit the walk went past, for the error
         /// when that leads it to `end` before any target.
         limited: Option<Limited>,
+        /// The gateway's Redis, for the nodes with `scope: global`.
+        redis: Option<Redis>,
     },
     Chain {
         targets: &'a [Target],
@@ -229,6 +337,15 @@ enum Position<'a> {
 }
 
 impl<'a> Walk<'a> {
+    /// The walk with the gateway's Redis, where its nodes with `scope: global` count (without
+    /// it, they count on this pod).
+    pub fn with_redis(mut self, redis: Option<Redis>) -> Self {
+        if let Position::Route { redis: r, .. } = &mut self.0 {
+            *r = redis;
+        }
+        self
+    }
+
     /// Every target the walk could reach (a chain's, or a route's model nodes), whatever the
     /// request's metadata.
     pub fn targets(&self) -> Vec<&'a Target> {
@@ -246,7 +363,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The next target to try, given the request's metadata; `None` when the walk ends.
-    pub fn next_target(&mut self, metadata: &Map<String, Value>) -> Option<&'a Target> {
+    pub async fn next_target(&mut self, metadata: &Map<String, Value>) -> Option<&'a Target> {
         match &mut self.0 {
             Position::Chain { targets, next } => {
                 let t = targets.get(*next)?;
@@ -263,6 +380,7 @@ impl<'a> Walk<'a> {
                 charged,
                 counted,
                 limited,
+                redis,
             } => loop {
                 let id = (*at)?;
                 *hops += 1;
@@ -295,6 +413,7 @@ impl<'a> Walk<'a> {
                         interval,
                         sliding,
                         key,
+                        global,
                         next,
                         fallback,
                     } => {
@@ -302,25 +421,27 @@ impl<'a> Walk<'a> {
                             limit: *limit,
                             interval: *interval,
                             sliding: *sliding,
-                            global: false,
+                            global: *global,
                         };
                         // Counted as the walk passes (requests waiting on guardrails or the
                         // cache at the same time see it), given back unless sent.
                         let now = Instant::now();
-                        let window = routing.window(name, id, metadata, &settings, now);
-                        match window.map(|w| {
-                            let checked = w.check(&settings, now);
-                            (w, checked)
-                        }) {
-                            Some((w, Ok(()))) => {
+                        let window =
+                            routing.window((name, id), metadata, &settings, now, redis.as_ref());
+                        let checked = match window {
+                            Some(w) => Some((w.check(&settings, now).await, w)),
+                            None => None,
+                        };
+                        match checked {
+                            Some((Ok(held), window)) => {
                                 counted.push(Reserved {
-                                    limiter: w,
+                                    window,
                                     settings,
-                                    at: Some(now),
+                                    held,
                                 });
                                 Some(next)
                             }
-                            Some((_, Err(retry_after))) => {
+                            Some((Err(retry_after), _)) => {
                                 *limited = Some(Limited::Rate {
                                     route: (*name).clone(),
                                     node: id.clone(),
@@ -339,6 +460,7 @@ impl<'a> Walk<'a> {
                         interval,
                         sliding,
                         key,
+                        global,
                         next,
                         fallback,
                     } => {
@@ -346,15 +468,17 @@ impl<'a> Walk<'a> {
                             limit: usd_units(*limit).max(1),
                             interval: *interval,
                             sliding: *sliding,
-                            global: false,
+                            global: *global,
                         };
                         let now = Instant::now();
-                        let window = routing.window(name, id, metadata, &settings, now);
-                        match window.map(|w| {
-                            let room = w.room(&settings, now);
-                            (w, room)
-                        }) {
-                            Some((_, Err(retry_after))) => {
+                        let window =
+                            routing.window((name, id), metadata, &settings, now, redis.as_ref());
+                        let room = match window {
+                            Some(w) => Some((w.room(&settings, now).await, w)),
+                            None => None,
+                        };
+                        match room {
+                            Some((Err(retry_after), _)) => {
                                 *limited = Some(Limited::Budget {
                                     route: (*name).clone(),
                                     node: id.clone(),
@@ -364,7 +488,7 @@ impl<'a> Walk<'a> {
                                 });
                                 Some(fallback)
                             }
-                            Some((window, Ok(()))) => {
+                            Some((Ok(()), window)) => {
                                 charged.push(BudgetCharge { window, settings });
                                 Some(next)
                             }
@@ -399,11 +523,11 @@ impl<'a> Walk<'a> {
     /// by the gateway, or answered from its cache, is given back when the walk is dropped.
     pub fn sent(&mut self) {
         if let Position::Route { counted, .. } = &mut self.0 {
-            let now = Instant::now();
             for mut kept in counted.drain(..) {
-                if kept.at.take().is_none() {
-                    kept.limiter.count(&kept.settings, now);
+                if matches!(kept.held, Held::GivenBack) {
+                    kept.window.add(&kept.settings, 1);
                 }
+                kept.held = Held::Nothing;
             }
         }
     }
@@ -465,17 +589,17 @@ impl<'a> Walk<'a> {
 /// A request a rate node counted as a walk passed it, until the request is sent.
 #[derive(Debug)]
 struct Reserved {
-    limiter: Arc<Limiter>,
+    window: Window,
     settings: RateSettings,
-    /// When it was counted; `None` once given back (set aside, [`Walk::set_aside`]).
-    at: Option<Instant>,
+    held: Held,
 }
 
 impl Reserved {
     /// Gives the count back, if it still holds it.
     fn give_back(&mut self) {
-        if let Some(at) = self.at.take() {
-            self.limiter.release(&self.settings, at);
+        if let held @ (Held::Pod(_) | Held::Redis(_)) = self.held {
+            self.held = Held::GivenBack;
+            self.window.release(&self.settings, held);
         }
     }
 }
@@ -519,6 +643,14 @@ mod tests {
     use super::*;
     use sidegate_crds::policy::{ModelTarget, RouteNode, RouteNodeType, WeightedBranch};
 
+    /// The walk's next target (the pod's counters answer at once).
+    fn next<'a>(walk: &mut Walk<'a>, m: &Map<String, Value>) -> Option<&'a Target> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(walk.next_target(m))
+    }
+
     fn meta(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
     }
@@ -541,6 +673,7 @@ mod tests {
             fallback: None,
             key: None,
             technique: None,
+            scope: None,
         }
     }
 
@@ -568,7 +701,7 @@ mod tests {
     fn targets(r: &Routing, m: &Map<String, Value>) -> Vec<String> {
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
         std::iter::from_fn(|| {
-            let t = walk.next_target(m);
+            let t = next(&mut walk, m);
             walk.sent();
             t
         })
@@ -713,14 +846,14 @@ mod tests {
         let r = capped_at_one();
         for _ in 0..2 {
             let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
-            assert!(walk.next_target(&Map::new()).is_some());
+            assert!(next(&mut walk, &Map::new()).is_some());
         }
         // One let past and still waiting (for the cache, for its checks) holds its slot: the
         // requests that come meanwhile take the fallback (`end` here); dropped unsent, it gives
         // the slot back.
         let mut waiting = r.walk("dynamic/r").expect("dynamic").expect("exists");
         assert_eq!(
-            waiting.next_target(&Map::new()).map(|t| t.model.as_str()),
+            next(&mut waiting, &Map::new()).map(|t| t.model.as_str()),
             Some("main")
         );
         assert!(targets(&r, &Map::new()).is_empty());
@@ -730,7 +863,7 @@ mod tests {
         // after all (that request failed), it is counted again.
         let r = capped_at_one();
         let mut follower = r.walk("dynamic/r").expect("dynamic").expect("exists");
-        assert!(follower.next_target(&Map::new()).is_some());
+        assert!(next(&mut follower, &Map::new()).is_some());
         follower.set_aside();
         assert_eq!(targets(&r, &Map::new()), ["openai/main"]);
         follower.sent();
@@ -738,7 +871,7 @@ mod tests {
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
         // Over the limit, leading to `end` before any target: the node's 429.
         assert!(
-            walk.next_target(&Map::new()).is_none(),
+            next(&mut walk, &Map::new()).is_none(),
             "two counted, over the one"
         );
         let e = walk.limit_error().expect("limited");
@@ -855,7 +988,7 @@ mod tests {
         .expect("valid");
         assert_eq!(targets(&r, &user("alice")), ["openai/main"]);
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
-        assert!(walk.next_target(&user("alice")).is_none());
+        assert!(next(&mut walk, &user("alice")).is_none());
         let e = walk.limit_error().expect("limited").to_string();
         assert!(e.contains("for each value of metadata.user"), "{e}");
         assert!(!e.contains("alice"), "{e}");
@@ -868,7 +1001,7 @@ mod tests {
         let mut served = Vec::new();
         for t in ["red", "red", "blue", "red", "blue"] {
             let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
-            let target = walk.next_target(&team(t)).expect("a target");
+            let target = next(&mut walk, &team(t)).expect("a target");
             served.push(format!("{t}:{}", target.model));
             for b in walk.take_budget_charges() {
                 b.charge(0.30);
@@ -934,7 +1067,7 @@ mod tests {
         let mut served = Vec::new();
         for cost in [0.30, 0.30, 0.30] {
             let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
-            let t = walk.next_target(&Map::new()).expect("a target");
+            let t = next(&mut walk, &Map::new()).expect("a target");
             served.push(t.model.clone());
             for w in walk.take_budget_charges() {
                 w.charge(cost);
@@ -950,9 +1083,9 @@ mod tests {
             global: false,
         };
         let now = Instant::now();
-        let w = r
-            .window("r", "cap", &Map::new(), &s, now)
-            .expect("a budget node");
+        let Some(Window::Pod(w)) = r.window(("r", "cap"), &Map::new(), &s, now, None) else {
+            panic!("a budget node counting on this pod");
+        };
         assert!(w.room(&s, now).is_err());
         assert_eq!(w.room(&s, now + Duration::from_secs(3600)), Ok(()));
     }
@@ -1067,9 +1200,9 @@ mod tests {
         let mut w = r.walk("fallback/f").expect("chain").expect("exists");
         assert_eq!(w.targets().len(), 2);
         let m = Map::new();
-        assert_eq!(w.next_target(&m).map(|t| t.model.as_str()), Some("a"));
-        assert_eq!(w.next_target(&m).map(|t| t.model.as_str()), Some("b"));
-        assert_eq!(w.next_target(&m), None);
+        assert_eq!(next(&mut w, &m).map(|t| t.model.as_str()), Some("a"));
+        assert_eq!(next(&mut w, &m).map(|t| t.model.as_str()), Some("b"));
+        assert_eq!(next(&mut w, &m), None);
         assert!(r.walk("fallback/none").expect("chain").is_err());
         assert!(r.walk("openai/gpt-4o").is_none());
     }

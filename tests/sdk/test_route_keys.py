@@ -3,13 +3,16 @@
 SDK: each user of an app gets the node's limit, not a share of one counter for all."""
 
 import json
+import re
 import subprocess
 import time
+import uuid
 
 import openai
 import pytest
 
 from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, binary, free_port, gateway_yaml
+from test_redis import pod, redis  # noqa: F401  (module-scoped real redis-server fixture)
 
 
 def route(name, cap, fallback="over"):
@@ -39,12 +42,17 @@ def client(g, metadata=None):
                          default_headers=headers)
 
 
-def served(g, model, metadata=None, text="route me"):
-    """The model that answered (`cf-aig-model`)."""
+def answer(g, model, metadata=None, text="route me"):
+    """The answer's headers."""
     r = client(g, metadata).chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": text}])
     assert r.parse().choices[0].message.content == f"mock reply to: {text}"
-    return r.headers["cf-aig-model"]
+    return r.headers
+
+
+def served(g, model, metadata=None, text="route me"):
+    """The model that answered (`cf-aig-model`)."""
+    return answer(g, model, metadata, text)["cf-aig-model"]
 
 
 def user(name):
@@ -181,6 +189,80 @@ def test_a_reload_that_changes_only_the_limit_keeps_each_users_count(per_user, m
     assert served(per_user, "dynamic/per-user", user("alice")) == "gpt-4o"
 
 
+def redis_cli(redis, *args):  # noqa: F811
+    out = subprocess.run(["redis-cli", "-u", redis.url, *args], capture_output=True, text=True, timeout=10)
+    assert out.returncode == 0, out
+    return out.stdout.split()
+
+
+def route_counts(redis):  # noqa: F811
+    """The route windows in Redis (pods of the `shared-gw` gateway) and their counts."""
+    keys = redis_cli(redis, "--scan", "--pattern", "sidegate:team-a/shared-gw:route:*")
+    return {k: float(redis_cli(redis, "GET", k)[0]) for k in keys}
+
+
+def wait_for(what, check, timeout=5):
+    """Waits until `check()` holds: a pod writes to Redis in the background once an answer ends."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def test_a_global_keyed_node_counts_each_user_once_across_pods(mock, tmp_path, redis):  # noqa: F811
+    spec = routes(route("per-user", 'type: rate, limit: "1", interval: 1h, key: metadata.user_id, scope: global'))
+    a, b = pod(tmp_path, mock, redis.url, spec, "a"), pod(tmp_path, mock, redis.url, spec, "b")
+    try:
+        alice, bob = f"alice-{uuid.uuid4().hex}", f"bob-{uuid.uuid4().hex}"
+        got = [served(g, "dynamic/per-user", user(u)) for g, u in [(a, alice), (b, alice), (b, bob), (a, bob)]]
+        assert got == ["gpt-4o", "gpt-4o-mini", "gpt-4o", "gpt-4o-mini"], got
+        # The windows are named by digests: no metadata value reaches the Redis key space.
+        keys = redis_cli(redis, "--scan", "--pattern", "*")
+        assert not [k for k in keys if "alice" in k or "bob" in k], keys
+        route_keys = [k for k in keys if ":route:" in k]
+        assert route_keys and all(
+            re.fullmatch(r"sidegate:team-a/shared-gw:route:[0-9a-f]{64}:3600000:\d+", k) for k in route_keys), keys
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_global_node_gives_back_what_a_cache_hit_did_not_send(mock, tmp_path, redis):  # noqa: F811
+    redis_cli(redis, "FLUSHALL")
+    spec = routes(route("per-user", 'type: rate, limit: "2", interval: 1h, key: metadata.user_id, scope: global')) \
+        + "  cache: {enabled: true}\n"
+    g = pod(tmp_path, mock, redis.url, spec, "a")
+    try:
+        u = user(f"carol-{uuid.uuid4().hex}")
+        assert served(g, "dynamic/per-user", u, "cache me") == "gpt-4o"
+        hit = answer(g, "dynamic/per-user", u, "cache me")
+        assert (hit["cf-aig-cache-status"], hit["cf-aig-model"]) == ("HIT", "gpt-4o")
+        wait_for("the hit's count given back", lambda: sorted(route_counts(redis).values()) == [1.0])
+        assert served(g, "dynamic/per-user", u, "not cached") == "gpt-4o"
+        assert served(g, "dynamic/per-user", u, "over") == "gpt-4o-mini"
+    finally:
+        g.stop()
+
+
+def test_a_global_keyed_budget_node_charges_each_team_across_pods(mock, tmp_path, redis):  # noqa: F811
+    redis_cli(redis, "FLUSHALL")
+    spec = routes(route("b", 'type: budget, limit: "0.0001", interval: 1h, key: metadata.team, scope: global'))
+    a, b = pod(tmp_path, mock, redis.url, spec, "a"), pod(tmp_path, mock, redis.url, spec, "b")
+    try:
+        red, blue = {"team": f"red-{uuid.uuid4().hex}"}, {"team": f"blue-{uuid.uuid4().hex}"}
+        got = []
+        # Each answer costs more than half of $0.0001: two per team, then the fallback.
+        for i, (g, team) in enumerate([(a, red), (b, red), (a, blue), (b, red), (a, blue), (b, blue)]):
+            charged = sum(route_counts(redis).values())
+            got.append(served(g, "dynamic/b", team, "route me by budget"))
+            if got[-1] == "gpt-4o":
+                wait_for("the charge written", lambda: sum(route_counts(redis).values()) > charged)
+        assert got == ["gpt-4o", "gpt-4o", "gpt-4o", "gpt-4o-mini", "gpt-4o", "gpt-4o-mini"], got
+    finally:
+        a.stop()
+        b.stop()
+
+
 BAD = [
     ('type: rate, limit: "1", interval: 1h, key: user_id',
      'spec.routes[0].nodes[1].key must be metadata.<name> (a cf-aig-metadata field: letters, digits, _ or -), got "user_id"'),
@@ -188,6 +270,8 @@ BAD = [
      "unknown variant `bogus`, expected one of fixed, sliding"),
     ('type: budget, limit: "1.00", interval: 1h, key: "metadata.user id"',
      'spec.routes[0].nodes[1].key must be metadata.<name>'),
+    ('type: rate, limit: "1", interval: 1h, scope: global',
+     "spec.routes[0].nodes[1].scope: global needs spec.redis (the node counts in Redis)"),
 ]
 
 
