@@ -273,8 +273,9 @@ pub const MAX_KEYS: usize = 4096;
 /// [`Limiter`] per value, one shared by the requests without a value, and, while [`MAX_KEYS`]
 /// values hold windows that still count, one shared by the values that found no room. Values
 /// are kept as SHA-256 digests of their JSON text (`"42"` and `42` are two values), so a long
-/// one costs no more than a short one. Windows whose counts no longer weigh are dropped when
-/// the map is full, at most once per window of the interval.
+/// one costs no more than a short one. Windows whose counts no longer weigh are dropped when a
+/// new value comes in a new window of the interval (so at most once per interval), and the map
+/// shrinks once most of it is gone.
 #[derive(Debug)]
 pub struct Keyed {
     epoch: Instant,
@@ -290,6 +291,8 @@ struct KeyedState {
     by_value: HashMap<[u8; 32], Arc<Limiter>>,
     /// The window (index of the interval) in which the map was last swept.
     swept: Option<u64>,
+    /// Whether the map being full was logged in that window.
+    warned: bool,
 }
 
 impl Default for Keyed {
@@ -308,6 +311,7 @@ impl Keyed {
                 overflow: Arc::new(Limiter::new(epoch)),
                 by_value: HashMap::new(),
                 swept: None,
+                warned: false,
             }),
         }
     }
@@ -327,22 +331,25 @@ impl Keyed {
         if let Some(l) = state.by_value.get(&digest) {
             return l.clone();
         }
+        let (index, _) = window_at(self.epoch, now, s.interval);
+        if state.swept != Some(index) {
+            state.swept = Some(index);
+            state.warned = false;
+            state.by_value.retain(|_, l| !l.idle(s, now));
+            let len = state.by_value.len();
+            if len < state.by_value.capacity() / 4 {
+                state.by_value.shrink_to(len * 2);
+            }
+        }
         if state.by_value.len() >= MAX_KEYS {
-            let (index, _) = window_at(self.epoch, now, s.interval);
-            if state.swept != Some(index) {
-                state.swept = Some(index);
-                state.by_value.retain(|_, l| !l.idle(s, now));
-                if state.by_value.len() >= MAX_KEYS {
-                    tracing::warn!(
-                        max = MAX_KEYS,
-                        "a route node's key has {MAX_KEYS} values counting in this window; \
-                         new values share one window until old ones expire"
-                    );
-                }
+            if !std::mem::replace(&mut state.warned, true) {
+                tracing::warn!(
+                    max = MAX_KEYS,
+                    "a route node's key has {MAX_KEYS} values counting in this window; \
+                     new values share one window until old ones expire"
+                );
             }
-            if state.by_value.len() >= MAX_KEYS {
-                return state.overflow.clone();
-            }
+            return state.overflow.clone();
         }
         let l = Arc::new(Limiter::new(self.epoch));
         state.by_value.insert(digest, l.clone());
@@ -590,6 +597,8 @@ mod tests {
         assert_eq!(k.window(Some(&late(3)), &s, t2).check(&s, t2), Ok(()));
         assert!(k.window(Some(&late(3)), &s, t2).check(&s, t2).is_err());
         assert_eq!(k.values(), 1);
+        let capacity = k.state.lock().expect("lock").by_value.capacity();
+        assert!(capacity < 64, "the map shrank: {capacity}");
     }
 
     #[test]

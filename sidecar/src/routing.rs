@@ -57,10 +57,11 @@ struct Counter {
 /// Billionths of a USD: a budget node counts spend in a [`Limiter`], in whole units.
 const UNITS_PER_USD: f64 = 1e9;
 
-/// `usd` in [`UNITS_PER_USD`], rounded; a negative amount (or NaN) is 0.
+/// `usd` in [`UNITS_PER_USD`], rounded; a negative amount (or NaN) is 0, and an absurd one
+/// (a `cf-aig-custom-cost` of billions) stops at what Redis's `INCRBY` takes.
 fn usd_units(usd: f64) -> u64 {
-    // `as` saturates: an absurd amount is `u64::MAX`, not a wrap.
-    (usd * UNITS_PER_USD).round().max(0.0) as u64
+    // `as` saturates (and makes NaN 0).
+    ((usd * UNITS_PER_USD).round() as u64).min(i64::MAX as u64)
 }
 
 /// Where a rate or budget node counts one request: a window of this pod, or one in Redis.
