@@ -423,7 +423,7 @@ impl Cache {
     }
 }
 
-/// Rate limiting technique.
+/// Fixed (the default) or sliding window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitTechnique {
@@ -434,7 +434,8 @@ pub enum RateLimitTechnique {
     Sliding,
 }
 
-/// Where a rate limit is counted.
+/// Where a limit is counted: each pod on its own (the default), or every pod together in
+/// the gateway's Redis.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RateLimitScope {
@@ -597,6 +598,18 @@ pub struct RouteNode {
     /// Node taken when a rate or budget limit is exceeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// What a rate or budget node counts by, `metadata.<name>`: a window for each value of
+    /// that `cf-aig-metadata` field (requests without it share one); unset, one for all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^metadata\.[A-Za-z0-9_-]+$"))]
+    pub key: Option<String>,
+    /// Fixed (the default) or sliding window of a rate or budget node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub technique: Option<RateLimitTechnique>,
+    /// Where a rate or budget node counts: each pod on its own (the default), or every pod
+    /// of the gateway together in its Redis (`global`, needs `spec.redis`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<RateLimitScope>,
 }
 
 /// A dynamic route: a graph of nodes from `start` to `end`.

@@ -7,14 +7,17 @@
 //! `>`, `>=` against a string, number or bool; `&&` binds tighter than `||`), `percentage`
 //! nodes pick a branch by weight, `rate` nodes take their `fallback` branch once `limit`
 //! requests passed them within `interval`, `budget` nodes once the requests that passed them
-//! within `interval` cost `limit` USD, and `model` nodes name a target; a failed target
-//! continues at the model node's `next`.
+//! within `interval` cost `limit` USD (each in a fixed or, with `technique: sliding`, a sliding
+//! window; with `key: metadata.<name>`, one window per value of that metadata field), and
+//! `model` nodes name a target; a failed target continues at the model node's `next`.
 
 use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::policy::{DynamicRoute, Fallback, RouteNode, RouteNodeType, parse_usd};
+use crate::policy::{
+    DynamicRoute, Fallback, RateLimitScope, RateLimitTechnique, RouteNode, RouteNodeType, parse_usd,
+};
 
 /// A provider and model to try.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +62,13 @@ pub enum Node {
         limit: u64,
         /// Interval.
         interval: std::time::Duration,
+        /// Sliding (else fixed) window.
+        sliding: bool,
+        /// Metadata field with a window per value (`user` for `metadata.user`); `None`: one
+        /// window for all.
+        key: Option<String>,
+        /// Counted in the gateway's Redis by every pod (else per pod).
+        global: bool,
         /// Node while under the limit.
         next: String,
         /// Node once over it.
@@ -70,6 +80,12 @@ pub enum Node {
         limit: f64,
         /// Interval.
         interval: std::time::Duration,
+        /// Sliding (else fixed) window.
+        sliding: bool,
+        /// Metadata field with a window per value; `None`: one window for all.
+        key: Option<String>,
+        /// Counted in the gateway's Redis by every pod (else per pod).
+        global: bool,
         /// Node while under the cap.
         next: String,
         /// Node once the cap is spent.
@@ -139,12 +155,23 @@ fn stray_field(n: &RouteNode) -> Option<&'static str> {
         ("limit", n.limit.is_some()),
         ("interval", n.interval.is_some()),
         ("fallback", n.fallback.is_some()),
+        ("key", n.key.is_some()),
+        ("technique", n.technique.is_some()),
+        ("scope", n.scope.is_some()),
     ];
     let reads: &[&str] = match n.kind {
         RouteNodeType::Start => &["next"],
         RouteNodeType::Conditional => &["condition", "then", "else"],
         RouteNodeType::Percentage => &["branches"],
-        RouteNodeType::Rate | RouteNodeType::Budget => &["limit", "interval", "next", "fallback"],
+        RouteNodeType::Rate | RouteNodeType::Budget => &[
+            "limit",
+            "interval",
+            "next",
+            "fallback",
+            "key",
+            "technique",
+            "scope",
+        ],
         RouteNodeType::Model => &["next", "provider", "model", "timeout", "retries"],
         RouteNodeType::End => &[],
     };
@@ -170,15 +197,31 @@ pub fn compile(
                 v.clone()
                     .ok_or_else(|| format!("{} is required for a {:?} node", at(ni, field), n.kind))
             };
-            // The interval and both branches of a rate or budget node.
+            // The window (interval, sliding, key) and both branches of a rate or budget node.
             let capped = || {
                 let interval = n
                     .interval
                     .map(|d| d.get())
                     .filter(|d| !d.is_zero())
                     .ok_or_else(|| format!("{} must be above 0", at(ni, "interval")))?;
+                let key = match n.key.as_deref() {
+                    None => None,
+                    Some(k) => Some(
+                        k.strip_prefix("metadata.")
+                            .filter(|name| is_metadata_name(name))
+                            .ok_or_else(|| {
+                                format!(
+                                    "{} must be metadata.<name> (a cf-aig-metadata field: letters, digits, _ or -), got {k:?}",
+                                    at(ni, "key")
+                                )
+                            })?
+                            .to_owned(),
+                    ),
+                };
+                let sliding = n.technique == Some(RateLimitTechnique::Sliding);
+                let global = n.scope == Some(RateLimitScope::Global);
                 Ok::<_, String>((
-                    interval,
+                    (interval, sliding, key, global),
                     need(&n.next, "next")?,
                     need(&n.fallback, "fallback")?,
                 ))
@@ -240,10 +283,13 @@ pub fn compile(
                         .ok_or_else(|| {
                             format!("{} must be a number of requests above 0", at(ni, "limit"))
                         })?;
-                    let (interval, next, fallback) = capped()?;
+                    let ((interval, sliding, key, global), next, fallback) = capped()?;
                     Node::Rate {
                         limit,
                         interval,
+                        sliding,
+                        key,
+                        global,
                         next,
                         fallback,
                     }
@@ -257,10 +303,13 @@ pub fn compile(
                         .ok_or_else(|| {
                             format!("{} must be an amount of USD above 0", at(ni, "limit"))
                         })?;
-                    let (interval, next, fallback) = capped()?;
+                    let ((interval, sliding, key, global), next, fallback) = capped()?;
                     Node::Budget {
                         limit,
                         interval,
+                        sliding,
+                        key,
+                        global,
                         next,
                         fallback,
                     }
@@ -372,6 +421,14 @@ pub fn compile(
     Ok(out)
 }
 
+/// Whether `name` can follow `metadata.` in a condition or a node's key.
+fn is_metadata_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
 /// A condition on the request metadata: `||` of `&&` of comparisons.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Condition(Vec<Vec<Cmp>>);
@@ -465,11 +522,7 @@ impl Cmp {
         let right = s[pos + text.len()..].trim();
         let key = left
             .strip_prefix("metadata.")
-            .filter(|k| {
-                !k.is_empty()
-                    && k.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            })
+            .filter(|k| is_metadata_name(k))
             .ok_or_else(|| format!("the left side must be metadata.<key>, got {left:?}"))?;
         let value = if let Some(q) = right
             .strip_prefix('"')
@@ -553,6 +606,146 @@ mod tests {
         assert!(both.eval(&meta(serde_json::json!({"plan": "paid", "tier": 2}))));
         assert!(!both.eval(&meta(serde_json::json!({"plan": "paid", "tier": 1}))));
         assert!(!both.eval(&Map::new()));
+    }
+
+    /// A route whose node 1 is `capped`, between a start node and an end node.
+    fn route_with(capped: RouteNode) -> Result<Compiled, String> {
+        let node = |id: &str, kind: RouteNodeType, next: Option<&str>| RouteNode {
+            id: id.into(),
+            kind,
+            next: next.map(Into::into),
+            condition: None,
+            then_: None,
+            else_: None,
+            branches: vec![],
+            provider: None,
+            model: None,
+            timeout: None,
+            retries: None,
+            limit: None,
+            interval: None,
+            fallback: None,
+            key: None,
+            technique: None,
+            scope: None,
+        };
+        let capped = RouteNode {
+            id: "cap".into(),
+            ..capped
+        };
+        let nodes = vec![
+            node("s", RouteNodeType::Start, Some("cap")),
+            capped,
+            node("e", RouteNodeType::End, None),
+        ];
+        compile(
+            &[DynamicRoute {
+                name: "r".into(),
+                nodes,
+            }],
+            &[],
+            |_| true,
+        )
+    }
+
+    /// A yaml node of the route (`type`, `limit`, `interval`, `next` and `fallback` given).
+    fn capped(kind: &str, extra: &str) -> RouteNode {
+        let limit = if kind == "budget" {
+            "\"1.00\""
+        } else {
+            "\"5\""
+        };
+        serde_json::from_value(
+            serde_json::from_str::<Value>(&format!(
+                r#"{{"id": "cap", "type": "{kind}", "limit": {limit}, "interval": "1m", "next": "e", "fallback": "e"{extra}}}"#
+            ))
+            .expect("json"),
+        )
+        .expect("a node")
+    }
+
+    #[test]
+    fn rate_and_budget_nodes_take_a_metadata_key_a_technique_and_a_scope() {
+        for kind in ["rate", "budget"] {
+            let got = route_with(capped(
+                kind,
+                r#", "key": "metadata.user_id", "technique": "sliding", "scope": "global""#,
+            ))
+            .expect("valid");
+            let (sliding, key, global) = match &got.routes["r"].nodes["cap"] {
+                Node::Rate {
+                    sliding,
+                    key,
+                    global,
+                    ..
+                }
+                | Node::Budget {
+                    sliding,
+                    key,
+                    global,
+                    ..
+                } => (*sliding, key.clone(), *global),
+                other => panic!("{other:?}"),
+            };
+            assert!(sliding && global, "{kind}");
+            assert_eq!(key.as_deref(), Some("user_id"), "{kind}");
+            // None of them: one fixed window on each pod, as before.
+            let got = route_with(capped(kind, "")).expect("valid");
+            assert!(matches!(
+                &got.routes["r"].nodes["cap"],
+                Node::Rate {
+                    sliding: false,
+                    key: None,
+                    global: false,
+                    ..
+                } | Node::Budget {
+                    sliding: false,
+                    key: None,
+                    global: false,
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_key_that_is_not_a_metadata_field_is_refused_naming_the_node() {
+        for bad in [
+            "user_id",
+            "metadata.",
+            "metadata.a.b",
+            "headers.x",
+            "metadata.é",
+        ] {
+            let err =
+                route_with(capped("rate", &format!(r#", "key": "{bad}""#))).expect_err("refused");
+            assert!(
+                err.starts_with("spec.routes[0].nodes[1].key must be metadata.<name>")
+                    && err.contains(&format!("{bad:?}")),
+                "{err}"
+            );
+        }
+        // A technique other than fixed or sliding does not parse.
+        let err = serde_json::from_str::<RouteNode>(
+            r#"{"id": "cap", "type": "rate", "technique": "bogus"}"#,
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(
+            err.contains("unknown variant `bogus`, expected `fixed` or `sliding`"),
+            "{err}"
+        );
+        // Nodes other than rate and budget do not read them.
+        let mut start = capped("rate", r#", "key": "metadata.user""#);
+        start.kind = RouteNodeType::Start;
+        start.limit = None;
+        start.interval = None;
+        start.fallback = None;
+        let err = route_with(start).expect_err("refused");
+        assert_eq!(
+            err,
+            "spec.routes[0].nodes[1].key is not a field of a start node"
+        );
     }
 
     #[test]

@@ -99,6 +99,17 @@ pub fn policy_problems(policy: &GatewayPolicy, origin: Origin) -> Vec<String> {
     }
     problems.extend(secret_problems(policy, origin));
     if policy.redis.is_none() {
+        for (ri, r) in policy.routes.iter().enumerate() {
+            if let Some(ni) = r
+                .nodes
+                .iter()
+                .position(|n| n.scope == Some(RateLimitScope::Global))
+            {
+                problems.push(format!(
+                    "spec.routes[{ri}].nodes[{ni}].scope: global needs spec.redis (the node counts in Redis)"
+                ));
+            }
+        }
         if policy
             .rate_limit
             .as_ref()

@@ -3,10 +3,14 @@
 //! (reset at each interval boundary) or a sliding one (the previous window's count weighted by
 //! how much of it still overlaps the last `interval`), as Cloudflare's AI Gateway does.
 //! Refused requests are not counted; their Retry-After is when a request would pass ([`admit`]).
-//! One small lock per request, only when a limit is set.
+//! One small lock per request, only when a limit is set. A dynamic route's rate or budget node
+//! with a `key` has a window per value of that key ([`Keyed`]).
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
 
 use sidegate_crds::policy::{RateLimit, RateLimitTechnique};
 
@@ -186,7 +190,44 @@ impl Limiter {
     /// Counts a request at `now` whatever the limit (a route's rate node counting again one it
     /// gave back while the request waited for an identical one's answer, which failed).
     pub fn count(&self, s: &Settings, now: Instant) {
-        self.at(s, now, |w, _| w.count += 1);
+        self.add(s, now, 1);
+    }
+
+    /// Adds `n` to the window at `now` whatever the limit (a route's budget node charged the
+    /// cost of a request once its response ended).
+    pub fn add(&self, s: &Settings, now: Instant, n: u64) {
+        self.at(s, now, |w, _| w.count = w.count.saturating_add(n));
+    }
+
+    /// Whether the window at `now` has any room left, counting nothing (a route's budget node,
+    /// whose request's cost is known only once it is answered); `Err` is the wait until it has.
+    pub fn room(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
+        self.at(s, now, |w, into| {
+            admit(
+                s.limit,
+                w.count,
+                w.previous,
+                into,
+                s.interval,
+                s.sliding,
+                Need::Any,
+            )
+        })
+    }
+
+    /// Whether nothing this limiter counted still weighs at `now` under `s` (neither the
+    /// current window nor, for a sliding one, the previous): forgetting it changes nothing.
+    fn idle(&self, s: &Settings, now: Instant) -> bool {
+        let (index, _) = window_at(self.epoch, now, s.interval);
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let same_shape = state
+            .settings
+            .is_some_and(|old| old.interval == s.interval && old.sliding == s.sliding);
+        let c = &state.counts;
+        !same_shape
+            || (index > c.index.saturating_add(1))
+            || (index == c.index + 1 && c.count == 0)
+            || (index == c.index && c.count == 0 && c.previous == 0)
     }
 
     /// Takes back a request [`Self::check`] counted at `counted_at` that never went anywhere
@@ -221,6 +262,107 @@ impl Limiter {
         state.settings = Some(*s);
         state.counts.roll(index);
         f(&mut state.counts, into)
+    }
+}
+
+/// Most values of its key a [`Keyed`] limit keeps a window for: some 200 bytes each with the
+/// map, so a node holds at most about 800 KB however many values clients send.
+pub const MAX_KEYS: usize = 4096;
+
+/// The windows of a limit counted per value of a key (a route node's `key: metadata.user`): one
+/// [`Limiter`] per value, one shared by the requests without a value, and, while [`MAX_KEYS`]
+/// values hold windows that still count, one shared by the values that found no room. Values
+/// are kept as SHA-256 digests of their JSON text (`"42"` and `42` are two values), so a long
+/// one costs no more than a short one. Windows whose counts no longer weigh are dropped when a
+/// new value comes in a new window of the interval (so at most once per interval), and the map
+/// shrinks once most of it is gone.
+#[derive(Debug)]
+pub struct Keyed {
+    epoch: Instant,
+    state: Mutex<KeyedState>,
+}
+
+#[derive(Debug)]
+struct KeyedState {
+    /// Requests without a value (every request, when the node has no key).
+    none: Arc<Limiter>,
+    /// Values that came while the map was full of windows still counting.
+    overflow: Arc<Limiter>,
+    by_value: HashMap<[u8; 32], Arc<Limiter>>,
+    /// The window (index of the interval) in which the map was last swept.
+    swept: Option<u64>,
+    /// Whether the map being full was logged in that window.
+    warned: bool,
+}
+
+impl Default for Keyed {
+    fn default() -> Self {
+        Self::new(Instant::now())
+    }
+}
+
+impl Keyed {
+    /// Windows aligned to `epoch`.
+    pub fn new(epoch: Instant) -> Self {
+        Self {
+            epoch,
+            state: Mutex::new(KeyedState {
+                none: Arc::new(Limiter::new(epoch)),
+                overflow: Arc::new(Limiter::new(epoch)),
+                by_value: HashMap::new(),
+                swept: None,
+                warned: false,
+            }),
+        }
+    }
+
+    /// The window of `value` (`None`: a request without one) under `s` at `now`.
+    pub fn window(
+        &self,
+        value: Option<&serde_json::Value>,
+        s: &Settings,
+        now: Instant,
+    ) -> Arc<Limiter> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(value) = value else {
+            return state.none.clone();
+        };
+        let digest: [u8; 32] = Sha256::digest(value.to_string().as_bytes()).into();
+        if let Some(l) = state.by_value.get(&digest) {
+            return l.clone();
+        }
+        let (index, _) = window_at(self.epoch, now, s.interval);
+        if state.swept != Some(index) {
+            state.swept = Some(index);
+            state.warned = false;
+            state.by_value.retain(|_, l| !l.idle(s, now));
+            let len = state.by_value.len();
+            if len < state.by_value.capacity() / 4 {
+                state.by_value.shrink_to(len * 2);
+            }
+        }
+        if state.by_value.len() >= MAX_KEYS {
+            if !std::mem::replace(&mut state.warned, true) {
+                tracing::warn!(
+                    max = MAX_KEYS,
+                    "a route node's key has {MAX_KEYS} values counting in this window; \
+                     new values share one window until old ones expire"
+                );
+            }
+            return state.overflow.clone();
+        }
+        let l = Arc::new(Limiter::new(self.epoch));
+        state.by_value.insert(digest, l.clone());
+        l
+    }
+
+    /// How many values hold a window.
+    pub fn values(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_value
+            .len()
     }
 }
 
@@ -402,6 +544,61 @@ mod tests {
             }
         }
         assert!(refused > 500, "{refused}");
+    }
+
+    #[test]
+    fn keyed_windows_count_each_value_apart_and_requests_without_one_together() {
+        let t0 = Instant::now();
+        let k = Keyed::new(t0);
+        let s = settings(1, 60, false);
+        let (alice, bob) = (serde_json::json!("alice"), serde_json::json!("bob"));
+        assert_eq!(k.window(Some(&alice), &s, t0).check(&s, t0), Ok(()));
+        assert!(k.window(Some(&alice), &s, t0).check(&s, t0).is_err());
+        assert_eq!(k.window(Some(&bob), &s, t0).check(&s, t0), Ok(()));
+        // The string "42" and the number 42 are two values.
+        assert_eq!(
+            k.window(Some(&serde_json::json!(42)), &s, t0).check(&s, t0),
+            Ok(())
+        );
+        assert_eq!(
+            k.window(Some(&serde_json::json!("42")), &s, t0)
+                .check(&s, t0),
+            Ok(())
+        );
+        // Without a value: one window for all such requests.
+        assert_eq!(k.window(None, &s, t0).check(&s, t0), Ok(()));
+        assert!(k.window(None, &s, t0).check(&s, t0).is_err());
+        assert_eq!(k.values(), 4);
+    }
+
+    #[test]
+    fn a_full_keyed_limit_shares_one_window_for_new_values_until_old_windows_expire() {
+        let t0 = Instant::now();
+        let k = Keyed::new(t0);
+        let s = settings(1, 10, true);
+        for i in 0..MAX_KEYS {
+            let v = serde_json::json!(format!("user-{i}"));
+            assert_eq!(k.window(Some(&v), &s, t0).check(&s, t0), Ok(()));
+        }
+        // Every window still counts: the newcomers share one, the first passes, the next not.
+        let late = |i: usize| serde_json::json!(format!("late-{i}"));
+        assert_eq!(k.window(Some(&late(0)), &s, t0).check(&s, t0), Ok(()));
+        assert!(k.window(Some(&late(1)), &s, t0).check(&s, t0).is_err());
+        assert_eq!(k.values(), MAX_KEYS, "bounded");
+        // A long value costs a digest like any other.
+        let long = serde_json::json!("x".repeat(64 * 1024));
+        assert!(k.window(Some(&long), &s, t0).check(&s, t0).is_err());
+        // The next window: the sliding windows' previous counts still weigh, nothing dropped.
+        let t1 = t0 + Duration::from_secs(15);
+        assert!(k.window(Some(&late(2)), &s, t1).check(&s, t1).is_err());
+        assert_eq!(k.values(), MAX_KEYS);
+        // Two windows on, none of them weighs any more: dropped, and the newcomer has its own.
+        let t2 = t0 + Duration::from_secs(25);
+        assert_eq!(k.window(Some(&late(3)), &s, t2).check(&s, t2), Ok(()));
+        assert!(k.window(Some(&late(3)), &s, t2).check(&s, t2).is_err());
+        assert_eq!(k.values(), 1);
+        let capacity = k.state.lock().expect("lock").by_value.capacity();
+        assert!(capacity < 64, "the map shrank: {capacity}");
     }
 
     #[test]

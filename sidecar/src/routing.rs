@@ -2,15 +2,18 @@
 //! [`sidegate_crds::routes`]) for one request: which provider and model serve it, and what to
 //! try when one fails. When a target fails (no answer, timeout, non-2xx) the walk goes on from
 //! that model node's `next`; reaching `end` (or a model node without `next`) makes that failure
-//! the answer. Rate and budget nodes count per pod (a budget node is charged the cost of the
-//! requests that took its `next` branch, when their responses end; a rate node counts only the
-//! requests sent upstream); one over its limit that leads to `end` before any target is the
-//! answer, a 429 as the gateway's own limits give. A walk visits at most 64 nodes and 16
-//! targets.
+//! the answer. Rate and budget nodes count per pod, or with `scope: global` in the gateway's
+//! Redis ([`crate::shared`], failing open like the gateway's own global limit), in fixed or
+//! sliding windows (the gateway rate limit's, [`crate::ratelimit`]), one per node or, with a
+//! `key`, one per value of that metadata field (a budget node is charged the cost of the
+//! requests that took its `next` branch, when their responses end, in billionths of a USD; a
+//! rate node counts only the requests sent upstream); one over its limit that leads to `end`
+//! before any target is the answer, a 429 as the gateway's own limits give. A walk visits at
+//! most 64 nodes and 16 targets.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -19,7 +22,12 @@ pub use sidegate_crds::routes::Target;
 use sidegate_crds::routes::{Compiled, Graph, Node};
 
 use crate::error::GatewayError;
-use crate::ratelimit::{Limiter, Settings as RateSettings};
+use crate::ratelimit::{Keyed, Limiter, Settings as RateSettings};
+use crate::shared::{RouteWindows, Shared};
+use crate::telemetry::Metrics;
+
+/// The gateway's Redis, for the nodes that count there, and the metrics its failures go to.
+pub type Redis = (Arc<Shared>, Arc<Metrics>);
 
 /// Most nodes visited for one request (routes may loop back; the walk stops here).
 const MAX_HOPS: usize = 64;
@@ -30,49 +38,133 @@ const MAX_TARGETS: usize = 16;
 #[derive(Debug, Default)]
 pub struct Routing {
     compiled: Compiled,
-    /// Per (route, node id) of every rate node.
-    limiters: HashMap<(String, String), Arc<Limiter>>,
-    /// Per (route, node id) of every budget node.
-    budgets: HashMap<(String, String), Arc<BudgetWindow>>,
+    /// Per (route, node id) of every rate and budget node.
+    counters: HashMap<(String, String), Counter>,
     seed: AtomicU64,
 }
 
-/// What a budget node's requests spent in its current window (fixed windows of its interval).
+/// The windows of one rate or budget node, and what they count: a reload keeps them for a node
+/// of the same kind counting by the same key.
 #[derive(Debug)]
-pub struct BudgetWindow {
-    interval: Duration,
-    /// Start of the window and USD spent in it.
-    spent: Mutex<(Instant, f64)>,
+struct Counter {
+    budget: bool,
+    key: Option<String>,
+    /// Counted in Redis (when the walk has it; else here).
+    global: bool,
+    windows: Arc<Keyed>,
 }
 
-impl BudgetWindow {
-    fn new(interval: Duration) -> Self {
-        Self {
-            interval,
-            spent: Mutex::new((Instant::now(), 0.0)),
+/// Billionths of a USD: a budget node counts spend in a [`Limiter`], in whole units.
+const UNITS_PER_USD: f64 = 1e9;
+
+/// `usd` in [`UNITS_PER_USD`], rounded; a negative amount (or NaN) is 0, and an absurd one
+/// (a `cf-aig-custom-cost` of billions) stops at what Redis's `INCRBY` takes.
+fn usd_units(usd: f64) -> u64 {
+    // `as` saturates (and makes NaN 0).
+    ((usd * UNITS_PER_USD).round() as u64).min(i64::MAX as u64)
+}
+
+/// Where a rate or budget node counts one request: a window of this pod, or one in Redis.
+#[derive(Clone)]
+enum Window {
+    Pod(Arc<Limiter>),
+    Redis {
+        shared: Arc<Shared>,
+        metrics: Arc<Metrics>,
+        windows: RouteWindows,
+    },
+}
+
+/// What a rate node's window holds of a request it let past.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    /// Counted on this pod at that time.
+    Pod(Instant),
+    /// Counted in that window in Redis.
+    Redis(u64),
+    /// Nothing: sent (the count stays), or let past uncounted as Redis failed.
+    Nothing,
+    /// Counted, then given back while the request waited ([`Walk::set_aside`]).
+    GivenBack,
+}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pod(l) => f.debug_tuple("Pod").field(l).finish(),
+            Self::Redis { windows, .. } => f.debug_tuple("Redis").field(windows).finish(),
+        }
+    }
+}
+
+impl Window {
+    /// Counts a request under `s` if it is within the limit; else the wait until one would be.
+    async fn check(&self, s: &RateSettings, now: Instant) -> Result<Held, Duration> {
+        match self {
+            Self::Pod(l) => l.check(s, now).map(|()| Held::Pod(now)),
+            Self::Redis {
+                shared,
+                metrics,
+                windows,
+            } => shared
+                .route_rate_check(metrics, windows, s)
+                .await
+                .map(|w| w.map_or(Held::Nothing, Held::Redis)),
         }
     }
 
-    /// USD spent in the window that holds `now`, and how long that window has left.
-    fn spent(&self, now: Instant) -> (f64, Duration) {
-        let mut w = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
-        if now.saturating_duration_since(w.0) >= self.interval {
-            *w = (now, 0.0);
+    /// Whether a budget node's window has room under `s`; else the wait until it has.
+    async fn room(&self, s: &RateSettings, now: Instant) -> Result<(), Duration> {
+        match self {
+            Self::Pod(l) => l.room(s, now),
+            Self::Redis {
+                shared,
+                metrics,
+                windows,
+            } => shared.route_room(metrics, windows, s).await,
         }
-        let left = self
-            .interval
-            .saturating_sub(now.saturating_duration_since(w.0));
-        (w.1, left)
     }
 
+    /// Adds `n` whatever the limit.
+    fn add(&self, s: &RateSettings, n: u64) {
+        match self {
+            Self::Pod(l) => l.add(s, Instant::now(), n),
+            Self::Redis {
+                shared,
+                metrics,
+                windows,
+            } => shared.route_add(metrics.clone(), windows, n),
+        }
+    }
+
+    /// Takes back what [`Self::check`] counted.
+    fn release(&self, s: &RateSettings, held: Held) {
+        match (self, held) {
+            (Self::Pod(l), Held::Pod(at)) => l.release(s, at),
+            (
+                Self::Redis {
+                    shared,
+                    metrics,
+                    windows,
+                },
+                Held::Redis(window),
+            ) => shared.route_release(metrics.clone(), windows, window),
+            _ => {}
+        }
+    }
+}
+
+/// The window a budget node charged a request to, and its shape.
+#[derive(Debug)]
+pub struct BudgetCharge {
+    window: Window,
+    settings: RateSettings,
+}
+
+impl BudgetCharge {
     /// Adds the cost of a request that took this node's `next` branch.
     pub fn charge(&self, usd: f64) {
-        let now = Instant::now();
-        let mut w = self.spent.lock().unwrap_or_else(PoisonError::into_inner);
-        if now.saturating_duration_since(w.0) >= self.interval {
-            *w = (now, 0.0);
-        }
-        w.1 += usd;
+        self.window.add(&self.settings, usd_units(usd));
     }
 }
 
@@ -85,22 +177,23 @@ impl Routing {
         known_provider: impl Fn(&str) -> bool,
     ) -> Result<Self, String> {
         let compiled = sidegate_crds::routes::compile(routes, fallbacks, known_provider)?;
-        let mut limiters = HashMap::new();
-        let mut budgets = HashMap::new();
+        let mut counters = HashMap::new();
         for (name, graph) in &compiled.routes {
             for (id, node) in &graph.nodes {
-                match node {
-                    Node::Rate { .. } => {
-                        limiters.insert((name.clone(), id.clone()), Arc::default());
-                    }
-                    Node::Budget { interval, .. } => {
-                        budgets.insert(
-                            (name.clone(), id.clone()),
-                            Arc::new(BudgetWindow::new(*interval)),
-                        );
-                    }
-                    _ => {}
-                }
+                let (budget, key, global) = match node {
+                    Node::Rate { key, global, .. } => (false, key, global),
+                    Node::Budget { key, global, .. } => (true, key, global),
+                    _ => continue,
+                };
+                counters.insert(
+                    (name.clone(), id.clone()),
+                    Counter {
+                        budget,
+                        key: key.clone(),
+                        global: *global,
+                        windows: Arc::default(),
+                    },
+                );
             }
         }
         let seed = std::time::SystemTime::now()
@@ -109,29 +202,48 @@ impl Routing {
             | 1;
         Ok(Self {
             compiled,
-            limiters,
-            budgets,
+            counters,
             seed: AtomicU64::new(seed),
         })
     }
+
     /// Takes over the counters of `old` (the config this one replaces) for the rate and budget
-    /// nodes still there (same route and node id; a budget node with the same interval): a
-    /// reload — any change to the gateway — must not give every route a fresh allowance.
+    /// nodes still there (same route and node id, same kind, same `key`): a reload — any change
+    /// to the gateway, a node's new `limit` included — must not give every route, or every
+    /// user, a fresh allowance. A window whose interval or technique changed starts afresh
+    /// when next used ([`Limiter`]).
     pub fn keep_counters(&mut self, old: &Routing) {
-        for (key, limiter) in &mut self.limiters {
-            if let Some(kept) = old.limiters.get(key) {
-                *limiter = kept.clone();
-            }
-        }
-        for (key, window) in &mut self.budgets {
+        for (id, counter) in &mut self.counters {
             if let Some(kept) = old
-                .budgets
-                .get(key)
-                .filter(|k| k.interval == window.interval)
+                .counters
+                .get(id)
+                .filter(|k| k.budget == counter.budget && k.key == counter.key)
             {
-                *window = kept.clone();
+                counter.windows = kept.windows.clone();
             }
         }
+    }
+
+    /// The window of node `id` of route `name` for a request with `metadata`, when it is a
+    /// rate or budget node: in `redis` when the node counts there, else on this pod.
+    fn window(
+        &self,
+        (name, id): (&str, &str),
+        metadata: &Map<String, Value>,
+        settings: &RateSettings,
+        now: Instant,
+        redis: Option<&Redis>,
+    ) -> Option<Window> {
+        let c = self.counters.get(&(name.to_owned(), id.to_owned()))?;
+        let value = c.key.as_ref().and_then(|k| metadata.get(k));
+        Some(match redis {
+            Some((shared, metrics)) if c.global => Window::Redis {
+                windows: shared.route_windows(c.budget, name, id, value, settings.interval),
+                shared: shared.clone(),
+                metrics: metrics.clone(),
+            },
+            _ => Window::Pod(c.windows.window(value, settings, now)),
+        })
     }
 
     /// The `/compat` model strings of the routes and chains: `dynamic/<route>`,
@@ -164,6 +276,7 @@ impl Routing {
                             charged: Vec::new(),
                             counted: Vec::new(),
                             limited: None,
+                            redis: None,
                         })
                     })
                     .ok_or_else(|| format!("no dynamic route named {name:?} (spec.routes)")),
@@ -209,12 +322,14 @@ enum Position<'a> {
         tried: usize,
         routing: &'a Routing,
         /// Budget nodes whose `next` branch this request took.
-        charged: Vec<Arc<BudgetWindow>>,
+        charged: Vec<BudgetCharge>,
         /// Rate nodes this request passed, which count it when it is sent upstream.
         counted: Vec<Reserved>,
         /// The last rate or budget node over its limit the walk went past, for the error
         /// when that leads it to `end` before any target.
         limited: Option<Limited>,
+        /// The gateway's Redis, for the nodes with `scope: global`.
+        redis: Option<Redis>,
     },
     Chain {
         targets: &'a [Target],
@@ -223,6 +338,15 @@ enum Position<'a> {
 }
 
 impl<'a> Walk<'a> {
+    /// The walk with the gateway's Redis, where its nodes with `scope: global` count (without
+    /// it, they count on this pod).
+    pub fn with_redis(mut self, redis: Option<Redis>) -> Self {
+        if let Position::Route { redis: r, .. } = &mut self.0 {
+            *r = redis;
+        }
+        self
+    }
+
     /// Every target the walk could reach (a chain's, or a route's model nodes), whatever the
     /// request's metadata.
     pub fn targets(&self) -> Vec<&'a Target> {
@@ -240,7 +364,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The next target to try, given the request's metadata; `None` when the walk ends.
-    pub fn next_target(&mut self, metadata: &Map<String, Value>) -> Option<&'a Target> {
+    pub async fn next_target(&mut self, metadata: &Map<String, Value>) -> Option<&'a Target> {
         match &mut self.0 {
             Position::Chain { targets, next } => {
                 let t = targets.get(*next)?;
@@ -257,6 +381,7 @@ impl<'a> Walk<'a> {
                 charged,
                 counted,
                 limited,
+                redis,
             } => loop {
                 let id = (*at)?;
                 *hops += 1;
@@ -287,34 +412,43 @@ impl<'a> Walk<'a> {
                     Node::Rate {
                         limit,
                         interval,
+                        sliding,
+                        key,
+                        global,
                         next,
                         fallback,
                     } => {
                         let settings = RateSettings {
                             limit: *limit,
                             interval: *interval,
-                            sliding: false,
-                            global: false,
+                            sliding: *sliding,
+                            global: *global,
                         };
                         // Counted as the walk passes (requests waiting on guardrails or the
                         // cache at the same time see it), given back unless sent.
-                        let limiter = routing.limiters.get(&((*name).clone(), id.clone()));
                         let now = Instant::now();
-                        match limiter.map(|l| (l, l.check(&settings, now))) {
-                            Some((l, Ok(()))) => {
+                        let window =
+                            routing.window((name, id), metadata, &settings, now, redis.as_ref());
+                        let checked = match window {
+                            Some(w) => Some((w.check(&settings, now).await, w)),
+                            None => None,
+                        };
+                        match checked {
+                            Some((Ok(held), window)) => {
                                 counted.push(Reserved {
-                                    limiter: l.clone(),
+                                    window,
                                     settings,
-                                    at: Some(now),
+                                    held,
                                 });
                                 Some(next)
                             }
-                            Some((_, Err(retry_after))) => {
+                            Some((Err(retry_after), _)) => {
                                 *limited = Some(Limited::Rate {
                                     route: (*name).clone(),
                                     node: id.clone(),
                                     limit: *limit,
                                     interval: *interval,
+                                    key: key.clone(),
                                     retry_after,
                                 });
                                 Some(fallback)
@@ -324,23 +458,39 @@ impl<'a> Walk<'a> {
                     }
                     Node::Budget {
                         limit,
+                        interval,
+                        sliding,
+                        key,
+                        global,
                         next,
                         fallback,
-                        ..
                     } => {
-                        let window = routing.budgets.get(&((*name).clone(), id.clone()));
-                        match window.map(|w| (w, w.spent(Instant::now()))) {
-                            Some((_, (spent, retry_after))) if spent >= *limit => {
+                        let settings = RateSettings {
+                            limit: usd_units(*limit).max(1),
+                            interval: *interval,
+                            sliding: *sliding,
+                            global: *global,
+                        };
+                        let now = Instant::now();
+                        let window =
+                            routing.window((name, id), metadata, &settings, now, redis.as_ref());
+                        let room = match window {
+                            Some(w) => Some((w.room(&settings, now).await, w)),
+                            None => None,
+                        };
+                        match room {
+                            Some((Err(retry_after), _)) => {
                                 *limited = Some(Limited::Budget {
                                     route: (*name).clone(),
                                     node: id.clone(),
                                     limit: *limit,
+                                    key: key.clone(),
                                     retry_after,
                                 });
                                 Some(fallback)
                             }
-                            Some((w, _)) => {
-                                charged.push(w.clone());
+                            Some((Ok(()), window)) => {
+                                charged.push(BudgetCharge { window, settings });
                                 Some(next)
                             }
                             None => Some(next),
@@ -362,7 +512,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The budget nodes to charge with this request's cost (those whose `next` it took).
-    pub fn take_budget_charges(&mut self) -> Vec<Arc<BudgetWindow>> {
+    pub fn take_budget_charges(&mut self) -> Vec<BudgetCharge> {
         match &mut self.0 {
             Position::Route { charged, .. } => std::mem::take(charged),
             Position::Chain { .. } => Vec::new(),
@@ -374,11 +524,11 @@ impl<'a> Walk<'a> {
     /// by the gateway, or answered from its cache, is given back when the walk is dropped.
     pub fn sent(&mut self) {
         if let Position::Route { counted, .. } = &mut self.0 {
-            let now = Instant::now();
             for mut kept in counted.drain(..) {
-                if kept.at.take().is_none() {
-                    kept.limiter.count(&kept.settings, now);
+                if matches!(kept.held, Held::GivenBack) {
+                    kept.window.add(&kept.settings, 1);
                 }
+                kept.held = Held::Nothing;
             }
         }
     }
@@ -408,11 +558,13 @@ impl<'a> Walk<'a> {
                 node,
                 limit,
                 interval,
+                key,
                 retry_after,
             } => GatewayError::RouteLimited {
                 what: format!(
-                    "rate limit exceeded: route {route:?} node {node:?} allows {limit} requests per {}s",
-                    interval.as_secs()
+                    "rate limit exceeded: route {route:?} node {node:?} allows {limit} requests per {}s{}",
+                    interval.as_secs(),
+                    per_value(key)
                 ),
                 spend: false,
                 retry_after: *retry_after,
@@ -421,10 +573,12 @@ impl<'a> Walk<'a> {
                 route,
                 node,
                 limit,
+                key,
                 retry_after,
             } => GatewayError::RouteLimited {
                 what: format!(
-                    "spend limit exceeded: route {route:?} node {node:?} spent its {limit} USD"
+                    "spend limit exceeded: route {route:?} node {node:?} spent its {limit} USD{}",
+                    per_value(key)
                 ),
                 spend: true,
                 retry_after: *retry_after,
@@ -436,17 +590,17 @@ impl<'a> Walk<'a> {
 /// A request a rate node counted as a walk passed it, until the request is sent.
 #[derive(Debug)]
 struct Reserved {
-    limiter: Arc<Limiter>,
+    window: Window,
     settings: RateSettings,
-    /// When it was counted; `None` once given back (set aside, [`Walk::set_aside`]).
-    at: Option<Instant>,
+    held: Held,
 }
 
 impl Reserved {
     /// Gives the count back, if it still holds it.
     fn give_back(&mut self) {
-        if let Some(at) = self.at.take() {
-            self.limiter.release(&self.settings, at);
+        if let held @ (Held::Pod(_) | Held::Redis(_)) = self.held {
+            self.held = Held::GivenBack;
+            self.window.release(&self.settings, held);
         }
     }
 }
@@ -466,20 +620,37 @@ enum Limited {
         node: String,
         limit: u64,
         interval: Duration,
+        key: Option<String>,
         retry_after: Duration,
     },
     Budget {
         route: String,
         node: String,
         limit: f64,
+        key: Option<String>,
         retry_after: Duration,
     },
+}
+
+/// How a limit error names a node's key (never the request's value of it).
+fn per_value(key: &Option<String>) -> String {
+    key.as_ref()
+        .map(|k| format!(" for each value of metadata.{k}"))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use sidegate_crds::policy::{ModelTarget, RouteNode, RouteNodeType, WeightedBranch};
+
+    /// The walk's next target (the pod's counters answer at once).
+    fn next<'a>(walk: &mut Walk<'a>, m: &Map<String, Value>) -> Option<&'a Target> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(walk.next_target(m))
+    }
 
     fn meta(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()
@@ -501,6 +672,9 @@ mod tests {
             limit: None,
             interval: None,
             fallback: None,
+            key: None,
+            technique: None,
+            scope: None,
         }
     }
 
@@ -528,7 +702,7 @@ mod tests {
     fn targets(r: &Routing, m: &Map<String, Value>) -> Vec<String> {
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
         std::iter::from_fn(|| {
-            let t = walk.next_target(m);
+            let t = next(&mut walk, m);
             walk.sent();
             t
         })
@@ -673,14 +847,14 @@ mod tests {
         let r = capped_at_one();
         for _ in 0..2 {
             let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
-            assert!(walk.next_target(&Map::new()).is_some());
+            assert!(next(&mut walk, &Map::new()).is_some());
         }
         // One let past and still waiting (for the cache, for its checks) holds its slot: the
         // requests that come meanwhile take the fallback (`end` here); dropped unsent, it gives
         // the slot back.
         let mut waiting = r.walk("dynamic/r").expect("dynamic").expect("exists");
         assert_eq!(
-            waiting.next_target(&Map::new()).map(|t| t.model.as_str()),
+            next(&mut waiting, &Map::new()).map(|t| t.model.as_str()),
             Some("main")
         );
         assert!(targets(&r, &Map::new()).is_empty());
@@ -690,7 +864,7 @@ mod tests {
         // after all (that request failed), it is counted again.
         let r = capped_at_one();
         let mut follower = r.walk("dynamic/r").expect("dynamic").expect("exists");
-        assert!(follower.next_target(&Map::new()).is_some());
+        assert!(next(&mut follower, &Map::new()).is_some());
         follower.set_aside();
         assert_eq!(targets(&r, &Map::new()), ["openai/main"]);
         follower.sent();
@@ -698,7 +872,7 @@ mod tests {
         let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
         // Over the limit, leading to `end` before any target: the node's 429.
         assert!(
-            walk.next_target(&Map::new()).is_none(),
+            next(&mut walk, &Map::new()).is_none(),
             "two counted, over the one"
         );
         let e = walk.limit_error().expect("limited");
@@ -759,6 +933,119 @@ mod tests {
         assert_eq!(targets(&other, &Map::new()), ["openai/main"]);
     }
 
+    /// A route whose `kind` node (`limit`, per hour, `key`) leads to `main`, over it to
+    /// `overflow`.
+    fn keyed(kind: RouteNodeType, limit: &str, key: Option<&str>) -> Routing {
+        routing(vec![
+            RouteNode {
+                next: Some("cap".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                limit: Some(limit.into()),
+                interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                key: key.map(Into::into),
+                next: Some("main".into()),
+                fallback: Some("overflow".into()),
+                ..node("cap", kind)
+            },
+            model("main", "openai", "main", Some("e")),
+            model("overflow", "openai", "cheap", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid")
+    }
+
+    #[test]
+    fn a_keyed_rate_node_counts_each_metadata_value_in_its_own_window() {
+        let r = keyed(RouteNodeType::Rate, "1", Some("metadata.user"));
+        let user = |u: &str| meta(serde_json::json!({"user": u, "plan": "free"}));
+        assert_eq!(targets(&r, &user("alice")), ["openai/main"]);
+        assert_eq!(targets(&r, &user("bob")), ["openai/main"]);
+        assert_eq!(targets(&r, &user("alice")), ["openai/cheap"]);
+        assert_eq!(targets(&r, &user("bob")), ["openai/cheap"]);
+        // Requests without the field share one window of their own.
+        let anonymous = meta(serde_json::json!({"plan": "free"}));
+        assert_eq!(targets(&r, &anonymous), ["openai/main"]);
+        assert_eq!(targets(&r, &Map::new()), ["openai/cheap"]);
+        assert_eq!(targets(&r, &user("carol")), ["openai/main"]);
+        // Over the limit, leading to `end`: the 429 says the limit is per value.
+        let r = routing(vec![
+            RouteNode {
+                next: Some("cap".into()),
+                ..node("s", RouteNodeType::Start)
+            },
+            RouteNode {
+                limit: Some("1".into()),
+                interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                key: Some("metadata.user".into()),
+                next: Some("main".into()),
+                fallback: Some("e".into()),
+                ..node("cap", RouteNodeType::Rate)
+            },
+            model("main", "openai", "main", Some("e")),
+            node("e", RouteNodeType::End),
+        ])
+        .expect("valid");
+        assert_eq!(targets(&r, &user("alice")), ["openai/main"]);
+        let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+        assert!(next(&mut walk, &user("alice")).is_none());
+        let e = walk.limit_error().expect("limited").to_string();
+        assert!(e.contains("for each value of metadata.user"), "{e}");
+        assert!(!e.contains("alice"), "{e}");
+    }
+
+    #[test]
+    fn a_keyed_budget_node_charges_each_metadata_value_apart() {
+        let r = keyed(RouteNodeType::Budget, "0.50", Some("metadata.team"));
+        let team = |t: &str| meta(serde_json::json!({"team": t}));
+        let mut served = Vec::new();
+        for t in ["red", "red", "blue", "red", "blue"] {
+            let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
+            let target = next(&mut walk, &team(t)).expect("a target");
+            served.push(format!("{t}:{}", target.model));
+            for b in walk.take_budget_charges() {
+                b.charge(0.30);
+            }
+        }
+        assert_eq!(
+            served,
+            [
+                "red:main",
+                "red:main",
+                "blue:main",
+                "red:cheap",
+                "blue:main"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reload_keeps_per_value_counts_when_the_limit_changes_not_when_the_key_does() {
+        let user = |u: &str| meta(serde_json::json!({"user": u}));
+        let old = keyed(RouteNodeType::Rate, "1", Some("metadata.user"));
+        assert_eq!(targets(&old, &user("alice")), ["openai/main"]);
+        // Raised to 2: alice has one more, bob his two.
+        let mut raised = keyed(RouteNodeType::Rate, "2", Some("metadata.user"));
+        raised.keep_counters(&old);
+        assert_eq!(targets(&raised, &user("alice")), ["openai/main"]);
+        assert_eq!(targets(&raised, &user("alice")), ["openai/cheap"]);
+        assert_eq!(targets(&raised, &user("bob")), ["openai/main"]);
+        // Counting by another field is another set of windows.
+        let mut by_team = keyed(RouteNodeType::Rate, "2", Some("metadata.team"));
+        by_team.keep_counters(&raised);
+        assert_eq!(targets(&by_team, &user("alice")), ["openai/main"]);
+        // A budget node of the same id does not take over a rate node's counts.
+        let mut budget = keyed(RouteNodeType::Budget, "2", Some("metadata.user"));
+        budget.keep_counters(&raised);
+        assert_eq!(
+            budget.counters[&("r".to_owned(), "cap".to_owned())]
+                .windows
+                .values(),
+            0
+        );
+    }
+
     #[test]
     fn budget_nodes_take_their_fallback_once_the_requests_through_them_spent_the_limit() {
         let r = routing(vec![
@@ -781,7 +1068,7 @@ mod tests {
         let mut served = Vec::new();
         for cost in [0.30, 0.30, 0.30] {
             let mut walk = r.walk("dynamic/r").expect("dynamic").expect("exists");
-            let t = walk.next_target(&Map::new()).expect("a target");
+            let t = next(&mut walk, &Map::new()).expect("a target");
             served.push(t.model.clone());
             for w in walk.take_budget_charges() {
                 w.charge(cost);
@@ -789,10 +1076,19 @@ mod tests {
         }
         // 0.30, then 0.60 >= 0.50: the third request overflows (and is not charged here).
         assert_eq!(served, ["main", "main", "cheap"]);
-        let w = &r.budgets[&("r".to_owned(), "cap".to_owned())];
-        assert!((w.spent(Instant::now()).0 - 0.60).abs() < 1e-9);
         // A new window starts empty.
-        assert_eq!(w.spent(Instant::now() + Duration::from_secs(3600)).0, 0.0);
+        let s = RateSettings {
+            limit: usd_units(0.50),
+            interval: Duration::from_secs(3600),
+            sliding: false,
+            global: false,
+        };
+        let now = Instant::now();
+        let Some(Window::Pod(w)) = r.window(("r", "cap"), &Map::new(), &s, now, None) else {
+            panic!("a budget node counting on this pod");
+        };
+        assert!(w.room(&s, now).is_err());
+        assert_eq!(w.room(&s, now + Duration::from_secs(3600)), Ok(()));
     }
 
     #[test]
@@ -905,9 +1201,9 @@ mod tests {
         let mut w = r.walk("fallback/f").expect("chain").expect("exists");
         assert_eq!(w.targets().len(), 2);
         let m = Map::new();
-        assert_eq!(w.next_target(&m).map(|t| t.model.as_str()), Some("a"));
-        assert_eq!(w.next_target(&m).map(|t| t.model.as_str()), Some("b"));
-        assert_eq!(w.next_target(&m), None);
+        assert_eq!(next(&mut w, &m).map(|t| t.model.as_str()), Some("a"));
+        assert_eq!(next(&mut w, &m).map(|t| t.model.as_str()), Some("b"));
+        assert_eq!(next(&mut w, &m), None);
         assert!(r.walk("fallback/none").expect("chain").is_err());
         assert!(r.walk("openai/gpt-4o").is_none());
     }

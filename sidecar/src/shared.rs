@@ -1,6 +1,7 @@
 //! State shared by every pod of a gateway, in the Redis of `spec.redis` (URL in the keys
 //! directory's `redis.url`): cache entries (`spec.cache.backend: redis`), global rate limits and
-//! token budgets (`spec.rateLimit.scope: global`) and spend (`spec.spendLimit`).
+//! token budgets (`spec.rateLimit.scope: global`), spend (`spec.spendLimit`) and the windows of
+//! dynamic routes' rate and budget nodes with `scope: global` ([`RouteWindows`]).
 //!
 //! Redis is a help, not a dependency of serving: when it cannot be reached in time the gateway
 //! fails open (a cache miss, a request allowed), counts the error in
@@ -51,6 +52,38 @@ if cur == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {1, cur, prev}
 ";
 
+/// Takes back a request a route's rate node counted and then gave back (it never went
+/// upstream): never below 0, and never bringing back a window that expired meanwhile.
+const RELEASE_SCRIPT: &str = r"
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n > 0 then return redis.call('DECR', KEYS[1]) end
+return 0
+";
+
+/// The Redis windows of one rate or budget node of a dynamic route for one value of its key
+/// (or for the requests without one): `{prefix}route:{digest}:{interval ms}:{window}`, where
+/// the digest is a SHA-256 over the node's kind, its route and id and the value, each
+/// length-prefixed. Whatever the app puts in its metadata, the key holds only hex digits of it:
+/// no value can name another node's, another value's or another gateway's key, nor anything
+/// else in the Redis. The limit is not in the key (a reload raising it keeps the counts); the
+/// interval is (a new one counts afresh).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteWindows {
+    base: String,
+    interval_ms: u64,
+}
+
+impl RouteWindows {
+    fn key(&self, index: u64) -> String {
+        format!("{}:{index}", self.base)
+    }
+
+    /// The window holding `now_ms`, and how far into it that is.
+    fn at(&self, now_ms: u64) -> (u64, u64) {
+        (now_ms / self.interval_ms, now_ms % self.interval_ms)
+    }
+}
+
 /// A gateway's Redis.
 pub struct Shared {
     client: ::redis::Client,
@@ -65,6 +98,7 @@ pub struct Shared {
     timeouts: AtomicU64,
     prefix: String,
     script: ::redis::Script,
+    release: ::redis::Script,
     warnings: WarnThrottle,
 }
 
@@ -96,6 +130,7 @@ impl Shared {
             timeouts: AtomicU64::new(0),
             prefix: format!("sidegate:{gateway}:"),
             script: ::redis::Script::new(RATE_SCRIPT),
+            release: ::redis::Script::new(RELEASE_SCRIPT),
             warnings: WarnThrottle::default(),
         })
     }
@@ -256,15 +291,27 @@ impl Shared {
         metrics: &Metrics,
         s: &ratelimit::Settings,
     ) -> Result<(), Duration> {
-        let interval_ms = u64::try_from(s.interval.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let interval_ms = millis(s.interval);
+        // The limit and interval are part of the key: a changed limit counts afresh.
+        let key = |i: u64| format!("{}rl:{}:{}:{i}", self.prefix, s.limit, interval_ms);
+        self.count_in(metrics, s, key, "rate limit").await.map(drop)
+    }
+
+    /// Counts a request in the windows `key` names (by window number) under `s`, as
+    /// [`RATE_SCRIPT`] decides: `Ok(Some(window))` counted in that window, `Ok(None)` allowed
+    /// uncounted because Redis failed (`what` says which limit), `Err(retry_after)` over it.
+    async fn count_in(
+        &self,
+        metrics: &Metrics,
+        s: &ratelimit::Settings,
+        key: impl Fn(u64) -> String,
+        what: &str,
+    ) -> Result<Option<u64>, Duration> {
+        let interval_ms = millis(s.interval);
         let now = unix_ms();
         let index = now / interval_ms;
         let into = now % interval_ms;
         let remaining = if s.sliding { interval_ms - into } else { 0 };
-        // The limit and interval are part of the key: a changed limit counts afresh.
-        let key = |i: u64| format!("{}rl:{}:{}:{i}", self.prefix, s.limit, interval_ms);
         let counted: ::redis::RedisResult<(i64, u64, u64)> = self
             .call(async |c| {
                 self.script
@@ -280,9 +327,116 @@ impl Shared {
             .await;
         match counted {
             Ok((0, cur, prev)) => Err(refused_wait(s, cur, prev, into, interval_ms)),
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(Some(index)),
             Err(e) => {
-                self.failed(metrics, "rate limit", &e);
+                self.failed(metrics, what, &e);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The windows of node `node` of route `route` (a budget node's when `budget`) for requests
+    /// with `value` of its key (`None`: without one, or a node without a key).
+    pub fn route_windows(
+        &self,
+        budget: bool,
+        route: &str,
+        node: &str,
+        value: Option<&serde_json::Value>,
+        interval: Duration,
+    ) -> RouteWindows {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(if budget { b"budget" } else { b"rate\0\0" });
+        for part in [route.as_bytes(), node.as_bytes()] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        match value {
+            None => h.update([0]),
+            Some(v) => {
+                h.update([1]);
+                h.update(v.to_string().as_bytes());
+            }
+        }
+        let interval_ms = millis(interval);
+        RouteWindows {
+            base: format!(
+                "{}route:{}:{interval_ms}",
+                self.prefix,
+                hex::encode(h.finalize())
+            ),
+            interval_ms,
+        }
+    }
+
+    /// Counts a request of a route's rate node: as [`Self::count_in`] answers.
+    pub async fn route_rate_check(
+        &self,
+        metrics: &Metrics,
+        w: &RouteWindows,
+        s: &ratelimit::Settings,
+    ) -> Result<Option<u64>, Duration> {
+        self.count_in(metrics, s, |i| w.key(i), "route rate node")
+            .await
+    }
+
+    /// Takes back, in the background, a request a route's rate node counted in `window`.
+    pub fn route_release(self: &Arc<Self>, metrics: Arc<Metrics>, w: &RouteWindows, window: u64) {
+        let this = self.clone();
+        let key = w.key(window);
+        tokio::spawn(async move {
+            let done: ::redis::RedisResult<i64> = this
+                .call(async |c| this.release.key(&key).invoke_async(c).await)
+                .await;
+            if let Err(e) = done {
+                this.failed(&metrics, "route rate node release", &e);
+            }
+        });
+    }
+
+    /// Adds `n` to the current window of `w` in the background: a rate node's request counted
+    /// again, a budget node's charge (in its units).
+    pub fn route_add(self: &Arc<Self>, metrics: Arc<Metrics>, w: &RouteWindows, n: u64) {
+        let (index, _) = w.at(unix_ms());
+        self.add_in_background(
+            metrics,
+            vec![(w.key(index), w.interval_ms.saturating_mul(2))],
+            "INCRBY",
+            n.to_string(),
+            "route node write",
+        );
+    }
+
+    /// Whether a route's budget node has room left under `s` (yes when Redis fails).
+    pub async fn route_room(
+        &self,
+        metrics: &Metrics,
+        w: &RouteWindows,
+        s: &ratelimit::Settings,
+    ) -> Result<(), Duration> {
+        let (index, into) = w.at(unix_ms());
+        let got: ::redis::RedisResult<(Option<u64>, Option<u64>)> = self
+            .call(async |c| {
+                ::redis::cmd("MGET")
+                    .arg(w.key(index))
+                    .arg(w.key(index.saturating_sub(1)))
+                    .query_async(c)
+                    .await
+            })
+            .await;
+        match got {
+            Ok((cur, prev)) => ratelimit::admit(
+                s.limit,
+                cur.unwrap_or(0),
+                prev.unwrap_or(0),
+                Duration::from_millis(into),
+                Duration::from_millis(w.interval_ms),
+                s.sliding,
+                ratelimit::Need::Any,
+            ),
+            Err(e) => {
+                self.failed(metrics, "route budget node read", &e);
                 Ok(())
             }
         }
@@ -504,6 +658,11 @@ impl WarnThrottle {
     }
 }
 
+/// `d` in whole milliseconds, at least 1.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 /// Wall-clock milliseconds: the windows of global limits, which every pod must agree on.
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -674,6 +833,51 @@ mod tests {
             refused_wait(&s(true), 0, 0, 0, 10_000),
             Duration::from_millis(1)
         );
+    }
+
+    #[test]
+    fn a_route_nodes_redis_keys_hold_no_metadata_value_and_never_collide() {
+        let shared =
+            Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw").expect("valid url");
+        let hour = Duration::from_secs(3600);
+        let key = |budget, route: &str, node: &str, value: Option<serde_json::Value>| {
+            shared
+                .route_windows(budget, route, node, value.as_ref(), hour)
+                .key(7)
+        };
+        let planted = serde_json::json!("x:*\r\nFLUSHALL\r\nsidegate:{other/gw}:rl:1:1");
+        let k = key(false, "r", "cap", Some(planted.clone()));
+        let digest = k
+            .strip_prefix("sidegate:ns/gw:route:")
+            .and_then(|rest| rest.strip_suffix(":3600000:7"))
+            .expect("the gateway's prefix, the interval and the window around a digest");
+        assert!(
+            digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{k}"
+        );
+        let mut all = vec![
+            k,
+            key(false, "r", "cap", None),
+            key(false, "r", "cap", Some(serde_json::json!(""))),
+            key(false, "r", "cap", Some(serde_json::json!(42))),
+            key(false, "r", "cap", Some(serde_json::json!("42"))),
+            key(true, "r", "cap", Some(planted.clone())),
+            // Names that run together differently.
+            key(false, "r:c", "ap", Some(planted.clone())),
+            key(false, "r", "cap2", Some(planted)),
+        ];
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "{all:?}");
+        // Another interval, another set of windows; the same node and value, the same key.
+        assert_ne!(
+            shared
+                .route_windows(false, "r", "cap", None, Duration::from_secs(60))
+                .key(7),
+            key(false, "r", "cap", None)
+        );
+        assert_eq!(key(false, "r", "cap", None), key(false, "r", "cap", None));
     }
 
     #[test]

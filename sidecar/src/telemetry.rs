@@ -777,7 +777,7 @@ pub struct RequestRecord {
     /// Spend and token limits the response counts against.
     tally: Option<crate::budget::Tally>,
     /// Budget nodes of a dynamic route this request went through, charged with its cost.
-    route_budgets: Vec<std::sync::Arc<crate::routing::BudgetWindow>>,
+    route_budgets: Vec<crate::routing::BudgetCharge>,
     /// Tokens (input, output) already charged to the usage limits by [`Self::charge_part`].
     precharged: [u64; 2],
     /// Bodies for the log line (`spec.logging.payloads`).
@@ -952,10 +952,7 @@ impl RequestRecord {
     }
 
     /// Charges the response's cost to these budget nodes of a dynamic route.
-    pub fn charge_route_budgets(
-        &mut self,
-        budgets: Vec<std::sync::Arc<crate::routing::BudgetWindow>>,
-    ) {
+    pub fn charge_route_budgets(&mut self, budgets: Vec<crate::routing::BudgetCharge>) {
         self.route_budgets = budgets;
     }
 

@@ -924,6 +924,17 @@ pub(crate) enum Served {
     HandedOver(http::StatusCode),
 }
 
+/// The next target of a route's or chain's walk (none without one).
+async fn next_target<'a>(
+    walk: &mut Option<Walk<'a>>,
+    metadata: &Map<String, Value>,
+) -> Option<&'a Target> {
+    match walk {
+        Some(w) => w.next_target(metadata).await,
+        None => None,
+    }
+}
+
 /// Serves a `/compat` request whose body is read: routing, translation, retries, cache, log.
 pub(crate) async fn answer(
     gw: &Gateway,
@@ -952,7 +963,13 @@ pub(crate) async fn answer(
         .unwrap_or_default();
     // A dynamic route or fallback chain names its targets; a plain model is its one target.
     let (mut walk, single) = match snap.routing.walk(&model) {
-        Some(found) => (Some(found.map_err(|e| none(bad(e)))?), None),
+        Some(found) => {
+            let redis = snap.shared.clone().map(|r| (r, gw.metrics.clone()));
+            (
+                Some(found.map_err(|e| none(bad(e)))?.with_redis(redis)),
+                None,
+            )
+        }
         None => {
             let (p, m) = split_model(&model).map_err(none)?;
             let target = Target {
@@ -966,7 +983,7 @@ pub(crate) async fn answer(
     };
     let routed = walk.is_some();
     let first = match (walk.as_mut(), &single) {
-        (Some(w), _) => w.next_target(&metadata),
+        (Some(w), _) => w.next_target(&metadata).await,
         (None, target) => target.as_ref(),
     }
     .ok_or_else(|| {
@@ -1116,7 +1133,7 @@ pub(crate) async fn answer(
         });
         let (upstream, translation, hide_usage) = match planned {
             Ok(p) => p,
-            Err(e) => match walk.as_mut().and_then(|w| w.next_target(&metadata)) {
+            Err(e) => match next_target(&mut walk, &metadata).await {
                 Some(next) => {
                     tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, log_id = crate::log_id::current().as_deref(), "route target failed, trying the next");
                     target = next;
@@ -1151,7 +1168,7 @@ pub(crate) async fn answer(
                 .await
         };
         let ok = matches!(&outcome, Ok(r) if r.status().is_success());
-        if !ok && let Some(next) = walk.as_mut().and_then(|w| w.next_target(&metadata)) {
+        if !ok && let Some(next) = next_target(&mut walk, &metadata).await {
             let why = match &outcome {
                 Ok(r) => format!("status {}", r.status().as_u16()),
                 Err(e) => e.to_string(),
