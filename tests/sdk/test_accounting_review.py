@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from test_accounting_edges import ChunkServer, sse, start_gateway
-from test_cost import wait_line
+from test_cost import json_gateway, wait_line
 
 GOOGLE_KEY = "AIza-sidegate-test-accounting-review"
 
@@ -68,6 +68,57 @@ def audio_completion(model):
                 "role": "assistant", "content": None, "refusal": None,
                 "audio": {"id": "audio_1", "data": "UklGRg==", "expires_at": 2, "transcript": "hi"}}}],
             "usage": AUDIO_USAGE, "service_tier": "default"}
+
+
+@pytest.fixture
+def gw(mock, tmp_path):
+    g = json_gateway(tmp_path, mock)
+    yield g
+    g.stop()
+
+
+# FAILS at e561789: audio tokens priced as text
+def test_a_spoken_answer_from_the_mock_is_priced_at_the_audio_rates(gw):
+    oa = openai.OpenAI(base_url=gw.url + "/openai", api_key="placeholder", max_retries=0)
+    raw = oa.chat.completions.with_raw_response.create(
+        model="gpt-4o-audio-preview", modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"},
+        messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is said here"},
+            {"type": "input_audio", "input_audio": {"data": "UklGR" * 200, "format": "wav"}}]}])
+    done = raw.parse()
+    assert done.choices[0].message.audio.transcript.startswith("mock reply to:")
+    u = done.usage
+    audio_in, audio_out = u.prompt_tokens_details.audio_tokens, u.completion_tokens_details.audio_tokens
+    assert audio_in > 0 and audio_out > 0
+    line = line_of(gw, raw)
+    assert (line["tokens_in"], line["tokens_out"]) == (u.prompt_tokens, u.completion_tokens), line
+    want = ((u.prompt_tokens - audio_in) * 2.50 + audio_in * 40
+            + (u.completion_tokens - audio_out) * 10 + audio_out * 80) / 1e6
+    assert line["cost"] == pytest.approx(want, rel=1e-9), line
+
+
+# FAILS at e561789: the prompt's text tokens at the audio rate
+def test_a_transcription_from_the_mock_prices_its_prompt_as_text(gw):
+    oa = openai.OpenAI(base_url=gw.url + "/openai", api_key="placeholder", max_retries=0)
+    raw = oa.audio.transcriptions.with_raw_response.create(
+        model="gpt-4o-mini-transcribe", file=("hi.wav", io.BytesIO(b"R" * 5000), "audio/wav"),
+        prompt="Names: Sidegate, Cloudflare, Anthropic.")
+    u = raw.parse().usage
+    assert (u.input_token_details.text_tokens, u.input_token_details.audio_tokens) == (4, 50)
+    line = line_of(gw, raw)
+    assert (line["tokens_in"], line["tokens_out"]) == (54, u.output_tokens), line
+    want = (4 * 1.25 + 50 * 3.0 + u.output_tokens * 5.0) / 1e6
+    assert line["cost"] == pytest.approx(want, rel=1e-9), line
+
+
+def test_a_whisper_transcription_billed_by_duration_has_no_token_cost(gw):
+    # whisper-1 reports `usage: {type: duration, seconds}`: no tokens, and no price by the second.
+    oa = openai.OpenAI(base_url=gw.url + "/openai", api_key="placeholder", max_retries=0)
+    raw = oa.audio.transcriptions.with_raw_response.create(
+        model="whisper-1", file=("hi.wav", io.BytesIO(b"R" * 5000), "audio/wav"))
+    assert raw.parse().text == "mock transcript of 5000 bytes"
+    line = line_of(gw, raw)
+    assert (line["tokens_in"], line["tokens_out"], line["cost"]) == (None, None, None), line
 
 
 def audio_chat(g, model):
