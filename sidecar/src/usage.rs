@@ -168,7 +168,8 @@ pub struct Tokens {
     pub cache_write: u64,
     /// Of the cache writes, those kept for an hour (Anthropic's dearer writes).
     pub cache_write_1h: u64,
-    /// Of the input, audio tokens.
+    /// Of the input not read from the cache, audio tokens (cached audio is priced as the
+    /// cache's reads are).
     pub audio_input: u64,
     /// Of the output, audio tokens.
     pub audio_output: u64,
@@ -213,6 +214,8 @@ pub struct Counts {
     thoughts: Option<u64>,
     write_1h: Option<u64>,
     audio_in: Option<u64>,
+    /// Of the audio in, what was read from the cache (Gemini's `cacheTokensDetails`).
+    audio_cached: Option<u64>,
     audio_out: Option<u64>,
     image_out: Option<u64>,
     web_searches: Option<u64>,
@@ -353,6 +356,7 @@ impl Seen {
         let c = &mut self.counts;
         let slot = match (parent, modality) {
             (b"promptTokensDetails", Modality::Audio) => &mut c.audio_in,
+            (b"cacheTokensDetails", Modality::Audio) => &mut c.audio_cached,
             (b"candidatesTokensDetails", Modality::Audio) => &mut c.audio_out,
             (b"candidatesTokensDetails", Modality::Image) => &mut c.image_out,
             _ => return,
@@ -394,7 +398,7 @@ impl Usage {
             cache_read,
             cache_write,
             cache_write_1h: n(c.write_1h).min(cache_write),
-            audio_input: n(c.audio_in).min(all),
+            audio_input: n(c.audio_in).saturating_sub(n(c.audio_cached)).min(all),
             audio_output,
             image_output: n(c.image_out).min(n(output) - audio_output),
             images: self.images.as_ref().map_or(0, |i| i.images),
@@ -441,6 +445,7 @@ impl Usage {
             keep(&mut c.tool_prompt, new.tool_prompt);
             keep(&mut c.write_1h, new.write_1h);
             keep(&mut c.audio_in, new.audio_in);
+            keep(&mut c.audio_cached, new.audio_cached);
             keep(&mut c.web_searches, new.web_searches);
             c.stated_cost = new.stated_cost.or(c.stated_cost);
         }
@@ -978,7 +983,7 @@ mod tests {
 
     #[test]
     fn gemini_audio_input_and_image_output_are_read_by_modality() {
-        let body = r#"{"usageMetadata":{"promptTokenCount":1060,"candidatesTokenCount":1300,"totalTokenCount":2360,"promptTokensDetails":[{"modality":"TEXT","tokenCount":50},{"modality":"AUDIO","tokenCount":1000},{"tokenCount":10,"modality":"IMAGE"}],"candidatesTokensDetails":[{"modality":"IMAGE","tokenCount":1290},{"modality":"TEXT","tokenCount":10}],"cacheTokensDetails":[{"modality":"AUDIO","tokenCount":7}]}}"#;
+        let body = r#"{"usageMetadata":{"promptTokenCount":1060,"candidatesTokenCount":1300,"totalTokenCount":2360,"promptTokensDetails":[{"modality":"TEXT","tokenCount":50},{"modality":"AUDIO","tokenCount":1000},{"tokenCount":10,"modality":"IMAGE"}],"candidatesTokensDetails":[{"modality":"IMAGE","tokenCount":1290},{"modality":"TEXT","tokenCount":10}],"toolUsePromptTokensDetails":[{"modality":"AUDIO","tokenCount":7}]}}"#;
         let t = tokens_of(&[body]);
         assert_eq!((t.input, t.output), (Some(1060), Some(1300)));
         assert_eq!(
@@ -993,6 +998,13 @@ mod tests {
                 "cut at {cut}"
             );
         }
+        // Audio read from the cache is not fresh audio.
+        let cached = r#"{"usageMetadata":{"promptTokenCount":31000,"cachedContentTokenCount":28000,"candidatesTokenCount":10,"promptTokensDetails":[{"modality":"TEXT","tokenCount":5000},{"modality":"AUDIO","tokenCount":26000}],"cacheTokensDetails":[{"modality":"TEXT","tokenCount":3000},{"modality":"AUDIO","tokenCount":25000}]}}"#;
+        let t = tokens_of(&[cached]);
+        assert_eq!(
+            (t.input, t.cache_read, t.audio_input),
+            (Some(31000), 28000, 1000)
+        );
         // Streamed: the last chunk's counts, not a sum over chunks.
         let chunk = |image: u64| {
             format!(

@@ -383,6 +383,17 @@ def test_gemini_audio_input_is_priced_at_the_audio_rate(served):
     assert line["cost"] == pytest.approx((50 * 0.30 + 1000 * 1.00 + 100 * 2.50) / 1e6, rel=1e-9), line
 
 
+# Fails when cacheTokensDetails is not read: the 6784 fresh text tokens priced as audio, cost 0.019654
+def test_gemini_audio_read_from_the_cache_is_not_priced_as_fresh_audio(served):
+    # All the audio cached, some text not: the fresh tokens are text ($0.30 on 2.5 Flash).
+    from test_accounting_edges import GEMINI_RICH
+    g, _ = served(as_json(dict(GEMINI_RICH, modelVersion="gemini-2.5-flash")), content_type="application/json")
+    _, line = gemini(g, "gemini-2.5-flash", {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]})
+    assert (line["tokens_in"], line["tokens_out"]) == (131584 + 1200, 812 + 2824), line
+    # 6784 fresh at $0.30, 126000 cached at $0.03, 3636 out at $2.50.
+    assert line["cost"] == pytest.approx((6784 * 0.30 + 126000 * 0.03 + 3636 * 2.50) / 1e6, rel=1e-9), line
+
+
 # --- Imagen (`:predict`): priced per image ------------------------------------------------------
 #
 # Imagen answers `{"predictions": [{"mimeType", "bytesBase64Encoded"}, ...]}` with no token counts;
