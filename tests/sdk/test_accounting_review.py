@@ -448,3 +448,59 @@ def test_compat_answers_cost_what_the_providers_own_route_charges(served, model,
     g, _ = served(as_json(answer), content_type="application/json")
     line = compat(g, model, max_tokens=256)
     assert line["cost"] == pytest.approx(want, rel=1e-9), line
+
+
+# --- Realtime input audio transcription: its audio at the audio rate ---------------------------
+#
+# `conversation.item.input_audio_transcription.completed` reports `usage.input_token_details`
+# as the HTTP transcription does. 1000 audio tokens of gpt-4o-mini-transcribe: $0.003 at the
+# audio rate, $0.00125 at the text one; the spend limit ($0.002) lies between.
+@pytest.mark.parametrize("details, refused", [
+    ({"text_tokens": 0, "audio_tokens": 1000}, True),
+    ({"text_tokens": 1000, "audio_tokens": 0}, False),
+    (None, True),
+])
+def test_a_realtime_transcriptions_audio_is_charged_at_the_audio_rate(tmp_path, details, refused):
+    import pathlib
+    import time
+
+    import websockets.sync.client
+    from conftest import DEFAULT_KEYS, Sidegate
+    from test_realtime import RealtimeUpstream
+
+    usage = {"type": "tokens", "total_tokens": 1000, "input_tokens": 1000, "output_tokens": 0}
+    if details:
+        usage["input_token_details"] = details
+
+    class Upstream(RealtimeUpstream):
+        async def _session(self, ws):
+            await ws.send(json.dumps({"type": "session.created", "event_id": "ev_1", "session": {
+                "type": "transcription", "audio": {"input": {"transcription": {"model": "gpt-4o-mini-transcribe"}}}}}))
+            async for _ in ws:
+                await ws.send(json.dumps({
+                    "type": "conversation.item.input_audio_transcription.completed", "event_id": "ev_t",
+                    "item_id": "item_1", "content_index": 0, "transcript": "hello", "usage": usage}))
+
+    upstream = Upstream()
+    d = pathlib.Path(tmp_path) / "gw-rt"
+    d.mkdir()
+    yaml = ("schemaVersion: 1\ngateway: {namespace: team-a, name: acct-rt}\nspec:\n  providers:\n"
+            f"    openai: {{baseURL: '{upstream.url}/v1'}}\n  spendLimit: {{amount: '0.002', period: day}}\n")
+    g = Sidegate(d, yaml, DEFAULT_KEYS, extra_args=["--log-format", "json"])
+    try:
+        url = g.url.replace("http", "ws") + "/openai/realtime?intent=transcription"
+        with websockets.sync.client.connect(url) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+            ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            assert json.loads(ws.recv(timeout=5))["type"].endswith("transcription.completed")
+        deadline = time.monotonic() + (3 if refused else 1)
+        while True:
+            r = httpx.post(g.url + "/openai/chat/completions", timeout=10,
+                           json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+            if r.status_code == 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert (r.status_code == 429) == refused, (r.status_code, r.text[:300])
+    finally:
+        g.stop()
+        upstream.stop()
