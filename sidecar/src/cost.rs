@@ -1,4 +1,6 @@
-//! What a request cost, in USD: the tokens its response reported times the model's price.
+//! What a request cost, in USD: the tokens its response reported times the model's price (audio
+//! and image tokens at the model's rates for them), plus what is charged per image generated or
+//! per web search; or the cost the provider itself states in the answer (Perplexity).
 //!
 //! Prices come from a built-in table of well-known models ([`PRICES_AS_OF`]) merged with the
 //! gateway's `spec.pricing`; a model is priced by the longest table name that it equals or
@@ -36,22 +38,119 @@ pub struct Price {
     pub cache_write: f64,
     /// Per million input tokens written to the prompt cache for an hour (Anthropic).
     pub cache_write_1h: f64,
+    /// Per million input audio tokens (the input price for a model without one of its own).
+    pub audio_input: f64,
+    /// Per million output audio tokens (the output price for a model without one of its own).
+    pub audio_output: f64,
+    /// Per million output image tokens (the output price for a model without one of its own).
+    pub image_output: f64,
+    /// Per image generated, in USD (Imagen).
+    pub per_image: f64,
+    /// Per server-side web search, in USD (Anthropic's web search tool).
+    pub per_web_search: f64,
 }
 
 impl Price {
     /// `input` and `output`, with the prompt cache priced by the provider's rule for `model`
-    /// (see [`cache_ratios`]).
+    /// (see [`cache_ratios`]), server-side web searches by its provider's fee, and audio and
+    /// images at the rates [`NOT_TEXT`] gives a model of that name (as text otherwise).
     pub fn of(model: &str, input: f64, output: f64) -> Self {
-        let (read, write, write_1h) = cache_ratios(normalize(model));
-        Self {
+        let name = normalize(model);
+        let (read, write, write_1h) = cache_ratios(name);
+        let mut price = Self {
             input,
             output,
             cache_read: input * read,
             cache_write: input * write,
             cache_write_1h: input * write_1h,
+            audio_input: input,
+            audio_output: output,
+            image_output: output,
+            per_image: 0.0,
+            // "$10 per 1,000 searches, plus standard token costs" (docs.claude.com, Web search
+            // tool, Usage and pricing; on Vertex AI too). Web fetch has no fee of its own.
+            per_web_search: if name.starts_with("claude-") {
+                0.01
+            } else {
+                0.0
+            },
+        };
+        for (_, rate) in NOT_TEXT.iter().filter(|(n, _)| *n == name) {
+            match *rate {
+                NotText::Audio { input, output } => {
+                    price.audio_input = input;
+                    price.audio_output = output;
+                }
+                NotText::AudioInput(usd) => price.audio_input = usd,
+                NotText::ImageOutput(usd) => price.image_output = usd,
+                NotText::PerImage(usd) => price.per_image = usd,
+            }
         }
+        price
     }
 }
+
+/// A price a model has for a part of its answers that is not text.
+#[derive(Clone, Copy)]
+enum NotText {
+    /// Audio tokens in and out, per million.
+    Audio { input: f64, output: f64 },
+    /// Audio tokens in, per million (the model answers in text).
+    AudioInput(f64),
+    /// Image tokens out, per million.
+    ImageOutput(f64),
+    /// Each image generated.
+    PerImage(f64),
+}
+
+/// The prices of audio and images, for the [`BUILTIN`] row of the same name (a model priced by
+/// that row, and a `spec.pricing` entry of that name), as of [`PRICES_AS_OF`].
+const NOT_TEXT: &[(&str, NotText)] = &[
+    // OpenAI (platform.openai.com/docs/pricing and the model pages, "Audio tokens").
+    (
+        "gpt-4o-audio-preview",
+        NotText::Audio {
+            input: 40.0,
+            output: 80.0,
+        },
+    ),
+    (
+        "gpt-4o-audio-preview-2024-10-01",
+        NotText::Audio {
+            input: 100.0,
+            output: 200.0,
+        },
+    ),
+    (
+        "gpt-4o-mini-audio-preview",
+        NotText::Audio {
+            input: 10.0,
+            output: 20.0,
+        },
+    ),
+    (
+        "gpt-audio",
+        NotText::Audio {
+            input: 32.0,
+            output: 64.0,
+        },
+    ),
+    // Transcription: the audio in at this rate, a prompt's text tokens at the input price.
+    ("gpt-4o-transcribe", NotText::AudioInput(6.0)),
+    ("gpt-4o-mini-transcribe", NotText::AudioInput(3.0)),
+    // Google (ai.google.dev/gemini-api/docs/pricing, standard tier): audio input where it
+    // costs more than text, image output ($0.039 per 1024px image of 1290 tokens), Imagen per
+    // image.
+    ("gemini-2.5-flash", NotText::AudioInput(1.0)),
+    ("gemini-2.5-flash-lite", NotText::AudioInput(0.30)),
+    ("gemini-2.0-flash", NotText::AudioInput(0.70)),
+    ("gemini-2.5-flash-image", NotText::ImageOutput(30.0)),
+    ("imagen-4.0-generate", NotText::PerImage(0.04)),
+    ("imagen-4.0-fast-generate", NotText::PerImage(0.02)),
+    ("imagen-4.0-ultra-generate", NotText::PerImage(0.06)),
+    ("imagen-3.0-generate", NotText::PerImage(0.04)),
+    ("imagen-3.0-fast-generate", NotText::PerImage(0.02)),
+];
 
 /// How a provider prices prompt-cache reads, writes and one-hour writes, as multiples of the
 /// model's input price, by model family; `(1, 1, 1)` (no discount) for a model whose provider
@@ -122,10 +221,15 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-4o-mini", 0.15, 0.60),
     ("gpt-4o-realtime-preview", 5.0, 20.0),
     ("gpt-4o-mini-realtime-preview", 0.60, 2.40),
-    // Transcription models: their input is the audio (a prompt's few text tokens, which
-    // OpenAI prices lower, are charged as audio too: a little over, never under).
-    ("gpt-4o-transcribe", 6.0, 10.0),
-    ("gpt-4o-mini-transcribe", 3.0, 5.0),
+    // Audio models: text prices here, audio ones in NOT_TEXT.
+    ("gpt-4o-audio-preview", 2.50, 10.0),
+    ("gpt-4o-audio-preview-2024-10-01", 2.50, 10.0),
+    ("gpt-4o-mini-audio-preview", 0.15, 0.60),
+    ("gpt-audio", 2.50, 10.0),
+    ("gpt-audio-mini", 0.60, 2.40),
+    // Transcription models: text in (a prompt) and out; the audio in is in NOT_TEXT.
+    ("gpt-4o-transcribe", 2.50, 10.0),
+    ("gpt-4o-mini-transcribe", 1.25, 5.0),
     ("gpt-4-turbo", 10.0, 30.0),
     ("gpt-4-0125-preview", 10.0, 30.0),
     ("gpt-4-1106-preview", 10.0, 30.0),
@@ -169,7 +273,14 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gemini-2.5-flash", 0.30, 2.50),
     ("gemini-2.5-flash-lite", 0.10, 0.40),
     ("gemini-2.5-pro", 1.25, 10.0),
+    ("gemini-2.5-flash-image", 0.30, 2.50),
     ("text-embedding-004", 0.0, 0.0),
+    // Imagen: per image (NOT_TEXT); its answers have no tokens.
+    ("imagen-4.0-generate", 0.0, 0.0),
+    ("imagen-4.0-fast-generate", 0.0, 0.0),
+    ("imagen-4.0-ultra-generate", 0.0, 0.0),
+    ("imagen-3.0-generate", 0.0, 0.0),
+    ("imagen-3.0-fast-generate", 0.0, 0.0),
     // Mistral
     ("mistral-large", 2.0, 6.0),
     ("mistral-medium", 0.40, 2.0),
@@ -205,6 +316,14 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("grok-4-1-fast", 0.20, 0.50),
     ("grok-3", 3.0, 15.0),
     ("grok-3-mini", 0.30, 0.50),
+    // Perplexity (docs.perplexity.ai/getting-started/pricing): tokens only. Its answers state
+    // their whole cost (`usage.cost.total_cost`, with the per-request search fees), which is
+    // taken instead when present.
+    ("sonar", 1.0, 1.0),
+    ("sonar-pro", 3.0, 15.0),
+    ("sonar-reasoning", 1.0, 5.0),
+    ("sonar-reasoning-pro", 2.0, 8.0),
+    ("sonar-deep-research", 2.0, 8.0),
 ];
 
 /// Characters after which a longer model name still counts as the shorter one.
@@ -643,8 +762,10 @@ impl CustomCost {
 }
 
 /// The cost in USD of a response that reported `tokens`: the custom cost when the request set
-/// one (per token: every input token at `per_token_in`), else the model's price, the prompt
-/// cache's reads and writes at theirs; `None` when neither (or no tokens) is known.
+/// one (per token: every input token at `per_token_in`), else the cost the provider stated, else
+/// the model's price: the prompt cache's reads and writes, audio and image tokens at theirs,
+/// plus images and web searches at theirs; `None` when none of these (or nothing counted) is
+/// known.
 pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -> Option<f64> {
     let known = tokens.totals() != [None, None];
     let [i, o] = tokens.totals().map(|n| n.unwrap_or(0));
@@ -652,18 +773,29 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
     let write = tokens.cache_write.min(i - read);
     let write_1h = tokens.cache_write_1h.min(write);
     let fresh = i - read - write;
+    // Audio read from the cache is priced as the cache's reads are.
+    let audio_in = tokens.audio_input.min(fresh);
+    let audio_out = tokens.audio_output.min(o);
+    let image_out = tokens.image_output.min(o - audio_out);
+    let text_out = o - audio_out - image_out;
     match custom {
         Some(CustomCost::Total(t)) => Some(t),
         Some(CustomCost::PerToken { input, output }) => {
             known.then_some(i as f64 * input + o as f64 * output)
         }
-        None => price.filter(|_| known).map(|p| {
-            (fresh as f64 * p.input
+        None if tokens.stated_cost.is_some() => tokens.stated_cost,
+        None => price.filter(|_| known || tokens.images > 0).map(|p| {
+            ((fresh - audio_in) as f64 * p.input
+                + audio_in as f64 * p.audio_input
                 + read as f64 * p.cache_read
                 + (write - write_1h) as f64 * p.cache_write
                 + write_1h as f64 * p.cache_write_1h
-                + o as f64 * p.output)
+                + text_out as f64 * p.output
+                + audio_out as f64 * p.audio_output
+                + image_out as f64 * p.image_output)
                 / 1e6
+                + tokens.images as f64 * p.per_image
+                + tokens.web_searches as f64 * p.per_web_search
         }),
     }
     .filter(|c| c.is_finite())
@@ -931,6 +1063,7 @@ mod tests {
             cache_read: read,
             cache_write: write,
             cache_write_1h: write_1h,
+            ..Tokens::default()
         };
         // 50 fresh + 100k read, 500 out: 50*3 + 100k*0.30 + 500*15 per 1M.
         close(
@@ -1073,6 +1206,180 @@ mod tests {
             cost(sonnet, per, &tokens(100_050, 0, 100_000, 0, 0)),
             0.10005,
         );
+    }
+
+    #[test]
+    fn audio_and_image_tokens_are_priced_at_the_models_rates_for_them() {
+        let t = Pricing::default();
+        let tokens = |input, output, audio_input, audio_output, image_output| Tokens {
+            audio_input,
+            audio_output,
+            image_output,
+            ..Tokens::plain(Some(input), Some(output))
+        };
+        // gpt-4o-audio-preview: text $2.50 / $10, audio $40 / $80.
+        let audio = tokens(1000, 500, 800, 400, 0);
+        let want = (200.0 * 2.5 + 800.0 * 40.0 + 100.0 * 10.0 + 400.0 * 80.0) / 1e6;
+        close(
+            cost(t.lookup("gpt-4o-audio-preview-2025-06-03"), None, &audio),
+            want,
+        );
+        close(
+            cost(t.lookup("gpt-4o-audio-preview-2024-10-01"), None, &audio),
+            (200.0 * 2.5 + 800.0 * 100.0 + 100.0 * 10.0 + 400.0 * 200.0) / 1e6,
+        );
+        close(
+            cost(t.lookup("gpt-audio-2025-08-28"), None, &audio),
+            (200.0 * 2.5 + 800.0 * 32.0 + 100.0 * 10.0 + 400.0 * 64.0) / 1e6,
+        );
+        close(
+            cost(t.lookup("gpt-4o-mini-audio-preview"), None, &audio),
+            (200.0 * 0.15 + 800.0 * 10.0 + 100.0 * 0.60 + 400.0 * 20.0) / 1e6,
+        );
+        // A model without audio rates prices audio as text (gpt-audio-mini's are not published).
+        close(
+            cost(t.lookup("gpt-audio-mini"), None, &audio),
+            (1000.0 * 0.60 + 500.0 * 2.40) / 1e6,
+        );
+        // Transcription: 40 text tokens of prompt at $2.50, 80 of audio at $6, 50 out at $10.
+        let heard = tokens(120, 50, 80, 0, 0);
+        close(
+            cost(t.lookup("gpt-4o-transcribe"), None, &heard),
+            (40.0 * 2.5 + 80.0 * 6.0 + 50.0 * 10.0) / 1e6,
+        );
+        close(
+            cost(t.lookup("gpt-4o-mini-transcribe"), None, &heard),
+            (40.0 * 1.25 + 80.0 * 3.0 + 50.0 * 5.0) / 1e6,
+        );
+        // Gemini: audio in at $1.00 on 2.5 Flash ($0.30 text), image out at $30 on Flash Image.
+        close(
+            cost(
+                t.lookup("gemini-2.5-flash"),
+                None,
+                &tokens(1050, 100, 1000, 0, 0),
+            ),
+            (50.0 * 0.30 + 1000.0 * 1.0 + 100.0 * 2.5) / 1e6,
+        );
+        close(
+            cost(
+                t.lookup("gemini-2.5-flash-lite-preview-09-2025"),
+                None,
+                &tokens(1000, 0, 1000, 0, 0),
+            ),
+            1000.0 * 0.30 / 1e6,
+        );
+        close(
+            cost(
+                t.lookup("gemini-2.5-flash-image-preview"),
+                None,
+                &tokens(10, 1300, 0, 0, 1290),
+            ),
+            (10.0 * 0.30 + 10.0 * 2.5 + 1290.0 * 30.0) / 1e6,
+        );
+        // Counts past their totals are cut to them (audio never more than the fresh input).
+        let odd = Tokens {
+            cache_read: 600,
+            ..tokens(1000, 10, 900, 50, 50)
+        };
+        close(
+            cost(t.lookup("gpt-4o-audio-preview"), None, &odd),
+            (400.0 * 40.0 + 600.0 * 1.25 + 10.0 * 80.0) / 1e6,
+        );
+        // spec.pricing replacing a model's text prices keeps its audio rates.
+        let own = Pricing::with(&[ModelPrice {
+            model: "gpt-4o-audio-preview".into(),
+            input_per_million: "1".into(),
+            output_per_million: "2".into(),
+            ..ModelPrice::default()
+        }])
+        .expect("valid");
+        close(
+            cost(own.lookup("gpt-4o-audio-preview"), None, &audio),
+            (200.0 + 800.0 * 40.0 + 100.0 * 2.0 + 400.0 * 80.0) / 1e6,
+        );
+        // A custom per-token cost prices every token alike.
+        let per = Some(CustomCost::PerToken {
+            input: 0.000001,
+            output: 0.000002,
+        });
+        close(cost(t.lookup("gpt-4o-audio-preview"), per, &audio), 0.002);
+    }
+
+    #[test]
+    fn images_and_web_searches_are_charged_beside_the_tokens() {
+        let t = Pricing::default();
+        let images = |n| Tokens {
+            images: n,
+            ..Tokens::default()
+        };
+        // Imagen answers have no tokens: their images are the cost.
+        close(
+            cost(t.lookup("imagen-4.0-generate-001"), None, &images(2)),
+            0.08,
+        );
+        close(
+            cost(t.lookup("imagen-4.0-fast-generate-001"), None, &images(3)),
+            0.06,
+        );
+        close(
+            cost(t.lookup("imagen-4.0-ultra-generate-001"), None, &images(1)),
+            0.06,
+        );
+        close(
+            cost(t.lookup("imagen-3.0-generate-002"), None, &images(1)),
+            0.04,
+        );
+        assert_eq!(
+            cost(t.lookup("imagen-4.0-generate-001"), None, &images(0)),
+            None,
+            "nothing counted, no cost"
+        );
+        // $10 per 1,000 web searches on Claude models; none elsewhere.
+        let searched = Tokens {
+            web_searches: 3,
+            ..Tokens::plain(Some(2000), Some(300))
+        };
+        close(
+            cost(t.lookup("claude-sonnet-4-5-20250929"), None, &searched),
+            (2000.0 * 3.0 + 300.0 * 15.0) / 1e6 + 0.03,
+        );
+        close(
+            cost(
+                t.lookup("us.anthropic.claude-sonnet-4-5-20250929-v1:0"),
+                None,
+                &searched,
+            ),
+            (2000.0 * 3.0 + 300.0 * 15.0) / 1e6 + 0.03,
+        );
+        close(
+            cost(t.lookup("gpt-4o-mini"), None, &searched),
+            (2000.0 * 0.15 + 300.0 * 0.60) / 1e6,
+        );
+    }
+
+    #[test]
+    fn a_cost_the_provider_states_replaces_the_price_but_not_a_custom_cost() {
+        let t = Pricing::default();
+        let stated = Tokens {
+            stated_cost: Some(0.01053),
+            ..Tokens::plain(Some(10), Some(300))
+        };
+        close(cost(t.lookup("sonar-pro"), None, &stated), 0.01053);
+        // Also for a model the table does not know.
+        close(cost(None, None, &stated), 0.01053);
+        close(cost(None, Some(CustomCost::Total(0.5)), &stated), 0.5);
+        // Without it, Perplexity's models are priced by their tokens.
+        close(
+            cost(
+                t.lookup("sonar-pro"),
+                None,
+                &Tokens::plain(Some(10), Some(300)),
+            ),
+            (10.0 * 3.0 + 300.0 * 15.0) / 1e6,
+        );
+        assert_eq!(look(&t, "sonar"), price(1.0, 1.0));
+        assert_eq!(look(&t, "sonar-reasoning-pro"), price(2.0, 8.0));
+        assert_eq!(look(&t, "sonar-deep-research"), price(2.0, 8.0));
     }
 
     #[test]

@@ -13,7 +13,16 @@
 //!   and `input_tokens_details.cached_tokens`, Gemini `cachedContentTokenCount`, DeepSeek
 //!   `prompt_cache_hit_tokens`);
 //! - Gemini's thinking (`thoughtsTokenCount`, billed as output beside `candidatesTokenCount`)
-//!   and tool-use prompt (`toolUsePromptTokenCount`, input beside `promptTokenCount`).
+//!   and tool-use prompt (`toolUsePromptTokenCount`, input beside `promptTokenCount`);
+//! - audio and image tokens, priced apart by some models: OpenAI's `audio_tokens` in
+//!   `prompt_tokens_details`/`input_token_details` (transcriptions) and
+//!   `completion_tokens_details`, Gemini's `promptTokensDetails`/`candidatesTokensDetails`
+//!   entries of modality `AUDIO` or `IMAGE`, all counted inside the input or output;
+//! - Anthropic's server-side web searches (`server_tool_use.web_search_requests`), charged apart;
+//! - the cost Perplexity states for a request (`usage.cost.total_cost`), read on its answers only.
+//!
+//! Imagen's answers (`:predict` of an `imagen-*` model) have no usage: their images are counted
+//! (each prediction's `"bytesBase64Encoded"`).
 //!
 //! No JSON is parsed: each body frame is searched for `"usage` and the `"key": number` pairs of
 //! the object after it are read (keys of its own level; the few nested ones above by name). The
@@ -52,6 +61,13 @@ enum Field {
     Total,
     /// Reasoning tokens (`completion_tokens_details.reasoning_tokens`).
     Reasoning,
+    /// Of the input, audio tokens (`prompt_tokens_details.audio_tokens`, a transcription's
+    /// `input_token_details.audio_tokens`).
+    AudioIn,
+    /// Of the output, audio tokens (`completion_tokens_details.audio_tokens`).
+    AudioOut,
+    /// Anthropic's `server_tool_use.web_search_requests`.
+    WebSearches,
 }
 
 /// What a key of the usage object's own level counts.
@@ -72,16 +88,40 @@ fn own_field(key: &[u8]) -> Option<Field> {
     })
 }
 
-/// What a key one object down counts (`prompt_tokens_details`, `input_tokens_details`,
-/// `cache_creation`).
-fn nested_field(key: &[u8]) -> Option<Field> {
+/// What a key one object down counts, in the object named `parent` (`prompt_tokens_details`,
+/// `input_tokens_details`, `cache_creation`, `server_tool_use`, ...).
+fn nested_field(parent: &[u8], key: &[u8]) -> Option<Field> {
     match key {
         b"cached_tokens" => Some(Field::ReadInside),
         b"ephemeral_1h_input_tokens" => Some(Field::Write1h),
         b"reasoning_tokens" => Some(Field::Reasoning),
+        b"audio_tokens" => match parent {
+            b"prompt_tokens_details" | b"input_tokens_details" | b"input_token_details" => {
+                Some(Field::AudioIn)
+            }
+            b"completion_tokens_details" | b"output_tokens_details" | b"output_token_details" => {
+                Some(Field::AudioOut)
+            }
+            _ => None,
+        },
+        b"web_search_requests" if parent == b"server_tool_use" => Some(Field::WebSearches),
         _ => None,
     }
 }
+
+/// The modality of a Gemini `ModalityTokenCount` entry, where it is priced apart from text.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Modality {
+    Audio,
+    Image,
+}
+
+/// An Imagen answer's image: the key of each prediction's image data.
+const IMAGE_KEY: &[u8] = b"\"bytesBase64Encoded\"";
+static IMAGE_FINDER: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(IMAGE_KEY));
+/// Largest cost a provider may state for one request, in USD (as `cf-aig-custom-cost`'s).
+const MAX_STATED_COST: f64 = 1_000_000.0;
 const NEEDLE: &[u8] = b"\"usage";
 /// What the finder looks for: `usage` without the quote, which JSON is full of (a quote as
 /// the first byte would make every string a candidate); the quote is checked after.
@@ -114,8 +154,9 @@ pub fn takes_stream_options(provider: &str, query: Option<&str>) -> bool {
 }
 
 /// The tokens of a response as providers bill them: all input (fresh, cache reads and cache
-/// writes), of which the cache reads and writes, and all output (thinking included).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// writes), of which the cache reads and writes and the audio, and all output (thinking
+/// included), of which the audio and images; and what is charged beside tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Tokens {
     /// All input tokens; `None` when the response reported none.
     pub input: Option<u64>,
@@ -127,6 +168,19 @@ pub struct Tokens {
     pub cache_write: u64,
     /// Of the cache writes, those kept for an hour (Anthropic's dearer writes).
     pub cache_write_1h: u64,
+    /// Of the input not read from the cache, audio tokens (cached audio is priced as the
+    /// cache's reads are).
+    pub audio_input: u64,
+    /// Of the output, audio tokens.
+    pub audio_output: u64,
+    /// Of the output, image tokens.
+    pub image_output: u64,
+    /// Images generated (an Imagen answer, which has no tokens).
+    pub images: u64,
+    /// Server-side web searches (Anthropic).
+    pub web_searches: u64,
+    /// The cost the provider states for the request, in USD (Perplexity).
+    pub stated_cost: Option<f64>,
 }
 
 impl Tokens {
@@ -146,7 +200,7 @@ impl Tokens {
 }
 
 /// The numbers of usage, as the provider reported them (one per [`Field`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Counts {
     /// The input number (`prompt_tokens`, `input_tokens`, ...): for Anthropic and Bedrock
     /// without the cache reads and writes. [`Usage::tokens`] has the total.
@@ -159,6 +213,13 @@ pub struct Counts {
     tool_prompt: Option<u64>,
     thoughts: Option<u64>,
     write_1h: Option<u64>,
+    audio_in: Option<u64>,
+    /// Of the audio in, what was read from the cache (Gemini's `cacheTokensDetails`).
+    audio_cached: Option<u64>,
+    audio_out: Option<u64>,
+    image_out: Option<u64>,
+    web_searches: Option<u64>,
+    stated_cost: Option<f64>,
 }
 
 impl Counts {
@@ -187,6 +248,38 @@ pub struct Usage {
     /// The counts are in a `meta` object, not `usage` (Cohere's v1 API and its embeddings:
     /// `meta.billed_units`).
     in_meta: bool,
+    /// The answer's `usage.cost.total_cost` is the provider's statement of what the request cost
+    /// (Perplexity); another provider's is not taken.
+    states_cost: bool,
+    /// For an Imagen answer, the images counted so far.
+    images: Option<Box<ImageCount>>,
+}
+
+/// The images of an Imagen answer, counted as its bytes go by (megabytes of base64 in few
+/// frames): the end of the last frame is kept, a key cut by a frame's end is counted whole.
+#[derive(Debug, Default)]
+struct ImageCount {
+    images: u64,
+    /// The last `IMAGE_KEY.len() - 1` bytes seen.
+    tail: Vec<u8>,
+}
+
+impl ImageCount {
+    fn observe(&mut self, data: &[u8]) {
+        let keep = IMAGE_KEY.len() - 1;
+        // The seam holds fewer than a key's bytes on each side: what it finds is cut by it.
+        let mut seam = std::mem::take(&mut self.tail);
+        seam.extend_from_slice(&data[..data.len().min(keep)]);
+        let found = IMAGE_FINDER.find_iter(&seam).count() + IMAGE_FINDER.find_iter(data).count();
+        self.images = self.images.saturating_add(found as u64);
+        if data.len() >= keep {
+            seam.clear();
+            seam.extend_from_slice(&data[data.len() - keep..]);
+        } else {
+            seam.drain(..seam.len().saturating_sub(keep));
+        }
+        self.tail = seam;
+    }
 }
 
 /// Bedrock's InvokeModelWithResponseStream answer: event-stream messages whose `chunk`
@@ -227,6 +320,13 @@ struct Seen {
     reasoning: Option<u64>,
 }
 
+/// A Gemini `ModalityTokenCount` entry being read (`{"modality": "AUDIO", "tokenCount": n}`).
+#[derive(Default)]
+struct ModalityEntry {
+    modality: Option<Modality>,
+    tokens: Option<u64>,
+}
+
 impl Seen {
     fn set(&mut self, field: Field, n: u64) {
         let c = &mut self.counts;
@@ -241,8 +341,27 @@ impl Seen {
             Field::ToolPrompt => &mut c.tool_prompt,
             Field::Thoughts => &mut c.thoughts,
             Field::Write1h => &mut c.write_1h,
+            Field::AudioIn => &mut c.audio_in,
+            Field::AudioOut => &mut c.audio_out,
+            Field::WebSearches => &mut c.web_searches,
         };
         *slot = Some(n);
+    }
+
+    /// Adds a Gemini entry of `parent` (`promptTokensDetails`, `candidatesTokensDetails`).
+    fn add_modality(&mut self, parent: &[u8], entry: &ModalityEntry) {
+        let (Some(modality), Some(n)) = (entry.modality, entry.tokens) else {
+            return;
+        };
+        let c = &mut self.counts;
+        let slot = match (parent, modality) {
+            (b"promptTokensDetails", Modality::Audio) => &mut c.audio_in,
+            (b"cacheTokensDetails", Modality::Audio) => &mut c.audio_cached,
+            (b"candidatesTokensDetails", Modality::Audio) => &mut c.audio_out,
+            (b"candidatesTokensDetails", Modality::Image) => &mut c.image_out,
+            _ => return,
+        };
+        *slot = Some(slot.unwrap_or(0).saturating_add(n));
     }
 
     fn add_1h(&mut self, n: u64) {
@@ -272,12 +391,19 @@ impl Usage {
         let cache_read = n(c.read_beside)
             .saturating_add(n(c.read_inside))
             .min(all - cache_write);
+        let audio_output = n(c.audio_out).min(n(output));
         Tokens {
             input,
             output,
             cache_read,
             cache_write,
             cache_write_1h: n(c.write_1h).min(cache_write),
+            audio_input: n(c.audio_in).saturating_sub(n(c.audio_cached)).min(all),
+            audio_output,
+            image_output: n(c.image_out).min(n(output) - audio_output),
+            images: self.images.as_ref().map_or(0, |i| i.images),
+            web_searches: n(c.web_searches),
+            stated_cost: c.stated_cost,
         }
     }
 
@@ -306,6 +432,8 @@ impl Usage {
                 input,
                 output: c.output,
                 thoughts: c.thoughts,
+                audio_out: c.audio_out,
+                image_out: c.image_out,
                 write_1h,
                 ..new
             };
@@ -316,17 +444,27 @@ impl Usage {
             keep(&mut c.read_inside, new.read_inside);
             keep(&mut c.tool_prompt, new.tool_prompt);
             keep(&mut c.write_1h, new.write_1h);
+            keep(&mut c.audio_in, new.audio_in);
+            keep(&mut c.audio_cached, new.audio_cached);
+            keep(&mut c.web_searches, new.web_searches);
+            c.stated_cost = new.stated_cost.or(c.stated_cost);
         }
         if output.is_some() {
             c.output = output;
             c.thoughts = new.thoughts;
-        } else if new.thoughts.is_some() {
-            c.thoughts = new.thoughts;
+            c.audio_out = new.audio_out;
+            c.image_out = new.image_out;
+        } else {
+            let keep = |slot: &mut Option<u64>, v: Option<u64>| *slot = v.or(*slot);
+            keep(&mut c.thoughts, new.thoughts);
+            keep(&mut c.audio_out, new.audio_out);
+            keep(&mut c.image_out, new.image_out);
         }
     }
 
     /// A reader of the usage of the answer to a request of `provider` on `path`: Bedrock's
-    /// InvokeModelWithResponseStream answers are read through their event-stream framing.
+    /// InvokeModelWithResponseStream answers are read through their event-stream framing, an
+    /// Imagen answer's images are counted, and Perplexity's stated cost is taken.
     pub fn for_answer(provider: &str, path: &str) -> Self {
         let invoke = (provider == "aws-bedrock"
             && path
@@ -336,15 +474,26 @@ impl Usage {
         let path = path.trim_start_matches('/');
         let in_meta = provider == "cohere"
             && (path.starts_with("v1/") || path.trim_end_matches('/').ends_with("/embed"));
+        let path = path.split('?').next().unwrap_or(path);
+        let images = matches!(provider, "google-ai-studio" | "google-vertex-ai")
+            && path.ends_with(":predict")
+            && crate::cost::model_in_path(path).is_some_and(|m| m.starts_with("imagen-"));
         Self {
             invoke,
             in_meta,
+            states_cost: provider == "perplexity-ai",
+            images: images.then(Box::default),
             ..Self::default()
         }
     }
 
     /// Reads the usage numbers in `data` (the next frame of the body).
     pub fn observe(&mut self, data: &[u8]) {
+        if let Some(images) = &mut self.images {
+            // No usage to read in an Imagen answer: megabytes of base64 are not scanned for it.
+            images.observe(data);
+            return;
+        }
         if let Some(mut invoke) = self.invoke.take() {
             self.observe_invoke(&mut invoke, data);
             self.invoke = Some(invoke);
@@ -440,8 +589,11 @@ impl Usage {
         let window = &s[..s.len().min(WINDOW)];
         let mut seen = Seen::default();
         // Bedrock's `cacheDetails` entry being read: its `inputTokens`, and whether its `ttl`
-        // is `1h`.
+        // is `1h`; Gemini's `ModalityTokenCount` entry.
         let (mut detail_tokens, mut detail_1h) = (None, false);
+        let mut entry = ModalityEntry::default();
+        // The last key of the object's own level: the name of the object one level down.
+        let mut parent: &[u8] = b"";
         let mut depth = 0usize;
         let mut i = 0;
         while let Some(off) = memchr::memchr3(b'{', b'}', b'"', &window[i..]) {
@@ -450,6 +602,7 @@ impl Usage {
                 b'{' => {
                     depth += 1;
                     (detail_tokens, detail_1h) = (None, false);
+                    entry = ModalityEntry::default();
                 }
                 b'}' => {
                     if depth == 2
@@ -457,6 +610,9 @@ impl Usage {
                         && let Some(n) = detail_tokens
                     {
                         seen.add_1h(n);
+                    }
+                    if depth == 2 {
+                        seen.add_modality(parent, &entry);
                     }
                     depth = depth.saturating_sub(1);
                     if depth == 0 {
@@ -484,15 +640,41 @@ impl Usage {
                         continue;
                     };
                     let value = value.trim_ascii_start();
-                    if depth == 2 && key == b"ttl" {
-                        detail_1h = value.starts_with(b"\"1h\"");
-                        continue;
+                    if depth == 1 {
+                        parent = key;
+                    }
+                    if depth == 2 {
+                        match key {
+                            b"ttl" => {
+                                detail_1h = value.starts_with(b"\"1h\"");
+                                continue;
+                            }
+                            b"modality" => {
+                                entry.modality = if value.starts_with(b"\"AUDIO\"") {
+                                    Some(Modality::Audio)
+                                } else if value.starts_with(b"\"IMAGE\"") {
+                                    Some(Modality::Image)
+                                } else {
+                                    None
+                                };
+                                continue;
+                            }
+                            b"tokenCount" => {
+                                entry.tokens = leading_number(value);
+                                continue;
+                            }
+                            b"total_cost" if self.states_cost && parent == b"cost" => {
+                                seen.counts.stated_cost = stated_cost(value);
+                                continue;
+                            }
+                            _ => {}
+                        }
                     }
                     // What the key counts, if anything (most keys count nothing: their numbers
                     // are not read).
                     let (field, nested) = match depth {
                         1 => (own_field(key), false),
-                        2 => match nested_field(key) {
+                        2 => match nested_field(parent, key) {
                             Some(f) => (Some(f), false),
                             None => match own_field(key) {
                                 f @ Some(Field::Input | Field::Output) => (f, true),
@@ -504,16 +686,7 @@ impl Usage {
                     let Some(field) = field else {
                         continue;
                     };
-                    let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
-                    // A number the data goes on after (it may be cut mid-number otherwise).
-                    let Some(n) = (digits > 0 && digits < value.len())
-                        .then(|| {
-                            value[..digits].iter().try_fold(0u64, |n, &d| {
-                                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-                            })
-                        })
-                        .flatten()
-                    else {
+                    let Some(n) = leading_number(value) else {
                         continue;
                     };
                     match (field, nested) {
@@ -543,6 +716,32 @@ impl Usage {
                 .position(|&c| c == b':')
                 .is_some_and(|colon| !window[colon + 1..].trim_ascii().is_empty())
     }
+}
+
+/// The whole number `value` starts with, if the data goes on after it (it may be cut
+/// mid-number otherwise).
+fn leading_number(value: &[u8]) -> Option<u64> {
+    let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
+    (digits > 0 && digits < value.len())
+        .then(|| {
+            value[..digits].iter().try_fold(0u64, |n, &d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
+        })
+        .flatten()
+}
+
+/// The USD amount `value` starts with (a JSON number: `0.01053`, `3e-05`), if the data goes on
+/// after it and it can be a cost.
+fn stated_cost(value: &[u8]) -> Option<f64> {
+    let len = value
+        .iter()
+        .take_while(|c| matches!(c, b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-'))
+        .count();
+    (len > 0 && len < value.len())
+        .then(|| std::str::from_utf8(&value[..len]).ok()?.parse::<f64>().ok())
+        .flatten()
+        .filter(|usd| usd.is_finite() && (0.0..=MAX_STATED_COST).contains(usd))
 }
 
 #[cfg(test)]
@@ -746,7 +945,148 @@ mod tests {
             cache_read: read,
             cache_write: write,
             cache_write_1h: write_1h,
+            ..Tokens::default()
         }
+    }
+
+    fn read_answer(provider: &str, path: &str, frames: &[&[u8]]) -> Tokens {
+        let mut u = Usage::for_answer(provider, path);
+        for f in frames {
+            u.observe(f);
+        }
+        u.tokens()
+    }
+
+    #[test]
+    fn openai_audio_tokens_are_told_apart_inside_the_input_and_output() {
+        let chat = r#"{"usage":{"prompt_tokens":1000,"completion_tokens":500,"total_tokens":1500,"prompt_tokens_details":{"cached_tokens":0,"audio_tokens":800,"text_tokens":200},"completion_tokens_details":{"reasoning_tokens":0,"audio_tokens":400,"text_tokens":100}}}"#;
+        let t = tokens_of(&[chat]);
+        assert_eq!((t.input, t.output), (Some(1000), Some(500)));
+        assert_eq!((t.audio_input, t.audio_output), (800, 400));
+        // A transcription: `input_token_details`, the text prompt beside the audio.
+        let transcription = r#"{"text":"hi","usage":{"type":"tokens","input_tokens":120,"input_token_details":{"text_tokens":40,"audio_tokens":80},"output_tokens":50,"total_tokens":170}}"#;
+        let t = tokens_of(&[transcription]);
+        assert_eq!(
+            (t.input, t.output, t.audio_input, t.audio_output),
+            (Some(120), Some(50), 80, 0)
+        );
+        // A key of another object, or of the usage object's own level, is not audio.
+        let other = r#"{"usage":{"prompt_tokens":10,"completion_tokens":5,"audio_tokens":9,"x_details":{"audio_tokens":9}}}"#;
+        let t = tokens_of(&[other]);
+        assert_eq!((t.audio_input, t.audio_output), (0, 0));
+        // Split anywhere.
+        for cut in 1..chat.len() {
+            let t = tokens_of(&[&chat[..cut], &chat[cut..]]);
+            assert_eq!((t.audio_input, t.audio_output), (800, 400), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn gemini_audio_input_and_image_output_are_read_by_modality() {
+        let body = r#"{"usageMetadata":{"promptTokenCount":1060,"candidatesTokenCount":1300,"totalTokenCount":2360,"promptTokensDetails":[{"modality":"TEXT","tokenCount":50},{"modality":"AUDIO","tokenCount":1000},{"tokenCount":10,"modality":"IMAGE"}],"candidatesTokensDetails":[{"modality":"IMAGE","tokenCount":1290},{"modality":"TEXT","tokenCount":10}],"toolUsePromptTokensDetails":[{"modality":"AUDIO","tokenCount":7}]}}"#;
+        let t = tokens_of(&[body]);
+        assert_eq!((t.input, t.output), (Some(1060), Some(1300)));
+        assert_eq!(
+            (t.audio_input, t.audio_output, t.image_output),
+            (1000, 0, 1290)
+        );
+        for cut in 1..body.len() {
+            let t = tokens_of(&[&body[..cut], &body[cut..]]);
+            assert_eq!(
+                (t.audio_input, t.image_output),
+                (1000, 1290),
+                "cut at {cut}"
+            );
+        }
+        // Audio read from the cache is not fresh audio.
+        let cached = r#"{"usageMetadata":{"promptTokenCount":31000,"cachedContentTokenCount":28000,"candidatesTokenCount":10,"promptTokensDetails":[{"modality":"TEXT","tokenCount":5000},{"modality":"AUDIO","tokenCount":26000}],"cacheTokensDetails":[{"modality":"TEXT","tokenCount":3000},{"modality":"AUDIO","tokenCount":25000}]}}"#;
+        let t = tokens_of(&[cached]);
+        assert_eq!(
+            (t.input, t.cache_read, t.audio_input),
+            (Some(31000), 28000, 1000)
+        );
+        // Streamed: the last chunk's counts, not a sum over chunks.
+        let chunk = |image: u64| {
+            format!(
+                "data: {{\"usageMetadata\":{{\"promptTokenCount\":10,\"candidatesTokenCount\":{image},\"candidatesTokensDetails\":[{{\"modality\":\"IMAGE\",\"tokenCount\":{image}}}]}}}}\r\n\r\n"
+            )
+        };
+        let t = tokens_of(&[&chunk(1290), &chunk(1290)]);
+        assert_eq!((t.output, t.image_output), (Some(1290), 1290));
+    }
+
+    #[test]
+    fn anthropic_web_searches_are_counted_once_per_answer() {
+        let body = r#"{"type":"message","usage":{"input_tokens":2000,"output_tokens":300,"server_tool_use":{"web_search_requests":3,"web_fetch_requests":1}}}"#;
+        assert_eq!(tokens_of(&[body]).web_searches, 3);
+        // Streamed: cumulative in message_delta.
+        let start = "data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":2000,\"output_tokens\":1,\"server_tool_use\":{\"web_search_requests\":0}}}}\n\n";
+        let delta = "data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":2000,\"output_tokens\":300,\"server_tool_use\":{\"web_search_requests\":3}}}\n\n";
+        assert_eq!(tokens_of(&[start, delta]).web_searches, 3);
+        let old_delta = "data: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":300,\"server_tool_use\":{\"web_search_requests\":2}}}\n\n";
+        assert_eq!(tokens_of(&[start, old_delta]).web_searches, 2);
+        // A decoy (a tool's input) before the real usage does not linger.
+        let decoy = r#"{"content":[{"type":"tool_use","input":{"usage":{"input_tokens":1,"server_tool_use":{"web_search_requests":999}}}}],"usage":{"input_tokens":5,"output_tokens":3}}"#;
+        assert_eq!(tokens_of(&[decoy]).web_searches, 0);
+    }
+
+    #[test]
+    fn only_perplexitys_stated_cost_is_taken() {
+        let body = br#"{"usage":{"prompt_tokens":10,"completion_tokens":300,"total_tokens":310,"search_context_size":"low","cost":{"input_tokens_cost":3e-05,"output_tokens_cost":0.0045,"request_cost":0.006,"total_cost":0.01053}}}"#;
+        let path = "/perplexity-ai/chat/completions";
+        let t = read_answer("perplexity-ai", path, &[body]);
+        assert_eq!(
+            (t.input, t.output, t.stated_cost),
+            (Some(10), Some(300), Some(0.01053))
+        );
+        assert_eq!(read_answer("openai", path, &[body]).stated_cost, None);
+        for cut in 1..body.len() {
+            let t = read_answer("perplexity-ai", path, &[&body[..cut], &body[cut..]]);
+            assert_eq!(t.stated_cost, Some(0.01053), "cut at {cut}");
+        }
+        // In exponent form, and the last chunk's of a stream.
+        let chunk = |usd: &str| {
+            format!(
+                "data: {{\"usage\":{{\"prompt_tokens\":1,\"completion_tokens\":2,\"cost\":{{\"total_cost\":{usd}}}}}}}\n\n"
+            )
+        };
+        let (a, b) = (chunk("5e-03"), chunk("6.5E-3"));
+        let t = read_answer("perplexity-ai", path, &[a.as_bytes(), b.as_bytes()]);
+        assert_eq!(t.stated_cost, Some(0.0065));
+        // Not a cost: negative, huge, not a number; a `total_cost` of another object.
+        for bad in ["-1", "1e300", "\"0.5\"", "null"] {
+            let body =
+                format!(r#"{{"usage":{{"prompt_tokens":1,"cost":{{"total_cost":{bad}}}}}}}"#);
+            assert_eq!(
+                read_answer("perplexity-ai", path, &[body.as_bytes()]).stated_cost,
+                None,
+                "{bad}"
+            );
+        }
+        let other = br#"{"usage":{"prompt_tokens":1,"x":{"total_cost":5},"total_cost":5}}"#;
+        assert_eq!(
+            read_answer("perplexity-ai", path, &[other]).stated_cost,
+            None
+        );
+    }
+
+    #[test]
+    fn imagen_images_are_counted_across_frames() {
+        let body = br#"{"predictions":[{"mimeType":"image/png","bytesBase64Encoded":"iVBORw0KGgo="},{"raiFilteredReason":"x"},{"bytesBase64Encoded":"iVBORw0KGgo=","mimeType":"image/png"}]}"#;
+        let path = "/google-ai-studio/v1beta/models/imagen-4.0-generate-001:predict";
+        for cut in 0..body.len() {
+            for second in cut..body.len() {
+                let frames: [&[u8]; 3] = [&body[..cut], &body[cut..second], &body[second..]];
+                let t = read_answer("google-ai-studio", path, &frames);
+                assert_eq!(t.images, 2, "cut at {cut} and {second}");
+            }
+        }
+        let vertex = "/google-vertex-ai/v1/projects/p/locations/us-central1/publishers/google/models/imagen-3.0-generate-002:predict";
+        assert_eq!(read_answer("google-vertex-ai", vertex, &[body]).images, 2);
+        // Not an Imagen answer: not counted (an embedding's `:predict`, another provider).
+        let embed = "/google-vertex-ai/v1/projects/p/locations/l/publishers/google/models/text-embedding-005:predict";
+        assert_eq!(read_answer("google-vertex-ai", embed, &[body]).images, 0);
+        assert_eq!(read_answer("openai", path, &[body]).images, 0);
     }
 
     #[test]

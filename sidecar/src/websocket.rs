@@ -529,6 +529,9 @@ enum Used {
     /// session never named it).
     Transcription {
         input: u64,
+        /// Of the input, the audio (`input_token_details.audio_tokens`; all of it when the
+        /// usage does not say), priced at the model's audio rate.
+        audio: u64,
         output: u64,
         model: Option<String>,
     },
@@ -627,13 +630,17 @@ impl Session {
             }
             Used::Transcription {
                 input,
+                audio,
                 output,
                 model,
             } => {
                 let Some(t) = &self.tally else {
                     return;
                 };
-                let tokens = crate::usage::Tokens::plain(Some(input), Some(output));
+                let tokens = crate::usage::Tokens {
+                    audio_input: audio,
+                    ..crate::usage::Tokens::plain(Some(input), Some(output))
+                };
                 let price = model.as_deref().and_then(|m| a.pricing.lookup(m));
                 let cost = crate::cost::cost(price, None, &tokens);
                 t.add(&self.metrics, cost, tokens.totals());
@@ -1037,6 +1044,10 @@ impl Frames {
                 self.used.push(match v.get("usage").and_then(tokens) {
                     Some((input, output)) => Used::Transcription {
                         input,
+                        audio: v
+                            .pointer("/usage/input_token_details/audio_tokens")
+                            .and_then(serde_json::Value::as_u64)
+                            .map_or(input, |a| a.min(input)),
                         output,
                         model,
                     },
@@ -1268,7 +1279,7 @@ mod tests {
         stream.extend(ev(r#"{"event_id":"e0","type":"conversation.item.input_audio_transcription.completed","item_id":"i0","transcript":"hi","usage":{"type":"tokens","total_tokens":9,"input_tokens":7,"output_tokens":2}}"#));
         // The beta shape names the model under input_audio_transcription.
         stream.extend(ev(r#"{"event_id":"e1","type":"transcription_session.updated","session":{"input_audio_transcription":{"model":"gpt-4o-transcribe","language":"en"}}}"#));
-        stream.extend(ev(r#"{"event_id":"e2","type":"conversation.item.input_audio_transcription.completed","item_id":"i1","transcript":"hello","usage":{"type":"tokens","total_tokens":30,"input_tokens":20,"input_token_details":{"text_tokens":0,"audio_tokens":20},"output_tokens":10}}"#));
+        stream.extend(ev(r#"{"event_id":"e2","type":"conversation.item.input_audio_transcription.completed","item_id":"i1","transcript":"hello","usage":{"type":"tokens","total_tokens":30,"input_tokens":20,"input_token_details":{"text_tokens":5,"audio_tokens":15},"output_tokens":10}}"#));
         // The GA shape names it under audio.input.transcription; whisper-1 bills by duration.
         stream.extend(ev(r#"{"event_id":"e3","type":"session.updated","session":{"type":"realtime","audio":{"input":{"transcription":{"model":"whisper-1"}}}}}"#));
         stream.extend(ev(r#"{"event_id":"e4","type":"conversation.item.input_audio_transcription.completed","item_id":"i2","transcript":"x","usage":{"type":"duration","seconds":3.2}}"#));
@@ -1291,11 +1302,13 @@ mod tests {
                 [
                     Used::Transcription {
                         input: 7,
+                        audio: 7,
                         output: 2,
                         model: None
                     },
                     Used::Transcription {
                         input: 20,
+                        audio: 15,
                         output: 10,
                         model: named("gpt-4o-transcribe")
                     },
@@ -1309,6 +1322,7 @@ mod tests {
                     },
                     Used::Transcription {
                         input: 1,
+                        audio: 1,
                         output: 1,
                         model: None
                     },

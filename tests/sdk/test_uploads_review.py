@@ -333,10 +333,9 @@ def test_a_transcription_is_logged_with_its_model_tokens_and_cost(tmp_path, up):
         line = log_line(g, r.headers["cf-aig-log-id"])
         assert (line["tokens_in"], line["tokens_out"]) == (1000, 100)
         assert line.get("model") == "gpt-4o-transcribe", line
-        # gpt-4o-transcribe lists $6 audio in, $2.50 text in, $10 out per million tokens. The
-        # gateway prices a transcription's input as audio (its few prompt tokens too: a little
-        # over, never under, as sidecar/src/cost.rs says): 900 audio + 100 text in, 100 out.
-        assert line.get("cost") == pytest.approx((1000 * 6 + 100 * 10) / 1e6), line
+        # gpt-4o-transcribe lists $6 audio in, $2.50 text in, $10 out per million tokens, each
+        # priced at its rate (input_token_details): 900 audio + 100 text in, 100 out.
+        assert line.get("cost") == pytest.approx((900 * 6 + 100 * 2.5 + 100 * 10) / 1e6), line
     finally:
         g.stop()
 

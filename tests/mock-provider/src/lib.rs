@@ -12,6 +12,7 @@
 //! | method | path ends with | answer |
 //! |---|---|---|
 //! | POST | `/chat/completions` | OpenAI `chat.completion`, or SSE chunks with `"stream": true` |
+//! | POST | `/audio/transcriptions` | OpenAI transcription of a `multipart/form-data` upload |
 //! | POST | `/embeddings` | OpenAI embedding list (8 dims, deterministic) |
 //! | POST | `/token` | Google OAuth token for a service-account JWT (`jwt-bearer` grant): `ya29.mock-<iss>` |
 //! | POST | `/moderations` | OpenAI moderation result: a category is flagged when the input contains `mock-flag:<category>` |
@@ -225,6 +226,7 @@ pub async fn serve_with_shutdown(
 #[derive(Clone, Copy)]
 enum Route {
     ChatCompletions,
+    Transcriptions,
     Embeddings,
     Moderations,
     Token,
@@ -246,6 +248,8 @@ impl Route {
                 Self::Bedrock(a)
             } else if path.ends_with("/chat/completions") {
                 Self::ChatCompletions
+            } else if path.ends_with("/audio/transcriptions") {
+                Self::Transcriptions
             } else if path.ends_with("/embeddings") {
                 Self::Embeddings
             } else if path.ends_with("/moderations") {
@@ -311,7 +315,7 @@ async fn handle(
     let anthropic_version = parts.headers.contains_key("anthropic-version");
     // The API whose key the route wants, and whether the request brings one.
     let api = match route {
-        Route::ChatCompletions | Route::Embeddings => {
+        Route::ChatCompletions | Route::Transcriptions | Route::Embeddings => {
             Some(auth::Api::openai_format(parts.uri.path()))
         }
         Route::Models if anthropic_version => Some(auth::Api::Anthropic),
@@ -331,6 +335,15 @@ async fn handle(
     // Gemini and Bedrock answers depend on the auth headers and the model in the path.
     let native = matches!(route, Route::Gemini(_) | Route::Bedrock(_))
         .then(|| (parts.headers.clone(), parts.uri.path().to_owned()));
+    // A form upload is read by its boundary.
+    let content_type = matches!(route, Route::Transcriptions).then(|| {
+        parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    });
 
     if let Some(recorder) = &state.recorder {
         recorder.push(Record {
@@ -363,6 +376,9 @@ async fn handle(
         (Some(auth::Api::Anthropic), _) => anthropic::unauthorized(&ctx),
         (Some(api), _) => openai::unauthorized(&ctx, api),
         (None, Route::ChatCompletions) => openai::chat_completions(&ctx, &body),
+        (None, Route::Transcriptions) => {
+            openai::transcriptions(&ctx, content_type.as_deref().unwrap_or_default(), &body)
+        }
         (None, Route::Embeddings) => openai::embeddings(&ctx, &body),
         (None, Route::Moderations) => openai::moderations(&ctx, &body),
         (None, Route::Token) => gemini::token(&ctx, &body),

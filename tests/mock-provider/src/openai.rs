@@ -1,4 +1,5 @@
-//! OpenAI wire format: Chat Completions (plain and SSE), Embeddings, Models, errors.
+//! OpenAI wire format: Chat Completions (plain and SSE; audio in and out), Audio
+//! Transcriptions, Embeddings, Models, errors.
 //!
 //! Also what OpenAI-compatible providers speak (Groq, Mistral, DeepSeek, Azure OpenAI,
 //! OpenRouter, ...), which is why routes match on the path suffix only.
@@ -37,6 +38,9 @@ struct ChatRequest<'a> {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// `["text", "audio"]` asks for a spoken answer.
+    #[serde(default)]
+    modalities: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -83,9 +87,22 @@ struct Choice<'a> {
 #[derive(Serialize)]
 struct AssistantMessage<'a> {
     role: &'static str,
-    content: &'a str,
+    /// `null` in a spoken answer, whose text is the audio's transcript.
+    content: Option<&'a str>,
     refusal: Option<()>,
     annotations: [(); 0],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audio: Option<AudioAnswer<'a>>,
+}
+
+/// The `audio` of a spoken answer.
+#[derive(Serialize)]
+struct AudioAnswer<'a> {
+    id: String,
+    /// Base64 of the audio (here the transcript's bytes).
+    data: String,
+    expires_at: u64,
+    transcript: &'a str,
 }
 
 #[derive(Serialize)]
@@ -101,6 +118,7 @@ struct Usage {
 struct PromptTokensDetails {
     cached_tokens: u64,
     audio_tokens: u64,
+    text_tokens: u64,
 }
 
 #[derive(Serialize)]
@@ -109,27 +127,55 @@ struct CompletionTokensDetails {
     audio_tokens: u64,
     accepted_prediction_tokens: u64,
     rejected_prediction_tokens: u64,
+    text_tokens: u64,
 }
 
 impl Usage {
-    fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+    /// Text and audio tokens in and out; the totals hold both, as OpenAI's do.
+    fn with_audio(text_in: u64, audio_in: u64, text_out: u64, audio_out: u64) -> Self {
+        let prompt_tokens = text_in.saturating_add(audio_in);
+        let completion_tokens = text_out.saturating_add(audio_out);
         Self {
             prompt_tokens,
             completion_tokens,
             total_tokens: prompt_tokens.saturating_add(completion_tokens),
             prompt_tokens_details: PromptTokensDetails {
                 cached_tokens: 0,
-                audio_tokens: 0,
+                audio_tokens: audio_in,
+                text_tokens: text_in,
             },
             completion_tokens_details: CompletionTokensDetails {
                 reasoning_tokens: 0,
-                audio_tokens: 0,
+                audio_tokens: audio_out,
                 accepted_prediction_tokens: 0,
                 rejected_prediction_tokens: 0,
+                text_tokens: text_out,
             },
         }
     }
 }
+
+/// Audio tokens of an `input_audio` part: one per [`AUDIO_BYTES_PER_TOKEN`] bytes of its
+/// base64 data, at least one.
+fn input_audio_tokens(messages: &[Message<'_>]) -> u64 {
+    messages
+        .iter()
+        .filter_map(|m| m.content.as_ref()?.as_array())
+        .flatten()
+        .filter_map(|part| part.get("input_audio")?.get("data")?.as_str())
+        .map(|data| audio_tokens(data.len()))
+        .sum()
+}
+
+/// Audio tokens of `bytes` of audio (or of its base64).
+fn audio_tokens(bytes: usize) -> u64 {
+    (bytes as u64).div_ceil(AUDIO_BYTES_PER_TOKEN).max(1)
+}
+
+/// Audio tokens of a spoken answer, per word of its transcript.
+const AUDIO_TOKENS_PER_WORD: u64 = 10;
+/// Bytes of input audio per audio token.
+const AUDIO_BYTES_PER_TOKEN: u64 = 100;
 
 #[derive(Serialize)]
 struct Chunk<'a> {
@@ -220,7 +266,21 @@ pub(crate) fn chat_completions(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody>
     }
     let messages = req.messages.as_deref().unwrap_or_default();
     let reply = text::reply_to(&text::last_user_text(messages));
-    let usage = Usage::new(text::messages_words(messages), text::words(&reply));
+    let spoken = req
+        .modalities
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|m| m == "audio"));
+    let audio_out = if spoken {
+        text::words(&reply) * AUDIO_TOKENS_PER_WORD
+    } else {
+        0
+    };
+    let usage = Usage::with_audio(
+        text::messages_words(messages),
+        input_audio_tokens(messages),
+        text::words(&reply),
+        audio_out,
+    );
     let id = format!("chatcmpl-mock-{}", ctx.id);
     let created = text::unix_now();
 
@@ -241,9 +301,18 @@ pub(crate) fn chat_completions(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody>
                 index: 0,
                 message: AssistantMessage {
                     role: "assistant",
-                    content: &reply,
+                    content: (!spoken).then_some(reply.as_str()),
                     refusal: None,
                     annotations: [],
+                    audio: spoken.then(|| {
+                        use base64::Engine;
+                        AudioAnswer {
+                            id: format!("audio_mock_{}", ctx.id),
+                            data: base64::engine::general_purpose::STANDARD.encode(&reply),
+                            expires_at: created + 3600,
+                            transcript: &reply,
+                        }
+                    }),
                 },
                 logprobs: None,
                 finish_reason: "stop",
@@ -255,6 +324,115 @@ pub(crate) fn chat_completions(ctx: &Ctx<'_>, body: &[u8]) -> Response<MockBody>
     };
     set_api_headers(&mut resp, ctx);
     resp
+}
+
+/// `POST .../audio/transcriptions` (`multipart/form-data` with `file` and `model`, optional
+/// `prompt` and `response_format`): the transcript `mock transcript of <n> bytes`. The
+/// GPT-4o transcription models report tokens (`input_token_details` with the prompt's words as
+/// `text_tokens` and one audio token per 100 bytes of the file), others (`whisper-1`) the
+/// audio's duration (a second per 32,000 bytes); `response_format: text` answers the bare text.
+pub(crate) fn transcriptions(ctx: &Ctx<'_>, content_type: &str, body: &[u8]) -> Response<MockBody> {
+    let Some(boundary) = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .map(|b| b.trim_matches('"'))
+    else {
+        return invalid_request(
+            ctx,
+            "Invalid Content-Type header: expected multipart/form-data",
+        );
+    };
+    let form = form_fields(body, boundary.as_bytes());
+    let field = |name: &str| {
+        form.iter()
+            .find(|(n, _)| *n == name.as_bytes())
+            .map(|f| f.1)
+    };
+    let text_field = |name: &str| field(name).and_then(|v| std::str::from_utf8(v).ok());
+    let (Some(file), Some(model)) = (field("file"), text_field("model")) else {
+        return invalid_request(ctx, "file and model are required");
+    };
+    if let Some(status) = text::status_trigger(model) {
+        return status_error(ctx, status, model);
+    }
+    let transcript = format!("mock transcript of {} bytes", file.len());
+    let mut resp = if text_field("response_format") == Some("text") {
+        let mut resp = Response::new(MockBody::full(format!("{transcript}\n")));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    } else if model.starts_with("gpt-4o") {
+        let text_in = text_field("prompt").map_or(0, text::words);
+        let audio_in = audio_tokens(file.len());
+        let out = text::words(&transcript);
+        json_ok(&serde_json::json!({
+            "text": transcript,
+            "usage": {
+                "type": "tokens",
+                "input_tokens": text_in + audio_in,
+                "input_token_details": {"text_tokens": text_in, "audio_tokens": audio_in},
+                "output_tokens": out,
+                "total_tokens": text_in + audio_in + out,
+            },
+        }))
+    } else {
+        let seconds = (file.len() as u64).div_ceil(32_000).max(1);
+        json_ok(&serde_json::json!({
+            "text": transcript,
+            "usage": {"type": "duration", "seconds": seconds},
+        }))
+    };
+    set_api_headers(&mut resp, ctx);
+    resp
+}
+
+/// The fields of a `multipart/form-data` body: each part's `name` and content.
+fn form_fields<'a>(body: &'a [u8], boundary: &[u8]) -> Vec<(&'a [u8], &'a [u8])> {
+    let mut delimiter = b"--".to_vec();
+    delimiter.extend_from_slice(boundary);
+    let mut fields = Vec::new();
+    let mut rest = body;
+    while let Some(start) = find(rest, &delimiter) {
+        rest = &rest[start + delimiter.len()..];
+        let Some(next) = find(rest, &delimiter) else {
+            break;
+        };
+        let part = &rest[..next];
+        let Some(head_end) = find(part, b"\r\n\r\n") else {
+            continue;
+        };
+        let head = &part[..head_end];
+        let content = &part[head_end + 4..];
+        let content = content.strip_suffix(b"\r\n").unwrap_or(content);
+        // `name="..."`, not `filename="..."`.
+        let Some(at) = find(head, b"; name=\"") else {
+            continue;
+        };
+        let name = &head[at + 8..];
+        let Some(end) = name.iter().position(|&c| c == b'"') else {
+            continue;
+        };
+        fields.push((&name[..end], content));
+    }
+    fields
+}
+
+fn invalid_request(ctx: &Ctx<'_>, message: &str) -> Response<MockBody> {
+    error_response(
+        ctx,
+        StatusCode::BAD_REQUEST,
+        message,
+        "invalid_request_error",
+        None,
+        None,
+    )
+}
+
+/// Where `needle` first occurs in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 /// The SSE events of a streamed chat completion: role chunk, one chunk per word,

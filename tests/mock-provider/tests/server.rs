@@ -156,6 +156,82 @@ async fn chat_completion_json() {
 }
 
 #[tokio::test]
+async fn chat_audio_in_and_out_is_counted_apart() {
+    let addr = start(Options::default()).await;
+    let reply = post(
+        addr,
+        "/v1/chat/completions",
+        json!({
+            "model": "gpt-4o-audio-preview",
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "alloy", "format": "wav"},
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is said"},
+                {"type": "input_audio", "input_audio": {"data": "A".repeat(250), "format": "wav"}}
+            ]}]
+        }),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let v = reply.json();
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["content"], Value::Null);
+    assert_eq!(
+        message["audio"]["transcript"],
+        "mock reply to: what is said"
+    );
+    let usage = &v["usage"];
+    // 3 words and 3 audio tokens (250 bytes) in; 6 words and their 60 audio tokens out.
+    assert_eq!(usage["prompt_tokens"], 6);
+    assert_eq!(usage["prompt_tokens_details"]["audio_tokens"], 3);
+    assert_eq!(usage["completion_tokens"], 66);
+    assert_eq!(usage["completion_tokens_details"]["audio_tokens"], 60);
+    assert_eq!(usage["total_tokens"], 72);
+}
+
+#[tokio::test]
+async fn transcriptions_report_text_and_audio_tokens_or_duration() {
+    let addr = start(Options::default()).await;
+    let form = |model: &str, format: &str| {
+        let file = "R".repeat(1000);
+        format!(
+            "--b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\n{file}\r\n\
+             --b0\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n\
+             --b0\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nNames: Sidegate, Cloudflare.\r\n\
+             --b0\r\nContent-Disposition: form-data; name=\"response_format\"\r\n\r\n{format}\r\n--b0--\r\n"
+        )
+    };
+    let headers = with_keys(&[("content-type", "multipart/form-data; boundary=b0")]);
+    let send_form = |model: &'static str, format: &'static str| {
+        let headers = headers.clone();
+        async move {
+            send(
+                addr,
+                Method::POST,
+                "/v1/audio/transcriptions",
+                &headers,
+                &form(model, format),
+            )
+            .await
+        }
+    };
+    let v = send_form("gpt-4o-transcribe", "json").await.json();
+    assert_eq!(v["text"], "mock transcript of 1000 bytes");
+    assert_eq!(
+        v["usage"],
+        json!({"type": "tokens", "input_tokens": 13, "input_token_details":
+               {"text_tokens": 3, "audio_tokens": 10}, "output_tokens": 5, "total_tokens": 18})
+    );
+    let v = send_form("whisper-1", "json").await.json();
+    assert_eq!(v["usage"], json!({"type": "duration", "seconds": 1}));
+    let text = send_form("gpt-4o-mini-transcribe", "text").await;
+    assert_eq!(text.text(), "mock transcript of 1000 bytes\n");
+    // No key: 401, as the other OpenAI routes.
+    let r = send(addr, Method::POST, "/v1/audio/transcriptions", &[], "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
 async fn long_user_text_is_truncated() {
     let addr = start(Options::default()).await;
     let long = "x".repeat(500);
