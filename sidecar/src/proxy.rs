@@ -415,13 +415,13 @@ impl Gateway {
             return Ok(resp);
         };
         let (parts, body) = req.into_parts();
-        let recorded = std::sync::atomic::AtomicBool::new(false);
+        let seen = crate::telemetry::Seen::default();
         let mut unanswered = Unanswered {
             gw: &self,
             snap: &snap,
             parts: &parts,
             start,
-            recorded: &recorded,
+            seen: &seen,
             armed: true,
             log_id,
         };
@@ -429,7 +429,7 @@ impl Gateway {
         let held_back = (snap.dlp.checks_responses() || snap.guardrails.checks_responses())
             .then(Arc::<crate::telemetry::HeldBack>::default);
         let result = self
-            .proxy(&snap, &parts, body, start, &recorded, held_back.as_ref())
+            .proxy(&snap, &parts, body, start, &seen, held_back.as_ref())
             .await;
         // From here the answer's record (or the refusal) tells of the request.
         unanswered.armed = false;
@@ -441,7 +441,7 @@ impl Gateway {
                 if let Some(answered) = held_back.as_deref().and_then(|h| h.take()) {
                     answered.deliver();
                 }
-                Ok(self.refuse(&snap, &parts, provider, err, start, None))
+                Ok(self.refuse(&snap, &parts, provider, seen.model(), err, start, None))
             }
         }
     }
@@ -547,14 +547,17 @@ impl Gateway {
     }
 
     /// Counts, traces, logs and renders a request the gateway refused with `err`; `provider` is
-    /// the one it had chosen, if any, and `step` the universal-endpoint step it failed at. The
-    /// response gets a `cf-aig-log-id` like a served one (and `cf-aig-step`), and the access log
-    /// a line with that id (unless the request or the gateway turned logging off).
+    /// the one it had chosen, if any, `model` the one the request names when its body was read,
+    /// and `step` the universal-endpoint step it failed at. The response gets a `cf-aig-log-id`
+    /// like a served one (and `cf-aig-step`), and the access log a line with that id (unless the
+    /// request or the gateway turned logging off).
+    #[allow(clippy::too_many_arguments)] // what is known of the request, each from where it was read
     pub(crate) fn refuse(
         &self,
         snap: &Snapshot,
         parts: &http::request::Parts,
         provider: Option<Arc<str>>,
+        model: Option<&str>,
         err: GatewayError,
         start: Instant,
         step: Option<u32>,
@@ -614,7 +617,7 @@ impl Gateway {
             created_at: now.checked_sub(elapsed).unwrap_or(now),
             // As the metric and the process line name it.
             provider: Some(provider.as_deref().unwrap_or("none")),
-            model: None,
+            model,
             method: parts.method.as_str(),
             path,
             status_code: status,
@@ -664,7 +667,7 @@ impl Gateway {
         parts: &http::request::Parts,
         body: RequestBody,
         start: Instant,
-        recorded: &std::sync::atomic::AtomicBool,
+        seen: &crate::telemetry::Seen,
         held_back: Option<&Arc<crate::telemetry::HeldBack>>,
     ) -> Result<Response<ProxyBody>, (Option<Arc<str>>, GatewayError)> {
         // admit
@@ -719,7 +722,7 @@ impl Gateway {
         };
         let mut opts = LogOptions::from_headers(aig, snap.log_requests, snap.log_payloads)
             .map_err(|e| (None, e))?;
-        opts.recorded = crate::telemetry::Recorded::to(recorded);
+        opts.recorded = crate::telemetry::Recorded::to(seen);
         opts.held_back = held_back.cloned();
         if let Some(target) = &snap.otel {
             opts.trace = Some(
@@ -840,6 +843,15 @@ impl Gateway {
         )
         .await
         .map_err(fail)?;
+        let model = match provider.deployment(route.rest) {
+            // The deployment decides the model, whatever the body names: priced by its name
+            // (as deployments are usually named, or as `spec.pricing` names it).
+            Some(deployment) => crate::cost::ModelName::named(deployment),
+            None => crate::cost::request_model(route.rest, &body)
+                .or_else(|| crate::cost::form_model(&parts.headers, &body)),
+        };
+        // A refusal from here on (DLP, guardrails, limits) logs it.
+        opts.recorded.model(model.as_ref());
         // Spend limits and token budgets count the tokens answers report; an OpenAI-format
         // stream reports none unless asked, so the gateway asks (below).
         let rewrites_usage = snap.budgets.is_some()
@@ -908,13 +920,6 @@ impl Gateway {
             Err(hit) => return Ok(*hit),
         };
 
-        let model = match provider.deployment(route.rest) {
-            // The deployment decides the model, whatever the body names: priced by its name
-            // (as deployments are usually named, or as `spec.pricing` names it).
-            Some(deployment) => crate::cost::ModelName::named(deployment),
-            None => crate::cost::request_model(route.rest, &body)
-                .or_else(|| crate::cost::form_model(&parts.headers, &body)),
-        };
         let logged_body = opts.payloads.then(|| body.clone());
         // Spend limits and token budgets count the tokens answers report; an OpenAI-format
         // stream reports none unless asked, so the gateway asks, and holds the usage chunk out
@@ -1164,7 +1169,7 @@ fn tag_response_with(headers: &mut http::HeaderMap, event_id: Option<&HeaderValu
 const CLIENT_CLOSED: u16 = 499;
 
 /// A request waiting for its answer. Dropped while armed and before any record of the request
-/// was made (`recorded`), the request was given up before the gateway answered it (the client
+/// was made (`seen`), the request was given up before the gateway answered it (the client
 /// left, or the shutdown grace ended, while it waited on the provider, a retry, the cache): it
 /// is counted and logged as cancelled with status 499, as an answer cut short is, instead of
 /// vanishing. (A record made already logs itself as cancelled when dropped.)
@@ -1173,14 +1178,14 @@ struct Unanswered<'a> {
     snap: &'a Snapshot,
     parts: &'a http::request::Parts,
     start: Instant,
-    recorded: &'a std::sync::atomic::AtomicBool,
+    seen: &'a crate::telemetry::Seen,
     armed: bool,
     log_id: Arc<str>,
 }
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
-        if !self.armed || self.recorded.load(std::sync::atomic::Ordering::Relaxed) {
+        if !self.armed || self.seen.recorded() {
             return;
         }
         let aig = GatewayHeaders::scan(&self.parts.headers);
@@ -1192,7 +1197,7 @@ impl Drop for Unanswered<'_> {
                 ..LogOptions::default()
             });
         let (provider, path) = refused_route(self.snap, self.parts.uri.path());
-        let record = RequestRecord::new(
+        let mut record = RequestRecord::new(
             self.gw.metrics.clone(),
             provider.unwrap_or_else(|| Arc::from("none")),
             self.parts.method.clone(),
@@ -1202,6 +1207,9 @@ impl Drop for Unanswered<'_> {
             &opts,
             self.log_id.to_string(),
         );
+        if let Some(model) = self.seen.model_name() {
+            record.set_model(model.clone(), &self.snap.pricing);
+        }
         // An unfinished record logs itself as cancelled.
         drop(record);
     }

@@ -507,7 +507,7 @@ pub struct LogOptions<'a> {
     pub payloads: bool,
     /// The span this request becomes (`spec.openTelemetry`), and the client's trace it joins.
     pub trace: Option<crate::otel::Trace>,
-    /// Told when a record of the request is made.
+    /// Told when a record of the request is made, and the model it names.
     pub recorded: Recorded<'a>,
     /// Where the request's record waits, once its answer ended, for the response checks (DLP
     /// response policies, response guardrails) to decide what the client gets; `None` when
@@ -603,20 +603,54 @@ impl Answered {
     }
 }
 
-/// A flag set when a [`RequestRecord`] of a request is made: from then on the record tells of
-/// the request (see `proxy::Unanswered`). Options compare equal whatever it is.
+/// What the serving of a request learned that its refusal's or cancellation's log line tells
+/// when no [`RequestRecord`] does: whether one was made (from then on the record tells of the
+/// request, see `proxy::Unanswered`), and the model the request names once its body is read.
+#[derive(Debug, Default)]
+pub struct Seen {
+    recorded: std::sync::atomic::AtomicBool,
+    model: std::sync::OnceLock<crate::cost::ModelName>,
+}
+
+impl Seen {
+    /// Whether a record of the request was made.
+    pub fn recorded(&self) -> bool {
+        self.recorded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The model the request names, once read.
+    pub fn model(&self) -> Option<&str> {
+        self.model_name().map(crate::cost::ModelName::as_str)
+    }
+
+    /// [`Seen::model`] as read.
+    pub fn model_name(&self) -> Option<&crate::cost::ModelName> {
+        self.model.get()
+    }
+}
+
+/// Where the serving of a request tells its [`Seen`]. Options compare equal whatever it is.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Recorded<'a>(Option<&'a std::sync::atomic::AtomicBool>);
+pub struct Recorded<'a>(Option<&'a Seen>);
 
 impl<'a> Recorded<'a> {
-    /// Sets `flag` when a record is made.
-    pub fn to(flag: &'a std::sync::atomic::AtomicBool) -> Self {
-        Self(Some(flag))
+    /// Tells `seen`.
+    pub fn to(seen: &'a Seen) -> Self {
+        Self(Some(seen))
     }
 
     fn mark(self) {
-        if let Some(flag) = self.0 {
-            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(seen) = self.0 {
+            seen.recorded
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The request names `model` (the first one told stays: a route's fallback is logged by
+    /// its record).
+    pub fn model(self, model: Option<&crate::cost::ModelName>) {
+        if let (Some(seen), Some(model)) = (self.0, model) {
+            let _ = seen.model.set(model.clone());
         }
     }
 }

@@ -260,7 +260,7 @@ pub(crate) async fn serve(
                         );
                     }
                     Err((id, e)) if last => {
-                        return Ok(gw.refuse(snap, parts, id, e, start, Some(index)));
+                        return Ok(gw.refuse(snap, parts, id, None, e, start, Some(index)));
                     }
                     Err((id, e)) => {
                         let id = id.as_deref().unwrap_or(COMPAT);
@@ -326,8 +326,9 @@ pub(crate) async fn serve(
             // The gateway's own error (no answer, timeout) at the last step: refused here, so
             // the response can say which step it was.
             Err(e) if last => {
+                let model = step.model.as_ref().map(crate::cost::ModelName::as_str);
                 let step = u32::try_from(i).unwrap_or(u32::MAX);
-                return Ok(gw.refuse(snap, parts, Some(id.clone()), e, start, Some(step)));
+                return Ok(gw.refuse(snap, parts, Some(id.clone()), model, e, start, Some(step)));
             }
             Err(e) => {
                 tracing::info!(step = i, provider = %id, error = %e, log_id = crate::log_id::current().as_deref(), "universal step failed, trying the next");

@@ -246,3 +246,42 @@ def test_costs_are_logged_and_traced_without_float_noise(mock, tmp_path):
     finally:
         g.stop()
         collector.stop()
+
+
+def test_a_request_refused_after_its_body_was_read_logs_the_model_it_names(mock, tmp_path):
+    # A refusal before the body is read (401, a rate limit) cannot know the model; one after
+    # (a DLP block, a timeout with every retry spent, a client gone while it waited) logs it, as a
+    # served request's line does.
+    spec = ("  requestTimeout: 300ms\n  dlp:\n    policies:\n"
+            "      - {id: no-keys-in, action: BLOCK, check: [REQUEST], profiles: [aws-keys]}\n")
+    g = start(mock, tmp_path, spec)
+    try:
+        blocked = httpx.post(g.url + CHAT, json=body(f"echo {SECRET}"))
+        line = assert_recorded_as_refusal(g, blocked, 400, 2029)
+        assert line["model"] == "gpt-4o-mini", line
+        slow = httpx.post(g.url + CHAT, json=body("hi", model="gpt-4o"), headers={"x-mock-delay-ms": "2000"})
+        assert slow.status_code == 504, slow.text
+        line = json_line(g, slow.headers["cf-aig-log-id"])
+        assert (line["outcome"], line["model"]) == ("refused", "gpt-4o"), line
+        # The client leaves while the provider takes its time: cancelled, 499, with the model.
+        cancelled_before = g.logs().count('"status_code":499')
+        try:
+            httpx.post(g.url + CHAT, json=body("hi", model="gpt-4o-nano"), timeout=0.1,
+                       headers={"x-mock-delay-ms": "2000"})
+        except httpx.TimeoutException:
+            pass
+        logs = g.wait_for_log('"model":"gpt-4o-nano"')
+        (line,) = [json.loads(l) for l in logs.splitlines() if '"model":"gpt-4o-nano"' in l]
+        assert (line["status_code"], line["outcome"]) == (499, "cancelled"), line
+        assert g.logs().count('"status_code":499') == cancelled_before + 1
+        # /compat: the model of the target it was refused before.
+        compat = httpx.post(g.url + "/compat/chat/completions",
+                            json=dict(body(f"echo {SECRET}"), model="openai/gpt-4.1-mini"))
+        line = assert_recorded_as_refusal(g, compat, 400, 2029)
+        assert line["model"] == "gpt-4.1-mini", line
+        # Refused before the body was read: no model.
+        unknown = httpx.post(g.url + CHAT, json=body("hi"), headers={"cf-aig-byok-alias": "nope"})
+        assert unknown.status_code == 400, unknown.text
+        assert json_line(g, unknown.headers["cf-aig-log-id"])["model"] is None
+    finally:
+        g.stop()

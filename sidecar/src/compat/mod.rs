@@ -1009,6 +1009,9 @@ pub(crate) async fn answer(
         })
     };
     let provider = provider_of(first)?;
+    // A refusal from here on (DLP, guardrails, limits) logs the first target's model.
+    opts.recorded
+        .model(crate::cost::ModelName::named(&first.model).as_ref());
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);
     // A gateway token in the app's `Authorization` (the OpenAI SDK's `apiKey`) is good only
     // for targets the gateway sends its own credentials to; checked before the cache answers.
@@ -1200,6 +1203,7 @@ pub(crate) async fn answer(
                     snap,
                     parts,
                     Some(provider.id.clone()),
+                    Some(&target.model),
                     err,
                     start,
                     Some(step),
