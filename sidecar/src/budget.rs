@@ -385,7 +385,8 @@ impl Tally {
     /// model (per provider, for unknown tokens), as an operator who set a limit would want to
     /// hear it does not see these answers. Answers of requests that named no model (a model
     /// list, a file upload) are no model's work and cost nothing anyway.
-    pub fn uncharged(&self, provider: &str, model: &str, tokens_known: bool) {
+    /// `log_id` is the answer's request's, which the line names.
+    pub fn uncharged(&self, provider: &str, model: &str, tokens_known: bool, log_id: Option<&str>) {
         if self.settings.spend.is_none() {
             return;
         }
@@ -394,6 +395,7 @@ impl Tally {
                 tracing::warn!(
                     provider,
                     model,
+                    log_id,
                     "an answer reported no token counts, so it was not charged to the spend limit (said once per provider)"
                 );
             }
@@ -401,6 +403,7 @@ impl Tally {
             tracing::warn!(
                 provider,
                 model,
+                log_id,
                 "the model has no price, so its answers are not charged to the spend limit: give it one in spec.pricing (said once per model)"
             );
         }

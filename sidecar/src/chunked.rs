@@ -22,7 +22,9 @@ pub type Malformed = &'static str;
 pub enum Chunked {
     /// Reading the hex size.
     Size { size: u64, digits: u8 },
-    /// Whitespace or an extension after the size, up to CR.
+    /// Whitespace after the size: more, an extension's `;`, or CR.
+    SizeWs { size: u64, len: u16 },
+    /// An extension after the size, up to CR.
     Ext { size: u64, len: u16 },
     /// LF after the size line.
     SizeLf { size: u64 },
@@ -45,13 +47,29 @@ impl Chunked {
     pub const START: Self = Self::Size { size: 0, digits: 0 };
 }
 
-/// Decodes what `bytes` holds from `state` on, appending chunk data to `out`: how many bytes it
+/// Where decoded chunk data goes.
+pub trait Sink {
+    fn put(&mut self, data: &[u8]);
+}
+
+impl Sink for BytesMut {
+    fn put(&mut self, data: &[u8]) {
+        self.extend_from_slice(data);
+    }
+}
+
+/// Nowhere: the framing is only checked (the data is taken later, once it is whole).
+impl Sink for () {
+    fn put(&mut self, _: &[u8]) {}
+}
+
+/// Decodes what `bytes` holds from `state` on, giving chunk data to `out`: how many bytes it
 /// read, and whether the last chunk and the trailers have all been read (then nothing after
 /// them is read).
 pub fn decode(
     state: &mut Chunked,
     bytes: &[u8],
-    out: &mut BytesMut,
+    out: &mut impl Sink,
 ) -> Result<(usize, bool), Malformed> {
     let mut i = 0;
     loop {
@@ -68,13 +86,13 @@ pub fn decode(
             && let Some(end) = data_at.checked_add(size)
             && bytes[i..].get(end..end + 2) == Some(b"\r\n")
         {
-            out.extend_from_slice(&bytes[i + data_at..i + end]);
+            out.put(&bytes[i + data_at..i + end]);
             i += end + 2;
             continue;
         }
         if let Chunked::Data { left } = *state {
             let n = (bytes.len() - i).min(usize::try_from(left).unwrap_or(usize::MAX));
-            out.extend_from_slice(&bytes[i..i + n]);
+            out.put(&bytes[i..i + n]);
             i += n;
             let left = left - n as u64;
             *state = if left == 0 {
@@ -98,7 +116,19 @@ pub fn decode(
                     }
                 }
                 b'\r' if digits > 0 => Chunked::SizeLf { size },
-                b';' | b' ' | b'\t' if digits > 0 => Chunked::Ext { size, len: 1 },
+                b';' if digits > 0 => Chunked::Ext { size, len: 1 },
+                // `BWS` before an extension (RFC 9112 §7.1.1): nothing else may follow it, or
+                // `48 5` would be 0x48 here and 0x485 to a reader that drops the space.
+                b' ' | b'\t' if digits > 0 => Chunked::SizeWs { size, len: 1 },
+                _ => return Err("chunk size"),
+            },
+            Chunked::SizeWs { size, len } => match b {
+                b'\r' => Chunked::SizeLf { size },
+                b';' => Chunked::Ext { size, len: len + 1 },
+                _ if usize::from(len) >= MAX_CHUNK_EXTENSION => {
+                    return Err("chunk extension too long");
+                }
+                b' ' | b'\t' => Chunked::SizeWs { size, len: len + 1 },
                 _ => return Err("chunk size"),
             },
             Chunked::Ext { size, len } => match b {
@@ -147,6 +177,16 @@ pub fn decode(
             Chunked::Data { .. } | Chunked::End => unreachable!("handled above"),
         };
     }
+}
+
+/// The size of the one data chunk of `wire`, a whole chunked body already checked, and where
+/// its data starts; `None` when it has another number of chunks.
+pub fn single(wire: &[u8]) -> Option<(usize, usize)> {
+    let (at, size) = size_line(wire)?;
+    let last = wire.get(at + size + 2..)?;
+    let zeros = last.iter().take_while(|&&b| b == b'0').count();
+    (zeros > 0 && matches!(last.get(zeros), Some(b'\r' | b';' | b' ' | b'\t')))
+        .then_some((size, at))
 }
 
 /// The value of hex digit `b`.
@@ -199,10 +239,11 @@ mod tests {
 
     #[test]
     fn chunked_bodies_decode_across_any_split() {
-        let wire: &[u8] = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nx-trailer: 1\r\n\r\n";
+        let wire: &[u8] =
+            b"5\r\nhello\r\n6 \t;ext=1\r\n world\r\n2  \r\n!!\r\n0\r\nx-trailer: 1\r\n\r\n";
         for split in 0..wire.len() {
             let (out, done, _) = decode_all(&[&wire[..split], &wire[split..]]).expect("valid");
-            assert_eq!(out, b"hello world", "split at {split}");
+            assert_eq!(out, b"hello world!!", "split at {split}");
             assert!(done, "split at {split}");
         }
         let (out, done, _) = decode_all(&[b"A\r\n0123456789\r\n"]).expect("valid");
@@ -217,6 +258,18 @@ mod tests {
             assert_eq!(out, b"abcdef0123456789", "split at {split}");
             assert!(done, "split at {split}");
         }
+    }
+
+    #[test]
+    fn a_body_of_one_chunk_is_told_with_its_data() {
+        assert_eq!(single(b"5\r\nhello\r\n0\r\n\r\n"), Some((5, 3)));
+        assert_eq!(
+            single(b"5\r\nhello\r\n00;x\r\nx-t: 1\r\n\r\n"),
+            Some((5, 3))
+        );
+        assert_eq!(single(b"5\r\nhello\r\n10\r\n"), None);
+        assert_eq!(single(b"5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n"), None);
+        assert_eq!(single(b"0\r\n\r\n"), None);
     }
 
     #[test]
@@ -239,6 +292,11 @@ mod tests {
             (b"5\n", "chunk size"),
             (b"5;a\n", "chunk extension"),
             (b"5\rx", "chunk size line"),
+            // Whitespace after a size, then anything but an extension or the line's end.
+            (b"48 5\r\n", "chunk size"),
+            (b"48\tx\r\n", "chunk size"),
+            (b"48 \t=1\r\n", "chunk size"),
+            (b"48 a;b\r\n", "chunk size"),
             (b"11111111111111111\r\n", "chunk size"),
             (
                 &[&b"1;"[..], &[b'a'; MAX_CHUNK_EXTENSION]].concat(),

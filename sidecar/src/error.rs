@@ -236,8 +236,9 @@ impl GatewayError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
-        if let Self::BodyTooLarge { .. } = self {
-            // The rest of the body is not read: the connection cannot carry another request.
+        if let Self::BodyTooLarge { .. } | Self::BadBody(_) | Self::BodyStalled { .. } = self {
+            // The rest of the body is not read (or not as sent): the connection cannot carry
+            // another request, whichever server read it.
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

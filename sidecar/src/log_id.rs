@@ -18,9 +18,11 @@ tokio::task_local! {
     static REQUEST: Arc<str>;
 }
 
-/// Runs `serve` as the request with log id `id`: [`for_request`] and [`current`] return it.
-pub async fn scope<F: Future>(id: Arc<str>, serve: F) -> F::Output {
-    REQUEST.scope(id, serve).await
+/// `serve` run as the request with log id `id`: [`for_request`] and [`current`] return it.
+/// Not an `async fn`: a request's future is large, and one more layer around it would copy it
+/// whole when first polled.
+pub fn scope<F: Future>(id: Arc<str>, serve: F) -> impl Future<Output = F::Output> {
+    REQUEST.scope(id, serve)
 }
 
 /// The log id of the request being served, for a process line about it; `None` outside one.

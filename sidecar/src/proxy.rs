@@ -384,14 +384,15 @@ impl Gateway {
     }
 
     /// Serves one request; every failure becomes a SPEC.md error response.
-    pub async fn handle(
+    pub fn handle(
         self: Arc<Self>,
         req: Request<RequestBody>,
-    ) -> Result<Response<ProxyBody>, Infallible> {
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send {
         // Chosen first, so that the lines logged on the way (a guardrail's flag, a retry) name
-        // the id its answer and access line will carry.
+        // the id its answer and access line will carry. No `async` layer here: it would copy
+        // the large future of `serve` when first polled.
         let log_id: Arc<str> = Arc::from(crate::log_id::next());
-        crate::log_id::scope(log_id.clone(), self.serve(req, log_id)).await
+        crate::log_id::scope(log_id.clone(), self.serve(req, log_id))
     }
 
     /// [`Gateway::handle`] within the scope of the request's log id `log_id`.

@@ -711,6 +711,7 @@ impl LogOptions<'_> {
         if ignored > 0 {
             tracing::debug!(
                 ignored,
+                log_id = crate::log_id::current().as_deref(),
                 "cf-aig-metadata entries past the first {MAX_METADATA_ENTRIES} are ignored"
             );
         }
@@ -1104,7 +1105,12 @@ impl RequestRecord {
                 && self.status < 400
                 && matches!(outcome, "complete" | "refused")
             {
-                t.uncharged(&self.provider, model.as_str(), tokens != [None, None]);
+                t.uncharged(
+                    &self.provider,
+                    model.as_str(),
+                    tokens != [None, None],
+                    Some(&self.log_id),
+                );
             }
         }
         if let Some(usd) = charged {

@@ -608,7 +608,12 @@ impl Session {
         if let (Some(t), Some(m)) = (&self.tally, &a.model)
             && a.pricing.lookup(m.as_str()).is_none()
         {
-            t.uncharged(&a.provider, m.as_str(), true);
+            t.uncharged(
+                &a.provider,
+                m.as_str(),
+                true,
+                crate::log_id::current().as_deref(),
+            );
         }
     }
 
@@ -625,7 +630,12 @@ impl Session {
                 if let Some(t) = &self.tally
                     && a.model.is_none()
                 {
-                    t.uncharged(&a.provider, UNNAMED_MODEL, true);
+                    t.uncharged(
+                        &a.provider,
+                        UNNAMED_MODEL,
+                        true,
+                        crate::log_id::current().as_deref(),
+                    );
                 }
             }
             Used::Transcription {
@@ -646,13 +656,23 @@ impl Session {
                 t.add(&self.metrics, cost, tokens.totals());
                 if cost.is_none() {
                     let model = model.as_deref().unwrap_or(UNNAMED_TRANSCRIPTION_MODEL);
-                    t.uncharged(&a.provider, model, true);
+                    t.uncharged(
+                        &a.provider,
+                        model,
+                        true,
+                        crate::log_id::current().as_deref(),
+                    );
                 }
             }
             Used::Untokened { model } => {
                 if let Some(t) = &self.tally {
                     let model = model.as_deref().unwrap_or(UNNAMED_TRANSCRIPTION_MODEL);
-                    t.uncharged(&a.provider, model, false);
+                    t.uncharged(
+                        &a.provider,
+                        model,
+                        false,
+                        crate::log_id::current().as_deref(),
+                    );
                 }
             }
         }

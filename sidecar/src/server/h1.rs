@@ -180,19 +180,19 @@ pub(super) async fn serve(
         // coming, is cut off or is not framed right is the gateway's to tell of (408, 400;
         // logged as refused).
         let mut broken = None;
-        // A chunked body: the decoder's state, the bytes of `buf` it read, what it decoded.
-        let mut dechunked = (Chunked::START, 0, BytesMut::new());
+        // A chunked body: the decoder's state and the bytes of `buf` it checked. Its data is
+        // taken once it is whole: until then `buf` holds it as it came, for hyper should it
+        // outgrow this server, and only there.
+        let (mut framing, mut checked) = (Chunked::START, 0);
         let mut decoded = None;
         loop {
             if let Some(raw) = &chunked {
-                let (state, read, data) = &mut dechunked;
-                match chunked::decode(state, &buf[*read..], data) {
+                match chunked::decode(&mut framing, &buf[checked..], &mut ()) {
                     Ok((used, true)) => {
-                        let _ = buf.split_to(*read + used);
-                        decoded = Some(std::mem::take(data).freeze());
+                        decoded = Some(dechunk(buf.split_to(checked + used).freeze()));
                         break;
                     }
-                    Ok((used, false)) if buf.len() <= MAX_BODY => *read += used,
+                    Ok((used, false)) if buf.len() <= MAX_BODY => checked += used,
                     // hyper reads it as it comes, within the gateway's limits.
                     Ok(_) => return Ended::HandOff(rejoin(raw, &buf)),
                     Err(why) => {
@@ -363,6 +363,18 @@ fn parse(buf: &mut BytesMut, names: &mut KnownNames) -> Parsed {
         chunked: chunked.then(|| head.clone()),
         close,
     })
+}
+
+/// The data of `wire`, a whole chunked body its framing checked: one chunk's is sliced out
+/// with no copy.
+fn dechunk(wire: Bytes) -> Bytes {
+    if let Some((size, at)) = chunked::single(&wire) {
+        return wire.slice(at..at + size);
+    }
+    let mut data = BytesMut::with_capacity(wire.len());
+    let mut state = Chunked::START;
+    let _ = chunked::decode(&mut state, &wire, &mut data);
+    data.freeze()
 }
 
 /// `head` (split off the front of `buf`) and `buf` again as one buffer, for hyper.
