@@ -224,8 +224,14 @@ impl Limiter {
             .settings
             .is_some_and(|old| old.interval == s.interval && old.sliding == s.sliding);
         let c = &state.counts;
-        !same_shape
-            || (index > c.index.saturating_add(1))
+        if !same_shape {
+            return true;
+        }
+        if !s.sliding {
+            // A fixed window weighs nothing once the next one began.
+            return index > c.index || c.count == 0;
+        }
+        (index > c.index.saturating_add(1))
             || (index == c.index + 1 && c.count == 0)
             || (index == c.index && c.count == 0 && c.previous == 0)
     }
@@ -335,7 +341,11 @@ impl Keyed {
         if state.swept != Some(index) {
             state.swept = Some(index);
             state.warned = false;
-            state.by_value.retain(|_, l| !l.idle(s, now));
+            // A window a request in flight still holds stays: its budget charge or its rate
+            // give-back goes to it when the request ends, and must be read again.
+            state
+                .by_value
+                .retain(|_, l| Arc::strong_count(l) > 1 || !l.idle(s, now));
             let len = state.by_value.len();
             if len < state.by_value.capacity() / 4 {
                 state.by_value.shrink_to(len * 2);
@@ -599,6 +609,40 @@ mod tests {
         assert_eq!(k.values(), 1);
         let capacity = k.state.lock().expect("lock").by_value.capacity();
         assert!(capacity < 64, "the map shrank: {capacity}");
+    }
+
+    #[test]
+    fn a_full_fixed_keyed_limit_gives_newcomers_their_own_windows_in_the_next_interval() {
+        let t0 = Instant::now();
+        let k = Keyed::new(t0);
+        let s = settings(1, 10, false);
+        for i in 0..MAX_KEYS {
+            let v = serde_json::json!(format!("user-{i}"));
+            assert_eq!(k.window(Some(&v), &s, t0).check(&s, t0), Ok(()));
+        }
+        // A fixed window's count weighs nothing in the next one: the old windows go at once.
+        let t1 = t0 + Duration::from_secs(15);
+        let late = |i: usize| serde_json::json!(format!("late-{i}"));
+        assert_eq!(k.window(Some(&late(0)), &s, t1).check(&s, t1), Ok(()));
+        assert_eq!(k.window(Some(&late(1)), &s, t1).check(&s, t1), Ok(()));
+        assert_eq!(k.values(), 2);
+    }
+
+    #[test]
+    fn a_window_a_request_in_flight_holds_is_not_swept() {
+        let t0 = Instant::now();
+        let k = Keyed::new(t0);
+        let s = settings(1, 10, false);
+        let red = serde_json::json!("red");
+        // A budget node's request holds its window, counting nothing until its answer ends.
+        let held = k.window(Some(&red), &s, t0);
+        assert_eq!(held.room(&s, t0), Ok(()));
+        // Another value's first request in a later window sweeps the map.
+        let t1 = t0 + Duration::from_secs(25);
+        let _ = k.window(Some(&serde_json::json!("blue")), &s, t1);
+        held.add(&s, t1, 5);
+        // The charge is read again by red's next request.
+        assert!(k.window(Some(&red), &s, t1).room(&s, t1).is_err());
     }
 
     #[test]

@@ -12,8 +12,8 @@
 //! most 64 nodes and 16 targets.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
@@ -41,7 +41,16 @@ pub struct Routing {
     /// Per (route, node id) of every rate and budget node.
     counters: HashMap<(String, String), Counter>,
     seed: AtomicU64,
+    /// The models a budget node was told of that have no price (warned once each).
+    unpriced: Arc<Unpriced>,
 }
+
+/// Models whose answers a budget node could not charge, for lack of a price: said once each.
+#[derive(Debug, Default)]
+struct Unpriced(std::sync::Mutex<std::collections::HashSet<String>>);
+
+/// How many unpriced models are remembered (a client names any model it likes).
+const MAX_UNPRICED: usize = 1024;
 
 /// The windows of one rate or budget node, and what they count: a reload keeps them for a node
 /// of the same kind counting by the same key.
@@ -159,12 +168,33 @@ impl Window {
 pub struct BudgetCharge {
     window: Window,
     settings: RateSettings,
+    unpriced: Arc<Unpriced>,
 }
 
 impl BudgetCharge {
     /// Adds the cost of a request that took this node's `next` branch.
     pub fn charge(&self, usd: f64) {
         self.window.add(&self.settings, usd_units(usd));
+    }
+
+    /// A successful answer of `model` had no cost to charge (no price, or no token counts):
+    /// warned once per model, as an operator who set a budget would want to hear it does not
+    /// see these answers. `log_id` is the answer's request's.
+    pub fn uncharged(&self, model: &str, log_id: &str) {
+        let mut seen = self
+            .unpriced
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seen.len() >= MAX_UNPRICED || !seen.insert(model.to_owned()) {
+            return;
+        }
+        drop(seen);
+        tracing::warn!(
+            model,
+            log_id,
+            "a route's budget node could not charge an answer: its model has no price (or it reported no token counts); give it one in spec.pricing (said once per model)"
+        );
     }
 }
 
@@ -204,6 +234,7 @@ impl Routing {
             compiled,
             counters,
             seed: AtomicU64::new(seed),
+            unpriced: Arc::default(),
         })
     }
 
@@ -490,7 +521,11 @@ impl<'a> Walk<'a> {
                                 Some(fallback)
                             }
                             Some((Ok(()), window)) => {
-                                charged.push(BudgetCharge { window, settings });
+                                charged.push(BudgetCharge {
+                                    window,
+                                    settings,
+                                    unpriced: routing.unpriced.clone(),
+                                });
                                 Some(next)
                             }
                             None => Some(next),

@@ -90,7 +90,8 @@ pub struct Shared {
     /// SHA-256 of the URL: a reload with the same Redis keeps this client and its connection.
     target: [u8; 32],
     conn: std::sync::Mutex<Option<ConnectionManager>>,
-    /// Held while connecting: the others go without Redis meanwhile instead of queueing.
+    /// Held while connecting: the others wait for that connection (at most as long as it may
+    /// take to make), rather than each making its own or going uncounted.
     connecting: tokio::sync::Mutex<()>,
     /// After a failure, Redis is not tried until this ends.
     backoff: Backoff,
@@ -158,10 +159,11 @@ impl Shared {
         self.slot().clone()
     }
 
-    /// The connection, made on first use. Never waits behind another request: while one
-    /// connects, or for [`BACKOFF`] after a failure (with a connection made already too: one
-    /// that just failed would make each request wait for its timeout again), the others are
-    /// told Redis is unavailable.
+    /// The connection, made on first use. Requests that come while it is made wait for it (a
+    /// burst at a pod's start would otherwise all go uncounted by the limits, failing open);
+    /// for [`BACKOFF`] after a failure (with a connection made already too: one that just
+    /// failed would make each request wait for its timeout again) they are told Redis is
+    /// unavailable at once.
     async fn conn(&self) -> ::redis::RedisResult<ConnectionManager> {
         if self.backoff.active(monotonic_ms()) {
             return Err(Self::unavailable("redis unavailable (retrying shortly)"));
@@ -169,11 +171,17 @@ impl Shared {
         if let Some(c) = self.cached_conn() {
             return Ok(c);
         }
-        let Ok(_connecting) = self.connecting.try_lock() else {
+        // Making a connection is bounded by `TIMEOUT * 2`: so is the wait for another's.
+        let Ok(_connecting) = tokio::time::timeout(TIMEOUT * 2, self.connecting.lock()).await
+        else {
             return Err(Self::unavailable("redis connection being made"));
         };
         if let Some(c) = self.cached_conn() {
             return Ok(c);
+        }
+        if self.backoff.active(monotonic_ms()) {
+            // The connection just tried failed.
+            return Err(Self::unavailable("redis unavailable (retrying shortly)"));
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))

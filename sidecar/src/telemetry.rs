@@ -1117,6 +1117,12 @@ impl RequestRecord {
             for b in &self.route_budgets {
                 b.charge(usd);
             }
+        } else if let (Some(model), Some(b)) = (&self.model, self.route_budgets.first())
+            && !self.cached
+            && self.status < 400
+            && matches!(outcome, "complete" | "refused")
+        {
+            b.uncharged(model.as_str(), &self.log_id);
         }
         self.metrics.record(
             &self.provider,

@@ -148,6 +148,8 @@ def test_a_budget_node_over_a_model_without_a_price_says_it_cannot_charge_it(moc
 # 18446744073709551616 and 18446744073709551617 print alike; the window is the digest of that
 # text (ratelimit.rs:330, shared.rs:359). Fix: digest the value's text as sent (RawValue /
 # `arbitrary_precision`), or refuse numbers that do not round-trip with 400/2100.
+# Not mended (low severity; README says to send ids as strings): strict, it fails loudly once mended.
+@pytest.mark.xfail(strict=True, reason="metadata numbers beyond 64 bits are parsed as f64")
 def test_numeric_ids_beyond_64_bits_are_two_users(mock, tmp_path):
     g = start(tmp_path, mock, routes(route("r", 'type: rate, limit: "1", interval: 1h, key: metadata.user_id',
                                              fallback="e")))
