@@ -1,6 +1,7 @@
 //! What a request cost, in USD: the tokens its response reported times the model's price (audio
-//! and image tokens at the model's rates for them), plus what is charged per image generated or
-//! per web search; or the cost the provider itself states in the answer (Perplexity).
+//! and image tokens at the model's rates for them), plus what is charged per image generated,
+//! per web search or per minute of audio; or the cost the provider itself states in the answer
+//! (Perplexity, OpenRouter).
 //!
 //! Prices come from a built-in table of well-known models ([`PRICES_AS_OF`]) merged with the
 //! gateway's `spec.pricing`; a model is priced by the longest table name that it equals or
@@ -42,12 +43,16 @@ pub struct Price {
     pub audio_input: f64,
     /// Per million output audio tokens (the output price for a model without one of its own).
     pub audio_output: f64,
+    /// Per million input image tokens (the input price for a model without one of its own).
+    pub image_input: f64,
     /// Per million output image tokens (the output price for a model without one of its own).
     pub image_output: f64,
     /// Per image generated, in USD (Imagen).
     pub per_image: f64,
     /// Per server-side web search, in USD (Anthropic's web search tool).
     pub per_web_search: f64,
+    /// Per minute of audio, in USD (a transcription billed by duration: `whisper-1`).
+    pub per_audio_minute: f64,
 }
 
 impl Price {
@@ -65,6 +70,7 @@ impl Price {
             cache_write_1h: input * write_1h,
             audio_input: input,
             audio_output: output,
+            image_input: input,
             image_output: output,
             per_image: 0.0,
             // "$10 per 1,000 searches, plus standard token costs" (docs.claude.com, Web search
@@ -74,6 +80,7 @@ impl Price {
             } else {
                 0.0
             },
+            per_audio_minute: 0.0,
         };
         for (_, rate) in NOT_TEXT.iter().filter(|(n, _)| *n == name) {
             match *rate {
@@ -82,8 +89,13 @@ impl Price {
                     price.audio_output = output;
                 }
                 NotText::AudioInput(usd) => price.audio_input = usd,
+                NotText::Image { input, output } => {
+                    price.image_input = input;
+                    price.image_output = output;
+                }
                 NotText::ImageOutput(usd) => price.image_output = usd,
                 NotText::PerImage(usd) => price.per_image = usd,
+                NotText::PerAudioMinute(usd) => price.per_audio_minute = usd,
             }
         }
         price
@@ -97,10 +109,14 @@ enum NotText {
     Audio { input: f64, output: f64 },
     /// Audio tokens in, per million (the model answers in text).
     AudioInput(f64),
+    /// Image tokens in and out, per million.
+    Image { input: f64, output: f64 },
     /// Image tokens out, per million.
     ImageOutput(f64),
     /// Each image generated.
     PerImage(f64),
+    /// Each minute of audio.
+    PerAudioMinute(f64),
 }
 
 /// The prices of audio and images, for the [`BUILTIN`] row of the same name (a model priced by
@@ -138,6 +154,26 @@ const NOT_TEXT: &[(&str, NotText)] = &[
     // Transcription: the audio in at this rate, a prompt's text tokens at the input price.
     ("gpt-4o-transcribe", NotText::AudioInput(6.0)),
     ("gpt-4o-mini-transcribe", NotText::AudioInput(3.0)),
+    // Whisper: "$0.006 / minute" of audio (Transcription and speech generation); its answers
+    // report `usage: {"type": "duration", "seconds": n}`, no tokens.
+    ("whisper-1", NotText::PerAudioMinute(0.006)),
+    // Image generation (platform.openai.com/docs/pricing, Image tokens; the model pages):
+    // image tokens in and out at these rates, a prompt's text tokens at the row's input price.
+    // Their output is all image.
+    (
+        "gpt-image-1",
+        NotText::Image {
+            input: 10.0,
+            output: 40.0,
+        },
+    ),
+    (
+        "gpt-image-1-mini",
+        NotText::Image {
+            input: 2.50,
+            output: 8.0,
+        },
+    ),
     // Google (ai.google.dev/gemini-api/docs/pricing, standard tier): audio input where it
     // costs more than text, image output ($0.039 per 1024px image of 1290 tokens), Imagen per
     // image.
@@ -230,6 +266,12 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     // Transcription models: text in (a prompt) and out; the audio in is in NOT_TEXT.
     ("gpt-4o-transcribe", 2.50, 10.0),
     ("gpt-4o-mini-transcribe", 1.25, 5.0),
+    // Billed by the minute of audio (NOT_TEXT); its answers have no tokens.
+    ("whisper-1", 0.0, 0.0),
+    // Image models: text in here, image tokens in and out in NOT_TEXT (the output column is
+    // the image output rate: they answer nothing else).
+    ("gpt-image-1", 5.0, 40.0),
+    ("gpt-image-1-mini", 2.0, 8.0),
     ("gpt-4-turbo", 10.0, 30.0),
     ("gpt-4-0125-preview", 10.0, 30.0),
     ("gpt-4-1106-preview", 10.0, 30.0),
@@ -275,6 +317,11 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gemini-2.5-pro", 1.25, 10.0),
     ("gemini-2.5-flash-image", 0.30, 2.50),
     ("text-embedding-004", 0.0, 0.0),
+    // "$0.15 / 1M input tokens" on the Gemini API and on Vertex AI (cloud.google.com/vertex-ai/
+    // generative-ai/pricing, Embeddings); Vertex's older text-embedding-00x and
+    // text-multilingual-embedding-002 are priced by the character there, which no answer
+    // reports in tokens, so they have no row.
+    ("gemini-embedding-001", 0.15, 0.0),
     // Imagen: per image (NOT_TEXT); its answers have no tokens.
     ("imagen-4.0-generate", 0.0, 0.0),
     ("imagen-4.0-fast-generate", 0.0, 0.0),
@@ -764,8 +811,8 @@ impl CustomCost {
 /// The cost in USD of a response that reported `tokens`: the custom cost when the request set
 /// one (per token: every input token at `per_token_in`), else the cost the provider stated, else
 /// the model's price: the prompt cache's reads and writes, audio and image tokens at theirs,
-/// plus images and web searches at theirs; `None` when none of these (or nothing counted) is
-/// known.
+/// plus images, web searches and minutes of audio at theirs; `None` when none of these (or
+/// nothing counted) is known.
 pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -> Option<f64> {
     let known = tokens.totals() != [None, None];
     let [i, o] = tokens.totals().map(|n| n.unwrap_or(0));
@@ -775,6 +822,7 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
     let fresh = i - read - write;
     // Audio read from the cache is priced as the cache's reads are.
     let audio_in = tokens.audio_input.min(fresh);
+    let image_in = tokens.image_input.min(fresh - audio_in);
     let audio_out = tokens.audio_output.min(o);
     let image_out = tokens.image_output.min(o - audio_out);
     let text_out = o - audio_out - image_out;
@@ -784,19 +832,23 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
             known.then_some(i as f64 * input + o as f64 * output)
         }
         None if tokens.stated_cost.is_some() => tokens.stated_cost,
-        None => price.filter(|_| known || tokens.images > 0).map(|p| {
-            ((fresh - audio_in) as f64 * p.input
-                + audio_in as f64 * p.audio_input
-                + read as f64 * p.cache_read
-                + (write - write_1h) as f64 * p.cache_write
-                + write_1h as f64 * p.cache_write_1h
-                + text_out as f64 * p.output
-                + audio_out as f64 * p.audio_output
-                + image_out as f64 * p.image_output)
-                / 1e6
-                + tokens.images as f64 * p.per_image
-                + tokens.web_searches as f64 * p.per_web_search
-        }),
+        None => price
+            .filter(|_| known || tokens.images > 0 || tokens.audio_seconds > 0.0)
+            .map(|p| {
+                ((fresh - audio_in - image_in) as f64 * p.input
+                    + audio_in as f64 * p.audio_input
+                    + image_in as f64 * p.image_input
+                    + read as f64 * p.cache_read
+                    + (write - write_1h) as f64 * p.cache_write
+                    + write_1h as f64 * p.cache_write_1h
+                    + text_out as f64 * p.output
+                    + audio_out as f64 * p.audio_output
+                    + image_out as f64 * p.image_output)
+                    / 1e6
+                    + tokens.images as f64 * p.per_image
+                    + tokens.web_searches as f64 * p.per_web_search
+                    + tokens.audio_seconds / 60.0 * p.per_audio_minute
+            }),
     }
     .filter(|c| c.is_finite())
 }
@@ -1355,6 +1407,100 @@ mod tests {
             cost(t.lookup("gpt-4o-mini"), None, &searched),
             (2000.0 * 0.15 + 300.0 * 0.60) / 1e6,
         );
+    }
+
+    #[test]
+    fn whisper_is_priced_by_the_minute_of_audio() {
+        let t = Pricing::default();
+        let heard = |seconds| Tokens {
+            audio_seconds: seconds,
+            ..Tokens::default()
+        };
+        close(
+            cost(t.lookup("whisper-1"), None, &heard(91.0)),
+            91.0 / 60.0 * 0.006,
+        );
+        close(
+            cost(t.lookup("whisper-1"), None, &heard(2.5)),
+            2.5 / 60.0 * 0.006,
+        );
+        assert_eq!(
+            cost(t.lookup("whisper-1"), None, &heard(0.0)),
+            None,
+            "nothing counted, no cost"
+        );
+        // Other models have no price by the minute.
+        assert_eq!(
+            cost(t.lookup("gpt-4o-transcribe"), None, &heard(60.0)),
+            Some(0.0)
+        );
+        close(
+            cost(
+                t.lookup("whisper-1"),
+                Some(CustomCost::Total(0.25)),
+                &heard(91.0),
+            ),
+            0.25,
+        );
+    }
+
+    #[test]
+    fn image_models_price_image_tokens_in_and_out_at_their_rates() {
+        let t = Pricing::default();
+        let edit = Tokens {
+            image_input: 323,
+            ..Tokens::plain(Some(343), Some(1056))
+        };
+        // gpt-image-1: text in $5, image in $10, image out $40.
+        close(
+            cost(t.lookup("gpt-image-1"), None, &edit),
+            (20.0 * 5.0 + 323.0 * 10.0 + 1056.0 * 40.0) / 1e6,
+        );
+        // gpt-image-1-mini: $2, $2.50, $8.
+        close(
+            cost(t.lookup("gpt-image-1-mini"), None, &edit),
+            (20.0 * 2.0 + 323.0 * 2.5 + 1056.0 * 8.0) / 1e6,
+        );
+        // Image output counted apart is priced the same (the model answers only images).
+        let out = Tokens {
+            image_output: 1056,
+            ..edit
+        };
+        close(
+            cost(t.lookup("gpt-image-1-2025-04-15"), None, &out),
+            (20.0 * 5.0 + 323.0 * 10.0 + 1056.0 * 40.0) / 1e6,
+        );
+        // A model without an image input rate prices image tokens in as text.
+        close(
+            cost(t.lookup("gpt-4o-mini"), None, &edit),
+            (343.0 * 0.15 + 1056.0 * 0.60) / 1e6,
+        );
+        // Image tokens past the fresh input (after the cache and audio) are cut to it.
+        let odd = Tokens {
+            cache_read: 300,
+            ..edit
+        };
+        close(
+            cost(t.lookup("gpt-image-1"), None, &odd),
+            (300.0 * 5.0 + 43.0 * 10.0 + 1056.0 * 40.0) / 1e6,
+        );
+    }
+
+    #[test]
+    fn gemini_embedding_is_priced_by_its_input_tokens() {
+        let t = Pricing::default();
+        assert_eq!(look(&t, "gemini-embedding-001"), price(0.15, 0.0));
+        close(
+            cost(
+                t.lookup("gemini-embedding-001"),
+                None,
+                &Tokens::plain(Some(1_000_000), None),
+            ),
+            0.15,
+        );
+        // Vertex prices these per character, which no answer gives in tokens.
+        assert_eq!(look(&t, "text-embedding-005"), None);
+        assert_eq!(look(&t, "text-multilingual-embedding-002"), None);
     }
 
     #[test]
