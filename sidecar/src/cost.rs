@@ -1,7 +1,7 @@
 //! What a request cost, in USD: the tokens its response reported times the model's price (audio
 //! and image tokens at the model's rates for them), plus what is charged per image generated,
-//! per web search or per minute of audio; or the cost the provider itself states in the answer
-//! (Perplexity, OpenRouter).
+//! per web search, per minute of audio or per character; or the cost the provider itself states
+//! in the answer (Perplexity, OpenRouter).
 //!
 //! Prices come from a built-in table of well-known models ([`PRICES_AS_OF`]) merged with the
 //! gateway's `spec.pricing`; a model is priced by the longest table name that it equals or
@@ -53,6 +53,8 @@ pub struct Price {
     pub per_web_search: f64,
     /// Per minute of audio, in USD (a transcription billed by duration: `whisper-1`).
     pub per_audio_minute: f64,
+    /// Per 1,000 characters billed, in USD (Vertex AI's text embedding models).
+    pub per_1k_characters: f64,
 }
 
 impl Price {
@@ -81,6 +83,7 @@ impl Price {
                 0.0
             },
             per_audio_minute: 0.0,
+            per_1k_characters: 0.0,
         };
         for (_, rate) in NOT_TEXT.iter().filter(|(n, _)| *n == name) {
             match *rate {
@@ -96,6 +99,7 @@ impl Price {
                 NotText::ImageOutput(usd) => price.image_output = usd,
                 NotText::PerImage(usd) => price.per_image = usd,
                 NotText::PerAudioMinute(usd) => price.per_audio_minute = usd,
+                NotText::PerThousandCharacters(usd) => price.per_1k_characters = usd,
             }
         }
         price
@@ -117,6 +121,8 @@ enum NotText {
     PerImage(f64),
     /// Each minute of audio.
     PerAudioMinute(f64),
+    /// Each 1,000 characters of text billed.
+    PerThousandCharacters(f64),
 }
 
 /// The prices of audio and images, for the [`BUILTIN`] row of the same name (a model priced by
@@ -186,6 +192,22 @@ const NOT_TEXT: &[(&str, NotText)] = &[
     ("imagen-4.0-ultra-generate", NotText::PerImage(0.06)),
     ("imagen-3.0-generate", NotText::PerImage(0.04)),
     ("imagen-3.0-fast-generate", NotText::PerImage(0.02)),
+    // Vertex AI's text embeddings: "$0.000025 / 1,000 characters" of input, online requests
+    // (cloud.google.com/vertex-ai/generative-ai/pricing, Embeddings); their answers state the
+    // characters billed (`metadata.billableCharacterCount`). The Gemini API's
+    // text-embedding-004 is free and states none.
+    (
+        "text-embedding-004",
+        NotText::PerThousandCharacters(0.000025),
+    ),
+    (
+        "text-embedding-005",
+        NotText::PerThousandCharacters(0.000025),
+    ),
+    (
+        "text-multilingual-embedding-002",
+        NotText::PerThousandCharacters(0.000025),
+    ),
 ];
 
 /// How a provider prices prompt-cache reads, writes and one-hour writes, as multiples of the
@@ -316,11 +338,12 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gemini-2.5-flash-lite", 0.10, 0.40),
     ("gemini-2.5-pro", 1.25, 10.0),
     ("gemini-2.5-flash-image", 0.30, 2.50),
+    // Priced by the character on Vertex AI (NOT_TEXT), not by the token.
     ("text-embedding-004", 0.0, 0.0),
+    ("text-embedding-005", 0.0, 0.0),
+    ("text-multilingual-embedding-002", 0.0, 0.0),
     // "$0.15 / 1M input tokens" on the Gemini API and on Vertex AI (cloud.google.com/vertex-ai/
-    // generative-ai/pricing, Embeddings); Vertex's older text-embedding-00x and
-    // text-multilingual-embedding-002 are priced by the character there, which no answer
-    // reports in tokens, so they have no row.
+    // generative-ai/pricing, Embeddings).
     ("gemini-embedding-001", 0.15, 0.0),
     // Imagen: per image (NOT_TEXT); its answers have no tokens.
     ("imagen-4.0-generate", 0.0, 0.0),
@@ -407,6 +430,10 @@ impl Pricing {
                 usd("inputPerMillion", &p.input_per_million)?,
                 usd("outputPerMillion", &p.output_per_million)?,
             );
+            // A price by the token replaces Google's by the character (Vertex text embeddings).
+            if price.input > 0.0 {
+                price.per_1k_characters = 0.0;
+            }
             // Cache prices given replace the provider's rule.
             for (field, given, into) in [
                 (
@@ -811,8 +838,8 @@ impl CustomCost {
 /// The cost in USD of a response that reported `tokens`: the custom cost when the request set
 /// one (per token: every input token at `per_token_in`), else the cost the provider stated, else
 /// the model's price: the prompt cache's reads and writes, audio and image tokens at theirs,
-/// plus images, web searches and minutes of audio at theirs; `None` when none of these (or
-/// nothing counted) is known.
+/// plus images, web searches, minutes of audio and characters at theirs; `None` when none of
+/// these (or nothing counted) is known.
 pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -> Option<f64> {
     let known = tokens.totals() != [None, None];
     let [i, o] = tokens.totals().map(|n| n.unwrap_or(0));
@@ -833,7 +860,12 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
         }
         None if tokens.stated_cost.is_some() => tokens.stated_cost,
         None => price
-            .filter(|_| known || tokens.images > 0 || tokens.audio_seconds > 0.0)
+            .filter(|_| {
+                known || tokens.images > 0 || tokens.audio_seconds > 0.0 || tokens.characters > 0
+            })
+            // A model priced only by the character, in an answer whose characters were not
+            // counted (a `/compat` embedding, translated): its cost is not known, not 0.
+            .filter(|p| !(p.per_1k_characters > 0.0 && tokens.characters == 0))
             .map(|p| {
                 ((fresh - audio_in - image_in) as f64 * p.input
                     + audio_in as f64 * p.audio_input
@@ -848,6 +880,7 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
                     + tokens.images as f64 * p.per_image
                     + tokens.web_searches as f64 * p.per_web_search
                     + tokens.audio_seconds / 60.0 * p.per_audio_minute
+                    + tokens.characters as f64 / 1000.0 * p.per_1k_characters
             }),
     }
     .filter(|c| c.is_finite())
@@ -1498,9 +1531,57 @@ mod tests {
             ),
             0.15,
         );
-        // Vertex prices these per character, which no answer gives in tokens.
-        assert_eq!(look(&t, "text-embedding-005"), None);
-        assert_eq!(look(&t, "text-multilingual-embedding-002"), None);
+    }
+
+    #[test]
+    fn vertex_text_embeddings_are_priced_by_the_characters_billed() {
+        let t = Pricing::default();
+        let embedded = Tokens {
+            characters: 4000,
+            ..Tokens::plain(Some(1000), None)
+        };
+        for model in [
+            "text-embedding-005",
+            "text-embedding-004",
+            "text-multilingual-embedding-002",
+        ] {
+            close(cost(t.lookup(model), None, &embedded), 4.0 * 0.000025);
+        }
+        // Tokens without the characters they are priced by: not known.
+        assert_eq!(
+            cost(
+                t.lookup("text-embedding-005"),
+                None,
+                &Tokens::plain(Some(1000), None),
+            ),
+            None
+        );
+        // Unless spec.pricing gives the model a price by the token, which replaces the one by
+        // the character.
+        let own = Pricing::with(&[ModelPrice {
+            model: "text-embedding-005".into(),
+            input_per_million: "0.1".into(),
+            output_per_million: "0".into(),
+            ..ModelPrice::default()
+        }])
+        .expect("valid");
+        close(
+            cost(
+                own.lookup("text-embedding-005"),
+                None,
+                &Tokens::plain(Some(1000), None),
+            ),
+            1000.0 * 0.1 / 1e6,
+        );
+        close(
+            cost(own.lookup("text-embedding-005"), None, &embedded),
+            1000.0 * 0.1 / 1e6,
+        );
+        // gemini-embedding-001 is priced by its tokens, whatever characters are stated.
+        close(
+            cost(t.lookup("gemini-embedding-001"), None, &embedded),
+            1000.0 * 0.15 / 1e6,
+        );
     }
 
     #[test]

@@ -31,7 +31,8 @@
 //!
 //! Imagen's answers (`:predict` of an `imagen-*` model) have no usage: their images are counted
 //! (each prediction's `"bytesBase64Encoded"`). Vertex AI's embeddings (`:predict` of another
-//! model) have none either: each prediction's `embeddings.statistics.token_count` is input.
+//! model) have none either: each prediction's `embeddings.statistics.token_count` is input, and
+//! `metadata.billableCharacterCount` the characters some of those models are priced by.
 //!
 //! No JSON is parsed: each body frame is searched for `"usage` and the `"key": number` pairs of
 //! the object after it are read (keys of its own level; the few nested ones above by name). The
@@ -155,10 +156,12 @@ static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Find
 const META_NEEDLE: &[u8] = b"\"meta";
 static META_FINDER: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(&META_NEEDLE[1..]));
-/// The key of a Vertex AI embedding's token count, one per prediction's `statistics`.
-const TOKEN_COUNT_KEY: &[u8] = b"\"token_count\"";
+/// The keys of a Vertex AI embedding's token count (one per prediction's `statistics`) and of
+/// the characters billed for the request (its `metadata`).
 static TOKEN_COUNT_FINDER: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(TOKEN_COUNT_KEY));
+    LazyLock::new(|| memmem::Finder::new(b"\"token_count\""));
+static CHARACTERS_FINDER: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"billableCharacterCount\""));
 
 /// Whether an OpenAI-format provider takes `stream_options.include_usage`, which the gateway
 /// adds to streams that lack it so that their tokens are counted. Providers that refuse fields
@@ -207,6 +210,8 @@ pub struct Tokens {
     pub web_searches: u64,
     /// Seconds of audio billed by duration (a `whisper-1` transcription, which has no tokens).
     pub audio_seconds: f64,
+    /// Characters billed (a Vertex AI embedding: `metadata.billableCharacterCount`).
+    pub characters: u64,
     /// The cost the provider states for the request, in USD (Perplexity, OpenRouter).
     pub stated_cost: Option<f64>,
 }
@@ -281,8 +286,8 @@ pub struct Usage {
     stated: StatedCost,
     /// For an Imagen answer, the images counted so far.
     images: Option<Box<ImageCount>>,
-    /// For a Vertex AI embeddings answer, the tokens of its predictions counted so far.
-    embeddings: Option<Box<EmbeddingTokens>>,
+    /// For a Vertex AI embeddings answer, its counts so far.
+    embeddings: Option<Box<EmbeddingCounts>>,
 }
 
 /// The object of an answer that holds its counts.
@@ -334,26 +339,53 @@ impl ImageCount {
     }
 }
 
-/// The tokens of a Vertex AI embeddings answer (`{"predictions": [{"embeddings": {"values":
-/// [...], "statistics": {"token_count": n, ...}}}, ...]}`), added up as its bytes go by: each
-/// `"token_count": n` is counted once, however the frames cut it. Its only strings are keys
-/// (the values are numbers), so a key cannot be text that looks like one.
-#[derive(Debug, Default)]
-struct EmbeddingTokens {
-    tokens: Option<u64>,
+/// The counts of a Vertex AI embeddings answer (`{"predictions": [{"embeddings": {"values":
+/// [...], "statistics": {"token_count": n, ...}}}, ...], "metadata": {"billableCharacterCount":
+/// n}}`): the predictions' tokens added up, and the characters Google bills.
+#[derive(Debug)]
+struct EmbeddingCounts {
+    tokens: KeySum,
+    characters: KeySum,
+}
+
+impl Default for EmbeddingCounts {
+    fn default() -> Self {
+        Self {
+            tokens: KeySum::new(&TOKEN_COUNT_FINDER),
+            characters: KeySum::new(&CHARACTERS_FINDER),
+        }
+    }
+}
+
+/// The numbers after each `"key":` of an answer, added up as its bytes go by: each is counted
+/// once, however the frames cut it. For answers whose only strings are keys (a Vertex
+/// embedding's values are numbers), so that no text can look like one.
+#[derive(Debug)]
+struct KeySum {
+    finder: &'static memmem::Finder<'static>,
+    total: Option<u64>,
     /// The end of the last frame: a key whose number may go on, or what may start a key.
     carry: Vec<u8>,
 }
 
-impl EmbeddingTokens {
+impl KeySum {
+    fn new(finder: &'static memmem::Finder<'static>) -> Self {
+        Self {
+            finder,
+            total: None,
+            carry: Vec::new(),
+        }
+    }
+
     fn observe(&mut self, data: &[u8]) {
+        let key = self.finder.needle().len();
         let mut seam = std::mem::take(&mut self.carry);
         if !seam.is_empty() {
             // A key that starts in the carried bytes, read with the start of this frame.
             let before = seam.len();
             seam.extend_from_slice(&data[..data.len().min(MAX_KEY_AND_NUMBER)]);
-            if let Some(at) = TOKEN_COUNT_FINDER.find(&seam).filter(|&at| at < before) {
-                match token_count(&seam[at + TOKEN_COUNT_KEY.len()..]) {
+            if let Some(at) = self.finder.find(&seam).filter(|&at| at < before) {
+                match number_after_key(&seam[at + key..]) {
                     Reading::Number(n) => self.add(n),
                     Reading::Unfinished if data.len() < MAX_KEY_AND_NUMBER => {
                         self.carry = seam.split_off(at);
@@ -364,8 +396,8 @@ impl EmbeddingTokens {
                 seam.clear();
             }
         }
-        for at in TOKEN_COUNT_FINDER.find_iter(data) {
-            match token_count(&data[at + TOKEN_COUNT_KEY.len()..]) {
+        for at in self.finder.find_iter(data) {
+            match number_after_key(&data[at + key..]) {
                 Reading::Number(n) => self.add(n),
                 Reading::Unfinished => {
                     self.carry = data[at..].to_vec();
@@ -376,7 +408,7 @@ impl EmbeddingTokens {
         }
         // Shorter than the key: a key it starts is found with the next frame (a frame shorter
         // than that keeps what came before it too).
-        let keep = TOKEN_COUNT_KEY.len() - 1;
+        let keep = key - 1;
         if data.len() >= keep || seam.is_empty() {
             seam.clear();
             seam.extend_from_slice(&data[data.len().saturating_sub(keep)..]);
@@ -388,14 +420,14 @@ impl EmbeddingTokens {
     }
 
     fn add(&mut self, n: u64) {
-        self.tokens = Some(self.tokens.unwrap_or(0).saturating_add(n));
+        self.total = Some(self.total.unwrap_or(0).saturating_add(n));
     }
 }
 
-/// Longest `"token_count": n` read across a frame's end (the key, spaces and a `u64`).
+/// Longest `"key": n` read across a frame's end (the key, spaces and a `u64`).
 const MAX_KEY_AND_NUMBER: usize = 64;
 
-/// What follows a `"token_count"` key.
+/// What follows a key of a [`KeySum`].
 enum Reading {
     Number(u64),
     /// The data ends before the number does.
@@ -403,7 +435,7 @@ enum Reading {
     NotANumber,
 }
 
-fn token_count(after_key: &[u8]) -> Reading {
+fn number_after_key(after_key: &[u8]) -> Reading {
     let rest = after_key.trim_ascii_start();
     let Some(value) = rest.strip_prefix(b":") else {
         return if rest.is_empty() {
@@ -551,6 +583,11 @@ impl Usage {
             images: self.images.as_ref().map_or(0, |i| i.images),
             web_searches: n(c.web_searches),
             audio_seconds: c.audio_seconds.unwrap_or(0.0),
+            characters: self
+                .embeddings
+                .as_ref()
+                .and_then(|e| e.characters.total)
+                .unwrap_or(0),
             stated_cost: c.stated_cost,
         }
     }
@@ -661,8 +698,9 @@ impl Usage {
             return;
         }
         if let Some(embeddings) = &mut self.embeddings {
-            embeddings.observe(data);
-            self.counts.input = embeddings.tokens;
+            embeddings.tokens.observe(data);
+            embeddings.characters.observe(data);
+            self.counts.input = embeddings.tokens.total;
             return;
         }
         if let Some(mut invoke) = self.invoke.take() {
@@ -1385,15 +1423,16 @@ mod tests {
                 let frames: [&[u8]; 3] = [&body[..cut], &body[cut..second], &body[second..]];
                 let t = read_answer("google-vertex-ai", path, &frames);
                 assert_eq!(
-                    (t.input, t.output),
-                    (Some(6), None),
+                    (t.input, t.output, t.characters),
+                    (Some(6), None, 24),
                     "cut at {cut} and {second}"
                 );
             }
         }
         // A byte at a time.
         let bytes: Vec<&[u8]> = body.chunks(1).collect();
-        assert_eq!(read_answer("google-vertex-ai", path, &bytes).input, Some(6));
+        let t = read_answer("google-vertex-ai", path, &bytes);
+        assert_eq!((t.input, t.characters), (Some(6), 24));
         // Only Vertex's embeddings: not another provider's answer, not an Imagen one.
         assert_eq!(read_answer("openai", path, &[body]).input, None);
         let imagen = path.replace("text-embedding-005", "imagen-4.0-generate-001");
