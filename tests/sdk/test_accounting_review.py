@@ -662,9 +662,9 @@ def test_compat_openrouter_answers_cost_what_openrouter_charged(served):
 #
 # Vertex's text embeddings `:predict` answers `{"predictions": [{"embeddings": {"values": [...],
 # "statistics": {"token_count": n, "truncated": false}}}, ...], "metadata": {"billableCharacterCount":
-# n}}` (Vertex AI, Text embeddings API reference). gemini-embedding-001: $0.15 per 1M input tokens
-# (cloud.google.com/vertex-ai/generative-ai/pricing, Embeddings); text-embedding-005 is priced per
-# 1,000 characters there, not per token: counted, not priced.
+# n}}` (Vertex AI, Text embeddings API reference). gemini-embedding-001: $0.15 per 1M input tokens;
+# text-embedding-004/005 and text-multilingual-embedding-002: $0.000025 per 1,000 characters billed
+# (cloud.google.com/vertex-ai/generative-ai/pricing, Embeddings).
 @pytest.fixture
 def vertex_gw(mock, tmp_path):
     spec = f"    google-vertex-ai: {{baseURL: '{mock.url}'}}\n"
@@ -692,9 +692,43 @@ def test_a_vertex_gemini_embedding_counts_its_tokens_and_prices_them(vertex_gw):
     assert line["cost"] == pytest.approx(5 * 0.15 / 1e6, rel=1e-9), line
 
 
-# FAILS at 22d6c59: tokens_in null
-def test_a_vertex_embedding_of_several_texts_counts_them_all(vertex_gw):
-    r, line = vertex_embed(vertex_gw, "text-embedding-005", ["one two three", "four five", "six"])
+# FAILS at 22d6c59: tokens_in null, cost null
+@pytest.mark.parametrize("model", ["text-embedding-005", "text-multilingual-embedding-002"])
+def test_a_vertex_text_embedding_counts_every_text_and_costs_its_billed_characters(vertex_gw, model):
+    r, line = vertex_embed(vertex_gw, model, ["one two three", "four five", "six"])
     assert [p["embeddings"]["statistics"]["token_count"] for p in r.json()["predictions"]] == [3, 2, 1]
-    assert line["tokens_in"] == 6, line
-    assert line["cost"] is None, line
+    chars = r.json()["metadata"]["billableCharacterCount"]
+    assert chars == 22
+    assert (line["tokens_in"], line["tokens_out"]) == (6, None), line
+    assert line["cost"] == pytest.approx(chars / 1000 * 0.000025, rel=1e-9), line
+
+
+@pytest.mark.parametrize("model, want", [
+    ("google-vertex-ai/google/gemini-embedding-001", 3 * 0.15 / 1e6),
+    # Priced by the characters Vertex states, which the translated answer does not carry (a known
+    # gap): no cost rather than 0.
+    ("google-vertex-ai/google/text-embedding-005", None),
+])
+def test_compat_vertex_embeddings_count_their_tokens(mock, tmp_path, model, want):
+    import pathlib
+
+    from conftest import Sidegate
+    from test_compat import COMPAT_KEYS, compat_yaml, service_account
+
+    sa = dict(service_account(f"{mock.url}/token"), region="us-central1")
+    keys = dict(COMPAT_KEYS, **{"google-vertex-ai.default": json.dumps(sa)})
+    d = pathlib.Path(tmp_path) / "gw-compat-vertex"
+    d.mkdir()
+    g = Sidegate(d, compat_yaml(mock.url), keys, extra_args=["--log-format", "json"])
+    try:
+        oa = openai.OpenAI(base_url=g.url + "/compat", api_key="placeholder", max_retries=0)
+        raw = oa.embeddings.with_raw_response.create(model=model, input=["one two three"])
+        assert raw.parse().usage.prompt_tokens == 3
+        line = line_of(g, raw)
+        assert line["tokens_in"] == 3, line
+        if want is None:
+            assert line["cost"] is None, line
+        else:
+            assert line["cost"] == pytest.approx(want, rel=1e-9), line
+    finally:
+        g.stop()
