@@ -215,9 +215,10 @@ const NOT_TEXT: &[(&str, NotText)] = &[
 /// has none or that the gateway does not know.
 ///
 /// - Anthropic (direct, Bedrock, Vertex): reads 0.1, writes 1.25 (5-minute TTL), 2 (1 hour).
-/// - OpenAI: cached input 0.1 for the GPT-5 family (not `gpt-5-pro`), 0.25 for GPT-4.1, o3,
-///   o4-mini and the deep-research models, 0.5 for GPT-4o (not `gpt-4o-2024-05-13`), GPT-4o
-///   mini and realtime, GPT-4.5, o1, o1-mini and o3-mini; none for the pro models.
+/// - OpenAI: cached input 0.1 for the GPT-5 family (not `gpt-5-pro`) and gpt-image-1-mini,
+///   0.25 for GPT-4.1, o3, o4-mini, the deep-research models and gpt-image-1, 0.5 for GPT-4o
+///   (not `gpt-4o-2024-05-13`), GPT-4o mini and realtime, GPT-4.5, o1, o1-mini and o3-mini;
+///   none for the pro models.
 /// - Gemini: cached input 0.1 for 2.5 models, 0.25 for 2.0 Flash and 1.5.
 /// - DeepSeek: cache hits 0.1 ($0.028 against $0.28). xAI: cached input 0.25.
 pub fn cache_ratios(name: &str) -> (f64, f64, f64) {
@@ -250,6 +251,10 @@ const CACHE_READ: &[(&str, f64)] = &[
     ("gpt-4o", 0.5),
     ("gpt-4.5-preview", 0.5),
     ("o1", 0.5),
+    // Cached text and image input: $0.20 and $0.25 against $2 and $2.50 on gpt-image-1-mini,
+    // $1.25 and $2.50 against $5 and $10 on gpt-image-1 (their model pages).
+    ("gpt-image-1-mini", 0.1),
+    ("gpt-image-1", 0.25),
     ("gemini-2.5", 0.1),
     ("gemini-2.0-flash", 0.25),
     ("gemini-1.5", 0.25),
@@ -1508,14 +1513,19 @@ mod tests {
             cost(t.lookup("gpt-4o-mini"), None, &edit),
             (343.0 * 0.15 + 1056.0 * 0.60) / 1e6,
         );
-        // Image tokens past the fresh input (after the cache and audio) are cut to it.
+        // Image tokens past the fresh input (after the cache and audio) are cut to it; cached
+        // input at 0.25x on gpt-image-1, 0.1x on the mini.
         let odd = Tokens {
             cache_read: 300,
             ..edit
         };
         close(
             cost(t.lookup("gpt-image-1"), None, &odd),
-            (300.0 * 5.0 + 43.0 * 10.0 + 1056.0 * 40.0) / 1e6,
+            (300.0 * 1.25 + 43.0 * 10.0 + 1056.0 * 40.0) / 1e6,
+        );
+        close(
+            cost(t.lookup("gpt-image-1-mini"), None, &odd),
+            (300.0 * 0.2 + 43.0 * 2.5 + 1056.0 * 8.0) / 1e6,
         );
     }
 
