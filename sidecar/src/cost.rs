@@ -1,6 +1,7 @@
 //! What a request cost, in USD: the tokens its response reported times the model's price (audio
-//! and image tokens at the model's rates for them), plus what is charged per image generated or
-//! per web search; or the cost the provider itself states in the answer (Perplexity).
+//! and image tokens at the model's rates for them), plus what is charged per image generated,
+//! per web search, per minute of audio or per character; or the cost the provider itself states
+//! in the answer (Perplexity, OpenRouter).
 //!
 //! Prices come from a built-in table of well-known models ([`PRICES_AS_OF`]) merged with the
 //! gateway's `spec.pricing`; a model is priced by the longest table name that it equals or
@@ -42,12 +43,18 @@ pub struct Price {
     pub audio_input: f64,
     /// Per million output audio tokens (the output price for a model without one of its own).
     pub audio_output: f64,
+    /// Per million input image tokens (the input price for a model without one of its own).
+    pub image_input: f64,
     /// Per million output image tokens (the output price for a model without one of its own).
     pub image_output: f64,
     /// Per image generated, in USD (Imagen).
     pub per_image: f64,
     /// Per server-side web search, in USD (Anthropic's web search tool).
     pub per_web_search: f64,
+    /// Per minute of audio, in USD (a transcription billed by duration: `whisper-1`).
+    pub per_audio_minute: f64,
+    /// Per 1,000 characters billed, in USD (Vertex AI's text embedding models).
+    pub per_1k_characters: f64,
 }
 
 impl Price {
@@ -65,6 +72,7 @@ impl Price {
             cache_write_1h: input * write_1h,
             audio_input: input,
             audio_output: output,
+            image_input: input,
             image_output: output,
             per_image: 0.0,
             // "$10 per 1,000 searches, plus standard token costs" (docs.claude.com, Web search
@@ -74,6 +82,8 @@ impl Price {
             } else {
                 0.0
             },
+            per_audio_minute: 0.0,
+            per_1k_characters: 0.0,
         };
         for (_, rate) in NOT_TEXT.iter().filter(|(n, _)| *n == name) {
             match *rate {
@@ -82,8 +92,14 @@ impl Price {
                     price.audio_output = output;
                 }
                 NotText::AudioInput(usd) => price.audio_input = usd,
+                NotText::Image { input, output } => {
+                    price.image_input = input;
+                    price.image_output = output;
+                }
                 NotText::ImageOutput(usd) => price.image_output = usd,
                 NotText::PerImage(usd) => price.per_image = usd,
+                NotText::PerAudioMinute(usd) => price.per_audio_minute = usd,
+                NotText::PerThousandCharacters(usd) => price.per_1k_characters = usd,
             }
         }
         price
@@ -97,10 +113,16 @@ enum NotText {
     Audio { input: f64, output: f64 },
     /// Audio tokens in, per million (the model answers in text).
     AudioInput(f64),
+    /// Image tokens in and out, per million.
+    Image { input: f64, output: f64 },
     /// Image tokens out, per million.
     ImageOutput(f64),
     /// Each image generated.
     PerImage(f64),
+    /// Each minute of audio.
+    PerAudioMinute(f64),
+    /// Each 1,000 characters of text billed.
+    PerThousandCharacters(f64),
 }
 
 /// The prices of audio and images, for the [`BUILTIN`] row of the same name (a model priced by
@@ -138,6 +160,26 @@ const NOT_TEXT: &[(&str, NotText)] = &[
     // Transcription: the audio in at this rate, a prompt's text tokens at the input price.
     ("gpt-4o-transcribe", NotText::AudioInput(6.0)),
     ("gpt-4o-mini-transcribe", NotText::AudioInput(3.0)),
+    // Whisper: "$0.006 / minute" of audio (Transcription and speech generation); its answers
+    // report `usage: {"type": "duration", "seconds": n}`, no tokens.
+    ("whisper-1", NotText::PerAudioMinute(0.006)),
+    // Image generation (platform.openai.com/docs/pricing, Image tokens; the model pages):
+    // image tokens in and out at these rates, a prompt's text tokens at the row's input price.
+    // Their output is all image.
+    (
+        "gpt-image-1",
+        NotText::Image {
+            input: 10.0,
+            output: 40.0,
+        },
+    ),
+    (
+        "gpt-image-1-mini",
+        NotText::Image {
+            input: 2.50,
+            output: 8.0,
+        },
+    ),
     // Google (ai.google.dev/gemini-api/docs/pricing, standard tier): audio input where it
     // costs more than text, image output ($0.039 per 1024px image of 1290 tokens), Imagen per
     // image.
@@ -150,6 +192,22 @@ const NOT_TEXT: &[(&str, NotText)] = &[
     ("imagen-4.0-ultra-generate", NotText::PerImage(0.06)),
     ("imagen-3.0-generate", NotText::PerImage(0.04)),
     ("imagen-3.0-fast-generate", NotText::PerImage(0.02)),
+    // Vertex AI's text embeddings: "$0.000025 / 1,000 characters" of input, online requests
+    // (cloud.google.com/vertex-ai/generative-ai/pricing, Embeddings); their answers state the
+    // characters billed (`metadata.billableCharacterCount`). The Gemini API's
+    // text-embedding-004 is free and states none.
+    (
+        "text-embedding-004",
+        NotText::PerThousandCharacters(0.000025),
+    ),
+    (
+        "text-embedding-005",
+        NotText::PerThousandCharacters(0.000025),
+    ),
+    (
+        "text-multilingual-embedding-002",
+        NotText::PerThousandCharacters(0.000025),
+    ),
 ];
 
 /// How a provider prices prompt-cache reads, writes and one-hour writes, as multiples of the
@@ -157,9 +215,10 @@ const NOT_TEXT: &[(&str, NotText)] = &[
 /// has none or that the gateway does not know.
 ///
 /// - Anthropic (direct, Bedrock, Vertex): reads 0.1, writes 1.25 (5-minute TTL), 2 (1 hour).
-/// - OpenAI: cached input 0.1 for the GPT-5 family (not `gpt-5-pro`), 0.25 for GPT-4.1, o3,
-///   o4-mini and the deep-research models, 0.5 for GPT-4o (not `gpt-4o-2024-05-13`), GPT-4o
-///   mini and realtime, GPT-4.5, o1, o1-mini and o3-mini; none for the pro models.
+/// - OpenAI: cached input 0.1 for the GPT-5 family (not `gpt-5-pro`) and gpt-image-1-mini,
+///   0.25 for GPT-4.1, o3, o4-mini, the deep-research models and gpt-image-1, 0.5 for GPT-4o
+///   (not `gpt-4o-2024-05-13`), GPT-4o mini and realtime, GPT-4.5, o1, o1-mini and o3-mini;
+///   none for the pro models.
 /// - Gemini: cached input 0.1 for 2.5 models, 0.25 for 2.0 Flash and 1.5.
 /// - DeepSeek: cache hits 0.1 ($0.028 against $0.28). xAI: cached input 0.25.
 pub fn cache_ratios(name: &str) -> (f64, f64, f64) {
@@ -192,6 +251,10 @@ const CACHE_READ: &[(&str, f64)] = &[
     ("gpt-4o", 0.5),
     ("gpt-4.5-preview", 0.5),
     ("o1", 0.5),
+    // Cached text and image input: $0.20 and $0.25 against $2 and $2.50 on gpt-image-1-mini,
+    // $1.25 and $2.50 against $5 and $10 on gpt-image-1 (their model pages).
+    ("gpt-image-1-mini", 0.1),
+    ("gpt-image-1", 0.25),
     ("gemini-2.5", 0.1),
     ("gemini-2.0-flash", 0.25),
     ("gemini-1.5", 0.25),
@@ -230,6 +293,12 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     // Transcription models: text in (a prompt) and out; the audio in is in NOT_TEXT.
     ("gpt-4o-transcribe", 2.50, 10.0),
     ("gpt-4o-mini-transcribe", 1.25, 5.0),
+    // Billed by the minute of audio (NOT_TEXT); its answers have no tokens.
+    ("whisper-1", 0.0, 0.0),
+    // Image models: text in here, image tokens in and out in NOT_TEXT (the output column is
+    // the image output rate: they answer nothing else).
+    ("gpt-image-1", 5.0, 40.0),
+    ("gpt-image-1-mini", 2.0, 8.0),
     ("gpt-4-turbo", 10.0, 30.0),
     ("gpt-4-0125-preview", 10.0, 30.0),
     ("gpt-4-1106-preview", 10.0, 30.0),
@@ -274,7 +343,13 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gemini-2.5-flash-lite", 0.10, 0.40),
     ("gemini-2.5-pro", 1.25, 10.0),
     ("gemini-2.5-flash-image", 0.30, 2.50),
+    // Priced by the character on Vertex AI (NOT_TEXT), not by the token.
     ("text-embedding-004", 0.0, 0.0),
+    ("text-embedding-005", 0.0, 0.0),
+    ("text-multilingual-embedding-002", 0.0, 0.0),
+    // "$0.15 / 1M input tokens" on the Gemini API and on Vertex AI (cloud.google.com/vertex-ai/
+    // generative-ai/pricing, Embeddings).
+    ("gemini-embedding-001", 0.15, 0.0),
     // Imagen: per image (NOT_TEXT); its answers have no tokens.
     ("imagen-4.0-generate", 0.0, 0.0),
     ("imagen-4.0-fast-generate", 0.0, 0.0),
@@ -360,6 +435,10 @@ impl Pricing {
                 usd("inputPerMillion", &p.input_per_million)?,
                 usd("outputPerMillion", &p.output_per_million)?,
             );
+            // A price by the token replaces Google's by the character (Vertex text embeddings).
+            if price.input > 0.0 {
+                price.per_1k_characters = 0.0;
+            }
             // Cache prices given replace the provider's rule.
             for (field, given, into) in [
                 (
@@ -764,8 +843,8 @@ impl CustomCost {
 /// The cost in USD of a response that reported `tokens`: the custom cost when the request set
 /// one (per token: every input token at `per_token_in`), else the cost the provider stated, else
 /// the model's price: the prompt cache's reads and writes, audio and image tokens at theirs,
-/// plus images and web searches at theirs; `None` when none of these (or nothing counted) is
-/// known.
+/// plus images, web searches, minutes of audio and characters at theirs; `None` when none of
+/// these (or nothing counted) is known.
 pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -> Option<f64> {
     let known = tokens.totals() != [None, None];
     let [i, o] = tokens.totals().map(|n| n.unwrap_or(0));
@@ -775,6 +854,7 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
     let fresh = i - read - write;
     // Audio read from the cache is priced as the cache's reads are.
     let audio_in = tokens.audio_input.min(fresh);
+    let image_in = tokens.image_input.min(fresh - audio_in);
     let audio_out = tokens.audio_output.min(o);
     let image_out = tokens.image_output.min(o - audio_out);
     let text_out = o - audio_out - image_out;
@@ -784,19 +864,29 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
             known.then_some(i as f64 * input + o as f64 * output)
         }
         None if tokens.stated_cost.is_some() => tokens.stated_cost,
-        None => price.filter(|_| known || tokens.images > 0).map(|p| {
-            ((fresh - audio_in) as f64 * p.input
-                + audio_in as f64 * p.audio_input
-                + read as f64 * p.cache_read
-                + (write - write_1h) as f64 * p.cache_write
-                + write_1h as f64 * p.cache_write_1h
-                + text_out as f64 * p.output
-                + audio_out as f64 * p.audio_output
-                + image_out as f64 * p.image_output)
-                / 1e6
-                + tokens.images as f64 * p.per_image
-                + tokens.web_searches as f64 * p.per_web_search
-        }),
+        None => price
+            .filter(|_| {
+                known || tokens.images > 0 || tokens.audio_seconds > 0.0 || tokens.characters > 0
+            })
+            // A model priced only by the character, in an answer whose characters were not
+            // counted (a `/compat` embedding, translated): its cost is not known, not 0.
+            .filter(|p| !(p.per_1k_characters > 0.0 && tokens.characters == 0))
+            .map(|p| {
+                ((fresh - audio_in - image_in) as f64 * p.input
+                    + audio_in as f64 * p.audio_input
+                    + image_in as f64 * p.image_input
+                    + read as f64 * p.cache_read
+                    + (write - write_1h) as f64 * p.cache_write
+                    + write_1h as f64 * p.cache_write_1h
+                    + text_out as f64 * p.output
+                    + audio_out as f64 * p.audio_output
+                    + image_out as f64 * p.image_output)
+                    / 1e6
+                    + tokens.images as f64 * p.per_image
+                    + tokens.web_searches as f64 * p.per_web_search
+                    + tokens.audio_seconds / 60.0 * p.per_audio_minute
+                    + tokens.characters as f64 / 1000.0 * p.per_1k_characters
+            }),
     }
     .filter(|c| c.is_finite())
 }
@@ -1354,6 +1444,153 @@ mod tests {
         close(
             cost(t.lookup("gpt-4o-mini"), None, &searched),
             (2000.0 * 0.15 + 300.0 * 0.60) / 1e6,
+        );
+    }
+
+    #[test]
+    fn whisper_is_priced_by_the_minute_of_audio() {
+        let t = Pricing::default();
+        let heard = |seconds| Tokens {
+            audio_seconds: seconds,
+            ..Tokens::default()
+        };
+        close(
+            cost(t.lookup("whisper-1"), None, &heard(91.0)),
+            91.0 / 60.0 * 0.006,
+        );
+        close(
+            cost(t.lookup("whisper-1"), None, &heard(2.5)),
+            2.5 / 60.0 * 0.006,
+        );
+        assert_eq!(
+            cost(t.lookup("whisper-1"), None, &heard(0.0)),
+            None,
+            "nothing counted, no cost"
+        );
+        // Other models have no price by the minute.
+        assert_eq!(
+            cost(t.lookup("gpt-4o-transcribe"), None, &heard(60.0)),
+            Some(0.0)
+        );
+        close(
+            cost(
+                t.lookup("whisper-1"),
+                Some(CustomCost::Total(0.25)),
+                &heard(91.0),
+            ),
+            0.25,
+        );
+    }
+
+    #[test]
+    fn image_models_price_image_tokens_in_and_out_at_their_rates() {
+        let t = Pricing::default();
+        let edit = Tokens {
+            image_input: 323,
+            ..Tokens::plain(Some(343), Some(1056))
+        };
+        // gpt-image-1: text in $5, image in $10, image out $40.
+        close(
+            cost(t.lookup("gpt-image-1"), None, &edit),
+            (20.0 * 5.0 + 323.0 * 10.0 + 1056.0 * 40.0) / 1e6,
+        );
+        // gpt-image-1-mini: $2, $2.50, $8.
+        close(
+            cost(t.lookup("gpt-image-1-mini"), None, &edit),
+            (20.0 * 2.0 + 323.0 * 2.5 + 1056.0 * 8.0) / 1e6,
+        );
+        // Image output counted apart is priced the same (the model answers only images).
+        let out = Tokens {
+            image_output: 1056,
+            ..edit
+        };
+        close(
+            cost(t.lookup("gpt-image-1-2025-04-15"), None, &out),
+            (20.0 * 5.0 + 323.0 * 10.0 + 1056.0 * 40.0) / 1e6,
+        );
+        // A model without an image input rate prices image tokens in as text.
+        close(
+            cost(t.lookup("gpt-4o-mini"), None, &edit),
+            (343.0 * 0.15 + 1056.0 * 0.60) / 1e6,
+        );
+        // Image tokens past the fresh input (after the cache and audio) are cut to it; cached
+        // input at 0.25x on gpt-image-1, 0.1x on the mini.
+        let odd = Tokens {
+            cache_read: 300,
+            ..edit
+        };
+        close(
+            cost(t.lookup("gpt-image-1"), None, &odd),
+            (300.0 * 1.25 + 43.0 * 10.0 + 1056.0 * 40.0) / 1e6,
+        );
+        close(
+            cost(t.lookup("gpt-image-1-mini"), None, &odd),
+            (300.0 * 0.2 + 43.0 * 2.5 + 1056.0 * 8.0) / 1e6,
+        );
+    }
+
+    #[test]
+    fn gemini_embedding_is_priced_by_its_input_tokens() {
+        let t = Pricing::default();
+        assert_eq!(look(&t, "gemini-embedding-001"), price(0.15, 0.0));
+        close(
+            cost(
+                t.lookup("gemini-embedding-001"),
+                None,
+                &Tokens::plain(Some(1_000_000), None),
+            ),
+            0.15,
+        );
+    }
+
+    #[test]
+    fn vertex_text_embeddings_are_priced_by_the_characters_billed() {
+        let t = Pricing::default();
+        let embedded = Tokens {
+            characters: 4000,
+            ..Tokens::plain(Some(1000), None)
+        };
+        for model in [
+            "text-embedding-005",
+            "text-embedding-004",
+            "text-multilingual-embedding-002",
+        ] {
+            close(cost(t.lookup(model), None, &embedded), 4.0 * 0.000025);
+        }
+        // Tokens without the characters they are priced by: not known.
+        assert_eq!(
+            cost(
+                t.lookup("text-embedding-005"),
+                None,
+                &Tokens::plain(Some(1000), None),
+            ),
+            None
+        );
+        // Unless spec.pricing gives the model a price by the token, which replaces the one by
+        // the character.
+        let own = Pricing::with(&[ModelPrice {
+            model: "text-embedding-005".into(),
+            input_per_million: "0.1".into(),
+            output_per_million: "0".into(),
+            ..ModelPrice::default()
+        }])
+        .expect("valid");
+        close(
+            cost(
+                own.lookup("text-embedding-005"),
+                None,
+                &Tokens::plain(Some(1000), None),
+            ),
+            1000.0 * 0.1 / 1e6,
+        );
+        close(
+            cost(own.lookup("text-embedding-005"), None, &embedded),
+            1000.0 * 0.1 / 1e6,
+        );
+        // gemini-embedding-001 is priced by its tokens, whatever characters are stated.
+        close(
+            cost(t.lookup("gemini-embedding-001"), None, &embedded),
+            1000.0 * 0.15 / 1e6,
         );
     }
 

@@ -18,11 +18,21 @@
 //!   `prompt_tokens_details`/`input_token_details` (transcriptions) and
 //!   `completion_tokens_details`, Gemini's `promptTokensDetails`/`candidatesTokensDetails`
 //!   entries of modality `AUDIO` or `IMAGE`, all counted inside the input or output;
+//! - image tokens in, priced apart by OpenAI's image models (`input_tokens_details.image_tokens`
+//!   of an `/images/generations` or `/images/edits` answer; `output_tokens_details.image_tokens`
+//!   out), inside the input or output;
 //! - Anthropic's server-side web searches (`server_tool_use.web_search_requests`), charged apart;
-//! - the cost Perplexity states for a request (`usage.cost.total_cost`), read on its answers only.
+//! - the seconds of audio a transcription billed by duration reports (`whisper-1`:
+//!   `usage: {"type": "duration", "seconds": n}`);
+//! - the cost the provider states for a request, read on its own answers only: Perplexity's
+//!   `usage.cost.total_cost`, OpenRouter's `usage.cost` (plus, on a request it served with the
+//!   account's own provider key, `is_byok: true`, the provider's charge in
+//!   `cost_details.upstream_inference_cost`, which `cost` leaves out).
 //!
 //! Imagen's answers (`:predict` of an `imagen-*` model) have no usage: their images are counted
-//! (each prediction's `"bytesBase64Encoded"`).
+//! (each prediction's `"bytesBase64Encoded"`). Vertex AI's embeddings (`:predict` of another
+//! model) have none either: each prediction's `embeddings.statistics.token_count` is input, and
+//! `metadata.billableCharacterCount` the characters some of those models are priced by.
 //!
 //! No JSON is parsed: each body frame is searched for `"usage` and the `"key": number` pairs of
 //! the object after it are read (keys of its own level; the few nested ones above by name). The
@@ -66,6 +76,10 @@ enum Field {
     AudioIn,
     /// Of the output, audio tokens (`completion_tokens_details.audio_tokens`).
     AudioOut,
+    /// Of the input, image tokens (`input_tokens_details.image_tokens`).
+    ImageIn,
+    /// Of the output, image tokens (`output_tokens_details.image_tokens`).
+    ImageOut,
     /// Anthropic's `server_tool_use.web_search_requests`.
     WebSearches,
 }
@@ -104,6 +118,11 @@ fn nested_field(parent: &[u8], key: &[u8]) -> Option<Field> {
             }
             _ => None,
         },
+        b"image_tokens" => match parent {
+            b"prompt_tokens_details" | b"input_tokens_details" => Some(Field::ImageIn),
+            b"completion_tokens_details" | b"output_tokens_details" => Some(Field::ImageOut),
+            _ => None,
+        },
         b"web_search_requests" if parent == b"server_tool_use" => Some(Field::WebSearches),
         _ => None,
     }
@@ -122,6 +141,8 @@ static IMAGE_FINDER: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(IMAGE_KEY));
 /// Largest cost a provider may state for one request, in USD (as `cf-aig-custom-cost`'s).
 const MAX_STATED_COST: f64 = 1_000_000.0;
+/// Longest audio a request may report, in seconds (OpenAI takes files of 25 MB at most).
+const MAX_AUDIO_SECONDS: f64 = 1_000_000.0;
 const NEEDLE: &[u8] = b"\"usage";
 /// What the finder looks for: `usage` without the quote, which JSON is full of (a quote as
 /// the first byte would make every string a candidate); the quote is checked after.
@@ -135,6 +156,12 @@ static FINDER: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Find
 const META_NEEDLE: &[u8] = b"\"meta";
 static META_FINDER: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(&META_NEEDLE[1..]));
+/// The keys of a Vertex AI embedding's token count (one per prediction's `statistics`) and of
+/// the characters billed for the request (its `metadata`).
+static TOKEN_COUNT_FINDER: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"token_count\""));
+static CHARACTERS_FINDER: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"billableCharacterCount\""));
 
 /// Whether an OpenAI-format provider takes `stream_options.include_usage`, which the gateway
 /// adds to streams that lack it so that their tokens are counted. Providers that refuse fields
@@ -154,8 +181,8 @@ pub fn takes_stream_options(provider: &str, query: Option<&str>) -> bool {
 }
 
 /// The tokens of a response as providers bill them: all input (fresh, cache reads and cache
-/// writes), of which the cache reads and writes and the audio, and all output (thinking
-/// included), of which the audio and images; and what is charged beside tokens.
+/// writes), of which the cache reads and writes, the audio and the images, and all output
+/// (thinking included), of which the audio and images; and what is charged beside tokens.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Tokens {
     /// All input tokens; `None` when the response reported none.
@@ -171,6 +198,8 @@ pub struct Tokens {
     /// Of the input not read from the cache, audio tokens (cached audio is priced as the
     /// cache's reads are).
     pub audio_input: u64,
+    /// Of the input not read from the cache nor audio, image tokens.
+    pub image_input: u64,
     /// Of the output, audio tokens.
     pub audio_output: u64,
     /// Of the output, image tokens.
@@ -179,7 +208,11 @@ pub struct Tokens {
     pub images: u64,
     /// Server-side web searches (Anthropic).
     pub web_searches: u64,
-    /// The cost the provider states for the request, in USD (Perplexity).
+    /// Seconds of audio billed by duration (a `whisper-1` transcription, which has no tokens).
+    pub audio_seconds: f64,
+    /// Characters billed (a Vertex AI embedding: `metadata.billableCharacterCount`).
+    pub characters: u64,
+    /// The cost the provider states for the request, in USD (Perplexity, OpenRouter).
     pub stated_cost: Option<f64>,
 }
 
@@ -217,8 +250,10 @@ pub struct Counts {
     /// Of the audio in, what was read from the cache (Gemini's `cacheTokensDetails`).
     audio_cached: Option<u64>,
     audio_out: Option<u64>,
+    image_in: Option<u64>,
     image_out: Option<u64>,
     web_searches: Option<u64>,
+    audio_seconds: Option<f64>,
     stated_cost: Option<f64>,
 }
 
@@ -245,14 +280,36 @@ pub struct Usage {
     pending: Vec<u8>,
     /// For a Bedrock InvokeModelWithResponseStream answer, its event-stream framing.
     invoke: Option<Box<InvokeStream>>,
-    /// The counts are in a `meta` object, not `usage` (Cohere's v1 API and its embeddings:
-    /// `meta.billed_units`).
-    in_meta: bool,
-    /// The answer's `usage.cost.total_cost` is the provider's statement of what the request cost
-    /// (Perplexity); another provider's is not taken.
-    states_cost: bool,
+    /// The object the counts are in.
+    object: UsageObject,
+    /// Where the answer states what the request cost, if its provider is one that does.
+    stated: StatedCost,
     /// For an Imagen answer, the images counted so far.
     images: Option<Box<ImageCount>>,
+    /// For a Vertex AI embeddings answer, its counts so far.
+    embeddings: Option<Box<EmbeddingCounts>>,
+}
+
+/// The object of an answer that holds its counts.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum UsageObject {
+    /// `usage`, `usageMetadata` (most answers).
+    #[default]
+    Usage,
+    /// `meta` (Cohere's v1 API and its embeddings: `meta.billed_units`).
+    Meta,
+}
+
+/// A provider's own statement of what a request cost, in its usage object; another provider's
+/// answer is not taken at its word.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum StatedCost {
+    #[default]
+    None,
+    /// `usage.cost.total_cost`.
+    Perplexity,
+    /// `usage.cost`, plus `usage.cost_details.upstream_inference_cost` when `usage.is_byok`.
+    OpenRouter,
 }
 
 /// The images of an Imagen answer, counted as its bytes go by (megabytes of base64 in few
@@ -279,6 +336,119 @@ impl ImageCount {
             seam.drain(..seam.len().saturating_sub(keep));
         }
         self.tail = seam;
+    }
+}
+
+/// The counts of a Vertex AI embeddings answer (`{"predictions": [{"embeddings": {"values":
+/// [...], "statistics": {"token_count": n, ...}}}, ...], "metadata": {"billableCharacterCount":
+/// n}}`): the predictions' tokens added up, and the characters Google bills.
+#[derive(Debug)]
+struct EmbeddingCounts {
+    tokens: KeySum,
+    characters: KeySum,
+}
+
+impl Default for EmbeddingCounts {
+    fn default() -> Self {
+        Self {
+            tokens: KeySum::new(&TOKEN_COUNT_FINDER),
+            characters: KeySum::new(&CHARACTERS_FINDER),
+        }
+    }
+}
+
+/// The numbers after each `"key":` of an answer, added up as its bytes go by: each is counted
+/// once, however the frames cut it. For answers whose only strings are keys (a Vertex
+/// embedding's values are numbers), so that no text can look like one.
+#[derive(Debug)]
+struct KeySum {
+    finder: &'static memmem::Finder<'static>,
+    total: Option<u64>,
+    /// The end of the last frame: a key whose number may go on, or what may start a key.
+    carry: Vec<u8>,
+}
+
+impl KeySum {
+    fn new(finder: &'static memmem::Finder<'static>) -> Self {
+        Self {
+            finder,
+            total: None,
+            carry: Vec::new(),
+        }
+    }
+
+    fn observe(&mut self, data: &[u8]) {
+        let key = self.finder.needle().len();
+        let mut seam = std::mem::take(&mut self.carry);
+        if !seam.is_empty() {
+            // A key that starts in the carried bytes, read with the start of this frame.
+            let before = seam.len();
+            seam.extend_from_slice(&data[..data.len().min(MAX_KEY_AND_NUMBER)]);
+            if let Some(at) = self.finder.find(&seam).filter(|&at| at < before) {
+                match number_after_key(&seam[at + key..]) {
+                    Reading::Number(n) => self.add(n),
+                    Reading::Unfinished if data.len() < MAX_KEY_AND_NUMBER => {
+                        self.carry = seam.split_off(at);
+                        return;
+                    }
+                    Reading::Unfinished | Reading::NotANumber => {}
+                }
+                seam.clear();
+            }
+        }
+        for at in self.finder.find_iter(data) {
+            match number_after_key(&data[at + key..]) {
+                Reading::Number(n) => self.add(n),
+                Reading::Unfinished => {
+                    self.carry = data[at..].to_vec();
+                    return;
+                }
+                Reading::NotANumber => {}
+            }
+        }
+        // Shorter than the key: a key it starts is found with the next frame (a frame shorter
+        // than that keeps what came before it too).
+        let keep = key - 1;
+        if data.len() >= keep || seam.is_empty() {
+            seam.clear();
+            seam.extend_from_slice(&data[data.len().saturating_sub(keep)..]);
+        } else {
+            // The carried bytes and all of this frame, whose key was not found in them.
+            seam.drain(..seam.len().saturating_sub(keep));
+        }
+        self.carry = seam;
+    }
+
+    fn add(&mut self, n: u64) {
+        self.total = Some(self.total.unwrap_or(0).saturating_add(n));
+    }
+}
+
+/// Longest `"key": n` read across a frame's end (the key, spaces and a `u64`).
+const MAX_KEY_AND_NUMBER: usize = 64;
+
+/// What follows a key of a [`KeySum`].
+enum Reading {
+    Number(u64),
+    /// The data ends before the number does.
+    Unfinished,
+    NotANumber,
+}
+
+fn number_after_key(after_key: &[u8]) -> Reading {
+    let rest = after_key.trim_ascii_start();
+    let Some(value) = rest.strip_prefix(b":") else {
+        return if rest.is_empty() {
+            Reading::Unfinished
+        } else {
+            Reading::NotANumber
+        };
+    };
+    let value = value.trim_ascii_start();
+    match leading_number(value) {
+        Some(n) => Reading::Number(n),
+        None if value.iter().all(u8::is_ascii_digit) => Reading::Unfinished,
+        None => Reading::NotANumber,
     }
 }
 
@@ -318,6 +488,11 @@ struct Seen {
     /// holds it apart (xAI's Grok).
     total: Option<u64>,
     reasoning: Option<u64>,
+    /// OpenRouter's parts of its stated cost: what it charged, whether the provider was paid
+    /// with the account's own key, and what that provider charged.
+    charged: Option<f64>,
+    byok: bool,
+    upstream_cost: Option<f64>,
 }
 
 /// A Gemini `ModalityTokenCount` entry being read (`{"modality": "AUDIO", "tokenCount": n}`).
@@ -343,6 +518,8 @@ impl Seen {
             Field::Write1h => &mut c.write_1h,
             Field::AudioIn => &mut c.audio_in,
             Field::AudioOut => &mut c.audio_out,
+            Field::ImageIn => &mut c.image_in,
+            Field::ImageOut => &mut c.image_out,
             Field::WebSearches => &mut c.web_searches,
         };
         *slot = Some(n);
@@ -392,17 +569,25 @@ impl Usage {
             .saturating_add(n(c.read_inside))
             .min(all - cache_write);
         let audio_output = n(c.audio_out).min(n(output));
+        let audio_input = n(c.audio_in).saturating_sub(n(c.audio_cached)).min(all);
         Tokens {
             input,
             output,
             cache_read,
             cache_write,
             cache_write_1h: n(c.write_1h).min(cache_write),
-            audio_input: n(c.audio_in).saturating_sub(n(c.audio_cached)).min(all),
+            audio_input,
+            image_input: n(c.image_in).min(all - audio_input),
             audio_output,
             image_output: n(c.image_out).min(n(output) - audio_output),
             images: self.images.as_ref().map_or(0, |i| i.images),
             web_searches: n(c.web_searches),
+            audio_seconds: c.audio_seconds.unwrap_or(0.0),
+            characters: self
+                .embeddings
+                .as_ref()
+                .and_then(|e| e.characters.total)
+                .unwrap_or(0),
             stated_cost: c.stated_cost,
         }
     }
@@ -410,6 +595,10 @@ impl Usage {
     /// Takes the counts of one whole usage object (see the module doc for what replaces what).
     fn commit(&mut self, seen: Seen) {
         let (c, mut new) = (&mut self.counts, seen.counts);
+        if let Some(charged) = seen.charged {
+            let upstream = seen.upstream_cost.filter(|_| seen.byok).unwrap_or(0.0);
+            new.stated_cost = Some(charged + upstream).filter(|usd| *usd <= MAX_STATED_COST);
+        }
         let input = new.input.or(seen.nested_input);
         let output = new.output.or(seen.nested_output);
         // Reasoning the stated total holds beside the output (xAI) is output too; counted
@@ -446,7 +635,9 @@ impl Usage {
             keep(&mut c.write_1h, new.write_1h);
             keep(&mut c.audio_in, new.audio_in);
             keep(&mut c.audio_cached, new.audio_cached);
+            keep(&mut c.image_in, new.image_in);
             keep(&mut c.web_searches, new.web_searches);
+            c.audio_seconds = new.audio_seconds.or(c.audio_seconds);
             c.stated_cost = new.stated_cost.or(c.stated_cost);
         }
         if output.is_some() {
@@ -464,7 +655,8 @@ impl Usage {
 
     /// A reader of the usage of the answer to a request of `provider` on `path`: Bedrock's
     /// InvokeModelWithResponseStream answers are read through their event-stream framing, an
-    /// Imagen answer's images are counted, and Perplexity's stated cost is taken.
+    /// Imagen answer's images are counted, a Vertex embedding's statistics read, and
+    /// Perplexity's and OpenRouter's stated costs taken.
     pub fn for_answer(provider: &str, path: &str) -> Self {
         let invoke = (provider == "aws-bedrock"
             && path
@@ -475,14 +667,25 @@ impl Usage {
         let in_meta = provider == "cohere"
             && (path.starts_with("v1/") || path.trim_end_matches('/').ends_with("/embed"));
         let path = path.split('?').next().unwrap_or(path);
-        let images = matches!(provider, "google-ai-studio" | "google-vertex-ai")
-            && path.ends_with(":predict")
-            && crate::cost::model_in_path(path).is_some_and(|m| m.starts_with("imagen-"));
+        let predict = matches!(provider, "google-ai-studio" | "google-vertex-ai")
+            && path.ends_with(":predict");
+        let images =
+            predict && crate::cost::model_in_path(path).is_some_and(|m| m.starts_with("imagen-"));
+        let embeddings = predict && !images && provider == "google-vertex-ai";
         Self {
             invoke,
-            in_meta,
-            states_cost: provider == "perplexity-ai",
+            object: if in_meta {
+                UsageObject::Meta
+            } else {
+                UsageObject::Usage
+            },
+            stated: match provider {
+                "perplexity-ai" => StatedCost::Perplexity,
+                "openrouter" => StatedCost::OpenRouter,
+                _ => StatedCost::None,
+            },
             images: images.then(Box::default),
+            embeddings: embeddings.then(Box::default),
             ..Self::default()
         }
     }
@@ -492,6 +695,12 @@ impl Usage {
         if let Some(images) = &mut self.images {
             // No usage to read in an Imagen answer: megabytes of base64 are not scanned for it.
             images.observe(data);
+            return;
+        }
+        if let Some(embeddings) = &mut self.embeddings {
+            embeddings.tokens.observe(data);
+            embeddings.characters.observe(data);
+            self.counts.input = embeddings.tokens.total;
             return;
         }
         if let Some(mut invoke) = self.invoke.take() {
@@ -553,10 +762,9 @@ impl Usage {
     /// Reads every usage object in `buf`, in order. Returns where an object that `buf` ends
     /// inside starts (or a prefix of `"usage` at its very end), to be read again with more.
     fn scan(&mut self, buf: &[u8]) -> Option<usize> {
-        let (finder, needle) = if self.in_meta {
-            (&*META_FINDER, META_NEEDLE)
-        } else {
-            (&*FINDER, NEEDLE)
+        let (finder, needle) = match self.object {
+            UsageObject::Usage => (&*FINDER, NEEDLE),
+            UsageObject::Meta => (&*META_FINDER, META_NEEDLE),
         };
         let mut at = 1;
         while let Some(found) = buf.get(at..).and_then(|rest| finder.find(rest)) {
@@ -642,6 +850,22 @@ impl Usage {
                     let value = value.trim_ascii_start();
                     if depth == 1 {
                         parent = key;
+                        match (key, self.stated) {
+                            (b"seconds", _) => {
+                                seen.counts.audio_seconds =
+                                    usd_or_seconds(value).filter(|s| *s <= MAX_AUDIO_SECONDS);
+                                continue;
+                            }
+                            (b"cost", StatedCost::OpenRouter) => {
+                                seen.charged = stated_cost(value);
+                                continue;
+                            }
+                            (b"is_byok", StatedCost::OpenRouter) => {
+                                seen.byok = value.starts_with(b"true");
+                                continue;
+                            }
+                            _ => {}
+                        }
                     }
                     if depth == 2 {
                         match key {
@@ -663,8 +887,17 @@ impl Usage {
                                 entry.tokens = leading_number(value);
                                 continue;
                             }
-                            b"total_cost" if self.states_cost && parent == b"cost" => {
+                            b"total_cost"
+                                if self.stated == StatedCost::Perplexity && parent == b"cost" =>
+                            {
                                 seen.counts.stated_cost = stated_cost(value);
+                                continue;
+                            }
+                            b"upstream_inference_cost"
+                                if self.stated == StatedCost::OpenRouter
+                                    && parent == b"cost_details" =>
+                            {
+                                seen.upstream_cost = stated_cost(value);
                                 continue;
                             }
                             _ => {}
@@ -734,6 +967,12 @@ fn leading_number(value: &[u8]) -> Option<u64> {
 /// The USD amount `value` starts with (a JSON number: `0.01053`, `3e-05`), if the data goes on
 /// after it and it can be a cost.
 fn stated_cost(value: &[u8]) -> Option<f64> {
+    usd_or_seconds(value).filter(|usd| *usd <= MAX_STATED_COST)
+}
+
+/// The non-negative JSON number `value` starts with (`0.01053`, `3e-05`, `9`), if the data
+/// goes on after it.
+fn usd_or_seconds(value: &[u8]) -> Option<f64> {
     let len = value
         .iter()
         .take_while(|c| matches!(c, b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-'))
@@ -741,7 +980,7 @@ fn stated_cost(value: &[u8]) -> Option<f64> {
     (len > 0 && len < value.len())
         .then(|| std::str::from_utf8(&value[..len]).ok()?.parse::<f64>().ok())
         .flatten()
-        .filter(|usd| usd.is_finite() && (0.0..=MAX_STATED_COST).contains(usd))
+        .filter(|n| n.is_finite() && *n >= 0.0)
 }
 
 #[cfg(test)]
@@ -1066,6 +1305,139 @@ mod tests {
         let other = br#"{"usage":{"prompt_tokens":1,"x":{"total_cost":5},"total_cost":5}}"#;
         assert_eq!(
             read_answer("perplexity-ai", path, &[other]).stated_cost,
+            None
+        );
+    }
+
+    #[test]
+    fn openrouters_stated_cost_is_taken_with_a_byok_providers_charge() {
+        let path = "/openrouter/v1/chat/completions";
+        let usage = |cost: &str, byok: bool, upstream: &str| {
+            format!(
+                r#"{{"id":"gen-1","usage":{{"prompt_tokens":194,"completion_tokens":2,"total_tokens":196,"cost":{cost},"is_byok":{byok},"prompt_tokens_details":{{"cached_tokens":0}},"cost_details":{{"upstream_inference_cost":{upstream}}}}}}}"#
+            )
+        };
+        let body = usage("0.95", false, "0.95");
+        let t = read_answer("openrouter", path, &[body.as_bytes()]);
+        assert_eq!(
+            (t.input, t.output, t.stated_cost),
+            (Some(194), Some(2), Some(0.95))
+        );
+        for cut in 1..body.len() {
+            let (a, b) = body.as_bytes().split_at(cut);
+            let t = read_answer("openrouter", path, &[a, b]);
+            assert_eq!(t.stated_cost, Some(0.95), "cut at {cut}");
+        }
+        // Served with the account's own key: OpenRouter's fee and the provider's charge.
+        let byok = usage("2e-05", true, "0.0004");
+        let t = read_answer("openrouter", path, &[byok.as_bytes()]);
+        assert!(
+            t.stated_cost.is_some_and(|c| (c - 0.00042).abs() < 1e-12),
+            "{t:?}"
+        );
+        let unknown = usage("2e-05", true, "null");
+        let t = read_answer("openrouter", path, &[unknown.as_bytes()]);
+        assert_eq!(t.stated_cost, Some(2e-05));
+        // The last chunk of a stream, after chunks with no usage.
+        let stream = [
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n".to_owned(),
+            format!("data: {}\n\n", usage("0.0004", false, "0.0004")),
+        ];
+        let frames: Vec<&[u8]> = stream.iter().map(|f| f.as_bytes()).collect();
+        assert_eq!(
+            read_answer("openrouter", path, &frames).stated_cost,
+            Some(0.0004)
+        );
+        // Another provider's `cost`, or Perplexity's shape on OpenRouter, is not taken.
+        assert_eq!(
+            read_answer("openai", path, &[body.as_bytes()]).stated_cost,
+            None
+        );
+        let pplx = br#"{"usage":{"prompt_tokens":1,"cost":{"total_cost":5}}}"#;
+        assert_eq!(read_answer("openrouter", path, &[pplx]).stated_cost, None);
+        for bad in ["-1", "1e300", "\"0.5\"", "null"] {
+            let body = format!(r#"{{"usage":{{"prompt_tokens":1,"cost":{bad}}}}}"#);
+            assert_eq!(
+                read_answer("openrouter", path, &[body.as_bytes()]).stated_cost,
+                None,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn seconds_of_audio_billed_by_duration_are_read() {
+        let path = "/openai/audio/transcriptions";
+        let body = br#"{"task":"transcribe","duration":90.4,"text":"hi","usage":{"type":"duration","seconds":91}}"#;
+        for cut in 1..body.len() {
+            let t = read_answer("openai", path, &[&body[..cut], &body[cut..]]);
+            assert_eq!(
+                (t.input, t.output, t.audio_seconds),
+                (None, None, 91.0),
+                "cut at {cut}"
+            );
+        }
+        let t = read_answer(
+            "openai",
+            path,
+            &[br#"{"usage":{"type":"duration","seconds":2.5}}"#],
+        );
+        assert_eq!(t.audio_seconds, 2.5);
+        for bad in ["-3", "1e300", "\"9\"", "null"] {
+            let body = format!(r#"{{"usage":{{"type":"duration","seconds":{bad}}}}}"#);
+            let t = read_answer("openai", path, &[body.as_bytes()]);
+            assert_eq!(t.audio_seconds, 0.0, "{bad}");
+        }
+    }
+
+    #[test]
+    fn image_tokens_of_an_image_models_answer_are_told_apart() {
+        let body = br#"{"created":1,"data":[{"b64_json":"iVBORw0KGgo="}],"usage":{"input_tokens":343,"input_tokens_details":{"image_tokens":323,"text_tokens":20},"output_tokens":1056,"total_tokens":1399}}"#;
+        for cut in 1..body.len() {
+            let t = read_answer(
+                "openai",
+                "/openai/images/edits",
+                &[&body[..cut], &body[cut..]],
+            );
+            assert_eq!(
+                (t.input, t.output, t.image_input, t.image_output),
+                (Some(343), Some(1056), 323, 0),
+                "cut at {cut}"
+            );
+        }
+        let out = br#"{"usage":{"input_tokens":10,"output_tokens":1300,"output_tokens_details":{"image_tokens":1290,"text_tokens":10}}}"#;
+        let t = read_answer("openai", "/openai/images/generations", &[out]);
+        assert_eq!((t.image_input, t.image_output), (0, 1290));
+        // Never more than the input's part not read from the cache or audio.
+        let odd = br#"{"usage":{"input_tokens":10,"input_tokens_details":{"image_tokens":50,"audio_tokens":4}}}"#;
+        let t = read_answer("openai", "/openai/responses", &[odd]);
+        assert_eq!((t.audio_input, t.image_input), (4, 6));
+    }
+
+    #[test]
+    fn vertex_embedding_statistics_add_up_to_the_input() {
+        let body = br#"{"predictions":[{"embeddings":{"values":[0.1,-0.2],"statistics":{"truncated":false,"token_count":3}}},{"embeddings":{"statistics":{"token_count":2,"truncated":false},"values":[0.3]}},{"embeddings":{"values":[0.5],"statistics":{"token_count":1,"truncated":true}}}],"metadata":{"billableCharacterCount":24}}"#;
+        let path = "/google-vertex-ai/v1/projects/p/locations/us-central1/publishers/google/models/text-embedding-005:predict";
+        for cut in 0..body.len() {
+            for second in cut..body.len() {
+                let frames: [&[u8]; 3] = [&body[..cut], &body[cut..second], &body[second..]];
+                let t = read_answer("google-vertex-ai", path, &frames);
+                assert_eq!(
+                    (t.input, t.output, t.characters),
+                    (Some(6), None, 24),
+                    "cut at {cut} and {second}"
+                );
+            }
+        }
+        // A byte at a time.
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        let t = read_answer("google-vertex-ai", path, &bytes);
+        assert_eq!((t.input, t.characters), (Some(6), 24));
+        // Only Vertex's embeddings: not another provider's answer, not an Imagen one.
+        assert_eq!(read_answer("openai", path, &[body]).input, None);
+        let imagen = path.replace("text-embedding-005", "imagen-4.0-generate-001");
+        assert_eq!(
+            read_answer("google-vertex-ai", &imagen, &[body]).input,
             None
         );
     }

@@ -151,7 +151,16 @@ pub(crate) fn handle(
                         .collect()
                 })
                 .unwrap_or_default();
-            json_ok(&json!({"predictions": list}))
+            // As Vertex counts the characters it bills: code points, white space left out.
+            let characters: usize = instances
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.get("content").and_then(Value::as_str))
+                .map(|t| t.chars().filter(|c| !c.is_whitespace()).count())
+                .sum();
+            json_ok(
+                &json!({"predictions": list, "metadata": {"billableCharacterCount": characters}}),
+            )
         }
     }
 }
