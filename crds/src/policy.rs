@@ -612,6 +612,31 @@ pub struct RouteNode {
     pub scope: Option<RateLimitScope>,
 }
 
+impl RouteNode {
+    /// A node of `kind` named `id`, with nothing else set (its fields follow).
+    pub fn new(id: &str, kind: RouteNodeType) -> Self {
+        Self {
+            id: id.into(),
+            kind,
+            next: None,
+            condition: None,
+            then_: None,
+            else_: None,
+            branches: vec![],
+            provider: None,
+            model: None,
+            timeout: None,
+            retries: None,
+            limit: None,
+            interval: None,
+            fallback: None,
+            key: None,
+            technique: None,
+            scope: None,
+        }
+    }
+}
+
 /// A dynamic route: a graph of nodes from `start` to `end`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -611,23 +611,8 @@ mod tests {
     /// A route whose node 1 is `capped`, between a start node and an end node.
     fn route_with(capped: RouteNode) -> Result<Compiled, String> {
         let node = |id: &str, kind: RouteNodeType, next: Option<&str>| RouteNode {
-            id: id.into(),
-            kind,
             next: next.map(Into::into),
-            condition: None,
-            then_: None,
-            else_: None,
-            branches: vec![],
-            provider: None,
-            model: None,
-            timeout: None,
-            retries: None,
-            limit: None,
-            interval: None,
-            fallback: None,
-            key: None,
-            technique: None,
-            scope: None,
+            ..RouteNode::new(id, kind)
         };
         let capped = RouteNode {
             id: "cap".into(),

@@ -692,25 +692,7 @@ mod tests {
     }
 
     fn node(id: &str, kind: RouteNodeType) -> RouteNode {
-        RouteNode {
-            id: id.into(),
-            kind,
-            next: None,
-            condition: None,
-            then_: None,
-            else_: None,
-            branches: vec![],
-            provider: None,
-            model: None,
-            timeout: None,
-            retries: None,
-            limit: None,
-            interval: None,
-            fallback: None,
-            key: None,
-            technique: None,
-            scope: None,
-        }
+        RouteNode::new(id, kind)
     }
 
     fn model(id: &str, provider: &str, m: &str, next: Option<&str>) -> RouteNode {
