@@ -129,20 +129,24 @@ def parse_answers(data):
         answers.append((status, headers, body))
 
 
-def exchange(g, *parts, pause=0.3, wait=4, until=None):
-    """Sends `parts` (`pause` apart) on one connection and reads until `until` answers are whole,
-    the gateway closes, or `wait`: (answers, closed). (The client's side is not shut: a client
+def exchange(g, *parts, pause=0.3, wait=4, until=None, shut=False, linger=False):
+    """Sends `parts` (`pause` apart, Nagle off) on one connection, optionally shuts the sending
+    side, and reads until `until` answers are whole (and, with `linger`, a second more to see
+    whether the gateway closes), the gateway closes, or `wait`: (answers, closed). (A client
     that half-closes with one request outstanding is taken as gone, as hyper takes it.)"""
     s = socket.create_connection(("127.0.0.1", g.port), timeout=wait)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     data, closed = b"", False
     with s:
         for i, part in enumerate(parts):
-            if i:
+            if i and pause:
                 time.sleep(pause)
             try:
                 s.sendall(part)
             except OSError:
                 break
+        if shut:
+            s.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             s.settimeout(max(0.05, deadline - time.monotonic()))
@@ -158,7 +162,9 @@ def exchange(g, *parts, pause=0.3, wait=4, until=None):
                 break
             data += chunk
             if until is not None and len(parse_answers(data)) >= until:
-                break
+                if not linger:
+                    break
+                deadline = min(deadline, time.monotonic() + 1.0)
     return parse_answers(data), closed
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
 from rawhttp import Listener, read_request
+from test_desync_review import exchange as desync_exchange
 from test_desync_review import parse_answers
 
 CHAT = b"/openai/chat/completions"
@@ -25,39 +26,10 @@ def chat(content):
     return json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}).encode()
 
 
-def exchange(g, *parts, wait=4, until=None, pause=0.0, shut=False, linger=True):
-    """Sends `parts` on one connection (`pause` apart, Nagle off), optionally shuts the sending
-    side, and reads until `until` answers are whole (and, with `linger`, a second more to see
-    whether the gateway closes), the gateway closes, or `wait`: (answers, closed)."""
-    s = socket.create_connection(("127.0.0.1", g.port), timeout=wait)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    data, closed = b"", False
-    with s:
-        for i, part in enumerate(parts):
-            if i and pause:
-                time.sleep(pause)
-            s.sendall(part)
-        if shut:
-            s.shutdown(socket.SHUT_WR)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            s.settimeout(max(0.05, deadline - time.monotonic()))
-            try:
-                chunk = s.recv(65536)
-            except socket.timeout:
-                break
-            except ConnectionResetError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            data += chunk
-            if until is not None and len(parse_answers(data)) >= until:
-                if not linger:
-                    break
-                deadline = min(deadline, time.monotonic() + 1.0)
-    return parse_answers(data), closed
+def exchange(g, *parts, pause=0.0, linger=True, **kw):
+    """test_desync_review's exchange, its parts sent back to back and lingering a second for the
+    gateway to close."""
+    return desync_exchange(g, *parts, pause=pause, linger=linger, **kw)
 
 
 def error_code(body):
