@@ -37,6 +37,15 @@ pub fn for_request() -> String {
 
 /// A new id, unique within the process and very likely across processes.
 pub fn next() -> String {
+    as_str(&new_id()).to_owned()
+}
+
+/// [`next`], shared: the request's own, which its lines and its record name.
+pub fn next_shared() -> Arc<str> {
+    Arc::from(as_str(&new_id()))
+}
+
+fn new_id() -> [u8; 26] {
     let seed = *SEED.get_or_init(|| {
         std::collections::hash_map::RandomState::new()
             .build_hasher()
@@ -53,16 +62,18 @@ pub fn next() -> String {
     encode(value)
 }
 
-fn encode(mut v: u128) -> String {
+fn encode(mut v: u128) -> [u8; 26] {
     let mut out = [0u8; 26];
     for slot in out.iter_mut().rev() {
         *slot = ALPHABET[(v & 31) as usize];
         v >>= 5;
     }
-    // The alphabet is ASCII, so this never falls back.
-    std::str::from_utf8(&out)
-        .map(str::to_owned)
-        .unwrap_or_default()
+    out
+}
+
+/// The alphabet is ASCII, so this never falls back.
+fn as_str(id: &[u8; 26]) -> &str {
+    std::str::from_utf8(id).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -91,8 +102,8 @@ mod tests {
 
     #[test]
     fn encoding_is_big_endian_base32() {
-        assert_eq!(encode(0), "00000000000000000000000000");
-        assert_eq!(encode(31), "0000000000000000000000000Z");
-        assert_eq!(encode(32), "00000000000000000000000010");
+        assert_eq!(as_str(&encode(0)), "00000000000000000000000000");
+        assert_eq!(as_str(&encode(31)), "0000000000000000000000000Z");
+        assert_eq!(as_str(&encode(32)), "00000000000000000000000010");
     }
 }

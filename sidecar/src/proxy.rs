@@ -391,7 +391,7 @@ impl Gateway {
         // Chosen first, so that the lines logged on the way (a guardrail's flag, a retry) name
         // the id its answer and access line will carry. No `async` layer here: it would copy
         // the large future of `serve` when first polled.
-        let log_id: Arc<str> = Arc::from(crate::log_id::next());
+        let log_id = crate::log_id::next_shared();
         crate::log_id::scope(log_id.clone(), self.serve(req, log_id))
     }
 
