@@ -49,10 +49,12 @@ def split(tmp_path):
     def make(content_type="application/json", status=200, spec=""):
         upstream = SplitServer([b"{}"], content_type=content_type, status=status)
         extra = (f"    perplexity-ai: {{baseURL: '{upstream.url}'}}\n"
-                 f"    openrouter: {{baseURL: '{upstream.url}/api'}}\n" + spec)
+                 f"    openrouter: {{baseURL: '{upstream.url}/api'}}\n"
+                 f"    google-vertex-ai: {{baseURL: '{upstream.url}'}}\n" + spec)
         g = start_gateway(tmp_path, upstream.url, extra, name="acct-review2")
         (g.keys_dir / "perplexity-ai.default").write_text("pplx-acct-review2\n")
         (g.keys_dir / "openrouter.default").write_text("sk-or-v1-acct-review2\n")
+        (g.keys_dir / "google-vertex-ai.default").write_text("ya29.acct-review2-vertex\n")
         made.append((g, upstream))
         return g, upstream
 
@@ -317,10 +319,11 @@ def test_imagen_images_are_counted_once_wherever_a_frame_ends(split):
     assert not wrong, wrong[:5]
 
 
-# FAILS at e2592d8: an enhanced prompt ending in `"bytesBase64Encoded` is charged as a third image
-# (cost 0.12, not 0.08).
-# Imagen's predictions echo the prompt Imagen rewrote (`prompt`, with enhancePrompt) -- text the
-# client steers. usage.rs:313-327 (ImageCount::observe) counts every occurrence of the 20 bytes
+# FAILS at e2592d8: each enhanced prompt ending in `"bytesBase64Encoded` is charged as one more
+# image (cost 0.16, not 0.08).
+# Imagen's predictions echo the prompt Imagen rewrote (`prompt`: "The rewritten prompt used for the
+# image generation", Vertex AI REST reference, VisionGenerativeModelResult.Image) -- text the client
+# steers. usage.rs:313-327 (ImageCount::observe) counts every occurrence of the 20 bytes
 # `"bytesBase64Encoded"`, inside strings too: a string ending in an escaped quote and the word
 # (`...\"bytesBase64Encoded"`) holds them, the string's closing quote being the key's last. Fix:
 # count the key only where a key can be -- its first quote not escaped (previous byte not `\`, or
@@ -361,3 +364,122 @@ def test_plain_openai_and_anthropic_chat_cost_as_before_and_metrics_match_the_lo
 
 
 
+
+
+# --- Vertex AI: Imagen and embeddings on `:predict` ---------------------------------------------
+VERTEX = "/google-vertex-ai/v1/projects/p/locations/us-central1/publishers/google/models/"
+
+
+def vertex_predict(g, model, body):
+    return httpx.post(f"{g.url}{VERTEX}{model}:predict", headers={"authorization": "Bearer placeholder"},
+                      json=body, timeout=30)
+
+
+def test_vertex_imagen_images_are_priced_per_image(split):
+    g, up = split("application/json")
+    up.chunks = [json.dumps({"predictions": [{"mimeType": "image/png", "bytesBase64Encoded": IMAGE}] * 3}).encode()]
+    r = vertex_predict(g, "imagen-4.0-fast-generate-001",
+                       {"instances": [{"prompt": "a cat"}], "parameters": {"sampleCount": 3}})
+    assert r.status_code == 200
+    line = wait_line(g, r.headers["cf-aig-log-id"])
+    assert line["cost"] == pytest.approx(3 * 0.02, rel=1e-9), line
+
+
+# FAILS at e2592d8: images Vertex writes to Cloud Storage cost nothing (cost null, never charged).
+# With `parameters.storageUri` Vertex's Imagen writes the images to the bucket and each prediction
+# is `{"mimeType", "gcsUri"}` instead of `{"mimeType", "bytesBase64Encoded"}` (Vertex AI REST
+# reference, VisionGenerativeModelResult.Image: data is one of bytesBase64Encoded, gcsUri; firebase-
+# android-sdk's GenerateImageResponse.kt reads either). Google bills the
+# images all the same. usage.rs:313-327 (ImageCount::observe, IMAGE_KEY at usage.rs:148) counts
+# only `"bytesBase64Encoded"`, so the answer has no images and no tokens and cost.rs:866-868 gives
+# `None`: a spend limit or budget node is never charged for them (an app can generate images past
+# its limit by naming a bucket). Fix: count a prediction's `"gcsUri"` key too (one image each).
+def test_vertex_imagen_images_written_to_cloud_storage_are_priced_per_image(split):
+    g, up = split("application/json")
+    up.chunks = [json.dumps({"predictions": [
+        {"mimeType": "image/png", "gcsUri": f"gs://bucket/out/sample_{i}.png"} for i in range(3)]}).encode()]
+    r = vertex_predict(g, "imagen-4.0-generate-001",
+                       {"instances": [{"prompt": "a cat"}],
+                        "parameters": {"sampleCount": 3, "storageUri": "gs://bucket/out/"}})
+    assert r.status_code == 200
+    line = wait_line(g, r.headers["cf-aig-log-id"])
+    assert line["cost"] == pytest.approx(3 * 0.04, rel=1e-9), line
+
+
+def test_a_vertex_embeddings_counts_are_read_wherever_a_frame_ends(split):
+    g, up = split("application/json")
+    body = json.dumps({"predictions": [
+        {"embeddings": {"values": [0.0125, -0.5], "statistics": {"token_count": 12, "truncated": False}}},
+        {"embeddings": {"values": [0.25, 0.75], "statistics": {"truncated": False, "token_count": 7}}}],
+        "metadata": {"billableCharacterCount": 4321}}).encode()
+    first, last = body.index(b'"token_count"'), body.index(b"}}")
+    offsets = [*range(first, last + 1), *cuts(body, b'"billableCharacterCount"', 32),
+               (first + 3, first + 6, first + 9, first + 14, first + 15)]
+    send = lambda: vertex_predict(g, "text-embedding-005", {"instances": [{"content": "x"}, {"content": "y"}]})
+    got = each_cut(g, up, body, offsets, send)
+    wrong = [(at, ln["tokens_in"], ln["cost"]) for at, ln in got
+             if (ln["tokens_in"], ln["cost"]) != (19, pytest.approx(4321 / 1000 * 0.000025, rel=1e-9))]
+    assert not wrong, wrong[:5]
+
+
+# --- Spend limits are charged the stated cost, as logged ---------------------------------------
+def test_a_spend_limit_is_charged_openrouters_stated_cost(split):
+    # 0.0004 stated per request against $0.001 a day: the third request crosses it (the table's
+    # gpt-4o-mini price, 4.11e-05, would take 25).
+    g, up = split("application/json", spec="  spendLimit: {amount: '0.001', period: day}\n")
+    answer = {"id": "gen-1", "provider": "OpenAI", "model": "openai/gpt-4o-mini", "object": "chat.completion",
+              "created": 1, "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": "hi"}}],
+              "usage": or_usage(0.0004)}
+    up.chunks = [json.dumps(answer).encode()]
+    costs = []
+    for _ in range(3):
+        r, line = post(g, "/openrouter/v1/chat/completions", CHAT)
+        assert r.status_code == 200
+        costs.append(line["cost"])
+    assert costs == [pytest.approx(0.0004, rel=1e-9)] * 3
+    r = httpx.post(g.url + "/openrouter/v1/chat/completions", json=CHAT, timeout=30)
+    assert r.status_code == 429 and r.json()["error"][0]["code"] == 2041, r.text
+    assert metric(g, 'sidegate_cost_usd_total{provider="openrouter"}') == pytest.approx(0.0012, rel=1e-9)
+
+
+# FAILS at e2592d8: a per-token custom cost on an answer without tokens (Imagen's images, whisper-1's
+# seconds) makes it cost nothing against the spend limit: the next request is let through (200,
+# not 429).
+# telemetry.rs:1037-1048 (RequestRecord::charged) charges the higher of the custom cost and the
+# model's price only when the custom cost is known; `cf-aig-custom-cost: {"per_token_in": 0,
+# "per_token_out": 0}` on an answer with no token counts is `None` (cost.rs:862-864,
+# `known.then_some(..)`), and `(None, Some(_))` falls to `(c, _) => c`: nothing is charged, though
+# the images (or minutes) have a price. The README promises "an app cannot spend past them by
+# claiming a low cost". Fix: in `charged`, when the custom cost gives `None`, charge
+# `cost(self.price, None, tokens)`.
+@pytest.mark.parametrize("kind", ["imagen", "whisper"])
+def test_a_per_token_custom_cost_cannot_spend_images_or_minutes_past_the_spend_limit(split, kind):
+    spend_twice(split, kind, {"cf-aig-custom-cost": '{"per_token_in": 0, "per_token_out": 0}'})
+
+
+@pytest.mark.parametrize("kind", ["imagen", "whisper"])
+def test_images_and_minutes_are_charged_to_the_spend_limit(split, kind):
+    spend_twice(split, kind, {})
+
+
+def spend_twice(split, kind, custom):
+    g, up = split("application/json", spec="  spendLimit: {amount: '0.05', period: day}\n")
+    if kind == "imagen":
+        up.chunks = [json.dumps({"predictions": [{"mimeType": "image/png", "bytesBase64Encoded": IMAGE}] * 2}).encode()]
+        send = lambda: httpx.post(f"{g.url}/google-ai-studio/v1beta/models/imagen-4.0-generate-001:predict",
+                                  headers={"x-goog-api-key": "placeholder", **custom},
+                                  json={"instances": [{"prompt": "a cat"}], "parameters": {"sampleCount": 2}},
+                                  timeout=30)
+    else:
+        # 600 seconds of audio: $0.06 at $0.006 a minute.
+        up.chunks = [json.dumps({"text": "hello", "usage": {"type": "duration", "seconds": 600}}).encode()]
+        send = lambda: httpx.post(f"{g.url}/openai/v1/audio/transcriptions", headers=custom,
+                                  data={"model": "whisper-1"}, files={"file": ("a.wav", b"R" * 2000, "audio/wav")},
+                                  timeout=30)
+    first = send()
+    assert first.status_code == 200, first.text
+    wait_line(g, first.headers["cf-aig-log-id"])
+    # $0.08 of images (or $0.06 of audio) went through: the limit of $0.05 is reached.
+    second = send()
+    assert second.status_code == 429, (second.status_code, second.text[:200])
