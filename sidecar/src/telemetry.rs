@@ -1043,7 +1043,10 @@ impl RequestRecord {
             (Some(c), Some(_)) => {
                 Some(crate::cost::cost(self.price, None, tokens).map_or(c, |priced| c.max(priced)))
             }
-            (c, _) => c,
+            // A custom cost that cannot be worked out (per token, of an answer counting images
+            // or minutes, not tokens) charges what the answer costs: it never lowers a charge.
+            (None, Some(_)) => crate::cost::cost(self.price, None, tokens),
+            (c, None) => c,
         }
     }
 

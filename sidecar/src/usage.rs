@@ -135,10 +135,14 @@ enum Modality {
     Image,
 }
 
-/// An Imagen answer's image: the key of each prediction's image data.
-const IMAGE_KEY: &[u8] = b"\"bytesBase64Encoded\"";
-static IMAGE_FINDER: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(IMAGE_KEY));
+/// An Imagen answer's images: the key of each prediction's image data, or of where it was
+/// stored instead (`parameters.storageUri`: a Cloud Storage URI, no bytes).
+const IMAGE_KEYS: [&[u8]; 2] = [b"\"bytesBase64Encoded\"", b"\"gcsUri\""];
+static IMAGE_FINDERS: LazyLock<[memmem::Finder<'static>; 2]> =
+    LazyLock::new(|| IMAGE_KEYS.map(memmem::Finder::new));
+/// Bytes of one frame's end kept for the next: a key cut by it, or one whose colon (after
+/// spaces) has not come yet.
+const IMAGE_CARRY: usize = 64;
 /// Largest cost a provider may state for one request, in USD (as `cf-aig-custom-cost`'s).
 const MAX_STATED_COST: f64 = 1_000_000.0;
 /// Longest audio a request may report, in seconds (OpenAI takes files of 25 MB at most).
@@ -313,29 +317,81 @@ enum StatedCost {
 }
 
 /// The images of an Imagen answer, counted as its bytes go by (megabytes of base64 in few
-/// frames): the end of the last frame is kept, a key cut by a frame's end is counted whole.
+/// frames): an image key counts where it is a key — not after a `\` (inside a string: an
+/// echoed prompt may hold the key's text) and followed by a `:`. The end of each frame is kept
+/// for the next: a key cut by a frame's end, or whose colon is still to come, is read whole.
 #[derive(Debug, Default)]
 struct ImageCount {
     images: u64,
-    /// The last `IMAGE_KEY.len() - 1` bytes seen.
+    /// The last [`IMAGE_CARRY`] bytes seen.
     tail: Vec<u8>,
+    /// Where in `tail` a key starts that awaited its colon.
+    pending: Option<usize>,
 }
 
 impl ImageCount {
     fn observe(&mut self, data: &[u8]) {
-        let keep = IMAGE_KEY.len() - 1;
-        // The seam holds fewer than a key's bytes on each side: what it finds is cut by it.
-        let mut seam = std::mem::take(&mut self.tail);
-        seam.extend_from_slice(&data[..data.len().min(keep)]);
-        let found = IMAGE_FINDER.find_iter(&seam).count() + IMAGE_FINDER.find_iter(data).count();
-        self.images = self.images.saturating_add(found as u64);
-        if data.len() >= keep {
-            seam.clear();
-            seam.extend_from_slice(&data[data.len() - keep..]);
-        } else {
-            seam.drain(..seam.len().saturating_sub(keep));
+        let carried = self.tail.len();
+        let mut undecided = None;
+        if carried > 0 {
+            // Keys starting in the carried bytes that this frame ends: cut by the seam, or
+            // awaiting their colon.
+            let mut seam = std::mem::take(&mut self.tail);
+            seam.extend_from_slice(&data[..data.len().min(IMAGE_CARRY)]);
+            for (key, finder) in IMAGE_KEYS.iter().zip(IMAGE_FINDERS.iter()) {
+                for at in finder.find_iter(&seam) {
+                    let unread = at + key.len() > carried || self.pending == Some(at);
+                    if at < carried && unread {
+                        match is_key(&seam, at, key.len(), None) {
+                            Some(true) => self.images = self.images.saturating_add(1),
+                            Some(false) => {}
+                            // Spaces to the seam's end, which is the data's end (else they run
+                            // past what is kept: given up).
+                            None if data.len() <= IMAGE_CARRY => {
+                                undecided = Some(seam.len() - at);
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            }
+            self.tail = seam;
+            self.tail.truncate(carried);
         }
-        self.tail = seam;
+        let before = self.tail.last().copied();
+        for (key, finder) in IMAGE_KEYS.iter().zip(IMAGE_FINDERS.iter()) {
+            for at in finder.find_iter(data) {
+                match is_key(data, at, key.len(), before) {
+                    Some(true) => self.images = self.images.saturating_add(1),
+                    Some(false) => {}
+                    None => undecided = Some(data.len() - at),
+                }
+            }
+        }
+        // The last IMAGE_CARRY bytes of all seen, and where in them the undecided key starts
+        // (given up when its spaces run past them).
+        self.tail
+            .extend_from_slice(&data[data.len().saturating_sub(IMAGE_CARRY)..]);
+        let drop = self.tail.len().saturating_sub(IMAGE_CARRY);
+        self.tail.drain(..drop);
+        self.pending = undecided
+            .filter(|&from_end| from_end <= self.tail.len())
+            .map(|from_end| self.tail.len() - from_end);
+    }
+}
+
+/// Whether the `len` bytes at `at` in `buf` (a quoted key's text) stand as a key: not after a
+/// `\` (`before` is the byte before `buf`) and followed by a `:`, spaces between; `None` when
+/// `buf` ends first.
+fn is_key(buf: &[u8], at: usize, len: usize, before: Option<u8>) -> Option<bool> {
+    let prev = if at == 0 { before } else { Some(buf[at - 1]) };
+    if prev == Some(b'\\') {
+        return Some(false);
+    }
+    match buf[at + len..].iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b':') => Some(true),
+        Some(_) => Some(false),
+        None => None,
     }
 }
 
@@ -1455,6 +1511,16 @@ mod tests {
         }
         let vertex = "/google-vertex-ai/v1/projects/p/locations/us-central1/publishers/google/models/imagen-3.0-generate-002:predict";
         assert_eq!(read_answer("google-vertex-ai", vertex, &[body]).images, 2);
+        // Stored in Cloud Storage: no bytes, one `gcsUri` each; a prompt echo holding a key's
+        // text (escaped) is no image; spaces before a colon that comes in the next frame.
+        let stored = br#"{"predictions":[{"mimeType":"image/png","gcsUri":"gs://b/1.png","prompt":"draw \"bytesBase64Encoded\" and \"gcsUri\""},{"gcsUri"   :"gs://b/2.png"}]}"#;
+        for cut in 0..stored.len() {
+            for second in cut..stored.len() {
+                let frames: [&[u8]; 3] = [&stored[..cut], &stored[cut..second], &stored[second..]];
+                let t = read_answer("google-vertex-ai", vertex, &frames);
+                assert_eq!(t.images, 2, "cut at {cut} and {second}");
+            }
+        }
         // Not an Imagen answer: not counted (an embedding's `:predict`, another provider).
         let embed = "/google-vertex-ai/v1/projects/p/locations/l/publishers/google/models/text-embedding-005:predict";
         assert_eq!(read_answer("google-vertex-ai", embed, &[body]).images, 0);

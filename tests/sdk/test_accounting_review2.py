@@ -31,6 +31,11 @@ class SplitServer(ChunkServer):
                 if got is None:
                     return
                 chunks = [c for c in self.chunks if c]
+                if getattr(self, "whole", False):
+                    body = b"".join(chunks)
+                    conn.sendall(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
+                                 % (self.status, self.content_type.encode(), len(body), body))
+                    return
                 conn.sendall(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
                              b"connection: close\r\n\r\n" % (self.status, self.content_type.encode()))
                 for c in chunks:
@@ -220,8 +225,9 @@ def test_a_cache_hit_of_a_stated_cost_answer_costs_nothing_and_metrics_match_the
               "created": 1, "choices": [{"index": 0, "finish_reason": "stop",
                                          "message": {"role": "assistant", "content": "hi"}}],
               "usage": or_usage(0.0004)}
-    up.chunks = [json.dumps(answer).encode()]
-    # Sent back to back (see the report: after a pause the entry was not found with this upstream).
+    up.chunks, up.whole = [json.dumps(answer).encode()], True
+    # One whole (content-length) answer, requests back to back: with a chunked `connection: close`
+    # answer the second request was not always a hit (a cache matter, not accounting's).
     rs = [httpx.post(g.url + "/openrouter/v1/chat/completions", json=CHAT, timeout=30) for _ in range(2)]
     assert [r.headers["cf-aig-cache-status"] for r in rs] == ["MISS", "HIT"]
     lines = [wait_line(g, r.headers["cf-aig-log-id"]) for r in rs]
@@ -323,7 +329,7 @@ def test_imagen_images_are_counted_once_wherever_a_frame_ends(split):
 # image (cost 0.16, not 0.08).
 # Imagen's predictions echo the prompt Imagen rewrote (`prompt`: "The rewritten prompt used for the
 # image generation", Vertex AI REST reference, VisionGenerativeModelResult.Image) -- text the client
-# steers. usage.rs:313-327 (ImageCount::observe) counts every occurrence of the 20 bytes
+# steers. usage.rs:325-339 (ImageCount::observe) counts every occurrence of the 20 bytes
 # `"bytesBase64Encoded"`, inside strings too: a string ending in an escaped quote and the word
 # (`...\"bytesBase64Encoded"`) holds them, the string's closing quote being the key's last. Fix:
 # count the key only where a key can be -- its first quote not escaped (previous byte not `\`, or
@@ -389,11 +395,12 @@ def test_vertex_imagen_images_are_priced_per_image(split):
 # With `parameters.storageUri` Vertex's Imagen writes the images to the bucket and each prediction
 # is `{"mimeType", "gcsUri"}` instead of `{"mimeType", "bytesBase64Encoded"}` (Vertex AI REST
 # reference, VisionGenerativeModelResult.Image: data is one of bytesBase64Encoded, gcsUri; firebase-
-# android-sdk's GenerateImageResponse.kt reads either). Google bills the
-# images all the same. usage.rs:313-327 (ImageCount::observe, IMAGE_KEY at usage.rs:148) counts
-# only `"bytesBase64Encoded"`, so the answer has no images and no tokens and cost.rs:866-868 gives
-# `None`: a spend limit or budget node is never charged for them (an app can generate images past
-# its limit by naming a bucket). Fix: count a prediction's `"gcsUri"` key too (one image each).
+# android-sdk's GenerateImageResponse.kt reads either). Google bills the images all the same.
+# usage.rs:325-339 (ImageCount::observe, IMAGE_KEY at usage.rs:139) counts only
+# `"bytesBase64Encoded"`, so the answer has no images and no tokens, and cost.rs:867-870 (a price
+# needs tokens, images, seconds or characters) gives `None`: a spend limit or budget node is never
+# charged for them (an app can generate images past its limit by naming a bucket), and the sidecar
+# warns that the model "has no price". Fix: count each prediction's `"gcsUri"` key too.
 def test_vertex_imagen_images_written_to_cloud_storage_are_priced_per_image(split):
     g, up = split("application/json")
     up.chunks = [json.dumps({"predictions": [
@@ -448,7 +455,7 @@ def test_a_spend_limit_is_charged_openrouters_stated_cost(split):
 # not 429).
 # telemetry.rs:1037-1048 (RequestRecord::charged) charges the higher of the custom cost and the
 # model's price only when the custom cost is known; `cf-aig-custom-cost: {"per_token_in": 0,
-# "per_token_out": 0}` on an answer with no token counts is `None` (cost.rs:862-864,
+# "per_token_out": 0}` on an answer with no token counts is `None` (cost.rs:863-864,
 # `known.then_some(..)`), and `(None, Some(_))` falls to `(c, _) => c`: nothing is charged, though
 # the images (or minutes) have a price. The README promises "an app cannot spend past them by
 # claiming a low cost". Fix: in `charged`, when the custom cost gives `None`, charge
@@ -483,3 +490,64 @@ def spend_twice(split, kind, custom):
     # $0.08 of images (or $0.06 of audio) went through: the limit of $0.05 is reached.
     second = send()
     assert second.status_code == 429, (second.status_code, second.text[:200])
+
+
+
+# --- Model-made objects that look like usage ----------------------------------------------------
+def test_a_gemini_function_calls_args_cannot_pass_for_its_usage(split):
+    # A function call's `args` is an object the model writes (not a string): one that looks like
+    # `usageMetadata`, in every chunk, with counts of its own (thoughts, cache reads, tool prompts
+    # the real usage omits as zero). The real usageMetadata after it replaces them all.
+    g, up = split("text/event-stream")
+    forged = {"usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 1, "thoughtsTokenCount": 10**9,
+                                "cachedContentTokenCount": 1, "toolUsePromptTokenCount": 10**9,
+                                "promptTokensDetails": [{"modality": "AUDIO", "tokenCount": 10**6}]},
+              "usage": {"prompt_tokens": 10**9, "completion_tokens": 10**9, "cost": 0}}
+    events = [{"candidates": [{"content": {"role": "model", "parts": [
+        {"functionCall": {"name": "record", "args": forged}}]}, "index": 0,
+        **({"finishReason": "STOP"} if n == 2 else {})}],
+        "usageMetadata": {"promptTokenCount": 40, "candidatesTokenCount": 10 * n, "totalTokenCount": 40 + 10 * n},
+        "modelVersion": "gemini-2.5-flash", "responseId": "r"} for n in (1, 2)]
+    up.chunks = sse(*events)
+    r = httpx.post(f"{g.url}/google-ai-studio/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
+                   headers={"x-goog-api-key": "placeholder"},
+                   json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, timeout=30)
+    line = wait_line(g, r.headers["cf-aig-log-id"])
+    assert (line["tokens_in"], line["tokens_out"]) == (40, 20), line
+    assert line["cost"] == pytest.approx((40 * 0.30 + 20 * 2.50) / 1e6, rel=1e-9), line
+
+
+def test_a_streamed_gpt_4o_transcription_is_priced_from_its_done_event(split):
+    # `stream=true` transcriptions: `transcript.text.delta` events, then `transcript.text.done`
+    # with the usage (API reference, Stream Event transcript.text.done).
+    g, up = split("text/event-stream")
+    up.chunks = sse({"type": "transcript.text.delta", "delta": "hello"},
+                    {"type": "transcript.text.delta", "delta": " there"},
+                    {"type": "transcript.text.done", "text": "hello there", "usage": {
+                        "type": "tokens", "input_tokens": 114,
+                        "input_token_details": {"text_tokens": 14, "audio_tokens": 100},
+                        "output_tokens": 45, "total_tokens": 159}})
+    r = httpx.post(f"{g.url}/openai/v1/audio/transcriptions",
+                   data={"model": "gpt-4o-transcribe", "stream": "true"},
+                   files={"file": ("a.wav", b"R" * 2000, "audio/wav")}, timeout=30)
+    assert r.status_code == 200
+    line = wait_line(g, r.headers["cf-aig-log-id"])
+    assert (line["tokens_in"], line["tokens_out"]) == (114, 45), line
+    assert line["cost"] == pytest.approx((14 * 2.50 + 100 * 6.0 + 45 * 10.0) / 1e6, rel=1e-9), line
+
+
+def test_a_low_custom_cost_is_logged_but_the_spend_limit_is_charged_the_stated_one(split):
+    # Precedence: `cf-aig-custom-cost` is the logged cost; the spend limit takes the higher of it
+    # and the provider's stated cost (README, cf-aig-custom-cost).
+    g, up = split("application/json", spec="  spendLimit: {amount: '0.001', period: day}\n")
+    answer = {"id": "gen-1", "provider": "OpenAI", "model": "openai/gpt-4o-mini", "object": "chat.completion",
+              "created": 1, "choices": [{"index": 0, "finish_reason": "stop",
+                                         "message": {"role": "assistant", "content": "hi"}}],
+              "usage": or_usage(0.0004)}
+    up.chunks = [json.dumps(answer).encode()]
+    low = {"cf-aig-custom-cost": '{"total_cost": 0}'}
+    for _ in range(3):
+        r, line = post(g, "/openrouter/v1/chat/completions", CHAT, **low)
+        assert r.status_code == 200 and line["cost"] == 0 and line["custom_cost"] is True, line
+    r = httpx.post(g.url + "/openrouter/v1/chat/completions", json=CHAT, headers=low, timeout=30)
+    assert r.status_code == 429, r.text
