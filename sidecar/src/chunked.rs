@@ -58,9 +58,11 @@ impl Sink for BytesMut {
     }
 }
 
-/// Nowhere: the framing is only checked (the data is taken later, once it is whole).
-impl Sink for () {
-    fn put(&mut self, _: &[u8]) {}
+/// Counted only: the framing is checked, the data taken later, once it is whole.
+impl Sink for usize {
+    fn put(&mut self, data: &[u8]) {
+        *self += data.len();
+    }
 }
 
 /// Decodes what `bytes` holds from `state` on, giving chunk data to `out`: how many bytes it

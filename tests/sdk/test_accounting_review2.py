@@ -226,14 +226,23 @@ def test_a_cache_hit_of_a_stated_cost_answer_costs_nothing_and_metrics_match_the
                                          "message": {"role": "assistant", "content": "hi"}}],
               "usage": or_usage(0.0004)}
     up.chunks, up.whole = [json.dumps(answer).encode()], True
-    # One whole (content-length) answer, requests back to back: with a chunked `connection: close`
-    # answer the second request was not always a hit (a cache matter, not accounting's).
-    rs = [httpx.post(g.url + "/openrouter/v1/chat/completions", json=CHAT, timeout=30) for _ in range(2)]
-    assert [r.headers["cf-aig-cache-status"] for r in rs] == ["MISS", "HIT"]
+    # Requests until one is a hit: against this upstream (it closes each connection) an identical
+    # request right after the first was not always one, in CI too (a cache matter, not
+    # accounting's, noted for planning): every miss is charged, the hit is not.
+    rs = []
+    for _ in range(20):
+        rs.append(httpx.post(g.url + "/openrouter/v1/chat/completions", json=CHAT, timeout=30))
+        if rs[-1].headers["cf-aig-cache-status"] == "HIT":
+            break
+        time.sleep(0.1)
+    statuses = [r.headers["cf-aig-cache-status"] for r in rs]
+    assert statuses[-1] == "HIT" and set(statuses[:-1]) == {"MISS"}, statuses
     lines = [wait_line(g, r.headers["cf-aig-log-id"]) for r in rs]
-    assert [ln["cached"] for ln in lines] == [False, True], [(ln["cached"], ln["status_code"], ln["outcome"]) for ln in lines]
-    assert lines[0]["cost"] == pytest.approx(0.0004, rel=1e-9) and lines[1]["cost"] is None, lines
-    assert metric(g, 'sidegate_cost_usd_total{provider="openrouter"}') == pytest.approx(0.0004, rel=1e-9)
+    assert [ln["cached"] for ln in lines] == [False] * (len(rs) - 1) + [True], lines
+    assert all(ln["cost"] == pytest.approx(0.0004, rel=1e-9) for ln in lines[:-1]), lines
+    assert lines[-1]["cost"] is None, lines[-1]
+    misses = len(rs) - 1
+    assert metric(g, 'sidegate_cost_usd_total{provider="openrouter"}') == pytest.approx(0.0004 * misses, rel=1e-9)
 
 
 # --- Anthropic: message_start + message_delta, web searches, cut at every offset ----------------

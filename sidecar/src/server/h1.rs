@@ -180,19 +180,29 @@ pub(super) async fn serve(
         // coming, is cut off or is not framed right is the gateway's to tell of (408, 400;
         // logged as refused).
         let mut broken = None;
-        // A chunked body: the decoder's state and the bytes of `buf` it checked. Its data is
-        // taken once it is whole: until then `buf` holds it as it came, for hyper should it
-        // outgrow this server, and only there.
-        let (mut framing, mut checked) = (Chunked::START, 0);
+        // A chunked body: the decoder's state, the bytes of `buf` it checked and the data they
+        // hold. Its data is taken once it is whole: until then `buf` holds it as it came, for
+        // hyper should it outgrow this server (or the gateway's body limit: hyper's body is
+        // read as it comes, refused 413 as soon as it is over), and only there.
+        let (mut framing, mut checked, mut data) = (Chunked::START, 0, 0usize);
+        let limit = chunked.as_ref().map_or(0, |_| {
+            gateway
+                .snapshot
+                .load()
+                .as_ref()
+                .map_or(MAX_BODY, |s| usize::try_from(s.max_body).unwrap_or(MAX_BODY))
+        });
         let mut decoded = None;
         loop {
             if let Some(raw) = &chunked {
-                match chunked::decode(&mut framing, &buf[checked..], &mut ()) {
+                match chunked::decode(&mut framing, &buf[checked..], &mut data) {
                     Ok((used, true)) => {
                         decoded = Some(dechunk(buf.split_to(checked + used).freeze()));
                         break;
                     }
-                    Ok((used, false)) if buf.len() <= MAX_BODY => checked += used,
+                    Ok((used, false)) if buf.len() <= MAX_BODY && data <= limit => {
+                        checked += used;
+                    }
                     // hyper reads it as it comes, within the gateway's limits.
                     Ok(_) => return Ended::HandOff(rejoin(raw, &buf)),
                     Err(why) => {
