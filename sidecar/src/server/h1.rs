@@ -186,11 +186,9 @@ pub(super) async fn serve(
         // read as it comes, refused 413 as soon as it is over), and only there.
         let (mut framing, mut checked, mut data) = (Chunked::START, 0, 0usize);
         let limit = chunked.as_ref().map_or(0, |_| {
-            gateway
-                .snapshot
-                .load()
-                .as_ref()
-                .map_or(MAX_BODY, |s| usize::try_from(s.max_body).unwrap_or(MAX_BODY))
+            gateway.snapshot.load().as_ref().map_or(MAX_BODY, |s| {
+                usize::try_from(s.max_body).unwrap_or(MAX_BODY)
+            })
         });
         let mut decoded = None;
         loop {
