@@ -157,6 +157,58 @@ const NOT_TEXT: &[(&str, NotText)] = &[
             output: 64.0,
         },
     ),
+    // Realtime (the model pages, "Audio tokens", "Image tokens"; cached audio is priced as
+    // cached text, which these rates match but for gpt-realtime-mini's $0.30 against $0.06).
+    // An image row's output is the text output price: realtime answers make no images.
+    (
+        "gpt-realtime",
+        NotText::Audio {
+            input: 32.0,
+            output: 64.0,
+        },
+    ),
+    (
+        "gpt-realtime",
+        NotText::Image {
+            input: 5.0,
+            output: 16.0,
+        },
+    ),
+    (
+        "gpt-realtime-mini",
+        NotText::Audio {
+            input: 10.0,
+            output: 20.0,
+        },
+    ),
+    (
+        "gpt-realtime-mini",
+        NotText::Image {
+            input: 0.80,
+            output: 2.40,
+        },
+    ),
+    (
+        "gpt-4o-realtime-preview",
+        NotText::Audio {
+            input: 40.0,
+            output: 80.0,
+        },
+    ),
+    (
+        "gpt-4o-realtime-preview-2024-10-01",
+        NotText::Audio {
+            input: 100.0,
+            output: 200.0,
+        },
+    ),
+    (
+        "gpt-4o-mini-realtime-preview",
+        NotText::Audio {
+            input: 10.0,
+            output: 20.0,
+        },
+    ),
     // Transcription: the audio in at this rate, a prompt's text tokens at the input price.
     ("gpt-4o-transcribe", NotText::AudioInput(6.0)),
     ("gpt-4o-mini-transcribe", NotText::AudioInput(3.0)),
@@ -245,6 +297,8 @@ const CACHE_READ: &[(&str, f64)] = &[
     ("o1-mini", 0.5),
     ("o3-mini", 0.5),
     ("gpt-5", 0.1),
+    // $0.40 against $4 on gpt-realtime, $0.06 against $0.60 on gpt-realtime-mini.
+    ("gpt-realtime", 0.1),
     ("gpt-4.1", 0.25),
     ("o3", 0.25),
     ("o4-mini", 0.25),
@@ -282,7 +336,11 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-4o", 2.50, 10.0),
     ("gpt-4o-2024-05-13", 5.0, 15.0),
     ("gpt-4o-mini", 0.15, 0.60),
+    // Realtime models: text prices here, audio and image ones in NOT_TEXT.
+    ("gpt-realtime", 4.0, 16.0),
+    ("gpt-realtime-mini", 0.60, 2.40),
     ("gpt-4o-realtime-preview", 5.0, 20.0),
+    ("gpt-4o-realtime-preview-2024-10-01", 5.0, 20.0),
     ("gpt-4o-mini-realtime-preview", 0.60, 2.40),
     // Audio models: text prices here, audio ones in NOT_TEXT.
     ("gpt-4o-audio-preview", 2.50, 10.0),
@@ -1444,6 +1502,51 @@ mod tests {
         close(
             cost(t.lookup("gpt-4o-mini"), None, &searched),
             (2000.0 * 0.15 + 300.0 * 0.60) / 1e6,
+        );
+    }
+
+    #[test]
+    fn realtime_responses_price_audio_images_and_the_cache_at_the_models_rates() {
+        let t = Pricing::default();
+        // A `response.done` usage (developer forum's example): 789 in, 640 of them cached (256
+        // text, 384 audio), 476 audio in all; 32 out, 23 of them audio.
+        let session = Tokens {
+            cache_read: 640,
+            audio_input: 476 - 384,
+            audio_output: 23,
+            ..Tokens::plain(Some(789), Some(32))
+        };
+        // gpt-realtime: text $4 / $16, audio $32 / $64, cached input $0.40.
+        close(
+            cost(t.lookup("gpt-realtime-2025-08-28"), None, &session),
+            (57.0 * 4.0 + 92.0 * 32.0 + 640.0 * 0.40 + 9.0 * 16.0 + 23.0 * 64.0) / 1e6,
+        );
+        // gpt-realtime-mini: text $0.60 / $2.40, audio $10 / $20, cached $0.06.
+        close(
+            cost(t.lookup("gpt-realtime-mini"), None, &session),
+            (57.0 * 0.60 + 92.0 * 10.0 + 640.0 * 0.06 + 9.0 * 2.40 + 23.0 * 20.0) / 1e6,
+        );
+        // gpt-4o-realtime-preview: text $5 / $20, audio $40 / $80, cached $2.50.
+        close(
+            cost(
+                t.lookup("gpt-4o-realtime-preview-2025-06-03"),
+                None,
+                &session,
+            ),
+            (57.0 * 5.0 + 92.0 * 40.0 + 640.0 * 2.50 + 9.0 * 20.0 + 23.0 * 80.0) / 1e6,
+        );
+        close(
+            cost(t.lookup("gpt-4o-mini-realtime-preview"), None, &session),
+            (57.0 * 0.60 + 92.0 * 10.0 + 640.0 * 0.30 + 9.0 * 2.40 + 23.0 * 20.0) / 1e6,
+        );
+        // An image in the input: $5 on gpt-realtime.
+        let seen = Tokens {
+            image_input: 1000,
+            ..Tokens::plain(Some(1100), Some(0))
+        };
+        close(
+            cost(t.lookup("gpt-realtime"), None, &seen),
+            (100.0 * 4.0 + 1000.0 * 5.0) / 1e6,
         );
     }
 

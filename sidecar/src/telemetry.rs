@@ -1018,12 +1018,9 @@ impl RequestRecord {
     /// Adds a part of a long answer as it completes (a WebSocket session's response): its tokens
     /// to the record's, and its cost charged to the usage limits now, not when the record
     /// finishes (which charges only what was not charged yet).
-    pub fn charge_part(&mut self, input: u64, output: u64, cached: u64) {
-        let part = Tokens {
-            cache_read: cached,
-            ..Tokens::plain(Some(input), Some(output))
-        };
-        self.usage.counts.add_part(input, output, cached);
+    pub fn charge_part(&mut self, part: Tokens) {
+        self.usage.counts.add_part(&part);
+        let [input, output] = part.totals().map(|n| n.unwrap_or(0));
         self.precharged[0] = self.precharged[0].saturating_add(input);
         self.precharged[1] = self.precharged[1].saturating_add(output);
         if let Some(t) = &self.tally {

@@ -262,15 +262,24 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// Adds a part of a long answer (a WebSocket session's response): `input` of which `cached`
-    /// read from the prompt cache (counted inside the input, as OpenAI counts them), `output`.
-    pub fn add_part(&mut self, input: u64, output: u64, cached: u64) {
+    /// Adds a part of a long answer (a WebSocket session's response): its input and output,
+    /// the cache reads counted inside the input (as OpenAI counts them), its audio and image
+    /// tokens.
+    pub fn add_part(&mut self, part: &Tokens) {
         let add =
             |slot: &mut Option<u64>, n: u64| *slot = Some(slot.unwrap_or(0).saturating_add(n));
+        let [input, output] = part.totals().map(|n| n.unwrap_or(0));
         add(&mut self.input, input);
         add(&mut self.output, output);
-        if cached > 0 {
-            add(&mut self.read_inside, cached);
+        for (slot, n) in [
+            (&mut self.read_inside, part.cache_read),
+            (&mut self.audio_in, part.audio_input),
+            (&mut self.image_in, part.image_input),
+            (&mut self.audio_out, part.audio_output),
+        ] {
+            if n > 0 {
+                add(slot, n);
+            }
         }
     }
 }

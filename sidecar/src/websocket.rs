@@ -518,12 +518,18 @@ struct Admitted {
 /// Usage read from a session's events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Used {
-    /// A response's tokens (`response.done`), priced at the session's model; `cached` of the
-    /// input read from the prompt cache (`input_token_details.cached_tokens`, at the cache rate).
+    /// A response's tokens (`response.done`), priced at the session's model: of the input,
+    /// `cached` read from the prompt cache (`input_token_details.cached_tokens`, at the cache
+    /// rate), `audio` and `image` tokens not read from it (`audio_tokens`, `image_tokens` less
+    /// their `cached_tokens_details`); of the output, `audio_out`
+    /// (`output_token_details.audio_tokens`). Audio and images are priced at their own rates.
     Response {
         input: u64,
         output: u64,
         cached: u64,
+        audio: u64,
+        image: u64,
+        audio_out: u64,
     },
     /// An input audio transcription's tokens, priced at the transcription model (`None`: the
     /// session never named it).
@@ -625,8 +631,17 @@ impl Session {
                 input,
                 output,
                 cached,
+                audio,
+                image,
+                audio_out,
             } => {
-                self.record.charge_part(input, output, cached);
+                self.record.charge_part(crate::usage::Tokens {
+                    cache_read: cached,
+                    audio_input: audio,
+                    image_input: image,
+                    audio_output: audio_out,
+                    ..crate::usage::Tokens::plain(Some(input), Some(output))
+                });
                 if let Some(t) = &self.tally
                     && a.model.is_none()
                 {
@@ -1047,15 +1062,32 @@ impl Frames {
                 let count = |k: &str| usage?.get(k).and_then(serde_json::Value::as_u64);
                 if let (Some(input), Some(output)) = (count("input_tokens"), count("output_tokens"))
                 {
-                    let cached = usage
-                        .and_then(|u| u.pointer("/input_token_details/cached_tokens"))
-                        .and_then(serde_json::Value::as_u64)
-                        .unwrap_or(0)
-                        .min(input);
+                    let at = |path: &str| {
+                        usage
+                            .and_then(|u| u.pointer(path))
+                            .and_then(serde_json::Value::as_u64)
+                            .unwrap_or(0)
+                    };
+                    let cached = at("/input_token_details/cached_tokens").min(input);
+                    // Of the input not read from the cache: its audio, then its images.
+                    let fresh = input - cached;
+                    let audio = at("/input_token_details/audio_tokens")
+                        .saturating_sub(at(
+                            "/input_token_details/cached_tokens_details/audio_tokens",
+                        ))
+                        .min(fresh);
+                    let image = at("/input_token_details/image_tokens")
+                        .saturating_sub(at(
+                            "/input_token_details/cached_tokens_details/image_tokens",
+                        ))
+                        .min(fresh - audio);
                     self.used.push(Used::Response {
                         input,
                         output,
                         cached,
+                        audio,
+                        image,
+                        audio_out: at("/output_token_details/audio_tokens").min(output),
                     });
                 }
             }
@@ -1292,6 +1324,36 @@ mod tests {
     }
 
     #[test]
+    fn response_usage_tells_cached_audio_and_image_tokens_apart() {
+        let ev = |s: &str| frame(true, 1, s.as_bytes(), None);
+        let mut f = Frames::default();
+        f.feed(&ev(r#"{"type":"response.done","event_id":"e1","response":{"id":"r1","usage":{"total_tokens":821,"input_tokens":789,"output_tokens":32,"input_token_details":{"text_tokens":303,"audio_tokens":476,"image_tokens":10,"cached_tokens":640,"cached_tokens_details":{"text_tokens":256,"audio_tokens":384,"image_tokens":0}},"output_token_details":{"text_tokens":9,"audio_tokens":23}}}}"#));
+        // Counts past their totals are cut to them.
+        f.feed(&ev(r#"{"type":"response.done","response":{"usage":{"input_tokens":10,"output_tokens":5,"input_token_details":{"cached_tokens":4,"audio_tokens":50,"image_tokens":50},"output_token_details":{"audio_tokens":9}}}}"#));
+        assert_eq!(
+            f.take_used(),
+            [
+                Used::Response {
+                    input: 789,
+                    output: 32,
+                    cached: 640,
+                    audio: 92,
+                    image: 10,
+                    audio_out: 23
+                },
+                Used::Response {
+                    input: 10,
+                    output: 5,
+                    cached: 4,
+                    audio: 6,
+                    image: 0,
+                    audio_out: 5
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn transcriptions_are_read_with_the_model_the_session_names_at_their_time() {
         let ev = |s: &str| frame(true, 1, s.as_bytes(), None);
         let mut stream = Vec::new();
@@ -1338,7 +1400,10 @@ mod tests {
                     Used::Response {
                         input: 4,
                         output: 5,
-                        cached: 0
+                        cached: 0,
+                        audio: 0,
+                        image: 0,
+                        audio_out: 0
                     },
                     Used::Transcription {
                         input: 1,
