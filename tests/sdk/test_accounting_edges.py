@@ -51,7 +51,11 @@ class ChunkServer:
         self.listener.close()
 
 
-def start_gateway(tmp_path, upstream_url, extra_spec="", name="acct"):
+def start_gateway(tmp_path, upstream_url, extra_spec="", name="acct", keys=None):
+    """A gateway in front of `upstream_url`, with the default keys and `keys` (file name → key)
+    in its keys directory from the start. A key written after the start is loaded by a reload
+    some 50 ms later: a request before it goes with no key (the client's own, none), and is
+    cached apart from the same request with the stored key."""
     d = pathlib.Path(tmp_path) / f"gw-{time.monotonic_ns()}"
     d.mkdir()
     yaml = (
@@ -68,9 +72,10 @@ def start_gateway(tmp_path, upstream_url, extra_spec="", name="acct"):
         f"    cohere: {{baseURL: '{upstream_url}'}}\n"
         + extra_spec
     )
-    keys = dict(DEFAULT_KEYS, **{"google-ai-studio.default": GOOGLE_KEY},
-                **{f"{p}.default": f"sk-acct-{p}" for p in ("grok", "groq", "deepseek", "cohere")})
-    return Sidegate(d, yaml, keys, extra_args=["--log-format", "json"])
+    all_keys = dict(DEFAULT_KEYS, **{"google-ai-studio.default": GOOGLE_KEY},
+                    **{f"{p}.default": f"sk-acct-{p}" for p in ("grok", "groq", "deepseek", "cohere")},
+                    **(keys or {}))
+    return Sidegate(d, yaml, all_keys, extra_args=["--log-format", "json"])
 
 
 @pytest.fixture

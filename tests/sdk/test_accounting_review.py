@@ -33,9 +33,9 @@ def served(tmp_path):
         upstream = ChunkServer(chunks, **kw)
         extra = (f"    perplexity-ai: {{baseURL: '{upstream.url}'}}\n"
                  f"    openrouter: {{baseURL: '{upstream.url}/api'}}\n")
-        g = start_gateway(tmp_path, upstream.url, extra, name="acct-review")
-        (g.keys_dir / "perplexity-ai.default").write_text("pplx-acct-review\n")
-        (g.keys_dir / "openrouter.default").write_text("sk-or-v1-acct-review\n")
+        g = start_gateway(tmp_path, upstream.url, extra, name="acct-review",
+                          keys={"perplexity-ai.default": "pplx-acct-review",
+                                "openrouter.default": "sk-or-v1-acct-review"})
         made.append((g, upstream))
         return g, upstream
 

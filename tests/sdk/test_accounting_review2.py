@@ -19,9 +19,13 @@ from test_cost import metric, wait_line
 
 class SplitServer(ChunkServer):
     """A ChunkServer whose chunks the test replaces between requests, written with a short pause
-    (so that the sidecar reads them as separate frames)."""
+    (so that the sidecar reads them as separate frames); records the requests' `Authorization`."""
 
     PAUSE = 0.004
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.auths = []  # the `Authorization` of each request, in order
 
     def _answer(self, conn, _index):
         with conn:
@@ -30,12 +34,9 @@ class SplitServer(ChunkServer):
                 got = read_request(conn)
                 if got is None:
                     return
+                self.auths.extend(line.split(b":", 1)[1].strip() for line in got[0].split(b"\r\n")
+                                  if line.lower().startswith(b"authorization:"))
                 chunks = [c for c in self.chunks if c]
-                if getattr(self, "whole", False):
-                    body = b"".join(chunks)
-                    conn.sendall(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n\r\n%s"
-                                 % (self.status, self.content_type.encode(), len(body), body))
-                    return
                 conn.sendall(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
                              b"connection: close\r\n\r\n" % (self.status, self.content_type.encode()))
                 for c in chunks:
@@ -56,10 +57,12 @@ def split(tmp_path):
         extra = (f"    perplexity-ai: {{baseURL: '{upstream.url}'}}\n"
                  f"    openrouter: {{baseURL: '{upstream.url}/api'}}\n"
                  f"    google-vertex-ai: {{baseURL: '{upstream.url}'}}\n" + spec)
-        g = start_gateway(tmp_path, upstream.url, extra, name="acct-review2")
-        (g.keys_dir / "perplexity-ai.default").write_text("pplx-acct-review2\n")
-        (g.keys_dir / "openrouter.default").write_text("sk-or-v1-acct-review2\n")
-        (g.keys_dir / "google-vertex-ai.default").write_text("ya29.acct-review2-vertex\n")
+        # The keys are there from the start: one written after it is loaded some 50 ms later,
+        # and a request before that goes without it (cached apart from one with it).
+        g = start_gateway(tmp_path, upstream.url, extra, name="acct-review2",
+                          keys={"perplexity-ai.default": "pplx-acct-review2",
+                                "openrouter.default": "sk-or-v1-acct-review2",
+                                "google-vertex-ai.default": "ya29.acct-review2-vertex"})
         made.append((g, upstream))
         return g, upstream
 
@@ -225,24 +228,21 @@ def test_a_cache_hit_of_a_stated_cost_answer_costs_nothing_and_metrics_match_the
               "created": 1, "choices": [{"index": 0, "finish_reason": "stop",
                                          "message": {"role": "assistant", "content": "hi"}}],
               "usage": or_usage(0.0004)}
-    up.chunks, up.whole = [json.dumps(answer).encode()], True
-    # Requests until one is a hit: against this upstream (it closes each connection) an identical
-    # request right after the first was not always one, in CI too (a cache matter, not
-    # accounting's, noted for planning): every miss is charged, the hit is not.
-    rs = []
-    for _ in range(20):
-        rs.append(httpx.post(g.url + "/openrouter/v1/chat/completions", json=CHAT, timeout=30))
-        if rs[-1].headers["cf-aig-cache-status"] == "HIT":
-            break
-        time.sleep(0.1)
-    statuses = [r.headers["cf-aig-cache-status"] for r in rs]
-    assert statuses[-1] == "HIT" and set(statuses[:-1]) == {"MISS"}, statuses
+    up.chunks = [json.dumps(answer).encode()]
+    # A chunked answer, its connection closed after it (the SplitServer's way), and the identical
+    # request a while after the first: a hit, not charged. (Its keys were once written after the
+    # gateway started: the first request went before they were loaded, with no key, and the
+    # second, with the stored key, was a miss — a key of its own.)
+    first = httpx.post(g.url + "/openrouter/v1/chat/completions", json=CHAT, timeout=30)
+    time.sleep(0.3)
+    second = httpx.post(g.url + "/openrouter/v1/chat/completions", json=CHAT, timeout=30)
+    rs = [first, second]
+    assert [r.headers["cf-aig-cache-status"] for r in rs] == ["MISS", "HIT"]
+    assert up.auths == [b"Bearer sk-or-v1-acct-review2"], up.auths
     lines = [wait_line(g, r.headers["cf-aig-log-id"]) for r in rs]
-    assert [ln["cached"] for ln in lines] == [False] * (len(rs) - 1) + [True], lines
-    assert all(ln["cost"] == pytest.approx(0.0004, rel=1e-9) for ln in lines[:-1]), lines
-    assert lines[-1]["cost"] is None, lines[-1]
-    misses = len(rs) - 1
-    assert metric(g, 'sidegate_cost_usd_total{provider="openrouter"}') == pytest.approx(0.0004 * misses, rel=1e-9)
+    assert [ln["cached"] for ln in lines] == [False, True], [(ln["cached"], ln["status_code"], ln["outcome"]) for ln in lines]
+    assert lines[0]["cost"] == pytest.approx(0.0004, rel=1e-9) and lines[1]["cost"] is None, lines
+    assert metric(g, 'sidegate_cost_usd_total{provider="openrouter"}') == pytest.approx(0.0004, rel=1e-9)
 
 
 # --- Anthropic: message_start + message_delta, web searches, cut at every offset ----------------
