@@ -749,6 +749,8 @@ where
 {
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
+    // The client ended the session first, dropping the connection without a close frame.
+    let mut client_left = false;
     let (up, down) = {
         let to_provider = async {
             let copied = to_provider(&mut client_rx, &mut upstream_tx).await;
@@ -769,6 +771,7 @@ where
                 (up, down)
             }
             up = &mut to_provider => {
+                client_left = matches!(up, Ok(false));
                 match tokio::time::timeout(CLOSING_GRACE, &mut to_client).await {
                     Ok(down) => (Some(up), down),
                     Err(_) => (Some(up), End::Closed),
@@ -778,7 +781,14 @@ where
     };
     let record = s.record;
     match (up, down) {
-        (Some(Ok(())) | None, End::Closed | End::Ending) => record.finish_complete(),
+        // The provider's close answering none from the client: the client went away.
+        (_, End::Closed) if client_left => {
+            tracing::debug!(
+                "websocket session ended: the client dropped the connection without a close frame"
+            );
+            drop(record);
+        }
+        (Some(Ok(_)) | None, End::Closed | End::Ending) => record.finish_complete(),
         (_, End::Limit(e)) => {
             tracing::info!(error = %e, log_id = crate::log_id::current().as_deref(), "websocket session closed: usage limit reached");
             record.finish_complete();
@@ -813,18 +823,21 @@ enum Failed {
     Provider(std::io::Error),
 }
 
-/// Copies what the client sends to the provider until the client closes its side.
-async fn to_provider<R, W>(client: &mut R, upstream: &mut W) -> Result<(), Failed>
+/// Copies what the client sends to the provider until the client closes its side; `true` when
+/// it sent a close frame before (a client that just drops the connection sends none).
+async fn to_provider<R, W>(client: &mut R, upstream: &mut W) -> Result<bool, Failed>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; COPY_BUFFER];
+    let mut frames = Frames::client_side();
     loop {
         let n = client.read(&mut buf).await.map_err(Failed::Client)?;
         if n == 0 {
-            return Ok(());
+            return Ok(frames.close_seen);
         }
+        frames.feed(&buf[..n]);
         upstream
             .write_all(&buf[..n])
             .await
@@ -928,9 +941,21 @@ struct Frames {
     used: Vec<Used>,
     /// The input audio transcription model the session's last configuration named.
     transcription_model: Option<String>,
+    /// Only frames are followed, no message read (the client's side of a session).
+    frames_only: bool,
+    /// A close frame began.
+    close_seen: bool,
 }
 
 impl Frames {
+    /// Follows the frames of the client's side, for the close frame that ends it cleanly.
+    fn client_side() -> Self {
+        Self {
+            frames_only: true,
+            ..Self::default()
+        }
+    }
+
     fn feed(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if !self.in_payload {
@@ -984,21 +1009,23 @@ impl Frames {
         };
         self.mask = (second & 0x80 != 0).then(|| ([rest[0], rest[1], rest[2], rest[3]], 0));
         self.fin = first & 0x80 != 0;
+        self.close_seen |= opcode == 8;
         // Control frames (opcode 8 and up: close, ping, pong) may come between the frames of a
         // message and leave it as it is.
-        self.reading = match opcode {
-            1 => {
-                self.message = Some(Vec::new());
-                self.peeked = false;
-                true
-            }
-            0 => self.message.is_some(),
-            2..=7 => {
-                self.message = None;
-                false
-            }
-            _ => false,
-        };
+        self.reading = !self.frames_only
+            && match opcode {
+                1 => {
+                    self.message = Some(Vec::new());
+                    self.peeked = false;
+                    true
+                }
+                0 => self.message.is_some(),
+                2..=7 => {
+                    self.message = None;
+                    false
+                }
+                _ => false,
+            };
         self.left = len;
         self.in_payload = true;
         if len == 0 {
@@ -1321,6 +1348,31 @@ mod tests {
             Some("@cf:x")
         );
         assert_eq!(query_value("models=x", "model"), None);
+    }
+
+    #[test]
+    fn the_client_side_notes_a_close_frame_and_reads_no_message() {
+        let key = Some([1, 2, 3, 4]);
+        let mut stream = frame(true, 1, &done(1, 1, 0), key);
+        let text = stream.len();
+        stream.extend(frame(true, 9, b"ping", key));
+        stream.extend(frame(true, 8, &1000u16.to_be_bytes(), key));
+        for chunk in [1, 3, stream.len()] {
+            let mut f = Frames::client_side();
+            for piece in stream[..text].chunks(chunk) {
+                f.feed(piece);
+            }
+            assert!(!f.close_seen);
+            for piece in stream[text..].chunks(chunk) {
+                f.feed(piece);
+            }
+            assert!(f.close_seen, "fed {chunk} bytes at a time");
+            assert_eq!(f.take_used(), []);
+        }
+        // The payload of a data frame is no close frame, whatever its bytes.
+        let mut f = Frames::client_side();
+        f.feed(&frame(true, 2, &[0x88, 0x02, 0x03, 0xe8], key));
+        assert!(!f.close_seen);
     }
 
     #[test]

@@ -334,3 +334,23 @@ def test_a_realtime_responses_audio_is_priced_at_the_audio_rates(tmp_path):
     fresh_text, fresh_audio, cached = 400, 600, 1000
     want = (fresh_text * 5 + fresh_audio * 40 + cached * 2.5 + 100 * 20 + 200 * 80) / 1e6
     assert line["cost"] == pytest.approx(want, rel=1e-9), line
+
+
+# A client that drops its connection without a close frame (a killed process, a lost network)
+# went away: its session is logged `cancelled` (with the tokens of the responses it had), not
+# `complete` as one it closed with a close frame (RFC 6455 §7.1.1: the client starts the
+# closing handshake; §7.1.5/§7.4.1: 1006 when the connection closes without one).
+@pytest.mark.parametrize("how", ["close frame", "dropped"])
+def test_a_session_the_client_drops_without_a_close_frame_is_logged_cancelled(realtime_gateway, how):
+    url = realtime_gateway.url.replace("http", "ws") + f"/openai/realtime?model={MODEL}"
+    with websockets.sync.client.connect(url, additional_headers=AUTH) as ws:
+        assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+        ws.send(json.dumps({"type": "response.create"}))
+        while json.loads(ws.recv(timeout=5))["type"] != "response.done":
+            pass
+        if how == "dropped":
+            ws.socket.close()
+    line = session_line(realtime_gateway)
+    assert " tokens_in=12 tokens_out=7" in line, line
+    want = "complete" if how == "close frame" else "cancelled"
+    assert f" outcome={want} " in line, line
