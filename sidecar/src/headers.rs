@@ -18,7 +18,12 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+    HOP_BY_HOP.contains(name)
+        || name == "keep-alive"
+        || name == "proxy-connection"
+        // The h2c upgrade's settings (RFC 7540 §3.2.1), for the next hop only even when a
+        // client forgets to list it in `Connection`.
+        || name == "http2-settings"
 }
 
 /// Most header names a connection's messages repeat.
@@ -607,6 +612,7 @@ mod tests {
             ("x-private", "1"),
             ("keep-alive", "timeout=5"),
             ("te", "trailers"),
+            ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA"),
             ("host", "127.0.0.1:8787"),
             ("content-length", "12"),
             ("expect", "100-continue"),
