@@ -256,25 +256,55 @@ impl Routing {
     }
 
     /// The window of node `id` of route `name` for a request with `metadata`, when it is a
-    /// rate or budget node: in `redis` when the node counts there, else on this pod.
-    fn window(
+    /// rate or budget node (in `redis` when the node counts there, else on this pod), with the
+    /// node's settings in the window's units (billionths of a USD for a budget) and the time
+    /// the window was taken at.
+    fn node_window(
         &self,
         (name, id): (&str, &str),
+        node: &Node,
         metadata: &Map<String, Value>,
-        settings: &RateSettings,
-        now: Instant,
         redis: Option<&Redis>,
-    ) -> Option<Window> {
+    ) -> Option<(Window, RateSettings, Instant)> {
+        let settings = match *node {
+            Node::Rate {
+                limit,
+                interval,
+                sliding,
+                global,
+                ..
+            } => RateSettings {
+                limit,
+                interval,
+                sliding,
+                global,
+            },
+            Node::Budget {
+                limit,
+                interval,
+                sliding,
+                global,
+                ..
+            } => RateSettings {
+                limit: usd_units(limit).max(1),
+                interval,
+                sliding,
+                global,
+            },
+            _ => return None,
+        };
+        let now = Instant::now();
         let c = self.counters.get(&(name.to_owned(), id.to_owned()))?;
         let value = c.key.as_ref().and_then(|k| metadata.get(k));
-        Some(match redis {
+        let window = match redis {
             Some((shared, metrics)) if c.global => Window::Redis {
                 windows: shared.route_windows(c.budget, name, id, value, settings.interval),
                 shared: shared.clone(),
                 metrics: metrics.clone(),
             },
-            _ => Window::Pod(c.windows.window(value, settings, now)),
-        })
+            _ => Window::Pod(c.windows.window(value, &settings, now)),
+        };
+        Some((window, settings, now))
     }
 
     /// The `/compat` model strings of the routes and chains: `dynamic/<route>`,
@@ -443,29 +473,15 @@ impl<'a> Walk<'a> {
                     Node::Rate {
                         limit,
                         interval,
-                        sliding,
                         key,
-                        global,
                         next,
                         fallback,
-                    } => {
-                        let settings = RateSettings {
-                            limit: *limit,
-                            interval: *interval,
-                            sliding: *sliding,
-                            global: *global,
-                        };
+                        ..
+                    } => match routing.node_window((name, id), node, metadata, redis.as_ref()) {
                         // Counted as the walk passes (requests waiting on guardrails or the
                         // cache at the same time see it), given back unless sent.
-                        let now = Instant::now();
-                        let window =
-                            routing.window((name, id), metadata, &settings, now, redis.as_ref());
-                        let checked = match window {
-                            Some(w) => Some((w.check(&settings, now).await, w)),
-                            None => None,
-                        };
-                        match checked {
-                            Some((Ok(held), window)) => {
+                        Some((window, settings, now)) => match window.check(&settings, now).await {
+                            Ok(held) => {
                                 counted.push(Reserved {
                                     window,
                                     settings,
@@ -473,7 +489,7 @@ impl<'a> Walk<'a> {
                                 });
                                 Some(next)
                             }
-                            Some((Err(retry_after), _)) => {
+                            Err(retry_after) => {
                                 *limited = Some(Limited::Rate {
                                     route: (*name).clone(),
                                     node: id.clone(),
@@ -484,33 +500,26 @@ impl<'a> Walk<'a> {
                                 });
                                 Some(fallback)
                             }
-                            None => Some(next),
-                        }
-                    }
+                        },
+                        None => Some(next),
+                    },
                     Node::Budget {
                         limit,
-                        interval,
-                        sliding,
                         key,
-                        global,
                         next,
                         fallback,
-                    } => {
-                        let settings = RateSettings {
-                            limit: usd_units(*limit).max(1),
-                            interval: *interval,
-                            sliding: *sliding,
-                            global: *global,
-                        };
-                        let now = Instant::now();
-                        let window =
-                            routing.window((name, id), metadata, &settings, now, redis.as_ref());
-                        let room = match window {
-                            Some(w) => Some((w.room(&settings, now).await, w)),
-                            None => None,
-                        };
-                        match room {
-                            Some((Err(retry_after), _)) => {
+                        ..
+                    } => match routing.node_window((name, id), node, metadata, redis.as_ref()) {
+                        Some((window, settings, now)) => match window.room(&settings, now).await {
+                            Ok(()) => {
+                                charged.push(BudgetCharge {
+                                    window,
+                                    settings,
+                                    unpriced: routing.unpriced.clone(),
+                                });
+                                Some(next)
+                            }
+                            Err(retry_after) => {
                                 *limited = Some(Limited::Budget {
                                     route: (*name).clone(),
                                     node: id.clone(),
@@ -520,17 +529,9 @@ impl<'a> Walk<'a> {
                                 });
                                 Some(fallback)
                             }
-                            Some((Ok(()), window)) => {
-                                charged.push(BudgetCharge {
-                                    window,
-                                    settings,
-                                    unpriced: routing.unpriced.clone(),
-                                });
-                                Some(next)
-                            }
-                            None => Some(next),
-                        }
-                    }
+                        },
+                        None => Some(next),
+                    },
                     Node::Model { target, next } => {
                         *tried += 1;
                         if *tried > MAX_TARGETS {
@@ -1094,16 +1095,13 @@ mod tests {
         // 0.30, then 0.60 >= 0.50: the third request overflows (and is not charged here).
         assert_eq!(served, ["main", "main", "cheap"]);
         // A new window starts empty.
-        let s = RateSettings {
-            limit: usd_units(0.50),
-            interval: Duration::from_secs(3600),
-            sliding: false,
-            global: false,
-        };
-        let now = Instant::now();
-        let Some(Window::Pod(w)) = r.window(("r", "cap"), &Map::new(), &s, now, None) else {
+        let cap = &r.compiled.routes["r"].nodes["cap"];
+        let Some((Window::Pod(w), s, now)) = r.node_window(("r", "cap"), cap, &Map::new(), None)
+        else {
             panic!("a budget node counting on this pod");
         };
+        assert_eq!(s.limit, usd_units(0.50));
+        assert_eq!(s.interval, Duration::from_secs(3600));
         assert!(w.room(&s, now).is_err());
         assert_eq!(w.room(&s, now + Duration::from_secs(3600)), Ok(()));
     }

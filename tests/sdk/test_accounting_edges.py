@@ -3,6 +3,7 @@ split across frames, repeated, and priced by the built-in table or `spec.pricing
 `FAILS at 743d25e` reproduce accounting bugs found by review; the others pin edge behaviour that
 holds. Loopback upstreams only; every process started here is stopped here."""
 
+import contextlib
 import json
 import pathlib
 import time
@@ -19,14 +20,18 @@ GOOGLE_KEY = "AIza-sidegate-test-accounting-edges"
 
 class ChunkServer:
     """A loopback upstream answering every request with `chunks` as HTTP/1.1 chunks (each its own
-    chunk, written apart with a short pause, so the sidecar sees them as separate frames), of
-    `content_type`; `status` of the answer. Records the request bodies."""
+    chunk, written `PAUSE` seconds apart, so the sidecar sees them as separate frames), of
+    `content_type`; `status` of the answer. A test may replace `chunks` between requests. Records
+    the requests' bodies and `Authorization`s, in order."""
+
+    PAUSE = 0.02
 
     def __init__(self, chunks, content_type="text/event-stream", status=200):
-        self.chunks = [c for c in chunks if c]
+        self.chunks = chunks
         self.content_type = content_type
         self.status = status
         self.bodies = []
+        self.auths = []
         self.listener = Listener(self._answer)
         self.url = self.listener.url
 
@@ -38,11 +43,14 @@ class ChunkServer:
                 if got is None:
                     return
                 self.bodies.append(got[1])
+                self.auths.extend(line.split(b":", 1)[1].strip() for line in got[0].split(b"\r\n")
+                                  if line.lower().startswith(b"authorization:"))
                 conn.sendall(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
                              b"connection: close\r\n\r\n" % (self.status, self.content_type.encode()))
-                for c in self.chunks:
+                # An empty chunk would end the body.
+                for c in (c for c in self.chunks if c):
                     conn.sendall(b"%x\r\n%s\r\n" % (len(c), c))
-                    time.sleep(0.02)
+                    time.sleep(self.PAUSE)
                 conn.sendall(b"0\r\n\r\n")
             except OSError:
                 pass
@@ -78,21 +86,36 @@ def start_gateway(tmp_path, upstream_url, extra_spec="", name="acct", keys=None)
     return Sidegate(d, yaml, all_keys, extra_args=["--log-format", "json"])
 
 
-@pytest.fixture
-def served(tmp_path):
-    """`served(chunks, ...)`: a gateway in front of a ChunkServer answering `chunks`."""
+@contextlib.contextmanager
+def gateways(tmp_path, name="acct", providers=None, server=ChunkServer):
+    """`make(chunks, extra_spec="", **kw)` within: a gateway named `name` (`start_gateway`'s) in
+    front of its own `server(chunks, **kw)`, which also serves `providers` (`{provider: (path
+    after the upstream's URL, key)}`); `extra_spec`: more lines of its spec, after `providers`.
+    Every gateway and upstream made is stopped when the block ends."""
+    providers = providers or {}
     made = []
 
     def make(chunks, extra_spec="", **kw):
-        upstream = ChunkServer(chunks, **kw)
-        g = start_gateway(tmp_path, upstream.url, extra_spec)
+        upstream = server(chunks, **kw)
+        urls = "".join(f"    {p}: {{baseURL: '{upstream.url}{path}'}}\n" for p, (path, _) in providers.items())
+        keys = {f"{p}.default": key for p, (_, key) in providers.items()}
+        g = start_gateway(tmp_path, upstream.url, urls + extra_spec, name=name, keys=keys)
         made.append((g, upstream))
         return g, upstream
 
-    yield make
-    for g, upstream in made:
-        g.stop()
-        upstream.stop()
+    try:
+        yield make
+    finally:
+        for g, upstream in made:
+            g.stop()
+            upstream.stop()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`served(chunks, extra_spec="", ...)`: a gateway in front of a ChunkServer answering `chunks`."""
+    with gateways(tmp_path) as make:
+        yield make
 
 
 def sse(*events):

@@ -18,31 +18,21 @@ import openai
 import pytest
 
 from conftest import DEFAULT_KEYS
-from test_accounting_edges import ChunkServer, sse, start_gateway
+from test_accounting_edges import gateways, sse
 from test_cost import json_gateway, wait_line
 
 GOOGLE_KEY = "AIza-sidegate-test-accounting-review"
 
 
+# Perplexity and OpenRouter are served by the same upstream.
+PROVIDERS = {"perplexity-ai": ("", "pplx-acct-review"), "openrouter": ("/api", "sk-or-v1-acct-review")}
+
+
 @pytest.fixture
 def served(tmp_path):
-    """`served(chunks, ...)`: a gateway (Perplexity too) in front of a ChunkServer answering `chunks`."""
-    made = []
-
-    def make(chunks, **kw):
-        upstream = ChunkServer(chunks, **kw)
-        extra = (f"    perplexity-ai: {{baseURL: '{upstream.url}'}}\n"
-                 f"    openrouter: {{baseURL: '{upstream.url}/api'}}\n")
-        g = start_gateway(tmp_path, upstream.url, extra, name="acct-review",
-                          keys={"perplexity-ai.default": "pplx-acct-review",
-                                "openrouter.default": "sk-or-v1-acct-review"})
-        made.append((g, upstream))
-        return g, upstream
-
-    yield make
-    for g, upstream in made:
-        g.stop()
-        upstream.stop()
+    """`served(chunks, ...)`: a gateway (Perplexity, OpenRouter too) in front of a ChunkServer answering `chunks`."""
+    with gateways(tmp_path, "acct-review", PROVIDERS) as make:
+        yield make
 
 
 def as_json(doc):

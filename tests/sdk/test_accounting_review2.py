@@ -12,64 +12,31 @@ import time
 import httpx
 import pytest
 
-from rawhttp import read_request
-from test_accounting_edges import ChunkServer, sse, start_gateway
+from test_accounting_edges import ChunkServer, gateways, sse
 from test_cost import metric, wait_line
 
 
 class SplitServer(ChunkServer):
-    """A ChunkServer whose chunks the test replaces between requests, written with a short pause
-    (so that the sidecar reads them as separate frames); records the requests' `Authorization`."""
+    """A ChunkServer with a shorter pause between chunks (still long enough for the sidecar to read
+    them as separate frames), for tests that send a request per cut of an answer."""
 
     PAUSE = 0.004
 
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.auths = []  # the `Authorization` of each request, in order
 
-    def _answer(self, conn, _index):
-        with conn:
-            conn.settimeout(5)
-            try:
-                got = read_request(conn)
-                if got is None:
-                    return
-                self.auths.extend(line.split(b":", 1)[1].strip() for line in got[0].split(b"\r\n")
-                                  if line.lower().startswith(b"authorization:"))
-                chunks = [c for c in self.chunks if c]
-                conn.sendall(b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n"
-                             b"connection: close\r\n\r\n" % (self.status, self.content_type.encode()))
-                for c in chunks:
-                    conn.sendall(b"%x\r\n%s\r\n" % (len(c), c))
-                    time.sleep(self.PAUSE)
-                conn.sendall(b"0\r\n\r\n")
-            except OSError:
-                pass
+# OpenRouter, Perplexity and Vertex AI are served by the same upstream.
+PROVIDERS = {"perplexity-ai": ("", "pplx-acct-review2"), "openrouter": ("/api", "sk-or-v1-acct-review2"),
+             "google-vertex-ai": ("", "ya29.acct-review2-vertex")}
 
 
 @pytest.fixture
 def split(tmp_path):
-    """`split(content_type)`: a gateway (OpenRouter, Perplexity too) in front of a SplitServer."""
-    made = []
+    """`split(content_type)`: a gateway (OpenRouter, Perplexity, Vertex AI too) in front of a
+    SplitServer answering `{}` until the test sets its chunks; `spec`: more lines of the spec."""
+    with gateways(tmp_path, "acct-review2", PROVIDERS, server=SplitServer) as make:
+        def make_split(content_type="application/json", status=200, spec=""):
+            return make([b"{}"], spec, content_type=content_type, status=status)
 
-    def make(content_type="application/json", status=200, spec=""):
-        upstream = SplitServer([b"{}"], content_type=content_type, status=status)
-        extra = (f"    perplexity-ai: {{baseURL: '{upstream.url}'}}\n"
-                 f"    openrouter: {{baseURL: '{upstream.url}/api'}}\n"
-                 f"    google-vertex-ai: {{baseURL: '{upstream.url}'}}\n" + spec)
-        # The keys are there from the start: one written after it is loaded some 50 ms later,
-        # and a request before that goes without it (cached apart from one with it).
-        g = start_gateway(tmp_path, upstream.url, extra, name="acct-review2",
-                          keys={"perplexity-ai.default": "pplx-acct-review2",
-                                "openrouter.default": "sk-or-v1-acct-review2",
-                                "google-vertex-ai.default": "ya29.acct-review2-vertex"})
-        made.append((g, upstream))
-        return g, upstream
-
-    yield make
-    for g, upstream in made:
-        g.stop()
-        upstream.stop()
+        yield make_split
 
 
 def post(g, path, body, **headers):

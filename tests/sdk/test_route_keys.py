@@ -12,25 +12,8 @@ import openai
 import pytest
 
 from conftest import DEFAULT_KEYS, Sidegate, assert_refused_at_start, binary, free_port, gateway_yaml
+from route_yaml import route, routes
 from test_redis import pod, redis  # noqa: F401  (module-scoped real redis-server fixture)
-
-
-def route(name, cap, fallback="over"):
-    """Route `name`: start -> `cap` (the rate or budget node's fields) -> gpt-4o, over the
-    limit -> `fallback` (gpt-4o-mini, or `e` for the node's 429)."""
-    return (
-        f"    - name: {name}\n"
-        "      nodes:\n"
-        "        - {id: s, type: start, next: cap}\n"
-        f"        - {{id: cap, {cap}, next: main, fallback: {fallback}}}\n"
-        "        - {id: main, type: model, provider: openai, model: gpt-4o, next: e}\n"
-        "        - {id: over, type: model, provider: openai, model: gpt-4o-mini, next: e}\n"
-        "        - {id: e, type: end}\n"
-    )
-
-
-def routes(*rs):
-    return "  routes:\n" + "".join(rs)
 
 
 PER_USER = routes(route("per-user", 'type: rate, limit: "1", interval: 1h, key: metadata.user_id'))

@@ -19,8 +19,9 @@ import openai
 import pytest
 
 from conftest import DEFAULT_KEYS, Sidegate, binary, free_port, gateway_yaml
+from route_yaml import route, routes
 from test_redis import Redis, pod
-from test_route_keys import client, route, routes, served, user
+from test_route_keys import client, served, user
 
 CHAT = "/compat/chat/completions"
 

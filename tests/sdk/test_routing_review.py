@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from conftest import DEFAULT_KEYS, MockProvider, Sidegate, gateway_yaml
+from route_yaml import route, routes
 
 CHAT = [{"role": "user", "content": "route me"}]
 
@@ -33,14 +34,7 @@ def test_a_rate_node_holds_its_limit_for_concurrent_requests(mock, tmp_path, slo
         "  guardrails:\n"
         f"    moderationURL: '{slow_moderation.url}/v1/moderations'\n"
         "    prompt: {violence: block}\n"
-        "  routes:\n"
-        "    - name: capped\n"
-        "      nodes:\n"
-        "        - {id: s, type: start, next: cap}\n"
-        "        - {id: cap, type: rate, limit: \"1\", interval: 1h, next: big, fallback: small}\n"
-        "        - {id: big, type: model, provider: openai, model: gpt-4o, next: e}\n"
-        "        - {id: small, type: model, provider: openai, model: gpt-4o-mini, next: e}\n"
-        "        - {id: e, type: end}\n"
+        + routes(route("capped", 'type: rate, limit: "1", interval: 1h'))
     )
     g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec), DEFAULT_KEYS)
     try:
@@ -57,17 +51,8 @@ def test_a_rate_node_holds_its_limit_for_concurrent_requests(mock, tmp_path, slo
 
 
 def capped_route(limit, extra=""):
-    return (
-        "  routes:\n"
-        "    - name: r\n"
-        "      nodes:\n"
-        "        - {id: s, type: start, next: cap}\n"
-        f"        - {{id: cap, type: rate, limit: \"{limit}\", interval: 1h, next: main, fallback: over}}\n"
-        "        - {id: main, type: model, provider: openai, model: gpt-4o, next: e}\n"
-        "        - {id: over, type: model, provider: openai, model: gpt-4o-mini, next: e}\n"
-        "        - {id: e, type: end}\n"
-        f"{extra}"
-    )
+    """Route `r` through a rate node of `limit` an hour; `extra`: more lines of the spec."""
+    return routes(route("r", f'type: rate, limit: "{limit}", interval: 1h')) + extra
 
 
 def reload_with(g, mock, spec):
