@@ -480,15 +480,25 @@ def realtime_cost_line(tmp_path, usage):
         upstream.stop()
 
 
-# FAILS at 743d25e: a realtime response's input_token_details.cached_tokens are charged at the full input price (2x for gpt-4o-realtime)
-def test_a_realtime_responses_cached_input_is_priced_at_the_cache_rate(tmp_path):
-    usage = {"total_tokens": 10100, "input_tokens": 10000, "output_tokens": 100,
-             "input_token_details": {"cached_tokens": 9000, "text_tokens": 10000, "audio_tokens": 0,
-                                     "cached_tokens_details": {"text_tokens": 9000, "audio_tokens": 0}},
-             "output_token_details": {"text_tokens": 100, "audio_tokens": 0}}
+# FAILS at 743d25e (cached): a realtime response's input_token_details.cached_tokens are charged at the full input price (2x for gpt-4o-realtime)
+# FAILS at 5ec24a2 (audio): its audio tokens are charged at the text price (audio is $40 in, $80 out);
+# `audio_tokens` counts the cached audio too, which `cached_tokens_details.audio_tokens` tells apart.
+@pytest.mark.parametrize("usage, want", [
+    pytest.param({"total_tokens": 10100, "input_tokens": 10000, "output_tokens": 100,
+                  "input_token_details": {"cached_tokens": 9000, "text_tokens": 10000, "audio_tokens": 0,
+                                          "cached_tokens_details": {"text_tokens": 9000, "audio_tokens": 0}},
+                  "output_token_details": {"text_tokens": 100, "audio_tokens": 0}},
+                 (1000 * 5 + 9000 * 2.5 + 100 * 20) / 1e6, id="cached"),
+    pytest.param({"total_tokens": 2300, "input_tokens": 2000, "output_tokens": 300,
+                  "input_token_details": {"cached_tokens": 1000, "text_tokens": 800, "audio_tokens": 1200,
+                                          "cached_tokens_details": {"text_tokens": 400, "audio_tokens": 600}},
+                  "output_token_details": {"text_tokens": 100, "audio_tokens": 200}},
+                 (400 * 5 + 600 * 40 + 1000 * 2.5 + 100 * 20 + 200 * 80) / 1e6, id="audio"),
+])
+def test_a_realtime_responses_cached_input_and_audio_are_priced_at_their_rates(tmp_path, usage, want):
     line = realtime_cost_line(tmp_path, usage)
-    assert (line["tokens_in"], line["tokens_out"]) == (10000, 100), line
-    assert line["cost"] == pytest.approx((1000 * 5 + 9000 * 2.5 + 100 * 20) / 1e6, rel=1e-9), line
+    assert (line["tokens_in"], line["tokens_out"]) == (usage["input_tokens"], usage["output_tokens"]), line
+    assert line["cost"] == pytest.approx(want, rel=1e-9), line
 
 
 # --- A variant with a price of its own, priced as the model its name continues -----------------

@@ -319,23 +319,6 @@ def test_a_session_whose_provider_goes_away_ends_for_the_client(upstream, tmp_pa
         g.stop()
 
 
-# A realtime response's audio is dearer than its text: gpt-4o-realtime-preview text $5 in, $2.50
-# cached, $20 out; audio $40 in, $80 out (model page). Shape of `response.usage` from OpenAI's
-# Realtime server events: `audio_tokens` counts cached audio too, which
-# `cached_tokens_details.audio_tokens` tells apart.
-def test_a_realtime_responses_audio_is_priced_at_the_audio_rates(tmp_path):
-    from test_accounting_edges import realtime_cost_line
-    usage = {"total_tokens": 2300, "input_tokens": 2000, "output_tokens": 300,
-             "input_token_details": {"cached_tokens": 1000, "text_tokens": 800, "audio_tokens": 1200,
-                                     "cached_tokens_details": {"text_tokens": 400, "audio_tokens": 600}},
-             "output_token_details": {"text_tokens": 100, "audio_tokens": 200}}
-    line = realtime_cost_line(tmp_path, usage)
-    assert (line["tokens_in"], line["tokens_out"]) == (2000, 300), line
-    fresh_text, fresh_audio, cached = 400, 600, 1000
-    want = (fresh_text * 5 + fresh_audio * 40 + cached * 2.5 + 100 * 20 + 200 * 80) / 1e6
-    assert line["cost"] == pytest.approx(want, rel=1e-9), line
-
-
 # A client that drops its connection without a close frame (a killed process, a lost network)
 # went away: its session is logged `cancelled` (with the tokens of the responses it had), not
 # `complete` as one it closed with a close frame (RFC 6455 §7.1.1: the client starts the
