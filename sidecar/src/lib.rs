@@ -13,6 +13,7 @@
 //! - [`buffers`]: the process-wide budget of bytes held in buffered bodies.
 //! - [`error`]: gateway-made errors in the SPEC.md envelope.
 //! - [`cost`], [`budget`]: request cost from model prices; spend limits and token budgets.
+//! - [`background`]: background Responses, counted once with the poll that finds them done.
 //! - [`log_id`]: request ids (`cf-aig-log-id`).
 //! - [`otel`]: OpenTelemetry export, one GenAI span per request (OTLP/HTTP JSON).
 //! - [`reload`]: live reload on file changes.
@@ -20,6 +21,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod background;
 pub mod body;
 pub mod budget;
 pub mod buffers;

@@ -56,6 +56,8 @@ pub struct Gateway {
     flights: cache::Flights,
     /// Spend and token counters of this pod, kept across reloads.
     pub(crate) ledger: Arc<crate::budget::Ledger>,
+    /// Background responses made through this process whose usage is still to come.
+    pub(crate) background: Arc<crate::background::Pending>,
     /// The span exporter (`spec.openTelemetry`); idle until a config sets an endpoint.
     otel: crate::otel::Exporter,
     /// Bytes held in buffered bodies over every request (`spec.limits.maxBufferedBytes`).
@@ -110,6 +112,7 @@ impl Gateway {
             limiter: crate::ratelimit::Limiter::default(),
             flights: cache::Flights::default(),
             ledger: Arc::default(),
+            background: Arc::default(),
             otel: crate::otel::Exporter::new(client.clone(), metrics.clone()),
             buffers: metrics.buffer_budget(),
             sessions: crate::websocket::Sessions::default(),
@@ -933,6 +936,8 @@ impl Gateway {
             Some(asked) => (asked, true),
             None => (body, false),
         };
+        let background_create = crate::background::is_create(&parts.method, route.rest)
+            && crate::background::asks_background(&body);
 
         // dispatch
         let signed_body = signer.as_ref().map(|_| body.clone());
@@ -956,6 +961,26 @@ impl Gateway {
         let (mut head, body) = resp.into_parts();
         strip_response_headers(&mut head.headers);
         let hide_usage = hide_usage && head.status.is_success();
+        // Models are asked with POSTs: the `usage` in other answers (a batch's status, a file's
+        // content, a stored response, a cancelled batch or response, an updated stored
+        // completion) is no tokens spent now, but for a background response's (below).
+        let model_call = parts.method == http::Method::POST && !is_management_post(route.rest);
+        let background = if !head.status.is_success() {
+            None
+        } else if model_call {
+            background_create.then(|| {
+                let charge = crate::background::Charge {
+                    model: model.clone(),
+                    custom_cost: opts.custom_cost,
+                };
+                let events = crate::compat::is_event_stream(&head.headers);
+                let (pending, id) = (self.background.clone(), provider.id.clone());
+                crate::background::Watch::create(pending, id, charge, events)
+            })
+        } else {
+            self.background_poll(snap, provider, &parts.method, route.rest, &head.headers)
+        };
+        let counts_tokens = model_call || background.is_some();
         let fill = self.start_fill(snap, &mut head, hide_usage, miss.as_mut(), want.is_some());
         let log_id = tag_response(&mut head.headers, event_id.as_ref());
         crate::dlp::flag(&mut head.headers, &dlp_flags);
@@ -976,6 +1001,9 @@ impl Gateway {
             record.bedrock_token_headers(&head.headers);
         }
         record.set_tally(self.tally(snap));
+        if let Some(watch) = background {
+            record.watch_background(watch);
+        }
         if let Some(b) = &logged_body {
             record.set_request_payload(b);
         }
@@ -999,10 +1027,7 @@ impl Gateway {
         };
         let body = if let Some(end) = end {
             ProxyBody::upstream_sse(body, record, end).cached_through(fill)
-        } else if parts.method != http::Method::POST || is_management_post(route.rest) {
-            // Models are asked with POSTs: the `usage` in other answers (a batch's status, a
-            // file's content, a stored response, a cancelled batch or response, an updated
-            // stored completion) is no tokens spent now.
+        } else if !counts_tokens {
             ProxyBody::upstream(body, record)
                 .without_tokens()
                 .cached_through(fill)
@@ -1010,6 +1035,29 @@ impl Gateway {
             answer_body(body, hide_usage, record, fill)
         };
         Ok(Response::from_parts(head, body))
+    }
+
+    /// A watch on the answer to a poll or cancellation of a background response this process
+    /// remembers (see [`crate::background`]), priced by `snap`; `None` for any other request.
+    fn background_poll(
+        &self,
+        snap: &Arc<Snapshot>,
+        provider: &Provider,
+        method: &http::Method,
+        rest: &str,
+        answer: &http::HeaderMap,
+    ) -> Option<crate::background::Watch> {
+        let id = crate::background::polled_id(method, rest)?;
+        if !self.background.knows(&provider.id, id, Instant::now()) {
+            return None;
+        }
+        Some(crate::background::Watch::poll(
+            self.background.clone(),
+            provider.id.clone(),
+            id,
+            snap.clone(),
+            crate::compat::is_event_stream(answer),
+        ))
     }
 
     /// Readies the head of an upstream answer (of a successful status when `hide_usage`) for

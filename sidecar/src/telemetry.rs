@@ -826,6 +826,8 @@ pub struct RequestRecord {
     sent: Option<u16>,
     /// The gateway's error code, for an answer the response checks refused.
     error_code: Option<u16>,
+    /// For a background Responses request or a poll of one, what its usage is decided by.
+    background: Option<Box<crate::background::Watch>>,
     done: bool,
 }
 
@@ -870,6 +872,7 @@ impl RequestRecord {
             hold: opts.held_back.clone(),
             sent: None,
             error_code: None,
+            background: None,
             done: false,
         }
     }
@@ -904,6 +907,7 @@ impl RequestRecord {
             hold: None,
             sent: self.sent,
             error_code: self.error_code,
+            background: self.background.take(),
             done: false,
         }
     }
@@ -946,6 +950,9 @@ impl RequestRecord {
     pub fn observe(&mut self, data: &[u8]) {
         self.bytes += data.len() as u64;
         self.usage.observe(data);
+        if let Some(watch) = &mut self.background {
+            watch.observe(data);
+        }
         self.keep_payload(data);
     }
 
@@ -989,6 +996,43 @@ impl RequestRecord {
     /// Charges the response's cost to these budget nodes of a dynamic route.
     pub fn charge_route_budgets(&mut self, budgets: Vec<crate::routing::BudgetCharge>) {
         self.route_budgets = budgets;
+    }
+
+    /// Lets `watch` decide, when the answer ends, what its usage is: a background Responses
+    /// request's or a poll's (see [`crate::background`]). Its body must be observed with
+    /// [`Self::observe`].
+    pub fn watch_background(&mut self, watch: crate::background::Watch) {
+        self.background = Some(Box::new(watch));
+    }
+
+    /// Settles the usage of a background response's answer (see [`Self::watch_background`]):
+    /// whether it is deferred to a later poll.
+    fn settle_background(&mut self, watch: crate::background::Watch) -> bool {
+        use crate::background::Settled;
+        let answered = (200..300).contains(&self.status);
+        let tokens = self.usage.tokens().totals() != [None, None];
+        match watch.settle(answered, tokens, Instant::now()) {
+            Settled::AsAnswered => false,
+            Settled::Deferred => true,
+            Settled::NotCounted => {
+                self.usage = crate::usage::Usage::default();
+                false
+            }
+            Settled::Counted {
+                model,
+                price,
+                custom_cost,
+            } => {
+                if model.is_some() {
+                    self.model = model;
+                    self.price = price;
+                }
+                if custom_cost.is_some() {
+                    self.custom_cost = custom_cost;
+                }
+                false
+            }
+        }
     }
 
     /// Counts the response's cost and tokens against the gateway's usage limits.
@@ -1071,6 +1115,11 @@ impl RequestRecord {
             return;
         }
         self.done = true;
+        // A background response's answer: its usage may be the response's, counted once.
+        let deferred = match self.background.take() {
+            Some(watch) => self.settle_background(*watch),
+            None => false,
+        };
         // What the client got: the provider's status, or the gateway's refusal of the answer.
         let status = self.sent.unwrap_or(self.status);
         let elapsed = self.start.elapsed();
@@ -1102,6 +1151,7 @@ impl RequestRecord {
             if let Some(model) = &self.model
                 && charged.is_none()
                 && !self.cached
+                && !deferred
                 && self.status < 400
                 && matches!(outcome, "complete" | "refused")
             {
@@ -1119,6 +1169,7 @@ impl RequestRecord {
             }
         } else if let (Some(model), Some(b)) = (&self.model, self.route_budgets.first())
             && !self.cached
+            && !deferred
             && self.status < 400
             && matches!(outcome, "complete" | "refused")
         {
