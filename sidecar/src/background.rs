@@ -30,8 +30,7 @@ const MAX_VALUE_LEN: usize = crate::cost::MAX_MODEL_LEN;
 
 /// Whether a request makes a response: `POST .../responses`.
 pub fn is_create(method: &http::Method, rest: &str) -> bool {
-    method == http::Method::POST
-        && rest.trim_end_matches('/').rsplit('/').next() == Some("responses")
+    last_segments(rest)[0] == Some("responses") && method == http::Method::POST
 }
 
 /// Whether a Responses API request body asks for a background response (`"background": true`).
@@ -48,19 +47,36 @@ pub fn asks_background(body: &[u8]) -> bool {
 /// (`GET .../responses/{id}`, streamed or not) or a cancellation (`POST
 /// .../responses/{id}/cancel`).
 pub fn polled_id<'r>(method: &http::Method, rest: &'r str) -> Option<&'r str> {
-    let (last, second, third) = last_segments(rest);
-    let id = match (method, last, second, third) {
-        (&http::Method::GET, Some(id), Some("responses"), _) => id,
-        (&http::Method::POST, Some("cancel"), Some(id), Some("responses")) => id,
+    let id = match (method, last_segments(rest)) {
+        (&http::Method::GET, [Some(id), Some("responses"), _]) => id,
+        (&http::Method::POST, [Some("cancel"), Some(id), Some("responses")]) => id,
         _ => return None,
     };
     (!id.is_empty() && id.len() <= MAX_ID_LEN).then_some(id)
 }
 
-/// The last three segments of a path, last first (a trailing `/` left out).
-fn last_segments(rest: &str) -> (Option<&str>, Option<&str>, Option<&str>) {
-    let mut back = rest.trim_end_matches('/').rsplit('/');
-    (back.next(), back.next(), back.next())
+/// The last three segments of a path, last first (trailing `/`s left out). Asked of every
+/// request: a byte search per segment.
+pub(crate) fn last_segments(rest: &str) -> [Option<&str>; 3] {
+    let mut left = rest;
+    while let Some(trimmed) = left.strip_suffix('/') {
+        left = trimmed;
+    }
+    // As `rsplit('/')`: the part before the first `/` is a segment too (empty or not).
+    let mut segments = [None; 3];
+    for slot in &mut segments {
+        match memchr::memrchr(b'/', left.as_bytes()) {
+            Some(at) => {
+                *slot = Some(&left[at + 1..]);
+                left = &left[..at];
+            }
+            None => {
+                *slot = Some(left);
+                break;
+            }
+        }
+    }
+    segments
 }
 
 /// Whether a response's `status` is final: its usage, if any, will not change.
@@ -636,6 +652,17 @@ mod tests {
             None
         );
         assert_eq!(polled_id(&get, "v1/responses"), None);
+    }
+
+    #[test]
+    fn last_segments_are_those_of_rsplit_without_trailing_slashes() {
+        for path in [
+            "", "/", "a", "/a", "a/", "a//", "a/b", "/a/b", "a/b/c", "a/b/c/d/", "a//b", "//",
+        ] {
+            let mut back = path.trim_end_matches('/').rsplit('/');
+            let want = [back.next(), back.next(), back.next()];
+            assert_eq!(last_segments(path), want, "{path:?}");
+        }
     }
 
     #[test]

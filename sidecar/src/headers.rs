@@ -19,11 +19,9 @@ const HOP_BY_HOP: &[HeaderName] = &[
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
-        || name == "keep-alive"
-        || name == "proxy-connection"
-        // The h2c upgrade's settings (RFC 7540 §3.2.1), for the next hop only even when a
-        // client forgets to list it in `Connection`.
-        || name == "http2-settings"
+        // The h2c upgrade's settings (RFC 7540 §3.2.1) are for the next hop only, even when a
+        // client forgets to list them in `Connection`.
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection" | "http2-settings")
 }
 
 /// Most header names a connection's messages repeat.

@@ -1493,12 +1493,10 @@ pub(crate) async fn read_body(
 /// or a background response (`batches/{id}/cancel`, `responses/{id}/cancel`), updating a stored
 /// chat completion (`chat/completions/{id}`). Their answers repeat the usage spent then.
 fn is_management_post(rest: &str) -> bool {
-    let mut back = rest.trim_end_matches('/').rsplit('/');
-    let (last, second, third) = (back.next(), back.next(), back.next());
     matches!(
-        (last, third),
-        (Some("cancel"), Some("batches" | "responses"))
-    ) || matches!((second, third), (Some("completions"), Some("chat")))
+        crate::background::last_segments(rest),
+        [Some("cancel"), _, Some("batches" | "responses")] | [_, Some("completions"), Some("chat")]
+    )
 }
 
 /// Whether `body` may be one JSON document (an object or an array), the only bodies the
