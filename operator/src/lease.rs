@@ -12,7 +12,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, PostParams};
@@ -32,6 +32,9 @@ pub struct LeaseSettings {
     /// Renewal period; give up leadership when no renewal succeeded for `duration - renew_every`
     /// (retrying failed renewals every half of it meanwhile).
     pub renew_every: Duration,
+    /// Owner of the Lease (the operator's Deployment, [`crate::owner`]), set when it is created
+    /// or next written, so that deleting the owner deletes the Lease too.
+    pub owner: Option<OwnerReference>,
 }
 
 /// Why leadership ended.
@@ -187,6 +190,7 @@ impl LeaderElector {
                 metadata: ObjectMeta {
                     name: Some(self.settings.name.clone()),
                     namespace: Some(self.settings.namespace.clone()),
+                    owner_references: self.settings.owner.clone().map(|o| vec![o]),
                     ..ObjectMeta::default()
                 },
                 spec: Some(LeaseSpec {
@@ -230,6 +234,11 @@ impl LeaderElector {
         spec.holder_identity = Some(me.clone());
         spec.lease_duration_seconds = Some(duration_secs);
         spec.renew_time = Some(MicroTime(now));
+        // A Lease from before the owner was known (an older operator) is adopted when taken or
+        // renewed.
+        if let Some(owner) = &self.settings.owner {
+            crate::owner::adopt(&mut lease.metadata, owner);
+        }
         match self
             .api
             .replace(&self.settings.name, &PostParams::default(), &lease)
@@ -311,6 +320,7 @@ mod tests {
             identity: "replica-a".into(),
             duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),
+            owner: None,
         }
     }
 

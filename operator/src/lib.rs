@@ -11,6 +11,7 @@
 //! - [`providerkey`]: the ProviderKey status reconciler.
 //! - [`pods`]: pods that name a gateway but run without its sidecar, or an outdated one.
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
+//! - [`owner`]: the operator's Deployment as owner of its Lease and certificate Secret.
 //! - [`scope`]: the namespaces served: the whole cluster, or those `--watch-namespace` names.
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.
 //! - [`listener`]: connection limits and timeouts shared by the admin and webhook listeners.
@@ -24,6 +25,7 @@ pub mod events;
 pub mod lease;
 pub mod listener;
 pub mod metrics;
+pub mod owner;
 pub mod pods;
 pub mod providerkey;
 pub mod render;

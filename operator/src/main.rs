@@ -17,7 +17,7 @@ use sidegate_operator::lease::{LeaderElector, LeaseSettings};
 use sidegate_operator::metrics::Metrics;
 use sidegate_operator::scope::Scope;
 use sidegate_operator::shutdown::Shutdown;
-use sidegate_operator::{crd, providerkey, webhook};
+use sidegate_operator::{crd, owner, providerkey, webhook};
 
 /// The sidegate operator: reconciles AIGateway and ProviderKey resources into a ConfigMap
 /// (`sidegate-<gateway>`, file gateway.yaml) and a Secret (`sidegate-<gateway>-keys`, one file per
@@ -70,6 +70,13 @@ struct RunArgs {
     /// Name of the leader Lease (an object name: lowercase letters, digits, '-' and '.').
     #[arg(long, default_value = "sidegate-operator", value_parser = object_name)]
     lease_name: String,
+    /// The operator's Deployment, in the operator's namespace: it is made the owner of the
+    /// leader Lease and the self-managed webhook certificate Secret, so that deleting it (helm
+    /// uninstall) has the garbage collector delete them too. Needs `get` on that Deployment (a
+    /// lasting refusal stops the start, as for the other start-up reads); unset, or if there is
+    /// no such Deployment, they stay when the operator is removed.
+    #[arg(long, env = "SIDEGATE_OWNER_DEPLOYMENT", value_name = "NAME", value_parser = object_name)]
+    owner_deployment: Option<String>,
     /// Identity written into the Lease and Events (defaults to the pod name, $POD_NAME).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -227,6 +234,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             })
             .await?;
         }
+        let owner = match &args.owner_deployment {
+            Some(name) => {
+                let step = format!(
+                    "reading the operator's Deployment {}/{name} (--owner-deployment)",
+                    args.lease_namespace
+                );
+                let owner = startup_step(&step, || async {
+                    Ok(owner::deployment(&client, &args.lease_namespace, name).await?)
+                })
+                .await?;
+                if owner.is_none() {
+                    tracing::warn!(
+                        deployment = %name,
+                        namespace = %args.lease_namespace,
+                        "--owner-deployment: no such Deployment; the Lease and the webhook certificate Secret will stay when the operator is removed"
+                    );
+                }
+                owner
+            }
+            None => None,
+        };
         if args.webhook.enabled {
             // The webhook's namespace is the operator's own (excluded from injection, holds the
             // certificate Secret).
@@ -237,20 +265,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     &args.lease_namespace,
                     &scope,
                     metrics.clone(),
+                    owner.as_ref(),
                 )
                 .await?)
             })
             .await?;
         }
-        anyhow::Ok(())
+        anyhow::Ok(owner)
     };
-    tokio::select! {
+    let owner = tokio::select! {
         started = started => started?,
         () = shutdown.requested() => {
             tracing::info!("stopped during start-up");
             return Ok(());
         }
-    }
+    };
     // Ready from here on in every role, also while the apiserver is away later: the webhook
     // serves on every replica, and all of them unready at once would remove every endpoint
     // (with failurePolicy Ignore, pods would then start without the sidecar).
@@ -295,6 +324,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             identity: identity.clone(),
             duration: Duration::from_secs(args.lease_duration_secs),
             renew_every: Duration::from_secs((args.lease_duration_secs / 3).max(1)),
+            owner,
         },
     );
     // Leadership lost (taken over, or not renewed while the apiserver was away) stops the

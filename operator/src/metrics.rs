@@ -53,8 +53,9 @@ pub struct WriteLabels {
 /// Labels of an admission review answered by the webhook.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
-    /// `injected`, `skipped` (opted out, excluded, unknown gateway) or `error` (admitted
-    /// without the sidecar because something failed).
+    /// `injected`, `skipped` (opted out, excluded, unknown gateway), `error` (admitted
+    /// without the sidecar because something failed) or `denied` (the pod's own spec rules the
+    /// sidecar out: a port or name it needs, hostNetwork).
     pub result: &'static str,
 }
 

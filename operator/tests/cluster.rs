@@ -1942,6 +1942,7 @@ async fn only_one_replica_leads_and_a_released_lease_is_taken_over_at_once() {
         identity: identity.into(),
         duration: Duration::from_secs(15),
         renew_every: Duration::from_secs(1),
+        owner: None,
     };
     let a = LeaderElector::new(client.clone(), settings("replica-a"));
     let b = LeaderElector::new(client.clone(), settings("replica-b"));

@@ -88,6 +88,7 @@ fn args(port: u16, config_name: &str) -> WebhookArgs {
         cert_validity_days: 365,
         sidecar_image: "registry.local/sidegate:test".into(),
         sidecar_image_pull_policy: Some("Never".into()),
+        sidecar_image_pull_secrets: vec![],
         allowed_sidecar_images: vec![],
         sidecar_resources: None,
         sidecar_run_as_user: webhook::IdFlag(Some(65532)),
@@ -152,16 +153,30 @@ async fn serve_webhook(
     apps: &TestNamespace,
     operator_ns: &TestNamespace,
 ) -> ServedWebhook {
+    serve_webhook_with(client, config_prefix, apps, operator_ns, |_| {}).await
+}
+
+/// [`serve_webhook`] with the flags of [`args`] changed by `edit`.
+async fn serve_webhook_with(
+    client: &Client,
+    config_prefix: &str,
+    apps: &TestNamespace,
+    operator_ns: &TestNamespace,
+    edit: impl FnOnce(&mut WebhookArgs),
+) -> ServedWebhook {
     let port = free_port();
     let config_name = unique_name(config_prefix);
     register(client, &config_name, port, &apps.name).await;
     let metrics = Arc::new(Metrics::default());
+    let mut args = args(port, &config_name);
+    edit(&mut args);
     let bound = webhook::start(
         client.clone(),
-        &args(port, &config_name),
+        &args,
         &operator_ns.name,
         &Scope::cluster(),
         metrics.clone(),
+        None,
     )
     .await
     .expect("webhook starts");
@@ -408,6 +423,198 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
     assert_eq!(state.metrics.admissions("error"), 1);
 
     unregister(&client, &config_name).await;
+    apps.delete().await;
+    operator_ns.delete().await;
+}
+
+/// An annotated pod `name` for gateway `gateway` whose app container declares `port`, in an
+/// init container (`init`) or an app container.
+fn pod_declaring(name: &str, gateway: &str, port: i32, init: bool) -> Pod {
+    let mut p = pod(name, &[("sidegate.dev/gateway", gateway)]);
+    let spec = p.spec.as_mut().expect("spec");
+    let web: k8s_openapi::api::core::v1::Container = serde_json::from_value(json!({
+        "name": "web", "image": "example.com/web:1",
+        "ports": [{"containerPort": 8080}, {"containerPort": port}],
+    }))
+    .expect("container");
+    if init {
+        spec.init_containers = Some(vec![web]);
+    } else {
+        spec.containers.push(web);
+    }
+    p
+}
+
+#[tokio::test]
+async fn a_pod_declaring_a_port_of_its_sidecar_is_denied_naming_the_clash_also_to_its_deployment() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    support::operator(&client).await;
+    let (apps, operator_ns) = namespaces(&client).await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
+    create(&gateways, &gateway("main", json!({}))).await;
+    create(
+        &gateways,
+        &gateway("classic", json!({"sidecar": {"nativeSidecar": false}})),
+    )
+    .await;
+    let served = serve_webhook(&client, "sidegate-webhook-ports", &apps, &operator_ns).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
+    first_injected_probe(&pods).await;
+
+    // Refused by the apiserver with the webhook's reason: which container, which port, what to
+    // change. Not created without the sidecar, where the app would run around its gateway.
+    let denied = pods
+        .create(
+            &PostParams::default(),
+            &pod_declaring("web-admin-port", "main", 8788, false),
+        )
+        .await
+        .expect_err("denied");
+    let kube::Error::Api(status) = &denied else {
+        panic!("not an apiserver refusal: {denied}");
+    };
+    assert!((400..500).contains(&status.code), "{status:?}");
+    for part in [
+        "denied the request",
+        "sidegate: the pod asks for the sidecar of AIGateway main (sidegate.dev/gateway)",
+        "container \"web\" declares containerPort 8788",
+        "(adminPort)",
+        "spec.sidecar.port and spec.sidecar.adminPort",
+    ] {
+        assert!(status.message.contains(part), "{part}: {}", status.message);
+    }
+    assert_eq!(served.metrics.admissions("denied"), 1);
+    assert!(pods.get_opt("web-admin-port").await.expect("get").is_none());
+    // A native sidecar runs beside the init containers too.
+    assert!(
+        pods.create(
+            &PostParams::default(),
+            &pod_declaring("init-port", "main", 8787, true)
+        )
+        .await
+        .is_err()
+    );
+    // A classic sidecar starts after the init containers have ended: no clash there.
+    let classic = pods
+        .create(
+            &PostParams::default(),
+            &pod_declaring("classic-init-port", "classic", 8787, true),
+        )
+        .await
+        .expect("created");
+    assert_eq!(sidecar_of(&classic).map(|(k, _)| k), Some("container"));
+    // Opted out, as the message offers: created, without the sidecar.
+    let mut opted_out = pod_declaring("opted-out-port", "main", 8788, false);
+    opted_out
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("sidegate.dev/inject".into(), "false".into());
+    let created = pods
+        .create(&PostParams::default(), &opted_out)
+        .await
+        .expect("an opted-out pod is created");
+    assert!(sidecar_of(&created).is_none());
+
+    // A Deployment's pods: the ReplicaSet controller's creations are denied, and the
+    // Deployment says why (ReplicaFailure), where `kubectl rollout status` and `describe` show it.
+    let template = pod_declaring("unused", "main", 8787, false);
+    let deployment: k8s_openapi::api::apps::v1::Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "chat"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "chat"}},
+            "template": {
+                "metadata": {"labels": {"app": "chat"}, "annotations": template.metadata.annotations},
+                "spec": template.spec,
+            },
+        },
+    }))
+    .expect("deployment");
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(client.clone(), &apps.name);
+    create(&deployments, &deployment).await;
+    let message = eventually("the Deployment's ReplicaFailure condition", WAIT, || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get("chat").await.ok()?;
+            d.status?
+                .conditions?
+                .into_iter()
+                .find(|c| {
+                    c.type_.as_deref() == Some("ReplicaFailure")
+                        && c.status.as_deref() == Some("True")
+                })
+                .and_then(|c| c.message)
+        }
+    })
+    .await;
+    assert!(
+        message.contains("containerPort 8787") && message.contains("AIGateway main"),
+        "{message}"
+    );
+
+    unregister(&client, &served.config_name).await;
+    apps.delete().await;
+    operator_ns.delete().await;
+}
+
+#[tokio::test]
+async fn injected_pods_get_the_operators_image_pull_secrets_next_to_their_own() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    support::operator(&client).await;
+    let (apps, operator_ns) = namespaces(&client).await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
+    create(&gateways, &gateway("main", json!({}))).await;
+    let served = serve_webhook_with(
+        &client,
+        "sidegate-webhook-pull",
+        &apps,
+        &operator_ns,
+        |args| {
+            args.sidecar_image_pull_secrets = vec!["sidegate-registry".into(), "shared".into()];
+        },
+    )
+    .await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &apps.name);
+    first_injected_probe(&pods).await;
+    let mut own = pod("own-secrets", &[("sidegate.dev/gateway", "main")]);
+    own.spec.as_mut().expect("spec").image_pull_secrets = Some(vec![
+        k8s_openapi::api::core::v1::LocalObjectReference {
+            name: "app-registry".into(),
+        },
+        k8s_openapi::api::core::v1::LocalObjectReference {
+            name: "shared".into(),
+        },
+    ]);
+    pods.create(&PostParams::default(), &own)
+        .await
+        .expect("created");
+    pods.create(
+        &PostParams::default(),
+        &pod("no-secrets", &[("sidegate.dev/gateway", "main")]),
+    )
+    .await
+    .expect("created");
+    let names = |p: &Pod| -> Vec<String> {
+        p.spec
+            .iter()
+            .flat_map(|s| s.image_pull_secrets.iter().flatten())
+            .map(|r| r.name.clone())
+            .collect()
+    };
+    // As stored by the apiserver.
+    let own = pods.get("own-secrets").await.expect("stored");
+    assert!(sidecar_of(&own).is_some());
+    assert_eq!(names(&own), ["app-registry", "shared", "sidegate-registry"]);
+    let plain = pods.get("no-secrets").await.expect("stored");
+    assert_eq!(names(&plain), ["sidegate-registry", "shared"]);
+
+    unregister(&client, &served.config_name).await;
     apps.delete().await;
     operator_ns.delete().await;
 }
@@ -890,6 +1097,7 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
         names: vec!["127.0.0.1".into()],
         validity: Duration::from_secs(86400),
         renew_before: Duration::from_secs(3600),
+        owner: None,
     };
     let resolver = CertResolver::new();
     assert_eq!(

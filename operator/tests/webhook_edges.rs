@@ -76,6 +76,7 @@ fn args(port: u16, config_name: &str) -> WebhookArgs {
         cert_validity_days: 365,
         sidecar_image: "registry.local/sidegate:test".into(),
         sidecar_image_pull_policy: Some("Never".into()),
+        sidecar_image_pull_secrets: vec![],
         allowed_sidecar_images: vec![],
         sidecar_resources: None,
         sidecar_run_as_user: webhook::IdFlag(Some(65532)),
@@ -134,6 +135,7 @@ impl Served {
             &operator_ns.name,
             &Scope::cluster(),
             Arc::new(Metrics::default()),
+            None,
         )
         .await
         .expect("webhook starts");

@@ -6,7 +6,7 @@ mod golden_file;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, LocalObjectReference, Pod};
 use sidegate_crds::api::SidecarSettings;
 use sidegate_operator::webhook::images::AllowedImages;
 use sidegate_operator::webhook::inject::{
@@ -803,18 +803,38 @@ fn refusal(pod: &Pod, sidecar: &SidecarSettings) -> Option<inject::InjectError> 
     .err()
 }
 
-fn with_port(mut pod: Pod, init: bool, port: i32) -> Pod {
+/// Where a pod's container "web" runs: with the app, as a plain init container, or as the pod's
+/// own native sidecar (an init container with `restartPolicy: Always`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Runs {
+    App,
+    Init,
+    InitSidecar,
+}
+
+fn with_port(pod: Pod, runs: Runs, port: i32) -> Pod {
+    with_ports(
+        pod,
+        runs,
+        serde_json::json!([{"containerPort": 8080}, {"containerPort": port}]),
+    )
+}
+
+fn with_ports(mut pod: Pod, runs: Runs, ports: serde_json::Value) -> Pod {
     let spec = pod.spec.as_mut().expect("spec");
-    let container: Container = serde_json::from_value(serde_json::json!({
+    let mut container: Container = serde_json::from_value(serde_json::json!({
         "name": "web",
         "image": "example.com/web:1",
-        "ports": [{"containerPort": 8080}, {"containerPort": port}],
+        "ports": ports,
     }))
     .expect("container");
-    if init {
-        spec.init_containers.get_or_insert_default().push(container);
-    } else {
+    if runs == Runs::InitSidecar {
+        container.restart_policy = Some("Always".into());
+    }
+    if runs == Runs::App {
         spec.containers.push(container);
+    } else {
+        spec.init_containers.get_or_insert_default().push(container);
     }
     pod
 }
@@ -822,22 +842,42 @@ fn with_port(mut pod: Pod, init: bool, port: i32) -> Pod {
 #[test]
 fn a_pod_declaring_the_sidecar_port_or_admin_port_is_refused_not_injected_into_a_crash_loop() {
     let defaults = SidecarSettings::default();
-    for (init, port, role) in [
-        (false, 8787, "(port)"),
-        (false, 8788, "(adminPort)"),
-        (true, 8787, "(port)"),
-        (true, 8788, "(adminPort)"),
+    let classic = SidecarSettings {
+        native_sidecar: false,
+        ..SidecarSettings::default()
+    };
+    // A native sidecar runs beside every container of the pod; a classic one beside the app
+    // containers and the pod's own native sidecars.
+    for (sidecar, runs) in [
+        (&defaults, Runs::App),
+        (&defaults, Runs::Init),
+        (&defaults, Runs::InitSidecar),
+        (&classic, Runs::App),
+        (&classic, Runs::InitSidecar),
     ] {
-        let pod = with_port(fixture("plain.yaml"), init, port);
-        let err = refusal(&pod, &defaults)
-            .unwrap_or_else(|| panic!("port {port} (init: {init}) was injected"));
-        let message = err.to_string();
-        assert!(
-            message.contains(&format!("containerPort {port}"))
-                && message.contains(role)
-                && message.contains("\"web\""),
-            "{message}"
-        );
+        for (port, role) in [(8787, "(port)"), (8788, "(adminPort)")] {
+            let pod = with_port(fixture("plain.yaml"), runs, port);
+            let err = refusal(&pod, sidecar).unwrap_or_else(|| {
+                panic!(
+                    "port {port} ({runs:?}, native {}) was injected",
+                    sidecar.native_sidecar
+                )
+            });
+            assert!(
+                err.is_in_the_pod(),
+                "{err:?}: the pod's own spec, so denied"
+            );
+            let message = err.to_string();
+            assert!(
+                message.contains(&format!("containerPort {port}"))
+                    && message.contains(role)
+                    && message.contains("\"web\"")
+                    && message.contains("AIGateway main")
+                    && message.contains("spec.sidecar.port")
+                    && message.contains("sidegate.dev/inject: \"false\""),
+                "{message}"
+            );
+        }
     }
     // The gateway's own ports are what counts: moved away, the same pod is injected.
     let moved = SidecarSettings {
@@ -845,9 +885,124 @@ fn a_pod_declaring_the_sidecar_port_or_admin_port_is_refused_not_injected_into_a
         admin_port: 9788,
         ..SidecarSettings::default()
     };
-    let pod = with_port(fixture("plain.yaml"), false, 8787);
+    let pod = with_port(fixture("plain.yaml"), Runs::App, 8787);
     assert!(refusal(&pod, &moved).is_none());
     assert!(run(&pod, "team-a", &moved).is_some());
+}
+
+#[test]
+fn an_init_container_that_ends_before_a_classic_sidecar_starts_may_use_its_ports() {
+    let classic = SidecarSettings {
+        native_sidecar: false,
+        ..SidecarSettings::default()
+    };
+    let pod = with_port(fixture("plain.yaml"), Runs::Init, 8787);
+    assert_eq!(refusal(&pod, &classic), None);
+    let injection = run(&pod, "team-a", &classic).expect("injected");
+    let spec = patched(&pod, &injection).spec.expect("spec");
+    assert!(spec.containers.iter().any(|c| c.name == "sidegate"));
+}
+
+#[test]
+fn a_udp_port_of_the_sidecars_number_is_no_clash() {
+    // The sidecar listens on TCP only; a DNS-like UDP listener on 8787 does not stop it.
+    let pod = with_ports(
+        fixture("plain.yaml"),
+        Runs::App,
+        serde_json::json!([{"containerPort": 8787, "protocol": "UDP"}]),
+    );
+    assert_eq!(refusal(&pod, &SidecarSettings::default()), None);
+    let tcp = with_ports(
+        fixture("plain.yaml"),
+        Runs::App,
+        serde_json::json!([{"containerPort": 8787, "protocol": "TCP"}]),
+    );
+    assert!(refusal(&tcp, &SidecarSettings::default()).is_some());
+}
+
+#[test]
+fn only_conflicts_in_the_pods_own_spec_deny_it_and_the_gateways_problems_admit_it() {
+    let mut host = fixture("plain.yaml");
+    host.spec.as_mut().expect("spec").host_network = Some(true);
+    let host = refusal(&host, &SidecarSettings::default()).expect("hostNetwork refused");
+    assert!(host.is_in_the_pod(), "{host:?}");
+    assert!(host.to_string().contains("remove hostNetwork"), "{host}");
+    let mut named = fixture("plain.yaml");
+    named.spec.as_mut().expect("spec").containers[0].name = "sidegate".into();
+    assert!(
+        refusal(&named, &SidecarSettings::default())
+            .expect("name taken")
+            .is_in_the_pod()
+    );
+    let other_image = SidecarSettings {
+        image: Some("evil.example/sidecar:1".into()),
+        ..SidecarSettings::default()
+    };
+    let image = refusal(&fixture("plain.yaml"), &other_image).expect("image not allowed");
+    assert!(
+        !image.is_in_the_pod(),
+        "{image:?}: the gateway's, not the pod's"
+    );
+}
+
+#[test]
+fn the_operators_image_pull_secrets_are_added_to_the_pods_own_without_duplicates() {
+    let mut config = config();
+    config.image_pull_secrets = vec!["sidegate-registry".into(), "shared-registry".into()];
+    let inject_with = |pod: &Pod| {
+        let injection = inject::inject(
+            pod,
+            &InjectSettings {
+                config: &config,
+                namespace: "team-a",
+                sidecar: &SidecarSettings::default(),
+                env_from: &EnvFromKeys::default(),
+            },
+        )
+        .expect("no refusal")
+        .expect("injected");
+        let spec = patched(pod, &injection).spec.expect("spec");
+        spec.image_pull_secrets
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.name)
+            .collect::<Vec<_>>()
+    };
+    // A pod without any gets the operator's.
+    let plain = fixture("plain.yaml");
+    assert!(
+        plain
+            .spec
+            .as_ref()
+            .expect("spec")
+            .image_pull_secrets
+            .is_none()
+    );
+    assert_eq!(
+        inject_with(&plain),
+        ["sidegate-registry", "shared-registry"]
+    );
+    // A pod with its own keeps them first; one it already names is not added again.
+    let mut own = fixture("plain.yaml");
+    own.spec.as_mut().expect("spec").image_pull_secrets = Some(vec![
+        LocalObjectReference {
+            name: "app-registry".into(),
+        },
+        LocalObjectReference {
+            name: "shared-registry".into(),
+        },
+    ]);
+    assert_eq!(
+        inject_with(&own),
+        ["app-registry", "shared-registry", "sidegate-registry"]
+    );
+    // Without the setting, the patch leaves imagePullSecrets alone (the golden patches).
+    let injection = run(&plain, "team-a", &SidecarSettings::default()).expect("injected");
+    assert!(
+        !serde_json::to_string(&injection.patch)
+            .expect("patch")
+            .contains("imagePullSecrets")
+    );
 }
 
 #[test]

@@ -811,7 +811,17 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
         bound => bound,
     };
     bound.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr} ({what}): {e}"))
+        // In a pod the other process is another of its containers, which the webhook cannot
+        // see when it does not declare the port (a declared one has the pod refused).
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "; another process listens there (in a pod, another of its containers): give the sidecar free ports (in Kubernetes, the AIGateway's spec.sidecar.port and spec.sidecar.adminPort)"
+        } else {
+            ""
+        };
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} ({what}): {e}{hint}"),
+        )
     })
 }
 
@@ -961,6 +971,21 @@ mod tests {
             connected.unwrap_or_else(|e| panic!("connect from {client}: {e}"));
             accepted.unwrap_or_else(|e| panic!("accept from {client}: {e}"));
         }
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_refused_saying_how_to_free_the_sidecars_ports() {
+        let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = taken.local_addr().expect("addr");
+        let e = bind(addr, "gateway").await.expect_err("in use");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        let text = e.to_string();
+        assert!(
+            text.starts_with(&format!("cannot listen on {addr} (gateway): "))
+                && text.contains("another of its containers")
+                && text.contains("spec.sidecar.port and spec.sidecar.adminPort"),
+            "{text}"
+        );
     }
 
     #[test]

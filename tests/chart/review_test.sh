@@ -169,12 +169,17 @@ assert got == want, {"extra": {k: v - want.get(k, set()) for k, v in got.items()
 mwc = [r for r in by_kind("ClusterRole")[0]["rules"] if r["resources"] == ["mutatingwebhookconfigurations"]][0]
 assert mwc["resourceNames"] == [by_kind("MutatingWebhookConfiguration")[0]["metadata"]["name"]], mwc
 # The leader Lease (lease.rs: get_opt, create, replace): get/update by name, create on its own
-# (a create is authorized before the object has a name).
+# (a create is authorized before the object has a name); the operator's Deployment, read by name
+# (owner.rs), which owns the Lease and the certificate Secret.
 role = by_kind("Role")[0]["rules"]
-lease = [a for a in pod()["containers"][0]["args"] if a.startswith("--lease-name=")][0].split("=", 1)[1]
+args = pod()["containers"][0]["args"]
+lease = [a for a in args if a.startswith("--lease-name=")][0].split("=", 1)[1]
+owner = [a for a in args if a.startswith("--owner-deployment=")][0].split("=", 1)[1]
+assert owner == deploy()["metadata"]["name"], (owner, deploy()["metadata"]["name"])
 assert [(r["apiGroups"], r["resources"], sorted(r["verbs"]), r.get("resourceNames")) for r in role] == [
     (["coordination.k8s.io"], ["leases"], ["get", "update"], [lease]),
-    (["coordination.k8s.io"], ["leases"], ["create"], None)], role
+    (["coordination.k8s.io"], ["leases"], ["create"], None),
+    (["apps"], ["deployments"], ["get"], [owner])], role
 for d in docs:
     for r in d.get("rules", []):
         assert "*" not in r["verbs"] + r["resources"] + r["apiGroups"], r
@@ -408,6 +413,37 @@ for r in by_kind("Role")[0]["rules"]:
 PY
 }
 check "RBAC: get/update of the leader Lease by name only (create alone unrestricted)" lease_scoped
+
+# The webhook port of the NetworkPolicy: open to every source by default (the apiserver's source
+# is not selectable in most clusters), only from networkPolicy.webhookFrom when set; metrics only
+# from metricsFrom either way.
+network_policy() {
+  render --set networkPolicy.enabled=true >"$work/np-open.yaml"
+  render --set networkPolicy.enabled=true --set 'networkPolicy.webhookFrom[0].ipBlock.cidr=10.0.0.0/24' >"$work/np-narrow.yaml"
+  py "$work/np-open.yaml" <<'PY'
+rules = by_kind("NetworkPolicy")[0]["spec"]["ingress"]
+assert rules == [{"ports": [{"port": "webhook", "protocol": "TCP"}]}], rules
+PY
+  py "$work/np-narrow.yaml" <<'PY'
+rules = by_kind("NetworkPolicy")[0]["spec"]["ingress"]
+assert rules == [{"from": [{"ipBlock": {"cidr": "10.0.0.0/24"}}], "ports": [{"port": "webhook", "protocol": "TCP"}]}], rules
+PY
+}
+check "NetworkPolicy: webhook port from anywhere unless networkPolicy.webhookFrom names its callers" network_policy
+
+# Self-managed certificate lifetime: the operator takes 1 to 3650 days, as the schema (it raised
+# 1 to 2 silently before).
+cert_validity() {
+  local rc=0
+  render --set webhook.selfManaged.validityDays=1 --show-only templates/deployment.yaml | grep -q -- '- --cert-validity-days=1$' || rc=1
+  refused "/webhook/selfManaged/validityDays" --set webhook.selfManaged.validityDays=0 || rc=1
+  refused "/webhook/selfManaged/validityDays" --set webhook.selfManaged.validityDays=3651 || rc=1
+  grep -q 'range(CERT_VALIDITY_DAYS)' "$root/operator/src/webhook/mod.rs" || { echo "--cert-validity-days not range-checked"; rc=1; }
+  grep -q 'pub const CERT_VALIDITY_DAYS: std::ops::RangeInclusive<u64> = 1..=3650;' "$root/operator/src/webhook/mod.rs" ||
+    { echo "operator range is not 1..=3650"; rc=1; }
+  return $rc
+}
+check "webhook.selfManaged.validityDays 1-3650, passed as is and checked by the operator with the same range" cert_validity
 
 # FAILS at 2425c57: timeoutSeconds 1-3 accepted, but the webhook gives its lookups 3 s
 # (LOOKUP_TIMEOUT in operator/src/webhook/mod.rs) and ignores the apiserver's ?timeout=: the

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use rcgen::{
@@ -288,6 +289,9 @@ pub struct SelfManaged {
     pub validity: Duration,
     /// Rotate when less than this is left.
     pub renew_before: Duration,
+    /// Owner of the Secret (the operator's Deployment, [`crate::owner`]), set when it is
+    /// created or found without it, so that deleting the owner deletes the Secret too.
+    pub owner: Option<OwnerReference>,
 }
 
 impl SelfManaged {
@@ -327,7 +331,10 @@ pub async fn ensure_self_managed(
             .get_opt(&settings.secret_name)
             .await
             .map_err(kube_err("reading the webhook certificate Secret"))?;
-        if let Some(stored) = existing.as_ref().and_then(|s| usable(s, settings)) {
+        if let Some((secret, stored)) = existing
+            .as_ref()
+            .and_then(|s| usable(s, settings).map(|stored| (s, stored)))
+        {
             patch_ca_bundle(
                 client,
                 &settings.webhook_config_name,
@@ -336,6 +343,7 @@ pub async fn ensure_self_managed(
             )
             .await?;
             resolver.set_expiring(&stored.serving, stored.not_after)?;
+            adopt(&secrets, secret, settings).await;
             return Ok(CertAction::Reused);
         }
 
@@ -385,6 +393,7 @@ pub async fn ensure_self_managed(
                             )]
                             .into(),
                         ),
+                        owner_references: settings.owner.clone().map(|o| vec![o]),
                         ..ObjectMeta::default()
                     },
                     type_: Some("kubernetes.io/tls".into()),
@@ -407,13 +416,19 @@ pub async fn ensure_self_managed(
                     .iter()
                     .map(|(k, v)| ((*k).to_owned(), json!(v)))
                     .collect();
-                let patch = json!({
+                let mut patch = json!({
                     "metadata": {
                         "resourceVersion": old.resource_version(),
                         "annotations": annotations.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
                     },
                     "stringData": string_data,
                 });
+                let mut meta = old.metadata.clone();
+                if let Some(owner) = &settings.owner
+                    && crate::owner::adopt(&mut meta, owner)
+                {
+                    patch["metadata"]["ownerReferences"] = json!(meta.owner_references);
+                }
                 secrets
                     .patch(
                         &settings.secret_name,
@@ -442,6 +457,44 @@ pub async fn ensure_self_managed(
     Err(CertError::Invalid(
         "the webhook certificate Secret kept changing under concurrent writers".into(),
     ))
+}
+
+/// Gives the stored certificate's `secret` the owner of `settings` if it lacks it (a Secret of
+/// an older operator). A failure is only logged: the certificate serves either way, and the
+/// next check tries again.
+async fn adopt(secrets: &Api<Secret>, secret: &Secret, settings: &SelfManaged) {
+    let Some(owner) = &settings.owner else {
+        return;
+    };
+    let mut meta = secret.metadata.clone();
+    if !crate::owner::adopt(&mut meta, owner) {
+        return;
+    }
+    // resourceVersion makes it conditional: a rotation by another replica in between wins.
+    let patch = json!({
+        "metadata": {
+            "resourceVersion": secret.resource_version(),
+            "ownerReferences": meta.owner_references,
+        },
+    });
+    match secrets
+        .patch(
+            &settings.secret_name,
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => tracing::info!(
+            secret = %settings.secret_name,
+            owner = %owner.name,
+            "webhook certificate Secret now owned by the operator's {}",
+            owner.kind
+        ),
+        Err(e) => {
+            tracing::warn!(secret = %settings.secret_name, error = %e, "could not set the owner of the webhook certificate Secret; retrying at the next check")
+        }
+    }
 }
 
 struct Stored {

@@ -11,8 +11,8 @@ use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EnvFromSource, EnvVar,
-    HTTPGetAction, Pod, Probe, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, Volume, VolumeMount,
+    HTTPGetAction, LocalObjectReference, Pod, Probe, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -152,6 +152,9 @@ pub struct InjectConfig {
     pub image: String,
     /// Pull policy of the sidecar image (`None`: the cluster default for the tag).
     pub image_pull_policy: Option<String>,
+    /// Image pull secrets (Secret names in the pod's namespace) every injected pod gets, besides
+    /// its own: for a sidecar image in a private registry.
+    pub image_pull_secrets: Vec<String>,
     /// Version written into [`INJECTED_ANNOTATION`].
     pub version: String,
     /// Namespaces never injected (kube-system and the operator's own).
@@ -185,6 +188,7 @@ impl InjectConfig {
             allowed_images: AllowedImages::repository_of(&image),
             image,
             image_pull_policy: None,
+            image_pull_secrets: Vec::new(),
             version: version.into(),
             excluded_namespaces: excluded_namespaces(operator_namespace, &[]),
             scope: crate::scope::Scope::cluster(),
@@ -415,19 +419,24 @@ impl Skip {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InjectError {
     /// The pod already has a container or volume with a name the sidecar needs.
-    #[error("pod already has a {kind} named {name:?}, which the sidegate sidecar needs")]
+    #[error(
+        "the pod already has a {kind} named {name:?}, which the sidegate sidecar needs; rename it, or remove the annotation sidegate.dev/gateway"
+    )]
     NameTaken {
         /// `container` or `volume`.
         kind: &'static str,
         /// The clashing name.
         name: String,
     },
-    /// A container of the pod declares a port the sidecar listens on: one of the two would fail
-    /// to bind (EADDRINUSE) and crash-loop.
+    /// A container of the pod that runs beside the sidecar declares a TCP port the sidecar
+    /// listens on: one of the two would fail to listen (EADDRINUSE) and crash-loop, and with a
+    /// native sidecar the pod would never leave its init phase.
     #[error(
-        "container {container:?} declares containerPort {port}, which the sidegate sidecar listens on ({role}); set spec.sidecar.port/adminPort of the AIGateway to free ports"
+        "container {container:?} declares containerPort {port}, which the sidegate sidecar of AIGateway {gateway} listens on ({role}), and both run at once: one of them could not listen. Set the AIGateway's spec.sidecar.port and spec.sidecar.adminPort to ports no container of the pod uses (or move the container's port), or annotate the pod sidegate.dev/inject: \"false\""
     )]
     PortTaken {
+        /// The gateway whose sidecar would listen there.
+        gateway: String,
         /// The container (or init container) declaring the port.
         container: String,
         /// The port.
@@ -459,11 +468,27 @@ pub enum InjectError {
     },
     /// The pod uses the node's network: the sidecar's ports would be the node's, and its admin
     /// listener (all addresses) would be reachable from outside the cluster.
-    #[error("pod uses hostNetwork, where the sidegate sidecar would bind the node's ports")]
+    #[error(
+        "the pod uses hostNetwork, where the sidegate sidecar would listen on the node's ports (its admin port reachable from outside the cluster); remove hostNetwork, or the annotation sidegate.dev/gateway"
+    )]
     HostNetwork,
     /// A patch value could not be serialized (not expected for valid Pods).
     #[error("patch value could not be serialized: {0}")]
     Serialize(String),
+}
+
+impl InjectError {
+    /// Whether the pod's own spec rules the sidecar out (a name or port the sidecar needs,
+    /// hostNetwork): however often it is re-created, the pod never gets the sidecar, so the
+    /// webhook denies it, saying what to change, rather than let it run without the gateway it
+    /// asked for. The other errors are the gateway's (its image or resources): its pods are
+    /// admitted without the sidecar and the gateway's status says what to fix.
+    pub fn is_in_the_pod(&self) -> bool {
+        matches!(
+            self,
+            Self::NameTaken { .. } | Self::PortTaken { .. } | Self::HostNetwork
+        )
+    }
 }
 
 /// A patch that injects the sidecar, and warnings for the pod's creator.
@@ -591,28 +616,18 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
     if spec.host_network == Some(true) {
         return Err(InjectError::HostNetwork);
     }
-    // Every container of a pod shares one network namespace: a declared port equal to the
-    // sidecar's is a bind conflict for one of them.
-    let sidecar_ports = [
-        (settings.sidecar.port, "port"),
-        (settings.sidecar.admin_port, "adminPort"),
-    ];
-    for c in spec.containers.iter().chain(&init_containers) {
-        for declared in c.ports.iter().flatten() {
-            if let Some((port, role)) = sidecar_ports
-                .iter()
-                .find(|(p, _)| i32::from(*p) == declared.container_port)
-            {
-                return Err(InjectError::PortTaken {
-                    container: c.name.clone(),
-                    port: *port,
-                    role,
-                });
-            }
-        }
+    let native = settings.sidecar.native_sidecar;
+    if let Some((container, port, role)) =
+        port_taken(&spec.containers, &init_containers, settings.sidecar)
+    {
+        return Err(InjectError::PortTaken {
+            gateway,
+            container: container.to_owned(),
+            port,
+            role,
+        });
     }
 
-    let native = settings.sidecar.native_sidecar;
     let mut ops = Ops::default();
 
     // The gateway annotation guarantees metadata.annotations exists.
@@ -669,6 +684,31 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
         ops.add(&["spec", "containers", "-"], sidecar)?;
     }
 
+    // The sidecar image's pull secrets next to the pod's own (kubelet tries each for every
+    // image of the pod), none twice.
+    let own_pull_secrets: BTreeSet<&str> = spec
+        .image_pull_secrets
+        .iter()
+        .flatten()
+        .map(|r| r.name.as_str())
+        .collect();
+    let pull_secrets: Vec<LocalObjectReference> = settings
+        .config
+        .image_pull_secrets
+        .iter()
+        .filter(|name| !own_pull_secrets.contains(name.as_str()))
+        .map(|name| LocalObjectReference { name: name.clone() })
+        .collect();
+    if !pull_secrets.is_empty() {
+        if spec.image_pull_secrets.is_some() {
+            for secret in pull_secrets {
+                ops.add(&["spec", "imagePullSecrets", "-"], secret)?;
+            }
+        } else {
+            ops.add(&["spec", "imagePullSecrets"], pull_secrets)?;
+        }
+    }
+
     // SDK environment on app containers; on init containers too when the sidecar runs before
     // them. Indices shift by one after the native sidecar is inserted at 0.
     let env = sdk_env(settings.sidecar.port);
@@ -718,6 +758,36 @@ pub fn inject(pod: &Pod, settings: &InjectSettings<'_>) -> Result<Option<Injecti
         patch: Patch(ops.0),
         warnings,
     }))
+}
+
+/// The first container of a pod with `containers` and `init_containers` that declares a TCP
+/// port the sidecar of `sidecar` listens on while both run (every container of a pod shares
+/// one network namespace), with the port and its role (`port` or `adminPort`). A native sidecar
+/// runs from the first init container on, so every container counts; a classic one starts with
+/// the app containers, when the pod's init containers have ended, except its own native
+/// sidecars (`restartPolicy: Always`), which keep running. Undeclared ports cannot be seen here:
+/// the sidecar then says at start that its port is in use.
+pub fn port_taken<'c>(
+    containers: &'c [Container],
+    init_containers: &'c [Container],
+    sidecar: &SidecarSettings,
+) -> Option<(&'c str, u16, &'static str)> {
+    let sidecar_ports = [(sidecar.port, "port"), (sidecar.admin_port, "adminPort")];
+    let beside = init_containers
+        .iter()
+        .filter(|c| sidecar.native_sidecar || c.restart_policy.as_deref() == Some("Always"));
+    containers.iter().chain(beside).find_map(|c| {
+        c.ports
+            .iter()
+            .flatten()
+            .filter(|declared| declared.protocol.as_deref().is_none_or(|p| p == "TCP"))
+            .find_map(|declared| {
+                sidecar_ports
+                    .iter()
+                    .find(|(p, _)| i32::from(*p) == declared.container_port)
+            })
+            .map(|(port, role)| (c.name.as_str(), *port, *role))
+    })
 }
 
 /// The two volumes of gateway `gateway`.

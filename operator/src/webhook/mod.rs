@@ -32,7 +32,9 @@ use k8s_openapi::api::admissionregistration::v1::{
     ServiceReference, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, ResourceRequirements, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, OwnerReference,
+};
 use kube::api::{Api, ObjectMeta};
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
@@ -127,8 +129,13 @@ pub struct WebhookArgs {
     /// CA file to patch into `caBundle` (files mode).
     #[arg(long, env = "SIDEGATE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
-    /// Days a self-managed certificate is valid.
-    #[arg(long, default_value_t = 365)]
+    /// Days a self-managed certificate is valid, from 1 to 3650 (it is renewed when a sixth of
+    /// that is left: 4 hours before the end of a 1-day certificate).
+    #[arg(
+        long,
+        default_value_t = 365,
+        value_parser = clap::value_parser!(u64).range(CERT_VALIDITY_DAYS)
+    )]
     pub cert_validity_days: u64,
     /// Sidecar image injected when the AIGateway names none.
     #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE", default_value = inject::DEFAULT_SIDECAR_IMAGE)]
@@ -156,6 +163,18 @@ pub struct WebhookArgs {
         value_parser = clap::builder::PossibleValuesParser::new(PULL_POLICIES)
     )]
     pub sidecar_image_pull_policy: Option<String>,
+    /// Image pull secrets added to every injected pod, comma-separated Secret names, for a
+    /// sidecar image in a private registry. Kubelet reads them in the pod's namespace, so each
+    /// must exist in every namespace whose pods are injected; those the pod already lists are
+    /// not added twice.
+    #[arg(
+        long,
+        env = "SIDEGATE_SIDECAR_IMAGE_PULL_SECRETS",
+        value_name = "SECRETS",
+        value_delimiter = ',',
+        value_parser = pull_secret_name
+    )]
+    pub sidecar_image_pull_secrets: Vec<String>,
     /// Default resources of injected sidecars, as JSON ResourceRequirements (e.g.
     /// '{"requests":{"cpu":"50m","memory":"32Mi"},"limits":{"memory":"256Mi"}}'); an AIGateway's
     /// spec.sidecar.resources overrides them. Built-in: requests 50m/32Mi, limit 256Mi memory.
@@ -190,6 +209,23 @@ pub struct WebhookArgs {
 /// The image pull policies the apiserver accepts on a container (any other value would have
 /// every injected pod refused).
 pub const PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
+
+/// The days `--cert-validity-days` may be (what `webhook.selfManaged.validityDays` of the chart
+/// allows too).
+pub const CERT_VALIDITY_DAYS: std::ops::RangeInclusive<u64> = 1..=3650;
+
+/// `--sidecar-image-pull-secrets`: a Secret name (an empty entry, as a trailing comma leaves,
+/// is dropped later).
+fn pull_secret_name(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if value.is_empty() || crate::validate::is_dns_subdomain(value, 253) {
+        Ok(value.to_owned())
+    } else {
+        Err(format!(
+            "{value:?} is not a Secret name (lowercase letters, digits, '-' and '.', starting and ending with a letter or digit)"
+        ))
+    }
+}
 
 /// A uid or gid flag: a number, or `none` (also empty) to leave it unset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,6 +268,17 @@ impl WebhookArgs {
         inject::excluded_namespaces(operator_namespace, &self.exclude_namespaces)
     }
 
+    /// The lifetime of a self-managed certificate (`--cert-validity-days`) and how long before
+    /// its end it is renewed: a sixth of it.
+    pub fn cert_validity(&self) -> Result<(Duration, Duration), StartError> {
+        let days = self.cert_validity_days;
+        if !CERT_VALIDITY_DAYS.contains(&days) {
+            return Err(StartError::CertValidity(days));
+        }
+        let validity = Duration::from_secs(days * 86400);
+        Ok((validity, validity / 6))
+    }
+
     /// The images gateways may name, from `--allowed-sidecar-images` and `--sidecar-image`.
     pub fn allowed_images(&self) -> Result<images::AllowedImages, images::InvalidRule> {
         images::AllowedImages::new(&self.allowed_sidecar_images, &self.sidecar_image)
@@ -247,6 +294,11 @@ impl WebhookArgs {
         let mut config =
             InjectConfig::new(&self.sidecar_image, env!("CARGO_PKG_VERSION"), namespace);
         config.image_pull_policy = self.sidecar_image_pull_policy.clone();
+        for name in &self.sidecar_image_pull_secrets {
+            if !name.is_empty() && !config.image_pull_secrets.contains(name) {
+                config.image_pull_secrets.push(name.clone());
+            }
+        }
         config.allowed_images = self.allowed_images()?;
         if let Some(json) = self
             .sidecar_resources
@@ -291,6 +343,11 @@ pub enum StartError {
         "--sidecar-resources (SIDEGATE_SIDECAR_RESOURCES) would make the apiserver refuse every injected pod: {0}"
     )]
     SidecarResourcesRefused(String),
+    /// `--cert-validity-days` outside [`CERT_VALIDITY_DAYS`].
+    #[error(
+        "--cert-validity-days {0} is not from 1 to 3650 (days a self-managed webhook certificate is valid; the chart's webhook.selfManaged.validityDays)"
+    )]
+    CertValidity(u64),
     /// The listener could not be bound.
     #[error("binding the webhook listener on {addr}: {source}")]
     Bind {
@@ -326,19 +383,22 @@ pub struct WebhookState {
 
 /// Starts the webhook described by `args` for an operator in `namespace`: gets a certificate
 /// (failing if none can be had), binds the listener and spawns the server and the certificate
-/// upkeep. Returns the bound address.
+/// upkeep. A self-managed certificate's Secret is owned by `owner` (the operator's Deployment,
+/// [`crate::owner`]). Returns the bound address.
 pub async fn start(
     client: kube::Client,
     args: &WebhookArgs,
     namespace: &str,
     scope: &crate::scope::Scope,
     metrics: Arc<crate::metrics::Metrics>,
+    owner: Option<&OwnerReference>,
 ) -> Result<SocketAddr, StartError> {
     let resolver = Arc::new(CertResolver::reporting_expiry(
         metrics.webhook_certificate_expiry.clone(),
     ));
     match args.cert_mode {
         CertMode::SelfManaged => {
+            let (validity, renew_before) = args.cert_validity()?;
             let settings = SelfManaged {
                 namespace: namespace.to_owned(),
                 secret_name: args.webhook_secret.clone(),
@@ -348,8 +408,9 @@ pub async fn start(
                     namespace,
                     &args.extra_names,
                 ),
-                validity: Duration::from_secs(args.cert_validity_days.max(2) * 86400),
-                renew_before: Duration::from_secs((args.cert_validity_days.max(2) * 86400) / 6),
+                validity,
+                renew_before,
+                owner: owner.cloned(),
             };
             certs::ensure_self_managed(&client, &settings, &resolver).await?;
             tokio::spawn(certs::keep_self_managed(
@@ -509,7 +570,8 @@ fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Respo
     resp
 }
 
-/// Answers one AdmissionReview (JSON bytes). Never denies: a pod the webhook cannot handle is
+/// Answers one AdmissionReview (JSON bytes). Denies only a pod whose own spec rules the sidecar
+/// out ([`inject::InjectError::is_in_the_pod`]); another pod the webhook cannot handle is
 /// admitted unchanged with a warning, like `failurePolicy: Ignore` would.
 pub async fn review(state: &WebhookState, body: &[u8]) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<DynamicObject> =
@@ -704,6 +766,19 @@ async fn decide(
         }
         // Already injected (a retried admission).
         Ok(None) => (allow, Some("skipped")),
+        // The pod's own spec rules the sidecar out: refused with what to change (a Deployment's
+        // pods show it as the ReplicaSet's FailedCreate events and ReplicaFailure condition)
+        // rather than left to run without the gateway it asked for.
+        Err(e) if e.is_in_the_pod() => {
+            tracing::info!(namespace, pod = pod_name, gateway, error = %e, "pod denied: its spec rules the sidecar out");
+            (
+                allow.deny(format!(
+                    "sidegate: the pod asks for the sidecar of AIGateway {gateway} ({}), but {e}",
+                    inject::GATEWAY_ANNOTATION
+                )),
+                Some("denied"),
+            )
+        }
         Err(e) => {
             tracing::warn!(namespace, pod = pod_name, gateway, error = %e, "sidecar injection refused");
             (
@@ -1011,6 +1086,77 @@ mod tests {
             help.contains("Always") && help.contains("IfNotPresent") && help.contains("Never"),
             "{help}"
         );
+    }
+
+    #[derive(clap::Parser)]
+    struct WebhookCli {
+        #[command(flatten)]
+        webhook: WebhookArgs,
+    }
+
+    fn webhook_flags(flags: &[&str]) -> Result<WebhookArgs, clap::Error> {
+        use clap::Parser as _;
+        WebhookCli::try_parse_from(std::iter::once("x").chain(flags.iter().copied()))
+            .map(|cli| cli.webhook)
+    }
+
+    #[test]
+    fn a_one_day_certificate_is_valid_one_day_and_renewed_four_hours_before_its_end() {
+        let one = webhook_flags(&["--cert-validity-days=1"]).expect("1 day");
+        assert_eq!(
+            one.cert_validity().expect("valid"),
+            (Duration::from_secs(86400), Duration::from_secs(4 * 3600))
+        );
+        let default = webhook_flags(&[]).expect("defaults");
+        assert_eq!(
+            default.cert_validity().expect("valid").0,
+            Duration::from_secs(365 * 86400)
+        );
+        assert!(webhook_flags(&["--cert-validity-days=3650"]).is_ok());
+        // Outside 1-3650 (the chart's schema range) the operator refuses to start, saying so,
+        // rather than serving some other lifetime.
+        for bad in ["0", "3651"] {
+            let e = webhook_flags(&["--cert-validity-days", bad])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"));
+            let text = e.to_string();
+            assert!(
+                text.contains("--cert-validity-days") && text.contains("1..=3650"),
+                "{text}"
+            );
+        }
+        let mut zero = default;
+        zero.cert_validity_days = 0;
+        let e = zero.cert_validity().expect_err("0 days");
+        assert!(
+            e.to_string()
+                .contains("--cert-validity-days 0 is not from 1 to 3650"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn sidecar_image_pull_secrets_are_secret_names_given_once() {
+        let args = webhook_flags(&[
+            "--sidecar-image-pull-secrets",
+            "registry-a, registry-b,registry-a,",
+        ])
+        .expect("names");
+        let config = args
+            .inject_config("sidegate-system", &crate::scope::Scope::cluster())
+            .expect("config");
+        assert_eq!(config.image_pull_secrets, ["registry-a", "registry-b"]);
+        assert!(
+            webhook_flags(&[])
+                .expect("unset")
+                .inject_config("sidegate-system", &crate::scope::Scope::cluster())
+                .expect("config")
+                .image_pull_secrets
+                .is_empty()
+        );
+        let e = webhook_flags(&["--sidecar-image-pull-secrets", "Registry_A"])
+            .expect_err("not a Secret name");
+        assert!(e.to_string().contains("is not a Secret name"), "{e}");
     }
 
     #[tokio::test]
