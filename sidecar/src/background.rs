@@ -444,7 +444,7 @@ pub enum Settled {
     /// custom cost of the request that made it.
     Counted {
         model: Option<ModelName>,
-        price: Option<Price>,
+        price: Option<Box<Price>>,
         custom_cost: Option<CustomCost>,
     },
 }
@@ -526,7 +526,7 @@ impl Watch {
                     .unwrap_or((None, None));
                 Settled::Counted {
                     model,
-                    price,
+                    price: price.map(Box::new),
                     custom_cost: charge.custom_cost,
                 }
             }

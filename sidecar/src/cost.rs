@@ -41,6 +41,9 @@ pub struct Price {
     pub cache_write_1h: f64,
     /// Per million input audio tokens (the input price for a model without one of its own).
     pub audio_input: f64,
+    /// Per million input audio tokens read from the prompt cache (the cache's read price for a
+    /// model without one of its own).
+    pub audio_cache_read: f64,
     /// Per million output audio tokens (the output price for a model without one of its own).
     pub audio_output: f64,
     /// Per million input image tokens (the input price for a model without one of its own).
@@ -71,6 +74,7 @@ impl Price {
             cache_write: input * write,
             cache_write_1h: input * write_1h,
             audio_input: input,
+            audio_cache_read: input * read,
             audio_output: output,
             image_input: input,
             image_output: output,
@@ -92,6 +96,7 @@ impl Price {
                     price.audio_output = output;
                 }
                 NotText::AudioInput(usd) => price.audio_input = usd,
+                NotText::CachedAudio(usd) => price.audio_cache_read = usd,
                 NotText::Image { input, output } => {
                     price.image_input = input;
                     price.image_output = output;
@@ -113,6 +118,8 @@ enum NotText {
     Audio { input: f64, output: f64 },
     /// Audio tokens in, per million (the model answers in text).
     AudioInput(f64),
+    /// Audio tokens read from the prompt cache, per million.
+    CachedAudio(f64),
     /// Image tokens in and out, per million.
     Image { input: f64, output: f64 },
     /// Image tokens out, per million.
@@ -157,9 +164,9 @@ const NOT_TEXT: &[(&str, NotText)] = &[
             output: 64.0,
         },
     ),
-    // Realtime (the model pages, "Audio tokens", "Image tokens"; cached audio is priced as
-    // cached text, which these rates match but for gpt-realtime-mini's $0.30 against $0.06).
-    // An image row's output is the text output price: realtime answers make no images.
+    // Realtime (the model pages, "Audio tokens", "Image tokens"; cached audio at the cached
+    // text price where no row says otherwise). An image row's output is the text output price:
+    // realtime answers make no images.
     (
         "gpt-realtime",
         NotText::Audio {
@@ -181,6 +188,7 @@ const NOT_TEXT: &[(&str, NotText)] = &[
             output: 20.0,
         },
     ),
+    ("gpt-realtime-mini", NotText::CachedAudio(0.30)),
     (
         "gpt-realtime-mini",
         NotText::Image {
@@ -201,6 +209,10 @@ const NOT_TEXT: &[(&str, NotText)] = &[
             input: 100.0,
             output: 200.0,
         },
+    ),
+    (
+        "gpt-4o-realtime-preview-2024-10-01",
+        NotText::CachedAudio(20.0),
     ),
     (
         "gpt-4o-mini-realtime-preview",
@@ -910,7 +922,7 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
     let write = tokens.cache_write.min(i - read);
     let write_1h = tokens.cache_write_1h.min(write);
     let fresh = i - read - write;
-    // Audio read from the cache is priced as the cache's reads are.
+    let audio_read = tokens.audio_cache_read.min(read);
     let audio_in = tokens.audio_input.min(fresh);
     let image_in = tokens.image_input.min(fresh - audio_in);
     let audio_out = tokens.audio_output.min(o);
@@ -933,7 +945,8 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
                 ((fresh - audio_in - image_in) as f64 * p.input
                     + audio_in as f64 * p.audio_input
                     + image_in as f64 * p.image_input
-                    + read as f64 * p.cache_read
+                    + (read - audio_read) as f64 * p.cache_read
+                    + audio_read as f64 * p.audio_cache_read
                     + (write - write_1h) as f64 * p.cache_write
                     + write_1h as f64 * p.cache_write_1h
                     + text_out as f64 * p.output
@@ -1512,6 +1525,7 @@ mod tests {
         // text, 384 audio), 476 audio in all; 32 out, 23 of them audio.
         let session = Tokens {
             cache_read: 640,
+            audio_cache_read: 384,
             audio_input: 476 - 384,
             audio_output: 23,
             ..Tokens::plain(Some(789), Some(32))
@@ -1521,10 +1535,22 @@ mod tests {
             cost(t.lookup("gpt-realtime-2025-08-28"), None, &session),
             (57.0 * 4.0 + 92.0 * 32.0 + 640.0 * 0.40 + 9.0 * 16.0 + 23.0 * 64.0) / 1e6,
         );
-        // gpt-realtime-mini: text $0.60 / $2.40, audio $10 / $20, cached $0.06.
+        // gpt-realtime-mini: text $0.60 / $2.40, audio $10 / $20, cached text $0.06, cached
+        // audio $0.30.
         close(
             cost(t.lookup("gpt-realtime-mini"), None, &session),
-            (57.0 * 0.60 + 92.0 * 10.0 + 640.0 * 0.06 + 9.0 * 2.40 + 23.0 * 20.0) / 1e6,
+            (57.0 * 0.60 + 92.0 * 10.0 + 256.0 * 0.06 + 384.0 * 0.30 + 9.0 * 2.40 + 23.0 * 20.0)
+                / 1e6,
+        );
+        // The 2024-10-01 snapshot: audio $100 / $200, cached audio $20.
+        close(
+            cost(
+                t.lookup("gpt-4o-realtime-preview-2024-10-01"),
+                None,
+                &session,
+            ),
+            (57.0 * 5.0 + 92.0 * 100.0 + 256.0 * 2.50 + 384.0 * 20.0 + 9.0 * 20.0 + 23.0 * 200.0)
+                / 1e6,
         );
         // gpt-4o-realtime-preview: text $5 / $20, audio $40 / $80, cached $2.50.
         close(

@@ -1025,7 +1025,7 @@ impl RequestRecord {
             } => {
                 if model.is_some() {
                     self.model = model;
-                    self.price = price;
+                    self.price = price.map(|p| *p);
                 }
                 if custom_cost.is_some() {
                     self.custom_cost = custom_cost;

@@ -199,9 +199,10 @@ pub struct Tokens {
     pub cache_write: u64,
     /// Of the cache writes, those kept for an hour (Anthropic's dearer writes).
     pub cache_write_1h: u64,
-    /// Of the input not read from the cache, audio tokens (cached audio is priced as the
-    /// cache's reads are).
+    /// Of the input not read from the cache, audio tokens.
     pub audio_input: u64,
+    /// Of the cache reads, audio tokens (priced at the model's cached-audio rate).
+    pub audio_cache_read: u64,
     /// Of the input not read from the cache nor audio, image tokens.
     pub image_input: u64,
     /// Of the output, audio tokens.
@@ -273,7 +274,12 @@ impl Counts {
         add(&mut self.output, output);
         for (slot, n) in [
             (&mut self.read_inside, part.cache_read),
-            (&mut self.audio_in, part.audio_input),
+            // The audio in counts its cached part, as Gemini's `promptTokensDetails` do.
+            (
+                &mut self.audio_in,
+                part.audio_input.saturating_add(part.audio_cache_read),
+            ),
+            (&mut self.audio_cached, part.audio_cache_read),
             (&mut self.image_in, part.image_input),
             (&mut self.audio_out, part.audio_output),
         ] {
@@ -642,6 +648,7 @@ impl Usage {
             cache_write,
             cache_write_1h: n(c.write_1h).min(cache_write),
             audio_input,
+            audio_cache_read: n(c.audio_cached).min(cache_read),
             image_input: n(c.image_in).min(all - audio_input),
             audio_output,
             image_output: n(c.image_out).min(n(output) - audio_output),

@@ -520,13 +520,15 @@ struct Admitted {
 enum Used {
     /// A response's tokens (`response.done`), priced at the session's model: of the input,
     /// `cached` read from the prompt cache (`input_token_details.cached_tokens`, at the cache
-    /// rate), `audio` and `image` tokens not read from it (`audio_tokens`, `image_tokens` less
-    /// their `cached_tokens_details`); of the output, `audio_out`
-    /// (`output_token_details.audio_tokens`). Audio and images are priced at their own rates.
+    /// rate), `cached_audio` of those (`cached_tokens_details.audio_tokens`), `audio` and
+    /// `image` tokens not read from it (`audio_tokens`, `image_tokens` less their cached
+    /// ones); of the output, `audio_out` (`output_token_details.audio_tokens`). Audio and
+    /// images are priced at their own rates.
     Response {
         input: u64,
         output: u64,
         cached: u64,
+        cached_audio: u64,
         audio: u64,
         image: u64,
         audio_out: u64,
@@ -631,12 +633,14 @@ impl Session {
                 input,
                 output,
                 cached,
+                cached_audio,
                 audio,
                 image,
                 audio_out,
             } => {
                 self.record.charge_part(crate::usage::Tokens {
                     cache_read: cached,
+                    audio_cache_read: cached_audio,
                     audio_input: audio,
                     image_input: image,
                     audio_output: audio_out,
@@ -749,17 +753,18 @@ where
 {
     let (mut client_rx, mut client_tx) = tokio::io::split(client);
     let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
-    // The client ended the session first, dropping the connection without a close frame.
-    let mut client_left = false;
+    // The frames each side sent, for their close frames.
+    let (mut from_client, mut from_provider) = (Frames::client_side(), Frames::default());
+    let mut client_first = false;
     let (up, down) = {
         let to_provider = async {
-            let copied = to_provider(&mut client_rx, &mut upstream_tx).await;
+            let copied = to_provider(&mut client_rx, &mut upstream_tx, &mut from_client).await;
             // The client closed its side: so does the gateway, towards the provider.
             let _ = upstream_tx.shutdown().await;
             copied
         };
         let to_client = async {
-            let end = forward(&mut upstream_rx, &mut client_tx, &mut s).await;
+            let end = forward(&mut upstream_rx, &mut client_tx, &mut s, &mut from_provider).await;
             let _ = client_tx.shutdown().await;
             end
         };
@@ -771,7 +776,7 @@ where
                 (up, down)
             }
             up = &mut to_provider => {
-                client_left = matches!(up, Ok(false));
+                client_first = true;
                 match tokio::time::timeout(CLOSING_GRACE, &mut to_client).await {
                     Ok(down) => (Some(up), down),
                     Err(_) => (Some(up), End::Closed),
@@ -779,9 +784,19 @@ where
             }
         }
     };
+    // Once either side sent its close frame, the session is ending: the client's connection
+    // reset then (its socket closed with the provider's answering close frame unread) is part
+    // of that, not a failure.
+    let closing = from_client.close_seen || from_provider.close_seen;
+    let (up, down) = match (up, down) {
+        (Some(Err(Failed::Client(_))), down) if closing => (Some(Ok(())), down),
+        (up, End::ClientGone(_)) if closing => (up, End::Closed),
+        ended => ended,
+    };
+    // The client's side ended first with no close frame either way: the client went away.
+    let client_left = client_first && !closing;
     let record = s.record;
     match (up, down) {
-        // The provider's close answering none from the client: the client went away.
         (_, End::Closed) if client_left => {
             tracing::debug!(
                 "websocket session ended: the client dropped the connection without a close frame"
@@ -823,19 +838,22 @@ enum Failed {
     Provider(std::io::Error),
 }
 
-/// Copies what the client sends to the provider until the client closes its side; `true` when
-/// it sent a close frame before (a client that just drops the connection sends none).
-async fn to_provider<R, W>(client: &mut R, upstream: &mut W) -> Result<bool, Failed>
+/// Copies what the client sends to the provider until the client closes its side, following
+/// its `frames` (a client that just drops the connection sends no close frame).
+async fn to_provider<R, W>(
+    client: &mut R,
+    upstream: &mut W,
+    frames: &mut Frames,
+) -> Result<(), Failed>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; COPY_BUFFER];
-    let mut frames = Frames::client_side();
     loop {
         let n = client.read(&mut buf).await.map_err(Failed::Client)?;
         if n == 0 {
-            return Ok(frames.close_seen);
+            return Ok(());
         }
         frames.feed(&buf[..n]);
         upstream
@@ -848,12 +866,16 @@ where
 /// Copies what the provider sends to the client, charging each `response.done` and input audio
 /// transcription, until the
 /// provider closes, a copy fails, the usage limits run out or the gateway ends the session.
-async fn forward<R, W>(upstream: &mut R, client: &mut W, s: &mut Session) -> End
+async fn forward<R, W>(
+    upstream: &mut R,
+    client: &mut W,
+    s: &mut Session,
+    frames: &mut Frames,
+) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut frames = Frames::default();
     let mut buf = vec![0u8; COPY_BUFFER];
     loop {
         let n = tokio::select! {
@@ -864,7 +886,7 @@ where
             },
             (code, why) = s.ended() => {
                 tracing::info!(reason = why, code, log_id = crate::log_id::current().as_deref(), "websocket session ended by the gateway");
-                close(client, &frames, code, why).await;
+                close(client, frames, code, why).await;
                 return End::Ending;
             }
         };
@@ -884,7 +906,7 @@ where
             if let Some(t) = &s.tally
                 && let Err(e) = t.check(&s.metrics).await
             {
-                close(client, &frames, 1008, "usage limit reached").await;
+                close(client, frames, 1008, "usage limit reached").await;
                 return End::Limit(e);
             }
         }
@@ -1098,10 +1120,10 @@ impl Frames {
                     let cached = at("/input_token_details/cached_tokens").min(input);
                     // Of the input not read from the cache: its audio, then its images.
                     let fresh = input - cached;
+                    let cached_audio =
+                        at("/input_token_details/cached_tokens_details/audio_tokens").min(cached);
                     let audio = at("/input_token_details/audio_tokens")
-                        .saturating_sub(at(
-                            "/input_token_details/cached_tokens_details/audio_tokens",
-                        ))
+                        .saturating_sub(cached_audio)
                         .min(fresh);
                     let image = at("/input_token_details/image_tokens")
                         .saturating_sub(at(
@@ -1112,6 +1134,7 @@ impl Frames {
                         input,
                         output,
                         cached,
+                        cached_audio,
                         audio,
                         image,
                         audio_out: at("/output_token_details/audio_tokens").min(output),
@@ -1389,6 +1412,7 @@ mod tests {
                     input: 789,
                     output: 32,
                     cached: 640,
+                    cached_audio: 384,
                     audio: 92,
                     image: 10,
                     audio_out: 23
@@ -1397,6 +1421,7 @@ mod tests {
                     input: 10,
                     output: 5,
                     cached: 4,
+                    cached_audio: 0,
                     audio: 6,
                     image: 0,
                     audio_out: 5
@@ -1453,6 +1478,7 @@ mod tests {
                         input: 4,
                         output: 5,
                         cached: 0,
+                        cached_audio: 0,
                         audio: 0,
                         image: 0,
                         audio_out: 0
