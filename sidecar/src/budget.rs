@@ -19,7 +19,7 @@ use sidegate_crds::policy::{GatewayPolicy, RateLimitScope, RateLimitTechnique, S
 
 use crate::error::GatewayError;
 use crate::ratelimit::{self, Counts, window_at};
-use crate::shared::Shared;
+use crate::shared::{Shared, Wait};
 use crate::telemetry::Metrics;
 
 /// Length of a token budget window.
@@ -296,42 +296,80 @@ impl Ledger {
         w.count = w.count.saturating_add(n);
     }
 
-    /// Refuses a request when the spend limit or the token budget is used up.
+    /// Refuses a request when the spend limit or the token budget is used up; with the
+    /// gateway's Redis (and the request's [`Wait`] for it), see [`Self::check_shared`].
     pub async fn check(
         &self,
         s: &Settings,
-        shared: Option<&Shared>,
+        shared: Option<(&Shared, &Wait)>,
         metrics: &Metrics,
     ) -> Result<(), GatewayError> {
+        if let Some((r, wait)) = shared {
+            return self.check_shared(s, r, wait, metrics).await;
+        }
         if let Some(sp) = &s.spend {
             let now = unix_secs();
-            let spent = match shared {
-                Some(r) => r.spend_get(metrics, sp.period, now).await,
-                None => self.spent(sp.period, now),
-            };
-            if spent >= sp.amount {
-                let (_, end) = period_bounds(sp.period, now);
-                return Err(GatewayError::SpendLimited {
-                    amount: sp.amount,
-                    period: period_name(sp.period),
-                    retry_after: until_unix(end),
-                });
-            }
+            refuse_overspent(sp, self.spent(sp.period, now), now)?;
         }
         if let Some(t) = &s.tokens {
-            let left = match shared {
-                Some(r) if t.global => r.tokens_left(metrics, t).await,
-                _ => self.tokens_left(t, Instant::now()),
-            };
-            if let Err(retry_after) = left {
-                return Err(GatewayError::TokenBudgetSpent {
-                    per_minute: t.per_minute,
-                    retry_after,
-                });
-            }
+            refuse_out_of_tokens(t, self.tokens_left(t, Instant::now()))?;
         }
         Ok(())
     }
+
+    /// [`Self::check`] with the spend (and a global token budget) in Redis: both read at once,
+    /// one round trip's wait rather than two.
+    async fn check_shared(
+        &self,
+        s: &Settings,
+        r: &Shared,
+        wait: &Wait,
+        metrics: &Metrics,
+    ) -> Result<(), GatewayError> {
+        let now = unix_secs();
+        let spent = async {
+            match &s.spend {
+                Some(sp) => Some(r.spend_get(metrics, wait, sp.period, now).await),
+                None => None,
+            }
+        };
+        let left = async {
+            match &s.tokens {
+                Some(t) if t.global => Some(r.tokens_left(metrics, wait, t).await),
+                Some(t) => Some(self.tokens_left(t, Instant::now())),
+                None => None,
+            }
+        };
+        let (spent, left) = tokio::join!(spent, left);
+        if let (Some(sp), Some(spent)) = (&s.spend, spent) {
+            refuse_overspent(sp, spent, now)?;
+        }
+        if let (Some(t), Some(left)) = (&s.tokens, left) {
+            refuse_out_of_tokens(t, left)?;
+        }
+        Ok(())
+    }
+}
+
+/// The spend limit's refusal when `spent` (at `now`, Unix seconds) reached it.
+fn refuse_overspent(sp: &SpendSettings, spent: f64, now: u64) -> Result<(), GatewayError> {
+    if spent < sp.amount {
+        return Ok(());
+    }
+    let (_, end) = period_bounds(sp.period, now);
+    Err(GatewayError::SpendLimited {
+        amount: sp.amount,
+        period: period_name(sp.period),
+        retry_after: until_unix(end),
+    })
+}
+
+/// The token budget's refusal when `left` says it is spent.
+fn refuse_out_of_tokens(t: &TokenSettings, left: Result<(), Duration>) -> Result<(), GatewayError> {
+    left.map_err(|retry_after| GatewayError::TokenBudgetSpent {
+        per_minute: t.per_minute,
+        retry_after,
+    })
 }
 
 /// What a finished request adds to the limits: kept by its record while the response streams.
@@ -375,8 +413,14 @@ impl Tally {
     /// Whether the limits still have room (as [`Ledger::check`]), for a long answer charged in
     /// parts (a WebSocket session) that must stop when they run out.
     pub async fn check(&self, metrics: &Metrics) -> Result<(), GatewayError> {
+        // Each check is the session's own wait for Redis, as a request's would be.
+        let wait = Wait::default();
         self.ledger
-            .check(&self.settings, self.shared.as_deref(), metrics)
+            .check(
+                &self.settings,
+                self.shared.as_deref().map(|r| (r, &wait)),
+                metrics,
+            )
             .await
     }
 

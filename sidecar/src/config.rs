@@ -155,6 +155,43 @@ fn refuse_unknown_spec_fields(text: &str) -> Result<(), String> {
     }
 }
 
+/// Why `gateway.namespace` or `gateway.name` cannot be a Kubernetes namespace or AIGateway
+/// name, as the operator renders them (a DNS label; a DNS subdomain). Anything else could make
+/// two gateways one in Redis: `sidegate:{namespace/name}:` would be the prefix of a standalone
+/// gateway named `namespace/name` too.
+fn identity_problem(gateway: &sidegate_crds::GatewayIdentity) -> Option<String> {
+    if let Some(ns) = &gateway.namespace
+        && !is_dns_label(ns)
+    {
+        return Some(format!(
+            "gateway.namespace {ns:?} is not a Kubernetes namespace name (at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit)"
+        ));
+    }
+    if let Some(name) = &gateway.name
+        && !is_dns_subdomain(name)
+    {
+        return Some(format!(
+            "gateway.name {name:?} is not a Kubernetes object name (at most 253 lowercase letters, digits, '-' and '.', starting and ending with a letter or digit): it names the gateway in its URLs and its keys in Redis"
+        ));
+    }
+    None
+}
+
+/// RFC 1123 label, as Kubernetes names namespaces.
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+/// RFC 1123 subdomain, as Kubernetes names most objects (AIGateways among them).
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 /// Reads and validates the config file and keys directory.
 pub fn load(src: &Sources) -> Result<Snapshot, ConfigError> {
     load_with(src, read_config(&src.config)?)
@@ -194,6 +231,7 @@ pub fn load_with(src: &Sources, raw: Vec<u8>) -> Result<Snapshot, ConfigError> {
     if !problems.is_empty() {
         return Err(invalid(problems.join("; ")));
     }
+    identity_problem(&config.gateway).map_or(Ok(()), |p| Err(invalid(p)))?;
     let keys = match &src.keys_dir {
         Some(dir) => KeyStore::load(dir)?,
         None => KeyStore::default(),
@@ -554,6 +592,46 @@ mod tests {
         ] {
             let snap = load_with(named).unwrap_or_else(|e| panic!("{named}: {e}"));
             assert!(snap.shared.is_some());
+        }
+    }
+
+    #[test]
+    fn gateway_names_that_are_no_kubernetes_names_are_refused_by_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load_with = |gateway: &str| {
+            load(&write_config(
+                dir.path(),
+                &format!("schemaVersion: 1\ngateway: {gateway}\nspec: {{}}\n"),
+            ))
+        };
+        // A standalone `team-a/main` would have the Redis prefix of `main` in `team-a`.
+        for (gateway, field) in [
+            ("{name: team-a/main}", "gateway.name \"team-a/main\""),
+            ("{name: 'a:b'}", "gateway.name"),
+            ("{name: Main}", "gateway.name"),
+            ("{name: main.}", "gateway.name"),
+            ("{name: a..b}", "gateway.name"),
+            ("{name: ''}", "gateway.name"),
+            (
+                "{namespace: team.a, name: main}",
+                "gateway.namespace \"team.a\"",
+            ),
+            ("{namespace: 'team-a/x', name: main}", "gateway.namespace"),
+            ("{namespace: -a, name: main}", "gateway.namespace"),
+        ] {
+            let err = load_with(gateway).expect_err(gateway).to_string();
+            assert!(err.contains(field), "{gateway}: {err}");
+        }
+        // What the operator renders: a namespace (DNS label) and an AIGateway name (DNS
+        // subdomain, dots allowed).
+        let long = "a".repeat(63);
+        for gateway in [
+            "{namespace: team-a, name: main}".to_owned(),
+            "{namespace: t1, name: gw.v2-eu}".to_owned(),
+            "{name: demo}".to_owned(),
+            format!("{{namespace: {long}, name: {long}.{long}}}"),
+        ] {
+            load_with(&gateway).unwrap_or_else(|e| panic!("{gateway}: {e}"));
         }
     }
 

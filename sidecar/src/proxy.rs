@@ -140,19 +140,22 @@ impl Gateway {
         fresh
     }
 
-    /// The cached response of `key` in `sink`, if any.
+    /// The cached response of `key` in `sink`, if any; `Err` when Redis could not be read.
     async fn cache_get(
         &self,
         sink: &cache::Sink,
         key: &cache::Key,
-    ) -> Option<crate::shared::CachedResponse> {
+        wait: &crate::shared::Wait,
+    ) -> Result<Option<crate::shared::CachedResponse>, crate::shared::Unreadable> {
         match sink {
-            cache::Sink::Redis(shared, _) => shared.cache_get(&self.metrics, key).await,
-            cache::Sink::Memory(store) => store.get(key).map(|e| crate::shared::CachedResponse {
-                status: e.status,
-                headers: e.headers.clone(),
-                body: e.body.clone(),
-            }),
+            cache::Sink::Redis(shared, _) => shared.cache_get(&self.metrics, wait, key).await,
+            cache::Sink::Memory(store) => {
+                Ok(store.get(key).map(|e| crate::shared::CachedResponse {
+                    status: e.status,
+                    headers: e.headers.clone(),
+                    body: e.body.clone(),
+                }))
+            }
         }
     }
 
@@ -296,7 +299,7 @@ impl Gateway {
     /// Looks a request up in the response cache and answers a hit: `want` from [`cache::want`],
     /// `None` also for a request that is not [`cache::cacheable`] (a status poll, a run or a
     /// deletion is answered by the provider every time). `following` runs when the request is
-    /// to wait for an identical one's answer.
+    /// to wait for an identical one's answer. `wait` is the request's for Redis.
     #[allow(clippy::too_many_arguments)] // the request's parts, each from where it was read
     pub(crate) async fn cache_lookup(
         &self,
@@ -306,6 +309,7 @@ impl Gateway {
         parts: &http::request::Parts,
         start: Instant,
         opts: &LogOptions<'_>,
+        wait: &crate::shared::Wait,
         following: impl FnOnce(),
     ) -> Cached {
         let Some(want) = want else {
@@ -327,9 +331,14 @@ impl Gateway {
                 (cache::Sink::Memory(store), max_entry)
             }
         };
-        let mut found = self.cache_get(&sink, &key).await;
+        let (mut found, readable) = match self.cache_get(&sink, &key, wait).await {
+            Ok(found) => (found, true),
+            Err(_) => (None, false),
+        };
         let mut flight = None;
-        if found.is_none() {
+        // Redis unreadable: an identical request's answer could not be stored for this one
+        // either (README: then they go upstream at once), so none waits for another.
+        if found.is_none() && readable {
             match self.flights.join(key) {
                 cache::Flight::Leader(guard) => flight = Some(guard),
                 cache::Flight::Follower(leader) => {
@@ -341,7 +350,7 @@ impl Gateway {
                         request_timeout(GatewayHeaders::scan(&parts.headers), snap.request_timeout)
                             .unwrap_or(cache::COALESCE_WAIT);
                     cache::wait_for_leader(leader, own.min(cache::COALESCE_WAIT)).await;
-                    found = self.cache_get(&sink, &key).await;
+                    found = self.cache_get(&sink, &key, wait).await.ok().flatten();
                 }
             }
         }
@@ -643,26 +652,58 @@ impl Gateway {
 
     /// The rate limit (which counts the request), then the spend limit and token budget: the
     /// last checks before a request admitted and authenticated goes on (those it refuses, and
-    /// the refusals before, are not counted).
-    async fn check_limits(&self, snap: &Snapshot) -> Result<(), GatewayError> {
+    /// the refusals before, are not counted). `wait` is the request's for Redis.
+    async fn check_limits(
+        &self,
+        snap: &Snapshot,
+        wait: &crate::shared::Wait,
+    ) -> Result<(), GatewayError> {
+        if let Some(shared) = &snap.shared {
+            return self.check_limits_shared(snap, shared, wait).await;
+        }
         if let Some(rl) = &snap.rate_limit
-            && let Err(retry_after) = match (&snap.shared, rl.global) {
-                (Some(shared), true) => shared.rate_check(&self.metrics, rl).await,
-                _ => self.limiter.check(rl, Instant::now()),
-            }
+            && let Err(retry_after) = self.limiter.check(rl, Instant::now())
         {
-            return Err(GatewayError::RateLimited {
-                limit: rl.limit,
-                interval: rl.interval,
-                retry_after,
-            });
+            return Err(rate_limited(rl, retry_after));
         }
         if let Some(b) = &snap.budgets {
-            self.ledger
-                .check(b, snap.shared.as_deref(), &self.metrics)
-                .await?;
+            self.ledger.check(b, None, &self.metrics).await?;
         }
         Ok(())
+    }
+
+    /// [`Self::check_limits`] with the gateway's Redis: the rate limit, the spend and the token
+    /// budget asked at once, one round trip's wait rather than three. Only the rate limit
+    /// counts the request (the others read), so a request it refuses is charged nowhere, and
+    /// one the others refuse stays counted by it, as when they are asked one after the other.
+    async fn check_limits_shared(
+        &self,
+        snap: &Snapshot,
+        shared: &crate::shared::Shared,
+        wait: &crate::shared::Wait,
+    ) -> Result<(), GatewayError> {
+        let rate = async {
+            match &snap.rate_limit {
+                Some(rl) if rl.global => shared.rate_check(&self.metrics, wait, rl).await,
+                Some(rl) => self.limiter.check(rl, Instant::now()),
+                None => Ok(()),
+            }
+        };
+        let budgets = async {
+            match &snap.budgets {
+                Some(b) => {
+                    self.ledger
+                        .check(b, Some((shared, wait)), &self.metrics)
+                        .await
+                }
+                None => Ok(()),
+            }
+        };
+        let (rate, budgets) = tokio::join!(rate, budgets);
+        if let (Some(rl), Err(retry_after)) = (&snap.rate_limit, rate) {
+            return Err(rate_limited(rl, retry_after));
+        }
+        budgets
     }
 
     async fn proxy(
@@ -735,12 +776,24 @@ impl Gateway {
                     .map_err(|e| (None, e))?,
             );
         }
+        // What the request has waited for the gateway's Redis (its limits, cache, route nodes).
+        let redis_wait = crate::shared::Wait::default();
         let (route, provider) = match served {
             Served::Provider(route, provider) => (route, provider),
             Served::Compat(rest) => {
-                self.check_limits(snap).await.map_err(|e| (None, e))?;
+                self.check_limits(snap, &redis_wait)
+                    .await
+                    .map_err(|e| (None, e))?;
                 return crate::compat::serve(
-                    self, snap, parts, rest, body, start, &opts, admission,
+                    self,
+                    snap,
+                    parts,
+                    rest,
+                    body,
+                    start,
+                    &opts,
+                    admission,
+                    &redis_wait,
                 )
                 .await;
             }
@@ -750,8 +803,11 @@ impl Gateway {
                 admission
                     .allow_client_key(false, snap, &parts.headers, None)
                     .map_err(|e| (None, e))?;
-                self.check_limits(snap).await.map_err(|e| (None, e))?;
-                return crate::universal::serve(self, snap, parts, body, start, &opts).await;
+                self.check_limits(snap, &redis_wait)
+                    .await
+                    .map_err(|e| (None, e))?;
+                return crate::universal::serve(self, snap, parts, body, start, &opts, &redis_wait)
+                    .await;
             }
         };
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
@@ -810,7 +866,7 @@ impl Gateway {
             .transpose()
             .map_err(fail)?;
         // The route and every header checked: the limits count the request now.
-        self.check_limits(snap).await.map_err(fail)?;
+        self.check_limits(snap, &redis_wait).await.map_err(fail)?;
         let Some((want, retries)) = checked else {
             let up = crate::websocket::Upgrade {
                 provider,
@@ -916,6 +972,7 @@ impl Gateway {
                 parts,
                 start,
                 &opts,
+                &redis_wait,
                 || {},
             )
             .await;
@@ -1164,6 +1221,15 @@ impl ServedBy {
             model,
             step,
         }
+    }
+}
+
+/// The refusal of `spec.rateLimit` `rl`, to retry after `retry_after`.
+fn rate_limited(rl: &crate::ratelimit::Settings, retry_after: Duration) -> GatewayError {
+    GatewayError::RateLimited {
+        limit: rl.limit,
+        interval: rl.interval,
+        retry_after,
     }
 }
 

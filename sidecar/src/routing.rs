@@ -23,7 +23,7 @@ use sidegate_crds::routes::{Compiled, Graph, Node};
 
 use crate::error::GatewayError;
 use crate::ratelimit::{Keyed, Limiter, Settings as RateSettings};
-use crate::shared::{RouteWindows, Shared};
+use crate::shared::{RouteWindows, Shared, Wait};
 use crate::telemetry::Metrics;
 
 /// The gateway's Redis, for the nodes that count there, and the metrics its failures go to.
@@ -108,7 +108,8 @@ impl std::fmt::Debug for Window {
 
 impl Window {
     /// Counts a request under `s` if it is within the limit; else the wait until one would be.
-    async fn check(&self, s: &RateSettings, now: Instant) -> Result<Held, Duration> {
+    /// `wait` is the request's for Redis.
+    async fn check(&self, s: &RateSettings, now: Instant, wait: &Wait) -> Result<Held, Duration> {
         match self {
             Self::Pod(l) => l.check(s, now).map(|()| Held::Pod(now)),
             Self::Redis {
@@ -116,21 +117,22 @@ impl Window {
                 metrics,
                 windows,
             } => shared
-                .route_rate_check(metrics, windows, s)
+                .route_rate_check(metrics, wait, windows, s)
                 .await
                 .map(|w| w.map_or(Held::Nothing, Held::Redis)),
         }
     }
 
     /// Whether a budget node's window has room under `s`; else the wait until it has.
-    async fn room(&self, s: &RateSettings, now: Instant) -> Result<(), Duration> {
+    /// `wait` is the request's for Redis.
+    async fn room(&self, s: &RateSettings, now: Instant, wait: &Wait) -> Result<(), Duration> {
         match self {
             Self::Pod(l) => l.room(s, now),
             Self::Redis {
                 shared,
                 metrics,
                 windows,
-            } => shared.route_room(metrics, windows, s).await,
+            } => shared.route_room(metrics, wait, windows, s).await,
         }
     }
 
@@ -425,7 +427,12 @@ impl<'a> Walk<'a> {
     }
 
     /// The next target to try, given the request's metadata; `None` when the walk ends.
-    pub async fn next_target(&mut self, metadata: &Map<String, Value>) -> Option<&'a Target> {
+    /// `redis_wait` is the request's for the gateway's Redis.
+    pub async fn next_target(
+        &mut self,
+        metadata: &Map<String, Value>,
+        redis_wait: &Wait,
+    ) -> Option<&'a Target> {
         match &mut self.0 {
             Position::Chain { targets, next } => {
                 let t = targets.get(*next)?;
@@ -480,27 +487,29 @@ impl<'a> Walk<'a> {
                     } => match routing.node_window((name, id), node, metadata, redis.as_ref()) {
                         // Counted as the walk passes (requests waiting on guardrails or the
                         // cache at the same time see it), given back unless sent.
-                        Some((window, settings, now)) => match window.check(&settings, now).await {
-                            Ok(held) => {
-                                counted.push(Reserved {
-                                    window,
-                                    settings,
-                                    held,
-                                });
-                                Some(next)
+                        Some((window, settings, now)) => {
+                            match window.check(&settings, now, redis_wait).await {
+                                Ok(held) => {
+                                    counted.push(Reserved {
+                                        window,
+                                        settings,
+                                        held,
+                                    });
+                                    Some(next)
+                                }
+                                Err(retry_after) => {
+                                    *limited = Some(Limited::Rate {
+                                        route: (*name).clone(),
+                                        node: id.clone(),
+                                        limit: *limit,
+                                        interval: *interval,
+                                        key: key.clone(),
+                                        retry_after,
+                                    });
+                                    Some(fallback)
+                                }
                             }
-                            Err(retry_after) => {
-                                *limited = Some(Limited::Rate {
-                                    route: (*name).clone(),
-                                    node: id.clone(),
-                                    limit: *limit,
-                                    interval: *interval,
-                                    key: key.clone(),
-                                    retry_after,
-                                });
-                                Some(fallback)
-                            }
-                        },
+                        }
                         None => Some(next),
                     },
                     Node::Budget {
@@ -510,26 +519,28 @@ impl<'a> Walk<'a> {
                         fallback,
                         ..
                     } => match routing.node_window((name, id), node, metadata, redis.as_ref()) {
-                        Some((window, settings, now)) => match window.room(&settings, now).await {
-                            Ok(()) => {
-                                charged.push(BudgetCharge {
-                                    window,
-                                    settings,
-                                    unpriced: routing.unpriced.clone(),
-                                });
-                                Some(next)
+                        Some((window, settings, now)) => {
+                            match window.room(&settings, now, redis_wait).await {
+                                Ok(()) => {
+                                    charged.push(BudgetCharge {
+                                        window,
+                                        settings,
+                                        unpriced: routing.unpriced.clone(),
+                                    });
+                                    Some(next)
+                                }
+                                Err(retry_after) => {
+                                    *limited = Some(Limited::Budget {
+                                        route: (*name).clone(),
+                                        node: id.clone(),
+                                        limit: *limit,
+                                        key: key.clone(),
+                                        retry_after,
+                                    });
+                                    Some(fallback)
+                                }
                             }
-                            Err(retry_after) => {
-                                *limited = Some(Limited::Budget {
-                                    route: (*name).clone(),
-                                    node: id.clone(),
-                                    limit: *limit,
-                                    key: key.clone(),
-                                    retry_after,
-                                });
-                                Some(fallback)
-                            }
-                        },
+                        }
                         None => Some(next),
                     },
                     Node::Model { target, next } => {
@@ -685,7 +696,7 @@ mod tests {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .expect("runtime")
-            .block_on(walk.next_target(m))
+            .block_on(walk.next_target(m, &Wait::default()))
     }
 
     fn meta(v: Value) -> Map<String, Value> {

@@ -5,12 +5,13 @@
 //!
 //! Redis is a help, not a dependency of serving: when it cannot be reached in time the gateway
 //! fails open (a cache miss, a request allowed), counts the error in
-//! `sidegate_redis_errors_total` and warns at most every 10 s. Keys are prefixed
+//! `sidegate_redis_errors_total` and warns at most every 10 s. A request waits for Redis at most
+//! [`REQUEST_WAIT`] in all, however many calls it makes ([`Wait`]). Keys are prefixed
 //! `sidegate:{namespace/name}:`, so gateways can share one Redis.
 
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -32,9 +33,20 @@ const TIMEOUT: Duration = Duration::from_millis(250);
 const BACKOFF: Duration = Duration::from_secs(1);
 /// At most one warning about Redis failures per this period.
 const WARN_EVERY: Duration = Duration::from_secs(10);
-/// Timeouts in a row after which the connection is dropped and made anew (a connection whose
-/// peer vanished may otherwise time out until the kernel gives up on it, many minutes).
+/// Timeouts in a row (each starting a back-off: calls that fail together count once) after
+/// which the connection is dropped and made anew (a connection whose peer vanished may
+/// otherwise time out until the kernel gives up on it, many minutes).
 const RESET_AFTER: u64 = 3;
+/// Refused commands in a row (nothing answered in between) after which the connection is made
+/// anew: the redis crate's `ConnectionManager` keeps a reconnect that failed other than by I/O
+/// (a `SELECT` refused) and answers every command with that error for good. A Redis refusing
+/// only some commands (writes when out of memory, a read-only replica) answers the others, so
+/// its connection stays.
+const REPLACE_AFTER: u64 = 16;
+/// How long one request waits for Redis in all: its limits, its cache reads and its route
+/// nodes together wait about one answer's bound, not one each. Past it, its other Redis calls
+/// fail open at once.
+pub const REQUEST_WAIT: Duration = TIMEOUT.saturating_mul(2);
 
 /// Fixed or sliding window in one script: allowed when `prev × remaining + (cur + 1) × interval
 /// <= limit × interval` (ARGV 3 and 4, in milliseconds; a fixed window passes remaining 0), as
@@ -90,13 +102,17 @@ pub struct Shared {
     /// SHA-256 of the URL: a reload with the same Redis keeps this client and its connection.
     target: [u8; 32],
     conn: std::sync::Mutex<Option<ConnectionManager>>,
-    /// Held while connecting: the others wait for that connection (at most as long as it may
-    /// take to make), rather than each making its own or going uncounted.
+    /// Held while connecting: the others wait for that connection (within what their requests
+    /// have left of [`REQUEST_WAIT`]), rather than each making its own or going uncounted.
     connecting: tokio::sync::Mutex<()>,
     /// After a failure, Redis is not tried until this ends.
     backoff: Backoff,
     /// Timeouts in a row.
     timeouts: AtomicU64,
+    /// Refused commands in a row.
+    refusals: AtomicU64,
+    /// Redis failed (or could not be reached) since it last answered: its next answer is logged.
+    down: AtomicBool,
     prefix: String,
     script: ::redis::Script,
     release: ::redis::Script,
@@ -129,6 +145,8 @@ impl Shared {
             connecting: tokio::sync::Mutex::default(),
             backoff: Backoff::default(),
             timeouts: AtomicU64::new(0),
+            refusals: AtomicU64::new(0),
+            down: AtomicBool::new(false),
             prefix: format!("sidegate:{gateway}:"),
             script: ::redis::Script::new(RATE_SCRIPT),
             release: ::redis::Script::new(RELEASE_SCRIPT),
@@ -146,6 +164,7 @@ impl Shared {
     }
 
     fn mark_down(&self) {
+        self.down.store(true, Ordering::Relaxed);
         self.backoff.start(monotonic_ms());
     }
 
@@ -159,20 +178,22 @@ impl Shared {
         self.slot().clone()
     }
 
-    /// The connection, made on first use. Requests that come while it is made wait for it (a
-    /// burst at a pod's start would otherwise all go uncounted by the limits, failing open);
-    /// for [`BACKOFF`] after a failure (with a connection made already too: one that just
-    /// failed would make each request wait for its timeout again) they are told Redis is
-    /// unavailable at once.
-    async fn conn(&self) -> ::redis::RedisResult<ConnectionManager> {
+    /// The connection, made on first use, by `deadline`. Requests that come while it is made
+    /// wait for it (a burst at a pod's start would otherwise all go uncounted by the limits,
+    /// failing open); for [`BACKOFF`] after a failure (with a connection made already too: one
+    /// that just failed would make each request wait for its timeout again) they are told Redis
+    /// is unavailable at once.
+    async fn conn(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> ::redis::RedisResult<ConnectionManager> {
         if self.backoff.active(monotonic_ms()) {
             return Err(Self::unavailable("redis unavailable (retrying shortly)"));
         }
         if let Some(c) = self.cached_conn() {
             return Ok(c);
         }
-        // Making a connection is bounded by `TIMEOUT * 2`: so is the wait for another's.
-        let Ok(_connecting) = tokio::time::timeout(TIMEOUT * 2, self.connecting.lock()).await
+        let Ok(_connecting) = tokio::time::timeout_at(deadline, self.connecting.lock()).await
         else {
             return Err(Self::unavailable("redis connection being made"));
         };
@@ -185,50 +206,96 @@ impl Shared {
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
-            // An answer may take twice as long as connecting (as `call` bounds it).
+            // An answer may take twice as long as connecting (as a request's wait allows).
             .set_response_timeout(Some(TIMEOUT * 2))
             .set_number_of_retries(0);
-        let made = tokio::time::timeout(
-            TIMEOUT * 2,
+        let began = tokio::time::Instant::now();
+        let made = tokio::time::timeout_at(
+            deadline,
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
-        .await
-        .unwrap_or_else(|_| Err(Self::unavailable("redis connection timed out")));
+        .await;
         match made {
-            Ok(c) => {
+            Ok(Ok(c)) => {
                 *self.slot() = Some(c.clone());
                 Ok(c)
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 self.mark_down();
                 Err(e)
             }
+            Err(_) if timed_out(began.elapsed()) => {
+                self.mark_down();
+                Err(Self::unavailable("redis connection timed out"))
+            }
+            // Cut short by the request's own wait: the next request tries again.
+            Err(_) => Err(Self::unavailable(WAIT_SPENT)),
         }
     }
 
-    /// Runs one Redis operation, bounded in time whatever the connection does; failures make
-    /// the next requests go without Redis for [`BACKOFF`], and [`RESET_AFTER`] timeouts in a
-    /// row drop the connection for a new one.
+    /// Runs one Redis operation within what `wait` has left, bounded in time whatever the
+    /// connection does. What a failure says about Redis ([`Verdict`]) decides what follows:
+    /// the next requests go without Redis for [`BACKOFF`], the connection is made anew.
     async fn call<T>(
         &self,
+        wait: &Wait,
         op: impl AsyncFnOnce(&mut ConnectionManager) -> ::redis::RedisResult<T>,
     ) -> ::redis::RedisResult<T> {
-        let mut c = self.conn().await?;
-        let result = tokio::time::timeout(TIMEOUT * 2, op(&mut c))
-            .await
-            .unwrap_or_else(|_| Err(Self::unavailable("redis answer timed out")));
-        match &result {
-            Ok(_) => self.timeouts.store(0, Ordering::Relaxed),
-            Err(e) if e.is_timeout() || e.kind() == ::redis::ErrorKind::Io => {
-                self.mark_down();
-                if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= RESET_AFTER {
-                    self.timeouts.store(0, Ordering::Relaxed);
-                    *self.slot() = None;
-                }
+        let Some(waiting) = wait.begin(Instant::now()) else {
+            return Err(Self::unavailable(WAIT_SPENT));
+        };
+        let deadline = tokio::time::Instant::now() + waiting.bound;
+        let mut c = self.conn(deadline).await?;
+        let asked = tokio::time::Instant::now();
+        let result = match tokio::time::timeout_at(deadline, op(&mut c)).await {
+            Ok(result) => result,
+            Err(_) if timed_out(asked.elapsed()) => {
+                Err(Self::unavailable("redis answer timed out"))
             }
-            Err(_) => {}
+            // Cut short by the request's own wait: that says nothing about Redis.
+            Err(_) => return Err(Self::unavailable(WAIT_SPENT)),
+        };
+        drop(waiting);
+        match &result {
+            Ok(_) => self.answered(),
+            Err(e) => self.judge(verdict(e)),
         }
         result
+    }
+
+    /// Redis answered: the failures in a row end, and its return after any is logged once.
+    fn answered(&self) {
+        // Loads first: every pod's request answers here, and a store would take the cache line.
+        for in_a_row in [&self.timeouts, &self.refusals] {
+            if in_a_row.load(Ordering::Relaxed) != 0 {
+                in_a_row.store(0, Ordering::Relaxed);
+            }
+        }
+        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!("redis reachable again");
+        }
+    }
+
+    /// Acts on what a failed call says about Redis and its connection.
+    fn judge(&self, verdict: Verdict) {
+        let replace = match verdict {
+            Verdict::Down => {
+                // Calls made at once (a request's limits) that fail together are one failure.
+                let first = !self.backoff.active(monotonic_ms());
+                self.mark_down();
+                first && self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= RESET_AFTER
+            }
+            Verdict::Unusable => {
+                self.mark_down();
+                true
+            }
+            Verdict::Refused => self.refusals.fetch_add(1, Ordering::Relaxed) + 1 >= REPLACE_AFTER,
+        };
+        if replace {
+            self.timeouts.store(0, Ordering::Relaxed);
+            self.refusals.store(0, Ordering::Relaxed);
+            *self.slot() = None;
+        }
     }
 
     fn failed(&self, metrics: &Metrics, what: &str, e: &::redis::RedisError) {
@@ -238,10 +305,16 @@ impl Shared {
         }
     }
 
-    /// The cached response of `key`, if any.
-    pub async fn cache_get(&self, metrics: &Metrics, key: &Key) -> Option<CachedResponse> {
+    /// The cached response of `key`, if any; `Err` when the cache could not be read (Redis
+    /// failed, or is skipped after a failure): nothing read now is likely to be stored either.
+    pub async fn cache_get(
+        &self,
+        metrics: &Metrics,
+        wait: &Wait,
+        key: &Key,
+    ) -> Result<Option<CachedResponse>, Unreadable> {
         let got: ::redis::RedisResult<Option<Vec<u8>>> = self
-            .call(async |c| {
+            .call(wait, async |c| {
                 ::redis::cmd("GET")
                     .arg(self.cache_key(key))
                     .query_async(c)
@@ -249,10 +322,10 @@ impl Shared {
             })
             .await;
         match got {
-            Ok(v) => v.and_then(|raw| decode(&raw)),
+            Ok(v) => Ok(v.and_then(|raw| decode(&raw))),
             Err(e) => {
                 self.failed(metrics, "cache read", &e);
-                None
+                Err(Unreadable)
             }
         }
     }
@@ -272,7 +345,7 @@ impl Shared {
             let raw = encode(&response);
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             let done: ::redis::RedisResult<()> = this
-                .call(async |c| {
+                .call(&Wait::default(), async |c| {
                     ::redis::cmd("SET")
                         .arg(this.cache_key(&key))
                         .arg(raw)
@@ -297,12 +370,15 @@ impl Shared {
     pub async fn rate_check(
         &self,
         metrics: &Metrics,
+        wait: &Wait,
         s: &ratelimit::Settings,
     ) -> Result<(), Duration> {
         let interval_ms = millis(s.interval);
         // The limit and interval are part of the key: a changed limit counts afresh.
         let key = |i: u64| format!("{}rl:{}:{}:{i}", self.prefix, s.limit, interval_ms);
-        self.count_in(metrics, s, key, "rate limit").await.map(drop)
+        self.count_in(metrics, wait, s, key, "rate limit")
+            .await
+            .map(drop)
     }
 
     /// Counts a request in the windows `key` names (by window number) under `s`, as
@@ -311,6 +387,7 @@ impl Shared {
     async fn count_in(
         &self,
         metrics: &Metrics,
+        wait: &Wait,
         s: &ratelimit::Settings,
         key: impl Fn(u64) -> String,
         what: &str,
@@ -321,7 +398,7 @@ impl Shared {
         let into = now % interval_ms;
         let remaining = if s.sliding { interval_ms - into } else { 0 };
         let counted: ::redis::RedisResult<(i64, u64, u64)> = self
-            .call(async |c| {
+            .call(wait, async |c| {
                 self.script
                     .key(key(index))
                     .key(key(index.saturating_sub(1)))
@@ -382,10 +459,11 @@ impl Shared {
     pub async fn route_rate_check(
         &self,
         metrics: &Metrics,
+        wait: &Wait,
         w: &RouteWindows,
         s: &ratelimit::Settings,
     ) -> Result<Option<u64>, Duration> {
-        self.count_in(metrics, s, |i| w.key(i), "route rate node")
+        self.count_in(metrics, wait, s, |i| w.key(i), "route rate node")
             .await
     }
 
@@ -395,7 +473,9 @@ impl Shared {
         let key = w.key(window);
         tokio::spawn(async move {
             let done: ::redis::RedisResult<i64> = this
-                .call(async |c| this.release.key(&key).invoke_async(c).await)
+                .call(&Wait::default(), async |c| {
+                    this.release.key(&key).invoke_async(c).await
+                })
                 .await;
             if let Err(e) = done {
                 this.failed(&metrics, "route rate node release", &e);
@@ -420,12 +500,13 @@ impl Shared {
     pub async fn route_room(
         &self,
         metrics: &Metrics,
+        wait: &Wait,
         w: &RouteWindows,
         s: &ratelimit::Settings,
     ) -> Result<(), Duration> {
         let (index, into) = w.at(unix_ms());
         let got: ::redis::RedisResult<(Option<u64>, Option<u64>)> = self
-            .call(async |c| {
+            .call(wait, async |c| {
                 ::redis::cmd("MGET")
                     .arg(w.key(index))
                     .arg(w.key(index.saturating_sub(1)))
@@ -459,10 +540,16 @@ impl Shared {
     }
 
     /// The gateway's spend in the period holding `now` (Unix seconds); 0 when Redis fails.
-    pub async fn spend_get(&self, metrics: &Metrics, period: SpendPeriod, now: u64) -> f64 {
+    pub async fn spend_get(
+        &self,
+        metrics: &Metrics,
+        wait: &Wait,
+        period: SpendPeriod,
+        now: u64,
+    ) -> f64 {
         let (start, _) = budget::period_bounds(period, now);
         let got: ::redis::RedisResult<Option<f64>> = self
-            .call(async |c| {
+            .call(wait, async |c| {
                 ::redis::cmd("GET")
                     .arg(self.spend_key(period, start))
                     .query_async(c)
@@ -511,7 +598,7 @@ impl Shared {
         let this = self.clone();
         tokio::spawn(async move {
             let done: ::redis::RedisResult<()> = this
-                .call(async |c| {
+                .call(&Wait::default(), async |c| {
                     let mut pipe = ::redis::pipe();
                     for (key, ttl_ms) in &keys {
                         pipe.cmd(incr)
@@ -546,11 +633,12 @@ impl Shared {
     pub async fn tokens_left(
         &self,
         metrics: &Metrics,
+        wait: &Wait,
         s: &budget::TokenSettings,
     ) -> Result<(), Duration> {
         let (index, into) = Self::token_window();
         let got: ::redis::RedisResult<(Option<u64>, Option<u64>)> = self
-            .call(async |c| {
+            .call(wait, async |c| {
                 ::redis::cmd("MGET")
                     .arg(self.tokens_key(index))
                     .arg(self.tokens_key(index.saturating_sub(1)))
@@ -622,6 +710,115 @@ fn monotonic_ms() -> u64 {
     u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Why a call failed without asking Redis, or without waiting for its answer: the request (or
+/// the background write) had waited for Redis [`REQUEST_WAIT`] in all.
+const WAIT_SPENT: &str = "redis not waited for: this request waited for it 500 ms in all";
+
+/// Whether a wait of `waited` that ended without an answer was Redis's timeout: a wait cut
+/// shorter than [`TIMEOUT`] by what the request had left of [`REQUEST_WAIT`] says nothing of
+/// Redis (a Redis 400 ms away answers each request's first call in time, not its second).
+fn timed_out(waited: Duration) -> bool {
+    waited >= TIMEOUT
+}
+
+/// What a failed call says about Redis and its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// No answer in time, the connection broke, or Redis cannot serve now (loading its data,
+    /// its primary down): skipped for [`BACKOFF`]; [`RESET_AFTER`] in a row make the
+    /// connection anew.
+    Down,
+    /// The connection can serve nothing: authentication refused (the `ConnectionManager`'s
+    /// reconnect to a Redis restarted with another password, kept for good), no password
+    /// given where one is needed, an answer that is no Redis reply. Skipped for [`BACKOFF`],
+    /// then made anew.
+    Unusable,
+    /// This command was refused (a write out of memory, a read-only replica, a script error):
+    /// the connection serves the others; [`REPLACE_AFTER`] in a row make it anew.
+    Refused,
+}
+
+fn verdict(e: &::redis::RedisError) -> Verdict {
+    use ::redis::{ErrorKind as K, ServerErrorKind as S};
+    match e.kind() {
+        K::Io | K::Server(S::BusyLoading | S::MasterDown | S::ClusterDown | S::TryAgain) => {
+            Verdict::Down
+        }
+        K::AuthenticationFailed
+        | K::InvalidClientConfig
+        | K::Client
+        | K::Parse
+        | K::RESP3NotSupported => Verdict::Unusable,
+        _ if e.code() == Some("NOAUTH") => Verdict::Unusable,
+        _ => Verdict::Refused,
+    }
+}
+
+/// How long one request (or one background write) has waited for Redis: the time any of its
+/// calls was waiting (calls made at once count once). Once it reaches [`REQUEST_WAIT`] its
+/// other calls fail open at once.
+#[derive(Debug, Default)]
+pub struct Wait(std::sync::Mutex<Waited>);
+
+#[derive(Debug, Default)]
+struct Waited {
+    /// Before the calls waiting now.
+    before: Duration,
+    /// Calls waiting now.
+    calls: u32,
+    /// Since when they have been waiting (while `calls > 0`).
+    since: Option<Instant>,
+}
+
+impl Wait {
+    fn state(&self) -> std::sync::MutexGuard<'_, Waited> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A call begins at `now`: how long it may wait, `None` when the wait is spent.
+    fn begin(&self, now: Instant) -> Option<Waiting<'_>> {
+        let mut w = self.state();
+        let waited = w.before
+            + w.since
+                .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let bound = REQUEST_WAIT.saturating_sub(waited);
+        if bound.is_zero() {
+            return None;
+        }
+        if w.calls == 0 {
+            w.since = Some(now);
+        }
+        w.calls += 1;
+        Some(Waiting { wait: self, bound })
+    }
+
+    /// A call ends at `now`.
+    fn end(&self, now: Instant) {
+        let mut w = self.state();
+        w.calls = w.calls.saturating_sub(1);
+        if w.calls == 0
+            && let Some(since) = w.since.take()
+        {
+            w.before += now.saturating_duration_since(since);
+        }
+    }
+}
+
+/// A call waiting for Redis: its wait ends when it is dropped, however the call ends.
+struct Waiting<'a> {
+    wait: &'a Wait,
+    /// How long it may wait.
+    bound: Duration,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.wait.end(Instant::now());
+    }
+}
+
 /// The period after a failure during which Redis is not tried, on the [`monotonic_ms`] clock.
 #[derive(Debug, Default)]
 struct Backoff {
@@ -677,6 +874,10 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// The shared cache could not be read: Redis failed, or is skipped after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unreadable;
 
 /// A response as stored in Redis.
 #[derive(Debug, Clone, PartialEq)]
@@ -811,6 +1012,111 @@ mod tests {
             "back-off ends at {until}, not {backoff} ms after now ({before}..{after}) on the monotonic clock"
         );
         assert!(shared.backoff.active(after));
+    }
+
+    /// The error Redis answers with `reply` (`-CODE detail`).
+    fn answered_error(reply: &str) -> ::redis::RedisError {
+        match ::redis::parse_redis_value(format!("-{reply}\r\n").as_bytes()) {
+            Ok(::redis::Value::ServerError(e)) => e.into(),
+            other => panic!("not an error reply: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_that_leave_the_connection_unusable_replace_it_and_refused_commands_do_not() {
+        let kind = |k: ::redis::ErrorKind| ::redis::RedisError::from((k, "x"));
+        // A reconnect refused for its password is kept by the ConnectionManager for good: only
+        // a new one uses the Redis again once the password works.
+        assert_eq!(
+            verdict(&kind(::redis::ErrorKind::AuthenticationFailed)),
+            Verdict::Unusable
+        );
+        assert_eq!(
+            verdict(&answered_error("NOAUTH Authentication required.")),
+            Verdict::Unusable
+        );
+        assert_eq!(verdict(&kind(::redis::ErrorKind::Parse)), Verdict::Unusable);
+        assert_eq!(verdict(&kind(::redis::ErrorKind::Io)), Verdict::Down);
+        assert_eq!(
+            verdict(&Shared::unavailable("redis answer timed out")),
+            Verdict::Down
+        );
+        assert_eq!(
+            verdict(&answered_error(
+                "LOADING Redis is loading the dataset in memory"
+            )),
+            Verdict::Down
+        );
+        // One command refused: the connection answers the others.
+        for reply in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "READONLY You can't write against a read only replica.",
+            "NOPERM User default has no permissions to run the 'evalsha' command",
+            "ERR Error running script",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ] {
+            assert_eq!(verdict(&answered_error(reply)), Verdict::Refused, "{reply}");
+        }
+    }
+
+    #[test]
+    fn refused_commands_replace_the_connection_only_when_nothing_is_answered_in_between() {
+        let shared =
+            Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw").expect("valid url");
+        let refused = || {
+            for _ in 0..REPLACE_AFTER - 1 {
+                shared.judge(Verdict::Refused);
+            }
+        };
+        refused();
+        shared.answered();
+        refused();
+        assert_eq!(shared.refusals.load(Ordering::Relaxed), REPLACE_AFTER - 1);
+        shared.judge(Verdict::Refused);
+        assert_eq!(shared.refusals.load(Ordering::Relaxed), 0, "replaced");
+        assert!(
+            !shared.backoff.active(monotonic_ms()),
+            "a refused command is no reason to skip Redis"
+        );
+        shared.judge(Verdict::Unusable);
+        assert!(shared.backoff.active(monotonic_ms()));
+        assert!(shared.down.load(Ordering::Relaxed));
+        shared.answered();
+        assert!(!shared.down.load(Ordering::Relaxed), "back, said once");
+    }
+
+    #[test]
+    fn a_request_waits_for_redis_500_ms_in_all_and_calls_made_at_once_count_once() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let wait = Wait::default();
+        // Three calls at once (the limits), answered after 400 ms: 400 ms waited, not 1.2 s.
+        let calls: Vec<_> = (0..3).map(|_| wait.begin(t0).expect("left")).collect();
+        assert!(calls.iter().all(|c| c.bound == REQUEST_WAIT));
+        for c in calls {
+            std::mem::forget(c);
+            wait.end(ms(400));
+        }
+        // Time between calls (reading the body, guardrails) is not waiting for Redis.
+        let cache = wait.begin(ms(900)).expect("100 ms left");
+        assert_eq!(cache.bound, Duration::from_millis(100));
+        // Another begins 60 ms into it: 40 ms left.
+        let other = wait.begin(ms(960)).expect("40 ms left");
+        assert_eq!(other.bound, Duration::from_millis(40));
+        std::mem::forget((cache, other));
+        wait.end(ms(1_000));
+        wait.end(ms(1_000));
+        assert!(wait.begin(ms(1_000)).is_none(), "spent: fail open at once");
+        assert!(wait.begin(ms(60_000)).is_none(), "for good");
+    }
+
+    #[test]
+    fn only_a_wait_of_a_connection_attempts_length_is_redis_timing_out() {
+        assert!(timed_out(TIMEOUT) && timed_out(REQUEST_WAIT));
+        assert!(
+            !timed_out(Duration::from_millis(100)),
+            "cut short by the request's own wait"
+        );
     }
 
     #[test]

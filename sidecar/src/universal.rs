@@ -183,7 +183,7 @@ fn bad(message: String) -> GatewayError {
     GatewayError::UniversalRequest(message)
 }
 
-/// Serves `POST /`.
+/// Serves `POST /`; `redis_wait` is the request's for the gateway's Redis.
 pub(crate) async fn serve(
     gw: &Gateway,
     snap: &Arc<Snapshot>,
@@ -191,6 +191,7 @@ pub(crate) async fn serve(
     body: RequestBody,
     start: Instant,
     opts: &LogOptions<'_>,
+    redis_wait: &crate::shared::Wait,
 ) -> Result<Response<ProxyBody>, Failure> {
     let none = |e: GatewayError| (None, e);
     if parts.method != Method::POST {
@@ -248,7 +249,10 @@ pub(crate) async fn serve(
             Plan::Provider(step) => *step,
             Plan::Compat(c) => {
                 let index = u32::try_from(i).unwrap_or(u32::MAX);
-                match serve_compat(gw, snap, *c, aig, i, last, &dlp_flags, start, opts).await {
+                let step = serve_compat(
+                    gw, snap, *c, aig, i, last, &dlp_flags, start, opts, redis_wait,
+                );
+                match step.await {
                     Ok(Served::Answer(resp)) => return Ok(*resp),
                     Ok(Served::HandedOver(status)) => {
                         tracing::info!(
@@ -301,6 +305,7 @@ pub(crate) async fn serve(
                 parts,
                 start,
                 opts,
+                redis_wait,
                 || {},
             )
             .await;
@@ -415,6 +420,7 @@ async fn serve_compat(
     dlp_flags: &[crate::dlp::Finding],
     start: Instant,
     opts: &LogOptions<'_>,
+    redis_wait: &crate::shared::Wait,
 ) -> Result<Served, Failure> {
     let mut held = gw.buffers.guard(snap.max_buffered);
     held.grow(step.body.len() as u64)
@@ -440,6 +446,7 @@ async fn serve_compat(
             hands_over: !last,
             dlp_flags,
         }),
+        redis_wait,
     };
     compat::answer(gw, snap, request, start, opts).await
 }

@@ -825,7 +825,8 @@ fn bedrock_credentials(
 
 type Failure = (Option<Arc<str>>, GatewayError);
 
-/// Serves a `/compat/...` request (`rest` is the path after `compat/`), let in by `admission`.
+/// Serves a `/compat/...` request (`rest` is the path after `compat/`), let in by `admission`;
+/// `redis_wait` is the request's for the gateway's Redis.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve(
     gw: &Gateway,
@@ -836,6 +837,7 @@ pub(crate) async fn serve(
     start: Instant,
     opts: &LogOptions<'_>,
     admission: Admission,
+    redis_wait: &crate::shared::Wait,
 ) -> Result<Response<ProxyBody>, Failure> {
     let none = |e: GatewayError| (None, e);
     let aig = GatewayHeaders::scan(&parts.headers);
@@ -875,6 +877,7 @@ pub(crate) async fn serve(
         held,
         admission,
         step: None,
+        redis_wait,
     };
     match answer(gw, snap, request, start, opts).await? {
         Served::Answer(resp) => Ok(*resp),
@@ -899,6 +902,8 @@ pub(crate) struct CompatRequest<'a> {
     pub admission: Admission,
     /// Served as a step of the universal endpoint.
     pub step: Option<UniversalStep<'a>>,
+    /// What the request has waited for the gateway's Redis (its limits, cache, route nodes).
+    pub redis_wait: &'a crate::shared::Wait,
 }
 
 /// What changes when a `/compat` request is a step of the universal endpoint.
@@ -928,9 +933,10 @@ pub(crate) enum Served {
 async fn next_target<'a>(
     walk: &mut Option<Walk<'a>>,
     metadata: &Map<String, Value>,
+    redis_wait: &crate::shared::Wait,
 ) -> Option<&'a Target> {
     match walk {
-        Some(w) => w.next_target(metadata).await,
+        Some(w) => w.next_target(metadata, redis_wait).await,
         None => None,
     }
 }
@@ -952,6 +958,7 @@ pub(crate) async fn answer(
         held,
         admission,
         step: universal,
+        redis_wait,
     } = request;
     let timeout = proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
     let alias = aig.byok_alias().map_err(none)?;
@@ -983,7 +990,7 @@ pub(crate) async fn answer(
     };
     let routed = walk.is_some();
     let first = match (walk.as_mut(), &single) {
-        (Some(w), _) => w.next_target(&metadata).await,
+        (Some(w), _) => w.next_target(&metadata, redis_wait).await,
         (None, target) => target.as_ref(),
     }
     .ok_or_else(|| {
@@ -1096,12 +1103,21 @@ pub(crate) async fn answer(
         },
     };
     let cached = gw
-        .cache_lookup(snap, want.as_ref(), &lookup, parts, start, opts, || {
-            // Waiting for an identical request's answer, it holds no slot of a rate node.
-            if let Some(w) = walk.as_mut() {
-                w.set_aside();
-            }
-        })
+        .cache_lookup(
+            snap,
+            want.as_ref(),
+            &lookup,
+            parts,
+            start,
+            opts,
+            redis_wait,
+            || {
+                // Waiting for an identical request's answer, it holds no slot of a rate node.
+                if let Some(w) = walk.as_mut() {
+                    w.set_aside();
+                }
+            },
+        )
         .await;
     let mut miss = match cached.into_miss(&dlp_flags) {
         Ok(miss) => miss,
@@ -1136,7 +1152,7 @@ pub(crate) async fn answer(
         });
         let (upstream, translation, hide_usage) = match planned {
             Ok(p) => p,
-            Err(e) => match next_target(&mut walk, &metadata).await {
+            Err(e) => match next_target(&mut walk, &metadata, redis_wait).await {
                 Some(next) => {
                     tracing::info!(step, provider = %provider.id, model = %target.model, failure = %e, log_id = crate::log_id::current().as_deref(), "route target failed, trying the next");
                     target = next;
@@ -1171,7 +1187,7 @@ pub(crate) async fn answer(
                 .await
         };
         let ok = matches!(&outcome, Ok(r) if r.status().is_success());
-        if !ok && let Some(next) = next_target(&mut walk, &metadata).await {
+        if !ok && let Some(next) = next_target(&mut walk, &metadata, redis_wait).await {
             let why = match &outcome {
                 Ok(r) => format!("status {}", r.status().as_u16()),
                 Err(e) => e.to_string(),
