@@ -6,15 +6,19 @@
 //! first answer of one that shows it finished with its usage: then it is forgotten, and later
 //! polls count nothing, as polls of responses made in the foreground never do.
 //!
-//! - [`is_create`], [`asks_background`], [`polled_id`]: which requests take part.
+//! - [`RequestKind`]: which requests take part (a create asking for one, a poll), told from
+//!   model calls and other requests ([`asks_background`], [`CreateState`] read the body).
 //! - [`ResponseScan`]: the response object's `id`, `status` and `model`, read from an answer as
 //!   it streams through (a JSON document, or each event's `response` in a stream).
 //! - [`Watch`]: what a request's record does with them when it ends ([`Watch::settle`]).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
+
+use memchr::memmem::Finder;
 
 use crate::config::Snapshot;
 use crate::cost::{CustomCost, ModelName, Price};
@@ -28,36 +32,166 @@ const MAX_ID_LEN: usize = 256;
 /// Longest string value a [`ResponseScan`] keeps (a model name's bound).
 const MAX_VALUE_LEN: usize = crate::cost::MAX_MODEL_LEN;
 
-/// Whether a request makes a response: `POST .../responses`.
-pub fn is_create(method: &http::Method, rest: &str) -> bool {
-    last_segments(rest)[0] == Some("responses") && method == http::Method::POST
+/// What a provider request is to the accounting of its answer's tokens (see [`Self::of`]).
+#[derive(Debug, PartialEq)]
+pub enum RequestKind<'r> {
+    /// A model asked (a `POST` that manages nothing made before): its answer's usage counts.
+    /// `background`: it makes a background response (`POST .../responses` whose body asks
+    /// `"background": true`).
+    ModelCall { background: bool },
+    /// A poll or cancellation of the response `id` (`GET .../responses/{id}`, streamed or not;
+    /// `POST .../responses/{id}/cancel`): its answer is the response object, whose usage counts
+    /// only for a background response remembered unfinished.
+    Poll(Cow<'r, str>),
+    /// Anything else (a batch's status, a file's content, a cancelled batch, an updated stored
+    /// completion): a `usage` in its answer is no tokens spent now.
+    Other,
+}
+
+impl<'r> RequestKind<'r> {
+    /// What a request with this method, path after the provider (`rest`) and `body` is. The
+    /// path's last segments are compared as the provider reads them, percent-decoded; the body is
+    /// read only for a create.
+    pub fn of(method: &http::Method, rest: &'r str, body: &[u8]) -> Self {
+        let mut segments = decoded_last_segments(rest);
+        let named = segments.each_ref().map(Option::as_deref);
+        if method == http::Method::POST {
+            match named {
+                [Some("cancel"), Some(_), Some("responses")] => Self::poll(segments[1].take()),
+                [Some("cancel"), _, Some("batches" | "responses")]
+                | [_, Some("completions"), Some("chat")] => Self::Other,
+                [Some("responses"), ..] => Self::ModelCall {
+                    background: asks_background(body),
+                },
+                _ => Self::ModelCall { background: false },
+            }
+        } else if method == http::Method::GET && matches!(named, [Some(_), Some("responses"), _]) {
+            Self::poll(segments[0].take())
+        } else {
+            Self::Other
+        }
+    }
+
+    fn poll(id: Option<Cow<'r, str>>) -> Self {
+        match id {
+            Some(id) if !id.is_empty() && id.len() <= MAX_ID_LEN => Self::Poll(id),
+            _ => Self::Other,
+        }
+    }
+
+    /// Whether the request asks a model.
+    pub fn is_model_call(&self) -> bool {
+        matches!(self, Self::ModelCall { .. })
+    }
 }
 
 /// Whether a Responses API request body asks for a background response (`"background": true`).
 pub fn asks_background(body: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Create {
-        background: Option<bool>,
-    }
-    memchr::memmem::find(body, b"\"background\"").is_some()
-        && serde_json::from_slice::<Create>(body).is_ok_and(|c| c.background == Some(true))
+    CreateState::of(body).is_some_and(|s| s.background)
 }
 
-/// The response id a request asks about, when its answer is the response object: a poll
-/// (`GET .../responses/{id}`, streamed or not) or a cancellation (`POST
-/// .../responses/{id}/cancel`).
-pub fn polled_id<'r>(method: &http::Method, rest: &'r str) -> Option<&'r str> {
-    let id = match (method, last_segments(rest)) {
-        (&http::Method::GET, [Some(id), Some("responses"), _]) => id,
-        (&http::Method::POST, [Some("cancel"), Some(id), Some("responses")]) => id,
-        _ => return None,
-    };
-    (!id.is_empty() && id.len() <= MAX_ID_LEN).then_some(id)
+/// What a Responses API create body says of the state the provider keeps for it: its top-level
+/// `background` and `conversation`, read as the providers' JSON parsers read them (escapes
+/// decoded, the last value of a key given twice).
+#[derive(Debug, Default, PartialEq)]
+pub struct CreateState {
+    /// `"background": true`: the response is made in the background and fetched by its id.
+    pub background: bool,
+    /// A `conversation` (not null), which the turn is added to.
+    pub conversation: bool,
+}
+
+/// Built once: a searcher's set-up costs more than searching a short body.
+static BACKGROUND_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"background\""));
+static CONVERSATION_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"conversation\""));
+
+impl CreateState {
+    /// What `body` says; `None` when it cannot be read (not a JSON object). A body that names
+    /// neither key, plainly or with escaped letters, is not parsed.
+    pub fn of(body: &[u8]) -> Option<Self> {
+        if BACKGROUND_KEY.find(body).is_none()
+            && CONVERSATION_KEY.find(body).is_none()
+            && !crate::cost::escapes_ascii_letter(body)
+        {
+            return Some(Self::default());
+        }
+        serde_json::from_slice(body).ok()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CreateState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(field_identifier, rename_all = "lowercase")]
+        enum Field {
+            Background,
+            Conversation,
+            #[serde(other)]
+            Other,
+        }
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = CreateState;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            // Key by key, so a key given again replaces what the first said (a derived struct
+            // refuses it as a duplicate field).
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<CreateState, A::Error> {
+                let mut state = CreateState::default();
+                while let Some(field) = map.next_key::<Field>()? {
+                    match field {
+                        Field::Background => {
+                            let v = map.next_value::<serde_json::Value>()?;
+                            state.background = v.as_bool() == Some(true);
+                        }
+                        Field::Conversation => {
+                            let v = map.next_value::<serde_json::Value>()?;
+                            state.conversation = !v.is_null();
+                        }
+                        Field::Other => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(state)
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
+/// Longest path segment percent-decoded: one longer decodes to more than [`MAX_ID_LEN`] bytes,
+/// so it is neither a remembered id nor a name compared with.
+const MAX_ENCODED_SEGMENT: usize = 3 * MAX_ID_LEN;
+
+/// The last three segments of a path, last first, percent-decoded as the provider reads them
+/// (`respons%65s` is `responses`). A path without `%` (nearly all) is only searched for one.
+fn decoded_last_segments(rest: &str) -> [Option<Cow<'_, str>>; 3] {
+    let segments = last_segments(rest);
+    if memchr::memchr(b'%', rest.as_bytes()).is_none() {
+        return segments.map(|s| s.map(Cow::Borrowed));
+    }
+    segments.map(|s| {
+        s.map(|s| {
+            if s.contains('%') && s.len() <= MAX_ENCODED_SEGMENT {
+                Cow::Owned(crate::cost::percent_decode(s))
+            } else {
+                Cow::Borrowed(s)
+            }
+        })
+    })
 }
 
 /// The last three segments of a path, last first (trailing `/`s left out). Asked of every
 /// request: a byte search per segment.
-pub(crate) fn last_segments(rest: &str) -> [Option<&str>; 3] {
+fn last_segments(rest: &str) -> [Option<&str>; 3] {
     let mut left = rest;
     while let Some(trimmed) = left.strip_suffix('/') {
         left = trimmed;
@@ -423,7 +557,7 @@ pub struct Watch {
 #[derive(Debug)]
 enum Role {
     /// The request that asked for a background response: remembered when its answer leaves
-    /// the response unfinished (and without usage), to be charged as `charge` says.
+    /// the response unfinished, to be charged as `charge` says.
     Create(Charge),
     /// A poll or cancellation of the remembered response `id`: its answer's usage counts when
     /// it shows the response finished and no other answer counted it first. `snap` prices it.
@@ -435,7 +569,8 @@ enum Role {
 pub enum Settled {
     /// As any answer's: counted as read.
     AsAnswered,
-    /// A background response remembered: its usage comes later (none now).
+    /// A background response remembered: its usage comes later (none now, whatever the answer
+    /// reported).
     Deferred,
     /// A poll that counts nothing: its usage is the response's, counted once elsewhere (or not
     /// yet final).
@@ -487,12 +622,13 @@ impl Watch {
     }
 
     /// Decides, when the answer ended (`answered`: with a success status), what its usage is:
-    /// `tokens` whether it reported some. A created response still unfinished, without usage,
-    /// is remembered; a poll counts the first time it shows the response finished, with usage.
+    /// `tokens` whether it reported some. A created response still unfinished is remembered,
+    /// whatever usage its answer reports (`null`, or zeros from some servers: not the
+    /// response's yet); a poll counts the first time it shows the response finished, with usage.
     pub fn settle(self, answered: bool, tokens: bool, now: Instant) -> Settled {
         match self.role {
             Role::Create(charge) => match &self.scan.id {
-                Some(id) if answered && !tokens && self.scan.unfinished() => {
+                Some(id) if answered && self.scan.unfinished() => {
                     self.pending.remember(&self.provider, id, charge, now);
                     Settled::Deferred
                 }
@@ -635,23 +771,70 @@ mod tests {
     #[test]
     fn requests_are_told_apart_by_method_and_path() {
         let (get, post) = (http::Method::GET, http::Method::POST);
-        assert!(is_create(&post, "v1/responses"));
-        assert!(is_create(&post, "res/dep/responses/"));
-        assert!(!is_create(&get, "v1/responses"));
-        assert!(!is_create(&post, "v1/chat/completions"));
-        assert_eq!(polled_id(&get, "v1/responses/resp_1"), Some("resp_1"));
+        let kind = |method: &http::Method, path| RequestKind::of(method, path, b"{}");
+        let poll = |id| RequestKind::Poll(Cow::Borrowed(id));
+        let model_call = RequestKind::ModelCall { background: false };
+        for path in [
+            "v1/chat/completions",
+            "chat/completions",
+            "v1/responses",
+            "res/dep/responses/",
+            "v1/batches",
+            "v1/responses/resp_1",
+        ] {
+            assert_eq!(kind(&post, path), model_call, "{path}");
+        }
+        assert_eq!(kind(&get, "v1/responses/resp_1"), poll("resp_1"));
+        assert_eq!(kind(&get, "res/dep/responses/resp_1/"), poll("resp_1"));
+        assert_eq!(kind(&post, "v1/responses/resp_1/cancel"), poll("resp_1"));
+        for (method, path) in [
+            (&post, "v1/batches/batch_1/cancel"),
+            (&post, "v1/responses//cancel"),
+            (&post, "v1/chat/completions/chatcmpl-1"),
+            (&get, "v1/responses/resp_1/input_items"),
+            (&get, "v1/responses"),
+            (&get, "v1/chat/completions"),
+            (&http::Method::DELETE, "v1/responses/resp_1"),
+        ] {
+            assert_eq!(kind(method, path), RequestKind::Other, "{method} {path}");
+        }
+        let long = format!("v1/responses/{}", "r".repeat(MAX_ID_LEN + 1));
         assert_eq!(
-            polled_id(&post, "v1/responses/resp_1/cancel"),
-            Some("resp_1")
+            kind(&get, &long),
+            RequestKind::Other,
+            "an id past the bound"
         );
-        assert_eq!(polled_id(&get, "res/dep/responses/resp_1/"), Some("resp_1"));
-        assert_eq!(polled_id(&get, "v1/responses/resp_1/input_items"), None);
-        assert_eq!(polled_id(&post, "v1/responses/resp_1"), None);
+    }
+
+    #[test]
+    fn paths_are_compared_percent_decoded_as_providers_read_them() {
+        let (get, post) = (http::Method::GET, http::Method::POST);
+        let body = br#"{"model":"o3-pro","background":true}"#;
+        let poll = |id: &str| RequestKind::Poll(Cow::Owned(id.to_owned()));
         assert_eq!(
-            polled_id(&http::Method::DELETE, "v1/responses/resp_1"),
-            None
+            RequestKind::of(&post, "v1/respons%65s", body),
+            RequestKind::ModelCall { background: true }
         );
-        assert_eq!(polled_id(&get, "v1/responses"), None);
+        assert_eq!(
+            RequestKind::of(&get, "v1/responses/resp%5F1", body),
+            poll("resp_1")
+        );
+        assert_eq!(
+            RequestKind::of(&post, "v1/%72esponses/resp_1/c%61ncel", body),
+            poll("resp_1")
+        );
+        assert_eq!(
+            RequestKind::of(&post, "v1/batches/b/canc%65l", body),
+            RequestKind::Other
+        );
+        // A segment too long to decode to a remembered id is left as it is.
+        let long = format!("v1/responses/{}", "%72".repeat(MAX_ID_LEN + 1));
+        assert_eq!(RequestKind::of(&get, &long, body), RequestKind::Other);
+        let at_bound = format!("v1/responses/{}", "%72".repeat(MAX_ID_LEN));
+        assert_eq!(
+            RequestKind::of(&get, &at_bound, body),
+            poll(&"r".repeat(MAX_ID_LEN))
+        );
     }
 
     #[test]
@@ -673,9 +856,48 @@ mod tests {
         ));
         assert!(!asks_background(br#"{"model":"o3-pro","background":null}"#));
         assert!(!asks_background(
+            br#"{"model":"o3-pro","background":"yes"}"#
+        ));
+        assert!(!asks_background(
             br#"{"model":"o3-pro","input":"background"}"#
         ));
+        assert!(!asks_background(
+            br#"{"model":"o3-pro","metadata":{"background":true}}"#
+        ));
         assert!(!asks_background(br#"{"model":"o3-pro"}"#));
+        assert!(!asks_background(br#"[{"background":true}]"#));
+    }
+
+    #[test]
+    fn the_body_is_read_as_providers_parse_it() {
+        // An escaped key is the same key.
+        assert!(asks_background(
+            br#"{"model":"o3-pro","backgr\u006fund":true}"#
+        ));
+        assert!(asks_background(
+            br#"{"model":"o3-pro","\u0062ackground":true}"#
+        ));
+        // Of a key given twice, the last counts.
+        assert!(asks_background(
+            br#"{"background":false,"model":"o3-pro","background":true}"#
+        ));
+        assert!(!asks_background(
+            br#"{"background":true,"model":"o3-pro","background":false}"#
+        ));
+        assert_eq!(
+            CreateState::of(br#"{"conversation":"c","c\u006fnversation":null}"#),
+            Some(CreateState::default())
+        );
+        assert_eq!(
+            CreateState::of(br#"{"background":true,"conversation":{"id":"c"}}"#),
+            Some(CreateState {
+                background: true,
+                conversation: true
+            })
+        );
+        // A body that names neither key is not parsed: valid JSON or not, it says nothing.
+        assert_eq!(CreateState::of(b"{not json"), Some(CreateState::default()));
+        assert_eq!(CreateState::of(br#"{"background":tru"#), None);
     }
 
     fn charge(model: &str) -> Charge {
@@ -764,6 +986,10 @@ mod tests {
         assert!(p.is_empty());
         assert_eq!(create(QUEUED, true, false), Settled::Deferred);
         assert!(p.knows("openai", "resp_1", now));
+        // A usage object (zeros) in an unfinished response's answer is not its usage yet.
+        let zeros = br#"{"id":"resp_2","status":"in_progress","usage":{"input_tokens":0,"output_tokens":0}}"#;
+        assert_eq!(create(zeros, true, true), Settled::Deferred);
+        assert!(p.knows("openai", "resp_2", now));
     }
 
     #[test]

@@ -358,16 +358,7 @@ pub fn cacheable(r: &Request<'_>) -> bool {
 /// a background response is fetched later by its id, so each request makes one; a turn in a
 /// `conversation` is added to it, so a cached answer would leave the conversation without it.
 fn keeps_state(body: &[u8]) -> bool {
-    if memchr::memmem::find(body, b"\"background\"").is_none()
-        && memchr::memmem::find(body, b"\"conversation\"").is_none()
-        && !crate::cost::escapes_ascii_letter(body)
-    {
-        return false;
-    }
-    serde_json::from_slice::<serde_json::Value>(body).map_or(true, |v| {
-        v.get("background").and_then(serde_json::Value::as_bool) == Some(true)
-            || v.get("conversation").is_some_and(|c| !c.is_null())
-    })
+    crate::background::CreateState::of(body).is_none_or(|s| s.background || s.conversation)
 }
 
 /// Whether a request asks for a stream that its answer's content type does not mark as one:

@@ -993,8 +993,7 @@ impl Gateway {
             Some(asked) => (asked, true),
             None => (body, false),
         };
-        let background_create = crate::background::is_create(&parts.method, route.rest)
-            && crate::background::asks_background(&body);
+        let kind = crate::background::RequestKind::of(&parts.method, route.rest, &body);
 
         // dispatch
         let signed_body = signer.as_ref().map(|_| body.clone());
@@ -1018,26 +1017,6 @@ impl Gateway {
         let (mut head, body) = resp.into_parts();
         strip_response_headers(&mut head.headers);
         let hide_usage = hide_usage && head.status.is_success();
-        // Models are asked with POSTs: the `usage` in other answers (a batch's status, a file's
-        // content, a stored response, a cancelled batch or response, an updated stored
-        // completion) is no tokens spent now, but for a background response's (below).
-        let model_call = parts.method == http::Method::POST && !is_management_post(route.rest);
-        let background = if !head.status.is_success() {
-            None
-        } else if model_call {
-            background_create.then(|| {
-                let charge = crate::background::Charge {
-                    model: model.clone(),
-                    custom_cost: opts.custom_cost,
-                };
-                let events = crate::compat::is_event_stream(&head.headers);
-                let (pending, id) = (self.background.clone(), provider.id.clone());
-                crate::background::Watch::create(pending, id, charge, events)
-            })
-        } else {
-            self.background_poll(snap, provider, &parts.method, route.rest, &head.headers)
-        };
-        let counts_tokens = model_call || background.is_some();
         let fill = self.start_fill(snap, &mut head, hide_usage, miss.as_mut(), want.is_some());
         let log_id = tag_response(&mut head.headers, event_id.as_ref());
         crate::dlp::flag(&mut head.headers, &dlp_flags);
@@ -1058,9 +1037,7 @@ impl Gateway {
             record.bedrock_token_headers(&head.headers);
         }
         record.set_tally(self.tally(snap));
-        if let Some(watch) = background {
-            record.watch_background(watch);
-        }
+        let counts_tokens = self.count_tokens(snap, provider, kind, &head, &mut record);
         if let Some(b) = &logged_body {
             record.set_request_payload(b);
         }
@@ -1084,37 +1061,52 @@ impl Gateway {
         };
         let body = if let Some(end) = end {
             ProxyBody::upstream_sse(body, record, end).cached_through(fill)
-        } else if !counts_tokens {
-            ProxyBody::upstream(body, record)
-                .without_tokens()
-                .cached_through(fill)
         } else {
-            answer_body(body, hide_usage, record, fill)
+            answer_body(body, counts_tokens, hide_usage, record, fill)
         };
         Ok(Response::from_parts(head, body))
     }
 
-    /// A watch on the answer to a poll or cancellation of a background response this process
-    /// remembers (see [`crate::background`]), priced by `snap`; `None` for any other request.
-    fn background_poll(
+    /// Readies `record` to count the tokens of the answer (`answer`: its head) to a request of
+    /// `kind` to `provider`, on its own route or a universal step; whether its body counts them.
+    /// Models are asked with POSTs: the `usage` in other answers (a batch's status, a file's
+    /// content, a stored response, a cancelled batch or response, an updated stored completion)
+    /// is no tokens spent now, but for a background response's: its create is watched, to be
+    /// remembered unfinished, and a poll or cancellation of one remembered is watched, to count
+    /// the response's usage once (see [`crate::background`]), priced by `snap`.
+    pub(crate) fn count_tokens(
         &self,
         snap: &Arc<Snapshot>,
         provider: &Provider,
-        method: &http::Method,
-        rest: &str,
-        answer: &http::HeaderMap,
-    ) -> Option<crate::background::Watch> {
-        let id = crate::background::polled_id(method, rest)?;
-        if !self.background.knows(&provider.id, id, Instant::now()) {
-            return None;
+        kind: crate::background::RequestKind<'_>,
+        answer: &http::response::Parts,
+        record: &mut RequestRecord,
+    ) -> bool {
+        use crate::background::{RequestKind, Watch};
+        let events = || crate::compat::is_event_stream(&answer.headers);
+        let watch = match kind {
+            _ if !answer.status.is_success() => None,
+            RequestKind::ModelCall { background: true } => {
+                let charge = record.background_charge();
+                let (pending, id) = (self.background.clone(), provider.id.clone());
+                Some(Watch::create(pending, id, charge, events()))
+            }
+            RequestKind::Poll(ref id)
+                if self.background.knows(&provider.id, id, Instant::now()) =>
+            {
+                let (pending, provider) = (self.background.clone(), provider.id.clone());
+                Some(Watch::poll(pending, provider, id, snap.clone(), events()))
+            }
+            _ => None,
+        };
+        let counts = kind.is_model_call() || watch.is_some();
+        if let Some(watch) = watch {
+            record.watch_background(watch);
         }
-        Some(crate::background::Watch::poll(
-            self.background.clone(),
-            provider.id.clone(),
-            id,
-            snap.clone(),
-            crate::compat::is_event_stream(answer),
-        ))
+        if !counts {
+            record.usage_not_due();
+        }
+        counts
     }
 
     /// Readies the head of an upstream answer (of a successful status when `hide_usage`) for
@@ -1143,10 +1135,12 @@ impl Gateway {
 }
 
 /// The body of an upstream answer on its way to the client: its usage chunk held out when the
-/// gateway asked for it (`hide_usage`), counted and logged by `record`, copied into the cache by
-/// `fill` (from [`Gateway::start_fill`]).
+/// gateway asked for it (`hide_usage`), logged by `record` (its tokens counted when
+/// `counts_tokens`, see [`Gateway::count_tokens`]), copied into the cache by `fill` (from
+/// [`Gateway::start_fill`]).
 pub(crate) fn answer_body(
     body: UpstreamBody,
+    counts_tokens: bool,
     hide_usage: bool,
     record: RequestRecord,
     fill: Option<(cache::Fill, crate::buffers::Held)>,
@@ -1154,8 +1148,10 @@ pub(crate) fn answer_body(
     let body = if hide_usage {
         let filter = Box::new(crate::compat::openai::HiddenUsage::new());
         ProxyBody::translated(body, filter, record)
-    } else {
+    } else if counts_tokens {
         ProxyBody::upstream(body, record)
+    } else {
+        ProxyBody::upstream(body, record).without_tokens()
     };
     body.cached_through(fill)
 }
@@ -1555,16 +1551,6 @@ pub(crate) async fn read_body(
     })
 }
 
-/// Whether a POST manages something made before rather than asking a model: cancelling a batch
-/// or a background response (`batches/{id}/cancel`, `responses/{id}/cancel`), updating a stored
-/// chat completion (`chat/completions/{id}`). Their answers repeat the usage spent then.
-fn is_management_post(rest: &str) -> bool {
-    matches!(
-        crate::background::last_segments(rest),
-        [Some("cancel"), _, Some("batches" | "responses")] | [_, Some("completions"), Some("chat")]
-    )
-}
-
 /// Whether `body` may be one JSON document (an object or an array), the only bodies the
 /// gateway parses into a tree.
 fn is_json_document(body: &[u8]) -> bool {
@@ -1720,25 +1706,6 @@ mod tests {
         for (path, provider, logged) in cases {
             let (p, l) = refused_route(&snap, path);
             assert_eq!((p.as_deref(), l), (provider, logged), "{path}");
-        }
-    }
-
-    #[test]
-    fn management_posts_are_told_from_model_calls() {
-        for path in [
-            "v1/batches/batch_1/cancel",
-            "v1/responses/resp_1/cancel/",
-            "v1/chat/completions/chatcmpl-1",
-        ] {
-            assert!(is_management_post(path), "{path}");
-        }
-        for path in [
-            "v1/chat/completions",
-            "chat/completions",
-            "v1/responses",
-            "v1/batches",
-        ] {
-            assert!(!is_management_post(path), "{path}");
         }
     }
 

@@ -828,6 +828,11 @@ pub struct RequestRecord {
     error_code: Option<u16>,
     /// For a background Responses request or a poll of one, what its usage is decided by.
     background: Option<Box<crate::background::Watch>>,
+    /// Whether the answer's usage is due now: an answer of a model, or the poll that counts a
+    /// background response's; not a poll or a status (see [`Self::usage_not_due`]), nor a
+    /// background response's create, whose usage a later poll counts. Only such an answer is
+    /// warned of when it reports no tokens.
+    usage_due: bool,
     done: bool,
 }
 
@@ -873,6 +878,7 @@ impl RequestRecord {
             sent: None,
             error_code: None,
             background: None,
+            usage_due: true,
             done: false,
         }
     }
@@ -908,6 +914,7 @@ impl RequestRecord {
             sent: self.sent,
             error_code: self.error_code,
             background: self.background.take(),
+            usage_due: self.usage_due,
             done: false,
         }
     }
@@ -1005,18 +1012,32 @@ impl RequestRecord {
         self.background = Some(Box::new(watch));
     }
 
-    /// Settles the usage of a background response's answer (see [`Self::watch_background`]):
-    /// whether it is deferred to a later poll.
-    fn settle_background(&mut self, watch: crate::background::Watch) -> bool {
+    /// What charging a background response made by this request needs: its model and custom
+    /// cost, as its own answer would be priced.
+    pub fn background_charge(&self) -> crate::background::Charge {
+        crate::background::Charge {
+            model: self.model.clone(),
+            custom_cost: self.custom_cost,
+        }
+    }
+
+    /// The answer asks no model (a poll, a status, a stored object): it is not charged, and
+    /// no warning says so.
+    pub fn usage_not_due(&mut self) {
+        self.usage_due = false;
+    }
+
+    /// Settles the usage of a background response's answer (see [`Self::watch_background`]).
+    fn settle_background(&mut self, watch: crate::background::Watch) {
         use crate::background::Settled;
         let answered = (200..300).contains(&self.status);
         let tokens = self.usage.tokens().totals() != [None, None];
         match watch.settle(answered, tokens, Instant::now()) {
-            Settled::AsAnswered => false,
-            Settled::Deferred => true,
-            Settled::NotCounted => {
+            Settled::AsAnswered => {}
+            // An unfinished response's usage (or a counted one's, again) is not spent now.
+            Settled::Deferred | Settled::NotCounted => {
                 self.usage = crate::usage::Usage::default();
-                false
+                self.usage_due = false;
             }
             Settled::Counted {
                 model,
@@ -1030,7 +1051,6 @@ impl RequestRecord {
                 if custom_cost.is_some() {
                     self.custom_cost = custom_cost;
                 }
-                false
             }
         }
     }
@@ -1116,10 +1136,9 @@ impl RequestRecord {
         }
         self.done = true;
         // A background response's answer: its usage may be the response's, counted once.
-        let deferred = match self.background.take() {
-            Some(watch) => self.settle_background(*watch),
-            None => false,
-        };
+        if let Some(watch) = self.background.take() {
+            self.settle_background(*watch);
+        }
         // What the client got: the provider's status, or the gateway's refusal of the answer.
         let status = self.sent.unwrap_or(self.status);
         let elapsed = self.start.elapsed();
@@ -1151,7 +1170,7 @@ impl RequestRecord {
             if let Some(model) = &self.model
                 && charged.is_none()
                 && !self.cached
-                && !deferred
+                && self.usage_due
                 && self.status < 400
                 && matches!(outcome, "complete" | "refused")
             {
@@ -1169,7 +1188,7 @@ impl RequestRecord {
             }
         } else if let (Some(model), Some(b)) = (&self.model, self.route_budgets.first())
             && !self.cached
-            && !deferred
+            && self.usage_due
             && self.status < 400
             && matches!(outcome, "complete" | "refused")
         {

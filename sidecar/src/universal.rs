@@ -379,8 +379,12 @@ pub(crate) async fn serve(
         }
         record.set_step(u32::try_from(i).unwrap_or(u32::MAX));
         record.set_tally(gw.tally(snap));
+        // A step is a POST to its provider, counted as one on the provider's route: a model
+        // call, a background response's create, a cancellation (of one remembered, or not).
+        let kind = crate::background::RequestKind::of(&Method::POST, &step.endpoint, &step.payload);
+        let counts_tokens = gw.count_tokens(snap, step.provider, kind, &head, &mut record);
         record.set_request_payload(&step.payload);
-        let body = proxy::answer_body(body, hide_usage, record, fill);
+        let body = proxy::answer_body(body, counts_tokens, hide_usage, record, fill);
         return Ok(Response::from_parts(head, body));
     }
     // `parse` refuses an empty list, so the last step returned above.
