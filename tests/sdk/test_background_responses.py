@@ -5,7 +5,8 @@ for again and again, and that a response made in the foreground has too.
 
 The official `openai` SDK is the client; the upstream is a small loopback server speaking the
 Responses API's wire format (the response object, its stream events, `?stream=true&
-starting_after=N` to resume a stream), whose responses finish when the test says so."""
+starting_after=N` to resume a stream), whose responses finish when the test says so
+(test_background_review.py uses it too)."""
 
 import http.server
 import json
@@ -32,17 +33,24 @@ CANCEL_USAGE = {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 
                 "output_tokens": 250, "output_tokens_details": {"reasoning_tokens": 250},
                 "total_tokens": 1250}
 CANCEL_COST = 1000 * 20e-6 + 250 * 80e-6
+TERMINAL = ("completed", "failed", "incomplete", "cancelled")
 
 
 class ResponsesUpstream:
     """A loopback Responses API: `POST .../responses` makes a response (finished at once in the
     foreground; `queued` in the background until `finish(id)`), `GET .../responses/{id}` reads it
-    (as an event stream with `?stream=true`), `POST .../responses/{id}/cancel` cancels it. A
+    (as an event stream with `?stream=true`), `POST .../responses/{id}/cancel` cancels it (its
+    usage then `cancel_usage`). Ids in paths are percent-decoded, as real servers do. A
     background stream with `hold=True` in its body's metadata stops after `response.in_progress`
-    until `release()`."""
+    until `release()`. `raw[id]`: a content type and bytes a GET of that id is answered with
+    instead; `running_usage`: the usage object of a response not finished yet (OpenAI's is
+    null)."""
 
-    def __init__(self):
+    def __init__(self, cancel_usage=CANCEL_USAGE):
         self.responses = {}
+        self.raw = {}
+        self.running_usage = None
+        self.cancel_usage = cancel_usage
         self.lock = threading.Lock()
         self.gate = threading.Event()
         self.count = 0
@@ -53,7 +61,7 @@ class ResponsesUpstream:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                path = urllib.parse.urlsplit(self.path).path.rstrip("/")
+                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).rstrip("/")
                 if path.endswith("/responses"):
                     upstream._create(self, json.loads(body))
                 elif path.endswith("/cancel"):
@@ -64,7 +72,10 @@ class ResponsesUpstream:
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 query = urllib.parse.parse_qs(url.query)
-                rid = url.path.rstrip("/").split("/")[-1]
+                rid = urllib.parse.unquote(url.path).rstrip("/").split("/")[-1]
+                if rid in upstream.raw:
+                    self._send_raw(200, *upstream.raw[rid])
+                    return
                 with upstream.lock:
                     r = upstream.responses.get(rid)
                     obj = upstream._object(r) if r else None
@@ -78,9 +89,11 @@ class ResponsesUpstream:
                     self._send(200, obj)
 
             def _send(self, status, obj):
-                data = json.dumps(obj).encode()
+                self._send_raw(status, "application/json", json.dumps(obj).encode())
+
+            def _send_raw(self, status, content_type, data):
                 self.send_response(status)
-                self.send_header("content-type", "application/json")
+                self.send_header("content-type", content_type)
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
@@ -108,7 +121,7 @@ class ResponsesUpstream:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def _object(self, r):
-        done = r["status"] in ("completed", "failed", "incomplete", "cancelled")
+        done = r["status"] in TERMINAL
         output = []
         if r["status"] == "completed":
             output = [{"type": "message", "id": "msg_" + r["id"], "status": "completed", "role": "assistant",
@@ -120,7 +133,7 @@ class ResponsesUpstream:
                 "reasoning": {"effort": "high", "summary": None}, "store": True, "temperature": 1.0,
                 "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
                 "truncation": "disabled", "metadata": {},
-                "usage": r["usage"] if done else None}
+                "usage": r["usage"] if done else self.running_usage}
 
     def _events(self, obj):
         """The stream of a response as it is now: created, in progress and, once it is
@@ -167,7 +180,7 @@ class ResponsesUpstream:
         with self.lock:
             r = self.responses.get(rid)
             if r is not None:
-                r["status"], r["usage"] = "cancelled", CANCEL_USAGE
+                r["status"], r["usage"] = "cancelled", self.cancel_usage
                 obj = self._object(r)
         if r is None:
             h._send(404, {"error": {"message": "not found"}})
@@ -200,6 +213,7 @@ def start_gateway(tmp_path, upstream_url, extra_spec=""):
         "  providers:\n"
         f"    openai: {{baseURL: '{upstream_url}/v1'}}\n"
         f"    azure-openai: {{baseURL: '{upstream_url}/openai/deployments/{{deployment}}'}}\n"
+        f"    custom-local: {{baseURL: '{upstream_url}/v1', authHeader: x-custom-key}}\n"
         + extra_spec
     )
     keys = dict(DEFAULT_KEYS, **{"azure-openai.default": "sgtestkey-azure-background"})

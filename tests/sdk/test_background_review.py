@@ -2,197 +2,26 @@
 `background_poll`, telemetry.rs `settle_background`); realtime accounting's review is
 test_realtime_review.py.
 
-The upstream is a small loopback Responses API (as in test_background_responses.py), which
-percent-decodes its paths as real servers do, and can be told to answer a request with raw bytes
-of the test's choosing."""
+The upstream is test_background_responses.py's loopback Responses API, which percent-decodes its
+paths as real servers do, and can be told to answer a GET with raw bytes of the test's choosing."""
 
-import http.server
 import json
-import pathlib
 import threading
-import time
-import urllib.parse
 
 import httpx
-import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, Sidegate
+from test_background_responses import COST, MODEL, UNCOUNTED, USAGE, ResponsesUpstream, counted
+from test_background_responses import made  # noqa: F401  (a gateway in front of `upstream`, and an SDK client)
 from test_cost import metric, wait_line
-
-MODEL = "o3-pro"
-ANSWERING_MODEL = "o3-pro-2025-06-10"
-USAGE = {"input_tokens": 1000, "input_tokens_details": {"cached_tokens": 0},
-         "output_tokens": 5000, "output_tokens_details": {"reasoning_tokens": 4000},
-         "total_tokens": 6000}
-# o3-pro: $20 in, $80 out per million tokens.
-COST = 1000 * 20e-6 + 5000 * 80e-6
-UNCOUNTED = (None, None, None)
-TERMINAL = ("completed", "failed", "incomplete", "cancelled")
-
-
-class Upstream:
-    """A loopback Responses API. `POST .../responses` makes a response (`queued` in the
-    background, `completed` at once otherwise; streamed with `"stream": true`), `GET
-    .../responses/{id}` reads it (as events with `?stream=true`), `POST .../responses/{id}/cancel`
-    cancels it. Ids in paths are percent-decoded. `raw[id]`: bytes (and a content type) a GET of
-    that id is answered with instead."""
-
-    def __init__(self):
-        self.responses = {}
-        self.raw = {}
-        # The usage object of a response not finished yet (OpenAI's is null).
-        self.running_usage = None
-        self.seen = []
-        self.lock = threading.Lock()
-        self.count = 0
-        up = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).rstrip("/")
-                up.seen.append(("POST", self.path))
-                if path.endswith("/responses"):
-                    up._create(self, json.loads(body))
-                elif path.endswith("/cancel"):
-                    up._cancel(self, path.split("/")[-2])
-                else:
-                    self.send(404, {"error": {"message": "not found"}})
-
-            def do_GET(self):
-                url = urllib.parse.urlsplit(self.path)
-                up.seen.append(("GET", self.path))
-                query = urllib.parse.parse_qs(url.query)
-                rid = urllib.parse.unquote(url.path).rstrip("/").split("/")[-1]
-                if rid in up.raw:
-                    content_type, data = up.raw[rid]
-                    self.send_raw(200, content_type, data)
-                    return
-                with up.lock:
-                    r = up.responses.get(rid)
-                    obj = up.object(r) if r else None
-                if obj is None:
-                    self.send(404, {"error": {"message": f"No response found with id '{rid}'."}})
-                elif query.get("stream") == ["true"]:
-                    after = int(query.get("starting_after", ["-1"])[0])
-                    self.events([e for e in up.events(obj) if e["sequence_number"] > after])
-                else:
-                    self.send(200, obj)
-
-            def send(self, status, obj):
-                self.send_raw(status, "application/json", json.dumps(obj).encode())
-
-            def send_raw(self, status, content_type, data):
-                self.send_response(status)
-                self.send_header("content-type", content_type)
-                self.send_header("content-length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def events(self, events):
-                data = b"".join(b"event: %s\ndata: %s\n\n" % (e["type"].encode(), json.dumps(e).encode())
-                                for e in events)
-                self.send_raw(200, "text/event-stream", data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def object(self, r):
-        done = r["status"] in TERMINAL
-        return {"id": r["id"], "object": "response", "created_at": 1760000000, "status": r["status"],
-                "background": r["background"], "error": None, "incomplete_details": None,
-                "model": r.get("model", ANSWERING_MODEL), "output": [], "metadata": {},
-                "usage": r["usage"] if done else self.running_usage}
-
-    def events(self, obj):
-        early = dict(obj, status="queued", usage=None)
-        events = [{"type": "response.created", "response": early},
-                  {"type": "response.in_progress", "response": dict(early, status="in_progress")}]
-        if obj["status"] in TERMINAL:
-            events.append({"type": f"response.{obj['status']}", "response": obj})
-        for i, e in enumerate(events):
-            e["sequence_number"] = i
-        return events
-
-    def _create(self, h, body):
-        with self.lock:
-            self.count += 1
-            rid = f"resp_{self.count:04d}{time.monotonic_ns() % 10**9:09d}"
-            background = bool(body.get("background"))
-            r = {"id": rid, "background": background, "usage": USAGE,
-                 "status": "queued" if background else "completed"}
-            self.responses[rid] = r
-            obj = self.object(r)
-        if body.get("stream"):
-            h.events(self.events(obj))
-        else:
-            h.send(200, obj)
-
-    def _cancel(self, h, rid):
-        with self.lock:
-            r = self.responses.get(rid)
-            if r is not None:
-                r["status"] = "cancelled"
-                obj = self.object(r)
-        if r is None:
-            h.send(404, {"error": {"message": "not found"}})
-        else:
-            h.send(200, obj)
-
-    def finish(self, rid, status="completed"):
-        with self.lock:
-            self.responses[rid]["status"] = status
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
 def upstream():
-    u = Upstream()
+    """The loopback Responses API, answering a cancellation with the response's whole usage."""
+    u = ResponsesUpstream(cancel_usage=USAGE)
     yield u
     u.stop()
-
-
-@pytest.fixture
-def made(tmp_path, upstream):
-    """`made(extra_spec)`: a gateway (JSON logs) in front of the upstream, and an SDK client."""
-    gateways = []
-
-    def make(extra_spec=""):
-        d = pathlib.Path(tmp_path) / f"gw-{time.monotonic_ns()}"
-        d.mkdir()
-        yaml = (
-            "schemaVersion: 1\n"
-            "gateway: {namespace: team-a, name: bgreview}\n"
-            "spec:\n"
-            "  providers:\n"
-            f"    openai: {{baseURL: '{upstream.url}/v1'}}\n"
-            f"    azure-openai: {{baseURL: '{upstream.url}/openai/deployments/{{deployment}}'}}\n"
-            f"    custom-local: {{baseURL: '{upstream.url}/v1', authHeader: x-custom-key}}\n"
-            + extra_spec
-        )
-        keys = dict(DEFAULT_KEYS, **{"azure-openai.default": "sgtestkey-azure-bgreview"})
-        g = Sidegate(d, yaml, keys, extra_args=["--log-format", "json"])
-        gateways.append(g)
-        client = openai.OpenAI(base_url=g.url + "/openai/v1", api_key="placeholder", max_retries=0)
-        return g, client
-
-    yield make
-    for g in gateways:
-        g.stop()
-
-
-def counted(line):
-    return line["tokens_in"], line["tokens_out"], line["cost"]
 
 
 def line_of(g, r):
@@ -269,7 +98,7 @@ def test_percent_encoded_paths_do_not_escape_the_spend_limit(made, upstream, enc
 
 def test_a_custom_providers_background_response_through_the_long_form_path_counts_once(made, upstream):
     g, _ = made("  pricing:\n    - {model: house-reasoner, inputPerMillion: '1', outputPerMillion: '2'}\n")
-    base = f"{g.url}/v1/acct/bgreview/custom-local/v1/responses"
+    base = f"{g.url}/v1/acct/background/custom-local/v1/responses"
     r = httpx.post(base, json={"model": "house-reasoner", "input": "Prove it.", "background": True})
     rid = r.json()["id"]
     assert r.json()["status"] == "queued" and counted(line_of(g, r)) == UNCOUNTED
