@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
+from test_redis import Redis, RedisProxy, pod
 
 CHAT = "/openai/chat/completions"
 
@@ -117,60 +118,39 @@ def test_a_request_being_refused_gives_its_rate_node_slot_back(mock, tmp_path):
         moderation.stop()
 
 
-class _SlowScriptProxy:
+class _SlowScriptProxy(RedisProxy):
     """A loopback TCP proxy in front of a Redis that, once `slow` is set, holds each answer to a
     script (EVAL/EVALSHA, what a global rate limit sends) for `delay` seconds; connecting and
     other commands stay fast."""
 
     def __init__(self, redis_port, delay):
+        self.delay = delay
+        self.pending = {}
+        super().__init__(redis_port)
+
+    def relay(self, src, dst, to_client):
         import socket
-        import threading
+        import time
 
-        self.slow = False
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
-        pending = {}
-
-        def pipe(src, dst, to_client):
+        try:
+            while (data := src.recv(65536)):
+                if not to_client and b"EVAL" in data.upper():
+                    self.pending[dst] = True
+                if to_client and self.pending.pop(src, False) and self.slow:
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
             try:
-                while (data := src.recv(65536)):
-                    if not to_client and b"EVAL" in data.upper():
-                        pending[dst] = True
-                    if to_client and pending.pop(src, False) and self.slow:
-                        import time
-                        time.sleep(delay)
-                    dst.sendall(data)
+                dst.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-            finally:
-                try:
-                    dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-
-        def accept():
-            while True:
-                try:
-                    client, _ = self.sock.accept()
-                except OSError:
-                    return
-                upstream = socket.create_connection(("127.0.0.1", redis_port))
-                threading.Thread(target=pipe, args=(client, upstream, False), daemon=True).start()
-                threading.Thread(target=pipe, args=(upstream, client, True), daemon=True).start()
-
-        threading.Thread(target=accept, daemon=True).start()
-
-    def close(self):
-        self.sock.close()
 
 
 # FAILS at 1f8b2e4: a Redis answering in 350 ms is given up on after 250 ms (the connection's own response timeout), so a global limit is never applied though README allows 500 ms for an answer.
 def test_a_redis_answer_within_half_a_second_is_used(mock, tmp_path):
     import time
-
-    from test_redis import Redis, pod
 
     (tmp_path / "redis").mkdir()
     redis = Redis(tmp_path / "redis")
@@ -193,21 +173,9 @@ def test_a_redis_answer_within_half_a_second_is_used(mock, tmp_path):
         redis.stop()
 
 
-def _redis_cli(redis, *args):
-    import shutil
-    import subprocess
-
-    exe = shutil.which("redis-cli")
-    if not exe:
-        pytest.skip("redis-cli not installed")
-    return subprocess.run([exe, "-p", str(redis.port), *args], capture_output=True, text=True, timeout=10).stdout.strip()
-
-
 def test_entries_in_redis_live_as_long_as_the_ttl_asked_for(mock, tmp_path):
     # Edge that holds: cf-aig-cache-ttl bounds and a custom key's 5 minutes with the cache off.
     import time
-
-    from test_redis import Redis, pod
 
     (tmp_path / "redis").mkdir()
     redis = Redis(tmp_path / "redis")
@@ -215,15 +183,15 @@ def test_entries_in_redis_live_as_long_as_the_ttl_asked_for(mock, tmp_path):
     try:
         for headers, ttl_ms in [({"cf-aig-cache-ttl": "60"}, 60_000), ({"cf-aig-cache-key": "k1"}, 300_000),
                                 ({"cf-aig-cache-ttl": "2592000"}, 2_592_000_000)]:
-            _redis_cli(redis, "FLUSHALL")
+            redis.cli("FLUSHALL")
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"ttl {headers}"}]}
             r = httpx.post(g.url + CHAT, json=body, headers=headers, timeout=10)
             assert (r.status_code, r.headers["cf-aig-cache-status"]) == (200, "MISS")
             deadline = time.monotonic() + 5
-            while not (keys := _redis_cli(redis, "KEYS", "*:cache:*").split()):
+            while not (keys := redis.cli("KEYS", "*:cache:*").split()):
                 assert time.monotonic() < deadline, "the entry never landed in Redis"
                 time.sleep(0.05)
-            left = int(_redis_cli(redis, "PTTL", keys[0]))
+            left = int(redis.cli("PTTL", keys[0]))
             assert ttl_ms - 5_000 < left <= ttl_ms, (headers, left)
     finally:
         g.stop()
@@ -232,11 +200,7 @@ def test_entries_in_redis_live_as_long_as_the_ttl_asked_for(mock, tmp_path):
 
 def test_a_global_limit_applies_again_soon_after_redis_restarts(mock, tmp_path):
     # Edge that holds: a restarted Redis (its counts gone) is found again within a few seconds.
-    import shutil
-    import subprocess
     import time
-
-    from test_redis import Redis, pod
 
     (tmp_path / "redis").mkdir()
     redis = Redis(tmp_path / "redis")
@@ -245,10 +209,7 @@ def test_a_global_limit_applies_again_soon_after_redis_restarts(mock, tmp_path):
     try:
         assert [httpx.post(g.url + CHAT, json=body).status_code for _ in range(3)] == [200, 200, 429]
         redis.stop()
-        redis.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(redis.port), "--save", "",
-             "--appendonly", "no", "--dir", str(tmp_path / "redis")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        redis.start()
         time.sleep(0.3)
         codes = []
         while 429 not in codes:

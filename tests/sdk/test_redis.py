@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
 
@@ -21,18 +22,27 @@ CHAT = "/openai/chat/completions"
 
 
 class Redis:
-    def __init__(self, workdir):
+    """A redis-server on loopback with `args` (restartable on its port, with other args)."""
+
+    def __init__(self, workdir, *args, port=None):
         exe = shutil.which("redis-server")
         if not exe:
             pytest.fail("redis-server not installed (./test.sh installs Debian's redis-server)")
-        self.port = free_port()
+        self.exe = exe
+        self.dir = pathlib.Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+        self.start(*args)
+
+    def start(self, *args):
         self.proc = subprocess.Popen(
-            [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(workdir), "--protected-mode", "yes"],
+            [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), "--protected-mode", "yes", *args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while time.time() < deadline:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return
@@ -40,9 +50,56 @@ class Redis:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
 
-    def stop(self):
-        self.proc.terminate()
+    def cli(self, *args, password=None):
+        auth = ["-a", password, "--no-auth-warning"] if password else []
+        out = subprocess.run(["redis-cli", "-p", str(self.port), *auth, *args], capture_output=True, timeout=10)
+        return out.stdout.decode(errors="replace").strip()
+
+    def everything(self, password=None):
+        """Every key and its value (all sidegate's keys are strings), as text."""
+        keys = self.cli("--scan", password=password).split()
+        return [(k, self.cli("GET", k, password=password)) for k in keys]
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
         self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+        self.proc.wait(10)
+
+
+class RedisProxy:
+    """A loopback TCP proxy in front of the Redis on `redis_port`: a subclass's `relay` carries
+    each direction of each connection, and slows it down as it likes once `slow` is set."""
+
+    def __init__(self, redis_port):
+        self.slow = False
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+        threading.Thread(target=self._accept, args=(redis_port,), daemon=True).start()
+
+    def _accept(self, redis_port):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", redis_port))
+            threading.Thread(target=self.relay, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self.relay, args=(upstream, client, True), daemon=True).start()
+
+    def relay(self, src, dst, to_client):
+        """Carries `src`'s bytes to `dst` until `src` ends (`to_client`: Redis's answers)."""
+        raise NotImplementedError
+
+    def close(self):
+        self.sock.close()
 
 
 @pytest.fixture(scope="module")

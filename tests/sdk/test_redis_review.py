@@ -13,11 +13,9 @@ it was fixed; the others pin behaviour that holds.
 
 import json
 import pathlib
-import shutil
-import signal
+import queue
 import socket
 import statistics
-import subprocess
 import threading
 import time
 import uuid
@@ -28,60 +26,18 @@ import pytest
 
 from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, KEY_MARKER, FixedAnswerServer, RefusingPort, Sidegate, \
     free_port, gateway_yaml
+from test_redis import Redis, RedisProxy
 
 CHAT = "/openai/chat/completions"
 PASSWORD = "redis-pw-sgtestkey-7f3a"
 
 
-class Redis:
-    """A redis-server on loopback with `args` (restartable on its port, with other args)."""
-
-    def __init__(self, workdir, *args, port=None):
-        exe = shutil.which("redis-server")
-        if not exe:
-            pytest.fail("redis-server not installed (./test.sh installs Debian's redis-server)")
-        self.exe = exe
-        self.dir = pathlib.Path(workdir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = None
-        self.start(*args)
-
-    def start(self, *args):
-        self.proc = subprocess.Popen(
-            [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), *args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def cli(self, *args, password=None):
-        auth = ["-a", password, "--no-auth-warning"] if password else []
-        out = subprocess.run(["redis-cli", "-p", str(self.port), *auth, *args], capture_output=True, timeout=10)
-        return out.stdout.decode(errors="replace").strip()
-
-    def everything(self, password=None):
-        """Every key and its value (all sidegate's keys are strings), as text."""
-        keys = self.cli("--scan", password=password).split()
-        return [(k, self.cli("GET", k, password=password)) for k in keys]
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.terminate()
-        self.proc.wait(10)
+@pytest.fixture
+def redis(tmp_path):
+    """A redis-server of the test's own."""
+    r = Redis(tmp_path / "redis")
+    yield r
+    r.stop()
 
 
 def pod(tmp, upstream, redis_url, spec, dirname, gateway="{namespace: team-a, name: shared-gw}", keys=None,
@@ -120,58 +76,49 @@ def warnings(g):
     return [line for line in g.logs().splitlines() if "fail open" in line]
 
 
-class LatencyProxy:
+def codes_until_limited(g, text, failure, within=4.0, every=0.1):
+    """The status codes of requests `text`, one every `every` s, up to the first 429: `failure`
+    if none comes within `within` s (Redis not used again)."""
+    codes, deadline = [], time.monotonic() + within
+    while 429 not in codes:
+        assert time.monotonic() < deadline, f"{failure}: {codes}; {warnings(g)[-2:]}"
+        codes.append(post(g, text).status_code)
+        time.sleep(every)
+    return codes
+
+
+class LatencyProxy(RedisProxy):
     """A loopback TCP proxy in front of a Redis that, once `slow` is set, delivers every byte Redis
     sends `delay` seconds after it was sent, as a Redis that far away would (answers are not
     queued behind each other: each is late by `delay`, no more)."""
 
     def __init__(self, redis_port, delay):
-        import queue
+        self.delay = delay
+        super().__init__(redis_port)
 
-        self.slow = False
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"redis://127.0.0.1:{self.sock.getsockname()[1]}/0"
+    def relay(self, src, dst, to_client):
+        q = queue.Queue()
 
-        def pipe(src, dst, late):
-            q = queue.Queue()
-
-            def deliver():
-                while (item := q.get()) is not None:
-                    due, data = item
-                    time.sleep(max(0.0, due - time.monotonic()))
-                    try:
-                        dst.sendall(data)
-                    except OSError:
-                        return
+        def deliver():
+            while (item := q.get()) is not None:
+                due, data = item
+                time.sleep(max(0.0, due - time.monotonic()))
                 try:
-                    dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-
-            threading.Thread(target=deliver, daemon=True).start()
-            try:
-                while data := src.recv(65536):
-                    q.put((time.monotonic() + (delay if late and self.slow else 0.0), data))
-            except OSError:
-                pass
-            q.put(None)
-
-        def accept():
-            while True:
-                try:
-                    client, _ = self.sock.accept()
+                    dst.sendall(data)
                 except OSError:
                     return
-                upstream = socket.create_connection(("127.0.0.1", redis_port))
-                threading.Thread(target=pipe, args=(client, upstream, False), daemon=True).start()
-                threading.Thread(target=pipe, args=(upstream, client, True), daemon=True).start()
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
 
-        threading.Thread(target=accept, daemon=True).start()
-
-    def close(self):
-        self.sock.close()
+        threading.Thread(target=deliver, daemon=True).start()
+        try:
+            while data := src.recv(65536):
+                q.put((time.monotonic() + (self.delay if to_client and self.slow else 0.0), data))
+        except OSError:
+            pass
+        q.put(None)
 
 
 # --- Redis going away and coming back -------------------------------------------------------------
@@ -191,11 +138,7 @@ def test_a_redis_down_at_start_killed_and_restarted_costs_requests_nothing_and_i
         assert redis_errors(g) >= 3
         redis = Redis(tmp_path / "redis", port=port)
         # Used within a couple of seconds: the limit (2 an hour) applies again.
-        codes, deadline = [], time.monotonic() + 4
-        while 429 not in codes:
-            assert time.monotonic() < deadline, f"Redis never used once it came up: {codes}"
-            codes.append(post(g, "up").status_code)
-            time.sleep(0.1)
+        codes = codes_until_limited(g, "up", "Redis never used once it came up")
         assert codes[-3:] == [200, 200, 429], codes
         # Killed mid-traffic (SIGKILL): requests go on at once, the limit not applied.
         redis.kill()
@@ -204,11 +147,7 @@ def test_a_redis_down_at_start_killed_and_restarted_costs_requests_nothing_and_i
         assert max(t for _, t in gone) < 0.5, [t for _, t in gone]
         # Restarted empty on the same port: counted again from zero within a couple of seconds.
         redis.start()
-        codes, deadline = [], time.monotonic() + 4
-        while 429 not in codes:
-            assert time.monotonic() < deadline, f"Redis never used again after its restart: {codes}"
-            codes.append(post(g, "back").status_code)
-            time.sleep(0.1)
+        codes = codes_until_limited(g, "back", "Redis never used again after its restart")
         assert codes[-3:] == [200, 200, 429], codes
         assert redis.cli("--scan", "--pattern", "sidegate:team-a/shared-gw:rl:*")
         logs = g.logs()
@@ -240,12 +179,7 @@ def test_a_reconnect_refused_once_for_its_password_does_not_leave_the_pod_withou
         # after a restart with nothing changed (the test above).
         redis.kill()
         redis.start("--requirepass", PASSWORD)
-        codes, deadline = [], time.monotonic() + 5
-        while not codes or codes[-1] != 429:
-            assert time.monotonic() < deadline, \
-                f"Redis never used again once its password worked: {codes}; {warnings(g)[-2:]}"
-            codes.append(post(g, "password back").status_code)
-            time.sleep(0.2)
+        codes_until_limited(g, "password back", "Redis never used again once its password worked", within=5, every=0.2)
         logs = g.logs()
         assert PASSWORD not in logs and url not in logs
     finally:
@@ -303,13 +237,12 @@ def test_a_silent_redis_bounds_every_request_with_every_feature_on(mock, tmp_pat
 
 
 # Failed at 4bb2082 (mended since): a Redis 400 ms away adds 400 ms per check (rate limit, spend, tokens, cache: 1.6 s a request), never counted nor warned: each call has its own 500 ms bound, the request none.
-def test_a_slow_redis_costs_a_request_one_answers_wait_not_one_per_check(mock, tmp_path):
+def test_a_slow_redis_costs_a_request_one_answers_wait_not_one_per_check(mock, tmp_path, redis):
     # README: the request is served anyway when Redis cannot answer within 500 ms. A Redis whose
     # answers take 400 ms (within that bound, say across regions) is asked one after the other
     # for the global rate limit, the spend, the token budget and the cache: each wait is within
     # its bound, their sum is not; a request should wait for Redis about one answer's bound
     # (one deadline for all its checks, or the checks in one round trip).
-    redis = Redis(tmp_path / "redis")
     proxy = LatencyProxy(redis.port, 0.4)
     spec = ("  cache: {enabled: true, backend: redis}\n"
             "  rateLimit: {limit: 1000, interval: 1h, scope: global, tokensPerMinute: 10000000}\n"
@@ -328,7 +261,6 @@ def test_a_slow_redis_costs_a_request_one_answers_wait_not_one_per_check(mock, t
     finally:
         g.stop()
         proxy.close()
-        redis.stop()
 
 
 # Failed at 4bb2082 (mended since): with Redis down, identical requests at once still wait for the first one's whole answer (which cannot be stored) and only then call upstream: twice the latency.
@@ -418,11 +350,10 @@ def test_a_redis_answering_errors_fails_open_at_once_counts_and_says_why(mock, t
 # --- what is kept in Redis, and whose it is ---------------------------------------------------------
 
 
-def test_no_key_token_or_metadata_value_reaches_redis_and_gateways_keep_apart(mock, tmp_path):
+def test_no_key_token_or_metadata_value_reaches_redis_and_gateways_keep_apart(mock, tmp_path, redis):
     # README: keys are prefixed `sidegate:{namespace/name}:`; cache keys are SHA-256 digests (a
     # client's own provider key goes into the digest, never in clear); DESIGN: keys are never
     # logged nor stored. Two gateways on one Redis share no entry and no limit.
-    redis = Redis(tmp_path / "redis")
     spec = ("  authentication: {enabled: true}\n  cache: {enabled: true, backend: redis}\n"
             "  rateLimit: {limit: 4, interval: 1h, scope: global, tokensPerMinute: 100000}\n"
             "  spendLimit: {amount: '1000', period: day}\n")
@@ -460,16 +391,14 @@ def test_no_key_token_or_metadata_value_reaches_redis_and_gateways_keep_apart(mo
     finally:
         a.stop()
         b.stop()
-        redis.stop()
 
 
 # Failed at 4bb2082 (mended since): a gateway named `team-a/main` (no namespace) is loaded and gets the prefix `sidegate:team-a/main:` of gateway `main` in namespace `team-a`: their limits and cache entries are one.
-def test_gateways_whose_names_read_alike_in_the_prefix_never_share_limits_or_entries(mock, tmp_path):
+def test_gateways_whose_names_read_alike_in_the_prefix_never_share_limits_or_entries(mock, tmp_path, redis):
     # README: a config with spec.redis and no name is refused "as unnamed gateways sharing a Redis
     # would share its keys"; the prefix is `sidegate:{namespace/name}:` or `sidegate:{name}:`
     # without a namespace, so a standalone name holding a `/` is another gateway's prefix. Either
     # such a name is refused at load, naming gateway.name, or the two are kept apart.
-    redis = Redis(tmp_path / "redis")
     spec = "  cache: {enabled: true, backend: redis}\n  rateLimit: {limit: 1, interval: 1h, scope: global}\n"
     a = pod(tmp_path, mock.url, redis.url, spec, "a", gateway="{namespace: team-a, name: main}")
     b = pod(tmp_path, mock.url, redis.url, spec, "b", gateway="{name: team-a/main}", wait_ready=False)
@@ -491,10 +420,9 @@ def test_gateways_whose_names_read_alike_in_the_prefix_never_share_limits_or_ent
     finally:
         a.stop()
         b.stop()
-        redis.stop()
 
 
-def test_entries_up_to_an_eighth_of_max_size_are_shared_and_bigger_ones_never_written(tmp_path):
+def test_entries_up_to_an_eighth_of_max_size_are_shared_and_bigger_ones_never_written(tmp_path, redis):
     # README: a body that "outgrows an eighth of `maxSize` is not stored" (64Ki: 8192 bytes), in
     # Redis as in memory; up to it, one pod's answer is a hit in another.
     def answer(n):
@@ -503,7 +431,6 @@ def test_entries_up_to_an_eighth_of_max_size_are_shared_and_bigger_ones_never_wr
 
     fits, outgrows = answer(8192), answer(8193)
     upstream = FixedAnswerServer(fits, then=[(200, outgrows)])
-    redis = Redis(tmp_path / "redis")
     spec = "  cache: {enabled: true, backend: redis, maxSize: 64Ki}\n"
     a = pod(tmp_path, upstream.url, redis.url, spec, "a")
     b = pod(tmp_path, upstream.url, redis.url, spec, "b")
@@ -523,13 +450,11 @@ def test_entries_up_to_an_eighth_of_max_size_are_shared_and_bigger_ones_never_wr
         a.stop()
         b.stop()
         upstream.stop()
-        redis.stop()
 
 
-def test_identical_requests_at_once_in_two_pods_go_upstream_at_most_once_per_pod(mock, tmp_path):
+def test_identical_requests_at_once_in_two_pods_go_upstream_at_most_once_per_pod(mock, tmp_path, redis):
     # README: no stampede within one sidecar; across pods each pod's first miss goes upstream (the
     # others in that pod wait for it and are hits): at most one upstream call per pod.
-    redis = Redis(tmp_path / "redis")
     spec = "  cache: {enabled: true, backend: redis}\n"
     a = pod(tmp_path, mock.url, redis.url, spec, "a")
     b = pod(tmp_path, mock.url, redis.url, spec, "b")
@@ -546,4 +471,3 @@ def test_identical_requests_at_once_in_two_pods_go_upstream_at_most_once_per_pod
     finally:
         a.stop()
         b.stop()
-        redis.stop()
