@@ -137,6 +137,19 @@ async fn namespaces(client: &Client) -> (TestNamespace, TestNamespace) {
     (apps, operator)
 }
 
+/// The CRDs installed and the controllers started ([`support::operator`]; they report a
+/// gateway's status), the test's [`namespaces`], and AIGateway `main` with the default spec in the
+/// apps one; returns the namespaces and the apps namespace's AIGateways.
+async fn namespaces_with_gateway_main(
+    client: &Client,
+) -> (TestNamespace, TestNamespace, Api<AIGateway>) {
+    support::operator(client).await;
+    let (apps, operator_ns) = namespaces(client).await;
+    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
+    create(&gateways, &gateway("main", json!({}))).await;
+    (apps, operator_ns, gateways)
+}
+
 /// The webhook served by this process and registered with the apiserver.
 struct ServedWebhook {
     config_name: String,
@@ -214,10 +227,7 @@ async fn annotated_pods_are_injected_through_the_apiserver_and_others_are_left_a
     let Some(client) = cluster_client().await else {
         return;
     };
-    support::operator(&client).await; // CRDs (and the controllers, unused here)
-    let (apps, operator_ns) = namespaces(&client).await;
-    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
-    create(&gateways, &gateway("main", json!({}))).await;
+    let (apps, operator_ns, gateways) = namespaces_with_gateway_main(&client).await;
     create(
         &gateways,
         &gateway("plain", json!({"sidecar": {"nativeSidecar": false}})),
@@ -450,10 +460,7 @@ async fn a_pod_declaring_a_port_of_its_sidecar_is_denied_naming_the_clash_also_t
     let Some(client) = cluster_client().await else {
         return;
     };
-    support::operator(&client).await;
-    let (apps, operator_ns) = namespaces(&client).await;
-    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
-    create(&gateways, &gateway("main", json!({}))).await;
+    let (apps, operator_ns, gateways) = namespaces_with_gateway_main(&client).await;
     create(
         &gateways,
         &gateway("classic", json!({"sidecar": {"nativeSidecar": false}})),
@@ -566,10 +573,7 @@ async fn injected_pods_get_the_operators_image_pull_secrets_next_to_their_own() 
     let Some(client) = cluster_client().await else {
         return;
     };
-    support::operator(&client).await;
-    let (apps, operator_ns) = namespaces(&client).await;
-    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
-    create(&gateways, &gateway("main", json!({}))).await;
+    let (apps, operator_ns, _) = namespaces_with_gateway_main(&client).await;
     let served = serve_webhook_with(
         &client,
         "sidegate-webhook-pull",
@@ -635,10 +639,7 @@ async fn env_from_objects_are_read_and_only_the_base_urls_they_set_are_left_to_t
     let Some(client) = cluster_client().await else {
         return;
     };
-    support::operator(&client).await; // CRDs
-    let (apps, operator_ns) = namespaces(&client).await;
-    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
-    create(&gateways, &gateway("main", json!({}))).await;
+    let (apps, operator_ns, _) = namespaces_with_gateway_main(&client).await;
     // A ConfigMap without base URLs, one pointing OpenAI at an in-cluster server, a Secret
     // whose BASE_URL becomes ANTHROPIC_BASE_URL under its envFrom prefix.
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &apps.name);
@@ -854,10 +855,7 @@ async fn pods_of_a_gateway_whose_sidecar_resources_the_apiserver_refuses_are_cre
     let Some(client) = cluster_client().await else {
         return;
     };
-    support::operator(&client).await; // CRDs and the controllers, which report the gateway
-    let (apps, operator_ns) = namespaces(&client).await;
-    let gateways: Api<AIGateway> = Api::namespaced(client.clone(), &apps.name);
-    create(&gateways, &gateway("main", json!({}))).await;
+    let (apps, operator_ns, gateways) = namespaces_with_gateway_main(&client).await;
     // Schema-valid, but a pod with this sidecar is refused by the apiserver ("must be less than
     // or equal to memory limit").
     create(
