@@ -165,6 +165,15 @@ class RawWebSocket:
         self.sock.close()
 
 
+def answered_session(g):
+    """A raw session through the gateway that has asked for a response and read it."""
+    ws = RawWebSocket(g, "/openai/realtime?model=gpt-realtime")
+    ws.recv_until("session.created")
+    ws.send(ws.frame(1, json.dumps({"type": "response.create"}).encode()))
+    ws.recv_until("response.done")
+    return ws
+
+
 # The client's close frame, however its bytes arrive (one at a time, masked, after a message sent
 # in fragments with a ping between them), ends the session cleanly: `complete`; a client that
 # drops the connection without one went away: `cancelled`, even when a data frame it sent held the
@@ -209,10 +218,7 @@ def test_a_session_the_client_closed_with_a_close_frame_is_complete_when_its_soc
     up = realtime_upstream()
     g = realtime_gateway(tmp_path, up)
     try:
-        ws = RawWebSocket(g, "/openai/realtime?model=gpt-realtime")
-        ws.recv_until("session.created")
-        ws.send(ws.frame(1, json.dumps({"type": "response.create"}).encode()))
-        ws.recv_until("response.done")
+        ws = answered_session(g)
         ws.send(ws.frame(8, (1000).to_bytes(2, "big")))
         time.sleep(0.3)  # the answering close frame arrives, unread
         ws.drop()
@@ -233,10 +239,7 @@ def test_a_session_the_provider_closed_is_complete_when_the_client_leaves_on_its
     up = realtime_upstream(close_after_response=True)
     g = realtime_gateway(tmp_path, up)
     try:
-        ws = RawWebSocket(g, "/openai/realtime?model=gpt-realtime")
-        ws.recv_until("session.created")
-        ws.send(ws.frame(1, json.dumps({"type": "response.create"}).encode()))
-        ws.recv_until("response.done")
+        ws = answered_session(g)
         opcode, payload = ws.recv()
         assert opcode == 8 and payload[:2] == (1000).to_bytes(2, "big"), (opcode, payload)
         ws.drop()
