@@ -860,6 +860,11 @@ where
             .write_all(&buf[..n])
             .await
             .map_err(Failed::Provider)?;
+        // Nothing may follow a close frame (RFC 6455 §5.5.1): the client's side is over, and
+        // the provider has the grace to answer it.
+        if frames.close_seen {
+            return Ok(());
+        }
     }
 }
 
@@ -965,7 +970,9 @@ struct Frames {
     transcription_model: Option<String>,
     /// Only frames are followed, no message read (the client's side of a session).
     frames_only: bool,
-    /// A close frame began.
+    /// The current frame's opcode.
+    opcode: u8,
+    /// A whole close frame passed.
     close_seen: bool,
 }
 
@@ -1031,7 +1038,7 @@ impl Frames {
         };
         self.mask = (second & 0x80 != 0).then(|| ([rest[0], rest[1], rest[2], rest[3]], 0));
         self.fin = first & 0x80 != 0;
-        self.close_seen |= opcode == 8;
+        self.opcode = opcode;
         // Control frames (opcode 8 and up: close, ping, pong) may come between the frames of a
         // message and leave it as it is.
         self.reading = !self.frames_only
@@ -1081,6 +1088,7 @@ impl Frames {
     }
 
     fn end_frame(&mut self) {
+        self.close_seen |= self.opcode == 8;
         if self.reading
             && self.fin
             && let Some(m) = self.message.take()
@@ -1374,7 +1382,7 @@ mod tests {
     }
 
     #[test]
-    fn the_client_side_notes_a_close_frame_and_reads_no_message() {
+    fn the_client_side_notes_a_whole_close_frame_and_reads_no_message() {
         let key = Some([1, 2, 3, 4]);
         let mut stream = frame(true, 1, &done(1, 1, 0), key);
         let text = stream.len();
@@ -1386,9 +1394,13 @@ mod tests {
                 f.feed(piece);
             }
             assert!(!f.close_seen);
-            for piece in stream[text..].chunks(chunk) {
+            // Whole only with its last byte.
+            let last = stream.len() - 1;
+            for piece in stream[text..last].chunks(chunk) {
                 f.feed(piece);
             }
+            assert!(!f.close_seen, "fed {chunk} bytes at a time");
+            f.feed(&stream[last..]);
             assert!(f.close_seen, "fed {chunk} bytes at a time");
             assert_eq!(f.take_used(), []);
         }

@@ -4,6 +4,7 @@ frame) and cached-audio prices (cost.rs)."""
 import json
 import pathlib
 import socket
+import threading
 import time
 import openai
 import pytest
@@ -245,6 +246,67 @@ def test_a_session_the_provider_closed_is_complete_when_the_client_leaves_on_its
         ws.drop()
         line = session_line(g)
         assert (line["tokens_in"], line["tokens_out"], line["outcome"]) == (12, 7, "complete"), line
+    finally:
+        g.stop()
+        up.stop()
+
+
+class SilentProvider:
+    """A realtime provider that takes the upgrade, says `session.created`, and then reads and
+    answers nothing, not even a close frame (RFC 6455 §5.5.1 asks for one)."""
+
+    def __init__(self):
+        import base64
+        import hashlib
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.conns = []
+
+        def serve():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key:"))
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            event = json.dumps({"type": "session.created", "event_id": "ev_1", "session": {}}).encode()
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + bytes([0x81, len(event)]) + event)
+            while conn.recv(65536):
+                pass
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def stop(self):
+        self.listener.close()
+        for c in self.conns:
+            c.close()
+
+
+# A client's close frame ends its side of the session: a provider that never answers it (nor
+# closes) has the gateway's 5 s grace, then the session ends for both, logged `complete` — it does
+# not stay open as long as the client keeps its connection.
+def test_a_client_close_frame_the_provider_never_answers_ends_the_session_after_the_grace(tmp_path):
+    up = SilentProvider()
+    g = realtime_gateway(tmp_path, up)
+    try:
+        ws = RawWebSocket(g, "/openai/realtime?model=gpt-realtime")
+        ws.recv_until("session.created")
+        sent = time.monotonic()
+        ws.send(ws.frame(8, (1000).to_bytes(2, "big")))
+        with pytest.raises((EOFError, ConnectionResetError)):
+            for _ in range(5):
+                ws.recv()
+        took = time.monotonic() - sent
+        assert 4 < took < 8, took
+        line = session_line(g)
+        assert line["outcome"] == "complete", line
+        ws.drop()
     finally:
         g.stop()
         up.stop()
