@@ -242,52 +242,71 @@ impl Settings {
 
     /// Scans a request body: `Err` when a `BLOCK` policy matched, else the flagged findings.
     pub fn check_request(&self, body: &[u8]) -> Result<Vec<Finding>, GatewayError> {
-        logged(self.check(body, true))
+        logged(self.check(body, Scanned::Request { form: None }))
     }
 
     /// Scans a whole response body, as [`Settings::check_request`].
     pub fn check_response(&self, body: &[u8]) -> Result<Vec<Finding>, GatewayError> {
-        logged(self.check(body, false))
+        logged(self.check(body, Scanned::Response))
     }
 
-    /// [`Settings::check_request`] (`request`) or [`Settings::check_response`] of a body that
-    /// may be large: one over [`SCAN_INLINE`] is scanned on a blocking thread, so that the
-    /// runtime's thread (one by default) goes on serving the other requests meanwhile.
-    pub async fn scan(&self, body: &Bytes, request: bool) -> Result<Vec<Finding>, GatewayError> {
-        let applies = |p: &Policy| if request { p.request } else { p.response };
+    /// [`Settings::check_request`] or [`Settings::check_response`] of a body that may be large:
+    /// one over [`SCAN_INLINE`] is scanned on a blocking thread, so that the runtime's thread
+    /// (one by default) goes on serving the other requests meanwhile. A request sent as a form
+    /// (`multipart/form-data`) is scanned part by part, its binary files left out (see
+    /// [`Scanned::Request`]).
+    pub async fn scan(&self, body: &Bytes, scanned: Scanned) -> Result<Vec<Finding>, GatewayError> {
+        let applies = |p: &Policy| scanned.applies(p);
         if body.len() <= SCAN_INLINE || !self.policies.iter().any(applies) {
-            return logged(self.check(body, request));
+            return logged(self.check(body, scanned));
         }
-        let (settings, owned) = (self.clone(), body.clone());
+        let (settings, owned, moved) = (self.clone(), body.clone(), scanned.clone());
         logged(
-            match tokio::task::spawn_blocking(move || settings.check(&owned, request)).await {
+            match tokio::task::spawn_blocking(move || settings.check(&owned, moved)).await {
                 Ok(result) => result,
                 // No blocking thread (the runtime is shutting down): scanned here.
-                Err(_) => self.check(body, request),
+                Err(_) => self.check(body, scanned),
             },
         )
     }
 
-    fn check(&self, body: &[u8], request: bool) -> Result<Vec<Finding>, GatewayError> {
-        let applies = |p: &Policy| if request { p.request } else { p.response };
-        if !self.policies.iter().any(applies) {
+    fn check(&self, body: &[u8], scanned: Scanned) -> Result<Vec<Finding>, GatewayError> {
+        if !self.policies.iter().any(|p| scanned.applies(p)) {
             return Ok(Vec::new());
         }
+        let request = matches!(scanned, Scanned::Request { .. });
         let check = if request { "REQUEST" } else { "RESPONSE" };
-        let text = unescape_json(body);
-        // A response may be a stream whose text is split across events; a request is not,
-        // but it may send documents in base64.
-        let joined = if request {
-            encoded_documents(body)
-        } else {
-            crate::text::stream_text(body)
+        // The bytes read: a form's text parts, else the whole body.
+        let form_parts = match &scanned {
+            Scanned::Request {
+                form: Some(boundary),
+            } => crate::multipart::parts(body, boundary),
+            _ => None,
         };
-        let found = |i: usize| {
-            profile_matches(i, &text) || joined.as_deref().is_some_and(|j| profile_matches(i, j))
+        let pieces: Vec<&[u8]> = match &form_parts {
+            Some(parts) => parts
+                .iter()
+                .map(|p| p.data)
+                .filter(|data| is_text(data))
+                .collect(),
+            None => vec![body],
         };
+        // Text inside JSON strings unescaped; a response may be a stream whose text is split
+        // across events; a request is not, but it may send documents in base64.
+        let mut texts = Vec::with_capacity(pieces.len() * 2);
+        for piece in pieces {
+            texts.push(unescape_json(piece));
+            let joined = if request {
+                encoded_documents(piece)
+            } else {
+                crate::text::stream_text(piece)
+            };
+            texts.extend(joined.map(std::borrow::Cow::Owned));
+        }
+        let found = |i: usize| texts.iter().any(|t| profile_matches(i, t));
         let mut findings = Vec::new();
         for p in &self.policies {
-            if !applies(p) {
+            if !scanned.applies(p) {
                 continue;
             }
             let profiles: Vec<&'static str> = p
@@ -314,6 +333,39 @@ impl Settings {
         }
         Ok(findings)
     }
+}
+
+/// What a body is, for [`Settings::scan`].
+#[derive(Debug, Clone)]
+pub enum Scanned {
+    /// A request; `form`: the boundary of its `multipart/form-data` body, whose parts are read
+    /// one by one, and only those that are text (UTF-8, no NUL byte): an upload's audio, image
+    /// or other binary file holds no text to find, and its random bytes would make false
+    /// matches (an `x@y.io` among 3 MB of them).
+    Request { form: Option<Bytes> },
+    /// A whole response.
+    Response,
+}
+
+impl Scanned {
+    /// A request with these headers.
+    pub fn request(headers: &HeaderMap) -> Self {
+        Self::Request {
+            form: crate::multipart::boundary(headers).map(Bytes::copy_from_slice),
+        }
+    }
+
+    fn applies(&self, p: &Policy) -> bool {
+        match self {
+            Self::Request { .. } => p.request,
+            Self::Response => p.response,
+        }
+    }
+}
+
+/// Whether a form part is text to read: UTF-8 without NUL bytes.
+fn is_text(data: &[u8]) -> bool {
+    memchr::memchr(0, data).is_none() && std::str::from_utf8(data).is_ok()
 }
 
 /// The decoded text of the documents a request body sends in base64 with a text media type
@@ -513,6 +565,45 @@ mod tests {
         ] {
             assert!(hits(text).is_empty(), "{text}: {:?}", hits(text));
         }
+    }
+
+    #[test]
+    fn a_form_is_read_part_by_part_and_its_binary_files_are_not() {
+        let block = settings(
+            DlpAction::Block,
+            vec![DlpCheck::Request],
+            &["email", "us-ssn"],
+        );
+        let form = |fields: &[(&str, &[u8])]| {
+            let mut body = Vec::new();
+            for (name, data) in fields {
+                body.extend_from_slice(
+                    format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"f\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+                );
+                body.extend_from_slice(data);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"--XyZ--\r\n");
+            body
+        };
+        let scanned = || Scanned::Request {
+            form: Some(Bytes::from_static(b"XyZ")),
+        };
+        // Random bytes of a binary file (audio, an image) that happen to read as an address.
+        let binary = form(&[("file", b"\xff\xd8\x00\x91 joe@example.com \xc3\x28")]);
+        assert!(block.check(&binary, scanned()).is_ok());
+        // Read as a whole body, the same bytes match.
+        assert!(block.check_request(&binary).is_err());
+        // Text parts are read: a JSONL file, a text field next to a binary file.
+        let jsonl = form(&[("file", br#"{"body": {"input": "ssn 123-45-6789"}}"#)]);
+        assert!(block.check(&jsonl, scanned()).is_err());
+        let mixed = form(&[
+            ("image", b"\x89PNG\x00\x00"),
+            ("prompt", b"mail joe@example.com"),
+        ]);
+        assert!(block.check(&mixed, scanned()).is_err());
+        // A body that is no form after all is read whole.
+        assert!(block.check(b"joe@example.com", scanned()).is_err());
     }
 
     #[test]

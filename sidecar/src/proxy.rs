@@ -524,7 +524,7 @@ impl Gateway {
                 record.finish_complete();
             }
         }
-        let checked = match snap.dlp.scan(&whole, false).await {
+        let checked = match snap.dlp.scan(&whole, crate::dlp::Scanned::Response).await {
             Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => {
                 // Its lines (flagged, blocked) name the request's log id (the scope's).
                 self.guardrails_check(snap, crate::guardrails::Side::Response, &whole)
@@ -956,7 +956,11 @@ impl Gateway {
             None
         };
 
-        let dlp_flags = snap.dlp.scan(&body, true).await.map_err(fail)?;
+        let dlp_flags = snap
+            .dlp
+            .scan(&body, crate::dlp::Scanned::request(&parts.headers))
+            .await
+            .map_err(fail)?;
         if snap.guardrails.checks_prompts() {
             self.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
                 .await

@@ -257,9 +257,15 @@ def test_speech_and_file_contents_held_back_for_dlp_arrive_byte_exact(tmp_path, 
         c = oai(g)
         assert c.audio.speech.create(model="tts-1", voice="alloy", input="a calm lake").read() == SPEECH
         assert c.files.content("file-abc").read() == FILE_CONTENT
-        # A binary upload is no text: no false match on its bytes.
-        f = c.files.create(file=("blob.bin", os.urandom(3 * MiB)), purpose="user_data")
+        # A binary upload is no text: no false match on its bytes, even where they happen to
+        # read as an address (random bytes do, now and then: CI once).
+        blob = os.urandom(MiB) + b"\x00 joe@example.com \x00" + os.urandom(2 * MiB)
+        f = c.files.create(file=("blob.bin", blob), purpose="user_data")
         assert f.id.startswith("file-")
+        # A text file in a form is read: a batch file with an address is refused.
+        with pytest.raises(openai.BadRequestError) as refused:
+            c.files.create(file=("in.jsonl", b'{"body": {"input": "mail joe@example.com"}}\n'), purpose="batch")
+        assert refused.value.status_code == 400 and "2029" in str(refused.value.body), refused.value.body
     finally:
         g.stop()
 

@@ -1057,7 +1057,11 @@ pub(crate) async fn answer(
     let dlp_flags = match &universal {
         Some(u) => u.dlp_flags.to_vec(),
         None => {
-            let flags = snap.dlp.scan(&body, true).await.map_err(fail)?;
+            let flags = snap
+                .dlp
+                .scan(&body, crate::dlp::Scanned::request(&parts.headers))
+                .await
+                .map_err(fail)?;
             if snap.guardrails.checks_prompts() {
                 gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
                     .await
