@@ -287,15 +287,19 @@ impl Settings {
             Some(parts) => parts
                 .iter()
                 .map(|p| p.data)
-                .filter(|data| is_text(data))
+                .filter(|d| is_text(d))
                 .collect(),
             None => vec![body],
         };
-        // Text inside JSON strings unescaped; a response may be a stream whose text is split
-        // across events; a request is not, but it may send documents in base64.
+        // Text inside JSON strings unescaped, unless the bytes are binary (a download's, an
+        // audio answer's, an event stream's framing: their text, if any, is decoded below);
+        // a response may be a stream whose text is split across events; a request is not, but
+        // it may send documents in base64.
         let mut texts = Vec::with_capacity(pieces.len() * 2);
         for piece in pieces {
-            texts.push(unescape_json(piece));
+            if form_parts.is_some() || is_text(piece) {
+                texts.push(unescape_json(piece));
+            }
             let joined = if request {
                 encoded_documents(piece)
             } else {
@@ -339,9 +343,9 @@ impl Settings {
 #[derive(Debug, Clone)]
 pub enum Scanned {
     /// A request; `form`: the boundary of its `multipart/form-data` body, whose parts are read
-    /// one by one, and only those that are text (UTF-8, no NUL byte): an upload's audio, image
-    /// or other binary file holds no text to find, and its random bytes would make false
-    /// matches (an `x@y.io` among 3 MB of them).
+    /// one by one. Only text is read as it stands (UTF-8, no NUL byte), a whole body or a
+    /// form's part: an upload's audio, image or other binary file holds no text to find, and
+    /// its random bytes would make false matches (an `x@y.io` among 3 MB of them).
     Request { form: Option<Bytes> },
     /// A whole response.
     Response,
@@ -592,8 +596,9 @@ mod tests {
         // Random bytes of a binary file (audio, an image) that happen to read as an address.
         let binary = form(&[("file", b"\xff\xd8\x00\x91 joe@example.com \xc3\x28")]);
         assert!(block.check(&binary, scanned()).is_ok());
-        // Read as a whole body, the same bytes match.
-        assert!(block.check_request(&binary).is_err());
+        // Nor as a whole body: binary.
+        assert!(block.check_request(&binary).is_ok());
+        assert!(block.check_request(b"\x00joe@example.com").is_ok());
         // Text parts are read: a JSONL file, a text field next to a binary file.
         let jsonl = form(&[("file", br#"{"body": {"input": "ssn 123-45-6789"}}"#)]);
         assert!(block.check(&jsonl, scanned()).is_err());
@@ -604,6 +609,14 @@ mod tests {
         assert!(block.check(&mixed, scanned()).is_err());
         // A body that is no form after all is read whole.
         assert!(block.check(b"joe@example.com", scanned()).is_err());
+        // A binary answer (audio, a download) neither.
+        let answers = settings(DlpAction::Block, vec![DlpCheck::Response], &["email"]);
+        assert!(
+            answers
+                .check_response(b"ID3\x04\x00 joe@example.com \xff\xfb")
+                .is_ok()
+        );
+        assert!(answers.check_response(b"joe@example.com").is_err());
     }
 
     #[test]
