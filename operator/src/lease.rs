@@ -18,6 +18,8 @@ use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::time::Instant;
 
+use crate::owner::{Adopter, write_adopting};
+
 /// Where the lease lives and how it is held.
 #[derive(Debug, Clone)]
 pub struct LeaseSettings {
@@ -33,7 +35,8 @@ pub struct LeaseSettings {
     /// (retrying failed renewals every half of it meanwhile).
     pub renew_every: Duration,
     /// Owner of the Lease (the operator's Deployment, [`crate::owner`]), set when it is created
-    /// or next written, so that deleting the owner deletes the Lease too.
+    /// or next written, so that deleting the owner deletes the Lease too (the Deployment is read
+    /// again each time: the uid may have changed).
     pub owner: Option<OwnerReference>,
 }
 
@@ -59,6 +62,8 @@ pub enum LeaseError {
 pub struct LeaderElector {
     api: Api<Lease>,
     settings: LeaseSettings,
+    /// Keeps the Lease owned by `settings.owner`.
+    owner: Option<Adopter>,
     /// What this replica last saw of the lease while another replica held it.
     observed: std::sync::Mutex<Option<Observed>>,
 }
@@ -110,9 +115,18 @@ enum Attempt {
 impl LeaderElector {
     /// An elector for `settings`.
     pub fn new(client: Client, settings: LeaseSettings) -> Self {
+        let owner = settings.owner.clone().map(|owner| {
+            Adopter::new(
+                client.clone(),
+                &settings.namespace,
+                owner,
+                format!("Lease {}", settings.name),
+            )
+        });
         Self {
             api: Api::namespaced(client, &settings.namespace),
             settings,
+            owner,
             observed: std::sync::Mutex::default(),
         }
     }
@@ -185,12 +199,12 @@ impl LeaderElector {
         let now = Timestamp::now();
         let me = &self.settings.identity;
         let duration_secs = i32::try_from(self.settings.duration.as_secs()).unwrap_or(i32::MAX);
-        let Some(mut lease) = self.api.get_opt(&self.settings.name).await? else {
+        let (api, name) = (&self.api, &self.settings.name);
+        let Some(mut lease) = api.get_opt(name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
-                    name: Some(self.settings.name.clone()),
+                    name: Some(name.clone()),
                     namespace: Some(self.settings.namespace.clone()),
-                    owner_references: self.settings.owner.clone().map(|o| vec![o]),
                     ..ObjectMeta::default()
                 },
                 spec: Some(LeaseSpec {
@@ -202,7 +216,13 @@ impl LeaderElector {
                     ..LeaseSpec::default()
                 }),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
+            let created = write_adopting(self.owner.as_ref(), &lease.metadata, |owners| {
+                let mut lease = lease.clone();
+                lease.metadata.owner_references = owners;
+                async move { api.create(&PostParams::default(), &lease).await }
+            })
+            .await;
+            return match created {
                 Ok(_) => Ok(Attempt::Leading),
                 Err(e) if is_conflict(&e) => Ok(Attempt::HeldBy("another replica".into())),
                 Err(e) => Err(e),
@@ -234,16 +254,18 @@ impl LeaderElector {
         spec.holder_identity = Some(me.clone());
         spec.lease_duration_seconds = Some(duration_secs);
         spec.renew_time = Some(MicroTime(now));
-        // A Lease from before the owner was known (an older operator) is adopted when taken or
-        // renewed.
-        if let Some(owner) = &self.settings.owner {
-            crate::owner::adopt(&mut lease.metadata, owner);
-        }
-        match self
-            .api
-            .replace(&self.settings.name, &PostParams::default(), &lease)
-            .await
-        {
+        // A Lease from before the owner was known (an older operator), or owned by a Deployment
+        // since made again, is adopted when taken or renewed, never at the cost of the take or
+        // renewal: refused, it is written as it was.
+        let written = write_adopting(self.owner.as_ref(), &lease.metadata, |owners| {
+            let mut lease = lease.clone();
+            if let Some(owners) = owners {
+                lease.metadata.owner_references = Some(owners);
+            }
+            async move { api.replace(name, &PostParams::default(), &lease).await }
+        })
+        .await;
+        match written {
             Ok(_) => Ok(Attempt::Leading),
             Err(e) if is_conflict(&e) => Ok(Attempt::HeldBy(holder)),
             Err(e) => Err(e),

@@ -73,8 +73,10 @@ struct RunArgs {
     /// The operator's Deployment, in the operator's namespace: it is made the owner of the
     /// leader Lease and the self-managed webhook certificate Secret, so that deleting it (helm
     /// uninstall) has the garbage collector delete them too. Needs `get` on that Deployment (a
-    /// lasting refusal stops the start, as for the other start-up reads); unset, or if there is
-    /// no such Deployment, they stay when the operator is removed.
+    /// lasting refusal stops the start, as for the other start-up reads), and where the
+    /// OwnerReferencesPermissionEnforcement admission plugin runs, `delete` on the Lease and the
+    /// Secret to give existing ones the owner (refused, they are written without it); unset, or
+    /// if there is no such Deployment, they stay when the operator is removed.
     #[arg(long, env = "SIDEGATE_OWNER_DEPLOYMENT", value_name = "NAME", value_parser = object_name)]
     owner_deployment: Option<String>,
     /// Identity written into the Lease and Events (defaults to the pod name, $POD_NAME).
@@ -248,7 +250,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     tracing::warn!(
                         deployment = %name,
                         namespace = %args.lease_namespace,
-                        "--owner-deployment: no such Deployment; the Lease and the webhook certificate Secret will stay when the operator is removed"
+                        "--owner-deployment: no such Deployment (or it is being deleted); the Lease and the webhook certificate Secret will stay when the operator is removed"
                     );
                 }
                 owner

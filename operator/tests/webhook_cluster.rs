@@ -1144,3 +1144,51 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
     unregister(&client, &config_name).await;
     ns.delete().await;
 }
+
+#[tokio::test]
+async fn a_certificate_made_for_a_year_is_made_again_at_the_next_check_once_validity_is_a_day() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    let ns = create_test_namespace(&client, "sgwh-validity").await;
+    let day = Duration::from_secs(86400);
+    let valid_for = |validity: Duration| SelfManaged {
+        namespace: ns.name.clone(),
+        secret_name: "tls".into(),
+        // No such configuration: its caBundle is not the point here.
+        webhook_config_name: "sidegate-no-such-webhook".into(),
+        names: vec!["sidegate-webhook.test.svc".into()],
+        validity,
+        renew_before: validity / 6,
+        owner: None,
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
+    let not_after = |s: &Secret| -> u64 {
+        s.annotations()[certs::NOT_AFTER_ANNOTATION]
+            .parse()
+            .expect("not-after")
+    };
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs()
+    };
+    let resolver = CertResolver::new();
+    let check = |validity| {
+        let (client, resolver, settings) = (&client, &resolver, valid_for(validity));
+        async move {
+            certs::ensure_self_managed(client, &settings, resolver)
+                .await
+                .expect("checked")
+        }
+    };
+    assert_eq!(check(365 * day).await, certs::CertAction::Rotated);
+    assert_eq!(check(365 * day).await, certs::CertAction::Reused);
+    // --cert-validity-days 365 -> 1: a certificate of a day at once, then kept.
+    assert_eq!(check(day).await, certs::CertAction::Rotated);
+    let made = not_after(&secrets.get("tls").await.expect("secret"));
+    assert!(made.abs_diff(now() + 86400) < 120, "not after {made}");
+    assert_eq!(check(day).await, certs::CertAction::Reused);
+    ns.delete().await;
+}

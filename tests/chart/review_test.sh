@@ -169,16 +169,21 @@ assert got == want, {"extra": {k: v - want.get(k, set()) for k, v in got.items()
 mwc = [r for r in by_kind("ClusterRole")[0]["rules"] if r["resources"] == ["mutatingwebhookconfigurations"]][0]
 assert mwc["resourceNames"] == [by_kind("MutatingWebhookConfiguration")[0]["metadata"]["name"]], mwc
 # The leader Lease (lease.rs: get_opt, create, replace): get/update by name, create on its own
-# (a create is authorized before the object has a name); the operator's Deployment, read by name
-# (owner.rs), which owns the Lease and the certificate Secret.
+# (a create is authorized before the object has a name); delete of the Lease and the certificate
+# Secret by name only (OwnerReferencesPermissionEnforcement asks it of an update that sets their
+# owner; no Secrets delete cluster-wide); the operator's Deployment, read by name (owner.rs),
+# which owns the Lease and the certificate Secret.
 role = by_kind("Role")[0]["rules"]
 args = pod()["containers"][0]["args"]
 lease = [a for a in args if a.startswith("--lease-name=")][0].split("=", 1)[1]
+cert = [a for a in args if a.startswith("--webhook-secret=")][0].split("=", 1)[1]
 owner = [a for a in args if a.startswith("--owner-deployment=")][0].split("=", 1)[1]
 assert owner == deploy()["metadata"]["name"], (owner, deploy()["metadata"]["name"])
 assert [(r["apiGroups"], r["resources"], sorted(r["verbs"]), r.get("resourceNames")) for r in role] == [
     (["coordination.k8s.io"], ["leases"], ["get", "update"], [lease]),
     (["coordination.k8s.io"], ["leases"], ["create"], None),
+    (["coordination.k8s.io"], ["leases"], ["delete"], [lease]),
+    ([""], ["secrets"], ["delete"], [cert]),
     (["apps"], ["deployments"], ["get"], [owner])], role
 for d in docs:
     for r in d.get("rules", []):
@@ -196,7 +201,7 @@ roles = sorted(r["metadata"]["namespace"] for r in by_kind("Role"))
 assert roles == ["sidegate-system", "team-b", "team-c"], roles
 rel = [r for r in by_kind("Role") if r["metadata"]["namespace"] == "sidegate-system"][0]["rules"]
 for r in rel:
-    if r["resources"] == ["secrets"] and set(r["verbs"]) & {"get", "list", "watch", "patch"}:
+    if r["resources"] == ["secrets"] and set(r["verbs"]) & {"get", "list", "watch", "patch", "delete"}:
         assert r.get("resourceNames") and "list" not in r["verbs"] and "watch" not in r["verbs"], r
 args = pod()["containers"][0]["args"]
 assert [a for a in args if a.startswith("--watch-namespace")] == ["--watch-namespace=team-b", "--watch-namespace=team-c"], args
@@ -408,11 +413,11 @@ name = [a for a in pod()["containers"][0]["args"] if a.startswith("--lease-name=
 for r in by_kind("Role")[0]["rules"]:
     if r["resources"] == ["leases"]:
         verbs = set(r["verbs"])
-        if verbs & {"get", "update", "patch"}:
+        if verbs & {"get", "update", "patch", "delete"}:
             assert r.get("resourceNames") == [name], f"lease rule without resourceNames [{name}]: {r}"
 PY
 }
-check "RBAC: get/update of the leader Lease by name only (create alone unrestricted)" lease_scoped
+check "RBAC: get/update/delete of the leader Lease by name only (create alone unrestricted)" lease_scoped
 
 # The webhook port of the NetworkPolicy: open to every source by default (the apiserver's source
 # is not selectable in most clusters), only from networkPolicy.webhookFrom when set; metrics only

@@ -29,6 +29,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use serde_json::json;
 
+use crate::owner::{Adopter, write_adopting};
+
 /// Secret key of the serving certificate (PEM).
 pub const TLS_CERT_KEY: &str = "tls.crt";
 /// Secret key of the serving certificate's private key (PEM).
@@ -39,6 +41,9 @@ pub const CA_CERT_KEY: &str = "ca.crt";
 pub const CA_BUNDLE_KEY: &str = "ca-bundle.crt";
 /// Annotation on the Secret: expiry of the serving certificate, Unix seconds.
 pub const NOT_AFTER_ANNOTATION: &str = "sidegate.dev/not-after";
+/// Annotation on the Secret: start of the serving certificate's validity, Unix seconds (so that
+/// one made for a longer `--cert-validity-days` than today's is made again).
+pub const NOT_BEFORE_ANNOTATION: &str = "sidegate.dev/not-before";
 /// Annotation on the Secret: the names the serving certificate is valid for, comma-separated.
 pub const NAMES_ANNOTATION: &str = "sidegate.dev/cert-names";
 
@@ -93,18 +98,25 @@ pub struct GeneratedCert {
     pub ca_pem: String,
     /// The serving certificate and key.
     pub serving: ServingCert,
+    /// Start of both, Unix seconds: [`BACKDATED`] before they were made.
+    pub not_before: u64,
     /// Expiry of both, Unix seconds.
     pub not_after: u64,
 }
 
+/// How long before it is made a certificate is valid from: clocks of other machines may be
+/// behind.
+pub const BACKDATED: Duration = Duration::from_secs(3600);
+
 /// Generates a CA and a serving certificate for `names` (DNS names or IP addresses), valid from
-/// an hour ago (clock skew) for `validity`.
+/// [`BACKDATED`] ago (clock skew) until `validity` from now.
 pub fn generate(names: &[String], validity: Duration) -> Result<GeneratedCert, CertError> {
     // rcgen's timestamps are `time::OffsetDateTime`; built from the epoch so that this crate
     // needs no direct `time` dependency.
     let at = |secs: u64| rcgen::date_time_ymd(1970, 1, 1) + Duration::from_secs(secs);
     let now = unix_now();
-    let not_before = at(now.saturating_sub(3600));
+    let not_before_secs = now.saturating_sub(BACKDATED.as_secs());
+    let not_before = at(not_before_secs);
     let not_after_secs = now + validity.as_secs();
     let not_after = at(not_after_secs);
 
@@ -143,6 +155,7 @@ pub fn generate(names: &[String], validity: Duration) -> Result<GeneratedCert, C
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         },
+        not_before: not_before_secs,
         not_after: not_after_secs,
     })
 }
@@ -318,183 +331,264 @@ pub enum CertAction {
 }
 
 /// Makes sure a valid certificate is stored, trusted through `caBundle`, and served by
-/// `resolver`. Safe to run on every replica at once: Secret writes are conditional on its
-/// resourceVersion, and a replica that loses the race adopts the winner's certificate.
+/// `resolver`, once ([`SelfManagedCert::ensure`]).
 pub async fn ensure_self_managed(
     client: &Client,
     settings: &SelfManaged,
     resolver: &CertResolver,
 ) -> Result<CertAction, CertError> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
-    for _attempt in 0..3 {
-        let existing = secrets
-            .get_opt(&settings.secret_name)
-            .await
-            .map_err(kube_err("reading the webhook certificate Secret"))?;
-        if let Some((secret, stored)) = existing
-            .as_ref()
-            .and_then(|s| usable(s, settings).map(|stored| (s, stored)))
-        {
+    SelfManagedCert::new(client.clone(), settings.clone())
+        .ensure(resolver)
+        .await
+}
+
+/// The self-managed certificate as one operator process keeps it: where it lives, and the
+/// owner of its Secret (what the process learnt of it, such as a refused adoption, lasts from
+/// one check to the next).
+pub struct SelfManagedCert {
+    client: Client,
+    settings: SelfManaged,
+    owner: Option<Adopter>,
+}
+
+impl SelfManagedCert {
+    /// The certificate of `settings`.
+    pub fn new(client: Client, settings: SelfManaged) -> Self {
+        let owner = settings.owner.clone().map(|owner| {
+            Adopter::new(
+                client.clone(),
+                &settings.namespace,
+                owner,
+                format!("Secret {}", settings.secret_name),
+            )
+        });
+        Self {
+            client,
+            settings,
+            owner,
+        }
+    }
+
+    /// Makes sure a valid certificate is stored, trusted through `caBundle`, and served by
+    /// `resolver`. Safe to run on every replica at once: Secret writes are conditional on its
+    /// resourceVersion, and a replica that loses the race adopts the winner's certificate.
+    pub async fn ensure(&self, resolver: &CertResolver) -> Result<CertAction, CertError> {
+        let (client, settings) = (&self.client, &self.settings);
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+        for _attempt in 0..3 {
+            let existing = secrets
+                .get_opt(&settings.secret_name)
+                .await
+                .map_err(kube_err("reading the webhook certificate Secret"))?;
+            if let Some((secret, stored)) = existing
+                .as_ref()
+                .and_then(|s| usable(s, settings, unix_now()).map(|stored| (s, stored)))
+            {
+                patch_ca_bundle(
+                    client,
+                    &settings.webhook_config_name,
+                    &stored.ca_pem,
+                    &stored.bundle,
+                )
+                .await?;
+                resolver.set_expiring(&stored.serving, stored.not_after)?;
+                self.adopt(&secrets, secret).await;
+                return Ok(CertAction::Reused);
+            }
+
+            let fresh = generate(&settings.names, settings.validity)?;
+            let previous_ca = existing
+                .as_ref()
+                .and_then(|s| data_str(s, CA_CERT_KEY))
+                .filter(|ca| !ca.trim().is_empty());
+            let bundle = match previous_ca {
+                Some(old) => format!("{}{}", fresh.ca_pem, old),
+                None => fresh.ca_pem.clone(),
+            };
+            // Trust first, serve second: the apiserver must accept the new certificate as soon
+            // as any replica presents it.
             patch_ca_bundle(
                 client,
                 &settings.webhook_config_name,
-                &stored.ca_pem,
-                &stored.bundle,
+                &fresh.ca_pem,
+                &bundle,
             )
             .await?;
-            resolver.set_expiring(&stored.serving, stored.not_after)?;
-            adopt(&secrets, secret, settings).await;
-            return Ok(CertAction::Reused);
-        }
-
-        let fresh = generate(&settings.names, settings.validity)?;
-        let previous_ca = existing
-            .as_ref()
-            .and_then(|s| data_str(s, CA_CERT_KEY))
-            .filter(|ca| !ca.trim().is_empty());
-        let bundle = match previous_ca {
-            Some(old) => format!("{}{}", fresh.ca_pem, old),
-            None => fresh.ca_pem.clone(),
-        };
-        // Trust first, serve second: the apiserver must accept the new certificate as soon as
-        // any replica presents it.
-        patch_ca_bundle(
-            client,
-            &settings.webhook_config_name,
-            &fresh.ca_pem,
-            &bundle,
-        )
-        .await?;
-        let data = [
-            (TLS_CERT_KEY, fresh.serving.cert_pem.as_str()),
-            (TLS_KEY_KEY, fresh.serving.key_pem.as_str()),
-            (CA_CERT_KEY, fresh.ca_pem.as_str()),
-            (CA_BUNDLE_KEY, bundle.as_str()),
-        ];
-        let annotations = [
-            (NOT_AFTER_ANNOTATION, fresh.not_after.to_string()),
-            (NAMES_ANNOTATION, settings.names.join(",")),
-        ];
-        let written = match existing {
-            None => {
-                let secret = Secret {
-                    metadata: ObjectMeta {
-                        name: Some(settings.secret_name.clone()),
-                        annotations: Some(
-                            annotations
-                                .iter()
-                                .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                                .collect(),
-                        ),
-                        labels: Some(
-                            [(
-                                "app.kubernetes.io/managed-by".to_owned(),
-                                "sidegate-operator".to_owned(),
-                            )]
-                            .into(),
-                        ),
-                        owner_references: settings.owner.clone().map(|o| vec![o]),
-                        ..ObjectMeta::default()
-                    },
-                    type_: Some("kubernetes.io/tls".into()),
-                    data: Some(
-                        data.iter()
-                            .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
-                            .collect(),
-                    ),
-                    ..Secret::default()
-                };
-                secrets
-                    .create(&PostParams::default(), &secret)
-                    .await
-                    .map(|_| ())
-            }
-            Some(old) => {
-                // resourceVersion in a merge patch makes it conditional: 409 if another
-                // replica wrote in between.
-                let string_data: serde_json::Map<String, serde_json::Value> = data
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), json!(v)))
-                    .collect();
-                let mut patch = json!({
-                    "metadata": {
-                        "resourceVersion": old.resource_version(),
-                        "annotations": annotations.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect::<serde_json::Map<_, _>>(),
-                    },
-                    "stringData": string_data,
-                });
-                let mut meta = old.metadata.clone();
-                if let Some(owner) = &settings.owner
-                    && crate::owner::adopt(&mut meta, owner)
-                {
-                    patch["metadata"]["ownerReferences"] = json!(meta.owner_references);
+            let written = match existing {
+                None => self.create(&secrets, &fresh, &bundle).await,
+                Some(old) => self.rewrite(&secrets, &old, &fresh, &bundle).await,
+            };
+            match written {
+                Ok(()) => {
+                    resolver.set_expiring(&fresh.serving, fresh.not_after)?;
+                    tracing::info!(
+                        secret = %settings.secret_name,
+                        not_after = fresh.not_after,
+                        "webhook certificate rotated"
+                    );
+                    return Ok(CertAction::Rotated);
                 }
+                // Another replica stored one first: adopt it on the next pass.
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(kube_err("writing the webhook certificate Secret")(e)),
+            }
+        }
+        Err(CertError::Invalid(
+            "the webhook certificate Secret kept changing under concurrent writers".into(),
+        ))
+    }
+
+    /// Re-checks the certificate every `every` until the task is dropped: rotates it before
+    /// expiry, adopts rotations by other replicas, and restores a `caBundle` someone reset.
+    pub async fn keep(self, resolver: Arc<CertResolver>, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.ensure(&resolver).await {
+                tracing::warn!(error = %e, "webhook certificate check failed; retrying");
+            }
+        }
+    }
+
+    /// Stores `fresh` (with CA bundle `bundle`) in a new Secret.
+    async fn create(
+        &self,
+        secrets: &Api<Secret>,
+        fresh: &GeneratedCert,
+        bundle: &str,
+    ) -> Result<(), kube::Error> {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(self.settings.secret_name.clone()),
+                annotations: Some(
+                    annotations(fresh, &self.settings.names)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                ),
+                labels: Some(
+                    [(
+                        "app.kubernetes.io/managed-by".to_owned(),
+                        "sidegate-operator".to_owned(),
+                    )]
+                    .into(),
+                ),
+                ..ObjectMeta::default()
+            },
+            type_: Some("kubernetes.io/tls".into()),
+            data: Some(
+                secret_data(fresh, bundle)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        };
+        write_adopting(self.owner.as_ref(), &secret.metadata, |owners| {
+            let mut secret = secret.clone();
+            secret.metadata.owner_references = owners;
+            async move { secrets.create(&PostParams::default(), &secret).await }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Replaces the certificate in Secret `old` with `fresh` (with CA bundle `bundle`).
+    async fn rewrite(
+        &self,
+        secrets: &Api<Secret>,
+        old: &Secret,
+        fresh: &GeneratedCert,
+        bundle: &str,
+    ) -> Result<(), kube::Error> {
+        // resourceVersion in a merge patch makes it conditional: 409 if another replica wrote
+        // in between.
+        let string_data: serde_json::Map<String, serde_json::Value> = secret_data(fresh, bundle)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), json!(v)))
+            .collect();
+        let annotations: serde_json::Map<String, serde_json::Value> =
+            annotations(fresh, &self.settings.names)
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), json!(v)))
+                .collect();
+        let patch = json!({
+            "metadata": {
+                "resourceVersion": old.resource_version(),
+                "annotations": annotations,
+            },
+            "stringData": string_data,
+        });
+        // An unowned Secret (an older operator's) is adopted with its rotation; refused, the
+        // rotation goes through without it.
+        write_adopting(self.owner.as_ref(), &old.metadata, |owners| {
+            let mut patch = patch.clone();
+            if let Some(owners) = owners {
+                patch["metadata"]["ownerReferences"] = json!(owners);
+            }
+            async move {
                 secrets
                     .patch(
-                        &settings.secret_name,
+                        &self.settings.secret_name,
                         &PatchParams::default(),
                         &Patch::Merge(&patch),
                     )
                     .await
-                    .map(|_| ())
             }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Gives the stored certificate's `secret` its owner if it lacks it (a Secret of an older
+    /// operator). A failure is only logged: the certificate serves either way.
+    async fn adopt(&self, secrets: &Api<Secret>, secret: &Secret) {
+        let Some(owner) = &self.owner else {
+            return;
         };
-        match written {
-            Ok(()) => {
-                resolver.set_expiring(&fresh.serving, fresh.not_after)?;
-                tracing::info!(
-                    secret = %settings.secret_name,
-                    not_after = fresh.not_after,
-                    "webhook certificate rotated"
-                );
-                return Ok(CertAction::Rotated);
-            }
-            // Another replica stored one first: adopt it on the next pass.
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(kube_err("writing the webhook certificate Secret")(e)),
+        // resourceVersion makes it conditional: a rotation by another replica in between wins.
+        let adopted = write_adopting(Some(owner), &secret.metadata, |owners| async move {
+            let Some(owners) = owners else {
+                return Ok(());
+            };
+            let patch = json!({
+                "metadata": {
+                    "resourceVersion": secret.resource_version(),
+                    "ownerReferences": owners,
+                },
+            });
+            secrets
+                .patch(
+                    &self.settings.secret_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map(|_| ())
+        })
+        .await;
+        if let Err(e) = adopted {
+            tracing::debug!(secret = %self.settings.secret_name, error = %e, "webhook certificate Secret not adopted this time");
         }
     }
-    Err(CertError::Invalid(
-        "the webhook certificate Secret kept changing under concurrent writers".into(),
-    ))
 }
 
-/// Gives the stored certificate's `secret` the owner of `settings` if it lacks it (a Secret of
-/// an older operator). A failure is only logged: the certificate serves either way, and the
-/// next check tries again.
-async fn adopt(secrets: &Api<Secret>, secret: &Secret, settings: &SelfManaged) {
-    let Some(owner) = &settings.owner else {
-        return;
-    };
-    let mut meta = secret.metadata.clone();
-    if !crate::owner::adopt(&mut meta, owner) {
-        return;
-    }
-    // resourceVersion makes it conditional: a rotation by another replica in between wins.
-    let patch = json!({
-        "metadata": {
-            "resourceVersion": secret.resource_version(),
-            "ownerReferences": meta.owner_references,
-        },
-    });
-    match secrets
-        .patch(
-            &settings.secret_name,
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
-        .await
-    {
-        Ok(_) => tracing::info!(
-            secret = %settings.secret_name,
-            owner = %owner.name,
-            "webhook certificate Secret now owned by the operator's {}",
-            owner.kind
-        ),
-        Err(e) => {
-            tracing::warn!(secret = %settings.secret_name, error = %e, "could not set the owner of the webhook certificate Secret; retrying at the next check")
-        }
-    }
+/// The Secret's data for certificate `fresh` and CA bundle `bundle`.
+fn secret_data<'a>(fresh: &'a GeneratedCert, bundle: &'a str) -> [(&'static str, &'a str); 4] {
+    [
+        (TLS_CERT_KEY, fresh.serving.cert_pem.as_str()),
+        (TLS_KEY_KEY, fresh.serving.key_pem.as_str()),
+        (CA_CERT_KEY, fresh.ca_pem.as_str()),
+        (CA_BUNDLE_KEY, bundle),
+    ]
+}
+
+/// The Secret's annotations for certificate `fresh`, made for `names`.
+fn annotations(fresh: &GeneratedCert, names: &[String]) -> [(&'static str, String); 3] {
+    [
+        (NOT_BEFORE_ANNOTATION, fresh.not_before.to_string()),
+        (NOT_AFTER_ANNOTATION, fresh.not_after.to_string()),
+        (NAMES_ANNOTATION, names.join(",")),
+    ]
 }
 
 struct Stored {
@@ -504,11 +598,23 @@ struct Stored {
     bundle: String,
 }
 
-/// The stored certificate, if it is complete, for the right names and not due for renewal.
-fn usable(secret: &Secret, settings: &SelfManaged) -> Option<Stored> {
+/// The stored certificate, if it is complete, for the right names, not due for renewal at `now`
+/// (Unix seconds), and made for no longer than `settings.validity`: after `--cert-validity-days`
+/// was lowered, the certificate made for the longer one is replaced, not kept to its end.
+fn usable(secret: &Secret, settings: &SelfManaged, now: u64) -> Option<Stored> {
     let annotations = secret.annotations();
     let not_after: u64 = annotations.get(NOT_AFTER_ANNOTATION)?.parse().ok()?;
-    if not_after < unix_now() + settings.renew_before.as_secs() {
+    if not_after < now + settings.renew_before.as_secs() {
+        return None;
+    }
+    let validity = settings.validity.as_secs();
+    let lifetime = match annotations.get(NOT_BEFORE_ANNOTATION) {
+        Some(not_before) => not_after.saturating_sub(not_before.parse().ok()?),
+        // Stored by an operator that did not record it: too long if more is left of it than of
+        // one made now (give or take the backdating, for clocks that disagree).
+        None => not_after.saturating_sub(now),
+    };
+    if lifetime > validity + BACKDATED.as_secs() {
         return None;
     }
     if annotations.get(NAMES_ANNOTATION)? != &settings.names.join(",") {
@@ -587,22 +693,6 @@ pub async fn patch_ca_bundle(
         ))?;
     tracing::info!(config = name, webhooks = stale.len(), "caBundle updated");
     Ok(())
-}
-
-/// Re-checks the self-managed certificate every `every` until the task is dropped: rotates it
-/// before expiry, adopts rotations by other replicas, and restores a `caBundle` someone reset.
-pub async fn keep_self_managed(
-    client: Client,
-    settings: SelfManaged,
-    resolver: Arc<CertResolver>,
-    every: Duration,
-) {
-    loop {
-        tokio::time::sleep(every).await;
-        if let Err(e) = ensure_self_managed(&client, &settings, &resolver).await {
-            tracing::warn!(error = %e, "webhook certificate check failed; retrying");
-        }
-    }
 }
 
 /// A certificate and key read from files (a mounted `kubernetes.io/tls` Secret).
@@ -837,6 +927,77 @@ mod tests {
             served_leaf(addr, &[cas[0], cas[1], next.ca_pem.as_str()]).await,
             Some(leaf(&next))
         );
+    }
+
+    /// The Secret [`SelfManagedCert::ensure`] stores for `cert`; without the not-before
+    /// annotation as an older operator stored it.
+    fn stored(cert: &GeneratedCert, names: &[String], with_not_before: bool) -> Secret {
+        let mut annotations: std::collections::BTreeMap<String, String> = annotations(cert, names)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        if !with_not_before {
+            annotations.remove(NOT_BEFORE_ANNOTATION);
+        }
+        Secret {
+            metadata: ObjectMeta {
+                annotations: Some(annotations),
+                ..ObjectMeta::default()
+            },
+            data: Some(
+                secret_data(cert, &cert.ca_pem)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    /// Settings of `--cert-validity-days` `days` (renewed when a sixth is left).
+    fn valid_for(days: u64, names: &[String]) -> SelfManaged {
+        let validity = Duration::from_secs(days * 86400);
+        SelfManaged {
+            namespace: "sidegate-system".into(),
+            secret_name: "sidegate-webhook-tls".into(),
+            webhook_config_name: "sidegate-operator".into(),
+            names: names.to_vec(),
+            validity,
+            renew_before: validity / 6,
+            owner: None,
+        }
+    }
+
+    #[test]
+    fn a_certificate_made_for_longer_than_the_validity_now_configured_is_made_again() {
+        let names = vec!["sidegate-webhook.sidegate-system.svc".to_owned()];
+        let day = 86400;
+        let year = generate(&names, Duration::from_secs(365 * day)).expect("a year");
+        let now = unix_now();
+        for recorded in [true, false] {
+            let secret = stored(&year, &names, recorded);
+            assert!(usable(&secret, &valid_for(365, &names), now).is_some());
+            // --cert-validity-days 365 -> 1: replaced at the next check, not 4 h before the
+            // end of the year.
+            assert!(
+                usable(&secret, &valid_for(1, &names), now).is_none(),
+                "not-before recorded: {recorded}"
+            );
+            // 365 -> 300, 100 days in: 265 days left, but a certificate of 365 days.
+            if recorded {
+                assert!(usable(&secret, &valid_for(300, &names), now + 100 * day).is_none());
+            }
+        }
+        // A certificate of the configured validity is kept to its renewal, all through.
+        let one_day = generate(&names, Duration::from_secs(day)).expect("a day");
+        let secret = stored(&one_day, &names, true);
+        for hours_in in [0, 10, 19] {
+            assert!(
+                usable(&secret, &valid_for(1, &names), now + hours_in * 3600).is_some(),
+                "{hours_in} h in"
+            );
+        }
+        assert!(usable(&secret, &valid_for(1, &names), now + 21 * 3600).is_none());
     }
 
     #[test]

@@ -42,7 +42,7 @@ use sidegate_crds::api::AIGateway;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use self::certs::{CertFiles, CertResolver, SelfManaged};
+use self::certs::{CertFiles, CertResolver, SelfManaged, SelfManagedCert};
 use self::inject::{EnvFromKeys, EnvSource, EnvSourceKeys, InjectConfig, InjectSettings, Skip};
 use crate::listener::Limits;
 
@@ -412,13 +412,9 @@ pub async fn start(
                 renew_before,
                 owner: owner.cloned(),
             };
-            certs::ensure_self_managed(&client, &settings, &resolver).await?;
-            tokio::spawn(certs::keep_self_managed(
-                client.clone(),
-                settings,
-                resolver.clone(),
-                Duration::from_secs(60),
-            ));
+            let cert = SelfManagedCert::new(client.clone(), settings);
+            cert.ensure(&resolver).await?;
+            tokio::spawn(cert.keep(resolver.clone(), Duration::from_secs(60)));
         }
         CertMode::CertManager | CertMode::Files => {
             let files = CertFiles {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod extra_apiserver;
 pub mod operator_process;
 
 use std::collections::BTreeSet;
