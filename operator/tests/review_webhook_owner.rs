@@ -22,8 +22,7 @@ mod common;
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +49,7 @@ use sidegate_operator::webhook::inject::{
 use sidegate_operator::webhook::{self, CertMode, WebhookArgs};
 
 use common::{cluster_client, create_test_namespace, eventually, unique_name};
+use support::extra_apiserver::ExtraApiserver;
 use support::{WAIT, create, free_port, gateway, repo_root, wait_for_default_service_account};
 
 // ---------------------------------------------------------------------------------------------
@@ -526,84 +526,6 @@ async fn a_one_day_certificate_lasts_a_day_and_is_renewed_once_less_than_four_ho
 
 // ---------------------------------------------------------------------------------------------
 // Cluster level: the chart's RBAC under OwnerReferencesPermissionEnforcement.
-
-/// A second kube-apiserver of the test bed, started from `$SIDEGATE_CLUSTER_DIR/kube-apiserver.cmd`
-/// on its own port with extra admission plugins; killed when dropped.
-struct ExtraApiserver {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl ExtraApiserver {
-    fn start(extra_plugins: &str) -> Option<ExtraApiserver> {
-        let Ok(dir) = std::env::var("SIDEGATE_CLUSTER_DIR") else {
-            assert!(
-                !common::in_ci(),
-                "SIDEGATE_CLUSTER_DIR not set: run under tests/cluster/with-cluster"
-            );
-            eprintln!(
-                "SKIPPED: SIDEGATE_CLUSTER_DIR not set (run under tests/cluster/with-cluster)"
-            );
-            return None;
-        };
-        let cmd = std::fs::read(PathBuf::from(&dir).join("kube-apiserver.cmd"))
-            .expect("the test bed's kube-apiserver.cmd");
-        let mut words: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .filter(|w| !w.is_empty())
-            .map(|w| String::from_utf8_lossy(w).into_owned())
-            .collect();
-        let bin = words.remove(0);
-        let port = free_port();
-        let mut plugins_set = false;
-        for w in &mut words {
-            if w.starts_with("--secure-port=") {
-                *w = format!("--secure-port={port}");
-            } else if let Some(plugins) = w.strip_prefix("--enable-admission-plugins=") {
-                *w = format!("--enable-admission-plugins={plugins},{extra_plugins}");
-                plugins_set = true;
-            }
-        }
-        if !plugins_set {
-            words.push(format!("--enable-admission-plugins={extra_plugins}"));
-        }
-        let log = std::env::temp_dir().join(format!("{}.log", unique_name("sgrev-apiserver")));
-        let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin)
-            .args(&words)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log file"))
-            .stderr(out)
-            .spawn()
-            .expect("a second kube-apiserver starts");
-        Some(ExtraApiserver { child, port, log })
-    }
-
-    /// A client of this apiserver, as `impersonate` if given.
-    async fn client(&self, impersonate: Option<&str>) -> Client {
-        let mut config = kube::Config::infer().await.expect("kubeconfig");
-        config.cluster_url = format!("https://127.0.0.1:{}", self.port)
-            .parse()
-            .expect("url");
-        config.auth_info.impersonate = impersonate.map(str::to_owned);
-        Client::try_from(config).expect("client")
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for ExtraApiserver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 /// `helm template` of the chart for release `sg` in `ns`, only `templates`.
 fn helm_template(ns: &str, templates: &[&str]) -> String {
