@@ -46,7 +46,7 @@ use sidegate_operator::webhook::certs::{self, CertResolver, SelfManaged};
 use sidegate_operator::webhook::inject::{
     self, EnvFromKeys, INJECTED_ANNOTATION, InjectConfig, InjectError, InjectSettings, Injection,
 };
-use sidegate_operator::webhook::{self, CertMode, WebhookArgs};
+use sidegate_operator::webhook::{self, WebhookArgs};
 
 use common::{cluster_client, create_test_namespace, eventually, unique_name};
 use support::extra_apiserver::ExtraApiserver;
@@ -282,26 +282,9 @@ fn pull_secrets_merge_into_a_null_list_and_next_to_entries_with_empty_names() {
 
 fn webhook_args(port: u16, config_name: &str, pull_secrets: &[&str]) -> WebhookArgs {
     WebhookArgs {
-        enabled: true,
-        webhook_port: port,
-        webhook_bind: [127, 0, 0, 1].into(),
-        cert_mode: CertMode::SelfManaged,
-        webhook_config_name: config_name.into(),
-        webhook_service: "sidegate-webhook".into(),
-        webhook_secret: "sidegate-webhook-tls".into(),
-        extra_names: vec!["127.0.0.1".into()],
-        tls_cert_file: "/nonexistent".into(),
-        tls_key_file: "/nonexistent".into(),
-        ca_file: None,
         cert_validity_days: 1,
-        sidecar_image: "registry.local/sidegate:test".into(),
-        sidecar_image_pull_policy: Some("Never".into()),
         sidecar_image_pull_secrets: pull_secrets.iter().map(|s| (*s).to_owned()).collect(),
-        allowed_sidecar_images: vec![],
-        sidecar_resources: None,
-        sidecar_run_as_user: webhook::IdFlag(Some(65532)),
-        sidecar_run_as_group: webhook::IdFlag(Some(65532)),
-        exclude_namespaces: vec![],
+        ..support::webhook_args(port, config_name)
     }
 }
 

@@ -33,10 +33,12 @@ use sidegate_operator::webhook::certs::{self, CertResolver, SelfManaged};
 use sidegate_operator::webhook::inject::{
     ENV_KEPT_ANNOTATION, INJECTED_ANNOTATION, SDK_BASE_URL_VARIABLES, SIDECAR_CONTAINER,
 };
-use sidegate_operator::webhook::{self, CertMode, WebhookArgs, WebhookState};
+use sidegate_operator::webhook::{self, WebhookArgs, WebhookState};
 
 use common::{TestNamespace, cluster_client, create_test_namespace, eventually, unique_name};
-use support::{WAIT, condition, create, free_port, gateway, wait_for_default_service_account};
+use support::{
+    WAIT, condition, create, free_port, gateway, wait_for_default_service_account, webhook_args,
+};
 
 /// The webhook configuration `name` → `https://127.0.0.1:port/mutate`, selecting only namespace
 /// `ns`, without a caBundle (the webhook patches it in); otherwise as the operator defines it.
@@ -70,31 +72,6 @@ async fn unregister(client: &Client, name: &str) {
     let _ = Api::<MutatingWebhookConfiguration>::all(client.clone())
         .delete(name, &DeleteParams::default())
         .await;
-}
-
-fn args(port: u16, config_name: &str) -> WebhookArgs {
-    WebhookArgs {
-        enabled: true,
-        webhook_port: port,
-        webhook_bind: [127, 0, 0, 1].into(),
-        cert_mode: CertMode::SelfManaged,
-        webhook_config_name: config_name.into(),
-        webhook_service: "sidegate-webhook".into(),
-        webhook_secret: "sidegate-webhook-tls".into(),
-        extra_names: vec!["127.0.0.1".into()],
-        tls_cert_file: "/nonexistent".into(),
-        tls_key_file: "/nonexistent".into(),
-        ca_file: None,
-        cert_validity_days: 365,
-        sidecar_image: "registry.local/sidegate:test".into(),
-        sidecar_image_pull_policy: Some("Never".into()),
-        sidecar_image_pull_secrets: vec![],
-        allowed_sidecar_images: vec![],
-        sidecar_resources: None,
-        sidecar_run_as_user: webhook::IdFlag(Some(65532)),
-        sidecar_run_as_group: webhook::IdFlag(Some(65532)),
-        exclude_namespaces: vec![],
-    }
 }
 
 fn pod(name: &str, annotations: &[(&str, &str)]) -> Pod {
@@ -181,7 +158,7 @@ async fn serve_webhook_with(
     let config_name = unique_name(config_prefix);
     register(client, &config_name, port, &apps.name).await;
     let metrics = Arc::new(Metrics::default());
-    let mut args = args(port, &config_name);
+    let mut args = webhook_args(port, &config_name);
     edit(&mut args);
     let bound = webhook::start(
         client.clone(),

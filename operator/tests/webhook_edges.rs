@@ -29,10 +29,10 @@ use sidegate_operator::scope::Scope;
 use sidegate_operator::webhook::inject::{
     self, EnvFromKeys, INJECTED_ANNOTATION, InjectConfig, InjectSettings,
 };
-use sidegate_operator::webhook::{self, CertMode, WebhookArgs, WebhookState};
+use sidegate_operator::webhook::{self, WebhookState};
 
 use common::{TestNamespace, cluster_client, create_test_namespace, eventually, unique_name};
-use support::{WAIT, create, free_port, gateway, wait_for_default_service_account};
+use support::{WAIT, create, free_port, gateway, wait_for_default_service_account, webhook_args};
 
 /// The operator's webhook configuration → `https://127.0.0.1:port/mutate`, for namespace `ns`
 /// only, plus `extra` namespace label requirements (the chart's
@@ -58,31 +58,6 @@ fn configuration(
         });
     }
     config
-}
-
-fn args(port: u16, config_name: &str) -> WebhookArgs {
-    WebhookArgs {
-        enabled: true,
-        webhook_port: port,
-        webhook_bind: [127, 0, 0, 1].into(),
-        cert_mode: CertMode::SelfManaged,
-        webhook_config_name: config_name.into(),
-        webhook_service: "sidegate-webhook".into(),
-        webhook_secret: "sidegate-webhook-tls".into(),
-        extra_names: vec!["127.0.0.1".into()],
-        tls_cert_file: "/nonexistent".into(),
-        tls_key_file: "/nonexistent".into(),
-        ca_file: None,
-        cert_validity_days: 365,
-        sidecar_image: "registry.local/sidegate:test".into(),
-        sidecar_image_pull_policy: Some("Never".into()),
-        sidecar_image_pull_secrets: vec![],
-        allowed_sidecar_images: vec![],
-        sidecar_resources: None,
-        sidecar_run_as_user: webhook::IdFlag(Some(65532)),
-        sidecar_run_as_group: webhook::IdFlag(Some(65532)),
-        exclude_namespaces: vec![],
-    }
 }
 
 fn pod(name: &str, annotations: serde_json::Value, spec: serde_json::Value) -> Pod {
@@ -131,7 +106,7 @@ impl Served {
             .expect("create MutatingWebhookConfiguration");
         webhook::start(
             client.clone(),
-            &args(port, &config_name),
+            &webhook_args(port, &config_name),
             &operator_ns.name,
             &Scope::cluster(),
             Arc::new(Metrics::default()),

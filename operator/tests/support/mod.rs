@@ -318,3 +318,30 @@ pub fn secret_value(s: &Secret, key: &str) -> Option<String> {
         .get(key)
         .map(|v| String::from_utf8_lossy(&v.0).into_owned())
 }
+
+/// The webhook's settings for a test: served on 127.0.0.1:`port` with a self-managed
+/// certificate, registered as `config_name`, injecting the test sidecar image.
+pub fn webhook_args(port: u16, config_name: &str) -> sidegate_operator::webhook::WebhookArgs {
+    sidegate_operator::webhook::WebhookArgs {
+        enabled: true,
+        webhook_port: port,
+        webhook_bind: [127, 0, 0, 1].into(),
+        cert_mode: sidegate_operator::webhook::CertMode::SelfManaged,
+        webhook_config_name: config_name.into(),
+        webhook_service: "sidegate-webhook".into(),
+        webhook_secret: "sidegate-webhook-tls".into(),
+        extra_names: vec!["127.0.0.1".into()],
+        tls_cert_file: "/nonexistent".into(),
+        tls_key_file: "/nonexistent".into(),
+        ca_file: None,
+        cert_validity_days: 365,
+        sidecar_image: "registry.local/sidegate:test".into(),
+        sidecar_image_pull_policy: Some("Never".into()),
+        sidecar_image_pull_secrets: vec![],
+        allowed_sidecar_images: vec![],
+        sidecar_resources: None,
+        sidecar_run_as_user: sidegate_operator::webhook::IdFlag(Some(65532)),
+        sidecar_run_as_group: sidegate_operator::webhook::IdFlag(Some(65532)),
+        exclude_namespaces: vec![],
+    }
+}
