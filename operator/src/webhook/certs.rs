@@ -525,18 +525,25 @@ impl SelfManagedCert {
             if let Some(owners) = owners {
                 patch["metadata"]["ownerReferences"] = json!(owners);
             }
-            async move {
-                secrets
-                    .patch(
-                        &self.settings.secret_name,
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-            }
+            async move { self.merge_patch(secrets, &patch).await }
         })
         .await
         .map(|_| ())
+    }
+
+    /// Merges `patch` into the certificate Secret.
+    async fn merge_patch(
+        &self,
+        secrets: &Api<Secret>,
+        patch: &serde_json::Value,
+    ) -> kube::Result<Secret> {
+        secrets
+            .patch(
+                &self.settings.secret_name,
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
     }
 
     /// Gives the stored certificate's `secret` its owner if it lacks it (a Secret of an older
@@ -556,14 +563,7 @@ impl SelfManagedCert {
                     "ownerReferences": owners,
                 },
             });
-            secrets
-                .patch(
-                    &self.settings.secret_name,
-                    &PatchParams::default(),
-                    &Patch::Merge(&patch),
-                )
-                .await
-                .map(|_| ())
+            self.merge_patch(secrets, &patch).await.map(|_| ())
         })
         .await;
         if let Err(e) = adopted {
