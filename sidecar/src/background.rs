@@ -19,6 +19,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use memchr::memmem::Finder;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::Snapshot;
 use crate::cost::{CustomCost, ModelName, Price};
@@ -43,6 +44,9 @@ pub enum RequestKind<'r> {
     /// `POST .../responses/{id}/cancel`): its answer is the response object, whose usage counts
     /// only for a background response remembered unfinished.
     Poll(Cow<'r, str>),
+    /// A deletion of the response `id` (`DELETE .../responses/{id}`): once the provider agrees,
+    /// no answer will bring its usage, so a remembered one is forgotten.
+    Delete(Cow<'r, str>),
     /// Anything else (a batch's status, a file's content, a cancelled batch, an updated stored
     /// completion): a `usage` in its answer is no tokens spent now.
     Other,
@@ -67,6 +71,12 @@ impl<'r> RequestKind<'r> {
             }
         } else if method == http::Method::GET && matches!(named, [Some(_), Some("responses"), _]) {
             Self::poll(segments[0].take())
+        } else if method == http::Method::DELETE && matches!(named, [Some(_), Some("responses"), _])
+        {
+            match Self::poll(segments[0].take()) {
+                Self::Poll(id) => Self::Delete(id),
+                other => other,
+            }
         } else {
             Self::Other
         }
@@ -234,6 +244,8 @@ pub struct Pending {
     book: Mutex<Book>,
     /// Whether the warning that the oldest are forgotten was given.
     warned_full: AtomicBool,
+    /// How many are remembered (`sidegate_background_responses_pending`).
+    gauge: Gauge,
 }
 
 #[derive(Debug, Default)]
@@ -283,8 +295,22 @@ impl Book {
 }
 
 impl Pending {
+    /// None remembered yet; `gauge` tells how many are.
+    pub fn new(gauge: Gauge) -> Self {
+        Self {
+            gauge,
+            ..Self::default()
+        }
+    }
+
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
         self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the gauge to `book`'s count, under its lock (so two changes cannot set it out of order).
+    fn count(&self, book: &Book) {
+        self.gauge
+            .set(i64::try_from(book.entries.len()).unwrap_or(i64::MAX));
     }
 
     /// Remembers the background response `id` of `provider` at `now`, with what charging it
@@ -317,6 +343,7 @@ impl Pending {
                 charge,
             },
         );
+        self.count(&book);
     }
 
     /// Whether the background response `id` of `provider` is remembered at `now`.
@@ -332,7 +359,9 @@ impl Pending {
     pub fn claim(&self, provider: &str, id: &str, now: Instant) -> Option<Charge> {
         let mut book = self.book();
         book.expire(now);
-        book.remove(&key(provider, id)).map(|e| e.charge)
+        let charge = book.remove(&key(provider, id)).map(|e| e.charge);
+        self.count(&book);
+        charge
     }
 
     /// How many are remembered.
@@ -635,12 +664,17 @@ impl Watch {
                 _ => Settled::AsAnswered,
             },
             Role::Poll { id, snap } => {
-                if !(answered && tokens && self.scan.finished()) {
+                if !(answered && self.scan.finished()) {
                     return Settled::NotCounted;
                 }
+                // Finished: its usage will not change, so it is forgotten whether it has one
+                // (counted now) or not (nothing to count, ever).
                 let Some(charge) = self.pending.claim(&self.provider, &id, now) else {
                     return Settled::NotCounted;
                 };
+                if !tokens {
+                    return Settled::NotCounted;
+                }
                 let answer = self.scan.model.as_deref().and_then(ModelName::named);
                 // The request's model, as its answer would have been priced (an Azure
                 // deployment's name, a name in `spec.pricing`); else, when only it has a price,
@@ -787,6 +821,10 @@ mod tests {
         assert_eq!(kind(&get, "v1/responses/resp_1"), poll("resp_1"));
         assert_eq!(kind(&get, "res/dep/responses/resp_1/"), poll("resp_1"));
         assert_eq!(kind(&post, "v1/responses/resp_1/cancel"), poll("resp_1"));
+        assert_eq!(
+            kind(&http::Method::DELETE, "v1/respons%65s/resp_1/"),
+            RequestKind::Delete(Cow::Owned("resp_1".into()))
+        );
         for (method, path) in [
             (&post, "v1/batches/batch_1/cancel"),
             (&post, "v1/responses//cancel"),
@@ -794,7 +832,9 @@ mod tests {
             (&get, "v1/responses/resp_1/input_items"),
             (&get, "v1/responses"),
             (&get, "v1/chat/completions"),
-            (&http::Method::DELETE, "v1/responses/resp_1"),
+            (&http::Method::DELETE, "v1/responses"),
+            (&http::Method::DELETE, "v1/responses/resp_1/input_items"),
+            (&http::Method::DELETE, "v1/chat/completions/chatcmpl-1"),
         ] {
             assert_eq!(kind(method, path), RequestKind::Other, "{method} {path}");
         }

@@ -112,7 +112,9 @@ impl Gateway {
             limiter: crate::ratelimit::Limiter::default(),
             flights: cache::Flights::default(),
             ledger: Arc::default(),
-            background: Arc::default(),
+            background: Arc::new(crate::background::Pending::new(
+                metrics.background_pending(),
+            )),
             otel: crate::otel::Exporter::new(client.clone(), metrics.clone()),
             buffers: metrics.buffer_budget(),
             sessions: crate::websocket::Sessions::default(),
@@ -1100,6 +1102,10 @@ impl Gateway {
             {
                 let (pending, provider) = (self.background.clone(), provider.id.clone());
                 Some(Watch::poll(pending, provider, id, snap.clone(), events()))
+            }
+            RequestKind::Delete(ref id) => {
+                self.background.claim(&provider.id, id, Instant::now());
+                None
             }
             _ => None,
         };

@@ -78,6 +78,7 @@ pub struct Metrics {
     otel_dropped: Counter,
     otel_failed: Counter,
     buffered_bytes: Gauge,
+    background_pending: Gauge,
     buffer_refusals: Counter,
 }
 
@@ -285,6 +286,12 @@ impl Metrics {
             "Bytes held now in buffered bodies (requests read whole, responses held back whole, cache fills), against spec.limits.maxBufferedBytes",
             buffered_bytes.clone(),
         );
+        let background_pending = Gauge::default();
+        registry.register(
+            "background_responses_pending",
+            "Background Responses made through this sidecar and not finished yet: remembered (at most 10,000) until an answer shows them finished, to count their usage then",
+            background_pending.clone(),
+        );
         let buffer_refusals = Counter::default();
         registry.register(
             "buffer_refusals",
@@ -293,6 +300,7 @@ impl Metrics {
         );
         Self {
             buffered_bytes,
+            background_pending,
             buffer_refusals,
             otel_exported,
             otel_dropped,
@@ -417,6 +425,11 @@ impl Metrics {
     /// `sidegate_buffer_refusals_total`.
     pub fn buffer_budget(&self) -> crate::buffers::BufferBudget {
         crate::buffers::BufferBudget::new(self.buffered_bytes.clone(), self.buffer_refusals.clone())
+    }
+
+    /// The gauge of background responses awaiting their usage.
+    pub fn background_pending(&self) -> Gauge {
+        self.background_pending.clone()
     }
 
     /// Counts one retried upstream attempt.

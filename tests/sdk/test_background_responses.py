@@ -40,9 +40,9 @@ class ResponsesUpstream:
     """A loopback Responses API: `POST .../responses` makes a response (finished at once in the
     foreground; `queued` in the background until `finish(id)`), `GET .../responses/{id}` reads it
     (as an event stream with `?stream=true`), `POST .../responses/{id}/cancel` cancels it (its
-    usage then `cancel_usage`). Ids in paths are percent-decoded, as real servers do. A
-    background stream with `hold=True` in its body's metadata stops after `response.in_progress`
-    until `release()`. `raw[id]`: a content type and bytes a GET of that id is answered with
+    usage then `cancel_usage`), `DELETE .../responses/{id}` deletes it. Ids in paths are
+    percent-decoded, as real servers do. A background stream with `hold=True` in its body's
+    metadata stops after `response.in_progress` until `release()`. `raw[id]`: a content type and bytes a GET of that id is answered with
     instead; `running_usage`: the usage object of a response not finished yet (OpenAI's is
     null)."""
 
@@ -68,6 +68,16 @@ class ResponsesUpstream:
                     upstream._cancel(self, path.split("/")[-2])
                 else:
                     self._send(404, {"error": {"message": "not found"}})
+
+            def do_DELETE(self):
+                rid = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).rstrip("/").split("/")[-1]
+                with upstream.lock:
+                    gone = upstream.responses.pop(rid, None)
+                if gone is None:
+                    self._send(404, {"error": {"message": f"No response found with id '{rid}'.",
+                                               "type": "invalid_request_error"}})
+                else:
+                    self._send(200, {"id": rid, "object": "response.deleted", "deleted": True})
 
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
@@ -436,3 +446,61 @@ def test_an_azure_background_response_is_counted_by_its_deployments_price(made, 
     line = wait_line(g, polled.headers["cf-aig-log-id"])
     assert (line["provider"], line["model"]) == ("azure-openai", "reasoner")
     assert counted(line) == (1000, 5000, pytest.approx(1000 * 1e-6 + 5000 * 2e-6)), line
+
+
+# --- What the sidecar remembers: sidegate_background_responses_pending ----------------------------
+
+def pending(g):
+    return metric(g, "sidegate_background_responses_pending")
+
+
+def test_the_pending_gauge_counts_unfinished_background_responses_until_a_poll_finds_them_done(made, upstream):
+    g, client = made()
+    assert pending(g) == 0
+    first, _ = create(g, client, background=True)
+    second, _ = create(g, client, background=True)
+    create(g, client)  # in the foreground: nothing to remember
+    assert pending(g) == 2
+    upstream.finish(first.id)
+    retrieve(g, client, first.id)
+    assert pending(g) == 1
+    retrieve(g, client, second.id)  # still queued
+    assert pending(g) == 1
+
+
+@pytest.mark.parametrize("status", ["failed", "cancelled"])
+def test_a_background_response_finished_without_usage_is_forgotten(made, upstream, status):
+    """A response that ended without a usage object (failed before the model ran, cancelled
+    while queued) will never have one: remembering it until the 24 h bound only holds memory
+    and pushes others out."""
+    g, client = made()
+    resp, _ = create(g, client, background=True)
+    with upstream.lock:
+        upstream.responses[resp.id]["usage"] = None
+    upstream.finish(resp.id, status)
+    polled, line = retrieve(g, client, resp.id)
+    assert polled.status == status and polled.usage is None
+    assert counted(line) == UNCOUNTED, line
+    assert pending(g) == 0
+
+
+def test_a_deleted_background_response_is_forgotten_and_a_refused_deletion_forgets_nothing(made, upstream):
+    g, client = made()
+    resp, _ = create(g, client, background=True)
+    other, _ = create(g, client, background=True)
+    assert pending(g) == 2
+    deleted = client.responses.with_raw_response.delete(resp.id)
+    line = wait_line(g, deleted.headers["cf-aig-log-id"])
+    assert (line["method"], line["status_code"]) == ("DELETE", 200), line
+    assert counted(line) == UNCOUNTED, line
+    assert pending(g) == 1
+    # The provider refuses to delete one it does not know: what is remembered stays.
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete("resp_unknown")
+    assert pending(g) == 1
+    # The other one is still counted by the poll that finds it finished.
+    upstream.finish(other.id)
+    _, line = retrieve(g, client, other.id)
+    assert counted(line) == (1000, 5000, pytest.approx(COST)), line
+    assert pending(g) == 0
+
