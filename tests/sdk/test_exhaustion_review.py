@@ -1,0 +1,378 @@
+"""The sidecar under resource exhaustion: out of file descriptors (its RLIMIT_NOFILE lowered with
+prlimit to just above what it holds, then filled with idle client connections), upstream events
+that never end, clients that never take their answer, a response cache of many small answers.
+It answers in the error envelope, keeps its log readable, holds memory within its stated bounds,
+and serves (and reloads) normally once the pressure ends."""
+
+import json
+import os
+import re
+import resource
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
+from rawhttp import Listener, read_request
+from test_client_stalls import _cpu_seconds
+from test_memory import metric, vm_hwm_kib
+
+MiB = 1 << 20
+CHAT = "/openai/chat/completions"
+
+
+# --- out of file descriptors ---------------------------------------------------------------------
+
+def _fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class FdPressure:
+    """Lowers the sidecar's RLIMIT_NOFILE to `spare` above what it holds now, then holds idle
+    client connections until every descriptor is taken (`release()` closes them)."""
+
+    def __init__(self, g, spare=5):
+        self.g, self.pid = g, g.proc.pid
+        self.limit = _fds(self.pid) + spare
+        self.old = resource.prlimit(self.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(self.pid, resource.RLIMIT_NOFILE, (self.limit, self.old[1]))
+        self.held = []
+        deadline = time.monotonic() + 10
+        while _fds(self.pid) < self.limit:
+            assert time.monotonic() < deadline, f"{_fds(self.pid)} of {self.limit} descriptors taken"
+            self.held.append(socket.create_connection(("127.0.0.1", g.port), timeout=10))
+            time.sleep(0.05)
+
+    def free_one(self):
+        self.held.pop().close()
+        deadline = time.monotonic() + 5
+        while _fds(self.pid) >= self.limit:
+            assert time.monotonic() < deadline, "the sidecar did not close a connection its client closed"
+            time.sleep(0.02)
+
+    def release(self):
+        for c in self.held:
+            c.close()
+        self.held = []
+
+
+def test_out_of_descriptors_a_failed_upstream_connect_is_502_2104_and_waiting_clients_are_served_after(mock, tmp_path):
+    # Pins what works: the upstream connect that finds no descriptor is a 502/2104 in the
+    # envelope (not a hang, not a crash); a client that connects meanwhile waits in the backlog
+    # and is served once descriptors are back; none stays taken afterwards.
+    fresh = FixedAnswerServer(b'{"ok":1}')  # HTTP/1.0: a new upstream connection each time
+    yaml = gateway_yaml(mock.url).replace("  providers:\n", f"  providers:\n    custom-fresh: {{baseURL: '{fresh.url}'}}\n", 1)
+    g = Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+    try:
+        base = _fds(g.proc.pid)
+        pressure = FdPressure(g)
+        pressure.free_one()  # one left: the client's connection gets it, the upstream's none
+        body = b'{"model":"m","messages":[{"role":"user","content":"x"}]}'
+        with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+            s.sendall(b"POST /custom-fresh/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 502"), data[:300]
+        envelope = json.loads(data.split(b"\r\n\r\n", 1)[1])
+        assert envelope["success"] is False and envelope["error"][0]["code"] == 2104, envelope
+        assert "Too many open files" in envelope["error"][0]["message"]
+
+        pressure.held.append(socket.create_connection(("127.0.0.1", g.port), timeout=10))  # full again
+        time.sleep(0.2)
+        result = {}
+
+        def waiting():
+            r = httpx.post(g.url + CHAT, timeout=20, json={"model": "m", "messages": [{"role": "user", "content": "w"}]})
+            result["status"] = r.status_code
+
+        t = threading.Thread(target=waiting, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        assert "status" not in result, "answered while no descriptor was free?"
+        pressure.release()
+        t.join(15)
+        assert result.get("status") == 200, result
+        time.sleep(0.3)
+        assert _fds(g.proc.pid) <= base + 2, f"{_fds(g.proc.pid)} descriptors held after the pressure, {base} before"
+        assert g.proc.poll() is None
+    finally:
+        g.stop()
+        fresh.stop()
+
+
+# FAILS at b5fd546: the gateway's accept loop (server.rs accept_until) retries a failing accept every 50 ms and warns each time: 20 identical lines a second for as long as a client waits
+@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+def test_accept_failures_while_out_of_descriptors_do_not_flood_the_log(mock, tmp_path):
+    # A client waiting in the backlog while no descriptor is free makes every accept fail
+    # (EMFILE). The operator's listeners pause 5 ms doubling to 1 s (README); the sidecar's
+    # gateway port retries every 50 ms and logs a warning each time, so a sidecar whose
+    # descriptors are held by long LLM streams writes ~72,000 lines an hour.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
+    pressure = None
+    try:
+        pressure = FdPressure(g)
+        waiting = socket.create_connection(("127.0.0.1", g.port), timeout=10)  # in the backlog
+        time.sleep(1.5)  # past the first failures: the steady state
+        before = g.logs().count("accept failed")
+        time.sleep(3)
+        lines = g.logs().count("accept failed") - before
+        pressure.release()
+        waiting.close()
+        assert lines <= 6, f"{lines} 'accept failed' lines in 3 s while one client waited"
+    finally:
+        if pressure:
+            pressure.release()
+        g.stop()
+
+
+# FAILS at b5fd546: a reload that fails for want of a descriptor is never tried again (reload.rs watch: the poll reloads only when the files' fingerprint changed, and it was taken before the failed load): the edited config never applies and sidegate_config_last_reload_successful stays 0
+@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+def test_a_config_edit_read_while_out_of_descriptors_applies_once_they_are_back(mock, tmp_path):
+    # The keys directory holds no key (the clients bring their own): the fingerprint the poll
+    # compares is then the same with or without descriptors. (With key files the recovery comes
+    # by accident: the fingerprint taken under EMFILE missed the directory's entries.)
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), {})
+    pressure = None
+    try:
+        pressure = FdPressure(g)
+        g.config.write_text(gateway_yaml(mock.url, name="renamed"))
+        logs = g.wait_for_log("config reload rejected")
+        assert "Too many open files" in logs
+        pressure.release()
+        deadline = time.monotonic() + 15  # the poll runs every 5 s
+        while True:
+            m = g.metrics()
+            if 'gateway="team-a/renamed"' in m and "sidegate_config_last_reload_successful 1" in m:
+                break
+            assert time.monotonic() < deadline, (
+                "the edit read under EMFILE was never applied: "
+                + " ".join(l for l in m.splitlines() if l.startswith(("sidegate_config_info", "sidegate_config_last_reload_successful"))))
+            time.sleep(0.2)
+    finally:
+        if pressure:
+            pressure.release()
+        g.stop()
+
+
+# --- upstream events that never end -------------------------------------------------------------
+
+OPENAI_EVENT_START = b'data: {"id":"c1","object":"chat.completion.chunk","model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"'
+
+
+def _one_big_event_stream(size):
+    """An upstream answering an OpenAI-format chat stream whose first event is `size` bytes,
+    sent chunked in 64 KiB pieces, then `data: [DONE]`."""
+
+    def handle(conn, _index):
+        with conn:
+            conn.settimeout(30)
+            try:
+                if read_request(conn) is None:
+                    return
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+                piece, sent, first = b"x" * 65536, 0, OPENAI_EVENT_START
+                while sent < size:
+                    data, first = first + piece, b""
+                    conn.sendall(b"%x\r\n" % len(data) + data + b"\r\n")
+                    sent += len(data)
+                end = b'"}}]}\n\ndata: [DONE]\n\n'
+                conn.sendall(b"%x\r\n" % len(end) + end + b"\r\n0\r\n\r\n")
+            except OSError:
+                pass
+
+    return Listener(handle)
+
+
+# FAILS at b5fd546: under a spend limit the usage filter of OpenAI-format streams (compat/openai.rs HiddenUsage::push) keeps an unfinished event whole, without bound, and searches it again from its start at every frame: 24 MiB cost ~5 s of CPU (0.13 s without the limit) and ~49 MiB, outside maxBufferedBytes
+@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+def test_a_long_openai_stream_event_under_a_spend_limit_is_relayed_in_linear_time_and_bounded_memory(tmp_path):
+    upstream = _one_big_event_stream(24 * MiB)
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  spendLimit: {amount: '1000', period: day}\n"),
+                 DEFAULT_KEYS)
+    try:
+        pid = g.proc.pid
+        cpu, hwm = _cpu_seconds(pid), vm_hwm_kib(pid)
+        got = 0
+        with httpx.stream("POST", g.url + CHAT, timeout=60,
+                          json={"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status_code == 200
+            for chunk in r.iter_raw():
+                got += len(chunk)
+        spent, grown = _cpu_seconds(pid) - cpu, (vm_hwm_kib(pid) - hwm) // 1024
+        assert got > 24 * MiB
+        assert spent < 2, f"{spent:.1f} s of CPU to relay one 24 MiB event (peak RSS +{grown} MiB)"
+        assert grown < 32, f"peak RSS grew by {grown} MiB for one 24 MiB event"
+    finally:
+        g.stop()
+        upstream.close()
+
+
+class UnfinishedAnthropicEvents:
+    """An Anthropic Messages stream upstream: `message_start`, then a text delta whose data line of
+    `size` bytes never ends; each connection is held until `release`."""
+
+    def __init__(self, size):
+        self.release = threading.Event()
+        self.sent = 0
+        self.lock = threading.Lock()
+        start = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+                 b'"role":"assistant","model":"claude-x","content":[],"stop_reason":null,'
+                 b'"usage":{"input_tokens":1,"output_tokens":0}}}\n\n'
+                 b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+                 b'"content_block":{"type":"text","text":""}}\n\n'
+                 b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                 b'"delta":{"type":"text_delta","text":"')
+        body = start + b"x" * size
+
+        def handle(conn, _index):
+            with conn:
+                conn.settimeout(30)
+                try:
+                    if read_request(conn) is None:
+                        return
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"content-length: %d\r\n\r\n" % (len(body) + 100) + body)
+                    with self.lock:
+                        self.sent += 1
+                    self.release.wait(30)
+                except OSError:
+                    pass
+
+        self.listener = Listener(handle)
+        self.url = self.listener.url
+
+    def stop(self):
+        self.release.set()
+        self.listener.close()
+
+
+# FAILS at b5fd546: the /compat stream translators' SSE parser (compat/sse.rs) holds up to 8 MiB of an unfinished event per stream, outside spec.limits.maxBufferedBytes: 8 streams took the sidecar ~50 MiB past an 8 MiB budget (24 streams: +198 MiB with the defaults, sidegate_buffered_bytes 0)
+@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+def test_compat_streams_holding_large_unfinished_events_stay_within_the_buffer_budget(tmp_path):
+    # Gemini's image models stream inline base64 images, megabytes in one event: with the
+    # defaults (64Mi budget) about 30 such /compat streams at once reach the 256Mi memory limit
+    # the budget exists to keep the sidecar under.
+    upstream = UnfinishedAnthropicEvents(6 * MiB)
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  limits: {maxRequestBody: 4Mi, maxBufferedBytes: 8Mi}\n"),
+                 DEFAULT_KEYS)
+    n, threads = 8, []
+    try:
+        base = vm_hwm_kib(g.proc.pid)
+
+        def stream():
+            try:
+                with httpx.stream("POST", g.url + "/compat/chat/completions", timeout=40,
+                                  json={"model": "anthropic/claude-x", "stream": True,
+                                        "messages": [{"role": "user", "content": "draw"}]}) as r:
+                    for _ in r.iter_raw():
+                        pass
+            except httpx.HTTPError:
+                pass
+
+        for _ in range(n):
+            t = threading.Thread(target=stream, daemon=True)
+            t.start()
+            threads.append(t)
+        deadline = time.monotonic() + 20
+        while upstream.sent < n:
+            assert time.monotonic() < deadline, f"{upstream.sent} of {n} streams started"
+            time.sleep(0.05)
+        time.sleep(1.5)  # the sidecar has read what was sent
+        grown = (vm_hwm_kib(g.proc.pid) - base) // 1024
+        held = metric(g, "sidegate_buffered_bytes")
+        assert grown < 8 + 16, f"peak RSS grew by {grown} MiB for {n} streams against a budget of 8 MiB (sidegate_buffered_bytes {held:.0f})"
+    finally:
+        upstream.stop()
+        for t in threads:
+            t.join(10)
+        g.stop()
+
+
+# --- a client that never takes its answer -------------------------------------------------------
+
+def _anthropic_answer(size):
+    return json.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-x",
+                       "content": [{"type": "text", "text": "y" * size}], "stop_reason": "end_turn",
+                       "usage": {"input_tokens": 1, "output_tokens": 2}}).encode()
+
+
+def _openai_answer(size):
+    return json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "y" * size},
+                                    "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
+
+
+# FAILS at b5fd546: an answer the gateway holds back whole (/compat JSON translation, DLP response checks) reaches the writer as one frame; once taken the body counts as delivered: logged success=true outcome=complete bytes=<all of it> though the client closed after its head
+@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+@pytest.mark.parametrize("path, model, answer, spec", [
+    ("/compat/chat/completions", "anthropic/claude-x", _anthropic_answer, ""),
+    (CHAT, "gpt-4o-mini", _openai_answer,
+     "  dlp: {policies: [{id: p, action: FLAG, check: [RESPONSE], profiles: [email]}]}\n"),
+], ids=["compat-translation", "dlp-response-check"])
+def test_a_held_back_answer_the_client_left_before_taking_is_not_logged_complete(tmp_path, path, model, answer, spec):
+    # 20 MiB cannot fit in the loopback socket buffers: the client, which closes after the
+    # head, got a few hundred bytes. README: `success` is "a 2xx/3xx whose body reached the
+    # client whole"; an answer the client did not take is `cancelled` (passthrough answers are).
+    upstream = FixedAnswerServer(answer(20 * MiB))
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec=spec), DEFAULT_KEYS, extra_args=["--client-timeout", "1"])
+    try:
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+        with socket.create_connection(("127.0.0.1", g.port), timeout=30) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        log_id = re.search(rb"(?i)cf-aig-log-id: (\S+)", head).group(1).decode()
+        line = g.wait_log_line(log_id, timeout=10)
+        assert "outcome=cancelled" in line and "success=false" in line, line
+    finally:
+        g.stop()
+        upstream.stop()
+
+
+# --- the response cache --------------------------------------------------------------------------
+
+def test_the_memory_cache_of_many_large_answers_stays_near_its_max_size(tmp_path):
+    # Pins what works: 60 distinct 1.5 MiB answers through a 16 MiB cache (the default).
+    upstream = FixedAnswerServer(_openai_answer(int(1.5 * MiB)))
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  cache: {enabled: true}\n"), DEFAULT_KEYS)
+    try:
+        base = vm_hwm_kib(g.proc.pid)
+        with httpx.Client(timeout=30) as client:
+            for i in range(60):
+                r = client.post(g.url + CHAT, json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}]})
+                assert r.status_code == 200 and r.headers["cf-aig-cache-status"] == "MISS"
+        grown = (vm_hwm_kib(g.proc.pid) - base) // 1024
+        assert grown < 16 + 16, f"peak RSS grew by {grown} MiB for a 16 MiB cache"
+        assert metric(g, "sidegate_buffered_bytes") == 0
+    finally:
+        g.stop()
+        upstream.stop()
+
+
+# FAILS at b5fd546: a cached entry's header values are slices of the upstream connection's read buffer (upstream/h1.rs read_head, HeaderValue::from_maybe_shared(head.slice(..))), cloned into the entry (cache.rs start_fill): each pins that 8 KiB (up to 128 KiB) buffer while its weight counts ~300 bytes; a 1 MiB cache of small answers took ~16-19 MiB
+@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+def test_the_memory_cache_of_many_small_answers_stays_near_its_max_size(tmp_path):
+    upstream = FixedAnswerServer(b"{}")  # HTTP/1.0: each answer read on a new connection
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  cache: {enabled: true, maxSize: 1Mi}\n"), DEFAULT_KEYS)
+    try:
+        import concurrent.futures
+        base = vm_hwm_kib(g.proc.pid)
+        with httpx.Client(timeout=30) as client, concurrent.futures.ThreadPoolExecutor(8) as pool:
+            def ask(i):
+                return client.post(g.url + CHAT, json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}]}).status_code
+            assert set(pool.map(ask, range(3000))) == {200}
+        grown = (vm_hwm_kib(g.proc.pid) - base) // 1024
+        assert grown < 4, f"peak RSS grew by {grown} MiB for a 1 MiB cache of small answers"
+    finally:
+        g.stop()
+        upstream.stop()
