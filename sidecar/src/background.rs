@@ -183,7 +183,7 @@ const MAX_ENCODED_SEGMENT: usize = 3 * MAX_ID_LEN;
 
 /// The last three segments of a path, last first, percent-decoded as the provider reads them
 /// (`respons%65s` is `responses`). A path without `%` (nearly all) is only searched for one.
-fn decoded_last_segments(rest: &str) -> [Option<Cow<'_, str>>; 3] {
+pub(crate) fn decoded_last_segments(rest: &str) -> [Option<Cow<'_, str>>; 3] {
     let segments = last_segments(rest);
     if memchr::memchr(b'%', rest.as_bytes()).is_none() {
         return segments.map(|s| s.map(Cow::Borrowed));

@@ -1,7 +1,7 @@
 //! What a request cost, in USD: the tokens its response reported times the model's price (audio
 //! and image tokens at the model's rates for them), plus what is charged per image generated,
-//! per web search, per minute of audio or per character; or the cost the provider itself states
-//! in the answer (Perplexity, OpenRouter).
+//! per hosted tool call (web and file searches), per minute of audio or per character; or the
+//! cost the provider itself states in the answer (Perplexity, OpenRouter).
 //!
 //! Prices come from a built-in table of well-known models ([`PRICES_AS_OF`]) merged with the
 //! gateway's `spec.pricing`; a model is priced by the longest table name that it equals or
@@ -44,16 +44,24 @@ pub struct Price {
     /// Per million input audio tokens read from the prompt cache (the cache's read price for a
     /// model without one of its own).
     pub audio_cache_read: f64,
+    /// Per million input image tokens read from the prompt cache (the cache's read price for a
+    /// model without one of its own).
+    pub image_cache_read: f64,
     /// Per million output audio tokens (the output price for a model without one of its own).
     pub audio_output: f64,
     /// Per million input image tokens (the input price for a model without one of its own).
     pub image_input: f64,
     /// Per million output image tokens (the output price for a model without one of its own).
     pub image_output: f64,
-    /// Per image generated, in USD (Imagen).
+    /// Per image generated, in USD (Imagen; DALL·E at its default size and quality, which
+    /// [`per_image`] prices by the request's).
     pub per_image: f64,
-    /// Per server-side web search, in USD (Anthropic's web search tool).
+    /// Per server-side web search, in USD (Anthropic's web search tool, OpenAI's `web_search`).
     pub per_web_search: f64,
+    /// Per call of OpenAI's `web_search_preview` tool, in USD.
+    pub per_web_search_preview: f64,
+    /// Per call of OpenAI's file search tool, in USD.
+    pub per_file_search: f64,
     /// Per minute of audio, in USD (a transcription billed by duration: `whisper-1`).
     pub per_audio_minute: f64,
     /// Per 1,000 characters billed, in USD (Vertex AI's text embedding models).
@@ -62,11 +70,13 @@ pub struct Price {
 
 impl Price {
     /// `input` and `output`, with the prompt cache priced by the provider's rule for `model`
-    /// (see [`cache_ratios`]), server-side web searches by its provider's fee, and audio and
-    /// images at the rates [`NOT_TEXT`] gives a model of that name (as text otherwise).
+    /// (see [`cache_ratios`]), hosted tool calls by its provider's fees (see [`ToolFees`]), and
+    /// audio and images at the rates [`NOT_TEXT`] gives a model of that name (as text
+    /// otherwise).
     pub fn of(model: &str, input: f64, output: f64) -> Self {
         let name = normalize(model);
         let (read, write, write_1h) = cache_ratios(name);
+        let fees = ToolFees::of(name);
         let mut price = Self {
             input,
             output,
@@ -75,17 +85,14 @@ impl Price {
             cache_write_1h: input * write_1h,
             audio_input: input,
             audio_cache_read: input * read,
+            image_cache_read: input * read,
             audio_output: output,
             image_input: input,
             image_output: output,
             per_image: 0.0,
-            // "$10 per 1,000 searches, plus standard token costs" (docs.claude.com, Web search
-            // tool, Usage and pricing; on Vertex AI too). Web fetch has no fee of its own.
-            per_web_search: if name.starts_with("claude-") {
-                0.01
-            } else {
-                0.0
-            },
+            per_web_search: fees.web_search,
+            per_web_search_preview: fees.web_search_preview,
+            per_file_search: fees.file_search,
             per_audio_minute: 0.0,
             per_1k_characters: 0.0,
         };
@@ -97,6 +104,7 @@ impl Price {
                 }
                 NotText::AudioInput(usd) => price.audio_input = usd,
                 NotText::CachedAudio(usd) => price.audio_cache_read = usd,
+                NotText::CachedImage(usd) => price.image_cache_read = usd,
                 NotText::Image { input, output } => {
                     price.image_input = input;
                     price.image_output = output;
@@ -111,6 +119,66 @@ impl Price {
     }
 }
 
+/// What a model's provider charges per call of its hosted (server-side) tools, beside the
+/// tokens, in USD. The calls are counted where the answer shows them ([`crate::usage`]):
+/// Anthropic's `server_tool_use.web_search_requests`, the `web_search_call` and
+/// `file_search_call` items of an OpenAI Responses answer.
+///
+/// - Anthropic: "$10 per 1,000 searches, plus standard token costs" (docs.claude.com, Web search
+///   tool, Usage and pricing; on Vertex AI too). Web fetch has "no additional charges" beyond
+///   tokens. Code execution is billed by container time past a monthly free allowance (1,550
+///   hours, then $0.05 an hour), which one answer cannot tell: not charged.
+/// - OpenAI (developers.openai.com/api/docs/pricing, Tools, as stored 2026-06-27; read
+///   2026-11-28): "Web search (all models)": $10.00 / 1k calls; "Web search preview (reasoning
+///   models, including gpt-5, o-series)": $10.00 / 1k calls; "Web search preview
+///   (non-reasoning models)": $25.00 / 1k calls, search content tokens free; "File search tool
+///   call (Responses API only)": $2.50 / 1k calls. Search content tokens are in the answer's
+///   input tokens. Not charged: containers (Code Interpreter, hosted shell; billed per 20-minute
+///   session of a container an answer may not have started), and the fixed block of 8,000 input
+///   tokens per call that `gpt-4o-mini` and `gpt-4.1-mini` bill for the non-preview tool's
+///   search content (the answer does not say whether its input count holds them).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ToolFees {
+    /// Per web search (Anthropic's tool, OpenAI's `web_search`).
+    pub web_search: f64,
+    /// Per call of OpenAI's `web_search_preview`.
+    pub web_search_preview: f64,
+    /// Per call of OpenAI's file search.
+    pub file_search: f64,
+}
+
+impl ToolFees {
+    /// The fees of the model named `name` (normalized): by its provider, and for OpenAI's
+    /// preview web search by whether it reasons.
+    pub fn of(name: &str) -> Self {
+        if name.starts_with("claude-") {
+            return Self {
+                web_search: 0.01,
+                ..Self::default()
+            };
+        }
+        let non_reasoning = ["gpt-4o", "gpt-4.1"].iter().any(|f| continues(name, f));
+        let reasoning = ["gpt-5", "o1", "o3", "o4-mini"]
+            .iter()
+            .any(|f| continues(name, f));
+        if !non_reasoning && !reasoning {
+            return Self::default();
+        }
+        Self {
+            web_search: 0.01,
+            web_search_preview: if non_reasoning { 0.025 } else { 0.01 },
+            file_search: 0.0025,
+        }
+    }
+}
+
+/// Whether `name` is `family` or continues it after `-`, `@` or `:`.
+fn continues(name: &str, family: &str) -> bool {
+    name.strip_prefix(family).is_some_and(|rest| {
+        rest.is_empty() || rest.starts_with(|c: char| BOUNDARY.contains(&(c as u8)))
+    })
+}
+
 /// A price a model has for a part of its answers that is not text.
 #[derive(Clone, Copy)]
 enum NotText {
@@ -120,6 +188,8 @@ enum NotText {
     AudioInput(f64),
     /// Audio tokens read from the prompt cache, per million.
     CachedAudio(f64),
+    /// Image tokens read from the prompt cache, per million.
+    CachedImage(f64),
     /// Image tokens in and out, per million.
     Image { input: f64, output: f64 },
     /// Image tokens out, per million.
@@ -181,6 +251,10 @@ const NOT_TEXT: &[(&str, NotText)] = &[
             output: 16.0,
         },
     ),
+    // Cached image input "$0.50" against cached text "$0.40" (model pages of gpt-realtime and
+    // its successors, Image tokens, read 2026-11-28). gpt-realtime-mini's own page was not
+    // found: its cached images stay at its cached text price.
+    ("gpt-realtime", NotText::CachedImage(0.50)),
     (
         "gpt-realtime-mini",
         NotText::Audio {
@@ -244,6 +318,12 @@ const NOT_TEXT: &[(&str, NotText)] = &[
             output: 8.0,
         },
     ),
+    // DALL·E (developers.openai.com/api/docs/pricing, Image generation, "Prices per image",
+    // as stored 2026-06-27; read 2026-11-28): at the default size and quality (1024x1024,
+    // standard) here, by the request's in DALLE_IMAGES. Their answers have no usage: each image
+    // of `data` is counted.
+    ("dall-e-3", NotText::PerImage(0.04)),
+    ("dall-e-2", NotText::PerImage(0.02)),
     // Google (ai.google.dev/gemini-api/docs/pricing, standard tier): audio input where it
     // costs more than text, image output ($0.039 per 1024px image of 1290 tokens), Imagen per
     // image.
@@ -274,6 +354,95 @@ const NOT_TEXT: &[(&str, NotText)] = &[
     ),
 ];
 
+/// DALL·E's price per image by model, quality and size (the source of NOT_TEXT's DALL·E rows):
+/// DALL·E 3 standard $0.04 (1024x1024) and $0.08 (1024x1792, 1792x1024), HD $0.08 and $0.12;
+/// DALL·E 2 (standard only) $0.016 (256x256), $0.018 (512x512), $0.02 (1024x1024).
+const DALLE_IMAGES: &[(&str, &str, &str, f64)] = &[
+    ("dall-e-3", "standard", "1024x1024", 0.04),
+    ("dall-e-3", "standard", "1024x1792", 0.08),
+    ("dall-e-3", "standard", "1792x1024", 0.08),
+    ("dall-e-3", "hd", "1024x1024", 0.08),
+    ("dall-e-3", "hd", "1024x1792", 0.12),
+    ("dall-e-3", "hd", "1792x1024", 0.12),
+    ("dall-e-2", "standard", "256x256", 0.016),
+    ("dall-e-2", "standard", "512x512", 0.018),
+    ("dall-e-2", "standard", "1024x1024", 0.02),
+];
+
+/// The size and quality an OpenAI image request asks for, which a DALL·E image is priced by.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageOptions {
+    /// `size` (`1024x1792`); the model's default (1024x1024) when absent.
+    pub size: Option<Box<str>>,
+    /// `quality` (`hd`); `standard` when absent or `auto`.
+    pub quality: Option<Box<str>>,
+}
+
+impl ImageOptions {
+    /// What a request for `model` to `path` (after the provider) asks, from its JSON body or
+    /// its form upload (edits, variations); `None` when the model is not one priced by them
+    /// (DALL·E) or the path not an image endpoint (`images/generations`, `images/edits`,
+    /// `images/variations`). Other requests are not read.
+    pub fn of_request(
+        model: &str,
+        path: &str,
+        headers: &http::HeaderMap,
+        body: &[u8],
+    ) -> Option<Self> {
+        // Asked of every request: the model's name first (DALL·E is named as it is).
+        if !model.starts_with("dall-e-") {
+            return None;
+        }
+        let path = path.split('?').next().unwrap_or(path);
+        // As the provider reads the path (percent-decoded).
+        let segments = crate::background::decoded_last_segments(path);
+        if !matches!(
+            segments.each_ref().map(Option::as_deref),
+            [
+                Some("generations" | "edits" | "variations"),
+                Some("images"),
+                _
+            ]
+        ) {
+            return None;
+        }
+        if crate::multipart::boundary(headers).is_some() {
+            let field = |name: &[u8]| {
+                crate::multipart::field(headers, body, name)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(|v| v.trim().into())
+            };
+            return Some(Self {
+                size: field(b"size"),
+                quality: field(b"quality"),
+            });
+        }
+        // As the provider's parser reads it: escapes decoded, the last of a repeated key.
+        let doc: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(body).ok()?;
+        let text = |key: &str| doc.get(key).and_then(|v| v.as_str()).map(Box::from);
+        Some(Self {
+            size: text("size"),
+            quality: text("quality"),
+        })
+    }
+}
+
+/// The price of one image of `model` made as `asked` says, for a model priced by the image's
+/// size and quality (DALL·E); `None` for another model or a size and quality it has no price
+/// for (the provider refuses them).
+pub fn per_image(model: &str, asked: &ImageOptions) -> Option<f64> {
+    let name = normalize(model);
+    let size = asked.size.as_deref().unwrap_or("1024x1024");
+    let quality = match asked.quality.as_deref() {
+        None | Some("auto") => "standard",
+        Some(q) => q,
+    };
+    DALLE_IMAGES
+        .iter()
+        .find(|(m, q, s, _)| continues(name, m) && *q == quality && *s == size)
+        .map(|&(.., usd)| usd)
+}
+
 /// How a provider prices prompt-cache reads, writes and one-hour writes, as multiples of the
 /// model's input price, by model family; `(1, 1, 1)` (no discount) for a model whose provider
 /// has none or that the gateway does not know.
@@ -291,11 +460,7 @@ pub fn cache_ratios(name: &str) -> (f64, f64, f64) {
     }
     CACHE_READ
         .iter()
-        .find(|(family, _)| {
-            name.strip_prefix(family).is_some_and(|rest| {
-                rest.is_empty() || rest.starts_with(|c: char| BOUNDARY.contains(&(c as u8)))
-            })
-        })
+        .find(|(family, _)| continues(name, family))
         .map_or((1.0, 1.0, 1.0), |&(_, read)| (read, 1.0, 1.0))
 }
 
@@ -369,6 +534,9 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     // the image output rate: they answer nothing else).
     ("gpt-image-1", 5.0, 40.0),
     ("gpt-image-1-mini", 2.0, 8.0),
+    // Priced per image (NOT_TEXT, DALLE_IMAGES); their answers have no tokens.
+    ("dall-e-3", 0.0, 0.0),
+    ("dall-e-2", 0.0, 0.0),
     ("gpt-4-turbo", 10.0, 30.0),
     ("gpt-4-0125-preview", 10.0, 30.0),
     ("gpt-4-1106-preview", 10.0, 30.0),
@@ -913,8 +1081,8 @@ impl CustomCost {
 /// The cost in USD of a response that reported `tokens`: the custom cost when the request set
 /// one (per token: every input token at `per_token_in`), else the cost the provider stated, else
 /// the model's price: the prompt cache's reads and writes, audio and image tokens at theirs,
-/// plus images, web searches, minutes of audio and characters at theirs; `None` when none of
-/// these (or nothing counted) is known.
+/// plus images, hosted tool calls, minutes of audio and characters at theirs; `None` when none
+/// of these (or nothing counted) is known.
 pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -> Option<f64> {
     let known = tokens.totals() != [None, None];
     let [i, o] = tokens.totals().map(|n| n.unwrap_or(0));
@@ -923,6 +1091,7 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
     let write_1h = tokens.cache_write_1h.min(write);
     let fresh = i - read - write;
     let audio_read = tokens.audio_cache_read.min(read);
+    let image_read = tokens.image_cache_read.min(read - audio_read);
     let audio_in = tokens.audio_input.min(fresh);
     let image_in = tokens.image_input.min(fresh - audio_in);
     let audio_out = tokens.audio_output.min(o);
@@ -936,7 +1105,11 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
         None if tokens.stated_cost.is_some() => tokens.stated_cost,
         None => price
             .filter(|_| {
-                known || tokens.images > 0 || tokens.audio_seconds > 0.0 || tokens.characters > 0
+                known
+                    || tokens.images > 0
+                    || tokens.tool_calls()
+                    || tokens.audio_seconds > 0.0
+                    || tokens.characters > 0
             })
             // A model priced only by the character, in an answer whose characters were not
             // counted (a `/compat` embedding, translated): its cost is not known, not 0.
@@ -945,8 +1118,9 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
                 ((fresh - audio_in - image_in) as f64 * p.input
                     + audio_in as f64 * p.audio_input
                     + image_in as f64 * p.image_input
-                    + (read - audio_read) as f64 * p.cache_read
+                    + (read - audio_read - image_read) as f64 * p.cache_read
                     + audio_read as f64 * p.audio_cache_read
+                    + image_read as f64 * p.image_cache_read
                     + (write - write_1h) as f64 * p.cache_write
                     + write_1h as f64 * p.cache_write_1h
                     + text_out as f64 * p.output
@@ -954,7 +1128,13 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
                     + image_out as f64 * p.image_output)
                     / 1e6
                     + tokens.images as f64 * p.per_image
-                    + tokens.web_searches as f64 * p.per_web_search
+                    + tokens.web_searches as f64
+                        * if tokens.web_search_preview {
+                            p.per_web_search_preview
+                        } else {
+                            p.per_web_search
+                        }
+                    + tokens.file_searches as f64 * p.per_file_search
                     + tokens.audio_seconds / 60.0 * p.per_audio_minute
                     + tokens.characters as f64 / 1000.0 * p.per_1k_characters
             }),
@@ -1495,7 +1675,7 @@ mod tests {
             None,
             "nothing counted, no cost"
         );
-        // $10 per 1,000 web searches on Claude models; none elsewhere.
+        // $10 per 1,000 web searches on Claude models, beside the tokens.
         let searched = Tokens {
             web_searches: 3,
             ..Tokens::plain(Some(2000), Some(300))
@@ -1512,9 +1692,165 @@ mod tests {
             ),
             (2000.0 * 3.0 + 300.0 * 15.0) / 1e6 + 0.03,
         );
+    }
+
+    #[test]
+    fn hosted_tool_calls_are_charged_at_the_providers_fees() {
+        let t = Pricing::default();
+        let tokens = Tokens::plain(Some(2000), Some(300));
+        let searched = |n, preview| Tokens {
+            web_searches: n,
+            web_search_preview: preview,
+            ..tokens
+        };
+        let mini = (2000.0 * 0.15 + 300.0 * 0.60) / 1e6;
+        // OpenAI's `web_search`: $10 per 1,000 calls on every model.
         close(
-            cost(t.lookup("gpt-4o-mini"), None, &searched),
-            (2000.0 * 0.15 + 300.0 * 0.60) / 1e6,
+            cost(t.lookup("gpt-4o-mini"), None, &searched(3, false)),
+            mini + 0.03,
+        );
+        // `web_search_preview`: $25 per 1,000 on the non-reasoning models, $10 on the others.
+        close(
+            cost(t.lookup("gpt-4o-mini-2024-07-18"), None, &searched(3, true)),
+            mini + 0.075,
+        );
+        close(
+            cost(t.lookup("gpt-4.1"), None, &searched(1, true)),
+            (2000.0 * 2.0 + 300.0 * 8.0) / 1e6 + 0.025,
+        );
+        close(
+            cost(t.lookup("gpt-5-mini"), None, &searched(2, true)),
+            (2000.0 * 0.25 + 300.0 * 2.0) / 1e6 + 0.02,
+        );
+        close(
+            cost(t.lookup("o4-mini-deep-research"), None, &searched(2, true)),
+            (2000.0 * 2.0 + 300.0 * 8.0) / 1e6 + 0.02,
+        );
+        // File search: $2.50 per 1,000 calls.
+        let filed = Tokens {
+            file_searches: 4,
+            ..tokens
+        };
+        close(
+            cost(t.lookup("gpt-5"), None, &filed),
+            (2000.0 * 1.25 + 300.0 * 10.0) / 1e6 + 0.01,
+        );
+        // Models whose provider charges no such fee, or not for that tool: the tokens only.
+        close(
+            cost(t.lookup("mistral-large-latest"), None, &searched(3, false)),
+            (2000.0 * 2.0 + 300.0 * 6.0) / 1e6,
+        );
+        close(
+            cost(t.lookup("claude-haiku-4-5"), None, &filed),
+            (2000.0 * 1.0 + 300.0 * 5.0) / 1e6,
+        );
+        // Calls without tokens (a stream cut before its usage) still cost their fees.
+        let bare = Tokens {
+            web_searches: 2,
+            ..Tokens::default()
+        };
+        close(cost(t.lookup("gpt-5"), None, &bare), 0.02);
+        assert_eq!(cost(None, None, &bare), None, "no price, no cost");
+        // spec.pricing replacing a model's token prices keeps its fees; a custom per-token
+        // cost replaces them.
+        let own = Pricing::with(&[ModelPrice {
+            model: "gpt-4o".into(),
+            input_per_million: "1".into(),
+            output_per_million: "2".into(),
+            ..ModelPrice::default()
+        }])
+        .expect("valid");
+        close(
+            cost(own.lookup("gpt-4o"), None, &searched(2, true)),
+            (2000.0 + 600.0) / 1e6 + 0.05,
+        );
+        let per = Some(CustomCost::PerToken {
+            input: 0.000001,
+            output: 0.000002,
+        });
+        close(cost(t.lookup("gpt-4o"), per, &searched(2, true)), 0.0026);
+    }
+
+    #[test]
+    fn dalle_images_are_priced_by_the_size_and_quality_asked() {
+        let t = Pricing::default();
+        let images = |n| Tokens {
+            images: n,
+            ..Tokens::default()
+        };
+        // At the defaults (1024x1024, standard) as the table has them.
+        close(cost(t.lookup("dall-e-3"), None, &images(2)), 0.08);
+        close(cost(t.lookup("dall-e-2"), None, &images(3)), 0.06);
+        let asked = |size: Option<&str>, quality: Option<&str>| ImageOptions {
+            size: size.map(Box::from),
+            quality: quality.map(Box::from),
+        };
+        let at = |model, size, quality| per_image(model, &asked(size, quality));
+        assert_eq!(at("dall-e-3", None, None), Some(0.04));
+        assert_eq!(at("dall-e-3", None, Some("auto")), Some(0.04));
+        assert_eq!(
+            at("dall-e-3", Some("1792x1024"), Some("standard")),
+            Some(0.08)
+        );
+        assert_eq!(at("dall-e-3", Some("1024x1024"), Some("hd")), Some(0.08));
+        assert_eq!(at("dall-e-3", Some("1024x1792"), Some("hd")), Some(0.12));
+        assert_eq!(at("dall-e-2", Some("256x256"), None), Some(0.016));
+        assert_eq!(at("dall-e-2", Some("512x512"), None), Some(0.018));
+        assert_eq!(at("dall-e-2", None, None), Some(0.02));
+        // Sizes and qualities a model is not sold at (the provider refuses them), other models.
+        assert_eq!(at("dall-e-3", Some("256x256"), None), None);
+        assert_eq!(at("dall-e-2", None, Some("hd")), None);
+        assert_eq!(at("gpt-image-1", None, None), None);
+        assert_eq!(at("dall-e-30", None, None), None);
+    }
+
+    #[test]
+    fn image_requests_are_read_for_dalle_only() {
+        let json = http::HeaderMap::new();
+        let read = |model, path, body: &[u8]| ImageOptions::of_request(model, path, &json, body);
+        let body = br#"{"model":"dall-e-3","prompt":"a \"size\": \"256x256\" cat","size":"1792x1024","quality":"hd","n":1}"#;
+        let want = |size: &str, quality: Option<&str>| {
+            Some(ImageOptions {
+                size: Some(size.into()),
+                quality: quality.map(Box::from),
+            })
+        };
+        assert_eq!(
+            read("dall-e-3", "images/generations", body),
+            want("1792x1024", Some("hd"))
+        );
+        assert_eq!(
+            read("dall-e-3", "v1/images/generations/", body),
+            want("1792x1024", Some("hd"))
+        );
+        // The last of a repeated key, escapes decoded, as the provider's parser reads them.
+        let twice = br#"{"quality":"standard","size":"1024x1024","quality":"h\u0064"}"#;
+        assert_eq!(
+            read("dall-e-3", "images/generations", twice),
+            want("1024x1024", Some("hd"))
+        );
+        assert_eq!(
+            read("dall-e-3", "images/generations", b"{}"),
+            Some(ImageOptions::default())
+        );
+        // Other models and endpoints are not read.
+        assert_eq!(read("gpt-image-1", "images/generations", body), None);
+        assert_eq!(read("dall-e-3", "chat/completions", body), None);
+        assert_eq!(read("dall-e-3", "myimages/generations", body), None);
+        assert_eq!(
+            read("dall-e-3", "images/generation%73?x=1", body),
+            want("1792x1024", Some("hd"))
+        );
+        // A form upload (an edit, a variation): its fields.
+        let mut form = http::HeaderMap::new();
+        form.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("multipart/form-data; boundary=XyZ"),
+        );
+        let upload = b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ndall-e-2\r\n--XyZ\r\nContent-Disposition: form-data; name=\"size\"\r\n\r\n512x512\r\n--XyZ--\r\n";
+        assert_eq!(
+            ImageOptions::of_request("dall-e-2", "images/variations", &form, upload),
+            want("512x512", None)
         );
     }
 
@@ -1573,6 +1909,31 @@ mod tests {
         close(
             cost(t.lookup("gpt-realtime"), None, &seen),
             (100.0 * 4.0 + 1000.0 * 5.0) / 1e6,
+        );
+        // Cached images at $0.50 on gpt-realtime, not at the cached text's $0.40; at the cached
+        // text price on a model without a rate of its own.
+        let cached = Tokens {
+            cache_read: 1500,
+            audio_cache_read: 300,
+            image_cache_read: 1000,
+            ..Tokens::plain(Some(2000), Some(0))
+        };
+        close(
+            cost(t.lookup("gpt-realtime-2025-08-28"), None, &cached),
+            (500.0 * 4.0 + 200.0 * 0.40 + 300.0 * 0.40 + 1000.0 * 0.50) / 1e6,
+        );
+        close(
+            cost(t.lookup("gpt-realtime-mini"), None, &cached),
+            (500.0 * 0.60 + 200.0 * 0.06 + 300.0 * 0.30 + 1000.0 * 0.06) / 1e6,
+        );
+        // Never more than the cache reads not audio.
+        let odd = Tokens {
+            image_cache_read: 5000,
+            ..cached
+        };
+        close(
+            cost(t.lookup("gpt-realtime"), None, &odd),
+            (500.0 * 4.0 + 300.0 * 0.40 + 1200.0 * 0.50) / 1e6,
         );
     }
 

@@ -912,6 +912,11 @@ impl Gateway {
             None => crate::cost::request_model(route.rest, &body)
                 .or_else(|| crate::cost::form_model(&parts.headers, &body)),
         };
+        // A DALL·E image's price depends on the size and quality asked (read before the body
+        // goes upstream; no other request is read for them).
+        let image_options = model.as_ref().and_then(|m| {
+            crate::cost::ImageOptions::of_request(m.as_str(), route.rest, &parts.headers, &body)
+        });
         // A refusal from here on (DLP, guardrails, limits) logs it.
         opts.recorded.model(model.as_ref());
         // Spend limits and token budgets count the tokens answers report; an OpenAI-format
@@ -1038,6 +1043,9 @@ impl Gateway {
         );
         if let Some(m) = model {
             record.set_model(m, &snap.pricing);
+        }
+        if let Some(asked) = &image_options {
+            record.price_images(asked);
         }
         if &*provider.id == "aws-bedrock" {
             record.bedrock_token_headers(&head.headers);

@@ -1013,6 +1013,16 @@ impl RequestRecord {
         self.model = Some(model);
     }
 
+    /// Prices the answer's images as the request asked for them: a DALL·E image by its size and
+    /// quality (after [`Self::set_model`]).
+    pub fn price_images(&mut self, asked: &crate::cost::ImageOptions) {
+        if let (Some(model), Some(price)) = (&self.model, &mut self.price)
+            && let Some(usd) = crate::cost::per_image(model.as_str(), asked)
+        {
+            price.per_image = usd;
+        }
+    }
+
     /// Charges the response's cost to these budget nodes of a dynamic route.
     pub fn charge_route_budgets(&mut self, budgets: Vec<crate::routing::BudgetCharge>) {
         self.route_budgets = budgets;

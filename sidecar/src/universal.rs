@@ -370,7 +370,16 @@ pub(crate) async fn serve(
             log_id,
         );
         if let Some(m) = step.model {
+            let asked = crate::cost::ImageOptions::of_request(
+                m.as_str(),
+                &step.endpoint,
+                &http::HeaderMap::new(),
+                &step.payload,
+            );
             record.set_model(m, &snap.pricing);
+            if let Some(asked) = &asked {
+                record.price_images(asked);
+            }
         }
         // As on the provider's own route: InvokeModel answers of models whose bodies carry no
         // usage are counted from Bedrock's token-count headers.

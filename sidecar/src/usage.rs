@@ -22,6 +22,7 @@
 //!   of an `/images/generations` or `/images/edits` answer; `output_tokens_details.image_tokens`
 //!   out), inside the input or output;
 //! - Anthropic's server-side web searches (`server_tool_use.web_search_requests`), charged apart;
+//! - a realtime response's cached image tokens (counted by [`crate::websocket`]), priced apart;
 //! - the seconds of audio a transcription billed by duration reports (`whisper-1`:
 //!   `usage: {"type": "duration", "seconds": n}`);
 //! - the cost the provider states for a request, read on its own answers only: Perplexity's
@@ -30,7 +31,10 @@
 //!   `cost_details.upstream_inference_cost`, which `cost` leaves out).
 //!
 //! Imagen's answers (`:predict` of an `imagen-*` model) have no usage: their images are counted
-//! (each prediction's `"bytesBase64Encoded"`). Vertex AI's embeddings (`:predict` of another
+//! (each prediction's `"bytesBase64Encoded"`); so are those of OpenAI's image answers (each
+//! image of `data`: DALL·E's have no usage, gpt-image-1's have one, read too). An OpenAI
+//! Responses answer's hosted tool calls charged per call (web and file searches) are counted
+//! from its output items (`ToolCalls`). Vertex AI's embeddings (`:predict` of another
 //! model) have none either: each prediction's `embeddings.statistics.token_count` is input, and
 //! `metadata.billableCharacterCount` the characters some of those models are priced by.
 //!
@@ -135,11 +139,13 @@ enum Modality {
     Image,
 }
 
-/// An Imagen answer's images: the key of each prediction's image data, or of where it was
-/// stored instead (`parameters.storageUri`: a Cloud Storage URI, no bytes).
-const IMAGE_KEYS: [&[u8]; 2] = [b"\"bytesBase64Encoded\"", b"\"gcsUri\""];
-static IMAGE_FINDERS: LazyLock<[memmem::Finder<'static>; 2]> =
-    LazyLock::new(|| IMAGE_KEYS.map(memmem::Finder::new));
+/// The keys an answer's images are counted by (see [`ImageKeys`]).
+const IMAGEN_KEYS: [&[u8]; 2] = [b"\"bytesBase64Encoded\"", b"\"gcsUri\""];
+const OPENAI_IMAGE_KEYS: [&[u8]; 2] = [b"\"b64_json\"", b"\"url\""];
+static IMAGEN_FINDERS: LazyLock<[memmem::Finder<'static>; 2]> =
+    LazyLock::new(|| IMAGEN_KEYS.map(memmem::Finder::new));
+static OPENAI_IMAGE_FINDERS: LazyLock<[memmem::Finder<'static>; 2]> =
+    LazyLock::new(|| OPENAI_IMAGE_KEYS.map(memmem::Finder::new));
 /// Bytes of one frame's end kept for the next: a key cut by it, or one whose colon (after
 /// spaces) has not come yet.
 const IMAGE_CARRY: usize = 64;
@@ -203,16 +209,22 @@ pub struct Tokens {
     pub audio_input: u64,
     /// Of the cache reads, audio tokens (priced at the model's cached-audio rate).
     pub audio_cache_read: u64,
+    /// Of the cache reads not audio, image tokens (priced at the model's cached-image rate).
+    pub image_cache_read: u64,
     /// Of the input not read from the cache nor audio, image tokens.
     pub image_input: u64,
     /// Of the output, audio tokens.
     pub audio_output: u64,
     /// Of the output, image tokens.
     pub image_output: u64,
-    /// Images generated (an Imagen answer, which has no tokens).
+    /// Images generated (an Imagen or DALL·E answer, which has no tokens).
     pub images: u64,
-    /// Server-side web searches (Anthropic).
+    /// Server-side web searches (Anthropic's, OpenAI's `web_search_call`s).
     pub web_searches: u64,
+    /// The web searches were made with OpenAI's `web_search_preview` tool (priced apart).
+    pub web_search_preview: bool,
+    /// OpenAI's file searches (`file_search_call`s).
+    pub file_searches: u64,
     /// Seconds of audio billed by duration (a `whisper-1` transcription, which has no tokens).
     pub audio_seconds: f64,
     /// Characters billed (a Vertex AI embedding: `metadata.billableCharacterCount`).
@@ -235,6 +247,11 @@ impl Tokens {
     pub fn totals(&self) -> [Option<u64>; 2] {
         [self.input, self.output]
     }
+
+    /// Whether the answer called a hosted tool charged per call.
+    pub fn tool_calls(&self) -> bool {
+        self.web_searches > 0 || self.file_searches > 0
+    }
 }
 
 /// The numbers of usage, as the provider reported them (one per [`Field`]).
@@ -254,6 +271,8 @@ pub struct Counts {
     audio_in: Option<u64>,
     /// Of the audio in, what was read from the cache (Gemini's `cacheTokensDetails`).
     audio_cached: Option<u64>,
+    /// Of the cache reads, image tokens (a realtime response's).
+    image_cached: Option<u64>,
     audio_out: Option<u64>,
     image_in: Option<u64>,
     image_out: Option<u64>,
@@ -280,6 +299,7 @@ impl Counts {
                 part.audio_input.saturating_add(part.audio_cache_read),
             ),
             (&mut self.audio_cached, part.audio_cache_read),
+            (&mut self.image_cached, part.image_cache_read),
             (&mut self.image_in, part.image_input),
             (&mut self.audio_out, part.audio_output),
         ] {
@@ -303,10 +323,69 @@ pub struct Usage {
     object: UsageObject,
     /// Where the answer states what the request cost, if its provider is one that does.
     stated: StatedCost,
-    /// For an Imagen answer, the images counted so far.
+    /// For an image model's answer (Imagen, OpenAI's `/images/*`), the images counted so far.
     images: Option<Box<ImageCount>>,
+    /// For an OpenAI Responses answer, the hosted tool calls counted so far.
+    tools: Option<Box<ToolCalls>>,
     /// For a Vertex AI embeddings answer, its counts so far.
     embeddings: Option<Box<EmbeddingCounts>>,
+}
+
+/// What an OpenAI answer holds that is counted beside its usage, told by its request's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenAiAnswer {
+    /// `images/generations`, `images/edits`, `images/variations`: images.
+    Images,
+    /// `responses`, `responses/{id}` (a poll), `responses/{id}/cancel`: a response object (or
+    /// a stream of its events), with its hosted tool calls.
+    Response,
+    Other,
+}
+
+impl OpenAiAnswer {
+    /// Of the path after the provider (no query), its last segments compared as the provider
+    /// reads them (percent-decoded).
+    fn of(path: &str) -> Self {
+        // Nearly every answer (chat completions, embeddings) is told apart by its last two
+        // segments as they are, before any is decoded.
+        let bytes = path.as_bytes();
+        if memchr::memchr(b'%', bytes).is_none() {
+            let mut end = bytes.len();
+            while end > 0 && bytes[end - 1] == b'/' {
+                end -= 1;
+            }
+            let segment = |end: usize| {
+                let start = memchr::memrchr(b'/', &bytes[..end]).map_or(0, |at| at + 1);
+                (start, &bytes[start..end])
+            };
+            let (start, last) = segment(end);
+            let before: &[u8] = match start.checked_sub(1) {
+                Some(end) => segment(end).1,
+                None => b"",
+            };
+            if !matches!(
+                (last, before),
+                (
+                    b"responses" | b"cancel" | b"generations" | b"edits" | b"variations",
+                    _
+                ) | (_, b"responses")
+            ) {
+                return Self::Other;
+            }
+        }
+        let segments = crate::background::decoded_last_segments(path);
+        match segments.each_ref().map(Option::as_deref) {
+            [
+                Some("generations" | "edits" | "variations"),
+                Some("images"),
+                _,
+            ] => Self::Images,
+            [Some("responses"), ..]
+            | [Some(_), Some("responses"), _]
+            | [Some("cancel"), Some(_), Some("responses")] => Self::Response,
+            _ => Self::Other,
+        }
+    }
 }
 
 /// The object of an answer that holds its counts.
@@ -331,12 +410,42 @@ enum StatedCost {
     OpenRouter,
 }
 
-/// The images of an Imagen answer, counted as its bytes go by (megabytes of base64 in few
-/// frames): an image key counts where it is a key — not after a `\` (inside a string: an
-/// echoed prompt may hold the key's text) and followed by a `:`. The end of each frame is kept
-/// for the next: a key cut by a frame's end, or whose colon is still to come, is read whole.
-#[derive(Debug, Default)]
+/// Whose answer an [`ImageCount`] reads, and so which keys stand for an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageKeys {
+    /// Imagen's `:predict`: each prediction's image data (`bytesBase64Encoded`), or where it was
+    /// stored instead (`parameters.storageUri`: a Cloud Storage URI, `gcsUri`, no bytes). Its
+    /// answers have no usage.
+    Imagen,
+    /// OpenAI's `/images/*`: each image of `data`, as base64 (`b64_json`) or a link (`url`).
+    /// DALL·E's answers have no usage; gpt-image-1's have one, read too.
+    OpenAi,
+}
+
+impl ImageKeys {
+    fn keys(self) -> &'static [&'static [u8]; 2] {
+        match self {
+            Self::Imagen => &IMAGEN_KEYS,
+            Self::OpenAi => &OPENAI_IMAGE_KEYS,
+        }
+    }
+
+    fn finders(self) -> &'static [memmem::Finder<'static>; 2] {
+        match self {
+            Self::Imagen => &IMAGEN_FINDERS,
+            Self::OpenAi => &OPENAI_IMAGE_FINDERS,
+        }
+    }
+}
+
+/// The images of an image model's answer, counted as its bytes go by (megabytes of base64 in
+/// few frames): an image key counts where it is a key — not after a `\` (inside a string: an
+/// echoed or revised prompt may hold the key's text) and followed by a `:`. The end of each
+/// frame is kept for the next: a key cut by a frame's end, or whose colon is still to come, is
+/// read whole.
+#[derive(Debug)]
 struct ImageCount {
+    keys: ImageKeys,
     images: u64,
     /// The last [`IMAGE_CARRY`] bytes seen.
     tail: Vec<u8>,
@@ -345,7 +454,17 @@ struct ImageCount {
 }
 
 impl ImageCount {
+    fn new(keys: ImageKeys) -> Self {
+        Self {
+            keys,
+            images: 0,
+            tail: Vec::new(),
+            pending: None,
+        }
+    }
+
     fn observe(&mut self, data: &[u8]) {
+        let (keys, finders) = (self.keys.keys(), self.keys.finders());
         let carried = self.tail.len();
         let mut undecided = None;
         if carried > 0 {
@@ -353,7 +472,7 @@ impl ImageCount {
             // awaiting their colon.
             let mut seam = std::mem::take(&mut self.tail);
             seam.extend_from_slice(&data[..data.len().min(IMAGE_CARRY)]);
-            for (key, finder) in IMAGE_KEYS.iter().zip(IMAGE_FINDERS.iter()) {
+            for (key, finder) in keys.iter().zip(finders) {
                 for at in finder.find_iter(&seam) {
                     let unread = at + key.len() > carried || self.pending == Some(at);
                     if at < carried && unread {
@@ -374,7 +493,7 @@ impl ImageCount {
             self.tail.truncate(carried);
         }
         let before = self.tail.last().copied();
-        for (key, finder) in IMAGE_KEYS.iter().zip(IMAGE_FINDERS.iter()) {
+        for (key, finder) in keys.iter().zip(finders) {
             for at in finder.find_iter(data) {
                 match is_key(data, at, key.len(), before) {
                     Some(true) => self.images = self.images.saturating_add(1),
@@ -407,6 +526,292 @@ fn is_key(buf: &[u8], at: usize, len: usize, before: Option<u8>) -> Option<bool>
         Some(b':') => Some(true),
         Some(_) => Some(false),
         None => None,
+    }
+}
+
+/// The hosted tools an OpenAI Responses answer called that are charged per call: web searches
+/// (`web_search_call` output items, less those whose action opened a page or found in one,
+/// `open_page` and `find_in_page`: only searches are charged), file searches
+/// (`file_search_call` items), and whether the web search tool the response declares is the
+/// preview one (`web_search_preview`, priced apart) and not the other.
+///
+/// Read from the answer's `"type": "..."` pairs as its frames go by (no JSON is parsed). The
+/// response's `metadata`, the one object an app fills as it likes, is passed over: a pair in it
+/// could otherwise pass for an item or a final event. A response object lists each item once.
+/// An event stream announces each item in events of its own and lists them all again in its
+/// final event's response (`response.completed`, `.incomplete`, `.failed`): the items after the
+/// last final event count. A stream that ends before one counts its
+/// `response.web_search_call.completed` and `response.file_search_call.completed` events
+/// (which do not tell a search from a page opened).
+#[derive(Debug, Default)]
+struct ToolCalls {
+    /// Items since the answer's start, or since an event stream's last final event.
+    items: ToolItems,
+    /// Calls a stream's progress events reported as completed.
+    completed: ToolItems,
+    /// A `response.*` event was seen: the answer is an event stream.
+    stream: bool,
+    /// Its final event was.
+    ended: bool,
+    /// The response declares `web_search_preview` (any snapshot), and `web_search` (any).
+    preview: bool,
+    general: bool,
+    /// Inside a `metadata` object: where the scan is in it.
+    skipping: Option<Skip>,
+    /// A key the last frame cut (from its first quote), read again with the next frame; and
+    /// the byte before it.
+    carry: Vec<u8>,
+    carry_before: Option<u8>,
+    /// The last byte of the last frame.
+    last: Option<u8>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ToolItems {
+    web_search: u64,
+    /// Web search calls that opened a page or searched in one.
+    not_search: u64,
+    file_search: u64,
+}
+
+/// Where a scan passing over an object is.
+#[derive(Debug, Default, Clone, Copy)]
+struct Skip {
+    /// Objects open (the skipped one included).
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Skip {
+    /// Passes over `buf`: the index just after the skipped object's end, if `buf` holds it.
+    fn over(&mut self, buf: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        loop {
+            if self.escaped {
+                // The byte escaped.
+                if i >= buf.len() {
+                    return None;
+                }
+                self.escaped = false;
+                i += 1;
+                continue;
+            }
+            let rest = &buf[i..];
+            if self.in_string {
+                let at = i + memchr::memchr2(b'"', b'\\', rest)?;
+                if buf[at] == b'\\' {
+                    self.escaped = true;
+                } else {
+                    self.in_string = false;
+                }
+                i = at + 1;
+                continue;
+            }
+            let at = i + memchr::memchr3(b'"', b'{', b'}', rest)?;
+            i = at + 1;
+            match buf[at] {
+                b'"' => self.in_string = true,
+                b'{' => self.depth += 1,
+                _ => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Some(i);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What [`ToolCalls`] counted.
+#[derive(Debug, Default, Clone, Copy)]
+struct ToolUse {
+    web_searches: u64,
+    preview: bool,
+    file_searches: u64,
+}
+
+const TYPE_KEY: &[u8] = b"\"type\"";
+const METADATA_KEY: &[u8] = b"\"metadata\"";
+static TYPE_FINDER: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(TYPE_KEY));
+static METADATA_FINDER: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(METADATA_KEY));
+/// Longest cut key (with its value) kept for the next frame; the values read are shorter.
+const MAX_TOOL_CARRY: usize = 128;
+/// Longest `"type"` value read.
+const MAX_TYPE_VALUE: usize = 64;
+
+/// What follows a key's text.
+enum After<'a> {
+    /// The string value of a `"type"` key.
+    Value(&'a [u8]),
+    /// An object, which starts at this index (of the slice read).
+    Object(usize),
+    /// The data ends first.
+    Unfinished,
+    /// Not a key (text inside a string), or a value of another kind.
+    Other,
+}
+
+/// What follows the key (`key`, quotes included) at the start of `s`; `before` is the byte
+/// before it (a `\` makes it text in a string).
+fn after_key<'a>(s: &'a [u8], key: &[u8], before: Option<u8>) -> After<'a> {
+    if before == Some(b'\\') {
+        return After::Other;
+    }
+    let unfinished_or_other = |rest: &[u8]| {
+        if rest.is_empty() {
+            After::Unfinished
+        } else {
+            After::Other
+        }
+    };
+    let rest = s[key.len()..].trim_ascii_start();
+    let Some(rest) = rest.strip_prefix(b":") else {
+        return unfinished_or_other(rest);
+    };
+    let rest = rest.trim_ascii_start();
+    if key == METADATA_KEY {
+        return match rest.first() {
+            Some(b'{') => After::Object(s.len() - rest.len()),
+            _ => unfinished_or_other(rest),
+        };
+    }
+    let Some(value) = rest.strip_prefix(b"\"") else {
+        return unfinished_or_other(rest);
+    };
+    let window = &value[..value.len().min(MAX_TYPE_VALUE)];
+    match memchr::memchr2(b'"', b'\\', window) {
+        Some(end) if window[end] == b'"' => After::Value(&value[..end]),
+        Some(_) => After::Other,
+        None if value.len() < MAX_TYPE_VALUE => After::Unfinished,
+        None => After::Other,
+    }
+}
+
+impl ToolCalls {
+    fn observe(&mut self, data: &[u8]) {
+        let joined;
+        let (buf, before) = if self.carry.is_empty() {
+            (data, self.last)
+        } else {
+            // A key the last frame cut (rare): read with this frame.
+            let mut seam = std::mem::take(&mut self.carry);
+            seam.extend_from_slice(data);
+            joined = seam;
+            (&joined[..], self.carry_before)
+        };
+        let keep = self.scan(buf, before);
+        if buf.len() - keep <= MAX_TOOL_CARRY {
+            self.carry_before = keep.checked_sub(1).map_or(before, |i| Some(buf[i]));
+            self.carry.clear();
+            self.carry.extend_from_slice(&buf[keep..]);
+        }
+        self.last = data.last().copied().or(self.last);
+    }
+
+    /// Reads the keys in `buf` (`before`: the byte before it) in order. Returns where a key
+    /// that `buf` ends inside starts (or a part of one at its very end), to be read again.
+    fn scan(&mut self, buf: &[u8], before: Option<u8>) -> usize {
+        let mut pos = 0;
+        let mut next_type = TYPE_FINDER.find(buf);
+        let mut next_meta = METADATA_FINDER.find(buf);
+        loop {
+            if let Some(skip) = &mut self.skipping {
+                match skip.over(&buf[pos..]) {
+                    Some(n) => {
+                        self.skipping = None;
+                        pos += n;
+                    }
+                    None => return buf.len(),
+                }
+            }
+            // The next of each key from `pos` (searched again only once passed).
+            for (next, finder) in [
+                (&mut next_type, &*TYPE_FINDER),
+                (&mut next_meta, &*METADATA_FINDER),
+            ] {
+                if next.is_some_and(|at| at < pos) {
+                    *next = finder.find(&buf[pos..]).map(|at| pos + at);
+                }
+            }
+            let (at, key) = match (next_type, next_meta) {
+                (Some(t), Some(m)) if m < t => (m, METADATA_KEY),
+                (Some(t), _) => (t, TYPE_KEY),
+                (None, Some(m)) => (m, METADATA_KEY),
+                (None, None) => break,
+            };
+            let prev = at.checked_sub(1).map_or(before, |i| Some(buf[i]));
+            match after_key(&buf[at..], key, prev) {
+                After::Value(v) => {
+                    self.take(v);
+                    pos = at + key.len();
+                }
+                After::Object(start) => {
+                    self.skipping = Some(Skip::default());
+                    pos = at + start;
+                }
+                After::Other => pos = at + 1,
+                After::Unfinished => return at,
+            }
+        }
+        // The end, which may begin a key: its longest part that starts one.
+        let started = |key: &[u8]| {
+            (1..key.len())
+                .rev()
+                .find(|&n| buf.ends_with(&key[..n]))
+                .unwrap_or(0)
+        };
+        buf.len() - started(TYPE_KEY).max(started(METADATA_KEY))
+    }
+
+    /// Counts a `"type"` value.
+    fn take(&mut self, value: &[u8]) {
+        let add = |n: &mut u64| *n = n.saturating_add(1);
+        match value {
+            b"web_search_call" => add(&mut self.items.web_search),
+            b"open_page" | b"find_in_page" => add(&mut self.items.not_search),
+            b"file_search_call" => add(&mut self.items.file_search),
+            b"response.completed" | b"response.incomplete" | b"response.failed" => {
+                // The final response lists every item (and declares its tools) again.
+                self.stream = true;
+                self.ended = true;
+                self.items = ToolItems::default();
+                self.preview = false;
+                self.general = false;
+            }
+            b"response.web_search_call.completed" => {
+                self.stream = true;
+                add(&mut self.completed.web_search);
+            }
+            b"response.file_search_call.completed" => {
+                self.stream = true;
+                add(&mut self.completed.file_search);
+            }
+            v if v.starts_with(b"response.") => self.stream = true,
+            v if v.starts_with(b"web_search_preview") => self.preview = true,
+            v if v == b"web_search" || v.starts_with(b"web_search_2") => self.general = true,
+            _ => {}
+        }
+    }
+
+    /// The calls counted so far.
+    fn calls(&self) -> ToolUse {
+        let (web_searches, file_searches) = if !self.stream || self.ended {
+            (
+                self.items.web_search.saturating_sub(self.items.not_search),
+                self.items.file_search,
+            )
+        } else {
+            (self.completed.web_search, self.completed.file_search)
+        };
+        ToolUse {
+            web_searches,
+            preview: self.preview && !self.general,
+            file_searches,
+        }
     }
 }
 
@@ -641,6 +1046,8 @@ impl Usage {
             .min(all - cache_write);
         let audio_output = n(c.audio_out).min(n(output));
         let audio_input = n(c.audio_in).saturating_sub(n(c.audio_cached)).min(all);
+        let audio_cache_read = n(c.audio_cached).min(cache_read);
+        let tools = self.tools.as_ref().map(|t| t.calls()).unwrap_or_default();
         Tokens {
             input,
             output,
@@ -648,12 +1055,15 @@ impl Usage {
             cache_write,
             cache_write_1h: n(c.write_1h).min(cache_write),
             audio_input,
-            audio_cache_read: n(c.audio_cached).min(cache_read),
+            audio_cache_read,
+            image_cache_read: n(c.image_cached).min(cache_read - audio_cache_read),
             image_input: n(c.image_in).min(all - audio_input),
             audio_output,
             image_output: n(c.image_out).min(n(output) - audio_output),
             images: self.images.as_ref().map_or(0, |i| i.images),
-            web_searches: n(c.web_searches),
+            web_searches: n(c.web_searches).saturating_add(tools.web_searches),
+            web_search_preview: tools.preview,
+            file_searches: tools.file_searches,
             audio_seconds: c.audio_seconds.unwrap_or(0.0),
             characters: self
                 .embeddings
@@ -727,8 +1137,9 @@ impl Usage {
 
     /// A reader of the usage of the answer to a request of `provider` on `path`: Bedrock's
     /// InvokeModelWithResponseStream answers are read through their event-stream framing, an
-    /// Imagen answer's images are counted, a Vertex embedding's statistics read, and
-    /// Perplexity's and OpenRouter's stated costs taken.
+    /// Imagen or OpenAI image answer's images are counted, an OpenAI Responses answer's hosted
+    /// tool calls, a Vertex embedding's statistics read, and Perplexity's and OpenRouter's
+    /// stated costs taken.
     pub fn for_answer(provider: &str, path: &str) -> Self {
         let invoke = (provider == "aws-bedrock"
             && path
@@ -741,9 +1152,18 @@ impl Usage {
         let path = path.split('?').next().unwrap_or(path);
         let predict = matches!(provider, "google-ai-studio" | "google-vertex-ai")
             && path.ends_with(":predict");
-        let images =
+        let imagen =
             predict && crate::cost::model_in_path(path).is_some_and(|m| m.starts_with("imagen-"));
-        let embeddings = predict && !images && provider == "google-vertex-ai";
+        let embeddings = predict && !imagen && provider == "google-vertex-ai";
+        let (images, tools) = if provider == "openai" {
+            let answer = OpenAiAnswer::of(path);
+            (
+                (answer == OpenAiAnswer::Images).then_some(ImageKeys::OpenAi),
+                answer == OpenAiAnswer::Response,
+            )
+        } else {
+            (imagen.then_some(ImageKeys::Imagen), false)
+        };
         Self {
             invoke,
             object: if in_meta {
@@ -756,7 +1176,8 @@ impl Usage {
                 "openrouter" => StatedCost::OpenRouter,
                 _ => StatedCost::None,
             },
-            images: images.then(Box::default),
+            images: images.map(|keys| Box::new(ImageCount::new(keys))),
+            tools: tools.then(Box::default),
             embeddings: embeddings.then(Box::default),
             ..Self::default()
         }
@@ -765,9 +1186,14 @@ impl Usage {
     /// Reads the usage numbers in `data` (the next frame of the body).
     pub fn observe(&mut self, data: &[u8]) {
         if let Some(images) = &mut self.images {
-            // No usage to read in an Imagen answer: megabytes of base64 are not scanned for it.
             images.observe(data);
-            return;
+            // No usage to read in an Imagen answer: megabytes of base64 are not scanned for it.
+            if images.keys == ImageKeys::Imagen {
+                return;
+            }
+        }
+        if let Some(tools) = &mut self.tools {
+            tools.observe(data);
         }
         if let Some(embeddings) = &mut self.embeddings {
             embeddings.tokens.observe(data);
@@ -1339,6 +1765,196 @@ mod tests {
         // A decoy (a tool's input) before the real usage does not linger.
         let decoy = r#"{"content":[{"type":"tool_use","input":{"usage":{"input_tokens":1,"server_tool_use":{"web_search_requests":999}}}}],"usage":{"input_tokens":5,"output_tokens":3}}"#;
         assert_eq!(tokens_of(&[decoy]).web_searches, 0);
+    }
+
+    /// An OpenAI Responses object with three web search calls (one opening a page), a file
+    /// search, a message quoting an item's type, the tools declared (`tools`), its usage and
+    /// metadata the app chose to look like a final event.
+    fn response_object(tools: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "id": "resp_1", "object": "response", "created_at": 1741476542, "status": "completed",
+            "model": "gpt-4.1-2025-04-14",
+            "output": [
+                {"type": "web_search_call", "id": "ws_1", "status": "completed",
+                 "action": {"type": "search", "query": "sidegate"}},
+                {"id": "ws_2", "type": "web_search_call", "status": "completed",
+                 "action": {"type": "open_page", "url": "https://example.com"}},
+                {"type": "web_search_call", "id": "ws_3", "status": "completed",
+                 "action": {"type": "search", "query": "x", "sources": [{"type": "url", "url": "https://a"}]}},
+                {"type": "file_search_call", "id": "fs_1", "status": "completed", "queries": ["q"], "results": null},
+                {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                 "content": [{"type": "output_text", "annotations": [],
+                              "text": "Quoted: {\"type\":\"web_search_call\"} and \"type\": \"file_search_call\""}]}
+            ],
+            "tools": tools,
+            "usage": {"input_tokens": 328, "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens": 356, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 684},
+            // The app's own: no item, no final event.
+            "metadata": {"a": "} {\"type\": \"open_page\"", "type": "response.completed", "b\\": "open_page"}
+        })
+    }
+
+    fn tool_use(t: &Tokens) -> (u64, bool, u64, Option<u64>) {
+        (
+            t.web_searches,
+            t.web_search_preview,
+            t.file_searches,
+            t.input,
+        )
+    }
+
+    #[test]
+    fn responses_hosted_tool_calls_are_counted_once_each_however_cut() {
+        let preview = serde_json::json!([
+            {"type": "web_search_preview", "search_context_size": "medium", "user_location": {"type": "approximate"}},
+            {"type": "file_search", "vector_store_ids": ["vs_1"]}
+        ]);
+        let doc = response_object(preview);
+        let compact = doc.to_string();
+        let pretty = serde_json::to_string_pretty(&doc).expect("json");
+        for body in [&compact, &pretty] {
+            for cut in 0..body.len() {
+                let (a, b) = body.as_bytes().split_at(cut);
+                let t = read_answer("openai", "/openai/responses", &[a, b]);
+                assert_eq!(tool_use(&t), (2, true, 1, Some(328)), "cut at {cut}");
+            }
+            let bytes: Vec<&[u8]> = body.as_bytes().chunks(1).collect();
+            assert_eq!(
+                tool_use(&read_answer("openai", "responses", &bytes)),
+                (2, true, 1, Some(328))
+            );
+        }
+        // A poll or cancellation of a response answers with the object too.
+        for path in [
+            "v1/responses/resp_1",
+            "responses/resp_1/cancel",
+            "respons%65s",
+        ] {
+            let t = read_answer("openai", path, &[compact.as_bytes()]);
+            assert_eq!(tool_use(&t), (2, true, 1, Some(328)), "{path}");
+        }
+        // The general tool (any snapshot), or both declared: not the preview's price.
+        for tools in [
+            serde_json::json!([{"type": "web_search"}]),
+            serde_json::json!([{"type": "web_search_2025_08_26"}]),
+            serde_json::json!([{"type": "web_search_preview_2025_03_11"}, {"type": "web_search"}]),
+        ] {
+            let body = response_object(tools.clone()).to_string();
+            let t = read_answer("openai", "responses", &[body.as_bytes()]);
+            assert_eq!(tool_use(&t), (2, false, 1, Some(328)), "{tools}");
+        }
+        // Other endpoints and providers are not read for them: only the usage.
+        for (provider, path) in [
+            ("openai", "responses/resp_1/input_items"),
+            ("openai", "chat/completions"),
+            ("azure-openai", "responses"),
+            ("anthropic", "v1/responses"),
+        ] {
+            let t = read_answer(provider, path, &[compact.as_bytes()]);
+            assert_eq!(tool_use(&t), (0, false, 0, Some(328)), "{provider} {path}");
+        }
+    }
+
+    /// A Responses event stream whose response makes one web search (announced by its own
+    /// events), then answers; `ended`: with its final `response.completed` event.
+    fn response_events(ended: bool) -> String {
+        let item = serde_json::json!({"type": "web_search_call", "id": "ws_1", "status": "completed",
+                                      "action": {"type": "search", "query": "sidegate"}});
+        let mut response = response_object(serde_json::json!([{"type": "web_search"}]));
+        response["output"] =
+            serde_json::json!([item, {"type": "message", "id": "msg_1", "content": []}]);
+        let started = serde_json::json!({"id": "resp_1", "object": "response", "status": "in_progress",
+                                         "output": [], "tools": [{"type": "web_search"}], "usage": null,
+                                         "metadata": {"type": "web_search_call"}});
+        let mut events = vec![
+            (
+                "response.created",
+                serde_json::json!({"type": "response.created", "sequence_number": 0, "response": started}),
+            ),
+            (
+                "response.output_item.added",
+                serde_json::json!({"type": "response.output_item.added", "output_index": 0,
+                "item": {"type": "web_search_call", "id": "ws_1", "status": "in_progress"}}),
+            ),
+            (
+                "response.web_search_call.in_progress",
+                serde_json::json!({"type": "response.web_search_call.in_progress", "item_id": "ws_1"}),
+            ),
+            (
+                "response.web_search_call.searching",
+                serde_json::json!({"type": "response.web_search_call.searching", "item_id": "ws_1"}),
+            ),
+            (
+                "response.web_search_call.completed",
+                serde_json::json!({"type": "response.web_search_call.completed", "item_id": "ws_1"}),
+            ),
+            (
+                "response.output_item.done",
+                serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+            ),
+            (
+                "response.output_text.delta",
+                serde_json::json!({"type": "response.output_text.delta", "delta": "\"type\":\"web_search_call\""}),
+            ),
+        ];
+        if ended {
+            events.push((
+                "response.completed",
+                serde_json::json!({"type": "response.completed", "response": response}),
+            ));
+        }
+        events
+            .iter()
+            .map(|(name, data)| format!("event: {name}\ndata: {data}\n\n"))
+            .collect()
+    }
+
+    #[test]
+    fn a_responses_stream_counts_the_calls_of_its_final_response() {
+        let stream = response_events(true);
+        for cut in 0..stream.len() {
+            let (a, b) = stream.as_bytes().split_at(cut);
+            let t = read_answer("openai", "responses", &[a, b]);
+            assert_eq!(tool_use(&t), (1, false, 0, Some(328)), "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = stream.as_bytes().chunks(3).collect();
+        assert_eq!(
+            tool_use(&read_answer("openai", "responses", &bytes)),
+            (1, false, 0, Some(328))
+        );
+        // Cut before its final event: the calls its progress events reported, no tokens.
+        let cut = response_events(false);
+        let t = read_answer("openai", "responses", &[cut.as_bytes()]);
+        assert_eq!(tool_use(&t), (1, false, 0, None));
+    }
+
+    #[test]
+    fn openai_image_answers_count_their_images_beside_their_usage() {
+        // DALL·E: no usage, one image of `data` per picture, as a link or base64.
+        let linked = serde_json::to_string_pretty(&serde_json::json!({"created": 1, "data": [
+            {"url": "https://oaidalleapi.example/1.png", "revised_prompt": "a \"url\": cat"},
+            {"url": "https://oaidalleapi.example/2.png", "revised_prompt": "b"}]}))
+        .expect("json");
+        let inline = r#"{"created":1,"data":[{"b64_json":"iVBORw0KGgo="},{"b64_json":"iVBORw0KGgo="},{"b64_json":"iVBORw0KGgo="}]}"#;
+        for (body, n) in [(linked.as_str(), 2), (inline, 3)] {
+            for cut in 0..body.len() {
+                let (a, b) = body.as_bytes().split_at(cut);
+                let t = read_answer("openai", "/openai/images/generations", &[a, b]);
+                assert_eq!((t.images, t.input), (n, None), "cut at {cut}");
+            }
+        }
+        for path in ["images/edits", "v1/images/variations"] {
+            assert_eq!(read_answer("openai", path, &[inline.as_bytes()]).images, 3);
+        }
+        // gpt-image-1: its usage is read too.
+        let tokened = br#"{"created":1,"data":[{"b64_json":"iVBORw0KGgo="}],"usage":{"input_tokens":10,"output_tokens":1056,"output_tokens_details":{"image_tokens":1056}}}"#;
+        let t = read_answer("openai", "images/generations", &[tokened]);
+        assert_eq!((t.images, t.input, t.image_output), (1, Some(10), 1056));
+        // Not an image endpoint: nothing counted.
+        assert_eq!(
+            read_answer("openai", "chat/completions", &[inline.as_bytes()]).images,
+            0
+        );
     }
 
     #[test]

@@ -520,15 +520,17 @@ struct Admitted {
 enum Used {
     /// A response's tokens (`response.done`), priced at the session's model: of the input,
     /// `cached` read from the prompt cache (`input_token_details.cached_tokens`, at the cache
-    /// rate), `cached_audio` of those (`cached_tokens_details.audio_tokens`), `audio` and
-    /// `image` tokens not read from it (`audio_tokens`, `image_tokens` less their cached
-    /// ones); of the output, `audio_out` (`output_token_details.audio_tokens`). Audio and
-    /// images are priced at their own rates.
+    /// rate), `cached_audio` and `cached_image` of those (`cached_tokens_details.audio_tokens`,
+    /// `.image_tokens`), `audio` and `image` tokens not read from it (`audio_tokens`,
+    /// `image_tokens` less their cached ones); of the output, `audio_out`
+    /// (`output_token_details.audio_tokens`). Audio and images are priced at their own rates,
+    /// cached or not.
     Response {
         input: u64,
         output: u64,
         cached: u64,
         cached_audio: u64,
+        cached_image: u64,
         audio: u64,
         image: u64,
         audio_out: u64,
@@ -634,6 +636,7 @@ impl Session {
                 output,
                 cached,
                 cached_audio,
+                cached_image,
                 audio,
                 image,
                 audio_out,
@@ -641,6 +644,7 @@ impl Session {
                 self.record.charge_part(crate::usage::Tokens {
                     cache_read: cached,
                     audio_cache_read: cached_audio,
+                    image_cache_read: cached_image,
                     audio_input: audio,
                     image_input: image,
                     audio_output: audio_out,
@@ -1130,19 +1134,20 @@ impl Frames {
                     let fresh = input - cached;
                     let cached_audio =
                         at("/input_token_details/cached_tokens_details/audio_tokens").min(cached);
+                    let cached_image =
+                        at("/input_token_details/cached_tokens_details/image_tokens");
                     let audio = at("/input_token_details/audio_tokens")
                         .saturating_sub(cached_audio)
                         .min(fresh);
                     let image = at("/input_token_details/image_tokens")
-                        .saturating_sub(at(
-                            "/input_token_details/cached_tokens_details/image_tokens",
-                        ))
+                        .saturating_sub(cached_image)
                         .min(fresh - audio);
                     self.used.push(Used::Response {
                         input,
                         output,
                         cached,
                         cached_audio,
+                        cached_image: cached_image.min(cached - cached_audio),
                         audio,
                         image,
                         audio_out: at("/output_token_details/audio_tokens").min(output),
@@ -1414,7 +1419,7 @@ mod tests {
     fn response_usage_tells_cached_audio_and_image_tokens_apart() {
         let ev = |s: &str| frame(true, 1, s.as_bytes(), None);
         let mut f = Frames::default();
-        f.feed(&ev(r#"{"type":"response.done","event_id":"e1","response":{"id":"r1","usage":{"total_tokens":821,"input_tokens":789,"output_tokens":32,"input_token_details":{"text_tokens":303,"audio_tokens":476,"image_tokens":10,"cached_tokens":640,"cached_tokens_details":{"text_tokens":256,"audio_tokens":384,"image_tokens":0}},"output_token_details":{"text_tokens":9,"audio_tokens":23}}}}"#));
+        f.feed(&ev(r#"{"type":"response.done","event_id":"e1","response":{"id":"r1","usage":{"total_tokens":821,"input_tokens":789,"output_tokens":32,"input_token_details":{"text_tokens":303,"audio_tokens":476,"image_tokens":10,"cached_tokens":640,"cached_tokens_details":{"text_tokens":250,"audio_tokens":384,"image_tokens":6}},"output_token_details":{"text_tokens":9,"audio_tokens":23}}}}"#));
         // Counts past their totals are cut to them.
         f.feed(&ev(r#"{"type":"response.done","response":{"usage":{"input_tokens":10,"output_tokens":5,"input_token_details":{"cached_tokens":4,"audio_tokens":50,"image_tokens":50},"output_token_details":{"audio_tokens":9}}}}"#));
         assert_eq!(
@@ -1425,8 +1430,9 @@ mod tests {
                     output: 32,
                     cached: 640,
                     cached_audio: 384,
+                    cached_image: 6,
                     audio: 92,
-                    image: 10,
+                    image: 4,
                     audio_out: 23
                 },
                 Used::Response {
@@ -1434,6 +1440,7 @@ mod tests {
                     output: 5,
                     cached: 4,
                     cached_audio: 0,
+                    cached_image: 0,
                     audio: 6,
                     image: 0,
                     audio_out: 5
@@ -1491,6 +1498,7 @@ mod tests {
                         output: 5,
                         cached: 0,
                         cached_audio: 0,
+                        cached_image: 0,
                         audio: 0,
                         image: 0,
                         audio_out: 0
