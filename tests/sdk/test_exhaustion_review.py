@@ -130,8 +130,7 @@ def test_accept_failures_while_out_of_descriptors_do_not_flood_the_log(mock, tmp
         g.stop()
 
 
-# FAILS at b5fd546: a reload that fails for want of a descriptor is never tried again (reload.rs watch: the poll reloads only when the files' fingerprint changed, and it was taken before the failed load): the edited config never applies and sidegate_config_last_reload_successful stays 0
-@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+# Failed at b5fd546 (mended since): a reload that fails for want of a descriptor is never tried again (reload.rs watch: the poll reloads only when the files' fingerprint changed, and it was taken before the failed load): the edited config never applies and sidegate_config_last_reload_successful stays 0
 def test_a_config_edit_read_while_out_of_descriptors_applies_once_they_are_back(mock, tmp_path):
     # The keys directory holds no key (the clients bring their own): the fingerprint the poll
     # compares is then the same with or without descriptors. (With key files the recovery comes
