@@ -56,6 +56,22 @@ pub enum ConfigError {
     Provider { path: PathBuf, error: ProviderError },
 }
 
+impl ConfigError {
+    /// Whether the sources could not be read for a passing reason (out of file descriptors, an
+    /// I/O error), as opposed to being invalid or gone: read again, they may load as they are.
+    pub fn is_passing(&self) -> bool {
+        let io = match self {
+            Self::Read { error, .. }
+            | Self::Keys(KeysError::ReadDir { error, .. } | KeysError::ReadFile { error, .. }) => {
+                error
+            }
+            _ => return false,
+        };
+        // A file that is not there comes back as a change the watch sees.
+        io.kind() != std::io::ErrorKind::NotFound
+    }
+}
+
 /// A loaded, validated configuration. Requests read it through an `Arc` and finish on the
 /// snapshot they started with.
 #[derive(Debug)]
@@ -458,6 +474,33 @@ mod tests {
         let link = dir.path().join("link.yaml");
         std::os::unix::fs::symlink(&real, &link).expect("symlink");
         assert_eq!(read_config(&link).expect("link"), b"schemaVersion: 1\n");
+    }
+
+    #[test]
+    fn only_sources_that_could_not_be_read_are_worth_reading_again_unchanged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let io = |errno| std::io::Error::from_raw_os_error(errno);
+        let read = |error| ConfigError::Read {
+            path: dir.path().join("gateway.yaml"),
+            error,
+        };
+        // EMFILE, EIO, EACCES: the same files may read another time.
+        for errno in [24, 5, 13] {
+            assert!(read(io(errno)).is_passing(), "{}", read(io(errno)));
+        }
+        let key = |error| {
+            ConfigError::Keys(KeysError::ReadFile {
+                path: dir.path().join("openai.default"),
+                error,
+            })
+        };
+        assert!(key(io(24)).is_passing());
+        // Gone (its return is a change), or invalid as written: not until they change.
+        assert!(!read(io(2)).is_passing());
+        assert!(!key(io(2)).is_passing());
+        let invalid = write_config(dir.path(), "schemaVersion: 1\nspec: {bogus: 1}\n");
+        let err = load(&invalid).expect_err("invalid");
+        assert!(!err.is_passing(), "{err}");
     }
 
     fn write_config(dir: &Path, text: &str) -> Sources {

@@ -120,6 +120,12 @@ pub enum GatewayError {
     /// A WebSocket upgrade the gateway cannot serve (the message says why).
     #[error("{0}")]
     WebSocketRefused(String),
+    /// A client connection made while `--max-connections` are open: refused before its request
+    /// is read.
+    #[error(
+        "gateway busy: {max} client connections are open, its most (--max-connections); retry shortly"
+    )]
+    TooManyConnections { max: usize },
 }
 
 /// At most the first 64 characters of client or upstream text quoted in an error message.
@@ -150,7 +156,9 @@ impl GatewayError {
                 StatusCode::GATEWAY_TIMEOUT
             }
             Self::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
-            Self::NotReady | Self::BuffersFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotReady | Self::BuffersFull { .. } | Self::TooManyConnections { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::RateLimited { .. }
             | Self::SpendLimited { .. }
             | Self::RouteLimited { .. }
@@ -196,6 +204,7 @@ impl GatewayError {
             Self::Forbidden(_) => 2109,
             Self::BuffersFull { .. } => 2110,
             Self::WebSocketRefused(_) => 2111,
+            Self::TooManyConnections { .. } => 2112,
         }
     }
 
@@ -242,8 +251,8 @@ impl GatewayError {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if let Self::BuffersFull { .. } = self {
-            // Budget frees as soon as the requests holding it end.
+        if let Self::BuffersFull { .. } | Self::TooManyConnections { .. } = self {
+            // Budget (or a connection) frees as soon as the requests holding it end.
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(1u32));
         }

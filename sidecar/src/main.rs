@@ -105,6 +105,13 @@ struct Args {
     #[arg(long, env = "SIDEGATE_SHUTDOWN_DELAY", default_value_t = 0, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=3600))]
     shutdown_delay: u64,
 
+    /// Most client connections open at once on the gateway port, WebSocket sessions included:
+    /// more are answered 503 (code 2112) and closed, and counted in
+    /// sidegate_connections_refused_total. Far above what an app opens; it bounds what a client
+    /// leaking connections costs (an idle one about 33 KiB of the sidecar's memory).
+    #[arg(long, env = "SIDEGATE_MAX_CONNECTIONS", default_value_t = sidegate::proxy::DEFAULT_MAX_CONNECTIONS as u32, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
+
     /// Check the config file, the keys directory and the upstream CA file as a start would,
     /// print what is wrong (or what would be served) and exit: 0 when valid, 2 when not.
     /// Nothing listens; for CI checks of a gateway.yaml.
@@ -205,6 +212,15 @@ fn main() -> ExitCode {
         LogFormat::Text => sidegate::access_log::Format::Text,
         LogFormat::Json => sidegate::access_log::Format::Json,
     });
+    // Before the runtime, which takes descriptors of its own (and panics setting up its signal
+    // handling when none is left).
+    if !args.check
+        && let Err(e) = server::raise_open_files_limit()
+    {
+        tracing::error!(error = %e, "sidegate stopped");
+        sidegate::access_log::flush();
+        return ExitCode::from(2);
+    }
     // One thread: a current-thread runtime (no work-stealing machinery, fewer wake-ups).
     let mut builder = if args.threads == 1 && std::env::var_os("SIDEGATE_MULTI_THREAD").is_none() {
         tokio::runtime::Builder::new_current_thread()
@@ -307,6 +323,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut gateway = Gateway::new(metrics, client);
     gateway.client_timeout = Duration::from_secs(args.client_timeout);
     gateway.loopback_listener = args.listen.ip().is_loopback();
+    gateway.max_connections = args.max_connections as usize;
     let gateway = Arc::new(gateway);
     match config::load(&sources) {
         Ok(snap) => {
@@ -318,12 +335,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         Err(e) => return Err(anyhow::Error::new(e).context("invalid configuration")),
     }
-    let listener = server::bind(args.listen, "gateway").await?;
-    let admin = server::bind(args.admin, "admin").await?;
+    let listener = server::bind(args.listen, "gateway", server::GATEWAY_BACKLOG).await?;
+    let admin = server::bind(args.admin, "admin", server::ADMIN_BACKLOG).await?;
     tracing::info!(
         listen = %listener.local_addr()?,
         admin = %admin.local_addr()?,
         version = env!("CARGO_PKG_VERSION"),
+        max_connections = args.max_connections,
+        open_files_limit = server::open_files_limit(),
         shutdown_delay_secs = args.shutdown_delay,
         shutdown_grace_secs = args.shutdown_grace,
         "sidegate listening"

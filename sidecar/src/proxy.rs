@@ -70,6 +70,9 @@ pub struct Gateway {
     /// The gateway port listens on loopback only: requests must name it by address or as
     /// `localhost` (see [`admit_client`]).
     pub loopback_listener: bool,
+    /// Most client connections open at once on the gateway port, WebSocket sessions included
+    /// (`--max-connections`); more are refused (503, code 2112).
+    pub max_connections: usize,
 }
 
 /// What the cache did for a request.
@@ -103,6 +106,11 @@ impl Cached {
 /// Default of `--client-timeout`.
 pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Default of `--max-connections`: far above what a pod's app opens (an idle connection costs
+/// the sidecar about 33 KiB, so 4096 of them some 130 MiB), low enough that a client leaking
+/// connections meets it before the sidecar's memory or file-descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
 impl Gateway {
     /// A gateway with no config loaded yet.
     pub fn new(metrics: Arc<Metrics>, client: UpstreamClient) -> Self {
@@ -122,6 +130,7 @@ impl Gateway {
             metrics,
             client_timeout: DEFAULT_CLIENT_TIMEOUT,
             loopback_listener: true,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 

@@ -6,7 +6,9 @@
 //! read once its writer closes it), the new config is loaded and validated, and swapped in
 //! atomically only when valid; otherwise the last good config keeps serving, with the keys
 //! directory's keys loaded again around it. A slow poll backs the watcher up in case an event is
-//! missed; SIGHUP asks for a reload at once.
+//! missed; SIGHUP asks for a reload at once. Sources that could not be read (out of file
+//! descriptors, an I/O error) are read again, at a growing interval, until they can be or they
+//! change: an edit read then must not wait for the next one.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,6 +29,8 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 const WRITE_WAIT: Duration = Duration::from_secs(5);
 /// Re-check even without events.
 const POLL: Duration = Duration::from_secs(5);
+/// First wait before reading sources again that could not be read; doubled up to [`POLL`].
+const UNREAD_RETRY: Duration = Duration::from_millis(500);
 
 /// Installs `snap` as the serving config and publishes it.
 pub fn install(gw: &Gateway, mut snap: Snapshot) {
@@ -132,6 +136,8 @@ pub async fn watch(gw: Arc<Gateway>, src: Sources, mut hangup: mpsc::UnboundedRe
     }
     let mut last_error: Option<String> = None;
     let mut last_signature = signature(&src);
+    // The wait before reading the sources again, while they could not be read.
+    let mut unread: Option<Duration> = None;
     // Without a watcher (or once it is gone) the channel is closed: the poll alone goes on.
     let mut events = watcher.is_some();
     let mut hangups = true;
@@ -164,15 +170,19 @@ pub async fn watch(gw: Arc<Gateway>, src: Sources, mut hangup: mpsc::UnboundedRe
                 }
                 tracing::info!("SIGHUP: reloading the config and keys");
             }
-            () = tokio::time::sleep(POLL) => {
-                // The poll only stats the files; it loads them when something changed.
-                if signature(&src) == last_signature {
+            () = tokio::time::sleep(unread.unwrap_or(POLL)) => {
+                // The poll only stats the files; it loads them when something changed, or when
+                // the last load could not read them.
+                if unread.is_none() && signature(&src) == last_signature {
                     continue;
                 }
             }
         }
         last_signature = signature(&src);
-        reload_once(&gw, &src, &mut last_error).await;
+        unread = match reload_once(&gw, &src, &mut last_error).await {
+            Reloaded::Unread => Some(unread.map_or(UNREAD_RETRY, |wait| (wait * 2).min(POLL))),
+            Reloaded::Done | Reloaded::Rejected => None,
+        };
     }
 }
 
@@ -220,14 +230,26 @@ fn signature(src: &Sources) -> u64 {
     h.finish()
 }
 
+/// What a reload came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// Loaded (installed, or the same as what serves), or the sources are gone.
+    Done,
+    /// Refused: the sources are invalid, and stay so until they change.
+    Rejected,
+    /// The sources could not be read for a passing reason (out of file descriptors, an I/O
+    /// error): worth reading again though they did not change.
+    Unread,
+}
+
 /// Loads the sources once; installs them if valid and different from what serves.
-pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<String>) {
+pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<String>) -> Reloaded {
     let src2 = src.clone();
     let loaded = match tokio::task::spawn_blocking(move || config::load(&src2)).await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "config loader crashed");
-            return;
+            return Reloaded::Rejected;
         }
     };
     match loaded {
@@ -241,13 +263,15 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                 tracing::debug!("config and keys read again: unchanged");
                 // Valid again (a rejected edit undone, say): the gauges say so.
                 gw.metrics.set_load_outcome(true);
-                return;
+                return Reloaded::Done;
             }
             gw.metrics.count_reload(true);
             install(gw, snap);
+            Reloaded::Done
         }
         Err(e) => {
             let msg = e.to_string();
+            let unread = e.is_passing();
             if removed(src) {
                 // Not a bad edit but the gateway taken away: its keys must not serve on.
                 if gw.snapshot.load().is_some() {
@@ -262,15 +286,26 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
                     );
                 }
                 *last_error = Some(msg);
-                return;
+                return Reloaded::Done;
             }
             let kept = keys_around_last_good(gw, src).await;
-            // The poll would repeat the same failure every few seconds: say it once.
+            // The poll (or the retries of sources that could not be read) would repeat the
+            // same failure every few seconds: say it once.
             if last_error.as_deref() != Some(msg.as_str()) || kept {
                 gw.metrics.count_reload(false);
                 let serving = gw.snapshot.load().as_ref().map(|s| s.hash().to_owned());
-                tracing::error!(error = %msg, serving = serving.as_deref().unwrap_or("nothing"), "config reload rejected; keeping the last good config");
+                let serving = serving.as_deref().unwrap_or("nothing");
+                if unread {
+                    tracing::error!(error = %msg, serving, "config reload rejected: the files could not be read; keeping the last good config, and reading them again until they can be");
+                } else {
+                    tracing::error!(error = %msg, serving, "config reload rejected; keeping the last good config");
+                }
                 *last_error = Some(msg);
+            }
+            if unread {
+                Reloaded::Unread
+            } else {
+                Reloaded::Rejected
             }
         }
     }

@@ -19,18 +19,23 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::task::futures::TaskLocalFuture;
 use tokio::time::Instant;
 
 use crate::admin;
 use crate::body::RequestBody;
+use crate::error::GatewayError;
 use crate::headers::RawHeaders;
 use crate::proxy::Gateway;
 
+mod descriptors;
 mod h1;
+
+use descriptors::{AcceptFailures, Tally};
+pub use descriptors::{MIN_OPEN_FILES, open_files_limit, raise_open_files_limit};
 
 /// Largest request head (request line and headers) accepted; larger gets 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -659,12 +664,14 @@ pub async fn serve_gateway(
     let (phase, watching) = watch::channel(Phase::Serving);
     let stops = Arc::new(Stops::default());
     let mut connections = JoinSet::new();
+    let mut intake = Intake::new(&gateway);
     accept_until(
         &listener,
         &gateway,
         &watching,
         &stops,
         &mut connections,
+        &mut intake,
         signal,
     )
     .await;
@@ -685,6 +692,7 @@ pub async fn serve_gateway(
             &watching,
             &stops,
             &mut connections,
+            &mut intake,
             delay_over,
         )
         .await;
@@ -724,20 +732,33 @@ pub async fn serve_gateway(
     }
 }
 
-/// Accepts gateway connections into `connections` until `until` resolves.
+/// Accepts gateway connections into `connections` until `until` resolves. While `accept`
+/// fails (out of file descriptors, say) it pauses as [`AcceptFailures`] says, and tries again
+/// at once when a connection ends (which frees a descriptor).
 async fn accept_until(
     listener: &TcpListener,
     gateway: &Arc<Gateway>,
     phase: &watch::Receiver<Phase>,
     stops: &Arc<Stops>,
     connections: &mut JoinSet<()>,
+    intake: &mut Intake,
     until: impl Future<Output = ()>,
 ) {
     tokio::pin!(until);
+    let pause = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(pause);
+    let mut paused = false;
     loop {
         tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if !paused => match accepted {
                 Ok((stream, _peer)) => {
+                    intake.failures.accepted();
+                    // WebSocket sessions left their connection's task, and hold its socket.
+                    let open = connections.len() + gateway.sessions.open();
+                    if open >= intake.max {
+                        intake.refuse(stream, open);
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     connections.spawn(serve_connection(
                         stream,
@@ -747,16 +768,96 @@ async fn accept_until(
                     ));
                 }
                 Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    pause.as_mut().reset(Instant::now() + intake.failures.failed(&e));
+                    paused = true;
                 }
             },
+            () = &mut pause, if paused => paused = false,
             // Reaped as they end, so the set holds the open connections only.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Some(_) = connections.join_next(), if !connections.is_empty() => paused = false,
             () = &mut until => return,
         }
     }
+}
+
+/// Connections over `--max-connections` being answered at once at most; more are closed
+/// unanswered.
+const MAX_REFUSING: usize = 64;
+
+/// How long a connection over `--max-connections` is kept for its answer to reach the client.
+const REFUSE_WITHIN: Duration = Duration::from_secs(1);
+
+/// What the gateway port's accept loops keep from one to the next: its failed accepts, and the
+/// connections it refuses over `--max-connections`.
+struct Intake {
+    failures: AcceptFailures,
+    /// `--max-connections`.
+    max: usize,
+    /// The refusals, for their log lines.
+    refusals: Tally,
+    counted: prometheus_client::metrics::counter::Counter,
+    /// The refusals being answered now, at most [`MAX_REFUSING`].
+    refusing: Arc<Semaphore>,
+    /// The answer of a refusal: a whole HTTP/1.1 response.
+    answer: Bytes,
+}
+
+impl Intake {
+    fn new(gateway: &Gateway) -> Self {
+        let max = gateway.max_connections.max(1);
+        let refused = GatewayError::TooManyConnections { max };
+        let json = refused.to_json();
+        let answer = format!(
+            "HTTP/1.1 {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{json}",
+            refused.status(),
+            json.len()
+        );
+        Self {
+            failures: AcceptFailures::new("gateway", gateway.metrics.accept_failures("gateway")),
+            max,
+            refusals: Tally::default(),
+            counted: gateway.metrics.connections_refused(),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            answer: Bytes::from(answer),
+        }
+    }
+
+    /// Refuses a connection taken while `open` others are: answered 503/2112 before its request
+    /// is read (no log line, no `cf-aig-log-id`), counted, and said in the log at a bounded rate.
+    fn refuse(&mut self, stream: TcpStream, open: usize) {
+        self.counted.inc();
+        if let Some(refused) = self.refusals.count(Instant::now()) {
+            tracing::warn!(
+                open,
+                max = self.max,
+                refused,
+                "client connection refused (503, code 2112): --max-connections are open (this line at most every {} s, refused since the last)",
+                descriptors::SAY_EVERY.as_secs()
+            );
+        }
+        // A flood of them must not hold descriptors in turn: past the few being answered, the
+        // rest are closed at once.
+        let Ok(slot) = self.refusing.clone().try_acquire_owned() else {
+            return;
+        };
+        let answer = self.answer.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REFUSE_WITHIN, refuse(stream, &answer)).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Writes `answer` to a connection and closes it once its client has closed its side: closed
+/// with the client's request unread, the connection would be reset, and the reset could
+/// discard the answer before the client reads it.
+async fn refuse(mut stream: TcpStream, answer: &[u8]) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    stream.write_all(answer).await?;
+    stream.shutdown().await?;
+    let mut sink = [0u8; 1024];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
 }
 
 /// Most admin connections served at once; more are closed at once. The admin port listens
@@ -772,11 +873,18 @@ const ADMIN_MAX_BUF: usize = 16 * 1024;
 
 /// Serves the admin endpoints on `listener` forever.
 pub async fn serve_admin(listener: TcpListener, gateway: Arc<Gateway>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let mut failures = AcceptFailures::new("admin", gateway.metrics.accept_failures("admin"));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                failures.accepted();
+                accepted
+            }
+            Err(e) => {
+                tokio::time::sleep(failures.failed(&e)).await;
+                continue;
+            }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "admin connection closed: {ADMIN_MAX_CONNECTIONS} already open");
@@ -796,17 +904,26 @@ pub async fn serve_admin(listener: TcpListener, gateway: Arc<Gateway>) {
     }
 }
 
-/// Binds a listener, naming the address in the error.
+/// The gateway port's listen backlog: connections the kernel completes before the gateway
+/// takes them. With 128 (std's and tokio's), a burst of 2000 connects on a cold sidecar
+/// overflowed it into 1 s SYN retransmits. The kernel caps it at `net.core.somaxconn` (4096
+/// since Linux 5.4; nginx asks for 511).
+pub const GATEWAY_BACKLOG: u32 = 1024;
+
+/// The admin port's listen backlog: probes and scrapes, a few clients.
+pub const ADMIN_BACKLOG: u32 = 128;
+
+/// Binds a listener with a listen `backlog`, naming the address in the error.
 ///
 /// `[::]` is one dual-stack socket on Linux (`net.ipv6.bindv6only=0`, the default), reachable
 /// from IPv4 and IPv6: the injected admin listener uses it so kubelet probes reach it in IPv4,
 /// IPv6 and dual-stack clusters. On a kernel without IPv6 it falls back to `0.0.0.0`.
-pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> {
-    let bound = match TcpListener::bind(addr).await {
+pub async fn bind(addr: SocketAddr, what: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    let bound = match listen(addr, backlog) {
         Err(e) if no_ipv6(addr, &e) => {
             let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
             tracing::info!(%addr, fallback = %v4, error = %e, "no IPv6 here; listening on IPv4 only ({what})");
-            TcpListener::bind(v4).await
+            listen(v4, backlog)
         }
         bound => bound,
     };
@@ -823,6 +940,19 @@ pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<TcpListener> 
             format!("cannot listen on {addr} ({what}): {e}{hint}"),
         )
     })
+}
+
+/// A listener on `addr` as `TcpListener::bind` makes one (`SO_REUSEADDR`, so a restart binds
+/// while the last one's connections linger), with a listen `backlog` of its own.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// Whether binding `addr` failed because the kernel has no IPv6 (booted with `ipv6.disable=1`:
@@ -958,7 +1088,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_ipv6_unspecified_address_takes_ipv4_and_ipv6_clients() {
-        let listener = bind("[::]:0".parse().expect("addr"), "test")
+        let listener = bind("[::]:0".parse().expect("addr"), "test", 128)
             .await
             .expect("bind [::]");
         let port = listener.local_addr().expect("local addr").port();
@@ -977,7 +1107,9 @@ mod tests {
     async fn a_port_in_use_is_refused_saying_how_to_free_the_sidecars_ports() {
         let taken = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = taken.local_addr().expect("addr");
-        let e = bind(addr, "gateway").await.expect_err("in use");
+        let e = bind(addr, "gateway", GATEWAY_BACKLOG)
+            .await
+            .expect_err("in use");
         assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
         let text = e.to_string();
         assert!(

@@ -32,6 +32,13 @@ pub struct ReloadLabels {
     pub result: &'static str,
 }
 
+/// Labels of a listener's sample.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `gateway` or `admin`.
+    pub listener: &'static str,
+}
+
 /// Labels of the loaded-config info metric.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConfigLabels {
@@ -80,6 +87,8 @@ pub struct Metrics {
     buffered_bytes: Gauge,
     background_pending: Gauge,
     buffer_refusals: Counter,
+    accept_failures: Family<ListenerLabels, Counter>,
+    connections_refused: Counter,
 }
 
 /// What became of OpenTelemetry spans.
@@ -298,10 +307,28 @@ impl Metrics {
             "Requests refused (503, code 2110) because their buffered body did not fit in spec.limits.maxBufferedBytes",
             buffer_refusals.clone(),
         );
+        let accept_failures = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "accept_failures",
+            "Connections the listeners failed to take (out of file descriptors, say), by listener",
+            accept_failures.clone(),
+        );
+        // Served at 0 from the start: an alert on them needs the series before the first.
+        for listener in ["gateway", "admin"] {
+            let _ = accept_failures.get_or_create(&ListenerLabels { listener });
+        }
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections_refused",
+            "Client connections refused (503, code 2112) because --max-connections were open",
+            connections_refused.clone(),
+        );
         Self {
             buffered_bytes,
             background_pending,
             buffer_refusals,
+            accept_failures,
+            connections_refused,
             otel_exported,
             otel_dropped,
             otel_failed,
@@ -425,6 +452,18 @@ impl Metrics {
     /// `sidegate_buffer_refusals_total`.
     pub fn buffer_budget(&self) -> crate::buffers::BufferBudget {
         crate::buffers::BufferBudget::new(self.buffered_bytes.clone(), self.buffer_refusals.clone())
+    }
+
+    /// The counter of `listener`'s failed accepts.
+    pub fn accept_failures(&self, listener: &'static str) -> Counter {
+        self.accept_failures
+            .get_or_create(&ListenerLabels { listener })
+            .clone()
+    }
+
+    /// The counter of client connections refused over `--max-connections`.
+    pub fn connections_refused(&self) -> Counter {
+        self.connections_refused.clone()
     }
 
     /// The gauge of background responses awaiting their usage.

@@ -4,18 +4,23 @@ that never end, clients that never take their answer, a response cache of many s
 It answers in the error envelope, keeps its log readable, holds memory within its stated bounds,
 and serves (and reloads) normally once the pressure ends."""
 
+import errno
 import json
 import os
 import re
 import resource
+import select
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, binary, free_port, gateway_yaml
 from rawhttp import Listener, read_request
 from test_client_stalls import _cpu_seconds
 from test_memory import metric, vm_hwm_kib
@@ -105,8 +110,7 @@ def test_out_of_descriptors_a_failed_upstream_connect_is_502_2104_and_waiting_cl
         fresh.stop()
 
 
-# FAILS at b5fd546: the gateway's accept loop (server.rs accept_until) retries a failing accept every 50 ms and warns each time: 20 identical lines a second for as long as a client waits
-@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+# Failed at b5fd546 (mended since): the gateway's accept loop (server.rs accept_until) retries a failing accept every 50 ms and warns each time: 20 identical lines a second for as long as a client waits
 def test_accept_failures_while_out_of_descriptors_do_not_flood_the_log(mock, tmp_path):
     # A client waiting in the backlog while no descriptor is free makes every accept fail
     # (EMFILE). The operator's listeners pause 5 ms doubling to 1 s (README); the sidecar's
@@ -130,8 +134,7 @@ def test_accept_failures_while_out_of_descriptors_do_not_flood_the_log(mock, tmp
         g.stop()
 
 
-# FAILS at b5fd546: a reload that fails for want of a descriptor is never tried again (reload.rs watch: the poll reloads only when the files' fingerprint changed, and it was taken before the failed load): the edited config never applies and sidegate_config_last_reload_successful stays 0
-@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+# Failed at b5fd546 (mended since): a reload that fails for want of a descriptor is never tried again (reload.rs watch: the poll reloads only when the files' fingerprint changed, and it was taken before the failed load): the edited config never applies and sidegate_config_last_reload_successful stays 0
 def test_a_config_edit_read_while_out_of_descriptors_applies_once_they_are_back(mock, tmp_path):
     # The keys directory holds no key (the clients bring their own): the fingerprint the poll
     # compares is then the same with or without descriptors. (With key files the recovery comes
@@ -156,6 +159,147 @@ def test_a_config_edit_read_while_out_of_descriptors_applies_once_they_are_back(
     finally:
         if pressure:
             pressure.release()
+        g.stop()
+
+
+def test_the_admin_port_out_of_descriptors_says_so_at_a_bounded_rate_and_counts_it(mock, tmp_path):
+    # The admin port's accept loop retried every 50 ms and said nothing: a probe that could not
+    # connect left no trace in the sidecar's log.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
+    pressure = None
+    try:
+        pressure = FdPressure(g)
+        probe = socket.create_connection(("127.0.0.1", g.admin_port), timeout=10)  # in the backlog
+        time.sleep(3)
+        lines = [l for l in g.logs().splitlines() if "accept failed" in l and "listener=admin" in l]
+        pressure.release()
+        probe.close()
+        assert 1 <= len(lines) <= 2, lines
+        assert "Too many open files" in lines[0] and f"open_files_limit={pressure.limit}" in lines[0], lines[0]
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                m = g.metrics()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the admin port did not come back"
+                time.sleep(0.1)
+        failed = re.search(r'sidegate_accept_failures_total\{listener="admin"\} (\d+)', m)
+        assert failed and int(failed.group(1)) >= 3, m
+        assert re.search(r'sidegate_accept_failures_total\{listener="gateway"\} ', m), m
+    finally:
+        if pressure:
+            pressure.release()
+        g.stop()
+
+
+_LOW_LIMIT = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), int(sys.argv[2])));"
+              " os.execv(sys.argv[3], sys.argv[3:])")
+
+
+@pytest.mark.parametrize("limit", [6, 7, 32])
+def test_a_start_with_too_few_descriptors_is_refused_naming_the_limit(mock, tmp_path, limit):
+    # With 6 or 7 tokio panicked setting up its signal handling (exit 101); with 9 to 11 the
+    # config read or a listener failed with a bare "Too many open files".
+    (tmp_path / "gateway.yaml").write_text(gateway_yaml(mock.url))
+    run = subprocess.run([sys.executable, "-c", _LOW_LIMIT, str(limit), str(limit), binary("sidegate"),
+                          "--config", "gateway.yaml", "--listen", f"127.0.0.1:{free_port()}",
+                          "--admin", f"127.0.0.1:{free_port()}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=20)
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert "panicked" not in run.stderr, run.stderr
+    assert f"the open-file limit (RLIMIT_NOFILE) is {limit}, below the 64 the sidecar needs" in run.stderr, run.stderr
+
+
+def test_a_low_soft_limit_on_descriptors_is_raised_to_the_hard_one(mock, tmp_path):
+    # A container's soft limit is often 1024 (containerd 2), its hard one far higher.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS,
+                 wrapper=[sys.executable, "-c", _LOW_LIMIT, "40", "4096"])
+    try:
+        assert resource.prlimit(g.proc.pid, resource.RLIMIT_NOFILE) == (4096, 4096)
+        assert "open_files_limit=4096" in g.wait_for_log("sidegate listening")
+        assert httpx.post(g.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "x"}]}).status_code == 200
+    finally:
+        g.stop()
+
+
+# --- many connections ----------------------------------------------------------------------------
+
+def _connects(port, n, within):
+    """Starts `n` connects to `port` at once; returns the sockets and how many of them the kernel
+    completed within `within` seconds."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        assert s.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+        socks.append(s)
+    pending, done = set(socks), 0
+    deadline = time.monotonic() + within
+    while pending and time.monotonic() < deadline:
+        _, writable, _ = select.select([], list(pending)[:1000], [], 0.05)
+        for s in writable:
+            pending.discard(s)
+            if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                done += 1
+    return socks, done
+
+
+def test_a_burst_of_connects_the_sidecar_has_not_taken_yet_waits_in_its_backlog(mock, tmp_path):
+    # A backlog of 128 (std's and tokio's) held 129 connects a sidecar had not taken yet; the
+    # rest were dropped into 1 s (then 3 s, 7 s) SYN retransmits. 1024 holds a burst of them.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
+    socks = []
+    try:
+        g.proc.send_signal(signal.SIGSTOP)  # takes none: every connect waits in the backlog
+        socks, done = _connects(g.port, 900, within=0.8)
+        assert done == 900, f"{done} of 900 connects completed while the sidecar took none"
+    finally:
+        g.proc.send_signal(signal.SIGCONT)
+        for s in socks:
+            s.close()
+        try:
+            assert httpx.post(g.url + CHAT, timeout=20,
+                              json={"model": "m", "messages": [{"role": "user", "content": "x"}]}).status_code == 200
+        finally:
+            g.stop()
+
+
+def _refusal(port):
+    """What a new connection to `port` is answered, whole, when it sends a request."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /openai/models HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data
+
+
+def test_connections_over_max_connections_are_answered_503_2112_counted_and_said_at_a_bounded_rate(mock, tmp_path):
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS, extra_args=["--max-connections", "8"])
+    held = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", g.port), timeout=10) for _ in range(8)]
+        answers = [_refusal(g.port) for _ in range(30)]
+        head, _, body = answers[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answers[0]
+        assert b"\r\nconnection: close\r\n" in head + b"\r\n" and b"\r\nretry-after: 1\r\n" in head, head
+        envelope = json.loads(body)
+        assert envelope["success"] is False and envelope["error"][0]["code"] == 2112, envelope
+        assert "8 client connections are open" in envelope["error"][0]["message"]
+        assert all(a == answers[0] for a in answers)
+        assert "sidegate_connections_refused_total 30" in g.metrics()
+        lines = [l for l in g.wait_for_log("client connection refused").splitlines() if "client connection refused" in l]
+        assert len(lines) == 1 and "open=8" in lines[0] and "max=8" in lines[0], lines
+        # One closed: a new client is served again.
+        held.pop().close()
+        deadline = time.monotonic() + 5
+        while (r := httpx.post(g.url + CHAT, json={"model": "m", "messages": [{"role": "user", "content": "x"}]})).status_code != 200:
+            assert r.status_code == 503 and time.monotonic() < deadline, r.text
+            time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()
         g.stop()
 
 
