@@ -734,7 +734,7 @@ pub async fn serve_gateway(
 
 /// Accepts gateway connections into `connections` until `until` resolves. While `accept`
 /// fails (out of file descriptors, say) it pauses as [`AcceptFailures`] says, and tries again
-/// at once when a connection ends (which frees a descriptor).
+/// [`AFTER_A_CONNECTION_ENDED`] after a connection ends (which frees a descriptor).
 async fn accept_until(
     listener: &TcpListener,
     gateway: &Arc<Gateway>,
@@ -774,11 +774,22 @@ async fn accept_until(
             },
             () = &mut pause, if paused => paused = false,
             // Reaped as they end, so the set holds the open connections only.
-            Some(_) = connections.join_next(), if !connections.is_empty() => paused = false,
+            // A connection that ended freed a descriptor: try again soon, not at once, so the
+            // connections ending with it free theirs too (taken at once, the client would get
+            // the only descriptor and its upstream connect none: a 502).
+            Some(_) = connections.join_next(), if !connections.is_empty() => {
+                let soon = Instant::now() + AFTER_A_CONNECTION_ENDED;
+                if paused && pause.deadline() > soon {
+                    pause.as_mut().reset(soon);
+                }
+            }
             () = &mut until => return,
         }
     }
 }
+
+/// How soon a paused accept loop tries again once a connection ended.
+const AFTER_A_CONNECTION_ENDED: Duration = Duration::from_millis(20);
 
 /// Connections over `--max-connections` being answered at once at most; more are closed
 /// unanswered.
