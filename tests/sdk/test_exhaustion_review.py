@@ -308,8 +308,7 @@ def _openai_answer(size):
                        "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
 
 
-# FAILS at b5fd546: an answer the gateway holds back whole (/compat JSON translation, DLP response checks) reaches the writer as one frame; once taken the body counts as delivered: logged success=true outcome=complete bytes=<all of it> though the client closed after its head
-@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+# Failed at b5fd546 (mended since): an answer the gateway holds back whole (/compat JSON translation, DLP response checks) reaches the writer as one frame; once taken the body counts as delivered: logged success=true outcome=complete bytes=<all of it> though the client closed after its head
 @pytest.mark.parametrize("path, model, answer, spec", [
     ("/compat/chat/completions", "anthropic/claude-x", _anthropic_answer, ""),
     (CHAT, "gpt-4o-mini", _openai_answer,
