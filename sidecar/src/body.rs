@@ -2,9 +2,12 @@
 //! body streamed through frame by frame (never buffered), with a guard that records the request
 //! in logs and metrics when the body ends or the client goes away; or, for `/compat` streams,
 //! the upstream's body translated event by event; any of these can be copied into the response
-//! cache on its way through. A stream that ends but not whole (a translated stream cut short or
-//! broken off with an error event, an OpenAI-format stream without `data: [DONE]`) is recorded
-//! as an upstream error and not cached. A client that leaves an answer counted against a
+//! cache on its way through. An answer the gateway holds back whole or serves from the cache is
+//! recorded by the same rule as a streamed one: complete once the client took its last bytes
+//! (it goes out in pieces, so that a client that leaves is seen leaving), cancelled otherwise.
+//! A stream that ends but not whole (a translated stream cut short or broken off with an error
+//! event, an OpenAI-format stream without `data: [DONE]`) is recorded as an upstream error and
+//! not cached. A client that leaves an answer counted against a
 //! budget after the end of its content (its `finish_reason`), before the usage that follows it,
 //! does not take that usage along: the rest is read, briefly, to count it.
 
@@ -23,7 +26,7 @@ use crate::buffers::Held;
 use crate::cache::Fill;
 use crate::compat::StreamTranslator;
 use crate::compat::sse::DoneWatch;
-use crate::telemetry::RequestRecord;
+use crate::telemetry::{Answered, RequestRecord};
 use crate::upstream::{BodyError, Stalled, UpstreamBody};
 
 pin_project! {
@@ -31,8 +34,13 @@ pin_project! {
     #[project = ProxyBodyProj]
     pub enum ProxyBody {
         /// A body made by the gateway, sent in one frame; `held` accounts for it when it is
-        /// a response held back whole, until the body is dropped.
-        Full { data: Option<Bytes>, held: Option<Held> },
+        /// a response held back whole, until the body is dropped. An answer (`delivery`: its
+        /// record) goes in pieces of at most [`PIECE`] bytes, and is delivered with its last.
+        Full {
+            data: Option<Bytes>,
+            held: Option<Held>,
+            delivery: Option<Box<Delivery>>,
+        },
         /// The upstream's body, streamed through; `done` watches an OpenAI-format stream for
         /// its `data: [DONE]`; `tokens`: whether its usage counts (an answer of the model,
         /// not a batch's status or a file's content, which carry `usage` objects too);
@@ -116,6 +124,7 @@ impl ProxyBody {
         Self::Full {
             data: (!data.is_empty()).then_some(data),
             held: None,
+            delivery: None,
         }
     }
 
@@ -125,6 +134,34 @@ impl ProxyBody {
         Self::Full {
             data: (!data.is_empty()).then_some(data),
             held: Some(held),
+            delivery: None,
+        }
+    }
+
+    /// An answer made whole before it is sent (held back for a translation or the response
+    /// checks, or served from the cache), whose bytes `held` accounts for (if they are not the
+    /// cache's): `delivery` is finished when the client takes its last piece, as a streamed
+    /// answer's record is when it takes its last frame; dropped before, it is cancelled.
+    pub fn answer(
+        data: impl Into<Bytes>,
+        held: Option<Held>,
+        delivery: impl Into<Delivery>,
+    ) -> Self {
+        let data = data.into();
+        let delivery = delivery.into();
+        // An empty body may never be polled; its answer is delivered already.
+        if data.is_empty() {
+            delivery.delivered();
+            return Self::Full {
+                data: None,
+                held,
+                delivery: None,
+            };
+        }
+        Self::Full {
+            data: Some(data),
+            held,
+            delivery: Some(Box::new(delivery)),
         }
     }
 
@@ -207,6 +244,20 @@ impl ProxyBody {
             ProxyBodyProj::Filling { inner, .. } => inner.as_mut().take_record(),
             _ => None,
         }
+    }
+
+    /// Takes the whole data of a body made whole before it is sent, none of it sent yet, for
+    /// the response checks: its record finishes as if the body ended (to wait for them, see
+    /// [`crate::telemetry::HeldBack`]). `None` for other bodies.
+    fn take_whole(self: Pin<&mut Self>) -> Option<Bytes> {
+        let ProxyBodyProj::Full { data, delivery, .. } = self.project() else {
+            return None;
+        };
+        let data = data.take().unwrap_or_default();
+        if let Some(d) = delivery.take() {
+            d.delivered();
+        }
+        Some(data)
     }
 
     /// Whether this body is a stream that ended whole already: its last event went through
@@ -341,8 +392,22 @@ impl Body for ProxyBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
-            ProxyBodyProj::Full { data, .. } => {
-                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            ProxyBodyProj::Full { data, delivery, .. } => {
+                let piece = match data.take() {
+                    None => return Poll::Ready(None),
+                    Some(mut rest) if delivery.is_some() && rest.len() > PIECE => {
+                        let piece = rest.split_to(PIECE);
+                        *data = Some(rest);
+                        piece
+                    }
+                    Some(all) => all,
+                };
+                if data.is_none()
+                    && let Some(d) = delivery.take()
+                {
+                    d.delivered();
+                }
+                Poll::Ready(Some(Ok(Frame::data(piece))))
             }
             ProxyBodyProj::Upstream {
                 mut inner,
@@ -492,6 +557,41 @@ impl Body for ProxyBody {
             Self::Translated { .. } => SizeHint::default(),
             Self::Filling { inner, .. } => inner.size_hint(),
         }
+    }
+}
+
+/// Largest piece of an answer made whole before it is sent ([`ProxyBody::answer`]): about an
+/// upstream read, so that its last piece is as little of it as a streamed answer's last frame
+/// is. A slice of the answer, not a copy.
+const PIECE: usize = 64 * 1024;
+
+/// The record of an answer made whole before it is sent (see [`ProxyBody::answer`]).
+pub enum Delivery {
+    /// Finished complete.
+    Record(RequestRecord),
+    /// Let through by the response checks: recorded as its body ended.
+    Checked(Answered),
+}
+
+impl Delivery {
+    /// The client took the answer's last piece.
+    fn delivered(self) {
+        match self {
+            Self::Record(record) => record.finish_complete(),
+            Self::Checked(answered) => answered.deliver(),
+        }
+    }
+}
+
+impl From<RequestRecord> for Delivery {
+    fn from(record: RequestRecord) -> Self {
+        Self::Record(record)
+    }
+}
+
+impl From<Answered> for Delivery {
+    fn from(answered: Answered) -> Self {
+        Self::Checked(answered)
     }
 }
 
@@ -718,6 +818,25 @@ where
     }
 }
 
+/// [`hold_whole`] for a response's body: one made whole already (a `/compat` translation, a
+/// cache hit) is taken as it is, in one piece, its bytes taken from `held` (see
+/// [`ProxyBody::take_whole`]).
+pub async fn hold_response(
+    mut body: Pin<&mut ProxyBody>,
+    limit: usize,
+    held: &mut Held,
+) -> Result<Bytes, HoldError> {
+    if let Some(whole) = body.as_mut().take_whole() {
+        if whole.len() > limit {
+            return Err(HoldError::TooLarge(limit));
+        }
+        held.grow(whole.len() as u64)
+            .map_err(HoldError::Exhausted)?;
+        return Ok(whole);
+    }
+    hold_whole(body, limit, Some(held)).await
+}
+
 /// A held-back answer its upstream compressed although the gateway asked for `identity` (see
 /// [`crate::headers::identity_encoding`]): the response checks must read its text, so a gzip
 /// or deflate body is decoded (at most `limit` bytes, each taken from `held`) and its
@@ -899,6 +1018,61 @@ mod tests {
         let over = hold_whole(declared, 100, Some(&mut held)).await;
         assert!(matches!(over, Err(HoldError::Exhausted(_))), "{over:?}");
         assert_eq!(held.bytes(), 0);
+    }
+
+    fn record(
+        metrics: &std::sync::Arc<crate::telemetry::Metrics>,
+    ) -> crate::telemetry::RequestRecord {
+        crate::telemetry::RequestRecord::new(
+            metrics.clone(),
+            "openai".into(),
+            http::Method::POST,
+            "chat/completions",
+            200,
+            std::time::Instant::now(),
+            &crate::telemetry::LogOptions::default(),
+            "01J0000000000000000000000".into(),
+        )
+    }
+
+    fn counted(metrics: &crate::telemetry::Metrics, sample: &str) -> bool {
+        metrics.encode().lines().any(|l| l == sample)
+    }
+
+    #[tokio::test]
+    async fn an_answer_made_whole_is_complete_with_its_last_piece_and_cancelled_before() {
+        use http_body_util::BodyExt as _;
+        const SENT: &str = r#"sidegate_requests_total{provider="openai",status="200"} 1"#;
+        const CANCELLED: &str = r#"sidegate_responses_cancelled_total{provider="openai"} 1"#;
+        let metrics = std::sync::Arc::new(crate::telemetry::Metrics::new());
+        let data = Bytes::from(vec![b'y'; 3 * super::PIECE + 1]);
+        let mut body = std::pin::pin!(ProxyBody::answer(data.clone(), None, record(&metrics)));
+        let mut pieces = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let piece = frame.expect("frame").into_data().expect("data");
+            // Slices of the answer, not copies.
+            assert!(data.as_ptr_range().contains(&piece.as_ptr()));
+            pieces.push(piece.len());
+            let last = pieces.iter().sum::<usize>() == data.len();
+            assert_eq!(counted(&metrics, SENT), last, "after {pieces:?}");
+        }
+        assert_eq!(pieces, [super::PIECE, super::PIECE, super::PIECE, 1]);
+        assert!(!counted(&metrics, CANCELLED));
+        // A client that leaves before the last piece did not get the answer.
+        let metrics = std::sync::Arc::new(crate::telemetry::Metrics::new());
+        let mut body = Box::pin(ProxyBody::answer(data.clone(), None, record(&metrics)));
+        body.frame().await.expect("a piece").expect("data");
+        drop(body);
+        assert!(counted(&metrics, CANCELLED));
+        // One the response checks read is taken whole, in one piece, its record ended.
+        let metrics = std::sync::Arc::new(crate::telemetry::Metrics::new());
+        let budget = BufferBudget::default();
+        let mut held = budget.guard(1 << 20);
+        let mut body = std::pin::pin!(ProxyBody::answer(data.clone(), None, record(&metrics)));
+        let whole = super::hold_response(body.as_mut(), 1 << 20, &mut held).await;
+        assert_eq!(whole.expect("whole").as_ptr(), data.as_ptr());
+        assert_eq!(held.bytes(), data.len() as u64);
+        assert!(counted(&metrics, SENT));
     }
 
     #[test]

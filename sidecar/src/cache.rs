@@ -474,7 +474,7 @@ fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) {
     }
 }
 
-/// A stored response.
+/// A stored response: it owns its bytes, each of its own size (see [`Store::put`]).
 #[derive(Debug)]
 pub struct Entry {
     /// Status (always 200 today).
@@ -484,7 +484,59 @@ pub struct Entry {
     /// The whole body.
     pub body: Bytes,
     expires: Instant,
+    /// The memory the entry holds, in bytes (see [`Store::put`]).
     weight: u64,
+}
+
+/// Memory an entry holds besides its body and header bytes: the entry and its `Arc`'s counts,
+/// its key and slot in the store, its allocations' own overheads.
+const ENTRY_BYTES: usize = std::mem::size_of::<Entry>() + 192;
+/// Memory of one slot of a header map: its name and value handles, its hash, links and index.
+const HEADER_SLOT_BYTES: usize =
+    std::mem::size_of::<HeaderName>() + std::mem::size_of::<HeaderValue>() + 32;
+
+/// The memory `headers` take, their values' bytes (`value_bytes`) included: the slots of their
+/// map (a power of two, of which it fills three quarters), and each name counted as if it were
+/// not one of HTTP's standard (static) names.
+fn headers_weight(headers: &HeaderMap, value_bytes: usize) -> usize {
+    let names: usize = headers.keys().map(|n| n.as_str().len()).sum();
+    let slots = headers.capacity().max(headers.len()).next_power_of_two();
+    value_bytes + names + slots * HEADER_SLOT_BYTES
+}
+
+/// A copy of `headers` that owns its values, all in one buffer of their exact size: a response
+/// read from an upstream has values that are slices of that connection's read buffer
+/// ([`crate::upstream`]), which a kept clone would hold whole (8 KiB and more) for as long as
+/// the entry lives. With the bytes of the values.
+fn owned_headers(headers: &HeaderMap) -> (HeaderMap, usize) {
+    let total: usize = headers.values().map(HeaderValue::len).sum();
+    let mut bytes = Vec::with_capacity(total);
+    for value in headers.values() {
+        bytes.extend_from_slice(value.as_bytes());
+    }
+    let bytes = Bytes::from(bytes);
+    let mut owned = HeaderMap::with_capacity(headers.len());
+    let mut at = 0;
+    for (name, value) in headers {
+        let end = at + value.len();
+        // The bytes of a valid value are one still.
+        if let Ok(mut copy) = HeaderValue::from_maybe_shared(bytes.slice(at..end)) {
+            copy.set_sensitive(value.is_sensitive());
+            owned.append(name.clone(), copy);
+        }
+        at = end;
+    }
+    (owned, total)
+}
+
+/// `body` as a buffer of its own size: one that grew as it came (or was made for a longer
+/// declared length) is copied, rather than kept with its spare room.
+fn owned_body(body: BytesMut) -> Bytes {
+    if body.capacity() > body.len() {
+        Bytes::copy_from_slice(&body)
+    } else {
+        body.freeze()
+    }
 }
 
 #[derive(Clone)]
@@ -559,21 +611,31 @@ impl Store {
         Some(e)
     }
 
-    fn put(&self, key: Key, status: StatusCode, headers: HeaderMap, body: Bytes, ttl: Duration) {
-        let header_bytes: usize = headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 32)
-            .sum();
-        let weight = (body.len() + header_bytes + 128) as u64;
-        if weight > self.max_entry as u64 {
+    /// Stores a response as an entry that owns compact copies of its headers and body (made
+    /// here, once per entry stored, not as the response streams), weighed by the memory it
+    /// holds; one over [`Self::max_entry`] is not stored.
+    fn put(
+        &self,
+        key: Key,
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: BytesMut,
+        ttl: Duration,
+    ) {
+        let value_bytes: usize = headers.values().map(HeaderValue::len).sum();
+        let over = body.len() + headers_weight(headers, value_bytes) + ENTRY_BYTES;
+        if over > self.max_entry {
             return;
         }
+        let (headers, value_bytes) = owned_headers(headers);
+        let body = owned_body(body);
+        let weight = body.len() + headers_weight(&headers, value_bytes) + ENTRY_BYTES;
         let entry = Entry {
             status,
             headers,
             body,
             expires: Instant::now() + ttl,
-            weight,
+            weight: weight as u64,
         };
         self.entries.insert(key, Arc::new(entry));
     }
@@ -649,7 +711,8 @@ fn start_fill(
         ttl,
         status,
         headers: kept,
-        buf: BytesMut::with_capacity(declared.unwrap_or(4096).min(max_entry)),
+        buf: BytesMut::new(),
+        expected: declared.unwrap_or(4096).min(max_entry),
         flight: None,
         framing,
     })
@@ -959,6 +1022,8 @@ pub struct Fill {
     status: StatusCode,
     headers: HeaderMap,
     buf: BytesMut,
+    /// Room the copy takes when its first bytes come: the declared length, if any.
+    expected: usize,
     flight: Option<FlightGuard>,
     framing: Framing,
 }
@@ -966,7 +1031,11 @@ pub struct Fill {
 impl Fill {
     /// Stores a whole body at once.
     pub fn whole(mut self, body: &[u8]) {
-        if self.push(body) {
+        if self.buf.is_empty() && body.len() <= self.max_entry {
+            // Copied at its size, as the entry keeps it.
+            self.buf = BytesMut::from(body);
+            self.finish();
+        } else if self.push(body) {
             self.finish();
         }
     }
@@ -975,6 +1044,9 @@ impl Fill {
     pub fn push(&mut self, data: &[u8]) -> bool {
         if self.buf.len() + data.len() > self.max_entry {
             return false;
+        }
+        if self.buf.capacity() == 0 {
+            self.buf.reserve(self.expected.max(data.len()));
         }
         self.buf.extend_from_slice(data);
         true
@@ -986,19 +1058,18 @@ impl Fill {
         if !ended_whole(self.framing, &self.buf) {
             return;
         }
-        let body = self.buf.freeze();
         match self.sink {
             Sink::Memory(store) => {
-                store.put(self.key, self.status, self.headers, body, self.ttl);
+                store.put(self.key, self.status, &self.headers, self.buf, self.ttl);
                 drop(self.flight);
             }
             Sink::Redis(shared, metrics) => shared.cache_put(
                 metrics,
                 self.key,
-                CachedResponse {
+                &CachedResponse {
                     status: self.status,
                     headers: self.headers,
-                    body,
+                    body: self.buf.freeze(),
                 },
                 self.ttl,
                 self.flight,
@@ -1790,6 +1861,43 @@ mod tests {
                 .fill([5; 32], DEFAULT_TTL, StatusCode::OK, &declared, false)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn an_entry_owns_compact_copies_of_what_it_keeps() {
+        // An upstream's header values are slices of its connection's read buffer: the entry
+        // must not hold that buffer, nor a body's spare room.
+        let read_buffer =
+            Bytes::from(b"content-type: application/json\r\nx-request-kind: chat\r\n".repeat(200));
+        let slice = |from: &str| {
+            let at = memchr::memmem::find(&read_buffer, from.as_bytes()).expect("there");
+            HeaderValue::from_maybe_shared(read_buffer.slice(at..at + from.len())).expect("value")
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, slice("application/json"));
+        headers.insert("x-request-kind", slice("chat"));
+        let store = Arc::new(Store::new(1 << 20));
+        let mut f = store
+            .fill([9; 32], DEFAULT_TTL, StatusCode::OK, &headers, false)
+            .expect("fill");
+        assert!(f.push(b"{\"id\":"));
+        assert!(f.push(b"1}"));
+        f.finish();
+        let e = store.get(&[9; 32]).expect("stored");
+        let within = |v: &[u8]| {
+            let range = read_buffer.as_ptr_range();
+            range.contains(&v.as_ptr())
+        };
+        for (name, value) in &e.headers {
+            assert!(!within(value.as_bytes()), "{name} still in the read buffer");
+        }
+        assert_eq!(e.headers["x-request-kind"], "chat");
+        assert_eq!(&e.body[..], b"{\"id\":1}");
+        // Weighed by what it holds: more than its bytes, far less than the read buffer.
+        let held = e.body.len() + "application/json".len() + "chat".len();
+        assert!(e.weight > held as u64 + 300, "{}", e.weight);
+        assert!(e.weight < 2048, "{}", e.weight);
+        assert_eq!(store.entries.weight(), e.weight);
     }
 
     #[test]

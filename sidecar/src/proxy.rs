@@ -379,13 +379,9 @@ impl Gateway {
         };
         self.metrics.count_cache("hit");
         let served = ServedBy::of_hit(snap, req, &entry.headers);
-        let cached_body = entry.body.clone();
-        let mut resp = Response::new(ProxyBody::full(entry.body));
-        *resp.status_mut() = entry.status;
-        *resp.headers_mut() = entry.headers;
-        let headers = resp.headers_mut();
+        let mut headers = entry.headers;
         headers.insert(cache::STATUS, cache::HIT);
-        let log_id = tag_response(headers, parts.headers.get(Gw::EventId.name()));
+        let log_id = tag_response(&mut headers, parts.headers.get(Gw::EventId.name()));
         let mut record = RequestRecord::new(
             self.metrics.clone(),
             served.provider,
@@ -401,8 +397,11 @@ impl Gateway {
             record.set_step(step);
         }
         record.set_request_payload(req.body);
-        record.add_cached_body(&cached_body);
-        record.finish_complete();
+        record.add_cached_body(&entry.body);
+        // Complete once the client took it (see `ProxyBody::answer`).
+        let mut resp = Response::new(ProxyBody::answer(entry.body, None, record));
+        *resp.status_mut() = entry.status;
+        *resp.headers_mut() = headers;
         Cached::Hit(Box::new(resp))
     }
 
@@ -475,8 +474,9 @@ impl Gateway {
     /// guardrail category with a 2017 one; `FLAG` matches are listed in `cf-aig-dlp`. An
     /// upstream that stalls mid-body makes it a 504; one that compressed it anyway has it
     /// decoded first ([`crate::body::decode_held`]). The answer's record, parked in
-    /// `held_back` when its body ended, is finished here with what the client got (charged
-    /// for the provider's tokens either way).
+    /// `held_back` when its body ended, is finished with what the client got: here for a
+    /// refusal, when the client took the answer (or left it) for one let through (charged for
+    /// the provider's tokens either way).
     async fn scan_response(
         &self,
         snap: &Snapshot,
@@ -493,11 +493,8 @@ impl Gateway {
             .as_ref()
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
-        let held_whole = hold_whole(
-            body.as_mut(),
-            crate::dlp::MAX_RESPONSE_BYTES,
-            Some(&mut held),
-        );
+        let held_whole =
+            crate::body::hold_response(body.as_mut(), crate::dlp::MAX_RESPONSE_BYTES, &mut held);
         let whole = match held_whole.await {
             Ok(whole) => crate::body::decode_held(
                 &mut head.headers,
@@ -547,12 +544,14 @@ impl Gateway {
         let answered = held_back.take();
         match checked {
             Ok(found) => {
-                if let Some(answered) = answered {
-                    answered.deliver();
-                }
                 crate::dlp::flag(&mut head.headers, &found);
                 head.headers.remove(header::CONTENT_LENGTH);
-                Response::from_parts(head, ProxyBody::full_held(whole, held))
+                // Delivered once the client took it (see `ProxyBody::answer`).
+                let body = match answered {
+                    Some(answered) => ProxyBody::answer(whole, Some(held), answered),
+                    None => ProxyBody::full_held(whole, held),
+                };
+                Response::from_parts(head, body)
             }
             Err(err) => {
                 let status = err.status().as_u16();

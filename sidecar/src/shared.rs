@@ -331,18 +331,20 @@ impl Shared {
     }
 
     /// Stores a response in the background for `ttl`; `flight` (the requests waiting for
-    /// this response) ends once it is written.
+    /// this response) ends once it is written. The response is encoded first: the write holds
+    /// its own copy, not the response's buffers (its header values may be slices of an
+    /// upstream connection's read buffer).
     pub fn cache_put(
         self: &Arc<Self>,
         metrics: Arc<Metrics>,
         key: Key,
-        response: CachedResponse,
+        response: &CachedResponse,
         ttl: Duration,
         flight: Option<crate::cache::FlightGuard>,
     ) {
         let this = self.clone();
+        let raw = encode(response);
         tokio::spawn(async move {
-            let raw = encode(&response);
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
             let done: ::redis::RedisResult<()> = this
                 .call(&Wait::default(), async |c| {

@@ -570,8 +570,9 @@ pub struct LogOptions<'a> {
 /// The record of an answer the gateway holds back for its response checks, parked when the
 /// answer ended (by whatever made it: a passthrough, `/compat`, the universal endpoint, a cache
 /// hit) until the checks decide ([`HeldBack::take`]): logged, counted and traced then, with what
-/// the client got. Dropped with a record still parked, the checks never decided (the client
-/// left while they ran): it is logged as cancelled, status 499.
+/// the client got (an answer let through once the client took it, see
+/// [`crate::body::ProxyBody::answer`]). Dropped with a record still parked, the checks never
+/// decided (the client left while they ran): it is logged as cancelled, status 499.
 #[derive(Default)]
 pub struct HeldBack(std::sync::Mutex<Option<Answered>>);
 
@@ -626,7 +627,7 @@ pub struct Answered {
 }
 
 impl Answered {
-    /// The checks let the answer through: recorded as it ended.
+    /// The checks let the answer through, and the client took it: recorded as it ended.
     pub fn deliver(mut self) {
         self.record.finish(self.outcome);
     }

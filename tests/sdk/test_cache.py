@@ -746,3 +746,44 @@ def test_a_body_that_ends_where_the_upstream_closes_is_passed_on_but_not_stored(
         g.stop()
         server.shutdown()
         server.server_close()
+
+
+def test_a_cache_hit_the_client_left_before_taking_is_logged_cancelled_and_one_taken_complete(tmp_path):
+    # 8 MiB cannot fit in the loopback socket buffers: a client that closes after the head got
+    # a little of it. A hit goes out like any answer: `complete` only once the client took it.
+    import json
+    import re
+    import socket
+
+    answer = json.dumps({"id": "c", "object": "chat.completion", "model": "gpt-4o-mini",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "y" * (8 << 20)},
+                                      "finish_reason": "stop"}]}).encode()
+    upstream = FixedAnswerServer(answer)
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  cache: {enabled: true, maxSize: 128Mi}\n"),
+                 DEFAULT_KEYS, extra_args=["--client-timeout", "1"])
+    try:
+        body = json.dumps(chat_body("big")).encode()
+        # The same request each time (its Accept is part of the key).
+        plain = {"content-type": "application/json", "accept": "*/*"}
+        first = post(g, content=body, headers=plain)
+        assert first.status_code == 200 and first.headers["cf-aig-cache-status"] == "MISS"
+        taken = post(g, content=body, headers=plain)
+        assert taken.status_code == 200 and taken.headers["cf-aig-cache-status"] == "HIT"
+        assert len(taken.content) == len(answer)
+        line = g.wait_log_line(taken.headers["cf-aig-log-id"], timeout=10)
+        assert "outcome=complete" in line and "success=true" in line, line
+        with socket.create_connection(("127.0.0.1", g.port), timeout=30) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      f"Accept: */*\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+        head = head[:head.index(b"\r\n\r\n")]
+        assert head.startswith(b"HTTP/1.1 200") and b"cf-aig-cache-status: hit" in head.lower(), head
+        log_id = re.search(rb"(?i)cf-aig-log-id: (\S+)", head).group(1).decode()
+        line = g.wait_log_line(log_id, timeout=10)
+        assert "outcome=cancelled" in line and "success=false" in line and "cached=true" in line, line
+    finally:
+        g.stop()
+        upstream.stop()

@@ -452,8 +452,7 @@ def _openai_answer(size):
                        "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
 
 
-# FAILS at b5fd546: an answer the gateway holds back whole (/compat JSON translation, DLP response checks) reaches the writer as one frame; once taken the body counts as delivered: logged success=true outcome=complete bytes=<all of it> though the client closed after its head
-@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+# Failed at b5fd546 (mended since): an answer the gateway holds back whole (/compat JSON translation, DLP response checks) reaches the writer as one frame; once taken the body counts as delivered: logged success=true outcome=complete bytes=<all of it> though the client closed after its head
 @pytest.mark.parametrize("path, model, answer, spec", [
     ("/compat/chat/completions", "anthropic/claude-x", _anthropic_answer, ""),
     (CHAT, "gpt-4o-mini", _openai_answer,
@@ -503,8 +502,7 @@ def test_the_memory_cache_of_many_large_answers_stays_near_its_max_size(tmp_path
         upstream.stop()
 
 
-# FAILS at b5fd546: a cached entry's header values are slices of the upstream connection's read buffer (upstream/h1.rs read_head, HeaderValue::from_maybe_shared(head.slice(..))), cloned into the entry (cache.rs start_fill): each pins that 8 KiB (up to 128 KiB) buffer while its weight counts ~300 bytes; a 1 MiB cache of small answers took ~16-19 MiB
-@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+# Failed at b5fd546 (mended since): a cached entry's header values are slices of the upstream connection's read buffer (upstream/h1.rs read_head, HeaderValue::from_maybe_shared(head.slice(..))), cloned into the entry (cache.rs start_fill): each pins that 8 KiB (up to 128 KiB) buffer while its weight counts ~300 bytes; a 1 MiB cache of small answers took ~16-19 MiB
 def test_the_memory_cache_of_many_small_answers_stays_near_its_max_size(tmp_path):
     upstream = FixedAnswerServer(b"{}")  # HTTP/1.0: each answer read on a new connection
     g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  cache: {enabled: true, maxSize: 1Mi}\n"), DEFAULT_KEYS)

@@ -1422,22 +1422,23 @@ pub(crate) async fn answer(
     if delivered && one_answer {
         record.observe_unsent(&raw);
         record.observe_bytes(&out);
-        record.finish_complete();
     } else if delivered {
         record.observe(&out);
-        record.finish_complete();
     } else {
         record.observe_bytes(&out);
-        record.finish_upstream_error();
     }
     if let Some(fill) = miss.as_mut().and_then(|m| m.fill(&head)) {
         fill.whole(&out);
     }
-    // The translation takes the place of the answer it came from.
-    Ok(Served::Answer(Box::new(Response::from_parts(
-        head,
-        ProxyBody::full_held(out, held),
-    ))))
+    // The translation takes the place of the answer it came from: complete once the client
+    // took it (see `ProxyBody::answer`).
+    let body = if delivered {
+        ProxyBody::answer(out, Some(held), record)
+    } else {
+        record.finish_upstream_error();
+        ProxyBody::full_held(out, held)
+    };
+    Ok(Served::Answer(Box::new(Response::from_parts(head, body))))
 }
 
 /// Whether an upstream's answer is a stream of server-sent events.
