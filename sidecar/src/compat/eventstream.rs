@@ -10,10 +10,15 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use crate::buffers::{BudgetExhausted, Held};
+
 /// Largest message accepted (AWS caps payloads at 16 MiB; headers at 128 KiB).
 pub const MAX_MESSAGE_BYTES: usize = (16 << 20) + (128 << 10);
 const PRELUDE: usize = 12;
 const MIN_MESSAGE: usize = PRELUDE + 4;
+/// A message longer than this gets an allocation of its own, freed once it is decoded (not
+/// kept for the rest of the stream).
+const OWN_ALLOCATION: usize = 64 << 10;
 
 /// A header value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,12 +88,31 @@ pub enum DecodeError {
 pub struct Decoder {
     buf: BytesMut,
     failed: bool,
+    /// Takes an unfinished message's length from the budget of buffered bodies (see
+    /// [`Self::hold_in`]).
+    held: Option<Held>,
+    /// The budget had no room for the message being read: nothing more is decoded.
+    refused: Option<BudgetExhausted>,
 }
 
 impl Decoder {
     /// A decoder at the start of a stream.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Counts the message this decoder holds unfinished between chunks (up to
+    /// [`MAX_MESSAGE_BYTES`]) in the budget of buffered bodies through `held`, from when its
+    /// prelude tells its length. One the budget has no room for stops decoding
+    /// ([`Self::refused`]).
+    pub fn hold_in(&mut self, held: Held) {
+        self.held = Some(held);
+    }
+
+    /// Why this decoder stopped: the budget of buffered bodies had no room for the message
+    /// being read.
+    pub fn refused(&self) -> Option<BudgetExhausted> {
+        self.refused
     }
 
     /// Adds received bytes.
@@ -123,9 +147,20 @@ impl Decoder {
             return Some(Err(self.fail(DecodeError::Length(total))));
         }
         if self.buf.len() < total_len {
+            if let Err(e) = self.hold(total_len) {
+                self.refused = Some(e);
+                self.fail(DecodeError::Length(total));
+            }
             return None;
         }
         let frame = self.buf.split_to(total_len).freeze();
+        if total_len > OWN_ALLOCATION {
+            // The rest in an allocation of its own: the message's goes with it.
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
+        if let Some(h) = &mut self.held {
+            h.release(h.bytes());
+        }
         let body_end = total_len - 4;
         let message_crc = u32::from_be_bytes([
             frame[body_end],
@@ -149,7 +184,28 @@ impl Decoder {
     fn fail(&mut self, e: DecodeError) -> DecodeError {
         self.failed = true;
         self.buf = BytesMut::new();
+        self.held = None;
         e
+    }
+
+    /// Room for the whole of an unfinished message of `total` bytes, taken from the budget
+    /// before it is allocated.
+    fn hold(&mut self, total: usize) -> Result<(), BudgetExhausted> {
+        if let Some(h) = &mut self.held
+            && h.bytes() < total as u64
+        {
+            h.grow(total as u64 - h.bytes())?;
+        }
+        if self.buf.capacity() < total {
+            if total > OWN_ALLOCATION {
+                let mut room = BytesMut::with_capacity(total);
+                room.extend_from_slice(&self.buf);
+                self.buf = room;
+            } else {
+                self.buf.reserve(total - self.buf.len());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -295,6 +351,34 @@ mod tests {
             headers[6].1,
             HeaderValue::Bytes(Bytes::from_static(&[1, 2]))
         );
+    }
+
+    #[test]
+    fn an_unfinished_message_is_held_in_the_budget_or_refused() {
+        let payload = vec![b'x'; 3 << 20];
+        let msg = encode(&[(":event-type", "chunk")], &payload);
+        let budget = crate::buffers::BufferBudget::default();
+        let mut d = Decoder::new();
+        d.hold_in(budget.guard(8 << 20));
+        d.push(&msg[..100]);
+        assert!(drain(&mut d).is_empty());
+        // Its whole length, from its prelude on; given back once it is decoded.
+        assert_eq!(budget.held(), msg.len() as u64);
+        for piece in msg[100..].chunks(64 << 10) {
+            d.push(piece);
+            let got = drain(&mut d);
+            assert!(got.iter().all(Result::is_ok));
+        }
+        assert_eq!((d.pending(), budget.held()), (0, 0));
+        // No room: the decoder stops, holding nothing.
+        let mut other = budget.guard(8 << 20);
+        other.grow(6 << 20).expect("fits");
+        d.push(&msg[..100]);
+        assert!(drain(&mut d).is_empty());
+        assert_eq!(d.refused(), Some(BudgetExhausted { limit: 8 << 20 }));
+        assert_eq!((d.pending(), budget.held()), (0, 6 << 20));
+        d.push(&msg[100..]);
+        assert!(drain(&mut d).is_empty());
     }
 
     proptest! {
