@@ -93,6 +93,10 @@ pub struct Decoder {
     held: Option<Held>,
     /// The budget had no room for the message being read: nothing more is decoded.
     refused: Option<BudgetExhausted>,
+    /// Messages longer than this are skipped, not kept (see [`Self::skipping_past`]).
+    skip_past: Option<usize>,
+    /// Bytes of a skipped message still to come.
+    skipping: usize,
 }
 
 impl Decoder {
@@ -115,11 +119,23 @@ impl Decoder {
         self.refused
     }
 
+    /// A decoder that skips the messages longer than `limit`, keeping none of their bytes:
+    /// a reader that wants only small messages (a stream's usage) holds at most `limit`.
+    pub fn skipping_past(limit: usize) -> Self {
+        Self {
+            skip_past: Some(limit),
+            ..Self::default()
+        }
+    }
+
     /// Adds received bytes.
     pub fn push(&mut self, chunk: &[u8]) {
-        if !self.failed {
-            self.buf.extend_from_slice(chunk);
+        if self.failed {
+            return;
         }
+        let skipped = self.skipping.min(chunk.len());
+        self.skipping -= skipped;
+        self.buf.extend_from_slice(&chunk[skipped..]);
     }
 
     /// Bytes received but not yet part of a complete message.
@@ -145,6 +161,12 @@ impl Decoder {
             || headers_len > total_len - MIN_MESSAGE
         {
             return Some(Err(self.fail(DecodeError::Length(total))));
+        }
+        if self.skip_past.is_some_and(|limit| total_len > limit) {
+            let here = total_len.min(self.buf.len());
+            self.skipping = total_len - here;
+            self.buf.advance(here);
+            return self.next_message();
         }
         if self.buf.len() < total_len {
             if let Err(e) = self.hold(total_len) {
@@ -379,6 +401,31 @@ mod tests {
         assert_eq!((d.pending(), budget.held()), (0, 6 << 20));
         d.push(&msg[100..]);
         assert!(drain(&mut d).is_empty());
+    }
+
+    #[test]
+    fn a_decoder_skipping_long_messages_keeps_none_of_their_bytes() {
+        let long = encode(&[(":event-type", "chunk")], &vec![b'x'; 100_000]);
+        let short = encode(&[(":event-type", "chunk")], b"{}");
+        let stream = [&short[..], &long, &short, &long, &long, &short].concat();
+        for piece in [1000, 7, stream.len()] {
+            let mut d = Decoder::skipping_past(1000);
+            let mut got = Vec::new();
+            for p in stream.chunks(piece) {
+                d.push(p);
+                assert!(d.pending() <= 1000 + piece, "{} pending", d.pending());
+                got.extend(drain(&mut d));
+            }
+            let payloads: Vec<_> = got
+                .into_iter()
+                .map(|m| m.expect("message").payload)
+                .collect();
+            assert_eq!(
+                payloads,
+                vec![Bytes::from_static(b"{}"); 3],
+                "pieces of {piece}"
+            );
+        }
     }
 
     proptest! {
