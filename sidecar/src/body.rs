@@ -215,12 +215,15 @@ impl ProxyBody {
         }
     }
 
-    /// The upstream's stream fed through `translator`; `record` counts the translated bytes.
+    /// The upstream's stream fed through `translator`, what it holds between chunks counted
+    /// through `held`; `record` counts the translated bytes.
     pub fn translated(
         inner: UpstreamBody,
-        translator: Box<dyn StreamTranslator>,
+        mut translator: Box<dyn StreamTranslator>,
+        held: Held,
         record: RequestRecord,
     ) -> Self {
+        translator.hold_in(held);
         Self::Translated {
             inner,
             translator,
@@ -479,6 +482,19 @@ impl Body for ProxyBody {
                                 rec.observe_unsent(data);
                             }
                             translator.push(data, out);
+                            if let Some(e) = translator.refused() {
+                                // No room in the budget for the event being read: the stream
+                                // ends with an error event, and the upstream is let go.
+                                *ended = true;
+                                drop(inner.as_mut().get_mut().take());
+                                out.extend_from_slice(b"data: ");
+                                out.extend_from_slice(&crate::compat::openai::error_json(
+                                    &e.into_gateway_error().to_string(),
+                                    "api_error",
+                                    Some("2110"),
+                                ));
+                                out.extend_from_slice(b"\n\n");
+                            }
                         }
                     }
                     Some(Err(e)) => {

@@ -1,9 +1,10 @@
 //! The process-wide budget of bytes held in buffered bodies: request bodies read whole,
-//! responses held back whole (DLP or guardrail response checks, `/compat` JSON translation) and
-//! cache fills. Each of them alone is bounded (`spec.limits.maxRequestBody`, the hold limits),
-//! but not their sum over concurrent requests: without this budget a few dozen large requests
-//! at once take the sidecar past its container's memory limit, and its OOM kill ends every
-//! stream of the pod. With it, a request that does not fit is refused (`503`/2110,
+//! responses held back whole (DLP or guardrail response checks, `/compat` JSON translation),
+//! cache fills, and the unfinished events a stream's translation (`/compat`) or usage filter
+//! holds between frames ([`reserve`]). Each of them alone is bounded
+//! (`spec.limits.maxRequestBody`, the hold limits, the largest event), but not their sum over
+//! concurrent requests: without this budget a few dozen large requests at once take the
+//! sidecar past its container's memory limit, and its OOM kill ends every stream of the pod. With it, a request that does not fit is refused (`503`/2110,
 //! `Retry-After: 1`) and the rest go on.
 //!
 //! Bytes are taken as they arrive ([`Held::grow`]), one compare-and-swap on a shared atomic per
@@ -190,9 +191,91 @@ impl Held {
         self.bytes
     }
 
+    /// Gives back `n` of the bytes this guard holds (a buffer it accounts for shrank).
+    pub fn release(&mut self, n: u64) {
+        let n = n.min(self.bytes);
+        if n > 0 {
+            self.budget.give_back(n);
+            self.bytes -= n;
+        }
+    }
+
     /// Takes over what `other` holds (one guard for a body made of several).
     pub fn absorb(&mut self, mut other: Held) {
         self.bytes += std::mem::take(&mut other.bytes);
+    }
+}
+
+/// A buffer kept between the frames of a stream (an unfinished event), whose allocation a
+/// [`Held`] accounts for: see [`reserve`].
+pub trait HeldBuffer: Default {
+    /// Bytes allocated.
+    fn allocated(&self) -> usize;
+    /// Bytes in use.
+    fn used(&self) -> usize;
+    /// Allocates room for `additional` more bytes in use, no more.
+    fn allocate(&mut self, additional: usize);
+}
+
+impl HeldBuffer for Vec<u8> {
+    fn allocated(&self) -> usize {
+        self.capacity()
+    }
+    fn used(&self) -> usize {
+        self.len()
+    }
+    fn allocate(&mut self, additional: usize) {
+        self.reserve_exact(additional);
+    }
+}
+
+impl HeldBuffer for String {
+    fn allocated(&self) -> usize {
+        self.capacity()
+    }
+    fn used(&self) -> usize {
+        self.len()
+    }
+    fn allocate(&mut self, additional: usize) {
+        self.reserve_exact(additional);
+    }
+}
+
+/// How a held buffer grows ([`reserve`]): doubling, from at least this many bytes...
+const MIN_GROWTH: usize = 64;
+/// ...up to this step, then by this much at a time: its allocation exceeds what it holds by at
+/// most this (a doubling 6 MiB event would take 8).
+const MAX_GROWTH: usize = 1 << 20;
+
+/// Makes room in `buf` for `extra` more bytes; with `held`, the allocation it grows to is
+/// taken from the budget first (so a stream holding a long unfinished event is refused before
+/// its memory is taken, not after). Refused, `buf` is as it was.
+pub fn reserve(
+    held: Option<&mut Held>,
+    buf: &mut impl HeldBuffer,
+    extra: usize,
+) -> Result<(), BudgetExhausted> {
+    let (capacity, len) = (buf.allocated(), buf.used());
+    let needed = len.saturating_add(extra);
+    if needed <= capacity {
+        return Ok(());
+    }
+    let target = needed.max(capacity.saturating_add(capacity.clamp(MIN_GROWTH, MAX_GROWTH)));
+    if let Some(h) = held {
+        h.grow((target - capacity) as u64)?;
+    }
+    buf.allocate(target - len);
+    Ok(())
+}
+
+/// Frees the allocation of an emptied `buf` when it is larger than `keep` (a big event passed:
+/// its capacity is not kept for the rest of the stream), giving it back to the budget.
+pub fn trim(held: Option<&mut Held>, buf: &mut impl HeldBuffer, keep: usize) {
+    if buf.used() == 0 && buf.allocated() > keep {
+        let freed = std::mem::take(buf).allocated();
+        if let Some(h) = held {
+            h.release(freed as u64);
+        }
     }
 }
 
@@ -273,6 +356,37 @@ mod tests {
         let mut g = budget.guard(10);
         assert!(g.grow(u64::MAX).is_err());
         assert!(g.grow(11).is_err());
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn held_buffers_take_their_growth_before_it_and_give_big_allocations_back() {
+        let budget = BufferBudget::default();
+        let mut held = budget.guard(4 << 20);
+        let mut buf = Vec::new();
+        reserve(Some(&mut held), &mut buf, 10).expect("fits");
+        assert_eq!((buf.capacity(), budget.held()), (64, 64));
+        buf.extend_from_slice(&[0; 10]);
+        // Doubling while small, then 1 MiB at a time.
+        reserve(Some(&mut held), &mut buf, 100).expect("fits");
+        assert_eq!(buf.capacity(), 128);
+        let mut big = Vec::new();
+        reserve(Some(&mut held), &mut big, 1 << 20).expect("fits");
+        big.resize(1 << 20, 0);
+        reserve(Some(&mut held), &mut big, 1).expect("fits");
+        assert_eq!(big.capacity(), 2 << 20);
+        // Past the limit: refused before allocating, the buffer as it was.
+        reserve(Some(&mut held), &mut big, 3 << 20).expect_err("refused");
+        assert_eq!((big.capacity(), budget.held()), (2 << 20, 128 + (2 << 20)));
+        // Emptied, a big allocation is freed and given back; a small one kept.
+        big.clear();
+        trim(Some(&mut held), &mut big, 64 << 10);
+        assert_eq!((big.capacity(), budget.held()), (0, 128));
+        let mut text = String::new();
+        reserve(Some(&mut held), &mut text, 5).expect("fits");
+        trim(Some(&mut held), &mut text, 64 << 10);
+        assert_eq!((text.capacity(), budget.held()), (64, 192));
+        drop(held);
         assert_eq!(budget.held(), 0);
     }
 

@@ -859,23 +859,26 @@ fn json_type(data: &str) -> Option<&str> {
 
 fn event_stream_ended_whole(body: &[u8]) -> bool {
     let mut decoder = crate::compat::eventstream::Decoder::new();
-    decoder.push(body);
     let mut ended = false;
-    while let Some(message) = decoder.next_message() {
-        let Ok(message) = message else {
-            return false;
-        };
-        // `exception` or `error`: the answer failed.
-        if message
-            .header_str(":message-type")
-            .is_some_and(|t| t != "event")
-        {
-            return false;
-        }
-        match message.header_str(":event-type") {
-            Some("messageStop") => ended = true,
-            Some("chunk") => ended = invoke_chunk_is_last(&message),
-            _ => {}
+    // Fed in pieces: the decoder keeps one message at a time, not a copy of the whole body.
+    for piece in body.chunks(64 << 10) {
+        decoder.push(piece);
+        while let Some(message) = decoder.next_message() {
+            let Ok(message) = message else {
+                return false;
+            };
+            // `exception` or `error`: the answer failed.
+            if message
+                .header_str(":message-type")
+                .is_some_and(|t| t != "event")
+            {
+                return false;
+            }
+            match message.header_str(":event-type") {
+                Some("messageStop") => ended = true,
+                Some("chunk") => ended = invoke_chunk_is_last(&message),
+                _ => {}
+            }
         }
     }
     ended && decoder.pending() == 0

@@ -1084,6 +1084,7 @@ impl Gateway {
         let body = if let Some(end) = end {
             ProxyBody::upstream_sse(body, record, end).cached_through(fill)
         } else {
+            let hide_usage = hide_usage.then(|| self.buffers.guard(snap.max_buffered));
             answer_body(body, counts_tokens, hide_usage, record, fill)
         };
         Ok(Response::from_parts(head, body))
@@ -1161,19 +1162,19 @@ impl Gateway {
 }
 
 /// The body of an upstream answer on its way to the client: its usage chunk held out when the
-/// gateway asked for it (`hide_usage`), logged by `record` (its tokens counted when
-/// `counts_tokens`, see [`Gateway::count_tokens`]), copied into the cache by `fill` (from
-/// [`Gateway::start_fill`]).
+/// gateway asked for it (`hide_usage`: the guard of the budget the event it holds back counts
+/// in), logged by `record` (its tokens counted when `counts_tokens`, see
+/// [`Gateway::count_tokens`]), copied into the cache by `fill` (from [`Gateway::start_fill`]).
 pub(crate) fn answer_body(
     body: UpstreamBody,
     counts_tokens: bool,
-    hide_usage: bool,
+    hide_usage: Option<crate::buffers::Held>,
     record: RequestRecord,
     fill: Option<(cache::Fill, crate::buffers::Held)>,
 ) -> ProxyBody {
-    let body = if hide_usage {
+    let body = if let Some(held) = hide_usage {
         let filter = Box::new(crate::compat::openai::HiddenUsage::new());
-        ProxyBody::translated(body, filter, record)
+        ProxyBody::translated(body, filter, held, record)
     } else if counts_tokens {
         ProxyBody::upstream(body, record)
     } else {

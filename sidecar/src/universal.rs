@@ -393,6 +393,7 @@ pub(crate) async fn serve(
         let kind = crate::background::RequestKind::of(&Method::POST, &step.endpoint, &step.payload);
         let counts_tokens = gw.count_tokens(snap, step.provider, kind, &head, &mut record);
         record.set_request_payload(&step.payload);
+        let hide_usage = hide_usage.then(|| gw.buffers.guard(snap.max_buffered));
         let body = proxy::answer_body(body, counts_tokens, hide_usage, record, fill);
         return Ok(Response::from_parts(head, body));
     }

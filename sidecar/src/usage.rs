@@ -1145,7 +1145,11 @@ impl Usage {
             && path
                 .trim_end_matches('/')
                 .ends_with("/invoke-with-response-stream"))
-        .then(Box::default);
+        .then(|| {
+            // Its usage is in small messages: a long one is skipped, not held.
+            let decoder = crate::compat::eventstream::Decoder::skipping_past(1 << 20);
+            Box::new(InvokeStream { decoder })
+        });
         let path = path.trim_start_matches('/');
         let in_meta = provider == "cohere"
             && (path.starts_with("v1/") || path.trim_end_matches('/').ends_with("/embed"));

@@ -436,7 +436,7 @@ pub(crate) async fn serve(
     };
     if head.status != StatusCode::SWITCHING_PROTOCOLS {
         // The provider's answer (an error, most likely) goes through as it is.
-        let body = crate::proxy::answer_body(body, true, false, record, None);
+        let body = crate::proxy::answer_body(body, true, None, record, None);
         return Ok(Response::from_parts(head, body));
     }
     let Some(upstream_side) = upstream_side else {

@@ -4,6 +4,7 @@ that never end, clients that never take their answer, a response cache of many s
 It answers in the error envelope, keeps its log readable, holds memory within its stated bounds,
 and serves (and reloads) normally once the pressure ends."""
 
+import base64
 import errno
 import json
 import os
@@ -332,8 +333,7 @@ def _one_big_event_stream(size):
     return Listener(handle)
 
 
-# FAILS at b5fd546: under a spend limit the usage filter of OpenAI-format streams (compat/openai.rs HiddenUsage::push) keeps an unfinished event whole, without bound, and searches it again from its start at every frame: 24 MiB cost ~5 s of CPU (0.13 s without the limit) and ~49 MiB, outside maxBufferedBytes
-@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+# Failed at b5fd546 (mended since): under a spend limit the usage filter of OpenAI-format streams (compat/openai.rs HiddenUsage::push) keeps an unfinished event whole, without bound, and searches it again from its start at every frame: 24 MiB cost ~5 s of CPU (0.13 s without the limit) and ~49 MiB, outside maxBufferedBytes
 def test_a_long_openai_stream_event_under_a_spend_limit_is_relayed_in_linear_time_and_bounded_memory(tmp_path):
     upstream = _one_big_event_stream(24 * MiB)
     g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  spendLimit: {amount: '1000', period: day}\n"),
@@ -358,11 +358,13 @@ def test_a_long_openai_stream_event_under_a_spend_limit_is_relayed_in_linear_tim
 
 class UnfinishedAnthropicEvents:
     """An Anthropic Messages stream upstream: `message_start`, then a text delta whose data line of
-    `size` bytes never ends; each connection is held until `release`."""
+    `size` bytes never ends; each connection is held until `release`. `sent` counts the answers
+    sent whole, `cut` those whose connection the sidecar closed before taking them."""
 
     def __init__(self, size):
         self.release = threading.Event()
         self.sent = 0
+        self.cut = 0
         self.lock = threading.Lock()
         start = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
                  b'"role":"assistant","model":"claude-x","content":[],"stop_reason":null,'
@@ -385,7 +387,8 @@ class UnfinishedAnthropicEvents:
                         self.sent += 1
                     self.release.wait(30)
                 except OSError:
-                    pass
+                    with self.lock:
+                        self.cut += 1
 
         self.listener = Listener(handle)
         self.url = self.listener.url
@@ -395,8 +398,7 @@ class UnfinishedAnthropicEvents:
         self.listener.close()
 
 
-# FAILS at b5fd546: the /compat stream translators' SSE parser (compat/sse.rs) holds up to 8 MiB of an unfinished event per stream, outside spec.limits.maxBufferedBytes: 8 streams took the sidecar ~50 MiB past an 8 MiB budget (24 streams: +198 MiB with the defaults, sidegate_buffered_bytes 0)
-@pytest.mark.xfail(strict=True, reason="review 133: to be mended (see the FAILS line)")
+# Failed at b5fd546 (mended since): the /compat stream translators' SSE parser (compat/sse.rs) holds up to 8 MiB of an unfinished event per stream, outside spec.limits.maxBufferedBytes: 8 streams took the sidecar ~50 MiB past an 8 MiB budget (24 streams: +198 MiB with the defaults, sidegate_buffered_bytes 0)
 def test_compat_streams_holding_large_unfinished_events_stay_within_the_buffer_budget(tmp_path):
     # Gemini's image models stream inline base64 images, megabytes in one event: with the
     # defaults (64Mi budget) about 30 such /compat streams at once reach the 256Mi memory limit
@@ -404,37 +406,89 @@ def test_compat_streams_holding_large_unfinished_events_stay_within_the_buffer_b
     upstream = UnfinishedAnthropicEvents(6 * MiB)
     g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  limits: {maxRequestBody: 4Mi, maxBufferedBytes: 8Mi}\n"),
                  DEFAULT_KEYS)
-    n, threads = 8, []
+    n, threads, ended = 8, [], []
     try:
         base = vm_hwm_kib(g.proc.pid)
 
         def stream():
+            got = b""
             try:
                 with httpx.stream("POST", g.url + "/compat/chat/completions", timeout=40,
                                   json={"model": "anthropic/claude-x", "stream": True,
                                         "messages": [{"role": "user", "content": "draw"}]}) as r:
-                    for _ in r.iter_raw():
-                        pass
+                    for chunk in r.iter_raw():
+                        got += chunk
             except httpx.HTTPError:
                 pass
+            ended.append(got)
 
         for _ in range(n):
             t = threading.Thread(target=stream, daemon=True)
             t.start()
             threads.append(t)
         deadline = time.monotonic() + 20
-        while upstream.sent < n:
-            assert time.monotonic() < deadline, f"{upstream.sent} of {n} streams started"
+        # Each stream's event is held, or its stream ended and its upstream let go.
+        while upstream.sent + upstream.cut < n:
+            assert time.monotonic() < deadline, f"{upstream.sent} of {n} streams started, {upstream.cut} cut"
             time.sleep(0.05)
         time.sleep(1.5)  # the sidecar has read what was sent
         grown = (vm_hwm_kib(g.proc.pid) - base) // 1024
         held = metric(g, "sidegate_buffered_bytes")
         assert grown < 8 + 16, f"peak RSS grew by {grown} MiB for {n} streams against a budget of 8 MiB (sidegate_buffered_bytes {held:.0f})"
+        assert 0 < held <= 8 * MiB
+        # The streams the budget had no room for ended with an error event saying so.
+        assert upstream.cut > 0 and metric(g, "sidegate_buffer_refusals_total") >= upstream.cut
+        deadline = time.monotonic() + 10
+        while len(ended) < upstream.cut:
+            assert time.monotonic() < deadline, f"{len(ended)} streams ended, {upstream.cut} cut upstream"
+            time.sleep(0.05)
+        for got in ended:
+            assert b'"code":"2110"' in got and b"memory budget" in got and b"[DONE]" not in got, got[-400:]
     finally:
         upstream.stop()
         for t in threads:
             t.join(10)
         g.stop()
+
+
+def test_a_compat_stream_with_one_image_event_of_megabytes_is_translated_within_the_default_budget(tmp_path):
+    # Pins what works: Gemini's image models stream an image as megabytes of base64 in one
+    # event; held in the budget (64Mi by default) while it arrives, it goes through, and its
+    # bytes are given back once it passed.
+    image = base64.b64encode(os.urandom(5 * MiB)).decode()  # ~6.7 MiB
+    events = [
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": "here:"}]}}]},
+        {"candidates": [{"content": {"role": "model", "parts": [{"inlineData": {"mimeType": "image/png", "data": image}}]}}]},
+        {"candidates": [{"content": {"role": "model", "parts": [{"text": " done"}]}, "finishReason": "STOP"}],
+         "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 1290, "totalTokenCount": 1293}},
+    ]
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\r\n\r\n" for e in events)
+
+    def handle(conn, _index):
+        with conn:
+            conn.settimeout(30)
+            if read_request(conn) is not None:
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"content-length: %d\r\n\r\n" % len(body) + body)
+
+    upstream = Listener(handle)
+    yaml = gateway_yaml(upstream.url).replace(
+        "  providers:\n", f"  providers:\n    google-ai-studio: {{baseURL: '{upstream.url}'}}\n", 1)
+    g = Sidegate(tmp_path, yaml, dict(DEFAULT_KEYS, **{"google-ai-studio.default": "AIza-review-133"}))
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions", timeout=60,
+                       json={"model": "google-ai-studio/gemini-2.5-flash-image", "stream": True,
+                             "messages": [{"role": "user", "content": "draw"}]})
+        assert r.status_code == 200, r.text[:300]
+        datas = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert datas[-1] == "[DONE]" and "error" not in r.text, r.text[-400:]
+        text = "".join(c["delta"].get("content") or "" for d in datas[:-1] for c in json.loads(d)["choices"])
+        assert text == "here: done"
+        assert metric(g, "sidegate_buffer_refusals_total") == 0
+        assert metric(g, "sidegate_buffered_bytes") == 0
+    finally:
+        g.stop()
+        upstream.close()
 
 
 # --- a client that never takes its answer -------------------------------------------------------

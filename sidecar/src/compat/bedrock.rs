@@ -897,6 +897,14 @@ impl StreamTranslator for Stream {
         self.usage_seen.then_some(self.usage)
     }
 
+    fn hold_in(&mut self, held: crate::buffers::Held) {
+        self.decoder.hold_in(held);
+    }
+
+    fn refused(&self) -> Option<crate::buffers::BudgetExhausted> {
+        self.decoder.refused()
+    }
+
     fn ended_whole(&self) -> bool {
         self.w.sent_done()
     }

@@ -10,10 +10,15 @@
 
 use bytes::{Buf, Bytes, BytesMut};
 
+use crate::buffers::{BudgetExhausted, Held};
+
 /// Largest message accepted (AWS caps payloads at 16 MiB; headers at 128 KiB).
 pub const MAX_MESSAGE_BYTES: usize = (16 << 20) + (128 << 10);
 const PRELUDE: usize = 12;
 const MIN_MESSAGE: usize = PRELUDE + 4;
+/// A message longer than this gets an allocation of its own, freed once it is decoded (not
+/// kept for the rest of the stream).
+const OWN_ALLOCATION: usize = 64 << 10;
 
 /// A header value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +88,15 @@ pub enum DecodeError {
 pub struct Decoder {
     buf: BytesMut,
     failed: bool,
+    /// Takes an unfinished message's length from the budget of buffered bodies (see
+    /// [`Self::hold_in`]).
+    held: Option<Held>,
+    /// The budget had no room for the message being read: nothing more is decoded.
+    refused: Option<BudgetExhausted>,
+    /// Messages longer than this are skipped, not kept (see [`Self::skipping_past`]).
+    skip_past: Option<usize>,
+    /// Bytes of a skipped message still to come.
+    skipping: usize,
 }
 
 impl Decoder {
@@ -91,11 +105,37 @@ impl Decoder {
         Self::default()
     }
 
+    /// Counts the message this decoder holds unfinished between chunks (up to
+    /// [`MAX_MESSAGE_BYTES`]) in the budget of buffered bodies through `held`, from when its
+    /// prelude tells its length. One the budget has no room for stops decoding
+    /// ([`Self::refused`]).
+    pub fn hold_in(&mut self, held: Held) {
+        self.held = Some(held);
+    }
+
+    /// Why this decoder stopped: the budget of buffered bodies had no room for the message
+    /// being read.
+    pub fn refused(&self) -> Option<BudgetExhausted> {
+        self.refused
+    }
+
+    /// A decoder that skips the messages longer than `limit`, keeping none of their bytes:
+    /// a reader that wants only small messages (a stream's usage) holds at most `limit`.
+    pub fn skipping_past(limit: usize) -> Self {
+        Self {
+            skip_past: Some(limit),
+            ..Self::default()
+        }
+    }
+
     /// Adds received bytes.
     pub fn push(&mut self, chunk: &[u8]) {
-        if !self.failed {
-            self.buf.extend_from_slice(chunk);
+        if self.failed {
+            return;
         }
+        let skipped = self.skipping.min(chunk.len());
+        self.skipping -= skipped;
+        self.buf.extend_from_slice(&chunk[skipped..]);
     }
 
     /// Bytes received but not yet part of a complete message.
@@ -122,10 +162,27 @@ impl Decoder {
         {
             return Some(Err(self.fail(DecodeError::Length(total))));
         }
+        if self.skip_past.is_some_and(|limit| total_len > limit) {
+            let here = total_len.min(self.buf.len());
+            self.skipping = total_len - here;
+            self.buf.advance(here);
+            return self.next_message();
+        }
         if self.buf.len() < total_len {
+            if let Err(e) = self.hold(total_len) {
+                self.refused = Some(e);
+                self.fail(DecodeError::Length(total));
+            }
             return None;
         }
         let frame = self.buf.split_to(total_len).freeze();
+        if total_len > OWN_ALLOCATION {
+            // The rest in an allocation of its own: the message's goes with it.
+            self.buf = BytesMut::from(&self.buf[..]);
+        }
+        if let Some(h) = &mut self.held {
+            h.release(h.bytes());
+        }
         let body_end = total_len - 4;
         let message_crc = u32::from_be_bytes([
             frame[body_end],
@@ -149,7 +206,28 @@ impl Decoder {
     fn fail(&mut self, e: DecodeError) -> DecodeError {
         self.failed = true;
         self.buf = BytesMut::new();
+        self.held = None;
         e
+    }
+
+    /// Room for the whole of an unfinished message of `total` bytes, taken from the budget
+    /// before it is allocated.
+    fn hold(&mut self, total: usize) -> Result<(), BudgetExhausted> {
+        if let Some(h) = &mut self.held
+            && h.bytes() < total as u64
+        {
+            h.grow(total as u64 - h.bytes())?;
+        }
+        if self.buf.capacity() < total {
+            if total > OWN_ALLOCATION {
+                let mut room = BytesMut::with_capacity(total);
+                room.extend_from_slice(&self.buf);
+                self.buf = room;
+            } else {
+                self.buf.reserve(total - self.buf.len());
+            }
+        }
+        Ok(())
     }
 }
 
@@ -295,6 +373,59 @@ mod tests {
             headers[6].1,
             HeaderValue::Bytes(Bytes::from_static(&[1, 2]))
         );
+    }
+
+    #[test]
+    fn an_unfinished_message_is_held_in_the_budget_or_refused() {
+        let payload = vec![b'x'; 3 << 20];
+        let msg = encode(&[(":event-type", "chunk")], &payload);
+        let budget = crate::buffers::BufferBudget::default();
+        let mut d = Decoder::new();
+        d.hold_in(budget.guard(8 << 20));
+        d.push(&msg[..100]);
+        assert!(drain(&mut d).is_empty());
+        // Its whole length, from its prelude on; given back once it is decoded.
+        assert_eq!(budget.held(), msg.len() as u64);
+        for piece in msg[100..].chunks(64 << 10) {
+            d.push(piece);
+            let got = drain(&mut d);
+            assert!(got.iter().all(Result::is_ok));
+        }
+        assert_eq!((d.pending(), budget.held()), (0, 0));
+        // No room: the decoder stops, holding nothing.
+        let mut other = budget.guard(8 << 20);
+        other.grow(6 << 20).expect("fits");
+        d.push(&msg[..100]);
+        assert!(drain(&mut d).is_empty());
+        assert_eq!(d.refused(), Some(BudgetExhausted { limit: 8 << 20 }));
+        assert_eq!((d.pending(), budget.held()), (0, 6 << 20));
+        d.push(&msg[100..]);
+        assert!(drain(&mut d).is_empty());
+    }
+
+    #[test]
+    fn a_decoder_skipping_long_messages_keeps_none_of_their_bytes() {
+        let long = encode(&[(":event-type", "chunk")], &vec![b'x'; 100_000]);
+        let short = encode(&[(":event-type", "chunk")], b"{}");
+        let stream = [&short[..], &long, &short, &long, &long, &short].concat();
+        for piece in [1000, 7, stream.len()] {
+            let mut d = Decoder::skipping_past(1000);
+            let mut got = Vec::new();
+            for p in stream.chunks(piece) {
+                d.push(p);
+                assert!(d.pending() <= 1000 + piece, "{} pending", d.pending());
+                got.extend(drain(&mut d));
+            }
+            let payloads: Vec<_> = got
+                .into_iter()
+                .map(|m| m.expect("message").payload)
+                .collect();
+            assert_eq!(
+                payloads,
+                vec![Bytes::from_static(b"{}"); 3],
+                "pieces of {piece}"
+            );
+        }
     }
 
     proptest! {

@@ -557,6 +557,14 @@ impl StreamTranslator for Stream {
         sse.feed(chunk, &mut |e| state.on_event(e, out));
     }
 
+    fn hold_in(&mut self, held: crate::buffers::Held) {
+        self.sse.hold_in(held);
+    }
+
+    fn refused(&self) -> Option<crate::buffers::BudgetExhausted> {
+        self.sse.refused()
+    }
+
     fn usage(&self) -> Option<Usage> {
         self.state.usage_seen.then_some(self.state.usage)
     }

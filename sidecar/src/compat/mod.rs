@@ -64,6 +64,14 @@ pub trait StreamTranslator: Send {
     /// The upstream's token counts so far (prompt, completion), for the usage chunk the client
     /// asked for (the request's log, cost and limits count the provider's own usage).
     fn usage(&self) -> Option<openai::Usage>;
+    /// Counts what the translator holds between chunks (an unfinished event) in the budget
+    /// of buffered bodies through `held`.
+    fn hold_in(&mut self, held: crate::buffers::Held);
+    /// Why the translator stopped: the budget of buffered bodies had no room for the event
+    /// being read. The stream then ends (see `ProxyBody::Translated`).
+    fn refused(&self) -> Option<crate::buffers::BudgetExhausted> {
+        None
+    }
 }
 
 /// What response translation needs to know about the request.
@@ -1290,7 +1298,13 @@ pub(crate) async fn answer(
         let stream = head.status.is_success() && is_event_stream(&head.headers);
         let body = if hide_usage && stream {
             head.headers.remove(header::CONTENT_LENGTH);
-            ProxyBody::translated(upstream_body, Box::new(openai::HiddenUsage::new()), record)
+            let held = gw.buffers.guard(snap.max_buffered);
+            ProxyBody::translated(
+                upstream_body,
+                Box::new(openai::HiddenUsage::new()),
+                held,
+                record,
+            )
         } else if stream && provider.ends_streams_with_done() {
             ProxyBody::upstream_sse(upstream_body, record, sse::DoneWatch::default())
         } else {
@@ -1318,7 +1332,8 @@ pub(crate) async fn answer(
             .as_mut()
             .and_then(|m| m.fill(&head))
             .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
-        let body = ProxyBody::translated(upstream_body, t.stream_translator(), record);
+        let held = gw.buffers.guard(snap.max_buffered);
+        let body = ProxyBody::translated(upstream_body, t.stream_translator(), held, record);
         return Ok(Served::Answer(Box::new(Response::from_parts(
             head,
             body.cached_through(fill),

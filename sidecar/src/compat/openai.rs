@@ -1436,16 +1436,32 @@ pub fn ask_stream_usage(map: &mut Map<String, Value>) -> bool {
     }
 }
 
+/// Longest event [`HiddenUsage`] holds until its end to see whether it is the usage-only chunk
+/// (a few hundred bytes; the providers that add fields to it stay far below this): a longer
+/// one is passed on as it comes.
+const MAX_USAGE_EVENT: usize = 64 << 10;
+
 /// An OpenAI-format stream passed through unchanged but for the usage-only chunk
 /// (`"choices":[]` with `usage`) the gateway asked for and the client did not: it is held
-/// out of the client's stream, and its tokens counted for the request.
+/// out of the client's stream, and its tokens counted for the request. Only an unfinished
+/// event short enough to be that chunk is held (in the budget of buffered bodies); each byte
+/// is searched once for the end of its event.
 #[derive(Default)]
 pub struct HiddenUsage {
-    /// The start of an event the last chunk ended inside.
-    pending: BytesMut,
+    /// The start of an event the last chunk ended inside, not passed on yet (at most
+    /// [`MAX_USAGE_EVENT`]); or, while `passing`, the last bytes passed on of the event that
+    /// its end may begin with (a line end, at most two bytes).
+    pending: Vec<u8>,
+    /// Where in `pending` the search for the end of its event goes on.
+    searched: usize,
+    /// The event being read is passed on as it comes: longer than the usage chunk can be, or
+    /// the budget had no room to hold it.
+    passing: bool,
     /// The last event ended with a blank line's `\r` last in its chunk: a `\n` starting the
     /// next chunk is that line end's, passed on with it or left out with it (`Some(passed)`).
     cr_last: Option<bool>,
+    /// Takes `pending`'s allocation from the budget of buffered bodies.
+    held: Option<crate::buffers::Held>,
     tokens: crate::usage::Usage,
     end: super::sse::DoneWatch,
 }
@@ -1456,24 +1472,32 @@ impl HiddenUsage {
         Self::default()
     }
 
-    /// Copies the complete events of `buf` but the usage-only one to `out`; returns where the
-    /// unfinished last event starts, and notes in `cr_last` whether the last ended with a `\r`
-    /// last in `buf`.
-    fn pass(&mut self, buf: &[u8], out: &mut BytesMut) -> usize {
-        let mut start = 0;
-        let mut passed = false;
-        while let Some(len) = event_len(&buf[start..]) {
-            let event = &buf[start..start + len];
-            passed = !is_usage_only(event);
-            if passed {
-                out.extend_from_slice(event);
-            }
-            start += len;
+    /// Takes `pending`'s allocation from the budget (kept at most [`MAX_USAGE_EVENT`]); with
+    /// no room for it, its event is passed on as it comes instead of held.
+    fn account(&mut self, out: &mut BytesMut) {
+        if self.pending.capacity() > MAX_USAGE_EVENT {
+            self.pending.shrink_to_fit();
         }
-        if start > 0 && start == buf.len() && buf[start - 1] == b'\r' {
-            self.cr_last = Some(passed);
+        let Some(h) = self.held.as_mut() else {
+            return;
+        };
+        let (capacity, taken) = (self.pending.capacity() as u64, h.bytes());
+        if capacity <= taken {
+            h.release(taken - capacity);
+            return;
         }
-        start
+        if h.grow(capacity - taken).is_ok() {
+            return;
+        }
+        if !self.passing {
+            out.extend_from_slice(&self.pending);
+            self.passing = true;
+            self.pending.drain(..self.searched);
+            self.searched = 0;
+        }
+        // At most the two bytes of a line end, uncounted.
+        self.pending.shrink_to_fit();
+        h.release(h.bytes());
     }
 }
 
@@ -1491,23 +1515,82 @@ impl super::StreamTranslator for HiddenUsage {
             }
             chunk = rest;
         }
-        if self.pending.is_empty() {
-            let done = self.pass(chunk, out);
-            self.pending.extend_from_slice(&chunk[done..]);
-        } else {
-            let mut pending = std::mem::take(&mut self.pending);
-            pending.extend_from_slice(chunk);
-            let done = self.pass(&pending, out);
-            let _ = pending.split_to(done);
-            self.pending = pending;
+        if chunk.is_empty() {
+            return;
         }
+        let mut buf = std::mem::take(&mut self.pending);
+        let kept = buf.len();
+        if kept > 0 {
+            buf.extend_from_slice(chunk);
+        }
+        let whole: &[u8] = if kept > 0 { &buf } else { chunk };
+        // The unfinished event starts at `start`; its end is searched for from `from`.
+        let (mut start, mut from) = (0, self.searched);
+        // Where the last event that ended in `whole` ends, and whether it was passed on.
+        let mut ended = None;
+        let mut passed = false;
+        if self.passing {
+            // The `kept` bytes went out already.
+            match event_end(whole, from) {
+                Ok(len) => {
+                    out.extend_from_slice(&whole[kept..len]);
+                    (start, from) = (len, len);
+                    (ended, passed) = (Some(len), true);
+                    self.passing = false;
+                }
+                Err(at) => {
+                    out.extend_from_slice(&whole[kept..]);
+                    (start, from) = (at, at);
+                }
+            }
+        }
+        if !self.passing {
+            loop {
+                match event_end(&whole[start..], from - start) {
+                    Ok(len) => {
+                        let event = &whole[start..start + len];
+                        passed = !is_usage_only(event);
+                        if passed {
+                            out.extend_from_slice(event);
+                        }
+                        start += len;
+                        from = start;
+                        ended = Some(start);
+                    }
+                    Err(at) => {
+                        from = start + at;
+                        break;
+                    }
+                }
+            }
+        }
+        if ended == Some(whole.len()) && whole.ends_with(b"\r") {
+            self.cr_last = Some(passed);
+        }
+        if !self.passing && whole.len() - start > MAX_USAGE_EVENT {
+            // Longer than the usage chunk: passed on, and the rest of it as it comes.
+            out.extend_from_slice(&whole[start..]);
+            self.passing = true;
+            start = from;
+        }
+        self.searched = from - start;
+        // What stays is `whole[start..]`, in `buf`'s allocation.
+        if kept > 0 {
+            buf.drain(..start);
+        } else {
+            buf.clear();
+            buf.extend_from_slice(&chunk[start..]);
+        }
+        self.pending = buf;
+        self.account(out);
     }
 
     fn finish(&mut self, out: &mut BytesMut) {
-        let rest = self.pending.split();
-        if !is_usage_only(&rest) {
+        let rest = std::mem::take(&mut self.pending);
+        if !self.passing && !is_usage_only(&rest) {
             out.extend_from_slice(&rest);
         }
+        self.held = None;
     }
 
     fn ended_whole(&self) -> bool {
@@ -1522,29 +1605,38 @@ impl super::StreamTranslator for HiddenUsage {
                 .with_cached((t.cache_read > 0).then_some(t.cache_read))
         })
     }
+
+    fn hold_in(&mut self, held: crate::buffers::Held) {
+        self.held = Some(held);
+    }
 }
 
-/// Length of the first SSE event of `buf` with the blank line ending it, if it is complete:
-/// a line end (`\r\n`, `\n` or `\r`) right after another. A line's `\r` last in `buf` may
-/// be the start of a `\r\n` (or of a blank line after it): the event waits for what follows.
-/// A blank line's `\r` last in `buf` ends it (a `\n` may follow: see `HiddenUsage::cr_last`).
-fn event_len(buf: &[u8]) -> Option<usize> {
+/// The length of the first SSE event of `buf` with the blank line ending it, if it is
+/// complete: a line end (`\r\n`, `\n` or `\r`) right after another; else where to search
+/// again once more bytes follow `buf` (`from` is such a place, from an earlier search: the
+/// search never looks back). A line's `\r` last in `buf` may be the start of a `\r\n` (or of a
+/// blank line after it): the event waits for what follows. A blank line's `\r` last in `buf`
+/// ends it (a `\n` may follow: see `HiddenUsage::cr_last`).
+fn event_end(buf: &[u8], from: usize) -> Result<usize, usize> {
     // Where the line end at `p` ends.
     let line_end = |p: usize| match (buf[p], buf.get(p + 1)) {
         (b'\r', None) => None,
         (b'\r', Some(b'\n')) => Some(p + 2),
         _ => Some(p + 1),
     };
-    let mut at = 0;
+    let mut at = from.min(buf.len());
     while let Some(i) = memchr::memchr2(b'\n', b'\r', &buf[at..]) {
-        let end = line_end(at + i)?;
+        let p = at + i;
+        let Some(end) = line_end(p) else {
+            return Err(p);
+        };
         match buf.get(end) {
-            Some(b'\n' | b'\r') => return Some(line_end(end).unwrap_or(end + 1)),
+            Some(b'\n' | b'\r') => return Ok(line_end(end).unwrap_or(end + 1)),
             Some(_) => at = end,
-            None => return None,
+            None => return Err(p),
         }
     }
-    None
+    Err(buf.len())
 }
 
 /// Whether an SSE event is a chunk with no choices and a usage object (the last chunk of a
@@ -1735,6 +1827,111 @@ mod tests {
         }
     }
 
+    /// `stream` through a [`HiddenUsage`] in pieces cut at `cuts`; what went out after each.
+    fn hide_in_pieces(f: &mut HiddenUsage, stream: &[u8], cuts: &[usize]) -> (Vec<u8>, Vec<usize>) {
+        use crate::compat::StreamTranslator;
+        let mut out = BytesMut::new();
+        let mut after = Vec::new();
+        let mut start = 0;
+        for &c in cuts.iter().chain([&stream.len()]) {
+            let c = c.clamp(start, stream.len());
+            f.push(&stream[start..c], &mut out);
+            after.push(out.len());
+            start = c;
+        }
+        f.finish(&mut out);
+        (out.to_vec(), after)
+    }
+
+    #[test]
+    fn a_long_event_is_passed_on_as_it_comes_and_the_usage_chunk_after_it_still_hidden() {
+        let long = format!(
+            "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "x".repeat(3 * MAX_USAGE_EVENT)
+        );
+        let usage_at = USAGE_STREAM
+            .find("data: {\"id\":\"c\",\"choices\": [")
+            .expect("usage");
+        let done_at = USAGE_STREAM.find("data: [DONE]").expect("done");
+        for nl in ["\n", "\r\n", "\r"] {
+            let stream = format!("{long}{USAGE_STREAM}")
+                .replace("\r\n", "\n")
+                .replace('\n', nl);
+            let expected = format!(
+                "{long}{}{}",
+                &USAGE_STREAM[..usage_at],
+                &USAGE_STREAM[done_at..]
+            )
+            .replace("\r\n", "\n")
+            .replace('\n', nl);
+            let long_len = long.replace('\n', nl).len();
+            // In pieces of 1000 bytes, and cut around the long event's end.
+            let pieces: Vec<usize> = (1..=stream.len() / 1000).map(|i| i * 1000).collect();
+            for cuts in [
+                pieces,
+                vec![long_len - 2, long_len - 1, long_len, long_len + 1],
+            ] {
+                let mut f = HiddenUsage::new();
+                let (out, after) = hide_in_pieces(&mut f, stream.as_bytes(), &cuts);
+                assert_eq!(String::from_utf8_lossy(&out), expected, "{nl:?}");
+                // Past the first 64 KiB of it, each piece of the long event went out as it came
+                // (but for a line end its end may start with).
+                for (&cut, &sent) in cuts.iter().zip(&after) {
+                    if cut > MAX_USAGE_EVENT + 1000 && cut + 2 < long_len {
+                        assert!(sent + 2 >= cut, "{nl:?}: {sent} of {cut} sent");
+                    }
+                }
+                assert!(f.pending.capacity() <= MAX_USAGE_EVENT);
+            }
+        }
+    }
+
+    #[test]
+    fn a_short_event_in_pieces_of_any_size_is_held_whole_in_the_budget() {
+        use crate::compat::StreamTranslator;
+        let budget = crate::buffers::BufferBudget::default();
+        let usage_at = USAGE_STREAM
+            .find("data: {\"id\":\"c\",\"choices\": [")
+            .expect("usage");
+        let done_at = USAGE_STREAM.find("data: [DONE]").expect("done");
+        let expected = [&USAGE_STREAM[..usage_at], &USAGE_STREAM[done_at..]].concat();
+        for size in [1, 2, 3, 7, 50] {
+            let mut f = HiddenUsage::new();
+            f.hold_in(budget.guard(1 << 20));
+            let cuts: Vec<usize> = (1..USAGE_STREAM.len() / size).map(|i| i * size).collect();
+            let (out, _) = hide_in_pieces(&mut f, USAGE_STREAM.as_bytes(), &cuts);
+            assert_eq!(String::from_utf8_lossy(&out), expected, "pieces of {size}");
+            assert_eq!(f.usage(), Some(Usage::new(5, 2)));
+        }
+        // Held while unfinished, given back at the end.
+        let mut f = HiddenUsage::new();
+        f.hold_in(budget.guard(1 << 20));
+        let mut out = BytesMut::new();
+        f.push(&USAGE_STREAM.as_bytes()[..usage_at + 20], &mut out);
+        assert!(budget.held() >= 20);
+        f.finish(&mut out);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn an_event_the_budget_has_no_room_for_is_passed_on_unheld() {
+        use crate::compat::StreamTranslator;
+        let budget = crate::buffers::BufferBudget::default();
+        let mut full = budget.guard(1000);
+        full.grow(1000).expect("fits");
+        let mut f = HiddenUsage::new();
+        f.hold_in(budget.guard(1000));
+        let usage_at = USAGE_STREAM
+            .find("data: {\"id\":\"c\",\"choices\": [")
+            .expect("usage");
+        let (out, after) = hide_in_pieces(&mut f, USAGE_STREAM.as_bytes(), &[usage_at + 20]);
+        // All of it, the usage chunk too (still counted), as it came.
+        assert_eq!(String::from_utf8_lossy(&out), USAGE_STREAM);
+        assert_eq!(after[0], usage_at + 20);
+        assert_eq!(f.usage(), Some(Usage::new(5, 2)));
+        assert_eq!(budget.held(), 1000);
+    }
+
     #[test]
     fn events_end_at_a_blank_line_of_any_line_end() {
         for (buf, len) in [
@@ -1749,7 +1946,7 @@ mod tests {
             ("data: a\r\n", None),
             ("data: a\ndata: b\r\n", None),
         ] {
-            assert_eq!(event_len(buf.as_bytes()), len, "{buf:?}");
+            assert_eq!(event_end(buf.as_bytes(), 0).ok(), len, "{buf:?}");
         }
     }
 

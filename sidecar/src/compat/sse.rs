@@ -3,8 +3,14 @@
 //! arrives and never holds more than one event. [`DoneWatch`] tells whether an OpenAI-format
 //! stream passed through unparsed ended whole.
 
+use crate::buffers::{self, BudgetExhausted, Held};
+
 /// Largest event (data plus the line being read) kept; a larger one is dropped whole.
 pub const MAX_EVENT_BYTES: usize = 8 << 20;
+
+/// Allocation kept from one event to the next; a larger one (a big event's: Gemini streams
+/// images as megabytes of base64 in one event) is freed once its event passed.
+const KEEP_BYTES: usize = 64 << 10;
 
 /// One dispatched event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +35,11 @@ pub struct SseParser {
     oversized: bool,
     /// A line was read: a byte order mark may start the first one only.
     past_first_line: bool,
+    /// Takes the allocations of the unfinished line and event from the budget of buffered
+    /// bodies before they grow (see [`Self::hold_in`]).
+    held: Option<Held>,
+    /// The budget had no room for the event being read: nothing more is read.
+    refused: Option<BudgetExhausted>,
     /// Events dropped for size.
     pub dropped: u64,
 }
@@ -37,6 +48,20 @@ impl SseParser {
     /// A parser at the start of a stream.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Counts what this parser holds between chunks (an unfinished event: up to
+    /// [`MAX_EVENT_BYTES`], twice while its last line is joined to it) in the budget of
+    /// buffered bodies through `held`: the parser of a stream going to a client, beside
+    /// others. One the budget has no room for stops reading ([`Self::refused`]).
+    pub fn hold_in(&mut self, held: Held) {
+        self.held = Some(held);
+    }
+
+    /// Why this parser stopped reading: the budget of buffered bodies had no room for the
+    /// event being read.
+    pub fn refused(&self) -> Option<BudgetExhausted> {
+        self.refused
     }
 
     /// Feeds one chunk; `on_event` is called for each event it completes.
@@ -48,7 +73,9 @@ impl SseParser {
             }
             self.skip_lf = false;
         }
-        while let Some(i) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
+        while self.refused.is_none()
+            && let Some(i) = memchr::memchr2(b'\n', b'\r', rest)
+        {
             let line = &rest[..i];
             let cr = rest[i] == b'\r';
             rest = &rest[i + 1..];
@@ -61,18 +88,36 @@ impl SseParser {
             }
             if self.line.is_empty() {
                 self.process_line(line, on_event);
-            } else {
-                let mut full = std::mem::take(&mut self.line);
-                full.extend_from_slice(line);
-                self.process_line(&full, on_event);
+                continue;
+            }
+            // The end of a line an earlier chunk started.
+            let mut full = std::mem::take(&mut self.line);
+            if full.len() + line.len() + self.data.len() > MAX_EVENT_BYTES {
                 full.clear();
                 self.line = full;
+                self.mark_oversized();
+                continue;
+            }
+            if let Err(e) = buffers::reserve(self.held.as_mut(), &mut full, line.len()) {
+                self.refuse(e);
+                return;
+            }
+            full.extend_from_slice(line);
+            if let Some(rest) = self.take_first_data(full) {
+                self.process_line(&rest, on_event);
+                self.line = rest;
+                self.line.clear();
+                buffers::trim(self.held.as_mut(), &mut self.line, KEEP_BYTES);
             }
         }
-        if !rest.is_empty() {
+        if !rest.is_empty() && self.refused.is_none() {
             if self.line.len() + rest.len() + self.data.len() > MAX_EVENT_BYTES {
                 self.mark_oversized();
             } else if !self.oversized {
+                if let Err(e) = buffers::reserve(self.held.as_mut(), &mut self.line, rest.len()) {
+                    self.refuse(e);
+                    return;
+                }
                 self.line.extend_from_slice(rest);
             }
         }
@@ -81,6 +126,9 @@ impl SseParser {
     /// The stream ended: an event still open (no blank line after it) is dispatched, since
     /// some upstreams end their last event with the connection.
     pub fn finish(&mut self, on_event: &mut dyn FnMut(Event<'_>)) {
+        if self.refused.is_some() {
+            return;
+        }
         if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
             self.process_line(&line, on_event);
@@ -89,11 +137,43 @@ impl SseParser {
         self.skip_lf = false;
     }
 
+    /// The first data line of an event, carried over chunks, becomes its data where it is
+    /// (a Gemini image: megabytes, not copied into a second buffer); another line is given
+    /// back to be read.
+    fn take_first_data(&mut self, mut line: Vec<u8>) -> Option<Vec<u8>> {
+        if self.has_data || self.oversized || !self.past_first_line || !line.starts_with(b"data:") {
+            return Some(line);
+        }
+        let field = if line.get(5) == Some(&b' ') { 6 } else { 5 };
+        line.drain(..field);
+        let data = String::from_utf8(line)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+        // The line's allocation, counted already, is the data's now; the data's own goes.
+        let old = std::mem::replace(&mut self.data, data);
+        if let Some(h) = self.held.as_mut() {
+            h.release(old.capacity() as u64);
+        }
+        self.has_data = true;
+        None
+    }
+
     fn mark_oversized(&mut self) {
         self.oversized = true;
         self.line.clear();
         self.data.clear();
         self.has_data = false;
+        buffers::trim(self.held.as_mut(), &mut self.line, KEEP_BYTES);
+        buffers::trim(self.held.as_mut(), &mut self.data, KEEP_BYTES);
+    }
+
+    /// The budget had no room: what is held is freed (and given back with the guard), and
+    /// nothing more is read.
+    fn refuse(&mut self, e: BudgetExhausted) {
+        self.refused = Some(e);
+        self.line = Vec::new();
+        self.data = String::new();
+        self.has_data = false;
+        self.held = None;
     }
 
     fn process_line(&mut self, line: &[u8], on_event: &mut dyn FnMut(Event<'_>)) {
@@ -117,12 +197,13 @@ impl SseParser {
             self.name.clear();
             self.data.clear();
             self.has_data = false;
+            buffers::trim(self.held.as_mut(), &mut self.data, KEEP_BYTES);
             return;
         }
         if self.oversized || line[0] == b':' {
             return;
         }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
+        let (field, value) = match memchr::memchr(b':', line) {
             Some(i) => {
                 let v = &line[i + 1..];
                 (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
@@ -135,10 +216,17 @@ impl SseParser {
                     self.mark_oversized();
                     return;
                 }
+                let value = String::from_utf8_lossy(value);
+                if let Err(e) =
+                    buffers::reserve(self.held.as_mut(), &mut self.data, value.len() + 1)
+                {
+                    self.refuse(e);
+                    return;
+                }
                 if self.has_data {
                     self.data.push('\n');
                 }
-                self.data.push_str(&String::from_utf8_lossy(value));
+                self.data.push_str(&value);
                 self.has_data = true;
             }
             b"event" => {
@@ -301,6 +389,54 @@ mod tests {
             n += 1;
         });
         assert_eq!((n, p.dropped), (1, 1));
+    }
+
+    #[test]
+    fn an_unfinished_event_is_held_in_the_budget_and_its_allocation_freed_after_it() {
+        let budget = crate::buffers::BufferBudget::default();
+        let mut p = SseParser::new();
+        p.hold_in(budget.guard(64 << 20));
+        let mut got = Vec::new();
+        let mut on = |e: Event<'_>| got.push(e.data.len());
+        p.feed(b"data: {\"a\":1}\n\ndata: ", &mut on);
+        let small = budget.held();
+        assert!(small > 0 && small < 1024, "{small}");
+        let piece = vec![b'x'; 1 << 20];
+        for _ in 0..5 {
+            p.feed(&piece, &mut on);
+        }
+        // The line's allocation: 5 MiB, grown a MiB at a time past the first.
+        let held = budget.held();
+        assert!((5 << 20..=(6 << 20) + 1024).contains(&held), "{held}");
+        // Ended, it is the event's data where it is: not held twice.
+        p.feed(b"\n", &mut on);
+        assert!(budget.held() <= held, "{} held", budget.held());
+        p.feed(b"\ndata: b\n\n", &mut on);
+        assert_eq!(got, vec![7, 5 << 20, 1]);
+        assert!(budget.held() <= small + 256, "{} kept", budget.held());
+        assert_eq!(p.refused(), None);
+        drop(p);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[test]
+    fn an_event_the_budget_has_no_room_for_stops_the_parser_and_frees_it() {
+        let budget = crate::buffers::BufferBudget::default();
+        let mut other = budget.guard(4 << 20);
+        other.grow(1 << 20).expect("fits");
+        let mut p = SseParser::new();
+        p.hold_in(budget.guard(4 << 20));
+        let mut n = 0;
+        p.feed(b"data: a\n\ndata: ", &mut |_| n += 1);
+        let piece = vec![b'x'; 1 << 20];
+        for _ in 0..4 {
+            p.feed(&piece, &mut |_| n += 1);
+        }
+        assert_eq!(p.refused(), Some(BudgetExhausted { limit: 4 << 20 }));
+        assert_eq!(budget.held(), 1 << 20, "the parser's share given back");
+        p.feed(b"\n\ndata: b\n\n", &mut |_| n += 1);
+        p.finish(&mut |_| n += 1);
+        assert_eq!(n, 1);
     }
 
     proptest! {
