@@ -1065,7 +1065,7 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
     let ns = create_test_namespace(&client, "sgwh-rotate").await;
     let config_name = unique_name("sidegate-webhook-rotate");
     register(&client, &config_name, free_port(), &ns.name).await;
-    let mut settings = SelfManaged {
+    let settings = SelfManaged {
         namespace: ns.name.clone(),
         secret_name: "tls".into(),
         webhook_config_name: config_name.clone(),
@@ -1073,6 +1073,7 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
         validity: Duration::from_secs(86400),
         renew_before: Duration::from_secs(3600),
         owner: None,
+        pod: None,
     };
     let resolver = CertResolver::new();
     assert_eq!(
@@ -1095,8 +1096,22 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
     };
     let old_ca = ca_of(&secrets.get("tls").await.expect("secret"));
 
-    // Due for renewal: a new CA and certificate; caBundle trusts both CAs.
-    settings.renew_before = Duration::from_secs(2 * 86400);
+    // Due for renewal (the time recorded in the Secret, whatever the checker's own
+    // renew_before, has come): a new CA and certificate; caBundle trusts both CAs.
+    let stored = secrets.get("tls").await.expect("secret");
+    let mut issued: serde_json::Value =
+        serde_json::from_str(&stored.annotations()[certs::ISSUED_ANNOTATION]).expect("record");
+    issued["renewAfter"] =
+        serde_json::json!(issued["notAfter"].as_u64().expect("notAfter") - 2 * 86400);
+    secrets
+        .patch(
+            "tls",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                certs::ISSUED_ANNOTATION: issued.to_string()}}})),
+        )
+        .await
+        .expect("renewal time moved");
     assert_eq!(
         certs::ensure_self_managed(&client, &settings, &resolver)
             .await
@@ -1138,6 +1153,7 @@ async fn a_certificate_made_for_a_year_is_made_again_at_the_next_check_once_vali
         validity,
         renew_before: validity / 6,
         owner: None,
+        pod: None,
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let not_after = |s: &Secret| -> u64 {

@@ -335,6 +335,8 @@ pub fn webhook_args(port: u16, config_name: &str) -> sidegate_operator::webhook:
         tls_key_file: "/nonexistent".into(),
         ca_file: None,
         cert_validity_days: 365,
+        cert_check_secs: 60,
+        pod_name: None,
         sidecar_image: "registry.local/sidegate:test".into(),
         sidecar_image_pull_policy: Some("Never".into()),
         sidecar_image_pull_secrets: vec![],
