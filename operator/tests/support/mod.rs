@@ -1,9 +1,11 @@
 //! Helpers shared by the operator's cluster tests: CRDs and RBAC applied once, the controllers
 //! running in-process as the operator's ServiceAccount, object builders and waits;
-//! [`operator_process`]: `sidegate-operator run` as a child process.
+//! [`operator_process`]: `sidegate-operator run` as a child process; [`chart`]: the chart as
+//! `helm template` renders it.
 
 #![allow(dead_code)]
 
+pub mod chart;
 pub mod extra_apiserver;
 pub mod operator_process;
 
