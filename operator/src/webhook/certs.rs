@@ -1040,7 +1040,7 @@ fn ca_bundle(first: &[&str], then: &[&str]) -> String {
 /// resourceVersion, so that neither of two replicas patching at once drops the other's CA. A
 /// missing configuration is not an error (the chart may not have created it yet; the next check
 /// patches it).
-async fn trust(client: &Client, name: &str, required: &[&str]) -> Result<(), CertError> {
+pub async fn trust(client: &Client, name: &str, required: &[&str]) -> Result<(), CertError> {
     let needed: Vec<Vec<u8>> = required
         .iter()
         .flat_map(|pem| pem_certificates(pem))
@@ -1108,61 +1108,6 @@ async fn trust(client: &Client, name: &str, required: &[&str]) -> Result<(), Cer
     Err(CertError::Invalid(
         "the MutatingWebhookConfiguration kept changing under concurrent writers".into(),
     ))
-}
-
-/// Sets `caBundle` of every webhook in configuration `name` to `bundle`, unless each already
-/// trusts `ca_pem`. A missing configuration is not an error (the chart may not have created it
-/// yet; the next pass patches it).
-pub async fn patch_ca_bundle(
-    client: &Client,
-    name: &str,
-    ca_pem: &str,
-    bundle: &str,
-) -> Result<(), CertError> {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let Some(config) = api
-        .get_opt(name)
-        .await
-        .map_err(kube_err("reading the MutatingWebhookConfiguration"))?
-    else {
-        tracing::warn!(
-            config = name,
-            "MutatingWebhookConfiguration not found; caBundle not set yet"
-        );
-        return Ok(());
-    };
-    let webhooks = config.webhooks.unwrap_or_default();
-    let stale: Vec<&str> = webhooks
-        .iter()
-        .filter(|w| {
-            let trusted = w
-                .client_config
-                .ca_bundle
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(&b.0).contains(ca_pem.trim()))
-                .unwrap_or(false);
-            !trusted
-        })
-        .map(|w| w.name.as_str())
-        .collect();
-    if stale.is_empty() {
-        return Ok(());
-    }
-    // `webhooks` merges by name in a strategic merge patch: only caBundle changes.
-    let encoded = ByteString(bundle.as_bytes().to_vec());
-    let patch = json!({
-        "webhooks": stale
-            .iter()
-            .map(|n| json!({"name": n, "clientConfig": {"caBundle": encoded}}))
-            .collect::<Vec<_>>(),
-    });
-    api.patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .map_err(kube_err(
-            "patching caBundle into the MutatingWebhookConfiguration",
-        ))?;
-    tracing::info!(config = name, webhooks = stale.len(), "caBundle updated");
-    Ok(())
 }
 
 /// A certificate and key read from files (a mounted `kubernetes.io/tls` Secret).

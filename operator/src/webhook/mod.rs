@@ -68,7 +68,7 @@ pub enum CertMode {
     /// Read `--tls-cert-file`/`--tls-key-file` (a cert-manager Certificate's Secret);
     /// cert-manager's CA injector fills `caBundle`.
     CertManager,
-    /// Read the files like cert-manager mode; patch `caBundle` from `--ca-file` if given.
+    /// Read the files like cert-manager mode; add `--ca-file`, if given, to `caBundle`.
     Files,
 }
 
@@ -126,7 +126,8 @@ pub struct WebhookArgs {
         default_value = "/etc/sidegate/webhook-tls/tls.key"
     )]
     pub tls_key_file: PathBuf,
-    /// CA file to patch into `caBundle` (files mode).
+    /// CA file whose certificate is added to `caBundle` at start, next to the CAs it held (at
+    /// most four; files mode).
     #[arg(long, env = "SIDEGATE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// Days a self-managed certificate is valid, from 1 to 3650 (it is renewed when a sixth of
@@ -444,7 +445,7 @@ pub async fn start(
                     path: ca_file.clone(),
                     source,
                 })?;
-                certs::patch_ca_bundle(&client, &args.webhook_config_name, &ca, &ca).await?;
+                certs::trust(&client, &args.webhook_config_name, &[&ca]).await?;
             }
             tokio::spawn(files.keep_loaded(resolver.clone(), CertFiles::RELOAD_EVERY));
         }
