@@ -134,6 +134,39 @@ impl Watch {
     }
 }
 
+impl Watch {
+    /// Has the apiserver call the webhooks of `a` and `b` while the Secret is read, for
+    /// `checks` of their certificate checks.
+    async fn both(
+        &mut self,
+        secrets: &Api<Secret>,
+        pods: &Api<Pod>,
+        a: &mut OperatorProcess,
+        b: &mut OperatorProcess,
+        checks: u64,
+    ) {
+        let period = Duration::from_secs(checks * CHECK_SECS);
+        self.run(secrets, Some(pods), &mut [a, b], period, |_| false)
+            .await;
+    }
+
+    /// What went wrong, unless `first` and then `second` stored one certificate each.
+    fn stored_once_each(
+        &self,
+        first: &OperatorProcess,
+        second: &OperatorProcess,
+    ) -> Option<String> {
+        let seen = (rotations(first), rotations(second), self.certs.len());
+        (seen != (1, 1, 2)).then(|| {
+            format!(
+                "{} stored {} certificates and {} stored {} (the Secret was seen holding {}), \
+                 not one each, one after the other",
+                first.identity, seen.0, second.identity, seen.1, seen.2
+            )
+        })
+    }
+}
+
 /// The chart's certificate Secret name (release `sg`).
 const SECRET: &str = "sg-sidegate-webhook-cert";
 
@@ -342,25 +375,10 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
     let mut new = replica("new-replica", ports[1], &new_args, &new_pod);
     started(&mut watch, &secrets, &mut new, &mut [&mut old]).await;
     watch
-        .run(
-            &secrets,
-            Some(&apps_pods),
-            &mut [&mut old, &mut new],
-            Duration::from_secs(12 * CHECK_SECS),
-            |_| false,
-        )
+        .both(&secrets, &apps_pods, &mut old, &mut new, 12)
         .await;
     let secret = secrets.get(SECRET).await.expect("the certificate Secret");
-    let mut problems = Vec::new();
-    if (rotations(&old), rotations(&new), watch.certs.len()) != (1, 1, 2) {
-        problems.push(format!(
-            "the old replica stored {} certificates and the new one {} (the Secret was seen \
-             holding {}), not one each: the old one's, then the new one's",
-            rotations(&old),
-            rotations(&new),
-            watch.certs.len()
-        ));
-    }
+    let mut problems: Vec<String> = watch.stored_once_each(&old, &new).into_iter().collect();
     if made_for(&secret) != (Some(2), 86400) {
         problems.push(format!(
             "the stored certificate was made for {:?} (revision, validity), not revision 2's day",
@@ -416,13 +434,7 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
         .expect("renewal time moved");
     let before = (watch.certs.len(), rotations(&old) + rotations(&new));
     watch
-        .run(
-            &secrets,
-            Some(&apps_pods),
-            &mut [&mut old, &mut new],
-            Duration::from_secs(8 * CHECK_SECS),
-            |_| false,
-        )
+        .both(&secrets, &apps_pods, &mut old, &mut new, 8)
         .await;
     let secret = secrets.get(SECRET).await.expect("the certificate Secret");
     assert_eq!(
@@ -495,26 +507,10 @@ async fn replicas_that_cannot_tell_their_revision_agree_on_one_certificate_after
     started(&mut watch, &secrets, &mut a, &mut []).await;
     let mut b = replica("replica-b", ports[1], 1, "b.example");
     started(&mut watch, &secrets, &mut b, &mut [&mut a]).await;
-    watch
-        .run(
-            &secrets,
-            Some(&apps_pods),
-            &mut [&mut a, &mut b],
-            Duration::from_secs(12 * CHECK_SECS),
-            |_| false,
-        )
-        .await;
+    watch.both(&secrets, &apps_pods, &mut a, &mut b, 12).await;
     let secret = secrets.get(SECRET).await.expect("the certificate Secret");
     let names = secret.annotations()[certs::NAMES_ANNOTATION].clone();
-    let mut problems = Vec::new();
-    if (rotations(&a), rotations(&b), watch.certs.len()) != (1, 1, 2) {
-        problems.push(format!(
-            "a stored {} certificates and b {} (the Secret was seen holding {}), not one each",
-            rotations(&a),
-            rotations(&b),
-            watch.certs.len()
-        ));
-    }
+    let mut problems: Vec<String> = watch.stored_once_each(&a, &b).into_iter().collect();
     if made_for(&secret) != (None, 86400)
         || !names.contains("a.example")
         || !names.contains("b.example")
