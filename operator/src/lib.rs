@@ -12,6 +12,7 @@
 //! - [`pods`]: pods that name a gateway but run without its sidecar, or an outdated one.
 //! - [`lease`]: leader election with a coordination.k8s.io Lease.
 //! - [`owner`]: the operator's Deployment as owner of its Lease and certificate Secret.
+//! - [`revision`]: the revision of the operator's Deployment a replica runs.
 //! - [`scope`]: the namespaces served: the whole cluster, or those `--watch-namespace` names.
 //! - [`admin`]: `/healthz`, `/readyz` and `/metrics`; [`metrics`]: the Prometheus registry.
 //! - [`listener`]: connection limits and timeouts shared by the admin and webhook listeners.
@@ -30,6 +31,7 @@ pub mod pods;
 pub mod providerkey;
 pub mod render;
 pub mod resources;
+pub mod revision;
 pub mod scope;
 pub mod shutdown;
 pub mod status;

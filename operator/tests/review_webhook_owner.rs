@@ -22,7 +22,6 @@ mod common;
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,7 +31,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, OwnerReference};
 use kube::api::{Api, DeleteParams, PostParams};
 use kube::{Client, ResourceExt};
@@ -49,8 +48,9 @@ use sidegate_operator::webhook::inject::{
 use sidegate_operator::webhook::{self, WebhookArgs};
 
 use common::{cluster_client, create_test_namespace, eventually, unique_name};
+use support::chart::{self, flag};
 use support::extra_apiserver::ExtraApiserver;
-use support::{WAIT, create, free_port, gateway, repo_root, wait_for_default_service_account};
+use support::{WAIT, create, free_port, gateway, wait_for_default_service_account};
 
 // ---------------------------------------------------------------------------------------------
 // Unit level: inject::inject on pods built here.
@@ -444,6 +444,7 @@ async fn a_one_day_certificate_lasts_a_day_and_is_renewed_once_less_than_four_ho
         validity,
         renew_before,
         owner: None,
+        pod: None,
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let now = || {
@@ -510,32 +511,6 @@ async fn a_one_day_certificate_lasts_a_day_and_is_renewed_once_less_than_four_ho
 // ---------------------------------------------------------------------------------------------
 // Cluster level: the chart's RBAC under OwnerReferencesPermissionEnforcement.
 
-/// `helm template` of the chart for release `sg` in `ns`, only `templates`.
-fn helm_template(ns: &str, templates: &[&str]) -> String {
-    let mut args = vec!["template", "sg", "charts/sidegate", "--namespace", ns];
-    for t in templates {
-        args.extend(["--show-only", t]);
-    }
-    let out = Command::new("helm")
-        .args(&args)
-        .current_dir(repo_root())
-        .output()
-        .expect("helm (the test bed's bin dir on PATH)");
-    assert!(
-        out.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
-}
-
-fn flag(args: &[String], name: &str) -> String {
-    args.iter()
-        .find_map(|a| a.strip_prefix(&format!("--{name}=")))
-        .unwrap_or_else(|| panic!("--{name} in the chart's Deployment args {args:?}"))
-        .to_owned()
-}
-
 // Failed at 3f7d83f (mended since): under OwnerReferencesPermissionEnforcement, adopting an older operator's Lease/Secret (an update that adds ownerReferences) needs `delete` on them, which the chart's RBAC lacks: the Lease is never acquired again and the Secret never owned nor rotated
 #[tokio::test]
 async fn the_chart_rbac_lets_the_operator_adopt_its_lease_and_certificate_secret_where_owner_references_are_enforced()
@@ -550,13 +525,14 @@ async fn the_chart_rbac_lets_the_operator_adopt_its_lease_and_certificate_secret
 
     // The chart as installed in `ns` (release `sg`): its ServiceAccount, RBAC and Deployment
     // (whose pods stay Pending: no node; the Deployment is the owner either way).
-    let rendered = helm_template(
+    let rendered = chart::helm_template(
         &ns.name,
         &[
             "templates/serviceaccount.yaml",
             "templates/rbac.yaml",
             "templates/deployment.yaml",
         ],
+        &[],
     );
     let manifest = std::env::temp_dir().join(format!("{}.yaml", unique_name("sgrev-chart")));
     std::fs::write(&manifest, &rendered).expect("write manifest");
@@ -616,6 +592,7 @@ async fn the_chart_rbac_lets_the_operator_adopt_its_lease_and_certificate_secret
         validity: Duration::from_secs(86400),
         renew_before: Duration::from_secs(4 * 3600),
         owner: owner.cloned(),
+        pod: None,
     };
     let names = vec![format!("sg-sidegate-webhook.{}.svc", ns.name)];
 
@@ -736,22 +713,7 @@ async fn the_chart_rbac_lets_the_operator_adopt_its_lease_and_certificate_secret
     };
 
     // Cleanup: the chart's cluster-scoped objects, the namespace.
-    for cr in rendered
-        .split("\n---")
-        .filter(|d| d.contains("kind: ClusterRole"))
-        .filter_map(|d| {
-            d.lines()
-                .skip_while(|l| !l.starts_with("metadata:"))
-                .find_map(|l| l.trim().strip_prefix("name: ").map(str::to_owned))
-        })
-    {
-        let _ = Api::<ClusterRole>::all(admin.clone())
-            .delete(&cr, &DeleteParams::default())
-            .await;
-        let _ = Api::<ClusterRoleBinding>::all(admin.clone())
-            .delete(&cr, &DeleteParams::default())
-            .await;
-    }
+    chart::delete_cluster_roles(&admin, &rendered).await;
     let _ = std::fs::remove_file(&manifest);
     ns.delete().await;
     drop(enforcing);

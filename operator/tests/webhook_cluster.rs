@@ -1065,7 +1065,7 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
     let ns = create_test_namespace(&client, "sgwh-rotate").await;
     let config_name = unique_name("sidegate-webhook-rotate");
     register(&client, &config_name, free_port(), &ns.name).await;
-    let mut settings = SelfManaged {
+    let settings = SelfManaged {
         namespace: ns.name.clone(),
         secret_name: "tls".into(),
         webhook_config_name: config_name.clone(),
@@ -1073,6 +1073,7 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
         validity: Duration::from_secs(86400),
         renew_before: Duration::from_secs(3600),
         owner: None,
+        pod: None,
     };
     let resolver = CertResolver::new();
     assert_eq!(
@@ -1095,8 +1096,22 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
     };
     let old_ca = ca_of(&secrets.get("tls").await.expect("secret"));
 
-    // Due for renewal: a new CA and certificate; caBundle trusts both CAs.
-    settings.renew_before = Duration::from_secs(2 * 86400);
+    // Due for renewal (the time recorded in the Secret, whatever the checker's own
+    // renew_before, has come): a new CA and certificate; caBundle trusts both CAs.
+    let stored = secrets.get("tls").await.expect("secret");
+    let mut issued: serde_json::Value =
+        serde_json::from_str(&stored.annotations()[certs::ISSUED_ANNOTATION]).expect("record");
+    issued["renewAfter"] =
+        serde_json::json!(issued["notAfter"].as_u64().expect("notAfter") - 2 * 86400);
+    secrets
+        .patch(
+            "tls",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {
+                certs::ISSUED_ANNOTATION: issued.to_string()}}})),
+        )
+        .await
+        .expect("renewal time moved");
     assert_eq!(
         certs::ensure_self_managed(&client, &settings, &resolver)
             .await
@@ -1123,6 +1138,86 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
 }
 
 #[tokio::test]
+async fn ca_bundle_gains_a_ca_next_to_those_it_held_also_when_two_replicas_add_theirs_at_once() {
+    let Some(client) = cluster_client().await else {
+        return;
+    };
+    let ns = create_test_namespace(&client, "sgwh-trust").await;
+    let config_name = unique_name("sidegate-webhook-trust");
+    register(&client, &config_name, free_port(), &ns.name).await;
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let ca = || {
+        certs::generate(&["127.0.0.1".into()], Duration::from_secs(86400))
+            .expect("generate")
+            .ca_pem
+    };
+    let cas: Vec<String> = (0..6).map(|_| ca()).collect();
+    // The first webhook's caBundle, and the configuration's resourceVersion.
+    let held = || {
+        let configs = configs.clone();
+        let config_name = config_name.clone();
+        async move {
+            let config = configs.get(&config_name).await.expect("config");
+            let bundle = config.webhooks.expect("webhooks")[0]
+                .client_config
+                .ca_bundle
+                .clone()
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                .unwrap_or_default();
+            (bundle, config.metadata.resource_version)
+        }
+    };
+    let holds = |bundle: &str, ca: &str| bundle.contains(ca.trim());
+
+    certs::trust(&client, &config_name, &[&cas[0]])
+        .await
+        .expect("trusted");
+    certs::trust(&client, &config_name, &[&cas[1]])
+        .await
+        .expect("trusted");
+    let (bundle, version) = held().await;
+    assert!(
+        holds(&bundle, &cas[0]) && holds(&bundle, &cas[1]),
+        "{bundle}"
+    );
+    // Trusted already: nothing written.
+    certs::trust(&client, &config_name, &[&cas[1], &cas[0]])
+        .await
+        .expect("trusted");
+    assert_eq!(held().await.1, version);
+
+    // Two replicas rotating at once (each adding its new CA from the same read): neither CA
+    // is lost, whichever writes first.
+    let (two, three) = ([cas[2].as_str()], [cas[3].as_str()]);
+    let (a, b) = tokio::join!(
+        certs::trust(&client, &config_name, &two),
+        certs::trust(&client, &config_name, &three),
+    );
+    a.expect("a trusted");
+    b.expect("b trusted");
+    let (bundle, _) = held().await;
+    for (i, ca) in cas[..4].iter().enumerate() {
+        assert!(holds(&bundle, ca), "CA {i} lost: {bundle}");
+    }
+    // At most four: the oldest goes first.
+    certs::trust(&client, &config_name, &[&cas[4]])
+        .await
+        .expect("trusted");
+    let (bundle, _) = held().await;
+    assert!(
+        holds(&bundle, &cas[4]) && !holds(&bundle, &cas[0]),
+        "{bundle}"
+    );
+    assert_eq!(
+        bundle.matches("BEGIN CERTIFICATE").count(),
+        certs::TRUSTED_CAS
+    );
+
+    unregister(&client, &config_name).await;
+    ns.delete().await;
+}
+
+#[tokio::test]
 async fn a_certificate_made_for_a_year_is_made_again_at_the_next_check_once_validity_is_a_day() {
     let Some(client) = cluster_client().await else {
         return;
@@ -1138,6 +1233,7 @@ async fn a_certificate_made_for_a_year_is_made_again_at_the_next_check_once_vali
         validity,
         renew_before: validity / 6,
         owner: None,
+        pod: None,
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let not_after = |s: &Secret| -> u64 {

@@ -172,7 +172,8 @@ assert mwc["resourceNames"] == [by_kind("MutatingWebhookConfiguration")[0]["meta
 # (a create is authorized before the object has a name); delete of the Lease and the certificate
 # Secret by name only (OwnerReferencesPermissionEnforcement asks it of an update that sets their
 # owner; no Secrets delete cluster-wide); the operator's Deployment, read by name (owner.rs),
-# which owns the Lease and the certificate Secret.
+# which owns the Lease and the certificate Secret; the replica's own pod and its ReplicaSet
+# (revision.rs: whose certificate settings are newer), names the Deployment makes.
 role = by_kind("Role")[0]["rules"]
 args = pod()["containers"][0]["args"]
 lease = [a for a in args if a.startswith("--lease-name=")][0].split("=", 1)[1]
@@ -184,7 +185,9 @@ assert [(r["apiGroups"], r["resources"], sorted(r["verbs"]), r.get("resourceName
     (["coordination.k8s.io"], ["leases"], ["create"], None),
     (["coordination.k8s.io"], ["leases"], ["delete"], [lease]),
     ([""], ["secrets"], ["delete"], [cert]),
-    (["apps"], ["deployments"], ["get"], [owner])], role
+    (["apps"], ["deployments"], ["get"], [owner]),
+    ([""], ["pods"], ["get"], None),
+    (["apps"], ["replicasets"], ["get"], None)], role
 for d in docs:
     for r in d.get("rules", []):
         assert "*" not in r["verbs"] + r["resources"] + r["apiGroups"], r

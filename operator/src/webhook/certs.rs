@@ -2,9 +2,13 @@
 //!
 //! - Self-managed: a CA and a serving certificate generated with rcgen, kept in a Secret that all
 //!   replicas share, and the CA patched into the MutatingWebhookConfiguration's `caBundle`.
-//!   The CA key is never stored: each rotation makes a new CA, and `caBundle` carries the new and
-//!   the previous CA, patched *before* the new certificate is served, so the apiserver trusts
-//!   every certificate a replica may present during the switch.
+//!   The CA key is never stored: each rotation makes a new CA, and `caBundle` gets the new one
+//!   next to those it held (the previous one always, at most [`TRUSTED_CAS`]), patched *before*
+//!   the new certificate is served, so the apiserver trusts every certificate a replica may
+//!   present during the switch. Replicas of different settings (old and new ones of a rolling
+//!   upgrade) replace a stored certificate only for reasons they all see alike ([`assess`]): the
+//!   Secret records when it is renewed and which revision of the operator's Deployment it was
+//!   made for ([`ISSUED_ANNOTATION`], [`crate::revision`]).
 //! - Files (cert-manager or any other issuer): `tls.crt`/`tls.key` read from a mounted Secret
 //!   and re-read when kubelet updates it; cert-manager's CA injector maintains `caBundle`.
 
@@ -30,6 +34,7 @@ use rustls::sign::CertifiedKey;
 use serde_json::json;
 
 use crate::owner::{Adopter, write_adopting};
+use crate::revision::{OwnRevision, Revision};
 
 /// Secret key of the serving certificate (PEM).
 pub const TLS_CERT_KEY: &str = "tls.crt";
@@ -46,6 +51,12 @@ pub const NOT_AFTER_ANNOTATION: &str = "sidegate.dev/not-after";
 pub const NOT_BEFORE_ANNOTATION: &str = "sidegate.dev/not-before";
 /// Annotation on the Secret: the names the serving certificate is valid for, comma-separated.
 pub const NAMES_ANNOTATION: &str = "sidegate.dev/cert-names";
+/// Annotation on the Secret: what the serving certificate was made under, as JSON
+/// (`{"notAfter":1767225600,"renewAfter":1761955200,"revision":{"created":1735689600,
+/// "deployment":"<uid>","number":3}}`): its expiry (the record is the certificate's only while
+/// it matches [`NOT_AFTER_ANNOTATION`]), when every replica renews it, and the revision of the
+/// operator's Deployment whose settings it was made with ([`Revision`]; absent when not known).
+pub const ISSUED_ANNOTATION: &str = "sidegate.dev/issued";
 
 /// Certificate problems.
 #[derive(Debug, thiserror::Error)]
@@ -104,9 +115,22 @@ pub struct GeneratedCert {
     pub not_after: u64,
 }
 
+impl GeneratedCert {
+    /// When it was made, Unix seconds.
+    pub fn made(&self) -> u64 {
+        self.not_before + BACKDATED.as_secs()
+    }
+}
+
 /// How long before it is made a certificate is valid from: clocks of other machines may be
 /// behind.
 pub const BACKDATED: Duration = Duration::from_secs(3600);
+
+/// How long after a certificate is made (its CA added to `caBundle` just before it is stored) a
+/// replica starts serving it: the apiserver — each of them, in a highly available control plane
+/// — sees a webhook configuration through a watch, a moment after it is written, and until then
+/// would refuse the new certificate.
+pub const TRUST_SETTLE: Duration = Duration::from_secs(3);
 
 /// Generates a CA and a serving certificate for `names` (DNS names or IP addresses), valid from
 /// [`BACKDATED`] ago (clock skew) until `validity` from now.
@@ -223,6 +247,28 @@ impl CertResolver {
         Ok(true)
     }
 
+    /// Serves `cert`, valid until `not_after`, made at `made` (Unix seconds; its CA trusted
+    /// since), but not before [`TRUST_SETTLE`] after it was made (waiting at most that long,
+    /// whatever another node's clock said).
+    async fn switch_to(
+        &self,
+        cert: &ServingCert,
+        not_after: u64,
+        made: Option<u64>,
+    ) -> Result<bool, CertError> {
+        let new = self.current_pem().as_ref() != Some(cert);
+        if let (true, Some(made)) = (new, made) {
+            let settled = Duration::from_secs(made) + TRUST_SETTLE;
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            if let Some(left) = settled.checked_sub(now) {
+                tokio::time::sleep(left.min(TRUST_SETTLE)).await;
+            }
+        }
+        self.set_expiring(cert, not_after)
+    }
+
     /// Whether a certificate is loaded.
     pub fn is_loaded(&self) -> bool {
         self.current
@@ -300,11 +346,16 @@ pub struct SelfManaged {
     pub names: Vec<String>,
     /// Lifetime of a certificate.
     pub validity: Duration,
-    /// Rotate when less than this is left.
+    /// Rotate when less than this is left (of a certificate made with these settings: one made
+    /// with others is renewed when it records).
     pub renew_before: Duration,
     /// Owner of the Secret (the operator's Deployment, [`crate::owner`]), set when it is
     /// created or found without it, so that deleting the owner deletes the Secret too.
     pub owner: Option<OwnerReference>,
+    /// This replica's pod, in `namespace`: the revision of the operator's Deployment it runs
+    /// ([`crate::revision`]) decides whose settings win when the stored certificate was made
+    /// with others. Unset: the revision is unknown.
+    pub pod: Option<String>,
 }
 
 impl SelfManaged {
@@ -342,13 +393,14 @@ pub async fn ensure_self_managed(
         .await
 }
 
-/// The self-managed certificate as one operator process keeps it: where it lives, and the
-/// owner of its Secret (what the process learnt of it, such as a refused adoption, lasts from
-/// one check to the next).
+/// The self-managed certificate as one operator process keeps it: where it lives, the owner of
+/// its Secret and the revision this replica runs (what the process learnt of them, such as a
+/// refused adoption, lasts from one check to the next).
 pub struct SelfManagedCert {
     client: Client,
     settings: SelfManaged,
     owner: Option<Adopter>,
+    revision: Option<OwnRevision>,
 }
 
 impl SelfManagedCert {
@@ -362,76 +414,99 @@ impl SelfManagedCert {
                 format!("Secret {}", settings.secret_name),
             )
         });
+        let revision = settings
+            .pod
+            .as_deref()
+            .map(|pod| OwnRevision::new(client.clone(), &settings.namespace, pod));
         Self {
             client,
             settings,
             owner,
+            revision,
         }
     }
 
     /// Makes sure a valid certificate is stored, trusted through `caBundle`, and served by
-    /// `resolver`. Safe to run on every replica at once: Secret writes are conditional on its
-    /// resourceVersion, and a replica that loses the race adopts the winner's certificate.
+    /// `resolver`. Safe to run on every replica at once, also on replicas of different settings
+    /// (a rolling upgrade): a stored certificate is replaced only for a reason every replica
+    /// sees alike ([`assess`]), Secret writes are conditional on its resourceVersion, and a
+    /// replica that loses the race serves the winner's certificate.
     pub async fn ensure(&self, resolver: &CertResolver) -> Result<CertAction, CertError> {
         let (client, settings) = (&self.client, &self.settings);
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
+        let revision = match &self.revision {
+            Some(own) => own.current().await,
+            None => None,
+        };
+        let wanted = Wanted { settings, revision };
         for _attempt in 0..3 {
             let existing = secrets
                 .get_opt(&settings.secret_name)
                 .await
                 .map_err(kube_err("reading the webhook certificate Secret"))?;
-            if let Some((secret, stored)) = existing
-                .as_ref()
-                .and_then(|s| usable(s, settings, unix_now()).map(|stored| (s, stored)))
-            {
-                patch_ca_bundle(
-                    client,
-                    &settings.webhook_config_name,
-                    &stored.ca_pem,
-                    &stored.bundle,
-                )
-                .await?;
-                resolver.set_expiring(&stored.serving, stored.not_after)?;
-                self.adopt(&secrets, secret).await;
-                return Ok(CertAction::Reused);
-            }
+            let (reason, issue, servable) = match assess(existing.as_ref(), &wanted, unix_now()) {
+                Verdict::Keep(stored) => {
+                    self.serve(resolver, &stored).await?;
+                    if let Some(secret) = &existing {
+                        self.adopt(&secrets, secret).await;
+                    }
+                    return Ok(CertAction::Reused);
+                }
+                Verdict::Replace {
+                    reason,
+                    issue,
+                    servable,
+                } => (reason, issue, servable),
+            };
 
-            let fresh = generate(&settings.names, settings.validity)?;
+            let fresh = generate(&issue.names, issue.validity)?;
             let previous_ca = existing
                 .as_ref()
                 .and_then(|s| data_str(s, CA_CERT_KEY))
                 .filter(|ca| !ca.trim().is_empty());
-            let bundle = match previous_ca {
-                Some(old) => format!("{}{}", fresh.ca_pem, old),
-                None => fresh.ca_pem.clone(),
-            };
+            let required: Vec<&str> = [Some(fresh.ca_pem.as_str()), previous_ca.as_deref()]
+                .into_iter()
+                .flatten()
+                .collect();
+            let bundle = ca_bundle(&required, &[]);
             // Trust first, serve second: the apiserver must accept the new certificate as soon
-            // as any replica presents it.
-            patch_ca_bundle(
-                client,
-                &settings.webhook_config_name,
-                &fresh.ca_pem,
-                &bundle,
-            )
-            .await?;
-            let written = match existing {
-                None => self.create(&secrets, &fresh, &bundle).await,
-                Some(old) => self.rewrite(&secrets, &old, &fresh, &bundle).await,
-            };
-            match written {
+            // as any replica presents it, and the previous one while others still do.
+            let written = match trust(client, &settings.webhook_config_name, &required).await {
+                Err(e) => Err(e),
                 Ok(()) => {
-                    resolver.set_expiring(&fresh.serving, fresh.not_after)?;
-                    tracing::info!(
-                        secret = %settings.secret_name,
-                        not_after = fresh.not_after,
-                        "webhook certificate rotated"
-                    );
-                    return Ok(CertAction::Rotated);
+                    let write = match &existing {
+                        None => self.create(&secrets, &fresh, &issue, &bundle).await,
+                        Some(old) => self.rewrite(&secrets, old, &fresh, &issue, &bundle).await,
+                    };
+                    match write {
+                        Ok(()) => Ok(()),
+                        // Another replica stored one first: serve it on the next pass.
+                        Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                        Err(e) => Err(kube_err("writing the webhook certificate Secret")(e)),
+                    }
                 }
-                // Another replica stored one first: adopt it on the next pass.
-                Err(kube::Error::Api(e)) if e.code == 409 => continue,
-                Err(e) => return Err(kube_err("writing the webhook certificate Secret")(e)),
+            };
+            if let Err(e) = written {
+                // A replica that cannot write serves what the others serve.
+                if let Some(stored) = servable
+                    && let Err(e) = self.serve(resolver, &stored).await
+                {
+                    tracing::debug!(error = %e, "the stored webhook certificate is not served either");
+                }
+                return Err(e);
             }
+            tracing::info!(
+                secret = %settings.secret_name,
+                reason = %reason,
+                revision = ?issue.revision.as_ref().map(|r| r.number),
+                validity_secs = issue.validity.as_secs(),
+                not_after = fresh.not_after,
+                "webhook certificate rotated"
+            );
+            resolver
+                .switch_to(&fresh.serving, fresh.not_after, Some(fresh.made()))
+                .await?;
+            return Ok(CertAction::Rotated);
         }
         Err(CertError::Invalid(
             "the webhook certificate Secret kept changing under concurrent writers".into(),
@@ -449,18 +524,31 @@ impl SelfManagedCert {
         }
     }
 
-    /// Stores `fresh` (with CA bundle `bundle`) in a new Secret.
+    /// Serves the stored certificate, its CA trusted first.
+    async fn serve(&self, resolver: &CertResolver, stored: &Stored) -> Result<(), CertError> {
+        let mut required = vec![stored.ca_pem.as_str()];
+        required.extend(pem_certificates(&stored.bundle));
+        trust(&self.client, &self.settings.webhook_config_name, &required).await?;
+        let made = stored.not_before.map(|start| start + BACKDATED.as_secs());
+        resolver
+            .switch_to(&stored.serving, stored.not_after, made)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores `fresh` (made as `issue` says, with CA bundle `bundle`) in a new Secret.
     async fn create(
         &self,
         secrets: &Api<Secret>,
         fresh: &GeneratedCert,
+        issue: &Issue,
         bundle: &str,
     ) -> Result<(), kube::Error> {
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(self.settings.secret_name.clone()),
                 annotations: Some(
-                    annotations(fresh, &self.settings.names)
+                    annotations(fresh, issue)
                         .into_iter()
                         .map(|(k, v)| (k.to_owned(), v))
                         .collect(),
@@ -492,12 +580,14 @@ impl SelfManagedCert {
         .map(|_| ())
     }
 
-    /// Replaces the certificate in Secret `old` with `fresh` (with CA bundle `bundle`).
+    /// Replaces the certificate in Secret `old` with `fresh` (made as `issue` says, with CA
+    /// bundle `bundle`).
     async fn rewrite(
         &self,
         secrets: &Api<Secret>,
         old: &Secret,
         fresh: &GeneratedCert,
+        issue: &Issue,
         bundle: &str,
     ) -> Result<(), kube::Error> {
         // resourceVersion in a merge patch makes it conditional: 409 if another replica wrote
@@ -506,11 +596,10 @@ impl SelfManagedCert {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), json!(v)))
             .collect();
-        let annotations: serde_json::Map<String, serde_json::Value> =
-            annotations(fresh, &self.settings.names)
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), json!(v)))
-                .collect();
+        let annotations: serde_json::Map<String, serde_json::Value> = annotations(fresh, issue)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), json!(v)))
+            .collect();
         let patch = json!({
             "metadata": {
                 "resourceVersion": old.resource_version(),
@@ -582,57 +671,316 @@ fn secret_data<'a>(fresh: &'a GeneratedCert, bundle: &'a str) -> [(&'static str,
     ]
 }
 
-/// The Secret's annotations for certificate `fresh`, made for `names`.
-fn annotations(fresh: &GeneratedCert, names: &[String]) -> [(&'static str, String); 3] {
+/// The Secret's annotations for certificate `fresh`, made as `issue` says.
+fn annotations(fresh: &GeneratedCert, issue: &Issue) -> [(&'static str, String); 4] {
+    let issued = Issued {
+        not_after: fresh.not_after,
+        renew_after: fresh.not_after.saturating_sub(issue.renew_before.as_secs()),
+        revision: issue.revision.clone(),
+    };
     [
         (NOT_BEFORE_ANNOTATION, fresh.not_before.to_string()),
         (NOT_AFTER_ANNOTATION, fresh.not_after.to_string()),
-        (NAMES_ANNOTATION, names.join(",")),
+        (NAMES_ANNOTATION, issue.names.join(",")),
+        (
+            ISSUED_ANNOTATION,
+            serde_json::to_string(&issued).unwrap_or_default(),
+        ),
     ]
 }
 
+/// What [`ISSUED_ANNOTATION`] records of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Issued {
+    /// The certificate's expiry, Unix seconds: the record is the certificate's only if it
+    /// matches [`NOT_AFTER_ANNOTATION`] (an older operator rotating leaves the record as it was).
+    not_after: u64,
+    /// When every replica renews it, Unix seconds: whatever each one's own `renew_before`.
+    renew_after: u64,
+    /// The revision of the operator's Deployment whose settings it was made with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revision: Option<Revision>,
+}
+
+/// The stored certificate, complete and loadable.
+#[derive(Debug, Clone)]
 struct Stored {
     serving: ServingCert,
+    /// Start of its validity, Unix seconds (not recorded by older operators).
+    not_before: Option<u64>,
     not_after: u64,
+    names: Vec<String>,
+    /// Its record, if it has one of its own.
+    issued: Option<Issued>,
     ca_pem: String,
     bundle: String,
 }
 
-/// The stored certificate, if it is complete, for the right names, not due for renewal at `now`
-/// (Unix seconds), and made for no longer than `settings.validity`: after `--cert-validity-days`
-/// was lowered, the certificate made for the longer one is replaced, not kept to its end.
-fn usable(secret: &Secret, settings: &SelfManaged, now: u64) -> Option<Stored> {
-    let annotations = secret.annotations();
-    let not_after: u64 = annotations.get(NOT_AFTER_ANNOTATION)?.parse().ok()?;
-    if not_after < now + settings.renew_before.as_secs() {
-        return None;
+impl Stored {
+    /// The certificate in `secret`, or why it cannot be served.
+    fn read(secret: &Secret) -> Result<Self, &'static str> {
+        let annotations = secret.annotations();
+        let not_after: u64 = annotations
+            .get(NOT_AFTER_ANNOTATION)
+            .and_then(|v| v.parse().ok())
+            .ok_or("no expiry recorded")?;
+        let not_before = match annotations.get(NOT_BEFORE_ANNOTATION) {
+            Some(v) => Some(v.parse().map_err(|_| "an unreadable start recorded")?),
+            None => None,
+        };
+        let names = annotations
+            .get(NAMES_ANNOTATION)
+            .ok_or("no names recorded")?
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let issued = annotations
+            .get(ISSUED_ANNOTATION)
+            .and_then(|v| serde_json::from_str::<Issued>(v).ok())
+            .filter(|i| i.not_after == not_after && i.renew_after <= not_after);
+        let serving = ServingCert {
+            cert_pem: data_str(secret, TLS_CERT_KEY).ok_or("no certificate")?,
+            key_pem: data_str(secret, TLS_KEY_KEY).ok_or("no key")?,
+        };
+        certified_key(&serving).map_err(|_| "the certificate and key do not load as a pair")?;
+        let ca_pem = data_str(secret, CA_CERT_KEY)
+            .filter(|ca| der(ca).is_some())
+            .ok_or("no CA")?;
+        let bundle = data_str(secret, CA_BUNDLE_KEY).unwrap_or_else(|| ca_pem.clone());
+        Ok(Self {
+            serving,
+            not_before,
+            not_after,
+            names,
+            issued,
+            ca_pem,
+            bundle,
+        })
     }
-    let validity = settings.validity.as_secs();
-    let lifetime = match annotations.get(NOT_BEFORE_ANNOTATION) {
-        Some(not_before) => not_after.saturating_sub(not_before.parse().ok()?),
-        // Stored by an operator that did not record it: too long if more is left of it than of
-        // one made now (give or take the backdating, for clocks that disagree).
-        None => not_after.saturating_sub(now),
+
+    /// How long it was made for (the validity it was made with plus [`BACKDATED`]); for one
+    /// without a recorded start, what is left of it at `now`.
+    fn lifetime(&self, now: u64) -> u64 {
+        match self.not_before {
+            Some(start) => self.not_after.saturating_sub(start),
+            None => self.not_after.saturating_sub(now),
+        }
+    }
+
+    /// The validity it was made with, if its start is recorded.
+    fn validity(&self) -> Option<Duration> {
+        let start = self.not_before?;
+        Some(Duration::from_secs(
+            self.not_after
+                .saturating_sub(start)
+                .saturating_sub(BACKDATED.as_secs()),
+        ))
+    }
+
+    /// The settings it was made with, to renew it alike: known for a certificate with its
+    /// record and start.
+    fn issue(&self) -> Option<Issue> {
+        let issued = self.issued.as_ref()?;
+        let validity = self.validity()?;
+        let renew_before = Duration::from_secs(self.not_after - issued.renew_after);
+        (!renew_before.is_zero() && renew_before < validity).then(|| Issue {
+            validity,
+            renew_before,
+            names: self.names.clone(),
+            revision: issued.revision.clone(),
+        })
+    }
+}
+
+/// One replica's wish: its settings, and the revision of the operator's Deployment it runs.
+struct Wanted<'a> {
+    settings: &'a SelfManaged,
+    revision: Option<Revision>,
+}
+
+impl Wanted<'_> {
+    /// A certificate made with this replica's own settings.
+    fn own(&self) -> Issue {
+        Issue {
+            validity: self.settings.validity,
+            renew_before: self.settings.renew_before,
+            names: self.settings.names.clone(),
+            revision: self.revision.clone(),
+        }
+    }
+}
+
+/// The settings a new certificate is made with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Issue {
+    validity: Duration,
+    renew_before: Duration,
+    names: Vec<String>,
+    /// The revision whose settings these are (recorded with it).
+    revision: Option<Revision>,
+}
+
+/// Whose settings are newer: this replica's, or those a stored certificate was made with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// The certificate's (a later revision, or a replica that knew its revision when this one
+    /// does not).
+    Older,
+    /// Neither: the same revision, or both unknown.
+    Same,
+    /// This replica's (a later revision, or a certificate made without a known revision, such
+    /// as an older operator's).
+    Newer,
+}
+
+fn order(mine: Option<&Revision>, recorded: Option<&Revision>) -> Order {
+    match (mine, recorded) {
+        (Some(m), Some(r)) if m > r => Order::Newer,
+        (Some(m), Some(r)) if m < r => Order::Older,
+        (Some(_), None) => Order::Newer,
+        (None, Some(_)) => Order::Older,
+        _ => Order::Same,
+    }
+}
+
+/// Why a stored certificate is replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reason {
+    Missing,
+    Unusable(&'static str),
+    Due,
+    Longer,
+    Names,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing => f.write_str("no certificate stored"),
+            Self::Unusable(why) => write!(f, "the stored one is unusable: {why}"),
+            Self::Due => f.write_str("due for renewal"),
+            Self::Longer => f.write_str("made for longer than this replica's validity"),
+            Self::Names => f.write_str("not made for this replica's names"),
+        }
+    }
+}
+
+/// What to do with the stored certificate.
+#[derive(Debug)]
+enum Verdict {
+    Keep(Stored),
+    Replace {
+        reason: Reason,
+        issue: Issue,
+        /// The stored certificate, if it can still be served (by a replica that cannot write).
+        servable: Option<Stored>,
+    },
+}
+
+/// What replica `wanted` does with certificate Secret `secret` at `now` (Unix seconds). Only
+/// for a reason any replica of any settings sees alike, so that no two replicas undo each
+/// other's certificate: none stored, or unusable; its recorded renewal time reached
+/// ([`Issued::renew_after`], not each replica's own `renew_before`); or settings that are
+/// newer than those it was made with (a later revision of the operator's Deployment) and which
+/// it does not fit: longer than their validity, or for other names. A replica of an older
+/// revision keeps a newer one's certificate whatever its own settings, and renews it with the
+/// settings it was made with. Of the same revision (or both unknown: the revision cannot be
+/// read), a replica replaces only a certificate longer than its validity or missing one of its
+/// names, and makes the new one for the shorter validity and all the names, so that two such
+/// replicas with different settings agree after one rotation.
+fn assess(secret: Option<&Secret>, wanted: &Wanted<'_>, now: u64) -> Verdict {
+    let own = wanted.own();
+    let Some(secret) = secret else {
+        return Verdict::Replace {
+            reason: Reason::Missing,
+            issue: own,
+            servable: None,
+        };
     };
-    if lifetime > validity + BACKDATED.as_secs() {
-        return None;
-    }
-    if annotations.get(NAMES_ANNOTATION)? != &settings.names.join(",") {
-        return None;
-    }
-    let serving = ServingCert {
-        cert_pem: data_str(secret, TLS_CERT_KEY)?,
-        key_pem: data_str(secret, TLS_KEY_KEY)?,
+    let stored = match Stored::read(secret) {
+        Ok(stored) => stored,
+        Err(why) => {
+            return Verdict::Replace {
+                reason: Reason::Unusable(why),
+                issue: own,
+                servable: None,
+            };
+        }
     };
-    certified_key(&serving).ok()?;
-    let ca_pem = data_str(secret, CA_CERT_KEY)?;
-    let bundle = data_str(secret, CA_BUNDLE_KEY).unwrap_or_else(|| ca_pem.clone());
-    Some(Stored {
-        serving,
-        not_after,
-        ca_pem,
-        bundle,
-    })
+    let order = order(
+        wanted.revision.as_ref(),
+        stored.issued.as_ref().and_then(|i| i.revision.as_ref()),
+    );
+    let renew_after = match &stored.issued {
+        Some(issued) => issued.renew_after,
+        // Made by an older operator: when this replica's settings say.
+        None => stored
+            .not_after
+            .saturating_sub(wanted.settings.renew_before.as_secs()),
+    };
+    if now >= renew_after {
+        let issue = match order {
+            Order::Older => stored.issue().unwrap_or(own),
+            Order::Same | Order::Newer => own,
+        };
+        let servable = (now < stored.not_after).then(|| stored.clone());
+        return Verdict::Replace {
+            reason: Reason::Due,
+            issue,
+            servable,
+        };
+    }
+    let longer = stored.lifetime(now) > wanted.settings.validity.as_secs() + BACKDATED.as_secs();
+    let reason = match order {
+        Order::Older => None,
+        Order::Newer if longer => Some((Reason::Longer, own)),
+        Order::Newer if stored.names != own.names => Some((Reason::Names, own)),
+        Order::Newer => None,
+        Order::Same => {
+            let missing = own.names.iter().any(|n| !stored.names.contains(n));
+            match (longer, missing) {
+                (false, false) => None,
+                (longer, _) => {
+                    let reason = if longer {
+                        Reason::Longer
+                    } else {
+                        Reason::Names
+                    };
+                    Some((reason, agreed(own, &stored)))
+                }
+            }
+        }
+    };
+    match reason {
+        None => Verdict::Keep(stored),
+        Some((reason, issue)) => Verdict::Replace {
+            reason,
+            issue,
+            servable: Some(stored),
+        },
+    }
+}
+
+/// Settings `own` met with certificate `stored` made by a replica of the same revision: the
+/// shorter validity (renewed as early in proportion) and the names of both.
+fn agreed(own: Issue, stored: &Stored) -> Issue {
+    let mut issue = own;
+    if let Some(theirs) = stored
+        .validity()
+        .filter(|v| !v.is_zero() && *v < issue.validity)
+    {
+        let share = theirs.as_secs_f64() / issue.validity.as_secs_f64();
+        issue.renew_before = issue.renew_before.mul_f64(share);
+        issue.validity = theirs;
+    }
+    for name in &stored.names {
+        if !issue.names.contains(name) {
+            issue.names.push(name.clone());
+        }
+    }
+    issue
 }
 
 fn data_str(secret: &Secret, key: &str) -> Option<String> {
@@ -640,59 +988,126 @@ fn data_str(secret: &Secret, key: &str) -> Option<String> {
     String::from_utf8(bytes.0.clone()).ok()
 }
 
-/// Sets `caBundle` of every webhook in configuration `name` to `bundle`, unless each already
-/// trusts `ca_pem`. A missing configuration is not an error (the chart may not have created it
-/// yet; the next pass patches it).
-pub async fn patch_ca_bundle(
-    client: &Client,
-    name: &str,
-    ca_pem: &str,
-    bundle: &str,
-) -> Result<(), CertError> {
-    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let Some(config) = api
-        .get_opt(name)
-        .await
-        .map_err(kube_err("reading the MutatingWebhookConfiguration"))?
-    else {
-        tracing::warn!(
-            config = name,
-            "MutatingWebhookConfiguration not found; caBundle not set yet"
-        );
-        return Ok(());
-    };
-    let webhooks = config.webhooks.unwrap_or_default();
-    let stale: Vec<&str> = webhooks
-        .iter()
-        .filter(|w| {
-            let trusted = w
-                .client_config
-                .ca_bundle
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(&b.0).contains(ca_pem.trim()))
-                .unwrap_or(false);
-            !trusted
-        })
-        .map(|w| w.name.as_str())
-        .collect();
-    if stale.is_empty() {
-        return Ok(());
+/// Most CAs `caBundle` holds: the new one, the previous one, and two before them, for replicas
+/// that have not yet loaded a rotation (or two rotations made at once).
+pub const TRUSTED_CAS: usize = 4;
+
+/// The DER of PEM certificate `pem`, if it is one.
+fn der(pem: &str) -> Option<Vec<u8>> {
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|d| d.to_vec())
+}
+
+/// The PEM certificates of `bundle`, in order.
+fn pem_certificates(bundle: &str) -> Vec<&str> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut certs = Vec::new();
+    let mut rest = bundle;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(len) = rest[start..].find(END) else {
+            break;
+        };
+        let end = start + len + END.len();
+        certs.push(&rest[start..end]);
+        rest = &rest[end..];
     }
-    // `webhooks` merges by name in a strategic merge patch: only caBundle changes.
-    let encoded = ByteString(bundle.as_bytes().to_vec());
-    let patch = json!({
-        "webhooks": stale
+    certs
+}
+
+/// A CA bundle of `first` followed by `then`, each certificate once, at most [`TRUSTED_CAS`].
+fn ca_bundle(first: &[&str], then: &[&str]) -> String {
+    let mut seen = Vec::new();
+    let mut bundle = String::new();
+    for pem in first.iter().chain(then).flat_map(|p| pem_certificates(p)) {
+        let Some(der) = der(pem) else {
+            continue;
+        };
+        if seen.len() == TRUSTED_CAS || seen.contains(&der) {
+            continue;
+        }
+        seen.push(der);
+        bundle.push_str(pem.trim());
+        bundle.push('\n');
+    }
+    bundle
+}
+
+/// Makes every webhook of configuration `name` trust each CA of `required` (PEM): where one is
+/// missing, its `caBundle` becomes `required` followed by the CAs it held (newest first, at most
+/// [`TRUSTED_CAS`] in all), so that certificates other replicas still serve stay trusted, such
+/// as one another replica made in the same moment. Conditional on the configuration's
+/// resourceVersion, so that neither of two replicas patching at once drops the other's CA. A
+/// missing configuration is not an error (the chart may not have created it yet; the next check
+/// patches it).
+pub async fn trust(client: &Client, name: &str, required: &[&str]) -> Result<(), CertError> {
+    let needed: Vec<Vec<u8>> = required
+        .iter()
+        .flat_map(|pem| pem_certificates(pem))
+        .filter_map(der)
+        .collect();
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    for _attempt in 0..3 {
+        let Some(config) = api
+            .get_opt(name)
+            .await
+            .map_err(kube_err("reading the MutatingWebhookConfiguration"))?
+        else {
+            tracing::warn!(
+                config = name,
+                "MutatingWebhookConfiguration not found; caBundle not set yet"
+            );
+            return Ok(());
+        };
+        // `webhooks` merges by name in a strategic merge patch: only caBundle changes.
+        let stale: Vec<serde_json::Value> = config
+            .webhooks
             .iter()
-            .map(|n| json!({"name": n, "clientConfig": {"caBundle": encoded}}))
-            .collect::<Vec<_>>(),
-    });
-    api.patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .map_err(kube_err(
-            "patching caBundle into the MutatingWebhookConfiguration",
-        ))?;
-    tracing::info!(config = name, webhooks = stale.len(), "caBundle updated");
-    Ok(())
+            .flatten()
+            .filter_map(|w| {
+                let held = w
+                    .client_config
+                    .ca_bundle
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                    .unwrap_or_default();
+                let trusted: Vec<Vec<u8>> = pem_certificates(&held)
+                    .into_iter()
+                    .filter_map(der)
+                    .collect();
+                if needed.iter().all(|n| trusted.contains(n)) {
+                    return None;
+                }
+                let bundle = ByteString(ca_bundle(required, &[&held]).into_bytes());
+                Some(json!({"name": w.name, "clientConfig": {"caBundle": bundle}}))
+            })
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": config.resource_version()},
+            "webhooks": stale,
+        });
+        match api
+            .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(config = name, webhooks = stale.len(), "caBundle updated");
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => continue,
+            Err(e) => {
+                return Err(kube_err(
+                    "patching caBundle into the MutatingWebhookConfiguration",
+                )(e));
+            }
+        }
+    }
+    Err(CertError::Invalid(
+        "the MutatingWebhookConfiguration kept changing under concurrent writers".into(),
+    ))
 }
 
 /// A certificate and key read from files (a mounted `kubernetes.io/tls` Secret).
@@ -929,23 +1344,50 @@ mod tests {
         );
     }
 
-    /// The Secret [`SelfManagedCert::ensure`] stores for `cert`; without the not-before
-    /// annotation as an older operator stored it.
-    fn stored(cert: &GeneratedCert, names: &[String], with_not_before: bool) -> Secret {
-        let mut annotations: std::collections::BTreeMap<String, String> = annotations(cert, names)
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        if !with_not_before {
-            annotations.remove(NOT_BEFORE_ANNOTATION);
+    const DAY: u64 = 86400;
+
+    /// Settings of `--cert-validity-days` `days` (renewed when a sixth is left) for `names`.
+    fn valid_for(days: u64, names: &[&str]) -> SelfManaged {
+        let validity = Duration::from_secs(days * DAY);
+        SelfManaged {
+            namespace: "sidegate-system".into(),
+            secret_name: "sidegate-webhook-tls".into(),
+            webhook_config_name: "sidegate-operator".into(),
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            validity,
+            renew_before: validity / 6,
+            owner: None,
+            pod: None,
         }
+    }
+
+    /// A replica of `settings` running `revision` of the operator's Deployment.
+    fn replica(settings: &SelfManaged, revision: Option<u64>) -> Wanted<'_> {
+        Wanted {
+            settings,
+            revision: revision.map(|number| Revision {
+                created: 1_750_000_000,
+                deployment: "uid-1".into(),
+                number,
+            }),
+        }
+    }
+
+    /// The Secret [`SelfManagedCert::ensure`] stores for a certificate made as `issue` says.
+    fn stored_as(issue: &Issue) -> Secret {
+        let cert = generate(&issue.names, issue.validity).expect("generate");
         Secret {
             metadata: ObjectMeta {
-                annotations: Some(annotations),
+                annotations: Some(
+                    annotations(&cert, issue)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect(),
+                ),
                 ..ObjectMeta::default()
             },
             data: Some(
-                secret_data(cert, &cert.ca_pem)
+                secret_data(&cert, &cert.ca_pem)
                     .into_iter()
                     .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
                     .collect(),
@@ -954,50 +1396,319 @@ mod tests {
         }
     }
 
-    /// Settings of `--cert-validity-days` `days` (renewed when a sixth is left).
-    fn valid_for(days: u64, names: &[String]) -> SelfManaged {
-        let validity = Duration::from_secs(days * 86400);
-        SelfManaged {
-            namespace: "sidegate-system".into(),
-            secret_name: "sidegate-webhook-tls".into(),
-            webhook_config_name: "sidegate-operator".into(),
-            names: names.to_vec(),
-            validity,
-            renew_before: validity / 6,
-            owner: None,
+    /// The Secret replica `wanted` stores when it replaces `secret` at `now`, or None if it keeps
+    /// it; panics if its reason is not `reason`.
+    fn replaced(
+        secret: Option<&Secret>,
+        wanted: &Wanted<'_>,
+        now: u64,
+        reason: Reason,
+    ) -> Option<(Issue, Secret)> {
+        match assess(secret, wanted, now) {
+            Verdict::Keep(_) => None,
+            Verdict::Replace {
+                reason: why, issue, ..
+            } => {
+                assert_eq!(why, reason, "why it is replaced");
+                let secret = stored_as(&issue);
+                Some((issue, secret))
+            }
         }
     }
 
+    fn kept(secret: &Secret, wanted: &Wanted<'_>, now: u64) -> bool {
+        matches!(assess(Some(secret), wanted, now), Verdict::Keep(_))
+    }
+
+    fn without(secret: &Secret, annotation: &str) -> Secret {
+        let mut secret = secret.clone();
+        if let Some(a) = secret.metadata.annotations.as_mut() {
+            a.remove(annotation);
+        }
+        secret
+    }
+
+    const NAMES: [&str; 2] = ["sidegate-webhook.sidegate-system.svc", "127.0.0.1"];
+
     #[test]
-    fn a_certificate_made_for_longer_than_the_validity_now_configured_is_made_again() {
-        let names = vec!["sidegate-webhook.sidegate-system.svc".to_owned()];
-        let day = 86400;
-        let year = generate(&names, Duration::from_secs(365 * day)).expect("a year");
+    fn lowered_validity_in_a_new_revision_replaces_the_certificate_once_and_the_old_replicas_keep_it()
+     {
         let now = unix_now();
-        for recorded in [true, false] {
-            let secret = stored(&year, &names, recorded);
-            assert!(usable(&secret, &valid_for(365, &names), now).is_some());
-            // --cert-validity-days 365 -> 1: replaced at the next check, not 4 h before the
-            // end of the year.
-            assert!(
-                usable(&secret, &valid_for(1, &names), now).is_none(),
-                "not-before recorded: {recorded}"
-            );
-            // 365 -> 300, 100 days in: 265 days left, but a certificate of 365 days.
-            if recorded {
-                assert!(usable(&secret, &valid_for(300, &names), now + 100 * day).is_none());
+        let (old, new) = (valid_for(365, &NAMES), valid_for(1, &NAMES));
+        let (old, new) = (replica(&old, Some(3)), replica(&new, Some(4)));
+        let (_, year) = replaced(None, &old, now, Reason::Missing).expect("made");
+        // The new revision replaces it at its first check, not 4 h before the end of the year.
+        let (issue, day) = replaced(Some(&year), &new, now, Reason::Longer).expect("replaced");
+        assert_eq!(
+            (issue.validity, issue.revision.map(|r| r.number)),
+            (Duration::from_secs(DAY), Some(4))
+        );
+        // The old revision keeps it all day, though a sixth of its own year (61 days) is more
+        // than is left of it, and it is shorter than the old revision's validity.
+        for hours_in in [0, 10, 19] {
+            assert!(kept(&day, &old, now + hours_in * 3600), "{hours_in} h in");
+            assert!(kept(&day, &new, now + hours_in * 3600), "{hours_in} h in");
+        }
+        // 4 h before its end both renew it, alike: with the new revision's settings.
+        let at = now + 21 * 3600;
+        let (by_new, _) = replaced(Some(&day), &new, at, Reason::Due).expect("due");
+        let (by_old, renewed) = replaced(Some(&day), &old, at, Reason::Due).expect("due");
+        assert_eq!(by_old, by_new);
+        // (Made now: what follows the renewal, seen at the time it was made.)
+        assert!(kept(&renewed, &new, now) && kept(&renewed, &old, now));
+    }
+
+    #[test]
+    fn raised_validity_in_a_new_revision_waits_for_the_renewal_and_is_kept_by_the_old_replicas() {
+        let now = unix_now();
+        let (old, new) = (valid_for(1, &NAMES), valid_for(365, &NAMES));
+        let (old, new) = (replica(&old, Some(3)), replica(&new, Some(4)));
+        let (_, day) = replaced(None, &old, now, Reason::Missing).expect("made");
+        // A sixth of a year is more than a day: by its own settings the new revision would
+        // renew it at once. It renews when recorded, 4 h before the end.
+        assert!(kept(&day, &new, now) && kept(&day, &new, now + 19 * 3600));
+        let at = now + 21 * 3600;
+        // Whichever renews it first, the other keeps what it made.
+        let (issue, year) = replaced(Some(&day), &new, at, Reason::Due).expect("due");
+        assert_eq!(issue.validity, Duration::from_secs(365 * DAY));
+        // (Made now: what follows the renewal, seen at the time it was made.)
+        assert!(kept(&year, &old, now) && kept(&year, &new, now));
+        let (issue, renewed) = replaced(Some(&day), &old, at, Reason::Due).expect("due");
+        assert_eq!(issue.validity, Duration::from_secs(DAY));
+        assert!(kept(&renewed, &old, now) && kept(&renewed, &new, now));
+    }
+
+    #[test]
+    fn other_names_are_taken_from_a_newer_revision_only() {
+        let now = unix_now();
+        let renamed = ["sg-sidegate-webhook.sidegate-system.svc", "127.0.0.1"];
+        let (old, new) = (valid_for(1, &NAMES), valid_for(1, &renamed));
+        let (old, new) = (replica(&old, Some(1)), replica(&new, Some(2)));
+        let (_, first) = replaced(None, &old, now, Reason::Missing).expect("made");
+        let (issue, second) = replaced(Some(&first), &new, now, Reason::Names).expect("renamed");
+        assert_eq!(issue.names, renamed);
+        assert!(kept(&second, &old, now) && kept(&second, &new, now));
+        // A rollback: the ReplicaSet of the old names gets the highest revision.
+        let back = replica(old.settings, Some(3));
+        let (issue, _) = replaced(Some(&second), &back, now, Reason::Names).expect("back");
+        assert_eq!(issue.names, NAMES);
+        // Deleted and installed again (the Secret left behind, unowned): revision 1 of a
+        // Deployment made later is newer than revision 2 of the one before.
+        let reinstalled = Wanted {
+            settings: old.settings,
+            revision: Some(Revision {
+                created: 1_760_000_000,
+                deployment: "uid-2".into(),
+                number: 1,
+            }),
+        };
+        let (issue, third) =
+            replaced(Some(&second), &reinstalled, now, Reason::Names).expect("reinstalled");
+        assert_eq!(issue.names, NAMES);
+        assert!(kept(&third, &reinstalled, now) && kept(&third, &new, now));
+    }
+
+    #[test]
+    fn replicas_that_cannot_tell_their_revision_agree_after_one_rotation() {
+        let now = unix_now();
+        let a = valid_for(365, &["a.test.svc", "127.0.0.1"]);
+        let b = valid_for(1, &["b.test.svc", "127.0.0.1"]);
+        let (a, b) = (replica(&a, None), replica(&b, None));
+        for (first, second) in [(&a, &b), (&b, &a)] {
+            let (_, made) = replaced(None, first, now, Reason::Missing).expect("made");
+            let reason = if first.settings.validity > second.settings.validity {
+                Reason::Longer
+            } else {
+                Reason::Names
+            };
+            let (issue, agreed) = replaced(Some(&made), second, now, reason).expect("replaced");
+            // The shorter validity, renewed as early in proportion, and every name.
+            assert_eq!(issue.validity, Duration::from_secs(DAY));
+            assert_eq!(issue.renew_before, Duration::from_secs(DAY / 6));
+            let mut names = issue.names.clone();
+            names.sort();
+            assert_eq!(names, ["127.0.0.1", "a.test.svc", "b.test.svc"]);
+            for hours_in in [0, 19] {
+                let at = now + hours_in * 3600;
+                assert!(
+                    kept(&agreed, &a, at) && kept(&agreed, &b, at),
+                    "{hours_in} h in"
+                );
             }
         }
-        // A certificate of the configured validity is kept to its renewal, all through.
-        let one_day = generate(&names, Duration::from_secs(day)).expect("a day");
-        let secret = stored(&one_day, &names, true);
-        for hours_in in [0, 10, 19] {
-            assert!(
-                usable(&secret, &valid_for(1, &names), now + hours_in * 3600).is_some(),
-                "{hours_in} h in"
+        // A replica that cannot tell its revision keeps what a replica that could made.
+        let (_, newer) =
+            replaced(None, &replica(b.settings, Some(7)), now, Reason::Missing).expect("made");
+        assert!(kept(&newer, &a, now));
+    }
+
+    #[test]
+    fn a_certificate_without_its_own_record_is_judged_by_each_replicas_settings() {
+        let now = unix_now();
+        let names = [NAMES[0]];
+        let (_, year) = replaced(
+            None,
+            &replica(&valid_for(365, &names), None),
+            now,
+            Reason::Missing,
+        )
+        .expect("made");
+        // As an older operator stored it: no record, or one an older operator's rotation left
+        // (its notAfter another certificate's); without the start too, for the oldest.
+        let mut overwritten = year.clone();
+        overwritten
+            .metadata
+            .annotations
+            .as_mut()
+            .expect("annotations")
+            .insert(
+                ISSUED_ANNOTATION.into(),
+                json!({"notAfter": now + 5 * DAY, "renewAfter": now + 4 * DAY, "revision": 9})
+                    .to_string(),
             );
+        for secret in [
+            without(&year, ISSUED_ANNOTATION),
+            overwritten,
+            without(&without(&year, ISSUED_ANNOTATION), NOT_BEFORE_ANNOTATION),
+        ] {
+            for revision in [None, Some(1)] {
+                let year_long = valid_for(365, &names);
+                assert!(kept(&secret, &replica(&year_long, revision), now));
+                // --cert-validity-days 365 -> 1: replaced at the next check.
+                let day = valid_for(1, &names);
+                assert!(
+                    replaced(Some(&secret), &replica(&day, revision), now, Reason::Longer)
+                        .is_some()
+                );
+                // Renewed when a sixth of the replica's own validity is left.
+                let at = now + 310 * DAY;
+                assert!(
+                    replaced(
+                        Some(&secret),
+                        &replica(&year_long, revision),
+                        at,
+                        Reason::Due
+                    )
+                    .is_some()
+                );
+            }
         }
-        assert!(usable(&secret, &valid_for(1, &names), now + 21 * 3600).is_none());
+        // 365 -> 300, 100 days in: 265 days left, but a certificate of 365 days.
+        assert!(
+            replaced(
+                Some(&year),
+                &replica(&valid_for(300, &names), None),
+                now + 100 * DAY,
+                Reason::Longer
+            )
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn broken_missing_or_expired_certificates_are_replaced_by_every_replica_with_its_own_settings()
+    {
+        let now = unix_now();
+        let (old, new) = (valid_for(365, &NAMES), valid_for(1, &NAMES));
+        let (_, made) =
+            replaced(None, &replica(&new, Some(5)), now, Reason::Missing).expect("made");
+        let other = stored_as(&replica(&new, Some(5)).own());
+        let mut mismatched = made.clone();
+        mismatched.data.as_mut().expect("data").insert(
+            TLS_KEY_KEY.into(),
+            other.data.as_ref().expect("data")[TLS_KEY_KEY].clone(),
+        );
+        let mut garbage = made.clone();
+        garbage.data.as_mut().expect("data").insert(
+            TLS_CERT_KEY.into(),
+            ByteString(b"not a certificate".to_vec()),
+        );
+        let broken = [
+            (mismatched, "the certificate and key do not load as a pair"),
+            (garbage, "the certificate and key do not load as a pair"),
+            (without(&made, NAMES_ANNOTATION), "no names recorded"),
+            (without(&made, NOT_AFTER_ANNOTATION), "no expiry recorded"),
+        ];
+        let older = replica(&old, Some(1));
+        for (secret, why) in &broken {
+            let Verdict::Replace {
+                reason,
+                issue,
+                servable,
+            } = assess(Some(secret), &older, now)
+            else {
+                panic!("{why}: kept");
+            };
+            assert_eq!(reason, Reason::Unusable(why));
+            assert_eq!(issue, older.own(), "{why}");
+            assert!(servable.is_none(), "{why}");
+        }
+        // Expired (a replica that could not write for a day): replaced, never served again.
+        let Verdict::Replace {
+            reason, servable, ..
+        } = assess(Some(&made), &older, now + 2 * DAY)
+        else {
+            panic!("an expired certificate kept");
+        };
+        assert_eq!(reason, Reason::Due);
+        assert!(servable.is_none());
+        // Due but not expired: a replica that cannot write it serves it meanwhile.
+        let Verdict::Replace { servable, .. } = assess(Some(&made), &older, now + 21 * 3600) else {
+            panic!("a due certificate kept");
+        };
+        assert!(servable.is_some());
+    }
+
+    #[test]
+    fn a_ca_bundle_holds_each_ca_once_the_newest_first_and_at_most_four() {
+        let cas: Vec<String> = (0..6)
+            .map(|_| {
+                generate(&["127.0.0.1".into()], Duration::from_secs(DAY))
+                    .expect("generate")
+                    .ca_pem
+            })
+            .collect();
+        let held = format!("{}\n{}{}", cas[1], cas[2].trim(), cas[3]);
+        assert_eq!(pem_certificates(&held).len(), 3);
+        let bundle = ca_bundle(&[&cas[0], &cas[1]], &[&held, "garbage", &cas[4], &cas[5]]);
+        let ders: Vec<Vec<u8>> = pem_certificates(&bundle)
+            .into_iter()
+            .filter_map(der)
+            .collect();
+        let want: Vec<Vec<u8>> = cas[..TRUSTED_CAS].iter().filter_map(|c| der(c)).collect();
+        assert_eq!(ders, want);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_is_served_only_once_its_ca_had_time_to_reach_every_apiserver() {
+        let names = ["127.0.0.1".to_owned()];
+        let (first, second) = (
+            generate(&names, Duration::from_secs(DAY)).expect("first"),
+            generate(&names, Duration::from_secs(DAY)).expect("second"),
+        );
+        let resolver = CertResolver::new();
+        let waited = |made: u64, cert: &GeneratedCert| {
+            let (resolver, cert) = (&resolver, cert.clone());
+            async move {
+                let start = tokio::time::Instant::now();
+                resolver
+                    .switch_to(&cert.serving, cert.not_after, Some(made))
+                    .await
+                    .expect("served");
+                start.elapsed()
+            }
+        };
+        // Made a minute ago (another replica's): at once.
+        assert!(waited(first.made() - 60, &first).await.is_zero());
+        // Made now: once it is TRUST_SETTLE old (made is in whole seconds).
+        let wait = waited(second.made(), &second).await;
+        assert!(
+            wait > TRUST_SETTLE - Duration::from_secs(1) && wait <= TRUST_SETTLE,
+            "{wait:?}"
+        );
+        // Served already, or made by a clock an hour ahead: no (longer) wait.
+        assert!(waited(second.made(), &second).await.is_zero());
+        assert!(waited(first.made() + 3600, &first).await <= TRUST_SETTLE);
     }
 
     #[test]

@@ -68,7 +68,7 @@ pub enum CertMode {
     /// Read `--tls-cert-file`/`--tls-key-file` (a cert-manager Certificate's Secret);
     /// cert-manager's CA injector fills `caBundle`.
     CertManager,
-    /// Read the files like cert-manager mode; patch `caBundle` from `--ca-file` if given.
+    /// Read the files like cert-manager mode; add `--ca-file`, if given, to `caBundle`.
     Files,
 }
 
@@ -126,7 +126,8 @@ pub struct WebhookArgs {
         default_value = "/etc/sidegate/webhook-tls/tls.key"
     )]
     pub tls_key_file: PathBuf,
-    /// CA file to patch into `caBundle` (files mode).
+    /// CA file whose certificate is added to `caBundle` at start, next to the CAs it held (at
+    /// most four; files mode).
     #[arg(long, env = "SIDEGATE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// Days a self-managed certificate is valid, from 1 to 3650 (it is renewed when a sixth of
@@ -137,6 +138,22 @@ pub struct WebhookArgs {
         value_parser = clap::value_parser!(u64).range(CERT_VALIDITY_DAYS)
     )]
     pub cert_validity_days: u64,
+    /// Seconds between checks of the self-managed certificate: each replica renews it when due,
+    /// serves one another replica stored, and restores a `caBundle` that lost its CA. From 1 to
+    /// 3600.
+    #[arg(
+        long,
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub cert_check_secs: u64,
+    /// This replica's pod (in the operator's namespace): the revision of the operator's
+    /// Deployment its ReplicaSet has decides, while replicas of two revisions run (a rolling
+    /// upgrade), whose self-managed certificate settings win. Needs `get` on pods and
+    /// replicasets there; unset or unreadable, replicas of different settings still never undo
+    /// each other's certificate, but a newer one's are only taken up at the next renewal.
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pub pod_name: Option<String>,
     /// Sidecar image injected when the AIGateway names none.
     #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE", default_value = inject::DEFAULT_SIDECAR_IMAGE)]
     pub sidecar_image: String,
@@ -411,10 +428,11 @@ pub async fn start(
                 validity,
                 renew_before,
                 owner: owner.cloned(),
+                pod: args.pod_name.clone(),
             };
             let cert = SelfManagedCert::new(client.clone(), settings);
             cert.ensure(&resolver).await?;
-            tokio::spawn(cert.keep(resolver.clone(), Duration::from_secs(60)));
+            tokio::spawn(cert.keep(resolver.clone(), Duration::from_secs(args.cert_check_secs)));
         }
         CertMode::CertManager | CertMode::Files => {
             let files = CertFiles {
@@ -427,7 +445,7 @@ pub async fn start(
                     path: ca_file.clone(),
                     source,
                 })?;
-                certs::patch_ca_bundle(&client, &args.webhook_config_name, &ca, &ca).await?;
+                certs::trust(&client, &args.webhook_config_name, &[&ca]).await?;
             }
             tokio::spawn(files.keep_loaded(resolver.clone(), CertFiles::RELOAD_EVERY));
         }

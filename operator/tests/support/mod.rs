@@ -1,9 +1,11 @@
 //! Helpers shared by the operator's cluster tests: CRDs and RBAC applied once, the controllers
 //! running in-process as the operator's ServiceAccount, object builders and waits;
-//! [`operator_process`]: `sidegate-operator run` as a child process.
+//! [`operator_process`]: `sidegate-operator run` as a child process; [`chart`]: the chart as
+//! `helm template` renders it.
 
 #![allow(dead_code)]
 
+pub mod chart;
 pub mod extra_apiserver;
 pub mod operator_process;
 
@@ -335,6 +337,8 @@ pub fn webhook_args(port: u16, config_name: &str) -> sidegate_operator::webhook:
         tls_key_file: "/nonexistent".into(),
         ca_file: None,
         cert_validity_days: 365,
+        cert_check_secs: 60,
+        pod_name: None,
         sidecar_image: "registry.local/sidegate:test".into(),
         sidecar_image_pull_policy: Some("Never".into()),
         sidecar_image_pull_secrets: vec![],

@@ -1,6 +1,6 @@
 //! `sidegate-operator run` as a child process of the test, as a pod runs it: its admin and webhook
-//! listeners on free loopback ports, a certificate from files, its log (text) in a file the test
-//! reads, killed when the test lets go of it.
+//! listeners on free loopback ports, a certificate from files (or self-managed), its log (text)
+//! in a file the test reads, killed when the test lets go of it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -36,6 +36,8 @@ pub struct OperatorCommand {
     identity: String,
     args: Vec<String>,
     kubeconfig: Option<PathBuf>,
+    self_managed: bool,
+    webhook_port: Option<u16>,
 }
 
 impl OperatorCommand {
@@ -47,7 +49,39 @@ impl OperatorCommand {
             identity: identity.to_owned(),
             args: Vec::new(),
             kubeconfig: None,
+            self_managed: false,
+            webhook_port: None,
         }
+    }
+
+    /// The process acts as `user` (impersonated, as the test's `$KUBECONFIG` allows its admin):
+    /// a copy of that kubeconfig saying so, written to the process's directory.
+    pub fn impersonating(self, user: &str) -> Self {
+        let from = std::env::var("KUBECONFIG").expect("KUBECONFIG (the test bed's)");
+        let mut config = kube::config::Kubeconfig::read_from(&from).expect("the test's kubeconfig");
+        for named in &mut config.auth_infos {
+            if let Some(auth) = named.auth_info.as_mut() {
+                auth.impersonate = Some(user.to_owned());
+            }
+        }
+        let path = self.dir.join(format!("{}.kubeconfig", self.identity));
+        // JSON is YAML: what kubeconfig readers take.
+        std::fs::write(&path, serde_json::to_vec(&config).expect("kubeconfig JSON"))
+            .expect("kubeconfig written");
+        self.kubeconfig(&path)
+    }
+
+    /// A self-managed webhook certificate (`--cert-mode=self-managed`, the default) instead of
+    /// the files in `dir`: the flags of its Secret and `caBundle` are the test's to give.
+    pub fn self_managed_certificate(mut self) -> Self {
+        self.self_managed = true;
+        self
+    }
+
+    /// The webhook listens on `port` (a [`free_port`] the test registers beforehand).
+    pub fn webhook_port(mut self, port: u16) -> Self {
+        self.webhook_port = Some(port);
+        self
     }
 
     /// One more flag of `sidegate-operator run`, e.g. `--lease-name=NAME`.
@@ -64,26 +98,33 @@ impl OperatorCommand {
 
     /// Starts the process, its admin and webhook listeners on free loopback ports.
     pub fn spawn(self) -> OperatorProcess {
-        let (admin, webhook) = (free_port(), free_port());
+        let admin = free_port();
+        let webhook = self.webhook_port.unwrap_or_else(free_port);
         let log = self.dir.join(format!("{}.log", self.identity));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let mut command = Command::new(env!("CARGO_BIN_EXE_sidegate-operator"));
+        command.args([
+            "run".to_owned(),
+            format!("--admin-addr=127.0.0.1:{admin}"),
+            "--webhook-bind=127.0.0.1".to_owned(),
+            format!("--webhook-port={webhook}"),
+            format!("--identity={}", self.identity),
+            "--log-format=text".to_owned(),
+        ]);
+        if !self.self_managed {
+            command.args([
+                "--cert-mode=files".to_owned(),
+                format!("--tls-cert-file={}", self.dir.join("tls.crt").display()),
+                format!("--tls-key-file={}", self.dir.join("tls.key").display()),
+            ]);
+        }
         command
-            .args([
-                "run",
-                &format!("--admin-addr=127.0.0.1:{admin}"),
-                "--webhook-bind=127.0.0.1",
-                &format!("--webhook-port={webhook}"),
-                "--cert-mode=files",
-                &format!("--tls-cert-file={}", self.dir.join("tls.crt").display()),
-                &format!("--tls-key-file={}", self.dir.join("tls.key").display()),
-                &format!("--identity={}", self.identity),
-                "--log-format=text",
-            ])
             .args(&self.args)
             // The log at the operator's own level, whatever the test runner's RUST_LOG says.
             .env_remove("RUST_LOG")
+            // Nor the runner's pod (--pod-name is the test's to give).
+            .env_remove("POD_NAME")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

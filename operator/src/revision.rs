@@ -1,0 +1,212 @@
+//! Which revision of the operator's Deployment this replica runs, so that replicas of two
+//! revisions serving side by side — a rolling upgrade, or one that stalled — follow the newer
+//! one's settings where they share them through the apiserver (the self-managed webhook
+//! certificate, [`crate::webhook::certs`]) instead of each undoing the other's.
+//!
+//! The revision is the `deployment.kubernetes.io/revision` of the ReplicaSet that owns the
+//! replica's pod. A rollback gives the ReplicaSet it returns to the highest number, so the newer
+//! one is always the template the Deployment is heading for. Numbers start over in a Deployment
+//! made again (deleted and reinstalled, or replaced), so a revision is ordered by when its
+//! Deployment was made first ([`Revision`]).
+//!
+//! Read with `get` on the replica's own pod and ReplicaSet and on the Deployment, in the
+//! operator's namespace. The pod's ReplicaSet and the Deployment's creation are read once; the
+//! number again at each call (a rollback changes it), the last one read standing in while it
+//! cannot be read.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, Client, ResourceExt};
+
+/// The ReplicaSet annotation the Deployment controller numbers its revisions with.
+pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+
+/// A revision of a Deployment. Ordered by the Deployment's creation, then its uid (two made in
+/// one second), then the number: a Deployment made again is newer than any revision of the one
+/// before.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct Revision {
+    /// When the Deployment was made, Unix seconds.
+    pub created: i64,
+    /// The Deployment's uid.
+    pub deployment: String,
+    /// The revision within it.
+    pub number: u64,
+}
+
+/// The revision of the Deployment one replica (pod) runs.
+#[derive(Debug)]
+pub struct OwnRevision {
+    pods: Api<Pod>,
+    replicasets: Api<ReplicaSet>,
+    deployments: Api<Deployment>,
+    pod: String,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The ReplicaSet owning the pod, once read.
+    replicaset: Option<String>,
+    /// The Deployment owning that ReplicaSet (uid) and when it was made, once read.
+    deployment: Option<(String, i64)>,
+    /// Not run by a Deployment, or its Deployment is gone: no revision, nothing more to ask.
+    none: bool,
+    /// The revision last read.
+    last: Option<Revision>,
+    /// A failed read was logged as a warning (once per process).
+    warned: bool,
+}
+
+impl OwnRevision {
+    /// The revision pod `pod` of `namespace` runs.
+    pub fn new(client: Client, namespace: &str, pod: &str) -> Self {
+        Self {
+            pods: Api::namespaced(client.clone(), namespace),
+            replicasets: Api::namespaced(client.clone(), namespace),
+            deployments: Api::namespaced(client, namespace),
+            pod: pod.to_owned(),
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The revision, its number read again; the last one read when that fails; `None` if none
+    /// was ever read (the pod has no ReplicaSet of a Deployment, the Deployment was deleted, or
+    /// they cannot be read).
+    pub async fn current(&self) -> Option<Revision> {
+        if self.state().none {
+            return None;
+        }
+        match self.read().await {
+            Ok(Some(revision)) => {
+                let mut state = self.state();
+                if state.last.as_ref() != Some(&revision) {
+                    tracing::info!(
+                        pod = %self.pod,
+                        revision = revision.number,
+                        deployment = %revision.deployment,
+                        "this replica runs this revision of the operator's Deployment"
+                    );
+                    state.last = Some(revision);
+                }
+                state.last.clone()
+            }
+            Ok(None) => {
+                let mut state = self.state();
+                state.none = true;
+                tracing::info!(
+                    pod = %self.pod,
+                    "this replica's pod belongs to no Deployment (or no longer to one that exists): its webhook certificate settings are not ordered against other replicas'"
+                );
+                None
+            }
+            Err(e) => {
+                let mut state = self.state();
+                if std::mem::replace(&mut state.warned, true) {
+                    tracing::debug!(pod = %self.pod, error = %e, "revision not read again");
+                } else {
+                    tracing::warn!(
+                        pod = %self.pod,
+                        error = %e,
+                        "cannot read this replica's pod, ReplicaSet or Deployment (it needs `get` on them in the operator's namespace): until it can, it keeps a webhook certificate made for a known revision until it is due (renewing it with the settings it was made with), and replaces one made for no known revision only if it is longer than its validity or lacks one of its names"
+                    );
+                }
+                state.last.clone()
+            }
+        }
+    }
+
+    /// The revision as the apiserver has it now; `None` if the pod has no Deployment.
+    async fn read(&self) -> Result<Option<Revision>, kube::Error> {
+        let known = self.state().replicaset.clone();
+        let replicaset = match known {
+            Some(name) => name,
+            None => {
+                let pod = self.pods.get(&self.pod).await?;
+                let Some(name) = controller(&pod, "ReplicaSet") else {
+                    return Ok(None);
+                };
+                self.state().replicaset = Some(name.clone());
+                name
+            }
+        };
+        let rs = self.replicasets.get(&replicaset).await?;
+        let Some(number) = rs
+            .annotations()
+            .get(REVISION_ANNOTATION)
+            .and_then(|r| r.parse::<u64>().ok())
+        else {
+            return Ok(None);
+        };
+        let known = self.state().deployment.clone();
+        let (deployment, created) = match known {
+            Some(known) => known,
+            None => {
+                let Some(owner) = rs
+                    .owner_references()
+                    .iter()
+                    .find(|r| r.controller == Some(true) && r.kind == "Deployment")
+                else {
+                    return Ok(None);
+                };
+                // Read by name; one of another uid is a Deployment made in place of ours.
+                let Some(created) = self
+                    .deployments
+                    .get_opt(&owner.name)
+                    .await?
+                    .filter(|d| d.metadata.uid.as_deref() == Some(owner.uid.as_str()))
+                    .and_then(|d| d.metadata.creation_timestamp)
+                    .map(|t| t.0.as_second())
+                else {
+                    return Ok(None);
+                };
+                let known = (owner.uid.clone(), created);
+                self.state().deployment = Some(known.clone());
+                known
+            }
+        };
+        Ok(Some(Revision {
+            created,
+            deployment,
+            number,
+        }))
+    }
+}
+
+/// The name of the object of `kind` that controls `pod`.
+fn controller(pod: &Pod, kind: &str) -> Option<String> {
+    pod.owner_references()
+        .iter()
+        .find(|r| r.controller == Some(true) && r.kind == kind)
+        .map(|r| r.name.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deployment_made_again_is_newer_than_every_revision_of_the_one_before() {
+        let of = |created: i64, deployment: &str, number: u64| Revision {
+            created,
+            deployment: deployment.into(),
+            number,
+        };
+        assert!(of(100, "a", 3) > of(100, "a", 2));
+        // Deleted and reinstalled (or replaced): its revisions start over at 1.
+        assert!(of(200, "b", 1) > of(100, "a", 7));
+        // Made in the same second: the uid decides, the same way for every replica.
+        assert!(of(100, "b", 1) > of(100, "a", 7));
+        let json = serde_json::to_string(&of(100, "a", 3)).expect("json");
+        assert_eq!(json, r#"{"created":100,"deployment":"a","number":3}"#);
+    }
+}
