@@ -7,7 +7,10 @@
 //! charge counts in all three, so a reload changing the period finds the new period's spend),
 //! per pod, or across pods in the gateway's Redis when `spec.redis` is set. Tokens (input + output) are
 //! summed over minute windows, fixed or sliding as `rateLimit.technique` says, per pod or in
-//! Redis for `rateLimit.scope: global`. Redis failures fail open, like the rate limit's.
+//! Redis for `rateLimit.scope: global`. This pod counts both in any case: while Redis cannot be
+//! read the limits are checked against its own counts (the spend against the gateway's total
+//! last read plus what this pod spent since), and what it charges meanwhile waits for Redis
+//! ([`crate::shared`]).
 //!
 //! Gateways without either limit pay nothing: no [`Settings`], no check, no tally per request.
 
@@ -19,7 +22,7 @@ use sidegate_crds::policy::{GatewayPolicy, RateLimitScope, RateLimitTechnique, S
 
 use crate::error::GatewayError;
 use crate::ratelimit::{self, Counts, window_at};
-use crate::shared::{Shared, Wait};
+use crate::shared::{Shared, Unreadable, Wait};
 use crate::telemetry::Metrics;
 
 /// Length of a token budget window.
@@ -202,6 +205,26 @@ const PERIODS: [SpendPeriod; 3] = [SpendPeriod::Day, SpendPeriod::Week, SpendPer
 #[derive(Debug, Default)]
 struct PeriodSpend {
     sums: [Option<(u64, f64)>; 3],
+    /// The gateway's spend per period as last read from Redis.
+    seen: [Option<Seen>; 3],
+}
+
+/// The gateway's spend in a period as read from Redis, and this pod's own at that time.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    start: u64,
+    total: f64,
+    own: f64,
+}
+
+impl PeriodSpend {
+    /// This pod's spend in `period` starting at `start`.
+    fn own(&self, period: SpendPeriod, start: u64) -> f64 {
+        match self.sums[period_slot(period)] {
+            Some((from, usd)) if from == start => usd,
+            _ => 0.0,
+        }
+    }
 }
 
 fn period_slot(p: SpendPeriod) -> usize {
@@ -246,9 +269,27 @@ impl Ledger {
     fn spent(&self, period: SpendPeriod, now: u64) -> f64 {
         let (start, _) = period_bounds(period, now);
         let s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
-        match s.sums[period_slot(period)] {
-            Some((from, usd)) if from == start => usd,
-            _ => 0.0,
+        s.own(period, start)
+    }
+
+    /// Notes the gateway's spend `total` read from Redis for the period holding `now`.
+    fn saw_spend(&self, period: SpendPeriod, now: u64, total: f64) {
+        let (start, _) = period_bounds(period, now);
+        let mut s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
+        let own = s.own(period, start);
+        s.seen[period_slot(period)] = Some(Seen { start, total, own });
+    }
+
+    /// The gateway's spend in the period holding `now` as best this pod knows it while Redis
+    /// cannot be read: the total last read plus what this pod spent since, or this pod's own
+    /// spend when that is more (or nothing was read in this period).
+    fn spent_without_redis(&self, period: SpendPeriod, now: u64) -> f64 {
+        let (start, _) = period_bounds(period, now);
+        let s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
+        let own = s.own(period, start);
+        match s.seen[period_slot(period)] {
+            Some(seen) if seen.start == start => own.max(seen.total + (own - seen.own)),
+            _ => own,
         }
     }
 
@@ -318,7 +359,8 @@ impl Ledger {
     }
 
     /// [`Self::check`] with the spend (and a global token budget) in Redis: both read at once,
-    /// one round trip's wait rather than two.
+    /// one round trip's wait rather than two; while Redis cannot be read, this pod's counts
+    /// decide ([`Self::spent_without_redis`], [`Self::tokens_left`]).
     async fn check_shared(
         &self,
         s: &Settings,
@@ -328,14 +370,22 @@ impl Ledger {
     ) -> Result<(), GatewayError> {
         let now = unix_secs();
         let spent = async {
-            match &s.spend {
-                Some(sp) => Some(r.spend_get(metrics, wait, sp.period, now).await),
-                None => None,
-            }
+            let sp = s.spend.as_ref()?;
+            Some(match r.spend_get(metrics, wait, sp.period, now).await {
+                Ok(total) => {
+                    self.saw_spend(sp.period, now, total);
+                    total
+                }
+                Err(Unreadable) => self.spent_without_redis(sp.period, now),
+            })
         };
         let left = async {
             match &s.tokens {
-                Some(t) if t.global => Some(r.tokens_left(metrics, wait, t).await),
+                Some(t) if t.global => Some(
+                    r.tokens_left(metrics, wait, t)
+                        .await
+                        .unwrap_or_else(|Unreadable| self.tokens_left(t, Instant::now())),
+                ),
                 Some(t) => Some(self.tokens_left(t, Instant::now())),
                 None => None,
             }
@@ -392,9 +442,10 @@ impl Tally {
             && usd > 0.0
         {
             let now = unix_secs();
-            match &self.shared {
-                Some(r) => r.spend_add(metrics.clone(), usd, now),
-                None => self.ledger.add_spend(usd, now),
+            // This pod's own count, which decides while Redis cannot be read.
+            self.ledger.add_spend(usd, now);
+            if let Some(r) = &self.shared {
+                r.spend_add(metrics, usd, now);
             }
         }
         let n = tokens[0]
@@ -403,9 +454,11 @@ impl Tally {
         if let Some(t) = &self.settings.tokens
             && n > 0
         {
-            match &self.shared {
-                Some(r) if t.global => r.tokens_add(metrics.clone(), n),
-                _ => self.ledger.add_tokens(n, Instant::now()),
+            self.ledger.add_tokens(n, Instant::now());
+            if let Some(r) = &self.shared
+                && t.global
+            {
+                r.tokens_add(metrics, n, t.sliding);
             }
         }
     }

@@ -686,15 +686,28 @@ impl Gateway {
     /// budget asked at once, one round trip's wait rather than three. Only the rate limit
     /// counts the request (the others read), so a request it refuses is charged nowhere, and
     /// one the others refuse stays counted by it, as when they are asked one after the other.
+    /// A global rate limit is counted by this pod's limiter too, which decides alone while
+    /// Redis cannot be used.
     async fn check_limits_shared(
         &self,
         snap: &Snapshot,
-        shared: &crate::shared::Shared,
+        shared: &Arc<crate::shared::Shared>,
         wait: &crate::shared::Wait,
     ) -> Result<(), GatewayError> {
         let rate = async {
             match &snap.rate_limit {
-                Some(rl) if rl.global => shared.rate_check(&self.metrics, wait, rl).await,
+                Some(rl) if rl.global => shared
+                    .count(
+                        &self.metrics,
+                        wait,
+                        &shared.rate_windows(rl),
+                        rl,
+                        &self.limiter,
+                        Instant::now(),
+                        crate::telemetry::RedisOp::Limits,
+                    )
+                    .await
+                    .map(drop),
                 Some(rl) => self.limiter.check(rl, Instant::now()),
                 None => Ok(()),
             }

@@ -1,5 +1,6 @@
 //! Request rate limiting: `limit` requests per `interval`, per pod here (global limits are
-//! counted in Redis, [`crate::shared`], with the same windows), in a fixed window
+//! counted in Redis, [`crate::shared`], with the same windows, and here too: this pod's count
+//! decides alone while Redis cannot be used), in a fixed window
 //! (reset at each interval boundary) or a sliding one (the previous window's count weighted by
 //! how much of it still overlaps the last `interval`), as Cloudflare's AI Gateway does.
 //! Refused requests are not counted; their Retry-After is when a request would pass ([`admit`]).

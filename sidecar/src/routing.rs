@@ -3,13 +3,13 @@
 //! try when one fails. When a target fails (no answer, timeout, non-2xx) the walk goes on from
 //! that model node's `next`; reaching `end` (or a model node without `next`) makes that failure
 //! the answer. Rate and budget nodes count per pod, or with `scope: global` in the gateway's
-//! Redis ([`crate::shared`], failing open like the gateway's own global limit), in fixed or
-//! sliding windows (the gateway rate limit's, [`crate::ratelimit`]), one per node or, with a
-//! `key`, one per value of that metadata field (a budget node is charged the cost of the
-//! requests that took its `next` branch, when their responses end, in billionths of a USD; a
-//! rate node counts only the requests sent upstream); one over its limit that leads to `end`
-//! before any target is the answer, a 429 as the gateway's own limits give. A walk visits at
-//! most 64 nodes and 16 targets.
+//! Redis ([`crate::shared`]; while it cannot be used, by this pod alone, as the gateway's own
+//! global limit), in fixed or sliding windows (the gateway rate limit's, [`crate::ratelimit`]),
+//! one per node or, with a `key`, one per value of that metadata field (a budget node is
+//! charged the cost of the requests that took its `next` branch, when their responses end, in
+//! billionths of a USD; a rate node counts only the requests sent upstream); one over its limit
+//! that leads to `end` before any target is the answer, a 429 as the gateway's own limits give.
+//! A walk visits at most 64 nodes and 16 targets.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,8 +23,8 @@ use sidegate_crds::routes::{Compiled, Graph, Node};
 
 use crate::error::GatewayError;
 use crate::ratelimit::{Keyed, Limiter, Settings as RateSettings};
-use crate::shared::{RouteWindows, Shared, Wait};
-use crate::telemetry::Metrics;
+use crate::shared::{Shared, Wait, Windows};
+use crate::telemetry::{Metrics, RedisOp};
 
 /// The gateway's Redis, for the nodes that count there, and the metrics its failures go to.
 pub type Redis = (Arc<Shared>, Arc<Metrics>);
@@ -73,14 +73,17 @@ fn usd_units(usd: f64) -> u64 {
     ((usd * UNITS_PER_USD).round() as u64).min(i64::MAX as u64)
 }
 
-/// Where a rate or budget node counts one request: a window of this pod, or one in Redis.
+/// Where a rate or budget node counts one request: a window of this pod, or one in Redis (and
+/// the pod's window of the same node and value, which counts too and decides alone while Redis
+/// cannot be used).
 #[derive(Clone)]
 enum Window {
     Pod(Arc<Limiter>),
     Redis {
         shared: Arc<Shared>,
         metrics: Arc<Metrics>,
-        windows: RouteWindows,
+        windows: Windows,
+        pod: Arc<Limiter>,
     },
 }
 
@@ -89,9 +92,10 @@ enum Window {
 enum Held {
     /// Counted on this pod at that time.
     Pod(Instant),
-    /// Counted in that window in Redis.
-    Redis(u64),
-    /// Nothing: sent (the count stays), or let past uncounted as Redis failed.
+    /// Counted in that window in Redis (or kept for it while Redis could not be used), and on
+    /// this pod at that time.
+    Redis(u64, Instant),
+    /// Nothing: sent (the count stays).
     Nothing,
     /// Counted, then given back while the request waited ([`Walk::set_aside`]).
     GivenBack,
@@ -116,10 +120,11 @@ impl Window {
                 shared,
                 metrics,
                 windows,
+                pod,
             } => shared
-                .route_rate_check(metrics, wait, windows, s)
+                .count(metrics, wait, windows, s, pod, now, RedisOp::RouteNode)
                 .await
-                .map(|w| w.map_or(Held::Nothing, Held::Redis)),
+                .map(|window| Held::Redis(window, now)),
         }
     }
 
@@ -132,7 +137,12 @@ impl Window {
                 shared,
                 metrics,
                 windows,
-            } => shared.route_room(metrics, wait, windows, s).await,
+                pod,
+            } => {
+                shared
+                    .room(metrics, wait, windows, s, pod, now, RedisOp::RouteNode)
+                    .await
+            }
         }
     }
 
@@ -144,7 +154,11 @@ impl Window {
                 shared,
                 metrics,
                 windows,
-            } => shared.route_add(metrics.clone(), windows, n),
+                pod,
+            } => {
+                shared.add(metrics, windows, s, n);
+                pod.add(s, Instant::now(), n);
+            }
         }
     }
 
@@ -157,9 +171,13 @@ impl Window {
                     shared,
                     metrics,
                     windows,
+                    pod,
                 },
-                Held::Redis(window),
-            ) => shared.route_release(metrics.clone(), windows, window),
+                Held::Redis(window, at),
+            ) => {
+                shared.uncount(metrics, windows, s, window);
+                pod.release(s, at);
+            }
             _ => {}
         }
     }
@@ -298,13 +316,15 @@ impl Routing {
         let now = Instant::now();
         let c = self.counters.get(&(name.to_owned(), id.to_owned()))?;
         let value = c.key.as_ref().and_then(|k| metadata.get(k));
+        let pod = c.windows.window(value, &settings, now);
         let window = match redis {
             Some((shared, metrics)) if c.global => Window::Redis {
                 windows: shared.route_windows(c.budget, name, id, value, settings.interval),
                 shared: shared.clone(),
                 metrics: metrics.clone(),
+                pod,
             },
-            _ => Window::Pod(c.windows.window(value, &settings, now)),
+            _ => Window::Pod(pod),
         };
         Some((window, settings, now))
     }
@@ -645,7 +665,7 @@ struct Reserved {
 impl Reserved {
     /// Gives the count back, if it still holds it.
     fn give_back(&mut self) {
-        if let held @ (Held::Pod(_) | Held::Redis(_)) = self.held {
+        if let held @ (Held::Pod(_) | Held::Redis(..)) = self.held {
             self.held = Held::GivenBack;
             self.window.release(&self.settings, held);
         }

@@ -1,14 +1,19 @@
 //! State shared by every pod of a gateway, in the Redis of `spec.redis` (URL in the keys
 //! directory's `redis.url`): cache entries (`spec.cache.backend: redis`), global rate limits and
 //! token budgets (`spec.rateLimit.scope: global`), spend (`spec.spendLimit`) and the windows of
-//! dynamic routes' rate and budget nodes with `scope: global` ([`RouteWindows`]).
+//! dynamic routes' rate and budget nodes with `scope: global` ([`Windows`]).
 //!
-//! Redis is a help, not a dependency of serving: when it cannot be reached in time the gateway
-//! fails open (a cache miss, a request allowed), counts the error in
-//! `sidegate_redis_errors_total` and warns at most every 10 s. A request waits for Redis at most
-//! [`REQUEST_WAIT`] in all, however many calls it makes ([`Wait`]). Keys are prefixed
-//! `sidegate:{namespace/name}:`, so gateways can share one Redis.
+//! Redis is a help, not a dependency of serving: when it cannot be used in time the request is
+//! served anyway — a cache miss; a global limit counted by this pod alone, in the counter a
+//! per-pod limit uses, with the same limit; charges (spend, tokens, the counts of windows) kept
+//! in memory and added to Redis once it answers ([`charges`]). Each failure is counted in
+//! `sidegate_redis_errors_total{op}` and warned about at most every 10 s. A request waits for
+//! Redis at most [`REQUEST_WAIT`] in all, however many calls it makes ([`Wait`]). Keys are
+//! prefixed `sidegate:{namespace/name}:`, so gateways can share one Redis.
 
+mod charges;
+
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,13 +28,18 @@ use sidegate_crds::policy::SpendPeriod;
 
 use crate::budget;
 use crate::cache::Key;
-use crate::ratelimit;
-use crate::telemetry::Metrics;
+use crate::ratelimit::{self, Limiter};
+use crate::telemetry::{ChargeDropped, Metrics, RedisOp};
+use charges::{Amount, Charge, Charges, Outcome};
 
 /// Time to connect, and to wait for each answer.
 const TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a count's answer is still read in the background once its request stopped waiting
+/// for it: what Redis did (counted or refused) then corrects what the request took for it.
+const LATE_ANSWER: Duration = Duration::from_secs(10);
 /// After a failure, how long requests go without Redis before it is tried again: a Redis that
-/// is down costs each request nothing instead of a timeout.
+/// is down costs each request nothing instead of a timeout. Charges waiting for Redis are sent
+/// again at this pace too.
 const BACKOFF: Duration = Duration::from_secs(1);
 /// At most one warning about Redis failures per this period.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -45,7 +55,7 @@ const RESET_AFTER: u64 = 3;
 const REPLACE_AFTER: u64 = 16;
 /// How long one request waits for Redis in all: its limits, its cache reads and its route
 /// nodes together wait about one answer's bound, not one each. Past it, its other Redis calls
-/// fail open at once.
+/// fail at once (and the request goes on without Redis).
 pub const REQUEST_WAIT: Duration = TIMEOUT.saturating_mul(2);
 
 /// Fixed or sliding window in one script: allowed when `prev × remaining + (cur + 1) × interval
@@ -64,28 +74,22 @@ if cur == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return {1, cur, prev}
 ";
 
-/// Takes back a request a route's rate node counted and then gave back (it never went
-/// upstream): never below 0, and never bringing back a window that expired meanwhile.
-const RELEASE_SCRIPT: &str = r"
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n > 0 then return redis.call('DECR', KEYS[1]) end
-return 0
-";
-
-/// The Redis windows of one rate or budget node of a dynamic route for one value of its key
-/// (or for the requests without one): `{prefix}route:{digest}:{interval ms}:{window}`, where
-/// the digest is a SHA-256 over the node's kind, its route and id and the value, each
-/// length-prefixed. Whatever the app puts in its metadata, the key holds only hex digits of it:
-/// no value can name another node's, another value's or another gateway's key, nor anything
-/// else in the Redis. The limit is not in the key (a reload raising it keeps the counts); the
-/// interval is (a new one counts afresh).
+/// The Redis windows of a global limit: `{base}:{window}`, numbered on the wall clock so that
+/// every pod agrees. The gateway's rate limit: `{prefix}rl:{limit}:{interval ms}` (a changed
+/// limit counts afresh). A rate or budget node of a dynamic route, for one value of its key (or
+/// for the requests without one): `{prefix}route:{digest}:{interval ms}`, where the digest is a
+/// SHA-256 over the node's kind, its route and id and the value, each length-prefixed. Whatever
+/// the app puts in its metadata, the key holds only hex digits of it: no value can name another
+/// node's, another value's or another gateway's key, nor anything else in the Redis. A node's
+/// limit is not in the key (a reload raising it keeps the counts); the interval is (a new one
+/// counts afresh).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteWindows {
+pub struct Windows {
     base: String,
     interval_ms: u64,
 }
 
-impl RouteWindows {
+impl Windows {
     fn key(&self, index: u64) -> String {
         format!("{}:{index}", self.base)
     }
@@ -93,6 +97,18 @@ impl RouteWindows {
     /// The window holding `now_ms`, and how far into it that is.
     fn at(&self, now_ms: u64) -> (u64, u64) {
         (now_ms / self.interval_ms, now_ms % self.interval_ms)
+    }
+
+    /// `n` added to window `index` (negative: given back), for [`Charges`]: of use while the
+    /// window weighs on a limit (`sliding`: through the next window too), the key kept two
+    /// windows (as [`RATE_SCRIPT`] keeps it).
+    fn charge(&self, index: u64, n: i64, sliding: bool) -> Charge {
+        let end = |i: u64| i.saturating_add(1).saturating_mul(self.interval_ms);
+        Charge {
+            amount: Amount::Count(n),
+            useful_until_ms: end(index.saturating_add(u64::from(sliding))),
+            expire_at_ms: end(index.saturating_add(1)),
+        }
     }
 }
 
@@ -114,8 +130,14 @@ pub struct Shared {
     /// Redis failed (or could not be reached) since it last answered: its next answer is logged.
     down: AtomicBool,
     prefix: String,
-    script: ::redis::Script,
-    release: ::redis::Script,
+    /// [`RATE_SCRIPT`], shared with the calls whose late answers are read in the background.
+    script: Arc<::redis::Script>,
+    /// Charges waiting to be written, and their writer's state.
+    charges: Charges,
+    charge_script: ::redis::Script,
+    /// `{prefix}charges:{random}`: the number of the last batch of charges this client had
+    /// applied ([`charges::SCRIPT`]).
+    marker: String,
     warnings: WarnThrottle,
 }
 
@@ -138,6 +160,7 @@ impl Shared {
             )
         })?;
         use sha2::{Digest, Sha256};
+        let prefix = format!("sidegate:{gateway}:");
         Ok(Self {
             client,
             target: Sha256::digest(url.expose_secret().as_bytes()).into(),
@@ -147,9 +170,11 @@ impl Shared {
             timeouts: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
             down: AtomicBool::new(false),
-            prefix: format!("sidegate:{gateway}:"),
-            script: ::redis::Script::new(RATE_SCRIPT),
-            release: ::redis::Script::new(RELEASE_SCRIPT),
+            marker: format!("{prefix}charges:{}", client_id()),
+            prefix,
+            script: Arc::new(::redis::Script::new(RATE_SCRIPT)),
+            charges: Charges::default(),
+            charge_script: ::redis::Script::new(charges::SCRIPT),
             warnings: WarnThrottle::default(),
         })
     }
@@ -179,35 +204,33 @@ impl Shared {
     }
 
     /// The connection, made on first use, by `deadline`. Requests that come while it is made
-    /// wait for it (a burst at a pod's start would otherwise all go uncounted by the limits,
-    /// failing open); for [`BACKOFF`] after a failure (with a connection made already too: one
-    /// that just failed would make each request wait for its timeout again) they are told Redis
-    /// is unavailable at once.
-    async fn conn(
-        &self,
-        deadline: tokio::time::Instant,
-    ) -> ::redis::RedisResult<ConnectionManager> {
+    /// wait for it (a burst at a pod's start would otherwise all go uncounted in Redis); for
+    /// [`BACKOFF`] after a failure (with a connection made already too: one that just failed
+    /// would make each request wait for its timeout again) they are told Redis is unavailable
+    /// at once.
+    async fn conn(&self, deadline: tokio::time::Instant) -> Result<ConnectionManager, Failure> {
         if self.backoff.active(monotonic_ms()) {
-            return Err(Self::unavailable("redis unavailable (retrying shortly)"));
+            return Err(Failure::skipped("redis unavailable (retrying shortly)"));
         }
         if let Some(c) = self.cached_conn() {
             return Ok(c);
         }
         let Ok(_connecting) = tokio::time::timeout_at(deadline, self.connecting.lock()).await
         else {
-            return Err(Self::unavailable("redis connection being made"));
+            return Err(Failure::skipped("redis connection being made"));
         };
         if let Some(c) = self.cached_conn() {
             return Ok(c);
         }
         if self.backoff.active(monotonic_ms()) {
             // The connection just tried failed.
-            return Err(Self::unavailable("redis unavailable (retrying shortly)"));
+            return Err(Failure::skipped("redis unavailable (retrying shortly)"));
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
-            // An answer may take twice as long as connecting (as a request's wait allows).
-            .set_response_timeout(Some(TIMEOUT * 2))
+            // Each call waits as its request allows ([`Self::call`]); a late answer is still read
+            // for a while ([`Self::call_late`]).
+            .set_response_timeout(Some(LATE_ANSWER))
             .set_number_of_retries(0);
         let began = tokio::time::Instant::now();
         let made = tokio::time::timeout_at(
@@ -215,6 +238,10 @@ impl Shared {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;
+        let failed = |error| Failure {
+            error,
+            stage: Stage::Connect,
+        };
         match made {
             Ok(Ok(c)) => {
                 *self.slot() = Some(c.clone());
@@ -222,45 +249,108 @@ impl Shared {
             }
             Ok(Err(e)) => {
                 self.mark_down();
-                Err(e)
+                Err(failed(e))
             }
             Err(_) if timed_out(began.elapsed()) => {
                 self.mark_down();
-                Err(Self::unavailable("redis connection timed out"))
+                Err(failed(Self::unavailable("redis connection timed out")))
             }
             // Cut short by the request's own wait: the next request tries again.
-            Err(_) => Err(Self::unavailable(WAIT_SPENT)),
+            Err(_) => Err(Failure::skipped(WAIT_SPENT)),
         }
     }
 
     /// Runs one Redis operation within what `wait` has left, bounded in time whatever the
     /// connection does. What a failure says about Redis ([`Verdict`]) decides what follows:
-    /// the next requests go without Redis for [`BACKOFF`], the connection is made anew.
+    /// the next requests go without Redis for [`BACKOFF`], the connection is made anew; the
+    /// [`Failure`] says whether Redis may have done it.
     async fn call<T>(
         &self,
         wait: &Wait,
         op: impl AsyncFnOnce(&mut ConnectionManager) -> ::redis::RedisResult<T>,
-    ) -> ::redis::RedisResult<T> {
+    ) -> Result<T, Failure> {
+        let Asking {
+            waiting,
+            deadline,
+            mut conn,
+        } = self.ask(wait).await?;
+        let asked = tokio::time::Instant::now();
+        let result = tokio::time::timeout_at(deadline, op(&mut conn)).await;
+        drop(waiting);
+        match result {
+            Ok(result) => self.answer(result),
+            Err(_) => Err(self.unanswered(asked)),
+        }
+    }
+
+    /// [`Self::call`] for an operation whose answer is still of use when it comes late: when
+    /// the wait ends first, the operation is handed back with the failure, to be read on
+    /// ([`LATE_ANSWER`]).
+    async fn call_late<T, F>(
+        &self,
+        wait: &Wait,
+        op: impl FnOnce(ConnectionManager) -> F,
+    ) -> Result<T, (Failure, Option<F>)>
+    where
+        F: Future<Output = ::redis::RedisResult<T>> + Unpin,
+    {
+        let Asking {
+            waiting,
+            deadline,
+            conn,
+        } = self.ask(wait).await.map_err(|f| (f, None))?;
+        let asked = tokio::time::Instant::now();
+        let mut asking = op(conn);
+        let result = tokio::time::timeout_at(deadline, &mut asking).await;
+        drop(waiting);
+        match result {
+            Ok(result) => self.answer(result).map_err(|f| (f, None)),
+            Err(_) => Err((self.unanswered(asked), Some(asking))),
+        }
+    }
+
+    /// The connection for a call and until when the call may wait, within what `wait` has left.
+    async fn ask<'w>(&self, wait: &'w Wait) -> Result<Asking<'w>, Failure> {
         let Some(waiting) = wait.begin(Instant::now()) else {
-            return Err(Self::unavailable(WAIT_SPENT));
+            return Err(Failure::skipped(WAIT_SPENT));
         };
         let deadline = tokio::time::Instant::now() + waiting.bound;
-        let mut c = self.conn(deadline).await?;
-        let asked = tokio::time::Instant::now();
-        let result = match tokio::time::timeout_at(deadline, op(&mut c)).await {
-            Ok(result) => result,
-            Err(_) if timed_out(asked.elapsed()) => {
-                Err(Self::unavailable("redis answer timed out"))
+        let conn = self.conn(deadline).await?;
+        Ok(Asking {
+            waiting,
+            deadline,
+            conn,
+        })
+    }
+
+    /// What an answer says about Redis.
+    fn answer<T>(&self, result: ::redis::RedisResult<T>) -> Result<T, Failure> {
+        match result {
+            Ok(v) => {
+                self.answered();
+                Ok(v)
             }
-            // Cut short by the request's own wait: that says nothing about Redis.
-            Err(_) => return Err(Self::unavailable(WAIT_SPENT)),
-        };
-        drop(waiting);
-        match &result {
-            Ok(_) => self.answered(),
-            Err(e) => self.judge(verdict(e)),
+            Err(e) => {
+                self.judge(verdict(&e));
+                let stage = stage_of(&e);
+                Err(Failure { error: e, stage })
+            }
         }
-        result
+    }
+
+    /// A call asked at `asked` got no answer by its deadline: Redis timed out, or the
+    /// request's own wait was cut short, which says nothing about Redis.
+    fn unanswered(&self, asked: tokio::time::Instant) -> Failure {
+        let why = if timed_out(asked.elapsed()) {
+            self.judge(Verdict::Down);
+            "redis answer timed out"
+        } else {
+            WAIT_SPENT
+        };
+        Failure {
+            error: Self::unavailable(why),
+            stage: Stage::Unanswered,
+        }
     }
 
     /// Redis answered: the failures in a row end, and its return after any is logged once.
@@ -298,10 +388,22 @@ impl Shared {
         }
     }
 
-    fn failed(&self, metrics: &Metrics, what: &str, e: &::redis::RedisError) {
-        metrics.count_redis_error();
+    /// Counts a failed `op` (as `connect` when the connection could not be made) and warns,
+    /// at most every [`WARN_EVERY`].
+    fn failed(&self, metrics: &Metrics, op: RedisOp, f: &Failure) {
+        let op = if f.stage == Stage::Connect {
+            RedisOp::Connect
+        } else {
+            op
+        };
+        metrics.count_redis_error(op);
         if self.warnings.allow(monotonic_ms()) {
-            tracing::warn!(error = %e, "redis {what} failed; serving without it (fail open)");
+            tracing::warn!(
+                op = op.as_str(),
+                error = %f.error,
+                "redis {} failed; serving without it (global limits counted by this pod, charges kept to add later, cache missed)",
+                op.as_str()
+            );
         }
     }
 
@@ -313,7 +415,7 @@ impl Shared {
         wait: &Wait,
         key: &Key,
     ) -> Result<Option<CachedResponse>, Unreadable> {
-        let got: ::redis::RedisResult<Option<Vec<u8>>> = self
+        let got: Result<Option<Vec<u8>>, Failure> = self
             .call(wait, async |c| {
                 ::redis::cmd("GET")
                     .arg(self.cache_key(key))
@@ -323,8 +425,8 @@ impl Shared {
             .await;
         match got {
             Ok(v) => Ok(v.and_then(|raw| decode(&raw))),
-            Err(e) => {
-                self.failed(metrics, "cache read", &e);
+            Err(f) => {
+                self.failed(metrics, RedisOp::CacheGet, &f);
                 Err(Unreadable)
             }
         }
@@ -346,7 +448,7 @@ impl Shared {
         let raw = encode(response);
         tokio::spawn(async move {
             let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-            let done: ::redis::RedisResult<()> = this
+            let done: Result<(), Failure> = this
                 .call(&Wait::default(), async |c| {
                     ::redis::cmd("SET")
                         .arg(this.cache_key(&key))
@@ -357,8 +459,8 @@ impl Shared {
                         .await
                 })
                 .await;
-            if let Err(e) = done {
-                this.failed(&metrics, "cache write", &e);
+            if let Err(f) = done {
+                this.failed(&metrics, RedisOp::CacheSet, &f);
             }
             drop(flight);
         });
@@ -368,58 +470,181 @@ impl Shared {
         format!("{}cache:{}", self.prefix, hex::encode(key))
     }
 
-    /// Counts a request against a global limit: `Err(retry_after)` when over it.
-    pub async fn rate_check(
-        &self,
-        metrics: &Metrics,
-        wait: &Wait,
-        s: &ratelimit::Settings,
-    ) -> Result<(), Duration> {
+    /// The windows of the gateway's global rate limit `s`: the limit and interval are part of
+    /// the key, so a changed limit counts afresh.
+    pub fn rate_windows(&self, s: &ratelimit::Settings) -> Windows {
         let interval_ms = millis(s.interval);
-        // The limit and interval are part of the key: a changed limit counts afresh.
-        let key = |i: u64| format!("{}rl:{}:{}:{i}", self.prefix, s.limit, interval_ms);
-        self.count_in(metrics, wait, s, key, "rate limit")
-            .await
-            .map(drop)
+        Windows {
+            base: format!("{}rl:{}:{interval_ms}", self.prefix, s.limit),
+            interval_ms,
+        }
     }
 
-    /// Counts a request in the windows `key` names (by window number) under `s`, as
-    /// [`RATE_SCRIPT`] decides: `Ok(Some(window))` counted in that window, `Ok(None)` allowed
-    /// uncounted because Redis failed (`what` says which limit), `Err(retry_after)` over it.
-    async fn count_in(
-        &self,
-        metrics: &Metrics,
+    /// Counts a request at `now` against the global limit `s` counted in `w`, and in `pod`
+    /// (this pod's counter of the same limit) whatever Redis does: `Ok(window)` counted (in
+    /// Redis, in that window), `Err(retry_after)` over the limit. While Redis cannot be asked,
+    /// `pod` decides alone, and a request it lets through is counted for Redis ([`Charges`]).
+    /// A count whose answer does not come in time is taken as Redis's when `pod` lets the
+    /// request through (not counted again; given back as any other) and as not made when `pod`
+    /// refuses it; its answer is read on for [`LATE_ANSWER`] and what Redis did corrects that
+    /// (a count Redis refused is added, one it made for a refused request given back). `op`
+    /// names the call in `sidegate_redis_errors_total`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn count(
+        self: &Arc<Self>,
+        metrics: &Arc<Metrics>,
         wait: &Wait,
+        w: &Windows,
         s: &ratelimit::Settings,
-        key: impl Fn(u64) -> String,
-        what: &str,
-    ) -> Result<Option<u64>, Duration> {
-        let interval_ms = millis(s.interval);
-        let now = unix_ms();
-        let index = now / interval_ms;
-        let into = now % interval_ms;
-        let remaining = if s.sliding { interval_ms - into } else { 0 };
-        let counted: ::redis::RedisResult<(i64, u64, u64)> = self
-            .call(wait, async |c| {
-                self.script
-                    .key(key(index))
-                    .key(key(index.saturating_sub(1)))
-                    .arg(s.limit)
-                    .arg(interval_ms.saturating_mul(2))
-                    .arg(remaining)
-                    .arg(interval_ms)
-                    .invoke_async(c)
-                    .await
+        pod: &Limiter,
+        now: Instant,
+        op: RedisOp,
+    ) -> Result<u64, Duration> {
+        let (index, into) = w.at(unix_ms());
+        let remaining = if s.sliding { w.interval_ms - into } else { 0 };
+        let keys = [w.key(index), w.key(index.saturating_sub(1))];
+        let args = [
+            s.limit,
+            w.interval_ms.saturating_mul(2),
+            remaining,
+            w.interval_ms,
+        ];
+        let script = self.script.clone();
+        let counted = self
+            .call_late(wait, move |mut c| {
+                Box::pin(async move {
+                    script
+                        .key(&keys[0])
+                        .key(&keys[1])
+                        .arg(&args[..])
+                        .invoke_async::<(i64, u64, u64)>(&mut c)
+                        .await
+                })
             })
             .await;
         match counted {
-            Ok((0, cur, prev)) => Err(refused_wait(s, cur, prev, into, interval_ms)),
-            Ok(_) => Ok(Some(index)),
-            Err(e) => {
-                self.failed(metrics, what, &e);
-                Ok(None)
+            Ok((0, cur, prev)) => Err(refused_wait(s, cur, prev, into, w.interval_ms)),
+            Ok(_) => {
+                pod.count(s, now);
+                Ok(index)
+            }
+            Err((f, late)) => {
+                self.failed(metrics, op, &f);
+                let passed = pod.check(s, now);
+                match late {
+                    Some(late) => self.read_late_count(metrics, late, w, s, index, passed.is_ok()),
+                    None if passed.is_ok() => {
+                        self.charge(metrics, w.key(index), w.charge(index, 1, s.sliding));
+                    }
+                    None => {}
+                }
+                passed.map(|()| index)
             }
         }
+    }
+
+    /// Reads on, in the background, the answer of a count in window `index` of `w` whose
+    /// request stopped waiting for it, and makes Redis agree with what this pod decided
+    /// (`passed`): a count Redis refused for a request let through is added, one it made for a
+    /// refused request given back. No answer within [`LATE_ANSWER`] leaves it as taken.
+    fn read_late_count<F>(
+        self: &Arc<Self>,
+        metrics: &Arc<Metrics>,
+        late: F,
+        w: &Windows,
+        s: &ratelimit::Settings,
+        index: u64,
+        passed: bool,
+    ) where
+        F: Future<Output = ::redis::RedisResult<(i64, u64, u64)>> + Send + Unpin + 'static,
+    {
+        let (this, metrics, w, sliding) = (self.clone(), metrics.clone(), w.clone(), s.sliding);
+        tokio::spawn(async move {
+            let Ok(Ok((counted, _, _))) = tokio::time::timeout(LATE_ANSWER, late).await else {
+                return;
+            };
+            let fix = match (counted != 0, passed) {
+                (true, false) => -1,
+                (false, true) => 1,
+                _ => return,
+            };
+            this.charge(&metrics, w.key(index), w.charge(index, fix, sliding));
+        });
+    }
+
+    /// Gives back, in the background, a request [`Self::count`] counted in `window` (a route's
+    /// rate node whose request never went upstream): never below 0, and never bringing back a
+    /// window that expired meanwhile. The caller gives it back to its pod's counter.
+    pub fn uncount(
+        self: &Arc<Self>,
+        metrics: &Arc<Metrics>,
+        w: &Windows,
+        s: &ratelimit::Settings,
+        window: u64,
+    ) {
+        self.charge(metrics, w.key(window), w.charge(window, -1, s.sliding));
+    }
+
+    /// Adds `n` to the current window of `w` in the background: a rate node's request counted
+    /// again, a budget node's charge (in its units). The caller adds it to its pod's counter.
+    pub fn add(
+        self: &Arc<Self>,
+        metrics: &Arc<Metrics>,
+        w: &Windows,
+        s: &ratelimit::Settings,
+        n: u64,
+    ) {
+        let (index, _) = w.at(unix_ms());
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.charge(metrics, w.key(index), w.charge(index, n, s.sliding));
+    }
+
+    /// Whether the global limit `s` counted in `w` has any room left at `now` (a route's budget
+    /// node), counting what this pod keeps for Redis; `pod` (this pod's counter of it) decides
+    /// while Redis cannot be read.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn room(
+        &self,
+        metrics: &Metrics,
+        wait: &Wait,
+        w: &Windows,
+        s: &ratelimit::Settings,
+        pod: &Limiter,
+        now: Instant,
+        op: RedisOp,
+    ) -> Result<(), Duration> {
+        let (index, into) = w.at(unix_ms());
+        let (cur_key, prev_key) = (w.key(index), w.key(index.saturating_sub(1)));
+        let got: Result<(Option<u64>, Option<u64>), Failure> = self
+            .call(wait, async |c| {
+                ::redis::cmd("MGET")
+                    .arg(&cur_key)
+                    .arg(&prev_key)
+                    .query_async(c)
+                    .await
+            })
+            .await;
+        match got {
+            Ok((cur, prev)) => ratelimit::admit(
+                s.limit,
+                self.with_waiting(cur, &cur_key),
+                self.with_waiting(prev, &prev_key),
+                Duration::from_millis(into),
+                Duration::from_millis(w.interval_ms),
+                s.sliding,
+                ratelimit::Need::Any,
+            ),
+            Err(f) => {
+                self.failed(metrics, op, &f);
+                pod.room(s, now)
+            }
+        }
+    }
+
+    /// A count read from Redis for `key` with what this pod keeps for it.
+    fn with_waiting(&self, read: Option<u64>, key: &str) -> u64 {
+        read.unwrap_or(0)
+            .saturating_add(self.charges.waiting_count(key))
     }
 
     /// The windows of node `node` of route `route` (a budget node's when `budget`) for requests
@@ -431,7 +656,7 @@ impl Shared {
         node: &str,
         value: Option<&serde_json::Value>,
         interval: Duration,
-    ) -> RouteWindows {
+    ) -> Windows {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(if budget { b"budget" } else { b"rate\0\0" });
@@ -447,89 +672,13 @@ impl Shared {
             }
         }
         let interval_ms = millis(interval);
-        RouteWindows {
+        Windows {
             base: format!(
                 "{}route:{}:{interval_ms}",
                 self.prefix,
                 hex::encode(h.finalize())
             ),
             interval_ms,
-        }
-    }
-
-    /// Counts a request of a route's rate node: as [`Self::count_in`] answers.
-    pub async fn route_rate_check(
-        &self,
-        metrics: &Metrics,
-        wait: &Wait,
-        w: &RouteWindows,
-        s: &ratelimit::Settings,
-    ) -> Result<Option<u64>, Duration> {
-        self.count_in(metrics, wait, s, |i| w.key(i), "route rate node")
-            .await
-    }
-
-    /// Takes back, in the background, a request a route's rate node counted in `window`.
-    pub fn route_release(self: &Arc<Self>, metrics: Arc<Metrics>, w: &RouteWindows, window: u64) {
-        let this = self.clone();
-        let key = w.key(window);
-        tokio::spawn(async move {
-            let done: ::redis::RedisResult<i64> = this
-                .call(&Wait::default(), async |c| {
-                    this.release.key(&key).invoke_async(c).await
-                })
-                .await;
-            if let Err(e) = done {
-                this.failed(&metrics, "route rate node release", &e);
-            }
-        });
-    }
-
-    /// Adds `n` to the current window of `w` in the background: a rate node's request counted
-    /// again, a budget node's charge (in its units).
-    pub fn route_add(self: &Arc<Self>, metrics: Arc<Metrics>, w: &RouteWindows, n: u64) {
-        let (index, _) = w.at(unix_ms());
-        self.add_in_background(
-            metrics,
-            vec![(w.key(index), w.interval_ms.saturating_mul(2))],
-            "INCRBY",
-            n.to_string(),
-            "route node write",
-        );
-    }
-
-    /// Whether a route's budget node has room left under `s` (yes when Redis fails).
-    pub async fn route_room(
-        &self,
-        metrics: &Metrics,
-        wait: &Wait,
-        w: &RouteWindows,
-        s: &ratelimit::Settings,
-    ) -> Result<(), Duration> {
-        let (index, into) = w.at(unix_ms());
-        let got: ::redis::RedisResult<(Option<u64>, Option<u64>)> = self
-            .call(wait, async |c| {
-                ::redis::cmd("MGET")
-                    .arg(w.key(index))
-                    .arg(w.key(index.saturating_sub(1)))
-                    .query_async(c)
-                    .await
-            })
-            .await;
-        match got {
-            Ok((cur, prev)) => ratelimit::admit(
-                s.limit,
-                cur.unwrap_or(0),
-                prev.unwrap_or(0),
-                Duration::from_millis(into),
-                Duration::from_millis(w.interval_ms),
-                s.sliding,
-                ratelimit::Need::Any,
-            ),
-            Err(e) => {
-                self.failed(metrics, "route budget node read", &e);
-                Ok(())
-            }
         }
     }
 
@@ -541,143 +690,221 @@ impl Shared {
         )
     }
 
-    /// The gateway's spend in the period holding `now` (Unix seconds); 0 when Redis fails.
+    /// The gateway's spend in the period holding `now` (Unix seconds), with what this pod keeps
+    /// for Redis; `Err` when Redis cannot be read.
     pub async fn spend_get(
         &self,
         metrics: &Metrics,
         wait: &Wait,
         period: SpendPeriod,
         now: u64,
-    ) -> f64 {
+    ) -> Result<f64, Unreadable> {
         let (start, _) = budget::period_bounds(period, now);
-        let got: ::redis::RedisResult<Option<f64>> = self
+        let key = self.spend_key(period, start);
+        let got: Result<Option<f64>, Failure> = self
             .call(wait, async |c| {
-                ::redis::cmd("GET")
-                    .arg(self.spend_key(period, start))
-                    .query_async(c)
-                    .await
+                ::redis::cmd("GET").arg(&key).query_async(c).await
             })
             .await;
         match got {
-            Ok(v) => v.unwrap_or(0.0),
-            Err(e) => {
-                self.failed(metrics, "spend read", &e);
-                0.0
+            Ok(v) => Ok(v.unwrap_or(0.0) + self.charges.waiting_usd(&key)),
+            Err(f) => {
+                self.failed(metrics, RedisOp::Limits, &f);
+                Err(Unreadable)
             }
         }
     }
 
     /// Adds `usd` to the gateway's spend in the day, the week and the month holding `now`
     /// (as [`budget::Ledger::add_spend`] does per pod: a reload changing the period finds the
-    /// new period's spend), in one round trip in the background; each key expires a day after
-    /// its period ends.
-    pub fn spend_add(self: &Arc<Self>, metrics: Arc<Metrics>, usd: f64, now: u64) {
-        let adds = [SpendPeriod::Day, SpendPeriod::Week, SpendPeriod::Month].map(|period| {
+    /// new period's spend), in the background; each key expires a day after its period ends.
+    pub fn spend_add(self: &Arc<Self>, metrics: &Arc<Metrics>, usd: f64, now: u64) {
+        for period in [SpendPeriod::Day, SpendPeriod::Week, SpendPeriod::Month] {
             let (start, end) = budget::period_bounds(period, now);
-            let ttl_ms = (end.saturating_sub(now) + 86_400) * 1000;
-            (self.spend_key(period, start), ttl_ms)
-        });
-        self.add_in_background(
-            metrics,
-            adds.to_vec(),
-            "INCRBYFLOAT",
-            format!("{usd:.12}"),
-            "spend write",
-        );
+            let charge = Charge {
+                amount: Amount::Usd(usd),
+                useful_until_ms: end.saturating_mul(1000),
+                expire_at_ms: end.saturating_add(86_400).saturating_mul(1000),
+            };
+            self.charge(metrics, self.spend_key(period, start), charge);
+        }
     }
 
-    /// Adds `amount` to each key of `keys` with `incr` (`INCRBY`, `INCRBYFLOAT`) and (re)sets
-    /// its expiry to its milliseconds, in one round trip in the background; a failure is
-    /// counted as `what`.
-    fn add_in_background(
-        self: &Arc<Self>,
-        metrics: Arc<Metrics>,
-        keys: Vec<(String, u64)>,
-        incr: &'static str,
-        amount: String,
-        what: &'static str,
-    ) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let done: ::redis::RedisResult<()> = this
+    /// Keeps `c` for `key` and has it written as soon as Redis takes it.
+    fn charge(self: &Arc<Self>, metrics: &Arc<Metrics>, key: String, c: Charge) {
+        if !self.charges.add(key, c) {
+            metrics.count_charges_dropped(ChargeDropped::Full, 1);
+        }
+        if self.charges.start_flushing() {
+            let this = self.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move { this.flush(&metrics).await });
+        }
+    }
+
+    /// Writes the charges waiting, a batch at a time, until none waits; after a failure, again
+    /// every [`BACKOFF`].
+    async fn flush(&self, metrics: &Metrics) {
+        loop {
+            let (batch, dropped) = self.charges.next_batch(unix_ms());
+            if dropped > 0 {
+                metrics.count_charges_dropped(ChargeDropped::WindowEnded, dropped);
+            }
+            let Some(batch) = batch else { return };
+            let written: Result<i64, Failure> = self
                 .call(&Wait::default(), async |c| {
-                    let mut pipe = ::redis::pipe();
-                    for (key, ttl_ms) in &keys {
-                        pipe.cmd(incr)
-                            .arg(key)
-                            .arg(&amount)
-                            .ignore()
-                            .cmd("PEXPIRE")
-                            .arg(key)
-                            .arg(*ttl_ms)
-                            .ignore();
+                    let now = unix_ms();
+                    let mut call = self.charge_script.prepare_invoke();
+                    call.key(&self.marker)
+                        .arg(batch.seq)
+                        .arg(charges::MARKER_TTL_MS);
+                    for (key, charge) in &batch.entries {
+                        let (kind, amount, ttl) = charge.args(now);
+                        call.key(key).arg(kind).arg(amount).arg(ttl);
                     }
-                    pipe.query_async(c).await
+                    call.invoke_async(c).await
                 })
                 .await;
-            if let Err(e) = done {
-                this.failed(&metrics, what, &e);
+            match written {
+                Ok(_) => self.charges.settle(batch, Outcome::Applied),
+                Err(f) => {
+                    self.failed(metrics, RedisOp::Charge, &f);
+                    let outcome = if f.maybe_done() {
+                        Outcome::Unanswered
+                    } else {
+                        Outcome::NotApplied
+                    };
+                    self.charges.settle(batch, outcome);
+                    tokio::time::sleep(BACKOFF).await;
+                }
             }
-        });
+        }
     }
 
-    fn tokens_key(&self, index: u64) -> String {
-        format!("{}tpm:{index}", self.prefix)
+    /// The token budget's minutes: `{prefix}tpm:{minute}`.
+    fn token_windows(&self) -> Windows {
+        Windows {
+            base: format!("{}tpm", self.prefix),
+            interval_ms: budget::TOKEN_WINDOW.as_millis() as u64,
+        }
     }
 
-    fn token_window() -> (u64, Duration) {
-        let window_ms = budget::TOKEN_WINDOW.as_millis() as u64;
-        let now = unix_ms();
-        (now / window_ms, Duration::from_millis(now % window_ms))
-    }
-
-    /// Whether the gateway's token budget has room (yes when Redis fails).
+    /// Whether the gateway's token budget has room, counting what this pod keeps for Redis;
+    /// `Err` when Redis cannot be read.
     pub async fn tokens_left(
         &self,
         metrics: &Metrics,
         wait: &Wait,
         s: &budget::TokenSettings,
-    ) -> Result<(), Duration> {
-        let (index, into) = Self::token_window();
-        let got: ::redis::RedisResult<(Option<u64>, Option<u64>)> = self
+    ) -> Result<Result<(), Duration>, Unreadable> {
+        let w = self.token_windows();
+        let (index, into) = w.at(unix_ms());
+        let (cur_key, prev_key) = (w.key(index), w.key(index.saturating_sub(1)));
+        let got: Result<(Option<u64>, Option<u64>), Failure> = self
             .call(wait, async |c| {
                 ::redis::cmd("MGET")
-                    .arg(self.tokens_key(index))
-                    .arg(self.tokens_key(index.saturating_sub(1)))
+                    .arg(&cur_key)
+                    .arg(&prev_key)
                     .query_async(c)
                     .await
             })
             .await;
         match got {
-            Ok((cur, prev)) => budget::budget_left(
+            Ok((cur, prev)) => Ok(budget::budget_left(
                 s.per_minute,
-                cur.unwrap_or(0),
-                prev.unwrap_or(0),
-                into,
+                self.with_waiting(cur, &cur_key),
+                self.with_waiting(prev, &prev_key),
+                Duration::from_millis(into),
                 budget::TOKEN_WINDOW,
                 s.sliding,
-            ),
-            Err(e) => {
-                self.failed(metrics, "token budget read", &e);
-                Ok(())
+            )),
+            Err(f) => {
+                self.failed(metrics, RedisOp::Limits, &f);
+                Err(Unreadable)
             }
         }
     }
 
-    /// Adds `n` tokens to the gateway's current minute, in the background.
-    pub fn tokens_add(self: &Arc<Self>, metrics: Arc<Metrics>, n: u64) {
-        let (index, _) = Self::token_window();
-        self.add_in_background(
-            metrics,
-            vec![(
-                self.tokens_key(index),
-                budget::TOKEN_WINDOW.as_millis() as u64 * 2,
-            )],
-            "INCRBY",
-            n.to_string(),
-            "token budget write",
-        );
+    /// Adds `n` tokens to the gateway's current minute, in the background (`sliding`: of use
+    /// through the next minute).
+    pub fn tokens_add(self: &Arc<Self>, metrics: &Arc<Metrics>, n: u64, sliding: bool) {
+        let w = self.token_windows();
+        let (index, _) = w.at(unix_ms());
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        self.charge(metrics, w.key(index), w.charge(index, n, sliding));
     }
+}
+
+/// A random name for this client's charges marker: pods (and clients of one pod made on a
+/// reload) never share one.
+fn client_id() -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(std::env::var("HOSTNAME").unwrap_or_default().as_bytes());
+    h.update(std::process::id().to_be_bytes());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.update(nanos.to_be_bytes());
+    static MADE: AtomicU64 = AtomicU64::new(0);
+    h.update(MADE.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    hex::encode(&h.finalize()[..8])
+}
+
+/// A Redis call that failed, and how far it got.
+#[derive(Debug)]
+struct Failure {
+    error: ::redis::RedisError,
+    stage: Stage,
+}
+
+/// How far a failed call got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Not asked: Redis skipped after a failure, or the request's wait was spent.
+    Skipped,
+    /// The connection could not be made.
+    Connect,
+    /// Asked, and refused: not done.
+    Refused,
+    /// Asked, and no answer came by the deadline: Redis may do it yet (a Redis that is slow or
+    /// stopped runs what it received once it goes on).
+    Unanswered,
+    /// Asked, and the call ended without an answer of Redis's (the connection broke, an answer
+    /// could not be read): done or not, nobody knows (a Redis killed, most likely not).
+    Broken,
+}
+
+impl Failure {
+    fn skipped(why: &'static str) -> Self {
+        Self {
+            error: Shared::unavailable(why),
+            stage: Stage::Skipped,
+        }
+    }
+
+    /// Whether Redis may have done what it was asked: a write must not be sent again as new.
+    fn maybe_done(&self) -> bool {
+        matches!(self.stage, Stage::Unanswered | Stage::Broken)
+    }
+}
+
+/// How far a command that ended with `e` got: without an answer of Redis's (I/O: the
+/// connection broke, or could not be made again; an answer that could not be read), or
+/// refused, by Redis or before it was sent.
+fn stage_of(e: &::redis::RedisError) -> Stage {
+    use ::redis::ErrorKind as K;
+    match e.kind() {
+        K::Io | K::Parse | K::UnexpectedReturnType => Stage::Broken,
+        _ => Stage::Refused,
+    }
+}
+
+/// A call about to be asked: its connection, and until when it may wait.
+struct Asking<'w> {
+    waiting: Waiting<'w>,
+    deadline: tokio::time::Instant,
+    conn: ConnectionManager,
 }
 
 /// How long a request refused by [`RATE_SCRIPT`] waits, from the counts the script saw `into`
@@ -706,7 +933,7 @@ fn refused_wait(
 
 /// Milliseconds since the process started, on a monotonic clock: a back-off or a warning
 /// throttle timed on the wall clock would last as long as a step back of it (NTP, a resumed
-/// VM), and Redis would be skipped (global limits failing open) all that time.
+/// VM), and Redis would be skipped (global limits counted by each pod alone) all that time.
 fn monotonic_ms() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
@@ -758,7 +985,7 @@ fn verdict(e: &::redis::RedisError) -> Verdict {
 
 /// How long one request (or one background write) has waited for Redis: the time any of its
 /// calls was waiting (calls made at once count once). Once it reaches [`REQUEST_WAIT`] its
-/// other calls fail open at once.
+/// other calls go without Redis at once.
 #[derive(Debug, Default)]
 pub struct Wait(std::sync::Mutex<Waited>);
 
@@ -1062,6 +1289,37 @@ mod tests {
     }
 
     #[test]
+    fn a_command_that_ended_without_an_answer_may_be_done_and_one_refused_is_not() {
+        let io = |k: std::io::ErrorKind| ::redis::RedisError::from(std::io::Error::from(k));
+        // A connection reset: a Redis killed, most likely not done; a write is still sent
+        // again with its batch number, not as new.
+        for kind in [
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::TimedOut,
+        ] {
+            let broken = Failure {
+                error: io(kind),
+                stage: stage_of(&io(kind)),
+            };
+            assert_eq!(broken.stage, Stage::Broken);
+            assert!(broken.maybe_done());
+        }
+        for reply in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "READONLY You can't write against a read only replica.",
+            "NOAUTH Authentication required.",
+        ] {
+            let refused = Failure {
+                error: answered_error(reply),
+                stage: stage_of(&answered_error(reply)),
+            };
+            assert_eq!(refused.stage, Stage::Refused, "{reply}");
+            assert!(!refused.maybe_done(), "{reply}");
+        }
+        assert!(!Failure::skipped("back-off").maybe_done());
+    }
+
+    #[test]
     fn refused_commands_replace_the_connection_only_when_nothing_is_answered_in_between() {
         let shared =
             Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw").expect("valid url");
@@ -1108,7 +1366,10 @@ mod tests {
         std::mem::forget((cache, other));
         wait.end(ms(1_000));
         wait.end(ms(1_000));
-        assert!(wait.begin(ms(1_000)).is_none(), "spent: fail open at once");
+        assert!(
+            wait.begin(ms(1_000)).is_none(),
+            "spent: without Redis at once"
+        );
         assert!(wait.begin(ms(60_000)).is_none(), "for good");
     }
 

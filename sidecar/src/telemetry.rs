@@ -62,6 +62,79 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+/// The Redis operations whose failures `sidegate_redis_errors_total` counts apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisOp {
+    /// A request's global rate limit, spend and token budget.
+    Limits,
+    /// Writing the charges kept for Redis (spend, tokens, the counts of global windows).
+    Charge,
+    /// Reading the shared cache.
+    CacheGet,
+    /// Writing the shared cache.
+    CacheSet,
+    /// A dynamic route's rate or budget node with `scope: global`.
+    RouteNode,
+    /// Connecting (whatever the call was for).
+    Connect,
+}
+
+impl RedisOp {
+    const ALL: [Self; 6] = [
+        Self::Limits,
+        Self::Charge,
+        Self::CacheGet,
+        Self::CacheSet,
+        Self::RouteNode,
+        Self::Connect,
+    ];
+
+    /// The `op` label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Limits => "limits",
+            Self::Charge => "charge",
+            Self::CacheGet => "cache_get",
+            Self::CacheSet => "cache_set",
+            Self::RouteNode => "route_node",
+            Self::Connect => "connect",
+        }
+    }
+}
+
+/// Labels of a Redis error.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RedisLabels {
+    /// [`RedisOp::as_str`].
+    pub op: &'static str,
+}
+
+/// Why charges kept for Redis were dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChargeDropped {
+    /// Their window (or spend period) ended before Redis took them: of no use any more.
+    WindowEnded,
+    /// The keys waiting were at their bound.
+    Full,
+}
+
+impl ChargeDropped {
+    /// The `reason` label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WindowEnded => "window_ended",
+            Self::Full => "full",
+        }
+    }
+}
+
+/// Labels of dropped charges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabels {
+    /// `window_ended` or `full`.
+    pub reason: &'static str,
+}
+
 /// All metrics of the sidecar.
 pub struct Metrics {
     registry: Registry,
@@ -77,7 +150,8 @@ pub struct Metrics {
     config_info: Family<ConfigLabels, Gauge>,
     cache: Family<CacheLabels, Counter>,
     retries: Family<ProviderLabels, Counter>,
-    redis_errors: Counter,
+    redis_errors: Family<RedisLabels, Counter>,
+    charges_dropped: Family<DroppedLabels, Counter>,
     guardrails: Family<ReloadLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
     cost: Family<ProviderLabels, UsdCounter>,
@@ -247,12 +321,27 @@ impl Metrics {
             "Upstream attempts retried (after a connection error, timeout, 429 or 5xx)",
             retries.clone(),
         );
-        let redis_errors = Counter::default();
+        let redis_errors = Family::<RedisLabels, Counter>::default();
         registry.register(
             "redis_errors",
-            "Redis operations that failed or timed out (the gateway failed open)",
+            "Redis operations that failed, timed out or were skipped after a failure, by operation (limits fell back to this pod's counts, charges were kept to write later, the cache missed)",
             redis_errors.clone(),
         );
+        let charges_dropped = Family::<DroppedLabels, Counter>::default();
+        registry.register(
+            "redis_charges_dropped",
+            "Charges kept while Redis could not take them (spend, tokens, window counts), dropped: their window ended first, or too many keys were waiting",
+            charges_dropped.clone(),
+        );
+        // Every label shown from the start (0), as the unlabelled counters are.
+        for op in RedisOp::ALL {
+            drop(redis_errors.get_or_create(&RedisLabels { op: op.as_str() }));
+        }
+        for reason in [ChargeDropped::WindowEnded, ChargeDropped::Full] {
+            drop(charges_dropped.get_or_create(&DroppedLabels {
+                reason: reason.as_str(),
+            }));
+        }
         let guardrails = Family::<ReloadLabels, Counter>::default();
         registry.register(
             "guardrails",
@@ -344,6 +433,7 @@ impl Metrics {
             cache,
             retries,
             redis_errors,
+            charges_dropped,
             guardrails,
             tokens,
             cost,
@@ -497,8 +587,19 @@ impl Metrics {
     }
 
     /// Counts one failed Redis operation.
-    pub fn count_redis_error(&self) {
-        self.redis_errors.inc();
+    pub fn count_redis_error(&self, op: RedisOp) {
+        self.redis_errors
+            .get_or_create(&RedisLabels { op: op.as_str() })
+            .inc();
+    }
+
+    /// Counts `n` charges kept for Redis and dropped.
+    pub fn count_charges_dropped(&self, why: ChargeDropped, n: u64) {
+        self.charges_dropped
+            .get_or_create(&DroppedLabels {
+                reason: why.as_str(),
+            })
+            .inc_by(n);
     }
 
     /// Counts one reload, and publishes its outcome as [`Metrics::set_load_outcome`] does.

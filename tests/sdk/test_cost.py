@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
-from test_redis import redis  # noqa: F401  (module-scoped real redis-server fixture)
+from test_redis import redis, redis_errors  # noqa: F401  (module-scoped real redis-server fixture)
 
 CHAT = "/openai/chat/completions"
 
@@ -282,17 +282,29 @@ def test_spend_is_shared_by_the_pods_through_redis(mock, tmp_path, redis):  # no
         b.stop()
 
 
-def test_without_redis_spend_and_token_limits_fail_open(mock, tmp_path, refusing_port):
+def test_without_redis_spend_and_token_limits_are_counted_by_the_pod(mock, tmp_path, refusing_port):
+    # README: while Redis cannot be read, the spend limit and a global token budget are checked
+    # against this pod's own counts, with the same limits.
     dead = f"redis://127.0.0.1:{refusing_port.port}/0"
     spec = ("  redis: {}\n  spendLimit: {amount: '0.01', period: day}\n"
+            "  rateLimit: {limit: 1000, interval: 60s, scope: global, tokensPerMinute: 1000000}\n")
+    g = json_gateway(tmp_path, mock, spec, dict(DEFAULT_KEYS, **{"redis.url": dead}))
+    try:
+        assert spend(g, 1.0).status_code == 200
+        assert_spend_limited(wait_refused(g, 2041, "this pod's own spend was not counted"))
+        errors = redis_errors(g)
+        assert errors >= 2
+        assert dead not in g.logs()
+    finally:
+        g.stop()
+    # The token budget alone: tokens of one answer use it up.
+    spec = ("  redis: {}\n"
             "  rateLimit: {limit: 1000, interval: 60s, scope: global, tokensPerMinute: 1}\n")
     g = json_gateway(tmp_path, mock, spec, dict(DEFAULT_KEYS, **{"redis.url": dead}))
     try:
-        for _ in range(3):
-            assert spend(g, 1.0).status_code == 200
-        errors = metric(g, "sidegate_redis_errors_total ")
-        assert errors is not None and errors >= 3
-        assert dead not in g.logs()
+        assert httpx.post(g.url + CHAT, json=body("use the tokens")).status_code == 200
+        r = wait_refused(g, 2003, "this pod's own tokens were not counted")
+        assert "token budget of 1 tokens per minute" in r.json()["error"][0]["message"]
     finally:
         g.stop()
 

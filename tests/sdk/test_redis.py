@@ -1,5 +1,6 @@
 """State shared across pods through a real Redis (Debian's redis-server, started here on
-loopback): the cache (`backend: redis`) and global rate limits, and failing open without Redis.
+loopback): the cache (`backend: redis`) and global rate limits, and serving without Redis (cache
+misses, global limits counted by each pod alone).
 
 Two sidegate processes stand for two pods of one gateway.
 """
@@ -120,6 +121,18 @@ def body(text):
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}
 
 
+def redis_errors(g, op=None):
+    """`sidegate_redis_errors_total` of operation `op` (all operations summed when `None`)."""
+    total, seen = 0.0, False
+    for line in g.metrics().splitlines():
+        if line.startswith("sidegate_redis_errors_total{"):
+            seen = True
+            if op is None or f'op="{op}"' in line:
+                total += float(line.split()[-1])
+    assert seen, "sidegate_redis_errors_total is not exported"
+    return total
+
+
 def test_a_response_cached_by_one_pod_is_a_hit_in_another(mock, tmp_path, redis):
     spec = "  cache: {enabled: true, backend: redis, ttl: 10m}\n"
     a, b = pod(tmp_path, mock, redis.url, spec, "a"), pod(tmp_path, mock, redis.url, spec, "b")
@@ -176,18 +189,20 @@ def test_a_global_rate_limit_is_shared_by_the_pods(mock, tmp_path, redis):
         b.stop()
 
 
-def test_without_redis_the_gateway_fails_open_and_says_so(mock, tmp_path, refusing_port):
+def test_without_redis_the_gateway_serves_counts_its_global_limit_alone_and_says_so(mock, tmp_path, refusing_port):
+    # README: a cache miss, and a global limit counted by this pod alone with the same limit
+    # (generous by the number of pods, never off).
     dead = f"redis://127.0.0.1:{refusing_port.port}/0"
-    spec = "  cache: {enabled: true, backend: redis}\n  rateLimit: {limit: 1, interval: 1h, scope: global}\n"
+    spec = "  cache: {enabled: true, backend: redis}\n  rateLimit: {limit: 2, interval: 1h, scope: global}\n"
     g = pod(tmp_path, mock, dead, spec, "a")
     try:
-        for _ in range(3):
-            r = httpx.post(g.url + CHAT, json=body("no redis"), timeout=10)
-            assert r.status_code == 200
-            assert r.headers["cf-aig-cache-status"] == "MISS"
-        errors = [l for l in g.metrics().splitlines() if l.startswith("sidegate_redis_errors_total ")]
-        assert errors and float(errors[0].split()[-1]) >= 3
-        assert "serving without it (fail open)" in g.logs()
+        got = [httpx.post(g.url + CHAT, json=body("no redis"), timeout=10) for _ in range(3)]
+        assert [r.status_code for r in got] == [200, 200, 429]
+        assert [r.headers["cf-aig-cache-status"] for r in got[:2]] == ["MISS", "MISS"]
+        r = got[-1]
+        assert redis_errors(g) >= 3
+        assert redis_errors(g, "connect") >= 1, g.metrics()
+        assert "serving without it" in g.logs()
         g.wait_log_line(r.headers["cf-aig-log-id"])  # the last line is out
         assert dead not in g.logs()
     finally:
@@ -209,7 +224,7 @@ def test_a_redis_that_never_answers_costs_requests_little(mock, tmp_path):
             codes = list(pool.map(lambda i: httpx.post(g.url + CHAT, json=body(f"silent {i}"), timeout=30).status_code,
                                   range(40)))
         took = time.monotonic() - started
-        assert codes == [200] * 40
+        assert sorted(codes) == [200] + [429] * 39, "the limit of 1, counted by this pod"
         assert took < 5, f"40 requests took {took:.1f}s with a silent Redis"
     finally:
         g.stop()
@@ -225,13 +240,25 @@ def test_a_paused_redis_is_used_again_once_it_answers(mock, tmp_path):
         assert httpx.post(g.url + CHAT, json=body("one")).status_code == 200
         r.proc.send_signal(signal.SIGSTOP)
         try:
-            for i in range(5):  # timeouts, then fail open at once
-                assert httpx.post(g.url + CHAT, json=body(f"paused {i}"), timeout=10).status_code == 200
+            # A timeout, then the pod's own count at once: its second request of 2, then refusals.
+            codes = [httpx.post(g.url + CHAT, json=body(f"paused {i}"), timeout=10).status_code for i in range(5)]
+            assert codes == [200, 429, 429, 429, 429], codes
         finally:
             r.proc.send_signal(signal.SIGCONT)
-        time.sleep(1.5)  # past the back-off
+        # The count asked of the stopped Redis is run once it resumes, and not asked again.
+        key = None
+        deadline = time.monotonic() + 5
+        while not key or r.cli("GET", key) != "2":
+            assert time.monotonic() < deadline, r.everything()
+            key = (r.cli("--scan", "--pattern", "*:rl:*").split() or [None])[0]
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert r.cli("GET", key) == "2"
+        # Redis forgets: this pod alone would refuse (2 of 2), Redis counts afresh.
+        r.cli("FLUSHALL")
+        time.sleep(1.2)  # past the back-off
         codes = [httpx.post(g.url + CHAT, json=body("again"), timeout=10).status_code for _ in range(3)]
-        assert codes[-1] == 429, codes
+        assert codes == [200, 200, 429], codes
     finally:
         g.stop()
         r.stop()
