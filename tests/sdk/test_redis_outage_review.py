@@ -16,6 +16,7 @@ import time
 import uuid
 
 import httpx
+import pytest
 
 from test_redis import Redis, redis_errors
 from test_redis_review import LatencyProxy, pod
