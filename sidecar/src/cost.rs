@@ -119,10 +119,12 @@ impl Price {
     }
 }
 
-/// What a model's provider charges per call of its hosted (server-side) tools, beside the
-/// tokens, in USD. The calls are counted where the answer shows them ([`crate::usage`]):
-/// Anthropic's `server_tool_use.web_search_requests`, the `web_search_call` and
-/// `file_search_call` items of an OpenAI Responses answer.
+/// What is charged per call of a provider's hosted (server-side) tools, beside the tokens, in
+/// USD. The calls are counted where the answer shows them ([`crate::usage`]): Anthropic's
+/// `server_tool_use.web_search_requests`, the `web_search_call` and `file_search_call` items of
+/// an OpenAI (or Azure OpenAI) Responses answer. The fee belongs to the call, whatever the model
+/// (a new snapshot, a fine-tune, a model only `spec.pricing` prices): only the preview web
+/// search's depends on the model's family.
 ///
 /// - Anthropic: "$10 per 1,000 searches, plus standard token costs" (docs.claude.com, Web search
 ///   tool, Usage and pricing; on Vertex AI too). Web fetch has "no additional charges" beyond
@@ -133,10 +135,14 @@ impl Price {
 ///   models, including gpt-5, o-series)": $10.00 / 1k calls; "Web search preview
 ///   (non-reasoning models)": $25.00 / 1k calls, search content tokens free; "File search tool
 ///   call (Responses API only)": $2.50 / 1k calls. Search content tokens are in the answer's
-///   input tokens. Not charged: containers (Code Interpreter, hosted shell; billed per 20-minute
-///   session of a container an answer may not have started), and the fixed block of 8,000 input
-///   tokens per call that `gpt-4o-mini` and `gpt-4.1-mini` bill for the non-preview tool's
-///   search content (the answer does not say whether its input count holds them).
+///   input tokens. The non-reasoning models with the preview tool are GPT-4o's and GPT-4.1's
+///   (their snapshots, minis and fine-tunes): a name of neither family, one the gateway cannot
+///   place included (a newer model, an Azure deployment named otherwise), gets the $10 of the
+///   reasoning models OpenAI sells now. Not charged: containers (Code Interpreter, hosted
+///   shell; billed per 20-minute session of a container an answer may not have started), and
+///   the fixed block of 8,000 input tokens per call that `gpt-4o-mini` and `gpt-4.1-mini` bill
+///   for the non-preview tool's search content (the answer does not say whether its input
+///   count holds them).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ToolFees {
     /// Per web search (Anthropic's tool, OpenAI's `web_search`).
@@ -148,22 +154,11 @@ pub struct ToolFees {
 }
 
 impl ToolFees {
-    /// The fees of the model named `name` (normalized): by its provider, and for OpenAI's
-    /// preview web search by whether it reasons.
+    /// The fees of the model named `name` (normalized).
     pub fn of(name: &str) -> Self {
-        if name.starts_with("claude-") {
-            return Self {
-                web_search: 0.01,
-                ..Self::default()
-            };
-        }
-        let non_reasoning = ["gpt-4o", "gpt-4.1"].iter().any(|f| continues(name, f));
-        let reasoning = ["gpt-5", "o1", "o3", "o4-mini"]
-            .iter()
-            .any(|f| continues(name, f));
-        if !non_reasoning && !reasoning {
-            return Self::default();
-        }
+        // A fine-tune is named `ft:{base model}:{org}:{suffix}:{id}`.
+        let base = name.strip_prefix("ft:").unwrap_or(name);
+        let non_reasoning = ["gpt-4o", "gpt-4.1"].iter().any(|f| continues(base, f));
         Self {
             web_search: 0.01,
             web_search_preview: if non_reasoning { 0.025 } else { 0.01 },
@@ -252,9 +247,28 @@ const NOT_TEXT: &[(&str, NotText)] = &[
         },
     ),
     // Cached image input "$0.50" against cached text "$0.40" (model pages of gpt-realtime and
-    // its successors, Image tokens, read 2026-11-28). gpt-realtime-mini's own page was not
-    // found: its cached images stay at its cached text price.
+    // its successors, Image tokens, read 2026-11-28).
     ("gpt-realtime", NotText::CachedImage(0.50)),
+    // gpt-realtime-2: text $4, cached $0.40, out $24; audio and images as gpt-realtime's (its
+    // model page, read 2026-11-28).
+    (
+        "gpt-realtime-2",
+        NotText::Audio {
+            input: 32.0,
+            output: 64.0,
+        },
+    ),
+    (
+        "gpt-realtime-2",
+        NotText::Image {
+            input: 5.0,
+            output: 24.0,
+        },
+    ),
+    ("gpt-realtime-2", NotText::CachedImage(0.50)),
+    // The minis: text $0.60, cached $0.06, out $2.40; audio $10, cached $0.30, out $20; image
+    // $0.80, cached $0.08 (gpt-realtime-2.1-mini's model page, read 2026-11-28, which compares
+    // it with gpt-realtime-mini at the same prices; gpt-realtime-mini's own page was not found).
     (
         "gpt-realtime-mini",
         NotText::Audio {
@@ -270,6 +284,23 @@ const NOT_TEXT: &[(&str, NotText)] = &[
             output: 2.40,
         },
     ),
+    ("gpt-realtime-mini", NotText::CachedImage(0.08)),
+    (
+        "gpt-realtime-2.1-mini",
+        NotText::Audio {
+            input: 10.0,
+            output: 20.0,
+        },
+    ),
+    ("gpt-realtime-2.1-mini", NotText::CachedAudio(0.30)),
+    (
+        "gpt-realtime-2.1-mini",
+        NotText::Image {
+            input: 0.80,
+            output: 2.40,
+        },
+    ),
+    ("gpt-realtime-2.1-mini", NotText::CachedImage(0.08)),
     (
         "gpt-4o-realtime-preview",
         NotText::Audio {
@@ -435,6 +466,8 @@ pub fn per_image(model: &str, asked: &ImageOptions) -> Option<f64> {
     let size = asked.size.as_deref().unwrap_or("1024x1024");
     let quality = match asked.quality.as_deref() {
         None | Some("auto") => "standard",
+        // DALL·E 2 makes standard images only, whatever quality is asked.
+        Some(_) if continues(name, "dall-e-2") => "standard",
         Some(q) => q,
     };
     DALLE_IMAGES
@@ -515,7 +548,9 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-4o-mini", 0.15, 0.60),
     // Realtime models: text prices here, audio and image ones in NOT_TEXT.
     ("gpt-realtime", 4.0, 16.0),
+    ("gpt-realtime-2", 4.0, 24.0),
     ("gpt-realtime-mini", 0.60, 2.40),
+    ("gpt-realtime-2.1-mini", 0.60, 2.40),
     ("gpt-4o-realtime-preview", 5.0, 20.0),
     ("gpt-4o-realtime-preview-2024-10-01", 5.0, 20.0),
     ("gpt-4o-mini-realtime-preview", 0.60, 2.40),
@@ -741,9 +776,22 @@ impl Pricing {
                 .enumerate()
                 .rev()
                 .filter(|(_, c)| BOUNDARY.contains(c))
+                .take_while(|&(i, _)| !names_a_sibling(&name[i..]))
                 .find_map(|(i, _)| exact(&name[..i]))
         })
     }
+}
+
+/// Words that, in what a model's name adds to a shorter one, make it another model of the
+/// family than the one named so (`gpt-5-codex-mini`, `gpt-realtime-2.1-mini`: not `gpt-5`, nor
+/// `gpt-realtime`): a smaller or larger sibling, priced otherwise.
+const SIBLINGS: &[&str] = &["mini", "nano", "lite", "pro"];
+
+/// Whether `rest`, what a model's name adds to a table name (from its boundary), names a
+/// sibling of that model (see [`SIBLINGS`]).
+fn names_a_sibling(rest: &str) -> bool {
+    rest.split(|c: char| c.is_ascii() && (BOUNDARY.contains(&(c as u8)) || c == '.'))
+        .any(|word| SIBLINGS.contains(&word))
 }
 
 /// `s` with its `%XX` escapes decoded (invalid ones kept as they are).
@@ -1189,6 +1237,46 @@ mod tests {
             price(0.11, 0.34)
         );
         assert_eq!(look(&t, "mistral-large-latest"), price(2.0, 6.0));
+    }
+
+    #[test]
+    fn a_smaller_or_larger_sibling_is_not_priced_as_the_model_it_continues() {
+        let t = Pricing::default();
+        // Their own rows.
+        assert_eq!(look(&t, "gpt-realtime-2.1-mini"), price(0.60, 2.40));
+        assert_eq!(look(&t, "gpt-realtime-mini-2025-12-15"), price(0.60, 2.40));
+        assert_eq!(look(&t, "gpt-realtime-2"), price(4.0, 24.0));
+        // Snapshots and variants of the same price still are their model.
+        assert_eq!(look(&t, "gpt-realtime-1.5"), price(4.0, 16.0));
+        assert_eq!(look(&t, "gpt-5-codex"), price(1.25, 10.0));
+        assert_eq!(look(&t, "gpt-4o-mini-search-preview"), price(0.15, 0.60));
+        assert_eq!(look(&t, "gemini-2.5-pro-preview-05-06"), price(1.25, 10.0));
+        // A mini, nano, lite or pro the table does not know is no price of its family's.
+        for name in [
+            "gpt-5-codex-mini",
+            "gpt-realtime-9-mini",
+            "gpt-realtime-2.1-mini-2026-01-01x",
+            "gpt-5.2-mini",
+            "gpt-4.1-2025-04-14-nano",
+            "gemini-2.5-flash-image-lite",
+            "gpt-5-codex-pro",
+            "o3-mini.pro",
+        ] {
+            let want = match name {
+                "gpt-realtime-2.1-mini-2026-01-01x" => price(0.60, 2.40),
+                _ => None,
+            };
+            assert_eq!(look(&t, name), want, "{name}");
+        }
+        // Named in spec.pricing, it is priced.
+        let own = Pricing::with(&[ModelPrice {
+            model: "gpt-5-codex-mini".into(),
+            input_per_million: "0.25".into(),
+            output_per_million: "2".into(),
+            ..ModelPrice::default()
+        }])
+        .expect("valid");
+        assert_eq!(look(&own, "gpt-5-codex-mini"), price(0.25, 2.0));
     }
 
     #[test]
@@ -1735,14 +1823,44 @@ mod tests {
             cost(t.lookup("gpt-5"), None, &filed),
             (2000.0 * 1.25 + 300.0 * 10.0) / 1e6 + 0.01,
         );
-        // Models whose provider charges no such fee, or not for that tool: the tokens only.
+        // The fee is the call's, whatever the model: a newer one than the table's, a
+        // fine-tune, one only spec.pricing prices. Only the preview's $25 is GPT-4o's and
+        // GPT-4.1's (fine-tunes of them too); any other name gets the $10 of the others.
+        let own = Pricing::with(
+            &[
+                "gpt-5.2",
+                "gpt-5.5",
+                "ft:gpt-4.1-mini:acme::abc123",
+                "house-llm",
+            ]
+            .map(|m| ModelPrice {
+                model: m.into(),
+                input_per_million: "1".into(),
+                output_per_million: "2".into(),
+                ..ModelPrice::default()
+            }),
+        )
+        .expect("valid");
+        let own_tokens = (2000.0 + 600.0) / 1e6;
+        for (model, general, preview) in [
+            ("gpt-5.2", 0.03, 0.03),
+            ("gpt-5.5-2026-04-24", 0.03, 0.03),
+            ("ft:gpt-4.1-mini:acme::abc123", 0.03, 0.075),
+            ("house-llm", 0.03, 0.03),
+        ] {
+            close(
+                cost(own.lookup(model), None, &searched(3, false)),
+                own_tokens + general,
+            );
+            close(
+                cost(own.lookup(model), None, &searched(3, true)),
+                own_tokens + preview,
+            );
+            close(cost(own.lookup(model), None, &filed), own_tokens + 0.01);
+        }
         close(
-            cost(t.lookup("mistral-large-latest"), None, &searched(3, false)),
-            (2000.0 * 2.0 + 300.0 * 6.0) / 1e6,
-        );
-        close(
-            cost(t.lookup("claude-haiku-4-5"), None, &filed),
-            (2000.0 * 1.0 + 300.0 * 5.0) / 1e6,
+            cost(t.lookup("claude-haiku-4-5"), None, &searched(1, false)),
+            (2000.0 * 1.0 + 300.0 * 5.0) / 1e6 + 0.01,
         );
         // Calls without tokens (a stream cut before its usage) still cost their fees.
         let bare = Tokens {
@@ -1799,7 +1917,10 @@ mod tests {
         assert_eq!(at("dall-e-2", None, None), Some(0.02));
         // Sizes and qualities a model is not sold at (the provider refuses them), other models.
         assert_eq!(at("dall-e-3", Some("256x256"), None), None);
-        assert_eq!(at("dall-e-2", None, Some("hd")), None);
+        // DALL·E 2 makes standard images only: asked for HD, it makes one of those.
+        assert_eq!(at("dall-e-2", None, Some("hd")), Some(0.02));
+        assert_eq!(at("dall-e-2", Some("256x256"), Some("hd")), Some(0.016));
+        assert_eq!(at("dall-e-2", Some("1792x1024"), Some("hd")), None);
         assert_eq!(at("gpt-image-1", None, None), None);
         assert_eq!(at("dall-e-30", None, None), None);
     }
@@ -1922,9 +2043,28 @@ mod tests {
             cost(t.lookup("gpt-realtime-2025-08-28"), None, &cached),
             (500.0 * 4.0 + 200.0 * 0.40 + 300.0 * 0.40 + 1000.0 * 0.50) / 1e6,
         );
+        // $0.08 on the minis, against cached text at $0.06.
+        for mini in [
+            "gpt-realtime-mini",
+            "gpt-realtime-mini-2025-12-15",
+            "gpt-realtime-2.1-mini",
+        ] {
+            close(
+                cost(t.lookup(mini), None, &cached),
+                (500.0 * 0.60 + 200.0 * 0.06 + 300.0 * 0.30 + 1000.0 * 0.08) / 1e6,
+            );
+        }
+        // gpt-realtime-2: output $24, the rest as gpt-realtime.
         close(
-            cost(t.lookup("gpt-realtime-mini"), None, &cached),
-            (500.0 * 0.60 + 200.0 * 0.06 + 300.0 * 0.30 + 1000.0 * 0.06) / 1e6,
+            cost(
+                t.lookup("gpt-realtime-2"),
+                None,
+                &Tokens {
+                    output: Some(100),
+                    ..cached
+                },
+            ),
+            (500.0 * 4.0 + 200.0 * 0.40 + 300.0 * 0.40 + 1000.0 * 0.50 + 100.0 * 24.0) / 1e6,
         );
         // Never more than the cache reads not audio.
         let odd = Tokens {

@@ -31,10 +31,10 @@
 //!   `cost_details.upstream_inference_cost`, which `cost` leaves out).
 //!
 //! Imagen's answers (`:predict` of an `imagen-*` model) have no usage: their images are counted
-//! (each prediction's `"bytesBase64Encoded"`); so are those of OpenAI's image answers (each
-//! image of `data`: DALL·E's have no usage, gpt-image-1's have one, read too). An OpenAI
-//! Responses answer's hosted tool calls charged per call (web and file searches) are counted
-//! from its output items (`ToolCalls`). Vertex AI's embeddings (`:predict` of another
+//! (each prediction's `"bytesBase64Encoded"`); so are those of OpenAI's (and Azure OpenAI's)
+//! image answers (each image of `data`: DALL·E's have no usage, gpt-image-1's have one, read
+//! too). An OpenAI (or Azure OpenAI) Responses answer's hosted tool calls charged per call (web
+//! and file searches) are counted from its output items (`ToolCalls`). Vertex AI's embeddings (`:predict` of another
 //! model) have none either: each prediction's `embeddings.statistics.token_count` is input, and
 //! `metadata.billableCharacterCount` the characters some of those models are priced by.
 //!
@@ -530,98 +530,236 @@ fn is_key(buf: &[u8], at: usize, len: usize, before: Option<u8>) -> Option<bool>
 }
 
 /// The hosted tools an OpenAI Responses answer called that are charged per call: web searches
-/// (`web_search_call` output items, less those whose action opened a page or found in one,
-/// `open_page` and `find_in_page`: only searches are charged), file searches
-/// (`file_search_call` items), and whether the web search tool the response declares is the
-/// preview one (`web_search_preview`, priced apart) and not the other.
+/// (`web_search_call` items, less those whose action opened a page or found in one, `open_page`
+/// and `find_in_page`: only searches are charged), file searches (`file_search_call` items), and
+/// whether the web search tool the response declares is the preview one (`web_search_preview`,
+/// priced apart) and not the other.
 ///
-/// Read from the answer's `"type": "..."` pairs as its frames go by (no JSON is parsed). The
-/// response's `metadata`, the one object an app fills as it likes, is passed over: a pair in it
-/// could otherwise pass for an item or a final event. A response object lists each item once.
-/// An event stream announces each item in events of its own and lists them all again in its
-/// final event's response (`response.completed`, `.incomplete`, `.failed`): the items after the
-/// last final event count. A stream that ends before one counts its
-/// `response.web_search_call.completed` and `response.file_search_call.completed` events
-/// (which do not tell a search from a page opened).
+/// Read key by key as the answer's bytes go by, however its frames cut it (no JSON is parsed;
+/// nothing is kept but the open containers of the first [`TOOL_LEVELS`] levels and one short
+/// key or `type` value), and only where the provider writes items and tools:
+///
+/// - a response object (a create's, a poll's, a cancellation's answer): the elements of its
+///   top-level `output` array, by their own `type` and their `action`'s, and those of its
+///   top-level `tools`, by their `type`;
+/// - an event stream: each event's own top-level `type`, the `item` of each
+///   `response.output_item.done`, and the `output` and `tools` of each event's `response`.
+///
+/// Nothing nested deeper in them is read: values the app writes and the response echoes (its
+/// `metadata`, a tool's JSON schema, `text.format`, `instructions` given as items, the
+/// attributes of the files a file search found, an MCP server's tool schemas) cannot pass for an
+/// item, a tool or an event, whatever `"type"` they hold.
+///
+/// A response object lists each item once. A stream announces each item in events of its own
+/// and lists them all again in its final event's response (`response.completed`,
+/// `.incomplete`, `.failed`): a whole final event's items count. A stream that ends before one
+/// ends (cut before it, or inside it) counts, of web searches and of file searches each, the
+/// most that its `response.*_call.completed` events (which do not tell a search from a page
+/// opened), its `response.output_item.done` items, or the items of the final event read so far
+/// show. The tools declared by any of its events' responses set the rate.
 #[derive(Debug, Default)]
 struct ToolCalls {
-    /// Items since the answer's start, or since an event stream's last final event.
-    items: ToolItems,
-    /// Calls a stream's progress events reported as completed.
-    completed: ToolItems,
-    /// A `response.*` event was seen: the answer is an event stream.
+    /// The open containers of the first [`TOOL_LEVELS`] levels (deeper ones are only counted).
+    levels: [ToolLevel; TOOL_LEVELS],
+    depth: usize,
+    /// The string being read, if inside one; its text while it is kept (`spoiled` when too
+    /// long or escaped: no key or value read has escapes).
+    string: Option<ToolString>,
+    escaped: bool,
+    text: Vec<u8>,
+    spoiled: bool,
+    /// The item being read.
+    item: ItemSeen,
+    /// The event being read (or the response object, whose own `type` no answer has).
+    event: EventSeen,
+    /// An event `response.*` was seen: the answer is an event stream.
     stream: bool,
-    /// Its final event was.
-    ended: bool,
+    /// The calls of a response object's items.
+    document: Calls,
+    /// The calls a stream's `response.*_call.completed` events reported.
+    completed: Calls,
+    /// The calls of a stream's `response.output_item.done` items.
+    done: Calls,
+    /// The calls of the items of a stream's last whole final event.
+    ended: Option<Calls>,
     /// The response declares `web_search_preview` (any snapshot), and `web_search` (any).
     preview: bool,
     general: bool,
-    /// Inside a `metadata` object: where the scan is in it.
-    skipping: Option<Skip>,
-    /// A key the last frame cut (from its first quote), read again with the next frame; and
-    /// the byte before it.
-    carry: Vec<u8>,
-    carry_before: Option<u8>,
-    /// The last byte of the last frame.
-    last: Option<u8>,
 }
 
+/// Levels of containers whose keys a [`ToolCalls`] may read: an event, its `response`, the
+/// response's `output`, an item, the item's `action`.
+const TOOL_LEVELS: usize = 5;
+/// Longest key or `type` value read (the names looked for are shorter).
+const MAX_TOOL_TEXT: usize = 64;
+
+/// What a container is to a [`ToolCalls`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ToolRole {
+    /// Nothing counted is in it.
+    #[default]
+    Other,
+    /// A top-level object: a response object, or an event of a stream.
+    Top,
+    /// An event's `response`.
+    Response,
+    /// The `output` array of a response object or of an event's `response`.
+    Output,
+    /// An output item: an element of `output`, or an event's `item`.
+    Item,
+    /// An item's `action`.
+    Action,
+    /// The `tools` array of a response object or of an event's `response`.
+    Tools,
+    /// An element of `tools`.
+    Tool,
+}
+
+impl ToolRole {
+    /// Whether the keys of an object of this role are read.
+    fn reads_keys(self) -> bool {
+        matches!(
+            self,
+            Self::Top | Self::Response | Self::Item | Self::Action | Self::Tool
+        )
+    }
+
+    /// The role of a container opened (`object` or array) as the value of `key` in `self`.
+    fn child(self, key: ToolKey, object: bool) -> Self {
+        match (self, key, object) {
+            (Self::Top, ToolKey::Response, true) => Self::Response,
+            (Self::Top | Self::Response, ToolKey::Output, false) => Self::Output,
+            (Self::Top | Self::Response, ToolKey::Tools, false) => Self::Tools,
+            (Self::Top, ToolKey::Item, true) | (Self::Output, _, true) => Self::Item,
+            (Self::Item, ToolKey::Action, true) => Self::Action,
+            (Self::Tools, _, true) => Self::Tool,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// A key a [`ToolCalls`] reads the value of.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ToolKey {
+    #[default]
+    Other,
+    Type,
+    Response,
+    Output,
+    Item,
+    Action,
+    Tools,
+}
+
+impl ToolKey {
+    fn of(name: &[u8]) -> Self {
+        match name {
+            b"type" => Self::Type,
+            b"response" => Self::Response,
+            b"output" => Self::Output,
+            b"item" => Self::Item,
+            b"action" => Self::Action,
+            b"tools" => Self::Tools,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// An open container of the first [`TOOL_LEVELS`] levels.
 #[derive(Debug, Default, Clone, Copy)]
-struct ToolItems {
+struct ToolLevel {
+    role: ToolRole,
+    object: bool,
+    /// The next string in this object is a key.
+    expect_key: bool,
+    /// The key whose value comes (or came) last in this object.
+    key: ToolKey,
+}
+
+/// The string a [`ToolCalls`] is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ToolString {
+    /// A key of an object whose keys are read.
+    Key,
+    /// The `type` of an object of this role.
+    Type(ToolRole),
+    /// Anything else.
+    Skipped,
+}
+
+/// Web searches and file searches.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Calls {
     web_search: u64,
-    /// Web search calls that opened a page or searched in one.
-    not_search: u64,
     file_search: u64,
 }
 
-/// Where a scan passing over an object is.
-#[derive(Debug, Default, Clone, Copy)]
-struct Skip {
-    /// Objects open (the skipped one included).
-    depth: usize,
-    in_string: bool,
-    escaped: bool,
-}
+impl Calls {
+    fn add(&mut self, other: Self) {
+        self.web_search = self.web_search.saturating_add(other.web_search);
+        self.file_search = self.file_search.saturating_add(other.file_search);
+    }
 
-impl Skip {
-    /// Passes over `buf`: the index just after the skipped object's end, if `buf` holds it.
-    fn over(&mut self, buf: &[u8]) -> Option<usize> {
-        let mut i = 0;
-        loop {
-            if self.escaped {
-                // The byte escaped.
-                if i >= buf.len() {
-                    return None;
-                }
-                self.escaped = false;
-                i += 1;
-                continue;
-            }
-            let rest = &buf[i..];
-            if self.in_string {
-                let at = i + memchr::memchr2(b'"', b'\\', rest)?;
-                if buf[at] == b'\\' {
-                    self.escaped = true;
-                } else {
-                    self.in_string = false;
-                }
-                i = at + 1;
-                continue;
-            }
-            let at = i + memchr::memchr3(b'"', b'{', b'}', rest)?;
-            i = at + 1;
-            match buf[at] {
-                b'"' => self.in_string = true,
-                b'{' => self.depth += 1,
-                _ => {
-                    self.depth = self.depth.saturating_sub(1);
-                    if self.depth == 0 {
-                        return Some(i);
-                    }
-                }
-            }
+    /// Of each, the larger.
+    fn max(self, other: Self) -> Self {
+        Self {
+            web_search: self.web_search.max(other.web_search),
+            file_search: self.file_search.max(other.file_search),
         }
     }
+}
+
+/// Where an item being read is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ItemPlace {
+    /// In a response object's `output`.
+    #[default]
+    Document,
+    /// An event's `item`.
+    Event,
+    /// In an event's `response.output`.
+    EventResponse,
+}
+
+/// What an output item has shown so far.
+#[derive(Debug, Default, Clone, Copy)]
+struct ItemSeen {
+    place: ItemPlace,
+    web_search: bool,
+    file_search: bool,
+    /// Its action opened a page or found in one.
+    not_search: bool,
+}
+
+impl ItemSeen {
+    fn calls(self) -> Calls {
+        Calls {
+            web_search: u64::from(self.web_search && !self.not_search),
+            file_search: u64::from(self.file_search),
+        }
+    }
+}
+
+/// An event of a stream, as far as it was read.
+#[derive(Debug, Default, Clone, Copy)]
+struct EventSeen {
+    kind: EventKind,
+    /// The calls of its `item`.
+    item: Calls,
+    /// The calls of its `response.output` items.
+    response: Calls,
+}
+
+/// The events whose items count.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum EventKind {
+    /// Not known yet, or not one of these.
+    #[default]
+    Other,
+    /// `response.output_item.done`.
+    ItemDone,
+    /// `response.completed`, `response.incomplete`, `response.failed`.
+    Final,
 }
 
 /// What [`ToolCalls`] counted.
@@ -632,185 +770,238 @@ struct ToolUse {
     file_searches: u64,
 }
 
-const TYPE_KEY: &[u8] = b"\"type\"";
-const METADATA_KEY: &[u8] = b"\"metadata\"";
-static TYPE_FINDER: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(TYPE_KEY));
-static METADATA_FINDER: LazyLock<memmem::Finder<'static>> =
-    LazyLock::new(|| memmem::Finder::new(METADATA_KEY));
-/// Longest cut key (with its value) kept for the next frame; the values read are shorter.
-const MAX_TOOL_CARRY: usize = 128;
-/// Longest `"type"` value read.
-const MAX_TYPE_VALUE: usize = 64;
-
-/// What follows a key's text.
-enum After<'a> {
-    /// The string value of a `"type"` key.
-    Value(&'a [u8]),
-    /// An object, which starts at this index (of the slice read).
-    Object(usize),
-    /// The data ends first.
-    Unfinished,
-    /// Not a key (text inside a string), or a value of another kind.
-    Other,
-}
-
-/// What follows the key (`key`, quotes included) at the start of `s`; `before` is the byte
-/// before it (a `\` makes it text in a string).
-fn after_key<'a>(s: &'a [u8], key: &[u8], before: Option<u8>) -> After<'a> {
-    if before == Some(b'\\') {
-        return After::Other;
-    }
-    let unfinished_or_other = |rest: &[u8]| {
-        if rest.is_empty() {
-            After::Unfinished
-        } else {
-            After::Other
-        }
-    };
-    let rest = s[key.len()..].trim_ascii_start();
-    let Some(rest) = rest.strip_prefix(b":") else {
-        return unfinished_or_other(rest);
-    };
-    let rest = rest.trim_ascii_start();
-    if key == METADATA_KEY {
-        return match rest.first() {
-            Some(b'{') => After::Object(s.len() - rest.len()),
-            _ => unfinished_or_other(rest),
-        };
-    }
-    let Some(value) = rest.strip_prefix(b"\"") else {
-        return unfinished_or_other(rest);
-    };
-    let window = &value[..value.len().min(MAX_TYPE_VALUE)];
-    match memchr::memchr2(b'"', b'\\', window) {
-        Some(end) if window[end] == b'"' => After::Value(&value[..end]),
-        Some(_) => After::Other,
-        None if value.len() < MAX_TYPE_VALUE => After::Unfinished,
-        None => After::Other,
-    }
-}
-
 impl ToolCalls {
     fn observe(&mut self, data: &[u8]) {
-        let joined;
-        let (buf, before) = if self.carry.is_empty() {
-            (data, self.last)
-        } else {
-            // A key the last frame cut (rare): read with this frame.
-            let mut seam = std::mem::take(&mut self.carry);
-            seam.extend_from_slice(data);
-            joined = seam;
-            (&joined[..], self.carry_before)
-        };
-        let keep = self.scan(buf, before);
-        if buf.len() - keep <= MAX_TOOL_CARRY {
-            self.carry_before = keep.checked_sub(1).map_or(before, |i| Some(buf[i]));
-            self.carry.clear();
-            self.carry.extend_from_slice(&buf[keep..]);
-        }
-        self.last = data.last().copied().or(self.last);
-    }
-
-    /// Reads the keys in `buf` (`before`: the byte before it) in order. Returns where a key
-    /// that `buf` ends inside starts (or a part of one at its very end), to be read again.
-    fn scan(&mut self, buf: &[u8], before: Option<u8>) -> usize {
-        let mut pos = 0;
-        let mut next_type = TYPE_FINDER.find(buf);
-        let mut next_meta = METADATA_FINDER.find(buf);
-        loop {
-            if let Some(skip) = &mut self.skipping {
-                match skip.over(&buf[pos..]) {
-                    Some(n) => {
-                        self.skipping = None;
-                        pos += n;
-                    }
-                    None => return buf.len(),
-                }
-            }
-            // The next of each key from `pos` (searched again only once passed).
-            for (next, finder) in [
-                (&mut next_type, &*TYPE_FINDER),
-                (&mut next_meta, &*METADATA_FINDER),
-            ] {
-                if next.is_some_and(|at| at < pos) {
-                    *next = finder.find(&buf[pos..]).map(|at| pos + at);
-                }
-            }
-            let (at, key) = match (next_type, next_meta) {
-                (Some(t), Some(m)) if m < t => (m, METADATA_KEY),
-                (Some(t), _) => (t, TYPE_KEY),
-                (None, Some(m)) => (m, METADATA_KEY),
-                (None, None) => break,
+        let mut i = 0;
+        while i < data.len() {
+            let Some(reading) = self.string else {
+                self.outside_strings(data[i]);
+                i += 1;
+                continue;
             };
-            let prev = at.checked_sub(1).map_or(before, |i| Some(buf[i]));
-            match after_key(&buf[at..], key, prev) {
-                After::Value(v) => {
-                    self.take(v);
-                    pos = at + key.len();
-                }
-                After::Object(start) => {
-                    self.skipping = Some(Skip::default());
-                    pos = at + start;
-                }
-                After::Other => pos = at + 1,
-                After::Unfinished => return at,
+            if self.escaped {
+                self.escaped = false;
+                i += 1;
+                continue;
+            }
+            // Text is skipped whole: answers are mostly text.
+            let rest = &data[i..];
+            let end = memchr::memchr2(b'"', b'\\', rest);
+            if reading != ToolString::Skipped {
+                self.keep(&rest[..end.unwrap_or(rest.len())]);
+            }
+            let Some(at) = end else {
+                return;
+            };
+            i += at + 1;
+            if rest[at] == b'\\' {
+                self.escaped = true;
+                self.spoiled = true;
+            } else {
+                self.string = None;
+                self.end_string(reading);
             }
         }
-        // The end, which may begin a key: its longest part that starts one.
-        let started = |key: &[u8]| {
-            (1..key.len())
-                .rev()
-                .find(|&n| buf.ends_with(&key[..n]))
-                .unwrap_or(0)
-        };
-        buf.len() - started(TYPE_KEY).max(started(METADATA_KEY))
     }
 
-    /// Counts a `"type"` value.
-    fn take(&mut self, value: &[u8]) {
+    /// Keeps `text`, the next of the string read, while the string is short enough to be read.
+    fn keep(&mut self, text: &[u8]) {
+        if !self.spoiled {
+            self.spoiled = self.text.len() + text.len() > MAX_TOOL_TEXT;
+            if !self.spoiled {
+                self.text.extend_from_slice(text);
+            }
+        }
+    }
+
+    fn outside_strings(&mut self, b: u8) {
+        let depth = self.depth;
+        let current = depth.checked_sub(1).and_then(|d| self.levels.get_mut(d));
+        match b {
+            b'{' | b'[' => {
+                let object = b == b'{';
+                let role = match current {
+                    None if depth == 0 && object => ToolRole::Top,
+                    Some(parent) => parent.role.child(parent.key, object),
+                    None => ToolRole::Other,
+                };
+                self.open(role, object);
+            }
+            b'}' | b']' => self.close(),
+            // A quote outside any container is no JSON's (an event stream's field lines).
+            b'"' => {
+                let Some(level) = current else {
+                    return;
+                };
+                self.string = Some(match *level {
+                    l if !l.object || !l.role.reads_keys() => ToolString::Skipped,
+                    l if l.expect_key => ToolString::Key,
+                    l if l.key == ToolKey::Type => ToolString::Type(l.role),
+                    _ => ToolString::Skipped,
+                });
+                self.text.clear();
+                self.spoiled = false;
+            }
+            b':' => {
+                if let Some(level) = current {
+                    level.expect_key = false;
+                }
+            }
+            b',' => {
+                if let Some(level) = current {
+                    level.expect_key = level.object;
+                    level.key = ToolKey::Other;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn open(&mut self, role: ToolRole, object: bool) {
+        let depth = self.depth;
+        if let Some(level) = self.levels.get_mut(depth) {
+            *level = ToolLevel {
+                role,
+                object,
+                expect_key: object,
+                key: ToolKey::Other,
+            };
+        }
+        self.depth = depth.saturating_add(1);
+        match role {
+            ToolRole::Top => self.event = EventSeen::default(),
+            ToolRole::Item => {
+                let place = match depth {
+                    1 => ItemPlace::Event,
+                    2 => ItemPlace::Document,
+                    _ => ItemPlace::EventResponse,
+                };
+                self.item = ItemSeen {
+                    place,
+                    ..ItemSeen::default()
+                };
+            }
+            _ => {}
+        }
+    }
+
+    fn close(&mut self) {
+        let Some(depth) = self.depth.checked_sub(1) else {
+            return;
+        };
+        self.depth = depth;
+        let Some(level) = self.levels.get(depth) else {
+            return;
+        };
+        match level.role {
+            ToolRole::Item => {
+                let calls = self.item.calls();
+                match self.item.place {
+                    ItemPlace::Document => self.document.add(calls),
+                    ItemPlace::Event => self.event.item.add(calls),
+                    ItemPlace::EventResponse => self.event.response.add(calls),
+                }
+            }
+            // The end of an event (decided now: its `type` may come after its items).
+            ToolRole::Top => {
+                let event = std::mem::take(&mut self.event);
+                match event.kind {
+                    EventKind::ItemDone => self.done.add(event.item),
+                    EventKind::Final => self.ended = Some(event.response),
+                    EventKind::Other => {}
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn end_string(&mut self, reading: ToolString) {
+        let Some(level) = self
+            .depth
+            .checked_sub(1)
+            .and_then(|d| self.levels.get_mut(d))
+        else {
+            return;
+        };
+        match reading {
+            ToolString::Skipped => {}
+            ToolString::Key => {
+                level.key = if self.spoiled {
+                    ToolKey::Other
+                } else {
+                    ToolKey::of(&self.text)
+                };
+            }
+            ToolString::Type(_) if self.spoiled => {}
+            ToolString::Type(role) => {
+                let text = std::mem::take(&mut self.text);
+                self.take_type(role, &text);
+                self.text = text;
+            }
+        }
+    }
+
+    /// Takes the `type` of an object of `role`.
+    fn take_type(&mut self, role: ToolRole, value: &[u8]) {
         let add = |n: &mut u64| *n = n.saturating_add(1);
-        match value {
-            b"web_search_call" => add(&mut self.items.web_search),
-            b"open_page" | b"find_in_page" => add(&mut self.items.not_search),
-            b"file_search_call" => add(&mut self.items.file_search),
-            b"response.completed" | b"response.incomplete" | b"response.failed" => {
-                // The final response lists every item (and declares its tools) again.
-                self.stream = true;
-                self.ended = true;
-                self.items = ToolItems::default();
-                self.preview = false;
-                self.general = false;
+        match role {
+            ToolRole::Top => {
+                self.stream |= value.starts_with(b"response.");
+                self.event.kind = match value {
+                    b"response.completed" | b"response.incomplete" | b"response.failed" => {
+                        EventKind::Final
+                    }
+                    b"response.output_item.done" => EventKind::ItemDone,
+                    b"response.web_search_call.completed" => {
+                        add(&mut self.completed.web_search);
+                        EventKind::Other
+                    }
+                    b"response.file_search_call.completed" => {
+                        add(&mut self.completed.file_search);
+                        EventKind::Other
+                    }
+                    _ => EventKind::Other,
+                };
             }
-            b"response.web_search_call.completed" => {
-                self.stream = true;
-                add(&mut self.completed.web_search);
+            ToolRole::Item => {
+                self.item.web_search = value == b"web_search_call";
+                self.item.file_search = value == b"file_search_call";
             }
-            b"response.file_search_call.completed" => {
-                self.stream = true;
-                add(&mut self.completed.file_search);
+            ToolRole::Action => {
+                self.item.not_search = matches!(value, b"open_page" | b"find_in_page");
             }
-            v if v.starts_with(b"response.") => self.stream = true,
-            v if v.starts_with(b"web_search_preview") => self.preview = true,
-            v if v == b"web_search" || v.starts_with(b"web_search_2") => self.general = true,
+            ToolRole::Tool => {
+                if value.starts_with(b"web_search_preview") {
+                    self.preview = true;
+                } else if value == b"web_search" || value.starts_with(b"web_search_2") {
+                    self.general = true;
+                }
+            }
             _ => {}
         }
     }
 
     /// The calls counted so far.
     fn calls(&self) -> ToolUse {
-        let (web_searches, file_searches) = if !self.stream || self.ended {
-            (
-                self.items.web_search.saturating_sub(self.items.not_search),
-                self.items.file_search,
-            )
+        let calls = if !self.stream {
+            self.document
+        } else if let Some(ended) = self.ended {
+            ended
         } else {
-            (self.completed.web_search, self.completed.file_search)
+            // Cut: the most that what came shows, the event it was cut in included.
+            let mut done = self.done;
+            let mut last = Calls::default();
+            match self.event.kind {
+                EventKind::ItemDone => done.add(self.event.item),
+                EventKind::Final => last = self.event.response,
+                EventKind::Other => {}
+            }
+            self.completed.max(done).max(last)
         };
         ToolUse {
-            web_searches,
+            web_searches: calls.web_search,
             preview: self.preview && !self.general,
-            file_searches,
+            file_searches: calls.file_search,
         }
     }
 }
@@ -1137,9 +1328,9 @@ impl Usage {
 
     /// A reader of the usage of the answer to a request of `provider` on `path`: Bedrock's
     /// InvokeModelWithResponseStream answers are read through their event-stream framing, an
-    /// Imagen or OpenAI image answer's images are counted, an OpenAI Responses answer's hosted
-    /// tool calls, a Vertex embedding's statistics read, and Perplexity's and OpenRouter's
-    /// stated costs taken.
+    /// Imagen or OpenAI (Azure OpenAI) image answer's images are counted, an OpenAI (Azure
+    /// OpenAI) Responses answer's hosted tool calls, a Vertex embedding's statistics read, and
+    /// Perplexity's and OpenRouter's stated costs taken.
     pub fn for_answer(provider: &str, path: &str) -> Self {
         let invoke = (provider == "aws-bedrock"
             && path
@@ -1159,7 +1350,8 @@ impl Usage {
         let imagen =
             predict && crate::cost::model_in_path(path).is_some_and(|m| m.starts_with("imagen-"));
         let embeddings = predict && !imagen && provider == "google-vertex-ai";
-        let (images, tools) = if provider == "openai" {
+        // Azure OpenAI answers in OpenAI's own format.
+        let (images, tools) = if matches!(provider, "openai" | "azure-openai") {
             let answer = OpenAiAnswer::of(path);
             (
                 (answer == OpenAiAnswer::Images).then_some(ImageKeys::OpenAi),
@@ -1847,15 +2039,70 @@ mod tests {
             let t = read_answer("openai", "responses", &[body.as_bytes()]);
             assert_eq!(tool_use(&t), (2, false, 1, Some(328)), "{tools}");
         }
+        // Azure OpenAI answers in the same format.
+        for path in ["res/gpt-4.1/responses", "res/gpt-4.1/responses/resp_1"] {
+            let t = read_answer("azure-openai", path, &[compact.as_bytes()]);
+            assert_eq!(tool_use(&t), (2, true, 1, Some(328)), "{path}");
+        }
         // Other endpoints and providers are not read for them: only the usage.
         for (provider, path) in [
             ("openai", "responses/resp_1/input_items"),
             ("openai", "chat/completions"),
-            ("azure-openai", "responses"),
+            ("azure-openai", "res/gpt-4.1/chat/completions"),
             ("anthropic", "v1/responses"),
         ] {
             let t = read_answer(provider, path, &[compact.as_bytes()]);
             assert_eq!(tool_use(&t), (0, false, 0, Some(328)), "{provider} {path}");
+        }
+    }
+
+    #[test]
+    fn values_the_app_writes_never_pass_for_items_tools_or_final_events() {
+        let mut doc = response_object(serde_json::json!([
+            {"type": "web_search_preview"},
+            {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {
+                "filter": {"type": "object", "default": {"type": "response.completed"}},
+                "kind": {"type": "web_search"}}}},
+            {"type": "mcp", "server_label": "docs", "allowed_tools": null}
+        ]));
+        let file_hits = |attributes: serde_json::Value| {
+            serde_json::json!({"type": "file_search_call", "id": "fs_2", "status": "completed",
+                "queries": ["q"], "results": [
+                    {"file_id": "f1", "score": 0.9, "text": "t", "attributes": attributes},
+                    {"file_id": "f2", "score": 0.8, "text": "t", "attributes": {"type": "web_search_call"}}]})
+        };
+        let output = doc["output"].as_array_mut().expect("output");
+        output.push(file_hits(serde_json::json!({"type": "open_page"})));
+        output.push(file_hits(
+            serde_json::json!({"nested": {"type": "file_search_call"}}),
+        ));
+        // An MCP server's tools, their schemas echoed.
+        output.push(
+            serde_json::json!({"type": "mcp_list_tools", "id": "mcpl_1", "server_label": "docs",
+            "tools": [{"name": "find", "input_schema": {"type": "web_search_call",
+                "properties": {"action": {"type": "search"}}}}]}),
+        );
+        // A function call whose arguments are the app's JSON, as a string.
+        output.push(
+            serde_json::json!({"type": "function_call", "name": "lookup",
+            "arguments": "{\"type\": \"web_search_call\"}", "action": {"type": "search"}}),
+        );
+        doc["instructions"] = serde_json::json!([
+            {"type": "web_search_call", "id": "ws_9", "action": {"type": "search"}},
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "be brief"}]}]);
+        doc["text"] = serde_json::json!({"format": {"type": "json_schema", "name": "r", "schema": {
+            "type": "object", "properties": {"type": {"type": "string", "enum": ["response.completed"]}}}}});
+        doc["reasoning"] = serde_json::json!({"effort": null, "summary": null});
+        let body = doc.to_string();
+        // Two searches, one page opened, three file searches; preview declared alone.
+        let want = (2, true, 3, Some(328));
+        for cut in 0..body.len() {
+            let (a, b) = body.as_bytes().split_at(cut);
+            assert_eq!(
+                tool_use(&read_answer("openai", "responses", &[a, b])),
+                want,
+                "cut at {cut}"
+            );
         }
     }
 
@@ -1932,6 +2179,99 @@ mod tests {
         assert_eq!(tool_use(&t), (1, false, 0, None));
     }
 
+    /// A stream whose three web searches (one only opened a page) and file search are each
+    /// announced, reported completed and done, then listed again by `response.completed`;
+    /// `response.created` declares the preview tool.
+    fn preview_stream() -> (String, usize) {
+        let searched = |id: &str, action: &str| {
+            serde_json::json!({"type": "web_search_call", "id": id,
+            "status": "completed", "action": {"type": action, "query": "q", "url": "https://a"}})
+        };
+        let items = [
+            searched("ws_1", "search"),
+            searched("ws_2", "open_page"),
+            searched("ws_3", "search"),
+            serde_json::json!({"type": "file_search_call", "id": "fs_1", "status": "completed",
+                "queries": ["q"], "results": [{"file_id": "f", "attributes": {"type": "open_page"}}]}),
+        ];
+        let tools = serde_json::json!([{"type": "web_search_preview"},
+            {"type": "file_search", "vector_store_ids": ["vs_1"]}]);
+        let created = serde_json::json!({"type": "response.created", "response": {"id": "resp_1",
+            "status": "in_progress", "output": [], "tools": tools, "usage": null}});
+        let mut events = vec![created];
+        for item in &items {
+            let kind = item["type"].as_str().expect("type");
+            events.push(
+                serde_json::json!({"type": "response.output_item.added", "item": {"type": kind}}),
+            );
+            events.push(
+                serde_json::json!({"type": format!("response.{kind}.completed"), "item_id": "x"}),
+            );
+            events.push(serde_json::json!({"type": "response.output_item.done", "item": item}));
+        }
+        let mut response = response_object(tools);
+        response["output"] = serde_json::Value::Array(items.to_vec());
+        let head: String = events
+            .iter()
+            .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("")))
+            .collect();
+        let last = serde_json::json!({"type": "response.completed", "sequence_number": 14, "response": response});
+        let stream = format!("{head}event: response.completed\ndata: {last}\n\n");
+        (stream, head.len())
+    }
+
+    #[test]
+    fn a_responses_stream_cut_anywhere_charges_what_it_showed_at_its_declared_rate() {
+        let (stream, head) = preview_stream();
+        let whole = read_answer("openai", "responses", &[stream.as_bytes()]);
+        assert_eq!(tool_use(&whole), (2, true, 1, Some(328)));
+        for cut in head..stream.len() {
+            let t = read_answer("openai", "responses", &[&stream.as_bytes()[..cut]]);
+            let (searches, preview, files, _) = tool_use(&t);
+            // The completed events' 3 and 1 until the final event's items show more (they
+            // never do) or it ends: then its own 2 and 1.
+            let want = if cut < stream.len() - 2 {
+                (3, 1)
+            } else {
+                (2, 1)
+            };
+            assert_eq!((searches, files), want, "cut at {cut}");
+            assert!(preview, "cut at {cut}: the preview's rate, as declared");
+        }
+        // Without its completed events (a provider that sends none), the done items count.
+        let no_completed: String = stream
+            .split("\n\n")
+            .filter(|e| !e.contains("_call.completed"))
+            .map(|e| format!("{e}\n\n"))
+            .collect();
+        let cut = no_completed
+            .find("event: response.completed")
+            .expect("final");
+        let t = read_answer(
+            "openai",
+            "responses",
+            &[&no_completed.as_bytes()[..cut + 120]],
+        );
+        assert_eq!(tool_use(&t), (2, true, 1, None));
+        // Its final event's items past the done ones, as far as they came.
+        let only_final: String = no_completed
+            .split("\n\n")
+            .filter(|e| !e.contains("output_item.done"))
+            .map(|e| format!("{e}\n\n"))
+            .collect();
+        let at = only_final.find("event: response.completed").expect("final");
+        let item_3 = at + only_final[at..].find("\"id\":\"ws_3\"").expect("ws_3");
+        let t = read_answer("openai", "responses", &[&only_final.as_bytes()[..item_3]]);
+        assert_eq!(
+            tool_use(&t),
+            (1, true, 0, None),
+            "ws_1 whole, ws_2 a page opened"
+        );
+        let tools = at + only_final[at..].find("\"tools\"").expect("tools");
+        let t = read_answer("openai", "responses", &[&only_final.as_bytes()[..tools]]);
+        assert_eq!(tool_use(&t), (2, true, 1, None));
+    }
+
     #[test]
     fn openai_image_answers_count_their_images_beside_their_usage() {
         // DALL·E: no usage, one image of `data` per picture, as a link or base64.
@@ -1949,6 +2289,14 @@ mod tests {
         }
         for path in ["images/edits", "v1/images/variations"] {
             assert_eq!(read_answer("openai", path, &[inline.as_bytes()]).images, 3);
+        }
+        // Azure OpenAI's DALL·E deployments answer alike.
+        for path in [
+            "res/dall-e-3/images/generations",
+            "res/openai/deployments/dall-e-3/images/generations",
+        ] {
+            let t = read_answer("azure-openai", path, &[inline.as_bytes()]);
+            assert_eq!(t.images, 3, "{path}");
         }
         // gpt-image-1: its usage is read too.
         let tokened = br#"{"created":1,"data":[{"b64_json":"iVBORw0KGgo="}],"usage":{"input_tokens":10,"output_tokens":1056,"output_tokens_details":{"image_tokens":1056}}}"#;

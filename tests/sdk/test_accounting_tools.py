@@ -275,21 +275,9 @@ CACHED_IMAGE = {"total_tokens": 3100, "input_tokens": 3000, "output_tokens": 100
 
 
 def test_cached_realtime_images_are_priced_at_the_cached_image_rate(tmp_path):
-    import websockets.sync.client
-    from test_realtime_review import realtime_gateway, realtime_upstream, session_line
+    from test_realtime_review import one_response_session
 
-    up = realtime_upstream(CACHED_IMAGE)
-    g = realtime_gateway(tmp_path, up)
-    try:
-        url = g.url.replace("http", "ws") + "/openai/realtime?model=gpt-realtime-2025-08-28"
-        with websockets.sync.client.connect(url) as ws:
-            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
-            ws.send(json.dumps({"type": "response.create"}))
-            assert json.loads(ws.recv(timeout=5))["type"] == "response.done"
-        line = session_line(g)
-        # 500 fresh text, 500 fresh image, 500 cached text, 1500 cached image; 100 out.
-        want = (500 * 4 + 500 * 5 + 500 * 0.40 + 1500 * 0.50 + 100 * 16) / 1e6
-        assert line["cost"] == pytest.approx(want, rel=1e-9), line
-    finally:
-        g.stop()
-        up.stop()
+    line = one_response_session(tmp_path, "gpt-realtime-2025-08-28", CACHED_IMAGE)
+    # 500 fresh text, 500 fresh image, 500 cached text, 1500 cached image; 100 out.
+    want = (500 * 4 + 500 * 5 + 500 * 0.40 + 1500 * 0.50 + 100 * 16) / 1e6
+    assert line["cost"] == pytest.approx(want, rel=1e-9), line

@@ -62,6 +62,22 @@ def session_line(g, timeout=15):
         time.sleep(0.05)
 
 
+def one_response_session(tmp_path, model, usage):
+    """The log line of a realtime session with `model` whose one response reports `usage`."""
+    import websockets.sync.client
+    up = realtime_upstream(usage)
+    g = realtime_gateway(tmp_path, up)
+    try:
+        with websockets.sync.client.connect(g.url.replace("http", "ws") + f"/openai/realtime?model={model}") as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+            ws.send(json.dumps({"type": "response.create"}))
+            assert json.loads(ws.recv(timeout=5))["type"] == "response.done"
+        return session_line(g)
+    finally:
+        g.stop()
+        up.stop()
+
+
 CACHED_AUDIO = {"total_tokens": 2100, "input_tokens": 2000, "output_tokens": 100,
                 "input_token_details": {"cached_tokens": 1000, "text_tokens": 1000, "audio_tokens": 1000,
                                         "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 1000}},
@@ -75,20 +91,9 @@ CACHED_AUDIO = {"total_tokens": 2100, "input_tokens": 2000, "output_tokens": 100
     pytest.param("gpt-realtime", (1000 * 4 + 1000 * 0.40 + 100 * 16) / 1e6, id="gpt-realtime"),
 ])
 def test_cached_realtime_audio_is_priced_at_the_models_cached_audio_rate(tmp_path, model, want):
-    import websockets.sync.client
-    up = realtime_upstream(CACHED_AUDIO)
-    g = realtime_gateway(tmp_path, up)
-    try:
-        with websockets.sync.client.connect(g.url.replace("http", "ws") + f"/openai/realtime?model={model}") as ws:
-            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
-            ws.send(json.dumps({"type": "response.create"}))
-            assert json.loads(ws.recv(timeout=5))["type"] == "response.done"
-        line = session_line(g)
-        assert (line["model"], line["tokens_in"], line["tokens_out"]) == (model, 2000, 100), line
-        assert line["cost"] == pytest.approx(want, rel=1e-9), line
-    finally:
-        g.stop()
-        up.stop()
+    line = one_response_session(tmp_path, model, CACHED_AUDIO)
+    assert (line["model"], line["tokens_in"], line["tokens_out"]) == (model, 2000, 100), line
+    assert line["cost"] == pytest.approx(want, rel=1e-9), line
 
 
 class RawWebSocket:
