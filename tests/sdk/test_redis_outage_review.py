@@ -101,3 +101,26 @@ def test_charges_held_while_the_redis_password_was_rotated_are_written_once_the_
     finally:
         g.stop()
         redis.stop()
+
+
+def test_a_stop_with_redis_down_writes_for_3_s_at_most_then_logs_the_charges_lost_with_their_amounts(mock, tmp_path):
+    # README: at a stop the sidecar writes what it keeps for at most 3 s; what it could not
+    # write is logged once with its amounts, and lost.
+    redis = Redis(tmp_path / "redis")
+    g = pod(tmp_path, mock.url, f"redis://127.0.0.1:{redis.port}/0", "  spendLimit: {amount: '100', period: day}\n", "a")
+    try:
+        assert charged(g, 0.004).status_code == 200
+        settled("the spend before", lambda: spend_day(redis), 0.004, within=3)
+        redis.stop()
+        assert charged(g, 0.25).status_code == 200  # served by the pod's own counts, the charge kept
+        began = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        g.proc.wait(10)
+        took = time.monotonic() - began
+        assert took < 4.5, f"the stop took {took:.1f} s"
+        lost = [line for line in g.logs().splitlines() if "charges not written to redis at shutdown" in line]
+        assert len(lost) == 1, g.logs()[-3000:]
+        assert "spend_usd=0.25" in lost[0] and "keys=3" in lost[0], lost[0]
+    finally:
+        g.stop()
+        redis.stop()
