@@ -16,6 +16,9 @@ use sidegate::{reload, server};
 
 /// The longest shutdown grace taken (100 years): longer ones end at it.
 const MAX_GRACE_SECS: u64 = 100 * 365 * 24 * 3600;
+/// How long the spans and the Redis charges left at shutdown may take to be written, once the
+/// last request ended.
+const SHUTDOWN_WRITES: Duration = Duration::from_secs(3);
 
 /// sidegate: a local AI gateway for one pod (or one machine).
 ///
@@ -361,9 +364,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await;
     // Spans of the last requests, those cut at the grace deadline included (serve_gateway
-    // returns once their connections are gone): best effort and bounded, as kubelet's grace
-    // period is running.
-    gateway.flush_spans(Duration::from_secs(3)).await;
+    // returns once their connections are gone), and the charges still waiting for Redis (the
+    // runtime's end would drop them): together, best effort and bounded, as kubelet's grace
+    // period is running (the operator leaves the sidecar 5 s past --shutdown-grace).
+    tokio::join!(
+        gateway.flush_spans(SHUTDOWN_WRITES),
+        gateway.write_charges(SHUTDOWN_WRITES)
+    );
     Ok(())
 }
 

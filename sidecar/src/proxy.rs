@@ -139,6 +139,15 @@ impl Gateway {
         self.otel.flush(within).await;
     }
 
+    /// At shutdown, once the last request ended: writes the charges (spend, tokens, window
+    /// counts) still waiting for the gateway's Redis, at most `within`; what could not be
+    /// written is logged.
+    pub async fn write_charges(&self, within: Duration) {
+        if let Some(shared) = self.snapshot.load_full().and_then(|s| s.shared.clone()) {
+            shared.write_waiting(&self.metrics, within).await;
+        }
+    }
+
     /// The cache store for `settings`, made (or remade, when its size changed) on first use.
     fn cache_store(&self, settings: &cache::Settings) -> Arc<cache::Store> {
         if let Some(s) = self.cache.load_full()

@@ -38,10 +38,14 @@ pub fn install(gw: &Gateway, mut snap: Snapshot) {
         snap.routing.keep_counters(&old.routing);
         // The same Redis: keep its client and connection (a reload is any change of the
         // gateway, a key rotation too).
-        if let (Some(new), Some(kept)) = (&snap.shared, &old.shared)
-            && new.same_as(kept)
-        {
-            snap.shared = Some(kept.clone());
+        if let (Some(new), Some(kept)) = (&snap.shared, &old.shared) {
+            if new.same_as(kept) {
+                snap.shared = Some(kept.clone());
+            } else {
+                // The same Redis under another URL (a rotated password) takes the charges the
+                // old client holds; another Redis leaves them to it.
+                new.take_over(kept, &gw.metrics);
+            }
         }
     }
     for w in &snap.warnings {

@@ -30,7 +30,7 @@ use crate::budget;
 use crate::cache::Key;
 use crate::ratelimit::{self, Limiter};
 use crate::telemetry::{ChargeDropped, Metrics, RedisOp};
-use charges::{Amount, Charge, Charges, Outcome};
+use charges::{Added, Amount, Batch, Charge, Charges, Kind, Outcome};
 
 /// Time to connect, and to wait for each answer.
 const TIMEOUT: Duration = Duration::from_millis(250);
@@ -87,6 +87,8 @@ return {1, cur, prev}
 pub struct Windows {
     base: String,
     interval_ms: u64,
+    /// What its keys count.
+    kind: Kind,
 }
 
 impl Windows {
@@ -105,6 +107,7 @@ impl Windows {
     fn charge(&self, index: u64, n: i64, sliding: bool) -> Charge {
         let end = |i: u64| i.saturating_add(1).saturating_mul(self.interval_ms);
         Charge {
+            kind: self.kind,
             amount: Amount::Count(n),
             useful_until_ms: end(index.saturating_add(u64::from(sliding))),
             expire_at_ms: end(index.saturating_add(1)),
@@ -117,6 +120,12 @@ pub struct Shared {
     client: ::redis::Client,
     /// SHA-256 of the URL: a reload with the same Redis keeps this client and its connection.
     target: [u8; 32],
+    /// SHA-256 of the address and database: the same Redis under another URL (a rotated
+    /// password) takes this client's charges over ([`Self::take_over`]).
+    place: [u8; 32],
+    /// The client of the same Redis that replaced this one: charges made through this one
+    /// since (by requests begun before the reload) go to it.
+    successor: OnceLock<Arc<Shared>>,
     conn: std::sync::Mutex<Option<ConnectionManager>>,
     /// Held while connecting: the others wait for that connection (within what their requests
     /// have left of [`REQUEST_WAIT`]), rather than each making its own or going uncounted.
@@ -132,12 +141,11 @@ pub struct Shared {
     prefix: String,
     /// [`RATE_SCRIPT`], shared with the calls whose late answers are read in the background.
     script: Arc<::redis::Script>,
-    /// Charges waiting to be written, and their writer's state.
+    /// Charges waiting to be written, and their writer's state; its marker,
+    /// `{prefix}charges:{random}`, holds the number of the last batch of charges this client
+    /// had applied ([`charges::SCRIPT`]).
     charges: Charges,
     charge_script: ::redis::Script,
-    /// `{prefix}charges:{random}`: the number of the last batch of charges this client had
-    /// applied ([`charges::SCRIPT`]).
-    marker: String,
     warnings: WarnThrottle,
 }
 
@@ -161,19 +169,22 @@ impl Shared {
         })?;
         use sha2::{Digest, Sha256};
         let prefix = format!("sidegate:{gateway}:");
+        let info = client.get_connection_info();
+        let place = format!("{}/{}", info.addr(), info.redis_settings().db());
         Ok(Self {
-            client,
             target: Sha256::digest(url.expose_secret().as_bytes()).into(),
+            place: Sha256::digest(place.as_bytes()).into(),
+            successor: OnceLock::new(),
+            client,
             conn: std::sync::Mutex::default(),
             connecting: tokio::sync::Mutex::default(),
             backoff: Backoff::default(),
             timeouts: AtomicU64::new(0),
             refusals: AtomicU64::new(0),
             down: AtomicBool::new(false),
-            marker: format!("{prefix}charges:{}", client_id()),
+            charges: Charges::new(format!("{prefix}charges:{}", client_id())),
             prefix,
             script: Arc::new(::redis::Script::new(RATE_SCRIPT)),
-            charges: Charges::default(),
             charge_script: ::redis::Script::new(charges::SCRIPT),
             warnings: WarnThrottle::default(),
         })
@@ -182,6 +193,30 @@ impl Shared {
     /// Whether `other` is the same Redis for the same gateway (a reload may keep `self`).
     pub fn same_as(&self, other: &Shared) -> bool {
         self.target == other.target && self.prefix == other.prefix
+    }
+
+    /// On a reload that replaces `old` with `self`: when both are the same Redis (address and
+    /// database; the URL differs, its password rotated, or the gateway's name), `self` takes
+    /// over `old`'s charges — what waits, and the batches whose answer never came with their
+    /// marker and number, so each is still applied at most once — and `old`'s writer stops;
+    /// charges made through `old` from now on (requests begun before the reload) and the batch
+    /// it has on its way go to `self`. Charges keep their keys: those of a gateway renamed
+    /// are written under its old name, where Redis holds the rest of what it counted.
+    /// Another Redis: `old` keeps writing its charges to its own.
+    pub fn take_over(self: &Arc<Self>, old: &Arc<Shared>, metrics: &Arc<Metrics>) {
+        if self.place != old.place || Arc::ptr_eq(self, old) {
+            return;
+        }
+        if old.successor.set(self.clone()).is_err() {
+            return;
+        }
+        let (came, dropped) = self.charges.receive(old.charges.hand_over());
+        if dropped > 0 {
+            metrics.count_charges_dropped(ChargeDropped::Full, dropped);
+        }
+        if came {
+            self.start_writer(metrics);
+        }
     }
 
     fn unavailable(why: &'static str) -> ::redis::RedisError {
@@ -477,6 +512,7 @@ impl Shared {
         Windows {
             base: format!("{}rl:{}:{interval_ms}", self.prefix, s.limit),
             interval_ms,
+            kind: Kind::Requests,
         }
     }
 
@@ -679,6 +715,7 @@ impl Shared {
                 hex::encode(h.finalize())
             ),
             interval_ms,
+            kind: Kind::RouteNode,
         }
     }
 
@@ -722,6 +759,11 @@ impl Shared {
         for period in [SpendPeriod::Day, SpendPeriod::Week, SpendPeriod::Month] {
             let (start, end) = budget::period_bounds(period, now);
             let charge = Charge {
+                kind: if period == SpendPeriod::Day {
+                    Kind::Spend
+                } else {
+                    Kind::SpendAlso
+                },
                 amount: Amount::Usd(usd),
                 useful_until_ms: end.saturating_mul(1000),
                 expire_at_ms: end.saturating_add(86_400).saturating_mul(1000),
@@ -732,9 +774,21 @@ impl Shared {
 
     /// Keeps `c` for `key` and has it written as soon as Redis takes it.
     fn charge(self: &Arc<Self>, metrics: &Arc<Metrics>, key: String, c: Charge) {
-        if !self.charges.add(key, c) {
-            metrics.count_charges_dropped(ChargeDropped::Full, 1);
+        match self.charges.add(key, c) {
+            Added::Kept => {}
+            Added::OneDropped => metrics.count_charges_dropped(ChargeDropped::Full, 1),
+            Added::Retired(key, c) => {
+                if let Some(next) = self.successor.get() {
+                    next.charge(metrics, key, c);
+                }
+                return;
+            }
         }
+        self.start_writer(metrics);
+    }
+
+    /// Starts the writer of the charges, unless it runs.
+    fn start_writer(self: &Arc<Self>, metrics: &Arc<Metrics>) {
         if self.charges.start_flushing() {
             let this = self.clone();
             let metrics = metrics.clone();
@@ -742,9 +796,61 @@ impl Shared {
         }
     }
 
+    /// Settles a batch of this client's writer (or, `adopted`, of the client this one
+    /// replaced): when this one was replaced meanwhile, its successor takes it.
+    fn settle(
+        self: &Arc<Self>,
+        metrics: &Arc<Metrics>,
+        batch: Batch,
+        outcome: Outcome,
+        adopted: bool,
+    ) {
+        let settled = if adopted {
+            self.charges.adopt(batch, outcome)
+        } else {
+            self.charges.settle(batch, outcome)
+        };
+        match settled {
+            Ok(dropped) => {
+                if dropped > 0 {
+                    metrics.count_charges_dropped(ChargeDropped::Full, dropped);
+                }
+                if adopted {
+                    self.start_writer(metrics);
+                }
+            }
+            Err((batch, outcome)) => {
+                if let Some(next) = self.successor.get() {
+                    next.settle(metrics, batch, outcome, true);
+                }
+            }
+        }
+    }
+
+    /// At shutdown, once the last request ended: waits for the writer to write what is
+    /// waiting (the batch whose answer never came first), at most `within`; what it could not
+    /// write is logged, with its amounts, and lost.
+    pub async fn write_waiting(self: &Arc<Self>, metrics: &Arc<Metrics>, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        self.start_writer(metrics);
+        if self.charges.idle(deadline).await {
+            return;
+        }
+        let left = self.charges.unwritten();
+        tracing::warn!(
+            keys = left.keys,
+            spend_usd = left.spend_usd,
+            tokens = left.tokens,
+            window_counts = left.counts,
+            unanswered_batches = left.unanswered_batches,
+            within_secs = within.as_secs_f64(),
+            "charges not written to redis at shutdown: lost (those of unanswered batches may have been applied)"
+        );
+    }
+
     /// Writes the charges waiting, a batch at a time, until none waits; after a failure, again
     /// every [`BACKOFF`].
-    async fn flush(&self, metrics: &Metrics) {
+    async fn flush(self: &Arc<Self>, metrics: &Arc<Metrics>) {
         loop {
             let (batch, dropped) = self.charges.next_batch(unix_ms());
             if dropped > 0 {
@@ -755,7 +861,7 @@ impl Shared {
                 .call(&Wait::default(), async |c| {
                     let now = unix_ms();
                     let mut call = self.charge_script.prepare_invoke();
-                    call.key(&self.marker)
+                    call.key(&*batch.marker)
                         .arg(batch.seq)
                         .arg(charges::MARKER_TTL_MS);
                     for (key, charge) in &batch.entries {
@@ -766,7 +872,7 @@ impl Shared {
                 })
                 .await;
             match written {
-                Ok(_) => self.charges.settle(batch, Outcome::Applied),
+                Ok(_) => self.settle(metrics, batch, Outcome::Applied, false),
                 Err(f) => {
                     self.failed(metrics, RedisOp::Charge, &f);
                     let outcome = if f.maybe_done() {
@@ -774,7 +880,7 @@ impl Shared {
                     } else {
                         Outcome::NotApplied
                     };
-                    self.charges.settle(batch, outcome);
+                    self.settle(metrics, batch, outcome, false);
                     tokio::time::sleep(BACKOFF).await;
                 }
             }
@@ -786,6 +892,7 @@ impl Shared {
         Windows {
             base: format!("{}tpm", self.prefix),
             interval_ms: budget::TOKEN_WINDOW.as_millis() as u64,
+            kind: Kind::Tokens,
         }
     }
 
@@ -1455,6 +1562,27 @@ mod tests {
             key(false, "r", "cap", None)
         );
         assert_eq!(key(false, "r", "cap", None), key(false, "r", "cap", None));
+    }
+
+    #[test]
+    fn a_rotated_password_is_the_same_redis_and_another_host_or_database_is_not() {
+        let client = |url: &str| Shared::new(&SecretString::from(url), "ns/gw").expect("valid url");
+        let before = client("redis://:one@10.0.0.1:6379/0");
+        let rotated = client("redis://:two@10.0.0.1:6379/0");
+        assert!(
+            !rotated.same_as(&before),
+            "a new client for the new password"
+        );
+        assert_eq!(
+            rotated.place, before.place,
+            "which takes the old one's charges"
+        );
+        for other in [
+            "redis://:one@10.0.0.1:6379/1",
+            "redis://:one@10.0.0.2:6379/0",
+        ] {
+            assert_ne!(client(other).place, before.place, "{other}");
+        }
     }
 
     #[test]

@@ -16,7 +16,6 @@ import time
 import uuid
 
 import httpx
-import pytest
 
 from test_redis import Redis, redis_errors
 from test_redis_review import LatencyProxy, pod
@@ -31,8 +30,7 @@ def spend_day(redis, password=None):
     return round(sum(float(redis.cli("GET", k, password=password)) for k in keys), 9)
 
 
-# FAILS at e086682: a graceful stop (SIGTERM) with Redis healthy drops the charges queued behind the batch on its way (no flush at shutdown)
-@pytest.mark.xfail(strict=True, reason="review 139: to be mended (see the FAILS line)")
+# Failed at e086682 (mended since): a graceful stop (SIGTERM) with Redis healthy drops the charges queued behind the batch on its way (no flush at shutdown)
 def test_a_graceful_stop_with_redis_healthy_loses_no_charge_queued_behind_the_batch_in_flight(mock, tmp_path):
     # Redis is healthy, only 0.42 s away (within the 500 ms a call waits): nothing fails. The
     # pod's single writer has batch 1 on its way while the other responses' charges wait in
@@ -74,8 +72,7 @@ def test_a_graceful_stop_with_redis_healthy_loses_no_charge_queued_behind_the_ba
         redis.stop()
 
 
-# FAILS at e086682: charges held while the Redis password was out of step stay with the old client after redis.url is rotated: never written
-@pytest.mark.xfail(strict=True, reason="review 139: to be mended (see the FAILS line)")
+# Failed at e086682 (mended since): charges held while the Redis password was out of step stay with the old client after redis.url is rotated: never written
 def test_charges_held_while_the_redis_password_was_rotated_are_written_once_the_new_url_is_loaded(mock, tmp_path):
     # Rotating the Redis password: Redis takes the new one first (its clients reconnect and are
     # refused), then the keys Secret's redis.url follows and the sidecar reloads. The same Redis
@@ -101,6 +98,29 @@ def test_charges_held_while_the_redis_password_was_rotated_are_written_once_the_
             time.sleep(0.1)
         assert charged(g, 0.004).status_code == 200
         settled("the spend with the new URL", lambda: spend_day(redis, PW2), 0.012)
+    finally:
+        g.stop()
+        redis.stop()
+
+
+def test_a_stop_with_redis_down_writes_for_3_s_at_most_then_logs_the_charges_lost_with_their_amounts(mock, tmp_path):
+    # README: at a stop the sidecar writes what it keeps for at most 3 s; what it could not
+    # write is logged once with its amounts, and lost.
+    redis = Redis(tmp_path / "redis")
+    g = pod(tmp_path, mock.url, f"redis://127.0.0.1:{redis.port}/0", "  spendLimit: {amount: '100', period: day}\n", "a")
+    try:
+        assert charged(g, 0.004).status_code == 200
+        settled("the spend before", lambda: spend_day(redis), 0.004, within=3)
+        redis.stop()
+        assert charged(g, 0.25).status_code == 200  # served by the pod's own counts, the charge kept
+        began = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        g.proc.wait(10)
+        took = time.monotonic() - began
+        assert took < 4.5, f"the stop took {took:.1f} s"
+        lost = [line for line in g.logs().splitlines() if "charges not written to redis at shutdown" in line]
+        assert len(lost) == 1, g.logs()[-3000:]
+        assert "spend_usd=0.25" in lost[0] and "keys=3" in lost[0], lost[0]
     finally:
         g.stop()
         redis.stop()

@@ -7,9 +7,15 @@
 //! a charge is neither lost nor counted twice. A batch Redis refused (out of memory, a read-only
 //! replica) was not applied: its charges wait again with the new ones. Charges whose window (or
 //! spend period) ended before Redis took them are of no use and dropped, counted, as are new
-//! keys past [`MAX_KEYS`].
+//! keys past [`MAX_KEYS`] (a route node's count first: spend and tokens win).
+//!
+//! A reload that replaces the client of the same Redis (its password rotated) hands what waits,
+//! and the batches whose answer never came with their marker and number, to the new client
+//! ([`Charges::hand_over`]); the old writer stops, and what it had on its way follows once
+//! answered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -40,7 +46,8 @@ end
 return 1
 ";
 
-/// Most keys waiting at once (some 200 bytes each): new keys past it are dropped, counted.
+/// Most keys held at once (some 200 bytes each), those of the batches on their way or whose
+/// answer never came included: new keys past it are dropped, counted.
 pub(super) const MAX_KEYS: usize = 10_000;
 /// Most keys written in one batch.
 pub(super) const BATCH_KEYS: usize = 512;
@@ -60,9 +67,27 @@ pub(super) enum Amount {
     Usd(f64),
 }
 
+/// What a key counts: which charges win for the [`MAX_KEYS`] bound, and what a loss says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// The gateway's spend in a day (USD).
+    Spend,
+    /// The same spend again, in a week or a month.
+    SpendAlso,
+    /// The gateway's tokens in a minute.
+    Tokens,
+    /// Requests in a window of the gateway's rate limit.
+    Requests,
+    /// A route's rate or budget node, for one value of its key: as many keys as values, so the
+    /// first dropped when the bound is reached.
+    RouteNode,
+}
+
 /// What waits for one key.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) struct Charge {
+    /// What the key counts.
+    pub kind: Kind,
     /// The sum of its charges.
     pub amount: Amount,
     /// Unix ms from which it is of no use (its window no longer weighs, its period ended).
@@ -102,6 +127,8 @@ impl Charge {
 /// A batch of charges on its way to Redis.
 #[derive(Debug)]
 pub(super) struct Batch {
+    /// The key holding the last number applied of the client that made it.
+    pub marker: Arc<str>,
     /// Its number: Redis applies each once.
     pub seq: u64,
     /// The keys and what to add to them.
@@ -124,14 +151,18 @@ pub(super) enum Outcome {
     Unanswered,
 }
 
-/// The charges waiting for one Redis, and the batch whose answer never came.
-#[derive(Debug, Default)]
+/// The charges waiting for one Redis, and the batches whose answer never came.
+#[derive(Debug)]
 pub(super) struct Charges {
     state: Mutex<State>,
     /// Whether any charge waits (reads add what waits for their keys only then).
     waiting: AtomicBool,
     /// Whether the flusher runs (one per Redis).
     flushing: AtomicBool,
+    /// `{prefix}charges:{random}`: the number of the last batch of this client's applied.
+    marker: Arc<str>,
+    /// Told when the flusher stops: nothing is left to write.
+    idle: tokio::sync::Notify,
 }
 
 #[derive(Debug, Default)]
@@ -139,31 +170,141 @@ struct State {
     waiting: HashMap<String, Charge>,
     /// The number of the last batch made.
     seq: u64,
-    /// A batch whose answer never came: sent again, with its number, before any other.
-    unanswered: Option<Batch>,
+    /// Batches whose answer never came (this client's, and those of the client it took over
+    /// from, each with its own marker): sent again, with their number, before any other.
+    unanswered: VecDeque<Batch>,
+    /// What the batch on its way holds.
+    in_flight: Tally,
+    /// Replaced by a new client of the same Redis: charges go to it.
+    retired: bool,
+}
+
+impl State {
+    /// Keys held: waiting, on their way, unanswered.
+    fn keys(&self) -> usize {
+        let unanswered: usize = self.unanswered.iter().map(|b| b.entries.len()).sum();
+        self.waiting.len() + self.in_flight.keys + unanswered
+    }
+
+    /// Adds `c` to what waits for `key` within [`MAX_KEYS`]; whether a charge was dropped for
+    /// it (this one, or a route node's count it displaced).
+    fn insert(&mut self, key: String, c: Charge) -> bool {
+        if let Some(held) = self.waiting.get_mut(&key) {
+            held.absorb(&c);
+            return false;
+        }
+        if self.keys() < MAX_KEYS {
+            self.waiting.insert(key, c);
+            return false;
+        }
+        if c.kind != Kind::RouteNode
+            && let Some(victim) = self
+                .waiting
+                .iter()
+                .find(|(_, held)| held.kind == Kind::RouteNode)
+                .map(|(k, _)| k.clone())
+        {
+            self.waiting.remove(&victim);
+            self.waiting.insert(key, c);
+        }
+        true
+    }
+}
+
+/// What some charges add up to: what a shutdown could not write is logged so.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub(super) struct Tally {
+    /// Keys.
+    pub keys: usize,
+    /// The gateway's spend (USD; each day's once, not again for its week and month).
+    pub spend_usd: f64,
+    /// Tokens.
+    pub tokens: i64,
+    /// Requests and route nodes' counts (give-backs taken off).
+    pub counts: i64,
+    /// Batches whose answer never came among them (Redis may have applied them).
+    pub unanswered_batches: usize,
+}
+
+impl Tally {
+    fn add(&mut self, c: &Charge) {
+        self.keys += 1;
+        match (c.kind, c.amount) {
+            (Kind::Spend, Amount::Usd(usd)) => self.spend_usd += usd,
+            (Kind::Tokens, Amount::Count(n)) => self.tokens = self.tokens.saturating_add(n),
+            (Kind::Requests | Kind::RouteNode, Amount::Count(n)) => {
+                self.counts = self.counts.saturating_add(n);
+            }
+            _ => {}
+        }
+    }
+
+    fn of<'a>(charges: impl IntoIterator<Item = &'a Charge>) -> Self {
+        let mut t = Self::default();
+        for c in charges {
+            t.add(c);
+        }
+        t
+    }
+
+    fn merge(&mut self, other: &Tally) {
+        self.keys += other.keys;
+        self.spend_usd += other.spend_usd;
+        self.tokens = self.tokens.saturating_add(other.tokens);
+        self.counts = self.counts.saturating_add(other.counts);
+        self.unanswered_batches += other.unanswered_batches;
+    }
+}
+
+/// What [`Charges::add`] did with a charge.
+#[derive(Debug, PartialEq)]
+pub(super) enum Added {
+    /// Kept to be written.
+    Kept,
+    /// Kept, or not, and one charge dropped for the [`MAX_KEYS`] bound.
+    OneDropped,
+    /// This client was replaced: the charge is handed back, for the new one.
+    Retired(String, Charge),
+}
+
+/// What a retired client hands to its successor.
+#[derive(Debug, Default)]
+pub(super) struct Handover {
+    waiting: HashMap<String, Charge>,
+    unanswered: VecDeque<Batch>,
 }
 
 impl Charges {
+    /// No charges yet, for the client whose batches' numbers `marker` keeps.
+    pub(super) fn new(marker: String) -> Self {
+        Self {
+            state: Mutex::default(),
+            waiting: AtomicBool::new(false),
+            flushing: AtomicBool::new(false),
+            marker: marker.into(),
+            idle: tokio::sync::Notify::new(),
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds `c` to what waits for `key`; `false` when it was dropped: a new key while
-    /// [`MAX_KEYS`] wait.
-    pub(super) fn add(&self, key: String, c: Charge) -> bool {
+    /// Adds `c` to what waits for `key`, within [`MAX_KEYS`].
+    pub(super) fn add(&self, key: String, c: Charge) -> Added {
         let mut s = self.state();
-        let full = s.waiting.len() >= MAX_KEYS;
-        match s.waiting.get_mut(&key) {
-            Some(held) => held.absorb(&c),
-            None if full => return false,
-            None => {
-                s.waiting.insert(key, c);
-            }
+        if s.retired {
+            return Added::Retired(key, c);
         }
-        self.waiting.store(true, Ordering::Relaxed);
-        true
+        let dropped = s.insert(key, c);
+        self.waiting.store(!s.waiting.is_empty(), Ordering::Relaxed);
+        if dropped {
+            Added::OneDropped
+        } else {
+            Added::Kept
+        }
     }
 
     /// What waits for `key` (not what is on its way): a count.
@@ -194,23 +335,58 @@ impl Charges {
         !self.flushing.swap(true, Ordering::AcqRel)
     }
 
-    /// The batch to send at `now_ms`: the unanswered one (its number kept) or a new one of at
-    /// most [`BATCH_KEYS`] keys of what waits. Charges of no use any more are dropped first;
-    /// their number is the second value. `None`: nothing to send, and the flusher stops.
+    /// Whether nothing is left to write and no flusher runs.
+    fn idle_now(&self) -> bool {
+        !self.flushing.load(Ordering::Acquire)
+    }
+
+    /// Waits until nothing is left to write (the flusher stopped), or `deadline`.
+    pub(super) async fn idle(&self, deadline: tokio::time::Instant) -> bool {
+        loop {
+            let stopped = self.idle.notified();
+            tokio::pin!(stopped);
+            stopped.as_mut().enable();
+            if self.idle_now() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, stopped).await.is_err() {
+                return self.idle_now();
+            }
+        }
+    }
+
+    /// What is held and not written: waiting, unanswered, on its way.
+    pub(super) fn unwritten(&self) -> Tally {
+        let s = self.state();
+        let mut t = Tally::of(s.waiting.values());
+        for b in &s.unanswered {
+            let mut of_batch = Tally::of(b.entries.iter().map(|(_, c)| c));
+            of_batch.unanswered_batches = 1;
+            t.merge(&of_batch);
+        }
+        t.merge(&s.in_flight);
+        t
+    }
+
+    /// The batch to send at `now_ms`: an unanswered one (its marker and number kept) or a new
+    /// one of at most [`BATCH_KEYS`] keys of what waits. Charges of no use any more are dropped
+    /// first; their number is the second value. `None`: nothing to send (or this client was
+    /// replaced, its charges handed over), and the flusher stops.
     pub(super) fn next_batch(&self, now_ms: u64) -> (Option<Batch>, u64) {
         let mut s = self.state();
         let mut dropped = 0;
-        if let Some(mut b) = s.unanswered.take() {
+        while let Some(mut b) = s.unanswered.pop_front() {
             if now_ms.saturating_sub(b.first_sent_ms) >= UNCONFIRMED_FOR_MS {
                 // Redis may have forgotten whether it applied it.
                 dropped += b.entries.len() as u64;
-            } else {
-                let before = b.entries.len();
-                b.entries.retain(|(_, c)| c.useful_until_ms > now_ms);
-                dropped += (before - b.entries.len()) as u64;
-                if !b.entries.is_empty() {
-                    return (Some(b), dropped);
-                }
+                continue;
+            }
+            let before = b.entries.len();
+            b.entries.retain(|(_, c)| c.useful_until_ms > now_ms);
+            dropped += (before - b.entries.len()) as u64;
+            if !b.entries.is_empty() {
+                s.in_flight = Tally::of(b.entries.iter().map(|(_, c)| c));
+                return (Some(b), dropped);
             }
         }
         s.waiting.retain(|_, c| {
@@ -221,10 +397,11 @@ impl Charges {
             dropped += u64::from(!useful);
             useful
         });
-        if s.waiting.is_empty() {
+        if s.waiting.is_empty() || s.retired {
             self.waiting.store(false, Ordering::Relaxed);
             // Under the lock: a charge added after this starts a new flusher.
             self.flushing.store(false, Ordering::Release);
+            self.idle.notify_waiters();
             return (None, dropped);
         }
         let entries: Vec<(String, Charge)> = if s.waiting.len() <= BATCH_KEYS {
@@ -239,7 +416,9 @@ impl Charges {
             self.waiting.store(false, Ordering::Relaxed);
         }
         s.seq += 1;
+        s.in_flight = Tally::of(entries.iter().map(|(_, c)| c));
         let batch = Batch {
+            marker: self.marker.clone(),
             seq: s.seq,
             entries,
             first_sent_ms: now_ms,
@@ -248,29 +427,76 @@ impl Charges {
         (Some(batch), dropped)
     }
 
-    /// Settles `batch` by what became of it.
-    pub(super) fn settle(&self, mut batch: Batch, outcome: Outcome) {
+    /// Settles `batch`, the one [`Self::next_batch`] gave, by what became of it: the number of
+    /// charges dropped for [`MAX_KEYS`] putting it back, or, when this client was replaced
+    /// meanwhile, the batch handed back for the new one ([`Self::adopt`]).
+    pub(super) fn settle(&self, batch: Batch, outcome: Outcome) -> Result<u64, (Batch, Outcome)> {
+        let mut s = self.state();
+        s.in_flight = Tally::default();
+        self.place(&mut s, batch, outcome)
+    }
+
+    /// Takes `batch`, settled by the writer of the client this one replaced, as
+    /// [`Self::settle`] does.
+    pub(super) fn adopt(&self, batch: Batch, outcome: Outcome) -> Result<u64, (Batch, Outcome)> {
+        let mut s = self.state();
+        self.place(&mut s, batch, outcome)
+    }
+
+    fn place(
+        &self,
+        s: &mut State,
+        mut batch: Batch,
+        outcome: Outcome,
+    ) -> Result<u64, (Batch, Outcome)> {
+        if s.retired && outcome != Outcome::Applied {
+            return Err((batch, outcome));
+        }
         match outcome {
             Outcome::Applied => {}
             Outcome::Unanswered => {
                 batch.maybe_applied = true;
-                self.state().unanswered = Some(batch);
+                s.unanswered.push_front(batch);
             }
             // Not applied this time, but perhaps the time before.
-            Outcome::NotApplied if batch.maybe_applied => self.state().unanswered = Some(batch),
+            Outcome::NotApplied if batch.maybe_applied => s.unanswered.push_front(batch),
             Outcome::NotApplied => {
-                let mut s = self.state();
+                let mut dropped = 0;
                 for (key, c) in batch.entries {
-                    match s.waiting.get_mut(&key) {
-                        Some(held) => held.absorb(&c),
-                        None => {
-                            s.waiting.insert(key, c);
-                        }
-                    }
+                    dropped += u64::from(s.insert(key, c));
                 }
                 self.waiting.store(!s.waiting.is_empty(), Ordering::Relaxed);
+                return Ok(dropped);
             }
         }
+        Ok(0)
+    }
+
+    /// Retires this client: what waits and the unanswered batches, for the new client of the
+    /// same Redis ([`Self::receive`]). Later charges are handed back ([`Added::Retired`]), as is
+    /// the batch on its way once settled; the flusher stops at its next batch.
+    pub(super) fn hand_over(&self) -> Handover {
+        let mut s = self.state();
+        s.retired = true;
+        self.waiting.store(false, Ordering::Relaxed);
+        Handover {
+            waiting: std::mem::take(&mut s.waiting),
+            unanswered: std::mem::take(&mut s.unanswered),
+        }
+    }
+
+    /// Takes what a replaced client handed over: its unanswered batches keep their marker and
+    /// number. Whether anything came, and the number of charges dropped for [`MAX_KEYS`].
+    pub(super) fn receive(&self, h: Handover) -> (bool, u64) {
+        let came = !h.waiting.is_empty() || !h.unanswered.is_empty();
+        let mut s = self.state();
+        s.unanswered.extend(h.unanswered);
+        let mut dropped = 0;
+        for (key, c) in h.waiting {
+            dropped += u64::from(s.insert(key, c));
+        }
+        self.waiting.store(!s.waiting.is_empty(), Ordering::Relaxed);
+        (came, dropped)
     }
 }
 
@@ -280,6 +506,7 @@ mod tests {
 
     fn count(n: i64, until: u64) -> Charge {
         Charge {
+            kind: Kind::RouteNode,
             amount: Amount::Count(n),
             useful_until_ms: until,
             expire_at_ms: until.saturating_add(1_000),
@@ -288,6 +515,7 @@ mod tests {
 
     fn usd(x: f64, until: u64) -> Charge {
         Charge {
+            kind: Kind::Spend,
             amount: Amount::Usd(x),
             useful_until_ms: until,
             expire_at_ms: until.saturating_add(86_400_000),
@@ -296,12 +524,12 @@ mod tests {
 
     #[test]
     fn charges_are_summed_per_key_and_read_back_until_sent() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         assert_eq!(c.waiting_usd("spend"), 0.0);
-        assert!(c.add("spend".into(), usd(0.25, 10_000)));
-        assert!(c.add("spend".into(), usd(0.5, 10_000)));
-        assert!(c.add("rl:7".into(), count(1, 10_000)));
-        assert!(c.add("rl:7".into(), count(1, 10_000)));
+        assert_eq!(Added::Kept, c.add("spend".into(), usd(0.25, 10_000)));
+        assert_eq!(Added::Kept, c.add("spend".into(), usd(0.5, 10_000)));
+        assert_eq!(Added::Kept, c.add("rl:7".into(), count(1, 10_000)));
+        assert_eq!(Added::Kept, c.add("rl:7".into(), count(1, 10_000)));
         assert_eq!(c.waiting_usd("spend"), 0.75);
         assert_eq!(c.waiting_count("rl:7"), 2);
         assert_eq!(c.waiting_count("spend"), 0, "another kind");
@@ -309,13 +537,13 @@ mod tests {
         let batch = batch.expect("something waits");
         assert_eq!((batch.seq, batch.entries.len(), dropped), (1, 2, 0));
         assert_eq!(c.waiting_usd("spend"), 0.0, "on its way, no longer waiting");
-        c.settle(batch, Outcome::Applied);
+        c.settle(batch, Outcome::Applied).expect("not retired");
         assert!(c.next_batch(5_000).0.is_none());
     }
 
     #[test]
     fn a_count_and_its_give_back_cancel_out_before_they_are_sent() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         c.add("route:1".into(), count(1, 10_000));
         c.add("route:1".into(), count(-1, 10_000));
         let (batch, dropped) = c.next_batch(5_000);
@@ -325,18 +553,18 @@ mod tests {
 
     #[test]
     fn a_batch_whose_answer_never_came_is_sent_again_with_its_number_before_the_others() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         c.add("spend".into(), usd(1.0, 10_000));
         let (first, _) = c.next_batch(1_000);
         let first = first.expect("batch");
         c.add("spend".into(), usd(2.0, 10_000));
-        c.settle(first, Outcome::Unanswered);
+        c.settle(first, Outcome::Unanswered).expect("not retired");
         let (again, _) = c.next_batch(2_000);
         let again = again.expect("sent again");
         assert_eq!(again.seq, 1, "the same number: Redis applies it once");
         assert_eq!(again.entries[0].1.amount, Amount::Usd(1.0), "not merged");
         assert_eq!(c.waiting_usd("spend"), 2.0);
-        c.settle(again, Outcome::Applied);
+        c.settle(again, Outcome::Applied).expect("not retired");
         let (next, _) = c.next_batch(3_000);
         let next = next.expect("the new charge");
         assert_eq!((next.seq, next.entries[0].1.amount), (2, Amount::Usd(2.0)));
@@ -344,13 +572,15 @@ mod tests {
 
     #[test]
     fn a_batch_that_may_have_been_applied_keeps_its_number_when_a_later_try_is_not_sent() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         c.add("spend".into(), usd(1.0, 10_000));
         let (b, _) = c.next_batch(1_000);
-        c.settle(b.expect("batch"), Outcome::Unanswered);
+        c.settle(b.expect("batch"), Outcome::Unanswered)
+            .expect("not retired");
         // Sent again, but Redis is skipped this time (a back-off, the connection refused).
         let (b, _) = c.next_batch(2_000);
-        c.settle(b.expect("batch"), Outcome::NotApplied);
+        c.settle(b.expect("batch"), Outcome::NotApplied)
+            .expect("not retired");
         c.add("spend".into(), usd(2.0, 10_000));
         let (b, _) = c.next_batch(3_000);
         let b = b.expect("batch");
@@ -361,11 +591,12 @@ mod tests {
 
     #[test]
     fn a_refused_batch_waits_again_with_the_new_charges() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         c.add("spend".into(), usd(1.0, 10_000));
         let (b, _) = c.next_batch(1_000);
         c.add("spend".into(), usd(2.0, 10_000));
-        c.settle(b.expect("batch"), Outcome::NotApplied);
+        c.settle(b.expect("batch"), Outcome::NotApplied)
+            .expect("not retired");
         assert_eq!(
             c.waiting_usd("spend"),
             3.0,
@@ -379,7 +610,7 @@ mod tests {
 
     #[test]
     fn charges_of_a_window_that_ended_are_dropped_and_counted() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         c.add("rl:1".into(), count(1, 2_000));
         c.add("rl:2".into(), count(3, 4_000));
         let (b, dropped) = c.next_batch(3_000);
@@ -387,7 +618,7 @@ mod tests {
         let b = b.expect("the open window's");
         assert_eq!(b.entries[0].0, "rl:2");
         // Unanswered, then its window ends too.
-        c.settle(b, Outcome::Unanswered);
+        c.settle(b, Outcome::Unanswered).expect("not retired");
         let (b, dropped) = c.next_batch(4_000);
         assert!(b.is_none());
         assert_eq!(dropped, 1);
@@ -395,10 +626,11 @@ mod tests {
 
     #[test]
     fn an_unanswered_batch_is_not_sent_again_once_redis_may_have_forgotten_it() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         c.add("spend".into(), usd(1.0, u64::MAX));
         let (b, _) = c.next_batch(0);
-        c.settle(b.expect("batch"), Outcome::Unanswered);
+        c.settle(b.expect("batch"), Outcome::Unanswered)
+            .expect("not retired");
         let (b, dropped) = c.next_batch(UNCONFIRMED_FOR_MS);
         assert!(b.is_none());
         assert_eq!(dropped, 1);
@@ -406,12 +638,15 @@ mod tests {
 
     #[test]
     fn new_keys_past_the_bound_are_dropped_and_known_ones_still_summed() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         for i in 0..MAX_KEYS {
-            assert!(c.add(format!("k{i}"), count(1, 10_000)));
+            assert_eq!(Added::Kept, c.add(format!("k{i}"), count(1, 10_000)));
         }
-        assert!(!c.add("one more".into(), count(1, 10_000)));
-        assert!(c.add("k0".into(), count(1, 10_000)));
+        assert_eq!(
+            c.add("one more".into(), count(1, 10_000)),
+            Added::OneDropped
+        );
+        assert_eq!(Added::Kept, c.add("k0".into(), count(1, 10_000)));
         assert_eq!(c.waiting_count("k0"), 2);
         let (b, _) = c.next_batch(0);
         assert_eq!(b.expect("batch").entries.len(), BATCH_KEYS);
@@ -420,10 +655,124 @@ mod tests {
 
     #[test]
     fn one_flusher_at_a_time_and_a_new_one_once_it_found_nothing() {
-        let c = Charges::default();
+        let c = Charges::new("m".into());
         assert!(c.start_flushing());
         assert!(!c.start_flushing());
         assert!(c.next_batch(0).0.is_none());
         assert!(c.start_flushing(), "it stopped: the next charge starts one");
+    }
+
+    #[test]
+    fn batches_on_their_way_or_unanswered_count_in_the_bound_and_a_refused_one_is_put_back_within_it()
+     {
+        let c = Charges::new("m".into());
+        for i in 0..MAX_KEYS {
+            c.add(format!("k{i}"), count(1, 10_000));
+        }
+        let (b, _) = c.next_batch(0);
+        let b = b.expect("batch");
+        assert_eq!(
+            c.add("new".into(), count(1, 10_000)),
+            Added::OneDropped,
+            "the batch on its way still holds its keys"
+        );
+        c.settle(b, Outcome::Unanswered).expect("not retired");
+        assert_eq!(c.add("new".into(), count(1, 10_000)), Added::OneDropped);
+        let (b, _) = c.next_batch(0);
+        let b = b.expect("the unanswered batch again");
+        assert_eq!(b.seq, 1);
+        c.settle(b, Outcome::Applied).expect("not retired");
+        assert_eq!(c.add("new".into(), count(1, 10_000)), Added::Kept);
+        // Refused: put back, and the keys added meanwhile leave no room for all of them.
+        let (b, _) = c.next_batch(0);
+        let b = b.expect("batch");
+        let sent = b.entries.len() as u64;
+        for i in 0..sent {
+            c.add(format!("meanwhile{i}"), count(1, 10_000));
+        }
+        assert_eq!(
+            c.settle(b, Outcome::NotApplied).expect("not retired"),
+            0,
+            "room was kept for it"
+        );
+        assert_eq!(c.state().keys(), MAX_KEYS);
+    }
+
+    #[test]
+    fn past_the_bound_spend_and_tokens_displace_a_route_nodes_count() {
+        let c = Charges::new("m".into());
+        for i in 0..MAX_KEYS {
+            c.add(format!("route:{i}"), count(1, 10_000));
+        }
+        assert_eq!(
+            c.add("spend:day:1".into(), usd(0.5, 10_000)),
+            Added::OneDropped
+        );
+        assert_eq!(
+            c.waiting_usd("spend:day:1"),
+            0.5,
+            "kept, a route count dropped"
+        );
+        assert_eq!(c.state().waiting.len(), MAX_KEYS);
+        assert_eq!(
+            c.add("route:new".into(), count(1, 10_000)),
+            Added::OneDropped
+        );
+        assert_eq!(
+            c.waiting_count("route:new"),
+            0,
+            "a route count displaces nothing"
+        );
+    }
+
+    #[test]
+    fn a_retired_client_hands_its_charges_and_unanswered_batch_to_the_new_one() {
+        let old = Charges::new("old".into());
+        old.add("spend".into(), usd(1.0, 10_000));
+        let (b, _) = old.next_batch(1_000);
+        old.settle(b.expect("batch"), Outcome::Unanswered)
+            .expect("not retired");
+        old.add("spend".into(), usd(2.0, 10_000));
+        // Batch 1 on its way again when the reload comes.
+        let (b, _) = old.next_batch(2_000);
+        let on_its_way = b.expect("batch");
+        let new = Charges::new("new".into());
+        assert_eq!(new.receive(old.hand_over()), (true, 0));
+        assert_eq!(new.waiting_usd("spend"), 2.0);
+        assert_eq!(old.waiting_usd("spend"), 0.0);
+        let (b, o) = old
+            .settle(on_its_way, Outcome::Unanswered)
+            .expect_err("handed to the new client");
+        assert_eq!(new.adopt(b, o).expect("not retired"), 0);
+        assert!(matches!(
+            old.add("spend".into(), usd(4.0, 10_000)),
+            Added::Retired(_, _)
+        ));
+        assert!(old.next_batch(3_000).0.is_none(), "the old writer stops");
+        let (b, _) = new.next_batch(3_000);
+        let b = b.expect("the old client's batch first");
+        assert_eq!(
+            (&*b.marker, b.seq),
+            ("old", 1),
+            "its marker and number kept"
+        );
+        assert_eq!(b.entries[0].1.amount, Amount::Usd(1.0));
+        new.settle(b, Outcome::Applied).expect("not retired");
+        let (b, _) = new.next_batch(3_000);
+        let b = b.expect("then what waited");
+        assert_eq!((&*b.marker, b.seq), ("new", 1));
+        assert_eq!(b.entries[0].1.amount, Amount::Usd(2.0));
+    }
+
+    #[test]
+    fn what_is_left_unwritten_counts_the_days_spend_once() {
+        let c = Charges::new("m".into());
+        c.add("spend:day".into(), usd(0.25, 10_000));
+        let mut week = usd(0.25, 10_000);
+        week.kind = Kind::SpendAlso;
+        c.add("spend:week".into(), week);
+        c.add("route:1".into(), count(3, 10_000));
+        let t = c.unwritten();
+        assert_eq!((t.keys, t.spend_usd, t.counts), (3, 0.25, 3));
     }
 }
