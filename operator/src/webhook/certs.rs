@@ -44,7 +44,8 @@ pub const TLS_KEY_KEY: &str = "tls.key";
 pub const CA_CERT_KEY: &str = "ca.crt";
 /// Secret key of the CAs the apiserver must trust (current and previous, PEM).
 pub const CA_BUNDLE_KEY: &str = "ca-bundle.crt";
-/// Annotation on the Secret: expiry of the serving certificate, Unix seconds.
+/// Annotation on the Secret: expiry of the serving certificate, Unix seconds (the certificate's
+/// own expiry stands when it is earlier).
 pub const NOT_AFTER_ANNOTATION: &str = "sidegate.dev/not-after";
 /// Annotation on the Secret: start of the serving certificate's validity, Unix seconds (so that
 /// one made for a longer `--cert-validity-days` than today's is made again).
@@ -54,8 +55,10 @@ pub const NAMES_ANNOTATION: &str = "sidegate.dev/cert-names";
 /// Annotation on the Secret: what the serving certificate was made under, as JSON
 /// (`{"notAfter":1767225600,"renewAfter":1761955200,"revision":{"created":1735689600,
 /// "deployment":"<uid>","number":3}}`): its expiry (the record is the certificate's only while
-/// it matches [`NOT_AFTER_ANNOTATION`]), when every replica renews it, and the revision of the
-/// operator's Deployment whose settings it was made with ([`Revision`]; absent when not known).
+/// it matches [`NOT_AFTER_ANNOTATION`] and the certificate's own expiry is not earlier), when
+/// every replica renews it (at the latest [`RENEW_LEAD`] before the expiry), and the revision
+/// of the operator's Deployment whose settings it was made with ([`Revision`]; absent when not
+/// known; disregarded when made later than now by more than [`BACKDATED`]).
 pub const ISSUED_ANNOTATION: &str = "sidegate.dev/issued";
 
 /// Certificate problems.
@@ -131,6 +134,16 @@ pub const BACKDATED: Duration = Duration::from_secs(3600);
 /// — sees a webhook configuration through a watch, a moment after it is written, and until then
 /// would refuse the new certificate.
 pub const TRUST_SETTLE: Duration = Duration::from_secs(3);
+
+/// Longest `--cert-check-secs`: a replica may look at the certificate this long after it last
+/// did.
+pub const MAX_CHECK_SECS: u64 = 3600;
+
+/// Least time a recorded renewal leaves before the certificate expires: one check of the
+/// slowest replica ([`MAX_CHECK_SECS`]) and as long again for a check that failed (apiserver
+/// briefly unreachable). A record renewing later is renewed this long before the end instead;
+/// certificates this operator makes record at least 4 h (a sixth of the shortest validity).
+pub const RENEW_LEAD: Duration = Duration::from_secs(2 * MAX_CHECK_SECS);
 
 /// Generates a CA and a serving certificate for `names` (DNS names or IP addresses), valid from
 /// [`BACKDATED`] ago (clock skew) until `validity` from now.
@@ -736,15 +749,27 @@ impl Stored {
             .filter(|n| !n.is_empty())
             .map(str::to_owned)
             .collect();
-        let issued = annotations
-            .get(ISSUED_ANNOTATION)
-            .and_then(|v| serde_json::from_str::<Issued>(v).ok())
-            .filter(|i| i.not_after == not_after && i.renew_after <= not_after);
         let serving = ServingCert {
             cert_pem: data_str(secret, TLS_CERT_KEY).ok_or("no certificate")?,
             key_pem: data_str(secret, TLS_KEY_KEY).ok_or("no key")?,
         };
         certified_key(&serving).map_err(|_| "the certificate and key do not load as a pair")?;
+        // The annotations are only what was written next to the certificate: it expires when
+        // it says, if that is earlier (the record then is not its own).
+        let own_end =
+            leaf_not_after(&serving.cert_pem).ok_or("the certificate has no readable expiry")?;
+        let not_after = not_after.min(own_end);
+        // A renewal recorded later than RENEW_LEAD before the end would leave the certificate
+        // to expire before a replica renews it.
+        let latest_renewal = not_after.saturating_sub(RENEW_LEAD.as_secs());
+        let issued = annotations
+            .get(ISSUED_ANNOTATION)
+            .and_then(|v| serde_json::from_str::<Issued>(v).ok())
+            .filter(|i| i.not_after == not_after && i.renew_after <= not_after)
+            .map(|i| Issued {
+                renew_after: i.renew_after.min(latest_renewal),
+                ..i
+            });
         let ca_pem = data_str(secret, CA_CERT_KEY)
             .filter(|ca| der(ca).is_some())
             .ok_or("no CA")?;
@@ -909,9 +934,16 @@ fn assess(secret: Option<&Secret>, wanted: &Wanted<'_>, now: u64) -> Verdict {
             };
         }
     };
+    // A revision made later than now (by more than clocks differ) is no revision that exists:
+    // trusted, it would make every replica older than the certificate for ever.
+    let latest_created = i64::try_from(now.saturating_add(BACKDATED.as_secs())).unwrap_or(i64::MAX);
     let order = order(
         wanted.revision.as_ref(),
-        stored.issued.as_ref().and_then(|i| i.revision.as_ref()),
+        stored
+            .issued
+            .as_ref()
+            .and_then(|i| i.revision.as_ref())
+            .filter(|r| r.created <= latest_created),
     );
     let renew_after = match &stored.issued {
         Some(issued) => issued.renew_after,
@@ -997,6 +1029,16 @@ fn der(pem: &str) -> Option<Vec<u8>> {
     CertificateDer::from_pem_slice(pem.as_bytes())
         .ok()
         .map(|d| d.to_vec())
+}
+
+/// The expiry (Unix seconds) the leaf (first) certificate of PEM chain `pem` bears, if it can
+/// be read.
+fn leaf_not_after(pem: &str) -> Option<u64> {
+    let leaf = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
+    u64::try_from(cert.validity().not_after.timestamp()).ok()
 }
 
 /// The PEM certificates of `bundle`, in order.
@@ -1657,6 +1699,125 @@ mod tests {
             panic!("a due certificate kept");
         };
         assert!(servable.is_some());
+    }
+
+    /// `secret` with annotation `key` set to `value`.
+    fn annotated(secret: &Secret, key: &str, value: String) -> Secret {
+        let mut secret = secret.clone();
+        secret
+            .metadata
+            .annotations
+            .get_or_insert_default()
+            .insert(key.into(), value);
+        secret
+    }
+
+    fn recorded(secret: &Secret) -> Issued {
+        serde_json::from_str(&secret.annotations()[ISSUED_ANNOTATION]).expect("record")
+    }
+
+    #[test]
+    fn a_recorded_renewal_leaves_time_to_renew_before_the_certificate_expires() {
+        let now = unix_now();
+        let day = valid_for(1, &NAMES);
+        let (_, made) =
+            replaced(None, &replica(&day, Some(2)), now, Reason::Missing).expect("made");
+        let end = recorded(&made).not_after;
+        let at_end = json!({"notAfter": end, "renewAfter": end, "revision": {
+            "created": 1_750_000_000, "deployment": "uid-1", "number": 2}});
+        let at_end = annotated(&made, ISSUED_ANNOTATION, at_end.to_string());
+        for revision in [None, Some(1), Some(2), Some(3)] {
+            let replica = replica(&day, revision);
+            let lead = end - RENEW_LEAD.as_secs();
+            assert!(kept(&at_end, &replica, lead - 60), "{revision:?}");
+            let Verdict::Replace { reason, issue, .. } = assess(Some(&at_end), &replica, lead)
+            else {
+                panic!(
+                    "{revision:?}: kept {} s before it expires",
+                    RENEW_LEAD.as_secs()
+                );
+            };
+            assert_eq!(reason, Reason::Due);
+            // Renewed alike: never again at the end.
+            assert!(issue.renew_before >= RENEW_LEAD, "{revision:?}");
+        }
+    }
+
+    #[test]
+    fn a_certificate_expires_when_it_says_whatever_its_annotations_claim() {
+        let now = unix_now();
+        let day = valid_for(1, &NAMES);
+        let (_, made) =
+            replaced(None, &replica(&day, Some(2)), now, Reason::Missing).expect("made");
+        let mut record = recorded(&made);
+        let real = record.not_after;
+        // Annotated, record included, as valid 20 h more than it is.
+        record.not_after += 20 * 3600;
+        record.renew_after += 20 * 3600;
+        let lying = annotated(
+            &annotated(&made, NOT_AFTER_ANNOTATION, record.not_after.to_string()),
+            ISSUED_ANNOTATION,
+            serde_json::to_string(&record).expect("json"),
+        );
+        let stored = Stored::read(&lying).expect("readable");
+        assert_eq!(stored.not_after, real, "the expiry served and reported");
+        assert!(
+            stored.issued.is_none(),
+            "the record is not this certificate's"
+        );
+        let replica = replica(&day, Some(2));
+        assert!(kept(&lying, &replica, now + 19 * 3600));
+        // Due when a sixth of its real validity is left; never served past its real end.
+        let Verdict::Replace {
+            reason, servable, ..
+        } = assess(Some(&lying), &replica, real - 3 * 3600)
+        else {
+            panic!("kept 3 h before it expires");
+        };
+        assert_eq!((reason, servable.is_some()), (Reason::Due, true));
+        let Verdict::Replace { servable, .. } = assess(Some(&lying), &replica, real) else {
+            panic!("kept once expired");
+        };
+        assert!(servable.is_none(), "served expired");
+        // Annotated as expiring earlier than it does: the annotation, earlier, stands.
+        let early = annotated(&made, NOT_AFTER_ANNOTATION, (real - 3600).to_string());
+        assert_eq!(
+            Stored::read(&early).expect("readable").not_after,
+            real - 3600
+        );
+    }
+
+    #[test]
+    fn a_revision_recorded_from_the_future_does_not_outrank_every_replica() {
+        let now = unix_now();
+        let (old, renamed) = (
+            valid_for(1, &NAMES),
+            valid_for(1, &["other.sidegate-system.svc", "127.0.0.1"]),
+        );
+        let future = Wanted {
+            settings: &old,
+            revision: Some(Revision {
+                created: i64::try_from(now + 30 * DAY).expect("time"),
+                deployment: "uid-9".into(),
+                number: 1,
+            }),
+        };
+        let (_, made) = replaced(None, &future, now, Reason::Missing).expect("made");
+        // Trusted, it would be newer than revision 4 for ever; a replica of other names renames.
+        let (issue, _) = replaced(Some(&made), &replica(&renamed, Some(4)), now, Reason::Names)
+            .expect("renamed");
+        assert_eq!(issue.names, renamed.names);
+        // Within the clock skew, it is trusted.
+        let ahead = Wanted {
+            revision: Some(Revision {
+                created: i64::try_from(now + 600).expect("time"),
+                deployment: "uid-9".into(),
+                number: 1,
+            }),
+            ..future
+        };
+        let (_, made) = replaced(None, &ahead, now, Reason::Missing).expect("made");
+        assert!(kept(&made, &replica(&renamed, Some(4)), now));
     }
 
     #[test]

@@ -144,7 +144,7 @@ pub struct WebhookArgs {
     #[arg(
         long,
         default_value_t = 60,
-        value_parser = clap::value_parser!(u64).range(1..=3600)
+        value_parser = clap::value_parser!(u64).range(1..=certs::MAX_CHECK_SECS)
     )]
     pub cert_check_secs: u64,
     /// This replica's pod (in the operator's namespace): the revision of the operator's
