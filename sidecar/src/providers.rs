@@ -665,10 +665,22 @@ impl Provider {
             }
             Base::Template(t) => {
                 let mut url = t.clone();
+                let host_end = t.find("://").map_or(0, |at| {
+                    at + 3 + t[at + 3..].find('/').unwrap_or(t.len() - at - 3)
+                });
                 for (name, value) in vars {
-                    if !is_host_label(value) {
+                    // In the host a value is a DNS label; in the path a segment (an Azure
+                    // deployment may be named `gpt-4.1` or `my_deployment`).
+                    let in_host = t[..host_end].contains(&format!("{{{name}}}"));
+                    if in_host && !is_host_label(value) {
                         return Err(bad_route(format!(
                             "{{{name}}} must be letters, digits and dashes, got {:?}",
+                            truncate(value)
+                        )));
+                    }
+                    if !in_host && !is_path_name(value) {
+                        return Err(bad_route(format!(
+                            "{{{name}}} must be letters, digits, dashes, dots and underscores, got {:?}",
                             truncate(value)
                         )));
                     }
@@ -742,6 +754,17 @@ fn is_dot_segment(seg: &str) -> bool {
 /// A value that may become part of a host name.
 fn is_host_label(s: &str) -> bool {
     !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A name that goes into a template's path as one segment (an Azure deployment): letters,
+/// digits, `-`, `_` and `.`, at most 64 (Azure's bound), and no `.` or `..` segment.
+fn is_path_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 fn parse_base(id: &str, text: &str) -> Result<Base, ProviderError> {
@@ -1296,6 +1319,19 @@ mod tests {
             uri(&t, "azure-openai", "only-resource").map_err(|e| e.code()),
             Err(2001)
         );
+        // A deployment is a path segment: dots and underscores are Azure's, as in `gpt-4.1`.
+        assert_eq!(
+            uri(&t, "azure-openai", "my-res/gpt-4.1_eu/chat/completions").as_deref(),
+            Ok("https://my-res.openai.azure.com/openai/deployments/gpt-4.1_eu/chat/completions")
+        );
+        for deployment in ["..", ".", "a%2Fb", "a b", "x@y"] {
+            assert!(
+                uri(&t, "azure-openai", &format!("my-res/{deployment}/chat")).is_err(),
+                "{deployment}"
+            );
+        }
+        // The resource is still a host label.
+        assert!(uri(&t, "azure-openai", "my.res/gpt-4.1/chat").is_err());
     }
 
     #[test]

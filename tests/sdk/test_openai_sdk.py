@@ -160,6 +160,18 @@ def test_the_azure_sdk_client_pointed_at_the_gateway_reaches_its_deployment(gate
     assert seen["headers"]["api-key"] == "azure-client-key"
 
 
+def test_azure_deployments_named_with_dots_and_underscores_are_reached(gateway, mock):
+    # Azure deployment names take dots and underscores (a deployment named after its model,
+    # `gpt-4.1`): they go into the path, not the host (providers.rs unit tests: `.` and `..`
+    # segments are still refused).
+    c = openai.AzureOpenAI(azure_endpoint=gateway.url + "/azure-openai/my-resource",
+                           api_version="2024-10-21", api_key="azure-client-key", max_retries=0)
+    for deployment in ("gpt-4.1", "gpt-4.1-mini_eu"):
+        out = c.chat.completions.create(model=deployment, messages=[{"role": "user", "content": "dots"}])
+        assert out.choices[0].message.content == "mock reply to: dots"
+        assert mock.last()["path"] == f"/openai/deployments/{deployment}/chat/completions"
+
+
 def test_embeddings_and_models_pass_through(gateway, mock):
     c = client(gateway)
     emb = c.embeddings.create(model="text-embedding-3-small", input=["a", "b"])
