@@ -669,16 +669,18 @@ impl Provider {
                     at + 3 + t[at + 3..].find('/').unwrap_or(t.len() - at - 3)
                 });
                 for (name, value) in vars {
-                    // In the host a value is a DNS label; in the path a segment (an Azure
-                    // deployment may be named `gpt-4.1` or `my_deployment`).
-                    let in_host = t[..host_end].contains(&format!("{{{name}}}"));
-                    if in_host && !is_host_label(value) {
+                    // A value is a DNS label (whether the template puts it in the host or not),
+                    // but for an Azure deployment in the path, which is a path segment
+                    // (deployments are often named after their models: `gpt-4.1`).
+                    let segment =
+                        name == "deployment" && !t[..host_end].contains(&format!("{{{name}}}"));
+                    if !segment && !is_host_label(value) {
                         return Err(bad_route(format!(
                             "{{{name}}} must be letters, digits and dashes, got {:?}",
                             truncate(value)
                         )));
                     }
-                    if !in_host && !is_path_name(value) {
+                    if segment && !is_path_name(value) {
                         return Err(bad_route(format!(
                             "{{{name}}} must be letters, digits, dashes, dots and underscores, got {:?}",
                             truncate(value)
@@ -1330,8 +1332,18 @@ mod tests {
                 "{deployment}"
             );
         }
-        // The resource is still a host label.
+        // The resource is still a host label, and so is a deployment a template puts in its host.
         assert!(uri(&t, "azure-openai", "my.res/gpt-4.1/chat").is_err());
+        let s = ProviderSettings {
+            base_url: Some("https://{deployment}.{resource}.example/openai".into()),
+            ..Default::default()
+        };
+        let hosted = table(&[("azure-openai", s)]);
+        assert!(uri(&hosted, "azure-openai", "res/gpt-4.1/chat").is_err());
+        assert_eq!(
+            uri(&hosted, "azure-openai", "res/gpt-4o/chat").as_deref(),
+            Ok("https://gpt-4o.res.example/openai/chat")
+        );
     }
 
     #[test]

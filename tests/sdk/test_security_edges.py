@@ -277,7 +277,10 @@ STEERING = [
     "/azure-openai/evil.example/dep/chat/completions?api-version=1",
     "/azure-openai/evil.example%2f/dep/chat/completions",
     "/azure-openai/res@evil.example/dep/chat/completions",
-    "/azure-openai/res/dep.evil/chat/completions",
+    # A deployment in the template's path is a path segment (dots allowed: `gpt-4.1`), never
+    # `..` or anything past letters, digits, `-`, `_` and `.`.
+    "/azure-openai/res/dep@evil/chat/completions",
+    "/azure-openai/res/%2e%2e/chat/completions",
     "/aws-bedrock/bedrock-runtime/us-east-1@evil.example/model/m/converse",
     "/aws-bedrock/bedrock-runtime/evil.example%23/model/m/converse",
     "/google-vertex-ai/v1/projects/p/locations/evil.example/publishers/google/models/g:generateContent",
