@@ -672,8 +672,7 @@ impl Provider {
                     // A value is a DNS label (whether the template puts it in the host or not),
                     // but for an Azure deployment in the path, which is a path segment
                     // (deployments are often named after their models: `gpt-4.1`).
-                    let segment =
-                        name == "deployment" && !t[..host_end].contains(&format!("{{{name}}}"));
+                    let segment = name == "deployment" && !t[..host_end].contains("{deployment}");
                     if !segment && !is_host_label(value) {
                         return Err(bad_route(format!(
                             "{{{name}}} must be letters, digits and dashes, got {:?}",
