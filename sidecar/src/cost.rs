@@ -6,8 +6,10 @@
 //! Prices come from a built-in table of well-known models ([`PRICES_AS_OF`]) merged with the
 //! gateway's `spec.pricing`; a model is priced by the longest table name that it equals or
 //! continues after `-`, `@` or `:` (so `gpt-4o-mini-2024-07-18` is `gpt-4o-mini`, and
-//! `claude-3-5-sonnet@20240620` is `claude-3-5-sonnet`). A model the table does not know has no
-//! cost (not a zero one). `cf-aig-custom-cost` overrides the price per request.
+//! `claude-3-5-sonnet@20240620` is `claude-3-5-sonnet`; `.` is no boundary, so `gpt-5.1` is not
+//! `gpt-5`, nor `gpt-5.10` `gpt-5.1`), unless what it adds names a sibling priced otherwise
+//! (`mini`, `nano`, `lite`, `pro`, `fast`). A model the table does not know has no cost (not a
+//! zero one). `cf-aig-custom-cost` overrides the price per request.
 //!
 //! The model is found without parsing the request: in the path for Gemini, Vertex and Bedrock
 //! routes, else the top-level `"model": "..."` of the JSON body.
@@ -481,10 +483,10 @@ pub fn per_image(model: &str, asked: &ImageOptions) -> Option<f64> {
 /// has none or that the gateway does not know.
 ///
 /// - Anthropic (direct, Bedrock, Vertex): reads 0.1, writes 1.25 (5-minute TTL), 2 (1 hour).
-/// - OpenAI: cached input 0.1 for the GPT-5 family (not `gpt-5-pro`) and gpt-image-1-mini,
-///   0.25 for GPT-4.1, o3, o4-mini, the deep-research models and gpt-image-1, 0.5 for GPT-4o
-///   (not `gpt-4o-2024-05-13`), GPT-4o mini and realtime, GPT-4.5, o1, o1-mini and o3-mini;
-///   none for the pro models.
+/// - OpenAI: cached input 0.1 for the GPT-5 family, 5.1 and 5.2 with it (not the pro models)
+///   and gpt-image-1-mini, 0.25 for GPT-4.1, o3, o4-mini, the deep-research models and
+///   gpt-image-1, 0.5 for GPT-4o (not `gpt-4o-2024-05-13`), GPT-4o mini and realtime, GPT-4.5,
+///   o1, o1-mini and o3-mini; none for the pro models.
 /// - Gemini: cached input 0.1 for 2.5 models, 0.25 for 2.0 Flash and 1.5.
 /// - DeepSeek: cache hits 0.1 ($0.028 against $0.28). xAI: cached input 0.25.
 pub fn cache_ratios(name: &str) -> (f64, f64, f64) {
@@ -501,12 +503,16 @@ pub fn cache_ratios(name: &str) -> (f64, f64, f64) {
 /// name equals or continues (after `-`, `@`, `:`) counts, so the exceptions come first.
 const CACHE_READ: &[(&str, f64)] = &[
     ("gpt-5-pro", 1.0),
+    ("gpt-5.2-pro", 1.0),
     ("o1-pro", 1.0),
     ("o3-pro", 1.0),
     ("gpt-4o-2024-05-13", 1.0),
     ("o1-mini", 0.5),
     ("o3-mini", 0.5),
     ("gpt-5", 0.1),
+    // `.` is no boundary: the point releases are families of their own.
+    ("gpt-5.1", 0.1),
+    ("gpt-5.2", 0.1),
     // $0.40 against $4 on gpt-realtime, $0.06 against $0.60 on gpt-realtime-mini.
     ("gpt-realtime", 0.1),
     ("gpt-4.1", 0.25),
@@ -539,6 +545,17 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-5-pro", 15.0, 120.0),
     ("gpt-5-mini", 0.25, 2.0),
     ("gpt-5-nano", 0.05, 0.40),
+    // GPT-5.1 and 5.2 (read 2026-11-28): gpt-5.1 $1.25 / $10, cached $0.125 (its model page,
+    // developers.openai.com); gpt-5.2 $1.75 / $14, cached $0.175, and gpt-5.2-codex the same
+    // (GitHub Docs' Copilot price table, Vercel AI Gateway's OpenAI row); gpt-5.2-pro $21 /
+    // $168, no cached price; gpt-5.1-codex-mini $0.25 / $2 (OpenRouter's pass-through row).
+    // gpt-5.1-codex and -codex-max list at gpt-5.1's price and are priced by its row (`.` is no
+    // boundary: `gpt-5.1` is not `gpt-5`, nor `gpt-5.10` `gpt-5.1`). The `-chat-latest` aliases
+    // take their base's row too; no source seen gave their own price.
+    ("gpt-5.1", 1.25, 10.0),
+    ("gpt-5.1-codex-mini", 0.25, 2.0),
+    ("gpt-5.2", 1.75, 14.0),
+    ("gpt-5.2-pro", 21.0, 168.0),
     ("gpt-4.5-preview", 75.0, 150.0),
     ("gpt-4.1", 2.0, 8.0),
     ("gpt-4.1-mini", 0.40, 1.60),
@@ -560,6 +577,12 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gpt-4o-mini-audio-preview", 0.15, 0.60),
     ("gpt-audio", 2.50, 10.0),
     ("gpt-audio-mini", 0.60, 2.40),
+    // Speech: "$0.60" per 1M text tokens in, "$12.00" per 1M audio tokens out (its model page,
+    // read 2026-11-28; OpenAI's estimate, ~$0.015 a minute of audio). Its output is all audio,
+    // so the output column is the audio rate. Only a speech request streamed as SSE
+    // (`stream_format: "sse"`) reports tokens (`speech.audio.done`'s `usage`); one answered
+    // with the audio file itself reports none and has no cost.
+    ("gpt-4o-mini-tts", 0.60, 12.0),
     // Transcription models: text in (a prompt) and out; the audio in is in NOT_TEXT.
     ("gpt-4o-transcribe", 2.50, 10.0),
     ("gpt-4o-mini-transcribe", 1.25, 5.0),
@@ -664,6 +687,10 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("grok-4-1-fast", 0.20, 0.50),
     ("grok-3", 3.0, 15.0),
     ("grok-3-mini", 0.30, 0.50),
+    // The same models served faster, at higher prices (docs.x.ai Models and Pricing, archived
+    // 2025-06-02: grok-3-fast $5 / $25, grok-3-mini-fast $0.60 / $4; cached input a quarter).
+    ("grok-3-fast", 5.0, 25.0),
+    ("grok-3-mini-fast", 0.60, 4.0),
     // Perplexity (docs.perplexity.ai/getting-started/pricing): tokens only. Its answers state
     // their whole cost (`usage.cost.total_cost`, with the per-request search fees), which is
     // taken instead when present.
@@ -784,8 +811,9 @@ impl Pricing {
 
 /// Words that, in what a model's name adds to a shorter one, make it another model of the
 /// family than the one named so (`gpt-5-codex-mini`, `gpt-realtime-2.1-mini`: not `gpt-5`, nor
-/// `gpt-realtime`): a smaller or larger sibling, priced otherwise.
-const SIBLINGS: &[&str] = &["mini", "nano", "lite", "pro"];
+/// `gpt-realtime`): a smaller or larger sibling, or one served faster (`grok-3-fast`, at
+/// $5 / $25 against grok-3's $3 / $15; `grok-4-fast`, cheaper than grok-4), priced otherwise.
+const SIBLINGS: &[&str] = &["mini", "nano", "lite", "pro", "fast"];
 
 /// Whether `rest`, what a model's name adds to a table name (from its boundary), names a
 /// sibling of that model (see [`SIBLINGS`]).
@@ -2267,6 +2295,139 @@ mod tests {
         assert_eq!(look(&t, "gpt-4-1106-preview"), price(10.0, 30.0));
         assert_eq!(look(&t, "gpt-4-32k-0613"), price(60.0, 120.0));
         assert_eq!(look(&t, "gpt-4-0613"), price(30.0, 60.0));
+    }
+
+    #[test]
+    fn gpt_5_point_releases_are_priced_by_their_own_rows_not_by_gpt_5() {
+        let t = Pricing::default();
+        for (name, want) in [
+            ("gpt-5.1", price(1.25, 10.0)),
+            ("gpt-5.1-2025-11-13", price(1.25, 10.0)),
+            ("gpt-5.1-codex", price(1.25, 10.0)),
+            ("gpt-5.1-codex-max", price(1.25, 10.0)),
+            ("gpt-5.1-codex-mini", price(0.25, 2.0)),
+            ("openai/gpt-5.1-codex-mini", price(0.25, 2.0)),
+            ("gpt-5.2", price(1.75, 14.0)),
+            ("gpt-5.2-2025-12-11", price(1.75, 14.0)),
+            ("gpt-5.2-codex", price(1.75, 14.0)),
+            ("gpt-5.2-pro", price(21.0, 168.0)),
+            ("gpt-5.2-pro-2025-12-11", price(21.0, 168.0)),
+            // `.` is no boundary: a later point release is none of these, nor gpt-5.
+            ("gpt-5.10", None),
+            ("gpt-5.1x", None),
+            ("gpt-5.3", None),
+            // Siblings OpenAI does not sell are not their family's price.
+            ("gpt-5.1-mini", None),
+            ("gpt-5.1-nano", None),
+            ("gpt-5.1-pro", None),
+            ("gpt-5.2-mini", None),
+            ("gpt-5.2-nano", None),
+        ] {
+            assert_eq!(look(&t, name), want, "{name}");
+        }
+        // Cached input: a tenth (gpt-5.1 $0.125, gpt-5.2 $0.175, gpt-5.1-codex-mini $0.025);
+        // none on gpt-5.2-pro.
+        let cached = |name: &str| t.lookup(name).map(|p| p.cache_read);
+        for (name, want) in [
+            ("gpt-5.1", 0.125),
+            ("gpt-5.1-codex", 0.125),
+            ("gpt-5.1-codex-mini", 0.025),
+            ("gpt-5.2", 0.175),
+            ("gpt-5.2-pro", 21.0),
+        ] {
+            let got = cached(name).expect("priced");
+            assert!((got - want).abs() < 1e-12, "{name}: {got} != {want}");
+        }
+        // A price given for gpt-5 is not gpt-5.1's, and one given for a later point release
+        // prices that release (and its variants), not gpt-5.1.
+        let own = Pricing::with(&[
+            ModelPrice {
+                model: "gpt-5".into(),
+                input_per_million: "9".into(),
+                output_per_million: "9".into(),
+                ..ModelPrice::default()
+            },
+            ModelPrice {
+                model: "gpt-5.10".into(),
+                input_per_million: "3".into(),
+                output_per_million: "30".into(),
+                ..ModelPrice::default()
+            },
+        ])
+        .expect("valid");
+        assert_eq!(look(&own, "gpt-5-2025-08-07"), price(9.0, 9.0));
+        assert_eq!(look(&own, "gpt-5.1"), price(1.25, 10.0));
+        assert_eq!(look(&own, "gpt-5.10-codex"), price(3.0, 30.0));
+        assert_eq!(look(&own, "gpt-5.1-codex"), price(1.25, 10.0));
+    }
+
+    #[test]
+    fn fast_variants_are_priced_by_their_own_rows_not_by_their_base() {
+        let t = Pricing::default();
+        for (name, want) in [
+            ("grok-3-fast", price(5.0, 25.0)),
+            ("grok-3-fast-latest", price(5.0, 25.0)),
+            ("grok-3-mini-fast", price(0.60, 4.0)),
+            ("grok-3-mini-fast-latest", price(0.60, 4.0)),
+            ("grok-3-latest", price(3.0, 15.0)),
+            ("grok-4-fast-reasoning", price(0.20, 0.50)),
+            ("grok-4-1-fast-non-reasoning", price(0.20, 0.50)),
+            ("imagen-4.0-fast-generate-001", price(0.0, 0.0)),
+            // A fast variant the table does not know is not its base's price.
+            ("grok-4-0709-fast", None),
+            ("grok-3-mini-beta-fast", None),
+        ] {
+            assert_eq!(look(&t, name), want, "{name}");
+        }
+        // xAI's cached input, a quarter: $1.25 and $0.15.
+        close(
+            cost(
+                t.lookup("grok-3-fast"),
+                None,
+                &Tokens {
+                    cache_read: 1_000_000,
+                    ..Tokens::plain(Some(1_000_000), Some(0))
+                },
+            ),
+            1.25,
+        );
+        let mini = t.lookup("grok-3-mini-fast").expect("priced");
+        assert!(
+            (mini.cache_read - 0.15).abs() < 1e-12,
+            "{}",
+            mini.cache_read
+        );
+        // Imagen's fast model keeps its own per-image price.
+        assert_eq!(
+            t.lookup("imagen-4.0-fast-generate-001")
+                .map(|p| p.per_image),
+            Some(0.02)
+        );
+    }
+
+    #[test]
+    fn speech_is_priced_by_its_text_in_and_audio_out_when_the_answer_reports_them() {
+        let t = Pricing::default();
+        let tts = t.lookup("gpt-4o-mini-tts-2025-12-15");
+        assert_eq!(look(&t, "gpt-4o-mini-tts"), price(0.60, 12.0));
+        // A speech request streamed as SSE ends with `speech.audio.done` and its usage: text
+        // tokens in, audio tokens out.
+        let mut sse = crate::usage::Usage::for_answer("openai", "audio/speech");
+        sse.observe(br#"data: {"type":"speech.audio.delta","audio":"SUQzBAAAAAAA"}"#);
+        sse.observe(b"\n\n");
+        sse.observe(
+            br#"data: {"type":"speech.audio.done","usage":{"input_tokens":14,"output_tokens":1010,"total_tokens":1024}}"#,
+        );
+        let tokens = sse.tokens();
+        assert_eq!((tokens.input, tokens.output), (Some(14), Some(1010)));
+        close(
+            cost(tts, None, &tokens),
+            (14.0 * 0.60 + 1010.0 * 12.0) / 1e6,
+        );
+        // The audio file itself (the default answer) reports nothing: no cost, not a zero one.
+        let mut file = crate::usage::Usage::for_answer("openai", "audio/speech");
+        file.observe(b"ID3\x04\x00\x00\x00\x00\x00\x00\xff\xfb\x90\x00");
+        assert_eq!(cost(tts, None, &file.tokens()), None);
     }
 
     #[test]

@@ -33,7 +33,8 @@ PREVIEW_FEES = 2 * 0.025 + 0.0025
 # models". ToolFees::of gives fees only to names that are or continue `gpt-4o`, `gpt-4.1`, `gpt-5`,
 # `o1`, `o3`, `o4-mini` after `-`, `@` or `:`: `gpt-5.2` (`.` is no boundary), `gpt-5.5`, a
 # fine-tune (`ft:gpt-4.1-mini:...`), any other name the operator prices, get none. The SDK installed here lists gpt-5.1 ... gpt-6.1 as the
-# current models; the built-in table has none of them, so spec.pricing is how they get a price.
+# current models; the built-in table has gpt-5.1 and gpt-5.2 (at the prices given here) but none
+# after them, so spec.pricing is how those get a price.
 # Failed at 03f0e25 (mended since): a web search and a file search of gpt-5.2 / gpt-5.5 priced by spec.pricing cost nothing beside the tokens
 @pytest.mark.parametrize("model, input_price, output_price", [
     pytest.param("gpt-5.2", 1.75, 14.0, id="gpt-5.2"),
