@@ -489,7 +489,8 @@ async fn serve_within(
     limits: Limits,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    crate::listener::accept_loop(listener, limits, "webhook", move |tcp, peer| {
+    let failures = state.metrics.accept_failures("webhook");
+    crate::listener::accept_loop(listener, limits, "webhook", failures, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let state = state.clone();
         async move {
