@@ -34,7 +34,7 @@ use rustls::sign::CertifiedKey;
 use serde_json::json;
 
 use crate::owner::{Adopter, write_adopting};
-use crate::revision::{OwnRevision, Revision};
+use crate::revision::{OwnRevision, Replica, Revision};
 
 /// Secret key of the serving certificate (PEM).
 pub const TLS_CERT_KEY: &str = "tls.crt";
@@ -365,10 +365,10 @@ pub struct SelfManaged {
     /// Owner of the Secret (the operator's Deployment, [`crate::owner`]), set when it is
     /// created or found without it, so that deleting the owner deletes the Secret too.
     pub owner: Option<OwnerReference>,
-    /// This replica's pod, in `namespace`: the revision of the operator's Deployment it runs
-    /// ([`crate::revision`]) decides whose settings win when the stored certificate was made
-    /// with others. Unset: the revision is unknown.
-    pub pod: Option<String>,
+    /// This replica (its ReplicaSet, or its pod), in `namespace`: the revision of the
+    /// operator's Deployment it runs ([`crate::revision`]) decides whose settings win when the
+    /// stored certificate was made with others. Unset: the revision is unknown.
+    pub replica: Option<Replica>,
 }
 
 impl SelfManaged {
@@ -428,9 +428,9 @@ impl SelfManagedCert {
             )
         });
         let revision = settings
-            .pod
-            .as_deref()
-            .map(|pod| OwnRevision::new(client.clone(), &settings.namespace, pod));
+            .replica
+            .clone()
+            .map(|replica| OwnRevision::new(client.clone(), &settings.namespace, replica));
         Self {
             client,
             settings,
@@ -1396,7 +1396,7 @@ mod tests {
             validity,
             renew_before: validity / 6,
             owner: None,
-            pod: None,
+            replica: None,
         }
     }
 
