@@ -37,7 +37,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
 }
 
 async fn serve_within(listener: TcpListener, state: Arc<AdminState>, limits: Limits) {
-    crate::listener::accept_loop(listener, limits, "admin", move |stream, _| {
+    let failures = state.metrics.accept_failures("admin");
+    crate::listener::accept_loop(listener, limits, "admin", failures, move |stream, _| {
         let state = state.clone();
         async move {
             let svc = service_fn(move |req| {

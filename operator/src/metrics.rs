@@ -1,7 +1,8 @@
 //! The operator's Prometheus metrics: reconciles by controller and result, their durations,
 //! errors by kind, the writes they made (a steady state makes none), leadership, and for alerts
 //! the state of the AIGateways the last reconciles saw (not Ready by reason, pods without the
-//! sidecar or with an outdated one) and the expiry of the webhook's self-managed certificate.
+//! sidecar or with an outdated one), the expiry of the webhook's self-managed certificate, and
+//! the failed `accept`s of its listeners (out of descriptors).
 //! No label names a gateway or a pod: the reasons are a fixed set.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -57,6 +58,13 @@ pub struct AdmissionLabels {
     /// without the sidecar because something failed) or `denied` (the pod's own spec rules the
     /// sidecar out: a port or name it needs, hostNetwork).
     pub result: &'static str,
+}
+
+/// Labels naming one of the operator's listeners.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `admin` or `webhook`.
+    pub listener: &'static str,
 }
 
 /// Labels of the AIGateways that are not Ready.
@@ -129,6 +137,7 @@ pub struct Metrics {
     /// Expiry of the webhook's self-managed serving certificate, Unix seconds (0: none yet, or
     /// certificates from files).
     pub webhook_certificate_expiry: Gauge,
+    accept_failures: Family<ListenerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -196,7 +205,18 @@ impl Default for Metrics {
             "Expiry of the webhook's self-managed serving certificate, Unix seconds",
             webhook_certificate_expiry.clone(),
         );
+        let accept_failures = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "accept_failures",
+            "Failed accepts of new connections by listener (out of file descriptors: EMFILE, ENFILE)",
+            accept_failures.clone(),
+        );
+        // Both series from the start, at 0, so that an alert on their increase sees the first.
+        for listener in ["admin", "webhook"] {
+            accept_failures.get_or_create_owned(&ListenerLabels { listener });
+        }
         Self {
+            accept_failures,
             admissions,
             gateways: Mutex::default(),
             not_ready,
@@ -289,6 +309,12 @@ impl Metrics {
         }
         self.uninjected_pods.set(uninjected);
         self.outdated_pods.set(outdated);
+    }
+
+    /// The counter of failed `accept`s on `listener` (`admin`, `webhook`).
+    pub fn accept_failures(&self, listener: &'static str) -> Counter {
+        self.accept_failures
+            .get_or_create_owned(&ListenerLabels { listener })
     }
 
     /// Counts a pod the webhook answered for.
@@ -463,6 +489,21 @@ mod tests {
         assert_eq!(
             not_ready(&metrics),
             ["sidegate_operator_aigateways_not_ready{reason=\"InvalidSpec\"} 1"]
+        );
+    }
+
+    #[test]
+    fn failed_accepts_are_counted_by_listener_from_zero() {
+        let metrics = Metrics::default();
+        let webhook = metrics.accept_failures("webhook");
+        webhook.inc();
+        webhook.inc();
+        assert_eq!(
+            lines(&metrics, "sidegate_operator_accept_failures_total"),
+            [
+                "sidegate_operator_accept_failures_total{listener=\"admin\"} 0",
+                "sidegate_operator_accept_failures_total{listener=\"webhook\"} 2",
+            ]
         );
     }
 

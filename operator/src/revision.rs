@@ -9,10 +9,14 @@
 //! made again (deleted and reinstalled, or replaced), so a revision is ordered by when its
 //! Deployment was made first ([`Revision`]).
 //!
-//! Read with `get` on the replica's own pod and ReplicaSet and on the Deployment, in the
-//! operator's namespace. The pod's ReplicaSet and the Deployment's creation are read once; the
-//! number again at each call (a rollback changes it), the last one read standing in while it
-//! cannot be read.
+//! The replica finds its ReplicaSet by name: the Deployment controller names it
+//! `<deployment>-<pod-template-hash>`, and the chart gives the pod's `pod-template-hash` label
+//! through the downward API (`$POD_TEMPLATE_HASH`), so it needs `get` on ReplicaSets and on the
+//! Deployment in the operator's namespace, not on pods ([`Replica::ReplicaSet`]). Without the
+//! hash (run outside the chart) it reads its own pod for its ReplicaSet instead, which needs `get`
+//! on pods too ([`Replica::Pod`]). The ReplicaSet and the Deployment's creation are read once;
+//! the number again at each call (a rollback changes it), the last one read standing in while
+//! it cannot be read.
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -39,13 +43,50 @@ pub struct Revision {
     pub number: u64,
 }
 
+/// How a replica finds the ReplicaSet that runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replica {
+    /// By name, `<deployment>-<pod-template-hash>`: no need to read the pod.
+    ReplicaSet(String),
+    /// Through its pod (this one), read for the ReplicaSet that controls it: needs `get` on pods.
+    Pod(String),
+}
+
+impl Replica {
+    /// The ReplicaSet of Deployment `deployment` whose pods bear `pod_template_hash`, when both
+    /// are known; else pod `pod`, when known; else `None` (the revision is unknown).
+    pub fn find(
+        deployment: Option<&str>,
+        pod_template_hash: Option<&str>,
+        pod: Option<&str>,
+    ) -> Option<Self> {
+        match (deployment, pod_template_hash, pod) {
+            (Some(deployment), Some(hash), _) if !deployment.is_empty() && !hash.is_empty() => {
+                Some(Self::ReplicaSet(format!("{deployment}-{hash}")))
+            }
+            (_, _, Some(pod)) if !pod.is_empty() => Some(Self::Pod(pod.to_owned())),
+            _ => None,
+        }
+    }
+
+    /// What it is, for logs: `replicaset/NAME` or `pod/NAME`.
+    fn describe(&self) -> String {
+        match self {
+            Self::ReplicaSet(name) => format!("replicaset/{name}"),
+            Self::Pod(name) => format!("pod/{name}"),
+        }
+    }
+}
+
 /// The revision of the Deployment one replica (pod) runs.
 #[derive(Debug)]
 pub struct OwnRevision {
     pods: Api<Pod>,
     replicasets: Api<ReplicaSet>,
     deployments: Api<Deployment>,
-    pod: String,
+    replica: Replica,
+    /// `replicaset/NAME` or `pod/NAME`, for logs.
+    described: String,
     state: Mutex<State>,
 }
 
@@ -64,14 +105,22 @@ struct State {
 }
 
 impl OwnRevision {
-    /// The revision pod `pod` of `namespace` runs.
-    pub fn new(client: Client, namespace: &str, pod: &str) -> Self {
+    /// The revision `replica`, in `namespace`, runs.
+    pub fn new(client: Client, namespace: &str, replica: Replica) -> Self {
+        let state = State {
+            replicaset: match &replica {
+                Replica::ReplicaSet(name) => Some(name.clone()),
+                Replica::Pod(_) => None,
+            },
+            ..State::default()
+        };
         Self {
             pods: Api::namespaced(client.clone(), namespace),
             replicasets: Api::namespaced(client.clone(), namespace),
             deployments: Api::namespaced(client, namespace),
-            pod: pod.to_owned(),
-            state: Mutex::default(),
+            described: replica.describe(),
+            replica,
+            state: Mutex::new(state),
         }
     }
 
@@ -91,7 +140,7 @@ impl OwnRevision {
                 let mut state = self.state();
                 if state.last.as_ref() != Some(&revision) {
                     tracing::info!(
-                        pod = %self.pod,
+                        replica = %self.described,
                         revision = revision.number,
                         deployment = %revision.deployment,
                         "this replica runs this revision of the operator's Deployment"
@@ -104,20 +153,28 @@ impl OwnRevision {
                 let mut state = self.state();
                 state.none = true;
                 tracing::info!(
-                    pod = %self.pod,
-                    "this replica's pod belongs to no Deployment (or no longer to one that exists): its webhook certificate settings are not ordered against other replicas'"
+                    replica = %self.described,
+                    "this replica belongs to no ReplicaSet of a Deployment (or no longer to one that exists): its webhook certificate settings are not ordered against other replicas'"
                 );
                 None
             }
             Err(e) => {
                 let mut state = self.state();
                 if std::mem::replace(&mut state.warned, true) {
-                    tracing::debug!(pod = %self.pod, error = %e, "revision not read again");
+                    tracing::debug!(replica = %self.described, error = %e, "revision not read again");
                 } else {
+                    let reads = match self.replica {
+                        Replica::ReplicaSet(_) => {
+                            "its ReplicaSet or the Deployment (it needs `get` on replicasets and on the Deployment in the operator's namespace)"
+                        }
+                        Replica::Pod(_) => {
+                            "its pod, ReplicaSet or Deployment (without $POD_TEMPLATE_HASH and --owner-deployment it reads its pod, $POD_NAME, for its ReplicaSet: it needs `get` on pods, replicasets and the Deployment in the operator's namespace; the chart gives the hash and grants no pods)"
+                        }
+                    };
                     tracing::warn!(
-                        pod = %self.pod,
+                        replica = %self.described,
                         error = %e,
-                        "cannot read this replica's pod, ReplicaSet or Deployment (it needs `get` on them in the operator's namespace): until it can, it keeps a webhook certificate made for a known revision until it is due (renewing it with the settings it was made with), and replaces one made for no known revision only if it is longer than its validity or lacks one of its names"
+                        "cannot read this replica's {reads}: until it can, it keeps a webhook certificate made for a known revision until it is due (renewing it with the settings it was made with), and replaces one made for no known revision only if it is longer than its validity or lacks one of its names"
                     );
                 }
                 state.last.clone()
@@ -131,7 +188,10 @@ impl OwnRevision {
         let replicaset = match known {
             Some(name) => name,
             None => {
-                let pod = self.pods.get(&self.pod).await?;
+                let Replica::Pod(pod) = &self.replica else {
+                    return Ok(None);
+                };
+                let pod = self.pods.get(pod).await?;
                 let Some(name) = controller(&pod, "ReplicaSet") else {
                     return Ok(None);
                 };
@@ -139,7 +199,11 @@ impl OwnRevision {
                 name
             }
         };
-        let rs = self.replicasets.get(&replicaset).await?;
+        // A ReplicaSet named from the hash that is not there: no revision to read (the hash
+        // given was not this Deployment's).
+        let Some(rs) = self.replicasets.get_opt(&replicaset).await? else {
+            return Ok(None);
+        };
         let Some(number) = rs
             .annotations()
             .get(REVISION_ANNOTATION)
@@ -193,6 +257,32 @@ fn controller(pod: &Pod, kind: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_finds_its_replicaset_by_name_from_the_hash_else_through_its_pod() {
+        assert_eq!(
+            Replica::find(
+                Some("sidegate"),
+                Some("5d9f7c6b8"),
+                Some("sidegate-5d9f7c6b8-x2v4q")
+            ),
+            Some(Replica::ReplicaSet("sidegate-5d9f7c6b8".into()))
+        );
+        // Outside the chart: no hash, or no Deployment name (--owner-deployment).
+        for (deployment, hash) in [
+            (Some("sidegate"), None),
+            (None, Some("5d9f7c6b8")),
+            (Some("sidegate"), Some("")),
+        ] {
+            assert_eq!(
+                Replica::find(deployment, hash, Some("op-0")),
+                Some(Replica::Pod("op-0".into())),
+                "{deployment:?} {hash:?}"
+            );
+        }
+        assert_eq!(Replica::find(None, None, None), None);
+        assert_eq!(Replica::find(Some("sidegate"), None, Some("")), None);
+    }
 
     #[test]
     fn a_deployment_made_again_is_newer_than_every_revision_of_the_one_before() {

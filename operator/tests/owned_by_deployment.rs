@@ -68,7 +68,7 @@ fn cert_settings(ns: &str, secret: &str, owner: Option<&OwnerReference>) -> Self
         validity: Duration::from_secs(86400),
         renew_before: Duration::from_secs(4 * 3600),
         owner: owner.cloned(),
-        pod: None,
+        replica: None,
     }
 }
 

@@ -444,7 +444,7 @@ async fn a_one_day_certificate_lasts_a_day_and_is_renewed_once_less_than_four_ho
         validity,
         renew_before,
         owner: None,
-        pod: None,
+        replica: None,
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let now = || {
@@ -592,7 +592,7 @@ async fn the_chart_rbac_lets_the_operator_adopt_its_lease_and_certificate_secret
         validity: Duration::from_secs(86400),
         renew_before: Duration::from_secs(4 * 3600),
         owner: owner.cloned(),
-        pod: None,
+        replica: None,
     };
     let names = vec![format!("sg-sidegate-webhook.{}.svc", ns.name)];
 

@@ -290,7 +290,8 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
     let revision_of = |rs: &ReplicaSet| -> Option<u64> {
         rs.annotations().get(REVISION_ANNOTATION)?.parse().ok()
     };
-    // The ReplicaSet of `revision` and one of its pods, once the controllers made them.
+    // The ReplicaSet of `revision`, one of its pods and that pod's `pod-template-hash` label,
+    // once the controllers made them.
     let made = |revision: u64| {
         let (replicasets, pods) = (replicasets.clone(), pods.clone());
         async move {
@@ -308,7 +309,8 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
                 .items
                 .into_iter()
                 .find(|p| p.owner_references().iter().any(|o| o.name == rs.name_any()))?;
-            Some((rs, pod.name_any()))
+            let hash = pod.labels().get("pod-template-hash")?.clone();
+            Some((rs, (pod.name_any(), hash)))
         }
     };
     let (old_rs, old_pod) = eventually("revision 1's ReplicaSet and pod", WAIT, || made(1)).await;
@@ -342,16 +344,18 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
         .await
         .expect("webhook configuration");
 
-    // Each replica as its pod would run: the args of its ReplicaSet, its pod's name, the
-    // chart's ServiceAccount; the certificate also for 127.0.0.1, the address the apiserver
-    // calls here.
-    let replica = |identity: &str, port: u16, args: &[String], pod: &str| {
+    // Each replica as its pod would run: the args of its ReplicaSet, its pod's name and
+    // pod-template-hash label (the chart's downward API env), the chart's ServiceAccount (which
+    // may not read pods here: the replica finds its ReplicaSet by name); the certificate also
+    // for 127.0.0.1, the address the apiserver calls here.
+    let replica = |identity: &str, port: u16, args: &[String], (pod, hash): &(String, String)| {
         let mut command = OperatorCommand::new(&dir, identity)
             .self_managed_certificate()
             .webhook_port(port)
             .impersonating(&sa)
             .arg(format!("--lease-namespace={}", ns.name))
             .arg(format!("--pod-name={pod}"))
+            .arg(format!("--pod-template-hash={hash}"))
             .arg(format!("--cert-check-secs={CHECK_SECS}"))
             .arg("--webhook-extra-name=127.0.0.1");
         for a in args {

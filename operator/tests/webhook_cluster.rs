@@ -1073,7 +1073,7 @@ async fn rotation_patches_the_new_ca_into_ca_bundle_before_serving_and_keeps_the
         validity: Duration::from_secs(86400),
         renew_before: Duration::from_secs(3600),
         owner: None,
-        pod: None,
+        replica: None,
     };
     let resolver = CertResolver::new();
     assert_eq!(
@@ -1233,7 +1233,7 @@ async fn a_certificate_made_for_a_year_is_made_again_at_the_next_check_once_vali
         validity,
         renew_before: validity / 6,
         owner: None,
-        pod: None,
+        replica: None,
     };
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns.name);
     let not_after = |s: &Secret| -> u64 {

@@ -139,6 +139,8 @@ assert "sidegate.dev/gateway" in w["matchConditions"][0]["expression"], w["match
 args = pod()["containers"][0]["args"]
 assert "--exclude-namespace=monitoring" in args, args
 assert any(e["name"] == "POD_NAMESPACE" for e in pod()["containers"][0]["env"]), "POD_NAMESPACE (the operator's namespace, excluded by the operator too)"
+hash_env = [e for e in pod()["containers"][0]["env"] if e["name"] == "POD_TEMPLATE_HASH"]
+assert [e["valueFrom"]["fieldRef"]["fieldPath"] for e in hash_env] == ["metadata.labels['pod-template-hash']"], hash_env
 PY
 }
 check "webhook: Ignore, 5 s, no side effects, Pod CREATE only, annotated pods only, kube-system + release ns + excludeNamespaces excluded" webhook_config
@@ -172,8 +174,9 @@ assert mwc["resourceNames"] == [by_kind("MutatingWebhookConfiguration")[0]["meta
 # (a create is authorized before the object has a name); delete of the Lease and the certificate
 # Secret by name only (OwnerReferencesPermissionEnforcement asks it of an update that sets their
 # owner; no Secrets delete cluster-wide); the operator's Deployment, read by name (owner.rs),
-# which owns the Lease and the certificate Secret; the replica's own pod and its ReplicaSet
-# (revision.rs: whose certificate settings are newer), names the Deployment makes.
+# which owns the Lease and the certificate Secret; the replica's own ReplicaSet (revision.rs:
+# whose certificate settings are newer), a name the Deployment makes, found from the
+# downward API's pod-template-hash: no pods of the release namespace.
 role = by_kind("Role")[0]["rules"]
 args = pod()["containers"][0]["args"]
 lease = [a for a in args if a.startswith("--lease-name=")][0].split("=", 1)[1]
@@ -186,7 +189,6 @@ assert [(r["apiGroups"], r["resources"], sorted(r["verbs"]), r.get("resourceName
     (["coordination.k8s.io"], ["leases"], ["delete"], [lease]),
     ([""], ["secrets"], ["delete"], [cert]),
     (["apps"], ["deployments"], ["get"], [owner]),
-    ([""], ["pods"], ["get"], None),
     (["apps"], ["replicasets"], ["get"], None)], role
 for d in docs:
     for r in d.get("rules", []):

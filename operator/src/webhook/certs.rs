@@ -34,7 +34,7 @@ use rustls::sign::CertifiedKey;
 use serde_json::json;
 
 use crate::owner::{Adopter, write_adopting};
-use crate::revision::{OwnRevision, Revision};
+use crate::revision::{OwnRevision, Replica, Revision};
 
 /// Secret key of the serving certificate (PEM).
 pub const TLS_CERT_KEY: &str = "tls.crt";
@@ -365,10 +365,10 @@ pub struct SelfManaged {
     /// Owner of the Secret (the operator's Deployment, [`crate::owner`]), set when it is
     /// created or found without it, so that deleting the owner deletes the Secret too.
     pub owner: Option<OwnerReference>,
-    /// This replica's pod, in `namespace`: the revision of the operator's Deployment it runs
-    /// ([`crate::revision`]) decides whose settings win when the stored certificate was made
-    /// with others. Unset: the revision is unknown.
-    pub pod: Option<String>,
+    /// This replica (its ReplicaSet, or its pod), in `namespace`: the revision of the
+    /// operator's Deployment it runs ([`crate::revision`]) decides whose settings win when the
+    /// stored certificate was made with others. Unset: the revision is unknown.
+    pub replica: Option<Replica>,
 }
 
 impl SelfManaged {
@@ -428,9 +428,9 @@ impl SelfManagedCert {
             )
         });
         let revision = settings
-            .pod
-            .as_deref()
-            .map(|pod| OwnRevision::new(client.clone(), &settings.namespace, pod));
+            .replica
+            .clone()
+            .map(|replica| OwnRevision::new(client.clone(), &settings.namespace, replica));
         Self {
             client,
             settings,
@@ -542,9 +542,9 @@ impl SelfManagedCert {
         let mut required = vec![stored.ca_pem.as_str()];
         required.extend(pem_certificates(&stored.bundle));
         trust(&self.client, &self.settings.webhook_config_name, &required).await?;
-        let made = stored.not_before.map(|start| start + BACKDATED.as_secs());
+        let made = stored.not_before + BACKDATED.as_secs();
         resolver
-            .switch_to(&stored.serving, stored.not_after, made)
+            .switch_to(&stored.serving, stored.not_after, Some(made))
             .await?;
         Ok(())
     }
@@ -720,8 +720,9 @@ struct Issued {
 #[derive(Debug, Clone)]
 struct Stored {
     serving: ServingCert,
-    /// Start of its validity, Unix seconds (not recorded by older operators).
-    not_before: Option<u64>,
+    /// Start of its validity, Unix seconds: the later of the certificate's own and the one
+    /// recorded next to it (older operators recorded none).
+    not_before: u64,
     not_after: u64,
     names: Vec<String>,
     /// Its record, if it has one of its own.
@@ -738,7 +739,7 @@ impl Stored {
             .get(NOT_AFTER_ANNOTATION)
             .and_then(|v| v.parse().ok())
             .ok_or("no expiry recorded")?;
-        let not_before = match annotations.get(NOT_BEFORE_ANNOTATION) {
+        let recorded_start: Option<u64> = match annotations.get(NOT_BEFORE_ANNOTATION) {
             Some(v) => Some(v.parse().map_err(|_| "an unreadable start recorded")?),
             None => None,
         };
@@ -755,10 +756,14 @@ impl Stored {
         };
         certified_key(&serving).map_err(|_| "the certificate and key do not load as a pair")?;
         // The annotations are only what was written next to the certificate: it expires when
-        // it says, if that is earlier (the record then is not its own).
-        let own_end =
-            leaf_not_after(&serving.cert_pem).ok_or("the certificate has no readable expiry")?;
+        // it says, if that is earlier (the record then is not its own), and starts when it
+        // says, if that is later (an annotation claiming an earlier start would make it look
+        // older and longer-lived than it is; one without the annotation, an older operator's,
+        // has its start all the same).
+        let (own_start, own_end) =
+            leaf_validity(&serving.cert_pem).ok_or("the certificate has no readable validity")?;
         let not_after = not_after.min(own_end);
+        let not_before = recorded_start.map_or(own_start, |start| start.max(own_start));
         // A renewal recorded later than RENEW_LEAD before the end would leave the certificate
         // to expire before a replica renews it.
         let latest_renewal = not_after.saturating_sub(RENEW_LEAD.as_secs());
@@ -785,30 +790,21 @@ impl Stored {
         })
     }
 
-    /// How long it was made for (the validity it was made with plus [`BACKDATED`]); for one
-    /// without a recorded start, what is left of it at `now`.
-    fn lifetime(&self, now: u64) -> u64 {
-        match self.not_before {
-            Some(start) => self.not_after.saturating_sub(start),
-            None => self.not_after.saturating_sub(now),
-        }
+    /// How long it was made for (the validity it was made with plus [`BACKDATED`]).
+    fn lifetime(&self) -> u64 {
+        self.not_after.saturating_sub(self.not_before)
     }
 
-    /// The validity it was made with, if its start is recorded.
-    fn validity(&self) -> Option<Duration> {
-        let start = self.not_before?;
-        Some(Duration::from_secs(
-            self.not_after
-                .saturating_sub(start)
-                .saturating_sub(BACKDATED.as_secs()),
-        ))
+    /// The validity it was made with.
+    fn validity(&self) -> Duration {
+        Duration::from_secs(self.lifetime().saturating_sub(BACKDATED.as_secs()))
     }
 
     /// The settings it was made with, to renew it alike: known for a certificate with its
-    /// record and start.
+    /// record.
     fn issue(&self) -> Option<Issue> {
         let issued = self.issued.as_ref()?;
-        let validity = self.validity()?;
+        let validity = self.validity();
         let renew_before = Duration::from_secs(self.not_after - issued.renew_after);
         (!renew_before.is_zero() && renew_before < validity).then(|| Issue {
             validity,
@@ -964,7 +960,7 @@ fn assess(secret: Option<&Secret>, wanted: &Wanted<'_>, now: u64) -> Verdict {
             servable,
         };
     }
-    let longer = stored.lifetime(now) > wanted.settings.validity.as_secs() + BACKDATED.as_secs();
+    let longer = stored.lifetime() > wanted.settings.validity.as_secs() + BACKDATED.as_secs();
     let reason = match order {
         Order::Older => None,
         Order::Newer if longer => Some((Reason::Longer, own)),
@@ -999,10 +995,8 @@ fn assess(secret: Option<&Secret>, wanted: &Wanted<'_>, now: u64) -> Verdict {
 /// shorter validity (renewed as early in proportion) and the names of both.
 fn agreed(own: Issue, stored: &Stored) -> Issue {
     let mut issue = own;
-    if let Some(theirs) = stored
-        .validity()
-        .filter(|v| !v.is_zero() && *v < issue.validity)
-    {
+    let theirs = stored.validity();
+    if !theirs.is_zero() && theirs < issue.validity {
         let share = theirs.as_secs_f64() / issue.validity.as_secs_f64();
         issue.renew_before = issue.renew_before.mul_f64(share);
         issue.validity = theirs;
@@ -1031,14 +1025,17 @@ fn der(pem: &str) -> Option<Vec<u8>> {
         .map(|d| d.to_vec())
 }
 
-/// The expiry (Unix seconds) the leaf (first) certificate of PEM chain `pem` bears, if it can
-/// be read.
-fn leaf_not_after(pem: &str) -> Option<u64> {
+/// The start and expiry (notBefore, notAfter; Unix seconds) the leaf (first) certificate of PEM
+/// chain `pem` bears, if it can be read; a start before 1970 reads as 0.
+fn leaf_validity(pem: &str) -> Option<(u64, u64)> {
     let leaf = CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()?
         .ok()?;
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).ok()?;
-    u64::try_from(cert.validity().not_after.timestamp()).ok()
+    let validity = cert.validity();
+    let not_after = u64::try_from(validity.not_after.timestamp()).ok()?;
+    let not_before = u64::try_from(validity.not_before.timestamp()).unwrap_or(0);
+    Some((not_before, not_after))
 }
 
 /// The PEM certificates of `bundle`, in order.
@@ -1399,7 +1396,7 @@ mod tests {
             validity,
             renew_before: validity / 6,
             owner: None,
-            pod: None,
+            replica: None,
         }
     }
 
@@ -1714,6 +1711,39 @@ mod tests {
 
     fn recorded(secret: &Secret) -> Issued {
         serde_json::from_str(&secret.annotations()[ISSUED_ANNOTATION]).expect("record")
+    }
+
+    #[test]
+    fn a_certificate_starts_when_it_says_unless_its_annotation_says_later() {
+        let now = unix_now();
+        let day = valid_for(1, &NAMES);
+        let replica = replica(&day, Some(2));
+        let (_, made) = replaced(None, &replica, now, Reason::Missing).expect("made");
+        let start: u64 = made.annotations()[NOT_BEFORE_ANNOTATION]
+            .parse()
+            .expect("start recorded");
+        assert_eq!(Stored::read(&made).expect("readable").not_before, start);
+        // Annotated as started 300 days earlier: it starts when it says, so it is no
+        // certificate of 301 days that a replica of one day must replace.
+        let early = annotated(
+            &made,
+            NOT_BEFORE_ANNOTATION,
+            (start - 300 * DAY).to_string(),
+        );
+        assert_eq!(Stored::read(&early).expect("readable").not_before, start);
+        assert!(kept(&early, &replica, now));
+        // Annotated as started later than it did: the annotation, later, stands.
+        let late = annotated(&made, NOT_BEFORE_ANNOTATION, (start + 3600).to_string());
+        assert_eq!(
+            Stored::read(&late).expect("readable").not_before,
+            start + 3600
+        );
+        // No start recorded (an older operator's): the certificate's own.
+        let unrecorded = without(&made, NOT_BEFORE_ANNOTATION);
+        assert_eq!(
+            Stored::read(&unrecorded).expect("readable").not_before,
+            start
+        );
     }
 
     #[test]

@@ -45,6 +45,7 @@ use tokio_rustls::TlsAcceptor;
 use self::certs::{CertFiles, CertResolver, SelfManaged, SelfManagedCert};
 use self::inject::{EnvFromKeys, EnvSource, EnvSourceKeys, InjectConfig, InjectSettings, Skip};
 use crate::listener::Limits;
+use crate::revision::Replica;
 
 /// Path the apiserver posts AdmissionReviews to.
 pub const MUTATE_PATH: &str = "/mutate";
@@ -149,11 +150,17 @@ pub struct WebhookArgs {
     pub cert_check_secs: u64,
     /// This replica's pod (in the operator's namespace): the revision of the operator's
     /// Deployment its ReplicaSet has decides, while replicas of two revisions run (a rolling
-    /// upgrade), whose self-managed certificate settings win. Needs `get` on pods and
-    /// replicasets there; unset or unreadable, replicas of different settings still never undo
-    /// each other's certificate, but a newer one's are only taken up at the next renewal.
+    /// upgrade), whose self-managed certificate settings win. Read for its ReplicaSet only
+    /// without --pod-template-hash, which needs `get` on pods there; unset or unreadable,
+    /// replicas of different settings still never undo each other's certificate, but a newer
+    /// one's are only taken up at the next renewal.
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     pub pod_name: Option<String>,
+    /// This replica's pod's `pod-template-hash` label (the chart gives it by the downward API):
+    /// with --owner-deployment it names the replica's ReplicaSet, `<deployment>-<hash>`, read
+    /// with `get` on replicasets alone (no pods) for the revision --pod-name says.
+    #[arg(long, env = "POD_TEMPLATE_HASH", value_name = "HASH")]
+    pub pod_template_hash: Option<String>,
     /// Sidecar image injected when the AIGateway names none.
     #[arg(long, env = "SIDEGATE_SIDECAR_IMAGE", default_value = inject::DEFAULT_SIDECAR_IMAGE)]
     pub sidecar_image: String,
@@ -428,7 +435,11 @@ pub async fn start(
                 validity,
                 renew_before,
                 owner: owner.cloned(),
-                pod: args.pod_name.clone(),
+                replica: Replica::find(
+                    owner.map(|o| o.name.as_str()),
+                    args.pod_template_hash.as_deref(),
+                    args.pod_name.as_deref(),
+                ),
             };
             let cert = SelfManagedCert::new(client.clone(), settings);
             cert.ensure(&resolver).await?;
@@ -489,7 +500,8 @@ async fn serve_within(
     limits: Limits,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    crate::listener::accept_loop(listener, limits, "webhook", move |tcp, peer| {
+    let failures = state.metrics.accept_failures("webhook");
+    crate::listener::accept_loop(listener, limits, "webhook", failures, move |tcp, peer| {
         let acceptor = acceptor.clone();
         let state = state.clone();
         async move {

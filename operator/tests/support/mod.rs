@@ -339,6 +339,7 @@ pub fn webhook_args(port: u16, config_name: &str) -> sidegate_operator::webhook:
         cert_validity_days: 365,
         cert_check_secs: 60,
         pod_name: None,
+        pod_template_hash: None,
         sidecar_image: "registry.local/sidegate:test".into(),
         sidecar_image_pull_policy: Some("Never".into()),
         sidecar_image_pull_secrets: vec![],

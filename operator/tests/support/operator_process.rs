@@ -125,6 +125,7 @@ impl OperatorCommand {
             .env_remove("RUST_LOG")
             // Nor the runner's pod (--pod-name is the test's to give).
             .env_remove("POD_NAME")
+            .env_remove("POD_TEMPLATE_HASH")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
