@@ -466,7 +466,11 @@ impl Gateway {
         // From here the answer's record (or the refusal) tells of the request.
         unanswered.armed = false;
         match (result, held_back) {
-            (Ok(resp), Some(held_back)) => Ok(self.scan_response(&snap, resp, &held_back).await),
+            // Boxed: only with response checks, and its state would otherwise be in every
+            // connection's task.
+            (Ok(resp), Some(held_back)) => {
+                Ok(Box::pin(self.scan_response(&snap, resp, &held_back)).await)
+            }
             (Ok(resp), None) => Ok(resp),
             (Err((provider, err)), held_back) => {
                 // An answer recorded before the refusal is let go as it was.
@@ -816,7 +820,9 @@ impl Gateway {
                 self.check_limits(snap, &redis_wait)
                     .await
                     .map_err(|e| (None, e))?;
-                return crate::compat::serve(
+                // Boxed, as the universal endpoint below: inline, their state (~9-11 KiB) would
+                // be part of every connection's task, idle ones too, for every route.
+                return Box::pin(crate::compat::serve(
                     self,
                     snap,
                     parts,
@@ -826,7 +832,7 @@ impl Gateway {
                     &opts,
                     admission,
                     &redis_wait,
-                )
+                ))
                 .await;
             }
             Served::Universal => {
@@ -838,8 +844,16 @@ impl Gateway {
                 self.check_limits(snap, &redis_wait)
                     .await
                     .map_err(|e| (None, e))?;
-                return crate::universal::serve(self, snap, parts, body, start, &opts, &redis_wait)
-                    .await;
+                return Box::pin(crate::universal::serve(
+                    self,
+                    snap,
+                    parts,
+                    body,
+                    start,
+                    &opts,
+                    &redis_wait,
+                ))
+                .await;
             }
         };
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);

@@ -278,8 +278,11 @@ async fn serve_connection(
             Phase::Stopping => stop.stop(),
             Phase::Cut => return,
         }
-        let served = h1::serve(&mut io, &gateway, silence, &stop);
-        match stop.watch(served).await {
+        let ended = {
+            let served = std::pin::pin!(h1::serve(&mut io, &gateway, silence, &stop));
+            stop.watch(served).await
+        };
+        match ended {
             None | Some(h1::Ended::Closed) => return,
             Some(h1::Ended::HandOff(read)) => {
                 io.first = FirstBytes(read.freeze());
