@@ -544,7 +544,7 @@ impl Gateway {
         let checked = match snap.dlp.scan(&whole, crate::dlp::Scanned::Response).await {
             Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => {
                 // Its lines (flagged, blocked) name the request's log id (the scope's).
-                self.guardrails_check(snap, crate::guardrails::Side::Response, &whole)
+                self.guardrails_check(snap, crate::guardrails::Side::Response, None, &whole)
                     .await
                     .map(|_| found)
             }
@@ -999,9 +999,17 @@ impl Gateway {
             .await
             .map_err(fail)?;
         if snap.guardrails.checks_prompts() {
-            self.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
-                .await
-                .map_err(fail)?;
+            self.guardrails_check(
+                snap,
+                crate::guardrails::Side::Prompt,
+                parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|v| v.as_bytes()),
+                &body,
+            )
+            .await
+            .map_err(fail)?;
         }
 
         // cache lookup

@@ -284,13 +284,120 @@ pub fn may_hold_encoded_documents(body: &[u8]) -> bool {
         .any(|m| memchr::memmem::find(body, m).is_some())
 }
 
-/// Whether a media type (`text/plain`, `application/json; charset=utf-8`) is text.
+/// Whether a media type (`text/plain`, `application/json; charset=utf-8`) is text: `text/*`,
+/// JSON and XML (their `+json`/`+xml` kinds too), JSON lines, YAML and other text formats.
 fn is_text_type(media_type: &str) -> bool {
-    let t = media_type.split(';').next().unwrap_or_default().trim();
-    t.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/"))
-        || ["application/json", "application/xml", "application/x-yaml"]
-            .iter()
-            .any(|x| t.eq_ignore_ascii_case(x))
+    let t = media_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    t.starts_with("text/")
+        || t.ends_with("+json")
+        || t.ends_with("+xml")
+        || TEXT_APPLICATION_TYPES.contains(&t.strip_prefix("application/").unwrap_or_default())
+}
+
+/// The `application/*` media types that are text.
+const TEXT_APPLICATION_TYPES: &[&str] = &[
+    "json",
+    "jsonl",
+    "x-jsonl",
+    "jsonlines",
+    "x-jsonlines",
+    "ndjson",
+    "x-ndjson",
+    "json-seq",
+    "xml",
+    "yaml",
+    "x-yaml",
+    "toml",
+    "csv",
+    "javascript",
+    "x-javascript",
+    "ecmascript",
+    "typescript",
+    "sql",
+    "graphql",
+    "x-sh",
+    "x-python",
+    "x-tex",
+    "rtf",
+    "x-www-form-urlencoded",
+];
+
+/// Extensions of the file names of text files (documents, data, code), as the providers' file
+/// APIs take them whatever media type the upload declares.
+const TEXT_FILE_EXTENSIONS: &[&str] = &[
+    "txt", "text", "md", "markdown", "rst", "json", "jsonl", "ndjson", "csv", "tsv", "xml", "html",
+    "htm", "yaml", "yml", "toml", "ini", "log", "srt", "vtt", "tex", "rtf", "sql", "py", "js",
+    "mjs", "ts", "tsx", "jsx", "java", "c", "h", "cc", "cpp", "hpp", "cs", "go", "rs", "rb", "php",
+    "sh", "css", "kt", "swift", "scala",
+];
+
+/// Whether a file name's extension is a text file's.
+fn is_text_file_name(name: &[u8]) -> bool {
+    let Some(dot) = name.iter().rposition(|&b| b == b'.') else {
+        return false;
+    };
+    let ext = &name[dot + 1..];
+    TEXT_FILE_EXTENSIONS
+        .iter()
+        .any(|e| ext.eq_ignore_ascii_case(e.as_bytes()))
+}
+
+/// Whether a declared media type, as sent, is text.
+fn declares_text(media_type: Option<&[u8]>) -> bool {
+    media_type
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .is_some_and(is_text_type)
+}
+
+/// The pieces of a request body the checks (DLP, prompt guardrails) read as text: a form's
+/// (`multipart/form-data`) parts one by one, else the whole body; what is not text is left out.
+///
+/// Which bytes are text: anything the request declares as text, and anything that holds no
+/// NUL byte. Text is read as it is, bytes that are no UTF-8 included (replaced where it must be
+/// parsed): one invalid byte would otherwise hide a whole part or body from the checks, while a
+/// provider may well read it, replacing the byte (Go's and JavaScript's JSON readers do). What
+/// keeps binaries out is the NUL byte: every image, audio, video, PDF, archive or compressed
+/// file of more than a few bytes holds some (their headers' and lengths' zero bytes; random
+/// bytes, one in 256), and random bytes would make false matches (an `x@y.io` among 3 MB of
+/// them). Text holds none (JSON and JSONL refuse a raw NUL). No share of invalid UTF-8 is
+/// asked of text: a Latin-1 CSV is text, and a share would let a client hide a line behind
+/// invalid bytes added to it.
+///
+/// - A whole body is read when its `Content-Type` is text (JSON, `text/*`; see
+///   [`is_text_type`]) or it holds no NUL byte.
+/// - A form's field (a part without a `filename`) is always read: servers hand its value to the
+///   API as a string, whatever its `Content-Type` says.
+/// - A form's file is read when its `Content-Type` is text, its file name is a text file's
+///   (`.txt`, `.jsonl`, `.csv`, code; providers go by the name: a batch file sent as
+///   `application/octet-stream` is still JSONL), or it holds no NUL byte. A file declared
+///   binary, named as one and holding a NUL byte (audio, an image, a PDF) is not read.
+pub fn request_pieces<'a>(content_type: Option<&[u8]>, body: &'a [u8]) -> Vec<&'a [u8]> {
+    let form = content_type
+        .and_then(crate::multipart::boundary_of)
+        .and_then(|boundary| crate::multipart::parts(body, boundary));
+    let Some(parts) = form else {
+        let read = declares_text(content_type) || holds_no_nul(body);
+        return if read { vec![body] } else { Vec::new() };
+    };
+    parts
+        .iter()
+        .filter(|p| match p.file_name() {
+            None => true,
+            Some(name) => {
+                declares_text(p.content_type()) || is_text_file_name(name) || holds_no_nul(p.data)
+            }
+        })
+        .map(|p| p.data)
+        .collect()
+}
+
+fn holds_no_nul(data: &[u8]) -> bool {
+    memchr::memchr(0, data).is_none()
 }
 
 /// The text of the documents a request sends in base64 with a text media type, which the
@@ -344,6 +451,30 @@ pub fn encoded_documents(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The text of a request the prompt guardrails read: that of each piece [`request_pieces`]
+/// gives, bytes that are no UTF-8 replaced. A whole body is read as [`of_request`]; a form's
+/// parts (a JSONL file, a prompt field) as text, their JSON string escapes undone (no JSON tree
+/// is made of an uploaded file).
+pub fn of_prompt(content_type: Option<&[u8]>, body: &[u8]) -> String {
+    let pieces = request_pieces(content_type, body);
+    if content_type
+        .and_then(crate::multipart::boundary_of)
+        .is_none()
+    {
+        return match pieces.first().map(|p| String::from_utf8_lossy(p)) {
+            Some(std::borrow::Cow::Borrowed(_)) => of_request(body),
+            Some(std::borrow::Cow::Owned(replaced)) => of_request(replaced.as_bytes()),
+            None => String::new(),
+        };
+    }
+    let texts: Vec<String> = pieces
+        .iter()
+        .map(|p| String::from_utf8_lossy(&crate::dlp::unescape_json(p)).into_owned())
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    texts.join("\n")
+}
+
 /// The text of a response body: the joined deltas of a stream, else as [`of_request`].
 pub fn of_body(body: &[u8]) -> String {
     if let Some(t) = stream_text(body) {
@@ -383,6 +514,56 @@ pub fn of_request(body: &[u8]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_is_read_unless_it_is_binary_and_not_declared_text() {
+        let json: &[u8] = b"{\"content\":\"hi \xff\"}";
+        assert_eq!(request_pieces(Some(b"application/json"), json), [json]);
+        assert_eq!(request_pieces(None, json), [json]);
+        let nul: &[u8] = b"RIFF\x00\x00WAVE";
+        assert!(request_pieces(None, nul).is_empty());
+        assert!(request_pieces(Some(b"audio/wav"), nul).is_empty());
+        assert_eq!(
+            request_pieces(Some(b"Text/Plain; charset=utf-16"), nul),
+            [nul]
+        );
+        for t in [
+            "application/json",
+            "application/vnd.api+json",
+            "application/jsonl",
+            "application/x-ndjson",
+            "image/svg+xml",
+            "text/csv",
+        ] {
+            assert!(is_text_type(t), "{t}");
+        }
+        for t in [
+            "application/octet-stream",
+            "image/png",
+            "application/pdf",
+            "",
+        ] {
+            assert!(!is_text_type(t), "{t}");
+        }
+        // A form: its fields, its text files, its files holding no NUL byte; not its binaries.
+        let form = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n\
+            --b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+            Content-Type: audio/wav\r\n\r\nRIFF\x00\xff\r\n\
+            --b\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"d.csv\"\r\n\
+            Content-Type: application/octet-stream\r\n\r\na;b\x00\xe9\r\n--b--\r\n";
+        let ct = Some(&b"multipart/form-data; boundary=b"[..]);
+        assert_eq!(
+            request_pieces(ct, form),
+            [&b"whisper-1"[..], &b"a;b\x00\xe9"[..]]
+        );
+        assert_eq!(of_prompt(ct, form), "whisper-1\na;b\u{0}\u{fffd}");
+        // A whole body's bytes that are no UTF-8 are replaced, its JSON still read.
+        assert_eq!(
+            of_prompt(Some(b"application/json"), b"{\"input\":\"say \xffhi\"}"),
+            "say \u{fffd}hi"
+        );
+        assert_eq!(of_prompt(Some(b"audio/wav"), nul), "");
+    }
 
     #[test]
     fn chat_bodies_of_every_api_give_their_text() {

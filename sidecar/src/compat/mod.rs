@@ -1071,9 +1071,17 @@ pub(crate) async fn answer(
                 .await
                 .map_err(fail)?;
             if snap.guardrails.checks_prompts() {
-                gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
-                    .await
-                    .map_err(fail)?;
+                gw.guardrails_check(
+                    snap,
+                    crate::guardrails::Side::Prompt,
+                    parts
+                        .headers
+                        .get(http::header::CONTENT_TYPE)
+                        .map(|v| v.as_bytes()),
+                    &body,
+                )
+                .await
+                .map_err(fail)?;
             }
             flags
         }
