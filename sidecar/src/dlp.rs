@@ -278,11 +278,11 @@ impl Settings {
         let check = if request { "REQUEST" } else { "RESPONSE" };
         // The bytes read: a request's text (a form's text parts, else the whole body; see
         // [`crate::text::request_pieces`]), a whole response.
-        let pieces: Vec<&[u8]> = match &scanned {
+        let pieces: Vec<std::borrow::Cow<'_, [u8]>> = match &scanned {
             Scanned::Request { content_type } => {
                 crate::text::request_pieces(content_type.as_deref(), body)
             }
-            Scanned::Response => vec![body],
+            Scanned::Response => vec![std::borrow::Cow::Borrowed(body)],
         };
         // Text inside JSON strings unescaped (bytes that are no UTF-8 are matched around: the
         // patterns are of ASCII), unless a response is binary (a download's, an audio answer's,
@@ -290,7 +290,7 @@ impl Settings {
         // a stream whose text is split across events; a request is not, but it may send
         // documents in base64.
         let mut texts = Vec::with_capacity(pieces.len() * 2);
-        for piece in pieces {
+        for piece in &pieces {
             if request || is_text(piece) {
                 texts.push(unescape_json(piece));
             }

@@ -980,8 +980,9 @@ impl Gateway {
             && want
                 .as_ref()
                 .is_some_and(|w| !w.skip && w.custom_key.is_none());
-        let dlp_parses =
-            snap.dlp.checks_requests() && crate::text::may_hold_encoded_documents(&body);
+        // (The markers of a body in UTF-16 or UTF-32 are seen once it is decoded.)
+        let dlp_parses = snap.dlp.checks_requests()
+            && (crate::text::may_hold_encoded_documents(&body) || crate::text::is_wide_json(&body));
         // Only JSON makes a tree: an upload (multipart, a JSONL file, audio) is read as bytes.
         let parsing = if is_json_document(&body)
             && (snap.guardrails.checks_prompts() || keyed_by_body || rewrites_usage || dlp_parses)
@@ -1611,7 +1612,7 @@ pub(crate) async fn read_body(
 /// Whether `body` may be one JSON document (an object or an array), the only bodies the
 /// gateway parses into a tree.
 fn is_json_document(body: &[u8]) -> bool {
-    matches!(body.trim_ascii_start().first(), Some(b'{' | b'['))
+    matches!(body.trim_ascii_start().first(), Some(b'{' | b'[')) || crate::text::is_wide_json(body)
 }
 
 /// Refuses a request body sent compressed (`Content-Encoding` other than `identity`) where

@@ -6,6 +6,8 @@
 //! `invoke-with-response-stream`, whose `chunk` events carry the model's own events in base64)
 //! and a JSON array of chunks (Gemini's `streamGenerateContent` without `alt=sse`).
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 /// Keys whose string values carry text people or models wrote, in the APIs sidegate serves
@@ -376,28 +378,100 @@ fn declares_text(media_type: Option<&[u8]>) -> bool {
 ///   (`.txt`, `.jsonl`, `.csv`, code; providers go by the name: a batch file sent as
 ///   `application/octet-stream` is still JSONL), or it holds no NUL byte. A file declared
 ///   binary, named as one and holding a NUL byte (audio, an image, a PDF) is not read.
-pub fn request_pieces<'a>(content_type: Option<&[u8]>, body: &'a [u8]) -> Vec<&'a [u8]> {
+/// - JSON in UTF-16 or UTF-32 is read as its text, decoded ([`wide_json`]).
+pub fn request_pieces<'a>(content_type: Option<&[u8]>, body: &'a [u8]) -> Vec<Cow<'a, [u8]>> {
     let form = content_type
         .and_then(crate::multipart::boundary_of)
         .and_then(|boundary| crate::multipart::parts(body, boundary));
     let Some(parts) = form else {
-        let read = declares_text(content_type) || holds_no_nul(body);
-        return if read { vec![body] } else { Vec::new() };
+        return read_as_text(declares_text(content_type), body)
+            .into_iter()
+            .collect();
     };
     parts
         .iter()
-        .filter(|p| match p.file_name() {
-            None => true,
-            Some(name) => {
-                declares_text(p.content_type()) || is_text_file_name(name) || holds_no_nul(p.data)
-            }
+        .filter_map(|p| {
+            let declared = match p.file_name() {
+                None => true,
+                Some(name) => declares_text(p.content_type()) || is_text_file_name(name),
+            };
+            read_as_text(declared, p.data)
         })
-        .map(|p| p.data)
         .collect()
 }
 
-fn holds_no_nul(data: &[u8]) -> bool {
-    memchr::memchr(0, data).is_none()
+/// `data` as the checks read it, if they do: UTF-16 or UTF-32 JSON decoded ([`wide_json`]),
+/// and kept when it is `declared` text or holds no NUL byte.
+fn read_as_text(declared: bool, data: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let text = match wide_json(data) {
+        Some(decoded) => Cow::Owned(decoded.into_bytes()),
+        None => Cow::Borrowed(data),
+    };
+    (declared || memchr::memchr(0, &text).is_none()).then_some(text)
+}
+
+/// A JSON document in UTF-16 or UTF-32 (with a byte order mark, or without one: its first
+/// character, `{`, `[` or a space, tells the encoding by its zero bytes, as RFC 4627 has it),
+/// decoded into UTF-8, units that are no character replaced. JSON readers that follow RFC 4627
+/// (Python's `json`, and so the servers built on it) read such a body: the checks must read
+/// its text too, not bytes interleaved with NULs that no pattern matches.
+fn wide_json(data: &[u8]) -> Option<String> {
+    let (wide, skip) = wide_encoding(data)?;
+    let data = &data[skip..];
+    Some(match wide {
+        Wide::Utf16 { big } => {
+            let units = data.chunks_exact(2).map(|u| {
+                let u = [u[0], u[1]];
+                if big {
+                    u16::from_be_bytes(u)
+                } else {
+                    u16::from_le_bytes(u)
+                }
+            });
+            char::decode_utf16(units)
+                .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+                .collect()
+        }
+        Wide::Utf32 { big } => data
+            .chunks_exact(4)
+            .map(|u| {
+                let u = [u[0], u[1], u[2], u[3]];
+                let c = if big {
+                    u32::from_be_bytes(u)
+                } else {
+                    u32::from_le_bytes(u)
+                };
+                char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER)
+            })
+            .collect(),
+    })
+}
+
+/// Whether a request body is JSON in UTF-16 or UTF-32 ([`wide_json`]), which the checks parse
+/// once decoded (room for its tree is taken as for any JSON document).
+pub fn is_wide_json(body: &[u8]) -> bool {
+    wide_encoding(body).is_some()
+}
+
+enum Wide {
+    Utf16 { big: bool },
+    Utf32 { big: bool },
+}
+
+/// The encoding of a JSON document in UTF-16 or UTF-32 and the length of its byte order mark.
+fn wide_encoding(data: &[u8]) -> Option<(Wide, usize)> {
+    let starts_json = |c: u8| matches!(c, b'{' | b'[' | b' ' | b'\t' | b'\r' | b'\n');
+    Some(match *data.get(..4)? {
+        [0, 0, 0xfe, 0xff] => (Wide::Utf32 { big: true }, 4),
+        [0xff, 0xfe, 0, 0] => (Wide::Utf32 { big: false }, 4),
+        [0xfe, 0xff, ..] => (Wide::Utf16 { big: true }, 2),
+        [0xff, 0xfe, ..] => (Wide::Utf16 { big: false }, 2),
+        [0, 0, 0, c] if starts_json(c) => (Wide::Utf32 { big: true }, 0),
+        [c, 0, 0, 0] if starts_json(c) => (Wide::Utf32 { big: false }, 0),
+        [0, c, 0, _] if starts_json(c) => (Wide::Utf16 { big: true }, 0),
+        [c, 0, _, 0] if starts_json(c) => (Wide::Utf16 { big: false }, 0),
+        _ => return None,
+    })
 }
 
 /// The text of the documents a request sends in base64 with a text media type, which the
@@ -461,11 +535,9 @@ pub fn of_prompt(content_type: Option<&[u8]>, body: &[u8]) -> String {
         .and_then(crate::multipart::boundary_of)
         .is_none()
     {
-        return match pieces.first().map(|p| String::from_utf8_lossy(p)) {
-            Some(std::borrow::Cow::Borrowed(_)) => of_request(body),
-            Some(std::borrow::Cow::Owned(replaced)) => of_request(replaced.as_bytes()),
-            None => String::new(),
-        };
+        return pieces.first().map_or_else(String::new, |p| {
+            of_request(String::from_utf8_lossy(p).as_bytes())
+        });
     }
     let texts: Vec<String> = pieces
         .iter()
@@ -563,6 +635,58 @@ pub(crate) mod tests {
             "say \u{fffd}hi"
         );
         assert_eq!(of_prompt(Some(b"audio/wav"), nul), "");
+    }
+
+    #[test]
+    fn json_in_utf16_or_utf32_is_read_as_its_text() {
+        let json = "{\"input\": \"joe@example.com\"}";
+        let utf16 = |big: bool| -> Vec<u8> {
+            json.encode_utf16()
+                .flat_map(|u| {
+                    if big {
+                        u.to_be_bytes()
+                    } else {
+                        u.to_le_bytes()
+                    }
+                })
+                .collect()
+        };
+        let utf32 = |big: bool| -> Vec<u8> {
+            json.chars()
+                .flat_map(|c| {
+                    let c = u32::from(c);
+                    if big {
+                        c.to_be_bytes()
+                    } else {
+                        c.to_le_bytes()
+                    }
+                })
+                .collect()
+        };
+        let mut bom16 = vec![0xff, 0xfe];
+        bom16.extend(utf16(false));
+        let mut bom32 = vec![0, 0, 0xfe, 0xff];
+        bom32.extend(utf32(true));
+        for wide in [
+            utf16(false),
+            utf16(true),
+            utf32(false),
+            utf32(true),
+            bom16,
+            bom32,
+        ] {
+            assert_eq!(wide_json(&wide).as_deref(), Some(json), "{wide:?}");
+            // Read whatever its declared type, as JSON readers do.
+            assert_eq!(
+                request_pieces(Some(b"application/octet-stream"), &wide),
+                [json.as_bytes()]
+            );
+            assert_eq!(of_prompt(None, &wide), "joe@example.com");
+        }
+        // Binaries starting with zero bytes are no JSON: an MP4's box, a WAV's header.
+        assert_eq!(wide_json(b"\x00\x00\x00\x18ftypmp42"), None);
+        assert_eq!(wide_json(b"RIFF\x24\x00\x00\x00WAVE"), None);
+        assert_eq!(wide_json(b"{\"a\": 1}"), None);
     }
 
     #[test]

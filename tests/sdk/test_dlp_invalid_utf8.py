@@ -1,11 +1,12 @@
 """DLP and prompt guardrails read text that holds a byte that is no UTF-8 (a JSON body, a form's
 text field or text file): one such byte must not hide the whole body or part from them, as a
-provider may read the text around it (Go's and JavaScript's JSON readers replace it). Binary
-uploads (a NUL byte, declared and named binary) stay unread: their random bytes would make
-false matches.
+provider may read the text around it (Go's and JavaScript's JSON readers replace it). Nor may
+JSON in UTF-16 or UTF-32, which Python's json reads. Binary uploads (a NUL byte, declared and
+named binary) stay unread: their random bytes would make false matches.
 
 Tests marked `# FAILS at e4bd67f` reproduce the evasion; the others pin behaviour that holds."""
 
+import json
 import os
 
 import httpx
@@ -89,6 +90,22 @@ def test_a_json_body_with_an_invalid_byte_is_still_read(tmp_path, mock, raw):
         for headers in ({"content-type": "application/json"}, {}):
             assert_blocked(httpx.post(g.url + CHAT, content=raw, headers=headers))
         assert mock.requests() == [], "a blocked request reached the provider"
+    finally:
+        g.stop()
+
+
+# FAILS at e4bd67f: a JSON body in UTF-16 (which Python's json, and so FastAPI servers, read) is no text DLP reads: its address passes a BLOCK policy
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32-be"])
+@pytest.mark.parametrize("content_type", ["application/json", "application/octet-stream"])
+def test_a_json_body_in_utf16_or_utf32_is_read(tmp_path, mock, encoding, content_type):
+    raw = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mail joe@example.com"}]})
+    raw = raw.encode(encoding)
+    assert json.loads(raw)["messages"][0]["content"] == "mail joe@example.com"  # as a Python server reads it
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=BLOCK), DEFAULT_KEYS)
+    mock.clear()
+    try:
+        assert_blocked(httpx.post(g.url + CHAT, content=raw, headers={"content-type": content_type}))
+        assert mock.requests() == []
     finally:
         g.stop()
 
