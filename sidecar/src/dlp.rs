@@ -280,7 +280,7 @@ impl Settings {
         // [`crate::text::request_pieces`]), a whole response.
         let pieces: Vec<std::borrow::Cow<'_, [u8]>> = match &scanned {
             Scanned::Request { content_type } => {
-                crate::text::request_pieces(content_type.as_deref(), body)
+                crate::text::request_pieces(content_type.as_ref().map(HeaderValue::as_bytes), body)
             }
             Scanned::Response => vec![std::borrow::Cow::Borrowed(body)],
         };
@@ -341,7 +341,7 @@ pub enum Scanned {
     /// read ([`crate::text::request_pieces`]): an upload's audio, image or other binary file
     /// holds no text to find, and its random bytes would make false matches (an `x@y.io`
     /// among 3 MB of them); text with a byte that is no UTF-8 is still text.
-    Request { content_type: Option<Bytes> },
+    Request { content_type: Option<HeaderValue> },
     /// A whole response.
     Response,
 }
@@ -350,9 +350,8 @@ impl Scanned {
     /// A request with these headers.
     pub fn request(headers: &HeaderMap) -> Self {
         Self::Request {
-            content_type: headers
-                .get(http::header::CONTENT_TYPE)
-                .map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            // A clone shares the header's bytes: nothing is copied.
+            content_type: headers.get(http::header::CONTENT_TYPE).cloned(),
         }
     }
 
@@ -365,7 +364,7 @@ impl Scanned {
 }
 
 /// Whether a response is text to read: UTF-8 without NUL bytes (a request's text is
-/// [`crate::text::request_pieces`]').
+/// [`crate::text::request_pieces`]).
 fn is_text(data: &[u8]) -> bool {
     memchr::memchr(0, data).is_none() && std::str::from_utf8(data).is_ok()
 }
@@ -590,7 +589,9 @@ mod tests {
             body
         };
         let scanned = || Scanned::Request {
-            content_type: Some(Bytes::from_static(b"multipart/form-data; boundary=XyZ")),
+            content_type: Some(HeaderValue::from_static(
+                "multipart/form-data; boundary=XyZ",
+            )),
         };
         // Random bytes of a binary file (audio, an image) that happen to read as an address.
         let binary = form(&[("file", b"\xff\xd8\x00\x91 joe@example.com \xc3\x28")]);
@@ -626,7 +627,7 @@ mod tests {
             &["email", "credit-card"],
         );
         let typed = |t: &'static str| Scanned::Request {
-            content_type: Some(Bytes::from_static(t.as_bytes())),
+            content_type: Some(HeaderValue::from_static(t)),
         };
         // A JSON body with one invalid byte in a string, declared or not, and its documents in
         // base64.
@@ -652,7 +653,7 @@ mod tests {
     fn a_form_part_is_read_when_it_is_a_field_declared_or_named_text_or_holds_no_nul() {
         let block = settings(DlpAction::Block, vec![DlpCheck::Request], &["email"]);
         let scanned = || Scanned::Request {
-            content_type: Some(Bytes::from_static(b"multipart/form-data; boundary=b0")),
+            content_type: Some(HeaderValue::from_static("multipart/form-data; boundary=b0")),
         };
         let part = |disposition: &str, content_type: Option<&str>, data: &[u8]| {
             let mut body = format!("--b0\r\nContent-Disposition: form-data; {disposition}\r\n");

@@ -330,12 +330,13 @@ const TEXT_APPLICATION_TYPES: &[&str] = &[
 ];
 
 /// Extensions of the file names of text files (documents, data, code), as the providers' file
-/// APIs take them whatever media type the upload declares.
+/// APIs take them whatever media type the upload declares. None that also names a binary
+/// format (`.ts`, an MPEG transport stream as often as TypeScript).
 const TEXT_FILE_EXTENSIONS: &[&str] = &[
     "txt", "text", "md", "markdown", "rst", "json", "jsonl", "ndjson", "csv", "tsv", "xml", "html",
     "htm", "yaml", "yml", "toml", "ini", "log", "srt", "vtt", "tex", "rtf", "sql", "py", "js",
-    "mjs", "ts", "tsx", "jsx", "java", "c", "h", "cc", "cpp", "hpp", "cs", "go", "rs", "rb", "php",
-    "sh", "css", "kt", "swift", "scala",
+    "mjs", "tsx", "jsx", "java", "c", "h", "cc", "cpp", "hpp", "cs", "go", "rs", "rb", "php", "sh",
+    "css", "kt", "swift", "scala",
 ];
 
 /// Whether a file name's extension is a text file's.
