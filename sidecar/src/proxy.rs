@@ -994,24 +994,10 @@ impl Gateway {
             None
         };
 
-        let dlp_flags = snap
-            .dlp
-            .scan(&body, crate::dlp::Scanned::request(&parts.headers))
+        let dlp_flags = self
+            .prompt_checks(snap, &parts.headers, &body)
             .await
             .map_err(fail)?;
-        if snap.guardrails.checks_prompts() {
-            self.guardrails_check(
-                snap,
-                crate::guardrails::Side::Prompt,
-                parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .map(|v| v.as_bytes()),
-                &body,
-            )
-            .await
-            .map_err(fail)?;
-        }
 
         // cache lookup
         let cached = self
@@ -1212,6 +1198,34 @@ pub(crate) fn answer_body(
         ProxyBody::upstream(body, record).without_tokens()
     };
     body.cached_through(fill)
+}
+
+impl Gateway {
+    /// The checks of a request body before it goes upstream: DLP (`Err` when a `BLOCK` policy
+    /// matched, else its flags), then the prompt guardrails. The request's `Content-Type` says
+    /// what of the body they read ([`crate::text::request_pieces`]).
+    pub(crate) async fn prompt_checks(
+        &self,
+        snap: &Snapshot,
+        headers: &http::HeaderMap,
+        body: &Bytes,
+    ) -> Result<Vec<crate::dlp::Finding>, GatewayError> {
+        let flags = snap
+            .dlp
+            .scan(body, crate::dlp::Scanned::request(headers))
+            .await?;
+        if snap.guardrails.checks_prompts() {
+            let content_type = headers.get(http::header::CONTENT_TYPE);
+            self.guardrails_check(
+                snap,
+                crate::guardrails::Side::Prompt,
+                content_type.map(http::HeaderValue::as_bytes),
+                body,
+            )
+            .await?;
+        }
+        Ok(flags)
+    }
 }
 
 /// Whether a passthrough request is an OpenAI-format chat completion of a provider that can be
