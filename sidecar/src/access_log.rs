@@ -56,7 +56,9 @@ pub struct Entry<'a> {
     pub duration: f64,
     /// Response body bytes.
     pub bytes: u64,
-    /// `complete`, `cancelled`, `upstream_error` or `refused` (an error made by the gateway).
+    /// `complete`, `cancelled`, `upstream_error`, `buffers_full` (a stream the gateway ended
+    /// when its unfinished event did not fit in the memory budget, `maxBufferedBytes`) or
+    /// `refused` (an error made by the gateway).
     pub outcome: &'a str,
     /// Served from the response cache.
     pub cached: bool,
@@ -1021,7 +1023,7 @@ mod tests {
             .success()
         };
         assert!(ok(200, "complete") && ok(304, "complete"));
-        assert!(!ok(200, "cancelled") && !ok(200, "upstream_error"));
+        assert!(!ok(200, "cancelled") && !ok(200, "upstream_error") && !ok(200, "buffers_full"));
         assert!(!ok(400, "complete") && !ok(429, "refused") && !ok(502, "complete"));
     }
 

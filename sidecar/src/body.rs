@@ -515,7 +515,10 @@ impl Body for ProxyBody {
                         rec.observe_bytes(&data);
                     }
                     if *ended && let Some(rec) = record.take() {
-                        finish_at_end(rec, translator.ended_whole());
+                        match translator.refused() {
+                            Some(e) => rec.finish_buffers_full(e.limit),
+                            None => finish_at_end(rec, translator.ended_whole()),
+                        }
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }

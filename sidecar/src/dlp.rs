@@ -242,7 +242,7 @@ impl Settings {
 
     /// Scans a request body: `Err` when a `BLOCK` policy matched, else the flagged findings.
     pub fn check_request(&self, body: &[u8]) -> Result<Vec<Finding>, GatewayError> {
-        logged(self.check(body, Scanned::Request { form: None }))
+        logged(self.check(body, Scanned::Request { content_type: None }))
     }
 
     /// Scans a whole response body, as [`Settings::check_request`].
@@ -276,28 +276,22 @@ impl Settings {
         }
         let request = matches!(scanned, Scanned::Request { .. });
         let check = if request { "REQUEST" } else { "RESPONSE" };
-        // The bytes read: a form's text parts, else the whole body.
-        let form_parts = match &scanned {
-            Scanned::Request {
-                form: Some(boundary),
-            } => crate::multipart::parts(body, boundary),
-            _ => None,
+        // The bytes read: a request's text (a form's text parts, else the whole body; see
+        // [`crate::text::request_pieces`]), a whole response.
+        let pieces: Vec<std::borrow::Cow<'_, [u8]>> = match &scanned {
+            Scanned::Request { content_type } => {
+                crate::text::request_pieces(content_type.as_ref().map(HeaderValue::as_bytes), body)
+            }
+            Scanned::Response => vec![std::borrow::Cow::Borrowed(body)],
         };
-        let pieces: Vec<&[u8]> = match &form_parts {
-            Some(parts) => parts
-                .iter()
-                .map(|p| p.data)
-                .filter(|d| is_text(d))
-                .collect(),
-            None => vec![body],
-        };
-        // Text inside JSON strings unescaped, unless the bytes are binary (a download's, an
-        // audio answer's, an event stream's framing: their text, if any, is decoded below);
-        // a response may be a stream whose text is split across events; a request is not, but
-        // it may send documents in base64.
+        // Text inside JSON strings unescaped (bytes that are no UTF-8 are matched around: the
+        // patterns are of ASCII), unless a response is binary (a download's, an audio answer's,
+        // an event stream's framing: their text, if any, is decoded below); a response may be
+        // a stream whose text is split across events; a request is not, but it may send
+        // documents in base64.
         let mut texts = Vec::with_capacity(pieces.len() * 2);
-        for piece in pieces {
-            if form_parts.is_some() || is_text(piece) {
+        for piece in &pieces {
+            if request || is_text(piece) {
                 texts.push(unescape_json(piece));
             }
             let joined = if request {
@@ -342,11 +336,12 @@ impl Settings {
 /// What a body is, for [`Settings::scan`].
 #[derive(Debug, Clone)]
 pub enum Scanned {
-    /// A request; `form`: the boundary of its `multipart/form-data` body, whose parts are read
-    /// one by one. Only text is read as it stands (UTF-8, no NUL byte), a whole body or a
-    /// form's part: an upload's audio, image or other binary file holds no text to find, and
-    /// its random bytes would make false matches (an `x@y.io` among 3 MB of them).
-    Request { form: Option<Bytes> },
+    /// A request; `content_type`: its `Content-Type`, which says whether it is a form
+    /// (`multipart/form-data`, read part by part) and whether it is text. Only its text is
+    /// read ([`crate::text::request_pieces`]): an upload's audio, image or other binary file
+    /// holds no text to find, and its random bytes would make false matches (an `x@y.io`
+    /// among 3 MB of them); text with a byte that is no UTF-8 is still text.
+    Request { content_type: Option<HeaderValue> },
     /// A whole response.
     Response,
 }
@@ -355,7 +350,8 @@ impl Scanned {
     /// A request with these headers.
     pub fn request(headers: &HeaderMap) -> Self {
         Self::Request {
-            form: crate::multipart::boundary(headers).map(Bytes::copy_from_slice),
+            // A clone shares the header's bytes: nothing is copied.
+            content_type: headers.get(http::header::CONTENT_TYPE).cloned(),
         }
     }
 
@@ -367,7 +363,8 @@ impl Scanned {
     }
 }
 
-/// Whether a form part is text to read: UTF-8 without NUL bytes.
+/// Whether a response is text to read: UTF-8 without NUL bytes (a request's text is
+/// [`crate::text::request_pieces`]).
 fn is_text(data: &[u8]) -> bool {
     memchr::memchr(0, data).is_none() && std::str::from_utf8(data).is_ok()
 }
@@ -378,7 +375,8 @@ fn encoded_documents(body: &[u8]) -> Option<Vec<u8>> {
     if !crate::text::may_hold_encoded_documents(body) {
         return None;
     }
-    let v = serde_json::from_slice(body).ok()?;
+    // Bytes that are no UTF-8 replaced, as a lenient reader upstream would.
+    let v = serde_json::from_str(&String::from_utf8_lossy(body)).ok()?;
     let mut docs = Vec::new();
     crate::text::encoded_documents(&v, &mut docs);
     (!docs.is_empty()).then(|| docs.join("\n").into_bytes())
@@ -591,7 +589,9 @@ mod tests {
             body
         };
         let scanned = || Scanned::Request {
-            form: Some(Bytes::from_static(b"XyZ")),
+            content_type: Some(HeaderValue::from_static(
+                "multipart/form-data; boundary=XyZ",
+            )),
         };
         // Random bytes of a binary file (audio, an image) that happen to read as an address.
         let binary = form(&[("file", b"\xff\xd8\x00\x91 joe@example.com \xc3\x28")]);
@@ -617,6 +617,112 @@ mod tests {
                 .is_ok()
         );
         assert!(answers.check_response(b"joe@example.com").is_err());
+    }
+
+    #[test]
+    fn text_with_a_byte_that_is_no_utf8_is_still_read() {
+        let block = settings(
+            DlpAction::Block,
+            vec![DlpCheck::Request],
+            &["email", "credit-card"],
+        );
+        let typed = |t: &'static str| Scanned::Request {
+            content_type: Some(HeaderValue::from_static(t)),
+        };
+        // A JSON body with one invalid byte in a string, declared or not, and its documents in
+        // base64.
+        let json =
+            b"{\"messages\":[{\"role\":\"user\",\"content\":\"mail joe@example.com \xff\"}]}";
+        assert!(block.check(json, typed("application/json")).is_err());
+        assert!(block.check_request(json).is_err());
+        let card = b"{\"content\":\"\xc3\x28 4111 1111 1111 1111\"}";
+        assert!(block.check(card, typed("application/json")).is_err());
+        let mut doc = br#"{"content":[{"type":"document","source":{"type":"base64","media_type":"text/plain","data":"am9lQGV4YW1wbGUuY29t"}}],"x":""#.to_vec();
+        doc.extend_from_slice(b"\xff\"}");
+        assert!(block.check(&doc, typed("application/json")).is_err());
+        // A declared JSON body is read even with a NUL byte; an undeclared one with a NUL is
+        // binary.
+        let nul = b"{\"content\":\"joe@example.com\x00\"}";
+        assert!(block.check(nul, typed("application/json")).is_err());
+        assert!(block.check(nul, typed("application/octet-stream")).is_ok());
+        // A Latin-1 text (no UTF-8, no NUL) is text.
+        assert!(block.check_request(b"caf\xe9;joe@example.com").is_err());
+    }
+
+    #[test]
+    fn a_form_part_is_read_when_it_is_a_field_declared_or_named_text_or_holds_no_nul() {
+        let block = settings(DlpAction::Block, vec![DlpCheck::Request], &["email"]);
+        let scanned = || Scanned::Request {
+            content_type: Some(HeaderValue::from_static("multipart/form-data; boundary=b0")),
+        };
+        let part = |disposition: &str, content_type: Option<&str>, data: &[u8]| {
+            let mut body = format!("--b0\r\nContent-Disposition: form-data; {disposition}\r\n");
+            if let Some(t) = content_type {
+                body.push_str(&format!("Content-Type: {t}\r\n"));
+            }
+            let mut body = body.into_bytes();
+            body.extend_from_slice(b"\r\n");
+            body.extend_from_slice(data);
+            body.extend_from_slice(b"\r\n--b0--\r\n");
+            body
+        };
+        let text = b"{\"body\":{\"input\":\"joe@example.com\"}}\xff\n";
+        let with_nul = b"joe@example.com \x00\xff";
+        for (disposition, content_type, data) in [
+            // One invalid byte in a text file, whatever it declares.
+            ("name=\"file\"; filename=\"in.jsonl\"", None, &text[..]),
+            (
+                "name=\"file\"; filename=\"x\"",
+                Some("application/octet-stream"),
+                text,
+            ),
+            ("name=\"file\"; filename=\"x.bin\"", Some("image/png"), text),
+            // A field's value is text, whatever it declares.
+            ("name=\"prompt\"", None, with_nul),
+            (
+                "name=\"prompt\"",
+                Some("application/octet-stream"),
+                with_nul,
+            ),
+            // A file declared or named text, with a NUL byte too.
+            (
+                "name=\"file\"; filename=\"x\"",
+                Some("text/plain; charset=latin1"),
+                with_nul,
+            ),
+            (
+                "name=\"file\"; filename=\"x\"",
+                Some("application/x-ndjson"),
+                with_nul,
+            ),
+            (
+                "name=\"file\"; filename=\"notes.TXT\"",
+                Some("application/octet-stream"),
+                with_nul,
+            ),
+            ("name=\"file\"; filename*=UTF-8''in.jsonl", None, with_nul),
+        ] {
+            let body = part(disposition, content_type, data);
+            assert!(
+                block.check(&body, scanned()).is_err(),
+                "{disposition} {content_type:?}"
+            );
+        }
+        // A file declared binary, named as one, holding a NUL byte: not read.
+        for (disposition, content_type) in [
+            ("name=\"file\"; filename=\"a.wav\"", Some("audio/wav")),
+            (
+                "name=\"file\"; filename=\"blob.bin\"",
+                Some("application/octet-stream"),
+            ),
+            ("name=\"file\"; filename=\"upload\"", None),
+        ] {
+            let body = part(disposition, content_type, with_nul);
+            assert!(
+                block.check(&body, scanned()).is_ok(),
+                "{disposition} {content_type:?}"
+            );
+        }
     }
 
     #[test]

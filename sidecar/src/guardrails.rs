@@ -101,10 +101,13 @@ impl Settings {
 impl Gateway {
     /// Checks `body` (a request or a whole response) with the moderation endpoint: `Err` when a
     /// blocking category was flagged; flagged categories otherwise (logged and counted here).
+    /// `content_type`: a request's, which says whether it is a form and whether it is text
+    /// ([`crate::text::of_prompt`]).
     pub(crate) async fn guardrails_check(
         &self,
         snap: &crate::config::Snapshot,
         side: Side,
+        content_type: Option<&[u8]>,
         body: &[u8],
     ) -> Result<Vec<String>, GatewayError> {
         let g = &snap.guardrails;
@@ -119,7 +122,7 @@ impl Gateway {
             return Ok(Vec::new());
         }
         let text = match side {
-            Side::Prompt => crate::text::of_request(body),
+            Side::Prompt => crate::text::of_prompt(content_type, body),
             Side::Response => crate::text::of_body(body),
         };
         if text.trim().is_empty() {

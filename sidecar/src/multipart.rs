@@ -18,22 +18,39 @@ pub struct Part<'a> {
 impl Part<'_> {
     /// The field name its `Content-Disposition` gives.
     pub fn name(&self) -> Option<&[u8]> {
+        parameter(self.header(b"content-disposition")?, b"name")
+    }
+
+    /// The file name its `Content-Disposition` gives (`filename`, or RFC 5987's `filename*`):
+    /// `Some` for a file, `None` for a field's value.
+    pub fn file_name(&self) -> Option<&[u8]> {
+        let disposition = self.header(b"content-disposition")?;
+        parameter(disposition, b"filename").or_else(|| parameter(disposition, b"filename*"))
+    }
+
+    /// The media type its `Content-Type` declares, as sent (`None` when it declares none).
+    pub fn content_type(&self) -> Option<&[u8]> {
+        self.header(b"content-type").map(<[u8]>::trim_ascii)
+    }
+
+    /// The value of the first header line `name` (any case), after its colon.
+    fn header(&self, name: &[u8]) -> Option<&[u8]> {
         self.headers.split(|&b| b == b'\n').find_map(|line| {
             let (key, value) = line.split_at(line.iter().position(|&b| b == b':')?);
-            if !key
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"content-disposition")
-            {
-                return None;
-            }
-            parameter(&value[1..], b"name")
+            key.trim_ascii()
+                .eq_ignore_ascii_case(name)
+                .then_some(&value[1..])
         })
     }
 }
 
 /// The boundary of a `multipart/form-data` request (`None` for any other body).
 pub fn boundary(headers: &HeaderMap) -> Option<&[u8]> {
-    let value = headers.get(http::header::CONTENT_TYPE)?.as_bytes();
+    boundary_of(headers.get(http::header::CONTENT_TYPE)?.as_bytes())
+}
+
+/// The boundary a `Content-Type` value gives, when it is `multipart/form-data`.
+pub fn boundary_of(value: &[u8]) -> Option<&[u8]> {
     let media = value.split(|&b| b == b';').next()?;
     if !media
         .trim_ascii()
@@ -140,6 +157,10 @@ mod tests {
         assert_eq!(p1.len(), 2);
         assert_eq!(p1[0].name(), Some(&b"model"[..]));
         assert_eq!(p1[1].name(), Some(&b"file"[..]));
+        // A field has no file name; a file its name and declared type.
+        assert_eq!((p1[0].file_name(), p1[0].content_type()), (None, None));
+        assert_eq!(p1[1].file_name(), Some(&b"a.wav"[..]));
+        assert_eq!(p1[1].content_type(), Some(&b"audio/wav"[..]));
         // The data keeps a line that merely starts like a delimiter.
         assert_eq!(p1[1].data, b"RIFF\r\n--x\0\x01");
         assert_eq!(field(&h1, &b1, b"model"), Some(&b"whisper-1"[..]));

@@ -197,7 +197,8 @@ pub(crate) struct Finished {
     pub operation: &'static str,
     pub model: Option<String>,
     pub status: u16,
-    /// `complete`, `upstream_error`, `cancelled` or `refused` (a gateway-made error).
+    /// `complete`, `upstream_error`, `buffers_full` (a stream the memory budget ended),
+    /// `cancelled` or `refused` (a gateway-made error).
     pub outcome: &'static str,
     pub tokens: [Option<u64>; 2],
     pub cost: Option<f64>,
@@ -565,10 +566,13 @@ fn span_json(s: &Span, ids: &mut IdSource) -> Value {
     }
     attributes.push(attr("http.request.method", string(f.method.as_str())));
     attributes.push(attr("http.response.status_code", int(f.status.into())));
-    let error = f.status >= 500 || f.outcome == "upstream_error";
+    // A stream cut short (by the provider, or by the gateway's memory budget) is an error
+    // whatever status its head had.
+    let cut = matches!(f.outcome, "upstream_error" | "buffers_full");
+    let error = f.status >= 500 || cut;
     if error {
-        let kind = if f.outcome == "upstream_error" {
-            "upstream_error".to_owned()
+        let kind = if cut {
+            f.outcome.to_owned()
         } else {
             f.status.to_string()
         };
@@ -856,6 +860,17 @@ mod tests {
             attrs(s)["error.type"],
             json!({"stringValue": "upstream_error"})
         );
+
+        // A stream the memory budget ended: an error, its code named.
+        let mut f = finished();
+        f.outcome = "buffers_full";
+        f.error_code = Some(2110);
+        let doc = encode_one(f);
+        let s = &doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0];
+        assert_eq!(s["status"]["code"], 2);
+        let a = attrs(s);
+        assert_eq!(a["error.type"], json!({"stringValue": "buffers_full"}));
+        assert_eq!(a["sidegate.error_code"], json!({"intValue": "2110"}));
     }
 
     #[test]

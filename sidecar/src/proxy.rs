@@ -548,7 +548,7 @@ impl Gateway {
         let checked = match snap.dlp.scan(&whole, crate::dlp::Scanned::Response).await {
             Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => {
                 // Its lines (flagged, blocked) name the request's log id (the scope's).
-                self.guardrails_check(snap, crate::guardrails::Side::Response, &whole)
+                self.guardrails_check(snap, crate::guardrails::Side::Response, None, &whole)
                     .await
                     .map(|_| found)
             }
@@ -994,8 +994,9 @@ impl Gateway {
             && want
                 .as_ref()
                 .is_some_and(|w| !w.skip && w.custom_key.is_none());
-        let dlp_parses =
-            snap.dlp.checks_requests() && crate::text::may_hold_encoded_documents(&body);
+        // (The markers of a body in UTF-16 or UTF-32 are seen once it is decoded.)
+        let dlp_parses = snap.dlp.checks_requests()
+            && (crate::text::may_hold_encoded_documents(&body) || crate::text::is_wide_json(&body));
         // Only JSON makes a tree: an upload (multipart, a JSONL file, audio) is read as bytes.
         let parsing = if is_json_document(&body)
             && (snap.guardrails.checks_prompts() || keyed_by_body || rewrites_usage || dlp_parses)
@@ -1007,16 +1008,10 @@ impl Gateway {
             None
         };
 
-        let dlp_flags = snap
-            .dlp
-            .scan(&body, crate::dlp::Scanned::request(&parts.headers))
+        let dlp_flags = self
+            .prompt_checks(snap, &parts.headers, &body)
             .await
             .map_err(fail)?;
-        if snap.guardrails.checks_prompts() {
-            self.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
-                .await
-                .map_err(fail)?;
-        }
 
         // cache lookup
         let cached = self
@@ -1217,6 +1212,34 @@ pub(crate) fn answer_body(
         ProxyBody::upstream(body, record).without_tokens()
     };
     body.cached_through(fill)
+}
+
+impl Gateway {
+    /// The checks of a request body before it goes upstream: DLP (`Err` when a `BLOCK` policy
+    /// matched, else its flags), then the prompt guardrails. The request's `Content-Type` says
+    /// what of the body they read ([`crate::text::request_pieces`]).
+    pub(crate) async fn prompt_checks(
+        &self,
+        snap: &Snapshot,
+        headers: &http::HeaderMap,
+        body: &Bytes,
+    ) -> Result<Vec<crate::dlp::Finding>, GatewayError> {
+        let flags = snap
+            .dlp
+            .scan(body, crate::dlp::Scanned::request(headers))
+            .await?;
+        if snap.guardrails.checks_prompts() {
+            let content_type = headers.get(http::header::CONTENT_TYPE);
+            self.guardrails_check(
+                snap,
+                crate::guardrails::Side::Prompt,
+                content_type.map(http::HeaderValue::as_bytes),
+                body,
+            )
+            .await?;
+        }
+        Ok(flags)
+    }
 }
 
 /// Whether a passthrough request is an OpenAI-format chat completion of a provider that can be
@@ -1617,7 +1640,7 @@ pub(crate) async fn read_body(
 /// Whether `body` may be one JSON document (an object or an array), the only bodies the
 /// gateway parses into a tree.
 fn is_json_document(body: &[u8]) -> bool {
-    matches!(body.trim_ascii_start().first(), Some(b'{' | b'['))
+    matches!(body.trim_ascii_start().first(), Some(b'{' | b'[')) || crate::text::is_wide_json(body)
 }
 
 /// Refuses a request body sent compressed (`Content-Encoding` other than `identity`) where

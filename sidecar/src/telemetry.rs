@@ -1285,6 +1285,24 @@ impl RequestRecord {
         self.finish("upstream_error");
     }
 
+    /// The gateway ended the stream: the event it was reading did not fit in the budget of
+    /// buffered bodies (`spec.limits.maxBufferedBytes`, `limit` bytes). Warned of in a line of
+    /// its own (provider, path, `log_id`: no key, no content), logged with outcome
+    /// `buffers_full` and traced with its error code (2110), as the client's error event says.
+    pub fn finish_buffers_full(mut self, limit: u64) {
+        let err = crate::error::GatewayError::BuffersFull { limit };
+        tracing::warn!(
+            provider = %self.provider,
+            path = %self.path,
+            limit,
+            code = err.code(),
+            log_id = %self.log_id,
+            "stream ended: its unfinished event does not fit in the memory budget of buffered bodies (spec.limits.maxBufferedBytes); the client got an error event"
+        );
+        self.error_code = Some(err.code());
+        self.finish("buffers_full");
+    }
+
     fn finish(&mut self, outcome: &'static str) {
         if self.done {
             return;

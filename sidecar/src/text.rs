@@ -6,6 +6,8 @@
 //! `invoke-with-response-stream`, whose `chunk` events carry the model's own events in base64)
 //! and a JSON array of chunks (Gemini's `streamGenerateContent` without `alt=sse`).
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 /// Keys whose string values carry text people or models wrote, in the APIs sidegate serves
@@ -284,13 +286,193 @@ pub fn may_hold_encoded_documents(body: &[u8]) -> bool {
         .any(|m| memchr::memmem::find(body, m).is_some())
 }
 
-/// Whether a media type (`text/plain`, `application/json; charset=utf-8`) is text.
+/// Whether a media type (`text/plain`, `application/json; charset=utf-8`) is text: `text/*`,
+/// JSON and XML (their `+json`/`+xml` kinds too), JSON lines, YAML and other text formats.
 fn is_text_type(media_type: &str) -> bool {
-    let t = media_type.split(';').next().unwrap_or_default().trim();
-    t.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("text/"))
-        || ["application/json", "application/xml", "application/x-yaml"]
-            .iter()
-            .any(|x| t.eq_ignore_ascii_case(x))
+    let t = media_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    t.starts_with("text/")
+        || t.ends_with("+json")
+        || t.ends_with("+xml")
+        || TEXT_APPLICATION_TYPES.contains(&t.strip_prefix("application/").unwrap_or_default())
+}
+
+/// The `application/*` media types that are text.
+const TEXT_APPLICATION_TYPES: &[&str] = &[
+    "json",
+    "jsonl",
+    "x-jsonl",
+    "jsonlines",
+    "x-jsonlines",
+    "ndjson",
+    "x-ndjson",
+    "json-seq",
+    "xml",
+    "yaml",
+    "x-yaml",
+    "toml",
+    "csv",
+    "javascript",
+    "x-javascript",
+    "ecmascript",
+    "typescript",
+    "sql",
+    "graphql",
+    "x-sh",
+    "x-python",
+    "x-tex",
+    "rtf",
+    "x-www-form-urlencoded",
+];
+
+/// Extensions of the file names of text files (documents, data, code), as the providers' file
+/// APIs take them whatever media type the upload declares. None that also names a binary
+/// format (`.ts`, an MPEG transport stream as often as TypeScript).
+const TEXT_FILE_EXTENSIONS: &[&str] = &[
+    "txt", "text", "md", "markdown", "rst", "json", "jsonl", "ndjson", "csv", "tsv", "xml", "html",
+    "htm", "yaml", "yml", "toml", "ini", "log", "srt", "vtt", "tex", "rtf", "sql", "py", "js",
+    "mjs", "tsx", "jsx", "java", "c", "h", "cc", "cpp", "hpp", "cs", "go", "rs", "rb", "php", "sh",
+    "css", "kt", "swift", "scala",
+];
+
+/// Whether a file name's extension is a text file's.
+fn is_text_file_name(name: &[u8]) -> bool {
+    let Some(dot) = name.iter().rposition(|&b| b == b'.') else {
+        return false;
+    };
+    let ext = &name[dot + 1..];
+    TEXT_FILE_EXTENSIONS
+        .iter()
+        .any(|e| ext.eq_ignore_ascii_case(e.as_bytes()))
+}
+
+/// Whether a declared media type, as sent, is text.
+fn declares_text(media_type: Option<&[u8]>) -> bool {
+    media_type
+        .and_then(|t| std::str::from_utf8(t).ok())
+        .is_some_and(is_text_type)
+}
+
+/// The pieces of a request body the checks (DLP, prompt guardrails) read as text: a form's
+/// (`multipart/form-data`) parts one by one, else the whole body; what is not text is left out.
+///
+/// Which bytes are text: anything the request declares as text, and anything that holds no
+/// NUL byte. Text is read as it is, bytes that are no UTF-8 included (replaced where it must be
+/// parsed): one invalid byte would otherwise hide a whole part or body from the checks, while a
+/// provider may well read it, replacing the byte (Go's and JavaScript's JSON readers do). What
+/// keeps binaries out is the NUL byte: every image, audio, video, PDF, archive or compressed
+/// file of more than a few bytes holds some (their headers' and lengths' zero bytes; random
+/// bytes, one in 256), and random bytes would make false matches (an `x@y.io` among 3 MB of
+/// them). Text holds none (JSON and JSONL refuse a raw NUL). No share of invalid UTF-8 is
+/// asked of text: a Latin-1 CSV is text, and a share would let a client hide a line behind
+/// invalid bytes added to it.
+///
+/// - A whole body is read when its `Content-Type` is text (JSON, `text/*`; see
+///   [`is_text_type`]) or it holds no NUL byte.
+/// - A form's field (a part without a `filename`) is always read: servers hand its value to the
+///   API as a string, whatever its `Content-Type` says.
+/// - A form's file is read when its `Content-Type` is text, its file name is a text file's
+///   (`.txt`, `.jsonl`, `.csv`, code; providers go by the name: a batch file sent as
+///   `application/octet-stream` is still JSONL), or it holds no NUL byte. A file declared
+///   binary, named as one and holding a NUL byte (audio, an image, a PDF) is not read.
+/// - JSON in UTF-16 or UTF-32 is read as its text, decoded ([`wide_json`]).
+pub fn request_pieces<'a>(content_type: Option<&[u8]>, body: &'a [u8]) -> Vec<Cow<'a, [u8]>> {
+    let form = content_type
+        .and_then(crate::multipart::boundary_of)
+        .and_then(|boundary| crate::multipart::parts(body, boundary));
+    let Some(parts) = form else {
+        return read_as_text(declares_text(content_type), body)
+            .into_iter()
+            .collect();
+    };
+    parts
+        .iter()
+        .filter_map(|p| {
+            let declared = match p.file_name() {
+                None => true,
+                Some(name) => declares_text(p.content_type()) || is_text_file_name(name),
+            };
+            read_as_text(declared, p.data)
+        })
+        .collect()
+}
+
+/// `data` as the checks read it, if they do: UTF-16 or UTF-32 JSON decoded ([`wide_json`]),
+/// and kept when it is `declared` text or holds no NUL byte.
+fn read_as_text(declared: bool, data: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let text = match wide_json(data) {
+        Some(decoded) => Cow::Owned(decoded.into_bytes()),
+        None => Cow::Borrowed(data),
+    };
+    (declared || memchr::memchr(0, &text).is_none()).then_some(text)
+}
+
+/// A JSON document in UTF-16 or UTF-32 (with a byte order mark, or without one: its first
+/// character, `{`, `[` or a space, tells the encoding by its zero bytes, as RFC 4627 has it),
+/// decoded into UTF-8, units that are no character replaced. JSON readers that follow RFC 4627
+/// (Python's `json`, and so the servers built on it) read such a body: the checks must read
+/// its text too, not bytes interleaved with NULs that no pattern matches.
+fn wide_json(data: &[u8]) -> Option<String> {
+    let (wide, skip) = wide_encoding(data)?;
+    let data = &data[skip..];
+    Some(match wide {
+        Wide::Utf16 { big } => {
+            let units = data.chunks_exact(2).map(|u| {
+                let u = [u[0], u[1]];
+                if big {
+                    u16::from_be_bytes(u)
+                } else {
+                    u16::from_le_bytes(u)
+                }
+            });
+            char::decode_utf16(units)
+                .map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER))
+                .collect()
+        }
+        Wide::Utf32 { big } => data
+            .chunks_exact(4)
+            .map(|u| {
+                let u = [u[0], u[1], u[2], u[3]];
+                let c = if big {
+                    u32::from_be_bytes(u)
+                } else {
+                    u32::from_le_bytes(u)
+                };
+                char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER)
+            })
+            .collect(),
+    })
+}
+
+/// Whether a request body is JSON in UTF-16 or UTF-32 ([`wide_json`]), which the checks parse
+/// once decoded (room for its tree is taken as for any JSON document).
+pub fn is_wide_json(body: &[u8]) -> bool {
+    wide_encoding(body).is_some()
+}
+
+enum Wide {
+    Utf16 { big: bool },
+    Utf32 { big: bool },
+}
+
+/// The encoding of a JSON document in UTF-16 or UTF-32 and the length of its byte order mark.
+fn wide_encoding(data: &[u8]) -> Option<(Wide, usize)> {
+    let starts_json = |c: u8| matches!(c, b'{' | b'[' | b' ' | b'\t' | b'\r' | b'\n');
+    Some(match *data.get(..4)? {
+        [0, 0, 0xfe, 0xff] => (Wide::Utf32 { big: true }, 4),
+        [0xff, 0xfe, 0, 0] => (Wide::Utf32 { big: false }, 4),
+        [0xfe, 0xff, ..] => (Wide::Utf16 { big: true }, 2),
+        [0xff, 0xfe, ..] => (Wide::Utf16 { big: false }, 2),
+        [0, 0, 0, c] if starts_json(c) => (Wide::Utf32 { big: true }, 0),
+        [c, 0, 0, 0] if starts_json(c) => (Wide::Utf32 { big: false }, 0),
+        [0, c, 0, _] if starts_json(c) => (Wide::Utf16 { big: true }, 0),
+        [c, 0, _, 0] if starts_json(c) => (Wide::Utf16 { big: false }, 0),
+        _ => return None,
+    })
 }
 
 /// The text of the documents a request sends in base64 with a text media type, which the
@@ -344,6 +526,28 @@ pub fn encoded_documents(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// The text of a request the prompt guardrails read: that of each piece [`request_pieces`]
+/// gives, bytes that are no UTF-8 replaced. A whole body is read as [`of_request`]; a form's
+/// parts (a JSONL file, a prompt field) as text, their JSON string escapes undone (no JSON tree
+/// is made of an uploaded file).
+pub fn of_prompt(content_type: Option<&[u8]>, body: &[u8]) -> String {
+    let pieces = request_pieces(content_type, body);
+    if content_type
+        .and_then(crate::multipart::boundary_of)
+        .is_none()
+    {
+        return pieces.first().map_or_else(String::new, |p| {
+            of_request(String::from_utf8_lossy(p).as_bytes())
+        });
+    }
+    let texts: Vec<String> = pieces
+        .iter()
+        .map(|p| String::from_utf8_lossy(&crate::dlp::unescape_json(p)).into_owned())
+        .filter(|t| !t.trim().is_empty())
+        .collect();
+    texts.join("\n")
+}
+
 /// The text of a response body: the joined deltas of a stream, else as [`of_request`].
 pub fn of_body(body: &[u8]) -> String {
     if let Some(t) = stream_text(body) {
@@ -383,6 +587,108 @@ pub fn of_request(body: &[u8]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_is_read_unless_it_is_binary_and_not_declared_text() {
+        let json: &[u8] = b"{\"content\":\"hi \xff\"}";
+        assert_eq!(request_pieces(Some(b"application/json"), json), [json]);
+        assert_eq!(request_pieces(None, json), [json]);
+        let nul: &[u8] = b"RIFF\x00\x00WAVE";
+        assert!(request_pieces(None, nul).is_empty());
+        assert!(request_pieces(Some(b"audio/wav"), nul).is_empty());
+        assert_eq!(
+            request_pieces(Some(b"Text/Plain; charset=utf-16"), nul),
+            [nul]
+        );
+        for t in [
+            "application/json",
+            "application/vnd.api+json",
+            "application/jsonl",
+            "application/x-ndjson",
+            "image/svg+xml",
+            "text/csv",
+        ] {
+            assert!(is_text_type(t), "{t}");
+        }
+        for t in [
+            "application/octet-stream",
+            "image/png",
+            "application/pdf",
+            "",
+        ] {
+            assert!(!is_text_type(t), "{t}");
+        }
+        // A form: its fields, its text files, its files holding no NUL byte; not its binaries.
+        let form = b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n\
+            --b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\
+            Content-Type: audio/wav\r\n\r\nRIFF\x00\xff\r\n\
+            --b\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"d.csv\"\r\n\
+            Content-Type: application/octet-stream\r\n\r\na;b\x00\xe9\r\n--b--\r\n";
+        let ct = Some(&b"multipart/form-data; boundary=b"[..]);
+        assert_eq!(
+            request_pieces(ct, form),
+            [&b"whisper-1"[..], &b"a;b\x00\xe9"[..]]
+        );
+        assert_eq!(of_prompt(ct, form), "whisper-1\na;b\u{0}\u{fffd}");
+        // A whole body's bytes that are no UTF-8 are replaced, its JSON still read.
+        assert_eq!(
+            of_prompt(Some(b"application/json"), b"{\"input\":\"say \xffhi\"}"),
+            "say \u{fffd}hi"
+        );
+        assert_eq!(of_prompt(Some(b"audio/wav"), nul), "");
+    }
+
+    #[test]
+    fn json_in_utf16_or_utf32_is_read_as_its_text() {
+        let json = "{\"input\": \"joe@example.com\"}";
+        let utf16 = |big: bool| -> Vec<u8> {
+            json.encode_utf16()
+                .flat_map(|u| {
+                    if big {
+                        u.to_be_bytes()
+                    } else {
+                        u.to_le_bytes()
+                    }
+                })
+                .collect()
+        };
+        let utf32 = |big: bool| -> Vec<u8> {
+            json.chars()
+                .flat_map(|c| {
+                    let c = u32::from(c);
+                    if big {
+                        c.to_be_bytes()
+                    } else {
+                        c.to_le_bytes()
+                    }
+                })
+                .collect()
+        };
+        let mut bom16 = vec![0xff, 0xfe];
+        bom16.extend(utf16(false));
+        let mut bom32 = vec![0, 0, 0xfe, 0xff];
+        bom32.extend(utf32(true));
+        for wide in [
+            utf16(false),
+            utf16(true),
+            utf32(false),
+            utf32(true),
+            bom16,
+            bom32,
+        ] {
+            assert_eq!(wide_json(&wide).as_deref(), Some(json), "{wide:?}");
+            // Read whatever its declared type, as JSON readers do.
+            assert_eq!(
+                request_pieces(Some(b"application/octet-stream"), &wide),
+                [json.as_bytes()]
+            );
+            assert_eq!(of_prompt(None, &wide), "joe@example.com");
+        }
+        // Binaries starting with zero bytes are no JSON: an MP4's box, a WAV's header.
+        assert_eq!(wide_json(b"\x00\x00\x00\x18ftypmp42"), None);
+        assert_eq!(wide_json(b"RIFF\x24\x00\x00\x00WAVE"), None);
+        assert_eq!(wide_json(b"{\"a\": 1}"), None);
+    }
 
     #[test]
     fn chat_bodies_of_every_api_give_their_text() {

@@ -228,7 +228,7 @@ pub(crate) async fn serve(
         let queries = serde_json::to_vec(&queries).unwrap_or_default();
         let flags = snap.dlp.check_request(&queries).map_err(none)?;
         if snap.guardrails.checks_prompts() {
-            gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &queries)
+            gw.guardrails_check(snap, crate::guardrails::Side::Prompt, None, &queries)
                 .await
                 .map_err(none)?;
         }

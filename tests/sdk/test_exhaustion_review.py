@@ -458,6 +458,39 @@ def test_compat_streams_holding_large_unfinished_events_stay_within_the_buffer_b
         g.stop()
 
 
+# FAILS at e4bd67f: a stream the buffer budget ended is logged outcome=upstream_error, as if the provider had broken it, with no line saying why (only sidegate_buffer_refusals_total)
+def test_a_stream_the_buffer_budget_ends_says_so_in_the_logs(tmp_path):
+    upstream = UnfinishedAnthropicEvents(3 * MiB)
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec="  limits: {maxRequestBody: 1Mi, maxBufferedBytes: 2Mi}\n"),
+                 DEFAULT_KEYS)
+    try:
+        with httpx.stream("POST", g.url + "/compat/chat/completions", timeout=30,
+                          json={"model": "anthropic/claude-x", "stream": True,
+                                "messages": [{"role": "user", "content": "hi"}]}) as r:
+            assert r.status_code == 200
+            got = b"".join(r.iter_raw())
+            log_id = r.headers["cf-aig-log-id"]
+        assert b'"code":"2110"' in got and b"[DONE]" not in got, got[-300:]
+        # The access line: a reason of its own, the Cloudflare fields as they were.
+        line = g.wait_log_line(log_id)
+        assert " outcome=buffers_full" in line and " success=false" in line, line
+        assert " provider=anthropic " in line and " path=compat/chat/completions " in line, line
+        assert " status_code=200 " in line, line
+        # A warning of its own, joined to the access line by its log_id: why, where, the budget.
+        warned = [l for l in g.logs().splitlines() if "WARN" in l and f"log_id={log_id}" in l]
+        assert len(warned) == 1, g.logs()[-2000:]
+        w = warned[0]
+        assert "maxBufferedBytes" in w and "limit=2097152" in w and "code=2110" in w, w
+        assert "provider=anthropic" in w and "path=compat/chat/completions" in w, w
+        assert "xxxx" not in w, "the event's content went into the line"
+        for key in DEFAULT_KEYS.values():
+            assert key not in g.logs()
+        assert metric(g, "sidegate_buffer_refusals_total") == 1
+    finally:
+        g.stop()
+        upstream.stop()
+
+
 def test_a_compat_stream_with_one_image_event_of_megabytes_is_translated_within_the_default_budget(tmp_path):
     # Pins what works: Gemini's image models stream an image as megabytes of base64 in one
     # event; held in the budget (64Mi by default) while it arrives, it goes through, and its

@@ -1064,19 +1064,10 @@ pub(crate) async fn answer(
 
     let dlp_flags = match &universal {
         Some(u) => u.dlp_flags.to_vec(),
-        None => {
-            let flags = snap
-                .dlp
-                .scan(&body, crate::dlp::Scanned::request(&parts.headers))
-                .await
-                .map_err(fail)?;
-            if snap.guardrails.checks_prompts() {
-                gw.guardrails_check(snap, crate::guardrails::Side::Prompt, &body)
-                    .await
-                    .map_err(fail)?;
-            }
-            flags
-        }
+        None => gw
+            .prompt_checks(snap, &parts.headers, &body)
+            .await
+            .map_err(fail)?,
     };
 
     // cache lookup (a routed request is keyed by its route and the target it lands on first:
