@@ -8,17 +8,10 @@ import socket
 import time
 
 from conftest import DEFAULT_KEYS, Sidegate, gateway_yaml
+from test_server_review import rss_kib
 
 N = 1000
 BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def settled_rss(pid):
