@@ -146,6 +146,10 @@ pub struct Shared {
     /// had applied ([`charges::SCRIPT`]).
     charges: Charges,
     charge_script: ::redis::Script,
+    /// [`charges::MARKER_PRIME`].
+    marker_script: ::redis::Script,
+    /// Whether Redis's eviction policy was asked about (once per client).
+    policy_asked: AtomicBool,
     warnings: WarnThrottle,
 }
 
@@ -186,6 +190,8 @@ impl Shared {
             prefix,
             script: Arc::new(::redis::Script::new(RATE_SCRIPT)),
             charge_script: ::redis::Script::new(charges::SCRIPT),
+            marker_script: ::redis::Script::new(charges::MARKER_PRIME),
+            policy_asked: AtomicBool::new(false),
             warnings: WarnThrottle::default(),
         })
     }
@@ -280,6 +286,9 @@ impl Shared {
         match made {
             Ok(Ok(c)) => {
                 *self.slot() = Some(c.clone());
+                if !self.policy_asked.swap(true, Ordering::Relaxed) {
+                    tokio::spawn(warn_if_evicting(c.clone()));
+                }
                 Ok(c)
             }
             Ok(Err(e)) => {
@@ -857,13 +866,33 @@ impl Shared {
                 metrics.count_charges_dropped(ChargeDropped::WindowEnded, dropped);
             }
             let Some(batch) = batch else { return };
+            let now = unix_ms();
+            if self.charges.needs_marker(&batch, now) {
+                let made: Result<i64, Failure> = self
+                    .call(&Wait::default(), async |c| {
+                        self.marker_script
+                            .key(&*batch.marker)
+                            .arg(charges::MARKER_TTL_MS)
+                            .invoke_async(c)
+                            .await
+                    })
+                    .await;
+                if let Err(f) = made {
+                    // The batch was not sent: it waits again, as new.
+                    self.failed(metrics, RedisOp::Charge, &f);
+                    self.settle(metrics, batch, Outcome::NotApplied, false);
+                    tokio::time::sleep(BACKOFF).await;
+                    continue;
+                }
+                self.charges.marker_written(&batch.marker, now);
+            }
             let written: Result<i64, Failure> = self
                 .call(&Wait::default(), async |c| {
-                    let now = unix_ms();
                     let mut call = self.charge_script.prepare_invoke();
                     call.key(&*batch.marker)
                         .arg(batch.seq)
-                        .arg(charges::MARKER_TTL_MS);
+                        .arg(charges::MARKER_TTL_MS)
+                        .arg(u8::from(batch.is_resent()));
                     for (key, charge) in &batch.entries {
                         let (kind, amount, ttl) = charge.args(now);
                         call.key(key).arg(kind).arg(amount).arg(ttl);
@@ -872,7 +901,16 @@ impl Shared {
                 })
                 .await;
             match written {
-                Ok(_) => self.settle(metrics, batch, Outcome::Applied, false),
+                Ok(charges::MARKER_LOST) => {
+                    self.marker_lost(metrics, &batch);
+                    self.settle(metrics, batch, Outcome::Applied, false);
+                }
+                Ok(applied) => {
+                    if applied == 1 {
+                        self.charges.marker_written(&batch.marker, now);
+                    }
+                    self.settle(metrics, batch, Outcome::Applied, false);
+                }
                 Err(f) => {
                     self.failed(metrics, RedisOp::Charge, &f);
                     let outcome = if f.maybe_done() {
@@ -885,6 +923,20 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// A batch sent again found its marker gone from Redis (evicted): it is dropped, counted,
+    /// and said with its amounts, rather than perhaps counted twice.
+    fn marker_lost(&self, metrics: &Metrics, batch: &Batch) {
+        let lost = batch.tally();
+        metrics.count_charges_dropped(ChargeDropped::Unconfirmed, lost.keys as u64);
+        tracing::warn!(
+            keys = lost.keys,
+            spend_usd = lost.spend_usd,
+            tokens = lost.tokens,
+            window_counts = lost.counts,
+            "charges not written to redis: their batch went unanswered and redis no longer holds its marker (evicted? see maxmemory-policy), so it may have been applied already; dropped rather than perhaps counted twice"
+        );
     }
 
     /// The token budget's minutes: `{prefix}tpm:{minute}`.
@@ -940,6 +992,43 @@ impl Shared {
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         self.charge(metrics, w.key(index), w.charge(index, n, sliding));
     }
+}
+
+/// Warns when Redis may evict sidegate's keys (`maxmemory-policy` other than `noeviction`):
+/// counts, spend and the markers that keep charges from being applied twice are all keys with a
+/// time to live, so `allkeys-*` and `volatile-*` alike may drop them (a count lost; a charge
+/// whose marker went is dropped, not counted twice, [`charges::MARKER_PRIME`]). Asked with
+/// `INFO memory`, which managed Redis services answer where they refuse `CONFIG GET`; a Redis
+/// refusing that too is not asked again, and nothing is said.
+async fn warn_if_evicting(mut c: ConnectionManager) {
+    let asked = tokio::time::timeout(
+        TIMEOUT.saturating_mul(4),
+        ::redis::cmd("INFO")
+            .arg("memory")
+            .query_async::<String>(&mut c),
+    )
+    .await;
+    let info = match asked {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "redis did not say its maxmemory-policy");
+            return;
+        }
+        Err(_) => return,
+    };
+    if let Some(policy) = evicting_policy(&info) {
+        tracing::warn!(
+            maxmemory_policy = policy,
+            "redis may evict keys (maxmemory-policy {policy}): global limits' counts and spend may be lost, and charges whose answer never came are dropped when their marker was evicted; give sidegate a redis with maxmemory-policy noeviction"
+        );
+    }
+}
+
+/// The `maxmemory_policy` an `INFO memory` answer names, unless it is `noeviction` (or absent).
+fn evicting_policy(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.trim_end().strip_prefix("maxmemory_policy:"))
+        .filter(|p| !p.is_empty() && *p != "noeviction")
 }
 
 /// A random name for this client's charges marker: pods (and clients of one pod made on a
@@ -1583,6 +1672,17 @@ mod tests {
         ] {
             assert_ne!(client(other).place, before.place, "{other}");
         }
+    }
+
+    #[test]
+    fn only_a_policy_that_evicts_keys_is_warned_about() {
+        let info = |policy: &str| {
+            format!("# Memory\r\nused_memory:1\r\nmaxmemory:0\r\nmaxmemory_policy:{policy}\r\n")
+        };
+        assert_eq!(evicting_policy(&info("allkeys-lru")), Some("allkeys-lru"));
+        assert_eq!(evicting_policy(&info("volatile-ttl")), Some("volatile-ttl"));
+        assert_eq!(evicting_policy(&info("noeviction")), None);
+        assert_eq!(evicting_policy("# Memory\r\nused_memory:1\r\n"), None);
     }
 
     #[test]

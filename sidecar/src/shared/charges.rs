@@ -4,7 +4,8 @@
 //!
 //! A batch whose answer never came may have been applied: it is sent again with its number, and
 //! [`SCRIPT`] applies each number once (a marker key per process holds the last one applied), so
-//! a charge is neither lost nor counted twice. A batch Redis refused (out of memory, a read-only
+//! a charge is neither lost nor counted twice; should Redis evict the marker meanwhile, the batch
+//! is dropped, counted, rather than perhaps applied twice ([`MARKER_PRIME`]). A batch Redis refused (out of memory, a read-only
 //! replica) was not applied: its charges wait again with the new ones. Charges whose window (or
 //! spend period) ended before Redis took them are of no use and dropped, counted, as are new
 //! keys past [`MAX_KEYS`] (a route node's count first: spend and tokens win).
@@ -17,20 +18,30 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Applies batch `ARGV[1]` once: nothing when the marker (`KEYS[1]`, kept `ARGV[2]` ms) holds
-/// that number or a later one. Then, for each charged key `KEYS[i]` (i ≥ 2), three arguments:
-/// its kind (`f`: `INCRBYFLOAT`, `i`: `INCRBY`), the amount and the key's time to live in ms.
-/// A negative count is a give-back: never below 0, and never bringing back a key that expired.
-/// The marker is the script's first write, so a Redis refusing writes (out of memory, a
-/// replica) refuses the whole batch; a key holding something else (another type) is skipped.
+/// that number or a later one. A batch sent again (`ARGV[3]` is `1`: its first try may have been
+/// applied) whose marker is gone is not applied either, and answered `2`: Redis lost the marker
+/// (evicted under a `maxmemory-policy` other than `noeviction`, deleted, or Redis restarted
+/// without its data), so nobody can tell whether the first try was applied, and a charge counted
+/// twice is worse than one lost (see [`MARKER_PRIME`]). Then, for each charged key `KEYS[i]`
+/// (i ≥ 2), three arguments: its kind (`f`: `INCRBYFLOAT`, `i`: `INCRBY`), the amount and the
+/// key's time to live in ms. A negative count is a give-back: never below 0, and never bringing
+/// back a key that expired. The marker is the script's first write, so a Redis refusing writes
+/// (out of memory, a replica) refuses the whole batch; a key holding something else (another
+/// type) is skipped.
 pub(super) const SCRIPT: &str = r"
 local seq = tonumber(ARGV[1])
-if seq <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
+local held = redis.call('GET', KEYS[1])
+if held then
+  if seq <= tonumber(held) then return 0 end
+elseif ARGV[3] == '1' then
+  return 2
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 for i = 2, #KEYS do
-  local k, kind, n, ttl = KEYS[i], ARGV[3 * i - 3], ARGV[3 * i - 2], ARGV[3 * i - 1]
+  local k, kind, n, ttl = KEYS[i], ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
   if kind == 'f' then
     redis.pcall('INCRBYFLOAT', k, n)
     redis.pcall('PEXPIRE', k, ttl)
@@ -42,6 +53,30 @@ for i = 2, #KEYS do
     redis.pcall('INCRBY', k, n)
     redis.pcall('PEXPIRE', k, ttl)
   end
+end
+return 1
+";
+
+/// [`SCRIPT`]'s answer for a batch sent again whose marker Redis no longer holds: not applied.
+pub(super) const MARKER_LOST: i64 = 2;
+
+/// Makes sure the marker (`KEYS[1]`) exists, for `ARGV[1]` ms, before a batch is first sent:
+/// then a marker missing when that batch is sent again was lost (evicted, deleted), never
+/// "not yet made", and [`SCRIPT`] applies nothing it cannot tell was not applied. Sent once per
+/// client (and again when its marker may have expired since), not per batch: every batch
+/// applied keeps the marker for [`MARKER_TTL_MS`] anyway.
+///
+/// Why not keep the marker inside each charged key, where it would be evicted only with the
+/// charge: those keys are plain counters that every pod's rate script and reads use (`GET`,
+/// `INCR`, `MGET`); hashes would change the keys of all sidegate versions sharing a Redis during
+/// a rolling update. The residual risk of a separate marker is a loss, not a double count: a
+/// batch whose answer never came and whose marker was evicted before it was sent again (about
+/// a second) is dropped, counted in `sidegate_redis_charges_dropped_total{reason="unconfirmed"}`,
+/// on a Redis that evicts the charged keys themselves just as well; the sidecar warns at its
+/// first connection when Redis may evict keys at all.
+pub(super) const MARKER_PRIME: &str = r"
+if not redis.call('SET', KEYS[1], '0', 'PX', ARGV[1], 'NX') then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
 return 1
 ";
@@ -140,6 +175,18 @@ pub(super) struct Batch {
     maybe_applied: bool,
 }
 
+impl Batch {
+    /// Whether it is sent again: Redis may have applied it already.
+    pub(super) fn is_resent(&self) -> bool {
+        self.maybe_applied
+    }
+
+    /// What it adds up to.
+    pub(super) fn tally(&self) -> Tally {
+        Tally::of(self.entries.iter().map(|(_, c)| c))
+    }
+}
+
 /// What became of a batch sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Outcome {
@@ -161,6 +208,9 @@ pub(super) struct Charges {
     flushing: AtomicBool,
     /// `{prefix}charges:{random}`: the number of the last batch of this client's applied.
     marker: Arc<str>,
+    /// Unix ms until which the marker is known to be in Redis (kept [`MARKER_TTL_MS`] from its
+    /// last write Redis answered), unless evicted.
+    marker_until_ms: AtomicU64,
     /// Told when the flusher stops: nothing is left to write.
     idle: tokio::sync::Notify,
 }
@@ -282,6 +332,7 @@ impl Charges {
             waiting: AtomicBool::new(false),
             flushing: AtomicBool::new(false),
             marker: marker.into(),
+            marker_until_ms: AtomicU64::new(0),
             idle: tokio::sync::Notify::new(),
         }
     }
@@ -326,6 +377,24 @@ impl Charges {
         match self.state().waiting.get(key).map(|c| c.amount) {
             Some(Amount::Usd(usd)) => usd,
             _ => 0.0,
+        }
+    }
+
+    /// Whether the marker must be made ([`MARKER_PRIME`]) before `batch` is sent at `now_ms`: a
+    /// batch first sent needs its marker in Redis for as long as it may be sent again.
+    pub(super) fn needs_marker(&self, batch: &Batch, now_ms: u64) -> bool {
+        !batch.maybe_applied
+            && Arc::ptr_eq(&batch.marker, &self.marker)
+            && self.marker_until_ms.load(Ordering::Relaxed)
+                < now_ms.saturating_add(UNCONFIRMED_FOR_MS)
+    }
+
+    /// Redis answered a write of `marker` made at `now_ms` (a batch applied, the marker made):
+    /// it holds it for [`MARKER_TTL_MS`].
+    pub(super) fn marker_written(&self, marker: &Arc<str>, now_ms: u64) {
+        if Arc::ptr_eq(marker, &self.marker) {
+            self.marker_until_ms
+                .fetch_max(now_ms.saturating_add(MARKER_TTL_MS), Ordering::Relaxed);
         }
     }
 
@@ -762,6 +831,40 @@ mod tests {
         let b = b.expect("then what waited");
         assert_eq!((&*b.marker, b.seq), ("new", 1));
         assert_eq!(b.entries[0].1.amount, Amount::Usd(2.0));
+    }
+
+    #[test]
+    fn a_batch_first_sent_needs_its_marker_made_once_and_again_when_it_may_have_expired() {
+        let c = Charges::new("m".into());
+        c.add("spend".into(), usd(1.0, u64::MAX));
+        let (b, _) = c.next_batch(1_000);
+        let b = b.expect("batch");
+        assert!(
+            c.needs_marker(&b, 1_000),
+            "a new client's marker is not in Redis yet"
+        );
+        c.marker_written(&b.marker, 1_000);
+        assert!(!c.needs_marker(&b, 1_000));
+        assert!(
+            !c.needs_marker(&b, 1_000 + MARKER_TTL_MS - UNCONFIRMED_FOR_MS),
+            "kept long enough for the batch to be sent again"
+        );
+        assert!(c.needs_marker(&b, 1_001 + MARKER_TTL_MS - UNCONFIRMED_FOR_MS));
+        c.settle(b, Outcome::Unanswered).expect("not retired");
+        let (b, _) = c.next_batch(2_000);
+        let b = b.expect("sent again");
+        assert!(b.is_resent());
+        assert!(
+            !c.needs_marker(&b, u64::MAX / 2),
+            "a batch sent again is never preceded by a new marker: a missing one was lost"
+        );
+        let other = Charges::new("other".into());
+        other.marker_written(&b.marker, 1_000);
+        assert_eq!(
+            other.marker_until_ms.load(Ordering::Relaxed),
+            0,
+            "another client's marker"
+        );
     }
 
     #[test]
