@@ -209,12 +209,13 @@ impl Shared {
     /// it has on its way go to `self`. Charges keep their keys: those of a gateway renamed
     /// are written under its old name, where Redis holds the rest of what it counted.
     /// Another Redis: `old` keeps writing its charges to its own.
-    pub fn take_over(self: &Arc<Self>, old: &Arc<Shared>, metrics: &Arc<Metrics>) {
+    /// Whether `self` took over (or had taken over) `old`'s charges.
+    pub fn take_over(self: &Arc<Self>, old: &Arc<Shared>, metrics: &Arc<Metrics>) -> bool {
         if self.place != old.place || Arc::ptr_eq(self, old) {
-            return;
+            return false;
         }
         if old.successor.set(self.clone()).is_err() {
-            return;
+            return true;
         }
         let (came, dropped) = self.charges.receive(old.charges.hand_over());
         if dropped > 0 {
@@ -223,6 +224,7 @@ impl Shared {
         if came {
             self.start_writer(metrics);
         }
+        true
     }
 
     fn unavailable(why: &'static str) -> ::redis::RedisError {
@@ -838,8 +840,14 @@ impl Shared {
 
     /// At shutdown, once the last request ended: waits for the writer to write what is
     /// waiting (the batch whose answer never came first), at most `within`; what it could not
-    /// write is logged, with its amounts, and lost.
-    pub async fn write_waiting(self: &Arc<Self>, metrics: &Arc<Metrics>, within: Duration) {
+    /// write is logged, with its amounts, and lost. `former`: a Redis the config no longer
+    /// names (a reload moved the gateway to another one, or to none).
+    pub async fn write_waiting(
+        self: &Arc<Self>,
+        metrics: &Arc<Metrics>,
+        within: Duration,
+        former: bool,
+    ) {
         let deadline = tokio::time::Instant::now() + within;
         self.start_writer(metrics);
         if self.charges.idle(deadline).await {
@@ -853,6 +861,7 @@ impl Shared {
             window_counts = left.counts,
             unanswered_batches = left.unanswered_batches,
             within_secs = within.as_secs_f64(),
+            redis = if former { "former" } else { "current" },
             "charges not written to redis at shutdown: lost (those of unanswered batches may have been applied)"
         );
     }
@@ -1029,6 +1038,41 @@ fn evicting_policy(info: &str) -> Option<&str> {
     info.lines()
         .find_map(|l| l.trim_end().strip_prefix("maxmemory_policy:"))
         .filter(|p| !p.is_empty() && *p != "noeviction")
+}
+
+/// The clients of Redis servers a reload stopped using (the gateway moved to another one, or
+/// to none): each writes what it keeps to its own Redis while the pod runs, and at shutdown
+/// ([`Shared::write_waiting`]). Held weakly: a client that keeps charges has its writer running,
+/// which holds it; once nothing is left to write it goes.
+#[derive(Debug, Default)]
+pub struct Former(std::sync::Mutex<Vec<std::sync::Weak<Shared>>>);
+
+impl Former {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Weak<Shared>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes `old`, replaced by a reload with a client of another Redis (or none).
+    pub fn keep(&self, old: &Arc<Shared>) {
+        let mut list = self.list();
+        list.retain(|w| w.strong_count() > 0);
+        if !list
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(old)))
+        {
+            list.push(Arc::downgrade(old));
+        }
+    }
+
+    /// Those that may still hold charges.
+    pub fn holding(&self) -> Vec<Arc<Shared>> {
+        self.list()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
+    }
 }
 
 /// A random name for this client's charges marker: pods (and clients of one pod made on a

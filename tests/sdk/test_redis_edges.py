@@ -21,6 +21,7 @@ from test_redis_outages import charged, code, dropped, probe, settled, spend_in_
 from test_redis_review import LatencyProxy, pod
 
 CHAT = "/openai/chat/completions"
+PW = "sgtest-edges-pw-5b2e"
 
 
 def marker_keys(redis):
@@ -93,3 +94,72 @@ def test_a_redis_that_may_evict_keys_is_warned_about_once_and_one_that_will_not_
         b.stop()
         evicting.stop()
         silent.stop()
+
+
+def reload_redis_url(g, url):
+    """Points the pod at the Redis at `url` (the keys Secret's redis.url updated) and waits for it."""
+    loaded = g.logs().count("config loaded")
+    (g.keys_dir / "redis.url").write_text(url + "\n")
+    deadline = time.monotonic() + 10
+    while g.logs().count("config loaded") <= loaded:
+        assert time.monotonic() < deadline, "the new redis.url was not loaded"
+        time.sleep(0.1)
+
+
+def test_at_a_stop_charges_kept_for_the_redis_the_config_moved_away_from_are_written_to_it(mock, tmp_path):
+    # The gateway moves to another Redis (redis.url changed) while its first Redis refuses the pod
+    # (its password changed under it): what the pod charged meanwhile belongs to the first one,
+    # and is written there once it takes the pod again — within the 3 s a stop gives, when the pod
+    # stops right then.
+    first, second = Redis(tmp_path / "first"), Redis(tmp_path / "second")
+    g = pod(tmp_path, mock.url, first.url, "  spendLimit: {amount: '100', period: day}\n", "a")
+    try:
+        assert charged(g, 0.001).status_code == 200
+        settled("the spend before", lambda: spend_day(first), 0.001, within=3)
+        first.cli("CONFIG", "SET", "requirepass", PW)
+        first.cli("CLIENT", "KILL", "TYPE", "normal", password=PW)  # the pod's connection
+        assert charged(g, 0.004).status_code == 200  # served by the pod's own count, kept
+        deadline = time.monotonic() + 5
+        while redis_errors(g, "charge") < 1:
+            assert time.monotonic() < deadline, g.metrics()
+            time.sleep(0.1)
+        reload_redis_url(g, second.url)
+        assert charged(g, 0.002).status_code == 200
+        settled("the second Redis's spend", lambda: spend_day(second), 0.002, within=3)
+        began = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        first.cli("CONFIG", "SET", "requirepass", "", password=PW)  # the pod is let in again
+        g.proc.wait(10)
+        assert time.monotonic() - began < 4.5
+        assert spend_day(first) == 0.005, f"the first Redis's spend after the stop: {spend_day(first)}, not 0.005"
+        assert spend_day(second) == 0.002
+        assert "charges not written to redis at shutdown" not in g.logs(), g.logs()[-2000:]
+    finally:
+        g.stop()
+        first.stop()
+        second.stop()
+
+
+def test_at_a_stop_charges_kept_for_a_former_redis_that_is_gone_are_logged_as_lost_within_3_s(mock, tmp_path):
+    first, second = Redis(tmp_path / "first"), Redis(tmp_path / "second")
+    g = pod(tmp_path, mock.url, first.url, "  spendLimit: {amount: '100', period: day}\n", "a")
+    try:
+        assert charged(g, 0.001).status_code == 200
+        settled("the spend before", lambda: spend_day(first), 0.001, within=3)
+        first.kill()
+        assert charged(g, 0.25).status_code == 200  # kept for the first Redis
+        reload_redis_url(g, second.url)
+        assert charged(g, 0.002).status_code == 200
+        settled("the second Redis's spend", lambda: spend_day(second), 0.002, within=3)
+        began = time.monotonic()
+        g.proc.send_signal(signal.SIGTERM)
+        g.proc.wait(10)
+        took = time.monotonic() - began
+        assert took < 4.5, f"the stop took {took:.1f} s"
+        lost = [line for line in g.logs().splitlines() if "charges not written to redis at shutdown" in line]
+        assert len(lost) == 1, g.logs()[-3000:]
+        assert "spend_usd=0.25" in lost[0] and "keys=3" in lost[0] and "redis=former" in lost[0], lost[0]
+    finally:
+        g.stop()
+        second.stop()
