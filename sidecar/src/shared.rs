@@ -101,6 +101,11 @@ impl Windows {
         (now_ms / self.interval_ms, now_ms % self.interval_ms)
     }
 
+    /// Unix ms from which window `index` weighs on no limit (a sliding one's, through the next).
+    fn weighs_until(&self, index: u64) -> u64 {
+        index.saturating_add(2).saturating_mul(self.interval_ms)
+    }
+
     /// `n` added to window `index` (negative: given back), for [`Charges`]: of use while the
     /// window weighs on a limit (`sliding`: through the next window too), the key kept two
     /// windows (as [`RATE_SCRIPT`] keeps it).
@@ -536,6 +541,14 @@ impl Shared {
     /// refuses it; its answer is read on for [`LATE_ANSWER`] and what Redis did corrects that
     /// (a count Redis refused is added, one it made for a refused request given back). `op`
     /// names the call in `sidegate_redis_errors_total`.
+    ///
+    /// Unlike a budget's ([`Self::budget_floor`]), a request rate limit has no floor of the
+    /// fleet's count last read while Redis cannot be used: each pod admits up to the limit on
+    /// its own count (generous by the number of pods, for the outage only). A rate limit guards
+    /// a request rate, usually over short windows that an outage soon outlasts, and is counted
+    /// here on every request's path, where the floor would add a table write under a lock to
+    /// each; a budget bounds an amount (tokens, a budget node's spend, over windows up to a
+    /// month) that starting again from one pod's share would mostly forgive.
     #[allow(clippy::too_many_arguments)]
     pub async fn count(
         self: &Arc<Self>,
@@ -647,8 +660,10 @@ impl Shared {
     }
 
     /// Whether the global limit `s` counted in `w` has any room left at `now` (a route's budget
-    /// node), counting what this pod keeps for Redis; `pod` (this pod's counter of it) decides
-    /// while Redis cannot be read.
+    /// node), counting what this pod keeps for Redis. While Redis cannot be read it has room
+    /// when `pod` (this pod's counter of it) has and so has the window's count as last read plus
+    /// what this pod charged it since ([`Self::budget_floor`]): a budget of the fleet does not
+    /// start again from this pod's own share.
     #[allow(clippy::too_many_arguments)]
     pub async fn room(
         &self,
@@ -672,20 +687,62 @@ impl Shared {
             })
             .await;
         match got {
-            Ok((cur, prev)) => ratelimit::admit(
-                s.limit,
-                self.with_waiting(cur, &cur_key),
-                self.with_waiting(prev, &prev_key),
-                Duration::from_millis(into),
-                Duration::from_millis(w.interval_ms),
-                s.sliding,
-                ratelimit::Need::Any,
-            ),
+            Ok((cur, prev)) => {
+                let (cur, prev) = self.saw_budget(w, index, (&cur_key, &prev_key), (cur, prev));
+                ratelimit::admit(
+                    s.limit,
+                    cur,
+                    prev,
+                    Duration::from_millis(into),
+                    Duration::from_millis(w.interval_ms),
+                    s.sliding,
+                    ratelimit::Need::Any,
+                )
+            }
             Err(f) => {
                 self.failed(metrics, op, &f);
-                pod.room(s, now)
+                stricter(pod.room(s, now), self.budget_floor(w, s.limit, s.sliding))
             }
         }
+    }
+
+    /// The counts of a budget's window `index` of `w` (key `keys.0`) and the one before
+    /// (`keys.1`) as read (`read`), with what this pod keeps for them; noted for
+    /// [`Self::budget_floor`].
+    fn saw_budget(
+        &self,
+        w: &Windows,
+        index: u64,
+        keys: (&str, &str),
+        read: (Option<u64>, Option<u64>),
+    ) -> (u64, u64) {
+        let now = unix_ms();
+        let total = |i: u64, key: &str, read: Option<u64>| {
+            let n = self.with_waiting(read, key);
+            self.charges.saw(key, n, w.weighs_until(i), now);
+            n
+        };
+        (
+            total(index, keys.0, read.0),
+            total(index.saturating_sub(1), keys.1, read.1),
+        )
+    }
+
+    /// Whether a budget of `limit` counted in `w` has room by the least its count can be while
+    /// Redis cannot be read: the counts of its windows as this pod last read them plus what it
+    /// charged them since ([`Charges::floor`]), as the spend limit starts from the spend last
+    /// read. Request rate limits have no such floor (see [`Self::count`]).
+    fn budget_floor(&self, w: &Windows, limit: u64, sliding: bool) -> Result<(), Duration> {
+        let (index, into) = w.at(unix_ms());
+        ratelimit::admit(
+            limit,
+            self.charges.floor(&w.key(index)),
+            self.charges.floor(&w.key(index.saturating_sub(1))),
+            Duration::from_millis(into),
+            Duration::from_millis(w.interval_ms),
+            sliding,
+            ratelimit::Need::Any,
+        )
     }
 
     /// A count read from Redis for `key` with what this pod keeps for it.
@@ -957,14 +1014,17 @@ impl Shared {
         }
     }
 
-    /// Whether the gateway's token budget has room, counting what this pod keeps for Redis;
-    /// `Err` when Redis cannot be read.
+    /// Whether the gateway's token budget has room, counting what this pod keeps for Redis.
+    /// While Redis cannot be read it has room when `pod` (this pod's own count) says so and so
+    /// does the gateway's count as last read plus what this pod used since
+    /// ([`Self::budget_floor`]).
     pub async fn tokens_left(
         &self,
         metrics: &Metrics,
         wait: &Wait,
         s: &budget::TokenSettings,
-    ) -> Result<Result<(), Duration>, Unreadable> {
+        pod: impl FnOnce() -> Result<(), Duration>,
+    ) -> Result<(), Duration> {
         let w = self.token_windows();
         let (index, into) = w.at(unix_ms());
         let (cur_key, prev_key) = (w.key(index), w.key(index.saturating_sub(1)));
@@ -978,17 +1038,20 @@ impl Shared {
             })
             .await;
         match got {
-            Ok((cur, prev)) => Ok(budget::budget_left(
-                s.per_minute,
-                self.with_waiting(cur, &cur_key),
-                self.with_waiting(prev, &prev_key),
-                Duration::from_millis(into),
-                budget::TOKEN_WINDOW,
-                s.sliding,
-            )),
+            Ok((cur, prev)) => {
+                let (cur, prev) = self.saw_budget(&w, index, (&cur_key, &prev_key), (cur, prev));
+                budget::budget_left(
+                    s.per_minute,
+                    cur,
+                    prev,
+                    Duration::from_millis(into),
+                    budget::TOKEN_WINDOW,
+                    s.sliding,
+                )
+            }
             Err(f) => {
                 self.failed(metrics, RedisOp::Limits, &f);
-                Err(Unreadable)
+                stricter(pod(), self.budget_floor(&w, s.per_minute, s.sliding))
             }
         }
     }
@@ -1000,6 +1063,15 @@ impl Shared {
         let (index, _) = w.at(unix_ms());
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         self.charge(metrics, w.key(index), w.charge(index, n, sliding));
+    }
+}
+
+/// Room only when both `a` and `b` say so; else the longer wait.
+fn stricter(a: Result<(), Duration>, b: Result<(), Duration>) -> Result<(), Duration> {
+    match (a, b) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(x), Err(y)) => Err(x.max(y)),
+        (Err(x), Ok(())) | (Ok(()), Err(x)) => Err(x),
     }
 }
 

@@ -5,8 +5,8 @@ README "Redis: cache, rate limits and spend shared by every pod": a batch whose 
 is sent again with its number and applied at most once, even when Redis evicted the key that
 keeps the number (then it is dropped, counted); the sidecar warns when Redis may evict keys; at a
 stop, charges kept for a Redis the config no longer names are written to it for the same 3 s, or
-logged as lost; while Redis cannot be read a global token budget starts from the gateway's total
-last read plus what this pod used since, as the spend limit does.
+logged as lost; while Redis cannot be read a global token budget and a route's global budget
+node start from the total last read plus what this pod used since, as the spend limit does.
 """
 
 import json
@@ -16,6 +16,7 @@ import uuid
 
 import httpx
 
+from route_yaml import route, routes
 from test_redis import Redis, redis_errors
 from test_redis_outages import charged, code, dropped, probe, settled, spend_in_redis
 from test_redis_review import LatencyProxy, pod
@@ -163,3 +164,91 @@ def test_at_a_stop_charges_kept_for_a_former_redis_that_is_gone_are_logged_as_lo
     finally:
         g.stop()
         second.stop()
+
+
+def tokens_in_redis(redis):
+    keys = redis.cli("--scan", "--pattern", "sidegate:team-a/shared-gw:tpm:*").split()
+    return sum(int(redis.cli("GET", k)) for k in keys)
+
+
+def away_from_a_minutes_end(margin=20):
+    """Waits until the wall-clock minute (the token budget's window in Redis) has `margin` s left."""
+    while 60 - time.time() % 60 < margin:
+        time.sleep(0.5)
+
+
+def test_while_redis_is_stopped_a_global_token_budget_counts_from_the_gateways_total_it_last_read(mock, tmp_path):
+    # Pod b used most of the gateway's 100 tokens a minute; pod a, which used none, read that
+    # total before Redis stopped. Its own count alone would let it use 100 more by itself; the
+    # gateway's budget must not start again from the pod's own share (as the spend limit does not).
+    redis = Redis(tmp_path / "redis")
+    spec = "  rateLimit: {limit: 1000, interval: 1h, scope: global, tokensPerMinute: 100, technique: sliding}\n"
+    a, b = pod(tmp_path, mock.url, redis.url, spec, "a"), pod(tmp_path, mock.url, redis.url, spec, "b")
+    try:
+        away_from_a_minutes_end()
+        assert code(charged(b, 0, "same")) == 200
+        settled("one answer's tokens", lambda: tokens_in_redis(redis) > 0, True, within=3)
+        per = tokens_in_redis(redis)  # each answer to "same" uses as many
+        while (before := tokens_in_redis(redis)) + per < 100:
+            assert code(charged(b, 0, "same")) == 200
+            deadline = time.monotonic() + 3
+            while tokens_in_redis(redis) == before:  # written before the next is sent
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        used = tokens_in_redis(redis)
+        assert code(probe(a)) == 500  # read: under the budget
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            got = [code(charged(a, 0, "same")) for _ in range(4)]
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        # `used` and one more answer reach the budget: the pod's second request is refused.
+        assert got == [200, (429, 2003), (429, 2003), (429, 2003)], (used, per, got)
+        assert redis_errors(a, "limits") >= 1
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+
+
+def through_budget(g, usd):
+    """The model a request through route `b` (its budget node) was sent to; its cost `usd`."""
+    r = httpx.post(g.url + "/compat/chat/completions",
+                   json={"model": "dynamic/b", "messages": [{"role": "user", "content": f"budget {uuid.uuid4()}"}]},
+                   headers={"cf-aig-custom-cost": json.dumps({"total_cost": usd})}, timeout=30)
+    assert r.status_code == 200, r.text
+    g.wait_log_line(r.headers["cf-aig-log-id"])
+    return r.headers["cf-aig-model"]
+
+
+def budget_in_redis(redis):
+    keys = redis.cli("--scan", "--pattern", "sidegate:team-a/shared-gw:route:*").split()
+    return sum(int(redis.cli("GET", k)) for k in keys) / 1e9
+
+
+def test_while_redis_is_stopped_a_global_budget_node_counts_from_the_total_it_last_read(mock, tmp_path):
+    # A route's budget node of $0.0035 a day for the whole gateway: pod b spent 0.002 through it,
+    # pod a 0.001 (reading b's 0.002 first). With Redis stopped, pod a's own 0.001 would let it
+    # spend 0.003 more by itself before the fallback.
+    redis = Redis(tmp_path / "redis")
+    spec = routes(route("b", 'type: budget, limit: "0.0035", interval: 1d, scope: global'))
+    a, b = pod(tmp_path, mock.url, redis.url, spec, "a"), pod(tmp_path, mock.url, redis.url, spec, "b")
+    try:
+        for _ in range(2):
+            assert through_budget(b, 0.001) == "gpt-4o"
+        settled("pod b's spend through the node", lambda: round(budget_in_redis(redis), 9), 0.002, within=3)
+        assert through_budget(a, 0.001) == "gpt-4o"
+        settled("the node's spend", lambda: round(budget_in_redis(redis), 9), 0.003, within=3)
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            got = [through_budget(a, 0.001) for _ in range(3)]
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        # 0.003 read (a's own since included) is under 0.0035: one more, then the fallback.
+        assert got == ["gpt-4o", "gpt-4o-mini", "gpt-4o-mini"], got
+        assert redis_errors(a, "route_node") >= 1
+        settled("the node's spend once Redis is back", lambda: round(budget_in_redis(redis), 9), 0.004)
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()

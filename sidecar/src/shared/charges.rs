@@ -86,6 +86,8 @@ return 1
 pub(super) const MAX_KEYS: usize = 10_000;
 /// Most keys written in one batch.
 pub(super) const BATCH_KEYS: usize = 512;
+/// Most budget windows whose count read last is kept for [`Charges::floor`].
+pub(super) const MAX_SEEN: usize = 10_000;
 /// How long the marker of the last batch applied is kept, in ms.
 pub(super) const MARKER_TTL_MS: u64 = 2 * 86_400_000;
 /// How long a batch whose answer never came is sent again, in ms: well within the marker's
@@ -227,6 +229,18 @@ struct State {
     in_flight: Tally,
     /// Replaced by a new client of the same Redis: charges go to it.
     retired: bool,
+    /// The count of budget windows (the token budget's, budget nodes') as last read, and what
+    /// this client charged them since: the floor their checks use while Redis cannot be read.
+    seen: HashMap<String, Seen>,
+}
+
+/// A window's count as last read (with what waited for it then), and what was charged since.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    read: u64,
+    since: i64,
+    /// Unix ms from which the window weighs no more.
+    until_ms: u64,
 }
 
 impl State {
@@ -322,6 +336,7 @@ pub(super) enum Added {
 pub(super) struct Handover {
     waiting: HashMap<String, Charge>,
     unanswered: VecDeque<Batch>,
+    seen: HashMap<String, Seen>,
 }
 
 impl Charges {
@@ -349,6 +364,11 @@ impl Charges {
         if s.retired {
             return Added::Retired(key, c);
         }
+        if !s.seen.is_empty()
+            && let (Some(seen), Amount::Count(n)) = (s.seen.get_mut(&key), c.amount)
+        {
+            seen.since = seen.since.saturating_add(n);
+        }
         let dropped = s.insert(key, c);
         self.waiting.store(!s.waiting.is_empty(), Ordering::Relaxed);
         if dropped {
@@ -366,6 +386,48 @@ impl Charges {
         match self.state().waiting.get(key).map(|c| c.amount) {
             Some(Amount::Count(n)) => u64::try_from(n).unwrap_or(0),
             _ => 0,
+        }
+    }
+
+    /// Notes `read`, the count of budget window `key` read from Redis with what waited for it,
+    /// which weighs until `until_ms`: [`Self::floor`] starts from it. Windows that weigh no
+    /// more make room past [`MAX_SEEN`]; with none, a new window is not noted (its floor is
+    /// what waits for it).
+    pub(super) fn saw(&self, key: &str, read: u64, until_ms: u64, now_ms: u64) {
+        let mut s = self.state();
+        let seen = Seen {
+            read,
+            since: 0,
+            until_ms,
+        };
+        if let Some(held) = s.seen.get_mut(key) {
+            *held = seen;
+            return;
+        }
+        if s.seen.len() >= MAX_SEEN {
+            s.seen.retain(|_, w| w.until_ms > now_ms);
+            if s.seen.len() >= MAX_SEEN {
+                return;
+            }
+        }
+        s.seen.insert(key.to_owned(), seen);
+    }
+
+    /// The least the count of budget window `key` can be, as far as this client knows while
+    /// Redis cannot be read: as last read plus what this client charged it since, or, never
+    /// read, what waits for it.
+    pub(super) fn floor(&self, key: &str) -> u64 {
+        let s = self.state();
+        match s.seen.get(key) {
+            Some(w) => {
+                let since = u64::try_from(w.since).unwrap_or(0);
+                let back = w.since.min(0).unsigned_abs();
+                w.read.saturating_add(since).saturating_sub(back)
+            }
+            None => match s.waiting.get(key).map(|c| c.amount) {
+                Some(Amount::Count(n)) => u64::try_from(n).unwrap_or(0),
+                _ => 0,
+            },
         }
     }
 
@@ -551,6 +613,7 @@ impl Charges {
         Handover {
             waiting: std::mem::take(&mut s.waiting),
             unanswered: std::mem::take(&mut s.unanswered),
+            seen: std::mem::take(&mut s.seen),
         }
     }
 
@@ -560,6 +623,9 @@ impl Charges {
         let came = !h.waiting.is_empty() || !h.unanswered.is_empty();
         let mut s = self.state();
         s.unanswered.extend(h.unanswered);
+        for (key, w) in h.seen {
+            s.seen.entry(key).or_insert(w);
+        }
         let mut dropped = 0;
         for (key, c) in h.waiting {
             dropped += u64::from(s.insert(key, c));
@@ -865,6 +931,51 @@ mod tests {
             0,
             "another client's marker"
         );
+    }
+
+    #[test]
+    fn a_budget_windows_floor_is_its_count_last_read_plus_what_was_charged_since() {
+        let c = Charges::new("m".into());
+        assert_eq!(c.floor("tpm:7"), 0);
+        c.add("tpm:7".into(), count(5, 10_000));
+        assert_eq!(c.floor("tpm:7"), 5, "never read: what waits for it");
+        c.saw("tpm:7", 80, 10_000, 1_000);
+        c.add("tpm:7".into(), count(7, 10_000));
+        c.add("tpm:7".into(), count(7, 10_000));
+        assert_eq!(c.floor("tpm:7"), 94, "80 read, 14 since");
+        let (b, _) = c.next_batch(1_000);
+        c.settle(b.expect("batch"), Outcome::Applied)
+            .expect("not retired");
+        assert_eq!(
+            c.floor("tpm:7"),
+            94,
+            "written: still what was charged since the read"
+        );
+        c.add("tpm:7".into(), count(-20, 10_000));
+        assert_eq!(c.floor("tpm:7"), 74, "a give-back");
+        c.saw("tpm:7", 100, 10_000, 2_000);
+        assert_eq!(c.floor("tpm:7"), 100, "a new read starts afresh");
+        let new = Charges::new("n".into());
+        new.receive(c.hand_over());
+        assert_eq!(
+            new.floor("tpm:7"),
+            100,
+            "a client of the same Redis takes it over"
+        );
+    }
+
+    #[test]
+    fn budget_windows_noted_are_bounded_and_those_that_weigh_no_more_make_room() {
+        let c = Charges::new("m".into());
+        for i in 0..MAX_SEEN {
+            c.saw(&format!("w{i}"), 1, if i == 0 { 500 } else { 10_000 }, 0);
+        }
+        c.saw("new", 3, 10_000, 100);
+        assert_eq!(c.floor("new"), 0, "full: not noted");
+        c.saw("new", 3, 10_000, 600);
+        assert_eq!(c.floor("new"), 3, "w0 weighs no more");
+        assert_eq!(c.floor("w0"), 0);
+        assert_eq!(c.state().seen.len(), MAX_SEEN);
     }
 
     #[test]
