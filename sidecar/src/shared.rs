@@ -5,8 +5,11 @@
 //!
 //! Redis is a help, not a dependency of serving: when it cannot be used in time the request is
 //! served anyway — a cache miss; a global limit counted by this pod alone, in the counter a
-//! per-pod limit uses, with the same limit; charges (spend, tokens, the counts of windows) kept
-//! in memory and added to Redis once it answers ([`charges`]). Each failure is counted in
+//! per-pod limit uses, with the same limit (a budget, tokens or a budget node's, also by its
+//! count last read plus what this pod charged since, so that it does not start again from the
+//! pod's share); charges (spend, tokens, the counts of windows) kept in memory and added to
+//! Redis once it answers ([`charges`]), at most once each, also at a stop (for the Redis of a
+//! config a reload replaced too, [`Former`]). Each failure is counted in
 //! `sidegate_redis_errors_total{op}` and warned about at most every 10 s. A request waits for
 //! Redis at most [`REQUEST_WAIT`] in all, however many calls it makes ([`Wait`]). Keys are
 //! prefixed `sidegate:{namespace/name}:`, so gateways can share one Redis.
