@@ -934,10 +934,10 @@ impl Shared {
             if dropped > 0 {
                 metrics.count_charges_dropped(ChargeDropped::WindowEnded, dropped);
             }
-            let Some(batch) = batch else { return };
+            let Some(mut batch) = batch else { return };
             let now = unix_ms();
             if self.charges.needs_marker(&batch, now) {
-                let made: Result<i64, Failure> = self
+                let made: Result<String, Failure> = self
                     .call(&Wait::default(), async |c| {
                         self.marker_script
                             .key(&*batch.marker)
@@ -946,22 +946,31 @@ impl Shared {
                             .await
                     })
                     .await;
-                if let Err(f) = made {
-                    // The batch was not sent: it waits again, as new.
-                    self.failed(metrics, RedisOp::Charge, &f);
-                    self.settle(metrics, batch, Outcome::NotApplied, false);
-                    tokio::time::sleep(BACKOFF).await;
-                    continue;
+                match made {
+                    Ok(run_id) => self.charges.marker_made(&run_id, now),
+                    Err(f) => {
+                        self.failed(metrics, RedisOp::Charge, &f);
+                        if f.stage == Stage::Unanswered {
+                            // A slow Redis: it makes the marker before it runs anything sent
+                            // after on the connection (its run_id unknown, or as asked last).
+                            self.charges.marker_written(&batch.marker, now);
+                        }
+                        // The batch was not sent: it waits again, as new.
+                        self.settle(metrics, batch, Outcome::NotApplied, false);
+                        tokio::time::sleep(BACKOFF).await;
+                        continue;
+                    }
                 }
-                self.charges.marker_written(&batch.marker, now);
             }
+            self.charges.stamp(&mut batch);
             let written: Result<i64, Failure> = self
                 .call(&Wait::default(), async |c| {
                     let mut call = self.charge_script.prepare_invoke();
                     call.key(&*batch.marker)
                         .arg(batch.seq)
                         .arg(charges::MARKER_TTL_MS)
-                        .arg(u8::from(batch.is_resent()));
+                        .arg(u8::from(batch.is_resent()))
+                        .arg(&*batch.run_id);
                     for (key, charge) in &batch.entries {
                         let (kind, amount, ttl) = charge.args(now);
                         call.key(key).arg(kind).arg(amount).arg(ttl);
@@ -982,6 +991,10 @@ impl Shared {
                 }
                 Err(f) => {
                     self.failed(metrics, RedisOp::Charge, &f);
+                    if matches!(f.stage, Stage::Broken | Stage::Connect) {
+                        // Redis may be restarting: its marker (and run_id) are asked again.
+                        self.charges.marker_unsure();
+                    }
                     let outcome = if f.maybe_done() {
                         Outcome::Unanswered
                     } else {

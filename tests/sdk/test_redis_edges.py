@@ -72,6 +72,32 @@ def test_a_batch_sent_again_after_redis_evicted_its_marker_is_not_applied_twice(
         redis.stop()
 
 
+def test_a_batch_sent_again_to_a_redis_restarted_without_its_data_is_applied(mock, tmp_path):
+    # As above, but Redis is restarted (no persistence) before the batch is sent again: it lost
+    # the marker and what the first try did together (another run_id), so the batch is applied.
+    redis = Redis(tmp_path / "redis")
+    proxy = LatencyProxy(redis.port, 0.8)
+    g = pod(tmp_path, mock.url, proxy.url, "  spendLimit: {amount: '100', period: day}\n", "a")
+    try:
+        assert charged(g, 0.001).status_code == 200
+        settled("the first charge", lambda: spend_day(redis), 0.001, within=3)
+        proxy.slow = True
+        assert charged(g, 0.002).status_code == 200
+        deadline = time.monotonic() + 3
+        while spend_day(redis) != 0.003:  # applied, its answer on its way
+            assert time.monotonic() < deadline, redis.everything()
+            time.sleep(0.02)
+        redis.kill()
+        redis.start()
+        proxy.slow = False
+        settled("the spend after the batch was sent again", lambda: spend_day(redis), 0.002)
+        assert dropped(g, "unconfirmed") == 0, g.metrics()
+    finally:
+        g.stop()
+        proxy.close()
+        redis.stop()
+
+
 def test_a_redis_that_may_evict_keys_is_warned_about_once_and_one_that_will_not_say_is_used_quietly(mock, tmp_path):
     evicting = Redis(tmp_path / "lru", "--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru")
     # A managed Redis refusing INFO (and CONFIG): nothing to warn about, nothing to complain of.

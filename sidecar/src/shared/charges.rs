@@ -22,12 +22,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Applies batch `ARGV[1]` once: nothing when the marker (`KEYS[1]`, kept `ARGV[2]` ms) holds
 /// that number or a later one. A batch sent again (`ARGV[3]` is `1`: its first try may have been
-/// applied) whose marker is gone is not applied either, and answered `2`: Redis lost the marker
-/// (evicted under a `maxmemory-policy` other than `noeviction`, deleted, or Redis restarted
-/// without its data), so nobody can tell whether the first try was applied, and a charge counted
-/// twice is worse than one lost (see [`MARKER_PRIME`]). Then, for each charged key `KEYS[i]`
-/// (i ≥ 2), three arguments: its kind (`f`: `INCRBYFLOAT`, `i`: `INCRBY`), the amount and the
-/// key's time to live in ms. A negative count is a give-back: never below 0, and never bringing
+/// applied) whose marker is gone is applied only when Redis is another instance than the one
+/// that held the marker before its first try (`ARGV[4]`, its `run_id`: a Redis restarted without
+/// its data, or a replica promoted, lost or never had what the first try did, marker and charges
+/// together). The same Redis lost the marker alone (evicted under a `maxmemory-policy` other than
+/// `noeviction`, or deleted): nobody can tell whether the first try was applied, and a charge
+/// counted twice is worse than one lost, so the batch is not applied, answered `2` (see
+/// [`MARKER_PRIME`]); so too when Redis does not say its `run_id`. Then, for each charged key
+/// `KEYS[i]` (i ≥ 2), three arguments: its kind (`f`: `INCRBYFLOAT`, `i`: `INCRBY`), the amount
+/// and the key's time to live in ms. A negative count is a give-back: never below 0, and never bringing
 /// back a key that expired. The marker is the script's first write, so a Redis refusing writes
 /// (out of memory, a replica) refuses the whole batch; a key holding something else (another
 /// type) is skipped.
@@ -37,11 +40,14 @@ local held = redis.call('GET', KEYS[1])
 if held then
   if seq <= tonumber(held) then return 0 end
 elseif ARGV[3] == '1' then
-  return 2
+  if redis.replicate_commands then redis.replicate_commands() end
+  local info = redis.pcall('INFO', 'server')
+  local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)')
+  if not run or ARGV[4] == '' or run == ARGV[4] then return 2 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 for i = 2, #KEYS do
-  local k, kind, n, ttl = KEYS[i], ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  local k, kind, n, ttl = KEYS[i], ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
   if kind == 'f' then
     redis.pcall('INCRBYFLOAT', k, n)
     redis.pcall('PEXPIRE', k, ttl)
@@ -60,11 +66,15 @@ return 1
 /// [`SCRIPT`]'s answer for a batch sent again whose marker Redis no longer holds: not applied.
 pub(super) const MARKER_LOST: i64 = 2;
 
-/// Makes sure the marker (`KEYS[1]`) exists, for `ARGV[1]` ms, before a batch is first sent:
-/// then a marker missing when that batch is sent again was lost (evicted, deleted), never
-/// "not yet made", and [`SCRIPT`] applies nothing it cannot tell was not applied. Sent once per
-/// client (and again when its marker may have expired since), not per batch: every batch
-/// applied keeps the marker for [`MARKER_TTL_MS`] anyway.
+/// Makes sure the marker (`KEYS[1]`) exists, for `ARGV[1]` ms, before a batch is first sent,
+/// and answers Redis's `run_id` (empty when it does not say): then a marker missing when that
+/// batch is sent again to the same Redis was lost (evicted, deleted), never "not yet made", and
+/// [`SCRIPT`] applies nothing it cannot tell was not applied. Sent once per client, again after
+/// the writer's connection broke or could not be made (Redis may have restarted) and when the
+/// marker may have expired; not per batch: every batch applied keeps the marker for
+/// [`MARKER_TTL_MS`] anyway. Never before a batch sent again: it would make anew the marker
+/// whose absence says the batch's fate is unknown. One whose answer is late is taken as made:
+/// Redis runs a connection's commands in order, so before any batch sent after it.
 ///
 /// Why not keep the marker inside each charged key, where it would be evicted only with the
 /// charge: those keys are plain counters that every pod's rate script and reads use (`GET`,
@@ -78,7 +88,8 @@ pub(super) const MARKER_PRIME: &str = r"
 if not redis.call('SET', KEYS[1], '0', 'PX', ARGV[1], 'NX') then
   redis.call('PEXPIRE', KEYS[1], ARGV[1])
 end
-return 1
+local info = redis.pcall('INFO', 'server')
+return type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 ";
 
 /// Most keys held at once (some 200 bytes each), those of the batches on their way or whose
@@ -175,6 +186,8 @@ pub(super) struct Batch {
     /// Whether Redis may have applied it (an answer never came): then it keeps its number
     /// until Redis answers, whatever becomes of the next tries.
     maybe_applied: bool,
+    /// The `run_id` of the Redis that held its marker when it was first sent (empty: unknown).
+    pub run_id: Arc<str>,
 }
 
 impl Batch {
@@ -211,8 +224,10 @@ pub(super) struct Charges {
     /// `{prefix}charges:{random}`: the number of the last batch of this client's applied.
     marker: Arc<str>,
     /// Unix ms until which the marker is known to be in Redis (kept [`MARKER_TTL_MS`] from its
-    /// last write Redis answered), unless evicted.
+    /// last write Redis answered), unless evicted; 0 after the writer failed.
     marker_until_ms: AtomicU64,
+    /// The `run_id` of the Redis that holds the marker, as [`MARKER_PRIME`] last answered.
+    run_id: Mutex<Arc<str>>,
     /// Told when the flusher stops: nothing is left to write.
     idle: tokio::sync::Notify,
 }
@@ -348,6 +363,7 @@ impl Charges {
             flushing: AtomicBool::new(false),
             marker: marker.into(),
             marker_until_ms: AtomicU64::new(0),
+            run_id: Mutex::new(Arc::from("")),
             idle: tokio::sync::Notify::new(),
         }
     }
@@ -460,6 +476,29 @@ impl Charges {
         }
     }
 
+    /// [`MARKER_PRIME`] answered at `now_ms` with the `run_id` of the Redis holding the marker.
+    pub(super) fn marker_made(&self, run_id: &str, now_ms: u64) {
+        *self.run_id.lock().unwrap_or_else(|e| e.into_inner()) = Arc::from(run_id);
+        self.marker_written(&self.marker.clone(), now_ms);
+    }
+
+    /// The writer's connection broke, or could not be made: Redis may have restarted, and the
+    /// marker is made again (with its `run_id` asked again) before the next batch first sent.
+    pub(super) fn marker_unsure(&self) {
+        self.marker_until_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Notes on `batch`, about to be sent, the Redis that holds its marker when first sent.
+    pub(super) fn stamp(&self, batch: &mut Batch) {
+        if !batch.maybe_applied && Arc::ptr_eq(&batch.marker, &self.marker) {
+            batch.run_id = self
+                .run_id
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+        }
+    }
+
     /// Whether a flusher should start now (`true` once, until [`Self::next_batch`] finds
     /// nothing to send).
     pub(super) fn start_flushing(&self) -> bool {
@@ -554,6 +593,7 @@ impl Charges {
             entries,
             first_sent_ms: now_ms,
             maybe_applied: false,
+            run_id: Arc::from(""),
         };
         (Some(batch), dropped)
     }
