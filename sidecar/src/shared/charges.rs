@@ -956,10 +956,26 @@ mod tests {
             "kept long enough for the batch to be sent again"
         );
         assert!(c.needs_marker(&b, 1_001 + MARKER_TTL_MS - UNCONFIRMED_FOR_MS));
+        c.marker_unsure();
+        assert!(
+            c.needs_marker(&b, 1_000),
+            "the connection broke: Redis may have restarted"
+        );
+        c.marker_made("r1", 1_000);
+        assert!(!c.needs_marker(&b, 1_000));
+        let mut b = b;
+        c.stamp(&mut b);
+        assert_eq!(
+            &*b.run_id, "r1",
+            "the Redis that held the marker when first sent"
+        );
         c.settle(b, Outcome::Unanswered).expect("not retired");
         let (b, _) = c.next_batch(2_000);
-        let b = b.expect("sent again");
+        let mut b = b.expect("sent again");
         assert!(b.is_resent());
+        c.marker_made("r2", 2_000);
+        c.stamp(&mut b);
+        assert_eq!(&*b.run_id, "r1", "kept when sent again");
         assert!(
             !c.needs_marker(&b, u64::MAX / 2),
             "a batch sent again is never preceded by a new marker: a missing one was lost"
