@@ -8,8 +8,8 @@
 //! per pod, or across pods in the gateway's Redis when `spec.redis` is set. Tokens (input + output) are
 //! summed over minute windows, fixed or sliding as `rateLimit.technique` says, per pod or in
 //! Redis for `rateLimit.scope: global`. This pod counts both in any case: while Redis cannot be
-//! read the limits are checked against its own counts (the spend against the gateway's total
-//! last read plus what this pod spent since), and what it charges meanwhile waits for Redis
+//! read the limits are checked against the gateway's total last read plus what this pod charged
+//! since (or its own counts, when more), and what it charges meanwhile waits for Redis
 //! ([`crate::shared`]).
 //!
 //! Gateways without either limit pay nothing: no [`Settings`], no check, no tally per request.
@@ -382,9 +382,8 @@ impl Ledger {
         let left = async {
             match &s.tokens {
                 Some(t) if t.global => Some(
-                    r.tokens_left(metrics, wait, t)
-                        .await
-                        .unwrap_or_else(|Unreadable| self.tokens_left(t, Instant::now())),
+                    r.tokens_left(metrics, wait, t, || self.tokens_left(t, Instant::now()))
+                        .await,
                 ),
                 Some(t) => Some(self.tokens_left(t, Instant::now())),
                 None => None,

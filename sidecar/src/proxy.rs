@@ -60,6 +60,9 @@ pub struct Gateway {
     pub(crate) background: Arc<crate::background::Pending>,
     /// The span exporter (`spec.openTelemetry`); idle until a config sets an endpoint.
     otel: crate::otel::Exporter,
+    /// Clients of Redis servers a reload stopped using (another URL, or none), which may still
+    /// hold charges for theirs: written at shutdown too.
+    pub(crate) former_redis: crate::shared::Former,
     /// Bytes held in buffered bodies over every request (`spec.limits.maxBufferedBytes`).
     pub(crate) buffers: crate::buffers::BufferBudget,
     /// The WebSocket sessions open now (`crate::websocket`).
@@ -124,6 +127,7 @@ impl Gateway {
                 metrics.background_pending(),
             )),
             otel: crate::otel::Exporter::new(client.clone(), metrics.clone()),
+            former_redis: crate::shared::Former::default(),
             buffers: metrics.buffer_budget(),
             sessions: crate::websocket::Sessions::default(),
             client,
@@ -140,12 +144,20 @@ impl Gateway {
     }
 
     /// At shutdown, once the last request ended: writes the charges (spend, tokens, window
-    /// counts) still waiting for the gateway's Redis, at most `within`; what could not be
-    /// written is logged.
+    /// counts) still waiting for the gateway's Redis, and for those a reload stopped using,
+    /// each to its own, at once and at most `within`; what could not be written is logged.
     pub async fn write_charges(&self, within: Duration) {
-        if let Some(shared) = self.snapshot.load_full().and_then(|s| s.shared.clone()) {
-            shared.write_waiting(&self.metrics, within).await;
-        }
+        let current = self.snapshot.load_full().and_then(|s| s.shared.clone());
+        let former = self.former_redis.holding();
+        let writes = current
+            .iter()
+            .map(|s| s.write_waiting(&self.metrics, within, false))
+            .chain(
+                former
+                    .iter()
+                    .map(|s| s.write_waiting(&self.metrics, within, true)),
+            );
+        futures_util::future::join_all(writes).await;
     }
 
     /// The cache store for `settings`, made (or remade, when its size changed) on first use.

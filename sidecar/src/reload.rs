@@ -38,14 +38,15 @@ pub fn install(gw: &Gateway, mut snap: Snapshot) {
         snap.routing.keep_counters(&old.routing);
         // The same Redis: keep its client and connection (a reload is any change of the
         // gateway, a key rotation too).
-        if let (Some(new), Some(kept)) = (&snap.shared, &old.shared) {
-            if new.same_as(kept) {
-                snap.shared = Some(kept.clone());
-            } else {
-                // The same Redis under another URL (a rotated password) takes the charges the
-                // old client holds; another Redis leaves them to it.
-                new.take_over(kept, &gw.metrics);
-            }
+        match (&snap.shared, &old.shared) {
+            (Some(new), Some(kept)) if new.same_as(kept) => snap.shared = Some(kept.clone()),
+            // The same Redis under another URL (a rotated password) takes the charges the old
+            // client holds.
+            (Some(new), Some(kept)) if new.take_over(kept, &gw.metrics) => {}
+            // Another Redis, or none: the old client writes its charges to its own, at shutdown
+            // too.
+            (_, Some(kept)) => gw.former_redis.keep(kept),
+            (_, None) => {}
         }
     }
     for w in &snap.warnings {

@@ -5,8 +5,11 @@
 //!
 //! Redis is a help, not a dependency of serving: when it cannot be used in time the request is
 //! served anyway — a cache miss; a global limit counted by this pod alone, in the counter a
-//! per-pod limit uses, with the same limit; charges (spend, tokens, the counts of windows) kept
-//! in memory and added to Redis once it answers ([`charges`]). Each failure is counted in
+//! per-pod limit uses, with the same limit (a budget, tokens or a budget node's, also by its
+//! count last read plus what this pod charged since, so that it does not start again from the
+//! pod's share); charges (spend, tokens, the counts of windows) kept in memory and added to
+//! Redis once it answers ([`charges`]), at most once each, also at a stop (for the Redis of a
+//! config a reload replaced too, [`Former`]). Each failure is counted in
 //! `sidegate_redis_errors_total{op}` and warned about at most every 10 s. A request waits for
 //! Redis at most [`REQUEST_WAIT`] in all, however many calls it makes ([`Wait`]). Keys are
 //! prefixed `sidegate:{namespace/name}:`, so gateways can share one Redis.
@@ -101,6 +104,11 @@ impl Windows {
         (now_ms / self.interval_ms, now_ms % self.interval_ms)
     }
 
+    /// Unix ms from which window `index` weighs on no limit (a sliding one's, through the next).
+    fn weighs_until(&self, index: u64) -> u64 {
+        index.saturating_add(2).saturating_mul(self.interval_ms)
+    }
+
     /// `n` added to window `index` (negative: given back), for [`Charges`]: of use while the
     /// window weighs on a limit (`sliding`: through the next window too), the key kept two
     /// windows (as [`RATE_SCRIPT`] keeps it).
@@ -146,6 +154,10 @@ pub struct Shared {
     /// had applied ([`charges::SCRIPT`]).
     charges: Charges,
     charge_script: ::redis::Script,
+    /// [`charges::MARKER_PRIME`].
+    marker_script: ::redis::Script,
+    /// Whether Redis's eviction policy was asked about (once per client).
+    policy_asked: AtomicBool,
     warnings: WarnThrottle,
 }
 
@@ -186,6 +198,8 @@ impl Shared {
             prefix,
             script: Arc::new(::redis::Script::new(RATE_SCRIPT)),
             charge_script: ::redis::Script::new(charges::SCRIPT),
+            marker_script: ::redis::Script::new(charges::MARKER_PRIME),
+            policy_asked: AtomicBool::new(false),
             warnings: WarnThrottle::default(),
         })
     }
@@ -203,12 +217,13 @@ impl Shared {
     /// it has on its way go to `self`. Charges keep their keys: those of a gateway renamed
     /// are written under its old name, where Redis holds the rest of what it counted.
     /// Another Redis: `old` keeps writing its charges to its own.
-    pub fn take_over(self: &Arc<Self>, old: &Arc<Shared>, metrics: &Arc<Metrics>) {
+    /// Whether `self` took over (or had taken over) `old`'s charges.
+    pub fn take_over(self: &Arc<Self>, old: &Arc<Shared>, metrics: &Arc<Metrics>) -> bool {
         if self.place != old.place || Arc::ptr_eq(self, old) {
-            return;
+            return false;
         }
         if old.successor.set(self.clone()).is_err() {
-            return;
+            return true;
         }
         let (came, dropped) = self.charges.receive(old.charges.hand_over());
         if dropped > 0 {
@@ -217,6 +232,7 @@ impl Shared {
         if came {
             self.start_writer(metrics);
         }
+        true
     }
 
     fn unavailable(why: &'static str) -> ::redis::RedisError {
@@ -280,6 +296,9 @@ impl Shared {
         match made {
             Ok(Ok(c)) => {
                 *self.slot() = Some(c.clone());
+                if !self.policy_asked.swap(true, Ordering::Relaxed) {
+                    tokio::spawn(warn_if_evicting(c.clone()));
+                }
                 Ok(c)
             }
             Ok(Err(e)) => {
@@ -525,6 +544,14 @@ impl Shared {
     /// refuses it; its answer is read on for [`LATE_ANSWER`] and what Redis did corrects that
     /// (a count Redis refused is added, one it made for a refused request given back). `op`
     /// names the call in `sidegate_redis_errors_total`.
+    ///
+    /// Unlike a budget's ([`Self::budget_floor`]), a request rate limit has no floor of the
+    /// fleet's count last read while Redis cannot be used: each pod admits up to the limit on
+    /// its own count (generous by the number of pods, for the outage only). A rate limit guards
+    /// a request rate, usually over short windows that an outage soon outlasts, and is counted
+    /// here on every request's path, where the floor would add a table write under a lock to
+    /// each; a budget bounds an amount (tokens, a budget node's spend, over windows up to a
+    /// month) that starting again from one pod's share would mostly forgive.
     #[allow(clippy::too_many_arguments)]
     pub async fn count(
         self: &Arc<Self>,
@@ -636,8 +663,10 @@ impl Shared {
     }
 
     /// Whether the global limit `s` counted in `w` has any room left at `now` (a route's budget
-    /// node), counting what this pod keeps for Redis; `pod` (this pod's counter of it) decides
-    /// while Redis cannot be read.
+    /// node), counting what this pod keeps for Redis. While Redis cannot be read it has room
+    /// when `pod` (this pod's counter of it) has and so has the window's count as last read plus
+    /// what this pod charged it since ([`Self::budget_floor`]): a budget of the fleet does not
+    /// start again from this pod's own share.
     #[allow(clippy::too_many_arguments)]
     pub async fn room(
         &self,
@@ -661,20 +690,62 @@ impl Shared {
             })
             .await;
         match got {
-            Ok((cur, prev)) => ratelimit::admit(
-                s.limit,
-                self.with_waiting(cur, &cur_key),
-                self.with_waiting(prev, &prev_key),
-                Duration::from_millis(into),
-                Duration::from_millis(w.interval_ms),
-                s.sliding,
-                ratelimit::Need::Any,
-            ),
+            Ok((cur, prev)) => {
+                let (cur, prev) = self.saw_budget(w, index, (&cur_key, &prev_key), (cur, prev));
+                ratelimit::admit(
+                    s.limit,
+                    cur,
+                    prev,
+                    Duration::from_millis(into),
+                    Duration::from_millis(w.interval_ms),
+                    s.sliding,
+                    ratelimit::Need::Any,
+                )
+            }
             Err(f) => {
                 self.failed(metrics, op, &f);
-                pod.room(s, now)
+                stricter(pod.room(s, now), self.budget_floor(w, s.limit, s.sliding))
             }
         }
+    }
+
+    /// The counts of a budget's window `index` of `w` (key `keys.0`) and the one before
+    /// (`keys.1`) as read (`read`), with what this pod keeps for them; noted for
+    /// [`Self::budget_floor`].
+    fn saw_budget(
+        &self,
+        w: &Windows,
+        index: u64,
+        keys: (&str, &str),
+        read: (Option<u64>, Option<u64>),
+    ) -> (u64, u64) {
+        let now = unix_ms();
+        let total = |i: u64, key: &str, read: Option<u64>| {
+            let n = self.with_waiting(read, key);
+            self.charges.saw(key, n, w.weighs_until(i), now);
+            n
+        };
+        (
+            total(index, keys.0, read.0),
+            total(index.saturating_sub(1), keys.1, read.1),
+        )
+    }
+
+    /// Whether a budget of `limit` counted in `w` has room by the least its count can be while
+    /// Redis cannot be read: the counts of its windows as this pod last read them plus what it
+    /// charged them since ([`Charges::floor`]), as the spend limit starts from the spend last
+    /// read. Request rate limits have no such floor (see [`Self::count`]).
+    fn budget_floor(&self, w: &Windows, limit: u64, sliding: bool) -> Result<(), Duration> {
+        let (index, into) = w.at(unix_ms());
+        ratelimit::admit(
+            limit,
+            self.charges.floor(&w.key(index)),
+            self.charges.floor(&w.key(index.saturating_sub(1))),
+            Duration::from_millis(into),
+            Duration::from_millis(w.interval_ms),
+            sliding,
+            ratelimit::Need::Any,
+        )
     }
 
     /// A count read from Redis for `key` with what this pod keeps for it.
@@ -829,8 +900,14 @@ impl Shared {
 
     /// At shutdown, once the last request ended: waits for the writer to write what is
     /// waiting (the batch whose answer never came first), at most `within`; what it could not
-    /// write is logged, with its amounts, and lost.
-    pub async fn write_waiting(self: &Arc<Self>, metrics: &Arc<Metrics>, within: Duration) {
+    /// write is logged, with its amounts, and lost. `former`: a Redis the config no longer
+    /// names (a reload moved the gateway to another one, or to none).
+    pub async fn write_waiting(
+        self: &Arc<Self>,
+        metrics: &Arc<Metrics>,
+        within: Duration,
+        former: bool,
+    ) {
         let deadline = tokio::time::Instant::now() + within;
         self.start_writer(metrics);
         if self.charges.idle(deadline).await {
@@ -844,6 +921,7 @@ impl Shared {
             window_counts = left.counts,
             unanswered_batches = left.unanswered_batches,
             within_secs = within.as_secs_f64(),
+            redis = if former { "former" } else { "current" },
             "charges not written to redis at shutdown: lost (those of unanswered batches may have been applied)"
         );
     }
@@ -856,14 +934,43 @@ impl Shared {
             if dropped > 0 {
                 metrics.count_charges_dropped(ChargeDropped::WindowEnded, dropped);
             }
-            let Some(batch) = batch else { return };
+            let Some(mut batch) = batch else { return };
+            let now = unix_ms();
+            if self.charges.needs_marker(&batch, now) {
+                let made: Result<String, Failure> = self
+                    .call(&Wait::default(), async |c| {
+                        self.marker_script
+                            .key(&*batch.marker)
+                            .arg(charges::MARKER_TTL_MS)
+                            .invoke_async(c)
+                            .await
+                    })
+                    .await;
+                match made {
+                    Ok(run_id) => self.charges.marker_made(&run_id, now),
+                    Err(f) => {
+                        self.failed(metrics, RedisOp::Charge, &f);
+                        if f.stage == Stage::Unanswered {
+                            // A slow Redis: it makes the marker before it runs anything sent
+                            // after on the connection (its run_id unknown, or as asked last).
+                            self.charges.marker_written(&batch.marker, now);
+                        }
+                        // The batch was not sent: it waits again, as new.
+                        self.settle(metrics, batch, Outcome::NotApplied, false);
+                        tokio::time::sleep(BACKOFF).await;
+                        continue;
+                    }
+                }
+            }
+            self.charges.stamp(&mut batch);
             let written: Result<i64, Failure> = self
                 .call(&Wait::default(), async |c| {
-                    let now = unix_ms();
                     let mut call = self.charge_script.prepare_invoke();
                     call.key(&*batch.marker)
                         .arg(batch.seq)
-                        .arg(charges::MARKER_TTL_MS);
+                        .arg(charges::MARKER_TTL_MS)
+                        .arg(u8::from(batch.is_resent()))
+                        .arg(&*batch.run_id);
                     for (key, charge) in &batch.entries {
                         let (kind, amount, ttl) = charge.args(now);
                         call.key(key).arg(kind).arg(amount).arg(ttl);
@@ -872,9 +979,22 @@ impl Shared {
                 })
                 .await;
             match written {
-                Ok(_) => self.settle(metrics, batch, Outcome::Applied, false),
+                Ok(charges::MARKER_LOST) => {
+                    self.marker_lost(metrics, &batch);
+                    self.settle(metrics, batch, Outcome::Applied, false);
+                }
+                Ok(applied) => {
+                    if applied == 1 {
+                        self.charges.marker_written(&batch.marker, now);
+                    }
+                    self.settle(metrics, batch, Outcome::Applied, false);
+                }
                 Err(f) => {
                     self.failed(metrics, RedisOp::Charge, &f);
+                    if matches!(f.stage, Stage::Broken | Stage::Connect) {
+                        // Redis may be restarting: its marker (and run_id) are asked again.
+                        self.charges.marker_unsure();
+                    }
                     let outcome = if f.maybe_done() {
                         Outcome::Unanswered
                     } else {
@@ -887,6 +1007,20 @@ impl Shared {
         }
     }
 
+    /// A batch sent again found its marker gone from Redis (evicted): it is dropped, counted,
+    /// and said with its amounts, rather than perhaps counted twice.
+    fn marker_lost(&self, metrics: &Metrics, batch: &Batch) {
+        let lost = batch.tally();
+        metrics.count_charges_dropped(ChargeDropped::Unconfirmed, lost.keys as u64);
+        tracing::warn!(
+            keys = lost.keys,
+            spend_usd = lost.spend_usd,
+            tokens = lost.tokens,
+            window_counts = lost.counts,
+            "charges not written to redis: their batch went unanswered and redis no longer holds its marker (evicted? see maxmemory-policy), so it may have been applied already; dropped rather than perhaps counted twice"
+        );
+    }
+
     /// The token budget's minutes: `{prefix}tpm:{minute}`.
     fn token_windows(&self) -> Windows {
         Windows {
@@ -896,14 +1030,17 @@ impl Shared {
         }
     }
 
-    /// Whether the gateway's token budget has room, counting what this pod keeps for Redis;
-    /// `Err` when Redis cannot be read.
+    /// Whether the gateway's token budget has room, counting what this pod keeps for Redis.
+    /// While Redis cannot be read it has room when `pod` (this pod's own count) says so and so
+    /// does the gateway's count as last read plus what this pod used since
+    /// ([`Self::budget_floor`]).
     pub async fn tokens_left(
         &self,
         metrics: &Metrics,
         wait: &Wait,
         s: &budget::TokenSettings,
-    ) -> Result<Result<(), Duration>, Unreadable> {
+        pod: impl FnOnce() -> Result<(), Duration>,
+    ) -> Result<(), Duration> {
         let w = self.token_windows();
         let (index, into) = w.at(unix_ms());
         let (cur_key, prev_key) = (w.key(index), w.key(index.saturating_sub(1)));
@@ -917,17 +1054,20 @@ impl Shared {
             })
             .await;
         match got {
-            Ok((cur, prev)) => Ok(budget::budget_left(
-                s.per_minute,
-                self.with_waiting(cur, &cur_key),
-                self.with_waiting(prev, &prev_key),
-                Duration::from_millis(into),
-                budget::TOKEN_WINDOW,
-                s.sliding,
-            )),
+            Ok((cur, prev)) => {
+                let (cur, prev) = self.saw_budget(&w, index, (&cur_key, &prev_key), (cur, prev));
+                budget::budget_left(
+                    s.per_minute,
+                    cur,
+                    prev,
+                    Duration::from_millis(into),
+                    budget::TOKEN_WINDOW,
+                    s.sliding,
+                )
+            }
             Err(f) => {
                 self.failed(metrics, RedisOp::Limits, &f);
-                Err(Unreadable)
+                stricter(pod(), self.budget_floor(&w, s.per_minute, s.sliding))
             }
         }
     }
@@ -939,6 +1079,87 @@ impl Shared {
         let (index, _) = w.at(unix_ms());
         let n = i64::try_from(n).unwrap_or(i64::MAX);
         self.charge(metrics, w.key(index), w.charge(index, n, sliding));
+    }
+}
+
+/// Room only when both `a` and `b` say so; else the longer wait.
+fn stricter(a: Result<(), Duration>, b: Result<(), Duration>) -> Result<(), Duration> {
+    match (a, b) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(x), Err(y)) => Err(x.max(y)),
+        (Err(x), Ok(())) | (Ok(()), Err(x)) => Err(x),
+    }
+}
+
+/// Warns when Redis may evict sidegate's keys (`maxmemory-policy` other than `noeviction`):
+/// counts, spend and the markers that keep charges from being applied twice are all keys with a
+/// time to live, so `allkeys-*` and `volatile-*` alike may drop them (a count lost; a charge
+/// whose marker went is dropped, not counted twice, [`charges::MARKER_PRIME`]). Asked with
+/// `INFO memory`, which managed Redis services answer where they refuse `CONFIG GET`; a Redis
+/// refusing that too is not asked again, and nothing is said.
+async fn warn_if_evicting(mut c: ConnectionManager) {
+    let asked = tokio::time::timeout(
+        TIMEOUT.saturating_mul(4),
+        ::redis::cmd("INFO")
+            .arg("memory")
+            .query_async::<String>(&mut c),
+    )
+    .await;
+    let info = match asked {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "redis did not say its maxmemory-policy");
+            return;
+        }
+        Err(_) => return,
+    };
+    if let Some(policy) = evicting_policy(&info) {
+        tracing::warn!(
+            maxmemory_policy = policy,
+            "redis may evict keys (maxmemory-policy {policy}): global limits' counts and spend may be lost, and charges whose answer never came are dropped when their marker was evicted; give sidegate a redis with maxmemory-policy noeviction"
+        );
+    }
+}
+
+/// The `maxmemory_policy` an `INFO memory` answer names, unless it is `noeviction` (or absent).
+fn evicting_policy(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.trim_end().strip_prefix("maxmemory_policy:"))
+        .filter(|p| !p.is_empty() && *p != "noeviction")
+}
+
+/// The clients of Redis servers a reload stopped using (the gateway moved to another one, or
+/// to none): each writes what it keeps to its own Redis while the pod runs, and at shutdown
+/// ([`Shared::write_waiting`]). Held weakly: a client that keeps charges has its writer running,
+/// which holds it; once nothing is left to write it goes.
+#[derive(Debug, Default)]
+pub struct Former(std::sync::Mutex<Vec<std::sync::Weak<Shared>>>);
+
+impl Former {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Weak<Shared>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes `old`, replaced by a reload with a client of another Redis (or none).
+    pub fn keep(&self, old: &Arc<Shared>) {
+        let mut list = self.list();
+        list.retain(|w| w.strong_count() > 0);
+        if !list
+            .iter()
+            .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(old)))
+        {
+            list.push(Arc::downgrade(old));
+        }
+    }
+
+    /// Those that may still hold charges.
+    pub fn holding(&self) -> Vec<Arc<Shared>> {
+        self.list()
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect()
     }
 }
 
@@ -1583,6 +1804,17 @@ mod tests {
         ] {
             assert_ne!(client(other).place, before.place, "{other}");
         }
+    }
+
+    #[test]
+    fn only_a_policy_that_evicts_keys_is_warned_about() {
+        let info = |policy: &str| {
+            format!("# Memory\r\nused_memory:1\r\nmaxmemory:0\r\nmaxmemory_policy:{policy}\r\n")
+        };
+        assert_eq!(evicting_policy(&info("allkeys-lru")), Some("allkeys-lru"));
+        assert_eq!(evicting_policy(&info("volatile-ttl")), Some("volatile-ttl"));
+        assert_eq!(evicting_policy(&info("noeviction")), None);
+        assert_eq!(evicting_policy("# Memory\r\nused_memory:1\r\n"), None);
     }
 
     #[test]

@@ -116,6 +116,9 @@ pub enum ChargeDropped {
     WindowEnded,
     /// The keys waiting were at their bound.
     Full,
+    /// Sent again after an answer that never came, and Redis had lost the batch's marker
+    /// (evicted): whether the first try was applied cannot be told, so it is not applied twice.
+    Unconfirmed,
 }
 
 impl ChargeDropped {
@@ -124,6 +127,7 @@ impl ChargeDropped {
         match self {
             Self::WindowEnded => "window_ended",
             Self::Full => "full",
+            Self::Unconfirmed => "unconfirmed",
         }
     }
 }
@@ -337,7 +341,11 @@ impl Metrics {
         for op in RedisOp::ALL {
             drop(redis_errors.get_or_create(&RedisLabels { op: op.as_str() }));
         }
-        for reason in [ChargeDropped::WindowEnded, ChargeDropped::Full] {
+        for reason in [
+            ChargeDropped::WindowEnded,
+            ChargeDropped::Full,
+            ChargeDropped::Unconfirmed,
+        ] {
             drop(charges_dropped.get_or_create(&DroppedLabels {
                 reason: reason.as_str(),
             }));

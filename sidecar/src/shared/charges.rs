@@ -4,7 +4,8 @@
 //!
 //! A batch whose answer never came may have been applied: it is sent again with its number, and
 //! [`SCRIPT`] applies each number once (a marker key per process holds the last one applied), so
-//! a charge is neither lost nor counted twice. A batch Redis refused (out of memory, a read-only
+//! a charge is neither lost nor counted twice; should Redis evict the marker meanwhile, the batch
+//! is dropped, counted, rather than perhaps applied twice ([`MARKER_PRIME`]). A batch Redis refused (out of memory, a read-only
 //! replica) was not applied: its charges wait again with the new ones. Charges whose window (or
 //! spend period) ended before Redis took them are of no use and dropped, counted, as are new
 //! keys past [`MAX_KEYS`] (a route node's count first: spend and tokens win).
@@ -17,20 +18,36 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Applies batch `ARGV[1]` once: nothing when the marker (`KEYS[1]`, kept `ARGV[2]` ms) holds
-/// that number or a later one. Then, for each charged key `KEYS[i]` (i ≥ 2), three arguments:
-/// its kind (`f`: `INCRBYFLOAT`, `i`: `INCRBY`), the amount and the key's time to live in ms.
-/// A negative count is a give-back: never below 0, and never bringing back a key that expired.
-/// The marker is the script's first write, so a Redis refusing writes (out of memory, a
-/// replica) refuses the whole batch; a key holding something else (another type) is skipped.
+/// that number or a later one. A batch sent again (`ARGV[3]` is `1`: its first try may have been
+/// applied) whose marker is gone is applied only when Redis is another instance than the one
+/// that held the marker before its first try (`ARGV[4]`, its `run_id`: a Redis restarted without
+/// its data, or a replica promoted, lost or never had what the first try did, marker and charges
+/// together). The same Redis lost the marker alone (evicted under a `maxmemory-policy` other than
+/// `noeviction`, or deleted): nobody can tell whether the first try was applied, and a charge
+/// counted twice is worse than one lost, so the batch is not applied, answered `2` (see
+/// [`MARKER_PRIME`]); so too when Redis does not say its `run_id`. Then, for each charged key
+/// `KEYS[i]` (i ≥ 2), three arguments: its kind (`f`: `INCRBYFLOAT`, `i`: `INCRBY`), the amount
+/// and the key's time to live in ms. A negative count is a give-back: never below 0, and never bringing
+/// back a key that expired. The marker is the script's first write, so a Redis refusing writes
+/// (out of memory, a replica) refuses the whole batch; a key holding something else (another
+/// type) is skipped.
 pub(super) const SCRIPT: &str = r"
 local seq = tonumber(ARGV[1])
-if seq <= tonumber(redis.call('GET', KEYS[1]) or '0') then return 0 end
+local held = redis.call('GET', KEYS[1])
+if held then
+  if seq <= tonumber(held) then return 0 end
+elseif ARGV[3] == '1' then
+  if redis.replicate_commands then redis.replicate_commands() end
+  local info = redis.pcall('INFO', 'server')
+  local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)')
+  if not run or ARGV[4] == '' or run == ARGV[4] then return 2 end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 for i = 2, #KEYS do
-  local k, kind, n, ttl = KEYS[i], ARGV[3 * i - 3], ARGV[3 * i - 2], ARGV[3 * i - 1]
+  local k, kind, n, ttl = KEYS[i], ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
   if kind == 'f' then
     redis.pcall('INCRBYFLOAT', k, n)
     redis.pcall('PEXPIRE', k, ttl)
@@ -46,11 +63,42 @@ end
 return 1
 ";
 
+/// [`SCRIPT`]'s answer for a batch sent again whose marker Redis no longer holds: not applied.
+pub(super) const MARKER_LOST: i64 = 2;
+
+/// Makes sure the marker (`KEYS[1]`) exists, for `ARGV[1]` ms, before a batch is first sent,
+/// and answers Redis's `run_id` (empty when it does not say): then a marker missing when that
+/// batch is sent again to the same Redis was lost (evicted, deleted), never "not yet made", and
+/// [`SCRIPT`] applies nothing it cannot tell was not applied. Sent once per client, again after
+/// the writer's connection broke or could not be made (Redis may have restarted) and when the
+/// marker may have expired; not per batch: every batch applied keeps the marker for
+/// [`MARKER_TTL_MS`] anyway. Never before a batch sent again: it would make anew the marker
+/// whose absence says the batch's fate is unknown. One whose answer is late is taken as made:
+/// Redis runs a connection's commands in order, so before any batch sent after it.
+///
+/// Why not keep the marker inside each charged key, where it would be evicted only with the
+/// charge: those keys are plain counters that every pod's rate script and reads use (`GET`,
+/// `INCR`, `MGET`); hashes would change the keys of all sidegate versions sharing a Redis during
+/// a rolling update. The residual risk of a separate marker is a loss, not a double count: a
+/// batch whose answer never came and whose marker was evicted before it was sent again (about
+/// a second) is dropped, counted in `sidegate_redis_charges_dropped_total{reason="unconfirmed"}`,
+/// on a Redis that evicts the charged keys themselves just as well; the sidecar warns at its
+/// first connection when Redis may evict keys at all.
+pub(super) const MARKER_PRIME: &str = r"
+if not redis.call('SET', KEYS[1], '0', 'PX', ARGV[1], 'NX') then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+end
+local info = redis.pcall('INFO', 'server')
+return type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
+";
+
 /// Most keys held at once (some 200 bytes each), those of the batches on their way or whose
 /// answer never came included: new keys past it are dropped, counted.
 pub(super) const MAX_KEYS: usize = 10_000;
 /// Most keys written in one batch.
 pub(super) const BATCH_KEYS: usize = 512;
+/// Most budget windows whose count read last is kept for [`Charges::floor`].
+pub(super) const MAX_SEEN: usize = 10_000;
 /// How long the marker of the last batch applied is kept, in ms.
 pub(super) const MARKER_TTL_MS: u64 = 2 * 86_400_000;
 /// How long a batch whose answer never came is sent again, in ms: well within the marker's
@@ -138,6 +186,20 @@ pub(super) struct Batch {
     /// Whether Redis may have applied it (an answer never came): then it keeps its number
     /// until Redis answers, whatever becomes of the next tries.
     maybe_applied: bool,
+    /// The `run_id` of the Redis that held its marker when it was first sent (empty: unknown).
+    pub run_id: Arc<str>,
+}
+
+impl Batch {
+    /// Whether it is sent again: Redis may have applied it already.
+    pub(super) fn is_resent(&self) -> bool {
+        self.maybe_applied
+    }
+
+    /// What it adds up to.
+    pub(super) fn tally(&self) -> Tally {
+        Tally::of(self.entries.iter().map(|(_, c)| c))
+    }
 }
 
 /// What became of a batch sent.
@@ -161,6 +223,11 @@ pub(super) struct Charges {
     flushing: AtomicBool,
     /// `{prefix}charges:{random}`: the number of the last batch of this client's applied.
     marker: Arc<str>,
+    /// Unix ms until which the marker is known to be in Redis (kept [`MARKER_TTL_MS`] from its
+    /// last write Redis answered), unless evicted; 0 after the writer failed.
+    marker_until_ms: AtomicU64,
+    /// The `run_id` of the Redis that holds the marker, as [`MARKER_PRIME`] last answered.
+    run_id: Mutex<Arc<str>>,
     /// Told when the flusher stops: nothing is left to write.
     idle: tokio::sync::Notify,
 }
@@ -177,6 +244,18 @@ struct State {
     in_flight: Tally,
     /// Replaced by a new client of the same Redis: charges go to it.
     retired: bool,
+    /// The count of budget windows (the token budget's, budget nodes') as last read, and what
+    /// this client charged them since: the floor their checks use while Redis cannot be read.
+    seen: HashMap<String, Seen>,
+}
+
+/// A window's count as last read (with what waited for it then), and what was charged since.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    read: u64,
+    since: i64,
+    /// Unix ms from which the window weighs no more.
+    until_ms: u64,
 }
 
 impl State {
@@ -272,6 +351,7 @@ pub(super) enum Added {
 pub(super) struct Handover {
     waiting: HashMap<String, Charge>,
     unanswered: VecDeque<Batch>,
+    seen: HashMap<String, Seen>,
 }
 
 impl Charges {
@@ -282,6 +362,8 @@ impl Charges {
             waiting: AtomicBool::new(false),
             flushing: AtomicBool::new(false),
             marker: marker.into(),
+            marker_until_ms: AtomicU64::new(0),
+            run_id: Mutex::new(Arc::from("")),
             idle: tokio::sync::Notify::new(),
         }
     }
@@ -297,6 +379,11 @@ impl Charges {
         let mut s = self.state();
         if s.retired {
             return Added::Retired(key, c);
+        }
+        if !s.seen.is_empty()
+            && let (Some(seen), Amount::Count(n)) = (s.seen.get_mut(&key), c.amount)
+        {
+            seen.since = seen.since.saturating_add(n);
         }
         let dropped = s.insert(key, c);
         self.waiting.store(!s.waiting.is_empty(), Ordering::Relaxed);
@@ -318,6 +405,48 @@ impl Charges {
         }
     }
 
+    /// Notes `read`, the count of budget window `key` read from Redis with what waited for it,
+    /// which weighs until `until_ms`: [`Self::floor`] starts from it. Windows that weigh no
+    /// more make room past [`MAX_SEEN`]; with none, a new window is not noted (its floor is
+    /// what waits for it).
+    pub(super) fn saw(&self, key: &str, read: u64, until_ms: u64, now_ms: u64) {
+        let mut s = self.state();
+        let seen = Seen {
+            read,
+            since: 0,
+            until_ms,
+        };
+        if let Some(held) = s.seen.get_mut(key) {
+            *held = seen;
+            return;
+        }
+        if s.seen.len() >= MAX_SEEN {
+            s.seen.retain(|_, w| w.until_ms > now_ms);
+            if s.seen.len() >= MAX_SEEN {
+                return;
+            }
+        }
+        s.seen.insert(key.to_owned(), seen);
+    }
+
+    /// The least the count of budget window `key` can be, as far as this client knows while
+    /// Redis cannot be read: as last read plus what this client charged it since, or, never
+    /// read, what waits for it.
+    pub(super) fn floor(&self, key: &str) -> u64 {
+        let s = self.state();
+        match s.seen.get(key) {
+            Some(w) => {
+                let since = u64::try_from(w.since).unwrap_or(0);
+                let back = w.since.min(0).unsigned_abs();
+                w.read.saturating_add(since).saturating_sub(back)
+            }
+            None => match s.waiting.get(key).map(|c| c.amount) {
+                Some(Amount::Count(n)) => u64::try_from(n).unwrap_or(0),
+                _ => 0,
+            },
+        }
+    }
+
     /// What waits for `key`: USD.
     pub(super) fn waiting_usd(&self, key: &str) -> f64 {
         if !self.waiting.load(Ordering::Relaxed) {
@@ -326,6 +455,47 @@ impl Charges {
         match self.state().waiting.get(key).map(|c| c.amount) {
             Some(Amount::Usd(usd)) => usd,
             _ => 0.0,
+        }
+    }
+
+    /// Whether the marker must be made ([`MARKER_PRIME`]) before `batch` is sent at `now_ms`: a
+    /// batch first sent needs its marker in Redis for as long as it may be sent again.
+    pub(super) fn needs_marker(&self, batch: &Batch, now_ms: u64) -> bool {
+        !batch.maybe_applied
+            && Arc::ptr_eq(&batch.marker, &self.marker)
+            && self.marker_until_ms.load(Ordering::Relaxed)
+                < now_ms.saturating_add(UNCONFIRMED_FOR_MS)
+    }
+
+    /// Redis answered a write of `marker` made at `now_ms` (a batch applied, the marker made):
+    /// it holds it for [`MARKER_TTL_MS`].
+    pub(super) fn marker_written(&self, marker: &Arc<str>, now_ms: u64) {
+        if Arc::ptr_eq(marker, &self.marker) {
+            self.marker_until_ms
+                .fetch_max(now_ms.saturating_add(MARKER_TTL_MS), Ordering::Relaxed);
+        }
+    }
+
+    /// [`MARKER_PRIME`] answered at `now_ms` with the `run_id` of the Redis holding the marker.
+    pub(super) fn marker_made(&self, run_id: &str, now_ms: u64) {
+        *self.run_id.lock().unwrap_or_else(|e| e.into_inner()) = Arc::from(run_id);
+        self.marker_written(&self.marker.clone(), now_ms);
+    }
+
+    /// The writer's connection broke, or could not be made: Redis may have restarted, and the
+    /// marker is made again (with its `run_id` asked again) before the next batch first sent.
+    pub(super) fn marker_unsure(&self) {
+        self.marker_until_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Notes on `batch`, about to be sent, the Redis that holds its marker when first sent.
+    pub(super) fn stamp(&self, batch: &mut Batch) {
+        if !batch.maybe_applied && Arc::ptr_eq(&batch.marker, &self.marker) {
+            batch.run_id = self
+                .run_id
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
         }
     }
 
@@ -423,6 +593,7 @@ impl Charges {
             entries,
             first_sent_ms: now_ms,
             maybe_applied: false,
+            run_id: Arc::from(""),
         };
         (Some(batch), dropped)
     }
@@ -482,6 +653,7 @@ impl Charges {
         Handover {
             waiting: std::mem::take(&mut s.waiting),
             unanswered: std::mem::take(&mut s.unanswered),
+            seen: std::mem::take(&mut s.seen),
         }
     }
 
@@ -491,6 +663,9 @@ impl Charges {
         let came = !h.waiting.is_empty() || !h.unanswered.is_empty();
         let mut s = self.state();
         s.unanswered.extend(h.unanswered);
+        for (key, w) in h.seen {
+            s.seen.entry(key).or_insert(w);
+        }
         let mut dropped = 0;
         for (key, c) in h.waiting {
             dropped += u64::from(s.insert(key, c));
@@ -762,6 +937,101 @@ mod tests {
         let b = b.expect("then what waited");
         assert_eq!((&*b.marker, b.seq), ("new", 1));
         assert_eq!(b.entries[0].1.amount, Amount::Usd(2.0));
+    }
+
+    #[test]
+    fn a_batch_first_sent_needs_its_marker_made_once_and_again_when_it_may_have_expired() {
+        let c = Charges::new("m".into());
+        c.add("spend".into(), usd(1.0, u64::MAX));
+        let (b, _) = c.next_batch(1_000);
+        let b = b.expect("batch");
+        assert!(
+            c.needs_marker(&b, 1_000),
+            "a new client's marker is not in Redis yet"
+        );
+        c.marker_written(&b.marker, 1_000);
+        assert!(!c.needs_marker(&b, 1_000));
+        assert!(
+            !c.needs_marker(&b, 1_000 + MARKER_TTL_MS - UNCONFIRMED_FOR_MS),
+            "kept long enough for the batch to be sent again"
+        );
+        assert!(c.needs_marker(&b, 1_001 + MARKER_TTL_MS - UNCONFIRMED_FOR_MS));
+        c.marker_unsure();
+        assert!(
+            c.needs_marker(&b, 1_000),
+            "the connection broke: Redis may have restarted"
+        );
+        c.marker_made("r1", 1_000);
+        assert!(!c.needs_marker(&b, 1_000));
+        let mut b = b;
+        c.stamp(&mut b);
+        assert_eq!(
+            &*b.run_id, "r1",
+            "the Redis that held the marker when first sent"
+        );
+        c.settle(b, Outcome::Unanswered).expect("not retired");
+        let (b, _) = c.next_batch(2_000);
+        let mut b = b.expect("sent again");
+        assert!(b.is_resent());
+        c.marker_made("r2", 2_000);
+        c.stamp(&mut b);
+        assert_eq!(&*b.run_id, "r1", "kept when sent again");
+        assert!(
+            !c.needs_marker(&b, u64::MAX / 2),
+            "a batch sent again is never preceded by a new marker: a missing one was lost"
+        );
+        let other = Charges::new("other".into());
+        other.marker_written(&b.marker, 1_000);
+        assert_eq!(
+            other.marker_until_ms.load(Ordering::Relaxed),
+            0,
+            "another client's marker"
+        );
+    }
+
+    #[test]
+    fn a_budget_windows_floor_is_its_count_last_read_plus_what_was_charged_since() {
+        let c = Charges::new("m".into());
+        assert_eq!(c.floor("tpm:7"), 0);
+        c.add("tpm:7".into(), count(5, 10_000));
+        assert_eq!(c.floor("tpm:7"), 5, "never read: what waits for it");
+        c.saw("tpm:7", 80, 10_000, 1_000);
+        c.add("tpm:7".into(), count(7, 10_000));
+        c.add("tpm:7".into(), count(7, 10_000));
+        assert_eq!(c.floor("tpm:7"), 94, "80 read, 14 since");
+        let (b, _) = c.next_batch(1_000);
+        c.settle(b.expect("batch"), Outcome::Applied)
+            .expect("not retired");
+        assert_eq!(
+            c.floor("tpm:7"),
+            94,
+            "written: still what was charged since the read"
+        );
+        c.add("tpm:7".into(), count(-20, 10_000));
+        assert_eq!(c.floor("tpm:7"), 74, "a give-back");
+        c.saw("tpm:7", 100, 10_000, 2_000);
+        assert_eq!(c.floor("tpm:7"), 100, "a new read starts afresh");
+        let new = Charges::new("n".into());
+        new.receive(c.hand_over());
+        assert_eq!(
+            new.floor("tpm:7"),
+            100,
+            "a client of the same Redis takes it over"
+        );
+    }
+
+    #[test]
+    fn budget_windows_noted_are_bounded_and_those_that_weigh_no_more_make_room() {
+        let c = Charges::new("m".into());
+        for i in 0..MAX_SEEN {
+            c.saw(&format!("w{i}"), 1, if i == 0 { 500 } else { 10_000 }, 0);
+        }
+        c.saw("new", 3, 10_000, 100);
+        assert_eq!(c.floor("new"), 0, "full: not noted");
+        c.saw("new", 3, 10_000, 600);
+        assert_eq!(c.floor("new"), 3, "w0 weighs no more");
+        assert_eq!(c.floor("w0"), 0);
+        assert_eq!(c.state().seen.len(), MAX_SEEN);
     }
 
     #[test]
