@@ -102,6 +102,23 @@ struct State {
     last: Option<Revision>,
     /// A failed read was logged as a warning (once per process).
     warned: bool,
+    /// A missing ReplicaSet was logged as a warning (once per process).
+    absent_said: bool,
+}
+
+/// Why the revision was not read now: tried again at the next check.
+#[derive(Debug)]
+enum Unread {
+    /// The replica's ReplicaSet (named) is not there.
+    Absent(String),
+    /// The apiserver could not be asked, or refused.
+    Failed(kube::Error),
+}
+
+impl From<kube::Error> for Unread {
+    fn from(e: kube::Error) -> Self {
+        Self::Failed(e)
+    }
 }
 
 impl OwnRevision {
@@ -158,7 +175,18 @@ impl OwnRevision {
                 );
                 None
             }
-            Err(e) => {
+            Err(Unread::Absent(replicaset)) => {
+                let mut state = self.state();
+                if !std::mem::replace(&mut state.absent_said, true) {
+                    tracing::warn!(
+                        replica = %self.described,
+                        replicaset = %replicaset,
+                        "this replica's ReplicaSet is not there (deleted, or $POD_TEMPLATE_HASH is not its Deployment's): read again at each check, the revision read last standing meanwhile"
+                    );
+                }
+                state.last.clone()
+            }
+            Err(Unread::Failed(e)) => {
                 let mut state = self.state();
                 if std::mem::replace(&mut state.warned, true) {
                     tracing::debug!(replica = %self.described, error = %e, "revision not read again");
@@ -183,7 +211,7 @@ impl OwnRevision {
     }
 
     /// The revision as the apiserver has it now; `None` if the pod has no Deployment.
-    async fn read(&self) -> Result<Option<Revision>, kube::Error> {
+    async fn read(&self) -> Result<Option<Revision>, Unread> {
         let known = self.state().replicaset.clone();
         let replicaset = match known {
             Some(name) => name,
@@ -199,10 +227,11 @@ impl OwnRevision {
                 name
             }
         };
-        // A ReplicaSet named from the hash that is not there: no revision to read (the hash
-        // given was not this Deployment's).
+        // A ReplicaSet that is not there now may be again (deleted orphaning its pods, the
+        // Deployment makes it anew under the same name): read again at the next check, the
+        // last revision read standing meanwhile, as for any failed read.
         let Some(rs) = self.replicasets.get_opt(&replicaset).await? else {
-            return Ok(None);
+            return Err(Unread::Absent(replicaset));
         };
         let Some(number) = rs
             .annotations()
