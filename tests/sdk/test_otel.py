@@ -157,7 +157,9 @@ def test_an_openai_sdk_request_becomes_a_gen_ai_client_span(traced, collector):
     assert HEX32.match(s["traceId"]) and HEX16.match(s["spanId"])
     assert "parentSpanId" not in s
     start, end = int(s["startTimeUnixNano"]), int(s["endTimeUnixNano"])
-    assert before - 50_000_000 <= start <= end <= after + 50_000_000
+    # Wall-clock times around the request: a second's slack, for a loaded machine may pause
+    # the sidecar between the last byte written and the span's end (50 ms failed once).
+    assert before - 1_000_000_000 <= start <= end <= after + 1_000_000_000
     a = s["attrs"]
     assert a["gen_ai.operation.name"] == "chat"
     assert a["gen_ai.system"] == a["gen_ai.provider.name"] == "openai"

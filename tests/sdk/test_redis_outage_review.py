@@ -32,12 +32,13 @@ def spend_day(redis, password=None):
 
 # Failed at e086682 (mended since): a graceful stop (SIGTERM) with Redis healthy drops the charges queued behind the batch on its way (no flush at shutdown)
 def test_a_graceful_stop_with_redis_healthy_loses_no_charge_queued_behind_the_batch_in_flight(mock, tmp_path):
-    # Redis is healthy, only 0.42 s away (within the 500 ms a call waits): nothing fails. The
+    # Redis is healthy, only 0.3 s away (within the 500 ms a call waits, with room for a loaded
+    # machine: 0.42 s failed once at a load of 4.5): nothing fails. The
     # pod's single writer has batch 1 on its way while the other responses' charges wait in
     # memory; the app is done and the pod stops (SIGTERM, no drain delay: a native sidecar).
     # README's only known loss is a pod stopping "before Redis is back": Redis never left.
     redis = Redis(tmp_path / "redis")
-    proxy = LatencyProxy(redis.port, 0.42)
+    proxy = LatencyProxy(redis.port, 0.3)
     g = pod(tmp_path, mock.url, proxy.url, "  spendLimit: {amount: '100', period: day}\n", "a")
     try:
         # Warm: connection made, the charge script loaded in Redis (EVALSHA answers at once).
