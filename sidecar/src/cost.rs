@@ -493,26 +493,43 @@ pub fn cache_ratios(name: &str) -> (f64, f64, f64) {
     if name.starts_with("claude-") {
         return (0.1, 1.25, 2.0);
     }
+    // A GPT-5 point release (`gpt-5.1`, `gpt-5.4-pro`, one priced in `spec.pricing` too) is of
+    // the GPT-5 family here: read as `gpt-5...` without its point.
+    let family;
+    let name = match gpt_5_point_release(name) {
+        Some(rest) => {
+            family = format!("gpt-5{rest}");
+            family.as_str()
+        }
+        None => name,
+    };
     CACHE_READ
         .iter()
         .find(|(family, _)| continues(name, family))
         .map_or((1.0, 1.0, 1.0), |&(_, read)| (read, 1.0, 1.0))
 }
 
+/// What follows the point of a GPT-5 point release's name (`-pro` of `gpt-5.4-pro`, `` of
+/// `gpt-5.2`), if `name` is one.
+fn gpt_5_point_release(name: &str) -> Option<&str> {
+    let digits = name.strip_prefix("gpt-5.")?;
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    (end > 0).then(|| &digits[end..])
+}
+
 /// Cached input as a multiple of the input price, by model family: the first family a model's
 /// name equals or continues (after `-`, `@`, `:`) counts, so the exceptions come first.
 const CACHE_READ: &[(&str, f64)] = &[
     ("gpt-5-pro", 1.0),
-    ("gpt-5.2-pro", 1.0),
     ("o1-pro", 1.0),
     ("o3-pro", 1.0),
     ("gpt-4o-2024-05-13", 1.0),
     ("o1-mini", 0.5),
     ("o3-mini", 0.5),
+    // Its point releases too (`gpt-5.1`, `gpt-5.2-pro`: see [`cache_ratios`]).
     ("gpt-5", 0.1),
-    // `.` is no boundary: the point releases are families of their own.
-    ("gpt-5.1", 0.1),
-    ("gpt-5.2", 0.1),
     // $0.40 against $4 on gpt-realtime, $0.06 against $0.60 on gpt-realtime-mini.
     ("gpt-realtime", 0.1),
     ("gpt-4.1", 0.25),
@@ -629,6 +646,22 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("claude-opus-4", 15.0, 75.0),
     ("claude-opus-4-1", 15.0, 75.0),
     ("claude-opus-4-5", 5.0, 25.0),
+    // The models after them (platform.claude.com, each model's overview, "Input pricing" and
+    // "Output pricing", read 2026-11-28; Claude Mythos 5 "shares Claude Fable 5's
+    // specifications and pricing"). Cache reads and writes by the Anthropic ratios, as their
+    // pages list them. A later version the table does not name (`claude-fable-5-2`,
+    // `claude-haiku-5-5`) has no price: not its predecessor's.
+    ("claude-opus-4-6", 5.0, 25.0),
+    ("claude-opus-4-7", 5.0, 25.0),
+    ("claude-opus-4-8", 5.0, 25.0),
+    ("claude-sonnet-4-6", 3.0, 15.0),
+    ("claude-opus-5", 5.0, 25.0),
+    ("claude-opus-5-5", 4.0, 20.0),
+    ("claude-sonnet-5", 2.0, 10.0),
+    ("claude-sonnet-5-5", 2.0, 10.0),
+    ("claude-fable-5", 10.0, 50.0),
+    ("claude-fable-5-1", 10.0, 50.0),
+    ("claude-mythos-5", 10.0, 50.0),
     // Google Gemini
     ("gemini-1.5-flash", 0.075, 0.30),
     ("gemini-1.5-flash-8b", 0.0375, 0.15),
@@ -774,6 +807,14 @@ impl Pricing {
                 entries.push(((*name).into(), Price::of(name, *input, *output)));
             }
         }
+        for (name, same_as) in SAME_PRICE {
+            let base = BUILTIN.iter().find(|(n, _, _)| n == same_as);
+            if let Some((base, input, output)) = base
+                && !overrides.iter().any(|o| o.model == *name)
+            {
+                entries.push(((*name).into(), Price::of(base, *input, *output)));
+            }
+        }
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         entries.dedup_by(|a, b| a.0 == b.0);
         Ok(Self { entries })
@@ -803,11 +844,19 @@ impl Pricing {
                 .enumerate()
                 .rev()
                 .filter(|(_, c)| BOUNDARY.contains(c))
-                .take_while(|&(i, _)| !names_a_sibling(&name[i..]))
+                .take_while(|&(i, _)| {
+                    !names_a_sibling(&name[i..]) && !names_a_later_version(&name[i + 1..])
+                })
                 .find_map(|(i, _)| exact(&name[..i]))
         })
     }
 }
+
+/// Later versions priced as the model they follow, its audio and image rates too (a later
+/// version is otherwise no price of its predecessor's: see [`names_a_later_version`]).
+/// gpt-realtime-1.5: $4 / $16 text, $32 / $64 audio, as gpt-realtime (its model page; third-party
+/// tables read 2026-11-28 agree).
+const SAME_PRICE: &[(&str, &str)] = &[("gpt-realtime-1.5", "gpt-realtime")];
 
 /// Words that, in what a model's name adds to a shorter one, make it another model of the
 /// family than the one named so (`gpt-5-codex-mini`, `gpt-realtime-2.1-mini`: not `gpt-5`, nor
@@ -820,6 +869,17 @@ const SIBLINGS: &[&str] = &["mini", "nano", "lite", "pro", "fast"];
 fn names_a_sibling(rest: &str) -> bool {
     rest.split(|c: char| c.is_ascii() && (BOUNDARY.contains(&(c as u8)) || c == '.'))
         .any(|word| SIBLINGS.contains(&word))
+}
+
+/// Whether `rest`, what a model's name adds to a table name (after its boundary), starts with
+/// a minor version: one digit, 1 to 9, alone or before a boundary or a point
+/// (`claude-opus-4-6` is not `claude-opus-4`, $5 / $25 against $15 / $75; `gpt-realtime-1.5` is
+/// not `gpt-realtime`). Dates and snapshot numbers (`-20250514`, `-0613`, `-001`, `-08-2024`)
+/// and `-0` (Anthropic's alias of the model itself, `claude-opus-4-0`) stay the model's.
+fn names_a_later_version(rest: &str) -> bool {
+    let b = rest.as_bytes();
+    matches!(b.first(), Some(b'1'..=b'9'))
+        && b.get(1).is_none_or(|c| *c == b'.' || BOUNDARY.contains(c))
 }
 
 /// `s` with its `%XX` escapes decoded (invalid ones kept as they are).
@@ -2295,6 +2355,74 @@ mod tests {
         assert_eq!(look(&t, "gpt-4-1106-preview"), price(10.0, 30.0));
         assert_eq!(look(&t, "gpt-4-32k-0613"), price(60.0, 120.0));
         assert_eq!(look(&t, "gpt-4-0613"), price(30.0, 60.0));
+    }
+
+    #[test]
+    fn a_later_version_is_not_priced_as_the_model_it_follows() {
+        let t = Pricing::default();
+        for (name, want) in [
+            // Opus 4.6 to 4.8 are $5 / $25, not Opus 4's $15 / $75.
+            ("claude-opus-4-6", price(5.0, 25.0)),
+            ("claude-opus-4-7", price(5.0, 25.0)),
+            ("claude-opus-4-8-20260528", price(5.0, 25.0)),
+            ("claude-sonnet-4-6", price(3.0, 15.0)),
+            ("claude-opus-5", price(5.0, 25.0)),
+            ("claude-opus-5-5", price(4.0, 20.0)),
+            ("claude-sonnet-5-5", price(2.0, 10.0)),
+            ("claude-fable-5-1", price(10.0, 50.0)),
+            ("claude-mythos-5", price(10.0, 50.0)),
+            // Versions the table does not name: no price, not their predecessor's.
+            ("claude-opus-4-9", None),
+            ("claude-fable-5-2", None),
+            ("claude-mythos-5-1", None),
+            ("claude-opus-5-7", None),
+            // Snapshots, dates and Anthropic's `-0` alias stay the model's.
+            ("claude-opus-4-0", price(15.0, 75.0)),
+            ("claude-opus-4-20250514", price(15.0, 75.0)),
+            ("gpt-4-0613", price(30.0, 60.0)),
+            ("gemini-2.5-pro-preview-05-06", price(1.25, 10.0)),
+            // Versions priced as their predecessor, by name (SAME_PRICE).
+            ("gpt-realtime-1.5", price(4.0, 16.0)),
+            ("gpt-realtime-1.5-2026-02-23", price(4.0, 16.0)),
+        ] {
+            assert_eq!(look(&t, name), want, "{name}");
+        }
+        // gpt-realtime-1.5 has gpt-realtime's audio rates too.
+        let (v15, v1) = (t.lookup("gpt-realtime-1.5"), t.lookup("gpt-realtime"));
+        let audio =
+            |p: Option<Price>| p.map(|p| (p.audio_input, p.audio_output, p.image_cache_read));
+        assert_eq!(audio(v15), audio(v1));
+        assert_eq!(audio(v15), Some((32.0, 64.0, 0.5)));
+    }
+
+    #[test]
+    fn a_gpt_5_point_release_has_the_gpt_5_cache_ratio_even_when_the_table_does_not_name_it() {
+        for (name, read) in [
+            ("gpt-5.1", 0.1),
+            ("gpt-5.4", 0.1),
+            ("gpt-5.3-codex", 0.1),
+            ("gpt-5.10-mini", 0.1),
+            ("gpt-5.2-pro", 1.0),
+            ("gpt-5.4-pro", 1.0),
+            ("gpt-5-pro", 1.0),
+            ("gpt-5.", 1.0),
+            ("gpt-5.x", 1.0),
+        ] {
+            assert_eq!(cache_ratios(name).0, read, "{name}");
+        }
+        // Priced in `spec.pricing`: cached input at a tenth of it.
+        let t = Pricing::with(&[ModelPrice {
+            model: "gpt-5.4".into(),
+            input_per_million: "2.50".into(),
+            output_per_million: "15".into(),
+            ..ModelPrice::default()
+        }])
+        .expect("valid");
+        let cached = t.lookup("gpt-5.4").map(|p| p.cache_read);
+        assert!(
+            cached.is_some_and(|c| (c - 0.25).abs() < 1e-12),
+            "{cached:?}"
+        );
     }
 
     #[test]
