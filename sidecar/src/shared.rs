@@ -929,6 +929,8 @@ impl Shared {
     /// Writes the charges waiting, a batch at a time, until none waits; after a failure, again
     /// every [`BACKOFF`].
     async fn flush(self: &Arc<Self>, metrics: &Arc<Metrics>) {
+        // The last batch first sent found another Redis than its marker's.
+        let mut elsewhere = false;
         loop {
             let (batch, dropped) = self.charges.next_batch(unix_ms());
             if dropped > 0 {
@@ -949,12 +951,9 @@ impl Shared {
                 match made {
                     Ok(run_id) => self.charges.marker_made(&run_id, now),
                     Err(f) => {
+                        // Not made, as far as anyone knows (one whose answer came late may not
+                        // have run: made again, answered, before a batch is first sent).
                         self.failed(metrics, RedisOp::Charge, &f);
-                        if f.stage == Stage::Unanswered {
-                            // A slow Redis: it makes the marker before it runs anything sent
-                            // after on the connection (its run_id unknown, or as asked last).
-                            self.charges.marker_written(&batch.marker, now);
-                        }
                         // The batch was not sent: it waits again, as new.
                         self.settle(metrics, batch, Outcome::NotApplied, false);
                         tokio::time::sleep(BACKOFF).await;
@@ -978,10 +977,24 @@ impl Shared {
                     call.invoke_async(c).await
                 })
                 .await;
+            let was_elsewhere = std::mem::take(&mut elsewhere);
             match written {
                 Ok(charges::MARKER_LOST) => {
                     self.marker_lost(metrics, &batch);
                     self.settle(metrics, batch, Outcome::Applied, false);
+                }
+                Ok(charges::ELSEWHERE) => {
+                    // Another Redis than the one whose marker was made (it restarted, seen by
+                    // requests only): nothing applied; the marker is made there, and the batch
+                    // sent again as new. Twice in a row (a Redis whose run_id keeps changing,
+                    // a proxy in front of several), at the pace of failures.
+                    self.charges.marker_unsure();
+                    self.settle(metrics, batch, Outcome::NotApplied, false);
+                    elsewhere = true;
+                    if was_elsewhere {
+                        tokio::time::sleep(BACKOFF).await;
+                    }
+                    continue;
                 }
                 Ok(applied) => {
                     if applied == 1 {

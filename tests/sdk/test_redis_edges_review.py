@@ -9,8 +9,6 @@ restart without its data), else dropped, counted `reason="unconfirmed"`.
 
 import time
 
-import pytest
-
 from test_redis import Redis, redis_errors
 from test_redis_edges import marker_keys, spend_day
 from test_redis_outages import charged, dropped, probe, settled
@@ -37,8 +35,7 @@ def wait_charge_error(g, at_least):
         time.sleep(0.05)
 
 
-# FAILS at c5b8b70: a Redis restart seen only by requests (the writer idle) keeps the old run_id, so a batch whose marker the new Redis evicted is applied twice
-@pytest.mark.xfail(strict=True, reason="review 149: a Redis restart seen only by requests (the writer idle) keeps the old run_id, so a batch w")
+# Failed at c5b8b70 (mended since): a Redis restart seen only by requests (the writer idle) kept the old run_id, so a batch whose marker the new Redis evicted was applied twice; now a batch's first try carries the run_id of the Redis whose marker was made, and another Redis applies nothing (the marker is made there, the batch sent as new)
 def test_a_redis_restart_the_writer_did_not_see_does_not_let_an_evicted_marker_count_a_batch_twice(mock, tmp_path):
     # Redis restarts (without its data) while the pod has nothing to write: only its requests see
     # the connection break and have it made again. Then, as in test_redis_edges' eviction test, a
@@ -81,8 +78,7 @@ def test_a_redis_restart_the_writer_did_not_see_does_not_let_an_evicted_marker_c
         redis.stop()
 
 
-# FAILS at c5b8b70: the marker's making answered late is taken as made, but on a Redis without the script cached (EVALSHA: NOSCRIPT, then EVAL) it never ran, so the pod's first batch, sent again, is dropped as "unconfirmed"
-@pytest.mark.xfail(strict=True, reason="review 149: the marker's making answered late is taken as made, but on a Redis without the script cach")
+# Failed at c5b8b70 (mended since): the marker's making answered late was taken as made, but on a Redis without the script cached (EVALSHA: NOSCRIPT, then EVAL) it never ran, so the pod's first batch, sent again, was dropped as "unconfirmed"; now only an answered making counts, and no batch is first sent before one
 def test_a_pods_first_charge_meeting_a_slow_redis_is_written_once_redis_is_fast_again(mock, tmp_path):
     # Redis's answers take 0.8 s for a moment when the pod first charges: Redis never saw the
     # pod's scripts (a new pod, or a restarted Redis), so every script call is an EVALSHA whose

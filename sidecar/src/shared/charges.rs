@@ -21,30 +21,35 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Applies batch `ARGV[1]` once: nothing when the marker (`KEYS[1]`, kept `ARGV[2]` ms) holds
-/// that number or a later one. A batch sent again (`ARGV[3]` is `1`: its first try may have been
-/// applied) whose marker is gone is applied only when Redis is another instance than the one
-/// that held the marker before its first try (`ARGV[4]`, its `run_id`: a Redis restarted without
-/// its data, or a replica promoted, lost or never had what the first try did, marker and charges
-/// together). The same Redis lost the marker alone (evicted under a `maxmemory-policy` other than
-/// `noeviction`, or deleted): nobody can tell whether the first try was applied, and a charge
-/// counted twice is worse than one lost, so the batch is not applied, answered `2` (see
-/// [`MARKER_PRIME`]); so too when Redis does not say its `run_id`. Then, for each charged key
-/// `KEYS[i]` (i ≥ 2), three arguments: its kind (`f`: `INCRBYFLOAT`, `i`: `INCRBY`), the amount
-/// and the key's time to live in ms. A negative count is a give-back: never below 0, and never bringing
-/// back a key that expired. The marker is the script's first write, so a Redis refusing writes
-/// (out of memory, a replica) refuses the whole batch; a key holding something else (another
-/// type) is skipped.
+/// that number or a later one. A batch first sent (`ARGV[3]` is `0`) carries the `run_id` of the
+/// Redis that answered [`MARKER_PRIME`] (`ARGV[4]`): another instance (restarted without its
+/// data, a replica promoted, since that answer; a restart only requests noticed) applies
+/// nothing and answers [`ELSEWHERE`], so a batch's first try is only ever applied by the Redis
+/// whose `run_id` it carries, the one whose marker was made. A batch sent again (`ARGV[3]` is
+/// `1`: its first try may have been applied) whose marker is gone is applied only when Redis is
+/// another instance than that one (it lost or never had what the first try did, marker and
+/// charges together). The same Redis lost the marker alone (evicted under a `maxmemory-policy`
+/// other than `noeviction`, or deleted): nobody can tell whether the first try was applied, and
+/// a charge counted twice is worse than one lost, so the batch is not applied, answered
+/// [`MARKER_LOST`] (see [`MARKER_PRIME`]); so too when Redis does not say its `run_id`. Then,
+/// for each charged key `KEYS[i]` (i ≥ 2), three arguments: its kind (`f`: `INCRBYFLOAT`, `i`:
+/// `INCRBY`), the amount and the key's time to live in ms. A negative count is a give-back: never
+/// below 0, and never bringing back a key that expired. The marker is the script's first write,
+/// so a Redis refusing writes (out of memory, a replica) refuses the whole batch; a key holding
+/// something else (another type) is skipped. (`INFO` is not deterministic: Redis before 5
+/// replicates such a script's effects only when asked first.)
 pub(super) const SCRIPT: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
+local info = redis.pcall('INFO', 'server')
+local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or ''
 local seq = tonumber(ARGV[1])
 local held = redis.call('GET', KEYS[1])
-if held then
-  if seq <= tonumber(held) then return 0 end
-elseif ARGV[3] == '1' then
-  if redis.replicate_commands then redis.replicate_commands() end
-  local info = redis.pcall('INFO', 'server')
-  local run = type(info) == 'string' and string.match(info, 'run_id:(%x+)')
-  if not run or ARGV[4] == '' or run == ARGV[4] then return 2 end
+if ARGV[3] ~= '1' then
+  if run ~= ARGV[4] then return 3 end
+elseif not held then
+  if run == '' or ARGV[4] == '' or run == ARGV[4] then return 2 end
 end
+if held and seq <= tonumber(held) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 for i = 2, #KEYS do
   local k, kind, n, ttl = KEYS[i], ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
@@ -66,15 +71,22 @@ return 1
 /// [`SCRIPT`]'s answer for a batch sent again whose marker Redis no longer holds: not applied.
 pub(super) const MARKER_LOST: i64 = 2;
 
+/// [`SCRIPT`]'s answer for a batch first sent to another Redis than the one whose marker was
+/// made: not applied; the marker is made there, and the batch sent as new.
+pub(super) const ELSEWHERE: i64 = 3;
+
 /// Makes sure the marker (`KEYS[1]`) exists, for `ARGV[1]` ms, before a batch is first sent,
 /// and answers Redis's `run_id` (empty when it does not say): then a marker missing when that
 /// batch is sent again to the same Redis was lost (evicted, deleted), never "not yet made", and
 /// [`SCRIPT`] applies nothing it cannot tell was not applied. Sent once per client, again after
-/// the writer's connection broke or could not be made (Redis may have restarted) and when the
-/// marker may have expired; not per batch: every batch applied keeps the marker for
+/// the writer's connection broke or could not be made (Redis may have restarted), when a batch
+/// first sent found another Redis ([`ELSEWHERE`]: a restart only requests' calls noticed) and
+/// when the marker may have expired; not per batch: every batch applied keeps the marker for
 /// [`MARKER_TTL_MS`] anyway. Never before a batch sent again: it would make anew the marker
-/// whose absence says the batch's fate is unknown. One whose answer is late is taken as made:
-/// Redis runs a connection's commands in order, so before any batch sent after it.
+/// whose absence says the batch's fate is unknown. Only an answer counts: one that did not come
+/// in time may not have been made at all (the client sends a script as `EVALSHA`, and on a
+/// Redis that does not hold it yet the `EVAL` follows only the `NOSCRIPT` answer, which came
+/// too late and was not read), so no batch is first sent until it comes; the charges wait.
 ///
 /// Why not keep the marker inside each charged key, where it would be evicted only with the
 /// charge: those keys are plain counters that every pod's rate script and reads use (`GET`,
@@ -186,7 +198,8 @@ pub(super) struct Batch {
     /// Whether Redis may have applied it (an answer never came): then it keeps its number
     /// until Redis answers, whatever becomes of the next tries.
     maybe_applied: bool,
-    /// The `run_id` of the Redis that held its marker when it was first sent (empty: unknown).
+    /// The `run_id` of the Redis whose marker was made when it was first sent (empty: unknown):
+    /// [`SCRIPT`] applies a first try only there, so the only instance that may have applied it.
     pub run_id: Arc<str>,
 }
 
@@ -482,13 +495,15 @@ impl Charges {
         self.marker_written(&self.marker.clone(), now_ms);
     }
 
-    /// The writer's connection broke, or could not be made: Redis may have restarted, and the
-    /// marker is made again (with its `run_id` asked again) before the next batch first sent.
+    /// The writer's connection broke, or could not be made, or a batch first sent found
+    /// another Redis ([`ELSEWHERE`]): Redis may have restarted, and the marker is made again
+    /// (with its `run_id` asked again) before the next batch first sent.
     pub(super) fn marker_unsure(&self) {
         self.marker_until_ms.store(0, Ordering::Relaxed);
     }
 
-    /// Notes on `batch`, about to be sent, the Redis that holds its marker when first sent.
+    /// Notes on `batch`, about to be first sent, the Redis that made its marker: the only one
+    /// that will apply it ([`SCRIPT`]).
     pub(super) fn stamp(&self, batch: &mut Batch) {
         if !batch.maybe_applied && Arc::ptr_eq(&batch.marker, &self.marker) {
             batch.run_id = self
