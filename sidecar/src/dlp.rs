@@ -280,7 +280,7 @@ impl Settings {
         // [`crate::text::request_pieces`]), a whole response.
         let pieces: Vec<std::borrow::Cow<'_, [u8]>> = match &scanned {
             Scanned::Request { content_type } => {
-                crate::text::request_pieces(content_type.as_ref().map(HeaderValue::as_bytes), body)
+                crate::text::request_pieces(content_type.as_ref().map(HeaderValue::as_bytes), body)?
             }
             Scanned::Response => vec![std::borrow::Cow::Borrowed(body)],
         };
@@ -369,16 +369,10 @@ fn is_text(data: &[u8]) -> bool {
     memchr::memchr(0, data).is_none() && std::str::from_utf8(data).is_ok()
 }
 
-/// The decoded text of the documents a request body sends in base64 with a text media type
-/// ([`crate::text::encoded_documents`]), if any.
+/// The decoded text of the documents a request body (or a form's part: a batch file) sends in
+/// base64 with a text media type ([`crate::text::encoded_documents_in`]), if any.
 fn encoded_documents(body: &[u8]) -> Option<Vec<u8>> {
-    if !crate::text::may_hold_encoded_documents(body) {
-        return None;
-    }
-    // Bytes that are no UTF-8 replaced, as a lenient reader upstream would.
-    let v = serde_json::from_str(&String::from_utf8_lossy(body)).ok()?;
-    let mut docs = Vec::new();
-    crate::text::encoded_documents(&v, &mut docs);
+    let docs = crate::text::encoded_documents_in(body);
     (!docs.is_empty()).then(|| docs.join("\n").into_bytes())
 }
 
