@@ -634,11 +634,18 @@ mod tests {
         let mut doc = br#"{"content":[{"type":"document","source":{"type":"base64","media_type":"text/plain","data":"am9lQGV4YW1wbGUuY29t"}}],"x":""#.to_vec();
         doc.extend_from_slice(b"\xff\"}");
         assert!(block.check(&doc, typed("application/json")).is_err());
-        // A declared JSON body is read even with a NUL byte; an undeclared one with a NUL is
-        // binary.
+        // A declared JSON body is read even with a NUL byte; an undeclared one with a NUL in
+        // its document is binary (no JSON reader takes it), one with a NUL after its document
+        // is read (Go's `json.Decoder` reads the document).
         let nul = b"{\"content\":\"joe@example.com\x00\"}";
         assert!(block.check(nul, typed("application/json")).is_err());
         assert!(block.check(nul, typed("application/octet-stream")).is_ok());
+        let after = b"\xef\xbb\xbf{\"content\":\"joe@example.com\"}\x00";
+        assert!(
+            block
+                .check(after, typed("application/octet-stream"))
+                .is_err()
+        );
         // A Latin-1 text (no UTF-8, no NUL) is text.
         assert!(block.check_request(b"caf\xe9;joe@example.com").is_err());
     }

@@ -52,13 +52,23 @@ impl<'a> Part<'a> {
     /// `filename` (quoted strings unescaped) and `filename*` (RFC 2231/5987, percent-decoded;
     /// Go's choice when both are given).
     pub fn file_names(&self) -> Vec<Cow<'a, [u8]>> {
-        let mut names = Vec::new();
+        self.disposition_values(b"filename")
+    }
+
+    /// Every field name its `Content-Disposition` headers give, as any server may read it
+    /// (`name`, and `name*`: Go's choice when both are given).
+    pub fn field_names(&self) -> Vec<Cow<'a, [u8]>> {
+        self.disposition_values(b"name")
+    }
+
+    fn disposition_values(&self, key: &[u8]) -> Vec<Cow<'a, [u8]>> {
+        let mut all = Vec::new();
         for d in self.headers_named(b"content-disposition") {
             let params = parameters(d);
-            names.extend(values(&params, b"filename"));
-            names.extend(extended(&params, b"filename").map(Cow::Owned));
+            all.extend(values(&params, key));
+            all.extend(extended(&params, key).map(Cow::Owned));
         }
-        names
+        all
     }
 
     /// The media type its `Content-Type` declares, as sent (`None` when it declares none).

@@ -487,10 +487,13 @@ fn read_request<'a>(
         let declared = !file
             || part.content_types().any(|t| declares_text(Some(t)))
             || part.file_names().iter().any(|n| is_text_file_name(n));
+        // A parameter by every name a server may read it by.
+        let names = part.field_names();
         let parameter = !file
-            && part
-                .name()
-                .is_some_and(|n| PARAMETER_FIELDS.iter().any(|p| p.as_bytes() == &*n));
+            && !names.is_empty()
+            && names
+                .iter()
+                .all(|n| PARAMETER_FIELDS.iter().any(|p| p.as_bytes() == &**n));
         let decoded = part.transfer_decoded();
         pieces.extend(read_as_text(declared, part.data).map(|text| Piece { text, parameter }));
         if let Some(decoded) = decoded
@@ -991,6 +994,12 @@ pub(crate) mod tests {
             --b0\r\nContent-Disposition: form-data; name=\"response_format\"\r\n\r\njson\r\n\
             --b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\x00\r\n--b0--\r\n";
         assert_eq!(prompt(ct("multipart/form-data; boundary=b0"), upload), "");
+        // A prompt by the name Go reads (`name*` over `name`) is no parameter.
+        let renamed = b"--b0\r\nContent-Disposition: form-data; name=\"model\"; name*=UTF-8''prompt\r\n\r\nhi\r\n--b0--\r\n";
+        assert_eq!(
+            prompt(ct("multipart/form-data; boundary=b0"), renamed),
+            "hi"
+        );
     }
 
     #[test]
