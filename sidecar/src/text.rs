@@ -162,7 +162,7 @@ pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
         return Some(event_stream_text(body));
     }
     // An SSE body starts with a field (after a byte order mark, and blank lines) or a comment.
-    let first = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    let first = without_bom(body);
     let first = &first[first
         .iter()
         .position(|b| !matches!(b, b'\r' | b'\n'))
@@ -563,8 +563,8 @@ pub fn without_bom(data: &[u8]) -> &[u8] {
     data.strip_prefix("\u{feff}".as_bytes()).unwrap_or(data)
 }
 
-/// Whether data starts as a JSON document (an object or an array) does, after blanks and a
-/// byte order mark.
+/// Whether data starts like a JSON document (an object or an array), after blanks and a byte
+/// order mark.
 pub fn starts_like_json(data: &[u8]) -> bool {
     matches!(
         without_bom(data).trim_ascii_start().first(),
