@@ -417,7 +417,7 @@ pub fn key(r: &Request<'_>, custom: Option<&str>) -> Key {
     // A form (an audio transcription, an image edit) by its parts: the boundary between them
     // is drawn at random for each request.
     if let Some(parts) =
-        crate::multipart::boundary(r.headers).and_then(|b| crate::multipart::parts(r.body, b))
+        crate::multipart::boundary(r.headers).and_then(|b| crate::multipart::parts(r.body, &b))
     {
         h.update(b"form\0");
         for part in parts {

@@ -884,7 +884,11 @@ fn names_a_later_version(rest: &str) -> bool {
 
 /// `s` with its `%XX` escapes decoded (invalid ones kept as they are).
 pub(crate) fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
+    String::from_utf8_lossy(&percent_decode_bytes(s.as_bytes())).into_owned()
+}
+
+/// `b` with its `%XX` escapes decoded (invalid ones kept as they are).
+pub(crate) fn percent_decode_bytes(b: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -902,7 +906,7 @@ pub(crate) fn percent_decode(s: &str) -> String {
             i += 1;
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// The model part of a name: after the last `/` (`models/gemini-2.5-flash`,

@@ -280,7 +280,7 @@ impl Settings {
         // [`crate::text::request_pieces`]), a whole response.
         let pieces: Vec<std::borrow::Cow<'_, [u8]>> = match &scanned {
             Scanned::Request { content_type } => {
-                crate::text::request_pieces(content_type.as_ref().map(HeaderValue::as_bytes), body)
+                crate::text::request_pieces(content_type.as_ref().map(HeaderValue::as_bytes), body)?
             }
             Scanned::Response => vec![std::borrow::Cow::Borrowed(body)],
         };
@@ -369,16 +369,10 @@ fn is_text(data: &[u8]) -> bool {
     memchr::memchr(0, data).is_none() && std::str::from_utf8(data).is_ok()
 }
 
-/// The decoded text of the documents a request body sends in base64 with a text media type
-/// ([`crate::text::encoded_documents`]), if any.
+/// The decoded text of the documents a request body (or a form's part: a batch file) sends in
+/// base64 with a text media type ([`crate::text::encoded_documents_in`]), if any.
 fn encoded_documents(body: &[u8]) -> Option<Vec<u8>> {
-    if !crate::text::may_hold_encoded_documents(body) {
-        return None;
-    }
-    // Bytes that are no UTF-8 replaced, as a lenient reader upstream would.
-    let v = serde_json::from_str(&String::from_utf8_lossy(body)).ok()?;
-    let mut docs = Vec::new();
-    crate::text::encoded_documents(&v, &mut docs);
+    let docs = crate::text::encoded_documents_in(body);
     (!docs.is_empty()).then(|| docs.join("\n").into_bytes())
 }
 
@@ -640,11 +634,18 @@ mod tests {
         let mut doc = br#"{"content":[{"type":"document","source":{"type":"base64","media_type":"text/plain","data":"am9lQGV4YW1wbGUuY29t"}}],"x":""#.to_vec();
         doc.extend_from_slice(b"\xff\"}");
         assert!(block.check(&doc, typed("application/json")).is_err());
-        // A declared JSON body is read even with a NUL byte; an undeclared one with a NUL is
-        // binary.
+        // A declared JSON body is read even with a NUL byte; an undeclared one with a NUL in
+        // its document is binary (no JSON reader takes it), one with a NUL after its document
+        // is read (Go's `json.Decoder` reads the document).
         let nul = b"{\"content\":\"joe@example.com\x00\"}";
         assert!(block.check(nul, typed("application/json")).is_err());
         assert!(block.check(nul, typed("application/octet-stream")).is_ok());
+        let after = b"\xef\xbb\xbf{\"content\":\"joe@example.com\"}\x00";
+        assert!(
+            block
+                .check(after, typed("application/octet-stream"))
+                .is_err()
+        );
         // A Latin-1 text (no UTF-8, no NUL) is text.
         assert!(block.check_request(b"caf\xe9;joe@example.com").is_err());
     }

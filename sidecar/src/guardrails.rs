@@ -122,7 +122,7 @@ impl Gateway {
             return Ok(Vec::new());
         }
         let text = match side {
-            Side::Prompt => crate::text::of_prompt(content_type, body),
+            Side::Prompt => crate::text::of_prompt(content_type, body)?,
             Side::Response => crate::text::of_body(body),
         };
         if text.trim().is_empty() {

@@ -1652,7 +1652,9 @@ pub(crate) async fn read_body(
 /// Whether `body` may be one JSON document (an object or an array), the only bodies the
 /// gateway parses into a tree.
 fn is_json_document(body: &[u8]) -> bool {
-    matches!(body.trim_ascii_start().first(), Some(b'{' | b'[')) || crate::text::is_wide_json(body)
+    matches!(body.trim_ascii_start().first(), Some(b'{' | b'['))
+        || crate::text::is_wide_json(body)
+        || crate::text::starts_like_json(body)
 }
 
 /// Refuses a request body sent compressed (`Content-Encoding` other than `identity`) where

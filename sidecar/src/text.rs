@@ -162,7 +162,7 @@ pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
         return Some(event_stream_text(body));
     }
     // An SSE body starts with a field (after a byte order mark, and blank lines) or a comment.
-    let first = body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(body);
+    let first = without_bom(body);
     let first = &first[first
         .iter()
         .position(|b| !matches!(b, b'\r' | b'\n'))
@@ -357,58 +357,236 @@ fn declares_text(media_type: Option<&[u8]>) -> bool {
         .is_some_and(is_text_type)
 }
 
-/// The pieces of a request body the checks (DLP, prompt guardrails) read as text: a form's
-/// (`multipart/form-data`) parts one by one, else the whole body; what is not text is left out.
-///
-/// Which bytes are text: anything the request declares as text, and anything that holds no
-/// NUL byte. Text is read as it is, bytes that are no UTF-8 included (replaced where it must be
-/// parsed): one invalid byte would otherwise hide a whole part or body from the checks, while a
-/// provider may well read it, replacing the byte (Go's and JavaScript's JSON readers do). What
-/// keeps binaries out is the NUL byte: every image, audio, video, PDF, archive or compressed
-/// file of more than a few bytes holds some (their headers' and lengths' zero bytes; random
-/// bytes, one in 256), and random bytes would make false matches (an `x@y.io` among 3 MB of
-/// them). Text holds none (JSON and JSONL refuse a raw NUL). No share of invalid UTF-8 is
-/// asked of text: a Latin-1 CSV is text, and a share would let a client hide a line behind
-/// invalid bytes added to it.
-///
-/// - A whole body is read when its `Content-Type` is text (JSON, `text/*`; see
-///   [`is_text_type`]) or it holds no NUL byte.
-/// - A form's field (a part without a `filename`) is always read: servers hand its value to the
-///   API as a string, whatever its `Content-Type` says.
-/// - A form's file is read when its `Content-Type` is text, its file name is a text file's
-///   (`.txt`, `.jsonl`, `.csv`, code; providers go by the name: a batch file sent as
-///   `application/octet-stream` is still JSONL), or it holds no NUL byte. A file declared
-///   binary, named as one and holding a NUL byte (audio, an image, a PDF) is not read.
-/// - JSON in UTF-16 or UTF-32 is read as its text, decoded ([`wide_json`]).
-pub fn request_pieces<'a>(content_type: Option<&[u8]>, body: &'a [u8]) -> Vec<Cow<'a, [u8]>> {
-    let form = content_type
-        .and_then(crate::multipart::boundary_of)
-        .and_then(|boundary| crate::multipart::parts(body, boundary));
-    let Some(parts) = form else {
-        return read_as_text(declares_text(content_type), body)
-            .into_iter()
-            .collect();
-    };
-    parts
-        .iter()
-        .filter_map(|p| {
-            let declared = match p.file_name() {
-                None => true,
-                Some(name) => declares_text(p.content_type()) || is_text_file_name(name),
-            };
-            read_as_text(declared, p.data)
-        })
-        .collect()
+/// A `multipart/form-data` request body the checks cannot split into its parts (no
+/// `boundary` parameter, or no delimiter line of any it gives): refused where they must read
+/// it, as a compressed body is, rather than read as one blob whose binary file (a NUL byte)
+/// would hide its text fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsplitForm;
+
+impl From<UnsplitForm> for crate::error::GatewayError {
+    fn from(_: UnsplitForm) -> Self {
+        Self::BadBody(
+            "it is declared multipart/form-data but the gateway cannot split it into its parts (no boundary parameter, or no delimiter line of it in the body), and the gateway's request checks (DLP, guardrails) must read its fields; send a well-formed form"
+                .into(),
+        )
+    }
 }
 
-/// `data` as the checks read it, if they do: UTF-16 or UTF-32 JSON decoded ([`wide_json`]),
-/// and kept when it is `declared` text or holds no NUL byte.
+/// Form fields that carry an API's parameters, never prompt text (OpenAI's audio, image, file,
+/// upload and video forms): the prompt guardrails leave them out ([`of_prompt`]), DLP reads
+/// them (a model name holds no address, and an unknown field is read whatever it is called).
+const PARAMETER_FIELDS: &[&str] = &[
+    "model",
+    "response_format",
+    "temperature",
+    "language",
+    "timestamp_granularities",
+    "timestamp_granularities[]",
+    "include",
+    "include[]",
+    "stream",
+    "chunking_strategy",
+    "n",
+    "size",
+    "quality",
+    "background",
+    "input_fidelity",
+    "output_compression",
+    "output_format",
+    "partial_images",
+    "moderation",
+    "style",
+    "user",
+    "purpose",
+    "expires_after[anchor]",
+    "expires_after[seconds]",
+    "seconds",
+];
+
+/// A piece of a request the checks read: its text, and whether it is a form field that
+/// carries an API parameter ([`PARAMETER_FIELDS`]).
+struct Piece<'a> {
+    text: Cow<'a, [u8]>,
+    parameter: bool,
+}
+
+/// The pieces of a request body the checks (DLP, prompt guardrails) read as text: a form's
+/// (`multipart/form-data`) parts one by one, else the whole body; what is not text is left out.
+/// `Err` for a form the gateway cannot split ([`UnsplitForm`]).
+///
+/// Which bytes are text ([`read_as_text`]): anything the request declares as text; anything
+/// that starts as JSON (the documents it starts with); anything that looks like text. Text is
+/// read as it is, bytes that are no UTF-8 included (replaced where it must be parsed): one
+/// invalid byte would otherwise hide a whole part or body from the checks, while a provider
+/// may well read it, replacing the byte (Go's and JavaScript's JSON readers do).
+///
+/// - A whole body is read when its `Content-Type` is text (JSON, `text/*`; see
+///   [`is_text_type`]) or it looks like text; else, when it starts as JSON (after blanks and a
+///   byte order mark), the JSON documents it starts with (a JSON reader such as Go's
+///   `json.Decoder`, gin's `ShouldBindJSON`, reads the document and ignores what follows).
+/// - A form is split as the servers behind the APIs split it ([`crate::multipart::read`]):
+///   with each boundary its `Content-Type` gives, by Go's rule for line ends and by
+///   Werkzeug's; every part any of these splits gives is read (once). One none of them splits
+///   is refused ([`UnsplitForm`]). A part sent `quoted-printable` or `base64`
+///   (`Content-Transfer-Encoding`) is read both as sent and decoded.
+/// - A form's field is always read: servers hand its value to the API as a string, whatever
+///   its `Content-Type` says. A part is a field unless every server reads it as a file
+///   ([`crate::multipart::Part::is_file`]): Go takes `filename=""` for a field, Starlette a
+///   part with `filename*` alone.
+/// - A form's file is read when its `Content-Type` is text, one of its names is a text file's
+///   (`.txt`, `.jsonl`, `.csv`, code; `filename*` decoded: providers go by the name, and a
+///   batch file sent as `application/octet-stream` is still JSONL), it looks like text or it
+///   starts as JSON. So a file declared binary and named as one is read only when its bytes
+///   are text.
+/// - JSON in UTF-16 or UTF-32 is read as its text, decoded ([`wide_json`]).
+pub fn request_pieces<'a>(
+    content_type: Option<&[u8]>,
+    body: &'a [u8],
+) -> Result<Vec<Cow<'a, [u8]>>, UnsplitForm> {
+    Ok(read_request(content_type, body)?
+        .into_iter()
+        .map(|p| p.text)
+        .collect())
+}
+
+fn read_request<'a>(
+    content_type: Option<&[u8]>,
+    body: &'a [u8],
+) -> Result<Vec<Piece<'a>>, UnsplitForm> {
+    let Some(content_type) = content_type.filter(|ct| crate::multipart::is_form(ct)) else {
+        return Ok(read_as_text(declares_text(content_type), body)
+            .map(|text| Piece {
+                text,
+                parameter: false,
+            })
+            .into_iter()
+            .collect());
+    };
+    if body.trim_ascii().is_empty() {
+        return Ok(Vec::new());
+    }
+    use crate::multipart::LineEnds;
+    let mut forms = Vec::new();
+    for boundary in crate::multipart::boundaries_of(content_type) {
+        for ends in [LineEnds::First, LineEnds::Any] {
+            forms.extend(crate::multipart::read(body, &boundary, ends));
+        }
+    }
+    if forms.is_empty() {
+        return Err(UnsplitForm);
+    }
+    // Each part once, however many splits give it (by where its data lies in the body).
+    let mut seen = std::collections::HashSet::new();
+    let mut pieces = Vec::new();
+    for part in forms.iter().flat_map(|f| &f.parts) {
+        if !seen.insert((part.data.as_ptr() as usize, part.data.len())) {
+            continue;
+        }
+        let file = part.is_file();
+        let declared = !file
+            || part.content_types().any(|t| declares_text(Some(t)))
+            || part.file_names().iter().any(|n| is_text_file_name(n));
+        // A parameter by every name a server may read it by.
+        let names = part.field_names();
+        let parameter = !file
+            && !names.is_empty()
+            && names
+                .iter()
+                .all(|n| PARAMETER_FIELDS.iter().any(|p| p.as_bytes() == &**n));
+        let decoded = part.transfer_decoded();
+        pieces.extend(read_as_text(declared, part.data).map(|text| Piece { text, parameter }));
+        if let Some(decoded) = decoded
+            && let Some(text) = read_as_text(declared, &decoded)
+        {
+            pieces.push(Piece {
+                text: Cow::Owned(text.into_owned()),
+                parameter,
+            });
+        }
+    }
+    Ok(pieces)
+}
+
+/// `data` as the checks read it, if they do: UTF-16 or UTF-32 JSON decoded ([`wide_json`]);
+/// all of it when it is `declared` text or looks like text ([`looks_like_text`]), else the
+/// JSON documents it starts with, if it starts as JSON ([`leading_json`]).
 fn read_as_text(declared: bool, data: &[u8]) -> Option<Cow<'_, [u8]>> {
     let text = match wide_json(data) {
         Some(decoded) => Cow::Owned(decoded.into_bytes()),
         None => Cow::Borrowed(data),
     };
-    (declared || memchr::memchr(0, &text).is_none()).then_some(text)
+    if declared || looks_like_text(&text) {
+        return Some(text);
+    }
+    leading_json(&text).map(Cow::Owned)
+}
+
+/// Largest share of bytes (in 1/100) that are no text (invalid UTF-8, control characters)
+/// in data that still looks like text.
+const MAX_NON_TEXT_PERCENT: usize = 30;
+
+/// Whether data neither declared nor named text looks like text: no NUL byte and at most
+/// [`MAX_NON_TEXT_PERCENT`] of its bytes in sequences that are no UTF-8 or control characters
+/// other than tab, line feed, form feed and carriage return.
+///
+/// Every image, audio, video, PDF, archive or compressed file of more than a few bytes holds a
+/// NUL (their headers' and lengths' zero bytes; random bytes, one in 256). Random bytes without
+/// one are about half non-text (41 % invalid UTF-8, 11 % control characters) and, read, make
+/// false matches (an `x@y.io` in one upload of 3 MB in ten). Text is far below the limit: UTF-8
+/// has none, a Latin-1 or Windows-1252 file with accents on every word under 20 %. What is over
+/// it is text in a legacy single-byte script (Cyrillic, Greek in Windows-125x: 75 %) sent as
+/// a binary file under a binary name, or text padded with junk bytes; neither is what a
+/// provider reads as text from a file its client calls binary (a client that sends text says
+/// so, by its type or its name, and it is then read however it is written), and a client
+/// that means to hide text from the checks can as well encrypt it: DLP reads what providers
+/// read, it does not stop a deliberate encoding.
+fn looks_like_text(data: &[u8]) -> bool {
+    if memchr::memchr(0, data).is_some() {
+        return false;
+    }
+    let mut non_text = 0;
+    for chunk in data.utf8_chunks() {
+        non_text += chunk.invalid().len();
+        non_text += chunk
+            .valid()
+            .bytes()
+            .filter(|b| b.is_ascii_control() && !matches!(b, b'\t' | b'\n' | b'\x0c' | b'\r'))
+            .count();
+    }
+    non_text * 100 <= data.len() * MAX_NON_TEXT_PERCENT
+}
+
+/// Data with a UTF-8 byte order mark left out (Python's `json` and Node's body-parser read a
+/// JSON body after one).
+pub fn without_bom(data: &[u8]) -> &[u8] {
+    data.strip_prefix("\u{feff}".as_bytes()).unwrap_or(data)
+}
+
+/// Whether data starts like a JSON document (an object or an array), after blanks and a byte
+/// order mark.
+pub fn starts_like_json(data: &[u8]) -> bool {
+    matches!(
+        without_bom(data).trim_ascii_start().first(),
+        Some(b'{' | b'[')
+    )
+}
+
+/// The JSON documents `data` starts with (one, or several in a row: JSON lines), as a JSON
+/// reader takes them whatever follows (a NUL byte after the document), bytes that are no UTF-8
+/// replaced; `None` when it does not start with one.
+fn leading_json(data: &[u8]) -> Option<Vec<u8>> {
+    if !starts_like_json(data) {
+        return None;
+    }
+    let text = String::from_utf8_lossy(without_bom(data));
+    let mut stream = serde_json::Deserializer::from_str(&text).into_iter::<serde::de::IgnoredAny>();
+    // (Skipped values are parsed without a depth limit: a deep document is read too.)
+    let mut end = 0;
+    while let Some(Ok(_)) = stream.next() {
+        end = stream.byte_offset();
+    }
+    (end > 0).then(|| text.as_bytes()[..end].to_vec())
 }
 
 /// A JSON document in UTF-16 or UTF-32 (with a byte order mark, or without one: its first
@@ -485,11 +663,8 @@ pub fn encoded_documents(v: &Value, out: &mut Vec<String>) {
     fn str_of<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
         map.get(key).and_then(Value::as_str)
     }
-    use base64::Engine as _;
     let decode = |data: &str, out: &mut Vec<String>| {
-        let data: String = data.split_ascii_whitespace().collect();
-        let engine = &base64::engine::general_purpose::STANDARD_NO_PAD;
-        if let Ok(bytes) = engine.decode(data.trim_end_matches('=')) {
+        if let Some(bytes) = decode_base64(data.as_bytes()) {
             out.push(String::from_utf8_lossy(&bytes).into_owned());
         }
     };
@@ -526,26 +701,78 @@ pub fn encoded_documents(v: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Base64 as servers decode it: the standard or the URL-safe alphabet (proto3 JSON, so
+/// Gemini, takes either for bytes; the two mixed too), with or without padding, whitespace
+/// and line breaks ignored, non-zero spare bits in the last character allowed (Python's and
+/// Go's default decoders take them); `None` when it is no base64.
+pub fn decode_base64(data: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let standard: Vec<u8> = data
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(|&b| match b {
+            b'-' => b'+',
+            b'_' => b'/',
+            b => b,
+        })
+        .collect();
+    let end = standard.len() - standard.iter().rev().take_while(|&&b| b == b'=').count();
+    LENIENT.decode(&standard[..end]).ok()
+}
+
+/// The text of the documents a request body or form part sends in base64 with a text media
+/// type ([`encoded_documents`]): of the JSON document it is (after a byte order mark), else of
+/// each of its lines that is one (a batch file's JSONL), bytes that are no UTF-8 replaced as
+/// a lenient reader upstream would. Empty when it holds none.
+pub fn encoded_documents_in(data: &[u8]) -> Vec<String> {
+    let mut docs = Vec::new();
+    if !may_hold_encoded_documents(data) {
+        return docs;
+    }
+    let text = String::from_utf8_lossy(without_bom(data));
+    match serde_json::from_str::<Value>(&text) {
+        Ok(v) => encoded_documents(&v, &mut docs),
+        Err(_) => {
+            for line in text.lines() {
+                if may_hold_encoded_documents(line.as_bytes())
+                    && let Ok(v) = serde_json::from_str::<Value>(line)
+                {
+                    encoded_documents(&v, &mut docs);
+                }
+            }
+        }
+    }
+    docs
+}
+
 /// The text of a request the prompt guardrails read: that of each piece [`request_pieces`]
 /// gives, bytes that are no UTF-8 replaced. A whole body is read as [`of_request`]; a form's
 /// parts (a JSONL file, a prompt field) as text, their JSON string escapes undone (no JSON tree
-/// is made of an uploaded file).
-pub fn of_prompt(content_type: Option<&[u8]>, body: &[u8]) -> String {
-    let pieces = request_pieces(content_type, body);
-    if content_type
-        .and_then(crate::multipart::boundary_of)
-        .is_none()
-    {
-        return pieces.first().map_or_else(String::new, |p| {
-            of_request(String::from_utf8_lossy(p).as_bytes())
-        });
+/// is made of an uploaded file) and their text documents in base64 decoded, less the fields
+/// that carry an API's parameters ([`PARAMETER_FIELDS`]: a model name, a response format),
+/// which are no prompt: a form without prompt text asks the moderation service nothing. A
+/// field of any other name is read. `Err` for a form the gateway cannot split.
+pub fn of_prompt(content_type: Option<&[u8]>, body: &[u8]) -> Result<String, UnsplitForm> {
+    let pieces = read_request(content_type, body)?;
+    if !content_type.is_some_and(crate::multipart::is_form) {
+        return Ok(pieces.first().map_or_else(String::new, |p| {
+            of_request(String::from_utf8_lossy(&p.text).as_bytes())
+        }));
     }
-    let texts: Vec<String> = pieces
-        .iter()
-        .map(|p| String::from_utf8_lossy(&crate::dlp::unescape_json(p)).into_owned())
-        .filter(|t| !t.trim().is_empty())
-        .collect();
-    texts.join("\n")
+    let mut texts = Vec::new();
+    for piece in pieces.iter().filter(|p| !p.parameter) {
+        texts.push(String::from_utf8_lossy(&crate::dlp::unescape_json(&piece.text)).into_owned());
+        texts.extend(encoded_documents_in(&piece.text));
+    }
+    texts.retain(|t| !t.trim().is_empty());
+    Ok(texts.join("\n"))
 }
 
 /// The text of a response body: the joined deltas of a stream, else as [`of_request`].
@@ -562,6 +789,7 @@ pub fn of_body(body: &[u8]) -> String {
 /// shape not listed is still read) and its text documents in base64
 /// ([`encoded_documents`]), or the body itself when it is none.
 pub fn of_request(body: &[u8]) -> String {
+    let body = without_bom(body);
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => {
             let mut parts = Vec::new();
@@ -588,18 +816,23 @@ pub fn of_request(body: &[u8]) -> String {
 pub(crate) mod tests {
     use super::*;
 
+    fn pieces<'a>(content_type: Option<&[u8]>, body: &'a [u8]) -> Vec<Cow<'a, [u8]>> {
+        request_pieces(content_type, body).expect("a readable request")
+    }
+
+    fn prompt(content_type: Option<&[u8]>, body: &[u8]) -> String {
+        of_prompt(content_type, body).expect("a readable request")
+    }
+
     #[test]
     fn a_request_is_read_unless_it_is_binary_and_not_declared_text() {
         let json: &[u8] = b"{\"content\":\"hi \xff\"}";
-        assert_eq!(request_pieces(Some(b"application/json"), json), [json]);
-        assert_eq!(request_pieces(None, json), [json]);
+        assert_eq!(pieces(Some(b"application/json"), json), [json]);
+        assert_eq!(pieces(None, json), [json]);
         let nul: &[u8] = b"RIFF\x00\x00WAVE";
-        assert!(request_pieces(None, nul).is_empty());
-        assert!(request_pieces(Some(b"audio/wav"), nul).is_empty());
-        assert_eq!(
-            request_pieces(Some(b"Text/Plain; charset=utf-16"), nul),
-            [nul]
-        );
+        assert!(pieces(None, nul).is_empty());
+        assert!(pieces(Some(b"audio/wav"), nul).is_empty());
+        assert_eq!(pieces(Some(b"Text/Plain; charset=utf-16"), nul), [nul]);
         for t in [
             "application/json",
             "application/vnd.api+json",
@@ -625,17 +858,148 @@ pub(crate) mod tests {
             --b\r\nContent-Disposition: form-data; name=\"doc\"; filename=\"d.csv\"\r\n\
             Content-Type: application/octet-stream\r\n\r\na;b\x00\xe9\r\n--b--\r\n";
         let ct = Some(&b"multipart/form-data; boundary=b"[..]);
-        assert_eq!(
-            request_pieces(ct, form),
-            [&b"whisper-1"[..], &b"a;b\x00\xe9"[..]]
-        );
-        assert_eq!(of_prompt(ct, form), "whisper-1\na;b\u{0}\u{fffd}");
+        assert_eq!(pieces(ct, form), [&b"whisper-1"[..], &b"a;b\x00\xe9"[..]]);
+        // The prompt guardrails leave out a parameter field (the model).
+        assert_eq!(prompt(ct, form), "a;b\u{0}\u{fffd}");
         // A whole body's bytes that are no UTF-8 are replaced, its JSON still read.
         assert_eq!(
-            of_prompt(Some(b"application/json"), b"{\"input\":\"say \xffhi\"}"),
+            prompt(Some(b"application/json"), b"{\"input\":\"say \xffhi\"}"),
             "say \u{fffd}hi"
         );
-        assert_eq!(of_prompt(Some(b"audio/wav"), nul), "");
+        assert_eq!(prompt(Some(b"audio/wav"), nul), "");
+    }
+
+    #[test]
+    fn undeclared_data_is_read_when_it_looks_like_text_or_starts_as_json() {
+        assert!(looks_like_text(b"plain text\twith\r\nlines"));
+        assert!(looks_like_text("caf\u{e9} na\u{ef}ve".as_bytes()));
+        assert!(looks_like_text(b"caf\xe9 r\xe9sum\xe9 na\xefve \xfcber"));
+        assert!(!looks_like_text(b"text\x00"));
+        // Random bytes without a NUL: about half are no text.
+        let mut x: u32 = 12;
+        let random: Vec<u8> = (0..4096)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8 | 1
+            })
+            .collect();
+        assert!(!looks_like_text(&random));
+        assert_eq!(read_as_text(false, &random), None);
+        assert!(read_as_text(true, &random).is_some());
+        // A JSON document followed by a NUL: the document (and JSON lines: each of them).
+        let doc = b"\xef\xbb\xbf {\"content\": \"joe@example.com\"}\n\x00\xff\xfe";
+        assert_eq!(
+            read_as_text(false, doc).as_deref(),
+            Some(&b" {\"content\": \"joe@example.com\"}"[..])
+        );
+        let lines = b"{\"a\":1}\n{\"b\":\"x\xff\"}\n\x00";
+        assert_eq!(
+            read_as_text(false, lines).as_deref(),
+            Some("{\"a\":1}\n{\"b\":\"x\u{fffd}\"}".as_bytes())
+        );
+        // Not a document (a NUL inside its string): binary, as JSON readers refuse it.
+        assert_eq!(
+            read_as_text(false, b"{\"content\":\"joe@example.com\x00\"}"),
+            None
+        );
+        // However deep.
+        let deep = format!(
+            "{}\"joe@example.com\"{}\0",
+            "[".repeat(5000),
+            "]".repeat(5000)
+        );
+        assert_eq!(
+            read_as_text(false, deep.as_bytes()).as_deref(),
+            Some(deep.trim_end_matches('\0').as_bytes())
+        );
+    }
+
+    #[test]
+    fn base64_is_decoded_as_lenient_servers_decode_it() {
+        let want = Some(b"mail joe@example.com ~~~ ???".to_vec());
+        assert_eq!(
+            decode_base64(b"bWFpbCBqb2VAZXhhbXBsZS5jb20gfn5+ID8/Pw=="),
+            want
+        );
+        assert_eq!(
+            decode_base64(b"bWFpbCBqb2VAZXhhbXBsZS5jb20gfn5-ID8_Pw"),
+            want
+        );
+        assert_eq!(
+            decode_base64(b"bWFpbCBqb2VA\r\nZXhhbXBsZS5jb20gfn5+ID8/Pw="),
+            want
+        );
+        // Non-zero spare bits in the last character.
+        assert_eq!(
+            decode_base64(b"am9lQGV4YW1wbGUuY29u").as_deref(),
+            Some(&b"joe@example.con"[..])
+        );
+        assert_eq!(
+            decode_base64(b"am9lQGV4YW1wbGUuY29t").as_deref(),
+            Some(&b"joe@example.com"[..])
+        );
+        assert_eq!(decode_base64(b"aGk=").as_deref(), Some(&b"hi"[..]));
+        assert_eq!(decode_base64(b"aGl=").as_deref(), Some(&b"hi"[..]));
+        assert_eq!(decode_base64(b"not base64!"), None);
+        // A batch file's JSONL: each line's documents.
+        let line = |data: &str| {
+            serde_json::json!({"body": {"messages": [{"role": "user", "content": [{"type": "file",
+                "file": {"file_data": format!("data:text/plain;base64,{data}")}}]}]}})
+            .to_string()
+        };
+        let jsonl = format!("{}\n{}\n", line("am9lQGV4YW1wbGUuY29t"), line("aGk"));
+        assert_eq!(
+            encoded_documents_in(jsonl.as_bytes()),
+            ["joe@example.com", "hi"]
+        );
+        let bom = format!("\u{feff}{}", line("aGk"));
+        assert_eq!(encoded_documents_in(bom.as_bytes()), ["hi"]);
+    }
+
+    #[test]
+    fn a_form_is_read_as_any_server_splits_it_or_refused() {
+        let ct = |v: &'static str| Some(v.as_bytes());
+        let body = b"--b0\nContent-Disposition: form-data; name=\"prompt\"; filename=\"\"\n\
+            Content-Type: application/octet-stream\n\njoe@example.com \x00\n\
+            --b0\nContent-Disposition: form-data; name=\"model\"\n\nwhisper-1\n\
+            --b0\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\n\nRIFF\x00\x01";
+        for content_type in [
+            "multipart/form-data; boundary=b0",
+            "multipart/form-data; boundary=\"b0\"; charset=utf-8",
+            "multipart/form-data; boundary=zz; boundary=b0",
+        ] {
+            assert_eq!(
+                pieces(ct(content_type), body),
+                [&b"joe@example.com \x00"[..], b"whisper-1"],
+                "{content_type}"
+            );
+            // The guardrails leave the model out.
+            assert_eq!(prompt(ct(content_type), body), "joe@example.com \u{0}");
+        }
+        // Quoted-printable: as sent and decoded.
+        let qp = b"--q\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\
+            Content-Transfer-Encoding: quoted-printable\r\n\r\njoe=40example.com\r\n--q--\r\n";
+        assert_eq!(
+            pieces(ct("multipart/form-data; boundary=q"), qp),
+            [&b"joe=40example.com"[..], b"joe@example.com"]
+        );
+        // Not split by any boundary given, or none given: refused; an empty form is none.
+        for content_type in ["multipart/form-data; boundary=zz", "multipart/form-data"] {
+            assert_eq!(request_pieces(ct(content_type), body), Err(UnsplitForm));
+            assert_eq!(of_prompt(ct(content_type), body), Err(UnsplitForm));
+        }
+        assert!(pieces(ct("multipart/form-data; boundary=zz"), b" \r\n").is_empty());
+        // A form with only parameter fields and a binary file: no prompt text.
+        let upload = b"--b0\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper-1\r\n\
+            --b0\r\nContent-Disposition: form-data; name=\"response_format\"\r\n\r\njson\r\n\
+            --b0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\x00\r\n--b0--\r\n";
+        assert_eq!(prompt(ct("multipart/form-data; boundary=b0"), upload), "");
+        // A prompt by the name Go reads (`name*` over `name`) is no parameter.
+        let renamed = b"--b0\r\nContent-Disposition: form-data; name=\"model\"; name*=UTF-8''prompt\r\n\r\nhi\r\n--b0--\r\n";
+        assert_eq!(
+            prompt(ct("multipart/form-data; boundary=b0"), renamed),
+            "hi"
+        );
     }
 
     #[test]
@@ -679,10 +1043,10 @@ pub(crate) mod tests {
             assert_eq!(wide_json(&wide).as_deref(), Some(json), "{wide:?}");
             // Read whatever its declared type, as JSON readers do.
             assert_eq!(
-                request_pieces(Some(b"application/octet-stream"), &wide),
+                pieces(Some(b"application/octet-stream"), &wide),
                 [json.as_bytes()]
             );
-            assert_eq!(of_prompt(None, &wide), "joe@example.com");
+            assert_eq!(prompt(None, &wide), "joe@example.com");
         }
         // Binaries starting with zero bytes are no JSON: an MP4's box, a WAV's header.
         assert_eq!(wide_json(b"\x00\x00\x00\x18ftypmp42"), None);
