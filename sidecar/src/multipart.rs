@@ -83,6 +83,16 @@ impl<'a> Part<'a> {
         self.headers_named(b"content-type").map(<[u8]>::trim_ascii)
     }
 
+    /// Whether its `Content-Transfer-Encoding` is one [`Part::transfer_decoded`] decodes.
+    pub fn transfer_coded(&self) -> bool {
+        self.headers_named(b"content-transfer-encoding")
+            .next()
+            .map(<[u8]>::trim_ascii)
+            .is_some_and(|c| {
+                c.eq_ignore_ascii_case(b"quoted-printable") || c.eq_ignore_ascii_case(b"base64")
+            })
+    }
+
     /// Its data decoded as its `Content-Transfer-Encoding` says, when that is
     /// `quoted-printable` (Go's reader decodes it) or `base64` (python-multipart's form parser
     /// does); `None` for any other (the data is as sent).
@@ -173,23 +183,37 @@ pub fn boundary_of(value: &[u8]) -> Option<Cow<'_, [u8]>> {
     boundaries_of(value).pop()
 }
 
-/// Every distinct boundary a `multipart/form-data` `Content-Type` value gives, in order: each
-/// `boundary` parameter, and RFC 2231's `boundary*` (Go's reading when given); empty for
-/// another type or none given.
+/// The distinct boundaries a `multipart/form-data` `Content-Type` value gives, in order: its
+/// first `boundary` parameter (a reader that keeps the first: Go refuses a form with two), its
+/// last (Starlette's, python-multipart's and Werkzeug's: they keep parameters in a map), and
+/// RFC 2231's `boundary*` (Go's reading when given); empty for another type or none given.
+/// At most these three, however many a header repeats: each boundary splits the whole body.
 pub fn boundaries_of(value: &[u8]) -> Vec<Cow<'_, [u8]>> {
     if !is_form(value) {
         return Vec::new();
     }
     let params = parameters(value);
-    let mut all = values(&params, b"boundary");
-    all.extend(extended(&params, b"boundary").map(Cow::Owned));
+    let mut plain = values(&params, b"boundary").into_iter();
+    let first = plain.next();
+    let last = plain.next_back();
     let mut distinct: Vec<Cow<'_, [u8]>> = Vec::new();
-    for b in all {
+    let given = [first, last, extended(&params, b"boundary").map(Cow::Owned)];
+    for b in given.into_iter().flatten() {
         if !b.is_empty() && !distinct.contains(&b) {
             distinct.push(b);
         }
     }
     distinct
+}
+
+/// The charsets a `Content-Type` value's `charset` parameters name: its first and its last
+/// (Starlette decodes a form's fields by the one it keeps, the last), as sent.
+pub fn charsets_of(value: &[u8]) -> Vec<Cow<'_, [u8]>> {
+    let params = parameters(value);
+    let mut all = values(&params, b"charset").into_iter();
+    let first = all.next();
+    let last = all.next_back();
+    first.into_iter().chain(last).collect()
 }
 
 /// The parameters of a header value `type; key=value; key="quoted \" ; value"` (RFC 9110's
@@ -335,7 +359,13 @@ pub struct Form<'a> {
     /// Whether its closing delimiter (`--boundary--`) ends it; if not, its last part runs to
     /// the end of the body (python-multipart hands such a form's fields over).
     pub closed: bool,
+    /// Whether it has more than [`MAX_PARTS`] parts (only the first of them are in `parts`).
+    pub overfull: bool,
 }
+
+/// The most parts [`read`] splits a form into: servers take far fewer (Go's `ReadForm`
+/// refuses a form of more than 1,000 since Go 1.20), and each part read costs memory.
+pub const MAX_PARTS: usize = 10_000;
 
 /// Splits `body`, a form with this `boundary`, its delimiters told as `ends` says; `None` when
 /// no delimiter line of it opens a part (it is no such form).
@@ -414,6 +444,13 @@ pub fn read<'a>(body: &'a [u8], boundary: &[u8], ends: LineEnds) -> Option<Form<
         };
         match next {
             Some((end, (closes, next_line, _))) => {
+                if parts.len() == MAX_PARTS {
+                    return Some(Form {
+                        parts,
+                        closed: false,
+                        overfull: true,
+                    });
+                }
                 parts.push(split_part(&body[start..end]));
                 closed = closes;
                 start = next_line;
@@ -429,14 +466,21 @@ pub fn read<'a>(body: &'a [u8], boundary: &[u8], ends: LineEnds) -> Option<Form<
                 if end > start {
                     parts.push(split_part(&body[start..end]));
                 }
+                let overfull = parts.len() > MAX_PARTS;
+                parts.truncate(MAX_PARTS);
                 return Some(Form {
                     parts,
                     closed: false,
+                    overfull,
                 });
             }
         }
     }
-    Some(Form { parts, closed })
+    Some(Form {
+        parts,
+        closed,
+        overfull: false,
+    })
 }
 
 /// A part: its header block, up to its first empty line, and its data.
@@ -470,7 +514,7 @@ fn split_part(part: &[u8]) -> Part<'_> {
 }
 
 /// The parts of `body`, a whole form (up to its closing delimiter) with this `boundary`, as
-/// Go splits it; `None` when it is not one.
+/// Go splits it; `None` when it is not one (or has more than [`MAX_PARTS`] parts).
 pub fn parts<'a>(body: &'a [u8], boundary: &[u8]) -> Option<Vec<Part<'a>>> {
     read(body, boundary, LineEnds::First)
         .filter(|f| f.closed)

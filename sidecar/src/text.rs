@@ -357,21 +357,39 @@ fn declares_text(media_type: Option<&[u8]>) -> bool {
         .is_some_and(is_text_type)
 }
 
-/// A `multipart/form-data` request body the checks cannot split into its parts (no
-/// `boundary` parameter, or no delimiter line of any it gives): refused where they must read
+/// A `multipart/form-data` request body the checks cannot read: refused where they must read
 /// it, as a compressed body is, rather than read as one blob whose binary file (a NUL byte)
-/// would hide its text fields.
+/// would hide its text fields, or read in part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnsplitForm;
+pub enum UnsplitForm {
+    /// No `boundary` parameter, or no delimiter line of any it gives.
+    NoDelimiter,
+    /// More parts than [`crate::multipart::MAX_PARTS`].
+    TooManyParts,
+    /// Its splits give more to read than [`READ_FACTOR`] times its size (parts that overlap).
+    Tangled,
+}
 
 impl From<UnsplitForm> for crate::error::GatewayError {
-    fn from(_: UnsplitForm) -> Self {
-        Self::BadBody(
-            "it is declared multipart/form-data but the gateway cannot split it into its parts (no boundary parameter, or no delimiter line of it in the body), and the gateway's request checks (DLP, guardrails) must read its fields; send a well-formed form"
-                .into(),
-        )
+    fn from(e: UnsplitForm) -> Self {
+        Self::BadBody(match e {
+            UnsplitForm::NoDelimiter => "it is declared multipart/form-data but the gateway cannot split it into its parts (no boundary parameter, or no delimiter line of it in the body), and the gateway's request checks (DLP, guardrails) must read its fields; send a well-formed form".into(),
+            UnsplitForm::TooManyParts => format!(
+                "the multipart/form-data body has more than {} parts, more than the gateway's request checks (DLP, guardrails) read; send fewer parts",
+                crate::multipart::MAX_PARTS
+            ),
+            UnsplitForm::Tangled => format!(
+                "the multipart/form-data body splits into overlapping parts (its boundaries nest) that hold more than {READ_FACTOR} times its size to read, more than the gateway's request checks (DLP, guardrails) read; send a form with one boundary"
+            ),
+        })
     }
 }
+
+/// The most the checks read of a form, as a multiple of its size: the bytes of every part
+/// they look at (each split may give other parts) plus the copies they decode
+/// (`quoted-printable`, `base64`, UTF-16). A form sent as servers send it reads about once, its
+/// encoded parts twice; past this it is refused ([`UnsplitForm::Tangled`]).
+pub const READ_FACTOR: usize = 3;
 
 /// Form fields that carry an API's parameters, never prompt text (OpenAI's audio, image, file,
 /// upload and video forms): the prompt guardrails leave them out ([`of_prompt`]), DLP reads
@@ -474,15 +492,40 @@ fn read_request<'a>(
         }
     }
     if forms.is_empty() {
-        return Err(UnsplitForm);
+        return Err(UnsplitForm::NoDelimiter);
     }
-    // Each part once, however many splits give it (by where its data lies in the body).
+    if forms.iter().any(|f| f.overfull) {
+        return Err(UnsplitForm::TooManyParts);
+    }
+    // The fields' charset, when it is UTF-16 or UTF-32: Starlette decodes them by it.
+    let wide: Vec<(Wide, bool)> = crate::multipart::charsets_of(content_type)
+        .iter()
+        .filter_map(|c| wide_charset(c))
+        .collect();
+    // What is looked at and decoded, bounded by the body's size (see [`READ_FACTOR`]).
+    let limit = READ_FACTOR
+        .saturating_mul(body.len())
+        .saturating_add(64 * 1024);
+    let mut read = 0usize;
+    let mut take = |n: usize| {
+        read = read.saturating_add(n);
+        if read > limit {
+            Err(UnsplitForm::Tangled)
+        } else {
+            Ok(())
+        }
+    };
+    // Each part once, however many splits give it (by where its data lies in the body). The
+    // splits are at most six (three boundaries, two rules for line ends), each of whose parts
+    // lie in order: a part another split gave too is most often the one that split's part at
+    // the same place.
     let mut seen = std::collections::HashSet::new();
     let mut pieces = Vec::new();
     for part in forms.iter().flat_map(|f| &f.parts) {
         if !seen.insert((part.data.as_ptr() as usize, part.data.len())) {
             continue;
         }
+        take(part.data.len())?;
         let file = part.is_file();
         let declared = !file
             || part.content_types().any(|t| declares_text(Some(t)))
@@ -494,15 +537,37 @@ fn read_request<'a>(
             && names
                 .iter()
                 .all(|n| PARAMETER_FIELDS.iter().any(|p| p.as_bytes() == &**n));
-        let decoded = part.transfer_decoded();
-        pieces.extend(read_as_text(declared, part.data).map(|text| Piece { text, parameter }));
-        if let Some(decoded) = decoded
-            && let Some(text) = read_as_text(declared, &decoded)
-        {
-            pieces.push(Piece {
-                text: Cow::Owned(text.into_owned()),
-                parameter,
-            });
+        let raw = read_as_text(declared, part.data);
+        if let Some(Cow::Owned(text)) = &raw {
+            take(text.len())?;
+        }
+        pieces.extend(raw.map(|text| Piece { text, parameter }));
+        if part.transfer_coded() {
+            // No decoded copy is longer than the data.
+            take(part.data.len())?;
+            if let Some(decoded) = part.transfer_decoded()
+                && let Some(text) = read_as_text(declared, &decoded)
+            {
+                pieces.push(Piece {
+                    text: Cow::Owned(text.into_owned()),
+                    parameter,
+                });
+            }
+        }
+        if !file {
+            for &(w, generic) in &wide {
+                let (w, skip) = match wide_encoding(part.data) {
+                    // `utf-16` and `utf-32` go by a byte order mark.
+                    Some(bom @ (_, 2 | 4)) if generic && bom.0.same_width(w) => bom,
+                    _ => (w, 0),
+                };
+                let text = decode_wide(&part.data[skip..], w);
+                take(text.len())?;
+                pieces.push(Piece {
+                    text: Cow::Owned(text.into_bytes()),
+                    parameter,
+                });
+            }
         }
     }
     Ok(pieces)
@@ -596,8 +661,12 @@ fn leading_json(data: &[u8]) -> Option<Vec<u8>> {
 /// its text too, not bytes interleaved with NULs that no pattern matches.
 fn wide_json(data: &[u8]) -> Option<String> {
     let (wide, skip) = wide_encoding(data)?;
-    let data = &data[skip..];
-    Some(match wide {
+    Some(decode_wide(&data[skip..], wide))
+}
+
+/// `data` in UTF-16 or UTF-32 decoded into UTF-8, units that are no character replaced.
+fn decode_wide(data: &[u8], wide: Wide) -> String {
+    match wide {
         Wide::Utf16 { big } => {
             let units = data.chunks_exact(2).map(|u| {
                 let u = [u[0], u[1]];
@@ -623,6 +692,27 @@ fn wide_json(data: &[u8]) -> Option<String> {
                 char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER)
             })
             .collect(),
+    }
+}
+
+/// The encoding a form's `charset` parameter names, when it is UTF-16 or UTF-32 (by Python's
+/// codec names and aliases: `utf-16-le`, `UTF_16BE`, `u16`, ...; `utf-16` and `utf-32` read
+/// by their byte order mark, else little-endian, as Python on the servers' processors reads
+/// them: the second value says whether it is one of these).
+fn wide_charset(name: &[u8]) -> Option<(Wide, bool)> {
+    let name: Vec<u8> = name
+        .iter()
+        .filter(|b| !matches!(b, b'-' | b'_' | b' '))
+        .map(u8::to_ascii_lowercase)
+        .collect();
+    Some(match &name[..] {
+        b"utf16" | b"u16" => (Wide::Utf16 { big: false }, true),
+        b"utf16le" => (Wide::Utf16 { big: false }, false),
+        b"utf16be" => (Wide::Utf16 { big: true }, false),
+        b"utf32" | b"u32" => (Wide::Utf32 { big: false }, true),
+        b"utf32le" => (Wide::Utf32 { big: false }, false),
+        b"utf32be" => (Wide::Utf32 { big: true }, false),
+        _ => return None,
     })
 }
 
@@ -632,9 +722,19 @@ pub fn is_wide_json(body: &[u8]) -> bool {
     wide_encoding(body).is_some()
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Wide {
     Utf16 { big: bool },
     Utf32 { big: bool },
+}
+
+impl Wide {
+    fn same_width(self, other: Self) -> bool {
+        matches!(
+            (self, other),
+            (Self::Utf16 { .. }, Self::Utf16 { .. }) | (Self::Utf32 { .. }, Self::Utf32 { .. })
+        )
+    }
 }
 
 /// The encoding of a JSON document in UTF-16 or UTF-32 and the length of its byte order mark.
@@ -985,8 +1085,14 @@ pub(crate) mod tests {
         );
         // Not split by any boundary given, or none given: refused; an empty form is none.
         for content_type in ["multipart/form-data; boundary=zz", "multipart/form-data"] {
-            assert_eq!(request_pieces(ct(content_type), body), Err(UnsplitForm));
-            assert_eq!(of_prompt(ct(content_type), body), Err(UnsplitForm));
+            assert_eq!(
+                request_pieces(ct(content_type), body),
+                Err(UnsplitForm::NoDelimiter)
+            );
+            assert_eq!(
+                of_prompt(ct(content_type), body),
+                Err(UnsplitForm::NoDelimiter)
+            );
         }
         assert!(pieces(ct("multipart/form-data; boundary=zz"), b" \r\n").is_empty());
         // A form with only parameter fields and a binary file: no prompt text.

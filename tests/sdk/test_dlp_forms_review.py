@@ -58,8 +58,7 @@ def send(g, body, content_type, timeout):
         return None
 
 
-# FAILS at be240d4: every `boundary` parameter splits the whole body twice: 4,000 of them (a 64 KB header) on a 1 MB body take ~41 s of CPU per request with DLP on
-@pytest.mark.xfail(strict=True, reason="review 153: every `boundary` parameter splits the whole body twice: 4,000 of them (a 64 KB header) on ")
+# Failed at be240d4 (mended since): every `boundary` parameter split the whole body twice: 4,000 of them (a 64 KB header) on a 1 MB body took ~41 s of CPU per request with DLP on; now only the first and last `boundary` (and `boundary*`) are read
 def test_many_boundary_parameters_do_not_multiply_the_work(tmp_path, up):
     n = 4000
     content_type = "multipart/form-data" + "".join(";boundary=b%05d" % i for i in range(n))
@@ -78,8 +77,7 @@ def test_many_boundary_parameters_do_not_multiply_the_work(tmp_path, up):
         g.stop()
 
 
-# FAILS at be240d4: nested boundaries each open a quoted-printable part over the rest of the body; each is decoded into its own copy (not counted in maxBufferedBytes): ~1 GB RSS and ~100 s CPU for a 5 MB body
-@pytest.mark.xfail(strict=True, reason="review 153: nested boundaries each open a quoted-printable part over the rest of the body; each is dec")
+# Failed at be240d4 (mended since): nested boundaries each opened a quoted-printable part over the rest of the body, each decoded into its own copy (not counted in maxBufferedBytes): ~1 GB RSS and ~100 s CPU for a 5 MB body; now two boundaries at most, and what is read and decoded is bounded by 3x the body (past it: 400/2101)
 def test_nested_boundaries_do_not_multiply_decoded_copies(tmp_path, up):
     k = 150
     content_type = "multipart/form-data" + "".join(";boundary=b%04d" % i for i in range(k))
@@ -100,15 +98,22 @@ def test_nested_boundaries_do_not_multiply_decoded_copies(tmp_path, up):
         g.stop()
 
 
-# FAILS at be240d4: a form of 1,000,000 empty parts (10 MB) costs ~110 MiB more peak memory with DLP on than off (two splits, a hash set and a piece per part, none counted in maxBufferedBytes)
-@pytest.mark.xfail(strict=True, reason="review 153: a form of 1,000,000 empty parts (10 MB) costs ~110 MiB more peak memory with DLP on than o")
+# Failed at be240d4 (mended since): a form of 1,000,000 empty parts (10 MB) cost ~110 MiB more peak memory with DLP on than off (two splits, a hash set and a piece per part, none counted in maxBufferedBytes); now a form of more than 10,000 parts is refused (400/2101) while checks are on
 def test_many_tiny_parts_stay_within_the_buffer_budget(tmp_path, up):
     body = b"--b\r\n\r\nx\r\n" * 1_000_000 + b"--b--\r\n"
     peaks = {}
     for name, spec in (("off", ""), ("on", BLOCK)):
         g = gateway(tmp_path, up, spec, name)
         try:
-            assert send(g, body, "multipart/form-data; boundary=b", timeout=60) == 200
+            r = httpx.post(g.url + PATH, content=body,
+                           headers={"content-type": "multipart/form-data; boundary=b"}, timeout=60)
+            if name == "off":
+                assert r.status_code == 200, r.text[:200]
+            else:
+                # More parts than the checks read (10,000): refused, not read.
+                assert r.status_code == 400, r.text[:200]
+                assert r.json()["error"][0]["code"] == 2101, r.text
+                assert "10000 parts" in r.json()["error"][0]["message"], r.text
             peaks[name] = peak_rss_mib(g.proc.pid)
         finally:
             g.stop()
@@ -122,8 +127,7 @@ def utf16_form(boundary=b"b0"):
             + value + b"\r\n--" + boundary + b"--\r\n")
 
 
-# FAILS at be240d4: Starlette (FastAPI servers: vLLM, LiteLLM) decodes every field by the form's own `charset` parameter; sent as `charset=utf-16-le`, the prompt field's address reaches the server while DLP reads NUL-interleaved bytes
-@pytest.mark.xfail(strict=True, reason="review 153: Starlette (FastAPI servers: vLLM, LiteLLM) decodes every field by the form's own `charset`")
+# Failed at be240d4 (mended since): Starlette (FastAPI servers: vLLM, LiteLLM) decodes every field by the form's own `charset` parameter; sent as `charset=utf-16-le`, the prompt field's address reached the server while DLP read NUL-interleaved bytes; now fields are read decoded by a UTF-16/32 charset too
 def test_a_form_in_a_wide_charset_is_read_as_its_text(tmp_path, up):
     # Starlette 0.4x, formparsers.MultiPartParser.parse: `charset = params.get(b"charset", "utf-8")`,
     # then each field `_user_safe_decode(data, charset)` -> {"prompt": "spell joe@example.com right"}.
