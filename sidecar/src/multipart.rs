@@ -627,6 +627,21 @@ mod tests {
             bound("multipart/form-data; boundary*0=ab; boundary*1*=%3Bcd"),
             ["ab;cd"]
         );
+        // However many are given: the first, the last and `boundary*`.
+        assert_eq!(
+            bound(
+                "multipart/form-data; boundary=a; boundary=b; boundary=c; boundary*=utf-8''d; boundary=a"
+            ),
+            ["a", "d"]
+        );
+        assert_eq!(
+            bound("multipart/form-data; boundary=a; boundary=b; boundary=c"),
+            ["a", "c"]
+        );
+        assert_eq!(
+            charsets_of(b"multipart/form-data; charset=a; charset=b; charset=c"),
+            [&b"a"[..], b"c"]
+        );
         assert!(bound("multipart/form-data").is_empty());
         assert!(bound("multipart/mixed; boundary=b0").is_empty());
         assert!(bound("multipart/form-data; boundary=").is_empty());

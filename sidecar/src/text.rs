@@ -444,10 +444,15 @@ struct Piece<'a> {
 ///   byte order mark), the JSON documents it starts with (a JSON reader such as Go's
 ///   `json.Decoder`, gin's `ShouldBindJSON`, reads the document and ignores what follows).
 /// - A form is split as the servers behind the APIs split it ([`crate::multipart::read`]):
-///   with each boundary its `Content-Type` gives, by Go's rule for line ends and by
+///   with each boundary its `Content-Type` gives (the first and the last `boundary`, and
+///   `boundary*`: [`crate::multipart::boundaries_of`]), by Go's rule for line ends and by
 ///   Werkzeug's; every part any of these splits gives is read (once). One none of them splits
-///   is refused ([`UnsplitForm`]). A part sent `quoted-printable` or `base64`
-///   (`Content-Transfer-Encoding`) is read both as sent and decoded.
+///   is refused ([`UnsplitForm::NoDelimiter`]), and so is one of more than
+///   [`crate::multipart::MAX_PARTS`] parts, or whose parts (overlapping, from nested
+///   boundaries) hold more than [`READ_FACTOR`] times its size to read and decode. A part
+///   sent `quoted-printable` or `base64` (`Content-Transfer-Encoding`) is read both as sent and
+///   decoded; a field, also decoded by the form's `charset` when it is UTF-16 or UTF-32 (as
+///   Starlette decodes it).
 /// - A form's field is always read: servers hand its value to the API as a string, whatever
 ///   its `Content-Type` says. A part is a field unless every server reads it as a file
 ///   ([`crate::multipart::Part::is_file`]): Go takes `filename=""` for a field, Starlette a
@@ -548,6 +553,10 @@ fn read_request<'a>(
             if let Some(decoded) = part.transfer_decoded()
                 && let Some(text) = read_as_text(declared, &decoded)
             {
+                if let Cow::Owned(text) = &text {
+                    // Decoded again (UTF-16 JSON) or cut (the JSON it starts with).
+                    take(text.len())?;
+                }
                 pieces.push(Piece {
                     text: Cow::Owned(text.into_owned()),
                     parameter,
@@ -1106,6 +1115,104 @@ pub(crate) mod tests {
             prompt(ct("multipart/form-data; boundary=b0"), renamed),
             "hi"
         );
+    }
+
+    #[test]
+    fn a_form_costs_a_bounded_read_or_is_refused() {
+        let ct = |v: &str| v.as_bytes().to_vec();
+        // Many boundary parameters: the first and the last are read.
+        let mut many = "multipart/form-data".to_owned();
+        for i in 0..1000 {
+            many.push_str(&format!("; boundary=b{i}"));
+        }
+        let form = |b: &str| {
+            format!(
+                "--{b}\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\nhi {b}\r\n--{b}--\r\n"
+            )
+        };
+        for b in ["b0", "b999"] {
+            let body = form(b);
+            assert_eq!(
+                pieces(Some(&ct(&many)), body.as_bytes()),
+                [format!("hi {b}").as_bytes()]
+            );
+        }
+        assert_eq!(
+            request_pieces(Some(&ct(&many)), form("b500").as_bytes()),
+            Err(UnsplitForm::NoDelimiter)
+        );
+        // Nested boundaries whose quoted-printable parts overlap: past 3x the body, refused.
+        let mut nested_ct = "multipart/form-data".to_owned();
+        let mut nested = Vec::new();
+        for i in 0..2 {
+            nested_ct.push_str(&format!("; boundary=n{i}"));
+            nested.extend_from_slice(
+                format!("--n{i}\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n").as_bytes(),
+            );
+        }
+        nested.extend_from_slice(&b"hello world ".repeat(100_000));
+        assert_eq!(
+            request_pieces(Some(&ct(&nested_ct)), &nested),
+            Err(UnsplitForm::Tangled)
+        );
+        // One such part is read as sent and decoded.
+        let one = "multipart/form-data; boundary=n0";
+        assert_eq!(pieces(Some(&ct(one)), &nested).len(), 2);
+        // More parts than MAX_PARTS: refused; as many: read.
+        let parts = |n: usize| {
+            let mut b = b"--b\r\n\r\nx\r\n".repeat(n);
+            b.extend_from_slice(b"--b--\r\n");
+            b
+        };
+        let max = crate::multipart::MAX_PARTS;
+        let ct_b = ct("multipart/form-data; boundary=b");
+        assert_eq!(pieces(Some(&ct_b), &parts(max)).len(), max);
+        assert_eq!(
+            request_pieces(Some(&ct_b), &parts(max + 1)),
+            Err(UnsplitForm::TooManyParts)
+        );
+    }
+
+    #[test]
+    fn form_fields_in_a_wide_charset_are_read_decoded() {
+        let field = |value: &[u8]| {
+            let mut b = b"--b0\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n".to_vec();
+            b.extend_from_slice(value);
+            b.extend_from_slice(b"\r\n--b0--\r\n");
+            b
+        };
+        let utf16le: Vec<u8> = "joe@example.com"
+            .encode_utf16()
+            .flat_map(u16::to_le_bytes)
+            .collect();
+        let utf16be: Vec<u8> = "joe@example.com"
+            .encode_utf16()
+            .flat_map(u16::to_be_bytes)
+            .collect();
+        let utf32le: Vec<u8> = "joe@example.com"
+            .chars()
+            .flat_map(|c| u32::from(c).to_le_bytes())
+            .collect();
+        let bom_be = [&[0xfe, 0xff][..], &utf16be].concat();
+        for (charset, value) in [
+            ("utf-16-le", &utf16le),
+            ("UTF_16LE", &utf16le),
+            ("utf-16", &utf16le),
+            ("utf-16", &bom_be),
+            ("utf-16be", &utf16be),
+            ("\"utf-32\"", &utf32le),
+        ] {
+            let content_type = format!("multipart/form-data; charset={charset}; boundary=b0");
+            let got = prompt(Some(content_type.as_bytes()), &field(value));
+            assert!(got.contains("joe@example.com"), "{charset}: {got:?}");
+        }
+        // Another charset: read as sent only.
+        let body = field(&utf16le);
+        let got = pieces(
+            Some(b"multipart/form-data; charset=utf-8; boundary=b0"),
+            &body,
+        );
+        assert_eq!(got, [&utf16le[..]]);
     }
 
     #[test]
