@@ -8,14 +8,13 @@ mod common;
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -24,7 +23,7 @@ use sidegate_operator::revision::REVISION_ANNOTATION;
 use sidegate_operator::webhook::{self, certs};
 use tokio::time::Instant;
 
-use common::{cluster_client, create_test_namespace, eventually, unique_name};
+use common::{cluster_client, create_test_namespace, eventually};
 use support::chart::{self, flag};
 use support::operator_process::{OperatorCommand, OperatorProcess, temp_dir};
 use support::{WAIT, free_port, install_crds, kubectl, wait_for_default_service_account};
@@ -73,33 +72,6 @@ fn made_for(secret: &Secret) -> (Option<u64>, u64) {
     )
 }
 
-fn args_of(rs: &ReplicaSet) -> Vec<String> {
-    let spec = rs
-        .spec
-        .template
-        .as_ref()
-        .and_then(|t| t.spec.as_ref())
-        .expect("pod template");
-    spec.containers[0]
-        .args
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|a| {
-            a != "run"
-                && !["--admin-addr=", "--webhook-port=", "--log-format="]
-                    .iter()
-                    .any(|p| a.starts_with(p))
-        })
-        .collect()
-}
-
-fn kubectl_apply(dir: &Path, manifest: &str) {
-    let path = dir.join(format!("{}.yaml", unique_name("chart")));
-    std::fs::write(&path, manifest).expect("manifest written");
-    kubectl(&["apply", "-f", path.to_str().expect("path")]);
-}
-
 async fn wait_serving(replica: &mut OperatorProcess) {
     replica
         .wait_for("serving", Duration::from_secs(60), |r| r.serving())
@@ -121,56 +93,25 @@ async fn a_replica_whose_replicaset_was_briefly_absent_reads_its_revision_once_i
     let apps = create_test_namespace(&admin, "sgrv-absent-apps").await;
     wait_for_default_service_account(&admin, &apps.name).await;
     let dir = temp_dir("sgrv-absent");
-    let templates = [
-        "templates/serviceaccount.yaml",
-        "templates/rbac.yaml",
-        "templates/deployment.yaml",
-    ];
-    let render = |days: u32| {
-        chart::helm_template(
-            &ns.name,
-            &templates,
-            &[
-                &format!("watchNamespaces={{{}}}", apps.name),
-                &format!("webhook.selfManaged.validityDays={days}"),
-            ],
-        )
-    };
-    let rendered = render(365);
-    kubectl_apply(&dir, &rendered);
-    let replicasets: Api<ReplicaSet> = Api::namespaced(admin.clone(), &ns.name);
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns.name);
-    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns.name);
+    let rendered = chart::operator_manifest(&ns.name, &apps.name, 365);
+    chart::kubectl_apply(&dir, &rendered);
     let revision_of = |rs: &ReplicaSet| -> Option<u64> {
         rs.annotations().get(REVISION_ANNOTATION)?.parse().ok()
     };
-    let made = |revision: u64| {
-        let (replicasets, pods) = (replicasets.clone(), pods.clone());
-        async move {
-            let rs = replicasets
-                .list(&Default::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|rs| revision_of(rs) == Some(revision))?;
-            let pod = pods
-                .list(&Default::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|p| p.owner_references().iter().any(|o| o.name == rs.name_any()))?;
-            let hash = pod.labels().get("pod-template-hash")?.clone();
-            Some((rs, hash))
-        }
-    };
-    let (old_rs, old_hash) = eventually("revision 1", WAIT, || made(1)).await;
-    kubectl_apply(&dir, &render(1));
-    let (new_rs, new_hash) = eventually("revision 2", WAIT, || made(2)).await;
+    let replicasets: Api<ReplicaSet> = Api::namespaced(admin.clone(), &ns.name);
+    let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns.name);
+    let (old_rs, _, old_hash) = eventually("revision 1", WAIT, || {
+        chart::revision_made(&admin, &ns.name, 1)
+    })
+    .await;
+    chart::kubectl_apply(&dir, &chart::operator_manifest(&ns.name, &apps.name, 1));
+    let (new_rs, _, new_hash) = eventually("revision 2", WAIT, || {
+        chart::revision_made(&admin, &ns.name, 2)
+    })
+    .await;
     let deployment = new_rs.owner_references()[0].name.clone();
     assert_eq!(new_rs.name_any(), format!("{deployment}-{new_hash}"));
-    let (old_args, new_args) = (args_of(&old_rs), args_of(&new_rs));
+    let (old_args, new_args) = (chart::args_of(&old_rs), chart::args_of(&new_rs));
     let config_name = flag(&new_args, "webhook-config-name");
     let sa = format!(
         "system:serviceaccount:{}:{}",

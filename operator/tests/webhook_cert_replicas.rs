@@ -16,26 +16,23 @@ mod common;
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-use sidegate_operator::revision::REVISION_ANNOTATION;
 use sidegate_operator::webhook::{self, certs};
 use tokio::time::Instant;
 
 use common::{cluster_client, create_test_namespace, eventually, unique_name};
 use support::chart::{self, flag};
 use support::operator_process::{OperatorCommand, OperatorProcess, temp_dir};
-use support::{WAIT, free_port, install_crds, kubectl, wait_for_default_service_account};
+use support::{WAIT, free_port, install_crds, wait_for_default_service_account};
 
 /// How often each replica checks its certificate here.
 const CHECK_SECS: u64 = 2;
@@ -225,35 +222,6 @@ async fn started(
     );
 }
 
-/// The operator container's args of `rs`'s pod template, as `sidegate-operator run` of a
-/// test process takes them (its own admin and webhook listeners, and log format).
-fn args_of(rs: &ReplicaSet) -> Vec<String> {
-    let spec = rs
-        .spec
-        .template
-        .as_ref()
-        .and_then(|t| t.spec.as_ref())
-        .expect("pod template");
-    spec.containers[0]
-        .args
-        .clone()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|a| {
-            a != "run"
-                && !["--admin-addr=", "--webhook-port=", "--log-format="]
-                    .iter()
-                    .any(|p| a.starts_with(p))
-        })
-        .collect()
-}
-
-fn kubectl_apply(dir: &Path, manifest: &str) {
-    let path = dir.join(format!("{}.yaml", unique_name("chart")));
-    std::fs::write(&path, manifest).expect("manifest written");
-    kubectl(&["apply", "-f", path.to_str().expect("path")]);
-}
-
 #[tokio::test]
 async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_both_revisions_serve_one_the_apiserver_trusts()
  {
@@ -268,55 +236,20 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
 
     // The chart in `ns` serving `apps` only (its least-privilege RBAC), validityDays 365, then
     // upgraded to 1: two ReplicaSets, revisions 1 and 2, each with a Pending pod.
-    let templates = [
-        "templates/serviceaccount.yaml",
-        "templates/rbac.yaml",
-        "templates/deployment.yaml",
-    ];
-    let render = |days: u32| {
-        chart::helm_template(
-            &ns.name,
-            &templates,
-            &[
-                &format!("watchNamespaces={{{}}}", apps.name),
-                &format!("webhook.selfManaged.validityDays={days}"),
-            ],
-        )
-    };
-    let rendered = render(365);
-    kubectl_apply(&dir, &rendered);
-    let replicasets: Api<ReplicaSet> = Api::namespaced(admin.clone(), &ns.name);
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns.name);
-    let revision_of = |rs: &ReplicaSet| -> Option<u64> {
-        rs.annotations().get(REVISION_ANNOTATION)?.parse().ok()
-    };
-    // The ReplicaSet of `revision`, one of its pods and that pod's `pod-template-hash` label,
-    // once the controllers made them.
-    let made = |revision: u64| {
-        let (replicasets, pods) = (replicasets.clone(), pods.clone());
-        async move {
-            let rs = replicasets
-                .list(&Default::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|rs| revision_of(rs) == Some(revision))?;
-            let pod = pods
-                .list(&Default::default())
-                .await
-                .ok()?
-                .items
-                .into_iter()
-                .find(|p| p.owner_references().iter().any(|o| o.name == rs.name_any()))?;
-            let hash = pod.labels().get("pod-template-hash")?.clone();
-            Some((rs, (pod.name_any(), hash)))
-        }
-    };
-    let (old_rs, old_pod) = eventually("revision 1's ReplicaSet and pod", WAIT, || made(1)).await;
-    kubectl_apply(&dir, &render(1));
-    let (new_rs, new_pod) = eventually("revision 2's ReplicaSet and pod", WAIT, || made(2)).await;
-    let (old_args, new_args) = (args_of(&old_rs), args_of(&new_rs));
+    let rendered = chart::operator_manifest(&ns.name, &apps.name, 365);
+    chart::kubectl_apply(&dir, &rendered);
+    let (old_rs, pod, hash) = eventually("revision 1's ReplicaSet and pod", WAIT, || {
+        chart::revision_made(&admin, &ns.name, 1)
+    })
+    .await;
+    let old_pod = (pod, hash);
+    chart::kubectl_apply(&dir, &chart::operator_manifest(&ns.name, &apps.name, 1));
+    let (new_rs, pod, hash) = eventually("revision 2's ReplicaSet and pod", WAIT, || {
+        chart::revision_made(&admin, &ns.name, 2)
+    })
+    .await;
+    let new_pod = (pod, hash);
+    let (old_args, new_args) = (chart::args_of(&old_rs), chart::args_of(&new_rs));
     assert_eq!(flag(&old_args, "cert-validity-days"), "365");
     assert_eq!(flag(&new_args, "cert-validity-days"), "1");
     assert_eq!(flag(&new_args, "webhook-secret"), SECRET);

@@ -3,8 +3,11 @@
 
 use std::process::Command;
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::Client;
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams};
 
 use super::repo_root;
@@ -59,4 +62,83 @@ pub async fn delete_cluster_roles(admin: &Client, rendered: &str) {
             .delete(&name, &DeleteParams::default())
             .await;
     }
+}
+
+/// The chart's operator (service account, RBAC, Deployment) in `ns`, serving `apps` only (its
+/// least-privilege RBAC), its self-managed webhook certificates valid `days`.
+pub fn operator_manifest(ns: &str, apps: &str, days: u32) -> String {
+    helm_template(
+        ns,
+        &[
+            "templates/serviceaccount.yaml",
+            "templates/rbac.yaml",
+            "templates/deployment.yaml",
+        ],
+        &[
+            &format!("watchNamespaces={{{apps}}}"),
+            &format!("webhook.selfManaged.validityDays={days}"),
+        ],
+    )
+}
+
+/// Applies `manifest` with kubectl, from a file written in `dir`.
+pub fn kubectl_apply(dir: &std::path::Path, manifest: &str) {
+    let path = dir.join(format!("{}.yaml", crate::common::unique_name("chart")));
+    std::fs::write(&path, manifest).expect("manifest written");
+    super::kubectl(&["apply", "-f", path.to_str().expect("path")]);
+}
+
+/// The operator container's args of `rs`'s pod template, as `sidegate-operator run` of a
+/// test process takes them (its own admin and webhook listeners, and log format).
+pub fn args_of(rs: &ReplicaSet) -> Vec<String> {
+    let spec = rs
+        .spec
+        .template
+        .as_ref()
+        .and_then(|t| t.spec.as_ref())
+        .expect("pod template");
+    spec.containers[0]
+        .args
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|a| {
+            a != "run"
+                && !["--admin-addr=", "--webhook-port=", "--log-format="]
+                    .iter()
+                    .any(|p| a.starts_with(p))
+        })
+        .collect()
+}
+
+/// The ReplicaSet of the Deployment `revision` in `ns`, the name of one of its pods and that
+/// pod's `pod-template-hash` label, once the controllers made them.
+pub async fn revision_made(
+    client: &Client,
+    ns: &str,
+    revision: u64,
+) -> Option<(ReplicaSet, String, String)> {
+    let replicasets: Api<ReplicaSet> = Api::namespaced(client.clone(), ns);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let rs = replicasets
+        .list(&Default::default())
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .find(|rs| {
+            rs.annotations()
+                .get(sidegate_operator::revision::REVISION_ANNOTATION)
+                .and_then(|r| r.parse::<u64>().ok())
+                == Some(revision)
+        })?;
+    let pod = pods
+        .list(&Default::default())
+        .await
+        .ok()?
+        .items
+        .into_iter()
+        .find(|p| p.owner_references().iter().any(|o| o.name == rs.name_any()))?;
+    let hash = pod.labels().get("pod-template-hash")?.clone();
+    Some((rs, pod.name_any(), hash))
 }
