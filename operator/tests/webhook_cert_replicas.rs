@@ -224,42 +224,52 @@ async fn started(
     );
 }
 
-#[tokio::test]
-async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_both_revisions_serve_one_the_apiserver_trusts()
- {
-    let Some(admin) = cluster_client().await else {
-        return;
-    };
-    install_crds(&admin).await;
-    let ns = create_test_namespace(&admin, "sgcert-upgrade").await;
-    let apps = create_test_namespace(&admin, "sgcert-apps").await;
-    wait_for_default_service_account(&admin, &apps.name).await;
-    let dir = temp_dir("sgcert-upgrade");
+/// The chart in a new namespace serving another (its least-privilege RBAC), validityDays 365,
+/// then upgraded to 1: two ReplicaSets, revisions 1 and 2, each with a Pending pod; and a
+/// webhook configuration the apiserver calls the replicas by (two ports), for pods of `apps`.
+struct Rollout {
+    ns: common::TestNamespace,
+    apps: common::TestNamespace,
+    dir: std::path::PathBuf,
+    /// The chart's manifest as first applied (its cluster roles are deleted at the end).
+    rendered: String,
+    /// Revision 1's and 2's ReplicaSet, the name of a pod of each and that pod's hash.
+    old: (ReplicaSet, (String, String)),
+    new: (ReplicaSet, (String, String)),
+    /// The operator container's args of each (`chart::args_of`).
+    old_args: Vec<String>,
+    new_args: Vec<String>,
+    /// The chart's ServiceAccount, as a user to impersonate.
+    sa: String,
+    config_name: String,
+    ports: [u16; 2],
+    configs: Api<MutatingWebhookConfiguration>,
+}
 
-    // The chart in `ns` serving `apps` only (its least-privilege RBAC), validityDays 365, then
-    // upgraded to 1: two ReplicaSets, revisions 1 and 2, each with a Pending pod.
+async fn rolled_out(admin: &kube::Client, prefix: &str) -> Rollout {
+    let ns = create_test_namespace(admin, prefix).await;
+    let apps = create_test_namespace(admin, &format!("{prefix}-apps")).await;
+    wait_for_default_service_account(admin, &apps.name).await;
+    let dir = temp_dir(prefix);
     let rendered = chart::operator_manifest(&ns.name, &apps.name, 365);
     chart::kubectl_apply(&dir, &rendered);
     let (old_rs, pod, hash) = eventually("revision 1's ReplicaSet and pod", WAIT, || {
-        chart::revision_made(&admin, &ns.name, 1)
+        chart::revision_made(admin, &ns.name, 1)
     })
     .await;
-    let old_pod = (pod, hash);
+    let old = (old_rs, (pod, hash));
     chart::kubectl_apply(&dir, &chart::operator_manifest(&ns.name, &apps.name, 1));
     let (new_rs, pod, hash) = eventually("revision 2's ReplicaSet and pod", WAIT, || {
-        chart::revision_made(&admin, &ns.name, 2)
+        chart::revision_made(admin, &ns.name, 2)
     })
     .await;
-    let new_pod = (pod, hash);
-    let (old_args, new_args) = (chart::args_of(&old_rs), chart::args_of(&new_rs));
-    assert_eq!(flag(&old_args, "cert-validity-days"), "365");
-    assert_eq!(flag(&new_args, "cert-validity-days"), "1");
-    assert_eq!(flag(&new_args, "webhook-secret"), SECRET);
+    let new = (new_rs, (pod, hash));
+    let (old_args, new_args) = (chart::args_of(&old.0), chart::args_of(&new.0));
     let config_name = flag(&new_args, "webhook-config-name");
     let sa = format!(
         "system:serviceaccount:{}:{}",
         ns.name,
-        new_rs
+        new.0
             .spec
             .template
             .as_ref()
@@ -267,8 +277,6 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
             .and_then(|s| s.service_account_name.clone())
             .expect("serviceAccountName")
     );
-
-    // The apiserver calls both replicas' webhooks, for pods of `apps`.
     let ports = [free_port(), free_port()];
     let configs: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
     configs
@@ -278,6 +286,46 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
         )
         .await
         .expect("webhook configuration");
+    Rollout {
+        ns,
+        apps,
+        dir,
+        rendered,
+        old,
+        new,
+        old_args,
+        new_args,
+        sa,
+        config_name,
+        ports,
+        configs,
+    }
+}
+
+#[tokio::test]
+async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_both_revisions_serve_one_the_apiserver_trusts()
+ {
+    let Some(admin) = cluster_client().await else {
+        return;
+    };
+    install_crds(&admin).await;
+    let Rollout {
+        ns,
+        apps,
+        dir,
+        rendered,
+        old: (_, old_pod),
+        new: (_, new_pod),
+        old_args,
+        new_args,
+        sa,
+        config_name,
+        ports,
+        configs,
+    } = rolled_out(&admin, "sgcert-upgrade").await;
+    assert_eq!(flag(&old_args, "cert-validity-days"), "365");
+    assert_eq!(flag(&new_args, "cert-validity-days"), "1");
+    assert_eq!(flag(&new_args, "webhook-secret"), SECRET);
 
     // Each replica as its pod would run: the args of its ReplicaSet, its pod's name and
     // pod-template-hash label (the chart's downward API env), the chart's ServiceAccount (which
@@ -500,50 +548,27 @@ async fn a_replica_whose_replicaset_was_briefly_absent_reads_its_revision_once_i
         return;
     };
     install_crds(&admin).await;
-    let ns = create_test_namespace(&admin, "sgrv-absent").await;
-    let apps = create_test_namespace(&admin, "sgrv-absent-apps").await;
-    wait_for_default_service_account(&admin, &apps.name).await;
-    let dir = temp_dir("sgrv-absent");
-    let rendered = chart::operator_manifest(&ns.name, &apps.name, 365);
-    chart::kubectl_apply(&dir, &rendered);
+    let Rollout {
+        ns,
+        apps,
+        dir,
+        rendered,
+        old: (_, (_, old_hash)),
+        new: (new_rs, (_, new_hash)),
+        old_args,
+        new_args,
+        sa,
+        config_name,
+        ports,
+        configs,
+    } = rolled_out(&admin, "sgrv-absent").await;
     let revision_of = |rs: &ReplicaSet| -> Option<u64> {
         rs.annotations().get(REVISION_ANNOTATION)?.parse().ok()
     };
     let replicasets: Api<ReplicaSet> = Api::namespaced(admin.clone(), &ns.name);
     let deployments: Api<Deployment> = Api::namespaced(admin.clone(), &ns.name);
-    let (old_rs, _, old_hash) = eventually("revision 1", WAIT, || {
-        chart::revision_made(&admin, &ns.name, 1)
-    })
-    .await;
-    chart::kubectl_apply(&dir, &chart::operator_manifest(&ns.name, &apps.name, 1));
-    let (new_rs, _, new_hash) = eventually("revision 2", WAIT, || {
-        chart::revision_made(&admin, &ns.name, 2)
-    })
-    .await;
     let deployment = new_rs.owner_references()[0].name.clone();
     assert_eq!(new_rs.name_any(), format!("{deployment}-{new_hash}"));
-    let (old_args, new_args) = (chart::args_of(&old_rs), chart::args_of(&new_rs));
-    let config_name = flag(&new_args, "webhook-config-name");
-    let sa = format!(
-        "system:serviceaccount:{}:{}",
-        ns.name,
-        new_rs
-            .spec
-            .template
-            .as_ref()
-            .and_then(|t| t.spec.as_ref())
-            .and_then(|s| s.service_account_name.clone())
-            .expect("serviceAccountName")
-    );
-    let ports = [free_port(), free_port()];
-    let configs: Api<MutatingWebhookConfiguration> = Api::all(admin.clone());
-    configs
-        .create(
-            &PostParams::default(),
-            &configuration(&config_name, &ports, &apps.name),
-        )
-        .await
-        .expect("webhook configuration");
 
     // The Deployment paused, revision 2's ReplicaSet deleted leaving its pods (orphan): it is
     // not made again until the Deployment is resumed.
