@@ -704,23 +704,52 @@ fn decode_wide(data: &[u8], wide: Wide) -> String {
     }
 }
 
-/// The encoding a form's `charset` parameter names, when it is UTF-16 or UTF-32 (by Python's
-/// codec names and aliases: `utf-16-le`, `UTF_16BE`, `u16`, ...; `utf-16` and `utf-32` read
-/// by their byte order mark, else little-endian, as Python on the servers' processors reads
-/// them: the second value says whether it is one of these).
+/// The encoding a form's `charset` parameter names, when it is UTF-16 or UTF-32, as Python
+/// (Starlette's `bytes.decode`) looks a codec up: its name normalised (ASCII letters
+/// lowercased, each run of other bytes but `.` one `_`, none at either end: `utf/16/le`,
+/// `UTF+16+LE` are `utf_16_le`), then by Python's aliases (`encodings.aliases`:
+/// `UnicodeLittleUnmarked`, `u16`, `utf_16le`, ...; with `.` taken for `_` when none matches
+/// as given), else by the codec module's own name. `utf-16` and `utf-32` are read by their
+/// byte order mark, else little-endian, as Python on the servers' processors reads them: the
+/// second value says whether it is one of these.
 fn wide_charset(name: &[u8]) -> Option<(Wide, bool)> {
-    let name: Vec<u8> = name
-        .iter()
-        .filter(|b| !matches!(b, b'-' | b'_' | b' '))
-        .map(u8::to_ascii_lowercase)
-        .collect();
-    Some(match &name[..] {
-        b"utf16" | b"u16" => (Wide::Utf16 { big: false }, true),
-        b"utf16le" => (Wide::Utf16 { big: false }, false),
-        b"utf16be" => (Wide::Utf16 { big: true }, false),
-        b"utf32" | b"u32" => (Wide::Utf32 { big: false }, true),
-        b"utf32le" => (Wide::Utf32 { big: false }, false),
-        b"utf32be" => (Wide::Utf32 { big: true }, false),
+    let mut norm = String::with_capacity(name.len());
+    let mut punct = false;
+    for &b in name {
+        if b.is_ascii_alphanumeric() || b == b'.' {
+            if punct && !norm.is_empty() {
+                norm.push('_');
+            }
+            norm.push(char::from(b.to_ascii_lowercase()));
+            punct = false;
+        } else {
+            punct = true;
+        }
+    }
+    let alias = |n: &str| {
+        Some(match n {
+            "u16" | "utf16" => "utf_16",
+            "unicodebigunmarked" | "utf_16be" => "utf_16_be",
+            "unicodelittleunmarked" | "utf_16le" => "utf_16_le",
+            "u32" | "utf32" => "utf_32",
+            "utf_32be" => "utf_32_be",
+            "utf_32le" => "utf_32_le",
+            _ => return None,
+        })
+    };
+    let module = match alias(&norm).or_else(|| alias(&norm.replace('.', "_"))) {
+        Some(m) => m,
+        // A module name with a `.` is never looked up.
+        None if norm.contains('.') => return None,
+        None => &norm,
+    };
+    Some(match module {
+        "utf_16" => (Wide::Utf16 { big: false }, true),
+        "utf_16_le" => (Wide::Utf16 { big: false }, false),
+        "utf_16_be" => (Wide::Utf16 { big: true }, false),
+        "utf_32" => (Wide::Utf32 { big: false }, true),
+        "utf_32_le" => (Wide::Utf32 { big: false }, false),
+        "utf_32_be" => (Wide::Utf32 { big: true }, false),
         _ => return None,
     })
 }
@@ -1213,6 +1242,56 @@ pub(crate) mod tests {
             &body,
         );
         assert_eq!(got, [&utf16le[..]]);
+    }
+
+    #[test]
+    fn a_charset_is_named_as_python_looks_its_codec_up() {
+        // As `codecs.lookup(name).name` gives them (Python 3.11).
+        let le = Some((false, false));
+        for (name, want) in [
+            (&b"utf-16-le"[..], le),
+            (b"UTF_16LE", le),
+            (b"utf/16/le", le),
+            (b"utf+16+le", le),
+            (b"utf:16:le", le),
+            (b"UnicodeLittleUnmarked", le),
+            (b"utf.16le", le),
+            (b"utf-16\xe9le", le),
+            (b"utf-16", Some((false, true))),
+            (b"-utf-16-", Some((false, true))),
+            (b"u16", Some((false, true))),
+            (b"utf\xe916", Some((false, true))),
+            (b"utf-16be", Some((true, false))),
+            (b"unicodebigunmarked", Some((true, false))),
+            (b"utf_16_be", Some((true, false))),
+            (b"utf16le", None),
+            (b"utf16be", None),
+            (b"utf.16", None),
+            (b"utf.16.le", None),
+            (b"utf..16le", None),
+            (b"utf-16-lee", None),
+            (b"utf8", None),
+        ] {
+            let got = wide_charset(name).map(|(w, generic)| match w {
+                Wide::Utf16 { big } => (big, generic),
+                Wide::Utf32 { .. } => panic!("{name:?}: UTF-32"),
+            });
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(name));
+        }
+        for (name, big, generic) in [
+            (&b"UTF 32 BE"[..], true, false),
+            (b"U32", false, true),
+            (b"utf-32", false, true),
+            (b"utf_32le", false, false),
+            (b"utf32be", false, false),
+        ] {
+            let got = wide_charset(name).map(|(w, g)| match w {
+                Wide::Utf32 { big } => (big, g),
+                Wide::Utf16 { .. } => panic!("{name:?}: UTF-16"),
+            });
+            let want = (name != b"utf32be").then_some((big, generic));
+            assert_eq!(got, want, "{:?}", String::from_utf8_lossy(name));
+        }
     }
 
     #[test]

@@ -98,8 +98,7 @@ def test_a_form_charset_given_in_rfc2231_form_is_read(dlp, params):
     assert_blocked(post(dlp, body, "multipart/form-data; " + params))
 
 
-# FAILS at 7056a57: Python looks codecs up by a normalised name (any run of punctuation is one `_`, then aliases): `bytes.decode("utf/16/le")`, `"utf+16+le"`, `"UnicodeLittleUnmarked"` are UTF-16-LE to Starlette's `_user_safe_decode`; `wide_charset` only drops `-`, `_` and spaces and knows no such alias, so these fields are read as NUL-interleaved bytes
-@pytest.mark.xfail(strict=True, reason="review 155: Python looks codecs up by a normalised name (any run of punctuation is one `_`, ")
+# Failed at 7056a57 (mended since): Python looks codecs up by a normalised name (any run of punctuation is one `_`, then aliases): `bytes.decode("utf/16/le")`, `"utf+16+le"`, `"UnicodeLittleUnmarked"` are UTF-16-LE to Starlette's `_user_safe_decode`; `wide_charset` only drops `-`, `_` and spaces and knows no such alias, so these fields are read as NUL-interleaved bytes
 @pytest.mark.parametrize("charset", ['"utf/16/le"', "utf+16+le", "UnicodeLittleUnmarked", '"utf:16:le"'])
 def test_a_form_charset_spelled_as_python_reads_it_is_read(dlp, charset):
     assert ADDRESS.encode("utf-16-le").decode(charset.strip('"')) == ADDRESS
