@@ -207,13 +207,17 @@ pub fn boundaries_of(value: &[u8]) -> Vec<Cow<'_, [u8]>> {
 }
 
 /// The charsets a `Content-Type` value's `charset` parameters name: its first and its last
-/// (Starlette decodes a form's fields by the one it keeps, the last), as sent.
+/// (Starlette decodes a form's fields by the one it keeps, the last), as sent, and RFC 2231's
+/// `charset*` (`utf-8''utf-16-le`, or continued over `charset*0`, `charset*1`, ...; decoded):
+/// python-multipart reads parameters through `email.message`, which decodes these forms and
+/// lets them win over a plain `charset`.
 pub fn charsets_of(value: &[u8]) -> Vec<Cow<'_, [u8]>> {
     let params = parameters(value);
     let mut all = values(&params, b"charset").into_iter();
     let first = all.next();
     let last = all.next_back();
-    first.into_iter().chain(last).collect()
+    let extended = extended(&params, b"charset").map(Cow::Owned);
+    first.into_iter().chain(last).chain(extended).collect()
 }
 
 /// The parameters of a header value `type; key=value; key="quoted \" ; value"` (RFC 9110's
@@ -641,6 +645,14 @@ mod tests {
         assert_eq!(
             charsets_of(b"multipart/form-data; charset=a; charset=b; charset=c"),
             [&b"a"[..], b"c"]
+        );
+        assert_eq!(
+            charsets_of(b"multipart/form-data; charset*=utf-8''utf%2D16-le; charset=a"),
+            [&b"a"[..], b"utf-16-le"]
+        );
+        assert_eq!(
+            charsets_of(b"multipart/form-data; charset=a; charset*0=utf-16; charset*1=\"-le\""),
+            [&b"a"[..], b"utf-16-le"]
         );
         assert!(bound("multipart/form-data").is_empty());
         assert!(bound("multipart/mixed; boundary=b0").is_empty());

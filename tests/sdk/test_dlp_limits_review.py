@@ -87,8 +87,7 @@ def png(seed: int, size=200_000) -> bytes:
 # Defects (fail at 7056a57)
 # ---------------------------------------------------------------------------------------------
 
-# FAILS at 7056a57: Starlette takes the form's charset from python-multipart's parse_options_header, which reads RFC 2231 parameters through email.message (`charset*=utf-8''utf-16-le` -> "utf-16-le", and it wins over a plain `charset`); the checks read only plain `charset` parameters, so the UTF-16 prompt's address reaches the server unread
-@pytest.mark.xfail(strict=True, reason="review 155: Starlette takes the form's charset from python-multipart's parse_options_header,")
+# Failed at 7056a57 (mended since): Starlette takes the form's charset from python-multipart's parse_options_header, which reads RFC 2231 parameters through email.message (`charset*=utf-8''utf-16-le` -> "utf-16-le", and it wins over a plain `charset`); the checks read only plain `charset` parameters, so the UTF-16 prompt's address reaches the server unread
 @pytest.mark.parametrize("params", [
     "charset*=utf-8''utf-16-le; boundary=b0",
     "charset=utf-8; boundary=b0; charset*0=utf-16; charset*1=-le",
