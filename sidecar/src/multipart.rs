@@ -83,28 +83,27 @@ impl<'a> Part<'a> {
         self.headers_named(b"content-type").map(<[u8]>::trim_ascii)
     }
 
-    /// Whether its `Content-Transfer-Encoding` is one [`Part::transfer_decoded`] decodes.
-    pub fn transfer_coded(&self) -> bool {
-        self.headers_named(b"content-transfer-encoding")
-            .next()
-            .map(<[u8]>::trim_ascii)
-            .is_some_and(|c| {
-                c.eq_ignore_ascii_case(b"quoted-printable") || c.eq_ignore_ascii_case(b"base64")
-            })
+    /// The `Content-Transfer-Encoding` its (first) header gives, when it is one
+    /// [`Part::transfer_decoded`] decodes.
+    pub fn transfer_coding(&self) -> Option<TransferCoding> {
+        let coding = self.headers_named(b"content-transfer-encoding").next()?;
+        let coding = coding.trim_ascii();
+        if coding.eq_ignore_ascii_case(b"quoted-printable") {
+            Some(TransferCoding::QuotedPrintable)
+        } else if coding.eq_ignore_ascii_case(b"base64") {
+            Some(TransferCoding::Base64)
+        } else {
+            None
+        }
     }
 
     /// Its data decoded as its `Content-Transfer-Encoding` says, when that is
     /// `quoted-printable` (Go's reader decodes it) or `base64` (python-multipart's form parser
     /// does); `None` for any other (the data is as sent).
     pub fn transfer_decoded(&self) -> Option<Vec<u8>> {
-        let coding = self.headers_named(b"content-transfer-encoding").next()?;
-        let coding = coding.trim_ascii();
-        if coding.eq_ignore_ascii_case(b"quoted-printable") {
-            Some(quoted_printable(self.data))
-        } else if coding.eq_ignore_ascii_case(b"base64") {
-            crate::text::decode_base64(self.data)
-        } else {
-            None
+        match self.transfer_coding()? {
+            TransferCoding::QuotedPrintable => Some(quoted_printable(self.data)),
+            TransferCoding::Base64 => crate::text::decode_base64(self.data),
         }
     }
 
@@ -119,6 +118,13 @@ impl<'a> Part<'a> {
                 .then_some(&value[1..])
         })
     }
+}
+
+/// A part's `Content-Transfer-Encoding` that servers decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransferCoding {
+    QuotedPrintable,
+    Base64,
 }
 
 /// Quoted-printable data decoded (RFC 2045 §6.7, as Go's `mime/quotedprintable` reads it):

@@ -446,8 +446,9 @@ struct Piece<'a> {
 /// - A form is split as the servers behind the APIs split it ([`crate::multipart::read`]):
 ///   with each boundary its `Content-Type` gives (the first and the last `boundary`, and
 ///   `boundary*`: [`crate::multipart::boundaries_of`]), by Go's rule for line ends and by
-///   Werkzeug's; every part any of these splits gives is read (once). One none of them splits
-///   is refused ([`UnsplitForm::NoDelimiter`]), and so is one of more than
+///   Werkzeug's; every part any of these splits gives is read, once for each way the header
+///   blocks the splits give its data say it is read (a transfer coding any gives is decoded).
+///   One none of them splits is refused ([`UnsplitForm::NoDelimiter`]), and so is one of more than
 ///   [`crate::multipart::MAX_PARTS`] parts, or whose parts (overlapping, from nested
 ///   boundaries) hold more than [`READ_FACTOR`] times its size to read and decode. A part
 ///   sent `quoted-printable` or `base64` (`Content-Transfer-Encoding`) is read both as sent and
@@ -520,17 +521,15 @@ fn read_request<'a>(
             Ok(())
         }
     };
-    // Each part once, however many splits give it (by where its data lies in the body). The
-    // splits are at most six (three boundaries, two rules for line ends), each of whose parts
-    // lie in order: a part another split gave too is most often the one that split's part at
-    // the same place.
+    // Each part once, however many splits give it, by where its data lies in the body and
+    // what its header block says of how it is read (file or field, declared text, a
+    // parameter, its transfer coding): two splits may give the same data different header
+    // blocks (nested boundaries), and a server reads it by either. The splits are at most six
+    // (three boundaries, two rules for line ends), each of whose parts lie in order: a part
+    // another split gave too is most often the one that split's part at the same place.
     let mut seen = std::collections::HashSet::new();
     let mut pieces = Vec::new();
     for part in forms.iter().flat_map(|f| &f.parts) {
-        if !seen.insert((part.data.as_ptr() as usize, part.data.len())) {
-            continue;
-        }
-        take(part.data.len())?;
         let file = part.is_file();
         let declared = !file
             || part.content_types().any(|t| declares_text(Some(t)))
@@ -542,12 +541,18 @@ fn read_request<'a>(
             && names
                 .iter()
                 .all(|n| PARAMETER_FIELDS.iter().any(|p| p.as_bytes() == &**n));
+        let coding = part.transfer_coding();
+        let read_as = (file, declared, parameter, coding);
+        if !seen.insert((part.data.as_ptr() as usize, part.data.len(), read_as)) {
+            continue;
+        }
+        take(part.data.len())?;
         let raw = read_as_text(declared, part.data);
         if let Some(Cow::Owned(text)) = &raw {
             take(text.len())?;
         }
         pieces.extend(raw.map(|text| Piece { text, parameter }));
-        if part.transfer_coded() {
+        if coding.is_some() {
             // No decoded copy is longer than the data.
             take(part.data.len())?;
             if let Some(decoded) = part.transfer_decoded()
@@ -1143,6 +1148,27 @@ pub(crate) mod tests {
         assert_eq!(
             prompt(ct("multipart/form-data; boundary=b0"), renamed),
             "hi"
+        );
+    }
+
+    #[test]
+    fn data_two_splits_give_different_headers_is_read_by_each() {
+        // Split by `B1`, the prompt's data has a header block whose first
+        // Content-Transfer-Encoding is 8bit; split by `boundary*` (`B1--`, Go's choice), it is
+        // quoted-printable.
+        let body = b"--B1\r\n\
+            Content-Disposition: form-data; name=\"note\"\r\n\
+            Content-Transfer-Encoding: 8bit\n\
+            --B1--\r\n\
+            Content-Disposition: form-data; name=\"prompt\"\r\n\
+            Content-Transfer-Encoding: quoted-printable\r\n\r\n\
+            spell joe=40example=2Ecom right\r\n\
+            --B1----\r\n";
+        let ct = b"multipart/form-data; boundary=B1; boundary*=utf-8''B1--";
+        let got = pieces(Some(ct), body);
+        assert!(
+            got.iter().any(|p| &**p == b"spell joe@example.com right"),
+            "{got:?}"
         );
     }
 
