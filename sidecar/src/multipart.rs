@@ -212,7 +212,7 @@ pub fn boundaries_of(value: &[u8]) -> Vec<Cow<'_, [u8]>> {
     distinct
 }
 
-/// The charsets a `Content-Type` value's `charset` parameters name: its first and its last
+/// The distinct charsets a `Content-Type` value's `charset` parameters name: its first and its last
 /// (Starlette decodes a form's fields by the one it keeps, the last), as sent, and RFC 2231's
 /// `charset*` (`utf-8''utf-16-le`, or continued over `charset*0`, `charset*1`, ...; decoded):
 /// python-multipart reads parameters through `email.message`, which decodes these forms and
@@ -223,7 +223,13 @@ pub fn charsets_of(value: &[u8]) -> Vec<Cow<'_, [u8]>> {
     let first = all.next();
     let last = all.next_back();
     let extended = extended(&params, b"charset").map(Cow::Owned);
-    first.into_iter().chain(last).chain(extended).collect()
+    let mut distinct: Vec<Cow<'_, [u8]>> = Vec::new();
+    for c in [first, last, extended].into_iter().flatten() {
+        if !distinct.contains(&c) {
+            distinct.push(c);
+        }
+    }
+    distinct
 }
 
 /// The parameters of a header value `type; key=value; key="quoted \" ; value"` (RFC 9110's
@@ -659,6 +665,10 @@ mod tests {
         assert_eq!(
             charsets_of(b"multipart/form-data; charset=a; charset*0=utf-16; charset*1=\"-le\""),
             [&b"a"[..], b"utf-16-le"]
+        );
+        assert_eq!(
+            charsets_of(b"multipart/form-data; charset=u16; charset=u16; charset*=''u16"),
+            [&b"u16"[..]]
         );
         assert!(bound("multipart/form-data").is_empty());
         assert!(bound("multipart/mixed; boundary=b0").is_empty());
