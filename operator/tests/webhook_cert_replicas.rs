@@ -224,6 +224,18 @@ async fn started(
     );
 }
 
+/// A replica process of the self-managed certificate in `ns`, its webhook on `port`, checking
+/// its certificate every [`CHECK_SECS`], the certificate also for 127.0.0.1 (the address the
+/// apiserver calls here); each test adds what tells its replicas apart.
+fn replica_command(dir: &std::path::Path, identity: &str, ns: &str, port: u16) -> OperatorCommand {
+    OperatorCommand::new(dir, identity)
+        .self_managed_certificate()
+        .webhook_port(port)
+        .arg(format!("--lease-namespace={ns}"))
+        .arg(format!("--cert-check-secs={CHECK_SECS}"))
+        .arg("--webhook-extra-name=127.0.0.1")
+}
+
 /// The chart in a new namespace serving another (its least-privilege RBAC), validityDays 365,
 /// then upgraded to 1: two ReplicaSets, revisions 1 and 2, each with a Pending pod; and a
 /// webhook configuration the apiserver calls the replicas by (two ports), for pods of `apps`.
@@ -332,15 +344,10 @@ async fn a_rolling_upgrade_lowering_validity_replaces_the_certificate_once_and_b
     // may not read pods here: the replica finds its ReplicaSet by name); the certificate also
     // for 127.0.0.1, the address the apiserver calls here.
     let replica = |identity: &str, port: u16, args: &[String], (pod, hash): &(String, String)| {
-        let mut command = OperatorCommand::new(&dir, identity)
-            .self_managed_certificate()
-            .webhook_port(port)
+        let mut command = replica_command(&dir, identity, &ns.name, port)
             .impersonating(&sa)
-            .arg(format!("--lease-namespace={}", ns.name))
             .arg(format!("--pod-name={pod}"))
-            .arg(format!("--pod-template-hash={hash}"))
-            .arg(format!("--cert-check-secs={CHECK_SECS}"))
-            .arg("--webhook-extra-name=127.0.0.1");
+            .arg(format!("--pod-template-hash={hash}"));
         for a in args {
             command = command.arg(a.clone());
         }
@@ -474,16 +481,11 @@ async fn replicas_that_cannot_tell_their_revision_agree_on_one_certificate_after
         .expect("webhook configuration");
     // No pod to read a revision from; validity and an extra name differ.
     let replica = |identity: &str, port: u16, days: u32, name: &str| {
-        OperatorCommand::new(&dir, identity)
-            .self_managed_certificate()
-            .webhook_port(port)
-            .arg(format!("--lease-namespace={}", ns.name))
+        replica_command(&dir, identity, &ns.name, port)
             .arg(format!("--watch-namespace={}", apps.name))
             .arg(format!("--webhook-secret={SECRET}"))
             .arg(format!("--webhook-config-name={config_name}"))
             .arg(format!("--cert-validity-days={days}"))
-            .arg(format!("--cert-check-secs={CHECK_SECS}"))
-            .arg("--webhook-extra-name=127.0.0.1")
             .arg(format!("--webhook-extra-name={name}"))
             .spawn()
     };
@@ -608,14 +610,9 @@ async fn a_replica_whose_replicaset_was_briefly_absent_reads_its_revision_once_i
     );
 
     let replica = |identity: &str, port: u16, args: &[String], hash: &str| {
-        let mut command = OperatorCommand::new(&dir, identity)
-            .self_managed_certificate()
-            .webhook_port(port)
+        let mut command = replica_command(&dir, identity, &ns.name, port)
             .impersonating(&sa)
-            .arg(format!("--lease-namespace={}", ns.name))
-            .arg(format!("--pod-template-hash={hash}"))
-            .arg(format!("--cert-check-secs={CHECK_SECS}"))
-            .arg("--webhook-extra-name=127.0.0.1");
+            .arg(format!("--pod-template-hash={hash}"));
         for a in args {
             command = command.arg(a.clone());
         }
