@@ -25,8 +25,25 @@ use crate::error::GatewayError;
 use crate::headers::{GatewayHeaders, Gw};
 use crate::usage::Tokens;
 
-/// When the built-in prices were taken from the providers' public price lists.
-pub const PRICES_AS_OF: &str = "2025-11-25";
+/// The day of the last audit of the built-in prices against the providers' public price lists.
+/// Each row says where its price was read where that is not the table of 2025-11-25; the audit
+/// of 2026-11-28 checked these, fixing or adding the rows it names:
+/// - Anthropic: platform.claude.com's Pricing page and model overviews (stored copies read that
+///   day): every Claude row confirmed; Mythos 5.1 and Haiku 5.5 added; the cache reads of Opus
+///   5.5, Fable 5.1 and Mythos 5.1 ([`CLAUDE_CACHE_READ`]) fixed.
+/// - Google: the Gemini API's price page as transcribed word for word on 2026-10-07: the 2.5 rows
+///   confirmed; Gemini 3.5 Flash, 3.5 Flash-Lite, 3.1 Pro and Embedding 2 added.
+/// - DeepSeek: api-docs.deepseek.com's pricing page (archived 2026-04-26, quoted 2026-05-20):
+///   `deepseek-chat` and `deepseek-reasoner` fixed (V4-Flash's aliases), V4-Flash and V4-Pro
+///   added, their cache hits fixed.
+///
+/// Not confirmed against the provider's own page (none of theirs was found stored, only
+/// third-party tables, which agree with the rows here but name newer models at prices that moved
+/// within weeks): OpenAI's rows (each as its comment says, else as of 2025-11-25), and xAI's,
+/// Groq's, Mistral's, Cohere's and Perplexity's (as of 2025-11-25 where their comments give no
+/// other date). Newer OpenAI (GPT-5.4 and later), xAI, Groq and Mistral models have no row:
+/// price them in `spec.pricing`.
+pub const PRICES_AS_OF: &str = "2026-11-28";
 
 /// A model's price in USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -482,16 +499,24 @@ pub fn per_image(model: &str, asked: &ImageOptions) -> Option<f64> {
 /// model's input price, by model family; `(1, 1, 1)` (no discount) for a model whose provider
 /// has none or that the gateway does not know.
 ///
-/// - Anthropic (direct, Bedrock, Vertex): reads 0.1, writes 1.25 (5-minute TTL), 2 (1 hour).
+/// - Anthropic (direct, Bedrock, Vertex): reads 0.1, writes 1.25 (5-minute TTL), 2 (1 hour);
+///   reads 0.05 on Claude Opus 5.5 and 0.025 on Claude Fable 5.1 and Mythos 5.1
+///   ([`CLAUDE_CACHE_READ`]).
 /// - OpenAI: cached input 0.1 for the GPT-5 family, 5.1 and 5.2 with it (not the pro models)
 ///   and gpt-image-1-mini, 0.25 for GPT-4.1, o3, o4-mini, the deep-research models and
 ///   gpt-image-1, 0.5 for GPT-4o (not `gpt-4o-2024-05-13`), GPT-4o mini and realtime, GPT-4.5,
 ///   o1, o1-mini and o3-mini; none for the pro models.
 /// - Gemini: cached input 0.1 for 2.5 models, 0.25 for 2.0 Flash and 1.5.
-/// - DeepSeek: cache hits 0.1 ($0.028 against $0.28). xAI: cached input 0.25.
+/// - DeepSeek: cache hits 0.02 on DeepSeek-V4-Flash (and its aliases `deepseek-chat`,
+///   `deepseek-reasoner`: $0.0028 against $0.14), $0.003625 against $0.435 on V4-Pro.
+///   xAI: cached input 0.25.
 pub fn cache_ratios(name: &str) -> (f64, f64, f64) {
     if name.starts_with("claude-") {
-        return (0.1, 1.25, 2.0);
+        let read = CLAUDE_CACHE_READ
+            .iter()
+            .find(|(model, _)| continues(name, model))
+            .map_or(0.1, |&(_, read)| read);
+        return (read, 1.25, 2.0);
     }
     // A GPT-5 point release (`gpt-5.1`, `gpt-5.4-pro`, one priced in `spec.pricing` too) is of
     // the GPT-5 family here: read as `gpt-5...` without its point.
@@ -519,6 +544,16 @@ fn gpt_5_point_release(name: &str) -> Option<&str> {
     (end > 0).then(|| &digits[end..])
 }
 
+/// Claude models whose cache hits are not a tenth of their input price (platform.claude.com,
+/// Pricing, "Cache hits and refreshes", and the model pages' "Cache read", read 2026-11-28):
+/// Opus 5.5 $0.20 against $4; Fable 5.1 and Mythos 5.1 $0.25 against $10. Their writes are
+/// Anthropic's 1.25x and 2x ($5 / $8 on Opus 5.5, $12.50 / $20 on Fable 5.1).
+const CLAUDE_CACHE_READ: &[(&str, f64)] = &[
+    ("claude-opus-5-5", 0.05),
+    ("claude-fable-5-1", 0.025),
+    ("claude-mythos-5-1", 0.025),
+];
+
 /// Cached input as a multiple of the input price, by model family: the first family a model's
 /// name equals or continues (after `-`, `@`, `:`) counts, so the exceptions come first.
 const CACHE_READ: &[(&str, f64)] = &[
@@ -545,7 +580,10 @@ const CACHE_READ: &[(&str, f64)] = &[
     ("gemini-2.5", 0.1),
     ("gemini-2.0-flash", 0.25),
     ("gemini-1.5", 0.25),
-    ("deepseek", 0.1),
+    // DeepSeek-V4-Pro's hit is $0.003625 against $0.435 (a 120th); V4-Flash's, and those of
+    // `deepseek-chat` and `deepseek-reasoner`, its aliases, $0.0028 against $0.14.
+    ("deepseek-v4-pro", 0.003625 / 0.435),
+    ("deepseek", 0.02),
     ("grok", 0.25),
 ];
 
@@ -649,8 +687,8 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     // The models after them (platform.claude.com, each model's overview, "Input pricing" and
     // "Output pricing", read 2026-11-28; Claude Mythos 5 "shares Claude Fable 5's
     // specifications and pricing"). Cache reads and writes by the Anthropic ratios, as their
-    // pages list them. A later version the table does not name (`claude-fable-5-2`,
-    // `claude-haiku-5-5`) has no price: not its predecessor's.
+    // pages list them (but the reads of CLAUDE_CACHE_READ). A later version the table does not
+    // name (`claude-fable-5-2`, `claude-haiku-5-6`) has no price: not its predecessor's.
     ("claude-opus-4-6", 5.0, 25.0),
     ("claude-opus-4-7", 5.0, 25.0),
     ("claude-opus-4-8", 5.0, 25.0),
@@ -662,6 +700,12 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("claude-fable-5", 10.0, 50.0),
     ("claude-fable-5-1", 10.0, 50.0),
     ("claude-mythos-5", 10.0, 50.0),
+    // Audit of 2026-11-28 (platform.claude.com, Pricing, "Model pricing"): Claude Mythos 5.1 is
+    // Fable 5.1's price, $10 / $50; Claude Haiku 5.5 (its overview: "From $0.10 / MTok",
+    // "From $0.50 / MTok") is $0.10 / $0.50 for prompts up to 100K tokens, the shortest-context
+    // tier ($0.50 / $2.50 past it).
+    ("claude-mythos-5-1", 10.0, 50.0),
+    ("claude-haiku-5-5", 0.10, 0.50),
     // Google Gemini
     ("gemini-1.5-flash", 0.075, 0.30),
     ("gemini-1.5-flash-8b", 0.0375, 0.15),
@@ -672,6 +716,15 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("gemini-2.5-flash-lite", 0.10, 0.40),
     ("gemini-2.5-pro", 1.25, 10.0),
     ("gemini-2.5-flash-image", 0.30, 2.50),
+    // Audit of 2026-11-28, from the Gemini API's price page (ai.google.dev/gemini-api/docs/
+    // pricing) as transcribed word for word on 2026-10-07: Gemini 3.5 Flash $1.50 / $9.00,
+    // 3.5 Flash-Lite $0.30 / $2.50, 3.1 Pro Preview $2.00 / $12.00 for prompts up to 200K tokens
+    // ($4 / $18 past them), Gemini Embedding 2 $0.20 (text). Their cached input has no ratio
+    // here (no source gave it): it is priced as input. Gemini 3.8 Flash is left out: its
+    // $0.75 / $3.75 lasts "through December 31, 2026", $1.50 / $7.50 from 2027-01-01.
+    ("gemini-3.5-flash", 1.50, 9.0),
+    ("gemini-3.5-flash-lite", 0.30, 2.50),
+    ("gemini-3.1-pro", 2.0, 12.0),
     // Priced by the character on Vertex AI (NOT_TEXT), not by the token.
     ("text-embedding-004", 0.0, 0.0),
     ("text-embedding-005", 0.0, 0.0),
@@ -679,6 +732,7 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     // "$0.15 / 1M input tokens" on the Gemini API and on Vertex AI (cloud.google.com/vertex-ai/
     // generative-ai/pricing, Embeddings).
     ("gemini-embedding-001", 0.15, 0.0),
+    ("gemini-embedding-2", 0.20, 0.0),
     // Imagen: per image (NOT_TEXT); its answers have no tokens.
     ("imagen-4.0-generate", 0.0, 0.0),
     ("imagen-4.0-fast-generate", 0.0, 0.0),
@@ -712,9 +766,15 @@ const BUILTIN: &[(&str, f64, f64)] = &[
     ("llama-4-maverick", 0.20, 0.60),
     ("gemma2-9b-it", 0.20, 0.20),
     // DeepSeek, xAI
-    // DeepSeek-V3.2 prices both alike since 2025-09-29 (cache hits $0.028).
-    ("deepseek-chat", 0.28, 0.42),
-    ("deepseek-reasoner", 0.28, 0.42),
+    // DeepSeek-V4 (api-docs.deepseek.com/quick_start/pricing, as archived 2026-04-26 and
+    // quoted 2026-05-20): V4-Flash $0.14 / $0.28, cache hits $0.0028 (cut to a tenth on
+    // 2026-04-26); V4-Pro $0.435 / $0.87, hits $0.003625 (its 75% discount, made its price).
+    // `deepseek-chat` and `deepseek-reasoner` are V4-Flash's non-thinking and thinking modes
+    // (until DeepSeek retires the names), priced as it; cache ratios in CACHE_READ.
+    ("deepseek-v4-flash", 0.14, 0.28),
+    ("deepseek-v4-pro", 0.435, 0.87),
+    ("deepseek-chat", 0.14, 0.28),
+    ("deepseek-reasoner", 0.14, 0.28),
     ("grok-4", 3.0, 15.0),
     ("grok-4-fast", 0.20, 0.50),
     ("grok-4-1-fast", 0.20, 0.50),
@@ -1575,6 +1635,48 @@ mod tests {
     }
 
     #[test]
+    fn claude_models_with_cheaper_cache_hits_read_them_at_their_own_rate() {
+        let t = Pricing::default();
+        let read_write = |model: &str| {
+            let p = t.lookup(model).expect(model);
+            (p.cache_read, p.cache_write, p.cache_write_1h)
+        };
+        // platform.claude.com, Pricing and the model pages (audit of 2026-11-28).
+        for (model, want) in [
+            ("claude-opus-5-5", (0.20, 5.0, 8.0)),
+            ("claude-opus-5-5-20260922", (0.20, 5.0, 8.0)),
+            ("claude-fable-5-1", (0.25, 12.5, 20.0)),
+            ("claude-mythos-5-1", (0.25, 12.5, 20.0)),
+            // The tenth of the others stays theirs.
+            ("claude-fable-5", (1.0, 12.5, 20.0)),
+            ("claude-mythos-5", (1.0, 12.5, 20.0)),
+            ("claude-opus-5", (0.50, 6.25, 10.0)),
+            ("claude-sonnet-5-5", (0.20, 2.5, 4.0)),
+            ("claude-haiku-5-5", (0.01, 0.125, 0.20)),
+        ] {
+            let (read, write, write_1h) = read_write(model);
+            for (got, want) in [(read, want.0), (write, want.1), (write_1h, want.2)] {
+                assert!((got - want).abs() < 1e-12, "{model}: {got} != {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_gemini_models_of_the_2026_11_28_audit_have_their_page_prices() {
+        let t = Pricing::default();
+        assert_eq!(look(&t, "gemini-3.5-flash"), price(1.50, 9.0));
+        assert_eq!(look(&t, "gemini-3.5-flash-lite"), price(0.30, 2.50));
+        assert_eq!(look(&t, "gemini-3.1-pro-preview"), price(2.0, 12.0));
+        assert_eq!(look(&t, "gemini-embedding-2"), price(0.20, 0.0));
+        // Not the 3.5 Flash's price, nor any other's: left out (a price that ends 2026-12-31).
+        assert_eq!(look(&t, "gemini-3.8-flash"), None);
+        // Gemini 2.5's rows, confirmed by the same page, unchanged.
+        assert_eq!(look(&t, "gemini-2.5-pro"), price(1.25, 10.0));
+        assert_eq!(look(&t, "gemini-2.5-flash"), price(0.30, 2.50));
+        assert_eq!(look(&t, "gemini-2.5-flash-lite"), price(0.10, 0.40));
+    }
+
+    #[test]
     fn prompt_cache_reads_and_writes_are_priced_as_the_provider_prices_them() {
         let t = Pricing::default();
         let sonnet = t.lookup("claude-sonnet-4-5-20250929");
@@ -1651,15 +1753,22 @@ mod tests {
             ),
             15.0,
         );
-        // DeepSeek cache hits $0.028 per 1M.
-        close(
-            cost(
-                t.lookup("deepseek-chat"),
-                None,
-                &tokens(1_000_000, 0, 1_000_000, 0, 0),
-            ),
-            0.028,
-        );
+        // DeepSeek cache hits: $0.0028 per 1M on V4-Flash (and deepseek-chat, its alias),
+        // $0.003625 on V4-Pro.
+        for (model, hit) in [
+            ("deepseek-chat", 0.0028),
+            ("deepseek-v4-flash", 0.0028),
+            ("deepseek-v4-pro", 0.003625),
+        ] {
+            close(
+                cost(
+                    t.lookup(model),
+                    None,
+                    &tokens(1_000_000, 0, 1_000_000, 0, 0),
+                ),
+                hit,
+            );
+        }
         // A model the gateway knows no cache rule for: cached tokens at the input price.
         let house = Pricing::with(&[ModelPrice {
             model: "house-llm".into(),
@@ -2344,8 +2453,10 @@ mod tests {
     #[test]
     fn variants_with_their_own_price_are_not_priced_as_their_base() {
         let t = Pricing::default();
-        assert_eq!(look(&t, "deepseek-chat"), price(0.28, 0.42));
-        assert_eq!(look(&t, "deepseek-reasoner"), price(0.28, 0.42));
+        assert_eq!(look(&t, "deepseek-chat"), price(0.14, 0.28));
+        assert_eq!(look(&t, "deepseek-reasoner"), price(0.14, 0.28));
+        assert_eq!(look(&t, "deepseek-v4-flash"), price(0.14, 0.28));
+        assert_eq!(look(&t, "deepseek-v4-pro"), price(0.435, 0.87));
         assert_eq!(look(&t, "grok-4-fast-reasoning"), price(0.20, 0.50));
         assert_eq!(look(&t, "grok-4-fast-non-reasoning"), price(0.20, 0.50));
         assert_eq!(look(&t, "grok-4-1-fast-reasoning"), price(0.20, 0.50));
@@ -2375,10 +2486,13 @@ mod tests {
             ("claude-sonnet-5-5", price(2.0, 10.0)),
             ("claude-fable-5-1", price(10.0, 50.0)),
             ("claude-mythos-5", price(10.0, 50.0)),
+            ("claude-mythos-5-1", price(10.0, 50.0)),
+            ("claude-haiku-5-5", price(0.10, 0.50)),
             // Versions the table does not name: no price, not their predecessor's.
             ("claude-opus-4-9", None),
             ("claude-fable-5-2", None),
-            ("claude-mythos-5-1", None),
+            ("claude-mythos-5-2", None),
+            ("claude-haiku-5-6", None),
             ("claude-opus-5-7", None),
             // Snapshots, dates and Anthropic's `-0` alias stay the model's.
             ("claude-opus-4-0", price(15.0, 75.0)),

@@ -269,15 +269,58 @@ fn perr(provider: &str, message: impl Into<String>) -> ProviderError {
     }
 }
 
-/// The resource, the deployment and the rest of an Azure OpenAI route's path (empty when
-/// missing): Cloudflare's `{resource}/{deployment}/...`, or `{resource}/openai/deployments/
-/// {deployment}/...`, the path Azure's own SDK clients append to an `azure_endpoint` (the
-/// gateway's `/azure-openai/{resource}`).
-fn azure_parts(rest: &str) -> (&str, &str, &str) {
-    let (resource, after) = rest.split_once('/').unwrap_or((rest, ""));
-    let after = after.strip_prefix("openai/deployments/").unwrap_or(after);
-    let (deployment, rest) = after.split_once('/').unwrap_or((after, ""));
-    (resource, deployment, rest)
+/// What an Azure OpenAI route's path names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AzurePath<'r> {
+    /// A deployment's API (`.../openai/deployments/{deployment}/{rest}`): the resource, the
+    /// deployment and the rest (empty when missing). Cloudflare's `{resource}/{deployment}/...`,
+    /// or `{resource}/openai/deployments/{deployment}/...`, the path Azure's own SDK clients
+    /// append to an `azure_endpoint` (the gateway's `/azure-openai/{resource}`).
+    Deployment(&'r str, &'r str, &'r str),
+    /// The v1 API (`.../openai/v1/{rest}`, the model in the body): `{resource}/openai/v1/...`,
+    /// what OpenAI's own SDK clients send with the base URL `/azure-openai/{resource}/openai/v1`.
+    V1(&'r str, &'r str),
+}
+
+impl<'r> AzurePath<'r> {
+    fn of(rest: &'r str) -> Self {
+        let (resource, after) = rest.split_once('/').unwrap_or((rest, ""));
+        if let Some(v1) = after.strip_prefix("openai/v1").and_then(|r| {
+            if r.is_empty() {
+                Some(r)
+            } else {
+                r.strip_prefix('/')
+            }
+        }) {
+            return Self::V1(resource, v1);
+        }
+        let after = after.strip_prefix("openai/deployments/").unwrap_or(after);
+        let (deployment, rest) = after.split_once('/').unwrap_or((after, ""));
+        Self::Deployment(resource, deployment, rest)
+    }
+
+    /// The path under the deployment or `v1`: the API's own path (`chat/completions`).
+    fn api_path(self) -> &'r str {
+        match self {
+            Self::Deployment(_, _, rest) | Self::V1(_, rest) => rest,
+        }
+    }
+}
+
+/// Whether `rest`, an `azure-openai` route's path, is one of Azure's v1 API
+/// (`{resource}/openai/v1/...`), whose model is the body's, as on OpenAI.
+pub fn is_azure_v1(rest: &str) -> bool {
+    matches!(AzurePath::of(rest), AzurePath::V1(..))
+}
+
+/// The base of Azure's v1 API for an `azure-openai` base URL: the base with its
+/// `/deployments/{deployment}` replaced by `/v1` (`https://{resource}.openai.azure.com/openai/v1`).
+/// `None` when the base names no such segment, or names the deployment elsewhere too.
+fn azure_v1_base(base: &str) -> Option<String> {
+    let head = base
+        .trim_end_matches('/')
+        .strip_suffix("/deployments/{deployment}")?;
+    (!head.contains("{deployment}")).then(|| format!("{head}/v1"))
 }
 
 /// A base URL: parsed once when it has no placeholders, filled in per request otherwise.
@@ -300,6 +343,8 @@ pub struct Provider {
     pub format: ApiFormat,
     shape: UrlShape,
     base: Base,
+    /// Azure OpenAI's v1 API base (see [`azure_v1_base`]), when the base has one.
+    v1_base: Option<Base>,
     auth: AuthStyle,
     /// Headers removed from the client's request when the gateway injects a key.
     auth_headers: Vec<HeaderName>,
@@ -360,6 +405,12 @@ impl Provider {
     ) -> Result<Self, ProviderError> {
         let base_text = settings.and_then(|s| s.base_url.as_deref()).unwrap_or(base);
         let base = parse_base(id, base_text)?;
+        let v1_base = match shape {
+            UrlShape::Azure => azure_v1_base(base_text)
+                .map(|v1| parse_base(id, &v1))
+                .transpose()?,
+            _ => None,
+        };
         let auth_headers = match &auth {
             AuthStyle::Header { name, .. } => {
                 let mut v = vec![name.clone()];
@@ -377,6 +428,7 @@ impl Provider {
             format,
             shape,
             base,
+            v1_base,
             auth,
             auth_headers,
             foreign_key_headers: Vec::new(),
@@ -448,12 +500,26 @@ impl Provider {
     }
 
     /// The deployment an Azure OpenAI route names (`{resource}/{deployment}/...`), which decides
-    /// the model whatever the body names.
+    /// the model whatever the body names. A route of Azure's v1 API (`{resource}/openai/v1/...`)
+    /// names none: its model is the body's, as on OpenAI.
     pub fn deployment<'r>(&self, rest: &'r str) -> Option<&'r str> {
         if self.shape != UrlShape::Azure {
             return None;
         }
-        Some(azure_parts(rest).1).filter(|d| !d.is_empty())
+        match AzurePath::of(rest) {
+            AzurePath::Deployment(_, deployment, _) => Some(deployment).filter(|d| !d.is_empty()),
+            AzurePath::V1(..) => None,
+        }
+    }
+
+    /// The API's own path of a route (`chat/completions`, `v1beta/models/...`), where a model
+    /// named in the path is looked for: an Azure OpenAI route's path after its resource and
+    /// deployment (or `openai/v1`), so that a resource named `models` is no model; others' whole.
+    pub fn api_path<'r>(&self, rest: &'r str) -> &'r str {
+        match self.shape {
+            UrlShape::Azure => AzurePath::of(rest).api_path(),
+            _ => rest,
+        }
     }
 
     /// Whether its OpenAI-format streams end with `data: [DONE]`, as OpenAI's do: all but
@@ -542,6 +608,8 @@ impl Provider {
         query: Option<&str>,
     ) -> Result<Uri, GatewayError> {
         check_segments(route.rest)?;
+        // The base the path goes under: the provider's, or Azure's v1 API's.
+        let mut base = &self.base;
         // The upstream path is `{prefix}/{rest}` after the base's own path.
         let (vars, prefix, rest): (Vec<(&str, &str)>, &str, &str) = match self.shape {
             UrlShape::Plain => {
@@ -584,19 +652,34 @@ impl Provider {
                 };
                 (Vec::new(), prefix, rest)
             }
-            UrlShape::Azure => {
-                let (resource, deployment, rest) = azure_parts(route.rest);
-                if resource.is_empty() || deployment.is_empty() {
-                    return Err(bad_route(
-                        "azure-openai routes are /azure-openai/{resource}/{deployment}/...",
-                    ));
+            UrlShape::Azure => match AzurePath::of(route.rest) {
+                AzurePath::V1(resource, rest) => {
+                    if resource.is_empty() {
+                        return Err(bad_route(
+                            "azure-openai v1 routes are /azure-openai/{resource}/openai/v1/...",
+                        ));
+                    }
+                    let Some(v1) = &self.v1_base else {
+                        return Err(bad_route(
+                            "azure-openai v1 routes (/azure-openai/{resource}/openai/v1/...) need a baseURL ending in /deployments/{deployment}, which /v1 takes the place of; this gateway's azure-openai baseURL has none",
+                        ));
+                    };
+                    base = v1;
+                    (vec![("resource", resource)], "", rest)
                 }
-                (
-                    vec![("resource", resource), ("deployment", deployment)],
-                    "",
-                    rest,
-                )
-            }
+                AzurePath::Deployment(resource, deployment, rest) => {
+                    if resource.is_empty() || deployment.is_empty() {
+                        return Err(bad_route(
+                            "azure-openai routes are /azure-openai/{resource}/{deployment}/... (or {resource}/openai/v1/... for Azure's v1 API)",
+                        ));
+                    }
+                    (
+                        vec![("resource", resource), ("deployment", deployment)],
+                        "",
+                        rest,
+                    )
+                }
+            },
             UrlShape::Bedrock => {
                 let mut parts = route.rest.splitn(3, '/');
                 let service = parts.next().unwrap_or_default();
@@ -645,7 +728,7 @@ impl Provider {
             }
         };
         let len = prefix.len() + rest.len() + query.map_or(0, |q| q.len() + 1) + 1;
-        match &self.base {
+        match base {
             Base::Fixed {
                 scheme,
                 authority,
@@ -1245,6 +1328,85 @@ mod tests {
         }
         assert!(uri(&t, "azure-openai", "res/openai/deployments/").is_err());
         assert!(uri(&t, "azure-openai", "res").is_err());
+    }
+
+    #[test]
+    fn azure_v1_routes_reach_the_resources_v1_api_and_name_no_deployment() {
+        let t = table(&[]);
+        let azure = t.get("azure-openai").expect("azure");
+        for (rest, want, api_path) in [
+            (
+                "res/openai/v1/chat/completions",
+                "https://res.openai.azure.com/openai/v1/chat/completions",
+                "chat/completions",
+            ),
+            (
+                "res/openai/v1/responses",
+                "https://res.openai.azure.com/openai/v1/responses",
+                "responses",
+            ),
+            (
+                "models/openai/v1/embeddings",
+                "https://models.openai.azure.com/openai/v1/embeddings",
+                "embeddings",
+            ),
+            (
+                "res/openai/v1",
+                "https://res.openai.azure.com/openai/v1/",
+                "",
+            ),
+        ] {
+            assert_eq!(uri(&t, "azure-openai", rest).as_deref(), Ok(want), "{rest}");
+            // The model is the body's, as on OpenAI; a resource named `models` is no model.
+            assert_eq!(azure.deployment(rest), None, "{rest}");
+            assert_eq!(azure.api_path(rest), api_path, "{rest}");
+            assert!(is_azure_v1(rest), "{rest}");
+        }
+        // `openai/v1x` is no v1 API: a deployment `openai`, as before.
+        assert_eq!(azure.deployment("res/openai/v1x/chat"), Some("openai"));
+        assert!(!is_azure_v1("res/gpt-4o/chat/completions"));
+        assert_eq!(
+            azure.api_path("res/openai/deployments/gpt-4o/chat/completions"),
+            "chat/completions"
+        );
+        // The resource is still a host label, and `..` cannot climb out of `/openai/v1`.
+        assert!(uri(&t, "azure-openai", "my.res/openai/v1/chat").is_err());
+        assert!(uri(&t, "azure-openai", "/openai/v1/chat").is_err());
+        assert!(uri(&t, "azure-openai", "res/openai/v1/../deployments/x/chat").is_err());
+        // A base URL pointed elsewhere keeps its v1 API in place of `/deployments/{deployment}`.
+        let s = ProviderSettings {
+            base_url: Some(
+                "http://127.0.0.1:9/az/{resource}/openai/deployments/{deployment}".into(),
+            ),
+            ..Default::default()
+        };
+        let t = table(&[("azure-openai", s)]);
+        assert_eq!(
+            uri(&t, "azure-openai", "res/openai/v1/chat/completions").as_deref(),
+            Ok("http://127.0.0.1:9/az/res/openai/v1/chat/completions")
+        );
+        let s = ProviderSettings {
+            base_url: Some("http://127.0.0.1:9/openai/deployments/{deployment}".into()),
+            ..Default::default()
+        };
+        let t = table(&[("azure-openai", s)]);
+        assert_eq!(
+            uri(&t, "azure-openai", "res/openai/v1/embeddings").as_deref(),
+            Ok("http://127.0.0.1:9/openai/v1/embeddings")
+        );
+        // A base without `/deployments/{deployment}` has no v1 API to send to: a bad route.
+        let s = ProviderSettings {
+            base_url: Some("https://{deployment}.{resource}.example/openai".into()),
+            ..Default::default()
+        };
+        let hosted = table(&[("azure-openai", s)]);
+        let err =
+            uri(&hosted, "azure-openai", "res/openai/v1/chat/completions").expect_err("no v1 base");
+        assert_eq!(err.code(), 2001);
+        assert!(
+            err.to_string().contains("/deployments/{deployment}"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -965,7 +965,7 @@ impl Gateway {
             // The deployment decides the model, whatever the body names: priced by its name
             // (as deployments are usually named, or as `spec.pricing` names it).
             Some(deployment) => crate::cost::ModelName::named(deployment),
-            None => crate::cost::request_model(route.rest, &body)
+            None => crate::cost::request_model(provider.api_path(route.rest), &body)
                 .or_else(|| crate::cost::form_model(&parts.headers, &body)),
         };
         // A DALL·E image's price depends on the size and quality asked (read before the body
@@ -1263,7 +1263,7 @@ pub(crate) fn asks_stream_usage(
     query: Option<&str>,
 ) -> bool {
     is_openai_chat(provider, method, rest)
-        && crate::usage::takes_stream_options(&provider.id, query)
+        && crate::usage::takes_stream_options(&provider.id, rest, query)
 }
 
 /// Whether a passthrough request is an OpenAI-format chat completion (whose stream ends with

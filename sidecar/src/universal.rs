@@ -794,7 +794,7 @@ fn plan_provider<'a>(
     // body names.
     let model = match provider.deployment(route.rest) {
         Some(deployment) => crate::cost::ModelName::named(deployment),
-        None => crate::cost::model_in_path(path)
+        None => crate::cost::model_in_path(provider.api_path(path))
             .or_else(|| step.query.get("model").and_then(|m| m.as_str()))
             .and_then(crate::cost::ModelName::named),
     };

@@ -176,11 +176,13 @@ static CHARACTERS_FINDER: LazyLock<memmem::Finder<'static>> =
 /// Whether an OpenAI-format provider takes `stream_options.include_usage`, which the gateway
 /// adds to streams that lack it so that their tokens are counted. Providers that refuse fields
 /// they do not know are left out: Mistral answers 422 to it (and, like Perplexity, sends usage
-/// in every stream anyway); Azure takes it from `api-version` 2024-09-01 on; others
-/// (`cohere`, `huggingface`, `workers-ai`, `custom-*`) are not known to take it.
-pub fn takes_stream_options(provider: &str, query: Option<&str>) -> bool {
+/// in every stream anyway); Azure takes it on its v1 API (`rest` under `{resource}/openai/v1/`)
+/// and elsewhere from `api-version` 2024-09-01 on; others (`cohere`, `huggingface`,
+/// `workers-ai`, `custom-*`) are not known to take it.
+pub fn takes_stream_options(provider: &str, rest: &str, query: Option<&str>) -> bool {
     match provider {
         "openai" | "groq" | "deepseek" | "grok" | "openrouter" => true,
+        "azure-openai" if crate::providers::is_azure_v1(rest) => true,
         "azure-openai" => query
             .into_iter()
             .flat_map(|q| q.split('&'))
@@ -1749,22 +1751,32 @@ mod tests {
 
     #[test]
     fn stream_options_go_only_to_providers_that_take_them() {
-        assert!(takes_stream_options("openai", None));
-        assert!(takes_stream_options("groq", None));
+        let chat = "chat/completions";
+        assert!(takes_stream_options("openai", chat, None));
+        assert!(takes_stream_options("groq", chat, None));
         assert!(
-            !takes_stream_options("mistral", None),
+            !takes_stream_options("mistral", chat, None),
             "Mistral answers 422"
         );
-        assert!(!takes_stream_options("custom-local", None));
+        assert!(!takes_stream_options("custom-local", chat, None));
+        let deployment = "res/dep/chat/completions";
         assert!(takes_stream_options(
             "azure-openai",
+            deployment,
             Some("api-version=2024-10-21")
         ));
         assert!(!takes_stream_options(
             "azure-openai",
+            deployment,
             Some("api-version=2024-06-01")
         ));
-        assert!(!takes_stream_options("azure-openai", None));
+        assert!(!takes_stream_options("azure-openai", deployment, None));
+        // Azure's v1 API takes it without an `api-version`, as OpenAI's does.
+        assert!(takes_stream_options(
+            "azure-openai",
+            "res/openai/v1/chat/completions",
+            None
+        ));
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! limits as other answers do. For that the gateway asks the provider for uncompressed frames
 //! (it drops the client's `Sec-WebSocket-Extensions`), as it asks for uncompressed HTTP answers.
 //! The session's model, which prices its responses, is the deployment of an Azure OpenAI route
-//! (as for its HTTP requests), else the URL's `?model=` or `?deployment=`.
+//! (as for its HTTP requests), else the URL's `?model=` or `?deployment=` (an Azure v1 route,
+//! `{resource}/openai/v1/realtime`, names no deployment: its `?model=` is the model).
 //!
 //! Input audio transcriptions are charged too, as their
 //! `conversation.item.input_audio_transcription.completed` events pass (`usage` with

@@ -404,7 +404,8 @@ def test_a_responses_stream_split_anywhere_in_its_usage_is_counted_whole(served,
 
 def test_deepseek_cache_hits_are_priced_at_the_hit_rate(served):
     # DeepSeek: prompt_tokens = prompt_cache_hit_tokens + prompt_cache_miss_tokens
-    # (api-docs.deepseek.com, "Context Caching"); deepseek-chat $0.28 miss, $0.028 hit, $0.42 out.
+    # (api-docs.deepseek.com, "Context Caching"); deepseek-chat is DeepSeek-V4-Flash's alias:
+    # $0.14 miss, $0.0028 hit, $0.28 out (api-docs.deepseek.com/quick_start/pricing, V4).
     usage = {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010,
              "prompt_tokens_details": {"cached_tokens": 600},
              "prompt_cache_hit_tokens": 600, "prompt_cache_miss_tokens": 400}
@@ -413,7 +414,7 @@ def test_deepseek_cache_hits_are_priced_at_the_hit_rate(served):
                    {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200, r.text
     assert (line["tokens_in"], line["tokens_out"]) == (1000, 10), line
-    assert line["cost"] == pytest.approx((400 * 0.28 + 600 * 0.028 + 10 * 0.42) / 1e6, rel=1e-9), line
+    assert line["cost"] == pytest.approx((400 * 0.14 + 600 * 0.0028 + 10 * 0.28) / 1e6, rel=1e-9), line
 
 
 def test_a_gemini_stream_counts_its_last_cumulative_usage_with_thinking(served):

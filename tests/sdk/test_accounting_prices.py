@@ -117,3 +117,64 @@ def test_speech_answered_as_an_audio_file_reports_no_usage_and_has_no_cost(serve
     assert r.status_code == 200, r.text
     assert line["model"] == "gpt-4o-mini-tts", line
     assert line["cost"] is None, line
+
+
+# --- The audit of 2026-11-28 (cost.rs, PRICES_AS_OF) ----------------------------------------
+#
+# Anthropic (platform.claude.com, Pricing and the model pages): cache hits are $0.20 on Opus 5.5
+# ($4 in, $5 / $8 writes, $20 out) and $0.25 on Fable 5.1 and Mythos 5.1 ($10 in, $12.50 / $20
+# writes, $50 out): not a tenth. Mythos 5.1 and Haiku 5.5 ($0.10 / $0.50 for prompts up to 100K)
+# had no row. DeepSeek (api-docs.deepseek.com/quick_start/pricing): V4-Flash $0.14 / $0.0028 hit /
+# $0.28, which deepseek-chat and deepseek-reasoner are aliases of; V4-Pro $0.435 / $0.003625 /
+# $0.87.
+
+def claude_answer(model, fresh, read, write, out):
+    return json.dumps({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": fresh, "cache_read_input_tokens": read,
+                  "cache_creation_input_tokens": write, "output_tokens": out},
+    }).encode()
+
+
+# FAILS at 91770b5: Opus 5.5's and Fable 5.1's cache hits are priced at a tenth of the input price
+# (2x and 4x the page's), Mythos 5.1 and Haiku 5.5 have no price
+@pytest.mark.parametrize("model, fresh_in, read, write, out", [
+    ("claude-opus-5-5", 4.0, 0.20, 5.0, 20.0),
+    ("claude-fable-5-1", 10.0, 0.25, 12.5, 50.0),
+    ("claude-mythos-5-1", 10.0, 0.25, 12.5, 50.0),
+    ("claude-haiku-5-5", 0.10, 0.01, 0.125, 0.50),
+    # Unchanged: Fable 5's hits are still a tenth ($1).
+    ("claude-fable-5", 10.0, 1.0, 12.5, 50.0),
+])
+def test_claude_cache_hits_are_priced_as_anthropics_price_page_lists_them(served, model, fresh_in, read, write, out):
+    # 1,000 fresh, 100,000 read from the cache, 2,000 written for 5 minutes, 300 out.
+    g, _ = served([claude_answer(model, 1_000, 100_000, 2_000, 300)], content_type="application/json")
+    r, line = post(g, "/anthropic/v1/messages",
+                   {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert (line["tokens_in"], line["tokens_out"]) == (103_000, 300), line
+    want = (1_000 * fresh_in + 100_000 * read + 2_000 * write + 300 * out) / 1e6
+    assert line["cost"] == pytest.approx(want, rel=1e-9), line
+
+
+# FAILS at 91770b5: deepseek-chat and deepseek-reasoner are priced at V3.2's $0.28 / $0.42 (hits
+# $0.028), the V4 models have no price
+@pytest.mark.parametrize("model, miss, hit, out", [
+    ("deepseek-chat", 0.14, 0.0028, 0.28),
+    ("deepseek-reasoner", 0.14, 0.0028, 0.28),
+    ("deepseek-v4-flash", 0.14, 0.0028, 0.28),
+    ("deepseek-v4-pro", 0.435, 0.003625, 0.87),
+])
+def test_deepseek_v4_and_its_aliases_are_priced_at_the_v4_page(served, model, miss, hit, out):
+    usage = {"prompt_tokens": 10_000, "completion_tokens": 500, "total_tokens": 10_500,
+             "prompt_tokens_details": {"cached_tokens": 8_000},
+             "prompt_cache_hit_tokens": 8_000, "prompt_cache_miss_tokens": 2_000}
+    g, _ = served([json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": model,
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": "hi"}}],
+                               "usage": usage}).encode()], content_type="application/json")
+    r, line = post(g, "/deepseek/chat/completions",
+                   {"model": model, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert line["cost"] == pytest.approx((2_000 * miss + 8_000 * hit + 500 * out) / 1e6, rel=1e-9), line

@@ -118,6 +118,25 @@ def test_an_azure_session_is_charged_at_its_deployments_price(upstream, tmp_path
         g.stop()
 
 
+def test_an_azure_v1_session_is_charged_at_the_model_its_url_names(upstream, tmp_path):
+    # Azure's v1 API names no deployment in the path: the session's model is the URL's ?model=,
+    # as on OpenAI, and the session goes to the resource's /openai/v1/realtime.
+    spec = limits(spend="0.01", pricing=[("house-realtime", 1000, 1000)])
+    keys = dict(DEFAULT_KEYS, **{"azure-openai.default": OPENAI_KEY})
+    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec=spec), keys)
+    path = "/azure-openai/my-resource/openai/v1/realtime?model=house-realtime"
+    try:
+        with websockets.sync.client.connect(wss(g, path)) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
+            assert respond(ws)[-1]["response"]["usage"]["input_tokens"] == 12
+            assert assert_closed(ws, 1008) == "usage limit reached"
+        assert upstream.handshakes[0]["path"] == "/openai/v1/realtime?model=house-realtime"
+        line = session_line(g)
+        assert " model=house-realtime " in line and " tokens_in=12 tokens_out=7" in line, line
+    finally:
+        g.stop()
+
+
 def test_under_a_spend_limit_a_session_naming_no_model_is_refused(upstream, tmp_path):
     g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec=limits(spend="100")), DEFAULT_KEYS)
     try:

@@ -353,7 +353,7 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
             let key = i.key()?;
             let client_own = matches!(key, KeyChoice::ClientOwn);
             let ask_usage = i.endpoint == Endpoint::Chat
-                && crate::usage::takes_stream_options(&i.provider.id, query.as_deref());
+                && crate::usage::takes_stream_options(&i.provider.id, &rest, query.as_deref());
             let (body, hide_usage) = openai::rewrite_model_asking_usage(i.body, model, ask_usage)?;
             let mut req = proxy::build_upstream_request(
                 i.provider,
@@ -622,9 +622,18 @@ fn openai_route<'m>(
         "azure-openai" => {
             let Some((resource, deployment)) = model.split_once('/') else {
                 return Err(bad(
-                    "azure-openai models are azure-openai/{resource}/{deployment}",
+                    "azure-openai models are azure-openai/{resource}/{deployment} or azure-openai/{resource}/openai/v1/{model}",
                 ));
             };
+            // Azure's v1 API: the model (a deployment's name) goes in the body, and no
+            // `api-version` is needed (the client's query goes as it is).
+            if let Some(v1_model) = deployment.strip_prefix("openai/v1/") {
+                return Ok((
+                    format!("{resource}/openai/v1/{leaf}"),
+                    query.map(str::to_owned),
+                    v1_model,
+                ));
+            }
             let query = match query {
                 Some(q) if q.split('&').any(|kv| kv.starts_with("api-version=")) => q.to_owned(),
                 _ => AZURE_API_VERSION.to_owned(),
@@ -1750,6 +1759,15 @@ pub(crate) mod tests {
             ))
         );
         assert!(r("azure-openai", "only").is_err());
+        // Azure's v1 API: the model in the body, no api-version added.
+        assert_eq!(
+            r("azure-openai", "res/openai/v1/gpt-4.1").ok(),
+            Some((
+                "res/openai/v1/chat/completions".into(),
+                None,
+                "gpt-4.1".into()
+            ))
+        );
     }
 
     /// The upstream URI /compat sends a model of `provider` to: its chat path (`openai_route`)

@@ -4,7 +4,9 @@
 //! checked, never the key itself.
 //!
 //! OpenAI-format routes want `Authorization: Bearer <key>`; Azure OpenAI's deployment paths
-//! (`/openai/deployments/...`) take `api-key` (or an Entra ID bearer token); Anthropic's
+//! (`/openai/deployments/...`) take `api-key` (or an Entra ID bearer token); paths under
+//! `/openai/v1/` are both Groq's API (a bearer token) and Azure OpenAI's v1 API (`api-key` or a
+//! bearer token), which only their hosts tell apart, so either is taken there; Anthropic's
 //! `x-api-key`. Header names given with `--auth-header` (custom providers' `authHeader`) are
 //! accepted on every route. Gemini and Bedrock check their own headers ([`crate::gemini`],
 //! [`crate::bedrock`]); moderation and token endpoints take requests without a key.
@@ -19,6 +21,8 @@ pub(crate) enum Api {
     OpenAi,
     /// Azure OpenAI: `api-key`, or a bearer token.
     Azure,
+    /// `/openai/v1/...`: Groq's API or Azure OpenAI's v1 API, whose keys are both taken.
+    OpenAiV1,
     /// Anthropic: `x-api-key`.
     Anthropic,
 }
@@ -28,6 +32,8 @@ impl Api {
     pub(crate) fn openai_format(path: &str) -> Self {
         if path.contains("/openai/deployments/") {
             Self::Azure
+        } else if path.contains("/openai/v1/") {
+            Self::OpenAiV1
         } else {
             Self::OpenAi
         }
@@ -46,7 +52,7 @@ impl Api {
         }
         match self {
             Self::OpenAi => has_bearer_token(headers),
-            Self::Azure => {
+            Self::Azure | Self::OpenAiV1 => {
                 present(&HeaderName::from_static("api-key")) || has_bearer_token(headers)
             }
             Self::Anthropic => present(&HeaderName::from_static("x-api-key")),
@@ -125,8 +131,12 @@ mod tests {
         );
         assert_eq!(
             Api::openai_format("/openai/v1/chat/completions"),
-            Api::OpenAi
+            Api::OpenAiV1
         );
+        // Azure's v1 API takes its `api-key` there; a request with neither key has none.
+        let api_key = headers(&[("api-key", "az")]);
+        assert!(Api::OpenAiV1.has_credential(&api_key, &[]));
+        assert!(!Api::OpenAiV1.has_credential(&headers(&[("x-api-key", "k")]), &[]));
         assert_eq!(Api::openai_format("/v1/embeddings"), Api::OpenAi);
     }
 }

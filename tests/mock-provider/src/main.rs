@@ -28,8 +28,9 @@ Routes (matched on the path suffix, so any provider prefix works):
   POST .../embeddings             OpenAI embeddings (8 deterministic floats per input)
   GET  .../models                 model list (Anthropic shape if anthropic-version is sent)
                                   (these need Authorization: Bearer KEY, or api-key on Azure's
-                                  .../openai/deployments/... paths, else 401 in OpenAI's or Azure's
-                                  error shape; models with anthropic-version needs x-api-key)
+                                  .../openai/deployments/... and .../openai/v1/... paths, else 401
+                                  in OpenAI's or Azure's error shape; models with
+                                  anthropic-version needs x-api-key)
   POST .../messages               Anthropic Message; Anthropic SSE with \"stream\": true
   POST .../messages/count_tokens  Anthropic token count
                                   (both need x-api-key, else 401 in Anthropic's error shape; then

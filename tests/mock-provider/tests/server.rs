@@ -708,6 +708,12 @@ async fn requests_without_their_key_are_401_in_each_apis_shape() {
     assert_eq!(reply.json()["error"]["code"], "401");
     let reply = send(addr, Method::POST, azure, &[("api-key", "az")], chat).await;
     assert_eq!(reply.status, StatusCode::OK);
+    // Azure's v1 API (`/openai/v1/...`, Groq's path too) takes its api-key as well.
+    let v1 = "/openai/v1/chat/completions";
+    let reply = send(addr, Method::POST, v1, &[("api-key", "az")], chat).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let reply = send(addr, Method::POST, v1, &[("x-api-key", "k")], chat).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
 
     // Anthropic: x-api-key, checked before the version header; a bearer token is no key.
     for headers in [
