@@ -1016,6 +1016,7 @@ impl Shared {
                 }
             }
             self.charges.stamp(&mut batch);
+            self.charges.sending();
             let written: Result<i64, Failure> = self
                 .call(&Wait::writer(), async |c| {
                     let mut call = self.charge_script.prepare_invoke();

@@ -145,6 +145,32 @@ def test_charges_and_counts_whose_answers_came_too_late_are_counted_once(mock, t
         redis.stop()
 
 
+def test_a_stop_while_the_charges_batch_waits_for_its_answer_logs_it_as_perhaps_applied(mock, tmp_path):
+    # Redis stops answering (SIGSTOP) while the pod's writer has sent a batch and waits for its
+    # answer (5 s), and the pod stops (3 s to write): Redis may still apply it once it goes on,
+    # so the log of what was not written must not say it is simply lost.
+    redis = Redis(tmp_path / "redis")
+    g = pod(tmp_path, mock.url, redis.url, "  spendLimit: {amount: '100', period: day}\n", "a")
+    try:
+        assert charged(g, 0.001).status_code == 200
+        settled("the spend before", lambda: spend_in_redis(redis).get("day"), 0.001, within=3)
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert charged(g, 0.25).status_code == 200
+            time.sleep(0.5)  # the batch is sent
+            g.proc.send_signal(signal.SIGTERM)
+            g.proc.wait(10)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        lost = [line for line in g.logs().splitlines() if "charges not written to redis at shutdown" in line]
+        assert len(lost) == 1, g.logs()[-3000:]
+        assert "spend_usd=0.25" in lost[0] and "unanswered_batches=1" in lost[0], lost[0]
+        settled("the spend Redis applied once it went on", lambda: spend_in_redis(redis).get("day"), 0.251)
+    finally:
+        g.stop()
+        redis.stop()
+
+
 def test_spend_refused_by_a_redis_out_of_memory_is_kept_counted_and_written_once_it_takes_writes(mock, tmp_path):
     redis = Redis(tmp_path / "redis", "--maxmemory-policy", "noeviction")
     g = pod(tmp_path, mock.url, redis.url, "  spendLimit: {amount: '0.01', period: day}\n", "a")

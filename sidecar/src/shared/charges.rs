@@ -253,7 +253,7 @@ struct State {
     /// Batches whose answer never came (this client's, and those of the client it took over
     /// from, each with its own marker): sent again, with their number, before any other.
     unanswered: VecDeque<Batch>,
-    /// What the batch on its way holds.
+    /// What the batch on its way holds (an unanswered batch once it is sent: [`Charges::sending`]).
     in_flight: Tally,
     /// Replaced by a new client of the same Redis: charges go to it.
     retired: bool,
@@ -634,6 +634,15 @@ impl Charges {
         }
         t.merge(&s.in_flight);
         t
+    }
+
+    /// The batch on its way is sent: until it is settled Redis may have applied it, and what a
+    /// stop leaves unwritten says so ([`Self::unwritten`]).
+    pub(super) fn sending(&self) {
+        let mut s = self.state();
+        if s.in_flight.keys > 0 {
+            s.in_flight.unanswered_batches = 1;
+        }
     }
 
     /// The batch to send at `now_ms`: an unanswered one (its marker and number kept) or a new
@@ -1167,6 +1176,24 @@ mod tests {
         );
         let s = c.state();
         assert_eq!((s.seen.len(), s.seen.by_end.len()), (MAX_SEEN, MAX_SEEN));
+    }
+
+    #[test]
+    fn a_batch_sent_and_not_answered_yet_is_left_unwritten_as_perhaps_applied() {
+        let c = Charges::new("m".into());
+        c.add("spend:day".into(), usd(0.25, 10_000));
+        let (b, _) = c.next_batch(1_000);
+        assert_eq!(
+            c.unwritten().unanswered_batches,
+            0,
+            "not sent yet (its marker being made)"
+        );
+        c.sending();
+        let t = c.unwritten();
+        assert_eq!((t.keys, t.spend_usd, t.unanswered_batches), (1, 0.25, 1));
+        c.settle(b.expect("batch"), Outcome::Applied)
+            .expect("not retired");
+        assert_eq!(c.unwritten(), Tally::default());
     }
 
     #[test]
