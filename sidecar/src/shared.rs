@@ -11,7 +11,8 @@
 //! Redis once it answers ([`charges`]), at most once each, also at a stop (for the Redis of a
 //! config a reload replaced too, [`Former`]). Each failure is counted in
 //! `sidegate_redis_errors_total{op}` and warned about at most every 10 s. A request waits for
-//! Redis at most [`REQUEST_WAIT`] in all, however many calls it makes ([`Wait`]). Keys are
+//! Redis at most [`REQUEST_WAIT`] in all, however many calls it makes ([`Wait`]); the writer of
+//! the charges, in the background, [`WRITE_WAIT`] for each. Keys are
 //! prefixed `sidegate:{namespace/name}:`, so gateways can share one Redis.
 
 mod charges;
@@ -35,8 +36,16 @@ use crate::ratelimit::{self, Limiter};
 use crate::telemetry::{ChargeDropped, Metrics, RedisOp};
 use charges::{Added, Amount, Batch, Charge, Charges, Kind, Outcome};
 
-/// Time to connect, and to wait for each answer.
+/// Time a request gives a connection being made, and after which an answer not come is Redis
+/// timing out.
 const TIMEOUT: Duration = Duration::from_millis(250);
+/// How long the writer of the charges waits for a connection and for each answer: in the
+/// background, it can wait for a Redis too far away (or too loaded) for requests, whose calls
+/// give up after [`REQUEST_WAIT`]; otherwise such a Redis would never get a pod's charges, nor
+/// its first batch (whose marker's making must be answered first). Within [`LATE_ANSWER`], the
+/// connection's own bound.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
+const _: () = assert!(WRITE_WAIT.as_millis() < LATE_ANSWER.as_millis());
 /// How long a count's answer is still read in the background once its request stopped waiting
 /// for it: what Redis did (counted or refused) then corrects what the request took for it.
 const LATE_ANSWER: Duration = Duration::from_secs(10);
@@ -255,37 +264,63 @@ impl Shared {
     }
 
     /// The connection, made on first use, by `deadline`. Requests that come while it is made
-    /// wait for it (a burst at a pod's start would otherwise all go uncounted in Redis); for
+    /// wait for it (a burst at a pod's start would otherwise all go uncounted in Redis), as
+    /// long as they would wait for their own try ([`TIMEOUT`]) and within their deadline; for
     /// [`BACKOFF`] after a failure (with a connection made already too: one that just failed
     /// would make each request wait for its timeout again) they are told Redis is unavailable
-    /// at once.
-    async fn conn(&self, deadline: tokio::time::Instant) -> Result<ConnectionManager, Failure> {
-        if self.backoff.active(monotonic_ms()) {
+    /// at once. The writer of the charges (`writer`) uses the connection made whatever the
+    /// back-off (a Redis too slow for requests answers it, [`WRITE_WAIT`]), makes one only when
+    /// requests would, and gives it all its deadline: a Redis whose first answers (the client's
+    /// `CLIENT SETINFO`) take longer than a request waits is connected to all the same, and
+    /// requests use that connection too.
+    async fn conn(
+        &self,
+        deadline: tokio::time::Instant,
+        writer: bool,
+    ) -> Result<ConnectionManager, Failure> {
+        let skipped = || self.backoff.active(monotonic_ms());
+        if !writer && skipped() {
             return Err(Failure::skipped("redis unavailable (retrying shortly)"));
         }
         if let Some(c) = self.cached_conn() {
             return Ok(c);
         }
-        let Ok(_connecting) = tokio::time::timeout_at(deadline, self.connecting.lock()).await
+        if skipped() {
+            return Err(Failure::skipped("redis unavailable (retrying shortly)"));
+        }
+        let began = tokio::time::Instant::now();
+        // A request waits for another's try (or the writer's, which may take longer) as long as
+        // for its own.
+        let patience = |from: tokio::time::Instant| {
+            if writer {
+                deadline
+            } else {
+                deadline.min(from + TIMEOUT)
+            }
+        };
+        let Ok(_connecting) =
+            tokio::time::timeout_at(patience(began), self.connecting.lock()).await
         else {
-            return Err(Failure::skipped("redis connection being made"));
+            return Err(self.not_connected(began, "redis connection being made"));
         };
         if let Some(c) = self.cached_conn() {
             return Ok(c);
         }
-        if self.backoff.active(monotonic_ms()) {
+        if skipped() {
             // The connection just tried failed.
             return Err(Failure::skipped("redis unavailable (retrying shortly)"));
         }
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(TIMEOUT))
+            // Each try is bounded as its caller allows, below; this bounds the connection's own
+            // reconnects, which a call waits for within its deadline.
+            .set_connection_timeout(Some(WRITE_WAIT))
             // Each call waits as its request allows ([`Self::call`]); a late answer is still read
             // for a while ([`Self::call_late`]).
             .set_response_timeout(Some(LATE_ANSWER))
             .set_number_of_retries(0);
         let began = tokio::time::Instant::now();
         let made = tokio::time::timeout_at(
-            deadline,
+            patience(began),
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await;
@@ -305,12 +340,22 @@ impl Shared {
                 self.mark_down();
                 Err(failed(e))
             }
-            Err(_) if timed_out(began.elapsed()) => {
-                self.mark_down();
-                Err(failed(Self::unavailable("redis connection timed out")))
+            Err(_) => Err(self.not_connected(began, WAIT_SPENT)),
+        }
+    }
+
+    /// No connection was made (or found made) since `began`: after [`TIMEOUT`] or more, Redis
+    /// timed out, and the next requests go without it at once for [`BACKOFF`]; else the wait
+    /// was cut short by the request's own, `why`, and the next request tries again.
+    fn not_connected(&self, began: tokio::time::Instant, why: &'static str) -> Failure {
+        if timed_out(began.elapsed()) {
+            self.mark_down();
+            Failure {
+                error: Self::unavailable("redis connection timed out"),
+                stage: Stage::Connect,
             }
-            // Cut short by the request's own wait: the next request tries again.
-            Err(_) => Err(Failure::skipped(WAIT_SPENT)),
+        } else {
+            Failure::skipped(why)
         }
     }
 
@@ -332,7 +377,7 @@ impl Shared {
         let result = tokio::time::timeout_at(deadline, op(&mut conn)).await;
         drop(waiting);
         match result {
-            Ok(result) => self.answer(result),
+            Ok(result) => self.answer(result, asked),
             Err(_) => Err(self.unanswered(asked)),
         }
     }
@@ -358,7 +403,7 @@ impl Shared {
         let result = tokio::time::timeout_at(deadline, &mut asking).await;
         drop(waiting);
         match result {
-            Ok(result) => self.answer(result).map_err(|f| (f, None)),
+            Ok(result) => self.answer(result, asked).map_err(|f| (f, None)),
             Err(_) => Err((self.unanswered(asked), Some(asking))),
         }
     }
@@ -369,7 +414,7 @@ impl Shared {
             return Err(Failure::skipped(WAIT_SPENT));
         };
         let deadline = tokio::time::Instant::now() + waiting.bound;
-        let conn = self.conn(deadline).await?;
+        let conn = self.conn(deadline, wait.writer).await?;
         Ok(Asking {
             waiting,
             deadline,
@@ -377,11 +422,15 @@ impl Shared {
         })
     }
 
-    /// What an answer says about Redis.
-    fn answer<T>(&self, result: ::redis::RedisResult<T>) -> Result<T, Failure> {
+    /// What an answer to a call asked at `asked` says about Redis.
+    fn answer<T>(
+        &self,
+        result: ::redis::RedisResult<T>,
+        asked: tokio::time::Instant,
+    ) -> Result<T, Failure> {
         match result {
             Ok(v) => {
-                self.answered();
+                self.answered(!timed_out(asked.elapsed()));
                 Ok(v)
             }
             Err(e) => {
@@ -407,15 +456,18 @@ impl Shared {
         }
     }
 
-    /// Redis answered: the failures in a row end, and its return after any is logged once.
-    fn answered(&self) {
+    /// Redis answered: the failures in a row end (its connection works), and its return after
+    /// any is logged once — only when it answered `in_time` for a request: an answer that only
+    /// the writer of the charges waited for ([`WRITE_WAIT`]) leaves requests going without it.
+    fn answered(&self, in_time: bool) {
         // Loads first: every pod's request answers here, and a store would take the cache line.
         for in_a_row in [&self.timeouts, &self.refusals] {
             if in_a_row.load(Ordering::Relaxed) != 0 {
                 in_a_row.store(0, Ordering::Relaxed);
             }
         }
-        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
+        if in_time && self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed)
+        {
             tracing::info!("redis reachable again");
         }
     }
@@ -927,7 +979,9 @@ impl Shared {
     }
 
     /// Writes the charges waiting, a batch at a time, until none waits; after a failure, again
-    /// every [`BACKOFF`].
+    /// every [`BACKOFF`]. Each call waits [`WRITE_WAIT`] for its answer, on the connection
+    /// made even while requests go without Redis ([`Shared::conn`]), so a Redis slower than
+    /// requests can wait for gets the charges all the same.
     async fn flush(self: &Arc<Self>, metrics: &Arc<Metrics>) {
         // The last batch first sent found another Redis than its marker's.
         let mut elsewhere = false;
@@ -940,7 +994,7 @@ impl Shared {
             let now = unix_ms();
             if self.charges.needs_marker(&batch, now) {
                 let made: Result<String, Failure> = self
-                    .call(&Wait::default(), async |c| {
+                    .call(&Wait::writer(), async |c| {
                         self.marker_script
                             .key(&*batch.marker)
                             .arg(charges::MARKER_TTL_MS)
@@ -962,8 +1016,9 @@ impl Shared {
                 }
             }
             self.charges.stamp(&mut batch);
+            self.charges.sending();
             let written: Result<i64, Failure> = self
-                .call(&Wait::default(), async |c| {
+                .call(&Wait::writer(), async |c| {
                     let mut call = self.charge_script.prepare_invoke();
                     call.key(&*batch.marker)
                         .arg(batch.seq)
@@ -1112,7 +1167,7 @@ fn stricter(a: Result<(), Duration>, b: Result<(), Duration>) -> Result<(), Dura
 /// refusing that too is not asked again, and nothing is said.
 async fn warn_if_evicting(mut c: ConnectionManager) {
     let asked = tokio::time::timeout(
-        TIMEOUT.saturating_mul(4),
+        WRITE_WAIT,
         ::redis::cmd("INFO")
             .arg("memory")
             .query_async::<String>(&mut c),
@@ -1326,9 +1381,26 @@ fn verdict(e: &::redis::RedisError) -> Verdict {
 
 /// How long one request (or one background write) has waited for Redis: the time any of its
 /// calls was waiting (calls made at once count once). Once it reaches [`REQUEST_WAIT`] its
-/// other calls go without Redis at once.
-#[derive(Debug, Default)]
-pub struct Wait(std::sync::Mutex<Waited>);
+/// other calls go without Redis at once; a call of the writer of the charges has its own,
+/// [`WRITE_WAIT`] ([`Wait::writer`]).
+#[derive(Debug)]
+pub struct Wait {
+    waited: std::sync::Mutex<Waited>,
+    /// How long its calls may wait in all.
+    total: Duration,
+    /// The writer of the charges' ([`Wait::writer`]).
+    writer: bool,
+}
+
+impl Default for Wait {
+    fn default() -> Self {
+        Self {
+            waited: std::sync::Mutex::default(),
+            total: REQUEST_WAIT,
+            writer: false,
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 struct Waited {
@@ -1341,8 +1413,18 @@ struct Waited {
 }
 
 impl Wait {
+    /// One call of the writer of the charges: [`WRITE_WAIT`] for its answer, connection
+    /// included, on the connection made even during requests' back-off ([`Shared::conn`]).
+    fn writer() -> Self {
+        Self {
+            total: WRITE_WAIT,
+            writer: true,
+            ..Self::default()
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, Waited> {
-        self.0
+        self.waited
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -1353,7 +1435,7 @@ impl Wait {
         let waited = w.before
             + w.since
                 .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
-        let bound = REQUEST_WAIT.saturating_sub(waited);
+        let bound = self.total.saturating_sub(waited);
         if bound.is_zero() {
             return None;
         }
@@ -1670,7 +1752,7 @@ mod tests {
             }
         };
         refused();
-        shared.answered();
+        shared.answered(true);
         refused();
         assert_eq!(shared.refusals.load(Ordering::Relaxed), REPLACE_AFTER - 1);
         shared.judge(Verdict::Refused);
@@ -1682,7 +1764,7 @@ mod tests {
         shared.judge(Verdict::Unusable);
         assert!(shared.backoff.active(monotonic_ms()));
         assert!(shared.down.load(Ordering::Relaxed));
-        shared.answered();
+        shared.answered(true);
         assert!(!shared.down.load(Ordering::Relaxed), "back, said once");
     }
 
@@ -1712,6 +1794,72 @@ mod tests {
             "spent: without Redis at once"
         );
         assert!(wait.begin(ms(60_000)).is_none(), "for good");
+    }
+
+    #[test]
+    fn the_writer_of_the_charges_waits_5_s_for_each_answer_where_a_request_waits_500_ms_in_all() {
+        let t0 = Instant::now();
+        let writer = Wait::writer();
+        let call = writer.begin(t0).expect("a first call");
+        assert_eq!(call.bound, WRITE_WAIT);
+        assert!(
+            WRITE_WAIT > Duration::from_millis(2 * 1_400),
+            "a Redis 1.4 s a round trip away, twice for a script it does not hold yet (EVALSHA, then EVAL)"
+        );
+        assert_eq!(Wait::default().begin(t0).expect("left").bound, REQUEST_WAIT);
+    }
+
+    #[test]
+    fn an_answer_only_the_writer_waited_for_keeps_the_connection_but_does_not_say_redis_is_back() {
+        let shared =
+            Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw").expect("valid url");
+        shared.judge(Verdict::Down);
+        assert_eq!(shared.timeouts.load(Ordering::Relaxed), 1);
+        shared.answered(false);
+        assert_eq!(
+            shared.timeouts.load(Ordering::Relaxed),
+            0,
+            "the connection answers: no timeout in a row to replace it for"
+        );
+        assert!(
+            shared.down.load(Ordering::Relaxed),
+            "requests still cannot wait for it: not logged as back"
+        );
+        shared.answered(true);
+        assert!(!shared.down.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_wait_for_a_connection_being_made_as_long_as_for_their_own_then_go_without_redis()
+     {
+        let shared =
+            Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw").expect("valid url");
+        // The writer makes the connection to a Redis whose first answers take 1.4 s.
+        let making = shared.connecting.lock().await;
+        let began = tokio::time::Instant::now();
+        let f = shared
+            .conn(began + REQUEST_WAIT, false)
+            .await
+            .expect_err("not made");
+        assert_eq!(began.elapsed(), TIMEOUT, "not the whole 500 ms");
+        assert_eq!(f.stage, Stage::Connect, "Redis timed out");
+        // The next ones go without Redis at once, as after their own try.
+        let began = tokio::time::Instant::now();
+        let f = shared
+            .conn(began + REQUEST_WAIT, false)
+            .await
+            .expect_err("skipped");
+        assert_eq!((f.stage, began.elapsed()), (Stage::Skipped, Duration::ZERO));
+        // A request whose own wait ends first says nothing of Redis.
+        shared.backoff.until.store(0, Ordering::Relaxed);
+        let began = tokio::time::Instant::now();
+        let f = shared
+            .conn(began + Duration::from_millis(100), false)
+            .await
+            .expect_err("its wait spent");
+        assert_eq!(f.stage, Stage::Skipped);
+        assert!(!shared.backoff.active(monotonic_ms()));
+        drop(making);
     }
 
     #[test]

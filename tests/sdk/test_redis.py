@@ -91,7 +91,11 @@ class RedisProxy:
                 client, _ = self.sock.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", redis_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", redis_port))
+            except OSError:  # Redis down (restarting): refused, as Redis itself would
+                client.close()
+                continue
             threading.Thread(target=self.relay, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self.relay, args=(upstream, client, True), daemon=True).start()
 

@@ -18,7 +18,7 @@ import httpx
 from conftest import RefusingPort, free_port
 from route_yaml import route, routes
 from test_redis import Redis, redis_errors
-from test_redis_review import LatencyProxy, pod
+from test_redis_review import PAST_THE_WRITERS_WAIT, LatencyProxy, pod
 from test_route_keys import answer, route_counts, served, user
 
 CHAT = "/openai/chat/completions"
@@ -76,8 +76,8 @@ def test_a_spend_limit_holds_per_pod_while_redis_is_stopped_and_the_spend_made_l
             # 0.004 before, 0.004 and 0.004 during: this pod's own count reaches the limit.
             during = [code(charged(g, 0.004)) for _ in range(3)]
             assert during == [200, 200, (429, 2041)], during
-            # Stopped long enough for the spend to be sent (and go unanswered) more than once.
-            time.sleep(3)
+            # Stopped long enough for the spend to be sent (and go unanswered: 5 s) more than once.
+            time.sleep(6)
         finally:
             redis.proc.send_signal(signal.SIGCONT)
         settled("the spend made while Redis was stopped", lambda: spend_in_redis(redis),
@@ -114,11 +114,12 @@ def test_while_redis_is_stopped_a_pod_counts_spend_from_the_gateways_total_it_la
 
 
 def test_charges_and_counts_whose_answers_came_too_late_are_counted_once(mock, tmp_path):
-    # Redis applies each command at once, but its answers reach the pod 0.8 s later, past the
-    # 500 ms it waits: each write's answer times out though Redis did it. Sent again, a charge must
-    # not be counted twice; a rate count taken as made must not be counted again.
+    # Redis applies each command at once, but its answers reach the pod 6 s later, past the 500 ms
+    # a request waits and the 5 s the writer of the charges waits: each write's answer times out
+    # though Redis did it. Sent again, a charge must not be counted twice; a rate count taken as
+    # made (its answer read late, within 10 s) must not be counted again.
     redis = Redis(tmp_path / "redis")
-    proxy = LatencyProxy(redis.port, 0.8)
+    proxy = LatencyProxy(redis.port, PAST_THE_WRITERS_WAIT)
     spec = ("  rateLimit: {limit: 1000, interval: 1h, scope: global}\n"
             "  spendLimit: {amount: '1000', period: day}\n")
     g = pod(tmp_path, mock.url, proxy.url, spec, "a")
@@ -132,14 +133,41 @@ def test_charges_and_counts_whose_answers_came_too_late_are_counted_once(mock, t
             assert charged(g, 0.001).status_code == 200
             n += 1
             time.sleep(0.2)
-        time.sleep(1.5)  # the writer sends again what went unanswered
+        time.sleep(3)  # the writer's first batch went unanswered (5 s), and is sent again
         proxy.slow = False
-        settled("the spend", lambda: round(spend_in_redis(redis).get("day", 0), 9), round(0.001 * (n + 1), 9))
+        settled("the spend", lambda: round(spend_in_redis(redis).get("day", 0), 9), round(0.001 * (n + 1), 9),
+                within=15)
         settled("the rate limit's count", lambda: rate_in_redis(redis), n + 1)
         assert redis_errors(g, "charge") >= 1, g.metrics()
     finally:
         g.stop()
         proxy.close()
+        redis.stop()
+
+
+def test_a_stop_while_the_charges_batch_waits_for_its_answer_logs_it_as_perhaps_applied(mock, tmp_path):
+    # Redis stops answering (SIGSTOP) while the pod's writer has sent a batch and waits for its
+    # answer (5 s), and the pod stops (3 s to write): Redis may still apply it once it goes on,
+    # so the log of what was not written must not say it is simply lost.
+    redis = Redis(tmp_path / "redis")
+    g = pod(tmp_path, mock.url, redis.url, "  spendLimit: {amount: '100', period: day}\n", "a")
+    try:
+        assert charged(g, 0.001).status_code == 200
+        settled("the spend before", lambda: spend_in_redis(redis).get("day"), 0.001, within=3)
+        redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert charged(g, 0.25).status_code == 200
+            time.sleep(0.5)  # the batch is sent
+            g.proc.send_signal(signal.SIGTERM)
+            g.proc.wait(10)
+        finally:
+            redis.proc.send_signal(signal.SIGCONT)
+        lost = [line for line in g.logs().splitlines() if "charges not written to redis at shutdown" in line]
+        assert len(lost) == 1, g.logs()[-3000:]
+        assert "spend_usd=0.25" in lost[0] and "unanswered_batches=1" in lost[0], lost[0]
+        settled("the spend Redis applied once it went on", lambda: spend_in_redis(redis).get("day"), 0.251)
+    finally:
+        g.stop()
         redis.stop()
 
 

@@ -91,13 +91,20 @@ def rate_count(redis):
     return int(redis.cli("GET", keys[0]) or 0) if keys else 0
 
 
+# Seconds: answers this late never come for the writer of the charges, which waits 5 s for each
+# (README); a request waits 500 ms.
+PAST_THE_WRITERS_WAIT = 6.0
+
+
 class LatencyProxy(RedisProxy):
     """A loopback TCP proxy in front of a Redis that, once `slow` is set, delivers every byte Redis
     sends `delay` seconds after it was sent, as a Redis that far away would (answers are not
-    queued behind each other: each is late by `delay`, no more)."""
+    queued behind each other: each is late by `delay`, no more); `each_way`: every byte sent to
+    Redis too (a command reaches it `delay` late, its answer `delay` after that)."""
 
-    def __init__(self, redis_port, delay):
+    def __init__(self, redis_port, delay, each_way=False):
         self.delay = delay
+        self.each_way = each_way
         super().__init__(redis_port)
 
     def relay(self, src, dst, to_client):
@@ -119,7 +126,7 @@ class LatencyProxy(RedisProxy):
         threading.Thread(target=deliver, daemon=True).start()
         try:
             while data := src.recv(65536):
-                q.put((time.monotonic() + (self.delay if to_client and self.slow else 0.0), data))
+                q.put((time.monotonic() + (self.delay if (to_client or self.each_way) and self.slow else 0.0), data))
         except OSError:
             pass
         q.put(None)

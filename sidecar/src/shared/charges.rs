@@ -15,7 +15,7 @@
 //! ([`Charges::hand_over`]); the old writer stops, and what it had on its way follows once
 //! answered.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -253,13 +253,13 @@ struct State {
     /// Batches whose answer never came (this client's, and those of the client it took over
     /// from, each with its own marker): sent again, with their number, before any other.
     unanswered: VecDeque<Batch>,
-    /// What the batch on its way holds.
+    /// What the batch on its way holds (an unanswered batch once it is sent: [`Charges::sending`]).
     in_flight: Tally,
     /// Replaced by a new client of the same Redis: charges go to it.
     retired: bool,
     /// The count of budget windows (the token budget's, budget nodes') as last read, and what
     /// this client charged them since: the floor their checks use while Redis cannot be read.
-    seen: HashMap<String, Seen>,
+    seen: SeenWindows,
 }
 
 /// A window's count as last read (with what waited for it then), and what was charged since.
@@ -269,6 +269,100 @@ struct Seen {
     since: i64,
     /// Unix ms from which the window weighs no more.
     until_ms: u64,
+}
+
+/// Budget windows as last read ([`Seen`]), at most [`MAX_SEEN`]: past it, those that weigh no
+/// more make room for a new one. Kept in order of their end too, so that making room looks at
+/// the windows ending first only, not at the whole table (under the charges' lock, on a
+/// request's path) for each new window while all of them still weigh.
+#[derive(Debug, Default)]
+struct SeenWindows {
+    by_key: HashMap<Arc<str>, Seen>,
+    /// The same windows by the time they weigh no more.
+    by_end: BTreeSet<(u64, Arc<str>)>,
+    /// Windows looked at to make room, in all: the work the tests bound.
+    #[cfg(test)]
+    looked_at: usize,
+}
+
+impl SeenWindows {
+    fn get(&self, key: &str) -> Option<&Seen> {
+        self.by_key.get(key)
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Adds `n` to what was charged to window `key` since its read, if it is noted.
+    fn charged(&mut self, key: &str, n: i64) {
+        if let Some(w) = self.by_key.get_mut(key) {
+            w.since = w.since.saturating_add(n);
+        }
+    }
+
+    /// Notes `seen` for window `key` at `now_ms`: a new one past [`MAX_SEEN`] only when windows
+    /// that weigh no more make room.
+    fn note(&mut self, key: &str, seen: Seen, now_ms: u64) {
+        if let Some(held) = self.by_key.get_mut(key)
+            && held.until_ms == seen.until_ms
+        {
+            *held = seen;
+            return;
+        }
+        if let Some((k, held)) = self.by_key.get_key_value(key) {
+            // The same key ending at another time (not seen: a key names its window).
+            let (k, end) = (k.clone(), held.until_ms);
+            self.by_end.remove(&(end, k.clone()));
+            self.insert(k, seen);
+            return;
+        }
+        if self.len() >= MAX_SEEN {
+            self.make_room(now_ms);
+            if self.len() >= MAX_SEEN {
+                return;
+            }
+        }
+        self.insert(key.into(), seen);
+    }
+
+    fn insert(&mut self, key: Arc<str>, seen: Seen) {
+        self.by_end.insert((seen.until_ms, key.clone()));
+        self.by_key.insert(key, seen);
+    }
+
+    /// Forgets the windows that weigh no more at `now_ms`, looking at those ending first only.
+    fn make_room(&mut self, now_ms: u64) {
+        while let Some((end, _)) = self.by_end.first() {
+            #[cfg(test)]
+            {
+                self.looked_at += 1;
+            }
+            if *end > now_ms {
+                return;
+            }
+            if let Some((_, key)) = self.by_end.pop_first() {
+                self.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// Takes the windows of `other` (a replaced client's) that are not noted here, within
+    /// [`MAX_SEEN`]: those noted here were read since.
+    fn take(&mut self, other: SeenWindows) {
+        for (key, w) in other.by_key {
+            if self.len() >= MAX_SEEN {
+                return;
+            }
+            if !self.by_key.contains_key(&key) {
+                self.insert(key, w);
+            }
+        }
+    }
 }
 
 impl State {
@@ -364,7 +458,7 @@ pub(super) enum Added {
 pub(super) struct Handover {
     waiting: HashMap<String, Charge>,
     unanswered: VecDeque<Batch>,
-    seen: HashMap<String, Seen>,
+    seen: SeenWindows,
 }
 
 impl Charges {
@@ -394,9 +488,9 @@ impl Charges {
             return Added::Retired(key, c);
         }
         if !s.seen.is_empty()
-            && let (Some(seen), Amount::Count(n)) = (s.seen.get_mut(&key), c.amount)
+            && let Amount::Count(n) = c.amount
         {
-            seen.since = seen.since.saturating_add(n);
+            s.seen.charged(&key, n);
         }
         let dropped = s.insert(key, c);
         self.waiting.store(!s.waiting.is_empty(), Ordering::Relaxed);
@@ -423,23 +517,12 @@ impl Charges {
     /// more make room past [`MAX_SEEN`]; with none, a new window is not noted (its floor is
     /// what waits for it).
     pub(super) fn saw(&self, key: &str, read: u64, until_ms: u64, now_ms: u64) {
-        let mut s = self.state();
         let seen = Seen {
             read,
             since: 0,
             until_ms,
         };
-        if let Some(held) = s.seen.get_mut(key) {
-            *held = seen;
-            return;
-        }
-        if s.seen.len() >= MAX_SEEN {
-            s.seen.retain(|_, w| w.until_ms > now_ms);
-            if s.seen.len() >= MAX_SEEN {
-                return;
-            }
-        }
-        s.seen.insert(key.to_owned(), seen);
+        self.state().seen.note(key, seen, now_ms);
     }
 
     /// The least the count of budget window `key` can be, as far as this client knows while
@@ -551,6 +634,15 @@ impl Charges {
         }
         t.merge(&s.in_flight);
         t
+    }
+
+    /// The batch on its way is sent: until it is settled Redis may have applied it, and what a
+    /// stop leaves unwritten says so ([`Self::unwritten`]).
+    pub(super) fn sending(&self) {
+        let mut s = self.state();
+        if s.in_flight.keys > 0 {
+            s.in_flight.unanswered_batches = 1;
+        }
     }
 
     /// The batch to send at `now_ms`: an unanswered one (its marker and number kept) or a new
@@ -678,9 +770,7 @@ impl Charges {
         let came = !h.waiting.is_empty() || !h.unanswered.is_empty();
         let mut s = self.state();
         s.unanswered.extend(h.unanswered);
-        for (key, w) in h.seen {
-            s.seen.entry(key).or_insert(w);
-        }
+        s.seen.take(h.seen);
         let mut dropped = 0;
         for (key, c) in h.waiting {
             dropped += u64::from(s.insert(key, c));
@@ -1047,6 +1137,63 @@ mod tests {
         assert_eq!(c.floor("new"), 3, "w0 weighs no more");
         assert_eq!(c.floor("w0"), 0);
         assert_eq!(c.state().seen.len(), MAX_SEEN);
+    }
+
+    #[test]
+    fn a_full_table_of_budget_windows_that_all_still_weigh_is_not_rescanned_for_each_new_one() {
+        let c = Charges::new("m".into());
+        for i in 0..MAX_SEEN as u64 {
+            c.saw(&format!("w{i}"), 1, 10_000 + i, 0);
+        }
+        // 10,000 new windows (a budget node's new values) while all of them still weigh.
+        for i in 0..MAX_SEEN {
+            c.saw(&format!("new{i}"), 2, 50_000, 100);
+        }
+        assert_eq!(
+            c.state().seen.looked_at,
+            MAX_SEEN,
+            "one window looked at per new one (the first to end), not the whole table"
+        );
+        assert_eq!(c.floor("new0"), 0, "full: not noted");
+        // Those that weigh no more still make room, all at once, in order of their end.
+        c.saw("later", 3, 50_000, 10_001);
+        assert_eq!(c.floor("later"), 3);
+        assert_eq!((c.floor("w0"), c.floor("w1"), c.floor("w2")), (0, 0, 1));
+        assert_eq!(c.state().seen.len(), MAX_SEEN - 1);
+        assert_eq!(c.state().seen.looked_at, MAX_SEEN + 3);
+        // A window read again keeps its place, and what was charged since its read.
+        c.saw("w2", 5, 10_002, 10_001);
+        c.add("w2".into(), count(4, 10_002));
+        assert_eq!(c.floor("w2"), 9);
+        c.saw("newer", 1, 50_000, 10_001);
+        assert_eq!(c.state().seen.len(), MAX_SEEN, "full again");
+        c.saw("newest", 1, 50_000, 10_002);
+        assert_eq!(c.floor("newest"), 1);
+        assert_eq!(
+            c.floor("w2"),
+            4,
+            "w2 ended at 10,002: only what waits for it"
+        );
+        let s = c.state();
+        assert_eq!((s.seen.len(), s.seen.by_end.len()), (MAX_SEEN, MAX_SEEN));
+    }
+
+    #[test]
+    fn a_batch_sent_and_not_answered_yet_is_left_unwritten_as_perhaps_applied() {
+        let c = Charges::new("m".into());
+        c.add("spend:day".into(), usd(0.25, 10_000));
+        let (b, _) = c.next_batch(1_000);
+        assert_eq!(
+            c.unwritten().unanswered_batches,
+            0,
+            "not sent yet (its marker being made)"
+        );
+        c.sending();
+        let t = c.unwritten();
+        assert_eq!((t.keys, t.spend_usd, t.unanswered_batches), (1, 0.25, 1));
+        c.settle(b.expect("batch"), Outcome::Applied)
+            .expect("not retired");
+        assert_eq!(c.unwritten(), Tally::default());
     }
 
     #[test]
