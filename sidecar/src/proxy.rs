@@ -984,6 +984,7 @@ impl Gateway {
         let lookup = cache::Request {
             scope: "provider",
             provider: &provider.id,
+            upstream: provider.upstream(),
             method: parts.method.as_str(),
             path: route.rest,
             query: parts.uri.query(),

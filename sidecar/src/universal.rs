@@ -285,6 +285,7 @@ pub(crate) async fn serve(
         let lookup = cache::Request {
             scope: SCOPES[i],
             provider: &id,
+            upstream: step.provider.upstream(),
             method: "POST",
             path: &step.endpoint,
             query: step.query.as_deref(),
