@@ -787,3 +787,34 @@ def test_a_cache_hit_the_client_left_before_taking_is_logged_cancelled_and_one_t
     finally:
         g.stop()
         upstream.stop()
+
+
+def test_a_gateway_error_after_the_cache_missed_says_so_and_a_refusal_before_it_does_not(tmp_path, refusing_port):
+    # README: responses of a request the cache was on for carry cf-aig-cache-status; the
+    # gateway's own 502 (the upstream refused the connection) once the cache was looked up is
+    # one, on every route: a provider's, /compat (a model, a fallback chain), a universal step.
+    spec = CACHE_ON + "  fallbacks:\n    - name: chain\n      targets:\n        - {provider: openai, model: gpt-4o-mini}\n"
+    g = Sidegate(tmp_path, gateway_yaml(refusing_port.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        compat = "/compat/chat/completions"
+        step = {"provider": "openai", "endpoint": "chat/completions", "headers": {},
+                "query": chat_body("universal")}
+        refused = [
+            post(g),
+            post(g, compat, {**chat_body(), "model": "openai/gpt-4o-mini"}),
+            post(g, compat, {**chat_body(), "model": "fallback/chain"}),
+            httpx.post(g.url + "/", json=[step], timeout=10),
+            httpx.post(g.url + "/", json=[{**step, "provider": "compat", "query": {**chat_body(), "model": "openai/gpt-4o-mini"}}],
+                       timeout=10),
+        ]
+        for r in refused:
+            assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104), r.text
+            assert r.headers.get("cf-aig-cache-status") == "MISS", (r.request.url, dict(r.headers))
+        # Skipped for the request (TTL 0), as its answer would; refused before the cache was
+        # looked up (a bad gateway header), none.
+        off = post(g, headers={"cf-aig-cache-ttl": "0"})
+        assert off.status_code == 502 and off.headers.get("cf-aig-cache-status") == "MISS"
+        bad = post(g, headers={"cf-aig-request-timeout": "soon"})
+        assert bad.status_code == 400 and "cf-aig-cache-status" not in bad.headers
+    finally:
+        g.stop()

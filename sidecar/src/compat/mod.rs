@@ -1121,6 +1121,7 @@ pub(crate) async fn answer(
     };
     // A chat body that makes state the provider keeps (xAI's `deferred`, which OpenAI-format
     // targets get as it is) is answered by the provider every time.
+    opts.recorded.cache_on(want.is_some());
     let cached = gw
         .cache_lookup(
             snap,
@@ -1244,6 +1245,7 @@ pub(crate) async fn answer(
                     start,
                     Some(step),
                 );
+                crate::proxy::say_cache_missed(&mut resp, opts);
                 if let Ok(v) = HeaderValue::from_str(&target.provider) {
                     resp.headers_mut().insert("cf-aig-provider", v);
                 }
