@@ -4,6 +4,7 @@ A hit is proven by the mock: it sees one request for two answered, and the cache
 carries the first response's id (the mock numbers its responses).
 """
 
+import json
 import time
 
 import anthropic
@@ -287,6 +288,43 @@ def test_the_cache_survives_config_reloads_unless_max_size_changes(mock, tmp_pat
         assert len(mock.requests()) == 2
     finally:
         g.stop()
+
+
+def test_compat_and_routed_entries_are_keyed_by_where_their_targets_go(mock, tmp_path):
+    # A reload pointing a route's target (or a /compat model's provider) at another upstream
+    # leaves the former one's entries unused; one that moves a provider the route never
+    # reaches keeps them.
+    def answer(who):
+        return json.dumps({"id": f"chatcmpl-{who}", "object": "chat.completion", "model": "m",
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": who}}]}).encode()
+
+    old, new = FixedAnswerServer(answer("old")), FixedAnswerServer(answer("new"))
+    spec = ("    custom-llm: {baseURL: '%s/v1'}\n    mistral: {baseURL: '%s/v1'}\n" + CACHE_ON
+            + "  fallbacks:\n    - name: chain\n      targets:\n        - {provider: custom-llm, model: m}\n")
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec % (old.url, old.url)), DEFAULT_KEYS)
+    try:
+        own = {"authorization": "Bearer client-key"}
+
+        def ask(model):
+            r = post(g, "/compat/chat/completions", {**chat_body("where to"), "model": model}, own)
+            assert r.status_code == 200, r.text
+            return r.headers["cf-aig-cache-status"], r.json()["choices"][0]["message"]["content"]
+
+        for model in ("custom-llm/m", "fallback/chain"):
+            assert [ask(model) for _ in range(2)] == [("MISS", "old"), ("HIT", "old")]
+        # Another provider moved: the entries stay.
+        reload_config(g, gateway_yaml(mock.url, extra_spec=spec % (old.url, new.url)))
+        for model in ("custom-llm/m", "fallback/chain"):
+            assert ask(model) == ("HIT", "old")
+        # The target moved: the new upstream answers.
+        reload_config(g, gateway_yaml(mock.url, extra_spec=spec % (new.url, new.url)))
+        for model in ("custom-llm/m", "fallback/chain"):
+            assert [ask(model) for _ in range(2)] == [("MISS", "new"), ("HIT", "new")]
+    finally:
+        g.stop()
+        old.stop()
+        new.stop()
 
 
 def test_cache_ttl_header_turns_the_cache_on_for_one_request(gateway, mock):
