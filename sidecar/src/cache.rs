@@ -402,70 +402,13 @@ pub fn body_keeps_state(body: &[u8], workers_ai: bool) -> bool {
     {
         return false;
     }
-    serde_json::from_slice::<KeptState>(body)
-        .is_ok_and(|s| s.deferred || s.conversation_id || (workers_ai && s.request_id))
-}
-
-/// The top-level keys of an inference body that [`body_keeps_state`] reads.
-#[derive(Debug, Default)]
-struct KeptState {
-    /// `"deferred": true`.
-    deferred: bool,
-    /// A `conversation_id` (not null).
-    conversation_id: bool,
-    /// A `request_id` (not null).
-    request_id: bool,
-}
-
-impl<'de> serde::Deserialize<'de> for KeptState {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(field_identifier, rename_all = "snake_case")]
-        enum Field {
-            Deferred,
-            ConversationId,
-            RequestId,
-            #[serde(other)]
-            Other,
-        }
-        struct Keys;
-        impl<'de> serde::de::Visitor<'de> for Keys {
-            type Value = KeptState;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            // Key by key, so a key given again replaces what the first said.
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<KeptState, A::Error> {
-                let mut state = KeptState::default();
-                while let Some(field) = map.next_key::<Field>()? {
-                    match field {
-                        Field::Deferred => {
-                            let v = map.next_value::<serde_json::Value>()?;
-                            state.deferred = v.as_bool() == Some(true);
-                        }
-                        Field::ConversationId => {
-                            let v = map.next_value::<serde_json::Value>()?;
-                            state.conversation_id = !v.is_null();
-                        }
-                        Field::RequestId => {
-                            let v = map.next_value::<serde_json::Value>()?;
-                            state.request_id = !v.is_null();
-                        }
-                        Field::Other => {
-                            map.next_value::<serde::de::IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(state)
-            }
-        }
-        d.deserialize_map(Keys)
-    }
+    crate::text::top_level_values(body, ["deferred", "conversation_id", "request_id"]).is_some_and(
+        |[deferred, conversation_id, request_id]| {
+            deferred.and_then(|v| v.as_bool()) == Some(true)
+                || conversation_id.is_some_and(|v| !v.is_null())
+                || (workers_ai && request_id.is_some_and(|v| !v.is_null()))
+        },
+    )
 }
 
 /// Whether a request asks for a stream that its answer's content type does not mark as one:
@@ -961,50 +904,8 @@ fn failed_answer(body: &[u8]) -> bool {
     {
         return false;
     }
-    serde_json::from_slice::<TopLevelError>(body).is_ok_and(|e| e.0)
-}
-
-/// Whether a JSON object has a top-level `error` that is not `null` (the last one given).
-struct TopLevelError(bool);
-
-impl<'de> serde::Deserialize<'de> for TopLevelError {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(field_identifier, rename_all = "lowercase")]
-        enum Field {
-            Error,
-            #[serde(other)]
-            Other,
-        }
-        struct Keys;
-        impl<'de> serde::de::Visitor<'de> for Keys {
-            type Value = TopLevelError;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<TopLevelError, A::Error> {
-                let mut failed = false;
-                while let Some(field) = map.next_key::<Field>()? {
-                    match field {
-                        Field::Error => {
-                            let v = map.next_value::<serde_json::Value>()?;
-                            failed = !(v.is_null() || v == serde_json::Value::Bool(false));
-                        }
-                        Field::Other => {
-                            map.next_value::<serde::de::IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(TopLevelError(failed))
-            }
-        }
-        d.deserialize_map(Keys)
-    }
+    crate::text::top_level_values(body, ["error"])
+        .is_some_and(|[error]| error.is_some_and(|v| !(v.is_null() || v == false)))
 }
 
 /// What one server-sent event says of the stream's end.
