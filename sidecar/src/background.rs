@@ -126,54 +126,12 @@ impl CreateState {
         {
             return Some(Self::default());
         }
-        serde_json::from_slice(body).ok()
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for CreateState {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(field_identifier, rename_all = "lowercase")]
-        enum Field {
-            Background,
-            Conversation,
-            #[serde(other)]
-            Other,
-        }
-        struct Keys;
-        impl<'de> serde::de::Visitor<'de> for Keys {
-            type Value = CreateState;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-
-            // Key by key, so a key given again replaces what the first said (a derived struct
-            // refuses it as a duplicate field).
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<CreateState, A::Error> {
-                let mut state = CreateState::default();
-                while let Some(field) = map.next_key::<Field>()? {
-                    match field {
-                        Field::Background => {
-                            let v = map.next_value::<serde_json::Value>()?;
-                            state.background = v.as_bool() == Some(true);
-                        }
-                        Field::Conversation => {
-                            let v = map.next_value::<serde_json::Value>()?;
-                            state.conversation = !v.is_null();
-                        }
-                        Field::Other => {
-                            map.next_value::<serde::de::IgnoredAny>()?;
-                        }
-                    }
-                }
-                Ok(state)
-            }
-        }
-        d.deserialize_map(Keys)
+        let [background, conversation] =
+            crate::text::top_level_values(body, ["background", "conversation"])?;
+        Some(Self {
+            background: background.and_then(|v| v.as_bool()) == Some(true),
+            conversation: conversation.is_some_and(|v| !v.is_null()),
+        })
     }
 }
 

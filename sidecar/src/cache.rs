@@ -1,17 +1,19 @@
 //! Response cache: identical requests are answered from the sidecar's memory.
 //!
-//! The key is a SHA-256 over the route (provider, method, path, query), the key identity (the
-//! BYOK alias, or a digest of the client's own provider key), the request headers that change
-//! the answer ([`ANSWER_HEADERS`]), and the request body normalized as JSON (object keys sorted,
-//! whitespace dropped) — or, in place of the body, `cf-aig-cache-key` when the client names one
-//! (so a custom key never reaches across providers, routes or keys). Only `POST`s to inference
-//! endpoints are looked up and stored ([`cacheable`]), and only their `200` responses, without
-//! the headers that are one response's own; streamed ones (server-sent events, Bedrock's event
-//! streams, Gemini's JSON stream) only with `spec.cache.streaming`, and only when they ended
-//! whole (`ended_whole`). A response is copied into the cache as it streams to the client and
-//! stored once its last byte went through; a body that fails, is cut off or outgrows one entry's
-//! share of the cache is not stored. Entries expire after their TTL and the least valuable ones
-//! are evicted when the cache is full (S3-FIFO, by size).
+//! The key is a SHA-256 over the route (provider, where it goes upstream, method, path, query),
+//! the key identity (the BYOK alias, or a digest of the client's own provider key), the request
+//! headers that change the answer ([`ANSWER_HEADERS`]), and the request body normalized as JSON
+//! (object keys sorted, whitespace dropped; its bytes when a number in it is not read exactly)
+//! — or, in place of the body, `cf-aig-cache-key` when the client names one (so a custom key
+//! never reaches across providers, routes or keys). Only `POST`s to inference endpoints that
+//! make nothing the provider keeps are looked up and stored ([`cacheable`]), and only their
+//! `200` responses that are no failure, without the headers that are one response's own;
+//! streamed ones (server-sent events, Bedrock's event streams, Gemini's JSON stream) only with
+//! `spec.cache.streaming`, and only when they ended whole (`ended_whole`). A response is copied
+//! into the cache as it streams to the client and stored once its last byte went through; a body
+//! that fails, is cut off or outgrows one entry's share of the cache is not stored. Entries
+//! expire after their TTL and the least valuable ones are evicted when the cache is full
+//! (S3-FIFO, by size).
 //!
 //! Identical requests that miss at the same time make one upstream call: the first is the
 //! leader of a [`Flights`] entry, the others wait (at most [`COALESCE_WAIT`], and at most their
@@ -19,12 +21,13 @@
 //! is stored or turns out not to be storable, then look again — a hit, or a call of their own.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use memchr::memmem::Finder;
 use sha2::{Digest, Sha256};
 use sidegate_crds::policy::Cache as CachePolicy;
 
@@ -240,6 +243,10 @@ pub struct Request<'a> {
     pub scope: &'a str,
     /// Provider id.
     pub provider: &'a str,
+    /// Where the request goes ([`crate::providers::Provider::upstream`]; a route's: those of
+    /// every provider it may reach): a reload that points the provider at another upstream
+    /// leaves the former one's entries unused.
+    pub upstream: &'a str,
     /// HTTP method.
     pub method: &'a str,
     /// Path after the provider (or after `compat/`).
@@ -318,15 +325,16 @@ const GOOGLE_INFERENCE: [&str; 8] = [
 ];
 
 /// Path segments of stored state (OpenAI's threads and their messages and runs, assistants,
-/// batches, vector stores): nothing under them is answered from the cache.
-const STATEFUL: [&str; 4] = ["threads", "assistants", "batches", "vector_stores"];
+/// batches, vector stores; Perplexity's async jobs, `async/chat/completions`): nothing under
+/// them is answered from the cache.
+const STATEFUL: [&str; 5] = ["threads", "assistants", "batches", "vector_stores", "async"];
 
 /// Whether a request's answer may come from the cache and be stored in it: a `POST` to an
 /// inference endpoint — its answer is the model's answer to the body. Everything else reads or
 /// changes state the provider keeps (a batch's, a run's or a stored response's status, a
 /// thread's messages, a file, a `background: true` response, a conversation's turn, a
-/// deletion), and is answered by
-/// the provider every time, as with `cf-aig-skip-cache`.
+/// deferred completion, an async job, a queued batch or its poll, a deletion), and is answered
+/// by the provider every time, as with `cf-aig-skip-cache`.
 pub fn cacheable(r: &Request<'_>) -> bool {
     if r.method != "POST" {
         return false;
@@ -337,12 +345,12 @@ pub fn cacheable(r: &Request<'_>) -> bool {
     }
     // Workers AI runs the model its path names (`@cf/...`, `@hf/...`), the Hugging Face
     // Inference API too (`models/{model}`, `pipeline/{task}/{model}`).
-    if path.starts_with('@')
-        || path.contains("/@")
-        || (r.provider == "huggingface"
-            && (path.starts_with("models/") || path.starts_with("pipeline/")))
+    if path.starts_with('@') || path.contains("/@") {
+        return !queues_batch(r.query) && !body_keeps_state(r.body, true);
+    }
+    if r.provider == "huggingface" && (path.starts_with("models/") || path.starts_with("pipeline/"))
     {
-        return true;
+        return !body_keeps_state(r.body, false);
     }
     let last = path.rsplit('/').next().unwrap_or_default();
     if let Some((_, method)) = last.rsplit_once(':') {
@@ -351,7 +359,19 @@ pub fn cacheable(r: &Request<'_>) -> bool {
     if last == "responses" {
         return !keeps_state(r.body);
     }
-    INFERENCE.contains(&last)
+    INFERENCE.contains(&last) && !body_keeps_state(r.body, false)
+}
+
+/// Whether a Workers AI request goes to its Batch API (`?queueRequest=true`): a submit queues
+/// the batch and answers its `request_id`, a poll (`{"request_id": ...}`) answers what the
+/// queue holds now (`queued`, `running`, or the results).
+fn queues_batch(query: Option<&str>) -> bool {
+    query.is_some_and(|q| {
+        q.split('&').any(|p| {
+            let (name, value) = p.split_once('=').unwrap_or((p, ""));
+            name == "queueRequest" && !value.eq_ignore_ascii_case("false")
+        })
+    })
 }
 
 /// Whether a Responses API body changes state the provider keeps (or cannot be read to tell):
@@ -359,6 +379,36 @@ pub fn cacheable(r: &Request<'_>) -> bool {
 /// `conversation` is added to it, so a cached answer would leave the conversation without it.
 fn keeps_state(body: &[u8]) -> bool {
     crate::background::CreateState::of(body).is_none_or(|s| s.background || s.conversation)
+}
+
+/// Built once: a searcher's set-up costs more than searching a short body.
+static DEFERRED_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"deferred\""));
+static CONVERSATION_ID_KEY: LazyLock<Finder<'static>> =
+    LazyLock::new(|| Finder::new(b"\"conversation_id\""));
+static REQUEST_ID_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"request_id\""));
+
+/// Whether an inference body makes or reads state the provider keeps, by its top-level keys
+/// (read as the providers' JSON parsers read them: escapes decoded, the last value of a key
+/// given twice): xAI's `"deferred": true` (the answer is a `request_id` whose result can be
+/// fetched once), Cohere's v1 chat in a `conversation_id` (the turn is added to it), and, for
+/// a Workers AI model (`workers_ai`), a Batch API poll (`{"request_id": ...}`: what the queue
+/// holds now). A body that names none of them, plainly or with escaped letters, is not parsed;
+/// one that is not a JSON object makes nothing (an upload, audio).
+pub fn body_keeps_state(body: &[u8], workers_ai: bool) -> bool {
+    if DEFERRED_KEY.find(body).is_none()
+        && CONVERSATION_ID_KEY.find(body).is_none()
+        && (!workers_ai || REQUEST_ID_KEY.find(body).is_none())
+        && !crate::cost::escapes_ascii_letter(body)
+    {
+        return false;
+    }
+    crate::text::top_level_values(body, ["deferred", "conversation_id", "request_id"]).is_some_and(
+        |[deferred, conversation_id, request_id]| {
+            deferred.and_then(|v| v.as_bool()) == Some(true)
+                || conversation_id.is_some_and(|v| !v.is_null())
+                || (workers_ai && request_id.is_some_and(|v| !v.is_null()))
+        },
+    )
 }
 
 /// Whether a request asks for a stream that its answer's content type does not mark as one:
@@ -374,7 +424,14 @@ pub fn streams_json(r: &Request<'_>) -> bool {
 /// an entry within that scope and never reaches another provider, route or key's entries.
 pub fn key(r: &Request<'_>, custom: Option<&str>) -> Key {
     let mut h = Sha256::new();
-    for part in [r.scope, r.provider, r.method, r.path, r.query.unwrap_or("")] {
+    for part in [
+        r.scope,
+        r.provider,
+        r.upstream,
+        r.method,
+        r.path,
+        r.query.unwrap_or(""),
+    ] {
         h.update(part.as_bytes());
         h.update(b"\0");
     }
@@ -428,19 +485,32 @@ pub fn key(r: &Request<'_>, custom: Option<&str>) -> Key {
         }
         return h.finalize().into();
     }
-    match serde_json::from_slice::<serde_json::Value>(r.body) {
-        Ok(v) => {
+    let canonical = serde_json::from_slice::<serde_json::Value>(r.body)
+        .ok()
+        .and_then(|v| {
             let mut out = Vec::with_capacity(r.body.len());
-            canonical_json(&v, &mut out);
+            canonical_json(&v, &mut out).then_some(out)
+        });
+    match canonical {
+        Some(out) => {
+            h.update(b"json\0");
             h.update(&out);
         }
-        Err(_) => h.update(r.body),
+        // Not JSON, or JSON that was not read exactly: the bytes as they are.
+        None => {
+            h.update(b"bytes\0");
+            h.update(r.body);
+        }
     }
     h.finalize().into()
 }
 
-/// JSON with object keys sorted and no whitespace: equal documents give equal bytes.
-fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) {
+/// JSON with object keys sorted and no whitespace: equal documents give equal bytes. `false`
+/// when the document holds a number read inexactly: serde_json (without its
+/// `arbitrary_precision`, which would change every `Value` of the process) reads an integer
+/// beyond 64 bits as the nearest `f64`, so `2^64` and `2^64 + 1` would be one — while a
+/// provider parsing integers exactly (as Python's `json` does) sees two requests.
+fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) -> bool {
     use serde_json::Value;
     match v {
         Value::Object(map) => {
@@ -454,7 +524,9 @@ fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) {
                 // Serializing a string or a Value into a Vec cannot fail.
                 let _ = serde_json::to_writer(&mut *out, k);
                 out.push(b':');
-                canonical_json(v, out);
+                if !canonical_json(v, out) {
+                    return false;
+                }
             }
             out.push(b'}');
         }
@@ -464,14 +536,26 @@ fn canonical_json(v: &serde_json::Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                canonical_json(v, out);
+                if !canonical_json(v, out) {
+                    return false;
+                }
             }
             out.push(b']');
         }
+        Value::Number(n) if inexact(n) => return false,
         scalar => {
             let _ = serde_json::to_writer(&mut *out, scalar);
         }
     }
+    true
+}
+
+/// Whether a number may stand for another text than the one it was read from, beyond a
+/// float's own rounding: an `f64` of 2^63 or more, which an integer outside `i64` and `u64`
+/// becomes (as does a float written that large, such as `1e30`, kept apart as well).
+fn inexact(n: &serde_json::Number) -> bool {
+    n.as_f64()
+        .is_some_and(|f| !n.is_i64() && !n.is_u64() && f.abs() >= 9_223_372_036_854_775_808.0)
 }
 
 /// A stored response: it owns its bytes, each of its own size (see [`Store::put`]).
@@ -548,6 +632,10 @@ impl quick_cache::Weighter<Key, Arc<Entry>> for Weigh {
     }
 }
 
+/// Shards of the store, whatever the node's cores: each holds an eighth of `maxSize` (or more,
+/// when quick_cache makes fewer for a small cache), so an entry of an eighth fits in one.
+const SHARDS: usize = 8;
+
 /// The entries, bounded by size.
 pub struct Store {
     entries: quick_cache::sync::Cache<Key, Arc<Entry>, Weigh>,
@@ -570,7 +658,24 @@ impl Store {
     pub fn new(max_size: u64) -> Self {
         // Estimate: chat completions are a few KiB each.
         let estimated = usize::try_from(max_size / 4096).unwrap_or(1 << 16).max(16);
-        let entries = quick_cache::sync::Cache::with_weighter(estimated, max_size, Weigh);
+        // The shards are set, not left to quick_cache (4 per core): each holds its part of the
+        // size, so on a node of many cores an entry's room would shrink with them (64 cores:
+        // 256 shards, 64 KiB of a 16 MiB cache).
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(estimated)
+            .weight_capacity(max_size)
+            .shards(SHARDS)
+            .build();
+        let entries = match options {
+            Ok(options) => quick_cache::sync::Cache::with_options(
+                options,
+                Weigh,
+                quick_cache::DefaultHashBuilder::default(),
+                quick_cache::sync::DefaultLifecycle::default(),
+            ),
+            // Both capacities are set above: not reached.
+            Err(_) => quick_cache::sync::Cache::with_weighter(estimated, max_size, Weigh),
+        };
         // One entry may take an eighth of the cache, and never more than its shard holds.
         let max_entry = entries.shard_capacity().min(max_size / 8);
         let max_entry = usize::try_from(max_entry).unwrap_or(usize::MAX);
@@ -779,12 +884,28 @@ fn framing(headers: &HeaderMap, json_stream: bool) -> Framing {
 /// a format that shows neither is never stored: an answer cut short looks like a whole one.
 fn ended_whole(framing: Framing, body: &[u8]) -> bool {
     match framing {
-        Framing::Whole => true,
+        Framing::Whole => !failed_answer(body),
         Framing::Sse => sse_ended_whole(body),
         Framing::EventStream => event_stream_ended_whole(body),
         Framing::JsonArray => json_array_ended_whole(body),
         Framing::JsonLines => json_lines_ended_whole(body),
     }
+}
+
+static ERROR_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"error\""));
+
+/// Whether a whole (not streamed) `200` answer is a failure told in its body: a JSON object
+/// with a top-level `error` that is not `null` (OpenRouter's once the model started, a failed
+/// Responses API response), as a stream's `{"error": ...}` chunk is. Read at most once per
+/// answer stored; one that names no `error`, plainly or with escaped letters, is not parsed.
+fn failed_answer(body: &[u8]) -> bool {
+    if body.trim_ascii_start().first() != Some(&b'{')
+        || (ERROR_KEY.find(body).is_none() && !crate::cost::escapes_ascii_letter(body))
+    {
+        return false;
+    }
+    crate::text::top_level_values(body, ["error"])
+        .is_some_and(|[error]| error.is_some_and(|v| !(v.is_null() || v == false)))
 }
 
 /// What one server-sent event says of the stream's end.
@@ -1135,6 +1256,7 @@ mod tests {
         Request {
             scope: "provider",
             provider: "openai",
+            upstream: "https://api.openai.com/v1\0\0Openai",
             method: "POST",
             path: "chat/completions",
             query: None,
@@ -1181,6 +1303,54 @@ mod tests {
             key(&req(b"abc", "default"), None),
             key(&req(b"abd", "default"), None)
         );
+    }
+
+    #[test]
+    fn numbers_share_a_key_only_when_they_are_read_exactly() {
+        let k = |body: &'static [u8]| key(&req(body, "default"), None);
+        // Integers of up to 64 bits are exact; 1 and 1.0 stay apart.
+        assert_ne!(
+            k(br#"{"n":9007199254740992}"#),
+            k(br#"{"n":9007199254740993}"#)
+        );
+        assert_ne!(k(br#"{"n":1}"#), k(br#"{"n":1.0}"#));
+        assert_eq!(
+            k(br#"{"n":18446744073709551615, "m":1}"#),
+            k(br#"{"m":1,"n":18446744073709551615}"#)
+        );
+        // Beyond 64 bits serde_json reads the nearest f64: keyed by the body's own text then.
+        for (a, b) in [
+            (
+                &br#"{"n":18446744073709551616}"#[..],
+                &br#"{"n":18446744073709551617}"#[..],
+            ),
+            (
+                br#"{"n":-9223372036854775809}"#,
+                br#"{"n":-9223372036854775810}"#,
+            ),
+            (
+                br#"{"a":[{"n":100000000000000000000000}]}"#,
+                br#"{"a":[{"n":100000000000000000000001}]}"#,
+            ),
+        ] {
+            assert_ne!(k(a), k(b), "{}", String::from_utf8_lossy(a));
+            assert_eq!(k(a), k(a));
+        }
+        // The same document in another layout is another key then (never a shared one).
+        assert_ne!(
+            k(br#"{"n":18446744073709551616,"m":1}"#),
+            k(br#"{"m":1,"n":18446744073709551616}"#)
+        );
+    }
+
+    #[test]
+    fn another_upstream_is_another_key() {
+        let body = br#"{"model":"m"}"#;
+        let base = key(&req(body, "default"), None);
+        let mut r = req(body, "default");
+        r.upstream = "http://llm.internal/v1\0\0Openai";
+        assert_ne!(key(&r, None), base);
+        assert_ne!(key(&r, Some("k")), key(&req(body, "default"), Some("k")));
     }
 
     #[test]
@@ -1419,6 +1589,104 @@ mod tests {
     }
 
     #[test]
+    fn creates_of_state_the_provider_keeps_are_not_cacheable() {
+        let at = |provider: &'static str, path: &'static str, query, body: &'static [u8]| {
+            let mut r = req(body, "default");
+            (r.provider, r.path, r.query) = (provider, path, query);
+            cacheable(&r)
+        };
+        // xAI's deferred completions; Cohere's v1 chat in a conversation; `null` and `false`
+        // are none, and the last of a key given twice counts.
+        for (provider, path, body) in [
+            (
+                "grok",
+                "v1/chat/completions",
+                &br#"{"model":"grok-4","deferred":true}"#[..],
+            ),
+            ("grok", "v1/chat/completions", br#"{"\u0064eferred":true}"#),
+            (
+                "grok",
+                "v1/chat/completions",
+                br#"{"deferred":false,"deferred":true}"#,
+            ),
+            (
+                "cohere",
+                "v1/chat",
+                br#"{"message":"hi","conversation_id":"c1"}"#,
+            ),
+            ("compat", "compat/chat/completions", br#"{"deferred":true}"#),
+        ] {
+            assert!(
+                !at(provider, path, None, body),
+                "{provider} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        for (provider, path, body) in [
+            ("grok", "v1/chat/completions", &br#"{"deferred":false}"#[..]),
+            (
+                "grok",
+                "v1/chat/completions",
+                br#"{"deferred":true,"deferred":null}"#,
+            ),
+            (
+                "cohere",
+                "v1/chat",
+                br#"{"message":"hi","conversation_id":null}"#,
+            ),
+            // Nested, or in the text: not the body's own key.
+            (
+                "openai",
+                "chat/completions",
+                br#"{"metadata":{"conversation_id":"c1","deferred":true}}"#,
+            ),
+            (
+                "openai",
+                "chat/completions",
+                br#"{"messages":[{"content":"say \"deferred\": true"}]}"#,
+            ),
+            // A request_id means a batch poll only to Workers AI.
+            ("openai", "chat/completions", br#"{"request_id":"r1"}"#),
+            // Not JSON: an upload.
+            ("openai", "audio/transcriptions", b"\"deferred\""),
+        ] {
+            assert!(
+                at(provider, path, None, body),
+                "{provider} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // Perplexity's async jobs.
+        assert!(!at("perplexity-ai", "async/chat/completions", None, b"{}"));
+        assert!(at("perplexity-ai", "chat/completions", None, b"{}"));
+        // Workers AI's Batch API: a submit and a poll (with or without the query); a model run
+        // is cached.
+        let model = "@cf/baai/bge-m3";
+        assert!(at("workers-ai", model, None, br#"{"query":"q"}"#));
+        assert!(at(
+            "workers-ai",
+            model,
+            Some("queueRequest=false"),
+            br#"{"query":"q"}"#
+        ));
+        for (query, body) in [
+            (
+                Some("queueRequest=true"),
+                &br#"{"requests":[{"query":"q"}]}"#[..],
+            ),
+            (Some("a=1&queueRequest=true"), br#"{"requests":[]}"#),
+            (Some("queueRequest=true"), br#"{"request_id":"768f15b7"}"#),
+            (None, br#"{"request_id":"768f15b7"}"#),
+        ] {
+            assert!(
+                !at("workers-ai", model, query, body),
+                "{query:?} {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
     fn the_stored_headers_are_not_one_responses_own() {
         let store = Arc::new(Store::new(1 << 20));
         let mut h = json_headers();
@@ -1586,6 +1854,50 @@ mod tests {
             br#"[{"candidates": [{"content": {}}]}, {"error": {"code": 500}}]"#
         ));
         assert!(stored(json, false, b"{}"), "not a stream");
+    }
+
+    #[test]
+    fn a_whole_answer_failed_in_its_body_is_not_stored() {
+        let json = "application/json";
+        for failed in [
+            &br#"{"id":"gen-1","choices":[],"error":{"code":502,"message":"Provider returned error"}}"#[..],
+            br#" {"error": "boom"}"#,
+            br#"{"\u0065rror":{"code":500}}"#,
+            br#"{"error":null,"error":{"code":500}}"#,
+            br#"{"id":"resp_1","status":"failed","error":{"code":"server_error"}}"#,
+        ] {
+            assert!(!stored(json, false, failed), "{}", String::from_utf8_lossy(failed));
+        }
+        for fine in [
+            &br#"{"id":"resp_1","status":"completed","error":null,"output":[]}"#[..],
+            br#"{"choices":[{"message":{"content":"an \"error\": none"}}]}"#,
+            br#"{"result":{"error":{"code":1}},"errors":[]}"#,
+            br#"{"error":false}"#,
+            br#"[{"error":1}]"#,
+            b"RIFF....WAVE \"error\"",
+            b"{\"error\"",
+        ] {
+            assert!(
+                stored(json, false, fine),
+                "{}",
+                String::from_utf8_lossy(fine)
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_may_take_an_eighth_of_the_cache_whatever_the_cores() {
+        for max_size in [
+            CachePolicy::MIN_MAX_SIZE,
+            1 << 20,
+            16 << 20,
+            1 << 30,
+            100_000,
+        ] {
+            let store = Store::new(max_size);
+            assert!(store.entries.num_shards() <= SHARDS, "{max_size}");
+            assert_eq!(store.max_entry() as u64, max_size / 8, "{max_size}");
+        }
     }
 
     #[test]

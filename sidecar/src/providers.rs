@@ -354,6 +354,8 @@ pub struct Provider {
     /// [`Self::auth_headers`] and [`Self::foreign_key_headers`]: removed when a key is injected.
     stored_drop: Vec<HeaderName>,
     account_id: Option<String>,
+    /// Where its requests go, as the config says it (see [`Self::upstream`]).
+    upstream: String,
     /// Precomputed auth header value per key alias.
     keys: HashMap<String, AuthValue>,
     /// Google service accounts per key alias (`google-vertex-ai`), minting tokens on demand.
@@ -423,6 +425,11 @@ impl Provider {
             }
             AuthStyle::ClientSigned => Vec::new(),
         };
+        let account_id = settings.and_then(|s| s.account_id.clone());
+        let upstream = format!(
+            "{base_text}\0{}\0{format:?}",
+            account_id.as_deref().unwrap_or_default()
+        );
         Ok(Self {
             id: Arc::from(id),
             format,
@@ -433,7 +440,8 @@ impl Provider {
             auth_headers,
             foreign_key_headers: Vec::new(),
             stored_drop: Vec::new(),
-            account_id: settings.and_then(|s| s.account_id.clone()),
+            account_id,
+            upstream,
             keys: HashMap::new(),
             service_accounts: HashMap::new(),
         })
@@ -593,6 +601,13 @@ impl Provider {
         }
         let kept: Vec<&str> = q.split('&').filter(|p| !is_key(p)).collect();
         (!kept.is_empty()).then(|| std::borrow::Cow::Owned(kept.join("&")))
+    }
+
+    /// Where its requests go, as the config says it: its base URL (or template), its account
+    /// id and wire format. Part of the response cache's key, so that a reload pointing the
+    /// provider elsewhere never answers with what the former upstream said.
+    pub fn upstream(&self) -> &str {
+        &self.upstream
     }
 
     /// The account of a long-form URL (`/v1/{account}/{gateway}/...`) when it goes into this

@@ -489,7 +489,11 @@ impl Gateway {
                 if let Some(answered) = held_back.as_deref().and_then(|h| h.take()) {
                     answered.deliver();
                 }
-                Ok(self.refuse(&snap, &parts, provider, seen.model(), err, start, None))
+                let mut resp = self.refuse(&snap, &parts, provider, seen.model(), err, start, None);
+                if seen.cache_on() {
+                    resp.headers_mut().insert(cache::STATUS, cache::MISS);
+                }
+                Ok(resp)
             }
         }
     }
@@ -984,6 +988,7 @@ impl Gateway {
         let lookup = cache::Request {
             scope: "provider",
             provider: &provider.id,
+            upstream: provider.upstream(),
             method: parts.method.as_str(),
             path: route.rest,
             query: parts.uri.query(),
@@ -1025,7 +1030,8 @@ impl Gateway {
             .await
             .map_err(fail)?;
 
-        // cache lookup
+        // cache lookup (a refusal from here on says it missed, as an answer would)
+        opts.recorded.cache_on(want.is_some());
         let cached = self
             .cache_lookup(
                 snap,
@@ -1349,6 +1355,14 @@ fn refused_route<'p>(snap: &Snapshot, path: &'p str) -> (Option<Arc<str>>, &'p s
         }
         Ok(Route::Universal { .. }) => (None, ""),
         Err(_) => (None, path.trim_start_matches('/')),
+    }
+}
+
+/// Marks the gateway's refusal of a request the response cache was on for, once it was looked
+/// up (see [`crate::telemetry::Seen::cache_on`]): `cf-aig-cache-status: MISS`, as an answer.
+pub(crate) fn say_cache_missed(resp: &mut Response<ProxyBody>, opts: &LogOptions<'_>) {
+    if opts.recorded.cache_was_on() {
+        resp.headers_mut().insert(cache::STATUS, cache::MISS);
     }
 }
 

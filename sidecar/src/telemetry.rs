@@ -767,17 +767,25 @@ impl Answered {
 
 /// What the serving of a request learned that its refusal's or cancellation's log line tells
 /// when no [`RequestRecord`] does: whether one was made (from then on the record tells of the
-/// request, see `proxy::Unanswered`), and the model the request names once its body is read.
+/// request, see `proxy::Unanswered`), the model the request names once its body is read, and
+/// whether the response cache was on for it when it was looked up (a refusal after that says
+/// `cf-aig-cache-status: MISS`, as an answer would).
 #[derive(Debug, Default)]
 pub struct Seen {
     recorded: std::sync::atomic::AtomicBool,
     model: std::sync::OnceLock<crate::cost::ModelName>,
+    cache_on: std::sync::atomic::AtomicBool,
 }
 
 impl Seen {
     /// Whether a record of the request was made.
     pub fn recorded(&self) -> bool {
         self.recorded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the response cache was on for the request where it was last looked up.
+    pub fn cache_on(&self) -> bool {
+        self.cache_on.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The model the request names, once read.
@@ -806,6 +814,20 @@ impl<'a> Recorded<'a> {
             seen.recorded
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The response cache is on for the request (`on`) where it is looked up now (a universal
+    /// request's step: the last one reached tells).
+    pub fn cache_on(self, on: bool) {
+        if let Some(seen) = self.0 {
+            seen.cache_on
+                .store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the response cache was on for the request where it was last looked up.
+    pub fn cache_was_on(self) -> bool {
+        self.0.is_some_and(Seen::cache_on)
     }
 
     /// The request names `model` (the first one told stays: a route's fallback is logged by

@@ -651,6 +651,77 @@ pub fn starts_like_json(data: &[u8]) -> bool {
     )
 }
 
+/// The values of the top-level keys `names` of the JSON object `body` (each `None` when absent),
+/// read as the providers' JSON parsers read them: escapes decoded, the last value of a key
+/// given twice; the other keys' values are skipped, not built. `None` when `body` is not a JSON
+/// object.
+pub fn top_level_values<const N: usize>(
+    body: &[u8],
+    names: [&str; N],
+) -> Option<[Option<Value>; N]> {
+    use serde::de::DeserializeSeed;
+    let mut d = serde_json::Deserializer::from_slice(body);
+    let values = TopLevel(&names).deserialize(&mut d).ok()?;
+    d.end().ok()?;
+    Some(values)
+}
+
+/// Reads the top-level keys it names ([`top_level_values`]).
+struct TopLevel<'n, const N: usize>(&'n [&'n str; N]);
+
+impl<'de, const N: usize> serde::de::DeserializeSeed<'de> for TopLevel<'_, N> {
+    type Value = [Option<Value>; N];
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, const N: usize> serde::de::Visitor<'de> for TopLevel<'_, N> {
+    type Value = [Option<Value>; N];
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    // Key by key, so a key given again replaces what the first said.
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = std::array::from_fn(|_| None);
+        while let Some(named) = map.next_key_seed(KeyIndex(self.0))? {
+            match named {
+                Some(i) => found[i] = Some(map.next_value()?),
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// A key's place among the names looked for, compared as read (without a copy of its own).
+struct KeyIndex<'n>(&'n [&'n str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIndex<'_> {
+    type Value = Option<usize>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeyIndex<'_> {
+    type Value = Option<usize>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|name| *name == key))
+    }
+}
+
 /// The JSON documents `data` starts with (one, or several in a row: JSON lines), as a JSON
 /// reader takes them whatever follows (a NUL byte after the document), bytes that are no UTF-8
 /// replaced; `None` when it does not start with one.
@@ -958,6 +1029,19 @@ pub fn of_request(body: &[u8]) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn top_level_values_are_read_as_a_json_parser_reads_them() {
+        let read = |body: &[u8]| top_level_values(body, ["a", "b"]);
+        assert_eq!(
+            read(br#"{"a":1,"x":{"b":2},"\u0062":[3],"a":null}"#),
+            Some([Some(Value::Null), Some(serde_json::json!([3]))])
+        );
+        assert_eq!(read(br#"{"x":"a"}"#), Some([None, None]));
+        for not_an_object in [&b"[1]"[..], b"{\"a\":1", b"{\"a\":1} x", b"audio"] {
+            assert_eq!(read(not_an_object), None);
+        }
+    }
 
     fn pieces<'a>(content_type: Option<&[u8]>, body: &'a [u8]) -> Vec<Cow<'a, [u8]>> {
         request_pieces(content_type, body).expect("a readable request")

@@ -245,6 +245,8 @@ pub(crate) async fn serve(
     let count = planned.len();
     for (i, plan) in planned.into_iter().enumerate() {
         let last = i + 1 == count;
+        // Until this step's cache lookup, a refusal of it does not say the cache missed.
+        opts.recorded.cache_on(false);
         let mut step = match plan {
             Plan::Provider(step) => *step,
             Plan::Compat(c) => {
@@ -264,7 +266,9 @@ pub(crate) async fn serve(
                         );
                     }
                     Err((id, e)) if last => {
-                        return Ok(gw.refuse(snap, parts, id, None, e, start, Some(index)));
+                        let mut resp = gw.refuse(snap, parts, id, None, e, start, Some(index));
+                        proxy::say_cache_missed(&mut resp, opts);
+                        return Ok(resp);
                     }
                     Err((id, e)) => {
                         let id = id.as_deref().unwrap_or(COMPAT);
@@ -285,6 +289,7 @@ pub(crate) async fn serve(
         let lookup = cache::Request {
             scope: SCOPES[i],
             provider: &id,
+            upstream: step.provider.upstream(),
             method: "POST",
             path: &step.endpoint,
             query: step.query.as_deref(),
@@ -297,6 +302,7 @@ pub(crate) async fn serve(
             body: &step.payload,
             account: step.account,
         };
+        opts.recorded.cache_on(want.is_some());
         let cached = gw
             .cache_lookup(
                 snap,
@@ -333,7 +339,10 @@ pub(crate) async fn serve(
             Err(e) if last => {
                 let model = step.model.as_ref().map(crate::cost::ModelName::as_str);
                 let step = u32::try_from(i).unwrap_or(u32::MAX);
-                return Ok(gw.refuse(snap, parts, Some(id.clone()), model, e, start, Some(step)));
+                let mut resp =
+                    gw.refuse(snap, parts, Some(id.clone()), model, e, start, Some(step));
+                proxy::say_cache_missed(&mut resp, opts);
+                return Ok(resp);
             }
             Err(e) => {
                 tracing::info!(step = i, provider = %id, error = %e, log_id = crate::log_id::current().as_deref(), "universal step failed, trying the next");

@@ -4,6 +4,7 @@ A hit is proven by the mock: it sees one request for two answered, and the cache
 carries the first response's id (the mock numbers its responses).
 """
 
+import json
 import time
 
 import anthropic
@@ -287,6 +288,43 @@ def test_the_cache_survives_config_reloads_unless_max_size_changes(mock, tmp_pat
         assert len(mock.requests()) == 2
     finally:
         g.stop()
+
+
+def test_compat_and_routed_entries_are_keyed_by_where_their_targets_go(mock, tmp_path):
+    # A reload pointing a route's target (or a /compat model's provider) at another upstream
+    # leaves the former one's entries unused; one that moves a provider the route never
+    # reaches keeps them.
+    def answer(who):
+        return json.dumps({"id": f"chatcmpl-{who}", "object": "chat.completion", "model": "m",
+                           "choices": [{"index": 0, "finish_reason": "stop",
+                                        "message": {"role": "assistant", "content": who}}]}).encode()
+
+    old, new = FixedAnswerServer(answer("old")), FixedAnswerServer(answer("new"))
+    spec = ("    custom-llm: {baseURL: '%s/v1'}\n    mistral: {baseURL: '%s/v1'}\n" + CACHE_ON
+            + "  fallbacks:\n    - name: chain\n      targets:\n        - {provider: custom-llm, model: m}\n")
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=spec % (old.url, old.url)), DEFAULT_KEYS)
+    try:
+        own = {"authorization": "Bearer client-key"}
+
+        def ask(model):
+            r = post(g, "/compat/chat/completions", {**chat_body("where to"), "model": model}, own)
+            assert r.status_code == 200, r.text
+            return r.headers["cf-aig-cache-status"], r.json()["choices"][0]["message"]["content"]
+
+        for model in ("custom-llm/m", "fallback/chain"):
+            assert [ask(model) for _ in range(2)] == [("MISS", "old"), ("HIT", "old")]
+        # Another provider moved: the entries stay.
+        reload_config(g, gateway_yaml(mock.url, extra_spec=spec % (old.url, new.url)))
+        for model in ("custom-llm/m", "fallback/chain"):
+            assert ask(model) == ("HIT", "old")
+        # The target moved: the new upstream answers.
+        reload_config(g, gateway_yaml(mock.url, extra_spec=spec % (new.url, new.url)))
+        for model in ("custom-llm/m", "fallback/chain"):
+            assert [ask(model) for _ in range(2)] == [("MISS", "new"), ("HIT", "new")]
+    finally:
+        g.stop()
+        old.stop()
+        new.stop()
 
 
 def test_cache_ttl_header_turns_the_cache_on_for_one_request(gateway, mock):
@@ -787,3 +825,34 @@ def test_a_cache_hit_the_client_left_before_taking_is_logged_cancelled_and_one_t
     finally:
         g.stop()
         upstream.stop()
+
+
+def test_a_gateway_error_after_the_cache_missed_says_so_and_a_refusal_before_it_does_not(tmp_path, refusing_port):
+    # README: responses of a request the cache was on for carry cf-aig-cache-status; the
+    # gateway's own 502 (the upstream refused the connection) once the cache was looked up is
+    # one, on every route: a provider's, /compat (a model, a fallback chain), a universal step.
+    spec = CACHE_ON + "  fallbacks:\n    - name: chain\n      targets:\n        - {provider: openai, model: gpt-4o-mini}\n"
+    g = Sidegate(tmp_path, gateway_yaml(refusing_port.url, extra_spec=spec), DEFAULT_KEYS)
+    try:
+        compat = "/compat/chat/completions"
+        step = {"provider": "openai", "endpoint": "chat/completions", "headers": {},
+                "query": chat_body("universal")}
+        refused = [
+            post(g),
+            post(g, compat, {**chat_body(), "model": "openai/gpt-4o-mini"}),
+            post(g, compat, {**chat_body(), "model": "fallback/chain"}),
+            httpx.post(g.url + "/", json=[step], timeout=10),
+            httpx.post(g.url + "/", json=[{**step, "provider": "compat", "query": {**chat_body(), "model": "openai/gpt-4o-mini"}}],
+                       timeout=10),
+        ]
+        for r in refused:
+            assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104), r.text
+            assert r.headers.get("cf-aig-cache-status") == "MISS", (r.request.url, dict(r.headers))
+        # Skipped for the request (TTL 0), as its answer would; refused before the cache was
+        # looked up (a bad gateway header), none.
+        off = post(g, headers={"cf-aig-cache-ttl": "0"})
+        assert off.status_code == 502 and off.headers.get("cf-aig-cache-status") == "MISS"
+        bad = post(g, headers={"cf-aig-request-timeout": "soon"})
+        assert bad.status_code == 400 and "cf-aig-cache-status" not in bad.headers
+    finally:
+        g.stop()

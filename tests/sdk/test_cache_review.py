@@ -62,8 +62,7 @@ STATEFUL_CREATES = [
 ]
 
 
-# FAILS at 91770b5: xAI `deferred: true` creates, Cohere v1 chats in a `conversation_id`, Perplexity async jobs and Workers AI batch submits (`?queueRequest=true`) are answered from the cache (a replayed request_id / job, a turn missing from the conversation).
-@pytest.mark.xfail(strict=True, reason="provider-kept state creates (xAI deferred, Cohere conversation_id, Perplexity async, Workers AI queueRequest) are cached")
+# Failed at 91770b5 (mended since): xAI `deferred: true` creates, Cohere v1 chats in a `conversation_id`, Perplexity async jobs and Workers AI batch submits (`?queueRequest=true`) are answered from the cache (a replayed request_id / job, a turn missing from the conversation).
 @pytest.mark.parametrize("provider, base, path, stateful, plain", STATEFUL_CREATES,
                          ids=["xai-deferred", "cohere-conversation", "perplexity-async", "workers-ai-batch"])
 def test_a_create_of_provider_kept_state_is_never_answered_from_the_cache(mock, tmp_path, provider, base, path,
@@ -95,8 +94,7 @@ OPENROUTER_ANSWER = (b'{"id":"gen-2","object":"chat.completion","model":"openai/
                      b'"finish_reason":"stop","message":{"role":"assistant","content":"fine now"}}]}')
 
 
-# FAILS at 91770b5: a 200 whose whole (non-streamed) body is a failed answer (`"error"`, as OpenRouter sends once the model started) is stored and replayed for the TTL; only streams are checked for an error.
-@pytest.mark.xfail(strict=True, reason="a 200 whose whole body is a failed answer is stored")
+# Failed at 91770b5 (mended since): a 200 whose whole (non-streamed) body is a failed answer (`"error"`, as OpenRouter sends once the model started) is stored and replayed for the TTL; only streams are checked for an error.
 def test_a_failed_answer_sent_with_a_200_is_not_stored(mock, tmp_path):
     # OpenRouter: "Otherwise, the returned HTTP response status will be 200 and any error
     # occurred while the LLM is producing the output will be emitted in the response body or as
@@ -117,8 +115,7 @@ def test_a_failed_answer_sent_with_a_200_is_not_stored(mock, tmp_path):
         server.stop()
 
 
-# FAILS at 91770b5: entries outlive a reload that points a provider at another upstream (the cache survives reloads and its key names the provider id, not where it goes): the old upstream's answers are served for their TTL, and nothing but a new maxSize empties the cache.
-@pytest.mark.xfail(strict=True, reason="entries outlive a reload pointing the provider at another upstream")
+# Failed at 91770b5 (mended since): entries outlive a reload that points a provider at another upstream (the cache survives reloads and its key names the provider id, not where it goes): the old upstream's answers are served for their TTL, and nothing but a new maxSize empties the cache.
 def test_a_provider_pointed_at_another_upstream_by_a_reload_is_not_answered_with_the_old_ones(mock, tmp_path):
     old = FixedAnswerServer(b'{"id":"a","object":"chat.completion","choices":[],"served_by":"the old model server"}')
     new = FixedAnswerServer(b'{"id":"b","object":"chat.completion","choices":[],"served_by":"the new model server"}')
@@ -149,8 +146,7 @@ def chat_with(raw_value):
             b'{"type":"object","properties":{"n":{"type":"integer","enum":[' + raw_value + b']}}}}}}')
 
 
-# FAILS at 91770b5: integers beyond 64 bits are normalised through f64 (serde_json without arbitrary_precision): two bodies that differ in such a number share one key, and the second gets the first's answer.
-@pytest.mark.xfail(strict=True, reason="integers beyond 64 bits normalised through f64 share a key")
+# Failed at 91770b5 (mended since): integers beyond 64 bits are normalised through f64 (serde_json without arbitrary_precision): two bodies that differ in such a number share one key, and the second gets the first's answer.
 def test_bodies_that_differ_in_a_large_integer_never_share_an_entry(mock, tmp_path):
     server = numbered_server()
     g = Sidegate(tmp_path, gateway_yaml(server.url, extra_spec=CACHE_ON), DEFAULT_KEYS)
@@ -222,8 +218,7 @@ def preloaded(g, lib_name):
     return lib_name in pathlib.Path(f"/proc/{g.proc.pid}/maps").read_text()
 
 
-# FAILS at 91770b5: an entry is capped at one shard of the store (Store::new: max_entry = min(shard_capacity, maxSize/8)), and the shards multiply with the node's cores: on a 64-core node the default 16Mi cache stores nothing over 128 KiB, not the README's eighth (2 MiB).
-@pytest.mark.xfail(strict=True, reason="an entry is capped at one shard, which shrinks with the node's cores")
+# Failed at 91770b5 (mended since): an entry is capped at one shard of the store (Store::new: max_entry = min(shard_capacity, maxSize/8)), and the shards multiply with the node's cores: on a 64-core node the default 16Mi cache stores nothing over 128 KiB, not the README's eighth (2 MiB).
 def test_an_answer_under_an_eighth_of_max_size_is_stored_whatever_the_nodes_cpu_count(tmp_path):
     answer = json.dumps({"id": "chatcmpl-big", "object": "chat.completion", "model": "gpt-4o-mini",
                          "choices": [{"index": 0, "finish_reason": "stop",

@@ -1095,9 +1095,23 @@ pub(crate) async fn answer(
     };
     let routed_to =
         (routed && want.is_some()).then(|| format!("{model}\0{}/{}", first.provider, first.model));
+    // Where a route may send the request: every provider it may reach (in one order whatever
+    // the config's, so that pods sharing a cache agree).
+    let route_upstreams = walk.as_ref().filter(|_| want.is_some()).map(|w| {
+        let mut upstreams: Vec<&str> = (w.targets().into_iter())
+            .filter_map(|t| snap.providers.get(&t.provider))
+            .map(Provider::upstream)
+            .collect();
+        upstreams.sort_unstable();
+        upstreams.dedup();
+        upstreams.join("\n")
+    });
     let lookup = cache::Request {
         scope: universal.as_ref().map_or("compat", |u| u.scope),
         provider: routed_to.as_deref().unwrap_or(&provider.id),
+        upstream: route_upstreams
+            .as_deref()
+            .unwrap_or_else(|| provider.upstream()),
         method: parts.method.as_str(),
         path,
         // The client's query goes upstream (an Azure target's `api-version`).
@@ -1114,10 +1128,14 @@ pub(crate) async fn answer(
             provider.route_account(crate::route::long_form_account(parts.uri.path()))
         },
     };
+    // A chat body that makes state the provider keeps (xAI's `deferred`, which OpenAI-format
+    // targets get as it is) is answered by the provider every time.
+    opts.recorded.cache_on(want.is_some());
     let cached = gw
         .cache_lookup(
             snap,
-            want.as_ref(),
+            want.as_ref()
+                .filter(|_| !cache::body_keeps_state(&body, false)),
             &lookup,
             parts,
             start,
@@ -1236,6 +1254,7 @@ pub(crate) async fn answer(
                     start,
                     Some(step),
                 );
+                crate::proxy::say_cache_missed(&mut resp, opts);
                 if let Ok(v) = HeaderValue::from_str(&target.provider) {
                     resp.headers_mut().insert("cf-aig-provider", v);
                 }
