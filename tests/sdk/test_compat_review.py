@@ -3,8 +3,9 @@ and Bedrock Converse), read with the official openai SDK against a scripted loop
 answers as each provider does (helpers of test_compat_fidelity; shapes cited there and beside the
 checks below).
 
-Tests marked `# FAILS at 91770b5` reproduce defects found in review: requests an OpenAI client
-sends that the translation turns into something the provider refuses or reads otherwise. The
+Tests marked `# Failed at 91770b5 (mended since)` reproduce defects found in review: requests an
+OpenAI client sends that the translation turned into something the provider refuses or reads
+otherwise. The
 others pin behaviour that is right today and that the other /compat modules do not check yet.
 One gateway and one upstream serve the whole module."""
 
@@ -93,8 +94,7 @@ def bedrock_checking_documents(body):
 # them — here one per turn, as a chat app does — is refused by Bedrock ("Messages can't contain
 # duplicate document names"), for good: each later turn sends the history again.
 # (bedrock.rs `user_blocks`: `file.filename.unwrap_or("document")`, no name made unique per request.)
-# FAILS at 91770b5: two untitled files are both sent as Bedrock documents named "document", which Bedrock refuses
-@pytest.mark.xfail(strict=True, reason="untitled files all named 'document' for Bedrock")
+# Failed at 91770b5 (mended since): two untitled files are both sent as Bedrock documents named "document", which Bedrock refuses
 def test_untitled_files_reach_bedrock_under_names_of_their_own(gw):
     c, up = gw
     up.answer(bedrock_checking_documents)
@@ -118,8 +118,7 @@ def test_untitled_files_reach_bedrock_under_names_of_their_own(gw):
 # "Q3 results  summarypdf"), and Bedrock refuses a document name with more than one whitespace in a
 # row: the request the client sent is valid for OpenAI and never answered.
 # (bedrock.rs `user_blocks`: the name's characters are filtered one by one, whitespace runs kept.)
-# FAILS at 91770b5: a filename with a dropped character between spaces gives a document name Bedrock refuses (two spaces)
-@pytest.mark.xfail(strict=True, reason="a document name with a whitespace run after filtering")
+# Failed at 91770b5 (mended since): a filename with a dropped character between spaces gives a document name Bedrock refuses (two spaces)
 def test_bedrock_document_names_have_no_whitespace_runs_after_unsupported_characters_go(gw):
     c, up = gw
     up.answer(bedrock_checking_documents)
@@ -145,8 +144,7 @@ def test_bedrock_document_names_have_no_whitespace_runs_after_unsupported_charac
 # sent so that the conversation ends on a turn the model answers.
 # (openai.rs `ends_where_sent` checks only conversations whose last message is the user's or a
 # tool's.)
-# FAILS at 91770b5: a trailing developer message is lifted into the system prompt and the turns go as an assistant prefill
-@pytest.mark.xfail(strict=True, reason="a trailing developer message is sent as an assistant prefill")
+# Failed at 91770b5 (mended since): a trailing developer message is lifted into the system prompt and the turns go as an assistant prefill
 @pytest.mark.parametrize("model", [CLAUDE, BEDROCK, GEMINI])
 def test_a_trailing_developer_message_is_answered_not_sent_as_a_prefill(gw, model):
     c, up = gw
@@ -171,8 +169,7 @@ def test_a_trailing_developer_message_is_answered_not_sent_as_a_prefill(gw, mode
 # tool is offered beside the agent's tools, unforced, with the instruction to answer through it —
 # what /compat already does for Claude's extended thinking (README) — so the model calls a tool or
 # answers in JSON. (anthropic.rs and bedrock.rs `request`: `!tools.is_empty() || tool_choice` → 400.)
-# FAILS at 91770b5: tools with response_format json_schema is a 400 "cannot be expressed" for Claude and Bedrock
-@pytest.mark.xfail(strict=True, reason="tools with response_format json_schema refused for Claude and Bedrock")
+# Failed at 91770b5 (mended since): tools with response_format json_schema is a 400 "cannot be expressed" for Claude and Bedrock
 @pytest.mark.parametrize("model", [CLAUDE, BEDROCK])
 def test_an_agent_with_tools_and_a_structured_output_type_is_served(gw, model):
     c, up = gw
@@ -342,3 +339,97 @@ def test_the_sdks_parse_helper_gets_its_pydantic_answer(gw, model):
                                    response_format=Verdict)
     assert out.choices[0].finish_reason == "stop"
     assert out.choices[0].message.parsed == Verdict(city="Oslo", verdict="cold")
+
+
+# =================================================================================================
+# Around the mended defects
+# =================================================================================================
+
+AGENT_TURN = [{"role": "user", "content": "Is Oslo warm today? Give a verdict."},
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": "call_w1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+              {"role": "tool", "tool_call_id": "call_w1", "content": "-3C, snow"}]
+VERDICT_FORMAT = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": ANSWER_SCHEMA, "strict": True}}
+
+
+@pytest.mark.parametrize("model", [CLAUDE, BEDROCK])
+def test_an_agent_with_tools_gets_its_structured_final_answer_as_content(gw, model):
+    c, up = gw
+    answer = {"city": "Oslo", "verdict": "cold"}
+    if model == CLAUDE:
+        up.answer(anthropic_message([{"type": "text", "text": "Here is my verdict."},
+                                     {"type": "tool_use", "id": "toolu_02", "name": "json_response",
+                                      "input": answer}], "tool_use"))
+    else:
+        up.answer(converse([{"text": "Here is my verdict."},
+                            {"toolUse": {"toolUseId": "tooluse_02", "name": "json_response", "input": answer}}],
+                           "tool_use"))
+    out = c.chat.completions.create(model=model, messages=AGENT_TURN, tools=[WEATHER_TOOL],
+                                    response_format=VERDICT_FORMAT)
+    choice = out.choices[0]
+    assert (choice.finish_reason, choice.message.tool_calls) == ("stop", None)
+    assert json.loads(choice.message.content) == answer
+    # The instruction to answer through the JSON tool went with the request.
+    body = up.last_body()
+    system = body["system"] if model == CLAUDE else " ".join(b["text"] for b in body["system"])
+    assert "json_response" in system, body
+
+
+def test_an_agent_with_tools_and_an_output_type_streams_its_tool_call_from_claude(gw):
+    c, up = gw
+    up.answer(sse([
+        ("message_start", {"type": "message_start", "message": {
+            "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+            "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": "Let me check."}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                 "delta": {"type": "input_json_delta", "partial_json": '{"city": "Oslo"}'}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                           "usage": {"output_tokens": 20}}),
+        ("message_stop", {"type": "message_stop"})]), ctype="text/event-stream")
+    text, _, finish, chunks = collect(c.chat.completions.create(
+        model=CLAUDE, messages=AGENT_TURN[:1], tools=[WEATHER_TOOL], response_format=VERDICT_FORMAT, stream=True))
+    calls = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+    assert (text, finish) == ("Let me check.", ["tool_calls"])
+    assert calls[0].function.name == "get_weather"
+    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == {"city": "Oslo"}
+
+
+def test_a_claude_refusal_before_any_text_says_so_in_message_refusal(gw):
+    c, up = gw
+    # stop_reason "refusal" (docs.anthropic.com/en/api/handling-stop-reasons).
+    up.answer(anthropic_message([], "refusal"))
+    out = chat(c, CLAUDE)
+    assert out.choices[0].finish_reason == "content_filter"
+    assert out.choices[0].message.content is None and "refusal" in out.choices[0].message.refusal
+    up.answer(sse([
+        ("message_start", {"type": "message_start", "message": {
+            "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5", "content": [],
+            "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "refusal"}, "usage": {"output_tokens": 1}}),
+        ("message_stop", {"type": "message_stop"})]), ctype="text/event-stream")
+    text, refusal, finish, _ = collect(chat(c, CLAUDE, stream=True))
+    assert (text, finish) == ("", ["content_filter"]) and "refusal" in refusal
+
+
+def test_a_stream_event_too_large_to_translate_ends_the_stream_with_an_error_the_sdk_raises(gw):
+    c, up = gw
+    # Gemini streams a generated image as base64 in one event: here one of 9 MiB.
+    image = "A" * (9 << 20)
+    up.answer(sse([(None, gemini_chunk([{"text": "Hel"}])),
+                   (None, gemini_chunk([{"inlineData": {"mimeType": "image/png", "data": image}}])),
+                   (None, gemini_chunk([{"text": "lo"}], "STOP"))]), ctype="text/event-stream")
+    seen = []
+    with pytest.raises(openai.APIError, match="larger than 8 MiB"):
+        for ch in chat(c, GEMINI, stream=True):
+            seen.append(ch)
+    assert "".join(ch.choices[0].delta.content or "" for ch in seen if ch.choices) == "Hel"
+    assert not any(ch.choices and ch.choices[0].finish_reason for ch in seen)

@@ -1,9 +1,10 @@
 //! OpenAI chat completions ⇄ Anthropic Messages: request, response, SSE stream and errors.
 //!
 //! `response_format` JSON is expressed as one forced tool ([`JSON_TOOL`]) whose input is the
-//! answer; its `tool_use` comes back as message content. With extended thinking on, Anthropic
-//! refuses a forced tool: the JSON tool is then offered (`tool_choice: auto`) with an
-//! instruction to answer through it.
+//! answer; its `tool_use` comes back as message content. Beside the request's own tools (an
+//! agent with tools and an output type), or with extended thinking on (Anthropic refuses a
+//! forced tool then), the JSON tool is offered (`tool_choice: auto`) with an instruction to
+//! answer through it: a call of another tool comes back as a tool call (see [`JsonAnswer`]).
 //!
 //! Extended thinking comes back as LiteLLM shows it: `reasoning_content` (the text) and
 //! `thinking_blocks` (the blocks with their signatures, or redacted data), in messages and in
@@ -32,9 +33,58 @@ pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 const MAX_CALL_ID: usize = 64;
 /// Name of the tool that carries a `response_format` JSON answer.
 pub const JSON_TOOL: &str = "json_response";
-/// System instruction added when the JSON tool cannot be forced (extended thinking is on).
-const JSON_TOOL_INSTRUCTION: &str =
+/// System instruction added when the JSON tool is offered, not forced ([`JsonAnswer::Offered`]).
+pub const JSON_TOOL_INSTRUCTION: &str =
     "Give your final answer by calling the json_response tool; its input is the answer.";
+
+/// How a `response_format` JSON answer is asked of Claude (Anthropic's and Bedrock's), which
+/// has no JSON answer format of its own but tools: through the [`JSON_TOOL`], whose input is
+/// the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonAnswer {
+    /// No JSON answer asked, or the request forces a call of one of its tools (`tool_choice`
+    /// `required` or a function): the answer is a tool call, which the format does not shape.
+    NotAsked,
+    /// The JSON tool forced: the request has no tools of its own, or `tool_choice: none` keeps
+    /// the model from calling them.
+    Forced,
+    /// The JSON tool offered, unforced, with [`JSON_TOOL_INSTRUCTION`] in the system prompt:
+    /// the model calls the request's tools as it needs, then answers through the JSON tool
+    /// (or thinking is on, under which Claude refuses a forced tool).
+    Offered,
+}
+
+impl JsonAnswer {
+    /// The plan for a request's `response_format`, `tool_choice`, whether it has tools and
+    /// whether thinking is on; `tool_choice: none` beside tools while thinking cannot be
+    /// expressed (the JSON tool can be neither forced nor offered alone).
+    pub fn of(
+        format: Option<&ResponseFormat>,
+        choice: Option<&Choice>,
+        has_tools: bool,
+        thinking: bool,
+        provider: &str,
+    ) -> Result<Self, GatewayError> {
+        if matches!(format, None | Some(ResponseFormat::Text))
+            || matches!(choice, Some(Choice::Required | Choice::Function(_)))
+        {
+            return Ok(Self::NotAsked);
+        }
+        let none = choice == Some(&Choice::None);
+        match (thinking, has_tools && !none) {
+            (true, _) if none && has_tools => Err(bad(format!(
+                "tool_choice none with tools and response_format json cannot be expressed for provider {provider} while thinking is on (it refuses a forced tool); leave the tools out instead"
+            ))),
+            (true, _) | (false, true) => Ok(Self::Offered),
+            (false, false) => Ok(Self::Forced),
+        }
+    }
+
+    /// Whether the JSON tool is sent.
+    pub fn uses_tool(self) -> bool {
+        self != Self::NotAsked
+    }
+}
 
 /// Whether the request turns extended thinking on (`thinking: {"type": "enabled" | "adaptive",
 /// ...}`, passed through as Anthropic's own field).
@@ -61,8 +111,16 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
     // The system text blocks, each with its `cache_control` if the client set one.
     let mut system: Vec<(String, Option<Value>)> = Vec::new();
     let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
+    let trailing = openai::trailing_instructions(&req.messages);
     for (i, m) in req.messages.iter().enumerate() {
         match m {
+            // An instruction after the assistant's last message: the user's turn it answers.
+            Message::System { content, .. } | Message::Developer { content, .. }
+                if i >= trailing =>
+            {
+                openai::text_only(content, i, "system", PROVIDER)?;
+                openai::push_turn(&mut messages, "user", user_blocks(content, i)?);
+            }
             Message::System { content, .. } | Message::Developer { content, .. } => {
                 let text = openai::text_only(content, i, "system", PROVIDER)?;
                 match content {
@@ -157,8 +215,15 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
     openai::ends_where_sent(&req.messages, &messages, PROVIDER)?;
     openai::trim_prefill(&mut messages);
     let thinking = thinking_on(&req.rest);
-    if thinking && matches!(req.response_format, Some(ref f) if !matches!(f, ResponseFormat::Text))
-    {
+    let choice = req.tool_choice.as_ref().map(|c| c.choice()).transpose()?;
+    let json_answer = JsonAnswer::of(
+        req.response_format.as_ref(),
+        choice.as_ref(),
+        req.has_tools(),
+        thinking,
+        PROVIDER,
+    )?;
+    if json_answer == JsonAnswer::Offered {
         system.push((JSON_TOOL_INSTRUCTION.to_owned(), None));
     }
     if system.iter().any(|(_, cache)| cache.is_some()) {
@@ -226,16 +291,41 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             },
         )
         .collect();
-    let mut tool_choice = match req.tool_choice.as_ref().map(|c| c.choice()).transpose()? {
-        None => None,
-        Some(Choice::Auto) => Some(json!({"type": "auto"})),
-        Some(Choice::None) => Some(json!({"type": "none"})),
-        Some(Choice::Required) => Some(json!({"type": "any"})),
-        Some(Choice::Function(name)) => Some(json!({"type": "tool", "name": name})),
+    let has_tools = !tools.is_empty();
+    if json_answer.uses_tool()
+        && let Some(format) = &req.response_format
+    {
+        let (description, schema) = match format {
+            ResponseFormat::JsonSchema { json_schema } => (
+                json_schema
+                    .description
+                    .clone()
+                    .unwrap_or_else(|| format!("Respond with {} as JSON.", json_schema.name)),
+                json_schema
+                    .schema
+                    .clone()
+                    .unwrap_or_else(|| json!({"type": "object"})),
+            ),
+            _ => (
+                "Respond with a JSON object.".to_owned(),
+                json!({"type": "object"}),
+            ),
+        };
+        tools.push(json!({"name": JSON_TOOL, "description": description, "input_schema": schema}));
+    }
+    let mut tool_choice = match (json_answer, choice) {
+        (JsonAnswer::Forced, _) => Some(json!({"type": "tool", "name": JSON_TOOL})),
+        (JsonAnswer::Offered, _) => Some(json!({"type": "auto"})),
+        (JsonAnswer::NotAsked, None) => None,
+        (JsonAnswer::NotAsked, Some(Choice::Auto)) => Some(json!({"type": "auto"})),
+        (JsonAnswer::NotAsked, Some(Choice::None)) => Some(json!({"type": "none"})),
+        (JsonAnswer::NotAsked, Some(Choice::Required)) => Some(json!({"type": "any"})),
+        (JsonAnswer::NotAsked, Some(Choice::Function(name))) => {
+            Some(json!({"type": "tool", "name": name}))
+        }
     };
-    // Without tools the field means nothing (and a tool_choice made for it would clash with
-    // the JSON tool of response_format).
-    if req.parallel_tool_calls == Some(false) && !tools.is_empty() {
+    // Without tools the field means nothing; with the JSON tool forced, no other is called.
+    if req.parallel_tool_calls == Some(false) && has_tools && json_answer != JsonAnswer::Forced {
         let tc = tool_choice.get_or_insert_with(|| json!({"type": "auto"}));
         if let Some(obj) = tc.as_object_mut()
             && obj.get("type") != Some(&Value::from("none"))
@@ -243,48 +333,13 @@ pub fn request(mut req: ChatRequest, model: &str) -> Result<(Vec<u8>, bool), Gat
             obj.insert("disable_parallel_tool_use".into(), Value::Bool(true));
         }
     }
-    let json_tool = match &req.response_format {
-        None | Some(ResponseFormat::Text) => false,
-        Some(format) => {
-            if !tools.is_empty() || tool_choice.is_some() {
-                return Err(bad(
-                    "response_format json together with tools cannot be expressed for provider anthropic",
-                ));
-            }
-            let (description, schema) = match format {
-                ResponseFormat::JsonSchema { json_schema } => (
-                    json_schema
-                        .description
-                        .clone()
-                        .unwrap_or_else(|| format!("Respond with {} as JSON.", json_schema.name)),
-                    json_schema
-                        .schema
-                        .clone()
-                        .unwrap_or_else(|| json!({"type": "object"})),
-                ),
-                _ => (
-                    "Respond with a JSON object.".to_owned(),
-                    json!({"type": "object"}),
-                ),
-            };
-            tools.push(
-                json!({"name": JSON_TOOL, "description": description, "input_schema": schema}),
-            );
-            tool_choice = Some(if thinking {
-                json!({"type": "auto"})
-            } else {
-                json!({"type": "tool", "name": JSON_TOOL})
-            });
-            true
-        }
-    };
     if !tools.is_empty() {
         body.insert("tools".into(), Value::Array(tools));
     }
     if let Some(tc) = tool_choice {
         body.insert("tool_choice".into(), tc);
     }
-    Ok((openai::to_vec(&body), json_tool))
+    Ok((openai::to_vec(&body), json_answer.uses_tool()))
 }
 
 /// `max_tokens` when the client sets none: [`DEFAULT_MAX_TOKENS`] for the answer, beyond the
@@ -380,15 +435,21 @@ fn text_block(text: String, cache_control: Option<Value>) -> Value {
     Value::Object(block)
 }
 
-/// OpenAI `finish_reason` for an Anthropic `stop_reason`.
-fn finish_reason(stop: &str, json_tool: bool) -> &'static str {
+/// OpenAI `finish_reason` for an Anthropic `stop_reason`; `json_only`: the JSON tool was the
+/// only tool called (its input is the answer, the content).
+fn finish_reason(stop: &str, json_only: bool) -> &'static str {
     match stop {
         "max_tokens" | "model_context_window_exceeded" => "length",
-        "tool_use" if json_tool => "stop",
+        "tool_use" if json_only => "stop",
         "tool_use" => "tool_calls",
         "refusal" => "content_filter",
         _ => "stop",
     }
+}
+
+/// `message.refusal` of an answer Claude refused (`stop_reason: refusal`) before writing any.
+fn refused(stop: &str) -> String {
+    format!("the model declined to answer (Anthropic stop_reason {stop})")
 }
 
 #[derive(Deserialize)]
@@ -491,6 +552,11 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
     if let Some(json) = json_answer {
         text = json;
     }
+    let stop = m.stop_reason.as_deref().unwrap_or("end_turn");
+    let finish = finish_reason(stop, ctx.json_tool && tool_calls.is_empty());
+    // A refusal with nothing written says so, as OpenAI's own refusals do.
+    let refusal = (finish == "content_filter" && text.is_empty() && tool_calls.is_empty())
+        .then(|| refused(stop));
     let completion = Completion {
         id: m.id,
         model: if m.model.is_empty() {
@@ -498,15 +564,12 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
         } else {
             m.model
         },
-        text: (!text.is_empty() || tool_calls.is_empty()).then_some(text),
-        refusal: None,
+        text: (refusal.is_none() && (!text.is_empty() || tool_calls.is_empty())).then_some(text),
+        refusal,
         reasoning: (!reasoning.is_empty()).then_some(reasoning),
         thinking_blocks,
         tool_calls,
-        finish_reason: finish_reason(
-            m.stop_reason.as_deref().unwrap_or("end_turn"),
-            ctx.json_tool,
-        ),
+        finish_reason: finish,
         usage: Usage::new(m.usage.prompt(), m.usage.output_tokens)
             .with_cached(m.usage.cache_read_input_tokens),
     };
@@ -679,7 +742,7 @@ impl Stream {
     /// A translator for one stream.
     pub fn new(ctx: &ResponseCtx) -> Self {
         Self {
-            sse: SseParser::new(),
+            sse: SseParser::ending_at_oversized(),
             state: StreamState {
                 w: ChunkWriter::new(
                     ctx.id.clone(),
@@ -706,6 +769,12 @@ impl StreamTranslator for Stream {
     fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
         let Self { sse, state } = self;
         sse.feed(chunk, &mut |e| state.on_event(e, out));
+        if sse.too_large() && !state.done {
+            state.done = true;
+            state
+                .w
+                .error(out, &super::sse::too_large("anthropic"), "api_error");
+        }
     }
 
     fn hold_in(&mut self, held: crate::buffers::Held) {
@@ -870,7 +939,13 @@ impl StreamState {
                 }
                 if let Some(stop) = delta.stop_reason {
                     self.flush_held_text(out);
-                    self.w.finish(out, finish_reason(&stop, self.json_tool));
+                    let json_only = self.json_tool && self.next_tool == 0;
+                    let finish = finish_reason(&stop, json_only);
+                    if finish == "content_filter" && !self.w.wrote_content() && self.next_tool == 0
+                    {
+                        self.w.refusal(out, &refused(&stop));
+                    }
+                    self.w.finish(out, finish);
                 }
             }
             StreamEvent::MessageStop => {
@@ -1457,5 +1532,235 @@ mod tests {
             let text: String = order.iter().map(|&i| events[i % events.len()]).collect();
             let _ = run_stream(&mut Stream::new(&ctx(true, true)), &[text.as_bytes()]);
         }
+    }
+
+    #[test]
+    fn an_instruction_after_the_assistants_answer_is_the_users_last_turn_not_a_prefill() {
+        let v = translated(json!({"model": "anthropic/claude-x", "messages": [
+            {"role": "system", "content": "You write haiku."},
+            {"role": "user", "content": "Write a haiku about rain."},
+            {"role": "assistant", "content": "Soft rain on the roof"},
+            {"role": "developer", "content": "Now rate it."},
+            {"role": "system", "content": [{"type": "text", "text": "From 1 to 10.",
+                "cache_control": {"type": "ephemeral"}}]}]}));
+        assert_eq!(v["system"], "You write haiku.");
+        assert_eq!(
+            v["messages"][2],
+            json!({"role": "user", "content": [
+                {"type": "text", "text": "Now rate it."},
+                {"type": "text", "text": "From 1 to 10.", "cache_control": {"type": "ephemeral"}}]})
+        );
+        // One before the assistant's message stays in the system prompt; one after a tool
+        // result too (the turns end on the user's already).
+        let v = translated(json!({"model": "anthropic/claude-x", "messages": [
+            {"role": "user", "content": "Q"},
+            {"role": "developer", "content": "Be brief."},
+            {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "42"},
+            {"role": "developer", "content": "One sentence."}]}));
+        assert_eq!(v["system"], "Be brief.\n\nOne sentence.");
+        assert_eq!(v["messages"].as_array().map(Vec::len), Some(3));
+        // Blank, it is refused as a blank user message is.
+        let req = ChatRequest::parse(
+            json!({"model": "anthropic/claude-x", "messages": [
+                {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+                {"role": "developer", "content": " "}]})
+            .to_string()
+            .as_bytes(),
+        )
+        .expect("parse");
+        let err = request(req, "claude-x").expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("messages[2]: a developer message of blank text"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tools_with_a_json_schema_answer_offer_the_json_tool_beside_them_unforced() {
+        let body = |extra: Value| {
+            let mut body = json!({"model": "anthropic/claude-x",
+                "messages": [{"role": "user", "content": "Oslo?"}],
+                "tools": [{"type": "function", "function": {"name": "get_weather",
+                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}],
+                "response_format": {"type": "json_schema", "json_schema": {"name": "verdict",
+                    "schema": {"type": "object", "properties": {"verdict": {"type": "string"}}}}}});
+            for (k, v) in extra.as_object().expect("object") {
+                body[k] = v.clone();
+            }
+            ChatRequest::parse(body.to_string().as_bytes()).expect("parse")
+        };
+        let (sent, json_tool) =
+            request(body(json!({"parallel_tool_calls": false})), "claude-x").expect("served");
+        assert!(json_tool);
+        let v: Value = serde_json::from_slice(&sent).expect("json");
+        let names: Vec<&str> = v["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|t| t["name"].as_str())
+            .collect();
+        assert_eq!(names, ["get_weather", JSON_TOOL]);
+        assert_eq!(
+            v["tools"][1]["input_schema"],
+            json!({"type": "object", "properties": {"verdict": {"type": "string"}}})
+        );
+        assert_eq!(
+            v["tool_choice"],
+            json!({"type": "auto", "disable_parallel_tool_use": true})
+        );
+        assert_eq!(v["system"], JSON_TOOL_INSTRUCTION);
+        // tool_choice none: the JSON tool forced, the agent's tools still declared.
+        let (sent, json_tool) =
+            request(body(json!({"tool_choice": "none"})), "claude-x").expect("served");
+        assert!(json_tool);
+        let v: Value = serde_json::from_slice(&sent).expect("json");
+        assert_eq!(v["tool_choice"], json!({"type": "tool", "name": JSON_TOOL}));
+        assert_eq!(v["tools"].as_array().map(Vec::len), Some(2));
+        assert!(v.get("system").is_none(), "{v}");
+        // A call forced: the answer is that call; no JSON tool.
+        let (sent, json_tool) = request(
+            body(json!({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}})),
+            "claude-x",
+        )
+        .expect("served");
+        assert!(!json_tool);
+        let v: Value = serde_json::from_slice(&sent).expect("json");
+        assert_eq!(
+            v["tool_choice"],
+            json!({"type": "tool", "name": "get_weather"})
+        );
+        assert_eq!(v["tools"].as_array().map(Vec::len), Some(1));
+        // Thinking: none beside tools cannot be expressed (no forced tool while thinking).
+        let err = request(
+            body(json!({"tool_choice": "none",
+                "thinking": {"type": "enabled", "budget_tokens": 1024}})),
+            "claude-x",
+        )
+        .expect_err("refused");
+        assert!(err.to_string().contains("tool_choice none"), "{err}");
+    }
+
+    #[test]
+    fn with_the_json_tool_offered_a_call_of_another_tool_finishes_as_tool_calls() {
+        let called = br#"{"id":"m","model":"b","content":[{"type":"text","text":"Checking."},
+            {"type":"tool_use","id":"toolu_1","name":"get_weather","input":{"city":"Oslo"}}],
+            "stop_reason":"tool_use","usage":{"input_tokens":3,"output_tokens":4}}"#;
+        let v: Value = serde_json::from_slice(&response(called, &ctx(false, true)).expect("ok"))
+            .expect("json");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(v["choices"][0]["message"]["content"], "Checking.");
+        assert_eq!(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+            "get_weather"
+        );
+        // Streamed: the tool call, then the words held back for the JSON tool, as content.
+        let out = run_stream(&mut Stream::new(&ctx(false, true)), &[STREAM.as_bytes()]);
+        assert!(out.contains(r#""finish_reason":"tool_calls""#), "{out}");
+        let d = deltas(&out);
+        let text: String = d.iter().filter_map(|d| d["content"].as_str()).collect();
+        assert_eq!(text, "Hi ");
+        assert!(
+            d.iter()
+                .any(|d| d["tool_calls"][0]["function"]["name"] == "get_weather")
+        );
+        // The JSON tool alone: its input is the content, and the answer finished.
+        let answered = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"b\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
+            "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"toolu_2\",\"name\":\"json_response\",\"input\":{}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"verdict\\\":\\\"cold\\\"}\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"tool_use\"},\"usage\":{\"output_tokens\":5}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        let out = run_stream(&mut Stream::new(&ctx(false, true)), &[answered.as_bytes()]);
+        assert!(out.contains(r#""finish_reason":"stop""#), "{out}");
+        let text: String = deltas(&out)
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        assert_eq!(text, r#"{"verdict":"cold"}"#);
+    }
+
+    #[test]
+    fn a_refusal_with_nothing_written_says_so_in_message_refusal() {
+        let refused_body = br#"{"id":"m","model":"b","content":[],"stop_reason":"refusal",
+            "usage":{"input_tokens":3,"output_tokens":0}}"#;
+        let v: Value =
+            serde_json::from_slice(&response(refused_body, &ctx(false, false)).expect("ok"))
+                .expect("json");
+        let message = &v["choices"][0]["message"];
+        assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
+        assert_eq!(message["content"], Value::Null);
+        assert!(
+            message["refusal"]
+                .as_str()
+                .is_some_and(|r| r.contains("stop_reason refusal")),
+            "{v}"
+        );
+        // Words written before it are the answer, as Gemini's are.
+        let partial = br#"{"id":"m","model":"b","content":[{"type":"text","text":"Here"}],
+            "stop_reason":"refusal","usage":{"input_tokens":3,"output_tokens":1}}"#;
+        let v: Value = serde_json::from_slice(&response(partial, &ctx(false, false)).expect("ok"))
+            .expect("json");
+        assert_eq!(v["choices"][0]["message"]["content"], "Here");
+        assert!(v["choices"][0]["message"].get("refusal").is_none(), "{v}");
+        let stream = |text: &str| {
+            format!(
+                "{}{}{}",
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"b\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\n",
+                if text.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{text}\"}}}}\n\n"
+                    )
+                },
+                "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"refusal\"},\"usage\":{\"output_tokens\":1}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+            )
+        };
+        for (text, refused_too) in [("", true), ("Here", false)] {
+            let out = run_stream(&mut Stream::new(&ctx(false, false)), &[stream(text)]);
+            let d = deltas(&out);
+            let refusal: String = d.iter().filter_map(|d| d["refusal"].as_str()).collect();
+            assert_eq!(
+                refusal.contains("stop_reason refusal"),
+                refused_too,
+                "{out}"
+            );
+            assert!(out.contains(r#""finish_reason":"content_filter""#), "{out}");
+        }
+    }
+
+    #[test]
+    fn an_event_too_large_to_translate_ends_the_stream_with_an_error_not_in_silence() {
+        let start = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"b\",\"usage\":{\"input_tokens\":3,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n";
+        let big = format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":\"{}\"}}}}\n\n",
+            "x".repeat(crate::compat::sse::MAX_EVENT_BYTES)
+        );
+        let rest = "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":1}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut t = Stream::new(&ctx(false, false));
+        let chunks: Vec<&[u8]> = [start.as_bytes(), big.as_bytes(), rest.as_bytes()]
+            .into_iter()
+            .flat_map(|c| c.chunks(1 << 20))
+            .collect();
+        let out = run_stream(&mut t, &chunks);
+        assert!(!t.ended_whole());
+        let last = out.trim_end().rsplit("\n\n").next().expect("event");
+        assert!(
+            last.contains("larger than 8 MiB") && last.contains(r#""type":"api_error""#),
+            "{last}"
+        );
+        assert!(
+            !out.contains("[DONE]") && !out.contains("finish_reason\":\"stop"),
+            "{out}"
+        );
+        let text: String = deltas(&out)
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        assert_eq!(text, "Hi");
     }
 }

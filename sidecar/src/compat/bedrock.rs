@@ -22,7 +22,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::anthropic::JSON_TOOL;
+use super::anthropic::{JSON_TOOL, JSON_TOOL_INSTRUCTION, JsonAnswer};
 use super::eventstream::Decoder;
 use super::openai::{
     self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, Message, Part,
@@ -204,8 +204,17 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
     let mut messages: Vec<(&'static str, Vec<Value>)> = Vec::new();
     // Tools the conversation called: Bedrock wants a toolConfig wherever toolUse blocks are.
     let mut called: Vec<&str> = Vec::new();
+    let mut names = DocumentNames::default();
+    let trailing = openai::trailing_instructions(&req.messages);
     for (i, m) in req.messages.iter().enumerate() {
         match m {
+            // An instruction after the assistant's last message: the user's turn it answers.
+            Message::System { content, .. } | Message::Developer { content, .. }
+                if i >= trailing =>
+            {
+                openai::text_only(content, i, "system", PROVIDER)?;
+                openai::push_turn(&mut messages, "user", user_blocks(content, i, &mut names)?);
+            }
             Message::System { content, .. } | Message::Developer { content, .. } => {
                 // Converse system blocks hold text (and guard or cache points), no images.
                 let text = openai::text_only(content, i, "system", PROVIDER)?;
@@ -231,7 +240,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                 }
             }
             Message::User { content, .. } => {
-                openai::push_turn(&mut messages, "user", user_blocks(content, i)?)
+                openai::push_turn(&mut messages, "user", user_blocks(content, i, &mut names)?)
             }
             Message::Assistant {
                 content,
@@ -288,7 +297,7 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
                 // A tool result holds text, images and documents as a user turn does. Bedrock
                 // wants at least one block, and text that is not blank: an empty result is an
                 // empty JSON object.
-                let mut result = user_blocks(content, i)?;
+                let mut result = user_blocks(content, i, &mut names)?;
                 // A tool result holds no cache point: one goes after the result instead.
                 let cached = result.len();
                 result.retain(|b| b.get("cachePoint").is_none());
@@ -362,47 +371,43 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
             },
         )
         .collect();
-    let mut tool_choice = match req.tool_choice.as_ref().map(|c| c.choice()).transpose()? {
-        None | Some(Choice::Auto) => None,
-        Some(Choice::None) if tools.is_empty() => None,
-        Some(Choice::None) => {
+    let choice = req.tool_choice.as_ref().map(|c| c.choice()).transpose()?;
+    let json_answer = JsonAnswer::of(
+        req.response_format.as_ref(),
+        choice.as_ref(),
+        !tools.is_empty(),
+        thinking_on(&req.rest),
+        PROVIDER,
+    )?;
+    let tool_choice = match (json_answer, choice) {
+        (JsonAnswer::Forced, _) => Some(json!({"tool": {"name": JSON_TOOL}})),
+        // Bedrock's default choice is auto.
+        (JsonAnswer::Offered, _) | (JsonAnswer::NotAsked, None | Some(Choice::Auto)) => None,
+        (JsonAnswer::NotAsked, Some(Choice::None)) if tools.is_empty() => None,
+        (JsonAnswer::NotAsked, Some(Choice::None)) => {
             return Err(bad(
                 "tool_choice none cannot be expressed for provider aws-bedrock; leave the tools out instead",
             ));
         }
-        Some(Choice::Required) => Some(json!({"any": {}})),
-        Some(Choice::Function(name)) => Some(json!({"tool": {"name": name}})),
-    };
-    let mut json_instruction = false;
-    let json_tool = match &req.response_format {
-        None | Some(ResponseFormat::Text) => false,
-        Some(format) => {
-            if !tools.is_empty() || tool_choice.is_some() {
-                return Err(bad(
-                    "response_format json together with tools cannot be expressed for provider aws-bedrock",
-                ));
-            }
-            let schema = match format {
-                ResponseFormat::JsonSchema { json_schema } => json_schema
-                    .schema
-                    .clone()
-                    .unwrap_or_else(|| json!({"type": "object"})),
-                _ => json!({"type": "object"}),
-            };
-            tools.push(json!({"toolSpec": {"name": JSON_TOOL,
-                "description": "Respond with the answer as JSON.", "inputSchema": {"json": schema}}}));
-            // Claude refuses a forced tool while thinking: the tool is offered (Bedrock's
-            // default choice is auto) and asked for.
-            if thinking_on(&req.rest) {
-                json_instruction = true;
-            } else {
-                tool_choice = Some(json!({"tool": {"name": JSON_TOOL}}));
-            }
-            true
+        (JsonAnswer::NotAsked, Some(Choice::Required)) => Some(json!({"any": {}})),
+        (JsonAnswer::NotAsked, Some(Choice::Function(name))) => {
+            Some(json!({"tool": {"name": name}}))
         }
     };
-    if json_instruction {
-        let instruction = json!({"text": "Give your final answer by calling the json_response tool; its input is the answer."});
+    if json_answer.uses_tool() {
+        let schema = match &req.response_format {
+            Some(ResponseFormat::JsonSchema { json_schema }) => json_schema
+                .schema
+                .clone()
+                .unwrap_or_else(|| json!({"type": "object"})),
+            _ => json!({"type": "object"}),
+        };
+        tools.push(json!({"toolSpec": {"name": JSON_TOOL,
+            "description": "Respond with the answer as JSON.", "inputSchema": {"json": schema}}}));
+    }
+    let json_tool = json_answer.uses_tool();
+    if json_answer == JsonAnswer::Offered {
+        let instruction = json!({"text": JSON_TOOL_INSTRUCTION});
         match body.get_mut("system") {
             Some(Value::Array(system)) => system.push(instruction),
             _ => {
@@ -432,8 +437,12 @@ pub fn request(mut req: ChatRequest) -> Result<(Vec<u8>, bool), GatewayError> {
 }
 
 /// The Converse blocks of a user message or tool result: text that is not blank (Bedrock
-/// refuses blank text), images and documents.
-fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> {
+/// refuses blank text), images and documents (named by `names`).
+fn user_blocks(
+    content: &Content,
+    i: usize,
+    names: &mut DocumentNames,
+) -> Result<Vec<Value>, GatewayError> {
     let parts = match content {
         Content::Text(t) if openai::is_blank(t) => return Ok(Vec::new()),
         Content::Text(t) => return Ok(vec![json!({"text": t})]),
@@ -470,21 +479,7 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
                         openai::truncate(&mime)
                     )));
                 };
-                let name: String = file
-                    .filename
-                    .as_deref()
-                    .unwrap_or("document")
-                    .chars()
-                    .filter(|c| {
-                        c.is_ascii_alphanumeric() || matches!(c, ' ' | '-' | '(' | ')' | '[' | ']')
-                    })
-                    .take(64)
-                    .collect();
-                let name = if name.trim().is_empty() {
-                    "document".to_owned()
-                } else {
-                    name
-                };
+                let name = names.name(file.filename.as_deref());
                 blocks.push(json!({"document": {"format": format, "name": name, "source": {"bytes": data}}}));
             }
             Part::InputAudio { .. } => {
@@ -502,20 +497,88 @@ fn user_blocks(content: &Content, i: usize) -> Result<Vec<Value>, GatewayError> 
     Ok(blocks)
 }
 
+/// Longest document name sent, before the ` (n)` that keeps it apart from another.
+const MAX_DOCUMENT_NAME: usize = 64;
+
+/// The names of a request's documents. Bedrock takes a name of alphanumerics, single spaces,
+/// hyphens, parentheses and square brackets ("no more than one [whitespace] in a row"), and
+/// refuses a request in which two documents share one ("Messages can't contain duplicate
+/// document names"), where OpenAI's `filename` is optional and free: each character it
+/// refuses becomes a space, runs of spaces one, a name left empty (or none) `document`, and one
+/// that an earlier document of the request has (compared ignoring case) gets ` (2)`, ` (3)`,
+/// ... Names are given in the order of the messages, so a conversation sent again with a new
+/// turn keeps its documents' names.
+#[derive(Debug, Default)]
+struct DocumentNames {
+    /// The names given so far, lowercase.
+    given: std::collections::HashSet<String>,
+    /// Of each name (lowercase) given more than once, the last `n` of ` (n)` tried: the next
+    /// search starts past it (a request may hold thousands of untitled documents).
+    last_suffix: std::collections::HashMap<String, u32>,
+}
+
+impl DocumentNames {
+    /// The name of the request's next document, sent with `filename`.
+    fn name(&mut self, filename: Option<&str>) -> String {
+        let mut base = String::new();
+        for c in filename.unwrap_or_default().chars() {
+            if base.len() >= MAX_DOCUMENT_NAME {
+                break;
+            }
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '(' | ')' | '[' | ']') {
+                base.push(c);
+            } else if !base.is_empty() && !base.ends_with(' ') {
+                base.push(' ');
+            }
+        }
+        base.truncate(base.trim_end().len());
+        if base.is_empty() {
+            base.push_str("document");
+        }
+        let mut name = base.clone();
+        if self.given.contains(&name.to_ascii_lowercase()) {
+            let n = self
+                .last_suffix
+                .entry(base.to_ascii_lowercase())
+                .or_insert(1);
+            loop {
+                *n += 1;
+                name = format!("{base} ({n})");
+                if !self.given.contains(&name.to_ascii_lowercase()) {
+                    break;
+                }
+            }
+        }
+        self.given.insert(name.to_ascii_lowercase());
+        name
+    }
+}
+
 /// A Converse prompt-caching checkpoint: what comes before it is cached.
 fn cache_point() -> Value {
     json!({"cachePoint": {"type": "default"}})
 }
 
-/// OpenAI `finish_reason` for a Bedrock `stopReason`.
-fn finish_reason(stop: &str, json_tool: bool) -> &'static str {
+/// OpenAI `finish_reason` for a Bedrock `stopReason`; `json_only`: the JSON tool was the only
+/// tool called (its input is the answer, the content).
+fn finish_reason(stop: &str, json_only: bool) -> &'static str {
     match stop {
         "max_tokens" | "model_context_window_exceeded" => "length",
-        "tool_use" if json_tool => "stop",
+        "tool_use" if json_only => "stop",
         "tool_use" => "tool_calls",
         "guardrail_intervened" | "content_filtered" => "content_filter",
         _ => "stop",
     }
+}
+
+/// `message.refusal` of an answer Bedrock filtered before any of it was written.
+fn filtered(stop: &str) -> String {
+    let by = if stop == "guardrail_intervened" {
+        "a Bedrock guardrail"
+    } else {
+        "Bedrock's content filters"
+    };
+    format!("the response was blocked by {by} (stopReason {stop})")
 }
 
 #[derive(Deserialize)]
@@ -641,16 +704,18 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
     if let Some(json) = json_answer {
         text = json;
     }
+    let stop = r.stop_reason.as_deref().unwrap_or("end_turn");
+    let finish = finish_reason(stop, ctx.json_tool && tool_calls.is_empty());
+    // A filtered answer with nothing written says why, as OpenAI's own refusals do.
+    let refusal = (finish == "content_filter" && text.is_empty() && tool_calls.is_empty())
+        .then(|| filtered(stop));
     let c = Completion {
         id: ctx.id.clone(),
         model: ctx.model.clone(),
-        text: (!text.is_empty() || tool_calls.is_empty()).then_some(text),
-        refusal: None,
+        text: (refusal.is_none() && (!text.is_empty() || tool_calls.is_empty())).then_some(text),
+        refusal,
         tool_calls,
-        finish_reason: finish_reason(
-            r.stop_reason.as_deref().unwrap_or("end_turn"),
-            ctx.json_tool,
-        ),
+        finish_reason: finish,
         usage: r.usage.usage(),
         reasoning: (!reasoning.is_empty()).then_some(reasoning),
         thinking_blocks,
@@ -853,7 +918,11 @@ impl Stream {
                     .and_then(Value::as_str)
                     .unwrap_or("end_turn");
                 self.flush_held_text(out);
-                self.w.finish(out, finish_reason(stop, self.json_tool));
+                let finish = finish_reason(stop, self.json_tool && self.next_tool == 0);
+                if finish == "content_filter" && !self.w.wrote_content() && self.next_tool == 0 {
+                    self.w.refusal(out, &filtered(stop));
+                }
+                self.w.finish(out, finish);
             }
             Some("metadata") => {
                 if let Some(u) = payload
@@ -1475,5 +1544,215 @@ mod tests {
             let bytes: Vec<u8> = frames.iter().flat_map(|(k, p)| encode(&[(":event-type", KINDS[*k]), (":message-type", "event")], p)).collect();
             let _ = run_stream_bytes(&mut Stream::new(&ctx(true, true)), &[&bytes]);
         }
+    }
+
+    /// The Converse body for a chat completion request body.
+    fn converse_of(body: Value) -> Result<(Value, bool), GatewayError> {
+        let req = ChatRequest::parse(body.to_string().as_bytes()).expect("parse");
+        let (body, json_tool) = request(req)?;
+        Ok((serde_json::from_slice(&body).expect("json"), json_tool))
+    }
+
+    fn names_sent(body: &Value) -> Vec<String> {
+        body["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .flat_map(|m| m["content"].as_array().expect("content"))
+            // A tool result's documents too.
+            .flat_map(|b| match b.pointer("/toolResult/content") {
+                Some(Value::Array(inner)) => inner.iter().collect(),
+                _ => vec![b],
+            })
+            .filter_map(|b| b.pointer("/document/name").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn document_names_are_made_fit_for_bedrock_and_kept_apart_in_the_order_sent() {
+        let mut names = DocumentNames::default();
+        let given: Vec<String> = [
+            None,
+            None,
+            Some("Q3 results – summary (final).pdf"),
+            Some("  ...  "),
+            Some("Document"),
+            Some("document (3)"),
+            None,
+            Some("a_b\tc"),
+        ]
+        .into_iter()
+        .map(|f| names.name(f))
+        .collect();
+        assert_eq!(
+            given,
+            [
+                "document",
+                "document (2)",
+                "Q3 results summary (final) pdf",
+                "document (3)",
+                "Document (4)",
+                "document (3) (2)",
+                "document (5)",
+                "a b c",
+            ]
+        );
+        // Long names are cut at 64 characters, never on a space.
+        let long = names.name(Some(&format!("{} b", "a".repeat(63))));
+        assert_eq!(long, "a".repeat(63));
+        // Thousands of untitled documents cost one look-up each.
+        for _ in 0..5000 {
+            names.name(None);
+        }
+        assert_eq!(names.name(None), "document (5006)");
+    }
+
+    #[test]
+    fn untitled_documents_of_a_conversation_get_names_of_their_own_that_its_next_turn_keeps() {
+        let file =
+            json!({"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBE"}});
+        let mut messages = vec![
+            json!({"role": "user", "content": [{"type": "text", "text": "Read this."}, file]}),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "fetch", "arguments": "{}"}}]}),
+            json!({"role": "tool", "tool_call_id": "c1", "content": [file]}),
+        ];
+        let (body, _) = converse_of(json!({"model": "m", "messages": messages})).expect("sent");
+        assert_eq!(names_sent(&body), ["document", "document (2)"]);
+        messages.push(json!({"role": "assistant", "content": "Both read."}));
+        messages.push(
+            json!({"role": "user", "content": [file, {"type": "text", "text": "And this?"}]}),
+        );
+        let (body, _) = converse_of(json!({"model": "m", "messages": messages})).expect("sent");
+        assert_eq!(
+            names_sent(&body),
+            ["document", "document (2)", "document (3)"]
+        );
+    }
+
+    #[test]
+    fn tools_with_a_json_schema_answer_offer_the_json_tool_beside_them_unforced() {
+        let weather = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let format = json!({"type": "json_schema", "json_schema": {"name": "v",
+            "schema": {"type": "object", "properties": {"verdict": {"type": "string"}}}}});
+        let ask = |extra: Value| {
+            let mut body = json!({"model": "m", "tools": weather, "response_format": format,
+                "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Oslo?"}]});
+            for (k, v) in extra.as_object().expect("object") {
+                body[k] = v.clone();
+            }
+            converse_of(body)
+        };
+        let (body, json_tool) = ask(json!({})).expect("served");
+        assert!(json_tool);
+        let tools: Vec<&str> = body["toolConfig"]["tools"]
+            .as_array()
+            .expect("tools")
+            .iter()
+            .filter_map(|t| t.pointer("/toolSpec/name").and_then(Value::as_str))
+            .collect();
+        assert_eq!(tools, ["get_weather", JSON_TOOL]);
+        assert!(body["toolConfig"].get("toolChoice").is_none(), "{body}");
+        assert_eq!(
+            body["system"],
+            json!([{"text": "be brief"}, {"text": JSON_TOOL_INSTRUCTION}])
+        );
+        assert_eq!(
+            body["toolConfig"]["tools"][1]["toolSpec"]["inputSchema"]["json"],
+            format["json_schema"]["schema"]
+        );
+        // tool_choice none: the JSON tool forced, the others still declared.
+        let (body, json_tool) = ask(json!({"tool_choice": "none"})).expect("served");
+        assert!(json_tool);
+        assert_eq!(
+            body["toolConfig"]["toolChoice"],
+            json!({"tool": {"name": JSON_TOOL}})
+        );
+        assert_eq!(body["system"], json!([{"text": "be brief"}]));
+        // A call forced: the answer is that call, the format shapes nothing.
+        let (body, json_tool) = ask(json!({"tool_choice": "required"})).expect("served");
+        assert!(!json_tool);
+        assert_eq!(body["toolConfig"]["toolChoice"], json!({"any": {}}));
+        assert_eq!(
+            body["toolConfig"]["tools"].as_array().map(Vec::len),
+            Some(1)
+        );
+        // Thinking refuses a forced tool: none beside tools cannot be expressed then.
+        let err = ask(json!({"tool_choice": "none",
+            "additionalModelRequestFields": {"thinking": {"type": "enabled", "budget_tokens": 1024}}}))
+        .expect_err("refused");
+        assert!(err.to_string().contains("tool_choice none"), "{err}");
+    }
+
+    #[test]
+    fn with_the_json_tool_offered_a_call_of_another_tool_finishes_as_tool_calls() {
+        let called = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Checking."},
+            {"toolUse":{"toolUseId":"t1","name":"get_weather","input":{"city":"Oslo"}}}]}},
+            "stopReason":"tool_use","usage":{"inputTokens":5,"outputTokens":6}}"#;
+        let v: Value = serde_json::from_slice(&response(called, &ctx(false, true)).expect("ok"))
+            .expect("json");
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(v["choices"][0]["message"]["content"], "Checking.");
+        assert_eq!(
+            v["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+            "get_weather"
+        );
+        let answered = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Done."},
+            {"toolUse":{"toolUseId":"t2","name":"json_response","input":{"verdict":"cold"}}}]}},
+            "stopReason":"tool_use","usage":{"inputTokens":5,"outputTokens":6}}"#;
+        let v: Value = serde_json::from_slice(&response(answered, &ctx(false, true)).expect("ok"))
+            .expect("json");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            r#"{"verdict":"cold"}"#
+        );
+        assert!(
+            v["choices"][0]["message"].get("tool_calls").is_none(),
+            "{v}"
+        );
+        // Streamed.
+        let out = run_stream_bytes(&mut Stream::new(&ctx(false, true)), &[stream_bytes()]);
+        assert!(out.contains(r#""finish_reason":"tool_calls""#), "{out}");
+        let text: String = deltas(&out)
+            .iter()
+            .filter_map(|d| d["content"].as_str())
+            .collect();
+        assert_eq!(text, "Let me check.");
+    }
+
+    #[test]
+    fn a_filtered_answer_with_nothing_written_says_why_in_its_refusal() {
+        let filtered = br#"{"output":{"message":{"role":"assistant","content":[]}},
+            "stopReason":"content_filtered","usage":{"inputTokens":5,"outputTokens":0}}"#;
+        let v: Value = serde_json::from_slice(&response(filtered, &ctx(false, false)).expect("ok"))
+            .expect("json");
+        assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
+        assert_eq!(v["choices"][0]["message"]["content"], Value::Null);
+        assert!(
+            v["choices"][0]["message"]["refusal"]
+                .as_str()
+                .is_some_and(|r| r.contains("content_filtered")),
+            "{v}"
+        );
+        let out = run_stream_bytes(
+            &mut Stream::new(&ctx(false, false)),
+            &[[
+                event("messageStart", r#"{"role":"assistant"}"#),
+                event("messageStop", r#"{"stopReason":"guardrail_intervened"}"#),
+                event(
+                    "metadata",
+                    r#"{"usage":{"inputTokens":1,"outputTokens":0,"totalTokens":1}}"#,
+                ),
+            ]
+            .concat()],
+        );
+        let refusal: String = deltas(&out)
+            .iter()
+            .filter_map(|d| d["refusal"].as_str())
+            .collect();
+        assert!(refusal.contains("guardrail"), "{out}");
     }
 }

@@ -69,8 +69,16 @@ pub fn request(mut req: ChatRequest, model: &str, provider: &str) -> Result<Vec<
     let mut contents: Vec<(&'static str, Vec<Value>)> = Vec::new();
     // Gemini answers tool results by function name; OpenAI by call id.
     let mut call_names: Vec<(String, String)> = Vec::new();
+    let trailing = openai::trailing_instructions(&req.messages);
     for (i, m) in req.messages.iter().enumerate() {
         match m {
+            // An instruction after the assistant's last message: the user's turn it answers.
+            Message::System { content, .. } | Message::Developer { content, .. }
+                if i >= trailing =>
+            {
+                openai::text_only(content, i, "system", provider)?;
+                openai::push_turn(&mut contents, "user", user_parts(content, i)?);
+            }
             Message::System { content, .. } | Message::Developer { content, .. } => {
                 // Gemini's systemInstruction takes text only.
                 let text = openai::text_only(content, i, "system", provider)?;
@@ -140,6 +148,7 @@ pub fn request(mut req: ChatRequest, model: &str, provider: &str) -> Result<Vec<
             }
         }
     }
+    openai::ends_where_sent(&req.messages, &contents, provider)?;
     if validates_signatures(model) {
         sign_foreign_calls(&mut contents);
     }
@@ -533,7 +542,7 @@ impl Stream {
     /// A translator for one stream.
     pub fn new(ctx: &ResponseCtx) -> Self {
         Self {
-            sse: SseParser::new(),
+            sse: SseParser::ending_at_oversized(),
             state: StreamState {
                 w: ChunkWriter::new(
                     ctx.id.clone(),
@@ -555,6 +564,12 @@ impl StreamTranslator for Stream {
     fn push(&mut self, chunk: &[u8], out: &mut BytesMut) {
         let Self { sse, state } = self;
         sse.feed(chunk, &mut |e| state.on_event(e, out));
+        if sse.too_large() && !state.done {
+            state.done = true;
+            state
+                .w
+                .error(out, &super::sse::too_large("Google"), "api_error");
+        }
     }
 
     fn hold_in(&mut self, held: crate::buffers::Held) {
@@ -1056,5 +1071,55 @@ mod tests {
                                        cuts in proptest::collection::vec(0usize..2048, 0..10)) {
             let _ = run_stream(&mut Stream::new(&ctx(true, false)), &cut(&data, cuts));
         }
+    }
+
+    #[test]
+    fn an_instruction_after_the_models_answer_is_the_users_last_turn() {
+        let v = translated(
+            "gemini-2.5-flash",
+            json!({"model": "m", "messages": [
+            {"role": "system", "content": "You write haiku."},
+            {"role": "user", "content": "Write a haiku about rain."},
+            {"role": "assistant", "content": "Soft rain on the roof"},
+            {"role": "developer", "content": "Now rate it."}]}),
+        )
+        .expect("sent");
+        assert_eq!(
+            v["systemInstruction"],
+            json!({"parts": [{"text": "You write haiku."}]})
+        );
+        assert_eq!(
+            v["contents"][2],
+            json!({"role": "user", "parts": [{"text": "Now rate it."}]})
+        );
+        // A blank last message leaves the turns ending on the model's: refused, naming it.
+        for last in [
+            json!({"role": "user", "content": "  "}),
+            json!({"role": "developer", "content": ""}),
+        ] {
+            let err = translated(
+                "gemini-2.5-flash",
+                json!({"model": "m", "messages": [
+                {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}, last]}),
+            )
+            .expect_err("refused");
+            assert!(err.to_string().contains("messages[2]"), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_event_too_large_to_translate_ends_the_stream_with_an_error_not_in_silence() {
+        let big = format!(
+            "data: {{\"candidates\": [{{\"content\": {{\"parts\": [{{\"inlineData\": {{\"mimeType\": \"image/png\", \"data\": \"{}\"}}}}]}}}}]}}\r\n\r\n",
+            "A".repeat(crate::compat::sse::MAX_EVENT_BYTES)
+        );
+        let mut t = Stream::new(&ctx(false, false));
+        let out = run_stream(&mut t, &[big.as_bytes(), STREAM.as_bytes()]);
+        assert!(!t.ended_whole());
+        assert!(
+            out.contains("the Google stream sent an event larger than 8 MiB"),
+            "{out}"
+        );
+        assert!(!out.contains("Hello") && !out.contains("[DONE]"), "{out}");
     }
 }

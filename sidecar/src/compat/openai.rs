@@ -323,22 +323,45 @@ pub fn push_turn(
     }
 }
 
-/// Refuses a conversation whose last message is the user's (or a tool result) but whose
-/// translated turns end on the assistant's: its last message was blank text, which the
-/// translated APIs refuse and leave out, and the model would go on from the assistant's text (a
-/// prefill) instead of answering. `i` names the message in the error.
+/// Where the system and developer messages that end a conversation after an assistant
+/// message begin (an instruction after the answer: "now rate it", a reflection step);
+/// `messages.len()` when none do. OpenAI answers them with a new message, where lifted into
+/// the translated system prompt they would leave the turns ending on the assistant's: a
+/// prefill, which Claude goes on from (newer Claude models refuse it). Translators send them
+/// as the user's last turn instead.
+pub fn trailing_instructions(messages: &[Message]) -> usize {
+    let last_turn = messages
+        .iter()
+        .rposition(|m| !matches!(m, Message::System { .. } | Message::Developer { .. }));
+    match last_turn {
+        Some(i) if matches!(messages[i], Message::Assistant { .. }) => i + 1,
+        _ => messages.len(),
+    }
+}
+
+/// Refuses a conversation that asks for an answer — its last message is the user's, a tool
+/// result, or a [`trailing_instructions`] one — but whose translated turns end on the
+/// assistant's (`"assistant"` or Gemini's `"model"`): its last message was blank text, which
+/// the translated APIs refuse and leave out, and the model would go on from the assistant's
+/// text (a prefill) instead of answering. `i` names the message in the error.
 pub fn ends_where_sent(
     messages: &[Message],
     turns: &[(&'static str, Vec<Value>)],
     provider: &str,
 ) -> Result<(), GatewayError> {
-    let last_is_users = matches!(
-        messages.last(),
-        Some(Message::User { .. } | Message::Tool { .. })
-    );
-    if last_is_users && turns.last().is_none_or(|(role, _)| *role == "assistant") {
+    let role = match messages.last() {
+        Some(Message::User { .. } | Message::Tool { .. }) => "user",
+        Some(Message::System { .. }) if trailing_instructions(messages) < messages.len() => {
+            "system"
+        }
+        Some(Message::Developer { .. }) if trailing_instructions(messages) < messages.len() => {
+            "developer"
+        }
+        _ => return Ok(()),
+    };
+    if turns.last().is_none_or(|(last, _)| *last != "user") {
         return Err(bad(format!(
-            "messages[{}]: a user message of blank text cannot be expressed for provider {provider} (it refuses blank text); send text",
+            "messages[{}]: a {role} message of blank text cannot be expressed for provider {provider} (it refuses blank text); send text",
             messages.len() - 1
         )));
     }
@@ -1033,6 +1056,8 @@ pub struct ChunkWriter {
     finished: bool,
     /// `[DONE]` was written: the stream ended whole.
     done_sent: bool,
+    /// Content (text) was written.
+    content_sent: bool,
     /// Tool calls started with no argument text yet: they get `{}` before the finish chunk
     /// (a tool without input streams none, and a finished call must carry valid JSON).
     tools_without_arguments: Vec<u32>,
@@ -1114,6 +1139,7 @@ impl ChunkWriter {
             role_sent: false,
             finished: false,
             done_sent: false,
+            content_sent: false,
             tools_without_arguments: Vec::new(),
             thinking_blocks: 0,
         }
@@ -1174,6 +1200,7 @@ impl ChunkWriter {
         if text.is_empty() {
             return;
         }
+        self.content_sent = true;
         self.role(out);
         self.chunk(
             out,
@@ -1293,6 +1320,11 @@ impl ChunkWriter {
         }
         self.role(out);
         self.chunk(out, Delta::default(), Some(reason));
+    }
+
+    /// Whether any content (text) was written.
+    pub fn wrote_content(&self) -> bool {
+        self.content_sent
     }
 
     /// Whether the finish chunk was written.

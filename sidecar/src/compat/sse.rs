@@ -5,8 +5,17 @@
 
 use crate::buffers::{self, BudgetExhausted, Held};
 
-/// Largest event (data plus the line being read) kept; a larger one is dropped whole.
+/// Largest event (data plus the line being read) kept; a larger one is dropped whole, or ends
+/// the parse ([`SseParser::ending_at_oversized`]).
 pub const MAX_EVENT_BYTES: usize = 8 << 20;
+
+/// The error that ends a translated stream at an event over [`MAX_EVENT_BYTES`].
+pub fn too_large(provider: &str) -> String {
+    format!(
+        "the {provider} stream sent an event larger than {} MiB, which the gateway does not translate; the answer ends here",
+        MAX_EVENT_BYTES >> 20
+    )
+}
 
 /// Allocation kept from one event to the next; a larger one (a big event's: Gemini streams
 /// images as megabytes of base64 in one event) is freed once its event passed.
@@ -40,6 +49,10 @@ pub struct SseParser {
     held: Option<Held>,
     /// The budget had no room for the event being read: nothing more is read.
     refused: Option<BudgetExhausted>,
+    /// An event over [`MAX_EVENT_BYTES`] ends the parse rather than being dropped.
+    end_at_oversized: bool,
+    /// An event over [`MAX_EVENT_BYTES`] ended the parse: nothing more is read.
+    too_large: bool,
     /// Events dropped for size.
     pub dropped: u64,
 }
@@ -48,6 +61,28 @@ impl SseParser {
     /// A parser at the start of a stream.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A parser at the start of a stream whose events are translated: one over
+    /// [`MAX_EVENT_BYTES`] cannot be, and is not dropped in silence (the answer would be missing
+    /// a part, a Gemini image, with nothing saying so): it ends the parse, and
+    /// [`Self::too_large`] says so, for the stream to end with an error the client sees.
+    pub fn ending_at_oversized() -> Self {
+        Self {
+            end_at_oversized: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether an event over [`MAX_EVENT_BYTES`] ended the parse
+    /// ([`Self::ending_at_oversized`]).
+    pub fn too_large(&self) -> bool {
+        self.too_large
+    }
+
+    /// Whether nothing more is read: the budget had no room, or an event was too large.
+    fn stopped(&self) -> bool {
+        self.refused.is_some() || self.too_large
     }
 
     /// Counts what this parser holds between chunks (an unfinished event: up to
@@ -73,7 +108,7 @@ impl SseParser {
             }
             self.skip_lf = false;
         }
-        while self.refused.is_none()
+        while !self.stopped()
             && let Some(i) = memchr::memchr2(b'\n', b'\r', rest)
         {
             let line = &rest[..i];
@@ -110,7 +145,7 @@ impl SseParser {
                 buffers::trim(self.held.as_mut(), &mut self.line, KEEP_BYTES);
             }
         }
-        if !rest.is_empty() && self.refused.is_none() {
+        if !rest.is_empty() && !self.stopped() {
             if self.line.len() + rest.len() + self.data.len() > MAX_EVENT_BYTES {
                 self.mark_oversized();
             } else if !self.oversized {
@@ -126,7 +161,7 @@ impl SseParser {
     /// The stream ended: an event still open (no blank line after it) is dispatched, since
     /// some upstreams end their last event with the connection.
     pub fn finish(&mut self, on_event: &mut dyn FnMut(Event<'_>)) {
-        if self.refused.is_some() {
+        if self.stopped() {
             return;
         }
         if !self.line.is_empty() {
@@ -159,6 +194,7 @@ impl SseParser {
 
     fn mark_oversized(&mut self) {
         self.oversized = true;
+        self.too_large = self.end_at_oversized;
         self.line.clear();
         self.data.clear();
         self.has_data = false;
@@ -389,6 +425,30 @@ mod tests {
             n += 1;
         });
         assert_eq!((n, p.dropped), (1, 1));
+    }
+
+    #[test]
+    fn a_parser_for_translation_ends_at_an_event_larger_than_the_limit() {
+        let big = vec![b'x'; MAX_EVENT_BYTES / 2];
+        // Whether the event grows past the limit within a line or over lines.
+        for lines in [false, true] {
+            let mut p = SseParser::ending_at_oversized();
+            let mut got = Vec::new();
+            p.feed(b"data: before\n\ndata: ", &mut |e| {
+                got.push(e.data.to_owned())
+            });
+            for _ in 0..3 {
+                p.feed(&big, &mut |e| got.push(e.data.to_owned()));
+                if lines {
+                    p.feed(b"\ndata: ", &mut |e| got.push(e.data.to_owned()));
+                }
+            }
+            p.feed(b"\n\ndata: after\n\n", &mut |e| got.push(e.data.to_owned()));
+            p.finish(&mut |e| got.push(e.data.to_owned()));
+            assert_eq!(got, ["before"]);
+            assert!(p.too_large() && p.refused().is_none());
+        }
+        assert!(!SseParser::new().too_large());
     }
 
     #[test]
