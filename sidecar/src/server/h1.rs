@@ -146,6 +146,10 @@ pub(super) async fn serve(
         if stop.stopping() {
             return Ended::Closed;
         }
+        // Bytes of this request came before the last answer was out: the client pipelines, and
+        // a close it sends after them is taken as a half-close (its side shut, all it sent to be
+        // answered), not as the client leaving. Else that close drops the request, as hyper's.
+        let pipelined = !buf.is_empty();
         // The next head, within `silence` from now.
         timer.as_mut().reset(Instant::now() + silence);
         let head = loop {
@@ -247,9 +251,10 @@ pub(super) async fn serve(
             *request.body_mut() = RequestBody::Whole(Some(buf.split_to(body).freeze()));
         }
         // A client that closes the connection meanwhile drops its request (as hyper does),
-        // unless it sent further requests before (it shut its side only); bytes it sends on (a
-        // next request) wait in `buf`. The answer's future ends with this block, so the
-        // response's writing below takes its place in the connection's task, not more room.
+        // unless it sent further requests before, or pipelined this one (it shut its side only,
+        // above); bytes it sends on (a next request) wait in `buf`. The answer's future ends
+        // with this block, so the response's writing below takes its place in the connection's
+        // task, not more room.
         let response = {
             let mut answer = std::pin::pin!(gateway.clone().handle(request));
             loop {
@@ -257,7 +262,7 @@ pub(super) async fn serve(
                     biased;
                     response = answer.as_mut() => break response,
                     read = io.read_buf(&mut buf), if !eof && buf.len() < MAX_HEADER_BYTES + MAX_BODY => match read {
-                        Ok(0) if !buf.is_empty() => eof = true,
+                        Ok(0) if pipelined || !buf.is_empty() => eof = true,
                         Ok(0) | Err(_) => return Ended::Closed,
                         Ok(_) => {}
                     },
@@ -269,7 +274,7 @@ pub(super) async fn serve(
         // connection as it says.
         let close =
             close || stop.stopping() || has_token(response.headers(), header::CONNECTION, "close");
-        if write_response(io, &mut buf, &mut eof, &mut out, response, close)
+        if write_response(io, &mut buf, &mut eof, pipelined, &mut out, response, close)
             .await
             .is_err()
             || close
@@ -411,12 +416,13 @@ enum Framing {
 }
 
 /// Writes `response`, its head with `connection: close` when `close`; an error ends the
-/// connection (the client gone, or a body that broke off or does not match its length). `buf`
-/// and `eof` as in [`next_frame`].
+/// connection (the client gone, or a body that broke off or does not match its length).
+/// `buf`, `eof` and `pipelined` as in [`next_frame`].
 async fn write_response(
     io: &mut WriteStall<TcpStream>,
     buf: &mut BytesMut,
     eof: &mut bool,
+    pipelined: bool,
     out: &mut Vec<u8>,
     response: Response<ProxyBody>,
     close: bool,
@@ -443,7 +449,7 @@ async fn write_response(
                     io.write_all(out).await?;
                     out.clear();
                 }
-                next_frame(io, buf, eof, body.as_mut()).await?
+                next_frame(io, buf, eof, pipelined, body.as_mut()).await?
             }
         };
         let data = match frame {
@@ -534,12 +540,14 @@ async fn write_both(
 }
 
 /// The body's next frame; an error when the client closes the connection meanwhile, unless it
-/// sent further requests before (it shut its side only: `eof` is set, and they are answered
-/// after this one). Bytes the client sends on (a next request) wait in `buf`.
+/// sent further requests before, or this one with the one before (`pipelined`): it shut its
+/// side only, `eof` is set, and they are answered. Bytes the client sends on (a next request)
+/// wait in `buf`.
 async fn next_frame(
     io: &mut WriteStall<TcpStream>,
     buf: &mut BytesMut,
     eof: &mut bool,
+    pipelined: bool,
     mut body: std::pin::Pin<&mut ProxyBody>,
 ) -> std::io::Result<Option<Result<Frame<Bytes>, crate::upstream::BodyError>>> {
     loop {
@@ -547,7 +555,7 @@ async fn next_frame(
             biased;
             frame = body.frame() => return Ok(frame),
             read = io.read_buf(buf), if !*eof && buf.len() < MAX_HEADER_BYTES + MAX_BODY => match read {
-                Ok(0) if !buf.is_empty() => *eof = true,
+                Ok(0) if pipelined || !buf.is_empty() => *eof = true,
                 Ok(0) => return Err(std::io::ErrorKind::ConnectionAborted.into()),
                 Err(e) => return Err(e),
                 Ok(_) => {}
