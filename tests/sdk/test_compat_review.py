@@ -16,31 +16,13 @@ import openai
 import pydantic
 import pytest
 
-from conftest import Sidegate, gateway_yaml
-from test_compat_fidelity import (BEDROCK, CLAUDE, EVENT_STREAM, GEMINI, KEYS, WEATHER_TOOL, ScriptedUpstream,
-                                  anthropic_message, chat, collect, converse, frame, gemini_chunk, sse)
+# The fidelity tests' gateway and scripted upstream (one each for this module too).
+from test_compat_fidelity import (BEDROCK, CLAUDE, EVENT_STREAM, GEMINI, WEATHER_TOOL, anthropic_message,  # noqa: F401
+                                  env, gw, chat, collect, converse, frame, gemini_chunk, sse)
 
 PDF = "data:application/pdf;base64,JVBERi0xLjQKJcOkw7zDtsOfCjEgMCBvYmoKPDw+PgplbmRvYmoKdHJhaWxlcgo8PD4+CiUlRU9GCg=="
 ANSWER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}, "verdict": {"type": "string"}},
                  "required": ["city", "verdict"], "additionalProperties": False}
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    up = ScriptedUpstream()
-    extra = (f"    google-ai-studio: {{baseURL: '{up.url}'}}\n"
-             f"    aws-bedrock: {{baseURL: '{up.url}'}}\n")
-    g = Sidegate(tmp_path_factory.mktemp("compat-review"), gateway_yaml(up.url, extra_spec=extra), KEYS)
-    yield g, up
-    g.stop()
-    up.stop()
-
-
-@pytest.fixture
-def gw(env):
-    g, up = env
-    up.reset()
-    return openai.OpenAI(base_url=g.url + "/compat", api_key="placeholder", max_retries=0, timeout=20), up
 
 
 def provider_of(model):
