@@ -242,8 +242,8 @@ impl Gateway {
     }
 
     /// Sends a request upstream within `waits`, and retries failed attempts (connection errors,
-    /// timeouts to the first byte, `429`, `5xx`) as `retries` says. The last attempt's answer,
-    /// whatever its status, is the response.
+    /// timeouts to the first byte, the answers [`crate::retry::should_retry`] retries) as
+    /// `retries` says. The last attempt's answer, whatever its status, is the response.
     async fn dispatch_with(
         &self,
         req: Request<Full<Bytes>>,
@@ -255,7 +255,9 @@ impl Gateway {
         while attempt < retries.max_attempts {
             let sent = self.attempt(clone_request(&req), waits.head, waits.silence);
             let (failure, asked) = match sent.await {
-                Ok(resp) if !crate::retry::retryable_status(resp.status()) => return Ok(resp),
+                Ok(resp) if !crate::retry::should_retry(resp.status(), resp.headers()) => {
+                    return Ok(resp);
+                }
                 Ok(resp) => match crate::retry::retry_after(resp.headers()) {
                     // Longer than the gateway waits: the provider's answer is the response.
                     Some(asked) if asked > waits.retry_after => return Ok(resp),

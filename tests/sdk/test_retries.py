@@ -4,6 +4,7 @@ The mock provider fails on demand: `x-mock-fail-first: N;ID[;STATUS]` answers th
 requests carrying that value with STATUS (default 503), so each test counts exact attempts.
 """
 
+import email.utils
 import time
 import uuid
 
@@ -195,3 +196,51 @@ def test_bad_retry_headers_are_400_2100(gateway, mock, header, value):
     err = r.json()["error"][0]
     assert err["code"] == 2100 and header in err["message"]
     assert mock.requests() == []
+
+
+# --- what the provider's answer says -------------------------------------------------------------
+
+
+def custom_gateway(tmp_path, server, extra_spec=""):
+    """A gateway whose `custom-ra` provider is `server` (an OpenAI-format upstream)."""
+    yaml = gateway_yaml("http://127.0.0.1:9", extra_spec=extra_spec).replace(
+        "  providers:\n", f"  providers:\n    custom-ra: {{baseURL: '{server.url}/v1'}}\n", 1)
+    return Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+
+
+@pytest.mark.parametrize("form", ["decimal seconds", "HTTP date"])
+def test_a_retry_after_in_decimal_seconds_or_as_a_date_is_waited_out(tmp_path, form):
+    # As the OpenAI and Anthropic SDKs read it (RFC 9110 §10.2.3 for the date).
+    value = "1.5" if form == "decimal seconds" else email.utils.formatdate(time.time() + 2.5, usegmt=True)
+    server, g = retry_after_gateway(tmp_path, value)
+    try:
+        started = time.monotonic()
+        r = httpx.post(g.url + "/custom-ra/chat/completions", json=BODY, timeout=30)
+        took = time.monotonic() - started
+        assert (r.status_code, r.json()["id"]) == (200, "ok"), r.text
+        assert took >= 1.4, f"retried after {took:.2f} s, not the 1.5 s or more the provider asked for"
+    finally:
+        g.stop()
+        server.stop()
+
+
+def test_x_should_retry_true_retries_an_answer_not_retried_for_its_status(tmp_path):
+    server = FixedAnswerServer(b'{"error": {"message": "try me again"}}', status=400,
+                               then=[(200, b'{"id": "again", "choices": []}')], headers=[("x-should-retry", "true")])
+    g = custom_gateway(tmp_path, server)
+    try:
+        r = httpx.post(g.url + "/custom-ra/chat/completions", json=BODY, timeout=30,
+                       headers={"cf-aig-max-attempts": "2", "cf-aig-retry-delay": "0"})
+        assert (r.status_code, r.json()["id"]) == (200, "again"), r.text
+        assert "retrying upstream" in g.logs()
+    finally:
+        g.stop()
+        server.stop()
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_request_and_lock_timeouts_are_retried_as_the_sdks_retry_them(retrying, mock, status):
+    h = fail_first(1, status)
+    r = httpx.post(retrying.url + CHAT, json=BODY, headers=h)
+    assert r.status_code == 200, r.text
+    assert attempts(mock, h) == 2

@@ -84,8 +84,7 @@ class BrokenBodyUpstream:
 # --- what is retried ----------------------------------------------------------------------------
 
 
-# FAILS at 91770b5: a Retry-After given as an HTTP date (RFC 9110 §10.2.3, read by the OpenAI and Anthropic SDKs) is ignored: a provider asking for 2 minutes is retried at once, 20 ms later, and the client gets the next attempt's answer
-@pytest.mark.xfail(strict=True, reason="a Retry-After given as an HTTP date (RFC 9110 §10.2.3, read by the OpenAI and Anthropic SDKs) is ignored")
+# Failed at 91770b5 (mended since): a Retry-After given as an HTTP date (RFC 9110 §10.2.3, read by the OpenAI and Anthropic SDKs) is ignored: a provider asking for 2 minutes is retried at once, 20 ms later, and the client gets the next attempt's answer
 def test_a_retry_after_given_as_an_http_date_is_read(tmp_path):
     # Asked for more than the 60 s the gateway waits out: as with `Retry-After: 120`
     # (test_retries), the provider's answer is the response, at once, and it is not asked again.
@@ -103,8 +102,7 @@ def test_a_retry_after_given_as_an_http_date_is_read(tmp_path):
         server.stop()
 
 
-# FAILS at 91770b5: `x-should-retry: false` (sent by OpenAI and Anthropic, obeyed first by both SDKs) is ignored: a 503 the provider says not to retry is sent again and the client gets the second attempt's answer
-@pytest.mark.xfail(strict=True, reason="x-should-retry: false from the provider is ignored")
+# Failed at 91770b5 (mended since): `x-should-retry: false` (sent by OpenAI and Anthropic, obeyed first by both SDKs) is ignored: a 503 the provider says not to retry is sent again and the client gets the second attempt's answer
 def test_a_provider_saying_x_should_retry_false_is_not_asked_again(tmp_path):
     server = FixedAnswerServer(b'{"error": {"message": "do not repeat this"}}', status=503,
                                then=[(200, b'{"id": "repeated", "choices": []}')],
