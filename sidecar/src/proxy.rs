@@ -201,50 +201,12 @@ impl Gateway {
         })
     }
 
-    /// Sends a fallback step upstream (a universal-endpoint step): every attempt's response
-    /// head within `timeout`, the last one's too, so that a slow provider moves the request on
-    /// to the next step; see [`Gateway::dispatch_with`].
+    /// Sends a request upstream within `waits` ([`crate::retry::Waits::direct`] for a direct
+    /// request, [`crate::retry::Waits::every_attempt`] for a fallback step, each with the
+    /// request's own config), and retries failed attempts (connection errors, timeouts to the
+    /// first byte, the answers [`crate::retry::should_retry`] retries) as `retries` says. The
+    /// last attempt's answer, whatever its status, is the response.
     pub(crate) async fn dispatch(
-        &self,
-        req: Request<Full<Bytes>>,
-        timeout: Duration,
-        retries: &crate::retry::Policy,
-        provider: &Arc<str>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let waits = crate::retry::Waits::every_attempt(timeout, self.own_request_timeout());
-        self.dispatch_with(req, waits, retries, provider).await
-    }
-
-    /// Sends a direct request upstream (passthrough, `/compat` to one model): each attempt's
-    /// response head within `timeout`, but the last of several waits for it as Cloudflare's
-    /// does (see [`crate::retry::Waits::direct`]); see [`Gateway::dispatch_with`].
-    pub(crate) async fn dispatch_direct(
-        &self,
-        req: Request<Full<Bytes>>,
-        timeout: Duration,
-        retries: &crate::retry::Policy,
-        provider: &Arc<str>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let own = self.own_request_timeout();
-        let waits = crate::retry::Waits::direct(timeout, own, retries.max_attempts);
-        self.dispatch_with(req, waits, retries, provider).await
-    }
-
-    /// The gateway's own bound on upstreams, `spec.requestTimeout` of the config now serving:
-    /// what bounds the silences of a streamed body, whatever timeout a client asked for.
-    fn own_request_timeout(&self) -> Duration {
-        self.snapshot
-            .load()
-            .as_ref()
-            .map_or(crate::config::DEFAULT_REQUEST_TIMEOUT, |s| {
-                s.request_timeout
-            })
-    }
-
-    /// Sends a request upstream within `waits`, and retries failed attempts (connection errors,
-    /// timeouts to the first byte, the answers [`crate::retry::should_retry`] retries) as
-    /// `retries` says. The last attempt's answer, whatever its status, is the response.
-    async fn dispatch_with(
         &self,
         req: Request<Full<Bytes>>,
         waits: crate::retry::Waits,
@@ -1074,8 +1036,10 @@ impl Gateway {
             sign_aws(creds, &mut upstream, &body, route.rest).map_err(fail)?;
         }
         let event_id = aig.get(Gw::EventId).cloned();
+        let waits =
+            crate::retry::Waits::direct(timeout, snap.request_timeout, retries.max_attempts);
         let resp = self
-            .dispatch_direct(upstream, timeout, &retries, &provider.id)
+            .dispatch(upstream, waits, &retries, &provider.id)
             .await
             .map_err(fail)?;
         let (mut head, body) = resp.into_parts();

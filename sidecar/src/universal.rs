@@ -316,8 +316,8 @@ pub(crate) async fn serve(
         let auth = std::mem::replace(&mut step.auth, StepAuth::Ready);
         let outcome = match auth.apply(gw, &mut step).await {
             Ok(()) => {
-                gw.dispatch(step.request, step.timeout, &step.retries, &id)
-                    .await
+                let waits = retry::Waits::every_attempt(step.timeout, snap.request_timeout);
+                gw.dispatch(step.request, waits, &step.retries, &id).await
             }
             Err(e) => Err(e),
         };

@@ -5,6 +5,8 @@ requests carrying that value with STATUS (default 503), so each test counts exac
 """
 
 import email.utils
+import json
+import socket
 import time
 import uuid
 
@@ -12,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, StallingServer, gateway_yaml
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "try again"}]}
@@ -244,3 +246,47 @@ def test_request_and_lock_timeouts_are_retried_as_the_sdks_retry_them(retrying, 
     r = httpx.post(retrying.url + CHAT, json=BODY, headers=h)
     assert r.status_code == 200, r.text
     assert attempts(mock, h) == 2
+
+
+# --- the request's own config --------------------------------------------------------------------
+
+
+def test_a_reload_does_not_change_the_wait_limits_of_a_request_under_way(tmp_path):
+    # The request came under `requestTimeout: 1s`: its stream's silences are bounded by that,
+    # though the config was reloaded to 120 s before it went upstream.
+    stall = StallingServer()
+    g = Sidegate(tmp_path, gateway_yaml(stall.url, extra_spec="  requestTimeout: 1s\n"), DEFAULT_KEYS)
+    try:
+        # Over 64 KiB: the gateway takes the request (and its config) before the body is read.
+        body = json.dumps(dict(BODY, messages=[{"role": "user", "content": "x" * (100 << 10)}])).encode()
+        with socket.create_connection(("127.0.0.1", g.port), timeout=30) as s:
+            s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (len(body), body[:10]))
+            before = reload_successes(g)
+            g.config.write_text(gateway_yaml(stall.url, extra_spec="  requestTimeout: 120s\n"))
+            deadline = time.monotonic() + 10
+            while reload_successes(g) == before:
+                assert time.monotonic() < deadline, "the config was not reloaded"
+                time.sleep(0.05)
+            s.sendall(body[10:])
+            started = time.monotonic()
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except TimeoutError:
+                raise AssertionError(f"still open after 30 s: {got[:300]!r}") from None
+            took = time.monotonic() - started
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        assert took < 5, f"the stream was cut after {took:.1f} s, not the request's 1 s"
+        assert "outcome=upstream_error" in g.wait_for_log("outcome=upstream_error")
+    finally:
+        g.stop()
+        stall.stop()
+
+
+def reload_successes(g):
+    for line in g.metrics().splitlines():
+        if line.startswith('sidegate_config_reloads_total{result="success"}'):
+            return float(line.split()[-1])
+    return 0.0

@@ -45,7 +45,7 @@ use crate::headers::{
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Admission, Gateway};
-use crate::retry::Policy;
+use crate::retry::{Policy, Waits};
 use crate::route::ProviderRoute;
 use crate::routing::{Target, Walk};
 use crate::telemetry::{LogOptions, RequestRecord};
@@ -1131,7 +1131,7 @@ pub(crate) async fn answer(
     let log_id = crate::log_id::for_request();
     let event_id = aig.get(Gw::EventId).cloned();
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
-    let (resp, translation, hide_usage, within, policy, parts_held) = loop {
+    let (resp, translation, hide_usage, waits, policy, parts_held) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
         // A target that cannot be sent — no token from Google's token endpoint, or a request it
         // cannot take (a parameter its provider refuses, an endpoint it lacks) — fails as one
@@ -1183,12 +1183,12 @@ pub(crate) async fn answer(
         }
         // A route's target, or a universal step, is a fallback step: its timeout moves the
         // request on. A plain model of `/compat` itself is a direct request.
-        let outcome = if routed || universal.is_some() {
-            gw.dispatch(upstream, within, &policy, &provider.id).await
+        let waits = if routed || universal.is_some() {
+            Waits::every_attempt(within, snap.request_timeout)
         } else {
-            gw.dispatch_direct(upstream, within, &policy, &provider.id)
-                .await
+            Waits::direct(within, snap.request_timeout, policy.max_attempts)
         };
+        let outcome = gw.dispatch(upstream, waits, &policy, &provider.id).await;
         let ok = matches!(&outcome, Ok(r) if r.status().is_success());
         if !ok && let Some(next) = next_target(&mut walk, &metadata, redis_wait).await {
             let why = match &outcome {
@@ -1237,7 +1237,7 @@ pub(crate) async fn answer(
             }
             Err(err) => return Err(fail(err)),
         };
-        break (resp, translation, hide_usage, within, policy, parts_held);
+        break (resp, translation, hide_usage, waits, policy, parts_held);
     };
     let (mut head, upstream_body) = resp.into_parts();
     strip_response_headers(&mut head.headers);
@@ -1353,7 +1353,7 @@ pub(crate) async fn answer(
         fan_out(
             gw,
             std::mem::take(&mut t.more),
-            within,
+            waits,
             &policy,
             &provider.id,
             snap.max_buffered,
@@ -1479,12 +1479,12 @@ enum FanOutFailure {
 /// Most parts of a request sent in parts in flight at once.
 const FAN_OUT_CONCURRENCY: usize = 8;
 
-/// Sends the other parts of a request sent in parts (as the first: timeout, retries), a few at
-/// once, and reads their answers whole, in order. Nothing to send: nothing is done.
+/// Sends the other parts of a request sent in parts as the first went (`waits`, `policy`), a
+/// few at once, and reads their answers whole, in order. Nothing to send: nothing is done.
 async fn fan_out(
     gw: &Gateway,
     parts: Vec<Request<Full<Bytes>>>,
-    timeout: std::time::Duration,
+    waits: Waits,
     policy: &Policy,
     provider: &Arc<str>,
     max_buffered: u64,
@@ -1496,9 +1496,8 @@ async fn fan_out(
     }
     let answers = futures_util::stream::iter(parts)
         .map(|req| async move {
-            // No fallback is left for a part: waited on as a direct request.
             let resp = gw
-                .dispatch_direct(req, timeout, policy, provider)
+                .dispatch(req, waits, policy, provider)
                 .await
                 .map_err(FanOutFailure::Gateway)?;
             let (head, body) = resp.into_parts();
