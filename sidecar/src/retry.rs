@@ -1,6 +1,7 @@
 //! Retrying failed upstream attempts: connection errors, timeouts (to the first byte), answers
 //! the providers' SDKs retry ([`should_retry`]: `408`, `409`, `429`, `5xx`, unless the provider
-//! says otherwise in `x-should-retry`), before any byte went to the client. Attempts, delay and backoff come from
+//! says otherwise in `x-should-retry`), and an answer held back whole whose body broke off,
+//! before any byte went to the client. Attempts, delay and backoff come from
 //! `spec.retries`, and per request from `cf-aig-max-attempts` (at most 5), `cf-aig-retry-delay`
 //! (milliseconds, at most 5000) and `cf-aig-backoff` (`constant`, `linear`, `exponential`).
 //!

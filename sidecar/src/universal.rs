@@ -12,8 +12,9 @@
 //! `endpoint` is `chat/completions` (or Cloudflare's `chat/completion`) or `embeddings`, `query`
 //! the OpenAI-format body whose `model` is `{provider}/{model}`, `dynamic/{route}` or
 //! `fallback/{chain}`; it is served by [`crate::compat::answer`] (translation, the route's own
-//! fallbacks, retries, cache, log), and a non-2xx answer that a step follows is dropped before
-//! anything is logged, charged or stored for it, as a provider step's is.
+//! fallbacks, retries, cache, log), and a failed answer that a step follows (non-2xx, or held
+//! back to be translated and broken off or untranslatable) is dropped before anything is
+//! logged, charged or stored for it, as a provider step's is.
 //!
 //! With the cache on, each step is looked up when it is reached and its answer stored, keyed as
 //! a request to its provider would be (endpoint, body, alias or the step's own credentials, the
@@ -254,11 +255,11 @@ pub(crate) async fn serve(
                 );
                 match step.await {
                     Ok(Served::Answer(resp)) => return Ok(*resp),
-                    Ok(Served::HandedOver(status)) => {
+                    Ok(Served::HandedOver(failure)) => {
                         tracing::info!(
                             step = i,
                             provider = COMPAT,
-                            status = status.as_u16(),
+                            failure = %failure,
                             log_id = crate::log_id::current().as_deref(),
                             "universal step failed, trying the next"
                         );
@@ -317,7 +318,8 @@ pub(crate) async fn serve(
         let outcome = match auth.apply(gw, &mut step).await {
             Ok(()) => {
                 let waits = retry::Waits::every_attempt(step.timeout, snap.request_timeout);
-                gw.dispatch(step.request, waits, &step.retries, &id).await
+                let sent = gw.dispatch(step.request, waits, &step.retries, &id, proxy::head_only);
+                sent.await
             }
             Err(e) => Err(e),
         };

@@ -7,6 +7,8 @@ requests carrying that value with STATUS (default 503), so each test counts exac
 import email.utils
 import json
 import socket
+import struct
+import threading
 import time
 import uuid
 
@@ -15,6 +17,7 @@ import openai
 import pytest
 
 from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, StallingServer, gateway_yaml
+from rawhttp import Listener, read_request
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "try again"}]}
@@ -246,6 +249,219 @@ def test_request_and_lock_timeouts_are_retried_as_the_sdks_retry_them(retrying, 
     r = httpx.post(retrying.url + CHAT, json=BODY, headers=h)
     assert r.status_code == 200, r.text
     assert attempts(mock, h) == 2
+
+
+# --- /compat answers held back whole -------------------------------------------------------------
+
+
+def anthropic_message(text):
+    body = json.dumps({"id": "msg_raw", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+                       "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                       "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}).encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class ScriptedUpstream:
+    """A raw loopback upstream answering its n-th request (one per connection, each answer
+    saying `connection: close`: none is pooled and found closed on reuse) as
+    `script[min(n, len - 1)]` says: `reset` (a 200 head, 20 bytes of a 400-byte body, a TCP
+    reset), `stall` (the same, then nothing, the connection held), `garbage` (a whole 200 that is
+    no JSON: a captive portal's page), or any bytes, sent as they are. `requests` holds the
+    request bodies."""
+
+    def __init__(self, script):
+        self.script, self.requests, self.held = script, [], []
+        self.listener = Listener(self._serve)
+        self.url = self.listener.url
+
+    def _serve(self, conn, _index):
+        got = read_request(conn)
+        if got is None:
+            conn.close()
+            return
+        self.requests.append(got[1])
+        action = self.script[min(len(self.requests) - 1, len(self.script) - 1)]
+        if action in ("reset", "stall"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 400\r\n\r\n"
+                         b'{"id":"msg_1","type"')
+            if action == "stall":
+                self.held.append(conn)
+                return
+            time.sleep(0.1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif action == "garbage":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 27\r\n\r\n"
+                         b"<html>captive portal</html>")
+        else:
+            conn.sendall(action)
+        conn.close()
+
+    def stop(self):
+        self.listener.close()
+        for c in self.held:
+            c.close()
+
+
+def anthropic_gateway(tmp_path, upstream, mock_url="http://127.0.0.1:9", extra_spec=""):
+    """A gateway whose anthropic provider is `upstream`; the others are `mock_url`."""
+    yaml = gateway_yaml(mock_url, extra_spec=extra_spec)
+    yaml = yaml.replace(f"    anthropic: {{baseURL: '{mock_url}'}}\n", f"    anthropic: {{baseURL: '{upstream.url}'}}\n")
+    return Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+
+
+COMPAT_CHAT = dict(BODY, model="anthropic/claude-haiku-4-5")
+TWO_ATTEMPTS = {"cf-aig-max-attempts": "2", "cf-aig-retry-delay": "0"}
+
+
+def test_a_held_back_answer_that_stalls_is_retried(tmp_path):
+    # A body silent for the request timeout while held back whole is a failed attempt, as one
+    # broken off is: the client has had nothing yet.
+    up = ScriptedUpstream(["stall", anthropic_message("after the stall")])
+    g = anthropic_gateway(tmp_path, up, extra_spec="  requestTimeout: 1s\n")
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions", json=COMPAT_CHAT, headers=TWO_ATTEMPTS, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "after the stall"
+        assert len(up.requests) == 2
+        assert "no data for 1000 ms" in g.wait_for_log("retrying upstream")
+    finally:
+        g.stop()
+        up.stop()
+
+
+def test_a_held_back_answer_broken_on_every_attempt_is_a_502_logged_as_not_delivered(tmp_path):
+    up = ScriptedUpstream(["reset"])
+    g = anthropic_gateway(tmp_path, up)
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions", json=COMPAT_CHAT, headers=TWO_ATTEMPTS, timeout=30)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104), r.text
+        assert len(up.requests) == 2
+        line = g.wait_log_line(r.headers["cf-aig-log-id"])
+        assert "status_code=502" in line and "outcome=upstream_error" in line, line
+        logs = g.logs()
+        assert logs.count("retrying upstream") == 1 and "response not delivered" in logs
+    finally:
+        g.stop()
+        up.stop()
+
+
+def test_an_answer_that_cannot_be_translated_is_not_asked_for_again(tmp_path):
+    # The provider answered whole: the same request would get the same answer, billed again.
+    up = ScriptedUpstream(["garbage", anthropic_message("never asked")])
+    g = anthropic_gateway(tmp_path, up)
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions", json=COMPAT_CHAT, timeout=30,
+                       headers={"cf-aig-max-attempts": "3", "cf-aig-retry-delay": "0"})
+        assert r.status_code == 502, r.text
+        assert r.json()["error"][0]["code"] == 2104 and "could not be translated" in r.text, r.text
+        assert len(up.requests) == 1
+    finally:
+        g.stop()
+        up.stop()
+
+
+def test_an_answer_that_cannot_be_translated_falls_back(mock, tmp_path):
+    # A fallback stands in for a target whose answer cannot reach the client.
+    up = ScriptedUpstream(["garbage"])
+    spec = ("  fallbacks:\n    - name: chain\n      targets:\n"
+            "        - {provider: anthropic, model: claude-haiku-4-5}\n"
+            "        - {provider: openai, model: gpt-4o-mini}\n")
+    g = anthropic_gateway(tmp_path, up, mock.url, extra_spec=spec)
+    try:
+        mock.clear()
+        r = httpx.post(g.url + "/compat/chat/completions", json=dict(BODY, model="fallback/chain"), timeout=30)
+        assert (r.status_code, r.headers.get("cf-aig-step")) == (200, "1"), r.text
+        assert r.json()["choices"][0]["message"]["content"] == "mock reply to: try again"
+        assert len(up.requests) == 1 and len(mock.requests()) == 1
+        assert "could not be translated" in g.wait_for_log("route target failed, trying the next")
+    finally:
+        g.stop()
+        up.stop()
+
+
+def titan_answer(text):
+    body = json.dumps({"embedding": [float(len(text)), 0.5], "inputTextTokenCount": 1}).encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class TitanUpstream:
+    """A raw Bedrock InvokeModel upstream for Titan embeddings (one text per request): the text
+    `fail` is answered as `how` says (`reset`, or bytes) its first `times` times; the rest get
+    a vector `[len(text), 0.5]`. `texts` lists the texts asked for, in order."""
+
+    def __init__(self, fail, how, times):
+        self.fail, self.how, self.times, self.texts = fail, how, times, []
+        self.lock = threading.Lock()
+        self.listener = Listener(self._serve)
+        self.url = self.listener.url
+
+    def _serve(self, conn, _index):
+        got = read_request(conn)
+        if got is None:
+            conn.close()
+            return
+        text = json.loads(got[1])["inputText"]
+        with self.lock:
+            self.texts.append(text)
+            failing = text == self.fail and self.texts.count(text) <= self.times
+        if failing and self.how == "reset":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 400\r\n\r\n{\"emb")
+            time.sleep(0.1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            conn.sendall(self.how if failing else titan_answer(text))
+        conn.close()
+
+    def stop(self):
+        self.listener.close()
+
+
+TITAN = "aws-bedrock/us-east-1/amazon.titan-embed-text-v2:0"
+BEDROCK_KEYS = dict(DEFAULT_KEYS, **{"aws-bedrock.default": json.dumps(
+    {"accessKeyId": "AKIDMOCK", "secretAccessKey": "mock-secret", "region": "us-east-1"})})
+
+
+def bedrock_gateway(tmp_path, upstream, mock_url="http://127.0.0.1:9", extra_spec=""):
+    spec = f"    aws-bedrock: {{baseURL: '{upstream.url}'}}\n" + extra_spec
+    return Sidegate(tmp_path, gateway_yaml(mock_url, extra_spec=spec), BEDROCK_KEYS)
+
+
+def test_a_part_of_a_request_sent_in_parts_whose_answer_broke_off_is_retried(tmp_path):
+    up = TitanUpstream("bb", "reset", times=1)
+    g = bedrock_gateway(tmp_path, up)
+    try:
+        r = httpx.post(g.url + "/compat/embeddings", json={"model": TITAN, "input": ["a", "bb", "ccc"]},
+                       headers=TWO_ATTEMPTS, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [d["embedding"][0] for d in r.json()["data"]] == [1.0, 2.0, 3.0]
+        assert sorted(up.texts) == ["a", "bb", "bb", "ccc"]
+    finally:
+        g.stop()
+        up.stop()
+
+
+def test_a_request_sent_in_parts_whose_part_fails_falls_back_whole(mock, tmp_path):
+    # The next target gets every text: an answer never joins two models' vectors.
+    refused = b'{"message": "too many tokens"}'
+    up = TitanUpstream("bb", b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"x-amzn-errortype: ValidationException\r\ncontent-length: %d\r\n\r\n%s"
+                       % (len(refused), refused), times=99)
+    spec = ("  fallbacks:\n    - name: vectors\n      targets:\n"
+            "        - {provider: aws-bedrock, model: 'us-east-1/amazon.titan-embed-text-v2:0'}\n"
+            "        - {provider: openai, model: text-embedding-3-small}\n")
+    g = bedrock_gateway(tmp_path, up, mock.url, extra_spec=spec)
+    try:
+        mock.clear()
+        r = httpx.post(g.url + "/compat/embeddings", json={"model": "fallback/vectors", "input": ["a", "bb", "ccc"]},
+                       timeout=30)
+        assert (r.status_code, r.headers.get("cf-aig-step")) == (200, "1"), r.text
+        assert len(r.json()["data"]) == 3
+        (sent,) = mock.requests()
+        assert json.loads(sent["body"])["input"] == ["a", "bb", "ccc"]
+        assert "a part of the request: status 400" in g.wait_for_log("route target failed, trying the next")
+    finally:
+        g.stop()
+        up.stop()
 
 
 # --- the request's own config --------------------------------------------------------------------
