@@ -201,64 +201,41 @@ impl Gateway {
         })
     }
 
-    /// Sends a fallback step upstream (a universal-endpoint step): every attempt's response
-    /// head within `timeout`, the last one's too, so that a slow provider moves the request on
-    /// to the next step; see [`Gateway::dispatch_with`].
-    pub(crate) async fn dispatch(
-        &self,
-        req: Request<Full<Bytes>>,
-        timeout: Duration,
-        retries: &crate::retry::Policy,
-        provider: &Arc<str>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let waits = crate::retry::Waits::every_attempt(timeout, self.own_request_timeout());
-        self.dispatch_with(req, waits, retries, provider).await
-    }
-
-    /// Sends a direct request upstream (passthrough, `/compat` to one model): each attempt's
-    /// response head within `timeout`, but the last of several waits for it as Cloudflare's
-    /// does (see [`crate::retry::Waits::direct`]); see [`Gateway::dispatch_with`].
-    pub(crate) async fn dispatch_direct(
-        &self,
-        req: Request<Full<Bytes>>,
-        timeout: Duration,
-        retries: &crate::retry::Policy,
-        provider: &Arc<str>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
-        let own = self.own_request_timeout();
-        let waits = crate::retry::Waits::direct(timeout, own, retries.max_attempts);
-        self.dispatch_with(req, waits, retries, provider).await
-    }
-
-    /// The gateway's own bound on upstreams, `spec.requestTimeout` of the config now serving:
-    /// what bounds the silences of a streamed body, whatever timeout a client asked for.
-    fn own_request_timeout(&self) -> Duration {
-        self.snapshot
-            .load()
-            .as_ref()
-            .map_or(crate::config::DEFAULT_REQUEST_TIMEOUT, |s| {
-                s.request_timeout
-            })
-    }
-
-    /// Sends a request upstream within `waits`, and retries failed attempts (connection errors,
-    /// timeouts to the first byte, `429`, `5xx`) as `retries` says. The last attempt's answer,
-    /// whatever its status, is the response.
-    async fn dispatch_with(
+    /// Sends a request upstream within `waits` ([`crate::retry::Waits::direct`] for a direct
+    /// request, [`crate::retry::Waits::every_attempt`] for a fallback step, each with the
+    /// request's own config), and retries failed attempts as `retries` says: connection errors,
+    /// timeouts to the first byte, the answers [`crate::retry::should_retry`] retries, and those
+    /// whose body broke off before `read` had all it waits for of them (an answer held back
+    /// whole). `read` reads each answer not retried for its head ([`head_only`] for one whose
+    /// body streams on). The last attempt's answer, whatever its status, whole or not, is the
+    /// response.
+    pub(crate) async fn dispatch<A, R, F>(
         &self,
         req: Request<Full<Bytes>>,
         waits: crate::retry::Waits,
         retries: &crate::retry::Policy,
         provider: &Arc<str>,
-    ) -> Result<Response<UpstreamBody>, GatewayError> {
+        read: R,
+    ) -> Result<A, GatewayError>
+    where
+        R: Fn(Response<UpstreamBody>) -> F,
+        F: Future<Output = Read<A>>,
+    {
         let mut attempt = 1;
         while attempt < retries.max_attempts {
             let sent = self.attempt(clone_request(&req), waits.head, waits.silence);
             let (failure, asked) = match sent.await {
-                Ok(resp) if !crate::retry::retryable_status(resp.status()) => return Ok(resp),
+                Ok(resp) if !crate::retry::should_retry(resp.status(), resp.headers()) => {
+                    match read(resp).await {
+                        Read::Answered(answer) => return Ok(answer),
+                        Read::BrokeOff(_, why) => (why, None),
+                    }
+                }
                 Ok(resp) => match crate::retry::retry_after(resp.headers()) {
                     // Longer than the gateway waits: the provider's answer is the response.
-                    Some(asked) if asked > waits.retry_after => return Ok(resp),
+                    Some(asked) if asked > waits.retry_after => {
+                        return Ok(read(resp).await.into_answer());
+                    }
                     asked => (format!("status {}", resp.status().as_u16()), asked),
                 },
                 Err(e) => (e.to_string(), None),
@@ -270,7 +247,8 @@ impl Gateway {
             tokio::time::sleep(wait).await;
             attempt += 1;
         }
-        self.attempt(req, waits.last_head, waits.silence).await
+        let resp = self.attempt(req, waits.last_head, waits.silence).await?;
+        Ok(read(resp).await.into_answer())
     }
 
     /// One upstream attempt: the response head within `head`, and no silence of more than
@@ -1078,8 +1056,10 @@ impl Gateway {
             sign_aws(creds, &mut upstream, &body, route.rest).map_err(fail)?;
         }
         let event_id = aig.get(Gw::EventId).cloned();
+        let waits =
+            crate::retry::Waits::direct(timeout, snap.request_timeout, retries.max_attempts);
         let resp = self
-            .dispatch_direct(upstream, timeout, &retries, &provider.id)
+            .dispatch(upstream, waits, &retries, &provider.id, head_only)
             .await
             .map_err(fail)?;
         let (mut head, body) = resp.into_parts();
@@ -1208,6 +1188,32 @@ impl Gateway {
         }
         fill
     }
+}
+
+/// An upstream answer as an attempt read it (see [`Gateway::dispatch`]).
+pub(crate) enum Read<A> {
+    /// All that the attempt waits for of the answer came.
+    Answered(A),
+    /// The answer broke off before all that the attempt waits for came (why): a failed attempt,
+    /// retried as one; the last attempt's is the answer all the same.
+    BrokeOff(A, String),
+}
+
+impl<A> Read<A> {
+    /// The answer, whole or not.
+    pub(crate) fn into_answer(self) -> A {
+        match self {
+            Self::Answered(a) | Self::BrokeOff(a, _) => a,
+        }
+    }
+}
+
+/// Reads no more of an upstream answer than its head (see [`Gateway::dispatch`]): its body
+/// streams on to the client, where a break can no longer be retried.
+pub(crate) fn head_only(
+    resp: Response<UpstreamBody>,
+) -> std::future::Ready<Read<Response<UpstreamBody>>> {
+    std::future::ready(Read::Answered(resp))
 }
 
 /// The body of an upstream answer on its way to the client: its usage chunk held out when the
@@ -1420,6 +1426,7 @@ impl Drop for Unanswered<'_> {
                 ..LogOptions::default()
             });
         let (provider, path) = refused_route(self.snap, self.parts.uri.path());
+        let provider = provider.or_else(|| self.seen.provider().cloned());
         let mut record = RequestRecord::new(
             self.gw.metrics.clone(),
             provider.unwrap_or_else(|| Arc::from("none")),

@@ -1,5 +1,7 @@
-//! Retrying failed upstream attempts: connection errors, timeouts (to the first byte), `429` and
-//! `5xx` answers, before any byte went to the client. Attempts, delay and backoff come from
+//! Retrying failed upstream attempts: connection errors, timeouts (to the first byte), answers
+//! the providers' SDKs retry ([`should_retry`]: `408`, `409`, `429`, `5xx`, unless the provider
+//! says otherwise in `x-should-retry`), and an answer held back whole whose body broke off,
+//! before any byte went to the client. Attempts, delay and backoff come from
 //! `spec.retries`, and per request from `cf-aig-max-attempts` (at most 5), `cf-aig-retry-delay`
 //! (milliseconds, at most 5000) and `cf-aig-backoff` (`constant`, `linear`, `exponential`).
 //!
@@ -7,7 +9,7 @@
 //! and a direct request's last attempt of several waits as Cloudflare's does, "until the request
 //! completes" (within the gateway's own `spec.requestTimeout`).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 use sidegate_crds::policy::{Backoff, Retries};
@@ -110,27 +112,47 @@ impl Policy {
 }
 
 /// The longest wait a provider's `Retry-After` may ask for that the gateway waits out before its
-/// next attempt (as the OpenAI SDK does); asked for longer, the provider's answer goes to the
-/// client at once, its `Retry-After` with it.
+/// next attempt; asked for longer, the provider's answer goes to the client at once, its
+/// `Retry-After` with it (as the OpenAI and Anthropic SDKs give up on a wait past their bound).
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
 
-/// How long a provider's answer asks to be left alone: `retry-after-ms` (OpenAI, Azure OpenAI),
-/// else `retry-after` in seconds (an HTTP date there is not read).
+/// How long a provider's answer asks to be left alone, read as the OpenAI and Anthropic SDKs
+/// read it: `retry-after-ms` (OpenAI, Azure OpenAI: milliseconds), else `Retry-After` in
+/// seconds (a decimal one too), else `Retry-After` as an HTTP date (RFC 9110 §10.2.3), counted
+/// from now. A wait too long to hold is `Duration::MAX`: longer than any the gateway waits out.
+/// A date passed already, or a value that is no wait, asks for none.
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    retry_after_at(headers, SystemTime::now())
+}
+
+fn retry_after_at(headers: &http::HeaderMap, now: SystemTime) -> Option<Duration> {
     let text = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    if let Some(ms) = text("retry-after-ms").and_then(|s| s.parse::<f64>().ok())
-        && let Ok(d) = Duration::try_from_secs_f64(ms / 1000.0)
-    {
-        return Some(d);
+    if let Some(ms) = text("retry-after-ms").and_then(|ms| wait(ms, 1000.0)) {
+        return Some(ms);
     }
-    text("retry-after")
-        .and_then(|s| s.parse::<u64>().ok())
-        .map(Duration::from_secs)
+    let value = text("retry-after")?;
+    if let Some(s) = wait(value, 1.0) {
+        return Some(s);
+    }
+    httpdate::parse_http_date(value)
+        .ok()?
+        .duration_since(now)
+        .ok()
+}
+
+/// A number of `per_second` units (1000: milliseconds) as a wait: finite and not negative; one
+/// too long to hold is `Duration::MAX`.
+fn wait(s: &str, per_second: f64) -> Option<Duration> {
+    let n = s
+        .parse::<f64>()
+        .ok()
+        .filter(|n| n.is_finite() && *n >= 0.0)?;
+    Some(Duration::try_from_secs_f64(n / per_second).unwrap_or(Duration::MAX))
 }
 
 /// How long an upstream may take in each attempt of one request.
@@ -205,24 +227,41 @@ fn number(v: &http::HeaderValue) -> Option<u64> {
     v.to_str().ok()?.trim().parse().ok()
 }
 
-/// Whether an upstream answer with this status is worth another attempt.
+/// Whether an upstream answer is worth another attempt, as the OpenAI and Anthropic SDKs judge
+/// it: an error answer whose provider says so in `x-should-retry` (`true` or `false`, which
+/// OpenAI and Anthropic send) is, or is not; else [`retryable_status`].
+pub fn should_retry(status: StatusCode, headers: &http::HeaderMap) -> bool {
+    let said = headers
+        .get("x-should-retry")
+        .map(|v| v.as_bytes().trim_ascii());
+    match said {
+        Some(v) if status.as_u16() >= 400 && v.eq_ignore_ascii_case(b"true") => true,
+        Some(v) if v.eq_ignore_ascii_case(b"false") => false,
+        _ => retryable_status(status),
+    }
+}
+
+/// Whether an upstream answer with this status is worth another attempt: `408` (the request
+/// timed out), `409` (a lock timed out), `429` and `5xx`, the statuses the providers' SDKs retry.
 pub fn retryable_status(s: StatusCode) -> bool {
-    s == StatusCode::TOO_MANY_REQUESTS || s.is_server_error()
+    matches!(s.as_u16(), 408 | 409 | 429) || s.is_server_error()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn headers(pairs: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut m = http::HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, http::HeaderValue::from_static(v));
+        }
+        m
+    }
+
     #[test]
     fn retry_after_is_read_in_milliseconds_or_seconds() {
-        let h = |pairs: &[(&'static str, &'static str)]| {
-            let mut m = http::HeaderMap::new();
-            for (k, v) in pairs {
-                m.insert(*k, http::HeaderValue::from_static(v));
-            }
-            retry_after(&m)
-        };
+        let h = |pairs: &[(&'static str, &'static str)]| retry_after(&headers(pairs));
         assert_eq!(h(&[("retry-after", "3")]), Some(Duration::from_secs(3)));
         assert_eq!(
             h(&[("retry-after-ms", "250.5"), ("retry-after", "3")]),
@@ -232,10 +271,56 @@ mod tests {
             h(&[("retry-after-ms", "-1"), ("retry-after", "2")]),
             Some(Duration::from_secs(2))
         );
-        assert_eq!(h(&[("retry-after-ms", "1e300")]), None);
-        assert_eq!(h(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]), None);
+        // Decimal seconds, as the SDKs read them.
+        assert_eq!(
+            h(&[("retry-after", " 1.5 ")]),
+            Some(Duration::from_millis(1500))
+        );
+        // Too long to hold is longer than any wait: the answer goes to the client.
+        assert_eq!(h(&[("retry-after-ms", "1e300")]), Some(Duration::MAX));
+        assert_eq!(h(&[("retry-after", "1e300")]), Some(Duration::MAX));
+        for no_wait in ["-3", "NaN", "inf", "soon", ""] {
+            assert_eq!(h(&[("retry-after", no_wait)]), None, "{no_wait}");
+        }
         assert_eq!(h(&[]), None);
     }
+
+    #[test]
+    fn retry_after_is_read_as_an_http_date_from_now() {
+        let m = headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]);
+        let at = |s| httpdate::parse_http_date(s).expect("date");
+        assert_eq!(
+            retry_after_at(&m, at("Wed, 21 Oct 2015 07:26:00 GMT")),
+            Some(Duration::from_secs(120))
+        );
+        // The two obsolete forms RFC 9110 still has recipients read.
+        for obsolete in [
+            "Wednesday, 21-Oct-15 07:28:00 GMT",
+            "Wed Oct 21 07:28:00 2015",
+        ] {
+            let m = headers(&[("retry-after", obsolete)]);
+            assert_eq!(
+                retry_after_at(&m, at("Wed, 21 Oct 2015 07:27:30 GMT")),
+                Some(Duration::from_secs(30)),
+                "{obsolete}"
+            );
+        }
+        // A date passed asks for no wait.
+        assert_eq!(
+            retry_after_at(&m, at("Wed, 21 Oct 2015 07:28:01 GMT")),
+            None
+        );
+        // Seconds are read before a date.
+        let both = headers(&[
+            ("retry-after-ms", "10"),
+            ("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"),
+        ]);
+        assert_eq!(
+            retry_after_at(&both, at("Wed, 21 Oct 2015 07:26:00 GMT")),
+            Some(Duration::from_millis(10))
+        );
+    }
+
     use http::HeaderValue;
 
     #[test]
@@ -325,13 +410,30 @@ mod tests {
     }
 
     #[test]
-    fn only_429_and_5xx_are_retried() {
-        for s in [429, 500, 502, 503, 504, 529] {
+    fn the_statuses_the_sdks_retry_are_retried() {
+        for s in [408, 409, 429, 500, 502, 503, 504, 529] {
             assert!(retryable_status(StatusCode::from_u16(s).expect("status")));
         }
-        for s in [200, 400, 401, 404, 413] {
+        for s in [200, 400, 401, 404, 413, 422] {
             assert!(!retryable_status(StatusCode::from_u16(s).expect("status")));
         }
+    }
+
+    #[test]
+    fn the_providers_x_should_retry_is_obeyed_on_error_answers() {
+        let status = |s| StatusCode::from_u16(s).expect("status");
+        let said = |v| headers(&[("x-should-retry", v)]);
+        assert!(!should_retry(status(503), &said("false")));
+        assert!(!should_retry(status(429), &said(" False ")));
+        assert!(should_retry(status(400), &said("true")));
+        assert!(should_retry(status(404), &said("TRUE")));
+        // Not an error: nothing to retry, whatever the header says.
+        assert!(!should_retry(status(200), &said("true")));
+        // Anything else is no word: the status decides.
+        assert!(should_retry(status(503), &said("maybe")));
+        assert!(!should_retry(status(400), &said("1")));
+        assert!(should_retry(status(503), &headers(&[])));
+        assert!(!should_retry(status(400), &headers(&[])));
     }
 
     #[test]

@@ -767,14 +767,16 @@ impl Answered {
 
 /// What the serving of a request learned that its refusal's or cancellation's log line tells
 /// when no [`RequestRecord`] does: whether one was made (from then on the record tells of the
-/// request, see `proxy::Unanswered`), the model the request names once its body is read, and
+/// request, see `proxy::Unanswered`), the model the request names once its body is read,
 /// whether the response cache was on for it when it was looked up (a refusal after that says
-/// `cf-aig-cache-status: MISS`, as an answer would).
+/// `cf-aig-cache-status: MISS`, as an answer would), and the provider a `/compat` request goes
+/// to first (its path names none).
 #[derive(Debug, Default)]
 pub struct Seen {
     recorded: std::sync::atomic::AtomicBool,
     model: std::sync::OnceLock<crate::cost::ModelName>,
     cache_on: std::sync::atomic::AtomicBool,
+    provider: std::sync::OnceLock<std::sync::Arc<str>>,
 }
 
 impl Seen {
@@ -796,6 +798,11 @@ impl Seen {
     /// [`Seen::model`] as read.
     pub fn model_name(&self) -> Option<&crate::cost::ModelName> {
         self.model.get()
+    }
+
+    /// The provider the request goes to first, when its path does not name it.
+    pub fn provider(&self) -> Option<&std::sync::Arc<str>> {
+        self.provider.get()
     }
 }
 
@@ -835,6 +842,13 @@ impl<'a> Recorded<'a> {
     pub fn model(self, model: Option<&crate::cost::ModelName>) {
         if let (Some(seen), Some(model)) = (self.0, model) {
             let _ = seen.model.set(model.clone());
+        }
+    }
+
+    /// The request goes to `provider` first (the first one told stays, as the model does).
+    pub fn provider(self, provider: &std::sync::Arc<str>) {
+        if let Some(seen) = self.0 {
+            let _ = seen.provider.set(provider.clone());
         }
     }
 }

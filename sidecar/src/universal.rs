@@ -12,8 +12,9 @@
 //! `endpoint` is `chat/completions` (or Cloudflare's `chat/completion`) or `embeddings`, `query`
 //! the OpenAI-format body whose `model` is `{provider}/{model}`, `dynamic/{route}` or
 //! `fallback/{chain}`; it is served by [`crate::compat::answer`] (translation, the route's own
-//! fallbacks, retries, cache, log), and a non-2xx answer that a step follows is dropped before
-//! anything is logged, charged or stored for it, as a provider step's is.
+//! fallbacks, retries, cache, log), and a failed answer that a step follows (non-2xx, or held
+//! back to be translated and broken off or untranslatable) is dropped before anything is
+//! logged, charged or stored for it, as a provider step's is.
 //!
 //! With the cache on, each step is looked up when it is reached and its answer stored, keyed as
 //! a request to its provider would be (endpoint, body, alias or the step's own credentials, the
@@ -256,11 +257,11 @@ pub(crate) async fn serve(
                 );
                 match step.await {
                     Ok(Served::Answer(resp)) => return Ok(*resp),
-                    Ok(Served::HandedOver(status)) => {
+                    Ok(Served::HandedOver(failure)) => {
                         tracing::info!(
                             step = i,
                             provider = COMPAT,
-                            status = status.as_u16(),
+                            failure = %failure,
                             log_id = crate::log_id::current().as_deref(),
                             "universal step failed, trying the next"
                         );
@@ -322,8 +323,9 @@ pub(crate) async fn serve(
         let auth = std::mem::replace(&mut step.auth, StepAuth::Ready);
         let outcome = match auth.apply(gw, &mut step).await {
             Ok(()) => {
-                gw.dispatch(step.request, step.timeout, &step.retries, &id)
-                    .await
+                let waits = retry::Waits::every_attempt(step.timeout, snap.request_timeout);
+                let sent = gw.dispatch(step.request, waits, &step.retries, &id, proxy::head_only);
+                sent.await
             }
             Err(e) => Err(e),
         };

@@ -4,6 +4,11 @@ The mock provider fails on demand: `x-mock-fail-first: N;ID[;STATUS]` answers th
 requests carrying that value with STATUS (default 503), so each test counts exact attempts.
 """
 
+import email.utils
+import json
+import socket
+import struct
+import threading
 import time
 import uuid
 
@@ -11,7 +16,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, gateway_yaml
+from conftest import DEFAULT_KEYS, FixedAnswerServer, Sidegate, StallingServer, gateway_yaml
+from rawhttp import Listener, read_request
 
 CHAT = "/openai/chat/completions"
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "try again"}]}
@@ -195,3 +201,308 @@ def test_bad_retry_headers_are_400_2100(gateway, mock, header, value):
     err = r.json()["error"][0]
     assert err["code"] == 2100 and header in err["message"]
     assert mock.requests() == []
+
+
+# --- what the provider's answer says -------------------------------------------------------------
+
+
+def custom_gateway(tmp_path, server, extra_spec=""):
+    """A gateway whose `custom-ra` provider is `server` (an OpenAI-format upstream)."""
+    yaml = gateway_yaml("http://127.0.0.1:9", extra_spec=extra_spec).replace(
+        "  providers:\n", f"  providers:\n    custom-ra: {{baseURL: '{server.url}/v1'}}\n", 1)
+    return Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+
+
+@pytest.mark.parametrize("form", ["decimal seconds", "HTTP date"])
+def test_a_retry_after_in_decimal_seconds_or_as_a_date_is_waited_out(tmp_path, form):
+    # As the OpenAI and Anthropic SDKs read it (RFC 9110 §10.2.3 for the date).
+    value = "1.5" if form == "decimal seconds" else email.utils.formatdate(time.time() + 2.5, usegmt=True)
+    server, g = retry_after_gateway(tmp_path, value)
+    try:
+        started = time.monotonic()
+        r = httpx.post(g.url + "/custom-ra/chat/completions", json=BODY, timeout=30)
+        took = time.monotonic() - started
+        assert (r.status_code, r.json()["id"]) == (200, "ok"), r.text
+        assert took >= 1.4, f"retried after {took:.2f} s, not the 1.5 s or more the provider asked for"
+    finally:
+        g.stop()
+        server.stop()
+
+
+def test_x_should_retry_true_retries_an_answer_not_retried_for_its_status(tmp_path):
+    server = FixedAnswerServer(b'{"error": {"message": "try me again"}}', status=400,
+                               then=[(200, b'{"id": "again", "choices": []}')], headers=[("x-should-retry", "true")])
+    g = custom_gateway(tmp_path, server)
+    try:
+        r = httpx.post(g.url + "/custom-ra/chat/completions", json=BODY, timeout=30,
+                       headers={"cf-aig-max-attempts": "2", "cf-aig-retry-delay": "0"})
+        assert (r.status_code, r.json()["id"]) == (200, "again"), r.text
+        assert "retrying upstream" in g.logs()
+    finally:
+        g.stop()
+        server.stop()
+
+
+@pytest.mark.parametrize("status", [408, 409])
+def test_request_and_lock_timeouts_are_retried_as_the_sdks_retry_them(retrying, mock, status):
+    h = fail_first(1, status)
+    r = httpx.post(retrying.url + CHAT, json=BODY, headers=h)
+    assert r.status_code == 200, r.text
+    assert attempts(mock, h) == 2
+
+
+# --- /compat answers held back whole -------------------------------------------------------------
+
+
+def anthropic_message(text):
+    body = json.dumps({"id": "msg_raw", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+                       "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                       "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 2}}).encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class ScriptedUpstream:
+    """A raw loopback upstream answering its n-th request (one per connection, each answer
+    saying `connection: close`: none is pooled and found closed on reuse) as
+    `script[min(n, len - 1)]` says: `reset` (a 200 head, 20 bytes of a 400-byte body, a TCP
+    reset), `stall` (the same, then nothing, the connection held), `garbage` (a whole 200 that is
+    no JSON: a captive portal's page), or any bytes, sent as they are. `requests` holds the
+    request bodies."""
+
+    def __init__(self, script):
+        self.script, self.requests, self.held = script, [], []
+        self.listener = Listener(self._serve)
+        self.url = self.listener.url
+
+    def _serve(self, conn, _index):
+        got = read_request(conn)
+        if got is None:
+            conn.close()
+            return
+        self.requests.append(got[1])
+        action = self.script[min(len(self.requests) - 1, len(self.script) - 1)]
+        if action in ("reset", "stall"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 400\r\n\r\n"
+                         b'{"id":"msg_1","type"')
+            if action == "stall":
+                self.held.append(conn)
+                return
+            time.sleep(0.1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif action == "garbage":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 27\r\n\r\n"
+                         b"<html>captive portal</html>")
+        else:
+            conn.sendall(action)
+        conn.close()
+
+    def stop(self):
+        self.listener.close()
+        for c in self.held:
+            c.close()
+
+
+def anthropic_gateway(tmp_path, upstream, mock_url="http://127.0.0.1:9", extra_spec=""):
+    """A gateway whose anthropic provider is `upstream`; the others are `mock_url`."""
+    yaml = gateway_yaml(mock_url, extra_spec=extra_spec)
+    yaml = yaml.replace(f"    anthropic: {{baseURL: '{mock_url}'}}\n", f"    anthropic: {{baseURL: '{upstream.url}'}}\n")
+    return Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+
+
+COMPAT_CHAT = dict(BODY, model="anthropic/claude-haiku-4-5")
+TWO_ATTEMPTS = {"cf-aig-max-attempts": "2", "cf-aig-retry-delay": "0"}
+
+
+def test_a_held_back_answer_that_stalls_is_retried(tmp_path):
+    # A body silent for the request timeout while held back whole is a failed attempt, as one
+    # broken off is: the client has had nothing yet.
+    up = ScriptedUpstream(["stall", anthropic_message("after the stall")])
+    g = anthropic_gateway(tmp_path, up, extra_spec="  requestTimeout: 1s\n")
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions", json=COMPAT_CHAT, headers=TWO_ATTEMPTS, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "after the stall"
+        assert len(up.requests) == 2
+        assert "no data for 1000 ms" in g.wait_for_log("retrying upstream")
+    finally:
+        g.stop()
+        up.stop()
+
+
+def test_a_held_back_answer_broken_on_every_attempt_is_a_502_logged_as_not_delivered(tmp_path):
+    up = ScriptedUpstream(["reset"])
+    g = anthropic_gateway(tmp_path, up)
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions", json=COMPAT_CHAT, headers=TWO_ATTEMPTS, timeout=30)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104), r.text
+        assert len(up.requests) == 2
+        line = g.wait_log_line(r.headers["cf-aig-log-id"])
+        assert "status_code=502" in line and "outcome=upstream_error" in line, line
+        logs = g.logs()
+        assert logs.count("retrying upstream") == 1 and "response not delivered" in logs
+    finally:
+        g.stop()
+        up.stop()
+
+
+def test_an_answer_that_cannot_be_translated_is_not_asked_for_again(tmp_path):
+    # The provider answered whole: the same request would get the same answer, billed again.
+    up = ScriptedUpstream(["garbage", anthropic_message("never asked")])
+    g = anthropic_gateway(tmp_path, up)
+    try:
+        r = httpx.post(g.url + "/compat/chat/completions", json=COMPAT_CHAT, timeout=30,
+                       headers={"cf-aig-max-attempts": "3", "cf-aig-retry-delay": "0"})
+        assert r.status_code == 502, r.text
+        assert r.json()["error"][0]["code"] == 2104 and "could not be translated" in r.text, r.text
+        assert len(up.requests) == 1
+    finally:
+        g.stop()
+        up.stop()
+
+
+def test_an_answer_that_cannot_be_translated_falls_back(mock, tmp_path):
+    # A fallback stands in for a target whose answer cannot reach the client.
+    up = ScriptedUpstream(["garbage"])
+    spec = ("  fallbacks:\n    - name: chain\n      targets:\n"
+            "        - {provider: anthropic, model: claude-haiku-4-5}\n"
+            "        - {provider: openai, model: gpt-4o-mini}\n")
+    g = anthropic_gateway(tmp_path, up, mock.url, extra_spec=spec)
+    try:
+        mock.clear()
+        r = httpx.post(g.url + "/compat/chat/completions", json=dict(BODY, model="fallback/chain"), timeout=30)
+        assert (r.status_code, r.headers.get("cf-aig-step")) == (200, "1"), r.text
+        assert r.json()["choices"][0]["message"]["content"] == "mock reply to: try again"
+        assert len(up.requests) == 1 and len(mock.requests()) == 1
+        assert "could not be translated" in g.wait_for_log("route target failed, trying the next")
+    finally:
+        g.stop()
+        up.stop()
+
+
+def titan_answer(text):
+    body = json.dumps({"embedding": [float(len(text)), 0.5], "inputTextTokenCount": 1}).encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+class TitanUpstream:
+    """A raw Bedrock InvokeModel upstream for Titan embeddings (one text per request): the text
+    `fail` is answered as `how` says (`reset`, or bytes) its first `times` times; the rest get
+    a vector `[len(text), 0.5]`. `texts` lists the texts asked for, in order."""
+
+    def __init__(self, fail, how, times):
+        self.fail, self.how, self.times, self.texts = fail, how, times, []
+        self.lock = threading.Lock()
+        self.listener = Listener(self._serve)
+        self.url = self.listener.url
+
+    def _serve(self, conn, _index):
+        got = read_request(conn)
+        if got is None:
+            conn.close()
+            return
+        text = json.loads(got[1])["inputText"]
+        with self.lock:
+            self.texts.append(text)
+            failing = text == self.fail and self.texts.count(text) <= self.times
+        if failing and self.how == "reset":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 400\r\n\r\n{\"emb")
+            time.sleep(0.1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            conn.sendall(self.how if failing else titan_answer(text))
+        conn.close()
+
+    def stop(self):
+        self.listener.close()
+
+
+TITAN = "aws-bedrock/us-east-1/amazon.titan-embed-text-v2:0"
+BEDROCK_KEYS = dict(DEFAULT_KEYS, **{"aws-bedrock.default": json.dumps(
+    {"accessKeyId": "AKIDMOCK", "secretAccessKey": "mock-secret", "region": "us-east-1"})})
+
+
+def bedrock_gateway(tmp_path, upstream, mock_url="http://127.0.0.1:9", extra_spec=""):
+    spec = f"    aws-bedrock: {{baseURL: '{upstream.url}'}}\n" + extra_spec
+    return Sidegate(tmp_path, gateway_yaml(mock_url, extra_spec=spec), BEDROCK_KEYS)
+
+
+def test_a_part_of_a_request_sent_in_parts_whose_answer_broke_off_is_retried(tmp_path):
+    up = TitanUpstream("bb", "reset", times=1)
+    g = bedrock_gateway(tmp_path, up)
+    try:
+        r = httpx.post(g.url + "/compat/embeddings", json={"model": TITAN, "input": ["a", "bb", "ccc"]},
+                       headers=TWO_ATTEMPTS, timeout=30)
+        assert r.status_code == 200, r.text
+        assert [d["embedding"][0] for d in r.json()["data"]] == [1.0, 2.0, 3.0]
+        assert sorted(up.texts) == ["a", "bb", "bb", "ccc"]
+    finally:
+        g.stop()
+        up.stop()
+
+
+def test_a_request_sent_in_parts_whose_part_fails_falls_back_whole(mock, tmp_path):
+    # The next target gets every text: an answer never joins two models' vectors.
+    refused = b'{"message": "too many tokens"}'
+    up = TitanUpstream("bb", b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"x-amzn-errortype: ValidationException\r\ncontent-length: %d\r\n\r\n%s"
+                       % (len(refused), refused), times=99)
+    spec = ("  fallbacks:\n    - name: vectors\n      targets:\n"
+            "        - {provider: aws-bedrock, model: 'us-east-1/amazon.titan-embed-text-v2:0'}\n"
+            "        - {provider: openai, model: text-embedding-3-small}\n")
+    g = bedrock_gateway(tmp_path, up, mock.url, extra_spec=spec)
+    try:
+        mock.clear()
+        r = httpx.post(g.url + "/compat/embeddings", json={"model": "fallback/vectors", "input": ["a", "bb", "ccc"]},
+                       timeout=30)
+        assert (r.status_code, r.headers.get("cf-aig-step")) == (200, "1"), r.text
+        assert len(r.json()["data"]) == 3
+        (sent,) = mock.requests()
+        assert json.loads(sent["body"])["input"] == ["a", "bb", "ccc"]
+        assert "a part of the request: status 400" in g.wait_for_log("route target failed, trying the next")
+    finally:
+        g.stop()
+        up.stop()
+
+
+# --- the request's own config --------------------------------------------------------------------
+
+
+def test_a_reload_does_not_change_the_wait_limits_of_a_request_under_way(tmp_path):
+    # The request came under `requestTimeout: 1s`: its stream's silences are bounded by that,
+    # though the config was reloaded to 120 s before it went upstream.
+    stall = StallingServer()
+    g = Sidegate(tmp_path, gateway_yaml(stall.url, extra_spec="  requestTimeout: 1s\n"), DEFAULT_KEYS)
+    try:
+        # Over 64 KiB: the gateway takes the request (and its config) before the body is read.
+        body = json.dumps(dict(BODY, messages=[{"role": "user", "content": "x" * (100 << 10)}])).encode()
+        with socket.create_connection(("127.0.0.1", g.port), timeout=30) as s:
+            s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
+                      b"content-length: %d\r\n\r\n%s" % (len(body), body[:10]))
+            before = reload_successes(g)
+            g.config.write_text(gateway_yaml(stall.url, extra_spec="  requestTimeout: 120s\n"))
+            deadline = time.monotonic() + 10
+            while reload_successes(g) == before:
+                assert time.monotonic() < deadline, "the config was not reloaded"
+                time.sleep(0.05)
+            s.sendall(body[10:])
+            started = time.monotonic()
+            got = b""
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except TimeoutError:
+                raise AssertionError(f"still open after 30 s: {got[:300]!r}") from None
+            took = time.monotonic() - started
+        assert got.startswith(b"HTTP/1.1 200"), got[:200]
+        assert took < 5, f"the stream was cut after {took:.1f} s, not the request's 1 s"
+        assert "outcome=upstream_error" in g.wait_for_log("outcome=upstream_error")
+    finally:
+        g.stop()
+        stall.stop()
+
+
+def reload_successes(g):
+    for line in g.metrics().splitlines():
+        if line.startswith('sidegate_config_reloads_total{result="success"}'):
+            return float(line.split()[-1])
+    return 0.0

@@ -84,8 +84,7 @@ class BrokenBodyUpstream:
 # --- what is retried ----------------------------------------------------------------------------
 
 
-# FAILS at 91770b5: a Retry-After given as an HTTP date (RFC 9110 §10.2.3, read by the OpenAI and Anthropic SDKs) is ignored: a provider asking for 2 minutes is retried at once, 20 ms later, and the client gets the next attempt's answer
-@pytest.mark.xfail(strict=True, reason="a Retry-After given as an HTTP date (RFC 9110 §10.2.3, read by the OpenAI and Anthropic SDKs) is ignored")
+# Failed at 91770b5 (mended since): a Retry-After given as an HTTP date (RFC 9110 §10.2.3, read by the OpenAI and Anthropic SDKs) is ignored: a provider asking for 2 minutes is retried at once, 20 ms later, and the client gets the next attempt's answer
 def test_a_retry_after_given_as_an_http_date_is_read(tmp_path):
     # Asked for more than the 60 s the gateway waits out: as with `Retry-After: 120`
     # (test_retries), the provider's answer is the response, at once, and it is not asked again.
@@ -103,8 +102,7 @@ def test_a_retry_after_given_as_an_http_date_is_read(tmp_path):
         server.stop()
 
 
-# FAILS at 91770b5: `x-should-retry: false` (sent by OpenAI and Anthropic, obeyed first by both SDKs) is ignored: a 503 the provider says not to retry is sent again and the client gets the second attempt's answer
-@pytest.mark.xfail(strict=True, reason="x-should-retry: false from the provider is ignored")
+# Failed at 91770b5 (mended since): `x-should-retry: false` (sent by OpenAI and Anthropic, obeyed first by both SDKs) is ignored: a 503 the provider says not to retry is sent again and the client gets the second attempt's answer
 def test_a_provider_saying_x_should_retry_false_is_not_asked_again(tmp_path):
     server = FixedAnswerServer(b'{"error": {"message": "do not repeat this"}}', status=503,
                                then=[(200, b'{"id": "repeated", "choices": []}')],
@@ -179,8 +177,7 @@ def test_a_stream_that_broke_after_its_first_bytes_is_not_sent_again(tmp_path):
         up.close()
 
 
-# FAILS at 91770b5: a /compat answer held back whole for translation whose body breaks off before any byte reached the client ends in a 502 although a fallback was configured: the next target or step is never tried
-@pytest.mark.xfail(strict=True, reason="a held-back /compat answer breaking before any byte went out does not fall back")
+# Failed at 91770b5 (mended since): a /compat answer held back whole for translation whose body breaks off before any byte reached the client ends in a 502 although a fallback was configured: the next target or step is never tried
 @pytest.mark.parametrize("entry", ["fallback chain", "universal step"])
 def test_a_held_back_answer_that_breaks_before_any_byte_went_out_falls_back(mock, tmp_path, entry):
     broken = BrokenBodyUpstream(broken=99)
@@ -207,8 +204,7 @@ def test_a_held_back_answer_that_breaks_before_any_byte_went_out_falls_back(mock
         broken.stop()
 
 
-# FAILS at 91770b5: a /compat answer held back whole whose body breaks off (a connection reset, before any byte reached the client) is not retried: the client gets 502/2104 with 2 attempts asked for, and the provider was asked once
-@pytest.mark.xfail(strict=True, reason="a held-back /compat answer breaking before any byte went out is not retried")
+# Failed at 91770b5 (mended since): a /compat answer held back whole whose body breaks off (a connection reset, before any byte reached the client) is not retried: the client gets 502/2104 with 2 attempts asked for, and the provider was asked once
 def test_a_held_back_answer_that_breaks_before_any_byte_went_out_is_retried(mock, tmp_path):
     # README: "Retries happen before any byte reaches the client, for /compat too", after "a
     # connection error"; this one came while the answer was still the gateway's.

@@ -32,6 +32,7 @@ use serde_json::{Map, Value};
 use sidegate_crds::policy::ApiFormat;
 
 use self::openai::bad;
+use crate::body::HoldError;
 use crate::body::{ProxyBody, RequestBody};
 use crate::buffers::Held;
 use crate::cache;
@@ -44,11 +45,13 @@ use crate::headers::{
 };
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
+use crate::proxy::Read;
 use crate::proxy::{self, Admission, Gateway};
-use crate::retry::Policy;
+use crate::retry::{Policy, Waits};
 use crate::route::ProviderRoute;
 use crate::routing::{Target, Walk};
 use crate::telemetry::{LogOptions, RequestRecord};
+use crate::upstream::UpstreamBody;
 
 /// Turns an upstream stream, fed chunk by chunk, into OpenAI `chat.completion.chunk` SSE.
 pub trait StreamTranslator: Send {
@@ -899,9 +902,7 @@ pub(crate) async fn serve(
     match answer(gw, snap, request, start, opts).await? {
         Served::Answer(resp) => Ok(*resp),
         // Only a universal step hands its failure over.
-        Served::HandedOver(status) => Err(none(GatewayError::UpstreamUnavailable(format!(
-            "upstream answered {status}"
-        )))),
+        Served::HandedOver(why) => Err(none(GatewayError::UpstreamUnavailable(why))),
     }
 }
 
@@ -941,9 +942,10 @@ pub(crate) struct UniversalStep<'a> {
 pub(crate) enum Served {
     /// The answer for the client.
     Answer(Box<Response<ProxyBody>>),
-    /// A universal step, not the last, got this non-2xx status (after its route's targets, if
-    /// it names one): dropped unanswered, unlogged, uncharged.
-    HandedOver(http::StatusCode),
+    /// A universal step, not the last, failed for this reason (after its route's targets, if it
+    /// names one: a non-2xx status, an answer held back whole that could not be read whole or
+    /// translated): dropped unanswered, unlogged, uncharged.
+    HandedOver(String),
 }
 
 /// The next target of a route's or chain's walk (none without one).
@@ -1033,9 +1035,11 @@ pub(crate) async fn answer(
         })
     };
     let provider = provider_of(first)?;
-    // A refusal from here on (DLP, guardrails, limits) logs the first target's model.
+    // A refusal from here on (DLP, guardrails, limits) logs the first target's model, and a
+    // request given up before its answer (the client left) its provider too.
     opts.recorded
         .model(crate::cost::ModelName::named(&first.model).as_ref());
+    opts.recorded.provider(&provider.id);
     let fail = |e: GatewayError| (Some(provider.id.clone()), e);
     // A gateway token in the app's `Authorization` (the OpenAI SDK's `apiKey`) is good only
     // for targets the gateway sends its own credentials to; checked before the cache answers.
@@ -1158,7 +1162,7 @@ pub(crate) async fn answer(
     let log_id = crate::log_id::for_request();
     let event_id = aig.get(Gw::EventId).cloned();
     let (mut target, mut provider, mut step) = (first, provider, 0usize);
-    let (resp, translation, hide_usage, within, policy, parts_held) = loop {
+    let (taken, hide_usage, parts_held) = loop {
         let fail = |e: GatewayError| (Some(provider.id.clone()), e);
         // A target that cannot be sent — no token from Google's token endpoint, or a request it
         // cannot take (a parameter its provider refuses, an endpoint it lacks) — fails as one
@@ -1210,37 +1214,76 @@ pub(crate) async fn answer(
         }
         // A route's target, or a universal step, is a fallback step: its timeout moves the
         // request on. A plain model of `/compat` itself is a direct request.
-        let outcome = if routed || universal.is_some() {
-            gw.dispatch(upstream, within, &policy, &provider.id).await
+        let waits = if routed || universal.is_some() {
+            Waits::every_attempt(within, snap.request_timeout)
         } else {
-            gw.dispatch_direct(upstream, within, &policy, &provider.id)
-                .await
+            Waits::direct(within, snap.request_timeout, policy.max_attempts)
         };
-        let ok = matches!(&outcome, Ok(r) if r.status().is_success());
-        if !ok && let Some(next) = next_target(&mut walk, &metadata, redis_wait).await {
-            let why = match &outcome {
-                Ok(r) => format!("status {}", r.status().as_u16()),
-                Err(e) => e.to_string(),
-            };
-            tracing::info!(step, provider = %provider.id, model = %target.model, failure = %why, log_id = crate::log_id::current().as_deref(), "route target failed, trying the next");
+        let outcome = match translation {
+            None => gw
+                .dispatch(upstream, waits, &policy, &provider.id, proxy::head_only)
+                .await
+                .map(Taken::passed),
+            Some(mut t) => {
+                // An answer held back whole is read within the attempt: one that breaks off
+                // before the client got any of it is retried, then fails the target.
+                let read = |resp| read_translated(gw, snap.max_buffered, t.stream, resp);
+                match gw
+                    .dispatch(upstream, waits, &policy, &provider.id, read)
+                    .await
+                {
+                    Ok(Answer::Streamed(resp)) => Ok(Taken::translated(resp, t)),
+                    Ok(Answer::Held(answer)) => {
+                        // A 2xx answer's other parts go, and the answers are translated, before
+                        // the target is judged: a part that fails, or an answer that cannot be
+                        // translated, fails it as an error would.
+                        let made = match &answer.body {
+                            Ok(raw) if answer.head.status.is_success() => {
+                                let more = std::mem::take(&mut t.more);
+                                Some(
+                                    make(gw, &t, raw, more, waits, &policy, &provider.id, snap)
+                                        .await,
+                                )
+                            }
+                            _ => None,
+                        };
+                        Ok(Taken::whole(answer, t, made))
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        // Why the target failed, when the next target or step is to be tried.
+        let failed = match &outcome {
+            Ok(taken) => taken.failure(),
+            Err(e) => Some(Failed {
+                why: e.to_string(),
+                hands_on: true,
+            }),
+        }
+        .filter(|f| f.hands_on);
+        if let Some(failed) = &failed
+            && let Some(next) = next_target(&mut walk, &metadata, redis_wait).await
+        {
+            tracing::info!(step, provider = %provider.id, model = %target.model, failure = %failed.why, log_id = crate::log_id::current().as_deref(), "route target failed, trying the next");
             target = next;
             provider = provider_of(next)?;
             step += 1;
             continue;
         }
         if let (
-            Ok(r),
+            Ok(_),
+            Some(failed),
             Some(UniversalStep {
                 hands_over: true, ..
             }),
-        ) = (&outcome, &universal)
-            && !ok
+        ) = (&outcome, &failed, &universal)
         {
             // Dropped before its log record, budget charges and cache fill exist.
-            return Ok(Served::HandedOver(r.status()));
+            return Ok(Served::HandedOver(failed.why.clone()));
         }
-        let resp = match outcome {
-            Ok(resp) => resp,
+        let taken = match outcome {
+            Ok(taken) => taken,
             // The last target of a route failed in the gateway (a timeout, no connection): the
             // error names what was tried last, as an answer would.
             Err(err) if routed && universal.is_none() => {
@@ -1265,9 +1308,12 @@ pub(crate) async fn answer(
             }
             Err(err) => return Err(fail(err)),
         };
-        break (resp, translation, hide_usage, within, policy, parts_held);
+        break (taken, hide_usage, parts_held);
     };
-    let (mut head, upstream_body) = resp.into_parts();
+    let Taken {
+        mut head,
+        body: taken,
+    } = taken;
     strip_response_headers(&mut head.headers);
     if want.is_some() {
         head.headers.insert(cache::STATUS, cache::MISS);
@@ -1312,58 +1358,67 @@ pub(crate) async fn answer(
         record.charge_route_budgets(w.take_budget_charges());
     }
     record.set_request_payload(&body);
-    let Some(mut t) = translation else {
-        // A stream passed through is whole only with its `data: [DONE]`.
-        let stream = head.status.is_success() && is_event_stream(&head.headers);
-        let body = if hide_usage && stream {
+    let whole = match taken {
+        TakenBody::Passed(upstream_body) => {
+            // A stream passed through is whole only with its `data: [DONE]`.
+            let stream = head.status.is_success() && is_event_stream(&head.headers);
+            let body = if hide_usage && stream {
+                head.headers.remove(header::CONTENT_LENGTH);
+                let held = gw.buffers.guard(snap.max_buffered);
+                ProxyBody::translated(
+                    upstream_body,
+                    Box::new(openai::HiddenUsage::new()),
+                    held,
+                    record,
+                )
+            } else if stream && provider.ends_streams_with_done() {
+                ProxyBody::upstream_sse(upstream_body, record, sse::DoneWatch::default())
+            } else {
+                ProxyBody::upstream(upstream_body, record)
+            };
+            let fill = miss
+                .as_mut()
+                .and_then(|m| m.fill(&head))
+                .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
+            return Ok(Served::Answer(Box::new(Response::from_parts(
+                head,
+                body.cached_through(fill),
+            ))));
+        }
+        TakenBody::Translated(upstream_body, t) => {
             head.headers.remove(header::CONTENT_LENGTH);
+            head.headers.remove(header::CONTENT_ENCODING);
+            head.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            head.headers
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            let fill = miss
+                .as_mut()
+                .and_then(|m| m.fill(&head))
+                .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
             let held = gw.buffers.guard(snap.max_buffered);
-            ProxyBody::translated(
-                upstream_body,
-                Box::new(openai::HiddenUsage::new()),
-                held,
-                record,
-            )
-        } else if stream && provider.ends_streams_with_done() {
-            ProxyBody::upstream_sse(upstream_body, record, sse::DoneWatch::default())
-        } else {
-            ProxyBody::upstream(upstream_body, record)
-        };
-        let fill = miss
-            .as_mut()
-            .and_then(|m| m.fill(&head))
-            .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
-        return Ok(Served::Answer(Box::new(Response::from_parts(
-            head,
-            body.cached_through(fill),
-        ))));
+            let body = ProxyBody::translated(upstream_body, t.stream_translator(), held, record);
+            return Ok(Served::Answer(Box::new(Response::from_parts(
+                head,
+                body.cached_through(fill),
+            ))));
+        }
+        TakenBody::Whole(whole) => whole,
     };
     head.headers.remove(header::CONTENT_LENGTH);
     head.headers.remove(header::CONTENT_ENCODING);
-    if head.status.is_success() && t.stream {
-        head.headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        head.headers
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        let fill = miss
-            .as_mut()
-            .and_then(|m| m.fill(&head))
-            .map(|f| (f, gw.buffers.guard(snap.max_buffered)));
-        let held = gw.buffers.guard(snap.max_buffered);
-        let body = ProxyBody::translated(upstream_body, t.stream_translator(), held, record);
-        return Ok(Served::Answer(Box::new(Response::from_parts(
-            head,
-            body.cached_through(fill),
-        ))));
-    }
-    // The request body is not needed any more; the answer is held back whole from here.
+    // The request body, and the other parts of one sent in parts, are not needed any more.
     drop(held);
-    let mut held = gw.buffers.guard(snap.max_buffered);
-    let raw = match crate::body::hold_whole(upstream_body, MAX_RESPONSE_BYTES, Some(&mut held))
-        .await
-    {
+    drop(parts_held);
+    let Whole {
+        body: raw,
+        mut held,
+        t,
+        made,
+    } = *whole;
+    let raw = match raw {
         Ok(raw) => raw,
         Err(e) => {
             let err = e.into_gateway_error(&format!("the {} response", provider.id));
@@ -1376,30 +1431,16 @@ pub(crate) async fn answer(
             return Ok(Served::Answer(Box::new(resp)));
         }
     };
-    let rest = if head.status.is_success() {
-        // The other parts go as the part that answered went.
-        fan_out(
-            gw,
-            std::mem::take(&mut t.more),
-            within,
-            &policy,
-            &provider.id,
-            snap.max_buffered,
-        )
-        .await
-    } else {
-        Ok((Vec::new(), gw.buffers.guard(snap.max_buffered)))
-    };
-    drop(parts_held);
     // Whether the answer is the upstream's (translated), or a gateway error made in its place.
     let mut delivered = true;
     // A chat answer is counted from the provider's own usage, as its passthrough route counts
-    // it (cache writes too, which the OpenAI format lacks); embeddings sent in parts from the
-    // translation, which sums them.
-    let one_answer =
-        endpoint == Endpoint::Chat && matches!(&rest, Ok((more, _)) if more.is_empty());
-    let out = match rest {
-        Err(FanOutFailure::Upstream(mut part, body)) => {
+    // it (cache writes too, which the OpenAI format lacks); embeddings, which may be sent in
+    // parts, from the translation, which sums them.
+    let one_answer = endpoint == Endpoint::Chat;
+    let out = match made {
+        // An error answer, translated.
+        None => t.error(head.status.as_u16(), &head.headers, &raw),
+        Some(Err(NotMade::Part(FanOutFailure::Upstream(mut part, body)))) => {
             // The part that failed answers, with its own headers (its `Retry-After`, request
             // id), under the gateway's.
             strip_response_headers(&mut part.headers);
@@ -1415,29 +1456,26 @@ pub(crate) async fn answer(
             }
             out
         }
-        Err(FanOutFailure::Gateway(err)) => {
+        Some(Err(NotMade::Part(FanOutFailure::Gateway(err)))) => {
             tracing::warn!(provider = %provider.id, error = %err, log_id = %log_id, "response not delivered");
             head.status = err.status();
             delivered = false;
             err.to_json().into_bytes()
         }
-        Ok(_) if !head.status.is_success() => t.error(head.status.as_u16(), &head.headers, &raw),
-        Ok((rest, parts_held)) => {
-            held.absorb(parts_held);
-            match translate_all(&t, &raw, &rest) {
-                Ok(out) => out,
-                Err(message) => {
-                    // Made by the gateway, so in the SPEC.md envelope like its other 502s.
-                    let err = GatewayError::UpstreamUnavailable(format!(
-                        "the {} response could not be translated: {message}",
-                        provider.id
-                    ));
-                    tracing::warn!(provider = %provider.id, error = %err, log_id = %log_id, "untranslatable upstream response");
-                    head.status = err.status();
-                    delivered = false;
-                    err.to_json().into_bytes()
-                }
-            }
+        Some(Err(NotMade::Untranslatable(message))) => {
+            // Made by the gateway, so in the SPEC.md envelope like its other 502s.
+            let err = GatewayError::UpstreamUnavailable(format!(
+                "the {} response could not be translated: {message}",
+                provider.id
+            ));
+            tracing::warn!(provider = %provider.id, error = %err, log_id = %log_id, "untranslatable upstream response");
+            head.status = err.status();
+            delivered = false;
+            err.to_json().into_bytes()
+        }
+        Some(Ok(Made { out, more_held })) => {
+            held.absorb(more_held);
+            out
         }
     };
     if !delivered {
@@ -1496,6 +1534,195 @@ fn target_limits(
     (target.timeout.unwrap_or(timeout), policy)
 }
 
+/// An upstream answer to a `/compat` target, as the client is to get it.
+struct Taken {
+    head: http::response::Parts,
+    body: TakenBody,
+}
+
+enum TakenBody {
+    /// Passed through as it comes (an OpenAI-format provider's).
+    Passed(UpstreamBody),
+    /// A 2xx stream, translated event by event as it comes.
+    Translated(UpstreamBody, Translation),
+    /// Held back whole, to be translated.
+    Whole(Box<Whole>),
+}
+
+/// An answer held back whole to be translated.
+struct Whole {
+    /// Its body, or why it could not be read whole.
+    body: Result<Bytes, HoldError>,
+    /// The body's bytes in the budget of buffered bodies.
+    held: Held,
+    t: Translation,
+    /// For a 2xx answer read whole, the client's answer made from it (or why none could be).
+    made: Option<Result<Made, NotMade>>,
+}
+
+/// The client's answer made from a 2xx answer held back whole.
+struct Made {
+    out: Vec<u8>,
+    /// The other parts' answers of a request sent in parts, in the budget of buffered bodies.
+    more_held: Held,
+}
+
+/// Why no answer could be made from a 2xx answer held back whole.
+enum NotMade {
+    /// Another part of a request sent in parts failed.
+    Part(FanOutFailure),
+    /// The answer is not what its provider's format says (why).
+    Untranslatable(String),
+}
+
+/// Why a target failed.
+struct Failed {
+    why: String,
+    /// Whether the next target (a route's, the universal endpoint's next step) is tried: not
+    /// when the gateway's own budget of buffered bodies is full.
+    hands_on: bool,
+}
+
+impl Taken {
+    fn passed(resp: Response<UpstreamBody>) -> Self {
+        let (head, body) = resp.into_parts();
+        Self {
+            head,
+            body: TakenBody::Passed(body),
+        }
+    }
+
+    fn translated(resp: Response<UpstreamBody>, t: Translation) -> Self {
+        let (head, body) = resp.into_parts();
+        Self {
+            head,
+            body: TakenBody::Translated(body, t),
+        }
+    }
+
+    fn whole(answer: HeldAnswer, t: Translation, made: Option<Result<Made, NotMade>>) -> Self {
+        let HeldAnswer { head, body, held } = answer;
+        Self {
+            head,
+            body: TakenBody::Whole(Box::new(Whole {
+                body,
+                held,
+                t,
+                made,
+            })),
+        }
+    }
+
+    /// Why the target failed, if it did: a non-2xx answer, or one held back whole that could
+    /// not be read whole, whose other parts failed, or that could not be translated.
+    fn failure(&self) -> Option<Failed> {
+        let status = self.head.status.as_u16();
+        let failed = |why: String, hands_on| Some(Failed { why, hands_on });
+        let TakenBody::Whole(whole) = &self.body else {
+            return match self.head.status.is_success() {
+                true => None,
+                false => failed(format!("status {status}"), true),
+            };
+        };
+        match (&whole.body, &whole.made) {
+            (Err(e), _) => failed(
+                format!("status {status}, reading the answer: {e}"),
+                !matches!(e, HoldError::Exhausted(_)),
+            ),
+            (Ok(_), None) => failed(format!("status {status}"), true),
+            (Ok(_), Some(Ok(_))) => None,
+            (Ok(_), Some(Err(NotMade::Part(FanOutFailure::Upstream(part, _))))) => failed(
+                format!("a part of the request: status {}", part.status.as_u16()),
+                true,
+            ),
+            (Ok(_), Some(Err(NotMade::Part(FanOutFailure::Gateway(e))))) => failed(
+                format!("a part of the request: {e}"),
+                !matches!(e, GatewayError::BuffersFull { .. }),
+            ),
+            (Ok(_), Some(Err(NotMade::Untranslatable(m)))) => {
+                failed(format!("the answer could not be translated: {m}"), true)
+            }
+        }
+    }
+}
+
+/// An upstream answer to a translated `/compat` request, as an attempt read it.
+enum Answer {
+    /// A 2xx stream's head: its events are translated as they come.
+    Streamed(Response<UpstreamBody>),
+    /// Anything else, held back whole.
+    Held(HeldAnswer),
+}
+
+/// An upstream answer held back whole: its head, and its body or why it could not be read
+/// whole, its bytes taken from the budget of buffered bodies through `held`.
+struct HeldAnswer {
+    head: http::response::Parts,
+    body: Result<Bytes, HoldError>,
+    held: Held,
+}
+
+impl HeldAnswer {
+    /// Reads `resp` whole (at most [`MAX_RESPONSE_BYTES`]) within an attempt: a body that
+    /// broke off or stalled before the client got any of it is a failed attempt, retried; one
+    /// over the gateway's limits is the answer.
+    async fn read(gw: &Gateway, max_buffered: u64, resp: Response<UpstreamBody>) -> Read<Self> {
+        let (head, body) = resp.into_parts();
+        let mut held = gw.buffers.guard(max_buffered);
+        let body = crate::body::hold_whole(body, MAX_RESPONSE_BYTES, Some(&mut held)).await;
+        let broke = match &body {
+            Err(e @ (HoldError::Stalled(_) | HoldError::Failed(_))) => Some(format!(
+                "status {}, reading the answer: {e}",
+                head.status.as_u16()
+            )),
+            _ => None,
+        };
+        let answer = Self { head, body, held };
+        match broke {
+            Some(why) => Read::BrokeOff(answer, why),
+            None => Read::Answered(answer),
+        }
+    }
+}
+
+/// Reads an answer to a translated `/compat` request within an attempt: a 2xx stream's head
+/// when the client asked for a stream, anything else whole (see [`HeldAnswer::read`]).
+async fn read_translated(
+    gw: &Gateway,
+    max_buffered: u64,
+    stream: bool,
+    resp: Response<UpstreamBody>,
+) -> Read<Answer> {
+    if stream && resp.status().is_success() {
+        return Read::Answered(Answer::Streamed(resp));
+    }
+    match HeldAnswer::read(gw, max_buffered, resp).await {
+        Read::Answered(a) => Read::Answered(Answer::Held(a)),
+        Read::BrokeOff(a, why) => Read::BrokeOff(Answer::Held(a), why),
+    }
+}
+
+/// Makes the client's answer from a 2xx answer held back whole (`raw`): the other parts of a
+/// request sent in parts (`more`) sent as the first went (`waits`, `policy`), and every
+/// answer translated.
+#[allow(clippy::too_many_arguments)] // the target's, each from where the first part went
+async fn make(
+    gw: &Gateway,
+    t: &Translation,
+    raw: &[u8],
+    more: Vec<Request<Full<Bytes>>>,
+    waits: Waits,
+    policy: &Policy,
+    provider: &Arc<str>,
+    snap: &Snapshot,
+) -> Result<Made, NotMade> {
+    let (rest, more_held) = fan_out(gw, more, waits, policy, provider, snap.max_buffered)
+        .await
+        .map_err(NotMade::Part)?;
+    let out = translate_all(t, raw, &rest).map_err(NotMade::Untranslatable)?;
+    Ok(Made { out, more_held })
+}
+
 /// Why the rest of a request sent in parts failed.
 enum FanOutFailure {
     /// A part's upstream answered with an error: its head and body, translated for the client.
@@ -1507,12 +1734,13 @@ enum FanOutFailure {
 /// Most parts of a request sent in parts in flight at once.
 const FAN_OUT_CONCURRENCY: usize = 8;
 
-/// Sends the other parts of a request sent in parts (as the first: timeout, retries), a few at
-/// once, and reads their answers whole, in order. Nothing to send: nothing is done.
+/// Sends the other parts of a request sent in parts as the first went (`waits`, `policy`: a
+/// part whose answer breaks off is retried too), a few at once, and reads their answers whole,
+/// in order. Nothing to send: nothing is done.
 async fn fan_out(
     gw: &Gateway,
     parts: Vec<Request<Full<Bytes>>>,
-    timeout: std::time::Duration,
+    waits: Waits,
     policy: &Policy,
     provider: &Arc<str>,
     max_buffered: u64,
@@ -1524,24 +1752,18 @@ async fn fan_out(
     }
     let answers = futures_util::stream::iter(parts)
         .map(|req| async move {
-            // No fallback is left for a part: waited on as a direct request.
-            let resp = gw
-                .dispatch_direct(req, timeout, policy, provider)
+            let read = |resp| HeldAnswer::read(gw, max_buffered, resp);
+            let answer = gw
+                .dispatch(req, waits, policy, provider, read)
                 .await
                 .map_err(FanOutFailure::Gateway)?;
-            let (head, body) = resp.into_parts();
-            let mut held = gw.buffers.guard(max_buffered);
-            let body = crate::body::hold_whole(body, MAX_RESPONSE_BYTES, Some(&mut held))
-                .await
-                .map_err(|e| {
-                    FanOutFailure::Gateway(
-                        e.into_gateway_error(&format!("the {provider} response")),
-                    )
-                })?;
-            if head.status.is_success() {
-                Ok((body, held))
+            let body = answer.body.map_err(|e| {
+                FanOutFailure::Gateway(e.into_gateway_error(&format!("the {provider} response")))
+            })?;
+            if answer.head.status.is_success() {
+                Ok((body, answer.held))
             } else {
-                Err(FanOutFailure::Upstream(head, body))
+                Err(FanOutFailure::Upstream(answer.head, body))
             }
         })
         .buffered(FAN_OUT_CONCURRENCY);
