@@ -208,6 +208,17 @@ impl GatewayError {
         }
     }
 
+    /// Whether the upstream failed the request (no connection, no answer in time, an answer
+    /// broken off): the gateway tells the client, but it refused nothing itself.
+    pub fn upstream_failed(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamTimeout { .. }
+                | Self::UpstreamStalled { .. }
+                | Self::UpstreamUnavailable(_)
+        )
+    }
+
     /// Whether another attempt at the same upstream may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(

@@ -623,8 +623,16 @@ impl Gateway {
         let status = err.status().as_u16();
         let label = provider.clone().unwrap_or_else(|| Arc::from("none"));
         self.metrics.count_request(&label, status, start.elapsed());
+        // The upstream's failure (no connection, no answer in time) is no refusal of the
+        // gateway's: logged as an answer that broke off is.
+        let upstream_failed = err.upstream_failed();
         if log {
-            tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, log_id = %id, "request refused");
+            let what = if upstream_failed {
+                "upstream failed"
+            } else {
+                "request refused"
+            };
+            tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, log_id = %id, "{what}");
         }
         let mut resp = err.into_response();
         tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
@@ -653,7 +661,11 @@ impl Gateway {
             status_code: status,
             duration: elapsed.as_secs_f64() * 1000.0,
             bytes: http_body::Body::size_hint(resp.body()).exact().unwrap_or(0),
-            outcome: "refused",
+            outcome: if upstream_failed {
+                "upstream_error"
+            } else {
+                "refused"
+            },
             cached: false,
             tokens_in: None,
             tokens_out: None,

@@ -250,8 +250,8 @@ def test_costs_are_logged_and_traced_without_float_noise(mock, tmp_path):
 
 def test_a_request_refused_after_its_body_was_read_logs_the_model_it_names(mock, tmp_path):
     # A refusal before the body is read (401, a rate limit) cannot know the model; one after
-    # (a DLP block, a timeout with every retry spent, a client gone while it waited) logs it, as a
-    # served request's line does.
+    # (a DLP block, a timeout with every retry spent — logged upstream_error —, a client gone
+    # while it waited) logs it, as a served request's line does.
     spec = ("  requestTimeout: 300ms\n  dlp:\n    policies:\n"
             "      - {id: no-keys-in, action: BLOCK, check: [REQUEST], profiles: [aws-keys]}\n")
     g = start(mock, tmp_path, spec)
@@ -262,7 +262,7 @@ def test_a_request_refused_after_its_body_was_read_logs_the_model_it_names(mock,
         slow = httpx.post(g.url + CHAT, json=body("hi", model="gpt-4o"), headers={"x-mock-delay-ms": "2000"})
         assert slow.status_code == 504, slow.text
         line = json_line(g, slow.headers["cf-aig-log-id"])
-        assert (line["outcome"], line["model"]) == ("refused", "gpt-4o"), line
+        assert (line["outcome"], line["model"]) == ("upstream_error", "gpt-4o"), line
         # The client leaves while the provider takes its time: cancelled, 499, with the model.
         cancelled_before = g.logs().count('"status_code":499')
         try:

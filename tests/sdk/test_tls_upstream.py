@@ -116,8 +116,8 @@ def test_an_upstream_the_ca_does_not_vouch_for_is_a_502_in_the_envelope(tls_mock
         err = r.json()["error"][0]
         assert err["code"] == 2104
         assert "certificate" in err["message"].lower()
-        # Refusals are logged as the answer goes out (not by the buffered access log).
-        g.wait_for_log("request refused provider=openai method=POST status=502 code=2104")
+        # Gateway errors are logged as the answer goes out (not by the buffered access log).
+        g.wait_for_log("upstream failed provider=openai method=POST status=502 code=2104")
         assert OPENAI_KEY not in r.text and OPENAI_KEY not in g.logs()
         assert tls_mock.stats()["requests"] == 0
     finally:

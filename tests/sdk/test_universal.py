@@ -82,7 +82,7 @@ def test_when_the_last_step_gets_no_answer_the_gateway_error_names_the_step(gate
     assert (r.status_code, r.json()["error"][0]["code"]) == (504, 2103)
     assert (r.headers["cf-aig-step"], r.headers["cf-aig-event-id"]) == ("1", "evt-504")
     line = gateway.wait_log_line(r.headers["cf-aig-log-id"])
-    assert " status_code=504 " in line and " outcome=refused" in line and " step=1" in line, line
+    assert " status_code=504 " in line and " outcome=upstream_error" in line and " step=1" in line, line
 
 
 def test_step_retries_come_from_its_config(gateway, mock):
