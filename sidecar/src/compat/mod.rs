@@ -45,8 +45,8 @@ use crate::headers::{
 };
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
-use crate::proxy::Read;
 use crate::proxy::{self, Admission, Gateway};
+use crate::proxy::{HeldAnswer, Read};
 use crate::retry::{Policy, Waits};
 use crate::route::ProviderRoute;
 use crate::routing::{Target, Walk};
@@ -1220,14 +1220,15 @@ pub(crate) async fn answer(
             Waits::direct(within, snap.request_timeout, policy.max_attempts)
         };
         let outcome = match translation {
-            None => gw
-                .dispatch(upstream, waits, &policy, &provider.id, proxy::head_only)
-                .await
-                .map(Taken::passed),
+            None => {
+                let read = |resp| proxy::read_passed_on(gw, snap, resp);
+                let sent = gw.dispatch(upstream, waits, &policy, &provider.id, read);
+                sent.await.map(Taken::passed)
+            }
             Some(mut t) => {
                 // An answer held back whole is read within the attempt: one that breaks off
                 // before the client got any of it is retried, then fails the target.
-                let read = |resp| read_translated(gw, snap.max_buffered, t.stream, resp);
+                let read = |resp| read_translated(gw, snap, t.stream, resp);
                 match gw
                     .dispatch(upstream, waits, &policy, &provider.id, read)
                     .await
@@ -1613,22 +1614,30 @@ impl Taken {
         }
     }
 
-    /// Why the target failed, if it did: a non-2xx answer, or one held back whole that could
-    /// not be read whole, whose other parts failed, or that could not be translated.
+    /// Why the target failed, if it did: a non-2xx answer, or one held back whole (to be
+    /// translated, or for the response checks) that could not be read whole, whose other parts
+    /// failed, or that could not be translated.
     fn failure(&self) -> Option<Failed> {
         let status = self.head.status.as_u16();
         let failed = |why: String, hands_on| Some(Failed { why, hands_on });
-        let TakenBody::Whole(whole) = &self.body else {
-            return match self.head.status.is_success() {
-                true => None,
-                false => failed(format!("status {status}"), true),
-            };
-        };
-        match (&whole.body, &whole.made) {
-            (Err(e), _) => failed(
+        let unread = |e: &HoldError| {
+            failed(
                 format!("status {status}, reading the answer: {e}"),
                 !matches!(e, HoldError::Exhausted(_)),
-            ),
+            )
+        };
+        let whole = match &self.body {
+            TakenBody::Whole(whole) => whole,
+            TakenBody::Passed(body) | TakenBody::Translated(body, _) => {
+                return match body.unread() {
+                    Some(e) => unread(e),
+                    None if self.head.status.is_success() => None,
+                    None => failed(format!("status {status}"), true),
+                };
+            }
+        };
+        match (&whole.body, &whole.made) {
+            (Err(e), _) => unread(e),
             (Ok(_), None) => failed(format!("status {status}"), true),
             (Ok(_), Some(Ok(_))) => None,
             (Ok(_), Some(Err(NotMade::Part(FanOutFailure::Upstream(part, _))))) => failed(
@@ -1654,52 +1663,22 @@ enum Answer {
     Held(HeldAnswer),
 }
 
-/// An upstream answer held back whole: its head, and its body or why it could not be read
-/// whole, its bytes taken from the budget of buffered bodies through `held`.
-struct HeldAnswer {
-    head: http::response::Parts,
-    body: Result<Bytes, HoldError>,
-    held: Held,
-}
-
-impl HeldAnswer {
-    /// Reads `resp` whole (at most [`MAX_RESPONSE_BYTES`]) within an attempt: a body that
-    /// broke off or stalled before the client got any of it is a failed attempt, retried; one
-    /// over the gateway's limits is the answer.
-    async fn read(gw: &Gateway, max_buffered: u64, resp: Response<UpstreamBody>) -> Read<Self> {
-        let (head, body) = resp.into_parts();
-        let mut held = gw.buffers.guard(max_buffered);
-        let body = crate::body::hold_whole(body, MAX_RESPONSE_BYTES, Some(&mut held)).await;
-        let broke = match &body {
-            Err(e @ (HoldError::Stalled(_) | HoldError::Failed(_))) => Some(format!(
-                "status {}, reading the answer: {e}",
-                head.status.as_u16()
-            )),
-            _ => None,
-        };
-        let answer = Self { head, body, held };
-        match broke {
-            Some(why) => Read::BrokeOff(answer, why),
-            None => Read::Answered(answer),
-        }
-    }
-}
-
-/// Reads an answer to a translated `/compat` request within an attempt: a 2xx stream's head
-/// when the client asked for a stream, anything else whole (see [`HeldAnswer::read`]).
+/// Reads an answer to a translated `/compat` request within an attempt: a 2xx stream when the
+/// client asked for a stream (its head, or whole for the response checks, see
+/// [`proxy::read_passed_on`]), anything else whole (see [`HeldAnswer::read`]).
 async fn read_translated(
     gw: &Gateway,
-    max_buffered: u64,
+    snap: &Snapshot,
     stream: bool,
     resp: Response<UpstreamBody>,
 ) -> Read<Answer> {
     if stream && resp.status().is_success() {
-        return Read::Answered(Answer::Streamed(resp));
+        return proxy::read_passed_on(gw, snap, resp)
+            .await
+            .map(Answer::Streamed);
     }
-    match HeldAnswer::read(gw, max_buffered, resp).await {
-        Read::Answered(a) => Read::Answered(Answer::Held(a)),
-        Read::BrokeOff(a, why) => Read::BrokeOff(Answer::Held(a), why),
-    }
+    let read = HeldAnswer::read(gw, snap.max_buffered, MAX_RESPONSE_BYTES, resp);
+    read.await.map(Answer::Held)
 }
 
 /// Makes the client's answer from a 2xx answer held back whole (`raw`): the other parts of a
@@ -1752,7 +1731,7 @@ async fn fan_out(
     }
     let answers = futures_util::stream::iter(parts)
         .map(|req| async move {
-            let read = |resp| HeldAnswer::read(gw, max_buffered, resp);
+            let read = |resp| HeldAnswer::read(gw, max_buffered, MAX_RESPONSE_BYTES, resp);
             let answer = gw
                 .dispatch(req, waits, policy, provider, read)
                 .await
