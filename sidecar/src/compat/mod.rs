@@ -151,13 +151,16 @@ impl Translation {
         }
     }
 
-    fn body(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+    fn body(&self, body: &[u8]) -> Result<Translated, String> {
+        let answer = |a: Result<Vec<u8>, String>| a.map(Translated::Answer);
         match (self.wire, self.endpoint) {
-            (Wire::Anthropic, _) => anthropic::response(body, &self.ctx),
+            (Wire::Anthropic, _) => answer(anthropic::response(body, &self.ctx)),
             (Wire::Google, Endpoint::Chat) => gemini::response(body, &self.ctx),
-            (Wire::Google, Endpoint::Embeddings) => gemini::embed_response(body, &self.ctx),
+            (Wire::Google, Endpoint::Embeddings) => answer(gemini::embed_response(body, &self.ctx)),
             (Wire::Bedrock, Endpoint::Chat) => bedrock::response(body, &self.ctx),
-            (Wire::Bedrock, Endpoint::Embeddings) => bedrock::embed_response(body, &self.ctx),
+            (Wire::Bedrock, Endpoint::Embeddings) => {
+                answer(bedrock::embed_response(body, &self.ctx))
+            }
         }
     }
 
@@ -173,6 +176,16 @@ impl Translation {
             }
         }
     }
+}
+
+/// A 2xx answer held back whole, translated.
+#[derive(Debug)]
+pub enum Translated {
+    /// The client's answer.
+    Answer(Vec<u8>),
+    /// The model's output was not valid: OpenAI's error for it (see
+    /// [`openai::InvalidOutput`]), in place of an answer.
+    InvalidOutput(openai::InvalidOutput),
 }
 
 /// Largest complete (non-stream) upstream response translated.
@@ -1434,6 +1447,8 @@ pub(crate) async fn answer(
     };
     // Whether the answer is the upstream's (translated), or a gateway error made in its place.
     let mut delivered = true;
+    // The model's output was not valid: OpenAI's error in place of the billed answer.
+    let mut invalid = false;
     // A chat answer is counted from the provider's own usage, as its passthrough route counts
     // it (cache writes too, which the OpenAI format lacks); embeddings, which may be sent in
     // parts, from the translation, which sums them.
@@ -1476,7 +1491,15 @@ pub(crate) async fn answer(
         }
         Some(Ok(Made { out, more_held })) => {
             held.absorb(more_held);
-            out
+            match out {
+                Translated::Answer(out) => out,
+                Translated::InvalidOutput(e) => {
+                    tracing::info!(provider = %provider.id, reason = %e.reason, log_id = %log_id, "the model's output was not valid: answered as OpenAI's 500 model_error");
+                    head.status = openai::InvalidOutput::STATUS;
+                    invalid = true;
+                    e.to_json()
+                }
+            }
         }
     };
     if !delivered {
@@ -1490,8 +1513,13 @@ pub(crate) async fn answer(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    // Logged and counted with the status the client got (a part's error, the gateway's).
-    record.set_status(head.status.as_u16());
+    // Logged and counted with the status the client got (a part's error, the gateway's); an
+    // answer whose output was not valid still charged as the provider's 2xx: it billed it.
+    if invalid {
+        record.set_sent(head.status.as_u16());
+    } else {
+        record.set_status(head.status.as_u16());
+    }
     if delivered && one_answer {
         record.observe_unsent(&raw);
         record.observe_bytes(&out);
@@ -1504,8 +1532,8 @@ pub(crate) async fn answer(
         fill.whole(&out);
     }
     // The translation takes the place of the answer it came from: complete once the client
-    // took it (see `ProxyBody::answer`).
-    let body = if delivered {
+    // took it (see `ProxyBody::answer`). An error made in its place is an upstream error.
+    let body = if delivered && !invalid {
         ProxyBody::answer(out, Some(held), record)
     } else {
         record.finish_upstream_error();
@@ -1563,7 +1591,7 @@ struct Whole {
 
 /// The client's answer made from a 2xx answer held back whole.
 struct Made {
-    out: Vec<u8>,
+    out: Translated,
     /// The other parts' answers of a request sent in parts, in the budget of buffered bodies.
     more_held: Held,
 }
@@ -1758,7 +1786,7 @@ async fn fan_out(
 
 /// The client's answer from the upstream's: one translated body, or for embeddings sent in
 /// parts, one list of every part's vectors in order (their input tokens added up).
-fn translate_all(t: &Translation, first: &[u8], rest: &[Bytes]) -> Result<Vec<u8>, String> {
+fn translate_all(t: &Translation, first: &[u8], rest: &[Bytes]) -> Result<Translated, String> {
     if rest.is_empty() {
         return t.body(first);
     }
@@ -1773,12 +1801,12 @@ fn translate_all(t: &Translation, first: &[u8], rest: &[Bytes]) -> Result<Vec<u8
         all.extend(vectors);
         tokens += n;
     }
-    Ok(openai::embeddings_json(
+    Ok(Translated::Answer(openai::embeddings_json(
         &t.ctx.model,
         &all,
         t.ctx.base64,
         tokens,
-    ))
+    )))
 }
 
 #[cfg(test)]
@@ -1794,6 +1822,14 @@ pub(crate) mod tests {
             include_usage,
             json_tool,
             base64: false,
+        }
+    }
+
+    /// The client's answer a complete response was translated to (panics on anything else).
+    pub fn answer(translated: Result<Translated, String>) -> Vec<u8> {
+        match translated {
+            Ok(Translated::Answer(out)) => out,
+            other => panic!("not an answer: {other:?}"),
         }
     }
 
