@@ -269,6 +269,10 @@ class ScriptedUpstream:
     no JSON: a captive portal's page), or any bytes, sent as they are. `requests` holds the
     request bodies."""
 
+    # What `reset` and `stall` send before they break off.
+    BROKEN = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 400\r\n\r\n"
+              b'{"id":"msg_1","type"')
+
     def __init__(self, script):
         self.script, self.requests, self.held = script, [], []
         self.listener = Listener(self._serve)
@@ -282,8 +286,7 @@ class ScriptedUpstream:
         self.requests.append(got[1])
         action = self.script[min(len(self.requests) - 1, len(self.script) - 1)]
         if action in ("reset", "stall"):
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 400\r\n\r\n"
-                         b'{"id":"msg_1","type"')
+            conn.sendall(self.BROKEN)
             if action == "stall":
                 self.held.append(conn)
                 return
@@ -500,23 +503,10 @@ def openai_stream(*texts):
 
 
 class StreamBreakingUpstream(ScriptedUpstream):
-    """A ScriptedUpstream whose `reset` sends the head and first event of an OpenAI chat stream
-    (`hel`), then resets the connection."""
+    """A ScriptedUpstream whose `reset` (and `stall`) sends the head and first event of an
+    OpenAI chat stream (`hel`) before it breaks off."""
 
-    def _serve(self, conn, index):
-        got = read_request(conn)
-        if got is None:
-            conn.close()
-            return
-        self.requests.append(got[1])
-        action = self.script[min(len(self.requests) - 1, len(self.script) - 1)]
-        if action == "reset":
-            conn.sendall(STREAM_HEAD + chunk_event("hel"))
-            time.sleep(0.2)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        else:
-            conn.sendall(action)
-        conn.close()
+    BROKEN = STREAM_HEAD + chunk_event("hel")
 
 
 def checked_gateway(tmp_path, upstream, mock, checks, extra_spec="", on=RESPONSE_CHECKS):
