@@ -767,7 +767,15 @@ impl std::fmt::Display for HoldError {
     }
 }
 
+impl std::error::Error for HoldError {}
+
 impl HoldError {
+    /// Whether the upstream's body broke off or stalled (rather than meeting a limit of the
+    /// gateway's): an attempt that a retry may mend.
+    pub fn broke_off(&self) -> bool {
+        matches!(self, Self::Stalled(_) | Self::Failed(_))
+    }
+
     /// The gateway error a client gets for it: a stall is a timeout (504), a full budget of
     /// buffered bodies 503, the rest 502.
     pub fn into_gateway_error(self, reading: &str) -> crate::error::GatewayError {
@@ -809,6 +817,11 @@ where
         let frame = match body.frame().await {
             None => return Ok(whole.freeze()),
             Some(Err(e)) => {
+                // A body read whole within its attempt hands on why it could not be.
+                let e = match e.downcast::<HoldError>() {
+                    Ok(held) => return Err(*held),
+                    Err(e) => e,
+                };
                 return Err(match e.downcast_ref::<Stalled>() {
                     Some(Stalled(after)) => HoldError::Stalled(*after),
                     None => HoldError::Failed(e.to_string()),
@@ -1037,6 +1050,41 @@ mod tests {
         let over = hold_whole(declared, 100, Some(&mut held)).await;
         assert!(matches!(over, Err(HoldError::Exhausted(_))), "{over:?}");
         assert_eq!(held.bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_body_read_whole_in_its_attempt_is_read_again_as_it_was_its_bytes_counted_once() {
+        use crate::upstream::UpstreamBody;
+        let budget = BufferBudget::default();
+        let mut first = budget.guard(100);
+        first.grow(4).expect("fits");
+        let body = UpstreamBody::read_whole(Ok(Bytes::from_static(b"abcd")), first);
+        assert!(body.unread().is_none());
+        // The reader that holds it back counts its bytes in turn: they are counted once.
+        let mut again = budget.guard(100);
+        let whole = hold_whole(body, 100, Some(&mut again)).await;
+        assert_eq!(whole.expect("whole"), Bytes::from_static(b"abcd"));
+        assert_eq!((budget.held(), again.bytes()), (4, 4));
+        // One that could not be read whole says why, before it is read and when it is.
+        for why in [
+            HoldError::Stalled(Duration::from_secs(3)),
+            HoldError::Failed("reset".into()),
+            HoldError::TooLarge(5),
+        ] {
+            let said = why.to_string();
+            let body = UpstreamBody::read_whole(Err(why), budget.guard(100));
+            assert_eq!(body.unread().map(ToString::to_string), Some(said.clone()));
+            let read = hold_whole(body, 100, Some(&mut budget.guard(100))).await;
+            assert_eq!(read.expect_err("unread").to_string(), said);
+        }
+        let stalled = UpstreamBody::read_whole(
+            Err(HoldError::Stalled(Duration::from_secs(3))),
+            budget.guard(100),
+        );
+        let err = hold_whole(stalled, 100, None).await.expect_err("stalled");
+        assert!(matches!(err, HoldError::Stalled(d) if d == Duration::from_secs(3)));
+        drop(again);
+        assert_eq!(budget.held(), 0);
     }
 
     fn record(

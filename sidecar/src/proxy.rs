@@ -206,9 +206,9 @@ impl Gateway {
     /// request's own config), and retries failed attempts as `retries` says: connection errors,
     /// timeouts to the first byte, the answers [`crate::retry::should_retry`] retries, and those
     /// whose body broke off before `read` had all it waits for of them (an answer held back
-    /// whole). `read` reads each answer not retried for its head ([`head_only`] for one whose
-    /// body streams on). The last attempt's answer, whatever its status, whole or not, is the
-    /// response.
+    /// whole). `read` reads each answer not retried for its status as far as the request waits
+    /// for it: its head, or all of it ([`read_passed_on`] for one passed on as it came). The
+    /// last attempt's answer, whatever its status, whole or not, is the response.
     pub(crate) async fn dispatch<A, R, F>(
         &self,
         req: Request<Full<Bytes>>,
@@ -448,8 +448,7 @@ impl Gateway {
             log_id,
         };
         // With response checks, the answer's record waits for them to say what the client got.
-        let held_back = (snap.dlp.checks_responses() || snap.guardrails.checks_responses())
-            .then(Arc::<crate::telemetry::HeldBack>::default);
+        let held_back = holds_answers(&snap).then(Arc::<crate::telemetry::HeldBack>::default);
         let result = self
             .proxy(&snap, &parts, body, start, &seen, held_back.as_ref())
             .await;
@@ -479,8 +478,10 @@ impl Gateway {
     /// Holds a response back until it is whole and lets the DLP response policies and the
     /// response guardrails see it: a DLP `BLOCK` match replaces it with a 2030 error, a blocking
     /// guardrail category with a 2017 one; `FLAG` matches are listed in `cf-aig-dlp`. An
-    /// upstream that stalls mid-body makes it a 504; one that compressed it anyway has it
-    /// decoded first ([`crate::body::decode_held`]). The answer's record, parked in
+    /// upstream answer passed on as it came was read whole within its attempt (retried when it
+    /// broke off, see [`read_passed_on`]): the last attempt's that stalled mid-body makes it a
+    /// 504, one that broke off a 502; one compressed anyway has it decoded first
+    /// ([`crate::body::decode_held`]). The answer's record, parked in
     /// `held_back` when its body ended, is finished with what the client got: here for a
     /// refusal, when the client took the answer (or left it) for one let through (charged for
     /// the provider's tokens either way).
@@ -1071,7 +1072,9 @@ impl Gateway {
         let waits =
             crate::retry::Waits::direct(timeout, snap.request_timeout, retries.max_attempts);
         let resp = self
-            .dispatch(upstream, waits, &retries, &provider.id, head_only)
+            .dispatch(upstream, waits, &retries, &provider.id, |resp| {
+                read_passed_on(self, snap, resp)
+            })
             .await
             .map_err(fail)?;
         let (mut head, body) = resp.into_parts();
@@ -1218,14 +1221,76 @@ impl<A> Read<A> {
             Self::Answered(a) | Self::BrokeOff(a, _) => a,
         }
     }
+
+    /// The answer made into another, read as it was.
+    pub(crate) fn map<B>(self, f: impl FnOnce(A) -> B) -> Read<B> {
+        match self {
+            Self::Answered(a) => Read::Answered(f(a)),
+            Self::BrokeOff(a, why) => Read::BrokeOff(f(a), why),
+        }
+    }
 }
 
-/// Reads no more of an upstream answer than its head (see [`Gateway::dispatch`]): its body
-/// streams on to the client, where a break can no longer be retried.
-pub(crate) fn head_only(
+/// Whether answers are held back whole until the response checks (DLP, guardrails) read them
+/// (see [`Gateway::scan_response`]).
+pub(crate) fn holds_answers(snap: &Snapshot) -> bool {
+    snap.dlp.checks_responses() || snap.guardrails.checks_responses()
+}
+
+/// Reads an upstream answer passed on as it came (see [`Gateway::dispatch`]): no more than its
+/// head when its body streams on to the client, where a break can no longer be retried; with
+/// response checks, which hold it back whole anyway, whole within its attempt, so that one
+/// broken off or stalled before the client got any of it is retried and then fails a fallback
+/// step, as a `/compat` answer held back to be translated does. The body read (or why it could
+/// not be) goes on as the answer's ([`UpstreamBody::read_whole`]).
+pub(crate) async fn read_passed_on(
+    gw: &Gateway,
+    snap: &Snapshot,
     resp: Response<UpstreamBody>,
-) -> std::future::Ready<Read<Response<UpstreamBody>>> {
-    std::future::ready(Read::Answered(resp))
+) -> Read<Response<UpstreamBody>> {
+    if !holds_answers(snap) {
+        return Read::Answered(resp);
+    }
+    let read = HeldAnswer::read(gw, snap.max_buffered, crate::dlp::MAX_RESPONSE_BYTES, resp);
+    read.await.map(|HeldAnswer { head, body, held }| {
+        Response::from_parts(head, UpstreamBody::read_whole(body, held))
+    })
+}
+
+/// An upstream answer held back whole: its head, and its body or why it could not be read
+/// whole, its bytes taken from the budget of buffered bodies through `held`.
+pub(crate) struct HeldAnswer {
+    pub(crate) head: http::response::Parts,
+    pub(crate) body: Result<Bytes, crate::body::HoldError>,
+    pub(crate) held: crate::buffers::Held,
+}
+
+impl HeldAnswer {
+    /// Reads `resp` whole (at most `limit` bytes) within an attempt: a body that broke off or
+    /// stalled before the client got any of it is a failed attempt, retried; one over the
+    /// gateway's limits is the answer.
+    pub(crate) async fn read(
+        gw: &Gateway,
+        max_buffered: u64,
+        limit: usize,
+        resp: Response<UpstreamBody>,
+    ) -> Read<Self> {
+        let (head, body) = resp.into_parts();
+        let mut held = gw.buffers.guard(max_buffered);
+        let body = hold_whole(body, limit, Some(&mut held)).await;
+        let broke = match &body {
+            Err(e) if e.broke_off() => Some(format!(
+                "status {}, reading the answer: {e}",
+                head.status.as_u16()
+            )),
+            _ => None,
+        };
+        let answer = Self { head, body, held };
+        match broke {
+            Some(why) => Read::BrokeOff(answer, why),
+            None => Read::Answered(answer),
+        }
+    }
 }
 
 /// The body of an upstream answer on its way to the client: its usage chunk held out when the

@@ -1287,6 +1287,13 @@ impl RequestRecord {
         self.status = status;
     }
 
+    /// The status the client got for the upstream's answer, which is still charged as the
+    /// upstream's status says: a billed `/compat` answer whose model output was not valid,
+    /// translated into OpenAI's `500` (see `compat::openai::InvalidOutput`).
+    pub fn set_sent(&mut self, status: u16) {
+        self.sent = Some(status);
+    }
+
     /// Adds a part of a long answer as it completes (a WebSocket session's response): its tokens
     /// to the record's, and its cost charged to the usage limits now, not when the record
     /// finishes (which charges only what was not charged yet).

@@ -324,16 +324,19 @@ pub(crate) async fn serve(
         let outcome = match auth.apply(gw, &mut step).await {
             Ok(()) => {
                 let waits = retry::Waits::every_attempt(step.timeout, snap.request_timeout);
-                let sent = gw.dispatch(step.request, waits, &step.retries, &id, proxy::head_only);
-                sent.await
+                let read = |resp| proxy::read_passed_on(gw, snap, resp);
+                gw.dispatch(step.request, waits, &step.retries, &id, read)
+                    .await
             }
             Err(e) => Err(e),
         };
         let id = &id;
         let resp = match outcome {
-            Ok(resp) if last || resp.status().is_success() => resp,
+            Ok(resp) if last || (resp.status().is_success() && !hands_on(&resp)) => resp,
             Ok(resp) => {
-                tracing::info!(step = i, provider = %id, status = resp.status().as_u16(), log_id = crate::log_id::current().as_deref(), "universal step failed, trying the next");
+                let status = resp.status().as_u16();
+                let failure = (resp.body().unread()).map(|e| format!("reading the answer: {e}"));
+                tracing::info!(step = i, provider = %id, status, failure = failure.as_deref(), log_id = crate::log_id::current().as_deref(), "universal step failed, trying the next");
                 continue;
             }
             // The gateway's own error (no answer, timeout) at the last step: refused here, so
@@ -410,6 +413,15 @@ pub(crate) async fn serve(
     }
     // `parse` refuses an empty list, so the last step returned above.
     Err(none(bad("no steps".into())))
+}
+
+/// Whether a step's answer held back whole for the response checks failed the step: it broke
+/// off or stalled after its retries, or was over the size they read (one over the budget of
+/// buffered bodies, the gateway's own limit, is the request's `503` at once, as on `/compat`).
+fn hands_on(resp: &Response<crate::upstream::UpstreamBody>) -> bool {
+    resp.body()
+        .unread()
+        .is_some_and(|e| !matches!(e, crate::body::HoldError::Exhausted(_)))
 }
 
 /// The request's log options with what a step's own gateway headers say of its log line

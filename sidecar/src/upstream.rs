@@ -236,6 +236,13 @@ pin_project! {
         H1 { body: h1::Body },
         /// What is left where a body was taken out ([`UpstreamBody::take`]).
         Ended,
+        /// A body read whole within its attempt ([`UpstreamBody::read_whole`]), or why it
+        /// could not be: handed on in one frame (or as its error), its bytes in the budget of
+        /// buffered bodies through `held` until that frame is taken.
+        Whole {
+            read: Option<Result<Bytes, crate::body::HoldError>>,
+            held: Option<crate::buffers::Held>,
+        },
         Hyper {
             #[pin]
             inner: Incoming,
@@ -266,6 +273,35 @@ impl UpstreamBody {
                 done: false,
             },
             watchdog: None,
+        }
+    }
+
+    /// A body read whole within its attempt (`read`: its bytes, or why it could not be read
+    /// whole), for a reader that holds the answer back whole anyway (the response checks): a
+    /// break is then seen while the request can still be sent again (see
+    /// `proxy::Gateway::dispatch`). `held` accounts for its bytes until its frame is taken, by a
+    /// reader that counts them in turn; its error is handed on as a [`crate::body::HoldError`].
+    pub fn read_whole(
+        read: Result<Bytes, crate::body::HoldError>,
+        held: crate::buffers::Held,
+    ) -> Self {
+        Self {
+            kind: Kind::Whole {
+                read: Some(read),
+                held: Some(held),
+            },
+            watchdog: None,
+        }
+    }
+
+    /// Why a body read whole within its attempt ([`UpstreamBody::read_whole`]) could not be,
+    /// before it is read on; `None` for any other body.
+    pub fn unread(&self) -> Option<&crate::body::HoldError> {
+        match &self.kind {
+            Kind::Whole {
+                read: Some(Err(e)), ..
+            } => Some(e),
+            _ => None,
         }
     }
 
@@ -320,6 +356,9 @@ impl Body for UpstreamBody {
         match &self.kind {
             Kind::H1 { body } => body.is_end_stream(),
             Kind::Ended => true,
+            Kind::Whole { read, .. } => read
+                .as_ref()
+                .is_none_or(|r| r.as_ref().is_ok_and(Bytes::is_empty)),
             Kind::Hyper { inner, held, done } => held.is_none() && (*done || inner.is_end_stream()),
         }
     }
@@ -328,6 +367,14 @@ impl Body for UpstreamBody {
         match &self.kind {
             Kind::H1 { body } => body.size_hint(),
             Kind::Ended => SizeHint::with_exact(0),
+            Kind::Whole {
+                read: Some(Ok(data)),
+                ..
+            } => SizeHint::with_exact(data.len() as u64),
+            Kind::Whole {
+                read: Some(Err(_)), ..
+            } => SizeHint::default(),
+            Kind::Whole { read: None, .. } => SizeHint::with_exact(0),
             Kind::Hyper { held: Some(_), .. } => SizeHint::default(),
             Kind::Hyper { done: true, .. } => SizeHint::with_exact(0),
             Kind::Hyper { inner, .. } => inner.size_hint(),
@@ -343,6 +390,15 @@ fn poll_kind(
         let (mut inner, held, done) = match kind.project() {
             KindProj::H1 { body } => return body.poll_frame(cx),
             KindProj::Ended => return Poll::Ready(None),
+            KindProj::Whole { read, held } => {
+                // Its bytes are the taker's to count from here.
+                held.take();
+                return Poll::Ready(match read.take() {
+                    Some(Ok(data)) if !data.is_empty() => Some(Ok(Frame::data(data))),
+                    Some(Ok(_)) | None => None,
+                    Some(Err(e)) => Some(Err(Box::new(e))),
+                });
+            }
             KindProj::Hyper { inner, held, done } => (inner, held, done),
         };
         if let Some(h) = held.take() {

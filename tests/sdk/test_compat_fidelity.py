@@ -93,7 +93,10 @@ class ScriptedUpstream:
 def env(tmp_path_factory):
     up = ScriptedUpstream()
     extra = (f"    google-ai-studio: {{baseURL: '{up.url}'}}\n"
-             f"    aws-bedrock: {{baseURL: '{up.url}'}}\n")
+             f"    aws-bedrock: {{baseURL: '{up.url}'}}\n"
+             "  fallbacks:\n    - name: gemini-then-openai\n      targets:\n"
+             "        - {provider: google-ai-studio, model: gemini-2.5-flash}\n"
+             "        - {provider: openai, model: gpt-4o-mini}\n")
     g = Sidegate(tmp_path_factory.mktemp("fidelity"), gateway_yaml(up.url, extra_spec=extra), KEYS)
     yield g, up
     g.stop()
@@ -530,3 +533,106 @@ def test_openai_format_answers_pass_through_unchanged(gw):
                                                      "messages": [{"role": "user", "content": "hi"}]}, timeout=20)
     assert r.json() == answer
     assert up.last_body()["model"] == "gpt-4o-mini"
+
+
+# --- output of the model that is not valid ------------------------------------------------------
+#
+# Gemini's finishReason MALFORMED_FUNCTION_CALL / UNEXPECTED_TOOL_CALL and Bedrock's stopReason
+# malformed_model_output / malformed_tool_use: no answer, though billed. OpenAI answers its own
+# invalid output with a 500 {"error": {"message": "The model produced invalid content. ...",
+# "type": "model_error", "param": null, "code": null}} (as its SDKs and the projects that log
+# them report), not a finished empty answer an agent loop would take as done.
+
+INVALID = [
+    (GEMINI, "MALFORMED_FUNCTION_CALL"),
+    (GEMINI, "UNEXPECTED_TOOL_CALL"),
+    (BEDROCK, "malformed_model_output"),
+    (BEDROCK, "malformed_tool_use"),
+]
+
+
+def invalid_answer(model, reason):
+    if model == GEMINI:
+        chunk = gemini_chunk(finish=reason, usage={"promptTokenCount": 1000, "candidatesTokenCount": 20,
+                                                    "totalTokenCount": 1020})
+        chunk["candidates"][0]["finishMessage"] = "Malformed function call: get_weather(city=)"
+        return chunk, " tokens_in=1000 tokens_out=20 "
+    return converse([], reason, usage={"inputTokens": 900, "outputTokens": 30, "totalTokens": 930}), \
+        " tokens_in=900 tokens_out=30 "
+
+
+def log_line(env, log_id):
+    g, _ = env
+    return g.wait_log_line(log_id)
+
+
+@pytest.mark.parametrize("model, reason", INVALID)
+def test_output_the_model_could_not_form_is_openais_500_model_error_its_tokens_counted(env, gw, model, reason):
+    c, up = gw
+    answer, tokens = invalid_answer(model, reason)
+    up.answer(answer)
+    # Neither retried (it was billed) nor taken for a finished empty answer.
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(c, model, "weather in Oslo?", tools=[WEATHER_TOOL],
+             extra_headers={"cf-aig-max-attempts": "3", "cf-aig-retry-delay": "0"})
+    err = e.value
+    assert (err.status_code, err.type, err.code) == (500, "model_error", reason)
+    body = err.response.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    message = body["message"]
+    assert message.startswith("The model produced invalid content ("), message
+    assert reason in message and "Consider modifying your prompt" in message
+    if model == GEMINI:
+        assert "Malformed function call: get_weather(city=)" in message
+    assert len(up.requests) == 1
+    # The provider billed it: logged with the status the client got, its tokens and cost counted.
+    line = log_line(env, err.response.headers["cf-aig-log-id"])
+    assert " status_code=500 " in line and " outcome=upstream_error" in line, line
+    assert tokens in line and " cost=" in line, line
+    if model == GEMINI:
+        assert " cost=0.00035" in line, line  # 1000 × $0.30/M + 20 × $2.50/M
+
+
+@pytest.mark.parametrize("model, reason", [(GEMINI, "MALFORMED_FUNCTION_CALL"), (BEDROCK, "malformed_tool_use")])
+def test_a_stream_whose_model_output_is_not_valid_ends_with_an_error_the_sdk_raises(env, gw, model, reason):
+    c, up = gw
+    if model == GEMINI:
+        up.answer(sse([(None, gemini_chunk([{"text": "Let me check"}])),
+                       (None, gemini_chunk(finish=reason, usage={"promptTokenCount": 1000, "candidatesTokenCount": 20,
+                                                                  "totalTokenCount": 1020}))]),
+                  ctype="text/event-stream")
+        tokens = " tokens_in=1000 tokens_out=20 "
+    else:
+        up.answer(frame("messageStart", {"role": "assistant"})
+                  + frame("contentBlockDelta", {"contentBlockIndex": 0, "delta": {"text": "Let me check"}})
+                  + frame("messageStop", {"stopReason": reason})
+                  + frame("metadata", {"usage": {"inputTokens": 900, "outputTokens": 30, "totalTokens": 930},
+                                       "metrics": {"latencyMs": 9}}),
+                  ctype=EVENT_STREAM)
+        tokens = " tokens_in=900 tokens_out=30 "
+    stream = chat(c, model, "weather in Oslo?", tools=[WEATHER_TOOL], stream=True,
+                  stream_options={"include_usage": True})
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            got.append(chunk)
+    assert (e.value.type, e.value.code) == ("model_error", reason)
+    assert e.value.message.startswith("The model produced invalid content (")
+    # What came before the failure came; no finish said the answer was done.
+    assert "".join(ch.choices[0].delta.content or "" for ch in got if ch.choices) == "Let me check"
+    assert not [ch for ch in got if ch.choices and ch.choices[0].finish_reason]
+    line = log_line(env, stream.response.headers["cf-aig-log-id"])
+    assert " outcome=upstream_error" in line and tokens in line and " cost=" in line, line
+
+
+def test_output_the_model_could_not_form_is_not_handed_to_the_fallback(env, gw):
+    # Billed: the request is counted with this answer, not dropped for the next target's.
+    c, up = gw
+    answer, tokens = invalid_answer(GEMINI, "MALFORMED_FUNCTION_CALL")
+    up.answer(answer)
+    with pytest.raises(openai.InternalServerError) as e:
+        chat(c, "fallback/gemini-then-openai", "weather in Oslo?", tools=[WEATHER_TOOL])
+    assert (e.value.code, e.value.response.headers.get("cf-aig-step")) == ("MALFORMED_FUNCTION_CALL", "0")
+    assert [path for path, _, _ in up.requests] == ["/v1beta/models/gemini-2.5-flash:generateContent"]
+    line = log_line(env, e.value.response.headers["cf-aig-log-id"])
+    assert tokens in line and " step=0" in line, line

@@ -269,6 +269,10 @@ class ScriptedUpstream:
     no JSON: a captive portal's page), or any bytes, sent as they are. `requests` holds the
     request bodies."""
 
+    # What `reset` and `stall` send before they break off.
+    BROKEN = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 400\r\n\r\n"
+              b'{"id":"msg_1","type"')
+
     def __init__(self, script):
         self.script, self.requests, self.held = script, [], []
         self.listener = Listener(self._serve)
@@ -282,8 +286,7 @@ class ScriptedUpstream:
         self.requests.append(got[1])
         action = self.script[min(len(self.requests) - 1, len(self.script) - 1)]
         if action in ("reset", "stall"):
-            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: 400\r\n\r\n"
-                         b'{"id":"msg_1","type"')
+            conn.sendall(self.BROKEN)
             if action == "stall":
                 self.held.append(conn)
                 return
@@ -459,6 +462,230 @@ def test_a_request_sent_in_parts_whose_part_fails_falls_back_whole(mock, tmp_pat
         (sent,) = mock.requests()
         assert json.loads(sent["body"])["input"] == ["a", "bb", "ccc"]
         assert "a part of the request: status 400" in g.wait_for_log("route target failed, trying the next")
+    finally:
+        g.stop()
+        up.stop()
+
+
+# --- answers held back whole for the response checks ---------------------------------------------
+
+# Response checks (DLP, guardrails) hold an answer passed on as it came back whole: it is read
+# within its attempt, so one that breaks off before the client got any of it is retried and then
+# hands over, as a /compat answer held back to be translated does.
+RESPONSE_CHECKS = {
+    "dlp": "  dlp:\n    policies:\n      - {{id: cards, action: BLOCK, check: [RESPONSE], profiles: [credit-card]}}\n",
+    "guardrails": "  guardrails:\n    moderationURL: '{mock}/v1/moderations'\n    response: {{violence: block}}\n",
+}
+REQUEST_CHECKS = {
+    "dlp": "  dlp:\n    policies:\n      - {{id: cards, action: BLOCK, check: [REQUEST], profiles: [credit-card]}}\n",
+    "guardrails": "  guardrails:\n    moderationURL: '{mock}/v1/moderations'\n    prompt: {{violence: block}}\n",
+}
+
+
+def openai_completion(text):
+    body = json.dumps({"id": "chatcmpl-raw", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}).encode()
+    return b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def chunk_event(text):
+    chunk = {"id": "chatcmpl-raw", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+    return b"data: %s\n\n" % json.dumps(chunk).encode()
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+
+
+def openai_stream(*texts):
+    return STREAM_HEAD + b"".join(chunk_event(t) for t in texts) + b"data: [DONE]\n\n"
+
+
+class StreamBreakingUpstream(ScriptedUpstream):
+    """A ScriptedUpstream whose `reset` (and `stall`) sends the head and first event of an
+    OpenAI chat stream (`hel`) before it breaks off."""
+
+    BROKEN = STREAM_HEAD + chunk_event("hel")
+
+
+def checked_gateway(tmp_path, upstream, mock, checks, extra_spec="", on=RESPONSE_CHECKS):
+    """A gateway with `checks` (`on` the responses, or the requests) whose openai provider is
+    `upstream`; the other providers and the moderation endpoint are the mock."""
+    yaml = gateway_yaml(mock.url, extra_spec=on[checks].format(mock=mock.url) + extra_spec)
+    yaml = yaml.replace(f"    openai: {{baseURL: '{mock.url}/v1'}}\n", f"    openai: {{baseURL: '{upstream.url}/v1'}}\n")
+    g = Sidegate(tmp_path, yaml, DEFAULT_KEYS)
+    mock.clear()
+    return g
+
+
+def access_lines(g):
+    return [line for line in g.logs().splitlines() if " request id=" in line]
+
+
+def moderated(mock):
+    return [json.loads(r["body"])["input"] for r in mock.requests() if r["path"] == "/v1/moderations"]
+
+
+def metric(g, prefix):
+    return [line for line in g.metrics().splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.parametrize("how", ["reset", "stall"])
+@pytest.mark.parametrize("checks", ["dlp", "guardrails"])
+def test_an_answer_held_back_for_the_response_checks_that_breaks_off_is_retried(mock, tmp_path, checks, how):
+    up = ScriptedUpstream([how, openai_completion("second try")])
+    g = checked_gateway(tmp_path, up, mock, checks, extra_spec="  requestTimeout: 1s\n")
+    try:
+        client = openai.OpenAI(base_url=g.url + "/openai", api_key="placeholder", max_retries=0,
+                               default_headers=TWO_ATTEMPTS)
+        raw = client.chat.completions.with_raw_response.create(**BODY)
+        assert raw.parse().choices[0].message.content == "second try"
+        assert len(up.requests) == 2
+        failure = "no data for 1000 ms" if how == "stall" else "reading the answer"
+        assert failure in g.wait_for_log("retrying upstream")
+        # Only the answer the client got is checked, logged and counted: once.
+        if checks == "guardrails":
+            assert moderated(mock) == ["second try"]
+        line = g.wait_log_line(raw.headers["cf-aig-log-id"])
+        assert " status_code=200 " in line and " tokens_in=3 tokens_out=2 " in line, line
+        assert len(access_lines(g)) == 1
+        assert metric(g, 'sidegate_tokens_total{provider="openai",direction="output"}') == \
+            ['sidegate_tokens_total{provider="openai",direction="output"} 2']
+        assert retry_metric(g) == 1
+    finally:
+        g.stop()
+        up.stop()
+
+
+@pytest.mark.parametrize("checks", ["dlp", "guardrails"])
+def test_a_stream_held_back_for_the_response_checks_that_breaks_off_is_retried_whole(mock, tmp_path, checks):
+    # The first attempt's event never reaches the client: it gets the second attempt's stream,
+    # and nothing of the first.
+    up = StreamBreakingUpstream(["reset", openai_stream("second", " try")])
+    g = checked_gateway(tmp_path, up, mock, checks)
+    try:
+        client = openai.OpenAI(base_url=g.url + "/openai", api_key="placeholder", max_retries=0,
+                               default_headers=TWO_ATTEMPTS)
+        stream = client.chat.completions.create(**BODY, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "second try"
+        assert len(up.requests) == 2
+        if checks == "guardrails":
+            assert moderated(mock) == ["second try"]
+    finally:
+        g.stop()
+        up.stop()
+
+
+def anthropic_stream(text):
+    events = [
+        ("message_start", {"type": "message_start", "message": {
+            "id": "msg_raw", "type": "message", "role": "assistant", "model": "claude-haiku-4-5", "content": [],
+            "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": 2}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return STREAM_HEAD + b"".join(b"event: %s\ndata: %s\n\n" % (name.encode(), json.dumps(data).encode())
+                                  for name, data in events)
+
+
+@pytest.mark.parametrize("checks", ["dlp", "guardrails"])
+def test_a_compat_stream_held_back_for_the_response_checks_that_breaks_off_is_retried(mock, tmp_path, checks):
+    # A stream translated as it comes is held back whole for the checks too: read within its
+    # attempt, as an answer passed on as it came is.
+    up = ScriptedUpstream(["reset", anthropic_stream("second try")])
+    g = anthropic_gateway(tmp_path, up, mock.url, extra_spec=RESPONSE_CHECKS[checks].format(mock=mock.url))
+    try:
+        mock.clear()
+        client = openai.OpenAI(base_url=g.url + "/compat", api_key="placeholder", max_retries=0,
+                               default_headers=TWO_ATTEMPTS)
+        stream = client.chat.completions.create(**COMPAT_CHAT, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "second try"
+        assert len(up.requests) == 2
+        assert metric(g, 'sidegate_tokens_total{provider="anthropic",direction="output"}') == \
+            ['sidegate_tokens_total{provider="anthropic",direction="output"} 2']
+    finally:
+        g.stop()
+        up.stop()
+
+
+@pytest.mark.parametrize("checks", ["dlp", "guardrails"])
+def test_an_answer_held_back_for_the_checks_broken_on_every_attempt_is_a_502_counting_no_tokens(mock, tmp_path, checks):
+    up = ScriptedUpstream(["reset"])
+    g = checked_gateway(tmp_path, up, mock, checks)
+    try:
+        r = httpx.post(g.url + CHAT, json=BODY, headers=TWO_ATTEMPTS, timeout=30)
+        assert (r.status_code, r.json()["error"][0]["code"]) == (502, 2104), r.text
+        assert len(up.requests) == 2
+        line = g.wait_log_line(r.headers["cf-aig-log-id"])
+        assert " status_code=502 " in line and " outcome=upstream_error" in line, line
+        assert "response not delivered" in g.logs() and g.logs().count("retrying upstream") == 1
+        assert metric(g, "sidegate_tokens_total") == [] and moderated(mock) == []
+    finally:
+        g.stop()
+        up.stop()
+
+
+@pytest.mark.parametrize("entry", ["fallback chain", "universal step", "universal compat step"])
+@pytest.mark.parametrize("checks", ["dlp", "guardrails"])
+def test_an_answer_held_back_for_the_response_checks_that_breaks_off_falls_back(mock, tmp_path, checks, entry):
+    up = ScriptedUpstream(["reset"])
+    spec = ("  fallbacks:\n    - name: chain\n      targets:\n"
+            "        - {provider: openai, model: gpt-4o-mini}\n"
+            "        - {provider: custom-local, model: gpt-4o-mini}\n")
+    g = checked_gateway(tmp_path, up, mock, checks, extra_spec=spec)
+    try:
+        ask = dict(BODY, messages=[{"role": "user", "content": "fall back please"}])
+        local = {"provider": "custom-local", "endpoint": "chat/completions", "headers": {}, "query": ask}
+        if entry == "fallback chain":
+            client = openai.OpenAI(base_url=g.url + "/compat", api_key="placeholder", max_retries=0)
+            raw = client.chat.completions.with_raw_response.create(**dict(ask, model="fallback/chain"))
+            status, headers, content = raw.status_code, raw.headers, raw.parse().choices[0].message.content
+            handed = "route target failed, trying the next"
+        else:
+            first = ({"provider": "openai", "endpoint": "chat/completions", "headers": {}, "query": ask}
+                     if entry == "universal step" else
+                     {"provider": "compat", "endpoint": "chat/completions", "headers": {},
+                      "query": dict(ask, model="openai/gpt-4o-mini")})
+            r = httpx.post(g.url + "/", json=[first, local], timeout=30)
+            status, headers = r.status_code, r.headers
+            content = r.json()["choices"][0]["message"]["content"] if status == 200 else r.text
+            handed = "universal step failed, trying the next"
+        assert (status, headers.get("cf-aig-step")) == (200, "1"), f"the fallback was never tried: {status} {content[:200]}"
+        assert content == "mock reply to: fall back please"
+        assert len(up.requests) == 1
+        assert "reading the answer" in g.wait_for_log(handed)
+        # Logged and counted once, for what served.
+        line = g.wait_log_line(headers["cf-aig-log-id"])
+        assert " provider=custom-local " in line and " step=1" in line and " status_code=200 " in line, line
+        assert len(access_lines(g)) == 1
+        assert metric(g, 'sidegate_tokens_total{provider="openai"') == []
+        if checks == "guardrails":
+            assert moderated(mock) == ["mock reply to: fall back please"]
+    finally:
+        g.stop()
+        up.stop()
+
+
+@pytest.mark.parametrize("checks", ["dlp", "guardrails"])
+def test_with_request_checks_only_a_stream_that_broke_after_its_first_bytes_is_not_sent_again(mock, tmp_path, checks):
+    # Nothing holds the answer back: it streams on as it comes, and bytes that reached the
+    # client are never followed by another attempt's.
+    up = StreamBreakingUpstream(["reset", openai_stream("never", " sent")])
+    g = checked_gateway(tmp_path, up, mock, checks, on=REQUEST_CHECKS)
+    try:
+        received = b""
+        with httpx.stream("POST", g.url + CHAT, json=dict(BODY, stream=True), headers=TWO_ATTEMPTS, timeout=30) as r:
+            assert r.status_code == 200
+            with pytest.raises(httpx.RemoteProtocolError):
+                for piece in r.iter_bytes():
+                    received += piece
+        assert received == chunk_event("hel")
+        assert len(up.requests) == 1 and "retrying upstream" not in g.logs()
     finally:
         g.stop()
         up.stop()

@@ -25,10 +25,10 @@ use serde_json::{Map, Value, json};
 use super::anthropic::{JSON_TOOL, JSON_TOOL_INSTRUCTION, JsonAnswer};
 use super::eventstream::Decoder;
 use super::openai::{
-    self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, Message, Part,
-    ResponseFormat, ThinkingBlock, Tool, ToolCallOut, Usage, bad,
+    self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, InvalidOutput,
+    Message, Part, ResponseFormat, ThinkingBlock, Tool, ToolCallOut, Usage, bad,
 };
-use super::{ResponseCtx, StreamTranslator};
+use super::{ResponseCtx, StreamTranslator, Translated};
 use crate::error::GatewayError;
 use crate::error::json_error;
 
@@ -571,6 +571,16 @@ fn finish_reason(stop: &str, json_only: bool) -> &'static str {
     }
 }
 
+/// Output of the model that is not valid, for a `stopReason` that says so: text or a tool
+/// use Bedrock could not read (`malformed_model_output`, `malformed_tool_use`).
+fn invalid_output(stop: &str) -> Option<InvalidOutput> {
+    matches!(stop, "malformed_model_output" | "malformed_tool_use").then(|| InvalidOutput {
+        said_by: "Bedrock stopReason",
+        reason: stop.to_owned(),
+        detail: None,
+    })
+}
+
 /// `message.refusal` of an answer Bedrock filtered before any of it was written.
 fn filtered(stop: &str) -> String {
     let by = if stop == "guardrail_intervened" {
@@ -665,10 +675,14 @@ impl BedrockUsage {
     }
 }
 
-/// A complete Converse response as a `chat.completion`.
-pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+/// A complete Converse response as a `chat.completion`, or OpenAI's error for output of the
+/// model that is not valid.
+pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Translated, String> {
     let r: ConverseResponse = serde_json::from_slice(body)
         .map_err(|e| format!("unexpected Bedrock response: {}", json_error(&e)))?;
+    if let Some(e) = r.stop_reason.as_deref().and_then(invalid_output) {
+        return Ok(Translated::InvalidOutput(e));
+    }
     let mut text = String::new();
     let mut json_answer: Option<String> = None;
     let mut tool_calls = Vec::new();
@@ -720,7 +734,7 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
         reasoning: (!reasoning.is_empty()).then_some(reasoning),
         thinking_blocks,
     };
-    Ok(c.to_json(ctx.created))
+    Ok(Translated::Answer(c.to_json(ctx.created)))
 }
 
 /// A Bedrock error (`{"message"}` plus `x-amzn-errortype`) in the OpenAI error shape.
@@ -767,6 +781,9 @@ pub struct Stream {
     usage: Usage,
     /// Whether the stream's metadata reported usage yet.
     usage_seen: bool,
+    /// The model's output was not valid (its `messageStop` said so): the stream ends with
+    /// OpenAI's error once its usage came (see [`InvalidOutput`]).
+    invalid: Option<InvalidOutput>,
     done: bool,
 }
 
@@ -789,6 +806,7 @@ impl Stream {
             next_tool: 0,
             usage: Usage::default(),
             usage_seen: false,
+            invalid: None,
             done: false,
         }
     }
@@ -917,6 +935,12 @@ impl Stream {
                     .get("stopReason")
                     .and_then(Value::as_str)
                     .unwrap_or("end_turn");
+                // No finish: the metadata event that follows carries the usage, which is
+                // counted from the provider's stream before the client reads the error.
+                if let Some(e) = invalid_output(stop) {
+                    self.invalid = Some(e);
+                    return;
+                }
                 self.flush_held_text(out);
                 let finish = finish_reason(stop, self.json_tool && self.next_tool == 0);
                 if finish == "content_filter" && !self.w.wrote_content() && self.next_tool == 0 {
@@ -932,7 +956,10 @@ impl Stream {
                     self.usage = u.usage();
                     self.usage_seen = true;
                 }
-                if self.w.is_finished() {
+                if let Some(e) = self.invalid.take() {
+                    self.w.invalid_output(out, &e);
+                    self.done = true;
+                } else if self.w.is_finished() {
                     self.w.done(out, self.usage);
                     self.done = true;
                 }
@@ -983,7 +1010,9 @@ impl StreamTranslator for Stream {
             return;
         }
         self.done = true;
-        if self.w.is_finished() {
+        if let Some(e) = self.invalid.take() {
+            self.w.invalid_output(out, &e);
+        } else if self.w.is_finished() {
             self.w.done(out, self.usage);
         } else {
             self.w.error(
@@ -1106,7 +1135,7 @@ mod tests {
     use super::*;
     use crate::compat::eventstream::encode;
     use crate::compat::tests::{
-        ctx, cut, deltas, golden, golden_json, run_stream_bytes, thinking_of,
+        answer, ctx, cut, deltas, golden, golden_json, run_stream_bytes, thinking_of,
     };
     use proptest::prelude::*;
 
@@ -1223,8 +1252,8 @@ mod tests {
             {"reasoningContent":{"redactedContent":"cmVk"}},
             {"toolUse":{"toolUseId":"tooluse_1","name":"get_weather","input":{}}}]}},
             "stopReason":"tool_use","usage":{"inputTokens":1,"outputTokens":2}}"#;
-        let v: Value = serde_json::from_slice(&response(plain, &ctx(false, false)).expect("ok"))
-            .expect("json");
+        let v: Value =
+            serde_json::from_slice(&answer(response(plain, &ctx(false, false)))).expect("json");
         assert_eq!(
             v["choices"][0]["message"]["reasoning_content"],
             "Oslo is cold."
@@ -1355,7 +1384,7 @@ mod tests {
         let resp = br#"{"output":{"message":{"role":"assistant","content":[{"text":"hi"}]}},"stopReason":"end_turn",
             "usage":{"inputTokens":4,"outputTokens":200,"totalTokens":2268,"cacheReadInputTokens":2064,"cacheWriteInputTokens":0}}"#;
         let out: Value =
-            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+            serde_json::from_slice(&answer(response(resp, &ctx(false, false)))).expect("json");
         assert_eq!(out["usage"]["prompt_tokens"], 2068);
         assert_eq!(out["usage"]["total_tokens"], 2268);
         assert_eq!(out["usage"]["prompt_tokens_details"]["cached_tokens"], 2064);
@@ -1691,8 +1720,8 @@ mod tests {
         let called = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Checking."},
             {"toolUse":{"toolUseId":"t1","name":"get_weather","input":{"city":"Oslo"}}}]}},
             "stopReason":"tool_use","usage":{"inputTokens":5,"outputTokens":6}}"#;
-        let v: Value = serde_json::from_slice(&response(called, &ctx(false, true)).expect("ok"))
-            .expect("json");
+        let v: Value =
+            serde_json::from_slice(&answer(response(called, &ctx(false, true)))).expect("json");
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
         assert_eq!(v["choices"][0]["message"]["content"], "Checking.");
         assert_eq!(
@@ -1702,8 +1731,8 @@ mod tests {
         let answered = br#"{"output":{"message":{"role":"assistant","content":[{"text":"Done."},
             {"toolUse":{"toolUseId":"t2","name":"json_response","input":{"verdict":"cold"}}}]}},
             "stopReason":"tool_use","usage":{"inputTokens":5,"outputTokens":6}}"#;
-        let v: Value = serde_json::from_slice(&response(answered, &ctx(false, true)).expect("ok"))
-            .expect("json");
+        let v: Value =
+            serde_json::from_slice(&answer(response(answered, &ctx(false, true)))).expect("json");
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         assert_eq!(
             v["choices"][0]["message"]["content"],
@@ -1724,11 +1753,70 @@ mod tests {
     }
 
     #[test]
+    fn malformed_model_output_is_openais_model_error_not_an_empty_finished_answer() {
+        for stop in ["malformed_model_output", "malformed_tool_use"] {
+            let body = format!(
+                r#"{{"output":{{"message":{{"role":"assistant","content":[]}}}},
+                "stopReason":"{stop}","usage":{{"inputTokens":5,"outputTokens":7}}}}"#
+            );
+            let Ok(Translated::InvalidOutput(e)) = response(body.as_bytes(), &ctx(false, false))
+            else {
+                panic!("{stop}: not an error")
+            };
+            let v: Value = serde_json::from_slice(&e.to_json()).expect("json");
+            assert_eq!(
+                (v["error"]["type"].as_str(), v["error"]["code"].as_str()),
+                (Some("model_error"), Some(stop))
+            );
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("The model produced invalid content")),
+                "{v}"
+            );
+        }
+        // Streamed: the error once the metadata (its usage) came, in place of the finish.
+        let stopped = [
+            event("messageStart", r#"{"role":"assistant"}"#),
+            event(
+                "contentBlockDelta",
+                r#"{"contentBlockIndex":0,"delta":{"text":"Let me"}}"#,
+            ),
+            event("messageStop", r#"{"stopReason":"malformed_tool_use"}"#),
+        ]
+        .concat();
+        let metadata = event(
+            "metadata",
+            r#"{"usage":{"inputTokens":5,"outputTokens":7,"totalTokens":12}}"#,
+        );
+        let mut stream = Stream::new(&ctx(true, false));
+        let mut out = BytesMut::new();
+        stream.push(&stopped, &mut out);
+        assert!(!String::from_utf8_lossy(&out).contains("error"), "too soon");
+        stream.push(&metadata, &mut out);
+        stream.finish(&mut out);
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.ends_with("\n\n") && out.contains("Let me"), "{out}");
+        let last = out.trim_end().rsplit("\n\n").next().unwrap_or_default();
+        let v: Value =
+            serde_json::from_str(last.strip_prefix("data: ").unwrap_or_default()).expect("json");
+        assert_eq!(v["error"]["code"], "malformed_tool_use", "{out}");
+        assert!(
+            !out.contains("finish_reason\":\"stop") && !out.contains("[DONE]"),
+            "{out}"
+        );
+        assert!(!stream.ended_whole());
+        // A stream that ends before its metadata ends with the error all the same.
+        let out = run_stream_bytes(&mut Stream::new(&ctx(false, false)), &[stopped]);
+        assert!(out.contains("\"code\":\"malformed_tool_use\""), "{out}");
+    }
+
+    #[test]
     fn a_filtered_answer_with_nothing_written_says_why_in_its_refusal() {
         let filtered = br#"{"output":{"message":{"role":"assistant","content":[]}},
             "stopReason":"content_filtered","usage":{"inputTokens":5,"outputTokens":0}}"#;
-        let v: Value = serde_json::from_slice(&response(filtered, &ctx(false, false)).expect("ok"))
-            .expect("json");
+        let v: Value =
+            serde_json::from_slice(&answer(response(filtered, &ctx(false, false)))).expect("json");
         assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
         assert_eq!(v["choices"][0]["message"]["content"], Value::Null);
         assert!(

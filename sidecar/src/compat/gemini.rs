@@ -7,11 +7,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::openai::{
-    self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, Message, Part,
-    ResponseFormat, SIGNATURE_MARK, Tool, ToolCallOut, Usage, bad,
+    self, ChatRequest, Choice, ChunkWriter, Completion, Content, EmbeddingsRequest, InvalidOutput,
+    Message, Part, ResponseFormat, SIGNATURE_MARK, Tool, ToolCallOut, Usage, bad,
 };
 use super::sse::{Event, SseParser};
-use super::{ResponseCtx, StreamTranslator};
+use super::{ResponseCtx, StreamTranslator, Translated};
 use crate::error::GatewayError;
 use crate::error::json_error;
 
@@ -326,6 +326,9 @@ struct Candidate {
     content: Option<CandidateContent>,
     #[serde(default)]
     finish_reason: Option<String>,
+    /// Google's own words on why the model stopped.
+    #[serde(default)]
+    finish_message: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -414,6 +417,17 @@ fn finish_reason(reason: &str) -> &'static str {
     }
 }
 
+/// Output of the model that is not valid, for a `finishReason` that says so: a function call
+/// it could not form (`MALFORMED_FUNCTION_CALL`), or one the request did not allow
+/// (`UNEXPECTED_TOOL_CALL`: no tools, or not a declared one).
+fn invalid_output(reason: &str, message: Option<&str>) -> Option<InvalidOutput> {
+    matches!(reason, "MALFORMED_FUNCTION_CALL" | "UNEXPECTED_TOOL_CALL").then(|| InvalidOutput {
+        said_by: "Google finishReason",
+        reason: reason.to_owned(),
+        detail: message.map(str::to_owned),
+    })
+}
+
 fn blocked_prompt(reason: &str) -> String {
     format!("the prompt was blocked by Google's safety filters (blockReason {reason})")
 }
@@ -447,8 +461,9 @@ fn call_id(ctx_id: &str, call: &FunctionCall, n: usize, signature: Option<&str>)
     id
 }
 
-/// A complete `generateContent` response as a `chat.completion`.
-pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
+/// A complete `generateContent` response as a `chat.completion`, or OpenAI's error for output of
+/// the model that is not valid.
+pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Translated, String> {
     let r: GenerateResponse = serde_json::from_slice(body)
         .map_err(|e| format!("unexpected Google response: {}", json_error(&e)))?;
     let mut c = Completion {
@@ -465,8 +480,12 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
             .unwrap_or_else(|| "OTHER".to_owned());
         c.refusal = Some(blocked_prompt(&reason));
         c.finish_reason = "content_filter";
-        return Ok(c.to_json(ctx.created));
+        return Ok(Translated::Answer(c.to_json(ctx.created)));
     };
+    let finish = candidate.finish_reason.as_deref();
+    if let Some(e) = finish.and_then(|r| invalid_output(r, candidate.finish_message.as_deref())) {
+        return Ok(Translated::InvalidOutput(e));
+    }
     let mut text = String::new();
     let mut reasoning = String::new();
     for part in candidate.content.map(|c| c.parts).unwrap_or_default() {
@@ -497,7 +516,7 @@ pub fn response(body: &[u8], ctx: &ResponseCtx) -> Result<Vec<u8>, String> {
     } else if !text.is_empty() || c.tool_calls.is_empty() {
         c.text = Some(text);
     }
-    Ok(c.to_json(ctx.created))
+    Ok(Translated::Answer(c.to_json(ctx.created)))
 }
 
 /// A Google error body in the OpenAI error shape.
@@ -659,6 +678,15 @@ impl StreamState {
                 }
             }
         }
+        if let Some(e) = (candidate.finish_reason.as_deref())
+            .and_then(|r| invalid_output(r, candidate.finish_message.as_deref()))
+        {
+            // In place of the finish: the stream ends with OpenAI's error (its usage, in this
+            // same event, counted from the provider's stream).
+            self.w.invalid_output(out, &e);
+            self.done = true;
+            return;
+        }
         if let Some(reason) = candidate.finish_reason {
             let mapped = if self.tools > 0 {
                 "tool_calls"
@@ -765,7 +793,7 @@ pub fn embed_vectors(body: &[u8]) -> Result<(Vec<Vec<f32>>, u64), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compat::tests::{ctx, cut, golden, golden_json, run_stream};
+    use crate::compat::tests::{answer, ctx, cut, golden, golden_json, run_stream};
     use proptest::prelude::*;
 
     const STREAM: &str = concat!(
@@ -788,7 +816,7 @@ mod tests {
         let resp = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"hi"}]},"finishReason":"STOP"}],
             "usageMetadata":{"promptTokenCount":120,"candidatesTokenCount":5,"thoughtsTokenCount":30,"cachedContentTokenCount":100}}"#;
         let out: Value =
-            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+            serde_json::from_slice(&answer(response(resp, &ctx(false, false)))).expect("json");
         assert_eq!(
             out["usage"],
             json!({"prompt_tokens": 120, "completion_tokens": 35, "total_tokens": 155,
@@ -822,7 +850,7 @@ mod tests {
     fn a_blocked_prompt_is_a_content_filter_finish_with_a_refusal() {
         let body = br#"{"promptFeedback":{"blockReason":"SAFETY","safetyRatings":[]},"usageMetadata":{"promptTokenCount":4,"totalTokenCount":4}}"#;
         let v: Value =
-            serde_json::from_slice(&response(body, &ctx(false, false)).expect("ok")).expect("json");
+            serde_json::from_slice(&answer(response(body, &ctx(false, false)))).expect("json");
         assert_eq!(v["choices"][0]["finish_reason"], "content_filter");
         assert!(
             v["choices"][0]["message"]["refusal"]
@@ -833,10 +861,64 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_function_call_is_openais_model_error_not_an_empty_finished_answer() {
+        let body = br#"{"candidates":[{"content":{"role":"model","parts":[{"text":"Let me "}]},
+            "finishReason":"MALFORMED_FUNCTION_CALL","finishMessage":"Malformed function call: print(f(a=))"}],
+            "usageMetadata":{"promptTokenCount":2595,"totalTokenCount":2595}}"#;
+        let Ok(Translated::InvalidOutput(e)) = response(body, &ctx(false, false)) else {
+            panic!("not an error")
+        };
+        let v: Value = serde_json::from_slice(&e.to_json()).expect("json");
+        assert_eq!(v["error"]["type"], "model_error");
+        assert_eq!(v["error"]["code"], "MALFORMED_FUNCTION_CALL");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("The model produced invalid content (Google finishReason MALFORMED_FUNCTION_CALL: Malformed function call: print(f(a=)))"),
+            "{message}"
+        );
+        // A call the request did not allow is one too; other finishes are answers.
+        let unexpected = br#"{"candidates":[{"finishReason":"UNEXPECTED_TOOL_CALL"}]}"#;
+        assert!(matches!(
+            response(unexpected, &ctx(false, false)),
+            Ok(Translated::InvalidOutput(e)) if e.reason == "UNEXPECTED_TOOL_CALL" && e.detail.is_none()
+        ));
+        let other =
+            br#"{"candidates":[{"content":{"parts":[{"text":"hi"}]},"finishReason":"OTHER"}]}"#;
+        assert!(matches!(
+            response(other, &ctx(false, false)),
+            Ok(Translated::Answer(_))
+        ));
+        // Streamed: what came before, then the error in place of the finish; no [DONE].
+        let out = run_stream(
+            &mut Stream::new(&ctx(true, false)),
+            &[
+                "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"Let me \"}],\"role\":\"model\"}}]}\r\n\r\n",
+                "data: {\"candidates\":[{\"finishReason\":\"MALFORMED_FUNCTION_CALL\"}],\"usageMetadata\":{\"promptTokenCount\":5}}\r\n\r\n",
+                "data: {\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"ignored\"}]}}]}\r\n\r\n",
+            ],
+        );
+        let events: Vec<&str> = out.split("\n\n").filter(|e| !e.is_empty()).collect();
+        let last: Value = serde_json::from_str(
+            events
+                .last()
+                .and_then(|e| e.strip_prefix("data: "))
+                .unwrap_or_default(),
+        )
+        .expect("json");
+        assert_eq!(last["error"]["type"], "model_error", "{out}");
+        assert_eq!(last["error"]["code"], "MALFORMED_FUNCTION_CALL");
+        assert!(out.contains("Let me ") && !out.contains("ignored"), "{out}");
+        assert!(
+            !out.contains("finish_reason\":\"stop") && !out.contains("[DONE]"),
+            "{out}"
+        );
+    }
+
+    #[test]
     fn function_calls_get_ids_and_the_tool_calls_finish_reason() {
         let body = br#"{"candidates":[{"content":{"role":"model","parts":[{"functionCall":{"name":"f","args":{"a":1}}}]},"finishReason":"STOP"}],"usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":2}}"#;
         let v: Value =
-            serde_json::from_slice(&response(body, &ctx(false, false)).expect("ok")).expect("json");
+            serde_json::from_slice(&answer(response(body, &ctx(false, false)))).expect("json");
         let call = &v["choices"][0]["message"]["tool_calls"][0];
         assert_eq!(call["function"]["arguments"], r#"{"a":1}"#);
         assert!(
@@ -853,7 +935,7 @@ mod tests {
             {"functionCall":{"name":"get_weather","args":{"city":"Oslo"}},"thoughtSignature":"CiQB0e2Kb+/sig=="}]},
             "finishReason":"STOP"}]}"#;
         let out: Value =
-            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+            serde_json::from_slice(&answer(response(resp, &ctx(false, false)))).expect("json");
         let id = out["choices"][0]["message"]["tool_calls"][0]["id"]
             .as_str()
             .expect("id")
@@ -993,7 +1075,7 @@ mod tests {
             {"text":"Oslo is far north.","thought":true},{"text":"Cold."}]},"finishReason":"STOP"}],
             "usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1,"thoughtsTokenCount":5}}"#;
         let v: Value =
-            serde_json::from_slice(&response(resp, &ctx(false, false)).expect("ok")).expect("json");
+            serde_json::from_slice(&answer(response(resp, &ctx(false, false)))).expect("json");
         assert_eq!(v["choices"][0]["message"]["content"], "Cold.");
         assert_eq!(
             v["choices"][0]["message"]["reasoning_content"],

@@ -45,8 +45,8 @@ use crate::headers::{
 };
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
-use crate::proxy::Read;
 use crate::proxy::{self, Admission, Gateway};
+use crate::proxy::{HeldAnswer, Read};
 use crate::retry::{Policy, Waits};
 use crate::route::ProviderRoute;
 use crate::routing::{Target, Walk};
@@ -151,13 +151,16 @@ impl Translation {
         }
     }
 
-    fn body(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+    fn body(&self, body: &[u8]) -> Result<Translated, String> {
+        let answer = |a: Result<Vec<u8>, String>| a.map(Translated::Answer);
         match (self.wire, self.endpoint) {
-            (Wire::Anthropic, _) => anthropic::response(body, &self.ctx),
+            (Wire::Anthropic, _) => answer(anthropic::response(body, &self.ctx)),
             (Wire::Google, Endpoint::Chat) => gemini::response(body, &self.ctx),
-            (Wire::Google, Endpoint::Embeddings) => gemini::embed_response(body, &self.ctx),
+            (Wire::Google, Endpoint::Embeddings) => answer(gemini::embed_response(body, &self.ctx)),
             (Wire::Bedrock, Endpoint::Chat) => bedrock::response(body, &self.ctx),
-            (Wire::Bedrock, Endpoint::Embeddings) => bedrock::embed_response(body, &self.ctx),
+            (Wire::Bedrock, Endpoint::Embeddings) => {
+                answer(bedrock::embed_response(body, &self.ctx))
+            }
         }
     }
 
@@ -173,6 +176,16 @@ impl Translation {
             }
         }
     }
+}
+
+/// A 2xx answer held back whole, translated.
+#[derive(Debug)]
+pub enum Translated {
+    /// The client's answer.
+    Answer(Vec<u8>),
+    /// The model's output was not valid: OpenAI's error for it (see
+    /// [`openai::InvalidOutput`]), in place of an answer.
+    InvalidOutput(openai::InvalidOutput),
 }
 
 /// Largest complete (non-stream) upstream response translated.
@@ -1220,14 +1233,15 @@ pub(crate) async fn answer(
             Waits::direct(within, snap.request_timeout, policy.max_attempts)
         };
         let outcome = match translation {
-            None => gw
-                .dispatch(upstream, waits, &policy, &provider.id, proxy::head_only)
-                .await
-                .map(Taken::passed),
+            None => {
+                let read = |resp| proxy::read_passed_on(gw, snap, resp);
+                let sent = gw.dispatch(upstream, waits, &policy, &provider.id, read);
+                sent.await.map(Taken::passed)
+            }
             Some(mut t) => {
                 // An answer held back whole is read within the attempt: one that breaks off
                 // before the client got any of it is retried, then fails the target.
-                let read = |resp| read_translated(gw, snap.max_buffered, t.stream, resp);
+                let read = |resp| read_translated(gw, snap, t.stream, resp);
                 match gw
                     .dispatch(upstream, waits, &policy, &provider.id, read)
                     .await
@@ -1433,6 +1447,8 @@ pub(crate) async fn answer(
     };
     // Whether the answer is the upstream's (translated), or a gateway error made in its place.
     let mut delivered = true;
+    // The model's output was not valid: OpenAI's error in place of the billed answer.
+    let mut invalid = false;
     // A chat answer is counted from the provider's own usage, as its passthrough route counts
     // it (cache writes too, which the OpenAI format lacks); embeddings, which may be sent in
     // parts, from the translation, which sums them.
@@ -1475,7 +1491,15 @@ pub(crate) async fn answer(
         }
         Some(Ok(Made { out, more_held })) => {
             held.absorb(more_held);
-            out
+            match out {
+                Translated::Answer(out) => out,
+                Translated::InvalidOutput(e) => {
+                    tracing::info!(provider = %provider.id, reason = %e.reason, log_id = %log_id, "the model's output was not valid: answered as OpenAI's 500 model_error");
+                    head.status = openai::InvalidOutput::STATUS;
+                    invalid = true;
+                    e.to_json()
+                }
+            }
         }
     };
     if !delivered {
@@ -1489,8 +1513,13 @@ pub(crate) async fn answer(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    // Logged and counted with the status the client got (a part's error, the gateway's).
-    record.set_status(head.status.as_u16());
+    // Logged and counted with the status the client got (a part's error, the gateway's); an
+    // answer whose output was not valid still charged as the provider's 2xx: it billed it.
+    if invalid {
+        record.set_sent(head.status.as_u16());
+    } else {
+        record.set_status(head.status.as_u16());
+    }
     if delivered && one_answer {
         record.observe_unsent(&raw);
         record.observe_bytes(&out);
@@ -1503,8 +1532,8 @@ pub(crate) async fn answer(
         fill.whole(&out);
     }
     // The translation takes the place of the answer it came from: complete once the client
-    // took it (see `ProxyBody::answer`).
-    let body = if delivered {
+    // took it (see `ProxyBody::answer`). An error made in its place is an upstream error.
+    let body = if delivered && !invalid {
         ProxyBody::answer(out, Some(held), record)
     } else {
         record.finish_upstream_error();
@@ -1562,7 +1591,7 @@ struct Whole {
 
 /// The client's answer made from a 2xx answer held back whole.
 struct Made {
-    out: Vec<u8>,
+    out: Translated,
     /// The other parts' answers of a request sent in parts, in the budget of buffered bodies.
     more_held: Held,
 }
@@ -1613,22 +1642,30 @@ impl Taken {
         }
     }
 
-    /// Why the target failed, if it did: a non-2xx answer, or one held back whole that could
-    /// not be read whole, whose other parts failed, or that could not be translated.
+    /// Why the target failed, if it did: a non-2xx answer, or one held back whole (to be
+    /// translated, or for the response checks) that could not be read whole, whose other parts
+    /// failed, or that could not be translated.
     fn failure(&self) -> Option<Failed> {
         let status = self.head.status.as_u16();
         let failed = |why: String, hands_on| Some(Failed { why, hands_on });
-        let TakenBody::Whole(whole) = &self.body else {
-            return match self.head.status.is_success() {
-                true => None,
-                false => failed(format!("status {status}"), true),
-            };
-        };
-        match (&whole.body, &whole.made) {
-            (Err(e), _) => failed(
+        let unread = |e: &HoldError| {
+            failed(
                 format!("status {status}, reading the answer: {e}"),
                 !matches!(e, HoldError::Exhausted(_)),
-            ),
+            )
+        };
+        let whole = match &self.body {
+            TakenBody::Whole(whole) => whole,
+            TakenBody::Passed(body) | TakenBody::Translated(body, _) => {
+                return match body.unread() {
+                    Some(e) => unread(e),
+                    None if self.head.status.is_success() => None,
+                    None => failed(format!("status {status}"), true),
+                };
+            }
+        };
+        match (&whole.body, &whole.made) {
+            (Err(e), _) => unread(e),
             (Ok(_), None) => failed(format!("status {status}"), true),
             (Ok(_), Some(Ok(_))) => None,
             (Ok(_), Some(Err(NotMade::Part(FanOutFailure::Upstream(part, _))))) => failed(
@@ -1654,52 +1691,22 @@ enum Answer {
     Held(HeldAnswer),
 }
 
-/// An upstream answer held back whole: its head, and its body or why it could not be read
-/// whole, its bytes taken from the budget of buffered bodies through `held`.
-struct HeldAnswer {
-    head: http::response::Parts,
-    body: Result<Bytes, HoldError>,
-    held: Held,
-}
-
-impl HeldAnswer {
-    /// Reads `resp` whole (at most [`MAX_RESPONSE_BYTES`]) within an attempt: a body that
-    /// broke off or stalled before the client got any of it is a failed attempt, retried; one
-    /// over the gateway's limits is the answer.
-    async fn read(gw: &Gateway, max_buffered: u64, resp: Response<UpstreamBody>) -> Read<Self> {
-        let (head, body) = resp.into_parts();
-        let mut held = gw.buffers.guard(max_buffered);
-        let body = crate::body::hold_whole(body, MAX_RESPONSE_BYTES, Some(&mut held)).await;
-        let broke = match &body {
-            Err(e @ (HoldError::Stalled(_) | HoldError::Failed(_))) => Some(format!(
-                "status {}, reading the answer: {e}",
-                head.status.as_u16()
-            )),
-            _ => None,
-        };
-        let answer = Self { head, body, held };
-        match broke {
-            Some(why) => Read::BrokeOff(answer, why),
-            None => Read::Answered(answer),
-        }
-    }
-}
-
-/// Reads an answer to a translated `/compat` request within an attempt: a 2xx stream's head
-/// when the client asked for a stream, anything else whole (see [`HeldAnswer::read`]).
+/// Reads an answer to a translated `/compat` request within an attempt: a 2xx stream when the
+/// client asked for a stream (its head, or whole for the response checks, see
+/// [`proxy::read_passed_on`]), anything else whole (see [`HeldAnswer::read`]).
 async fn read_translated(
     gw: &Gateway,
-    max_buffered: u64,
+    snap: &Snapshot,
     stream: bool,
     resp: Response<UpstreamBody>,
 ) -> Read<Answer> {
     if stream && resp.status().is_success() {
-        return Read::Answered(Answer::Streamed(resp));
+        return proxy::read_passed_on(gw, snap, resp)
+            .await
+            .map(Answer::Streamed);
     }
-    match HeldAnswer::read(gw, max_buffered, resp).await {
-        Read::Answered(a) => Read::Answered(Answer::Held(a)),
-        Read::BrokeOff(a, why) => Read::BrokeOff(Answer::Held(a), why),
-    }
+    let read = HeldAnswer::read(gw, snap.max_buffered, MAX_RESPONSE_BYTES, resp);
+    read.await.map(Answer::Held)
 }
 
 /// Makes the client's answer from a 2xx answer held back whole (`raw`): the other parts of a
@@ -1752,7 +1759,7 @@ async fn fan_out(
     }
     let answers = futures_util::stream::iter(parts)
         .map(|req| async move {
-            let read = |resp| HeldAnswer::read(gw, max_buffered, resp);
+            let read = |resp| HeldAnswer::read(gw, max_buffered, MAX_RESPONSE_BYTES, resp);
             let answer = gw
                 .dispatch(req, waits, policy, provider, read)
                 .await
@@ -1779,7 +1786,7 @@ async fn fan_out(
 
 /// The client's answer from the upstream's: one translated body, or for embeddings sent in
 /// parts, one list of every part's vectors in order (their input tokens added up).
-fn translate_all(t: &Translation, first: &[u8], rest: &[Bytes]) -> Result<Vec<u8>, String> {
+fn translate_all(t: &Translation, first: &[u8], rest: &[Bytes]) -> Result<Translated, String> {
     if rest.is_empty() {
         return t.body(first);
     }
@@ -1794,12 +1801,12 @@ fn translate_all(t: &Translation, first: &[u8], rest: &[Bytes]) -> Result<Vec<u8
         all.extend(vectors);
         tokens += n;
     }
-    Ok(openai::embeddings_json(
+    Ok(Translated::Answer(openai::embeddings_json(
         &t.ctx.model,
         &all,
         t.ctx.base64,
         tokens,
-    ))
+    )))
 }
 
 #[cfg(test)]
@@ -1815,6 +1822,14 @@ pub(crate) mod tests {
             include_usage,
             json_tool,
             base64: false,
+        }
+    }
+
+    /// The client's answer a complete response was translated to (panics on anything else).
+    pub fn answer(translated: Result<Translated, String>) -> Vec<u8> {
+        match translated {
+            Ok(Translated::Answer(out)) => out,
+            other => panic!("not an answer: {other:?}"),
         }
     }
 

@@ -1034,6 +1034,48 @@ pub fn error_json(message: &str, kind: &str, code: Option<&str>) -> Vec<u8> {
     })
 }
 
+/// Output of the model that is not valid — a tool call it could not form (Gemini's
+/// `finishReason` `MALFORMED_FUNCTION_CALL`, Bedrock's `stopReason` `malformed_tool_use`) —:
+/// no answer, though the provider billed its tokens. OpenAI answers its own with a `500` of
+/// type `model_error` ("The model produced invalid content"), which its SDKs raise as an
+/// `InternalServerError` (and retry), rather than an empty answer that looks finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidOutput {
+    /// Which provider said so, and in which field (`Google finishReason`).
+    pub said_by: &'static str,
+    /// The provider's reason (`MALFORMED_FUNCTION_CALL`): the error's `code`.
+    pub reason: String,
+    /// The provider's own words on it (Gemini's `finishMessage`), cut at [`DETAIL_CHARS`].
+    pub detail: Option<String>,
+}
+
+/// Most characters of a provider's own words on invalid output kept in the error message.
+pub const DETAIL_CHARS: usize = 300;
+
+impl InvalidOutput {
+    /// The status OpenAI answers invalid output of its models with.
+    pub const STATUS: http::StatusCode = http::StatusCode::INTERNAL_SERVER_ERROR;
+
+    /// The OpenAI error body: OpenAI's message, with the provider's reason and words.
+    pub fn to_json(&self) -> Vec<u8> {
+        let Self {
+            said_by, reason, ..
+        } = self;
+        let message = match self.detail.as_deref().filter(|d| !d.is_empty()) {
+            Some(detail) => {
+                let detail: String = detail.chars().take(DETAIL_CHARS).collect();
+                format!(
+                    "The model produced invalid content ({said_by} {reason}: {detail}). Consider modifying your prompt if you are seeing this error persistently."
+                )
+            }
+            None => format!(
+                "The model produced invalid content ({said_by} {reason}). Consider modifying your prompt if you are seeing this error persistently."
+            ),
+        };
+        error_json(&message, "model_error", Some(reason))
+    }
+}
+
 /// The OpenAI error `type` for an HTTP status.
 pub fn error_type_for(status: u16) -> &'static str {
     match status {
@@ -1358,8 +1400,18 @@ impl ChunkWriter {
 
     /// An error event (the openai SDKs raise it as an `APIError`).
     pub fn error(&mut self, out: &mut BytesMut, message: &str, kind: &str) {
+        Self::error_event(out, &error_json(message, kind, None));
+    }
+
+    /// The stream's end for output of the model that is not valid: an error event in place of
+    /// its finish (see [`InvalidOutput`]).
+    pub fn invalid_output(&mut self, out: &mut BytesMut, invalid: &InvalidOutput) {
+        Self::error_event(out, &invalid.to_json());
+    }
+
+    fn error_event(out: &mut BytesMut, body: &[u8]) {
         out.put_slice(b"data: ");
-        out.put_slice(&error_json(message, kind, None));
+        out.put_slice(body);
         out.put_slice(b"\n\n");
     }
 }
