@@ -21,6 +21,7 @@ use sidegate_crds::policy::{DynamicRoute, Fallback};
 pub use sidegate_crds::routes::Target;
 use sidegate_crds::routes::{Compiled, Graph, Node};
 
+use crate::budget::usd_units;
 use crate::error::GatewayError;
 use crate::ratelimit::{Keyed, Limiter, Settings as RateSettings};
 use crate::shared::{Shared, Wait, Windows};
@@ -61,16 +62,6 @@ struct Counter {
     /// Counted in Redis (when the walk has it; else here).
     global: bool,
     windows: Arc<Keyed>,
-}
-
-/// Billionths of a USD: a budget node counts spend in a [`Limiter`], in whole units.
-const UNITS_PER_USD: f64 = 1e9;
-
-/// `usd` in [`UNITS_PER_USD`], rounded; a negative amount (or NaN) is 0, and an absurd one
-/// (a `cf-aig-custom-cost` of billions) stops at what Redis's `INCRBY` takes.
-fn usd_units(usd: f64) -> u64 {
-    // `as` saturates (and makes NaN 0).
-    ((usd * UNITS_PER_USD).round() as u64).min(i64::MAX as u64)
 }
 
 /// Where a rate or budget node counts one request: a window of this pod, or one in Redis (and

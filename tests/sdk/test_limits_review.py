@@ -42,8 +42,7 @@ def assert_refused(r, code):
 
 # --- Spend limits: the limit is reached when the charges add up to it ------------------------
 
-# FAILS at 8fe65ce: ten $0.10 answers sum to 0.9999999999999999 in f64, under a $1.00 spendLimit: an 11th request is let through.
-@pytest.mark.xfail(strict=True, reason="ten $0.10 answers sum under $1.00 in f64")
+# Failed at 8fe65ce (mended since): ten $0.10 answers sum to 0.9999999999999999 in f64, under a $1.00 spendLimit: an 11th request is let through.
 def test_ten_answers_of_ten_cents_reach_a_one_dollar_spend_limit(mock, tmp_path):
     # README: "once the spend of the current UTC day ... reaches `amount`, requests get 429".
     g = json_gateway(tmp_path, mock, "  spendLimit: {amount: '1.00', period: day}\n")
