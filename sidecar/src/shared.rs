@@ -688,7 +688,8 @@ impl Shared {
     }
 
     /// Gives back, in the background, a request [`Self::count`] counted in `window` (a route's
-    /// rate node whose request never went upstream): never below 0, and never bringing back a
+    /// rate node whose request never went upstream; the gateway's rate limit, whose request the
+    /// spend limit or the token budget refused): never below 0, and never bringing back a
     /// window that expired meanwhile. The caller gives it back to its pod's counter.
     pub fn uncount(
         self: &Arc<Self>,
