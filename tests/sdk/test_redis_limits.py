@@ -13,20 +13,13 @@ import time
 
 import httpx
 
-from conftest import gateway_yaml
 from test_cache import reload_config
 from test_redis import Redis
 from test_redis_outages import charged, code, probe, rate_in_redis, settled, spend_in_redis
-from test_redis_review import pod
+from test_redis_review import pod, pod_yaml
 
 CHAT = "/openai/chat/completions"
 ONE_DOLLAR = "  spendLimit: {amount: '1.00', period: day}\n"
-
-
-def pod_yaml(upstream, spec):
-    """The config of `test_redis_review.pod`'s sidecars with `spec`, for a reload."""
-    text = gateway_yaml(upstream, extra_spec="  redis: {}\n" + spec)
-    return text.replace("gateway: {namespace: team-a, name: main}", "gateway: {namespace: team-a, name: shared-gw}")
 
 
 def day_key(redis):
