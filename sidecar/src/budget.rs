@@ -3,7 +3,9 @@
 //!
 //! Both are checked before a request is sent and counted when its response reports usage, so a
 //! request admitted under the limit may take the total past it; the requests after it are
-//! refused. Spend is summed over UTC calendar periods (day, week from Monday, month; each
+//! refused. Spend is counted in whole billionths of a USD ([`usd_units`]), as a route's budget
+//! node counts it, so that charges add up exactly to a limit (ten $0.10 answers are $1.00, not
+//! the 0.9999999999999999 of floating point). It is summed over UTC calendar periods (day, week from Monday, month; each
 //! charge counts in all three, so a reload changing the period finds the new period's spend),
 //! per pod, or across pods in the gateway's Redis when `spec.redis` is set. Tokens (input + output) are
 //! summed over minute windows, fixed or sliding as `rateLimit.technique` says, per pod or in
@@ -33,6 +35,22 @@ pub const TOKEN_WINDOW: Duration = Duration::from_secs(60);
 /// not grow the sidecar's memory or its log).
 const MAX_UNCHARGED_NOTED: usize = 256;
 
+/// Billionths of a USD: spend is counted in whole units (the spend limit, a route's budget
+/// node, the spend kept for Redis), so sums are exact.
+pub const UNITS_PER_USD: f64 = 1e9;
+
+/// `usd` in [`UNITS_PER_USD`], rounded; a negative amount (or NaN) is 0, and an absurd one
+/// (a `cf-aig-custom-cost` of billions) stops at what Redis's `INCRBY` takes.
+pub fn usd_units(usd: f64) -> u64 {
+    // `as` saturates (and makes NaN 0).
+    ((usd * UNITS_PER_USD).round() as u64).min(i64::MAX as u64)
+}
+
+/// `units` ([`UNITS_PER_USD`]) in USD, for logs and messages.
+pub fn units_usd(units: u64) -> f64 {
+    units as f64 / UNITS_PER_USD
+}
+
 /// The usage limits of a loaded config (present only when at least one is set).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
@@ -45,8 +63,10 @@ pub struct Settings {
 /// A spend limit.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SpendSettings {
-    /// USD per period.
+    /// USD per period, as configured (for messages).
     pub amount: f64,
+    /// The same in [`UNITS_PER_USD`], at least one: what the spend is compared with.
+    pub limit: u64,
     /// Calendar period (UTC).
     pub period: SpendPeriod,
 }
@@ -68,9 +88,13 @@ impl Settings {
         if let Some(why) = policy.cost_problem() {
             return Err(why);
         }
-        let spend = policy.spend_limit.as_ref().map(|s| SpendSettings {
-            amount: s.usd().unwrap_or(0.0),
-            period: s.period,
+        let spend = policy.spend_limit.as_ref().map(|s| {
+            let amount = s.usd().unwrap_or(0.0);
+            SpendSettings {
+                amount,
+                limit: usd_units(amount).max(1),
+                period: s.period,
+            }
         });
         let tokens = match policy.rate_limit.as_ref() {
             Some(rl) => match rl.tokens_per_minute {
@@ -204,25 +228,27 @@ const PERIODS: [SpendPeriod; 3] = [SpendPeriod::Day, SpendPeriod::Week, SpendPer
 /// spend of the new period, charges still arriving under the old config included.
 #[derive(Debug, Default)]
 struct PeriodSpend {
-    sums: [Option<(u64, f64)>; 3],
+    /// Start and spend ([`UNITS_PER_USD`]) of each period.
+    sums: [Option<(u64, u64)>; 3],
     /// The gateway's spend per period as last read from Redis.
     seen: [Option<Seen>; 3],
 }
 
-/// The gateway's spend in a period as read from Redis, and this pod's own at that time.
+/// The gateway's spend in a period as read from Redis, and this pod's own at that time (both
+/// in [`UNITS_PER_USD`]).
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     start: u64,
-    total: f64,
-    own: f64,
+    total: u64,
+    own: u64,
 }
 
 impl PeriodSpend {
     /// This pod's spend in `period` starting at `start`.
-    fn own(&self, period: SpendPeriod, start: u64) -> f64 {
+    fn own(&self, period: SpendPeriod, start: u64) -> u64 {
         match self.sums[period_slot(period)] {
-            Some((from, usd)) if from == start => usd,
-            _ => 0.0,
+            Some((from, units)) if from == start => units,
+            _ => 0,
         }
     }
 }
@@ -265,15 +291,15 @@ impl Ledger {
         noted.first(provider, "providers without token counts")
     }
 
-    /// Spend of this pod in the period holding `now` (Unix seconds).
-    fn spent(&self, period: SpendPeriod, now: u64) -> f64 {
+    /// Spend of this pod in the period holding `now` (Unix seconds), in [`UNITS_PER_USD`].
+    fn spent(&self, period: SpendPeriod, now: u64) -> u64 {
         let (start, _) = period_bounds(period, now);
         let s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
         s.own(period, start)
     }
 
     /// Notes the gateway's spend `total` read from Redis for the period holding `now`.
-    fn saw_spend(&self, period: SpendPeriod, now: u64, total: f64) {
+    fn saw_spend(&self, period: SpendPeriod, now: u64, total: u64) {
         let (start, _) = period_bounds(period, now);
         let mut s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
         let own = s.own(period, start);
@@ -283,29 +309,31 @@ impl Ledger {
     /// The gateway's spend in the period holding `now` as best this pod knows it while Redis
     /// cannot be read: the total last read plus what this pod spent since, or this pod's own
     /// spend when that is more (or nothing was read in this period).
-    fn spent_without_redis(&self, period: SpendPeriod, now: u64) -> f64 {
+    fn spent_without_redis(&self, period: SpendPeriod, now: u64) -> u64 {
         let (start, _) = period_bounds(period, now);
         let s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
         let own = s.own(period, start);
         match s.seen[period_slot(period)] {
-            Some(seen) if seen.start == start => own.max(seen.total + (own - seen.own)),
+            Some(seen) if seen.start == start => {
+                own.max(seen.total.saturating_add(own.saturating_sub(seen.own)))
+            }
             _ => own,
         }
     }
 
-    /// Adds `usd` to this pod's spend in the day, the week and the month holding `now` (Unix
-    /// seconds).
-    pub fn add_spend(&self, usd: f64, now: u64) {
+    /// Adds `units` ([`UNITS_PER_USD`]) to this pod's spend in the day, the week and the month
+    /// holding `now` (Unix seconds).
+    pub fn add_spend(&self, units: u64, now: u64) {
         let mut s = self.spend.lock().unwrap_or_else(|e| e.into_inner());
         for period in PERIODS {
             let (start, _) = period_bounds(period, now);
             let sum = &mut s.sums[period_slot(period)];
             match sum {
-                Some((from, total)) if *from == start => *total += usd,
+                Some((from, total)) if *from == start => *total = total.saturating_add(units),
                 // A charge timed before the held period (the wall clock stepped back) is not
                 // allowed to wipe it.
                 Some((from, _)) if *from > start => {}
-                _ => *sum = Some((start, usd)),
+                _ => *sum = Some((start, units)),
             }
         }
     }
@@ -400,9 +428,10 @@ impl Ledger {
     }
 }
 
-/// The spend limit's refusal when `spent` (at `now`, Unix seconds) reached it.
-fn refuse_overspent(sp: &SpendSettings, spent: f64, now: u64) -> Result<(), GatewayError> {
-    if spent < sp.amount {
+/// The spend limit's refusal when `spent` ([`UNITS_PER_USD`], at `now`, Unix seconds) reached
+/// it.
+fn refuse_overspent(sp: &SpendSettings, spent: u64, now: u64) -> Result<(), GatewayError> {
+    if spent < sp.limit {
         return Ok(());
     }
     let (_, end) = period_bounds(sp.period, now);
@@ -437,14 +466,15 @@ impl Tally {
     pub fn add(&self, metrics: &Arc<Metrics>, cost: Option<f64>, tokens: [Option<u64>; 2]) {
         // Charged to every period (see [`PeriodSpend`]): a request admitted before a reload
         // that changed the period counts against the new one.
-        if let (Some(_), Some(usd)) = (&self.settings.spend, cost)
-            && usd > 0.0
-        {
-            let now = unix_secs();
-            // This pod's own count, which decides while Redis cannot be read.
-            self.ledger.add_spend(usd, now);
-            if let Some(r) = &self.shared {
-                r.spend_add(metrics, usd, now);
+        if let (Some(_), Some(usd)) = (&self.settings.spend, cost) {
+            let units = usd_units(usd);
+            if units > 0 {
+                let now = unix_secs();
+                // This pod's own count, which decides while Redis cannot be read.
+                self.ledger.add_spend(units, now);
+                if let Some(r) = &self.shared {
+                    r.spend_add(metrics, units, now);
+                }
             }
         }
         let n = tokens[0]
@@ -600,20 +630,46 @@ mod tests {
     fn spend_sums_within_a_period_and_restarts_in_the_next() {
         let l = Ledger::default();
         let jan = at(2027, 1, 31, 23, 0); // a Sunday
-        l.add_spend(1.5, jan);
-        l.add_spend(2.0, jan + 60);
-        assert!((l.spent(SpendPeriod::Month, jan + 120) - 3.5).abs() < 1e-9);
+        l.add_spend(usd_units(1.5), jan);
+        l.add_spend(usd_units(2.0), jan + 60);
+        assert_eq!(l.spent(SpendPeriod::Month, jan + 120), usd_units(3.5));
         let feb = at(2027, 2, 1, 0, 0); // a Monday
-        assert_eq!(l.spent(SpendPeriod::Month, feb), 0.0);
-        assert_eq!(l.spent(SpendPeriod::Week, feb), 0.0);
-        l.add_spend(0.25, feb);
-        assert!((l.spent(SpendPeriod::Month, feb) - 0.25).abs() < 1e-9);
-        assert!((l.spent(SpendPeriod::Day, feb + 3600) - 0.25).abs() < 1e-9);
-        assert_eq!(l.spent(SpendPeriod::Day, feb + 86_400), 0.0, "the next day");
-        assert!(
-            (l.spent(SpendPeriod::Week, feb + 86_400) - 0.25).abs() < 1e-9,
+        assert_eq!(l.spent(SpendPeriod::Month, feb), 0);
+        assert_eq!(l.spent(SpendPeriod::Week, feb), 0);
+        l.add_spend(usd_units(0.25), feb);
+        assert_eq!(l.spent(SpendPeriod::Month, feb), usd_units(0.25));
+        assert_eq!(l.spent(SpendPeriod::Day, feb + 3600), usd_units(0.25));
+        assert_eq!(l.spent(SpendPeriod::Day, feb + 86_400), 0, "the next day");
+        assert_eq!(
+            l.spent(SpendPeriod::Week, feb + 86_400),
+            usd_units(0.25),
             "the same week"
         );
+    }
+
+    #[test]
+    fn charges_add_up_exactly_to_the_limit() {
+        // Ten $0.10 answers are $1.00 (in f64 they sum to 0.9999999999999999).
+        assert_ne!((0..10).map(|_| 0.1).sum::<f64>(), 1.0);
+        let l = Ledger::default();
+        let sp = SpendSettings {
+            amount: 1.0,
+            limit: usd_units(1.0),
+            period: SpendPeriod::Day,
+        };
+        let now = at(2027, 3, 10, 12, 0);
+        for i in 0..9 {
+            l.add_spend(usd_units(0.1), now + i);
+        }
+        assert!(refuse_overspent(&sp, l.spent(SpendPeriod::Day, now + 9), now + 9).is_ok());
+        l.add_spend(usd_units(0.1), now + 9);
+        assert_eq!(l.spent(SpendPeriod::Day, now + 10), usd_units(1.0));
+        assert!(refuse_overspent(&sp, l.spent(SpendPeriod::Day, now + 10), now + 10).is_err());
+        // A negative, NaN or absurd cost charges nothing or what Redis's INCRBY takes.
+        assert_eq!(usd_units(-1.0), 0);
+        assert_eq!(usd_units(f64::NAN), 0);
+        assert_eq!(usd_units(1e300), i64::MAX as u64);
+        assert_eq!(units_usd(usd_units(0.25)), 0.25);
     }
 
     #[test]
@@ -622,18 +678,18 @@ mod tests {
         // the month, and the month's own charges do not make the pod forget them.
         let l = Ledger::default();
         // Spend earlier in the month, in another week, counts for the month alone.
-        l.add_spend(1.0, at(2027, 3, 1, 9, 0));
+        l.add_spend(usd_units(1.0), at(2027, 3, 1, 9, 0));
         let now = at(2027, 3, 10, 12, 0); // a Wednesday
         for i in 0..4 {
-            l.add_spend(3.0, now + i);
+            l.add_spend(usd_units(3.0), now + i);
         }
-        assert!((l.spent(SpendPeriod::Month, now + 10) - 13.0).abs() < 1e-9);
-        assert!((l.spent(SpendPeriod::Week, now + 10) - 12.0).abs() < 1e-9);
-        assert!((l.spent(SpendPeriod::Day, now + 10) - 12.0).abs() < 1e-9);
+        assert_eq!(l.spent(SpendPeriod::Month, now + 10), usd_units(13.0));
+        assert_eq!(l.spent(SpendPeriod::Week, now + 10), usd_units(12.0));
+        assert_eq!(l.spent(SpendPeriod::Day, now + 10), usd_units(12.0));
         // A charge timed in an earlier period (the wall clock stepped back) wipes nothing.
-        l.add_spend(1.0, at(2027, 2, 28, 9, 0));
-        assert!((l.spent(SpendPeriod::Month, now + 10) - 13.0).abs() < 1e-9);
-        assert!((l.spent(SpendPeriod::Day, now + 10) - 12.0).abs() < 1e-9);
+        l.add_spend(usd_units(1.0), at(2027, 2, 28, 9, 0));
+        assert_eq!(l.spent(SpendPeriod::Month, now + 10), usd_units(13.0));
+        assert_eq!(l.spent(SpendPeriod::Day, now + 10), usd_units(12.0));
     }
 
     #[tokio::test]
@@ -641,6 +697,7 @@ mod tests {
         let limit = |period| Settings {
             spend: Some(SpendSettings {
                 amount: 5.0,
+                limit: usd_units(5.0),
                 period,
             }),
             tokens: None,

@@ -109,6 +109,9 @@ pub struct Snapshot {
     pub shared: Option<std::sync::Arc<crate::shared::Shared>>,
     /// Request rate limit, if any.
     pub rate_limit: Option<crate::ratelimit::Settings>,
+    /// Its counts: a reload keeps them for windows of the same shape
+    /// ([`crate::ratelimit::Limiter::carried_over`]).
+    pub rate_limiter: std::sync::Arc<crate::ratelimit::Limiter>,
     /// Model prices: the built-in table and `spec.pricing`.
     pub pricing: crate::cost::Pricing,
     /// Spend limit and token budget, if either is set.
@@ -376,6 +379,7 @@ pub fn load_with(src: &Sources, raw: Vec<u8>) -> Result<Snapshot, ConfigError> {
         log_payloads,
         cache,
         rate_limit,
+        rate_limiter: std::sync::Arc::default(),
         pricing,
         budgets,
         retries,

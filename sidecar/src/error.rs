@@ -58,7 +58,11 @@ pub enum GatewayError {
     #[error("upstream request failed: {0}")]
     UpstreamUnavailable(String),
     /// `spec.rateLimit` exceeded; `retry_after` until a request would be allowed.
-    #[error("rate limit exceeded: at most {limit} requests per {interval:?}")]
+    #[error(
+        "rate limit exceeded: at most {} per {}",
+        crate::ratelimit::counted(*.limit, "request"),
+        crate::ratelimit::interval_text(*.interval)
+    )]
     RateLimited {
         limit: u64,
         interval: std::time::Duration,
@@ -80,7 +84,10 @@ pub enum GatewayError {
         retry_after: std::time::Duration,
     },
     /// `spec.rateLimit.tokensPerMinute` used up; `retry_after` until the budget has room.
-    #[error("rate limit exceeded: token budget of {per_minute} tokens per minute used up")]
+    #[error(
+        "rate limit exceeded: token budget of {} per minute used up",
+        crate::ratelimit::counted(*.per_minute, "token")
+    )]
     TokenBudgetSpent {
         per_minute: u64,
         retry_after: std::time::Duration,

@@ -50,8 +50,6 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// The response cache, made when first used; kept across reloads unless its size changes.
     cache: ArcSwapOption<cache::Store>,
-    /// Request counters of `spec.rateLimit`, kept across reloads.
-    limiter: crate::ratelimit::Limiter,
     /// Cache keys being fetched now, so identical misses make one upstream call.
     flights: cache::Flights,
     /// Spend and token counters of this pod, kept across reloads.
@@ -120,7 +118,6 @@ impl Gateway {
         Self {
             snapshot: ArcSwapOption::empty(),
             cache: ArcSwapOption::empty(),
-            limiter: crate::ratelimit::Limiter::default(),
             flights: cache::Flights::default(),
             ledger: Arc::default(),
             background: Arc::new(crate::background::Pending::new(
@@ -680,10 +677,13 @@ impl Gateway {
         resp
     }
 
-    /// The rate limit (which counts the request), then the spend limit and token budget: the
-    /// last checks before a request admitted and authenticated goes on (those it refuses, and
-    /// the refusals before, are not counted). `wait` is the request's for Redis.
-    async fn check_limits(
+    /// The rate limit (which counts the request), the spend limit and the token budget: the
+    /// last checks before a request admitted and authenticated goes on, once its path and
+    /// gateway headers are checked (those it refuses, and the refusals before, are not
+    /// counted). The rate limit's refusal comes first; a request the spend limit or the token
+    /// budget refuses is not counted by the rate limit either. `wait` is the request's for
+    /// Redis.
+    pub(crate) async fn check_limits(
         &self,
         snap: &Snapshot,
         wait: &crate::shared::Wait,
@@ -691,45 +691,60 @@ impl Gateway {
         if let Some(shared) = &snap.shared {
             return self.check_limits_shared(snap, shared, wait).await;
         }
+        let limiter = &snap.rate_limiter;
+        if let Some(b) = &snap.budgets
+            && let Err(refused) = self.ledger.check(b, None, &self.metrics).await
+        {
+            // Asked without counting: a request refused is not counted.
+            if let Some(rl) = &snap.rate_limit
+                && let Err(retry_after) = limiter.would_admit(rl, Instant::now())
+            {
+                return Err(rate_limited(rl, retry_after));
+            }
+            return Err(refused);
+        }
         if let Some(rl) = &snap.rate_limit
-            && let Err(retry_after) = self.limiter.check(rl, Instant::now())
+            && let Err(retry_after) = limiter.check(rl, Instant::now())
         {
             return Err(rate_limited(rl, retry_after));
-        }
-        if let Some(b) = &snap.budgets {
-            self.ledger.check(b, None, &self.metrics).await?;
         }
         Ok(())
     }
 
     /// [`Self::check_limits`] with the gateway's Redis: the rate limit, the spend and the token
     /// budget asked at once, one round trip's wait rather than three. Only the rate limit
-    /// counts the request (the others read), so a request it refuses is charged nowhere, and
-    /// one the others refuse stays counted by it, as when they are asked one after the other.
-    /// A global rate limit is counted by this pod's limiter too, which decides alone while
-    /// Redis cannot be used.
+    /// counts the request (the others read): a request it refuses is charged nowhere, and one
+    /// the others refuse is given back (in Redis in the background, as a route's rate node
+    /// gives a request back). A global rate limit is counted by this pod's limiter too, which
+    /// decides alone while Redis cannot be used.
     async fn check_limits_shared(
         &self,
         snap: &Snapshot,
         shared: &Arc<crate::shared::Shared>,
         wait: &crate::shared::Wait,
     ) -> Result<(), GatewayError> {
+        let limiter = &snap.rate_limiter;
+        // What the rate limit counted: the window in Redis (a global limit), and when.
         let rate = async {
+            let now = Instant::now();
             match &snap.rate_limit {
-                Some(rl) if rl.global => shared
-                    .count(
-                        &self.metrics,
-                        wait,
-                        &shared.rate_windows(rl),
-                        rl,
-                        &self.limiter,
-                        Instant::now(),
-                        crate::telemetry::RedisOp::Limits,
-                    )
-                    .await
-                    .map(drop),
-                Some(rl) => self.limiter.check(rl, Instant::now()),
-                None => Ok(()),
+                Some(rl) if rl.global => {
+                    let windows = shared.rate_windows(rl);
+                    shared
+                        .count(
+                            &self.metrics,
+                            wait,
+                            &windows,
+                            rl,
+                            limiter,
+                            now,
+                            crate::telemetry::RedisOp::Limits,
+                        )
+                        .await
+                        .map(|window| Some((Some((windows, window)), now)))
+                }
+                Some(rl) => limiter.check(rl, now).map(|()| Some((None, now))),
+                None => Ok(None),
             }
         };
         let budgets = async {
@@ -743,10 +758,17 @@ impl Gateway {
             }
         };
         let (rate, budgets) = tokio::join!(rate, budgets);
-        if let (Some(rl), Err(retry_after)) = (&snap.rate_limit, rate) {
-            return Err(rate_limited(rl, retry_after));
+        match (&snap.rate_limit, rate) {
+            (Some(rl), Err(retry_after)) => Err(rate_limited(rl, retry_after)),
+            (Some(rl), Ok(Some((redis, at)))) if budgets.is_err() => {
+                if let Some((windows, window)) = redis {
+                    shared.uncount(&self.metrics, &windows, rl, window);
+                }
+                limiter.release(rl, at);
+                budgets
+            }
+            _ => budgets,
         }
-        budgets
     }
 
     async fn proxy(
@@ -823,10 +845,9 @@ impl Gateway {
         let redis_wait = crate::shared::Wait::default();
         let (route, provider) = match served {
             Served::Provider(route, provider) => (route, provider),
+            // Each counts the request against the limits once its path and gateway headers are
+            // checked ([`Self::check_limits`]).
             Served::Compat(rest) => {
-                self.check_limits(snap, &redis_wait)
-                    .await
-                    .map_err(|e| (None, e))?;
                 // Boxed, as the universal endpoint below: inline, their state (~9-11 KiB) would
                 // be part of every connection's task, idle ones too, for every route.
                 return Box::pin(crate::compat::serve(
@@ -847,9 +868,6 @@ impl Gateway {
                 // header the token could stand in.
                 admission
                     .allow_client_key(false, snap, &parts.headers, None)
-                    .map_err(|e| (None, e))?;
-                self.check_limits(snap, &redis_wait)
-                    .await
                     .map_err(|e| (None, e))?;
                 return Box::pin(crate::universal::serve(
                     self,

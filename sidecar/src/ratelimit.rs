@@ -5,7 +5,10 @@
 //! how much of it still overlaps the last `interval`), as Cloudflare's AI Gateway does.
 //! Refused requests are not counted; their Retry-After is when a request would pass ([`admit`]).
 //! One small lock per request, only when a limit is set. A dynamic route's rate or budget node
-//! with a `key` has a window per value of that key ([`Keyed`]).
+//! with a `key` has a window per value of that key ([`Keyed`]). A [`Limiter`] counts in one
+//! shape of window (interval, fixed or sliding): a reload that changes the shape gives the limit
+//! a new one ([`Limiter::carried_over`]), while requests admitted under the old config go on
+//! with the old one, so that their late charges and give-backs never touch the new windows.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,7 +31,24 @@ pub struct Settings {
     pub global: bool,
 }
 
+/// The shape of a limit's windows: a new one counts afresh, a new limit does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Window length.
+    pub interval: Duration,
+    /// Sliding (else fixed) window.
+    pub sliding: bool,
+}
+
 impl Settings {
+    /// The shape of the windows counted under these settings.
+    pub fn shape(&self) -> Shape {
+        Shape {
+            interval: self.interval,
+            sliding: self.sliding,
+        }
+    }
+
     /// Settings from `spec.rateLimit` (its token budget is [`crate::budget`]'s).
     pub fn from_policy(p: Option<&RateLimit>) -> Result<Option<Self>, String> {
         let Some(p) = p else { return Ok(None) };
@@ -44,7 +64,9 @@ impl Settings {
     }
 }
 
-/// The counters, kept across config reloads (reset when the limit or interval changes).
+/// The counts of one limit in windows of one [`Shape`], aligned to an epoch. A reload keeps
+/// them for a new `limit` (which applies to what the window already counted) and gives a new
+/// shape (interval, technique) a new limiter, counting from zero ([`Self::carried_over`]).
 #[derive(Debug)]
 pub struct Limiter {
     epoch: Instant,
@@ -53,7 +75,8 @@ pub struct Limiter {
 
 #[derive(Debug, Default)]
 struct Window {
-    settings: Option<Settings>,
+    /// The shape counted in, from the first use (or the reload that carried it over) on.
+    shape: Option<Shape>,
     counts: Counts,
 }
 
@@ -93,6 +116,34 @@ impl Counts {
             self.index = index;
         }
     }
+}
+
+/// `n` of `what`, as a message says it: "1 request", "3 requests".
+pub fn counted(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// An interval as a limit's message names it: in whole seconds when it is some (`3600s`, as
+/// the messages always said), else as configured, to the millisecond (`500ms`, `1.5s`), never
+/// rounded to another interval.
+pub fn interval_text(d: Duration) -> String {
+    let (secs, nanos) = (d.as_secs(), d.subsec_nanos());
+    if nanos == 0 {
+        return format!("{secs}s");
+    }
+    if nanos % 1_000_000 != 0 {
+        return format!("{d:?}");
+    }
+    let ms = nanos / 1_000_000;
+    if secs == 0 {
+        return format!("{ms}ms");
+    }
+    let fraction = format!("{ms:03}");
+    format!("{secs}.{}s", fraction.trim_end_matches('0'))
 }
 
 /// Which window of `interval` (numbered from `epoch`) holds `now`, and how far into it `now` is.
@@ -200,6 +251,13 @@ impl Limiter {
         self.at(s, now, |w, _| w.count = w.count.saturating_add(n));
     }
 
+    /// Whether a request at `now` would pass, counting nothing: `Err` is the wait until one
+    /// would (the rate limit's answer for a request the spend limit or token budget refuses,
+    /// which it must not count).
+    pub fn would_admit(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
+        self.at(s, now, |w, into| w.admits(s, into))
+    }
+
     /// Whether the window at `now` has any room left, counting nothing (a route's budget node,
     /// whose request's cost is known only once it is answered); `Err` is the wait until it has.
     pub fn room(&self, s: &Settings, now: Instant) -> Result<(), Duration> {
@@ -221,11 +279,9 @@ impl Limiter {
     fn idle(&self, s: &Settings, now: Instant) -> bool {
         let (index, _) = window_at(self.epoch, now, s.interval);
         let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let same_shape = state
-            .settings
-            .is_some_and(|old| old.interval == s.interval && old.sliding == s.sliding);
         let c = &state.counts;
-        if !same_shape {
+        if state.shape != Some(s.shape()) {
+            // Never counted anything (or in another shape, which `s`'s windows do not read).
             return true;
         }
         if !s.sliding {
@@ -238,8 +294,9 @@ impl Limiter {
     }
 
     /// Takes back a request [`Self::check`] counted at `counted_at` that never went anywhere
-    /// (a route's rate node, whose request was then refused or answered from the cache),
-    /// from the window that counted it if that is still the current or the previous one.
+    /// (a route's rate node, whose request was then refused or answered from the cache; the
+    /// gateway's rate limit, whose request the spend limit or the token budget refused), from
+    /// the window that counted it if that is still the current or the previous one.
     pub fn release(&self, s: &Settings, counted_at: Instant) {
         let (index, _) = window_at(self.epoch, counted_at, s.interval);
         self.at(s, Instant::now(), |w, _| {
@@ -251,24 +308,35 @@ impl Limiter {
         });
     }
 
-    /// Runs `f` on the counts of the window at `now` (and how far into it `now` is), started
-    /// afresh when the window's shape changed (its interval, fixed or sliding); a new limit
-    /// (a reload raising or lowering it) applies to what the window already counted.
+    /// Runs `f` on the counts of the window at `now` (and how far into it `now` is). A new
+    /// limit (a reload raising or lowering it) applies to what the window already counted; a
+    /// limiter is asked in one shape only ([`Self::carried_over`]), so `s`'s shape is the one
+    /// it counts in.
     fn at<R>(&self, s: &Settings, now: Instant, f: impl FnOnce(&mut Counts, Duration) -> R) -> R {
         let (index, into) = window_at(self.epoch, now, s.interval);
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let same_shape = state
-            .settings
-            .is_some_and(|old| old.interval == s.interval && old.sliding == s.sliding);
-        if !same_shape {
-            state.counts = Counts {
-                index,
-                ..Counts::default()
-            };
-        }
-        state.settings = Some(*s);
+        state.shape.get_or_insert(s.shape());
         state.counts.roll(index);
         f(&mut state.counts, into)
+    }
+
+    /// The limiter a reload to `next` counts with: this one, when its windows have the shape
+    /// of `next` (a new limit applies to what they counted) or counted nothing yet, or when the
+    /// limit is gone (kept for its return); else a new one, counting from zero in windows on
+    /// the same epoch. Requests admitted before the reload keep this one: what they charge or
+    /// give back late never reaches the new windows.
+    pub fn carried_over(self: &Arc<Self>, next: Option<&Settings>) -> Arc<Self> {
+        let Some(next) = next else {
+            return self.clone();
+        };
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match state.shape {
+            Some(shape) if shape != next.shape() => Arc::new(Self::new(self.epoch)),
+            _ => {
+                state.shape = Some(next.shape());
+                self.clone()
+            }
+        }
     }
 }
 
@@ -321,6 +389,12 @@ impl Keyed {
                 warned: false,
             }),
         }
+    }
+
+    /// New windows, counting from zero, on the same epoch (a reload that changed the shape of
+    /// the node's windows: see [`Limiter::carried_over`]).
+    pub fn afresh(&self) -> Self {
+        Self::new(self.epoch)
     }
 
     /// The window of `value` (`None`: a request without one) under `s` at `now`.
@@ -409,20 +483,62 @@ mod tests {
     #[test]
     fn a_new_limit_applies_to_what_the_window_counted_a_new_window_starts_afresh() {
         let t0 = Instant::now();
-        let l = Limiter::new(t0);
+        let l = Arc::new(Limiter::new(t0));
         let at = t0 + Duration::from_secs(1);
+        let two = settings(2, 3600, false);
         for _ in 0..2 {
-            assert_eq!(l.check(&settings(2, 3600, false), at), Ok(()));
+            assert_eq!(l.check(&two, at), Ok(()));
         }
-        // Raised to 3 (a reload): one more, not three.
+        // Raised to 3 (a reload): the same windows, one more, not three.
         let raised = settings(3, 3600, false);
-        assert_eq!(l.check(&raised, at), Ok(()));
-        assert!(l.check(&raised, at).is_err());
+        let kept = l.carried_over(Some(&raised));
+        assert!(Arc::ptr_eq(&kept, &l));
+        assert_eq!(kept.check(&raised, at), Ok(()));
+        assert!(kept.check(&raised, at).is_err());
         // Lowered below the count: refused at once.
-        assert!(l.check(&settings(1, 3600, false), at).is_err());
+        let lowered = settings(1, 3600, false);
+        assert!(l.carried_over(Some(&lowered)).check(&lowered, at).is_err());
+        // No limit for a while, then the same one: still the same windows.
+        assert!(Arc::ptr_eq(&l.carried_over(None), &l));
         // Another interval, or a sliding window, is another window: counted from zero.
-        assert_eq!(l.check(&settings(1, 60, false), at), Ok(()));
-        assert_eq!(l.check(&settings(1, 60, true), at), Ok(()));
+        let minute = settings(1, 60, false);
+        let fresh = l.carried_over(Some(&minute));
+        assert!(!Arc::ptr_eq(&fresh, &l));
+        assert_eq!(fresh.check(&minute, at), Ok(()));
+        assert!(fresh.check(&minute, at).is_err());
+        let sliding = settings(1, 60, true);
+        let slid = fresh.carried_over(Some(&sliding));
+        assert!(!Arc::ptr_eq(&slid, &fresh));
+        assert_eq!(slid.check(&sliding, at), Ok(()));
+        // Aligned alike: the new windows start where the old ones do.
+        assert_eq!(slid.epoch, t0);
+    }
+
+    #[test]
+    fn a_late_charge_or_give_back_under_the_old_shape_leaves_the_new_windows_alone() {
+        // A budget of 100 per hour becomes 100 per two hours while a request admitted under the
+        // hour is answered: its charge (and a rate node's give-back) goes to the hour's
+        // windows, and the new ones keep what they counted since the reload.
+        let t0 = Instant::now();
+        let (hour, two_hours) = (settings(100, 3600, false), settings(100, 7200, false));
+        let old = Arc::new(Limiter::new(t0));
+        assert_eq!(old.room(&hour, t0), Ok(()));
+        assert_eq!(old.check(&hour, t0), Ok(()));
+        let new = old.carried_over(Some(&two_hours));
+        new.add(&two_hours, t0 + Duration::from_secs(1), 60);
+        old.add(&hour, t0 + Duration::from_secs(2), 10);
+        old.release(&hour, t0);
+        new.add(&two_hours, t0 + Duration::from_secs(3), 30);
+        assert_eq!(
+            new.room(&two_hours, t0 + Duration::from_secs(4)),
+            Ok(()),
+            "90"
+        );
+        new.add(&two_hours, t0 + Duration::from_secs(5), 10);
+        assert!(
+            new.room(&two_hours, t0 + Duration::from_secs(6)).is_err(),
+            "100 spent since the reload"
+        );
     }
 
     #[test]
@@ -647,12 +763,43 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_limit_starts_counting_afresh() {
+    fn a_raised_limit_admits_what_it_adds_and_no_more() {
         let t0 = Instant::now();
         let l = Limiter::new(t0);
         assert_eq!(l.check(&settings(1, 60, false), t0), Ok(()));
         assert!(l.check(&settings(1, 60, false), t0).is_err());
         assert_eq!(l.check(&settings(2, 60, false), t0), Ok(()));
+        assert!(l.check(&settings(2, 60, false), t0).is_err());
+    }
+
+    #[test]
+    fn would_admit_counts_nothing() {
+        let t0 = Instant::now();
+        let l = Limiter::new(t0);
+        let s = settings(1, 60, false);
+        for _ in 0..3 {
+            assert_eq!(l.would_admit(&s, t0), Ok(()));
+        }
+        assert_eq!(l.check(&s, t0), Ok(()));
+        assert_eq!(
+            l.would_admit(&s, t0 + Duration::from_secs(20)),
+            Err(Duration::from_secs(40))
+        );
+    }
+
+    #[test]
+    fn messages_name_counts_and_intervals_as_configured() {
+        assert_eq!(counted(1, "request"), "1 request");
+        assert_eq!(counted(0, "request"), "0 requests");
+        assert_eq!(counted(3, "token"), "3 tokens");
+        let ms = Duration::from_millis;
+        assert_eq!(interval_text(ms(3_600_000)), "3600s");
+        assert_eq!(interval_text(ms(1_500)), "1.5s");
+        assert_eq!(interval_text(ms(1_250)), "1.25s");
+        assert_eq!(interval_text(ms(60_001)), "60.001s");
+        assert_eq!(interval_text(ms(500)), "500ms");
+        assert_eq!(interval_text(ms(1)), "1ms");
+        assert_eq!(interval_text(Duration::from_nanos(1_500)), "1.5µs");
     }
 
     #[test]

@@ -21,8 +21,9 @@ use sidegate_crds::policy::{DynamicRoute, Fallback};
 pub use sidegate_crds::routes::Target;
 use sidegate_crds::routes::{Compiled, Graph, Node};
 
+use crate::budget::usd_units;
 use crate::error::GatewayError;
-use crate::ratelimit::{Keyed, Limiter, Settings as RateSettings};
+use crate::ratelimit::{Keyed, Limiter, Settings as RateSettings, Shape, counted, interval_text};
 use crate::shared::{Shared, Wait, Windows};
 use crate::telemetry::{Metrics, RedisOp};
 
@@ -53,24 +54,16 @@ struct Unpriced(std::sync::Mutex<std::collections::HashSet<String>>);
 const MAX_UNPRICED: usize = 1024;
 
 /// The windows of one rate or budget node, and what they count: a reload keeps them for a node
-/// of the same kind counting by the same key.
+/// of the same kind counting by the same key in windows of the same shape.
 #[derive(Debug)]
 struct Counter {
     budget: bool,
     key: Option<String>,
+    /// The node's interval and technique.
+    shape: Shape,
     /// Counted in Redis (when the walk has it; else here).
     global: bool,
     windows: Arc<Keyed>,
-}
-
-/// Billionths of a USD: a budget node counts spend in a [`Limiter`], in whole units.
-const UNITS_PER_USD: f64 = 1e9;
-
-/// `usd` in [`UNITS_PER_USD`], rounded; a negative amount (or NaN) is 0, and an absurd one
-/// (a `cf-aig-custom-cost` of billions) stops at what Redis's `INCRBY` takes.
-fn usd_units(usd: f64) -> u64 {
-    // `as` saturates (and makes NaN 0).
-    ((usd * UNITS_PER_USD).round() as u64).min(i64::MAX as u64)
 }
 
 /// Where a rate or budget node counts one request: a window of this pod, or one in Redis (and
@@ -230,9 +223,21 @@ impl Routing {
         let mut counters = HashMap::new();
         for (name, graph) in &compiled.routes {
             for (id, node) in &graph.nodes {
-                let (budget, key, global) = match node {
-                    Node::Rate { key, global, .. } => (false, key, global),
-                    Node::Budget { key, global, .. } => (true, key, global),
+                let (budget, key, global, interval, sliding) = match node {
+                    Node::Rate {
+                        key,
+                        global,
+                        interval,
+                        sliding,
+                        ..
+                    } => (false, key, global, interval, sliding),
+                    Node::Budget {
+                        key,
+                        global,
+                        interval,
+                        sliding,
+                        ..
+                    } => (true, key, global, interval, sliding),
                     _ => continue,
                 };
                 counters.insert(
@@ -240,6 +245,10 @@ impl Routing {
                     Counter {
                         budget,
                         key: key.clone(),
+                        shape: Shape {
+                            interval: *interval,
+                            sliding: *sliding,
+                        },
                         global: *global,
                         windows: Arc::default(),
                     },
@@ -261,8 +270,9 @@ impl Routing {
     /// Takes over the counters of `old` (the config this one replaces) for the rate and budget
     /// nodes still there (same route and node id, same kind, same `key`): a reload — any change
     /// to the gateway, a node's new `limit` included — must not give every route, or every
-    /// user, a fresh allowance. A window whose interval or technique changed starts afresh
-    /// when next used ([`Limiter`]).
+    /// user, a fresh allowance. A node whose interval or technique changed gets new windows,
+    /// counting from zero: the old ones stay with the requests admitted under `old`, whose
+    /// charges and give-backs, when they end, go to them ([`Limiter::carried_over`]).
     pub fn keep_counters(&mut self, old: &Routing) {
         for (id, counter) in &mut self.counters {
             if let Some(kept) = old
@@ -270,7 +280,11 @@ impl Routing {
                 .get(id)
                 .filter(|k| k.budget == counter.budget && k.key == counter.key)
             {
-                counter.windows = kept.windows.clone();
+                counter.windows = if kept.shape == counter.shape {
+                    kept.windows.clone()
+                } else {
+                    Arc::new(kept.windows.afresh())
+                };
             }
         }
     }
@@ -629,8 +643,9 @@ impl<'a> Walk<'a> {
                 retry_after,
             } => GatewayError::RouteLimited {
                 what: format!(
-                    "rate limit exceeded: route {route:?} node {node:?} allows {limit} requests per {}s{}",
-                    interval.as_secs(),
+                    "rate limit exceeded: route {route:?} node {node:?} allows {} per {}{}",
+                    counted(*limit, "request"),
+                    interval_text(*interval),
                     per_value(key)
                 ),
                 spend: false,
@@ -950,7 +965,7 @@ mod tests {
 
     #[test]
     fn a_reload_keeps_the_counts_of_the_nodes_still_there() {
-        let capped = |limit: &str, id: &str| {
+        let capped_per = |limit: &str, id: &str, secs: u64| {
             routing(vec![
                 RouteNode {
                     next: Some(id.into()),
@@ -958,7 +973,7 @@ mod tests {
                 },
                 RouteNode {
                     limit: Some(limit.into()),
-                    interval: Some(sidegate_crds::units::Duration::from_secs(3600)),
+                    interval: Some(sidegate_crds::units::Duration::from_secs(secs)),
                     next: Some("main".into()),
                     fallback: Some("overflow".into()),
                     ..node(id, RouteNodeType::Rate)
@@ -969,6 +984,7 @@ mod tests {
             ])
             .expect("valid")
         };
+        let capped = |limit: &str, id: &str| capped_per(limit, id, 3600);
         let old = capped("2", "cap");
         assert_eq!(targets(&old, &Map::new()), ["openai/main"]);
         assert_eq!(targets(&old, &Map::new()), ["openai/main"]);
@@ -980,6 +996,19 @@ mod tests {
         let mut other = capped("2", "cap2");
         other.keep_counters(&old);
         assert_eq!(targets(&other, &Map::new()), ["openai/main"]);
+        // A new interval: new windows, counting from zero; the old config's (still held by the
+        // requests admitted under it) are left as they are.
+        let mut longer = capped_per("2", "cap", 7200);
+        longer.keep_counters(&new);
+        assert_eq!(targets(&longer, &Map::new()), ["openai/main"]);
+        assert_eq!(targets(&new, &Map::new()), ["openai/cheap"]);
+        assert_eq!(targets(&longer, &Map::new()), ["openai/main"]);
+        assert_eq!(targets(&longer, &Map::new()), ["openai/cheap"]);
+        // And a reload that keeps that interval keeps them.
+        let mut again = capped_per("3", "cap", 7200);
+        again.keep_counters(&longer);
+        assert_eq!(targets(&again, &Map::new()), ["openai/main"]);
+        assert_eq!(targets(&again, &Map::new()), ["openai/cheap"]);
     }
 
     /// A route whose `kind` node (`limit`, per hour, `key`) leads to `main`, over it to

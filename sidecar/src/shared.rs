@@ -688,7 +688,8 @@ impl Shared {
     }
 
     /// Gives back, in the background, a request [`Self::count`] counted in `window` (a route's
-    /// rate node whose request never went upstream): never below 0, and never bringing back a
+    /// rate node whose request never went upstream; the gateway's rate limit, whose request the
+    /// spend limit or the token budget refused): never below 0, and never bringing back a
     /// window that expired meanwhile. The caller gives it back to its pod's counter.
     pub fn uncount(
         self: &Arc<Self>,
@@ -850,15 +851,22 @@ impl Shared {
         )
     }
 
-    /// The gateway's spend in the period holding `now` (Unix seconds), with what this pod keeps
-    /// for Redis; `Err` when Redis cannot be read.
+    /// The gateway's spend in the period holding `now` (Unix seconds), in
+    /// [`budget::UNITS_PER_USD`], with what this pod keeps for Redis; `Err` when Redis cannot be
+    /// read.
+    ///
+    /// The key is summed by `INCRBYFLOAT`, as sidegate always has (pods of older versions
+    /// sharing the Redis during a rollout add to and read the same key): this pod adds whole
+    /// billionths, as exact decimals, and reads the total rounded to the nearest billionth, which
+    /// undoes the drift of Redis's floating-point sum (its `long double` carries some 18 digits:
+    /// exact to the billionth far past any period's spend).
     pub async fn spend_get(
         &self,
         metrics: &Metrics,
         wait: &Wait,
         period: SpendPeriod,
         now: u64,
-    ) -> Result<f64, Unreadable> {
+    ) -> Result<u64, Unreadable> {
         let (start, _) = budget::period_bounds(period, now);
         let key = self.spend_key(period, start);
         let got: Result<Option<f64>, Failure> = self
@@ -867,7 +875,8 @@ impl Shared {
             })
             .await;
         match got {
-            Ok(v) => Ok(v.unwrap_or(0.0) + self.charges.waiting_usd(&key)),
+            Ok(v) => Ok(budget::usd_units(v.unwrap_or(0.0))
+                .saturating_add(self.charges.waiting_spend(&key))),
             Err(f) => {
                 self.failed(metrics, RedisOp::Limits, &f);
                 Err(Unreadable)
@@ -875,10 +884,11 @@ impl Shared {
         }
     }
 
-    /// Adds `usd` to the gateway's spend in the day, the week and the month holding `now`
-    /// (as [`budget::Ledger::add_spend`] does per pod: a reload changing the period finds the
-    /// new period's spend), in the background; each key expires a day after its period ends.
-    pub fn spend_add(self: &Arc<Self>, metrics: &Arc<Metrics>, usd: f64, now: u64) {
+    /// Adds `units` ([`budget::UNITS_PER_USD`]) to the gateway's spend in the day, the week and
+    /// the month holding `now` (as [`budget::Ledger::add_spend`] does per pod: a reload changing
+    /// the period finds the new period's spend), in the background; each key expires a day
+    /// after its period ends.
+    pub fn spend_add(self: &Arc<Self>, metrics: &Arc<Metrics>, units: u64, now: u64) {
         for period in [SpendPeriod::Day, SpendPeriod::Week, SpendPeriod::Month] {
             let (start, end) = budget::period_bounds(period, now);
             let charge = Charge {
@@ -887,7 +897,7 @@ impl Shared {
                 } else {
                     Kind::SpendAlso
                 },
-                amount: Amount::Usd(usd),
+                amount: Amount::Usd(units),
                 useful_until_ms: end.saturating_mul(1000),
                 expire_at_ms: end.saturating_add(86_400).saturating_mul(1000),
             };

@@ -203,11 +203,13 @@ pub(crate) async fn serve(
     }
     let aig = GatewayHeaders::scan(&parts.headers);
     // The request's gateway headers are checked before its body is read; each step may
-    // override them with its own (`plan`).
+    // override them with its own (`plan`). Then the request counts against the limits: one
+    // refused for its path or a header does not.
     proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
     cache::want(&snap.cache, aig).map_err(none)?;
     snap.retries.with_headers(aig).map_err(none)?;
     aig.byok_alias().map_err(none)?;
+    gw.check_limits(snap, redis_wait).await.map_err(none)?;
     proxy::refuse_compressed_body(&parts.headers, "the universal endpoint").map_err(none)?;
     let mut held = gw.buffers.guard(snap.max_buffered);
     let raw = proxy::read_body(

@@ -304,7 +304,7 @@ def test_without_redis_spend_and_token_limits_are_counted_by_the_pod(mock, tmp_p
     try:
         assert httpx.post(g.url + CHAT, json=body("use the tokens")).status_code == 200
         r = wait_refused(g, 2003, "this pod's own tokens were not counted")
-        assert "token budget of 1 tokens per minute" in r.json()["error"][0]["message"]
+        assert "token budget of 1 token per minute" in r.json()["error"][0]["message"]
     finally:
         g.stop()
 
@@ -373,7 +373,7 @@ def test_a_global_token_budget_is_shared_by_the_pods(mock, tmp_path, redis):  # 
         assert wait_line(a, r.headers["cf-aig-log-id"])["tokens_in"] > 1
         # Pod b's probes use no tokens: only pod a's, counted in Redis, can spend its budget.
         r = wait_refused(b, 2003, "pod b never saw pod a's tokens")
-        assert "token budget of 1 tokens per minute" in r.json()["error"][0]["message"]
+        assert "token budget of 1 token per minute" in r.json()["error"][0]["message"]
     finally:
         a.stop()
         b.stop()

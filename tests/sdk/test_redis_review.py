@@ -41,14 +41,19 @@ def redis(tmp_path):
     r.stop()
 
 
+def pod_yaml(upstream, spec, gateway="{namespace: team-a, name: shared-gw}"):
+    """The config of a `pod` (also for a reload)."""
+    text = gateway_yaml(upstream, extra_spec="  redis: {}\n" + spec)
+    return text.replace("gateway: {namespace: team-a, name: main}", f"gateway: {gateway}")
+
+
 def pod(tmp, upstream, redis_url, spec, dirname, gateway="{namespace: team-a, name: shared-gw}", keys=None,
         wait_ready=True):
     """A sidecar of gateway `gateway` (the YAML of its `gateway:` line) on `redis_url`, its providers
     at `upstream`."""
     d = pathlib.Path(tmp) / dirname
     d.mkdir()
-    text = gateway_yaml(upstream, extra_spec="  redis: {}\n" + spec)
-    text = text.replace("gateway: {namespace: team-a, name: main}", f"gateway: {gateway}")
+    text = pod_yaml(upstream, spec, gateway)
     return Sidegate(d, text, dict(keys or DEFAULT_KEYS, **{"redis.url": redis_url}), wait_ready=wait_ready)
 
 

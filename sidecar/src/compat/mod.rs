@@ -885,9 +885,13 @@ pub(crate) async fn serve(
             ))));
         }
     };
-    // The headers are checked before the body is read.
+    // The headers are checked before the body is read, and the request counted against the
+    // limits once they are: one refused for its path or a header is not.
     proxy::request_timeout(aig, snap.request_timeout).map_err(none)?;
     aig.byok_alias().map_err(none)?;
+    cache::want(&snap.cache, aig).map_err(none)?;
+    snap.retries.with_headers(aig).map_err(none)?;
+    gw.check_limits(snap, redis_wait).await.map_err(none)?;
     proxy::refuse_compressed_body(&parts.headers, "/compat translation").map_err(none)?;
     // Held until the answer goes out: the body is read again for a fallback's request.
     let mut held = gw.buffers.guard(snap.max_buffered);

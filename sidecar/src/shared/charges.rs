@@ -123,8 +123,9 @@ const _: () = assert!(UNCONFIRMED_FOR_MS < MARKER_TTL_MS);
 pub(super) enum Amount {
     /// `INCRBY` (negative: a give-back).
     Count(i64),
-    /// `INCRBYFLOAT` (USD).
-    Usd(f64),
+    /// `INCRBYFLOAT` of whole billionths of a USD ([`crate::budget::UNITS_PER_USD`]): summed
+    /// exactly here, sent as an exact decimal.
+    Usd(u64),
 }
 
 /// What a key counts: which charges win for the [`MAX_KEYS`] bound, and what a loss says.
@@ -161,7 +162,7 @@ impl Charge {
     fn absorb(&mut self, other: &Charge) {
         self.amount = match (self.amount, other.amount) {
             (Amount::Count(a), Amount::Count(b)) => Amount::Count(a.saturating_add(b)),
-            (Amount::Usd(a), Amount::Usd(b)) => Amount::Usd(a + b),
+            (Amount::Usd(a), Amount::Usd(b)) => Amount::Usd(a.saturating_add(b)),
             // Keys of counts and of USD never meet (different names).
             (mine, _) => mine,
         };
@@ -174,7 +175,7 @@ impl Charge {
         let ttl = self.expire_at_ms.saturating_sub(now_ms).max(1);
         match self.amount {
             Amount::Count(n) => ("i", n.to_string(), ttl),
-            Amount::Usd(usd) => ("f", format!("{usd:.12}"), ttl),
+            Amount::Usd(units) => ("f", usd_decimal(units), ttl),
         }
     }
 
@@ -182,6 +183,12 @@ impl Charge {
     fn is_zero(&self) -> bool {
         matches!(self.amount, Amount::Count(0))
     }
+}
+
+/// `units` ([`crate::budget::UNITS_PER_USD`]) as the decimal number of USD they are exactly
+/// (`0.100000000`), for `INCRBYFLOAT`.
+fn usd_decimal(units: u64) -> String {
+    format!("{}.{:09}", units / 1_000_000_000, units % 1_000_000_000)
 }
 
 /// A batch of charges on its way to Redis.
@@ -416,7 +423,7 @@ impl Tally {
     fn add(&mut self, c: &Charge) {
         self.keys += 1;
         match (c.kind, c.amount) {
-            (Kind::Spend, Amount::Usd(usd)) => self.spend_usd += usd,
+            (Kind::Spend, Amount::Usd(units)) => self.spend_usd += crate::budget::units_usd(units),
             (Kind::Tokens, Amount::Count(n)) => self.tokens = self.tokens.saturating_add(n),
             (Kind::Requests | Kind::RouteNode, Amount::Count(n)) => {
                 self.counts = self.counts.saturating_add(n);
@@ -543,14 +550,14 @@ impl Charges {
         }
     }
 
-    /// What waits for `key`: USD.
-    pub(super) fn waiting_usd(&self, key: &str) -> f64 {
+    /// What waits for `key`: spend, in [`crate::budget::UNITS_PER_USD`].
+    pub(super) fn waiting_spend(&self, key: &str) -> u64 {
         if !self.waiting.load(Ordering::Relaxed) {
-            return 0.0;
+            return 0;
         }
         match self.state().waiting.get(key).map(|c| c.amount) {
-            Some(Amount::Usd(usd)) => usd,
-            _ => 0.0,
+            Some(Amount::Usd(units)) => units,
+            _ => 0,
         }
     }
 
@@ -783,6 +790,7 @@ impl Charges {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::usd_units;
 
     fn count(n: i64, until: u64) -> Charge {
         Charge {
@@ -796,7 +804,7 @@ mod tests {
     fn usd(x: f64, until: u64) -> Charge {
         Charge {
             kind: Kind::Spend,
-            amount: Amount::Usd(x),
+            amount: Amount::Usd(usd_units(x)),
             useful_until_ms: until,
             expire_at_ms: until.saturating_add(86_400_000),
         }
@@ -805,18 +813,18 @@ mod tests {
     #[test]
     fn charges_are_summed_per_key_and_read_back_until_sent() {
         let c = Charges::new("m".into());
-        assert_eq!(c.waiting_usd("spend"), 0.0);
+        assert_eq!(c.waiting_spend("spend"), 0);
         assert_eq!(Added::Kept, c.add("spend".into(), usd(0.25, 10_000)));
         assert_eq!(Added::Kept, c.add("spend".into(), usd(0.5, 10_000)));
         assert_eq!(Added::Kept, c.add("rl:7".into(), count(1, 10_000)));
         assert_eq!(Added::Kept, c.add("rl:7".into(), count(1, 10_000)));
-        assert_eq!(c.waiting_usd("spend"), 0.75);
+        assert_eq!(c.waiting_spend("spend"), usd_units(0.75));
         assert_eq!(c.waiting_count("rl:7"), 2);
         assert_eq!(c.waiting_count("spend"), 0, "another kind");
         let (batch, dropped) = c.next_batch(5_000);
         let batch = batch.expect("something waits");
         assert_eq!((batch.seq, batch.entries.len(), dropped), (1, 2, 0));
-        assert_eq!(c.waiting_usd("spend"), 0.0, "on its way, no longer waiting");
+        assert_eq!(c.waiting_spend("spend"), 0, "on its way, no longer waiting");
         c.settle(batch, Outcome::Applied).expect("not retired");
         assert!(c.next_batch(5_000).0.is_none());
     }
@@ -842,12 +850,19 @@ mod tests {
         let (again, _) = c.next_batch(2_000);
         let again = again.expect("sent again");
         assert_eq!(again.seq, 1, "the same number: Redis applies it once");
-        assert_eq!(again.entries[0].1.amount, Amount::Usd(1.0), "not merged");
-        assert_eq!(c.waiting_usd("spend"), 2.0);
+        assert_eq!(
+            again.entries[0].1.amount,
+            Amount::Usd(usd_units(1.0)),
+            "not merged"
+        );
+        assert_eq!(c.waiting_spend("spend"), usd_units(2.0));
         c.settle(again, Outcome::Applied).expect("not retired");
         let (next, _) = c.next_batch(3_000);
         let next = next.expect("the new charge");
-        assert_eq!((next.seq, next.entries[0].1.amount), (2, Amount::Usd(2.0)));
+        assert_eq!(
+            (next.seq, next.entries[0].1.amount),
+            (2, Amount::Usd(usd_units(2.0)))
+        );
     }
 
     #[test]
@@ -865,8 +880,8 @@ mod tests {
         let (b, _) = c.next_batch(3_000);
         let b = b.expect("batch");
         assert_eq!(b.seq, 1, "Redis may hold it: only its own number tells");
-        assert_eq!(b.entries[0].1.amount, Amount::Usd(1.0));
-        assert_eq!(c.waiting_usd("spend"), 2.0);
+        assert_eq!(b.entries[0].1.amount, Amount::Usd(usd_units(1.0)));
+        assert_eq!(c.waiting_spend("spend"), usd_units(2.0));
     }
 
     #[test]
@@ -878,14 +893,14 @@ mod tests {
         c.settle(b.expect("batch"), Outcome::NotApplied)
             .expect("not retired");
         assert_eq!(
-            c.waiting_usd("spend"),
-            3.0,
+            c.waiting_spend("spend"),
+            usd_units(3.0),
             "read back by the spend check meanwhile"
         );
         let (b, _) = c.next_batch(2_000);
         let b = b.expect("batch");
         assert_eq!((b.seq, b.entries.len()), (2, 1));
-        assert_eq!(b.entries[0].1.amount, Amount::Usd(3.0));
+        assert_eq!(b.entries[0].1.amount, Amount::Usd(usd_units(3.0)));
     }
 
     #[test]
@@ -989,8 +1004,8 @@ mod tests {
             Added::OneDropped
         );
         assert_eq!(
-            c.waiting_usd("spend:day:1"),
-            0.5,
+            c.waiting_spend("spend:day:1"),
+            usd_units(0.5),
             "kept, a route count dropped"
         );
         assert_eq!(c.state().waiting.len(), MAX_KEYS);
@@ -1018,8 +1033,8 @@ mod tests {
         let on_its_way = b.expect("batch");
         let new = Charges::new("new".into());
         assert_eq!(new.receive(old.hand_over()), (true, 0));
-        assert_eq!(new.waiting_usd("spend"), 2.0);
-        assert_eq!(old.waiting_usd("spend"), 0.0);
+        assert_eq!(new.waiting_spend("spend"), usd_units(2.0));
+        assert_eq!(old.waiting_spend("spend"), 0);
         let (b, o) = old
             .settle(on_its_way, Outcome::Unanswered)
             .expect_err("handed to the new client");
@@ -1036,12 +1051,12 @@ mod tests {
             ("old", 1),
             "its marker and number kept"
         );
-        assert_eq!(b.entries[0].1.amount, Amount::Usd(1.0));
+        assert_eq!(b.entries[0].1.amount, Amount::Usd(usd_units(1.0)));
         new.settle(b, Outcome::Applied).expect("not retired");
         let (b, _) = new.next_batch(3_000);
         let b = b.expect("then what waited");
         assert_eq!((&*b.marker, b.seq), ("new", 1));
-        assert_eq!(b.entries[0].1.amount, Amount::Usd(2.0));
+        assert_eq!(b.entries[0].1.amount, Amount::Usd(usd_units(2.0)));
     }
 
     #[test]
@@ -1176,6 +1191,20 @@ mod tests {
         );
         let s = c.state();
         assert_eq!((s.seen.len(), s.seen.by_end.len()), (MAX_SEEN, MAX_SEEN));
+    }
+
+    #[test]
+    fn spend_is_summed_in_whole_billionths_and_sent_as_an_exact_decimal() {
+        let c = Charges::new("m".into());
+        for _ in 0..10 {
+            c.add("spend".into(), usd(0.1, 10_000));
+        }
+        assert_eq!(c.waiting_spend("spend"), 1_000_000_000);
+        let (b, _) = c.next_batch(1_000);
+        let b = b.expect("batch");
+        assert_eq!(b.entries[0].1.args(1_000).1, "1.000000000");
+        assert_eq!(usd(0.000_000_001, 10_000).args(0).1, "0.000000001");
+        assert_eq!(usd(1234.5, 10_000).args(0).1, "1234.500000000");
     }
 
     #[test]
