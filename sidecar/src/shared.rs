@@ -143,6 +143,11 @@ pub struct Shared {
     /// The client of the same Redis that replaced this one: charges made through this one
     /// since (by requests begun before the reload) go to it.
     successor: OnceLock<Arc<Shared>>,
+    /// The clients of the same Redis this one took over from (and those they had): a batch a
+    /// writer of theirs still has on its way comes here once settled, so a stop waits for it
+    /// and says what it held when it did not come ([`Self::write_waiting`]). Held weakly: that
+    /// writer holds its client while it runs.
+    predecessors: std::sync::Mutex<Vec<std::sync::Weak<Shared>>>,
     conn: std::sync::Mutex<Option<ConnectionManager>>,
     /// Held while connecting: the others wait for that connection (within what their requests
     /// have left of [`REQUEST_WAIT`]), rather than each making its own or going uncounted.
@@ -196,6 +201,7 @@ impl Shared {
             target: Sha256::digest(url.expose_secret().as_bytes()).into(),
             place: Sha256::digest(place.as_bytes()).into(),
             successor: OnceLock::new(),
+            predecessors: std::sync::Mutex::default(),
             client,
             conn: std::sync::Mutex::default(),
             connecting: tokio::sync::Mutex::default(),
@@ -234,6 +240,10 @@ impl Shared {
         if old.successor.set(self.clone()).is_err() {
             return true;
         }
+        let mut before = old.predecessors();
+        before.push(old.clone());
+        self.lock_predecessors()
+            .extend(before.iter().map(Arc::downgrade));
         let (came, dropped) = self.charges.receive(old.charges.hand_over());
         if dropped > 0 {
             metrics.count_charges_dropped(ChargeDropped::Full, dropped);
@@ -242,6 +252,19 @@ impl Shared {
             self.start_writer(metrics);
         }
         true
+    }
+
+    fn lock_predecessors(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Weak<Shared>>> {
+        self.predecessors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The clients this one took over from whose writer may still have a batch on its way.
+    fn predecessors(&self) -> Vec<Arc<Shared>> {
+        let mut list = self.lock_predecessors();
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(std::sync::Weak::upgrade).collect()
     }
 
     fn unavailable(why: &'static str) -> ::redis::RedisError {
@@ -951,9 +974,11 @@ impl Shared {
     }
 
     /// At shutdown, once the last request ended: waits for the writer to write what is
-    /// waiting (the batch whose answer never came first), at most `within`; what it could not
-    /// write is logged, with its amounts, and lost. `former`: a Redis the config no longer
-    /// names (a reload moved the gateway to another one, or to none).
+    /// waiting (the batch whose answer never came first), and a batch the writer of a client
+    /// this one took over from still has on its way, which comes to it once settled; at most
+    /// `within`. What could not be written is logged, with its amounts, and lost. `former`: a
+    /// Redis the config no longer names (a reload moved the gateway to another one, or to
+    /// none).
     pub async fn write_waiting(
         self: &Arc<Self>,
         metrics: &Arc<Metrics>,
@@ -962,10 +987,20 @@ impl Shared {
     ) {
         let deadline = tokio::time::Instant::now() + within;
         self.start_writer(metrics);
-        if self.charges.idle(deadline).await {
+        let before = self.predecessors();
+        let mut done = true;
+        for old in &before {
+            // Retired, its writer stops once it settled its batch (handed here: this writer
+            // started), or holding nothing.
+            done &= old.charges.idle(deadline).await || old.charges.unwritten().keys == 0;
+        }
+        if done && self.charges.idle(deadline).await {
             return;
         }
-        let left = self.charges.unwritten();
+        let mut left = self.charges.unwritten();
+        for old in &before {
+            left.merge(&old.charges.unwritten());
+        }
         tracing::warn!(
             keys = left.keys,
             spend_usd = left.spend_usd,
@@ -1010,7 +1045,7 @@ impl Shared {
                         self.failed(metrics, RedisOp::Charge, &f);
                         // The batch was not sent: it waits again, as new.
                         self.settle(metrics, batch, Outcome::NotApplied, false);
-                        tokio::time::sleep(BACKOFF).await;
+                        self.pause().await;
                         continue;
                     }
                 }
@@ -1047,7 +1082,7 @@ impl Shared {
                     self.settle(metrics, batch, Outcome::NotApplied, false);
                     elsewhere = true;
                     if was_elsewhere {
-                        tokio::time::sleep(BACKOFF).await;
+                        self.pause().await;
                     }
                     continue;
                 }
@@ -1069,9 +1104,17 @@ impl Shared {
                         Outcome::NotApplied
                     };
                     self.settle(metrics, batch, outcome, false);
-                    tokio::time::sleep(BACKOFF).await;
+                    self.pause().await;
                 }
             }
+        }
+    }
+
+    /// Waits [`BACKOFF`] before the writer tries again, unless this client was replaced: what
+    /// it held went to its successor, and its writer stops at once (a stop waits for it).
+    async fn pause(&self) {
+        if self.successor.get().is_none() {
+            tokio::time::sleep(BACKOFF).await;
         }
     }
 

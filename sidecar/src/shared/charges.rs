@@ -433,7 +433,7 @@ impl Tally {
         t
     }
 
-    fn merge(&mut self, other: &Tally) {
+    pub(super) fn merge(&mut self, other: &Tally) {
         self.keys += other.keys;
         self.spend_usd += other.spend_usd;
         self.tokens = self.tokens.saturating_add(other.tokens);
