@@ -113,9 +113,12 @@ impl Windows {
         (now_ms / self.interval_ms, now_ms % self.interval_ms)
     }
 
-    /// Unix ms from which window `index` weighs on no limit (a sliding one's, through the next).
-    fn weighs_until(&self, index: u64) -> u64 {
-        index.saturating_add(2).saturating_mul(self.interval_ms)
+    /// Unix ms from which window `index` weighs on no limit: its end, or a sliding one's, the
+    /// next one's.
+    fn weighs_until(&self, index: u64, sliding: bool) -> u64 {
+        index
+            .saturating_add(1 + u64::from(sliding))
+            .saturating_mul(self.interval_ms)
     }
 
     /// `n` added to window `index` (negative: given back), for [`Charges`]: of use while the
@@ -766,7 +769,8 @@ impl Shared {
             .await;
         match got {
             Ok((cur, prev)) => {
-                let (cur, prev) = self.saw_budget(w, index, (&cur_key, &prev_key), (cur, prev));
+                let (cur, prev) =
+                    self.saw_budget(w, index, (&cur_key, &prev_key), (cur, prev), s.sliding);
                 ratelimit::admit(
                     s.limit,
                     cur,
@@ -786,23 +790,27 @@ impl Shared {
 
     /// The counts of a budget's window `index` of `w` (key `keys.0`) and the one before
     /// (`keys.1`) as read (`read`), with what this pod keeps for them; noted for
-    /// [`Self::budget_floor`].
+    /// [`Self::budget_floor`], the one before only when it weighs (`sliding`): a fixed window's
+    /// limit never looks at it, and noting it would take a place of [`charges::MAX_SEEN`].
     fn saw_budget(
         &self,
         w: &Windows,
         index: u64,
         keys: (&str, &str),
         read: (Option<u64>, Option<u64>),
+        sliding: bool,
     ) -> (u64, u64) {
         let now = unix_ms();
-        let total = |i: u64, key: &str, read: Option<u64>| {
+        let total = |i: u64, key: &str, read: Option<u64>, weighs: bool| {
             let n = self.with_waiting(read, key);
-            self.charges.saw(key, n, w.weighs_until(i), now);
+            if weighs {
+                self.charges.saw(key, n, w.weighs_until(i, sliding), now);
+            }
             n
         };
         (
-            total(index, keys.0, read.0),
-            total(index.saturating_sub(1), keys.1, read.1),
+            total(index, keys.0, read.0, true),
+            total(index.saturating_sub(1), keys.1, read.1, sliding),
         )
     }
 
@@ -1166,7 +1174,8 @@ impl Shared {
             .await;
         match got {
             Ok((cur, prev)) => {
-                let (cur, prev) = self.saw_budget(&w, index, (&cur_key, &prev_key), (cur, prev));
+                let (cur, prev) =
+                    self.saw_budget(&w, index, (&cur_key, &prev_key), (cur, prev), s.sliding);
                 budget::budget_left(
                     s.per_minute,
                     cur,
@@ -1903,6 +1912,25 @@ mod tests {
         assert_eq!(f.stage, Stage::Skipped);
         assert!(!shared.backoff.active(monotonic_ms()));
         drop(making);
+    }
+
+    #[test]
+    fn a_fixed_budgets_previous_window_is_read_but_not_noted_for_its_floor() {
+        let shared =
+            Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw").expect("valid url");
+        let w = shared.route_windows(true, "r", "b", None, Duration::from_secs(86_400));
+        let (index, _) = w.at(unix_ms());
+        let (cur, prev) = (w.key(index), w.key(index - 1));
+        for sliding in [false, true] {
+            let read = shared.saw_budget(&w, index, (&cur, &prev), (Some(3), Some(5)), sliding);
+            assert_eq!(read, (3, 5));
+            assert_eq!(shared.charges.floor(&cur), 3);
+            assert_eq!(
+                shared.charges.floor(&prev),
+                if sliding { 5 } else { 0 },
+                "sliding {sliding}: a fixed limit never weighs the previous window"
+            );
+        }
     }
 
     #[test]

@@ -22,7 +22,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import pytest
 
 from route_yaml import route
 from test_redis import Redis, redis_errors
@@ -221,14 +220,14 @@ def test_three_pods_on_a_redis_stopped_late_and_restarted_at_times_write_each_ch
 # --- budget windows last read ---------------------------------------------------------------------------
 
 
-def budget_chain(name, nodes, interval):
+def budget_chain(name, nodes, interval, technique="fixed"):
     """Route `name`: `nodes` global budget nodes of `interval`, keyed by user, one after the other
     (a request through it reads each node's current and previous window of its user)."""
     yaml = f"    - name: {name}\n      nodes:\n        - {{id: s, type: start, next: b0}}\n"
     for i in range(nodes):
         after = f"b{i + 1}" if i + 1 < nodes else "main"
         yaml += (f'        - {{id: b{i}, type: budget, limit: "1000", interval: {interval}, key: metadata.user_id, '
-                 f"scope: global, next: {after}, fallback: over}}\n")
+                 f"technique: {technique}, scope: global, next: {after}, fallback: over}}\n")
     return yaml + ("        - {id: main, type: model, provider: openai, model: gpt-4o, next: e}\n"
                    "        - {id: over, type: model, provider: openai, model: gpt-4o-mini, next: e}\n"
                    "        - {id: e, type: end}\n")
@@ -260,8 +259,8 @@ def read_by_many_users(g, users, tag):
         list(pool.map(some, range(4)))
 
 
-def two_pods(mock, tmp_path, redis, fill_interval):
-    spec = "  routes:\n" + budget_chain("fill", 10, fill_interval) + CAP
+def two_pods(mock, tmp_path, redis, fill_interval, technique="fixed"):
+    spec = "  routes:\n" + budget_chain("fill", 10, fill_interval, technique) + CAP
     return [pod(tmp_path, mock.url, redis.url, spec, name) for name in "ab"]
 
 
@@ -301,22 +300,35 @@ def test_budget_windows_still_weighing_keep_their_floor_while_ended_ones_make_ro
         redis.stop()
 
 
-# FAILS at 8fe65ce: a budget window read once the pod holds 10,000 windows last read gets no floor while Redis is stopped (README: budgets start from their count last read); 5,000 keyed values fill it, the previous window of each fixed node (which its limit never weighs) taking a place too
-@pytest.mark.xfail(strict=True, reason="a budget window read past 10,000 windows last read gets no floor")
+# Failed at 8fe65ce (mended since): a budget window read once the pod holds 10,000 windows last read gets no floor while Redis is stopped (README: budgets start from their count last read); 5,000 keyed values fill it, the previous window of each fixed node (which its limit never weighs) taking a place too
 def test_a_budget_window_read_after_5000_keyed_values_were_read_keeps_its_floor(mock, tmp_path):
     # As above, but the 505 users go through 10 fixed 1-day nodes (5,050 node values, each read
     # with its previous window): all still weigh when pod a reads user y's window. With Redis
     # stopped y's budget must start from the 0.003 read, not from pod a's own 0 (0.006 spent of
     # 0.0035 by the gateway otherwise).
+    y_floor_after_505_users(mock, tmp_path, "fixed", "5,050 node values")
+
+
+def test_a_budget_window_just_read_keeps_its_floor_when_more_windows_than_the_bound_still_weigh(mock, tmp_path):
+    # The 505 users go through 10 sliding 1-day nodes: 10,100 windows that all still weigh (each
+    # node value's current and previous day), past the 10,000 a pod notes. The window read last,
+    # user y's (the one a limit is being enforced on now), takes the place of the one read least
+    # recently: with Redis stopped, y's budget starts from the 0.003 read.
+    y_floor_after_505_users(mock, tmp_path, "sliding", "10,100 windows")
+
+
+def y_floor_after_505_users(mock, tmp_path, technique, read):
+    """Pod b charges user y 0.003 of 0.0035; pod a reads 505 users' windows through 10 1-day nodes
+    of `technique`, then y's, then Redis stops: y's next request is served, the others fall back."""
     redis = Redis(tmp_path / "redis")
-    a, b = two_pods(mock, tmp_path, redis, "1d")
+    a, b = two_pods(mock, tmp_path, redis, "1d", technique)
     try:
         near_their_cap(redis, b)
         read_by_many_users(a, 505, "long")
         assert through(a, "cap", "y", 0) == "gpt-4o"
         got = while_stopped(redis, a, ("y",))
         assert got == {"y": ["gpt-4o", "gpt-4o-mini", "gpt-4o-mini"]}, \
-            f"user y's 0.003 read was not its floor once the pod had read 5,050 node values: {got}"
+            f"user y's 0.003 read was not its floor once the pod had read {read}: {got}"
     finally:
         a.stop()
         b.stop()
