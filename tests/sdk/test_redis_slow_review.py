@@ -333,3 +333,31 @@ def y_floor_after_505_users(mock, tmp_path, technique, read):
         a.stop()
         b.stop()
         redis.stop()
+
+
+# --- the writer's first calls on a Redis far away ----------------------------------------------------
+
+
+def test_a_redis_2_s_away_gets_a_pods_first_charge_at_the_writers_first_try(mock, tmp_path):
+    # Once the pod is connected, every answer of Redis reaches it 2 s after Redis sent it. Redis
+    # holds none of the writer's scripts yet: each costs EVALSHA, its NOSCRIPT answer, then EVAL
+    # (4 s of the writer's 5 s for each call). The redis crate's own invocation loads the script
+    # first (EVALSHA, SCRIPT LOAD, EVALSHA: 6 s): each first call failed, counted, and was tried
+    # again a second later.
+    redis = Redis(tmp_path / "redis")
+    proxy = LatencyProxy(redis.port, 2.0)
+    g = pod(tmp_path, mock.url, proxy.url, SPEND, "a")
+    try:
+        assert probe(g).status_code == 500  # connected, nothing charged yet
+        proxy.slow = True
+        began = time.monotonic()
+        assert charged(g, 0.25).status_code == 200
+        settled("the charge", lambda: spend_day(redis), 0.25, within=12)
+        print(f"written {time.monotonic() - began:.1f} s after the request began")
+        assert redis_errors(g, "charge") == 0, g.metrics()
+        stats = redis.cli("INFO", "commandstats")
+        assert "cmdstat_eval:" in stats and "cmdstat_script|load:" not in stats, stats
+    finally:
+        g.stop()
+        proxy.close()
+        redis.stop()
