@@ -688,7 +688,9 @@ impl Shared {
     /// Reads on, in the background, the answer of a count in window `index` of `w` whose
     /// request stopped waiting for it, and makes Redis agree with what this pod decided
     /// (`passed`): a count Redis refused for a request let through is added, one it made for a
-    /// refused request given back. No answer within [`LATE_ANSWER`] leaves it as taken.
+    /// refused request given back. No answer within [`LATE_ANSWER`] leaves it as taken; a call
+    /// that ended without one (its connection broke: a Redis killed) or with an error is taken
+    /// as not made, as when that happens within the request's wait ([`Self::count`]).
     fn read_late_count<F>(
         self: &Arc<Self>,
         metrics: &Arc<Metrics>,
@@ -702,10 +704,14 @@ impl Shared {
     {
         let (this, metrics, w, sliding) = (self.clone(), metrics.clone(), w.clone(), s.sliding);
         tokio::spawn(async move {
-            let Ok(Ok((counted, _, _))) = tokio::time::timeout(LATE_ANSWER, late).await else {
-                return;
+            let counted = match tokio::time::timeout(LATE_ANSWER, late).await {
+                Ok(Ok((counted, _, _))) => counted != 0,
+                // The connection's own bound ([`LATE_ANSWER`] too): no answer.
+                Ok(Err(e)) if e.is_timeout() => return,
+                Ok(Err(_)) => false,
+                Err(_) => return,
             };
-            let fix = match (counted != 0, passed) {
+            let fix = match (counted, passed) {
                 (true, false) => -1,
                 (false, true) => 1,
                 _ => return,
@@ -1914,6 +1920,61 @@ mod tests {
         assert_eq!(f.stage, Stage::Skipped);
         assert!(!shared.backoff.active(monotonic_ms()));
         drop(making);
+    }
+
+    #[tokio::test]
+    async fn a_late_count_whose_connection_broke_is_taken_as_not_made_and_one_never_answered_as_made()
+     {
+        let metrics = Arc::new(Metrics::new());
+        let s = ratelimit::Settings {
+            limit: 10,
+            interval: Duration::from_secs(3600),
+            sliding: false,
+            global: true,
+        };
+        let counted_for_redis = async |late: ::redis::RedisResult<(i64, u64, u64)>, passed| {
+            let shared = Arc::new(
+                Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw")
+                    .expect("valid url"),
+            );
+            let w = shared.rate_windows(&s);
+            let (index, _) = w.at(unix_ms());
+            shared.read_late_count(&metrics, std::future::ready(late), &w, &s, index, passed);
+            // The late answer is read in a task of its own.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            shared.charges.unwritten().counts
+        };
+        let io = |k: std::io::ErrorKind| ::redis::RedisError::from(std::io::Error::from(k));
+        for broken in [
+            io(std::io::ErrorKind::ConnectionReset),
+            io(std::io::ErrorKind::BrokenPipe),
+        ] {
+            assert_eq!(
+                counted_for_redis(Err(broken), true).await,
+                1,
+                "let through, and not made in Redis: counted there"
+            );
+        }
+        assert_eq!(
+            counted_for_redis(Err(answered_error("OOM command not allowed")), true).await,
+            1,
+            "refused: not made"
+        );
+        assert_eq!(
+            counted_for_redis(Err(io(std::io::ErrorKind::BrokenPipe)), false).await,
+            0,
+            "refused by the pod, and not made: nothing to give back"
+        );
+        assert_eq!(
+            counted_for_redis(Err(io(std::io::ErrorKind::TimedOut)), true).await,
+            0,
+            "no answer within 10 s: left as made"
+        );
+        assert_eq!(counted_for_redis(Ok((0, 10, 0)), true).await, 1);
+        assert_eq!(counted_for_redis(Ok((1, 3, 0)), false).await, -1);
+        assert_eq!(counted_for_redis(Ok((1, 3, 0)), true).await, 0);
     }
 
     #[test]

@@ -335,7 +335,7 @@ def y_floor_after_505_users(mock, tmp_path, technique, read):
         redis.stop()
 
 
-# --- the writer's first calls on a Redis far away ----------------------------------------------------
+# --- the writer's first calls on a Redis far away, a late count whose connection broke --------------
 
 
 def test_a_redis_2_s_away_gets_a_pods_first_charge_at_the_writers_first_try(mock, tmp_path):
@@ -360,4 +360,26 @@ def test_a_redis_2_s_away_gets_a_pods_first_charge_at_the_writers_first_try(mock
     finally:
         g.stop()
         proxy.close()
+        redis.stop()
+
+
+def test_a_rate_count_whose_late_answer_never_came_as_redis_was_killed_is_taken_as_not_made(mock, tmp_path):
+    # Redis stops (SIGSTOP) before a request's global rate count reaches it: past its 250 ms the
+    # pod lets the request through on its own count and reads the answer on in the background.
+    # Redis is then killed (the count never ran; the connection breaks) and restarted with its
+    # data. README: a count whose connection broke is taken as not made: the pod adds it, and
+    # Redis counts both requests served.
+    redis = Redis(tmp_path / "redis", *AOF)
+    g = pod(tmp_path, mock.url, redis.url, "  rateLimit: {limit: 1000, interval: 1h, scope: global}\n", "a")
+    try:
+        assert charged(g, 0).status_code == 200
+        settled("the first count", lambda: rate_in_redis(redis), 1, within=3)
+        redis.proc.send_signal(signal.SIGSTOP)
+        assert charged(g, 0).status_code == 200  # past 250 ms: on the pod's own count
+        time.sleep(0.5)
+        redis.kill()
+        redis.start(*AOF)
+        settled("the count once Redis is back", lambda: rate_in_redis(redis), 2, within=10)
+    finally:
+        g.stop()
         redis.stop()
