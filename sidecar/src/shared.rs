@@ -16,6 +16,7 @@
 //! prefixed `sidegate:{namespace/name}:`, so gateways can share one Redis.
 
 mod charges;
+mod lua;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -113,9 +114,12 @@ impl Windows {
         (now_ms / self.interval_ms, now_ms % self.interval_ms)
     }
 
-    /// Unix ms from which window `index` weighs on no limit (a sliding one's, through the next).
-    fn weighs_until(&self, index: u64) -> u64 {
-        index.saturating_add(2).saturating_mul(self.interval_ms)
+    /// Unix ms from which window `index` weighs on no limit: its end, or a sliding one's, the
+    /// next one's.
+    fn weighs_until(&self, index: u64, sliding: bool) -> u64 {
+        index
+            .saturating_add(1 + u64::from(sliding))
+            .saturating_mul(self.interval_ms)
     }
 
     /// `n` added to window `index` (negative: given back), for [`Charges`]: of use while the
@@ -143,6 +147,11 @@ pub struct Shared {
     /// The client of the same Redis that replaced this one: charges made through this one
     /// since (by requests begun before the reload) go to it.
     successor: OnceLock<Arc<Shared>>,
+    /// The clients of the same Redis this one took over from (and those they had): a batch a
+    /// writer of theirs still has on its way comes here once settled, so a stop waits for it
+    /// and says what it held when it did not come ([`Self::write_waiting`]). Held weakly: that
+    /// writer holds its client while it runs.
+    predecessors: std::sync::Mutex<Vec<std::sync::Weak<Shared>>>,
     conn: std::sync::Mutex<Option<ConnectionManager>>,
     /// Held while connecting: the others wait for that connection (within what their requests
     /// have left of [`REQUEST_WAIT`]), rather than each making its own or going uncounted.
@@ -157,14 +166,14 @@ pub struct Shared {
     down: AtomicBool,
     prefix: String,
     /// [`RATE_SCRIPT`], shared with the calls whose late answers are read in the background.
-    script: Arc<::redis::Script>,
+    script: Arc<lua::Script>,
     /// Charges waiting to be written, and their writer's state; its marker,
     /// `{prefix}charges:{random}`, holds the number of the last batch of charges this client
     /// had applied ([`charges::SCRIPT`]).
     charges: Charges,
-    charge_script: ::redis::Script,
+    charge_script: lua::Script,
     /// [`charges::MARKER_PRIME`].
-    marker_script: ::redis::Script,
+    marker_script: lua::Script,
     /// Whether Redis's eviction policy was asked about (once per client).
     policy_asked: AtomicBool,
     warnings: WarnThrottle,
@@ -196,6 +205,7 @@ impl Shared {
             target: Sha256::digest(url.expose_secret().as_bytes()).into(),
             place: Sha256::digest(place.as_bytes()).into(),
             successor: OnceLock::new(),
+            predecessors: std::sync::Mutex::default(),
             client,
             conn: std::sync::Mutex::default(),
             connecting: tokio::sync::Mutex::default(),
@@ -205,9 +215,9 @@ impl Shared {
             down: AtomicBool::new(false),
             charges: Charges::new(format!("{prefix}charges:{}", client_id())),
             prefix,
-            script: Arc::new(::redis::Script::new(RATE_SCRIPT)),
-            charge_script: ::redis::Script::new(charges::SCRIPT),
-            marker_script: ::redis::Script::new(charges::MARKER_PRIME),
+            script: Arc::new(lua::Script::new(RATE_SCRIPT)),
+            charge_script: lua::Script::new(charges::SCRIPT),
+            marker_script: lua::Script::new(charges::MARKER_PRIME),
             policy_asked: AtomicBool::new(false),
             warnings: WarnThrottle::default(),
         })
@@ -234,6 +244,10 @@ impl Shared {
         if old.successor.set(self.clone()).is_err() {
             return true;
         }
+        let mut before = old.predecessors();
+        before.push(old.clone());
+        self.lock_predecessors()
+            .extend(before.iter().map(Arc::downgrade));
         let (came, dropped) = self.charges.receive(old.charges.hand_over());
         if dropped > 0 {
             metrics.count_charges_dropped(ChargeDropped::Full, dropped);
@@ -242,6 +256,19 @@ impl Shared {
             self.start_writer(metrics);
         }
         true
+    }
+
+    fn lock_predecessors(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Weak<Shared>>> {
+        self.predecessors
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The clients this one took over from whose writer may still have a batch on its way.
+    fn predecessors(&self) -> Vec<Arc<Shared>> {
+        let mut list = self.lock_predecessors();
+        list.retain(|w| w.strong_count() > 0);
+        list.iter().filter_map(std::sync::Weak::upgrade).collect()
     }
 
     fn unavailable(why: &'static str) -> ::redis::RedisError {
@@ -661,7 +688,9 @@ impl Shared {
     /// Reads on, in the background, the answer of a count in window `index` of `w` whose
     /// request stopped waiting for it, and makes Redis agree with what this pod decided
     /// (`passed`): a count Redis refused for a request let through is added, one it made for a
-    /// refused request given back. No answer within [`LATE_ANSWER`] leaves it as taken.
+    /// refused request given back. No answer within [`LATE_ANSWER`] leaves it as taken; a call
+    /// that ended without one (its connection broke: a Redis killed) or with an error is taken
+    /// as not made, as when that happens within the request's wait ([`Self::count`]).
     fn read_late_count<F>(
         self: &Arc<Self>,
         metrics: &Arc<Metrics>,
@@ -675,10 +704,14 @@ impl Shared {
     {
         let (this, metrics, w, sliding) = (self.clone(), metrics.clone(), w.clone(), s.sliding);
         tokio::spawn(async move {
-            let Ok(Ok((counted, _, _))) = tokio::time::timeout(LATE_ANSWER, late).await else {
-                return;
+            let counted = match tokio::time::timeout(LATE_ANSWER, late).await {
+                Ok(Ok((counted, _, _))) => counted != 0,
+                // The connection's own bound ([`LATE_ANSWER`] too): no answer.
+                Ok(Err(e)) if e.is_timeout() => return,
+                Ok(Err(_)) => false,
+                Err(_) => return,
             };
-            let fix = match (counted != 0, passed) {
+            let fix = match (counted, passed) {
                 (true, false) => -1,
                 (false, true) => 1,
                 _ => return,
@@ -744,7 +777,8 @@ impl Shared {
             .await;
         match got {
             Ok((cur, prev)) => {
-                let (cur, prev) = self.saw_budget(w, index, (&cur_key, &prev_key), (cur, prev));
+                let (cur, prev) =
+                    self.saw_budget(w, index, (&cur_key, &prev_key), (cur, prev), s.sliding);
                 ratelimit::admit(
                     s.limit,
                     cur,
@@ -764,23 +798,27 @@ impl Shared {
 
     /// The counts of a budget's window `index` of `w` (key `keys.0`) and the one before
     /// (`keys.1`) as read (`read`), with what this pod keeps for them; noted for
-    /// [`Self::budget_floor`].
+    /// [`Self::budget_floor`], the one before only when it weighs (`sliding`): a fixed window's
+    /// limit never looks at it, and noting it would take a place of [`charges::MAX_SEEN`].
     fn saw_budget(
         &self,
         w: &Windows,
         index: u64,
         keys: (&str, &str),
         read: (Option<u64>, Option<u64>),
+        sliding: bool,
     ) -> (u64, u64) {
         let now = unix_ms();
-        let total = |i: u64, key: &str, read: Option<u64>| {
+        let total = |i: u64, key: &str, read: Option<u64>, weighs: bool| {
             let n = self.with_waiting(read, key);
-            self.charges.saw(key, n, w.weighs_until(i), now);
+            if weighs {
+                self.charges.saw(key, n, w.weighs_until(i, sliding), now);
+            }
             n
         };
         (
-            total(index, keys.0, read.0),
-            total(index.saturating_sub(1), keys.1, read.1),
+            total(index, keys.0, read.0, true),
+            total(index.saturating_sub(1), keys.1, read.1, sliding),
         )
     }
 
@@ -961,9 +999,11 @@ impl Shared {
     }
 
     /// At shutdown, once the last request ended: waits for the writer to write what is
-    /// waiting (the batch whose answer never came first), at most `within`; what it could not
-    /// write is logged, with its amounts, and lost. `former`: a Redis the config no longer
-    /// names (a reload moved the gateway to another one, or to none).
+    /// waiting (the batch whose answer never came first), and a batch the writer of a client
+    /// this one took over from still has on its way, which comes to it once settled; at most
+    /// `within`. What could not be written is logged, with its amounts, and lost. `former`: a
+    /// Redis the config no longer names (a reload moved the gateway to another one, or to
+    /// none).
     pub async fn write_waiting(
         self: &Arc<Self>,
         metrics: &Arc<Metrics>,
@@ -972,10 +1012,20 @@ impl Shared {
     ) {
         let deadline = tokio::time::Instant::now() + within;
         self.start_writer(metrics);
-        if self.charges.idle(deadline).await {
+        let before = self.predecessors();
+        let mut done = true;
+        for old in &before {
+            // Retired, its writer stops once it settled its batch (handed here: this writer
+            // started), or holding nothing.
+            done &= old.charges.idle(deadline).await || old.charges.unwritten().keys == 0;
+        }
+        if done && self.charges.idle(deadline).await {
             return;
         }
-        let left = self.charges.unwritten();
+        let mut left = self.charges.unwritten();
+        for old in &before {
+            left.merge(&old.charges.unwritten());
+        }
         tracing::warn!(
             keys = left.keys,
             spend_usd = left.spend_usd,
@@ -1020,7 +1070,7 @@ impl Shared {
                         self.failed(metrics, RedisOp::Charge, &f);
                         // The batch was not sent: it waits again, as new.
                         self.settle(metrics, batch, Outcome::NotApplied, false);
-                        tokio::time::sleep(BACKOFF).await;
+                        self.pause().await;
                         continue;
                     }
                 }
@@ -1057,7 +1107,7 @@ impl Shared {
                     self.settle(metrics, batch, Outcome::NotApplied, false);
                     elsewhere = true;
                     if was_elsewhere {
-                        tokio::time::sleep(BACKOFF).await;
+                        self.pause().await;
                     }
                     continue;
                 }
@@ -1079,9 +1129,17 @@ impl Shared {
                         Outcome::NotApplied
                     };
                     self.settle(metrics, batch, outcome, false);
-                    tokio::time::sleep(BACKOFF).await;
+                    self.pause().await;
                 }
             }
+        }
+    }
+
+    /// Waits [`BACKOFF`] before the writer tries again, unless this client was replaced: what
+    /// it held went to its successor, and its writer stops at once (a stop waits for it).
+    async fn pause(&self) {
+        if self.successor.get().is_none() {
+            tokio::time::sleep(BACKOFF).await;
         }
     }
 
@@ -1133,7 +1191,8 @@ impl Shared {
             .await;
         match got {
             Ok((cur, prev)) => {
-                let (cur, prev) = self.saw_budget(&w, index, (&cur_key, &prev_key), (cur, prev));
+                let (cur, prev) =
+                    self.saw_budget(&w, index, (&cur_key, &prev_key), (cur, prev), s.sliding);
                 budget::budget_left(
                     s.per_minute,
                     cur,
@@ -1813,8 +1872,9 @@ mod tests {
         let call = writer.begin(t0).expect("a first call");
         assert_eq!(call.bound, WRITE_WAIT);
         assert!(
-            WRITE_WAIT > Duration::from_millis(2 * 1_400),
-            "a Redis 1.4 s a round trip away, twice for a script it does not hold yet (EVALSHA, then EVAL)"
+            WRITE_WAIT > Duration::from_millis(3 * 1_400),
+            "a Redis 1.4 s a round trip away: the connection the writer makes, then a script it \
+             does not hold yet (EVALSHA, then EVAL: lua::Script)"
         );
         assert_eq!(Wait::default().begin(t0).expect("left").bound, REQUEST_WAIT);
     }
@@ -1870,6 +1930,80 @@ mod tests {
         assert_eq!(f.stage, Stage::Skipped);
         assert!(!shared.backoff.active(monotonic_ms()));
         drop(making);
+    }
+
+    #[tokio::test]
+    async fn a_late_count_whose_connection_broke_is_taken_as_not_made_and_one_never_answered_as_made()
+     {
+        let metrics = Arc::new(Metrics::new());
+        let s = ratelimit::Settings {
+            limit: 10,
+            interval: Duration::from_secs(3600),
+            sliding: false,
+            global: true,
+        };
+        let counted_for_redis = async |late: ::redis::RedisResult<(i64, u64, u64)>, passed| {
+            let shared = Arc::new(
+                Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw")
+                    .expect("valid url"),
+            );
+            let w = shared.rate_windows(&s);
+            let (index, _) = w.at(unix_ms());
+            shared.read_late_count(&metrics, std::future::ready(late), &w, &s, index, passed);
+            // The late answer is read in a task of its own.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            shared.charges.unwritten().counts
+        };
+        let io = |k: std::io::ErrorKind| ::redis::RedisError::from(std::io::Error::from(k));
+        for broken in [
+            io(std::io::ErrorKind::ConnectionReset),
+            io(std::io::ErrorKind::BrokenPipe),
+        ] {
+            assert_eq!(
+                counted_for_redis(Err(broken), true).await,
+                1,
+                "let through, and not made in Redis: counted there"
+            );
+        }
+        assert_eq!(
+            counted_for_redis(Err(answered_error("OOM command not allowed")), true).await,
+            1,
+            "refused: not made"
+        );
+        assert_eq!(
+            counted_for_redis(Err(io(std::io::ErrorKind::BrokenPipe)), false).await,
+            0,
+            "refused by the pod, and not made: nothing to give back"
+        );
+        assert_eq!(
+            counted_for_redis(Err(io(std::io::ErrorKind::TimedOut)), true).await,
+            0,
+            "no answer within 10 s: left as made"
+        );
+        assert_eq!(counted_for_redis(Ok((0, 10, 0)), true).await, 1);
+        assert_eq!(counted_for_redis(Ok((1, 3, 0)), false).await, -1);
+        assert_eq!(counted_for_redis(Ok((1, 3, 0)), true).await, 0);
+    }
+
+    #[test]
+    fn a_fixed_budgets_previous_window_is_read_but_not_noted_for_its_floor() {
+        let shared =
+            Shared::new(&SecretString::from("redis://127.0.0.1:1"), "ns/gw").expect("valid url");
+        let w = shared.route_windows(true, "r", "b", None, Duration::from_secs(86_400));
+        let (index, _) = w.at(unix_ms());
+        let (cur, prev) = (w.key(index), w.key(index - 1));
+        for sliding in [false, true] {
+            let read = shared.saw_budget(&w, index, (&cur, &prev), (Some(3), Some(5)), sliding);
+            assert_eq!(read, (3, 5));
+            assert_eq!(shared.charges.floor(&cur), 3);
+            assert_eq!(
+                shared.charges.floor(&prev),
+                if sliding { 5 } else { 0 },
+                "sliding {sliding}: a fixed limit never weighs the previous window"
+            );
+        }
     }
 
     #[test]

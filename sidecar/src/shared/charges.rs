@@ -276,17 +276,25 @@ struct Seen {
     since: i64,
     /// Unix ms from which the window weighs no more.
     until_ms: u64,
+    /// When it was last read, in the table's order of reads ([`SeenWindows::reads`]).
+    read_at: u64,
 }
 
-/// Budget windows as last read ([`Seen`]), at most [`MAX_SEEN`]: past it, those that weigh no
-/// more make room for a new one. Kept in order of their end too, so that making room looks at
-/// the windows ending first only, not at the whole table (under the charges' lock, on a
-/// request's path) for each new window while all of them still weigh.
+/// Budget windows as last read ([`Seen`]), at most [`MAX_SEEN`]. Past it a new window takes the
+/// place of those that weigh no more, or else of the one read least recently: a window just
+/// read is one a limit is being enforced on now, and it keeps its floor over one not read for
+/// longest (whose floor, should Redis fail, is then only what this pod keeps for it). Kept in
+/// order of their end and of their last read too, so that making room looks at a window or two,
+/// not at the whole table (under the charges' lock, on a request's path).
 #[derive(Debug, Default)]
 struct SeenWindows {
     by_key: HashMap<Arc<str>, Seen>,
     /// The same windows by the time they weigh no more.
     by_end: BTreeSet<(u64, Arc<str>)>,
+    /// The same windows by when they were last read.
+    by_read: BTreeSet<(u64, Arc<str>)>,
+    /// Reads noted: the clock of [`Seen::read_at`].
+    reads: u64,
     /// Windows looked at to make room, in all: the work the tests bound.
     #[cfg(test)]
     looked_at: usize,
@@ -312,61 +320,79 @@ impl SeenWindows {
         }
     }
 
-    /// Notes `seen` for window `key` at `now_ms`: a new one past [`MAX_SEEN`] only when windows
-    /// that weigh no more make room.
-    fn note(&mut self, key: &str, seen: Seen, now_ms: u64) {
-        if let Some(held) = self.by_key.get_mut(key)
-            && held.until_ms == seen.until_ms
-        {
-            *held = seen;
-            return;
-        }
-        if let Some((k, held)) = self.by_key.get_key_value(key) {
-            // The same key ending at another time (not seen: a key names its window).
-            let (k, end) = (k.clone(), held.until_ms);
-            self.by_end.remove(&(end, k.clone()));
-            self.insert(k, seen);
-            return;
-        }
-        if self.len() >= MAX_SEEN {
-            self.make_room(now_ms);
-            if self.len() >= MAX_SEEN {
-                return;
+    /// Notes `seen` for window `key`, read now (`now_ms`, which says which windows weigh no
+    /// more; `None`: look at the order of reads only), making room past [`MAX_SEEN`].
+    fn note(&mut self, key: &str, seen: Seen, now_ms: Option<u64>) {
+        let key = match self.by_key.get_key_value(key) {
+            Some((held_key, held)) => {
+                let (held_key, held) = (held_key.clone(), *held);
+                self.remove(&held_key, &held);
+                held_key
             }
-        }
-        self.insert(key.into(), seen);
-    }
-
-    fn insert(&mut self, key: Arc<str>, seen: Seen) {
+            None => {
+                if self.len() >= MAX_SEEN {
+                    self.make_room(now_ms);
+                }
+                Arc::from(key)
+            }
+        };
+        self.reads += 1;
+        let seen = Seen {
+            read_at: self.reads,
+            ..seen
+        };
         self.by_end.insert((seen.until_ms, key.clone()));
+        self.by_read.insert((seen.read_at, key.clone()));
         self.by_key.insert(key, seen);
     }
 
-    /// Forgets the windows that weigh no more at `now_ms`, looking at those ending first only.
-    fn make_room(&mut self, now_ms: u64) {
-        while let Some((end, _)) = self.by_end.first() {
+    fn remove(&mut self, key: &Arc<str>, held: &Seen) {
+        self.by_end.remove(&(held.until_ms, key.clone()));
+        self.by_read.remove(&(held.read_at, key.clone()));
+        self.by_key.remove(key);
+    }
+
+    /// Forgets the windows that weigh no more at `now_ms`, looking at those ending first only;
+    /// with none, the window read least recently.
+    fn make_room(&mut self, now_ms: Option<u64>) {
+        let mut freed = false;
+        while let Some((end, key)) = self.by_end.first().cloned() {
             #[cfg(test)]
             {
                 self.looked_at += 1;
             }
-            if *end > now_ms {
-                return;
+            if now_ms.is_none_or(|now| end > now) {
+                break;
             }
-            if let Some((_, key)) = self.by_end.pop_first() {
-                self.by_key.remove(&key);
+            if let Some(held) = self.by_key.get(&key).copied() {
+                self.remove(&key, &held);
+            }
+            freed = true;
+        }
+        if !freed && let Some((_, key)) = self.by_read.first().cloned() {
+            #[cfg(test)]
+            {
+                self.looked_at += 1;
+            }
+            if let Some(held) = self.by_key.get(&key).copied() {
+                self.remove(&key, &held);
             }
         }
     }
 
-    /// Takes the windows of `other` (a replaced client's) that are not noted here, within
-    /// [`MAX_SEEN`]: those noted here were read since.
+    /// Takes the windows of `other` (a replaced client's), within [`MAX_SEEN`]: as if read
+    /// before those noted here, which were read since.
     fn take(&mut self, other: SeenWindows) {
-        for (key, w) in other.by_key {
-            if self.len() >= MAX_SEEN {
-                return;
-            }
-            if !self.by_key.contains_key(&key) {
-                self.insert(key, w);
+        let mine = std::mem::take(self);
+        #[cfg(test)]
+        {
+            self.looked_at = mine.looked_at;
+        }
+        for mut table in [other, mine] {
+            for (_, key) in std::mem::take(&mut table.by_read) {
+                if let Some(seen) = table.by_key.get(&key).copied() {
+                    self.note(&key, seen, None);
+                }
             }
         }
     }
@@ -440,7 +466,7 @@ impl Tally {
         t
     }
 
-    fn merge(&mut self, other: &Tally) {
+    pub(super) fn merge(&mut self, other: &Tally) {
         self.keys += other.keys;
         self.spend_usd += other.spend_usd;
         self.tokens = self.tokens.saturating_add(other.tokens);
@@ -520,16 +546,17 @@ impl Charges {
     }
 
     /// Notes `read`, the count of budget window `key` read from Redis with what waited for it,
-    /// which weighs until `until_ms`: [`Self::floor`] starts from it. Windows that weigh no
-    /// more make room past [`MAX_SEEN`]; with none, a new window is not noted (its floor is
-    /// what waits for it).
+    /// which weighs until `until_ms`: [`Self::floor`] starts from it. Past [`MAX_SEEN`] it takes
+    /// the place of windows that weigh no more, or else of the one read least recently (whose
+    /// floor is then what waits for it).
     pub(super) fn saw(&self, key: &str, read: u64, until_ms: u64, now_ms: u64) {
         let seen = Seen {
             read,
             since: 0,
             until_ms,
+            read_at: 0,
         };
-        self.state().seen.note(key, seen, now_ms);
+        self.state().seen.note(key, seen, Some(now_ms));
     }
 
     /// The least the count of budget window `key` can be, as far as this client knows while
@@ -1141,17 +1168,42 @@ mod tests {
     }
 
     #[test]
-    fn budget_windows_noted_are_bounded_and_those_that_weigh_no_more_make_room() {
+    fn budget_windows_noted_are_bounded_and_a_new_one_takes_the_place_of_one_ended_or_else_read_least_recently()
+     {
         let c = Charges::new("m".into());
         for i in 0..MAX_SEEN {
-            c.saw(&format!("w{i}"), 1, if i == 0 { 500 } else { 10_000 }, 0);
+            c.saw(&format!("w{i}"), 1, if i == 5 { 500 } else { 10_000 }, 0);
         }
+        c.saw("w0", 2, 10_000, 50);
         c.saw("new", 3, 10_000, 100);
-        assert_eq!(c.floor("new"), 0, "full: not noted");
-        c.saw("new", 3, 10_000, 600);
-        assert_eq!(c.floor("new"), 3, "w0 weighs no more");
-        assert_eq!(c.floor("w0"), 0);
+        assert_eq!(
+            c.floor("new"),
+            3,
+            "full of windows that all weigh: noted all the same"
+        );
+        assert_eq!(
+            (c.floor("w0"), c.floor("w1"), c.floor("w2")),
+            (2, 0, 1),
+            "w1, read least recently, made room (w0 was read again)"
+        );
+        c.saw("newer", 4, 10_000, 600);
+        assert_eq!(c.floor("newer"), 4);
+        assert_eq!(
+            (c.floor("w5"), c.floor("w2")),
+            (0, 1),
+            "w5 weighs no more: it makes room, not w2"
+        );
         assert_eq!(c.state().seen.len(), MAX_SEEN);
+        // A window read again keeps its place, and what was charged since its read.
+        c.saw("w2", 5, 10_000, 700);
+        c.add("w2".into(), count(4, 10_000));
+        c.saw("newest", 1, 10_000, 800);
+        assert_eq!((c.floor("w2"), c.floor("w3")), (9, 0));
+        let s = c.state();
+        assert_eq!(
+            (s.seen.len(), s.seen.by_end.len(), s.seen.by_read.len()),
+            (MAX_SEEN, MAX_SEEN, MAX_SEEN)
+        );
     }
 
     #[test]
@@ -1166,31 +1218,48 @@ mod tests {
         }
         assert_eq!(
             c.state().seen.looked_at,
-            MAX_SEEN,
-            "one window looked at per new one (the first to end), not the whole table"
+            2 * MAX_SEEN,
+            "per new one, the first window to end and the one read least recently, not the whole table"
         );
-        assert_eq!(c.floor("new0"), 0, "full: not noted");
-        // Those that weigh no more still make room, all at once, in order of their end.
+        assert_eq!((c.floor("new0"), c.floor("w9999")), (2, 0));
+        // Read again, w0..w2 take the places of new0..new2; once w0 and w1 weigh no more they
+        // make room, all at once, in order of their end, and no window read since does.
+        for i in 0..3 {
+            c.saw(&format!("w{i}"), 1, 10_000 + i, 200);
+        }
+        assert_eq!((c.floor("new2"), c.floor("new3")), (0, 2));
         c.saw("later", 3, 50_000, 10_001);
         assert_eq!(c.floor("later"), 3);
         assert_eq!((c.floor("w0"), c.floor("w1"), c.floor("w2")), (0, 0, 1));
-        assert_eq!(c.state().seen.len(), MAX_SEEN - 1);
-        assert_eq!(c.state().seen.looked_at, MAX_SEEN + 3);
-        // A window read again keeps its place, and what was charged since its read.
-        c.saw("w2", 5, 10_002, 10_001);
-        c.add("w2".into(), count(4, 10_002));
-        assert_eq!(c.floor("w2"), 9);
-        c.saw("newer", 1, 50_000, 10_001);
-        assert_eq!(c.state().seen.len(), MAX_SEEN, "full again");
-        c.saw("newest", 1, 50_000, 10_002);
-        assert_eq!(c.floor("newest"), 1);
         assert_eq!(
-            c.floor("w2"),
-            4,
-            "w2 ended at 10,002: only what waits for it"
+            c.floor("new3"),
+            2,
+            "not read least recently: the ended ones made room"
         );
-        let s = c.state();
-        assert_eq!((s.seen.len(), s.seen.by_end.len()), (MAX_SEEN, MAX_SEEN));
+        assert_eq!(c.state().seen.len(), MAX_SEEN - 1);
+    }
+
+    #[test]
+    fn a_client_of_the_same_redis_takes_the_windows_read_before_as_read_before_its_own() {
+        let old = Charges::new("old".into());
+        for i in 0..MAX_SEEN {
+            old.saw(&format!("w{i}"), 1, 10_000, 0);
+        }
+        let new = Charges::new("new".into());
+        new.saw("mine", 7, 10_000, 0);
+        new.saw("w3", 9, 10_000, 0);
+        new.receive(old.hand_over());
+        assert_eq!(
+            (new.floor("mine"), new.floor("w3"), new.floor("w9999")),
+            (7, 9, 1),
+            "its own reads, newer, kept"
+        );
+        assert_eq!(
+            (new.floor("w0"), new.floor("w1"), new.floor("w2")),
+            (0, 1, 1),
+            "one of the old client's, read first, made room"
+        );
+        assert_eq!(new.state().seen.len(), MAX_SEEN);
     }
 
     #[test]
