@@ -96,43 +96,31 @@ def limits(*, spend=None, tokens=None, pricing=()):
     return spec
 
 
-# Azure OpenAI: the deployment in the path is the session's model.
+# Azure OpenAI: the model its URL names is the session's.
 
-def test_an_azure_session_is_charged_at_its_deployments_price(upstream, tmp_path):
+# The deployment's path names the deployment; Azure's v1 API names none (the session's model is
+# the URL's ?model=, as on OpenAI, and the session goes to the resource's /openai/v1/realtime).
+@pytest.mark.parametrize("path,upstream_path", [
+    ("/azure-openai/my-resource/house-realtime/realtime?api-version=2024-10-01-preview",
+     "/openai/deployments/house-realtime/realtime?api-version=2024-10-01-preview"),
+    ("/azure-openai/my-resource/openai/v1/realtime?model=house-realtime",
+     "/openai/v1/realtime?model=house-realtime"),
+], ids=["deployment", "v1"])
+def test_an_azure_session_is_charged_at_the_price_of_the_model_its_url_names(upstream, tmp_path, path, upstream_path):
     # Each response reports 19 tokens: at $1000 a million, $0.019, past the $0.01 limit.
     spec = limits(spend="0.01", pricing=[("house-realtime", 1000, 1000)])
     keys = dict(DEFAULT_KEYS, **{"azure-openai.default": OPENAI_KEY})
     g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec=spec), keys)
-    path = "/azure-openai/my-resource/house-realtime/realtime?api-version=2024-10-01-preview"
     try:
         with websockets.sync.client.connect(wss(g, path)) as ws:
             assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
             assert respond(ws)[-1]["response"]["usage"]["input_tokens"] == 12
             assert assert_closed(ws, 1008) == "usage limit reached"
-        assert upstream.handshakes[0]["path"] == "/openai/deployments/house-realtime/realtime?api-version=2024-10-01-preview"
+        assert upstream.handshakes[0]["path"] == upstream_path
         line = session_line(g)
         assert " model=house-realtime " in line and " tokens_in=12 tokens_out=7" in line, line
         # The day's spend is used up: the next session is refused at the upgrade.
         assert_refused(wss(g, path), 429)
-    finally:
-        g.stop()
-
-
-def test_an_azure_v1_session_is_charged_at_the_model_its_url_names(upstream, tmp_path):
-    # Azure's v1 API names no deployment in the path: the session's model is the URL's ?model=,
-    # as on OpenAI, and the session goes to the resource's /openai/v1/realtime.
-    spec = limits(spend="0.01", pricing=[("house-realtime", 1000, 1000)])
-    keys = dict(DEFAULT_KEYS, **{"azure-openai.default": OPENAI_KEY})
-    g = Sidegate(tmp_path, gateway_yaml(upstream.url, extra_spec=spec), keys)
-    path = "/azure-openai/my-resource/openai/v1/realtime?model=house-realtime"
-    try:
-        with websockets.sync.client.connect(wss(g, path)) as ws:
-            assert json.loads(ws.recv(timeout=5))["type"] == "session.created"
-            assert respond(ws)[-1]["response"]["usage"]["input_tokens"] == 12
-            assert assert_closed(ws, 1008) == "usage limit reached"
-        assert upstream.handshakes[0]["path"] == "/openai/v1/realtime?model=house-realtime"
-        line = session_line(g)
-        assert " model=house-realtime " in line and " tokens_in=12 tokens_out=7" in line, line
     finally:
         g.stop()
 
