@@ -334,12 +334,19 @@ const STATEFUL: [&str; 5] = ["threads", "assistants", "batches", "vector_stores"
 /// changes state the provider keeps (a batch's, a run's or a stored response's status, a
 /// thread's messages, a file, a `background: true` response, a conversation's turn, a
 /// deferred completion, an async job, a queued batch or its poll, a deletion), and is answered
-/// by the provider every time, as with `cf-aig-skip-cache`.
+/// by the provider every time, as with `cf-aig-skip-cache`. The path is read percent-decoded,
+/// as the provider reads it (`%61sync/chat/completions` is Perplexity's async API).
 pub fn cacheable(r: &Request<'_>) -> bool {
     if r.method != "POST" {
         return false;
     }
-    let path = r.path.trim_matches('/');
+    let decoded;
+    let mut path = r.path;
+    if memchr::memchr(b'%', path.as_bytes()).is_some() {
+        decoded = crate::cost::percent_decode(path);
+        path = &decoded;
+    }
+    let path = path.trim_matches('/');
     if path.split('/').any(|s| STATEFUL.contains(&s)) {
         return false;
     }
@@ -1545,6 +1552,11 @@ mod tests {
             ("cohere", "v2/rerank"),
             ("huggingface", "models/org/model"),
             ("compat", "compat/chat/completions"),
+            ("openai", "chat/complet%69ons"),
+            (
+                "aws-bedrock",
+                "bedrock-runtime/us-east-1/model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.a.b-v1%3A0/converse",
+            ),
         ] {
             assert!(at(provider, "POST", path), "{provider} POST {path}");
         }
@@ -1567,6 +1579,13 @@ mod tests {
             ),
             ("POST", "v1/models/veo:predictLongRunning"),
             ("POST", "bedrock-runtime/us-east-1/async-invoke"),
+            ("POST", "%61sync/chat/completions"),
+            ("POST", "threads/t/run%73"),
+            ("POST", "respons%65s/resp_1/cancel"),
+            (
+                "POST",
+                "v1beta/models/gemini-2.5-flash%3AbatchGenerateContent",
+            ),
         ] {
             assert!(!at("openai", method, path), "{method} {path}");
         }
