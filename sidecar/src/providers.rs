@@ -1046,6 +1046,23 @@ impl ProviderTable {
     pub fn key_headers(&self) -> &[HeaderName] {
         &self.key_headers
     }
+
+    /// Keeps the access tokens `former` (the table of the config this one replaces) minted from
+    /// Google service accounts whose key is unchanged: a reload (a config edit, another key
+    /// rotated) does not send every such account back to the token endpoint.
+    pub fn keep_tokens(&mut self, former: &ProviderTable) {
+        for (id, p) in &mut self.providers {
+            let Some(old) = former.providers.get(id) else {
+                continue;
+            };
+            for (alias, sa) in &mut p.service_accounts {
+                // Only just built, the new table is not shared yet.
+                if let (Some(sa), Some(old)) = (Arc::get_mut(sa), old.service_accounts.get(alias)) {
+                    sa.keep_tokens_of(old);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

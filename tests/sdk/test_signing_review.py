@@ -391,8 +391,7 @@ def test_concurrent_requests_share_one_slow_exchange(mock, tmp_path):
         tokens.stop()
 
 
-# FAILS at 263510d: each request waiting on the token lock redoes a failed exchange in turn: 4 exchanges, the last answer after ~6 s
-@pytest.mark.xfail(strict=True, reason="review: each request waiting on the token lock redoes a failed exchange in turn: 4 exchanges, the last answer after ~6 s")
+# Failed at 263510d (mended since): each request waiting on the token lock redoes a failed exchange in turn: 4 exchanges, the last answer after ~6 s
 def test_concurrent_requests_do_not_queue_behind_each_others_failed_exchanges(mock, tmp_path):
     # Google's token endpoint down (each exchange failing after 1.5 s): the requests waiting for
     # one exchange get its failure, as google-auth-library shares one refresh between callers.
@@ -461,6 +460,25 @@ def test_a_rotated_service_account_key_is_used_at_once_and_its_old_token_dropped
         assert mock.last()["headers"]["authorization"] == f"Bearer ya29.{KEY_MARKER}-minted-1"
         assert len(tokens.seen) == 2
         verify_jwt(tokens.assertions()[1], rotated["private_key"])
+    finally:
+        g.stop()
+        tokens.stop()
+
+
+def test_a_reload_that_leaves_the_service_account_key_as_it_was_keeps_its_token(mock, tmp_path):
+    # The key file written again with a field added (the same account, the same key) reloads
+    # the gateway, and the token minted before serves on: no exchange per reload.
+    tokens = TokenServer(lambda n: (0, 200, token(n)))
+    g, sa = vertex_gateway(mock, tmp_path, tokens.url)
+    try:
+        assert generate(g).status_code == 200 and len(tokens.seen) == 1
+        before = reload_count(g, "success")
+        (g.keys_dir / "google-vertex-ai.default").write_text(json.dumps(dict(sa, region="europe-west4")) + "\n")
+        wait_for(lambda: reload_count(g, "success") > before, 5, "the rewritten key was not loaded")
+        mock.clear()
+        assert generate(g).status_code == 200
+        assert mock.last()["headers"]["authorization"] == f"Bearer ya29.{KEY_MARKER}-minted-0"
+        assert len(tokens.seen) == 1
     finally:
         g.stop()
         tokens.stop()
