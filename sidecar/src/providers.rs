@@ -971,12 +971,15 @@ impl ProviderTable {
             let scheme = match &p.auth {
                 AuthStyle::Header { scheme, .. } => scheme.as_deref(),
                 AuthStyle::ClientSigned => {
-                    // The gateway signs with these credentials (passthrough and /compat).
-                    let usable = keys.get(pid, alias).is_some_and(|k| {
-                        crate::compat::bedrock::AwsCredentials::parse(k.expose()).is_ok()
-                    });
-                    if !usable {
-                        warnings.push(format!("key {pid}.{alias} is unused: it must be JSON {{\"accessKeyId\", \"secretAccessKey\", \"sessionToken\"?, \"region\"?}} to sign requests"));
+                    // The gateway signs with these credentials (passthrough and /compat); while
+                    // they cannot sign, their requests are refused, never sent unsigned.
+                    if let Some(Err(why)) = keys
+                        .get(pid, alias)
+                        .map(|k| crate::compat::bedrock::AwsCredentials::parse(k.expose()))
+                    {
+                        warnings.push(format!(
+                            "key {pid}.{alias} is unused: it cannot sign requests: {why}"
+                        ));
                     }
                     continue;
                 }

@@ -133,8 +133,7 @@ def test_a_bodiless_get_with_a_query_is_signed_over_the_sorted_query_and_the_emp
         g.stop()
 
 
-# FAILS at 263510d: an aws-bedrock key file whose accessKeyId/sessionToken holds a line break loads without a warning (only JSON shape is checked)
-@pytest.mark.xfail(strict=True, reason="review: an aws-bedrock key file whose accessKeyId/sessionToken holds a line break loads without a warning (only JSON shape is checked)")
+# Failed at 263510d (mended since): an aws-bedrock key file whose accessKeyId/sessionToken holds a line break loads without a warning (only JSON shape is checked)
 @pytest.mark.parametrize("field", ["accessKeyId", "sessionToken"])
 def test_aws_credentials_that_cannot_go_into_a_header_are_warned_about_at_load(mock, tmp_path, field):
     # As for every other provider's key ("it has characters an HTTP header cannot carry"): a
@@ -149,8 +148,7 @@ def test_aws_credentials_that_cannot_go_into_a_header_are_warned_about_at_load(m
         g.stop()
 
 
-# FAILS at 263510d: aws-sigv4's apply_to_request_http1x unwraps the Authorization header value and panics; the connection drops (release: panic=abort)
-@pytest.mark.xfail(strict=True, reason="review: aws-sigv4's apply_to_request_http1x unwraps the Authorization header value and panics; the connection drops (release: panic=abort)")
+# Failed at 263510d (mended since): aws-sigv4's apply_to_request_http1x unwraps the Authorization header value and panics; the connection drops (release: panic=abort)
 @pytest.mark.parametrize("route", ["passthrough", "compat"])
 def test_an_access_key_id_holding_a_line_break_is_an_error_answer_not_a_dropped_connection(mock, tmp_path, route):
     # A key file written by json.dumps of values read from files keeps their trailing newline.
@@ -171,6 +169,32 @@ def test_an_access_key_id_holding_a_line_break_is_an_error_answer_not_a_dropped_
         assert r.status_code >= 400 and r.json()["error"], r.text
         assert mock.requests() == []
         assert httpx.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("secretAccessKey", AWS_KEY["secretAccessKey"] + "\r\n", "secretAccessKey has a line break"),
+    ("accessKeyId", "", "accessKeyId is empty"),
+    ("region", "US-EAST-1", "region is not an AWS region name in lower case"),
+], ids=["secret-line-break", "empty-key-id", "upper-case-region"])
+def test_stored_aws_credentials_that_cannot_sign_are_named_at_load_and_refuse_their_requests(
+        mock, tmp_path, field, value, says):
+    # The gateway's own key is at fault, not the client's request: 502/2104 naming the key file
+    # and the field (as a service account that gets no token is), nothing sent, no value shown.
+    g = bedrock_gateway(tmp_path, mock.url, dict(AWS_KEY, **{field: value}))
+    try:
+        warned = [line for line in g.logs().splitlines() if "WARN" in line and "aws-bedrock.default" in line]
+        assert warned and "is unused" in warned[0] and says in warned[0], warned
+        mock.clear()
+        r = httpx.post(g.url + "/compat/chat/completions", timeout=30, json={
+            "model": f"aws-bedrock/us-east-1/{BEDROCK_MODEL}", "messages": [{"role": "user", "content": "hi"}]})
+        error = r.json()["error"][0]
+        assert (r.status_code, error["code"]) == (502, 2104), r.text
+        assert "aws-bedrock.default" in error["message"] and says in error["message"], error
+        assert passthrough(g, f"us-east-1/model/{BEDROCK_MODEL}/converse").status_code == 502
+        assert mock.requests() == []
+        assert AWS_KEY["secretAccessKey"] not in g.logs() + r.text
     finally:
         g.stop()
 

@@ -826,7 +826,8 @@ pub(crate) fn client_key_warnings(snap: &Snapshot) -> Vec<String> {
 }
 
 /// The stored AWS credentials of `alias` (`None` when no alias is named and there is no
-/// `aws-bedrock.default`: the client signs); a named alias that is missing is 2040.
+/// `aws-bedrock.default`: the client signs); a named alias that is missing is 2040, stored
+/// credentials that cannot sign a 502/2104 naming the problem.
 pub(crate) fn stored_aws_credentials(
     snap: &Snapshot,
     alias: Option<&str>,
@@ -853,7 +854,13 @@ fn bedrock_credentials(
             ),
         });
     };
-    bedrock::AwsCredentials::parse(key.expose()).map_err(bad)
+    // The gateway's own key, warned about at load: not the client's to mend (as a Vertex
+    // service account that gets no token is not).
+    bedrock::AwsCredentials::parse(key.expose()).map_err(|why| {
+        GatewayError::UpstreamUnavailable(format!(
+            "aws-bedrock: the stored credentials aws-bedrock.{name} cannot sign requests: {why}"
+        ))
+    })
 }
 
 type Failure = (Option<Arc<str>>, GatewayError);
