@@ -234,8 +234,7 @@ def test_a_universal_bedrock_step_is_signed_as_botocore_signs_it(mock, tmp_path)
         g.stop()
 
 
-# FAILS at 263510d: the client's X-Amz-* query signature goes upstream next to the gateway's Authorization header
-@pytest.mark.xfail(strict=True, reason="review: the client's X-Amz-* query signature goes upstream next to the gateway's Authorization header")
+# Failed at 263510d (mended since): the client's X-Amz-* query signature goes upstream next to the gateway's Authorization header
 def test_the_gateways_signature_replaces_a_signature_the_client_put_in_the_query(mock, tmp_path):
     # SigV4 may sit in the query (a presigned URL, aws4fetch's signQuery) as well as in headers.
     # When the gateway signs with stored credentials, the client's query signature must go as its
@@ -275,8 +274,17 @@ def test_a_signed_converse_stream_passes_through_byte_for_byte(mock, tmp_path):
         g.stop()
 
 
-# FAILS at 263510d: retries resend the first attempt's signature and x-amz-date (signed once, cloned per attempt)
-@pytest.mark.xfail(strict=True, reason="review: retries resend the first attempt's signature and x-amz-date (signed once, cloned per attempt)")
+def assert_signed_as_sent(mock):
+    """The upstream got two attempts (signed with AWS_KEY for us-east-1), the retry dated later
+    than the first, each signature valid for what it is."""
+    first, retry = mock.requests()
+    for q in (first, retry):
+        _, ok, creq = botocore_signature(q, mock.url, "AKIDEXAMPLE", AWS_KEY["secretAccessKey"], None, "us-east-1")
+        assert ok, creq
+    assert retry["headers"]["x-amz-date"] > first["headers"]["x-amz-date"], retry["headers"]["x-amz-date"]
+
+
+# Failed at 263510d (mended since): retries resend the first attempt's signature and x-amz-date (signed once, cloned per attempt)
 def test_a_retried_bedrock_request_is_signed_again_when_it_is_sent(mock, tmp_path):
     # AWS refuses a signature dated more than 5 minutes before it arrives ("Signature expired"),
     # and the AWS SDKs sign each attempt anew. A retry after an attempt that timed out (the
@@ -290,11 +298,31 @@ def test_a_retried_bedrock_request_is_signed_again_when_it_is_sent(mock, tmp_pat
                         headers={"x-mock-fail-first": "1;resign", "cf-aig-max-attempts": "2",
                                  "cf-aig-retry-delay": "1500"})
         assert r.status_code == 200, r.text
-        first, retry = mock.requests()
-        for q in (first, retry):
-            _, ok, creq = botocore_signature(q, mock.url, "AKIDEXAMPLE", AWS_KEY["secretAccessKey"], None, "us-east-1")
-            assert ok, creq
-        assert retry["headers"]["x-amz-date"] > first["headers"]["x-amz-date"], retry["headers"]["x-amz-date"]
+        assert_signed_as_sent(mock)
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("route", ["compat", "universal"])
+def test_each_attempt_of_a_compat_target_or_universal_step_is_signed_as_it_is_sent(mock, tmp_path, route):
+    # As on the passthrough route: the retry, 1.5 s after the first attempt, is dated then.
+    g = bedrock_gateway(tmp_path, mock.url)
+    try:
+        mock.clear()
+        if route == "compat":
+            # The model answers 503 every time: both attempts go, the second signed anew.
+            r = httpx.post(g.url + "/compat/chat/completions", timeout=30,
+                           headers={"cf-aig-max-attempts": "2", "cf-aig-retry-delay": "1500"},
+                           json={"model": "aws-bedrock/us-east-1/mock-status-503",
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 503, r.text
+        else:
+            step = {"provider": "aws-bedrock", "endpoint": f"bedrock-runtime/us-east-1/model/{BEDROCK_MODEL}/converse",
+                    "headers": {"x-mock-fail-first": "1;universal-resign"},
+                    "config": {"maxAttempts": 2, "retryDelay": 1500}, "query": CONVERSE}
+            r = httpx.post(g.url + "/", json=[step], timeout=30)
+            assert r.status_code == 200, r.text
+        assert_signed_as_sent(mock)
     finally:
         g.stop()
 
@@ -397,6 +425,23 @@ def test_a_token_is_renewed_five_minutes_before_it_expires(mock, tmp_path):
         used.append(mock.last()["headers"]["authorization"])
         assert used == [f"Bearer ya29.{KEY_MARKER}-minted-0"] * 3 + [f"Bearer ya29.{KEY_MARKER}-minted-1"]
         assert len(tokens.seen) == 2
+    finally:
+        g.stop()
+        tokens.stop()
+
+
+def test_a_retry_after_the_token_is_due_for_renewal_goes_with_a_renewed_token(mock, tmp_path):
+    # expires_in 302: due for renewal after 2 s. The retry, 2.5 s after the first attempt, gets
+    # the token as a request sent then would, not the first attempt's.
+    tokens = TokenServer(lambda n: (0, 200, token(n, expires_in=302)))
+    g, _ = vertex_gateway(mock, tmp_path, tokens.url)
+    try:
+        mock.clear()
+        r = generate(g, timeout=30, headers={"x-mock-fail-first": "1;vertex-renew", "cf-aig-max-attempts": "2",
+                                             "cf-aig-retry-delay": "2500"})
+        assert r.status_code == 200, r.text
+        used = [q["headers"]["authorization"] for q in mock.requests()]
+        assert used == [f"Bearer ya29.{KEY_MARKER}-minted-0", f"Bearer ya29.{KEY_MARKER}-minted-1"]
     finally:
         g.stop()
         tokens.stop()

@@ -17,7 +17,8 @@ use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -174,6 +175,37 @@ impl AwsCredentials {
             req.headers_mut().insert(name, value);
         }
         Ok(())
+    }
+}
+
+/// Stored credentials and the region they sign a request for. A request is signed anew for each
+/// attempt as it is sent, as the AWS SDKs sign it: a signature is dated, and AWS refuses one
+/// more than 5 minutes old ("Signature expired") — as a retry after an attempt that waited out
+/// its timeout would be.
+pub struct SigV4 {
+    creds: AwsCredentials,
+    region: String,
+}
+
+impl fmt::Debug for SigV4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigV4")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigV4 {
+    /// Signs with `creds` for `region`.
+    pub fn new(creds: AwsCredentials, region: String) -> Self {
+        Self { creds, region }
+    }
+
+    /// Signs `req` over its body, now.
+    pub fn sign(&self, req: &mut http::Request<Full<Bytes>>) -> Result<(), GatewayError> {
+        // `Full` is a handle on the shared bytes: the copy costs a reference count.
+        let body = req.body().clone().into_inner().unwrap_or_default();
+        self.creds.sign(req, &body, &self.region, SystemTime::now())
     }
 }
 
