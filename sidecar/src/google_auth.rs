@@ -2,10 +2,13 @@
 //! (as downloaded from Google Cloud) is exchanged for an OAuth access token — a JWT signed with
 //! the account's RSA key (RS256), posted to its `token_uri` (grant type `jwt-bearer`, scope
 //! `cloud-platform`) — which is cached and renewed five minutes before it expires. One exchange
-//! at a time per account; concurrent requests wait for it. A key file that is not JSON is used
-//! as a ready access token, as before.
+//! at a time per account; concurrent requests wait for it and get its outcome, a failure too
+//! (as google-auth-library shares one refresh between its callers). A key file that is not
+//! JSON is used as a ready access token, as before.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -41,7 +44,26 @@ pub struct ServiceAccount {
     region: Option<String>,
     token_uri: http::Uri,
     key: RsaKeyPair,
-    cached: tokio::sync::Mutex<Option<(AuthValue, Instant)>>,
+    tokens: Arc<Tokens>,
+}
+
+/// An account's access token and the exchanges minting it; kept across a reload that leaves
+/// the account's key as it was (see [`ServiceAccount::keep_tokens_of`]).
+#[derive(Default)]
+struct Tokens {
+    /// Held through an exchange: the requests that need a token meanwhile wait for it.
+    state: tokio::sync::Mutex<TokenState>,
+    /// Exchanges finished (counted under `state`'s lock), read by a request before it waits:
+    /// a count that moved meanwhile tells it an exchange ended while it waited.
+    finished: AtomicU64,
+}
+
+#[derive(Default)]
+struct TokenState {
+    /// The token and when to renew it.
+    token: Option<(AuthValue, Instant)>,
+    /// Why the last exchange failed, for the requests that waited for it.
+    failure: Option<String>,
 }
 
 impl fmt::Debug for ServiceAccount {
@@ -57,6 +79,15 @@ impl ServiceAccount {
     /// the same key is; a new key of the account is not).
     pub fn same_key(&self, other: &Self) -> bool {
         self.email == other.email && self.key.public().as_ref() == other.key.public().as_ref()
+    }
+
+    /// Takes over the token (and any exchange in flight) of `former`, the account as an earlier
+    /// config held it, when it is the same account with the same key and token endpoint: a
+    /// reload that leaves the key file as it was does not mint a new token.
+    pub fn keep_tokens_of(&mut self, former: &Self) {
+        if self.same_key(former) && self.token_uri == former.token_uri {
+            self.tokens = former.tokens.clone();
+        }
     }
 
     /// Parses a service-account JSON key file; `None` when the text is not JSON (then it is a
@@ -104,7 +135,7 @@ impl ServiceAccount {
                 region: named(f.region),
                 token_uri,
                 key,
-                cached: tokio::sync::Mutex::new(None),
+                tokens: Arc::default(),
             })
         })();
         Some(parsed)
@@ -149,19 +180,43 @@ impl ServiceAccount {
     }
 
     /// The `Authorization: Bearer` value for a fresh access token (cached until 5 minutes
-    /// before it expires).
+    /// before it expires). A request that waited for another's exchange gets its outcome, a
+    /// failure too, rather than trying again in turn; one that comes after a failure tries again.
     pub async fn token(&self, gw: &Gateway) -> Result<AuthValue, GatewayError> {
-        let mut cached = self.cached.lock().await;
-        if let Some((value, renew_at)) = cached.as_ref()
+        let seen = self.tokens.finished.load(Ordering::Acquire);
+        let mut state = self.tokens.state.lock().await;
+        if let Some((value, renew_at)) = state.token.as_ref()
             && Instant::now() < *renew_at
         {
             return Ok(value.clone());
         }
+        if self.tokens.finished.load(Ordering::Acquire) != seen
+            && let Some(why) = &state.failure
+        {
+            return Err(GatewayError::UpstreamUnavailable(why.clone()));
+        }
+        let exchanged = self.exchange(gw).await;
+        match &exchanged {
+            Ok((value, renew_at)) => {
+                state.token = Some((value.clone(), *renew_at));
+                state.failure = None;
+            }
+            Err(why) => state.failure = Some(why.clone()),
+        }
+        self.tokens.finished.fetch_add(1, Ordering::Release);
+        exchanged
+            .map(|(value, _)| value)
+            .map_err(GatewayError::UpstreamUnavailable)
+    }
+
+    /// Exchanges a signed assertion for an access token at the token endpoint: the token and
+    /// when to renew it, or why there is none (naming the account, never the key or assertion).
+    async fn exchange(&self, gw: &Gateway) -> Result<(AuthValue, Instant), String> {
         let unavailable = |why: String| {
-            GatewayError::UpstreamUnavailable(format!(
+            format!(
                 "google-vertex-ai: no access token for {}: {why}",
                 self.email
-            ))
+            )
         };
         let assertion = self.assertion(SystemTime::now()).map_err(unavailable)?;
         let form = format!(
@@ -174,7 +229,7 @@ impl ServiceAccount {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/x-www-form-urlencoded"),
         );
-        // Bounded as a whole, the body too: every Vertex request of this key waits on this lock.
+        // Bounded as a whole, the body too: every Vertex request of this key waits on it.
         let (status, raw) = gw
             .fetch(req, TIMEOUT, 64 << 10)
             .await
@@ -198,9 +253,7 @@ impl ServiceAccount {
             .ok_or_else(|| unavailable("the access token cannot be a header value".into()))?;
         // Google's tokens live an hour; a larger claim is held to a day (and cannot overflow).
         let lifetime = Duration::from_secs(t.expires_in.unwrap_or(3600).min(MAX_LIFETIME_SECS));
-        let renew_at = Instant::now() + lifetime.saturating_sub(MARGIN);
-        *cached = Some((value.clone(), renew_at));
-        Ok(value)
+        Ok((value, Instant::now() + lifetime.saturating_sub(MARGIN)))
     }
 }
 

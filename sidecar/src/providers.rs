@@ -971,12 +971,15 @@ impl ProviderTable {
             let scheme = match &p.auth {
                 AuthStyle::Header { scheme, .. } => scheme.as_deref(),
                 AuthStyle::ClientSigned => {
-                    // The gateway signs with these credentials (passthrough and /compat).
-                    let usable = keys.get(pid, alias).is_some_and(|k| {
-                        crate::compat::bedrock::AwsCredentials::parse(k.expose()).is_ok()
-                    });
-                    if !usable {
-                        warnings.push(format!("key {pid}.{alias} is unused: it must be JSON {{\"accessKeyId\", \"secretAccessKey\", \"sessionToken\"?, \"region\"?}} to sign requests"));
+                    // The gateway signs with these credentials (passthrough and /compat); while
+                    // they cannot sign, their requests are refused, never sent unsigned.
+                    if let Some(Err(why)) = keys
+                        .get(pid, alias)
+                        .map(|k| crate::compat::bedrock::AwsCredentials::parse(k.expose()))
+                    {
+                        warnings.push(format!(
+                            "key {pid}.{alias} is unused: it cannot sign requests: {why}"
+                        ));
                     }
                     continue;
                 }
@@ -1045,6 +1048,23 @@ impl ProviderTable {
     /// providers' `authHeader`s.
     pub fn key_headers(&self) -> &[HeaderName] {
         &self.key_headers
+    }
+
+    /// Keeps the access tokens `former` (the table of the config this one replaces) minted from
+    /// Google service accounts whose key is unchanged: a reload (a config edit, another key
+    /// rotated) does not send every such account back to the token endpoint.
+    pub fn keep_tokens(&mut self, former: &ProviderTable) {
+        for (id, p) in &mut self.providers {
+            let Some(old) = former.providers.get(id) else {
+                continue;
+            };
+            for (alias, sa) in &mut p.service_accounts {
+                // Only just built, the new table is not shared yet.
+                if let (Some(sa), Some(old)) = (Arc::get_mut(sa), old.service_accounts.get(alias)) {
+                    sa.keep_tokens_of(old);
+                }
+            }
+        }
     }
 }
 

@@ -198,9 +198,10 @@ impl Gateway {
         })
     }
 
-    /// Sends a request upstream within `waits` ([`crate::retry::Waits::direct`] for a direct
-    /// request, [`crate::retry::Waits::every_attempt`] for a fallback step, each with the
-    /// request's own config), and retries failed attempts as `retries` says: connection errors,
+    /// Sends a request upstream, `auth` made for each attempt as it goes, within `waits`
+    /// ([`crate::retry::Waits::direct`] for a direct request,
+    /// [`crate::retry::Waits::every_attempt`] for a fallback step, each with the request's own
+    /// config), and retries failed attempts as `retries` says: connection errors,
     /// timeouts to the first byte, the answers [`crate::retry::should_retry`] retries, and those
     /// whose body broke off before `read` had all it waits for of them (an answer held back
     /// whole). `read` reads each answer not retried for its status as far as the request waits
@@ -209,6 +210,7 @@ impl Gateway {
     pub(crate) async fn dispatch<A, R, F>(
         &self,
         req: Request<Full<Bytes>>,
+        auth: Option<&AttemptAuth<'_>>,
         waits: crate::retry::Waits,
         retries: &crate::retry::Policy,
         provider: &Arc<str>,
@@ -220,7 +222,11 @@ impl Gateway {
     {
         let mut attempt = 1;
         while attempt < retries.max_attempts {
-            let sent = self.attempt(clone_request(&req), waits.head, waits.silence);
+            let mut this = clone_request(&req);
+            if let Some(auth) = auth {
+                auth.apply(self, &mut this).await?;
+            }
+            let sent = self.attempt(this, waits.head, waits.silence);
             let (failure, asked) = match sent.await {
                 Ok(resp) if !crate::retry::should_retry(resp.status(), resp.headers()) => {
                     match read(resp).await {
@@ -243,6 +249,10 @@ impl Gateway {
             self.metrics.count_retry(provider);
             tokio::time::sleep(wait).await;
             attempt += 1;
+        }
+        let mut req = req;
+        if let Some(auth) = auth {
+            auth.apply(self, &mut req).await?;
         }
         let resp = self.attempt(req, waits.last_head, waits.silence).await?;
         Ok(read(resp).await.into_answer())
@@ -1073,7 +1083,6 @@ impl Gateway {
         let kind = crate::background::RequestKind::of(&parts.method, route.rest, &body);
 
         // dispatch
-        let signed_body = signer.as_ref().map(|_| body.clone());
         let mut upstream = build_upstream_request(
             provider,
             &parts.method,
@@ -1083,16 +1092,29 @@ impl Gateway {
             body,
             client_signature,
         );
-        if let (Some(creds), Some(body)) = (&signer, signed_body) {
-            sign_aws(creds, &mut upstream, &body, route.rest).map_err(fail)?;
-        }
+        let auth = match (signer, service_account) {
+            (Some(creds), _) => {
+                drop_client_signature(&mut upstream);
+                let region = bedrock_region(route.rest).to_owned();
+                Some(AttemptAuth::Aws(crate::compat::bedrock::SigV4::new(
+                    creds, region,
+                )))
+            }
+            (None, Some(sa)) => Some(AttemptAuth::Google { sa, provider }),
+            (None, None) => None,
+        };
         let event_id = aig.get(Gw::EventId).cloned();
         let waits =
             crate::retry::Waits::direct(timeout, snap.request_timeout, retries.max_attempts);
         let resp = self
-            .dispatch(upstream, waits, &retries, &provider.id, |resp| {
-                read_passed_on(self, snap, resp)
-            })
+            .dispatch(
+                upstream,
+                auth.as_ref(),
+                waits,
+                &retries,
+                &provider.id,
+                |resp| read_passed_on(self, snap, resp),
+            )
             .await
             .map_err(fail)?;
         let (mut head, body) = resp.into_parts();
@@ -1845,16 +1867,24 @@ pub(crate) fn build_upstream_request(
     req
 }
 
-/// Signs `req` with the stored AWS `creds`, replacing any signature the client made and
-/// dropping every other provider key header it sent (AWS reads none; a gateway token or
-/// another provider's key must not go there, signed in); `rest` is the route after the
-/// provider, `bedrock-runtime/{region}/...` (checked by `upstream_uri`).
-pub(crate) fn sign_aws(
-    creds: &crate::compat::bedrock::AwsCredentials,
-    req: &mut Request<Full<Bytes>>,
-    body: &[u8],
-    rest: &str,
-) -> Result<(), GatewayError> {
+/// Query parameters of a SigV4 signature made in the query (a presigned URL), as AWS reads
+/// their names: in any case.
+const AWS_SIGNATURE_PARAMS: &[&str] = &[
+    "x-amz-algorithm",
+    "x-amz-credential",
+    "x-amz-date",
+    "x-amz-expires",
+    "x-amz-signedheaders",
+    "x-amz-signature",
+    "x-amz-security-token",
+];
+
+/// Readies `req` for the gateway's signature with stored AWS credentials: drops any signature
+/// the client made, in its headers or its query (AWS refuses a request signed twice, and the
+/// client's credential scope is not the gateway's to send), and every other provider key header
+/// it sent (AWS reads none; a gateway token or another provider's key must not go there, signed
+/// in).
+pub(crate) fn drop_client_signature(req: &mut Request<Full<Bytes>>) {
     let headers = req.headers_mut();
     for h in AWS_SIGNATURE_HEADERS {
         headers.remove(*h);
@@ -1862,8 +1892,79 @@ pub(crate) fn sign_aws(
     for h in &crate::providers::CLIENT_KEY_HEADERS {
         headers.remove(h);
     }
-    let region = rest.split('/').nth(1).unwrap_or_default();
-    creds.sign(req, body, region, std::time::SystemTime::now())
+    let Some(query) = req.uri().query() else {
+        return;
+    };
+    let signature_param = |p: &&str| {
+        let name = p.split('=').next().unwrap_or_default();
+        let name = crate::cost::percent_decode(name);
+        AWS_SIGNATURE_PARAMS
+            .iter()
+            .any(|s| name.eq_ignore_ascii_case(s))
+    };
+    if !query.split('&').any(|p| signature_param(&p)) {
+        return;
+    }
+    let kept: Vec<&str> = query.split('&').filter(|p| !signature_param(p)).collect();
+    let mut path_and_query = req.uri().path().to_owned();
+    if !kept.is_empty() {
+        path_and_query.push('?');
+        path_and_query.push_str(&kept.join("&"));
+    }
+    let mut parts = req.uri().clone().into_parts();
+    // Made of the parts of a valid URI, less some of its query: valid too.
+    if let Ok(pq) = http::uri::PathAndQuery::try_from(path_and_query) {
+        parts.path_and_query = Some(pq);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+/// The region of an `aws-bedrock` route after the provider, `bedrock-runtime/{region}/...`
+/// (checked by `upstream_uri`).
+pub(crate) fn bedrock_region(rest: &str) -> &str {
+    rest.split('/').nth(1).unwrap_or_default()
+}
+
+/// Credentials the gateway makes for each attempt of an upstream request as it is sent, not
+/// once for all its attempts, as the AWS SDKs and google-auth-library do: a SigV4 signature is
+/// dated, and a minted token may be renewed meanwhile (a retry may follow an attempt that
+/// waited out its whole timeout).
+pub(crate) enum AttemptAuth<'a> {
+    /// A SigV4 signature with stored AWS credentials.
+    Aws(crate::compat::bedrock::SigV4),
+    /// A token minted from a Google service account, in `provider`'s auth header.
+    Google {
+        sa: &'a crate::google_auth::ServiceAccount,
+        provider: &'a Provider,
+    },
+}
+
+impl AttemptAuth<'_> {
+    /// Puts the credentials into `req`, replacing the ones it had.
+    async fn apply(
+        &self,
+        gw: &Gateway,
+        req: &mut Request<Full<Bytes>>,
+    ) -> Result<(), GatewayError> {
+        match self {
+            AttemptAuth::Aws(sigv4) => sigv4.sign(req),
+            AttemptAuth::Google { sa, provider } => {
+                // Boxed: the exchange is a request of its own, and `dispatch`'s future, which
+                // holds this one, is that of every request.
+                let token = Box::pin(sa.token(gw)).await?;
+                let headers = req.headers_mut();
+                for name in provider.auth_headers() {
+                    headers.remove(name);
+                }
+                if let Some(name) = provider.auth_header() {
+                    headers.insert(name.clone(), token.header().clone());
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// A copy of an upstream request for another attempt (the body is shared, not copied).
@@ -1923,6 +2024,42 @@ mod tests {
             let (p, l) = refused_route(&snap, path);
             assert_eq!((p.as_deref(), l), (provider, logged), "{path}");
         }
+    }
+
+    #[test]
+    fn the_clients_signature_goes_from_the_query_as_from_the_headers() {
+        let req = |uri: &str| {
+            let mut r = Request::new(Full::new(Bytes::new()));
+            *r.uri_mut() = uri.parse().expect("uri");
+            r.headers_mut().insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_static("AWS4-HMAC-SHA256 x"),
+            );
+            r.headers_mut()
+                .insert("x-amz-date", HeaderValue::from_static("20260101T000000Z"));
+            r
+        };
+        let host = "https://bedrock-runtime.us-east-1.amazonaws.com/async-invoke";
+        let mut r = req(&format!(
+            "{host}?maxResults=10&X-Amz-Algorithm=AWS4-HMAC-SHA256&x-amz-credential=K%2F20260101%2Fus-east-1%2Fbedrock%2Faws4_request\
+             &X-AMZ-DATE=20260101T000000Z&X-Amz-Expires=300&X-Amz-SignedHeaders=host&X%2DAmz-Signature=00\
+             &X-Amz-Security-Token=t&sortOrder=Descending&X-Amz-Meta=kept"
+        ));
+        drop_client_signature(&mut r);
+        assert_eq!(
+            r.uri().to_string(),
+            format!("{host}?maxResults=10&sortOrder=Descending&X-Amz-Meta=kept")
+        );
+        assert!(r.headers().is_empty());
+        let mut r = req(&format!("{host}?X-Amz-Signature=00"));
+        drop_client_signature(&mut r);
+        assert_eq!(r.uri().to_string(), host);
+        let mut r = req(&format!("{host}?statusEquals=Completed"));
+        drop_client_signature(&mut r);
+        assert_eq!(
+            r.uri().to_string(),
+            format!("{host}?statusEquals=Completed")
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@ const UNREAD_RETRY: Duration = Duration::from_millis(500);
 pub fn install(gw: &Gateway, mut snap: Snapshot) {
     if let Some(old) = gw.snapshot.load_full() {
         snap.routing.keep_counters(&old.routing);
+        snap.providers.keep_tokens(&old.providers);
         snap.rate_limiter = old.rate_limiter.carried_over(snap.rate_limit.as_ref());
         // The same Redis: keep its client and connection (a reload is any change of the
         // gateway, a key rotation too).

@@ -122,8 +122,10 @@ struct Planned<'a> {
     provider: &'a Provider,
     endpoint: String,
     request: Request<Full<Bytes>>,
-    /// Credentials added just before the step is sent.
-    auth: StepAuth<'a>,
+    /// Credentials made for each attempt as it is sent, as on the provider's own route (a
+    /// token from a Google service account, a signature with stored AWS credentials); `None`:
+    /// the stored key is in the request already, or the step's own headers go.
+    auth: Option<proxy::AttemptAuth<'a>>,
     timeout: Duration,
     retries: Policy,
     /// The model the step names (in its endpoint or its `query`), for cost.
@@ -146,38 +148,6 @@ struct Planned<'a> {
     accept_encoding: bool,
     /// The long-form URL's account, when it goes into the step's upstream URL.
     account: Option<&'a str>,
-}
-
-/// Credentials a step gets just before it is sent, as on the provider's own route.
-enum StepAuth<'a> {
-    /// Nothing to add: the stored key is in the request already, or the step's own headers go.
-    Ready,
-    /// A token minted from the alias's Google service account (`google-vertex-ai`).
-    Google(&'a Arc<crate::google_auth::ServiceAccount>),
-    /// A SigV4 signature with the stored AWS credentials, over this body.
-    Aws(Box<crate::compat::bedrock::AwsCredentials>, Bytes),
-}
-
-impl StepAuth<'_> {
-    async fn apply(self, gw: &Gateway, step: &mut Planned<'_>) -> Result<(), GatewayError> {
-        match self {
-            StepAuth::Ready => Ok(()),
-            StepAuth::Google(sa) => {
-                let token = sa.token(gw).await?;
-                let headers = step.request.headers_mut();
-                for name in step.provider.auth_headers() {
-                    headers.remove(name);
-                }
-                if let Some(name) = step.provider.auth_header() {
-                    headers.insert(name.clone(), token.header().clone());
-                }
-                Ok(())
-            }
-            StepAuth::Aws(creds, body) => {
-                proxy::sign_aws(&creds, &mut step.request, &body, &step.endpoint)
-            }
-        }
-    }
 }
 
 fn bad(message: String) -> GatewayError {
@@ -322,16 +292,18 @@ pub(crate) async fn serve(
             Ok(miss) => miss,
             Err(hit) => return Ok(*hit),
         };
-        let auth = std::mem::replace(&mut step.auth, StepAuth::Ready);
-        let outcome = match auth.apply(gw, &mut step).await {
-            Ok(()) => {
-                let waits = retry::Waits::every_attempt(step.timeout, snap.request_timeout);
-                let read = |resp| proxy::read_passed_on(gw, snap, resp);
-                gw.dispatch(step.request, waits, &step.retries, &id, read)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
+        let waits = retry::Waits::every_attempt(step.timeout, snap.request_timeout);
+        let read = |resp| proxy::read_passed_on(gw, snap, resp);
+        let outcome = gw
+            .dispatch(
+                step.request,
+                step.auth.as_ref(),
+                waits,
+                &step.retries,
+                &id,
+                read,
+            )
+            .await;
         let id = &id;
         let resp = match outcome {
             Ok(resp) if last || (resp.status().is_success() && !hands_on(&resp)) => resp,
@@ -792,19 +764,22 @@ fn plan_provider<'a>(
     };
     // The step's credentials, as the provider's own route would have them.
     let (key, auth) = if let Some(sa) = provider.service_account(alias) {
-        (KeyChoice::ClientOwn, StepAuth::Google(sa))
+        let auth = proxy::AttemptAuth::Google { sa, provider };
+        (KeyChoice::ClientOwn, Some(auth))
     } else if provider.signs_requests() {
-        let auth = match crate::compat::stored_aws_credentials(snap, alias).map_err(fail)? {
-            Some(creds) => StepAuth::Aws(Box::new(creds), body.clone()),
-            None => StepAuth::Ready,
-        };
+        let auth = crate::compat::stored_aws_credentials(snap, alias)
+            .map_err(fail)?
+            .map(|creds| {
+                let region = proxy::bedrock_region(path).to_owned();
+                proxy::AttemptAuth::Aws(crate::compat::bedrock::SigV4::new(creds, region))
+            });
         (KeyChoice::ClientOwn, auth)
     } else {
-        (provider.choose_key(alias).map_err(fail)?, StepAuth::Ready)
+        (provider.choose_key(alias).map_err(fail)?, None)
     };
     let query = (!query.is_empty()).then_some(query);
     // Whose credentials the answer was made with: the client's own, or the alias's.
-    let client_own = matches!(key, KeyChoice::ClientOwn) && matches!(auth, StepAuth::Ready);
+    let client_own = matches!(key, KeyChoice::ClientOwn) && auth.is_none();
     // A gateway token in the step's own key headers would go upstream as its key: refused, as
     // on the providers' own routes.
     if client_own && snap.auth_required {
@@ -824,7 +799,7 @@ fn plan_provider<'a>(
             .and_then(crate::cost::ModelName::named),
     };
     // A step's own SigV4 signature goes upstream unchanged only when the gateway does not sign.
-    let client_signature = provider.signs_requests() && matches!(auth, StepAuth::Ready);
+    let client_signature = provider.signs_requests() && auth.is_none();
     proxy::check_signed_encoding(snap, &client_headers, client_signature).map_err(fail)?;
     let accept_encoding = crate::headers::keeps_accept_encoding(&client_headers, client_signature);
     let mut request = proxy::build_upstream_request(
@@ -836,6 +811,9 @@ fn plan_provider<'a>(
         body,
         client_signature,
     );
+    if let Some(proxy::AttemptAuth::Aws(_)) = auth {
+        proxy::drop_client_signature(&mut request);
+    }
     let headers = request.headers_mut();
     // The body is the step's `query` serialized by the gateway, never compressed.
     headers.remove(header::CONTENT_ENCODING);

@@ -133,8 +133,7 @@ def test_a_bodiless_get_with_a_query_is_signed_over_the_sorted_query_and_the_emp
         g.stop()
 
 
-# FAILS at 263510d: an aws-bedrock key file whose accessKeyId/sessionToken holds a line break loads without a warning (only JSON shape is checked)
-@pytest.mark.xfail(strict=True, reason="review: an aws-bedrock key file whose accessKeyId/sessionToken holds a line break loads without a warning (only JSON shape is checked)")
+# Failed at 263510d (mended since): an aws-bedrock key file whose accessKeyId/sessionToken holds a line break loads without a warning (only JSON shape is checked)
 @pytest.mark.parametrize("field", ["accessKeyId", "sessionToken"])
 def test_aws_credentials_that_cannot_go_into_a_header_are_warned_about_at_load(mock, tmp_path, field):
     # As for every other provider's key ("it has characters an HTTP header cannot carry"): a
@@ -149,8 +148,7 @@ def test_aws_credentials_that_cannot_go_into_a_header_are_warned_about_at_load(m
         g.stop()
 
 
-# FAILS at 263510d: aws-sigv4's apply_to_request_http1x unwraps the Authorization header value and panics; the connection drops (release: panic=abort)
-@pytest.mark.xfail(strict=True, reason="review: aws-sigv4's apply_to_request_http1x unwraps the Authorization header value and panics; the connection drops (release: panic=abort)")
+# Failed at 263510d (mended since): aws-sigv4's apply_to_request_http1x unwraps the Authorization header value and panics; the connection drops (release: panic=abort)
 @pytest.mark.parametrize("route", ["passthrough", "compat"])
 def test_an_access_key_id_holding_a_line_break_is_an_error_answer_not_a_dropped_connection(mock, tmp_path, route):
     # A key file written by json.dumps of values read from files keeps their trailing newline.
@@ -171,6 +169,32 @@ def test_an_access_key_id_holding_a_line_break_is_an_error_answer_not_a_dropped_
         assert r.status_code >= 400 and r.json()["error"], r.text
         assert mock.requests() == []
         assert httpx.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": []}).status_code == 200
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("secretAccessKey", AWS_KEY["secretAccessKey"] + "\r\n", "secretAccessKey has a line break"),
+    ("accessKeyId", "", "accessKeyId is empty"),
+    ("region", "US-EAST-1", "region is not an AWS region name in lower case"),
+], ids=["secret-line-break", "empty-key-id", "upper-case-region"])
+def test_stored_aws_credentials_that_cannot_sign_are_named_at_load_and_refuse_their_requests(
+        mock, tmp_path, field, value, says):
+    # The gateway's own key is at fault, not the client's request: 502/2104 naming the key file
+    # and the field (as a service account that gets no token is), nothing sent, no value shown.
+    g = bedrock_gateway(tmp_path, mock.url, dict(AWS_KEY, **{field: value}))
+    try:
+        warned = [line for line in g.logs().splitlines() if "WARN" in line and "aws-bedrock.default" in line]
+        assert warned and "is unused" in warned[0] and says in warned[0], warned
+        mock.clear()
+        r = httpx.post(g.url + "/compat/chat/completions", timeout=30, json={
+            "model": f"aws-bedrock/us-east-1/{BEDROCK_MODEL}", "messages": [{"role": "user", "content": "hi"}]})
+        error = r.json()["error"][0]
+        assert (r.status_code, error["code"]) == (502, 2104), r.text
+        assert "aws-bedrock.default" in error["message"] and says in error["message"], error
+        assert passthrough(g, f"us-east-1/model/{BEDROCK_MODEL}/converse").status_code == 502
+        assert mock.requests() == []
+        assert AWS_KEY["secretAccessKey"] not in g.logs() + r.text
     finally:
         g.stop()
 
@@ -210,8 +234,7 @@ def test_a_universal_bedrock_step_is_signed_as_botocore_signs_it(mock, tmp_path)
         g.stop()
 
 
-# FAILS at 263510d: the client's X-Amz-* query signature goes upstream next to the gateway's Authorization header
-@pytest.mark.xfail(strict=True, reason="review: the client's X-Amz-* query signature goes upstream next to the gateway's Authorization header")
+# Failed at 263510d (mended since): the client's X-Amz-* query signature goes upstream next to the gateway's Authorization header
 def test_the_gateways_signature_replaces_a_signature_the_client_put_in_the_query(mock, tmp_path):
     # SigV4 may sit in the query (a presigned URL, aws4fetch's signQuery) as well as in headers.
     # When the gateway signs with stored credentials, the client's query signature must go as its
@@ -251,8 +274,17 @@ def test_a_signed_converse_stream_passes_through_byte_for_byte(mock, tmp_path):
         g.stop()
 
 
-# FAILS at 263510d: retries resend the first attempt's signature and x-amz-date (signed once, cloned per attempt)
-@pytest.mark.xfail(strict=True, reason="review: retries resend the first attempt's signature and x-amz-date (signed once, cloned per attempt)")
+def assert_signed_as_sent(mock):
+    """The upstream got two attempts (signed with AWS_KEY for us-east-1), the retry dated later
+    than the first, each signature valid for what it is."""
+    first, retry = mock.requests()
+    for q in (first, retry):
+        _, ok, creq = botocore_signature(q, mock.url, "AKIDEXAMPLE", AWS_KEY["secretAccessKey"], None, "us-east-1")
+        assert ok, creq
+    assert retry["headers"]["x-amz-date"] > first["headers"]["x-amz-date"], retry["headers"]["x-amz-date"]
+
+
+# Failed at 263510d (mended since): retries resend the first attempt's signature and x-amz-date (signed once, cloned per attempt)
 def test_a_retried_bedrock_request_is_signed_again_when_it_is_sent(mock, tmp_path):
     # AWS refuses a signature dated more than 5 minutes before it arrives ("Signature expired"),
     # and the AWS SDKs sign each attempt anew. A retry after an attempt that timed out (the
@@ -266,11 +298,31 @@ def test_a_retried_bedrock_request_is_signed_again_when_it_is_sent(mock, tmp_pat
                         headers={"x-mock-fail-first": "1;resign", "cf-aig-max-attempts": "2",
                                  "cf-aig-retry-delay": "1500"})
         assert r.status_code == 200, r.text
-        first, retry = mock.requests()
-        for q in (first, retry):
-            _, ok, creq = botocore_signature(q, mock.url, "AKIDEXAMPLE", AWS_KEY["secretAccessKey"], None, "us-east-1")
-            assert ok, creq
-        assert retry["headers"]["x-amz-date"] > first["headers"]["x-amz-date"], retry["headers"]["x-amz-date"]
+        assert_signed_as_sent(mock)
+    finally:
+        g.stop()
+
+
+@pytest.mark.parametrize("route", ["compat", "universal"])
+def test_each_attempt_of_a_compat_target_or_universal_step_is_signed_as_it_is_sent(mock, tmp_path, route):
+    # As on the passthrough route: the retry, 1.5 s after the first attempt, is dated then.
+    g = bedrock_gateway(tmp_path, mock.url)
+    try:
+        mock.clear()
+        if route == "compat":
+            # The model answers 503 every time: both attempts go, the second signed anew.
+            r = httpx.post(g.url + "/compat/chat/completions", timeout=30,
+                           headers={"cf-aig-max-attempts": "2", "cf-aig-retry-delay": "1500"},
+                           json={"model": "aws-bedrock/us-east-1/mock-status-503",
+                                 "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 503, r.text
+        else:
+            step = {"provider": "aws-bedrock", "endpoint": f"bedrock-runtime/us-east-1/model/{BEDROCK_MODEL}/converse",
+                    "headers": {"x-mock-fail-first": "1;universal-resign"},
+                    "config": {"maxAttempts": 2, "retryDelay": 1500}, "query": CONVERSE}
+            r = httpx.post(g.url + "/", json=[step], timeout=30)
+            assert r.status_code == 200, r.text
+        assert_signed_as_sent(mock)
     finally:
         g.stop()
 
@@ -378,6 +430,23 @@ def test_a_token_is_renewed_five_minutes_before_it_expires(mock, tmp_path):
         tokens.stop()
 
 
+def test_a_retry_after_the_token_is_due_for_renewal_goes_with_a_renewed_token(mock, tmp_path):
+    # expires_in 302: due for renewal after 2 s. The retry, 2.5 s after the first attempt, gets
+    # the token as a request sent then would, not the first attempt's.
+    tokens = TokenServer(lambda n: (0, 200, token(n, expires_in=302)))
+    g, _ = vertex_gateway(mock, tmp_path, tokens.url)
+    try:
+        mock.clear()
+        r = generate(g, timeout=30, headers={"x-mock-fail-first": "1;vertex-renew", "cf-aig-max-attempts": "2",
+                                             "cf-aig-retry-delay": "2500"})
+        assert r.status_code == 200, r.text
+        used = [q["headers"]["authorization"] for q in mock.requests()]
+        assert used == [f"Bearer ya29.{KEY_MARKER}-minted-0", f"Bearer ya29.{KEY_MARKER}-minted-1"]
+    finally:
+        g.stop()
+        tokens.stop()
+
+
 def test_concurrent_requests_share_one_slow_exchange(mock, tmp_path):
     tokens = TokenServer(lambda n: (1.0, 200, token(n)))
     g, _ = vertex_gateway(mock, tmp_path, tokens.url)
@@ -391,8 +460,7 @@ def test_concurrent_requests_share_one_slow_exchange(mock, tmp_path):
         tokens.stop()
 
 
-# FAILS at 263510d: each request waiting on the token lock redoes a failed exchange in turn: 4 exchanges, the last answer after ~6 s
-@pytest.mark.xfail(strict=True, reason="review: each request waiting on the token lock redoes a failed exchange in turn: 4 exchanges, the last answer after ~6 s")
+# Failed at 263510d (mended since): each request waiting on the token lock redoes a failed exchange in turn: 4 exchanges, the last answer after ~6 s
 def test_concurrent_requests_do_not_queue_behind_each_others_failed_exchanges(mock, tmp_path):
     # Google's token endpoint down (each exchange failing after 1.5 s): the requests waiting for
     # one exchange get its failure, as google-auth-library shares one refresh between callers.
@@ -461,6 +529,25 @@ def test_a_rotated_service_account_key_is_used_at_once_and_its_old_token_dropped
         assert mock.last()["headers"]["authorization"] == f"Bearer ya29.{KEY_MARKER}-minted-1"
         assert len(tokens.seen) == 2
         verify_jwt(tokens.assertions()[1], rotated["private_key"])
+    finally:
+        g.stop()
+        tokens.stop()
+
+
+def test_a_reload_that_leaves_the_service_account_key_as_it_was_keeps_its_token(mock, tmp_path):
+    # The key file written again with a field added (the same account, the same key) reloads
+    # the gateway, and the token minted before serves on: no exchange per reload.
+    tokens = TokenServer(lambda n: (0, 200, token(n)))
+    g, sa = vertex_gateway(mock, tmp_path, tokens.url)
+    try:
+        assert generate(g).status_code == 200 and len(tokens.seen) == 1
+        before = reload_count(g, "success")
+        (g.keys_dir / "google-vertex-ai.default").write_text(json.dumps(dict(sa, region="europe-west4")) + "\n")
+        wait_for(lambda: reload_count(g, "success") > before, 5, "the rewritten key was not loaded")
+        mock.clear()
+        assert generate(g).status_code == 200
+        assert mock.last()["headers"]["authorization"] == f"Bearer ya29.{KEY_MARKER}-minted-0"
+        assert len(tokens.seen) == 1
     finally:
         g.stop()
         tokens.stop()

@@ -17,7 +17,8 @@ use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use http_body_util::Full;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -50,8 +51,10 @@ impl fmt::Debug for AwsCredentials {
 }
 
 impl AwsCredentials {
-    /// Parses the JSON key file; the error never quotes the file.
-    pub fn parse(text: &str) -> Result<Self, &'static str> {
+    /// Parses the JSON key file, refusing values no request can be signed with (a line break
+    /// kept from a file the value was read from, an empty key id, a region AWS does not name
+    /// so); the error says which field, never quoting the file.
+    pub fn parse(text: &str) -> Result<Self, String> {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct File {
@@ -63,17 +66,44 @@ impl AwsCredentials {
             region: Option<String>,
         }
         let f: File = serde_json::from_str(text).map_err(|_| {
-            "the aws-bedrock key file must be JSON {\"accessKeyId\", \"secretAccessKey\", \"sessionToken\"?, \"region\"?}"
+            "not AWS credentials: JSON {\"accessKeyId\", \"secretAccessKey\", \"sessionToken\"?, \"region\"?}".to_owned()
         })?;
+        if f.access_key_id.is_empty() {
+            return Err("accessKeyId is empty".to_owned());
+        }
+        let fields = [
+            ("accessKeyId", Some(&f.access_key_id)),
+            ("secretAccessKey", Some(&f.secret_access_key)),
+            ("sessionToken", f.session_token.as_ref()),
+            ("region", f.region.as_ref()),
+        ];
+        for (name, value) in fields {
+            // Control characters would panic aws-sigv4 as it writes them into headers (key id,
+            // region, token), and no AWS credential holds one.
+            if value.is_some_and(|v| v.chars().any(char::is_control)) {
+                return Err(format!(
+                    "{name} has a line break or other control character, which AWS credentials never hold"
+                ));
+            }
+        }
+        let region = f.region.filter(|r| !r.trim().is_empty());
+        let lower_case_region =
+            |r: &str| is_region(r) && !r.bytes().any(|b| b.is_ascii_uppercase());
+        if region.as_deref().is_some_and(|r| !lower_case_region(r)) {
+            return Err(
+                "region is not an AWS region name in lower case (such as us-east-1)".to_owned(),
+            );
+        }
         Ok(Self {
             access_key_id: f.access_key_id,
             secret_access_key: SecretString::from(f.secret_access_key),
             session_token: f.session_token.map(SecretString::from),
-            region: f.region,
+            region,
         })
     }
 
-    /// Signs `req` (whose body is `body`) for Bedrock in `region`.
+    /// Signs `req` (whose body is `body`) for Bedrock in `region`, now: its `Authorization`,
+    /// `X-Amz-Date` and (with a session token) `X-Amz-Security-Token` replace any it had.
     pub fn sign<B>(
         &self,
         req: &mut http::Request<B>,
@@ -81,6 +111,21 @@ impl AwsCredentials {
         region: &str,
         time: SystemTime,
     ) -> Result<(), GatewayError> {
+        let unsigned = |why: &str| {
+            GatewayError::UpstreamUnavailable(format!(
+                "aws-bedrock: the request could not be signed: {why}"
+            ))
+        };
+        // aws-sigv4 panics where these could not go into the request's Host or Authorization
+        // header: the checks are made before it is called.
+        if region.is_empty() || region.chars().any(char::is_control) {
+            return Err(unsigned(
+                "the region is not one a request can be signed for",
+            ));
+        }
+        if req.uri().authority().is_none() && !req.headers().contains_key(http::header::HOST) {
+            return Err(unsigned("the request names no host"));
+        }
         let identity: Identity = Credentials::new(
             self.access_key_id.clone(),
             self.secret_access_key.expose_secret().to_owned(),
@@ -98,7 +143,7 @@ impl AwsCredentials {
             .time(time)
             .settings(SigningSettings::default())
             .build()
-            .map_err(|_| bad("could not build the SigV4 signing parameters"))?
+            .map_err(|_| unsigned("the SigV4 signing parameters could not be built"))?
             .into();
         let uri = req.uri().to_string();
         let headers: Vec<(&str, &str)> = req
@@ -112,16 +157,55 @@ impl AwsCredentials {
             headers.into_iter(),
             SignableBody::Bytes(body),
         )
-        .map_err(|_| bad("the Bedrock request cannot be signed"))?;
+        .map_err(|_| unsigned("the Bedrock request cannot be signed"))?;
         let (instructions, _) = sign(signable, &params)
-            .map_err(|_| bad("the Bedrock request cannot be signed"))?
+            .map_err(|_| unsigned("the Bedrock request cannot be signed"))?
             .into_parts();
-        instructions.apply_to_request_http1x(req);
-        for v in req.headers_mut().values_mut() {
+        // Set here rather than by `apply_to_request_http1x`, which unwraps each header value.
+        let (signed, _) = instructions.into_parts();
+        let mut values = Vec::with_capacity(signed.len());
+        for h in &signed {
+            let mut value = http::HeaderValue::from_str(h.value())
+                .map_err(|_| unsigned("a signature header cannot be a header value"))?;
             // authorization and x-amz-security-token hold secrets or derive from them.
-            v.set_sensitive(true);
+            value.set_sensitive(true);
+            values.push((h.name(), value));
+        }
+        for (name, value) in values {
+            req.headers_mut().insert(name, value);
         }
         Ok(())
+    }
+}
+
+/// Stored credentials and the region they sign a request for. A request is signed anew for each
+/// attempt as it is sent, as the AWS SDKs sign it: a signature is dated, and AWS refuses one
+/// more than 5 minutes old ("Signature expired") — as a retry after an attempt that waited out
+/// its timeout would be.
+pub struct SigV4 {
+    creds: AwsCredentials,
+    region: String,
+}
+
+impl fmt::Debug for SigV4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigV4")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SigV4 {
+    /// Signs with `creds` for `region`.
+    pub fn new(creds: AwsCredentials, region: String) -> Self {
+        Self { creds, region }
+    }
+
+    /// Signs `req` over its body, now.
+    pub fn sign(&self, req: &mut http::Request<Full<Bytes>>) -> Result<(), GatewayError> {
+        // `Full` is a handle on the shared bytes: the copy costs a reference count.
+        let body = req.body().clone().into_inner().unwrap_or_default();
+        self.creds.sign(req, &body, &self.region, SystemTime::now())
     }
 }
 
@@ -1438,6 +1522,87 @@ mod tests {
         assert_eq!(req.headers()["x-amz-date"], "20231114T221320Z");
         assert!(req.headers()["authorization"].is_sensitive());
         assert!(!format!("{creds:?}").contains("EXAMPLEKEY"));
+    }
+
+    #[test]
+    fn credentials_no_request_can_be_signed_with_are_refused_naming_the_field_not_the_value() {
+        let file = |field: &str, value: &str| {
+            let mut f = json!({"accessKeyId": "AKIDEXAMPLE", "secretAccessKey": "secret/key+x",
+                "sessionToken": "FwoGZXIvYXdzEXAMPLE", "region": "eu-west-3"});
+            f[field] = json!(value);
+            AwsCredentials::parse(&f.to_string())
+        };
+        assert!(file("region", "us-gov-west-1").is_ok());
+        let blank_region = file("region", " ").expect("blank is no region");
+        assert_eq!(blank_region.region, None);
+        for (field, value, says) in [
+            (
+                "accessKeyId",
+                "AKIDEXAMPLE\n",
+                "accessKeyId has a line break",
+            ),
+            ("accessKeyId", "", "accessKeyId is empty"),
+            (
+                "secretAccessKey",
+                "secret/key+x\r\n",
+                "secretAccessKey has a line break",
+            ),
+            (
+                "sessionToken",
+                "FwoG\u{7f}",
+                "sessionToken has a line break",
+            ),
+            ("region", "us-east-1\n", "region has a line break"),
+            (
+                "region",
+                "US-EAST-1",
+                "region is not an AWS region name in lower case",
+            ),
+            (
+                "region",
+                "us east 1",
+                "region is not an AWS region name in lower case",
+            ),
+        ] {
+            let err = file(field, value).map(|_| ()).expect_err(field);
+            assert!(err.starts_with(says), "{field} {value:?}: {err}");
+            assert!(
+                !err.contains("AKIDEXAMPLE") && !err.contains("secret/key"),
+                "{err}"
+            );
+        }
+        let err = AwsCredentials::parse("AKIDEXAMPLE:secret")
+            .map(|_| ())
+            .expect_err("not JSON");
+        assert!(
+            err.contains("accessKeyId") && !err.contains("secret\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_region_or_host_a_header_cannot_carry_is_an_error_not_a_panic() {
+        let creds = AwsCredentials::parse(r#"{"accessKeyId":"AKIDEXAMPLE","secretAccessKey":"s"}"#)
+            .expect("creds");
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let request = |uri: &str| {
+            http::Request::builder()
+                .method("POST")
+                .uri(uri)
+                .body(())
+                .expect("request")
+        };
+        let mut req = request("https://bedrock-runtime.us-east-1.amazonaws.com/model/m/converse");
+        let err = creds
+            .sign(&mut req, b"{}", "us-east-1\n", t)
+            .expect_err("region");
+        assert_eq!(err.code(), 2104, "{err}");
+        assert!(!req.headers().contains_key("authorization"));
+        let mut req = request("/model/m/converse");
+        let err = creds
+            .sign(&mut req, b"{}", "us-east-1", t)
+            .expect_err("host");
+        assert_eq!(err.code(), 2104, "{err}");
     }
 
     /// The Converse body for a chat completion request body.

@@ -46,7 +46,7 @@ use crate::headers::{
 use crate::keys::AuthValue;
 use crate::providers::{KeyChoice, Provider};
 use crate::proxy::{self, Admission, Gateway};
-use crate::proxy::{HeldAnswer, Read};
+use crate::proxy::{AttemptAuth, HeldAnswer, Read};
 use crate::retry::{Policy, Waits};
 use crate::route::ProviderRoute;
 use crate::routing::{Target, Walk};
@@ -140,6 +140,8 @@ struct Translation {
     /// The other upstream requests of a request sent in parts (embeddings of a provider that
     /// takes one text per request), sent once the first succeeded; the answers are joined.
     more: Vec<Request<Full<Bytes>>>,
+    /// The signature each attempt of the requests gets as it is sent (Bedrock).
+    sigv4: Option<bedrock::SigV4>,
 }
 
 impl Translation {
@@ -418,6 +420,7 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
                     stream,
                     ctx,
                     more: Vec::new(),
+                    sigv4: None,
                 }),
                 false,
             ))
@@ -487,6 +490,7 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
                     stream,
                     ctx,
                     more,
+                    sigv4: None,
                 }),
                 false,
             ))
@@ -555,17 +559,12 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
             {
                 headers.insert(header::HOST, host);
             }
-            let signed = |body: Vec<u8>| {
-                let body = Bytes::from(body);
-                let mut req = new_request(uri.clone(), headers.clone(), body.clone());
-                creds.sign(&mut req, &body, &region, SystemTime::now())?;
-                Ok::<_, GatewayError>(req)
-            };
-            let req = signed(body)?;
+            // Signed as each attempt is sent (see `proxy::AttemptAuth`).
+            let req = new_request(uri.clone(), headers.clone(), Bytes::from(body));
             let more = more_bodies
                 .into_iter()
-                .map(signed)
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|b| new_request(uri.clone(), headers.clone(), Bytes::from(b)))
+                .collect();
             Ok((
                 req,
                 Some(Translation {
@@ -574,6 +573,7 @@ fn plan(i: &CompatCall<'_>) -> Result<Plan, GatewayError> {
                     stream,
                     ctx,
                     more,
+                    sigv4: Some(bedrock::SigV4::new(creds, region)),
                 }),
                 false,
             ))
@@ -826,7 +826,8 @@ pub(crate) fn client_key_warnings(snap: &Snapshot) -> Vec<String> {
 }
 
 /// The stored AWS credentials of `alias` (`None` when no alias is named and there is no
-/// `aws-bedrock.default`: the client signs); a named alias that is missing is 2040.
+/// `aws-bedrock.default`: the client signs); a named alias that is missing is 2040, stored
+/// credentials that cannot sign a 502/2104 naming the problem.
 pub(crate) fn stored_aws_credentials(
     snap: &Snapshot,
     alias: Option<&str>,
@@ -853,7 +854,13 @@ fn bedrock_credentials(
             ),
         });
     };
-    bedrock::AwsCredentials::parse(key.expose()).map_err(bad)
+    // The gateway's own key, warned about at load: not the client's to mend (as a Vertex
+    // service account that gets no token is not).
+    bedrock::AwsCredentials::parse(key.expose()).map_err(|why| {
+        GatewayError::UpstreamUnavailable(format!(
+            "aws-bedrock: the stored credentials aws-bedrock.{name} cannot sign requests: {why}"
+        ))
+    })
 }
 
 type Failure = (Option<Arc<str>>, GatewayError);
@@ -1201,7 +1208,7 @@ pub(crate) async fn answer(
                 minted: minted.as_ref(),
             })
         });
-        let (upstream, translation, hide_usage) = match planned {
+        let (upstream, mut translation, hide_usage) = match planned {
             Ok(p) => p,
             Err(e) => match next_target(&mut walk, &metadata, redis_wait).await {
                 Some(next) => {
@@ -1236,10 +1243,19 @@ pub(crate) async fn answer(
         } else {
             Waits::direct(within, snap.request_timeout, policy.max_attempts)
         };
+        // Each attempt of each part gets its credentials as it is sent.
+        let auth = match provider.service_account(alias) {
+            Some(sa) => Some(AttemptAuth::Google { sa, provider }),
+            None => translation
+                .as_mut()
+                .and_then(|t| t.sigv4.take())
+                .map(AttemptAuth::Aws),
+        };
+        let auth = auth.as_ref();
         let outcome = match translation {
             None => {
                 let read = |resp| proxy::read_passed_on(gw, snap, resp);
-                let sent = gw.dispatch(upstream, waits, &policy, &provider.id, read);
+                let sent = gw.dispatch(upstream, auth, waits, &policy, &provider.id, read);
                 sent.await.map(Taken::passed)
             }
             Some(mut t) => {
@@ -1247,7 +1263,7 @@ pub(crate) async fn answer(
                 // before the client got any of it is retried, then fails the target.
                 let read = |resp| read_translated(gw, snap, t.stream, resp);
                 match gw
-                    .dispatch(upstream, waits, &policy, &provider.id, read)
+                    .dispatch(upstream, auth, waits, &policy, &provider.id, read)
                     .await
                 {
                     Ok(Answer::Streamed(resp)) => Ok(Taken::translated(resp, t)),
@@ -1259,8 +1275,18 @@ pub(crate) async fn answer(
                             Ok(raw) if answer.head.status.is_success() => {
                                 let more = std::mem::take(&mut t.more);
                                 Some(
-                                    make(gw, &t, raw, more, waits, &policy, &provider.id, snap)
-                                        .await,
+                                    make(
+                                        gw,
+                                        &t,
+                                        raw,
+                                        more,
+                                        auth,
+                                        waits,
+                                        &policy,
+                                        &provider.id,
+                                        snap,
+                                    )
+                                    .await,
                                 )
                             }
                             _ => None,
@@ -1714,7 +1740,7 @@ async fn read_translated(
 }
 
 /// Makes the client's answer from a 2xx answer held back whole (`raw`): the other parts of a
-/// request sent in parts (`more`) sent as the first went (`waits`, `policy`), and every
+/// request sent in parts (`more`) sent as the first went (`auth`, `waits`, `policy`), and every
 /// answer translated.
 #[allow(clippy::too_many_arguments)] // the target's, each from where the first part went
 async fn make(
@@ -1722,12 +1748,13 @@ async fn make(
     t: &Translation,
     raw: &[u8],
     more: Vec<Request<Full<Bytes>>>,
+    auth: Option<&AttemptAuth<'_>>,
     waits: Waits,
     policy: &Policy,
     provider: &Arc<str>,
     snap: &Snapshot,
 ) -> Result<Made, NotMade> {
-    let (rest, more_held) = fan_out(gw, more, waits, policy, provider, snap.max_buffered)
+    let (rest, more_held) = fan_out(gw, more, auth, waits, policy, provider, snap.max_buffered)
         .await
         .map_err(NotMade::Part)?;
     let out = translate_all(t, raw, &rest).map_err(NotMade::Untranslatable)?;
@@ -1745,12 +1772,13 @@ enum FanOutFailure {
 /// Most parts of a request sent in parts in flight at once.
 const FAN_OUT_CONCURRENCY: usize = 8;
 
-/// Sends the other parts of a request sent in parts as the first went (`waits`, `policy`: a
-/// part whose answer breaks off is retried too), a few at once, and reads their answers whole,
-/// in order. Nothing to send: nothing is done.
+/// Sends the other parts of a request sent in parts as the first went (`auth`, `waits`,
+/// `policy`: a part whose answer breaks off is retried too), a few at once, and reads their
+/// answers whole, in order. Nothing to send: nothing is done.
 async fn fan_out(
     gw: &Gateway,
     parts: Vec<Request<Full<Bytes>>>,
+    auth: Option<&AttemptAuth<'_>>,
     waits: Waits,
     policy: &Policy,
     provider: &Arc<str>,
@@ -1765,7 +1793,7 @@ async fn fan_out(
         .map(|req| async move {
             let read = |resp| HeldAnswer::read(gw, max_buffered, MAX_RESPONSE_BYTES, resp);
             let answer = gw
-                .dispatch(req, waits, policy, provider, read)
+                .dispatch(req, auth, waits, policy, provider, read)
                 .await
                 .map_err(FanOutFailure::Gateway)?;
             let body = answer.body.map_err(|e| {
