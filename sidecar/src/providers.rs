@@ -787,6 +787,12 @@ impl Provider {
                         // Vertex's global endpoint has no region in its host name.
                         url = url.replace("{region}-", "");
                     }
+                    if name == "region" {
+                        if let Some(suffix) = aws_dns_suffix(value) {
+                            url = url
+                                .replace("{region}.amazonaws.com", &format!("{{region}}.{suffix}"));
+                        }
+                    }
                     url = url.replace(&format!("{{{name}}}"), value);
                 }
                 url.reserve(len);
@@ -795,6 +801,19 @@ impl Provider {
                     .map_err(|_| bad_route("the request path is not a valid URI path"))
             }
         }
+    }
+}
+
+/// The domain of an AWS region's endpoints where it is not `amazonaws.com`: the China regions'
+/// (`cn-north-1`: `bedrock-runtime.cn-north-1.amazonaws.com.cn`) and the European Sovereign
+/// Cloud's (`eusc-de-east-1`: `...amazonaws.eu`).
+fn aws_dns_suffix(region: &str) -> Option<&'static str> {
+    if region.starts_with("cn-") {
+        Some("amazonaws.com.cn")
+    } else if region.starts_with("eusc-") {
+        Some("amazonaws.eu")
+    } else {
+        None
     }
 }
 
@@ -1562,6 +1581,24 @@ mod tests {
             .as_deref(),
             Ok("https://bedrock-runtime.us-east-1.amazonaws.com/model/m/converse")
         );
+        // The China regions and the European Sovereign Cloud have endpoints of their own domain.
+        for (region, host) in [
+            ("cn-north-1", "bedrock-runtime.cn-north-1.amazonaws.com.cn"),
+            (
+                "eusc-de-east-1",
+                "bedrock-runtime.eusc-de-east-1.amazonaws.eu",
+            ),
+        ] {
+            assert_eq!(
+                uri(
+                    &t,
+                    "aws-bedrock",
+                    &format!("bedrock-runtime/{region}/model/m/converse")
+                )
+                .as_deref(),
+                Ok(format!("https://{host}/model/m/converse").as_str())
+            );
+        }
         assert_eq!(
             uri(
                 &t,

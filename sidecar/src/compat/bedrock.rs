@@ -209,11 +209,12 @@ impl SigV4 {
     }
 }
 
-/// A region name as AWS writes them (`us-east-1`, `us-gov-west-1`, `eu-central-2`).
+/// A region name as AWS writes them (`us-east-1`, `us-gov-west-1`, `eu-central-2`, the
+/// European Sovereign Cloud's `eusc-de-east-1`).
 pub fn is_region(s: &str) -> bool {
     let parts: Vec<&str> = s.split('-').collect();
     parts.len() >= 3
-        && parts[0].len() == 2
+        && (2..=4).contains(&parts[0].len())
         && parts[0].bytes().all(|b| b.is_ascii_lowercase())
         && parts[parts.len() - 1].bytes().all(|b| b.is_ascii_digit())
         && parts
@@ -1706,6 +1707,15 @@ mod tests {
             (None, "anthropic.claude-v2:1")
         );
         assert!(is_region("us-gov-west-1"));
+        assert!(is_region("eusc-de-east-1"));
+        assert_eq!(
+            split_region("eusc-de-east-1/anthropic.claude-v2"),
+            (Some("eusc-de-east-1"), "anthropic.claude-v2")
+        );
+        assert_eq!(
+            split_region("amazon.titan-embed-text-v2:0"),
+            (None, "amazon.titan-embed-text-v2:0")
+        );
         assert!(!is_region("arn:aws:bedrock"));
         assert_eq!(encode_model_id("a.b-c:0"), "a.b-c%3A0");
         assert_eq!(
