@@ -431,8 +431,7 @@ def test_counters_never_go_back_across_a_reload(gateway, mock):
 
 # --- the admin port ------------------------------------------------------------------------------
 
-# FAILS at 263510d: the admin port answers every method like GET: POST, PUT and DELETE on /healthz, /readyz and /metrics get 200 (admin.rs matches the path only); RFC 9110 15.5.6: 405 with an Allow header naming GET, HEAD
-@pytest.mark.xfail(strict=True, reason="review: the admin port answers every method like GET: POST, PUT and DELETE on /healthz, /readyz and /metrics get 200 (admin.rs matches the path only); RFC 9110 15.5.6: 405 with an Allow header naming GET, HEAD")
+# Failed at 263510d (mended since): the admin port answers every method like GET: POST, PUT and DELETE on /healthz, /readyz and /metrics get 200 (admin.rs matches the path only); RFC 9110 15.5.6: 405 with an Allow header naming GET, HEAD
 def test_the_admin_port_answers_other_methods_405_with_allow(gateway):
     wrong = []
     for path in ("/healthz", "/readyz", "/metrics"):
