@@ -6,22 +6,26 @@
 //! a protobuf stack and a batch processor with its own threads to a sidecar whose RSS budget is
 //! 15 MB. What sidegate needs is small: one span per finished request, no in-process context
 //! propagation, no metrics or logs signals. The OTLP/HTTP JSON encoding is stable and
-//! documented (ids in hex, 64-bit integers as strings, enums as numbers), so a batch is a
-//! `serde_json` value posted with the gateway's own upstream client.
+//! documented (ids in hex, 64-bit integers as strings, enums as numbers), so a batch is written
+//! straight into its body and posted with the gateway's own upstream client.
 //!
 //! Off the hot path: with no exporter configured a request carries `None` and nothing here runs.
-//! With one, a finished request puts a small [`Span`] on a bounded queue (`try_send`: dropped
-//! and counted when full); one background task batches (up to [`MAX_BATCH`] spans, or every
-//! [`BATCH_EVERY`]), encodes and posts. Export failures are counted and logged at most every
-//! 10 s; they never touch requests. Spans carry no keys, headers or bodies.
+//! With one, a finished request puts a small [`Span`] on a queue bounded in spans and in bytes
+//! (`try_send`: dropped and counted when full; long attribute values cut first); one background
+//! task batches (up to [`MAX_BATCH`] spans or [`MAX_BATCH_BYTES`], or every [`BATCH_EVERY`]),
+//! encodes and posts.
+//! Export failures, and spans a collector rejects, are counted and logged at most every 10 s;
+//! they never touch requests. Spans carry no keys, headers or bodies.
 
+use std::io::Write as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, Request};
 use http_body_util::{BodyExt, Full};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::GatewayError;
@@ -31,16 +35,33 @@ use crate::upstream::UpstreamClient;
 
 /// Spans waiting for export; more are dropped (and counted).
 pub const QUEUE_CAPACITY: usize = 2048;
+/// Bytes the spans waiting for export (the batch being posted included) may hold; a span that
+/// would pass it is dropped (and counted), as the access log drops lines past its 4 MiB.
+pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
+/// Longest string attribute value a span keeps (a `cf-aig-metadata` value, the model), in bytes:
+/// a longer one is cut at a character boundary (OpenTelemetry's attribute value length limit).
+pub const MAX_VALUE_LEN: usize = 4096;
 /// Most spans in one export request.
 pub const MAX_BATCH: usize = 512;
+/// A batch holding this many bytes of spans is posted at once: large spans (long metadata) leave
+/// room in [`QUEUE_BYTES`] for the next batch while one is posted.
+pub const MAX_BATCH_BYTES: usize = QUEUE_BYTES / 4;
 /// Longest a span waits in a partial batch.
 pub const BATCH_EVERY: Duration = Duration::from_secs(2);
 /// Longest one export request may take (connect, send, response).
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Export failures are logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Most bytes of a collector's answer read (to find why it refused or rejected spans).
+const MAX_ANSWER: usize = 64 * 1024;
+/// Most bytes of a collector's message quoted in a warning.
+const MAX_MESSAGE: usize = 512;
+/// Longest `tracestate` kept on a span: W3C Trace Context has vendors propagate at least 512
+/// characters; past them the last members are left out.
+const MAX_TRACESTATE: usize = 512;
 
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 const TRACE_ID: HeaderName = HeaderName::from_static(Gw::OtelTraceId.name());
 const PARENT_SPAN_ID: HeaderName = HeaderName::from_static(Gw::OtelParentSpanId.name());
 
@@ -83,18 +104,24 @@ impl Target {
 }
 
 /// The client's trace a request's span joins.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parent {
     /// The trace id.
     pub trace_id: [u8; 16],
     /// The client's span, the parent of ours (none: ours is the trace's root).
     pub span_id: Option<[u8; 8]>,
+    /// The client records the trace (W3C `sampled` flag; `cf-aig-otel-*` ids are taken as
+    /// sampled): when not, our span is not exported either (parent-based sampling).
+    pub sampled: bool,
+    /// The client's W3C `tracestate`, which our span carries as its own (with `traceparent` only).
+    pub state: Option<Arc<str>>,
 }
 
-/// The trace context of a request: W3C `traceparent` when present and valid (an invalid one is
-/// ignored, as W3C Trace Context asks), else `cf-aig-otel-trace-id` (32 hex digits) with an
-/// optional `cf-aig-otel-parent-span-id` (16 hex digits), else none (a new trace). Malformed
-/// `cf-aig-otel-*` values are refused (400, code 2100) like other bad `cf-aig-*` headers.
+/// The trace context of a request: W3C `traceparent` (with its `tracestate`) when present and
+/// valid (an invalid one is ignored, as W3C Trace Context asks), else `cf-aig-otel-trace-id`
+/// (32 hex digits) with an optional `cf-aig-otel-parent-span-id` (16 hex digits), else none (a
+/// new trace). Malformed `cf-aig-otel-*` values are refused (400, code 2100) like other bad
+/// `cf-aig-*` headers.
 pub fn parent_from_headers(h: &HeaderMap) -> Result<Option<Parent>, GatewayError> {
     let bad = |name: &'static str, digits: usize| GatewayError::BadHeader {
         name,
@@ -110,32 +137,116 @@ pub fn parent_from_headers(h: &HeaderMap) -> Result<Option<Parent>, GatewayError
         }
         None => None,
     };
-    if let Some(p) = h.get(TRACEPARENT).and_then(|v| traceparent(v.as_bytes())) {
+    // W3C: more than one traceparent is as good as none.
+    let mut lines = h.get_all(TRACEPARENT).iter();
+    if let (Some(line), None) = (lines.next(), lines.next())
+        && let Some(mut p) = traceparent(line.as_bytes())
+    {
+        p.state = tracestate(h);
         return Ok(Some(p));
     }
-    Ok(trace_id.map(|trace_id| Parent { trace_id, span_id }))
+    Ok(trace_id.map(|trace_id| Parent {
+        trace_id,
+        span_id,
+        sampled: true,
+        state: None,
+    }))
 }
 
-/// `{version}-{trace-id}-{parent-id}-{flags}`; versions above 00 may add fields after these.
+/// `{version}-{trace-id}-{parent-id}-{flags}` in lowercase hex; versions above 00 may add fields
+/// after these.
 fn traceparent(v: &[u8]) -> Option<Parent> {
     let v = v.trim_ascii();
     if v.len() < 55 || v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
         return None;
     }
-    let version = hex_bytes::<1>(&v[..2])?[0];
+    let [version] = lower_hex::<1>(&v[..2])?;
     if version == 0xff || (version == 0 && v.len() != 55) || (v.len() > 55 && v[55] != b'-') {
         return None;
     }
-    hex_bytes::<1>(&v[53..55])?;
+    let [flags] = lower_hex::<1>(&v[53..55])?;
     Some(Parent {
-        trace_id: hex_id::<16>(&v[3..35])?,
-        span_id: Some(hex_id::<8>(&v[36..52])?),
+        trace_id: nonzero(lower_hex::<16>(&v[3..35])?)?,
+        span_id: Some(nonzero(lower_hex::<8>(&v[36..52])?)?),
+        sampled: flags & 1 == 1,
+        state: None,
     })
+}
+
+/// The client's `tracestate` (its header lines joined) as W3C Trace Context reads it: list
+/// members `key=value`, empty ones skipped; none when one is malformed, a key repeats or there
+/// are more than 32; past [`MAX_TRACESTATE`] bytes, the members that do not fit are left out.
+fn tracestate(h: &HeaderMap) -> Option<Arc<str>> {
+    let mut kept = String::new();
+    let mut keys: Vec<&str> = Vec::new();
+    for line in h.get_all(TRACESTATE) {
+        for member in line.to_str().ok()?.split(',') {
+            let member = member.trim_matches([' ', '\t']);
+            if member.is_empty() {
+                continue;
+            }
+            let key = tracestate_key(member)?;
+            if keys.len() == 32 || keys.contains(&key) {
+                return None;
+            }
+            keys.push(key);
+            let comma = usize::from(!kept.is_empty());
+            if kept.len() + comma + member.len() <= MAX_TRACESTATE {
+                if comma == 1 {
+                    kept.push(',');
+                }
+                kept.push_str(member);
+            }
+        }
+    }
+    (!kept.is_empty()).then(|| Arc::from(kept))
+}
+
+/// The key of a valid `tracestate` list member (W3C Trace Context's ABNF).
+fn tracestate_key(member: &str) -> Option<&str> {
+    let (key, value) = member.split_once('=')?;
+    let rest_ok = |s: &str| {
+        s.bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'/'))
+    };
+    let key_ok = match key.split_once('@') {
+        None => {
+            key.len() <= 256 && key.starts_with(|c: char| c.is_ascii_lowercase()) && rest_ok(key)
+        }
+        Some((tenant, system)) => {
+            (1..=241).contains(&tenant.len())
+                && tenant.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && rest_ok(tenant)
+                && (1..=14).contains(&system.len())
+                && system.starts_with(|c: char| c.is_ascii_lowercase())
+                && rest_ok(system)
+        }
+    };
+    let value_ok = (1..=256).contains(&value.len())
+        && !value.ends_with(' ')
+        && value
+            .bytes()
+            .all(|b| matches!(b, 0x20..=0x7e) && b != b',' && b != b'=');
+    (key_ok && value_ok).then_some(key)
 }
 
 /// `N` bytes from `2N` lowercase or uppercase hex digits, not all zero (an invalid id).
 fn hex_id<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
-    hex_bytes::<N>(s).filter(|b| b.iter().any(|&x| x != 0))
+    nonzero(hex_bytes::<N>(s)?)
+}
+
+/// `N` bytes from `2N` lowercase hex digits (W3C Trace Context's `HEXDIGLC`: a `traceparent`
+/// in uppercase is not valid).
+fn lower_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    if s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        hex_bytes::<N>(s)
+    } else {
+        None
+    }
+}
+
+fn nonzero<const N: usize>(id: [u8; N]) -> Option<[u8; N]> {
+    id.iter().any(|&x| x != 0).then_some(id)
 }
 
 fn hex_bytes<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
@@ -144,10 +255,18 @@ fn hex_bytes<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// The export queue: spans for the export task, and the bytes they hold.
+#[derive(Clone)]
+struct Queue {
+    spans: mpsc::Sender<Msg>,
+    /// Bytes held by the spans queued and those of the batch being exported ([`Span::size`]).
+    held: Arc<AtomicUsize>,
+}
+
 /// What a request that is traced carries until its record is finished.
 #[derive(Clone)]
 pub struct Trace {
-    queue: mpsc::Sender<Msg>,
+    queue: Queue,
     target: Arc<Target>,
     parent: Option<Parent>,
 }
@@ -169,18 +288,27 @@ impl PartialEq for Trace {
 
 impl Trace {
     /// The trace context this request's span joins.
-    pub fn parent(&self) -> Option<Parent> {
-        self.parent
+    pub fn parent(&self) -> Option<&Parent> {
+        self.parent.as_ref()
     }
 
-    /// Queues the span of a finished request; when the queue is full it is dropped and counted.
+    /// Queues the span of a finished request; when the queue is full (in spans or bytes) it is
+    /// dropped and counted. A request whose client does not record the trace has none.
     pub(crate) fn send(self, span: Finished, metrics: &Metrics) {
-        let span = Span {
-            target: self.target,
-            parent: self.parent,
-            finished: span,
-        };
-        if self.queue.try_send(Msg::Span(Box::new(span))).is_err() {
+        if self.parent.as_ref().is_some_and(|p| !p.sampled) {
+            return;
+        }
+        let span = Span::new(self.target, self.parent, span);
+        let size = span.size;
+        let held = &self.queue.held;
+        if held.fetch_add(size, Ordering::Relaxed) + size > QUEUE_BYTES
+            || self
+                .queue
+                .spans
+                .try_send(Msg::Span(Box::new(span)))
+                .is_err()
+        {
+            held.fetch_sub(size, Ordering::Relaxed);
             metrics.count_otel_spans(SpanFate::Dropped, 1);
         }
     }
@@ -215,6 +343,64 @@ struct Span {
     target: Arc<Target>,
     parent: Option<Parent>,
     finished: Finished,
+    /// The bytes it holds, counted against [`QUEUE_BYTES`] until its batch is posted.
+    size: usize,
+}
+
+impl Span {
+    /// The span of `finished`, its long values cut to [`MAX_VALUE_LEN`].
+    fn new(target: Arc<Target>, parent: Option<Parent>, mut finished: Finished) -> Self {
+        if let Some(model) = &mut finished.model {
+            cut_value(model);
+        }
+        // No value can be longer than its whole object.
+        if let Some(meta) = &finished.metadata
+            && meta.len() > MAX_VALUE_LEN
+        {
+            finished.metadata = cut_metadata(meta);
+        }
+        let size = std::mem::size_of::<Self>()
+            + finished.log_id.len()
+            + finished.model.as_ref().map_or(0, String::len)
+            + finished.metadata.as_ref().map_or(0, |m| m.len())
+            + parent
+                .as_ref()
+                .and_then(|p| p.state.as_ref())
+                .map_or(0, |s| s.len());
+        Self {
+            target,
+            parent,
+            finished,
+            size,
+        }
+    }
+}
+
+/// `s` cut to at most [`MAX_VALUE_LEN`] bytes, at a character boundary.
+fn cut_value(s: &mut String) {
+    if s.len() > MAX_VALUE_LEN {
+        s.truncate(floor_char(s, MAX_VALUE_LEN));
+        s.shrink_to_fit();
+    }
+}
+
+/// The largest character boundary of `s` at or before `i`.
+fn floor_char(s: &str, i: usize) -> usize {
+    (0..=i.min(s.len()))
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0)
+}
+
+/// Compact JSON metadata with each string value cut to [`MAX_VALUE_LEN`] bytes.
+fn cut_metadata(meta: &str) -> Option<Arc<str>> {
+    let mut map: Map<String, Value> = serde_json::from_str(meta).ok()?;
+    for v in map.values_mut() {
+        if let Value::String(s) = v {
+            cut_value(s);
+        }
+    }
+    serde_json::to_string(&map).ok().map(Arc::from)
 }
 
 enum Msg {
@@ -245,13 +431,29 @@ pub(crate) fn operation(path: &str) -> &'static str {
     }
 }
 
+/// `gen_ai.provider.name` (and `gen_ai.system`) of a provider: the GenAI semantic conventions'
+/// well-known value where they have one, else sidegate's provider id.
+pub(crate) fn provider_name(id: &str) -> &str {
+    match id {
+        "azure-openai" => "azure.ai.openai",
+        "aws-bedrock" => "aws.bedrock",
+        "google-ai-studio" => "gcp.gemini",
+        "google-vertex-ai" => "gcp.vertex_ai",
+        "mistral" => "mistral_ai",
+        "grok" => "x_ai",
+        "perplexity-ai" => "perplexity",
+        // openai, anthropic, groq, cohere and deepseek are the conventions' names already.
+        other => other,
+    }
+}
+
 /// The trace headers of a request, kept (only when the gateway exports spans) for the span of
 /// a request the gateway refuses.
 pub fn trace_headers(h: &HeaderMap) -> HeaderMap {
     let mut kept = HeaderMap::new();
-    for name in [TRACEPARENT, TRACE_ID, PARENT_SPAN_ID] {
-        if let Some(v) = h.get(&name) {
-            kept.insert(name, v.clone());
+    for name in [TRACEPARENT, TRACESTATE, TRACE_ID, PARENT_SPAN_ID] {
+        for v in h.get_all(&name) {
+            kept.append(name.clone(), v.clone());
         }
     }
     kept
@@ -261,7 +463,7 @@ pub fn trace_headers(h: &HeaderMap) -> HeaderMap {
 pub struct Exporter {
     client: UpstreamClient,
     metrics: Arc<Metrics>,
-    queue: OnceLock<mpsc::Sender<Msg>>,
+    queue: OnceLock<Queue>,
 }
 
 impl Exporter {
@@ -280,9 +482,15 @@ impl Exporter {
         let queue = self
             .queue
             .get_or_init(|| {
-                let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
-                tokio::spawn(run(rx, self.client.clone(), self.metrics.clone()));
-                tx
+                let (spans, rx) = mpsc::channel(QUEUE_CAPACITY);
+                let held = Arc::new(AtomicUsize::new(0));
+                tokio::spawn(run(
+                    rx,
+                    held.clone(),
+                    self.client.clone(),
+                    self.metrics.clone(),
+                ));
+                Queue { spans, held }
             })
             .clone();
         Ok(Trace {
@@ -346,7 +554,7 @@ impl Exporter {
         };
         let (done, wait) = oneshot::channel();
         let flushed = tokio::time::timeout(within, async {
-            if queue.send(Msg::Flush(done)).await.is_ok() {
+            if queue.spans.send(Msg::Flush(done)).await.is_ok() {
                 let _ = wait.await;
             }
         })
@@ -361,17 +569,24 @@ impl Exporter {
 }
 
 /// The export task: batches spans and posts them until the queue closes.
-async fn run(mut rx: mpsc::Receiver<Msg>, client: UpstreamClient, metrics: Arc<Metrics>) {
+async fn run(
+    mut rx: mpsc::Receiver<Msg>,
+    held: Arc<AtomicUsize>,
+    client: UpstreamClient,
+    metrics: Arc<Metrics>,
+) {
     let mut batch: Vec<Span> = Vec::new();
+    // Bytes of the spans in `batch` (emptied by each export).
+    let mut batch_bytes = 0;
     let mut deadline: Option<tokio::time::Instant> = None;
-    let mut last_warn: Option<tokio::time::Instant> = None;
+    let mut warned = Warned::default();
     loop {
         let msg = match deadline {
             Some(d) => match tokio::time::timeout_at(d, rx.recv()).await {
                 Ok(msg) => msg,
                 Err(_) => {
-                    export(&client, &metrics, &mut batch, &mut last_warn).await;
-                    deadline = None;
+                    export(&client, &metrics, &held, &mut batch, &mut warned).await;
+                    (batch_bytes, deadline) = (0, None);
                     continue;
                 }
             },
@@ -379,34 +594,54 @@ async fn run(mut rx: mpsc::Receiver<Msg>, client: UpstreamClient, metrics: Arc<M
         };
         match msg {
             Some(Msg::Span(span)) => {
+                batch_bytes += span.size;
                 batch.push(*span);
                 if batch.len() == 1 {
                     deadline = Some(tokio::time::Instant::now() + BATCH_EVERY);
                 }
-                if batch.len() >= MAX_BATCH {
-                    export(&client, &metrics, &mut batch, &mut last_warn).await;
-                    deadline = None;
+                if batch.len() >= MAX_BATCH || batch_bytes >= MAX_BATCH_BYTES {
+                    export(&client, &metrics, &held, &mut batch, &mut warned).await;
+                    (batch_bytes, deadline) = (0, None);
                 }
             }
             Some(Msg::Flush(done)) => {
-                export(&client, &metrics, &mut batch, &mut last_warn).await;
-                deadline = None;
+                export(&client, &metrics, &held, &mut batch, &mut warned).await;
+                (batch_bytes, deadline) = (0, None);
                 let _ = done.send(());
             }
             None => {
-                export(&client, &metrics, &mut batch, &mut last_warn).await;
+                export(&client, &metrics, &held, &mut batch, &mut warned).await;
                 return;
             }
         }
     }
 }
 
-/// Posts `batch` (one request per target) and empties it; counts exported and failed spans.
+/// When each kind of export warning was last logged: each at most every [`WARN_EVERY`].
+#[derive(Default)]
+struct Warned {
+    failed: Option<tokio::time::Instant>,
+    rejected: Option<tokio::time::Instant>,
+}
+
+/// Whether a warning last logged at `last` is due again (then it is logged now).
+fn due(last: &mut Option<tokio::time::Instant>) -> bool {
+    let now = tokio::time::Instant::now();
+    let due = last.is_none_or(|t| now >= t + WARN_EVERY);
+    if due {
+        *last = Some(now);
+    }
+    due
+}
+
+/// Posts `batch` (one request per target) and empties it; counts exported and failed spans
+/// (those the collector rejected among them), and gives back the bytes they held.
 async fn export(
     client: &UpstreamClient,
     metrics: &Metrics,
+    held: &AtomicUsize,
     batch: &mut Vec<Span>,
-    last_warn: &mut Option<tokio::time::Instant>,
+    warned: &mut Warned,
 ) {
     while let Some(first) = batch.first() {
         let target = first.target.clone();
@@ -415,14 +650,31 @@ async fn export(
             .partition(|s| Arc::ptr_eq(&s.target, &target) || *s.target == *target);
         *batch = rest;
         let n = mine.len() as u64;
+        let size: usize = mine.iter().map(|s| s.size).sum();
         let body = encode(&target, &mine, &mut IdSource::default());
-        match post(client, &target.uri, body).await {
-            Ok(()) => metrics.count_otel_spans(SpanFate::Exported, n),
+        // The body is all the post needs: the spans go now, their bytes once it is done with.
+        drop(mine);
+        let posted = post(client, &target.uri, body).await;
+        held.fetch_sub(size, Ordering::Relaxed);
+        match posted {
+            Ok(answer) => {
+                let rejected = answer.rejected.min(n);
+                metrics.count_otel_spans(SpanFate::Exported, n - rejected);
+                if rejected > 0 {
+                    metrics.count_otel_spans(SpanFate::Failed, rejected);
+                }
+                if (rejected > 0 || answer.message.is_some()) && due(&mut warned.rejected) {
+                    let why = answer.message.as_deref().unwrap_or("no reason given");
+                    if rejected > 0 {
+                        tracing::warn!(endpoint = %target.uri, spans = n, rejected, error = %why, "OpenTelemetry collector rejected spans of a batch; counted as failed (requests are not affected)");
+                    } else {
+                        tracing::warn!(endpoint = %target.uri, spans = n, warning = %why, "OpenTelemetry collector took a batch with a warning");
+                    }
+                }
+            }
             Err(why) => {
                 metrics.count_otel_spans(SpanFate::Failed, n);
-                let now = tokio::time::Instant::now();
-                if last_warn.is_none_or(|t| now >= t + WARN_EVERY) {
-                    *last_warn = Some(now);
+                if due(&mut warned.failed) {
                     tracing::warn!(endpoint = %target.uri, spans = n, error = %why, "OpenTelemetry export failed; spans dropped (requests are not affected)");
                 }
             }
@@ -430,7 +682,18 @@ async fn export(
     }
 }
 
-async fn post(client: &UpstreamClient, uri: &http::Uri, body: Vec<u8>) -> Result<(), String> {
+/// What a collector that took a batch said of it (OTLP `ExportTraceServiceResponse`).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Accepted {
+    /// Spans of the batch it rejected (`partialSuccess.rejectedSpans`).
+    rejected: u64,
+    /// Its `partialSuccess.errorMessage` (why it rejected them, or a warning), on one line.
+    message: Option<String>,
+}
+
+/// Posts one batch: what the collector said of it, or why it was not taken (the collector's
+/// own words when it gave some).
+async fn post(client: &UpstreamClient, uri: &http::Uri, body: Vec<u8>) -> Result<Accepted, String> {
     let mut req = Request::new(Full::new(Bytes::from(body)));
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = uri.clone();
@@ -444,19 +707,85 @@ async fn post(client: &UpstreamClient, uri: &http::Uri, body: Vec<u8>) -> Result
             .await
             .map_err(|e| crate::proxy::error_chain(&e))?;
         let status = resp.status();
-        // Read the answer to its end so the connection can be reused (a collector's answer is
-        // small; a larger one is not read further).
-        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+        let plain = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| {
+                t.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("text/plain")
+            });
+        // Read to its end, so the connection can be reused, unless larger than a collector's
+        // answer is: then it is not read further (and says nothing).
+        let answer = http_body_util::Limited::new(resp.into_body(), MAX_ANSWER)
             .collect()
-            .await;
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         if status.is_success() {
-            Ok(())
+            Ok(accepted(&answer))
         } else {
-            Err(format!("collector answered {}", status.as_u16()))
+            Err(refusal(status, plain, &answer))
         }
     })
     .await;
     sent.unwrap_or_else(|_| Err(format!("no answer within {}s", EXPORT_TIMEOUT.as_secs())))
+}
+
+/// What a success answer tells (OTLP/HTTP: an `ExportTraceServiceResponse`, JSON as the request
+/// was; its `partialSuccess` when the collector did not take every span).
+fn accepted(answer: &[u8]) -> Accepted {
+    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(answer) else {
+        return Accepted::default();
+    };
+    // Protobuf's JSON mapping: lowerCamelCase written, the proto field names read as well.
+    let field = |o: &Map<String, Value>, camel: &str, proto: &str| {
+        o.get(camel).or_else(|| o.get(proto)).cloned()
+    };
+    let Some(Value::Object(partial)) = field(&doc, "partialSuccess", "partial_success") else {
+        return Accepted::default();
+    };
+    // An int64: a string in JSON, or a number.
+    let rejected = match field(&partial, "rejectedSpans", "rejected_spans") {
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        Some(Value::Number(n)) => n.as_u64().unwrap_or(0),
+        _ => 0,
+    };
+    let message = match field(&partial, "errorMessage", "error_message") {
+        Some(Value::String(s)) => Some(one_line(&s)).filter(|m| !m.is_empty()),
+        _ => None,
+    };
+    Accepted { rejected, message }
+}
+
+/// Why a collector answered `status`: with the message of its answer's OTLP `Status` (or of a
+/// plain-text answer, a proxy's say) when it has one.
+fn refusal(status: http::StatusCode, plain: bool, answer: &[u8]) -> String {
+    let message = match serde_json::from_slice::<Value>(answer) {
+        Ok(Value::Object(doc)) => doc.get("message").and_then(Value::as_str).map(one_line),
+        _ if plain => std::str::from_utf8(answer).ok().map(one_line),
+        _ => None,
+    };
+    match message.filter(|m| !m.is_empty()) {
+        Some(m) => format!("collector answered {}: {m}", status.as_u16()),
+        None => format!("collector answered {}", status.as_u16()),
+    }
+}
+
+/// A collector's words for a log line: trimmed, control characters (line breaks, escapes) as
+/// spaces, at most [`MAX_MESSAGE`] bytes (`…` when cut).
+fn one_line(s: &str) -> String {
+    let s = s.trim();
+    let kept = &s[..floor_char(s, MAX_MESSAGE)];
+    let mut out: String = kept
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if kept.len() < s.len() {
+        out.push('…');
+    }
+    out
 }
 
 /// Random trace and span ids (from the OS).
@@ -485,146 +814,259 @@ impl IdSource {
     }
 }
 
-fn unix_nanos(t: SystemTime) -> String {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-        .to_string()
+fn unix_nanos(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
 
-fn attr(key: &str, value: Value) -> Value {
-    json!({"key": key, "value": value})
-}
+/// OTLP JSON written into a request body as it goes.
+struct Writer(Vec<u8>);
 
-fn string(s: &str) -> Value {
-    json!({"stringValue": s})
-}
+impl Writer {
+    fn raw(&mut self, s: &str) {
+        self.0.extend_from_slice(s.as_bytes());
+    }
 
-fn int(n: u64) -> Value {
-    // OTLP JSON writes 64-bit integers as strings; its integers are signed: one past them goes
-    // as a string value (a collector refuses the whole batch for it).
-    if i64::try_from(n).is_ok() {
-        json!({"intValue": n.to_string()})
-    } else {
-        string(&n.to_string())
+    /// `s` as a JSON string.
+    fn string(&mut self, s: &str) {
+        // Into a Vec, serde_json cannot fail.
+        let _ = serde_json::to_writer(&mut self.0, s);
+    }
+
+    /// `id` as a JSON string of lowercase hex.
+    fn hex(&mut self, id: &[u8]) {
+        self.0.push(b'"');
+        for b in id {
+            self.0
+                .extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+        }
+        self.0.push(b'"');
+    }
+
+    /// `n` as a JSON string (how OTLP JSON writes 64-bit integers and times).
+    fn quoted(&mut self, n: impl std::fmt::Display) {
+        let _ = write!(self.0, "\"{n}\"");
+    }
+
+    /// An OTLP attribute list: `[` ... `]` around what `fill` adds.
+    fn attributes(&mut self, fill: impl FnOnce(&mut Attributes<'_>)) {
+        self.0.push(b'[');
+        fill(&mut Attributes {
+            w: self,
+            first: true,
+        });
+        self.0.push(b']');
     }
 }
 
-fn any_value(v: &Value) -> Value {
-    match v {
-        Value::Bool(b) => json!({"boolValue": b}),
-        Value::Number(n) if n.is_i64() => json!({"intValue": n.to_string()}),
-        Value::Number(n) if n.is_u64() => n.as_u64().map_or_else(|| string(&n.to_string()), int),
-        Value::Number(n) => json!({"doubleValue": n.as_f64()}),
-        Value::String(s) => string(s),
-        other => string(&other.to_string()),
-    }
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// OTLP `KeyValue`s being written into a list.
+struct Attributes<'a> {
+    w: &'a mut Writer,
+    first: bool,
 }
 
-/// One OTLP/HTTP JSON `ExportTraceServiceRequest` of `spans` (all of `target`).
-fn encode(target: &Target, spans: &[Span], ids: &mut IdSource) -> Vec<u8> {
-    let mut resource = vec![
-        attr("service.name", string(&target.service_name)),
-        attr("telemetry.sdk.name", string("sidegate")),
-        attr("telemetry.sdk.language", string("rust")),
-        attr("telemetry.sdk.version", string(env!("CARGO_PKG_VERSION"))),
-    ];
-    if !target.gateway.is_empty() {
-        resource.push(attr("sidegate.gateway", string(&target.gateway)));
+impl Attributes<'_> {
+    /// `{"key":key,"value":{` of the next attribute.
+    fn key(&mut self, key: &str) -> &mut Writer {
+        if !self.first {
+            self.w.0.push(b',');
+        }
+        self.first = false;
+        self.w.raw("{\"key\":");
+        self.w.string(key);
+        self.w.raw(",\"value\":{");
+        &mut *self.w
     }
-    let spans: Vec<Value> = spans.iter().map(|s| span_json(s, ids)).collect();
-    let doc = json!({
-        "resourceSpans": [{
-            "resource": {"attributes": resource},
-            "scopeSpans": [{
-                "scope": {"name": "sidegate", "version": env!("CARGO_PKG_VERSION")},
-                "spans": spans,
-            }],
-        }],
-    });
-    serde_json::to_vec(&doc).unwrap_or_default()
-}
 
-fn span_json(s: &Span, ids: &mut IdSource) -> Value {
-    let f = &s.finished;
-    let trace_id = s.parent.map_or_else(|| ids.fill::<16>(), |p| p.trace_id);
-    let span_id = ids.fill::<8>();
-    let mut attributes = vec![
-        attr("gen_ai.operation.name", string(f.operation)),
-        attr("gen_ai.system", string(&f.provider)),
-        attr("gen_ai.provider.name", string(&f.provider)),
-    ];
-    if let Some(m) = &f.model {
-        attributes.push(attr("gen_ai.request.model", string(m)));
+    fn string(&mut self, key: &str, value: &str) {
+        let w = self.key(key);
+        w.raw("\"stringValue\":");
+        w.string(value);
+        w.raw("}}");
     }
-    for (key, n) in [
-        ("gen_ai.usage.input_tokens", f.tokens[0]),
-        ("gen_ai.usage.output_tokens", f.tokens[1]),
-    ] {
-        if let Some(n) = n {
-            attributes.push(attr(key, int(n)));
+
+    fn int(&mut self, key: &str, n: i64) {
+        let w = self.key(key);
+        w.raw("\"intValue\":");
+        w.quoted(n);
+        w.raw("}}");
+    }
+
+    /// OTLP integers are signed 64-bit: one past them goes as a string value (a collector
+    /// refuses the whole batch for it).
+    fn uint(&mut self, key: &str, n: u64) {
+        match i64::try_from(n) {
+            Ok(n) => self.int(key, n),
+            Err(_) => self.string(key, &n.to_string()),
         }
     }
-    attributes.push(attr("http.request.method", string(f.method.as_str())));
-    attributes.push(attr("http.response.status_code", int(f.status.into())));
+
+    fn bool(&mut self, key: &str, b: bool) {
+        let w = self.key(key);
+        w.raw(if b {
+            "\"boolValue\":true}}"
+        } else {
+            "\"boolValue\":false}}"
+        });
+    }
+
+    fn double(&mut self, key: &str, x: f64) {
+        if !x.is_finite() {
+            return self.string(key, &x.to_string());
+        }
+        let w = self.key(key);
+        w.raw("\"doubleValue\":");
+        let _ = serde_json::to_writer(&mut w.0, &x);
+        w.raw("}}");
+    }
+
+    /// A `cf-aig-metadata` value, typed.
+    fn json(&mut self, key: &str, v: &Value) {
+        match v {
+            Value::Bool(b) => self.bool(key, *b),
+            Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => self.int(key, i),
+                (None, Some(u), _) => self.uint(key, u),
+                (None, None, Some(x)) => self.double(key, x),
+                _ => self.string(key, &n.to_string()),
+            },
+            Value::String(s) => self.string(key, s),
+            other => self.string(key, &other.to_string()),
+        }
+    }
+}
+
+/// One OTLP/HTTP JSON `ExportTraceServiceRequest` of `spans` (all of `target`), written straight
+/// into the body: no JSON tree of the batch is built first.
+fn encode(target: &Target, spans: &[Span], ids: &mut IdSource) -> Vec<u8> {
+    let guess: usize = spans.iter().map(|s| s.size * 2).sum();
+    let mut w = Writer(Vec::with_capacity(512 + guess));
+    w.raw("{\"resourceSpans\":[{\"resource\":{\"attributes\":");
+    w.attributes(|a| {
+        a.string("service.name", &target.service_name);
+        a.string("telemetry.sdk.name", "sidegate");
+        a.string("telemetry.sdk.language", "rust");
+        a.string("telemetry.sdk.version", env!("CARGO_PKG_VERSION"));
+        if !target.gateway.is_empty() {
+            a.string("sidegate.gateway", &target.gateway);
+        }
+    });
+    w.raw("},\"scopeSpans\":[{\"scope\":{\"name\":\"sidegate\",\"version\":");
+    w.string(env!("CARGO_PKG_VERSION"));
+    w.raw("},\"spans\":[");
+    for (i, s) in spans.iter().enumerate() {
+        if i > 0 {
+            w.raw(",");
+        }
+        write_span(&mut w, s, ids);
+    }
+    w.raw("]}]}]}");
+    w.0
+}
+
+/// Whether a span is an error, and its `error.type` (HTTP semantic conventions, CLIENT spans).
+fn error_type(f: &Finished) -> Option<String> {
     // A stream cut short (by the provider, or by the gateway's memory budget) is an error
     // whatever status its head had.
-    let cut = matches!(f.outcome, "upstream_error" | "buffers_full");
-    let error = f.status >= 500 || cut;
-    if error {
-        let kind = if cut {
-            f.outcome.to_owned()
-        } else {
-            f.status.to_string()
-        };
-        attributes.push(attr("error.type", string(&kind)));
+    if matches!(f.outcome, "upstream_error" | "buffers_full") {
+        return Some(f.outcome.to_owned());
     }
-    if !f.log_id.is_empty() {
-        attributes.push(attr("sidegate.log_id", string(&f.log_id)));
+    // The provider's 4xx is an error of this CLIENT span; the gateway's own refusals (the
+    // client's request was wrong) and the 499 of a client that went away are not.
+    let provider_4xx = (400..500).contains(&f.status)
+        && f.outcome != "refused"
+        && !(f.outcome == "cancelled" && f.status == 499);
+    (f.status >= 500 || provider_4xx).then(|| f.status.to_string())
+}
+
+fn write_span(w: &mut Writer, s: &Span, ids: &mut IdSource) {
+    let f = &s.finished;
+    let trace_id = s
+        .parent
+        .as_ref()
+        .map_or_else(|| ids.fill::<16>(), |p| p.trace_id);
+    w.raw("{\"traceId\":");
+    w.hex(&trace_id);
+    w.raw(",\"spanId\":");
+    w.hex(&ids.fill::<8>());
+    if let Some(parent) = s.parent.as_ref().and_then(|p| p.span_id) {
+        w.raw(",\"parentSpanId\":");
+        w.hex(&parent);
     }
-    if let Some(code) = f.error_code {
-        attributes.push(attr("sidegate.error_code", int(code.into())));
+    if let Some(state) = s.parent.as_ref().and_then(|p| p.state.as_deref()) {
+        w.raw(",\"traceState\":");
+        w.string(state);
     }
-    attributes.push(attr("sidegate.cached", json!({"boolValue": f.cached})));
-    attributes.push(attr("sidegate.outcome", string(f.outcome)));
-    if let Some(usd) = f.cost {
-        let usd = crate::access_log::round_usd(usd);
-        attributes.push(attr("sidegate.cost_usd", json!({"doubleValue": usd})));
+    w.raw(",\"name\":");
+    match &f.model {
+        Some(m) => w.string(&format!("{} {m}", f.operation)),
+        None => w.string(f.operation),
     }
-    if let Some(Ok(Value::Object(meta))) = f.metadata.as_deref().map(serde_json::from_str::<Value>)
-    {
-        for (k, v) in &meta {
-            attributes.push(attr(&format!("sidegate.metadata.{k}"), any_value(v)));
-        }
-    }
-    let name = match &f.model {
-        Some(m) => format!("{} {m}", f.operation),
-        None => f.operation.to_owned(),
-    };
-    let mut span = Map::new();
-    span.insert("traceId".into(), hex::encode(trace_id).into());
-    span.insert("spanId".into(), hex::encode(span_id).into());
-    if let Some(parent) = s.parent.and_then(|p| p.span_id) {
-        span.insert("parentSpanId".into(), hex::encode(parent).into());
-    }
-    span.insert("name".into(), name.into());
     // SPAN_KIND_CLIENT: the gateway calls the provider for the application.
-    span.insert("kind".into(), 3.into());
-    span.insert("startTimeUnixNano".into(), unix_nanos(f.start).into());
-    span.insert("endTimeUnixNano".into(), unix_nanos(f.end).into());
-    span.insert("attributes".into(), attributes.into());
-    let status = if error {
-        json!({"code": 2, "message": format!("{} ({})", f.outcome, f.status)})
+    w.raw(",\"kind\":3,\"startTimeUnixNano\":");
+    w.quoted(unix_nanos(f.start));
+    w.raw(",\"endTimeUnixNano\":");
+    w.quoted(unix_nanos(f.end));
+    w.raw(",\"attributes\":");
+    let error = error_type(f);
+    w.attributes(|a| {
+        let provider = provider_name(&f.provider);
+        a.string("gen_ai.operation.name", f.operation);
+        a.string("gen_ai.system", provider);
+        a.string("gen_ai.provider.name", provider);
+        if let Some(m) = &f.model {
+            a.string("gen_ai.request.model", m);
+        }
+        for (key, n) in [
+            ("gen_ai.usage.input_tokens", f.tokens[0]),
+            ("gen_ai.usage.output_tokens", f.tokens[1]),
+        ] {
+            if let Some(n) = n {
+                a.uint(key, n);
+            }
+        }
+        a.string("http.request.method", f.method.as_str());
+        a.int("http.response.status_code", f.status.into());
+        if let Some(kind) = &error {
+            a.string("error.type", kind);
+        }
+        a.string("sidegate.provider", &f.provider);
+        if !f.log_id.is_empty() {
+            a.string("sidegate.log_id", &f.log_id);
+        }
+        if let Some(code) = f.error_code {
+            a.int("sidegate.error_code", code.into());
+        }
+        a.bool("sidegate.cached", f.cached);
+        a.string("sidegate.outcome", f.outcome);
+        if let Some(usd) = f.cost {
+            a.double("sidegate.cost_usd", crate::access_log::round_usd(usd));
+        }
+        if let Some(Ok(meta)) = f
+            .metadata
+            .as_deref()
+            .map(serde_json::from_str::<Map<String, Value>>)
+        {
+            for (k, v) in &meta {
+                a.json(&format!("sidegate.metadata.{k}"), v);
+            }
+        }
+    });
+    if error.is_some() {
+        w.raw(",\"status\":{\"code\":2,\"message\":");
+        w.string(&format!("{} ({})", f.outcome, f.status));
+        w.raw("}}");
     } else {
-        json!({"code": 0})
-    };
-    span.insert("status".into(), status);
-    Value::Object(span)
+        w.raw(",\"status\":{\"code\":0}}");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::HeaderValue;
+    use serde_json::json;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
@@ -666,12 +1108,13 @@ mod tests {
 
     /// The OTLP document of one root span of `f`.
     fn encode_one(f: Finished) -> Value {
-        let span = Span {
-            target: target(),
-            parent: None,
-            finished: f,
-        };
+        let span = Span::new(target(), None, f);
         serde_json::from_slice(&encode(&target(), &[span], &mut IdSource::default())).expect("json")
+    }
+
+    /// The span of the OTLP document of one span.
+    fn only_span(doc: &Value) -> &Value {
+        &doc["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
     }
 
     fn attrs(span: &Value) -> std::collections::BTreeMap<String, Value> {
@@ -694,35 +1137,53 @@ mod tests {
         let want = Parent {
             trace_id: hex_bytes::<16>(TRACE.as_bytes()).expect("hex"),
             span_id: Some(hex_bytes::<8>(SPAN.as_bytes()).expect("hex")),
+            sampled: true,
+            state: None,
         };
         assert_eq!(
             parent_from_headers(&headers(&[("traceparent", tp)])),
-            Ok(Some(want))
+            Ok(Some(want.clone()))
         );
         assert_eq!(
             parent_from_headers(&headers(&[
                 ("traceparent", tp),
                 ("cf-aig-otel-trace-id", "11111111111111111111111111111111"),
             ])),
-            Ok(Some(want))
+            Ok(Some(want.clone()))
         );
         assert_eq!(
             parent_from_headers(&headers(&[
                 ("cf-aig-otel-trace-id", TRACE),
                 ("cf-aig-otel-parent-span-id", SPAN),
             ])),
-            Ok(Some(want))
+            Ok(Some(want.clone()))
         );
-        // Uppercase hex is read; a trace id alone makes our span a root of the client's trace.
+        // cf-aig-otel-* ids are read in either case; a trace id alone makes our span a root of
+        // the client's trace.
         assert_eq!(
             parent_from_headers(&headers(&[(
                 "cf-aig-otel-trace-id",
                 "4BF92F3577B34DA6A3CE929D0E0E4736"
             )])),
             Ok(Some(Parent {
-                trace_id: want.trace_id,
-                span_id: None
+                span_id: None,
+                ..want.clone()
             }))
+        );
+        // The sampled flag unset: the client records none of the trace.
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert_eq!(
+            parent_from_headers(&headers(&[("traceparent", unsampled)])),
+            Ok(Some(Parent {
+                sampled: false,
+                ..want.clone()
+            }))
+        );
+        // Only its bit 0 says so.
+        let other_flags = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-03";
+        assert_eq!(
+            traceparent(other_flags.as_bytes()).map(|p| p.sampled),
+            Some(true)
         );
         assert_eq!(parent_from_headers(&HeaderMap::new()), Ok(None));
     }
@@ -737,6 +1198,11 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00_4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7_01",
             "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            // W3C: lowercase hex only.
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00F067AA0BA902B7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0A",
+            "0A-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert_eq!(traceparent(bad.as_bytes()), None, "{bad}");
             assert_eq!(
@@ -771,12 +1237,10 @@ mod tests {
         let parent = Parent {
             trace_id: hex_bytes::<16>(TRACE.as_bytes()).expect("hex"),
             span_id: Some(hex_bytes::<8>(SPAN.as_bytes()).expect("hex")),
+            sampled: true,
+            state: Some(Arc::from("ot=th:8,congo=t61rcWkgMzE")),
         };
-        let span = Span {
-            target: target(),
-            parent: Some(parent),
-            finished: finished(),
-        };
+        let span = Span::new(target(), Some(parent), finished());
         let body = encode(&target(), &[span], &mut IdSource::default());
         let doc: Value = serde_json::from_slice(&body).expect("json");
         let rs = &doc["resourceSpans"][0];
@@ -789,6 +1253,7 @@ mod tests {
         let s = &rs["scopeSpans"][0]["spans"][0];
         assert_eq!(s["traceId"], TRACE);
         assert_eq!(s["parentSpanId"], SPAN);
+        assert_eq!(s["traceState"], "ot=th:8,congo=t61rcWkgMzE");
         let span_id = s["spanId"].as_str().expect("span id");
         assert!(
             span_id.len() == 16 && span_id.bytes().all(|b| b.is_ascii_hexdigit()),
@@ -804,6 +1269,7 @@ mod tests {
         assert_eq!(a["gen_ai.operation.name"], json!({"stringValue": "chat"}));
         assert_eq!(a["gen_ai.system"], json!({"stringValue": "openai"}));
         assert_eq!(a["gen_ai.provider.name"], json!({"stringValue": "openai"}));
+        assert_eq!(a["sidegate.provider"], json!({"stringValue": "openai"}));
         assert_eq!(
             a["gen_ai.request.model"],
             json!({"stringValue": "gpt-4o-mini"})
@@ -878,7 +1344,10 @@ mod tests {
         let metrics = Metrics::new();
         let (tx, mut rx) = mpsc::channel(2);
         let trace = Trace {
-            queue: tx,
+            queue: Queue {
+                spans: tx,
+                held: Arc::default(),
+            },
             target: target(),
             parent: None,
         };
@@ -913,22 +1382,336 @@ mod tests {
 
     #[test]
     fn integers_past_int64_go_as_strings() {
-        assert_eq!(int(5), json!({"intValue": "5"}));
+        let doc = encode_one(Finished {
+            tokens: [Some(5), Some(u64::MAX)],
+            metadata: Some(Arc::from(
+                r#"{"a":-3,"b":9223372036854775807,"c":18446744073709551615}"#,
+            )),
+            ..finished()
+        });
+        let a = attrs(only_span(&doc));
+        assert_eq!(a["gen_ai.usage.input_tokens"], json!({"intValue": "5"}));
         assert_eq!(
-            int(u64::MAX),
+            a["gen_ai.usage.output_tokens"],
             json!({"stringValue": "18446744073709551615"})
         );
-        let v: Value = serde_json::from_str(r#"[-3, 9223372036854775807, 18446744073709551615]"#)
-            .expect("json");
-        let got: Vec<Value> = v.as_array().expect("array").iter().map(any_value).collect();
+        assert_eq!(a["sidegate.metadata.a"], json!({"intValue": "-3"}));
         assert_eq!(
-            got,
-            [
-                json!({"intValue": "-3"}),
-                json!({"intValue": "9223372036854775807"}),
-                json!({"stringValue": "18446744073709551615"}),
-            ]
+            a["sidegate.metadata.b"],
+            json!({"intValue": "9223372036854775807"})
         );
+        assert_eq!(
+            a["sidegate.metadata.c"],
+            json!({"stringValue": "18446744073709551615"})
+        );
+    }
+
+    #[test]
+    fn metadata_keeps_the_clients_order_and_escapes_its_text() {
+        let doc = encode_one(Finished {
+            metadata: Some(Arc::from(r#"{"z":"line\nbreak \"q\"","a":"\u00e9"}"#)),
+            ..finished()
+        });
+        let keys: Vec<String> = attrs_in_order(only_span(&doc))
+            .into_iter()
+            .filter(|k| k.starts_with("sidegate.metadata."))
+            .collect();
+        assert_eq!(keys, ["sidegate.metadata.z", "sidegate.metadata.a"]);
+        let a = attrs(only_span(&doc));
+        assert_eq!(
+            a["sidegate.metadata.z"],
+            json!({"stringValue": "line\nbreak \"q\""})
+        );
+        assert_eq!(a["sidegate.metadata.a"], json!({"stringValue": "\u{e9}"}));
+    }
+
+    fn attrs_in_order(span: &Value) -> Vec<String> {
+        span["attributes"]
+            .as_array()
+            .expect("attributes")
+            .iter()
+            .map(|a| a["key"].as_str().expect("key").to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn provider_names_are_the_gen_ai_conventions_values() {
+        for (id, name) in [
+            ("openai", "openai"),
+            ("anthropic", "anthropic"),
+            ("azure-openai", "azure.ai.openai"),
+            ("aws-bedrock", "aws.bedrock"),
+            ("google-ai-studio", "gcp.gemini"),
+            ("google-vertex-ai", "gcp.vertex_ai"),
+            ("groq", "groq"),
+            ("mistral", "mistral_ai"),
+            ("cohere", "cohere"),
+            ("deepseek", "deepseek"),
+            ("grok", "x_ai"),
+            ("perplexity-ai", "perplexity"),
+            // None in the conventions: sidegate's id.
+            ("openrouter", "openrouter"),
+            ("workers-ai", "workers-ai"),
+            ("custom-acme", "custom-acme"),
+        ] {
+            let doc = encode_one(Finished {
+                provider: Arc::from(id),
+                ..finished()
+            });
+            let a = attrs(only_span(&doc));
+            assert_eq!(
+                a["gen_ai.provider.name"],
+                json!({"stringValue": name}),
+                "{id}"
+            );
+            assert_eq!(a["gen_ai.system"], json!({"stringValue": name}), "{id}");
+            assert_eq!(a["sidegate.provider"], json!({"stringValue": id}), "{id}");
+        }
+    }
+
+    #[test]
+    fn a_providers_4xx_is_an_error_but_not_the_gateways_refusals() {
+        let status_of = |f: Finished| {
+            let doc = encode_one(f);
+            let s = only_span(&doc);
+            (
+                s["status"]["code"].as_u64(),
+                attrs(s).get("error.type").cloned(),
+            )
+        };
+        let error = |t: &str| (Some(2), Some(json!({"stringValue": t})));
+        let unset = (Some(0), None);
+        for status in [400, 401, 404, 429] {
+            let f = Finished {
+                status,
+                ..finished()
+            };
+            assert_eq!(status_of(f), error(&status.to_string()), "{status}");
+        }
+        // The gateway refused the request itself (a bad header, its own rate limit).
+        for status in [400, 404, 429] {
+            let f = Finished {
+                status,
+                outcome: "refused",
+                error_code: Some(2100),
+                ..finished()
+            };
+            assert_eq!(status_of(f), unset, "{status}");
+        }
+        // The client left before the answer it waited for was let through.
+        let f = Finished {
+            status: 499,
+            outcome: "cancelled",
+            ..finished()
+        };
+        assert_eq!(status_of(f), unset);
+        // A refusal that is the upstream's failure (unreachable) is an error as any 5xx.
+        let f = Finished {
+            status: 502,
+            outcome: "refused",
+            error_code: Some(2104),
+            ..finished()
+        };
+        assert_eq!(status_of(f), error("502"));
+    }
+
+    #[test]
+    fn the_clients_tracestate_is_read_as_w3c_lists_it() {
+        let state = |lines: &[&str]| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "traceparent",
+                HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            );
+            for l in lines {
+                h.append("tracestate", HeaderValue::from_str(l).expect("header"));
+            }
+            parent_from_headers(&h)
+                .expect("valid")
+                .expect("parent")
+                .state
+                .map(|s| s.to_string())
+        };
+        assert_eq!(state(&[]), None);
+        assert_eq!(
+            state(&[
+                "ot=th:8 , congo=t61rcWkgMzE,,",
+                "rojo@vendor=00f067aa0ba902b7"
+            ]),
+            Some("ot=th:8,congo=t61rcWkgMzE,rojo@vendor=00f067aa0ba902b7".into())
+        );
+        // A malformed member, a repeated key: the whole list is ignored.
+        for bad in [
+            "Ot=1",
+            "ot",
+            "ot=a=b",
+            "ot=1,ot=2",
+            "1ot=x",
+            "ot=",
+            "ot=a,b=c=d",
+        ] {
+            assert_eq!(state(&[bad]), None, "{bad:?}");
+        }
+        let many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(state(&[&many.join(",")]), None, "more than 32 members");
+        // Past 512 bytes, the members that do not fit are left out.
+        let wide: Vec<String> = (0..30)
+            .map(|i| format!("k{i:02}={}", "v".repeat(20)))
+            .collect();
+        let wide = wide.join(",");
+        let kept = state(&[&wide]).expect("kept");
+        assert!(kept.len() <= 512 && wide.starts_with(&kept), "{kept}");
+        assert_eq!(kept.split(',').count(), 512 / 25);
+        // Without a valid traceparent there is no tracestate either.
+        let mut h = HeaderMap::new();
+        h.insert("tracestate", HeaderValue::from_static("ot=th:8"));
+        h.insert("cf-aig-otel-trace-id", HeaderValue::from_static(TRACE));
+        assert_eq!(
+            parent_from_headers(&h)
+                .expect("valid")
+                .expect("parent")
+                .state,
+            None
+        );
+    }
+
+    #[test]
+    fn a_span_the_client_does_not_sample_is_not_queued_or_counted() {
+        let metrics = Metrics::new();
+        let (tx, mut rx) = mpsc::channel(4);
+        let h = headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        )]);
+        let trace = Trace {
+            queue: Queue {
+                spans: tx,
+                held: Arc::default(),
+            },
+            target: target(),
+            parent: parent_from_headers(&h).expect("valid"),
+        };
+        trace.clone().send(finished(), &metrics);
+        assert!(rx.try_recv().is_err());
+        assert!(
+            metrics
+                .encode()
+                .contains("sidegate_otel_spans_dropped_total 0")
+        );
+        assert_eq!(trace.queue.held.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn long_values_are_cut_and_the_queue_is_bounded_in_bytes() {
+        let long = "é".repeat(30_000);
+        let span = Span::new(
+            target(),
+            None,
+            Finished {
+                model: Some(format!("m{long}")),
+                metadata: Some(Arc::from(
+                    serde_json::to_string(&json!({"note": long, "n": 1, "team": "a"}))
+                        .expect("json"),
+                )),
+                ..finished()
+            },
+        );
+        let f = &span.finished;
+        let model = f.model.as_deref().expect("model");
+        assert!(model.len() <= MAX_VALUE_LEN && model.len() > MAX_VALUE_LEN - 2);
+        let meta: Value =
+            serde_json::from_str(f.metadata.as_deref().expect("metadata")).expect("json");
+        let note = meta["note"].as_str().expect("note");
+        assert!(
+            long.starts_with(note) && note.len() > MAX_VALUE_LEN - 2,
+            "{}",
+            note.len()
+        );
+        assert_eq!((&meta["n"], &meta["team"]), (&json!(1), &json!("a")));
+        assert!(span.size < 3 * MAX_VALUE_LEN, "{}", span.size);
+
+        // Spans of cut metadata fill the bytes before the 2048 spans.
+        let metrics = Metrics::new();
+        let (tx, mut rx) = mpsc::channel(QUEUE_CAPACITY);
+        let trace = Trace {
+            queue: Queue {
+                spans: tx,
+                held: Arc::default(),
+            },
+            target: target(),
+            parent: None,
+        };
+        let big = Finished {
+            metadata: Some(Arc::from(
+                serde_json::to_string(&json!({"a": long, "b": long, "c": long})).expect("json"),
+            )),
+            ..finished()
+        };
+        for _ in 0..QUEUE_CAPACITY {
+            trace.clone().send(big.clone(), &metrics);
+        }
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        let held = trace.queue.held.load(Ordering::Relaxed);
+        assert!(held <= QUEUE_BYTES, "{held}");
+        assert!(queued > 250 && queued < 400, "{queued}");
+        let text = metrics.encode();
+        let dropped = format!(
+            "sidegate_otel_spans_dropped_total {}",
+            QUEUE_CAPACITY - queued
+        );
+        assert!(text.contains(&dropped), "{text}");
+    }
+
+    #[test]
+    fn a_collectors_partial_success_and_refusal_reasons_are_read() {
+        assert_eq!(accepted(b"{}"), Accepted::default());
+        assert_eq!(accepted(b""), Accepted::default());
+        assert_eq!(accepted(br#"{"partialSuccess":{}}"#), Accepted::default());
+        assert_eq!(
+            accepted(br#"{"partialSuccess":{"rejectedSpans":"3","errorMessage":"too\nlong"}}"#),
+            Accepted {
+                rejected: 3,
+                message: Some("too long".into())
+            }
+        );
+        assert_eq!(
+            accepted(br#"{"partial_success":{"rejected_spans":2}}"#),
+            Accepted {
+                rejected: 2,
+                message: None
+            }
+        );
+        // A warning with nothing rejected.
+        assert_eq!(
+            accepted(br#"{"partialSuccess":{"errorMessage":"deprecated field"}}"#),
+            Accepted {
+                rejected: 0,
+                message: Some("deprecated field".into())
+            }
+        );
+        let bad = http::StatusCode::BAD_REQUEST;
+        assert_eq!(
+            refusal(bad, false, br#"{"code":3,"message":"invalid intValue"}"#),
+            "collector answered 400: invalid intValue"
+        );
+        assert_eq!(
+            refusal(bad, false, b"<html>no</html>"),
+            "collector answered 400"
+        );
+        assert_eq!(
+            refusal(
+                http::StatusCode::BAD_GATEWAY,
+                true,
+                b"upstream connect error\r\n"
+            ),
+            "collector answered 502: upstream connect error"
+        );
+        let long = format!(r#"{{"message":"{}"}}"#, "x".repeat(2000));
+        let why = refusal(bad, false, long.as_bytes());
+        assert!(why.ends_with('…') && why.len() < MAX_MESSAGE + 40, "{why}");
     }
 
     #[test]

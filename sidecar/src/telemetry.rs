@@ -176,7 +176,7 @@ pub enum SpanFate {
     Exported,
     /// The export queue was full.
     Dropped,
-    /// Their export request failed.
+    /// Their export request failed, or the collector rejected them (OTLP partial success).
     Failed,
 }
 
@@ -377,13 +377,13 @@ impl Metrics {
         let otel_dropped = Counter::default();
         registry.register(
             "otel_spans_dropped",
-            "OpenTelemetry spans dropped because the export queue was full",
+            "OpenTelemetry spans dropped because the export queue was full (2048 spans or 4 MiB)",
             otel_dropped.clone(),
         );
         let otel_failed = Counter::default();
         registry.register(
             "otel_spans_failed",
-            "OpenTelemetry spans lost because their export request failed",
+            "OpenTelemetry spans lost because their export request failed or the collector rejected them",
             otel_failed.clone(),
         );
         let buffered_bytes = Gauge::default();
