@@ -787,11 +787,11 @@ impl Provider {
                         // Vertex's global endpoint has no region in its host name.
                         url = url.replace("{region}-", "");
                     }
-                    if name == "region" {
-                        if let Some(suffix) = aws_dns_suffix(value) {
-                            url = url
-                                .replace("{region}.amazonaws.com", &format!("{{region}}.{suffix}"));
-                        }
+                    if name == "region"
+                        && let Some(suffix) = aws_dns_suffix(value)
+                    {
+                        url =
+                            url.replace("{region}.amazonaws.com", &format!("{{region}}.{suffix}"));
                     }
                     url = url.replace(&format!("{{{name}}}"), value);
                 }
