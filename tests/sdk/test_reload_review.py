@@ -356,8 +356,7 @@ def test_sigterm_while_the_watcher_waits_for_a_writer_exits_at_once(mock, tmp_pa
 # --- what a key file holds ------------------------------------------------------------------
 
 
-# FAILS at 263510d: a key or tokens file saved with a UTF-8 byte order mark (PowerShell 5's `Out-File -Encoding utf8`, which also writes the CRLF that is trimmed) keeps the BOM: it is sent to the provider as part of the key (`Bearer \ufeffsk-...`), and the first token never matches, with no warning (keys.rs KeyStore::load trims whitespace only)
-@pytest.mark.xfail(strict=True, reason="review: a key or tokens file saved with a UTF-8 byte order mark (PowerShell 5's `Out-File -Encoding utf8`, which also writes the CRLF that is trimmed) keeps the BOM: it is sent to the provider as part of the key (`Bearer \\ufeffsk-...`), and the first token never matches, with no warning (keys.rs KeyStore::load trims whitespace only)")
+# Failed at 263510d (mended since): a key or tokens file saved with a UTF-8 byte order mark (PowerShell 5's `Out-File -Encoding utf8`, which also writes the CRLF that is trimmed) keeps the BOM: it is sent to the provider as part of the key (`Bearer \ufeffsk-...`), and the first token never matches, with no warning (keys.rs KeyStore::load trims whitespace only)
 @pytest.mark.parametrize("file", ["key", "token"])
 def test_a_byte_order_mark_written_with_a_key_or_token_is_not_part_of_it(mock, tmp_path, file):
     g = Sidegate(tmp_path, gateway_yaml(mock.url, auth=True), dict(DEFAULT_KEYS, **{"authentication.tokens": GATEWAY_TOKEN}))
