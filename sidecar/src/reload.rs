@@ -299,12 +299,19 @@ pub async fn reload_once(gw: &Gateway, src: &Sources, last_error: &mut Option<St
             // same failure every few seconds: say it once.
             if last_error.as_deref() != Some(msg.as_str()) || kept {
                 gw.metrics.count_reload(false);
-                let serving = gw.snapshot.load().as_ref().map(|s| s.hash().to_owned());
-                let serving = serving.as_deref().unwrap_or("nothing");
-                if unread {
-                    tracing::error!(error = %msg, serving, "config reload rejected: the files could not be read; keeping the last good config, and reading them again until they can be");
-                } else {
-                    tracing::error!(error = %msg, serving, "config reload rejected; keeping the last good config");
+                match gw.snapshot.load().as_ref().map(|s| s.hash().to_owned()) {
+                    Some(serving) if unread => {
+                        tracing::error!(error = %msg, serving, "config reload rejected: the files could not be read; keeping the last good config, and reading them again until they can be");
+                    }
+                    Some(serving) => {
+                        tracing::error!(error = %msg, serving, "config reload rejected; keeping the last good config");
+                    }
+                    None if unread => {
+                        tracing::error!(error = %msg, serving = "nothing", "config reload rejected: the files could not be read; no config serves (503) until they can be, read again meanwhile");
+                    }
+                    None => {
+                        tracing::error!(error = %msg, serving = "nothing", "config reload rejected; no config serves (503) until a valid one is read");
+                    }
                 }
                 *last_error = Some(msg);
             }
@@ -337,7 +344,8 @@ async fn keys_around_last_good(gw: &Gateway, src: &Sources) -> bool {
         config = %src.config.display(),
         "the config file is refused (below); the keys directory's keys are applied around the last good config"
     );
-    gw.metrics.count_reload(true);
+    // No valid read for the metrics: the reload is counted once, as the refusal it is, and the
+    // time of the last valid read stays.
     install(gw, snap);
     true
 }

@@ -354,6 +354,18 @@ def test_a_dropped_config_is_no_longer_published_as_loaded(mock, tmp_path):
         g.stop()
 
 
+def test_a_refused_config_with_none_served_says_none_serves(mock, tmp_path):
+    g = Sidegate(tmp_path, "schemaVersion: 1\nspec: [not yet\n", extra_args=["--wait-for-config"], wait_ready=False)
+    try:
+        g.wait_for_log("sidegate listening")
+        g.config.write_text(gateway_yaml(mock.url).replace("schemaVersion: 1", "schemaVersion: 99"))
+        logs = g.wait_for_log("config reload rejected")
+        assert "no config serves (503) until a valid one is read" in logs, logs[-600:]
+        assert "keeping the last good config" not in logs
+    finally:
+        g.stop()
+
+
 # --- flags, start and signals ---------------------------------------------------------------
 
 
