@@ -32,8 +32,7 @@ def write_keys(d, keys):
 # --- the watched directories ----------------------------------------------------------------
 
 
-# FAILS at 263510d: a keys directory replaced (renamed over, or its symlink re-pointed as git-sync and secret agents do) is never watched again: every later edit waits for the 5 s poll
-@pytest.mark.xfail(strict=True, reason="review: a keys directory replaced (renamed over, or its symlink re-pointed as git-sync and secret agents do) is never watched again: every later edit waits for the 5 s poll")
+# Failed at 263510d (mended since): a keys directory replaced (renamed over, or its symlink re-pointed as git-sync and secret agents do) is never watched again: every later edit waits for the 5 s poll
 @pytest.mark.parametrize("how", ["symlink-repointed", "renamed-over"])
 def test_a_replaced_keys_directory_is_watched_as_the_old_one_was(mock, tmp_path, how):
     if how == "symlink-repointed":
@@ -237,8 +236,7 @@ def test_a_request_retrying_across_a_key_rotation_keeps_its_key_and_the_next_one
 # --- writes caught half-way -----------------------------------------------------------------
 
 
-# FAILS at 263510d: a config written in place is loaded half-written when any other source changes meanwhile (here a key file written whole): the watcher's wait for the writer's close is dropped by the next event (reload.rs watch: `change = next`), and the half without `authentication` serves unauthenticated requests
-@pytest.mark.xfail(strict=True, reason="review: a config written in place is loaded half-written when any other source changes meanwhile (here a key file written whole): the watcher's wait for the writer's close is dropped by the next event (reload.rs watch: `change = next`), and the half without `authentication` serves unauthenticated requests")
+# Failed at 263510d (mended since): a config written in place is loaded half-written when any other source changes meanwhile (here a key file written whole): the watcher's wait for the writer's close is dropped by the next event (reload.rs watch: `change = next`), and the half without `authentication` serves unauthenticated requests
 def test_a_config_caught_half_written_is_not_installed_when_a_key_changes_meanwhile(mock, tmp_path):
     base = gateway_yaml(mock.url)
     full = base + "  authentication: {enabled: true}\n"
@@ -259,8 +257,7 @@ def test_a_config_caught_half_written_is_not_installed_when_a_key_changes_meanwh
         g.stop()
 
 
-# FAILS at 263510d: without a file watcher (the documented polling-only mode) the 5 s poll loads a config caught mid-write (it stats the file and reads it at once: no wait for the writer), so a half-written gateway.yaml is installed (README: "never half-written")
-@pytest.mark.xfail(strict=True, reason="review: without a file watcher (the documented polling-only mode) the 5 s poll loads a config caught mid-write (it stats the file and reads it at once: no wait for the writer), so a half-written gateway.yaml is installed (README: \"never half-written\")")
+# Failed at 263510d (mended since): without a file watcher (the documented polling-only mode) the 5 s poll loads a config caught mid-write (it stats the file and reads it at once: no wait for the writer), so a half-written gateway.yaml is installed (README: "never half-written")
 def test_the_poll_alone_does_not_install_a_config_caught_half_written(mock, tmp_path):
     no_inotify = ["unshare", "--user", "--map-root-user", "sh", "-c",
                   'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"', "sh"]
