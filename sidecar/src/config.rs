@@ -531,6 +531,17 @@ mod tests {
     }
 
     #[test]
+    fn a_config_saved_with_a_byte_order_mark_loads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = write_config(
+            dir.path(),
+            "\u{feff}schemaVersion: 1\r\nspec:\r\n  requestTimeout: 30s\r\n",
+        );
+        let snap = load(&src).expect("load");
+        assert_eq!(snap.request_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
     fn the_examples_in_the_repository_load() {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let dir = tempfile::tempdir().expect("tempdir");

@@ -226,7 +226,9 @@ impl KeyStore {
             hasher.update(name.as_bytes());
             hasher.update([0]);
             hasher.update(Sha256::digest(&raw));
-            let Ok(text) = String::from_utf8(raw) else {
+            // A byte order mark (PowerShell 5's `Out-File -Encoding utf8`, Notepad) is no part
+            // of a key or of the first token.
+            let Ok(text) = std::str::from_utf8(crate::text::without_bom(&raw)) else {
                 store.skipped.push(format!("{name}: not valid UTF-8"));
                 continue;
             };
@@ -389,6 +391,34 @@ mod tests {
         assert!(store.is_token(b"secret-token"));
         assert!(!store.is_token(b"Bearer secret-token"));
         assert!(!store.is_token(b""));
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_no_part_of_a_key_or_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(dir.path(), "openai.default", "\u{feff}sk-after-bom\r\n");
+        write(dir.path(), TOKENS_FILE_NAME, "\u{feff}tok-1\r\ntok-2\r\n");
+        write(dir.path(), REDIS_URL_FILE_NAME, "\u{feff}redis://r:6379\n");
+        let store = KeyStore::load(dir.path()).expect("load");
+        assert_eq!(
+            store.get("openai", "default").map(ProviderKey::expose),
+            Some("sk-after-bom")
+        );
+        assert!(store.is_token(b"tok-1") && store.is_token(b"tok-2"));
+        assert_eq!(
+            store
+                .redis_url
+                .as_ref()
+                .map(|u| u.expose_secret().to_owned()),
+            Some("redis://r:6379".to_owned())
+        );
+        // Only a leading one: a key is not rewritten further in.
+        write(dir.path(), "openai.default", "sk-a\u{feff}b");
+        let store = KeyStore::load(dir.path()).expect("load");
+        assert_eq!(
+            store.get("openai", "default").map(ProviderKey::expose),
+            Some("sk-a\u{feff}b")
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 """Live reload: kubelet-style symlink swaps and plain edits, under load, keeping the last good."""
 
+import os
 import re
 import threading
 import time
@@ -117,10 +118,22 @@ def test_without_a_file_watcher_the_poll_alone_picks_up_an_edit(mock, tmp_path):
     try:
         wait_for(lambda: "file watching unavailable; polling only" in g.logs(), 5, g.logs())
         before = reload_count(g, "success")
-        edit_key_and_wait(g, mock, f"sk-{KEY_MARKER}-polled", 8)
-        assert reload_count(g, "success") == before + 1
+        # A file replaced whole (renamed over, as kubelet's swap replaces them): the next poll.
+        replaced = f"sk-{KEY_MARKER}-polled-whole"
+        (tmp_path / "staged").write_text(replaced + "\n")
+        os.replace(tmp_path / "staged", g.keys_dir / "openai.default")
+        wait_for(lambda: key_used(g, mock) == f"Bearer {replaced}", 8, "a replaced key was not read within 8 s")
+        # One written in place once two polls in a row found it unchanged (10 to 15 s): the
+        # poll cannot see its writer close it (test_reload_review: a writer caught half-way).
+        edit_key_and_wait(g, mock, f"sk-{KEY_MARKER}-polled", 18)
+        assert reload_count(g, "success") == before + 2
     finally:
         g.stop()
+
+
+def key_used(g, mock):
+    httpx.post(g.url + "/openai/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "k"}]})
+    return mock.last()["headers"]["authorization"]
 
 
 def test_a_key_link_left_dangling_mid_swap_is_skipped_not_a_failed_reload(mock, tmp_path):

@@ -354,6 +354,36 @@ def test_a_dropped_config_is_no_longer_published_as_loaded(mock, tmp_path):
         g.stop()
 
 
+def test_a_config_linked_into_another_directory_is_watched_there(mock, tmp_path):
+    # A gateway.yaml that is a link to a file elsewhere (a checkout, a shared directory): an
+    # edit of that file in place is an edit of the config, seen as one next to it is.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    try:
+        (elsewhere / "gateway.yaml").write_text(gateway_yaml(mock.url, name="linked"))
+        os.symlink(elsewhere / "gateway.yaml", tmp_path / "link.tmp")
+        os.replace(tmp_path / "link.tmp", g.config)
+        wait_for(lambda: chat_status(g, path="/v1/a/linked/openai/chat/completions") == 200, 2, "the link was not read")
+        (elsewhere / "gateway.yaml").write_text(gateway_yaml(mock.url, name="edited"))
+        wait_for(lambda: chat_status(g, path="/v1/a/edited/openai/chat/completions") == 200, 2,
+                 "an edit of the linked file was not seen within 2 s (its directory is not watched: the 5 s poll only)")
+    finally:
+        g.stop()
+
+
+def test_a_refused_config_with_none_served_says_none_serves(mock, tmp_path):
+    g = Sidegate(tmp_path, "schemaVersion: 1\nspec: [not yet\n", extra_args=["--wait-for-config"], wait_ready=False)
+    try:
+        g.wait_for_log("sidegate listening")
+        g.config.write_text(gateway_yaml(mock.url).replace("schemaVersion: 1", "schemaVersion: 99"))
+        logs = g.wait_for_log("config reload rejected")
+        assert "no config serves (503) until a valid one is read" in logs, logs[-600:]
+        assert "keeping the last good config" not in logs
+    finally:
+        g.stop()
+
+
 # --- flags, start and signals ---------------------------------------------------------------
 
 
@@ -472,4 +502,22 @@ def test_sighup_neither_kills_the_sidecar_nor_cuts_a_stream(mock, tmp_path):
         assert chat_status(g) == 200
     finally:
         t.join(1)
+        g.stop()
+
+
+def test_sighup_reloads_at_once_while_the_watcher_waits_for_a_writer(mock, tmp_path):
+    # README: SIGHUP reloads at once; the watcher's wait for a writer to close its file (up to
+    # 5 s) does not hold it back.
+    g = Sidegate(tmp_path, gateway_yaml(mock.url), DEFAULT_KEYS)
+    rotated = f"sk-{KEY_MARKER}-on-sighup"
+    try:
+        with open(g.keys_dir / "openai.default", "w") as f:
+            f.write(rotated + "\n")
+            f.flush()
+            time.sleep(0.3)
+            assert key_used(g, mock) == (200, f"Bearer {OPENAI_KEY}"), "read before its writer closed it"
+            g.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: key_used(g, mock) == (200, f"Bearer {rotated}"), 1.5,
+                     "SIGHUP waited for the writer to close its file")
+    finally:
         g.stop()
