@@ -249,6 +249,15 @@ impl ProxyBody {
         }
     }
 
+    /// Takes the cache fill of a body on its way into the cache ([`Self::cached_through`]),
+    /// none of it copied yet: the response checks store the answer once they let it through.
+    pub fn take_fill(self: Pin<&mut Self>) -> Option<Fill> {
+        match self.project() {
+            ProxyBodyProj::Filling { fill, .. } => fill.take(),
+            _ => None,
+        }
+    }
+
     /// Takes the whole data of a body made whole before it is sent, none of it sent yet, for
     /// the response checks: its record finishes as if the body ended (to wait for them, see
     /// [`crate::telemetry::HeldBack`]). `None` for other bodies.

@@ -376,12 +376,17 @@ fn encoded_documents(body: &[u8]) -> Option<Vec<u8>> {
     (!docs.is_empty()).then(|| docs.join("\n").into_bytes())
 }
 
-/// The text to scan: JSON string escapes (`\n`, `\u0040`, `\/`) undone, so that a private key
-/// or an address inside a JSON string matches as it would in plain text.
+/// The text to scan: JSON string escapes (`\n`, `\u0040`, `\/`, a surrogate pair) undone, so
+/// that a private key or an address inside a JSON string matches as it would in plain text.
 pub(crate) fn unescape_json(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     if !body.contains(&b'\\') {
         return std::borrow::Cow::Borrowed(body);
     }
+    // The code unit of a `\uXXXX` escape at `at`.
+    let unit = |at: usize| {
+        let hex = body.get(at..at + 6).filter(|e| e.starts_with(b"\\u"))?;
+        u32::from_str_radix(std::str::from_utf8(&hex[2..]).ok()?, 16).ok()
+    };
     let mut out = Vec::with_capacity(body.len());
     let mut i = 0;
     while i < body.len() {
@@ -389,15 +394,22 @@ pub(crate) fn unescape_json(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
             match body[i + 1] {
                 b'n' | b'r' | b't' => out.push(b'\n'),
                 b'u' if i + 6 <= body.len() => {
-                    let hex = std::str::from_utf8(&body[i + 2..i + 6]).ok();
-                    match hex
-                        .and_then(|h| u32::from_str_radix(h, 16).ok())
-                        .and_then(char::from_u32)
-                    {
+                    let (c, len) = match unit(i) {
+                        // A character past the BMP, as a pair of escaped surrogates.
+                        Some(high @ 0xd800..=0xdbff) => match unit(i + 6) {
+                            Some(low @ 0xdc00..=0xdfff) => (
+                                char::from_u32(0x10000 + ((high - 0xd800) << 10) + (low - 0xdc00)),
+                                12,
+                            ),
+                            _ => (None, 6),
+                        },
+                        u => (u.and_then(char::from_u32), 6),
+                    };
+                    match c {
                         Some(c) => {
                             let mut buf = [0u8; 4];
                             out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                            i += 6;
+                            i += len;
                             continue;
                         }
                         None => out.push(b'\\'),

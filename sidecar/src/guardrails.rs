@@ -96,6 +96,18 @@ impl Settings {
     pub fn checks_responses(&self) -> bool {
         !self.response.is_empty()
     }
+
+    /// The moderation endpoint and the actions of `side`, when it is checked.
+    fn actions(&self, side: Side) -> Option<(&http::Uri, &BTreeMap<String, GuardrailAction>)> {
+        let actions = match side {
+            Side::Prompt => &self.prompt,
+            Side::Response => &self.response,
+        };
+        self.url
+            .as_ref()
+            .filter(|_| !actions.is_empty())
+            .map(|url| (url, actions))
+    }
 }
 
 impl Gateway {
@@ -110,25 +122,31 @@ impl Gateway {
         content_type: Option<&[u8]>,
         body: &[u8],
     ) -> Result<Vec<String>, GatewayError> {
-        let g = &snap.guardrails;
-        let actions = match side {
-            Side::Prompt => &g.prompt,
-            Side::Response => &g.response,
-        };
-        let Some(url) = g.url.clone() else {
-            return Ok(Vec::new());
-        };
-        if actions.is_empty() {
+        if snap.guardrails.actions(side).is_none() {
             return Ok(Vec::new());
         }
         let text = match side {
             Side::Prompt => crate::text::of_prompt(content_type, body)?,
             Side::Response => crate::text::of_body(body),
         };
+        self.guardrails_check_text(snap, side, &text).await
+    }
+
+    /// [`Self::guardrails_check`] of the text read already (the steps of a universal request,
+    /// each read as the body it is).
+    pub(crate) async fn guardrails_check_text(
+        &self,
+        snap: &crate::config::Snapshot,
+        side: Side,
+        text: &str,
+    ) -> Result<Vec<String>, GatewayError> {
+        let Some((url, actions)) = snap.guardrails.actions(side) else {
+            return Ok(Vec::new());
+        };
         if text.trim().is_empty() {
             return Ok(Vec::new());
         }
-        let inputs = pieces(&text, MAX_TEXT, OVERLAP);
+        let inputs = pieces(text, MAX_TEXT, OVERLAP);
         if inputs.len() > MAX_INPUTS {
             self.metrics.count_guardrail("block");
             return Err(GatewayError::GuardrailTooLong {
@@ -136,7 +154,7 @@ impl Gateway {
                 limit: MAX_INPUTS * (MAX_TEXT - OVERLAP),
             });
         }
-        let flagged = match self.moderate(snap, url, &inputs).await {
+        let flagged = match self.moderate(snap, url.clone(), &inputs).await {
             Ok(f) => f,
             Err(why) => {
                 self.metrics.count_guardrail("error");
@@ -236,6 +254,34 @@ impl Gateway {
     }
 }
 
+/// Whether the response guardrails read the answer to a `method` request to `path`: a model's
+/// answer (a `POST`, or a stored response fetched, `GET .../responses/{id}`), not a list of
+/// models, a file's content, a batch's status, nor embeddings (numbers, and Cohere's echo the
+/// texts embedded: the prompt, checked as one).
+pub fn reads_answer(method: &Method, path: &str) -> bool {
+    use crate::background::RequestKind;
+    match RequestKind::of(method, path, b"") {
+        RequestKind::ModelCall { .. } => !is_embedding(path),
+        RequestKind::Poll(_) => true,
+        RequestKind::Delete(_) | RequestKind::Other => false,
+    }
+}
+
+/// Whether `path` asks for embeddings: OpenAI's and the compatible APIs' `embeddings`,
+/// Cohere's `embed`, Gemini's `:embedContent` and `:batchEmbedContents`, a Bedrock embedding
+/// model (`amazon.titan-embed-*`, `cohere.embed-*`) invoked.
+fn is_embedding(path: &str) -> bool {
+    let [last, before, _] = crate::background::decoded_last_segments(path);
+    let (last, before) = (
+        last.as_deref().unwrap_or(""),
+        before.as_deref().unwrap_or(""),
+    );
+    matches!(last, "embeddings" | "embed")
+        || last.ends_with(":embedContent")
+        || last.ends_with(":batchEmbedContents")
+        || (last == "invoke" && before.contains("embed"))
+}
+
 /// Whether the stored OpenAI key may go to moderation `url`: OpenAI's own host (in any case, a
 /// trailing dot too), over TLS only.
 fn is_openai_over_tls(url: &http::Uri) -> bool {
@@ -295,6 +341,40 @@ mod tests {
     }
 
     #[test]
+    fn only_the_answers_of_models_are_moderated() {
+        for (method, path) in [
+            (Method::POST, "/openai/v1/chat/completions"),
+            (
+                Method::POST,
+                "/v1/acct/gw/workers-ai/@cf/meta/llama-3.1-8b-instruct",
+            ),
+            (Method::POST, "/"),
+            (Method::GET, "/openai/v1/responses/resp_123"),
+        ] {
+            assert!(reads_answer(&method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            (Method::GET, "/openai/v1/models"),
+            (Method::GET, "/openai/v1/files/file-1/content"),
+            (Method::GET, "/openai/v1/responses/resp_123/input_items"),
+            (Method::POST, "/openai/v1/embeddings"),
+            (Method::POST, "/openai/v1/%65mbeddings"),
+            (Method::POST, "/compat/embeddings"),
+            (Method::POST, "/cohere/v2/embed"),
+            (
+                Method::POST,
+                "/google-ai-studio/v1beta/models/text-embedding-004:embedContent",
+            ),
+            (
+                Method::POST,
+                "/aws-bedrock/bedrock-runtime/us-east-1/model/amazon.titan-embed-text-v2:0/invoke",
+            ),
+        ] {
+            assert!(!reads_answer(&method, path), "{method} {path}");
+        }
+    }
+
+    #[test]
     fn long_text_is_cut_into_overlapping_pieces_that_cover_it() {
         assert_eq!(pieces("short", 10, 2), ["short"]);
         assert_eq!(pieces("abcdefghij", 4, 1), ["abcd", "defg", "ghij"]);
@@ -348,7 +428,7 @@ mod tests {
         ];
         for p in prompts {
             assert!(
-                moderated(p).contains("mock-flag:violence"),
+                crate::text::of_request(p).contains("mock-flag:violence"),
                 "{}",
                 String::from_utf8_lossy(p)
             );

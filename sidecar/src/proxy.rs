@@ -465,7 +465,8 @@ impl Gateway {
             // Boxed: only with response checks, and its state would otherwise be in every
             // connection's task.
             (Ok(resp), Some(held_back)) => {
-                Ok(Box::pin(self.scan_response(&snap, resp, &held_back)).await)
+                let moderated = crate::guardrails::reads_answer(&parts.method, parts.uri.path());
+                Ok(Box::pin(self.scan_response(&snap, resp, &held_back, moderated)).await)
             }
             (Ok(resp), None) => Ok(resp),
             (Err((provider, err)), held_back) => {
@@ -473,7 +474,16 @@ impl Gateway {
                 if let Some(answered) = held_back.as_deref().and_then(|h| h.take()) {
                     answered.deliver();
                 }
-                let mut resp = self.refuse(&snap, &parts, provider, seen.model(), err, start, None);
+                let mut resp = self.refuse(
+                    &snap,
+                    &parts,
+                    provider,
+                    seen.model(),
+                    seen.request_body(),
+                    err,
+                    start,
+                    None,
+                );
                 if seen.cache_on() {
                     resp.headers_mut().insert(cache::STATUS, cache::MISS);
                 }
@@ -491,17 +501,22 @@ impl Gateway {
     /// ([`crate::body::decode_held`]). The answer's record, parked in
     /// `held_back` when its body ended, is finished with what the client got: here for a
     /// refusal, when the client took the answer (or left it) for one let through (charged for
-    /// the provider's tokens either way).
+    /// the provider's tokens either way). The guardrails read only a model's answer
+    /// (`moderated`, see [`crate::guardrails::reads_answer`]). The answer goes into the cache
+    /// only once the checks let it through.
     async fn scan_response(
         &self,
         snap: &Snapshot,
         resp: Response<ProxyBody>,
         held_back: &crate::telemetry::HeldBack,
+        moderated: bool,
     ) -> Response<ProxyBody> {
         let (mut head, body) = resp.into_parts();
         let mut body = std::pin::pin!(body);
         // A body streamed through as it is goes on unrecorded: its record is fed here.
         let mut record = body.as_mut().take_record();
+        // Stored in the cache only once the checks let it through: a refused answer is not.
+        let fill = body.as_mut().take_fill();
         let mut held = self.buffers.guard(snap.max_buffered);
         let log_id = head.headers.get(LOG_ID).cloned();
         let id = log_id
@@ -510,13 +525,18 @@ impl Gateway {
             .unwrap_or_default();
         let held_whole =
             crate::body::hold_response(body.as_mut(), crate::dlp::MAX_RESPONSE_BYTES, &mut held);
+        // The answer as the upstream sent it, for the cache (a copy shares its bytes).
+        let mut sent = None;
         let whole = match held_whole.await {
-            Ok(whole) => crate::body::decode_held(
-                &mut head.headers,
-                whole,
-                crate::dlp::MAX_RESPONSE_BYTES,
-                &mut held,
-            ),
+            Ok(whole) => {
+                sent = fill.is_some().then(|| whole.clone());
+                crate::body::decode_held(
+                    &mut head.headers,
+                    whole,
+                    crate::dlp::MAX_RESPONSE_BYTES,
+                    &mut held,
+                )
+            }
             Err(e) => Err(e.into_gateway_error("the response for its checks")),
         };
         let whole = match whole {
@@ -548,7 +568,9 @@ impl Gateway {
             }
         }
         let checked = match snap.dlp.scan(&whole, crate::dlp::Scanned::Response).await {
-            Ok(found) if head.status.is_success() && snap.guardrails.checks_responses() => {
+            Ok(found)
+                if moderated && head.status.is_success() && snap.guardrails.checks_responses() =>
+            {
                 // Its lines (flagged, blocked) name the request's log id (the scope's).
                 self.guardrails_check(snap, crate::guardrails::Side::Response, None, &whole)
                     .await
@@ -559,6 +581,15 @@ impl Gateway {
         let answered = held_back.take();
         match checked {
             Ok(found) => {
+                if let (Some(fill), Some(sent)) = (fill, sent)
+                    && !body.cut_short()
+                {
+                    // The copy's bytes are taken from the budget of buffered bodies while made.
+                    let mut copy = self.buffers.guard(snap.max_buffered);
+                    if copy.grow(sent.len() as u64).is_ok() {
+                        fill.whole(&sent);
+                    }
+                }
                 crate::dlp::flag(&mut head.headers, &found);
                 head.headers.remove(header::CONTENT_LENGTH);
                 // Delivered once the client took it (see `ProxyBody::answer`).
@@ -588,7 +619,8 @@ impl Gateway {
     /// the one it had chosen, if any, `model` the one the request names when its body was read,
     /// and `step` the universal-endpoint step it failed at. The response gets a `cf-aig-log-id`
     /// like a served one (and `cf-aig-step`), and the access log a line with that id (unless the
-    /// request or the gateway turned logging off).
+    /// request or the gateway turned logging off); with payloads logged, the line carries the
+    /// error as the response body and `request_body` (the body read, if it was) as the request's.
     #[allow(clippy::too_many_arguments)] // what is known of the request, each from where it was read
     pub(crate) fn refuse(
         &self,
@@ -596,6 +628,7 @@ impl Gateway {
         parts: &http::request::Parts,
         provider: Option<Arc<str>>,
         model: Option<&str>,
+        request_body: Option<&[u8]>,
         err: GatewayError,
         start: Instant,
         step: Option<u32>,
@@ -642,6 +675,11 @@ impl Gateway {
             };
             tracing::info!(provider = %label, method = %parts.method, status, code = err.code(), error = %err, log_id = %id, "{what}");
         }
+        // As a refused answer's line has them (see `telemetry::Answered::refuse`).
+        let payloads = log
+            && snap.log_payloads
+            && matches!(aig.flag(Gw::CollectLogPayload), Ok(None | Some(true)));
+        let error_body = payloads.then(|| err.to_json());
         let mut resp = err.into_response();
         tag_response_with(resp.headers_mut(), aig.get(Gw::EventId), &id);
         if let Some(step) = step {
@@ -682,7 +720,16 @@ impl Gateway {
             metadata: metadata.as_deref(),
             step,
             event_id: event_id.as_deref(),
-            payloads: None,
+            payloads: error_body.as_ref().map(|error| {
+                let request = request_body.unwrap_or_default();
+                let max = crate::telemetry::MAX_LOGGED_PAYLOAD;
+                crate::access_log::Bodies {
+                    request: &request[..request.len().min(max)],
+                    request_cut: request.len() > max,
+                    response: error.as_bytes(),
+                    response_cut: false,
+                }
+            }),
         });
         resp
     }
@@ -984,6 +1031,9 @@ impl Gateway {
         )
         .await
         .map_err(fail)?;
+        if opts.payloads {
+            opts.recorded.request_body(&body);
+        }
         let model = match provider.deployment(route.rest) {
             // The deployment decides the model, whatever the body names: priced by its name
             // (as deployments are usually named, or as `spec.pricing` names it).

@@ -769,14 +769,15 @@ impl Answered {
 /// when no [`RequestRecord`] does: whether one was made (from then on the record tells of the
 /// request, see `proxy::Unanswered`), the model the request names once its body is read,
 /// whether the response cache was on for it when it was looked up (a refusal after that says
-/// `cf-aig-cache-status: MISS`, as an answer would), and the provider a `/compat` request goes
-/// to first (its path names none).
+/// `cf-aig-cache-status: MISS`, as an answer would), the provider a `/compat` request goes
+/// to first (its path names none), and the body it sent when its log line carries payloads.
 #[derive(Debug, Default)]
 pub struct Seen {
     recorded: std::sync::atomic::AtomicBool,
     model: std::sync::OnceLock<crate::cost::ModelName>,
     cache_on: std::sync::atomic::AtomicBool,
     provider: std::sync::OnceLock<std::sync::Arc<str>>,
+    request_body: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl Seen {
@@ -803,6 +804,11 @@ impl Seen {
     /// The provider the request goes to first, when its path does not name it.
     pub fn provider(&self) -> Option<&std::sync::Arc<str>> {
         self.provider.get()
+    }
+
+    /// The request body, once read, when its log line carries payloads.
+    pub fn request_body(&self) -> Option<&[u8]> {
+        self.request_body.get().map(|b| &b[..])
     }
 }
 
@@ -849,6 +855,14 @@ impl<'a> Recorded<'a> {
     pub fn provider(self, provider: &std::sync::Arc<str>) {
         if let Some(seen) = self.0 {
             let _ = seen.provider.set(provider.clone());
+        }
+    }
+
+    /// The request sent `body` (what its log line shows as the request payload when it is
+    /// refused): told only when payloads are logged.
+    pub fn request_body(self, body: &bytes::Bytes) {
+        if let Some(seen) = self.0 {
+            let _ = seen.request_body.set(body.clone());
         }
     }
 }

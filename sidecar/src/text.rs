@@ -41,7 +41,20 @@ const TEXT_KEYS: &[&str] = &[
     "query",
     "documents",
     "suffix",
+    // Workers AI's and Ollama's `/api/generate` answers (and their stream events); an audio
+    // answer's words (`message.audio.transcript`, `delta.audio.transcript`); the reasoning
+    // Groq and OpenRouter return as `message.reasoning` / `delta.reasoning`; Cohere v2's
+    // `tool_plan`.
+    "response",
+    "transcript",
+    "reasoning",
+    "tool_plan",
 ];
+
+/// Top-level fields of an answer that echo the request rather than answer it: the Responses
+/// API's `instructions` and reusable `prompt`, Cohere v1's `chat_history`, Replicate's `input`.
+/// The response checks leave them out: a prompt let through must not block its answer.
+const ECHOED_KEYS: &[&str] = &["instructions", "prompt", "chat_history", "input"];
 
 /// What an object's field `key` (the object itself under `parent`) holds, beyond [`TEXT_KEYS`].
 enum Field {
@@ -64,8 +77,16 @@ fn field(parent: Option<&str>, map: &Map<String, Value>, key: &str, v: &Value) -
         (Some("functionCall"), "args") | (Some("functionResponse"), "response") => Field::Data,
         // Bedrock Converse's `toolResult.content[].json`.
         (Some("content"), "json") => Field::Data,
-        // Cohere's documents: `{"type": "document", "document": {"data": {...}}}`.
-        (Some("document" | "documents"), "data") if !v.is_string() => Field::Data,
+        // Cohere's documents: `{"type": "document", "document": {"data": {...}}}`, or its
+        // `data` as a JSON string (Cohere's own tool-use example sends `json.dumps(result)`).
+        (Some("document" | "documents"), "data") if v.is_string() => Field::Text,
+        (Some("document" | "documents"), "data") => Field::Data,
+        // Cohere v1's tool results (`tool_results[].outputs`) and tool calls' `parameters`.
+        (Some("tool_results"), "outputs") | (Some("call" | "tool_calls"), "parameters") => {
+            Field::Data
+        }
+        // The Responses API's reusable prompt: the text its `variables` put into it.
+        (Some("prompt"), "variables") => Field::Data,
         // Anthropic's plain-text document source, `{"type": "text", "data": "..."}` (a base64
         // source holds a PDF or an image: not read).
         (Some("source"), "data") if kind == Some("text") => Field::Text,
@@ -81,22 +102,33 @@ fn field(parent: Option<&str>, map: &Map<String, Value>, key: &str, v: &Value) -
 
 fn walk(v: &Value, key: Option<&str>, out: &mut Vec<String>) {
     match v {
-        Value::String(s) if key.is_some_and(|k| TEXT_KEYS.contains(&k)) => out.push(s.clone()),
+        Value::String(s) if key.is_some_and(|k| TEXT_KEYS.contains(&k)) => push_text(s, out),
         Value::Array(items) => items.iter().for_each(|i| walk(i, key, out)),
         Value::Object(map) => {
             for (k, child) in map {
-                match field(key, map, k, child) {
-                    Field::Data => all_strings(child, out),
-                    Field::Text => {
-                        if let Value::String(s) = child {
-                            out.push(s.clone());
-                        }
-                    }
-                    Field::Walk => walk(child, Some(k), out),
-                }
+                walk_field(key, map, k, child, out);
             }
         }
         _ => {}
+    }
+}
+
+/// The text of the field `k` (`child`) of the object `map`, itself under `parent`.
+fn walk_field(
+    parent: Option<&str>,
+    map: &Map<String, Value>,
+    k: &str,
+    child: &Value,
+    out: &mut Vec<String>,
+) {
+    match field(parent, map, k, child) {
+        Field::Data => all_strings(child, out),
+        Field::Text => {
+            if let Value::String(s) = child {
+                push_text(s, out);
+            }
+        }
+        Field::Walk => walk(child, Some(k), out),
     }
 }
 
@@ -105,43 +137,211 @@ fn walk(v: &Value, key: Option<&str>, out: &mut Vec<String>) {
 fn all_strings(v: &Value, out: &mut Vec<String>) {
     match v {
         Value::String(s) if is_encoded_data(s) => {}
-        Value::String(s) => out.push(s.clone()),
+        Value::String(s) => push_text(s, out),
         Value::Array(items) => items.iter().for_each(|i| all_strings(i, out)),
         Value::Object(map) => map.values().for_each(|v| all_strings(v, out)),
         _ => {}
     }
 }
 
+/// The text of an answer's JSON document: as [`walk`] (every string of it when it has no text
+/// field), less the fields that echo the request ([`ECHOED_KEYS`]).
+fn answer_text(v: &Value, out: &mut Vec<String>) {
+    let before = out.len();
+    let Value::Object(map) = v else {
+        walk(v, None, out);
+        if out.len() == before {
+            all_strings(v, out);
+        }
+        return;
+    };
+    let answered = || {
+        map.iter()
+            .filter(|(k, _)| !ECHOED_KEYS.contains(&k.as_str()))
+    };
+    for (k, child) in answered() {
+        walk_field(None, map, k, child, out);
+    }
+    if out.len() == before {
+        answered().for_each(|(_, child)| all_strings(child, out));
+    }
+}
+
+/// Pushes the text string `s`; one that holds a JSON document (a tool's result or arguments
+/// sent as `json.dumps(...)`, which escapes every character past ASCII as `\uXXXX`) as the
+/// text the model reads ([`json_in_string`]).
+fn push_text(s: &str, out: &mut Vec<String>) {
+    out.push(json_in_string(s).unwrap_or_else(|| s.to_owned()));
+}
+
+/// The text of a JSON document (an object, an array, a string) inside a string, its `\uXXXX`
+/// escapes decoded ([`crate::dlp::unescape_json`]: no tree is made of it, however large);
+/// `None` when `s` is no such document or has no such escape (read as it is).
+fn json_in_string(s: &str) -> Option<String> {
+    if !matches!(s.trim_start().as_bytes().first(), Some(b'{' | b'[' | b'"')) || !s.contains("\\u")
+    {
+        return None;
+    }
+    Some(String::from_utf8_lossy(&crate::dlp::unescape_json(s.as_bytes())).into_owned())
+}
+
 /// The text of a stream's events, kept apart per choice: with `n` > 1 the deltas of OpenAI's
 /// `choices[]` and Gemini's `candidates[]` interleave, and each choice's text is joined on its
 /// own (by its `index`, else its place in the array). Other text goes with the first choice.
+///
+/// Each text is read once, as in the answer unstreamed: a Responses API stream repeats its
+/// text (deltas, `.done` events, `response.output_item.done`, `response.completed`), and the
+/// wholest copy it gave is read ([`ResponsesText`]). Cohere v1's `stream-end` holds the whole
+/// answer, read in place of its deltas.
 #[derive(Default)]
-struct Lanes(std::collections::BTreeMap<u64, Vec<String>>);
+struct Lanes {
+    lanes: std::collections::BTreeMap<u64, Vec<String>>,
+    /// The text of a Responses API stream.
+    responses: ResponsesText,
+    /// Every string of each event is read (a stream none of whose events has a text field).
+    every_string: bool,
+    /// An event of a known shape was read (choices, candidates, a Responses API or Cohere v1
+    /// event, Anthropic's or Cohere v2's start), whether or not it had text: the stream is not
+    /// read for every string.
+    known: bool,
+}
 
 impl Lanes {
+    fn every_string() -> Self {
+        Self {
+            every_string: true,
+            ..Self::default()
+        }
+    }
+
     fn event(&mut self, mut v: Value) {
+        if self.every_string {
+            all_strings(&v, self.lanes.entry(0).or_default());
+            return;
+        }
+        let kind = v.get("type").and_then(Value::as_str);
+        if let Some(kind) = kind.and_then(|k| k.strip_prefix("response.")) {
+            self.known = true;
+            self.responses_event(kind, &v);
+            return;
+        }
+        // Anthropic's and Cohere v2's streams start so.
+        self.known |= matches!(kind, Some("message_start" | "message-start"));
+        if v.get("event_type").and_then(Value::as_str) == Some("stream-end") {
+            self.known = true;
+            if let Some(answer) = v.get("response") {
+                self.lanes.clear();
+                answer_text(answer, self.lanes.entry(0).or_default());
+            }
+            return;
+        }
         if let Value::Object(map) = &mut v {
             for key in ["choices", "candidates"] {
                 let Some(Value::Array(items)) = map.remove(key) else {
                     continue;
                 };
+                self.known = true;
                 for (place, item) in items.iter().enumerate() {
                     let index = item.get("index").and_then(Value::as_u64);
-                    let lane = self.0.entry(index.unwrap_or(place as u64)).or_default();
+                    let lane = self.lanes.entry(index.unwrap_or(place as u64)).or_default();
                     walk(item, Some(key), lane);
                 }
             }
         }
-        walk(&v, None, self.0.entry(0).or_default());
+        walk(&v, None, self.lanes.entry(0).or_default());
+    }
+
+    /// An event of a Responses API stream, of type `response.{kind}`.
+    fn responses_event(&mut self, kind: &str, v: &Value) {
+        let r = &mut self.responses;
+        let index = v.get("output_index").and_then(Value::as_u64).unwrap_or(0);
+        match kind {
+            // The response as it ended, the request it echoes left out.
+            "completed" | "incomplete" | "failed" => {
+                let mut output = Vec::new();
+                if let Some(items) = v.get("response").and_then(|r| r.get("output")) {
+                    walk(items, Some("output"), &mut output);
+                }
+                if output.iter().any(|t| !t.is_empty()) {
+                    r.items.clear();
+                    r.completed = Some(output);
+                }
+            }
+            "output_item.done" => {
+                let mut text = Vec::new();
+                if let Some(item) = v.get("item") {
+                    walk(item, None, &mut text);
+                }
+                r.items.insert(index, ItemText::Whole(text));
+            }
+            // The text of a content part or summary part again, as its `.done` event gave it.
+            k if k.ends_with("part.done") => {}
+            // Base64 audio.
+            "audio.delta" => {}
+            k if k.ends_with(".done") || k.ends_with(".delta") => {
+                let done = k.ends_with(".done");
+                match r
+                    .items
+                    .entry(index)
+                    .or_insert_with(|| ItemText::Deltas(Vec::new(), Vec::new()))
+                {
+                    ItemText::Deltas(deltas, dones) => {
+                        walk(v, None, if done { dones } else { deltas })
+                    }
+                    ItemText::Whole(_) => {}
+                }
+            }
+            // `created`, `in_progress`: the request echoed; `.added`: nothing yet.
+            _ => {}
+        }
+    }
+
+    /// Whether the stream is of a known shape: an event of one was read, or a text field.
+    fn read_any(&self) -> bool {
+        self.known || self.lanes.values().any(|parts| !parts.is_empty())
     }
 
     /// Each choice's fragments joined, the choices one per line (a match never spans two).
     fn joined(self) -> Vec<u8> {
-        let lanes: Vec<String> = (self.0.into_values())
+        let lanes: Vec<String> = (self.lanes.into_values())
             .map(|parts| parts.concat())
+            .chain(self.responses.texts())
             .filter(|text| !text.is_empty())
             .collect();
         lanes.join("\n").into_bytes()
+    }
+}
+
+/// The text of a Responses API stream, each in its wholest copy: the output of the response
+/// it ended with (`response.completed`, `.incomplete`, `.failed`), else each output item's
+/// (by `output_index`) as `response.output_item.done` gave it, else as its `.done` events gave
+/// it, else its deltas joined.
+#[derive(Default)]
+struct ResponsesText {
+    completed: Option<Vec<String>>,
+    items: std::collections::BTreeMap<u64, ItemText>,
+}
+
+/// The text of one output item of a Responses API stream.
+enum ItemText {
+    /// Its deltas, and the texts of its `.done` events.
+    Deltas(Vec<String>, Vec<String>),
+    /// The item, done.
+    Whole(Vec<String>),
+}
+
+impl ResponsesText {
+    fn texts(self) -> Vec<String> {
+        if let Some(output) = self.completed {
+            return vec![output.join("\n")];
+        }
+        (self.items.into_values())
+            .map(|item| match item {
+                ItemText::Whole(parts) => parts.join("\n"),
+                ItemText::Deltas(_, dones) if !dones.is_empty() => dones.join("\n"),
+                ItemText::Deltas(deltas, _) => deltas.concat(),
+            })
+            .collect()
     }
 }
 
@@ -154,12 +354,38 @@ fn is_encoded_data(s: &str) -> bool {
             }))
 }
 
-/// For a stream body (SSE, an AWS event stream, a JSON array of chunks): the text of all its
-/// events joined in order, without separators (deltas are fragments of one text), each choice
-/// on its own (see [`Lanes`]); `None` for other bodies.
+/// For a stream body (SSE, an AWS event stream, a JSON array of chunks, JSON lines): the text
+/// of all its events joined in order, without separators (deltas are fragments of one text),
+/// each choice on its own (see [`Lanes`]); every string of its events when none has a text
+/// field. `None` for other bodies.
 pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
+    let kind = stream_kind(body);
+    if kind == StreamKind::JsonArray {
+        return json_array_text(body);
+    }
+    let lanes = read_stream(kind, body, Lanes::default())?;
+    if lanes.read_any() {
+        return Some(lanes.joined());
+    }
+    read_stream(kind, body, Lanes::every_string()).map(Lanes::joined)
+}
+
+/// How a body may be a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StreamKind {
+    /// An AWS event stream.
+    EventStream,
+    /// Server-sent events.
+    Sse,
+    /// A JSON array (Gemini's stream without `alt=sse`), or a document.
+    JsonArray,
+    /// JSON lines, or a document.
+    JsonLines,
+}
+
+fn stream_kind(body: &[u8]) -> StreamKind {
     if is_event_stream(body) {
-        return Some(event_stream_text(body));
+        return StreamKind::EventStream;
     }
     // An SSE body starts with a field (after a byte order mark, and blank lines) or a comment.
     let first = without_bom(body);
@@ -171,17 +397,27 @@ pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
         .iter()
         .any(|field| first.starts_with(field))
     {
-        return Some(sse_text(body));
+        return StreamKind::Sse;
     }
     if body.trim_ascii_start().starts_with(b"[") {
-        return json_array_text(body);
+        return StreamKind::JsonArray;
     }
-    json_lines_text(body)
+    StreamKind::JsonLines
 }
 
-/// The joined text of a stream of JSON lines (Ollama's native API, Cohere's v1 streams): two or
-/// more lines, each a JSON object; `None` for anything else (a document over several lines).
-fn json_lines_text(body: &[u8]) -> Option<Vec<u8>> {
+/// The events of a stream of `kind` read into `lanes`; `None` when it is no stream.
+fn read_stream(kind: StreamKind, body: &[u8], lanes: Lanes) -> Option<Lanes> {
+    match kind {
+        StreamKind::EventStream => Some(event_stream_text(body, lanes)),
+        StreamKind::Sse => Some(sse_text(body, lanes)),
+        StreamKind::JsonLines => json_lines_text(body, lanes),
+        StreamKind::JsonArray => None,
+    }
+}
+
+/// The text of a stream of JSON lines (Ollama's native API, Cohere's v1 streams): two or more
+/// lines, each a JSON object; `None` for anything else (a document over several lines).
+fn json_lines_text(body: &[u8], mut lanes: Lanes) -> Option<Lanes> {
     let mut lines = body
         .split(|&b| b == b'\n')
         .map(<[u8]>::trim_ascii)
@@ -190,7 +426,6 @@ fn json_lines_text(body: &[u8]) -> Option<Vec<u8>> {
     if !first.starts_with(b"{") {
         return None;
     }
-    let mut lanes = Lanes::default();
     let mut count = 0;
     for line in std::iter::once(first).chain(lines) {
         let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(line) else {
@@ -199,13 +434,12 @@ fn json_lines_text(body: &[u8]) -> Option<Vec<u8>> {
         lanes.event(v);
         count += 1;
     }
-    (count >= 2).then(|| lanes.joined())
+    (count >= 2).then_some(lanes)
 }
 
-/// The joined text of an SSE body's events (each one's `data:` lines joined, whatever its line
-/// ends: a JSON document split over lines is read whole).
-fn sse_text(body: &[u8]) -> Vec<u8> {
-    let mut lanes = Lanes::default();
+/// The text of an SSE body's events (each one's `data:` lines joined, whatever its line ends:
+/// a JSON document split over lines is read whole).
+fn sse_text(body: &[u8], mut lanes: Lanes) -> Lanes {
     let mut parser = crate::compat::sse::SseParser::new();
     let mut read = |e: crate::compat::sse::Event<'_>| {
         if let Ok(v) = serde_json::from_str::<Value>(e.data) {
@@ -214,7 +448,7 @@ fn sse_text(body: &[u8]) -> Vec<u8> {
     };
     parser.feed(body, &mut read);
     parser.finish(&mut read);
-    lanes.joined()
+    lanes
 }
 
 /// Whether `body` starts with an AWS event-stream message prelude: its checksum (over the two
@@ -224,11 +458,10 @@ fn is_event_stream(body: &[u8]) -> bool {
         && crc32fast::hash(&body[..8]) == u32::from_be_bytes([body[8], body[9], body[10], body[11]])
 }
 
-/// The joined text of an AWS event stream's JSON payloads; an InvokeModelWithResponseStream
-/// `chunk` is read in the model's own event its `bytes` hold. Up to where the framing breaks.
-fn event_stream_text(body: &[u8]) -> Vec<u8> {
+/// The text of an AWS event stream's JSON payloads; an InvokeModelWithResponseStream `chunk`
+/// is read in the model's own event its `bytes` hold. Up to where the framing breaks.
+fn event_stream_text(body: &[u8], mut lanes: Lanes) -> Lanes {
     let mut decoder = crate::compat::eventstream::Decoder::new();
-    let mut lanes = Lanes::default();
     // Fed in pieces: the decoder keeps one message at a time, not a copy of the whole body.
     for piece in body.chunks(64 << 10) {
         decoder.push(piece);
@@ -240,7 +473,7 @@ fn event_stream_text(body: &[u8]) -> Vec<u8> {
             }
         }
     }
-    lanes.joined()
+    lanes
 }
 
 /// The joined text of a JSON array of objects (Gemini's stream without `alt=sse`), read one
@@ -989,12 +1222,13 @@ pub fn of_prompt(content_type: Option<&[u8]>, body: &[u8]) -> Result<String, Uns
     Ok(texts.join("\n"))
 }
 
-/// The text of a response body: the joined deltas of a stream, else as [`of_request`].
+/// The text of a response body: the joined deltas of a stream, else as [`of_request`] less
+/// the fields that echo the request ([`ECHOED_KEYS`]).
 pub fn of_body(body: &[u8]) -> String {
     if let Some(t) = stream_text(body) {
         return String::from_utf8_lossy(&t).into_owned();
     }
-    of_request(body)
+    of_document(body, true)
 }
 
 /// The text of a request body (never a stream: a top-level array is a document too, whose
@@ -1003,13 +1237,36 @@ pub fn of_body(body: &[u8]) -> String {
 /// shape not listed is still read) and its text documents in base64
 /// ([`encoded_documents`]), or the body itself when it is none.
 pub fn of_request(body: &[u8]) -> String {
+    of_document(body, false)
+}
+
+/// The text of a request body parsed already, `v`, as [`of_request`] reads it (a universal
+/// endpoint's step's `query`).
+pub fn of_json(v: &Value) -> String {
+    let mut parts = Vec::new();
+    request_text(v, &mut parts);
+    encoded_documents(v, &mut parts);
+    parts.join("\n")
+}
+
+/// The text fields of a request's JSON document, else every string of it.
+fn request_text(v: &Value, out: &mut Vec<String>) {
+    walk(v, None, out);
+    if out.is_empty() {
+        all_strings(v, out);
+    }
+}
+
+/// [`of_request`], or [`of_body`] for an `answer` that is no stream.
+fn of_document(body: &[u8], answer: bool) -> String {
     let body = without_bom(body);
     match serde_json::from_slice::<Value>(body) {
         Ok(v) => {
             let mut parts = Vec::new();
-            walk(&v, None, &mut parts);
-            if parts.is_empty() {
-                all_strings(&v, &mut parts);
+            if answer {
+                answer_text(&v, &mut parts);
+            } else {
+                request_text(&v, &mut parts);
             }
             if may_hold_encoded_documents(body) {
                 encoded_documents(&v, &mut parts);
@@ -1459,26 +1716,26 @@ pub(crate) mod tests {
     #[test]
     fn chat_bodies_of_every_api_give_their_text() {
         let openai = br#"{"model":"m","messages":[{"role":"system","content":"be nice"},{"role":"user","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"data:x"}}]}]}"#;
-        assert_eq!(of_body(openai), "be nice\nhello");
+        assert_eq!(of_request(openai), "be nice\nhello");
         let anthropic =
             br#"{"system":"sys","messages":[{"role":"user","content":"hi"}],"max_tokens":5}"#;
         // Object keys may come in any order: compare the lines as a set.
-        let mut lines: Vec<String> = of_body(anthropic).lines().map(str::to_owned).collect();
+        let mut lines: Vec<String> = of_request(anthropic).lines().map(str::to_owned).collect();
         lines.sort();
         assert_eq!(lines, ["hi", "sys"]);
         let gemini = br#"{"contents":[{"role":"user","parts":[{"text":"ciao"}]}]}"#;
-        assert_eq!(of_body(gemini), "ciao");
-        assert_eq!(of_body(b"plain words"), "plain words");
+        assert_eq!(of_request(gemini), "ciao");
+        assert_eq!(of_request(b"plain words"), "plain words");
         let sse = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\ndata: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: [DONE]\n\n";
         assert_eq!(of_body(sse), "Hello");
         assert_eq!(stream_text(b"{\"content\":\"x\"}"), None);
         let cohere = br#"{"message":"hola","preamble":"be brief"}"#;
-        let mut lines: Vec<String> = of_body(cohere).lines().map(str::to_owned).collect();
+        let mut lines: Vec<String> = of_request(cohere).lines().map(str::to_owned).collect();
         lines.sort();
         assert_eq!(lines, ["be brief", "hola"]);
         // Rerank: the query and the documents.
         let rerank = br#"{"model":"m","query":"what is x","documents":["doc one"]}"#;
-        let mut lines: Vec<String> = of_body(rerank).lines().map(str::to_owned).collect();
+        let mut lines: Vec<String> = of_request(rerank).lines().map(str::to_owned).collect();
         lines.sort();
         assert_eq!(lines, ["doc one", "what is x"]);
         // A shape with none of the known fields: every string is read, but not encoded data.
@@ -1486,7 +1743,7 @@ pub(crate) mod tests {
             r#"{{"model":"m","ask":"what is y","b64_json":"{}","url":"data:image/png;base64,iVBO"}}"#,
             "A".repeat(300)
         );
-        let mut lines: Vec<String> = of_body(other.as_bytes())
+        let mut lines: Vec<String> = of_request(other.as_bytes())
             .lines()
             .map(str::to_owned)
             .collect();
@@ -1732,7 +1989,7 @@ pub(crate) mod tests {
     }
 
     fn sorted_lines(body: &[u8]) -> Vec<String> {
-        let mut lines: Vec<String> = of_body(body).lines().map(str::to_owned).collect();
+        let mut lines: Vec<String> = of_request(body).lines().map(str::to_owned).collect();
         lines.sort();
         lines
     }
@@ -1810,5 +2067,154 @@ pub(crate) mod tests {
         let cohere = br#"{"model":"command-r","messages":[{"role":"user","content":"q"},
             {"role":"tool","tool_call_id":"c1","content":[{"type":"document","document":{"id":"d1","data":{"title":"doc data"}}}]}]}"#;
         assert_eq!(sorted_lines(cohere), ["doc data", "q"]);
+    }
+    #[test]
+    fn answers_of_workers_ai_ollama_audio_and_reasoning_give_their_text() {
+        let sse = |events: &[serde_json::Value]| {
+            let mut body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+            body.push_str("data: [DONE]\n\n");
+            body
+        };
+        // Workers AI's stream, and its answer with a tool call beside its text.
+        let workers = sse(&[
+            serde_json::json!({"response": "mock-fl", "p": "abc"}),
+            serde_json::json!({"response": "ag"}),
+        ]);
+        assert_eq!(of_body(workers.as_bytes()), "mock-flag");
+        let tools = br#"{"result":{"response":"words","tool_calls":[{"name":"f","arguments":{"q":"arg"}}]},"success":true}"#;
+        let mut lines: Vec<String> = of_body(tools).lines().map(str::to_owned).collect();
+        lines.sort();
+        assert_eq!(lines, ["arg", "words"]);
+        // Ollama's /api/generate lines.
+        let ollama = b"{\"response\":\"mock-fl\",\"done\":false}\n{\"response\":\"ag\",\"done\":true,\"context\":[1,2]}\n";
+        assert_eq!(of_body(ollama), "mock-flag");
+        // An audio answer's transcript; Groq's and OpenRouter's reasoning.
+        let audio = sse(&[
+            serde_json::json!({"choices": [{"index": 0, "delta": {"audio": {"id": "a1", "transcript": "say "}}}]}),
+            serde_json::json!({"choices": [{"index": 0, "delta": {"audio": {"id": "a1", "data": "A".repeat(400)}}}]}),
+            serde_json::json!({"choices": [{"index": 0, "delta": {"audio": {"transcript": "it"}}}]}),
+        ]);
+        assert_eq!(of_body(audio.as_bytes()), "say it");
+        let reasoning = br#"{"choices":[{"message":{"content":"answer","reasoning":"thought"}}]}"#;
+        let mut lines: Vec<String> = of_body(reasoning).lines().map(str::to_owned).collect();
+        lines.sort();
+        assert_eq!(lines, ["answer", "thought"]);
+        // A stream none of whose events has a text field: every string of them.
+        let unknown = sse(&[
+            serde_json::json!({"tok": "mock-fl"}),
+            serde_json::json!({"tok": "ag"}),
+        ]);
+        assert_eq!(of_body(unknown.as_bytes()), "mock-flag");
+    }
+
+    #[test]
+    fn an_answer_is_read_without_what_it_echoes_of_the_request() {
+        let responses = br#"{"id":"resp_1","object":"response","instructions":"echoed","prompt":{"id":"p","variables":{"v":"echoed too"}},
+            "output":[{"type":"message","content":[{"type":"output_text","text":"the answer"}]}]}"#;
+        assert_eq!(of_body(responses), "the answer");
+        let cohere =
+            br#"{"text":"the answer","chat_history":[{"role":"USER","message":"echoed"}]}"#;
+        assert_eq!(of_body(cohere), "the answer");
+        let replicate = br#"{"id":"p1","input":{"prompt":"echoed"},"output":"the answer"}"#;
+        assert_eq!(of_body(replicate), "the answer");
+        // A request's own `instructions` and `input` are its text.
+        let mut lines: Vec<String> = of_request(br#"{"instructions":"be brief","input":"q"}"#)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        assert_eq!(lines, ["be brief", "q"]);
+    }
+
+    #[test]
+    fn each_text_of_a_responses_or_cohere_stream_is_read_once() {
+        let item = serde_json::json!({"type": "message", "id": "msg_1", "content": [{"type": "output_text", "text": "Hello world"}]});
+        let call =
+            serde_json::json!({"type": "function_call", "id": "fc_1", "arguments": "{\"q\":1}"});
+        let events = [
+            serde_json::json!({"type": "response.created", "response": {"instructions": "echoed", "output": []}}),
+            serde_json::json!({"type": "response.output_item.added", "output_index": 0, "item": {"type": "message", "content": []}}),
+            serde_json::json!({"type": "response.output_text.delta", "output_index": 0, "delta": "Hello "}),
+            serde_json::json!({"type": "response.output_text.delta", "output_index": 0, "delta": "world"}),
+            serde_json::json!({"type": "response.output_text.done", "output_index": 0, "text": "Hello world"}),
+            serde_json::json!({"type": "response.content_part.done", "output_index": 0, "part": {"type": "output_text", "text": "Hello world"}}),
+            serde_json::json!({"type": "response.output_item.done", "output_index": 0, "item": item}),
+            serde_json::json!({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": "{\"q\":1}"}),
+            serde_json::json!({"type": "response.function_call_arguments.done", "output_index": 1, "arguments": "{\"q\":1}"}),
+            serde_json::json!({"type": "response.output_item.done", "output_index": 1, "item": call}),
+            serde_json::json!({"type": "response.completed", "response": {"instructions": "echoed", "output": [item, call]}}),
+        ];
+        let body: String = events
+            .iter()
+            .map(|e| {
+                format!(
+                    "event: {}\ndata: {e}\n\n",
+                    e["type"].as_str().unwrap_or_default()
+                )
+            })
+            .collect();
+        assert_eq!(of_body(body.as_bytes()), "Hello world\n{\"q\":1}");
+        // A stream without deltas nor items done, its response's output empty: its `.done`
+        // events (not the `content_part.done` copy).
+        let done_only: String = [&events[4], &events[5]]
+            .iter()
+            .chain(&[&serde_json::json!({"type": "response.completed", "response": {"id": "r", "output": []}})])
+            .map(|e| format!("data: {e}\n\n"))
+            .collect();
+        assert_eq!(of_body(done_only.as_bytes()), "Hello world");
+        // Cut short before its items were done: its deltas.
+        let cut: String = events[..4]
+            .iter()
+            .map(|e| format!("data: {e}\n\n"))
+            .collect();
+        assert_eq!(of_body(cut.as_bytes()), "Hello world");
+        // Cohere v1: the `stream-end` answer (less its `chat_history`) in place of the deltas.
+        let cohere = concat!(
+            "{\"is_finished\":false,\"event_type\":\"text-generation\",\"text\":\"Hello \"}\n",
+            "{\"is_finished\":false,\"event_type\":\"text-generation\",\"text\":\"world\"}\n",
+            "{\"is_finished\":true,\"event_type\":\"stream-end\",\"response\":{\"text\":\"Hello world\",\"chat_history\":[{\"role\":\"USER\",\"message\":\"echoed\"}]}}\n",
+        );
+        assert_eq!(of_body(cohere.as_bytes()), "Hello world");
+    }
+
+    #[test]
+    fn json_sent_in_a_string_is_read_as_its_text() {
+        let found = r#"{"page": "\u0441\u0442\u0430\u0442\u044c\u044f"}"#;
+        let body = serde_json::json!({"messages": [{"role": "tool", "tool_call_id": "t1", "content": found}]});
+        assert_eq!(
+            of_request(body.to_string().as_bytes()),
+            r#"{"page": "статья"}"#
+        );
+        // A JSON string, a fragment (of a stream), a character past the BMP; plain text as is.
+        assert_eq!(json_in_string(r#""\u0441""#).as_deref(), Some(r#""с""#));
+        assert_eq!(
+            json_in_string(r#"{"q": "\u0441"#).as_deref(),
+            Some(r#"{"q": "с"#)
+        );
+        assert_eq!(
+            json_in_string(r#"["\ud83d\ude00"]"#).as_deref(),
+            Some(r#"["😀"]"#)
+        );
+        assert_eq!(json_in_string(r"say \u0441"), None);
+        assert_eq!(json_in_string(r#"{"q": "plain"}"#), None);
+    }
+
+    #[test]
+    fn cohere_tool_results_and_responses_prompt_variables_are_read() {
+        let v2 = br#"{"messages":[{"role":"user","content":"q"},{"role":"tool","tool_call_id":"t1",
+            "content":[{"type":"document","document":{"data":"{\"headline\": \"news\"}"}}]}]}"#;
+        assert!(of_request(v2).contains(r#"{"headline": "news"}"#));
+        let v1 = br#"{"message":"","chat_history":[{"role":"USER","message":"q"}],
+            "tool_results":[{"call":{"name":"news","parameters":{"topic":"arg"}},"outputs":[{"headline":"news"}]}]}"#;
+        let mut lines: Vec<String> = (of_request(v1).lines())
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        assert_eq!(lines, ["arg", "news", "q"]);
+        let variables = br#"{"input":"write","prompt":{"id":"pmpt_1","version":"2","variables":{"topic":"the topic"}}}"#;
+        assert!(of_request(variables).contains("the topic"));
+        let plan = br#"{"messages":[{"role":"assistant","tool_plan":"I will search."}]}"#;
+        assert_eq!(of_request(plan), "I will search.");
     }
 }

@@ -194,21 +194,34 @@ pub(crate) async fn serve(
     // Parsed into a tree of steps, kept until the request ends.
     held.reserve_parse(&raw).map_err(none)?;
     let steps = parse(&raw).map_err(none)?;
+    if opts.payloads {
+        // The steps' queries, as each step's line logs its own: not the request, whose steps'
+        // headers may carry the client's provider keys.
+        let queries: Vec<&serde_json::Value> = steps.iter().map(|s| &s.query).collect();
+        opts.recorded.request_body(&Bytes::from(
+            serde_json::to_vec(&queries).unwrap_or_default(),
+        ));
+    }
     // The checks read what goes to the providers as prompts, the steps' queries: not their
     // headers, whose keys must never reach a moderation service (nor match a DLP profile).
-    let dlp_flags = if snap.dlp.checks_requests() || snap.guardrails.checks_prompts() {
+    // DLP reads every string of them; the guardrails read each query as the body it is (a
+    // Hugging Face step's `inputs` beside a chat step's `messages`).
+    let dlp_flags = if snap.dlp.checks_requests() {
         let queries: Vec<&serde_json::Value> = steps.iter().map(|s| &s.query).collect();
         let queries = serde_json::to_vec(&queries).unwrap_or_default();
-        let flags = snap.dlp.check_request(&queries).map_err(none)?;
-        if snap.guardrails.checks_prompts() {
-            gw.guardrails_check(snap, crate::guardrails::Side::Prompt, None, &queries)
-                .await
-                .map_err(none)?;
-        }
-        flags
+        snap.dlp.check_request(&queries).map_err(none)?
     } else {
         Vec::new()
     };
+    if snap.guardrails.checks_prompts() {
+        let texts: Vec<String> = steps
+            .iter()
+            .map(|s| crate::text::of_json(&s.query))
+            .collect();
+        gw.guardrails_check_text(snap, crate::guardrails::Side::Prompt, &texts.join("\n"))
+            .await
+            .map_err(none)?;
+    }
     let planned = steps
         .into_iter()
         .enumerate()
@@ -239,7 +252,8 @@ pub(crate) async fn serve(
                         );
                     }
                     Err((id, e)) if last => {
-                        let mut resp = gw.refuse(snap, parts, id, None, e, start, Some(index));
+                        let mut resp =
+                            gw.refuse(snap, parts, id, None, None, e, start, Some(index));
                         proxy::say_cache_missed(&mut resp, opts);
                         return Ok(resp);
                     }
@@ -317,9 +331,18 @@ pub(crate) async fn serve(
             // the response can say which step it was.
             Err(e) if last => {
                 let model = step.model.as_ref().map(crate::cost::ModelName::as_str);
-                let step = u32::try_from(i).unwrap_or(u32::MAX);
-                let mut resp =
-                    gw.refuse(snap, parts, Some(id.clone()), model, e, start, Some(step));
+                let payload = opts.payloads.then_some(&step.payload[..]);
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                let mut resp = gw.refuse(
+                    snap,
+                    parts,
+                    Some(id.clone()),
+                    model,
+                    payload,
+                    e,
+                    start,
+                    Some(index),
+                );
                 proxy::say_cache_missed(&mut resp, opts);
                 return Ok(resp);
             }

@@ -4,7 +4,8 @@ what holds (reloads, answers of every non-streamed format, long streams, concurr
 
 The moderation service is test_guardrails_edges' scripted `Moderation` (a category flagged when
 an input holds `mock-flag:<category>`); upstreams are fixed-answer servers speaking the
-providers' wire formats. Tests marked `# FAILS at 263510d` reproduce defects."""
+providers' wire formats. Tests marked `# Failed at 263510d (mended since)` reproduce defects
+found in review."""
 
 import json
 import threading
@@ -62,8 +63,7 @@ def assert_blocked_answer(r, moderation):
 
 # --- defects ---------------------------------------------------------------------------------
 
-# FAILS at 263510d: text.rs TEXT_KEYS lacks Workers AI's (and Ollama /api/generate's) `response`: their streams' text is never moderated (no call at all), and a non-streamed answer with tool_calls is moderated as the tool arguments only
-@pytest.mark.xfail(strict=True, reason="review: text.rs TEXT_KEYS lacks Workers AI's (and Ollama /api/generate's) `response`: their streams' text is never moderated (no call at all), and a non-streamed answer with tool_calls is moderated as the tool arguments only")
+# Failed at 263510d (mended since): text.rs TEXT_KEYS lacks Workers AI's (and Ollama /api/generate's) `response`: their streams' text is never moderated (no call at all), and a non-streamed answer with tool_calls is moderated as the tool arguments only
 @pytest.mark.parametrize("case", ["workers-ai-stream", "workers-ai-tool-calls", "ollama-generate-stream"])
 def test_a_workers_ai_answer_is_moderated_by_its_response_text(tmp_path, moderation, case):
     if case == "workers-ai-stream":
@@ -99,8 +99,7 @@ def test_a_workers_ai_answer_is_moderated_by_its_response_text(tmp_path, moderat
         up.stop()
 
 
-# FAILS at 263510d: a chat completion streamed with audio output (gpt-4o-audio-preview) carries its words in `delta.audio.transcript`, which text.rs never reads in a stream: the moderation service is not even called
-@pytest.mark.xfail(strict=True, reason="review: a chat completion streamed with audio output (gpt-4o-audio-preview) carries its words in `delta.audio.transcript`, which text.rs never reads in a stream: the moderation service is not even called")
+# Failed at 263510d (mended since): a chat completion streamed with audio output (gpt-4o-audio-preview) carries its words in `delta.audio.transcript`, which text.rs never reads in a stream: the moderation service is not even called
 def test_a_streamed_audio_answers_transcript_is_moderated(tmp_path, moderation):
     model = "gpt-4o-audio-preview"
     events = [chunk({"role": "assistant", "content": None, "refusal": None}, model)]
@@ -119,8 +118,7 @@ def test_a_streamed_audio_answers_transcript_is_moderated(tmp_path, moderation):
         up.stop()
 
 
-# FAILS at 263510d: the reasoning text Groq (`reasoning_format: parsed`) and OpenRouter return in `message.reasoning` / `delta.reasoning` is not moderated (DeepSeek's `reasoning_content` is): TEXT_KEYS lacks `reasoning`
-@pytest.mark.xfail(strict=True, reason="review: the reasoning text Groq (`reasoning_format: parsed`) and OpenRouter return in `message.reasoning` / `delta.reasoning` is not moderated (DeepSeek's `reasoning_content` is): TEXT_KEYS lacks `reasoning`")
+# Failed at 263510d (mended since): the reasoning text Groq (`reasoning_format: parsed`) and OpenRouter return in `message.reasoning` / `delta.reasoning` is not moderated (DeepSeek's `reasoning_content` is): TEXT_KEYS lacks `reasoning`
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_the_reasoning_text_of_a_groq_answer_is_moderated(tmp_path, moderation, stream):
     model = "qwen/qwen3-32b"
@@ -148,8 +146,7 @@ def test_the_reasoning_text_of_a_groq_answer_is_moderated(tmp_path, moderation, 
         up.stop()
 
 
-# FAILS at 263510d: universal.rs joins every step's query into one JSON array for text::of_request, whose "every string when the body has no known text field" applies to the whole array: a step whose API keeps its prompt elsewhere (Hugging Face's `inputs`) is never moderated beside a chat step, and is served when the chat step fails
-@pytest.mark.xfail(strict=True, reason="review: universal.rs joins every step's query into one JSON array for text::of_request, whose \"every string when the body has no known text field\" applies to the whole array: a step whose API keeps its prompt elsewhere (Hugging Face's `inputs`) is never moderated beside a chat step, and is served when the chat step fails")
+# Failed at 263510d (mended since): universal.rs joins every step's query into one JSON array for text::of_request, whose "every string when the body has no known text field" applies to the whole array: a step whose API keeps its prompt elsewhere (Hugging Face's `inputs`) is never moderated beside a chat step, and is served when the chat step fails
 def test_each_universal_steps_query_is_read_as_the_body_it_is(tmp_path, moderation):
     hf = {"provider": "huggingface", "endpoint": "models/gpt2", "headers": {},
           "query": {"inputs": "mock-flag:violence", "parameters": {"max_new_tokens": 5}}}
@@ -183,8 +180,7 @@ def violence_in_russian(inputs):
     return 200, json.dumps({"results": [{"flagged": c["violence"], "categories": c} for c in cats]}).encode()
 
 
-# FAILS at 263510d: a tool result or tool-call arguments sent as a JSON string (json.dumps, as the SDK docs do) reach the moderation service as `\u043d\u0430...` escapes, not the text the model reads: non-English tool output is never moderated
-@pytest.mark.xfail(strict=True, reason="review: a tool result or tool-call arguments sent as a JSON string (json.dumps, as the SDK docs do) reach the moderation service as `\\u043d\\u0430...` escapes, not the text the model reads: non-English tool output is never moderated")
+# Failed at 263510d (mended since): a tool result or tool-call arguments sent as a JSON string (json.dumps, as the SDK docs do) reach the moderation service as `\u043d\u0430...` escapes, not the text the model reads: non-English tool output is never moderated
 @pytest.mark.parametrize("where", ["openai-tool-message", "openai-tool-arguments", "anthropic-tool-result"])
 def test_tool_text_sent_as_a_json_string_is_moderated_as_its_text(tmp_path, where):
     m = Moderation(answer=violence_in_russian)
@@ -220,8 +216,7 @@ def test_tool_text_sent_as_a_json_string_is_moderated_as_its_text(tmp_path, wher
         m.stop()
 
 
-# FAILS at 263510d: with `logging: {payloads: true}` the access line of a prompt the guardrails blocked has neither `request_body` (what was blocked) nor `response_body` (the error), though a blocked answer's line carries both (Gateway::refuse logs no payloads)
-@pytest.mark.xfail(strict=True, reason="review: with `logging: {payloads: true}` the access line of a prompt the guardrails blocked has neither `request_body` (what was blocked) nor `response_body` (the error), though a blocked answer's line carries both (Gateway::refuse logs no payloads)")
+# Failed at 263510d (mended since): with `logging: {payloads: true}` the access line of a prompt the guardrails blocked has neither `request_body` (what was blocked) nor `response_body` (the error), though a blocked answer's line carries both (Gateway::refuse logs no payloads)
 def test_a_blocked_prompt_is_logged_with_its_payloads(tmp_path, moderation):
     up = FixedAnswerServer(completion("fine"))
     g = guarded(tmp_path, up.url, moderation, "    prompt: {violence: block}\n",
@@ -247,8 +242,7 @@ def responses_object(text, instructions, status="completed"):
             "usage": {"input_tokens": 3, "output_tokens": 5, "total_tokens": 8} if status == "completed" else None}
 
 
-# FAILS at 263510d: the response check reads text the answer echoes of the request (the Responses API's `instructions`, Cohere v1's `chat_history`): a prompt the operator lets through (`flag`) blocks every answer to it as a "response" violation
-@pytest.mark.xfail(strict=True, reason="review: the response check reads text the answer echoes of the request (the Responses API's `instructions`, Cohere v1's `chat_history`): a prompt the operator lets through (`flag`) blocks every answer to it as a \"response\" violation")
+# Failed at 263510d (mended since): the response check reads text the answer echoes of the request (the Responses API's `instructions`, Cohere v1's `chat_history`): a prompt the operator lets through (`flag`) blocks every answer to it as a "response" violation
 @pytest.mark.parametrize("api", ["responses-instructions", "cohere-v1-chat-history"])
 def test_the_response_check_reads_the_answer_not_the_prompt_it_echoes(tmp_path, moderation, api):
     prompt = "Summarise this film review about mock-flag:violence in westerns."
@@ -291,8 +285,7 @@ def responses_stream(text, instructions, deltas=200):
     return sse(*events)
 
 
-# FAILS at 263510d: a Responses stream's text is sent to moderation five times (its deltas, then the `.done`, `content_part.done`, `output_item.done` and `response.completed` copies), so a 440 KB answer is refused 424/2017 "too long" while the same answer unstreamed is served
-@pytest.mark.xfail(strict=True, reason="review: a Responses stream's text is sent to moderation five times (its deltas, then the `.done`, `content_part.done`, `output_item.done` and `response.completed` copies), so a 440 KB answer is refused 424/2017 \"too long\" while the same answer unstreamed is served")
+# Failed at 263510d (mended since): a Responses stream's text is sent to moderation five times (its deltas, then the `.done`, `content_part.done`, `output_item.done` and `response.completed` copies), so a 440 KB answer is refused 424/2017 "too long" while the same answer unstreamed is served
 def test_a_long_responses_stream_is_moderated_once_as_its_unstreamed_twin_is(tmp_path, moderation):
     text = "calm words " * 40_000  # 440 KB, about 100k tokens
     up = FixedAnswerServer(json.dumps(responses_object(text, "Be brief.")).encode())
@@ -316,8 +309,7 @@ def test_a_long_responses_stream_is_moderated_once_as_its_unstreamed_twin_is(tmp
         up.stop()
 
 
-# FAILS at 263510d: an answer the response guardrails blocked is stored in the cache: the same request is then refused from the cache (HIT) for the whole TTL, the provider never asked again
-@pytest.mark.xfail(strict=True, reason="review: an answer the response guardrails blocked is stored in the cache: the same request is then refused from the cache (HIT) for the whole TTL, the provider never asked again")
+# Failed at 263510d (mended since): an answer the response guardrails blocked is stored in the cache: the same request is then refused from the cache (HIT) for the whole TTL, the provider never asked again
 def test_an_answer_the_guardrails_blocked_is_not_cached(tmp_path, moderation):
     up = FixedAnswerServer(completion("here: mock-flag:violence"), then=[(200, completion("a calm answer"))])
     g = guarded(tmp_path, up.url, moderation, "    response: {violence: block}\n", extra="  cache: {enabled: true}\n")
@@ -334,8 +326,7 @@ def test_an_answer_the_guardrails_blocked_is_not_cached(tmp_path, moderation):
         up.stop()
 
 
-# FAILS at 263510d: a Responses request's reusable-prompt `variables` (text substituted into the stored prompt) are not moderated beside an `input`: text.rs reads only TEXT_KEYS once a body has one
-@pytest.mark.xfail(strict=True, reason="review: a Responses request's reusable-prompt `variables` (text substituted into the stored prompt) are not moderated beside an `input`: text.rs reads only TEXT_KEYS once a body has one")
+# Failed at 263510d (mended since): a Responses request's reusable-prompt `variables` (text substituted into the stored prompt) are not moderated beside an `input`: text.rs reads only TEXT_KEYS once a body has one
 def test_the_variables_of_a_responses_prompt_template_are_moderated(tmp_path, moderation):
     up = FixedAnswerServer(json.dumps(responses_object("ok", None)).encode())
     g = guarded(tmp_path, up.url, moderation, "    prompt: {violence: block}\n")
@@ -350,8 +341,7 @@ def test_the_variables_of_a_responses_prompt_template_are_moderated(tmp_path, mo
         up.stop()
 
 
-# FAILS at 263510d: Cohere's tool results are not moderated: v2's `{"type": "document", "document": {"data": json.dumps(result)}}` (Cohere's own tool-use example; text.rs reads `document.data` only when it is no string) and v1's `tool_results[].outputs` objects
-@pytest.mark.xfail(strict=True, reason="review: Cohere's tool results are not moderated: v2's `{\"type\": \"document\", \"document\": {\"data\": json.dumps(result)}}` (Cohere's own tool-use example; text.rs reads `document.data` only when it is no string) and v1's `tool_results[].outputs` objects")
+# Failed at 263510d (mended since): Cohere's tool results are not moderated: v2's `{"type": "document", "document": {"data": json.dumps(result)}}` (Cohere's own tool-use example; text.rs reads `document.data` only when it is no string) and v1's `tool_results[].outputs` objects
 @pytest.mark.parametrize("api", ["v2-document-data", "v1-tool-results"])
 def test_cohere_tool_results_are_moderated(tmp_path, moderation, api):
     result = {"headline": "mock-flag:violence", "source": "news"}

@@ -11,6 +11,7 @@ import shlex
 import httpx
 
 from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, Sidegate, gateway_yaml
+from test_live_reload import reload_count, wait_for
 from test_otel import Collector
 
 CHAT = "/openai/chat/completions"
@@ -95,18 +96,30 @@ def test_a_response_blocked_by_dlp_is_logged_counted_and_traced_as_the_refusal(m
 
 
 def test_a_blocked_stream_and_a_blocked_cache_hit_are_refusals_too(mock, tmp_path):
-    g = start(mock, tmp_path, DLP_BLOCK + PAYLOADS + "  cache: {enabled: true, ttl: 10m}\n")
+    flag = DLP_BLOCK.replace("action: BLOCK", "action: FLAG")
+    g = start(mock, tmp_path, flag + PAYLOADS + "  cache: {enabled: true, ttl: 10m}\n")
     try:
+        # An answer stored while the policy only flagged it...
+        stored = httpx.post(g.url + CHAT, json=body(f"cache {SECRET}"))
+        assert stored.status_code == 200 and "no-keys-out" in stored.headers.get("cf-aig-dlp", ""), stored.text
+        before = reload_count(g, "success")
+        g.config.write_text(g.config.read_text().replace("action: FLAG", "action: BLOCK"))
+        wait_for(lambda: reload_count(g, "success") > before, 8, "the blocking policy was not loaded")
         r = httpx.post(g.url + CHAT, json=body(f"stream {SECRET}", stream=True))
         assert_recorded_as_refusal(g, r, 400, 2030)
-        first = httpx.post(g.url + CHAT, json=body(f"cache {SECRET}"))
-        assert_recorded_as_refusal(g, first, 400, 2030)
+        # ...is refused from the cache once the policy blocks it.
         hit = httpx.post(g.url + CHAT, json=body(f"cache {SECRET}"))
         line = assert_recorded_as_refusal(g, hit, 400, 2030)
         assert line["cached"] is True, line
         assert len(mock.requests()) == 2, "the second answer came from the cache"
-        assert metric(g, 'sidegate_requests_total{provider="openai",status="200"}') == 0
-        assert metric(g, 'sidegate_requests_total{provider="openai",status="400"}') == 3
+        # An answer the policy blocked is not stored: asked again, the provider answers again.
+        for _ in range(2):
+            again = httpx.post(g.url + CHAT, json=body(f"again {SECRET}"))
+            line = assert_recorded_as_refusal(g, again, 400, 2030)
+            assert line["cached"] is False, line
+        assert len(mock.requests()) == 4
+        assert metric(g, 'sidegate_requests_total{provider="openai",status="200"}') == 1
+        assert metric(g, 'sidegate_requests_total{provider="openai",status="400"}') == 4
     finally:
         g.stop()
 

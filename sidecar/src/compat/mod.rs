@@ -911,6 +911,9 @@ pub(crate) async fn serve(
     )
     .await
     .map_err(none)?;
+    if opts.payloads {
+        opts.recorded.request_body(&body);
+    }
     // Each target's plan parses it into a tree.
     held.reserve_parse(&body).map_err(none)?;
     let request = CompatRequest {
@@ -1337,6 +1340,7 @@ pub(crate) async fn answer(
                     parts,
                     Some(provider.id.clone()),
                     Some(&target.model),
+                    opts.payloads.then_some(&body[..]),
                     err,
                     start,
                     Some(step),
