@@ -136,8 +136,7 @@ def test_no_gateway_header_reaches_a_provider_through_compat_or_a_universal_step
 
 # --- A bad value is refused whatever the gateway's settings and the route ---------------------
 
-# FAILS at b53322e: a malformed cf-aig-collect-log-payload is let through (200) unless the gateway logs payloads and the request does not say cf-aig-collect-log: false (telemetry.rs LogOptions::from_headers reads it only then), while a payload-logging gateway refuses the same request 400/2100: one app's request passes in one cluster and fails in the next
-@pytest.mark.xfail(strict=True, reason="review: a malformed cf-aig-collect-log-payload is let through (200) unless the gateway logs payloads and the request does not say cf-aig-collect-log: false (telemetry.rs LogOptions::from_headers reads it only then), while a payload-logging gateway refuses the same request 400/2100: one app's request passes in one cluster and fails in the next")
+# Failed at b53322e (mended since): a malformed cf-aig-collect-log-payload is let through (200) unless the gateway logs payloads and the request does not say cf-aig-collect-log: false (telemetry.rs LogOptions::from_headers reads it only then), while a payload-logging gateway refuses the same request 400/2100: one app's request passes in one cluster and fails in the next
 def test_a_malformed_collect_log_payload_is_refused_whatever_the_gateway_logs(gateway, mock):
     for headers in [{"cf-aig-collect-log-payload": "maybe"},
                     {"cf-aig-collect-log": "false", "cf-aig-collect-log-payload": "maybe"}]:
