@@ -145,8 +145,7 @@ def test_a_malformed_collect_log_payload_is_refused_whatever_the_gateway_logs(ga
     assert mock.requests() == []
 
 
-# FAILS at b53322e: a bad value in a former header name (cf-cache-ttl, cf-skip-cache, which Cloudflare still honours) is refused naming cf-aig-cache-ttl / cf-aig-skip-cache, headers the client never sent (cache.rs want, headers.rs GatewayHeaders::flag name the current header)
-@pytest.mark.xfail(strict=True, reason="review: a bad value in a former header name (cf-cache-ttl, cf-skip-cache, which Cloudflare still honours) is refused naming cf-aig-cache-ttl / cf-aig-skip-cache, headers the client never sent (cache.rs want, headers.rs GatewayHeaders::flag name the current header)")
+# Failed at b53322e (mended since): a bad value in a former header name (cf-cache-ttl, cf-skip-cache, which Cloudflare still honours) is refused naming cf-aig-cache-ttl / cf-aig-skip-cache, headers the client never sent (cache.rs want, headers.rs GatewayHeaders::flag name the current header)
 def test_a_bad_former_header_name_is_refused_naming_the_header_sent(gateway, mock):
     for name, bad in [("cf-cache-ttl", "soon"), ("cf-skip-cache", "yes")]:
         r = httpx.post(gateway.url + CHAT, json=BODY, headers={name: bad})
