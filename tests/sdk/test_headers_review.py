@@ -157,8 +157,7 @@ UPGRADE = {"connection": "Upgrade", "upgrade": "websocket",
            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13"}
 
 
-# FAILS at b53322e: a WebSocket upgrade with a malformed cf-aig-cache-ttl / cf-aig-skip-cache / cf-aig-max-attempts / cf-aig-retry-delay / cf-aig-backoff goes to the provider (proxy.rs checks cache::want and retries only `(!upgrade)`), while the same header on every other request, and a bad cf-aig-metadata or cf-aig-request-timeout on the upgrade, is 400/2100 ("the upgrade is admitted like any request")
-@pytest.mark.xfail(strict=True, reason="review: a WebSocket upgrade with a malformed cf-aig-cache-ttl / cf-aig-skip-cache / cf-aig-max-attempts / cf-aig-retry-delay / cf-aig-backoff goes to the provider (proxy.rs checks cache::want and retries only `(!upgrade)`), while the same header on every other request, and a bad cf-aig-metadata or cf-aig-request-timeout on the upgrade, is 400/2100 (\"the upgrade is admitted like any request\")")
+# Failed at b53322e (mended since): a WebSocket upgrade with a malformed cf-aig-cache-ttl / cf-aig-skip-cache / cf-aig-max-attempts / cf-aig-retry-delay / cf-aig-backoff goes to the provider (proxy.rs checks cache::want and retries only `(!upgrade)`), while the same header on every other request, and a bad cf-aig-metadata or cf-aig-request-timeout on the upgrade, is 400/2100 ("the upgrade is admitted like any request")
 def test_a_websocket_upgrade_with_a_malformed_gateway_header_is_refused_like_any_request(gateway, mock):
     url = gateway.url + "/openai/realtime?model=gpt-4o-realtime-preview"
     # Checked on an upgrade as on any request:
