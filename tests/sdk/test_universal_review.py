@@ -43,8 +43,7 @@ def access_lines(g):
 # --- the shape of a step list ------------------------------------------------------------------
 
 
-# FAILS at b53322e: a step written as a JSON array is read field by field in the order of the gateway's own struct (provider, endpoint, authorization, headers, query, config) and sent upstream
-@pytest.mark.xfail(strict=True, reason="review: a step written as a JSON array is read field by field in the order of the gateway's own struct (provider, endpoint, authorization, headers, query, config) and sent upstream")
+# Failed at b53322e (mended since): a step written as a JSON array is read field by field in the order of the gateway's own struct (provider, endpoint, authorization, headers, query, config) and sent upstream
 def test_a_step_that_is_a_json_array_is_refused_not_read_by_position(gateway, mock):
     # Cloudflare's steps are objects; a list of values has no field names to be read by. serde
     # reads a struct from a sequence too, so universal.rs `parse` (serde_json::from_value into
@@ -58,8 +57,7 @@ def test_a_step_that_is_a_json_array_is_refused_not_read_by_position(gateway, mo
     assert mock.requests() == []
 
 
-# FAILS at b53322e: a step field of the wrong JSON type is refused as "steps[0]: invalid type: ..., expected u64" (serde's message, without the field's name), where the README promises a 400/2108 "naming the step and field"
-@pytest.mark.xfail(strict=True, reason="review: a step field of the wrong JSON type is refused as \"steps[0]: invalid type: ..., expected u64\" (serde's message, without the field's name), where the README promises a 400/2108 \"naming the step and field\"")
+# Failed at b53322e (mended since): a step field of the wrong JSON type is refused as "steps[0]: invalid type: ..., expected u64" (serde's message, without the field's name), where the README promises a 400/2108 "naming the step and field"
 @pytest.mark.parametrize("extra,field", [
     # Header values are strings: a client may well write the timeout as one.
     ({"config": {"requestTimeout": "5000"}}, "requestTimeout"),
