@@ -548,7 +548,8 @@ impl Gateway {
                 }
                 // Logged and counted as the client got it; not charged (cut short).
                 if let Some(answered) = held_back.take() {
-                    answered.undelivered(err.status().as_u16());
+                    let body = err.to_json();
+                    answered.undelivered(err.status().as_u16(), err.code(), body.as_bytes());
                 }
                 let mut resp = err.into_response();
                 crate::headers::copy_gateway_headers(&head.headers, resp.headers_mut());
