@@ -830,7 +830,7 @@ impl Gateway {
     }
 
     async fn proxy(
-        &self,
+        self: &Arc<Self>,
         snap: &Arc<Snapshot>,
         parts: &http::request::Parts,
         body: RequestBody,
@@ -927,6 +927,10 @@ impl Gateway {
                 admission
                     .allow_client_key(false, snap, &parts.headers, None)
                     .map_err(|e| (None, e))?;
+                // Cloudflare's non-realtime WebSockets API: each message a request to it.
+                if crate::websocket::is_upgrade(parts) {
+                    return crate::universal::socket::upgrade(self, snap, parts);
+                }
                 return Box::pin(crate::universal::serve(
                     self,
                     snap,

@@ -21,6 +21,8 @@
 //! headers that change the answer) in a scope of the step's index: a hit answers as the step
 //! did, with its `cf-aig-step`, and the steps after it are not tried.
 
+pub(crate) mod socket;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

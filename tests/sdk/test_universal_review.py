@@ -163,8 +163,7 @@ def test_a_stream_that_breaks_after_its_first_bytes_stays_with_its_step(mock, tm
 # --- the universal endpoint over WebSocket -------------------------------------------------------
 
 
-# FAILS at b53322e: Cloudflare's non-realtime WebSockets API is not served: the upgrade on the universal endpoint's URL (wss://.../v1/{account}/{gateway}) is refused 404 "GET / not found" (proxy.rs Route::Universal -> universal::serve takes POST only)
-@pytest.mark.xfail(strict=True, reason="review: Cloudflare's non-realtime WebSockets API is not served: the upgrade on the universal endpoint's URL (wss://.../v1/{account}/{gateway}) is refused 404 \"GET / not found\" (proxy.rs Route::Universal -> universal::serve takes POST only)")
+# Failed at b53322e (mended since): Cloudflare's non-realtime WebSockets API is not served: the upgrade on the universal endpoint's URL (wss://.../v1/{account}/{gateway}) is refused 404 "GET / not found" (proxy.rs Route::Universal -> universal::serve takes POST only)
 def test_the_non_realtime_websocket_api_answers_universal_create(authed_gateway, mock):
     # Cloudflare: "Modify your Universal Endpoint URL by replacing https:// with wss://", send
     # {"type": "universal.create", "request": {eventId, provider, endpoint, headers, query}} and
