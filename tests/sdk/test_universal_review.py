@@ -14,16 +14,13 @@ the universal endpoint's URL, answered with `universal.created`). README "Univer
 """
 
 import json
-import socket
-import struct
-import time
 
 import httpx
 import pytest
 import websockets.sync.client
 
 from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, OPENAI_KEY, Sidegate, gateway_yaml
-from rawhttp import Listener, read_request
+from rawhttp import Listener, cut_openai_stream
 
 
 def chat_step(model="gpt-4o-mini", text="review hello", **extra):
@@ -117,24 +114,10 @@ def test_a_providers_4xx_hands_over_to_the_next_step_and_only_the_answer_is_logg
     assert " provider=anthropic " in line and " status_code=200 " in line and line.endswith(" step=1"), line
 
 
-def _cut_stream(conn, _index):
-    """An OpenAI-format upstream that starts a 200 stream, sends one chunk and resets."""
-    if read_request(conn) is None:
-        conn.close()
-        return
-    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-    event = (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
-             b'"choices":[{"index":0,"delta":{"content":"first part"},"finish_reason":null}]}\n\n')
-    conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
-    time.sleep(0.2)
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()
-
-
 def test_a_stream_that_breaks_after_its_first_bytes_stays_with_its_step(mock, tmp_path):
     # Bytes of step 0's stream reached the client: the next step must not be sent (its answer
     # would be spliced onto the first one's), and the client must see the break, not a clean end.
-    up = Listener(_cut_stream)
+    up = Listener(cut_openai_stream)
     g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=f"    custom-cut: {{baseURL: '{up.url}/v1'}}\n"),
                  DEFAULT_KEYS)
     try:

@@ -8,7 +8,6 @@ endpoint, served as a POST is (keys, auth, limits, cache, DLP, logging)."""
 
 import json
 import socket
-import struct
 import threading
 import time
 
@@ -18,7 +17,7 @@ import websockets
 import websockets.sync.client
 
 from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, OPENAI_KEY, Sidegate, gateway_yaml
-from rawhttp import Listener, read_request
+from rawhttp import Listener, cut_openai_stream
 
 AUTH = {"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"}
 SSN = "123-45-6789"
@@ -119,22 +118,8 @@ def test_requests_on_one_socket_are_served_side_by_side(gateway, mock):
     assert len({m["metadata"]["logId"] for m in got}) == 4
 
 
-def _cut_stream(conn, _index):
-    """An OpenAI-format upstream that starts a 200 stream, sends one chunk and resets."""
-    if read_request(conn) is None:
-        conn.close()
-        return
-    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-    event = (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
-             b'"choices":[{"index":0,"delta":{"content":"first part"},"finish_reason":null}]}\n\n')
-    conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
-    time.sleep(0.2)
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()
-
-
 def test_a_stream_that_breaks_off_ends_with_universal_error(mock, tmp_path):
-    up = Listener(_cut_stream)
+    up = Listener(cut_openai_stream)
     g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=f"    custom-cut: {{baseURL: '{up.url}/v1'}}\n"),
                  DEFAULT_KEYS)
     try:
