@@ -91,12 +91,16 @@ fn handle(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> 
         );
         resp
     };
-    if req.method() != Method::GET {
-        return text(
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        // RFC 9110 15.5.6: a 405 names the methods the resource has.
+        let mut resp = text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "GET only\n".into(),
+            "method not allowed: GET and HEAD only\n".into(),
             "text/plain",
         );
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return resp;
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
@@ -161,6 +165,42 @@ mod tests {
         let mut answer = String::new();
         client.read_to_string(&mut answer).await.expect("read");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn head_is_answered_as_get_and_other_methods_are_told_which_are_allowed() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(serve_within(listener, Arc::default(), Limits::ADMIN));
+        let ask = |request: String| async move {
+            let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            client.write_all(request.as_bytes()).await.expect("write");
+            let mut answer = String::new();
+            client.read_to_string(&mut answer).await.expect("read");
+            answer
+        };
+        let head =
+            ask("HEAD /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_owned()).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            head.ends_with("\r\n\r\n"),
+            "a HEAD answer has no body: {head}"
+        );
+        for method in ["POST", "PUT", "DELETE"] {
+            let request = format!(
+                "{method} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let answer = ask(request).await;
+            assert!(answer.starts_with("HTTP/1.1 405"), "{method}: {answer}");
+            assert!(
+                answer
+                    .to_ascii_lowercase()
+                    .contains("\r\nallow: get, head\r\n"),
+                "{method}: {answer}"
+            );
+        }
     }
 
     #[tokio::test]

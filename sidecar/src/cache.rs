@@ -130,7 +130,7 @@ pub fn want<'a>(
                 .map(Duration::from_secs)
                 .filter(|d| d.is_zero() || (MIN_TTL..=MAX_TTL).contains(d))
                 .ok_or_else(|| GatewayError::BadHeader {
-                    name: "cf-aig-cache-ttl",
+                    name: headers.name(Gw::CacheTtl),
                     reason: "expected 0 (no caching) or seconds between 60 and 2592000 (30 days)"
                         .into(),
                 })?,
@@ -143,7 +143,7 @@ pub fn want<'a>(
                 .ok()
                 .filter(|k| !k.is_empty() && k.len() <= MAX_CUSTOM_KEY)
                 .ok_or_else(|| GatewayError::BadHeader {
-                    name: "cf-aig-cache-key",
+                    name: headers.name(Gw::CacheKey),
                     reason: "expected 1 to 1024 visible ASCII characters".into(),
                 })?,
         ),
@@ -2056,13 +2056,17 @@ mod tests {
             (Gw::CacheTtl.name(), "soon"),
             (Gw::SkipCache.name(), "yes"),
             (Gw::CacheKey.name(), ""),
+            // The former names, which the error names as sent.
+            ("cf-cache-ttl", "soon"),
+            ("cf-skip-cache", "yes"),
         ] {
             let mut h = HeaderMap::new();
             h.insert(name, HeaderValue::from_static(bad));
-            assert_eq!(
-                want(&on, GatewayHeaders::scan(&h)).map_err(|e| e.code()),
-                Err(2100),
-                "{name}: {bad}"
+            let err = want(&on, GatewayHeaders::scan(&h)).expect_err(name);
+            assert_eq!(err.code(), 2100, "{name}: {bad}");
+            assert!(
+                err.to_string().contains(&format!("header {name}:")),
+                "{name}: {err}"
             );
         }
     }

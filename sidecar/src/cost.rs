@@ -1218,14 +1218,29 @@ pub enum CustomCost {
         input: f64,
         /// Per output token.
         output: f64,
+        /// Per input token read from the provider's prompt cache (`per_cache_read_token`;
+        /// `input` when the header gives none).
+        cache_read: f64,
+        /// Per input token written to the provider's prompt cache (`per_cache_write_token`, for
+        /// writes of any lifetime; `input` when the header gives none).
+        cache_write: f64,
     },
     /// The whole request's cost in USD.
     Total(f64),
 }
 
+/// The per-token keys of `cf-aig-custom-cost`, as Cloudflare's custom-costs page names them.
+const PER_TOKEN_KEYS: [&str; 4] = [
+    "per_token_in",
+    "per_token_out",
+    "per_cache_read_token",
+    "per_cache_write_token",
+];
+
 impl CustomCost {
     /// `cf-aig-custom-cost` of `headers`, if present: `{"per_token_in": .., "per_token_out": ..}`
-    /// or `{"total_cost": ..}`, non-negative numbers.
+    /// with, optionally, `per_cache_read_token` and `per_cache_write_token`, or
+    /// `{"total_cost": ..}`; non-negative numbers.
     pub fn from_headers(headers: GatewayHeaders<'_>) -> Result<Option<Self>, GatewayError> {
         let Some(v) = headers.get(Gw::CustomCost) else {
             return Ok(None);
@@ -1236,7 +1251,9 @@ impl CustomCost {
         };
         let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(v.as_bytes())
             .map_err(|_| {
-                bad(r#"expected {"per_token_in": n, "per_token_out": n} or {"total_cost": n}"#)
+                bad(
+                    r#"expected {"per_token_in": n, "per_token_out": n} (with "per_cache_read_token" and "per_cache_write_token" if wanted) or {"total_cost": n}"#,
+                )
             })?;
         // Bounded, so that costs and the sums of them (metrics, spend limits, Redis) stay
         // finite: a price of 1e308 times a token count is infinity.
@@ -1257,29 +1274,53 @@ impl CustomCost {
         };
         if let Some(k) = map
             .keys()
-            .find(|k| !matches!(k.as_str(), "per_token_in" | "per_token_out" | "total_cost"))
+            .find(|k| *k != "total_cost" && !PER_TOKEN_KEYS.contains(&k.as_str()))
         {
             return Err(bad(&format!(
-                "unknown key {:?} (expected per_token_in and per_token_out, or total_cost)",
+                "unknown key {:?} (expected per_token_in and per_token_out, with per_cache_read_token and per_cache_write_token if wanted, or total_cost)",
                 k.chars().take(32).collect::<String>()
             )));
         }
-        match (
-            num("per_token_in")?,
-            num("per_token_out")?,
-            num("total_cost")?,
-        ) {
-            (None, None, Some(t)) => Ok(Some(Self::Total(t))),
-            (Some(input), Some(output), None) => Ok(Some(Self::PerToken { input, output })),
-            (None, None, None) => Err(bad("empty object")),
+        let [input, output, cache_read, cache_write] = [
+            num(PER_TOKEN_KEYS[0])?,
+            num(PER_TOKEN_KEYS[1])?,
+            num(PER_TOKEN_KEYS[2])?,
+            num(PER_TOKEN_KEYS[3])?,
+        ];
+        let per_token = [input, output, cache_read, cache_write]
+            .iter()
+            .any(Option::is_some);
+        match (input, output, num("total_cost")?) {
+            (Some(input), Some(output), None) => Ok(Some(Self::PerToken {
+                input,
+                output,
+                cache_read: cache_read.unwrap_or(input),
+                cache_write: cache_write.unwrap_or(input),
+            })),
+            (_, _, Some(t)) if !per_token => Ok(Some(Self::Total(t))),
             (_, _, Some(_)) => Err(bad("total_cost cannot be combined with per-token prices")),
-            _ => Err(bad("per_token_in and per_token_out go together")),
+            _ if !per_token => Err(bad("empty object")),
+            _ => Err(bad(
+                "per_token_in and per_token_out go together, and cache prices need both",
+            )),
+        }
+    }
+
+    /// Per input and output token, the cache's tokens at the input price.
+    #[cfg(test)]
+    pub fn per_token(input: f64, output: f64) -> Self {
+        Self::PerToken {
+            input,
+            output,
+            cache_read: input,
+            cache_write: input,
         }
     }
 }
 
 /// The cost in USD of a response that reported `tokens`: the custom cost when the request set
-/// one (per token: every input token at `per_token_in`), else the cost the provider stated, else
+/// one (per token: the prompt cache's reads and writes at their custom prices, every other
+/// input token at `per_token_in`), else the cost the provider stated, else
 /// the model's price: the prompt cache's reads and writes, audio and image tokens at theirs,
 /// plus images, hosted tool calls, minutes of audio and characters at theirs; `None` when none
 /// of these (or nothing counted) is known.
@@ -1299,9 +1340,17 @@ pub fn cost(price: Option<Price>, custom: Option<CustomCost>, tokens: &Tokens) -
     let text_out = o - audio_out - image_out;
     match custom {
         Some(CustomCost::Total(t)) => Some(t),
-        Some(CustomCost::PerToken { input, output }) => {
-            known.then_some(i as f64 * input + o as f64 * output)
-        }
+        Some(CustomCost::PerToken {
+            input,
+            output,
+            cache_read,
+            cache_write,
+        }) => known.then_some(
+            fresh as f64 * input
+                + read as f64 * cache_read
+                + write as f64 * cache_write
+                + o as f64 * output,
+        ),
         None if tokens.stated_cost.is_some() => tokens.stated_cost,
         None => price
             .filter(|_| {
@@ -1564,9 +1613,27 @@ mod tests {
         );
         assert_eq!(
             custom(r#"{"per_token_in": 0.000001, "per_token_out": 0.000002}"#),
+            Ok(Some(CustomCost::per_token(0.000001, 0.000002)))
+        );
+        // Cloudflare's cache-read and cache-write prices, each optional beside the two others.
+        assert_eq!(
+            custom(
+                r#"{"per_token_in": 0.000003, "per_token_out": 0.000015, "per_cache_read_token": 0.0000003, "per_cache_write_token": 0.00000375}"#
+            ),
             Ok(Some(CustomCost::PerToken {
-                input: 0.000001,
-                output: 0.000002
+                input: 0.000003,
+                output: 0.000015,
+                cache_read: 0.0000003,
+                cache_write: 0.00000375,
+            }))
+        );
+        assert_eq!(
+            custom(r#"{"per_token_in": 0.5, "per_token_out": 1, "per_cache_read_token": 0}"#),
+            Ok(Some(CustomCost::PerToken {
+                input: 0.5,
+                output: 1.0,
+                cache_read: 0.0,
+                cache_write: 0.5,
             }))
         );
         assert_eq!(
@@ -1582,6 +1649,14 @@ mod tests {
             r#"{"per_token_in": 1}"#,
             r#"{"per_token_in": 1, "per_token_out": 1, "total_cost": 1}"#,
             r#"{"cost": 1}"#,
+            // Cache prices beside the input and output prices only.
+            r#"{"per_cache_read_token": 0.1}"#,
+            r#"{"per_token_in": 1, "per_cache_write_token": 1}"#,
+            r#"{"total_cost": 1, "per_cache_read_token": 0.1}"#,
+            r#"{"per_token_in": 1, "per_token_out": 1, "per_cache_read_token": -1}"#,
+            r#"{"per_token_in": 1, "per_token_out": 1, "per_cache_write_token": 2}"#,
+            r#"{"per_token_in": 1, "per_token_out": 1, "per_cache_read_token": "0.1"}"#,
+            r#"{"per_token_in": 1, "per_token_out": 1, "per_cache_token": 0.1}"#,
             // Finite, but a cost (and the counters summing costs) would overflow to infinity.
             r#"{"per_token_in": 1e308, "per_token_out": 1}"#,
             r#"{"total_cost": 1e308}"#,
@@ -1614,10 +1689,7 @@ mod tests {
             None,
             "unknown model"
         );
-        let per = Some(CustomCost::PerToken {
-            input: 0.001,
-            output: 0.002,
-        });
+        let per = Some(CustomCost::per_token(0.001, 0.002));
         let c = cost(p, per, &Tokens::plain(Some(10), Some(5))).expect("custom");
         assert!((c - 0.02).abs() < 1e-12, "{c}");
         assert_eq!(
@@ -1827,14 +1899,32 @@ mod tests {
             err.contains("spec.pricing[0].cacheWritePerMillion"),
             "{err}"
         );
-        // A custom per-token cost prices every input token alike.
-        let per = Some(CustomCost::PerToken {
-            input: 0.000001,
-            output: 0.0,
-        });
+        // A custom per-token cost without cache prices prices every input token alike.
+        let per = Some(CustomCost::per_token(0.000001, 0.0));
         close(
             cost(sonnet, per, &tokens(100_050, 0, 100_000, 0, 0)),
             0.10005,
+        );
+        // With them, the cache's reads and writes (of either lifetime) are priced at theirs,
+        // within the input count the answer reports, in place of the model's rates.
+        let cached = Some(CustomCost::PerToken {
+            input: 0.000001,
+            output: 0.00001,
+            cache_read: 0.0000001,
+            cache_write: 0.000002,
+        });
+        close(
+            cost(sonnet, cached, &tokens(103_000, 300, 100_000, 2_000, 500)),
+            (1_000.0 * 1.0 + 100_000.0 * 0.1 + 2_000.0 * 2.0 + 300.0 * 10.0) / 1e6,
+        );
+        close(
+            cost(None, cached, &tokens(1_000, 0, 0, 0, 0)),
+            1_000.0 / 1e6,
+        );
+        // Reads and writes past the input count are not priced past it.
+        close(
+            cost(None, cached, &tokens(1_000, 0, 5_000, 0, 0)),
+            1_000.0 * 0.1 / 1e6,
         );
     }
 
@@ -1928,10 +2018,7 @@ mod tests {
             (200.0 + 800.0 * 40.0 + 100.0 * 2.0 + 400.0 * 80.0) / 1e6,
         );
         // A custom per-token cost prices every token alike.
-        let per = Some(CustomCost::PerToken {
-            input: 0.000001,
-            output: 0.000002,
-        });
+        let per = Some(CustomCost::per_token(0.000001, 0.000002));
         close(cost(t.lookup("gpt-4o-audio-preview"), per, &audio), 0.002);
     }
 
@@ -2083,10 +2170,7 @@ mod tests {
             cost(own.lookup("gpt-4o"), None, &searched(2, true)),
             (2000.0 + 600.0) / 1e6 + 0.05,
         );
-        let per = Some(CustomCost::PerToken {
-            input: 0.000001,
-            output: 0.000002,
-        });
+        let per = Some(CustomCost::per_token(0.000001, 0.000002));
         close(cost(t.lookup("gpt-4o"), per, &searched(2, true)), 0.0026);
     }
 

@@ -246,8 +246,9 @@ const GW_NAMES: [&str; 16] = [
     "cf-aig-otel-parent-span-id",
 ];
 
-// Every variant has a name.
+// Every variant has a name, and a bit in `GatewayHeaders::former`.
 const _: () = assert!(Gw::OtelParentSpanId as usize + 1 == GW_NAMES.len());
+const _: () = assert!(GW_NAMES.len() <= u32::BITS as usize);
 
 impl Gw {
     /// The header's name (`cf-aig-...`).
@@ -269,6 +270,9 @@ pub struct GatewayHeaders<'a> {
     token_repeated: bool,
     /// `Host` came more than once (RFC 9112 §3.2: a request to refuse).
     host_repeated: bool,
+    /// Bit `h as usize` set: the value of `h` came under its former name ([`LEGACY_NAMES`]),
+    /// which an error about it names.
+    former: u32,
 }
 
 impl<'a> GatewayHeaders<'a> {
@@ -308,9 +312,13 @@ impl<'a> GatewayHeaders<'a> {
             }
         }
         // A former name counts only when the current one is absent.
+        let mut former = 0;
         for ((_, gw), value) in LEGACY_NAMES.iter().zip(legacy) {
-            if let Some(v) = value {
-                values[*gw as usize].get_or_insert(v);
+            if let Some(v) = value
+                && values[*gw as usize].is_none()
+            {
+                values[*gw as usize] = Some(v);
+                former |= 1 << *gw as usize;
             }
         }
         Self {
@@ -319,7 +327,20 @@ impl<'a> GatewayHeaders<'a> {
             from_web_page,
             token_repeated,
             host_repeated,
+            former,
         }
+    }
+
+    /// The name gateway header `h` came under: its former name when the request sent that one
+    /// ([`LEGACY_NAMES`]), so that an error names the header the client sent.
+    pub fn name(self, h: Gw) -> &'static str {
+        if self.former & (1 << h as usize) == 0 {
+            return h.name();
+        }
+        LEGACY_NAMES
+            .iter()
+            .find(|(_, gw)| *gw == h)
+            .map_or(h.name(), |(old, _)| old)
     }
 
     /// Whether `cf-aig-authorization` came more than once: refused whatever the values, so
@@ -349,9 +370,10 @@ impl<'a> GatewayHeaders<'a> {
     /// step's own `cf-aig-*` headers over the request's ("provider-level headers override all
     /// other configurations").
     pub fn overridden_by(mut self, specific: GatewayHeaders<'a>) -> Self {
-        for (value, own) in self.values.iter_mut().zip(specific.values) {
+        for (i, (value, own)) in self.values.iter_mut().zip(specific.values).enumerate() {
             if own.is_some() {
                 *value = own;
+                self.former = (self.former & !(1 << i)) | (specific.former & (1 << i));
             }
         }
         self
@@ -369,7 +391,7 @@ impl<'a> GatewayHeaders<'a> {
             Some(v) if v.eq_ignore_ascii_case(b"false") => Ok(Some(false)),
             Some(v) if v.eq_ignore_ascii_case(b"true") => Ok(Some(true)),
             Some(_) => Err(GatewayError::BadHeader {
-                name: h.name(),
+                name: self.name(h),
                 reason: "expected true or false".into(),
             }),
         }
@@ -651,7 +673,37 @@ mod tests {
                     .map(|v| v.as_bytes()),
                 Some(&b"3600"[..])
             );
+            assert_eq!(
+                GatewayHeaders::scan(&both).name(Gw::CacheTtl),
+                "cf-aig-cache-ttl"
+            );
         }
+    }
+
+    #[test]
+    fn a_bad_value_is_named_by_the_header_that_carried_it() {
+        let old = map(&[("cf-skip-cache", "yes"), ("cf-cache-ttl", "soon")]);
+        let aig = GatewayHeaders::scan(&old);
+        assert_eq!(aig.name(Gw::CacheTtl), "cf-cache-ttl");
+        assert_eq!(aig.name(Gw::CacheKey), "cf-aig-cache-key");
+        let err = aig.flag(Gw::SkipCache).expect_err("not a boolean");
+        assert!(err.to_string().contains("header cf-skip-cache:"), "{err}");
+        let new = map(&[("cf-aig-skip-cache", "yes")]);
+        let err = GatewayHeaders::scan(&new)
+            .flag(Gw::SkipCache)
+            .expect_err("not a boolean");
+        assert!(
+            err.to_string().contains("header cf-aig-skip-cache:"),
+            "{err}"
+        );
+        // A universal step's own header names itself, whichever name the request used.
+        let step = map(&[("cf-aig-cache-ttl", "later")]);
+        let both = aig.overridden_by(GatewayHeaders::scan(&step));
+        assert_eq!(both.name(Gw::CacheTtl), "cf-aig-cache-ttl");
+        assert_eq!(both.name(Gw::SkipCache), "cf-skip-cache");
+        let step_old = map(&[("cf-skip-cache", "no")]);
+        let request = GatewayHeaders::scan(&new).overridden_by(GatewayHeaders::scan(&step_old));
+        assert_eq!(request.name(Gw::SkipCache), "cf-skip-cache");
     }
 
     #[test]

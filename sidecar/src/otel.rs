@@ -123,20 +123,7 @@ pub struct Parent {
 /// new trace). Malformed `cf-aig-otel-*` values are refused (400, code 2100) like other bad
 /// `cf-aig-*` headers.
 pub fn parent_from_headers(h: &HeaderMap) -> Result<Option<Parent>, GatewayError> {
-    let bad = |name: &'static str, digits: usize| GatewayError::BadHeader {
-        name,
-        reason: format!("expected {digits} hex digits, not all zero"),
-    };
-    let trace_id = match h.get(TRACE_ID) {
-        Some(v) => Some(hex_id::<16>(v.as_bytes()).ok_or_else(|| bad(Gw::OtelTraceId.name(), 32))?),
-        None => None,
-    };
-    let span_id = match h.get(PARENT_SPAN_ID) {
-        Some(v) => {
-            Some(hex_id::<8>(v.as_bytes()).ok_or_else(|| bad(Gw::OtelParentSpanId.name(), 16))?)
-        }
-        None => None,
-    };
+    let (trace_id, span_id) = gateway_ids(h.get(TRACE_ID), h.get(PARENT_SPAN_ID))?;
     // W3C: more than one traceparent is as good as none.
     let mut lines = h.get_all(TRACEPARENT).iter();
     if let (Some(line), None) = (lines.next(), lines.next())
@@ -151,6 +138,35 @@ pub fn parent_from_headers(h: &HeaderMap) -> Result<Option<Parent>, GatewayError
         sampled: true,
         state: None,
     }))
+}
+
+/// Checks a request's `cf-aig-otel-trace-id` and `cf-aig-otel-parent-span-id`, whether or not
+/// spans are exported: a malformed one is refused (400, code 2100) whatever the gateway's
+/// settings, as every other `cf-aig-*` header is.
+pub fn check_gateway_ids(h: crate::headers::GatewayHeaders<'_>) -> Result<(), GatewayError> {
+    gateway_ids(h.get(Gw::OtelTraceId), h.get(Gw::OtelParentSpanId)).map(|_| ())
+}
+
+/// A trace id and a parent span id, each if sent.
+type GatewayIds = (Option<[u8; 16]>, Option<[u8; 8]>);
+
+/// `cf-aig-otel-trace-id` (32 hex digits) and `cf-aig-otel-parent-span-id` (16), either case,
+/// neither all zero.
+fn gateway_ids(
+    trace: Option<&http::HeaderValue>,
+    span: Option<&http::HeaderValue>,
+) -> Result<GatewayIds, GatewayError> {
+    let bad = |h: Gw, digits: usize| GatewayError::BadHeader {
+        name: h.name(),
+        reason: format!("expected {digits} hex digits, not all zero"),
+    };
+    let trace_id = trace
+        .map(|v| hex_id::<16>(v.as_bytes()).ok_or_else(|| bad(Gw::OtelTraceId, 32)))
+        .transpose()?;
+    let span_id = span
+        .map(|v| hex_id::<8>(v.as_bytes()).ok_or_else(|| bad(Gw::OtelParentSpanId, 16)))
+        .transpose()?;
+    Ok((trace_id, span_id))
 }
 
 /// `{version}-{trace-id}-{parent-id}-{flags}` in lowercase hex; versions above 00 may add fields

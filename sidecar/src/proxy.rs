@@ -989,18 +989,13 @@ impl Gateway {
                 provider.upstream_query(parts.uri.query(), &key).as_deref(),
             )
             .map_err(fail)?;
-        let checked = (!upgrade)
-            .then(|| {
-                Ok((
-                    cache::want(&snap.cache, aig)?,
-                    snap.retries.with_headers(aig)?,
-                ))
-            })
-            .transpose()
-            .map_err(fail)?;
+        // Checked on an upgrade too, as on any request (a malformed value is a 400/2100), though
+        // a session is neither cached nor retried.
+        let want = cache::want(&snap.cache, aig).map_err(fail)?;
+        let retries = snap.retries.with_headers(aig).map_err(fail)?;
         // The route and every header checked: the limits count the request now.
         self.check_limits(snap, &redis_wait).await.map_err(fail)?;
-        let Some((want, retries)) = checked else {
+        if upgrade {
             let up = crate::websocket::Upgrade {
                 provider,
                 route: &route,
@@ -1011,7 +1006,7 @@ impl Gateway {
                 start,
             };
             return crate::websocket::serve(self, snap, parts, up, &opts).await;
-        };
+        }
 
         // body
         let reader = if snap.dlp.checks_requests() || snap.guardrails.checks_prompts() {

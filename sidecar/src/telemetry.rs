@@ -882,17 +882,24 @@ impl PartialEq for Recorded<'_> {
 
 impl LogOptions<'_> {
     /// From the request headers; `log_requests` and `log_payloads` are the gateway's settings.
+    /// Each of the headers read here, and the `cf-aig-otel-*` trace ids, is checked whatever
+    /// those settings and `spec.openTelemetry` are: a malformed one is refused in every
+    /// cluster, not only in those whose settings make it matter.
     pub fn from_headers(
         h: crate::headers::GatewayHeaders<'_>,
         log_requests: bool,
         log_payloads: bool,
     ) -> Result<Self, crate::error::GatewayError> {
         use crate::headers::Gw;
-        let log = h.flag(Gw::CollectLog)?.unwrap_or(true) && log_requests;
+        let collect = h.flag(Gw::CollectLog)?;
+        let collect_payload = h.flag(Gw::CollectLogPayload)?;
+        let log = collect.unwrap_or(true) && log_requests;
         // The payload switch only matters when payloads are logged at all.
-        let payloads = log && log_payloads && h.flag(Gw::CollectLogPayload)?.unwrap_or(true);
+        let payloads = log && log_payloads && collect_payload.unwrap_or(true);
         let metadata = Self::metadata(h)?;
         let custom_cost = crate::cost::CustomCost::from_headers(h)?;
+        // Read by the span (`otel::parent_from_headers`) when spans are exported.
+        crate::otel::check_gateway_ids(h)?;
         Ok(Self {
             log,
             metadata,
@@ -1547,7 +1554,7 @@ mod tests {
                 held_back: None,
             })
         );
-        // Payloads: the gateway's setting, unless the request opts out; only checked when on.
+        // Payloads: the gateway's setting, unless the request opts out.
         assert!(
             LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&h), true, true)
                 .expect("valid")
@@ -1571,10 +1578,56 @@ mod tests {
             "cf-aig-collect-log-payload",
             HeaderValue::from_static("nope"),
         );
-        assert_eq!(
-            LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&opt_out), true, true)
-                .map_err(|e| e.code()),
-            Err(2100)
+        // A malformed switch is refused whatever the gateway logs, and whatever the request
+        // says of its log line.
+        for (log_requests, log_payloads, collect_log) in [
+            (true, true, None),
+            (true, false, None),
+            (false, true, None),
+            (false, false, None),
+            (true, true, Some("false")),
+        ] {
+            let mut h = opt_out.clone();
+            if let Some(v) = collect_log {
+                h.insert("cf-aig-collect-log", HeaderValue::from_static(v));
+            }
+            let err = LogOptions::from_headers(
+                crate::headers::GatewayHeaders::scan(&h),
+                log_requests,
+                log_payloads,
+            )
+            .expect_err("malformed");
+            assert_eq!(err.code(), 2100);
+            assert!(
+                err.to_string().contains("cf-aig-collect-log-payload"),
+                "{err}"
+            );
+        }
+        // So are the trace ids, read only when spans are exported.
+        for (name, bad) in [
+            ("cf-aig-otel-trace-id", "zz"),
+            ("cf-aig-otel-trace-id", "00000000000000000000000000000000"),
+            ("cf-aig-otel-parent-span-id", "xyz"),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static(bad));
+            let err =
+                LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&h), false, false)
+                    .expect_err("malformed");
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        let mut ids = HeaderMap::new();
+        ids.insert(
+            "cf-aig-otel-trace-id",
+            HeaderValue::from_static("4BF92F3577B34DA6A3CE929D0E0E4736"),
+        );
+        ids.insert(
+            "cf-aig-otel-parent-span-id",
+            HeaderValue::from_static("00f067aa0ba902b7"),
+        );
+        assert!(
+            LogOptions::from_headers(crate::headers::GatewayHeaders::scan(&ids), true, false)
+                .is_ok()
         );
         h.insert("cf-aig-collect-log", HeaderValue::from_static("false"));
         h.insert(

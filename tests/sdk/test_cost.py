@@ -130,9 +130,62 @@ def test_custom_cost_header_overrides_the_price(gw, mock):
     assert line["cost"] == pytest.approx(line["tokens_in"] * 0.001 + line["tokens_out"] * 0.002)
 
 
+def claude_cached_answer(fresh, read, write, out):
+    return json.dumps({
+        "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": fresh, "cache_read_input_tokens": read,
+                  "cache_creation_input_tokens": write, "output_tokens": out},
+    }).encode()
+
+
+def test_custom_cost_prices_the_prompt_caches_tokens_at_their_own_custom_rates(tmp_path):
+    # Cloudflare's custom-costs page: per_token_in, per_token_out, per_cache_read_token,
+    # per_cache_write_token. 1,000 fresh, 100,000 read from the cache, 2,000 written, 300 out.
+    claude = claude_cached_answer(1_000, 100_000, 2_000, 300)
+    chat = json.dumps({
+        "id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 10_000, "completion_tokens": 500, "total_tokens": 10_500,
+                  "prompt_tokens_details": {"cached_tokens": 8_000}},
+    }).encode()
+    upstream = FixedAnswerServer(claude, then=[(200, claude), (200, chat)])
+    g = json_gateway(tmp_path, upstream)
+    try:
+        ask = {"model": "claude-haiku-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+        negotiated = {"per_token_in": 0.000003, "per_token_out": 0.000015,
+                      "per_cache_read_token": 0.0000003, "per_cache_write_token": 0.00000375}
+        r = httpx.post(g.url + "/anthropic/v1/messages", json=ask,
+                       headers={"cf-aig-custom-cost": json.dumps(negotiated)})
+        assert r.status_code == 200, r.text
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert (line["tokens_in"], line["tokens_out"], line["custom_cost"]) == (103_000, 300, True), line
+        assert line["cost"] == pytest.approx(1_000 * 0.000003 + 100_000 * 0.0000003 + 2_000 * 0.00000375
+                                             + 300 * 0.000015, rel=1e-9), line
+        # Without cache prices, every input token is at per_token_in (not the model's cache rates).
+        r = httpx.post(g.url + "/anthropic/v1/messages", json=ask,
+                       headers={"cf-aig-custom-cost": '{"per_token_in": 0.000003, "per_token_out": 0.000015}'})
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert line["cost"] == pytest.approx(103_000 * 0.000003 + 300 * 0.000015, rel=1e-9), line
+        # OpenAI's cached input (part of prompt_tokens) at per_cache_read_token.
+        r = httpx.post(g.url + CHAT, json=body("cached"),
+                       headers={"cf-aig-custom-cost": json.dumps(
+                           {"per_token_in": 0.000001, "per_token_out": 0.000002, "per_cache_read_token": 0.0000001})})
+        line = wait_line(g, r.headers["cf-aig-log-id"])
+        assert (line["tokens_in"], line["custom_cost"]) == (10_000, True), line
+        assert line["cost"] == pytest.approx(2_000 * 0.000001 + 8_000 * 0.0000001 + 500 * 0.000002, rel=1e-9), line
+    finally:
+        g.stop()
+        upstream.stop()
+
+
 def test_malformed_custom_cost_is_400_and_never_sent(gw, mock):
     mock.clear()
-    for bad in ["cheap", '{"total_cost": -1}', '{"per_token_in": 0.1}', '{"price": 1}', '{"total_cost": "1"}']:
+    for bad in ["cheap", '{"total_cost": -1}', '{"per_token_in": 0.1}', '{"price": 1}', '{"total_cost": "1"}',
+                # Cache prices go beside per_token_in and per_token_out, never on their own or with a total.
+                '{"per_cache_read_token": 0.1}', '{"total_cost": 1, "per_cache_write_token": 0.1}',
+                '{"per_token_in": 0.1, "per_token_out": 0.1, "per_cache_read_token": -1}',
+                '{"per_token_in": 0.1, "per_token_out": 0.1, "per_cache_token": 0.1}']:
         r = httpx.post(gw.url + CHAT, json=body("bad cost"), headers={"cf-aig-custom-cost": bad})
         assert r.status_code == 400, bad
         err = r.json()["error"][0]

@@ -136,8 +136,7 @@ def test_no_gateway_header_reaches_a_provider_through_compat_or_a_universal_step
 
 # --- A bad value is refused whatever the gateway's settings and the route ---------------------
 
-# FAILS at b53322e: a malformed cf-aig-collect-log-payload is let through (200) unless the gateway logs payloads and the request does not say cf-aig-collect-log: false (telemetry.rs LogOptions::from_headers reads it only then), while a payload-logging gateway refuses the same request 400/2100: one app's request passes in one cluster and fails in the next
-@pytest.mark.xfail(strict=True, reason="review: a malformed cf-aig-collect-log-payload is let through (200) unless the gateway logs payloads and the request does not say cf-aig-collect-log: false (telemetry.rs LogOptions::from_headers reads it only then), while a payload-logging gateway refuses the same request 400/2100: one app's request passes in one cluster and fails in the next")
+# Failed at b53322e (mended since): a malformed cf-aig-collect-log-payload is let through (200) unless the gateway logs payloads and the request does not say cf-aig-collect-log: false (telemetry.rs LogOptions::from_headers reads it only then), while a payload-logging gateway refuses the same request 400/2100: one app's request passes in one cluster and fails in the next
 def test_a_malformed_collect_log_payload_is_refused_whatever_the_gateway_logs(gateway, mock):
     for headers in [{"cf-aig-collect-log-payload": "maybe"},
                     {"cf-aig-collect-log": "false", "cf-aig-collect-log-payload": "maybe"}]:
@@ -146,8 +145,7 @@ def test_a_malformed_collect_log_payload_is_refused_whatever_the_gateway_logs(ga
     assert mock.requests() == []
 
 
-# FAILS at b53322e: a bad value in a former header name (cf-cache-ttl, cf-skip-cache, which Cloudflare still honours) is refused naming cf-aig-cache-ttl / cf-aig-skip-cache, headers the client never sent (cache.rs want, headers.rs GatewayHeaders::flag name the current header)
-@pytest.mark.xfail(strict=True, reason="review: a bad value in a former header name (cf-cache-ttl, cf-skip-cache, which Cloudflare still honours) is refused naming cf-aig-cache-ttl / cf-aig-skip-cache, headers the client never sent (cache.rs want, headers.rs GatewayHeaders::flag name the current header)")
+# Failed at b53322e (mended since): a bad value in a former header name (cf-cache-ttl, cf-skip-cache, which Cloudflare still honours) is refused naming cf-aig-cache-ttl / cf-aig-skip-cache, headers the client never sent (cache.rs want, headers.rs GatewayHeaders::flag name the current header)
 def test_a_bad_former_header_name_is_refused_naming_the_header_sent(gateway, mock):
     for name, bad in [("cf-cache-ttl", "soon"), ("cf-skip-cache", "yes")]:
         r = httpx.post(gateway.url + CHAT, json=BODY, headers={name: bad})
@@ -159,8 +157,7 @@ UPGRADE = {"connection": "Upgrade", "upgrade": "websocket",
            "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==", "sec-websocket-version": "13"}
 
 
-# FAILS at b53322e: a WebSocket upgrade with a malformed cf-aig-cache-ttl / cf-aig-skip-cache / cf-aig-max-attempts / cf-aig-retry-delay / cf-aig-backoff goes to the provider (proxy.rs checks cache::want and retries only `(!upgrade)`), while the same header on every other request, and a bad cf-aig-metadata or cf-aig-request-timeout on the upgrade, is 400/2100 ("the upgrade is admitted like any request")
-@pytest.mark.xfail(strict=True, reason="review: a WebSocket upgrade with a malformed cf-aig-cache-ttl / cf-aig-skip-cache / cf-aig-max-attempts / cf-aig-retry-delay / cf-aig-backoff goes to the provider (proxy.rs checks cache::want and retries only `(!upgrade)`), while the same header on every other request, and a bad cf-aig-metadata or cf-aig-request-timeout on the upgrade, is 400/2100 (\"the upgrade is admitted like any request\")")
+# Failed at b53322e (mended since): a WebSocket upgrade with a malformed cf-aig-cache-ttl / cf-aig-skip-cache / cf-aig-max-attempts / cf-aig-retry-delay / cf-aig-backoff goes to the provider (proxy.rs checks cache::want and retries only `(!upgrade)`), while the same header on every other request, and a bad cf-aig-metadata or cf-aig-request-timeout on the upgrade, is 400/2100 ("the upgrade is admitted like any request")
 def test_a_websocket_upgrade_with_a_malformed_gateway_header_is_refused_like_any_request(gateway, mock):
     url = gateway.url + "/openai/realtime?model=gpt-4o-realtime-preview"
     # Checked on an upgrade as on any request:

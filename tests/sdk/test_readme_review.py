@@ -724,8 +724,21 @@ def test_guardrails_fail_open_counted_as_error(mock, tmp_path):
 
 # --- OpenTelemetry headers --------------------------------------------------------------------
 
-def test_otel_headers_checked_only_with_an_exporter(gateway, mock, tmp_path):
-    assert httpx.post(gateway.url + CHAT, json=body(), headers={"cf-aig-otel-trace-id": "zz"}).status_code == 200
+def test_otel_headers_checked_with_or_without_an_exporter(gateway, mock, tmp_path):
+    # Without spec.openTelemetry the ids are not used, but a malformed one is still refused, as
+    # every other cf-aig-* header is whatever the gateway's settings (once let through).
+    mock.clear()
+    for bad, named in [({"cf-aig-otel-trace-id": "zz"}, "cf-aig-otel-trace-id"),
+                       ({"cf-aig-otel-trace-id": "0" * 32}, "cf-aig-otel-trace-id"),
+                       ({"cf-aig-otel-trace-id": "a" * 32, "cf-aig-otel-parent-span-id": "xyz"},
+                        "cf-aig-otel-parent-span-id"),
+                       ({"cf-aig-otel-parent-span-id": "0" * 16}, "cf-aig-otel-parent-span-id")]:
+        r = httpx.post(gateway.url + CHAT, json=body(), headers=bad)
+        assert err(r) == (400, 2100), bad
+        assert named in r.json()["error"][0]["message"], (bad, r.text)
+    assert mock.requests() == []
+    ok = {"cf-aig-otel-trace-id": "A" * 32, "cf-aig-otel-parent-span-id": "b" * 16}
+    assert httpx.post(gateway.url + CHAT, json=body(), headers=ok).status_code == 200
     from conftest import FixedAnswerServer
     collector = FixedAnswerServer(b"{}")
     d = tmp_path / "otel"
