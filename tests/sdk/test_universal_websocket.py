@@ -7,6 +7,7 @@ contentType}, "response": <the answer>}` — for a stream, `universal.created` t
 endpoint, served as a POST is (keys, auth, limits, cache, DLP, logging)."""
 
 import json
+import pathlib
 import socket
 import threading
 import time
@@ -337,3 +338,15 @@ def test_a_stopping_gateway_closes_the_session_with_1001(mock, tmp_path):
         g.proc.wait(10)
     finally:
         g.stop()
+
+
+def test_the_readmes_example_runs_as_it_is(gateway, mock):
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    block = next(b for b in (part.split("```")[0] for part in readme.split("```python\n")[1:])
+                 if "universal.create" in b)
+    printed = []
+    exec(block.replace("ws://127.0.0.1:8787/", ws_url(gateway, "/")), {"print": printed.append})
+    (answer,) = printed
+    assert (answer["type"], answer["metadata"]["eventId"], answer["metadata"]["status"]) == \
+        ("universal.created", "my-request", 200), answer
+    assert answer["response"]["choices"][0]["message"]["content"] == "mock reply to: Hi"
