@@ -270,7 +270,7 @@ impl Session {
                         requests.spawn(answer(self.gw.clone(), self.template.clone(), raw, out.clone()));
                     }
                     // Its requests still running are given up: no one reads their answers.
-                    Some(FromClient::Close(code)) => break Some((code.unwrap_or(1000), "")),
+                    Some(FromClient::Close(code)) => break Some((echoed(code), "")),
                     Some(FromClient::Violation(code, reason)) => break Some((code, reason)),
                     // The client went away.
                     None => break None,
@@ -293,6 +293,13 @@ impl Session {
         while requests.join_next().await.is_some() {}
         let _ = tokio::time::timeout(CLOSING_GRACE, writer).await;
     }
+}
+
+/// The close code that answers a client's close frame: its own, when one an endpoint may send
+/// (RFC 6455 §7.4), else 1000.
+fn echoed(code: Option<u16>) -> u16 {
+    code.filter(|c| matches!(c, 1000..=1003 | 1007..=1011 | 3000..=4999))
+        .unwrap_or(1000)
 }
 
 /// Reads the client's frames for the session, answering its pings.
@@ -614,6 +621,23 @@ mod tests {
             assert!(e.to_string().contains(needle), "{e}");
             assert_eq!(e.code(), 2108);
         }
+    }
+
+    #[test]
+    fn a_clients_close_is_answered_with_its_code_when_one_an_endpoint_may_send() {
+        assert_eq!(
+            [
+                Some(1001),
+                Some(4000),
+                None,
+                Some(1005),
+                Some(1006),
+                Some(999),
+                Some(2000)
+            ]
+            .map(echoed),
+            [1001, 4000, 1000, 1000, 1000, 1000, 1000]
+        );
     }
 
     #[test]
