@@ -20,6 +20,9 @@
 //! a request to its provider would be (endpoint, body, alias or the step's own credentials, the
 //! headers that change the answer) in a scope of the step's index: a hit answers as the step
 //! did, with its `cf-aig-step`, and the steps after it are not tried.
+//!
+//! [`socket`] serves it over a WebSocket too (Cloudflare's non-realtime WebSockets API), each
+//! message one request.
 
 pub(crate) mod socket;
 
