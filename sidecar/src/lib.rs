@@ -7,7 +7,9 @@
 //! - [`proxy`]: the request pipeline.
 //! - [`compat`]: the unified OpenAI-compatible endpoint, translating to each provider's API.
 //! - [`upstream`]: the client to the providers and their response bodies.
-//! - [`websocket`]: WebSocket sessions (the providers' realtime APIs) passed through.
+//! - [`universal`]: the universal endpoint (steps tried in order), over HTTP and WebSocket.
+//! - [`websocket`]: WebSocket sessions (the providers' realtime APIs) passed through, and the
+//!   framing of the sessions the gateway serves itself.
 //! - [`headers`]: what crosses from client to upstream and back.
 //! - [`body`]: streamed response bodies and their completion records.
 //! - [`buffers`]: the process-wide budget of bytes held in buffered bodies.

@@ -548,7 +548,8 @@ impl Gateway {
                 }
                 // Logged and counted as the client got it; not charged (cut short).
                 if let Some(answered) = held_back.take() {
-                    answered.undelivered(err.status().as_u16());
+                    let body = err.to_json();
+                    answered.undelivered(err.status().as_u16(), err.code(), body.as_bytes());
                 }
                 let mut resp = err.into_response();
                 crate::headers::copy_gateway_headers(&head.headers, resp.headers_mut());
@@ -829,7 +830,7 @@ impl Gateway {
     }
 
     async fn proxy(
-        &self,
+        self: &Arc<Self>,
         snap: &Arc<Snapshot>,
         parts: &http::request::Parts,
         body: RequestBody,
@@ -926,6 +927,10 @@ impl Gateway {
                 admission
                     .allow_client_key(false, snap, &parts.headers, None)
                     .map_err(|e| (None, e))?;
+                // Cloudflare's non-realtime WebSockets API: each message a request to it.
+                if crate::websocket::is_upgrade(parts) {
+                    return crate::universal::socket::upgrade(self, snap, parts);
+                }
                 return Box::pin(crate::universal::serve(
                     self,
                     snap,

@@ -745,8 +745,23 @@ impl Answered {
     /// `body` instead. Logged, counted and traced as that refusal (outcome `refused`, the error
     /// body as the logged response), and still charged: the provider produced the tokens.
     pub fn refuse(mut self, status: u16, code: u16, body: &[u8]) {
+        self.sent_error(code, body);
+        self.record.sent = Some(status);
+        self.record.finish("refused");
+    }
+
+    /// The answer could not be delivered whole (it broke off, stalled, or was too large to
+    /// hold): the client got the gateway's error `status`/`code` with `body` instead, logged as
+    /// what it got (its bytes, the error as the logged response). Not charged (cut short).
+    pub fn undelivered(mut self, status: u16, code: u16, body: &[u8]) {
+        self.sent_error(code, body);
+        self.record.set_status(status);
+        self.record.finish("upstream_error");
+    }
+
+    /// The client got the gateway's error `code` with `body` in place of the answer.
+    fn sent_error(&mut self, code: u16, body: &[u8]) {
         let r = &mut self.record;
-        r.sent = Some(status);
         r.error_code = Some(code);
         r.bytes = body.len() as u64;
         if let Some(p) = &mut r.payloads {
@@ -754,14 +769,6 @@ impl Answered {
             p.response_cut = false;
         }
         r.keep_payload(body);
-        r.finish("refused");
-    }
-
-    /// The answer could not be delivered whole (it stalled, or was too large to hold): the
-    /// client got the gateway's error `status`. Not charged (cut short).
-    pub fn undelivered(mut self, status: u16) {
-        self.record.set_status(status);
-        self.record.finish("upstream_error");
     }
 }
 

@@ -20,6 +20,11 @@
 //! a request to its provider would be (endpoint, body, alias or the step's own credentials, the
 //! headers that change the answer) in a scope of the step's index: a hit answers as the step
 //! did, with its `cf-aig-step`, and the steps after it are not tried.
+//!
+//! [`socket`] serves it over a WebSocket too (Cloudflare's non-realtime WebSockets API), each
+//! message one request.
+
+pub(crate) mod socket;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,7 +34,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response};
 use http_body_util::Full;
-use serde::Deserialize;
 
 use crate::body::{ProxyBody, RequestBody};
 use crate::cache;
@@ -73,30 +77,179 @@ const COMPAT: &str = "compat";
 
 type Failure = (Option<Arc<str>>, GatewayError);
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One step as the client wrote it, read field by field ([`Step::read`]): a step is an object,
+/// and a field of the wrong type is refused naming it, in JSON's words.
+#[derive(Debug)]
 struct Step {
     provider: String,
     endpoint: String,
     /// The `Authorization` header of the step (Cloudflare's field), unless `headers` has one.
-    #[serde(default)]
     authorization: Option<String>,
     /// Headers of the step: sent upstream, but its `cf-aig-*` ones, which override the
     /// request's for this step.
-    #[serde(default)]
     headers: BTreeMap<String, String>,
     query: serde_json::Value,
-    #[serde(default)]
     config: StepConfig,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[derive(Debug, Default)]
 struct StepConfig {
     request_timeout: Option<u64>,
     max_attempts: Option<u32>,
     retry_delay: Option<u64>,
     backoff: Option<String>,
+}
+
+/// The fields of a step, in the order messages list them.
+const STEP_FIELDS: &str = "provider, endpoint, authorization, headers, query, config";
+/// The fields of a step's `config`.
+const CONFIG_FIELDS: &str = "requestTimeout, maxAttempts, retryDelay, backoff";
+
+/// What a JSON value is, as a message names it.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+impl Step {
+    /// Step `i` of the list: an object of [`STEP_FIELDS`], each of its type. (Not serde's
+    /// derive: it reads a struct from an array too, by position, and its messages name
+    /// neither the field nor anything but Rust types.)
+    fn read(i: usize, value: serde_json::Value) -> Result<Self, GatewayError> {
+        let serde_json::Value::Object(mut fields) = value else {
+            return Err(bad(format!(
+                "steps[{i}]: expected an object ({STEP_FIELDS}), got {}",
+                json_kind(&value)
+            )));
+        };
+        if let Some(unknown) = fields
+            .keys()
+            .find(|k| !STEP_FIELDS.split(", ").any(|f| f == *k))
+        {
+            return Err(bad(format!(
+                "steps[{i}]: unknown field `{}`, expected one of {STEP_FIELDS}",
+                truncate(unknown)
+            )));
+        }
+        let wrong = |field: &str, expected: &str, got: &serde_json::Value| {
+            bad(format!(
+                "steps[{i}].{field}: expected {expected}, got {}",
+                json_kind(got)
+            ))
+        };
+        let mut string = |field: &'static str| match fields.remove(field) {
+            None => Err(bad(format!("steps[{i}]: missing field `{field}`"))),
+            Some(serde_json::Value::String(s)) => Ok(s),
+            Some(other) => Err(wrong(field, "a string", &other)),
+        };
+        let provider = string("provider")?;
+        let endpoint = string("endpoint")?;
+        let authorization = match fields.remove("authorization") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(other) => return Err(wrong("authorization", "a string", &other)),
+        };
+        let headers = match fields.remove("headers") {
+            None => BTreeMap::new(),
+            Some(serde_json::Value::Object(map)) => map
+                .into_iter()
+                .map(|(name, value)| match value {
+                    serde_json::Value::String(v) => Ok((name, v)),
+                    other => Err(bad(format!(
+                        "steps[{i}].headers.{}: expected a string, got {}",
+                        truncate(&name),
+                        json_kind(&other)
+                    ))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(wrong(
+                    "headers",
+                    "an object of header names and string values",
+                    &other,
+                ));
+            }
+        };
+        let query = fields
+            .remove("query")
+            .ok_or_else(|| bad(format!("steps[{i}]: missing field `query`")))?;
+        let config = match fields.remove("config") {
+            None => StepConfig::default(),
+            Some(serde_json::Value::Object(c)) => StepConfig::read(i, c)?,
+            Some(other) => {
+                return Err(wrong(
+                    "config",
+                    &format!("an object ({CONFIG_FIELDS})"),
+                    &other,
+                ));
+            }
+        };
+        Ok(Self {
+            provider,
+            endpoint,
+            authorization,
+            headers,
+            query,
+            config,
+        })
+    }
+}
+
+impl StepConfig {
+    /// The `config` of step `i`: [`CONFIG_FIELDS`], each unset when absent or `null`.
+    fn read(
+        i: usize,
+        mut fields: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, GatewayError> {
+        if let Some(unknown) = fields
+            .keys()
+            .find(|k| !CONFIG_FIELDS.split(", ").any(|f| f == *k))
+        {
+            return Err(bad(format!(
+                "steps[{i}].config: unknown field `{}`, expected one of {CONFIG_FIELDS}",
+                truncate(unknown)
+            )));
+        }
+        let mut number = |field: &str, what: &str| match fields.remove(field) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                let got = match &v {
+                    serde_json::Value::Number(_) => "a negative or fractional number",
+                    other => json_kind(other),
+                };
+                bad(format!(
+                    "steps[{i}].config.{field}: expected {what}, got {got}"
+                ))
+            }),
+        };
+        let request_timeout = number("requestTimeout", "a whole number of milliseconds")?;
+        // Past u32, it is out of the range `check_config` refuses anyway.
+        let max_attempts = number("maxAttempts", "a whole number of attempts")?
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+        let retry_delay = number("retryDelay", "a whole number of milliseconds")?;
+        let backoff = match fields.remove("backoff") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s),
+            Some(other) => {
+                return Err(bad(format!(
+                    "steps[{i}].config.backoff: expected a string (constant, linear or exponential), got {}",
+                    json_kind(&other)
+                )));
+            }
+        };
+        Ok(Self {
+            request_timeout,
+            max_attempts,
+            retry_delay,
+            backoff,
+        })
+    }
 }
 
 /// A step checked and ready to be tried.
@@ -237,6 +390,11 @@ pub(crate) async fn serve(
             Plan::Provider(step) => *step,
             Plan::Compat(c) => {
                 let index = u32::try_from(i).unwrap_or(u32::MAX);
+                let rest = match c.endpoint {
+                    compat::Endpoint::Chat => "chat/completions",
+                    compat::Endpoint::Embeddings => "embeddings",
+                };
+                let tagged = step_parts(parts, COMPAT, rest, &c.parts.headers);
                 let step = serve_compat(
                     gw, snap, *c, aig, i, last, &dlp_flags, start, opts, redis_wait,
                 );
@@ -253,7 +411,7 @@ pub(crate) async fn serve(
                     }
                     Err((id, e)) if last => {
                         let mut resp =
-                            gw.refuse(snap, parts, id, None, None, e, start, Some(index));
+                            gw.refuse(snap, &tagged, id, None, None, e, start, Some(index));
                         proxy::say_cache_missed(&mut resp, opts);
                         return Ok(resp);
                     }
@@ -272,6 +430,8 @@ pub(crate) async fn serve(
         let want = cache::want(&snap.cache, step_aig).map_err(|e| (Some(id.clone()), e))?;
         let opts = &step_log_options(opts, step_aig, snap);
         let event_id = step_aig.get(Gw::EventId);
+        // Its hit and its refusal are tagged and logged as its answer is.
+        let tagged = step_parts(parts, &id, &step.endpoint, &headers);
         // Each step is looked up as it is reached, in the scope of its index.
         let lookup = cache::Request {
             scope: SCOPES[i],
@@ -295,7 +455,7 @@ pub(crate) async fn serve(
                 snap,
                 want.as_ref().filter(|_| cache::cacheable(&lookup)),
                 &lookup,
-                parts,
+                &tagged,
                 start,
                 opts,
                 redis_wait,
@@ -335,7 +495,7 @@ pub(crate) async fn serve(
                 let index = u32::try_from(i).unwrap_or(u32::MAX);
                 let mut resp = gw.refuse(
                     snap,
-                    parts,
+                    &tagged,
                     Some(id.clone()),
                     model,
                     payload,
@@ -410,6 +570,39 @@ pub(crate) async fn serve(
     }
     // `parse` refuses an empty list, so the last step returned above.
     Err(none(bad("no steps".into())))
+}
+
+/// The request as the answers of a step (`provider`, `endpoint`, its own `headers`) are tagged
+/// and logged with, its cache hits and the gateway's refusals at it as its provider's answer
+/// is: the request's `cf-aig-*` headers overridden by the step's (its `cf-aig-event-id` echoed,
+/// its log settings), and as its path the step's route (`/{provider}/{endpoint}`, after a long
+/// form's `/v1/{account}/{gateway}`), which a refusal's log line names.
+fn step_parts(
+    parts: &http::request::Parts,
+    provider: &str,
+    endpoint: &str,
+    headers: &HeaderMap,
+) -> http::request::Parts {
+    let mut tagged = parts.clone();
+    // Each of the step's gateway headers in place of the request's, under either of its names
+    // (`cf-cache-ttl` is `cf-aig-cache-ttl`).
+    for name in headers.keys() {
+        let n = name.as_str();
+        if let Some(suffix) = n.strip_prefix("cf-aig-").or_else(|| n.strip_prefix("cf-")) {
+            tagged.headers.remove(format!("cf-aig-{suffix}"));
+            tagged.headers.remove(format!("cf-{suffix}"));
+        }
+    }
+    for (name, value) in headers {
+        if name.as_str().starts_with("cf-") {
+            tagged.headers.append(name.clone(), value.clone());
+        }
+    }
+    let base = parts.uri.path().trim_end_matches('/');
+    if let Ok(uri) = http::Uri::try_from(format!("{base}/{provider}/{endpoint}")) {
+        tagged.uri = uri;
+    }
+    tagged
 }
 
 /// Whether a step's answer held back whole for the response checks failed the step: it broke
@@ -503,9 +696,7 @@ fn parse(raw: &[u8]) -> Result<Vec<Step>, GatewayError> {
     items
         .into_iter()
         .enumerate()
-        .map(|(i, v)| {
-            serde_json::from_value(v).map_err(|e| bad(format!("steps[{i}]: {}", json_error(&e))))
-        })
+        .map(|(i, v)| Step::read(i, v))
         .collect()
 }
 
@@ -650,7 +841,12 @@ fn plan_compat(
         }
     };
     for p in &providers {
-        compat::stored_credentials(snap, p, alias)?;
+        let stored = compat::stored_credentials(snap, p, alias)?;
+        // A gateway token in the step's own key headers, where they would go upstream, is
+        // refused before any step is sent, as in a provider step.
+        if snap.auth_required {
+            Admission::Token.allow_client_key(stored, snap, &headers, None)?;
+        }
     }
     compat::one_provider_for_client_key(snap, providers, alias, &headers, model)
         .map_err(|e| bad(format!("steps[{i}]: {e}")))?;
@@ -915,5 +1111,111 @@ mod tests {
             vec![r#"{"provider":"a","endpoint":"e","query":{}}"#; 17].join(",")
         );
         assert!(msg(many.as_bytes()).contains("got 17"));
+    }
+
+    #[test]
+    fn a_step_is_an_object_and_a_field_of_the_wrong_type_is_named_in_jsons_words() {
+        let msg = |step: &str| {
+            parse(format!(r#"[{{"provider":"a","endpoint":"e","query":{{}}}},{step}]"#).as_bytes())
+                .expect_err(step)
+                .to_string()
+        };
+        let cases = [
+            // Read by position, it would be a request to `openai`.
+            (
+                r#"["openai","chat/completions",null,{},{}]"#,
+                "steps[1]: expected an object (provider, endpoint, authorization, headers, query, config), got an array",
+            ),
+            (
+                r#"{"provider":"a","endpoint":"e","query":{},"config":{"requestTimeout":"5000"}}"#,
+                "steps[1].config.requestTimeout: expected a whole number of milliseconds, got a string",
+            ),
+            (
+                r#"{"provider":"a","endpoint":"e","query":{},"config":{"maxAttempts":1.5}}"#,
+                "steps[1].config.maxAttempts: expected a whole number of attempts, got a negative or fractional number",
+            ),
+            (
+                r#"{"provider":"a","endpoint":"e","query":{},"config":{"backoff":2}}"#,
+                "steps[1].config.backoff: expected a string",
+            ),
+            (
+                r#"{"provider":"a","endpoint":"e","query":{},"config":{"timeout":1}}"#,
+                "steps[1].config: unknown field `timeout`",
+            ),
+            (
+                r#"{"provider":"a","endpoint":"e","query":{},"config":null}"#,
+                "steps[1].config: expected an object (requestTimeout, maxAttempts, retryDelay, backoff), got null",
+            ),
+            (
+                r#"{"provider":"a","endpoint":"e","query":{},"headers":{"x-title":5}}"#,
+                "steps[1].headers.x-title: expected a string, got a number",
+            ),
+            (
+                r#"{"provider":"a","endpoint":"e","query":{},"headers":["x"]}"#,
+                "steps[1].headers: expected an object of header names and string values, got an array",
+            ),
+            (
+                r#"{"provider":7,"endpoint":"e","query":{}}"#,
+                "steps[1].provider: expected a string, got a number",
+            ),
+            (
+                r#"{"provider":"a","endpoint":"e","query":{},"authorization":true}"#,
+                "steps[1].authorization: expected a string, got a boolean",
+            ),
+        ];
+        for (step, want) in cases {
+            let got = msg(step);
+            assert!(got.contains(want), "{step}: {got}");
+            assert!(!got.contains("u64") && !got.contains("struct"), "{got}");
+        }
+        // Unset fields may be left out, or be null where they are optional.
+        let ok = br#"[{"provider":"a","endpoint":"e","query":null,"authorization":null,"config":{"requestTimeout":null,"maxAttempts":2,"retryDelay":0,"backoff":"linear"}}]"#;
+        let step = &parse(ok).expect("valid")[0];
+        assert_eq!(
+            (
+                step.config.request_timeout,
+                step.config.max_attempts,
+                step.config.retry_delay
+            ),
+            (None, Some(2), Some(0))
+        );
+        assert_eq!(step.config.backoff.as_deref(), Some("linear"));
+    }
+
+    #[test]
+    fn a_steps_answers_are_tagged_with_its_own_gateway_headers_and_logged_at_its_route() {
+        let (mut parts, ()) = Request::new(()).into_parts();
+        parts.uri = http::Uri::from_static("/v1/acct/main");
+        for (name, value) in [
+            ("cf-aig-event-id", "request-ev"),
+            ("cf-aig-metadata", r#"{"a":1}"#),
+            ("cf-aig-cache-ttl", "60"),
+            ("x-other", "kept"),
+        ] {
+            parts.headers.insert(name, HeaderValue::from_static(value));
+        }
+        let mut own = HeaderMap::new();
+        own.insert("cf-aig-event-id", HeaderValue::from_static("step-ev"));
+        // A former name stands for the current one.
+        own.insert("cf-cache-ttl", HeaderValue::from_static("5"));
+        own.insert("authorization", HeaderValue::from_static("Bearer own"));
+        let tagged = step_parts(&parts, "openai", "chat/completions", &own);
+        assert_eq!(tagged.uri.path(), "/v1/acct/main/openai/chat/completions");
+        let aig = GatewayHeaders::scan(&tagged.headers);
+        assert_eq!(aig.get(Gw::EventId).expect("event id"), "step-ev");
+        assert_eq!(aig.get(Gw::CacheTtl).expect("ttl"), "5");
+        assert_eq!(aig.get(Gw::Metadata).expect("metadata"), r#"{"a":1}"#);
+        assert_eq!(tagged.headers["x-other"], "kept");
+        // The step's credentials are no gateway header: not copied.
+        assert!(!tagged.headers.contains_key("authorization"));
+        parts.uri = http::Uri::from_static("/");
+        let short = step_parts(&parts, COMPAT, "embeddings", &HeaderMap::new());
+        assert_eq!(short.uri.path(), "/compat/embeddings");
+        assert_eq!(
+            GatewayHeaders::scan(&short.headers)
+                .get(Gw::EventId)
+                .expect("event id"),
+            "request-ev"
+        );
     }
 }

@@ -139,6 +139,17 @@ impl Sessions {
         let _ = open.wait_for(|n| *n == 0).await;
     }
 
+    /// Counts a session the gateway serves itself (the universal endpoint's, see
+    /// `crate::universal::socket`) as open until the returned handle is dropped; its `ending`
+    /// changes when every session is to end.
+    pub(crate) fn enter(&self) -> Entered {
+        self.open.send_modify(|n| *n += 1);
+        Entered {
+            ending: self.ending.subscribe(),
+            _open: OpenSession(self.open.clone()),
+        }
+    }
+
     fn join(&self) -> Watches {
         self.open.send_modify(|n| *n += 1);
         let mut serving = self.serving.subscribe();
@@ -150,6 +161,13 @@ impl Sessions {
             _open: OpenSession(self.open.clone()),
         }
     }
+}
+
+/// A session the gateway serves itself, counted as open while this lives.
+pub(crate) struct Entered {
+    /// Changes when every session is to end (the gateway stops, its config was taken away).
+    pub(crate) ending: tokio::sync::watch::Receiver<u64>,
+    _open: OpenSession,
 }
 
 /// What a session watches: the gateway ending every session, and reloads.
@@ -929,11 +947,272 @@ async fn close<W: AsyncWrite + Unpin>(client: &mut W, frames: &Frames, code: u16
     if !frames.at_boundary() {
         return;
     }
-    let reason = &reason.as_bytes()[..reason.len().min(123)];
-    let mut frame = vec![0x88, 2 + reason.len() as u8];
-    frame.extend_from_slice(&code.to_be_bytes());
-    frame.extend_from_slice(reason);
+    let frame = close_frame(code, reason);
     let _ = tokio::time::timeout(CLOSING_GRACE, client.write_all(&frame)).await;
+}
+
+/// A server's close frame with `code` and `reason` (cut to the 123 bytes a control frame's
+/// payload has room for, at a character boundary).
+pub(crate) fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    server_frame(CLOSE, &payload)
+}
+
+/// Opcodes (RFC 6455 §5.2).
+const CONTINUATION: u8 = 0;
+const TEXT: u8 = 1;
+const BINARY: u8 = 2;
+const CLOSE: u8 = 8;
+const PING: u8 = 9;
+const PONG: u8 = 10;
+
+/// A whole frame (`FIN` set) as a server sends it: unmasked.
+fn server_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(payload.len() + 10);
+    frame.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => frame.push(n as u8),
+        n if n <= 0xffff => {
+            frame.push(126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A text message as a server sends it, in one frame: `text` is UTF-8.
+pub(crate) fn text_frame(text: &[u8]) -> Vec<u8> {
+    server_frame(TEXT, text)
+}
+
+/// The pong that answers a ping with `payload`.
+pub(crate) fn pong_frame(payload: &[u8]) -> Vec<u8> {
+    server_frame(PONG, payload)
+}
+
+/// Whether `frame` (one of [`server_frame`]'s) is a close frame.
+pub(crate) fn is_close_frame(frame: &[u8]) -> bool {
+    frame.first() == Some(&(0x80 | CLOSE))
+}
+
+/// A frame's header (RFC 6455 §5.2).
+struct FrameHead {
+    fin: bool,
+    /// The `RSV1-3` bits, which no extension the gateway speaks sets.
+    rsv: u8,
+    opcode: u8,
+    len: u64,
+    mask: Option<[u8; 4]>,
+}
+
+impl FrameHead {
+    /// The length of a header whose second byte is `second`: 2 bytes, then 2 or 8 of length,
+    /// then 4 of mask when masked.
+    fn len_of(second: u8) -> usize {
+        let masked = if second & 0x80 != 0 { 4 } else { 0 };
+        match second & 0x7f {
+            126 => 4 + masked,
+            127 => 10 + masked,
+            _ => 2 + masked,
+        }
+    }
+
+    /// A whole header (`h` of [`Self::len_of`] bytes).
+    fn parse(h: &[u8]) -> Self {
+        let (first, second) = (h[0], h[1]);
+        let (len, rest) = match second & 0x7f {
+            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), &h[4..]),
+            127 => (
+                u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
+                &h[10..],
+            ),
+            n => (u64::from(n), &h[2..]),
+        };
+        Self {
+            fin: first & 0x80 != 0,
+            rsv: first & 0x70,
+            opcode: first & 0x0f,
+            len,
+            mask: (second & 0x80 != 0).then(|| [rest[0], rest[1], rest[2], rest[3]]),
+        }
+    }
+}
+
+/// Unmasks `data`, the payload bytes of a frame masked with `key` from offset `at` on.
+fn unmask(data: &mut [u8], key: [u8; 4], at: usize) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b ^= key[(at + i) % 4];
+    }
+}
+
+/// The `Sec-WebSocket-Accept` that answers a client's `Sec-WebSocket-Key` (RFC 6455 §4.2.2), for
+/// a session the gateway serves itself.
+pub(crate) fn accept_key(key: &HeaderValue) -> HeaderValue {
+    use base64::Engine as _;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut sha1 = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    sha1.update(key.as_bytes());
+    sha1.update(GUID);
+    let accept = base64::engine::general_purpose::STANDARD.encode(sha1.finish());
+    // Base64 is visible ASCII.
+    HeaderValue::from_str(&accept).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The `Sec-WebSocket-Key` of an upgrade the gateway answers itself, checked as RFC 6455 §4.2.1
+/// asks: version 13, and a key of 16 bytes in base64.
+pub(crate) fn client_key(headers: &HeaderMap) -> Result<&HeaderValue, GatewayError> {
+    use base64::Engine as _;
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(GatewayError::WebSocketRefused(
+            "a WebSocket upgrade needs Sec-WebSocket-Version: 13".into(),
+        ));
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|k| {
+            base64::engine::general_purpose::STANDARD
+                .decode(k.as_bytes())
+                .is_ok_and(|raw| raw.len() == 16)
+        })
+        .ok_or_else(|| {
+            GatewayError::WebSocketRefused(
+                "a WebSocket upgrade needs a Sec-WebSocket-Key of 16 bytes in base64".into(),
+            )
+        })
+}
+
+/// What a client sent, as [`MessageReader`] reads it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Incoming {
+    /// A whole data message, its fragments joined and unmasked (`text`: a text message, whose
+    /// bytes are UTF-8).
+    Message { text: bool, data: Vec<u8> },
+    /// A ping, with its payload for the pong.
+    Ping(Vec<u8>),
+    /// A close frame, with its status code if it had one.
+    Close(Option<u16>),
+}
+
+/// Why a client's session ends while its frames are read: its connection failed, or it broke
+/// the protocol (the close code and reason it gets, RFC 6455 §7.4.1).
+#[derive(Debug)]
+pub(crate) enum ReadFailure {
+    Io(std::io::Error),
+    Violation { code: u16, reason: &'static str },
+}
+
+impl From<std::io::Error> for ReadFailure {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e)
+    }
+}
+
+fn violation(code: u16, reason: &'static str) -> ReadFailure {
+    ReadFailure::Violation { code, reason }
+}
+
+/// Reads the messages a client sends to a session the gateway serves itself (RFC 6455 §5):
+/// masked frames, a message's fragments joined up to `max` bytes (a longer one ends the session
+/// with close code 1009), control frames between them; pongs are skipped.
+pub(crate) struct MessageReader<R> {
+    io: R,
+    max: usize,
+    /// The message whose fragments are being joined: text or not, and its bytes so far.
+    partial: Option<(bool, Vec<u8>)>,
+}
+
+impl<R: AsyncRead + Unpin> MessageReader<R> {
+    pub(crate) fn new(io: R, max: usize) -> Self {
+        Self {
+            io,
+            max,
+            partial: None,
+        }
+    }
+
+    /// The next message, ping or close; `None` once the client closed the connection between
+    /// frames. Not cancel-safe: a frame read halfway is lost.
+    pub(crate) async fn next(&mut self) -> Result<Option<Incoming>, ReadFailure> {
+        loop {
+            let mut h = [0u8; 14];
+            match self.io.read_exact(&mut h[..2]).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+            let len = FrameHead::len_of(h[1]);
+            self.io.read_exact(&mut h[2..len]).await?;
+            let head = FrameHead::parse(&h[..len]);
+            let Some(key) = head.mask else {
+                return Err(violation(1002, "a client's frames are masked"));
+            };
+            if head.rsv != 0 {
+                return Err(violation(1002, "no extension was agreed"));
+            }
+            let control = head.opcode >= CLOSE;
+            if control && (!head.fin || head.len > 125) {
+                return Err(violation(
+                    1002,
+                    "a control frame is whole and at most 125 bytes",
+                ));
+            }
+            let joined = self.partial.as_ref().map_or(0, |(_, d)| d.len());
+            if !control && joined as u64 + head.len > self.max as u64 {
+                return Err(violation(1009, "message too big"));
+            }
+            // At most `max`, or 125 bytes; grown as the bytes come, not as the header says.
+            let mut payload = Vec::new();
+            (&mut self.io)
+                .take(head.len)
+                .read_to_end(&mut payload)
+                .await?;
+            if payload.len() as u64 != head.len {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+            unmask(&mut payload, key, 0);
+            match head.opcode {
+                PING => return Ok(Some(Incoming::Ping(payload))),
+                PONG => continue,
+                CLOSE => {
+                    let code =
+                        (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]));
+                    return Ok(Some(Incoming::Close(code)));
+                }
+                TEXT | BINARY if self.partial.is_none() => {
+                    self.partial = Some((head.opcode == TEXT, payload));
+                }
+                CONTINUATION => match &mut self.partial {
+                    Some((_, data)) => data.extend_from_slice(&payload),
+                    None => return Err(violation(1002, "a continuation frame with no message")),
+                },
+                TEXT | BINARY => {
+                    return Err(violation(1002, "a new message before the last one ended"));
+                }
+                _ => return Err(violation(1002, "unknown opcode")),
+            }
+            if head.fin
+                && let Some((text, data)) = self.partial.take()
+            {
+                if text && std::str::from_utf8(&data).is_err() {
+                    return Err(violation(1007, "a text message is UTF-8"));
+                }
+                return Ok(Some(Incoming::Message { text, data }));
+            }
+        }
+    }
 }
 
 /// The value of `name` in a URL query (percent-decoding only what model names use).
@@ -1018,43 +1297,34 @@ impl Frames {
 
     /// Length of the current header, as far as its first two bytes tell.
     fn header_len(&self) -> usize {
-        let Some(&second) = self.header.get(1) else {
-            return 2;
-        };
-        let masked = if second & 0x80 != 0 { 4 } else { 0 };
-        match second & 0x7f {
-            126 => 4 + masked,
-            127 => 10 + masked,
-            _ => 2 + masked,
-        }
+        self.header
+            .get(1)
+            .map_or(2, |&second| FrameHead::len_of(second))
     }
 
     fn start_frame(&mut self) {
         let h = std::mem::take(&mut self.header);
-        let (first, second) = (h[0], h[1]);
-        let opcode = first & 0x0f;
-        let (len, rest) = match second & 0x7f {
-            126 => (u64::from(u16::from_be_bytes([h[2], h[3]])), &h[4..]),
-            127 => (
-                u64::from_be_bytes([h[2], h[3], h[4], h[5], h[6], h[7], h[8], h[9]]),
-                &h[10..],
-            ),
-            n => (u64::from(n), &h[2..]),
-        };
-        self.mask = (second & 0x80 != 0).then(|| ([rest[0], rest[1], rest[2], rest[3]], 0));
-        self.fin = first & 0x80 != 0;
+        let FrameHead {
+            fin,
+            opcode,
+            len,
+            mask,
+            ..
+        } = FrameHead::parse(&h);
+        self.mask = mask.map(|key| (key, 0));
+        self.fin = fin;
         self.opcode = opcode;
         // Control frames (opcode 8 and up: close, ping, pong) may come between the frames of a
         // message and leave it as it is.
         self.reading = !self.frames_only
             && match opcode {
-                1 => {
+                TEXT => {
                     self.message = Some(Vec::new());
                     self.peeked = false;
                     true
                 }
-                0 => self.message.is_some(),
-                2..=7 => {
+                CONTINUATION => self.message.is_some(),
+                BINARY..=7 => {
                     self.message = None;
                     false
                 }
@@ -1079,10 +1349,8 @@ impl Frames {
         let from = m.len();
         m.extend_from_slice(data);
         if let Some((key, at)) = &mut self.mask {
-            for b in &mut m[from..] {
-                *b ^= key[*at % 4];
-                *at += 1;
-            }
+            unmask(&mut m[from..], *key, *at);
+            *at += data.len();
         }
         if !self.peeked && m.len() >= PEEK {
             self.peeked = true;
@@ -1093,7 +1361,7 @@ impl Frames {
     }
 
     fn end_frame(&mut self) {
-        self.close_seen |= self.opcode == 8;
+        self.close_seen |= self.opcode == CLOSE;
         if self.reading
             && self.fin
             && let Some(m) = self.message.take()
@@ -1514,6 +1782,143 @@ mod tests {
                 "fed {chunk} bytes at a time"
             );
         }
+    }
+
+    /// The messages a reader (at most `max` bytes a message) reads from `stream`, and how it
+    /// ended.
+    fn read_all(stream: &[u8], max: usize) -> (Vec<Incoming>, Option<ReadFailure>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut reader = MessageReader::new(stream, max);
+            let mut got = Vec::new();
+            loop {
+                match reader.next().await {
+                    Ok(Some(m)) => got.push(m),
+                    Ok(None) => return (got, None),
+                    Err(e) => return (got, Some(e)),
+                }
+            }
+        })
+    }
+
+    fn violated(end: Option<ReadFailure>) -> u16 {
+        match end {
+            Some(ReadFailure::Violation { code, .. }) => code,
+            other => panic!("not a violation: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_clients_messages_are_joined_unmasked_with_control_frames_between_their_fragments() {
+        let key = Some([9, 8, 7, 6]);
+        let mut stream = frame(true, TEXT, b"{\"a\":1}", key);
+        stream.extend(frame(false, BINARY, b"par", key));
+        stream.extend(frame(true, PING, b"p", key));
+        stream.extend(frame(true, PONG, b"ignored", key));
+        stream.extend(frame(false, CONTINUATION, b"t o", key));
+        stream.extend(frame(true, CONTINUATION, b"f it", key));
+        let long = vec![b'x'; 70_000];
+        stream.extend(frame(true, TEXT, &long, key));
+        stream.extend(frame(true, CLOSE, &1000u16.to_be_bytes(), key));
+        let (got, end) = read_all(&stream, 1 << 20);
+        assert!(end.is_none(), "{end:?}");
+        assert_eq!(
+            got,
+            [
+                Incoming::Message {
+                    text: true,
+                    data: b"{\"a\":1}".to_vec()
+                },
+                Incoming::Ping(b"p".to_vec()),
+                Incoming::Message {
+                    text: false,
+                    data: b"part of it".to_vec()
+                },
+                Incoming::Message {
+                    text: true,
+                    data: long
+                },
+                Incoming::Close(Some(1000)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_client_breaking_the_protocol_or_the_size_limit_gets_its_close_code() {
+        let key = Some([1, 2, 3, 4]);
+        // Over the limit, whole or in fragments: 1009 before the payload is read.
+        assert_eq!(
+            violated(read_all(&frame(true, TEXT, &[b'a'; 11], key), 10).1),
+            1009
+        );
+        let mut parts = frame(false, TEXT, &[b'a'; 6], key);
+        parts.extend(frame(true, CONTINUATION, &[b'a'; 6], key));
+        assert_eq!(violated(read_all(&parts, 10).1), 1009);
+        // Unmasked, a stray continuation, a message inside a message, a long control frame,
+        // text that is not UTF-8, an unknown opcode: 1002 (1007 for the text).
+        assert_eq!(
+            violated(read_all(&frame(true, TEXT, b"hi", None), 10).1),
+            1002
+        );
+        assert_eq!(
+            violated(read_all(&frame(true, CONTINUATION, b"hi", key), 10).1),
+            1002
+        );
+        let mut nested = frame(false, TEXT, b"a", key);
+        nested.extend(frame(true, TEXT, b"b", key));
+        assert_eq!(violated(read_all(&nested, 10).1), 1002);
+        assert_eq!(
+            violated(read_all(&frame(true, PING, &[0; 126], key), 1000).1),
+            1002
+        );
+        assert_eq!(
+            violated(read_all(&frame(true, TEXT, &[0xff, 0xfe], key), 10).1),
+            1007
+        );
+        assert_eq!(violated(read_all(&frame(true, 3, b"x", key), 10).1), 1002);
+        // A connection that ends mid-frame is a failed connection, not a clean end.
+        let cut = frame(true, TEXT, b"hello", key);
+        let (got, end) = read_all(&cut[..cut.len() - 1], 10);
+        assert!(
+            got.is_empty() && matches!(end, Some(ReadFailure::Io(_))),
+            "{end:?}"
+        );
+    }
+
+    #[test]
+    fn the_handshake_answers_rfc_6455s_example_and_checks_what_the_client_sent() {
+        // RFC 6455 §1.3.
+        let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+        assert_eq!(accept_key(&key), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SEC_WEBSOCKET_KEY, key.clone());
+        assert!(client_key(&headers).is_err(), "no version");
+        headers.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        assert_eq!(client_key(&headers).expect("valid"), &key);
+        headers.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("c2hvcnQ="),
+        );
+        assert!(client_key(&headers).is_err(), "not 16 bytes");
+        // Server frames are unmasked, with the length in as many bytes as it needs.
+        assert_eq!(text_frame(b"hi"), [0x81, 2, b'h', b'i']);
+        assert_eq!(&text_frame(&[b'a'; 300])[..4], [0x81, 126, 1, 44]);
+        assert_eq!(
+            &text_frame(&[b'a'; 70_000])[..10],
+            [0x81, 127, 0, 0, 0, 0, 0, 1, 17, 112]
+        );
+        let close = close_frame(1001, &"é".repeat(100));
+        // Cut to 123 bytes of reason at a character boundary.
+        assert_eq!(
+            (close[0], close[1], &close[2..4]),
+            (0x88, 124, &[3, 233][..])
+        );
+        assert!(is_close_frame(&close) && !is_close_frame(&pong_frame(b"x")));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 accept loop handing each connection to a thread of its own, and a reader of one request."""
 
 import socket
+import struct
 import threading
+import time
 
 
 def content_length(head):
@@ -63,3 +65,18 @@ class Listener:
 
     def close(self):
         self.sock.close()
+
+
+def cut_openai_stream(conn, _index):
+    """A `Listener` handler: an OpenAI-format upstream that starts a 200 chat stream, sends one
+    chunk (`first part`) and resets the connection."""
+    if read_request(conn) is None:
+        conn.close()
+        return
+    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    event = (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+             b'"choices":[{"index":0,"delta":{"content":"first part"},"finish_reason":null}]}\n\n')
+    conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+    time.sleep(0.2)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()

@@ -191,8 +191,7 @@ def universal(g, steps, **headers):
     return httpx.post(g.url + "/", json=steps, headers=headers)
 
 
-# FAILS at b53322e: a universal step's own cf-aig-event-id (which overrides the request's: its log line says event_id=<step's>) is echoed when the provider answers, but a cache hit of that step echoes the request's event id, or none (proxy.rs cache_lookup tags the hit with the universal request's `parts` headers), and so does the gateway's own error at that step (universal.rs `gw.refuse(snap, parts, ...)`)
-@pytest.mark.xfail(strict=True, reason="review: a universal step's own cf-aig-event-id (which overrides the request's: its log line says event_id=<step's>) is echoed when the provider answers, but a cache hit of that step echoes the request's event id, or none (proxy.rs cache_lookup tags the hit with the universal request's `parts` headers), and so does the gateway's own error at that step (universal.rs `gw.refuse(snap, parts, ...)`)")
+# Failed at b53322e (mended since): a universal step's own cf-aig-event-id (which overrides the request's: its log line says event_id=<step's>) is echoed when the provider answers, but a cache hit of that step echoes the request's event id, or none (proxy.rs cache_lookup tags the hit with the universal request's `parts` headers), and so does the gateway's own error at that step (universal.rs `gw.refuse(snap, parts, ...)`)
 def test_a_universal_steps_own_event_id_is_echoed_on_every_answer_that_step_gives(stepped, mock):
     served = [{"provider": "openai", "endpoint": "chat/completions", "headers": {"cf-aig-event-id": "step-ev"},
                "query": {**BODY, "messages": [{"role": "user", "content": "event ids"}]}}]

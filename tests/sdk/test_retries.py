@@ -623,6 +623,8 @@ def test_an_answer_held_back_for_the_checks_broken_on_every_attempt_is_a_502_cou
         assert len(up.requests) == 2
         line = g.wait_log_line(r.headers["cf-aig-log-id"])
         assert " status_code=502 " in line and " outcome=upstream_error" in line, line
+        # The bytes the client got: the error.
+        assert f" bytes={len(r.content)} " in line, line
         assert "response not delivered" in g.logs() and g.logs().count("retrying upstream") == 1
         assert metric(g, "sidegate_tokens_total") == [] and moderated(mock) == []
     finally:

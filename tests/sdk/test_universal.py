@@ -448,3 +448,36 @@ def test_a_compat_steps_backoff_spaces_its_attempts(gateway, mock):
     assert r.status_code == 503, r.text
     assert len(mock.requests()) == 4
     assert elapsed >= 1.8, elapsed
+
+
+@pytest.mark.parametrize("kind", ["provider", "compat"])
+def test_a_gateway_token_in_a_steps_own_key_header_is_refused_before_any_step_is_sent(authed_gateway, mock, kind):
+    # groq has no stored key: the step's Authorization would go upstream as its key. A provider
+    # step and a compat step are refused alike: the whole request, with no step named.
+    own = {"authorization": f"Bearer {GATEWAY_TOKEN}"}
+    step = ({"provider": "groq", "endpoint": "chat/completions", "headers": own,
+             "query": {"model": "llama-3.1-8b-instant", "messages": [{"role": "user", "content": "hi"}]}}
+            if kind == "provider" else dict(compat_step(model="groq/llama-3.1-8b-instant"), headers=own))
+    r = httpx.post(authed_gateway.url + "/", json=[openai_step(model="mock-status-503"), step],
+                   headers={"cf-aig-authorization": f"Bearer {GATEWAY_TOKEN}"})
+    assert (r.status_code, r.json()["error"][0]["code"]) == (401, 2009), r.text
+    assert "cf-aig-step" not in r.headers, dict(r.headers)
+    assert mock.requests() == []
+
+
+def test_a_failed_last_step_is_logged_at_its_own_endpoint_with_its_own_event_id(mock, tmp_path, refusing_port):
+    extra = f"    custom-dead: {{baseURL: '{refusing_port.url}/v1'}}\n"
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=extra), DEFAULT_KEYS)
+    try:
+        dead = {"provider": "custom-dead", "endpoint": "chat/completions",
+                "headers": {"cf-aig-event-id": "dead-step", "cf-aig-metadata": '{"step":"dead"}'},
+                "query": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}
+        r = httpx.post(g.url + "/v1/acct/main", json=[openai_step(model="mock-status-503"), dead],
+                       headers={"cf-aig-event-id": "request-ev"})
+        assert (r.status_code, r.json()["error"][0]["code"], r.headers["cf-aig-step"]) == (502, 2104, "1"), r.text
+        assert r.headers["cf-aig-event-id"] == "dead-step"
+        line = g.wait_log_line(r.headers["cf-aig-log-id"])
+        assert " provider=custom-dead " in line and " path=chat/completions " in line, line
+        assert " event_id=dead-step" in line and "dead" in line.split(" metadata=")[1], line
+    finally:
+        g.stop()

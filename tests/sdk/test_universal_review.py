@@ -14,16 +14,13 @@ the universal endpoint's URL, answered with `universal.created`). README "Univer
 """
 
 import json
-import socket
-import struct
-import time
 
 import httpx
 import pytest
 import websockets.sync.client
 
 from conftest import DEFAULT_KEYS, GATEWAY_TOKEN, OPENAI_KEY, Sidegate, gateway_yaml
-from rawhttp import Listener, read_request
+from rawhttp import Listener, cut_openai_stream
 
 
 def chat_step(model="gpt-4o-mini", text="review hello", **extra):
@@ -43,8 +40,7 @@ def access_lines(g):
 # --- the shape of a step list ------------------------------------------------------------------
 
 
-# FAILS at b53322e: a step written as a JSON array is read field by field in the order of the gateway's own struct (provider, endpoint, authorization, headers, query, config) and sent upstream
-@pytest.mark.xfail(strict=True, reason="review: a step written as a JSON array is read field by field in the order of the gateway's own struct (provider, endpoint, authorization, headers, query, config) and sent upstream")
+# Failed at b53322e (mended since): a step written as a JSON array is read field by field in the order of the gateway's own struct (provider, endpoint, authorization, headers, query, config) and sent upstream
 def test_a_step_that_is_a_json_array_is_refused_not_read_by_position(gateway, mock):
     # Cloudflare's steps are objects; a list of values has no field names to be read by. serde
     # reads a struct from a sequence too, so universal.rs `parse` (serde_json::from_value into
@@ -58,8 +54,7 @@ def test_a_step_that_is_a_json_array_is_refused_not_read_by_position(gateway, mo
     assert mock.requests() == []
 
 
-# FAILS at b53322e: a step field of the wrong JSON type is refused as "steps[0]: invalid type: ..., expected u64" (serde's message, without the field's name), where the README promises a 400/2108 "naming the step and field"
-@pytest.mark.xfail(strict=True, reason="review: a step field of the wrong JSON type is refused as \"steps[0]: invalid type: ..., expected u64\" (serde's message, without the field's name), where the README promises a 400/2108 \"naming the step and field\"")
+# Failed at b53322e (mended since): a step field of the wrong JSON type is refused as "steps[0]: invalid type: ..., expected u64" (serde's message, without the field's name), where the README promises a 400/2108 "naming the step and field"
 @pytest.mark.parametrize("extra,field", [
     # Header values are strings: a client may well write the timeout as one.
     ({"config": {"requestTimeout": "5000"}}, "requestTimeout"),
@@ -119,24 +114,10 @@ def test_a_providers_4xx_hands_over_to_the_next_step_and_only_the_answer_is_logg
     assert " provider=anthropic " in line and " status_code=200 " in line and line.endswith(" step=1"), line
 
 
-def _cut_stream(conn, _index):
-    """An OpenAI-format upstream that starts a 200 stream, sends one chunk and resets."""
-    if read_request(conn) is None:
-        conn.close()
-        return
-    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
-    event = (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
-             b'"choices":[{"index":0,"delta":{"content":"first part"},"finish_reason":null}]}\n\n')
-    conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
-    time.sleep(0.2)
-    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    conn.close()
-
-
 def test_a_stream_that_breaks_after_its_first_bytes_stays_with_its_step(mock, tmp_path):
     # Bytes of step 0's stream reached the client: the next step must not be sent (its answer
     # would be spliced onto the first one's), and the client must see the break, not a clean end.
-    up = Listener(_cut_stream)
+    up = Listener(cut_openai_stream)
     g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec=f"    custom-cut: {{baseURL: '{up.url}/v1'}}\n"),
                  DEFAULT_KEYS)
     try:
@@ -165,8 +146,7 @@ def test_a_stream_that_breaks_after_its_first_bytes_stays_with_its_step(mock, tm
 # --- the universal endpoint over WebSocket -------------------------------------------------------
 
 
-# FAILS at b53322e: Cloudflare's non-realtime WebSockets API is not served: the upgrade on the universal endpoint's URL (wss://.../v1/{account}/{gateway}) is refused 404 "GET / not found" (proxy.rs Route::Universal -> universal::serve takes POST only)
-@pytest.mark.xfail(strict=True, reason="review: Cloudflare's non-realtime WebSockets API is not served: the upgrade on the universal endpoint's URL (wss://.../v1/{account}/{gateway}) is refused 404 \"GET / not found\" (proxy.rs Route::Universal -> universal::serve takes POST only)")
+# Failed at b53322e (mended since): Cloudflare's non-realtime WebSockets API is not served: the upgrade on the universal endpoint's URL (wss://.../v1/{account}/{gateway}) is refused 404 "GET / not found" (proxy.rs Route::Universal -> universal::serve takes POST only)
 def test_the_non_realtime_websocket_api_answers_universal_create(authed_gateway, mock):
     # Cloudflare: "Modify your Universal Endpoint URL by replacing https:// with wss://", send
     # {"type": "universal.create", "request": {eventId, provider, endpoint, headers, query}} and
