@@ -406,6 +406,8 @@ impl Cache {
     pub const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
     /// Smallest `maxSize`.
     pub const MIN_MAX_SIZE: u64 = 64 << 10;
+    /// Largest `maxSize` (16Gi): the cache is in the sidecar's memory.
+    pub const MAX_MAX_SIZE: u64 = 16 << 30;
 
     /// What is wrong with these settings (field names relative to `cache`), if anything.
     pub fn problem(&self) -> Option<String> {
@@ -415,9 +417,11 @@ impl Cache {
             return Some(format!("cache.ttl {ttl} must be between 60s and 30d"));
         }
         if let Some(size) = self.max_size
-            && size.get() < Self::MIN_MAX_SIZE
+            && !(Self::MIN_MAX_SIZE..=Self::MAX_MAX_SIZE).contains(&size.get())
         {
-            return Some(format!("cache.maxSize {size} must be at least 64Ki"));
+            return Some(format!(
+                "cache.maxSize {size} must be between 64Ki and 16Gi"
+            ));
         }
         None
     }

@@ -33,6 +33,13 @@ pub const MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(
 /// Largest request body when `spec.limits.maxRequestBody` is not set (10Mi).
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 << 20;
 
+/// Largest `spec.limits.maxRequestBody` (1Gi): a request body is held in memory whole.
+pub const MAX_REQUEST_BODY: u64 = 1 << 30;
+
+/// Largest `spec.limits.maxBufferedBytes` (16Gi): memory a sidecar container may hold in
+/// buffered bodies; past it, a value is a typo (a suffix too many), not a budget.
+pub const MAX_BUFFERED_BYTES: u64 = 16 << 30;
+
 /// Most attempts (`spec.retries.maxAttempts`).
 pub const MAX_ATTEMPTS: u32 = 5;
 
@@ -51,9 +58,18 @@ pub fn policy_problems(policy: &GatewayPolicy, origin: Origin) -> Vec<String> {
         problems.push("spec.requestTimeout must be larger than 0".into());
     }
     if let Some(b) = policy.limits.as_ref().and_then(|l| l.max_request_body)
-        && b.get() == 0
+        && !(1..=MAX_REQUEST_BODY).contains(&b.get())
     {
-        problems.push("spec.limits.maxRequestBody must be larger than 0".into());
+        problems.push(format!(
+            "spec.limits.maxRequestBody must be larger than 0 and at most 1Gi, got {b}"
+        ));
+    }
+    if let Some(b) = policy.limits.as_ref().and_then(|l| l.max_buffered_bytes)
+        && b.get() > MAX_BUFFERED_BYTES
+    {
+        problems.push(format!(
+            "spec.limits.maxBufferedBytes must be at most 16Gi, got {b}"
+        ));
     }
     if let Some(limits) = &policy.limits
         && let Some(buffered) = limits.max_buffered_bytes

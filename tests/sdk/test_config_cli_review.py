@@ -285,19 +285,34 @@ def test_a_base_url_placeholder_its_provider_never_fills_is_refused_at_load(tmp_
 # up front, bounded only by maxRequestBody, which has no upper bound (a 9-digit `Gi` is valid in
 # an AIGateway too): one request declaring 500 TB aborts the sidecar ("memory allocation of
 # 500000000000000 bytes failed", SIGABRT), cutting every stream of the pod.
-# FAILS at 7822da8: maxRequestBody 999999999Gi + Content-Length 500 TB aborts the sidecar (allocation failure, SIGABRT)
-@pytest.mark.xfail(strict=True, reason="review: maxRequestBody 999999999Gi + Content-Length 500 TB aborts the sidecar (allocation failure, SIGABRT)")
+# Failed at 7822da8 (mended since): maxRequestBody 999999999Gi + Content-Length 500 TB aborted the sidecar (allocation failure, SIGABRT)
+# Mended both ways: maxRequestBody is at most 1Gi (refused at load, and by the operator), and a
+# declared length is allocated up front only up to 8 MiB (the rest as bytes arrive), so a body
+# declaring nearly 1Gi within the largest limit takes no gigabyte of address space either.
+def _vm_size_kib(pid):
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmSize")
+
+
 def test_a_huge_declared_body_does_not_abort_the_sidecar(mock, tmp_path):
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  limits: {maxRequestBody: 999999999Gi}\n"),
+    r = check_text(tmp_path, "schemaVersion: 1\nspec:\n  limits: {maxRequestBody: 999999999Gi}\n")
+    assert r.returncode == 2, r.stdout
+    assert "spec.limits.maxRequestBody" in r.stderr and "at most 1Gi" in r.stderr, r.stderr
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  limits: {maxRequestBody: 1Gi}\n"),
                  DEFAULT_KEYS)
     s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
     try:
+        before = _vm_size_kib(g.proc.pid)
         s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                  b"content-type: application/json\r\ncontent-length: 500000000000000\r\n\r\n{\"model\":")
+                  b"content-type: application/json\r\ncontent-length: 1000000000\r\n\r\n{\"model\":")
         time.sleep(0.3)
         s.sendall(b'"gpt-4o-mini",')
         time.sleep(1)
         assert g.proc.poll() is None, f"the sidecar died ({g.proc.returncode}): {g.logs()[-400:]}"
+        grown = _vm_size_kib(g.proc.pid) - before
+        assert grown < 256 << 10, f"address space grew by {grown} KiB for 23 bytes of a body"
         assert httpx.get(g.admin + "/healthz", timeout=2).status_code == 200
     finally:
         s.close()
