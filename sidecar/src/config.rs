@@ -397,30 +397,49 @@ pub fn load_with(src: &Sources, raw: Vec<u8>) -> Result<Snapshot, ConfigError> {
 }
 
 fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    read_regular_file(path, MAX_CONFIG_FILE).map_err(|e| match e {
+        FileError::Io(error) => ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        },
+        FileError::NotAFile(kind) => ConfigError::NotAFile {
+            path: path.to_owned(),
+            kind,
+        },
+        FileError::TooLarge => ConfigError::TooLarge {
+            path: path.to_owned(),
+        },
+    })
+}
+
+/// Why [`read_regular_file`] read no file.
+#[derive(Debug)]
+pub enum FileError {
+    /// It could not be opened or read.
+    Io(std::io::Error),
+    /// It is no regular file: a directory, FIFO, socket, device (see [`file_kind`]).
+    NotAFile(&'static str),
+    /// It holds more than the bound.
+    TooLarge,
+}
+
+/// The bytes of the regular file at `path` (through symlinks, as kubelet mounts a ConfigMap's
+/// or Secret's files), at most `max` of them. Opening a FIFO waits for a writer, forever if none
+/// comes, and a device such as `/dev/zero` never ends: only regular files are opened, and read
+/// up to the bound, not by the length the metadata gives (the file may grow meanwhile).
+pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
     use std::io::Read as _;
-    let read = |error| ConfigError::Read {
-        path: path.to_owned(),
-        error,
-    };
-    // Opening a FIFO waits for a writer, forever if none comes: only regular files are opened
-    // (through symlinks, as kubelet mounts a ConfigMap's files).
-    let meta = std::fs::metadata(path).map_err(read)?;
+    let meta = std::fs::metadata(path).map_err(FileError::Io)?;
     if !meta.is_file() {
-        return Err(ConfigError::NotAFile {
-            path: path.to_owned(),
-            kind: file_kind(&meta.file_type()),
-        });
+        return Err(FileError::NotAFile(file_kind(&meta.file_type())));
     }
-    let file = std::fs::File::open(path).map_err(read)?;
-    // Read up to the limit, not by the length the metadata gives (the file may grow meanwhile).
+    let file = std::fs::File::open(path).map_err(FileError::Io)?;
     let mut raw = Vec::new();
-    file.take(MAX_CONFIG_FILE + 1)
+    file.take(max.saturating_add(1))
         .read_to_end(&mut raw)
-        .map_err(read)?;
-    if raw.len() as u64 > MAX_CONFIG_FILE {
-        return Err(ConfigError::TooLarge {
-            path: path.to_owned(),
-        });
+        .map_err(FileError::Io)?;
+    if raw.len() as u64 > max {
+        return Err(FileError::TooLarge);
     }
     Ok(raw)
 }

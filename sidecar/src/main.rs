@@ -384,13 +384,26 @@ fn upstream_client(ca: Option<&Path>) -> anyhow::Result<UpstreamClient> {
     sidegate::proxy::upstream_client(extra_roots).context("upstream TLS setup")
 }
 
+/// Largest `--upstream-ca` file.
+const MAX_CA_FILE: u64 = 4 << 20;
+
 /// The certificates of the `--upstream-ca` file at `path`, each one a root store takes: rustls
 /// would refuse a bad one later as an "invalid peer certificate", naming neither flag nor file.
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
+    use sidegate::config::FileError;
     let shown = path.display();
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    // A regular file of at most 4 MiB (a system's whole CA bundle is a few hundred KiB): a FIFO
+    // would block the start, before it listens, and `/dev/zero` fill its memory.
+    let raw = sidegate::config::read_regular_file(path, MAX_CA_FILE).map_err(|e| match e {
+        FileError::Io(e) => anyhow::anyhow!("--upstream-ca {shown}: cannot read it: {e}"),
+        FileError::NotAFile(kind) => {
+            anyhow::anyhow!("--upstream-ca {shown}: a {kind}, not a regular file")
+        }
+        FileError::TooLarge => anyhow::anyhow!("--upstream-ca {shown}: larger than 4 MiB"),
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&raw)
+        .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("--upstream-ca {shown}: cannot read PEM certificates"))?;
     if certs.is_empty() {
         anyhow::bail!("--upstream-ca {shown}: holds no PEM certificate");

@@ -379,8 +379,7 @@ def test_the_same_address_for_listen_and_admin_is_not_blamed_on_another_process(
 # At 7822da8: read_certs (main.rs) opens the --upstream-ca path as it is (pem_file_iter):
 # a FIFO with no writer blocks --check (and a start, before it listens) forever, as the config
 # FIFO did before read_config checked for a regular file; /dev/zero is read until memory runs out.
-# FAILS at 7822da8: --check (and a start) with a FIFO as --upstream-ca blocks forever
-@pytest.mark.xfail(strict=True, reason="review: --check (and a start) with a FIFO as --upstream-ca blocks forever")
+# Failed at 7822da8 (mended since): --check (and a start) with a FIFO as --upstream-ca blocks forever
 def test_check_of_an_upstream_ca_that_is_a_fifo_does_not_hang(tmp_path):
     (tmp_path / "gateway.yaml").write_text("schemaVersion: 1\n")
     fifo = tmp_path / "ca.pem"
@@ -390,6 +389,9 @@ def test_check_of_an_upstream_ca_that_is_a_fifo_does_not_hang(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("--check with a FIFO as --upstream-ca still running after 10 s")
     assert r.returncode == 2 and "--upstream-ca" in r.stderr, r.stderr
+    # Nor is a device read until memory runs out.
+    r = sidegate("--config", "gateway.yaml", "--upstream-ca", "/dev/zero", "--check", cwd=tmp_path, timeout=10)
+    assert r.returncode == 2 and "--upstream-ca" in r.stderr and "not a regular file" in r.stderr, r.stderr
 
 
 def test_a_single_sigint_drains_and_exits_0(mock, tmp_path):
