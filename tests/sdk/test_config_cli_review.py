@@ -365,8 +365,7 @@ def test_a_port_in_use_is_named_and_exits_2(tmp_path):
 # At 7822da8: with --listen and --admin the same address the second bind fails and
 # server::bind says "another process listens there (in a pod, another of its containers)": the
 # only listener there is the sidecar's own gateway port; the two flags are never compared.
-# FAILS at 7822da8: --listen and --admin on one address: the error blames "another process"
-@pytest.mark.xfail(strict=True, reason="review: --listen and --admin on one address: the error blames \"another process\"")
+# Failed at 7822da8 (mended since): --listen and --admin on one address: the error blamed "another process"
 def test_the_same_address_for_listen_and_admin_is_not_blamed_on_another_process(tmp_path):
     (tmp_path / "gateway.yaml").write_text("schemaVersion: 1\n")
     addr = f"127.0.0.1:{free_port()}"
