@@ -223,6 +223,23 @@ pub fn load_with(src: &Sources, raw: Vec<u8>) -> Result<Snapshot, ConfigError> {
         path: path.clone(),
         message: "not UTF-8".into(),
     })?;
+    // The version first: a newer version's fields and values are not this one's, and the file
+    // is refused for its version, not for the first of them.
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+    }
+    if let Ok(Version {
+        schema_version: Some(found),
+    }) = parse_yaml::<Version>(text)
+        && found != SCHEMA_VERSION
+    {
+        return Err(ConfigError::SchemaVersion {
+            path: path.clone(),
+            found,
+        });
+    }
     let config: GatewayConfig = parse_yaml(text).map_err(|e| ConfigError::Parse {
         path: path.clone(),
         message: e.to_string(),
@@ -579,11 +596,17 @@ mod tests {
     #[test]
     fn unknown_fields_and_versions_are_refused_by_name() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = load(&write_config(dir.path(), "schemaVersion: 2\n")).expect_err("v2");
-        assert!(
-            err.to_string().contains("schemaVersion 2 is not supported"),
-            "{err}"
-        );
+        for v2 in [
+            "schemaVersion: 2\n",
+            "schemaVersion: 2\nsecrets: {}\n",
+            "spec:\n  requestTimeout: 1.5s\nschemaVersion: 2\n",
+        ] {
+            let err = load(&write_config(dir.path(), v2)).expect_err("v2");
+            assert!(
+                err.to_string().contains("schemaVersion 2 is not supported"),
+                "{err}"
+            );
+        }
         let err = load(&write_config(
             dir.path(),
             "schemaVersion: 1\nspec:\n  cache: {enabeld: true}\n",

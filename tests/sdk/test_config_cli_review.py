@@ -51,8 +51,7 @@ def sidegate(*args, timeout=20, cwd=None):
     "spec:\n  cache: {enabled: true, evictionPolicy: lfu}\n",
     "spec:\n  requestTimeout: 1.5s\n",
 ], ids=["new-top-level-field", "new-nested-field", "new-value-form"])
-# FAILS at 7822da8: a schemaVersion 2 file is refused for a field or value v1 does not know, never as an unsupported version
-@pytest.mark.xfail(strict=True, reason="review: a schemaVersion 2 file is refused for a field or value v1 does not know, never as an unsupported version")
+# Failed at 7822da8 (mended since): a schemaVersion 2 file is refused for a field or value v1 does not know, never as an unsupported version
 def test_a_newer_schema_version_is_refused_for_its_version_not_for_its_fields(tmp_path, body):
     r = check_text(tmp_path, "schemaVersion: 2\n" + body)
     assert r.returncode == 2, r.stdout
