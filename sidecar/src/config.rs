@@ -151,8 +151,90 @@ impl Snapshot {
 
 /// Parses YAML with errors on one line (`... at line 3, column 5`), without the source snippet
 /// serde-saphyr adds by default: the error goes into a log line.
-fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
     serde_saphyr::from_str_with_options(text, serde_saphyr::options! { with_snippet: false })
+        .map_err(|e| yaml_error_message(text, &e))
+}
+
+/// A YAML parse error as its operator reads it: serde-saphyr's own `Display` is meant for
+/// developers (it advises options and API calls such as `DuplicateKeyPolicy`,
+/// `from_str_multiple` or `Option<String>`); its user formatter, with plain words where that too
+/// shows internals, and the field whose value is of the wrong type, with the line and column.
+fn yaml_error_message(text: &str, err: &serde_saphyr::Error) -> String {
+    let message = err.render_with_formatter(&PlainYaml);
+    let field = err
+        .location()
+        .and_then(|at| field_at(text, at.line(), at.column()));
+    let wrong_value = matches!(
+        err,
+        serde_saphyr::Error::InvalidScalar { .. }
+            | serde_saphyr::Error::InvalidBooleanStrict { .. }
+            | serde_saphyr::Error::SerdeInvalidType { .. }
+            | serde_saphyr::Error::SerdeInvalidValue { .. }
+            | serde_saphyr::Error::Message { .. }
+            | serde_saphyr::Error::NullIntoString { .. }
+            | serde_saphyr::Error::Unexpected { .. }
+    );
+    match field {
+        Some(field) if wrong_value => format!("`{field}`: {message}"),
+        _ => message,
+    }
+}
+
+/// The key whose value starts at `line`, `column` (1-based), when it is written before it on
+/// that line (`limit: -5`, `{maxAttempts: three}`) or ends the line above (a block value):
+/// errors of a value name no field.
+fn field_at(text: &str, line: u64, column: u64) -> Option<&str> {
+    let index = usize::try_from(line.checked_sub(1)?).ok()?;
+    let at = text.lines().nth(index)?;
+    let before = at
+        .char_indices()
+        .nth(usize::try_from(column.checked_sub(1)?).ok()?)
+        .map_or(at, |(i, _)| &at[..i]);
+    let before = match before.trim() {
+        "" | "-" => text.lines().nth(index.checked_sub(1)?)?,
+        _ => before,
+    };
+    let key = before.trim_end().strip_suffix(':')?.trim_end();
+    let start = key
+        .rfind(|c: char| c.is_whitespace() || matches!(c, '{' | ',' | '-'))
+        .map_or(0, |i| i + 1);
+    let key = key[start..].trim_matches(|c| c == '"' || c == '\'');
+    (!key.is_empty()).then_some(key)
+}
+
+/// serde-saphyr's [`serde_saphyr::UserMessageFormatter`], in plain words where that shows a
+/// Rust type or a debug structure.
+struct PlainYaml;
+
+impl serde_saphyr::MessageFormatter for PlainYaml {
+    fn format_message<'a>(&self, err: &'a serde_saphyr::Error) -> std::borrow::Cow<'a, str> {
+        use serde_saphyr::Error as E;
+        match err {
+            E::Budget { .. }
+            | E::AliasReplayCounterOverflow { .. }
+            | E::AliasReplayLimitExceeded { .. }
+            | E::AliasExpansionLimitExceeded { .. }
+            | E::AliasReplayStackDepthExceeded { .. } => {
+                "the YAML is too large or too complex (its aliases expand to too many values, or it nests too deep)".into()
+            }
+            E::MultipleDocuments { .. } => {
+                "the file holds more than one YAML document (a `---` line): it must hold one".into()
+            }
+            E::NullIntoString { .. } | E::InvalidCharNull { .. } => {
+                "an empty (null) key or value where text is expected".into()
+            }
+            E::InvalidScalar { ty, .. } => match *ty {
+                "bool" | "boolean" => "expected true or false".into(),
+                "char" | "string" => "expected text".into(),
+                "f32" | "f64" => "expected a number".into(),
+                ty if ty.starts_with('u') => "expected a whole number, 0 or more".into(),
+                ty if ty.starts_with('i') => "expected a whole number".into(),
+                _ => "expected another kind of value".into(),
+            },
+            _ => serde_saphyr::UserMessageFormatter.format_message(err),
+        }
+    }
 }
 
 /// Refuses a field of `spec` the gateway does not know (`authentification:`), which would
@@ -160,7 +242,7 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_sap
 /// refuses unknown fields in its type; `spec` cannot
 /// (see [`sidegate_crds::policy::GatewayPolicy::field_names`]).
 fn refuse_unknown_spec_fields(text: &str) -> Result<(), String> {
-    let doc: serde_json::Value = parse_yaml(text).map_err(|e| e.to_string())?;
+    let doc: serde_json::Value = parse_yaml(text)?;
     let Some(spec) = doc.get("spec").and_then(|s| s.as_object()) else {
         return Ok(());
     };
@@ -240,9 +322,9 @@ pub fn load_with(src: &Sources, raw: Vec<u8>) -> Result<Snapshot, ConfigError> {
             found,
         });
     }
-    let config: GatewayConfig = parse_yaml(text).map_err(|e| ConfigError::Parse {
+    let config: GatewayConfig = parse_yaml(text).map_err(|message| ConfigError::Parse {
         path: path.clone(),
-        message: e.to_string(),
+        message,
     })?;
     if config.schema_version != SCHEMA_VERSION {
         return Err(ConfigError::SchemaVersion {
@@ -591,6 +673,29 @@ mod tests {
             src.keys_dir = Some(keys.clone());
             load(&src).unwrap_or_else(|e| panic!("examples/{name}: {e}"));
         }
+    }
+
+    #[test]
+    fn a_value_of_the_wrong_type_is_refused_naming_its_key_in_plain_words() {
+        assert_eq!(field_at("a:\n  b: {c: x}\n", 2, 10), Some("c"));
+        assert_eq!(field_at("a:\n  b:\n    - x\n", 3, 7), Some("b"));
+        assert_eq!(field_at("a: [x]\n", 1, 5), None);
+        assert_eq!(field_at("", 9, 9), None);
+        let err = parse_yaml::<GatewayConfig>(
+            "schemaVersion: 1\nspec:\n  retries: {maxAttempts: three}\n",
+        )
+        .expect_err("not a number");
+        assert!(
+            err.starts_with("`maxAttempts`: expected a whole number"),
+            "{err}"
+        );
+        assert!(err.contains("line 3"), "{err}");
+        let err =
+            parse_yaml::<GatewayConfig>("schemaVersion: 1\nschemaVersion: 1\n").expect_err("twice");
+        assert!(
+            !err.contains("DuplicateKeyPolicy") && err.contains("line 2"),
+            "{err}"
+        );
     }
 
     #[test]
