@@ -242,16 +242,50 @@ impl serde_saphyr::MessageFormatter for PlainYaml {
 /// refuses unknown fields in its type; `spec` cannot
 /// (see [`sidegate_crds::policy::GatewayPolicy::field_names`]).
 fn refuse_unknown_spec_fields(text: &str) -> Result<(), String> {
-    let doc: serde_json::Value = parse_yaml(text)?;
-    let Some(spec) = doc.get("spec").and_then(|s| s.as_object()) else {
+    /// The keys of `spec`, each with where it is written.
+    struct Keys(Vec<serde_saphyr::Spanned<String>>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a mapping")
+                }
+                fn visit_unit<E>(self) -> Result<Keys, E> {
+                    Ok(Keys(Vec::new()))
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some(key) = map.next_key::<serde_saphyr::Spanned<String>>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        keys.push(key);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_any(Visit)
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        spec: Option<Keys>,
+    }
+    let Doc { spec: Some(spec) } = parse_yaml(text)? else {
         return Ok(());
     };
     let known = sidegate_crds::policy::GatewayPolicy::field_names();
-    match spec.keys().find(|k| !known.contains(k)) {
+    match spec.0.iter().find(|k| !known.contains(&k.value)) {
         None => Ok(()),
         Some(unknown) => Err(format!(
-            "spec: unknown field `{unknown}`, expected one of {}",
-            known.join(", ")
+            "spec: unknown field `{}`, expected one of {} at line {}, column {}",
+            unknown.value,
+            known.join(", "),
+            unknown.referenced.line(),
+            unknown.referenced.column()
         )),
     }
 }
@@ -733,6 +767,7 @@ mod tests {
                     .contains(&format!("spec: unknown field `{typo}`, expected one of")),
                 "{err}"
             );
+            assert!(err.to_string().ends_with("at line 3, column 3"), "{err}");
         }
         let known = sidegate_crds::policy::GatewayPolicy::field_names();
         for field in [

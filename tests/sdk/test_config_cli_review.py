@@ -119,8 +119,7 @@ def test_a_value_of_the_wrong_type_is_refused_naming_its_field(tmp_path, spec, f
 # At 7822da8: refuse_unknown_spec_fields (config.rs) finds the field in a serde_json::Value
 # of the file, which has no positions: the one parse error without its line and column (a typo
 # one level down says "at line 4, column 11").
-# FAILS at 7822da8: an unknown field directly under spec is refused without its line and column
-@pytest.mark.xfail(strict=True, reason="review: an unknown field directly under spec is refused without its line and column")
+# Failed at 7822da8 (mended since): an unknown field directly under spec is refused without its line and column
 def test_an_unknown_spec_field_is_refused_with_its_line(tmp_path):
     r = check_text(tmp_path, "schemaVersion: 1\ngateway: {name: main}\nspec:\n  requestTimeout: 30s\n"
                              "  authentification: {enabled: true}\n")
