@@ -94,7 +94,11 @@ pub struct GatewayPolicy {
     )]
     pub pricing: Vec<ModelPrice>,
     /// Per-provider settings: upstream base URL overrides and `custom-<slug>` providers.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     #[schemars(extend(
         "maxProperties" = 32,
         "x-kubernetes-validations" = [{
@@ -397,6 +401,16 @@ pub struct Cache {
     /// Also cache streamed (SSE) responses and replay them.
     #[serde(default)]
     pub streaming: bool,
+}
+
+/// A block's value where `null` (a key with nothing under it: every setting commented out) is
+/// the empty block, as a missing key is.
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
 }
 
 impl Cache {

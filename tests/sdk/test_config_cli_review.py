@@ -136,8 +136,7 @@ def test_an_unknown_spec_field_is_refused_with_its_line(tmp_path):
 # with "expected mapping start at line 26, column 12". examples/gateway.yaml itself gets there when
 # its one provider, custom-ollama, is commented out like the lines above it.
 @pytest.mark.parametrize("case", ["spec", "providers", "example-without-ollama"])
-# FAILS at 7822da8: a block key whose settings are all commented out (YAML null) is refused: "expected mapping start"
-@pytest.mark.xfail(strict=True, reason="review: a block key whose settings are all commented out (YAML null) is refused: \"expected mapping start\"")
+# Failed at 7822da8 (mended since): a block key whose settings are all commented out (YAML null) is refused: "expected mapping start"
 def test_a_block_whose_settings_are_all_commented_out_loads(tmp_path, case):
     if case == "spec":
         text = "schemaVersion: 1\ngateway: {name: main}\nspec:\n  # requestTimeout: 30s\n"
