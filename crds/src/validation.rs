@@ -27,6 +27,18 @@ pub enum Origin {
 /// Placeholders a provider base URL may hold; the sidecar fills them per request from the route.
 pub const BASE_URL_PLACEHOLDERS: &[&str] = &["resource", "deployment", "region", "account"];
 
+/// The placeholders of [`BASE_URL_PLACEHOLDERS`] that provider `id` fills from each request's
+/// route: azure-openai `{resource}` and `{deployment}`, aws-bedrock and google-vertex-ai
+/// `{region}`, workers-ai `{account}`; no other provider fills any.
+pub fn placeholders_filled_by(id: &str) -> &'static [&'static str] {
+    match id {
+        "azure-openai" => &["resource", "deployment"],
+        "aws-bedrock" | "google-vertex-ai" => &["region"],
+        "workers-ai" => &["account"],
+        _ => &[],
+    }
+}
+
 /// Largest retry delay (`spec.retries.retryDelay`).
 pub const MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -253,6 +265,33 @@ pub fn provider_problem(id: &str, settings: &ProviderSettings) -> Option<String>
     }
     if let Some(why) = settings.base_url.as_deref().and_then(base_url_problem) {
         return Some(format!("baseURL {why}"));
+    }
+    if let Some(url) = settings.base_url.as_deref() {
+        let filled = placeholders_filled_by(id);
+        let unfilled: Vec<String> = BASE_URL_PLACEHOLDERS
+            .iter()
+            .filter(|p| !filled.contains(p))
+            .map(|p| format!("{{{p}}}"))
+            .filter(|p| url.contains(p.as_str()))
+            .collect();
+        if !unfilled.is_empty() {
+            let fills = match filled {
+                [] => format!("{id} fills no placeholder"),
+                names => format!(
+                    "{id} fills only {}",
+                    names
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+            };
+            let (shown, _) = without_userinfo(url);
+            return Some(format!(
+                "baseURL {shown:?} holds {}, which would go upstream as written: {fills}",
+                unfilled.join(", ")
+            ));
+        }
     }
     if builtin {
         return None;

@@ -263,8 +263,7 @@ def test_secrets_written_in_the_wrong_place_are_not_repeated(tmp_path):
 # placeholders in any provider's baseURL, but only azure-openai ({resource}, {deployment}),
 # aws-bedrock and google-vertex-ai ({region}) and workers-ai ({account}) fill them: openai's
 # requests go upstream to the literal path "/{deployment}/v1/chat/completions".
-# FAILS at 7822da8: openai's baseURL with {deployment} loads, and the literal placeholder is sent upstream
-@pytest.mark.xfail(strict=True, reason="review: openai's baseURL with {deployment} loads, and the literal placeholder is sent upstream")
+# Failed at 7822da8 (mended since): openai's baseURL with {deployment} loads, and the literal placeholder is sent upstream
 def test_a_base_url_placeholder_its_provider_never_fills_is_refused_at_load(tmp_path):
     r = check_text(tmp_path, "schemaVersion: 1\nspec:\n  providers:\n"
                              "    openai: {baseURL: 'https://gw.example.com/{deployment}/v1'}\n")
