@@ -38,13 +38,17 @@ pub struct GatewayConfig {
     /// Format version of this file; the sidecar refuses versions it does not know.
     pub schema_version: u32,
     /// Which gateway this is.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::policy::null_as_default")]
     pub gateway: GatewayIdentity,
-    /// The gateway policy.
-    #[serde(default)]
+    /// The gateway policy (a key with nothing under it, every line commented out, is none).
+    #[serde(default, deserialize_with = "crate::policy::null_as_default")]
     pub spec: GatewayPolicy,
     /// Key index: provider id → aliases present in the keys directory (never values).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "crate::policy::null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub keys: BTreeMap<String, Vec<String>>,
 }
 

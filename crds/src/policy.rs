@@ -94,7 +94,11 @@ pub struct GatewayPolicy {
     )]
     pub pricing: Vec<ModelPrice>,
     /// Per-provider settings: upstream base URL overrides and `custom-<slug>` providers.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     #[schemars(extend(
         "maxProperties" = 32,
         "x-kubernetes-validations" = [{
@@ -399,6 +403,16 @@ pub struct Cache {
     pub streaming: bool,
 }
 
+/// A block's value where `null` (a key with nothing under it: every setting commented out) is
+/// the empty block, as a missing key is.
+pub(crate) fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Option::unwrap_or_default)
+}
+
 impl Cache {
     /// Shortest TTL (config and `cf-aig-cache-ttl`).
     pub const MIN_TTL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -406,6 +420,8 @@ impl Cache {
     pub const MAX_TTL: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
     /// Smallest `maxSize`.
     pub const MIN_MAX_SIZE: u64 = 64 << 10;
+    /// Largest `maxSize` (16Gi): the cache is in the sidecar's memory.
+    pub const MAX_MAX_SIZE: u64 = 16 << 30;
 
     /// What is wrong with these settings (field names relative to `cache`), if anything.
     pub fn problem(&self) -> Option<String> {
@@ -415,9 +431,11 @@ impl Cache {
             return Some(format!("cache.ttl {ttl} must be between 60s and 30d"));
         }
         if let Some(size) = self.max_size
-            && size.get() < Self::MIN_MAX_SIZE
+            && !(Self::MIN_MAX_SIZE..=Self::MAX_MAX_SIZE).contains(&size.get())
         {
-            return Some(format!("cache.maxSize {size} must be at least 64Ki"));
+            return Some(format!(
+                "cache.maxSize {size} must be between 64Ki and 16Gi"
+            ));
         }
         None
     }

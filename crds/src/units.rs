@@ -170,18 +170,46 @@ impl Serialize for ByteSize {
 
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Str(String),
+        // A number or a string, said in words when it is neither (an untagged enum would say
+        // "did not match any variant of untagged enum").
+        struct Size;
+        impl serde::de::Visitor<'_> for Size {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(SIZE_FORMS)
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {n}: expected {SIZE_FORMS}")))
+            }
+            fn visit_u128<E: serde::de::Error>(self, n: u128) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {n}: expected {SIZE_FORMS}")))
+            }
+            fn visit_i128<E: serde::de::Error>(self, n: i128) -> Result<ByteSize, E> {
+                u64::try_from(n)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom(format!("invalid size {n}: expected {SIZE_FORMS}")))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ByteSize, E> {
+                // Not shown: a float's digits are not those written (1e6, 18446744073709551616).
+                Err(E::custom(format!("invalid size: expected {SIZE_FORMS}")))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<ByteSize, E> {
+                s.parse().map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(Self(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Size)
     }
 }
+
+/// What a size may be, for errors.
+const SIZE_FORMS: &str = "a size such as 10Mi or 1048576: a whole number of bytes, optionally followed by Ki, Mi, Gi, K, M or G";
 
 impl JsonSchema for ByteSize {
     fn schema_name() -> Cow<'static, str> {
@@ -237,6 +265,21 @@ mod tests {
         assert_eq!("10M".parse::<ByteSize>().map(ByteSize::get), Ok(10_000_000));
         assert_eq!("1024".parse::<ByteSize>().map(ByteSize::get), Ok(1024));
         assert!("10MB".parse::<ByteSize>().is_err());
+        assert_eq!(
+            serde_json::from_str::<ByteSize>("1024")
+                .map(ByteSize::get)
+                .ok(),
+            Some(1024)
+        );
+        for bad in ["-1", "10.5", "true"] {
+            let err = serde_json::from_str::<ByteSize>(bad)
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                err.contains("a size such as 10Mi") && !err.contains("untagged"),
+                "{err}"
+            );
+        }
         assert_eq!(ByteSize::bytes(10 << 20).to_string(), "10Mi");
     }
 

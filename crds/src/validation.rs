@@ -27,11 +27,30 @@ pub enum Origin {
 /// Placeholders a provider base URL may hold; the sidecar fills them per request from the route.
 pub const BASE_URL_PLACEHOLDERS: &[&str] = &["resource", "deployment", "region", "account"];
 
+/// The placeholders of [`BASE_URL_PLACEHOLDERS`] that provider `id` fills from each request's
+/// route: azure-openai `{resource}` and `{deployment}`, aws-bedrock and google-vertex-ai
+/// `{region}`, workers-ai `{account}`; no other provider fills any.
+pub fn placeholders_filled_by(id: &str) -> &'static [&'static str] {
+    match id {
+        "azure-openai" => &["resource", "deployment"],
+        "aws-bedrock" | "google-vertex-ai" => &["region"],
+        "workers-ai" => &["account"],
+        _ => &[],
+    }
+}
+
 /// Largest retry delay (`spec.retries.retryDelay`).
 pub const MAX_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Largest request body when `spec.limits.maxRequestBody` is not set (10Mi).
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 10 << 20;
+
+/// Largest `spec.limits.maxRequestBody` (1Gi): a request body is held in memory whole.
+pub const MAX_REQUEST_BODY: u64 = 1 << 30;
+
+/// Largest `spec.limits.maxBufferedBytes` (16Gi): memory a sidecar container may hold in
+/// buffered bodies; past it, a value is a typo (a suffix too many), not a budget.
+pub const MAX_BUFFERED_BYTES: u64 = 16 << 30;
 
 /// Most attempts (`spec.retries.maxAttempts`).
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -51,9 +70,18 @@ pub fn policy_problems(policy: &GatewayPolicy, origin: Origin) -> Vec<String> {
         problems.push("spec.requestTimeout must be larger than 0".into());
     }
     if let Some(b) = policy.limits.as_ref().and_then(|l| l.max_request_body)
-        && b.get() == 0
+        && !(1..=MAX_REQUEST_BODY).contains(&b.get())
     {
-        problems.push("spec.limits.maxRequestBody must be larger than 0".into());
+        problems.push(format!(
+            "spec.limits.maxRequestBody must be larger than 0 and at most 1Gi, got {b}"
+        ));
+    }
+    if let Some(b) = policy.limits.as_ref().and_then(|l| l.max_buffered_bytes)
+        && b.get() > MAX_BUFFERED_BYTES
+    {
+        problems.push(format!(
+            "spec.limits.maxBufferedBytes must be at most 16Gi, got {b}"
+        ));
     }
     if let Some(limits) = &policy.limits
         && let Some(buffered) = limits.max_buffered_bytes
@@ -237,6 +265,33 @@ pub fn provider_problem(id: &str, settings: &ProviderSettings) -> Option<String>
     }
     if let Some(why) = settings.base_url.as_deref().and_then(base_url_problem) {
         return Some(format!("baseURL {why}"));
+    }
+    if let Some(url) = settings.base_url.as_deref() {
+        let filled = placeholders_filled_by(id);
+        let unfilled: Vec<String> = BASE_URL_PLACEHOLDERS
+            .iter()
+            .filter(|p| !filled.contains(p))
+            .map(|p| format!("{{{p}}}"))
+            .filter(|p| url.contains(p.as_str()))
+            .collect();
+        if !unfilled.is_empty() {
+            let fills = match filled {
+                [] => format!("{id} fills no placeholder"),
+                names => format!(
+                    "{id} fills only {}",
+                    names
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+            };
+            let (shown, _) = without_userinfo(url);
+            return Some(format!(
+                "baseURL {shown:?} holds {}, which would go upstream as written: {fills}",
+                unfilled.join(", ")
+            ));
+        }
     }
     if builtin {
         return None;

@@ -850,8 +850,8 @@ where
             }
             if whole.capacity() == 0 {
                 // A body in several frames with a declared length is allocated once, not
-                // doubled up to it.
-                let declared = usize::try_from(declared).unwrap_or(0).min(limit);
+                // doubled up to it (up to a bound: the declaration is the sender's word).
+                let declared = crate::buffers::presize(declared).min(limit);
                 whole.reserve(declared.max(data.len()));
             }
             whole.extend_from_slice(&data);

@@ -25,6 +25,19 @@ use prometheus_client::metrics::gauge::Gauge;
 /// limit with room for streams, connections and the cache.
 pub const DEFAULT_MAX_BUFFERED: u64 = 64 << 20;
 
+/// Most bytes allocated up front for a body from the length it declares (`Content-Length`):
+/// a body up to this is allocated once, at its size; past it, the buffer grows as its bytes
+/// arrive. A declaration is the sender's word, not bytes: one request declaring 500 TB under a
+/// large `maxRequestBody` must not make the sidecar ask for 500 TB (an allocation failure
+/// aborts the process, and every stream of the pod with it).
+pub const MAX_PRESIZE: usize = 8 << 20;
+
+/// The capacity to allocate up front for a body declaring `declared` bytes (see
+/// [`MAX_PRESIZE`]).
+pub fn presize(declared: u64) -> usize {
+    usize::try_from(declared).map_or(MAX_PRESIZE, |n| n.min(MAX_PRESIZE))
+}
+
 /// The bytes held in buffered bodies now, shared by every request of the process; its metrics
 /// are `sidegate_buffered_bytes` (the gauge is the account itself) and
 /// `sidegate_buffer_refusals_total`.
@@ -348,6 +361,13 @@ mod tests {
         drop(b);
         assert_eq!(budget.held(), 0);
         assert_eq!(budget.0.refused.get(), 2);
+    }
+
+    #[test]
+    fn a_declared_length_is_allocated_up_front_only_up_to_a_bound() {
+        assert_eq!(super::presize(1000), 1000);
+        assert_eq!(super::presize(500_000_000_000_000), super::MAX_PRESIZE);
+        assert_eq!(super::presize(u64::MAX), super::MAX_PRESIZE);
     }
 
     #[test]

@@ -824,7 +824,9 @@ fn start_fill(
         status,
         headers: kept,
         buf: BytesMut::new(),
-        expected: declared.unwrap_or(4096).min(max_entry),
+        expected: declared
+            .map_or(4096, |n| crate::buffers::presize(n as u64))
+            .min(max_entry),
         flight: None,
         framing,
     })

@@ -151,8 +151,90 @@ impl Snapshot {
 
 /// Parses YAML with errors on one line (`... at line 3, column 5`), without the source snippet
 /// serde-saphyr adds by default: the error goes into a log line.
-fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_saphyr::Error> {
+fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
     serde_saphyr::from_str_with_options(text, serde_saphyr::options! { with_snippet: false })
+        .map_err(|e| yaml_error_message(text, &e))
+}
+
+/// A YAML parse error as its operator reads it: serde-saphyr's own `Display` is meant for
+/// developers (it advises options and API calls such as `DuplicateKeyPolicy`,
+/// `from_str_multiple` or `Option<String>`); its user formatter, with plain words where that too
+/// shows internals, and the field whose value is of the wrong type, with the line and column.
+fn yaml_error_message(text: &str, err: &serde_saphyr::Error) -> String {
+    let message = err.render_with_formatter(&PlainYaml);
+    let field = err
+        .location()
+        .and_then(|at| field_at(text, at.line(), at.column()));
+    let wrong_value = matches!(
+        err,
+        serde_saphyr::Error::InvalidScalar { .. }
+            | serde_saphyr::Error::InvalidBooleanStrict { .. }
+            | serde_saphyr::Error::SerdeInvalidType { .. }
+            | serde_saphyr::Error::SerdeInvalidValue { .. }
+            | serde_saphyr::Error::Message { .. }
+            | serde_saphyr::Error::NullIntoString { .. }
+            | serde_saphyr::Error::Unexpected { .. }
+    );
+    match field {
+        Some(field) if wrong_value => format!("`{field}`: {message}"),
+        _ => message,
+    }
+}
+
+/// The key whose value starts at `line`, `column` (1-based), when it is written before it on
+/// that line (`limit: -5`, `{maxAttempts: three}`) or ends the line above (a block value):
+/// errors of a value name no field.
+fn field_at(text: &str, line: u64, column: u64) -> Option<&str> {
+    let index = usize::try_from(line.checked_sub(1)?).ok()?;
+    let at = text.lines().nth(index)?;
+    let before = at
+        .char_indices()
+        .nth(usize::try_from(column.checked_sub(1)?).ok()?)
+        .map_or(at, |(i, _)| &at[..i]);
+    let before = match before.trim() {
+        "" | "-" => text.lines().nth(index.checked_sub(1)?)?,
+        _ => before,
+    };
+    let key = before.trim_end().strip_suffix(':')?.trim_end();
+    let start = key
+        .rfind(|c: char| c.is_whitespace() || matches!(c, '{' | ',' | '-'))
+        .map_or(0, |i| i + 1);
+    let key = key[start..].trim_matches(|c| c == '"' || c == '\'');
+    (!key.is_empty()).then_some(key)
+}
+
+/// serde-saphyr's [`serde_saphyr::UserMessageFormatter`], in plain words where that shows a
+/// Rust type or a debug structure.
+struct PlainYaml;
+
+impl serde_saphyr::MessageFormatter for PlainYaml {
+    fn format_message<'a>(&self, err: &'a serde_saphyr::Error) -> std::borrow::Cow<'a, str> {
+        use serde_saphyr::Error as E;
+        match err {
+            E::Budget { .. }
+            | E::AliasReplayCounterOverflow { .. }
+            | E::AliasReplayLimitExceeded { .. }
+            | E::AliasExpansionLimitExceeded { .. }
+            | E::AliasReplayStackDepthExceeded { .. } => {
+                "the YAML is too large or too complex (its aliases expand to too many values, or it nests too deep)".into()
+            }
+            E::MultipleDocuments { .. } => {
+                "the file holds more than one YAML document (a `---` line): it must hold one".into()
+            }
+            E::NullIntoString { .. } | E::InvalidCharNull { .. } => {
+                "an empty (null) key or value where text is expected".into()
+            }
+            E::InvalidScalar { ty, .. } => match *ty {
+                "bool" | "boolean" => "expected true or false".into(),
+                "char" | "string" => "expected text".into(),
+                "f32" | "f64" => "expected a number".into(),
+                ty if ty.starts_with('u') => "expected a whole number, 0 or more".into(),
+                ty if ty.starts_with('i') => "expected a whole number".into(),
+                _ => "expected another kind of value".into(),
+            },
+            _ => serde_saphyr::UserMessageFormatter.format_message(err),
+        }
+    }
 }
 
 /// Refuses a field of `spec` the gateway does not know (`authentification:`), which would
@@ -160,16 +242,50 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, serde_sap
 /// refuses unknown fields in its type; `spec` cannot
 /// (see [`sidegate_crds::policy::GatewayPolicy::field_names`]).
 fn refuse_unknown_spec_fields(text: &str) -> Result<(), String> {
-    let doc: serde_json::Value = parse_yaml(text).map_err(|e| e.to_string())?;
-    let Some(spec) = doc.get("spec").and_then(|s| s.as_object()) else {
+    /// The keys of `spec`, each with where it is written.
+    struct Keys(Vec<serde_saphyr::Spanned<String>>);
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = Keys;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("a mapping")
+                }
+                fn visit_unit<E>(self) -> Result<Keys, E> {
+                    Ok(Keys(Vec::new()))
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Keys, A::Error> {
+                    let mut keys = Vec::new();
+                    while let Some(key) = map.next_key::<serde_saphyr::Spanned<String>>()? {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                        keys.push(key);
+                    }
+                    Ok(Keys(keys))
+                }
+            }
+            d.deserialize_any(Visit)
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        spec: Option<Keys>,
+    }
+    let Doc { spec: Some(spec) } = parse_yaml(text)? else {
         return Ok(());
     };
     let known = sidegate_crds::policy::GatewayPolicy::field_names();
-    match spec.keys().find(|k| !known.contains(k)) {
+    match spec.0.iter().find(|k| !known.contains(&k.value)) {
         None => Ok(()),
         Some(unknown) => Err(format!(
-            "spec: unknown field `{unknown}`, expected one of {}",
-            known.join(", ")
+            "spec: unknown field `{}`, expected one of {} at line {}, column {}",
+            unknown.value,
+            known.join(", "),
+            unknown.referenced.line(),
+            unknown.referenced.column()
         )),
     }
 }
@@ -223,9 +339,26 @@ pub fn load_with(src: &Sources, raw: Vec<u8>) -> Result<Snapshot, ConfigError> {
         path: path.clone(),
         message: "not UTF-8".into(),
     })?;
-    let config: GatewayConfig = parse_yaml(text).map_err(|e| ConfigError::Parse {
+    // The version first: a newer version's fields and values are not this one's, and the file
+    // is refused for its version, not for the first of them.
+    #[derive(serde::Deserialize)]
+    struct Version {
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+    }
+    if let Ok(Version {
+        schema_version: Some(found),
+    }) = parse_yaml::<Version>(text)
+        && found != SCHEMA_VERSION
+    {
+        return Err(ConfigError::SchemaVersion {
+            path: path.clone(),
+            found,
+        });
+    }
+    let config: GatewayConfig = parse_yaml(text).map_err(|message| ConfigError::Parse {
         path: path.clone(),
-        message: e.to_string(),
+        message,
     })?;
     if config.schema_version != SCHEMA_VERSION {
         return Err(ConfigError::SchemaVersion {
@@ -397,30 +530,49 @@ pub fn load_with(src: &Sources, raw: Vec<u8>) -> Result<Snapshot, ConfigError> {
 }
 
 fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    read_regular_file(path, MAX_CONFIG_FILE).map_err(|e| match e {
+        FileError::Io(error) => ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        },
+        FileError::NotAFile(kind) => ConfigError::NotAFile {
+            path: path.to_owned(),
+            kind,
+        },
+        FileError::TooLarge => ConfigError::TooLarge {
+            path: path.to_owned(),
+        },
+    })
+}
+
+/// Why [`read_regular_file`] read no file.
+#[derive(Debug)]
+pub enum FileError {
+    /// It could not be opened or read.
+    Io(std::io::Error),
+    /// It is no regular file: a directory, FIFO, socket, device (see [`file_kind`]).
+    NotAFile(&'static str),
+    /// It holds more than the bound.
+    TooLarge,
+}
+
+/// The bytes of the regular file at `path` (through symlinks, as kubelet mounts a ConfigMap's
+/// or Secret's files), at most `max` of them. Opening a FIFO waits for a writer, forever if none
+/// comes, and a device such as `/dev/zero` never ends: only regular files are opened, and read
+/// up to the bound, not by the length the metadata gives (the file may grow meanwhile).
+pub fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>, FileError> {
     use std::io::Read as _;
-    let read = |error| ConfigError::Read {
-        path: path.to_owned(),
-        error,
-    };
-    // Opening a FIFO waits for a writer, forever if none comes: only regular files are opened
-    // (through symlinks, as kubelet mounts a ConfigMap's files).
-    let meta = std::fs::metadata(path).map_err(read)?;
+    let meta = std::fs::metadata(path).map_err(FileError::Io)?;
     if !meta.is_file() {
-        return Err(ConfigError::NotAFile {
-            path: path.to_owned(),
-            kind: file_kind(&meta.file_type()),
-        });
+        return Err(FileError::NotAFile(file_kind(&meta.file_type())));
     }
-    let file = std::fs::File::open(path).map_err(read)?;
-    // Read up to the limit, not by the length the metadata gives (the file may grow meanwhile).
+    let file = std::fs::File::open(path).map_err(FileError::Io)?;
     let mut raw = Vec::new();
-    file.take(MAX_CONFIG_FILE + 1)
+    file.take(max.saturating_add(1))
         .read_to_end(&mut raw)
-        .map_err(read)?;
-    if raw.len() as u64 > MAX_CONFIG_FILE {
-        return Err(ConfigError::TooLarge {
-            path: path.to_owned(),
-        });
+        .map_err(FileError::Io)?;
+    if raw.len() as u64 > max {
+        return Err(FileError::TooLarge);
     }
     Ok(raw)
 }
@@ -558,13 +710,42 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_and_versions_are_refused_by_name() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let err = load(&write_config(dir.path(), "schemaVersion: 2\n")).expect_err("v2");
+    fn a_value_of_the_wrong_type_is_refused_naming_its_key_in_plain_words() {
+        assert_eq!(field_at("a:\n  b: {c: x}\n", 2, 10), Some("c"));
+        assert_eq!(field_at("a:\n  b:\n    - x\n", 3, 7), Some("b"));
+        assert_eq!(field_at("a: [x]\n", 1, 5), None);
+        assert_eq!(field_at("", 9, 9), None);
+        let err = parse_yaml::<GatewayConfig>(
+            "schemaVersion: 1\nspec:\n  retries: {maxAttempts: three}\n",
+        )
+        .expect_err("not a number");
         assert!(
-            err.to_string().contains("schemaVersion 2 is not supported"),
+            err.starts_with("`maxAttempts`: expected a whole number"),
             "{err}"
         );
+        assert!(err.contains("line 3"), "{err}");
+        let err =
+            parse_yaml::<GatewayConfig>("schemaVersion: 1\nschemaVersion: 1\n").expect_err("twice");
+        assert!(
+            !err.contains("DuplicateKeyPolicy") && err.contains("line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_versions_are_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for v2 in [
+            "schemaVersion: 2\n",
+            "schemaVersion: 2\nsecrets: {}\n",
+            "spec:\n  requestTimeout: 1.5s\nschemaVersion: 2\n",
+        ] {
+            let err = load(&write_config(dir.path(), v2)).expect_err("v2");
+            assert!(
+                err.to_string().contains("schemaVersion 2 is not supported"),
+                "{err}"
+            );
+        }
         let err = load(&write_config(
             dir.path(),
             "schemaVersion: 1\nspec:\n  cache: {enabeld: true}\n",
@@ -586,6 +767,7 @@ mod tests {
                     .contains(&format!("spec: unknown field `{typo}`, expected one of")),
                 "{err}"
             );
+            assert!(err.to_string().ends_with("at line 3, column 3"), "{err}");
         }
         let known = sidegate_crds::policy::GatewayPolicy::field_names();
         for field in [

@@ -202,6 +202,12 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(why) = ports_overlap(args.listen, args.admin) {
+        use clap::CommandFactory as _;
+        Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, why)
+            .exit();
+    }
     init_logging(args.log_format);
     // Processes of the same user, such as an app in a pod that shares its process namespace,
     // must not read this process's memory or, through /proc/<pid>/root, the key files it
@@ -265,6 +271,22 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Why `--listen` and `--admin` cannot both be bound, if they cannot: one port of addresses
+/// that overlap (the same one, or either all of the host's). Said as such, rather than as the
+/// second bind's "address in use", which blames another process.
+fn ports_overlap(listen: SocketAddr, admin: SocketAddr) -> Option<String> {
+    let overlap = listen.port() == admin.port()
+        && (listen.ip() == admin.ip()
+            || listen.ip().is_unspecified()
+            || admin.ip().is_unspecified());
+    overlap.then(|| {
+        format!(
+            "--listen {listen} and --admin {admin} are one address (port {}): the gateway and admin ports must differ",
+            listen.port()
+        )
+    })
 }
 
 /// The config file and keys directory of `args`, as absolute paths: the file watcher reports
@@ -384,13 +406,26 @@ fn upstream_client(ca: Option<&Path>) -> anyhow::Result<UpstreamClient> {
     sidegate::proxy::upstream_client(extra_roots).context("upstream TLS setup")
 }
 
+/// Largest `--upstream-ca` file.
+const MAX_CA_FILE: u64 = 4 << 20;
+
 /// The certificates of the `--upstream-ca` file at `path`, each one a root store takes: rustls
 /// would refuse a bad one later as an "invalid peer certificate", naming neither flag nor file.
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     use rustls::pki_types::pem::PemObject;
+    use sidegate::config::FileError;
     let shown = path.display();
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+    // A regular file of at most 4 MiB (a system's whole CA bundle is a few hundred KiB): a FIFO
+    // would block the start, before it listens, and `/dev/zero` fill its memory.
+    let raw = sidegate::config::read_regular_file(path, MAX_CA_FILE).map_err(|e| match e {
+        FileError::Io(e) => anyhow::anyhow!("--upstream-ca {shown}: cannot read it: {e}"),
+        FileError::NotAFile(kind) => {
+            anyhow::anyhow!("--upstream-ca {shown}: a {kind}, not a regular file")
+        }
+        FileError::TooLarge => anyhow::anyhow!("--upstream-ca {shown}: larger than 4 MiB"),
+    })?;
+    let certs = CertificateDer::pem_slice_iter(&raw)
+        .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("--upstream-ca {shown}: cannot read PEM certificates"))?;
     if certs.is_empty() {
         anyhow::bail!("--upstream-ca {shown}: holds no PEM certificate");
@@ -491,6 +526,27 @@ impl ShutdownSignals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listen_and_admin_on_one_port_of_overlapping_addresses_are_refused() {
+        let a = |s: &str| s.parse::<SocketAddr>().expect("address");
+        for (listen, admin) in [
+            ("127.0.0.1:8787", "127.0.0.1:8787"),
+            ("0.0.0.0:8787", "127.0.0.1:8787"),
+            ("127.0.0.1:8787", "[::]:8787"),
+        ] {
+            assert!(
+                ports_overlap(a(listen), a(admin)).is_some(),
+                "{listen} {admin}"
+            );
+        }
+        for (listen, admin) in [
+            ("127.0.0.1:8787", "127.0.0.1:8788"),
+            ("127.0.0.1:8787", "127.0.0.2:8787"),
+        ] {
+            assert_eq!(ports_overlap(a(listen), a(admin)), None, "{listen} {admin}");
+        }
+    }
 
     #[test]
     fn a_bad_rust_log_directive_is_named_and_the_good_ones_kept() {

@@ -1092,6 +1092,23 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
+    #[test]
+    fn the_placeholders_validation_allows_are_those_each_provider_fills() {
+        use sidegate_crds::validation::{BASE_URL_PLACEHOLDERS, placeholders_filled_by};
+        for b in BUILTINS {
+            let filled = placeholders_filled_by(b.id);
+            for p in BASE_URL_PLACEHOLDERS {
+                assert_eq!(
+                    b.base.contains(&format!("{{{p}}}")),
+                    filled.contains(p),
+                    "{}: {{{p}}}",
+                    b.id
+                );
+            }
+            assert_eq!(b.shape == UrlShape::Plain, filled.is_empty(), "{}", b.id);
+        }
+    }
+
     fn table(settings: &[(&str, ProviderSettings)]) -> ProviderTable {
         let s: BTreeMap<_, _> = settings
             .iter()

@@ -1822,8 +1822,9 @@ pub(crate) async fn read_body(
             (Some(buf), _) => buf.extend_from_slice(&data),
             (None, None) => whole = Some(data),
             (None, Some(first)) => {
-                // Allocated once for a declared length, not doubled up to it.
-                let size = declared.map_or(0, |n| usize::try_from(n).unwrap_or(0));
+                // Allocated once for a declared length, not doubled up to it (up to a bound:
+                // the declaration is the client's word, its bytes are what count).
+                let size = declared.map_or(0, crate::buffers::presize);
                 let mut buf = bytes::BytesMut::with_capacity(size.max(first.len() + data.len()));
                 buf.extend_from_slice(&first);
                 buf.extend_from_slice(&data);

@@ -51,8 +51,7 @@ def sidegate(*args, timeout=20, cwd=None):
     "spec:\n  cache: {enabled: true, evictionPolicy: lfu}\n",
     "spec:\n  requestTimeout: 1.5s\n",
 ], ids=["new-top-level-field", "new-nested-field", "new-value-form"])
-# FAILS at 7822da8: a schemaVersion 2 file is refused for a field or value v1 does not know, never as an unsupported version
-@pytest.mark.xfail(strict=True, reason="review: a schemaVersion 2 file is refused for a field or value v1 does not know, never as an unsupported version")
+# Failed at 7822da8 (mended since): a schemaVersion 2 file is refused for a field or value v1 does not know, never as an unsupported version
 def test_a_newer_schema_version_is_refused_for_its_version_not_for_its_fields(tmp_path, body):
     r = check_text(tmp_path, "schemaVersion: 2\n" + body)
     assert r.returncode == 2, r.stdout
@@ -81,8 +80,7 @@ def _alias_bomb(levels=7):
     ("schemaVersion: 1\nspec:\n  null: x\n", "Option<String>"),
     (_alias_bomb(), "Nodes {"),
 ], ids=["duplicate-key", "two-documents", "null-key", "alias-bomb"])
-# FAILS at 7822da8: YAML errors tell the operator to change serde-saphyr options/API calls or print a Debug struct
-@pytest.mark.xfail(strict=True, reason="review: YAML errors tell the operator to change serde-saphyr options/API calls or print a Debug struct")
+# Failed at 7822da8 (mended since): YAML errors tell the operator to change serde-saphyr options/API calls or print a Debug struct
 def test_parse_errors_speak_to_the_operator_not_of_the_librarys_api(tmp_path, text, leak):
     r = check_text(tmp_path, text)
     assert r.returncode == 2, r.stdout
@@ -94,8 +92,7 @@ def test_parse_errors_speak_to_the_operator_not_of_the_librarys_api(tmp_path, te
 # enum Raw`, so a size that is neither a u64 nor a string says "data did not match any variant of
 # untagged enum Raw": a Rust type name, and not what a size is (a duration says its forms).
 @pytest.mark.parametrize("value", ["-1", "1e6", "10.5", "18446744073709551616"])
-# FAILS at 7822da8: a non-size value of a ByteSize field says "data did not match any variant of untagged enum Raw"
-@pytest.mark.xfail(strict=True, reason="review: a non-size value of a ByteSize field says \"data did not match any variant of untagged enum Raw\"")
+# Failed at 7822da8 (mended since): a non-size value of a ByteSize field says "data did not match any variant of untagged enum Raw"
 def test_a_size_of_the_wrong_form_says_what_a_size_is(tmp_path, value):
     r = check_text(tmp_path, f"schemaVersion: 1\nspec:\n  limits: {{maxRequestBody: {value}}}\n")
     assert r.returncode == 2, r.stdout
@@ -111,8 +108,7 @@ def test_a_size_of_the_wrong_form_says_what_a_size_is(tmp_path, value):
     ("rateLimit: {limit: -5, interval: 60s}", "limit"),
     ("logging: {payloads: maybe}", "payloads"),
 ])
-# FAILS at 7822da8: a wrong-typed value is refused as "invalid u32"/"invalid boolean" without naming its field
-@pytest.mark.xfail(strict=True, reason="review: a wrong-typed value is refused as \"invalid u32\"/\"invalid boolean\" without naming its field")
+# Failed at 7822da8 (mended since): a wrong-typed value is refused as "invalid u32"/"invalid boolean" without naming its field
 def test_a_value_of_the_wrong_type_is_refused_naming_its_field(tmp_path, spec, field):
     r = check_text(tmp_path, f"schemaVersion: 1\nspec:\n  {spec}\n")
     assert r.returncode == 2, r.stdout
@@ -123,8 +119,7 @@ def test_a_value_of_the_wrong_type_is_refused_naming_its_field(tmp_path, spec, f
 # At 7822da8: refuse_unknown_spec_fields (config.rs) finds the field in a serde_json::Value
 # of the file, which has no positions: the one parse error without its line and column (a typo
 # one level down says "at line 4, column 11").
-# FAILS at 7822da8: an unknown field directly under spec is refused without its line and column
-@pytest.mark.xfail(strict=True, reason="review: an unknown field directly under spec is refused without its line and column")
+# Failed at 7822da8 (mended since): an unknown field directly under spec is refused without its line and column
 def test_an_unknown_spec_field_is_refused_with_its_line(tmp_path):
     r = check_text(tmp_path, "schemaVersion: 1\ngateway: {name: main}\nspec:\n  requestTimeout: 30s\n"
                              "  authentification: {enabled: true}\n")
@@ -141,8 +136,7 @@ def test_an_unknown_spec_field_is_refused_with_its_line(tmp_path):
 # with "expected mapping start at line 26, column 12". examples/gateway.yaml itself gets there when
 # its one provider, custom-ollama, is commented out like the lines above it.
 @pytest.mark.parametrize("case", ["spec", "providers", "example-without-ollama"])
-# FAILS at 7822da8: a block key whose settings are all commented out (YAML null) is refused: "expected mapping start"
-@pytest.mark.xfail(strict=True, reason="review: a block key whose settings are all commented out (YAML null) is refused: \"expected mapping start\"")
+# Failed at 7822da8 (mended since): a block key whose settings are all commented out (YAML null) is refused: "expected mapping start"
 def test_a_block_whose_settings_are_all_commented_out_loads(tmp_path, case):
     if case == "spec":
         text = "schemaVersion: 1\ngateway: {name: main}\nspec:\n  # requestTimeout: 30s\n"
@@ -269,8 +263,7 @@ def test_secrets_written_in_the_wrong_place_are_not_repeated(tmp_path):
 # placeholders in any provider's baseURL, but only azure-openai ({resource}, {deployment}),
 # aws-bedrock and google-vertex-ai ({region}) and workers-ai ({account}) fill them: openai's
 # requests go upstream to the literal path "/{deployment}/v1/chat/completions".
-# FAILS at 7822da8: openai's baseURL with {deployment} loads, and the literal placeholder is sent upstream
-@pytest.mark.xfail(strict=True, reason="review: openai's baseURL with {deployment} loads, and the literal placeholder is sent upstream")
+# Failed at 7822da8 (mended since): openai's baseURL with {deployment} loads, and the literal placeholder is sent upstream
 def test_a_base_url_placeholder_its_provider_never_fills_is_refused_at_load(tmp_path):
     r = check_text(tmp_path, "schemaVersion: 1\nspec:\n  providers:\n"
                              "    openai: {baseURL: 'https://gw.example.com/{deployment}/v1'}\n")
@@ -285,19 +278,34 @@ def test_a_base_url_placeholder_its_provider_never_fills_is_refused_at_load(tmp_
 # up front, bounded only by maxRequestBody, which has no upper bound (a 9-digit `Gi` is valid in
 # an AIGateway too): one request declaring 500 TB aborts the sidecar ("memory allocation of
 # 500000000000000 bytes failed", SIGABRT), cutting every stream of the pod.
-# FAILS at 7822da8: maxRequestBody 999999999Gi + Content-Length 500 TB aborts the sidecar (allocation failure, SIGABRT)
-@pytest.mark.xfail(strict=True, reason="review: maxRequestBody 999999999Gi + Content-Length 500 TB aborts the sidecar (allocation failure, SIGABRT)")
+# Failed at 7822da8 (mended since): maxRequestBody 999999999Gi + Content-Length 500 TB aborted the sidecar (allocation failure, SIGABRT)
+# Mended both ways: maxRequestBody is at most 1Gi (refused at load, and by the operator), and a
+# declared length is allocated up front only up to 8 MiB (the rest as bytes arrive), so a body
+# declaring nearly 1Gi within the largest limit takes no gigabyte of address space either.
+def _vm_size_kib(pid):
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmSize")
+
+
 def test_a_huge_declared_body_does_not_abort_the_sidecar(mock, tmp_path):
-    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  limits: {maxRequestBody: 999999999Gi}\n"),
+    r = check_text(tmp_path, "schemaVersion: 1\nspec:\n  limits: {maxRequestBody: 999999999Gi}\n")
+    assert r.returncode == 2, r.stdout
+    assert "spec.limits.maxRequestBody" in r.stderr and "at most 1Gi" in r.stderr, r.stderr
+    g = Sidegate(tmp_path, gateway_yaml(mock.url, extra_spec="  limits: {maxRequestBody: 1Gi}\n"),
                  DEFAULT_KEYS)
     s = socket.create_connection(("127.0.0.1", g.port), timeout=5)
     try:
+        before = _vm_size_kib(g.proc.pid)
         s.sendall(b"POST /openai/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                  b"content-type: application/json\r\ncontent-length: 500000000000000\r\n\r\n{\"model\":")
+                  b"content-type: application/json\r\ncontent-length: 1000000000\r\n\r\n{\"model\":")
         time.sleep(0.3)
         s.sendall(b'"gpt-4o-mini",')
         time.sleep(1)
         assert g.proc.poll() is None, f"the sidecar died ({g.proc.returncode}): {g.logs()[-400:]}"
+        grown = _vm_size_kib(g.proc.pid) - before
+        assert grown < 256 << 10, f"address space grew by {grown} KiB for 23 bytes of a body"
         assert httpx.get(g.admin + "/healthz", timeout=2).status_code == 200
     finally:
         s.close()
@@ -350,8 +358,7 @@ def test_a_port_in_use_is_named_and_exits_2(tmp_path):
 # At 7822da8: with --listen and --admin the same address the second bind fails and
 # server::bind says "another process listens there (in a pod, another of its containers)": the
 # only listener there is the sidecar's own gateway port; the two flags are never compared.
-# FAILS at 7822da8: --listen and --admin on one address: the error blames "another process"
-@pytest.mark.xfail(strict=True, reason="review: --listen and --admin on one address: the error blames \"another process\"")
+# Failed at 7822da8 (mended since): --listen and --admin on one address: the error blamed "another process"
 def test_the_same_address_for_listen_and_admin_is_not_blamed_on_another_process(tmp_path):
     (tmp_path / "gateway.yaml").write_text("schemaVersion: 1\n")
     addr = f"127.0.0.1:{free_port()}"
@@ -364,8 +371,7 @@ def test_the_same_address_for_listen_and_admin_is_not_blamed_on_another_process(
 # At 7822da8: read_certs (main.rs) opens the --upstream-ca path as it is (pem_file_iter):
 # a FIFO with no writer blocks --check (and a start, before it listens) forever, as the config
 # FIFO did before read_config checked for a regular file; /dev/zero is read until memory runs out.
-# FAILS at 7822da8: --check (and a start) with a FIFO as --upstream-ca blocks forever
-@pytest.mark.xfail(strict=True, reason="review: --check (and a start) with a FIFO as --upstream-ca blocks forever")
+# Failed at 7822da8 (mended since): --check (and a start) with a FIFO as --upstream-ca blocks forever
 def test_check_of_an_upstream_ca_that_is_a_fifo_does_not_hang(tmp_path):
     (tmp_path / "gateway.yaml").write_text("schemaVersion: 1\n")
     fifo = tmp_path / "ca.pem"
@@ -375,6 +381,9 @@ def test_check_of_an_upstream_ca_that_is_a_fifo_does_not_hang(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("--check with a FIFO as --upstream-ca still running after 10 s")
     assert r.returncode == 2 and "--upstream-ca" in r.stderr, r.stderr
+    # Nor is a device read until memory runs out.
+    r = sidegate("--config", "gateway.yaml", "--upstream-ca", "/dev/zero", "--check", cwd=tmp_path, timeout=10)
+    assert r.returncode == 2 and "--upstream-ca" in r.stderr and "not a regular file" in r.stderr, r.stderr
 
 
 def test_a_single_sigint_drains_and_exits_0(mock, tmp_path):
