@@ -285,14 +285,23 @@ impl Settings {
             Scanned::Response => vec![std::borrow::Cow::Borrowed(body)],
         };
         // Text inside JSON strings unescaped (bytes that are no UTF-8 are matched around: the
-        // patterns are of ASCII), unless a response is binary (a download's, an audio answer's,
-        // an event stream's framing: their text, if any, is decoded below); a response may be
-        // a stream whose text is split across events; a request is not, but it may send
-        // documents in base64.
+        // patterns are of ASCII and UTF-8), unless a response is binary (a download's, an audio
+        // answer's, an event stream's framing: their text, if any, is decoded below;
+        // [`crate::text::read_answer`]); a response may be a stream whose text is split across
+        // events; a request is not, but it may send documents in base64.
         let mut texts = Vec::with_capacity(pieces.len() * 2);
         for piece in &pieces {
-            if request || is_text(piece) {
-                texts.push(unescape_json(piece));
+            let read = if request {
+                Some(std::borrow::Cow::Borrowed(&piece[..]))
+            } else {
+                crate::text::read_answer(piece)
+            };
+            match read {
+                Some(std::borrow::Cow::Borrowed(text)) => texts.push(unescape_json(text)),
+                Some(std::borrow::Cow::Owned(text)) => {
+                    texts.push(std::borrow::Cow::Owned(unescape_json(&text).into_owned()))
+                }
+                None => {}
             }
             let joined = if request {
                 encoded_documents(piece)
@@ -361,12 +370,6 @@ impl Scanned {
             Self::Response => p.response,
         }
     }
-}
-
-/// Whether a response is text to read: UTF-8 without NUL bytes (a request's text is
-/// [`crate::text::request_pieces`]).
-fn is_text(data: &[u8]) -> bool {
-    memchr::memchr(0, data).is_none() && std::str::from_utf8(data).is_ok()
 }
 
 /// The decoded text of the documents a request body (or a form's part: a batch file) sends in

@@ -105,8 +105,7 @@ def gemini_array_with_stray_byte():
     return json.dumps(chunks, indent=2, ensure_ascii=False).encode().replace("é".encode(), b"\xe9")
 
 
-# FAILS at df175c6: dlp.rs `Settings::check` reads a response's raw bytes only when `is_text` (all valid UTF-8), and text.rs `stream_text` gives up on a JSON document or array serde cannot parse: one stray byte anywhere hides the whole answer (an SSE stream with the same byte is read around it), and the SSN goes through the BLOCK policy.
-@pytest.mark.xfail(strict=True, reason="review: dlp.rs `Settings::check` reads a response's raw bytes only when `is_text` (all valid UTF-8), and text.rs `stream_text` gives up on a JSON document or array serde cannot parse: one stray byte anywhere hides the whole answer (an SSE stream with the same byte is read around it), and the SSN goes through the BLOCK policy.")
+# Failed at df175c6 (mended since): dlp.rs `Settings::check` reads a response's raw bytes only when `is_text` (all valid UTF-8), and text.rs `stream_text` gives up on a JSON document or array serde cannot parse: one stray byte anywhere hides the whole answer (an SSE stream with the same byte is read around it), and the SSN goes through the BLOCK policy.
 @pytest.mark.parametrize("path,answer", [
     (CHAT, openai_with_stray_byte()),
     ("/google-ai-studio/v1beta/models/gemini-2.5-flash:streamGenerateContent", gemini_array_with_stray_byte()),
