@@ -29,27 +29,24 @@ struct Profile {
     pattern: Regex,
     /// Extra check of a candidate match (e.g. the Luhn checksum).
     verify: fn(&[u8]) -> bool,
+    /// Where to search again after a match `verify` refused, as an offset into the match (at
+    /// least 1): see [`profile_search`].
+    resume: fn(&[u8]) -> usize,
+    /// A number: a match right after `<digit>.` is the fraction of a decimal number
+    /// ([`after_decimal_point`]), not one.
+    number: bool,
 }
 
 fn always(_: &[u8]) -> bool {
     true
 }
 
-/// Luhn checksum over the digits of a candidate card number.
-fn luhn(m: &[u8]) -> bool {
-    let digits: Vec<u32> = m
-        .iter()
-        .filter(|b| b.is_ascii_digit())
+/// Luhn checksum over digits given from the last.
+fn luhn<'a>(digits_from_last: impl Iterator<Item = &'a u8>) -> bool {
+    let sum: u32 = digits_from_last
         .map(|b| u32::from(b - b'0'))
-        .collect();
-    if !(13..=19).contains(&digits.len()) {
-        return false;
-    }
-    let sum: u32 = digits
-        .iter()
-        .rev()
         .enumerate()
-        .map(|(i, &d)| match (i % 2 == 1, d * 2) {
+        .map(|(i, d)| match (i % 2 == 1, d * 2) {
             (true, dd) if dd > 9 => dd - 9,
             (true, dd) => dd,
             (false, _) => d,
@@ -58,25 +55,49 @@ fn luhn(m: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
-/// A card number: the whole match, or else a run of its digit groups — a number written in
-/// groups next to other numbers (a CVV, an expiry date, a quantity) is matched with them, as
-/// matches do not overlap. Only runs of whole groups are tried (not every window of a long
-/// digit run, which would pass Luhn by chance).
+/// The digit groups of a match (its runs of digits, whatever separates them).
+fn digit_groups(m: &[u8]) -> impl Iterator<Item = &[u8]> {
+    m.split(|b| !b.is_ascii_digit()).filter(|g| !g.is_empty())
+}
+
+/// A card number in a run of digit groups (a number written in groups next to other numbers, a
+/// CVV, an expiry date, a quantity, is matched with them): a run of its whole groups of 13–19
+/// digits (not every window of a long digit run, which would pass Luhn by chance). Each run of
+/// groups is tried, by the group it ends with: a few per group (19 digits are at most six
+/// groups of three), and nothing is kept but the groups before (a run of a million groups
+/// takes no memory).
 fn card(m: &[u8]) -> bool {
-    let groups: Vec<&[u8]> = m
-        .split(|b| matches!(b, b' ' | b'-'))
-        .filter(|g| !g.is_empty())
-        .collect();
-    (0..groups.len()).any(|i| (i + 1..=groups.len()).any(|j| card_number(&groups[i..j])))
+    // The last groups of three or more digits in a row, 19 digits at most.
+    let mut chain: [&[u8]; 8] = [&[]; 8];
+    let mut len = 0;
+    for group in digit_groups(m) {
+        if group.len() < 3 {
+            // No run of several groups goes through it, nor is it one.
+            len = 0;
+            continue;
+        }
+        chain[len] = group;
+        len += 1;
+        while len > 0 && chain[..len].iter().map(|g| g.len()).sum::<usize>() > 19 {
+            chain.copy_within(1..len, 0);
+            len -= 1;
+        }
+        if (0..len).any(|start| card_number(&chain[start..len])) {
+            return true;
+        }
+    }
+    false
 }
 
 /// Digit groups written as card numbers are: 13–19 digits passing Luhn, not starting with 0
 /// (no issuer's: zeros, a nil UUID), in one run or in groups of three or more digits (4-4-4-4,
 /// 4-6-5), not a list of small numbers.
 fn card_number(groups: &[&[u8]]) -> bool {
-    groups[0].first() != Some(&b'0')
+    let digits: usize = groups.iter().map(|g| g.len()).sum();
+    (13..=19).contains(&digits)
+        && groups[0].first() != Some(&b'0')
         && (groups.len() == 1 || groups.iter().all(|g| g.len() >= 3))
-        && luhn(&groups.concat())
+        && luhn(groups.iter().rev().flat_map(|g| g.iter().rev()))
 }
 
 /// An address, not an image's name at a density (`icon@2x.png`): its last label is no image
@@ -94,33 +115,123 @@ const IMAGE_EXTENSIONS: &[&str] = &[
 
 /// US SSN: area not 000, 666 or 9xx; group not 00; serial not 0000.
 fn ssn(m: &[u8]) -> bool {
-    let area = &m[0..3];
-    area != b"000" && area != b"666" && area[0] != b'9' && &m[4..6] != b"00" && &m[7..11] != b"0000"
+    let mut d = [0u8; 9];
+    let mut n = 0;
+    for &b in m.iter().filter(|b| b.is_ascii_digit()) {
+        let Some(slot) = d.get_mut(n) else {
+            return false;
+        };
+        *slot = b;
+        n += 1;
+    }
+    let (area, group, serial) = (&d[0..3], &d[3..5], &d[5..9]);
+    n == 9
+        && area != b"000"
+        && area != b"666"
+        && area[0] != b'9'
+        && group != b"00"
+        && serial != b"0000"
+}
+
+/// After a refused SSN: from its next digit group (a number written after others may start
+/// inside the match: matches do not overlap). Also where a number's groups after a decimal
+/// fraction start.
+fn next_group(m: &[u8]) -> usize {
+    let sep = m
+        .iter()
+        .position(|b| !b.is_ascii_digit())
+        .unwrap_or(m.len());
+    m[sep..]
+        .iter()
+        .position(u8::is_ascii_digit)
+        .map_or(m.len(), |d| sep + d)
+}
+
+/// After a refused address: just past its `@` (its domain may be an address's local part, as
+/// in `a@b.png@c.com`; no address starts before it, in its local part, that ends elsewhere).
+fn after_at(m: &[u8]) -> usize {
+    memchr::memchr(b'@', m).map_or(m.len(), |at| at + 1)
+}
+
+fn past(m: &[u8]) -> usize {
+    m.len()
+}
+
+/// Whether the number at `start` of `text` is a decimal number's fraction: right after
+/// `<digit>.` (a JSON number such as Gemini's `"avgLogprobs": -0.2380082847904681`, an
+/// embedding's value: one such fraction in ten passes Luhn). A comma is no decimal point here:
+/// `[1,4111111111111111]` and CSV lines list numbers so.
+fn after_decimal_point(text: &[u8], start: usize) -> bool {
+    matches!(
+        start.checked_sub(2).and_then(|s| text.get(s..start)),
+        Some([d, b'.']) if d.is_ascii_digit()
+    )
+}
+
+/// What separates the digit groups of a number: a space, a dash, and as models and word
+/// processors typeset them, the no-break spaces (U+00A0, U+2007 figure, U+202F narrow), the
+/// thin space (U+2009), and the hyphens and dashes of U+2010–U+2013 (hyphen, non-breaking
+/// hyphen, figure dash, en dash), in UTF-8.
+macro_rules! space {
+    () => {
+        r"(?: |\xC2\xA0|\xE2\x80[\x87\x89\xAF])"
+    };
+}
+macro_rules! dash {
+    () => {
+        r"(?:-|\xE2\x80[\x90-\x93])"
+    };
 }
 
 static PROFILES: LazyLock<Vec<Profile>> = LazyLock::new(|| {
-    let p = |name, re: &str, verify| Profile {
+    let p = |name, re: &str, verify, resume, number| Profile {
         name,
         // The patterns are constants, tested below.
         pattern: Regex::new(re).expect("DLP patterns compile"),
         verify,
+        resume,
+        number,
     };
     vec![
         p(
             "credit-card",
-            r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b",
+            // A whole run of digit groups of 13 digits or more, its runs of groups read by
+            // `card` (one search for the run, however many numbers it holds).
+            concat!(
+                r"(?-u)\b[0-9](?:(?:",
+                space!(),
+                "|",
+                dash!(),
+                r")?[0-9]){12,}\b"
+            ),
             card as fn(&[u8]) -> bool,
+            past as fn(&[u8]) -> usize,
+            true,
         ),
         // Written with dashes or spaces (nine digits alone are any number).
         p(
             "us-ssn",
-            r"(?-u)\b[0-9]{3}(?:-[0-9]{2}-| [0-9]{2} )[0-9]{4}\b",
+            concat!(
+                r"(?-u)\b[0-9]{3}(?:",
+                dash!(),
+                "[0-9]{2}",
+                dash!(),
+                "|",
+                space!(),
+                "[0-9]{2}",
+                space!(),
+                r")[0-9]{4}\b"
+            ),
             ssn,
+            next_group,
+            true,
         ),
         p(
             "email",
             r"(?-u)\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b",
             email,
+            after_at,
+            false,
         ),
         // Access key ids (also after `_`, as in `BACKUP_AKIA...`), and secret access keys where
         // they are named (40 characters of base64 alone are any hash).
@@ -131,6 +242,8 @@ static PROFILES: LazyLock<Vec<Profile>> = LazyLock::new(|| {
                 r#"|(?i-u)\baws[_ -]?secret[_ -]?(?:access[_ -]?)?key["']?\s*[:=]\s*["']?[A-Za-z0-9/+]{40}(?:[^A-Za-z0-9/+=]|$)"#,
             ),
             always,
+            past,
+            false,
         ),
         // PEM (PKCS#1/#8, EC, OpenSSH, encrypted), OpenPGP, SSH2 (RFC 4716 style) and PuTTY.
         p(
@@ -141,6 +254,8 @@ static PROFILES: LazyLock<Vec<Profile>> = LazyLock::new(|| {
                 r"|PuTTY-User-Key-File-[0-9]+:",
             ),
             always,
+            past,
+            false,
         ),
     ]
 });
@@ -155,20 +270,37 @@ pub fn profile_names() -> Vec<&'static str> {
 }
 
 fn profile_matches(i: usize, text: &[u8]) -> bool {
+    profile_search(i, text, &mut 0)
+}
+
+/// Whether profile `i` matches in `text`; `searched` adds up the bytes each search of its
+/// pattern covered (from where it started to the end of its match, or of the text).
+///
+/// After a match the profile refuses, the search goes on from inside it only where no match
+/// of the profile can be long (an SSN: 15 bytes at most), else from past what it cannot be part
+/// of (an address: past its `@`; a run of digit groups: past it, its every run of groups read
+/// by `card`), so that no byte is searched more than a few times: the work is linear in the
+/// text, whatever it holds (a run `a-a-…-a@icon.png` of 100 KB is one search, not one from
+/// each `-`).
+fn profile_search(i: usize, text: &[u8], searched: &mut usize) -> bool {
     let p = &PROFILES[i];
     let mut at = 0;
     while let Some(m) = p.pattern.find_at(text, at) {
-        if (p.verify)(m.as_bytes()) {
+        *searched += m.end() - at;
+        let mut candidate = m.as_bytes();
+        if p.number && after_decimal_point(text, m.start()) {
+            // A fraction's digits are no number: the groups after them are read.
+            candidate = &candidate[next_group(candidate)..];
+        }
+        if (p.verify)(candidate) {
             return true;
         }
-        // Matches do not overlap: a number written after others (a date, an SSN: more digits
-        // than one match holds) may start inside this one. Searched again from its next group.
-        at = m
-            .as_bytes()
-            .iter()
-            .position(|b| matches!(b, b' ' | b'-'))
-            .map_or(m.end(), |sep| m.start() + sep + 1);
+        at = m.start() + (p.resume)(m.as_bytes()).max(1);
+        if at > text.len() {
+            return false;
+        }
     }
+    *searched += text.len() - at;
     false
 }
 
@@ -285,14 +417,23 @@ impl Settings {
             Scanned::Response => vec![std::borrow::Cow::Borrowed(body)],
         };
         // Text inside JSON strings unescaped (bytes that are no UTF-8 are matched around: the
-        // patterns are of ASCII), unless a response is binary (a download's, an audio answer's,
-        // an event stream's framing: their text, if any, is decoded below); a response may be
-        // a stream whose text is split across events; a request is not, but it may send
-        // documents in base64.
+        // patterns are of ASCII and UTF-8), unless a response is binary (a download's, an audio
+        // answer's, an event stream's framing: their text, if any, is decoded below;
+        // [`crate::text::read_answer`]); a response may be a stream whose text is split across
+        // events; a request is not, but it may send documents in base64.
         let mut texts = Vec::with_capacity(pieces.len() * 2);
         for piece in &pieces {
-            if request || is_text(piece) {
-                texts.push(unescape_json(piece));
+            let read = if request {
+                Some(std::borrow::Cow::Borrowed(&piece[..]))
+            } else {
+                crate::text::read_answer(piece)
+            };
+            match read {
+                Some(std::borrow::Cow::Borrowed(text)) => texts.push(unescape_json(text)),
+                Some(std::borrow::Cow::Owned(text)) => {
+                    texts.push(std::borrow::Cow::Owned(unescape_json(&text).into_owned()))
+                }
+                None => {}
             }
             let joined = if request {
                 encoded_documents(piece)
@@ -361,12 +502,6 @@ impl Scanned {
             Self::Response => p.response,
         }
     }
-}
-
-/// Whether a response is text to read: UTF-8 without NUL bytes (a request's text is
-/// [`crate::text::request_pieces`]).
-fn is_text(data: &[u8]) -> bool {
-    memchr::memchr(0, data).is_none() && std::str::from_utf8(data).is_ok()
 }
 
 /// The decoded text of the documents a request body (or a form's part: a batch file) sends in
@@ -521,6 +656,117 @@ mod tests {
             ["email"]
         );
         assert!(hits("Summarize distributed systems in 3 points.").is_empty());
+    }
+
+    #[test]
+    fn a_decimal_numbers_fraction_is_no_card_number_or_ssn() {
+        // Luhn-valid digits, as a card number alone.
+        assert_eq!(hits("2380082847904681"), ["credit-card"]);
+        assert_eq!(hits("10211181640625"), ["credit-card"]);
+        for text in [
+            r#"{"finishReason": "STOP", "avgLogprobs": -0.2380082847904681}"#,
+            r#"{"embedding": [0.0263671875, -0.10211181640625, 0.0107421875]}"#,
+            "pi is about 3.2380082847904681",
+            "x 3.123 45 6789 and 1.123-45-6789",
+        ] {
+            assert!(hits(text).is_empty(), "{text}: {:?}", hits(text));
+        }
+        for (text, profile) in [
+            // After a sentence's full stop, a letter's dot, or a comma (JSON arrays, CSV).
+            ("Card: 4111 1111 1111 1111. ", "credit-card"),
+            ("total 3. 4111111111111111", "credit-card"),
+            ("ref.4111111111111111", "credit-card"),
+            ("[1,4111111111111111]", "credit-card"),
+            ("id,card\n1,4111111111111111\n", "credit-card"),
+            // A fraction next to a card: the card is found from its next group.
+            ("paid 12.34 4111 1111 1111 1111", "credit-card"),
+            ("on 27.11.2026 4111 1111 1111 1111", "credit-card"),
+            ("ssn 123-45-6789.", "us-ssn"),
+            ("1,123-45-6789", "us-ssn"),
+        ] {
+            assert_eq!(hits(text), [profile], "{text}");
+        }
+    }
+
+    #[test]
+    fn numbers_typeset_with_unicode_hyphens_and_spaces_are_found() {
+        // Hyphen, non-breaking hyphen, figure dash, en dash; no-break, figure, thin and narrow
+        // no-break spaces.
+        for sep in [
+            '\u{2010}', '\u{2011}', '\u{2012}', '\u{2013}', '\u{a0}', '\u{2007}', '\u{2009}',
+            '\u{202f}',
+        ] {
+            let card = format!("card 4111{sep}1111{sep}1111{sep}1111 ok");
+            assert_eq!(hits(&card), ["credit-card"], "{sep:?}");
+            let ssn = format!("ssn 123{sep}45{sep}6789 ok");
+            assert_eq!(hits(&ssn), ["us-ssn"], "{sep:?}");
+            // Escaped in JSON.
+            let escaped = format!(
+                r#"{{"content":"ssn 123\u{:04x}45\u{:04x}6789"}}"#,
+                sep as u32, sep as u32
+            );
+            assert_eq!(hits(&escaped), ["us-ssn"], "{escaped}");
+            // Luhn and the SSN's rules still hold.
+            assert!(hits(&format!("4111{sep}1111{sep}1111{sep}1112")).is_empty());
+            assert!(hits(&format!("000{sep}45{sep}6789")).is_empty());
+        }
+        assert_eq!(hits("amex 3782\u{a0}822463\u{a0}10005"), ["credit-card"]);
+        // Dashes and spaces are not mixed in an SSN; an em dash is no separator.
+        assert!(hits("ssn 123\u{2011}45 6789").is_empty());
+        assert!(hits("ssn 123\u{2014}45\u{2014}6789").is_empty());
+        assert!(hits("card 4111\u{2014}1111\u{2014}1111\u{2014}1111").is_empty());
+    }
+
+    /// The bytes the searches of profile `i` cover in `text`.
+    fn searched(i: usize, text: &[u8]) -> usize {
+        let mut n = 0;
+        profile_search(i, text, &mut n);
+        n
+    }
+
+    #[test]
+    fn every_profile_searches_a_text_in_work_linear_in_its_size() {
+        // Texts of 20–40 KB of matches each profile refuses, one after another or inside each
+        // other. Linear, their searches cover each a few times its size (milliseconds); a
+        // search begun again from inside each match (the `a-` runs: from each `-`) would cover
+        // the text once per match, 10^8 bytes and more (seconds in a debug build; 10 times the
+        // size, 100 times the work).
+        let texts: Vec<String> = vec![
+            "a-".repeat(10_000) + "a@icon.png",
+            "a.".repeat(10_000) + "a@icon.png",
+            "a+".repeat(10_000) + "a@b-" + &"b-".repeat(10_000) + "b.png",
+            "x@y.png@".repeat(4_000),
+            "x@".repeat(10_000) + "y.png",
+            "a-a@b.png ".repeat(3_000),
+            "1 ".repeat(10_000),
+            "1-".repeat(10_000),
+            "111 ".repeat(5_000),
+            "4111 1111 1111 1112 ".repeat(1_000),
+            "1\u{2011}".repeat(5_000),
+            "0.2380082847904681,".repeat(1_000),
+            "000-00-0000 ".repeat(2_000),
+            "123-45-".repeat(3_000),
+            "9".repeat(20_000),
+            "AKIA".repeat(5_000),
+            "-----BEGIN A ".repeat(2_000),
+            "aws_secret_key= ".repeat(2_000),
+        ];
+        for text in &texts {
+            for i in 0..PROFILES.len() {
+                let work = searched(i, text.as_bytes());
+                assert!(
+                    work <= 4 * text.len(),
+                    "{}: {work} bytes searched in a text of {} ({}…)",
+                    PROFILES[i].name,
+                    text.len(),
+                    &text[..24]
+                );
+            }
+        }
+        // And a text of a megabyte takes no longer than its size says (a linear search: well
+        // under a second; a quadratic one: hours).
+        let big = "a-".repeat(500_000) + "a@icon.png " + &"1 ".repeat(500_000);
+        assert!(hits(&big).is_empty());
     }
 
     #[test]

@@ -296,6 +296,19 @@ impl Lanes {
         }
     }
 
+    /// Ends the texts read so far: what comes next is not joined to them (a match never spans
+    /// the two).
+    fn end_text(&mut self) {
+        for parts in self.lanes.values_mut() {
+            if parts
+                .last()
+                .is_some_and(|p| !p.is_empty() && !p.ends_with('\n'))
+            {
+                parts.push("\n".to_owned());
+            }
+        }
+    }
+
     /// Whether the stream is of a known shape: an event of one was read, or a text field.
     fn read_any(&self) -> bool {
         self.known || self.lanes.values().any(|parts| !parts.is_empty())
@@ -357,9 +370,18 @@ fn is_encoded_data(s: &str) -> bool {
 /// For a stream body (SSE, an AWS event stream, a JSON array of chunks, JSON lines): the text
 /// of all its events joined in order, without separators (deltas are fragments of one text),
 /// each choice on its own (see [`Lanes`]); every string of its events when none has a text
-/// field. `None` for other bodies.
+/// field. `None` for other bodies. Bytes that are no UTF-8 are read replaced (as the SSE
+/// parser reads them): one such byte does not hide the stream's text.
 pub fn stream_text(body: &[u8]) -> Option<Vec<u8>> {
     let kind = stream_kind(body);
+    // (An event stream's framing is binary: its payloads are parsed one by one.)
+    let replaced;
+    let body = if matches!(kind, StreamKind::JsonArray | StreamKind::JsonLines) {
+        replaced = String::from_utf8_lossy(body);
+        replaced.as_bytes()
+    } else {
+        body
+    };
     if kind == StreamKind::JsonArray {
         return json_array_text(body);
     }
@@ -416,7 +438,9 @@ fn read_stream(kind: StreamKind, body: &[u8], lanes: Lanes) -> Option<Lanes> {
 }
 
 /// The text of a stream of JSON lines (Ollama's native API, Cohere's v1 streams): two or more
-/// lines, each a JSON object; `None` for anything else (a document over several lines).
+/// lines, each a JSON object; `None` for anything else (a document over several lines). A
+/// line that is no stream's chunk (a record of a batch's results: OpenAI's, Anthropic's) is a
+/// text of its own: its text is not joined to the next line's ([`is_stream_chunk`]).
 fn json_lines_text(body: &[u8], mut lanes: Lanes) -> Option<Lanes> {
     let mut lines = body
         .split(|&b| b == b'\n')
@@ -427,14 +451,26 @@ fn json_lines_text(body: &[u8], mut lanes: Lanes) -> Option<Lanes> {
         return None;
     }
     let mut count = 0;
+    let mut after_record = false;
     for line in std::iter::once(first).chain(lines) {
         let Ok(v @ Value::Object(_)) = serde_json::from_slice::<Value>(line) else {
             return None;
         };
+        let record = !is_stream_chunk(&v);
+        if record || after_record {
+            lanes.end_text();
+        }
+        after_record = record;
         lanes.event(v);
         count += 1;
     }
     (count >= 2).then_some(lanes)
+}
+
+/// Whether a JSON line is a chunk of a stream, whose text goes on in the next line: Ollama's
+/// (`done`) and Cohere v1's (`is_finished`).
+fn is_stream_chunk(v: &Value) -> bool {
+    v.get("done").is_some() || v.get("is_finished").is_some()
 }
 
 /// The text of an SSE body's events (each one's `data:` lines joined, whatever its line ends:
@@ -1223,12 +1259,32 @@ pub fn of_prompt(content_type: Option<&[u8]>, body: &[u8]) -> Result<String, Uns
 }
 
 /// The text of a response body: the joined deltas of a stream, else as [`of_request`] less
-/// the fields that echo the request ([`ECHOED_KEYS`]).
+/// the fields that echo the request ([`ECHOED_KEYS`]), bytes that are no UTF-8 replaced
+/// ([`read_answer`]); none for a binary answer.
 pub fn of_body(body: &[u8]) -> String {
     if let Some(t) = stream_text(body) {
         return String::from_utf8_lossy(&t).into_owned();
     }
-    of_document(body, true)
+    if std::str::from_utf8(body).is_ok() {
+        return of_document(body, true);
+    }
+    read_answer(body).map_or_else(String::new, |text| {
+        of_document(String::from_utf8_lossy(&text).as_bytes(), true)
+    })
+}
+
+/// The bytes of an answer the checks read as text: all of it when it looks like text (UTF-8
+/// without NUL bytes, or [`looks_like_text`]: one byte that is no UTF-8 does not hide an
+/// answer, which a client may well read around it), else the JSON documents it starts with
+/// ([`leading_json`]); `None` for a binary answer (speech audio, a file's bytes, an event
+/// stream's framing, whose text [`stream_text`] reads).
+pub fn read_answer(body: &[u8]) -> Option<Cow<'_, [u8]>> {
+    if (memchr::memchr(0, body).is_none() && std::str::from_utf8(body).is_ok())
+        || looks_like_text(body)
+    {
+        return Some(Cow::Borrowed(body));
+    }
+    leading_json(body).map(Cow::Owned)
 }
 
 /// The text of a request body (never a stream: a top-level array is a document too, whose
@@ -1758,6 +1814,58 @@ pub(crate) mod tests {
         let escaped = br#"{"x":"\ud800","prompt":"\u006d\u006f\u0063\u006b"}"#;
         assert!(of_body(escaped).contains("mock"), "{}", of_body(escaped));
         assert_eq!(of_body(&[0xff, 0xfe, 0x00, 0x80]), "");
+    }
+
+    #[test]
+    fn a_byte_that_is_no_utf8_does_not_hide_an_answers_text() {
+        // Gemini's JSON array, Ollama's lines, an answer: read around the byte, as SSE is.
+        let array = b"[{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"caf\xe9 123-4\"}]}}]},\n{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"5-6789\"}]}}]}]";
+        assert_eq!(
+            stream_text(array).as_deref(),
+            Some("caf\u{fffd} 123-45-6789".as_bytes())
+        );
+        let lines =
+            b"{\"response\":\"caf\xc3 mock-fl\",\"done\":false}\n{\"response\":\"ag\",\"done\":true}\n";
+        assert_eq!(of_body(lines), "caf\u{fffd} mock-flag");
+        let answer = b"{\"choices\":[{\"message\":{\"content\":\"caf\xc3 mock-flag\"}}]}";
+        assert_eq!(of_body(answer), "caf\u{fffd} mock-flag");
+        assert_eq!(read_answer(answer).as_deref(), Some(&answer[..]));
+        // The JSON document an answer starts with, whatever follows it.
+        let trailed = b"{\"content\":\"mock-flag\"}\x00\xff";
+        assert_eq!(
+            read_answer(trailed).as_deref(),
+            Some(&b"{\"content\":\"mock-flag\"}"[..])
+        );
+        assert_eq!(of_body(trailed), "mock-flag");
+        // Binary answers (speech audio) are none.
+        assert_eq!(read_answer(b"ID3\x04\x00 mock-flag \xff\xfb"), None);
+        assert_eq!(of_body(b"ID3\x04\x00 mock-flag \xff\xfb"), "");
+        let random: Vec<u8> = (0u32..4096)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+            .collect();
+        assert_eq!(read_answer(&random), None);
+    }
+
+    #[test]
+    fn json_lines_that_are_records_are_read_each_on_its_own() {
+        // A batch's results (OpenAI's, Anthropic's): whole answers, one a line, not fragments
+        // of one text: a match never spans two.
+        let batch = concat!(
+            r#"{"custom_id":"a","response":{"body":{"choices":[{"message":{"content":"ends 4111 1111"}}]}}}"#,
+            "\n",
+            r#"{"custom_id":"b","result":{"message":{"content":[{"type":"text","text":"1111 1111 starts"}]}}}"#,
+            "\n",
+        );
+        assert_eq!(
+            stream_text(batch.as_bytes()).as_deref(),
+            Some(&b"ends 4111 1111\n1111 1111 starts"[..])
+        );
+        // Every string of records of no known shape, alike.
+        let other = b"{\"k\":\"12-3\"}\n{\"k\":\"4\"}\n";
+        assert_eq!(stream_text(other).as_deref(), Some(&b"12-3\n4"[..]));
+        // Stream chunks (Ollama's, Cohere v1's) are fragments of one text: joined.
+        let cohere = b"{\"is_finished\":false,\"event_type\":\"text-generation\",\"text\":\"123-4\"}\n{\"is_finished\":false,\"event_type\":\"text-generation\",\"text\":\"5-6789\"}\n";
+        assert_eq!(stream_text(cohere).as_deref(), Some(&b"123-45-6789"[..]));
     }
 
     #[test]

@@ -241,6 +241,24 @@ def test_card_after_other_numbers_is_found_in_response_too(resp_gw):
     assert "credit-card" in flagged(r)
 
 
+def test_numbers_typeset_with_unicode_hyphens_and_spaces_are_found_in_requests(req_gw):
+    # A non-breaking hyphen (U+2011) and a narrow no-break space (U+202F), as models typeset them.
+    text = "ssn 123\u201145\u20116789, card 4111\u202f1111\u202f1111\u202f1111"
+    assert ask_request(req_gw, text) == {"us-ssn", "credit-card"}
+
+
+def test_a_decimal_fraction_in_a_request_is_no_card_number(req_gw):
+    # 2380082847904681 passes Luhn; as a fraction it is no card number.
+    assert ask_request(req_gw, "logprob -0.2380082847904681, and 12.5 4111 1111 1111 1111") == {"credit-card"}
+    assert ask_request(req_gw, "logprob -0.2380082847904681") == set()
+
+
+def test_a_prompt_of_refused_look_alikes_is_read_in_time_linear_in_its_size(req_gw):
+    # An image name after a run of 40 KB that every address search would match again from each
+    # `-` if it began again inside the refused match (minutes); linear, milliseconds.
+    assert ask_request(req_gw, "a-" * 20000 + "a@icon.png, mail joe@example.com") == {"email"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Encodings on the request side.
 

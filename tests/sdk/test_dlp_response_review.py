@@ -2,7 +2,7 @@
 against the README's DLP section and SPEC.md (400/2030 for a blocked answer, `cf-aig-dlp` for a
 flagged one): answers that are held back and read whole, in the formats providers answer in.
 
-Defects (each test marked `FAILS at df175c6` below):
+Defects found at df175c6, mended since (each test marked `Failed at df175c6` below):
 - a decimal number in an answer's JSON (Gemini's `avgLogprobs`, an embedding's values) is read
   as a card number: a clean answer is blocked;
 - a JSON answer, or a Gemini JSON-array stream, with one byte that is no UTF-8 is not read at
@@ -79,8 +79,7 @@ EMBEDDINGS = json.dumps({
     "usage": {"prompt_tokens": 3, "total_tokens": 3}})
 
 
-# FAILS at df175c6: the credit-card pattern (dlp.rs PROFILES, `\b[0-9](?:[ -]?[0-9]){12,18}\b`) takes the fraction digits of a JSON number (after its `0.`) as a card number; 1 in 10 such fractions pass Luhn, and the clean answer is blocked with 2030.
-@pytest.mark.xfail(strict=True, reason="review: the credit-card pattern (dlp.rs PROFILES, `\\b[0-9](?:[ -]?[0-9]){12,18}\\b`) takes the fraction digits of a JSON number (after its `0.`) as a card number; 1 in 10 such fractions pass Luhn, and the clean answer is blocked with 2030.")
+# Failed at df175c6 (mended since): the credit-card pattern (dlp.rs PROFILES, `\b[0-9](?:[ -]?[0-9]){12,18}\b`) takes the fraction digits of a JSON number (after its `0.`) as a card number; 1 in 10 such fractions pass Luhn, and the clean answer is blocked with 2030.
 @pytest.mark.parametrize("path,answer", [
     ("/google-ai-studio/v1beta/models/gemini-2.0-flash:generateContent", GEMINI),
     ("/custom-local/embeddings", EMBEDDINGS),
@@ -105,8 +104,7 @@ def gemini_array_with_stray_byte():
     return json.dumps(chunks, indent=2, ensure_ascii=False).encode().replace("é".encode(), b"\xe9")
 
 
-# FAILS at df175c6: dlp.rs `Settings::check` reads a response's raw bytes only when `is_text` (all valid UTF-8), and text.rs `stream_text` gives up on a JSON document or array serde cannot parse: one stray byte anywhere hides the whole answer (an SSE stream with the same byte is read around it), and the SSN goes through the BLOCK policy.
-@pytest.mark.xfail(strict=True, reason="review: dlp.rs `Settings::check` reads a response's raw bytes only when `is_text` (all valid UTF-8), and text.rs `stream_text` gives up on a JSON document or array serde cannot parse: one stray byte anywhere hides the whole answer (an SSE stream with the same byte is read around it), and the SSN goes through the BLOCK policy.")
+# Failed at df175c6 (mended since): dlp.rs `Settings::check` reads a response's raw bytes only when `is_text` (all valid UTF-8), and text.rs `stream_text` gives up on a JSON document or array serde cannot parse: one stray byte anywhere hides the whole answer (an SSE stream with the same byte is read around it), and the SSN goes through the BLOCK policy.
 @pytest.mark.parametrize("path,answer", [
     (CHAT, openai_with_stray_byte()),
     ("/google-ai-studio/v1beta/models/gemini-2.5-flash:streamGenerateContent", gemini_array_with_stray_byte()),
@@ -125,8 +123,7 @@ def test_an_sse_answer_with_one_byte_that_is_no_utf8_is_read(gw):
     assert error(r) == (400, 2030), r.content[:200]
 
 
-# FAILS at df175c6: the us-ssn and credit-card patterns (dlp.rs PROFILES) take ASCII `-` and ` ` only; models (GPT) typeset numbers with the non-breaking hyphen U+2011, and the SSN or card number reaches the client through the BLOCK policy.
-@pytest.mark.xfail(strict=True, reason="review: the us-ssn and credit-card patterns (dlp.rs PROFILES) take ASCII `-` and ` ` only; models (GPT) typeset numbers with the non-breaking hyphen U+2011, and the SSN or card number reaches the client through the BLOCK policy.")
+# Failed at df175c6 (mended since): the us-ssn and credit-card patterns (dlp.rs PROFILES) take ASCII `-` and ` ` only; models (GPT) typeset numbers with the non-breaking hyphen U+2011, and the SSN or card number reaches the client through the BLOCK policy.
 @pytest.mark.parametrize("text", [f"Your SSN is {SSN.replace('-', chr(0x2011))}.",
                                   "Card: 4111\u20111111\u20111111\u20111111"],
                          ids=["ssn", "card"])
@@ -137,8 +134,7 @@ def test_numbers_typeset_with_non_breaking_hyphens_are_found(gw, text):
 
 # --- Cost of a scan ---------------------------------------------------------------------------
 
-# FAILS at df175c6: dlp.rs `profile_matches` searches again from inside every match its check refuses (after the match's first `-`): an address-like run `a-a-…-a@icon.png` (an image name, refused) is matched again from each `-`, each search as long as the text: 16 KB take seconds, on the runtime's thread (a body under 256 KiB is scanned inline), and every other request of the sidecar waits (a prompt scanned by a REQUEST policy alike).
-@pytest.mark.xfail(strict=True, reason="review: dlp.rs `profile_matches` searches again from inside every match its check refuses (after the match's first `-`): an address-like run `a-a-…-a@icon.png` (an image name, refused) is matched again from each `-`, each search as long as the text: 16 KB take seconds, on the runtime's thread (a body under 256 KiB is scanned inline), and every other request of the sidecar waits (a prompt scanned by a REQUEST policy alike).")
+# Failed at df175c6 (mended since): dlp.rs `profile_matches` searches again from inside every match its check refuses (after the match's first `-`): an address-like run `a-a-…-a@icon.png` (an image name, refused) is matched again from each `-`, each search as long as the text: 16 KB take seconds, on the runtime's thread (a body under 256 KiB is scanned inline), and every other request of the sidecar waits (a prompt scanned by a REQUEST policy alike).
 def test_scanning_an_answer_takes_time_linear_in_its_size(gw):
     odd = chat_json("a-" * 8000 + "a@icon.png")
     took = {}
