@@ -1095,6 +1095,18 @@ mod tests {
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const SPAN: &str = "00f067aa0ba902b7";
 
+    /// A trace whose spans go into `tx`, under `parent`.
+    fn trace_into(tx: mpsc::Sender<Msg>, parent: Option<Parent>) -> Trace {
+        Trace {
+            queue: Queue {
+                spans: tx,
+                held: Arc::default(),
+            },
+            target: target(),
+            parent,
+        }
+    }
+
     fn target() -> Arc<Target> {
         Arc::new(Target {
             uri: "http://collector:4318/v1/traces".parse().expect("uri"),
@@ -1359,14 +1371,7 @@ mod tests {
     fn a_full_queue_drops_spans_and_counts_them() {
         let metrics = Metrics::new();
         let (tx, mut rx) = mpsc::channel(2);
-        let trace = Trace {
-            queue: Queue {
-                spans: tx,
-                held: Arc::default(),
-            },
-            target: target(),
-            parent: None,
-        };
+        let trace = trace_into(tx, None);
         for _ in 0..5 {
             trace.clone().send(finished(), &metrics);
         }
@@ -1599,14 +1604,7 @@ mod tests {
             "traceparent",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
         )]);
-        let trace = Trace {
-            queue: Queue {
-                spans: tx,
-                held: Arc::default(),
-            },
-            target: target(),
-            parent: parent_from_headers(&h).expect("valid"),
-        };
+        let trace = trace_into(tx, parent_from_headers(&h).expect("valid"));
         trace.clone().send(finished(), &metrics);
         assert!(rx.try_recv().is_err());
         assert!(
@@ -1649,14 +1647,7 @@ mod tests {
         // Spans of cut metadata fill the bytes before the 2048 spans.
         let metrics = Metrics::new();
         let (tx, mut rx) = mpsc::channel(QUEUE_CAPACITY);
-        let trace = Trace {
-            queue: Queue {
-                spans: tx,
-                held: Arc::default(),
-            },
-            target: target(),
-            parent: None,
-        };
+        let trace = trace_into(tx, None);
         let big = Finished {
             metadata: Some(Arc::from(
                 serde_json::to_string(&json!({"a": long, "b": long, "c": long})).expect("json"),
